@@ -1,0 +1,145 @@
+//! `fleetctl` as a user runs it: exit codes, where diagnostics go, output formats, help.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+
+fn fleetctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn validate_exits_zero_for_valid_manifests() {
+    let out = fleetctl(&[
+        "validate",
+        "deploy/examples/multi-region-canary.yaml",
+        "deploy/examples/linear-berlin-window.yaml",
+        "deploy/examples/blue-green.yaml",
+        "deploy/examples/ab-mirror.yaml",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("multi-region-canary.yaml: valid"));
+}
+
+#[test]
+fn validate_exits_one_with_every_diagnostic_on_stderr() {
+    let out = fleetctl(&[
+        "validate",
+        "deploy/examples/multi-region-canary.yaml",
+        "deploy/examples/invalid/waves.yaml",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let errors = stderr.lines().filter(|l| l.contains(": error: ")).count();
+    assert_eq!(errors, 10, "{stderr}");
+    assert!(stderr.contains(
+        "deploy/examples/invalid/waves.yaml:24:15: error: waves[1].regions[0]: unknown region \"us-est-1\"; did you mean \"us-east-1\"?"
+    ));
+}
+
+#[test]
+fn validate_exits_two_on_usage_errors() {
+    assert_eq!(fleetctl(&["validate"]).status.code(), Some(2));
+    assert_eq!(
+        fleetctl(&["validate", "no/such/file.yaml"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        fleetctl(&["validate", "--frobnicate", "x.yaml"])
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn plan_prints_json_that_tools_can_read() {
+    let out = fleetctl(&[
+        "plan",
+        "deploy/examples/linear-berlin-window.yaml",
+        "--start",
+        "2026-11-23T07:00:00Z",
+        "--version",
+        "v2",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["version"], "v2");
+    // The Berlin window opens at 10:00 local, 09:00 UTC.
+    assert_eq!(plan["waves"][0]["start"], "2026-11-23T09:00:00Z");
+    assert_eq!(plan["waves"][1]["regions"][0]["steps"][0]["weight"], 1000);
+}
+
+#[test]
+fn an_emergency_plan_ignores_windows_and_says_why() {
+    let out = fleetctl(&[
+        "plan",
+        "deploy/examples/linear-berlin-window.yaml",
+        "--start",
+        "2026-12-25T03:00:00Z",
+        "--emergency",
+        "CVE fix",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("(emergency: CVE fix; windows and blackouts ignored)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("wait for window"), "{stdout}");
+}
+
+#[test]
+fn plan_of_an_invalid_manifest_exits_one() {
+    let out = fleetctl(&["plan", "deploy/examples/invalid/steps.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("steps.yaml:27:19: error:"));
+}
+
+#[test]
+fn schema_is_a_json_schema_of_the_manifest() {
+    let out = fleetctl(&["schema"]);
+    assert_eq!(out.status.code(), Some(0));
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        schema["$schema"]
+            .as_str()
+            .unwrap()
+            .contains("json-schema.org")
+    );
+    for field in [
+        "apiVersion",
+        "service",
+        "regions",
+        "waves",
+        "strategy",
+        "analysis",
+        "windows",
+        "blackouts",
+        "webhooks",
+        "on_failure",
+    ] {
+        assert!(schema["properties"].get(field).is_some(), "{field}");
+    }
+    assert_eq!(schema["additionalProperties"], false);
+}
+
+#[test]
+fn every_verb_explains_itself_with_an_example() {
+    for verb in ["validate", "plan", "schema"] {
+        let out = fleetctl(&[verb, "--help"]);
+        assert_eq!(out.status.code(), Some(0));
+        let help = text(&out.stdout);
+        assert!(help.contains("Example"), "{verb}: {help}");
+        assert!(help.contains(&format!("fleetctl {verb}")), "{verb}: {help}");
+    }
+}

@@ -1,0 +1,338 @@
+//! The semantic checks: turn a well-formed [`wire::Manifest`] into a [`Manifest`], reporting
+//! every cross-field problem (unknown or duplicated names, waves, weights, durations, time
+//! zones) and every risky-but-legal choice as a warning.
+
+mod analysis;
+mod strategy;
+mod timing;
+mod values;
+
+use std::collections::HashMap;
+
+use fleet_yaml::{Diagnostics, Positions, suggest};
+
+use crate::model::{Cluster, Manifest, Region, Service, Wave, Workload};
+use crate::wire;
+
+pub(crate) use values::Ctx;
+
+/// Above this share of global traffic, a first wave is flagged as risky.
+const FIRST_WAVE_SHARE_WARNING: f64 = 10.0;
+
+pub(crate) fn manifest(
+    w: &wire::Manifest,
+    pos: &Positions,
+    diags: &mut Diagnostics,
+) -> Option<Manifest> {
+    let cx = &mut Ctx::new(pos, diags);
+    if w.api_version != "fleet/v1" {
+        cx.error(
+            "apiVersion",
+            format!("unsupported apiVersion \"{}\"", w.api_version),
+            "write `apiVersion: fleet/v1`",
+        );
+    }
+    let service = service(&w.service, cx);
+    let regions = regions(&w.regions, cx);
+    let waves = waves(&w.waves, &w.regions, cx);
+    let default_strategy = strategy::check(&w.strategy, "strategy", cx);
+    let analysis = w.analysis.as_ref().and_then(|a| analysis::check(a, cx));
+    if w.analysis.as_ref().is_none_or(|a| a.gates.is_empty()) {
+        let path = if w.analysis.is_some() {
+            "analysis.gates"
+        } else {
+            ""
+        };
+        cx.warning(
+            path,
+            "no analysis gates: nothing stops a bad release automatically",
+            "add `analysis.gates`, e.g. `- success_rate: { min: 99 }`",
+        );
+    }
+    let schedule = timing::schedule(&w.windows, &w.blackouts, cx);
+    let webhooks = timing::webhooks(&w.webhooks, cx);
+    first_wave_exposure(w, cx);
+    Some(Manifest {
+        service: service?,
+        regions: regions?,
+        waves: waves?,
+        strategy: default_strategy?,
+        analysis,
+        schedule: schedule?,
+        webhooks: webhooks?,
+        on_failure: w.on_failure.unwrap_or_default(),
+    })
+}
+
+fn service(w: &wire::Service, cx: &mut Ctx<'_>) -> Option<Service> {
+    let name = cx.name("service.name", &w.name);
+    let host = w.host.clone().unwrap_or_else(|| "*".into());
+    if !valid_host_pattern(&host) {
+        cx.error(
+            "service.host",
+            format!("\"{host}\" is not a host name"),
+            "use an exact host (api.example.com), a wildcard (*.example.com) or *",
+        );
+    }
+    let path = cx.url_path("service.path", w.path.as_deref().unwrap_or("/"));
+    let health_check = cx.url_path(
+        "service.health_check",
+        w.health_check.as_deref().unwrap_or("/healthz"),
+    );
+    let workload = &w.workload;
+    if workload.image.is_none() && workload.command.is_none() {
+        cx.error(
+            "service.workload",
+            "the workload has neither an image nor a command",
+            "set `image:` for Kubernetes, `command:` for local processes, or both",
+        );
+    }
+    if workload
+        .command
+        .as_ref()
+        .is_some_and(|c| c.first().is_none_or(|p| p.trim().is_empty()))
+    {
+        cx.error(
+            "service.workload.command",
+            "the command is empty",
+            "name the program first, e.g. [\"./app\", \"--port\", \"{port}\"]",
+        );
+    }
+    if workload.replicas == Some(0) {
+        cx.error(
+            "service.workload.replicas",
+            "replicas must be at least 1",
+            "",
+        );
+    }
+    Some(Service {
+        name: name?,
+        host,
+        path: path?,
+        health_check: health_check?,
+        workload: Workload {
+            image: workload.image.clone(),
+            command: workload.command.clone(),
+            replicas: workload.replicas.unwrap_or(1),
+        },
+    })
+}
+
+fn regions(w: &[wire::Region], cx: &mut Ctx<'_>) -> Option<Vec<Region>> {
+    if w.is_empty() {
+        cx.error(
+            "regions",
+            "the fleet has no regions",
+            "list at least one region",
+        );
+    }
+    let mut names = Unique::new("region");
+    let mut clusters = Unique::new("cluster");
+    let mut agents = Unique::new("agent");
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, r) in w.iter().enumerate() {
+        let path = format!("regions[{i}]");
+        let name = cx.name(&format!("{path}.name"), &r.name);
+        names.add(cx, &format!("{path}.name"), &r.name);
+        if !(0.0..=100.0).contains(&r.traffic_share) {
+            cx.error(
+                &format!("{path}.traffic_share"),
+                format!("traffic share {} is not a percentage", r.traffic_share),
+                "give the region's percent of global traffic, from 0 to 100",
+            );
+        }
+        if r.clusters.is_empty() {
+            cx.error(
+                &format!("{path}.clusters"),
+                "the region has no clusters",
+                "list the clusters that serve it",
+            );
+        }
+        let mut region_clusters = Vec::new();
+        for (j, c) in r.clusters.iter().enumerate() {
+            let cpath = format!("{path}.clusters[{j}]");
+            let agent = c.agent.clone().unwrap_or_else(|| c.name.clone());
+            let cname = cx.name(&format!("{cpath}.name"), &c.name);
+            clusters.add(cx, &format!("{cpath}.name"), &c.name);
+            let agent_path = match c.agent.is_some() {
+                true => format!("{cpath}.agent"),
+                false => format!("{cpath}.name"),
+            };
+            agents.add(cx, &agent_path, &agent);
+            if let Some(cname) = cname {
+                region_clusters.push(Cluster { name: cname, agent });
+            }
+        }
+        let strategy = match &r.strategy {
+            Some(s) => strategy::check(s, &format!("{path}.strategy"), cx).map(Some),
+            None => Some(None),
+        };
+        match (name, strategy) {
+            (Some(name), Some(strategy)) => out.push(Region {
+                name,
+                clusters: region_clusters,
+                traffic_share: r.traffic_share,
+                strategy,
+            }),
+            _ => ok = false,
+        }
+    }
+    let total: f64 = w.iter().map(|r| r.traffic_share).sum();
+    if !w.is_empty() && (total - 100.0).abs() > 0.01 {
+        cx.warning(
+            "regions",
+            format!("traffic shares add up to {}%, not 100%", round2(total)),
+            "exposure estimates read each share as a percent of global traffic",
+        );
+    }
+    ok.then_some(out)
+}
+
+fn waves(w: &[wire::Wave], regions: &[wire::Region], cx: &mut Ctx<'_>) -> Option<Vec<Wave>> {
+    if w.is_empty() {
+        cx.error(
+            "waves",
+            "the fleet has no waves, so a release reaches no region",
+            "add a wave listing regions",
+        );
+    }
+    let known: Vec<&str> = regions.iter().map(|r| r.name.as_str()).collect();
+    let mut names = Unique::new("wave");
+    let mut placed: HashMap<&str, &str> = HashMap::new();
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, wave) in w.iter().enumerate() {
+        let path = format!("waves[{i}]");
+        let name = cx.name(&format!("{path}.name"), &wave.name);
+        names.add(cx, &format!("{path}.name"), &wave.name);
+        if wave.regions.is_empty() {
+            cx.error(
+                &format!("{path}.regions"),
+                "the wave has no regions",
+                "list at least one region, or remove the wave",
+            );
+        }
+        for (j, region) in wave.regions.iter().enumerate() {
+            let rpath = format!("{path}.regions[{j}]");
+            if !known.contains(&region.as_str()) {
+                cx.error(
+                    &rpath,
+                    format!("unknown region \"{region}\""),
+                    suggest(region, &known),
+                );
+            } else if let Some(first) = placed.insert(region, &wave.name) {
+                cx.error(
+                    &rpath,
+                    format!("region \"{region}\" is already in wave \"{first}\""),
+                    "a region belongs to exactly one wave; remove it from one of them",
+                );
+            }
+        }
+        if wave.max_parallel == Some(0) {
+            cx.error(
+                &format!("{path}.max_parallel"),
+                "max_parallel must be at least 1",
+                "",
+            );
+        }
+        let bake = match &wave.bake {
+            Some(text) => cx.duration(&format!("{path}.bake"), text),
+            None => Some(std::time::Duration::ZERO),
+        };
+        let strategy = match &wave.strategy {
+            Some(s) => strategy::check(s, &format!("{path}.strategy"), cx).map(Some),
+            None => Some(None),
+        };
+        match (name, bake, strategy) {
+            (Some(name), Some(bake), Some(strategy)) => out.push(Wave {
+                name,
+                regions: wave.regions.clone(),
+                max_parallel: wave.max_parallel.map(|n| n as usize),
+                bake,
+                approval: wave.approval == Some(wire::Approval::Required),
+                strategy,
+            }),
+            _ => ok = false,
+        }
+    }
+    for (i, region) in regions.iter().enumerate() {
+        if !placed.contains_key(region.name.as_str()) && !w.is_empty() {
+            let last = w.last().map(|l| l.name.as_str()).unwrap_or_default();
+            cx.error(
+                &format!("regions[{i}].name"),
+                format!(
+                    "region \"{}\" is in no wave, so no release would reach it",
+                    region.name
+                ),
+                format!("add it to the regions of a wave, e.g. \"{last}\""),
+            );
+        }
+    }
+    ok.then_some(out)
+}
+
+fn first_wave_exposure(w: &wire::Manifest, cx: &mut Ctx<'_>) {
+    let Some(first) = w.waves.first() else { return };
+    let share: f64 = w
+        .regions
+        .iter()
+        .filter(|r| first.regions.contains(&r.name))
+        .map(|r| r.traffic_share)
+        .sum();
+    if share > FIRST_WAVE_SHARE_WARNING {
+        cx.warning(
+            "waves[0]",
+            format!("the first wave exposes {}% of global traffic", round2(share)),
+            format!("start with regions under {FIRST_WAVE_SHARE_WARNING}% so a bad release reaches few users"),
+        );
+    }
+}
+
+fn valid_host_pattern(host: &str) -> bool {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    host == "*"
+        || (!name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Reports a name seen twice, pointing at the first.
+struct Unique<'a> {
+    what: &'a str,
+    seen: HashMap<String, String>,
+}
+
+impl<'a> Unique<'a> {
+    fn new(what: &'a str) -> Self {
+        Unique {
+            what,
+            seen: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, cx: &mut Ctx<'_>, path: &str, name: &str) {
+        match self.seen.get(name) {
+            Some(first) => {
+                let line = cx.line_of(first);
+                cx.error(
+                    path,
+                    format!(
+                        "duplicate {} name \"{name}\" (first used on line {line})",
+                        self.what
+                    ),
+                    format!("give each {} its own name", self.what),
+                );
+            }
+            None => {
+                self.seen.insert(name.to_string(), path.to_string());
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Checks of single values — names, durations, weights, URLs, time zones — each reporting
+//! its own diagnostic and returning `None` when the value is unusable.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use fleet_yaml::{Diagnostics, Positions, did_you_mean};
+use regex::Regex;
+
+use crate::model::{Weight, WeightError};
+
+/// The context every check writes to: where each path is, and the diagnostics so far.
+pub(crate) struct Ctx<'a> {
+    pos: &'a Positions,
+    diags: &'a mut Diagnostics,
+}
+
+static NAME: LazyLock<Regex> = LazyLock::new(|| {
+    // A literal pattern known to compile.
+    #[allow(clippy::unwrap_used)]
+    Regex::new("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").unwrap()
+});
+
+impl<'a> Ctx<'a> {
+    pub(crate) fn new(pos: &'a Positions, diags: &'a mut Diagnostics) -> Self {
+        Ctx { pos, diags }
+    }
+
+    pub(crate) fn error(
+        &mut self,
+        path: &str,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) {
+        self.diags.error(self.pos.of(path), path, message, help);
+    }
+
+    pub(crate) fn warning(
+        &mut self,
+        path: &str,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) {
+        self.diags.warning(self.pos.of(path), path, message, help);
+    }
+
+    pub(crate) fn line_of(&self, path: &str) -> usize {
+        self.pos.of(path).line
+    }
+
+    /// A DNS label, as Kubernetes names its objects.
+    pub(crate) fn name(&mut self, path: &str, name: &str) -> Option<String> {
+        if NAME.is_match(name) && name.len() <= 63 {
+            return Some(name.to_string());
+        }
+        self.error(
+            path,
+            format!("\"{name}\" is not a valid name"),
+            "use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit",
+        );
+        None
+    }
+
+    pub(crate) fn duration(&mut self, path: &str, text: &str) -> Option<Duration> {
+        match humantime::parse_duration(text) {
+            Ok(d) => Some(d),
+            Err(_) => {
+                self.error(
+                    path,
+                    format!("\"{text}\" is not a duration"),
+                    "write a number and a unit, e.g. 30s, 5m, 1h30m",
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration that must be longer than zero, such as an interval.
+    pub(crate) fn positive_duration(&mut self, path: &str, text: &str) -> Option<Duration> {
+        let d = self.duration(path, text)?;
+        if d.is_zero() {
+            self.error(path, "must be longer than zero", "e.g. 30s or 1m");
+            return None;
+        }
+        Some(d)
+    }
+
+    pub(crate) fn weight(&mut self, path: &str, percent: f64) -> Option<Weight> {
+        match Weight::from_percent(percent) {
+            Ok(w) => Some(w),
+            Err(WeightError::OutOfRange) => {
+                self.error(
+                    path,
+                    format!("weight {percent} is not between 0 and 100"),
+                    "weights are percents of the region's traffic",
+                );
+                None
+            }
+            Err(WeightError::TooPrecise) => {
+                self.error(
+                    path,
+                    format!("weight {percent} is finer than 0.01"),
+                    "round it to two decimals",
+                );
+                None
+            }
+        }
+    }
+
+    /// An http or https URL.
+    pub(crate) fn url(&mut self, path: &str, text: &str) -> Option<String> {
+        match url::Url::parse(text) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                Some(text.to_string())
+            }
+            Ok(u) => {
+                self.error(
+                    path,
+                    format!("\"{text}\" is not an http(s) URL (scheme {})", u.scheme()),
+                    "use http:// or https://",
+                );
+                None
+            }
+            Err(e) => {
+                self.error(
+                    path,
+                    format!("\"{text}\" is not a URL ({e})"),
+                    "e.g. https://hooks.example.com/release",
+                );
+                None
+            }
+        }
+    }
+
+    /// An absolute URL path such as `/healthz`.
+    pub(crate) fn url_path(&mut self, path: &str, text: &str) -> Option<String> {
+        if text.starts_with('/') && !text.contains(char::is_whitespace) {
+            return Some(text.to_string());
+        }
+        self.error(
+            path,
+            format!("\"{text}\" is not an absolute path"),
+            "start it with /, e.g. /healthz",
+        );
+        None
+    }
+
+    pub(crate) fn time_zone(&mut self, path: &str, text: &str) -> Option<Tz> {
+        match text.parse::<Tz>() {
+            Ok(tz) => Some(tz),
+            Err(_) => {
+                let names = chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name());
+                let help = match did_you_mean(text, names) {
+                    Some(near) => format!("did you mean \"{near}\"?"),
+                    None => "use an IANA time zone such as Europe/Berlin or UTC".to_string(),
+                };
+                self.error(path, format!("unknown time zone \"{text}\""), help);
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The fleet manifest: its model, validation and wave planning. Pure: no I/O, no clock.
+//!
+//! [`load`] reads a manifest's text into a checked [`Manifest`] or every problem in it;
+//! [`plan::plan`] turns a manifest, a release request and a start time into a timeline.
+
+mod check;
+pub mod model;
+pub mod plan;
+pub mod schedule;
+pub mod wire;
+
+pub use fleet_yaml::{Diagnostic, Severity};
+pub use model::Manifest;
+
+/// A manifest that passed validation, with the warnings it still deserves.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub manifest: Manifest,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Reads and validates a manifest. On failure, every diagnostic found (errors and warnings),
+/// in source order.
+pub fn load(src: &str) -> Result<Loaded, Vec<Diagnostic>> {
+    let mut loaded = fleet_yaml::load::<wire::Manifest>(src);
+    let manifest = loaded
+        .value
+        .as_ref()
+        .and_then(|w| check::manifest(w, &loaded.positions, &mut loaded.diags));
+    let failed = loaded.diags.has_errors();
+    let diags = loaded.diags.into_sorted();
+    match manifest {
+        Some(manifest) if !failed => Ok(Loaded {
+            manifest,
+            warnings: diags,
+        }),
+        _ => Err(diags),
+    }
+}
+
+/// The JSON Schema of the manifest, for editors.
+pub fn schema() -> serde_json::Value {
+    fleet_yaml::schema_of::<wire::Manifest>()
+}

@@ -1,0 +1,66 @@
+//! YAML configuration files read like a compiler reads source: every problem reported at once,
+//! each with its line, column, field path and a fix.
+//!
+//! [`load`] parses a document into a tree that remembers positions ([`yaml`]), checks its
+//! structure against the JSON Schema of the target serde type ([`shape`]), and deserializes it.
+//! Callers then run their own semantic checks, locating fields through [`Positions`].
+
+pub mod diag;
+pub mod shape;
+pub mod yaml;
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+
+pub use diag::{Diagnostic, Diagnostics, Severity, did_you_mean, suggest};
+pub use shape::Positions;
+pub use yaml::Pos;
+
+/// A document read into `T`, or not, with what was found on the way.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    /// `Some` when the document could be read as a `T`, even if some fields were rejected
+    /// (see `diags`); semantic checks may add more errors.
+    pub value: Option<T>,
+    pub positions: Positions,
+    pub diags: Diagnostics,
+}
+
+/// The JSON Schema of `T`, as editors and the structural check use it.
+pub fn schema_of<T: JsonSchema>() -> serde_json::Value {
+    schemars::schema_for!(T).to_value()
+}
+
+/// Reads `src` as a `T`: syntax, then structure against `T`'s schema, then serde.
+pub fn load<T: DeserializeOwned + JsonSchema>(src: &str) -> Loaded<T> {
+    let mut diags = Diagnostics::default();
+    let node = match yaml::parse(src) {
+        Ok(node) => node,
+        Err(e) => {
+            diags.error(e.pos, "", format!("not valid YAML: {}", e.message), "");
+            return Loaded {
+                value: None,
+                positions: Positions::default(),
+                diags,
+            };
+        }
+    };
+    let (json, positions) = shape::check(&node, &schema_of::<T>(), &mut diags);
+    // Unknown fields and repeated keys were left out of `json`, so it may still be readable
+    // after errors; then the caller's semantic checks can report their problems too.
+    let value = serde_json::from_value(json).ok();
+    if value.is_none() && !diags.has_errors() {
+        // The structural check should have caught whatever serde refused; report, never panic.
+        diags.error(
+            node.pos,
+            "",
+            "the document does not have the expected shape",
+            "",
+        );
+    }
+    Loaded {
+        value,
+        positions,
+        diags,
+    }
+}

@@ -1,0 +1,425 @@
+//! The structural check: walks a YAML tree against the JSON Schema of the wire types and
+//! reports every misplaced, misspelt, missing or mistyped field at once, with its position.
+//!
+//! It understands the subset of JSON Schema that `schemars` emits for our types: `$ref`,
+//! `type`, `properties`, `required`, `additionalProperties`, `items`, `enum`, `const`,
+//! `anyOf`/`oneOf` and `minimum`/`maximum`. While it walks it builds the JSON value that serde
+//! then reads, and remembers where every path stands in the source for the semantic checks.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Map, Number, Value as Json};
+
+use crate::diag::{Diagnostics, suggest};
+use crate::yaml::{Node, Pos, Value};
+
+/// Where each field path (`waves[1].regions[0]`) stands in the source.
+#[derive(Clone, Debug, Default)]
+pub struct Positions(HashMap<String, Pos>);
+
+impl Positions {
+    /// The position of `path`, or of its nearest ancestor present in the source (a defaulted
+    /// field has no position of its own).
+    pub fn of(&self, path: &str) -> Pos {
+        let mut p = path;
+        loop {
+            if let Some(pos) = self.0.get(p) {
+                return *pos;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p = &p[..i],
+                None => return self.0.get("").copied().unwrap_or_default(),
+            }
+        }
+    }
+}
+
+/// Checks `node` against `schema`; returns the JSON value serde can read (meaningful only when
+/// no error was reported) and the positions of every path.
+pub fn check(node: &Node, schema: &Json, diags: &mut Diagnostics) -> (Json, Positions) {
+    let mut walker = Walker {
+        root: schema,
+        positions: Positions::default(),
+    };
+    let value = walker.walk(node, schema, "", diags);
+    (value, walker.positions)
+}
+
+struct Walker<'s> {
+    root: &'s Json,
+    positions: Positions,
+}
+
+impl<'s> Walker<'s> {
+    fn walk(&mut self, node: &Node, schema: &'s Json, path: &str, diags: &mut Diagnostics) -> Json {
+        self.positions.0.insert(path.to_string(), node.pos);
+        let schema = self.resolve(schema);
+        if let Some(branches) = schema.get("anyOf").or_else(|| schema.get("oneOf")) {
+            return self.walk_union(node, branches, path, diags);
+        }
+        if let Some(allowed) = allowed_values(schema) {
+            return walk_enum(node, &allowed, path, diags);
+        }
+        let types = types_of(schema);
+        let Some(ty) = types.iter().copied().find(|t| accepts(t, &node.value)) else {
+            let expected: Vec<&str> = types.iter().map(|t| describe(t)).collect();
+            diags.error(
+                node.pos,
+                path,
+                format!(
+                    "expected {}, found {}",
+                    expected.join(" or "),
+                    node.value.kind()
+                ),
+                "",
+            );
+            return Json::Null;
+        };
+        match (ty, &node.value) {
+            ("object", Value::Map(_)) => self.walk_object(node, schema, path, diags),
+            ("array", Value::Seq(items)) => {
+                let item_schema = schema.get("items").unwrap_or(&Json::Bool(true));
+                let values = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| self.walk(item, item_schema, &format!("{path}[{i}]"), diags))
+                    .collect();
+                Json::Array(values)
+            }
+            (_, Value::Scalar { text, .. }) => scalar(ty, text, node.pos, schema, path, diags),
+            _ => Json::Null,
+        }
+    }
+
+    fn walk_object(
+        &mut self,
+        node: &Node,
+        schema: &'s Json,
+        path: &str,
+        diags: &mut Diagnostics,
+    ) -> Json {
+        let Value::Map(entries) = &node.value else {
+            return Json::Null;
+        };
+        static EMPTY: std::sync::LazyLock<Map<String, Json>> = std::sync::LazyLock::new(Map::new);
+        let properties = schema
+            .get("properties")
+            .and_then(Json::as_object)
+            .unwrap_or(&EMPTY);
+        let closed = schema.get("additionalProperties") == Some(&Json::Bool(false));
+        let mut out = Map::new();
+        let mut seen = HashSet::new();
+        for entry in entries {
+            let child = join(path, &entry.key);
+            if !seen.insert(entry.key.as_str()) {
+                diags.error(
+                    entry.key_pos,
+                    &child,
+                    format!("duplicate key \"{}\"", entry.key),
+                    "keep one of them",
+                );
+                continue;
+            }
+            match properties.get(&entry.key) {
+                Some(prop) => {
+                    let value = self.walk(&entry.value, prop, &child, diags);
+                    out.insert(entry.key.clone(), value);
+                }
+                None if closed => {
+                    let names: Vec<&str> = properties.keys().map(String::as_str).collect();
+                    diags.error(
+                        entry.key_pos,
+                        &child,
+                        format!("unknown field \"{}\"", entry.key),
+                        suggest(&entry.key, &names),
+                    );
+                }
+                None => {
+                    let value = self.walk(&entry.value, &Json::Bool(true), &child, diags);
+                    out.insert(entry.key.clone(), value);
+                }
+            }
+        }
+        let required = schema.get("required").and_then(Json::as_array);
+        for name in required.into_iter().flatten().filter_map(Json::as_str) {
+            if !seen.contains(name) {
+                let what = properties
+                    .get(name)
+                    .map(|p| self.resolve(p))
+                    .and_then(|p| p.get("description"))
+                    .and_then(Json::as_str)
+                    .map(first_sentence)
+                    .unwrap_or_default();
+                let help = match what.is_empty() {
+                    true => format!("add `{name}:`"),
+                    false => format!("add `{name}:` ({what})"),
+                };
+                diags.error(node.pos, path, format!("missing field \"{name}\""), help);
+            }
+        }
+        Json::Object(out)
+    }
+
+    /// `anyOf`/`oneOf`: picks the branch the node can be, by its kind and, for externally
+    /// tagged enums (objects with one required key each), by its key.
+    fn walk_union(
+        &mut self,
+        node: &Node,
+        branches: &'s Json,
+        path: &str,
+        diags: &mut Diagnostics,
+    ) -> Json {
+        let branches: Vec<&'s Json> = branches
+            .as_array()
+            .map(|b| b.iter().map(|s| self.resolve(s)).collect())
+            .unwrap_or_default();
+        if let Some(allowed) = branches
+            .iter()
+            .map(|b| allowed_values(b))
+            .collect::<Option<Vec<_>>>()
+        {
+            return walk_enum(node, &allowed.concat(), path, diags);
+        }
+        let fits: Vec<&'s Json> = branches
+            .iter()
+            .copied()
+            .filter(|b| types_of(b).iter().any(|t| accepts(t, &node.value)))
+            .collect();
+        let tags: Vec<&str> = fits.iter().filter_map(|b| single_tag(b)).collect();
+        if let (Value::Map(entries), true) =
+            (&node.value, fits.len() > 1 && tags.len() == fits.len())
+        {
+            return match entries.as_slice() {
+                [entry] => match fits
+                    .iter()
+                    .find(|b| single_tag(b) == Some(entry.key.as_str()))
+                {
+                    Some(branch) => self.walk(node, branch, path, diags),
+                    None => {
+                        diags.error(
+                            entry.key_pos,
+                            &join(path, &entry.key),
+                            format!("unknown kind \"{}\"", entry.key),
+                            suggest(&entry.key, &tags),
+                        );
+                        Json::Null
+                    }
+                },
+                _ => {
+                    diags.error(
+                        node.pos,
+                        path,
+                        format!("expected exactly one key, found {}", entries.len()),
+                        format!("use one of: {}", tags.join(", ")),
+                    );
+                    Json::Null
+                }
+            };
+        }
+        match fits.as_slice() {
+            [] => {
+                let mut expected: Vec<&str> = branches
+                    .iter()
+                    .flat_map(|b| types_of(b))
+                    .map(describe)
+                    .collect();
+                expected.dedup();
+                diags.error(
+                    node.pos,
+                    path,
+                    format!(
+                        "expected {}, found {}",
+                        expected.join(" or "),
+                        node.value.kind()
+                    ),
+                    "",
+                );
+                Json::Null
+            }
+            [only] => self.walk(node, only, path, diags),
+            several => {
+                // Try each; keep the first that fits cleanly, else the one with fewest problems.
+                let mut best: Option<(Json, Diagnostics, usize)> = None;
+                for branch in several {
+                    let mut scratch = Diagnostics::default();
+                    let value = self.walk(node, branch, path, &mut scratch);
+                    let problems = scratch.len();
+                    if best.as_ref().is_none_or(|(_, _, n)| problems < *n) {
+                        best = Some((value, scratch, problems));
+                    }
+                    if problems == 0 {
+                        break;
+                    }
+                }
+                let (value, scratch, _) = best.unwrap_or((Json::Null, Diagnostics::default(), 0));
+                diags.extend(scratch);
+                value
+            }
+        }
+    }
+
+    fn resolve(&self, mut schema: &'s Json) -> &'s Json {
+        while let Some(reference) = schema.get("$ref").and_then(Json::as_str) {
+            let Some(name) = reference.strip_prefix("#/$defs/") else {
+                break;
+            };
+            match self.root.get("$defs").and_then(|d| d.get(name)) {
+                Some(target) => schema = target,
+                None => break,
+            }
+        }
+        schema
+    }
+}
+
+fn walk_enum(node: &Node, allowed: &[&str], path: &str, diags: &mut Diagnostics) -> Json {
+    match &node.value {
+        Value::Scalar { text, .. } if allowed.contains(&text.as_str()) => {
+            Json::String(text.clone())
+        }
+        Value::Scalar { text, .. } => {
+            diags.error(
+                node.pos,
+                path,
+                format!("unknown value \"{text}\""),
+                suggest(text, allowed),
+            );
+            Json::Null
+        }
+        other => {
+            diags.error(
+                node.pos,
+                path,
+                format!(
+                    "expected one of {}, found {}",
+                    allowed.join(", "),
+                    other.kind()
+                ),
+                "",
+            );
+            Json::Null
+        }
+    }
+}
+
+fn scalar(
+    ty: &str,
+    text: &str,
+    pos: Pos,
+    schema: &Json,
+    path: &str,
+    diags: &mut Diagnostics,
+) -> Json {
+    match ty {
+        "null" => Json::Null,
+        "boolean" => Json::Bool(text.eq_ignore_ascii_case("true")),
+        "integer" | "number" => {
+            let number = match ty {
+                "integer" => text.parse::<i64>().ok().map(Number::from),
+                _ => text.parse::<f64>().ok().and_then(Number::from_f64),
+            };
+            let Some(number) = number else {
+                return Json::Null;
+            };
+            let value = number.as_f64().unwrap_or_default();
+            let max = schema
+                .get("maximum")
+                .and_then(Json::as_f64)
+                .or(match schema.get("format") {
+                    Some(f) if f == "uint32" => Some(f64::from(u32::MAX)),
+                    _ => None,
+                });
+            if let Some(min) = schema
+                .get("minimum")
+                .and_then(Json::as_f64)
+                .filter(|m| value < *m)
+            {
+                diags.error(
+                    pos,
+                    path,
+                    format!("{text} is below the minimum of {min}"),
+                    "",
+                );
+            } else if let Some(max) = max.filter(|m| value > *m) {
+                diags.error(
+                    pos,
+                    path,
+                    format!("{text} is above the maximum of {max}"),
+                    "",
+                );
+            }
+            Json::Number(number)
+        }
+        _ => Json::String(text.to_string()),
+    }
+}
+
+/// The JSON types a schema allows; a schema without `type` allows anything.
+fn types_of(schema: &Json) -> Vec<&str> {
+    match schema.get("type") {
+        Some(Json::String(t)) => vec![t.as_str()],
+        Some(Json::Array(ts)) => ts.iter().filter_map(Json::as_str).collect(),
+        _ if schema.get("properties").is_some() => vec!["object"],
+        _ => vec![
+            "null", "boolean", "integer", "number", "string", "array", "object",
+        ],
+    }
+}
+
+fn accepts(ty: &str, value: &Value) -> bool {
+    match (ty, value) {
+        ("object", Value::Map(_)) | ("array", Value::Seq(_)) => true,
+        ("string", Value::Scalar { .. }) => true,
+        (_, Value::Scalar { plain: false, .. }) => false,
+        ("null", v) => v.kind() == "null",
+        ("boolean", v) => v.kind() == "a boolean",
+        ("integer", Value::Scalar { text, .. }) => text.parse::<i64>().is_ok(),
+        ("number", v) => v.kind() == "a number",
+        _ => false,
+    }
+}
+
+fn describe(ty: &str) -> &'static str {
+    match ty {
+        "object" => "a mapping",
+        "array" => "a list",
+        "string" => "a string",
+        "integer" => "a whole number",
+        "number" => "a number",
+        "boolean" => "true or false",
+        _ => "nothing",
+    }
+}
+
+/// The string values a schema allows, when it is an `enum` or a `const`.
+fn allowed_values(schema: &Json) -> Option<Vec<&str>> {
+    if let Some(c) = schema.get("const").and_then(Json::as_str) {
+        return Some(vec![c]);
+    }
+    let values = schema.get("enum")?.as_array()?;
+    values.iter().map(Json::as_str).collect()
+}
+
+/// For an externally tagged enum variant (an object with exactly one required key), that key.
+fn single_tag(schema: &Json) -> Option<&str> {
+    match schema.get("required")?.as_array()?.as_slice() {
+        [one] => one.as_str(),
+        _ => None,
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    match path.is_empty() {
+        true => key.to_string(),
+        false => format!("{path}.{key}"),
+    }
+}
+
+fn first_sentence(text: &str) -> String {
+    let line = text.split('\n').next().unwrap_or_default();
+    line.split(". ")
+        .next()
+        .unwrap_or(line)
+        .trim_end_matches('.')
+        .to_string()
+}
