@@ -7,6 +7,7 @@ mod check;
 pub mod model;
 pub mod plan;
 pub mod schedule;
+pub mod steps;
 pub mod wire;
 
 pub use fleet_yaml::{Diagnostic, Severity};

@@ -2,20 +2,20 @@
 //! is expected to follow, with the share of global users exposed after every step.
 //!
 //! Expectations, not promises: manual gates (approvals, indefinite pauses) are assumed to be
-//! passed at once and counted in [`Plan::manual_gates`]; analysis is assumed to pass. Windows
+//! passed at once and counted in [`Plan::manual_gates`]; analysis is assumed to pass at its
+//! first check, so an analysed step lasts at least one analysis interval. Windows
 //! and blackouts delay wave starts unless the release is an emergency. A wave's bake is the
 //! wait before the next wave, so the last wave has none.
-
-mod steps;
 
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Serialize, Serializer};
 
-use crate::model::{Manifest, Weight};
+use crate::model::{Manifest, Pause, Weight};
+use crate::steps;
 
-pub use steps::Phase;
+pub use crate::steps::Phase;
 
 /// What an operator asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -125,16 +125,17 @@ pub fn plan(
                 let steps: Vec<StepPlan> = steps::of(strategy)
                     .into_iter()
                     .map(|s| {
+                        let duration = expected_hold(manifest, &s);
                         let step = StepPlan {
+                            waits_for_promote: s.hold == Pause::Indefinite,
                             label: s.label,
                             phase: s.phase,
                             weight: s.weight,
                             start: t,
-                            duration: s.duration,
-                            waits_for_promote: s.waits_for_promote,
+                            duration,
                             exposure: 0.0,
                         };
-                        t += delta(s.duration);
+                        t += delta(duration);
                         step
                     })
                     .collect();
@@ -180,6 +181,20 @@ pub fn plan(
         first_gate_can_stop_at,
         worst_case_includes_cohort,
     })
+}
+
+/// How long a step is expected to hold: its pause, and at least one analysis interval when
+/// gates judge it (an indefinite pause is assumed to be promoted at once).
+fn expected_hold(manifest: &Manifest, step: &steps::Step) -> Duration {
+    let pause = match step.hold {
+        Pause::For(d) => d,
+        Pause::None | Pause::Indefinite => Duration::ZERO,
+    };
+    let analysis = manifest.analysis.as_ref().filter(|a| !a.gates.is_empty());
+    match analysis {
+        Some(a) if step.is_analysed() && step.hold != Pause::Indefinite => pause.max(a.interval),
+        _ => pause,
+    }
 }
 
 /// Walks every step in time order (ties in plan order) keeping each region's current weight,

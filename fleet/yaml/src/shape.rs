@@ -423,3 +423,90 @@ fn first_sentence(text: &str) -> String {
         .trim_end_matches('.')
         .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use schemars::JsonSchema;
+    use serde::Deserialize;
+
+    use crate::{Diagnostic, load};
+
+    #[derive(Debug, Deserialize, JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // Fields are read through Debug in the tests.
+    struct Doc {
+        /// The name of the thing.
+        name: String,
+        #[serde(default)]
+        count: Option<u32>,
+        #[serde(default)]
+        mode: Option<Mode>,
+        #[serde(default)]
+        items: Vec<Item>,
+    }
+
+    #[derive(Debug, Deserialize, JsonSchema)]
+    #[serde(rename_all = "snake_case")]
+    enum Mode {
+        Fast,
+        Slow,
+    }
+
+    #[derive(Debug, Deserialize, JsonSchema)]
+    #[serde(rename_all = "snake_case", deny_unknown_fields)]
+    #[allow(dead_code)]
+    enum Item {
+        Weight(f64),
+        Label(String),
+    }
+
+    fn problems(src: &str) -> Vec<String> {
+        let loaded = load::<Doc>(src);
+        loaded.diags.into_sorted().iter().map(Diagnostic::to_string).collect()
+    }
+
+    #[test]
+    fn a_clean_document_reads_without_diagnostics() {
+        let loaded = load::<Doc>("name: x\ncount: 3\nmode: fast\nitems: [{weight: 1.5}, {label: \"7\"}]\n");
+        assert!(loaded.diags.is_empty(), "{:?}", loaded.diags);
+        assert!(loaded.value.is_some());
+    }
+
+    #[test]
+    fn every_structural_problem_is_reported_with_its_position() {
+        let cases: &[(&str, &[&str])] = &[
+            ("nam: x\n", &[
+                "1:1: error: nam: unknown field \"nam\"; did you mean \"name\"?",
+                "1:1: error: missing field \"name\"; add `name:` (The name of the thing)",
+            ]),
+            ("name: x\ncount: lots\n", &["2:8: error: count: expected a whole number or nothing, found a string"]),
+            ("name: x\ncount: -2\n", &["2:8: error: count: -2 is below the minimum of 0"]),
+            ("name: x\nmode: fats\n", &["2:7: error: mode: unknown value \"fats\"; did you mean \"fast\"?"]),
+            ("name: x\nname: y\n", &["2:1: error: name: duplicate key \"name\"; keep one of them"]),
+            ("name: x\nitems: [{wieght: 1}]\n", &[
+                "2:10: error: items[0].wieght: unknown kind \"wieght\"; did you mean \"weight\"?",
+            ]),
+            ("name: x\nitems: [{weight: 1, label: a}]\n", &[
+                "2:9: error: items[0]: expected exactly one key, found 2; use one of: weight, label",
+            ]),
+            ("name: [1]\n", &["1:7: error: name: expected a string, found a list"]),
+            ("name: x\n  bad: indent\n", &["2:6: error: not valid YAML: mapping values are not allowed in this context"]),
+        ];
+        for (src, expected) in cases {
+            assert_eq!(&problems(src), expected, "for {src:?}");
+        }
+    }
+
+    #[test]
+    fn plain_scalars_are_strings_where_strings_are_expected() {
+        let loaded = load::<Doc>("name: true\n");
+        assert_eq!(loaded.value.map(|d| d.name), Some("true".to_string()));
+    }
+
+    #[test]
+    fn unknown_fields_do_not_hide_the_rest_of_the_document() {
+        let loaded = load::<Doc>("name: x\ncolour: red\ncount: 2\n");
+        assert!(loaded.diags.has_errors());
+        assert_eq!(loaded.value.and_then(|d| d.count), Some(2));
+    }
+}

@@ -1,4 +1,5 @@
-//! The steps one region goes through under a strategy, in order.
+//! The steps one region goes through under a strategy, in order: what the planner times and
+//! what the rollout engine drives, so that the two cannot disagree.
 
 use std::time::Duration;
 
@@ -23,32 +24,54 @@ pub enum Phase {
     Promote,
 }
 
-pub(crate) struct Step {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
     pub label: String,
     pub phase: Phase,
+    /// Share of the region's traffic on the new version.
     pub weight: Weight,
-    pub duration: Duration,
-    pub waits_for_promote: bool,
+    /// How long the step holds before it may move on.
+    pub hold: Pause,
 }
 
-fn step(label: String, phase: Phase, weight: Weight, duration: Duration) -> Step {
+impl Step {
+    /// Whether analysis judges this step: it sends some traffic to the new version while the
+    /// stable one still serves the rest. Such a step never passes without a passing verdict.
+    pub fn is_analysed(&self) -> bool {
+        match self.phase {
+            Phase::Mirror | Phase::Cohort => true,
+            Phase::Weight => self.weight > Weight::ZERO && self.weight < Weight::FULL,
+            Phase::Deploy | Phase::Switch | Phase::Promote => false,
+        }
+    }
+}
+
+fn step(label: String, phase: Phase, weight: Weight, hold: Pause) -> Step {
     Step {
         label,
         phase,
         weight,
-        duration,
-        waits_for_promote: false,
+        hold,
     }
 }
 
-pub(crate) fn of(strategy: &Strategy) -> Vec<Step> {
+fn timed(d: Duration) -> Pause {
+    if d.is_zero() {
+        Pause::None
+    } else {
+        Pause::For(d)
+    }
+}
+
+/// The steps of `strategy`, in order; the last one always puts 100% on the new version.
+pub fn of(strategy: &Strategy) -> Vec<Step> {
     let mut out = Vec::new();
     if let Some(m) = &strategy.mirror {
         out.push(step(
             format!("mirror {}", m.share),
             Phase::Mirror,
             Weight::ZERO,
-            m.duration,
+            timed(m.duration),
         ));
     }
     if let Some(ab) = &strategy.ab {
@@ -57,24 +80,13 @@ pub(crate) fn of(strategy: &Strategy) -> Vec<Step> {
             ab.matches.len(),
             plural(ab.matches.len())
         );
-        out.push(step(label, Phase::Cohort, Weight::ZERO, ab.duration));
+        out.push(step(label, Phase::Cohort, Weight::ZERO, timed(ab.duration)));
     }
     match &strategy.rollout {
         Rollout::Canary { steps } => {
             for (i, s) in steps.iter().enumerate() {
-                let (duration, waits) = match s.pause {
-                    Pause::None => (Duration::ZERO, false),
-                    Pause::For(d) => (d, false),
-                    Pause::Indefinite => (Duration::ZERO, true),
-                };
-                let mut st = step(
-                    format!("step {}/{}", i + 1, steps.len()),
-                    Phase::Weight,
-                    s.weight,
-                    duration,
-                );
-                st.waits_for_promote = waits;
-                out.push(st);
+                let label = format!("step {}/{}", i + 1, steps.len());
+                out.push(step(label, Phase::Weight, s.weight, s.pause));
             }
         }
         Rollout::Linear {
@@ -88,7 +100,7 @@ pub(crate) fn of(strategy: &Strategy) -> Vec<Step> {
                     format!("step {}/{}", i + 1, weights.len()),
                     Phase::Weight,
                     *w,
-                    *interval,
+                    timed(*interval),
                 ));
             }
         }
@@ -97,12 +109,7 @@ pub(crate) fn of(strategy: &Strategy) -> Vec<Step> {
                 Some(_) => "deploy idle colour, smoke test",
                 None => "deploy idle colour",
             };
-            out.push(step(
-                label.into(),
-                Phase::Deploy,
-                Weight::ZERO,
-                Duration::ZERO,
-            ));
+            out.push(step(label.into(), Phase::Deploy, Weight::ZERO, Pause::None));
             let label = match standby.is_zero() {
                 true => "switch".to_string(),
                 false => format!(
@@ -110,7 +117,7 @@ pub(crate) fn of(strategy: &Strategy) -> Vec<Step> {
                     humantime::format_duration(*standby)
                 ),
             };
-            out.push(step(label, Phase::Switch, Weight::FULL, Duration::ZERO));
+            out.push(step(label, Phase::Switch, Weight::FULL, Pause::None));
         }
     }
     if out.last().is_none_or(|s| s.weight < Weight::FULL) {
@@ -118,7 +125,7 @@ pub(crate) fn of(strategy: &Strategy) -> Vec<Step> {
             "promote".into(),
             Phase::Promote,
             Weight::FULL,
-            Duration::ZERO,
+            Pause::None,
         ));
     }
     out
