@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::schedule::{Blackout, Schedule, Window};
 pub use crate::wire::{FailurePolicy, HookEvent};
@@ -88,9 +88,25 @@ pub struct Wave {
 }
 
 /// A share of traffic in basis points, 0..=10000 (100.00%).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(into = "u16", try_from = "u16")]
 pub struct Weight(u16);
+
+impl TryFrom<u16> for Weight {
+    type Error = WeightError;
+
+    fn try_from(bp: u16) -> Result<Weight, WeightError> {
+        Weight::from_basis_points(bp).ok_or(WeightError::OutOfRange)
+    }
+}
+
+impl From<Weight> for u16 {
+    fn from(w: Weight) -> u16 {
+        w.0
+    }
+}
 
 impl Weight {
     pub const ZERO: Weight = Weight(0);

@@ -1,0 +1,384 @@
+//! Region-level transitions: guarding a step with its webhooks, applying it, judging it every
+//! interval, moving on, promoting, and failing under the manifest's failure policy.
+
+use chrono::{DateTime, Utc};
+use fleet::model::{FailurePolicy, HookEvent, Pause, Rollout};
+use fleet::steps::Phase as StepPhase;
+
+use crate::analysis::{self, Outcome};
+use crate::output::{Command, What};
+use crate::state::{RegionStatus, WaveState};
+use crate::traffic::Target;
+use crate::{ENGINE, Engine, delta};
+
+impl Engine {
+    /// Starts moving `region` to `step` (the number of steps means the final promotion).
+    pub(crate) fn enter_step(&mut self, now: DateTime<Utc>, region: &str, step: usize) {
+        if let Some(r) = self.state.regions.get_mut(region) {
+            r.status = RegionStatus::Entering;
+            r.step = step;
+            r.hooks_passed = 0;
+            r.awaiting_hook = None;
+            r.promote_requested = false;
+        }
+        self.try_enter(now, region);
+    }
+
+    /// Calls the step's next guarding webhook, or, once all passed, sends its desired state.
+    fn try_enter(&mut self, now: DateTime<Utc>, region: &str) -> bool {
+        let Some(r) = self.state.regions.get(region) else {
+            return false;
+        };
+        if r.awaiting_hook.is_some() {
+            return false;
+        }
+        let (step, passed) = (r.step, r.hooks_passed);
+        if let Some((on, url, timeout)) = self.entry_hooks(region, step).into_iter().nth(passed) {
+            let id = self.call_hook(now, on, url, timeout, Some(region), true);
+            if let Some(r) = self.state.regions.get_mut(region) {
+                r.awaiting_hook = Some(id);
+            }
+            return true;
+        }
+        let steps = self.steps_of(region);
+        let (target, status) = match steps.get(step) {
+            Some(s) => {
+                let what = What::StepStarted {
+                    step,
+                    label: s.label.clone(),
+                    weight: s.weight,
+                };
+                self.record(
+                    now,
+                    ENGINE,
+                    Some(region),
+                    what,
+                    format!("{} of traffic to the new version", s.weight),
+                );
+                (Target::Step(step), RegionStatus::Active)
+            }
+            None => {
+                let reason = format!("{} becomes the stable version", self.state.spec.to_version);
+                self.record(now, ENGINE, Some(region), What::RegionPromoted, reason);
+                (Target::Promoted, RegionStatus::Promoting)
+            }
+        };
+        let desired = self.desired(region, target);
+        if let Some(r) = self.state.regions.get_mut(region) {
+            r.status = status;
+            r.desired = Some(desired.clone());
+            r.step_started = None;
+            r.hold_until = None;
+            r.next_check = None;
+            r.passed_in_step = false;
+            r.last_outcome = None;
+            r.failures = 0;
+        }
+        self.commands.push_back(Command::Desire {
+            region: region.to_string(),
+            desired,
+        });
+        true
+    }
+
+    /// The webhooks guarding `step` of `region`, in order.
+    fn entry_hooks(
+        &self,
+        region: &str,
+        step: usize,
+    ) -> Vec<(HookEvent, String, std::time::Duration)> {
+        let steps = self.steps_of(region);
+        let hooks_for = |on: HookEvent| {
+            self.manifest
+                .webhooks
+                .iter()
+                .filter(move |h| h.on == on)
+                .map(move |h| (on, h.url.clone(), h.timeout))
+        };
+        let mut out: Vec<_> = match steps.get(step) {
+            Some(_) => hooks_for(HookEvent::Step).collect(),
+            None => hooks_for(HookEvent::PromotionConfirm).collect(),
+        };
+        let smoke = match self.strategy_of(region).map(|s| &s.rollout) {
+            Some(Rollout::BlueGreen { smoke: Some(h), .. }) => Some(h.clone()),
+            _ => None,
+        };
+        if let (Some(h), Some(StepPhase::Switch)) = (smoke, steps.get(step).map(|s| s.phase)) {
+            // The smoke test runs against the idle colour, before the switch.
+            out.insert(0, (HookEvent::Step, h.url, h.timeout));
+        }
+        out
+    }
+
+    /// Moves every region of the current wave on as far as `now` allows.
+    pub(crate) fn advance_regions(&mut self, now: DateTime<Utc>) -> bool {
+        if self.state.wave_state != WaveState::Running {
+            return false;
+        }
+        let names = self
+            .manifest
+            .waves
+            .get(self.state.wave)
+            .map(|w| w.regions.clone())
+            .unwrap_or_default();
+        let mut changed = false;
+        for name in &names {
+            changed |= self.advance_region(now, name);
+            if self.state.phase != crate::Phase::Progressing {
+                return true;
+            }
+        }
+        changed
+    }
+
+    fn advance_region(&mut self, now: DateTime<Utc>, name: &str) -> bool {
+        let Some(r) = self.state.regions.get(name) else {
+            return false;
+        };
+        match r.status {
+            RegionStatus::Entering => self.try_enter(now, name),
+            RegionStatus::Promoting if r.applied() => {
+                if let Some(r) = self.state.regions.get_mut(name) {
+                    r.status = RegionStatus::Succeeded;
+                }
+                let reason = format!("100% of traffic on {}", self.state.spec.to_version);
+                self.record(now, ENGINE, Some(name), What::RegionSucceeded, reason);
+                true
+            }
+            RegionStatus::Active if r.applied() => self.advance_active(now, name),
+            _ => false,
+        }
+    }
+
+    /// A region whose current step is applied: start its clock, judge it, move it on.
+    fn advance_active(&mut self, now: DateTime<Utc>, name: &str) -> bool {
+        let Some(step) = self
+            .state
+            .regions
+            .get(name)
+            .and_then(|r| self.step(name, r.step))
+        else {
+            return false;
+        };
+        let analysis = self
+            .manifest
+            .analysis
+            .clone()
+            .filter(|a| !a.gates.is_empty());
+        let judged = step.is_analysed() && analysis.is_some();
+        let Some(r) = self.state.regions.get_mut(name) else {
+            return false;
+        };
+        if r.step_started.is_none() {
+            r.step_started = Some(now);
+            r.hold_until = match step.hold {
+                Pause::For(d) => Some(now + delta(d)),
+                Pause::None | Pause::Indefinite => None,
+            };
+            r.baseline = r.latest.clone();
+            r.next_check = analysis
+                .as_ref()
+                .filter(|_| judged)
+                .map(|a| now + delta(a.interval));
+            let (index, weight) = (r.step, step.weight);
+            self.record(
+                now,
+                ENGINE,
+                Some(name),
+                What::StepApplied {
+                    step: index,
+                    weight,
+                },
+                "applied and ready".into(),
+            );
+            return true;
+        }
+        let mut changed = false;
+        if let (Some(a), Some(due)) = (&analysis, r.next_check)
+            && now >= due
+        {
+            changed = true;
+            r.next_check = Some(due + delta(a.interval));
+            if !r.reachable {
+                // No fresh numbers from a region we cannot reach: no verdict this interval.
+                return false;
+            }
+            let latest = r.latest.clone().unwrap_or_default();
+            let base = r.baseline.replace(latest.clone()).unwrap_or_default();
+            let canary = analysis::delta(&latest.canary, &base.canary);
+            let stable = analysis::delta(&latest.stable, &base.stable);
+            let verdict = analysis::judge(a, &canary, &stable, &latest.external);
+            r.last_outcome = Some(verdict.outcome);
+            match verdict.outcome {
+                Outcome::Pass => {
+                    r.passed_in_step = true;
+                    r.failures = 0;
+                }
+                Outcome::Fail => r.failures += 1,
+                Outcome::NoData => {}
+            }
+            let failures = r.failures;
+            let summary = verdict.summary(a.min_requests);
+            self.record(
+                now,
+                ENGINE,
+                Some(name),
+                What::Analysis { verdict },
+                summary.clone(),
+            );
+            if failures >= a.failure_limit {
+                let reason = format!("{name} failed {failures} checks in a row; last: {summary}");
+                self.fail_region(now, name, reason);
+                return true;
+            }
+        }
+        let Some(r) = self.state.regions.get(name) else {
+            return changed;
+        };
+        let paused_enough = match (step.hold, r.hold_until) {
+            (Pause::Indefinite, _) => false,
+            (_, Some(until)) => now >= until,
+            (_, None) => true,
+        };
+        if paused_enough && r.hold_until.is_some() {
+            // The pause has passed: its timer must not fire again.
+            if let Some(r) = self.state.regions.get_mut(name) {
+                r.hold_until = None;
+            }
+            changed = true;
+        }
+        let Some(r) = self.state.regions.get(name).filter(|r| r.reachable) else {
+            return changed;
+        };
+        let judged_enough = !judged || (r.passed_in_step && r.last_outcome == Some(Outcome::Pass));
+        if r.promote_requested || (paused_enough && judged_enough) {
+            let next = r.step + 1;
+            self.enter_step(now, name, next);
+            return true;
+        }
+        changed
+    }
+
+    /// Applies the manifest's failure policy to a region that failed its analysis.
+    pub(crate) fn fail_region(&mut self, now: DateTime<Utc>, name: &str, reason: String) {
+        self.record(now, ENGINE, Some(name), What::RegionFailed, reason.clone());
+        match self.manifest.on_failure {
+            FailurePolicy::RollbackAll => self.start_rollback(now, ENGINE, reason),
+            FailurePolicy::RollbackRegion => {
+                self.roll_back_region(name);
+                self.fire_hooks(now, HookEvent::Rollback);
+                self.pause(
+                    now,
+                    ENGINE,
+                    format!("{reason}; {name} rolls back, the other regions hold"),
+                );
+            }
+            FailurePolicy::Hold => {
+                if let Some(r) = self.state.regions.get_mut(name) {
+                    r.status = RegionStatus::Failed;
+                }
+                self.pause(
+                    now,
+                    ENGINE,
+                    format!("{reason}; holding everything for an operator"),
+                );
+            }
+        }
+    }
+
+    pub(crate) fn on_applied(&mut self, _now: DateTime<Utc>, region: &str, seq: u64, ready: bool) {
+        if let Some(r) = self.state.regions.get_mut(region)
+            && seq >= r.applied_seq
+        {
+            r.applied_seq = seq;
+            r.ready = ready;
+        }
+    }
+
+    pub(crate) fn on_reachable(&mut self, now: DateTime<Utc>, region: &str, reachable: bool) {
+        let Some(r) = self.state.regions.get_mut(region) else {
+            return;
+        };
+        if r.reachable == reachable {
+            return;
+        }
+        r.reachable = reachable;
+        let desired = r.desired.clone();
+        if reachable {
+            // The agent may have missed changes: give it the whole desired state again.
+            if let Some(desired) = desired {
+                self.commands.push_back(Command::Desire {
+                    region: region.to_string(),
+                    desired,
+                });
+            }
+            self.record(
+                now,
+                ENGINE,
+                Some(region),
+                What::RegionHolding,
+                "agent is back; carrying on".into(),
+            );
+        } else {
+            let reason = "agent unreachable; the region holds where it is".to_string();
+            self.record(now, ENGINE, Some(region), What::RegionHolding, reason);
+        }
+    }
+
+    pub(crate) fn on_webhook(&mut self, now: DateTime<Utc>, id: u64, ok: bool, detail: String) {
+        let region = self
+            .state
+            .regions
+            .iter()
+            .find(|(_, r)| r.awaiting_hook == Some(id))
+            .map(|(name, _)| name.clone());
+        let release_level = self.state.pre_rollout_awaiting == Some(id);
+        if region.is_none() && !release_level {
+            return; // A hook nobody waits for (post-rollout, rollback) or one from before a restart.
+        }
+        let on = match &region {
+            Some(name) => self.state.regions.get(name).and_then(|r| {
+                let hooks = self.entry_hooks(name, r.step);
+                hooks.get(r.hooks_passed).map(|h| h.0)
+            }),
+            None => Some(HookEvent::PreRollout),
+        }
+        .unwrap_or(HookEvent::Step);
+        match &region {
+            Some(name) => {
+                if let Some(r) = self.state.regions.get_mut(name) {
+                    r.awaiting_hook = None;
+                    r.hooks_passed += usize::from(ok);
+                }
+            }
+            None => {
+                self.state.pre_rollout_awaiting = None;
+                self.state.pre_rollout_passed += usize::from(ok);
+            }
+        }
+        if !ok {
+            self.record(
+                now,
+                ENGINE,
+                region.as_deref(),
+                What::WebhookFailed { on },
+                detail.clone(),
+            );
+            let reason = format!("a webhook failed ({detail}); resume to call it again, or abort");
+            self.pause(now, ENGINE, reason);
+        }
+    }
+
+    /// Shifts every running clock by how long the release was paused.
+    pub(crate) fn shift_clocks(&mut self, paused: chrono::TimeDelta) {
+        for r in self.state.regions.values_mut() {
+            r.step_started = r.step_started.map(|t| t + paused);
+            r.hold_until = r.hold_until.map(|t| t + paused);
+            r.next_check = r.next_check.map(|t| t + paused);
+            r.baseline = r.latest.clone().or(r.baseline.take());
+        }
+        if let WaveState::Baking { until } = &mut self.state.wave_state {
+            *until += paused;
+        }
+    }
+}

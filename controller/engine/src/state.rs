@@ -1,0 +1,171 @@
+//! The engine's whole state: plain data, serializable, so that the controller can put it on
+//! disk before it acts on the commands that came with it, and restore it after a crash.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::Outcome;
+use crate::input::RegionStats;
+use crate::output::Desired;
+
+/// What was asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseSpec {
+    pub id: String,
+    pub service: String,
+    /// The version serving today, to roll back to.
+    pub from_version: String,
+    pub to_version: String,
+    /// Why windows and blackouts are overridden, for an emergency release.
+    pub emergency: Option<String>,
+    /// Who started it.
+    pub actor: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub spec: ReleaseSpec,
+    pub phase: Phase,
+    /// Index of the current wave.
+    pub wave: usize,
+    pub wave_state: WaveState,
+    pub regions: BTreeMap<String, RegionState>,
+    /// The last sequence number given to a desired state; each new one is larger.
+    pub seq: u64,
+    /// The last webhook call id.
+    pub hook_id: u64,
+    /// Pre-rollout hooks passed, and the one awaited.
+    pub pre_rollout_passed: usize,
+    pub pre_rollout_awaiting: Option<u64>,
+    /// The last waiting reason recorded, so that a wait is recorded once.
+    pub waiting_note: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    Progressing,
+    /// Held for an operator: by a pause, a failed webhook, or a failure policy that holds.
+    Paused {
+        by: String,
+        reason: String,
+        since: DateTime<Utc>,
+    },
+    RollingBack {
+        reason: String,
+    },
+    Succeeded,
+    RolledBack {
+        reason: String,
+    },
+}
+
+impl Phase {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::RolledBack { .. })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum WaveState {
+    /// Before the wave starts: its approval, a window.
+    Waiting {
+        approved: bool,
+        opens_at: Option<DateTime<Utc>>,
+    },
+    Running,
+    Baking {
+        until: DateTime<Utc>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionStatus {
+    Pending,
+    /// Waiting for the webhooks that guard `step`.
+    Entering,
+    /// At `step`, once its desired state is applied.
+    Active,
+    /// All traffic moving to the new version as the stable one.
+    Promoting,
+    Succeeded,
+    /// Failed its analysis and held there (failure policy `hold`).
+    Failed,
+    RollingBack,
+    RolledBack,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegionState {
+    pub status: RegionStatus,
+    /// The step the region is entering or at; the number of steps means the final promotion.
+    pub step: usize,
+    pub hooks_passed: usize,
+    pub awaiting_hook: Option<u64>,
+    /// The desired state last sent.
+    pub desired: Option<Desired>,
+    pub applied_seq: u64,
+    pub ready: bool,
+    pub reachable: bool,
+    /// When the current step's desired state was applied.
+    pub step_started: Option<DateTime<Utc>>,
+    /// Until when the current step's timed pause holds; cleared once it has passed.
+    pub hold_until: Option<DateTime<Utc>>,
+    pub next_check: Option<DateTime<Utc>>,
+    pub failures: u32,
+    pub last_outcome: Option<Outcome>,
+    pub passed_in_step: bool,
+    pub promote_requested: bool,
+    pub baseline: Option<RegionStats>,
+    pub latest: Option<RegionStats>,
+}
+
+impl RegionState {
+    pub(crate) fn new() -> Self {
+        RegionState {
+            status: RegionStatus::Pending,
+            step: 0,
+            hooks_passed: 0,
+            awaiting_hook: None,
+            desired: None,
+            applied_seq: 0,
+            ready: false,
+            reachable: true,
+            step_started: None,
+            hold_until: None,
+            next_check: None,
+            failures: 0,
+            last_outcome: None,
+            passed_in_step: false,
+            promote_requested: false,
+            baseline: None,
+            latest: None,
+        }
+    }
+
+    /// The desired state last sent has been applied and its workloads are ready.
+    pub fn applied(&self) -> bool {
+        self.ready
+            && self
+                .desired
+                .as_ref()
+                .is_some_and(|d| self.applied_seq >= d.seq)
+    }
+
+    /// The release has changed this region at some point.
+    pub fn reached(&self) -> bool {
+        self.status != RegionStatus::Pending
+    }
+
+    /// The region is being moved forward by the release.
+    pub fn in_progress(&self) -> bool {
+        matches!(
+            self.status,
+            RegionStatus::Entering | RegionStatus::Active | RegionStatus::Promoting
+        )
+    }
+}

@@ -1,0 +1,717 @@
+//! The engine under simulated time: hours of rollout in milliseconds.
+//!
+//! `Sim` is a test-only fake world around the engine: fake agents that apply a desired state
+//! two seconds after it is sent, a fake traffic source that turns the applied weights into
+//! proxy counters every ten seconds, and webhooks that answer after a second.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use fleet::Manifest;
+use fleet_engine::analysis::Outcome;
+use fleet_engine::{
+    Action, Command, Desired, Engine, Event, Histogram, HistoryEvent, Phase, RegionStats,
+    RegionStatus, ReleaseSpec, State, TrackStats, What,
+};
+
+const APPLY_DELAY: i64 = 2;
+const STATS_EVERY: i64 = 10;
+
+fn manifest(example: &str) -> Arc<Manifest> {
+    let path = format!(
+        "{}/../../deploy/examples/{example}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let src = std::fs::read_to_string(path).unwrap();
+    Arc::new(fleet::load(&src).unwrap().manifest)
+}
+
+fn monday_morning() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-23T07:00:00Z")
+        .unwrap()
+        .to_utc()
+}
+
+fn spec(emergency: Option<&str>) -> ReleaseSpec {
+    ReleaseSpec {
+        id: "r1".into(),
+        service: "svc".into(),
+        from_version: "v1".into(),
+        to_version: "v2".into(),
+        emergency: emergency.map(str::to_string),
+        actor: "alice".into(),
+    }
+}
+
+struct Sim {
+    engine: Engine,
+    manifest: Arc<Manifest>,
+    start: DateTime<Utc>,
+    now: DateTime<Utc>,
+    /// Events to deliver, with when.
+    pending: Vec<(DateTime<Utc>, Event)>,
+    next_stats: DateTime<Utc>,
+    /// What each region's fake agent has applied.
+    applied: BTreeMap<String, Desired>,
+    agents_up: BTreeMap<String, bool>,
+    counters: BTreeMap<String, RegionStats>,
+    /// Requests per second each region serves; 0 for a region without traffic.
+    rps: BTreeMap<String, u64>,
+    /// Share of requests the new version fails.
+    v2_error_rate: f64,
+    hooks_ok: bool,
+    history: Vec<HistoryEvent>,
+    desired_log: Vec<(String, Desired)>,
+}
+
+impl Sim {
+    fn new(manifest: Arc<Manifest>, spec: ReleaseSpec, start: DateTime<Utc>) -> Sim {
+        let regions: Vec<String> = manifest.regions.iter().map(|r| r.name.clone()).collect();
+        Sim {
+            engine: Engine::start(manifest.clone(), spec, start),
+            manifest,
+            start,
+            now: start,
+            pending: Vec::new(),
+            next_stats: start,
+            applied: BTreeMap::new(),
+            agents_up: regions.iter().map(|r| (r.clone(), true)).collect(),
+            counters: regions
+                .iter()
+                .map(|r| (r.clone(), RegionStats::default()))
+                .collect(),
+            rps: regions.iter().map(|r| (r.clone(), 100)).collect(),
+            v2_error_rate: 0.0,
+            hooks_ok: true,
+            history: Vec::new(),
+            desired_log: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(command) = self.engine.poll_command() {
+            match command {
+                Command::Desire { region, desired } => {
+                    self.desired_log.push((region.clone(), desired.clone()));
+                    if self.agents_up[&region] {
+                        let at = self.now + TimeDelta::seconds(APPLY_DELAY);
+                        self.pending.push((
+                            at,
+                            Event::Applied {
+                                region: region.clone(),
+                                seq: desired.seq,
+                                ready: true,
+                            },
+                        ));
+                        self.applied.insert(region, desired);
+                    }
+                }
+                Command::CallWebhook { id, wait: true, .. } => {
+                    let at = self.now + TimeDelta::seconds(1);
+                    let detail = if self.hooks_ok {
+                        "200 OK"
+                    } else {
+                        "503 Service Unavailable"
+                    };
+                    self.pending.push((
+                        at,
+                        Event::WebhookDone {
+                            id,
+                            ok: self.hooks_ok,
+                            detail: detail.into(),
+                        },
+                    ));
+                }
+                Command::CallWebhook { .. } => {}
+                Command::Record(event) => self.history.push(event),
+            }
+        }
+    }
+
+    /// Advances simulated time until `done` holds or `limit` has passed; returns whether
+    /// `done` held.
+    fn run_until(&mut self, limit: TimeDelta, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        let deadline = self.now + limit;
+        let mut turns = 0;
+        self.drain();
+        while !done(self) {
+            turns += 1;
+            assert!(turns < 1_000_000, "the simulation is stuck at {}", self.now);
+            let next_event = self.pending.iter().map(|(t, _)| *t).min();
+            let next = [
+                self.engine.poll_timeout(),
+                next_event,
+                Some(self.next_stats),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(deadline);
+            if next > deadline {
+                self.now = deadline;
+                return done(self);
+            }
+            self.now = self.now.max(next);
+            if self.now >= self.next_stats {
+                self.traffic();
+                self.next_stats = self.now + TimeDelta::seconds(STATS_EVERY);
+            }
+            let (due, later): (Vec<_>, Vec<_>) =
+                self.pending.drain(..).partition(|(t, _)| *t <= self.now);
+            self.pending = later;
+            for (_, event) in due {
+                self.engine.handle(self.now, event);
+                self.drain();
+            }
+            self.engine.handle_timeout(self.now);
+            self.drain();
+        }
+        true
+    }
+
+    fn run_to_end(&mut self, limit: TimeDelta) -> bool {
+        self.run_until(limit, |s| s.engine.state().phase.is_terminal())
+    }
+
+    /// Ten seconds of traffic through every region's proxy, split as its agent applied.
+    fn traffic(&mut self) {
+        for (region, counters) in &mut self.counters {
+            if !self.agents_up[region] {
+                continue;
+            }
+            let total = self.rps[region] * STATS_EVERY as u64;
+            let applied = self.applied.get(region);
+            let weight = applied.map_or(0.0, |d| d.traffic.canary_weight.percent() / 100.0);
+            // One request in twenty belongs to the A/B cohort when cohort rules are set.
+            let cohort = applied
+                .filter(|d| !d.traffic.cohort.is_empty())
+                .map_or(0.0, |_| 0.05);
+            let mirror = applied
+                .and_then(|d| d.traffic.mirror)
+                .map_or(0.0, |m| m.percent() / 100.0);
+            let canary_version = applied.and_then(|d| d.canary.clone());
+            let stable_version = applied.map_or("v1".to_string(), |d| d.stable.clone());
+            let canary = (total as f64 * (cohort + (1.0 - cohort) * weight)).round() as u64;
+            let mirrored = (total as f64 * mirror).round() as u64;
+            let error_rate = |v: &str| if v == "v2" { self.v2_error_rate } else { 0.0 };
+            // Mirrored copies are counted with the canary's outcomes; their answers are dropped.
+            add(
+                &mut counters.canary,
+                canary + mirrored,
+                error_rate(canary_version.as_deref().unwrap_or("v1")),
+            );
+            add(
+                &mut counters.stable,
+                total - canary,
+                error_rate(&stable_version),
+            );
+            let stats = counters.clone();
+            self.pending.push((
+                self.now,
+                Event::Stats {
+                    region: region.clone(),
+                    stats,
+                },
+            ));
+        }
+    }
+
+    fn operator(&mut self, action: Action) {
+        let event = Event::Operator {
+            action,
+            actor: "alice".into(),
+            reason: String::new(),
+        };
+        self.engine.handle(self.now, event);
+        self.drain();
+    }
+
+    /// Runs to the end of the release, giving every promote it waits for a minute later.
+    fn run_promoting(&mut self, limit: TimeDelta) -> bool {
+        self.run_promoting_until(limit, |s| s.engine.state().phase.is_terminal())
+    }
+
+    /// Runs until `done`, giving every promote the release waits for a minute later.
+    fn run_promoting_until(&mut self, limit: TimeDelta, done: impl Fn(&Sim) -> bool) -> bool {
+        let deadline = self.now + limit;
+        loop {
+            let left = deadline - self.now;
+            self.run_until(left, |s| done(s) || s.waits_for_promote());
+            if done(self) || self.now >= deadline {
+                return done(self);
+            }
+            self.run_until(TimeDelta::minutes(1), |_| false);
+            self.operator(Action::Promote);
+        }
+    }
+
+    /// A region sits at an applied indefinite pause, or a wave waits for approval.
+    fn waits_for_promote(&self) -> bool {
+        let state = self.engine.state();
+        let approval = matches!(
+            state.wave_state,
+            fleet_engine::WaveState::Waiting {
+                approved: false,
+                ..
+            }
+        ) && self.manifest.waves[state.wave].approval;
+        approval
+            || state.regions.iter().any(|(name, r)| {
+                r.status == RegionStatus::Active
+                    && r.step_started.is_some()
+                    && !r.promote_requested
+                    && steps(&self.manifest, name)[r.step].hold == fleet::model::Pause::Indefinite
+            })
+    }
+
+    /// The history as one line per event, times relative to the start.
+    fn history_text(&self) -> String {
+        self.history
+            .iter()
+            .map(|e| {
+                let t = e.at - self.start;
+                let what = serde_json::to_value(&e.what).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                format!(
+                    "+{:02}:{:02}:{:02} {:<15} {:<17} {} [{}]\n",
+                    t.num_hours(),
+                    t.num_minutes() % 60,
+                    t.num_seconds() % 60,
+                    e.region.as_deref().unwrap_or("-"),
+                    what,
+                    e.reason,
+                    e.actor
+                )
+            })
+            .collect()
+    }
+
+    /// The canary weights each region was sent, in order, in basis points (-1: promoted or
+    /// rolled back, no canary).
+    fn weights(&self, region: &str) -> Vec<i32> {
+        self.desired_log
+            .iter()
+            .filter(|(r, _)| r == region)
+            .map(|(_, d)| {
+                if d.canary.is_some() {
+                    i32::from(u16::from(d.traffic.canary_weight))
+                } else {
+                    -1
+                }
+            })
+            .collect()
+    }
+}
+
+fn steps(manifest: &Manifest, region: &str) -> Vec<fleet::steps::Step> {
+    let wave = manifest
+        .waves
+        .iter()
+        .find(|w| w.regions.iter().any(|r| r == region))
+        .unwrap();
+    fleet::steps::of(manifest.strategy_for(wave, manifest.region(region).unwrap()))
+}
+
+fn add(t: &mut TrackStats, requests: u64, error_rate: f64) {
+    let errors = (requests as f64 * error_rate).round() as u64;
+    t.requests += requests;
+    t.errors += errors;
+    if t.latency.bounds_ms.is_empty() {
+        t.latency = Histogram {
+            bounds_ms: vec![5.0, 25.0, 100.0],
+            counts: vec![0, 0, 0],
+        };
+    }
+    for c in &mut t.latency.counts {
+        *c += requests;
+    }
+}
+
+fn verdicts(sim: &Sim, region: &str) -> Vec<Outcome> {
+    sim.history
+        .iter()
+        .filter(|e| e.region.as_deref() == Some(region))
+        .filter_map(|e| match &e.what {
+            What::Analysis { verdict } => Some(verdict.outcome),
+            _ => None,
+        })
+        .collect()
+}
+
+fn snapshot(name: &str) -> expect_test::ExpectFile {
+    expect_test::expect_file![format!(
+        "{}/tests/snapshots/{name}.txt",
+        env!("CARGO_MANIFEST_DIR")
+    )]
+}
+
+#[test]
+fn a_good_release_goes_through_four_waves_with_their_bakes() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    assert!(sim.run_promoting(TimeDelta::days(1)));
+    assert_eq!(sim.engine.state().phase, Phase::Succeeded);
+    for region in [
+        "us-west-1",
+        "us-east-1",
+        "eu-west-1",
+        "ap-south-1",
+        "ap-northeast-1",
+    ] {
+        assert_eq!(
+            sim.weights(region),
+            [500, 2500, 5000, 10_000, -1],
+            "{region}"
+        );
+    }
+    // Waves in order: each region's first step after the previous wave's last.
+    let first_step = |region: &str| {
+        sim.history
+            .iter()
+            .find(|e| {
+                e.region.as_deref() == Some(region) && matches!(e.what, What::StepStarted { .. })
+            })
+            .unwrap()
+            .at
+    };
+    assert!(first_step("us-west-1") < first_step("us-east-1"));
+    assert!(first_step("us-east-1") + TimeDelta::hours(2) <= first_step("eu-west-1"));
+    assert_eq!(first_step("ap-south-1"), first_step("ap-northeast-1"));
+    snapshot("good-release").assert_eq(&sim.history_text());
+}
+
+#[test]
+fn a_release_failing_five_percent_is_rolled_back_where_it_reached() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    sim.v2_error_rate = 0.05;
+    assert!(sim.run_promoting(TimeDelta::days(1)));
+    assert!(matches!(sim.engine.state().phase, Phase::RolledBack { .. }));
+    // Caught in the first region, at its first step, after failure_limit (3) failed checks.
+    assert_eq!(
+        verdicts(&sim, "us-west-1"),
+        [Outcome::Fail, Outcome::Fail, Outcome::Fail]
+    );
+    assert_eq!(sim.weights("us-west-1"), [500, -1]);
+    assert_eq!(sim.applied["us-west-1"].stable, "v1");
+    for untouched in ["us-east-1", "eu-west-1", "ap-south-1", "ap-northeast-1"] {
+        assert!(
+            sim.weights(untouched).is_empty(),
+            "{untouched} was never touched"
+        );
+    }
+    snapshot("bad-release").assert_eq(&sim.history_text());
+}
+
+#[test]
+fn a_region_without_traffic_holds_at_its_first_analysed_step_and_says_why() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    sim.rps.insert("us-west-1".into(), 0);
+    sim.run_until(TimeDelta::hours(3), |_| false);
+    let region = &sim.engine.state().regions["us-west-1"];
+    assert_eq!((region.status, region.step), (RegionStatus::Active, 0));
+    assert_eq!(sim.weights("us-west-1"), [500]);
+    let verdicts = verdicts(&sim, "us-west-1");
+    assert!(
+        verdicts.len() >= 170 && verdicts.iter().all(|v| *v == Outcome::NoData),
+        "{verdicts:?}"
+    );
+    let last = sim
+        .history
+        .iter()
+        .rev()
+        .find(|e| matches!(e.what, What::Analysis { .. }))
+        .unwrap();
+    assert_eq!(
+        last.reason,
+        "no verdict: 0 canary requests, fewer than the 200 needed; holding"
+    );
+}
+
+#[test]
+fn an_indefinite_pause_waits_for_promote() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    let at_fifty = |s: &Sim| {
+        s.engine.state().regions["us-west-1"].step == 2
+            && s.engine.state().regions["us-west-1"].step_started.is_some()
+    };
+    assert!(sim.run_until(TimeDelta::hours(1), at_fifty));
+    sim.run_until(TimeDelta::hours(5), |_| false);
+    assert_eq!(
+        sim.engine.state().regions["us-west-1"].step,
+        2,
+        "still at 50% after five hours"
+    );
+    sim.operator(Action::Promote);
+    assert!(sim.run_until(
+        TimeDelta::minutes(1),
+        |s| s.engine.state().regions["us-west-1"].status == RegionStatus::Succeeded
+    ));
+}
+
+#[test]
+fn pause_stops_the_clock_and_resume_restarts_it() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
+        s.engine.state().regions["us-west-1"].step_started.is_some()
+    }));
+    sim.run_until(TimeDelta::minutes(2), |_| false);
+    sim.operator(Action::Pause);
+    sim.run_until(TimeDelta::hours(2), |_| false);
+    assert_eq!(
+        sim.engine.state().regions["us-west-1"].step,
+        0,
+        "a paused release does not move"
+    );
+    sim.operator(Action::Resume);
+    // Three minutes of the five-minute pause are left.
+    assert!(!sim.run_until(
+        TimeDelta::seconds(170),
+        |s| s.engine.state().regions["us-west-1"].step == 1
+    ));
+    assert!(sim.run_until(
+        TimeDelta::seconds(20),
+        |s| s.engine.state().regions["us-west-1"].step == 1
+    ));
+}
+
+#[test]
+fn abort_mid_step_rolls_back_every_region_reached() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    assert!(sim.run_promoting_until(TimeDelta::hours(3), |s| {
+        s.engine.state().regions["us-east-1"].step == 1
+    }));
+    sim.operator(Action::Abort);
+    assert!(sim.run_to_end(TimeDelta::minutes(1)));
+    assert!(matches!(sim.engine.state().phase, Phase::RolledBack { .. }));
+    for region in ["us-west-1", "us-east-1"] {
+        assert_eq!(sim.applied[region].stable, "v1");
+        assert_eq!(sim.applied[region].canary, None);
+    }
+    assert!(sim.weights("eu-west-1").is_empty());
+}
+
+#[test]
+fn a_lost_agent_holds_its_region_until_it_returns() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
+        s.engine.state().regions["us-west-1"].step_started.is_some()
+    }));
+    sim.agents_up.insert("us-west-1".into(), false);
+    sim.engine.handle(
+        sim.now,
+        Event::Reachable {
+            region: "us-west-1".into(),
+            reachable: false,
+        },
+    );
+    sim.drain();
+    sim.run_until(TimeDelta::hours(1), |_| false);
+    assert_eq!(sim.engine.state().regions["us-west-1"].step, 0);
+    sim.agents_up.insert("us-west-1".into(), true);
+    sim.engine.handle(
+        sim.now,
+        Event::Reachable {
+            region: "us-west-1".into(),
+            reachable: true,
+        },
+    );
+    sim.drain();
+    assert!(sim.run_promoting(TimeDelta::days(1)));
+    assert_eq!(sim.engine.state().phase, Phase::Succeeded);
+}
+
+#[test]
+fn a_restored_engine_carries_on_from_the_same_step_and_applies_nothing_twice() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    assert!(sim.run_promoting_until(TimeDelta::hours(3), |s| {
+        s.engine.state().regions["us-east-1"].step == 1
+    }));
+    // A crash: only the persisted state survives.
+    let saved = serde_json::to_string(sim.engine.state()).unwrap();
+    let state: State = serde_json::from_str(&saved).unwrap();
+    let step_before = state.regions["us-east-1"].step;
+    sim.engine = Engine::restore(sim.manifest.clone(), state);
+    sim.engine.resend();
+    sim.drain();
+    assert_eq!(sim.engine.state().regions["us-east-1"].step, step_before);
+    assert!(sim.run_promoting(TimeDelta::days(1)));
+    assert_eq!(sim.engine.state().phase, Phase::Succeeded);
+    // The resent state reused its sequence number: one content per seq, weights unchanged.
+    let mut by_seq: BTreeMap<u64, &Desired> = BTreeMap::new();
+    for (_, d) in &sim.desired_log {
+        assert!(
+            by_seq.insert(d.seq, d).is_none_or(|old| old == d),
+            "seq {} sent with two contents",
+            d.seq
+        );
+    }
+    assert_eq!(
+        sim.weights("us-east-1"),
+        [500, 2500, 2500, 5000, 10_000, -1]
+    );
+}
+
+#[test]
+fn waves_wait_for_their_window_and_their_approval() {
+    let mut sim = Sim::new(
+        manifest("linear-berlin-window"),
+        spec(None),
+        monday_morning(),
+    );
+    // The window opens at 10:00 in Berlin, 09:00 UTC.
+    assert!(!sim.run_until(TimeDelta::minutes(119), |s| {
+        !s.weights("eu-central-1").is_empty()
+    }));
+    assert!(sim.run_until(TimeDelta::minutes(2), |s| {
+        !s.weights("eu-central-1").is_empty()
+    }));
+    assert!(sim.run_until(TimeDelta::hours(2), |s| s.waits_for_promote()));
+    assert!(
+        sim.weights("eu-west-1").is_empty(),
+        "wave two waits for approval"
+    );
+    assert!(sim.run_promoting(TimeDelta::days(1)));
+    assert_eq!(
+        sim.weights("eu-west-1"),
+        [1000, 2000, 3000, 4000, 5000, 10_000, -1]
+    );
+}
+
+#[test]
+fn an_emergency_release_starts_outside_its_window() {
+    let mut sim = Sim::new(
+        manifest("linear-berlin-window"),
+        spec(Some("CVE fix")),
+        monday_morning(),
+    );
+    assert!(sim.run_until(TimeDelta::minutes(1), |s| {
+        !s.weights("eu-central-1").is_empty()
+    }));
+}
+
+#[test]
+fn a_failing_webhook_pauses_the_release_until_resumed() {
+    let mut sim = Sim::new(
+        manifest("linear-berlin-window"),
+        spec(Some("test")),
+        monday_morning(),
+    );
+    sim.hooks_ok = false;
+    sim.run_until(TimeDelta::minutes(5), |_| false);
+    assert!(matches!(sim.engine.state().phase, Phase::Paused { .. }));
+    assert!(
+        sim.weights("eu-central-1").is_empty(),
+        "pre-rollout failed: nothing changed"
+    );
+    sim.hooks_ok = true;
+    sim.operator(Action::Resume);
+    assert!(sim.run_until(TimeDelta::minutes(1), |s| {
+        !s.weights("eu-central-1").is_empty()
+    }));
+}
+
+#[test]
+fn rollback_region_policy_rolls_back_only_the_failed_region() {
+    let mut sim = Sim::new(
+        manifest("linear-berlin-window"),
+        spec(Some("test")),
+        monday_morning(),
+    );
+    sim.v2_error_rate = 0.05;
+    sim.run_until(TimeDelta::hours(1), |s| {
+        matches!(s.engine.state().phase, Phase::Paused { .. })
+    });
+    sim.run_until(TimeDelta::minutes(1), |_| false);
+    let state = sim.engine.state();
+    assert!(
+        matches!(&state.phase, Phase::Paused { reason, .. } if reason.contains("eu-central-1 rolls back"))
+    );
+    assert_eq!(
+        state.regions["eu-central-1"].status,
+        RegionStatus::RolledBack
+    );
+    assert_eq!(sim.applied["eu-central-1"].stable, "v1");
+}
+
+#[test]
+fn blue_green_switches_at_once_after_its_smoke_test() {
+    let mut sim = Sim::new(manifest("blue-green"), spec(None), monday_morning());
+    assert!(sim.run_to_end(TimeDelta::days(1)));
+    assert_eq!(sim.engine.state().phase, Phase::Succeeded);
+    assert_eq!(sim.weights("ap-southeast-2"), [0, 10_000, -1]);
+    let hooks: Vec<&str> = sim
+        .history
+        .iter()
+        .filter(|e| {
+            e.region.as_deref() == Some("ap-southeast-2")
+                && matches!(e.what, What::WebhookCalled { .. })
+        })
+        .map(|e| e.reason.as_str())
+        .collect();
+    assert_eq!(
+        hooks,
+        [
+            "http://smoke-tests.internal.example.com/run?suite=search",
+            "https://release-bot.example.com/confirm"
+        ]
+    );
+}
+
+#[test]
+fn mirror_then_cohort_then_weights() {
+    let mut sim = Sim::new(manifest("ab-mirror"), spec(None), monday_morning());
+    assert!(sim.run_to_end(TimeDelta::days(1)));
+    assert_eq!(sim.engine.state().phase, Phase::Succeeded);
+    let sent: Vec<_> = sim
+        .desired_log
+        .iter()
+        .filter(|(r, _)| r == "ca-central-1")
+        .map(|(_, d)| d.clone())
+        .collect();
+    assert_eq!(sent[0].traffic.mirror.map(u16::from), Some(1000));
+    assert!(sent[0].traffic.cohort.is_empty());
+    assert_eq!(sent[1].traffic.mirror, None);
+    assert_eq!(sent[1].traffic.cohort.len(), 2);
+    assert_eq!(u16::from(sent[2].traffic.canary_weight), 1000);
+    assert_eq!(
+        sent[2].traffic.cohort.len(),
+        2,
+        "the cohort stays on the new version during the ramp"
+    );
+}
