@@ -21,7 +21,7 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn every_example_manifest_is_valid_without_warnings() {
     let files = yaml_files(&examples_dir());
-    assert_eq!(files.len(), 4, "the four documented examples");
+    assert!(files.len() >= 4, "the documented examples");
     for file in files {
         let src = std::fs::read_to_string(&file).unwrap();
         match fleet::load(&src) {

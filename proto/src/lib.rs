@@ -9,7 +9,8 @@ pub mod v1 {
     tonic::include_proto!("fleet.v1");
 
     /// The encoded file descriptor set, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fleet_v1_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("fleet_v1_descriptor");
 }
 
 #[cfg(test)]
@@ -39,7 +40,10 @@ mod tests {
                 ..Default::default()
             })),
         };
-        assert_eq!(AgentMessage::decode(hello.encode_to_vec().as_slice()), Ok(hello));
+        assert_eq!(
+            AgentMessage::decode(hello.encode_to_vec().as_slice()),
+            Ok(hello)
+        );
     }
 
     #[test]

@@ -219,6 +219,7 @@ impl Engine {
             }
             let failures = r.failures;
             let summary = verdict.summary(a.min_requests);
+            r.last_verdict = Some(summary.clone());
             self.record(
                 now,
                 ENGINE,

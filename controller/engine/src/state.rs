@@ -118,6 +118,8 @@ pub struct RegionState {
     pub next_check: Option<DateTime<Utc>>,
     pub failures: u32,
     pub last_outcome: Option<Outcome>,
+    /// The last verdict in words, with its numbers.
+    pub last_verdict: Option<String>,
     pub passed_in_step: bool,
     pub promote_requested: bool,
     pub baseline: Option<RegionStats>,
@@ -140,6 +142,7 @@ impl RegionState {
             next_check: None,
             failures: 0,
             last_outcome: None,
+            last_verdict: None,
             passed_in_step: false,
             promote_requested: false,
             baseline: None,

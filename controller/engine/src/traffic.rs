@@ -27,7 +27,8 @@ impl Engine {
         Some(self.manifest.strategy_for(wave, region))
     }
 
-    pub(crate) fn steps_of(&self, region: &str) -> Vec<Step> {
+    /// The steps `region` goes through in this release.
+    pub fn steps_of(&self, region: &str) -> Vec<Step> {
         self.strategy_of(region).map(steps::of).unwrap_or_default()
     }
 

@@ -1,0 +1,64 @@
+//! `fleet.v1.AgentService`: one long-lived stream per agent, dialled by the agent.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::agent_service_server::AgentService;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::runtime::Controller;
+
+pub struct Agents {
+    pub controller: Arc<Controller>,
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Agents {
+    type SessionStream = Outbound;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("the stream ended before hello"))??;
+        let Some(pb::agent_message::Message::Hello(hello)) = first.message else {
+            return Err(Status::invalid_argument("the first message must be hello"));
+        };
+        if hello.region.is_empty() || hello.cluster.is_empty() {
+            return Err(Status::invalid_argument(
+                "hello needs a region and a cluster",
+            ));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = self.controller.agent_connected(hello, tx);
+        let controller = self.controller.clone();
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                match message {
+                    Ok(pb::AgentMessage {
+                        message: Some(pb::agent_message::Message::Status(status)),
+                    }) => {
+                        controller.agent_status(conn, status);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "agent stream failed");
+                        break;
+                    }
+                }
+            }
+            controller.agent_gone(conn);
+        });
+        let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}

@@ -1,0 +1,176 @@
+//! Between the engine's domain types and the fleet.v1 wire types; the only place that does.
+
+use fleet::Manifest;
+use fleet_engine::output::StickyKey;
+use fleet_engine::{
+    Desired, Engine, Histogram, HistoryEvent, Phase, RegionStats, TrackStats, WaveState,
+};
+use fleet_proto::v1 as pb;
+
+pub fn desired(epoch: u64, manifest: &Manifest, d: &Desired) -> pb::DesiredState {
+    let traffic = &d.traffic;
+    pb::DesiredState {
+        epoch,
+        seq: d.seq,
+        release_id: d.release.clone(),
+        service: manifest.service.name.clone(),
+        stable: Some(pb::Track {
+            version: d.stable.clone(),
+            replicas: d.replicas,
+        }),
+        canary: d.canary.as_ref().map(|version| pb::Track {
+            version: version.clone(),
+            replicas: d.replicas,
+        }),
+        routes: Some(pb::RouteTable {
+            host: manifest.service.host.clone(),
+            path_prefix: manifest.service.path.clone(),
+            canary_weight_bp: u32::from(u16::from(traffic.canary_weight)),
+            cohort: traffic
+                .cohort
+                .iter()
+                .map(|c| pb::CohortRule {
+                    on: c.on.clone(),
+                    name: c.name.clone(),
+                    test: c.test.clone(),
+                    value: c.value.clone(),
+                })
+                .collect(),
+            mirror_bp: traffic.mirror.map_or(0, |m| u32::from(u16::from(m))),
+            sticky: traffic.sticky.as_ref().map(|s| match s {
+                StickyKey::Cookie(c) => pb::route_table::Sticky::StickyCookie(c.clone()),
+                StickyKey::Header(h) => pb::route_table::Sticky::StickyHeader(h.clone()),
+            }),
+        }),
+    }
+}
+
+pub fn release(id: &str, started_at_ms: i64, engine: &Engine) -> pb::Release {
+    let state = engine.state();
+    let (phase, reason) = match &state.phase {
+        Phase::Progressing => ("progressing", String::new()),
+        Phase::Paused { reason, .. } => ("paused", reason.clone()),
+        Phase::RollingBack { reason } => ("rolling_back", reason.clone()),
+        Phase::Succeeded => ("succeeded", String::new()),
+        Phase::RolledBack { reason } => ("rolled_back", reason.clone()),
+    };
+    let manifest = engine.manifest();
+    let wave_state = match state.wave_state {
+        WaveState::Waiting { .. } => "waiting",
+        WaveState::Running => "running",
+        WaveState::Baking { .. } => "baking",
+    };
+    let regions = manifest
+        .waves
+        .iter()
+        .flat_map(|w| &w.regions)
+        .filter_map(|name| state.regions.get(name).map(|r| (name, r)))
+        .map(|(name, r)| {
+            let steps = engine.steps_of(name);
+            let weight = r
+                .desired
+                .as_ref()
+                .filter(|d| d.canary.is_some())
+                .map_or(0, |d| u16::from(d.traffic.canary_weight));
+            pb::RegionProgress {
+                region: name.clone(),
+                status: serde_json::to_value(r.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                step: u32::try_from(r.step).unwrap_or(u32::MAX),
+                steps: u32::try_from(steps.len()).unwrap_or(u32::MAX),
+                step_label: steps
+                    .get(r.step)
+                    .map(|s| s.label.clone())
+                    .unwrap_or_default(),
+                canary_weight_bp: u32::from(weight),
+                reachable: r.reachable,
+                last_verdict: r.last_verdict.clone().unwrap_or_default(),
+                hold_until_ms: r.hold_until.map_or(0, |t| t.timestamp_millis()),
+            }
+        })
+        .collect();
+    pb::Release {
+        id: id.to_string(),
+        service: state.spec.service.clone(),
+        from_version: state.spec.from_version.clone(),
+        to_version: state.spec.to_version.clone(),
+        phase: phase.into(),
+        reason,
+        wave: manifest
+            .waves
+            .get(state.wave)
+            .map(|w| w.name.clone())
+            .unwrap_or_default(),
+        wave_state: wave_state.into(),
+        regions,
+        started_at_ms,
+        emergency_reason: state.spec.emergency.clone().unwrap_or_default(),
+    }
+}
+
+pub fn event(id: &str, index: u64, e: &HistoryEvent) -> pb::ReleaseEvent {
+    let detail = serde_json::to_value(&e.what).unwrap_or_default();
+    let kind = detail["kind"].as_str().unwrap_or_default().to_string();
+    pb::ReleaseEvent {
+        release_id: id.to_string(),
+        index,
+        at_ms: e.at.timestamp_millis(),
+        actor: e.actor.clone(),
+        region: e.region.clone().unwrap_or_default(),
+        kind,
+        reason: e.reason.clone(),
+        detail_json: detail.to_string(),
+    }
+}
+
+pub fn stats(s: &pb::TrafficStats) -> RegionStats {
+    let track = |t: &Option<pb::TrackStats>| {
+        t.as_ref().map_or_else(TrackStats::default, |t| TrackStats {
+            requests: t.requests,
+            errors: t.errors,
+            latency: Histogram {
+                bounds_ms: t.latency_bounds_ms.clone(),
+                counts: t.latency_counts.clone(),
+            },
+        })
+    };
+    RegionStats {
+        stable: track(&s.stable),
+        canary: track(&s.canary),
+        external: Default::default(),
+    }
+}
+
+/// Sums the counters of a region's clusters.
+pub fn sum(all: &[RegionStats]) -> RegionStats {
+    let add = |a: &mut TrackStats, b: &TrackStats| {
+        a.requests += b.requests;
+        a.errors += b.errors;
+        if a.latency.bounds_ms.is_empty() {
+            a.latency = b.latency.clone();
+        } else if a.latency.bounds_ms == b.latency.bounds_ms {
+            for (x, y) in a.latency.counts.iter_mut().zip(&b.latency.counts) {
+                *x += y;
+            }
+        }
+    };
+    let mut out = RegionStats::default();
+    for s in all {
+        add(&mut out.stable, &s.stable);
+        add(&mut out.canary, &s.canary);
+    }
+    out
+}
+
+pub fn diagnostic(d: &fleet::Diagnostic) -> pb::Diagnostic {
+    pb::Diagnostic {
+        severity: format!("{:?}", d.severity).to_lowercase(),
+        line: u32::try_from(d.line).unwrap_or(u32::MAX),
+        column: u32::try_from(d.column).unwrap_or(u32::MAX),
+        path: d.path.clone(),
+        message: d.message.clone(),
+        help: d.help.clone(),
+    }
+}

@@ -1,0 +1,77 @@
+//! fleet-controller: runs releases with the rollout engine, keeps everything in an embedded
+//! store, and serves `fleet.v1` to release tooling and to agents on one gRPC port, plus an
+//! admin HTTP port.
+
+mod admin;
+mod agent_service;
+mod convert;
+mod release_service;
+mod runtime;
+mod store;
+mod webhook;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use fleet_proto::v1::agent_service_server::AgentServiceServer;
+use fleet_proto::v1::release_service_server::ReleaseServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use runtime::Controller;
+
+/// Resolves once `shutdown` has been signalled (or its sender dropped).
+pub async fn signalled(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Serves the controller on `grpc` and `admin` from the store in `data` until `shutdown`.
+pub async fn serve(
+    grpc: TcpListener,
+    admin: TcpListener,
+    data: &Path,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let controller = Controller::open(data)?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ReleaseServiceServer<release_service::Releases>>()
+        .await;
+    health
+        .set_serving::<AgentServiceServer<agent_service::Agents>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fleet_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tokio::spawn(controller.clone().run_timers(signalled(shutdown.clone())));
+    tokio::spawn(admin::serve(
+        admin,
+        controller.clone(),
+        signalled(shutdown.clone()),
+    ));
+    // Open streams would hold a graceful shutdown forever: end them as it starts.
+    let closing = controller.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signalled(stop).await;
+        closing.disconnect_agents();
+    });
+    let releases = release_service::Releases {
+        controller: controller.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let agents = agent_service::Agents {
+        controller: Arc::clone(&controller),
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ReleaseServiceServer::new(releases))
+        .add_service(AgentServiceServer::new(agents))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            signalled(shutdown),
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! `fleet.v1.ReleaseService`: fleets and releases for tooling and fleetctl.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use chrono::Utc;
+use fleet_engine::{Action, Engine, Event, ReleaseSpec};
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::release_service_server::ReleaseService;
+use prost::Message;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::runtime::{Controller, Running};
+
+pub struct Releases {
+    pub controller: Arc<Controller>,
+    /// Watch streams end when this turns true.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ReleaseEvent, Status>> + Send>>;
+
+/// Maps an internal failure to a gRPC status, in one place.
+fn internal(e: anyhow::Error) -> Status {
+    tracing::error!(error = %e, "request failed");
+    Status::internal(format!("{e:#}"))
+}
+
+impl Releases {
+    /// Answers a mutating request once: a repeated request id gets the first answer.
+    fn once<T: Message + Default>(
+        &self,
+        request_id: &str,
+        act: impl FnOnce() -> Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        if request_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "request_id is empty: give every mutating call a unique id, e.g. a UUID",
+            ));
+        }
+        let store = &self.controller.store;
+        if let Some(bytes) = store.answered(request_id).map_err(internal)? {
+            return T::decode(bytes.as_slice())
+                .map(Response::new)
+                .map_err(|e| Status::internal(e.to_string()));
+        }
+        let answer = act()?;
+        store
+            .answer(request_id, &answer.encode_to_vec())
+            .map_err(internal)?;
+        Ok(Response::new(answer))
+    }
+
+    fn release(&self, id: &str) -> Result<pb::Release, Status> {
+        let inner = self.controller.lock();
+        let run = inner
+            .releases
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("no release {id}")))?;
+        Ok(convert::release(id, run.started_at_ms, &run.engine))
+    }
+
+    fn operator(
+        &self,
+        r: pb::OperatorRequest,
+        action: Action,
+    ) -> Result<Response<pb::Release>, Status> {
+        let id = r.id.clone();
+        self.once(&r.request_id, || {
+            let actor = if r.actor.is_empty() {
+                "operator".to_string()
+            } else {
+                r.actor
+            };
+            let event = Event::Operator {
+                action,
+                actor,
+                reason: r.reason,
+            };
+            {
+                let mut inner = self.controller.lock();
+                if !inner.releases.contains_key(&id) {
+                    return Err(Status::not_found(format!("no release {id}")));
+                }
+                let now = Utc::now();
+                self.controller
+                    .step(&mut inner, &id, |e| e.handle(now, event))
+                    .map_err(internal)?;
+            }
+            self.release(&id)
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl ReleaseService for Releases {
+    async fn apply_fleet(
+        &self,
+        request: Request<pb::ApplyFleetRequest>,
+    ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
+        let r = request.into_inner();
+        self.once(&r.request_id, || {
+            let loaded = fleet::load(&r.manifest).map_err(|diags| {
+                let lines: Vec<String> = diags
+                    .iter()
+                    .map(|d| d.in_file("manifest").to_string())
+                    .collect();
+                Status::invalid_argument(format!(
+                    "the manifest is invalid; nothing changed:\n{}",
+                    lines.join("\n")
+                ))
+            })?;
+            let warnings = loaded.warnings.iter().map(convert::diagnostic).collect();
+            let service = loaded.manifest.service.name.clone();
+            let mut inner = self.controller.lock();
+            self.controller
+                .put_fleet(&mut inner, loaded.manifest, r.manifest.clone(), Utc::now())
+                .map_err(internal)?;
+            let fleet = inner.fleets.get(&service).map(|f| fleet_proto(&service, f));
+            Ok(pb::ApplyFleetResponse { fleet, warnings })
+        })
+    }
+
+    async fn get_fleet(
+        &self,
+        request: Request<pb::GetFleetRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
+        let service = request.into_inner().service;
+        let inner = self.controller.lock();
+        let fleet = inner
+            .fleets
+            .get(&service)
+            .ok_or_else(|| Status::not_found(format!("no fleet for service {service}")))?;
+        Ok(Response::new(fleet_proto(&service, fleet)))
+    }
+
+    async fn list_fleets(
+        &self,
+        _: Request<pb::ListFleetsRequest>,
+    ) -> Result<Response<pb::ListFleetsResponse>, Status> {
+        let inner = self.controller.lock();
+        let fleets = inner
+            .fleets
+            .iter()
+            .map(|(s, f)| fleet_proto(s, f))
+            .collect();
+        Ok(Response::new(pb::ListFleetsResponse { fleets }))
+    }
+
+    async fn start_release(
+        &self,
+        request: Request<pb::StartReleaseRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        let r = request.into_inner();
+        self.once(&r.request_id, || {
+            let controller = &self.controller;
+            let from = controller.store.version(&r.service).map_err(internal)?;
+            let number = controller.store.next_release_number().map_err(internal)?;
+            let mut inner = controller.lock();
+            let manifest = inner
+                .fleets
+                .get(&r.service)
+                .map(|f| f.manifest.clone())
+                .ok_or_else(|| Status::not_found(format!("no fleet for service {}; apply its manifest first", r.service)))?;
+            let running: Vec<String> = inner
+                .releases
+                .iter()
+                .filter(|(_, run)| run.service == r.service && !run.engine.state().phase.is_terminal())
+                .map(|(id, _)| id.clone())
+                .collect();
+            let actor = if r.actor.is_empty() { "operator".to_string() } else { r.actor.clone() };
+            if let Some(id) = running.first() {
+                if !r.supersede {
+                    return Err(Status::failed_precondition(format!(
+                        "release {id} of {} is still running; wait for it, abort it, or pass supersede (fleetctl: --supersede) to roll it back and start this one",
+                        r.service
+                    )));
+                }
+                let now = Utc::now();
+                let event = Event::Operator { action: Action::Abort, actor: actor.clone(), reason: format!("superseded by {}", r.version) };
+                controller.step(&mut inner, id, |e| e.handle(now, event)).map_err(internal)?;
+            }
+            let from_version = match (from, r.from_version.is_empty()) {
+                (Some(v), _) => v,
+                (None, false) => r.from_version.clone(),
+                (None, true) => {
+                    return Err(Status::failed_precondition(format!(
+                        "the controller has not released {} before and does not know which version runs now; pass from_version (fleetctl: --from VERSION)",
+                        r.service
+                    )));
+                }
+            };
+            if r.version.is_empty() || r.version == from_version {
+                return Err(Status::invalid_argument(format!("version \"{}\" is empty or already running", r.version)));
+            }
+            let id = format!("{}-{number}", r.service);
+            let spec = ReleaseSpec {
+                id: id.clone(),
+                service: r.service.clone(),
+                from_version,
+                to_version: r.version.clone(),
+                emergency: (!r.emergency_reason.is_empty()).then(|| r.emergency_reason.clone()),
+                actor,
+            };
+            let now = Utc::now();
+            inner.releases.insert(
+                id.clone(),
+                Running {
+                    engine: Engine::start(manifest, spec, now),
+                    service: r.service.clone(),
+                    started_at_ms: now.timestamp_millis(),
+                    history_len: 0,
+                },
+            );
+            controller.step(&mut inner, &id, |_| {}).map_err(internal)?;
+            let run = inner.releases.get(&id).ok_or_else(|| Status::internal("release vanished"))?;
+            Ok(convert::release(&id, run.started_at_ms, &run.engine))
+        })
+    }
+
+    async fn get_release(
+        &self,
+        request: Request<pb::GetReleaseRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        self.release(&request.into_inner().id).map(Response::new)
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        let service = request.into_inner().service;
+        let inner = self.controller.lock();
+        let releases = inner
+            .releases
+            .iter()
+            .filter(|(_, r)| service.is_empty() || r.service == service)
+            .map(|(id, r)| convert::release(id, r.started_at_ms, &r.engine))
+            .collect();
+        Ok(Response::new(pb::ListReleasesResponse { releases }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = request.into_inner();
+        // Subscribe before reading the stored history, so that nothing falls between them.
+        let mut live = self.controller.events.subscribe();
+        self.release(&r.id)?;
+        let past = self
+            .controller
+            .store
+            .history(&r.id, r.after_index)
+            .map_err(internal)?;
+        let controller = self.controller.clone();
+        let id = r.id.clone();
+        let mut shutdown = self.shutdown.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut next = r.after_index;
+            for (index, e) in past {
+                if tx.send(Ok(convert::event(&id, index, &e))).await.is_err() {
+                    return;
+                }
+                next = index + 1;
+            }
+            loop {
+                let ended = controller.lock().releases.get(&id).is_none_or(|run| {
+                    run.engine.state().phase.is_terminal() && run.history_len <= next
+                });
+                if ended {
+                    return;
+                }
+                let received = tokio::select! {
+                    received = live.recv() => received,
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                };
+                match received {
+                    Ok(e) if e.release_id == id && e.index >= next => {
+                        next = e.index + 1;
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Too slow for the live feed: catch up from the store.
+                        let Ok(missed) = controller.store.history(&id, next) else {
+                            return;
+                        };
+                        for (index, e) in missed {
+                            next = index + 1;
+                            if tx.send(Ok(convert::event(&id, index, &e))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let id = request.into_inner().id;
+        self.release(&id)?;
+        let events = self
+            .controller
+            .store
+            .history(&id, 0)
+            .map_err(internal)?
+            .iter()
+            .map(|(index, e)| convert::event(&id, *index, e))
+            .collect();
+        Ok(Response::new(pb::HistoryResponse { events }))
+    }
+
+    async fn promote(
+        &self,
+        request: Request<pb::OperatorRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        self.operator(request.into_inner(), Action::Promote)
+    }
+
+    async fn pause(
+        &self,
+        request: Request<pb::OperatorRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        self.operator(request.into_inner(), Action::Pause)
+    }
+
+    async fn resume(
+        &self,
+        request: Request<pb::OperatorRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        self.operator(request.into_inner(), Action::Resume)
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::OperatorRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        self.operator(request.into_inner(), Action::Abort)
+    }
+}
+
+fn fleet_proto(service: &str, f: &crate::runtime::Fleet) -> pb::Fleet {
+    pb::Fleet {
+        service: service.to_string(),
+        manifest: f.source.clone(),
+        applied_at_ms: f.applied_at_ms,
+        regions: f.manifest.regions.iter().map(|r| r.name.clone()).collect(),
+        waves: f.manifest.waves.iter().map(|w| w.name.clone()).collect(),
+    }
+}
+
+/// A stream fed by a task through a small channel; the task stops when the client goes.
+pub(crate) fn async_stream<T, F, Fut>(f: F) -> Pin<Box<dyn Stream<Item = T> + Send>>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,391 @@
+//! The controller's core: the fleets, one rollout engine per release, the connected agents.
+//!
+//! Every change goes through [`Controller::step`]: feed the engine, drain its commands, make
+//! the new state durable in one transaction, and only then send desired states to agents,
+//! publish history to watchers and call webhooks.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use fleet::Manifest;
+use fleet_engine::{Command, Engine, Event, Phase};
+use fleet_proto::v1 as pb;
+use prost::Message;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tonic::Status;
+
+use crate::convert;
+use crate::store::{ReleaseChange, Store, StoredFleet, StoredRelease};
+use crate::webhook;
+
+pub type AgentTx = mpsc::UnboundedSender<Result<pb::ControllerMessage, Status>>;
+
+pub struct Controller {
+    pub(crate) store: Store,
+    pub epoch: u64,
+    inner: Mutex<Inner>,
+    pub(crate) events: broadcast::Sender<pb::ReleaseEvent>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+pub(crate) struct Inner {
+    pub fleets: BTreeMap<String, Fleet>,
+    pub releases: BTreeMap<String, Running>,
+    pub agents: BTreeMap<u64, Agent>,
+    /// The last desired state sent to each region.
+    pub desired: BTreeMap<String, pb::DesiredState>,
+    next_conn: u64,
+}
+
+pub(crate) struct Fleet {
+    pub manifest: Arc<Manifest>,
+    pub source: String,
+    pub applied_at_ms: i64,
+}
+
+pub(crate) struct Running {
+    pub engine: Engine,
+    pub service: String,
+    pub started_at_ms: i64,
+    pub history_len: u64,
+}
+
+pub(crate) struct Agent {
+    pub region: String,
+    pub cluster: String,
+    pub tx: AgentTx,
+    pub status: Option<pb::AgentStatus>,
+}
+
+impl Controller {
+    /// Opens the store in `dir`, takes a new epoch, and restores every fleet and release.
+    pub fn open(dir: &std::path::Path) -> anyhow::Result<Arc<Controller>> {
+        let store = Store::open(dir)?;
+        let epoch = store.next_epoch()?;
+        let mut inner = Inner::default();
+        for f in store.fleets()? {
+            let manifest = fleet::load(&f.manifest)
+                .map_err(|d| {
+                    anyhow::anyhow!("stored fleet {} no longer validates: {d:?}", f.service)
+                })?
+                .manifest;
+            inner.fleets.insert(
+                f.service.clone(),
+                Fleet {
+                    manifest: Arc::new(manifest),
+                    source: f.manifest,
+                    applied_at_ms: f.applied_at_ms,
+                },
+            );
+        }
+        for (id, r) in store.releases()? {
+            let fleet = inner
+                .fleets
+                .get(&r.service)
+                .with_context(|| format!("release {id} names unknown service {}", r.service))?;
+            let engine = Engine::restore(fleet.manifest.clone(), r.state);
+            inner.releases.insert(
+                id,
+                Running {
+                    engine,
+                    service: r.service,
+                    started_at_ms: r.started_at_ms,
+                    history_len: r.history_len,
+                },
+            );
+        }
+        for (region, bytes) in store.desired()? {
+            let mut desired =
+                pb::DesiredState::decode(bytes.as_slice()).context("stored desired state")?;
+            // Same seq under the new epoch: agents acknowledge it without applying it again.
+            desired.epoch = epoch;
+            inner.desired.insert(region, desired);
+        }
+        tracing::info!(
+            epoch,
+            fleets = inner.fleets.len(),
+            releases = inner.releases.len(),
+            "controller store open"
+        );
+        let (events, _) = broadcast::channel(4096);
+        Ok(Arc::new(Controller {
+            store,
+            epoch,
+            inner: Mutex::new(inner),
+            events,
+            wake: Notify::new(),
+        }))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data; carry on with it.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Feeds release `id` through `f`, persists the outcome, then acts on it.
+    pub(crate) fn step(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        id: &str,
+        f: impl FnOnce(&mut Engine),
+    ) -> anyhow::Result<()> {
+        let epoch = self.epoch;
+        let Some(run) = inner.releases.get_mut(id) else {
+            return Ok(());
+        };
+        f(&mut run.engine);
+        let mut events = Vec::new();
+        let mut desired = Vec::new();
+        let mut hooks = Vec::new();
+        while let Some(command) = run.engine.poll_command() {
+            match command {
+                Command::Record(e) => {
+                    events.push((run.history_len, e));
+                    run.history_len += 1;
+                }
+                Command::Desire { region, desired: d } => {
+                    desired.push((region, convert::desired(epoch, run.engine.manifest(), &d)));
+                }
+                hook @ Command::CallWebhook { .. } => hooks.push(hook),
+            }
+        }
+        let state = run.engine.state();
+        let succeeded = state.phase == Phase::Succeeded;
+        let record = StoredRelease {
+            service: run.service.clone(),
+            started_at_ms: run.started_at_ms,
+            history_len: run.history_len,
+            state: state.clone(),
+        };
+        let encoded: Vec<(String, Vec<u8>)> = desired
+            .iter()
+            .map(|(r, d)| (r.clone(), d.encode_to_vec()))
+            .collect();
+        self.store.save_release(ReleaseChange {
+            id,
+            release: &record,
+            events: &events,
+            desired: &encoded,
+            version: succeeded.then_some((record.service.as_str(), state.spec.to_version.as_str())),
+        })?;
+        // Durable: now it may leave.
+        for (region, d) in desired {
+            for agent in inner.agents.values().filter(|a| a.region == region) {
+                let _ = agent.tx.send(Ok(pb::ControllerMessage {
+                    message: Some(pb::controller_message::Message::Desired(d.clone())),
+                }));
+            }
+            inner.desired.insert(region, d);
+        }
+        for (index, e) in &events {
+            let _ = self.events.send(convert::event(id, *index, e));
+        }
+        for hook in hooks {
+            webhook::spawn(self.clone(), id.to_string(), hook);
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Feeds an event to release `id`.
+    pub fn handle(self: &Arc<Self>, id: &str, event: Event) -> anyhow::Result<()> {
+        let now = Utc::now();
+        let mut inner = self.lock();
+        self.step(&mut inner, id, |e| e.handle(now, event))
+    }
+
+    /// Wakes each engine when its next timer is due, until `shutdown`.
+    pub async fn run_timers(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let next = self
+                .lock()
+                .releases
+                .values()
+                .filter_map(|r| r.engine.poll_timeout())
+                .min();
+            let wait = next.map_or(std::time::Duration::from_secs(3600), |t| {
+                (t - Utc::now()).to_std().unwrap_or_default()
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.wake.notified() => {}
+                _ = &mut shutdown => return,
+            }
+            let now = Utc::now();
+            let mut inner = self.lock();
+            let due: Vec<String> = inner
+                .releases
+                .iter()
+                .filter(|(_, r)| r.engine.poll_timeout().is_some_and(|t| t <= now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in due {
+                if let Err(e) = self.step(&mut inner, &id, |e| e.handle_timeout(now)) {
+                    tracing::error!(release = %id, error = %e, "cannot persist a release; it will retry");
+                }
+            }
+        }
+    }
+
+    /// Ends every agent stream, as the controller stops; agents reconnect to the next one.
+    pub fn disconnect_agents(&self) {
+        self.lock().agents.clear();
+    }
+
+    pub fn agent_connected(self: &Arc<Self>, hello: pb::Hello, tx: AgentTx) -> u64 {
+        let mut inner = self.lock();
+        inner.next_conn += 1;
+        let conn = inner.next_conn;
+        if let Some(d) = inner.desired.get(&hello.region) {
+            let _ = tx.send(Ok(pb::ControllerMessage {
+                message: Some(pb::controller_message::Message::Desired(d.clone())),
+            }));
+        }
+        tracing::info!(region = %hello.region, cluster = %hello.cluster, version = %hello.agent_version, "agent connected");
+        inner.agents.insert(
+            conn,
+            Agent {
+                region: hello.region.clone(),
+                cluster: hello.cluster,
+                tx,
+                status: None,
+            },
+        );
+        self.update_reachability(&mut inner, &hello.region);
+        conn
+    }
+
+    pub fn agent_gone(self: &Arc<Self>, conn: u64) {
+        let mut inner = self.lock();
+        if let Some(agent) = inner.agents.remove(&conn) {
+            tracing::warn!(region = %agent.region, cluster = %agent.cluster, "agent gone");
+            self.update_reachability(&mut inner, &agent.region);
+        }
+    }
+
+    pub fn agent_status(self: &Arc<Self>, conn: u64, status: pb::AgentStatus) {
+        let mut inner = self.lock();
+        let Some(agent) = inner.agents.get_mut(&conn) else {
+            return;
+        };
+        agent.status = Some(status);
+        let region = agent.region.clone();
+        let reports: Vec<pb::AgentStatus> = inner
+            .agents
+            .values()
+            .filter(|a| a.region == region)
+            .filter_map(|a| a.status.clone())
+            .collect();
+        let active: Vec<String> = inner
+            .releases
+            .iter()
+            .filter(|(_, r)| {
+                !r.engine.state().phase.is_terminal()
+                    && r.engine.state().regions.contains_key(&region)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let stats = convert::sum(
+            &reports
+                .iter()
+                .filter_map(|s| s.stats.as_ref())
+                .map(convert::stats)
+                .collect::<Vec<_>>(),
+        );
+        for id in active {
+            // Applied by the region once every cluster has applied it.
+            let of_release: Vec<&pb::AgentStatus> =
+                reports.iter().filter(|s| s.release_id == id).collect();
+            let applied = (of_release.len() == reports.len())
+                .then(|| of_release.iter().map(|s| s.applied_seq).min())
+                .flatten();
+            let ready = of_release.iter().all(|s| s.ready);
+            let stats = stats.clone();
+            let region = region.clone();
+            let result = self.step(&mut inner, &id, |e| {
+                let now = Utc::now();
+                if let Some(seq) = applied {
+                    e.handle(
+                        now,
+                        Event::Applied {
+                            region: region.clone(),
+                            seq,
+                            ready,
+                        },
+                    );
+                }
+                e.handle(now, Event::Stats { region, stats });
+            });
+            if let Err(e) = result {
+                tracing::error!(release = %id, error = %e, "cannot persist a release");
+            }
+        }
+    }
+
+    /// Tells every running release whether each cluster of `region` has its agent.
+    fn update_reachability(self: &Arc<Self>, inner: &mut Inner, region: &str) {
+        let ids: Vec<String> = inner
+            .releases
+            .iter()
+            .filter(|(_, r)| !r.engine.state().phase.is_terminal())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let Some(run) = inner.releases.get(&id) else {
+                continue;
+            };
+            let Some(clusters) = run
+                .engine
+                .manifest()
+                .region(region)
+                .map(|r| r.clusters.clone())
+            else {
+                continue;
+            };
+            let reachable = clusters.iter().all(|c| {
+                inner
+                    .agents
+                    .values()
+                    .any(|a| a.region == region && (a.cluster == c.name || a.cluster == c.agent))
+            });
+            let region = region.to_string();
+            let result = self.step(inner, &id, |e| {
+                e.handle(Utc::now(), Event::Reachable { region, reachable })
+            });
+            if let Err(e) = result {
+                tracing::error!(release = %id, error = %e, "cannot persist a release");
+            }
+        }
+    }
+
+    pub(crate) fn put_fleet(
+        &self,
+        inner: &mut Inner,
+        manifest: Manifest,
+        source: String,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        let service = manifest.service.name.clone();
+        let stored = StoredFleet {
+            service: service.clone(),
+            manifest: source.clone(),
+            applied_at_ms: now.timestamp_millis(),
+        };
+        self.store.put_fleet(&stored)?;
+        inner.fleets.insert(
+            service,
+            Fleet {
+                manifest: Arc::new(manifest),
+                source,
+                applied_at_ms: stored.applied_at_ms,
+            },
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,405 @@
+//! The controller over real gRPC on 127.0.0.1: release tooling through `ReleaseService`, and
+//! one test-only fake agent per region through `AgentService`. The fake agent applies each
+//! desired state at once and reports synthetic proxy counters split by the applied weight.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::agent_service_client::AgentServiceClient;
+use fleet_proto::v1::release_service_client::ReleaseServiceClient;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+const QUICK: &str = include_str!("../../deploy/examples/quick.yaml");
+
+/// A controller serving on loopback until dropped.
+struct Server {
+    grpc: String,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    async fn start(data: &std::path::Path) -> Server {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", grpc.local_addr().unwrap());
+        let (stop, shutdown) = watch::channel(false);
+        let data = data.to_path_buf();
+        let task =
+            tokio::spawn(
+                async move { fleet_controller::serve(grpc, admin, &data, shutdown).await },
+            );
+        Server {
+            grpc: addr,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap().unwrap();
+    }
+
+    async fn client(&self) -> ReleaseServiceClient<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ReleaseServiceClient::connect(self.grpc.clone()).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => panic!("controller did not come up: {e}"),
+            }
+        }
+    }
+}
+
+/// What a fake agent saw: every desired state applied, as (release, seq, canary weight).
+type Applied = Arc<Mutex<Vec<(String, u64, u32)>>>;
+
+/// A test-only agent for one region: applies what it is sent and reports counters every
+/// 100 ms (1000 requests a tick), failing `canary_errors` of the canary's requests.
+fn fake_agent(
+    addr: String,
+    region: &str,
+    canary_errors: f64,
+) -> (Applied, tokio::task::JoinHandle<()>) {
+    let applied: Applied = Arc::default();
+    let seen = applied.clone();
+    let region = region.to_string();
+    let task = tokio::spawn(async move {
+        let mut client = loop {
+            if let Ok(c) = AgentServiceClient::connect(addr.clone()).await {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let hello = pb::Hello {
+            region: region.clone(),
+            cluster: format!("{}-a", short(&region)),
+            agent_version: "test".into(),
+            capabilities: vec![],
+        };
+        tx.send(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let Ok(response) = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        else {
+            return;
+        };
+        let mut inbound = response.into_inner();
+        let mut current: Option<pb::DesiredState> = None;
+        let (mut stable, mut canary) = (pb::TrackStats::default(), pb::TrackStats::default());
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                message = inbound.next() => {
+                    let Some(Ok(pb::ControllerMessage { message: Some(pb::controller_message::Message::Desired(d)) })) = message else { return };
+                    let fresh = current.as_ref().is_none_or(|c| c.release_id != d.release_id || c.seq != d.seq);
+                    if fresh {
+                        let weight = if d.canary.is_some() { d.routes.as_ref().map_or(0, |r| r.canary_weight_bp) } else { 0 };
+                        seen.lock().unwrap().push((d.release_id.clone(), d.seq, weight));
+                    }
+                    current = Some(d);
+                }
+                _ = tick.tick() => {
+                    let Some(d) = &current else { continue };
+                    let weight = if d.canary.is_some() { d.routes.as_ref().map_or(0, |r| r.canary_weight_bp) } else { 0 };
+                    let to_canary = u64::from(weight) * 1000 / 10_000;
+                    canary.requests += to_canary;
+                    canary.errors += (to_canary as f64 * canary_errors).round() as u64;
+                    stable.requests += 1000 - to_canary;
+                    let status = pb::AgentStatus {
+                        epoch: d.epoch,
+                        applied_seq: d.seq,
+                        release_id: d.release_id.clone(),
+                        ready: true,
+                        stats: Some(pb::TrafficStats { stable: Some(stable.clone()), canary: Some(canary.clone()) }),
+                        detail: String::new(),
+                    };
+                    if tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Status(status)) }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    (applied, task)
+}
+
+fn short(region: &str) -> &str {
+    match region {
+        "us-west" => "usw",
+        "us-east" => "use",
+        _ => "euw",
+    }
+}
+
+async fn apply_and_start(client: &mut ReleaseServiceClient<Channel>) -> String {
+    let applied = client
+        .apply_fleet(pb::ApplyFleetRequest {
+            request_id: "apply-1".into(),
+            manifest: QUICK.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.fleet.unwrap().waves, ["first", "second", "last"]);
+    let release = client
+        .start_release(pb::StartReleaseRequest {
+            request_id: "start-1".into(),
+            service: "demo".into(),
+            version: "v2".into(),
+            from_version: "v1".into(),
+            actor: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    release.id
+}
+
+async fn wait_for(
+    client: &mut ReleaseServiceClient<Channel>,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&pb::Release) -> bool,
+) -> pb::Release {
+    let deadline = Instant::now() + within;
+    loop {
+        let release = client
+            .get_release(pb::GetReleaseRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if done(&release) {
+            return release;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out; release is {release:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn weights(applied: &Applied) -> Vec<u32> {
+    applied.lock().unwrap().iter().map(|(_, _, w)| *w).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_runs_through_every_wave_over_grpc_and_watch_streams_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
+        .into_iter()
+        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
+        .collect();
+    let id = apply_and_start(&mut client).await;
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            id: id.clone(),
+            after_index: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kinds = Vec::new();
+    let streamed = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(event) = watch.next().await {
+            let event = event.unwrap();
+            assert_eq!(
+                event.index as usize,
+                kinds.len(),
+                "events arrive in order, none missing"
+            );
+            kinds.push((event.region.clone(), event.kind.clone()));
+        }
+    })
+    .await;
+    assert!(
+        streamed.is_ok(),
+        "the watch stream ends when the release ends"
+    );
+    let release = client
+        .get_release(pb::GetReleaseRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(release.phase, "succeeded", "{release:#?}");
+    for (region, (applied, _)) in &agents {
+        assert_eq!(
+            weights(applied),
+            [1000, 5000, 10_000, 0],
+            "{region} went through the manifest's weights in order"
+        );
+    }
+    let started: Vec<&str> = kinds
+        .iter()
+        .filter(|(_, k)| k == "wave_started")
+        .map(|(r, _)| r.as_str())
+        .collect();
+    assert_eq!(started.len(), 3);
+    assert_eq!(kinds.last().unwrap().1, "succeeded");
+    let history = client
+        .history(pb::HistoryRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        history.events.len(),
+        kinds.len(),
+        "history holds every event watch streamed"
+    );
+    for (_, task) in agents.values() {
+        task.abort();
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_is_rolled_back_and_later_waves_never_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
+        .into_iter()
+        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.05)))
+        .collect();
+    let id = apply_and_start(&mut client).await;
+    let release = wait_for(&mut client, &id, Duration::from_secs(30), |r| {
+        r.phase == "rolled_back"
+    })
+    .await;
+    assert!(
+        release.reason.contains("us-west failed 2 checks in a row"),
+        "{}",
+        release.reason
+    );
+    assert_eq!(weights(&agents["us-west"].0), [1000, 0]);
+    assert!(weights(&agents["us-east"].0).is_empty());
+    for (_, task) in agents.values() {
+        task.abort();
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_calls_are_idempotent_and_a_second_release_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let id = apply_and_start(&mut client).await;
+    let again = apply_and_start(&mut client).await;
+    assert_eq!(
+        id, again,
+        "the same request id answers with the same release"
+    );
+    let refused = client
+        .start_release(pb::StartReleaseRequest {
+            request_id: "start-2".into(),
+            service: "demo".into(),
+            version: "v3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("is still running"),
+        "{}",
+        refused.message()
+    );
+    let invalid = client
+        .apply_fleet(pb::ApplyFleetRequest {
+            request_id: "apply-bad".into(),
+            manifest: "apiVersion: fleet/v1\nregoins: []\n".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    assert!(
+        invalid.message().contains("did you mean \"regions\"?"),
+        "{}",
+        invalid.message()
+    );
+    let no_id = client
+        .promote(pb::OperatorRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_id.code(), tonic::Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_carries_on_from_the_same_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
+        .into_iter()
+        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
+        .collect();
+    let id = apply_and_start(&mut client).await;
+    let before = wait_for(&mut client, &id, Duration::from_secs(30), |r| {
+        r.regions
+            .iter()
+            .any(|g| g.region == "us-east" && g.status == "active")
+    })
+    .await;
+    server.stop().await;
+    for (_, task) in agents.values() {
+        task.abort();
+    }
+    // A new controller on the same data directory, and the agents reconnect to it.
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let after = client
+        .get_release(pb::GetReleaseRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let step = |r: &pb::Release| {
+        r.regions
+            .iter()
+            .find(|g| g.region == "us-east")
+            .map(|g| g.step)
+    };
+    assert!(step(&after) >= step(&before), "no step lost: {after:#?}");
+    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
+        .into_iter()
+        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
+        .collect();
+    wait_for(&mut client, &id, Duration::from_secs(60), |r| {
+        r.phase == "succeeded"
+    })
+    .await;
+    let east: Vec<u32> = weights(&agents["us-east"].0);
+    assert_eq!(east.last(), Some(&0), "promoted");
+    assert!(
+        east.windows(2).all(|w| w[0] != w[1] || w[0] == 0),
+        "no weight applied twice: {east:?}"
+    );
+    for (_, task) in agents.values() {
+        task.abort();
+    }
+    server.stop().await;
+}
