@@ -42,6 +42,16 @@ pub fn desired(epoch: u64, manifest: &Manifest, d: &Desired) -> pb::DesiredState
                 StickyKey::Header(h) => pb::route_table::Sticky::StickyHeader(h.clone()),
             }),
         }),
+        workload: Some(pb::Workload {
+            image: manifest.service.workload.image.clone().unwrap_or_default(),
+            command: manifest
+                .service
+                .workload
+                .command
+                .clone()
+                .unwrap_or_default(),
+            health_check: manifest.service.health_check.clone(),
+        }),
     }
 }
 

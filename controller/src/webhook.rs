@@ -7,7 +7,11 @@ use fleet_engine::{Command, Event};
 
 use crate::runtime::Controller;
 
-static CLIENT: LazyLock<reqwest::Client> = LazyLock::new(reqwest::Client::new);
+static CLIENT: LazyLock<reqwest::Client> = LazyLock::new(|| {
+    // reqwest is built without a default TLS provider; use ring, as the proxy does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+});
 
 /// Posts the hook in the background; a hook the engine waits for reports back as
 /// `Event::WebhookDone`. A non-2xx answer or a timeout is a failure.
