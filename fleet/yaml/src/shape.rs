@@ -462,12 +462,18 @@ mod tests {
 
     fn problems(src: &str) -> Vec<String> {
         let loaded = load::<Doc>(src);
-        loaded.diags.into_sorted().iter().map(Diagnostic::to_string).collect()
+        loaded
+            .diags
+            .into_sorted()
+            .iter()
+            .map(Diagnostic::to_string)
+            .collect()
     }
 
     #[test]
     fn a_clean_document_reads_without_diagnostics() {
-        let loaded = load::<Doc>("name: x\ncount: 3\nmode: fast\nitems: [{weight: 1.5}, {label: \"7\"}]\n");
+        let loaded =
+            load::<Doc>("name: x\ncount: 3\nmode: fast\nitems: [{weight: 1.5}, {label: \"7\"}]\n");
         assert!(loaded.diags.is_empty(), "{:?}", loaded.diags);
         assert!(loaded.value.is_some());
     }
@@ -475,22 +481,49 @@ mod tests {
     #[test]
     fn every_structural_problem_is_reported_with_its_position() {
         let cases: &[(&str, &[&str])] = &[
-            ("nam: x\n", &[
-                "1:1: error: nam: unknown field \"nam\"; did you mean \"name\"?",
-                "1:1: error: missing field \"name\"; add `name:` (The name of the thing)",
-            ]),
-            ("name: x\ncount: lots\n", &["2:8: error: count: expected a whole number or nothing, found a string"]),
-            ("name: x\ncount: -2\n", &["2:8: error: count: -2 is below the minimum of 0"]),
-            ("name: x\nmode: fats\n", &["2:7: error: mode: unknown value \"fats\"; did you mean \"fast\"?"]),
-            ("name: x\nname: y\n", &["2:1: error: name: duplicate key \"name\"; keep one of them"]),
-            ("name: x\nitems: [{wieght: 1}]\n", &[
-                "2:10: error: items[0].wieght: unknown kind \"wieght\"; did you mean \"weight\"?",
-            ]),
-            ("name: x\nitems: [{weight: 1, label: a}]\n", &[
-                "2:9: error: items[0]: expected exactly one key, found 2; use one of: weight, label",
-            ]),
-            ("name: [1]\n", &["1:7: error: name: expected a string, found a list"]),
-            ("name: x\n  bad: indent\n", &["2:6: error: not valid YAML: mapping values are not allowed in this context"]),
+            (
+                "nam: x\n",
+                &[
+                    "1:1: error: nam: unknown field \"nam\"; did you mean \"name\"?",
+                    "1:1: error: missing field \"name\"; add `name:` (The name of the thing)",
+                ],
+            ),
+            (
+                "name: x\ncount: lots\n",
+                &["2:8: error: count: expected a whole number or nothing, found a string"],
+            ),
+            (
+                "name: x\ncount: -2\n",
+                &["2:8: error: count: -2 is below the minimum of 0"],
+            ),
+            (
+                "name: x\nmode: fats\n",
+                &["2:7: error: mode: unknown value \"fats\"; did you mean \"fast\"?"],
+            ),
+            (
+                "name: x\nname: y\n",
+                &["2:1: error: name: duplicate key \"name\"; keep one of them"],
+            ),
+            (
+                "name: x\nitems: [{wieght: 1}]\n",
+                &[
+                    "2:10: error: items[0].wieght: unknown kind \"wieght\"; did you mean \"weight\"?",
+                ],
+            ),
+            (
+                "name: x\nitems: [{weight: 1, label: a}]\n",
+                &[
+                    "2:9: error: items[0]: expected exactly one key, found 2; use one of: weight, label",
+                ],
+            ),
+            (
+                "name: [1]\n",
+                &["1:7: error: name: expected a string, found a list"],
+            ),
+            (
+                "name: x\n  bad: indent\n",
+                &["2:6: error: not valid YAML: mapping values are not allowed in this context"],
+            ),
         ];
         for (src, expected) in cases {
             assert_eq!(&problems(src), expected, "for {src:?}");

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# fleet-proxy against nginx and HAProxy on loopback: one worker thread each, the same backend,
+# the same load. Prints requests/s, p50, p99 and CPU microseconds per request, plus ratios
+# to nginx; then fleet-proxy with 10% mirroring, RSS with idle keep-alive connections, and the
+# time to swap in a 10,000-route table. A benchmark, not a test: numbers depend on the machine.
+#
+#   benches/proxy.sh                      # defaults below
+#   DURATION=20 CONNS=128 benches/proxy.sh
+#
+# Needs nginx, haproxy, wrk, h2load (Debian: nginx haproxy wrk nghttp2-client), python3, curl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}    # seconds per wrk run
+CONNS=${CONNS:-64}          # wrk connections
+IDLE=${IDLE:-10000}         # idle keep-alive connections for the RSS measurement
+TARGET=${CARGO_TARGET_DIR:-target}
+
+need=()
+for tool in nginx haproxy wrk h2load python3 curl; do
+  command -v "$tool" >/dev/null || need+=("$tool")
+done
+if ((${#need[@]})); then
+  echo "installing: ${need[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y nginx haproxy wrk nghttp2-client python3 curl >/dev/null
+fi
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+(( $(ulimit -n) > IDLE * 2 )) || echo "warning: open-file limit $(ulimit -n) is tight for $IDLE idle connections" >&2
+CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy >&2
+FLEET="$TARGET/release/fleet-proxy"
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  [[ -n "${KEEP_LOGS:-}" ]] && cp -r "$WORK" /tmp/bench-logs
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+
+nginx_conf() { # name, body of the server block, listen lines
+  mkdir -p "$WORK/$1"
+  cat >"$WORK/$1/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/$1/body; proxy_temp_path $WORK/$1/proxy;
+  fastcgi_temp_path $WORK/$1/fcgi; uwsgi_temp_path $WORK/$1/uwsgi; scgi_temp_path $WORK/$1/scgi;
+  $2
+}
+EOF
+}
+
+start() { # name, command...; sets LAST
+  local name=$1; shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  LAST=$!
+  PIDS+=("$LAST")
+}
+
+# The backend: nginx answering 200 "ok" itself, one worker. Two of them, for the mirror.
+BACKEND=$(free_port); SHADOW=$(free_port)
+nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
+nginx_conf shadow "server { listen 127.0.0.1:$SHADOW; location / { return 200 'ok\n'; } }"
+start backend nginx -c "$WORK/backend/nginx.conf"
+start shadow nginx -c "$WORK/shadow/nginx.conf"
+wait_port "$BACKEND"; wait_port "$SHADOW"
+
+# nginx as the proxy: plain proxy_pass with pooled upstream connections; a second port for h2c.
+NGINX=$(free_port); NGINX_H2=$(free_port)
+nginx_conf proxy "upstream be { server 127.0.0.1:$BACKEND; keepalive 128; }
+  server { listen 127.0.0.1:$NGINX; listen 127.0.0.1:$NGINX_H2 http2;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+start nginx nginx -c "$WORK/proxy/nginx.conf"; NGINX_PID=$LAST
+
+# HAProxy: one thread, connection reuse; h2c on a second port. It wants two descriptors per
+# connection, so the open-file limit caps its maxconn (and its idle-connection run).
+HA_MAXCONN=$(( ($(ulimit -n) - 200) / 2 ))
+HA_IDLE=$(( IDLE < HA_MAXCONN - 100 ? IDLE : HA_MAXCONN - 100 ))
+HAPROXY=$(free_port); HAPROXY_H2=$(free_port)
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn $HA_MAXCONN
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:$HAPROXY
+  bind 127.0.0.1:$HAPROXY_H2 proto h2
+  default_backend be
+backend be
+  http-reuse always
+  server s1 127.0.0.1:$BACKEND
+EOF
+start haproxy haproxy -f "$WORK/haproxy.cfg"; HAPROXY_PID=$LAST
+
+# fleet-proxy with a realistic table: 20 routes, header and cookie rules, a 5% sticky split.
+fleet_conf() { # file, port, admin, mirror line
+  {
+    echo "listen: 127.0.0.1:$2"
+    echo "admin: 127.0.0.1:$3"
+    echo "limits: { max_connections: 30000 }"
+    echo "tracks:"
+    # The backends speak HTTP/1.1 only, as nginx and HAProxy are configured to use them.
+    echo "  stable: { backends: [\"127.0.0.1:$BACKEND\"], protocol: http1 }"
+    echo "  canary: { backends: [\"127.0.0.1:$BACKEND\"], protocol: http1 }"
+    echo "  shadow: { backends: [\"127.0.0.1:$SHADOW\"], protocol: http1 }"
+    echo "routes:"
+    for i in $(seq 1 18); do
+      echo "  - { host: \"svc$i.example.com\", path_prefix: /, split: { stable: 9500, canary: 500 }, sticky: { cookie: fleet-bucket } }"
+    done
+    echo "  - { host: \"*.internal\", path_prefix: /admin, split: { stable: 10000 } }"
+    echo "  - host: \"*\""
+    echo "    path_prefix: /"
+    echo "    rules:"
+    echo "      - { match: { header: { name: x-canary, exact: \"true\" } }, to: canary }"
+    echo "      - { match: { header: { name: x-build, prefix: rc- } }, to: canary }"
+    echo "      - { match: { header: { name: x-tenant, regex: \"t-(1|2|3)[0-9]*\" } }, to: canary }"
+    echo "      - { match: { cookie: { name: ab-test-group, exact: version-b } }, to: canary }"
+    echo "    split: { stable: 9500, canary: 500 }"
+    echo "    sticky: { cookie: fleet-bucket }"
+    if [[ -n "$4" ]]; then echo "    $4"; fi
+  } >"$1"
+}
+FLEET_PORT=$(free_port); FLEET_ADMIN=$(free_port)
+fleet_conf "$WORK/fleet.yaml" "$FLEET_PORT" "$FLEET_ADMIN" ""
+start fleet "$FLEET" --config "$WORK/fleet.yaml" --worker-threads 1; FLEET_PID=$LAST
+MIRROR_PORT=$(free_port); MIRROR_ADMIN=$(free_port)
+fleet_conf "$WORK/mirror.yaml" "$MIRROR_PORT" "$MIRROR_ADMIN" "mirror: { to: shadow, percent: 10 }"
+start fleet-mirror "$FLEET" --config "$WORK/mirror.yaml" --worker-threads 1; MIRROR_PID=$LAST
+for p in "$NGINX" "$NGINX_H2" "$HAPROXY" "$HAPROXY_H2" "$FLEET_PORT" "$MIRROR_PORT"; do wait_port "$p"; done
+
+# CPU ticks of a process and its children (nginx: master and worker).
+ticks() { local t=0; for p in $1 $(pgrep -P "$1" || true); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+CLK=$(getconf CLK_TCK)
+to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
+
+# One wrk run: prints "rps p50_ms p99_ms cpu_us_per_request".
+measure() { # pid, url
+  wrk -t1 -c"$CONNS" -d2s "$2" >/dev/null 2>&1 || true # warm up pools
+  local before after out reqs
+  before=$(ticks "$1")
+  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4' -H 'User-Agent: bench' "$2")
+  after=$(ticks "$1")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out" | to_ms)
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_ms)
+  local non2xx
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  [[ -n "$non2xx" ]] && echo "warning: $non2xx non-2xx answers on $2" >&2
+  awk -v r="$rps" -v a="$p50" -v b="$p99" -v t=$((after - before)) -v n="$reqs" -v clk="$CLK" \
+    'BEGIN { printf "%s %s %s %.1f\n", r, a, b, t * 1000000 / clk / n }'
+}
+
+# h2c with h2load: prints requests/s.
+h2() {
+  local out
+  out=$(h2load -n 200000 -c 16 -m 16 "$1" 2>/dev/null)
+  grep -q "status codes: 200000 2xx" <<<"$out" || echo "warning: not all h2c answers were 2xx on $1: $(grep 'status codes' <<<"$out")" >&2
+  awk '/finished in/ {print $4}' <<<"$out" | tr -d ','
+}
+
+# Resident memory (MiB) after opening $IDLE idle keep-alive connections, each after one request.
+cat >"$WORK/idle.py" <<'EOF'
+import socket, sys, time
+port, n, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: fleet-bucket=1\r\n\r\n")
+    socks.append(s)
+for s in socks:
+    s.recv(4096)
+open(ready, "w").close()
+time.sleep(600)
+EOF
+rss_idle() { # pid, port, connections
+  rm -f "$WORK/idle.ready"
+  python3 "$WORK/idle.py" "$2" "$3" "$WORK/idle.ready" &
+  local client=$!
+  for _ in $(seq 600); do [[ -e "$WORK/idle.ready" ]] && break; sleep 0.1; done
+  if [[ ! -e "$WORK/idle.ready" ]]; then
+    echo "idle connections never all answered" >&2
+    kill "$client"; wait "$client" 2>/dev/null || true
+    echo "-"; return
+  fi
+  local kib=0
+  for p in $1 $(pgrep -P "$1" || true); do kib=$((kib + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done
+  kill "$client"; wait "$client" 2>/dev/null || true
+  awk -v k="$kib" 'BEGIN { printf "%.1f", k / 1024 }'
+}
+
+echo "# $(date -u +%FT%TZ) $(nproc) CPUs, $(uname -r); wrk -t1 -c$CONNS -d${DURATION}s; one worker each" >&2
+read -r N_RPS N_P50 N_P99 N_CPU < <(measure "$NGINX_PID" "http://127.0.0.1:$NGINX/")
+read -r H_RPS H_P50 H_P99 H_CPU < <(measure "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY/")
+read -r F_RPS F_P50 F_P99 F_CPU < <(measure "$FLEET_PID" "http://127.0.0.1:$FLEET_PORT/")
+read -r M_RPS M_P50 M_P99 M_CPU < <(measure "$MIRROR_PID" "http://127.0.0.1:$MIRROR_PORT/")
+N_H2=$(h2 "http://127.0.0.1:$NGINX_H2/"); H_H2=$(h2 "http://127.0.0.1:$HAPROXY_H2/"); F_H2=$(h2 "http://127.0.0.1:$FLEET_PORT/")
+N_RSS=$(rss_idle "$NGINX_PID" "$NGINX" "$IDLE")
+H_RSS=$(rss_idle "$HAPROXY_PID" "$HAPROXY" "$HA_IDLE")
+F_RSS=$(rss_idle "$FLEET_PID" "$FLEET_PORT" "$IDLE")
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+echo
+echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | h2c req/s | RSS MiB, $IDLE idle conns |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| nginx | $N_RPS | $N_P50 | $N_P99 | $N_CPU | $N_H2 | $N_RSS |"
+echo "| haproxy | $H_RPS | $H_P50 | $H_P99 | $H_CPU | $H_H2 | $H_RSS$( ((HA_IDLE < IDLE)) && echo " ($HA_IDLE conns)") |"
+echo "| fleet-proxy | $F_RPS | $F_P50 | $F_P99 | $F_CPU | $F_H2 | $F_RSS |"
+echo "| fleet-proxy, 10% mirror | $M_RPS | $M_P50 | $M_P99 | $M_CPU | | |"
+echo
+echo "| ratio | req/s | p99 | CPU/req |"
+echo "|---|---:|---:|---:|"
+echo "| fleet-proxy / nginx | $(ratio "$F_RPS" "$N_RPS") | $(ratio "$F_P99" "$N_P99") | $(ratio "$F_CPU" "$N_CPU") |"
+echo "| fleet-proxy / haproxy | $(ratio "$F_RPS" "$H_RPS") | $(ratio "$F_P99" "$H_P99") | $(ratio "$F_CPU" "$H_CPU") |"
+echo "| mirror on / off | $(ratio "$M_RPS" "$F_RPS") | $(ratio "$M_P99" "$F_P99") | $(ratio "$M_CPU" "$F_CPU") |"
+
+# A 10,000-route table through PUT /routes: parse, validate, build, swap.
+python3 - "$BACKEND" >"$WORK/big.json" <<'EOF'
+import json, sys
+b = f"127.0.0.1:{sys.argv[1]}"
+routes = [{"host": f"svc{i}.example.com", "path_prefix": f"/p{i % 50}",
+           "rules": [{"match": {"header": {"name": "x-canary", "exact": "true"}}, "to": "canary"},
+                     {"match": {"cookie": {"name": "ab", "regex": "version-[bc]"}}, "to": "canary"}],
+           "split": {"stable": 9500, "canary": 500}, "sticky": {"cookie": "fleet-bucket"}}
+          for i in range(10000)]
+print(json.dumps({"tracks": {"stable": {"backends": [b]}, "canary": {"backends": [b]}}, "routes": routes}))
+EOF
+SWAP=$(curl -s -o "$WORK/swap.out" -w '%{time_total}' -X PUT --data-binary @"$WORK/big.json" "http://127.0.0.1:$FLEET_ADMIN/routes")
+echo
+echo "PUT /routes with 10,000 routes ($(du -k "$WORK/big.json" | cut -f1) KiB JSON): $(awk -v s="$SWAP" 'BEGIN{printf "%.1f", s*1000}') ms, answer $(cat "$WORK/swap.out")"

@@ -1,0 +1,52 @@
+//! How long a large table takes: reading its JSON text, and building the checked table.
+//!
+//!     cargo run --release -p fleet-proxy-router --example build_time [ROUTES]
+
+use std::time::Instant;
+
+use fleet_proxy_router::{Positions, Table, TableSpec, load};
+
+fn main() {
+    let routes: usize = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let json = serde_json::json!({
+        "tracks": {
+            "stable": { "backends": ["127.0.0.1:9001"] },
+            "canary": { "backends": ["127.0.0.1:9002"] },
+        },
+        "routes": (0..routes).map(|i| serde_json::json!({
+            "host": format!("svc{i}.example.com"),
+            "path_prefix": format!("/p{}", i % 50),
+            "rules": [
+                { "match": { "header": { "name": "x-canary", "exact": "true" } }, "to": "canary" },
+                { "match": { "cookie": { "name": "ab", "regex": "version-[bc]" } }, "to": "canary" },
+            ],
+            "split": { "stable": 9500, "canary": 500 },
+            "sticky": { "cookie": "fleet-bucket" },
+        })).collect::<Vec<_>>(),
+    });
+    let text = json.to_string();
+    let spec: TableSpec = match serde_json::from_value(json) {
+        Ok(spec) => spec,
+        Err(e) => return eprintln!("bad spec: {e}"),
+    };
+    // The best of five: the first run also pays for warming up the allocator.
+    let (mut build, mut read, mut ok) = (f64::MAX, f64::MAX, true);
+    for _ in 0..5 {
+        let (spec, mut diags) = (spec.clone(), fleet_yaml::Diagnostics::default());
+        let started = Instant::now();
+        let built = Table::build(spec, &Positions::default(), &mut diags);
+        build = build.min(started.elapsed().as_secs_f64() * 1e3);
+        let started = Instant::now();
+        let loaded = load(&text);
+        read = read.min(started.elapsed().as_secs_f64() * 1e3);
+        // Dropping a table is not part of building one.
+        ok &= built.is_some() && loaded.is_ok();
+    }
+    println!(
+        "{routes} routes, {} KiB of JSON: Table::build {build:.1} ms; load (read, check, build) {read:.1} ms; ok: {ok}",
+        text.len() / 1024,
+    );
+}

@@ -1,0 +1,386 @@
+//! From [`TableSpec`] to [`Table`]: every semantic problem reported at once, with its place.
+
+mod rules;
+
+use std::collections::HashMap;
+
+use fleet_yaml::{Diagnostics, Positions, suggest};
+use http::HeaderName;
+use regex::Regex;
+
+use crate::rule::Rule;
+use crate::spec::{ProtocolSpec, RouteSpec, TableSpec};
+use crate::split::{BUCKETS, Split, Sticky};
+use crate::table::{HostMatch, Mirror, PathMatch, Protocol, Route, RouteId, Table, Track, TrackId};
+
+/// Compiled regexes are capped so that a hostile `PUT /routes` cannot exhaust memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+const DEFAULT_MAX_AGE: u64 = 30 * 24 * 3600;
+
+impl Table {
+    /// Checks `spec` and builds the table, or reports every problem into `diags`, locating
+    /// each through `at` (the positions of the document `spec` was read from).
+    pub fn build(spec: TableSpec, at: &Positions, diags: &mut Diagnostics) -> Option<Table> {
+        let errors_before = diags.len();
+        let mut b = Builder {
+            at,
+            diags,
+            tracks: Vec::new(),
+            regexes: HashMap::new(),
+        };
+        b.tracks(&spec);
+        let routes: Vec<Route> = spec
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| b.route(i, r))
+            .collect();
+        b.duplicates(&spec);
+        // Only errors are ever added here, so any new diagnostic means the spec is rejected.
+        if b.diags.len() > errors_before {
+            return None;
+        }
+        let tracks = b.tracks;
+        let mut exact: HashMap<String, Vec<RouteId>> = HashMap::new();
+        let mut suffix: HashMap<String, Vec<RouteId>> = HashMap::new();
+        let mut any = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            match &route.host {
+                HostMatch::Exact(h) => exact.entry(h.clone()).or_default().push(RouteId(i)),
+                HostMatch::Suffix(s) => suffix.entry(s.clone()).or_default().push(RouteId(i)),
+                HostMatch::Any => any.push(RouteId(i)),
+            }
+        }
+        let by_path = |ids: &mut Vec<RouteId>| {
+            // Stable sort: among equally specific paths the route written first stays first.
+            ids.sort_by_key(|id| std::cmp::Reverse(routes[id.0].path.specificity()));
+        };
+        exact.values_mut().for_each(by_path);
+        let mut suffix: Vec<(String, Vec<RouteId>)> = suffix.into_iter().collect();
+        suffix.iter_mut().for_each(|(_, ids)| by_path(ids));
+        suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        by_path(&mut any);
+        Some(Table {
+            spec,
+            tracks,
+            routes,
+            exact,
+            suffix,
+            any,
+        })
+    }
+}
+
+struct Builder<'a> {
+    at: &'a Positions,
+    diags: &'a mut Diagnostics,
+    tracks: Vec<Track>,
+    /// Each distinct pattern is compiled once per table (a `Regex` clone shares it).
+    regexes: HashMap<String, Regex>,
+}
+
+impl Builder<'_> {
+    fn error(&mut self, path: &str, message: impl Into<String>, help: impl Into<String>) {
+        self.diags.error(self.at.of(path), path, message, help);
+    }
+
+    fn tracks(&mut self, spec: &TableSpec) {
+        if spec.tracks.is_empty() {
+            self.error(
+                "tracks",
+                "no tracks",
+                "add at least one, as `stable: { backends: [\"10.0.0.1:8080\"] }`",
+            );
+        }
+        for (name, track) in &spec.tracks {
+            let path = format!("tracks.{name}");
+            if !is_label(name) {
+                self.error(
+                    &path,
+                    format!("bad track name \"{name}\""),
+                    "use lowercase letters, digits, `-` and `_`",
+                );
+            }
+            if track.backends.is_empty() {
+                self.error(
+                    &format!("{path}.backends"),
+                    "no backends",
+                    "add at least one `host:port`",
+                );
+            }
+            for (i, backend) in track.backends.iter().enumerate() {
+                if !is_host_port(backend) {
+                    self.error(
+                        &format!("{path}.backends[{i}]"),
+                        format!("\"{backend}\" is not a `host:port` address"),
+                        "write it as `10.0.0.1:8080` or `svc.local:80`",
+                    );
+                }
+            }
+            let protocol = match track.protocol {
+                None | Some(ProtocolSpec::Auto) => Protocol::Auto,
+                Some(ProtocolSpec::Http1) => Protocol::Http1,
+                Some(ProtocolSpec::H2c) => Protocol::H2c,
+            };
+            self.tracks.push(Track {
+                name: name.clone(),
+                backends: track.backends.clone(),
+                protocol,
+            });
+        }
+    }
+
+    /// The track named `name`; `path` is only formatted for the error.
+    fn track(&mut self, path: impl FnOnce() -> String, name: &str) -> Option<TrackId> {
+        let found = self.tracks.iter().position(|t| t.name == name).map(TrackId);
+        if found.is_none() {
+            let names: Vec<&str> = self.tracks.iter().map(|t| t.name.as_str()).collect();
+            let help = suggest(name, &names);
+            self.error(&path(), format!("unknown track \"{name}\""), help);
+        }
+        found
+    }
+
+    fn route(&mut self, i: usize, spec: &RouteSpec) -> Option<Route> {
+        let at = format!("routes[{i}]");
+        let host = self.host(&at, spec.host.as_deref().unwrap_or("*"));
+        let path = self.path(&at, spec);
+        let rules: Vec<Option<Rule>> = spec
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(j, rule)| {
+                let at = format!("{at}.rules[{j}]");
+                let conditions = self.conditions(&format!("{at}.match"), &rule.matches);
+                let to = self.track(|| format!("{at}.to"), &rule.to);
+                Some(Rule {
+                    conditions: conditions?,
+                    to: to?,
+                })
+            })
+            .collect();
+        let split = self.split(&at, spec);
+        let sticky = self.sticky(&at, spec);
+        let mirror = match &spec.mirror {
+            None => Some(None),
+            Some(m) => {
+                let to = self.track(|| format!("{at}.mirror.to"), &m.to);
+                let share = (m.percent * 100.0).round();
+                if !(0.0..=f64::from(BUCKETS)).contains(&share) {
+                    self.error(
+                        &format!("{at}.mirror.percent"),
+                        format!("{} is not a percentage", m.percent),
+                        "use a number from 0 to 100",
+                    );
+                }
+                // In range after the check above, so the cast neither wraps nor saturates.
+                to.map(|to| {
+                    Some(Mirror {
+                        to,
+                        share: share.clamp(0.0, f64::from(BUCKETS)) as u32,
+                    })
+                })
+            }
+        };
+        let name = spec.name.clone().unwrap_or_else(|| {
+            format!(
+                "{}{}",
+                spec.host.as_deref().unwrap_or("*"),
+                spec.path
+                    .as_deref()
+                    .or(spec.path_prefix.as_deref())
+                    .unwrap_or("/")
+            )
+        });
+        Some(Route {
+            name,
+            host: host?,
+            path: path?,
+            rules: rules.into_iter().collect::<Option<_>>()?,
+            split: split?,
+            sticky: sticky?,
+            mirror: mirror?,
+        })
+    }
+
+    fn host(&mut self, at: &str, host: &str) -> Option<HostMatch> {
+        let host = host.to_ascii_lowercase();
+        if host == "*" {
+            return Some(HostMatch::Any);
+        }
+        let (name, make): (&str, fn(String) -> HostMatch) = match host.strip_prefix("*.") {
+            Some(rest) => (rest, |h| HostMatch::Suffix(format!(".{h}"))),
+            None => (host.as_str(), HostMatch::Exact),
+        };
+        let ok = !name.is_empty()
+            && name.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            self.error(
+                &format!("{at}.host"),
+                format!("bad host \"{host}\""),
+                "write `example.com`, `*.example.com` or `*` (no port)",
+            );
+            return None;
+        }
+        Some(make(name.to_string()))
+    }
+
+    fn path(&mut self, at: &str, spec: &RouteSpec) -> Option<PathMatch> {
+        let (field, path, make): (&str, &str, fn(String) -> PathMatch) =
+            match (&spec.path, &spec.path_prefix) {
+                (Some(_), Some(_)) => {
+                    self.error(
+                        &format!("{at}.path"),
+                        "both `path` and `path_prefix`",
+                        "keep one: `path` matches exactly, `path_prefix` matches below too",
+                    );
+                    return None;
+                }
+                (Some(p), None) => ("path", p, PathMatch::Exact),
+                (None, Some(p)) => ("path_prefix", p, PathMatch::Prefix),
+                (None, None) => ("path_prefix", "/", PathMatch::Prefix),
+            };
+        if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+            self.error(
+                &format!("{at}.{field}"),
+                format!("bad path \"{path}\""),
+                "start with `/`, without query or fragment",
+            );
+            return None;
+        }
+        Some(make(path.to_string()))
+    }
+
+    fn split(&mut self, at: &str, spec: &RouteSpec) -> Option<Split> {
+        let field = format!("{at}.split");
+        let mut shares = Vec::new();
+        for (name, share) in &spec.split {
+            if let Some(id) = self.track(|| format!("{field}.{name}"), name) {
+                shares.push((name.as_str(), id, *share));
+            }
+        }
+        let sum: u64 = spec.split.values().map(|s| u64::from(*s)).sum();
+        if sum != u64::from(BUCKETS) {
+            self.error(
+                &field,
+                format!("shares sum to {sum}, not 10000"),
+                "shares are basis points: 10000 is 100%, 500 is 5%",
+            );
+            return None;
+        }
+        if shares.len() != spec.split.len() {
+            return None;
+        }
+        // Layout: others in name order from bucket 0, the baseline on top (see `Split`).
+        let baseline = shares
+            .iter()
+            .position(|s| s.0 == "stable")
+            .unwrap_or(shares.len() - 1);
+        let base = shares.remove(baseline);
+        shares.push(base);
+        let layout: Vec<(TrackId, u32)> =
+            shares.iter().map(|&(_, id, share)| (id, share)).collect();
+        Some(Split::new(&layout))
+    }
+
+    fn sticky(&mut self, at: &str, spec: &RouteSpec) -> Option<Option<Sticky>> {
+        let Some(s) = &spec.sticky else {
+            return Some(None);
+        };
+        let field = format!("{at}.sticky");
+        match (&s.cookie, &s.header) {
+            (Some(name), None) => {
+                let ok = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+                if !ok {
+                    self.error(
+                        &format!("{field}.cookie"),
+                        format!("bad cookie name \"{name}\""),
+                        "use letters, digits, `-` and `_`",
+                    );
+                    return None;
+                }
+                Some(Some(Sticky::Cookie {
+                    name: name.clone(),
+                    max_age: s.max_age.unwrap_or(DEFAULT_MAX_AGE),
+                    secure: s.secure.unwrap_or(false),
+                }))
+            }
+            (None, Some(name)) => match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => {
+                    if s.max_age.is_some() || s.secure.is_some() {
+                        self.error(
+                            &field,
+                            "`max_age` and `secure` apply to cookies only",
+                            "remove them or use `cookie:`",
+                        );
+                        return None;
+                    }
+                    Some(Some(Sticky::Header(h.as_str().to_string())))
+                }
+                Err(_) => {
+                    self.error(
+                        &format!("{field}.header"),
+                        format!("bad header name \"{name}\""),
+                        "use letters, digits and `-`",
+                    );
+                    None
+                }
+            },
+            _ => {
+                self.error(
+                    &field,
+                    "needs exactly one of `cookie` or `header`",
+                    "write `sticky: { cookie: fleet-bucket }` or `sticky: { header: x-user-id }`",
+                );
+                None
+            }
+        }
+    }
+
+    /// Two routes with the same host and path: the second could never be chosen.
+    fn duplicates(&mut self, spec: &TableSpec) {
+        let mut seen: HashMap<(String, String), usize> = HashMap::new();
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, r) in spec.routes.iter().enumerate() {
+            let host = r.host.as_deref().unwrap_or("*").to_ascii_lowercase();
+            let path = match (&r.path, &r.path_prefix) {
+                (Some(p), _) => format!("={p}"),
+                (None, p) => p.as_deref().unwrap_or("/").to_string(),
+            };
+            if let Some(first) = seen.insert((host, path), i) {
+                self.error(
+                    &format!("routes[{i}]"),
+                    format!("same host and path as routes[{first}], so it can never be chosen"),
+                    "merge the two routes or change host or path",
+                );
+            }
+            if let Some(name) = &r.name
+                && let Some(first) = names.insert(name, i)
+            {
+                self.error(
+                    &format!("routes[{i}].name"),
+                    format!("name \"{name}\" already used by routes[{first}]"),
+                    "route names label metrics; make them unique",
+                );
+            }
+        }
+    }
+}
+
+fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn is_host_port(s: &str) -> bool {
+    match s.parse::<http::uri::Authority>() {
+        Ok(a) => a.port_u16().is_some() && !a.host().is_empty() && !s.contains('@'),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,155 @@
+//! Rule conditions: headers, cookies, query parameters and methods, each with one test.
+
+use http::{HeaderName, Method};
+use regex::RegexBuilder;
+
+use super::{Builder, REGEX_SIZE_LIMIT};
+use crate::rule::{Condition, Test};
+use crate::spec::{MatchSpec, ValueMatchSpec};
+
+impl Builder<'_> {
+    pub(super) fn conditions(&mut self, at: &str, spec: &MatchSpec) -> Option<Vec<Condition>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        if let Some(h) = &spec.header {
+            let field = format!("{at}.header");
+            match HeaderName::from_bytes(h.name.as_bytes()) {
+                Ok(name) => match self.test(&field, h) {
+                    Some(test) => out.push(Condition::Header(name.as_str().to_string(), test)),
+                    None => ok = false,
+                },
+                Err(_) => {
+                    self.error(
+                        &format!("{field}.name"),
+                        format!("bad header name \"{}\"", h.name),
+                        "use letters, digits and `-`",
+                    );
+                    ok = false;
+                }
+            }
+        }
+        for (kind, spec, make) in [
+            (
+                "cookie",
+                &spec.cookie,
+                Condition::Cookie as fn(String, Test) -> Condition,
+            ),
+            ("query", &spec.query, Condition::Query),
+        ] {
+            let Some(v) = spec else { continue };
+            let field = format!("{at}.{kind}");
+            if v.name.is_empty() {
+                self.error(
+                    &format!("{field}.name"),
+                    "empty name",
+                    "name the value to test",
+                );
+                ok = false;
+            }
+            match self.test(&field, v) {
+                Some(test) => out.push(make(v.name.clone(), test)),
+                None => ok = false,
+            }
+        }
+        if let Some(methods) = &spec.method {
+            let mut parsed = Vec::new();
+            for (i, m) in methods.iter().enumerate() {
+                match Method::from_bytes(m.as_bytes()) {
+                    Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => parsed.push(method),
+                    _ => {
+                        self.error(
+                            &format!("{at}.method[{i}]"),
+                            format!("bad method \"{m}\""),
+                            "use an uppercase method such as GET or POST",
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            if parsed.is_empty() && methods.is_empty() {
+                self.error(
+                    &format!("{at}.method"),
+                    "empty method list",
+                    "list at least one method or remove `method`",
+                );
+                ok = false;
+            }
+            out.push(Condition::Method(parsed));
+        }
+        if out.is_empty() && ok {
+            self.error(
+                at,
+                "no condition",
+                "add one of: header, cookie, query, method",
+            );
+            ok = false;
+        }
+        ok.then_some(out)
+    }
+
+    fn test(&mut self, at: &str, v: &ValueMatchSpec) -> Option<Test> {
+        let mut tests = Vec::new();
+        if let Some(s) = &v.exact {
+            tests.push(Test::Exact(s.clone()));
+        }
+        if let Some(s) = &v.prefix {
+            tests.push(Test::Prefix(s.clone()));
+        }
+        if let Some(re) = &v.regex {
+            let compiled = match self.regexes.get(re) {
+                Some(known) => Ok(known.clone()),
+                None => RegexBuilder::new(&format!("^(?:{re})$"))
+                    .size_limit(REGEX_SIZE_LIMIT)
+                    .build(),
+            };
+            match compiled {
+                Ok(compiled) => {
+                    if !self.regexes.contains_key(re) {
+                        self.regexes.insert(re.clone(), compiled.clone());
+                    }
+                    tests.push(Test::Regex(compiled));
+                }
+                Err(e) => {
+                    let message = e
+                        .to_string()
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string();
+                    self.error(
+                        &format!("{at}.regex"),
+                        format!("bad regex: {message}"),
+                        "see https://docs.rs/regex for the syntax",
+                    );
+                    return None;
+                }
+            }
+        }
+        match v.present {
+            Some(true) => tests.push(Test::Present),
+            Some(false) => tests.push(Test::Absent),
+            None => {}
+        }
+        match v.absent {
+            Some(true) => tests.push(Test::Absent),
+            Some(false) => tests.push(Test::Present),
+            None => {}
+        }
+        match tests.len() {
+            1 => tests.pop(),
+            0 => {
+                self.error(
+                    at,
+                    "no test",
+                    "add one of: exact, prefix, regex, present, absent",
+                );
+                None
+            }
+            _ => {
+                self.error(at, "more than one test", "keep one of: exact, prefix, regex, present, absent; use several rules to combine");
+                None
+            }
+        }
+    }
+}

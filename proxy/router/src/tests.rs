@@ -1,0 +1,425 @@
+#![allow(clippy::unwrap_used)]
+
+mod props;
+
+use http::{HeaderMap, HeaderValue, Method};
+
+use crate::{Bucketing, Cause, Table, bucket_of, cookie, load, query_param};
+
+const TRACKS: &str = r#"
+tracks:
+  stable: { backends: ["127.0.0.1:9001"] }
+  canary: { backends: ["127.0.0.1:9002"] }
+  shadow: { backends: ["127.0.0.1:9003"] }
+"#;
+
+pub(crate) fn table(routes: &str) -> Table {
+    let src = format!("{TRACKS}routes:\n{routes}");
+    match load(&src) {
+        Ok(t) => t,
+        Err(diags) => panic!(
+            "{}",
+            diags
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    }
+}
+
+/// A request as `METHOD host/path?query` with `name: value` headers.
+pub(crate) struct Req {
+    method: Method,
+    host: String,
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+}
+
+pub(crate) fn req(line: &str, headers: &[(&str, &str)]) -> Req {
+    let (method, rest) = line.split_once(' ').unwrap();
+    let (host, target) = rest.split_at(rest.find('/').unwrap());
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (target.to_string(), None),
+    };
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        map.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    Req {
+        method: method.parse().unwrap(),
+        host: host.to_string(),
+        path,
+        query,
+        headers: map,
+    }
+}
+
+impl Req {
+    pub(crate) fn view(&self) -> crate::RequestView<'_> {
+        crate::RequestView {
+            method: &self.method,
+            host: &self.host,
+            path: &self.path,
+            query: self.query.as_deref(),
+            headers: &self.headers,
+        }
+    }
+}
+
+/// The track name a request goes to, with no randomness available.
+fn track_of(t: &Table, r: &Req) -> String {
+    let d = t
+        .decide(&r.view(), &mut || panic!("needed randomness"))
+        .unwrap();
+    t.track(d.track).name().to_string()
+}
+
+#[test]
+fn the_most_specific_host_then_the_most_specific_path_wins() {
+    let t = table(
+        r#"
+  - { name: any-root, host: "*", path_prefix: /, split: { stable: 10000 } }
+  - { name: any-api, host: "*", path_prefix: /api, split: { stable: 10000 } }
+  - { name: any-api-exact, host: "*", path: /api, split: { stable: 10000 } }
+  - { name: sub-root, host: "*.example.com", split: { stable: 10000 } }
+  - { name: deep-sub, host: "*.eu.example.com", path_prefix: /, split: { stable: 10000 } }
+  - { name: exact-img, host: shop.example.com, path_prefix: /img/, split: { stable: 10000 } }
+  - { name: exact-first, host: shop.example.com, path_prefix: /x, split: { stable: 10000 } }
+  - { name: exact-second, host: shop.example.com, path_prefix: /x/, split: { stable: 10000 } }
+"#,
+    );
+    let cases = [
+        ("other.org", "/", Some("any-root")),
+        ("other.org", "/api", Some("any-api-exact")),
+        ("other.org", "/api/v1", Some("any-api")),
+        ("other.org", "/apix", Some("any-root")),
+        ("example.com", "/", Some("any-root")),
+        ("a.example.com", "/api", Some("sub-root")),
+        ("a.eu.example.com", "/", Some("deep-sub")),
+        ("SHOP.Example.COM", "/img/a.png", Some("exact-img")),
+        ("shop.example.com:8443", "/img/a.png", Some("exact-img")),
+        ("shop.example.com", "/img", Some("sub-root")),
+        ("shop.example.com", "/x/y", Some("exact-second")),
+        ("shop.example.com", "/x", Some("exact-first")),
+    ];
+    for (host, path, want) in cases {
+        let r = req(&format!("GET {host}{path}"), &[]);
+        let mut view = r.view();
+        let h = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        view.host = h;
+        let got = t.select(&view).map(|id| t.route(id).name().to_string());
+        assert_eq!(got.as_deref(), want, "{host}{path}");
+    }
+}
+
+#[test]
+fn no_route_for_the_host_or_path_means_no_decision() {
+    let t = table("  - { host: example.com, path_prefix: /api, split: { stable: 10000 } }\n");
+    assert!(
+        t.decide(&req("GET other.com/api", &[]).view(), &mut || 0)
+            .is_none()
+    );
+    assert!(
+        t.decide(&req("GET example.com/", &[]).view(), &mut || 0)
+            .is_none()
+    );
+}
+
+/// Request line, headers, and the track it must go to.
+type Case = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
+#[test]
+fn rules_are_tested_in_order_and_the_first_match_wins() {
+    let t = table(
+        r#"
+  - path_prefix: /
+    rules:
+      - { match: { header: { name: x-canary, exact: "true" } }, to: canary }
+      - { match: { header: { name: x-shadow, present: true } }, to: shadow }
+      - { match: { header: { name: x-build, prefix: "rc-" } }, to: canary }
+      - { match: { header: { name: x-tenant, regex: "t[0-9]+" } }, to: canary }
+      - { match: { cookie: { name: ab-test-group, exact: version-b } }, to: canary }
+      - { match: { cookie: { name: user, regex: "beta-.*" } }, to: shadow }
+      - { match: { query: { name: track, exact: canary } }, to: canary }
+      - { match: { method: [DELETE, PATCH] }, to: shadow }
+      - { match: { method: [PUT], header: { name: x-safe, absent: true } }, to: shadow }
+    split: { stable: 10000 }
+"#,
+    );
+    let cases: &[Case] = &[
+        ("GET h/", &[], "stable"),
+        ("GET h/", &[("x-canary", "true")], "canary"),
+        ("GET h/", &[("x-canary", "TRUE")], "stable"),
+        (
+            "GET h/",
+            &[("x-canary", "true"), ("x-shadow", "")],
+            "canary",
+        ),
+        ("GET h/", &[("x-shadow", "")], "shadow"),
+        (
+            "GET h/",
+            &[("x-canary", "no"), ("x-canary", "true")],
+            "canary",
+        ),
+        ("GET h/", &[("x-build", "rc-12")], "canary"),
+        ("GET h/", &[("x-build", "v1-rc-12")], "stable"),
+        ("GET h/", &[("x-tenant", "t42")], "canary"),
+        ("GET h/", &[("x-tenant", "t42x")], "stable"),
+        (
+            "GET h/",
+            &[("cookie", "a=1; ab-test-group=version-b")],
+            "canary",
+        ),
+        (
+            "GET h/",
+            &[("cookie", "a=1"), ("cookie", "ab-test-group=version-b")],
+            "canary",
+        ),
+        (
+            "GET h/",
+            &[("cookie", "ab-test-group=version-a; ab-test-group=version-b")],
+            "stable",
+        ),
+        ("GET h/", &[("cookie", "user=beta-7")], "shadow"),
+        ("GET h/", &[("cookie", "xuser=beta-7")], "stable"),
+        ("GET h/?a=1&track=canary", &[], "canary"),
+        ("GET h/?track=can%61ry", &[], "canary"),
+        ("GET h/?track=canary2", &[], "stable"),
+        ("DELETE h/", &[], "shadow"),
+        ("PUT h/", &[], "shadow"),
+        ("PUT h/", &[("x-safe", "1")], "stable"),
+    ];
+    for (line, headers, want) in cases {
+        assert_eq!(
+            track_of(&t, &req(line, headers)),
+            *want,
+            "{line} {headers:?}"
+        );
+    }
+}
+
+#[test]
+fn cookies_are_found_across_headers_and_the_first_duplicate_wins() {
+    let mut h = HeaderMap::new();
+    h.append("cookie", HeaderValue::from_static("a=1;b=\"quoted\""));
+    h.append("cookie", HeaderValue::from_static(" c = 3 ; a=2"));
+    assert_eq!(cookie(&h, "a"), Some("1"));
+    assert_eq!(cookie(&h, "b"), Some("quoted"));
+    assert_eq!(cookie(&h, "c"), Some("3"));
+    assert_eq!(cookie(&h, "d"), None);
+}
+
+#[test]
+fn query_parameters_are_percent_decoded_and_the_first_wins() {
+    let cases = [
+        (Some("a=1&a=2"), "a", Some("1")),
+        (Some("x=%2Fy+z"), "x", Some("/y z")),
+        (Some("flag&b=2"), "flag", Some("")),
+        (Some("b%5B%5D=1"), "b[]", Some("1")),
+        (Some("bad=%zz%4"), "bad", Some("%zz%4")),
+        (None, "a", None),
+    ];
+    for (query, name, want) in cases {
+        assert_eq!(
+            query_param(query, name).as_deref(),
+            want,
+            "{query:?} {name}"
+        );
+    }
+}
+
+#[test]
+fn a_sticky_key_below_the_canary_share_goes_to_canary() {
+    let t = table("  - { split: { stable: 9500, canary: 500 }, sticky: { header: x-user-id } }\n");
+    for user in 0..2000 {
+        let key = format!("user-{user}");
+        let want = if bucket_of(key.as_bytes()) < 500 {
+            "canary"
+        } else {
+            "stable"
+        };
+        assert_eq!(track_of(&t, &req("GET h/", &[("x-user-id", &key)])), want);
+    }
+}
+
+#[test]
+fn the_bucket_hash_is_fixed_so_every_proxy_agrees() {
+    // XXH64, seed 0, modulo 10000: these values are part of the contract between proxies;
+    // if this test fails, users would move between tracks on upgrade.
+    let buckets: Vec<String> = ["", "alice", "bob", "user-1"]
+        .iter()
+        .map(|k| format!("{k:?}={}", bucket_of(k.as_bytes())))
+        .collect();
+    expect_test::expect![[r#"""=6921 "alice"=9289 "bob"=27 "user-1"=6856"#]]
+        .assert_eq(&buckets.join(" "));
+}
+
+#[test]
+fn a_request_without_a_cookie_gets_a_random_bucket_and_a_cookie_to_keep_it() {
+    let t = table(
+        "  - { split: { stable: 5000, canary: 5000 }, sticky: { cookie: fleet-bucket, max_age: 60 } }\n",
+    );
+    let d = t
+        .decide(&req("GET h/", &[]).view(), &mut || 0xabcd)
+        .unwrap();
+    let set_cookie = d.set_cookie().unwrap().to_string();
+    assert_eq!(
+        set_cookie,
+        "fleet-bucket=000000000000abcd; Path=/; Max-Age=60; HttpOnly; SameSite=Lax"
+    );
+    // Coming back with the cookie lands on the same track, with no randomness used.
+    let back = req("GET h/", &[("cookie", "fleet-bucket=000000000000abcd")]);
+    let again = t
+        .decide(&back.view(), &mut || panic!("no randomness with a key"))
+        .unwrap();
+    assert_eq!(again.track, d.track);
+    assert!(matches!(
+        again.cause,
+        Cause::Split {
+            bucketing: Bucketing::Sticky,
+            ..
+        }
+    ));
+    assert_eq!(again.set_cookie(), None);
+}
+
+#[test]
+fn a_rule_match_sets_no_cookie() {
+    let t = table(
+        "  - { rules: [ { match: { header: { name: x-canary, present: true } }, to: canary } ], split: { stable: 10000 }, sticky: { cookie: b } }\n",
+    );
+    let d = t
+        .decide(&req("GET h/", &[("x-canary", "1")]).view(), &mut || 1)
+        .unwrap();
+    assert_eq!(d.cause, Cause::Rule(0));
+    assert_eq!(d.set_cookie(), None);
+}
+
+#[test]
+fn mirroring_samples_the_configured_share() {
+    let t = table("  - { split: { stable: 10000 }, mirror: { to: shadow, percent: 10 } }\n");
+    let mut n = 0u64;
+    let mut mirrored = 0;
+    for _ in 0..10_000 {
+        // Every call yields the next integer: split buckets and samples sweep 0..10000.
+        let d = t
+            .decide(&req("GET h/", &[]).view(), &mut || {
+                n += 1;
+                n
+            })
+            .unwrap();
+        mirrored += usize::from(d.mirror.is_some());
+    }
+    assert_eq!(mirrored, 1000);
+}
+
+#[test]
+fn more_than_two_tracks_are_laid_out_by_name_with_stable_on_top() {
+    let t = table("  - { split: { stable: 5000, canary: 3000, shadow: 2000 } }\n");
+    let split = t.route(crate::RouteId(0)).split();
+    let layout: Vec<(&str, u32)> = split
+        .shares()
+        .map(|(id, s)| (t.track(id).name(), s))
+        .collect();
+    assert_eq!(
+        layout,
+        [("canary", 3000), ("shadow", 2000), ("stable", 5000)]
+    );
+    assert_eq!(t.track(split.track_for(2999)).name(), "canary");
+    assert_eq!(t.track(split.track_for(3000)).name(), "shadow");
+    assert_eq!(t.track(split.track_for(9999)).name(), "stable");
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_place_and_fix() {
+    let src = r#"tracks:
+  stable: { backends: ["127.0.0.1:9001"] }
+  canary: { backends: ["nope"] }
+routes:
+  - host: "*"
+    path_prefix: /
+    rules:
+      - match: { header: { name: x-canary, exact: "true", prefix: t } }
+        to: canery
+      - match: { cookie: { name: g, regex: "([a-z]" } }
+        to: canary
+      - match: {}
+        to: canary
+    split: { stable: 9000, canary: 500 }
+    sticky: { cookie: fleet-bucket, header: x-user-id }
+    mirror: { to: shadow, percent: 150 }
+  - host: "*"
+    split: { stable: 10000 }
+  - host: "bad host"
+    path: nope
+    split: { stable: 10000 }
+"#;
+    let diags = load(src).unwrap_err();
+    let text: Vec<String> = diags
+        .iter()
+        .map(|d| d.in_file("proxy.yaml").to_string())
+        .collect();
+    expect_test::expect![[r#"
+        proxy.yaml:3:24: error: tracks.canary.backends[0]: "nope" is not a `host:port` address; write it as `10.0.0.1:8080` or `svc.local:80`
+        proxy.yaml:8:26: error: routes[0].rules[0].match.header: more than one test; keep one of: exact, prefix, regex, present, absent; use several rules to combine
+        proxy.yaml:9:13: error: routes[0].rules[0].to: unknown track "canery"; did you mean "canary"?
+        proxy.yaml:10:44: error: routes[0].rules[1].match.cookie.regex: bad regex: error: unclosed group; see https://docs.rs/regex for the syntax
+        proxy.yaml:12:16: error: routes[0].rules[2].match: no condition; add one of: header, cookie, query, method
+        proxy.yaml:14:12: error: routes[0].split: shares sum to 9500, not 10000; shares are basis points: 10000 is 100%, 500 is 5%
+        proxy.yaml:15:13: error: routes[0].sticky: needs exactly one of `cookie` or `header`; write `sticky: { cookie: fleet-bucket }` or `sticky: { header: x-user-id }`
+        proxy.yaml:16:19: error: routes[0].mirror.to: unknown track "shadow"; expected one of: canary, stable
+        proxy.yaml:16:36: error: routes[0].mirror.percent: 150 is not a percentage; use a number from 0 to 100
+        proxy.yaml:17:5: error: routes[1]: same host and path as routes[0], so it can never be chosen; merge the two routes or change host or path
+        proxy.yaml:19:11: error: routes[2].host: bad host "bad host"; write `example.com`, `*.example.com` or `*` (no port)
+        proxy.yaml:20:11: error: routes[2].path: bad path "nope"; start with `/`, without query or fragment"#]]
+    .assert_eq(&text.join("\n"));
+}
+
+#[test]
+fn structural_errors_name_the_field_and_suggest_a_fix() {
+    let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { split: { stable: 10000 }, stiky: { cookie: b } }\n";
+    let text: Vec<String> = load(src)
+        .unwrap_err()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    expect_test::expect![[
+        r#"3:33: error: routes[0].stiky: unknown field "stiky"; did you mean "sticky"?"#
+    ]]
+    .assert_eq(&text.join("\n"));
+}
+
+#[test]
+fn json_is_read_like_yaml() {
+    let src = r#"{"tracks": {"stable": {"backends": ["127.0.0.1:1"]}}, "routes": [{"split": {"stable": 10000}}]}"#;
+    let t = load(src).unwrap();
+    assert_eq!(track_of(&t, &req("GET h/", &[])), "stable");
+    // And the spec it keeps serializes back to an equal spec.
+    let again = serde_json::to_string(t.spec()).unwrap();
+    assert_eq!(load(&again).unwrap().spec(), t.spec());
+}
+
+#[test]
+fn json_with_a_repeated_key_is_refused_like_yaml_with_one() {
+    let src = r#"{"tracks": {"stable": {"backends": ["127.0.0.1:1"]}},
+ "routes": [{"split": {"stable": 10000, "stable": 10000}}]}"#;
+    let text: Vec<String> = load(src)
+        .unwrap_err()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    expect_test::expect![[
+        r#"2:41: error: routes[0].split.stable: duplicate key "stable"; keep one of them"#
+    ]]
+    .assert_eq(&text.join("\n"));
+}

@@ -1,0 +1,125 @@
+//! The admin API: health, readiness, the route table (read and replace), metrics, stats.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::state::{InstallError, Shared};
+
+/// `PUT /routes` bodies larger than this are refused.
+const MAX_TABLE_BYTES: usize = 32 << 20;
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let resp = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => match shared.draining.load(Relaxed) {
+            true => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            false => text(StatusCode::OK, "ready\n"),
+        },
+        (&Method::GET, "/routes") => {
+            let active = shared.active();
+            let mut spec = active.table.spec().clone();
+            spec.version = Some(active.version);
+            json_response(
+                StatusCode::OK,
+                &serde_json::to_value(spec).unwrap_or(Value::Null),
+            )
+        }
+        (&Method::PUT, "/routes") => put_routes(&shared, req).await,
+        (&Method::GET, "/metrics") => {
+            let body = shared.stats.prometheus(shared.active().version);
+            let mut resp = text(StatusCode::OK, body);
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
+        (&Method::GET, "/stats") => {
+            json_response(StatusCode::OK, &shared.stats.json(shared.active().version))
+        }
+        (_, "/healthz" | "/readyz" | "/routes" | "/metrics" | "/stats") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    Ok(resp)
+}
+
+/// Validate, then swap: a rejected table leaves the one in force untouched.
+async fn put_routes(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let body = match Limited::new(req.into_body(), MAX_TABLE_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return json_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &json!({ "error": e.to_string() }),
+            );
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({ "error": "body is not UTF-8" }),
+        );
+    };
+    let started = std::time::Instant::now();
+    let table = match fleet_proxy_router::load(text) {
+        Ok(t) => t,
+        Err(diags) => {
+            shared.stats.global.table_rejected.fetch_add(1, Relaxed);
+            return json_response(StatusCode::BAD_REQUEST, &json!({ "errors": diags }));
+        }
+    };
+    let expected = table.spec().version;
+    let (routes, checked) = (table.routes().len(), started.elapsed());
+    match shared.install(table, expected) {
+        Ok(version) => {
+            let (check_ms, total_ms) = (
+                checked.as_secs_f64() * 1e3,
+                started.elapsed().as_secs_f64() * 1e3,
+            );
+            tracing::info!(
+                version,
+                routes,
+                check_ms,
+                total_ms,
+                "table replaced through PUT /routes"
+            );
+            json_response(StatusCode::OK, &json!({ "version": version }))
+        }
+        Err(e @ InstallError::Conflict { .. }) => {
+            json_response(StatusCode::CONFLICT, &json!({ "error": e.to_string() }))
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

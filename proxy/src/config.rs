@@ -1,0 +1,195 @@
+//! The config file: its wire types, and the one check that `--check`, the file watcher and
+//! reloads all use. The route table part is checked by `fleet-proxy-router`, exactly as a
+//! `PUT /routes` body is.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet_proxy_router::spec::{RouteSpec, TrackSpec};
+use fleet_proxy_router::{Diagnostic, Table, TableSpec};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+mod checker;
+
+use checker::Checker;
+
+/// The config file of one fleet-proxy.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Traffic listeners: `127.0.0.1:8080`, or a list of addresses or `{ addr, tls }`.
+    pub listen: Listen,
+    /// The admin API listener. Keep it on a private address: it has no authentication.
+    pub admin: String,
+    pub tracks: BTreeMap<String, TrackSpec>,
+    pub routes: Vec<RouteSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorLimitsSpec>,
+    /// How long in-flight requests may take to finish after SIGTERM. Default: `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<String>,
+    /// How often the config file is checked for changes. Default: `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_interval: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Listen {
+    One(String),
+    Many(Vec<ListenEntry>),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ListenEntry {
+    Addr(String),
+    Full(ListenerSpec),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    pub addr: String,
+    /// Terminate TLS here: `{ cert, key }` or a list of them, chosen by SNI; the first one
+    /// serves clients that send no name or an unknown one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum TlsSpec {
+    One(CertSpec),
+    Many(Vec<CertSpec>),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertSpec {
+    /// PEM certificate chain, relative to the config file.
+    pub cert: String,
+    /// PEM private key, relative to the config file.
+    pub key: String,
+}
+
+/// Durations are written as `500ms`, `2s`, `1m`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    /// Default: `1s`.
+    pub connect_timeout: Option<String>,
+    /// Until the response headers arrive, all tries included. Default: `10s`.
+    pub request_timeout: Option<String>,
+    /// Each try of a retryable request. Default: `2s`.
+    pub per_try_timeout: Option<String>,
+    /// Extra tries for idempotent requests without a body on connect failure, reset or
+    /// per-try timeout. Default: 3.
+    pub retries: Option<u32>,
+    /// Consecutive failures that eject a backend. Default: 5.
+    pub eject_after: Option<u32>,
+    /// How long an ejected backend gets no traffic. Default: `10s`.
+    pub eject_for: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Open client connections; more are closed at once. Default: 10000.
+    pub max_connections: Option<u32>,
+    /// Headers per request. Default: 100.
+    pub max_headers: Option<u32>,
+    /// Bytes of a request head (HTTP/1.1) or header list (HTTP/2). Default: 65536.
+    pub max_header_bytes: Option<u32>,
+    /// Time to receive a request head, against slowloris. Default: `10s`.
+    pub header_read_timeout: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorLimitsSpec {
+    /// Mirrored requests waiting for a slot; more are shed. Default: 1024.
+    pub queue: Option<u32>,
+    /// Mirrored requests in flight at once. Default: 64.
+    pub concurrency: Option<u32>,
+    /// Larger request bodies are not mirrored (counted as skipped). Default: 1048576.
+    pub max_body_bytes: Option<u32>,
+    /// Default: `5s`.
+    pub timeout: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    /// `(cert, key)` paths; empty for plain text.
+    pub tls: Vec<(PathBuf, PathBuf)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub per_try_timeout: Duration,
+    pub retries: u32,
+    pub eject_after: u32,
+    pub eject_for: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct MirrorLimits {
+    pub queue: usize,
+    pub concurrency: usize,
+    pub max_body_bytes: usize,
+    pub timeout: Duration,
+}
+
+/// Everything in the file but the table: fixed for the life of the process, except TLS
+/// certificates, which reloads read again.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listeners: Vec<Listener>,
+    pub admin: SocketAddr,
+    pub upstream: Upstream,
+    pub limits: Limits,
+    pub mirror: MirrorLimits,
+    pub drain_timeout: Duration,
+    pub watch_interval: Duration,
+}
+
+/// Reads and checks a config file's text; `dir` resolves relative certificate paths.
+pub fn check(src: &str, dir: &Path) -> Result<(Settings, Table), Vec<Diagnostic>> {
+    let mut loaded = fleet_yaml::load::<FileConfig>(src);
+    let Some(file) = loaded.value.take() else {
+        return Err(loaded.diags.into_sorted());
+    };
+    let mut c = Checker {
+        at: &loaded.positions,
+        diags: &mut loaded.diags,
+    };
+    let settings = c.settings(&file, dir);
+    let spec = TableSpec {
+        version: None,
+        tracks: file.tracks,
+        routes: file.routes,
+    };
+    let table = Table::build(spec, &loaded.positions, &mut loaded.diags);
+    match (settings, table) {
+        (Some(s), Some(t)) if !loaded.diags.has_errors() => Ok((s, t)),
+        _ => Err(loaded.diags.into_sorted()),
+    }
+}

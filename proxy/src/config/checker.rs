@@ -1,0 +1,158 @@
+//! The checks on everything in the config file but the table.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use fleet_yaml::{Diagnostics, Positions};
+
+use super::{
+    CertSpec, FileConfig, Limits, Listen, ListenEntry, Listener, MirrorLimits, Settings, TlsSpec,
+    Upstream,
+};
+
+pub(super) struct Checker<'a> {
+    pub(super) at: &'a Positions,
+    pub(super) diags: &'a mut Diagnostics,
+}
+
+impl Checker<'_> {
+    pub(super) fn settings(&mut self, f: &FileConfig, dir: &Path) -> Option<Settings> {
+        let entries: Vec<(String, Option<&TlsSpec>)> = match &f.listen {
+            Listen::One(a) => vec![(a.clone(), None)],
+            Listen::Many(list) => list
+                .iter()
+                .map(|e| match e {
+                    ListenEntry::Addr(a) => (a.clone(), None),
+                    ListenEntry::Full(l) => (l.addr.clone(), l.tls.as_ref()),
+                })
+                .collect(),
+        };
+        if entries.is_empty() {
+            self.error(
+                "listen",
+                "no listener",
+                "add an address such as `127.0.0.1:8080`",
+            );
+        }
+        let mut listeners = Vec::new();
+        for (i, (addr, tls)) in entries.iter().enumerate() {
+            let path = match &f.listen {
+                Listen::One(_) => "listen".to_string(),
+                Listen::Many(_) => format!("listen[{i}]"),
+            };
+            let addr = self.addr(&path, addr);
+            let certs: Vec<&CertSpec> = match tls {
+                None => vec![],
+                Some(TlsSpec::One(c)) => vec![c],
+                Some(TlsSpec::Many(cs)) => cs.iter().collect(),
+            };
+            let mut tls = Vec::new();
+            for (j, c) in certs.iter().enumerate() {
+                let at = match tls_is_list(entries[i].1) {
+                    true => format!("{path}.tls[{j}]"),
+                    false => format!("{path}.tls"),
+                };
+                let (cert, key) = (dir.join(&c.cert), dir.join(&c.key));
+                if let Err(e) = crate::tls::load_cert(&cert, &key) {
+                    self.error(
+                        &at,
+                        format!("cannot use this certificate: {e:#}"),
+                        "give PEM files for the chain and its private key",
+                    );
+                }
+                tls.push((cert, key));
+            }
+            if let Some(addr) = addr {
+                listeners.push(Listener { addr, tls });
+            }
+        }
+        let admin = self.addr("admin", &f.admin);
+        let u = f.upstream.clone().unwrap_or_default();
+        let l = f.limits.clone().unwrap_or_default();
+        let m = f.mirror.clone().unwrap_or_default();
+        let upstream = Upstream {
+            connect_timeout: self.duration(
+                "upstream.connect_timeout",
+                &u.connect_timeout,
+                1_000,
+            )?,
+            request_timeout: self.duration(
+                "upstream.request_timeout",
+                &u.request_timeout,
+                10_000,
+            )?,
+            per_try_timeout: self.duration(
+                "upstream.per_try_timeout",
+                &u.per_try_timeout,
+                2_000,
+            )?,
+            retries: u.retries.unwrap_or(3),
+            eject_after: u.eject_after.unwrap_or(5).max(1),
+            eject_for: self.duration("upstream.eject_for", &u.eject_for, 10_000)?,
+        };
+        let limits = Limits {
+            max_connections: l.max_connections.unwrap_or(10_000) as usize,
+            max_headers: l.max_headers.unwrap_or(100) as usize,
+            // hyper needs room for at least one read buffer.
+            max_header_bytes: (l.max_header_bytes.unwrap_or(65_536) as usize).max(8_192),
+            header_read_timeout: self.duration(
+                "limits.header_read_timeout",
+                &l.header_read_timeout,
+                10_000,
+            )?,
+        };
+        let mirror = MirrorLimits {
+            queue: m.queue.unwrap_or(1024).max(1) as usize,
+            concurrency: m.concurrency.unwrap_or(64).max(1) as usize,
+            max_body_bytes: m.max_body_bytes.unwrap_or(1 << 20) as usize,
+            timeout: self.duration("mirror.timeout", &m.timeout, 5_000)?,
+        };
+        Some(Settings {
+            listeners,
+            admin: admin?,
+            upstream,
+            limits,
+            mirror,
+            drain_timeout: self.duration("drain_timeout", &f.drain_timeout, 30_000)?,
+            watch_interval: self.duration("watch_interval", &f.watch_interval, 1_000)?,
+        })
+    }
+
+    fn error(&mut self, path: &str, message: impl Into<String>, help: impl Into<String>) {
+        self.diags.error(self.at.of(path), path, message, help);
+    }
+
+    fn addr(&mut self, path: &str, addr: &str) -> Option<SocketAddr> {
+        let parsed = addr.parse().ok();
+        if parsed.is_none() {
+            self.error(
+                path,
+                format!("\"{addr}\" is not an IP address and port"),
+                "write it as `127.0.0.1:8080` or `[::]:8080`",
+            );
+        }
+        parsed
+    }
+
+    fn duration(&mut self, path: &str, text: &Option<String>, default_ms: u64) -> Option<Duration> {
+        match text {
+            None => Some(Duration::from_millis(default_ms)),
+            Some(t) => match humantime::parse_duration(t) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.error(
+                        path,
+                        format!("\"{t}\" is not a duration: {e}"),
+                        "write it as `500ms`, `2s` or `1m`",
+                    );
+                    None
+                }
+            },
+        }
+    }
+}
+
+fn tls_is_list(tls: Option<&TlsSpec>) -> bool {
+    matches!(tls, Some(TlsSpec::Many(_)))
+}

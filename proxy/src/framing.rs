@@ -1,0 +1,332 @@
+//! Sees the raw HTTP/1 request heads that hyper normalizes away, so that ambiguous framing
+//! can be refused rather than repaired.
+//!
+//! hyper frames a request that has both `Content-Length` and `Transfer-Encoding` by the
+//! chunked coding alone and drops the `Content-Length`; it also folds repeated identical
+//! `Content-Length`s into one (hyper issues 3860 and 4123). That is safe, but a request smuggler
+//! sends exactly those, and fleet-proxy refuses them: [`Scan`] wraps the connection, follows
+//! the message framing byte by byte (heads, fixed bodies, chunked bodies), and queues one
+//! [`Verdict`] per request head; the service takes them in order. When it cannot follow (an
+//! HTTP/2 preface, an upgrade, a head hyper will reject anyway), it stops and queues nothing
+//! more, and requests without a verdict are judged by hyper's parser alone.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What the raw head of one request showed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Clean,
+    /// Refuse with 400 and close, for this reason.
+    Refuse(&'static str),
+}
+
+/// Verdicts of one connection, in request order.
+#[derive(Clone, Debug, Default)]
+pub struct Verdicts(Arc<Mutex<VecDeque<Verdict>>>);
+
+impl Verdicts {
+    /// The verdict on the next HTTP/1 request of the connection, if the scan saw its head.
+    pub fn next(&self) -> Option<Verdict> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+
+    fn push(&self, v: Verdict) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(v);
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    /// Reading a head, kept in `head` until its blank line.
+    Head,
+    /// Skipping this many body bytes.
+    Fixed(u64),
+    /// A chunk-size line, kept in `head`.
+    ChunkSize,
+    /// Chunk data, then its line end.
+    ChunkData(u64),
+    ChunkDataEnd,
+    /// Trailer lines after the last chunk, kept in `head`, until a blank line.
+    Trailers,
+    /// Not following any more.
+    Off,
+}
+
+/// The connection, passed through unchanged, with the framing followed on the side.
+pub struct Scan<I> {
+    inner: I,
+    state: State,
+    head: Vec<u8>,
+    max_head: usize,
+    verdicts: Verdicts,
+}
+
+impl<I> Scan<I> {
+    pub fn new(inner: I, max_head: usize, verdicts: Verdicts) -> Self {
+        Scan {
+            inner,
+            state: State::Head,
+            head: Vec::new(),
+            max_head,
+            verdicts,
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match &mut self.state {
+                State::Off => return,
+                State::Fixed(left) => {
+                    let n = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len());
+                    *left -= n as u64;
+                    bytes = &bytes[n..];
+                    if *left == 0 {
+                        self.state = State::Head;
+                    }
+                }
+                State::ChunkData(left) => {
+                    let n = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len());
+                    *left -= n as u64;
+                    bytes = &bytes[n..];
+                    if *left == 0 {
+                        self.state = State::ChunkDataEnd;
+                    }
+                }
+                State::ChunkDataEnd => match bytes.iter().position(|b| *b == b'\n') {
+                    Some(i) => {
+                        bytes = &bytes[i + 1..];
+                        self.state = State::ChunkSize;
+                    }
+                    None => bytes = &[],
+                },
+                State::Head | State::ChunkSize | State::Trailers => {
+                    let (line_mode, taken) = self.take_until_line(bytes);
+                    bytes = &bytes[taken..];
+                    if let Some(done) = line_mode {
+                        self.on_unit(done);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends to `head` up to the end of the current unit: a whole head (blank line) in
+    /// `Head` and `Trailers`, one line in `ChunkSize`. Returns the unit when complete and
+    /// how many bytes it took.
+    fn take_until_line(&mut self, bytes: &[u8]) -> (Option<Vec<u8>>, usize) {
+        let whole_head = !matches!(self.state, State::ChunkSize);
+        let mut at = 0;
+        // Blank lines before a request line are skipped, as hyper does.
+        if matches!(self.state, State::Head) && self.head.is_empty() {
+            at = bytes
+                .iter()
+                .position(|b| *b != b'\r' && *b != b'\n')
+                .unwrap_or(bytes.len());
+        }
+        // Line by line: only a line end can complete a unit.
+        while let Some(end) = bytes[at..].iter().position(|b| *b == b'\n') {
+            let line = &bytes[at..at + end + 1];
+            at += end + 1;
+            let blank = line == b"\n" || line == b"\r\n";
+            // A blank line ends a head; in a head split across reads it may follow a lone
+            // `\r` or `\n` kept from the previous read.
+            let ends = blank || (line == b"\n" && self.head.ends_with(b"\r"));
+            self.head.extend_from_slice(line);
+            let complete = !whole_head
+                || (ends
+                    && (self.head.len() == line.len()
+                        || self.head.ends_with(b"\n\n")
+                        || self.head.ends_with(b"\n\r\n")));
+            let trailers_done =
+                matches!(self.state, State::Trailers) && blank && self.head.len() == line.len();
+            if complete || trailers_done {
+                return (Some(std::mem::take(&mut self.head)), at);
+            }
+        }
+        self.head.extend_from_slice(&bytes[at..]);
+        if self.head.len() > self.max_head {
+            // hyper refuses heads this large (431); nothing to follow.
+            self.state = State::Off;
+        }
+        (None, bytes.len())
+    }
+
+    fn on_unit(&mut self, unit: Vec<u8>) {
+        self.state = match self.state {
+            State::Head => self.on_head(&unit),
+            State::ChunkSize => {
+                let line = String::from_utf8_lossy(&unit);
+                let size = line.split(';').next().unwrap_or("").trim();
+                match u64::from_str_radix(size, 16) {
+                    Ok(0) => State::Trailers,
+                    Ok(n) => State::ChunkData(n),
+                    Err(_) => State::Off,
+                }
+            }
+            State::Trailers => State::Head,
+            _ => State::Off,
+        };
+    }
+
+    fn on_head(&mut self, head: &[u8]) -> State {
+        let text = String::from_utf8_lossy(head);
+        let mut lines = text.split('\n').map(|l| l.trim_end_matches('\r'));
+        let request_line = lines.next().unwrap_or("");
+        if request_line.starts_with("PRI * HTTP/2") {
+            return State::Off;
+        }
+        let (mut lengths, mut codings, mut upgrade) =
+            (Vec::new(), Vec::new(), request_line.starts_with("CONNECT "));
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                lengths.push(value.to_string());
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                codings.push(value.to_ascii_lowercase());
+            } else if name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        let verdict = match (lengths.len(), codings.len()) {
+            (1.., 1..) => Verdict::Refuse("both content-length and transfer-encoding"),
+            (2.., _) => Verdict::Refuse("more than one content-length"),
+            _ => Verdict::Clean,
+        };
+        self.verdicts.push(verdict);
+        if verdict != Verdict::Clean || upgrade {
+            return State::Off;
+        }
+        match (lengths.first(), codings.last()) {
+            (_, Some(coding)) if coding.rsplit(',').next().map(str::trim) == Some("chunked") => {
+                State::ChunkSize
+            }
+            (_, Some(_)) => State::Off,
+            (Some(len), None) => match len.parse::<u64>() {
+                Ok(0) => State::Head,
+                Ok(n) => State::Fixed(n),
+                Err(_) => State::Off,
+            },
+            (None, None) => State::Head,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Scan<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if polled.is_ready() && !matches!(this.state, State::Off) {
+            this.feed(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Scan<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> Vec<Verdict> {
+        let verdicts = Verdicts::default();
+        let mut s = Scan::new((), 65_536, verdicts.clone());
+        for c in chunks {
+            s.feed(c);
+        }
+        std::iter::from_fn(|| verdicts.next()).collect()
+    }
+
+    #[test]
+    fn pipelined_requests_get_one_verdict_each_whatever_the_read_boundaries() {
+        let stream: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n\
+GET /c HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        let expected = [
+            Verdict::Clean,
+            Verdict::Clean,
+            Verdict::Clean,
+            Verdict::Refuse("more than one content-length"),
+        ];
+        assert_eq!(scan(&[stream]), expected);
+        for split in 1..stream.len() {
+            let (a, b) = stream.split_at(split);
+            assert_eq!(scan(&[a, b]), expected, "split at {split}");
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(scan(&bytes), expected);
+    }
+
+    #[test]
+    fn both_lengths_in_either_order_are_refused() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+        ] {
+            assert_eq!(
+                scan(&[head]),
+                [Verdict::Refuse("both content-length and transfer-encoding")]
+            );
+        }
+    }
+
+    #[test]
+    fn http2_and_upgrades_stop_the_scan() {
+        assert_eq!(
+            scan(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET / HTTP/1.1\r\n\r\n"]),
+            []
+        );
+        let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(scan(&[upgrade]), [Verdict::Clean]);
+    }
+}

@@ -1,0 +1,18 @@
+//! fleet-proxy: the regional data plane. A thin hyper service around the route table of
+//! `fleet-proxy-router`: it accepts connections, asks the table where each request goes,
+//! forwards it, mirrors a sample, and counts every outcome.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod framing;
+pub mod mirror;
+pub mod reload;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod stats;
+pub mod tls;
+pub mod upstream;
+
+pub use server::Server;

@@ -1,0 +1,117 @@
+//! Mirroring: copies of sampled requests go to the mirror track from a bounded queue and a
+//! bounded set of tasks. The primary only ever does a `try_send`; when the mirror is slow
+//! or down the queue fills and further copies are shed and counted, never waited for.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use bytes::Bytes;
+use fleet_proxy_router::{RouteId, TrackId};
+use http::HeaderValue;
+use http_body_util::BodyExt;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::config::MirrorLimits;
+use crate::state::{Active, Shared};
+use crate::stats::Source;
+use crate::upstream::{Outgoing, send};
+
+/// One copy to send: the request as forwarded to the primary, with its whole body.
+pub struct Job {
+    pub active: Arc<Active>,
+    pub route: RouteId,
+    pub track: TrackId,
+    pub parts: http::request::Parts,
+    pub body: Bytes,
+    pub http2: bool,
+}
+
+pub struct Mirror {
+    tx: mpsc::Sender<Job>,
+    rx: std::sync::Mutex<Option<mpsc::Receiver<Job>>>,
+}
+
+impl Mirror {
+    pub fn new(limits: &MirrorLimits) -> Self {
+        let (tx, rx) = mpsc::channel(limits.queue);
+        Mirror {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+
+    /// Starts the dispatcher; it ends when `shared` is dropped.
+    pub fn start(shared: &Arc<Shared>) {
+        let rx = shared
+            .mirror
+            .rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(mut rx) = rx else { return };
+        let weak = Arc::downgrade(shared);
+        let slots = Arc::new(Semaphore::new(shared.settings.mirror.concurrency));
+        tokio::spawn(async move {
+            while let Some(job) = rx.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some(shared) = weak.upgrade() else { return };
+                tokio::spawn(async move {
+                    run(&shared, job).await;
+                    drop(slot);
+                });
+            }
+        });
+    }
+
+    /// Queues a copy if there is room; otherwise counts it as shed.
+    pub fn offer(&self, shared: &Shared, job: Job) {
+        if self.tx.try_send(job).is_err() {
+            shared.stats.global.mirror_shed.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+async fn run(shared: &Shared, job: Job) {
+    let started = Instant::now();
+    let Job {
+        active,
+        route,
+        track,
+        mut parts,
+        body,
+        http2,
+    } = job;
+    parts.headers.insert(
+        crate::service::X_FLEET_MIRROR,
+        HeaderValue::from_static("1"),
+    );
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    let out = Outgoing {
+        parts,
+        body: Some(crate::body::full(body)),
+        http2,
+        retryable: false,
+    };
+    let name = active.table.track(track).name().to_string();
+    let start = active.next_index(track);
+    let sending = send(&shared.clients, active.backends(track), start, &name, out);
+    let outcome = tokio::time::timeout(shared.settings.mirror.timeout, async {
+        let resp = sending.await.ok()?;
+        let status = resp.status().as_u16();
+        // Read the answer to the end so the connection goes back to the pool; then drop it.
+        let _ = resp.into_body().collect().await;
+        Some(status)
+    })
+    .await
+    .ok()
+    .flatten();
+    let counters = active.counters(route, track, Source::Mirror);
+    match outcome {
+        Some(status) => counters.record(status, false, started.elapsed()),
+        // No status to count: only the error.
+        None => counters.record(0, true, started.elapsed()),
+    }
+}

@@ -1,0 +1,108 @@
+//! Reloads: the config file is read again when it changes or on SIGHUP; the table and TLS
+//! certificates are swapped only if the whole file checks out, else the old ones stay.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::SystemTime;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::server::TlsSlot;
+use crate::state::Shared;
+
+/// Listens for SIGHUP; call before serving, so that an early SIGHUP cannot kill the process.
+pub fn hangups() -> Option<Signal> {
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; file changes still reload");
+            None
+        }
+    }
+}
+
+pub async fn watch(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    tls: Vec<Option<TlsSlot>>,
+    mut hangup: Option<Signal>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut seen = fingerprint(&path, &shared);
+    loop {
+        let forced = tokio::select! {
+            _ = crate::server::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(shared.settings.watch_interval) => false,
+            Some(()) = async { hangup.as_mut()?.recv().await } => true,
+        };
+        let now = fingerprint(&path, &shared);
+        if forced || now != seen {
+            seen = now;
+            reload(&shared, &path, &tls);
+        }
+    }
+}
+
+/// The config text and the modification times of the certificates it names.
+fn fingerprint(path: &Path, shared: &Shared) -> (Option<Vec<u8>>, Vec<Option<SystemTime>>) {
+    let certs = shared
+        .settings
+        .listeners
+        .iter()
+        .flat_map(|l| l.tls.iter())
+        .flat_map(|(c, k)| [c, k])
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect();
+    (std::fs::read(path).ok(), certs)
+}
+
+fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>]) {
+    let file = path.display().to_string();
+    let src = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(file, error = %e, "cannot read config; keeping the table in force");
+            return;
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    match crate::config::check(&src, dir) {
+        Ok((settings, table)) => {
+            let addrs = |s: &crate::config::Settings| {
+                (
+                    s.admin,
+                    s.listeners.iter().map(|l| l.addr).collect::<Vec<_>>(),
+                )
+            };
+            if addrs(&settings) != addrs(&shared.settings) {
+                tracing::warn!(
+                    file,
+                    "listener addresses changed; they take effect on restart"
+                );
+            }
+            for (slot, listener) in tls.iter().zip(&settings.listeners) {
+                let Some(slot) = slot else { continue };
+                match crate::tls::server_config(&listener.tls) {
+                    Ok(config) => slot.store(config),
+                    Err(e) => {
+                        tracing::error!(file, error = %format!("{e:#}"), "keeping old certificates")
+                    }
+                }
+            }
+            let _ = shared.install(table, None);
+        }
+        Err(diags) => {
+            shared.stats.global.table_rejected.fetch_add(1, Relaxed);
+            for d in &diags {
+                tracing::error!(diagnostic = %d.in_file(&file), "config problem");
+            }
+            tracing::error!(
+                file,
+                errors = diags.len(),
+                "config rejected; keeping the table in force"
+            );
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The per-request path: refuse ambiguous input, route with the table in force, forward,
+//! count. Errors become HTTP responses in one place, [`failure`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use fleet_proxy_router::RequestView;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use crate::body::{Body, Tee, TeeEnd, boxed, full};
+use crate::framing::{Verdict, Verdicts};
+use crate::mirror::Job;
+use crate::state::Shared;
+use crate::stats::Source;
+use crate::upstream::{Failure, Outgoing, send};
+
+/// What the proxy knows about the client connection a request came on.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// What the raw bytes showed of each HTTP/1 request head, in order.
+    pub verdicts: Verdicts,
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(method = %req.method(), path = req.uri().path()))]
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Conn,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let started = Instant::now();
+    let raw = match req.version() {
+        Version::HTTP_2 => None,
+        _ => conn.verdicts.next(),
+    };
+    if let Some(Verdict::Refuse(reason)) = raw {
+        shared.stats.global.bad_requests.fetch_add(1, Relaxed);
+        return Ok(bad_request(reason));
+    }
+    if let Err(reason) = framing(&req) {
+        shared.stats.global.bad_requests.fetch_add(1, Relaxed);
+        return Ok(bad_request(reason));
+    }
+    let active = shared.active();
+    let Some(decision) = active
+        .table
+        .decide(&RequestView::of(&req), &mut || rand::random())
+    else {
+        shared.stats.global.no_route.fetch_add(1, Relaxed);
+        return Ok(plain(StatusCode::NOT_FOUND, "no route"));
+    };
+    let track = active.table.track(decision.track);
+    let upgrade = wants_upgrade(&req);
+    let http2 = match track.protocol() {
+        _ if upgrade => false,
+        fleet_proxy_router::Protocol::Auto => req.version() == Version::HTTP_2,
+        fleet_proxy_router::Protocol::Http1 => false,
+        fleet_proxy_router::Protocol::H2c => true,
+    };
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // HTTP/2 clients send `:authority`, not `Host`; an HTTP/1.1 backend still wants the name.
+    if !req.headers().contains_key(header::HOST)
+        && let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    let (mut parts, body) = req.into_parts();
+    forwarded_headers(&mut parts.headers, &conn, upgrade);
+    let body = boxed(body);
+    let retryable = idempotent(&parts.method) && http_body::Body::is_end_stream(&body) && !upgrade;
+
+    let body = match decision.mirror {
+        None => body,
+        Some(to) => {
+            let mirror_protocol = active.table.track(to).protocol();
+            let mirror_http2 = mirror_protocol == fleet_proxy_router::Protocol::H2c
+                || (http2 && mirror_protocol == fleet_proxy_router::Protocol::Auto);
+            let job = {
+                let (active, route, parts) = (active.clone(), decision.route, clone_parts(&parts));
+                move |body| Job {
+                    active,
+                    route,
+                    track: to,
+                    parts,
+                    body,
+                    http2: mirror_http2,
+                }
+            };
+            let cap = shared.settings.mirror.max_body_bytes;
+            if http_body::Body::is_end_stream(&body) {
+                shared.mirror.offer(&shared, job(bytes::Bytes::new()));
+                body
+            } else if http_body::Body::size_hint(&body).lower() > cap as u64 {
+                // Known to be too large (Content-Length): do not even copy it.
+                let skipped = &shared.stats.global.mirror_skipped_body_too_large;
+                skipped.fetch_add(1, Relaxed);
+                body
+            } else {
+                let (shared2, job) = (shared.clone(), job);
+                boxed(Tee::new(body, cap, move |end| match end {
+                    TeeEnd::Complete(bytes) => shared2.mirror.offer(&shared2, job(bytes)),
+                    TeeEnd::TooLarge => {
+                        shared2
+                            .stats
+                            .global
+                            .mirror_skipped_body_too_large
+                            .fetch_add(1, Relaxed);
+                    }
+                    TeeEnd::Incomplete => {}
+                }))
+            }
+        }
+    };
+
+    let out = Outgoing {
+        parts,
+        body: Some(body),
+        http2,
+        retryable,
+    };
+    let start = active.next_index(decision.track);
+    let counters = active.counters(decision.route, decision.track, Source::Primary);
+    let mut resp = match send(
+        &shared.clients,
+        active.backends(decision.track),
+        start,
+        track.name(),
+        out,
+    )
+    .await
+    {
+        Ok(resp) => resp,
+        Err(f) => {
+            let resp = failure(&f);
+            counters.record(resp.status().as_u16(), true, started.elapsed());
+            return Ok(resp);
+        }
+    };
+    counters.record(resp.status().as_u16(), false, started.elapsed());
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = client_upgrade {
+            tunnel(client, hyper::upgrade::on(&mut resp));
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    let (mut parts, body) = resp.into_parts();
+    if let Some(cookie) = decision
+        .set_cookie()
+        .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        parts.headers.append(header::SET_COOKIE, cookie);
+    }
+    Ok(Response::from_parts(parts, boxed(body)))
+}
+
+/// The one place where an upstream failure becomes a response.
+pub fn failure(f: &Failure) -> Response<Body> {
+    match f {
+        Failure::NoHealthyBackend(_) => plain(StatusCode::SERVICE_UNAVAILABLE, &f.to_string()),
+        Failure::Timeout => plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
+        Failure::Upstream(_) => plain(StatusCode::BAD_GATEWAY, "upstream failed"),
+    }
+}
+
+pub fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{text}\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// 400 and close: after a request we could not frame, nothing else on the connection is safe.
+fn bad_request(reason: &str) -> Response<Body> {
+    let mut resp = plain(StatusCode::BAD_REQUEST, reason);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Refuses what hyper lets through but a proxy must not forward: a Transfer-Encoding other
+/// than exactly `chunked` (several codings, several headers), Content-Length next to
+/// Transfer-Encoding, or Content-Length sent twice.
+fn framing<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let h = req.headers();
+    let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if te.len() > 1
+        || te
+            .first()
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err("unsupported transfer-encoding");
+    }
+    let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
+    if cl > 1 || (cl == 1 && !te.is_empty()) {
+        return Err("ambiguous message length");
+    }
+    if req.version() == Version::HTTP_2 && !te.is_empty() {
+        return Err("transfer-encoding is not allowed in HTTP/2");
+    }
+    Ok(())
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(h: &HeaderMap, token: &str) -> bool {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
+    header::PROXY_AUTHENTICATE,
+];
+pub const X_FLEET_MIRROR: HeaderName = HeaderName::from_static("x-fleet-mirror");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers and those the `Connection` header names. `te: trailers` stays:
+/// gRPC needs it end to end. With `upgrade`, `Connection: upgrade` and `Upgrade` stay.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        h.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        if !(upgrade && (name == header::CONNECTION || name == header::UPGRADE)) {
+            h.remove(name);
+        }
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let keep_te = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !keep_te {
+        h.remove(header::TE);
+    }
+}
+
+fn forwarded_headers(h: &mut HeaderMap, conn: &Conn, upgrade: bool) {
+    strip_hop_by_hop(h, upgrade);
+    // Only the proxy marks mirrored copies; a client cannot pass for one.
+    h.remove(X_FLEET_MIRROR);
+    let ip = conn.peer.ip().to_string();
+    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    let proto = if conn.tls { "https" } else { "http" };
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    // HTTP/2 backends get the backend address as `:authority`; the client's host stays here.
+    if !h.contains_key(X_FORWARDED_HOST)
+        && let Some(host) = h.get(header::HOST).cloned()
+    {
+        h.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+/// Joins the client and backend connections once both sides switched protocols.
+fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(client), Ok(backend)) = (client.await, backend.await) else {
+            return;
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut backend = hyper_util::rt::TokioIo::new(backend);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+            tracing::debug!(error = %e, "upgraded tunnel ended");
+        }
+    });
+}

@@ -1,0 +1,151 @@
+//! What every request shares: the table in force (one `ArcSwap`), backend health, counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use fleet_proxy_router::{RouteId, Table, TrackId};
+
+use crate::config::Settings;
+use crate::mirror::Mirror;
+use crate::stats::{Counters, Source, Stats};
+use crate::upstream::{Backend, Clients};
+
+/// A table in force, with what the data plane resolved for it once, off the hot path:
+/// each track's backends (whose health outlives the table) and each route × track's counters.
+pub struct Active {
+    pub version: u64,
+    pub table: Table,
+    backends: Vec<Vec<Arc<Backend>>>,
+    next: Vec<AtomicUsize>,
+    counters: Vec<Vec<[Arc<Counters>; 2]>>,
+}
+
+impl Active {
+    pub fn backends(&self, track: TrackId) -> &[Arc<Backend>] {
+        &self.backends[track.index()]
+    }
+
+    /// Where round robin starts for this request on `track`.
+    pub fn next_index(&self, track: TrackId) -> usize {
+        self.next[track.index()].fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn counters(&self, route: RouteId, track: TrackId, source: Source) -> &Counters {
+        &self.counters[route.index()][track.index()][source as usize]
+    }
+}
+
+pub struct Shared {
+    pub settings: Settings,
+    active: ArcSwap<Active>,
+    /// Serializes installs so that versions increase and compare-and-swap is exact.
+    install: Mutex<()>,
+    health: Mutex<HashMap<String, Arc<Backend>>>,
+    pub stats: Stats,
+    pub clients: Clients,
+    pub mirror: Mirror,
+    pub draining: AtomicBool,
+}
+
+/// Why `PUT /routes` did not install a table.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The change was based on another version than the one in force.
+    #[error("table version {expected} is not the one in force ({current})")]
+    Conflict { expected: u64, current: u64 },
+}
+
+impl Shared {
+    pub fn new(settings: Settings, table: Table) -> Arc<Shared> {
+        let clients = Clients::new(&settings.upstream);
+        let stats = Stats::default();
+        let health = Mutex::default();
+        let first = resolve(1, table, &health, &stats);
+        let mirror = Mirror::new(&settings.mirror);
+        let shared = Arc::new(Shared {
+            settings,
+            active: ArcSwap::from_pointee(first),
+            install: Mutex::new(()),
+            health,
+            stats,
+            clients,
+            mirror,
+            draining: AtomicBool::new(false),
+        });
+        shared
+            .stats
+            .global
+            .table_swaps
+            .fetch_add(1, Ordering::Relaxed);
+        shared
+    }
+
+    /// The table in force. A request holds on to it until it is done, whatever swaps happen.
+    pub fn active(&self) -> Arc<Active> {
+        self.active.load_full()
+    }
+
+    /// Puts `table` in force and returns its version. With `expected`, only if the version
+    /// in force is that one.
+    pub fn install(&self, table: Table, expected: Option<u64>) -> Result<u64, InstallError> {
+        let _one_at_a_time = self.install.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.active.load().version;
+        if let Some(expected) = expected.filter(|e| *e != current) {
+            return Err(InstallError::Conflict { expected, current });
+        }
+        let next = resolve(current + 1, table, &self.health, &self.stats);
+        self.active.store(Arc::new(next));
+        self.stats
+            .global
+            .table_swaps
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(version = current + 1, "route table installed");
+        Ok(current + 1)
+    }
+}
+
+fn resolve(
+    version: u64,
+    table: Table,
+    health: &Mutex<HashMap<String, Arc<Backend>>>,
+    stats: &Stats,
+) -> Active {
+    let mut health = health.lock().unwrap_or_else(|p| p.into_inner());
+    let backends: Vec<Vec<Arc<Backend>>> = table
+        .tracks()
+        .map(|(_, t)| {
+            t.backends()
+                .iter()
+                .map(|addr| {
+                    health
+                        .entry(addr.clone())
+                        .or_insert_with(|| Arc::new(Backend::new(addr)))
+                        .clone()
+                })
+                .collect()
+        })
+        .collect();
+    let counters = table
+        .routes()
+        .map(|(_, r)| {
+            table
+                .tracks()
+                .map(|(_, t)| {
+                    [Source::Primary, Source::Mirror].map(|s| stats.counters(r.name(), t.name(), s))
+                })
+                .collect()
+        })
+        .collect();
+    let next = (0..table.tracks().len())
+        .map(|_| AtomicUsize::new(0))
+        .collect();
+    Active {
+        version,
+        table,
+        backends,
+        next,
+        counters,
+    }
+}

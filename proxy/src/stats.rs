@@ -1,0 +1,290 @@
+//! Counters and latency histograms per route, track and source (primary or mirror), kept
+//! since start so that scrapers take deltas; rendered as `/stats` JSON and `/metrics` text.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+mod prometheus;
+
+/// Upper bounds of the latency buckets, in milliseconds; a last bucket takes the rest.
+pub const BUCKETS_MS: [u64; 14] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    Primary,
+    Mirror,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Primary => "primary",
+            Source::Mirror => "mirror",
+        }
+    }
+}
+
+/// One route × track × source.
+#[derive(Debug, Default)]
+pub struct Counters {
+    requests: AtomicU64,
+    /// Responses by status class, 1xx to 5xx.
+    classes: [AtomicU64; 5],
+    /// Requests that got no response from a backend (connect failure, reset, timeout, no
+    /// healthy backend); the client got a 502, 503 or 504 from the proxy.
+    errors: AtomicU64,
+    /// Non-cumulative counts per bucket of [`BUCKETS_MS`], plus one for larger values.
+    latency: [AtomicU64; BUCKETS_MS.len() + 1],
+    latency_sum_us: AtomicU64,
+}
+
+impl Counters {
+    /// Records a finished request: its status (proxy-made or not) and time to headers.
+    pub fn record(&self, status: u16, upstream_failed: bool, elapsed: Duration) {
+        self.requests.fetch_add(1, Relaxed);
+        if let Some(c) = self.classes.get(usize::from(status / 100).wrapping_sub(1)) {
+            c.fetch_add(1, Relaxed);
+        }
+        if upstream_failed {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let i = BUCKETS_MS
+            .iter()
+            .position(|b| us <= b * 1_000)
+            .unwrap_or(BUCKETS_MS.len());
+        self.latency[i].fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add(us, Relaxed);
+    }
+}
+
+/// Process-wide counters that belong to no route.
+#[derive(Debug, Default)]
+pub struct Global {
+    pub connections_accepted: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub no_route: AtomicU64,
+    pub mirror_shed: AtomicU64,
+    pub mirror_skipped_body_too_large: AtomicU64,
+    pub table_swaps: AtomicU64,
+    pub table_rejected: AtomicU64,
+}
+
+type Key = (String, String, Source);
+
+#[derive(Debug)]
+pub struct Stats {
+    started: SystemTime,
+    by_key: Mutex<BTreeMap<Key, Arc<Counters>>>,
+    pub global: Global,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            started: SystemTime::now(),
+            by_key: Mutex::default(),
+            global: Global::default(),
+        }
+    }
+}
+
+impl Stats {
+    /// The counters of a route, track and source, created on first use and kept across
+    /// table swaps (tables resolve them once, when they are built).
+    pub fn counters(&self, route: &str, track: &str, source: Source) -> Arc<Counters> {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((route.to_string(), track.to_string(), source))
+            .or_default()
+            .clone()
+    }
+
+    fn snapshot(&self) -> Vec<(Key, Arc<Counters>)> {
+        let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    pub fn json(&self, table_version: u64) -> Value {
+        let since = self
+            .started
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let series: Vec<Value> = self
+            .snapshot()
+            .into_iter()
+            .map(|((route, track, source), c)| {
+                let classes = &c.classes;
+                let mut cumulative = 0;
+                let buckets: Vec<u64> = c
+                    .latency
+                    .iter()
+                    .map(|b| {
+                        cumulative += b.load(Relaxed);
+                        cumulative
+                    })
+                    .collect();
+                json!({
+                    "route": route,
+                    "track": track,
+                    "source": source.as_str(),
+                    "requests": c.requests.load(Relaxed),
+                    "responses": {
+                        "1xx": classes[0].load(Relaxed), "2xx": classes[1].load(Relaxed),
+                        "3xx": classes[2].load(Relaxed), "4xx": classes[3].load(Relaxed),
+                        "5xx": classes[4].load(Relaxed),
+                    },
+                    "errors": c.errors.load(Relaxed),
+                    "latency": { "cumulative": buckets, "sum_us": c.latency_sum_us.load(Relaxed) },
+                })
+            })
+            .collect();
+        let g = &self.global;
+        json!({
+            "started_unix_ms": since,
+            "table_version": table_version,
+            "latency_bounds_ms": BUCKETS_MS,
+            "series": series,
+            "proxy": {
+                "connections_accepted": g.connections_accepted.load(Relaxed),
+                "connections_rejected": g.connections_rejected.load(Relaxed),
+                "bad_requests": g.bad_requests.load(Relaxed),
+                "no_route": g.no_route.load(Relaxed),
+                "mirror_shed": g.mirror_shed.load(Relaxed),
+                "mirror_skipped_body_too_large": g.mirror_skipped_body_too_large.load(Relaxed),
+                "table_swaps": g.table_swaps.load(Relaxed),
+                "table_rejected": g.table_rejected.load(Relaxed),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// `/stats` is a contract with the agent: this snapshot changes only on purpose.
+    #[test]
+    fn the_stats_json_keeps_its_shape() {
+        let stats = Stats::default();
+        let c = stats.counters("web", "canary", Source::Primary);
+        c.record(200, false, Duration::from_micros(1_500));
+        c.record(503, true, Duration::from_millis(40));
+        stats
+            .counters("web", "shadow", Source::Mirror)
+            .record(0, true, Duration::from_secs(60));
+        let mut json = stats.json(3);
+        json["started_unix_ms"] = json!(0);
+        expect_test::expect![[r#"
+            {
+              "latency_bounds_ms": [
+                1,
+                2,
+                5,
+                10,
+                25,
+                50,
+                100,
+                250,
+                500,
+                1000,
+                2500,
+                5000,
+                10000,
+                30000
+              ],
+              "proxy": {
+                "bad_requests": 0,
+                "connections_accepted": 0,
+                "connections_rejected": 0,
+                "mirror_shed": 0,
+                "mirror_skipped_body_too_large": 0,
+                "no_route": 0,
+                "table_rejected": 0,
+                "table_swaps": 0
+              },
+              "series": [
+                {
+                  "errors": 1,
+                  "latency": {
+                    "cumulative": [
+                      0,
+                      1,
+                      1,
+                      1,
+                      1,
+                      2,
+                      2,
+                      2,
+                      2,
+                      2,
+                      2,
+                      2,
+                      2,
+                      2,
+                      2
+                    ],
+                    "sum_us": 41500
+                  },
+                  "requests": 2,
+                  "responses": {
+                    "1xx": 0,
+                    "2xx": 1,
+                    "3xx": 0,
+                    "4xx": 0,
+                    "5xx": 1
+                  },
+                  "route": "web",
+                  "source": "primary",
+                  "track": "canary"
+                },
+                {
+                  "errors": 1,
+                  "latency": {
+                    "cumulative": [
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      0,
+                      1
+                    ],
+                    "sum_us": 60000000
+                  },
+                  "requests": 1,
+                  "responses": {
+                    "1xx": 0,
+                    "2xx": 0,
+                    "3xx": 0,
+                    "4xx": 0,
+                    "5xx": 0
+                  },
+                  "route": "web",
+                  "source": "mirror",
+                  "track": "shadow"
+                }
+              ],
+              "started_unix_ms": 0,
+              "table_version": 3
+            }"#]]
+        .assert_eq(&serde_json::to_string_pretty(&json).unwrap());
+    }
+}

@@ -1,0 +1,158 @@
+//! `/metrics`: the same counters in the Prometheus text exposition format 0.0.4.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::{BUCKETS_MS, Source, Stats};
+
+impl Stats {
+    /// Prometheus text exposition format 0.0.4.
+    pub fn prometheus(&self, table_version: u64) -> String {
+        let mut out = String::new();
+        let series = self.snapshot();
+        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        head(
+            &mut out,
+            "fleet_proxy_requests_total",
+            "counter",
+            "Requests finished, by route, track and source.",
+        );
+        for ((r, t, s), c) in &series {
+            let _ = writeln!(
+                out,
+                "fleet_proxy_requests_total{{{}}} {}",
+                labels(r, t, *s),
+                c.requests.load(Relaxed)
+            );
+        }
+        head(
+            &mut out,
+            "fleet_proxy_responses_total",
+            "counter",
+            "Responses by status class.",
+        );
+        for ((r, t, s), c) in &series {
+            for (i, class) in c.classes.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "fleet_proxy_responses_total{{{},class=\"{}xx\"}} {}",
+                    labels(r, t, *s),
+                    i + 1,
+                    class.load(Relaxed)
+                );
+            }
+        }
+        head(
+            &mut out,
+            "fleet_proxy_upstream_errors_total",
+            "counter",
+            "Requests that got no response from a backend.",
+        );
+        for ((r, t, s), c) in &series {
+            let _ = writeln!(
+                out,
+                "fleet_proxy_upstream_errors_total{{{}}} {}",
+                labels(r, t, *s),
+                c.errors.load(Relaxed)
+            );
+        }
+        head(
+            &mut out,
+            "fleet_proxy_request_duration_seconds",
+            "histogram",
+            "Time to response headers.",
+        );
+        for ((r, t, s), c) in &series {
+            let l = labels(r, t, *s);
+            let mut cumulative = 0;
+            for (i, b) in c.latency.iter().enumerate() {
+                cumulative += b.load(Relaxed);
+                let le = BUCKETS_MS
+                    .get(i)
+                    .map_or("+Inf".to_string(), |ms| format!("{}", *ms as f64 / 1000.0));
+                let _ = writeln!(
+                    out,
+                    "fleet_proxy_request_duration_seconds_bucket{{{l},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let sum = c.latency_sum_us.load(Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "fleet_proxy_request_duration_seconds_sum{{{l}}} {sum}");
+            let _ = writeln!(
+                out,
+                "fleet_proxy_request_duration_seconds_count{{{l}}} {cumulative}"
+            );
+        }
+        let g = &self.global;
+        for (name, help, v) in [
+            (
+                "connections_accepted_total",
+                "Client connections accepted.",
+                &g.connections_accepted,
+            ),
+            (
+                "connections_rejected_total",
+                "Client connections closed at once: over the limit.",
+                &g.connections_rejected,
+            ),
+            (
+                "bad_requests_total",
+                "Requests rejected as malformed or ambiguous.",
+                &g.bad_requests,
+            ),
+            (
+                "no_route_total",
+                "Requests that matched no route (404).",
+                &g.no_route,
+            ),
+            (
+                "mirror_shed_total",
+                "Mirrored requests dropped: queue full.",
+                &g.mirror_shed,
+            ),
+            (
+                "mirror_skipped_body_too_large_total",
+                "Mirrored requests skipped: body over the cap.",
+                &g.mirror_skipped_body_too_large,
+            ),
+            (
+                "table_swaps_total",
+                "Route tables put in force.",
+                &g.table_swaps,
+            ),
+            (
+                "table_rejected_total",
+                "Route tables rejected by validation.",
+                &g.table_rejected,
+            ),
+        ] {
+            let name = format!("fleet_proxy_{name}");
+            head(&mut out, &name, "counter", help);
+            let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+        }
+        head(
+            &mut out,
+            "fleet_proxy_table_version",
+            "gauge",
+            "Version of the route table in force.",
+        );
+        let _ = writeln!(out, "fleet_proxy_table_version {table_version}");
+        out
+    }
+}
+
+fn labels(route: &str, track: &str, source: Source) -> String {
+    format!(
+        "route=\"{}\",track=\"{}\",source=\"{}\"",
+        escape(route),
+        escape(track),
+        source.as_str()
+    )
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

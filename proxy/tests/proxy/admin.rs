@@ -1,0 +1,242 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::Value;
+
+use crate::support::{Backend, Mode, Proxy, client, eventually, get, put, send, tracks};
+
+async fn three() -> (Backend, Backend, Backend) {
+    (
+        Backend::start("stable", Mode::Normal).await,
+        Backend::start("canary", Mode::Normal).await,
+        Backend::start("shadow", Mode::Normal).await,
+    )
+}
+
+fn table_json(b: &(Backend, Backend, Backend), split: &str) -> String {
+    format!(
+        r#"{{"tracks": {{"stable": {{"backends": ["{}"]}}, "canary": {{"backends": ["{}"]}}, "shadow": {{"backends": ["{}"]}}}},
+            "routes": [{{"split": {split}}}]}}"#,
+        b.0.addr, b.1.addr, b.2.addr
+    )
+}
+
+#[tokio::test]
+async fn put_routes_replaces_the_table_and_get_routes_shows_it_with_its_version() {
+    let b = three().await;
+    let proxy = Proxy::start(&format!(
+        "{}routes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        tracks(b.0.addr, b.1.addr, b.2.addr)
+    ))
+    .await;
+    assert_eq!(get(&proxy.url("/")).await.unwrap().2, "stable");
+    let (status, body) = put(
+        &proxy.admin_url("/routes"),
+        &table_json(&b, r#"{"canary": 10000}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, r#"{"version":2}"#)
+    );
+    assert_eq!(get(&proxy.url("/")).await.unwrap().2, "canary");
+    let (_, _, routes) = get(&proxy.admin_url("/routes")).await.unwrap();
+    let routes: Value = serde_json::from_str(&routes).unwrap();
+    assert_eq!(routes["version"], 2);
+    assert_eq!(routes["routes"][0]["split"]["canary"], 10000);
+    // What GET returns, PUT takes back: with its version it is a compare-and-swap.
+    let (status, _) = put(&proxy.admin_url("/routes"), &routes.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = put(&proxy.admin_url("/routes"), &routes.to_string()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_table_gets_400_with_every_diagnostic_and_the_old_table_stays() {
+    let b = three().await;
+    let proxy = Proxy::start(&format!(
+        "{}routes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        tracks(b.0.addr, b.1.addr, b.2.addr)
+    ))
+    .await;
+    let bad = r#"{"tracks": {"stable": {"backends": ["127.0.0.1:1"]}},
+ "routes": [{"split": {"stable": 9000, "canery": 1000}, "stiky": {"cookie": "b"}}]}"#;
+    let (status, body) = put(&proxy.admin_url("/routes"), bad).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let errors: Value = serde_json::from_str(&body).unwrap();
+    let errors: Vec<String> = errors["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{} {} {}",
+                e["line"],
+                e["column"],
+                e["path"].as_str().unwrap(),
+                e["message"].as_str().unwrap()
+            )
+        })
+        .collect();
+    // Structural and semantic problems come back together, in source order.
+    assert_eq!(
+        errors,
+        [
+            r#"2:50 routes[0].split.canery unknown track "canery""#,
+            r#"2:57 routes[0].stiky unknown field "stiky""#
+        ]
+    );
+    assert!(body.contains("did you mean"), "{body}");
+    assert_eq!(get(&proxy.url("/")).await.unwrap().2, "stable");
+    let (_, _, routes) = get(&proxy.admin_url("/routes")).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&routes).unwrap()["version"],
+        1
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_table_swaps_under_load_fail_no_request() {
+    let b = three().await;
+    let proxy = Proxy::start(&format!(
+        "{}routes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        tracks(b.0.addr, b.1.addr, b.2.addr)
+    ))
+    .await;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for i in 0..4 {
+        let (url, done, ok, failed) = (proxy.url("/"), done.clone(), ok.clone(), failed.clone());
+        // Half the workers keep one connection alive across every swap; half use HTTP/2.
+        let c = if i % 2 == 0 {
+            client()
+        } else {
+            crate::support::h2_client()
+        };
+        load.push(tokio::spawn(async move {
+            while !done.load(Ordering::SeqCst) {
+                match send(&c, Request::get(&url).body(Full::default()).unwrap()).await {
+                    Some((s, _, body))
+                        if s == StatusCode::OK && (body == "stable" || body == "canary") =>
+                    {
+                        ok.fetch_add(1, Ordering::SeqCst)
+                    }
+                    other => {
+                        eprintln!("failed: {other:?}");
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+        }));
+    }
+    let (stable, canary) = (
+        table_json(&b, r#"{"stable": 10000}"#),
+        table_json(&b, r#"{"stable": 5000, "canary": 5000}"#),
+    );
+    let c = client();
+    for i in 0..1000 {
+        let body = if i % 2 == 0 { &canary } else { &stable };
+        let req = Request::put(proxy.admin_url("/routes"))
+            .body(Full::new(bytes::Bytes::from(body.clone())))
+            .unwrap();
+        assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
+    }
+    done.store(true, Ordering::SeqCst);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::SeqCst), 0);
+    assert!(
+        ok.load(Ordering::SeqCst) > 100,
+        "too little load: {}",
+        ok.load(Ordering::SeqCst)
+    );
+    let (_, _, routes) = get(&proxy.admin_url("/routes")).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&routes).unwrap()["version"],
+        1001
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn stats_and_metrics_count_requests_per_route_and_track() {
+    let b = three().await;
+    let routes = "routes:\n  - name: web\n    rules: [ { match: { header: { name: x-canary, present: true } }, to: canary } ]\n    split: { stable: 10000 }\n";
+    let proxy = Proxy::start(&format!("{}{routes}", tracks(b.0.addr, b.1.addr, b.2.addr))).await;
+    let c = client();
+    for i in 0..5 {
+        let mut req = Request::get(proxy.url("/"));
+        if i < 2 {
+            req = req.header("x-canary", "1");
+        }
+        send(&c, req.body(Full::default()).unwrap()).await.unwrap();
+    }
+    let (_, _, stats) = get(&proxy.admin_url("/stats")).await.unwrap();
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    let series = |track: &str| {
+        stats["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["route"] == "web" && s["track"] == track && s["source"] == "primary")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(series("stable")["requests"], 3);
+    assert_eq!(series("stable")["responses"]["2xx"], 3);
+    assert_eq!(series("canary")["requests"], 2);
+    assert_eq!(
+        series("canary")["latency"]["cumulative"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap(),
+        2
+    );
+    let (_, _, metrics) = get(&proxy.admin_url("/metrics")).await.unwrap();
+    assert!(
+        metrics.contains(
+            "fleet_proxy_requests_total{route=\"web\",track=\"stable\",source=\"primary\"} 3"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fleet_proxy_request_duration_seconds_count{route=\"web\",track=\"canary\",source=\"primary\"} 2"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_edited_config_file_is_reloaded_and_a_broken_one_is_not() {
+    let b = three().await;
+    let dir = std::env::temp_dir().join(format!("fleet-proxy-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proxy.yaml");
+    let config = |split: &str| {
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\n{}routes:\n  - {{ split: {split} }}\n",
+            tracks(b.0.addr, b.1.addr, b.2.addr)
+        )
+    };
+    std::fs::write(&file, config("{ stable: 10000 }")).unwrap();
+    let proxy = Proxy::start_in(&config("{ stable: 10000 }"), &dir, Some(&file)).await;
+    std::fs::write(&file, config("{ canary: 10000 }")).unwrap();
+    eventually(Duration::from_secs(5), || async {
+        get(&proxy.url("/")).await.unwrap().2 == "canary"
+    })
+    .await;
+    std::fs::write(&file, config("{ canary: 10 }")).unwrap();
+    eventually(Duration::from_secs(5), || async {
+        let (_, _, m) = get(&proxy.admin_url("/metrics")).await.unwrap();
+        m.contains("fleet_proxy_table_rejected_total 1")
+    })
+    .await;
+    assert_eq!(get(&proxy.url("/")).await.unwrap().2, "canary");
+    proxy.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

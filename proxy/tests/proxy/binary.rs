@@ -1,0 +1,157 @@
+//! The `fleet-proxy` binary: `--check`, SIGHUP reload and SIGTERM drain, as an operator
+//! would use them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Backend, Mode, get};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleet-proxy");
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "fleet-proxy-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn check_exits_0_for_a_valid_file_and_1_with_every_diagnostic_for_a_broken_one() {
+    let dir = temp_dir("check");
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntracks:\n  stable: { backends: [\"127.0.0.1:1\"] }\nroutes:\n  - { split: { stable: 10000 } }\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&good)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "listen: 127.0.0.1:0\nadmin: nowhere\ntracks:\n  stable: { backends: [\"127.0.0.1:1\"] }\nroutes:\n  - { split: { stable: 100 }, mirorr: {} }\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&bad)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = bad.display().to_string();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "{file}:2:8: error: admin: \"nowhere\" is not an IP address and port; write it as `127.0.0.1:8080` or `[::]:8080`"
+            ),
+            format!(
+                "{file}:6:14: error: routes[0].split: shares sum to 100, not 10000; shares are basis points: 10000 is 100%, 500 is 5%"
+            ),
+            format!(
+                "{file}:6:31: error: routes[0].mirorr: unknown field \"mirorr\"; did you mean \"mirror\"?"
+            ),
+        ]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A running `fleet-proxy`; killed if the test ends before it exits.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Runs the binary and reads the admin address from its "serving" log line.
+fn spawn(config: &std::path::Path) -> (Running, String) {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let admin = loop {
+        let line = lines
+            .next()
+            .expect("the proxy logs before it exits")
+            .unwrap();
+        if let Some(rest) = line.split("admin=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (Running(child), admin)
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_file_and_sigterm_drains_and_exits_0() {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let dir = temp_dir("signals");
+    let file = dir.join("proxy.yaml");
+    // The watcher polls once an hour: only SIGHUP can make this reload happen in time.
+    let config = |split: &str| {
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 1h\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {split} }}\n",
+            stable.addr
+        )
+    };
+    std::fs::write(&file, config("{ stable: 10000 }")).unwrap();
+    let (mut child, admin) = spawn(&file);
+    let version = || async {
+        let (_, _, body) = get(&format!("http://{admin}/routes")).await?;
+        serde_json::from_str::<serde_json::Value>(&body).ok()?["version"].as_u64()
+    };
+    crate::support::eventually(Duration::from_secs(10), || async {
+        version().await == Some(1)
+    })
+    .await;
+    std::fs::write(&file, config("{ stable: 10000 }, name: renamed")).unwrap();
+    signal(&child.0, "HUP");
+    crate::support::eventually(Duration::from_secs(10), || async {
+        version().await == Some(2)
+    })
+    .await;
+    signal(&child.0, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 10 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

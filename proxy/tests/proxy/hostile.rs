@@ -1,0 +1,201 @@
+//! Malformed and ambiguous requests, oversized heads, slow clients, too many connections.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{Backend, Mode, Proxy};
+
+async fn proxy(extra: &str) -> (Proxy, Backend) {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let yaml = format!(
+        "{extra}tracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        stable.addr
+    );
+    (Proxy::start(&yaml).await, stable)
+}
+
+/// Writes `raw` and reads until the proxy closes the connection (or 5 s pass).
+async fn exchange(proxy: &Proxy, raw: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+fn statuses(text: &str) -> Vec<&str> {
+    text.match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect()
+}
+
+#[tokio::test]
+async fn a_malformed_request_gets_400_and_the_connection_closes() {
+    let (proxy, _b) = proxy("").await;
+    for raw in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nbad header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n",
+    ] {
+        let (text, closed) = exchange(&proxy, raw).await;
+        assert_eq!(statuses(&text), ["400"], "{text}");
+        assert!(closed);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_transfer_encoding_other_than_chunked_is_refused_and_the_connection_closes() {
+    let (proxy, b) = proxy("").await;
+    for te in [
+        "gzip",
+        "gzip, chunked",
+        "chunked, chunked",
+        "chunked\r\nTransfer-Encoding: chunked",
+    ] {
+        let raw = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let (text, closed) = exchange(&proxy, raw.as_bytes()).await;
+        assert_eq!(statuses(&text), ["400"], "{te}: {text}");
+        assert!(closed, "{te}");
+    }
+    assert_eq!(b.hits(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_or_conflicting_content_lengths_are_refused_and_the_connection_closes() {
+    let (proxy, b) = proxy("").await;
+    for lengths in [
+        "Content-Length: 5\r\nContent-Length: 30",
+        "Content-Length: 5\r\ncontent-length: 5",
+    ] {
+        let raw = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\n{lengths}\r\n\r\nhelloGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let (text, closed) = exchange(&proxy, raw.as_bytes()).await;
+        assert_eq!(statuses(&text), ["400"], "{lengths}: {text}");
+        assert!(closed, "{lengths}");
+    }
+    assert_eq!(b.hits(), 0);
+    proxy.stop().await;
+}
+
+/// Regression for hyper issues 3860 and 4123: hyper frames such a request by the chunked
+/// coding and drops the Content-Length (so the service never sees both); the proxy reads the
+/// raw head, refuses it in either order, and closes, so the smuggled request is never read.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_refused_in_either_order() {
+    let (proxy, b) = proxy("").await;
+    for (first, second) in [
+        ("Content-Length: 40", "Transfer-Encoding: chunked"),
+        ("Transfer-Encoding: chunked", "Content-Length: 40"),
+    ] {
+        let raw = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\n{first}\r\n{second}\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let (text, closed) = exchange(&proxy, raw.as_bytes()).await;
+        assert_eq!(statuses(&text), ["400"], "{first} / {second}: {text}");
+        assert!(
+            text.contains("both content-length and transfer-encoding"),
+            "{text}"
+        );
+        assert!(closed, "{first} / {second}: connection kept open");
+    }
+    assert_eq!(b.hits(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn clean_pipelined_requests_after_bodies_are_all_served() {
+    let (proxy, b) = proxy("").await;
+    let raw = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+GET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let (text, closed) = exchange(&proxy, raw).await;
+    assert_eq!(statuses(&text), ["200", "200", "200"], "{text}");
+    assert!(closed);
+    assert_eq!(b.hits(), 3);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_heads_and_too_many_headers_are_refused() {
+    let (proxy, b) = proxy("limits: { max_headers: 20, max_header_bytes: 8192 }\n").await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let (text, closed) = exchange(&proxy, big.as_bytes()).await;
+    assert_eq!(statuses(&text), ["431"], "{text}");
+    assert!(closed);
+    let many: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let (text, closed) = exchange(
+        &proxy,
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(statuses(&text), ["431"], "{text}");
+    assert!(closed);
+    assert_eq!(b.hits(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_sends_its_head_too_slowly_is_disconnected() {
+    let (proxy, _b) = proxy("limits: { header_read_timeout: 300ms }\n").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            // Drip one header line at a time, as slowloris does, until the proxy hangs up.
+            if s.write_all(b"X-Drip: 1\r\n").await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(100), s.read_to_end(&mut buf)).await {
+                Ok(_) => return,
+                Err(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "still connected after 5 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_at_once() {
+    let (proxy, _b) = proxy("limits: { max_connections: 2 }\n").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        held.push(s);
+    }
+    let mut third = TcpStream::connect(proxy.addr).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the third connection was served");
+    drop(held);
+    proxy.stop().await;
+}

@@ -1,0 +1,13 @@
+//! fleet-proxy over real sockets: real backends on 127.0.0.1:0 that say which track served.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+mod admin;
+mod binary;
+mod drain;
+mod hostile;
+mod mirror;
+mod protocols;
+mod routing;
+mod upstream;

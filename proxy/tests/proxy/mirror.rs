@@ -1,0 +1,144 @@
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::Value;
+
+use crate::support::{Backend, Mode, Proxy, client, dead_addr, eventually, get, send};
+
+fn config(stable: std::net::SocketAddr, shadow: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "{extra}tracks:\n  stable: {{ backends: [\"{stable}\"] }}\n  shadow: {{ backends: [\"{shadow}\"] }}\nroutes:\n  - {{ name: web, split: {{ stable: 10000 }}, mirror: {{ to: shadow, percent: 100 }} }}\n"
+    )
+}
+
+async fn mirror_series(proxy: &Proxy) -> Value {
+    let (_, _, stats) = get(&proxy.admin_url("/stats")).await.unwrap();
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    let found = stats["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["track"] == "shadow" && s["source"] == "mirror")
+        .cloned();
+    let mut found = found.unwrap();
+    found["proxy"] = stats["proxy"].clone();
+    found
+}
+
+#[tokio::test]
+async fn a_mirrored_copy_carries_the_body_and_the_mirror_mark_and_is_counted_under_the_mirror_track()
+ {
+    let (stable, shadow) = (
+        Backend::start("stable", Mode::Normal).await,
+        Backend::start("shadow", Mode::Normal).await,
+    );
+    let proxy = Proxy::start(&config(stable.addr, shadow.addr, "")).await;
+    let req = Request::post(proxy.url("/orders"))
+        .body(Full::new(Bytes::from_static(b"twelve bytes")))
+        .unwrap();
+    let (status, h, body) = send(&client(), req).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    assert!(
+        h.get("x-seen-mirror").is_none(),
+        "the primary is not marked"
+    );
+    eventually(Duration::from_secs(5), || async {
+        mirror_series(&proxy).await["responses"]["2xx"] == 1
+    })
+    .await;
+    assert_eq!(shadow.hits(), 1);
+    proxy.stop().await;
+}
+
+/// The primary's latency with a mirror that is broken in `shadow` mode stays that of a
+/// healthy proxy: far below the mirror's 5 s, and every request succeeds.
+async fn primary_is_unaffected(shadow_addr: std::net::SocketAddr) -> Value {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let extra = "mirror: { queue: 4, concurrency: 2, timeout: 10s }\n";
+    let proxy = Proxy::start(&config(stable.addr, shadow_addr, extra)).await;
+    let c = client();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..200 {
+        let started = Instant::now();
+        let req = Request::post(proxy.url("/"))
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap();
+        let (status, _, body) = send(&c, req).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a primary request took {slowest:?}"
+    );
+    let series = mirror_series(&proxy).await;
+    proxy.stop().await;
+    series
+}
+
+#[tokio::test]
+async fn a_mirror_that_sleeps_five_seconds_leaves_the_primary_untouched_and_is_shed() {
+    let shadow = Backend::start("shadow", Mode::Slow(Duration::from_secs(5))).await;
+    let series = primary_is_unaffected(shadow.addr).await;
+    // Two in flight, four queued: the rest of the 200 copies were shed.
+    assert!(
+        series["proxy"]["mirror_shed"].as_u64().unwrap() >= 190,
+        "{series}"
+    );
+}
+
+#[tokio::test]
+async fn a_mirror_that_refuses_connections_leaves_the_primary_untouched_and_counts_errors() {
+    let series = primary_is_unaffected(dead_addr().await).await;
+    let counted =
+        series["errors"].as_u64().unwrap() + series["proxy"]["mirror_shed"].as_u64().unwrap();
+    assert!(counted > 0, "{series}");
+    assert_eq!(series["responses"]["2xx"], 0);
+}
+
+#[tokio::test]
+async fn a_body_over_the_mirror_cap_is_not_mirrored_and_is_counted() {
+    let (stable, shadow) = (
+        Backend::start("stable", Mode::Normal).await,
+        Backend::start("shadow", Mode::Normal).await,
+    );
+    let proxy = Proxy::start(&config(
+        stable.addr,
+        shadow.addr,
+        "mirror: { max_body_bytes: 1024 }\n",
+    ))
+    .await;
+    let req = Request::post(proxy.url("/"))
+        .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+        .unwrap();
+    let (status, h, _) = send(&client(), req).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h["x-seen-body-len"], "4096");
+    // Without a Content-Length the body is teed until it passes the cap, then dropped.
+    let mut raw = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let chunk = "y".repeat(2048);
+    let head =
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    let request = format!("{head}800\r\n{chunk}\r\n800\r\n{chunk}\r\n0\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut raw, request.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer)
+        .await
+        .unwrap();
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("x-seen-body-len: 4096"),
+        "{answer}"
+    );
+    eventually(Duration::from_secs(5), || async {
+        mirror_series(&proxy).await["proxy"]["mirror_skipped_body_too_large"] == 2
+    })
+    .await;
+    assert_eq!(shadow.hits(), 0);
+    proxy.stop().await;
+}

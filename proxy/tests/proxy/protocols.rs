@@ -1,0 +1,284 @@
+//! HTTP/2 with prior knowledge, gRPC trailers, Upgrade tunnels, TLS with SNI and ALPN.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{Backend, Mode, Proxy, h2_client, send, tracks};
+
+async fn proxy_with(extra: &str) -> (Proxy, [Backend; 3]) {
+    let b = [
+        Backend::start("stable", Mode::Normal).await,
+        Backend::start("canary", Mode::Normal).await,
+        Backend::start("shadow", Mode::Normal).await,
+    ];
+    let yaml = format!(
+        "{extra}{}routes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        tracks(b[0].addr, b[1].addr, b[2].addr)
+    );
+    (Proxy::start(&yaml).await, b)
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served_over_http2_end_to_end() {
+    let (proxy, _b) = proxy_with("").await;
+    let (status, h, body) = send(
+        &h2_client(),
+        Request::get(proxy.url("/")).body(Full::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    assert_eq!(h["x-seen-version"], "HTTP/2.0");
+    assert_eq!(h["x-seen-forwarded-host"], proxy.addr.to_string());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_responses_keep_their_trailers() {
+    let (proxy, _b) = proxy_with("").await;
+    let req = Request::post(proxy.url("/pkg.Service/Method"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x00")))
+        .unwrap();
+    let resp = h2_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-seen-te"], "trailers");
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "stable");
+    assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x02hi");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_becomes_a_tunnel_that_echoes() {
+    let (proxy, _b) = proxy_with("").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            s.read(&mut byte).await.unwrap(),
+            1,
+            "closed during the handshake: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for message in [&b"hello"[..], b"again, through the same tunnel"] {
+        s.write_all(message).await.unwrap();
+        let mut echo = vec![0u8; message.len()];
+        s.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, message);
+    }
+    proxy.stop().await;
+}
+
+struct Certs {
+    dir: std::path::PathBuf,
+    a: rcgen::CertifiedKey<rcgen::KeyPair>,
+    b: rcgen::CertifiedKey<rcgen::KeyPair>,
+}
+
+fn certs() -> Certs {
+    let dir = std::env::temp_dir().join(format!(
+        "fleet-proxy-tls-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["b.test".to_string()]).unwrap();
+    for (name, c) in [("a", &a), ("b", &b)] {
+        std::fs::write(dir.join(format!("{name}.pem")), c.cert.pem()).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.key")),
+            c.signing_key.serialize_pem(),
+        )
+        .unwrap();
+    }
+    Certs { dir, a, b }
+}
+
+fn tls_client(certs: &Certs, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    connector(
+        vec![certs.a.cert.der().clone(), certs.b.cert.der().clone()],
+        alpn,
+    )
+}
+
+fn connector(
+    trusted: Vec<rustls_pki_types::CertificateDer<'static>>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trusted {
+        roots.add(cert).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn tls_picks_the_certificate_by_sni_and_negotiates_h2_by_alpn() {
+    let certs = certs();
+    let b = [
+        Backend::start("stable", Mode::Normal).await,
+        Backend::start("canary", Mode::Normal).await,
+        Backend::start("shadow", Mode::Normal).await,
+    ];
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\n    tls: [ {{ cert: a.pem, key: a.key }}, {{ cert: b.pem, key: b.key }} ]\nadmin: 127.0.0.1:0\n{}routes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        tracks(b[0].addr, b[1].addr, b[2].addr)
+    );
+    let proxy = Proxy::start_in(&yaml, &certs.dir, None).await;
+    for (name, want) in [("a.test", &certs.a), ("b.test", &certs.b)] {
+        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        let tls = tls_client(&certs, &[b"http/1.1"])
+            .connect(name.try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        assert_eq!(served.as_ref(), want.cert.der().as_ref(), "{name}");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = sender
+            .send_request(
+                Request::get("/")
+                    .header("host", name)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-seen-proto"], "https");
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"stable"
+        );
+    }
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let tls = tls_client(&certs, &[b"h2", b"http/1.1"])
+        .connect("a.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::get("https://a.test/")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-seen-version"], "HTTP/2.0");
+    proxy.stop().await;
+    std::fs::remove_dir_all(&certs.dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_is_served_without_a_restart() {
+    let certs = certs();
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let config = certs.dir.join("proxy.yaml");
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: a.pem, key: a.key }}\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        stable.addr
+    );
+    std::fs::write(&config, &yaml).unwrap();
+    let proxy = Proxy::start_in(&yaml, &certs.dir, Some(&config)).await;
+    let trusted = std::sync::Mutex::new(vec![certs.a.cert.der().clone()]);
+    let served = || async {
+        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        let roots = trusted.lock().unwrap().clone();
+        let tls = connector(roots, &[b"http/1.1"])
+            .connect("a.test".try_into().unwrap(), tcp)
+            .await
+            .ok()?;
+        Some(tls.get_ref().1.peer_certificates()?[0].clone())
+    };
+    assert_eq!(
+        served().await.unwrap().as_ref(),
+        certs.a.cert.der().as_ref()
+    );
+    let renewed = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+    let (key, renewed) = (renewed.signing_key, renewed.cert);
+    trusted.lock().unwrap().push(renewed.der().clone());
+    std::fs::write(certs.dir.join("a.key"), key.serialize_pem()).unwrap();
+    std::fs::write(certs.dir.join("a.pem"), renewed.pem()).unwrap();
+    crate::support::eventually(std::time::Duration::from_secs(10), || async {
+        served()
+            .await
+            .is_some_and(|c| c.as_ref() == renewed.der().as_ref())
+    })
+    .await;
+    proxy.stop().await;
+    std::fs::remove_dir_all(&certs.dir).unwrap();
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_without_being_buffered() {
+    let (proxy, _b) = proxy_with("").await;
+    // Response: the first chunk arrives while the backend still holds back the second.
+    let started = std::time::Instant::now();
+    let resp = crate::support::client()
+        .request(
+            Request::get(proxy.url("/drip"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first");
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "the first chunk waited for the second"
+    );
+    // Request: each chunk comes back before the next one is sent.
+    let (tx, req_body) = crate::support::ChanBody::new();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<crate::support::ChanBody>();
+    let req = Request::post(proxy.url("/echo")).body(req_body).unwrap();
+    let sending = tokio::spawn(async move { client.request(req).await });
+    tx.send(Bytes::from_static(b"ping 1")).await.unwrap();
+    let mut echo = sending.await.unwrap().unwrap().into_body();
+    for i in 1..=3 {
+        let got = echo.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(got, Bytes::from(format!("ping {i}")));
+        if i < 3 {
+            tx.send(Bytes::from(format!("ping {}", i + 1)))
+                .await
+                .unwrap();
+        }
+    }
+    drop(tx);
+    assert!(echo.frame().await.is_none());
+    proxy.stop().await;
+}

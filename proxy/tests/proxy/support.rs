@@ -1,0 +1,369 @@
+//! Real backends and a real proxy on 127.0.0.1:0, and clients to talk to them.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How a test backend behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Answers at once with its name.
+    Normal,
+    /// Waits this long before answering.
+    Slow(Duration),
+}
+
+/// A backend that answers with the name of its track in the body and `x-served-by`, and
+/// echoes what the proxy added (`x-seen-*`). `/ws` upgrades and echoes bytes; gRPC requests
+/// get a body and `grpc-status` trailers.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    /// Dropping it ends the accept loop and, with it, every connection.
+    _stop: oneshot::Sender<()>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    pub async fn start(name: &'static str, mode: Mode) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut stopped => break,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                };
+                let counter = counter.clone();
+                conns.spawn(async move {
+                    let svc = service_fn(move |req| answer(name, mode, counter.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+            conns.abort_all();
+        });
+        Backend {
+            addr,
+            hits,
+            _stop: stop,
+            task: Some(task),
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn answer(
+    name: &'static str,
+    mode: Mode,
+    hits: Arc<AtomicUsize>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    if let Mode::Slow(d) = mode {
+        tokio::time::sleep(d).await;
+    }
+    if req.uri().path() == "/ws" {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = upgrade.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap());
+    }
+    if req.uri().path() == "/echo" {
+        // Each request chunk goes back as soon as it arrives: streaming in both directions.
+        let (tx, body) = ChanBody::new();
+        let mut incoming = req.into_body();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = incoming.frame().await {
+                if let Ok(data) = frame.into_data()
+                    && tx.send(data).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        return Ok(Response::new(body.boxed()));
+    }
+    if req.uri().path() == "/drip" {
+        let (tx, body) = ChanBody::new();
+        tokio::spawn(async move {
+            let _ = tx.send(Bytes::from_static(b"first")).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let _ = tx.send(Bytes::from_static(b"second")).await;
+        });
+        return Ok(Response::new(body.boxed()));
+    }
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut builder = Response::builder().header("x-served-by", name);
+    for (seen, header) in [
+        ("x-seen-xff", "x-forwarded-for"),
+        ("x-seen-proto", "x-forwarded-proto"),
+        ("x-seen-mirror", "x-fleet-mirror"),
+        ("x-seen-host", "host"),
+        ("x-seen-forwarded-host", "x-forwarded-host"),
+        ("x-seen-connection", "connection"),
+        ("x-seen-secret", "x-secret"),
+        ("x-seen-te", "te"),
+        ("x-seen-content-length", "content-length"),
+    ] {
+        if let Some(v) = req.headers().get(header) {
+            builder = builder.header(seen, v);
+        }
+    }
+    let version = format!("{:?}", req.version());
+    builder = builder.header("x-seen-version", version);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    builder = builder.header("x-seen-body-len", body.len().to_string());
+    if grpc {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("grpc-message", name.parse().unwrap());
+        let body = Frames(vec![
+            http_body::Frame::trailers(trailers),
+            http_body::Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi")),
+        ])
+        .boxed();
+        return Ok(builder
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap());
+    }
+    Ok(builder.body(Full::new(Bytes::from(name)).boxed()).unwrap())
+}
+
+/// A body fed through a channel, one data frame per message; it ends when the sender is
+/// dropped.
+pub struct ChanBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl ChanBody {
+    pub fn new() -> (tokio::sync::mpsc::Sender<Bytes>, ChanBody) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        (tx, ChanBody(rx))
+    }
+}
+
+impl http_body::Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|d| d.map(|d| Ok(http_body::Frame::data(d))))
+    }
+}
+
+/// A body made of ready frames, popped from the end.
+struct Frames(Vec<http_body::Frame<Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop().map(Ok))
+    }
+}
+
+/// An address nothing listens on: connections to it are refused.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A running proxy; dropped or `stop`ped, it drains and ends.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Proxy {
+    /// Starts a proxy from YAML; `listen` and `admin` are added on 127.0.0.1:0.
+    pub async fn start(yaml: &str) -> Proxy {
+        Proxy::start_in(yaml, Path::new("."), None).await
+    }
+
+    pub async fn start_in(yaml: &str, dir: &Path, watch: Option<&Path>) -> Proxy {
+        let src = if yaml.contains("listen:") {
+            yaml.to_string()
+        } else {
+            format!("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n{yaml}")
+        };
+        let (settings, table) = match fleet_proxy::config::check(&src, dir) {
+            Ok(ok) => ok,
+            Err(d) => panic!(
+                "{}",
+                d.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        };
+        let server = fleet_proxy::Server::bind(settings, table, watch.map(Path::to_path_buf))
+            .await
+            .unwrap();
+        let addr = server.traffic_addrs()[0];
+        let admin = server.admin_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        let proxy = Proxy {
+            addr,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        let admin_url = format!("http://{}/readyz", proxy.admin);
+        eventually(Duration::from_secs(5), || async {
+            get(&admin_url).await.map(|r| r.0) == Some(StatusCode::OK)
+        })
+        .await;
+        proxy
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Signals shutdown; the returned future ends when the proxy has drained.
+    pub fn begin_stop(&mut self) -> JoinHandle<anyhow::Result<()>> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.take().expect("proxy already stopped")
+    }
+
+    pub async fn stop(mut self) {
+        self.begin_stop().await.unwrap().unwrap();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Status, headers and body of a request, or `None` if it failed.
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Option<(StatusCode, http::HeaderMap, String)> {
+    let resp = client.request(req).await.ok()?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.ok()?.to_bytes();
+    Some((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+pub async fn get(url: &str) -> Option<(StatusCode, http::HeaderMap, String)> {
+    send(&client(), Request::get(url).body(Full::default()).unwrap()).await
+}
+
+pub async fn put(url: &str, body: &str) -> (StatusCode, String) {
+    let req = Request::put(url)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let (s, _, b) = send(&client(), req).await.expect("admin answers");
+    (s, b)
+}
+
+/// Polls `cond` until it holds; panics after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The tracks section for these backends.
+pub fn tracks(stable: SocketAddr, canary: SocketAddr, shadow: SocketAddr) -> String {
+    format!(
+        "tracks:\n  stable: {{ backends: [\"{stable}\"] }}\n  canary: {{ backends: [\"{canary}\"] }}\n  shadow: {{ backends: [\"{shadow}\"] }}\n"
+    )
+}
