@@ -73,5 +73,11 @@ pub async fn serve(
             signalled(shutdown),
         )
         .await?;
+    // Tasks of closed streams let go of the controller as they notice; the store closes with
+    // the last of them, and a controller started next on the same directory can open it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Arc::strong_count(&controller) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     Ok(())
 }

@@ -1,13 +1,11 @@
 //! `fleetctl`: the Fleet command line.
 
-mod plan_table;
-mod verbs;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use fleetctl::{demo, release, verbs};
 
-/// Validate and plan fleet manifests.
+/// Validate and plan fleet manifests; start, follow and steer releases.
 #[derive(Parser, Debug)]
 #[command(name = "fleetctl", version, about, long_about = None)]
 struct Cli {
@@ -20,6 +18,9 @@ enum Verb {
     Validate(verbs::Validate),
     Plan(verbs::Plan),
     Schema(verbs::Schema),
+    Apply(release::Apply),
+    Release(release::Release),
+    Demo(demo::Demo),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +29,9 @@ fn main() -> ExitCode {
         Verb::Validate(v) => v.run(),
         Verb::Plan(p) => p.run(),
         Verb::Schema(s) => s.run(),
+        Verb::Apply(a) => runtime().and_then(|rt| rt.block_on(a.run())),
+        Verb::Release(r) => runtime().and_then(|rt| rt.block_on(r.run())),
+        Verb::Demo(d) => runtime().and_then(|rt| rt.block_on(d.run())),
     };
     match result {
         Ok(code) => code,
@@ -36,4 +40,10 @@ fn main() -> ExitCode {
             verbs::usage_error()
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }

@@ -1,0 +1,88 @@
+//! `fleet-demo-app --port P --version V [--fail-rate R] [--latency-ms N]`: the service of the
+//! demo and the end-to-end tests. `GET /healthz` answers `ok`; every other request answers
+//! `hello from VERSION` with an `x-version` header, or a 500 for a `--fail-rate` share of them.
+//! `FLEET_DEMO_FAULTS="v2=0.05,v3=0.5"` sets the fail rate by version when the flag is absent.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::RngExt;
+
+/// A tiny HTTP service that says which version it is, for demos and tests.
+#[derive(Parser, Debug, Clone)]
+#[command(after_help = "Example:\n  fleet-demo-app --port 8081 --version v2 --fail-rate 0.05")]
+struct Args {
+    #[arg(long)]
+    port: u16,
+    #[arg(long)]
+    version: String,
+    /// Share of requests (0 to 1) answered with a 500.
+    #[arg(long)]
+    fail_rate: Option<f64>,
+    /// Delay before every answer.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.fail_rate.is_none() {
+        args.fail_rate = std::env::var("FLEET_DEMO_FAULTS")
+            .ok()
+            .and_then(|f| fault_for(&f, &args.version));
+    }
+    let listener =
+        tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port))).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let args = args.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(req, args.clone()));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(req: Request<Incoming>, args: Args) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/healthz" {
+        return Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))));
+    }
+    if args.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(args.latency_ms)).await;
+    }
+    let fail = args
+        .fail_rate
+        .is_some_and(|r| rand::rng().random_bool(r.clamp(0.0, 1.0)));
+    let (status, body) = match fail {
+        true => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{} failed this one\n", args.version),
+        ),
+        false => (StatusCode::OK, format!("hello from {}\n", args.version)),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&args.version) {
+        response.headers_mut().insert("x-version", v);
+    }
+    Ok(response)
+}
+
+/// The fail rate `faults` ("v2=0.05,v3=0.5") gives `version`.
+fn fault_for(faults: &str, version: &str) -> Option<f64> {
+    faults
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(v, _)| v.trim() == version)
+        .and_then(|(_, rate)| rate.trim().parse().ok())
+}

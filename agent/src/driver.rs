@@ -1,0 +1,38 @@
+//! Workload drivers: what makes a cluster run the versions it is asked for. `process` runs
+//! local processes (the embedded default, for laptops, CI and bare metal); a Kubernetes
+//! driver implements the same trait.
+
+pub mod process;
+
+use std::collections::BTreeMap;
+
+/// What should run: each version with its number of instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Want {
+    pub versions: BTreeMap<String, u32>,
+    /// Program and arguments; `{version}` and `{port}` are replaced.
+    pub command: Vec<String>,
+    /// Path that answers 2xx when an instance is ready.
+    pub health_check: String,
+}
+
+/// What runs: per version, the addresses of its ready instances, once all of them are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Running {
+    pub ready: BTreeMap<String, Vec<String>>,
+    /// Why something is not ready, for people.
+    pub detail: String,
+}
+
+#[allow(async_fn_in_trait)] // Used with concrete drivers only, never as a trait object.
+pub trait Driver {
+    /// Starts moving towards `want`: starts missing instances, stops unwanted ones. Cheap and
+    /// idempotent; call it whenever `want` may have changed.
+    fn apply(&mut self, want: &Want);
+
+    /// Checks every instance (health, crashes, restarts due) and reports what is ready.
+    async fn poll(&mut self) -> Running;
+
+    /// Stops everything, for a clean exit.
+    async fn shutdown(&mut self);
+}

@@ -1,0 +1,245 @@
+//! The `process` driver: each instance is a local process from the manifest's command, on a
+//! port of its own on 127.0.0.1. An instance is ready once its health check answers 2xx; a
+//! crashed one is restarted with exponential backoff; unwanted ones get SIGTERM, then SIGKILL
+//! five seconds later.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use super::{Driver, Running, Want};
+
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+pub struct ProcessDriver {
+    instances: Vec<Instance>,
+    want: Want,
+    http: reqwest::Client,
+}
+
+struct Instance {
+    version: String,
+    index: u32,
+    port: u16,
+    child: Option<Child>,
+    healthy: bool,
+    /// Crashes in a row, for the backoff.
+    crashes: u32,
+    restart_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Default for ProcessDriver {
+    fn default() -> Self {
+        ProcessDriver {
+            instances: Vec::new(),
+            want: Want::default(),
+            http: crate::http_client(),
+        }
+    }
+}
+
+impl ProcessDriver {
+    /// The process ids of the running instances, by version.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.instances
+            .iter()
+            .filter_map(|i| Some((i.version.clone(), i.child.as_ref()?.id()?)))
+            .collect()
+    }
+
+    async fn check(&mut self, i: usize) {
+        let now = Instant::now();
+        let health = self.want.health_check.clone();
+        let instance = &mut self.instances[i];
+        if let Some(child) = &mut instance.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            tracing::warn!(version = %instance.version, port = instance.port, %status, "instance exited; restarting");
+            instance.child = None;
+            instance.healthy = false;
+            instance.crashes += 1;
+            instance.last_error = Some(format!("exited with {status}"));
+            instance.restart_at = Some(now + backoff(instance.crashes));
+        }
+        if instance.child.is_none() {
+            if instance.restart_at.is_none_or(|t| t <= now) {
+                start(&self.want, instance);
+            }
+            return;
+        }
+        let url = format!("http://127.0.0.1:{}{health}", instance.port);
+        let answer = self.http.get(&url).timeout(HEALTH_TIMEOUT).send().await;
+        let instance = &mut self.instances[i];
+        instance.healthy = answer.as_ref().is_ok_and(|r| r.status().is_success());
+        if instance.healthy {
+            instance.crashes = 0;
+        }
+    }
+}
+
+impl Driver for ProcessDriver {
+    fn apply(&mut self, want: &Want) {
+        self.want = want.clone();
+        let wanted = |i: &Instance| want.versions.get(&i.version).is_some_and(|n| i.index < *n);
+        let (keep, stop): (Vec<Instance>, Vec<Instance>) = std::mem::take(&mut self.instances)
+            .into_iter()
+            .partition(wanted);
+        self.instances = keep;
+        for instance in stop {
+            tracing::info!(version = %instance.version, port = instance.port, "instance no longer wanted; stopping");
+            if let Some(child) = instance.child {
+                terminate(child);
+            }
+        }
+        for (version, replicas) in &want.versions {
+            for index in 0..*replicas {
+                if self
+                    .instances
+                    .iter()
+                    .any(|i| &i.version == version && i.index == index)
+                {
+                    continue;
+                }
+                let Some(port) = free_port() else { continue };
+                let mut instance = Instance {
+                    version: version.clone(),
+                    index,
+                    port,
+                    child: None,
+                    healthy: false,
+                    crashes: 0,
+                    restart_at: None,
+                    last_error: None,
+                };
+                start(want, &mut instance);
+                self.instances.push(instance);
+            }
+        }
+    }
+
+    async fn poll(&mut self) -> Running {
+        for i in 0..self.instances.len() {
+            self.check(i).await;
+        }
+        let mut running = Running::default();
+        let mut waiting = Vec::new();
+        for (version, replicas) in &self.want.versions {
+            let of_version: Vec<&Instance> = self
+                .instances
+                .iter()
+                .filter(|i| &i.version == version)
+                .collect();
+            let healthy: Vec<String> = of_version
+                .iter()
+                .filter(|i| i.healthy)
+                .map(|i| format!("127.0.0.1:{}", i.port))
+                .collect();
+            if healthy.len() == *replicas as usize {
+                running.ready.insert(version.clone(), healthy);
+            } else {
+                let why = of_version
+                    .iter()
+                    .find_map(|i| i.last_error.clone())
+                    .unwrap_or_else(|| "starting".into());
+                waiting.push(format!(
+                    "{version}: {}/{replicas} ready ({why})",
+                    healthy.len()
+                ));
+            }
+        }
+        running.detail = waiting.join("; ");
+        running
+    }
+
+    async fn shutdown(&mut self) {
+        for instance in std::mem::take(&mut self.instances) {
+            if let Some(mut child) = instance.child {
+                if let Some(pid) = child
+                    .id()
+                    .and_then(|p| i32::try_from(p).ok())
+                    .and_then(rustix::process::Pid::from_raw)
+                {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                }
+                if tokio::time::timeout(STOP_GRACE, child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+            }
+        }
+    }
+}
+
+/// Starts `instance`'s process from `want`'s command.
+fn start(want: &Want, instance: &mut Instance) {
+    let replace = |arg: &String| {
+        arg.replace("{version}", &instance.version)
+            .replace("{port}", &instance.port.to_string())
+    };
+    let mut args = want.command.iter().map(replace);
+    let Some(program) = args.next() else {
+        instance.last_error = Some("the workload has no command".into());
+        return;
+    };
+    let spawned = Command::new(&program)
+        .args(args)
+        .env("PORT", instance.port.to_string())
+        .env("FLEET_VERSION", &instance.version)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn();
+    match spawned {
+        Ok(child) => {
+            tracing::info!(version = %instance.version, port = instance.port, pid = child.id(), "instance started");
+            instance.child = Some(child);
+            instance.last_error = None;
+        }
+        Err(e) => {
+            instance.last_error = Some(format!("cannot start {program}: {e}"));
+            instance.crashes += 1;
+            instance.restart_at = Some(Instant::now() + backoff(instance.crashes));
+        }
+    }
+}
+
+/// SIGTERM now, SIGKILL if the process is still there after the grace period.
+fn terminate(mut child: Child) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    tokio::spawn(async move {
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    });
+}
+
+fn backoff(crashes: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << crashes.min(10))).min(MAX_BACKOFF)
+}
+
+/// A port nobody listens on now. Another process could take it before the instance binds
+/// it; the instance then fails its health check and is restarted on its next try.
+fn free_port() -> Option<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()
+        .map(|a| a.port())
+}

@@ -1,0 +1,68 @@
+//! `fleet-agent --controller URL --region R --cluster C --driver process --proxy-admin URL...`
+
+use clap::{Parser, ValueEnum};
+use fleet_agent::Config;
+use fleet_agent::driver::process::ProcessDriver;
+
+/// The Fleet agent for one cluster.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    after_help = "Example:\n  fleet-agent --controller http://127.0.0.1:7070 --region us-west-1 --cluster usw1-a \\\n    --driver process --proxy-admin http://127.0.0.1:9901"
+)]
+struct Args {
+    /// The controller's gRPC URL.
+    #[arg(long, env = "FLEET_CONTROLLER")]
+    controller: String,
+    /// The region this cluster serves, as the fleet manifest names it.
+    #[arg(long, env = "FLEET_REGION")]
+    region: String,
+    /// This cluster's name (or agent identity) in the manifest.
+    #[arg(long, env = "FLEET_CLUSTER")]
+    cluster: String,
+    /// How workloads run.
+    #[arg(long, value_enum, default_value_t = DriverKind::Process)]
+    driver: DriverKind,
+    /// Admin URL of a proxy of this region; repeat for several.
+    #[arg(long = "proxy-admin", value_name = "URL", required = true)]
+    proxies: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DriverKind {
+    /// Local processes from the manifest's command (the embedded default).
+    Process,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = Config {
+        controller: args.controller,
+        region: args.region,
+        cluster: args.cluster,
+        proxies: args.proxies,
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = stop.send(true);
+    });
+    match args.driver {
+        DriverKind::Process => fleet_agent::run(config, ProcessDriver::default(), shutdown).await,
+    }
+}

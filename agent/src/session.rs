@@ -1,0 +1,97 @@
+//! The stream to the controller: dialled by the agent, so that clusters behind NAT work;
+//! redialled with jittered exponential backoff whenever it breaks.
+
+use std::time::Duration;
+
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::agent_service_client::AgentServiceClient;
+use rand::RngExt;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::Config;
+
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub async fn run(
+    config: Config,
+    desired: watch::Sender<Option<pb::DesiredState>>,
+    mut status: watch::Receiver<pb::AgentStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    let mut max_epoch = 0u64;
+    loop {
+        let result = tokio::select! {
+            r = session(&config, &desired, &mut status, &mut max_epoch) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match result {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "controller unreachable; keeping the last desired state");
+            }
+        }
+        let base =
+            Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(MAX_BACKOFF);
+        let jitter = rand::rng().random_range(0.5..1.5);
+        tokio::select! {
+            _ = tokio::time::sleep(base.mul_f64(jitter)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn session(
+    config: &Config,
+    desired: &watch::Sender<Option<pb::DesiredState>>,
+    status: &mut watch::Receiver<pb::AgentStatus>,
+    max_epoch: &mut u64,
+) -> anyhow::Result<()> {
+    let mut client = AgentServiceClient::connect(config.controller.clone()).await?;
+    let (tx, rx) = mpsc::channel(16);
+    let hello = pb::Hello {
+        region: config.region.clone(),
+        cluster: config.cluster.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        capabilities: vec!["driver:process".into(), "proxy:fleet-proxy".into()],
+    };
+    tx.send(message(pb::agent_message::Message::Hello(hello)))
+        .await?;
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    tracing::info!(controller = %config.controller, "connected to the controller");
+    // Whatever the agent runs now, the controller hears it first thing.
+    let current = status.borrow().clone();
+    tx.send(message(pb::agent_message::Message::Status(current)))
+        .await?;
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    loop {
+        tokio::select! {
+            received = inbound.message() => {
+                let Some(pb::ControllerMessage { message: Some(pb::controller_message::Message::Desired(d)) }) = received? else {
+                    anyhow::bail!("the controller ended the stream");
+                };
+                if d.epoch < *max_epoch {
+                    tracing::warn!(epoch = d.epoch, max_epoch, "ignoring desired state from an older controller epoch");
+                    continue;
+                }
+                *max_epoch = d.epoch;
+                desired.send_replace(Some(d));
+            }
+            _ = status.changed() => {
+                let current = status.borrow_and_update().clone();
+                tx.send(message(pb::agent_message::Message::Status(current))).await?;
+            }
+            _ = tick.tick() => {
+                let current = status.borrow().clone();
+                tx.send(message(pb::agent_message::Message::Status(current))).await?;
+            }
+        }
+    }
+}
+
+fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
+    pb::AgentMessage { message: Some(m) }
+}

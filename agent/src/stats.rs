@@ -1,0 +1,96 @@
+//! From the proxies' `GET /stats` to the per-track counters the controller judges.
+
+use std::collections::BTreeMap;
+
+use fleet_proto::v1 as pb;
+use serde::Deserialize;
+
+use crate::routes::{CANARY, STABLE};
+
+/// The part of a proxy's `/stats` the agent reads (documented in docs/proxy.md).
+#[derive(Debug, Deserialize)]
+pub struct ProxyStats {
+    pub latency_bounds_ms: Vec<f64>,
+    pub series: Vec<Series>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Series {
+    pub track: String,
+    pub source: String,
+    pub requests: u64,
+    #[serde(default)]
+    pub responses: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub latency: Latency,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Latency {
+    pub cumulative: Vec<u64>,
+}
+
+/// Sums the series of every proxy into stable and canary counters. An error is a 5xx answer
+/// or none at all; mirrored copies count with the track they were sent to, so that a mirror
+/// phase has numbers to judge.
+pub fn sum(proxies: &[ProxyStats]) -> pb::TrafficStats {
+    let mut stable = pb::TrackStats::default();
+    let mut canary = pb::TrackStats::default();
+    for proxy in proxies {
+        for s in &proxy.series {
+            let into = match s.track.as_str() {
+                STABLE => &mut stable,
+                CANARY => &mut canary,
+                _ => continue,
+            };
+            let fivexx = s.responses.get("5xx").copied().unwrap_or(0);
+            // A primary answered by the proxy for a dead backend is already a 5xx; a mirrored
+            // copy that got no answer is in no class.
+            let unanswered = if s.source == "mirror" { s.errors } else { 0 };
+            into.requests += s.requests;
+            into.errors += fivexx + unanswered;
+            add_histogram(into, &proxy.latency_bounds_ms, &s.latency.cumulative);
+        }
+    }
+    pb::TrafficStats {
+        stable: Some(stable),
+        canary: Some(canary),
+    }
+}
+
+fn add_histogram(into: &mut pb::TrackStats, bounds: &[f64], cumulative: &[u64]) {
+    if into.latency_bounds_ms.is_empty() {
+        into.latency_bounds_ms = bounds.to_vec();
+        into.latency_counts = vec![0; bounds.len()];
+    }
+    if into.latency_bounds_ms.as_slice() != bounds {
+        return; // Proxies of other versions with other buckets: counts only.
+    }
+    for (total, n) in into.latency_counts.iter_mut().zip(cumulative) {
+        *total += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_sum_by_track_with_5xx_and_unanswered_mirrors_as_errors() {
+        let json = r#"{
+          "latency_bounds_ms": [10, 100],
+          "series": [
+            {"route":"demo","track":"stable","source":"primary","requests":90,"responses":{"2xx":89,"5xx":1},"errors":1,"latency":{"cumulative":[80,90,90],"sum_us":1}},
+            {"route":"demo","track":"canary","source":"primary","requests":10,"responses":{"2xx":9,"5xx":1},"errors":0,"latency":{"cumulative":[5,10,10],"sum_us":1}},
+            {"route":"demo","track":"canary","source":"mirror","requests":4,"responses":{"2xx":3},"errors":1,"latency":{"cumulative":[2,3,4],"sum_us":1}}
+          ]}"#;
+        let one: ProxyStats = serde_json::from_str(json).unwrap();
+        let two: ProxyStats = serde_json::from_str(json).unwrap();
+        let total = sum(&[one, two]);
+        let (stable, canary) = (total.stable.unwrap(), total.canary.unwrap());
+        assert_eq!((stable.requests, stable.errors), (180, 2));
+        assert_eq!((canary.requests, canary.errors), (28, 4));
+        assert_eq!(canary.latency_counts, [14, 26]);
+        assert_eq!(canary.latency_bounds_ms, [10.0, 100.0]);
+    }
+}

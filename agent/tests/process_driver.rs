@@ -1,0 +1,110 @@
+//! The process driver with real processes (the demo app) on 127.0.0.1.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use fleet_agent::driver::process::ProcessDriver;
+use fleet_agent::driver::{Driver, Running, Want};
+
+fn want(versions: &[(&str, u32)]) -> Want {
+    Want {
+        versions: versions
+            .iter()
+            .map(|(v, n)| (v.to_string(), *n))
+            .collect::<BTreeMap<_, _>>(),
+        command: ["--port", "{port}", "--version", "{version}"].iter().fold(
+            vec![env!("CARGO_BIN_EXE_fleet-demo-app").to_string()],
+            |mut c, a| {
+                c.push(a.to_string());
+                c
+            },
+        ),
+        health_check: "/healthz".into(),
+    }
+}
+
+async fn until_ready(driver: &mut ProcessDriver, check: impl Fn(&Running) -> bool) -> Running {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running = driver.poll().await;
+        if check(&running) {
+            return running;
+        }
+        assert!(Instant::now() < deadline, "not ready in time: {running:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn version_at(addr: &str) -> String {
+    let http = fleet_agent::http_client();
+    http.get(format!("http://{addr}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn instances_become_ready_are_replaced_and_come_back_after_a_crash() {
+    let mut driver = ProcessDriver::default();
+    driver.apply(&want(&[("v1", 2)]));
+    let running = until_ready(&mut driver, |r| {
+        r.ready.get("v1").is_some_and(|b| b.len() == 2)
+    })
+    .await;
+    let v1 = running.ready["v1"].clone();
+    assert_eq!(version_at(&v1[0]).await, "hello from v1\n");
+
+    // A canary beside the stable one.
+    driver.apply(&want(&[("v1", 2), ("v2", 1)]));
+    let running = until_ready(&mut driver, |r| r.ready.contains_key("v2")).await;
+    assert_eq!(version_at(&running.ready["v2"][0]).await, "hello from v2\n");
+    assert_eq!(
+        running.ready["v1"], v1,
+        "the stable instances were left alone"
+    );
+
+    // v1 is no longer wanted: it is stopped, v2 keeps running.
+    driver.apply(&want(&[("v2", 1)]));
+    let running = until_ready(&mut driver, |r| !r.ready.contains_key("v1")).await;
+    let v2 = running.ready["v2"][0].clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let http = fleet_agent::http_client();
+    while http
+        .get(format!("http://{}/healthz", v1[0]))
+        .send()
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "v1 still answers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Kill v2's process: the driver notices and starts it again on the same port.
+    let (_, pid) = driver.pids().into_iter().find(|(v, _)| v == "v2").unwrap();
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    until_ready(&mut driver, |r| !r.ready.contains_key("v2")).await;
+    let running = until_ready(&mut driver, |r| r.ready.contains_key("v2")).await;
+    assert_eq!(running.ready["v2"], [v2]);
+    driver.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_says_why() {
+    let mut driver = ProcessDriver::default();
+    let mut w = want(&[("v1", 1)]);
+    w.command = vec!["/no/such/program".into()];
+    driver.apply(&w);
+    let running = driver.poll().await;
+    assert!(running.ready.is_empty());
+    assert!(
+        running.detail.contains("cannot start /no/such/program"),
+        "{}",
+        running.detail
+    );
+    driver.shutdown().await;
+}

@@ -1,0 +1,229 @@
+//! `fleetctl demo`: a whole fleet on this machine releasing a new version through its waves,
+//! with live progress and the numbers behind every decision.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use fleet_proto::v1 as pb;
+use tokio::sync::Mutex;
+
+use crate::local::LocalFleet;
+use crate::progress;
+use crate::release::{actor, connect, request_id, status};
+use crate::verbs::Output;
+
+const MANIFEST: &str = include_str!("../../../deploy/examples/demo.yaml");
+const REGIONS: [(&str, &str); 3] = [
+    ("us-west", "usw-a"),
+    ("us-east", "use-a"),
+    ("eu-west", "euw-a"),
+];
+/// Simulated users per region, each keeping its sticky cookie.
+const USERS: usize = 400;
+const WORKERS_PER_REGION: usize = 6;
+const PAUSE_BETWEEN_REQUESTS: Duration = Duration::from_millis(4);
+
+/// Run a whole fleet on this machine and release v1 → v2 through its waves.
+///
+/// Starts a controller, and for each of three regions a fleet-proxy and a fleet-agent whose
+/// process driver runs the demo app; sends traffic from many users through every proxy;
+/// releases v2 and follows it live. Exits 0 if the release ended as expected: succeeded, or
+/// with --bad (a v2 that fails 5% of requests) rolled back.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  fleetctl demo\n  fleetctl demo --bad\n  fleetctl demo --keep")]
+pub struct Demo {
+    /// Release a v2 that fails 5% of its requests, and watch it caught and rolled back.
+    #[arg(long)]
+    bad: bool,
+    /// Leave the fleet running after the release, until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
+    /// Where the fleet keeps its data and logs. Default: a new temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl Demo {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let dir = match &self.dir {
+            Some(d) => d.clone(),
+            None => std::env::temp_dir().join(format!("fleet-demo-{}", std::process::id())),
+        };
+        let bin = std::env::current_exe()?
+            .parent()
+            .context("fleetctl's directory")?
+            .to_path_buf();
+        let faults: &[(&str, &str)] = if self.bad {
+            &[("FLEET_DEMO_FAULTS", "v2=0.05")]
+        } else {
+            &[]
+        };
+        println!("starting a local fleet in {} (logs there)", dir.display());
+        let mut fleet = LocalFleet::start(&dir, &bin, &REGIONS, faults).await?;
+        let result = tokio::select! {
+            r = self.release(&fleet) => r,
+            _ = tokio::signal::ctrl_c() => {
+                println!("\ninterrupted; stopping everything the demo started");
+                Ok(ExitCode::from(130))
+            }
+        };
+        fleet.stop().await;
+        result
+    }
+
+    async fn release(&self, fleet: &LocalFleet) -> anyhow::Result<ExitCode> {
+        for r in &fleet.regions {
+            println!(
+                "region {:<8} proxy http://{}  admin http://{}",
+                r.name, r.traffic, r.admin
+            );
+        }
+        let mut client = connect(&fleet.controller).await?;
+        client
+            .apply_fleet(pb::ApplyFleetRequest {
+                request_id: request_id(),
+                manifest: MANIFEST.into(),
+            })
+            .await
+            .map_err(status)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Counts = Arc::default();
+        for r in &fleet.regions {
+            for worker in 0..WORKERS_PER_REGION {
+                tokio::spawn(traffic(
+                    r.name.clone(),
+                    r.traffic,
+                    worker,
+                    counts.clone(),
+                    stop.clone(),
+                ));
+            }
+        }
+        let version = "v2";
+        println!(
+            "releasing {version}{} through 3 waves; {USERS} users per region send traffic\n",
+            if self.bad {
+                ", which fails 5% of requests,"
+            } else {
+                ""
+            }
+        );
+        let release = client
+            .start_release(pb::StartReleaseRequest {
+                request_id: request_id(),
+                service: "demo".into(),
+                version: version.into(),
+                from_version: "v1".into(),
+                actor: actor(),
+                ..Default::default()
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let fancy = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        progress::watch(&mut client, &release.id, Output::Table, fancy).await?;
+        let end = client
+            .get_release(pb::GetReleaseRequest {
+                id: release.id.clone(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        print_traffic(&counts).await;
+        let expected = if self.bad { "rolled_back" } else { "succeeded" };
+        let ok = end.phase == expected;
+        println!(
+            "\nrelease {} {}: {}",
+            end.id,
+            end.phase,
+            if ok { "as expected" } else { "NOT as expected" }
+        );
+        if self.keep {
+            println!(
+                "the fleet keeps running; Ctrl-C stops it (controller at {})",
+                fleet.controller
+            );
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        stop.store(true, Relaxed);
+        Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    }
+}
+
+/// Answers seen, by region, then by `version status`.
+type Counts = Arc<Mutex<BTreeMap<String, BTreeMap<String, u64>>>>;
+
+/// One worker of simulated users: each request as a user who keeps the cookie it was given.
+async fn traffic(
+    region: String,
+    proxy: SocketAddr,
+    worker: usize,
+    counts: Counts,
+    stop: Arc<AtomicBool>,
+) {
+    let http = http_client();
+    let mut cookies: BTreeMap<usize, String> = BTreeMap::new();
+    let mut user = worker;
+    while !stop.load(Relaxed) {
+        user = (user + WORKERS_PER_REGION) % USERS;
+        let mut request = http.get(format!("http://{proxy}/"));
+        if let Some(c) = cookies.get(&user) {
+            request = request.header("cookie", c.as_str());
+        }
+        let key = match request.send().await {
+            Ok(response) => {
+                if let Some(set) = response
+                    .headers()
+                    .get("set-cookie")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    cookies.insert(user, set.split(';').next().unwrap_or_default().to_string());
+                }
+                let version = response
+                    .headers()
+                    .get("x-version")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string();
+                format!("{version} {}", response.status().as_u16())
+            }
+            Err(_) => "- error".to_string(),
+        };
+        *counts
+            .lock()
+            .await
+            .entry(region.clone())
+            .or_default()
+            .entry(key)
+            .or_default() += 1;
+        tokio::time::sleep(PAUSE_BETWEEN_REQUESTS).await;
+    }
+}
+
+/// reqwest is built without a default TLS provider; install ring, as the other parts do.
+fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_default()
+}
+
+async fn print_traffic(counts: &Counts) {
+    println!("\ntraffic seen by the simulated users (version status: requests):");
+    for (region, by) in counts.lock().await.iter() {
+        let parts: Vec<String> = by.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        println!("  {region:<8} {}", parts.join(", "));
+    }
+}

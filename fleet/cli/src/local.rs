@@ -1,0 +1,325 @@
+//! A whole fleet on this machine, as processes on 127.0.0.1: a controller, and per region a
+//! fleet-proxy and a fleet-agent (whose process driver runs the service). Used by
+//! `fleetctl demo` and by the end-to-end tests.
+//!
+//! Every process binds port 0 and says where it listens; logs go to files in the work
+//! directory. [`LocalFleet::stop`] ends every process it started, by PID: SIGTERM first (so
+//! agents stop the instances they started), SIGKILL after a grace period.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_GRACE: Duration = Duration::from_secs(8);
+
+pub struct LocalFleet {
+    pub dir: PathBuf,
+    bin: PathBuf,
+    /// Started processes, in start order.
+    children: Vec<(String, Child)>,
+    /// The controller's gRPC URL.
+    pub controller: String,
+    pub regions: Vec<LocalRegion>,
+}
+
+pub struct LocalRegion {
+    pub name: String,
+    pub cluster: String,
+    pub traffic: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl LocalFleet {
+    /// Starts a controller and, for each `(region, cluster)`, a proxy and an agent. `env` is
+    /// given to the agents (and so to the service instances they start).
+    pub async fn start(
+        dir: &Path,
+        bin: &Path,
+        regions: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<LocalFleet> {
+        for name in [
+            "fleet-controller",
+            "fleet-agent",
+            "fleet-proxy",
+            "fleet-demo-app",
+        ] {
+            if !bin.join(name).is_file() {
+                bail!(
+                    "{name} is not in {}; build every binary first: cargo build --release --workspace --bins",
+                    bin.display()
+                );
+            }
+        }
+        std::fs::create_dir_all(dir)?;
+        let mut fleet = LocalFleet {
+            dir: dir.to_path_buf(),
+            bin: bin.to_path_buf(),
+            children: Vec::new(),
+            controller: String::new(),
+            regions: Vec::new(),
+        };
+        match fleet.start_all(regions, env).await {
+            Ok(()) => Ok(fleet),
+            Err(e) => {
+                fleet.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_all(
+        &mut self,
+        regions: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        self.start_controller().await?;
+        for (region, cluster) in regions {
+            let (traffic, admin) = self.start_proxy(region).await?;
+            self.regions.push(LocalRegion {
+                name: region.to_string(),
+                cluster: cluster.to_string(),
+                traffic,
+                admin,
+            });
+            self.start_agent(region, cluster, admin, env)?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts, on the same data directory) the controller.
+    pub async fn start_controller(&mut self) -> anyhow::Result<()> {
+        let data = self.dir.join("controller");
+        let mut child = self
+            .command("fleet-controller", "controller")?
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(&data)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting fleet-controller")?;
+        let stdout = child.stdout.take().context("controller stdout")?;
+        let line = first_line_with(BufReader::new(stdout), "listening").await?;
+        let grpc = field(&line, "grpc=").context("the controller did not say where it listens")?;
+        self.controller = format!("http://{grpc}");
+        self.children.push(("controller".into(), child));
+        Ok(())
+    }
+
+    async fn start_proxy(&mut self, region: &str) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+        let config = self.dir.join(format!("proxy-{region}.yaml"));
+        // Until its agent programs it, the proxy knows no backend: requests get a 502/503.
+        std::fs::write(
+            &config,
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntracks:\n  stable: { backends: [\"127.0.0.1:1\"] }\nroutes:\n  - split: { stable: 10000 }\n",
+        )?;
+        let mut child = Command::new(self.bin.join("fleet-proxy"))
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting fleet-proxy")?;
+        let stderr = child.stderr.take().context("proxy stderr")?;
+        let log = self.dir.join(format!("proxy-{region}.log"));
+        let line = first_line_with_logged(BufReader::new(stderr), "serving", log).await?;
+        let traffic = field(&line, "traffic=").and_then(|a| a.split(',').next()?.parse().ok());
+        let admin = field(&line, "admin=").and_then(|a| a.parse().ok());
+        self.children.push((format!("proxy {region}"), child));
+        match (traffic, admin) {
+            (Some(t), Some(a)) => Ok((t, a)),
+            _ => bail!("fleet-proxy for {region} did not say where it listens: {line}"),
+        }
+    }
+
+    /// Starts the agent of `region`; also used to bring one back after it was stopped.
+    pub fn start_agent(
+        &mut self,
+        region: &str,
+        cluster: &str,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        // The service's command names fleet-demo-app: find it next to the other binaries.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![self.bin.clone()];
+        paths.extend(std::env::split_paths(&path));
+        let mut command = self.command("fleet-agent", &format!("agent-{region}"))?;
+        command
+            .args([
+                "--controller",
+                &self.controller,
+                "--region",
+                region,
+                "--cluster",
+                cluster,
+            ])
+            .args([
+                "--driver",
+                "process",
+                "--proxy-admin",
+                &format!("http://{admin}"),
+            ])
+            .env("PATH", std::env::join_paths(paths)?);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().context("starting fleet-agent")?;
+        self.children.push((format!("agent {region}"), child));
+        Ok(())
+    }
+
+    /// Stops one started process by name (`controller`, `agent us-west`, …) with `signal`.
+    pub async fn stop_one(
+        &mut self,
+        name: &str,
+        signal: rustix::process::Signal,
+    ) -> anyhow::Result<()> {
+        let index = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no process {name}"))?;
+        let (_, mut child) = self.children.remove(index);
+        send(&child, signal);
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+        Ok(())
+    }
+
+    /// Ends every process this fleet started: agents first, so that they stop the instances
+    /// they started, then the proxies and the controller.
+    pub async fn stop(&mut self) {
+        let mut children = std::mem::take(&mut self.children);
+        children.sort_by_key(|(name, _)| !name.starts_with("agent"));
+        for (_, child) in &children {
+            send(child, rustix::process::Signal::TERM);
+        }
+        for (name, mut child) in children {
+            if tokio::time::timeout(STOP_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                tracing_free_warn(&name);
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    fn command(&self, binary: &str, log: &str) -> anyhow::Result<Command> {
+        let log = std::fs::File::create(self.dir.join(format!("{log}.log")))?;
+        let mut command = Command::new(self.bin.join(binary));
+        command
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        Ok(command)
+    }
+}
+
+fn send(child: &Child, signal: rustix::process::Signal) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+}
+
+fn tracing_free_warn(name: &str) {
+    eprintln!("fleetctl: {name} did not stop in time; killing it");
+}
+
+/// The first line of `reader` that contains `needle`.
+async fn first_line_with(
+    reader: impl tokio::io::AsyncBufRead + Unpin,
+    needle: &str,
+) -> anyhow::Result<String> {
+    let mut lines = reader.lines();
+    tokio::time::timeout(START_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains(needle) {
+                return Ok(line);
+            }
+        }
+        bail!("the process ended before saying \"{needle}\"")
+    })
+    .await
+    .context("the process did not start in time")?
+}
+
+/// Like [`first_line_with`], and copies every line to `log`, also after the match.
+async fn first_line_with_logged(
+    reader: impl tokio::io::AsyncBufRead + Unpin + Send + 'static,
+    needle: &str,
+    log: PathBuf,
+) -> anyhow::Result<String> {
+    let (found_tx, found_rx) = tokio::sync::oneshot::channel();
+    let needle = needle.to_string();
+    tokio::spawn(async move {
+        let Ok(mut file) = tokio::fs::File::create(&log).await else {
+            return;
+        };
+        let mut lines = reader.lines();
+        let mut found = Some(found_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+            if line.contains(&needle)
+                && let Some(tx) = found.take()
+            {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    tokio::time::timeout(START_TIMEOUT, found_rx)
+        .await
+        .context("the process did not start in time")?
+        .context("the process ended before it was ready")
+}
+
+/// The value after `key` in a log line, up to the next space.
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(key)? + key.len();
+    Some(
+        line[start..]
+            .split_whitespace()
+            .next()?
+            .trim_matches('"')
+            .to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field;
+
+    #[test]
+    fn fields_are_read_from_log_lines() {
+        let line = "2026-11-23T10:00:00Z  INFO fleet_proxy::server: serving traffic=127.0.0.1:4000 admin=127.0.0.1:4001";
+        assert_eq!(field(line, "traffic=").as_deref(), Some("127.0.0.1:4000"));
+        assert_eq!(field(line, "admin=").as_deref(), Some("127.0.0.1:4001"));
+        assert_eq!(field(line, "nope="), None);
+    }
+}

@@ -1,0 +1,242 @@
+//! The verbs that talk to a controller: `apply` and `release ...`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::release_service_client::ReleaseServiceClient;
+use tonic::transport::Channel;
+
+use crate::verbs::Output;
+use crate::{progress, render};
+
+#[derive(Args, Debug, Clone)]
+pub struct Remote {
+    /// The controller's gRPC URL.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEET_CONTROLLER",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub controller: String,
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// Store a fleet manifest in the controller (validated first; nothing changes if it is invalid).
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example:\n  fleetctl apply deploy/examples/multi-region-canary.yaml --controller http://127.0.0.1:7070"
+)]
+pub struct Apply {
+    #[arg(value_name = "FILE")]
+    file: String,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+/// Start, follow and steer releases.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  fleetctl release start checkout v2\n  fleetctl release watch checkout-1\n  fleetctl release promote checkout-1"
+)]
+pub struct Release {
+    #[command(subcommand)]
+    verb: ReleaseVerb,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+#[derive(Subcommand, Debug)]
+enum ReleaseVerb {
+    /// Start releasing VERSION of SERVICE through its waves.
+    Start {
+        service: String,
+        version: String,
+        /// Override windows and blackouts; the reason is recorded.
+        #[arg(long, value_name = "REASON")]
+        emergency: Option<String>,
+        /// Roll back a release of the service that is still running, then start this one.
+        #[arg(long)]
+        supersede: bool,
+        /// The version running now, for the first release of a service.
+        #[arg(long = "from", value_name = "VERSION")]
+        from_version: Option<String>,
+    },
+    /// List releases.
+    List {
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Show a release: phase, wave, and every region's step and last verdict.
+    Status { id: String },
+    /// Follow a release live until it ends; exits 0 if it succeeded.
+    Watch { id: String },
+    /// Every event of a release, with its actor, reason and numbers.
+    History { id: String },
+    /// Pass the current gate: an approval, a bake, or the current step of every region.
+    Promote(Steer),
+    /// Hold the release where it is.
+    Pause(Steer),
+    /// Carry on after a pause.
+    Resume(Steer),
+    /// Roll every region the release reached back to the stable version.
+    Abort(Steer),
+}
+
+#[derive(Args, Debug)]
+struct Steer {
+    id: String,
+    /// Why; recorded in the history.
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+pub async fn connect(url: &str) -> anyhow::Result<ReleaseServiceClient<Channel>> {
+    ReleaseServiceClient::connect(url.to_string())
+        .await
+        .with_context(|| {
+            format!("cannot reach the controller at {url} (set --controller or FLEET_CONTROLLER)")
+        })
+}
+
+/// A fresh id for a mutating request.
+pub fn request_id() -> String {
+    format!("fleetctl-{:016x}", rand::random::<u64>())
+}
+
+pub fn actor() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "fleetctl".into())
+}
+
+impl Apply {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let manifest = std::fs::read_to_string(&self.file)
+            .with_context(|| format!("cannot read {}", self.file))?;
+        let mut client = connect(&self.remote.controller).await?;
+        let response = client
+            .apply_fleet(pb::ApplyFleetRequest {
+                request_id: request_id(),
+                manifest,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        for w in &response.warnings {
+            eprintln!(
+                "{}:{}:{}: warning: {}: {}; {}",
+                self.file, w.line, w.column, w.path, w.message, w.help
+            );
+        }
+        let fleet = response.fleet.unwrap_or_default();
+        match self.remote.output {
+            Output::Json => println!("{}", render::fleet_json(&fleet)),
+            Output::Table => println!(
+                "applied fleet {} (waves: {})",
+                fleet.service,
+                fleet.waves.join(" → ")
+            ),
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl Release {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let mut client = connect(&self.remote.controller).await?;
+        let output = self.remote.output;
+        let steer = |s: &Steer| pb::OperatorRequest {
+            request_id: request_id(),
+            id: s.id.clone(),
+            actor: actor(),
+            reason: s.reason.clone(),
+        };
+        let release = match self.verb {
+            ReleaseVerb::Start {
+                service,
+                version,
+                emergency,
+                supersede,
+                from_version,
+            } => {
+                let request = pb::StartReleaseRequest {
+                    request_id: request_id(),
+                    service,
+                    version,
+                    emergency_reason: emergency.unwrap_or_default(),
+                    supersede,
+                    actor: actor(),
+                    from_version: from_version.unwrap_or_default(),
+                };
+                client
+                    .start_release(request)
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+            }
+            ReleaseVerb::List { service } => {
+                let list = client
+                    .list_releases(pb::ListReleasesRequest {
+                        service: service.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                match output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::Value::Array(
+                            list.releases.iter().map(render::release_json).collect()
+                        )
+                    ),
+                    Output::Table => print!("{}", render::release_list(&list.releases)),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            ReleaseVerb::Status { id } => client
+                .get_release(pb::GetReleaseRequest { id })
+                .await
+                .map_err(status)?
+                .into_inner(),
+            ReleaseVerb::Watch { id } => {
+                let fancy = output == Output::Table && std::io::stdout().is_terminal();
+                return progress::watch(&mut client, &id, output, fancy).await;
+            }
+            ReleaseVerb::History { id } => {
+                let history = client
+                    .history(pb::HistoryRequest { id })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                for e in &history.events {
+                    match output {
+                        Output::Json => println!("{}", render::event_json(e)),
+                        Output::Table => println!("{}", render::event_line(e)),
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            ReleaseVerb::Promote(s) => client
+                .promote(steer(&s))
+                .await
+                .map_err(status)?
+                .into_inner(),
+            ReleaseVerb::Pause(s) => client.pause(steer(&s)).await.map_err(status)?.into_inner(),
+            ReleaseVerb::Resume(s) => client.resume(steer(&s)).await.map_err(status)?.into_inner(),
+            ReleaseVerb::Abort(s) => client.abort(steer(&s)).await.map_err(status)?.into_inner(),
+        };
+        match output {
+            Output::Json => println!("{}", render::release_json(&release)),
+            Output::Table => print!("{}", render::release_status(&release)),
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// A controller's refusal, as the user should read it.
+pub fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("the controller refused: {}", s.message())
+}
