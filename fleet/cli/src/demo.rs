@@ -1,20 +1,15 @@
 //! `fleetctl demo`: a whole fleet on this machine releasing a new version through its waves,
 //! with live progress and the numbers behind every decision.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use fleet_proto::v1 as pb;
-use tokio::sync::Mutex;
 
-use crate::local::LocalFleet;
+use crate::local::{Counts, LocalFleet, Traffic};
 use crate::progress;
 use crate::release::{actor, connect, request_id, status};
 use crate::verbs::Output;
@@ -93,19 +88,7 @@ impl Demo {
             })
             .await
             .map_err(status)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let counts: Counts = Arc::default();
-        for r in &fleet.regions {
-            for worker in 0..WORKERS_PER_REGION {
-                tokio::spawn(traffic(
-                    r.name.clone(),
-                    r.traffic,
-                    worker,
-                    counts.clone(),
-                    stop.clone(),
-                ));
-            }
-        }
+        let traffic = Traffic::start(fleet, USERS, WORKERS_PER_REGION, PAUSE_BETWEEN_REQUESTS);
         let version = "v2";
         println!(
             "releasing {version}{} through 3 waves; {USERS} users per region send traffic\n",
@@ -136,7 +119,7 @@ impl Demo {
             .await
             .map_err(status)?
             .into_inner();
-        print_traffic(&counts).await;
+        print_traffic(&traffic.counts).await;
         let expected = if self.bad { "rolled_back" } else { "succeeded" };
         let ok = end.phase == expected;
         println!(
@@ -152,72 +135,13 @@ impl Demo {
             );
             let _ = tokio::signal::ctrl_c().await;
         }
-        stop.store(true, Relaxed);
+        traffic.stop();
         Ok(if ok {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(1)
         })
     }
-}
-
-/// Answers seen, by region, then by `version status`.
-type Counts = Arc<Mutex<BTreeMap<String, BTreeMap<String, u64>>>>;
-
-/// One worker of simulated users: each request as a user who keeps the cookie it was given.
-async fn traffic(
-    region: String,
-    proxy: SocketAddr,
-    worker: usize,
-    counts: Counts,
-    stop: Arc<AtomicBool>,
-) {
-    let http = http_client();
-    let mut cookies: BTreeMap<usize, String> = BTreeMap::new();
-    let mut user = worker;
-    while !stop.load(Relaxed) {
-        user = (user + WORKERS_PER_REGION) % USERS;
-        let mut request = http.get(format!("http://{proxy}/"));
-        if let Some(c) = cookies.get(&user) {
-            request = request.header("cookie", c.as_str());
-        }
-        let key = match request.send().await {
-            Ok(response) => {
-                if let Some(set) = response
-                    .headers()
-                    .get("set-cookie")
-                    .and_then(|v| v.to_str().ok())
-                {
-                    cookies.insert(user, set.split(';').next().unwrap_or_default().to_string());
-                }
-                let version = response
-                    .headers()
-                    .get("x-version")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-")
-                    .to_string();
-                format!("{version} {}", response.status().as_u16())
-            }
-            Err(_) => "- error".to_string(),
-        };
-        *counts
-            .lock()
-            .await
-            .entry(region.clone())
-            .or_default()
-            .entry(key)
-            .or_default() += 1;
-        tokio::time::sleep(PAUSE_BETWEEN_REQUESTS).await;
-    }
-}
-
-/// reqwest is built without a default TLS provider; install ring, as the other parts do.
-fn http_client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap_or_default()
 }
 
 async fn print_traffic(counts: &Counts) {

@@ -6,9 +6,12 @@
 //! directory. [`LocalFleet::stop`] ends every process it started, by PID: SIGTERM first (so
 //! agents stop the instances they started), SIGKILL after a grace period.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -235,6 +238,105 @@ impl LocalFleet {
             .stderr(log)
             .kill_on_drop(true);
         Ok(command)
+    }
+}
+
+/// Answers seen, by region, then by `version status` (`v2 200`, `- error`).
+pub type Counts = Arc<tokio::sync::Mutex<BTreeMap<String, BTreeMap<String, u64>>>>;
+
+/// Simulated users sending requests through every region's proxy, each user keeping the
+/// sticky cookie it was given. Stops when [`Traffic::stop`] is called or it is dropped.
+pub struct Traffic {
+    pub counts: Counts,
+    stop: Arc<AtomicBool>,
+}
+
+impl Traffic {
+    pub fn start(fleet: &LocalFleet, users: usize, workers: usize, pause: Duration) -> Traffic {
+        let traffic = Traffic {
+            counts: Counts::default(),
+            stop: Arc::default(),
+        };
+        for r in &fleet.regions {
+            for worker in 0..workers {
+                let user = User {
+                    region: r.name.clone(),
+                    proxy: r.traffic,
+                    first: worker,
+                    step: workers,
+                    users,
+                    pause,
+                };
+                tokio::spawn(user.run(traffic.counts.clone(), traffic.stop.clone()));
+            }
+        }
+        traffic
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Relaxed);
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One worker, playing users `first`, `first + step`, … in turn.
+struct User {
+    region: String,
+    proxy: SocketAddr,
+    first: usize,
+    step: usize,
+    users: usize,
+    pause: Duration,
+}
+
+impl User {
+    async fn run(self, counts: Counts, stop: Arc<AtomicBool>) {
+        // reqwest is built without a default TLS provider; install ring, as the other parts do.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        let mut cookies: BTreeMap<usize, String> = BTreeMap::new();
+        let mut user = self.first;
+        while !stop.load(Relaxed) {
+            user = (user + self.step) % self.users.max(1);
+            let mut request = http.get(format!("http://{}/", self.proxy));
+            if let Some(c) = cookies.get(&user) {
+                request = request.header("cookie", c.as_str());
+            }
+            let key = match request.send().await {
+                Ok(response) => {
+                    if let Some(set) = response
+                        .headers()
+                        .get("set-cookie")
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        cookies.insert(user, set.split(';').next().unwrap_or_default().to_string());
+                    }
+                    let version = response
+                        .headers()
+                        .get("x-version")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    format!("{version} {}", response.status().as_u16())
+                }
+                Err(_) => "- error".to_string(),
+            };
+            *counts
+                .lock()
+                .await
+                .entry(self.region.clone())
+                .or_default()
+                .entry(key)
+                .or_default() += 1;
+            tokio::time::sleep(self.pause).await;
+        }
     }
 }
 

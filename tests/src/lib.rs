@@ -1,0 +1,162 @@
+//! Support for the end-to-end tests: a local fleet with traffic, and what its proxies did.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::release_service_client::ReleaseServiceClient;
+use fleetctl::local::{LocalFleet, Traffic};
+use tonic::transport::Channel;
+
+pub const REGIONS: [(&str, &str); 3] = [
+    ("us-west", "usw-a"),
+    ("us-east", "use-a"),
+    ("eu-west", "euw-a"),
+];
+pub const MANIFEST: &str = include_str!("../e2e/fleet.yaml");
+
+/// The directory of the workspace's binaries: the tests run from `target/<profile>/deps`.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let deps = exe.parent().context("test binary directory")?;
+    Ok(deps.parent().context("target directory")?.to_path_buf())
+}
+
+/// A fleet on 127.0.0.1 with users sending traffic, and a watcher of each proxy's table.
+pub struct World {
+    pub fleet: LocalFleet,
+    pub client: ReleaseServiceClient<Channel>,
+    pub traffic: Traffic,
+    /// The canary share (basis points) each region's proxy served, each change once, in order.
+    pub splits: Arc<Mutex<BTreeMap<String, Vec<u32>>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start(env: &[(&str, &str)]) -> anyhow::Result<World> {
+        let dir = tempfile::tempdir()?;
+        let fleet = LocalFleet::start(dir.path(), &bin_dir()?, &REGIONS, env).await?;
+        let mut client = ReleaseServiceClient::connect(fleet.controller.clone()).await?;
+        client
+            .apply_fleet(pb::ApplyFleetRequest {
+                request_id: "apply".into(),
+                manifest: MANIFEST.into(),
+            })
+            .await?;
+        let traffic = Traffic::start(&fleet, 200, 3, Duration::from_millis(10));
+        let splits: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
+        for r in &fleet.regions {
+            tokio::spawn(watch_split(
+                r.name.clone(),
+                format!("http://{}/routes", r.admin),
+                splits.clone(),
+            ));
+        }
+        Ok(World {
+            fleet,
+            client,
+            traffic,
+            splits,
+            _dir: dir,
+        })
+    }
+
+    pub async fn start_release(&mut self, version: &str) -> anyhow::Result<String> {
+        let request = pb::StartReleaseRequest {
+            request_id: format!("start-{version}"),
+            service: "e2e".into(),
+            version: version.into(),
+            from_version: "v1".into(),
+            actor: "e2e".into(),
+            ..Default::default()
+        };
+        Ok(self.client.start_release(request).await?.into_inner().id)
+    }
+
+    pub async fn release(&mut self, id: &str) -> anyhow::Result<pb::Release> {
+        Ok(self
+            .client
+            .get_release(pb::GetReleaseRequest { id: id.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Polls the release until `done` holds, for at most `within`.
+    pub async fn wait_for(
+        &mut self,
+        id: &str,
+        within: Duration,
+        done: impl Fn(&pb::Release) -> bool,
+    ) -> anyhow::Result<pb::Release> {
+        let deadline = Instant::now() + within;
+        loop {
+            let release = self.release(id).await?;
+            if done(&release) {
+                return Ok(release);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "timed out waiting; release is {release:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn history(&mut self, id: &str) -> anyhow::Result<Vec<pb::ReleaseEvent>> {
+        Ok(self
+            .client
+            .history(pb::HistoryRequest { id: id.into() })
+            .await?
+            .into_inner()
+            .events)
+    }
+
+    /// The canary shares a region's proxy served since the release started, each change once,
+    /// in order; the table it had before (no canary) is left out.
+    pub fn splits_of(&self, region: &str) -> Vec<u32> {
+        let seen = self
+            .splits
+            .lock()
+            .map(|s| s.get(region).cloned().unwrap_or_default())
+            .unwrap_or_default();
+        match seen.split_first() {
+            Some((0, rest)) => rest.to_vec(),
+            _ => seen,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.traffic.stop();
+        self.fleet.stop().await;
+    }
+}
+
+/// Records each change of the canary share a proxy serves.
+async fn watch_split(region: String, url: String, splits: Arc<Mutex<BTreeMap<String, Vec<u32>>>>) {
+    let _ = rustls_ring();
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(response) = http.get(&url).timeout(Duration::from_secs(1)).send().await
+            && let Ok(table) = response.json::<serde_json::Value>().await
+        {
+            let canary = table["routes"][0]["split"]["canary"].as_u64().unwrap_or(0) as u32;
+            if let Ok(mut splits) = splits.lock() {
+                let seen = splits.entry(region.clone()).or_default();
+                if seen.last() != Some(&canary) {
+                    seen.push(canary);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// reqwest is built without a default TLS provider; install ring, as the product does.
+fn rustls_ring() -> bool {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_ok()
+}
