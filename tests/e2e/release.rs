@@ -187,3 +187,162 @@ async fn a_lost_agent_holds_its_region_with_the_proxy_serving_the_last_table_unt
     assert!(after > before, "v2 kept serving");
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_release_carries_on_from_the_same_step_after_a_restart() {
+    let mut world = World::start(&[]).await.unwrap();
+    let id = world.start_release("v2").await.unwrap();
+    let east_started = |r: &fleet_proto::v1::Release| {
+        r.regions
+            .iter()
+            .any(|g| g.region == "us-east" && g.canary_weight_bp > 0)
+    };
+    world
+        .wait_for(&id, RELEASE_TIME, east_started)
+        .await
+        .unwrap();
+    world.fleet.crash_and_restart_controller().await.unwrap();
+    let release = world
+        .wait_for(&id, RELEASE_TIME, |r| r.phase != "progressing")
+        .await
+        .unwrap();
+    assert_eq!(release.phase, "succeeded", "{release:#?}");
+    for region in ["us-west", "us-east", "eu-west"] {
+        assert_eq!(world.splits_of(region), [1000, 5000, 10_000, 0], "{region}");
+        // The start-up table and one per step and the promotion: none applied twice.
+        assert_eq!(world.table_version(region).await.unwrap(), 5, "{region}");
+    }
+    let history = world.history(&id).await.unwrap();
+    let mut steps: Vec<(String, String)> = history
+        .iter()
+        .filter(|e| e.kind == "step_started")
+        .map(|e| (e.region.clone(), e.detail_json.clone()))
+        .collect();
+    let total = steps.len();
+    steps.dedup();
+    assert_eq!(steps.len(), total, "no step started twice");
+    assert_eq!(total, 9);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indefinite_pause_waits_for_promote_and_pause_resume_and_abort_work_mid_step() {
+    const STEERING: &str = include_str!("steering.yaml");
+    let mut world = World::start_with(STEERING, &[], &["us-west", "us-east", "eu-west"])
+        .await
+        .unwrap();
+    let id = world.start_release("v2").await.unwrap();
+    let west = |r: &fleet_proto::v1::Release| {
+        r.regions
+            .iter()
+            .find(|g| g.region == "us-west")
+            .cloned()
+            .unwrap()
+    };
+    world
+        .wait_for(&id, RELEASE_TIME, |r| {
+            west(r).status == "active" && west(r).canary_weight_bp == 1000
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await; // Two analysis intervals and more.
+    assert_eq!(
+        west(&world.release(&id).await.unwrap()).canary_weight_bp,
+        1000,
+        "it waits for promote"
+    );
+    let (code, out) = world
+        .fleetctl(&["release", "promote", &id, "--reason", "looks good"])
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    world
+        .wait_for(&id, Duration::from_secs(10), |r| {
+            west(r).canary_weight_bp == 5000
+        })
+        .await
+        .unwrap();
+    let (code, out) = world.fleetctl(&["release", "pause", &id]).unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("paused"), "{out}");
+    tokio::time::sleep(Duration::from_secs(6)).await; // Longer than the 4 s step.
+    let paused = world.release(&id).await.unwrap();
+    assert_eq!(
+        (paused.phase.as_str(), west(&paused).canary_weight_bp),
+        ("paused", 5000)
+    );
+    let (code, out) = world.fleetctl(&["release", "resume", &id]).unwrap();
+    assert_eq!(code, 0, "{out}");
+    let east = |r: &fleet_proto::v1::Release| {
+        r.regions
+            .iter()
+            .find(|g| g.region == "us-east")
+            .cloned()
+            .unwrap()
+    };
+    world
+        .wait_for(&id, RELEASE_TIME, |r| east(r).canary_weight_bp == 1000)
+        .await
+        .unwrap();
+    let (code, out) = world
+        .fleetctl(&["release", "abort", &id, "--reason", "enough"])
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let release = world
+        .wait_for(&id, Duration::from_secs(20), |r| r.phase == "rolled_back")
+        .await
+        .unwrap();
+    assert_eq!(release.reason, "enough");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Each reached proxy ends on 0% canary (us-east may have been aborted before its agent
+    // put 10% on the proxy at all).
+    let stable = |splits: Vec<u32>| splits.last().is_none_or(|w| *w == 0);
+    while !stable(world.splits_of("us-west")) || !stable(world.splits_of("us-east")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not back to stable: {:?} {:?}",
+            world.splits_of("us-west"),
+            world.splits_of("us-east")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, out) = world.fleetctl(&["release", "history", &id]).unwrap();
+    assert_eq!(code, 0);
+    for kind in [
+        "promoted",
+        "paused",
+        "resumed",
+        "rollback_started",
+        "rolled_back",
+    ] {
+        assert!(out.contains(kind), "history lacks {kind}: {out}");
+    }
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_without_traffic_never_promotes_past_an_analysed_step_and_says_why() {
+    let mut world = World::start_with(fleet_e2e::MANIFEST, &[], &["us-east", "eu-west"])
+        .await
+        .unwrap();
+    let id = world.start_release("v2").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await; // Five analysis intervals.
+    let release = world.release(&id).await.unwrap();
+    let west = release
+        .regions
+        .iter()
+        .find(|g| g.region == "us-west")
+        .unwrap();
+    assert_eq!(
+        (west.status.as_str(), west.canary_weight_bp),
+        ("active", 1000),
+        "{release:#?}"
+    );
+    assert!(
+        west.last_verdict
+            .starts_with("no verdict: 0 canary requests, fewer than the 20 needed; holding"),
+        "{}",
+        west.last_verdict
+    );
+    assert!(world.splits_of("us-east").is_empty(), "the next wave waits");
+    world.stop().await;
+}

@@ -37,16 +37,24 @@ pub struct World {
 
 impl World {
     pub async fn start(env: &[(&str, &str)]) -> anyhow::Result<World> {
+        World::start_with(MANIFEST, env, &["us-west", "us-east", "eu-west"]).await
+    }
+
+    /// A world with its own `manifest`, and traffic through the proxies of `busy` only.
+    pub async fn start_with(
+        manifest: &str,
+        env: &[(&str, &str)],
+        busy: &[&str],
+    ) -> anyhow::Result<World> {
         let dir = tempfile::tempdir()?;
         let fleet = LocalFleet::start(dir.path(), &bin_dir()?, &REGIONS, env).await?;
         let mut client = ReleaseServiceClient::connect(fleet.controller.clone()).await?;
-        client
-            .apply_fleet(pb::ApplyFleetRequest {
-                request_id: "apply".into(),
-                manifest: MANIFEST.into(),
-            })
-            .await?;
-        let traffic = Traffic::start(&fleet, 200, 3, Duration::from_millis(10));
+        let request = pb::ApplyFleetRequest {
+            request_id: "apply".into(),
+            manifest: manifest.into(),
+        };
+        client.apply_fleet(request).await?;
+        let traffic = Traffic::start_in(&fleet, busy, 200, 3, Duration::from_millis(10));
         let splits: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
         for r in &fleet.regions {
             tokio::spawn(watch_split(
@@ -126,6 +134,33 @@ impl World {
             Some((0, rest)) => rest.to_vec(),
             _ => seen,
         }
+    }
+
+    /// The version of the table a region's proxy serves: how many tables it was given.
+    pub async fn table_version(&self, region: &str) -> anyhow::Result<u64> {
+        let r = self
+            .fleet
+            .regions
+            .iter()
+            .find(|r| r.name == region)
+            .context("no such region")?;
+        let _ = rustls_ring();
+        let url = format!("http://{}/routes", r.admin);
+        let table: serde_json::Value = reqwest::Client::new().get(url).send().await?.json().await?;
+        table["version"]
+            .as_u64()
+            .context("no version in GET /routes")
+    }
+
+    /// Runs `fleetctl ARGS --controller URL` and returns its exit code and output.
+    pub fn fleetctl(&self, args: &[&str]) -> anyhow::Result<(i32, String)> {
+        let out = std::process::Command::new(bin_dir()?.join("fleetctl"))
+            .args(args)
+            .args(["--controller", &self.fleet.controller])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.code().unwrap_or(-1), text))
     }
 
     pub async fn stop(mut self) {

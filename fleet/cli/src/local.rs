@@ -96,18 +96,25 @@ impl LocalFleet {
         Ok(())
     }
 
-    /// Starts (or restarts, on the same data directory) the controller.
-    pub async fn start_controller(&mut self) -> anyhow::Result<()> {
+    async fn start_controller(&mut self) -> anyhow::Result<()> {
+        self.spawn_controller("127.0.0.1:0").await
+    }
+
+    /// Kills the controller with SIGKILL and starts a new one on the same address and data
+    /// directory, as after a crash; the agents reconnect to it.
+    pub async fn crash_and_restart_controller(&mut self) -> anyhow::Result<()> {
+        self.stop_one("controller", rustix::process::Signal::KILL)
+            .await?;
+        let addr = self.controller.trim_start_matches("http://").to_string();
+        self.spawn_controller(&addr).await
+    }
+
+    async fn spawn_controller(&mut self, listen: &str) -> anyhow::Result<()> {
         let data = self.dir.join("controller");
+        let log = format!("controller-{}", self.children.len());
         let mut child = self
-            .command("fleet-controller", "controller")?
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--data",
-            ])
+            .command("fleet-controller", &log)?
+            .args(["--listen", listen, "--admin", "127.0.0.1:0", "--data"])
             .arg(&data)
             .stdout(Stdio::piped())
             .spawn()
@@ -253,11 +260,27 @@ pub struct Traffic {
 
 impl Traffic {
     pub fn start(fleet: &LocalFleet, users: usize, workers: usize, pause: Duration) -> Traffic {
+        let regions: Vec<&str> = fleet.regions.iter().map(|r| r.name.as_str()).collect();
+        Traffic::start_in(fleet, &regions, users, workers, pause)
+    }
+
+    /// Traffic through the proxies of `regions` only.
+    pub fn start_in(
+        fleet: &LocalFleet,
+        regions: &[&str],
+        users: usize,
+        workers: usize,
+        pause: Duration,
+    ) -> Traffic {
         let traffic = Traffic {
             counts: Counts::default(),
             stop: Arc::default(),
         };
-        for r in &fleet.regions {
+        for r in fleet
+            .regions
+            .iter()
+            .filter(|r| regions.contains(&r.name.as_str()))
+        {
             for worker in 0..workers {
                 let user = User {
                     region: r.name.clone(),
