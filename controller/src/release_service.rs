@@ -215,6 +215,7 @@ impl ReleaseService for Releases {
                 },
             );
             controller.step(&mut inner, &id, |_| {}).map_err(internal)?;
+            controller.baseline(&mut inner, &id).map_err(internal)?;
             let run = inner.releases.get(&id).ok_or_else(|| Status::internal("release vanished"))?;
             Ok(convert::release(&id, run.started_at_ms, &run.engine))
         })

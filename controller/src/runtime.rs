@@ -364,6 +364,52 @@ impl Controller {
         }
     }
 
+    /// Gives every region of release `id` that has never had a desired state its baseline:
+    /// the stable version alone. A region the controller has not steered before (the first
+    /// release of a service) then runs the version it is said to run, before its wave starts.
+    pub(crate) fn baseline(&self, inner: &mut Inner, id: &str) -> anyhow::Result<()> {
+        let Some(run) = inner.releases.get(id) else {
+            return Ok(());
+        };
+        let state = run.engine.state();
+        let manifest = run.engine.manifest();
+        let sticky = manifest
+            .strategy
+            .sticky
+            .as_ref()
+            .map(fleet_engine::output::StickyKey::from);
+        let mut fresh = Vec::new();
+        for region in manifest.regions.iter().map(|r| r.name.clone()) {
+            if inner.desired.contains_key(&region) {
+                continue;
+            }
+            let desired = fleet_engine::Desired {
+                seq: 0,
+                release: id.to_string(),
+                stable: state.spec.from_version.clone(),
+                canary: None,
+                replicas: manifest.service.workload.replicas,
+                traffic: fleet_engine::Traffic {
+                    sticky: sticky.clone(),
+                    ..Default::default()
+                },
+            };
+            fresh.push((region, convert::desired(self.epoch, manifest, &desired)));
+        }
+        for (region, d) in &fresh {
+            self.store.put_desired(region, &d.encode_to_vec())?;
+        }
+        for (region, d) in fresh {
+            for agent in inner.agents.values().filter(|a| a.region == region) {
+                let _ = agent.tx.send(Ok(pb::ControllerMessage {
+                    message: Some(pb::controller_message::Message::Desired(d.clone())),
+                }));
+            }
+            inner.desired.insert(region, d);
+        }
+        Ok(())
+    }
+
     pub(crate) fn put_fleet(
         &self,
         inner: &mut Inner,

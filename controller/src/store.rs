@@ -139,6 +139,13 @@ impl Store {
         Ok(())
     }
 
+    pub fn put_desired(&self, region: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(DESIRED)?.insert(region, bytes)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     pub fn releases(&self) -> anyhow::Result<Vec<(String, StoredRelease)>> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(RELEASES)?;

@@ -136,6 +136,25 @@ impl World {
         }
     }
 
+    /// Waits until `region`'s proxy was last seen serving `canary` basis points to the canary.
+    pub async fn wait_for_split(
+        &self,
+        region: &str,
+        canary: u32,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while self.splits_of(region).last() != Some(&canary) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{region} serves {:?}, not {canary}",
+                self.splits_of(region)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// The version of the table a region's proxy serves: how many tables it was given.
     pub async fn table_version(&self, region: &str) -> anyhow::Result<u64> {
         let r = self

@@ -88,7 +88,6 @@ impl Demo {
             })
             .await
             .map_err(status)?;
-        let traffic = Traffic::start(fleet, USERS, WORKERS_PER_REGION, PAUSE_BETWEEN_REQUESTS);
         let version = "v2";
         println!(
             "releasing {version}{} through 3 waves; {USERS} users per region send traffic\n",
@@ -110,6 +109,9 @@ impl Demo {
             .await
             .map_err(status)?
             .into_inner();
+        // Users come once every region serves v1.
+        fleet.wait_until_serving(Duration::from_secs(60)).await?;
+        let traffic = Traffic::start(fleet, USERS, WORKERS_PER_REGION, PAUSE_BETWEEN_REQUESTS);
         let fancy = std::io::IsTerminal::is_terminal(&std::io::stdout());
         progress::watch(&mut client, &release.id, Output::Table, fancy).await?;
         let end = client

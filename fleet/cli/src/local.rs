@@ -194,6 +194,31 @@ impl LocalFleet {
         Ok(())
     }
 
+    /// Waits until every region's proxy answers `GET /` with a 2xx.
+    pub async fn wait_until_serving(&self, within: Duration) -> anyhow::Result<()> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + within;
+        for r in &self.regions {
+            let url = format!("http://{}/", r.traffic);
+            loop {
+                let answer = http.get(&url).timeout(Duration::from_secs(1)).send().await;
+                if answer.is_ok_and(|a| a.status().is_success()) {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "region {} does not serve yet (see the logs in {})",
+                        r.name,
+                        self.dir.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Stops one started process by name (`controller`, `agent us-west`, …) with `signal`.
     pub async fn stop_one(
         &mut self,
