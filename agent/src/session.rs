@@ -73,11 +73,10 @@ async fn session(
                 let Some(pb::ControllerMessage { message: Some(pb::controller_message::Message::Desired(d)) }) = received? else {
                     anyhow::bail!("the controller ended the stream");
                 };
-                if d.epoch < *max_epoch {
+                if !accept(max_epoch, &d) {
                     tracing::warn!(epoch = d.epoch, max_epoch, "ignoring desired state from an older controller epoch");
                     continue;
                 }
-                *max_epoch = d.epoch;
                 desired.send_replace(Some(d));
             }
             _ = status.changed() => {
@@ -92,6 +91,42 @@ async fn session(
     }
 }
 
+/// Whether to take `d`: never from an older controller epoch than one already seen, so that a
+/// controller that lost its term cannot act after a new one took over.
+fn accept(max_epoch: &mut u64, d: &pb::DesiredState) -> bool {
+    if d.epoch < *max_epoch {
+        return false;
+    }
+    *max_epoch = d.epoch;
+    true
+}
+
 fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
     pb::AgentMessage { message: Some(m) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_state_from_an_older_epoch_is_ignored() {
+        let at = |epoch, seq| pb::DesiredState {
+            epoch,
+            seq,
+            ..Default::default()
+        };
+        let mut max = 0;
+        assert!(accept(&mut max, &at(2, 5)));
+        assert!(accept(&mut max, &at(2, 6)));
+        assert!(
+            !accept(&mut max, &at(1, 9)),
+            "an older controller lost its term"
+        );
+        assert!(
+            accept(&mut max, &at(3, 6)),
+            "a newer one may resend the same step"
+        );
+        assert_eq!(max, 3);
+    }
 }

@@ -171,18 +171,17 @@ impl ReleaseService for Releases {
                 .map(|(id, _)| id.clone())
                 .collect();
             let actor = if r.actor.is_empty() { "operator".to_string() } else { r.actor.clone() };
-            if let Some(id) = running.first() {
-                if !r.supersede {
-                    return Err(Status::failed_precondition(format!(
-                        "release {id} of {} is still running; wait for it, abort it, or pass supersede (fleetctl: --supersede) to roll it back and start this one",
-                        r.service
-                    )));
-                }
-                let now = Utc::now();
-                let event = Event::Operator { action: Action::Abort, actor: actor.clone(), reason: format!("superseded by {}", r.version) };
-                controller.step(&mut inner, id, |e| e.handle(now, event)).map_err(internal)?;
+            // Every check comes before any change, so that a refused request changes nothing.
+            if let (Some(id), false) = (running.first(), r.supersede) {
+                return Err(Status::failed_precondition(format!(
+                    "release {id} of {} is still running; wait for it, abort it, or pass supersede (fleetctl: --supersede) to roll it back and start this one",
+                    r.service
+                )));
             }
-            let from_version = match (from, r.from_version.is_empty()) {
+            // What runs now: the last version released, else what a superseded release rolls
+            // back to, else what the caller says.
+            let superseded_from = running.first().and_then(|id| inner.releases.get(id)).map(|run| run.engine.state().spec.from_version.clone());
+            let from_version = match (from.or(superseded_from), r.from_version.is_empty()) {
                 (Some(v), _) => v,
                 (None, false) => r.from_version.clone(),
                 (None, true) => {
@@ -194,6 +193,11 @@ impl ReleaseService for Releases {
             };
             if r.version.is_empty() || r.version == from_version {
                 return Err(Status::invalid_argument(format!("version \"{}\" is empty or already running", r.version)));
+            }
+            if let Some(id) = running.first() {
+                let now = Utc::now();
+                let event = Event::Operator { action: Action::Abort, actor: actor.clone(), reason: format!("superseded by {}", r.version) };
+                controller.step(&mut inner, id, |e| e.handle(now, event)).map_err(internal)?;
             }
             let id = format!("{}-{number}", r.service);
             let spec = ReleaseSpec {

@@ -466,3 +466,59 @@ async fn grpc_health_and_server_reflection_answer_for_any_grpc_client() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supersede_rolls_the_running_release_back_and_starts_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
+        .into_iter()
+        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
+        .collect();
+    let first = apply_and_start(&mut client).await;
+    wait_for(&mut client, &first, Duration::from_secs(30), |r| {
+        r.regions.iter().any(|g| g.canary_weight_bp > 0)
+    })
+    .await;
+    let request = pb::StartReleaseRequest {
+        request_id: "start-v3".into(),
+        service: "demo".into(),
+        version: "v3".into(),
+        supersede: true,
+        actor: "bob".into(),
+        ..Default::default()
+    };
+    let second = client.start_release(request).await.unwrap().into_inner();
+    assert_ne!(second.id, first);
+    assert_eq!(
+        second.from_version, "v1",
+        "the superseded release never became the stable version"
+    );
+    let old = client
+        .get_release(pb::GetReleaseRequest { id: first.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(old.phase.as_str(), "rolling_back" | "rolled_back"),
+        "{old:#?}"
+    );
+    let history = client
+        .history(pb::HistoryRequest { id: first })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.events.iter().any(|e| e.kind == "rollback_started"
+        && e.reason == "superseded by v3"
+        && e.actor == "bob"));
+    let done = wait_for(&mut client, &second.id, Duration::from_secs(60), |r| {
+        r.phase == "succeeded"
+    })
+    .await;
+    assert_eq!(done.to_version, "v3");
+    for (_, task) in agents.values() {
+        task.abort();
+    }
+    server.stop().await;
+}
