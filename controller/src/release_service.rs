@@ -164,6 +164,14 @@ impl ReleaseService for Releases {
                 .get(&r.service)
                 .map(|f| f.manifest.clone())
                 .ok_or_else(|| Status::not_found(format!("no fleet for service {}; apply its manifest first", r.service)))?;
+            let strategy_override = (!r.strategy_override.trim().is_empty()).then(|| r.strategy_override.clone());
+            let manifest = match &strategy_override {
+                Some(strategy) => Arc::new(fleet::with_strategy(&manifest, strategy).map_err(|diags| {
+                    let lines: Vec<String> = diags.iter().map(|d| d.in_file("strategy_override").to_string()).collect();
+                    Status::invalid_argument(format!("the strategy override is invalid; nothing changed:\n{}", lines.join("\n")))
+                })?),
+                None => manifest,
+            };
             let running: Vec<String> = inner
                 .releases
                 .iter()
@@ -214,6 +222,7 @@ impl ReleaseService for Releases {
                 Running {
                     engine: Engine::start(manifest, spec, now),
                     service: r.service.clone(),
+                    strategy_override,
                     started_at_ms: now.timestamp_millis(),
                     history_len: 0,
                 },

@@ -49,6 +49,7 @@ pub(crate) struct Fleet {
 pub(crate) struct Running {
     pub engine: Engine,
     pub service: String,
+    pub strategy_override: Option<String>,
     pub started_at_ms: i64,
     pub history_len: u64,
 }
@@ -86,12 +87,21 @@ impl Controller {
                 .fleets
                 .get(&r.service)
                 .with_context(|| format!("release {id} names unknown service {}", r.service))?;
-            let engine = Engine::restore(fleet.manifest.clone(), r.state);
+            let manifest = match &r.strategy_override {
+                Some(strategy) => Arc::new(
+                    fleet::with_strategy(&fleet.manifest, strategy).map_err(|d| {
+                        anyhow::anyhow!("release {id}'s strategy no longer validates: {d:?}")
+                    })?,
+                ),
+                None => fleet.manifest.clone(),
+            };
+            let engine = Engine::restore(manifest, r.state);
             inner.releases.insert(
                 id,
                 Running {
                     engine,
                     service: r.service,
+                    strategy_override: r.strategy_override,
                     started_at_ms: r.started_at_ms,
                     history_len: r.history_len,
                 },
@@ -158,6 +168,7 @@ impl Controller {
         let succeeded = state.phase == Phase::Succeeded;
         let record = StoredRelease {
             service: run.service.clone(),
+            strategy_override: run.strategy_override.clone(),
             started_at_ms: run.started_at_ms,
             history_len: run.history_len,
             state: state.clone(),

@@ -32,6 +32,9 @@ pub struct StoredRelease {
     pub started_at_ms: i64,
     /// How many history events the release has.
     pub history_len: u64,
+    /// The strategy the release was started with instead of the manifest's.
+    #[serde(default)]
+    pub strategy_override: Option<String>,
     pub state: State,
 }
 

@@ -522,3 +522,67 @@ async fn supersede_rolls_the_running_release_back_and_starts_the_new_one() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_may_override_the_strategy_and_a_bad_override_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
+        .into_iter()
+        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
+        .collect();
+    client
+        .apply_fleet(pb::ApplyFleetRequest {
+            request_id: "apply".into(),
+            manifest: QUICK.into(),
+        })
+        .await
+        .unwrap();
+    let start = |request_id: &str, strategy: &str| pb::StartReleaseRequest {
+        request_id: request_id.into(),
+        service: "demo".into(),
+        version: "v2".into(),
+        from_version: "v1".into(),
+        strategy_override: strategy.into(),
+        ..Default::default()
+    };
+    let refused = client
+        .start_release(start(
+            "bad",
+            "linear: { step_weight: 60, max_weight: 50, interval: 1s }",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("strategy_override:1:24: error: linear.step_weight: step_weight 60% is above max_weight 50%"), "{}", refused.message());
+    let none = client
+        .list_releases(pb::ListReleasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.releases.is_empty(), "a refused start changes nothing");
+    let release = client
+        .start_release(start(
+            "good",
+            "linear: { step_weight: 50, interval: 500ms }",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for(&mut client, &release.id, Duration::from_secs(60), |r| {
+        r.phase == "succeeded"
+    })
+    .await;
+    for (region, (applied, _)) in &agents {
+        assert_eq!(
+            weights(applied),
+            [5000, 10_000, 0],
+            "{region} followed the override, not the manifest"
+        );
+    }
+    for (_, task) in agents.values() {
+        task.abort();
+    }
+    server.stop().await;
+}

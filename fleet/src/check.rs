@@ -3,7 +3,7 @@
 //! zones) and every risky-but-legal choice as a warning.
 
 mod analysis;
-mod strategy;
+pub(crate) mod strategy;
 mod timing;
 mod values;
 

@@ -39,6 +39,30 @@ pub fn load(src: &str) -> Result<Loaded, Vec<Diagnostic>> {
     }
 }
 
+/// `manifest` with `strategy` — a strategy written as the manifest writes one, in YAML or
+/// JSON — in force for every region, instead of the manifest's, its waves' and its regions'.
+/// For a release that overrides the strategy; the diagnostics point into `strategy`'s text.
+pub fn with_strategy(manifest: &Manifest, strategy: &str) -> Result<Manifest, Vec<Diagnostic>> {
+    let fleet_yaml::Loaded {
+        value,
+        positions,
+        mut diags,
+    } = fleet_yaml::load::<wire::Strategy>(strategy);
+    let checked = value
+        .as_ref()
+        .and_then(|w| check::strategy::check(w, "", &mut check::Ctx::new(&positions, &mut diags)));
+    match checked {
+        Some(strategy) if !diags.has_errors() => {
+            let mut m = manifest.clone();
+            m.strategy = strategy;
+            m.waves.iter_mut().for_each(|w| w.strategy = None);
+            m.regions.iter_mut().for_each(|r| r.strategy = None);
+            Ok(m)
+        }
+        _ => Err(diags.into_sorted()),
+    }
+}
+
 /// The JSON Schema of the manifest, for editors.
 pub fn schema() -> serde_json::Value {
     fleet_yaml::schema_of::<wire::Manifest>()

@@ -52,3 +52,38 @@ fn every_invalid_manifest_yields_exactly_its_expected_diagnostics() {
         expect_test::expect_file![file.with_extension("expected")].assert_eq(&rendered);
     }
 }
+
+#[test]
+fn a_release_can_override_the_strategy_everywhere_and_a_bad_override_is_explained() {
+    let src = std::fs::read_to_string(examples_dir().join("linear-berlin-window.yaml")).unwrap();
+    let manifest = fleet::load(&src).unwrap().manifest;
+    let blue_green = fleet::with_strategy(&manifest, "blue_green: { standby: 10m }").unwrap();
+    let wave = &blue_green.waves[1];
+    let region = blue_green.region("eu-west-1").unwrap();
+    assert_eq!(
+        blue_green.strategy_for(wave, region).rollout.name(),
+        "blue-green"
+    );
+    let diags = fleet::with_strategy(
+        &manifest,
+        "canary:\n  steps: [{ weight: 50 }, { weight: 5 }]\n",
+    )
+    .unwrap_err();
+    let rendered: Vec<String> = diags
+        .iter()
+        .map(|d| d.in_file("override").to_string())
+        .collect();
+    assert_eq!(
+        rendered,
+        [
+            "override:2:37: error: canary.steps[1].weight: weight 5% is lower than the previous step's 50%; weights never decrease along the steps; reorder or fix them"
+        ]
+    );
+    let diags = fleet::with_strategy(&manifest, "canery: {}\n").unwrap_err();
+    assert!(
+        diags.iter().any(
+            |d| d.message == "unknown field \"canery\"" && d.help == "did you mean \"canary\"?"
+        ),
+        "{diags:?}"
+    );
+}

@@ -65,6 +65,10 @@ enum ReleaseVerb {
         /// The version running now, for the first release of a service.
         #[arg(long = "from", value_name = "VERSION")]
         from_version: Option<String>,
+        /// A file with a strategy, as the manifest writes one, to use for every region of this
+        /// release instead of the manifest's.
+        #[arg(long = "strategy", value_name = "FILE")]
+        strategy: Option<String>,
     },
     /// List releases.
     List {
@@ -161,7 +165,13 @@ impl Release {
                 emergency,
                 supersede,
                 from_version,
+                strategy,
             } => {
+                let strategy_override = match strategy {
+                    Some(file) => std::fs::read_to_string(&file)
+                        .with_context(|| format!("cannot read {file}"))?,
+                    None => String::new(),
+                };
                 let request = pb::StartReleaseRequest {
                     request_id: request_id(),
                     service,
@@ -170,6 +180,7 @@ impl Release {
                     supersede,
                     actor: actor(),
                     from_version: from_version.unwrap_or_default(),
+                    strategy_override,
                 };
                 client
                     .start_release(request)

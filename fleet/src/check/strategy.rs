@@ -43,17 +43,15 @@ pub(crate) fn check(w: &wire::Strategy, path: &str, cx: &mut Ctx<'_>) -> Option<
             None
         }
     };
-    let ab =
-        w.ab.as_ref()
-            .map(|ab| ab_phase(ab, &format!("{path}.ab"), cx));
+    let ab = w.ab.as_ref().map(|ab| ab_phase(ab, &sub(path, "ab"), cx));
     let mirror = w
         .mirror
         .as_ref()
-        .map(|m| mirror_phase(m, &format!("{path}.mirror"), cx));
+        .map(|m| mirror_phase(m, &sub(path, "mirror"), cx));
     let sticky = w
         .sticky
         .as_ref()
-        .map(|s| sticky(s, &format!("{path}.sticky"), cx));
+        .map(|s| sticky(s, &sub(path, "sticky"), cx));
     Some(Strategy {
         rollout: rollout?,
         ab: ab.map_or(Some(None), |a| a.map(Some))?,
@@ -64,11 +62,11 @@ pub(crate) fn check(w: &wire::Strategy, path: &str, cx: &mut Ctx<'_>) -> Option<
 
 fn rollout(w: &wire::Strategy, path: &str, cx: &mut Ctx<'_>) -> Option<Rollout> {
     if let Some(canary) = &w.canary {
-        return canary_steps(&canary.steps, &format!("{path}.canary.steps"), cx)
+        return canary_steps(&canary.steps, &sub(path, "canary.steps"), cx)
             .map(|steps| Rollout::Canary { steps });
     }
     if let Some(linear) = &w.linear {
-        let path = format!("{path}.linear");
+        let path = sub(path, "linear");
         let step = cx.weight(&format!("{path}.step_weight"), linear.step_weight);
         let max = match linear.max_weight {
             Some(m) => cx.weight(&format!("{path}.max_weight"), m),
@@ -99,7 +97,7 @@ fn rollout(w: &wire::Strategy, path: &str, cx: &mut Ctx<'_>) -> Option<Rollout> 
         });
     }
     let bg = w.blue_green.as_ref()?;
-    let path = format!("{path}.blue_green");
+    let path = sub(path, "blue_green");
     let smoke = bg
         .smoke
         .as_ref()
@@ -286,6 +284,15 @@ fn sticky(w: &wire::Sticky, path: &str, cx: &mut Ctx<'_>) -> Option<Sticky> {
             );
             None
         }
+    }
+}
+
+/// `path.key`, or `key` for a strategy checked on its own (a release's override).
+fn sub(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
     }
 }
 
