@@ -182,9 +182,20 @@ impl World {
         Ok((out.status.code().unwrap_or(-1), text))
     }
 
+    /// Stops every process the world started, and checks that none is left, service
+    /// instances of killed agents included.
     pub async fn stop(mut self) {
         self.traffic.stop();
         self.fleet.stop().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.fleet.leftovers().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            self.fleet.leftovers(),
+            Vec::<u32>::new(),
+            "processes left behind"
+        );
     }
 }
 

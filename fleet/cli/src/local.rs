@@ -26,6 +26,9 @@ pub struct LocalFleet {
     bin: PathBuf,
     /// Started processes, in start order.
     children: Vec<(String, Child)>,
+    /// The process group of every process ever started; each leads its own, and an agent's
+    /// service instances join its group, so they can be ended even after the agent was killed.
+    groups: Vec<u32>,
     /// The controller's gRPC URL.
     pub controller: String,
     pub regions: Vec<LocalRegion>,
@@ -65,6 +68,7 @@ impl LocalFleet {
             dir: dir.to_path_buf(),
             bin: bin.to_path_buf(),
             children: Vec::new(),
+            groups: Vec::new(),
             controller: String::new(),
             regions: Vec::new(),
         };
@@ -123,7 +127,7 @@ impl LocalFleet {
         let line = first_line_with(BufReader::new(stdout), "listening").await?;
         let grpc = field(&line, "grpc=").context("the controller did not say where it listens")?;
         self.controller = format!("http://{grpc}");
-        self.children.push(("controller".into(), child));
+        self.started(("controller".into(), child));
         Ok(())
     }
 
@@ -135,6 +139,7 @@ impl LocalFleet {
             "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntracks:\n  stable: { backends: [\"127.0.0.1:1\"] }\nroutes:\n  - split: { stable: 10000 }\n",
         )?;
         let mut child = Command::new(self.bin.join("fleet-proxy"))
+            .process_group(0)
             .arg("--config")
             .arg(&config)
             .env("NO_COLOR", "1")
@@ -150,7 +155,7 @@ impl LocalFleet {
         let line = first_line_with_logged(BufReader::new(stderr), "serving", log).await?;
         let traffic = field(&line, "traffic=").and_then(|a| a.split(',').next()?.parse().ok());
         let admin = field(&line, "admin=").and_then(|a| a.parse().ok());
-        self.children.push((format!("proxy {region}"), child));
+        self.started((format!("proxy {region}"), child));
         match (traffic, admin) {
             (Some(t), Some(a)) => Ok((t, a)),
             _ => bail!("fleet-proxy for {region} did not say where it listens: {line}"),
@@ -190,7 +195,7 @@ impl LocalFleet {
             command.env(k, v);
         }
         let child = command.spawn().context("starting fleet-agent")?;
-        self.children.push((format!("agent {region}"), child));
+        self.started((format!("agent {region}"), child));
         Ok(())
     }
 
@@ -217,6 +222,33 @@ impl LocalFleet {
             }
         }
         Ok(())
+    }
+
+    /// Processes still alive in the groups this fleet started: none, once `stop` is done.
+    pub fn leftovers(&self) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                // `pid (comm) state ppid pgrp …`; zombies are already dead.
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let mut fields = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or_default()
+                    .split_whitespace();
+                let state = fields.next();
+                let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+                state != Some("Z") && pgrp.is_some_and(|g| self.groups.contains(&g))
+            })
+            .collect()
+    }
+
+    fn started(&mut self, (name, child): (String, Child)) {
+        self.groups.extend(child.id());
+        self.children.push((name, child));
     }
 
     /// Stops one started process by name (`controller`, `agent us-west`, …) with `signal`.
@@ -258,6 +290,8 @@ impl LocalFleet {
                 let _ = child.kill().await;
             }
         }
+        // Whatever is left in their groups: instances of an agent that was killed.
+        kill_groups(&self.groups);
     }
 
     fn command(&self, binary: &str, log: &str) -> anyhow::Result<Command> {
@@ -268,6 +302,7 @@ impl LocalFleet {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
+            .process_group(0)
             .kill_on_drop(true);
         Ok(command)
     }
@@ -385,6 +420,23 @@ impl User {
                 .or_default() += 1;
             tokio::time::sleep(self.pause).await;
         }
+    }
+}
+
+impl Drop for LocalFleet {
+    /// A fleet dropped without `stop` (a failed test): end every process group at once.
+    fn drop(&mut self) {
+        kill_groups(&self.groups);
+    }
+}
+
+fn kill_groups(groups: &[u32]) {
+    let pids = groups
+        .iter()
+        .filter_map(|p| i32::try_from(*p).ok())
+        .filter_map(rustix::process::Pid::from_raw);
+    for pid in pids {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
 
