@@ -586,3 +586,87 @@ async fn a_release_may_override_the_strategy_and_a_bad_override_changes_nothing(
     }
     server.stop().await;
 }
+
+/// A webhook receiver on 127.0.0.1 that answers `503` to its first call and `200` after.
+async fn flaky_webhook() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let status = if n == 0 {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            let answer =
+                format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    (url, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_answering_503_pauses_the_release_and_resume_calls_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
+        .into_iter()
+        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
+        .collect();
+    let (url, calls) = flaky_webhook().await;
+    let manifest =
+        format!("{QUICK}webhooks:\n  - {{ on: pre-rollout, url: \"{url}\", timeout: 2s }}\n");
+    client
+        .apply_fleet(pb::ApplyFleetRequest {
+            request_id: "apply".into(),
+            manifest,
+        })
+        .await
+        .unwrap();
+    let request = pb::StartReleaseRequest {
+        request_id: "start".into(),
+        service: "demo".into(),
+        version: "v2".into(),
+        from_version: "v1".into(),
+        ..Default::default()
+    };
+    let id = client.start_release(request).await.unwrap().into_inner().id;
+    let paused = wait_for(&mut client, &id, Duration::from_secs(10), |r| {
+        r.phase == "paused"
+    })
+    .await;
+    assert!(paused.reason.contains("answered 503"), "{}", paused.reason);
+    assert!(
+        weights(&agents["us-west"].0).is_empty(),
+        "nothing moved before the hook passed"
+    );
+    client
+        .resume(pb::OperatorRequest {
+            request_id: "resume".into(),
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_for(&mut client, &id, Duration::from_secs(60), |r| {
+        r.phase == "succeeded"
+    })
+    .await;
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "called once, and again on resume"
+    );
+    for (_, task) in agents.values() {
+        task.abort();
+    }
+    server.stop().await;
+}
