@@ -140,6 +140,33 @@ fn fake_agent(
     (applied, task)
 }
 
+/// One test-only agent per region of the quick fleet, stopped when dropped.
+struct Agents(BTreeMap<&'static str, (Applied, tokio::task::JoinHandle<()>)>);
+
+fn fake_agents(server: &Server, canary_errors: f64) -> Agents {
+    let agents = ["us-west", "us-east", "eu-west"]
+        .into_iter()
+        .map(|r| (r, fake_agent(server.grpc.clone(), r, canary_errors)))
+        .collect();
+    Agents(agents)
+}
+
+impl std::ops::Index<&str> for Agents {
+    type Output = (Applied, tokio::task::JoinHandle<()>);
+
+    fn index(&self, region: &str) -> &Self::Output {
+        &self.0[region]
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for (_, task) in self.0.values() {
+            task.abort();
+        }
+    }
+}
+
 fn short(region: &str) -> &str {
     match region {
         "us-west" => "usw",
@@ -214,10 +241,7 @@ async fn a_release_runs_through_every_wave_over_grpc_and_watch_streams_it_all() 
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let mut client = server.client().await;
-    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
-        .into_iter()
-        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
-        .collect();
+    let agents = fake_agents(&server, 0.0);
     let id = apply_and_start(&mut client).await;
     let mut watch = client
         .watch(pb::WatchRequest {
@@ -250,7 +274,7 @@ async fn a_release_runs_through_every_wave_over_grpc_and_watch_streams_it_all() 
         .unwrap()
         .into_inner();
     assert_eq!(release.phase, "succeeded", "{release:#?}");
-    for (region, (applied, _)) in &agents {
+    for (region, (applied, _)) in &agents.0 {
         assert_eq!(
             weights(applied),
             [1000, 5000, 10_000, 0],
@@ -274,9 +298,6 @@ async fn a_release_runs_through_every_wave_over_grpc_and_watch_streams_it_all() 
         kinds.len(),
         "history holds every event watch streamed"
     );
-    for (_, task) in agents.values() {
-        task.abort();
-    }
     server.stop().await;
 }
 
@@ -285,10 +306,7 @@ async fn a_failing_canary_is_rolled_back_and_later_waves_never_start() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let mut client = server.client().await;
-    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
-        .into_iter()
-        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.05)))
-        .collect();
+    let agents = fake_agents(&server, 0.05);
     let id = apply_and_start(&mut client).await;
     let release = wait_for(&mut client, &id, Duration::from_secs(30), |r| {
         r.phase == "rolled_back"
@@ -301,9 +319,6 @@ async fn a_failing_canary_is_rolled_back_and_later_waves_never_start() {
     );
     assert_eq!(weights(&agents["us-west"].0), [1000, 0]);
     assert!(weights(&agents["us-east"].0).is_empty());
-    for (_, task) in agents.values() {
-        task.abort();
-    }
     server.stop().await;
 }
 
@@ -362,10 +377,7 @@ async fn a_restarted_controller_carries_on_from_the_same_step() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let mut client = server.client().await;
-    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
-        .into_iter()
-        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
-        .collect();
+    let agents = fake_agents(&server, 0.0);
     let id = apply_and_start(&mut client).await;
     let before = wait_for(&mut client, &id, Duration::from_secs(30), |r| {
         r.regions
@@ -374,9 +386,7 @@ async fn a_restarted_controller_carries_on_from_the_same_step() {
     })
     .await;
     server.stop().await;
-    for (_, task) in agents.values() {
-        task.abort();
-    }
+    drop(agents);
     // A new controller on the same data directory, and the agents reconnect to it.
     let server = Server::start(dir.path()).await;
     let mut client = server.client().await;
@@ -392,10 +402,7 @@ async fn a_restarted_controller_carries_on_from_the_same_step() {
             .map(|g| g.step)
     };
     assert!(step(&after) >= step(&before), "no step lost: {after:#?}");
-    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
-        .into_iter()
-        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
-        .collect();
+    let agents = fake_agents(&server, 0.0);
     wait_for(&mut client, &id, Duration::from_secs(60), |r| {
         r.phase == "succeeded"
     })
@@ -406,9 +413,6 @@ async fn a_restarted_controller_carries_on_from_the_same_step() {
         east.windows(2).all(|w| w[0] != w[1] || w[0] == 0),
         "no weight applied twice: {east:?}"
     );
-    for (_, task) in agents.values() {
-        task.abort();
-    }
     server.stop().await;
 }
 
@@ -472,10 +476,7 @@ async fn supersede_rolls_the_running_release_back_and_starts_the_new_one() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let mut client = server.client().await;
-    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
-        .into_iter()
-        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
-        .collect();
+    let _agents = fake_agents(&server, 0.0);
     let first = apply_and_start(&mut client).await;
     wait_for(&mut client, &first, Duration::from_secs(30), |r| {
         r.regions.iter().any(|g| g.canary_weight_bp > 0)
@@ -517,9 +518,6 @@ async fn supersede_rolls_the_running_release_back_and_starts_the_new_one() {
     })
     .await;
     assert_eq!(done.to_version, "v3");
-    for (_, task) in agents.values() {
-        task.abort();
-    }
     server.stop().await;
 }
 
@@ -528,10 +526,7 @@ async fn a_release_may_override_the_strategy_and_a_bad_override_changes_nothing(
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let mut client = server.client().await;
-    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
-        .into_iter()
-        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
-        .collect();
+    let agents = fake_agents(&server, 0.0);
     client
         .apply_fleet(pb::ApplyFleetRequest {
             request_id: "apply".into(),
@@ -574,15 +569,12 @@ async fn a_release_may_override_the_strategy_and_a_bad_override_changes_nothing(
         r.phase == "succeeded"
     })
     .await;
-    for (region, (applied, _)) in &agents {
+    for (region, (applied, _)) in &agents.0 {
         assert_eq!(
             weights(applied),
             [5000, 10_000, 0],
             "{region} followed the override, not the manifest"
         );
-    }
-    for (_, task) in agents.values() {
-        task.abort();
     }
     server.stop().await;
 }
@@ -617,10 +609,7 @@ async fn a_webhook_answering_503_pauses_the_release_and_resume_calls_it_again() 
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let mut client = server.client().await;
-    let agents: BTreeMap<&str, _> = ["us-west", "us-east", "eu-west"]
-        .into_iter()
-        .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
-        .collect();
+    let agents = fake_agents(&server, 0.0);
     let (url, calls) = flaky_webhook().await;
     let manifest =
         format!("{QUICK}webhooks:\n  - {{ on: pre-rollout, url: \"{url}\", timeout: 2s }}\n");
@@ -665,8 +654,5 @@ async fn a_webhook_answering_503_pauses_the_release_and_resume_calls_it_again() 
         2,
         "called once, and again on resume"
     );
-    for (_, task) in agents.values() {
-        task.abort();
-    }
     server.stop().await;
 }
