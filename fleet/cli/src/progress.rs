@@ -116,11 +116,13 @@ impl Bars {
             } else {
                 format!(" · {}", short(&g.last_verdict))
             };
-            bar.set_message(format!(
-                "{} {}{step}{verdict}",
-                render::percent(g.canary_weight_bp),
-                g.status
-            ));
+            // A promoted region runs the new version as its stable one: all of its traffic.
+            let share = if done {
+                "100%".to_string()
+            } else {
+                render::percent(g.canary_weight_bp)
+            };
+            bar.set_message(format!("{share} {}{step}{verdict}", g.status));
         }
     }
 
