@@ -63,9 +63,11 @@ impl Demo {
         println!("starting a local fleet in {} (logs there)", dir.display());
         let mut fleet = LocalFleet::start(&dir, &bin, &REGIONS, faults).await?;
         let result = tokio::select! {
+            // First: with --keep, the release has ended and a signal only ends the wait.
+            biased;
             r = self.release(&fleet) => r,
-            _ = tokio::signal::ctrl_c() => {
-                println!("\ninterrupted; stopping everything the demo started");
+            why = stop_signal() => {
+                println!("\n{why}; stopping everything the demo started");
                 Ok(ExitCode::from(130))
             }
         };
@@ -135,7 +137,7 @@ impl Demo {
                 "the fleet keeps running; Ctrl-C stops it (controller at {})",
                 fleet.controller
             );
-            let _ = tokio::signal::ctrl_c().await;
+            stop_signal().await;
         }
         traffic.stop();
         Ok(if ok {
@@ -151,5 +153,22 @@ async fn print_traffic(counts: &Counts) {
     for (region, by) in counts.lock().await.iter() {
         let parts: Vec<String> = by.iter().map(|(k, n)| format!("{k}: {n}")).collect();
         println!("  {region:<8} {}", parts.join(", "));
+    }
+}
+
+/// Ctrl-C, SIGTERM, or SIGHUP (the terminal closed): each stops what the demo started.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hangup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "interrupted";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
+        _ = hangup.recv() => "the terminal closed",
     }
 }
