@@ -194,19 +194,20 @@ fn bad_request(reason: &str) -> Response<Body> {
 /// Transfer-Encoding, or Content-Length sent twice.
 fn framing<B>(req: &Request<B>) -> Result<(), &'static str> {
     let h = req.headers();
-    let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if te.len() > 1
-        || te
-            .first()
-            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
+    // On every request: look at the headers in place, allocate nothing.
+    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
+    let first_te = te.next();
+    if te.next().is_some()
+        || first_te.is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
     {
         return Err("unsupported transfer-encoding");
     }
+    let has_te = first_te.is_some();
     let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
-    if cl > 1 || (cl == 1 && !te.is_empty()) {
+    if cl > 1 || (cl == 1 && has_te) {
         return Err("ambiguous message length");
     }
-    if req.version() == Version::HTTP_2 && !te.is_empty() {
+    if req.version() == Version::HTTP_2 && has_te {
         return Err("transfer-encoding is not allowed in HTTP/2");
     }
     Ok(())
