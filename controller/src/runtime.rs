@@ -40,6 +40,23 @@ pub(crate) struct Inner {
     next_conn: u64,
 }
 
+impl Inner {
+    /// Sends `d` to every connected agent of `region` and keeps it as the region's last
+    /// desired state, for agents that connect later.
+    fn deliver(&mut self, region: String, d: pb::DesiredState) {
+        for agent in self.agents.values().filter(|a| a.region == region) {
+            let _ = agent.tx.send(Ok(desired_message(d.clone())));
+        }
+        self.desired.insert(region, d);
+    }
+}
+
+fn desired_message(d: pb::DesiredState) -> pb::ControllerMessage {
+    pb::ControllerMessage {
+        message: Some(pb::controller_message::Message::Desired(d)),
+    }
+}
+
 pub(crate) struct Fleet {
     pub manifest: Arc<Manifest>,
     pub source: String,
@@ -186,12 +203,7 @@ impl Controller {
         })?;
         // Durable: now it may leave.
         for (region, d) in desired {
-            for agent in inner.agents.values().filter(|a| a.region == region) {
-                let _ = agent.tx.send(Ok(pb::ControllerMessage {
-                    message: Some(pb::controller_message::Message::Desired(d.clone())),
-                }));
-            }
-            inner.desired.insert(region, d);
+            inner.deliver(region, d);
         }
         for (index, e) in &events {
             let _ = self.events.send(convert::event(id, *index, e));
@@ -254,9 +266,7 @@ impl Controller {
         inner.next_conn += 1;
         let conn = inner.next_conn;
         if let Some(d) = inner.desired.get(&hello.region) {
-            let _ = tx.send(Ok(pb::ControllerMessage {
-                message: Some(pb::controller_message::Message::Desired(d.clone())),
-            }));
+            let _ = tx.send(Ok(desired_message(d.clone())));
         }
         tracing::info!(region = %hello.region, cluster = %hello.cluster, version = %hello.agent_version, "agent connected");
         inner.agents.insert(
@@ -411,12 +421,7 @@ impl Controller {
             self.store.put_desired(region, &d.encode_to_vec())?;
         }
         for (region, d) in fresh {
-            for agent in inner.agents.values().filter(|a| a.region == region) {
-                let _ = agent.tx.send(Ok(pb::ControllerMessage {
-                    message: Some(pb::controller_message::Message::Desired(d.clone())),
-                }));
-            }
-            inner.desired.insert(region, d);
+            inner.deliver(region, d);
         }
         Ok(())
     }
