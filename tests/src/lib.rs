@@ -163,9 +163,13 @@ impl World {
             .iter()
             .find(|r| r.name == region)
             .context("no such region")?;
-        let _ = rustls_ring();
         let url = format!("http://{}/routes", r.admin);
-        let table: serde_json::Value = reqwest::Client::new().get(url).send().await?.json().await?;
+        let table: serde_json::Value = fleetctl::local::http_client()
+            .get(url)
+            .send()
+            .await?
+            .json()
+            .await?;
         table["version"]
             .as_u64()
             .context("no version in GET /routes")
@@ -201,8 +205,7 @@ impl World {
 
 /// Records each change of the canary share a proxy serves.
 async fn watch_split(region: String, url: String, splits: Arc<Mutex<BTreeMap<String, Vec<u32>>>>) {
-    let _ = rustls_ring();
-    let http = reqwest::Client::new();
+    let http = fleetctl::local::http_client();
     loop {
         if let Ok(response) = http.get(&url).timeout(Duration::from_secs(1)).send().await
             && let Ok(table) = response.json::<serde_json::Value>().await
@@ -217,11 +220,4 @@ async fn watch_split(region: String, url: String, splits: Arc<Mutex<BTreeMap<Str
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// reqwest is built without a default TLS provider; install ring, as the product does.
-fn rustls_ring() -> bool {
-    rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_ok()
 }

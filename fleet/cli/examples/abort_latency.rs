@@ -20,7 +20,6 @@ const TRIALS: usize = 5;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let bin = std::env::current_exe()?
         .parent()
         .and_then(|p| p.parent())
@@ -58,7 +57,7 @@ async fn trials(fleet: &LocalFleet) -> anyhow::Result<Vec<f64>> {
             manifest: manifest(),
         })
         .await?;
-    let http = reqwest::Client::new();
+    let http = fleetctl::local::http_client();
     let mut samples = Vec::new();
     for trial in 0..TRIALS {
         let version = format!("v{}", trial + 2);

@@ -201,8 +201,7 @@ impl LocalFleet {
 
     /// Waits until every region's proxy answers `GET /` with a 2xx.
     pub async fn wait_until_serving(&self, within: Duration) -> anyhow::Result<()> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::new();
+        let http = http_client();
         let deadline = tokio::time::Instant::now() + within;
         for r in &self.regions {
             let url = format!("http://{}/", r.traffic);
@@ -379,17 +378,14 @@ struct User {
 
 impl User {
     async fn run(self, counts: Counts, stop: Arc<AtomicBool>) {
-        // reqwest is built without a default TLS provider; install ring, as the other parts do.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_default();
+        let http = http_client();
         let mut cookies: BTreeMap<usize, String> = BTreeMap::new();
         let mut user = self.first;
         while !stop.load(Relaxed) {
             user = (user + self.step) % self.users.max(1);
-            let mut request = http.get(format!("http://{}/", self.proxy));
+            let mut request = http
+                .get(format!("http://{}/", self.proxy))
+                .timeout(Duration::from_secs(5));
             if let Some(c) = cookies.get(&user) {
                 request = request.header("cookie", c.as_str());
             }
@@ -421,6 +417,13 @@ impl User {
             tokio::time::sleep(self.pause).await;
         }
     }
+}
+
+/// An HTTP client for talking to the fleet. reqwest is built without a default TLS provider
+/// (no C toolchain for aws-lc); install ring first, as every part of Fleet does.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
 
 impl Drop for LocalFleet {
