@@ -17,6 +17,9 @@ impl Engine {
         };
         match self.state.wave_state.clone() {
             WaveState::Waiting { approved, .. } => {
+                let waiting = What::WaveWaiting {
+                    wave: wave.name.clone(),
+                };
                 if self.state.wave == 0 && !self.pre_rollout_passed(now) {
                     return false;
                 }
@@ -25,13 +28,7 @@ impl Engine {
                         "wave {} waits for approval (fleetctl release promote)",
                         wave.name
                     );
-                    self.note_waiting(
-                        now,
-                        What::WaveWaiting {
-                            wave: wave.name.clone(),
-                        },
-                        note,
-                    );
+                    self.note_waiting(now, waiting, note);
                     return false;
                 }
                 if self.state.spec.emergency.is_none() {
@@ -48,13 +45,7 @@ impl Engine {
                             ),
                             None => format!("wave {} has no window left to start in", wave.name),
                         };
-                        self.note_waiting(
-                            now,
-                            What::WaveWaiting {
-                                wave: wave.name.clone(),
-                            },
-                            note,
-                        );
+                        self.note_waiting(now, waiting, note);
                         return false;
                     }
                 }
