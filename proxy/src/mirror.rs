@@ -97,7 +97,13 @@ async fn run(shared: &Shared, job: Job) {
     };
     let name = active.table.track(track).name().to_string();
     let start = active.next_index(track);
-    let sending = send(&shared.clients, active.backends(track), start, &name, out);
+    let sending = send(
+        &shared.settings.upstream,
+        active.backends(track),
+        start,
+        &name,
+        out,
+    );
     let outcome = tokio::time::timeout(shared.settings.mirror.timeout, async {
         let resp = sending.await.ok()?;
         let status = resp.status().as_u16();

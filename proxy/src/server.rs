@@ -205,22 +205,23 @@ async fn accept_loop(
             .connections_accepted
             .fetch_add(1, Relaxed);
         let _ = stream.set_nodelay(true);
-        let conn = Conn {
-            peer,
-            tls: tls.is_some(),
-            verdicts: Verdicts::default(),
-        };
+        let verdicts = Verdicts::default();
+        let conn = Arc::new(Conn::new(peer, tls.is_some(), verdicts.clone()));
         let (shared, builder, watcher) = (shared.clone(), builder.clone(), graceful.watcher());
         match &tls {
             None => {
-                tokio::spawn(serve(stream, conn, shared, builder, watcher, permit));
+                tokio::spawn(serve(
+                    stream, conn, verdicts, shared, builder, watcher, permit,
+                ));
             }
             Some(slot) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(slot.load_full());
                 let handshake_timeout = shared.settings.limits.header_read_timeout;
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve(tls, conn, shared, builder, watcher, permit).await,
+                        Ok(Ok(tls)) => {
+                            serve(tls, conn, verdicts, shared, builder, watcher, permit).await
+                        }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
@@ -232,7 +233,8 @@ async fn accept_loop(
 
 async fn serve<I>(
     io: I,
-    conn: Conn,
+    conn: Arc<Conn>,
+    verdicts: Verdicts,
     shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
     watcher: Watcher,
@@ -240,11 +242,7 @@ async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = Scan::new(
-        io,
-        shared.settings.limits.max_header_bytes,
-        conn.verdicts.clone(),
-    );
+    let io = Scan::new(io, shared.settings.limits.max_header_bytes, verdicts);
     let svc = service_fn(move |req| service::handle(shared.clone(), conn.clone(), req));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     if let Err(e) = watcher.watch(connection.into_owned()).await {

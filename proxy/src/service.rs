@@ -19,18 +19,30 @@ use crate::stats::Source;
 use crate::upstream::{Failure, Outgoing, send};
 
 /// What the proxy knows about the client connection a request came on.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Conn {
-    pub peer: SocketAddr,
-    pub tls: bool,
+    /// The client's IP address, as `X-Forwarded-For` names it.
+    peer_ip: HeaderValue,
+    tls: bool,
     /// What the raw bytes showed of each HTTP/1 request head, in order.
-    pub verdicts: Verdicts,
+    verdicts: Verdicts,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, tls: bool, verdicts: Verdicts) -> Self {
+        let ip = peer.ip().to_string();
+        Conn {
+            peer_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
+            tls,
+            verdicts,
+        }
+    }
 }
 
 #[tracing::instrument(level = "debug", skip_all, fields(method = %req.method(), path = req.uri().path()))]
 pub async fn handle(
     shared: Arc<Shared>,
-    conn: Conn,
+    conn: Arc<Conn>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
@@ -129,7 +141,7 @@ pub async fn handle(
     let start = active.next_index(decision.track);
     let counters = active.counters(decision.route, decision.track, Source::Primary);
     let mut resp = match send(
-        &shared.clients,
+        &shared.settings.upstream,
         active.backends(decision.track),
         start,
         track.name(),
@@ -234,7 +246,9 @@ fn connection_has(h: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// `Connection` comes first: `strip_hop_by_hop` looks for it at index 0.
+const HOPS: usize = 7;
+const HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -251,51 +265,79 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Removes hop-by-hop headers and those the `Connection` header names. `te: trailers` stays:
 /// gRPC needs it end to end. With `upgrade`, `Connection: upgrade` and `Upgrade` stay.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for name in named {
-        h.remove(name);
+    // One look at the names finds the few present, without hashing; most messages carry
+    // none, or only `Connection: keep-alive`.
+    let mut present = [false; HOPS];
+    let mut te = false;
+    for name in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
+        te |= name == header::TE;
     }
-    for name in HOP_BY_HOP {
-        if !(upgrade && (name == header::CONNECTION || name == header::UPGRADE)) {
+    if present[0] {
+        // Headers the `Connection` header names are hop-by-hop too.
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for name in named {
+            h.remove(name);
+        }
+    }
+    for (name, present) in HOP_BY_HOP.into_iter().zip(present) {
+        let kept = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+        if present && !kept {
             h.remove(name);
         }
     }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let keep_te = h
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !keep_te {
+    let keep_te = te
+        && h.get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if te && !keep_te {
         h.remove(header::TE);
     }
 }
 
 fn forwarded_headers(h: &mut HeaderMap, conn: &Conn, upgrade: bool) {
     strip_hop_by_hop(h, upgrade);
-    // Only the proxy marks mirrored copies; a client cannot pass for one.
-    h.remove(X_FLEET_MIRROR);
-    let ip = conn.peer.ip().to_string();
-    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert(X_FORWARDED_FOR, v);
+    let (mut mirror, mut prior_xff, mut xfh) = (false, false, false);
+    for k in h.keys() {
+        mirror |= k == X_FLEET_MIRROR;
+        prior_xff |= k == X_FORWARDED_FOR;
+        xfh |= k == X_FORWARDED_HOST;
     }
+    // Only the proxy marks mirrored copies; a client cannot pass for one.
+    if mirror {
+        h.remove(X_FLEET_MIRROR);
+    }
+    let xff = match prior_xff {
+        false => conn.peer_ip.clone(),
+        true => {
+            let prior = h.get_all(X_FORWARDED_FOR).iter();
+            let mut joined = prior.fold(Vec::new(), |mut all, v| {
+                all.extend_from_slice(v.as_bytes());
+                all.extend_from_slice(b", ");
+                all
+            });
+            joined.extend_from_slice(conn.peer_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.peer_ip.clone())
+        }
+    };
+    h.insert(X_FORWARDED_FOR, xff);
     let proto = if conn.tls { "https" } else { "http" };
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     // HTTP/2 backends get the backend address as `:authority`; the client's host stays here.
-    if !h.contains_key(X_FORWARDED_HOST)
-        && let Some(host) = h.get(header::HOST).cloned()
-    {
+    if !xfh && let Some(host) = h.get(header::HOST).cloned() {
         h.insert(X_FORWARDED_HOST, host);
     }
 }

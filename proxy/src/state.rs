@@ -10,7 +10,7 @@ use fleet_proxy_router::{RouteId, Table, TrackId};
 use crate::config::Settings;
 use crate::mirror::Mirror;
 use crate::stats::{Counters, Source, Stats};
-use crate::upstream::{Backend, Clients};
+use crate::upstream::Backend;
 
 /// A table in force, with what the data plane resolved for it once, off the hot path:
 /// each track's backends (whose health outlives the table) and each route × track's counters.
@@ -44,7 +44,6 @@ pub struct Shared {
     install: Mutex<()>,
     health: Mutex<HashMap<String, Arc<Backend>>>,
     pub stats: Stats,
-    pub clients: Clients,
     pub mirror: Mirror,
     pub draining: AtomicBool,
 }
@@ -59,7 +58,6 @@ pub enum InstallError {
 
 impl Shared {
     pub fn new(settings: Settings, table: Table) -> Arc<Shared> {
-        let clients = Clients::new(&settings.upstream);
         let stats = Stats::default();
         let health = Mutex::default();
         let first = resolve(1, table, &health, &stats);
@@ -70,7 +68,6 @@ impl Shared {
             install: Mutex::new(()),
             health,
             stats,
-            clients,
             mirror,
             draining: AtomicBool::new(false),
         });

@@ -35,6 +35,8 @@ pub enum Mode {
 pub struct Backend {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicUsize>,
     /// Dropping it ends the accept loop and, with it, every connection.
     _stop: oneshot::Sender<()>,
     task: Option<JoinHandle<()>>,
@@ -47,26 +49,30 @@ impl Backend {
         let hits = Arc::new(AtomicUsize::new(0));
         let (stop, mut stopped) = oneshot::channel::<()>();
         let counter = hits.clone();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let accepted = conns.clone();
         let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
+            let mut served = tokio::task::JoinSet::new();
             loop {
                 let (stream, _) = tokio::select! {
                     _ = &mut stopped => break,
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let counter = counter.clone();
-                conns.spawn(async move {
+                served.spawn(async move {
                     let svc = service_fn(move |req| answer(name, mode, counter.clone(), req));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
                 });
             }
-            conns.abort_all();
+            served.abort_all();
         });
         Backend {
             addr,
             hits,
+            conns,
             _stop: stop,
             task: Some(task),
         }
@@ -74,6 +80,10 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
     }
 }
 

@@ -1,8 +1,12 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 use crate::support::{Backend, Mode, Proxy, client, dead_addr, send};
 
@@ -97,5 +101,71 @@ async fn a_backend_slower_than_the_request_timeout_gets_504() {
         .unwrap();
     let (status, _, _) = send(&client(), req).await.unwrap();
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn one_upstream_connection_serves_requests_one_after_another() {
+    let backend = Backend::start("stable", Mode::Normal).await;
+    let proxy = Proxy::start(&config(&[backend.addr], "{}")).await;
+    let c = client();
+    for i in 0..20 {
+        let req = match i % 2 {
+            0 => Request::get(proxy.url("/")).body(Full::default()),
+            _ => Request::post(proxy.url("/")).body(Full::new(Bytes::from_static(b"body"))),
+        };
+        let (status, _, body) = send(&c, req.unwrap()).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    }
+    assert_eq!(backend.hits(), 20);
+    assert_eq!(
+        backend.conns(),
+        1,
+        "every request after the first reuses the connection"
+    );
+    proxy.stop().await;
+}
+
+/// A backend that answers one request per connection, as keep-alive, and then closes it: the
+/// connection the proxy pooled is dead by the time the next request comes.
+async fn one_shot_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let accepted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The request head and its 4-byte body.
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") || !seen.ends_with(b"body") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nstable";
+                let _ = stream.write_all(answer).await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn a_connection_the_backend_closed_is_not_reused_so_even_a_post_succeeds() {
+    let (addr, conns) = one_shot_backend().await;
+    let proxy = Proxy::start(&config(&[addr], "{ retries: 0, eject_after: 1000 }")).await;
+    let c = client();
+    for _ in 0..10 {
+        let req = Request::post(proxy.url("/"))
+            .body(Full::new(Bytes::from_static(b"body")))
+            .unwrap();
+        let (status, _, body) = send(&c, req).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 10);
     proxy.stop().await;
 }

@@ -1,0 +1,64 @@
+//! One backend address: its passive health and its pool of connections, shared by every
+//! table that names it.
+
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use crate::config::Upstream;
+
+use super::pool::Pool;
+
+/// Process start, the origin of the millisecond clock that ejections use.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: String,
+    /// `addr` parsed once; `None` only for an address the table check would have refused.
+    pub(super) authority: Option<http::uri::Authority>,
+    /// `addr` when it is an IP address and port, so that connecting needs no lookup.
+    pub(super) socket: Option<SocketAddr>,
+    pub(super) pool: Pool,
+    failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+}
+
+impl Backend {
+    pub fn new(addr: &str) -> Self {
+        Backend {
+            addr: addr.to_string(),
+            authority: addr.parse().ok(),
+            socket: addr.parse().ok(),
+            pool: Pool::default(),
+            failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.ejected_until_ms.load(Relaxed) <= now_ms()
+    }
+
+    pub(super) fn succeeded(&self) {
+        // Most requests succeed: read before writing, so the line stays shared.
+        if self.failures.load(Relaxed) != 0 {
+            self.failures.store(0, Relaxed);
+        }
+    }
+
+    pub(super) fn failed(&self, cfg: &Upstream) {
+        if self.failures.fetch_add(1, Relaxed) + 1 >= cfg.eject_after {
+            self.failures.store(0, Relaxed);
+            let until = now_ms()
+                .saturating_add(u64::try_from(cfg.eject_for.as_millis()).unwrap_or(u64::MAX));
+            self.ejected_until_ms.store(until, Relaxed);
+            tracing::warn!(backend = %self.addr, "backend ejected after consecutive failures");
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Backends: round robin over healthy ones, retries, passive ejection. The connections
+//! themselves are in [`pool`].
+
+mod backend;
+mod pool;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, Response, Uri, Version};
+
+pub use backend::Backend;
+pub use pool::UpstreamBody;
+
+use crate::body::Body;
+use crate::config::Upstream;
+
+/// Why no response came from any backend; each maps to one status in `service::failure`.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("no healthy backend for track {0}")]
+    NoHealthyBackend(String),
+    #[error("upstream timed out")]
+    Timeout,
+    #[error("upstream failed: {0}")]
+    Upstream(#[source] pool::Error),
+}
+
+/// A request to send, kept as parts so that a retry can rebuild it.
+pub struct Outgoing {
+    pub parts: http::request::Parts,
+    pub body: Option<Body>,
+    pub http2: bool,
+    /// Idempotent and without a body: may be sent again after a failure before the response.
+    pub retryable: bool,
+}
+
+/// Sends the request to the track's backends, round robin from `start`, skipping ejected
+/// ones; retries only when `retryable`, and never once response headers arrived.
+pub async fn send(
+    cfg: &Upstream,
+    backends: &[Arc<Backend>],
+    start: usize,
+    track: &str,
+    mut out: Outgoing,
+) -> Result<Response<UpstreamBody>, Failure> {
+    let deadline = Instant::now() + cfg.request_timeout;
+    let tries = if out.retryable { cfg.retries + 1 } else { 1 };
+    let mut last = None;
+    for attempt in 0..tries {
+        let healthy = (0..backends.len())
+            .map(|i| &backends[(start + attempt as usize + i) % backends.len()])
+            .find(|b| b.healthy());
+        let Some(backend) = healthy else {
+            return Err(Failure::NoHealthyBackend(track.to_string()));
+        };
+        let req = build(&mut out, backend, attempt + 1 == tries)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let limit = if out.retryable {
+            left.min(cfg.per_try_timeout)
+        } else {
+            left
+        };
+        let sending = pool::request(backend, req, out.http2, cfg.connect_timeout);
+        match tokio::time::timeout(limit, sending).await {
+            Ok(Ok(resp)) => {
+                match resp.status().as_u16() {
+                    502..=504 => backend.failed(cfg),
+                    _ => backend.succeeded(),
+                }
+                return Ok(resp);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(backend = %backend.addr, error = %e, attempt, "upstream try failed");
+                backend.failed(cfg);
+                last = Some(Failure::Upstream(e));
+            }
+            Err(_) => {
+                backend.failed(cfg);
+                last = Some(Failure::Timeout);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure::Timeout);
+        }
+    }
+    Err(last.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())))
+}
+
+/// The request for one try; the last try takes the headers instead of copying them.
+fn build(out: &mut Outgoing, backend: &Backend, last: bool) -> Result<Request<Body>, Failure> {
+    let path = out
+        .parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let uri = match out.http2 {
+        // HTTP/1.1 sends the origin form; the backend reads the host from `Host`.
+        false => Uri::from(path),
+        // HTTP/2 sends `:scheme` and `:authority`, taken from an absolute URI.
+        true => {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = backend.authority.clone();
+            uri.path_and_query = Some(path);
+            Uri::from_parts(uri).map_err(|_| Failure::NoHealthyBackend(backend.addr.clone()))?
+        }
+    };
+    let body = match out.body.take() {
+        Some(body) => body,
+        None => crate::body::empty(),
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = out.parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = if out.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    *req.headers_mut() = match last {
+        true => std::mem::take(&mut out.parts.headers),
+        false => out.parts.headers.clone(),
+    };
+    if out.http2 {
+        req.headers_mut().remove(http::header::HOST);
+    }
+    Ok(req)
+}
