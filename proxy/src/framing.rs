@@ -113,67 +113,78 @@ impl<I> Scan<I> {
                     None => bytes = &[],
                 },
                 State::Head | State::ChunkSize | State::Trailers => {
-                    let (line_mode, taken) = self.take_until_line(bytes);
-                    bytes = &bytes[taken..];
-                    if let Some(done) = line_mode {
-                        self.on_unit(done);
-                    }
+                    bytes = self.take_unit(bytes);
                 }
             }
         }
     }
 
-    /// Appends to `head` up to the end of the current unit: a whole head (blank line) in
-    /// `Head` and `Trailers`, one line in `ChunkSize`. Returns the unit when complete and
-    /// how many bytes it took.
-    fn take_until_line(&mut self, bytes: &[u8]) -> (Option<Vec<u8>>, usize) {
-        let whole_head = !matches!(self.state, State::ChunkSize);
-        let mut at = 0;
+    /// Takes bytes of the current unit: a whole head (up to its blank line) in `Head` and
+    /// `Trailers`, one line in `ChunkSize`. A unit that arrived whole in one read is judged
+    /// where it lies; only one split across reads is copied into `head`. Returns the rest.
+    fn take_unit<'b>(&mut self, mut bytes: &'b [u8]) -> &'b [u8] {
         // Blank lines before a request line are skipped, as hyper does.
         if matches!(self.state, State::Head) && self.head.is_empty() {
-            at = bytes
+            let skip = bytes
                 .iter()
                 .position(|b| *b != b'\r' && *b != b'\n')
                 .unwrap_or(bytes.len());
+            bytes = &bytes[skip..];
         }
-        // Line by line: only a line end can complete a unit.
-        while let Some(end) = bytes[at..].iter().position(|b| *b == b'\n') {
-            let line = &bytes[at..at + end + 1];
-            at += end + 1;
-            let blank = line == b"\n" || line == b"\r\n";
-            // A blank line ends a head; in a head split across reads it may follow a lone
-            // `\r` or `\n` kept from the previous read.
-            let ends = blank || (line == b"\n" && self.head.ends_with(b"\r"));
-            self.head.extend_from_slice(line);
-            let complete = !whole_head
-                || (ends
-                    && (self.head.len() == line.len()
-                        || self.head.ends_with(b"\n\n")
-                        || self.head.ends_with(b"\n\r\n")));
-            let trailers_done =
-                matches!(self.state, State::Trailers) && blank && self.head.len() == line.len();
-            if complete || trailers_done {
-                return (Some(std::mem::take(&mut self.head)), at);
+        let Some(end) = self.unit_end(bytes) else {
+            self.head.extend_from_slice(bytes);
+            if self.head.len() > self.max_head {
+                // hyper refuses heads this large (431); nothing to follow.
+                self.state = State::Off;
             }
+            return &[];
+        };
+        let (unit, rest) = bytes.split_at(end);
+        if self.head.is_empty() {
+            self.on_unit(unit);
+        } else {
+            let mut head = std::mem::take(&mut self.head);
+            head.extend_from_slice(unit);
+            self.on_unit(&head);
         }
-        self.head.extend_from_slice(&bytes[at..]);
-        if self.head.len() > self.max_head {
-            // hyper refuses heads this large (431); nothing to follow.
-            self.state = State::Off;
-        }
-        (None, bytes.len())
+        rest
     }
 
-    fn on_unit(&mut self, unit: Vec<u8>) {
+    /// Where in `bytes` the unit begun in `head` ends (just past its last line end).
+    fn unit_end(&self, bytes: &[u8]) -> Option<usize> {
+        let whole_head = !matches!(self.state, State::ChunkSize);
+        let prev = &self.head;
+        // The byte `back` places before position `i` of `bytes`, looking into `head`.
+        let before = |i: usize, back: usize| match i.checked_sub(back) {
+            Some(j) => Some(bytes[j]),
+            None => (prev.len() + i).checked_sub(back).map(|j| prev[j]),
+        };
+        let mut from = 0;
+        while let Some(at) = memchr::memchr(b'\n', &bytes[from..]) {
+            let i = from + at;
+            from = i + 1;
+            if !whole_head {
+                return Some(from);
+            }
+            // A blank line: the head is only that line, or a line end comes before it.
+            let blank_lf = before(i, 1).is_none_or(|b| b == b'\n');
+            let blank_crlf = before(i, 1) == Some(b'\r') && before(i, 2).is_none_or(|b| b == b'\n');
+            if blank_lf || blank_crlf {
+                return Some(from);
+            }
+        }
+        None
+    }
+
+    fn on_unit(&mut self, unit: &[u8]) {
         self.state = match self.state {
-            State::Head => self.on_head(&unit),
+            State::Head => self.on_head(unit),
             State::ChunkSize => {
-                let line = String::from_utf8_lossy(&unit);
-                let size = line.split(';').next().unwrap_or("").trim();
-                match u64::from_str_radix(size, 16) {
-                    Ok(0) => State::Trailers,
-                    Ok(n) => State::ChunkData(n),
-                    Err(_) => State::Off,
+                let size = unit.split(|b| *b == b';').next().unwrap_or_default();
+                match std::str::from_utf8(size.trim_ascii()).map(|s| u64::from_str_radix(s, 16)) {
+                    Ok(Ok(0)) => State::Trailers,
+                    Ok(Ok(n)) => State::ChunkData(n),
+                    _ => State::Off,
                 }
             }
             State::Trailers => State::Head,
@@ -182,28 +193,41 @@ impl<I> Scan<I> {
     }
 
     fn on_head(&mut self, head: &[u8]) -> State {
-        let text = String::from_utf8_lossy(head);
-        let mut lines = text.split('\n').map(|l| l.trim_end_matches('\r'));
-        let request_line = lines.next().unwrap_or("");
-        if request_line.starts_with("PRI * HTTP/2") {
+        let mut start = 0;
+        let mut lines = memchr::memchr_iter(b'\n', head)
+            .chain([head.len()])
+            .map(|end| {
+                let line = &head[start.min(end)..end];
+                start = end + 1;
+                line.strip_suffix(b"\r").unwrap_or(line)
+            });
+        let request_line = lines.next().unwrap_or_default();
+        if request_line.starts_with(b"PRI * HTTP/2") {
             return State::Off;
         }
-        let (mut lengths, mut codings, mut upgrade) =
-            (Vec::new(), Vec::new(), request_line.starts_with("CONNECT "));
+        let mut upgrade = request_line.starts_with(b"CONNECT ");
+        let (mut lengths, mut codings) = (0, 0);
+        let (mut first_length, mut last_coding): (Option<&[u8]>, Option<&[u8]>) = (None, None);
         for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
+            let Some(colon) = memchr::memchr(b':', line) else {
                 continue;
             };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                lengths.push(value.to_string());
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                codings.push(value.to_ascii_lowercase());
-            } else if name.eq_ignore_ascii_case("upgrade") {
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+            // Lengths differ: most names are settled without comparing them.
+            if !matches!(name.len(), 7 | 14 | 17) {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"content-length") {
+                lengths += 1;
+                first_length.get_or_insert(value);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                codings += 1;
+                last_coding = Some(value);
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
                 upgrade = true;
             }
         }
-        let verdict = match (lengths.len(), codings.len()) {
+        let verdict = match (lengths, codings) {
             (1.., 1..) => Verdict::Refuse("both content-length and transfer-encoding"),
             (2.., _) => Verdict::Refuse("more than one content-length"),
             _ => Verdict::Clean,
@@ -212,15 +236,18 @@ impl<I> Scan<I> {
         if verdict != Verdict::Clean || upgrade {
             return State::Off;
         }
-        match (lengths.first(), codings.last()) {
-            (_, Some(coding)) if coding.rsplit(',').next().map(str::trim) == Some("chunked") => {
-                State::ChunkSize
+        match (first_length, last_coding) {
+            (_, Some(coding)) => {
+                let last = coding.rsplit(|b| *b == b',').next().unwrap_or_default();
+                match last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    true => State::ChunkSize,
+                    false => State::Off,
+                }
             }
-            (_, Some(_)) => State::Off,
-            (Some(len), None) => match len.parse::<u64>() {
-                Ok(0) => State::Head,
-                Ok(n) => State::Fixed(n),
-                Err(_) => State::Off,
+            (Some(len), None) => match std::str::from_utf8(len).map(str::parse::<u64>) {
+                Ok(Ok(0)) => State::Head,
+                Ok(Ok(n)) => State::Fixed(n),
+                _ => State::Off,
             },
             (None, None) => State::Head,
         }
