@@ -320,7 +320,7 @@ impl Builder<'_> {
                         );
                         return None;
                     }
-                    Some(Some(Sticky::Header(h.as_str().to_string())))
+                    Some(Some(Sticky::Header(h)))
                 }
                 Err(_) => {
                     self.error(

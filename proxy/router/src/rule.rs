@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, Method, header};
+use http::{HeaderMap, HeaderName, Method, header};
 use regex::Regex;
 
 use crate::{RequestView, TrackId};
@@ -26,7 +26,7 @@ impl Rule {
 
 #[derive(Clone, Debug)]
 pub(crate) enum Condition {
-    Header(String, Test),
+    Header(HeaderName, Test),
     Cookie(String, Test),
     Query(String, Test),
     Method(Vec<Method>),
@@ -62,7 +62,7 @@ impl Condition {
             // A header sent several times matches if any of its values does; values that are
             // not UTF-8 never match a value test but still count as present.
             Condition::Header(name, test) => {
-                let mut values = req.headers.get_all(name.as_str()).iter().peekable();
+                let mut values = req.headers.get_all(name).iter().peekable();
                 match test {
                     Test::Present => values.peek().is_some(),
                     Test::Absent => values.peek().is_none(),
@@ -79,20 +79,23 @@ impl Condition {
 /// The value of cookie `name` across every `Cookie` header (HTTP/2 sends one per cookie).
 /// When a name appears more than once the first wins, as browsers send the most specific
 /// path first. Surrounding double quotes are removed.
+/// A value that is not UTF-8 is taken as missing.
 pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
+    // Bytes, not `str`: only the value found needs checking, not every cookie of the request.
+    let name = name.as_bytes();
+    let value = headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| k.trim() == name)
-        .map(|(_, v)| {
-            let v = v.trim();
-            v.strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or(v)
-        })
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .find_map(|pair| {
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            (pair[..eq].trim_ascii() == name).then(|| pair[eq + 1..].trim_ascii())
+        })?;
+    let value = value
+        .strip_prefix(b"\"")
+        .and_then(|v| v.strip_suffix(b"\""))
+        .unwrap_or(value);
+    std::str::from_utf8(value).ok()
 }
 
 /// The first value of query parameter `name`, percent-decoded (`+` is a space). A parameter

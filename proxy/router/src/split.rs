@@ -1,6 +1,6 @@
 //! The weighted split: basis points, sticky buckets, and the cookie that keeps a user put.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use crate::TrackId;
 use crate::rule::cookie;
@@ -82,7 +82,7 @@ pub enum Sticky {
         secure: bool,
     },
     /// In a header; a request without it gets a random bucket and no cookie.
-    Header(String),
+    Header(HeaderName),
 }
 
 /// How the bucket of a request was found.
@@ -124,7 +124,7 @@ impl Sticky {
                     )
                 }
             },
-            Sticky::Header(name) => match headers.get(name.as_str()).map(|v| v.as_bytes()) {
+            Sticky::Header(name) => match headers.get(name).map(|v| v.as_bytes()) {
                 Some(key) if !key.is_empty() => (bucket_of(key), Bucketing::Sticky),
                 _ => (random_bucket(random), Bucketing::Random),
             },

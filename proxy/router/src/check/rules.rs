@@ -15,7 +15,7 @@ impl Builder<'_> {
             let field = format!("{at}.header");
             match HeaderName::from_bytes(h.name.as_bytes()) {
                 Ok(name) => match self.test(&field, h) {
-                    Some(test) => out.push(Condition::Header(name.as_str().to_string(), test)),
+                    Some(test) => out.push(Condition::Header(name, test)),
                     None => ok = false,
                 },
                 Err(_) => {
