@@ -10,7 +10,7 @@ use bytes::Bytes;
 use fleet_proxy_router::{RouteId, TrackId};
 use http::HeaderValue;
 use http_body_util::BodyExt;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use crate::config::MirrorLimits;
 use crate::state::{Active, Shared};
@@ -41,7 +41,9 @@ impl Mirror {
         }
     }
 
-    /// Starts the dispatcher; it ends when `shared` is dropped.
+    /// Starts `concurrency` workers that take copies off the queue one at a time; they end
+    /// when `shared` is dropped. Long-lived workers, not a task per copy: a copy then costs
+    /// a queue hand-off rather than a spawn.
     pub fn start(shared: &Arc<Shared>) {
         let rx = shared
             .mirror
@@ -49,21 +51,21 @@ impl Mirror {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let Some(mut rx) = rx else { return };
-        let weak = Arc::downgrade(shared);
-        let slots = Arc::new(Semaphore::new(shared.settings.mirror.concurrency));
-        tokio::spawn(async move {
-            while let Some(job) = rx.recv().await {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let Some(shared) = weak.upgrade() else { return };
-                tokio::spawn(async move {
+        let Some(rx) = rx else { return };
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..shared.settings.mirror.concurrency {
+            let (rx, weak) = (rx.clone(), Arc::downgrade(shared));
+            tokio::spawn(async move {
+                loop {
+                    // One idle worker waits on the queue; the others wait for their turn.
+                    let Some(job) = rx.lock().await.recv().await else {
+                        return;
+                    };
+                    let Some(shared) = weak.upgrade() else { return };
                     run(&shared, job).await;
-                    drop(slot);
-                });
-            }
-        });
+                }
+            });
+        }
     }
 
     /// Queues a copy if there is room; otherwise counts it as shed.
