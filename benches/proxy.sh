@@ -176,7 +176,7 @@ h2() {
   awk '/finished in/ {print $4}' <<<"$out" | tr -d ','
 }
 
-# Resident memory (MiB) after opening $IDLE idle keep-alive connections, each after one request.
+# Resident memory (MiB) after opening $IDLE keep-alive connections, each idle after one request.
 cat >"$WORK/idle.py" <<'EOF'
 import socket, sys, time
 port, n, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -200,6 +200,8 @@ rss_idle() { # pid, port, connections
     kill "$client"; wait "$client" 2>/dev/null || true
     echo "-"; return
   fi
+  # Idle for two seconds first: fleet-proxy parks a connection after one second of quiet.
+  sleep 2
   local kib=0
   for p in $1 $(pgrep -P "$1" || true); do kib=$((kib + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done
   kill "$client"; wait "$client" 2>/dev/null || true

@@ -97,6 +97,9 @@ pub struct UpstreamSpec {
     pub eject_after: Option<u32>,
     /// How long an ejected backend gets no traffic. Default: `10s`.
     pub eject_for: Option<String>,
+    /// Idle HTTP/1.1 connections kept open to each backend for reuse; more are closed.
+    /// Default: 128.
+    pub max_idle_per_backend: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
@@ -110,6 +113,8 @@ pub struct LimitsSpec {
     pub max_header_bytes: Option<u32>,
     /// Time to receive a request head, against slowloris. Default: `10s`.
     pub header_read_timeout: Option<String>,
+    /// How long a keep-alive connection may wait for its next request. Default: `60s`.
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
@@ -140,6 +145,7 @@ pub struct Upstream {
     pub retries: u32,
     pub eject_after: u32,
     pub eject_for: Duration,
+    pub max_idle_per_backend: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -148,6 +154,7 @@ pub struct Limits {
     pub max_headers: usize,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]

@@ -13,9 +13,11 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What the raw head of one request showed.
@@ -26,21 +28,42 @@ pub enum Verdict {
     Refuse(&'static str),
 }
 
-/// Verdicts of one connection, in request order.
-#[derive(Clone, Debug, Default)]
-pub struct Verdicts(Arc<Mutex<VecDeque<Verdict>>>);
+/// What the raw bytes of one connection showed: a verdict per request head, in order, and
+/// whether the connection is idle between requests (see [`Seen::idle_io`]).
+#[derive(Debug, Default)]
+pub struct Seen {
+    verdicts: Mutex<VecDeque<Verdict>>,
+    /// Every byte read so far belongs to a complete request: no partial head or body.
+    between_messages: AtomicBool,
+    /// The last read found nothing waiting.
+    read_blocked: AtomicBool,
+    /// The last write or flush could not finish.
+    write_blocked: AtomicBool,
+}
 
-impl Verdicts {
+impl Seen {
     /// The verdict on the next HTTP/1 request of the connection, if the scan saw its head.
     pub fn next(&self) -> Option<Verdict> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        self.verdicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
     }
 
     fn push(&self, v: Verdict) {
-        self.0
+        self.verdicts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push_back(v);
+    }
+
+    /// Nothing half-read, nothing waiting to be written, and the last read came back empty:
+    /// the bytes say the connection is between requests. (Whether a request is still being
+    /// answered is for the service to say.)
+    pub fn idle_io(&self) -> bool {
+        self.between_messages.load(Relaxed)
+            && self.read_blocked.load(Relaxed)
+            && !self.write_blocked.load(Relaxed)
     }
 }
 
@@ -64,21 +87,49 @@ enum State {
 /// The connection, passed through unchanged, with the framing followed on the side.
 pub struct Scan<I> {
     inner: I,
+    /// Bytes read off `inner` earlier and not yet passed on, already scanned.
+    replay: Bytes,
     state: State,
     head: Vec<u8>,
     max_head: usize,
-    verdicts: Verdicts,
+    seen: Arc<Seen>,
 }
 
 impl<I> Scan<I> {
-    pub fn new(inner: I, max_head: usize, verdicts: Verdicts) -> Self {
-        Scan {
+    /// `read` are bytes already taken off `inner` (a protocol sniff); they are read first.
+    pub fn new(inner: I, read: Bytes, max_head: usize, seen: Arc<Seen>) -> Self {
+        let mut scan = Scan {
             inner,
+            replay: Bytes::new(),
             state: State::Head,
             head: Vec::new(),
             max_head,
-            verdicts,
+            seen,
+        };
+        scan.feed(&read);
+        scan.replay = read;
+        scan.note_position();
+        scan
+    }
+
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
+
+    /// Puts back bytes that were read through this scan but not consumed (hyper's read
+    /// buffer when a connection is taken apart); they are read again first.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
         }
+        let mut all = bytes.to_vec();
+        all.extend_from_slice(&self.replay);
+        self.replay = Bytes::from(all);
+    }
+
+    fn note_position(&self) {
+        let between = matches!(self.state, State::Head) && self.head.is_empty();
+        self.seen.between_messages.store(between, Relaxed);
     }
 
     fn feed(&mut self, mut bytes: &[u8]) {
@@ -232,7 +283,7 @@ impl<I> Scan<I> {
             (2.., _) => Verdict::Refuse("more than one content-length"),
             _ => Verdict::Clean,
         };
-        self.verdicts.push(verdict);
+        self.seen.push(verdict);
         if verdict != Verdict::Clean || upgrade {
             return State::Off;
         }
@@ -260,12 +311,27 @@ impl<I: AsyncRead + Unpin> AsyncRead for Scan<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
         let this = &mut *self;
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.seen.read_blocked.store(polled.is_pending(), Relaxed);
         if polled.is_ready() && !matches!(this.state, State::Off) {
             this.feed(&buf.filled()[before..]);
         }
+        this.note_position();
+        polled
+    }
+}
+
+impl<I> Scan<I> {
+    fn note_write<T>(&self, polled: Poll<T>) -> Poll<T> {
+        self.seen.write_blocked.store(polled.is_pending(), Relaxed);
         polled
     }
 }
@@ -276,7 +342,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Scan<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(polled)
     }
 
     fn poll_write_vectored(
@@ -284,7 +351,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Scan<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -292,7 +360,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Scan<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note_write(polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -305,12 +374,12 @@ mod tests {
     use super::*;
 
     fn scan(chunks: &[&[u8]]) -> Vec<Verdict> {
-        let verdicts = Verdicts::default();
-        let mut s = Scan::new((), 65_536, verdicts.clone());
+        let seen = Arc::new(Seen::default());
+        let mut s = Scan::new((), Bytes::new(), 65_536, seen.clone());
         for c in chunks {
             s.feed(c);
         }
-        std::iter::from_fn(|| verdicts.next()).collect()
+        std::iter::from_fn(|| seen.next()).collect()
     }
 
     #[test]

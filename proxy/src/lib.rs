@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod framing;
 pub mod mirror;
 pub mod reload;

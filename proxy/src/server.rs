@@ -1,5 +1,5 @@
-//! Listeners and connections: accept with a connection limit, optional TLS, HTTP/1.1 and
-//! HTTP/2 on the same port, graceful drain on shutdown.
+//! Listeners: accept with a connection limit, optional TLS, graceful drain on shutdown.
+//! Each connection is then [`crate::conn`]'s.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,18 +12,14 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use fleet_proxy_router::Table;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 
-use crate::config::{Limits, Settings};
-use crate::framing::{Scan, Verdicts};
+use crate::config::Settings;
+use crate::conn::{self, Conn};
 use crate::mirror::Mirror;
-use crate::service::{self, Conn};
 use crate::state::Shared;
 
 /// A traffic listener's TLS config, swapped whole when certificates are reloaded.
@@ -90,23 +86,20 @@ impl Server {
             config_path,
         } = self;
         Mirror::start(&shared);
+        // `stop` ends the accept loops and the file watcher; `drain` then tells every
+        // connection to finish what it started, and is closed once they all have.
         let (stop_tx, stop_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
-        let builder = builder(&shared.settings.limits);
+        let (drain_tx, drain_rx) = watch::channel(false);
         let mut loops = Vec::new();
         let mut slots = Vec::new();
         for (listener, tls) in traffic {
             slots.push(tls.clone());
-            let (shared, graceful, stop, builder) = (
-                shared.clone(),
-                graceful.clone(),
-                stop_rx.clone(),
-                builder.clone(),
-            );
+            let (shared, stop, drain) = (shared.clone(), stop_rx.clone(), drain_rx.clone());
             loops.push(tokio::spawn(accept_loop(
-                listener, tls, shared, builder, graceful, stop,
+                listener, tls, shared, stop, drain,
             )));
         }
+        drop(drain_rx);
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let admin_loop = tokio::spawn(admin_loop(admin, shared.clone(), admin_stop_rx));
         if let Some(path) = config_path {
@@ -128,12 +121,9 @@ impl Server {
         for l in loops {
             let _ = l.await;
         }
-        // The accept loops held the other references; they are done.
-        if let Ok(graceful) = Arc::try_unwrap(graceful)
-            && tokio::time::timeout(shared.settings.drain_timeout, graceful.shutdown())
-                .await
-                .is_err()
-        {
+        let _ = drain_tx.send(true);
+        let drained = tokio::time::timeout(shared.settings.drain_timeout, drain_tx.closed());
+        if drained.await.is_err() {
             tracing::warn!("drain deadline passed with requests still in flight");
         }
         let _ = admin_stop_tx.send(true);
@@ -148,33 +138,12 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    let mut http1 = b.http1();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .keep_alive(true);
-    // hyper's own limit is 100, parsed on the stack; any explicit limit costs a heap buffer
-    // per request, so only set one that differs.
-    if limits.max_headers != 100 {
-        http1.max_headers(limits.max_headers);
-    }
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1_000);
-    b
-}
-
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsSlot>,
     shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
-    graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(shared.settings.limits.max_connections));
     loop {
@@ -190,29 +159,24 @@ async fn accept_loop(
                 }
             },
         };
+        let global = &shared.stats.global;
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            shared
-                .stats
-                .global
-                .connections_rejected
-                .fetch_add(1, Relaxed);
+            global.connections_rejected.fetch_add(1, Relaxed);
             drop(stream);
             continue;
         };
-        shared
-            .stats
-            .global
-            .connections_accepted
-            .fetch_add(1, Relaxed);
+        global.connections_accepted.fetch_add(1, Relaxed);
+        global.connections_open.fetch_add(1, Relaxed);
         let _ = stream.set_nodelay(true);
-        let verdicts = Verdicts::default();
-        let conn = Arc::new(Conn::new(peer, tls.is_some(), verdicts.clone()));
-        let (shared, builder, watcher) = (shared.clone(), builder.clone(), graceful.watcher());
+        let conn = Arc::new(Conn::new(peer, tls.is_some()));
+        let (shared, drain) = (shared.clone(), drain.clone());
         match &tls {
             None => {
-                tokio::spawn(serve(
-                    stream, conn, verdicts, shared, builder, watcher, permit,
-                ));
+                tokio::spawn(async move {
+                    conn::serve(stream, conn, false, &shared, drain).await;
+                    shared.stats.global.connections_open.fetch_sub(1, Relaxed);
+                    drop(permit);
+                });
             }
             Some(slot) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(slot.load_full());
@@ -220,35 +184,18 @@ async fn accept_loop(
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            serve(tls, conn, verdicts, shared, builder, watcher, permit).await
+                            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                            conn::serve(tls, conn, h2, &shared, drain).await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
+                    shared.stats.global.connections_open.fetch_sub(1, Relaxed);
+                    drop(permit);
                 });
             }
         }
     }
-}
-
-async fn serve<I>(
-    io: I,
-    conn: Arc<Conn>,
-    verdicts: Verdicts,
-    shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-    permit: OwnedSemaphorePermit,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let io = Scan::new(io, shared.settings.limits.max_header_bytes, verdicts);
-    let svc = service_fn(move |req| service::handle(shared.clone(), conn.clone(), req));
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    if let Err(e) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
-    drop(permit);
 }
 
 async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {

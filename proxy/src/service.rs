@@ -1,7 +1,7 @@
 //! The per-request path: refuse ambiguous input, route with the table in force, forward,
 //! count. Errors become HTTP responses in one place, [`failure`].
 
-use std::net::SocketAddr;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -12,43 +12,23 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::body::{Body, Tee, TeeEnd, boxed, full};
-use crate::framing::{Verdict, Verdicts};
+use crate::conn::Conn;
+use crate::framing::Verdict;
 use crate::mirror::Job;
 use crate::state::Shared;
 use crate::stats::Source;
 use crate::upstream::{Failure, Outgoing, send};
 
-/// What the proxy knows about the client connection a request came on.
-#[derive(Debug)]
-pub struct Conn {
-    /// The client's IP address, as `X-Forwarded-For` names it.
-    peer_ip: HeaderValue,
-    tls: bool,
-    /// What the raw bytes showed of each HTTP/1 request head, in order.
-    verdicts: Verdicts,
-}
-
-impl Conn {
-    pub fn new(peer: SocketAddr, tls: bool, verdicts: Verdicts) -> Self {
-        let ip = peer.ip().to_string();
-        Conn {
-            peer_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
-            tls,
-            verdicts,
-        }
-    }
-}
-
 #[tracing::instrument(level = "debug", skip_all, fields(method = %req.method(), path = req.uri().path()))]
-pub async fn handle(
+pub(crate) async fn handle(
     shared: Arc<Shared>,
     conn: Arc<Conn>,
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, std::convert::Infallible> {
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let raw = match req.version() {
         Version::HTTP_2 => None,
-        _ => conn.verdicts.next(),
+        _ => conn.seen.next(),
     };
     if let Some(Verdict::Refuse(reason)) = raw {
         shared.stats.global.bad_requests.fetch_add(1, Relaxed);

@@ -60,7 +60,7 @@ impl Shared {
     pub fn new(settings: Settings, table: Table) -> Arc<Shared> {
         let stats = Stats::default();
         let health = Mutex::default();
-        let first = resolve(1, table, &health, &stats);
+        let first = resolve(1, table, &settings, &health, &stats);
         let mirror = Mirror::new(&settings.mirror);
         let shared = Arc::new(Shared {
             settings,
@@ -92,7 +92,13 @@ impl Shared {
         if let Some(expected) = expected.filter(|e| *e != current) {
             return Err(InstallError::Conflict { expected, current });
         }
-        let next = resolve(current + 1, table, &self.health, &self.stats);
+        let next = resolve(
+            current + 1,
+            table,
+            &self.settings,
+            &self.health,
+            &self.stats,
+        );
         self.active.store(Arc::new(next));
         self.stats
             .global
@@ -106,6 +112,7 @@ impl Shared {
 fn resolve(
     version: u64,
     table: Table,
+    settings: &Settings,
     health: &Mutex<HashMap<String, Arc<Backend>>>,
     stats: &Stats,
 ) -> Active {
@@ -118,7 +125,7 @@ fn resolve(
                 .map(|addr| {
                     health
                         .entry(addr.clone())
-                        .or_insert_with(|| Arc::new(Backend::new(addr)))
+                        .or_insert_with(|| Arc::new(Backend::new(addr, &settings.upstream)))
                         .clone()
                 })
                 .collect()

@@ -67,6 +67,10 @@ impl Counters {
 /// Process-wide counters that belong to no route.
 #[derive(Debug, Default)]
 pub struct Global {
+    /// Gauge: client connections open now.
+    pub connections_open: AtomicU64,
+    /// Gauge: HTTP/1.1 connections waiting for their next request without buffers.
+    pub connections_idle: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub connections_rejected: AtomicU64,
     pub bad_requests: AtomicU64,
@@ -153,6 +157,8 @@ impl Stats {
             "latency_bounds_ms": BUCKETS_MS,
             "series": series,
             "proxy": {
+                "connections_open": g.connections_open.load(Relaxed),
+                "connections_idle": g.connections_idle.load(Relaxed),
                 "connections_accepted": g.connections_accepted.load(Relaxed),
                 "connections_rejected": g.connections_rejected.load(Relaxed),
                 "bad_requests": g.bad_requests.load(Relaxed),
@@ -205,6 +211,8 @@ mod tests {
               "proxy": {
                 "bad_requests": 0,
                 "connections_accepted": 0,
+                "connections_idle": 0,
+                "connections_open": 0,
                 "connections_rejected": 0,
                 "mirror_shed": 0,
                 "mirror_skipped_body_too_large": 0,

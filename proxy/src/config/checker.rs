@@ -90,6 +90,7 @@ impl Checker<'_> {
             retries: u.retries.unwrap_or(3),
             eject_after: u.eject_after.unwrap_or(5).max(1),
             eject_for: self.duration("upstream.eject_for", &u.eject_for, 10_000)?,
+            max_idle_per_backend: u.max_idle_per_backend.unwrap_or(128) as usize,
         };
         let limits = Limits {
             max_connections: l.max_connections.unwrap_or(10_000) as usize,
@@ -101,6 +102,7 @@ impl Checker<'_> {
                 &l.header_read_timeout,
                 10_000,
             )?,
+            idle_timeout: self.duration("limits.idle_timeout", &l.idle_timeout, 60_000)?,
         };
         let mirror = MirrorLimits {
             queue: m.queue.unwrap_or(1024).max(1) as usize,

@@ -131,13 +131,27 @@ impl Stats {
             head(&mut out, &name, "counter", help);
             let _ = writeln!(out, "{name} {}", v.load(Relaxed));
         }
-        head(
-            &mut out,
-            "fleet_proxy_table_version",
-            "gauge",
-            "Version of the route table in force.",
-        );
-        let _ = writeln!(out, "fleet_proxy_table_version {table_version}");
+        for (name, help, v) in [
+            (
+                "connections_open",
+                "Client connections open now.",
+                g.connections_open.load(Relaxed),
+            ),
+            (
+                "connections_idle",
+                "HTTP/1.1 client connections idle between requests, holding no buffers.",
+                g.connections_idle.load(Relaxed),
+            ),
+            (
+                "table_version",
+                "Version of the route table in force.",
+                table_version,
+            ),
+        ] {
+            let name = format!("fleet_proxy_{name}");
+            head(&mut out, &name, "gauge", help);
+            let _ = writeln!(out, "{name} {v}");
+        }
         out
     }
 }

@@ -30,12 +30,12 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(addr: &str) -> Self {
+    pub fn new(addr: &str, cfg: &Upstream) -> Self {
         Backend {
             addr: addr.to_string(),
             authority: addr.parse().ok(),
             socket: addr.parse().ok(),
-            pool: Pool::default(),
+            pool: Pool::new(cfg.max_idle_per_backend),
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
         }

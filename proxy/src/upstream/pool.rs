@@ -24,14 +24,14 @@ use crate::body::Body;
 
 /// Idle HTTP/1 connections older than this are closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle HTTP/1 connections kept per backend; more are closed.
-const MAX_IDLE: usize = 1024;
 /// How long a connection whose response has ended may take to accept the next request.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pool {
     idle: Mutex<VecDeque<(Instant, http1::SendRequest<Body>)>>,
+    /// Idle HTTP/1 connections kept; more are closed.
+    max_idle: usize,
     http2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
@@ -47,6 +47,14 @@ pub enum Error {
 }
 
 impl Pool {
+    pub fn new(max_idle: usize) -> Self {
+        Pool {
+            idle: Mutex::default(),
+            max_idle,
+            http2: Mutex::default(),
+        }
+    }
+
     fn take(&self) -> Option<http1::SendRequest<Body>> {
         let mut idle = lock(&self.idle);
         while let Some((since, tx)) = idle.pop_back() {
@@ -66,7 +74,7 @@ impl Pool {
         {
             idle.pop_front();
         }
-        if idle.len() < MAX_IDLE {
+        if idle.len() < self.max_idle {
             idle.push_back((now, tx));
         }
     }

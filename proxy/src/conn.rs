@@ -1,0 +1,311 @@
+//! One client connection, from its first byte to its close: HTTP/2 or HTTP/1.1, plain or
+//! TLS, drained on shutdown.
+//!
+//! Between two requests an HTTP/1.1 connection holds no buffers. hyper keeps an 8 KiB read
+//! and an 8 KiB write buffer for as long as its connection object lives, so once a
+//! connection is idle (nothing half read, nothing unwritten, no request being answered) the
+//! connection object is taken apart and the socket alone waits for the next bytes, as nginx
+//! does with its keep-alive connections; a new hyper connection takes over when they come.
+//! 10,000 idle connections then cost a few KiB each instead of 16.
+
+use std::convert::Infallible;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::body::{Body, BoxError};
+use crate::config::Limits;
+use crate::framing::{Scan, Seen};
+use crate::server::stopped;
+use crate::state::Shared;
+
+/// What the proxy knows about the client connection a request came on.
+#[derive(Debug)]
+pub struct Conn {
+    /// The client's IP address, as `X-Forwarded-For` names it.
+    pub(crate) peer_ip: HeaderValue,
+    pub(crate) tls: bool,
+    /// What the raw bytes showed: each HTTP/1 request head's verdict, and idleness.
+    pub(crate) seen: Arc<Seen>,
+    /// Requests taken and not yet answered to the last byte of their response body.
+    in_flight: AtomicUsize,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let ip = peer.ip().to_string();
+        Conn {
+            peer_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
+            tls,
+            seen: Arc::default(),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// No request is being answered and the bytes show nothing half done.
+    fn idle(&self) -> bool {
+        self.in_flight.load(Relaxed) == 0 && self.seen.idle_io()
+    }
+}
+
+/// A socket that can wait for bytes without reading them.
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Socket for TcpStream {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Only called after a read came back empty, so rustls holds no plaintext: new bytes
+        // can only come from the socket.
+        self.get_ref().0.poll_read_ready(cx)
+    }
+}
+
+/// The start of every HTTP/2 connection with prior knowledge (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves a connection until it closes, or until `drain` turns true and it has finished what
+/// it started. `h2`: TLS negotiated HTTP/2 (ALPN); otherwise the first bytes tell.
+pub async fn serve<S: Socket>(
+    mut io: S,
+    conn: Arc<Conn>,
+    h2: bool,
+    shared: &Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let limits = &shared.settings.limits;
+    let (h2, read) = match h2 {
+        true => (true, Bytes::new()),
+        false => match tokio::time::timeout(limits.header_read_timeout, sniff(&mut io)).await {
+            Ok(Ok(sniffed)) => sniffed,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "connection failed before a request"),
+            Err(_) => return tracing::debug!("no request before header_read_timeout"),
+        },
+    };
+    let io = Scan::new(io, read, limits.max_header_bytes, conn.seen.clone());
+    let served = match h2 {
+        // Boxed: an HTTP/2 connection's state is large, and most connections are HTTP/1.
+        true => Box::pin(serve_http2(io, &conn, shared, &mut drain)).await,
+        false => serve_http1(io, &conn, shared, &mut drain).await,
+    };
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Reads until the bytes are, or cannot be, the HTTP/2 preface; returns them.
+async fn sniff<S: Socket>(io: &mut S) -> io::Result<(bool, Bytes)> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    while n < buf.len() {
+        let read = io.read(&mut buf[n..]).await?;
+        if read == 0 {
+            break;
+        }
+        n += read;
+        if buf[..n] != H2_PREFACE[..n] {
+            break;
+        }
+    }
+    Ok((buf[..n] == *H2_PREFACE, Bytes::copy_from_slice(&buf[..n])))
+}
+
+/// Serves one request of `conn`, counted in flight until its response body is done.
+fn request(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    req: Request<Incoming>,
+) -> impl Future<Output = Result<Response<Tracked>, Infallible>> + Send + use<> {
+    // Counted now, when hyper hands the request over, not when the future first runs.
+    conn.in_flight.fetch_add(1, Relaxed);
+    let guard = InFlight(conn.clone());
+    let handling = crate::service::handle(shared.clone(), conn.clone(), req);
+    async move {
+        let resp = handling.await?;
+        Ok(resp.map(|body| Tracked {
+            body,
+            _guard: guard,
+        }))
+    }
+}
+
+struct InFlight(Arc<Conn>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted in flight until hyper is done with it.
+pub struct Tracked {
+    body: Body,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    // hyper's own limit is 100, parsed on the stack; any explicit limit costs a heap buffer
+    // per request, so only set one that differs.
+    if limits.max_headers != 100 {
+        b.max_headers(limits.max_headers);
+    }
+    b
+}
+
+/// How long an HTTP/1.1 connection stays idle before it gives up its buffers. Shorter costs
+/// CPU on connections that are merely between two quick requests (a new hyper connection per
+/// request is about a fifth more work); longer keeps memory that idle clients do not need.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+async fn serve_http1<S: Socket>(
+    mut io: Scan<S>,
+    conn: &Arc<Conn>,
+    shared: &Arc<Shared>,
+    drain: &mut watch::Receiver<bool>,
+) -> Result<(), hyper::Error> {
+    let limits = &shared.settings.limits;
+    let builder = http1_builder(limits);
+    loop {
+        let (s, c) = (shared.clone(), conn.clone());
+        let service = service_fn(move |req| request(&s, &c, req));
+        // Boxed, so that a parked connection's task does not keep room for it.
+        let mut http = Box::new(
+            builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
+        // Serve until the connection ends, or until it has been idle for `PARK_AFTER`.
+        let parked = {
+            let mut draining = pin!(stopped(drain));
+            let mut drained = false;
+            let mut quiet = pin!(tokio::time::sleep(PARK_AFTER));
+            let mut quiet_armed = false;
+            poll_fn(|cx| {
+                if !drained && draining.as_mut().poll(cx).is_ready() {
+                    drained = true;
+                    Pin::new(&mut *http).graceful_shutdown();
+                }
+                match Pin::new(&mut *http).poll(cx) {
+                    Poll::Ready(done) => Poll::Ready(Err(done)),
+                    Poll::Pending if !drained && conn.idle() => {
+                        if !quiet_armed {
+                            quiet_armed = true;
+                            quiet
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + PARK_AFTER);
+                        }
+                        quiet.as_mut().poll(cx).map(Ok)
+                    }
+                    Poll::Pending => {
+                        quiet_armed = false;
+                        Poll::Pending
+                    }
+                }
+            })
+            .await
+        };
+        if let Err(done) = parked {
+            return done;
+        }
+        // Idle: hyper's buffers go; the socket waits alone.
+        let Some(parts) = http.into_parts() else {
+            return Ok(());
+        };
+        io = parts.io.into_inner();
+        io.unread(parts.read_buf);
+        let readable = poll_fn(|cx| io.get_ref().poll_readable(cx));
+        let _idle = Gauge::up(&shared.stats.global.connections_idle);
+        tokio::select! {
+            _ = stopped(drain) => return Ok(()),
+            ready = tokio::time::timeout(limits.idle_timeout, readable) => match ready {
+                Ok(Ok(())) => {}
+                // Idle too long, or the socket failed: close.
+                _ => return Ok(()),
+            },
+        }
+    }
+}
+
+async fn serve_http2<S: Socket>(
+    io: Scan<S>,
+    conn: &Arc<Conn>,
+    shared: &Arc<Shared>,
+    drain: &mut watch::Receiver<bool>,
+) -> Result<(), hyper::Error> {
+    let limits = &shared.settings.limits;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1_000);
+    let (s, c) = (shared.clone(), conn.clone());
+    let service = service_fn(move |req| request(&s, &c, req));
+    let mut http = pin!(builder.serve_connection(TokioIo::new(io), service));
+    tokio::select! {
+        done = http.as_mut() => return done,
+        _ = stopped(drain) => http.as_mut().graceful_shutdown(),
+    }
+    http.await
+}
+
+/// One unit of a gauge, held while it lasts.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn up(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Gauge(gauge)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}

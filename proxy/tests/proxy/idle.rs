@@ -1,0 +1,113 @@
+//! Keep-alive connections between requests: parked without buffers, woken by their next
+//! request, closed after `idle_timeout`, closed at once by a drain.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{Backend, Mode, Proxy, eventually, get};
+
+async fn proxy(extra: &str) -> (Proxy, Backend) {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let yaml = format!(
+        "{extra}tracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        stable.addr
+    );
+    (Proxy::start(&yaml).await, stable)
+}
+
+/// Sends one GET on `s` and reads its whole answer (the test backend's body is its name).
+async fn get_on(s: &mut TcpStream) -> String {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"stable") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The proxy's connection gauges from `/stats`: (open, idle).
+async fn connections(proxy: &Proxy) -> (u64, u64) {
+    let (_, _, body) = get(&proxy.admin_url("/stats")).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let gauge = |name: &str| stats["proxy"][name].as_u64().unwrap();
+    (gauge("connections_open"), gauge("connections_idle"))
+}
+
+#[tokio::test]
+async fn an_idle_connection_gives_up_its_buffers_and_still_serves_its_next_request() {
+    let (proxy, backend) = proxy("").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(get_on(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Parked after a second of quiet (the admin requests use connections of their own).
+    eventually(Duration::from_secs(5), || async {
+        connections(&proxy).await == (1, 1)
+    })
+    .await;
+    for _ in 0..3 {
+        assert!(get_on(&mut s).await.starts_with("HTTP/1.1 200"));
+    }
+    assert_eq!(backend.hits(), 4);
+    assert_eq!(connections(&proxy).await, (1, 0), "busy again, so not idle");
+    drop(s);
+    eventually(Duration::from_secs(5), || async {
+        connections(&proxy).await == (0, 0)
+    })
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_idle_for_longer_than_idle_timeout_is_closed() {
+    let (proxy, _b) = proxy("limits: { idle_timeout: 300ms }\n").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    get_on(&mut s).await;
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5 s")
+        .unwrap();
+    assert!(rest.is_empty());
+    // One second of quiet before it parks, then the idle timeout.
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_drain_closes_idle_connections_at_once_instead_of_waiting_for_its_deadline() {
+    let (mut proxy, _b) = proxy("drain_timeout: 30s\n").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    get_on(&mut s).await;
+    eventually(Duration::from_secs(5), || async {
+        connections(&proxy).await == (1, 1)
+    })
+    .await;
+    let started = Instant::now();
+    proxy.begin_stop().await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+}
