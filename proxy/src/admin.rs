@@ -34,7 +34,7 @@ pub async fn handle(
                 &serde_json::to_value(spec).unwrap_or(Value::Null),
             )
         }
-        (&Method::PUT, "/routes") => put_routes(&shared, req).await,
+        (&Method::PUT, "/routes") => put_routes(shared, req).await,
         (&Method::GET, "/metrics") => {
             let body = shared.stats.prometheus(shared.active().version);
             let mut resp = text(StatusCode::OK, body);
@@ -56,7 +56,7 @@ pub async fn handle(
 }
 
 /// Validate, then swap: a rejected table leaves the one in force untouched.
-async fn put_routes(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let body = match Limited::new(req.into_body(), MAX_TABLE_BYTES)
         .collect()
         .await
@@ -69,7 +69,19 @@ async fn put_routes(shared: &Shared, req: Request<Incoming>) -> Response<Full<By
             );
         }
     };
-    let Ok(text) = std::str::from_utf8(&body) else {
+    // Checking and building a large table is CPU work: off the threads that serve traffic.
+    tokio::task::spawn_blocking(move || check_and_install(&shared, &body))
+        .await
+        .unwrap_or_else(|e| {
+            json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({ "error": e.to_string() }),
+            )
+        })
+}
+
+fn check_and_install(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
+    let Ok(text) = std::str::from_utf8(body) else {
         return json_response(
             StatusCode::BAD_REQUEST,
             &json!({ "error": "body is not UTF-8" }),

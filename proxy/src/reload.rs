@@ -37,10 +37,18 @@ pub async fn watch(
             _ = tokio::time::sleep(shared.settings.watch_interval) => false,
             Some(()) = async { hangup.as_mut()?.recv().await } => true,
         };
-        let now = fingerprint(&path, &shared);
-        if forced || now != seen {
-            seen = now;
-            reload(&shared, &path, &tls);
+        // Reading, checking and building a large table is CPU work: off the traffic threads.
+        let (shared, path, tls, last) = (shared.clone(), path.clone(), tls.clone(), seen);
+        let checked = tokio::task::spawn_blocking(move || {
+            let now = fingerprint(&path, &shared);
+            if forced || now != last {
+                reload(&shared, &path, &tls);
+            }
+            now
+        });
+        match checked.await {
+            Ok(now) => seen = now,
+            Err(e) => return tracing::error!(error = %e, "config watcher failed"),
         }
     }
 }

@@ -131,17 +131,8 @@ fn resolve(
                 .collect()
         })
         .collect();
-    let counters = table
-        .routes()
-        .map(|(_, r)| {
-            table
-                .tracks()
-                .map(|(_, t)| {
-                    [Source::Primary, Source::Mirror].map(|s| stats.counters(r.name(), t.name(), s))
-                })
-                .collect()
-        })
-        .collect();
+    let track_names: Vec<&str> = table.tracks().map(|(_, t)| t.name()).collect();
+    let counters = stats.resolve(table.routes().map(|(_, r)| r.name()), &track_names);
     let next = (0..table.tracks().len())
         .map(|_| AtomicUsize::new(0))
         .collect();

@@ -82,11 +82,14 @@ pub struct Global {
 }
 
 type Key = (String, String, Source);
+/// Counters by route, then track, then source (indexed by `Source as usize`). Nested so that
+/// finding existing counters allocates nothing.
+type ByRoute = BTreeMap<String, BTreeMap<String, [Option<Arc<Counters>>; 2]>>;
 
 #[derive(Debug)]
 pub struct Stats {
     started: SystemTime,
-    by_key: Mutex<BTreeMap<Key, Arc<Counters>>>,
+    by_route: Mutex<ByRoute>,
     pub global: Global,
 }
 
@@ -94,7 +97,7 @@ impl Default for Stats {
     fn default() -> Self {
         Stats {
             started: SystemTime::now(),
-            by_key: Mutex::default(),
+            by_route: Mutex::default(),
             global: Global::default(),
         }
     }
@@ -104,15 +107,44 @@ impl Stats {
     /// The counters of a route, track and source, created on first use and kept across
     /// table swaps (tables resolve them once, when they are built).
     pub fn counters(&self, route: &str, track: &str, source: Source) -> Arc<Counters> {
-        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((route.to_string(), track.to_string(), source))
-            .or_default()
-            .clone()
+        let mut map = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
+        counters_in(&mut map, route, track, source)
+    }
+
+    /// The counters of every route × track × source of a table, under one lock:
+    /// `[route][track][source]`.
+    pub fn resolve<'a>(
+        &self,
+        routes: impl Iterator<Item = &'a str>,
+        tracks: &[&str],
+    ) -> Vec<Vec<[Arc<Counters>; 2]>> {
+        let mut map = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
+        routes
+            .map(|route| {
+                tracks
+                    .iter()
+                    .map(|track| {
+                        [Source::Primary, Source::Mirror]
+                            .map(|s| counters_in(&mut map, route, track, s))
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     fn snapshot(&self) -> Vec<(Key, Arc<Counters>)> {
-        let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        let map = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (route, by_track) in map.iter() {
+            for (track, by_source) in by_track {
+                for (source, c) in [Source::Primary, Source::Mirror].iter().zip(by_source) {
+                    if let Some(c) = c {
+                        out.push(((route.clone(), track.clone(), *source), c.clone()));
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn json(&self, table_version: u64) -> Value {
@@ -170,6 +202,20 @@ impl Stats {
             },
         })
     }
+}
+
+fn counters_in(map: &mut ByRoute, route: &str, track: &str, source: Source) -> Arc<Counters> {
+    if !map.contains_key(route) {
+        map.insert(route.to_owned(), BTreeMap::new());
+    }
+    let by_track = map.get_mut(route).expect("inserted above");
+    if !by_track.contains_key(track) {
+        by_track.insert(track.to_owned(), [None, None]);
+    }
+    let by_source = by_track.get_mut(track).expect("inserted above");
+    by_source[source as usize]
+        .get_or_insert_with(Arc::default)
+        .clone()
 }
 
 #[cfg(test)]

@@ -6,6 +6,10 @@ use std::time::Instant;
 
 use fleet_proxy_router::{Positions, Table, TableSpec, load};
 
+/// The allocator fleet-proxy runs with, so that the times are the proxy's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let routes: usize = std::env::args()
         .nth(1)

@@ -3,6 +3,7 @@
 mod rules;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use fleet_yaml::{Diagnostics, Positions, suggest};
 use http::HeaderName;
@@ -71,29 +72,60 @@ impl Table {
     }
 }
 
+/// Where a value is in the table spec: `routes[3].rules[0].match`. Written out only when a
+/// diagnostic needs it, so that checking a large valid table formats nothing.
+#[derive(Clone, Copy, Debug)]
+enum At<'a> {
+    Root(&'static str),
+    Field(&'a At<'a>, &'a str),
+    Index(&'a At<'a>, usize),
+}
+
+impl<'a> At<'a> {
+    fn field(&'a self, name: &'a str) -> At<'a> {
+        At::Field(self, name)
+    }
+
+    fn index(&'a self, i: usize) -> At<'a> {
+        At::Index(self, i)
+    }
+}
+
+impl std::fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Root(name) => f.write_str(name),
+            At::Field(parent, name) => write!(f, "{parent}.{name}"),
+            At::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
 struct Builder<'a> {
     at: &'a Positions,
     diags: &'a mut Diagnostics,
     tracks: Vec<Track>,
-    /// Each distinct pattern is compiled once per table (a `Regex` clone shares it).
-    regexes: HashMap<String, Regex>,
+    /// Each distinct pattern is compiled once per table and shared by every rule using it.
+    regexes: HashMap<String, Arc<Regex>>,
 }
 
 impl Builder<'_> {
-    fn error(&mut self, path: &str, message: impl Into<String>, help: impl Into<String>) {
-        self.diags.error(self.at.of(path), path, message, help);
+    fn error(&mut self, at: &At<'_>, message: impl Into<String>, help: impl Into<String>) {
+        let path = at.to_string();
+        self.diags.error(self.at.of(&path), &path, message, help);
     }
 
     fn tracks(&mut self, spec: &TableSpec) {
+        let tracks = At::Root("tracks");
         if spec.tracks.is_empty() {
             self.error(
-                "tracks",
+                &tracks,
                 "no tracks",
                 "add at least one, as `stable: { backends: [\"10.0.0.1:8080\"] }`",
             );
         }
         for (name, track) in &spec.tracks {
-            let path = format!("tracks.{name}");
+            let path = tracks.field(name);
             if !is_label(name) {
                 self.error(
                     &path,
@@ -103,7 +135,7 @@ impl Builder<'_> {
             }
             if track.backends.is_empty() {
                 self.error(
-                    &format!("{path}.backends"),
+                    &path.field("backends"),
                     "no backends",
                     "add at least one `host:port`",
                 );
@@ -111,7 +143,7 @@ impl Builder<'_> {
             for (i, backend) in track.backends.iter().enumerate() {
                 if !is_host_port(backend) {
                     self.error(
-                        &format!("{path}.backends[{i}]"),
+                        &path.field("backends").index(i),
                         format!("\"{backend}\" is not a `host:port` address"),
                         "write it as `10.0.0.1:8080` or `svc.local:80`",
                     );
@@ -130,19 +162,19 @@ impl Builder<'_> {
         }
     }
 
-    /// The track named `name`; `path` is only formatted for the error.
-    fn track(&mut self, path: impl FnOnce() -> String, name: &str) -> Option<TrackId> {
+    fn track(&mut self, at: &At<'_>, name: &str) -> Option<TrackId> {
         let found = self.tracks.iter().position(|t| t.name == name).map(TrackId);
         if found.is_none() {
             let names: Vec<&str> = self.tracks.iter().map(|t| t.name.as_str()).collect();
             let help = suggest(name, &names);
-            self.error(&path(), format!("unknown track \"{name}\""), help);
+            self.error(at, format!("unknown track \"{name}\""), help);
         }
         found
     }
 
     fn route(&mut self, i: usize, spec: &RouteSpec) -> Option<Route> {
-        let at = format!("routes[{i}]");
+        let routes = At::Root("routes");
+        let at = routes.index(i);
         let host = self.host(&at, spec.host.as_deref().unwrap_or("*"));
         let path = self.path(&at, spec);
         let rules: Vec<Option<Rule>> = spec
@@ -150,9 +182,10 @@ impl Builder<'_> {
             .iter()
             .enumerate()
             .map(|(j, rule)| {
-                let at = format!("{at}.rules[{j}]");
-                let conditions = self.conditions(&format!("{at}.match"), &rule.matches);
-                let to = self.track(|| format!("{at}.to"), &rule.to);
+                let rules = at.field("rules");
+                let at = rules.index(j);
+                let conditions = self.conditions(&at.field("match"), &rule.matches);
+                let to = self.track(&at.field("to"), &rule.to);
                 Some(Rule {
                     conditions: conditions?,
                     to: to?,
@@ -164,11 +197,12 @@ impl Builder<'_> {
         let mirror = match &spec.mirror {
             None => Some(None),
             Some(m) => {
-                let to = self.track(|| format!("{at}.mirror.to"), &m.to);
+                let mirror = at.field("mirror");
+                let to = self.track(&mirror.field("to"), &m.to);
                 let share = (m.percent * 100.0).round();
                 if !(0.0..=f64::from(BUCKETS)).contains(&share) {
                     self.error(
-                        &format!("{at}.mirror.percent"),
+                        &mirror.field("percent"),
                         format!("{} is not a percentage", m.percent),
                         "use a number from 0 to 100",
                     );
@@ -203,7 +237,7 @@ impl Builder<'_> {
         })
     }
 
-    fn host(&mut self, at: &str, host: &str) -> Option<HostMatch> {
+    fn host(&mut self, at: &At<'_>, host: &str) -> Option<HostMatch> {
         let host = host.to_ascii_lowercase();
         if host == "*" {
             return Some(HostMatch::Any);
@@ -218,7 +252,7 @@ impl Builder<'_> {
             });
         if !ok {
             self.error(
-                &format!("{at}.host"),
+                &at.field("host"),
                 format!("bad host \"{host}\""),
                 "write `example.com`, `*.example.com` or `*` (no port)",
             );
@@ -227,12 +261,12 @@ impl Builder<'_> {
         Some(make(name.to_string()))
     }
 
-    fn path(&mut self, at: &str, spec: &RouteSpec) -> Option<PathMatch> {
+    fn path(&mut self, at: &At<'_>, spec: &RouteSpec) -> Option<PathMatch> {
         let (field, path, make): (&str, &str, fn(String) -> PathMatch) =
             match (&spec.path, &spec.path_prefix) {
                 (Some(_), Some(_)) => {
                     self.error(
-                        &format!("{at}.path"),
+                        &at.field("path"),
                         "both `path` and `path_prefix`",
                         "keep one: `path` matches exactly, `path_prefix` matches below too",
                     );
@@ -244,7 +278,7 @@ impl Builder<'_> {
             };
         if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
             self.error(
-                &format!("{at}.{field}"),
+                &at.field(field),
                 format!("bad path \"{path}\""),
                 "start with `/`, without query or fragment",
             );
@@ -253,11 +287,11 @@ impl Builder<'_> {
         Some(make(path.to_string()))
     }
 
-    fn split(&mut self, at: &str, spec: &RouteSpec) -> Option<Split> {
-        let field = format!("{at}.split");
+    fn split(&mut self, at: &At<'_>, spec: &RouteSpec) -> Option<Split> {
+        let field = at.field("split");
         let mut shares = Vec::new();
         for (name, share) in &spec.split {
-            if let Some(id) = self.track(|| format!("{field}.{name}"), name) {
+            if let Some(id) = self.track(&field.field(name), name) {
                 shares.push((name.as_str(), id, *share));
             }
         }
@@ -285,11 +319,11 @@ impl Builder<'_> {
         Some(Split::new(&layout))
     }
 
-    fn sticky(&mut self, at: &str, spec: &RouteSpec) -> Option<Option<Sticky>> {
+    fn sticky(&mut self, at: &At<'_>, spec: &RouteSpec) -> Option<Option<Sticky>> {
         let Some(s) = &spec.sticky else {
             return Some(None);
         };
-        let field = format!("{at}.sticky");
+        let field = at.field("sticky");
         match (&s.cookie, &s.header) {
             (Some(name), None) => {
                 let ok = !name.is_empty()
@@ -298,7 +332,7 @@ impl Builder<'_> {
                         .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
                 if !ok {
                     self.error(
-                        &format!("{field}.cookie"),
+                        &field.field("cookie"),
                         format!("bad cookie name \"{name}\""),
                         "use letters, digits, `-` and `_`",
                     );
@@ -324,7 +358,7 @@ impl Builder<'_> {
                 }
                 Err(_) => {
                     self.error(
-                        &format!("{field}.header"),
+                        &field.field("header"),
                         format!("bad header name \"{name}\""),
                         "use letters, digits and `-`",
                     );
@@ -346,6 +380,7 @@ impl Builder<'_> {
     fn duplicates(&mut self, spec: &TableSpec) {
         let mut seen: HashMap<(String, String), usize> = HashMap::new();
         let mut names: HashMap<&str, usize> = HashMap::new();
+        let routes = At::Root("routes");
         for (i, r) in spec.routes.iter().enumerate() {
             let host = r.host.as_deref().unwrap_or("*").to_ascii_lowercase();
             let path = match (&r.path, &r.path_prefix) {
@@ -354,7 +389,7 @@ impl Builder<'_> {
             };
             if let Some(first) = seen.insert((host, path), i) {
                 self.error(
-                    &format!("routes[{i}]"),
+                    &routes.index(i),
                     format!("same host and path as routes[{first}], so it can never be chosen"),
                     "merge the two routes or change host or path",
                 );
@@ -363,7 +398,7 @@ impl Builder<'_> {
                 && let Some(first) = names.insert(name, i)
             {
                 self.error(
-                    &format!("routes[{i}].name"),
+                    &routes.index(i).field("name"),
                     format!("name \"{name}\" already used by routes[{first}]"),
                     "route names label metrics; make them unique",
                 );

@@ -1,6 +1,7 @@
 //! Rules: conditions on a request's headers, cookies, query and method, tested in order.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Method, header};
 use regex::Regex;
@@ -38,7 +39,8 @@ pub(crate) enum Test {
     Exact(String),
     Prefix(String),
     /// Anchored at both ends when built, so it matches the whole value.
-    Regex(Regex),
+    /// Shared by every rule of the table with the same pattern.
+    Regex(Arc<Regex>),
     Present,
     Absent,
 }

@@ -1,18 +1,20 @@
 //! Rule conditions: headers, cookies, query parameters and methods, each with one test.
 
 use http::{HeaderName, Method};
+use std::sync::Arc;
+
 use regex::RegexBuilder;
 
-use super::{Builder, REGEX_SIZE_LIMIT};
+use super::{At, Builder, REGEX_SIZE_LIMIT};
 use crate::rule::{Condition, Test};
 use crate::spec::{MatchSpec, ValueMatchSpec};
 
 impl Builder<'_> {
-    pub(super) fn conditions(&mut self, at: &str, spec: &MatchSpec) -> Option<Vec<Condition>> {
+    pub(super) fn conditions(&mut self, at: &At<'_>, spec: &MatchSpec) -> Option<Vec<Condition>> {
         let mut out = Vec::new();
         let mut ok = true;
         if let Some(h) = &spec.header {
-            let field = format!("{at}.header");
+            let field = at.field("header");
             match HeaderName::from_bytes(h.name.as_bytes()) {
                 Ok(name) => match self.test(&field, h) {
                     Some(test) => out.push(Condition::Header(name, test)),
@@ -20,7 +22,7 @@ impl Builder<'_> {
                 },
                 Err(_) => {
                     self.error(
-                        &format!("{field}.name"),
+                        &field.field("name"),
                         format!("bad header name \"{}\"", h.name),
                         "use letters, digits and `-`",
                     );
@@ -37,13 +39,9 @@ impl Builder<'_> {
             ("query", &spec.query, Condition::Query),
         ] {
             let Some(v) = spec else { continue };
-            let field = format!("{at}.{kind}");
+            let field = at.field(kind);
             if v.name.is_empty() {
-                self.error(
-                    &format!("{field}.name"),
-                    "empty name",
-                    "name the value to test",
-                );
+                self.error(&field.field("name"), "empty name", "name the value to test");
                 ok = false;
             }
             match self.test(&field, v) {
@@ -58,7 +56,7 @@ impl Builder<'_> {
                     Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => parsed.push(method),
                     _ => {
                         self.error(
-                            &format!("{at}.method[{i}]"),
+                            &at.field("method").index(i),
                             format!("bad method \"{m}\""),
                             "use an uppercase method such as GET or POST",
                         );
@@ -68,7 +66,7 @@ impl Builder<'_> {
             }
             if parsed.is_empty() && methods.is_empty() {
                 self.error(
-                    &format!("{at}.method"),
+                    &at.field("method"),
                     "empty method list",
                     "list at least one method or remove `method`",
                 );
@@ -87,7 +85,7 @@ impl Builder<'_> {
         ok.then_some(out)
     }
 
-    fn test(&mut self, at: &str, v: &ValueMatchSpec) -> Option<Test> {
+    fn test(&mut self, at: &At<'_>, v: &ValueMatchSpec) -> Option<Test> {
         let mut tests = Vec::new();
         if let Some(s) = &v.exact {
             tests.push(Test::Exact(s.clone()));
@@ -100,7 +98,8 @@ impl Builder<'_> {
                 Some(known) => Ok(known.clone()),
                 None => RegexBuilder::new(&format!("^(?:{re})$"))
                     .size_limit(REGEX_SIZE_LIMIT)
-                    .build(),
+                    .build()
+                    .map(Arc::new),
             };
             match compiled {
                 Ok(compiled) => {
@@ -118,7 +117,7 @@ impl Builder<'_> {
                         .trim()
                         .to_string();
                     self.error(
-                        &format!("{at}.regex"),
+                        &at.field("regex"),
                         format!("bad regex: {message}"),
                         "see https://docs.rs/regex for the syntax",
                     );
