@@ -5,14 +5,21 @@
 # time to swap in a 10,000-route table. A benchmark, not a test: numbers depend on the machine.
 #
 #   benches/proxy.sh                      # defaults below
-#   DURATION=20 CONNS=128 benches/proxy.sh
+#   DURATION=20 CONNS=128 ROUNDS=5 benches/proxy.sh
+#
+# The proxies run pinned to CPU 0, wrk and the backends to CPU 1 (PIN=0 turns this off), so
+# that every proxy gets the same core to itself. Each proxy is measured ROUNDS times,
+# interleaved with the others, and the median is reported: on a shared machine the load of
+# the neighbours drifts, and interleaving spreads that drift over all proxies alike.
 #
 # Needs nginx, haproxy, wrk, h2load (Debian: nginx haproxy wrk nghttp2-client), python3, curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-10}    # seconds per wrk run
+DURATION=${DURATION:-5}     # seconds per wrk run
 CONNS=${CONNS:-64}          # wrk connections
+ROUNDS=${ROUNDS:-3}         # interleaved runs per proxy; the median is reported
+PIN=${PIN:-1}
 IDLE=${IDLE:-10000}         # idle keep-alive connections for the RSS measurement
 TARGET=${CARGO_TARGET_DIR:-target}
 
@@ -61,6 +68,13 @@ http {
 EOF
 }
 
+# CPU sets: proxies on 0, everything else on 1 (when pinning and there are two CPUs).
+if [[ "$PIN" == 1 ]] && (( $(nproc) >= 2 )) && command -v taskset >/dev/null; then
+  PROXY_CPU=(taskset -c 0); LOAD_CPU=(taskset -c 1)
+else
+  PROXY_CPU=(); LOAD_CPU=()
+fi
+
 start() { # name, command...; sets LAST
   local name=$1; shift
   "$@" >"$WORK/$name.log" 2>&1 &
@@ -72,8 +86,8 @@ start() { # name, command...; sets LAST
 BACKEND=$(free_port); SHADOW=$(free_port)
 nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
 nginx_conf shadow "server { listen 127.0.0.1:$SHADOW; location / { return 200 'ok\n'; } }"
-start backend nginx -c "$WORK/backend/nginx.conf"
-start shadow nginx -c "$WORK/shadow/nginx.conf"
+start backend "${LOAD_CPU[@]}" nginx -c "$WORK/backend/nginx.conf"
+start shadow "${LOAD_CPU[@]}" nginx -c "$WORK/shadow/nginx.conf"
 wait_port "$BACKEND"; wait_port "$SHADOW"
 
 # nginx as the proxy: plain proxy_pass with pooled upstream connections; a second port for h2c.
@@ -81,7 +95,7 @@ NGINX=$(free_port); NGINX_H2=$(free_port)
 nginx_conf proxy "upstream be { server 127.0.0.1:$BACKEND; keepalive 128; }
   server { listen 127.0.0.1:$NGINX; listen 127.0.0.1:$NGINX_H2 http2;
     location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-start nginx nginx -c "$WORK/proxy/nginx.conf"; NGINX_PID=$LAST
+start nginx "${PROXY_CPU[@]}" nginx -c "$WORK/proxy/nginx.conf"; NGINX_PID=$LAST
 
 # HAProxy: one thread, connection reuse; h2c on a second port. It wants two descriptors per
 # connection, so the open-file limit caps its maxconn (and its idle-connection run).
@@ -106,7 +120,7 @@ backend be
   http-reuse always
   server s1 127.0.0.1:$BACKEND
 EOF
-start haproxy haproxy -f "$WORK/haproxy.cfg"; HAPROXY_PID=$LAST
+start haproxy "${PROXY_CPU[@]}" haproxy -f "$WORK/haproxy.cfg"; HAPROXY_PID=$LAST
 
 # fleet-proxy with a realistic table: 20 routes, header and cookie rules, a 5% sticky split.
 fleet_conf() { # file, port, admin, mirror line
@@ -138,10 +152,10 @@ fleet_conf() { # file, port, admin, mirror line
 }
 FLEET_PORT=$(free_port); FLEET_ADMIN=$(free_port)
 fleet_conf "$WORK/fleet.yaml" "$FLEET_PORT" "$FLEET_ADMIN" ""
-start fleet "$FLEET" --config "$WORK/fleet.yaml" --worker-threads 1; FLEET_PID=$LAST
+start fleet "${PROXY_CPU[@]}" "$FLEET" --config "$WORK/fleet.yaml" --worker-threads 1; FLEET_PID=$LAST
 MIRROR_PORT=$(free_port); MIRROR_ADMIN=$(free_port)
 fleet_conf "$WORK/mirror.yaml" "$MIRROR_PORT" "$MIRROR_ADMIN" "mirror: { to: shadow, percent: 10 }"
-start fleet-mirror "$FLEET" --config "$WORK/mirror.yaml" --worker-threads 1; MIRROR_PID=$LAST
+start fleet-mirror "${PROXY_CPU[@]}" "$FLEET" --config "$WORK/mirror.yaml" --worker-threads 1; MIRROR_PID=$LAST
 for p in "$NGINX" "$NGINX_H2" "$HAPROXY" "$HAPROXY_H2" "$FLEET_PORT" "$MIRROR_PORT"; do wait_port "$p"; done
 
 # CPU ticks of a process and its children (nginx: master and worker).
@@ -149,12 +163,14 @@ ticks() { local t=0; for p in $1 $(pgrep -P "$1" || true); do t=$((t + $(awk '{p
 CLK=$(getconf CLK_TCK)
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
 
+WRK=("${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" --latency -H 'Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4' -H 'User-Agent: bench')
+
 # One wrk run: prints "rps p50_ms p99_ms cpu_us_per_request".
 measure() { # pid, url
-  wrk -t1 -c"$CONNS" -d2s "$2" >/dev/null 2>&1 || true # warm up pools
+  "${WRK[@]}" -d1s "$2" >/dev/null 2>&1 || true # warm up pools
   local before after out reqs
   before=$(ticks "$1")
-  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4' -H 'User-Agent: bench' "$2")
+  out=$("${WRK[@]}" -d"${DURATION}s" "$2")
   after=$(ticks "$1")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   local rps p50 p99
@@ -171,7 +187,7 @@ measure() { # pid, url
 # h2c with h2load: prints requests/s.
 h2() {
   local out
-  out=$(h2load -n 200000 -c 16 -m 16 "$1" 2>/dev/null)
+  out=$("${LOAD_CPU[@]}" h2load -n 200000 -c 16 -m 16 "$1" 2>/dev/null)
   grep -q "status codes: 200000 2xx" <<<"$out" || echo "warning: not all h2c answers were 2xx on $1: $(grep 'status codes' <<<"$out")" >&2
   awk '/finished in/ {print $4}' <<<"$out" | tr -d ','
 }
@@ -192,7 +208,7 @@ time.sleep(600)
 EOF
 rss_idle() { # pid, port, connections
   rm -f "$WORK/idle.ready"
-  python3 "$WORK/idle.py" "$2" "$3" "$WORK/idle.ready" &
+  "${LOAD_CPU[@]}" python3 "$WORK/idle.py" "$2" "$3" "$WORK/idle.ready" &
   local client=$!
   for _ in $(seq 600); do [[ -e "$WORK/idle.ready" ]] && break; sleep 0.1; done
   if [[ ! -e "$WORK/idle.ready" ]]; then
@@ -208,11 +224,25 @@ rss_idle() { # pid, port, connections
   awk -v k="$kib" 'BEGIN { printf "%.1f", k / 1024 }'
 }
 
-echo "# $(date -u +%FT%TZ) $(nproc) CPUs, $(uname -r); wrk -t1 -c$CONNS -d${DURATION}s; one worker each" >&2
-read -r N_RPS N_P50 N_P99 N_CPU < <(measure "$NGINX_PID" "http://127.0.0.1:$NGINX/")
-read -r H_RPS H_P50 H_P99 H_CPU < <(measure "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY/")
-read -r F_RPS F_P50 F_P99 F_CPU < <(measure "$FLEET_PID" "http://127.0.0.1:$FLEET_PORT/")
-read -r M_RPS M_P50 M_P99 M_CPU < <(measure "$MIRROR_PID" "http://127.0.0.1:$MIRROR_PORT/")
+# The median of each column over the rounds: reads lines of "rps p50 p99 cpu" on stdin.
+median() {
+  python3 -c 'import sys, statistics as s
+rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
+print(" ".join(f"{s.median(col):.3f}" for col in zip(*rows)))'
+}
+
+echo "# $(date -u +%FT%TZ) $(nproc) CPUs, $(uname -r); wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds; one worker each; proxies pinned: ${PROXY_CPU[*]:-no}" >&2
+for round in $(seq "$ROUNDS"); do
+  measure "$NGINX_PID" "http://127.0.0.1:$NGINX/" >>"$WORK/nginx.runs"
+  measure "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY/" >>"$WORK/haproxy.runs"
+  measure "$FLEET_PID" "http://127.0.0.1:$FLEET_PORT/" >>"$WORK/fleet.runs"
+  measure "$MIRROR_PID" "http://127.0.0.1:$MIRROR_PORT/" >>"$WORK/mirror.runs"
+  echo "round $round (rps p50 p99 cpu): nginx $(tail -1 "$WORK/nginx.runs") | haproxy $(tail -1 "$WORK/haproxy.runs") | fleet $(tail -1 "$WORK/fleet.runs") | mirror $(tail -1 "$WORK/mirror.runs")" >&2
+done
+read -r N_RPS N_P50 N_P99 N_CPU < <(median <"$WORK/nginx.runs")
+read -r H_RPS H_P50 H_P99 H_CPU < <(median <"$WORK/haproxy.runs")
+read -r F_RPS F_P50 F_P99 F_CPU < <(median <"$WORK/fleet.runs")
+read -r M_RPS M_P50 M_P99 M_CPU < <(median <"$WORK/mirror.runs")
 N_H2=$(h2 "http://127.0.0.1:$NGINX_H2/"); H_H2=$(h2 "http://127.0.0.1:$HAPROXY_H2/"); F_H2=$(h2 "http://127.0.0.1:$FLEET_PORT/")
 N_RSS=$(rss_idle "$NGINX_PID" "$NGINX" "$IDLE")
 H_RSS=$(rss_idle "$HAPROXY_PID" "$HAPROXY" "$HA_IDLE")
@@ -220,12 +250,13 @@ F_RSS=$(rss_idle "$FLEET_PID" "$FLEET_PORT" "$IDLE")
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 echo
-echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | h2c req/s | RSS MiB, $IDLE idle conns |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
-echo "| nginx | $N_RPS | $N_P50 | $N_P99 | $N_CPU | $N_H2 | $N_RSS |"
-echo "| haproxy | $H_RPS | $H_P50 | $H_P99 | $H_CPU | $H_H2 | $H_RSS$( ((HA_IDLE < IDLE)) && echo " ($HA_IDLE conns)") |"
-echo "| fleet-proxy | $F_RPS | $F_P50 | $F_P99 | $F_CPU | $F_H2 | $F_RSS |"
-echo "| fleet-proxy, 10% mirror | $M_RPS | $M_P50 | $M_P99 | $M_CPU | | |"
+busy() { awk -v r="$1" -v c="$2" 'BEGIN { printf "%.0f", r * c / 10000 }'; } # % of one CPU
+echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | CPU busy % | h2c req/s | RSS MiB, $IDLE idle conns |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+echo "| nginx | $N_RPS | $N_P50 | $N_P99 | $N_CPU | $(busy "$N_RPS" "$N_CPU") | $N_H2 | $N_RSS |"
+echo "| haproxy | $H_RPS | $H_P50 | $H_P99 | $H_CPU | $(busy "$H_RPS" "$H_CPU") | $H_H2 | $H_RSS$( ((HA_IDLE < IDLE)) && echo " ($HA_IDLE conns)") |"
+echo "| fleet-proxy | $F_RPS | $F_P50 | $F_P99 | $F_CPU | $(busy "$F_RPS" "$F_CPU") | $F_H2 | $F_RSS |"
+echo "| fleet-proxy, 10% mirror | $M_RPS | $M_P50 | $M_P99 | $M_CPU | $(busy "$M_RPS" "$M_CPU") | | |"
 echo
 echo "| ratio | req/s | p99 | CPU/req |"
 echo "|---|---:|---:|---:|"
@@ -233,7 +264,8 @@ echo "| fleet-proxy / nginx | $(ratio "$F_RPS" "$N_RPS") | $(ratio "$F_P99" "$N_
 echo "| fleet-proxy / haproxy | $(ratio "$F_RPS" "$H_RPS") | $(ratio "$F_P99" "$H_P99") | $(ratio "$F_CPU" "$H_CPU") |"
 echo "| mirror on / off | $(ratio "$M_RPS" "$F_RPS") | $(ratio "$M_P99" "$F_P99") | $(ratio "$M_CPU" "$F_CPU") |"
 
-# A 10,000-route table through PUT /routes: parse, validate, build, swap.
+# A 10,000-route table through PUT /routes: parse, validate, build, swap. Its last route
+# catches every other host, so traffic keeps flowing while it is swapped under load.
 python3 - "$BACKEND" >"$WORK/big.json" <<'EOF'
 import json, sys
 b = f"127.0.0.1:{sys.argv[1]}"
@@ -242,8 +274,24 @@ routes = [{"host": f"svc{i}.example.com", "path_prefix": f"/p{i % 50}",
                      {"match": {"cookie": {"name": "ab", "regex": "version-[bc]"}}, "to": "canary"}],
            "split": {"stable": 9500, "canary": 500}, "sticky": {"cookie": "fleet-bucket"}}
           for i in range(10000)]
+routes.append({"host": "*", "path_prefix": "/", "split": {"stable": 10000}})
 print(json.dumps({"tracks": {"stable": {"backends": [b]}, "canary": {"backends": [b]}}, "routes": routes}))
 EOF
-SWAP=$(curl -s -o "$WORK/swap.out" -w '%{time_total}' -X PUT --data-binary @"$WORK/big.json" "http://127.0.0.1:$FLEET_ADMIN/routes")
+put_big() { curl -s -o "$WORK/swap.out" -w '%{time_total}\n' -X PUT --data-binary @"$WORK/big.json" "http://127.0.0.1:$FLEET_ADMIN/routes"; }
+SWAPS=$(for _ in 1 2 3 4 5; do put_big; done | awk '{printf "%.1f ", $1 * 1000}')
 echo
-echo "PUT /routes with 10,000 routes ($(du -k "$WORK/big.json" | cut -f1) KiB JSON): $(awk -v s="$SWAP" 'BEGIN{printf "%.1f", s*1000}') ms, answer $(cat "$WORK/swap.out")"
+echo "PUT /routes with 10,001 routes ($(du -k "$WORK/big.json" | cut -f1) KiB of JSON), five times: ${SWAPS}ms; last answer $(cat "$WORK/swap.out")"
+
+# Is a swap visible to traffic? The same load with that table in force, without and then
+# with a new 10,001-route table swapped in every 250 ms.
+read -r Q_RPS Q_P50 Q_P99 Q_CPU < <(measure "$FLEET_PID" "http://127.0.0.1:$FLEET_PORT/")
+( while :; do put_big >/dev/null; sleep 0.25; done ) &
+SWAPPER=$!
+PIDS+=("$SWAPPER")
+read -r S_RPS S_P50 S_P99 S_CPU < <(measure "$FLEET_PID" "http://127.0.0.1:$FLEET_PORT/")
+kill "$SWAPPER" 2>/dev/null || true
+echo
+echo "| fleet-proxy, 10,001 routes | req/s | p50 ms | p99 ms |"
+echo "|---|---:|---:|---:|"
+echo "| no swaps | $Q_RPS | $Q_P50 | $Q_P99 |"
+echo "| a swap every 250 ms | $S_RPS | $S_P50 | $S_P99 |"

@@ -107,6 +107,9 @@ pub struct UpstreamSpec {
 pub struct LimitsSpec {
     /// Open client connections; more are closed at once. Default: 10000.
     pub max_connections: Option<u32>,
+    /// Requests waiting for their response headers at once, over all connections; more are
+    /// answered 503 at once (load shedding). Default: 10000.
+    pub max_requests: Option<u32>,
     /// Headers per request. Default: 100.
     pub max_headers: Option<u32>,
     /// Bytes of a request head (HTTP/1.1) or header list (HTTP/2). Default: 65536.
@@ -151,6 +154,7 @@ pub struct Upstream {
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_connections: usize,
+    pub max_requests: usize,
     pub max_headers: usize,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,

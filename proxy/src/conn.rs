@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -27,6 +27,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::error::Overloaded;
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::body::{Body, BoxError};
 use crate::config::Limits;
@@ -131,23 +134,56 @@ async fn sniff<S: Socket>(io: &mut S) -> io::Result<(bool, Bytes)> {
     Ok((buf[..n] == *H2_PREFACE, Bytes::copy_from_slice(&buf[..n])))
 }
 
-/// Serves one request of `conn`, counted in flight until its response body is done.
-fn request(
+/// The request path as a tower stack: load shedding over a limit of requests in flight
+/// across the proxy, then the proxy itself ([`crate::service::handle`]).
+fn stack(
     shared: &Arc<Shared>,
     conn: &Arc<Conn>,
-    req: Request<Incoming>,
-) -> impl Future<Output = Result<Response<Tracked>, Infallible>> + Send + use<> {
-    // Counted now, when hyper hands the request over, not when the future first runs.
-    conn.in_flight.fetch_add(1, Relaxed);
-    let guard = InFlight(conn.clone());
-    let handling = crate::service::handle(shared.clone(), conn.clone(), req);
-    async move {
-        let resp = handling.await?;
-        Ok(resp.map(|body| Tracked {
-            body,
-            _guard: guard,
-        }))
-    }
+) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = BoxError, Future: Send + 'static>
++ Clone
++ Send
++ 'static {
+    let (s, c) = (shared.clone(), conn.clone());
+    ServiceBuilder::new()
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+            shared.in_flight.clone(),
+        ))
+        .service_fn(move |req| crate::service::handle(s.clone(), c.clone(), req))
+}
+
+/// hyper's service for `conn`: each request goes through the stack and is counted in flight
+/// on the connection until its response body is done.
+fn hyper_service(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Tracked>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let (shared, conn, stack) = (shared.clone(), conn.clone(), stack(shared, conn));
+    service_fn(move |req| {
+        // Counted now, when hyper hands the request over, not when the future first runs.
+        conn.in_flight.fetch_add(1, Relaxed);
+        let guard = InFlight(conn.clone());
+        let (shared, handling) = (shared.clone(), stack.clone().oneshot(req));
+        async move {
+            let resp = handling.await.unwrap_or_else(|e| {
+                if e.is::<Overloaded>() {
+                    shared.stats.global.requests_shed.fetch_add(1, Relaxed);
+                }
+                crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+            });
+            Ok(resp.map(|body| Tracked {
+                body,
+                _guard: guard,
+            }))
+        }
+    })
 }
 
 struct InFlight(Arc<Conn>);
@@ -212,8 +248,7 @@ async fn serve_http1<S: Socket>(
     let limits = &shared.settings.limits;
     let builder = http1_builder(limits);
     loop {
-        let (s, c) = (shared.clone(), conn.clone());
-        let service = service_fn(move |req| request(&s, &c, req));
+        let service = hyper_service(shared, conn);
         // Boxed, so that a parked connection's task does not keep room for it.
         let mut http = Box::new(
             builder
@@ -284,8 +319,7 @@ async fn serve_http2<S: Socket>(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1_000);
-    let (s, c) = (shared.clone(), conn.clone());
-    let service = service_fn(move |req| request(&s, &c, req));
+    let service = hyper_service(shared, conn);
     let mut http = pin!(builder.serve_connection(TokioIo::new(io), service));
     tokio::select! {
         done = http.as_mut() => return done,

@@ -46,6 +46,8 @@ pub struct Shared {
     pub stats: Stats,
     pub mirror: Mirror,
     pub draining: AtomicBool,
+    /// Permits for requests in flight, over all connections (`limits.max_requests`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why `PUT /routes` did not install a table.
@@ -62,6 +64,7 @@ impl Shared {
         let health = Mutex::default();
         let first = resolve(1, table, &settings, &health, &stats);
         let mirror = Mirror::new(&settings.mirror);
+        let settings_max_requests = settings.limits.max_requests;
         let shared = Arc::new(Shared {
             settings,
             active: ArcSwap::from_pointee(first),
@@ -70,6 +73,7 @@ impl Shared {
             stats,
             mirror,
             draining: AtomicBool::new(false),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(settings_max_requests)),
         });
         shared
             .stats

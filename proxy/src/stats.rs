@@ -75,6 +75,8 @@ pub struct Global {
     pub connections_rejected: AtomicU64,
     pub bad_requests: AtomicU64,
     pub no_route: AtomicU64,
+    /// Requests answered 503 at once because `max_requests` were in flight.
+    pub requests_shed: AtomicU64,
     pub mirror_shed: AtomicU64,
     pub mirror_skipped_body_too_large: AtomicU64,
     pub table_swaps: AtomicU64,
@@ -195,6 +197,7 @@ impl Stats {
                 "connections_rejected": g.connections_rejected.load(Relaxed),
                 "bad_requests": g.bad_requests.load(Relaxed),
                 "no_route": g.no_route.load(Relaxed),
+                "requests_shed": g.requests_shed.load(Relaxed),
                 "mirror_shed": g.mirror_shed.load(Relaxed),
                 "mirror_skipped_body_too_large": g.mirror_skipped_body_too_large.load(Relaxed),
                 "table_swaps": g.table_swaps.load(Relaxed),
@@ -263,6 +266,7 @@ mod tests {
                 "mirror_shed": 0,
                 "mirror_skipped_body_too_large": 0,
                 "no_route": 0,
+                "requests_shed": 0,
                 "table_rejected": 0,
                 "table_swaps": 0
               },

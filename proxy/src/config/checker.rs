@@ -94,6 +94,7 @@ impl Checker<'_> {
         };
         let limits = Limits {
             max_connections: l.max_connections.unwrap_or(10_000) as usize,
+            max_requests: l.max_requests.unwrap_or(10_000).max(1) as usize,
             max_headers: l.max_headers.unwrap_or(100) as usize,
             // hyper needs room for at least one read buffer.
             max_header_bytes: (l.max_header_bytes.unwrap_or(65_536) as usize).max(8_192),

@@ -107,6 +107,11 @@ impl Stats {
                 &g.no_route,
             ),
             (
+                "requests_shed_total",
+                "Requests answered 503 at once: max_requests were in flight.",
+                &g.requests_shed,
+            ),
+            (
                 "mirror_shed_total",
                 "Mirrored requests dropped: queue full.",
                 &g.mirror_shed,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Backend, Mode, Proxy};
+use crate::support::{Backend, Mode, Proxy, eventually, get};
 
 async fn proxy(extra: &str) -> (Proxy, Backend) {
     let stable = Backend::start("stable", Mode::Normal).await;
@@ -197,5 +197,33 @@ async fn connections_over_the_limit_are_closed_at_once() {
         .unwrap_or(0);
     assert_eq!(n, 0, "the third connection was served");
     drop(held);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn requests_over_max_requests_in_flight_get_503_at_once_and_are_counted() {
+    let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(800))).await;
+    let yaml = format!(
+        "limits: {{ max_requests: 1 }}\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        slow.addr
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let url = proxy.url("/");
+    let first = tokio::spawn(async move { get(&url).await });
+    eventually(Duration::from_secs(5), || async { slow.hits() == 1 }).await;
+    let started = Instant::now();
+    let (status, _, body) = get(&proxy.url("/")).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (503, "overloaded\n"));
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "shed at once"
+    );
+    let (status, _, _) = first.await.unwrap().unwrap();
+    assert_eq!(status.as_u16(), 200);
+    // The permit came back with the first answer.
+    assert_eq!(get(&proxy.url("/")).await.unwrap().0.as_u16(), 200);
+    let (_, _, stats) = get(&proxy.admin_url("/stats")).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["proxy"]["requests_shed"], 1);
     proxy.stop().await;
 }
