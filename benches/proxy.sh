@@ -21,52 +21,13 @@ CONNS=${CONNS:-64}          # wrk connections
 ROUNDS=${ROUNDS:-3}         # interleaved runs per proxy; the median is reported
 PIN=${PIN:-1}
 IDLE=${IDLE:-10000}         # idle keep-alive connections for the RSS measurement
-TARGET=${CARGO_TARGET_DIR:-target}
 
-need=()
-for tool in nginx haproxy wrk h2load python3 curl; do
-  command -v "$tool" >/dev/null || need+=("$tool")
-done
-if ((${#need[@]})); then
-  echo "installing: ${need[*]}" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y nginx haproxy wrk nghttp2-client python3 curl >/dev/null
-fi
-
+source benches/common.sh
+need nginx haproxy wrk h2load python3 curl
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 (( $(ulimit -n) > IDLE * 2 )) || echo "warning: open-file limit $(ulimit -n) is tight for $IDLE idle connections" >&2
-CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy >&2
+build_fleet_proxy
 FLEET="$TARGET/release/fleet-proxy"
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  [[ -n "${KEEP_LOGS:-}" ]] && cp -r "$WORK" /tmp/bench-logs
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
-
-nginx_conf() { # name, body of the server block, listen lines
-  mkdir -p "$WORK/$1"
-  cat >"$WORK/$1/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $WORK/$1/body; proxy_temp_path $WORK/$1/proxy;
-  fastcgi_temp_path $WORK/$1/fcgi; uwsgi_temp_path $WORK/$1/uwsgi; scgi_temp_path $WORK/$1/scgi;
-  $2
-}
-EOF
-}
 
 # CPU sets: proxies on 0, everything else on 1 (when pinning and there are two CPUs).
 if [[ "$PIN" == 1 ]] && (( $(nproc) >= 2 )) && command -v taskset >/dev/null; then
@@ -75,12 +36,6 @@ else
   PROXY_CPU=(); LOAD_CPU=()
 fi
 
-start() { # name, command...; sets LAST
-  local name=$1; shift
-  "$@" >"$WORK/$name.log" 2>&1 &
-  LAST=$!
-  PIDS+=("$LAST")
-}
 
 # The backend: nginx answering 200 "ok" itself, one worker. Two of them, for the mirror.
 BACKEND=$(free_port); SHADOW=$(free_port)
@@ -122,39 +77,12 @@ backend be
 EOF
 start haproxy "${PROXY_CPU[@]}" haproxy -f "$WORK/haproxy.cfg"; HAPROXY_PID=$LAST
 
-# fleet-proxy with a realistic table: 20 routes, header and cookie rules, a 5% sticky split.
-fleet_conf() { # file, port, admin, mirror line
-  {
-    echo "listen: 127.0.0.1:$2"
-    echo "admin: 127.0.0.1:$3"
-    echo "limits: { max_connections: 30000 }"
-    echo "tracks:"
-    # The backends speak HTTP/1.1 only, as nginx and HAProxy are configured to use them.
-    echo "  stable: { backends: [\"127.0.0.1:$BACKEND\"], protocol: http1 }"
-    echo "  canary: { backends: [\"127.0.0.1:$BACKEND\"], protocol: http1 }"
-    echo "  shadow: { backends: [\"127.0.0.1:$SHADOW\"], protocol: http1 }"
-    echo "routes:"
-    for i in $(seq 1 18); do
-      echo "  - { host: \"svc$i.example.com\", path_prefix: /, split: { stable: 9500, canary: 500 }, sticky: { cookie: fleet-bucket } }"
-    done
-    echo "  - { host: \"*.internal\", path_prefix: /admin, split: { stable: 10000 } }"
-    echo "  - host: \"*\""
-    echo "    path_prefix: /"
-    echo "    rules:"
-    echo "      - { match: { header: { name: x-canary, exact: \"true\" } }, to: canary }"
-    echo "      - { match: { header: { name: x-build, prefix: rc- } }, to: canary }"
-    echo "      - { match: { header: { name: x-tenant, regex: \"t-(1|2|3)[0-9]*\" } }, to: canary }"
-    echo "      - { match: { cookie: { name: ab-test-group, exact: version-b } }, to: canary }"
-    echo "    split: { stable: 9500, canary: 500 }"
-    echo "    sticky: { cookie: fleet-bucket }"
-    if [[ -n "$4" ]]; then echo "    $4"; fi
-  } >"$1"
-}
+# fleet-proxy with the realistic table of benches/common.sh (fleet_conf).
 FLEET_PORT=$(free_port); FLEET_ADMIN=$(free_port)
-fleet_conf "$WORK/fleet.yaml" "$FLEET_PORT" "$FLEET_ADMIN" ""
+fleet_conf "$WORK/fleet.yaml" "$FLEET_PORT" "$FLEET_ADMIN" "$BACKEND" "$SHADOW" ""
 start fleet "${PROXY_CPU[@]}" "$FLEET" --config "$WORK/fleet.yaml" --worker-threads 1; FLEET_PID=$LAST
 MIRROR_PORT=$(free_port); MIRROR_ADMIN=$(free_port)
-fleet_conf "$WORK/mirror.yaml" "$MIRROR_PORT" "$MIRROR_ADMIN" "mirror: { to: shadow, percent: 10 }"
+fleet_conf "$WORK/mirror.yaml" "$MIRROR_PORT" "$MIRROR_ADMIN" "$BACKEND" "$SHADOW" "mirror: { to: shadow, percent: 10 }"
 start fleet-mirror "${PROXY_CPU[@]}" "$FLEET" --config "$WORK/mirror.yaml" --worker-threads 1; MIRROR_PID=$LAST
 for p in "$NGINX" "$NGINX_H2" "$HAPROXY" "$HAPROXY_H2" "$FLEET_PORT" "$MIRROR_PORT"; do wait_port "$p"; done
 

@@ -1,0 +1,93 @@
+# Shared by the benchmark scripts: tools, a work directory cleaned up on exit, processes
+# started and ended by PID, ports, and the configs of the proxies under test.
+# Sourced, not run.
+
+TARGET=${CARGO_TARGET_DIR:-target}
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  [[ -n "${KEEP_LOGS:-}" ]] && cp -r "$WORK" /tmp/bench-logs
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Installs the Debian packages of the commands named that are missing.
+need() {
+  local missing=() tool
+  for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  ((${#missing[@]})) || return 0
+  echo "installing: ${missing[*]}" >&2
+  local packages=()
+  for tool in "${missing[@]}"; do
+    case $tool in
+      h2load) packages+=(nghttp2-client) ;;
+      callgrind_annotate | callgrind_control) packages+=(valgrind) ;;
+      *) packages+=("$tool") ;;
+    esac
+  done
+  DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}" >/dev/null
+}
+
+build_fleet_proxy() { CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy >&2; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # port, [tries of 0.1 s]
+  for _ in $(seq "${2:-100}"); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "port $1 never opened" >&2; return 1
+}
+
+nginx_conf() { # name, body of the server block, listen lines
+  mkdir -p "$WORK/$1"
+  cat >"$WORK/$1/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/$1/body; proxy_temp_path $WORK/$1/proxy;
+  fastcgi_temp_path $WORK/$1/fcgi; uwsgi_temp_path $WORK/$1/uwsgi; scgi_temp_path $WORK/$1/scgi;
+  $2
+}
+EOF
+}
+
+start() { # name, command...; sets LAST
+  local name=$1; shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  LAST=$!
+  PIDS+=("$LAST")
+}
+
+# fleet-proxy with a realistic table: 20 routes, header and cookie rules, a 5% sticky split.
+fleet_conf() { # file, port, admin, stable/canary backend, shadow backend, mirror line
+  {
+    echo "listen: 127.0.0.1:$2"
+    echo "admin: 127.0.0.1:$3"
+    echo "limits: { max_connections: 30000 }"
+    echo "tracks:"
+    # The backends speak HTTP/1.1 only, as nginx and HAProxy are configured to use them.
+    echo "  stable: { backends: [\"127.0.0.1:$4\"], protocol: http1 }"
+    echo "  canary: { backends: [\"127.0.0.1:$4\"], protocol: http1 }"
+    echo "  shadow: { backends: [\"127.0.0.1:$5\"], protocol: http1 }"
+    echo "routes:"
+    for i in $(seq 1 18); do
+      echo "  - { host: \"svc$i.example.com\", path_prefix: /, split: { stable: 9500, canary: 500 }, sticky: { cookie: fleet-bucket } }"
+    done
+    echo "  - { host: \"*.internal\", path_prefix: /admin, split: { stable: 10000 } }"
+    echo "  - host: \"*\""
+    echo "    path_prefix: /"
+    echo "    rules:"
+    echo "      - { match: { header: { name: x-canary, exact: \"true\" } }, to: canary }"
+    echo "      - { match: { header: { name: x-build, prefix: rc- } }, to: canary }"
+    echo "      - { match: { header: { name: x-tenant, regex: \"t-(1|2|3)[0-9]*\" } }, to: canary }"
+    echo "      - { match: { cookie: { name: ab-test-group, exact: version-b } }, to: canary }"
+    echo "    split: { stable: 9500, canary: 500 }"
+    echo "    sticky: { cookie: fleet-bucket }"
+    if [[ -n "$6" ]]; then echo "    $6"; fi
+  } >"$1"
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by callgrind: fleet-proxy beside nginx,
+# the same backend, the same requests. Unlike the wall-clock numbers of benches/proxy.sh these
+# repeat to the instruction on a loaded machine. Kernel work is not counted (both make the
+# same socket calls: two writev and two recvfrom per request, checked with strace -c).
+#
+#   benches/instructions.sh                 # 16,000 requests on 16 keep-alive connections
+#   REQUESTS=40000 benches/instructions.sh
+#
+# Needs valgrind, nginx, python3 (Debian: valgrind nginx python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/common.sh
+
+REQUESTS=${REQUESTS:-16000}
+need valgrind nginx python3 curl
+build_fleet_proxy
+
+# N requests over 16 keep-alive connections, each waiting for its answer before the next.
+cat >"$WORK/drive.py" <<'EOF'
+import selectors, socket, sys
+port, total = int(sys.argv[1]), int(sys.argv[2])
+req = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n"
+       b"Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4\r\n\r\n")
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+sel, left, done, buf = selectors.DefaultSelector(), len(socks), [0] * 16, [b""] * 16
+for i, s in enumerate(socks):
+    sel.register(s, selectors.EVENT_READ, i)
+    s.sendall(req)
+while left:
+    for key, _ in sel.select():
+        i = key.data
+        buf[i] += socks[i].recv(65536)
+        while b"ok\n" in buf[i]:
+            buf[i] = buf[i].split(b"ok\n", 1)[1]
+            done[i] += 1
+            if done[i] < total // 16:
+                socks[i].sendall(req)
+            else:
+                sel.unregister(socks[i])
+                left -= 1
+EOF
+
+# Runs a proxy under callgrind, warms it up, counts REQUESTS requests; prints instructions/request.
+count() { # name, port, command...
+  local name=$1 port=$2; shift 2
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg" "$@" >"$WORK/$name.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  wait_port "$port" 300
+  python3 "$WORK/drive.py" "$port" 2000
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  python3 "$WORK/drive.py" "$port" "$REQUESTS"
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  local total
+  total=$(callgrind_annotate "$WORK/$name.cg".1 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+  awk -v t="$total" -v n="$REQUESTS" 'BEGIN { printf "%.0f", t / n }'
+}
+
+BACKEND=$(free_port)
+nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
+start backend nginx -c "$WORK/backend/nginx.conf"
+wait_port "$BACKEND"
+
+NGINX=$(free_port)
+nginx_conf proxy "upstream be { server 127.0.0.1:$BACKEND; keepalive 128; }
+  server { listen 127.0.0.1:$NGINX;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+# One process, so that callgrind sees the worker.
+sed -i 's/^daemon off;/daemon off;\nmaster_process off;/' "$WORK/proxy/nginx.conf"
+FLEET=$(free_port)
+fleet_conf "$WORK/fleet.yaml" "$FLEET" "$(free_port)" "$BACKEND" "$BACKEND" ""
+
+N=$(count nginx "$NGINX" nginx -c "$WORK/proxy/nginx.conf")
+F=$(count fleet-proxy "$FLEET" "$TARGET/release/fleet-proxy" --config "$WORK/fleet.yaml" --worker-threads 1)
+echo "| proxy | instructions per request (user space) |"
+echo "|---|---:|"
+echo "| nginx | $N |"
+echo "| fleet-proxy | $F |"
+echo "| fleet-proxy / nginx | $(awk -v a="$F" -v b="$N" 'BEGIN { printf "%.2f", a / b }') |"
