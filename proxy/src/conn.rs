@@ -170,14 +170,22 @@ fn hyper_service(
         // Counted now, when hyper hands the request over, not when the future first runs.
         conn.in_flight.fetch_add(1, Relaxed);
         let guard = InFlight(conn.clone());
-        let (shared, handling) = (shared.clone(), stack.clone().oneshot(req));
+        // Every HTTP/1 request takes its verdict here, whatever happens to it next.
+        let handling = match crate::service::refused_by_scan(&shared, &conn, &req) {
+            Some(refused) => Err(refused),
+            None => Ok(stack.clone().oneshot(req)),
+        };
+        let shared = shared.clone();
         async move {
-            let resp = handling.await.unwrap_or_else(|e| {
-                if e.is::<Overloaded>() {
-                    shared.stats.global.requests_shed.fetch_add(1, Relaxed);
-                }
-                crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
-            });
+            let resp = match handling {
+                Err(refused) => refused,
+                Ok(handling) => handling.await.unwrap_or_else(|e| {
+                    if e.is::<Overloaded>() {
+                        shared.stats.global.requests_shed.fetch_add(1, Relaxed);
+                    }
+                    crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+                }),
+            };
             Ok(resp.map(|body| Tracked {
                 body,
                 _guard: guard,

@@ -26,14 +26,6 @@ pub(crate) async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let raw = match req.version() {
-        Version::HTTP_2 => None,
-        _ => conn.seen.next(),
-    };
-    if let Some(Verdict::Refuse(reason)) = raw {
-        shared.stats.global.bad_requests.fetch_add(1, Relaxed);
-        return Ok(bad_request(reason));
-    }
     if let Err(reason) = framing(&req) {
         shared.stats.global.bad_requests.fetch_add(1, Relaxed);
         return Ok(bad_request(reason));
@@ -171,6 +163,23 @@ pub fn plain(status: StatusCode, text: &str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// The raw bytes' verdict on an HTTP/1 request, taken when hyper hands the request over (before
+/// anything can refuse it otherwise), so that verdicts and requests stay in step.
+pub(crate) fn refused_by_scan(
+    shared: &Shared,
+    conn: &Conn,
+    req: &Request<Incoming>,
+) -> Option<Response<Body>> {
+    if req.version() == Version::HTTP_2 {
+        return None;
+    }
+    let Some(Verdict::Refuse(reason)) = conn.seen.next() else {
+        return None;
+    };
+    shared.stats.global.bad_requests.fetch_add(1, Relaxed);
+    Some(bad_request(reason))
 }
 
 /// 400 and close: after a request we could not frame, nothing else on the connection is safe.

@@ -227,3 +227,27 @@ async fn requests_over_max_requests_in_flight_get_503_at_once_and_are_counted() 
     assert_eq!(stats["proxy"]["requests_shed"], 1);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_shed_request_keeps_the_smuggling_verdicts_in_step_with_the_requests() {
+    let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(800))).await;
+    let yaml = format!(
+        "limits: {{ max_requests: 1 }}\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        slow.addr
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let url = proxy.url("/");
+    let busy = tokio::spawn(async move { get(&url).await });
+    eventually(Duration::from_secs(5), || async { slow.hits() == 1 }).await;
+    // The first is shed; the second is ambiguous and must still be refused as such.
+    let (text, closed) = exchange(
+        &proxy,
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&text), ["503", "400"], "{text}");
+    assert!(closed);
+    busy.await.unwrap().unwrap();
+    proxy.stop().await;
+}
