@@ -100,6 +100,7 @@ impl Server {
             )));
         }
         drop(drain_rx);
+        tokio::spawn(sweep_backends(shared.clone(), stop_rx.clone()));
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let admin_loop = tokio::spawn(admin_loop(admin, shared.clone(), admin_stop_rx));
         if let Some(path) = config_path {
@@ -129,6 +130,18 @@ impl Server {
         let _ = admin_stop_tx.send(true);
         let _ = admin_loop.await;
         Ok(())
+    }
+}
+
+/// How often idle upstream connections and forgotten backends are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+async fn sweep_backends(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(SWEEP_EVERY) => shared.sweep_backends(),
+        }
     }
 }
 

@@ -83,6 +83,17 @@ impl Shared {
         shared
     }
 
+    /// Forgets backends that no table names any more, closing their pooled connections, and
+    /// closes the stale idle connections of the others.
+    pub fn sweep_backends(&self) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        // Only this map holds such a backend: no table in force, no request in flight.
+        health.retain(|_, backend| Arc::strong_count(backend) > 1);
+        for backend in health.values() {
+            backend.sweep();
+        }
+    }
+
     /// The table in force. A request holds on to it until it is done, whatever swaps happen.
     pub fn active(&self) -> Arc<Active> {
         self.active.load_full()

@@ -41,6 +41,11 @@ impl Backend {
         }
     }
 
+    /// Closes idle connections that are stale or that the backend closed.
+    pub fn sweep(&self) {
+        self.pool.sweep();
+    }
+
     pub fn healthy(&self) -> bool {
         self.ejected_until_ms.load(Relaxed) <= now_ms()
     }

@@ -66,16 +66,22 @@ impl Pool {
     }
 
     fn put(&self, tx: http1::SendRequest<Body>) {
-        let now = Instant::now();
         let mut idle = lock(&self.idle);
-        while idle
-            .front()
-            .is_some_and(|(since, tx)| tx.is_closed() || now.duration_since(*since) >= IDLE_TIMEOUT)
-        {
+        if idle.len() >= self.max_idle {
+            // The oldest goes: the newest are the likeliest to be alive.
             idle.pop_front();
         }
-        if idle.len() < self.max_idle {
-            idle.push_back((now, tx));
+        idle.push_back((Instant::now(), tx));
+    }
+
+    /// Closes idle connections that the backend closed or that waited `IDLE_TIMEOUT`.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        lock(&self.idle)
+            .retain(|(since, tx)| !tx.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
+        let mut http2 = lock(&self.http2);
+        if http2.as_ref().is_some_and(|tx| tx.is_closed()) {
+            *http2 = None;
         }
     }
 }

@@ -1,5 +1,5 @@
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,7 +8,7 @@ use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::support::{Backend, Mode, Proxy, client, dead_addr, send};
+use crate::support::{Backend, Mode, Proxy, client, dead_addr, eventually, put, send};
 
 fn config(backends: &[std::net::SocketAddr], upstream: &str) -> String {
     let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
@@ -167,5 +167,64 @@ async fn a_connection_the_backend_closed_is_not_reused_so_even_a_post_succeeds()
         assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
     }
     assert_eq!(conns.load(Ordering::SeqCst), 10);
+    proxy.stop().await;
+}
+
+/// A keep-alive backend that answers every GET with `stable` and notes when the proxy closes
+/// its connection.
+async fn backend_noting_close() -> (std::net::SocketAddr, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = Arc::new(AtomicBool::new(false));
+    let noted = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let noted = noted.clone();
+            tokio::spawn(async move {
+                let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return noted.store(true, Ordering::SeqCst),
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nstable";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, closed)
+}
+
+#[tokio::test]
+async fn pooled_connections_to_a_backend_no_table_names_are_closed() {
+    let (old, closed) = backend_noting_close().await;
+    let new = Backend::start("stable", Mode::Normal).await;
+    let proxy = Proxy::start(&config(&[old], "{}")).await;
+    let (status, _, body) = send(
+        &client(),
+        Request::get(proxy.url("/")).body(Full::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    assert!(!closed.load(Ordering::SeqCst), "kept for the next request");
+    let table = format!(
+        r#"{{"tracks": {{"stable": {{"backends": ["{}"]}}}}, "routes": [{{"split": {{"stable": 10000}}}}]}}"#,
+        new.addr
+    );
+    assert_eq!(
+        put(&proxy.admin_url("/routes"), &table).await.0,
+        StatusCode::OK
+    );
+    eventually(Duration::from_secs(5), || async {
+        closed.load(Ordering::SeqCst)
+    })
+    .await;
     proxy.stop().await;
 }
