@@ -100,11 +100,20 @@ pub async fn serve<S: Socket>(
     let limits = &shared.settings.limits;
     let (h2, read) = match h2 {
         true => (true, Bytes::new()),
-        false => match tokio::time::timeout(limits.header_read_timeout, sniff(&mut io)).await {
-            Ok(Ok(sniffed)) => sniffed,
-            Ok(Err(e)) => return tracing::debug!(error = %e, "connection failed before a request"),
-            Err(_) => return tracing::debug!("no request before header_read_timeout"),
-        },
+        false => {
+            let sniffing = tokio::time::timeout(limits.header_read_timeout, sniff(&mut io));
+            tokio::select! {
+                // Draining: a connection that has sent nothing yet is closed at once.
+                _ = stopped(&mut drain) => return,
+                sniffed = sniffing => match sniffed {
+                    Ok(Ok(sniffed)) => sniffed,
+                    Ok(Err(e)) => {
+                        return tracing::debug!(error = %e, "connection failed before a request");
+                    }
+                    Err(_) => return tracing::debug!("no request before header_read_timeout"),
+                },
+            }
+        }
     };
     let io = Scan::new(io, read, limits.max_header_bytes, conn.seen.clone());
     let served = match h2 {

@@ -81,23 +81,26 @@ impl Condition {
 /// The value of cookie `name` across every `Cookie` header (HTTP/2 sends one per cookie).
 /// When a name appears more than once the first wins, as browsers send the most specific
 /// path first. Surrounding double quotes are removed.
-/// A value that is not UTF-8 is taken as missing.
+/// A value that is not UTF-8 is passed over.
 pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    // Bytes, not `str`: only the value found needs checking, not every cookie of the request.
+    // Bytes, not `str`: only the values of `name` need checking, not every cookie.
     let name = name.as_bytes();
-    let value = headers
+    headers
         .get_all(header::COOKIE)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
         .find_map(|pair| {
             let eq = pair.iter().position(|b| *b == b'=')?;
-            (pair[..eq].trim_ascii() == name).then(|| pair[eq + 1..].trim_ascii())
-        })?;
-    let value = value
-        .strip_prefix(b"\"")
-        .and_then(|v| v.strip_suffix(b"\""))
-        .unwrap_or(value);
-    std::str::from_utf8(value).ok()
+            if pair[..eq].trim_ascii() != name {
+                return None;
+            }
+            let value = pair[eq + 1..].trim_ascii();
+            let value = value
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(value);
+            std::str::from_utf8(value).ok()
+        })
 }
 
 /// The first value of query parameter `name`, percent-decoded (`+` is a space). A parameter
