@@ -200,8 +200,10 @@ async fn connections_over_the_limit_are_closed_at_once() {
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn requests_over_max_requests_in_flight_get_503_at_once_and_are_counted() {
+type Answer = Option<(http::StatusCode, http::HeaderMap, String)>;
+
+/// A proxy allowed one request in flight, and that one request, waiting on a slow backend.
+async fn proxy_at_its_request_limit() -> (Proxy, tokio::task::JoinHandle<Answer>, Backend) {
     let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(800))).await;
     let yaml = format!(
         "limits: {{ max_requests: 1 }}\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
@@ -209,8 +211,14 @@ async fn requests_over_max_requests_in_flight_get_503_at_once_and_are_counted() 
     );
     let proxy = Proxy::start(&yaml).await;
     let url = proxy.url("/");
-    let first = tokio::spawn(async move { get(&url).await });
+    let busy = tokio::spawn(async move { get(&url).await });
     eventually(Duration::from_secs(5), || async { slow.hits() == 1 }).await;
+    (proxy, busy, slow)
+}
+
+#[tokio::test]
+async fn requests_over_max_requests_in_flight_get_503_at_once_and_are_counted() {
+    let (proxy, first, _slow) = proxy_at_its_request_limit().await;
     let started = Instant::now();
     let (status, _, body) = get(&proxy.url("/")).await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (503, "overloaded\n"));
@@ -230,15 +238,7 @@ async fn requests_over_max_requests_in_flight_get_503_at_once_and_are_counted() 
 
 #[tokio::test]
 async fn a_shed_request_keeps_the_smuggling_verdicts_in_step_with_the_requests() {
-    let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(800))).await;
-    let yaml = format!(
-        "limits: {{ max_requests: 1 }}\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        slow.addr
-    );
-    let proxy = Proxy::start(&yaml).await;
-    let url = proxy.url("/");
-    let busy = tokio::spawn(async move { get(&url).await });
-    eventually(Duration::from_secs(5), || async { slow.hits() == 1 }).await;
+    let (proxy, busy, _slow) = proxy_at_its_request_limit().await;
     // The first is shed; the second is ambiguous and must still be refused as such.
     let (text, closed) = exchange(
         &proxy,
