@@ -44,17 +44,11 @@ pub struct Seen {
 impl Seen {
     /// The verdict on the next HTTP/1 request of the connection, if the scan saw its head.
     pub fn next(&self) -> Option<Verdict> {
-        self.verdicts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
+        crate::lock(&self.verdicts).pop_front()
     }
 
     fn push(&self, v: Verdict) {
-        self.verdicts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(v);
+        crate::lock(&self.verdicts).push_back(v);
     }
 
     /// Nothing half-read, nothing waiting to be written, and the last read came back empty:

@@ -17,3 +17,10 @@ pub mod tls;
 pub mod upstream;
 
 pub use server::Server;
+
+/// Locks `m`. A panic while it was held leaves data that is still whole (counters, queues,
+/// maps updated in one step), so the proxy carries on with it rather than failing every
+/// request after.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -45,12 +45,7 @@ impl Mirror {
     /// when `shared` is dropped. Long-lived workers, not a task per copy: a copy then costs
     /// a queue hand-off rather than a spawn.
     pub fn start(shared: &Arc<Shared>) {
-        let rx = shared
-            .mirror
-            .rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let rx = crate::lock(&shared.mirror.rx).take();
         let Some(rx) = rx else { return };
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..shared.settings.mirror.concurrency {

@@ -86,7 +86,7 @@ impl Shared {
     /// Forgets backends that no table names any more, closing their pooled connections, and
     /// closes the stale idle connections of the others.
     pub fn sweep_backends(&self) {
-        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let mut health = crate::lock(&self.health);
         // Only this map holds such a backend: no table in force, no request in flight.
         health.retain(|_, backend| Arc::strong_count(backend) > 1);
         for backend in health.values() {
@@ -102,7 +102,7 @@ impl Shared {
     /// Puts `table` in force and returns its version. With `expected`, only if the version
     /// in force is that one.
     pub fn install(&self, table: Table, expected: Option<u64>) -> Result<u64, InstallError> {
-        let _one_at_a_time = self.install.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = crate::lock(&self.install);
         let current = self.active.load().version;
         if let Some(expected) = expected.filter(|e| *e != current) {
             return Err(InstallError::Conflict { expected, current });
@@ -131,7 +131,7 @@ fn resolve(
     health: &Mutex<HashMap<String, Arc<Backend>>>,
     stats: &Stats,
 ) -> Active {
-    let mut health = health.lock().unwrap_or_else(|p| p.into_inner());
+    let mut health = crate::lock(health);
     let backends: Vec<Vec<Arc<Backend>>> = table
         .tracks()
         .map(|(_, t)| {

@@ -109,7 +109,7 @@ impl Stats {
     /// The counters of a route, track and source, created on first use and kept across
     /// table swaps (tables resolve them once, when they are built).
     pub fn counters(&self, route: &str, track: &str, source: Source) -> Arc<Counters> {
-        let mut map = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::lock(&self.by_route);
         counters_in(&mut map, route, track, source)
     }
 
@@ -120,7 +120,7 @@ impl Stats {
         routes: impl Iterator<Item = &'a str>,
         tracks: &[&str],
     ) -> Vec<Vec<[Arc<Counters>; 2]>> {
-        let mut map = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::lock(&self.by_route);
         routes
             .map(|route| {
                 tracks
@@ -135,7 +135,7 @@ impl Stats {
     }
 
     fn snapshot(&self) -> Vec<(Key, Arc<Counters>)> {
-        let map = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
+        let map = crate::lock(&self.by_route);
         let mut out = Vec::new();
         for (route, by_track) in map.iter() {
             for (track, by_source) in by_track {

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 
 use super::backend::Backend;
 use crate::body::Body;
+use crate::lock;
 
 /// Idle HTTP/1 connections older than this are closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -84,10 +85,6 @@ impl Pool {
             *http2 = None;
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Sends `req` to `backend`, on a pooled connection when one is ready, else on a new one.
