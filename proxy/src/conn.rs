@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use crate::config::Limits;
 use crate::framing::{Scan, Seen};
 use crate::server::stopped;
 use crate::state::Shared;
+use crate::stats::Gauge;
 
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug)]
@@ -263,13 +264,12 @@ async fn serve_http1<S: Socket>(
     drain: &mut watch::Receiver<bool>,
 ) -> Result<(), hyper::Error> {
     let limits = &shared.settings.limits;
-    let builder = http1_builder(limits);
+    let (builder, service) = (http1_builder(limits), hyper_service(shared, conn));
     loop {
-        let service = hyper_service(shared, conn);
         // Boxed, so that a parked connection's task does not keep room for it.
         let mut http = Box::new(
             builder
-                .serve_connection(TokioIo::new(io), service)
+                .serve_connection(TokioIo::new(io), service.clone())
                 .with_upgrades(),
         );
         // Serve until the connection ends, or until it has been idle for `PARK_AFTER`.
@@ -343,20 +343,4 @@ async fn serve_http2<S: Socket>(
         _ = stopped(drain) => http.as_mut().graceful_shutdown(),
     }
     http.await
-}
-
-/// One unit of a gauge, held while it lasts.
-struct Gauge<'a>(&'a AtomicU64);
-
-impl<'a> Gauge<'a> {
-    fn up(gauge: &'a AtomicU64) -> Self {
-        gauge.fetch_add(1, Relaxed);
-        Gauge(gauge)
-    }
-}
-
-impl Drop for Gauge<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
 }

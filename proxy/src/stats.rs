@@ -207,6 +207,22 @@ impl Stats {
     }
 }
 
+/// One unit of a gauge, held while it lasts.
+pub struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    pub fn up(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Gauge(gauge)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 fn counters_in(map: &mut ByRoute, route: &str, track: &str, source: Source) -> Arc<Counters> {
     if !map.contains_key(route) {
         map.insert(route.to_owned(), BTreeMap::new());
