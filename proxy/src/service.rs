@@ -235,7 +235,6 @@ fn connection_has(h: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// `Connection` comes first: `strip_hop_by_hop` looks for it at index 0.
 const HOPS: usize = 7;
 const HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
@@ -256,15 +255,15 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     // One look at the names finds the few present, without hashing; most messages carry
     // none, or only `Connection: keep-alive`.
-    let mut present = [false; HOPS];
-    let mut te = false;
+    let (mut present, mut connection, mut te) = ([false; HOPS], false, false);
     for name in h.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
             present[i] = true;
         }
+        connection |= name == header::CONNECTION;
         te |= name == header::TE;
     }
-    if present[0] {
+    if connection {
         // Headers the `Connection` header names are hop-by-hop too.
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -289,10 +288,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let keep_te = te
-        && h.get(header::TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if te && !keep_te {
+    let trailers = |v: &HeaderValue| v.as_bytes().eq_ignore_ascii_case(b"trailers");
+    if te && !h.get(header::TE).is_some_and(trailers) {
         h.remove(header::TE);
     }
 }
