@@ -64,7 +64,7 @@ impl Shared {
         let health = Mutex::default();
         let first = resolve(1, table, &settings, &health, &stats);
         let mirror = Mirror::new(&settings.mirror);
-        let settings_max_requests = settings.limits.max_requests;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.limits.max_requests));
         let shared = Arc::new(Shared {
             settings,
             active: ArcSwap::from_pointee(first),
@@ -73,7 +73,7 @@ impl Shared {
             stats,
             mirror,
             draining: AtomicBool::new(false),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(settings_max_requests)),
+            in_flight,
         });
         shared
             .stats
