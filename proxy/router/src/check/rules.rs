@@ -95,35 +95,34 @@ impl Builder<'_> {
         }
         if let Some(re) = &v.regex {
             let compiled = match self.regexes.get(re) {
-                Some(known) => Ok(known.clone()),
-                None => RegexBuilder::new(&format!("^(?:{re})$"))
+                Some(known) => known.clone(),
+                None => match RegexBuilder::new(&format!("^(?:{re})$"))
                     .size_limit(REGEX_SIZE_LIMIT)
                     .build()
-                    .map(Arc::new),
-            };
-            match compiled {
-                Ok(compiled) => {
-                    if !self.regexes.contains_key(re) {
-                        self.regexes.insert(re.clone(), compiled.clone());
+                {
+                    Ok(built) => {
+                        let built = Arc::new(built);
+                        self.regexes.insert(re.clone(), built.clone());
+                        built
                     }
-                    tests.push(Test::Regex(compiled));
-                }
-                Err(e) => {
-                    let message = e
-                        .to_string()
-                        .lines()
-                        .last()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string();
-                    self.error(
-                        &at.field("regex"),
-                        format!("bad regex: {message}"),
-                        "see https://docs.rs/regex for the syntax",
-                    );
-                    return None;
-                }
-            }
+                    Err(e) => {
+                        let message = e
+                            .to_string()
+                            .lines()
+                            .last()
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string();
+                        self.error(
+                            &at.field("regex"),
+                            format!("bad regex: {message}"),
+                            "see https://docs.rs/regex for the syntax",
+                        );
+                        return None;
+                    }
+                },
+            };
+            tests.push(Test::Regex(compiled));
         }
         match v.present {
             Some(true) => tests.push(Test::Present),
