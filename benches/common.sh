@@ -56,6 +56,13 @@ http {
 EOF
 }
 
+# nginx as the proxy under test: plain proxy_pass with pooled upstream connections.
+nginx_proxy_conf() { # name, backend port, listen directives
+  nginx_conf "$1" "upstream be { server 127.0.0.1:$2; keepalive 128; }
+  server { $3
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+}
+
 start() { # name, command...; sets LAST
   local name=$1; shift
   "$@" >"$WORK/$name.log" 2>&1 &

@@ -64,9 +64,7 @@ start backend nginx -c "$WORK/backend/nginx.conf"
 wait_port "$BACKEND"
 
 NGINX=$(free_port)
-nginx_conf proxy "upstream be { server 127.0.0.1:$BACKEND; keepalive 128; }
-  server { listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_proxy_conf proxy "$BACKEND" "listen 127.0.0.1:$NGINX;"
 # One process, so that callgrind sees the worker.
 sed -i 's/^daemon off;/daemon off;\nmaster_process off;/' "$WORK/proxy/nginx.conf"
 FLEET=$(free_port)

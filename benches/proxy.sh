@@ -47,9 +47,7 @@ wait_port "$BACKEND"; wait_port "$SHADOW"
 
 # nginx as the proxy: plain proxy_pass with pooled upstream connections; a second port for h2c.
 NGINX=$(free_port); NGINX_H2=$(free_port)
-nginx_conf proxy "upstream be { server 127.0.0.1:$BACKEND; keepalive 128; }
-  server { listen 127.0.0.1:$NGINX; listen 127.0.0.1:$NGINX_H2 http2;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_proxy_conf proxy "$BACKEND" "listen 127.0.0.1:$NGINX; listen 127.0.0.1:$NGINX_H2 http2;"
 start nginx "${PROXY_CPU[@]}" nginx -c "$WORK/proxy/nginx.conf"; NGINX_PID=$LAST
 
 # HAProxy: one thread, connection reuse; h2c on a second port. It wants two descriptors per
