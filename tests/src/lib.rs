@@ -1,14 +1,13 @@
 //! Support for the end-to-end tests: a local fleet with traffic, and what its proxies did.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::release_service_client::ReleaseServiceClient;
-use fleetctl::local::{LocalFleet, Traffic};
+use fleetctl::local::{LocalFleet, Traffic, bin_dir};
 use tonic::transport::Channel;
 
 pub const REGIONS: [(&str, &str); 3] = [
@@ -17,13 +16,6 @@ pub const REGIONS: [(&str, &str); 3] = [
     ("eu-west", "euw-a"),
 ];
 pub const MANIFEST: &str = include_str!("../e2e/fleet.yaml");
-
-/// The directory of the workspace's binaries: the tests run from `target/<profile>/deps`.
-pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let deps = exe.parent().context("test binary directory")?;
-    Ok(deps.parent().context("target directory")?.to_path_buf())
-}
 
 /// A fleet on 127.0.0.1 with users sending traffic, and a watcher of each proxy's table.
 pub struct World {

@@ -10,7 +10,6 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::release_service_client::ReleaseServiceClient;
 use fleetctl::local::LocalFleet;
@@ -20,11 +19,7 @@ const TRIALS: usize = 5;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let bin = std::env::current_exe()?
-        .parent()
-        .and_then(|p| p.parent())
-        .context("target dir")?
-        .to_path_buf();
+    let bin = fleetctl::local::bin_dir()?;
     let names: Vec<(String, String)> = (0..REGIONS)
         .map(|r| (format!("r{r}"), format!("c{r}")))
         .collect();

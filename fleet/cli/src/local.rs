@@ -419,6 +419,17 @@ impl User {
     }
 }
 
+/// The directory of the workspace's binaries, for a program one directory below it: a test
+/// in `target/<profile>/deps`, an example in `target/<profile>/examples`.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let below = exe.parent().context("the program's directory")?;
+    Ok(below
+        .parent()
+        .context("the target directory")?
+        .to_path_buf())
+}
+
 /// An HTTP client for talking to the fleet. reqwest is built without a default TLS provider
 /// (no C toolchain for aws-lc); install ring first, as every part of Fleet does.
 pub fn http_client() -> reqwest::Client {
