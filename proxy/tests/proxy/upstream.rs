@@ -228,3 +228,33 @@ async fn pooled_connections_to_a_backend_no_table_names_are_closed() {
     .await;
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_backend_that_never_accepts_fails_at_the_connect_timeout_not_the_request_timeout() {
+    // A listener whose one-place accept queue is full: the kernel drops further connection
+    // attempts, so a connect to it hangs until the caller gives up.
+    let stuck = tokio::net::TcpSocket::new_v4().unwrap();
+    stuck.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let stuck = stuck.listen(0).unwrap();
+    let addr = stuck.local_addr().unwrap();
+    let _queued = std::net::TcpStream::connect(addr).unwrap();
+    let proxy = Proxy::start(&config(
+        &[addr],
+        "{ connect_timeout: 200ms, request_timeout: 10s, retries: 0 }",
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let (status, _, _) = send(
+        &client(),
+        Request::get(proxy.url("/")).body(Full::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}
