@@ -15,6 +15,7 @@ source benches/common.sh
 REQUESTS=${REQUESTS:-16000}
 need valgrind nginx python3 curl
 build_fleet_proxy
+CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy --example hyper_floor >&2
 
 # N requests over 16 keep-alive connections, each waiting for its answer before the next.
 cat >"$WORK/drive.py" <<'EOF'
@@ -70,10 +71,17 @@ sed -i 's/^daemon off;/daemon off;\nmaster_process off;/' "$WORK/proxy/nginx.con
 FLEET=$(free_port)
 fleet_conf "$WORK/fleet.yaml" "$FLEET" "$(free_port)" "$BACKEND" "$BACKEND" ""
 
+FLOOR=$(free_port)
+
 N=$(count nginx "$NGINX" nginx -c "$WORK/proxy/nginx.conf")
+H=$(count hyper-floor "$FLOOR" "$TARGET/release/examples/hyper_floor" "127.0.0.1:$FLOOR" "127.0.0.1:$BACKEND")
 F=$(count fleet-proxy "$FLEET" "$TARGET/release/fleet-proxy" --config "$WORK/fleet.yaml" --worker-threads 1)
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo "| proxy | instructions per request (user space) |"
 echo "|---|---:|"
 echo "| nginx | $N |"
+echo "| hyper floor (proxy/examples/hyper_floor.rs) | $H |"
 echo "| fleet-proxy | $F |"
-echo "| fleet-proxy / nginx | $(awk -v a="$F" -v b="$N" 'BEGIN { printf "%.2f", a / b }') |"
+echo "| hyper floor / nginx | $(ratio "$H" "$N") |"
+echo "| fleet-proxy / nginx | $(ratio "$F" "$N") |"
+echo "| fleet-proxy / hyper floor | $(ratio "$F" "$H") |"

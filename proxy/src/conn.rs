@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,6 +38,10 @@ use crate::server::stopped;
 use crate::state::Shared;
 use crate::stats::Gauge;
 
+mod vigil;
+
+use vigil::{Finding, Sight, Vigil};
+
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug)]
 pub struct Conn {
@@ -48,6 +52,8 @@ pub struct Conn {
     pub(crate) seen: Arc<Seen>,
     /// Requests taken and not yet answered to the last byte of their response body.
     in_flight: AtomicUsize,
+    /// Requests taken since the connection began.
+    requests: AtomicU64,
 }
 
 impl Conn {
@@ -58,12 +64,17 @@ impl Conn {
             tls,
             seen: Arc::default(),
             in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
         }
     }
 
-    /// No request is being answered and the bytes show nothing half done.
-    fn idle(&self) -> bool {
-        self.in_flight.load(Relaxed) == 0 && self.seen.idle_io()
+    fn sight(&self) -> Sight {
+        let answering = self.in_flight.load(Relaxed) > 0;
+        Sight {
+            requests: self.requests.load(Relaxed),
+            idle: !answering && self.seen.idle_io(),
+            awaiting_head: !answering && !self.seen.between_messages(),
+        }
     }
 }
 
@@ -159,7 +170,7 @@ fn stack(
         .layer(GlobalConcurrencyLimitLayer::with_semaphore(
             shared.in_flight.clone(),
         ))
-        .service_fn(move |req| crate::service::handle(s.clone(), c.clone(), req))
+        .service_fn(move |req| Box::pin(crate::service::handle(s.clone(), c.clone(), req)))
 }
 
 /// hyper's service for `conn`: each request goes through the stack and is counted in flight
@@ -179,6 +190,7 @@ fn hyper_service(
     service_fn(move |req| {
         // Counted now, when hyper hands the request over, not when the future first runs.
         conn.in_flight.fetch_add(1, Relaxed);
+        conn.requests.fetch_add(1, Relaxed);
         let guard = InFlight(conn.clone());
         // Every HTTP/1 request takes its verdict here, whatever happens to it next.
         let handling = match crate::service::refused_by_scan(&shared, &conn, &req) {
@@ -240,8 +252,9 @@ impl http_body::Body for Tracked {
 
 fn http1_builder(limits: &Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+    // No timer: the header-read timeout is the connection's own (see `vigil`), which
+    // costs a timer per connection rather than one per request.
+    b.header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     // hyper's own limit is 100, parsed on the stack; any explicit limit costs a heap buffer
@@ -252,10 +265,17 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     b
 }
 
-/// How long an HTTP/1.1 connection stays idle before it gives up its buffers. Shorter costs
-/// CPU on connections that are merely between two quick requests (a new hyper connection per
-/// request is about a fifth more work); longer keeps memory that idle clients do not need.
+/// How long an HTTP/1.1 connection stays idle before it gives up its buffers (up to half as
+/// long again: see `vigil`). Shorter costs CPU on connections that are merely between two
+/// quick requests (a new hyper connection per request is about a fifth more work); longer
+/// keeps memory that idle clients do not need.
 const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Why an HTTP/1.1 connection stopped being served by hyper without ending.
+enum Pause {
+    Park,
+    TooSlow,
+}
 
 async fn serve_http1<S: Socket>(
     mut io: Scan<S>,
@@ -272,38 +292,41 @@ async fn serve_http1<S: Socket>(
                 .serve_connection(TokioIo::new(io), service.clone())
                 .with_upgrades(),
         );
-        // Serve until the connection ends, or until it has been idle for `PARK_AFTER`.
-        let parked = {
+        // Serve until the connection ends, is idle long enough to park, or is too slow
+        // with a request head.
+        let paused = {
             let mut draining = pin!(stopped(drain));
             let mut drained = false;
-            let mut quiet = pin!(tokio::time::sleep(PARK_AFTER));
-            let mut quiet_armed = false;
+            let mut vigil = Vigil::new(PARK_AFTER, limits.header_read_timeout);
+            let mut tick = pin!(tokio::time::sleep(vigil.period()));
             poll_fn(|cx| {
                 if !drained && draining.as_mut().poll(cx).is_ready() {
                     drained = true;
                     Pin::new(&mut *http).graceful_shutdown();
                 }
-                match Pin::new(&mut *http).poll(cx) {
-                    Poll::Ready(done) => Poll::Ready(Err(done)),
-                    Poll::Pending if !drained && conn.idle() => {
-                        if !quiet_armed {
-                            quiet_armed = true;
-                            quiet
-                                .as_mut()
-                                .reset(tokio::time::Instant::now() + PARK_AFTER);
-                        }
-                        quiet.as_mut().poll(cx).map(Ok)
-                    }
-                    Poll::Pending => {
-                        quiet_armed = false;
-                        Poll::Pending
-                    }
+                if let Poll::Ready(done) = Pin::new(&mut *http).poll(cx) {
+                    return Poll::Ready(Err(done));
                 }
+                while tick.as_mut().poll(cx).is_ready() {
+                    match vigil.look(conn.sight()) {
+                        Finding::TooSlow => return Poll::Ready(Ok(Pause::TooSlow)),
+                        Finding::Park if !drained => return Poll::Ready(Ok(Pause::Park)),
+                        _ => {}
+                    }
+                    let next = tokio::time::Instant::now() + vigil.period();
+                    tick.as_mut().reset(next);
+                }
+                Poll::Pending
             })
             .await
         };
-        if let Err(done) = parked {
-            return done;
+        match paused {
+            Err(done) => return done,
+            Ok(Pause::TooSlow) => {
+                tracing::debug!("no request head within header_read_timeout");
+                return Ok(());
+            }
+            Ok(Pause::Park) => {}
         }
         // Idle: hyper's buffers go; the socket waits alone.
         let Some(parts) = http.into_parts() else {

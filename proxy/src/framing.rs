@@ -51,6 +51,12 @@ impl Seen {
         crate::lock(&self.verdicts).push_back(v);
     }
 
+    /// Every byte read so far belongs to a complete request (false too once the scan stopped
+    /// following the framing).
+    pub fn between_messages(&self) -> bool {
+        self.between_messages.load(Relaxed)
+    }
+
     /// Nothing half-read, nothing waiting to be written, and the last read came back empty:
     /// the bytes say the connection is between requests. (Whether a request is still being
     /// answered is for the service to say.)

@@ -95,7 +95,8 @@ pub async fn request(
     connect_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, Error> {
     match http2 {
-        true => request_http2(backend, req, connect_timeout).await,
+        // Boxed, as HTTP/2 is the rarer protocol to backends and its state is larger.
+        true => Box::pin(request_http2(backend, req, connect_timeout)).await,
         false => request_http1(backend, req, connect_timeout).await,
     }
 }
@@ -114,6 +115,16 @@ async fn request_http1(
             },
         }
     }
+    // Boxed: connecting is rare next to reuse, and its state would otherwise make every
+    // request's future larger, to be copied on every move.
+    Box::pin(connect_http1(backend, req, connect_timeout)).await
+}
+
+async fn connect_http1(
+    backend: &Arc<Backend>,
+    req: Request<Body>,
+    connect_timeout: Duration,
+) -> Result<Response<UpstreamBody>, Error> {
     let io = connect(backend, connect_timeout).await?;
     let (mut tx, conn) = http1::handshake(io).await?;
     tokio::spawn(async move {

@@ -1,0 +1,173 @@
+//! When an HTTP/1.1 connection has been idle long enough to park, or has taken too long to
+//! send a request head. Pure: the connection looks at itself every `period` and tells
+//! [`Vigil`] what it saw.
+//!
+//! A timer per connection that fires every `period` replaces a timer reset on every request
+//! (hyper's header-read timeout and a park timer): on a busy connection a timer reset costs
+//! about as much as a tenth of the whole request.
+
+use std::time::Duration;
+
+/// What the connection showed at one look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sight {
+    /// Requests handed to the service since the connection began.
+    pub requests: u64,
+    /// Nothing half read, nothing unwritten, no request being answered.
+    pub idle: bool,
+    /// No request being answered, but bytes of the next one have begun: its head is still
+    /// on its way (or the rest of a body nobody waits for any more).
+    pub awaiting_head: bool,
+}
+
+/// What to do after a look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finding {
+    Carry,
+    /// Idle for at least the park delay: give up the buffers.
+    Park,
+    /// The head has been on its way for at least the header-read timeout: close.
+    TooSlow,
+}
+
+/// Counts looks in a row that saw the same state with no new request in between. `n` such
+/// looks span at least `(n - 1) × period`.
+#[derive(Debug)]
+pub struct Vigil {
+    period: Duration,
+    park_looks: u32,
+    slow_looks: u32,
+    requests: u64,
+    idle: u32,
+    awaiting: u32,
+}
+
+impl Vigil {
+    /// Looks every `min(park_after, header_timeout) / 2`, so that each deadline is met
+    /// within half its length.
+    pub fn new(park_after: Duration, header_timeout: Duration) -> Self {
+        let period = (park_after.min(header_timeout) / 2).max(Duration::from_millis(1));
+        let looks =
+            |span: Duration| (span.div_duration_f64(period).ceil() as u32).saturating_add(1);
+        Vigil {
+            period,
+            park_looks: looks(park_after),
+            slow_looks: looks(header_timeout),
+            requests: 0,
+            idle: 0,
+            awaiting: 0,
+        }
+    }
+
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    pub fn look(&mut self, sight: Sight) -> Finding {
+        let fresh = sight.requests != self.requests;
+        self.requests = sight.requests;
+        let streak = |count: u32, now: bool| match (now, fresh) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => count.saturating_add(1),
+        };
+        self.idle = streak(self.idle, sight.idle);
+        self.awaiting = streak(self.awaiting, sight.awaiting_head);
+        if self.awaiting >= self.slow_looks {
+            Finding::TooSlow
+        } else if self.idle >= self.park_looks {
+            Finding::Park
+        } else {
+            Finding::Carry
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDLE: Sight = Sight {
+        requests: 0,
+        idle: true,
+        awaiting_head: false,
+    };
+    const SLOW: Sight = Sight {
+        requests: 0,
+        idle: false,
+        awaiting_head: true,
+    };
+    const BUSY: Sight = Sight {
+        requests: 0,
+        idle: false,
+        awaiting_head: false,
+    };
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// How long the state must hold, in periods, before the finding comes.
+    fn periods_until(w: &mut Vigil, sight: Sight, finding: Finding) -> u32 {
+        (0..1000).find(|_| w.look(sight) == finding).unwrap()
+    }
+
+    #[test]
+    fn the_period_is_half_the_shorter_deadline() {
+        assert_eq!(Vigil::new(ms(1000), ms(10_000)).period(), ms(500));
+        assert_eq!(Vigil::new(ms(1000), ms(300)).period(), ms(150));
+    }
+
+    #[test]
+    fn an_idle_connection_parks_after_the_park_delay_and_no_sooner() {
+        let mut w = Vigil::new(ms(1000), ms(10_000));
+        // Idle seen at looks 0, 1, 2: at least two periods (1 s) of idleness.
+        assert_eq!(periods_until(&mut w, IDLE, Finding::Park), 2);
+        let mut w = Vigil::new(ms(1000), ms(300));
+        // 150 ms periods: ceil(1000 / 150) = 7 periods, 1050 ms.
+        assert_eq!(periods_until(&mut w, IDLE, Finding::Park), 7);
+    }
+
+    #[test]
+    fn a_request_between_two_looks_restarts_the_idle_count() {
+        let mut w = Vigil::new(ms(1000), ms(10_000));
+        assert_eq!(w.look(IDLE), Finding::Carry);
+        assert_eq!(w.look(IDLE), Finding::Carry);
+        // Served a request in between: idle again, but only known to be since this look.
+        let after = Sight {
+            requests: 1,
+            ..IDLE
+        };
+        assert_eq!(w.look(after), Finding::Carry);
+        assert_eq!(w.look(after), Finding::Carry);
+        assert_eq!(w.look(after), Finding::Park);
+    }
+
+    #[test]
+    fn busy_looks_break_the_idle_count() {
+        let mut w = Vigil::new(ms(1000), ms(10_000));
+        for _ in 0..10 {
+            assert_eq!(w.look(IDLE), Finding::Carry);
+            assert_eq!(w.look(BUSY), Finding::Carry);
+        }
+    }
+
+    #[test]
+    fn a_head_that_takes_longer_than_the_header_timeout_closes_the_connection() {
+        let mut w = Vigil::new(ms(1000), ms(300));
+        // 150 ms periods: the head was on its way at looks 0, 1, 2, that is for 300 ms.
+        assert_eq!(periods_until(&mut w, SLOW, Finding::TooSlow), 2);
+        let mut w = Vigil::new(ms(1000), ms(10_000));
+        assert_eq!(periods_until(&mut w, SLOW, Finding::TooSlow), 20);
+    }
+
+    #[test]
+    fn heads_that_complete_between_looks_are_not_slow() {
+        let mut w = Vigil::new(ms(1000), ms(300));
+        // Every look sees a head on its way, but each time a new one: the client is quick.
+        for requests in 0..100 {
+            let sight = Sight { requests, ..SLOW };
+            assert_eq!(w.look(sight), Finding::Carry);
+        }
+    }
+}
