@@ -253,8 +253,11 @@ impl http_body::Body for Tracked {
 fn http1_builder(limits: &Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
     // No timer: the header-read timeout is the connection's own (see `vigil`), which
-    // costs a timer per connection rather than one per request.
+    // costs a timer per connection rather than one per request. Heads and bodies are
+    // written from one buffer: for the small responses of most APIs one copy costs less
+    // than gathering the pieces (about 1% of a request's instructions).
     b.header_read_timeout(None)
+        .writev(false)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     // hyper's own limit is 100, parsed on the stack; any explicit limit costs a heap buffer
@@ -295,12 +298,13 @@ async fn serve_http1<S: Socket>(
         // Serve until the connection ends, is idle long enough to park, or is too slow
         // with a request head.
         let paused = {
-            let mut draining = pin!(stopped(drain));
             let mut drained = false;
             let mut vigil = Vigil::new(PARK_AFTER, limits.header_read_timeout);
             let mut tick = pin!(tokio::time::sleep(vigil.period()));
             poll_fn(|cx| {
-                if !drained && draining.as_mut().poll(cx).is_ready() {
+                // Looked at whenever the connection wakes, without a waker of its own: an
+                // awake connection notices a drain at once, an idle one at its next tick.
+                if !drained && draining(drain) {
                     drained = true;
                     Pin::new(&mut *http).graceful_shutdown();
                 }
@@ -344,6 +348,16 @@ async fn serve_http1<S: Socket>(
                 _ => return Ok(()),
             },
         }
+    }
+}
+
+/// Whether a drain has begun (or nobody can begin one any more). Cheaper than polling
+/// [`stopped`], which registers a waker every time.
+fn draining(drain: &watch::Receiver<bool>) -> bool {
+    match drain.has_changed() {
+        Ok(false) => false,
+        Ok(true) => *drain.borrow(),
+        Err(_) => true,
     }
 }
 

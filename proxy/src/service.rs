@@ -263,8 +263,13 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         connection |= name == header::CONNECTION;
         te |= name == header::TE;
     }
-    if connection {
-        // Headers the `Connection` header names are hop-by-hop too.
+    // Headers the `Connection` header names are hop-by-hop too; `keep-alive` and `close`,
+    // by far the commonest values, name none.
+    let names_none = |v: &HeaderValue| {
+        let v = v.as_bytes();
+        v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+    };
+    if connection && !h.get_all(header::CONNECTION).iter().all(names_none) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()

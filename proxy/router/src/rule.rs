@@ -85,22 +85,29 @@ impl Condition {
 pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     // Bytes, not `str`: only the values of `name` need checking, not every cookie.
     let name = name.as_bytes();
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
-        .find_map(|pair| {
-            let eq = pair.iter().position(|b| *b == b'=')?;
+    for header in headers.get_all(header::COOKIE) {
+        let mut rest = header.as_bytes();
+        while !rest.is_empty() {
+            let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+            let pair = &rest[..end];
+            rest = rest.get(end + 1..).unwrap_or_default();
+            let Some(eq) = memchr::memchr(b'=', pair) else {
+                continue;
+            };
             if pair[..eq].trim_ascii() != name {
-                return None;
+                continue;
             }
             let value = pair[eq + 1..].trim_ascii();
             let value = value
                 .strip_prefix(b"\"")
                 .and_then(|v| v.strip_suffix(b"\""))
                 .unwrap_or(value);
-            std::str::from_utf8(value).ok()
-        })
+            if let Ok(value) = std::str::from_utf8(value) {
+                return Some(value);
+            }
+        }
+    }
+    None
 }
 
 /// The first value of query parameter `name`, percent-decoded (`+` is a space). A parameter
