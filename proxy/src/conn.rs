@@ -286,68 +286,78 @@ async fn serve_http1<S: Socket>(
     shared: &Arc<Shared>,
     drain: &mut watch::Receiver<bool>,
 ) -> Result<(), hyper::Error> {
-    let limits = &shared.settings.limits;
-    let (builder, service) = (http1_builder(limits), hyper_service(shared, conn));
     loop {
-        // Boxed, so that a parked connection's task does not keep room for it.
-        let mut http = Box::new(
-            builder
-                .serve_connection(TokioIo::new(io), service.clone())
-                .with_upgrades(),
-        );
-        // Serve until the connection ends, is idle long enough to park, or is too slow
-        // with a request head.
-        let paused = {
-            let mut drained = false;
-            let mut vigil = Vigil::new(PARK_AFTER, limits.header_read_timeout);
-            let mut tick = pin!(tokio::time::sleep(vigil.period()));
-            poll_fn(|cx| {
-                // Looked at whenever the connection wakes, without a waker of its own: an
-                // awake connection notices a drain at once, an idle one at its next tick.
-                if !drained && draining(drain) {
-                    drained = true;
-                    Pin::new(&mut *http).graceful_shutdown();
-                }
-                if let Poll::Ready(done) = Pin::new(&mut *http).poll(cx) {
-                    return Poll::Ready(Err(done));
-                }
-                while tick.as_mut().poll(cx).is_ready() {
-                    match vigil.look(conn.sight()) {
-                        Finding::TooSlow => return Poll::Ready(Ok(Pause::TooSlow)),
-                        Finding::Park if !drained => return Poll::Ready(Ok(Pause::Park)),
-                        _ => {}
-                    }
-                    let next = tokio::time::Instant::now() + vigil.period();
-                    tick.as_mut().reset(next);
-                }
-                Poll::Pending
-            })
-            .await
+        // Boxed: while the connection is parked, its task keeps no room for hyper's
+        // connection, the service and the timer that serving needs.
+        io = match Box::pin(serve_until_idle(io, conn, shared, drain)).await? {
+            Some(io) => io,
+            None => return Ok(()),
         };
-        match paused {
-            Err(done) => return done,
-            Ok(Pause::TooSlow) => {
-                tracing::debug!("no request head within header_read_timeout");
-                return Ok(());
-            }
-            Ok(Pause::Park) => {}
-        }
-        // Idle: hyper's buffers go; the socket waits alone.
-        let Some(parts) = http.into_parts() else {
-            return Ok(());
-        };
-        io = parts.io.into_inner();
-        io.unread(parts.read_buf);
+        // Idle: hyper's buffers are gone; the socket waits alone.
         let readable = poll_fn(|cx| io.get_ref().poll_readable(cx));
         let _idle = Gauge::up(&shared.stats.global.connections_idle);
         tokio::select! {
             _ = stopped(drain) => return Ok(()),
-            ready = tokio::time::timeout(limits.idle_timeout, readable) => match ready {
-                Ok(Ok(())) => {}
-                // Idle too long, or the socket failed: close.
-                _ => return Ok(()),
-            },
+            ready = tokio::time::timeout(shared.settings.limits.idle_timeout, readable) => {
+                match ready {
+                    Ok(Ok(())) => {}
+                    // Idle too long, or the socket failed: close.
+                    _ => return Ok(()),
+                }
+            }
         }
+    }
+}
+
+/// Serves `io` with hyper until the connection ends (`None`), is too slow with a request
+/// head (`None`), or is idle long enough to park: then the socket comes back, with the bytes
+/// hyper read and did not use put back into it.
+async fn serve_until_idle<S: Socket>(
+    io: Scan<S>,
+    conn: &Arc<Conn>,
+    shared: &Arc<Shared>,
+    drain: &mut watch::Receiver<bool>,
+) -> Result<Option<Scan<S>>, hyper::Error> {
+    let limits = &shared.settings.limits;
+    let mut http = http1_builder(limits)
+        .serve_connection(TokioIo::new(io), hyper_service(shared, conn))
+        .with_upgrades();
+    let mut drained = false;
+    let mut vigil = Vigil::new(PARK_AFTER, limits.header_read_timeout);
+    let mut tick = pin!(tokio::time::sleep(vigil.period()));
+    let paused = poll_fn(|cx| {
+        // Looked at whenever the connection wakes, without a waker of its own: an awake
+        // connection notices a drain at once, an idle one at its next tick.
+        if !drained && draining(drain) {
+            drained = true;
+            Pin::new(&mut http).graceful_shutdown();
+        }
+        if let Poll::Ready(done) = Pin::new(&mut http).poll(cx) {
+            return Poll::Ready(Err(done));
+        }
+        while tick.as_mut().poll(cx).is_ready() {
+            match vigil.look(conn.sight()) {
+                Finding::TooSlow => return Poll::Ready(Ok(Pause::TooSlow)),
+                Finding::Park if !drained => return Poll::Ready(Ok(Pause::Park)),
+                _ => {}
+            }
+            tick.as_mut()
+                .reset(tokio::time::Instant::now() + vigil.period());
+        }
+        Poll::Pending
+    })
+    .await;
+    match paused {
+        Err(done) => done.map(|()| None),
+        Ok(Pause::TooSlow) => {
+            tracing::debug!("no request head within header_read_timeout");
+            Ok(None)
+        }
+        Ok(Pause::Park) => Ok(http.into_parts().map(|parts| {
+            let mut io = parts.io.into_inner();
+            io.unread(parts.read_buf);
+            io
+        })),
     }
 }
 
