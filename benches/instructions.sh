@@ -3,6 +3,8 @@
 # the same backend, the same requests. Unlike the wall-clock numbers of benches/proxy.sh these
 # repeat to the instruction on a loaded machine. Kernel work is not counted (both make the
 # same socket calls: two writev and two recvfrom per request, checked with strace -c).
+# The third row, the hyper floor (proxy/examples/hyper_floor.rs), is the least a proxy on
+# hyper 1's HTTP/1 codec does per request: fleet-proxy cannot go below it while it uses hyper.
 #
 #   benches/instructions.sh                 # 16,000 requests on 16 keep-alive connections
 #   REQUESTS=40000 benches/instructions.sh
