@@ -27,6 +27,7 @@ need nginx haproxy wrk h2load python3 curl
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 (( $(ulimit -n) > IDLE * 2 )) || echo "warning: open-file limit $(ulimit -n) is tight for $IDLE idle connections" >&2
 build_fleet_proxy
+CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy --example hyper_floor >&2
 FLEET="$TARGET/release/fleet-proxy"
 
 # CPU sets: proxies on 0, everything else on 1 (when pinning and there are two CPUs).
@@ -82,7 +83,11 @@ start fleet "${PROXY_CPU[@]}" "$FLEET" --config "$WORK/fleet.yaml" --worker-thre
 MIRROR_PORT=$(free_port); MIRROR_ADMIN=$(free_port)
 fleet_conf "$WORK/mirror.yaml" "$MIRROR_PORT" "$MIRROR_ADMIN" "$BACKEND" "$SHADOW" "mirror: { to: shadow, percent: 10 }"
 start fleet-mirror "${PROXY_CPU[@]}" "$FLEET" --config "$WORK/mirror.yaml" --worker-threads 1; MIRROR_PID=$LAST
-for p in "$NGINX" "$NGINX_H2" "$HAPROXY" "$HAPROXY_H2" "$FLEET_PORT" "$MIRROR_PORT"; do wait_port "$p"; done
+# The hyper floor (proxy/examples/hyper_floor.rs): the least a proxy on hyper's HTTP/1 codec
+# does per request, to tell hyper's share of the gap to nginx from fleet-proxy's own.
+FLOOR_PORT=$(free_port)
+start floor "${PROXY_CPU[@]}" "$TARGET/release/examples/hyper_floor" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$BACKEND"; FLOOR_PID=$LAST
+for p in "$NGINX" "$NGINX_H2" "$HAPROXY" "$HAPROXY_H2" "$FLEET_PORT" "$MIRROR_PORT" "$FLOOR_PORT"; do wait_port "$p"; done
 
 # CPU ticks of a process and its children (nginx: master and worker).
 ticks() { local t=0; for p in $1 $(pgrep -P "$1" || true); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
@@ -163,12 +168,14 @@ for round in $(seq "$ROUNDS"); do
   measure "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY/" >>"$WORK/haproxy.runs"
   measure "$FLEET_PID" "http://127.0.0.1:$FLEET_PORT/" >>"$WORK/fleet.runs"
   measure "$MIRROR_PID" "http://127.0.0.1:$MIRROR_PORT/" >>"$WORK/mirror.runs"
-  echo "round $round (rps p50 p99 cpu): nginx $(tail -1 "$WORK/nginx.runs") | haproxy $(tail -1 "$WORK/haproxy.runs") | fleet $(tail -1 "$WORK/fleet.runs") | mirror $(tail -1 "$WORK/mirror.runs")" >&2
+  measure "$FLOOR_PID" "http://127.0.0.1:$FLOOR_PORT/" >>"$WORK/floor.runs"
+  echo "round $round (rps p50 p99 cpu): nginx $(tail -1 "$WORK/nginx.runs") | haproxy $(tail -1 "$WORK/haproxy.runs") | fleet $(tail -1 "$WORK/fleet.runs") | mirror $(tail -1 "$WORK/mirror.runs") | floor $(tail -1 "$WORK/floor.runs")" >&2
 done
 read -r N_RPS N_P50 N_P99 N_CPU < <(median <"$WORK/nginx.runs")
 read -r H_RPS H_P50 H_P99 H_CPU < <(median <"$WORK/haproxy.runs")
 read -r F_RPS F_P50 F_P99 F_CPU < <(median <"$WORK/fleet.runs")
 read -r M_RPS M_P50 M_P99 M_CPU < <(median <"$WORK/mirror.runs")
+read -r Y_RPS Y_P50 Y_P99 Y_CPU < <(median <"$WORK/floor.runs")
 N_H2=$(h2 "http://127.0.0.1:$NGINX_H2/"); H_H2=$(h2 "http://127.0.0.1:$HAPROXY_H2/"); F_H2=$(h2 "http://127.0.0.1:$FLEET_PORT/")
 N_RSS=$(rss_idle "$NGINX_PID" "$NGINX" "$IDLE")
 H_RSS=$(rss_idle "$HAPROXY_PID" "$HAPROXY" "$HA_IDLE")
@@ -183,12 +190,15 @@ echo "| nginx | $N_RPS | $N_P50 | $N_P99 | $N_CPU | $(busy "$N_RPS" "$N_CPU") | 
 echo "| haproxy | $H_RPS | $H_P50 | $H_P99 | $H_CPU | $(busy "$H_RPS" "$H_CPU") | $H_H2 | $H_RSS$( ((HA_IDLE < IDLE)) && echo " ($HA_IDLE conns)") |"
 echo "| fleet-proxy | $F_RPS | $F_P50 | $F_P99 | $F_CPU | $(busy "$F_RPS" "$F_CPU") | $F_H2 | $F_RSS |"
 echo "| fleet-proxy, 10% mirror | $M_RPS | $M_P50 | $M_P99 | $M_CPU | $(busy "$M_RPS" "$M_CPU") | | |"
+echo "| hyper floor (no routing) | $Y_RPS | $Y_P50 | $Y_P99 | $Y_CPU | $(busy "$Y_RPS" "$Y_CPU") | | |"
 echo
 echo "| ratio | req/s | p99 | CPU/req |"
 echo "|---|---:|---:|---:|"
 echo "| fleet-proxy / nginx | $(ratio "$F_RPS" "$N_RPS") | $(ratio "$F_P99" "$N_P99") | $(ratio "$F_CPU" "$N_CPU") |"
 echo "| fleet-proxy / haproxy | $(ratio "$F_RPS" "$H_RPS") | $(ratio "$F_P99" "$H_P99") | $(ratio "$F_CPU" "$H_CPU") |"
 echo "| mirror on / off | $(ratio "$M_RPS" "$F_RPS") | $(ratio "$M_P99" "$F_P99") | $(ratio "$M_CPU" "$F_CPU") |"
+echo "| hyper floor / nginx | $(ratio "$Y_RPS" "$N_RPS") | $(ratio "$Y_P99" "$N_P99") | $(ratio "$Y_CPU" "$N_CPU") |"
+echo "| fleet-proxy / hyper floor | $(ratio "$F_RPS" "$Y_RPS") | $(ratio "$F_P99" "$Y_P99") | $(ratio "$F_CPU" "$Y_CPU") |"
 
 # A 10,000-route table through PUT /routes: parse, validate, build, swap. Its last route
 # catches every other host, so traffic keeps flowing while it is swapped under load.
