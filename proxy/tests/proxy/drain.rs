@@ -3,15 +3,12 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
-use crate::support::{Backend, Mode, Proxy, client, eventually, get, send};
+use crate::support::{Backend, Mode, Proxy, client, eventually, get, send, stable_only};
 
 #[tokio::test]
 async fn on_shutdown_readiness_fails_new_connections_are_refused_and_in_flight_requests_finish() {
     let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(800))).await;
-    let yaml = format!(
-        "drain_timeout: 10s\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        slow.addr
-    );
+    let yaml = stable_only("drain_timeout: 10s\n", slow.addr);
     let mut proxy = Proxy::start(&yaml).await;
     let url = proxy.url("/");
     let in_flight = tokio::spawn(async move {

@@ -5,16 +5,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Backend, Mode, Proxy, eventually, get};
-
-async fn proxy(extra: &str) -> (Proxy, Backend) {
-    let stable = Backend::start("stable", Mode::Normal).await;
-    let yaml = format!(
-        "{extra}tracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        stable.addr
-    );
-    (Proxy::start(&yaml).await, stable)
-}
+use crate::support::{Backend, Mode, Proxy, eventually, get, stable_only, stable_proxy};
 
 /// Writes `raw` and reads until the proxy closes the connection (or 5 s pass).
 async fn exchange(proxy: &Proxy, raw: &[u8]) -> (String, bool) {
@@ -35,7 +26,7 @@ fn statuses(text: &str) -> Vec<&str> {
 
 #[tokio::test]
 async fn a_malformed_request_gets_400_and_the_connection_closes() {
-    let (proxy, _b) = proxy("").await;
+    let (proxy, _b) = stable_proxy("").await;
     for raw in [
         &b"GARBAGE\r\n\r\n"[..],
         b"GET / HTTP/1.1\r\nHost: a\r\nbad header\r\n\r\n",
@@ -50,7 +41,7 @@ async fn a_malformed_request_gets_400_and_the_connection_closes() {
 
 #[tokio::test]
 async fn a_transfer_encoding_other_than_chunked_is_refused_and_the_connection_closes() {
-    let (proxy, b) = proxy("").await;
+    let (proxy, b) = stable_proxy("").await;
     for te in [
         "gzip",
         "gzip, chunked",
@@ -70,7 +61,7 @@ async fn a_transfer_encoding_other_than_chunked_is_refused_and_the_connection_cl
 
 #[tokio::test]
 async fn repeated_or_conflicting_content_lengths_are_refused_and_the_connection_closes() {
-    let (proxy, b) = proxy("").await;
+    let (proxy, b) = stable_proxy("").await;
     for lengths in [
         "Content-Length: 5\r\nContent-Length: 30",
         "Content-Length: 5\r\ncontent-length: 5",
@@ -91,7 +82,7 @@ async fn repeated_or_conflicting_content_lengths_are_refused_and_the_connection_
 /// raw head, refuses it in either order, and closes, so the smuggled request is never read.
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_refused_in_either_order() {
-    let (proxy, b) = proxy("").await;
+    let (proxy, b) = stable_proxy("").await;
     for (first, second) in [
         ("Content-Length: 40", "Transfer-Encoding: chunked"),
         ("Transfer-Encoding: chunked", "Content-Length: 40"),
@@ -113,7 +104,7 @@ async fn content_length_with_transfer_encoding_is_refused_in_either_order() {
 
 #[tokio::test]
 async fn clean_pipelined_requests_after_bodies_are_all_served() {
-    let (proxy, b) = proxy("").await;
+    let (proxy, b) = stable_proxy("").await;
     let raw = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
 POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
 GET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
@@ -126,7 +117,7 @@ GET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
 
 #[tokio::test]
 async fn oversized_heads_and_too_many_headers_are_refused() {
-    let (proxy, b) = proxy("limits: { max_headers: 20, max_header_bytes: 8192 }\n").await;
+    let (proxy, b) = stable_proxy("limits: { max_headers: 20, max_header_bytes: 8192 }\n").await;
     let big = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
         "a".repeat(20_000)
@@ -148,7 +139,7 @@ async fn oversized_heads_and_too_many_headers_are_refused() {
 
 #[tokio::test]
 async fn a_client_that_sends_its_head_too_slowly_is_disconnected() {
-    let (proxy, _b) = proxy("limits: { header_read_timeout: 300ms }\n").await;
+    let (proxy, _b) = stable_proxy("limits: { header_read_timeout: 300ms }\n").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let started = Instant::now();
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
@@ -177,7 +168,7 @@ async fn a_client_that_sends_its_head_too_slowly_is_disconnected() {
 
 #[tokio::test]
 async fn connections_over_the_limit_are_closed_at_once() {
-    let (proxy, _b) = proxy("limits: { max_connections: 2 }\n").await;
+    let (proxy, _b) = stable_proxy("limits: { max_connections: 2 }\n").await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(proxy.addr).await.unwrap();
@@ -205,10 +196,7 @@ type Answer = Option<(http::StatusCode, http::HeaderMap, String)>;
 /// A proxy allowed one request in flight, and that one request, waiting on a slow backend.
 async fn proxy_at_its_request_limit() -> (Proxy, tokio::task::JoinHandle<Answer>, Backend) {
     let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(800))).await;
-    let yaml = format!(
-        "limits: {{ max_requests: 1 }}\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        slow.addr
-    );
+    let yaml = stable_only("limits: { max_requests: 1 }\n", slow.addr);
     let proxy = Proxy::start(&yaml).await;
     let url = proxy.url("/");
     let busy = tokio::spawn(async move { get(&url).await });

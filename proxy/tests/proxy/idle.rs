@@ -6,16 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Backend, Mode, Proxy, eventually, get};
-
-async fn proxy(extra: &str) -> (Proxy, Backend) {
-    let stable = Backend::start("stable", Mode::Normal).await;
-    let yaml = format!(
-        "{extra}tracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        stable.addr
-    );
-    (Proxy::start(&yaml).await, stable)
-}
+use crate::support::{Proxy, eventually, get, stable_proxy};
 
 /// Sends one GET on `s` and reads its whole answer (the test backend's body is its name).
 async fn get_on(s: &mut TcpStream) -> String {
@@ -49,7 +40,7 @@ async fn connections(proxy: &Proxy) -> (u64, u64) {
 
 #[tokio::test]
 async fn an_idle_connection_gives_up_its_buffers_and_still_serves_its_next_request() {
-    let (proxy, backend) = proxy("").await;
+    let (proxy, backend) = stable_proxy("").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     assert!(get_on(&mut s).await.starts_with("HTTP/1.1 200"));
     // Parked after a second of quiet (the admin requests use connections of their own).
@@ -72,7 +63,7 @@ async fn an_idle_connection_gives_up_its_buffers_and_still_serves_its_next_reque
 
 #[tokio::test]
 async fn a_connection_idle_for_longer_than_idle_timeout_is_closed() {
-    let (proxy, _b) = proxy("limits: { idle_timeout: 300ms }\n").await;
+    let (proxy, _b) = stable_proxy("limits: { idle_timeout: 300ms }\n").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     get_on(&mut s).await;
     let started = Instant::now();
@@ -93,7 +84,7 @@ async fn a_connection_idle_for_longer_than_idle_timeout_is_closed() {
 
 #[tokio::test]
 async fn a_drain_closes_idle_connections_at_once_instead_of_waiting_for_its_deadline() {
-    let (mut proxy, _b) = proxy("drain_timeout: 30s\n").await;
+    let (mut proxy, _b) = stable_proxy("drain_timeout: 30s\n").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     get_on(&mut s).await;
     eventually(Duration::from_secs(5), || async {

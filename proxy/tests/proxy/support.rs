@@ -372,6 +372,20 @@ where
 }
 
 /// The tracks section for these backends.
+/// A table that sends every request to one `stable` track at `stable`, after the config
+/// lines in `extra`.
+pub fn stable_only(extra: &str, stable: SocketAddr) -> String {
+    format!(
+        "{extra}tracks:\n  stable: {{ backends: [\"{stable}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+    )
+}
+
+/// A proxy in front of one ordinary `stable` backend, with the config lines in `extra`.
+pub async fn stable_proxy(extra: &str) -> (Proxy, Backend) {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    (Proxy::start(&stable_only(extra, stable.addr)).await, stable)
+}
+
 pub fn tracks(stable: SocketAddr, canary: SocketAddr, shadow: SocketAddr) -> String {
     format!(
         "tracks:\n  stable: {{ backends: [\"{stable}\"] }}\n  canary: {{ backends: [\"{canary}\"] }}\n  shadow: {{ backends: [\"{shadow}\"] }}\n"
