@@ -30,7 +30,8 @@ need() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}" >/dev/null
 }
 
-build_fleet_proxy() { CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy >&2; }
+# fleet-proxy, and the hyper floor it is compared with (proxy/examples/hyper_floor.rs).
+build_fleet_proxy() { CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy --bins --example hyper_floor >&2; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { # port, [tries of 0.1 s]

@@ -17,7 +17,6 @@ source benches/common.sh
 REQUESTS=${REQUESTS:-16000}
 need valgrind nginx python3 curl
 build_fleet_proxy
-CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy --example hyper_floor >&2
 
 # N requests over 16 keep-alive connections, each waiting for its answer before the next.
 cat >"$WORK/drive.py" <<'EOF'

@@ -27,7 +27,6 @@ need nginx haproxy wrk h2load python3 curl
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 (( $(ulimit -n) > IDLE * 2 )) || echo "warning: open-file limit $(ulimit -n) is tight for $IDLE idle connections" >&2
 build_fleet_proxy
-CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy --example hyper_floor >&2
 FLEET="$TARGET/release/fleet-proxy"
 
 # CPU sets: proxies on 0, everything else on 1 (when pinning and there are two CPUs).
