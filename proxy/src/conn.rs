@@ -274,12 +274,6 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
 /// keeps memory that idle clients do not need.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// Why an HTTP/1.1 connection stopped being served by hyper without ending.
-enum Pause {
-    Park,
-    TooSlow,
-}
-
 async fn serve_http1<S: Socket>(
     mut io: Scan<S>,
     conn: &Arc<Conn>,
@@ -337,9 +331,10 @@ async fn serve_until_idle<S: Socket>(
         }
         while tick.as_mut().poll(cx).is_ready() {
             match vigil.look(conn.sight()) {
-                Finding::TooSlow => return Poll::Ready(Ok(Pause::TooSlow)),
-                Finding::Park if !drained => return Poll::Ready(Ok(Pause::Park)),
-                _ => {}
+                // A draining connection closes after its request rather than parking.
+                Finding::Carry => {}
+                Finding::Park if drained => {}
+                found => return Poll::Ready(Ok(found)),
             }
             tick.as_mut()
                 .reset(tokio::time::Instant::now() + vigil.period());
@@ -349,15 +344,16 @@ async fn serve_until_idle<S: Socket>(
     .await;
     match paused {
         Err(done) => done.map(|()| None),
-        Ok(Pause::TooSlow) => {
-            tracing::debug!("no request head within header_read_timeout");
-            Ok(None)
-        }
-        Ok(Pause::Park) => Ok(http.into_parts().map(|parts| {
+        Ok(Finding::Park) => Ok(http.into_parts().map(|parts| {
             let mut io = parts.io.into_inner();
             io.unread(parts.read_buf);
             io
         })),
+        // The only other finding that ends serving.
+        Ok(_) => {
+            tracing::debug!("no request head within header_read_timeout");
+            Ok(None)
+        }
     }
 }
 
