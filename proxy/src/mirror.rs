@@ -90,6 +90,7 @@ async fn run(shared: &Shared, job: Job) {
         parts,
         body: Some(crate::body::full(body)),
         http2,
+        upgrade: false,
         retryable: false,
     };
     let name = active.table.track(track).name().to_string();

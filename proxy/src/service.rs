@@ -108,6 +108,7 @@ pub(crate) async fn handle(
         parts,
         body: Some(body),
         http2,
+        upgrade,
         retryable,
     };
     let start = active.next_index(decision.track);

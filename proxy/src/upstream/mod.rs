@@ -2,12 +2,13 @@
 //! themselves are in [`pool`].
 
 mod backend;
+mod h1;
 mod pool;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 
 pub use backend::Backend;
 pub use pool::UpstreamBody;
@@ -23,7 +24,26 @@ pub enum Failure {
     #[error("upstream timed out")]
     Timeout,
     #[error("upstream failed: {0}")]
-    Upstream(#[source] pool::Error),
+    Upstream(#[source] Error),
+}
+
+/// Why one try at one backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connect failed: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error("backend connection failed: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("backend closed the connection before the response ended")]
+    Closed,
+    #[error("bad response from backend: {0}")]
+    Protocol(&'static str),
+    #[error("request body failed: {0}")]
+    Body(#[source] crate::body::BoxError),
 }
 
 /// A request to send, kept as parts so that a retry can rebuild it.
@@ -31,6 +51,8 @@ pub struct Outgoing {
     pub parts: http::request::Parts,
     pub body: Option<Body>,
     pub http2: bool,
+    /// Asks to switch protocols (`Upgrade`): hyper's client, which hands over the connection.
+    pub upgrade: bool,
     /// Idempotent and without a body: may be sent again after a failure before the response.
     pub retryable: bool,
 }
@@ -45,6 +67,9 @@ pub async fn send(
     mut out: Outgoing,
 ) -> Result<Response<UpstreamBody>, Failure> {
     let deadline = Instant::now() + cfg.request_timeout;
+    // HTTP/1.1 goes out on fleet-proxy's own client, but for switching protocols; the rest
+    // on hyper's.
+    let own = !out.http2 && !out.upgrade && out.parts.method != Method::CONNECT;
     let tries = if out.retryable { cfg.retries + 1 } else { 1 };
     let mut last = None;
     for attempt in 0..tries {
@@ -54,14 +79,27 @@ pub async fn send(
         let Some(backend) = healthy else {
             return Err(Failure::NoHealthyBackend(track.to_string()));
         };
-        let req = build(&mut out, backend, attempt + 1 == tries)?;
+        let req = match own {
+            true => None,
+            false => Some(build(&mut out, backend, attempt + 1 == tries)?),
+        };
         let left = deadline.saturating_duration_since(Instant::now());
         let limit = if out.retryable {
             left.min(cfg.per_try_timeout)
         } else {
             left
         };
-        let sending = pool::request(backend, req, out.http2, cfg.connect_timeout);
+        let sending = async {
+            match req {
+                None => h1::request(backend, &out.parts, out.body.take(), cfg.connect_timeout)
+                    .await
+                    .map(|resp| resp.map(UpstreamBody::Own)),
+                // Boxed: rare, and its state would make every request's future larger.
+                Some(req) => {
+                    Box::pin(pool::request(backend, req, out.http2, cfg.connect_timeout)).await
+                }
+            }
+        };
         match tokio::time::timeout(limit, sending).await {
             Ok(Ok(resp)) => {
                 match resp.status().as_u16() {

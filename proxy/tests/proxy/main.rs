@@ -7,6 +7,7 @@ mod admin;
 mod binary;
 mod drain;
 mod hostile;
+mod http1_backends;
 mod idle;
 mod mirror;
 mod protocols;

@@ -230,6 +230,81 @@ impl http_body::Body for Frames {
     }
 }
 
+/// A backend that speaks HTTP/1.1 by hand, for answers no well-behaved server gives.
+/// `answer` gets each request head and returns the bytes to send back, and whether to close
+/// the connection after them. Request bodies framed by Content-Length are read and dropped.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    /// Connections accepted.
+    pub conns: Arc<AtomicUsize>,
+    _task: AbortOnDrop,
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl RawBackend {
+    pub async fn start<F>(answer: F) -> RawBackend
+    where
+        F: Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, answer) = (Arc::new(AtomicUsize::new(0)), Arc::new(answer));
+        let counted = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut served = tokio::task::JoinSet::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let answer = answer.clone();
+                served.spawn(async move {
+                    let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+                    loop {
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&seen[..end + 4]).into_owned();
+                            let length = head
+                                .lines()
+                                .filter_map(|l| l.split_once(':'))
+                                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                                .map_or(0, |(_, v)| v.trim().parse::<usize>().unwrap());
+                            while seen.len() < end + 4 + length {
+                                match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                            seen.drain(..end + 4 + length);
+                            let (bytes, close) = answer(&head);
+                            if stream.write_all(&bytes).await.is_err() || close {
+                                return;
+                            }
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        RawBackend {
+            addr,
+            conns: accepted,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    pub fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+}
+
 /// An address nothing listens on: connections to it are refused.
 pub async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

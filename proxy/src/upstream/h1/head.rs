@@ -1,0 +1,425 @@
+//! The heads of one HTTP/1.1 exchange: the request head written from the parts fleet-proxy
+//! forwards, and the response head parsed (by httparse) into `http` types, with how its body
+//! is framed. Pure: bytes in, values out.
+
+use std::mem::MaybeUninit;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// Most fields a response head may carry (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// Largest response head taken; a larger one fails the exchange.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// How a response body is delimited (RFC 9112, section 6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// None: a response to HEAD, a 204 or 304, or `Content-Length: 0`.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// By the backend closing the connection.
+    UntilClose,
+}
+
+/// A final response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The connection may carry another exchange once this body has been read.
+    pub keep_alive: bool,
+}
+
+/// The framing header the request head gets, if its own headers do not frame the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Added {
+    Nothing,
+    ContentLength(u64),
+    Chunked,
+}
+
+/// Appends a request head: origin-form target, HTTP/1.1, the headers as they are (the
+/// service has already removed the hop-by-hop ones), and the framing header `added`.
+pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, added: Added) {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    encode_fields(out, &parts.headers);
+    match added {
+        Added::Nothing => {}
+        Added::ContentLength(n) => {
+            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        Added::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends header (or trailer) fields, one line each.
+pub fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Takes the response head off the front of `buf`, skipping interim (1xx) heads. `Ok(None)`:
+/// the head is not complete yet. The error names what is wrong with the response.
+pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, &'static str> {
+    let mut fields = [Field::default(); MAX_HEADERS];
+    loop {
+        let Some((len, status, version, count)) = locate(buf, &mut fields)? else {
+            return match buf.len() > MAX_HEAD_BYTES {
+                true => Err("response head too large"),
+                false => Ok(None),
+            };
+        };
+        let head = buf.split_to(len).freeze();
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err("101 Switching Protocols without an upgrade asked for");
+            }
+            continue;
+        }
+        return build(&head, status, version, &fields[..count], method).map(Some);
+    }
+}
+
+/// Where a header's name and value lie in the head (which is at most `MAX_HEAD_BYTES`).
+#[derive(Clone, Copy, Default)]
+struct Field {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+/// Finds a complete head at the front of `buf`: its length, status, version, and the number
+/// of `fields` it filled in.
+fn locate(
+    buf: &[u8],
+    fields: &mut [Field; MAX_HEADERS],
+) -> Result<Option<(usize, StatusCode, Version, usize)>, &'static str> {
+    let mut parsed = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut parsed,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
+        Ok(httparse::Status::Complete(_)) => return Err("response head too large"),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err("more than 100 response headers"),
+        Err(_) => return Err("malformed response head"),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or("malformed response status")?;
+    let version = match resp.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // Offsets within the first MAX_HEAD_BYTES: they fit in u32.
+    let at = |s: &[u8]| {
+        let start = (s.as_ptr() as usize - buf.as_ptr() as usize) as u32;
+        (start, start + s.len() as u32)
+    };
+    for (field, h) in fields.iter_mut().zip(resp.headers.iter()) {
+        *field = Field {
+            name: at(h.name.as_bytes()),
+            value: at(h.value),
+        };
+    }
+    Ok(Some((len, status, version, resp.headers.len())))
+}
+
+fn build(
+    head: &Bytes,
+    status: StatusCode,
+    version: Version,
+    fields: &[Field],
+    method: &Method,
+) -> Result<Head, &'static str> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    let (mut length, mut lengths_differ, mut coding, mut close, mut keep_alive_token) =
+        (None::<u64>, false, None::<bool>, false, false);
+    for f in fields {
+        let range = |(start, end): (u32, u32)| start as usize..end as usize;
+        let name = HeaderName::from_bytes(&head[range(f.name)])
+            .map_err(|_| "malformed response header name")?;
+        let value = HeaderValue::from_maybe_shared(head.slice(range(f.value)))
+            .map_err(|_| "malformed response header value")?;
+        if name == header::CONTENT_LENGTH {
+            let n = parse_length(value.as_bytes()).ok_or("malformed content-length")?;
+            lengths_differ |= length.is_some_and(|l| l != n);
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            // Only the last coding counts, across every Transfer-Encoding field.
+            let last = value
+                .as_bytes()
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or_default();
+            coding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in value
+                .as_bytes()
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+            {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let bodiless = *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = match (coding, length) {
+        _ if bodiless => Framing::Empty,
+        (Some(true), _) => Framing::Chunked,
+        (Some(false), _) => Framing::UntilClose,
+        (None, Some(_)) if lengths_differ => return Err("differing content-lengths"),
+        (None, Some(0)) => Framing::Empty,
+        (None, Some(n)) => Framing::Length(n),
+        (None, None) => Framing::UntilClose,
+    };
+    let persistent = match version {
+        Version::HTTP_10 => keep_alive_token && !close,
+        _ => !close,
+    };
+    // A body framed two ways is read by its coding, but the connection is not trusted after.
+    let keep_alive =
+        persistent && framing != Framing::UntilClose && !(coding.is_some() && length.is_some());
+    Ok(Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    })
+}
+
+/// A Content-Length value: digits only, no sign, no overflow.
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str, method: Method) -> Result<Option<Head>, &'static str> {
+        parse_response(&mut BytesMut::from(raw), &method)
+    }
+
+    fn head(raw: &str) -> Head {
+        parse(raw, Method::GET).unwrap().unwrap()
+    }
+
+    #[test]
+    fn request_heads_are_written_in_origin_form_with_every_header() {
+        let (mut parts, ()) = http::Request::get("http://example.com/a/b?c=d")
+            .header("host", "example.com")
+            .header("x-many", "1")
+            .header("x-many", "2")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut out = Vec::new();
+        encode_request(&mut out, &parts, Added::Nothing);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /a/b?c=d HTTP/1.1\r\nhost: example.com\r\nx-many: 1\r\nx-many: 2\r\n\r\n"
+        );
+        parts.uri = http::Uri::from_static("http://example.com");
+        parts.headers.clear();
+        let mut out = Vec::new();
+        encode_request(&mut out, &parts, Added::Nothing);
+        assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+        for (added, line) in [
+            (Added::ContentLength(12), "content-length: 12\r\n"),
+            (Added::Chunked, "transfer-encoding: chunked\r\n"),
+        ] {
+            let mut out = Vec::new();
+            encode_request(&mut out, &parts, added);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("GET / HTTP/1.1\r\n{line}\r\n")
+            );
+        }
+    }
+
+    #[test]
+    fn a_head_in_pieces_is_taken_once_whole_and_the_body_stays() {
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: b\r\n\r\nok\n";
+        let head_len = raw.len() - 3;
+        let mut buf = BytesMut::new();
+        for byte in &raw[..head_len - 1] {
+            buf.extend_from_slice(&[*byte]);
+            assert!(parse_response(&mut buf, &Method::GET).unwrap().is_none());
+        }
+        buf.extend_from_slice(&raw[head_len - 1..]);
+        let h = parse_response(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(
+            (h.status, h.framing, h.keep_alive),
+            (StatusCode::OK, Framing::Length(3), true)
+        );
+        assert_eq!(h.headers["x-a"], "b");
+        assert_eq!(&buf[..], b"ok\n");
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n",
+                Framing::Length(7),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-length: 7\r\n\r\n",
+                Framing::Length(7),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n",
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+                Framing::UntilClose,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+                Framing::Chunked,
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", Framing::UntilClose, false),
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\n",
+                Framing::Length(7),
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: x, Close\r\n\r\n",
+                Framing::Length(7),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 7\r\n\r\n",
+                Framing::Length(7),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 7\r\nconnection: keep-alive\r\n\r\n",
+                Framing::Length(7),
+                true,
+            ),
+        ];
+        for (raw, framing, keep_alive) in cases {
+            let h = head(raw);
+            assert_eq!((h.framing, h.keep_alive), (framing, keep_alive), "{raw:?}");
+        }
+        let h = parse("HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", Method::HEAD)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        assert_eq!(h.headers["content-length"], "7", "kept for the client");
+    }
+
+    #[test]
+    fn interim_heads_are_skipped() {
+        let raw = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n";
+        let h = head(raw);
+        assert_eq!(h.status, StatusCode::CREATED);
+        assert!(!h.headers.contains_key("link"));
+        let mut buf = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2");
+        assert!(parse_response(&mut buf, &Method::GET).unwrap().is_none());
+        assert_eq!(&buf[..], b"HTTP/1.1 2");
+    }
+
+    #[test]
+    fn bad_responses_are_refused_with_a_reason() {
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-length: 8\r\n\r\n",
+                "differing content-lengths",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: +7\r\n\r\n",
+                "malformed content-length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+                "malformed content-length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 1, 1\r\n\r\n",
+                "malformed content-length",
+            ),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                "101 Switching Protocols without an upgrade asked for",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+                "malformed response head",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nx: a\r\n folded\r\n\r\n",
+                "malformed response head",
+            ),
+            ("SMTP ready\r\n\r\n", "malformed response head"),
+        ];
+        for (raw, reason) in cases {
+            assert_eq!(parse(raw, Method::GET).unwrap_err(), reason, "{raw:?}");
+        }
+        let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+        let raw = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        assert_eq!(
+            parse(&raw, Method::GET).unwrap_err(),
+            "more than 100 response headers"
+        );
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "v".repeat(MAX_HEAD_BYTES));
+        assert_eq!(
+            parse(&huge, Method::GET).unwrap_err(),
+            "response head too large"
+        );
+    }
+}

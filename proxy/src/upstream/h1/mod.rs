@@ -1,0 +1,339 @@
+//! fleet-proxy's own HTTP/1.1 client, for every exchange with an HTTP/1.1 backend but one
+//! that asks to switch protocols: hyper's client does those (it hands the connection over to
+//! the tunnel), and HTTP/2, in [`super::pool`].
+//!
+//! Why not hyper's client here too: it runs each backend connection as a task of its own and
+//! hands every request and every response across channels between that task and the
+//! request's. Here the request's own task writes the head, reads the answer (parsed by
+//! httparse, as hyper does) and streams the body; the connection goes back to the pool when
+//! the body has been read to its end. `benches/README.md` has what this saves.
+
+mod chunked;
+mod head;
+mod pump;
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::Response;
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use self::chunked::{Chunked, Step};
+use self::head::{Added, Framing};
+use self::pump::Pump;
+use super::Error;
+use super::backend::Backend;
+use crate::body::Body;
+
+/// Room made in the read buffer before each read.
+const READ_SIZE: usize = 8 * 1024;
+
+/// One connection to a backend, between exchanges or in one.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    /// Bytes read and not yet used.
+    buf: BytesMut,
+    /// The request head being written, kept to reuse its allocation.
+    out: Vec<u8>,
+}
+
+impl Conn {
+    fn new(io: TcpStream) -> Self {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Quiet and open, as far as can be told without waiting: the backend sent nothing since
+    /// the last exchange, not even the end of the stream. A close that arrives just after is
+    /// found by the exchange itself, as with hyper's client.
+    pub fn looks_open(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        // The readiness the I/O driver last saw; only when it says readable is a read made.
+        match self
+            .io
+            .poll_read_ready(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => matches!(
+                self.io.try_read(&mut [0; 1]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+
+    pub fn into_io(self) -> TcpStream {
+        self.io
+    }
+
+    /// Writes the request head and reads up to the end of the final response head. A body
+    /// is pumped as the response is read (see [`Pump`]); what is left of it when the head
+    /// has come is returned, for the response body to go on with.
+    async fn exchange(
+        &mut self,
+        parts: &http::request::Parts,
+        body: Option<Body>,
+    ) -> Result<(head::Head, Option<Pump>), Error> {
+        let body = body.filter(|b| !b.is_end_stream());
+        let declared = parts.headers.contains_key(http::header::CONTENT_LENGTH);
+        let added = match body.as_ref().map(|b| b.size_hint().exact()) {
+            None => Added::Nothing,
+            Some(_) if declared => Added::Nothing,
+            Some(Some(n)) => Added::ContentLength(n),
+            Some(None) => Added::Chunked,
+        };
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        head::encode_request(&mut out, parts, added);
+        let mut pump = match body {
+            None => {
+                self.io.write_all(&out).await.map_err(Error::Io)?;
+                self.out = out;
+                None
+            }
+            Some(body) => Some(Pump::new(out, body, added == Added::Chunked)),
+        };
+        let mut failed = false;
+        let mut head = std::future::poll_fn(|cx| {
+            let pumped = self.poll_pump(&mut pump, cx);
+            match (self.poll_head(&parts.method, cx), pumped) {
+                (Poll::Pending, Err(e)) => Poll::Ready(Err(e)),
+                // The backend answered, then stopped taking the request: its answer stands.
+                (head, Err(_)) => {
+                    failed = true;
+                    head
+                }
+                (head, Ok(())) => head,
+            }
+        })
+        .await?;
+        head.keep_alive &= !failed;
+        Ok((head, pump))
+    }
+
+    /// Moves the request along, if it is still being sent; done with it once written, or
+    /// once writing failed.
+    fn poll_pump(&mut self, pump: &mut Option<Pump>, cx: &mut Context<'_>) -> Result<(), Error> {
+        let Some(p) = pump else { return Ok(()) };
+        let polled = p.poll(&mut self.io, cx);
+        if polled.is_ready()
+            && let Some(done) = pump.take()
+        {
+            self.out = done.into_buf();
+        }
+        match polled {
+            Poll::Ready(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn poll_head(
+        &mut self,
+        method: &http::Method,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<head::Head, Error>> {
+        loop {
+            if let Some(head) =
+                head::parse_response(&mut self.buf, method).map_err(Error::Protocol)?
+            {
+                return Poll::Ready(Ok(head));
+            }
+            if ready!(self.poll_read(cx)).map_err(Error::Io)? == 0 {
+                return Poll::Ready(Err(Error::Closed));
+            }
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_SIZE);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+}
+
+/// Sends a request to `backend` on a pooled connection, or on a new one.
+pub async fn request(
+    backend: &Arc<Backend>,
+    parts: &http::request::Parts,
+    body: Option<Body>,
+    connect_timeout: Duration,
+) -> Result<Response<ResponseBody>, Error> {
+    let mut conn = match backend.pool.take() {
+        Some(conn) => conn,
+        // Boxed: connecting is rare next to reuse.
+        None => Conn::new(Box::pin(super::pool::connect(backend, connect_timeout)).await?),
+    };
+    let (head, pump) = conn.exchange(parts, body).await?;
+    let mut body = ResponseBody {
+        conn: Some(conn),
+        pump,
+        backend: backend.clone(),
+        left: match head.framing {
+            Framing::Empty => Left::Length(0),
+            Framing::Length(n) => Left::Length(n),
+            Framing::Chunked => Left::Chunked(Chunked::default()),
+            Framing::UntilClose => Left::UntilClose,
+        },
+        keep_alive: head.keep_alive,
+    };
+    if head.framing == Framing::Empty {
+        body.finish();
+    }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = head.version;
+    *resp.headers_mut() = head.headers;
+    Ok(resp)
+}
+
+/// What is left of a response body.
+#[derive(Debug)]
+enum Left {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+/// A response body read off its connection as the client takes it. The connection goes back
+/// to the pool at the body's end; dropped before that, it is closed, being mid-response.
+#[derive(Debug)]
+pub struct ResponseBody {
+    /// `None` once the body has ended (or failed).
+    conn: Option<Conn>,
+    /// The rest of the request body, while it is still being sent.
+    pump: Option<Pump>,
+    backend: Arc<Backend>,
+    left: Left,
+    keep_alive: bool,
+}
+
+impl ResponseBody {
+    /// The response has ended: the connection goes back to the pool if it can carry another
+    /// exchange (the request went out whole, the backend keeps it open, nothing more came).
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && self.pump.take().is_none()
+            && conn.buf.is_empty()
+        {
+            self.backend.pool.put(conn);
+        }
+    }
+
+    /// The next step from bytes already read.
+    fn step(&mut self) -> Result<Step, Error> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Step::End);
+        };
+        let buf = &mut conn.buf;
+        match &mut self.left {
+            Left::Length(0) => Ok(Step::End),
+            Left::Length(_) | Left::UntilClose if buf.is_empty() => Ok(Step::More),
+            Left::Length(left) => {
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= n as u64;
+                Ok(Step::Data(buf.split_to(n).freeze()))
+            }
+            Left::UntilClose => Ok(Step::Data(buf.split().freeze())),
+            Left::Chunked(chunked) => chunked.step(buf).map_err(Error::Protocol),
+        }
+    }
+
+    fn ended(&self) -> bool {
+        match &self.left {
+            Left::Length(left) => *left == 0,
+            Left::Chunked(chunked) => chunked.is_end(),
+            Left::UntilClose => false,
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        if let Some(conn) = this.conn.as_mut() {
+            match conn.poll_pump(&mut this.pump, cx) {
+                Ok(()) => {}
+                // The client's body failed: the backend would wait for the rest.
+                Err(e @ Error::Body(_)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                // The backend stopped taking the request; what it answers may still come.
+                Err(e) => {
+                    tracing::debug!(error = %e, "backend stopped taking the request body");
+                    this.keep_alive = false;
+                }
+            }
+        }
+        loop {
+            let step = this.step();
+            let frame = match step {
+                Ok(Step::Data(data)) => Frame::data(data),
+                Ok(Step::Trailers(trailers)) => Frame::trailers(trailers),
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {
+                    let Some(conn) = this.conn.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    match ready!(conn.poll_read(cx)) {
+                        Ok(0) if matches!(this.left, Left::UntilClose) => {
+                            this.conn = None;
+                            return Poll::Ready(None);
+                        }
+                        Ok(0) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(Error::Closed)));
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(Error::Io(e))));
+                        }
+                    }
+                }
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+            // The last bytes: the connection is free before the client has them.
+            if this.ended() || frame.is_trailers() {
+                this.finish();
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || matches!(self.left, Left::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.left, &self.conn) {
+            (Left::Length(left), Some(_)) => SizeHint::with_exact(*left),
+            (_, None) => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}

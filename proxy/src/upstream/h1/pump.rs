@@ -1,0 +1,161 @@
+//! A request on its way to the backend: the head, then the body written as it arrives and as
+//! the socket takes it. The exchange polls it beside reading the response, head and body, so
+//! both directions stream at once (an echo answers each piece before the next is sent) and a
+//! backend that answers early is heard.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use http_body::Body as _;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use super::super::Error;
+use crate::body::Body;
+
+/// Request body data up to this size is copied next to its framing and written with it;
+/// larger data is written as it is.
+const COPY_UP_TO: usize = 4 * 1024;
+/// Frames that are ready are gathered up to this many bytes before a write.
+const GATHER_UP_TO: usize = 16 * 1024;
+
+#[derive(Debug)]
+pub struct Pump {
+    body: Body,
+    chunked: bool,
+    /// Framing and small data, written from `at`.
+    out: Vec<u8>,
+    at: usize,
+    /// Large data, written after `out` as it is.
+    large: Option<Bytes>,
+    /// The chunk's line end, due after `large`.
+    after_large: bool,
+    /// The body's last frame has been taken.
+    ended: bool,
+}
+
+impl Pump {
+    /// `head` is the request head, already encoded; `chunked` frames the body in chunks.
+    pub fn new(head: Vec<u8>, body: Body, chunked: bool) -> Self {
+        Pump {
+            body,
+            chunked,
+            out: head,
+            at: 0,
+            large: None,
+            after_large: false,
+            ended: false,
+        }
+    }
+
+    /// The write buffer, for the connection's next exchange.
+    pub fn into_buf(mut self) -> Vec<u8> {
+        self.out.clear();
+        self.out
+    }
+
+    /// Ready once the whole request has been written.
+    pub fn poll(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            let taken = self.gather(cx)?;
+            ready!(self.write(io, cx))?;
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            if !taken {
+                // Everything is written and the body has nothing yet: it will wake us.
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Takes the frames that are ready, while what is buffered stays small. True if any.
+    fn gather(&mut self, cx: &mut Context<'_>) -> Result<bool, Error> {
+        let mut taken = false;
+        while !self.ended && self.large.is_none() && self.out.len() < GATHER_UP_TO {
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    self.end(None);
+                    return Ok(true);
+                }
+                Poll::Ready(Some(frame)) => frame.map_err(Error::Body)?,
+            };
+            taken = true;
+            match frame.into_data() {
+                Ok(data) => self.put(data),
+                Err(frame) => self.end(frame.trailers_ref()),
+            }
+            if !self.ended && self.body.is_end_stream() {
+                self.end(None);
+            }
+        }
+        Ok(taken)
+    }
+
+    fn put(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        if self.chunked {
+            self.out
+                .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        }
+        if data.len() <= COPY_UP_TO {
+            self.out.extend_from_slice(&data);
+            if self.chunked {
+                self.out.extend_from_slice(b"\r\n");
+            }
+        } else {
+            self.large = Some(data);
+            self.after_large = self.chunked;
+        }
+    }
+
+    /// The body's end: the last chunk and any trailers (only the chunked coding carries them).
+    fn end(&mut self, trailers: Option<&http::HeaderMap>) {
+        self.ended = true;
+        if !self.chunked {
+            return;
+        }
+        self.out.extend_from_slice(b"0\r\n");
+        if let Some(trailers) = trailers {
+            super::head::encode_fields(&mut self.out, trailers);
+        }
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Writes what is buffered; Ready once all of it is out.
+    fn write(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        while self.at < self.out.len() {
+            self.at += ready!(poll_write(io, cx, &self.out[self.at..]))?;
+        }
+        self.out.clear();
+        self.at = 0;
+        if let Some(large) = &mut self.large {
+            while !large.is_empty() {
+                let n = ready!(poll_write(io, cx, large))?;
+                large.advance(n);
+            }
+            self.large = None;
+            if std::mem::take(&mut self.after_large) {
+                self.out.extend_from_slice(b"\r\n");
+                return self.write(io, cx);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn poll_write(
+    io: &mut TcpStream,
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+) -> Poll<Result<usize, Error>> {
+    match ready!(Pin::new(io).poll_write(cx, bytes)) {
+        Ok(0) => Poll::Ready(Err(Error::Io(std::io::ErrorKind::WriteZero.into()))),
+        Ok(n) => Poll::Ready(Ok(n)),
+        Err(e) => Poll::Ready(Err(Error::Io(e))),
+    }
+}

@@ -1,0 +1,164 @@
+//! fleet-proxy's own HTTP/1.1 client against backends that answer by hand: every way a
+//! response can be framed, connections kept or given up as the backend says, and answers
+//! that are wrong.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioExecutor;
+
+use crate::support::{ChanBody, Proxy, RawBackend, client, send, stable_only};
+
+/// The path of a request head.
+fn path(head: &str) -> &str {
+    head.split(' ').nth(1).unwrap_or_default()
+}
+
+fn answer(bytes: &str) -> (Vec<u8>, bool) {
+    (bytes.as_bytes().to_vec(), false)
+}
+
+#[tokio::test]
+async fn every_framing_of_a_response_reaches_the_client_whole_on_reused_connections() {
+    let backend = RawBackend::start(|head| match path(head) {
+        "/length" if head.starts_with("HEAD") => {
+            answer("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+        }
+        "/length" => answer("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"),
+        "/chunked" => answer(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3;x=y\r\nllo\r\n0\r\nx-t: 1\r\n\r\n",
+        ),
+        "/interim" => answer(
+            "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+        ),
+        "/no-content" => answer("HTTP/1.1 204 No Content\r\n\r\n"),
+        "/until-close" => (b"HTTP/1.1 200 OK\r\n\r\nhello".to_vec(), true),
+        other => panic!("unexpected path {other}"),
+    })
+    .await;
+    let proxy = Proxy::start(&stable_only("", backend.addr)).await;
+    let c = client();
+    for (method, path, status, body) in [
+        (Method::GET, "/length", StatusCode::OK, "hello"),
+        (Method::GET, "/chunked", StatusCode::OK, "hello"),
+        (Method::GET, "/interim", StatusCode::OK, "hello"),
+        (Method::GET, "/no-content", StatusCode::NO_CONTENT, ""),
+        (Method::HEAD, "/length", StatusCode::OK, ""),
+        (Method::GET, "/until-close", StatusCode::OK, "hello"),
+        (Method::GET, "/length", StatusCode::OK, "hello"),
+    ] {
+        let req = Request::builder().method(&method).uri(proxy.url(path));
+        let (got, headers, text) = send(&c, req.body(Full::default()).unwrap()).await.unwrap();
+        assert_eq!((got, text.as_str()), (status, body), "{method} {path}");
+        if method == Method::HEAD {
+            assert_eq!(headers["content-length"], "5", "HEAD keeps the length");
+        }
+    }
+    assert_eq!(
+        backend.conns(),
+        2,
+        "one connection for everything up to the body delimited by its close, then another"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_the_backend_will_close_is_not_reused() {
+    let backend = RawBackend::start(|head| match path(head) {
+        "/close" => answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"),
+        _ => answer("HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    })
+    .await;
+    let proxy = Proxy::start(&stable_only("upstream: { retries: 0 }\n", backend.addr)).await;
+    let c = client();
+    for path in ["/close", "/close", "/http10", "/http10"] {
+        let req = Request::get(proxy.url(path)).body(Full::default()).unwrap();
+        let (status, _, body) = send(&c, req).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"), "{path}");
+    }
+    assert_eq!(backend.conns(), 4);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_the_backend_closed_after_answering_is_passed_over() {
+    // Each connection answers once, as keep-alive, and is closed by the backend right after.
+    let backend = RawBackend::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            true,
+        )
+    })
+    .await;
+    let proxy = Proxy::start(&stable_only("upstream: { retries: 0 }\n", backend.addr)).await;
+    let c = client();
+    for i in 0..10 {
+        // Without a body, even a POST goes out on the own client.
+        let method = if i % 2 == 0 {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        let req = Request::builder().method(method).uri(proxy.url("/"));
+        let (status, _, body) = send(&c, req.body(Full::default()).unwrap()).await.unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "ok"),
+            "request {i}"
+        );
+    }
+    assert_eq!(backend.conns(), 10);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_response_head_is_a_502() {
+    let backend = RawBackend::start(|head| match path(head) {
+        "/garbage" => answer("SMTP ready\r\n\r\n"),
+        "/lengths" => answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"),
+        "/switch" => answer("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n"),
+        _ => (Vec::new(), true),
+    })
+    .await;
+    let proxy = Proxy::start(&stable_only(
+        "upstream: { retries: 0, eject_after: 1000 }\n",
+        backend.addr,
+    ))
+    .await;
+    for path in ["/garbage", "/lengths", "/switch", "/hang-up"] {
+        let req = Request::get(proxy.url(path)).body(Full::default()).unwrap();
+        let (status, _, _) = send(&client(), req).await.unwrap();
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_answer_that_comes_before_the_request_body_has_ended_reaches_the_client() {
+    let backend = RawBackend::start(|_| {
+        answer("HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo long")
+    })
+    .await;
+    let proxy = Proxy::start(&stable_only("", backend.addr)).await;
+    let (tx, body) = ChanBody::new();
+    let client =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<ChanBody>();
+    let req = Request::post(proxy.url("/upload")).body(body).unwrap();
+    let sending = tokio::spawn(async move { client.request(req).await });
+    tx.send(Bytes::from_static(b"the first of many pieces"))
+        .await
+        .unwrap();
+    // The request body is still open: the answer comes anyway.
+    let resp = tokio::time::timeout(Duration::from_secs(5), sending)
+        .await
+        .expect("answered before the body ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&text[..], b"too long");
+    drop(tx);
+    proxy.stop().await;
+}
