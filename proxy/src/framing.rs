@@ -182,6 +182,14 @@ impl<I> Scan<I> {
                 .unwrap_or(bytes.len());
             bytes = &bytes[skip..];
         }
+        // A head that arrived whole: found and read in one pass.
+        if matches!(self.state, State::Head)
+            && self.head.is_empty()
+            && let Some((end, facts)) = survey(bytes)
+        {
+            self.state = self.judge(&facts);
+            return &bytes[end..];
+        }
         let Some(end) = self.unit_end(bytes) else {
             self.head.extend_from_slice(bytes);
             if self.head.len() > self.max_head {
@@ -244,50 +252,27 @@ impl<I> Scan<I> {
     }
 
     fn on_head(&mut self, head: &[u8]) -> State {
-        let mut start = 0;
-        let mut lines = memchr::memchr_iter(b'\n', head)
-            .chain([head.len()])
-            .map(|end| {
-                let line = &head[start.min(end)..end];
-                start = end + 1;
-                line.strip_suffix(b"\r").unwrap_or(line)
-            });
-        let request_line = lines.next().unwrap_or_default();
-        if request_line.starts_with(b"PRI * HTTP/2") {
+        match survey(head) {
+            Some((_, facts)) => self.judge(&facts),
+            None => State::Off,
+        }
+    }
+
+    /// Queues the verdict on a head and says how its body is framed.
+    fn judge(&mut self, facts: &Facts<'_>) -> State {
+        if facts.h2_preface {
             return State::Off;
         }
-        let mut upgrade = request_line.starts_with(b"CONNECT ");
-        let (mut lengths, mut codings) = (0, 0);
-        let (mut first_length, mut last_coding): (Option<&[u8]>, Option<&[u8]>) = (None, None);
-        for line in lines {
-            let Some(colon) = memchr::memchr(b':', line) else {
-                continue;
-            };
-            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-            // Lengths differ: most names are settled without comparing them.
-            if !matches!(name.len(), 7 | 14 | 17) {
-                continue;
-            }
-            if name.eq_ignore_ascii_case(b"content-length") {
-                lengths += 1;
-                first_length.get_or_insert(value);
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                codings += 1;
-                last_coding = Some(value);
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                upgrade = true;
-            }
-        }
-        let verdict = match (lengths, codings) {
+        let verdict = match (facts.lengths, facts.codings) {
             (1.., 1..) => Verdict::Refuse("both content-length and transfer-encoding"),
             (2.., _) => Verdict::Refuse("more than one content-length"),
             _ => Verdict::Clean,
         };
         self.seen.push(verdict);
-        if verdict != Verdict::Clean || upgrade {
+        if verdict != Verdict::Clean || facts.upgrade {
             return State::Off;
         }
-        match (first_length, last_coding) {
+        match (facts.first_length, facts.last_coding) {
             (_, Some(coding)) => {
                 let last = coding.rsplit(|b| *b == b',').next().unwrap_or_default();
                 match last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
@@ -303,6 +288,56 @@ impl<I> Scan<I> {
             (None, None) => State::Head,
         }
     }
+}
+
+/// What a request head says about its framing.
+#[derive(Default)]
+struct Facts<'h> {
+    h2_preface: bool,
+    lengths: u32,
+    codings: u32,
+    first_length: Option<&'h [u8]>,
+    last_coding: Option<&'h [u8]>,
+    /// CONNECT, or an `Upgrade` header: the bytes after the head may not be HTTP/1.
+    upgrade: bool,
+}
+
+/// Finds the end of the head at the front of `bytes` (just past its blank line; leading blank
+/// lines already skipped) and reads its framing headers on the way: one pass over the lines.
+fn survey(bytes: &[u8]) -> Option<(usize, Facts<'_>)> {
+    let mut facts = Facts::default();
+    let (mut start, mut first) = (0, true);
+    while let Some(at) = memchr::memchr(b'\n', &bytes[start..]) {
+        let line = &bytes[start..start + at];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        start += at + 1;
+        if line.is_empty() {
+            return Some((start, facts));
+        }
+        if std::mem::take(&mut first) {
+            facts.h2_preface = line.starts_with(b"PRI * HTTP/2");
+            facts.upgrade = line.starts_with(b"CONNECT ");
+            continue;
+        }
+        let Some(colon) = memchr::memchr(b':', line) else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        // Lengths differ: most names are settled without comparing them.
+        if !matches!(name.len(), 7 | 14 | 17) {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            facts.lengths += 1;
+            facts.first_length.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            facts.codings += 1;
+            facts.last_coding = Some(value);
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            facts.upgrade = true;
+        }
+    }
+    None
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Scan<I> {

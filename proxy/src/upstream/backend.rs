@@ -47,7 +47,18 @@ impl Backend {
     }
 
     pub fn healthy(&self) -> bool {
-        self.ejected_until_ms.load(Relaxed) <= now_ms()
+        // Never ejected, or no longer: no clock to read.
+        let until = self.ejected_until_ms.load(Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if until > now_ms() {
+            return false;
+        }
+        let _ = self
+            .ejected_until_ms
+            .compare_exchange(until, 0, Relaxed, Relaxed);
+        true
     }
 
     pub(super) fn succeeded(&self) {

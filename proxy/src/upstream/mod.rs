@@ -6,7 +6,7 @@ mod h1;
 mod pool;
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::{Method, Request, Response, Uri, Version};
 
@@ -66,7 +66,10 @@ pub async fn send(
     track: &str,
     mut out: Outgoing,
 ) -> Result<Response<UpstreamBody>, Failure> {
-    let deadline = Instant::now() + cfg.request_timeout;
+    // The clock is read once for the first try: the request timeout and the per-try timeout
+    // both count from here.
+    let now = Instant::now();
+    let deadline = now + cfg.request_timeout;
     // HTTP/1.1 goes out on fleet-proxy's own client, but for switching protocols; the rest
     // on hyper's.
     let own = !out.http2 && !out.upgrade && out.parts.method != Method::CONNECT;
@@ -83,11 +86,10 @@ pub async fn send(
             true => None,
             false => Some(build(&mut out, backend, attempt + 1 == tries)?),
         };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let limit = if out.retryable {
-            left.min(cfg.per_try_timeout)
-        } else {
-            left
+        let this_try = match (out.retryable, attempt) {
+            (false, _) => deadline,
+            (true, 0) => deadline.min(now + cfg.per_try_timeout),
+            (true, _) => deadline.min(Instant::now() + cfg.per_try_timeout),
         };
         let sending = async {
             match req {
@@ -100,7 +102,7 @@ pub async fn send(
                 }
             }
         };
-        match tokio::time::timeout(limit, sending).await {
+        match tokio::time::timeout_at(this_try, sending).await {
             Ok(Ok(resp)) => {
                 match resp.status().as_u16() {
                     502..=504 => backend.failed(cfg),

@@ -11,9 +11,10 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -27,13 +28,16 @@ use super::{Error, h1};
 use crate::body::Body;
 use crate::lock;
 
-/// Idle HTTP/1.1 connections older than this are closed rather than reused.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle HTTP/1.1 connections are closed after this many sweeps (one a second: 90 s) rather
+/// than reused.
+const IDLE_SWEEPS: u64 = 90;
 
 #[derive(Debug)]
 pub struct Pool {
-    /// Idle HTTP/1.1 connections, newest last, each with the time it went idle.
-    idle: Mutex<VecDeque<(Instant, h1::Conn)>>,
+    /// Idle HTTP/1.1 connections, newest last, each with the sweep it went idle after.
+    idle: Mutex<VecDeque<(u64, h1::Conn)>>,
+    /// Sweeps so far: the pool's clock, so that no clock is read per request.
+    sweeps: AtomicU64,
     /// Idle HTTP/1.1 connections kept; more are closed.
     max_idle: usize,
     http2: Mutex<Option<http2::SendRequest<Body>>>,
@@ -43,13 +47,14 @@ impl Pool {
     pub fn new(max_idle: usize) -> Self {
         Pool {
             idle: Mutex::default(),
+            sweeps: AtomicU64::new(0),
             max_idle,
             http2: Mutex::default(),
         }
     }
 
     /// The newest idle connection that still looks open; the others on the way are closed.
-    /// Age is left to [`Pool::sweep`], which runs every second: no clock is read per request.
+    /// Age is left to [`Pool::sweep`].
     pub(super) fn take(&self) -> Option<h1::Conn> {
         let mut idle = lock(&self.idle);
         while let Some((_, conn)) = idle.pop_back() {
@@ -66,14 +71,14 @@ impl Pool {
             // The oldest goes: the newest are the likeliest to be alive.
             idle.pop_front();
         }
-        idle.push_back((Instant::now(), conn));
+        idle.push_back((self.sweeps.load(Relaxed), conn));
     }
 
-    /// Closes idle connections that the backend closed or that waited `IDLE_TIMEOUT`.
+    /// Closes idle connections that the backend closed or that waited `IDLE_SWEEPS`; runs
+    /// every second.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        lock(&self.idle)
-            .retain(|(since, conn)| now.duration_since(*since) < IDLE_TIMEOUT && conn.looks_open());
+        let now = self.sweeps.fetch_add(1, Relaxed) + 1;
+        lock(&self.idle).retain(|(since, conn)| now - since < IDLE_SWEEPS && conn.looks_open());
         let mut http2 = lock(&self.http2);
         if http2.as_ref().is_some_and(|tx| tx.is_closed()) {
             *http2 = None;

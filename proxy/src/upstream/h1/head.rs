@@ -4,7 +4,7 @@
 
 use std::mem::MaybeUninit;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
@@ -75,111 +75,84 @@ pub fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
 /// Takes the response head off the front of `buf`, skipping interim (1xx) heads. `Ok(None)`:
 /// the head is not complete yet. The error names what is wrong with the response.
 pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, &'static str> {
-    let mut fields = [Field::default(); MAX_HEADERS];
-    loop {
-        let Some((len, status, version, count)) = locate(buf, &mut fields)? else {
-            return match buf.len() > MAX_HEAD_BYTES {
-                true => Err("response head too large"),
-                false => Ok(None),
-            };
+    while !buf.is_empty() {
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => return Ok(None),
+            Ok(_) => return Err("response head too large"),
+            Err(httparse::Error::TooManyHeaders) => return Err("more than 100 response headers"),
+            Err(_) => return Err("malformed response head"),
         };
-        let head = buf.split_to(len).freeze();
-        if status.is_informational() {
-            if status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err("101 Switching Protocols without an upgrade asked for");
-            }
-            continue;
+        let status = resp
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or("malformed response status")?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err("101 Switching Protocols without an upgrade asked for");
         }
-        return build(&head, status, version, &fields[..count], method).map(Some);
-    }
-}
-
-/// Where a header's name and value lie in the head (which is at most `MAX_HEAD_BYTES`).
-#[derive(Clone, Copy, Default)]
-struct Field {
-    name: (u32, u32),
-    value: (u32, u32),
-}
-
-/// Finds a complete head at the front of `buf`: its length, status, version, and the number
-/// of `fields` it filled in.
-fn locate(
-    buf: &[u8],
-    fields: &mut [Field; MAX_HEADERS],
-) -> Result<Option<(usize, StatusCode, Version, usize)>, &'static str> {
-    let mut parsed = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        buf,
-        &mut parsed,
-    ) {
-        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
-        Ok(httparse::Status::Complete(_)) => return Err("response head too large"),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err("more than 100 response headers"),
-        Err(_) => return Err("malformed response head"),
-    };
-    let status = resp
-        .code
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or("malformed response status")?;
-    let version = match resp.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    // Offsets within the first MAX_HEAD_BYTES: they fit in u32.
-    let at = |s: &[u8]| {
-        let start = (s.as_ptr() as usize - buf.as_ptr() as usize) as u32;
-        (start, start + s.len() as u32)
-    };
-    for (field, h) in fields.iter_mut().zip(resp.headers.iter()) {
-        *field = Field {
-            name: at(h.name.as_bytes()),
-            value: at(h.value),
+        let head = match status.is_informational() {
+            true => None,
+            false => Some(build(status, resp.version, resp.headers, method)?),
         };
+        buf.advance(len);
+        if head.is_some() {
+            return Ok(head);
+        }
     }
-    Ok(Some((len, status, version, resp.headers.len())))
+    Ok(None)
 }
 
 fn build(
-    head: &Bytes,
     status: StatusCode,
-    version: Version,
-    fields: &[Field],
+    version: Option<u8>,
+    fields: &[httparse::Header<'_>],
     method: &Method,
 ) -> Result<Head, &'static str> {
+    let version = match version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
     let mut headers = HeaderMap::with_capacity(fields.len());
     let (mut length, mut lengths_differ, mut coding, mut close, mut keep_alive_token) =
         (None::<u64>, false, None::<bool>, false, false);
     for f in fields {
-        let range = |(start, end): (u32, u32)| start as usize..end as usize;
-        let name = HeaderName::from_bytes(&head[range(f.name)])
+        let name = HeaderName::from_bytes(f.name.as_bytes())
             .map_err(|_| "malformed response header name")?;
-        let value = HeaderValue::from_maybe_shared(head.slice(range(f.value)))
-            .map_err(|_| "malformed response header value")?;
+        let value = f.value;
         if name == header::CONTENT_LENGTH {
-            let n = parse_length(value.as_bytes()).ok_or("malformed content-length")?;
+            let n = parse_length(value).ok_or("malformed content-length")?;
             lengths_differ |= length.is_some_and(|l| l != n);
             length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
             // Only the last coding counts, across every Transfer-Encoding field.
-            let last = value
-                .as_bytes()
-                .rsplit(|b| *b == b',')
-                .next()
-                .unwrap_or_default();
+            let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
             coding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
-            for token in value
-                .as_bytes()
-                .split(|b| *b == b',')
-                .map(<[u8]>::trim_ascii)
-            {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+            let mut names_others = false;
+            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                let (is_close, is_keep_alive) = (
+                    token.eq_ignore_ascii_case(b"close"),
+                    token.eq_ignore_ascii_case(b"keep-alive"),
+                );
+                close |= is_close;
+                keep_alive_token |= is_keep_alive;
+                names_others |= !is_close && !is_keep_alive && !token.is_empty();
+            }
+            // Hop-by-hop: the service removes it anyway, with any header it names; one that
+            // names none is not worth keeping until then.
+            if !names_others {
+                continue;
             }
         }
+        let value =
+            HeaderValue::from_bytes(value).map_err(|_| "malformed response header value")?;
         headers.append(name, value);
     }
     let bodiless = *method == Method::HEAD
@@ -361,6 +334,12 @@ mod tests {
             .unwrap();
         assert_eq!(h.framing, Framing::Empty);
         assert_eq!(h.headers["content-length"], "7", "kept for the client");
+        // A Connection header that names no other header is dropped here; one that does stays
+        // for the service to remove what it names.
+        let h = head("HTTP/1.1 200 OK\r\nconnection: keep-alive\r\n\r\n");
+        assert!(!h.headers.contains_key("connection"));
+        let h = head("HTTP/1.1 200 OK\r\nconnection: x-secret\r\nx-secret: 1\r\n\r\n");
+        assert_eq!(h.headers["connection"], "x-secret");
     }
 
     #[test]
