@@ -159,3 +159,75 @@ fn poll_write(
         Err(e) => Poll::Ready(Err(Error::Io(e))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+
+    use http_body::Frame;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A body of frames that are all ready at once, taken in order (a test double).
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    /// What the backend's end of a real connection receives when `frames` are pumped after
+    /// the head `HEAD\r\n`.
+    async fn received(frames: Vec<Frame<Bytes>>, chunked: bool) -> Vec<u8> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let body = crate::body::boxed(Frames(frames.into()));
+        let mut pump = Pump::new(b"HEAD\r\n".to_vec(), body, chunked);
+        std::future::poll_fn(|cx| pump.poll(&mut io, cx))
+            .await
+            .unwrap();
+        drop(io);
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_out_in_chunks_with_its_trailers() {
+        let large = Bytes::from(vec![b'x'; 5000]);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-sum", http::HeaderValue::from_static("7"));
+        let frames = vec![
+            Frame::data(Bytes::from_static(b"ab")),
+            Frame::data(large.clone()),
+            Frame::data(Bytes::new()),
+            Frame::trailers(trailers),
+        ];
+        let mut want = b"HEAD\r\n2\r\nab\r\n1388\r\n".to_vec();
+        want.extend_from_slice(&large);
+        want.extend_from_slice(b"\r\n0\r\nx-sum: 7\r\n\r\n");
+        assert_eq!(received(frames, true).await, want);
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_goes_out_as_it_is() {
+        let frames = vec![
+            Frame::data(Bytes::from_static(b"ab")),
+            Frame::data(Bytes::from_static(b"cd")),
+        ];
+        assert_eq!(received(frames, false).await, b"HEAD\r\nabcd");
+    }
+}
