@@ -89,15 +89,16 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         let mut rest = header.as_bytes();
         while !rest.is_empty() {
             let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
-            let pair = &rest[..end];
+            let pair = rest[..end].trim_ascii_start();
             rest = rest.get(end + 1..).unwrap_or_default();
-            let Some(eq) = memchr::memchr(b'=', pair) else {
+            // The name, optional spaces, `=`: most pairs are settled by their first bytes.
+            let Some(value) = pair
+                .strip_prefix(name)
+                .and_then(|after| after.trim_ascii_start().strip_prefix(b"="))
+            else {
                 continue;
             };
-            if pair[..eq].trim_ascii() != name {
-                continue;
-            }
-            let value = pair[eq + 1..].trim_ascii();
+            let value = value.trim_ascii();
             let value = value
                 .strip_prefix(b"\"")
                 .and_then(|v| v.strip_suffix(b"\""))

@@ -217,6 +217,12 @@ fn cookies_are_found_across_headers_and_the_first_duplicate_wins() {
     assert_eq!(cookie(&h, "b"), Some("quoted"));
     assert_eq!(cookie(&h, "c"), Some("3"));
     assert_eq!(cookie(&h, "d"), None);
+    // A name that only begins with the one asked for, or a pair without `=`, is not it.
+    h.append(
+        "cookie",
+        HeaderValue::from_static("ab-x=9; ab; abc =8;ab=7"),
+    );
+    assert_eq!(cookie(&h, "ab"), Some("7"));
 }
 
 #[test]
