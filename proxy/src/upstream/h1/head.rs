@@ -155,6 +155,11 @@ fn build(
             HeaderValue::from_bytes(value).map_err(|_| "malformed response header value")?;
         headers.append(name, value);
     }
+    // Framed by its coding: a Content-Length beside it must not reach the client (RFC 9112,
+    // section 6.3).
+    if coding.is_some() && length.is_some() {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let bodiless = *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
@@ -171,9 +176,10 @@ fn build(
         Version::HTTP_10 => keep_alive_token && !close,
         _ => !close,
     };
-    // A body framed two ways is read by its coding, but the connection is not trusted after.
-    let keep_alive =
-        persistent && framing != Framing::UntilClose && !(coding.is_some() && length.is_some());
+    // A body framed two ways is read by its coding, but the connection is not trusted after;
+    // nor after a coding in HTTP/1.0, which has none (RFC 9112, section 6.1).
+    let doubtful = coding.is_some() && (length.is_some() || version == Version::HTTP_10);
+    let keep_alive = persistent && framing != Framing::UntilClose && !doubtful;
     Ok(Head {
         status,
         version,
@@ -324,6 +330,11 @@ mod tests {
                 Framing::Length(7),
                 true,
             ),
+            (
+                "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\nconnection: keep-alive\r\n\r\n",
+                Framing::Chunked,
+                false,
+            ),
         ];
         for (raw, framing, keep_alive) in cases {
             let h = head(raw);
@@ -334,6 +345,11 @@ mod tests {
             .unwrap();
         assert_eq!(h.framing, Framing::Empty);
         assert_eq!(h.headers["content-length"], "7", "kept for the client");
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(
+            !h.headers.contains_key("content-length"),
+            "framed by its coding alone"
+        );
         // A Connection header that names no other header is dropped here; one that does stays
         // for the service to remove what it names.
         let h = head("HTTP/1.1 200 OK\r\nconnection: keep-alive\r\n\r\n");

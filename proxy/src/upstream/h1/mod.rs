@@ -119,7 +119,9 @@ impl Conn {
             }
         })
         .await?;
-        head.keep_alive &= !failed;
+        // An answer that came before the whole request went out: the backend may not have
+        // read the rest, which it would take for the next request. Not reused.
+        head.keep_alive &= !failed && pump.is_none();
         Ok((head, pump))
     }
 

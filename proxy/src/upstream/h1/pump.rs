@@ -58,31 +58,32 @@ impl Pump {
     /// Ready once the whole request has been written.
     pub fn poll(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
-            let taken = self.gather(cx)?;
+            let waiting = self.gather(cx)?;
             ready!(self.write(io, cx))?;
             if self.ended {
                 return Poll::Ready(Ok(()));
             }
-            if !taken {
+            if waiting {
                 // Everything is written and the body has nothing yet: it will wake us.
                 return Poll::Pending;
             }
+            // The buffer was full (or held a large frame): now written, gather again.
         }
     }
 
-    /// Takes the frames that are ready, while what is buffered stays small. True if any.
+    /// Takes the frames that are ready, while what is buffered stays small. True when the
+    /// body had nothing ready (its waker is then registered); false when the buffer filled
+    /// or the body ended.
     fn gather(&mut self, cx: &mut Context<'_>) -> Result<bool, Error> {
-        let mut taken = false;
         while !self.ended && self.large.is_none() && self.out.len() < GATHER_UP_TO {
             let frame = match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending => break,
+                Poll::Pending => return Ok(true),
                 Poll::Ready(None) => {
                     self.end(None);
-                    return Ok(true);
+                    return Ok(false);
                 }
                 Poll::Ready(Some(frame)) => frame.map_err(Error::Body)?,
             };
-            taken = true;
             match frame.into_data() {
                 Ok(data) => self.put(data),
                 Err(frame) => self.end(frame.trailers_ref()),
@@ -91,7 +92,7 @@ impl Pump {
                 self.end(None);
             }
         }
-        Ok(taken)
+        Ok(false)
     }
 
     fn put(&mut self, data: Bytes) {
@@ -229,5 +230,72 @@ mod tests {
             Frame::data(Bytes::from_static(b"cd")),
         ];
         assert_eq!(received(frames, false).await, b"HEAD\r\nabcd");
+    }
+
+    /// Large frames into a backend that starts reading late: the socket fills mid-frame, and
+    /// the pump must go on once it drains (found by review: it stalled with no waker).
+    #[tokio::test]
+    async fn large_frames_reach_a_backend_that_reads_late() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let frames: Vec<_> = (0..256)
+            .map(|_| Frame::data(Bytes::from(vec![b'x'; 64 * 1024])))
+            .collect();
+        let mut pump = Pump::new(
+            b"HEAD\r\n".to_vec(),
+            crate::body::boxed(Frames(frames.into())),
+            false,
+        );
+        let (filled_tx, filled_rx) = tokio::sync::oneshot::channel::<()>();
+        let reader = tokio::spawn(async move {
+            // Starts once the pump has had to wait for the socket.
+            let _ = filled_rx.await;
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+        let mut filled = Some(filled_tx);
+        let pumping = std::future::poll_fn(|cx| {
+            let polled = pump.poll(&mut io, cx);
+            if polled.is_pending()
+                && let Some(tx) = filled.take()
+            {
+                let _ = tx.send(());
+            }
+            polled
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(20), pumping)
+            .await
+            .expect("the pump goes on once the socket drains")
+            .unwrap();
+        drop(io);
+        assert_eq!(reader.await.unwrap(), 6 + 256 * 64 * 1024);
+    }
+
+    /// A head larger than what is gathered before a write: the body is still taken.
+    #[tokio::test]
+    async fn a_body_after_a_head_over_16_kib_goes_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let body = crate::body::boxed(Frames(vec![Frame::data(Bytes::from_static(b"ab"))].into()));
+        let mut pump = Pump::new(vec![b'h'; 20 * 1024], body, false);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            std::future::poll_fn(|cx| pump.poll(&mut io, cx)),
+        )
+        .await
+        .expect("the body follows the head")
+        .unwrap();
+        drop(io);
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 20 * 1024 + 2);
+        assert!(got.ends_with(b"hab"));
     }
 }
