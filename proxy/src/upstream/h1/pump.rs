@@ -187,14 +187,19 @@ mod tests {
         }
     }
 
+    /// The two ends of a real connection on 127.0.0.1: the proxy's and the backend's.
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (io, listener.accept().await.unwrap().0)
+    }
+
     /// What the backend's end of a real connection receives when `frames` are pumped after
     /// the head `HEAD\r\n`.
     async fn received(frames: Vec<Frame<Bytes>>, chunked: bool) -> Vec<u8> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut io = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut backend, _) = listener.accept().await.unwrap();
+        let (mut io, mut backend) = connected().await;
         let body = crate::body::boxed(Frames(frames.into()));
         let mut pump = Pump::new(b"HEAD\r\n".to_vec(), body, chunked);
         std::future::poll_fn(|cx| pump.poll(&mut io, cx))
@@ -236,11 +241,7 @@ mod tests {
     /// the pump must go on once it drains (found by review: it stalled with no waker).
     #[tokio::test]
     async fn large_frames_reach_a_backend_that_reads_late() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut io = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut backend, _) = listener.accept().await.unwrap();
+        let (mut io, mut backend) = connected().await;
         let frames: Vec<_> = (0..256)
             .map(|_| Frame::data(Bytes::from(vec![b'x'; 64 * 1024])))
             .collect();
@@ -278,11 +279,7 @@ mod tests {
     /// A head larger than what is gathered before a write: the body is still taken.
     #[tokio::test]
     async fn a_body_after_a_head_over_16_kib_goes_out() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut io = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut backend, _) = listener.accept().await.unwrap();
+        let (mut io, mut backend) = connected().await;
         let body = crate::body::boxed(Frames(vec![Frame::data(Bytes::from_static(b"ab"))].into()));
         let mut pump = Pump::new(vec![b'h'; 20 * 1024], body, false);
         tokio::time::timeout(
