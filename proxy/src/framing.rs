@@ -174,29 +174,25 @@ impl<I> Scan<I> {
     /// `Trailers`, one line in `ChunkSize`. A unit that arrived whole in one read is judged
     /// where it lies; only one split across reads is copied into `head`. Returns the rest.
     fn take_unit<'b>(&mut self, mut bytes: &'b [u8]) -> &'b [u8] {
-        // Blank lines before a request line are skipped, as hyper does.
         if matches!(self.state, State::Head) && self.head.is_empty() {
+            // Blank lines before a request line are skipped, as hyper does.
             let skip = bytes
                 .iter()
                 .position(|b| *b != b'\r' && *b != b'\n')
                 .unwrap_or(bytes.len());
             bytes = &bytes[skip..];
-        }
-        // A head that arrived whole: found and read in one pass.
-        if matches!(self.state, State::Head)
-            && self.head.is_empty()
-            && let Some((end, facts)) = survey(bytes)
-        {
-            self.state = self.judge(&facts);
-            return &bytes[end..];
+            // A head that begins in this read is found and read in one pass; one that does
+            // not end in it waits for the next read.
+            return match survey(bytes) {
+                Some((end, facts)) => {
+                    self.state = self.judge(&facts);
+                    &bytes[end..]
+                }
+                None => self.keep(bytes),
+            };
         }
         let Some(end) = self.unit_end(bytes) else {
-            self.head.extend_from_slice(bytes);
-            if self.head.len() > self.max_head {
-                // hyper refuses heads this large (431); nothing to follow.
-                self.state = State::Off;
-            }
-            return &[];
+            return self.keep(bytes);
         };
         let (unit, rest) = bytes.split_at(end);
         if self.head.is_empty() {
@@ -207,6 +203,16 @@ impl<I> Scan<I> {
             self.on_unit(&head);
         }
         rest
+    }
+
+    /// Keeps the start of a unit that has not ended yet, for the next read.
+    fn keep<'b>(&mut self, bytes: &[u8]) -> &'b [u8] {
+        self.head.extend_from_slice(bytes);
+        if self.head.len() > self.max_head {
+            // hyper refuses heads this large (431); nothing to follow.
+            self.state = State::Off;
+        }
+        &[]
     }
 
     /// Where in `bytes` the unit begun in `head` ends (just past its last line end).

@@ -87,12 +87,14 @@ impl Conn {
         body: Option<Body>,
     ) -> Result<(head::Head, Option<Pump>), Error> {
         let body = body.filter(|b| !b.is_end_stream());
-        let declared = parts.headers.contains_key(http::header::CONTENT_LENGTH);
-        let added = match body.as_ref().map(|b| b.size_hint().exact()) {
+        // Only a request with a body looks at its framing headers.
+        let added = match &body {
             None => Added::Nothing,
-            Some(_) if declared => Added::Nothing,
-            Some(Some(n)) => Added::ContentLength(n),
-            Some(None) => Added::Chunked,
+            Some(_) if parts.headers.contains_key(http::header::CONTENT_LENGTH) => Added::Nothing,
+            Some(b) => match b.size_hint().exact() {
+                Some(n) => Added::ContentLength(n),
+                None => Added::Chunked,
+            },
         };
         let mut out = std::mem::take(&mut self.out);
         out.clear();
@@ -213,7 +215,9 @@ enum Left {
 pub struct ResponseBody {
     /// `None` once the body has ended (or failed).
     conn: Option<Conn>,
-    /// The rest of the request body, while it is still being sent.
+    /// The rest of the request body, while it is still being sent. A response that came
+    /// before its request went out whole is never kept alive (see `exchange`), so the pump
+    /// has no say in whether the connection is reused.
     pump: Option<Pump>,
     backend: Arc<Backend>,
     left: Left,
@@ -226,7 +230,6 @@ impl ResponseBody {
     fn finish(&mut self) {
         if let Some(conn) = self.conn.take()
             && self.keep_alive
-            && self.pump.take().is_none()
             && conn.buf.is_empty()
         {
             self.backend.pool.put(conn);
@@ -261,6 +264,58 @@ impl ResponseBody {
     }
 }
 
+impl ResponseBody {
+    /// Moves the rest of the request along. Only a failure of the client's body fails the
+    /// response (the backend would wait for the rest); when the backend stops taking the
+    /// request, what it answers may still come.
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        match conn.poll_pump(&mut self.pump, cx) {
+            Err(e @ Error::Body(_)) => Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "backend stopped taking the request body");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// The next frame, reading as needed; `None` at the end.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, Error>> {
+        self.poll_pump(cx)?;
+        loop {
+            let frame = match self.step()? {
+                Step::Data(data) => Frame::data(data),
+                Step::Trailers(trailers) => Frame::trailers(trailers),
+                Step::End => {
+                    self.finish();
+                    return Poll::Ready(Ok(None));
+                }
+                Step::More => {
+                    let Some(conn) = self.conn.as_mut() else {
+                        return Poll::Ready(Ok(None));
+                    };
+                    match ready!(conn.poll_read(cx)).map_err(Error::Io)? {
+                        0 if matches!(self.left, Left::UntilClose) => {
+                            self.conn = None;
+                            return Poll::Ready(Ok(None));
+                        }
+                        0 => return Poll::Ready(Err(Error::Closed)),
+                        _ => continue,
+                    }
+                }
+            };
+            // The last bytes: the connection is free before the client has them.
+            if self.ended() || frame.is_trailers() {
+                self.finish();
+            }
+            return Poll::Ready(Ok(Some(frame)));
+        }
+    }
+}
+
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
     type Error = Error;
@@ -269,66 +324,17 @@ impl http_body::Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        let this = &mut *self;
-        if let Some(conn) = this.conn.as_mut() {
-            match conn.poll_pump(&mut this.pump, cx) {
-                Ok(()) => {}
-                // The client's body failed: the backend would wait for the rest.
-                Err(e @ Error::Body(_)) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                // The backend stopped taking the request; what it answers may still come.
-                Err(e) => {
-                    tracing::debug!(error = %e, "backend stopped taking the request body");
-                    this.keep_alive = false;
-                }
-            }
+        let polled = ready!(self.poll_next(cx));
+        // A body that failed leaves its connection mid-response: closed, never reused.
+        if polled.is_err() {
+            self.conn = None;
         }
-        loop {
-            let step = this.step();
-            let frame = match step {
-                Ok(Step::Data(data)) => Frame::data(data),
-                Ok(Step::Trailers(trailers)) => Frame::trailers(trailers),
-                Ok(Step::End) => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                Ok(Step::More) => {
-                    let Some(conn) = this.conn.as_mut() else {
-                        return Poll::Ready(None);
-                    };
-                    match ready!(conn.poll_read(cx)) {
-                        Ok(0) if matches!(this.left, Left::UntilClose) => {
-                            this.conn = None;
-                            return Poll::Ready(None);
-                        }
-                        Ok(0) => {
-                            this.conn = None;
-                            return Poll::Ready(Some(Err(Error::Closed)));
-                        }
-                        Ok(_) => continue,
-                        Err(e) => {
-                            this.conn = None;
-                            return Poll::Ready(Some(Err(Error::Io(e))));
-                        }
-                    }
-                }
-                Err(e) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(e)));
-                }
-            };
-            // The last bytes: the connection is free before the client has them.
-            if this.ended() || frame.is_trailers() {
-                this.finish();
-            }
-            return Poll::Ready(Some(Ok(frame)));
-        }
+        Poll::Ready(polled.transpose())
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none() || matches!(self.left, Left::Length(0))
+        // The connection goes (back to the pool, or closed) as the last byte is taken.
+        self.conn.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
