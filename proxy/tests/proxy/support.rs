@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -237,6 +237,8 @@ pub struct RawBackend {
     pub addr: SocketAddr,
     /// Connections accepted.
     pub conns: Arc<AtomicUsize>,
+    /// Set once the proxy has closed one of its connections.
+    pub closed: Arc<AtomicBool>,
     _task: AbortOnDrop,
 }
 
@@ -257,15 +259,17 @@ impl RawBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (accepted, answer) = (Arc::new(AtomicUsize::new(0)), Arc::new(answer));
-        let counted = accepted.clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        let (counted, noted) = (accepted.clone(), closed.clone());
         let task = tokio::spawn(async move {
             let mut served = tokio::task::JoinSet::new();
             while let Ok((mut stream, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                let answer = answer.clone();
+                let (answer, noted) = (answer.clone(), noted.clone());
                 served.spawn(async move {
                     let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
                     loop {
+                        // Every request whose head and body are in.
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                             let head = String::from_utf8_lossy(&seen[..end + 4]).into_owned();
                             let length = head
@@ -273,11 +277,8 @@ impl RawBackend {
                                 .filter_map(|l| l.split_once(':'))
                                 .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
                                 .map_or(0, |(_, v)| v.trim().parse::<usize>().unwrap());
-                            while seen.len() < end + 4 + length {
-                                match stream.read(&mut buf).await {
-                                    Ok(0) | Err(_) => return,
-                                    Ok(n) => seen.extend_from_slice(&buf[..n]),
-                                }
+                            if seen.len() < end + 4 + length {
+                                break;
                             }
                             seen.drain(..end + 4 + length);
                             let (bytes, close) = answer(&head);
@@ -286,7 +287,7 @@ impl RawBackend {
                             }
                         }
                         match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
+                            Ok(0) | Err(_) => return noted.store(true, Ordering::SeqCst),
                             Ok(n) => seen.extend_from_slice(&buf[..n]),
                         }
                     }
@@ -296,6 +297,7 @@ impl RawBackend {
         RawBackend {
             addr,
             conns: accepted,
+            closed,
             _task: AbortOnDrop(task),
         }
     }

@@ -1,14 +1,11 @@
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
-use crate::support::{Backend, Mode, Proxy, client, dead_addr, eventually, put, send};
+use crate::support::{Backend, Mode, Proxy, RawBackend, client, dead_addr, eventually, put, send};
 
 fn config(backends: &[std::net::SocketAddr], upstream: &str) -> String {
     let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
@@ -128,35 +125,16 @@ async fn one_upstream_connection_serves_requests_one_after_another() {
 
 /// A backend that answers one request per connection, as keep-alive, and then closes it: the
 /// connection the proxy pooled is dead by the time the next request comes.
-async fn one_shot_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let accepted = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            accepted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                // The request head and its 4-byte body.
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") || !seen.ends_with(b"body") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nstable";
-                let _ = stream.write_all(answer).await;
-            });
-        }
-    });
-    (addr, conns)
+async fn one_shot_backend() -> RawBackend {
+    RawBackend::start(|_| (STABLE.to_vec(), true)).await
 }
+
+const STABLE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nstable";
 
 #[tokio::test]
 async fn a_connection_the_backend_closed_is_not_reused_so_even_a_post_succeeds() {
-    let (addr, conns) = one_shot_backend().await;
+    let backend = one_shot_backend().await;
+    let (addr, conns) = (backend.addr, backend.conns.clone());
     let proxy = Proxy::start(&config(&[addr], "{ retries: 0, eject_after: 1000 }")).await;
     let c = client();
     for _ in 0..10 {
@@ -170,40 +148,11 @@ async fn a_connection_the_backend_closed_is_not_reused_so_even_a_post_succeeds()
     proxy.stop().await;
 }
 
-/// A keep-alive backend that answers every GET with `stable` and notes when the proxy closes
-/// its connection.
-async fn backend_noting_close() -> (std::net::SocketAddr, Arc<AtomicBool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let closed = Arc::new(AtomicBool::new(false));
-    let noted = closed.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let noted = noted.clone();
-            tokio::spawn(async move {
-                let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
-                loop {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return noted.store(true, Ordering::SeqCst),
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nstable";
-                        if stream.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (addr, closed)
-}
-
 #[tokio::test]
 async fn pooled_connections_to_a_backend_no_table_names_are_closed() {
-    let (old, closed) = backend_noting_close().await;
+    // A keep-alive backend that notes when the proxy closes its connection.
+    let backend = RawBackend::start(|_| (STABLE.to_vec(), false)).await;
+    let (old, closed) = (backend.addr, backend.closed.clone());
     let new = Backend::start("stable", Mode::Normal).await;
     let proxy = Proxy::start(&config(&[old], "{}")).await;
     let (status, _, body) = send(
