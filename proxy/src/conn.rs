@@ -170,7 +170,16 @@ fn stack(
         .layer(GlobalConcurrencyLimitLayer::with_semaphore(
             shared.in_flight.clone(),
         ))
-        .service_fn(move |req| Box::pin(crate::service::handle(s.clone(), c.clone(), req)))
+        .service_fn(move |req| {
+            // Boxed, once: the forwarding future is the largest part of a request's state.
+            let handled = crate::service::handle(&s, &c, req).map(|f| Box::pin(f.run(s.clone())));
+            async move {
+                Ok::<_, Infallible>(match handled {
+                    Ok(forwarding) => forwarding.await,
+                    Err(answered) => *answered,
+                })
+            }
+        })
 }
 
 /// hyper's service for `conn`: each request goes through the stack and is counted in flight

@@ -86,12 +86,13 @@ async fn run(shared: &Shared, job: Job) {
         HeaderValue::from_static("1"),
     );
     parts.headers.remove(http::header::CONTENT_LENGTH);
-    let out = Outgoing {
+    let mut out = Outgoing {
         parts,
         body: Some(crate::body::full(body)),
         http2,
         upgrade: false,
         retryable: false,
+        client_upgrade: None,
     };
     let name = active.table.track(track).name().to_string();
     let start = active.next_index(track);
@@ -100,7 +101,7 @@ async fn run(shared: &Shared, job: Job) {
         active.backends(track),
         start,
         &name,
-        out,
+        &mut out,
     );
     let outcome = tokio::time::timeout(shared.settings.mirror.timeout, async {
         let resp = sending.await.ok()?;

@@ -1,12 +1,11 @@
 //! The per-request path: refuse ambiguous input, route with the table in force, forward,
 //! count. Errors become HTTP responses in one place, [`failure`].
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use fleet_proxy_router::RequestView;
+use fleet_proxy_router::{Decision, RequestView, RouteId, TrackId};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -15,20 +14,23 @@ use crate::body::{Body, Tee, TeeEnd, boxed, full};
 use crate::conn::Conn;
 use crate::framing::Verdict;
 use crate::mirror::Job;
-use crate::state::Shared;
+use crate::state::{Active, Shared};
 use crate::stats::Source;
 use crate::upstream::{Failure, Outgoing, send};
 
-#[tracing::instrument(level = "debug", skip_all, fields(method = %req.method(), path = req.uri().path()))]
-pub(crate) async fn handle(
-    shared: Arc<Shared>,
-    conn: Arc<Conn>,
-    mut req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+/// Takes a request: refuses ambiguous input, routes it, and forwards it. The work before
+/// the backend is done here, at once; the future holds only what forwarding needs, so that
+/// it stays small (it is moved into place for every request).
+pub(crate) fn handle(
+    shared: &Arc<Shared>,
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> Result<Forward, Box<Response<Body>>> {
+    // The answer is boxed: it is rare, and the result is moved for every request.
     let started = Instant::now();
     if let Err(reason) = framing(&req) {
         shared.stats.global.bad_requests.fetch_add(1, Relaxed);
-        return Ok(bad_request(reason));
+        return Err(Box::new(bad_request(reason)));
     }
     let active = shared.active();
     let Some(decision) = active
@@ -36,8 +38,96 @@ pub(crate) async fn handle(
         .decide(&RequestView::of(&req), &mut || rand::random())
     else {
         shared.stats.global.no_route.fetch_add(1, Relaxed);
-        return Ok(plain(StatusCode::NOT_FOUND, "no route"));
+        return Err(Box::new(plain(StatusCode::NOT_FOUND, "no route")));
     };
+    tracing::debug!(
+        method = %req.method(),
+        path = req.uri().path(),
+        route = decision.route.index(),
+        track = decision.track.index(),
+        "routed"
+    );
+    let out = outgoing(shared, conn, &active, &decision, req);
+    Ok(Forward {
+        started,
+        start: active.next_index(decision.track),
+        active,
+        decision,
+        out,
+    })
+}
+
+/// A routed request on its way to its track's backends.
+pub(crate) struct Forward {
+    started: Instant,
+    active: Arc<Active>,
+    decision: Decision,
+    /// Where round robin starts.
+    start: usize,
+    out: Outgoing,
+}
+
+impl Forward {
+    /// Sends the request and shapes the response for the client.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would copy `self` into its state a second time"
+    )]
+    pub(crate) fn run(
+        mut self,
+        shared: Arc<Shared>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+        // A block, not an `async fn`: the fields are used in place, not copied into the
+        // future's locals.
+        async move {
+            let (decision, active) = (&self.decision, &self.active);
+            let track = active.table.track(decision.track);
+            let sent = send(
+                &shared.settings.upstream,
+                active.backends(decision.track),
+                self.start,
+                track.name(),
+                &mut self.out,
+            )
+            .await;
+            let counters = active.counters(decision.route, decision.track, Source::Primary);
+            let mut resp = match sent {
+                Ok(resp) => resp,
+                Err(f) => {
+                    let resp = failure(&f);
+                    counters.record(resp.status().as_u16(), true, self.started.elapsed());
+                    return resp;
+                }
+            };
+            counters.record(resp.status().as_u16(), false, self.started.elapsed());
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(client) = self.out.client_upgrade.take() {
+                    tunnel(client, hyper::upgrade::on(&mut resp));
+                }
+            } else {
+                strip_hop_by_hop(resp.headers_mut(), false);
+            }
+            let (mut parts, body) = resp.into_parts();
+            if let Some(cookie) = decision
+                .set_cookie()
+                .and_then(|c| HeaderValue::from_str(c).ok())
+            {
+                parts.headers.append(header::SET_COOKIE, cookie);
+            }
+            Response::from_parts(parts, boxed(body))
+        }
+    }
+}
+
+/// The request as the backend gets it: forwarding headers set, hop-by-hop ones gone, and
+/// the body teed to the mirror when the decision samples it.
+fn outgoing(
+    shared: &Arc<Shared>,
+    conn: &Conn,
+    active: &Arc<Active>,
+    decision: &Decision,
+    mut req: Request<Incoming>,
+) -> Outgoing {
     let track = active.table.track(decision.track);
     let upgrade = wants_upgrade(&req);
     let http2 = match track.protocol() {
@@ -57,94 +147,71 @@ pub(crate) async fn handle(
         req.headers_mut().insert(header::HOST, host);
     }
     let (mut parts, body) = req.into_parts();
-    forwarded_headers(&mut parts.headers, &conn, upgrade);
+    forwarded_headers(&mut parts.headers, conn, upgrade);
     let body = boxed(body);
     let retryable = idempotent(&parts.method) && http_body::Body::is_end_stream(&body) && !upgrade;
-
     let body = match decision.mirror {
         None => body,
-        Some(to) => {
-            let mirror_protocol = active.table.track(to).protocol();
-            let mirror_http2 = mirror_protocol == fleet_proxy_router::Protocol::H2c
-                || (http2 && mirror_protocol == fleet_proxy_router::Protocol::Auto);
-            let job = {
-                let (active, route, parts) = (active.clone(), decision.route, clone_parts(&parts));
-                move |body| Job {
-                    active,
-                    route,
-                    track: to,
-                    parts,
-                    body,
-                    http2: mirror_http2,
-                }
-            };
-            let cap = shared.settings.mirror.max_body_bytes;
-            if http_body::Body::is_end_stream(&body) {
-                shared.mirror.offer(&shared, job(bytes::Bytes::new()));
-                body
-            } else if http_body::Body::size_hint(&body).lower() > cap as u64 {
-                // Known to be too large (Content-Length): do not even copy it.
-                let skipped = &shared.stats.global.mirror_skipped_body_too_large;
-                skipped.fetch_add(1, Relaxed);
-                body
-            } else {
-                let (shared2, job) = (shared.clone(), job);
-                boxed(Tee::new(body, cap, move |end| match end {
-                    TeeEnd::Complete(bytes) => shared2.mirror.offer(&shared2, job(bytes)),
-                    TeeEnd::TooLarge => {
-                        shared2
-                            .stats
-                            .global
-                            .mirror_skipped_body_too_large
-                            .fetch_add(1, Relaxed);
-                    }
-                    TeeEnd::Incomplete => {}
-                }))
-            }
-        }
+        Some(to) => mirrored(shared, active, decision.route, to, http2, &parts, body),
     };
-
-    let out = Outgoing {
+    Outgoing {
         parts,
         body: Some(body),
         http2,
         upgrade,
         retryable,
-    };
-    let start = active.next_index(decision.track);
-    let counters = active.counters(decision.route, decision.track, Source::Primary);
-    let mut resp = match send(
-        &shared.settings.upstream,
-        active.backends(decision.track),
-        start,
-        track.name(),
-        out,
-    )
-    .await
-    {
-        Ok(resp) => resp,
-        Err(f) => {
-            let resp = failure(&f);
-            counters.record(resp.status().as_u16(), true, started.elapsed());
-            return Ok(resp);
+        client_upgrade,
+    }
+}
+
+/// Offers a copy of the request to the mirror track: at once when it has no body, else once
+/// its body has been read (a tee, up to the cap). The primary never waits for the mirror.
+fn mirrored(
+    shared: &Arc<Shared>,
+    active: &Arc<Active>,
+    route: RouteId,
+    to: TrackId,
+    http2: bool,
+    parts: &http::request::Parts,
+    body: Body,
+) -> Body {
+    let mirror_protocol = active.table.track(to).protocol();
+    let mirror_http2 = mirror_protocol == fleet_proxy_router::Protocol::H2c
+        || (http2 && mirror_protocol == fleet_proxy_router::Protocol::Auto);
+    let job = {
+        let (active, parts) = (active.clone(), clone_parts(parts));
+        move |body| Job {
+            active,
+            route,
+            track: to,
+            parts,
+            body,
+            http2: mirror_http2,
         }
     };
-    counters.record(resp.status().as_u16(), false, started.elapsed());
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = client_upgrade {
-            tunnel(client, hyper::upgrade::on(&mut resp));
-        }
+    let cap = shared.settings.mirror.max_body_bytes;
+    if http_body::Body::is_end_stream(&body) {
+        shared.mirror.offer(shared, job(bytes::Bytes::new()));
+        body
+    } else if http_body::Body::size_hint(&body).lower() > cap as u64 {
+        // Known to be too large (Content-Length): do not even copy it.
+        let skipped = &shared.stats.global.mirror_skipped_body_too_large;
+        skipped.fetch_add(1, Relaxed);
+        body
     } else {
-        strip_hop_by_hop(resp.headers_mut(), false);
+        let shared = shared.clone();
+        boxed(Tee::new(body, cap, move |end| match end {
+            TeeEnd::Complete(bytes) => shared.mirror.offer(&shared, job(bytes)),
+            TeeEnd::TooLarge => {
+                shared
+                    .stats
+                    .global
+                    .mirror_skipped_body_too_large
+                    .fetch_add(1, Relaxed);
+            }
+            TeeEnd::Incomplete => {}
+        }))
     }
-    let (mut parts, body) = resp.into_parts();
-    if let Some(cookie) = decision
-        .set_cookie()
-        .and_then(|c| HeaderValue::from_str(c).ok())
-    {
-        parts.headers.append(header::SET_COOKIE, cookie);
-    }
-    Ok(Response::from_parts(parts, boxed(body)))
 }
 
 /// The one place where an upstream failure becomes a response.

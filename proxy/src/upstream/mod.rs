@@ -44,6 +44,8 @@ pub enum Error {
     Protocol(&'static str),
     #[error("request body failed: {0}")]
     Body(#[source] crate::body::BoxError),
+    #[error("no response head before the try's deadline")]
+    TimedOut,
 }
 
 /// A request to send, kept as parts so that a retry can rebuild it.
@@ -55,6 +57,9 @@ pub struct Outgoing {
     pub upgrade: bool,
     /// Idempotent and without a body: may be sent again after a failure before the response.
     pub retryable: bool,
+    /// The client's side of a protocol switch, when `upgrade`: joined to the backend's once
+    /// it answers 101.
+    pub client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 /// Sends the request to the track's backends, round robin from `start`, skipping ejected
@@ -64,7 +69,7 @@ pub async fn send(
     backends: &[Arc<Backend>],
     start: usize,
     track: &str,
-    mut out: Outgoing,
+    out: &mut Outgoing,
 ) -> Result<Response<UpstreamBody>, Failure> {
     // The clock is read once for the first try: the request timeout and the per-try timeout
     // both count from here.
@@ -82,42 +87,40 @@ pub async fn send(
         let Some(backend) = healthy else {
             return Err(Failure::NoHealthyBackend(track.to_string()));
         };
-        let req = match own {
-            true => None,
-            false => Some(build(&mut out, backend, attempt + 1 == tries)?),
-        };
         let this_try = match (out.retryable, attempt) {
             (false, _) => deadline,
             (true, 0) => deadline.min(now + cfg.per_try_timeout),
             (true, _) => deadline.min(Instant::now() + cfg.per_try_timeout),
         };
-        let sending = async {
-            match req {
-                None => h1::request(backend, &out.parts, out.body.take(), cfg.connect_timeout)
-                    .await
-                    .map(|resp| resp.map(UpstreamBody::Own)),
-                // Boxed: rare, and its state would make every request's future larger.
-                Some(req) => {
-                    Box::pin(pool::request(backend, req, out.http2, cfg.connect_timeout)).await
-                }
-            }
+        let sent = if own {
+            let body = out.body.take();
+            h1::request(backend, &out.parts, body, cfg.connect_timeout, this_try)
+                .await
+                .map(|resp| resp.map(UpstreamBody::Own))
+        } else {
+            let req = build(out, backend, attempt + 1 == tries)?;
+            let sending = pool::request(backend, req, out.http2, cfg.connect_timeout);
+            // Boxed: rare, and its state would make every request's future larger.
+            Box::pin(tokio::time::timeout_at(this_try, sending))
+                .await
+                .unwrap_or(Err(Error::TimedOut))
         };
-        match tokio::time::timeout_at(this_try, sending).await {
-            Ok(Ok(resp)) => {
+        match sent {
+            Ok(resp) => {
                 match resp.status().as_u16() {
                     502..=504 => backend.failed(cfg),
                     _ => backend.succeeded(),
                 }
                 return Ok(resp);
             }
-            Ok(Err(e)) => {
+            Err(Error::TimedOut) => {
+                backend.failed(cfg);
+                last = Some(Failure::Timeout);
+            }
+            Err(e) => {
                 tracing::debug!(backend = %backend.addr, error = %e, attempt, "upstream try failed");
                 backend.failed(cfg);
                 last = Some(Failure::Upstream(e));
-            }
-            Err(_) => {
-                backend.failed(cfg);
-                last = Some(Failure::Timeout);
             }
         }
         if Instant::now() >= deadline {

@@ -268,3 +268,39 @@ async fn a_backend_that_never_accepts_fails_at_the_connect_timeout_not_the_reque
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_reused_connection_times_out_at_its_own_request_deadline() {
+    // `/slow` is never answered; anything else is, and the connection stays open.
+    let backend = RawBackend::start(|head| match head.starts_with("GET /slow") {
+        true => (Vec::new(), false),
+        false => (STABLE.to_vec(), false),
+    })
+    .await;
+    let (addr, conns) = (backend.addr, backend.conns.clone());
+    let proxy = Proxy::start(&config(
+        &[addr],
+        "{ per_try_timeout: 300ms, retries: 0, eject_after: 1000 }",
+    ))
+    .await;
+    let c = client();
+    let get = |path: &str| Request::get(proxy.url(path)).body(Full::default()).unwrap();
+    // Each slow request follows a fast one on the same connection: once at once, once after
+    // the fast one's deadline has passed while the connection sat idle.
+    for idle in [Duration::ZERO, Duration::from_millis(500)] {
+        let (status, _, _) = send(&c, get("/fast")).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        tokio::time::sleep(idle).await;
+        let started = std::time::Instant::now();
+        let (status, _, _) = send(&c, get("/slow")).await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "after idling {idle:?}");
+        assert!(
+            waited >= Duration::from_millis(290) && waited < Duration::from_secs(3),
+            "timed out after {waited:?}, idling {idle:?} before"
+        );
+    }
+    // The slow requests went on the connections the fast ones had used.
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    proxy.stop().await;
+}

@@ -21,8 +21,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::Response;
 use http_body::{Body as _, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use self::chunked::{Chunked, Step};
 use self::head::{Added, Framing};
@@ -42,14 +42,19 @@ pub struct Conn {
     buf: BytesMut,
     /// The request head being written, kept to reuse its allocation.
     out: Vec<u8>,
+    /// The deadline of the exchange under way. One timer for the connection's life, moved
+    /// later for each exchange: tokio does that with one atomic write, where a timer of its
+    /// own would enter and leave the timer wheel on every request.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Conn {
-    fn new(io: TcpStream) -> Self {
+    fn new(io: TcpStream, deadline: Instant) -> Self {
         Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
         }
     }
 
@@ -101,7 +106,16 @@ impl Conn {
         head::encode_request(&mut out, parts, added);
         let mut pump = match body {
             None => {
-                self.io.write_all(&out).await.map_err(Error::Io)?;
+                let mut at = 0;
+                std::future::poll_fn(|cx| {
+                    while at < out.len() {
+                        at += ready!(self.poll_timed(cx, |c, cx| {
+                            pump::poll_write(&mut c.io, cx, &out[at..])
+                        }))?;
+                    }
+                    Poll::Ready(Ok::<_, Error>(()))
+                })
+                .await?;
                 self.out = out;
                 None
             }
@@ -110,7 +124,8 @@ impl Conn {
         let mut failed = false;
         let mut head = std::future::poll_fn(|cx| {
             let pumped = self.poll_pump(&mut pump, cx);
-            match (self.poll_head(&parts.method, cx), pumped) {
+            let head = self.poll_timed(cx, |c, cx| c.poll_head(&parts.method, cx));
+            match (head, pumped) {
                 (Poll::Pending, Err(e)) => Poll::Ready(Err(e)),
                 // The backend answered, then stopped taking the request: its answer stands.
                 (head, Err(_)) => {
@@ -125,6 +140,21 @@ impl Conn {
         // read the rest, which it would take for the next request. Not reused.
         head.keep_alive &= !failed && pump.is_none();
         Ok((head, pump))
+    }
+
+    /// `poll`, unless the exchange's deadline has passed. The timer is looked at only when
+    /// `poll` would wait.
+    fn poll_timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(&mut Self, &mut Context<'_>) -> Poll<Result<T, Error>>,
+    ) -> Poll<Result<T, Error>> {
+        match poll(self, cx) {
+            Poll::Pending if self.timer.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(Error::TimedOut))
+            }
+            polled => polled,
+        }
     }
 
     /// Moves the request along, if it is still being sent; done with it once written, or
@@ -166,17 +196,28 @@ impl Conn {
     }
 }
 
-/// Sends a request to `backend` on a pooled connection, or on a new one.
+/// Sends a request to `backend` on a pooled connection, or on a new one; fails with
+/// [`Error::TimedOut`] if the response head has not come by `deadline`.
 pub async fn request(
     backend: &Arc<Backend>,
     parts: &http::request::Parts,
     body: Option<Body>,
     connect_timeout: Duration,
+    deadline: Instant,
 ) -> Result<Response<ResponseBody>, Error> {
     let mut conn = match backend.pool.take() {
-        Some(conn) => conn,
+        Some(mut conn) => {
+            conn.timer.as_mut().reset(deadline);
+            conn
+        }
         // Boxed: connecting is rare next to reuse.
-        None => Conn::new(Box::pin(super::pool::connect(backend, connect_timeout)).await?),
+        None => {
+            let connecting = super::pool::connect(backend, connect_timeout);
+            let io = Box::pin(tokio::time::timeout_at(deadline, connecting))
+                .await
+                .map_err(|_| Error::TimedOut)??;
+            Conn::new(io, deadline)
+        }
     };
     let (head, pump) = conn.exchange(parts, body).await?;
     let mut body = ResponseBody {

@@ -149,7 +149,7 @@ impl Pump {
     }
 }
 
-fn poll_write(
+pub(super) fn poll_write(
     io: &mut TcpStream,
     cx: &mut Context<'_>,
     bytes: &[u8],
