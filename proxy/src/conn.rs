@@ -27,7 +27,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::load_shed::error::Overloaded;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -38,8 +37,11 @@ use crate::server::stopped;
 use crate::state::Shared;
 use crate::stats::Gauge;
 
+mod shed;
 mod vigil;
 
+pub use shed::Admissions;
+use shed::ShedLayer;
 use vigil::{Finding, Sight, Vigil};
 
 /// What the proxy knows about the client connection a request came on.
@@ -166,10 +168,7 @@ fn stack(
 + 'static {
     let (s, c) = (shared.clone(), conn.clone());
     ServiceBuilder::new()
-        .load_shed()
-        .layer(GlobalConcurrencyLimitLayer::with_semaphore(
-            shared.in_flight.clone(),
-        ))
+        .layer(ShedLayer::new(shared.admissions.clone()))
         .service_fn(move |req| {
             // Boxed, once: the forwarding future is the largest part of a request's state.
             let handled = crate::service::handle(&s, &c, req).map(|f| Box::pin(f.run(s.clone())));

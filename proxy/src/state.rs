@@ -47,7 +47,8 @@ pub struct Shared {
     pub mirror: Mirror,
     pub draining: AtomicBool,
     /// Permits for requests in flight, over all connections (`limits.max_requests`).
-    pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Requests in flight across the proxy, against `limits.max_requests`.
+    pub admissions: Arc<crate::conn::Admissions>,
 }
 
 /// Why `PUT /routes` did not install a table.
@@ -64,7 +65,7 @@ impl Shared {
         let health = Mutex::default();
         let first = resolve(1, table, &settings, &health, &stats);
         let mirror = Mirror::new(&settings.mirror);
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.limits.max_requests));
+        let admissions = crate::conn::Admissions::new(settings.limits.max_requests);
         let shared = Arc::new(Shared {
             settings,
             active: ArcSwap::from_pointee(first),
@@ -73,7 +74,7 @@ impl Shared {
             stats,
             mirror,
             draining: AtomicBool::new(false),
-            in_flight,
+            admissions,
         });
         shared
             .stats
