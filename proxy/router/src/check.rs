@@ -42,7 +42,7 @@ impl Table {
             return None;
         }
         let tracks = b.tracks;
-        let mut exact: HashMap<String, Vec<RouteId>> = HashMap::new();
+        let mut exact: foldhash::HashMap<String, Vec<RouteId>> = foldhash::HashMap::default();
         let mut suffix: HashMap<String, Vec<RouteId>> = HashMap::new();
         let mut any = Vec::new();
         for (i, route) in routes.iter().enumerate() {

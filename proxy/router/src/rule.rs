@@ -71,7 +71,16 @@ impl Condition {
                     _ => values.any(|v| test.holds(v.to_str().ok())),
                 }
             }
-            Condition::Cookie(name, test) => test.holds(cookie(req.headers, name)),
+            // Compared as bytes: most values are settled without a UTF-8 check.
+            Condition::Cookie(name, test) => {
+                let value = cookie(req.headers, name);
+                match test {
+                    Test::Present | Test::Absent => test.holds(value.map(|_| "")),
+                    Test::Exact(want) => value == Some(want.as_bytes()),
+                    Test::Prefix(want) => value.is_some_and(|v| v.starts_with(want.as_bytes())),
+                    Test::Regex(_) => test.holds(value.and_then(|v| std::str::from_utf8(v).ok())),
+                }
+            }
             Condition::Query(name, test) => test.holds(query_param(req.query, name).as_deref()),
             Condition::Method(methods) => methods.contains(req.method),
         }
@@ -80,9 +89,9 @@ impl Condition {
 
 /// The value of cookie `name` across every `Cookie` header (HTTP/2 sends one per cookie).
 /// When a name appears more than once the first wins, as browsers send the most specific
-/// path first. Surrounding double quotes are removed.
-/// A value that is not UTF-8 is passed over.
-pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+/// path first. Surrounding double quotes are removed. Bytes, as sent: a value that is not
+/// UTF-8 matches no regex, but is still a sticky key.
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
     // Bytes, not `str`: only the values of `name` need checking, not every cookie.
     let name = name.as_bytes();
     for header in headers.get_all(header::COOKIE) {
@@ -99,13 +108,12 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
                 continue;
             };
             let value = value.trim_ascii();
-            let value = value
-                .strip_prefix(b"\"")
-                .and_then(|v| v.strip_suffix(b"\""))
-                .unwrap_or(value);
-            if let Ok(value) = std::str::from_utf8(value) {
-                return Some(value);
-            }
+            return Some(
+                value
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(value),
+            );
         }
     }
     None

@@ -111,7 +111,7 @@ impl Sticky {
                 max_age,
                 secure,
             } => match cookie(headers, name) {
-                Some(key) if !key.is_empty() => (bucket_of(key.as_bytes()), Bucketing::Sticky),
+                Some(key) if !key.is_empty() => (bucket_of(key), Bucketing::Sticky),
                 _ => {
                     let key = format!("{:016x}", random());
                     let secure = if *secure { "; Secure" } else { "" };

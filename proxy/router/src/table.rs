@@ -1,7 +1,6 @@
 //! The checked table and the one function the data plane calls: [`Table::decide`].
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use http::{HeaderMap, Method, header};
 
@@ -137,7 +136,9 @@ pub struct Table {
     pub(crate) tracks: Vec<Track>,
     pub(crate) routes: Vec<Route>,
     /// Route ids per exact host, each list sorted by path specificity then order.
-    pub(crate) exact: HashMap<String, Vec<RouteId>>,
+    /// Hashed with foldhash: the keys come from the table, so a client choosing the host it
+    /// sends cannot make lookups collide; SipHash would only cost more.
+    pub(crate) exact: foldhash::HashMap<String, Vec<RouteId>>,
     /// `(".suffix", routes)`, longest suffix first.
     pub(crate) suffix: Vec<(String, Vec<RouteId>)>,
     pub(crate) any: Vec<RouteId>,
@@ -176,7 +177,11 @@ fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.split_inclusive(']').next().unwrap_or(host);
     }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
+    // A port is all digits after the last `:`; found from the end, without a UTF-8 searcher.
+    match memchr::memrchr(b':', host.as_bytes()) {
+        Some(colon) => &host[..colon],
+        None => host,
+    }
 }
 
 /// Why a request went where it went.

@@ -213,16 +213,16 @@ fn cookies_are_found_across_headers_and_the_first_duplicate_wins() {
     let mut h = HeaderMap::new();
     h.append("cookie", HeaderValue::from_static("a=1;b=\"quoted\""));
     h.append("cookie", HeaderValue::from_static(" c = 3 ; a=2"));
-    assert_eq!(cookie(&h, "a"), Some("1"));
-    assert_eq!(cookie(&h, "b"), Some("quoted"));
-    assert_eq!(cookie(&h, "c"), Some("3"));
+    assert_eq!(cookie(&h, "a"), Some(&b"1"[..]));
+    assert_eq!(cookie(&h, "b"), Some(&b"quoted"[..]));
+    assert_eq!(cookie(&h, "c"), Some(&b"3"[..]));
     assert_eq!(cookie(&h, "d"), None);
     // A name that only begins with the one asked for, or a pair without `=`, is not it.
     h.append(
         "cookie",
         HeaderValue::from_static("ab-x=9; ab; abc =8;ab=7"),
     );
-    assert_eq!(cookie(&h, "ab"), Some("7"));
+    assert_eq!(cookie(&h, "ab"), Some(&b"7"[..]));
 }
 
 #[test]
@@ -428,4 +428,37 @@ fn json_with_a_repeated_key_is_refused_like_yaml_with_one() {
         r#"2:41: error: routes[0].split.stable: duplicate key "stable"; keep one of them"#
     ]]
     .assert_eq(&text.join("\n"));
+}
+
+#[test]
+fn cookie_values_that_are_not_utf8_are_present_and_compared_as_bytes_but_match_no_regex() {
+    let t = table(
+        r#"
+  - path_prefix: /
+    rules:
+      - { match: { cookie: { name: r, regex: ".*" } }, to: shadow }
+      - { match: { cookie: { name: p, present: true } }, to: canary }
+    split: { stable: 10000 }
+"#,
+    );
+    let with_cookie = |value: &[u8]| {
+        let mut r = req("GET h/", &[]);
+        r.headers
+            .append("cookie", HeaderValue::from_bytes(value).unwrap());
+        track_of(&t, &r)
+    };
+    assert_eq!(
+        with_cookie(b"r=\xff\xfe"),
+        "stable",
+        "no regex matches non-UTF-8"
+    );
+    assert_eq!(with_cookie(b"r=ok"), "shadow");
+    assert_eq!(
+        with_cookie(b"p=\xff"),
+        "canary",
+        "present, whatever its bytes"
+    );
+    let mut h = HeaderMap::new();
+    h.append("cookie", HeaderValue::from_bytes(b"k=\xffab").unwrap());
+    assert_eq!(cookie(&h, "k"), Some(&b"\xffab"[..]));
 }
