@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use fleet_proxy_router::{Decision, RequestView, RouteId, TrackId};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
@@ -18,6 +18,11 @@ use crate::state::{Active, Shared};
 use crate::stats::Source;
 use crate::upstream::{Failure, Outgoing, send};
 
+mod headers;
+
+use headers::Survey;
+pub use headers::X_FLEET_MIRROR;
+
 /// Takes a request: refuses ambiguous input, routes it, and forwards it. The work before
 /// the backend is done here, at once; the future holds only what forwarding needs, so that
 /// it stays small (it is moved into place for every request).
@@ -28,7 +33,8 @@ pub(crate) fn handle(
 ) -> Result<Forward, Box<Response<Body>>> {
     // The answer is boxed: it is rare, and the result is moved for every request.
     let started = Instant::now();
-    if let Err(reason) = framing(&req) {
+    let survey = Survey::of(req.headers());
+    if let Err(reason) = survey.framing(req.headers(), req.version()) {
         shared.stats.global.bad_requests.fetch_add(1, Relaxed);
         return Err(Box::new(bad_request(reason)));
     }
@@ -47,7 +53,7 @@ pub(crate) fn handle(
         track = decision.track.index(),
         "routed"
     );
-    let out = outgoing(shared, conn, &active, &decision, req);
+    let out = outgoing(shared, conn, &active, &decision, &survey, req);
     Ok(Forward {
         started,
         start: active.next_index(decision.track),
@@ -105,7 +111,7 @@ impl Forward {
                     tunnel(client, hyper::upgrade::on(&mut resp));
                 }
             } else {
-                strip_hop_by_hop(resp.headers_mut(), false);
+                headers::strip_response(resp.headers_mut());
             }
             let (mut parts, body) = resp.into_parts();
             if let Some(cookie) = decision
@@ -126,10 +132,11 @@ fn outgoing(
     conn: &Conn,
     active: &Arc<Active>,
     decision: &Decision,
+    survey: &Survey,
     mut req: Request<Incoming>,
 ) -> Outgoing {
     let track = active.table.track(decision.track);
-    let upgrade = wants_upgrade(&req);
+    let upgrade = survey.wants_upgrade(req.headers(), req.version());
     let http2 = match track.protocol() {
         _ if upgrade => false,
         fleet_proxy_router::Protocol::Auto => req.version() == Version::HTTP_2,
@@ -138,7 +145,7 @@ fn outgoing(
     };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     // HTTP/2 clients send `:authority`, not `Host`; an HTTP/1.1 backend still wants the name.
-    if !req.headers().contains_key(header::HOST)
+    if !survey.has_host()
         && let Some(host) = req
             .uri()
             .authority()
@@ -147,7 +154,7 @@ fn outgoing(
         req.headers_mut().insert(header::HOST, host);
     }
     let (mut parts, body) = req.into_parts();
-    forwarded_headers(&mut parts.headers, conn, upgrade);
+    headers::forwarded(&mut parts.headers, survey, conn, upgrade);
     let body = boxed(body);
     let retryable = idempotent(&parts.method) && http_body::Body::is_end_stream(&body) && !upgrade;
     let body = match decision.mirror {
@@ -258,147 +265,11 @@ fn bad_request(reason: &str) -> Response<Body> {
     resp
 }
 
-/// Refuses what hyper lets through but a proxy must not forward: a Transfer-Encoding other
-/// than exactly `chunked` (several codings, several headers), Content-Length next to
-/// Transfer-Encoding, or Content-Length sent twice.
-fn framing<B>(req: &Request<B>) -> Result<(), &'static str> {
-    let h = req.headers();
-    // On every request: look at the headers in place, allocate nothing.
-    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
-    let first_te = te.next();
-    if te.next().is_some()
-        || first_te.is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
-    {
-        return Err("unsupported transfer-encoding");
-    }
-    let has_te = first_te.is_some();
-    let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
-    if cl > 1 || (cl == 1 && has_te) {
-        return Err("ambiguous message length");
-    }
-    if req.version() == Version::HTTP_2 && has_te {
-        return Err("transfer-encoding is not allowed in HTTP/2");
-    }
-    Ok(())
-}
-
 fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
-}
-
-fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && connection_has(req.headers(), "upgrade")
-}
-
-fn connection_has(h: &HeaderMap, token: &str) -> bool {
-    h.get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-const HOPS: usize = 7;
-const HOP_BY_HOP: [HeaderName; HOPS] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TRAILER,
-    header::PROXY_AUTHENTICATE,
-];
-pub const X_FLEET_MIRROR: HeaderName = HeaderName::from_static("x-fleet-mirror");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Removes hop-by-hop headers and those the `Connection` header names. `te: trailers` stays:
-/// gRPC needs it end to end. With `upgrade`, `Connection: upgrade` and `Upgrade` stay.
-fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    // One look at the names finds the few present, without hashing; most messages carry
-    // none, or only `Connection: keep-alive`.
-    let (mut present, mut connection, mut te) = ([false; HOPS], false, false);
-    for name in h.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
-            present[i] = true;
-        }
-        connection |= name == header::CONNECTION;
-        te |= name == header::TE;
-    }
-    // Headers the `Connection` header names are hop-by-hop too; `keep-alive` and `close`,
-    // by far the commonest values, name none.
-    let names_none = |v: &HeaderValue| {
-        let v = v.as_bytes();
-        v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
-    };
-    if connection && !h.get_all(header::CONNECTION).iter().all(names_none) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .filter(|n| !(upgrade && n == header::UPGRADE))
-            .collect();
-        for name in named {
-            h.remove(name);
-        }
-    }
-    for (name, present) in HOP_BY_HOP.into_iter().zip(present) {
-        let kept = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
-        if present && !kept {
-            h.remove(name);
-        }
-    }
-    if upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    let trailers = |v: &HeaderValue| v.as_bytes().eq_ignore_ascii_case(b"trailers");
-    if te && !h.get(header::TE).is_some_and(trailers) {
-        h.remove(header::TE);
-    }
-}
-
-fn forwarded_headers(h: &mut HeaderMap, conn: &Conn, upgrade: bool) {
-    strip_hop_by_hop(h, upgrade);
-    let (mut mirror, mut prior_xff, mut xfh) = (false, false, false);
-    for k in h.keys() {
-        mirror |= k == X_FLEET_MIRROR;
-        prior_xff |= k == X_FORWARDED_FOR;
-        xfh |= k == X_FORWARDED_HOST;
-    }
-    // Only the proxy marks mirrored copies; a client cannot pass for one.
-    if mirror {
-        h.remove(X_FLEET_MIRROR);
-    }
-    let xff = match prior_xff {
-        false => conn.peer_ip.clone(),
-        true => {
-            let prior = h.get_all(X_FORWARDED_FOR).iter();
-            let mut joined = prior.fold(Vec::new(), |mut all, v| {
-                all.extend_from_slice(v.as_bytes());
-                all.extend_from_slice(b", ");
-                all
-            });
-            joined.extend_from_slice(conn.peer_ip.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.peer_ip.clone())
-        }
-    };
-    h.insert(X_FORWARDED_FOR, xff);
-    let proto = if conn.tls { "https" } else { "http" };
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    // HTTP/2 backends get the backend address as `:authority`; the client's host stays here.
-    if !xfh && let Some(host) = h.get(header::HOST).cloned() {
-        h.insert(X_FORWARDED_HOST, host);
-    }
 }
 
 fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {

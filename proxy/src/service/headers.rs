@@ -1,0 +1,298 @@
+//! The headers a request and a response are checked for and rewritten by on their way
+//! through: framing that cannot be forwarded safely, protocol switches, hop-by-hop headers,
+//! and the forwarding headers the backend gets.
+//!
+//! A request's headers are looked at once, in order ([`Survey`]), rather than with a hashed
+//! lookup for each header asked about: most requests carry a handful of headers and none of
+//! the ones that need work.
+
+use http::Version;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::conn::Conn;
+
+const HOPS: usize = 7;
+const HOP_BY_HOP: [HeaderName; HOPS] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
+    header::PROXY_AUTHENTICATE,
+];
+const CONNECTION: usize = 0;
+const TRANSFER_ENCODING: usize = 3;
+const UPGRADE: usize = 4;
+
+pub const X_FLEET_MIRROR: HeaderName = HeaderName::from_static("x-fleet-mirror");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Which headers the proxy acts on a message carries, and how many times.
+#[derive(Debug, Default)]
+pub struct Survey {
+    /// Fields of each hop-by-hop header (`HOP_BY_HOP` order).
+    hops: [u8; HOPS],
+    te: bool,
+    content_lengths: u8,
+    host: bool,
+    mirror: bool,
+    xff: bool,
+    xfh: bool,
+}
+
+impl Survey {
+    pub fn of(h: &HeaderMap) -> Survey {
+        let mut s = Survey::default();
+        for (name, _) in h {
+            if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+                s.hops[i] = s.hops[i].saturating_add(1);
+            } else if name == header::CONTENT_LENGTH {
+                s.content_lengths = s.content_lengths.saturating_add(1);
+            } else {
+                s.te |= name == header::TE;
+                s.host |= name == header::HOST;
+                s.mirror |= name == X_FLEET_MIRROR;
+                s.xff |= name == X_FORWARDED_FOR;
+                s.xfh |= name == X_FORWARDED_HOST;
+            }
+        }
+        s
+    }
+
+    pub fn has_host(&self) -> bool {
+        self.host
+    }
+
+    /// Refuses what hyper lets through but a proxy must not forward: a Transfer-Encoding
+    /// other than exactly `chunked` (several codings, several headers), Content-Length next
+    /// to Transfer-Encoding, or Content-Length sent twice.
+    pub fn framing(&self, h: &HeaderMap, version: Version) -> Result<(), &'static str> {
+        let te = self.hops[TRANSFER_ENCODING];
+        let chunked = |v: &HeaderValue| v.as_bytes().eq_ignore_ascii_case(b"chunked");
+        if te > 1 || (te == 1 && !h.get(header::TRANSFER_ENCODING).is_some_and(chunked)) {
+            return Err("unsupported transfer-encoding");
+        }
+        if self.content_lengths > 1 || (self.content_lengths == 1 && te == 1) {
+            return Err("ambiguous message length");
+        }
+        if version == Version::HTTP_2 && te > 0 {
+            return Err("transfer-encoding is not allowed in HTTP/2");
+        }
+        Ok(())
+    }
+
+    /// An HTTP/1.1 request to switch protocols: `Upgrade`, and `Connection` naming it.
+    pub fn wants_upgrade(&self, h: &HeaderMap, version: Version) -> bool {
+        version == Version::HTTP_11
+            && self.hops[UPGRADE] > 0
+            && self.hops[CONNECTION] > 0
+            && connection_has(h, "upgrade")
+    }
+}
+
+fn connection_has(h: &HeaderMap, token: &str) -> bool {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes a response's hop-by-hop headers (see [`strip_hop_by_hop`]).
+pub fn strip_response(h: &mut HeaderMap) {
+    let survey = Survey::of(h);
+    strip_hop_by_hop(h, &survey, false);
+}
+
+/// Removes hop-by-hop headers and those the `Connection` header names. `te: trailers` stays:
+/// gRPC needs it end to end. With `upgrade`, `Connection: upgrade` and `Upgrade` stay.
+/// True when `Connection` named other headers, which are gone now too.
+fn strip_hop_by_hop(h: &mut HeaderMap, survey: &Survey, upgrade: bool) -> bool {
+    // Headers the `Connection` header names are hop-by-hop too; `keep-alive` and `close`,
+    // by far the commonest values, name none.
+    let names_none = |v: &HeaderValue| {
+        let v = v.as_bytes();
+        v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+    };
+    let named_others =
+        survey.hops[CONNECTION] > 0 && !h.get_all(header::CONNECTION).iter().all(names_none);
+    if named_others {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for name in named {
+            h.remove(name);
+        }
+    }
+    for (name, fields) in HOP_BY_HOP.into_iter().zip(survey.hops) {
+        let kept = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+        if fields > 0 && !kept {
+            h.remove(name);
+        }
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let trailers = |v: &HeaderValue| v.as_bytes().eq_ignore_ascii_case(b"trailers");
+    if survey.te && !h.get(header::TE).is_some_and(trailers) {
+        h.remove(header::TE);
+    }
+    named_others
+}
+
+/// The request's headers as its backend gets them: hop-by-hop ones gone, `X-Forwarded-For`,
+/// `-Proto` and `-Host` set, and no `x-fleet-mirror` but the proxy's own.
+pub fn forwarded(h: &mut HeaderMap, survey: &Survey, conn: &Conn, upgrade: bool) {
+    let named_others = strip_hop_by_hop(h, survey, upgrade);
+    // `Connection` may have named any of these: look again, in that rare case.
+    let again;
+    let survey = match named_others {
+        true => {
+            again = Survey::of(h);
+            &again
+        }
+        false => survey,
+    };
+    // Only the proxy marks mirrored copies; a client cannot pass for one.
+    if survey.mirror {
+        h.remove(X_FLEET_MIRROR);
+    }
+    let xff = match survey.xff {
+        false => conn.peer_ip.clone(),
+        true => {
+            let prior = h.get_all(X_FORWARDED_FOR).iter();
+            let mut joined = prior.fold(Vec::new(), |mut all, v| {
+                all.extend_from_slice(v.as_bytes());
+                all.extend_from_slice(b", ");
+                all
+            });
+            joined.extend_from_slice(conn.peer_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.peer_ip.clone())
+        }
+    };
+    h.insert(X_FORWARDED_FOR, xff);
+    let proto = if conn.tls { "https" } else { "http" };
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    // HTTP/2 backends get the backend address as `:authority`; the client's host stays here.
+    if !survey.xfh
+        && let Some(host) = h.get(header::HOST).cloned()
+    {
+        h.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in fields {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn framing_that_cannot_be_forwarded_safely_is_refused() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], Version, Result<(), &'a str>);
+        let cases: &[Case] = &[
+            (&[], Version::HTTP_11, Ok(())),
+            (&[("content-length", "3")], Version::HTTP_11, Ok(())),
+            (
+                &[("transfer-encoding", "Chunked")],
+                Version::HTTP_11,
+                Ok(()),
+            ),
+            (
+                &[("transfer-encoding", "gzip, chunked")],
+                Version::HTTP_11,
+                Err("unsupported transfer-encoding"),
+            ),
+            (
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                Version::HTTP_11,
+                Err("unsupported transfer-encoding"),
+            ),
+            (
+                &[("content-length", "3"), ("transfer-encoding", "chunked")],
+                Version::HTTP_11,
+                Err("ambiguous message length"),
+            ),
+            (
+                &[("content-length", "3"), ("content-length", "3")],
+                Version::HTTP_11,
+                Err("ambiguous message length"),
+            ),
+            (
+                &[("transfer-encoding", "chunked")],
+                Version::HTTP_2,
+                Err("transfer-encoding is not allowed in HTTP/2"),
+            ),
+        ];
+        for (fields, version, want) in cases {
+            let h = headers(fields);
+            assert_eq!(Survey::of(&h).framing(&h, *version), *want, "{fields:?}");
+        }
+    }
+
+    #[test]
+    fn an_upgrade_needs_both_headers_on_http_1_1() {
+        let up = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(Survey::of(&up).wants_upgrade(&up, Version::HTTP_11));
+        assert!(!Survey::of(&up).wants_upgrade(&up, Version::HTTP_10));
+        let no_token = headers(&[("connection", "keep-alive"), ("upgrade", "websocket")]);
+        assert!(!Survey::of(&no_token).wants_upgrade(&no_token, Version::HTTP_11));
+    }
+
+    #[test]
+    fn forwarding_headers_are_set_after_hop_by_hop_ones_and_those_named_go() {
+        let conn = Conn::new("10.0.0.9:5000".parse().unwrap(), false);
+        let mut h = headers(&[
+            ("host", "svc.example"),
+            ("connection", "x-forwarded-host, x-secret"),
+            ("x-secret", "1"),
+            ("x-forwarded-host", "spoofed"),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-fleet-mirror", "1"),
+            ("te", "gzip"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        let survey = Survey::of(&h);
+        forwarded(&mut h, &survey, &conn, false);
+        let mut got: Vec<_> = h
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "host: svc.example",
+                "x-forwarded-for: 192.0.2.1, 10.0.0.9",
+                // Named by `Connection`, the client's went; the proxy's own is set.
+                "x-forwarded-host: svc.example",
+                "x-forwarded-proto: http",
+            ]
+        );
+    }
+}
