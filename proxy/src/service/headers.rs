@@ -209,7 +209,7 @@ mod tests {
     #[test]
     fn framing_that_cannot_be_forwarded_safely_is_refused() {
         type Case<'a> = (&'a [(&'a str, &'a str)], Version, Result<(), &'a str>);
-        let cases: &[Case] = &[
+        let cases: &[Case<'_>] = &[
             (&[], Version::HTTP_11, Ok(())),
             (&[("content-length", "3")], Version::HTTP_11, Ok(())),
             (
