@@ -155,15 +155,16 @@ fn outgoing(
     }
     let (mut parts, body) = req.into_parts();
     headers::forwarded(&mut parts.headers, survey, conn, upgrade);
-    let body = boxed(body);
-    let retryable = idempotent(&parts.method) && http_body::Body::is_end_stream(&body) && !upgrade;
+    // A body that has ended already (most GETs) is not boxed: there is nothing to send.
+    let body = (!http_body::Body::is_end_stream(&body)).then(|| boxed(body));
+    let retryable = idempotent(&parts.method) && body.is_none() && !upgrade;
     let body = match decision.mirror {
         None => body,
         Some(to) => mirrored(shared, active, decision.route, to, http2, &parts, body),
     };
     Outgoing {
         parts,
-        body: Some(body),
+        body,
         http2,
         upgrade,
         retryable,
@@ -180,8 +181,8 @@ fn mirrored(
     to: TrackId,
     http2: bool,
     parts: &http::request::Parts,
-    body: Body,
-) -> Body {
+    body: Option<Body>,
+) -> Option<Body> {
     let mirror_protocol = active.table.track(to).protocol();
     let mirror_http2 = mirror_protocol == fleet_proxy_router::Protocol::H2c
         || (http2 && mirror_protocol == fleet_proxy_router::Protocol::Auto);
@@ -197,17 +198,18 @@ fn mirrored(
         }
     };
     let cap = shared.settings.mirror.max_body_bytes;
-    if http_body::Body::is_end_stream(&body) {
+    let Some(body) = body else {
         shared.mirror.offer(shared, job(bytes::Bytes::new()));
-        body
-    } else if http_body::Body::size_hint(&body).lower() > cap as u64 {
+        return None;
+    };
+    if http_body::Body::size_hint(&body).lower() > cap as u64 {
         // Known to be too large (Content-Length): do not even copy it.
         let skipped = &shared.stats.global.mirror_skipped_body_too_large;
         skipped.fetch_add(1, Relaxed);
-        body
+        Some(body)
     } else {
         let shared = shared.clone();
-        boxed(Tee::new(body, cap, move |end| match end {
+        Some(boxed(Tee::new(body, cap, move |end| match end {
             TeeEnd::Complete(bytes) => shared.mirror.offer(&shared, job(bytes)),
             TeeEnd::TooLarge => {
                 shared
@@ -217,7 +219,7 @@ fn mirrored(
                     .fetch_add(1, Relaxed);
             }
             TeeEnd::Incomplete => {}
-        }))
+        })))
     }
 }
 
