@@ -123,8 +123,11 @@ fn build(
     let (mut length, mut lengths_differ, mut coding, mut close, mut keep_alive_token) =
         (None::<u64>, false, None::<bool>, false, false);
     for f in fields {
-        let name = HeaderName::from_bytes(f.name.as_bytes())
-            .map_err(|_| "malformed response header name")?;
+        let name = match common_name(f.name.as_bytes()) {
+            Some(name) => name,
+            None => HeaderName::from_bytes(f.name.as_bytes())
+                .map_err(|_| "malformed response header name")?,
+        };
         let value = f.value;
         if name == header::CONTENT_LENGTH {
             let n = parse_length(value).ok_or("malformed content-length")?;
@@ -191,10 +194,32 @@ fn build(
 
 /// A Content-Length value: digits only, no sign, no overflow.
 fn parse_length(v: &[u8]) -> Option<u64> {
+    // At most 19 digits: below 10^19, which fits in a u64.
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// The names most responses carry, as servers spell them: known at once, where
+/// `HeaderName::from_bytes` lowercases a name and then looks it up.
+fn common_name(name: &[u8]) -> Option<HeaderName> {
+    Some(match name {
+        b"Date" | b"date" => header::DATE,
+        b"Server" | b"server" => header::SERVER,
+        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
+        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
+        b"Connection" | b"connection" => header::CONNECTION,
+        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
+        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
+        b"Content-Encoding" | b"content-encoding" => header::CONTENT_ENCODING,
+        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
+        b"ETag" | b"etag" => header::ETAG,
+        b"Vary" | b"vary" => header::VARY,
+        b"Set-Cookie" | b"set-cookie" => header::SET_COOKIE,
+        b"Location" | b"location" => header::LOCATION,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -207,6 +232,50 @@ mod tests {
 
     fn head(raw: &str) -> Head {
         parse(raw, Method::GET).unwrap().unwrap()
+    }
+
+    #[test]
+    fn common_names_are_the_names_http_would_make_and_lengths_read_to_u64_limits() {
+        for name in [
+            "Date",
+            "date",
+            "Server",
+            "server",
+            "Content-Type",
+            "content-type",
+            "Content-Length",
+            "content-length",
+            "Connection",
+            "connection",
+            "Transfer-Encoding",
+            "transfer-encoding",
+            "Cache-Control",
+            "cache-control",
+            "Content-Encoding",
+            "content-encoding",
+            "Last-Modified",
+            "last-modified",
+            "ETag",
+            "etag",
+            "Vary",
+            "vary",
+            "Set-Cookie",
+            "set-cookie",
+            "Location",
+            "location",
+        ] {
+            let want = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(common_name(name.as_bytes()), Some(want), "{name}");
+        }
+        assert_eq!(common_name(b"DATE"), None, "others go the long way");
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(
+            parse_length(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
+        assert_eq!(parse_length(b"10000000000000000000"), None);
+        assert_eq!(parse_length(b"+1"), None);
+        assert_eq!(parse_length(b""), None);
     }
 
     #[test]
