@@ -1,6 +1,5 @@
-//! Body types: one boxed body for what the proxy sends to backends and makes itself, the
-//! answer to a client ([`Outbound`]: a backend's body unboxed, or a boxed one), and the tee
-//! that copies a request body for the mirror while it streams to the primary.
+//! Body types: one boxed body for everything the proxy sends, and the tee that copies a
+//! request body for the mirror while it streams to the primary.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -29,47 +28,6 @@ where
     B::Error: Into<BoxError>,
 {
     body.map_err(Into::into).boxed()
-}
-
-/// What a client is answered with: a backend's body as it comes off the connection, or one
-/// the proxy made. An enum, where boxing the backend's body would cost an allocation per
-/// response.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "the large variant is the common one; boxing it is the allocation avoided here"
-)]
-pub enum Outbound {
-    Upstream(crate::upstream::UpstreamBody),
-    Made(Body),
-}
-
-impl http_body::Body for Outbound {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Outbound::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Outbound::Made(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Outbound::Upstream(body) => body.is_end_stream(),
-            Outbound::Made(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Outbound::Upstream(body) => body.size_hint(),
-            Outbound::Made(body) => body.size_hint(),
-        }
-    }
 }
 
 /// How a teed body ended.

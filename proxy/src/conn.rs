@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tower::load_shed::error::Overloaded;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-use crate::body::{BoxError, Outbound};
+use crate::body::{Body, BoxError};
 use crate::config::Limits;
 use crate::framing::{Scan, Seen};
 use crate::server::stopped;
@@ -162,12 +162,8 @@ async fn sniff<S: Socket>(io: &mut S) -> io::Result<(bool, Bytes)> {
 fn stack(
     shared: &Arc<Shared>,
     conn: &Arc<Conn>,
-) -> impl Service<
-    Request<Incoming>,
-    Response = Response<Outbound>,
-    Error = BoxError,
-    Future: Send + 'static,
-> + Clone
+) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = BoxError, Future: Send + 'static>
++ Clone
 + Send
 + 'static {
     let (s, c) = (shared.clone(), conn.clone());
@@ -179,7 +175,7 @@ fn stack(
             async move {
                 Ok::<_, Infallible>(match handled {
                     Ok(forwarding) => forwarding.await,
-                    Err(answered) => answered.map(Outbound::Made),
+                    Err(answered) => *answered,
                 })
             }
         })
@@ -212,13 +208,12 @@ fn hyper_service(
         let shared = shared.clone();
         async move {
             let resp = match handling {
-                Err(refused) => refused.map(Outbound::Made),
+                Err(refused) => refused,
                 Ok(handling) => handling.await.unwrap_or_else(|e| {
                     if e.is::<Overloaded>() {
                         shared.stats.global.requests_shed.fetch_add(1, Relaxed);
                     }
                     crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
-                        .map(Outbound::Made)
                 }),
             };
             Ok(resp.map(|body| Tracked {
@@ -239,7 +234,7 @@ impl Drop for InFlight {
 
 /// A response body that keeps its request counted in flight until hyper is done with it.
 pub struct Tracked {
-    body: Outbound,
+    body: Body,
     _guard: InFlight,
 }
 

@@ -10,7 +10,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::body::{Body, Outbound, Tee, TeeEnd, boxed, full};
+use crate::body::{Body, Tee, TeeEnd, boxed, full};
 use crate::conn::Conn;
 use crate::framing::Verdict;
 use crate::mirror::Job;
@@ -82,7 +82,7 @@ impl Forward {
     pub(crate) fn run(
         mut self,
         shared: Arc<Shared>,
-    ) -> impl Future<Output = Response<Outbound>> + Send + 'static {
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
         // A block, not an `async fn`: the fields are used in place, not copied into the
         // future's locals.
         async move {
@@ -102,7 +102,7 @@ impl Forward {
                 Err(f) => {
                     let resp = failure(&f);
                     counters.record(resp.status().as_u16(), true, self.started.elapsed());
-                    return resp.map(Outbound::Made);
+                    return resp;
                 }
             };
             counters.record(resp.status().as_u16(), false, self.started.elapsed());
@@ -120,7 +120,7 @@ impl Forward {
             {
                 parts.headers.append(header::SET_COOKIE, cookie);
             }
-            Response::from_parts(parts, Outbound::Upstream(body))
+            Response::from_parts(parts, boxed(body))
         }
     }
 }
