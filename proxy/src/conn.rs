@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tower::load_shed::error::Overloaded;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceBuilder};
 
 use crate::body::{Body, BoxError};
 use crate::config::Limits;
@@ -203,18 +203,30 @@ fn hyper_service(
         // Every HTTP/1 request takes its verdict here, whatever happens to it next.
         let handling = match crate::service::refused_by_scan(&shared, &conn, &req) {
             Some(refused) => Err(refused),
-            None => Ok(stack.clone().oneshot(req)),
+            None => {
+                // The stack is ready at once (load shedding answers at the call, never by
+                // waiting), so it is asked here and called, without a `Oneshot` to carry
+                // the request until the first poll.
+                let mut stack = stack.clone();
+                let mut cx = Context::from_waker(Waker::noop());
+                match stack.poll_ready(&mut cx) {
+                    Poll::Ready(Ok(())) => Ok(stack.call(req)),
+                    _ => Err(overloaded(&shared)),
+                }
+            }
         };
         let shared = shared.clone();
         async move {
             let resp = match handling {
                 Err(refused) => refused,
-                Ok(handling) => handling.await.unwrap_or_else(|e| {
-                    if e.is::<Overloaded>() {
-                        shared.stats.global.requests_shed.fetch_add(1, Relaxed);
-                    }
-                    crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
-                }),
+                Ok(handling) => handling
+                    .await
+                    .unwrap_or_else(|e| match e.is::<Overloaded>() {
+                        true => overloaded(&shared),
+                        false => {
+                            crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+                        }
+                    }),
             };
             Ok(resp.map(|body| Tracked {
                 body,
@@ -222,6 +234,12 @@ fn hyper_service(
             }))
         }
     })
+}
+
+/// 503, counted as shed.
+fn overloaded(shared: &Shared) -> Response<Body> {
+    shared.stats.global.requests_shed.fetch_add(1, Relaxed);
+    crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
 }
 
 struct InFlight(Arc<Conn>);

@@ -92,7 +92,7 @@ impl Conn {
         &mut self,
         parts: &http::request::Parts,
         body: Option<Body>,
-    ) -> Result<(head::Head, Option<Pump>), Error> {
+    ) -> Result<(head::Head, Option<Box<Pump>>), Error> {
         let body = body.filter(|b| !b.is_end_stream());
         // Only a request with a body looks at its framing headers.
         let added = match &body {
@@ -121,7 +121,9 @@ impl Conn {
                 self.out = out;
                 None
             }
-            Some(body) => Some(Pump::new(out, body, added == Added::Chunked)),
+            // Boxed: requests with a body are the fewer, and the response body carries what
+            // is left of the pump, moved several times on its way to the client.
+            Some(body) => Some(Box::new(Pump::new(out, body, added == Added::Chunked))),
         };
         let mut failed = false;
         let mut head = std::future::poll_fn(|cx| {
@@ -161,7 +163,11 @@ impl Conn {
 
     /// Moves the request along, if it is still being sent; done with it once written, or
     /// once writing failed.
-    fn poll_pump(&mut self, pump: &mut Option<Pump>, cx: &mut Context<'_>) -> Result<(), Error> {
+    fn poll_pump(
+        &mut self,
+        pump: &mut Option<Box<Pump>>,
+        cx: &mut Context<'_>,
+    ) -> Result<(), Error> {
         let Some(p) = pump else { return Ok(()) };
         let polled = p.poll(&mut self.io, cx);
         if polled.is_ready()
@@ -267,7 +273,7 @@ pub struct ResponseBody {
     /// The rest of the request body, while it is still being sent. A response that came
     /// before its request went out whole is never kept alive (see `exchange`), so the pump
     /// has no say in whether the connection is reused.
-    pump: Option<Pump>,
+    pump: Option<Box<Pump>>,
     backend: Arc<Backend>,
     left: Left,
     keep_alive: bool,
