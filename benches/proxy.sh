@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-5}     # seconds per wrk run
 CONNS=${CONNS:-64}          # wrk connections
-ROUNDS=${ROUNDS:-3}         # interleaved runs per proxy; the median is reported
+ROUNDS=${ROUNDS:-5}         # interleaved runs per proxy; the median is reported
 PIN=${PIN:-1}
 IDLE=${IDLE:-10000}         # idle keep-alive connections for the RSS measurement
 
@@ -162,12 +162,16 @@ print(" ".join(f"{s.median(col):.3f}" for col in zip(*rows)))'
 }
 
 echo "# $(date -u +%FT%TZ) $(nproc) CPUs, $(uname -r); wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds; one worker each; proxies pinned: ${PROXY_CPU[*]:-no}" >&2
+NAMES=(nginx haproxy fleet mirror floor)
+declare -A PID_OF=([nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [fleet]=$FLEET_PID [mirror]=$MIRROR_PID [floor]=$FLOOR_PID)
+declare -A URL_OF=([nginx]=$NGINX [haproxy]=$HAPROXY [fleet]=$FLEET_PORT [mirror]=$MIRROR_PORT [floor]=$FLOOR_PORT)
 for round in $(seq "$ROUNDS"); do
-  measure "$NGINX_PID" "http://127.0.0.1:$NGINX/" >>"$WORK/nginx.runs"
-  measure "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY/" >>"$WORK/haproxy.runs"
-  measure "$FLEET_PID" "http://127.0.0.1:$FLEET_PORT/" >>"$WORK/fleet.runs"
-  measure "$MIRROR_PID" "http://127.0.0.1:$MIRROR_PORT/" >>"$WORK/mirror.runs"
-  measure "$FLOOR_PID" "http://127.0.0.1:$FLOOR_PORT/" >>"$WORK/floor.runs"
+  # Each round begins one further along the list: no proxy always runs first, or always
+  # right after the same one, while the machine's other tenants come and go.
+  for i in "${!NAMES[@]}"; do
+    name=${NAMES[$(((i + round - 1) % ${#NAMES[@]}))]}
+    measure "${PID_OF[$name]}" "http://127.0.0.1:${URL_OF[$name]}/" >>"$WORK/$name.runs"
+  done
   echo "round $round (rps p50 p99 cpu): nginx $(tail -1 "$WORK/nginx.runs") | haproxy $(tail -1 "$WORK/haproxy.runs") | fleet $(tail -1 "$WORK/fleet.runs") | mirror $(tail -1 "$WORK/mirror.runs") | floor $(tail -1 "$WORK/floor.runs")" >&2
 done
 read -r N_RPS N_P50 N_P99 N_CPU < <(median <"$WORK/nginx.runs")
@@ -198,6 +202,23 @@ echo "| fleet-proxy / haproxy | $(ratio "$F_RPS" "$H_RPS") | $(ratio "$F_P99" "$
 echo "| mirror on / off | $(ratio "$M_RPS" "$F_RPS") | $(ratio "$M_P99" "$F_P99") | $(ratio "$M_CPU" "$F_CPU") |"
 echo "| hyper floor / nginx | $(ratio "$Y_RPS" "$N_RPS") | $(ratio "$Y_P99" "$N_P99") | $(ratio "$Y_CPU" "$N_CPU") |"
 echo "| fleet-proxy / hyper floor | $(ratio "$F_RPS" "$Y_RPS") | $(ratio "$F_P99" "$Y_P99") | $(ratio "$F_CPU" "$Y_CPU") |"
+
+# The same ratios taken within each round (the two runs minutes apart at most), then their
+# median: less moved by the machine's load drifting over the whole run.
+round_ratios() { # a.runs b.runs
+  python3 - "$1" "$2" <<'EOF'
+import sys, statistics as s
+a, b = ([list(map(float, l.split())) for l in open(f) if l.strip()] for f in sys.argv[1:])
+col = lambda i: s.median(x[i] / y[i] for x, y in zip(a, b))
+print(f"{col(0):.2f} | {col(2):.2f} | {col(3):.2f} (per round: "
+      + ", ".join(f"{x[0] / y[0]:.2f}" for x, y in zip(a, b)) + " req/s)")
+EOF
+}
+echo
+echo "| median of per-round ratios | req/s | p99 | CPU/req |"
+echo "|---|---:|---:|---:|"
+echo "| fleet-proxy / nginx | $(round_ratios "$WORK/fleet.runs" "$WORK/nginx.runs") |"
+echo "| mirror on / off | $(round_ratios "$WORK/mirror.runs" "$WORK/fleet.runs") |"
 
 # A 10,000-route table through PUT /routes: parse, validate, build, swap. Its last route
 # catches every other host, so traffic keeps flowing while it is swapped under load.
