@@ -79,9 +79,14 @@ impl Drop for Running {
 
 /// Runs the binary and reads the admin address from its "serving" log line.
 fn spawn(config: &std::path::Path) -> (Running, String) {
+    spawn_with(config, &[])
+}
+
+fn spawn_with(config: &std::path::Path, args: &[&str]) -> (Running, String) {
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(config)
+        .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -153,5 +158,37 @@ async fn sighup_reloads_the_file_and_sigterm_drains_and_exits_0() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// With one worker the proxy is one thread: the kernel then skips reference counting on
+/// every socket call. The file watcher must not keep a thread of tokio's blocking pool alive.
+#[tokio::test]
+async fn one_worker_is_one_thread_while_the_file_is_watched() {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let dir = temp_dir("threads");
+    let file = dir.join("proxy.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+            stable.addr
+        ),
+    )
+    .unwrap();
+    let (child, admin) = spawn_with(&file, &["--worker-threads", "1"]);
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", child.0.id()))
+            .unwrap()
+            .count()
+    };
+    crate::support::eventually(Duration::from_secs(10), || async {
+        get(&format!("http://{admin}/readyz")).await.is_some()
+    })
+    .await;
+    // Twenty-five looks at the file.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(threads(), 1);
+    drop(child);
     std::fs::remove_dir_all(&dir).unwrap();
 }
