@@ -161,8 +161,8 @@ async fn sighup_reloads_the_file_and_sigterm_drains_and_exits_0() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// With one worker the proxy is one thread: the kernel then skips reference counting on
-/// every socket call. The file watcher must not keep a thread of tokio's blocking pool alive.
+/// With one worker the proxy is one thread (the kernel then takes no reference on a socket
+/// per call): the file watcher must not keep a thread of tokio's blocking pool alive.
 #[tokio::test]
 async fn one_worker_is_one_thread_while_the_file_is_watched() {
     let stable = Backend::start("stable", Mode::Normal).await;
