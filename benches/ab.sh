@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Two fleet-proxy binaries against each other on the clock: the same table, the same backend,
+# runs interleaved A, B, A, B… so that the machine's drifting load falls on both alike. For
+# telling whether a change helped when single runs vary by ±20% (see README.md).
+#
+#   benches/ab.sh OLD_BINARY NEW_BINARY            # ROUNDS=6 DURATION=4
+#   MIRROR="mirror: { to: shadow, percent: 10 }" benches/ab.sh A B
+#
+# Prints each round and the median of the per-round B/A ratios of req/s and CPU per request.
+# Needs nginx, wrk, python3 (Debian: nginx wrk python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/common.sh
+
+A=${1:?usage: benches/ab.sh BINARY_A BINARY_B}
+B=${2:?usage: benches/ab.sh BINARY_A BINARY_B}
+ROUNDS=${ROUNDS:-6}
+DURATION=${DURATION:-4}
+need nginx wrk python3 curl
+CLK=$(getconf CLK_TCK)
+
+BACKEND=$(free_port)
+SHADOW=$(free_port)
+for name in backend shadow; do
+  port=$BACKEND; [[ $name == shadow ]] && port=$SHADOW
+  nginx_conf "$name" "server { listen 127.0.0.1:$port; location / { return 200 'ok\n'; } }"
+  start "$name" taskset -c 1 nginx -c "$WORK/$name/nginx.conf"
+  wait_port "$port"
+done
+
+# One run of a binary: prints "req/s cpu-µs-per-request".
+run() {
+  local port; port=$(free_port)
+  fleet_conf "$WORK/ab.yaml" "$port" "$(free_port)" "$BACKEND" "$SHADOW" "${MIRROR:-}"
+  start proxy taskset -c 0 "$1" --config "$WORK/ab.yaml" --worker-threads 1
+  local pid=$LAST
+  wait_port "$port" 300
+  local wrk=(taskset -c 1 wrk -t1 -c64 -H 'Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4')
+  "${wrk[@]}" -d1s "http://127.0.0.1:$port/" >/dev/null
+  local before after out
+  before=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
+  out=$("${wrk[@]}" -d"${DURATION}s" "http://127.0.0.1:$port/")
+  after=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  awk -v t=$((after - before)) -v clk="$CLK" '
+    /requests in/ { n = $1 } /Requests\/sec/ { r = $2 }
+    END { printf "%s %.1f\n", r, t * 1000000 / clk / n }' <<<"$out"
+}
+
+for round in $(seq "$ROUNDS"); do
+  a=$(run "$A"); b=$(run "$B")
+  echo "round $round (req/s cpu-us): A $a | B $b" >&2
+  echo "$a $b" >>"$WORK/ab.runs"
+done
+python3 - "$WORK/ab.runs" <<'PY'
+import sys, statistics as s
+rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
+rps = s.median(r[2] / r[0] for r in rows)
+cpu = s.median(r[3] / r[1] for r in rows)
+print(f"B / A, median of {len(rows)} rounds: {rps:.2f}x req/s, {cpu:.2f}x CPU per request")
+PY
