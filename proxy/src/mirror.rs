@@ -90,7 +90,6 @@ async fn run(shared: &Shared, job: Job) {
         parts,
         body: Some(crate::body::full(body)),
         http2,
-        upgrade: false,
         retryable: false,
         client_upgrade: None,
     };

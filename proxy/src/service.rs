@@ -166,7 +166,6 @@ fn outgoing(
         parts,
         body,
         http2,
-        upgrade,
         retryable,
         client_upgrade,
     }

@@ -53,13 +53,19 @@ pub struct Outgoing {
     pub parts: http::request::Parts,
     pub body: Option<Body>,
     pub http2: bool,
-    /// Asks to switch protocols (`Upgrade`): hyper's client, which hands over the connection.
-    pub upgrade: bool,
     /// Idempotent and without a body: may be sent again after a failure before the response.
     pub retryable: bool,
-    /// The client's side of a protocol switch, when `upgrade`: joined to the backend's once
-    /// it answers 101.
+    /// The client's side of a protocol switch, when the request asks for one (`Upgrade`):
+    /// joined to the backend's once it answers 101.
     pub client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl Outgoing {
+    /// Asks to switch protocols: it goes through hyper's client, which hands the connection
+    /// over to the tunnel.
+    pub fn upgrade(&self) -> bool {
+        self.client_upgrade.is_some()
+    }
 }
 
 /// Sends the request to the track's backends, round robin from `start`, skipping ejected
@@ -77,7 +83,7 @@ pub async fn send(
     let deadline = now + cfg.request_timeout;
     // HTTP/1.1 goes out on fleet-proxy's own client, but for switching protocols; the rest
     // on hyper's.
-    let own = !out.http2 && !out.upgrade && out.parts.method != Method::CONNECT;
+    let own = !out.http2 && !out.upgrade() && out.parts.method != Method::CONNECT;
     let tries = if out.retryable { cfg.retries + 1 } else { 1 };
     let mut last = None;
     for attempt in 0..tries {
