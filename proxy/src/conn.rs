@@ -27,7 +27,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tower::load_shed::error::Overloaded;
 use tower::{Service, ServiceBuilder};
 
 use crate::body::{Body, BoxError};
@@ -219,14 +218,9 @@ fn hyper_service(
         async move {
             let resp = match handling {
                 Err(refused) => refused,
-                Ok(handling) => handling
-                    .await
-                    .unwrap_or_else(|e| match e.is::<Overloaded>() {
-                        true => overloaded(&shared),
-                        false => {
-                            crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
-                        }
-                    }),
+                // The proxy itself never fails (`Infallible`): the stack's one error is
+                // `Overloaded`, from the shedding layer.
+                Ok(handling) => handling.await.unwrap_or_else(|_| overloaded(&shared)),
             };
             Ok(resp.map(|body| Tracked {
                 body,
