@@ -110,12 +110,9 @@ impl Conn {
             None => {
                 let mut at = 0;
                 std::future::poll_fn(|cx| {
-                    while at < out.len() {
-                        at += ready!(self.poll_timed(cx, |c, cx| {
-                            pump::poll_write(&mut c.io, cx, &out[at..])
-                        }))?;
-                    }
-                    Poll::Ready(Ok::<_, Error>(()))
+                    self.poll_timed(cx, |c, cx| {
+                        pump::poll_write_all(&mut c.io, cx, &out, &mut at)
+                    })
                 })
                 .await?;
                 self.out = out;

@@ -129,9 +129,7 @@ impl Pump {
 
     /// Writes what is buffered; Ready once all of it is out.
     fn write(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        while self.at < self.out.len() {
-            self.at += ready!(poll_write(io, cx, &self.out[self.at..]))?;
-        }
+        ready!(poll_write_all(io, cx, &self.out, &mut self.at))?;
         self.out.clear();
         self.at = 0;
         if let Some(large) = &mut self.large {
@@ -149,7 +147,20 @@ impl Pump {
     }
 }
 
-pub(super) fn poll_write(
+/// Writes `bytes` from `at` on, moving `at` along; Ready once all of it is out.
+pub(super) fn poll_write_all(
+    io: &mut TcpStream,
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+    at: &mut usize,
+) -> Poll<Result<(), Error>> {
+    while *at < bytes.len() {
+        *at += ready!(poll_write(io, cx, &bytes[*at..]))?;
+    }
+    Poll::Ready(Ok(()))
+}
+
+fn poll_write(
     io: &mut TcpStream,
     cx: &mut Context<'_>,
     bytes: &[u8],
