@@ -329,17 +329,18 @@ fn survey(bytes: &[u8]) -> Option<(usize, Facts<'_>)> {
         // No space may come between a field name and its colon (RFC 9112, section 5.1; hyper
         // refuses a head with one), so a name is known by the colon right after it: most
         // lines are settled by a byte or two.
-        let named = |name: &[u8]| {
-            line.get(name.len()) == Some(&b':') && line[..name.len()].eq_ignore_ascii_case(name)
+        let field = |name: &[u8]| {
+            let named = line.get(name.len()) == Some(&b':')
+                && line[..name.len()].eq_ignore_ascii_case(name);
+            named.then(|| line[name.len() + 1..].trim_ascii())
         };
-        let value = |name: &[u8]| line[name.len() + 1..].trim_ascii();
-        if named(b"content-length") {
+        if let Some(value) = field(b"content-length") {
             facts.lengths += 1;
-            facts.first_length.get_or_insert(value(b"content-length"));
-        } else if named(b"transfer-encoding") {
+            facts.first_length.get_or_insert(value);
+        } else if let Some(value) = field(b"transfer-encoding") {
             facts.codings += 1;
-            facts.last_coding = Some(value(b"transfer-encoding"));
-        } else if named(b"upgrade") {
+            facts.last_coding = Some(value);
+        } else if field(b"upgrade").is_some() {
             facts.upgrade = true;
         }
     }
