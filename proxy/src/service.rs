@@ -60,6 +60,7 @@ pub(crate) fn handle(
         active,
         decision,
         out,
+        recorded: false,
     })
 }
 
@@ -71,6 +72,31 @@ pub(crate) struct Forward {
     /// Where round robin starts.
     start: usize,
     out: Outgoing,
+    /// The outcome is counted; until then, dropping it counts the client as gone.
+    recorded: bool,
+}
+
+/// Counted for a request whose client went away (closed its connection, reset its stream)
+/// before the answer, as nginx logs it. Never sent.
+pub const CLIENT_CLOSED: u16 = 499;
+
+impl Forward {
+    fn record(&mut self, status: u16, upstream_failed: bool) {
+        self.recorded = true;
+        let (route, track) = (self.decision.route, self.decision.track);
+        let counters = self.active.counters(route, track, Source::Primary);
+        counters.record(status, upstream_failed, self.started.elapsed());
+    }
+}
+
+impl Drop for Forward {
+    /// A request dropped before its answer still counts, with how long its client waited:
+    /// cancelled requests are often the slow ones.
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(CLIENT_CLOSED, false);
+        }
+    }
 }
 
 impl Forward {
@@ -96,16 +122,15 @@ impl Forward {
                 &mut self.out,
             )
             .await;
-            let counters = active.counters(decision.route, decision.track, Source::Primary);
             let mut resp = match sent {
                 Ok(resp) => resp,
                 Err(f) => {
                     let resp = failure(&f);
-                    counters.record(resp.status().as_u16(), true, self.started.elapsed());
+                    self.record(resp.status().as_u16(), f.is_upstream());
                     return resp;
                 }
             };
-            counters.record(resp.status().as_u16(), false, self.started.elapsed());
+            self.record(resp.status().as_u16(), false);
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(client) = self.out.client_upgrade.take() {
                     tunnel(client, hyper::upgrade::on(&mut resp));
@@ -114,7 +139,8 @@ impl Forward {
                 headers::strip_response(resp.headers_mut());
             }
             let (mut parts, body) = resp.into_parts();
-            if let Some(cookie) = decision
+            if let Some(cookie) = self
+                .decision
                 .set_cookie()
                 .and_then(|c| HeaderValue::from_str(c).ok())
             {
@@ -228,6 +254,7 @@ pub fn failure(f: &Failure) -> Response<Body> {
         Failure::NoHealthyBackend(_) => plain(StatusCode::SERVICE_UNAVAILABLE, &f.to_string()),
         Failure::Timeout => plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
         Failure::Upstream(_) => plain(StatusCode::BAD_GATEWAY, "upstream failed"),
+        Failure::ClientBody(_) => plain(StatusCode::BAD_REQUEST, "request body failed"),
     }
 }
 

@@ -6,9 +6,11 @@ mod h1;
 mod pool;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use tokio::time::Instant;
 
 use http::{Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
 
 pub use backend::Backend;
 pub use pool::UpstreamBody;
@@ -25,6 +27,17 @@ pub enum Failure {
     Timeout,
     #[error("upstream failed: {0}")]
     Upstream(#[source] Error),
+    /// The client's request body failed (an upload given up, a stream reset) before the
+    /// backend answered: no fault of the backend's.
+    #[error("the request body failed: {0}")]
+    ClientBody(#[source] Error),
+}
+
+impl Failure {
+    /// The backend side failed, as opposed to the client.
+    pub fn is_upstream(&self) -> bool {
+        !matches!(self, Failure::ClientBody(_))
+    }
 }
 
 /// Why one try at one backend failed.
@@ -104,12 +117,17 @@ pub async fn send(
                 .await
                 .map(|resp| resp.map(UpstreamBody::Own))
         } else {
-            let req = build(out, backend, attempt + 1 == tries)?;
+            let (req, body_failed) = build(out, backend, attempt + 1 == tries)?;
             let sending = pool::request(backend, req, out.http2, cfg.connect_timeout);
             // Boxed: rare, and its state would make every request's future larger.
-            Box::pin(tokio::time::timeout_at(this_try, sending))
+            let sent = Box::pin(tokio::time::timeout_at(this_try, sending))
                 .await
-                .unwrap_or(Err(Error::TimedOut))
+                .unwrap_or(Err(Error::TimedOut));
+            // hyper reports the body's failure as its own: the flag tells them apart.
+            sent.map_err(|e| match body_failed.is_some_and(|f| f.load(Relaxed)) {
+                true => Error::Body(e.into()),
+                false => e,
+            })
         };
         match sent {
             Ok(resp) => {
@@ -119,6 +137,7 @@ pub async fn send(
                 }
                 return Ok(resp);
             }
+            Err(e @ Error::Body(_)) => return Err(Failure::ClientBody(e)),
             Err(Error::TimedOut) => {
                 backend.failed(cfg);
                 last = Some(Failure::Timeout);
@@ -136,8 +155,13 @@ pub async fn send(
     Err(last.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())))
 }
 
-/// The request for one try; the last try takes the headers instead of copying them.
-fn build(out: &mut Outgoing, backend: &Backend, last: bool) -> Result<Request<Body>, Failure> {
+/// The request for one try; the last try takes the headers instead of copying them. With a
+/// body comes the flag it raises if it fails.
+fn build(
+    out: &mut Outgoing,
+    backend: &Backend,
+    last: bool,
+) -> Result<(Request<Body>, Option<Arc<AtomicBool>>), Failure> {
     let path = out
         .parts
         .uri
@@ -156,9 +180,17 @@ fn build(out: &mut Outgoing, backend: &Backend, last: bool) -> Result<Request<Bo
             Uri::from_parts(uri).map_err(|_| Failure::NoHealthyBackend(backend.addr.clone()))?
         }
     };
-    let body = match out.body.take() {
-        Some(body) => body,
-        None => crate::body::empty(),
+    let (body, failed) = match out.body.take() {
+        Some(body) => {
+            let failed = Arc::new(AtomicBool::new(false));
+            let flag = failed.clone();
+            let body = body.map_err(move |e| {
+                flag.store(true, Relaxed);
+                e
+            });
+            (crate::body::boxed(body), Some(failed))
+        }
+        None => (crate::body::empty(), None),
     };
     let mut req = Request::new(body);
     *req.method_mut() = out.parts.method.clone();
@@ -175,5 +207,5 @@ fn build(out: &mut Outgoing, backend: &Backend, last: bool) -> Result<Request<Bo
     if out.http2 {
         req.headers_mut().remove(http::header::HOST);
     }
-    Ok(req)
+    Ok((req, failed))
 }

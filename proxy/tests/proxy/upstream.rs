@@ -5,6 +5,9 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
 use crate::support::{Backend, Mode, Proxy, RawBackend, client, dead_addr, eventually, put, send};
 
 fn config(backends: &[std::net::SocketAddr], upstream: &str) -> String {
@@ -302,5 +305,112 @@ async fn a_reused_connection_times_out_at_its_own_request_deadline() {
     }
     // The slow requests went on the connections the fast ones had used.
     assert_eq!(conns.load(Ordering::SeqCst), 2);
+    proxy.stop().await;
+}
+
+/// The stable track's primary series from `/stats`.
+async fn stable_series(proxy: &Proxy) -> serde_json::Value {
+    let (_, _, stats) = crate::support::get(&proxy.admin_url("/stats"))
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    stats["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["track"] == "stable" && s["source"] == "primary")
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A request body (for tests) that sends `abc` and then fails when told to, as a client
+/// that gives up on its upload.
+struct Abandoned {
+    first: Option<Bytes>,
+    give_up: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl http_body::Body for Abandoned {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if let Some(first) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        std::pin::Pin::new(&mut self.give_up)
+            .poll(cx)
+            .map(|_| Some(Err(std::io::Error::other("the client gave up"))))
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_abandons_its_upload_is_not_counted_against_the_backend() {
+    // Over HTTP/2 the client resets the stream and the connection lives on. Both of the
+    // proxy's clients: its own (http1) and hyper's (h2c). The proxy either sees the body fail
+    // (400) or is dropped by the server first (counted as 499, client closed): 4xx either way.
+    for protocol in ["http1", "h2c"] {
+        let backend = Backend::start("stable", Mode::Normal).await;
+        let proxy = Proxy::start(&format!(
+            "upstream: {{ eject_after: 2, eject_for: 1m, retries: 0 }}\ntracks:\n  stable: {{ backends: [\"{}\"], protocol: {protocol} }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+            backend.addr
+        ))
+        .await;
+        let c = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<Abandoned>();
+        for i in 1..=3 {
+            let (give_up, told) = tokio::sync::oneshot::channel();
+            let req = Request::post(proxy.url("/upload"))
+                .body(Abandoned {
+                    first: Some(Bytes::from_static(b"abc")),
+                    give_up: told,
+                })
+                .unwrap();
+            let sent = tokio::spawn(c.request(req));
+            eventually(Duration::from_secs(5), || async { backend.hits() == i }).await;
+            give_up.send(()).unwrap();
+            let _ = sent.await;
+            eventually(Duration::from_secs(5), || async {
+                stable_series(&proxy).await["requests"] == i
+            })
+            .await;
+        }
+        // The backend was not at fault: it stays in, and nothing counts as its failure.
+        let (status, _, body) = crate::support::get(&proxy.url("/")).await.unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "stable"),
+            "{protocol}"
+        );
+        let series = stable_series(&proxy).await;
+        assert_eq!(series["errors"], 0, "{protocol}: {series}");
+        assert_eq!(series["responses"]["5xx"], 0, "{protocol}: {series}");
+        assert_eq!(series["responses"]["4xx"], 3, "{protocol}: {series}");
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_whose_client_leaves_before_the_answer_is_counted_as_client_closed() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start("stable", Mode::Slow(Duration::from_secs(5))).await;
+    let proxy = Proxy::start(&config(&[backend.addr], "{ retries: 0 }")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), || async { backend.hits() == 1 }).await;
+    drop(s);
+    // Counted at once, as a 4xx (499) with its wait, long before the backend would answer.
+    eventually(Duration::from_secs(2), || async {
+        stable_series(&proxy).await["requests"] == 1
+    })
+    .await;
+    let series = stable_series(&proxy).await;
+    assert_eq!(series["responses"]["4xx"], 1, "{series}");
+    assert_eq!(series["errors"], 0, "{series}");
     proxy.stop().await;
 }
