@@ -73,16 +73,26 @@ FLEET=$(free_port)
 fleet_conf "$WORK/fleet.yaml" "$FLEET" "$(free_port)" "$BACKEND" "$BACKEND" ""
 
 FLOOR=$(free_port)
+# The same table with 10% of requests mirrored to a second nginx (the shadow track).
+SHADOW=$(free_port)
+nginx_conf shadow "server { listen 127.0.0.1:$SHADOW; location / { return 200 'ok\n'; } }"
+start shadow nginx -c "$WORK/shadow/nginx.conf"
+wait_port "$SHADOW"
+MIRRORED=$(free_port)
+fleet_conf "$WORK/mirror.yaml" "$MIRRORED" "$(free_port)" "$BACKEND" "$SHADOW" "mirror: { to: shadow, percent: 10 }"
 
 N=$(count nginx "$NGINX" nginx -c "$WORK/proxy/nginx.conf")
 H=$(count hyper-floor "$FLOOR" "$TARGET/release/examples/hyper_floor" "127.0.0.1:$FLOOR" "127.0.0.1:$BACKEND")
 F=$(count fleet-proxy "$FLEET" "$TARGET/release/fleet-proxy" --config "$WORK/fleet.yaml" --worker-threads 1)
+M=$(count fleet-mirror "$MIRRORED" "$TARGET/release/fleet-proxy" --config "$WORK/mirror.yaml" --worker-threads 1)
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo "| proxy | instructions per request (user space) |"
 echo "|---|---:|"
 echo "| nginx | $N |"
 echo "| hyper floor (proxy/examples/hyper_floor.rs) | $H |"
 echo "| fleet-proxy | $F |"
+echo "| fleet-proxy, 10% mirror | $M |"
 echo "| hyper floor / nginx | $(ratio "$H" "$N") |"
 echo "| fleet-proxy / nginx | $(ratio "$F" "$N") |"
 echo "| fleet-proxy / hyper floor | $(ratio "$F" "$H") |"
+echo "| mirror on / off | $(ratio "$M" "$F") |"

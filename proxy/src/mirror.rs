@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use fleet_proxy_router::{RouteId, TrackId};
-use http::HeaderValue;
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
@@ -17,7 +16,8 @@ use crate::state::{Active, Shared};
 use crate::stats::Source;
 use crate::upstream::{Outgoing, send};
 
-/// One copy to send: the request as forwarded to the primary, with its whole body.
+/// One copy to send: the request as forwarded to the primary, with its whole body; it goes
+/// out marked with `x-fleet-mirror: 1` ([`Outgoing::marked`]).
 pub struct Job {
     pub active: Arc<Active>,
     pub route: RouteId,
@@ -77,36 +77,33 @@ async fn run(shared: &Shared, job: Job) {
         active,
         route,
         track,
-        mut parts,
+        parts,
         body,
         http2,
     } = job;
-    parts.headers.insert(
-        crate::service::X_FLEET_MIRROR,
-        HeaderValue::from_static("1"),
-    );
-    parts.headers.remove(http::header::CONTENT_LENGTH);
     let mut out = Outgoing {
         parts,
         body: Some(crate::body::full(body)),
         http2,
         retryable: false,
         client_upgrade: None,
+        marked: true,
     };
-    let name = active.table.track(track).name().to_string();
     let start = active.next_index(track);
     let sending = send(
         &shared.settings.upstream,
         active.backends(track),
         start,
-        &name,
+        active.table.track(track).name(),
         &mut out,
     );
     let outcome = tokio::time::timeout(shared.settings.mirror.timeout, async {
         let resp = sending.await.ok()?;
         let status = resp.status().as_u16();
-        // Read the answer to the end so the connection goes back to the pool; then drop it.
-        let _ = resp.into_body().collect().await;
+        // Read the answer to the end so the connection goes back to the pool; keep nothing.
+        // As for the primary, the status counts once it came, whatever becomes of the body.
+        let mut body = resp.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
         Some(status)
     })
     .await

@@ -194,6 +194,7 @@ fn outgoing(
         http2,
         retryable,
         client_upgrade,
+        marked: false,
     }
 }
 

@@ -71,6 +71,10 @@ pub struct Outgoing {
     /// The client's side of a protocol switch, when the request asks for one (`Upgrade`):
     /// joined to the backend's once it answers 101.
     pub client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// A mirrored copy: it goes out with `x-fleet-mirror: 1`, added as the request is
+    /// written rather than to `parts`, whose header map has no room left for it (making
+    /// room rehashes the map: a thousand instructions per copy).
+    pub marked: bool,
 }
 
 impl Outgoing {
@@ -113,9 +117,16 @@ pub async fn send(
         };
         let sent = if own {
             let body = out.body.take();
-            h1::request(backend, &out.parts, body, cfg.connect_timeout, this_try)
-                .await
-                .map(|resp| resp.map(UpstreamBody::Own))
+            h1::request(
+                backend,
+                &out.parts,
+                out.marked,
+                body,
+                cfg.connect_timeout,
+                this_try,
+            )
+            .await
+            .map(|resp| resp.map(UpstreamBody::Own))
         } else {
             let (req, body_failed) = build(out, backend, attempt + 1 == tries)?;
             let sending = pool::request(backend, req, out.http2, cfg.connect_timeout);
@@ -206,6 +217,11 @@ fn build(
     };
     if out.http2 {
         req.headers_mut().remove(http::header::HOST);
+    }
+    if out.marked {
+        let mark = http::HeaderValue::from_static("1");
+        req.headers_mut()
+            .insert(crate::service::X_FLEET_MIRROR, mark);
     }
     Ok((req, failed))
 }

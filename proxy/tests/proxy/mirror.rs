@@ -5,7 +5,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::Value;
 
-use crate::support::{Backend, Mode, Proxy, client, dead_addr, eventually, get, send};
+use crate::support::{Backend, Mode, Proxy, client, dead_addr, eventually, get, h2_client, send};
 
 fn config(stable: std::net::SocketAddr, shadow: std::net::SocketAddr, extra: &str) -> String {
     format!(
@@ -30,26 +30,35 @@ async fn mirror_series(proxy: &Proxy) -> Value {
 #[tokio::test]
 async fn a_mirrored_copy_carries_the_body_and_the_mirror_mark_and_is_counted_under_the_mirror_track()
  {
-    let (stable, shadow) = (
-        Backend::start("stable", Mode::Normal).await,
-        Backend::start("shadow", Mode::Normal).await,
-    );
-    let proxy = Proxy::start(&config(stable.addr, shadow.addr, "")).await;
-    let req = Request::post(proxy.url("/orders"))
-        .body(Full::new(Bytes::from_static(b"twelve bytes")))
-        .unwrap();
-    let (status, h, body) = send(&client(), req).await.unwrap();
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
-    assert!(
-        h.get("x-seen-mirror").is_none(),
-        "the primary is not marked"
-    );
-    eventually(Duration::from_secs(5), || async {
-        mirror_series(&proxy).await["responses"]["2xx"] == 1
-    })
-    .await;
-    assert_eq!(shadow.hits(), 1);
-    proxy.stop().await;
+    // Over HTTP/1.1 the copy goes out on the proxy's own client; over HTTP/2 on hyper's.
+    for (c, version) in [(client(), "HTTP/1.1"), (h2_client(), "HTTP/2.0")] {
+        let (stable, shadow) = (
+            Backend::start("stable", Mode::Normal).await,
+            Backend::start("shadow", Mode::Normal).await,
+        );
+        let proxy = Proxy::start(&config(stable.addr, shadow.addr, "")).await;
+        let req = Request::post(proxy.url("/orders"))
+            .body(Full::new(Bytes::from_static(b"twelve bytes")))
+            .unwrap();
+        let (status, h, body) = send(&c, req).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+        assert_eq!(h["x-seen-version"], version);
+        assert!(
+            h.get("x-seen-mirror").is_none(),
+            "the primary is not marked"
+        );
+        eventually(Duration::from_secs(5), || async {
+            mirror_series(&proxy).await["responses"]["2xx"] == 1
+        })
+        .await;
+        assert_eq!(shadow.hits(), 1);
+        let (headers, body) = shadow.last.lock().unwrap().clone().unwrap();
+        assert_eq!(body, "twelve bytes", "{version}");
+        assert_eq!(headers["x-fleet-mirror"], "1", "{version}");
+        assert_eq!(headers.get_all("x-fleet-mirror").iter().count(), 1);
+        assert_eq!(headers["content-length"], "12", "{version}");
+        proxy.stop().await;
+    }
 }
 
 /// The primary's latency with a mirror that is broken in `shadow` mode stays that of a

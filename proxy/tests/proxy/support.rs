@@ -35,6 +35,9 @@ pub enum Mode {
 pub struct Backend {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// The headers and body of the last plain request it answered (not `/ws`, `/echo`,
+    /// `/drip`).
+    pub last: Arc<std::sync::Mutex<Option<(http::HeaderMap, Bytes)>>>,
     /// Connections accepted.
     pub conns: Arc<AtomicUsize>,
     /// Dropping it ends the accept loop and, with it, every connection.
@@ -49,6 +52,8 @@ impl Backend {
         let hits = Arc::new(AtomicUsize::new(0));
         let (stop, mut stopped) = oneshot::channel::<()>();
         let counter = hits.clone();
+        let last = Arc::new(std::sync::Mutex::new(None));
+        let seen = last.clone();
         let conns = Arc::new(AtomicUsize::new(0));
         let accepted = conns.clone();
         let task = tokio::spawn(async move {
@@ -59,9 +64,11 @@ impl Backend {
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let counter = counter.clone();
+                let (counter, seen) = (counter.clone(), seen.clone());
                 served.spawn(async move {
-                    let svc = service_fn(move |req| answer(name, mode, counter.clone(), req));
+                    let svc = service_fn(move |req| {
+                        answer(name, mode, counter.clone(), seen.clone(), req)
+                    });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
@@ -72,6 +79,7 @@ impl Backend {
         Backend {
             addr,
             hits,
+            last,
             conns,
             _stop: stop,
             task: Some(task),
@@ -101,6 +109,7 @@ async fn answer(
     name: &'static str,
     mode: Mode,
     hits: Arc<AtomicUsize>,
+    last: Arc<std::sync::Mutex<Option<(http::HeaderMap, Bytes)>>>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     hits.fetch_add(1, Ordering::SeqCst);
@@ -168,6 +177,7 @@ async fn answer(
     }
     let version = format!("{:?}", req.version());
     builder = builder.header("x-seen-version", version);
+    let headers = req.headers().clone();
     let body = req
         .into_body()
         .collect()
@@ -175,6 +185,7 @@ async fn answer(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     builder = builder.header("x-seen-body-len", body.len().to_string());
+    *last.lock().unwrap() = Some((headers, body));
     if grpc {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());

@@ -45,13 +45,16 @@ pub enum Added {
 
 /// Appends a request head: origin-form target, HTTP/1.1, the headers as they are (the
 /// service has already removed the hop-by-hop ones), and the framing header `added`.
-pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, added: Added) {
+pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, marked: bool, added: Added) {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     encode_fields(out, &parts.headers);
+    if marked {
+        out.extend_from_slice(b"x-fleet-mirror: 1\r\n");
+    }
     match added {
         Added::Nothing => {}
         Added::ContentLength(n) => {
@@ -288,7 +291,7 @@ mod tests {
             .unwrap()
             .into_parts();
         let mut out = Vec::new();
-        encode_request(&mut out, &parts, Added::Nothing);
+        encode_request(&mut out, &parts, false, Added::Nothing);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /a/b?c=d HTTP/1.1\r\nhost: example.com\r\nx-many: 1\r\nx-many: 2\r\n\r\n"
@@ -296,14 +299,20 @@ mod tests {
         parts.uri = http::Uri::from_static("http://example.com");
         parts.headers.clear();
         let mut out = Vec::new();
-        encode_request(&mut out, &parts, Added::Nothing);
+        encode_request(&mut out, &parts, false, Added::Nothing);
         assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+        let mut out = Vec::new();
+        encode_request(&mut out, &parts, true, Added::Chunked);
+        assert_eq!(
+            out,
+            b"GET / HTTP/1.1\r\nx-fleet-mirror: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
         for (added, line) in [
             (Added::ContentLength(12), "content-length: 12\r\n"),
             (Added::Chunked, "transfer-encoding: chunked\r\n"),
         ] {
             let mut out = Vec::new();
-            encode_request(&mut out, &parts, added);
+            encode_request(&mut out, &parts, false, added);
             assert_eq!(
                 String::from_utf8(out).unwrap(),
                 format!("GET / HTTP/1.1\r\n{line}\r\n")

@@ -91,6 +91,7 @@ impl Conn {
     async fn exchange(
         &mut self,
         parts: &http::request::Parts,
+        marked: bool,
         body: Option<Body>,
     ) -> Result<(head::Head, Option<Box<Pump>>), Error> {
         let body = body.filter(|b| !b.is_end_stream());
@@ -105,7 +106,7 @@ impl Conn {
         };
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        head::encode_request(&mut out, parts, added);
+        head::encode_request(&mut out, parts, marked, added);
         let mut pump = match body {
             None => {
                 let mut at = 0;
@@ -206,6 +207,7 @@ impl Conn {
 pub async fn request(
     backend: &Arc<Backend>,
     parts: &http::request::Parts,
+    marked: bool,
     body: Option<Body>,
     connect_timeout: Duration,
     deadline: Instant,
@@ -230,7 +232,7 @@ pub async fn request(
             Conn::new(io, deadline)
         }
     };
-    let (head, pump) = conn.exchange(parts, body).await?;
+    let (head, pump) = conn.exchange(parts, marked, body).await?;
     let mut body = ResponseBody {
         conn: Some(conn),
         pump,
