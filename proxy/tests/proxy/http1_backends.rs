@@ -162,3 +162,39 @@ async fn an_answer_that_comes_before_the_request_body_has_ended_reaches_the_clie
     drop(tx);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn trailer_fields_no_trailer_may_carry_are_dropped_and_the_rest_reach_an_http2_client() {
+    let backend = RawBackend::start(|_| {
+        answer(concat!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n",
+            "5\r\nhello\r\n0\r\n",
+            "grpc-status: 0\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n",
+            "connection: close\r\nkeep-alive: timeout=5\r\nhost: elsewhere\r\ntrailer: x\r\n",
+            "te: trailers\r\nupgrade: h2c\r\nx-checksum: abc\r\n\r\n",
+        ))
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "tracks:\n  stable: {{ backends: [\"{}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        backend.addr
+    ))
+    .await;
+    for c in [client(), crate::support::h2_client()] {
+        let req = Request::get(proxy.url("/"))
+            .header("te", "trailers")
+            .body(Full::default())
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        let version = resp.version();
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        assert_eq!(collected.to_bytes(), "hello", "{version:?}");
+        if version == http::Version::HTTP_2 {
+            let mut names: Vec<&str> = trailers.keys().map(|n| n.as_str()).collect();
+            names.sort();
+            assert_eq!(names, ["grpc-status", "x-checksum"]);
+        }
+    }
+    proxy.stop().await;
+}

@@ -106,7 +106,9 @@ impl Chunked {
             let name =
                 HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "malformed trailers")?;
             let value = HeaderValue::from_bytes(f.value).map_err(|_| "malformed trailers")?;
-            trailers.append(name, value);
+            if may_trail(&name) {
+                trailers.append(name, value);
+            }
         }
         buf.advance(len);
         self.state = State::End;
@@ -115,6 +117,35 @@ impl Chunked {
             false => Step::Trailers(trailers),
         })
     }
+}
+
+/// False for the fields no trailer section may carry (RFC 9110, section 6.5.1), which are
+/// dropped: framing, connection management, routing, the content's format, authentication
+/// and cookies. Passed on, the connection-specific ones would have an HTTP/2 client's stream
+/// reset, as they are malformed in HTTP/2. Used both ways: for responses' trailers as they
+/// are decoded, for requests' as they are written.
+pub fn may_trail(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "content-length"
+            | "transfer-encoding"
+            | "trailer"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "upgrade"
+            | "te"
+            | "host"
+            | "content-type"
+            | "content-encoding"
+            | "content-range"
+            | "authorization"
+            | "www-authenticate"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "set-cookie"
+            | "cookie"
+    )
 }
 
 #[cfg(test)]
@@ -158,6 +189,20 @@ mod tests {
             assert_eq!(trailers["grpc-status"], "0");
             assert_eq!(trailers["grpc-message"], "fine");
         }
+    }
+
+    #[test]
+    fn fields_no_trailer_may_carry_are_dropped() {
+        let raw = b"0\r\nContent-Length: 9\r\ngrpc-status: 0\r\nConnection: close\r\nTE: x\r\n\r\n";
+        let (_, trailers) = decode(raw, raw.len()).unwrap();
+        let trailers = trailers.expect("trailers");
+        assert_eq!(trailers.keys().collect::<Vec<_>>(), ["grpc-status"]);
+        let raw = b"0\r\nset-cookie: a=b\r\n\r\n";
+        assert_eq!(
+            decode(raw, raw.len()),
+            Ok((Vec::new(), None)),
+            "nothing left: no trailers"
+        );
     }
 
     #[test]

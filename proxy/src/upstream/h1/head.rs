@@ -66,13 +66,17 @@ pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, marked: b
 }
 
 /// Appends header (or trailer) fields, one line each.
-pub fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(out, name, value);
     }
+}
+
+pub fn encode_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Takes the response head off the front of `buf`, skipping interim (1xx) heads. `Ok(None)`:

@@ -12,6 +12,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::super::Error;
+use super::chunked::may_trail;
 use crate::body::Body;
 
 /// Request body data up to this size is copied next to its framing and written with it;
@@ -122,7 +123,11 @@ impl Pump {
         }
         self.out.extend_from_slice(b"0\r\n");
         if let Some(trailers) = trailers {
-            super::head::encode_fields(&mut self.out, trailers);
+            // Only the fields a trailer may carry: a backend that merged, say, a trailing
+            // `content-length` into its headers would be misled.
+            for (name, value) in trailers.iter().filter(|(n, _)| may_trail(n)) {
+                super::head::encode_field(&mut self.out, name, value);
+            }
         }
         self.out.extend_from_slice(b"\r\n");
     }
@@ -223,10 +228,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_of_unknown_length_goes_out_in_chunks_with_its_trailers() {
+    async fn a_body_of_unknown_length_goes_out_in_chunks_with_the_trailers_it_may_carry() {
         let large = Bytes::from(vec![b'x'; 5000]);
         let mut trailers = http::HeaderMap::new();
         trailers.insert("x-sum", http::HeaderValue::from_static("7"));
+        trailers.insert("content-length", http::HeaderValue::from_static("1"));
+        trailers.insert("host", http::HeaderValue::from_static("elsewhere"));
         let frames = vec![
             Frame::data(Bytes::from_static(b"ab")),
             Frame::data(large.clone()),
