@@ -78,7 +78,7 @@ pub(crate) struct Forward {
 
 /// Counted for a request whose client went away (closed its connection, reset its stream)
 /// before the answer, as nginx logs it. Never sent.
-pub const CLIENT_CLOSED: u16 = 499;
+const CLIENT_CLOSED: u16 = 499;
 
 impl Forward {
     fn record(&mut self, status: u16, upstream_failed: bool) {

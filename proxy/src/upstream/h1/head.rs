@@ -53,7 +53,8 @@ pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, marked: b
     out.extend_from_slice(b" HTTP/1.1\r\n");
     encode_fields(out, &parts.headers);
     if marked {
-        out.extend_from_slice(b"x-fleet-mirror: 1\r\n");
+        let mark = HeaderValue::from_static("1");
+        encode_field(out, &crate::service::X_FLEET_MIRROR, &mark);
     }
     match added {
         Added::Nothing => {}
@@ -65,13 +66,14 @@ pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, marked: b
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends header (or trailer) fields, one line each.
+/// Appends header fields, one line each.
 fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
         encode_field(out, name, value);
     }
 }
 
+/// Appends one header (or trailer) field line.
 pub fn encode_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
