@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Backend, Mode, Proxy, eventually, get, stable_only, stable_proxy};
+use crate::support::{Backend, Mode, Proxy, eventually, get, stable_only, stable_proxy, stats};
 
 /// Writes `raw` and reads until the proxy closes the connection (or 5 s pass).
 async fn exchange(proxy: &Proxy, raw: &[u8]) -> (String, bool) {
@@ -222,9 +222,7 @@ async fn requests_over_max_requests_in_flight_get_503_at_once_and_are_counted() 
     assert_eq!(status.as_u16(), 200);
     // The permit came back with the first answer.
     assert_eq!(get(&proxy.url("/")).await.unwrap().0.as_u16(), 200);
-    let (_, _, stats) = get(&proxy.admin_url("/stats")).await.unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
-    assert_eq!(stats["proxy"]["requests_shed"], 1);
+    assert_eq!(stats(&proxy).await["proxy"]["requests_shed"], 1);
     proxy.stop().await;
 }
 

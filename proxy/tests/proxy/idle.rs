@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Proxy, eventually, get, stable_proxy};
+use crate::support::{Proxy, eventually, stable_proxy, stats};
 
 /// Sends one GET on `s` and reads its whole answer (the test backend's body is its name).
 async fn get_on(s: &mut TcpStream) -> String {
@@ -32,8 +32,7 @@ async fn get_on(s: &mut TcpStream) -> String {
 
 /// The proxy's connection gauges from `/stats`: (open, idle).
 async fn connections(proxy: &Proxy) -> (u64, u64) {
-    let (_, _, body) = get(&proxy.admin_url("/stats")).await.unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let stats = stats(proxy).await;
     let gauge = |name: &str| stats["proxy"][name].as_u64().unwrap();
     (gauge("connections_open"), gauge("connections_idle"))
 }

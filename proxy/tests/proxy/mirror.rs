@@ -5,7 +5,9 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::Value;
 
-use crate::support::{Backend, Mode, Proxy, client, dead_addr, eventually, get, h2_client, send};
+use crate::support::{
+    Backend, Mode, Proxy, client, dead_addr, eventually, h2_client, send, series, stats,
+};
 
 fn config(stable: std::net::SocketAddr, shadow: std::net::SocketAddr, extra: &str) -> String {
     format!(
@@ -13,16 +15,10 @@ fn config(stable: std::net::SocketAddr, shadow: std::net::SocketAddr, extra: &st
     )
 }
 
+/// The shadow track's mirror series, with the proxy-wide counters under `proxy`.
 async fn mirror_series(proxy: &Proxy) -> Value {
-    let (_, _, stats) = get(&proxy.admin_url("/stats")).await.unwrap();
-    let stats: Value = serde_json::from_str(&stats).unwrap();
-    let found = stats["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["track"] == "shadow" && s["source"] == "mirror")
-        .cloned();
-    let mut found = found.unwrap();
+    let stats = stats(proxy).await;
+    let mut found = series(&stats, "shadow", "mirror");
     found["proxy"] = stats["proxy"].clone();
     found
 }

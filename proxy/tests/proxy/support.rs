@@ -443,6 +443,24 @@ pub async fn put(url: &str, body: &str) -> (StatusCode, String) {
     (s, b)
 }
 
+/// The proxy's `/stats`.
+pub async fn stats(proxy: &Proxy) -> serde_json::Value {
+    let (_, _, body) = get(&proxy.admin_url("/stats")).await.unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The series of `track` from `source` (`primary` or `mirror`) in `stats`, over all routes;
+/// `Null` if there is none.
+pub fn series(stats: &serde_json::Value, track: &str, source: &str) -> serde_json::Value {
+    stats["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["track"] == track && s["source"] == source)
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// Polls `cond` until it holds; panics after `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, mut cond: F)
 where

@@ -8,7 +8,9 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::support::{Backend, Mode, Proxy, RawBackend, client, dead_addr, eventually, put, send};
+use crate::support::{
+    Backend, Mode, Proxy, RawBackend, client, dead_addr, eventually, put, send, series, stats,
+};
 
 fn config(backends: &[std::net::SocketAddr], upstream: &str) -> String {
     let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
@@ -310,17 +312,7 @@ async fn a_reused_connection_times_out_at_its_own_request_deadline() {
 
 /// The stable track's primary series from `/stats`.
 async fn stable_series(proxy: &Proxy) -> serde_json::Value {
-    let (_, _, stats) = crate::support::get(&proxy.admin_url("/stats"))
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
-    stats["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["track"] == "stable" && s["source"] == "primary")
-        .cloned()
-        .unwrap_or_default()
+    series(&stats(proxy).await, "stable", "primary")
 }
 
 /// A request body (for tests) that sends `abc` and then fails when told to, as a client
