@@ -69,8 +69,9 @@ async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
             );
         }
     };
-    // Checking and building a large table is CPU work: off the threads that serve traffic.
-    tokio::task::spawn_blocking(move || check_and_install(&shared, &body))
+    // Checking and building a large table is CPU work: off the threads that serve traffic,
+    // and behind them for the CPU.
+    crate::background::run("routes", move || check_and_install(&shared, &body))
         .await
         .unwrap_or_else(|e| {
             json_response(

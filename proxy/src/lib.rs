@@ -3,6 +3,7 @@
 //! forwards it, mirrors a sample, and counts every outcome.
 
 pub mod admin;
+pub mod background;
 pub mod body;
 pub mod config;
 pub mod conn;

@@ -46,9 +46,11 @@ pub async fn watch(
             continue;
         }
         seen = now;
-        // Reading, checking and building a large table is CPU work: off the traffic threads.
+        // Reading, checking and building a large table is CPU work: off the traffic threads,
+        // and behind them for the CPU.
         let (shared, path, tls) = (shared.clone(), path.clone(), tls.clone());
-        if let Err(e) = tokio::task::spawn_blocking(move || reload(&shared, &path, &tls)).await {
+        if let Err(e) = crate::background::run("reload", move || reload(&shared, &path, &tls)).await
+        {
             return tracing::error!(error = %e, "config watcher failed");
         }
     }

@@ -37,6 +37,10 @@ impl Active {
     }
 }
 
+/// How long past the request timeout a retired table waits for its last requests before the
+/// last of them is left to free it.
+const RETIRE_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct Shared {
     pub settings: Settings,
     active: ArcSwap<Active>,
@@ -115,7 +119,11 @@ impl Shared {
             &self.health,
             &self.stats,
         );
-        self.active.store(Arc::new(next));
+        let retired = self.active.swap(Arc::new(next));
+        // Requests still on the old table finish on it; whoever is last frees it. Let that
+        // be a background thread rather than the thread serving traffic.
+        let patience = self.settings.upstream.request_timeout + RETIRE_SLACK;
+        crate::background::retire(retired, patience);
         self.stats
             .global
             .table_swaps
