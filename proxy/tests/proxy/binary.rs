@@ -162,20 +162,20 @@ async fn sighup_reloads_the_file_and_sigterm_drains_and_exits_0() {
 }
 
 /// With one worker the proxy is one thread (the kernel then takes no reference on a socket
-/// per call): the file watcher must not keep a thread of tokio's blocking pool alive.
+/// per call): the file watcher must not keep a thread alive, and the threads that build a
+/// reloaded table and free the old one end when done.
 #[tokio::test]
 async fn one_worker_is_one_thread_while_the_file_is_watched() {
     let stable = Backend::start("stable", Mode::Normal).await;
     let dir = temp_dir("threads");
     let file = dir.join("proxy.yaml");
-    std::fs::write(
-        &file,
+    let config = |name: &str| {
         format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ name: {name}, split: {{ stable: 10000 }} }}\n",
             stable.addr
-        ),
-    )
-    .unwrap();
+        )
+    };
+    std::fs::write(&file, config("first")).unwrap();
     let (child, admin) = spawn_with(&file, &["--worker-threads", "1"]);
     let threads = || {
         std::fs::read_dir(format!("/proc/{}/task", child.0.id()))
@@ -189,6 +189,16 @@ async fn one_worker_is_one_thread_while_the_file_is_watched() {
     // Twenty-five looks at the file.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(threads(), 1);
+    // A reload builds the table on a thread of its own and frees the old one on another.
+    std::fs::write(&file, config("second")).unwrap();
+    crate::support::eventually(Duration::from_secs(10), || async {
+        let Some((_, _, body)) = get(&format!("http://{admin}/routes")).await else {
+            return false;
+        };
+        body.contains("\"second\"")
+    })
+    .await;
+    crate::support::eventually(Duration::from_secs(10), || async { threads() == 1 }).await;
     drop(child);
     std::fs::remove_dir_all(&dir).unwrap();
 }
