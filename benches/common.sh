@@ -99,3 +99,22 @@ fleet_conf() { # file, port, admin, stable/canary backend, shadow backend, mirro
     if [[ -n "$6" ]]; then echo "    $6"; fi
   } >"$1"
 }
+
+# A table of 10,001 routes as `PUT /routes` takes it (JSON). Its last route catches every
+# other host, so traffic keeps flowing while it is swapped under load.
+big_table() { # backend port
+  python3 - "$1" <<'EOF'
+import json, sys
+b = f"127.0.0.1:{sys.argv[1]}"
+routes = [{"host": f"svc{i}.example.com", "path_prefix": f"/p{i % 50}",
+           "rules": [{"match": {"header": {"name": "x-canary", "exact": "true"}}, "to": "canary"},
+                     {"match": {"cookie": {"name": "ab", "regex": "version-[bc]"}}, "to": "canary"}],
+           "split": {"stable": 9500, "canary": 500}, "sticky": {"cookie": "fleet-bucket"}}
+          for i in range(10000)]
+routes.append({"host": "*", "path_prefix": "/", "split": {"stable": 10000}})
+print(json.dumps({"tracks": {"stable": {"backends": [b]}, "canary": {"backends": [b]}}, "routes": routes}))
+EOF
+}
+
+# A latency as wrk prints it (850.00us, 1.20ms, 1.02s) in milliseconds.
+to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }

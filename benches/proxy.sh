@@ -95,7 +95,6 @@ for p in "$NGINX" "$NGINX_H2" "$HAPROXY" "$HAPROXY_H2" "$FLEET_PORT" "$MIRROR_PO
 # CPU ticks of a process and its children (nginx: master and worker).
 ticks() { local t=0; for p in $1 $(pgrep -P "$1" || true); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 CLK=$(getconf CLK_TCK)
-to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
 
 WRK=("${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" --latency -H 'Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4' -H 'User-Agent: bench')
 
@@ -247,19 +246,8 @@ echo "|---|---:|---:|---:|"
 echo "| fleet-proxy / nginx | $(round_ratios "$WORK/fleet.runs" "$WORK/nginx.runs") |"
 echo "| mirror on / off | $(round_ratios "$WORK/mirror.runs" "$WORK/fleet.runs") |"
 
-# A 10,000-route table through PUT /routes: parse, validate, build, swap. Its last route
-# catches every other host, so traffic keeps flowing while it is swapped under load.
-python3 - "$BACKEND" >"$WORK/big.json" <<'EOF'
-import json, sys
-b = f"127.0.0.1:{sys.argv[1]}"
-routes = [{"host": f"svc{i}.example.com", "path_prefix": f"/p{i % 50}",
-           "rules": [{"match": {"header": {"name": "x-canary", "exact": "true"}}, "to": "canary"},
-                     {"match": {"cookie": {"name": "ab", "regex": "version-[bc]"}}, "to": "canary"}],
-           "split": {"stable": 9500, "canary": 500}, "sticky": {"cookie": "fleet-bucket"}}
-          for i in range(10000)]
-routes.append({"host": "*", "path_prefix": "/", "split": {"stable": 10000}})
-print(json.dumps({"tracks": {"stable": {"backends": [b]}, "canary": {"backends": [b]}}, "routes": routes}))
-EOF
+# A 10,000-route table through PUT /routes: parse, validate, build, swap.
+big_table "$BACKEND" >"$WORK/big.json"
 # curl runs on the load core: on the proxy's it would take that core from traffic itself.
 put_big() { "${LOAD_CPU[@]}" curl -s -o "$WORK/swap.out" -w '%{time_total}\n' -X PUT --data-binary @"$WORK/big.json" "http://127.0.0.1:$FLEET_ADMIN/routes"; }
 SWAPS=$(for _ in 1 2 3 4 5; do put_big; done | awk '{printf "%.1f ", $1 * 1000}')

@@ -22,17 +22,7 @@ BACKEND=$(free_port)
 nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
 start backend taskset -c 1 nginx -c "$WORK/backend/nginx.conf"
 wait_port "$BACKEND"
-python3 - "$BACKEND" >"$WORK/big.json" <<'EOF'
-import json, sys
-b = f"127.0.0.1:{sys.argv[1]}"
-routes = [{"host": f"svc{i}.example.com", "path_prefix": f"/p{i % 50}",
-           "rules": [{"match": {"header": {"name": "x-canary", "exact": "true"}}, "to": "canary"},
-                     {"match": {"cookie": {"name": "ab", "regex": "version-[bc]"}}, "to": "canary"}],
-           "split": {"stable": 9500, "canary": 500}, "sticky": {"cookie": "fleet-bucket"}}
-          for i in range(10000)]
-routes.append({"host": "*", "path_prefix": "/", "split": {"stable": 10000}})
-print(json.dumps({"tracks": {"stable": {"backends": [b]}, "canary": {"backends": [b]}}, "routes": routes}))
-EOF
+big_table "$BACKEND" >"$WORK/big.json"
 
 # The proxies on CPU 0; wrk, the backend and curl on CPU 1.
 PORTS=(); ADMINS=()
@@ -70,7 +60,6 @@ run() { # binary index, swaps
   echo "binary $1 swaps=$2: $rps req/s, p50 $p50, p99 $p99, $(wc -l <"$WORK/put.$1") tables put in force so far" >&2
   echo "$rps $(to_ms <<<"$p99")"
 }
-to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
 
 for _ in $(seq "$ROUNDS"); do
   for n in "${!PORTS[@]}"; do
