@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use crate::background;
 use crate::state::{InstallError, Shared};
 
 /// `PUT /routes` bodies larger than this are refused.
@@ -35,17 +36,30 @@ pub async fn handle(
             )
         }
         (&Method::PUT, "/routes") => put_routes(shared, req).await,
+        // Rendered on a background thread: they take the counters' lock, which a table
+        // being installed at nice 19 may hold, and the thread serving traffic must not wait.
         (&Method::GET, "/metrics") => {
-            let body = shared.stats.prometheus(shared.active().version);
-            let mut resp = text(StatusCode::OK, body);
-            resp.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            resp
+            let body = background::run("metrics", move || {
+                shared.stats.prometheus(shared.active().version)
+            });
+            match body.await {
+                Ok(body) => {
+                    let mut resp = text(StatusCode::OK, body);
+                    resp.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    resp
+                }
+                Err(e) => internal_error(&e),
+            }
         }
         (&Method::GET, "/stats") => {
-            json_response(StatusCode::OK, &shared.stats.json(shared.active().version))
+            let body = background::run("stats", move || shared.stats.json(shared.active().version));
+            match body.await {
+                Ok(body) => json_response(StatusCode::OK, &body),
+                Err(e) => internal_error(&e),
+            }
         }
         (_, "/healthz" | "/readyz" | "/routes" | "/metrics" | "/stats") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
@@ -71,14 +85,16 @@ async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
     };
     // Checking and building a large table is CPU work: off the threads that serve traffic,
     // and behind them for the CPU.
-    crate::background::run("routes", move || check_and_install(&shared, &body))
+    background::run("routes", move || check_and_install(&shared, &body))
         .await
-        .unwrap_or_else(|e| {
-            json_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &json!({ "error": e.to_string() }),
-            )
-        })
+        .unwrap_or_else(|e| internal_error(&e))
+}
+
+fn internal_error(e: &anyhow::Error) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &json!({ "error": e.to_string() }),
+    )
 }
 
 fn check_and_install(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {

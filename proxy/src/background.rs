@@ -1,5 +1,6 @@
 //! Work that must not take a core from traffic: checking and building route tables (a
-//! 10,000-route table is tens of milliseconds of CPU) and dropping the tables they replace.
+//! 10,000-route table is tens of milliseconds of CPU), dropping the tables they replace, and
+//! rendering `/stats` and `/metrics`, which take the counters' lock that an install holds.
 //!
 //! Each piece runs on a thread of its own at the lowest CPU priority (nice 19). On an idle
 //! core that changes nothing; on a core busy with traffic the scheduler gives the thread

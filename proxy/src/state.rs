@@ -140,6 +140,8 @@ fn resolve(
     health: &Mutex<HashMap<String, Arc<Backend>>>,
     stats: &Stats,
 ) -> Active {
+    // Held only while the backends are looked up: the traffic thread's sweep takes it too,
+    // and a build at nice 19 must not keep it through the counters below.
     let mut health = crate::lock(health);
     let backends: Vec<Vec<Arc<Backend>>> = table
         .tracks()
@@ -155,6 +157,7 @@ fn resolve(
                 .collect()
         })
         .collect();
+    drop(health);
     let track_names: Vec<&str> = table.tracks().map(|(_, t)| t.name()).collect();
     let counters = stats.resolve(table.routes().map(|(_, r)| r.name()), &track_names);
     let next = (0..table.tracks().len())
