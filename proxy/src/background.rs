@@ -24,12 +24,9 @@ pub async fn run<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
     let (tx, rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("fleet-{name}"))
-        .spawn(move || {
-            lower_priority();
-            let _ = tx.send(work());
-        })?;
+    spawn(name, move || {
+        let _ = tx.send(work());
+    })?;
     Ok(rx.await?)
 }
 
@@ -50,15 +47,20 @@ pub fn drop_when_unshared<T>(value: Arc<T>, patience: Duration) {
 /// Hands a table taken out of force to a background thread that drops it once the requests
 /// still on it are done ([`drop_when_unshared`]). If no thread can start, it is dropped here.
 pub fn retire<T: Send + Sync + 'static>(value: Arc<T>, patience: Duration) {
-    let spawned = std::thread::Builder::new()
-        .name("fleet-retire".to_owned())
-        .spawn(move || {
-            lower_priority();
-            drop_when_unshared(value, patience);
-        });
-    if let Err(e) = spawned {
+    if let Err(e) = spawn("retire", move || drop_when_unshared(value, patience)) {
         tracing::debug!(error = %e, "cannot start a thread to drop a retired table");
     }
+}
+
+/// Starts `work` on a thread named `fleet-{name}` at the lowest priority.
+fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("fleet-{name}"))
+        .spawn(move || {
+            lower_priority();
+            work();
+        })
+        .map(drop)
 }
 
 /// Lowers the calling thread's priority. On Linux the nice value belongs to the thread

@@ -135,9 +135,12 @@ pub async fn send(
                 .await
                 .unwrap_or(Err(Error::TimedOut));
             // hyper reports the body's failure as its own: the flag tells them apart.
-            sent.map_err(|e| match body_failed.is_some_and(|f| f.load(Relaxed)) {
-                true => Error::Body(e.into()),
-                false => e,
+            sent.map_err(|e| {
+                if body_failed.is_some_and(|f| f.load(Relaxed)) {
+                    Error::Body(e.into())
+                } else {
+                    e
+                }
             })
         };
         match sent {
