@@ -71,11 +71,13 @@ pub async fn handle(
 
 /// Validate, then swap: a rejected table leaves the one in force untouched.
 async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let body = match Limited::new(req.into_body(), MAX_TABLE_BYTES)
+    // The chunks as they came: joining a table of megabytes into one buffer is a copy, and
+    // it is made on the background thread, not here on the traffic runtime.
+    let chunks = match Limited::new(req.into_body(), MAX_TABLE_BYTES)
         .collect()
         .await
     {
-        Ok(b) => b.to_bytes(),
+        Ok(chunks) => chunks,
         Err(e) => {
             return json_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -85,9 +87,11 @@ async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
     };
     // Checking and building a large table is CPU work: off the threads that serve traffic,
     // and behind them for the CPU.
-    background::run("routes", move || check_and_install(&shared, &body))
-        .await
-        .unwrap_or_else(|e| internal_error(&e))
+    background::run("routes", move || {
+        check_and_install(&shared, &chunks.to_bytes())
+    })
+    .await
+    .unwrap_or_else(|e| internal_error(&e))
 }
 
 fn internal_error(e: &anyhow::Error) -> Response<Full<Bytes>> {
