@@ -8,47 +8,105 @@
 //! instead of stalling requests. A table then takes longer to come into force on a saturated
 //! core: about a second for 10,000 routes at the benchmark's load (4.6 s the worst seen), where
 //! it took 150 ms; the scheduler never starves it. A table of a few routes is unaffected.
+//!
+//! Threads are few and short-lived: at most [`MAX_WORKERS`] pieces of work run at once (the
+//! rest wait their turn without blocking the runtime) and one thread drops every retired
+//! table. When none is running the process is back to its runtime's threads, which the
+//! kernel rewards (see `reload.rs`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 
 /// The nice value of background threads: the lowest priority short of `SCHED_IDLE`.
 const NICE: i32 = 19;
 
-/// Runs `work` on a new low-priority thread and waits for its result without blocking the
-/// runtime. `Err` only if the thread could not start or `work` panicked.
+/// How many pieces of work run at once. A burst of `PUT /routes` or scrapes queues here
+/// rather than starting a thread, and holding a parsed table, per request.
+pub const MAX_WORKERS: usize = 2;
+
+static WORKERS: Semaphore = Semaphore::const_new(MAX_WORKERS);
+
+/// Runs `work` on a new low-priority thread, once fewer than [`MAX_WORKERS`] others run, and
+/// waits for its result without blocking the runtime. `Err` only if the thread could not
+/// start or `work` panicked.
 pub async fn run<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
+    let turn = WORKERS.acquire().await?;
     let (tx, rx) = oneshot::channel();
     spawn(name, move || {
         let _ = tx.send(work());
+        drop(turn);
     })?;
     Ok(rx.await?)
 }
 
-/// Waits, on the calling (background) thread, until `value` is its last holder and drops it
-/// there, so that the thread serving traffic does not free a large table when its last
-/// request on it ends. Gives up after `patience` (a tunnel may hold a table for hours); the
-/// last holder then drops it.
-pub fn drop_when_unshared<T>(value: Arc<T>, patience: Duration) {
-    let deadline = Instant::now() + patience;
-    let mut pause = Duration::from_millis(1);
-    while Arc::strong_count(&value) > 1 && Instant::now() < deadline {
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(100));
+/// Tables taken out of force and not yet dropped, each with the time past which the thread
+/// stops waiting for it (a tunnel may hold a table for hours; its last holder then drops it).
+struct Retired {
+    values: Vec<(Arc<dyn Send + Sync>, Instant)>,
+    /// Whether a thread is dropping them; at most one is.
+    reaper: bool,
+}
+
+static RETIRED: Mutex<Retired> = Mutex::new(Retired {
+    values: Vec::new(),
+    reaper: false,
+});
+
+impl Retired {
+    /// Takes out the values no one else holds any more or whose patience ran out, to be
+    /// dropped by the caller outside the lock.
+    fn take_done(&mut self, now: Instant) -> Vec<Arc<dyn Send + Sync>> {
+        let (done, waiting) = std::mem::take(&mut self.values)
+            .into_iter()
+            .partition(|(value, deadline)| Arc::strong_count(value) == 1 || now >= *deadline);
+        self.values = waiting;
+        done.into_iter().map(|(value, _)| value).collect()
     }
-    drop(value);
 }
 
 /// Hands a table taken out of force to a background thread that drops it once the requests
-/// still on it are done ([`drop_when_unshared`]). If no thread can start, it is dropped here.
+/// still on it are done, or after `patience`, so that the thread serving traffic does not
+/// free a large table when its last request on it ends. If no thread can start, what is
+/// waiting is dropped here.
 pub fn retire<T: Send + Sync + 'static>(value: Arc<T>, patience: Duration) {
-    if let Err(e) = spawn("retire", move || drop_when_unshared(value, patience)) {
-        tracing::debug!(error = %e, "cannot start a thread to drop a retired table");
+    let mut retired = crate::lock(&RETIRED);
+    retired.values.push((value, Instant::now() + patience));
+    if std::mem::replace(&mut retired.reaper, true) {
+        return;
+    }
+    drop(retired);
+    if let Err(e) = spawn("retire", reap) {
+        tracing::warn!(error = %e, "cannot start a thread to drop retired tables");
+        let mut retired = crate::lock(&RETIRED);
+        retired.reaper = false;
+        let values = std::mem::take(&mut retired.values);
+        drop(retired);
+        drop(values);
+    }
+}
+
+/// The reaper: drops retired values as they come free, and ends when none is left.
+fn reap() {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let mut retired = crate::lock(&RETIRED);
+        let done = retired.take_done(Instant::now());
+        let finished = retired.values.is_empty();
+        if finished {
+            retired.reaper = false;
+        }
+        drop(retired);
+        drop(done);
+        if finished {
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -96,37 +154,97 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_in_the_work_is_an_error_not_a_hang() {
-        let outcome = run("test", || -> u32 { panic!("boom") }).await;
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            run("test", || -> u32 { panic!("boom") }),
+        )
+        .await
+        .expect("a panicking piece of work still answers");
         assert!(outcome.is_err());
+        // Its turn is given back: another piece of work runs.
+        assert_eq!(run("test", || 7).await.unwrap(), 7);
     }
 
-    #[test]
-    fn the_value_is_dropped_here_once_no_one_else_holds_it() {
-        struct Probe(std::sync::mpsc::Sender<std::thread::ThreadId>);
-        impl Drop for Probe {
-            fn drop(&mut self) {
-                let _ = self.0.send(std::thread::current().id());
-            }
+    #[tokio::test]
+    async fn no_more_than_max_workers_run_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let mut pieces = tokio::task::JoinSet::new();
+        for _ in 0..4 * MAX_WORKERS {
+            let (running, most) = (running.clone(), most.clone());
+            pieces.spawn(run("test", move || {
+                let now = running.fetch_add(1, SeqCst) + 1;
+                most.fetch_max(now, SeqCst);
+                // The work itself: long enough that unlimited threads would overlap.
+                std::thread::sleep(Duration::from_millis(20));
+                running.fetch_sub(1, SeqCst);
+            }));
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let value = Arc::new(Probe(tx));
-        let held = value.clone();
-        let releaser = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            drop(held);
-        });
-        drop_when_unshared(value, Duration::from_secs(10));
-        releaser.join().unwrap();
-        assert_eq!(rx.recv().unwrap(), std::thread::current().id());
+        while let Some(outcome) = pieces.join_next().await {
+            outcome.unwrap().unwrap();
+        }
+        let most = most.load(SeqCst);
+        assert!((1..=MAX_WORKERS).contains(&most), "{most} ran at once");
+    }
+
+    /// Tells, when dropped, which thread dropped it.
+    struct Probe(std::sync::mpsc::Sender<Option<String>>);
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            let _ = self
+                .0
+                .send(std::thread::current().name().map(str::to_owned));
+        }
     }
 
     #[test]
-    fn past_its_patience_the_last_holder_drops_it() {
-        let value = Arc::new(());
-        let held = value.clone();
+    fn a_retired_value_is_dropped_by_the_reaper_once_no_one_else_holds_it() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let held = Arc::new(Probe(tx));
+        retire(held.clone(), Duration::from_secs(60));
+        assert!(rx.try_recv().is_err(), "dropped while still held");
+        // The last request on the table ends: it is not the one to free it.
+        drop(held);
+        let by = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(by.as_deref(), Some("fleet-retire"));
+    }
+
+    #[test]
+    fn past_its_patience_the_reaper_lets_go() {
+        let held = Arc::new(());
         let started = Instant::now();
-        drop_when_unshared(value, Duration::from_millis(30));
+        retire(held.clone(), Duration::from_millis(30));
+        eventually(|| Arc::strong_count(&held) == 1);
         assert!(started.elapsed() >= Duration::from_millis(30));
-        assert_eq!(Arc::strong_count(&held), 1);
+    }
+
+    #[test]
+    fn one_thread_drops_every_retired_value_and_ends_when_done() {
+        let held: Vec<Arc<u32>> = (0..50).map(Arc::new).collect();
+        for value in &held {
+            retire(value.clone(), Duration::from_secs(60));
+        }
+        assert!(reapers() <= 1, "{} reaper threads", reapers());
+        drop(held);
+        eventually(|| reapers() == 0);
+    }
+
+    /// Threads of this process named `fleet-retire`.
+    fn reapers() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "fleet-retire")
+            .count()
+    }
+
+    /// Polls `done` until it holds, for at most ten seconds.
+    fn eventually(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "not within ten seconds");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }

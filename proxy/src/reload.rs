@@ -31,6 +31,8 @@ pub async fn watch(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut seen = fingerprint(&path, &shared);
+    // Set when the last reload could not run: the next tick tries again.
+    let mut retry = false;
     loop {
         let forced = tokio::select! {
             _ = crate::server::stopped(&mut stop) => return,
@@ -42,16 +44,18 @@ pub async fn watch(
         // process of more than one thread makes the kernel take and drop a reference on
         // the socket at every call (`fput`: 0.35% of the proxy's CPU time under wrk).
         let now = fingerprint(&path, &shared);
-        if !forced && now == seen {
+        if !forced && !retry && now == seen {
             continue;
         }
         seen = now;
         // Reading, checking and building a large table is CPU work: off the traffic threads,
         // and behind them for the CPU.
         let (shared, path, tls) = (shared.clone(), path.clone(), tls.clone());
-        if let Err(e) = crate::background::run("reload", move || reload(&shared, &path, &tls)).await
-        {
-            return tracing::error!(error = %e, "config watcher failed");
+        let outcome = crate::background::run("reload", move || reload(&shared, &path, &tls)).await;
+        // No thread could start, or the reload panicked: the table in force stays.
+        retry = outcome.is_err();
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "could not reload the config; trying again");
         }
     }
 }

@@ -91,7 +91,13 @@ impl Shared {
     /// Forgets backends that no table names any more, closing their pooled connections, and
     /// closes the stale idle connections of the others.
     pub fn sweep_backends(&self) {
-        let mut health = crate::lock(&self.health);
+        // An install at nice 19 may hold the map: skip this sweep rather than have the
+        // thread serving traffic wait for a thread the scheduler puts last.
+        let mut health = match self.health.try_lock() {
+            Ok(health) => health,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         // Only this map holds such a backend: no table in force, no request in flight.
         health.retain(|_, backend| Arc::strong_count(backend) > 1);
         for backend in health.values() {
