@@ -211,7 +211,13 @@ async fn accept_loop(
     }
 }
 
+/// Admin connections open at once; more are closed as they come. Its clients are an agent, a
+/// scraper and an operator or two; the limit bounds what a flood of large `PUT /routes`
+/// bodies can hold in memory.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -223,6 +229,11 @@ async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch:
                 }
             },
         };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!("admin connection refused: {MAX_ADMIN_CONNECTIONS} already open");
+            drop(stream);
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| crate::admin::handle(shared.clone(), req));
@@ -230,6 +241,7 @@ async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch:
                 .timer(TokioTimer::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
+            drop(permit);
         });
     }
 }

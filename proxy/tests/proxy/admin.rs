@@ -6,7 +6,9 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::Value;
 
-use crate::support::{Backend, Mode, Proxy, client, eventually, get, put, send, tracks};
+use crate::support::{
+    Backend, Mode, Proxy, client, eventually, get, put, send, stable_proxy, tracks,
+};
 
 async fn three() -> (Backend, Backend, Backend) {
     (
@@ -239,4 +241,46 @@ async fn an_edited_config_file_is_reloaded_and_a_broken_one_is_not() {
     assert_eq!(get(&proxy.url("/")).await.unwrap().2, "canary");
     proxy.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn admin_connections_over_the_limit_are_closed_and_traffic_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn healthz(admin: std::net::SocketAddr) -> Option<(TcpStream, usize)> {
+        let mut s = TcpStream::connect(admin).await.ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .ok()?
+            .unwrap_or(0);
+        Some((s, n))
+    }
+
+    let (proxy, _stable) = stable_proxy("").await;
+    let limit = fleet_proxy::server::MAX_ADMIN_CONNECTIONS;
+    let mut held = Vec::new();
+    for _ in 0..limit {
+        let (s, n) = healthz(proxy.admin).await.unwrap();
+        assert!(n > 0, "an admin connection under the limit was not served");
+        held.push(s);
+    }
+    let (_, n) = healthz(proxy.admin).await.unwrap();
+    assert_eq!(n, 0, "admin connection {} was served", limit + 1);
+    // Traffic has its own listener and limit.
+    let (status, headers, _) = get(&proxy.url("/")).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-served-by"], "stable");
+    // One held connection closes: its place is free again.
+    drop(held.pop());
+    eventually(Duration::from_secs(10), || async {
+        matches!(healthz(proxy.admin).await, Some((_, n)) if n > 0)
+    })
+    .await;
+    drop(held);
+    proxy.stop().await;
 }
