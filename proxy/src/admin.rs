@@ -36,8 +36,8 @@ pub async fn handle(
             )
         }
         (&Method::PUT, "/routes") => put_routes(shared, req).await,
-        // Rendered on a background thread: they take the counters' lock, which a table
-        // being installed at nice 19 may hold, and the thread serving traffic must not wait.
+        // Rendered on a background thread: they take the counters' lock, which a table being
+        // installed may hold, and the thread serving traffic must not wait.
         (&Method::GET, "/metrics") => {
             let body = background::run("metrics", move || {
                 shared.stats.prometheus(shared.active().version)

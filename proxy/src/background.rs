@@ -2,12 +2,14 @@
 //! 10,000-route table is tens of milliseconds of CPU), dropping the tables they replace, and
 //! rendering `/stats` and `/metrics`, which take the counters' lock that an install holds.
 //!
-//! Each piece runs on a thread of its own at the lowest CPU priority (nice 19). On an idle
-//! core that changes nothing; on a core busy with traffic the scheduler gives the thread
-//! serving traffic nearly all of it (weights 1024 against 15), so a build stretches out
+//! Each piece runs on a thread of its own in the idle scheduling class (`SCHED_IDLE`). On an
+//! idle core that changes nothing; on a core busy with traffic the thread serving traffic
+//! takes the core back the moment it wakes (weights 1024 against 3), so a build stretches out
 //! instead of stalling requests. A table then takes longer to come into force on a saturated
-//! core: about a second for 10,000 routes at the benchmark's load (4.6 s the worst seen), where
-//! it took 150 ms; the scheduler never starves it. A table of a few routes is unaffected.
+//! core: a 10,000-route table, 50–100 ms of CPU, took 2.8–4.5 s (median of two runs) under
+//! the benchmark's load. At nice 19 it took 1.5–2.3 s, but the thread kept the core for a
+//! whole slice once it had it: p99 rose 2.0–2.2× while tables were built back to back, against
+//! 1.3× in the idle class (`benches/README.md`). A table of a few routes is unaffected.
 //!
 //! Threads are few and short-lived: at most [`MAX_WORKERS`] pieces of work run at once (the
 //! rest wait their turn without blocking the runtime) and one thread drops every retired
@@ -18,9 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, oneshot};
-
-/// The nice value of background threads: the lowest priority short of `SCHED_IDLE`.
-const NICE: i32 = 19;
 
 /// How many pieces of work run at once. A burst of `PUT /routes` or scrapes queues here
 /// rather than starting a thread, and holding a parsed table, per request.
@@ -121,12 +120,15 @@ fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> std::io::Result<()
         .map(drop)
 }
 
-/// Lowers the calling thread's priority. On Linux the nice value belongs to the thread
-/// (`setpriority(2)`, NOTES), so the threads serving traffic keep theirs.
+/// Puts the calling thread in the idle scheduling class (`SCHED_IDLE`, sched(7)): it runs
+/// on what the threads serving traffic leave, and one of them waking takes the core back at
+/// once. Policy and nice value belong to the thread on Linux, so those threads keep theirs.
 fn lower_priority() {
-    let me = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(me), NICE) {
-        tracing::debug!(error = %e, "cannot lower the priority of a background thread");
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    let me = thread_priority::thread_native_id();
+    if let Err(e) = thread_priority::set_thread_priority_and_policy(me, ThreadPriority::Min, idle) {
+        tracing::debug!(error = ?e, "cannot lower the priority of a background thread");
     }
 }
 
@@ -135,21 +137,26 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn work_runs_on_a_thread_of_the_lowest_priority() {
-        let before = own_nice();
-        let (nice, name) = run("test", || {
-            (own_nice(), std::thread::current().name().map(str::to_owned))
+    async fn work_runs_on_a_thread_of_the_idle_class() {
+        use thread_priority::{NormalThreadSchedulePolicy::Idle, ThreadSchedulePolicy::Normal};
+        let before = own_policy();
+        let (policy, name) = run("test", || {
+            (
+                own_policy(),
+                std::thread::current().name().map(str::to_owned),
+            )
         })
         .await
         .unwrap();
-        assert_eq!(nice, NICE);
+        assert_eq!(policy, Normal(Idle));
         assert_eq!(name.as_deref(), Some("fleet-test"));
-        // The caller's thread keeps its priority.
-        assert_eq!(own_nice(), before);
+        // The caller's thread keeps its class.
+        assert_ne!(before, Normal(Idle));
+        assert_eq!(own_policy(), before);
     }
 
-    fn own_nice() -> i32 {
-        rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+    fn own_policy() -> thread_priority::ThreadSchedulePolicy {
+        thread_priority::thread_schedule_policy().unwrap()
     }
 
     #[tokio::test]

@@ -91,7 +91,7 @@ impl Shared {
     /// Forgets backends that no table names any more, closing their pooled connections, and
     /// closes the stale idle connections of the others.
     pub fn sweep_backends(&self) {
-        // An install at nice 19 may hold the map: skip this sweep rather than have the
+        // An install in the background may hold the map: skip this sweep rather than have the
         // thread serving traffic wait for a thread the scheduler puts last.
         let mut health = match self.health.try_lock() {
             Ok(health) => health,
@@ -147,7 +147,7 @@ fn resolve(
     stats: &Stats,
 ) -> Active {
     // Held only while the backends are looked up: the traffic thread's sweep takes it too,
-    // and a build at nice 19 must not keep it through the counters below.
+    // and a background build must not keep it through the counters below.
     let mut health = crate::lock(health);
     let backends: Vec<Vec<Arc<Backend>>> = table
         .tracks()
