@@ -73,16 +73,23 @@ pub async fn handle(
 async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     // The chunks as they came: joining a table of megabytes into one buffer is a copy, and
     // it is made on the background thread, not here on the traffic runtime.
-    let chunks = match Limited::new(req.into_body(), MAX_TABLE_BYTES)
-        .collect()
-        .await
-    {
-        Ok(chunks) => chunks,
-        Err(e) => {
+    // A body that trickles in would hold one of the few admin connections for good.
+    let patience = shared.settings.limits.header_read_timeout;
+    let collect = Limited::new(req.into_body(), MAX_TABLE_BYTES).collect();
+    let chunks = match tokio::time::timeout(patience, collect).await {
+        Ok(Ok(chunks)) => chunks,
+        Ok(Err(e)) => {
             return json_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &json!({ "error": e.to_string() }),
             );
+        }
+        Err(_) => {
+            let error = format!(
+                "the table did not arrive within {} (limits.header_read_timeout)",
+                humantime::format_duration(patience)
+            );
+            return json_response(StatusCode::REQUEST_TIMEOUT, &json!({ "error": error }));
         }
     };
     // Checking and building a large table is CPU work: off the threads that serve traffic,

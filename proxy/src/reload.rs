@@ -52,10 +52,14 @@ pub async fn watch(
         // and behind them for the CPU.
         let (shared, path, tls) = (shared.clone(), path.clone(), tls.clone());
         let outcome = crate::background::run("reload", move || reload(&shared, &path, &tls)).await;
-        // No thread could start, or the reload panicked: the table in force stays.
-        retry = outcome.is_err();
+        // No thread could start (the machine is short of threads for now): try again on the
+        // next tick. A reload that panicked would panic again on the same file: wait for a
+        // change. Either way the table in force stays.
+        retry = outcome
+            .as_ref()
+            .is_err_and(|e| e.downcast_ref::<std::io::Error>().is_some());
         if let Err(e) = outcome {
-            tracing::error!(error = %e, "could not reload the config; trying again");
+            tracing::error!(error = %e, retry, "could not reload the config");
         }
     }
 }

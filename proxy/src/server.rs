@@ -218,6 +218,8 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    // Whether the last connection was refused: one warning per flood, not one per connection.
+    let mut refusing = false;
     loop {
         let stream = tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -230,15 +232,20 @@ async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch:
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!("admin connection refused: {MAX_ADMIN_CONNECTIONS} already open");
+            if !std::mem::replace(&mut refusing, true) {
+                tracing::warn!("admin connections refused: {MAX_ADMIN_CONNECTIONS} already open");
+            }
             drop(stream);
             continue;
         };
+        refusing = false;
         let shared = shared.clone();
         tokio::spawn(async move {
+            let head_timeout = shared.settings.limits.header_read_timeout;
             let svc = service_fn(move |req| crate::admin::handle(shared.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
             drop(permit);
