@@ -71,25 +71,24 @@ impl Checker<'_> {
         let u = f.upstream.clone().unwrap_or_default();
         let l = f.limits.clone().unwrap_or_default();
         let m = f.mirror.clone().unwrap_or_default();
+        // Each checked before any is used, so that every bad one is reported.
+        let connect_timeout = self.timeout("upstream.connect_timeout", &u.connect_timeout, 1_000);
+        let request_timeout = self.timeout("upstream.request_timeout", &u.request_timeout, 10_000);
+        let per_try_timeout = self.timeout("upstream.per_try_timeout", &u.per_try_timeout, 2_000);
+        let eject_for = self.duration("upstream.eject_for", &u.eject_for, 10_000);
+        let header_read_timeout =
+            self.timeout("limits.header_read_timeout", &l.header_read_timeout, 10_000);
+        let idle_timeout = self.timeout("limits.idle_timeout", &l.idle_timeout, 60_000);
+        let mirror_timeout = self.timeout("mirror.timeout", &m.timeout, 5_000);
+        let drain_timeout = self.duration("drain_timeout", &f.drain_timeout, 30_000);
+        let watch_interval = self.timeout("watch_interval", &f.watch_interval, 1_000);
         let upstream = Upstream {
-            connect_timeout: self.duration(
-                "upstream.connect_timeout",
-                &u.connect_timeout,
-                1_000,
-            )?,
-            request_timeout: self.duration(
-                "upstream.request_timeout",
-                &u.request_timeout,
-                10_000,
-            )?,
-            per_try_timeout: self.duration(
-                "upstream.per_try_timeout",
-                &u.per_try_timeout,
-                2_000,
-            )?,
+            connect_timeout: connect_timeout?,
+            request_timeout: request_timeout?,
+            per_try_timeout: per_try_timeout?,
             retries: u.retries.unwrap_or(3),
             eject_after: u.eject_after.unwrap_or(5).max(1),
-            eject_for: self.duration("upstream.eject_for", &u.eject_for, 10_000)?,
+            eject_for: eject_for?,
             max_idle_per_backend: u.max_idle_per_backend.unwrap_or(128) as usize,
         };
         let limits = Limits {
@@ -98,18 +97,14 @@ impl Checker<'_> {
             max_headers: l.max_headers.unwrap_or(100) as usize,
             // hyper needs room for at least one read buffer.
             max_header_bytes: (l.max_header_bytes.unwrap_or(65_536) as usize).max(8_192),
-            header_read_timeout: self.duration(
-                "limits.header_read_timeout",
-                &l.header_read_timeout,
-                10_000,
-            )?,
-            idle_timeout: self.duration("limits.idle_timeout", &l.idle_timeout, 60_000)?,
+            header_read_timeout: header_read_timeout?,
+            idle_timeout: idle_timeout?,
         };
         let mirror = MirrorLimits {
             queue: m.queue.unwrap_or(1024).max(1) as usize,
             concurrency: m.concurrency.unwrap_or(64).max(1) as usize,
             max_body_bytes: m.max_body_bytes.unwrap_or(1 << 20) as usize,
-            timeout: self.duration("mirror.timeout", &m.timeout, 5_000)?,
+            timeout: mirror_timeout?,
         };
         Some(Settings {
             listeners,
@@ -117,8 +112,8 @@ impl Checker<'_> {
             upstream,
             limits,
             mirror,
-            drain_timeout: self.duration("drain_timeout", &f.drain_timeout, 30_000)?,
-            watch_interval: self.duration("watch_interval", &f.watch_interval, 1_000)?,
+            drain_timeout: drain_timeout?,
+            watch_interval: watch_interval?,
         })
     }
 
@@ -136,6 +131,22 @@ impl Checker<'_> {
             );
         }
         parsed
+    }
+
+    /// A duration that must not be zero: a timeout nothing could meet, or an interval that
+    /// would spin.
+    fn timeout(&mut self, path: &str, text: &Option<String>, default_ms: u64) -> Option<Duration> {
+        let d = self.duration(path, text, default_ms)?;
+        if d.is_zero() {
+            let text = text.as_deref().unwrap_or_default();
+            self.error(
+                path,
+                format!("\"{text}\" must be more than zero"),
+                "write a positive duration such as `500ms` or `2s`",
+            );
+            return None;
+        }
+        Some(d)
     }
 
     fn duration(&mut self, path: &str, text: &Option<String>, default_ms: u64) -> Option<Duration> {
@@ -158,4 +169,50 @@ impl Checker<'_> {
 
 fn tls_is_list(tls: Option<&TlsSpec>) -> bool {
     matches!(tls, Some(TlsSpec::Many(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    fn diagnostics(extra: &str) -> Vec<String> {
+        let src = format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n{extra}tracks:\n  stable: {{ backends: [\"127.0.0.1:1\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+        );
+        match crate::config::check(&src, Path::new(".")) {
+            Ok(_) => vec![],
+            Err(diags) => diags.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_zero_timeout_or_interval_is_refused_and_every_bad_duration_is_named() {
+        let diags = diagnostics(
+            "watch_interval: 0s\nlimits: { header_read_timeout: 0ms }\nupstream: { request_timeout: soon }\n",
+        );
+        assert_eq!(diags.len(), 3, "{diags:#?}");
+        for (field, value) in [
+            ("watch_interval", "\"0s\" must be more than zero"),
+            ("limits.header_read_timeout", "\"0ms\" must be more than zero"),
+            ("upstream.request_timeout", "\"soon\" is not a duration"),
+        ] {
+            assert!(
+                diags.iter().any(|d| d.contains(field) && d.contains(value)),
+                "no diagnostic on {field}: {diags:#?}"
+            );
+        }
+        assert!(
+            diags
+                .iter()
+                .any(|d| d.contains("write a positive duration"))
+        );
+    }
+
+    #[test]
+    fn zero_is_a_fine_drain_timeout_and_ejection() {
+        assert_eq!(
+            diagnostics("drain_timeout: 0s\nupstream: { eject_for: 0s }\n"),
+            Vec::<String>::new()
+        );
+    }
 }
