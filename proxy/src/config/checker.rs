@@ -193,7 +193,10 @@ mod tests {
         assert_eq!(diags.len(), 3, "{diags:#?}");
         for (field, value) in [
             ("watch_interval", "\"0s\" must be more than zero"),
-            ("limits.header_read_timeout", "\"0ms\" must be more than zero"),
+            (
+                "limits.header_read_timeout",
+                "\"0ms\" must be more than zero",
+            ),
             ("upstream.request_timeout", "\"soon\" is not a duration"),
         ] {
             assert!(
