@@ -71,8 +71,6 @@ pub async fn handle(
 
 /// Validate, then swap: a rejected table leaves the one in force untouched.
 async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    // The chunks as they came: joining a table of megabytes into one buffer is a copy, and
-    // it is made on the background thread, not here on the traffic runtime.
     // A body that trickles in would hold one of the few admin connections for good.
     let patience = shared.settings.limits.header_read_timeout;
     let collect = Limited::new(req.into_body(), MAX_TABLE_BYTES).collect();
@@ -93,7 +91,8 @@ async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
         }
     };
     // Checking and building a large table is CPU work: off the threads that serve traffic,
-    // and behind them for the CPU.
+    // and behind them for the CPU. So is joining the chunks as they came into one buffer, a
+    // copy of megabytes.
     background::run("routes", move || {
         check_and_install(&shared, &chunks.to_bytes())
     })

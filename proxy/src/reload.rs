@@ -31,7 +31,7 @@ pub async fn watch(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut seen = fingerprint(&path, &shared);
-    // Set when the last reload could not run: the next tick tries again.
+    // Set when no thread could start for the last reload: the next tick tries again.
     let mut retry = false;
     loop {
         let forced = tokio::select! {
