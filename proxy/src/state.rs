@@ -93,10 +93,8 @@ impl Shared {
     pub fn sweep_backends(&self) {
         // An install in the background may hold the map: skip this sweep rather than have the
         // thread serving traffic wait for a thread the scheduler puts last.
-        let mut health = match self.health.try_lock() {
-            Ok(health) => health,
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return,
+        let Some(mut health) = crate::try_lock(&self.health) else {
+            return;
         };
         // Only this map holds such a backend: no table in force, no request in flight.
         health.retain(|_, backend| Arc::strong_count(backend) > 1);

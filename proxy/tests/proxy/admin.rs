@@ -7,7 +7,7 @@ use http_body_util::Full;
 use serde_json::Value;
 
 use crate::support::{
-    Backend, Mode, Proxy, client, eventually, get, put, send, stable_proxy, tracks,
+    Backend, Mode, Proxy, client, eventually, exchange, get, put, send, stable_proxy, tracks,
 };
 
 async fn three() -> (Backend, Backend, Backend) {
@@ -287,20 +287,11 @@ async fn admin_connections_over_the_limit_are_closed_and_traffic_goes_on() {
 
 #[tokio::test]
 async fn a_put_body_that_trickles_gets_408_and_frees_its_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     let (proxy, _stable) = stable_proxy("limits: { header_read_timeout: 300ms }\n").await;
     let before = get(&proxy.admin_url("/routes")).await.unwrap().2;
-    let mut s = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
-    s.write_all(b"PUT /routes HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
-        .await
-        .expect("no answer within 5 s")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let trickle = b"PUT /routes HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{";
+    let (answer, closed) = exchange(proxy.admin, trickle).await;
+    assert!(closed, "no answer within 5 s");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("limits.header_read_timeout"), "{answer}");
     // The table in force is untouched.

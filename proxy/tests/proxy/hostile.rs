@@ -5,18 +5,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Backend, Mode, Proxy, eventually, get, stable_only, stable_proxy, stats};
-
-/// Writes `raw` and reads until the proxy closes the connection (or 5 s pass).
-async fn exchange(proxy: &Proxy, raw: &[u8]) -> (String, bool) {
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .is_ok();
-    (String::from_utf8_lossy(&out).into_owned(), closed)
-}
+use crate::support::{
+    Backend, Mode, Proxy, eventually, exchange, get, stable_only, stable_proxy, stats,
+};
 
 fn statuses(text: &str) -> Vec<&str> {
     text.match_indices("HTTP/1.1 ")
@@ -32,7 +23,7 @@ async fn a_malformed_request_gets_400_and_the_connection_closes() {
         b"GET / HTTP/1.1\r\nHost: a\r\nbad header\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n",
     ] {
-        let (text, closed) = exchange(&proxy, raw).await;
+        let (text, closed) = exchange(proxy.addr, raw).await;
         assert_eq!(statuses(&text), ["400"], "{text}");
         assert!(closed);
     }
@@ -51,7 +42,7 @@ async fn a_transfer_encoding_other_than_chunked_is_refused_and_the_connection_cl
         let raw = format!(
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
         );
-        let (text, closed) = exchange(&proxy, raw.as_bytes()).await;
+        let (text, closed) = exchange(proxy.addr, raw.as_bytes()).await;
         assert_eq!(statuses(&text), ["400"], "{te}: {text}");
         assert!(closed, "{te}");
     }
@@ -73,7 +64,7 @@ async fn repeated_or_conflicting_content_lengths_are_refused_and_the_connection_
         let raw = format!(
             "POST / HTTP/1.1\r\nHost: a\r\n{lengths}\r\n\r\nhelloGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
         );
-        let (text, closed) = exchange(&proxy, raw.as_bytes()).await;
+        let (text, closed) = exchange(proxy.addr, raw.as_bytes()).await;
         assert_eq!(statuses(&text), ["400"], "{lengths}: {text}");
         assert!(closed, "{lengths}");
     }
@@ -94,7 +85,7 @@ async fn content_length_with_transfer_encoding_is_refused_in_either_order() {
         let raw = format!(
             "POST / HTTP/1.1\r\nHost: a\r\n{first}\r\n{second}\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
         );
-        let (text, closed) = exchange(&proxy, raw.as_bytes()).await;
+        let (text, closed) = exchange(proxy.addr, raw.as_bytes()).await;
         assert_eq!(statuses(&text), ["400"], "{first} / {second}: {text}");
         assert!(
             text.contains("both content-length and transfer-encoding"),
@@ -112,7 +103,7 @@ async fn clean_pipelined_requests_after_bodies_are_all_served() {
     let raw = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
 POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
 GET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
-    let (text, closed) = exchange(&proxy, raw).await;
+    let (text, closed) = exchange(proxy.addr, raw).await;
     assert_eq!(statuses(&text), ["200", "200", "200"], "{text}");
     assert!(closed);
     assert_eq!(b.hits(), 3);
@@ -126,12 +117,12 @@ async fn oversized_heads_and_too_many_headers_are_refused() {
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
         "a".repeat(20_000)
     );
-    let (text, closed) = exchange(&proxy, big.as_bytes()).await;
+    let (text, closed) = exchange(proxy.addr, big.as_bytes()).await;
     assert_eq!(statuses(&text), ["431"], "{text}");
     assert!(closed);
     let many: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
     let (text, closed) = exchange(
-        &proxy,
+        proxy.addr,
         format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes(),
     )
     .await;
@@ -231,7 +222,7 @@ async fn a_shed_request_keeps_the_smuggling_verdicts_in_step_with_the_requests()
     let (proxy, busy, _slow) = proxy_at_its_request_limit().await;
     // The first is shed; the second is ambiguous and must still be refused as such.
     let (text, closed) = exchange(
-        &proxy,
+        proxy.addr,
         b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
 POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     )

@@ -497,3 +497,16 @@ pub fn tracks(stable: SocketAddr, canary: SocketAddr, shadow: SocketAddr) -> Str
         "tracks:\n  stable: {{ backends: [\"{stable}\"] }}\n  canary: {{ backends: [\"{canary}\"] }}\n  shadow: {{ backends: [\"{shadow}\"] }}\n"
     )
 }
+
+/// Writes `raw` to `addr` and reads until the proxy closes the connection (or 5 s pass):
+/// what came back, and whether it closed.
+pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
