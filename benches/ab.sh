@@ -19,14 +19,7 @@ DURATION=${DURATION:-4}
 need nginx wrk python3 curl
 CLK=$(getconf CLK_TCK)
 
-BACKEND=$(free_port)
-SHADOW=$(free_port)
-for name in backend shadow; do
-  port=$BACKEND; [[ $name == shadow ]] && port=$SHADOW
-  nginx_conf "$name" "server { listen 127.0.0.1:$port; location / { return 200 'ok\n'; } }"
-  start "$name" taskset -c 1 nginx -c "$WORK/$name/nginx.conf"
-  wait_port "$port"
-done
+start_backends taskset -c 1
 
 # One run of a binary: prints "req/s cpu-µs-per-request".
 run() {
@@ -35,12 +28,12 @@ run() {
   start proxy taskset -c 0 "$1" --config "$WORK/ab.yaml" --worker-threads 1
   local pid=$LAST
   wait_port "$port" 300
-  local wrk=(taskset -c 1 wrk -t1 -c64 -H 'Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4')
+  local wrk=(taskset -c 1 wrk -t1 -c64 -H "$COOKIE")
   "${wrk[@]}" -d1s "http://127.0.0.1:$port/" >/dev/null
   local before after out
-  before=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
+  before=$(cpu_ticks "$pid")
   out=$("${wrk[@]}" -d"${DURATION}s" "http://127.0.0.1:$port/")
-  after=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
+  after=$(cpu_ticks "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true
   awk -v t=$((after - before)) -v clk="$CLK" '
     /requests in/ { n = $1 } /Requests\/sec/ { r = $2 }

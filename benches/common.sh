@@ -71,6 +71,25 @@ start() { # name, command...; sets LAST
   PIDS+=("$LAST")
 }
 
+# The header every load run sends: a session cookie and a sticky bucket.
+COOKIE='Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4'
+
+# User plus system CPU time of a process, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+# The backend and the mirror's shadow: two nginx answering 200 "ok" themselves, one worker
+# each, started under the command prefix given (say, `taskset -c 1`); the shadow also under
+# $SHADOW_PREFIX if set. Sets BACKEND, SHADOW (ports) and SHADOW_PID.
+start_backends() { # command prefix...
+  BACKEND=$(free_port); SHADOW=$(free_port)
+  nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
+  nginx_conf shadow "server { listen 127.0.0.1:$SHADOW; location / { return 200 'ok\n'; } }"
+  start backend "$@" nginx -c "$WORK/backend/nginx.conf"
+  # shellcheck disable=SC2086 # a command prefix, split on purpose
+  start shadow "$@" ${SHADOW_PREFIX:-} nginx -c "$WORK/shadow/nginx.conf"; SHADOW_PID=$LAST
+  wait_port "$BACKEND"; wait_port "$SHADOW"
+}
+
 # fleet-proxy with a realistic table: 20 routes, header and cookie rules, a 5% sticky split.
 fleet_conf() { # file, port, admin, stable/canary backend, shadow backend, mirror line
   {

@@ -17,13 +17,7 @@ DURATION=${DURATION:-5}
 need nginx wrk
 build_fleet_proxy
 
-BACKEND=$(free_port); SHADOW=$(free_port)
-nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
-nginx_conf shadow "server { listen 127.0.0.1:$SHADOW; location / { return 200 'ok\n'; } }"
-start backend taskset -c 1 nginx -c "$WORK/backend/nginx.conf"
-# shellcheck disable=SC2086 # SHADOW_PREFIX is a command prefix, split on purpose
-start shadow taskset -c 1 ${SHADOW_PREFIX:-} nginx -c "$WORK/shadow/nginx.conf"
-wait_port "$BACKEND"; wait_port "$SHADOW"
+start_backends taskset -c 1
 
 declare -A PORT PID
 for mode in off on; do
@@ -35,9 +29,8 @@ for mode in off on; do
   wait_port "$port" 300
 done
 
-WRK=(taskset -c 1 wrk -t1 -c64 -H 'Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4')
+WRK=(taskset -c 1 wrk -t1 -c64 -H "$COOKIE")
 interrupts() { awk '$1=="RES:"||$1=="CAL:"||$1=="LOC:" {printf "%s %s %s ", $1, $2, $3}' /proc/interrupts; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 echo "mode requests req/s cpu_us_per_req interrupts_per_1000_requests(cpu0/cpu1)"
 : >"$WORK/runs"

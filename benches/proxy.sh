@@ -41,13 +41,7 @@ else
 fi
 
 
-# The backend: nginx answering 200 "ok" itself, one worker. Two of them, for the mirror.
-BACKEND=$(free_port); SHADOW=$(free_port)
-nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
-nginx_conf shadow "server { listen 127.0.0.1:$SHADOW; location / { return 200 'ok\n'; } }"
-start backend "${LOAD_CPU[@]}" nginx -c "$WORK/backend/nginx.conf"
-start shadow "${LOAD_CPU[@]}" nginx -c "$WORK/shadow/nginx.conf"; SHADOW_PID=$LAST
-wait_port "$BACKEND"; wait_port "$SHADOW"
+start_backends "${LOAD_CPU[@]}"
 
 # nginx as the proxy: plain proxy_pass with pooled upstream connections; a second port for h2c.
 NGINX=$(free_port); NGINX_H2=$(free_port)
@@ -93,10 +87,10 @@ start floor "${PROXY_CPU[@]}" "$TARGET/release/examples/hyper_floor" "127.0.0.1:
 for p in "$NGINX" "$NGINX_H2" "$HAPROXY" "$HAPROXY_H2" "$FLEET_PORT" "$MIRROR_PORT" "$FLOOR_PORT"; do wait_port "$p"; done
 
 # CPU ticks of a process and its children (nginx: master and worker).
-ticks() { local t=0; for p in $1 $(pgrep -P "$1" || true); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+ticks() { local t=0; for p in $1 $(pgrep -P "$1" || true); do t=$((t + $(cpu_ticks "$p"))); done; echo "$t"; }
 CLK=$(getconf CLK_TCK)
 
-WRK=("${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" --latency -H 'Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4' -H 'User-Agent: bench')
+WRK=("${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" --latency -H "$COOKIE" -H 'User-Agent: bench')
 
 # Ticks the hypervisor took from the proxies' core (steal, /proc/stat); 0 unless pinned.
 steal() { if [[ -n "${PROXY_CPU[*]}" ]]; then awk '/^cpu0 / {print $9}' /proc/stat; else echo 0; fi; }

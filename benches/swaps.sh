@@ -38,7 +38,7 @@ for n in "${!PORTS[@]}"; do
   : >"$WORK/put.$n"
 done
 
-WRK=(taskset -c 1 wrk -t1 -c64 --latency -H 'Cookie: session=s3cr3t; fleet-bucket=4f2a9c0d11b2e3f4')
+WRK=(taskset -c 1 wrk -t1 -c64 --latency -H "$COOKIE")
 # One run: prints "rps p99_ms"; with swaps when $2 is 1.
 run() { # binary index, swaps
   local port=${PORTS[$1]} admin=${ADMINS[$1]} swapper="" out
