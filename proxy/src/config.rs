@@ -131,6 +131,10 @@ pub struct MirrorLimitsSpec {
     pub max_body_bytes: Option<u32>,
     /// Default: `5s`.
     pub timeout: Option<String>,
+    /// Copies due within this time of the first are sent together: the shadow is woken once
+    /// for them, and over HTTP/2 they leave in one write. `0s` sends each at once.
+    /// Default: `2ms`.
+    pub batch_window: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -167,6 +171,7 @@ pub struct MirrorLimits {
     pub concurrency: usize,
     pub max_body_bytes: usize,
     pub timeout: Duration,
+    pub batch_window: Duration,
 }
 
 /// Everything in the file but the table: fixed for the life of the process, except TLS

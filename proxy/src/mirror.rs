@@ -1,15 +1,23 @@
 //! Mirroring: copies of sampled requests go to the mirror track from a bounded queue and a
 //! bounded set of tasks. The primary only ever does a `try_send`; when the mirror is slow
 //! or down the queue fills and further copies are shed and counted, never waited for.
+//!
+//! Copies go out in batches: those due within `batch_window` of the first are sent together.
+//! A copy sent on its own cost about as much CPU as a whole proxied request, though it is half
+//! the socket work: the shadow, lightly loaded, sleeps between copies, and each copy woke it
+//! (0.36 wake-ups per copy). A batch wakes it about once (0.09 per copy); 10% mirroring went
+//! from 0.89× to 0.96× of the unmirrored throughput (`benches/mirror.sh`).
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fleet_proxy_router::{RouteId, TrackId};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::config::MirrorLimits;
 use crate::state::{Active, Shared};
@@ -41,26 +49,12 @@ impl Mirror {
         }
     }
 
-    /// Starts `concurrency` workers that take copies off the queue one at a time; they end
-    /// when `shared` is dropped. Long-lived workers, not a task per copy: a copy then costs
-    /// a queue hand-off rather than a spawn.
+    /// Starts the task that sends the copies; it ends when `shared` is dropped.
     pub fn start(shared: &Arc<Shared>) {
         let rx = crate::lock(&shared.mirror.rx).take();
         let Some(rx) = rx else { return };
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..shared.settings.mirror.concurrency {
-            let (rx, weak) = (rx.clone(), Arc::downgrade(shared));
-            tokio::spawn(async move {
-                loop {
-                    // One idle worker waits on the queue; the others wait for their turn.
-                    let Some(job) = rx.lock().await.recv().await else {
-                        return;
-                    };
-                    let Some(shared) = weak.upgrade() else { return };
-                    run(&shared, job).await;
-                }
-            });
-        }
+        let limits = shared.settings.mirror.clone();
+        tokio::spawn(dispatch(rx, Arc::downgrade(shared), limits));
     }
 
     /// Queues a copy if there is room; otherwise counts it as shed.
@@ -71,7 +65,41 @@ impl Mirror {
     }
 }
 
-async fn run(shared: &Shared, job: Job) {
+/// Takes copies off the queue, gathers those due within the batch window of the first, and
+/// sends each batch at once, each copy a task of its own. At most `concurrency` copies are
+/// gathered or in flight; the rest wait in the queue, which sheds once full.
+async fn dispatch(mut rx: mpsc::Receiver<Job>, shared: Weak<Shared>, limits: MirrorLimits) {
+    let mut batch = Vec::new();
+    let mut in_flight = JoinSet::new();
+    let window = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            biased;
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            () = &mut window, if !batch.is_empty() => {
+                let Some(shared) = shared.upgrade() else { return };
+                for job in batch.drain(..) {
+                    in_flight.spawn(run(shared.clone(), job));
+                }
+            }
+            job = rx.recv(), if batch.len() + in_flight.len() < limits.concurrency => {
+                let Some(job) = job else { return };
+                if limits.batch_window.is_zero() {
+                    let Some(shared) = shared.upgrade() else { return };
+                    in_flight.spawn(run(shared, job));
+                    continue;
+                }
+                if batch.is_empty() {
+                    window.as_mut().reset(Instant::now() + limits.batch_window);
+                }
+                batch.push(job);
+            }
+        }
+    }
+}
+
+async fn run(shared: Arc<Shared>, job: Job) {
     let started = Instant::now();
     let Job {
         active,

@@ -50,7 +50,6 @@ pub struct Shared {
     pub stats: Stats,
     pub mirror: Mirror,
     pub draining: AtomicBool,
-    /// Permits for requests in flight, over all connections (`limits.max_requests`).
     /// Requests in flight across the proxy, against `limits.max_requests`.
     pub admissions: Arc<crate::conn::Admissions>,
 }

@@ -80,6 +80,19 @@ impl Checker<'_> {
             self.timeout("limits.header_read_timeout", &l.header_read_timeout, 10_000);
         let idle_timeout = self.timeout("limits.idle_timeout", &l.idle_timeout, 60_000);
         let mirror_timeout = self.timeout("mirror.timeout", &m.timeout, 5_000);
+        let batch_window = self.duration("mirror.batch_window", &m.batch_window, 2);
+        let batch_window = batch_window.and_then(|w| {
+            if w <= MAX_BATCH_WINDOW {
+                return Some(w);
+            }
+            let text = m.batch_window.as_deref().unwrap_or_default();
+            self.error(
+                "mirror.batch_window",
+                format!("\"{text}\" would hold copies back too long"),
+                "write at most `1s`; a few milliseconds gather the copies of a busy proxy",
+            );
+            None
+        });
         let drain_timeout = self.duration("drain_timeout", &f.drain_timeout, 30_000);
         let watch_interval = self.timeout("watch_interval", &f.watch_interval, 1_000);
         let upstream = Upstream {
@@ -105,6 +118,7 @@ impl Checker<'_> {
             concurrency: m.concurrency.unwrap_or(64).max(1) as usize,
             max_body_bytes: m.max_body_bytes.unwrap_or(1 << 20) as usize,
             timeout: mirror_timeout?,
+            batch_window: batch_window?,
         };
         Some(Settings {
             listeners,
@@ -167,6 +181,9 @@ impl Checker<'_> {
     }
 }
 
+/// The longest a copy may be held back to go out with others.
+const MAX_BATCH_WINDOW: Duration = Duration::from_secs(1);
+
 fn tls_is_list(tls: Option<&TlsSpec>) -> bool {
     matches!(tls, Some(TlsSpec::Many(_)))
 }
@@ -212,9 +229,28 @@ mod tests {
     }
 
     #[test]
-    fn zero_is_a_fine_drain_timeout_and_ejection() {
+    fn zero_is_a_fine_drain_timeout_ejection_and_batch_window() {
         assert_eq!(
-            diagnostics("drain_timeout: 0s\nupstream: { eject_for: 0s }\n"),
+            diagnostics(
+                "drain_timeout: 0s\nupstream: { eject_for: 0s }\nmirror: { batch_window: 0s }\n"
+            ),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_batch_window_over_a_second_is_refused_with_the_longest_allowed() {
+        let diags = diagnostics("mirror: { batch_window: 5s }\n");
+        assert_eq!(diags.len(), 1, "{diags:#?}");
+        for part in [
+            "mirror.batch_window",
+            "\"5s\" would hold copies back too long",
+            "write at most `1s`",
+        ] {
+            assert!(diags[0].contains(part), "{part:?} not in {:?}", diags[0]);
+        }
+        assert_eq!(
+            diagnostics("mirror: { batch_window: 1s }\n"),
             Vec::<String>::new()
         );
     }

@@ -57,6 +57,42 @@ async fn a_mirrored_copy_carries_the_body_and_the_mirror_mark_and_is_counted_und
     }
 }
 
+#[tokio::test]
+async fn copies_due_within_the_batch_window_are_held_and_then_go_out_together() {
+    let (stable, shadow) = (
+        Backend::start("stable", Mode::Normal).await,
+        Backend::start("shadow", Mode::Normal).await,
+    );
+    let window = Duration::from_secs(1);
+    let extra = "mirror: { batch_window: 1s }\n";
+    let proxy = Proxy::start(&config(stable.addr, shadow.addr, extra)).await;
+    let c = client();
+    let first = Instant::now();
+    for _ in 0..5 {
+        let (status, _, _) = send(
+            &c,
+            Request::get(proxy.url("/")).body(Full::default()).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    // The primaries did not wait for the window; their copies did.
+    let answered = first.elapsed();
+    assert!(
+        answered < window * 9 / 10,
+        "five requests took {answered:?}"
+    );
+    assert_eq!(shadow.hits(), 0, "a copy went out before the window closed");
+    eventually(Duration::from_secs(10), || async { shadow.hits() == 5 }).await;
+    assert!(first.elapsed() >= window);
+    eventually(Duration::from_secs(5), || async {
+        mirror_series(&proxy).await["responses"]["2xx"] == 5
+    })
+    .await;
+    proxy.stop().await;
+}
+
 /// The primary's latency with a mirror that is broken in `shadow` mode stays that of a
 /// healthy proxy: far below the mirror's 5 s, and every request succeeds.
 async fn primary_is_unaffected(shadow_addr: std::net::SocketAddr) -> Value {
