@@ -79,19 +79,21 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 # The backend and the mirror's shadow: two nginx answering 200 "ok" themselves, one worker
 # each, started under the command prefix given (say, `taskset -c 1`); the shadow also under
-# $SHADOW_PREFIX if set. Sets BACKEND, SHADOW (ports) and SHADOW_PID.
+# $SHADOW_PREFIX if set. The shadow speaks HTTP/1.1 on one port and HTTP/2 (prior knowledge,
+# h2c) on another. Sets BACKEND, SHADOW, SHADOW_H2C (ports) and SHADOW_PID.
 start_backends() { # command prefix...
-  BACKEND=$(free_port); SHADOW=$(free_port)
+  BACKEND=$(free_port); SHADOW=$(free_port); SHADOW_H2C=$(free_port)
   nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
-  nginx_conf shadow "server { listen 127.0.0.1:$SHADOW; location / { return 200 'ok\n'; } }"
+  nginx_conf shadow "server { listen 127.0.0.1:$SHADOW; listen 127.0.0.1:$SHADOW_H2C http2;
+    location / { return 200 'ok\n'; } }"
   start backend "$@" nginx -c "$WORK/backend/nginx.conf"
   # shellcheck disable=SC2086 # a command prefix, split on purpose
   start shadow "$@" ${SHADOW_PREFIX:-} nginx -c "$WORK/shadow/nginx.conf"; SHADOW_PID=$LAST
-  wait_port "$BACKEND"; wait_port "$SHADOW"
+  wait_port "$BACKEND"; wait_port "$SHADOW"; wait_port "$SHADOW_H2C"
 }
 
 # fleet-proxy with a realistic table: 20 routes, header and cookie rules, a 5% sticky split.
-fleet_conf() { # file, port, admin, stable/canary backend, shadow backend, mirror line
+fleet_conf() { # file, port, admin, stable/canary backend, shadow backend, mirror line, [shadow protocol]
   {
     echo "listen: 127.0.0.1:$2"
     echo "admin: 127.0.0.1:$3"
@@ -100,7 +102,7 @@ fleet_conf() { # file, port, admin, stable/canary backend, shadow backend, mirro
     # The backends speak HTTP/1.1 only, as nginx and HAProxy are configured to use them.
     echo "  stable: { backends: [\"127.0.0.1:$4\"], protocol: http1 }"
     echo "  canary: { backends: [\"127.0.0.1:$4\"], protocol: http1 }"
-    echo "  shadow: { backends: [\"127.0.0.1:$5\"], protocol: http1 }"
+    echo "  shadow: { backends: [\"127.0.0.1:$5\"], protocol: ${7:-http1} }"
     echo "routes:"
     for i in $(seq 1 18); do
       echo "  - { host: \"svc$i.example.com\", path_prefix: /, split: { stable: 9500, canary: 500 }, sticky: { cookie: fleet-bucket } }"
