@@ -125,7 +125,7 @@ pub struct LimitsSpec {
 pub struct MirrorLimitsSpec {
     /// Mirrored requests waiting for a slot; more are shed. Default: 1024.
     pub queue: Option<u32>,
-    /// Mirrored requests in flight at once. Default: 64.
+    /// Mirrored requests gathered into a batch or in flight at once. Default: 64.
     pub concurrency: Option<u32>,
     /// Larger request bodies are not mirrored (counted as skipped). Default: 1048576.
     pub max_body_bytes: Option<u32>,

@@ -67,33 +67,41 @@ impl Mirror {
 
 /// Takes copies off the queue, gathers those due within the batch window of the first, and
 /// sends each batch at once, each copy a task of its own. At most `concurrency` copies are
-/// gathered or in flight; the rest wait in the queue, which sheds once full.
+/// gathered or in flight; the rest wait in the queue, which sheds once full. A batch that
+/// fills the last place goes at once: waiting could add nothing to it, and a shadow with a
+/// backlog is not asleep.
 async fn dispatch(mut rx: mpsc::Receiver<Job>, shared: Weak<Shared>, limits: MirrorLimits) {
     let mut batch = Vec::new();
     let mut in_flight = JoinSet::new();
     let window = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(window);
     loop {
-        tokio::select! {
+        let send_now = tokio::select! {
             biased;
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-            () = &mut window, if !batch.is_empty() => {
-                let Some(shared) = shared.upgrade() else { return };
-                for job in batch.drain(..) {
-                    in_flight.spawn(run(shared.clone(), job));
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "a mirrored copy's task failed");
                 }
+                false
             }
+            () = &mut window, if !batch.is_empty() => true,
             job = rx.recv(), if batch.len() + in_flight.len() < limits.concurrency => {
                 let Some(job) = job else { return };
-                if limits.batch_window.is_zero() {
-                    let Some(shared) = shared.upgrade() else { return };
-                    in_flight.spawn(run(shared, job));
-                    continue;
-                }
-                if batch.is_empty() {
+                batch.push(job);
+                let now = limits.batch_window.is_zero()
+                    || batch.len() + in_flight.len() >= limits.concurrency;
+                if batch.len() == 1 && !now {
                     window.as_mut().reset(Instant::now() + limits.batch_window);
                 }
-                batch.push(job);
+                now
+            }
+        };
+        if send_now {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            for job in batch.drain(..) {
+                in_flight.spawn(run(shared.clone(), job));
             }
         }
     }

@@ -78,12 +78,13 @@ async fn copies_due_within_the_batch_window_are_held_and_then_go_out_together() 
         assert_eq!(status, StatusCode::OK);
     }
     // The primaries did not wait for the window; their copies did.
+    let hits = shadow.hits();
     let answered = first.elapsed();
     assert!(
         answered < window * 9 / 10,
         "five requests took {answered:?}"
     );
-    assert_eq!(shadow.hits(), 0, "a copy went out before the window closed");
+    assert_eq!(hits, 0, "a copy went out before the window closed");
     eventually(Duration::from_secs(10), || async { shadow.hits() == 5 }).await;
     assert!(first.elapsed() >= window);
     eventually(Duration::from_secs(5), || async {
@@ -93,12 +94,38 @@ async fn copies_due_within_the_batch_window_are_held_and_then_go_out_together() 
     proxy.stop().await;
 }
 
+#[tokio::test]
+async fn a_batch_that_fills_every_place_goes_at_once() {
+    let (stable, shadow) = (
+        Backend::start("stable", Mode::Normal).await,
+        Backend::start("shadow", Mode::Normal).await,
+    );
+    let window = Duration::from_secs(1);
+    let extra = "mirror: { concurrency: 2, batch_window: 1s }\n";
+    let proxy = Proxy::start(&config(stable.addr, shadow.addr, extra)).await;
+    let c = client();
+    let first = Instant::now();
+    for _ in 0..3 {
+        let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+        assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
+    }
+    // The second copy took the last place: those two went without waiting for the window;
+    // the third waits for a place, then for a window of its own.
+    eventually(Duration::from_secs(10), || async { shadow.hits() >= 2 }).await;
+    let two = first.elapsed();
+    assert!(two < window * 9 / 10, "the first two copies took {two:?}");
+    eventually(Duration::from_secs(10), || async { shadow.hits() == 3 }).await;
+    assert!(first.elapsed() >= window);
+    proxy.stop().await;
+}
+
 /// The primary's latency with a mirror that is broken in `shadow` mode stays that of a
-/// healthy proxy: far below the mirror's 5 s, and every request succeeds.
-async fn primary_is_unaffected(shadow_addr: std::net::SocketAddr) -> Value {
+/// healthy proxy: far below the mirror's 5 s, and every request succeeds. Copies sent each
+/// at once or gathered in batches (`batching` goes after `mirror: {`).
+async fn primary_is_unaffected(shadow_addr: std::net::SocketAddr, batching: &str) -> Value {
     let stable = Backend::start("stable", Mode::Normal).await;
-    let extra = "mirror: { queue: 4, concurrency: 2, timeout: 10s }\n";
-    let proxy = Proxy::start(&config(stable.addr, shadow_addr, extra)).await;
+    let extra = format!("mirror: {{ {batching}queue: 4, concurrency: 2, timeout: 10s }}\n");
+    let proxy = Proxy::start(&config(stable.addr, shadow_addr, &extra)).await;
     let c = client();
     let mut slowest = Duration::ZERO;
     for _ in 0..200 {
@@ -121,22 +148,26 @@ async fn primary_is_unaffected(shadow_addr: std::net::SocketAddr) -> Value {
 
 #[tokio::test]
 async fn a_mirror_that_sleeps_five_seconds_leaves_the_primary_untouched_and_is_shed() {
-    let shadow = Backend::start("shadow", Mode::Slow(Duration::from_secs(5))).await;
-    let series = primary_is_unaffected(shadow.addr).await;
-    // Two in flight, four queued: the rest of the 200 copies were shed.
-    assert!(
-        series["proxy"]["mirror_shed"].as_u64().unwrap() >= 190,
-        "{series}"
-    );
+    for batching in ["", "batch_window: 0s, "] {
+        let shadow = Backend::start("shadow", Mode::Slow(Duration::from_secs(5))).await;
+        let series = primary_is_unaffected(shadow.addr, batching).await;
+        // Two in flight, four queued: the rest of the 200 copies were shed.
+        assert!(
+            series["proxy"]["mirror_shed"].as_u64().unwrap() >= 190,
+            "{batching}{series}"
+        );
+    }
 }
 
 #[tokio::test]
 async fn a_mirror_that_refuses_connections_leaves_the_primary_untouched_and_counts_errors() {
-    let series = primary_is_unaffected(dead_addr().await).await;
-    let counted =
-        series["errors"].as_u64().unwrap() + series["proxy"]["mirror_shed"].as_u64().unwrap();
-    assert!(counted > 0, "{series}");
-    assert_eq!(series["responses"]["2xx"], 0);
+    for batching in ["", "batch_window: 0s, "] {
+        let series = primary_is_unaffected(dead_addr().await, batching).await;
+        let counted =
+            series["errors"].as_u64().unwrap() + series["proxy"]["mirror_shed"].as_u64().unwrap();
+        assert!(counted > 0, "{batching}{series}");
+        assert_eq!(series["responses"]["2xx"], 0);
+    }
 }
 
 #[tokio::test]
