@@ -86,7 +86,7 @@ pub struct Global {
 type Key = (String, String, Source);
 /// Counters by route, then track, then source (indexed by `Source as usize`). Nested so that
 /// finding existing counters allocates nothing.
-type ByRoute = BTreeMap<String, BTreeMap<String, [Option<Arc<Counters>>; 2]>>;
+type ByRoute = BTreeMap<String, ByTrack>;
 
 #[derive(Debug)]
 pub struct Stats {
@@ -121,13 +121,20 @@ impl Stats {
         tracks: &[&str],
     ) -> Vec<Vec<[Arc<Counters>; 2]>> {
         let mut map = crate::lock(&self.by_route);
+        // Each route looked up once, each of its tracks once: a 10,000-route table is 10,000
+        // lookups among every route seen since start, not 40,000.
         routes
             .map(|route| {
+                let by_track = by_track_in(&mut map, route);
                 tracks
                     .iter()
                     .map(|track| {
-                        [Source::Primary, Source::Mirror]
-                            .map(|s| counters_in(&mut map, route, track, s))
+                        let by_source = by_source_in(by_track, track);
+                        [Source::Primary, Source::Mirror].map(|s| {
+                            by_source[s as usize]
+                                .get_or_insert_with(Arc::default)
+                                .clone()
+                        })
                     })
                     .collect()
             })
@@ -224,17 +231,27 @@ impl Drop for Gauge<'_> {
 }
 
 fn counters_in(map: &mut ByRoute, route: &str, track: &str, source: Source) -> Arc<Counters> {
-    if !map.contains_key(route) {
-        map.insert(route.to_owned(), BTreeMap::new());
-    }
-    let by_track = map.get_mut(route).expect("inserted above");
-    if !by_track.contains_key(track) {
-        by_track.insert(track.to_owned(), [None, None]);
-    }
-    let by_source = by_track.get_mut(track).expect("inserted above");
+    let by_source = by_source_in(by_track_in(map, route), track);
     by_source[source as usize]
         .get_or_insert_with(Arc::default)
         .clone()
+}
+
+type ByTrack = BTreeMap<String, [Option<Arc<Counters>>; 2]>;
+
+/// A route's entry, made if new; the name is copied only then.
+fn by_track_in<'m>(map: &'m mut ByRoute, route: &str) -> &'m mut ByTrack {
+    if !map.contains_key(route) {
+        map.insert(route.to_owned(), BTreeMap::new());
+    }
+    map.get_mut(route).expect("inserted above")
+}
+
+fn by_source_in<'m>(map: &'m mut ByTrack, track: &str) -> &'m mut [Option<Arc<Counters>>; 2] {
+    if !map.contains_key(track) {
+        map.insert(track.to_owned(), [None, None]);
+    }
+    map.get_mut(track).expect("inserted above")
 }
 
 #[cfg(test)]
