@@ -130,11 +130,7 @@ impl Stats {
                     .iter()
                     .map(|track| {
                         let by_source = by_source_in(by_track, track);
-                        [Source::Primary, Source::Mirror].map(|s| {
-                            by_source[s as usize]
-                                .get_or_insert_with(Arc::default)
-                                .clone()
-                        })
+                        [Source::Primary, Source::Mirror].map(|s| of_source(by_source, s))
                     })
                     .collect()
             })
@@ -231,7 +227,10 @@ impl Drop for Gauge<'_> {
 }
 
 fn counters_in(map: &mut ByRoute, route: &str, track: &str, source: Source) -> Arc<Counters> {
-    let by_source = by_source_in(by_track_in(map, route), track);
+    of_source(by_source_in(by_track_in(map, route), track), source)
+}
+
+fn of_source(by_source: &mut [Option<Arc<Counters>>; 2], source: Source) -> Arc<Counters> {
     by_source[source as usize]
         .get_or_insert_with(Arc::default)
         .clone()

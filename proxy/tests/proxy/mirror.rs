@@ -28,11 +28,7 @@ async fn a_mirrored_copy_carries_the_body_and_the_mirror_mark_and_is_counted_und
  {
     // Over HTTP/1.1 the copy goes out on the proxy's own client; over HTTP/2 on hyper's.
     for (c, version) in [(client(), "HTTP/1.1"), (h2_client(), "HTTP/2.0")] {
-        let (stable, shadow) = (
-            Backend::start("stable", Mode::Normal).await,
-            Backend::start("shadow", Mode::Normal).await,
-        );
-        let proxy = Proxy::start(&config(stable.addr, shadow.addr, "")).await;
+        let (_stable, shadow, proxy) = mirroring("").await;
         let req = Request::post(proxy.url("/orders"))
             .body(Full::new(Bytes::from_static(b"twelve bytes")))
             .unwrap();
@@ -57,26 +53,32 @@ async fn a_mirrored_copy_carries_the_body_and_the_mirror_mark_and_is_counted_und
     }
 }
 
-#[tokio::test]
-async fn copies_due_within_the_batch_window_are_held_and_then_go_out_together() {
+/// A proxy mirroring every request from a healthy stable backend to a healthy shadow, with
+/// `extra` settings; the backends are returned to be kept alive and looked at.
+async fn mirroring(extra: &str) -> (Backend, Backend, Proxy) {
     let (stable, shadow) = (
         Backend::start("stable", Mode::Normal).await,
         Backend::start("shadow", Mode::Normal).await,
     );
-    let window = Duration::from_secs(1);
-    let extra = "mirror: { batch_window: 1s }\n";
     let proxy = Proxy::start(&config(stable.addr, shadow.addr, extra)).await;
+    (stable, shadow, proxy)
+}
+
+/// Sends `n` GETs one after the other; each must succeed.
+async fn get_n(proxy: &Proxy, n: usize) {
     let c = client();
-    let first = Instant::now();
-    for _ in 0..5 {
-        let (status, _, _) = send(
-            &c,
-            Request::get(proxy.url("/")).body(Full::default()).unwrap(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(status, StatusCode::OK);
+    for _ in 0..n {
+        let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+        assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
     }
+}
+
+#[tokio::test]
+async fn copies_due_within_the_batch_window_are_held_and_then_go_out_together() {
+    let (_stable, shadow, proxy) = mirroring("mirror: { batch_window: 1s }\n").await;
+    let window = Duration::from_secs(1);
+    let first = Instant::now();
+    get_n(&proxy, 5).await;
     // The primaries did not wait for the window; their copies did.
     let hits = shadow.hits();
     let answered = first.elapsed();
@@ -96,19 +98,11 @@ async fn copies_due_within_the_batch_window_are_held_and_then_go_out_together() 
 
 #[tokio::test]
 async fn a_batch_that_fills_every_place_goes_at_once() {
-    let (stable, shadow) = (
-        Backend::start("stable", Mode::Normal).await,
-        Backend::start("shadow", Mode::Normal).await,
-    );
-    let window = Duration::from_secs(1);
     let extra = "mirror: { concurrency: 2, batch_window: 1s }\n";
-    let proxy = Proxy::start(&config(stable.addr, shadow.addr, extra)).await;
-    let c = client();
+    let (_stable, shadow, proxy) = mirroring(extra).await;
+    let window = Duration::from_secs(1);
     let first = Instant::now();
-    for _ in 0..3 {
-        let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
-        assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
-    }
+    get_n(&proxy, 3).await;
     // The second copy took the last place: those two went without waiting for the window;
     // the third waits for a place, then for a window of its own.
     eventually(Duration::from_secs(10), || async { shadow.hits() >= 2 }).await;
@@ -172,16 +166,7 @@ async fn a_mirror_that_refuses_connections_leaves_the_primary_untouched_and_coun
 
 #[tokio::test]
 async fn a_body_over_the_mirror_cap_is_not_mirrored_and_is_counted() {
-    let (stable, shadow) = (
-        Backend::start("stable", Mode::Normal).await,
-        Backend::start("shadow", Mode::Normal).await,
-    );
-    let proxy = Proxy::start(&config(
-        stable.addr,
-        shadow.addr,
-        "mirror: { max_body_bytes: 1024 }\n",
-    ))
-    .await;
+    let (_stable, shadow, proxy) = mirroring("mirror: { max_body_bytes: 1024 }\n").await;
     let req = Request::post(proxy.url("/"))
         .body(Full::new(Bytes::from(vec![b'x'; 4096])))
         .unwrap();
