@@ -125,11 +125,11 @@ impl Stats {
         // lookups among every route seen since start, not 40,000.
         routes
             .map(|route| {
-                let by_track = by_track_in(&mut map, route);
+                let by_track = entry(&mut map, route);
                 tracks
                     .iter()
                     .map(|track| {
-                        let by_source = by_source_in(by_track, track);
+                        let by_source = entry(by_track, track);
                         [Source::Primary, Source::Mirror].map(|s| of_source(by_source, s))
                     })
                     .collect()
@@ -227,30 +227,24 @@ impl Drop for Gauge<'_> {
 }
 
 fn counters_in(map: &mut ByRoute, route: &str, track: &str, source: Source) -> Arc<Counters> {
-    of_source(by_source_in(by_track_in(map, route), track), source)
+    of_source(entry(entry(map, route), track), source)
 }
 
-fn of_source(by_source: &mut [Option<Arc<Counters>>; 2], source: Source) -> Arc<Counters> {
+fn of_source(by_source: &mut BySource, source: Source) -> Arc<Counters> {
     by_source[source as usize]
         .get_or_insert_with(Arc::default)
         .clone()
 }
 
-type ByTrack = BTreeMap<String, [Option<Arc<Counters>>; 2]>;
+type ByTrack = BTreeMap<String, BySource>;
+type BySource = [Option<Arc<Counters>>; 2];
 
-/// A route's entry, made if new; the name is copied only then.
-fn by_track_in<'m>(map: &'m mut ByRoute, route: &str) -> &'m mut ByTrack {
-    if !map.contains_key(route) {
-        map.insert(route.to_owned(), BTreeMap::new());
+/// The entry under `name`, made empty if new; the name is copied only then.
+fn entry<'m, V: Default>(map: &'m mut BTreeMap<String, V>, name: &str) -> &'m mut V {
+    if !map.contains_key(name) {
+        map.insert(name.to_owned(), V::default());
     }
-    map.get_mut(route).expect("inserted above")
-}
-
-fn by_source_in<'m>(map: &'m mut ByTrack, track: &str) -> &'m mut [Option<Arc<Counters>>; 2] {
-    if !map.contains_key(track) {
-        map.insert(track.to_owned(), [None, None]);
-    }
-    map.get_mut(track).expect("inserted above")
+    map.get_mut(name).expect("inserted above")
 }
 
 #[cfg(test)]

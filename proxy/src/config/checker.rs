@@ -80,19 +80,7 @@ impl Checker<'_> {
             self.timeout("limits.header_read_timeout", &l.header_read_timeout, 10_000);
         let idle_timeout = self.timeout("limits.idle_timeout", &l.idle_timeout, 60_000);
         let mirror_timeout = self.timeout("mirror.timeout", &m.timeout, 5_000);
-        let batch_window = self.duration("mirror.batch_window", &m.batch_window, 2);
-        let batch_window = batch_window.and_then(|w| {
-            if w <= MAX_BATCH_WINDOW {
-                return Some(w);
-            }
-            let text = m.batch_window.as_deref().unwrap_or_default();
-            self.error(
-                "mirror.batch_window",
-                format!("\"{text}\" would hold copies back too long"),
-                "write at most `1s`; a few milliseconds gather the copies of a busy proxy",
-            );
-            None
-        });
+        let batch_window = self.batch_window(&m.batch_window);
         let drain_timeout = self.duration("drain_timeout", &f.drain_timeout, 30_000);
         let watch_interval = self.timeout("watch_interval", &f.watch_interval, 1_000);
         let upstream = Upstream {
@@ -151,16 +139,45 @@ impl Checker<'_> {
     /// would spin.
     fn timeout(&mut self, path: &str, text: &Option<String>, default_ms: u64) -> Option<Duration> {
         let d = self.duration(path, text, default_ms)?;
-        if d.is_zero() {
-            let text = text.as_deref().unwrap_or_default();
-            self.error(
-                path,
-                format!("\"{text}\" must be more than zero"),
-                "write a positive duration such as `500ms` or `2s`",
-            );
-            return None;
-        }
+        self.refuse_unless(
+            !d.is_zero(),
+            path,
+            text,
+            "must be more than zero",
+            "write a positive duration such as `500ms` or `2s`",
+        )?;
         Some(d)
+    }
+
+    /// How long a mirrored copy may wait for others: zero (each at once) up to
+    /// [`MAX_BATCH_WINDOW`].
+    fn batch_window(&mut self, text: &Option<String>) -> Option<Duration> {
+        let path = "mirror.batch_window";
+        let d = self.duration(path, text, 2)?;
+        self.refuse_unless(
+            d <= MAX_BATCH_WINDOW,
+            path,
+            text,
+            "would hold copies back too long",
+            "write at most `1s`; a few milliseconds gather the copies of a busy proxy",
+        )?;
+        Some(d)
+    }
+
+    /// Reports the value written at `path` as `problem` unless `ok`.
+    fn refuse_unless(
+        &mut self,
+        ok: bool,
+        path: &str,
+        text: &Option<String>,
+        problem: &str,
+        help: &str,
+    ) -> Option<()> {
+        if !ok {
+            let text = text.as_deref().unwrap_or_default();
+            self.error(path, format!("\"{text}\" {problem}"), help);
+        }
+        ok.then_some(())
     }
 
     fn duration(&mut self, path: &str, text: &Option<String>, default_ms: u64) -> Option<Duration> {
