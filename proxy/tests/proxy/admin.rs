@@ -7,7 +7,8 @@ use http_body_util::Full;
 use serde_json::Value;
 
 use crate::support::{
-    Backend, Mode, Proxy, client, eventually, exchange, get, put, send, stable_proxy, tracks,
+    Backend, Mode, Proxy, client, eventually, exchange, get, put, send, series, stable_proxy,
+    stats, tracks,
 };
 
 async fn three() -> (Backend, Backend, Backend) {
@@ -103,6 +104,39 @@ async fn a_bad_table_gets_400_with_every_diagnostic_and_the_old_table_stays() {
     assert_eq!(
         serde_json::from_str::<Value>(&routes).unwrap()["version"],
         1
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_in_flight_finishes_on_the_table_it_started_with() {
+    let stable = Backend::start("stable", Mode::Slow(Duration::from_millis(500))).await;
+    let canary = Backend::start("canary", Mode::Normal).await;
+    let proxy = Proxy::start(&format!(
+        "tracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ name: old, split: {{ stable: 10000 }} }}\n",
+        stable.addr
+    ))
+    .await;
+    let url = proxy.url("/");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    eventually(Duration::from_secs(5), || async { stable.hits() == 1 }).await;
+    // The new table has neither the route nor the track that request is on.
+    let new = format!(
+        r#"{{"tracks": {{"canary": {{"backends": ["{}"]}}}}, "routes": [{{"name": "new", "split": {{"canary": 10000}}}}]}}"#,
+        canary.addr
+    );
+    assert_eq!(
+        put(&proxy.admin_url("/routes"), &new).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(get(&proxy.url("/")).await.unwrap().2, "canary");
+    let (status, _, body) = in_flight.await.unwrap().unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    // Counted under the route and track of the table it started with.
+    let old = series(&stats(&proxy).await, "stable", "primary");
+    assert_eq!(
+        (&old["route"], &old["responses"]["2xx"]),
+        (&Value::from("old"), &Value::from(1))
     );
     proxy.stop().await;
 }
