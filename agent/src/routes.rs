@@ -99,11 +99,11 @@ fn rule(c: &pb::CohortRule) -> Option<RuleSpec> {
         "present" => value.present = Some(c.value != "false"),
         _ => return None,
     }
-    let mut matches = MatchSpec::default();
+    let (mut matches, value) = (MatchSpec::default(), Some(Box::new(value)));
     match c.on.as_str() {
-        "header" => matches.header = Some(value),
-        "cookie" => matches.cookie = Some(value),
-        "query" => matches.query = Some(value),
+        "header" => matches.header = value,
+        "cookie" => matches.cookie = value,
+        "query" => matches.query = value,
         _ => return None,
     }
     Some(RuleSpec {

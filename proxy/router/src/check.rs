@@ -2,6 +2,7 @@
 
 mod rules;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -30,19 +31,23 @@ impl Table {
             regexes: HashMap::new(),
         };
         b.tracks(&spec);
-        let routes: Vec<Route> = spec
-            .routes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| b.route(i, r))
-            .collect();
+        // Sized up front, as are the maps below: growing them would touch twice the memory,
+        // and memory a process has not used before is what makes its first tables slow.
+        let mut routes = Vec::with_capacity(spec.routes.len());
+        routes.extend(
+            spec.routes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| b.route(i, r)),
+        );
         b.duplicates(&spec);
         // Only errors are ever added here, so any new diagnostic means the spec is rejected.
         if b.diags.len() > errors_before {
             return None;
         }
         let tracks = b.tracks;
-        let mut exact: foldhash::HashMap<String, Vec<RouteId>> = foldhash::HashMap::default();
+        let mut exact: foldhash::HashMap<String, Vec<RouteId>> =
+            foldhash::HashMap::with_capacity_and_hasher(routes.len(), Default::default());
         let mut suffix: HashMap<String, Vec<RouteId>> = HashMap::new();
         let mut any = Vec::new();
         for (i, route) in routes.iter().enumerate() {
@@ -378,16 +383,22 @@ impl Builder<'_> {
 
     /// Two routes with the same host and path: the second could never be chosen.
     fn duplicates(&mut self, spec: &TableSpec) {
-        let mut seen: HashMap<(String, String), usize> = HashMap::new();
+        // Keyed by host, whether the path is exact, and the path; borrowed where they can be.
+        type Place<'a> = (Cow<'a, str>, bool, &'a str);
+        let mut seen: HashMap<Place<'_>, usize> = HashMap::with_capacity(spec.routes.len());
         let mut names: HashMap<&str, usize> = HashMap::new();
         let routes = At::Root("routes");
         for (i, r) in spec.routes.iter().enumerate() {
-            let host = r.host.as_deref().unwrap_or("*").to_ascii_lowercase();
-            let path = match (&r.path, &r.path_prefix) {
-                (Some(p), _) => format!("={p}"),
-                (None, p) => p.as_deref().unwrap_or("/").to_string(),
+            let host = r.host.as_deref().unwrap_or("*");
+            let host = match host.bytes().any(|b| b.is_ascii_uppercase()) {
+                true => Cow::Owned(host.to_ascii_lowercase()),
+                false => Cow::Borrowed(host),
             };
-            if let Some(first) = seen.insert((host, path), i) {
+            let path = match (&r.path, &r.path_prefix) {
+                (Some(p), _) => (true, p.as_str()),
+                (None, p) => (false, p.as_deref().unwrap_or("/")),
+            };
+            if let Some(first) = seen.insert((host, path.0, path.1), i) {
                 self.error(
                     &routes.index(i),
                     format!("same host and path as routes[{first}], so it can never be chosen"),

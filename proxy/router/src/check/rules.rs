@@ -11,7 +11,14 @@ use crate::spec::{MatchSpec, ValueMatchSpec};
 
 impl Builder<'_> {
     pub(super) fn conditions(&mut self, at: &At<'_>, spec: &MatchSpec) -> Option<Vec<Condition>> {
-        let mut out = Vec::new();
+        // Sized exactly: a table keeps these for as long as it is in force.
+        let given = [
+            spec.header.is_some(),
+            spec.cookie.is_some(),
+            spec.query.is_some(),
+        ];
+        let given = given.into_iter().filter(|g| *g).count() + usize::from(spec.method.is_some());
+        let mut out = Vec::with_capacity(given);
         let mut ok = true;
         if let Some(h) = &spec.header {
             let field = at.field("header");
