@@ -50,6 +50,8 @@ run() { # binary index, swaps
       sleep 0.25
     done) &
     swapper=$!
+    # The loop's own processes (bash, taskset, sleep) on the load core too, not the proxy's.
+    taskset -pc 1 "$swapper" >/dev/null
   fi
   out=$("${WRK[@]}" -d"${DURATION}s" "http://127.0.0.1:$port/")
   if [[ -n $swapper ]]; then kill "$swapper"; wait "$swapper" 2>/dev/null || true; fi

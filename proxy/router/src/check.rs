@@ -331,11 +331,7 @@ impl Builder<'_> {
         let field = at.field("sticky");
         match (&s.cookie, &s.header) {
             (Some(name), None) => {
-                let ok = !name.is_empty()
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
-                if !ok {
+                if !is_token(name) {
                     self.error(
                         &field.field("cookie"),
                         format!("bad cookie name \"{name}\""),
@@ -385,8 +381,9 @@ impl Builder<'_> {
     fn duplicates(&mut self, spec: &TableSpec) {
         // Keyed by host, whether the path is exact, and the path; borrowed where they can be.
         type Place<'a> = (Cow<'a, str>, bool, &'a str);
-        let mut seen: HashMap<Place<'_>, usize> = HashMap::with_capacity(spec.routes.len());
-        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut seen: foldhash::HashMap<Place<'_>, usize> =
+            foldhash::HashMap::with_capacity_and_hasher(spec.routes.len(), Default::default());
+        let mut names: foldhash::HashMap<&str, usize> = foldhash::HashMap::default();
         let routes = At::Root("routes");
         for (i, r) in spec.routes.iter().enumerate() {
             let host = r.host.as_deref().unwrap_or("*");
@@ -416,6 +413,33 @@ impl Builder<'_> {
             }
         }
     }
+}
+
+/// An HTTP token (RFC 9110 §5.6.2), as a cookie name must be. A `match` rather than a search
+/// of the allowed bytes: every route of a large table names its cookie, and this ran for a
+/// tenth of a build.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
 }
 
 fn is_label(s: &str) -> bool {
