@@ -472,3 +472,24 @@ fn a_rule_as_written_stays_small() {
     let size = std::mem::size_of::<crate::spec::RuleSpec>();
     assert!(size <= 80, "RuleSpec is {size} bytes");
 }
+
+#[test]
+fn a_sticky_cookie_name_must_be_an_http_token() {
+    let with_cookie = |name: &str| {
+        let src = format!(
+            "{TRACKS}routes:\n  - {{ split: {{ stable: 10000 }}, sticky: {{ cookie: '{name}' }} }}\n"
+        );
+        load(&src).map(|_| ()).map_err(|d| d[0].to_string())
+    };
+    for good in ["fleet-bucket", "A_b.9", "!#$%&*+-.^_`|~"] {
+        assert_eq!(with_cookie(good), Ok(()), "{good}");
+    }
+    for bad in ["", "a b", "a;b", "a=b", "(x)", "é"] {
+        let error = with_cookie(bad).unwrap_err();
+        assert!(
+            error.contains("routes[0].sticky.cookie: bad cookie name")
+                && error.contains("use letters, digits"),
+            "{bad}: {error}"
+        );
+    }
+}
