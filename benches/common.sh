@@ -92,6 +92,28 @@ start_backends() { # command prefix...
   wait_port "$BACKEND"; wait_port "$SHADOW"; wait_port "$SHADOW_H2C"
 }
 
+# Writes to FILE a client that opens N connections to 127.0.0.1:PORT at once, makes one request
+# on each, and once every answer is in writes the seconds that took to READY, then keeps the
+# connections open, idle: `python3 FILE PORT N READY`.
+idle_client() { # file
+  cat >"$1" <<'EOF'
+import os, socket, sys, time
+port, n, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+started = time.monotonic()
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: fleet-bucket=1\r\n\r\n")
+    socks.append(s)
+for s in socks:
+    s.recv(4096)
+with open(ready + ".tmp", "w") as f:
+    f.write(f"{time.monotonic() - started:.1f}")
+os.rename(ready + ".tmp", ready)
+time.sleep(600)
+EOF
+}
+
 # fleet-proxy with a realistic table: 20 routes, header and cookie rules, a 5% sticky split.
 fleet_conf() { # file, port, admin, stable/canary backend, shadow backend, mirror line, [shadow protocol]
   {

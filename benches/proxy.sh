@@ -140,19 +140,7 @@ h2() {
 }
 
 # Resident memory (MiB) after opening $IDLE keep-alive connections, each idle after one request.
-cat >"$WORK/idle.py" <<'EOF'
-import socket, sys, time
-port, n, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-socks = []
-for _ in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: fleet-bucket=1\r\n\r\n")
-    socks.append(s)
-for s in socks:
-    s.recv(4096)
-open(ready, "w").close()
-time.sleep(600)
-EOF
+idle_client "$WORK/idle.py"
 rss_idle() { # pid, port, connections
   rm -f "$WORK/idle.ready"
   "${LOAD_CPU[@]}" python3 "$WORK/idle.py" "$2" "$3" "$WORK/idle.ready" &
@@ -163,8 +151,10 @@ rss_idle() { # pid, port, connections
     kill "$client"; wait "$client" 2>/dev/null || true
     echo "-"; return
   fi
-  # Idle for two seconds first: fleet-proxy parks a connection after one second of quiet.
-  sleep 2
+  # Idle for four seconds first: fleet-proxy parks a connection after one to one and a half
+  # seconds of quiet, and gives back the memory their serving state took at its next sweep,
+  # within a second after (benches/cold.sh prints the RSS each second).
+  sleep 4
   local kib=0
   for p in $1 $(pgrep -P "$1" || true); do kib=$((kib + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done
   kill "$client"; wait "$client" 2>/dev/null || true

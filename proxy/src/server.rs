@@ -137,11 +137,24 @@ impl Server {
 /// How often idle upstream connections and forgotten backends are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// Also gives freed memory back to the system after connections park or close in bulk (see
+/// `memory.rs`): this task runs on a thread that serves traffic, whose heap held them.
 async fn sweep_backends(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut release = crate::memory::Release::default();
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => return,
-            _ = tokio::time::sleep(SWEEP_EVERY) => shared.sweep_backends(),
+            _ = tokio::time::sleep(SWEEP_EVERY) => {
+                shared.sweep_backends();
+                let global = &shared.stats.global;
+                let open = global.connections_open.load(Relaxed);
+                let parked = global.connections_idle.load(Relaxed);
+                if release.observe(open, parked) {
+                    let started = std::time::Instant::now();
+                    crate::memory::release_free();
+                    tracing::debug!(took = ?started.elapsed(), "freed memory given back");
+                }
+            }
         }
     }
 }
