@@ -12,7 +12,9 @@
 /// again: a connection's serving state is about 16 KiB, so this is some 16 MiB.
 pub const RELEASE_AFTER: u64 = 1_000;
 
-/// Decides, from the connection gauges read at each sweep, when to give memory back.
+/// Decides, from the connection gauges read at each sweep, when to give memory back. It counts
+/// net changes between sweeps, so steady churn (as many connections waking or opening as
+/// parking or closing) adds only its ups and downs.
 #[derive(Debug, Default)]
 pub struct Release {
     last: Option<(u64, u64)>,
