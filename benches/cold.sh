@@ -43,6 +43,7 @@ for n in $(seq "$PROCESSES"); do
   rm -f "$WORK/ready"
   taskset -c 1 python3 "$WORK/burst.py" "$port" "$IDLE" "$WORK/ready" &
   client=$!
+  PIDS+=("$client")
   for _ in $(seq 1200); do [[ -s "$WORK/ready" ]] && break; sleep 0.1; done
   rss=""
   for _ in 1 2 3 4; do sleep 1; rss+="$(awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status") "; done

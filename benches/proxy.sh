@@ -251,9 +251,9 @@ read -r Q_RPS Q_P50 Q_P99 Q_CPU _ < <(measure "$FLEET_PID" "http://127.0.0.1:$FL
 : >"$WORK/swap.times"
 ( while :; do put_big >>"$WORK/swap.times"; sleep 0.25; done ) &
 SWAPPER=$!
-# The loop's own processes (bash, taskset, sleep) on the load core too, not the proxy's.
-if [[ -n "${LOAD_CPU[*]}" ]]; then taskset -pc 1 "$SWAPPER" >/dev/null; fi
 PIDS+=("$SWAPPER")
+# The loop's own processes (bash, taskset, sleep) on the load core too, not the proxy's.
+if [[ -n "${LOAD_CPU[*]}" ]]; then taskset -pc "${LOAD_CPU[2]}" "$SWAPPER" >/dev/null || true; fi
 read -r S_RPS S_P50 S_P99 S_CPU _ < <(measure "$FLEET_PID" "http://127.0.0.1:$FLEET_PORT/")
 kill "$SWAPPER" 2>/dev/null || true
 SWAPPED=$(python3 -c 'import sys, statistics as s

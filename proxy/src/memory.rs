@@ -1,49 +1,40 @@
-//! Handing freed memory back to the system after a burst.
+//! When to hand freed memory back to the system after a burst.
 //!
 //! mimalloc returns the pages a thread freed only when that thread allocates again. A proxy
 //! that served 10,000 new connections at once and then went quiet kept 31–163 MiB (median 85)
 //! where its parked connections need 26: their serving state was freed, its pages never given
-//! back (`benches/README.md`). So once enough connections have parked or closed, the periodic
-//! sweep asks the allocator to give back what is free. Under steady load nothing parks in bulk,
-//! and the allocator's own lazy return is left alone: purging eagerly costs page faults
-//! (`MIMALLOC_PURGE_DELAY=0` took 0.3–0.6 per request).
+//! back (`benches/README.md`). So when many connections stop being served at once (they park
+//! or close), the periodic sweep asks the allocator to give back what is free
+//! (`fleet_proxy_alloc::release_free`). Under steady load the number being served moves up and
+//! down by little, and the allocator's own lazy return is left alone: purging eagerly costs
+//! page faults (`MIMALLOC_PURGE_DELAY=0` took 0.3–0.6 per request).
+//!
+//! The sweep runs on one thread that serves traffic; only that thread's heap is visited. At
+//! one worker thread (what the benchmarks measure) that is all of them.
 
-/// Connections parked or closed, since memory was last given back, that make it worth doing
-/// again: a connection's serving state is about 16 KiB, so this is some 16 MiB.
+/// How far the number of connections being served must fall from its peak since memory was
+/// last given back: a connection's serving state is about 16 KiB, so this is some 16 MiB.
 pub const RELEASE_AFTER: u64 = 1_000;
 
-/// Decides, from the connection gauges read at each sweep, when to give memory back. It counts
-/// net changes between sweeps, so steady churn (as many connections waking or opening as
-/// parking or closing) adds only its ups and downs.
+/// Decides, from the connection gauges read at each sweep, when to give memory back.
 #[derive(Debug, Default)]
 pub struct Release {
-    last: Option<(u64, u64)>,
-    freed: u64,
+    /// The most connections seen being served (open, not parked) since the last release.
+    peak: u64,
 }
 
 impl Release {
-    /// Takes the connections open and parked now; true when at least [`RELEASE_AFTER`] have
-    /// parked or closed since the last `true`.
+    /// Takes the connections open and parked now; true when the number being served has
+    /// fallen by at least [`RELEASE_AFTER`] from its peak since the last `true`.
     pub fn observe(&mut self, open: u64, parked: u64) -> bool {
-        if let Some((was_open, was_parked)) = self.last.replace((open, parked)) {
-            self.freed += was_open.saturating_sub(open) + parked.saturating_sub(was_parked);
-        }
-        let due = self.freed >= RELEASE_AFTER;
+        let serving = open.saturating_sub(parked);
+        self.peak = self.peak.max(serving);
+        let due = self.peak - serving >= RELEASE_AFTER;
         if due {
-            self.freed = 0;
+            self.peak = serving;
         }
         due
     }
-}
-
-/// Gives back to the system the memory that the calling thread's heap and every arena of the
-/// allocator hold free. Takes a few milliseconds with 10,000 connections parked.
-#[allow(unsafe_code)] // The one call into the allocator; the rest of the workspace forbids `unsafe`.
-pub fn release_free() {
-    // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any time;
-    // it visits the calling thread's heap and the shared arenas under their own locks. Where
-    // mimalloc is not the global allocator (the tests), it finds nothing to give back.
-    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 #[cfg(test)]
@@ -51,17 +42,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memory_goes_back_once_enough_connections_parked_or_closed() {
+    fn memory_goes_back_when_many_connections_stop_being_served_at_once() {
         let mut r = Release::default();
-        assert!(
-            !r.observe(10_000, 0),
-            "the first reading only sets the baseline"
-        );
+        assert!(!r.observe(10_000, 0), "a burst arrives");
         assert!(!r.observe(10_000, 600), "600 parked");
-        assert!(r.observe(9_600, 600), "and 400 closed: 1,000 in all");
-        assert!(!r.observe(9_600, 600), "nothing new");
-        assert!(!r.observe(9_600, 100), "connections waking up free nothing");
-        assert!(!r.observe(12_000, 100), "nor do new ones");
-        assert!(r.observe(11_000, 100), "1,000 closed");
+        assert!(r.observe(9_600, 600), "and 400 closed: 1,000 fewer served");
+        assert!(
+            r.observe(9_600, 9_000),
+            "8,400 more parked: below the new peak of 9,000"
+        );
+        assert!(
+            !r.observe(9_600, 9_600),
+            "the last 600: not yet another thousand"
+        );
+        assert!(!r.observe(12_000, 9_600), "a new burst: 2,400 served");
+        assert!(r.observe(9_600, 9_600), "and done");
+    }
+
+    #[test]
+    fn a_wave_of_parking_is_given_back_once_it_reaches_the_threshold() {
+        let mut r = Release::default();
+        assert!(!r.observe(10_000, 0));
+        assert!(r.observe(10_000, 9_999), "9,999 fewer served");
+        assert!(
+            !r.observe(10_000, 10_000),
+            "one more is not another thousand"
+        );
+        assert!(
+            !r.observe(9_000, 9_000),
+            "a parked connection closing frees no serving state"
+        );
+    }
+
+    #[test]
+    fn steady_traffic_that_goes_up_and_down_never_gives_memory_back() {
+        let mut r = Release::default();
+        // An hour of sweeps: ±50 connections served around 9,000, and opening and closing.
+        for i in 0..3_600u64 {
+            let wobble = (i * 37) % 101;
+            assert!(
+                !r.observe(10_000 + wobble, 1_000 + (i * 53) % 101),
+                "sweep {i}"
+            );
+        }
     }
 }

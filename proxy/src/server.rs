@@ -137,8 +137,8 @@ impl Server {
 /// How often idle upstream connections and forgotten backends are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// Also gives freed memory back to the system after connections park or close in bulk (see
-/// `memory.rs`): this task runs on a thread that serves traffic, whose heap held them.
+/// Also gives freed memory back to the system after many connections stop being served at
+/// once (see `memory.rs`): this task runs on a thread that serves traffic, whose heap held them.
 async fn sweep_backends(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut release = crate::memory::Release::default();
     loop {
@@ -151,7 +151,7 @@ async fn sweep_backends(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 let parked = global.connections_idle.load(Relaxed);
                 if release.observe(open, parked) {
                     let started = std::time::Instant::now();
-                    crate::memory::release_free();
+                    fleet_proxy_alloc::release_free();
                     tracing::debug!(took = ?started.elapsed(), "freed memory given back");
                 }
             }

@@ -31,8 +31,9 @@ impl Table {
             regexes: HashMap::new(),
         };
         b.tracks(&spec);
-        // Sized up front, as are the maps below: growing them would touch twice the memory,
-        // and memory a process has not used before is what makes its first tables slow.
+        // Sized up front, as are the maps below (the host map by its routes, an upper bound):
+        // growing them would touch twice the memory, and memory a process has not used
+        // before is what makes its first tables slow.
         let mut routes = Vec::with_capacity(spec.routes.len());
         routes.extend(
             spec.routes
@@ -46,8 +47,12 @@ impl Table {
             return None;
         }
         let tracks = b.tracks;
+        let exact_hosts = routes
+            .iter()
+            .filter(|r| matches!(r.host, HostMatch::Exact(_)))
+            .count();
         let mut exact: foldhash::HashMap<String, Vec<RouteId>> =
-            foldhash::HashMap::with_capacity_and_hasher(routes.len(), Default::default());
+            foldhash::HashMap::with_capacity_and_hasher(exact_hosts, Default::default());
         let mut suffix: HashMap<String, Vec<RouteId>> = HashMap::new();
         let mut any = Vec::new();
         for (i, route) in routes.iter().enumerate() {

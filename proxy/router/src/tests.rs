@@ -484,7 +484,9 @@ fn a_sticky_cookie_name_must_be_an_http_token() {
     for good in ["fleet-bucket", "A_b.9", "!#$%&*+-.^_`|~"] {
         assert_eq!(with_cookie(good), Ok(()), "{good}");
     }
-    for bad in ["", "a b", "a;b", "a=b", "(x)", "é"] {
+    for bad in [
+        "", "a b", "a;b", "a=b", "(x)", "é", "a@b", "a/b", "a[b", "a\"b", "a\tb",
+    ] {
         let error = with_cookie(bad).unwrap_err();
         assert!(
             error.contains("routes[0].sticky.cookie: bad cookie name")
@@ -492,4 +494,35 @@ fn a_sticky_cookie_name_must_be_an_http_token() {
             "{bad}: {error}"
         );
     }
+}
+
+#[test]
+fn routes_that_could_never_be_chosen_and_repeated_names_are_refused() {
+    let errors = |routes: &str| -> Vec<String> {
+        match load(&format!("{TRACKS}routes:\n{routes}")) {
+            Ok(_) => Vec::new(),
+            Err(diags) => diags.iter().map(|d| d.message.clone()).collect(),
+        }
+    };
+    let route = |host: &str, path: &str| {
+        format!("  - {{ host: {host}, {path}, split: {{ stable: 10000 }} }}\n")
+    };
+    let dup = "same host and path as routes[0], so it can never be chosen";
+    // Hosts compare without case.
+    let twice = route("Shop.Example.com", "path_prefix: /a")
+        + &route("shop.example.com", "path_prefix: /a");
+    assert_eq!(errors(&twice), [dup]);
+    // An exact path and a prefix of the same text are different routes.
+    let both = route("a.com", "path: /a") + &route("a.com", "path_prefix: /a");
+    assert!(errors(&both).is_empty(), "{:?}", errors(&both));
+    assert_eq!(
+        errors(&(route("a.com", "path: /a") + &route("a.com", "path: /a"))),
+        [dup]
+    );
+    // A missing host is `*` and a missing path `/`.
+    let defaults =
+        "  - { split: { stable: 10000 } }\n".to_string() + &route("'*'", "path_prefix: /");
+    assert_eq!(errors(&defaults), [dup]);
+    let named = "  - { name: a, host: a.com, split: { stable: 10000 } }\n  - { name: a, host: b.com, split: { stable: 10000 } }\n";
+    assert_eq!(errors(named), ["name \"a\" already used by routes[0]"]);
 }
