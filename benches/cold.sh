@@ -9,6 +9,8 @@
 #
 # Needs nginx, wrk, python3, curl (Debian: nginx wrk python3 curl).
 set -euo pipefail
+# A binary named relative to where the script was started from, before moving to the repository.
+if [[ $# -gt 0 ]]; then set -- "$(realpath "$1")"; fi
 cd "$(dirname "$0")/.."
 source benches/common.sh
 

@@ -10,6 +10,8 @@
 # the per-round ratios with swaps / without, and how long the PUTs took.
 # Needs nginx, wrk, python3, curl (Debian: nginx wrk python3 curl).
 set -euo pipefail
+# Binaries named relative to where the script was started from, before moving to the repository.
+args=(); for bin in "$@"; do args+=("$(realpath "$bin")"); done; set -- "${args[@]}"
 cd "$(dirname "$0")/.."
 source benches/common.sh
 
@@ -50,6 +52,8 @@ run() { # binary index, swaps
       sleep 0.25
     done) &
     swapper=$!
+    # `run` is a command substitution: its swap loop is not in PIDS, so it ends with it.
+    trap "kill $swapper 2>/dev/null || true" EXIT
     # The loop's own processes (bash, taskset, sleep) on the load core too, not the proxy's.
     taskset -pc 1 "$swapper" >/dev/null
   fi
