@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use fleet_yaml::is_token;
+
 use crate::check::Ctx;
 use crate::model::{
     AbPhase, Hook, Match, MatchOn, MirrorPhase, Pause, Rollout, Step, Sticky, Strategy, ValueTest,
@@ -294,12 +296,4 @@ fn sub(path: &str, key: &str) -> String {
     } else {
         format!("{path}.{key}")
     }
-}
-
-/// An HTTP token, as cookie and header names must be.
-fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }

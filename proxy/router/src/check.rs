@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use fleet_yaml::{Diagnostics, Positions, suggest};
+use fleet_yaml::{Diagnostics, Positions, is_token, suggest};
 use http::HeaderName;
 use regex::Regex;
 
@@ -31,7 +31,7 @@ impl Table {
             regexes: HashMap::new(),
         };
         b.tracks(&spec);
-        // Sized up front, as are the maps below (the host map by its routes, an upper bound):
+        // Sized up front, as is the exact-host map below (by its routes, an upper bound):
         // growing them would touch twice the memory, and memory a process has not used
         // before is what makes its first tables slow.
         let mut routes = Vec::with_capacity(spec.routes.len());
@@ -418,33 +418,6 @@ impl Builder<'_> {
             }
         }
     }
-}
-
-/// An HTTP token (RFC 9110 §5.6.2), as a cookie name must be. A `match` rather than a search
-/// of the allowed bytes: every route of a large table names its cookie, and this ran for a
-/// tenth of a build.
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
 }
 
 fn is_label(s: &str) -> bool {

@@ -16,9 +16,9 @@ impl Builder<'_> {
             spec.header.is_some(),
             spec.cookie.is_some(),
             spec.query.is_some(),
+            spec.method.is_some(),
         ];
-        let given = given.into_iter().filter(|g| *g).count() + usize::from(spec.method.is_some());
-        let mut out = Vec::with_capacity(given);
+        let mut out = Vec::with_capacity(given.into_iter().filter(|g| *g).count());
         let mut ok = true;
         if let Some(h) = &spec.header {
             let field = at.field("header");
