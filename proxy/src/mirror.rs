@@ -6,7 +6,10 @@
 //! A copy sent on its own cost about as much CPU as a whole proxied request, though it is half
 //! the socket work: the shadow, lightly loaded, sleeps between copies, and each copy woke it
 //! (0.36 wake-ups per copy). A batch wakes it about once (0.09 per copy); 10% mirroring went
-//! from 0.89× to 0.96× of the unmirrored throughput (`benches/mirror.sh`).
+//! from 0.89× to 0.96× of the unmirrored throughput (`benches/mirror.sh`). The copies of a
+//! batch to one backend are pipelined on one connection ([`send`]): one write for them all.
+
+mod send;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
@@ -14,15 +17,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleet_proxy_router::{RouteId, TrackId};
-use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::MirrorLimits;
 use crate::state::{Active, Shared};
-use crate::stats::Source;
-use crate::upstream::{Outgoing, send};
 
 /// One copy to send: the request as forwarded to the primary, with its whole body; it goes
 /// out marked with `x-fleet-mirror: 1` ([`Outgoing::marked`]).
@@ -66,30 +66,38 @@ impl Mirror {
 }
 
 /// Takes copies off the queue, gathers those due within the batch window of the first, and
-/// sends each batch at once, each copy a task of its own. At most `concurrency` copies are
-/// gathered or in flight; the rest wait in the queue, which sheds once full. A batch that
-/// fills the last place goes at once: waiting could add nothing to it, and a shadow with a
-/// backlog is not asleep.
+/// sends each batch at once: a task for each backend's pipelined share and for each copy
+/// that goes on its own. At most `concurrency` copies are gathered or in flight; the rest
+/// wait in the queue, which sheds once full. A batch that fills the last place goes at once:
+/// waiting could add nothing to it, and a shadow with a backlog is not asleep.
 async fn dispatch(mut rx: mpsc::Receiver<Job>, shared: Weak<Shared>, limits: MirrorLimits) {
     let mut batch = Vec::new();
+    // Each task returns the number of copies it carried.
     let mut in_flight = JoinSet::new();
+    let mut carried = 0;
     let window = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(window);
     loop {
         let send_now = tokio::select! {
             biased;
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                if let Err(e) = done {
-                    tracing::error!(error = %e, "a mirrored copy's task failed");
+                match done {
+                    Ok(copies) => carried -= copies,
+                    Err(e) => {
+                        // A panic, never expected: its count is lost, so start again from
+                        // the tasks left, each carrying at least one copy.
+                        tracing::error!(error = %e, "a mirrored copy's task failed");
+                        carried = in_flight.len();
+                    }
                 }
                 false
             }
             () = &mut window, if !batch.is_empty() => true,
-            job = rx.recv(), if batch.len() + in_flight.len() < limits.concurrency => {
+            job = rx.recv(), if batch.len() + carried < limits.concurrency => {
                 let Some(job) = job else { return };
                 batch.push(job);
                 let now = limits.batch_window.is_zero()
-                    || batch.len() + in_flight.len() >= limits.concurrency;
+                    || batch.len() + carried >= limits.concurrency;
                 if batch.len() == 1 && !now {
                     window.as_mut().reset(Instant::now() + limits.batch_window);
                 }
@@ -100,55 +108,10 @@ async fn dispatch(mut rx: mpsc::Receiver<Job>, shared: Weak<Shared>, limits: Mir
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            for job in batch.drain(..) {
-                in_flight.spawn(run(shared.clone(), job));
+            for work in send::plan(batch.drain(..)) {
+                carried += work.copies();
+                in_flight.spawn(send::run(shared.clone(), work));
             }
         }
-    }
-}
-
-async fn run(shared: Arc<Shared>, job: Job) {
-    let started = Instant::now();
-    let Job {
-        active,
-        route,
-        track,
-        parts,
-        body,
-        http2,
-    } = job;
-    let mut out = Outgoing {
-        parts,
-        body: Some(crate::body::full(body)),
-        http2,
-        retryable: false,
-        client_upgrade: None,
-        marked: true,
-    };
-    let start = active.next_index(track);
-    let sending = send(
-        &shared.settings.upstream,
-        active.backends(track),
-        start,
-        active.table.track(track).name(),
-        &mut out,
-    );
-    let outcome = tokio::time::timeout(shared.settings.mirror.timeout, async {
-        let resp = sending.await.ok()?;
-        let status = resp.status().as_u16();
-        // Read the answer to the end so the connection goes back to the pool; keep nothing.
-        // As for the primary, the status counts once it came, whatever becomes of the body.
-        let mut body = resp.into_body();
-        while let Some(Ok(_)) = body.frame().await {}
-        Some(status)
-    })
-    .await
-    .ok()
-    .flatten();
-    let counters = active.counters(route, track, Source::Mirror);
-    match outcome {
-        Some(status) => counters.record(status, false, started.elapsed()),
-        // No status to count: only the error.
-        None => counters.record(0, true, started.elapsed()),
     }
 }

@@ -13,6 +13,7 @@ use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 
 pub use backend::Backend;
+pub use h1::Answers;
 pub use pool::UpstreamBody;
 
 use crate::body::Body;
@@ -104,10 +105,7 @@ pub async fn send(
     let tries = if out.retryable { cfg.retries + 1 } else { 1 };
     let mut last = None;
     for attempt in 0..tries {
-        let healthy = (0..backends.len())
-            .map(|i| &backends[(start + attempt as usize + i) % backends.len()])
-            .find(|b| b.healthy());
-        let Some(backend) = healthy else {
+        let Some(backend) = pick(backends, start + attempt as usize) else {
             return Err(Failure::NoHealthyBackend(track.to_string()));
         };
         let this_try = match (out.retryable, attempt) {
@@ -167,6 +165,36 @@ pub async fn send(
         }
     }
     Err(last.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())))
+}
+
+/// The first healthy backend, round robin from `start`.
+pub fn pick(backends: &[Arc<Backend>], start: usize) -> Option<&Arc<Backend>> {
+    (0..backends.len())
+        .map(|i| &backends[(start + i) % backends.len()])
+        .find(|b| b.healthy())
+}
+
+/// Sends mirrored copies, each with its whole body, to one backend pipelined on one
+/// connection ([`h1::pipeline`]). The backend's passive health counts each answer as
+/// [`send`] does, and a connection that failed once.
+pub async fn pipeline(
+    cfg: &Upstream,
+    backend: &Backend,
+    copies: &[(&http::request::Parts, &[u8])],
+    deadline: Instant,
+) -> Answers {
+    let answers = h1::pipeline(backend, copies, true, cfg.connect_timeout, deadline).await;
+    for (status, _) in &answers.statuses {
+        match status.as_u16() {
+            502..=504 => backend.failed(cfg),
+            _ => backend.succeeded(),
+        }
+    }
+    if let Some(e) = &answers.failed {
+        tracing::debug!(backend = %backend.addr, error = %e, "mirrored copies failed");
+        backend.failed(cfg);
+    }
+    answers
 }
 
 /// The request for one try; the last try takes the headers instead of copying them. With a

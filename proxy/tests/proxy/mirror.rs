@@ -1,12 +1,14 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use serde_json::Value;
 
 use crate::support::{
-    Backend, Mode, Proxy, client, dead_addr, eventually, h2_client, send, series, stats,
+    Backend, Mode, Proxy, RawBackend, client, dead_addr, eventually, h2_client, send, series, stats,
 };
 
 fn config(stable: std::net::SocketAddr, shadow: std::net::SocketAddr, extra: &str) -> String {
@@ -197,5 +199,133 @@ async fn a_body_over_the_mirror_cap_is_not_mirrored_and_is_counted() {
     })
     .await;
     assert_eq!(shadow.hits(), 0);
+    proxy.stop().await;
+}
+
+/// The shadow as a hand-written backend (`answer` as for [`RawBackend`]), every request
+/// mirrored, copies gathered for a second; returns the primary's backend too, to keep alive.
+async fn mirroring_to_raw<F>(answer: F) -> (Backend, RawBackend, Proxy)
+where
+    F: Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static,
+{
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let shadow = RawBackend::start(answer).await;
+    let extra = "mirror: { batch_window: 1s }\n";
+    let proxy = Proxy::start(&config(stable.addr, shadow.addr, extra)).await;
+    (stable, shadow, proxy)
+}
+
+/// The mirror's count of answers by class and of errors, once `n` copies are counted.
+async fn counted(proxy: &Proxy, n: u64) -> (u64, u64) {
+    eventually(Duration::from_secs(10), || async {
+        mirror_series(proxy).await["requests"].as_u64() == Some(n)
+    })
+    .await;
+    let series = mirror_series(proxy).await;
+    let ok = series["responses"]["2xx"].as_u64().unwrap();
+    (ok, series["errors"].as_u64().unwrap())
+}
+
+#[tokio::test]
+async fn the_copies_of_a_batch_go_pipelined_on_one_connection_and_every_framing_is_read() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let (_stable, shadow, proxy) = mirroring_to_raw(move |head| {
+        let line = head.lines().next().unwrap_or_default().to_string();
+        log.lock().unwrap().push(line.clone());
+        let bytes: &[u8] = match line.as_str() {
+            "HEAD /length HTTP/1.1" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            "GET /length HTTP/1.1" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            "GET /chunked HTTP/1.1" => {
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\nx-t: 1\r\n\r\n"
+            }
+            "GET /interim HTTP/1.1" => {
+                b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            }
+            "POST /body HTTP/1.1" => b"HTTP/1.1 201 Created\r\nCONTENT-LENGTH: 0\r\n\r\n",
+            _ => b"HTTP/1.1 204 No Content\r\n\r\n",
+        };
+        (bytes.to_vec(), false)
+    })
+    .await;
+    let c = client();
+    let sent = [
+        (Method::GET, "/length"),
+        (Method::HEAD, "/length"),
+        (Method::GET, "/chunked"),
+        (Method::GET, "/interim"),
+        (Method::POST, "/body"),
+        (Method::GET, "/none"),
+    ];
+    for (method, path) in &sent {
+        let body = match *method == Method::POST {
+            true => Full::new(Bytes::from_static(b"abc")),
+            false => Full::default(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(proxy.url(path))
+            .body(body)
+            .unwrap();
+        assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(counted(&proxy, 6).await, (6, 0));
+    assert_eq!(shadow.conns(), 1, "one connection carried the batch");
+    let expected: Vec<_> = sent
+        .iter()
+        .map(|(m, p)| format!("{m} {p} HTTP/1.1"))
+        .collect();
+    assert_eq!(*seen.lock().unwrap(), expected, "in the order sent");
+    // The connection went back to the pool and carries the next batch.
+    get_n(&proxy, 2).await;
+    assert_eq!(counted(&proxy, 8).await, (8, 0));
+    assert_eq!(shadow.conns(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn copies_a_shadow_closed_the_connection_before_processing_are_sent_again() {
+    // Each answer says the connection ends with it: the copies behind it were not processed
+    // (RFC 9112, section 9.6), so each goes again, on a new connection.
+    let (_stable, shadow, proxy) = mirroring_to_raw(|_| {
+        let bytes = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        (bytes.to_vec(), true)
+    })
+    .await;
+    get_n(&proxy, 5).await;
+    assert_eq!(counted(&proxy, 5).await, (5, 0));
+    assert_eq!(shadow.conns(), 5);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn copies_behind_a_connection_that_broke_are_counted_as_errors() {
+    // The second answer ends the connection without saying so: what became of the copies
+    // behind it is unknown, and they are not sent again.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (_stable, shadow, proxy) = mirroring_to_raw(move |_| {
+        let n = answered.fetch_add(1, Ordering::SeqCst) + 1;
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            n == 2,
+        )
+    })
+    .await;
+    get_n(&proxy, 5).await;
+    assert_eq!(counted(&proxy, 5).await, (2, 3));
+    assert_eq!(shadow.conns(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn copies_a_shadow_never_answers_fail_at_the_mirror_timeout() {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let shadow = RawBackend::start(|_| (Vec::new(), false)).await;
+    let extra = "mirror: { batch_window: 100ms, timeout: 300ms }\n";
+    let proxy = Proxy::start(&config(stable.addr, shadow.addr, extra)).await;
+    let first = Instant::now();
+    get_n(&proxy, 3).await;
+    assert_eq!(counted(&proxy, 3).await, (0, 3));
+    assert!(first.elapsed() >= Duration::from_millis(300));
     proxy.stop().await;
 }

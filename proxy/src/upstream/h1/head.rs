@@ -81,17 +81,26 @@ pub fn encode_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Whether a parsed head keeps its header fields or only what frames the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fields {
+    Keep,
+    /// An answer nobody will read (a mirrored copy's): status and framing only, no header map.
+    Drop,
+}
+
 /// Takes the response head off the front of `buf`, skipping interim (1xx) heads. `Ok(None)`:
 /// the head is not complete yet. The error names what is wrong with the response.
-pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, &'static str> {
+pub fn parse_response(
+    buf: &mut BytesMut,
+    method: &Method,
+    fields: Fields,
+) -> Result<Option<Head>, &'static str> {
     while !buf.is_empty() {
-        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut found = [const { MaybeUninit::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
-        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut resp,
-            buf,
-            &mut fields,
-        );
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut found);
         let len = match parsed {
             Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
             Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => return Ok(None),
@@ -108,7 +117,7 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
         }
         let head = match status.is_informational() {
             true => None,
-            false => Some(build(status, resp.version, resp.headers, method)?),
+            false => Some(build(status, resp.version, resp.headers, method, fields)?),
         };
         buf.advance(len);
         if head.is_some() {
@@ -121,19 +130,27 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
 fn build(
     status: StatusCode,
     version: Option<u8>,
-    fields: &[httparse::Header<'_>],
+    found: &[httparse::Header<'_>],
     method: &Method,
+    fields: Fields,
 ) -> Result<Head, &'static str> {
     let version = match version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut headers = match fields {
+        Fields::Keep => HeaderMap::with_capacity(found.len()),
+        Fields::Drop => HeaderMap::new(),
+    };
     let (mut length, mut lengths_differ, mut coding, mut close, mut keep_alive_token) =
         (None::<u64>, false, None::<bool>, false, false);
-    for f in fields {
+    for f in found {
         let name = match common_name(f.name.as_bytes()) {
             Some(name) => name,
+            None if fields == Fields::Drop => match framing_name(f.name) {
+                Some(name) => name,
+                None => continue,
+            },
             None => HeaderName::from_bytes(f.name.as_bytes())
                 .map_err(|_| "malformed response header name")?,
         };
@@ -162,6 +179,9 @@ fn build(
             if !names_others {
                 continue;
             }
+        }
+        if fields == Fields::Drop {
+            continue;
         }
         let value =
             HeaderValue::from_bytes(value).map_err(|_| "malformed response header value")?;
@@ -210,6 +230,17 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
+/// The names that frame a body or end a connection, in any case.
+fn framing_name(name: &str) -> Option<HeaderName> {
+    [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+    ]
+    .into_iter()
+    .find(|n| n.as_str().eq_ignore_ascii_case(name))
+}
+
 /// The names most responses carry, as servers spell them: known at once, where
 /// `HeaderName::from_bytes` lowercases a name and then looks it up.
 fn common_name(name: &[u8]) -> Option<HeaderName> {
@@ -236,7 +267,7 @@ mod tests {
     use super::*;
 
     fn parse(raw: &str, method: Method) -> Result<Option<Head>, &'static str> {
-        parse_response(&mut BytesMut::from(raw), &method)
+        parse_response(&mut BytesMut::from(raw), &method, Fields::Keep)
     }
 
     fn head(raw: &str) -> Head {
@@ -333,10 +364,16 @@ mod tests {
         let mut buf = BytesMut::new();
         for byte in &raw[..head_len - 1] {
             buf.extend_from_slice(&[*byte]);
-            assert!(parse_response(&mut buf, &Method::GET).unwrap().is_none());
+            assert!(
+                parse_response(&mut buf, &Method::GET, Fields::Keep)
+                    .unwrap()
+                    .is_none()
+            );
         }
         buf.extend_from_slice(&raw[head_len - 1..]);
-        let h = parse_response(&mut buf, &Method::GET).unwrap().unwrap();
+        let h = parse_response(&mut buf, &Method::GET, Fields::Keep)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (h.status, h.framing, h.keep_alive),
             (StatusCode::OK, Framing::Length(3), true)
@@ -419,10 +456,28 @@ mod tests {
                 Framing::Chunked,
                 false,
             ),
+            // Names in any case, spelled as no common server does.
+            (
+                "HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 7\r\nX-Other: 1\r\n\r\n",
+                Framing::Length(7),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTRANSFER-ENCODING: chunked\r\nCONNECTION: close\r\n\r\n",
+                Framing::Chunked,
+                false,
+            ),
         ];
         for (raw, framing, keep_alive) in cases {
             let h = head(raw);
             assert_eq!((h.framing, h.keep_alive), (framing, keep_alive), "{raw:?}");
+            // The same without the header map, for answers nobody reads.
+            let mut buf = BytesMut::from(raw);
+            let h = parse_response(&mut buf, &Method::GET, Fields::Drop)
+                .unwrap()
+                .unwrap();
+            assert_eq!((h.framing, h.keep_alive), (framing, keep_alive), "{raw:?}");
+            assert!(h.headers.is_empty() && buf.is_empty(), "{raw:?}");
         }
         let h = parse("HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", Method::HEAD)
             .unwrap()
@@ -449,7 +504,11 @@ mod tests {
         assert_eq!(h.status, StatusCode::CREATED);
         assert!(!h.headers.contains_key("link"));
         let mut buf = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2");
-        assert!(parse_response(&mut buf, &Method::GET).unwrap().is_none());
+        assert!(
+            parse_response(&mut buf, &Method::GET, Fields::Keep)
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(&buf[..], b"HTTP/1.1 2");
     }
 

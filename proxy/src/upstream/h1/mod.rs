@@ -10,6 +10,7 @@
 
 mod chunked;
 mod head;
+mod pipeline;
 mod pump;
 
 use std::io;
@@ -30,6 +31,8 @@ use self::pump::Pump;
 use super::Error;
 use super::backend::Backend;
 use crate::body::Body;
+
+pub use self::pipeline::{Answers, pipeline};
 
 /// Room made in the read buffer before each read.
 const READ_SIZE: usize = 8 * 1024;
@@ -79,6 +82,33 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock
             ),
         }
+    }
+
+    /// An idle connection of the backend's pool, its exchange due by `deadline`.
+    #[inline]
+    fn reused(backend: &Backend, deadline: Instant) -> Option<Conn> {
+        let mut conn = backend.pool.take()?;
+        // Moved only when the deadline is past it or well before it: a busy connection
+        // leaves its timer alone for most requests, at the cost of timing out up to
+        // `DEADLINE_SLACK` late.
+        let set = conn.timer.deadline();
+        if deadline > set || deadline + DEADLINE_SLACK < set {
+            conn.timer.as_mut().reset(deadline + DEADLINE_SLACK);
+        }
+        Some(conn)
+    }
+
+    /// A new connection to the backend, its exchange due by `deadline`.
+    async fn connect(
+        backend: &Backend,
+        connect_timeout: Duration,
+        deadline: Instant,
+    ) -> Result<Conn, Error> {
+        let connecting = super::pool::connect(backend, connect_timeout);
+        let io = tokio::time::timeout_at(deadline, connecting)
+            .await
+            .map_err(|_| Error::TimedOut)??;
+        Ok(Conn::new(io, deadline))
     }
 
     pub fn into_io(self) -> TcpStream {
@@ -185,8 +215,8 @@ impl Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Result<head::Head, Error>> {
         loop {
-            if let Some(head) =
-                head::parse_response(&mut self.buf, method).map_err(Error::Protocol)?
+            if let Some(head) = head::parse_response(&mut self.buf, method, head::Fields::Keep)
+                .map_err(Error::Protocol)?
             {
                 return Poll::Ready(Ok(head));
             }
@@ -212,37 +242,17 @@ pub async fn request(
     connect_timeout: Duration,
     deadline: Instant,
 ) -> Result<Response<ResponseBody>, Error> {
-    let mut conn = match backend.pool.take() {
-        Some(mut conn) => {
-            // Moved only when the deadline is past it or well before it: a busy connection
-            // leaves its timer alone for most requests, at the cost of timing out up to
-            // `DEADLINE_SLACK` late.
-            let set = conn.timer.deadline();
-            if deadline > set || deadline + DEADLINE_SLACK < set {
-                conn.timer.as_mut().reset(deadline + DEADLINE_SLACK);
-            }
-            conn
-        }
+    let mut conn = match Conn::reused(backend, deadline) {
+        Some(conn) => conn,
         // Boxed: connecting is rare next to reuse.
-        None => {
-            let connecting = super::pool::connect(backend, connect_timeout);
-            let io = Box::pin(tokio::time::timeout_at(deadline, connecting))
-                .await
-                .map_err(|_| Error::TimedOut)??;
-            Conn::new(io, deadline)
-        }
+        None => Box::pin(Conn::connect(backend, connect_timeout, deadline)).await?,
     };
     let (head, pump) = conn.exchange(parts, marked, body).await?;
     let mut body = ResponseBody {
         conn: Some(conn),
         pump,
         backend: backend.clone(),
-        left: match head.framing {
-            Framing::Empty => Left::Length(0),
-            Framing::Length(n) => Left::Length(n),
-            Framing::Chunked => Left::Chunked(Chunked::default()),
-            Framing::UntilClose => Left::UntilClose,
-        },
+        left: Left::of(head.framing),
         keep_alive: head.keep_alive,
     };
     if head.framing == Framing::Empty {
@@ -261,6 +271,17 @@ enum Left {
     Length(u64),
     Chunked(Chunked),
     UntilClose,
+}
+
+impl Left {
+    fn of(framing: Framing) -> Left {
+        match framing {
+            Framing::Empty => Left::Length(0),
+            Framing::Length(n) => Left::Length(n),
+            Framing::Chunked => Left::Chunked(Chunked::default()),
+            Framing::UntilClose => Left::UntilClose,
+        }
+    }
 }
 
 /// A response body read off its connection as the client takes it. The connection goes back

@@ -1,0 +1,166 @@
+//! Sending a batch of copies. Those that can share a connection are grouped by the backend
+//! round robin picks for each and pipelined, a group to a connection
+//! ([`upstream::pipeline`]); the others (copies over HTTP/2, with a body over
+//! [`PIPELINED_BODY_MAX`], or asking for an upgrade or a `100 Continue`) go each on its own
+//! through [`upstream::send`], as a primary request does.
+
+use std::sync::Arc;
+
+use http::{Method, header};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use super::Job;
+use crate::state::Shared;
+use crate::stats::{Counters, Source};
+use crate::upstream::{self, Backend, Outgoing};
+
+/// Largest body a pipelined copy carries; a larger one goes on its own, rather than be
+/// copied again into the pipeline's write.
+pub const PIPELINED_BODY_MAX: usize = 16 * 1024;
+
+/// A share of a batch, sent by one task.
+pub enum Work {
+    /// Copies to one backend, pipelined on one connection.
+    Pipelined(Arc<Backend>, Vec<Job>),
+    /// Boxed: the fewer, and the batch's plan stays small.
+    Single(Box<Job>),
+}
+
+impl Work {
+    pub fn copies(&self) -> usize {
+        match self {
+            Work::Pipelined(_, jobs) => jobs.len(),
+            Work::Single(_) => 1,
+        }
+    }
+}
+
+/// Shares a batch out: the pipelined copies by backend, the rest one by one.
+pub fn plan(batch: impl IntoIterator<Item = Job>) -> Vec<Work> {
+    let mut work: Vec<Work> = Vec::new();
+    for job in batch {
+        let backend = pipelines(&job)
+            .then(|| {
+                let start = job.active.next_index(job.track);
+                upstream::pick(job.active.backends(job.track), start).cloned()
+            })
+            .flatten();
+        let Some(backend) = backend else {
+            work.push(Work::Single(Box::new(job)));
+            continue;
+        };
+        let group = work.iter_mut().find_map(|w| match w {
+            Work::Pipelined(b, jobs) if Arc::ptr_eq(b, &backend) => Some(jobs),
+            _ => None,
+        });
+        match group {
+            Some(jobs) => jobs.push(job),
+            None => work.push(Work::Pipelined(backend, vec![job])),
+        }
+    }
+    work
+}
+
+/// Whether a copy may share a connection with others: HTTP/1.1, a small body, and nothing
+/// that would make the backend answer out of step (a protocol switch, `100 Continue`).
+fn pipelines(job: &Job) -> bool {
+    !job.http2
+        && job.body.len() <= PIPELINED_BODY_MAX
+        && job.parts.method != Method::CONNECT
+        && !job.parts.headers.contains_key(header::UPGRADE)
+        && !job.parts.headers.contains_key(header::EXPECT)
+}
+
+/// Sends one share of a batch and counts each copy under the mirror track; returns how many
+/// copies it carried.
+pub async fn run(shared: Arc<Shared>, work: Work) -> usize {
+    let copies = work.copies();
+    match work {
+        Work::Pipelined(backend, jobs) => pipelined(&shared, &backend, &jobs).await,
+        Work::Single(job) => single(&shared, *job).await,
+    }
+    copies
+}
+
+async fn pipelined(shared: &Shared, backend: &Backend, jobs: &[Job]) {
+    let started = Instant::now();
+    let deadline = started + shared.settings.mirror.timeout;
+    let copies: Vec<_> = jobs.iter().map(|j| (&j.parts, &j.body[..])).collect();
+    let mut from = 0;
+    // Those the backend closed the connection before processing go again, on another.
+    while from < jobs.len() {
+        let answers = upstream::pipeline(
+            &shared.settings.upstream,
+            backend,
+            &copies[from..],
+            deadline,
+        )
+        .await;
+        for (job, (status, at)) in jobs[from..].iter().zip(&answers.statuses) {
+            count(job.counters(), Some(status.as_u16()), *at - started);
+        }
+        from += answers.statuses.len();
+        if answers.failed.is_some() || answers.statuses.is_empty() {
+            let failed = started.elapsed();
+            for job in &jobs[from..] {
+                count(job.counters(), None, failed);
+            }
+            return;
+        }
+    }
+}
+
+async fn single(shared: &Shared, job: Job) {
+    let started = Instant::now();
+    let Job {
+        active,
+        route,
+        track,
+        parts,
+        body,
+        http2,
+    } = job;
+    let mut out = Outgoing {
+        parts,
+        body: Some(crate::body::full(body)),
+        http2,
+        retryable: false,
+        client_upgrade: None,
+        marked: true,
+    };
+    let start = active.next_index(track);
+    let sending = upstream::send(
+        &shared.settings.upstream,
+        active.backends(track),
+        start,
+        active.table.track(track).name(),
+        &mut out,
+    );
+    let outcome = tokio::time::timeout(shared.settings.mirror.timeout, async {
+        let resp = sending.await.ok()?;
+        let status = resp.status().as_u16();
+        // Read the answer to the end so the connection goes back to the pool; keep nothing.
+        // As for the primary, the status counts once it came, whatever becomes of the body.
+        let mut body = resp.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+        Some(status)
+    })
+    .await
+    .ok()
+    .flatten();
+    let counters = active.counters(route, track, Source::Mirror);
+    count(counters, outcome, started.elapsed());
+}
+
+/// Counts a copy's outcome: its status, or (`None`) an error.
+fn count(counters: &Counters, status: Option<u16>, took: std::time::Duration) {
+    counters.record(status.unwrap_or(0), status.is_none(), took);
+}
+
+impl Job {
+    /// Where the copy's outcome is counted: under the mirror track.
+    fn counters(&self) -> &Counters {
+        self.active.counters(self.route, self.track, Source::Mirror)
+    }
+}

@@ -1,0 +1,198 @@
+//! HTTP/1.1 pipelining (RFC 9112, section 9.3.2), for mirrored copies: the requests of a
+//! batch go out together on one connection, and the answers are read in the order the
+//! requests went, each dropped once its status is known. A batch of copies to one backend then
+//! costs one write and about one read, where copies sent each on its own connection cost a
+//! write and a read each.
+//!
+//! Writing and reading go on together, so that a backend that answers as it reads never
+//! waits on a proxy that is still writing. An answer that says `Connection: close` ends the
+//! pipeline: the backend has processed none of the requests after it (RFC 9112, section 9.6),
+//! and they may be sent again on another connection.
+
+use std::future::poll_fn;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use http::{StatusCode, header};
+use tokio::time::Instant;
+
+use super::chunked::Step;
+use super::head::{self, Added, Fields};
+use super::{Conn, Error, Left, pump};
+use crate::upstream::backend::Backend;
+
+/// What became of a pipeline's requests, in order.
+#[derive(Debug, Default)]
+pub struct Answers {
+    /// The statuses of the requests answered (the first `statuses.len()`), each with the time
+    /// its head came.
+    pub statuses: Vec<(StatusCode, Instant)>,
+    /// What ended the pipeline before every request was answered: the requests from
+    /// `statuses.len()` on failed with it. `None` with requests left over: the backend closed
+    /// the connection after an answer that said it would, and processed none of them.
+    pub failed: Option<Error>,
+}
+
+/// Sends `requests` (each its head and its whole body) to `backend` on one connection,
+/// pooled or new, marked as mirrored copies when `marked`; everything must have been answered
+/// by `deadline`. The connection goes back to the pool if it can carry more.
+pub async fn pipeline(
+    backend: &Backend,
+    requests: &[(&http::request::Parts, &[u8])],
+    marked: bool,
+    connect_timeout: Duration,
+    deadline: Instant,
+) -> Answers {
+    let mut answers = Answers {
+        statuses: Vec::with_capacity(requests.len()),
+        failed: None,
+    };
+    let connected = match Conn::reused(backend, deadline) {
+        Some(conn) => Ok(conn),
+        None => Conn::connect(backend, connect_timeout, deadline).await,
+    };
+    let mut conn = match connected {
+        Ok(conn) => conn,
+        Err(e) => {
+            answers.failed = Some(e);
+            return answers;
+        }
+    };
+    let mut out = std::mem::take(&mut conn.out);
+    out.clear();
+    for (parts, body) in requests {
+        encode(&mut out, parts, body, marked);
+    }
+    let mut run = Run {
+        out: &out,
+        written: 0,
+        write_failed: None,
+        reading: None,
+        reusable: true,
+    };
+    let ended = poll_fn(|cx| run.poll(&mut conn, requests, &mut answers.statuses, cx)).await;
+    let written_whole = run.written == out.len();
+    let reusable = run.reusable;
+    match ended {
+        Ok(()) if reusable && written_whole && conn.buf.is_empty() => {
+            conn.out = out;
+            backend.pool.put(conn);
+        }
+        Ok(()) => {}
+        Err(e) => answers.failed = Some(e),
+    }
+    answers
+}
+
+/// Appends one request: its head, framed by its body's length unless it says it already,
+/// and the body.
+fn encode(out: &mut Vec<u8>, parts: &http::request::Parts, body: &[u8], marked: bool) {
+    let added = match body.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH) {
+        true => Added::Nothing,
+        false => Added::ContentLength(body.len() as u64),
+    };
+    head::encode_request(out, parts, marked, added);
+    out.extend_from_slice(body);
+}
+
+/// A pipeline under way.
+struct Run<'a> {
+    out: &'a [u8],
+    written: usize,
+    /// Writing stopped with this; answers already on their way are still read.
+    write_failed: Option<Error>,
+    /// The body of the answer being read, once its head has come.
+    reading: Option<Left>,
+    /// Every answer so far lets the connection carry more.
+    reusable: bool,
+}
+
+impl Run<'_> {
+    /// Ready once every request is answered, or an answer closed the connection; fails with
+    /// what broke the connection or the deadline.
+    fn poll(
+        &mut self,
+        conn: &mut Conn,
+        requests: &[(&http::request::Parts, &[u8])],
+        statuses: &mut Vec<(StatusCode, Instant)>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
+        if self.written < self.out.len()
+            && self.write_failed.is_none()
+            && let Poll::Ready(Err(e)) =
+                pump::poll_write_all(&mut conn.io, cx, self.out, &mut self.written)
+        {
+            self.write_failed = Some(e);
+        }
+        loop {
+            // What the bytes read so far give.
+            loop {
+                match &mut self.reading {
+                    None if statuses.len() == requests.len() => return Poll::Ready(Ok(())),
+                    None => {
+                        let method = &requests[statuses.len()].0.method;
+                        let Some(head) = head::parse_response(&mut conn.buf, method, Fields::Drop)
+                            .map_err(Error::Protocol)?
+                        else {
+                            break;
+                        };
+                        statuses.push((head.status, Instant::now()));
+                        self.reusable &= head.keep_alive;
+                        self.reading = Some(Left::of(head.framing));
+                    }
+                    Some(left) => {
+                        if !skip(left, &mut conn.buf).map_err(Error::Protocol)? {
+                            break;
+                        }
+                        self.reading = None;
+                        if !self.reusable {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+            }
+            match conn.poll_read(cx) {
+                Poll::Ready(Ok(0)) if matches!(self.reading, Some(Left::UntilClose)) => {
+                    // That body ends here, and with it the connection.
+                    self.reading = None;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(self.write_failed.take().unwrap_or(Error::Closed)));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(self.write_failed.take().unwrap_or(Error::Io(e))));
+                }
+                Poll::Pending if conn.timer.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(Error::TimedOut));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Drops what the front of `buf` holds of a body; true once the body has ended.
+fn skip(left: &mut Left, buf: &mut BytesMut) -> Result<bool, &'static str> {
+    match left {
+        Left::Length(n) => {
+            let taken = usize::try_from(*n).unwrap_or(usize::MAX).min(buf.len());
+            buf.advance(taken);
+            *n -= taken as u64;
+            Ok(*n == 0)
+        }
+        Left::Chunked(chunked) => loop {
+            match chunked.step(buf)? {
+                Step::Data(_) => continue,
+                Step::Trailers(_) | Step::End => return Ok(true),
+                Step::More => return Ok(false),
+            }
+        },
+        Left::UntilClose => {
+            buf.clear();
+            Ok(false)
+        }
+    }
+}
