@@ -11,6 +11,7 @@
 
 mod send;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -72,24 +73,24 @@ impl Mirror {
 /// waiting could add nothing to it, and a shadow with a backlog is not asleep.
 async fn dispatch(mut rx: mpsc::Receiver<Job>, shared: Weak<Shared>, limits: MirrorLimits) {
     let mut batch = Vec::new();
-    // Each task returns the number of copies it carried.
     let mut in_flight = JoinSet::new();
+    // The copies each task carries, and their sum.
+    let mut carrying = HashMap::new();
     let mut carried = 0;
     let window = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(window);
     loop {
         let send_now = tokio::select! {
             biased;
-            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                match done {
-                    Ok(copies) => carried -= copies,
+            Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
                     Err(e) => {
-                        // A panic, never expected: its count is lost, so start again from
-                        // the tasks left, each carrying at least one copy.
                         tracing::error!(error = %e, "a mirrored copy's task failed");
-                        carried = in_flight.len();
+                        e.id()
                     }
-                }
+                };
+                carried -= carrying.remove(&id).unwrap_or(0);
                 false
             }
             () = &mut window, if !batch.is_empty() => true,
@@ -109,8 +110,10 @@ async fn dispatch(mut rx: mpsc::Receiver<Job>, shared: Weak<Shared>, limits: Mir
                 return;
             };
             for work in send::plan(batch.drain(..)) {
-                carried += work.copies();
-                in_flight.spawn(send::run(shared.clone(), work));
+                let copies = work.copies();
+                let task = in_flight.spawn(send::run(shared.clone(), work));
+                carrying.insert(task.id(), copies);
+                carried += copies;
             }
         }
     }

@@ -72,15 +72,12 @@ fn pipelines(job: &Job) -> bool {
         && !job.parts.headers.contains_key(header::EXPECT)
 }
 
-/// Sends one share of a batch and counts each copy under the mirror track; returns how many
-/// copies it carried.
-pub async fn run(shared: Arc<Shared>, work: Work) -> usize {
-    let copies = work.copies();
+/// Sends one share of a batch and counts each copy under the mirror track.
+pub async fn run(shared: Arc<Shared>, work: Work) {
     match work {
         Work::Pipelined(backend, jobs) => pipelined(&shared, &backend, &jobs).await,
         Work::Single(job) => single(&shared, *job).await,
     }
-    copies
 }
 
 async fn pipelined(shared: &Shared, backend: &Backend, jobs: &[Job]) {

@@ -329,3 +329,57 @@ async fn copies_a_shadow_never_answers_fail_at_the_mirror_timeout() {
     assert!(first.elapsed() >= Duration::from_millis(300));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_shadow_streaming_an_endless_answer_fails_its_copy_at_the_mirror_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A shadow that answers with a body it never ends, as fast as the proxy reads.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shadow = listener.local_addr().unwrap();
+    let streaming = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = [0; 4096];
+        let _ = stream.read(&mut buf).await;
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n";
+        stream.write_all(head).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        while stream.write_all(&chunk).await.is_ok() {}
+    });
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let extra = "mirror: { batch_window: 0s, timeout: 300ms }\n";
+    let proxy = Proxy::start(&config(stable.addr, shadow, extra)).await;
+    get_n(&proxy, 1).await;
+    // The status came, then the body never ended: counted as answered and failed.
+    eventually(Duration::from_secs(10), || async {
+        mirror_series(&proxy).await["errors"] == 1
+    })
+    .await;
+    // The proxy let go of the connection: the shadow's writes fail and it stops.
+    tokio::time::timeout(Duration::from_secs(10), streaming)
+        .await
+        .expect("the proxy kept reading past its timeout")
+        .unwrap();
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn copies_behind_an_answer_framed_two_ways_are_not_sent_again() {
+    // The second answer carries both Content-Length and chunked coding: it is read by its
+    // coding, but the connection is not trusted after it, and nothing said the shadow stopped
+    // processing what followed.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (_stable, shadow, proxy) = mirroring_to_raw(move |_| {
+        let bytes: &[u8] = match answered.fetch_add(1, Ordering::SeqCst) {
+            1 => {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            }
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        };
+        (bytes.to_vec(), false)
+    })
+    .await;
+    get_n(&proxy, 5).await;
+    assert_eq!(counted(&proxy, 5).await, (2, 3));
+    assert_eq!(shadow.conns(), 1, "not sent again");
+    proxy.stop().await;
+}

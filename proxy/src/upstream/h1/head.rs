@@ -33,6 +33,9 @@ pub struct Head {
     pub framing: Framing,
     /// The connection may carry another exchange once this body has been read.
     pub keep_alive: bool,
+    /// The backend said the connection ends with this answer (`Connection: close`, or HTTP/1.0
+    /// without `keep-alive`): it processes no request sent after (RFC 9112, section 9.6).
+    pub closes: bool,
 }
 
 /// The framing header the request head gets, if its own headers do not frame the body.
@@ -218,6 +221,7 @@ fn build(
         headers,
         framing,
         keep_alive,
+        closes: !persistent,
     })
 }
 
@@ -471,6 +475,10 @@ mod tests {
         for (raw, framing, keep_alive) in cases {
             let h = head(raw);
             assert_eq!((h.framing, h.keep_alive), (framing, keep_alive), "{raw:?}");
+            // Said to close: only by a close token, or by HTTP/1.0 without keep-alive.
+            let said = raw.to_ascii_lowercase().contains("close")
+                || (raw.starts_with("HTTP/1.0") && !raw.contains("keep-alive"));
+            assert_eq!(h.closes, said, "{raw:?}");
             // The same without the header map, for answers nobody reads.
             let mut buf = BytesMut::from(raw);
             let h = parse_response(&mut buf, &Method::GET, Fields::Drop)

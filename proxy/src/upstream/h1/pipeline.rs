@@ -7,7 +7,12 @@
 //! Writing and reading go on together, so that a backend that answers as it reads never
 //! waits on a proxy that is still writing. An answer that says `Connection: close` ends the
 //! pipeline: the backend has processed none of the requests after it (RFC 9112, section 9.6),
-//! and they may be sent again on another connection.
+//! and they may be sent again on another connection. An answer that ends the connection
+//! without saying so (a body delimited by the close, a body framed two ways) leaves the fate of
+//! the requests behind it unknown: they fail, and are never sent twice.
+
+/// Largest write buffer a pooled connection keeps between pipelines.
+const KEPT_OUT: usize = 64 * 1024;
 
 use std::future::poll_fn;
 use std::task::{Context, Poll};
@@ -25,12 +30,13 @@ use crate::upstream::backend::Backend;
 /// What became of a pipeline's requests, in order.
 #[derive(Debug, Default)]
 pub struct Answers {
-    /// The statuses of the requests answered (the first `statuses.len()`), each with the time
-    /// its head came.
+    /// The statuses of the requests answered whole, head and body (the first
+    /// `statuses.len()`), each with the time its head came.
     pub statuses: Vec<(StatusCode, Instant)>,
     /// What ended the pipeline before every request was answered: the requests from
     /// `statuses.len()` on failed with it. `None` with requests left over: the backend closed
-    /// the connection after an answer that said it would, and processed none of them.
+    /// the connection after an answer that said it would, and processed none of them, so they
+    /// may be sent again.
     pub failed: Option<Error>,
 }
 
@@ -70,14 +76,24 @@ pub async fn pipeline(
         write_failed: None,
         reading: None,
         reusable: true,
+        said_close: false,
+        deadline: conn.timer.deadline(),
     };
     let ended = poll_fn(|cx| run.poll(&mut conn, requests, &mut answers.statuses, cx)).await;
     let written_whole = run.written == out.len();
-    let reusable = run.reusable;
+    let (reusable, said_close) = (run.reusable, run.said_close);
+    let unanswered = answers.statuses.len() < requests.len();
     match ended {
         Ok(()) if reusable && written_whole && conn.buf.is_empty() => {
-            conn.out = out;
+            if out.capacity() <= KEPT_OUT {
+                conn.out = out;
+            }
             backend.pool.put(conn);
+        }
+        Ok(()) if unanswered && !said_close => {
+            answers.failed = Some(Error::Protocol(
+                "an answer ended the connection without saying so",
+            ));
         }
         Ok(()) => {}
         Err(e) => answers.failed = Some(e),
@@ -102,10 +118,16 @@ struct Run<'a> {
     written: usize,
     /// Writing stopped with this; answers already on their way are still read.
     write_failed: Option<Error>,
-    /// The body of the answer being read, once its head has come.
-    reading: Option<Left>,
+    /// The answer being read, once its head has come: its body, its status and when it came.
+    reading: Option<(Left, StatusCode, Instant)>,
     /// Every answer so far lets the connection carry more.
     reusable: bool,
+    /// The answer that ended the connection said so.
+    said_close: bool,
+    /// When the connection's timer fires, read off the clock too: a backend that sends
+    /// faster than the task's budget of reads would keep the timer from ever being polled
+    /// ready.
+    deadline: Instant,
 }
 
 impl Run<'_> {
@@ -137,14 +159,16 @@ impl Run<'_> {
                         else {
                             break;
                         };
-                        statuses.push((head.status, Instant::now()));
                         self.reusable &= head.keep_alive;
-                        self.reading = Some(Left::of(head.framing));
+                        self.said_close |= head.closes;
+                        let left = Left::of(head.framing);
+                        self.reading = Some((left, head.status, Instant::now()));
                     }
-                    Some(left) => {
+                    Some((left, status, came)) => {
                         if !skip(left, &mut conn.buf).map_err(Error::Protocol)? {
                             break;
                         }
+                        statuses.push((*status, *came));
                         self.reading = None;
                         if !self.reusable {
                             return Poll::Ready(Ok(()));
@@ -153,13 +177,18 @@ impl Run<'_> {
                 }
             }
             match conn.poll_read(cx) {
-                Poll::Ready(Ok(0)) if matches!(self.reading, Some(Left::UntilClose)) => {
+                Poll::Ready(Ok(0)) if matches!(self.reading, Some((Left::UntilClose, ..))) => {
                     // That body ends here, and with it the connection.
-                    self.reading = None;
+                    if let Some((_, status, came)) = self.reading.take() {
+                        statuses.push((status, came));
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(self.write_failed.take().unwrap_or(Error::Closed)));
+                }
+                Poll::Ready(Ok(_)) if Instant::now() >= self.deadline => {
+                    return Poll::Ready(Err(Error::TimedOut));
                 }
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => {
