@@ -65,6 +65,7 @@ impl Pool {
         None
     }
 
+    #[inline]
     pub(super) fn put(&self, conn: h1::Conn) {
         let mut idle = lock(&self.idle);
         if idle.len() >= self.max_idle {
