@@ -135,6 +135,10 @@ pub struct MirrorLimitsSpec {
     /// for them, and over HTTP/2 they leave in one write. `0s` sends each at once.
     /// Default: `2ms`.
     pub batch_window: Option<String>,
+    /// The copies of a batch to one HTTP/1.1 backend go pipelined on one connection (RFC 9112,
+    /// section 9.3.2). `false` for a shadow that mishandles pipelined requests: each copy then
+    /// goes on a connection of its own. Default: `true`.
+    pub pipeline: Option<bool>,
 }
 
 #[derive(Clone, Debug)]
@@ -172,6 +176,7 @@ pub struct MirrorLimits {
     pub max_body_bytes: usize,
     pub timeout: Duration,
     pub batch_window: Duration,
+    pub pipeline: bool,
 }
 
 /// Everything in the file but the table: fixed for the life of the process, except TLS

@@ -109,7 +109,7 @@ async fn dispatch(mut rx: mpsc::Receiver<Job>, shared: Weak<Shared>, limits: Mir
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            for work in send::plan(batch.drain(..)) {
+            for work in send::plan(batch.drain(..), limits.pipeline) {
                 let copies = work.copies();
                 let task = in_flight.spawn(send::run(shared.clone(), work));
                 carrying.insert(task.id(), copies);

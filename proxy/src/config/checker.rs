@@ -107,6 +107,7 @@ impl Checker<'_> {
             max_body_bytes: m.max_body_bytes.unwrap_or(1 << 20) as usize,
             timeout: mirror_timeout?,
             batch_window: batch_window?,
+            pipeline: m.pipeline.unwrap_or(true),
         };
         Some(Settings {
             listeners,

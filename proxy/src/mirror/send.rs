@@ -36,11 +36,12 @@ impl Work {
     }
 }
 
-/// Shares a batch out: the pipelined copies by backend, the rest one by one.
-pub fn plan(batch: impl IntoIterator<Item = Job>) -> Vec<Work> {
+/// Shares a batch out: the copies that may be pipelined (none unless `pipeline`) by
+/// backend, the rest one by one.
+pub fn plan(batch: impl IntoIterator<Item = Job>, pipeline: bool) -> Vec<Work> {
     let mut work: Vec<Work> = Vec::new();
     for job in batch {
-        let backend = pipelines(&job)
+        let backend = (pipeline && pipelines(&job))
             .then(|| {
                 let start = job.active.next_index(job.track);
                 upstream::pick(job.active.backends(job.track), start).cloned()

@@ -383,3 +383,16 @@ async fn copies_behind_an_answer_framed_two_ways_are_not_sent_again() {
     assert_eq!(shadow.conns(), 1, "not sent again");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn with_pipelining_off_each_copy_of_a_batch_has_a_connection_of_its_own() {
+    let (_stable, shadow, proxy) =
+        mirroring("mirror: { batch_window: 1s, pipeline: false }\n").await;
+    get_n(&proxy, 4).await;
+    eventually(Duration::from_secs(10), || async {
+        mirror_series(&proxy).await["responses"]["2xx"] == 4
+    })
+    .await;
+    assert_eq!(shadow.conns(), 4, "sent together, each on its own");
+    proxy.stop().await;
+}
