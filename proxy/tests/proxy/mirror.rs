@@ -396,3 +396,28 @@ async fn with_pipelining_off_each_copy_of_a_batch_has_a_connection_of_its_own() 
     assert_eq!(shadow.conns(), 4, "sent together, each on its own");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_batch_of_forty_with_answers_larger_than_the_socket_buffers_beside_a_copy_too_large_to_pipeline()
+ {
+    // Forty copies of 16 KiB, each answered with 256 KiB: 10 MiB of answers, more than the
+    // sockets hold, read as they come and dropped. A copy of 20 KiB is too large to pipeline
+    // and goes on a connection of its own.
+    let answer = {
+        let mut bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 262144\r\n\r\n".to_vec();
+        bytes.resize(bytes.len() + 262_144, b'a');
+        bytes
+    };
+    let (_stable, shadow, proxy) = mirroring_to_raw(move |_| (answer.clone(), false)).await;
+    let c = client();
+    for n in 0..41 {
+        let size = if n == 20 { 20 * 1024 } else { 16 * 1024 };
+        let req = Request::post(proxy.url("/"))
+            .body(Full::new(Bytes::from(vec![b'x'; size])))
+            .unwrap();
+        assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(counted(&proxy, 41).await, (41, 0));
+    assert_eq!(shadow.conns(), 2, "one pipeline and one copy on its own");
+    proxy.stop().await;
+}
