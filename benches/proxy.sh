@@ -10,7 +10,8 @@
 # The proxies run pinned to CPU 0, wrk and the backends to CPU 1 (PIN=0 turns this off), so
 # that every proxy gets the same core to itself. Each proxy is measured ROUNDS times,
 # interleaved with the others, and the median is reported: on a shared machine the load of
-# the neighbours drifts, and interleaving spreads that drift over all proxies alike. A run
+# the neighbours drifts, and interleaving spreads that drift over all proxies alike. The
+# ratios taken within each round come with a 95% bootstrap interval of their median. A run
 # during which the hypervisor stole more than MAX_STEAL% of the proxies' core is made again
 # (see quiet_measure).
 #
@@ -214,18 +215,25 @@ echo "With mirroring, the shadow took $M_SHADOW µs of the load core per request
 echo "core serves wrk, the backend and the shadow, so that much of its time is gone from the primary."
 
 # The same ratios taken within each round (the two runs minutes apart at most), then their
-# median: less moved by the machine's load drifting over the whole run.
+# median: less moved by the machine's load drifting over the whole run. In brackets, a 95%
+# bootstrap interval of that median (the rounds resampled 10,000 times, seeded): whether a
+# target is met or missed beyond the machine's noise. With five rounds it is coarse; take
+# ROUNDS=15 or more to settle a question.
 round_ratios() { # a.runs b.runs
   python3 - "$1" "$2" <<'EOF'
-import sys, statistics as s
+import random, sys, statistics as s
 a, b = ([list(map(float, l.split())) for l in open(f) if l.strip()] for f in sys.argv[1:])
-col = lambda i: s.median(x[i] / y[i] for x, y in zip(a, b))
-print(f"{col(0):.2f} | {col(2):.2f} | {col(3):.2f} (per round: "
+rng = random.Random(1)
+def col(i):
+    r = [x[i] / y[i] for x, y in zip(a, b)]
+    boot = sorted(s.median(rng.choices(r, k=len(r))) for _ in range(10_000))
+    return f"{s.median(r):.2f} [{boot[249]:.2f}–{boot[9_749]:.2f}]"
+print(f"{col(0)} | {col(2)} | {col(3)} (per round: "
       + ", ".join(f"{x[0] / y[0]:.2f}" for x, y in zip(a, b)) + " req/s)")
 EOF
 }
 echo
-echo "| median of per-round ratios | req/s | p99 | CPU/req |"
+echo "| median of per-round ratios [95% interval] | req/s | p99 | CPU/req |"
 echo "|---|---:|---:|---:|"
 echo "| fleet-proxy / nginx | $(round_ratios "$WORK/fleet.runs" "$WORK/nginx.runs") |"
 echo "| mirror on / off | $(round_ratios "$WORK/mirror.runs" "$WORK/fleet.runs") |"
