@@ -15,6 +15,8 @@ use crate::state::{InstallError, Shared};
 
 /// `PUT /routes` bodies larger than this are refused.
 const MAX_TABLE_BYTES: usize = 32 << 20;
+/// A `PUT /routes` body being read lets the thread's other tasks run after this many bytes.
+const YIELD_EVERY: usize = 256 << 10;
 
 pub async fn handle(
     shared: Arc<Shared>,
@@ -73,7 +75,7 @@ pub async fn handle(
 async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     // A body that trickles in would hold one of the few admin connections for good.
     let patience = shared.settings.limits.header_read_timeout;
-    let collect = Limited::new(req.into_body(), MAX_TABLE_BYTES).collect();
+    let collect = read_body(req.into_body(), MAX_TABLE_BYTES);
     let chunks = match tokio::time::timeout(patience, collect).await {
         Ok(Ok(chunks)) => chunks,
         Ok(Err(e)) => {
@@ -94,10 +96,33 @@ async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
     // and behind them for the CPU. So is joining the chunks as they came into one buffer, a
     // copy of megabytes.
     background::run("routes", move || {
-        check_and_install(&shared, &chunks.to_bytes())
+        check_and_install(&shared, &chunks.concat())
     })
     .await
     .unwrap_or_else(|e| internal_error(&e))
+}
+
+/// The body's chunks as they came, up to `limit` bytes. Megabytes that have all arrived would
+/// be read in one go, the traffic on this thread held up for milliseconds: other tasks run
+/// after every `YIELD_EVERY` bytes.
+async fn read_body<B>(body: B, limit: usize) -> Result<Vec<Bytes>, crate::body::BoxError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let mut body = Limited::new(body, limit);
+    let (mut chunks, mut since) = (Vec::new(), 0);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            since += data.len();
+            chunks.push(data);
+        }
+        if since >= YIELD_EVERY {
+            since = 0;
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(chunks)
 }
 
 fn internal_error(e: &anyhow::Error) -> Response<Full<Bytes>> {
@@ -165,4 +190,64 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use hyper::body::Frame;
+
+    use super::*;
+
+    /// A body whose chunks are all there at once (a test double).
+    struct Ready(VecDeque<Bytes>);
+
+    impl hyper::body::Body for Ready {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    /// `n` chunks of 64 KiB, the i-th filled with byte i.
+    fn ready_body(n: u8) -> Ready {
+        Ready((0..n).map(|i| Bytes::from(vec![i; 64 << 10])).collect())
+    }
+
+    #[tokio::test]
+    async fn a_table_body_arrives_whole_and_lets_other_tasks_run_while_it_is_read() {
+        // Another task on this thread counts the times it got to run.
+        let turns = Arc::new(AtomicUsize::new(0));
+        let counter = turns.clone();
+        let other = tokio::spawn(async move {
+            loop {
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        });
+        let chunks = read_body(ready_body(16), MAX_TABLE_BYTES).await.unwrap();
+        // One MiB read: the other task ran at least at every 256 KiB.
+        assert!(turns.load(Ordering::Relaxed) >= 3, "{turns:?}");
+        other.abort();
+        let whole = chunks.concat();
+        assert_eq!(whole.len(), 16 << 16);
+        assert!(whole[..64 << 10].iter().all(|b| *b == 0));
+        assert!(whole[15 << 16..].iter().all(|b| *b == 15));
+    }
+
+    #[tokio::test]
+    async fn a_table_body_over_the_limit_is_refused() {
+        let err = read_body(ready_body(4), 200 << 10).await.unwrap_err();
+        assert!(err.to_string().contains("length limit exceeded"), "{err}");
+    }
 }
