@@ -194,34 +194,20 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-    use std::convert::Infallible;
-    use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Poll};
 
     use hyper::body::Frame;
 
     use super::*;
+    use crate::body::Frames;
 
-    /// A body whose chunks are all there at once (a test double).
-    struct Ready(VecDeque<Bytes>);
-
-    impl hyper::body::Body for Ready {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-        }
-    }
-
-    /// `n` chunks of 64 KiB, the i-th filled with byte i.
-    fn ready_body(n: u8) -> Ready {
-        Ready((0..n).map(|i| Bytes::from(vec![i; 64 << 10])).collect())
+    /// `n` chunks of 64 KiB, all there at once, the i-th filled with byte i.
+    fn ready_body(n: u8) -> Frames {
+        Frames(
+            (0..n)
+                .map(|i| Frame::data(Bytes::from(vec![i; 64 << 10])))
+                .collect(),
+        )
     }
 
     #[tokio::test]

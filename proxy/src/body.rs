@@ -114,3 +114,20 @@ impl<F: FnOnce(TeeEnd)> Drop for Tee<F> {
         self.finish(|_| TeeEnd::Incomplete);
     }
 }
+
+/// A body of frames that are all ready at once, taken in order (a test double).
+#[cfg(test)]
+pub struct Frames(pub std::collections::VecDeque<Frame<Bytes>>);
+
+#[cfg(test)]
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}

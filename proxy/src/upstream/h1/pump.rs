@@ -179,29 +179,12 @@ fn poll_write(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-    use std::convert::Infallible;
-
     use http_body::Frame;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     use super::*;
-
-    /// A body of frames that are all ready at once, taken in order (a test double).
-    struct Frames(VecDeque<Frame<Bytes>>);
-
-    impl http_body::Body for Frames {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.0.pop_front().map(Ok))
-        }
-    }
+    use crate::body::Frames;
 
     /// The two ends of a real connection on 127.0.0.1: the proxy's and the backend's.
     async fn connected() -> (TcpStream, TcpStream) {
