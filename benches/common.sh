@@ -159,5 +159,9 @@ print(json.dumps({"tracks": {"stable": {"backends": [b]}, "canary": {"backends":
 EOF
 }
 
+# The `build_ms` of a `PUT /routes` answer read on stdin: the table read, checked and built,
+# as the proxy timed it on its background thread.
+build_ms() { python3 -c 'import json, sys; print(json.load(sys.stdin)["build_ms"])'; }
+
 # A latency as wrk prints it (850.00us, 1.20ms, 1.02s) in milliseconds.
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }

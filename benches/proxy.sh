@@ -247,7 +247,7 @@ put_big() { "${LOAD_CPU[@]}" curl -s -o "$WORK/swap.out" -w '%{time_total}\n' -X
 SWAPS=""; BUILDS=""
 for _ in 1 2 3 4 5; do
   SWAPS+=$(put_big | awk '{printf "%.1f ", $1 * 1000}')
-  BUILDS+=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["build_ms"], end=" ")' "$WORK/swap.out")
+  BUILDS+="$(build_ms <"$WORK/swap.out") "
 done
 echo
 echo "PUT /routes with 10,001 routes ($(du -k "$WORK/big.json" | cut -f1) KiB of JSON), five times: ${SWAPS}ms end to end; the build alone: ${BUILDS}ms; last answer $(cat "$WORK/swap.out")"
