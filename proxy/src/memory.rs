@@ -16,24 +16,45 @@
 /// last given back: a connection's serving state is about 16 KiB, so this is some 16 MiB.
 pub const RELEASE_AFTER: u64 = 1_000;
 
+/// How far the fall must have gone on after a release, once it ends, for what it freed to be
+/// given back too (some 1.6 MiB).
+pub const RELEASE_TAIL: u64 = 100;
+
 /// Decides, from the connection gauges read at each sweep, when to give memory back.
 #[derive(Debug, Default)]
 pub struct Release {
     /// The most connections seen being served (open, not parked) since the last release.
     peak: u64,
+    /// After a release, while the number served keeps falling: the number at the release and
+    /// the lowest since.
+    tail: Option<(u64, u64)>,
 }
 
 impl Release {
     /// Takes the connections open and parked now; true when the number being served has
-    /// fallen by at least [`RELEASE_AFTER`] from its peak since the last `true`.
+    /// fallen by at least [`RELEASE_AFTER`] from its peak since the last `true`, or when a
+    /// fall that went on after a release by at least [`RELEASE_TAIL`] has ended (the last of a
+    /// wave of parking connections, too few to reach the threshold on their own).
     pub fn observe(&mut self, open: u64, parked: u64) -> bool {
         let serving = open.saturating_sub(parked);
         self.peak = self.peak.max(serving);
-        let due = self.peak - serving >= RELEASE_AFTER;
-        if due {
+        if self.peak - serving >= RELEASE_AFTER {
             self.peak = serving;
+            self.tail = Some((serving, serving));
+            return true;
         }
-        due
+        match self.tail {
+            Some((at, lowest)) if serving < lowest => {
+                self.tail = Some((at, serving));
+                false
+            }
+            Some((at, lowest)) => {
+                self.tail = None;
+                self.peak = serving;
+                at - lowest >= RELEASE_TAIL
+            }
+            None => false,
+        }
     }
 }
 
@@ -55,8 +76,29 @@ mod tests {
             !r.observe(9_600, 9_600),
             "the last 600: not yet another thousand"
         );
+        assert!(
+            r.observe(9_600, 9_600),
+            "the fall has ended: what the last 600 freed goes back too"
+        );
+        assert!(!r.observe(9_600, 9_600), "and only once");
         assert!(!r.observe(12_000, 9_600), "a new burst: 2,400 served");
         assert!(r.observe(9_600, 9_600), "and done");
+    }
+
+    #[test]
+    fn a_fall_that_goes_on_after_a_release_by_too_little_is_left_to_the_allocator() {
+        let mut r = Release::default();
+        assert!(!r.observe(10_000, 0));
+        assert!(r.observe(10_000, 9_000), "9,000 parked");
+        assert!(!r.observe(10_000, 9_050), "50 more");
+        assert!(
+            !r.observe(10_000, 9_050),
+            "then none: 50 is not worth a release"
+        );
+        assert!(
+            !r.observe(10_000, 9_500),
+            "a later fall, not a release's tail, waits for the threshold"
+        );
     }
 
     #[test]
