@@ -61,7 +61,16 @@ impl Backend {
         true
     }
 
-    pub(super) fn succeeded(&self) {
+    /// Counts an answer: a gateway error (502–504) from the backend is a failure.
+    #[inline]
+    pub(super) fn answered(&self, status: http::StatusCode, cfg: &Upstream) {
+        match status.as_u16() {
+            502..=504 => self.failed(cfg),
+            _ => self.succeeded(),
+        }
+    }
+
+    fn succeeded(&self) {
         // Most requests succeed: read before writing, so the line stays shared.
         if self.failures.load(Relaxed) != 0 {
             self.failures.store(0, Relaxed);

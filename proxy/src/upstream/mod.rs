@@ -143,10 +143,7 @@ pub async fn send(
         };
         match sent {
             Ok(resp) => {
-                match resp.status().as_u16() {
-                    502..=504 => backend.failed(cfg),
-                    _ => backend.succeeded(),
-                }
+                backend.answered(resp.status(), cfg);
                 return Ok(resp);
             }
             Err(e @ Error::Body(_)) => return Err(Failure::ClientBody(e)),
@@ -185,10 +182,7 @@ pub async fn pipeline(
 ) -> Answers {
     let answers = h1::pipeline(backend, copies, true, cfg.connect_timeout, deadline).await;
     for (status, _) in &answers.statuses {
-        match status.as_u16() {
-            502..=504 => backend.failed(cfg),
-            _ => backend.succeeded(),
-        }
+        backend.answered(*status, cfg);
     }
     if let Some(e) = &answers.failed {
         tracing::debug!(backend = %backend.addr, error = %e, "mirrored copies failed");

@@ -28,7 +28,7 @@ use super::{Conn, Error, Left, pump};
 use crate::upstream::backend::Backend;
 
 /// What became of a pipeline's requests, in order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Answers {
     /// The statuses of the requests answered whole, head and body (the first
     /// `statuses.len()`), each with the time its head came.
