@@ -24,6 +24,7 @@ need() {
     case $tool in
       h2load) packages+=(nghttp2-client) ;;
       callgrind_annotate | callgrind_control) packages+=(valgrind) ;;
+      chrt | taskset) packages+=(util-linux) ;;
       *) packages+=("$tool") ;;
     esac
   done
@@ -143,17 +144,17 @@ fleet_conf() { # file, port, admin, stable/canary backend, shadow backend, mirro
   } >"$1"
 }
 
-# A table of 10,001 routes as `PUT /routes` takes it (JSON). Its last route catches every
-# other host, so traffic keeps flowing while it is swapped under load.
-big_table() { # backend port
-  python3 - "$1" <<'EOF'
+# A table of N (10,000 unless given) routes and a catch-all as `PUT /routes` takes it (JSON).
+# The catch-all, last, takes every other host, so traffic keeps flowing while it is swapped.
+big_table() { # backend port, [N]
+  python3 - "$1" "${2:-10000}" <<'EOF'
 import json, sys
 b = f"127.0.0.1:{sys.argv[1]}"
 routes = [{"host": f"svc{i}.example.com", "path_prefix": f"/p{i % 50}",
            "rules": [{"match": {"header": {"name": "x-canary", "exact": "true"}}, "to": "canary"},
                      {"match": {"cookie": {"name": "ab", "regex": "version-[bc]"}}, "to": "canary"}],
            "split": {"stable": 9500, "canary": 500}, "sticky": {"cookie": "fleet-bucket"}}
-          for i in range(10000)]
+          for i in range(int(sys.argv[2]))]
 routes.append({"host": "*", "path_prefix": "/", "split": {"stable": 10000}})
 print(json.dumps({"tracks": {"stable": {"backends": [b]}, "canary": {"backends": [b]}}, "routes": routes}))
 EOF
