@@ -34,6 +34,8 @@ pub struct Job {
     pub parts: http::request::Parts,
     pub body: Bytes,
     pub http2: bool,
+    /// HTTP/2 only because the client spoke it ([`Outgoing::auto`]).
+    pub auto: bool,
 }
 
 pub struct Mirror {

@@ -163,6 +163,7 @@ fn outgoing(
 ) -> Outgoing {
     let track = active.table.track(decision.track);
     let upgrade = survey.wants_upgrade(req.headers(), req.version());
+    let auto = track.protocol() == fleet_proxy_router::Protocol::Auto;
     let http2 = match track.protocol() {
         _ if upgrade => false,
         fleet_proxy_router::Protocol::Auto => req.version() == Version::HTTP_2,
@@ -192,6 +193,7 @@ fn outgoing(
         parts,
         body,
         http2,
+        auto,
         retryable,
         client_upgrade,
         marked: false,
@@ -221,6 +223,7 @@ fn mirrored(
             parts,
             body,
             http2: mirror_http2,
+            auto: mirror_protocol == fleet_proxy_router::Protocol::Auto,
         }
     };
     let cap = shared.settings.mirror.max_body_bytes;

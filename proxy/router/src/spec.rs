@@ -28,8 +28,9 @@ pub struct TableSpec {
 pub struct TrackSpec {
     /// Backend addresses as `host:port`, used round robin.
     pub backends: Vec<String>,
-    /// How to speak to the backends: `auto` (HTTP/2 if the client spoke HTTP/2, else
-    /// HTTP/1.1), `http1`, or `h2c` (HTTP/2 with prior knowledge). Default: `auto`.
+    /// How to speak to the backends: `auto` (HTTP/2 if the client spoke HTTP/2 and the
+    /// backend speaks it, else HTTP/1.1), `http1`, or `h2c` (HTTP/2 with prior knowledge).
+    /// Default: `auto`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<ProtocolSpec>,
 }

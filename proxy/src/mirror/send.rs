@@ -118,11 +118,13 @@ async fn single(shared: &Shared, job: Job) {
         parts,
         body,
         http2,
+        auto,
     } = job;
     let mut out = Outgoing {
         parts,
         body: Some(crate::body::full(body)),
         http2,
+        auto,
         retryable: false,
         client_upgrade: None,
         marked: true,

@@ -27,7 +27,15 @@ pub struct Backend {
     pub(super) pool: Pool,
     failures: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// Under `protocol: auto`, whether it speaks HTTP/2 with prior knowledge: 0 not known,
+    /// [`HTTP2_SPOKEN`], or until when (ms) it is taken to speak only HTTP/1.1.
+    http2: AtomicU64,
 }
+
+const HTTP2_SPOKEN: u64 = u64::MAX;
+/// How long a backend found to speak only HTTP/1.1 is taken at its word before it is asked
+/// again (it may be redeployed speaking both); asking costs a connection.
+const HTTP2_REFUSED_FOR_MS: u64 = 60_000;
 
 impl Backend {
     pub fn new(addr: &str, cfg: &Upstream) -> Self {
@@ -38,6 +46,7 @@ impl Backend {
             pool: Pool::new(cfg.max_idle_per_backend),
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            http2: AtomicU64::new(0),
         }
     }
 
@@ -68,6 +77,33 @@ impl Backend {
             502..=504 => self.failed(cfg),
             _ => self.succeeded(),
         }
+    }
+
+    /// For `protocol: auto`: whether it speaks HTTP/2 with prior knowledge, if known.
+    pub(super) fn speaks_http2(&self) -> Option<bool> {
+        match self.http2.load(Relaxed) {
+            0 => None,
+            HTTP2_SPOKEN => Some(true),
+            until if until > now_ms() => Some(false),
+            _ => None,
+        }
+    }
+
+    /// What asking it showed ([`super::probe::http2`]).
+    pub(super) fn heard_http2(&self, spoken: bool) {
+        let state = match spoken {
+            true => HTTP2_SPOKEN,
+            false => {
+                tracing::info!(backend = %self.addr, "backend speaks no HTTP/2 (prior knowledge): HTTP/1.1 to it for a minute");
+                now_ms() + HTTP2_REFUSED_FOR_MS
+            }
+        };
+        self.http2.store(state, Relaxed);
+    }
+
+    /// A try over HTTP/2 failed: whether it still speaks it is asked again.
+    pub(super) fn forget_http2(&self) {
+        self.http2.store(0, Relaxed);
     }
 
     fn succeeded(&self) {

@@ -4,6 +4,7 @@
 mod backend;
 mod h1;
 mod pool;
+mod probe;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -67,6 +68,9 @@ pub struct Outgoing {
     pub parts: http::request::Parts,
     pub body: Option<Body>,
     pub http2: bool,
+    /// HTTP/2 only because the client spoke it (`protocol: auto`): a backend that speaks
+    /// only HTTP/1.1 gets that instead.
+    pub auto: bool,
     /// Idempotent and without a body: may be sent again after a failure before the response.
     pub retryable: bool,
     /// The client's side of a protocol switch, when the request asks for one (`Upgrade`):
@@ -99,11 +103,8 @@ pub async fn send(
     // both count from here.
     let now = Instant::now();
     let deadline = now + cfg.request_timeout;
-    // HTTP/1.1 goes out on fleet-proxy's own client, but for switching protocols; the rest
-    // on hyper's.
-    let own = !out.http2 && !out.upgrade() && out.parts.method != Method::CONNECT;
     let tries = if out.retryable { cfg.retries + 1 } else { 1 };
-    let mut last = None;
+    let mut failure = None;
     for attempt in 0..tries {
         let Some(backend) = pick(backends, start + attempt as usize) else {
             return Err(Failure::NoHealthyBackend(track.to_string()));
@@ -113,33 +114,44 @@ pub async fn send(
             (true, 0) => deadline.min(now + cfg.per_try_timeout),
             (true, _) => deadline.min(Instant::now() + cfg.per_try_timeout),
         };
-        let sent = if own {
-            let body = out.body.take();
-            h1::request(
-                backend,
-                &out.parts,
-                out.marked,
-                body,
-                cfg.connect_timeout,
-                this_try,
-            )
-            .await
-            .map(|resp| resp.map(UpstreamBody::Own))
-        } else {
-            let (req, body_failed) = build(out, backend, attempt + 1 == tries)?;
-            let sending = pool::request(backend, req, out.http2, cfg.connect_timeout);
-            // Boxed: rare, and its state would make every request's future larger.
-            let sent = Box::pin(tokio::time::timeout_at(this_try, sending))
+        let http2 = match out.http2 && out.auto {
+            false => Ok(out.http2),
+            // Boxed, as below: asking is rare.
+            true => Box::pin(speaks_http2(backend, cfg, this_try)).await,
+        };
+        let sent = match http2 {
+            Err(e) => Err(e),
+            // HTTP/1.1 goes out on fleet-proxy's own client, but for switching protocols; the
+            // rest on hyper's.
+            Ok(false) if !out.upgrade() && out.parts.method != Method::CONNECT => {
+                let body = out.body.take();
+                h1::request(
+                    backend,
+                    &out.parts,
+                    out.marked,
+                    body,
+                    cfg.connect_timeout,
+                    this_try,
+                )
                 .await
-                .unwrap_or(Err(Error::TimedOut));
-            // hyper reports the body's failure as its own: the flag tells them apart.
-            sent.map_err(|e| {
-                if body_failed.is_some_and(|f| f.load(Relaxed)) {
-                    Error::Body(e.into())
-                } else {
-                    e
-                }
-            })
+                .map(|resp| resp.map(UpstreamBody::Own))
+            }
+            Ok(http2) => {
+                let (req, body_failed) = build(out, backend, http2, attempt + 1 == tries)?;
+                let sending = pool::request(backend, req, http2, cfg.connect_timeout);
+                // Boxed: rare, and its state would make every request's future larger.
+                let sent = Box::pin(tokio::time::timeout_at(this_try, sending))
+                    .await
+                    .unwrap_or(Err(Error::TimedOut));
+                // hyper reports the body's failure as its own: the flag tells them apart.
+                sent.map_err(|e| {
+                    if body_failed.is_some_and(|f| f.load(Relaxed)) {
+                        Error::Body(e.into())
+                    } else {
+                        e
+                    }
+                })
+            }
         };
         match sent {
             Ok(resp) => {
@@ -149,19 +161,34 @@ pub async fn send(
             Err(e @ Error::Body(_)) => return Err(Failure::ClientBody(e)),
             Err(Error::TimedOut) => {
                 backend.failed(cfg);
-                last = Some(Failure::Timeout);
+                failure = Some(Failure::Timeout);
             }
             Err(e) => {
                 tracing::debug!(backend = %backend.addr, error = %e, attempt, "upstream try failed");
+                if out.auto && out.http2 {
+                    // It may have stopped speaking HTTP/2: ask again next time.
+                    backend.forget_http2();
+                }
                 backend.failed(cfg);
-                last = Some(Failure::Upstream(e));
+                failure = Some(Failure::Upstream(e));
             }
         }
         if Instant::now() >= deadline {
             return Err(Failure::Timeout);
         }
     }
-    Err(last.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())))
+    Err(failure.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())))
+}
+
+/// Whether a try under `protocol: auto`, for a client speaking HTTP/2, goes over HTTP/2: if
+/// the backend speaks it, asked once ([`probe::http2`]).
+async fn speaks_http2(backend: &Backend, cfg: &Upstream, this_try: Instant) -> Result<bool, Error> {
+    if let Some(known) = backend.speaks_http2() {
+        return Ok(known);
+    }
+    let spoken = probe::http2(backend, cfg.connect_timeout, this_try).await?;
+    backend.heard_http2(spoken);
+    Ok(spoken)
 }
 
 /// The first healthy backend, round robin from `start`.
@@ -196,6 +223,7 @@ pub async fn pipeline(
 fn build(
     out: &mut Outgoing,
     backend: &Backend,
+    http2: bool,
     last: bool,
 ) -> Result<(Request<Body>, Option<Arc<AtomicBool>>), Failure> {
     let path = out
@@ -204,7 +232,7 @@ fn build(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let uri = match out.http2 {
+    let uri = match http2 {
         // HTTP/1.1 sends the origin form; the backend reads the host from `Host`.
         false => Uri::from(path),
         // HTTP/2 sends `:scheme` and `:authority`, taken from an absolute URI.
@@ -231,7 +259,7 @@ fn build(
     let mut req = Request::new(body);
     *req.method_mut() = out.parts.method.clone();
     *req.uri_mut() = uri;
-    *req.version_mut() = if out.http2 {
+    *req.version_mut() = if http2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
@@ -240,7 +268,7 @@ fn build(
         true => std::mem::take(&mut out.parts.headers),
         false => out.parts.headers.clone(),
     };
-    if out.http2 {
+    if http2 {
         req.headers_mut().remove(http::header::HOST);
     }
     if out.marked {

@@ -198,3 +198,49 @@ async fn trailer_fields_no_trailer_may_carry_are_dropped_and_the_rest_reach_an_h
     }
     proxy.stop().await;
 }
+
+/// A backend that speaks HTTP/1.1 only and, like nginx without `http2` on its listener,
+/// answers the HTTP/2 preface with a 400 and a close. `/post` echoes the length it got.
+async fn http1_only_backend() -> RawBackend {
+    RawBackend::start(|head| {
+        if head.starts_with("PRI * HTTP/2.0") {
+            let refusal =
+                "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+            return (refusal.as_bytes().to_vec(), true);
+        }
+        answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nh1")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn http2_clients_reach_a_backend_that_speaks_only_http1_under_protocol_auto() {
+    let backend = http1_only_backend().await;
+    // `protocol` unset is `auto`. With `eject_after: 1`, one failure counted against the
+    // backend would eject it, the only one.
+    let proxy = Proxy::start(&stable_only(
+        "upstream: { eject_after: 1, retries: 0 }\n",
+        backend.addr,
+    ))
+    .await;
+    let h2 = crate::support::h2_client();
+    // First a request with a body, which could not be sent twice.
+    let post = || {
+        Request::post(proxy.url("/post"))
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .unwrap()
+    };
+    let (status, _, body) = send(&h2, post()).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "h1"));
+    for i in 0..3 {
+        let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+        let (status, _, body) = send(&h2, req).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "h1"), "GET {i}");
+    }
+    let (status, _, body) = send(&client(), post()).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "h1"));
+    // The backend was asked once, on a connection of its own; everything else went over
+    // one pooled HTTP/1.1 connection.
+    assert_eq!(backend.conns(), 2);
+    proxy.stop().await;
+}

@@ -26,16 +26,18 @@ async fn proxy_with(extra: &str) -> (Proxy, [Backend; 3]) {
 
 #[tokio::test]
 async fn h2c_clients_are_served_over_http2_end_to_end() {
-    let (proxy, _b) = proxy_with("").await;
-    let (status, h, body) = send(
-        &h2_client(),
-        Request::get(proxy.url("/")).body(Full::default()).unwrap(),
-    )
-    .await
-    .unwrap();
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
-    assert_eq!(h["x-seen-version"], "HTTP/2.0");
-    assert_eq!(h["x-seen-forwarded-host"], proxy.addr.to_string());
+    let (proxy, b) = proxy_with("").await;
+    let client = h2_client();
+    for _ in 0..3 {
+        let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+        let (status, h, body) = send(&client, req).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+        assert_eq!(h["x-seen-version"], "HTTP/2.0");
+        assert_eq!(h["x-seen-forwarded-host"], proxy.addr.to_string());
+    }
+    // `protocol: auto` asked the backend once whether it speaks HTTP/2, on a connection of
+    // its own; the requests shared one more.
+    assert_eq!(b[0].conns(), 2);
     proxy.stop().await;
 }
 
