@@ -73,17 +73,16 @@ pub async fn handle(
 
 /// Validate, then swap: a rejected table leaves the one in force untouched.
 async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    // A length over the limit, declared: refused at once rather than read up to the limit.
+    if hyper::body::Body::size_hint(req.body()).lower() > MAX_TABLE_BYTES as u64 {
+        return too_large(&format!("length limit exceeded ({MAX_TABLE_BYTES} bytes)"));
+    }
     // A body that trickles in would hold one of the few admin connections for good.
     let patience = shared.settings.limits.header_read_timeout;
     let collect = read_body(req.into_body(), MAX_TABLE_BYTES);
     let chunks = match tokio::time::timeout(patience, collect).await {
         Ok(Ok(chunks)) => chunks,
-        Ok(Err(e)) => {
-            return json_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &json!({ "error": e.to_string() }),
-            );
-        }
+        Ok(Err(e)) => return too_large(&e.to_string()),
         Err(_) => {
             let error = format!(
                 "the table did not arrive within {} (limits.header_read_timeout)",
@@ -123,6 +122,10 @@ where
         }
     }
     Ok(chunks)
+}
+
+fn too_large(error: &str) -> Response<Full<Bytes>> {
+    json_response(StatusCode::PAYLOAD_TOO_LARGE, &json!({ "error": error }))
 }
 
 fn internal_error(e: &anyhow::Error) -> Response<Full<Bytes>> {

@@ -29,12 +29,15 @@ pub use headers::X_FLEET_MIRROR;
 pub(crate) fn handle(
     shared: &Arc<Shared>,
     conn: &Conn,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Forward, Box<Response<Body>>> {
     // The answer is boxed: it is rare, and the result is moved for every request.
     let started = Instant::now();
     let survey = Survey::of(req.headers());
-    if let Err(reason) = survey.framing(req.headers(), req.version()) {
+    let settled = survey
+        .framing(req.headers(), req.version())
+        .and_then(|()| survey.settle_host(&mut req));
+    if let Err(reason) = settled {
         shared.stats.global.bad_requests.fetch_add(1, Relaxed);
         return Err(Box::new(bad_request(reason)));
     }
@@ -171,15 +174,6 @@ fn outgoing(
         fleet_proxy_router::Protocol::H2c => true,
     };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    // HTTP/2 clients send `:authority`, not `Host`; an HTTP/1.1 backend still wants the name.
-    if !survey.has_host()
-        && let Some(host) = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        req.headers_mut().insert(header::HOST, host);
-    }
     let (mut parts, body) = req.into_parts();
     headers::forwarded(&mut parts.headers, survey, conn, upgrade);
     // A body that has ended already (most GETs) is not boxed: there is nothing to send.

@@ -337,3 +337,21 @@ async fn a_put_body_that_trickles_gets_408_and_frees_its_connection() {
     assert_eq!(get(&proxy.admin_url("/routes")).await.unwrap().2, before);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_table_declared_over_the_size_limit_is_refused_at_once() {
+    // A header-read timeout far longer than the test may take: the refusal must not wait
+    // for a body that is never sent.
+    let (proxy, _b) = stable_proxy("limits: { header_read_timeout: 60s }\n").await;
+    let raw = "PUT /routes HTTP/1.1\r\nHost: a\r\nContent-Length: 40000000\r\n\r\n{";
+    let started = std::time::Instant::now();
+    let (text, _) = exchange(proxy.admin, raw.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+    assert!(text.contains("length limit exceeded"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}

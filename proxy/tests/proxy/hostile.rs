@@ -232,3 +232,56 @@ POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\
     busy.await.unwrap().unwrap();
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_without_one_well_formed_host_is_refused_and_the_connection_closes() {
+    let (proxy, b) = stable_proxy("").await;
+    for head in [
+        "GET / HTTP/1.1\r\n",
+        "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n",
+        "GET / HTTP/1.1\r\nHost: a.example\r\nhost: a.example\r\n",
+        "GET / HTTP/1.1\r\nHost: a b/c\r\n",
+        "GET / HTTP/1.1\r\nHost: a.example, b.example\r\n",
+        "GET / HTTP/1.1\r\nHost: user@a.example\r\n",
+        "GET http://user:pw@a.example/ HTTP/1.1\r\nHost: a.example\r\n",
+        "GET ftp://a.example/ HTTP/1.1\r\nHost: a.example\r\n",
+    ] {
+        let (text, closed) = exchange(proxy.addr, format!("{head}\r\n").as_bytes()).await;
+        assert_eq!(statuses(&text), ["400"], "{head:?}: {text}");
+        assert!(closed, "{head:?}");
+    }
+    assert_eq!(b.hits(), 0);
+    // HTTP/1.0 needs no Host, and an empty one is allowed (RFC 9112 §3.2).
+    for head in [
+        "GET / HTTP/1.0\r\n",
+        "GET / HTTP/1.1\r\nHost:\r\nConnection: close\r\n",
+    ] {
+        let (text, _) = exchange(proxy.addr, format!("{head}\r\n").as_bytes()).await;
+        assert_eq!(text.get(8..13), Some(" 200 "), "{head:?}: {text}");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_absolute_form_request_is_routed_and_forwarded_by_the_host_of_its_target() {
+    let (stable, canary) = (
+        Backend::start("stable", Mode::Normal).await,
+        Backend::start("canary", Mode::Normal).await,
+    );
+    let yaml = format!(
+        "tracks:\n  stable: {{ backends: [\"{}\"] }}\n  canary: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ host: api.example.com, split: {{ canary: 10000 }} }}\n  - {{ split: {{ stable: 10000 }} }}\n",
+        stable.addr, canary.addr
+    );
+    let proxy = Proxy::start(&yaml).await;
+    // The target's host wins over the Host sent, for routing and for the backend alike
+    // (RFC 9112 §3.2.2): no backend reads another host than the one routing used.
+    let raw = "GET http://api.example.com/p?q=1 HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n";
+    let (text, _) = exchange(proxy.addr, raw.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(text.ends_with("canary"), "{text}");
+    let text = text.to_ascii_lowercase();
+    assert!(text.contains("x-seen-host: api.example.com\r\n"), "{text}");
+    assert!(!text.contains("other.example"), "{text}");
+    assert_eq!(stable.hits(), 0);
+    proxy.stop().await;
+}
