@@ -106,7 +106,12 @@ impl<'s> Walker<'s> {
             .get("properties")
             .and_then(Json::as_object)
             .unwrap_or(&EMPTY);
-        let closed = schema.get("additionalProperties") == Some(&Json::Bool(false));
+        // Fields not among `properties`: refused (`false`), or each checked against the
+        // schema given (a map's values), or anything (absent).
+        let others = schema
+            .get("additionalProperties")
+            .unwrap_or(&Json::Bool(true));
+        let closed = others == &Json::Bool(false);
         let mut out = Map::new();
         let mut seen = HashSet::new();
         for entry in entries {
@@ -135,7 +140,7 @@ impl<'s> Walker<'s> {
                     );
                 }
                 None => {
-                    let value = self.walk(&entry.value, &Json::Bool(true), &child, diags);
+                    let value = self.walk(&entry.value, others, &child, diags);
                     out.insert(entry.key.clone(), value);
                 }
             }
@@ -329,6 +334,12 @@ fn scalar(
                     Some(f) if f == "uint32" => Some(f64::from(u32::MAX)),
                     _ => None,
                 });
+            // Out of range: reported, then read as the bound it passed, so that the document
+            // can still be deserialized and checked further (every problem at once).
+            let bound = |b: f64| match ty {
+                "integer" => Number::from(b as i64),
+                _ => Number::from_f64(b).unwrap_or_else(|| number.clone()),
+            };
             if let Some(min) = schema
                 .get("minimum")
                 .and_then(Json::as_f64)
@@ -338,15 +349,17 @@ fn scalar(
                     pos,
                     path,
                     format!("{text} is below the minimum of {min}"),
-                    "",
+                    format!("use {min} or more"),
                 );
+                return Json::Number(bound(min));
             } else if let Some(max) = max.filter(|m| value > *m) {
                 diags.error(
                     pos,
                     path,
                     format!("{text} is above the maximum of {max}"),
-                    "",
+                    format!("use {max} or less"),
                 );
+                return Json::Number(bound(max));
             }
             Json::Number(number)
         }
@@ -443,6 +456,8 @@ mod tests {
         mode: Option<Mode>,
         #[serde(default)]
         items: Vec<Item>,
+        #[serde(default)]
+        weights: std::collections::BTreeMap<String, u32>,
     }
 
     #[derive(Debug, Deserialize, JsonSchema)]
@@ -494,7 +509,15 @@ mod tests {
             ),
             (
                 "name: x\ncount: -2\n",
-                &["2:8: error: count: -2 is below the minimum of 0"],
+                &["2:8: error: count: -2 is below the minimum of 0; use 0 or more"],
+            ),
+            (
+                "name: x\nweights: { a: -1, b: lots, c: [2] }\n",
+                &[
+                    "2:15: error: weights.a: -1 is below the minimum of 0; use 0 or more",
+                    "2:22: error: weights.b: expected a whole number, found a string",
+                    "2:31: error: weights.c: expected a whole number, found a list",
+                ],
             ),
             (
                 "name: x\nmode: fats\n",
@@ -528,6 +551,15 @@ mod tests {
         for (src, expected) in cases {
             assert_eq!(&problems(src), expected, "for {src:?}");
         }
+    }
+
+    #[test]
+    fn a_number_out_of_range_is_read_as_its_bound_so_that_later_checks_still_run() {
+        let loaded = load::<Doc>("name: x\ncount: -2\nweights: { a: 5000000000 }\n");
+        assert_eq!(loaded.diags.len(), 2, "{:?}", loaded.diags);
+        let doc = loaded.value.expect("still read");
+        assert_eq!(doc.count, Some(0));
+        assert_eq!(doc.weights["a"], u32::MAX);
     }
 
     #[test]

@@ -406,6 +406,22 @@ fn structural_errors_name_the_field_and_suggest_a_fix() {
 }
 
 #[test]
+fn a_wrong_type_or_value_inside_a_track_or_a_split_is_named_with_its_place() {
+    let src = "tracks:\n  stable: { backends: 127.0.0.1:1, protocol: h3 }\n  canary: { backends: [\"127.0.0.1:2\"] }\nroutes:\n  - { split: { stable: \"9500\", canary: -100 } }\n  - { host: a, split: { canary: 100 } }\n";
+    let text: Vec<String> = load(src)
+        .unwrap_err()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    expect_test::expect![[r#"
+        2:23: error: tracks.stable.backends: expected a list, found a string
+        2:46: error: tracks.stable.protocol: unknown value "h3"; expected one of: auto, http1, h2c
+        5:24: error: routes[0].split.stable: expected a whole number, found a string
+        5:40: error: routes[0].split.canary: -100 is below the minimum of 0; use 0 or more"#]]
+    .assert_eq(&text.join("\n"));
+}
+
+#[test]
 fn json_is_read_like_yaml() {
     let src = r#"{"tracks": {"stable": {"backends": ["127.0.0.1:1"]}}, "routes": [{"split": {"stable": 10000}}]}"#;
     let t = load(src).unwrap();
