@@ -94,6 +94,7 @@ pub struct UpstreamSpec {
     /// per-try timeout. Default: 3.
     pub retries: Option<u32>,
     /// Consecutive failures that eject a backend. Default: 5.
+    #[schemars(range(min = 1))]
     pub eject_after: Option<u32>,
     /// How long an ejected backend gets no traffic. Default: `10s`.
     pub eject_for: Option<String>,
@@ -106,13 +107,18 @@ pub struct UpstreamSpec {
 #[serde(deny_unknown_fields)]
 pub struct LimitsSpec {
     /// Open client connections; more are closed at once. Default: 10000.
+    #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
     /// Requests waiting for their response headers at once, over all connections; more are
     /// answered 503 at once (load shedding). Default: 10000.
+    #[schemars(range(min = 1))]
     pub max_requests: Option<u32>,
     /// Headers per request. Default: 100.
+    #[schemars(range(min = 1))]
     pub max_headers: Option<u32>,
-    /// Bytes of a request head (HTTP/1.1) or header list (HTTP/2). Default: 65536.
+    /// Bytes of a request head (HTTP/1.1) or header list (HTTP/2). Default: 65536; at
+    /// least 8192, the smallest read buffer of hyper's HTTP/1 server.
+    #[schemars(range(min = 8192))]
     pub max_header_bytes: Option<u32>,
     /// Time to receive a request head, against slowloris. Default: `10s`.
     pub header_read_timeout: Option<String>,
@@ -124,8 +130,10 @@ pub struct LimitsSpec {
 #[serde(deny_unknown_fields)]
 pub struct MirrorLimitsSpec {
     /// Mirrored requests waiting for a slot; more are shed. Default: 1024.
+    #[schemars(range(min = 1))]
     pub queue: Option<u32>,
     /// Mirrored requests gathered into a batch or in flight at once. Default: 64.
+    #[schemars(range(min = 1))]
     pub concurrency: Option<u32>,
     /// Larger request bodies are not mirrored (counted as skipped). Default: 1048576.
     pub max_body_bytes: Option<u32>,

@@ -41,6 +41,13 @@ pub(crate) fn handle(
         shared.stats.global.bad_requests.fetch_add(1, Relaxed);
         return Err(Box::new(bad_request(reason)));
     }
+    // hyper's HTTP/1 server counts headers itself; its HTTP/2 server only bytes.
+    if req.version() == Version::HTTP_2 && req.headers().len() > shared.settings.limits.max_headers
+    {
+        shared.stats.global.bad_requests.fetch_add(1, Relaxed);
+        let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+        return Err(Box::new(plain(status, "too many headers")));
+    }
     let active = shared.active();
     let Some(decision) = active
         .table

@@ -68,6 +68,17 @@ impl Checker<'_> {
             }
         }
         let admin = self.addr("admin", &f.admin);
+        // Port 0 asks the kernel for a port: two of those never clash.
+        if let Some(admin) = admin
+            && admin.port() != 0
+            && listeners.iter().any(|l| l.addr == admin)
+        {
+            self.error(
+                "admin",
+                format!("{admin} is also a traffic listener"),
+                "give the admin API an address of its own",
+            );
+        }
         let u = f.upstream.clone().unwrap_or_default();
         let l = f.limits.clone().unwrap_or_default();
         let m = f.mirror.clone().unwrap_or_default();
@@ -88,22 +99,21 @@ impl Checker<'_> {
             request_timeout: request_timeout?,
             per_try_timeout: per_try_timeout?,
             retries: u.retries.unwrap_or(3),
-            eject_after: u.eject_after.unwrap_or(5).max(1),
+            eject_after: u.eject_after.unwrap_or(5),
             eject_for: eject_for?,
             max_idle_per_backend: u.max_idle_per_backend.unwrap_or(128) as usize,
         };
         let limits = Limits {
             max_connections: l.max_connections.unwrap_or(10_000) as usize,
-            max_requests: l.max_requests.unwrap_or(10_000).max(1) as usize,
+            max_requests: l.max_requests.unwrap_or(10_000) as usize,
             max_headers: l.max_headers.unwrap_or(100) as usize,
-            // hyper needs room for at least one read buffer.
-            max_header_bytes: (l.max_header_bytes.unwrap_or(65_536) as usize).max(8_192),
+            max_header_bytes: l.max_header_bytes.unwrap_or(65_536) as usize,
             header_read_timeout: header_read_timeout?,
             idle_timeout: idle_timeout?,
         };
         let mirror = MirrorLimits {
-            queue: m.queue.unwrap_or(1024).max(1) as usize,
-            concurrency: m.concurrency.unwrap_or(64).max(1) as usize,
+            queue: m.queue.unwrap_or(1024) as usize,
+            concurrency: m.concurrency.unwrap_or(64) as usize,
             max_body_bytes: m.max_body_bytes.unwrap_or(1 << 20) as usize,
             timeout: mirror_timeout?,
             batch_window: batch_window?,
@@ -243,6 +253,50 @@ mod tests {
             diags
                 .iter()
                 .any(|d| d.contains("write a positive duration"))
+        );
+    }
+
+    #[test]
+    fn limits_a_proxy_could_not_serve_with_are_refused_with_the_least_allowed() {
+        let diags = diagnostics(
+            "limits: { max_header_bytes: 4096, max_connections: 0, max_requests: 0, max_headers: 0 }\nupstream: { eject_after: 0 }\nmirror: { queue: 0, concurrency: 0 }\n",
+        );
+        assert_eq!(diags.len(), 7, "{diags:#?}");
+        assert!(
+            diags[0].contains(
+                "limits.max_header_bytes: 4096 is below the minimum of 8192; use 8192 or more"
+            ),
+            "{diags:#?}"
+        );
+        for field in [
+            "max_connections",
+            "max_requests",
+            "max_headers",
+            "eject_after",
+            "queue",
+            "concurrency",
+        ] {
+            let named = diags.iter().any(|d| {
+                d.contains(&format!(
+                    "{field}: 0 is below the minimum of 1; use 1 or more"
+                ))
+            });
+            assert!(named, "{field}: {diags:#?}");
+        }
+    }
+
+    #[test]
+    fn the_admin_api_may_not_share_a_traffic_listeners_address() {
+        let src = "listen: [127.0.0.1:8080, 127.0.0.1:8081]\nadmin: 127.0.0.1:8081\ntracks:\n  stable: { backends: [\"127.0.0.1:1\"] }\nroutes:\n  - { split: { stable: 10000 } }\n";
+        let diags: Vec<String> = match crate::config::check(src, Path::new(".")) {
+            Ok(_) => vec![],
+            Err(diags) => diags.iter().map(|d| d.to_string()).collect(),
+        };
+        assert_eq!(
+            diags,
+            [
+                "2:8: error: admin: 127.0.0.1:8081 is also a traffic listener; give the admin API an address of its own"
+            ]
         );
     }
 

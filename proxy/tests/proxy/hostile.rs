@@ -6,7 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{
-    Backend, Mode, Proxy, eventually, exchange, get, stable_only, stable_proxy, stats,
+    Backend, Mode, Proxy, eventually, exchange, get, send, stable_only, stable_proxy, stats,
 };
 
 fn statuses(text: &str) -> Vec<&str> {
@@ -128,6 +128,20 @@ async fn oversized_heads_and_too_many_headers_are_refused() {
     .await;
     assert_eq!(statuses(&text), ["431"], "{text}");
     assert!(closed);
+    // The same limits over HTTP/2: a header list over the bytes, or over the count.
+    let h2 = crate::support::h2_client();
+    let mut big = http::Request::get(proxy.url("/"));
+    big = big.header("x-big", "a".repeat(20_000));
+    let mut many = http::Request::get(proxy.url("/"));
+    for i in 0..40 {
+        many = many.header(format!("x-h{i}"), "v");
+    }
+    for req in [big, many] {
+        let (status, _, _) = send(&h2, req.body(Default::default()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(status, http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
     assert_eq!(b.hits(), 0);
     proxy.stop().await;
 }
