@@ -135,6 +135,11 @@ pub async fn serve<S: Socket>(
         false => serve_http1(io, &conn, shared, &mut drain).await,
     };
     if let Err(e) = served {
+        // A head hyper could not parse (or too large, or with too many headers) was answered
+        // 400 or 431 by hyper itself: counted here with the requests refused in the service.
+        if e.is_parse() || e.is_parse_too_large() {
+            shared.stats.global.bad_requests.fetch_add(1, Relaxed);
+        }
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }

@@ -27,6 +27,11 @@ async fn a_malformed_request_gets_400_and_the_connection_closes() {
         assert_eq!(statuses(&text), ["400"], "{text}");
         assert!(closed);
     }
+    // Heads hyper refuses itself are counted too. The count comes as each connection ends.
+    eventually(Duration::from_secs(5), || async {
+        stats(&proxy).await["proxy"]["bad_requests"] == 3
+    })
+    .await;
     proxy.stop().await;
 }
 
