@@ -30,6 +30,8 @@ pub struct Backend {
     /// Under `protocol: auto`, whether it speaks HTTP/2 with prior knowledge: 0 not known,
     /// [`HTTP2_SPOKEN`], or until when (ms) it is taken to speak only HTTP/1.1.
     http2: AtomicU64,
+    /// Held while it is asked, so that requests arriving together ask once.
+    pub(super) asking_http2: tokio::sync::Mutex<()>,
 }
 
 const HTTP2_SPOKEN: u64 = u64::MAX;
@@ -47,6 +49,7 @@ impl Backend {
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             http2: AtomicU64::new(0),
+            asking_http2: tokio::sync::Mutex::const_new(()),
         }
     }
 

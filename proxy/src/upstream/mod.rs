@@ -186,6 +186,12 @@ async fn speaks_http2(backend: &Backend, cfg: &Upstream, this_try: Instant) -> R
     if let Some(known) = backend.speaks_http2() {
         return Ok(known);
     }
+    // One asks; those that waited take its answer, or ask in turn if it could not get one.
+    let asking = tokio::time::timeout_at(this_try, backend.asking_http2.lock());
+    let _asking = asking.await.map_err(|_| Error::TimedOut)?;
+    if let Some(known) = backend.speaks_http2() {
+        return Ok(known);
+    }
     let spoken = probe::http2(backend, cfg.connect_timeout, this_try).await?;
     backend.heard_http2(spoken);
     Ok(spoken)

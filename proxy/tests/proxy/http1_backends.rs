@@ -2,6 +2,8 @@
 //! response can be framed, connections kept or given up as the backend says, and answers
 //! that are wrong.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -200,22 +202,26 @@ async fn trailer_fields_no_trailer_may_carry_are_dropped_and_the_rest_reach_an_h
 }
 
 /// A backend that speaks HTTP/1.1 only and, like nginx without `http2` on its listener,
-/// answers the HTTP/2 preface with a 400 and a close. `/post` echoes the length it got.
-async fn http1_only_backend() -> RawBackend {
-    RawBackend::start(|head| {
+/// answers the HTTP/2 preface with a 400 and a close; `prefaces` counts those.
+async fn http1_only_backend() -> (RawBackend, Arc<AtomicUsize>) {
+    let prefaces = Arc::new(AtomicUsize::new(0));
+    let counted = prefaces.clone();
+    let backend = RawBackend::start(move |head| {
         if head.starts_with("PRI * HTTP/2.0") {
+            counted.fetch_add(1, Ordering::SeqCst);
             let refusal =
                 "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
             return (refusal.as_bytes().to_vec(), true);
         }
         answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nh1")
     })
-    .await
+    .await;
+    (backend, prefaces)
 }
 
 #[tokio::test]
 async fn http2_clients_reach_a_backend_that_speaks_only_http1_under_protocol_auto() {
-    let backend = http1_only_backend().await;
+    let (backend, prefaces) = http1_only_backend().await;
     // `protocol` unset is `auto`. With `eject_after: 1`, one failure counted against the
     // backend would eject it, the only one.
     let proxy = Proxy::start(&stable_only(
@@ -242,5 +248,29 @@ async fn http2_clients_reach_a_backend_that_speaks_only_http1_under_protocol_aut
     // The backend was asked once, on a connection of its own; everything else went over
     // one pooled HTTP/1.1 connection.
     assert_eq!(backend.conns(), 2);
+    assert_eq!(prefaces.load(Ordering::SeqCst), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn requests_arriving_together_ask_a_backend_about_http2_once() {
+    let (backend, prefaces) = http1_only_backend().await;
+    let proxy = Proxy::start(&stable_only("", backend.addr)).await;
+    let h2 = crate::support::h2_client();
+    let mut together = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (h2, url) = (h2.clone(), proxy.url("/post"));
+        together.spawn(async move {
+            let req = Request::post(url)
+                .body(Full::new(Bytes::from_static(b"hello")))
+                .unwrap();
+            send(&h2, req).await.unwrap()
+        });
+    }
+    while let Some(done) = together.join_next().await {
+        let (status, _, body) = done.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "h1"));
+    }
+    assert_eq!(prefaces.load(Ordering::SeqCst), 1);
     proxy.stop().await;
 }
