@@ -33,6 +33,11 @@ pub(crate) fn handle(
 ) -> Result<Forward, Box<Response<Body>>> {
     // The answer is boxed: it is rare, and the result is moved for every request.
     let started = Instant::now();
+    // A reverse proxy has no tunnels to open: CONNECT is refused, not forwarded.
+    if req.method() == Method::CONNECT {
+        let resp = plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+        return Err(Box::new(resp));
+    }
     let survey = Survey::of(req.headers());
     let settled = survey
         .framing(req.headers(), req.version())
@@ -41,13 +46,16 @@ pub(crate) fn handle(
         shared.stats.global.bad_requests.fetch_add(1, Relaxed);
         return Err(Box::new(bad_request(reason)));
     }
-    // hyper's HTTP/1 server counts headers itself; its HTTP/2 server only bytes.
-    if req.version() == Version::HTTP_2 && req.headers().len() > shared.settings.limits.max_headers
-    {
-        shared.stats.global.bad_requests.fetch_add(1, Relaxed);
-        let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-        return Err(Box::new(plain(status, "too many headers")));
+    if req.version() == Version::HTTP_2 {
+        survey.join_cookies(req.headers_mut());
+        // hyper's HTTP/1 server counts headers itself; its HTTP/2 server only bytes.
+        if req.headers().len() > shared.settings.limits.max_headers {
+            shared.stats.global.bad_requests.fetch_add(1, Relaxed);
+            let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            return Err(Box::new(plain(status, "too many headers")));
+        }
     }
+
     let active = shared.active();
     let Some(decision) = active
         .table

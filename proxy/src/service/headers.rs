@@ -38,6 +38,7 @@ pub struct Survey {
     te: bool,
     content_lengths: u8,
     hosts: u8,
+    cookies: u8,
     /// The (last) `Host` is empty or an authority without user information.
     host_well_formed: bool,
     mirror: bool,
@@ -66,6 +67,7 @@ impl Survey {
                             s.content_lengths = s.content_lengths.saturating_add(1);
                         }
                         "te" => s.te = true,
+                        "cookie" => s.cookies = s.cookies.saturating_add(1),
                         "host" => {
                             s.hosts = s.hosts.saturating_add(1);
                             s.host_well_formed = well_formed(value.as_bytes());
@@ -83,20 +85,23 @@ impl Survey {
         s
     }
 
-    /// Puts the request's one host in `Host`, or refuses the request (RFC 9112 §3.2). A host
-    /// in the URI (absolute-form; HTTP/2's `:authority`) is the one: over HTTP/1 it replaces
-    /// any `Host` sent (§3.2.2), over HTTP/2 a `Host` must agree with it (RFC 9113 §8.3.1).
-    /// Without one, an HTTP/1.1 request must carry exactly one well-formed `Host`. So a
-    /// backend never reads another host than the one the request was routed by.
+    /// Puts the request's one host in `Host`, or refuses the request. An HTTP/1.1 request
+    /// carries exactly one well-formed `Host` (RFC 9112 §3.2), and an HTTP/2 one `:authority`
+    /// or `Host` (RFC 9113 §8.3.1). A host in the URI (absolute-form; `:authority`) is the
+    /// one: over HTTP/1 it replaces the `Host` sent (RFC 9112 §3.2.2), over HTTP/2 a `Host`
+    /// must agree with it. So a backend never reads another host than routing used.
     pub fn settle_host<B>(&self, req: &mut http::Request<B>) -> Result<(), &'static str> {
-        if self.hosts > 1 {
-            return Err("more than one Host header");
+        let version = req.version();
+        match self.hosts {
+            0 if version == Version::HTTP_11 => return Err("no Host header"),
+            1 if !self.host_well_formed => return Err("malformed Host header"),
+            2.. => return Err("more than one Host header"),
+            _ => {}
         }
         let Some(authority) = req.uri().authority() else {
-            return match self.hosts {
-                0 if req.version() == Version::HTTP_11 => Err("no Host header"),
-                1 if !self.host_well_formed => Err("malformed Host header"),
-                _ => Ok(()),
+            return match self.hosts == 0 && version == Version::HTTP_2 {
+                true => Err("neither :authority nor Host"),
+                false => Ok(()),
             };
         };
         if !matches!(req.uri().scheme_str(), Some("http" | "https")) {
@@ -107,7 +112,7 @@ impl Survey {
         }
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| "malformed authority")?;
         match req.headers().get(header::HOST) {
-            Some(sent) if req.version() == Version::HTTP_2 => {
+            Some(sent) if version == Version::HTTP_2 => {
                 if !sent.as_bytes().eq_ignore_ascii_case(host.as_bytes()) {
                     return Err("Host header differs from :authority");
                 }
@@ -117,6 +122,25 @@ impl Survey {
             }
         }
         Ok(())
+    }
+
+    /// An HTTP/2 request's cookie may come in crumbs, one field each (RFC 9113 §8.2.3):
+    /// joined into one `Cookie`, as an HTTP/1.1 backend must get it and as the header count
+    /// limit should see it.
+    pub fn join_cookies(&self, h: &mut HeaderMap) {
+        if self.cookies < 2 {
+            return;
+        }
+        let mut joined = Vec::new();
+        for crumb in h.get_all(header::COOKIE) {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(crumb.as_bytes());
+        }
+        if let Ok(cookie) = HeaderValue::from_bytes(&joined) {
+            h.insert(header::COOKIE, cookie);
+        }
     }
 
     /// Refuses what hyper lets through but a proxy must not forward: a Transfer-Encoding
@@ -206,6 +230,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, survey: &Survey, upgrade: bool) -> bool {
             .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !(upgrade && n == header::UPGRADE))
+            // The host routing used: no client may take it from the backend.
+            .filter(|n| n != header::HOST)
             .collect();
         for name in named {
             h.remove(name);

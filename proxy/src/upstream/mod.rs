@@ -119,6 +119,7 @@ pub async fn send(
             // Boxed, as below: asking is rare.
             true => Box::pin(speaks_http2(backend, cfg, this_try)).await,
         };
+        let over_http2 = matches!(http2, Ok(true));
         let sent = match http2 {
             Err(e) => Err(e),
             // HTTP/1.1 goes out on fleet-proxy's own client, but for switching protocols; the
@@ -165,7 +166,7 @@ pub async fn send(
             }
             Err(e) => {
                 tracing::debug!(backend = %backend.addr, error = %e, attempt, "upstream try failed");
-                if out.auto && out.http2 {
+                if out.auto && over_http2 {
                     // It may have stopped speaking HTTP/2: ask again next time.
                     backend.forget_http2();
                 }

@@ -264,6 +264,9 @@ async fn a_request_without_one_well_formed_host_is_refused_and_the_connection_cl
         "GET / HTTP/1.1\r\nHost: user@a.example\r\n",
         "GET http://user:pw@a.example/ HTTP/1.1\r\nHost: a.example\r\n",
         "GET ftp://a.example/ HTTP/1.1\r\nHost: a.example\r\n",
+        // An absolute-form target replaces the Host, but HTTP/1.1 still requires a good one.
+        "GET http://a.example/ HTTP/1.1\r\n",
+        "GET http://a.example/ HTTP/1.1\r\nHost: a b\r\n",
     ] {
         let (text, closed) = exchange(proxy.addr, format!("{head}\r\n").as_bytes()).await;
         assert_eq!(statuses(&text), ["400"], "{head:?}: {text}");
@@ -302,5 +305,18 @@ async fn an_absolute_form_request_is_routed_and_forwarded_by_the_host_of_its_tar
     assert!(text.contains("x-seen-host: api.example.com\r\n"), "{text}");
     assert!(!text.contains("other.example"), "{text}");
     assert_eq!(stable.hits(), 0);
+    // Nor can a client take the host away by naming it in `Connection`.
+    let raw = "GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: host, close\r\n\r\n";
+    let (text, _) = exchange(proxy.addr, raw.as_bytes()).await;
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("x-seen-host: api.example.com\r\n"),
+        "{text}"
+    );
+    // A reverse proxy opens no tunnels.
+    let raw = "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n";
+    let (text, _) = exchange(proxy.addr, raw.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 405 "), "{text}");
+    assert_eq!((stable.hits(), canary.hits()), (0, 2));
     proxy.stop().await;
 }

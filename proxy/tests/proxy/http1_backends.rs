@@ -2,8 +2,8 @@
 //! response can be framed, connections kept or given up as the backend says, and answers
 //! that are wrong.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -202,10 +202,18 @@ async fn trailer_fields_no_trailer_may_carry_are_dropped_and_the_rest_reach_an_h
 }
 
 /// A backend that speaks HTTP/1.1 only and, like nginx without `http2` on its listener,
-/// answers the HTTP/2 preface with a 400 and a close; `prefaces` counts those.
-async fn http1_only_backend() -> (RawBackend, Arc<AtomicUsize>) {
+/// answers the HTTP/2 preface with a 400 and a close; `prefaces` counts those, `heads` keeps
+/// the request heads it got. `/fail` gets the connection closed without an answer.
+struct Http1Only {
+    backend: RawBackend,
+    prefaces: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+async fn http1_only_backend() -> Http1Only {
     let prefaces = Arc::new(AtomicUsize::new(0));
-    let counted = prefaces.clone();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let (counted, kept) = (prefaces.clone(), heads.clone());
     let backend = RawBackend::start(move |head| {
         if head.starts_with("PRI * HTTP/2.0") {
             counted.fetch_add(1, Ordering::SeqCst);
@@ -213,15 +221,25 @@ async fn http1_only_backend() -> (RawBackend, Arc<AtomicUsize>) {
                 "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
             return (refusal.as_bytes().to_vec(), true);
         }
+        kept.lock().unwrap().push(head.to_string());
+        if path(head) == "/fail" {
+            return (Vec::new(), true);
+        }
         answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nh1")
     })
     .await;
-    (backend, prefaces)
+    Http1Only {
+        backend,
+        prefaces,
+        heads,
+    }
 }
 
 #[tokio::test]
 async fn http2_clients_reach_a_backend_that_speaks_only_http1_under_protocol_auto() {
-    let (backend, prefaces) = http1_only_backend().await;
+    let Http1Only {
+        backend, prefaces, ..
+    } = http1_only_backend().await;
     // `protocol` unset is `auto`. With `eject_after: 1`, one failure counted against the
     // backend would eject it, the only one.
     let proxy = Proxy::start(&stable_only(
@@ -254,7 +272,9 @@ async fn http2_clients_reach_a_backend_that_speaks_only_http1_under_protocol_aut
 
 #[tokio::test]
 async fn requests_arriving_together_ask_a_backend_about_http2_once() {
-    let (backend, prefaces) = http1_only_backend().await;
+    let Http1Only {
+        backend, prefaces, ..
+    } = http1_only_backend().await;
     let proxy = Proxy::start(&stable_only("", backend.addr)).await;
     let h2 = crate::support::h2_client();
     let mut together = tokio::task::JoinSet::new();
@@ -272,5 +292,94 @@ async fn requests_arriving_together_ask_a_backend_about_http2_once() {
         assert_eq!((status, body.as_str()), (StatusCode::OK, "h1"));
     }
     assert_eq!(prefaces.load(Ordering::SeqCst), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_http1_try_keeps_a_backend_known_to_speak_no_http2() {
+    let Http1Only {
+        backend, prefaces, ..
+    } = http1_only_backend().await;
+    let proxy = Proxy::start(&stable_only(
+        "upstream: { retries: 0, eject_after: 100 }\n",
+        backend.addr,
+    ))
+    .await;
+    let h2 = crate::support::h2_client();
+    let get = |p: &str| Request::get(proxy.url(p)).body(Full::default()).unwrap();
+    assert_eq!(send(&h2, get("/")).await.unwrap().0, StatusCode::OK);
+    assert_eq!(
+        send(&h2, get("/fail")).await.unwrap().0,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(send(&h2, get("/")).await.unwrap().0, StatusCode::OK);
+    // The failure was over HTTP/1.1: it says nothing of HTTP/2, which is not asked again.
+    assert_eq!(prefaces.load(Ordering::SeqCst), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn cookie_crumbs_of_an_http2_request_reach_an_http1_backend_as_one_cookie() {
+    let Http1Only { backend, heads, .. } = http1_only_backend().await;
+    let proxy = Proxy::start(&stable_only("", backend.addr)).await;
+    let h2 = crate::support::h2_client();
+    // 101 crumbs: over the default of 100 headers, were each counted as one.
+    let mut req = Request::get(proxy.url("/"));
+    for i in 0..101 {
+        req = req.header("cookie", format!("c{i}=1"));
+    }
+    let (status, _, _) = send(&h2, req.body(Full::default()).unwrap()).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let head = heads.lock().unwrap().last().cloned().unwrap();
+    let cookies: Vec<&str> = head
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("cookie:"))
+        .collect();
+    assert_eq!(cookies.len(), 1, "{head}");
+    let all: Vec<String> = (0..101).map(|i| format!("c{i}=1")).collect();
+    assert!(cookies[0].ends_with(&all.join("; ")), "{head}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_http2_request_without_authority_or_host_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Http1Only { backend, heads, .. } = http1_only_backend().await;
+    let proxy = Proxy::start(&stable_only("", backend.addr)).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: `:method GET`, `:scheme http`,
+    // `:path /` (HPACK static indices 2, 6, 4), and no `:authority`.
+    out.extend_from_slice(&[0, 0, 3, 1, 5, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
+    s.write_all(&out).await.unwrap();
+    // Frames until the answer's HEADERS on stream 1: `:status 400` is static index 12.
+    let mut got = Vec::new();
+    let status = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before an answer");
+            got.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            while got.len() >= at + 9 {
+                let len = usize::from(got[at]) << 16
+                    | usize::from(got[at + 1]) << 8
+                    | usize::from(got[at + 2]);
+                if got.len() < at + 9 + len {
+                    break;
+                }
+                if got[at + 3] == 1 && got[at + 5..at + 9] == [0, 0, 0, 1] {
+                    return got[at + 9];
+                }
+                at += 9 + len;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 0x8c, "not :status 400");
+    assert!(heads.lock().unwrap().is_empty());
+    drop(s);
     proxy.stop().await;
 }
