@@ -1,9 +1,9 @@
 //! Whether a backend speaks HTTP/2 with prior knowledge, for tracks with `protocol: auto`:
 //! asked once on a connection of its own, closed after. It gets the HTTP/2 preface and an
 //! empty SETTINGS frame; an HTTP/2 server's first frame is its own SETTINGS (RFC 9113 §3.4),
-//! while an HTTP/1.1 server answers the preface with a status line ("HTTP/1.1 400") or
-//! closes. Asking on a connection of its own keeps a request from being sent, body and all,
-//! to a backend that cannot read it: once a request is on its way it cannot be taken back.
+//! while an HTTP/1.1 server answers the preface with a status line ("HTTP/1.1 400"). Asking
+//! on a connection of its own keeps a request from being sent, body and all, to a backend
+//! that cannot read it: once a request is on its way it cannot be taken back.
 
 use std::time::Duration;
 
@@ -15,9 +15,10 @@ use super::{Backend, Error, pool};
 /// The client connection preface (RFC 9113 §3.4) and an empty SETTINGS frame.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 
-/// `Ok(true)` if the backend's first bytes are a SETTINGS frame header on stream 0.
-/// Anything else it does (a status line, a close, a reset) is a no. Failing to connect or
-/// an answer not in by `deadline` is an error, as for any try.
+/// `Ok(true)` if the backend's first bytes are a SETTINGS frame header on stream 0, `Ok(false)`
+/// if they are anything else (a status line). No bytes at all (a close, a reset), a failure
+/// to connect, or no answer by `deadline` is an error, as for any try: a backend in trouble
+/// is not thereby taken to speak only HTTP/1.1, and is asked again.
 pub(super) async fn http2(
     backend: &Backend,
     connect_timeout: Duration,
@@ -30,11 +31,16 @@ pub(super) async fn http2(
         let mut got = 0;
         while got < first.len() {
             match stream.read(&mut first[got..]).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => got += n,
+                Err(e) if got == 0 => return Err(Error::Io(e)),
+                Err(_) => break,
             }
         }
-        Ok(got == first.len() && is_settings(&first))
+        match got {
+            0 => Err(Error::Closed),
+            _ => Ok(got == first.len() && is_settings(&first)),
+        }
     };
     tokio::time::timeout_at(deadline, asking)
         .await

@@ -383,3 +383,29 @@ async fn an_http2_request_without_authority_or_host_is_refused() {
     drop(s);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_backend_that_closes_on_the_question_fails_the_try_and_is_asked_again() {
+    let prefaces = Arc::new(AtomicUsize::new(0));
+    let counted = prefaces.clone();
+    // Closes on the preface without a word: in trouble, or a server that says nothing.
+    let backend = RawBackend::start(move |head| {
+        assert!(head.starts_with("PRI * HTTP/2.0"), "{head}");
+        counted.fetch_add(1, Ordering::SeqCst);
+        (Vec::new(), true)
+    })
+    .await;
+    let proxy = Proxy::start(&stable_only(
+        "upstream: { retries: 0, eject_after: 100 }\n",
+        backend.addr,
+    ))
+    .await;
+    let h2 = crate::support::h2_client();
+    for asked in 1..=2 {
+        let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+        assert_eq!(send(&h2, req).await.unwrap().0, StatusCode::BAD_GATEWAY);
+        // Not taken to speak only HTTP/1.1 (no request reached it): asked again.
+        assert_eq!(prefaces.load(Ordering::SeqCst), asked);
+    }
+    proxy.stop().await;
+}
