@@ -33,9 +33,10 @@ pub(crate) fn handle(
 ) -> Result<Forward, Box<Response<Body>>> {
     // The answer is boxed: it is rare, and the result is moved for every request.
     let started = Instant::now();
-    // A reverse proxy has no tunnels to open: CONNECT is refused, not forwarded.
+    // A reverse proxy has no tunnels to open: CONNECT is refused, not forwarded. The
+    // connection closes: the raw framing scan reads no further than a CONNECT.
     if req.method() == Method::CONNECT {
-        let resp = plain(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+        let resp = refuse_and_close(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
         return Err(Box::new(resp));
     }
     let survey = Survey::of(req.headers());
@@ -300,7 +301,11 @@ pub(crate) fn refused_by_scan(
 
 /// 400 and close: after a request we could not frame, nothing else on the connection is safe.
 fn bad_request(reason: &str) -> Response<Body> {
-    let mut resp = plain(StatusCode::BAD_REQUEST, reason);
+    refuse_and_close(StatusCode::BAD_REQUEST, reason)
+}
+
+fn refuse_and_close(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut resp = plain(status, reason);
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use http::{Method, header};
+use http::header;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -68,7 +68,6 @@ pub fn plan(batch: impl IntoIterator<Item = Job>, pipeline: bool) -> Vec<Work> {
 fn pipelines(job: &Job) -> bool {
     !job.http2
         && job.body.len() <= PIPELINED_BODY_MAX
-        && job.parts.method != Method::CONNECT
         && !job.parts.headers.contains_key(header::UPGRADE)
         && !job.parts.headers.contains_key(header::EXPECT)
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use tokio::time::Instant;
 
-use http::{Method, Request, Response, Uri, Version};
+use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 
 pub use backend::Backend;
@@ -117,14 +117,14 @@ pub async fn send(
         let http2 = match out.http2 && out.auto {
             false => Ok(out.http2),
             // Boxed, as below: asking is rare.
-            true => Box::pin(speaks_http2(backend, cfg, this_try)).await,
+            true => Box::pin(http2_for(backend, cfg, this_try)).await,
         };
         let over_http2 = matches!(http2, Ok(true));
         let sent = match http2 {
             Err(e) => Err(e),
             // HTTP/1.1 goes out on fleet-proxy's own client, but for switching protocols; the
-            // rest on hyper's.
-            Ok(false) if !out.upgrade() && out.parts.method != Method::CONNECT => {
+            // rest on hyper's. (CONNECT never comes here: the service refuses it.)
+            Ok(false) if !out.upgrade() => {
                 let body = out.body.take();
                 h1::request(
                     backend,
@@ -183,7 +183,7 @@ pub async fn send(
 
 /// Whether a try under `protocol: auto`, for a client speaking HTTP/2, goes over HTTP/2: if
 /// the backend speaks it, asked once ([`probe::http2`]).
-async fn speaks_http2(backend: &Backend, cfg: &Upstream, this_try: Instant) -> Result<bool, Error> {
+async fn http2_for(backend: &Backend, cfg: &Upstream, this_try: Instant) -> Result<bool, Error> {
     if let Some(known) = backend.speaks_http2() {
         return Ok(known);
     }

@@ -315,8 +315,9 @@ async fn an_absolute_form_request_is_routed_and_forwarded_by_the_host_of_its_tar
     );
     // A reverse proxy opens no tunnels.
     let raw = "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n";
-    let (text, _) = exchange(proxy.addr, raw.as_bytes()).await;
+    let (text, closed) = exchange(proxy.addr, raw.as_bytes()).await;
     assert!(text.starts_with("HTTP/1.1 405 "), "{text}");
+    assert!(closed);
     assert_eq!((stable.hits(), canary.hits()), (0, 2));
     proxy.stop().await;
 }
