@@ -135,9 +135,9 @@ pub async fn serve<S: Socket>(
         false => serve_http1(io, &conn, shared, &mut drain).await,
     };
     if let Err(e) = served {
-        // A head hyper could not parse (or too large, or with too many headers) was answered
-        // 400 or 431 by hyper itself: counted here with the requests refused in the service.
-        if e.is_parse() || e.is_parse_too_large() {
+        // A head hyper could not parse (too large and too many headers included) was
+        // answered 400 or 431 by hyper itself: counted here with the service's refusals.
+        if e.is_parse() {
             shared.stats.global.bad_requests.fetch_add(1, Relaxed);
         }
         tracing::debug!(error = %e, "connection ended with an error");

@@ -110,14 +110,19 @@ impl Survey {
         if authority.as_str().contains('@') {
             return Err("user information in the request target");
         }
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| "malformed authority")?;
         match req.headers().get(header::HOST) {
             Some(sent) if version == Version::HTTP_2 => {
-                if !sent.as_bytes().eq_ignore_ascii_case(host.as_bytes()) {
+                if !sent
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
+                {
                     return Err("Host header differs from :authority");
                 }
             }
             _ => {
+                // A copy: only when the `Host` is to be written.
+                let host =
+                    HeaderValue::from_str(authority.as_str()).map_err(|_| "malformed authority")?;
                 req.headers_mut().insert(header::HOST, host);
             }
         }
