@@ -112,10 +112,8 @@ impl Survey {
         }
         match req.headers().get(header::HOST) {
             Some(sent) if version == Version::HTTP_2 => {
-                if !sent
-                    .as_bytes()
-                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
-                {
+                let scheme = req.uri().scheme_str();
+                if !same_authority(scheme, sent.as_bytes(), authority.as_str().as_bytes()) {
                     return Err("Host header differs from :authority");
                 }
             }
@@ -299,6 +297,28 @@ pub fn forwarded(h: &mut HeaderMap, survey: &Survey, conn: &Conn, upgrade: bool)
     }
 }
 
+/// Whether two authorities name the same host and port once normalized for `scheme`, as
+/// RFC 9113 §8.3.1 asks of an intermediary comparing `Host` with `:authority` (RFC 3986
+/// §6.2.3): the host without regard to case, an empty or absent port as the scheme's default.
+fn same_authority(scheme: Option<&str>, a: &[u8], b: &[u8]) -> bool {
+    let default: &[u8] = match scheme {
+        Some("https") => b"443",
+        _ => b"80",
+    };
+    let ((host_a, port_a), (host_b, port_b)) = (split_port(a), split_port(b));
+    let port = |p: &'static [u8], given: &[u8]| given.is_empty() || given == p;
+    host_a.eq_ignore_ascii_case(host_b)
+        && (port_a == port_b || (port(default, port_a) && port(default, port_b)))
+}
+
+/// An authority's host and port (empty when absent); an IPv6 literal's colons are its own.
+fn split_port(authority: &[u8]) -> (&[u8], &[u8]) {
+    match authority.iter().rposition(|&b| b == b':') {
+        Some(i) if !authority[i + 1..].contains(&b']') => (&authority[..i], &authority[i + 1..]),
+        _ => (authority, b""),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,6 +346,46 @@ mod tests {
             "é.example",
         ] {
             assert!(!well_formed(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn host_and_authority_are_compared_after_scheme_based_normalization() {
+        for (scheme, a, b) in [
+            ("http", "a.test", "a.test"),
+            ("http", "a.test", "A.Test"),
+            ("http", "a.test", "a.test:80"),
+            ("http", "a.test:", "a.test:80"),
+            ("https", "a.test:443", "a.test"),
+            ("http", "[::1]", "[::1]:80"),
+            ("http", "a.test:8080", "A.TEST:8080"),
+        ] {
+            assert!(
+                same_authority(Some(scheme), a.as_bytes(), b.as_bytes()),
+                "{a} {b}"
+            );
+            assert!(
+                same_authority(Some(scheme), b.as_bytes(), a.as_bytes()),
+                "{b} {a}"
+            );
+        }
+        for (scheme, a, b) in [
+            ("http", "a.test", "b.test"),
+            ("http", "a.test", "a.test:443"),
+            ("https", "a.test", "a.test:80"),
+            ("http", "a.test:8080", "a.test:8081"),
+            ("http", "a.test:8080", "a.test"),
+            ("http", "[::1]", "[::2]:80"),
+            ("http", "a.test", "a.test.evil"),
+        ] {
+            assert!(
+                !same_authority(Some(scheme), a.as_bytes(), b.as_bytes()),
+                "{a} {b}"
+            );
+            assert!(
+                !same_authority(Some(scheme), b.as_bytes(), a.as_bytes()),
+                "{b} {a}"
+            );
         }
     }
 
