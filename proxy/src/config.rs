@@ -198,6 +198,14 @@ pub struct Settings {
     pub mirror: MirrorLimits,
     pub drain_timeout: Duration,
     pub watch_interval: Duration,
+    /// A digest of the text these settings were read from: a reload that reads the same text
+    /// leaves the table in force alone.
+    pub source: u64,
+}
+
+/// What tells one text (a config file, a certificate) from another without keeping it.
+pub fn digest(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh64::xxh64(bytes, 0)
 }
 
 /// Reads and checks a config file's text; `dir` resolves relative certificate paths.
@@ -218,7 +226,13 @@ pub fn check(src: &str, dir: &Path) -> Result<(Settings, Table), Vec<Diagnostic>
     };
     let table = Table::build(spec, &loaded.positions, &mut loaded.diags);
     match (settings, table) {
-        (Some(s), Some(t)) if !loaded.diags.has_errors() => Ok((s, t)),
+        (Some(s), Some(t)) if !loaded.diags.has_errors() => Ok((
+            Settings {
+                source: digest(src.as_bytes()),
+                ..s
+            },
+            t,
+        )),
         _ => Err(loaded.diags.into_sorted()),
     }
 }

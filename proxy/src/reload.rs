@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::config::{Listener, digest};
 use crate::server::TlsSlot;
 use crate::state::Shared;
 
@@ -30,7 +31,12 @@ pub async fn watch(
     mut hangup: Option<Signal>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut seen = fingerprint(&path, &shared);
+    // In force: the text the proxy started from, and its certificates as they are now.
+    let mut applied = Sources {
+        text: shared.settings.source,
+        tls: tls_sources(&shared.settings.listeners),
+    };
+    let mut seen = fingerprint(&path, &applied);
     // Set when no thread could start for the last reload: the next tick tries again.
     let mut retry = false;
     loop {
@@ -43,25 +49,64 @@ pub async fn watch(
         // thread of the blocking pool: that thread never got old enough to end, and a
         // process of more than one thread makes the kernel take and drop a reference on
         // the socket at every call (`fput`: 0.35% of the proxy's CPU time under wrk).
-        let now = fingerprint(&path, &shared);
+        let now = fingerprint(&path, &applied);
         if !forced && !retry && now == seen {
             continue;
         }
         seen = now;
         // Reading, checking and building a large table is CPU work: off the traffic threads,
         // and behind them for the CPU.
-        let (shared, path, tls) = (shared.clone(), path.clone(), tls.clone());
-        let outcome = crate::background::run("reload", move || reload(&shared, &path, &tls)).await;
+        let (shared, path, tls, last) =
+            (shared.clone(), path.clone(), tls.clone(), applied.clone());
+        let outcome =
+            crate::background::run("reload", move || reload(&shared, &path, &tls, &last)).await;
         // No thread could start (the machine is short of threads for now): try again on the
         // next tick. A reload that panicked would panic again on the same file: wait for a
         // change. Either way the table in force stays.
         retry = outcome
             .as_ref()
             .is_err_and(|e| e.downcast_ref::<std::io::Error>().is_some());
-        if let Err(e) = outcome {
-            tracing::error!(error = %e, retry, "could not reload the config");
+        match outcome {
+            Ok(next) => {
+                // Other certificate files to watch: their stamps are not known yet, so the
+                // next tick reads them (and finds them as this reload did).
+                if !next.same_files(&applied) {
+                    seen.1.clear();
+                }
+                applied = next;
+            }
+            Err(e) => tracing::error!(error = %e, retry, "could not reload the config"),
         }
     }
+}
+
+/// What a reload put in force, as digests: the file's text, and every certificate and key
+/// file it names (`None`: unreadable). Two reads that give the same sources change nothing:
+/// a `touch`, the same text written again or a SIGHUP with nothing new leaves the table in
+/// force alone, which may have come through `PUT /routes` since; a renewed certificate
+/// alone swaps certificates and leaves the table alone.
+#[derive(Clone, Debug, PartialEq)]
+struct Sources {
+    text: u64,
+    tls: Vec<(PathBuf, Option<u64>)>,
+}
+
+impl Sources {
+    fn same_files(&self, other: &Sources) -> bool {
+        self.tls
+            .iter()
+            .map(|(p, _)| p)
+            .eq(other.tls.iter().map(|(p, _)| p))
+    }
+}
+
+fn tls_sources(listeners: &[Listener]) -> Vec<(PathBuf, Option<u64>)> {
+    listeners
+        .iter()
+        .flat_map(|l| l.tls.iter())
+        .flat_map(|(cert, key)| [cert, key])
+        .map(|p| (p.clone(), std::fs::read(p).ok().map(|b| digest(&b))))
+        .collect()
 }
 
 /// What tells a file changed without reading it: its inode (an editor or `mv` may put a new
@@ -74,54 +119,27 @@ fn stamp(path: &Path) -> Stamp {
     Some((m.ino(), m.len(), m.modified().ok()))
 }
 
-/// The stamps of the config file and of the certificates and keys it names.
-fn fingerprint(path: &Path, shared: &Shared) -> (Stamp, Vec<Stamp>) {
-    let certs = shared
-        .settings
-        .listeners
-        .iter()
-        .flat_map(|l| l.tls.iter())
-        .flat_map(|(c, k)| [c, k])
-        .map(|p| stamp(p))
-        .collect();
+/// The stamps of the config file and of the certificates and keys in force.
+fn fingerprint(path: &Path, applied: &Sources) -> (Stamp, Vec<Stamp>) {
+    let certs = applied.tls.iter().map(|(p, _)| stamp(p)).collect();
     (stamp(path), certs)
 }
 
-fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>]) {
+/// Reads the file and what it names; puts in force what changed since `last`, if the whole
+/// file checks out. Returns what is in force after.
+fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources) -> Sources {
     let file = path.display().to_string();
     let src = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) => {
+            shared.stats.global.table_rejected.fetch_add(1, Relaxed);
             tracing::error!(file, error = %e, "cannot read config; keeping the table in force");
-            return;
+            return last.clone();
         }
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    match crate::config::check(&src, dir) {
-        Ok((settings, table)) => {
-            let addrs = |s: &crate::config::Settings| {
-                (
-                    s.admin,
-                    s.listeners.iter().map(|l| l.addr).collect::<Vec<_>>(),
-                )
-            };
-            if addrs(&settings) != addrs(&shared.settings) {
-                tracing::warn!(
-                    file,
-                    "listener addresses changed; they take effect on restart"
-                );
-            }
-            for (slot, listener) in tls.iter().zip(&settings.listeners) {
-                let Some(slot) = slot else { continue };
-                match crate::tls::server_config(&listener.tls) {
-                    Ok(config) => slot.store(config),
-                    Err(e) => {
-                        tracing::error!(file, error = %format!("{e:#}"), "keeping old certificates")
-                    }
-                }
-            }
-            let _ = shared.install(table, None);
-        }
+    let (settings, table) = match crate::config::check(&src, dir) {
+        Ok(checked) => checked,
         Err(diags) => {
             shared.stats.global.table_rejected.fetch_add(1, Relaxed);
             for d in &diags {
@@ -132,6 +150,46 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>]) {
                 errors = diags.len(),
                 "config rejected; keeping the table in force"
             );
+            return last.clone();
         }
+    };
+    let next = Sources {
+        text: settings.source,
+        tls: tls_sources(&settings.listeners),
+    };
+    if next == *last {
+        tracing::info!(
+            file,
+            "config and certificates unchanged; the table in force stays"
+        );
+        return next;
     }
+    let addrs = |s: &crate::config::Settings| {
+        (
+            s.admin,
+            s.listeners.iter().map(|l| l.addr).collect::<Vec<_>>(),
+        )
+    };
+    if next.text != last.text && addrs(&settings) != addrs(&shared.settings) {
+        tracing::warn!(
+            file,
+            "listener addresses changed; they take effect on restart"
+        );
+    }
+    if next.tls != last.tls {
+        for (slot, listener) in tls.iter().zip(&settings.listeners) {
+            let Some(slot) = slot else { continue };
+            match crate::tls::server_config(&listener.tls) {
+                Ok(config) => slot.store(config),
+                Err(e) => {
+                    tracing::error!(file, error = %format!("{e:#}"), "keeping old certificates")
+                }
+            }
+        }
+        tracing::info!(file, "certificates reloaded");
+    }
+    if next.text != last.text {
+        let _ = shared.install(table, None);
+    }
+    next
 }

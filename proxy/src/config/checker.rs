@@ -127,6 +127,7 @@ impl Checker<'_> {
             mirror,
             drain_timeout: drain_timeout?,
             watch_interval: watch_interval?,
+            source: 0,
         })
     }
 

@@ -278,6 +278,14 @@ async fn an_edited_config_file_is_reloaded_and_a_broken_one_is_not() {
     })
     .await;
     assert_eq!(get(&proxy.url("/")).await.unwrap().2, "canary");
+    // A file that cannot be read is counted too.
+    std::fs::remove_file(&file).unwrap();
+    eventually(Duration::from_secs(5), || async {
+        let (_, _, m) = get(&proxy.admin_url("/metrics")).await.unwrap();
+        m.contains("fleet_proxy_table_rejected_total 2")
+    })
+    .await;
+    assert_eq!(get(&proxy.url("/")).await.unwrap().2, "canary");
     proxy.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

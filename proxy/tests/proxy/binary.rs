@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::{Backend, Mode, get};
@@ -65,8 +66,21 @@ fn check_exits_0_for_a_valid_file_and_1_with_every_diagnostic_for_a_broken_one()
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A running `fleet-proxy`; killed if the test ends before it exits.
-struct Running(std::process::Child);
+/// A running `fleet-proxy`, with the lines it has logged since "serving"; killed if the test
+/// ends before it exits.
+struct Running(std::process::Child, Arc<Mutex<Vec<String>>>);
+
+impl Running {
+    /// How many lines logged so far contain `text`.
+    fn logged(&self, text: &str) -> usize {
+        self.1
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -104,8 +118,14 @@ fn spawn_with(config: &std::path::Path, args: &[&str]) -> (Running, String) {
         }
     };
     // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (Running(child), admin)
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let kept = logs.clone();
+    std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .for_each(|l| kept.lock().unwrap().push(l))
+    });
+    (Running(child, logs), admin)
 }
 
 fn signal(child: &std::process::Child, sig: &str) {
@@ -158,6 +178,66 @@ async fn sighup_reloads_the_file_and_sigterm_drains_and_exits_0() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A SIGHUP (or a `touch`) with the file's text unchanged puts nothing in force: the table an
+/// agent put through `PUT /routes` since stays. Only a changed text replaces it.
+#[tokio::test]
+async fn a_reload_of_unchanged_text_leaves_a_put_table_in_force() {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let dir = temp_dir("unchanged");
+    let file = dir.join("proxy.yaml");
+    let config = |name: &str| {
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 1h\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ name: {name}, split: {{ stable: 10000 }} }}\n",
+            stable.addr
+        )
+    };
+    std::fs::write(&file, config("from-file")).unwrap();
+    let (child, admin) = spawn(&file);
+    let routes = || async {
+        let (_, _, body) = get(&format!("http://{admin}/routes")).await?;
+        let table = serde_json::from_str::<serde_json::Value>(&body).ok()?;
+        Some((
+            table["version"].as_u64()?,
+            table["routes"][0]["name"].as_str()?.to_string(),
+        ))
+    };
+    crate::support::eventually(Duration::from_secs(10), || async {
+        routes().await.is_some()
+    })
+    .await;
+    let pushed = serde_json::json!({
+        "tracks": { "stable": { "backends": [stable.addr.to_string()] } },
+        "routes": [{ "name": "pushed", "split": { "stable": 10000 } }],
+    });
+    let (status, _) =
+        crate::support::put(&format!("http://{admin}/routes"), &pushed.to_string()).await;
+    assert_eq!(status, http::StatusCode::OK);
+    let in_force = Some((2, "pushed".to_string()));
+    assert_eq!(routes().await, in_force);
+    // SIGHUP with nothing changed; then the same text written again (a new modification
+    // time, as `touch` or a config tool gives), and SIGHUP.
+    for looked in 1..=2 {
+        if looked == 2 {
+            std::fs::write(&file, config("from-file")).unwrap();
+        }
+        signal(&child.0, "HUP");
+        crate::support::eventually(Duration::from_secs(10), || async {
+            child.logged("config and certificates unchanged") == looked
+        })
+        .await;
+        assert_eq!(routes().await, in_force, "after look {looked}");
+    }
+    // A changed text is put in force.
+    std::fs::write(&file, config("edited")).unwrap();
+    signal(&child.0, "HUP");
+    crate::support::eventually(Duration::from_secs(10), || async {
+        routes().await == Some((3, "edited".to_string()))
+    })
+    .await;
+    drop(child);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

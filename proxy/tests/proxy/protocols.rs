@@ -228,6 +228,16 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
         served().await.unwrap().as_ref(),
         certs.a.cert.der().as_ref()
     );
+    // A table put since, which a renewed certificate alone must leave in force.
+    let (status, _) = crate::support::put(
+        &proxy.admin_url("/routes"),
+        &format!(
+            r#"{{"tracks":{{"stable":{{"backends":["{}"]}}}},"routes":[{{"name":"pushed","split":{{"stable":10000}}}}]}}"#,
+            stable.addr
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
     let renewed = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
     let (key, renewed) = (renewed.signing_key, renewed.cert);
     trusted.lock().unwrap().push(renewed.der().clone());
@@ -239,6 +249,12 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
             .is_some_and(|c| c.as_ref() == renewed.der().as_ref())
     })
     .await;
+    let (_, _, table) = crate::support::get(&proxy.admin_url("/routes"))
+        .await
+        .unwrap();
+    let table: serde_json::Value = serde_json::from_str(&table).unwrap();
+    assert_eq!(table["version"], 2, "{table}");
+    assert_eq!(table["routes"][0]["name"], "pushed", "{table}");
     proxy.stop().await;
     std::fs::remove_dir_all(&certs.dir).unwrap();
 }
