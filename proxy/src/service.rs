@@ -267,6 +267,10 @@ pub fn failure(f: &Failure) -> Response<Body> {
     match f {
         Failure::NoHealthyBackend(_) => plain(StatusCode::SERVICE_UNAVAILABLE, &f.to_string()),
         Failure::Timeout => plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
+        // As nginx answers it: no backend took the connection in time.
+        Failure::Upstream(crate::upstream::Error::ConnectTimeout) => {
+            plain(StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out")
+        }
         Failure::Upstream(_) => plain(StatusCode::BAD_GATEWAY, "upstream failed"),
         Failure::ClientBody(_) => plain(StatusCode::BAD_REQUEST, "request body failed"),
     }

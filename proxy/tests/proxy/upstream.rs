@@ -259,13 +259,14 @@ async fn a_backend_that_never_accepts_fails_at_the_connect_timeout_not_the_reque
     ))
     .await;
     let started = std::time::Instant::now();
-    let (status, _, _) = send(
+    let (status, _, body) = send(
         &client(),
         Request::get(proxy.url("/")).body(Full::default()).unwrap(),
     )
     .await
     .unwrap();
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(body, "upstream connect timed out\n");
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
