@@ -181,7 +181,10 @@ fn outgoing(
     mut req: Request<Incoming>,
 ) -> Outgoing {
     let track = active.table.track(decision.track);
-    let upgrade = survey.wants_upgrade(req.headers(), req.version());
+    // A backend that speaks only HTTP/2 cannot switch an HTTP/1.1 connection: the request
+    // goes to it without the `Upgrade`, which a server may ignore (RFC 9110 §7.8).
+    let upgrade = survey.wants_upgrade(req.headers(), req.version())
+        && track.protocol() != fleet_proxy_router::Protocol::H2c;
     let auto = track.protocol() == fleet_proxy_router::Protocol::Auto;
     let http2 = match track.protocol() {
         _ if upgrade => false,

@@ -12,13 +12,16 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::conn::Conn;
 
 const HOPS: usize = 7;
+/// RFC 9110 §7.6.1's connection-specific fields, and `HTTP2-Settings`, which only an h2c
+/// upgrade uses (RFC 7540 §3.2.1). `Trailer` is not one: it tells the recipient which
+/// trailer fields follow, and an HTTP/1.1 server sends only the trailers it declares.
 const HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
     header::UPGRADE,
-    header::TRAILER,
+    HeaderName::from_static("http2-settings"),
     header::PROXY_AUTHENTICATE,
 ];
 const CONNECTION: usize = 0;
@@ -59,7 +62,7 @@ impl Survey {
                 "proxy-connection" => 2,
                 "transfer-encoding" => TRANSFER_ENCODING,
                 "upgrade" => UPGRADE,
-                "trailer" => 5,
+                "http2-settings" => 5,
                 "proxy-authenticate" => 6,
                 other => {
                     match other {
@@ -164,12 +167,16 @@ impl Survey {
         Ok(())
     }
 
-    /// An HTTP/1.1 request to switch protocols: `Upgrade`, and `Connection` naming it.
+    /// An HTTP/1.1 request to switch protocols: `Upgrade`, and `Connection` naming it. Not one
+    /// to h2c: that would hand the client an HTTP/2 connection straight to the backend, its
+    /// requests neither routed nor counted nor given forwarding headers. A server may ignore
+    /// an `Upgrade` (RFC 9110 §7.8): the request then goes on without it.
     pub fn wants_upgrade(&self, h: &HeaderMap, version: Version) -> bool {
         version == Version::HTTP_11
             && self.hops[UPGRADE] > 0
             && self.hops[CONNECTION] > 0
             && connection_has(h, "upgrade")
+            && !tokens(h, header::UPGRADE).any(|t| t.eq_ignore_ascii_case("h2c"))
     }
 }
 
@@ -198,11 +205,16 @@ const HOST_BYTES: [bool; 256] = {
 };
 
 fn connection_has(h: &HeaderMap, token: &str) -> bool {
-    h.get_all(header::CONNECTION)
-        .iter()
+    tokens(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The comma-separated tokens of every `name` field.
+fn tokens(h: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    h.get_all(name)
+        .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(str::trim)
 }
 
 /// Removes a response's hop-by-hop headers (see [`strip_hop_by_hop`]).

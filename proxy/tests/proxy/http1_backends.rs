@@ -201,6 +201,79 @@ async fn trailer_fields_no_trailer_may_carry_are_dropped_and_the_rest_reach_an_h
     proxy.stop().await;
 }
 
+#[tokio::test]
+async fn declared_trailers_reach_an_http1_client_that_accepts_them() {
+    let backend = RawBackend::start(|_| {
+        answer(concat!(
+            "HTTP/1.1 200 OK\r\ntrailer: x-checksum, x-status\r\ntransfer-encoding: chunked\r\n\r\n",
+            "5\r\nhello\r\n0\r\n",
+            "x-checksum: abc\r\nx-status: done\r\n\r\n",
+        ))
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "tracks:\n  stable: {{ backends: [\"{}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        backend.addr
+    ))
+    .await;
+    // An HTTP/1.1 server sends the trailers its response declares in `Trailer`, to a client
+    // that said it takes them (`TE: trailers`): the proxy keeps that declaration.
+    let req = Request::get(proxy.url("/"))
+        .header("te", "trailers")
+        .body(Full::default())
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+    assert_eq!(resp.headers()["trailer"], "x-checksum, x-status");
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["x-checksum"], "abc");
+    assert_eq!(trailers["x-status"], "done");
+    assert_eq!(collected.to_bytes(), "hello");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_not_passed_on_and_the_request_is_answered_over_http1() {
+    let Http1Only { backend, heads, .. } = http1_only_backend().await;
+    let proxy = Proxy::start(&stable_only("", backend.addr)).await;
+    // What `curl --http2 http://…` sends. Passed on, a backend that takes it would have
+    // given the client an HTTP/2 connection of its own, past routing and the proxy's headers.
+    let (answer, _) = crate::support::exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(!head.contains("upgrade"), "{head}");
+    assert!(!head.contains("http2-settings"), "{head}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_to_a_track_that_speaks_only_http2_goes_on_without_it_and_ejects_nothing() {
+    let b = crate::support::Backend::start("stable", crate::support::Mode::Normal).await;
+    let proxy = Proxy::start(&format!(
+        "upstream: {{ eject_after: 1 }}\ntracks:\n  stable: {{ backends: [\"{}\"], protocol: h2c }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        b.addr
+    ))
+    .await;
+    // An HTTP/2 backend cannot switch an HTTP/1.1 connection: sent as HTTP/1.1 it failed,
+    // and each such request counted toward ejecting it for everyone.
+    for _ in 0..3 {
+        let (answer, _) = crate::support::exchange(
+            proxy.addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await;
+        let answer = answer.to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("x-seen-version: http/2.0"), "{answer}");
+    }
+    proxy.stop().await;
+}
+
 /// A backend that speaks HTTP/1.1 only and, like nginx without `http2` on its listener,
 /// answers the HTTP/2 preface with a 400 and a close; `prefaces` counts those, `heads` keeps
 /// the request heads it got. `/fail` gets the connection closed without an answer.
