@@ -117,12 +117,56 @@ impl Backend {
     }
 
     pub(super) fn failed(&self, cfg: &Upstream) {
+        // Tries under way when it was ejected fail after: they neither eject it again, which
+        // would stretch its time out, nor say so once each.
+        let now = now_ms();
+        if self.ejected_until_ms.load(Relaxed) > now {
+            return;
+        }
         if self.failures.fetch_add(1, Relaxed) + 1 >= cfg.eject_after {
             self.failures.store(0, Relaxed);
-            let until = now_ms()
-                .saturating_add(u64::try_from(cfg.eject_for.as_millis()).unwrap_or(u64::MAX));
-            self.ejected_until_ms.store(until, Relaxed);
-            tracing::warn!(backend = %self.addr, "backend ejected after consecutive failures");
+            let until =
+                now.saturating_add(u64::try_from(cfg.eject_for.as_millis()).unwrap_or(u64::MAX));
+            // Of failures on several threads at once, one ejects it and says so.
+            if self.ejected_until_ms.swap(until, Relaxed) <= now {
+                tracing::warn!(backend = %self.addr, "backend ejected after consecutive failures");
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn upstream(eject_after: u32) -> Upstream {
+        Upstream {
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(10),
+            per_try_timeout: Duration::from_secs(2),
+            retries: 3,
+            eject_after,
+            eject_for: Duration::from_secs(600),
+            max_idle_per_backend: 1,
+        }
+    }
+
+    #[test]
+    fn failures_of_tries_under_way_when_it_was_ejected_neither_eject_it_again_nor_count() {
+        let cfg = upstream(2);
+        let b = Backend::new("127.0.0.1:1", &cfg);
+        b.failed(&cfg);
+        assert!(b.healthy());
+        b.failed(&cfg);
+        assert!(!b.healthy());
+        let until = b.ejected_until_ms.load(Relaxed);
+        // Hundreds of requests were in flight when it went out: their failures follow.
+        for _ in 0..501 {
+            b.failed(&cfg);
+        }
+        assert_eq!(b.ejected_until_ms.load(Relaxed), until, "ejected again");
+        assert_eq!(b.failures.load(Relaxed), 0);
     }
 }

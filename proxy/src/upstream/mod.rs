@@ -115,10 +115,14 @@ pub async fn send(
             (true, _) => deadline.min(Instant::now() + cfg.per_try_timeout),
         };
         let http2 = match out.http2 && out.auto {
-            false => Ok(out.http2),
+            false => Ok(Some(out.http2)),
             // Boxed, as below: asking is rare.
             true => Box::pin(http2_for(backend, cfg, this_try)).await,
         };
+        // It closed on the question without a word: this try goes over HTTP/1.1, and if it
+        // is answered, the backend is taken to speak only that.
+        let silent = matches!(http2, Ok(None));
+        let http2 = http2.map(|spoken| spoken.unwrap_or(false));
         let over_http2 = matches!(http2, Ok(true));
         let sent = match http2 {
             Err(e) => Err(e),
@@ -156,6 +160,9 @@ pub async fn send(
         };
         match sent {
             Ok(resp) => {
+                if silent {
+                    backend.heard_http2(false);
+                }
                 backend.answered(resp.status(), cfg);
                 return Ok(resp);
             }
@@ -182,19 +189,25 @@ pub async fn send(
 }
 
 /// Whether a try under `protocol: auto`, for a client speaking HTTP/2, goes over HTTP/2: if
-/// the backend speaks it, asked once ([`probe::http2`]).
-async fn http2_for(backend: &Backend, cfg: &Upstream, this_try: Instant) -> Result<bool, Error> {
+/// the backend speaks it, asked once ([`probe::http2`]). `None`: it closed on the question.
+async fn http2_for(
+    backend: &Backend,
+    cfg: &Upstream,
+    this_try: Instant,
+) -> Result<Option<bool>, Error> {
     if let Some(known) = backend.speaks_http2() {
-        return Ok(known);
+        return Ok(Some(known));
     }
     // One asks; those that waited take its answer, or ask in turn if it could not get one.
     let asking = tokio::time::timeout_at(this_try, backend.asking_http2.lock());
     let _asking = asking.await.map_err(|_| Error::TimedOut)?;
     if let Some(known) = backend.speaks_http2() {
-        return Ok(known);
+        return Ok(Some(known));
     }
     let spoken = probe::http2(backend, cfg.connect_timeout, this_try).await?;
-    backend.heard_http2(spoken);
+    if let Some(spoken) = spoken {
+        backend.heard_http2(spoken);
+    }
     Ok(spoken)
 }
 

@@ -15,15 +15,17 @@ use super::{Backend, Error, pool};
 /// The client connection preface (RFC 9113 §3.4) and an empty SETTINGS frame.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 
-/// `Ok(true)` if the backend's first bytes are a SETTINGS frame header on stream 0, `Ok(false)`
-/// if they are anything else (a status line). No bytes at all (a close, a reset), a failure
-/// to connect, or no answer by `deadline` is an error, as for any try: a backend in trouble
-/// is not thereby taken to speak only HTTP/1.1, and is asked again.
+/// `Ok(Some(true))` if the backend's first bytes are a SETTINGS frame header on stream 0,
+/// `Ok(Some(false))` if they are anything else (a status line). `Ok(None)` if it ended the
+/// connection without a byte (a close or a reset): some HTTP/1.1 servers answer the preface
+/// so, while an HTTP/2 server sends its SETTINGS first; yet a server in trouble may too, so
+/// the caller learns which from the HTTP/1.1 try that follows. A failure to connect, or no
+/// answer by `deadline`, is an error, as for any try.
 pub(super) async fn http2(
     backend: &Backend,
     connect_timeout: Duration,
     deadline: Instant,
-) -> Result<bool, Error> {
+) -> Result<Option<bool>, Error> {
     let asking = async {
         let mut stream = pool::connect(backend, connect_timeout).await?;
         stream.write_all(PREFACE).await.map_err(Error::Io)?;
@@ -31,16 +33,14 @@ pub(super) async fn http2(
         let mut got = 0;
         while got < first.len() {
             match stream.read(&mut first[got..]).await {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if got == 0 => return Err(Error::Io(e)),
-                Err(_) => break,
+                Ok(n) if n > 0 => got += n,
+                _ => break,
             }
         }
-        match got {
-            0 => Err(Error::Closed),
-            _ => Ok(got == first.len() && is_settings(&first)),
-        }
+        Ok(match got {
+            0 => None,
+            _ => Some(got == first.len() && is_settings(&first)),
+        })
     };
     tokio::time::timeout_at(deadline, asking)
         .await

@@ -496,14 +496,20 @@ async fn raw_h2_status(addr: std::net::SocketAddr, block: &[u8]) -> u8 {
 }
 
 #[tokio::test]
-async fn a_backend_that_closes_on_the_question_fails_the_try_and_is_asked_again() {
+async fn a_backend_that_closes_on_the_question_gets_http1_and_is_asked_again_only_if_that_fails() {
+    // Closes on the preface without a word, as some HTTP/1.1 servers do (Python's
+    // websockets); `/fail` is closed on too, as by a server in trouble.
     let prefaces = Arc::new(AtomicUsize::new(0));
     let counted = prefaces.clone();
-    // Closes on the preface without a word: in trouble, or a server that says nothing.
     let backend = RawBackend::start(move |head| {
-        assert!(head.starts_with("PRI * HTTP/2.0"), "{head}");
-        counted.fetch_add(1, Ordering::SeqCst);
-        (Vec::new(), true)
+        if head.starts_with("PRI * HTTP/2.0") {
+            counted.fetch_add(1, Ordering::SeqCst);
+            return (Vec::new(), true);
+        }
+        match path(head) == "/fail" {
+            true => (Vec::new(), true),
+            false => answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nh1"),
+        }
     })
     .await;
     let proxy = Proxy::start(&stable_only(
@@ -512,11 +518,20 @@ async fn a_backend_that_closes_on_the_question_fails_the_try_and_is_asked_again(
     ))
     .await;
     let h2 = crate::support::h2_client();
+    let get = |p: &str| Request::get(proxy.url(p)).body(Full::default()).unwrap();
+    // Closed on as well: the try fails, and nothing is learnt, so it is asked again.
     for asked in 1..=2 {
-        let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
-        assert_eq!(send(&h2, req).await.unwrap().0, StatusCode::BAD_GATEWAY);
-        // Not taken to speak only HTTP/1.1 (no request reached it): asked again.
+        assert_eq!(
+            send(&h2, get("/fail")).await.unwrap().0,
+            StatusCode::BAD_GATEWAY
+        );
         assert_eq!(prefaces.load(Ordering::SeqCst), asked);
     }
+    // Answered over HTTP/1.1: taken to speak only that, and not asked again.
+    for _ in 0..3 {
+        let (status, _, body) = send(&h2, get("/")).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "h1"));
+    }
+    assert_eq!(prefaces.load(Ordering::SeqCst), 3);
     proxy.stop().await;
 }
