@@ -215,15 +215,7 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     std::fs::write(&config, &yaml).unwrap();
     let proxy = Proxy::start_in(&yaml, &certs.dir, Some(&config)).await;
     let trusted = std::sync::Mutex::new(vec![certs.a.cert.der().clone()]);
-    let served = || async {
-        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-        let roots = trusted.lock().unwrap().clone();
-        let tls = connector(roots, &[b"http/1.1"])
-            .connect("a.test".try_into().unwrap(), tcp)
-            .await
-            .ok()?;
-        Some(tls.get_ref().1.peer_certificates()?[0].clone())
-    };
+    let served = || served_cert(proxy.addr, trusted.lock().unwrap().clone());
     assert_eq!(
         served().await.unwrap().as_ref(),
         certs.a.cert.der().as_ref()
@@ -255,6 +247,60 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     let table: serde_json::Value = serde_json::from_str(&table).unwrap();
     assert_eq!(table["version"], 2, "{table}");
     assert_eq!(table["routes"][0]["name"], "pushed", "{table}");
+    proxy.stop().await;
+    std::fs::remove_dir_all(&certs.dir).unwrap();
+}
+
+/// The certificate a TLS listener serves for `a.test`, if one of `roots` vouches for it.
+async fn served_cert(
+    addr: std::net::SocketAddr,
+    roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+) -> Option<rustls_pki_types::CertificateDer<'static>> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = connector(roots, &[b"http/1.1"])
+        .connect("a.test".try_into().unwrap(), tcp)
+        .await
+        .ok()?;
+    Some(tls.get_ref().1.peer_certificates()?[0].clone())
+}
+
+#[tokio::test]
+async fn a_certificate_named_after_start_is_watched_too() {
+    let certs = certs();
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let config = certs.dir.join("proxy.yaml");
+    let yaml = |name: &str| {
+        format!(
+            "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: {name}.pem, key: {name}.key }}\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+            stable.addr
+        )
+    };
+    std::fs::write(&config, yaml("a")).unwrap();
+    let proxy = Proxy::start_in(&yaml("a"), &certs.dir, Some(&config)).await;
+    let write = |name: &str| {
+        let c = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+        std::fs::write(
+            certs.dir.join(format!("{name}.key")),
+            c.signing_key.serialize_pem(),
+        )
+        .unwrap();
+        std::fs::write(certs.dir.join(format!("{name}.pem")), c.cert.pem()).unwrap();
+        c.cert.der().clone()
+    };
+    // The file now names other files; then those are renewed in place.
+    let second = write("c");
+    std::fs::write(&config, yaml("c")).unwrap();
+    let third = {
+        crate::support::eventually(std::time::Duration::from_secs(10), || async {
+            served_cert(proxy.addr, vec![second.clone()]).await.as_ref() == Some(&second)
+        })
+        .await;
+        write("c")
+    };
+    crate::support::eventually(std::time::Duration::from_secs(10), || async {
+        served_cert(proxy.addr, vec![third.clone()]).await.as_ref() == Some(&third)
+    })
+    .await;
     proxy.stop().await;
     std::fs::remove_dir_all(&certs.dir).unwrap();
 }
