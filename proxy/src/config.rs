@@ -156,7 +156,7 @@ pub struct Listener {
     pub tls: Vec<(PathBuf, PathBuf)>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Upstream {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
@@ -167,7 +167,7 @@ pub struct Upstream {
     pub max_idle_per_backend: usize,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Limits {
     pub max_connections: usize,
     pub max_requests: usize,
@@ -177,7 +177,7 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MirrorLimits {
     pub queue: usize,
     pub concurrency: usize,
@@ -201,6 +201,28 @@ pub struct Settings {
     /// A digest of the text these settings were read from: a reload that reads the same text
     /// leaves the table in force alone.
     pub source: u64,
+}
+
+impl Settings {
+    /// The settings read at start only that differ in `other`, by their names in the file.
+    pub fn fixed_at_start_changed(&self, other: &Settings) -> Vec<&'static str> {
+        let addrs = |s: &Settings| s.listeners.iter().map(|l| l.addr).collect::<Vec<_>>();
+        [
+            ("listen", addrs(self) != addrs(other)),
+            ("admin", self.admin != other.admin),
+            ("upstream", self.upstream != other.upstream),
+            ("limits", self.limits != other.limits),
+            ("mirror", self.mirror != other.mirror),
+            ("drain_timeout", self.drain_timeout != other.drain_timeout),
+            (
+                "watch_interval",
+                self.watch_interval != other.watch_interval,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
 }
 
 /// What tells one text (a config file, a certificate) from another without keeping it.

@@ -164,16 +164,12 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
         );
         return next;
     }
-    let addrs = |s: &crate::config::Settings| {
-        (
-            s.admin,
-            s.listeners.iter().map(|l| l.addr).collect::<Vec<_>>(),
-        )
-    };
-    if next.text != last.text && addrs(&settings) != addrs(&shared.settings) {
+    let fixed = shared.settings.fixed_at_start_changed(&settings);
+    if next.text != last.text && !fixed.is_empty() {
         tracing::warn!(
             file,
-            "listener addresses changed; they take effect on restart"
+            changed = %fixed.join(", "),
+            "settings read at start only changed; they take effect on restart"
         );
     }
     if next.tls != last.tls {

@@ -230,13 +230,25 @@ async fn a_reload_of_unchanged_text_leaves_a_put_table_in_force() {
         .await;
         assert_eq!(routes().await, in_force, "after look {looked}");
     }
-    // A changed text is put in force.
-    std::fs::write(&file, config("edited")).unwrap();
+    // A changed text is put in force; what it changes of the settings read at start only
+    // is named, not silently passed over.
+    let edited = config("edited").replace(
+        "watch_interval: 1h",
+        "watch_interval: 1h\nupstream: { retries: 1 }",
+    );
+    std::fs::write(&file, edited).unwrap();
     signal(&child.0, "HUP");
     crate::support::eventually(Duration::from_secs(10), || async {
         routes().await == Some((3, "edited".to_string()))
     })
     .await;
+    let warned = "settings read at start only changed; they take effect on restart";
+    // Logged before the table went in, but read from the pipe on a thread of its own.
+    crate::support::eventually(Duration::from_secs(10), || async {
+        child.logged(warned) == 1
+    })
+    .await;
+    assert_eq!(child.logged("changed=upstream"), 1);
     drop(child);
     std::fs::remove_dir_all(&dir).unwrap();
 }
