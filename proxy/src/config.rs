@@ -101,6 +101,13 @@ pub struct UpstreamSpec {
     /// Idle HTTP/1.1 connections kept open to each backend for reuse; more are closed.
     /// Default: 128.
     pub max_idle_per_backend: Option<u32>,
+    /// Most HTTP/1.1 connections open to each backend at once, idle ones included (upgraded
+    /// tunnels and the HTTP/2 connection aside). A request that would need another waits
+    /// for one to come free, up to its try's deadline, then gets `503`. For backends that
+    /// cannot take a burst of connections (a short listen backlog drops the excess, and
+    /// their connects time out). Default: no limit.
+    #[schemars(range(min = 1))]
+    pub max_connections_per_backend: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
@@ -165,6 +172,8 @@ pub struct Upstream {
     pub eject_after: u32,
     pub eject_for: Duration,
     pub max_idle_per_backend: usize,
+    /// `usize::MAX` when there is no limit.
+    pub max_connections_per_backend: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]

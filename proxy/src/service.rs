@@ -268,7 +268,9 @@ fn mirrored(
 /// The one place where an upstream failure becomes a response.
 pub fn failure(f: &Failure) -> Response<Body> {
     match f {
-        Failure::NoHealthyBackend(_) => plain(StatusCode::SERVICE_UNAVAILABLE, &f.to_string()),
+        Failure::NoHealthyBackend(_) | Failure::Saturated(_) => {
+            plain(StatusCode::SERVICE_UNAVAILABLE, &f.to_string())
+        }
         Failure::Timeout => plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
         // As nginx answers it: no backend took the connection in time.
         Failure::Upstream(crate::upstream::Error::ConnectTimeout) => {

@@ -102,6 +102,9 @@ impl Checker<'_> {
             eject_after: u.eject_after.unwrap_or(5),
             eject_for: eject_for?,
             max_idle_per_backend: u.max_idle_per_backend.unwrap_or(128) as usize,
+            max_connections_per_backend: u
+                .max_connections_per_backend
+                .map_or(usize::MAX, |n| n as usize),
         };
         let limits = Limits {
             max_connections: l.max_connections.unwrap_or(10_000) as usize,

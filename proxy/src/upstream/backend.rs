@@ -45,7 +45,7 @@ impl Backend {
             addr: addr.to_string(),
             authority: addr.parse().ok(),
             socket: addr.parse().ok(),
-            pool: Pool::new(cfg.max_idle_per_backend),
+            pool: Pool::new(cfg.max_idle_per_backend, cfg.max_connections_per_backend),
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             http2: AtomicU64::new(0),
@@ -150,6 +150,7 @@ mod tests {
             eject_after,
             eject_for: Duration::from_secs(600),
             max_idle_per_backend: 1,
+            max_connections_per_backend: usize::MAX,
         }
     }
 

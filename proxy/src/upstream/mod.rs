@@ -33,6 +33,9 @@ pub enum Failure {
     /// backend answered: no fault of the backend's.
     #[error("the request body failed: {0}")]
     ClientBody(#[source] Error),
+    /// Every backend tried had `max_connections_per_backend` in use until the deadline.
+    #[error("every connection to track {0} is in use")]
+    Saturated(String),
 }
 
 impl Failure {
@@ -61,6 +64,10 @@ pub enum Error {
     Body(#[source] crate::body::BoxError),
     #[error("no response head before the try's deadline")]
     TimedOut,
+    /// At `max_connections_per_backend`, none came free before the try's deadline: the
+    /// backend is busy, not failing.
+    #[error("every connection to the backend is in use")]
+    Saturated,
 }
 
 /// A request to send, kept as parts so that a retry can rebuild it.
@@ -167,6 +174,8 @@ pub async fn send(
                 return Ok(resp);
             }
             Err(e @ Error::Body(_)) => return Err(Failure::ClientBody(e)),
+            // Busy, not failing: no count towards ejection; the next try goes elsewhere.
+            Err(Error::Saturated) => failure = Some(Failure::Saturated(track.to_string())),
             Err(Error::TimedOut) => {
                 backend.failed(cfg);
                 failure = Some(Failure::Timeout);
@@ -182,7 +191,10 @@ pub async fn send(
             }
         }
         if Instant::now() >= deadline {
-            return Err(Failure::Timeout);
+            return Err(match failure {
+                Some(busy @ Failure::Saturated(_)) => busy,
+                _ => Failure::Timeout,
+            });
         }
     }
     Err(failure.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())))
@@ -233,7 +245,9 @@ pub async fn pipeline(
     }
     if let Some(e) = &answers.failed {
         tracing::debug!(backend = %backend.addr, error = %e, "mirrored copies failed");
-        backend.failed(cfg);
+        if !matches!(e, Error::Saturated) {
+            backend.failed(cfg);
+        }
     }
     answers
 }

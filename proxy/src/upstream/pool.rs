@@ -10,8 +10,8 @@
 //! such a connection costs no request a retry, idempotent or not.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +22,8 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::backend::Backend;
 use super::{Error, h1};
@@ -40,16 +42,95 @@ pub struct Pool {
     sweeps: AtomicU64,
     /// Idle HTTP/1.1 connections kept; more are closed.
     max_idle: usize,
+    /// HTTP/1.1 connections of fleet-proxy's own client open, idle or in use.
+    open: Arc<Open>,
     http2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
+/// The count of open connections against `max_connections_per_backend`, and the requests
+/// waiting for one to come free.
+#[derive(Debug)]
+struct Open {
+    count: AtomicUsize,
+    cap: usize,
+    waiting: AtomicUsize,
+    freed: Notify,
+}
+
+impl Open {
+    /// Room for one more connection, taken at once if there is any.
+    fn slot(self: &Arc<Self>) -> Option<Slot> {
+        self.count
+            .fetch_update(SeqCst, SeqCst, |n| (n < self.cap).then_some(n + 1))
+            .ok()?;
+        Some(Slot(self.clone()))
+    }
+
+    /// A connection went back to the pool or closed: a request waiting for one may go on.
+    fn free(&self) {
+        if self.waiting.load(SeqCst) > 0 {
+            self.freed.notify_one();
+        }
+    }
+}
+
+/// One open connection's place under the cap; given back when the connection closes.
+#[derive(Debug)]
+pub(super) struct Slot(Arc<Open>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, SeqCst);
+        self.0.free();
+    }
+}
+
+/// What a request that found no idle connection may use.
+pub(super) enum Room {
+    /// One came back while it waited.
+    Idle(h1::Conn),
+    /// A connection of its own may be opened.
+    New(Slot),
+}
+
 impl Pool {
-    pub fn new(max_idle: usize) -> Self {
+    pub fn new(max_idle: usize, max_open: usize) -> Self {
         Pool {
             idle: Mutex::default(),
             sweeps: AtomicU64::new(0),
             max_idle,
+            open: Arc::new(Open {
+                count: AtomicUsize::new(0),
+                cap: max_open,
+                waiting: AtomicUsize::new(0),
+                freed: Notify::new(),
+            }),
             http2: Mutex::default(),
+        }
+    }
+
+    /// Room for a new connection at once, or, at `max_connections_per_backend`, the first
+    /// connection to come back or place to come free by `deadline`.
+    pub(super) async fn room(&self, deadline: Instant) -> Result<Room, Error> {
+        if let Some(slot) = self.open.slot() {
+            return Ok(Room::New(slot));
+        }
+        // Counted as waiting before looking again, so that a connection freed in between
+        // is told (`Open::free`) and the wait below ends at once.
+        self.open.waiting.fetch_add(1, SeqCst);
+        let _waiting = Waiting(&self.open);
+        loop {
+            let mut freed = pin!(self.open.freed.notified());
+            freed.as_mut().enable();
+            if let Some(conn) = self.take() {
+                return Ok(Room::Idle(conn));
+            }
+            if let Some(slot) = self.open.slot() {
+                return Ok(Room::New(slot));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(Error::Saturated);
+            }
         }
     }
 
@@ -73,6 +154,8 @@ impl Pool {
             idle.pop_front();
         }
         idle.push_back((self.sweeps.load(Relaxed), conn));
+        drop(idle);
+        self.open.free();
     }
 
     /// Closes idle connections that the backend closed or that waited `IDLE_SWEEPS`; runs
@@ -84,6 +167,15 @@ impl Pool {
         if http2.as_ref().is_some_and(|tx| tx.is_closed()) {
             *http2 = None;
         }
+    }
+}
+
+/// Takes a request off the count of those waiting for room, however its wait ends.
+struct Waiting<'a>(&'a Open);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, SeqCst);
     }
 }
 
@@ -201,5 +293,49 @@ impl hyper::body::Body for UpstreamBody {
             UpstreamBody::Own(body) => body.size_hint(),
             UpstreamBody::Hyper(body) => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn at_the_cap_a_request_waits_for_a_place_to_come_free_until_its_deadline() {
+        let pool = Arc::new(Pool::new(4, 1));
+        let soon = || Instant::now() + Duration::from_secs(5);
+        let Ok(Room::New(held)) = pool.room(soon()).await else {
+            panic!("no room under the cap");
+        };
+        // Full: a wait that runs out says so.
+        let short = Instant::now() + Duration::from_millis(20);
+        assert!(matches!(pool.room(short).await, Err(Error::Saturated)));
+        // A waiter goes on once the place is given back.
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { matches!(pool.room(soon()).await, Ok(Room::New(_))) }
+        });
+        tokio::task::yield_now().await;
+        drop(held);
+        assert!(waiter.await.unwrap());
+        assert_eq!(pool.open.count.load(SeqCst), 0);
+        assert_eq!(pool.open.waiting.load(SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_cap_there_is_always_room() {
+        let pool = Pool::new(4, usize::MAX);
+        let mut held = Vec::new();
+        for _ in 0..1000 {
+            let Ok(Room::New(slot)) = pool.room(Instant::now()).await else {
+                panic!("no room without a cap");
+            };
+            held.push(slot);
+        }
+        assert_eq!(pool.open.count.load(SeqCst), 1000);
+        drop(held);
+        assert_eq!(pool.open.count.load(SeqCst), 0);
     }
 }

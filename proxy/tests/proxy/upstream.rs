@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -187,6 +187,60 @@ async fn one_upstream_connection_serves_requests_one_after_another() {
         "every request after the first reuses the connection"
     );
     proxy.stop().await;
+}
+
+#[tokio::test]
+async fn at_max_connections_per_backend_requests_wait_for_a_connection_and_then_get_503() {
+    let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(300))).await;
+    let proxy = Proxy::start(&config(
+        &[slow.addr],
+        "{ max_connections_per_backend: 2, request_timeout: 5s, per_try_timeout: 5s, eject_after: 1 }",
+    ))
+    .await;
+    // Six at once over two connections: three rounds, all answered.
+    let c = client();
+    let all: Vec<_> = (0..6)
+        .map(|_| {
+            let c = c.clone();
+            let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+            tokio::spawn(async move { send(&c, req).await.unwrap().0 })
+        })
+        .collect();
+    for status in all {
+        assert_eq!(status.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(slow.hits(), 6);
+    assert_eq!(slow.conns(), 2);
+    // Waiting past its deadline: 503, and the backend, busy rather than failing, stays in.
+    // The one connection is held by a body still on its way (`/drip` holds back its second
+    // piece for 2 s), which no try deadline bounds.
+    let fast = Backend::start("stable", Mode::Normal).await;
+    let tight = Proxy::start(&config(
+        &[fast.addr],
+        "{ max_connections_per_backend: 1, request_timeout: 100ms, retries: 0, eject_after: 1 }",
+    ))
+    .await;
+    let drip = Request::get(tight.url("/drip"))
+        .body(Full::default())
+        .unwrap();
+    let mut held = c.request(drip).await.unwrap().into_body();
+    assert_eq!(
+        held.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "first"
+    );
+    for _ in 0..2 {
+        let req = Request::get(tight.url("/")).body(Full::default()).unwrap();
+        let (status, _, body) = send(&c, req).await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, "every connection to track stable is in use\n");
+    }
+    // Once the body has ended the connection is free again.
+    while held.frame().await.is_some() {}
+    let req = Request::get(tight.url("/")).body(Full::default()).unwrap();
+    assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
+    assert_eq!(fast.conns(), 1);
+    proxy.stop().await;
+    tight.stop().await;
 }
 
 /// A backend that answers one request per connection, as keep-alive, and then closes it: the

@@ -30,6 +30,7 @@ use self::head::{Added, Framing};
 use self::pump::Pump;
 use super::Error;
 use super::backend::Backend;
+use super::pool::{Room, Slot};
 use crate::body::Body;
 
 pub use self::pipeline::{Answers, pipeline};
@@ -51,15 +52,18 @@ pub struct Conn {
     /// later for each exchange: tokio does that with one atomic write, where a timer of its
     /// own would enter and leave the timer wheel on every request.
     timer: Pin<Box<Sleep>>,
+    /// Its place under `max_connections_per_backend`, given back as it closes.
+    _slot: Slot,
 }
 
 impl Conn {
-    fn new(io: TcpStream, deadline: Instant) -> Self {
+    fn new(io: TcpStream, slot: Slot, deadline: Instant) -> Self {
         Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
+            _slot: slot,
         }
     }
 
@@ -87,28 +91,37 @@ impl Conn {
     /// An idle connection of the backend's pool, its exchange due by `deadline`.
     #[inline]
     fn reused(backend: &Backend, deadline: Instant) -> Option<Conn> {
-        let mut conn = backend.pool.take()?;
-        // Moved only when the deadline is past it or well before it: a busy connection
-        // leaves its timer alone for most requests, at the cost of timing out up to
-        // `DEADLINE_SLACK` late.
-        let set = conn.timer.deadline();
-        if deadline > set || deadline + DEADLINE_SLACK < set {
-            conn.timer.as_mut().reset(deadline + DEADLINE_SLACK);
-        }
-        Some(conn)
+        Some(backend.pool.take()?.due(deadline))
     }
 
-    /// A new connection to the backend, its exchange due by `deadline`.
+    /// Its next exchange due by `deadline`. The timer is moved only when the deadline is past
+    /// it or well before it: a busy connection leaves its timer alone for most requests, at
+    /// the cost of timing out up to `DEADLINE_SLACK` late.
+    #[inline]
+    fn due(mut self, deadline: Instant) -> Conn {
+        let set = self.timer.deadline();
+        if deadline > set || deadline + DEADLINE_SLACK < set {
+            self.timer.as_mut().reset(deadline + DEADLINE_SLACK);
+        }
+        self
+    }
+
+    /// A new connection to the backend, its exchange due by `deadline`; or, at the cap on
+    /// connections, the first to come back to the pool.
     async fn connect(
         backend: &Backend,
         connect_timeout: Duration,
         deadline: Instant,
     ) -> Result<Conn, Error> {
+        let slot = match backend.pool.room(deadline).await? {
+            Room::Idle(conn) => return Ok(conn.due(deadline)),
+            Room::New(slot) => slot,
+        };
         let connecting = super::pool::connect(backend, connect_timeout);
         let io = tokio::time::timeout_at(deadline, connecting)
             .await
             .map_err(|_| Error::TimedOut)??;
-        Ok(Conn::new(io, deadline))
+        Ok(Conn::new(io, slot, deadline))
     }
 
     pub fn into_io(self) -> TcpStream {
