@@ -215,7 +215,13 @@ pub struct Settings {
 impl Settings {
     /// The settings read at start only that differ in `other`, by their names in the file.
     pub fn fixed_at_start_changed(&self, other: &Settings) -> Vec<&'static str> {
-        let addrs = |s: &Settings| s.listeners.iter().map(|l| l.addr).collect::<Vec<_>>();
+        // Where each listener is, and whether it speaks TLS.
+        let addrs = |s: &Settings| {
+            let listeners = s.listeners.iter();
+            listeners
+                .map(|l| (l.addr, l.tls.is_empty()))
+                .collect::<Vec<_>>()
+        };
         [
             ("listen", addrs(self) != addrs(other)),
             ("admin", self.admin != other.admin),

@@ -80,48 +80,59 @@ pub async fn watch(
     }
 }
 
-/// What a reload put in force, as digests: the file's text, and every certificate and key
-/// file it names (`None`: unreadable). Two reads that give the same sources change nothing:
-/// a `touch`, the same text written again or a SIGHUP with nothing new leaves the table in
-/// force alone, which may have come through `PUT /routes` since; a renewed certificate
-/// alone swaps certificates and leaves the table alone.
+/// What a reload put in force, as digests: the file's text, and for each listener every
+/// certificate and key file it names (`None`: unreadable). Two reads that give the same
+/// sources change nothing: a `touch`, the same text written again or a SIGHUP with nothing
+/// new leaves the table in force alone, which may have come through `PUT /routes` since; a
+/// renewed certificate alone swaps its listener's certificates and leaves the table alone.
 #[derive(Clone, Debug, PartialEq)]
 struct Sources {
     text: u64,
-    tls: Vec<(PathBuf, Option<u64>)>,
+    tls: Vec<Files>,
 }
 
+/// One listener's certificate and key files, with their digests.
+type Files = Vec<(PathBuf, Option<u64>)>;
+
 impl Sources {
+    fn paths(&self) -> impl Iterator<Item = &PathBuf> {
+        self.tls.iter().flatten().map(|(p, _)| p)
+    }
+
     fn same_files(&self, other: &Sources) -> bool {
-        self.tls
-            .iter()
-            .map(|(p, _)| p)
-            .eq(other.tls.iter().map(|(p, _)| p))
+        self.paths().eq(other.paths())
     }
 }
 
-fn tls_sources(listeners: &[Listener]) -> Vec<(PathBuf, Option<u64>)> {
+fn tls_sources(listeners: &[Listener]) -> Vec<Files> {
+    let read = |p: &PathBuf| (p.clone(), std::fs::read(p).ok().map(|b| digest(&b)));
     listeners
         .iter()
-        .flat_map(|l| l.tls.iter())
-        .flat_map(|(cert, key)| [cert, key])
-        .map(|p| (p.clone(), std::fs::read(p).ok().map(|b| digest(&b))))
+        .map(|l| {
+            l.tls
+                .iter()
+                .flat_map(|(cert, key)| [cert, key])
+                .map(read)
+                .collect()
+        })
         .collect()
 }
 
 /// What tells a file changed without reading it: its inode (an editor or `mv` may put a new
-/// file in place), size and modification time.
-type Stamp = Option<(u64, u64, Option<SystemTime>)>;
+/// file in place), size, modification time, and status change time (a `chmod` that makes an
+/// unreadable certificate readable).
+type Stamp = Option<(u64, u64, Option<SystemTime>, (i64, i64))>;
 
 fn stamp(path: &Path) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.ino(), m.len(), m.modified().ok()))
+    let changed = (m.ctime(), m.ctime_nsec());
+    Some((m.ino(), m.len(), m.modified().ok(), changed))
 }
 
 /// The stamps of the config file and of the certificates and keys in force.
 fn fingerprint(path: &Path, applied: &Sources) -> (Stamp, Vec<Stamp>) {
-    let certs = applied.tls.iter().map(|(p, _)| stamp(p)).collect();
+    let certs = applied.paths().map(|p| stamp(p)).collect();
     (stamp(path), certs)
 }
 
@@ -153,7 +164,7 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
             return last.clone();
         }
     };
-    let next = Sources {
+    let mut next = Sources {
         text: settings.source,
         tls: tls_sources(&settings.listeners),
     };
@@ -172,17 +183,24 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
             "settings read at start only changed; they take effect on restart"
         );
     }
-    if next.tls != last.tls {
-        for (slot, listener) in tls.iter().zip(&settings.listeners) {
-            let Some(slot) = slot else { continue };
-            match crate::tls::server_config(&listener.tls) {
-                Ok(config) => slot.store(config),
-                Err(e) => {
-                    tracing::error!(file, error = %format!("{e:#}"), "keeping old certificates")
-                }
+    for (i, (slot, listener)) in tls.iter().zip(&settings.listeners).enumerate() {
+        // A listener without TLS at start has none until a restart (warned above).
+        let Some(slot) = slot else { continue };
+        if last.tls.get(i) == next.tls.get(i) {
+            continue;
+        }
+        match crate::tls::server_config(&listener.tls) {
+            Ok(config) => {
+                slot.store(config);
+                tracing::info!(file, listener = %listener.addr, "certificates reloaded");
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::error!(file, listener = %listener.addr, error, "keeping old certificates");
+                // Not in force: the next look tries them again.
+                next.tls[i] = last.tls.get(i).cloned().unwrap_or_default();
             }
         }
-        tracing::info!(file, "certificates reloaded");
     }
     if next.text != last.text {
         let _ = shared.install(table, None);

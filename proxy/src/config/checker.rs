@@ -235,6 +235,27 @@ mod tests {
     }
 
     #[test]
+    fn the_settings_read_at_start_only_that_a_reload_changes_are_named() {
+        let settings = |head: &str| {
+            let src = format!(
+                "{head}tracks:\n  stable: {{ backends: [\"127.0.0.1:1\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+            );
+            crate::config::check(&src, Path::new(".")).unwrap().0
+        };
+        let first = settings("listen: 127.0.0.1:1000\nadmin: 127.0.0.1:0\n");
+        let same = settings("listen: 127.0.0.1:1000\nadmin: 127.0.0.1:0\n# a comment\n");
+        assert!(first.fixed_at_start_changed(&same).is_empty());
+        assert_ne!(first.source, same.source, "another text");
+        let other = settings(
+            "listen: 127.0.0.1:1001\nadmin: 127.0.0.1:0\nupstream: { retries: 1 }\ndrain_timeout: 5s\n",
+        );
+        assert_eq!(
+            first.fixed_at_start_changed(&other),
+            ["listen", "upstream", "drain_timeout"]
+        );
+    }
+
+    #[test]
     fn a_zero_timeout_or_interval_is_refused_and_every_bad_duration_is_named() {
         let diags = diagnostics(
             "watch_interval: 0s\nlimits: { header_read_timeout: 0ms }\nupstream: { request_timeout: soon }\n",

@@ -38,6 +38,9 @@ const HTTP2_SPOKEN: u64 = u64::MAX;
 /// How long a backend found to speak only HTTP/1.1 is taken at its word before it is asked
 /// again (it may be redeployed speaking both); asking costs a connection.
 const HTTP2_REFUSED_FOR_MS: u64 = 60_000;
+/// How long one that closed on the question is taken to speak only HTTP/1.1 while the try
+/// that asked finds out over HTTP/1.1 (at most a try's deadline).
+const HTTP2_SILENT_FOR_MS: u64 = 2_000;
 
 impl Backend {
     pub fn new(addr: &str, cfg: &Upstream) -> Self {
@@ -104,7 +107,13 @@ impl Backend {
         self.http2.store(state, Relaxed);
     }
 
-    /// A try over HTTP/2 failed: whether it still speaks it is asked again.
+    /// It closed on the question without a word: HTTP/1.1 to it for now, no verdict yet.
+    pub(super) fn heard_silence(&self) {
+        self.http2.store(now_ms() + HTTP2_SILENT_FOR_MS, Relaxed);
+    }
+
+    /// A try over HTTP/2 failed, or the HTTP/1.1 try after a silence did: whether it speaks
+    /// HTTP/2 is asked again.
     pub(super) fn forget_http2(&self) {
         self.http2.store(0, Relaxed);
     }

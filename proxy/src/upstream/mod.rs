@@ -143,7 +143,7 @@ pub async fn send(
                     out.marked,
                     body,
                     cfg.connect_timeout,
-                    this_try,
+                    (this_try, deadline),
                 )
                 .await
                 .map(|resp| resp.map(UpstreamBody::Own))
@@ -182,7 +182,7 @@ pub async fn send(
             }
             Err(e) => {
                 tracing::debug!(backend = %backend.addr, error = %e, attempt, "upstream try failed");
-                if out.auto && over_http2 {
+                if out.auto && (over_http2 || silent) {
                     // It may have stopped speaking HTTP/2: ask again next time.
                     backend.forget_http2();
                 }
@@ -217,17 +217,26 @@ async fn http2_for(
         return Ok(Some(known));
     }
     let spoken = probe::http2(backend, cfg.connect_timeout, this_try).await?;
-    if let Some(spoken) = spoken {
-        backend.heard_http2(spoken);
+    match spoken {
+        Some(spoken) => backend.heard_http2(spoken),
+        // Those that come while this try finds out take it to speak HTTP/1.1 too, rather
+        // than ask again each.
+        None => backend.heard_silence(),
     }
     Ok(spoken)
 }
 
-/// The first healthy backend, round robin from `start`.
+/// The first healthy backend, round robin from `start`; past one at its cap on connections
+/// to the next that has room, if any, rather than wait.
 pub fn pick(backends: &[Arc<Backend>], start: usize) -> Option<&Arc<Backend>> {
-    (0..backends.len())
+    let mut healthy = (0..backends.len())
         .map(|i| &backends[(start + i) % backends.len()])
-        .find(|b| b.healthy())
+        .filter(|b| b.healthy());
+    let first = healthy.next()?;
+    if first.pool.has_room() {
+        return Some(first);
+    }
+    Some(healthy.find(|b| b.pool.has_room()).unwrap_or(first))
 }
 
 /// Sends mirrored copies, each with its whole body, to one backend pipelined on one

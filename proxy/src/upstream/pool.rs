@@ -44,6 +44,8 @@ pub struct Pool {
     max_idle: usize,
     /// HTTP/1.1 connections of fleet-proxy's own client open, idle or in use.
     open: Arc<Open>,
+    /// How many of them are idle, as of the last change to `idle`.
+    idle_len: AtomicUsize,
     http2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
@@ -105,29 +107,55 @@ impl Pool {
                 waiting: AtomicUsize::new(0),
                 freed: Notify::new(),
             }),
+            idle_len: AtomicUsize::new(0),
             http2: Mutex::default(),
         }
     }
 
+    /// Whether a request could have a connection at once: an idle one, or room to open one.
+    #[inline]
+    pub(super) fn has_room(&self) -> bool {
+        let open = &self.open;
+        open.cap == usize::MAX || open.count.load(Relaxed) < open.cap + self.idle_len.load(Relaxed)
+    }
+
+    /// An idle connection, unless requests are waiting for one: they go first.
+    #[inline]
+    pub(super) fn take_unless_awaited(&self) -> Option<h1::Conn> {
+        match self.open.waiting.load(Relaxed) {
+            0 => self.take(),
+            _ => None,
+        }
+    }
+
     /// Room for a new connection at once, or, at `max_connections_per_backend`, the first
-    /// connection to come back or place to come free by `deadline`.
+    /// connection to come back or place to come free by `deadline`, in the order the
+    /// requests came.
     pub(super) async fn room(&self, deadline: Instant) -> Result<Room, Error> {
-        if let Some(slot) = self.open.slot() {
+        if self.open.waiting.load(SeqCst) == 0
+            && let Some(slot) = self.open.slot()
+        {
             return Ok(Room::New(slot));
         }
-        // Counted as waiting before looking again, so that a connection freed in between
-        // is told (`Open::free`) and the wait below ends at once.
-        self.open.waiting.fetch_add(1, SeqCst);
+        let ahead = self.open.waiting.fetch_add(1, SeqCst);
         let _waiting = Waiting(&self.open);
+        // With none ahead, a connection may have come back or closed since the look above
+        // with no one told (`Open::free` tells only when someone waits): look again. With
+        // some ahead, each that comes free is told, to the first in line (tokio's `Notify`
+        // wakes waiters in order, and keeps a wake-up that found none for the next).
+        let mut look = ahead == 0;
         loop {
             let mut freed = pin!(self.open.freed.notified());
             freed.as_mut().enable();
-            if let Some(conn) = self.take() {
-                return Ok(Room::Idle(conn));
+            if look {
+                if let Some(conn) = self.take() {
+                    return Ok(Room::Idle(conn));
+                }
+                if let Some(slot) = self.open.slot() {
+                    return Ok(Room::New(slot));
+                }
             }
-            if let Some(slot) = self.open.slot() {
-                return Ok(Room::New(slot));
-            }
+            look = true;
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 return Err(Error::Saturated);
             }
@@ -138,12 +166,15 @@ impl Pool {
     /// Age is left to [`Pool::sweep`].
     pub(super) fn take(&self) -> Option<h1::Conn> {
         let mut idle = lock(&self.idle);
+        let mut taken = None;
         while let Some((_, conn)) = idle.pop_back() {
             if conn.looks_open() {
-                return Some(conn);
+                taken = Some(conn);
+                break;
             }
         }
-        None
+        self.idle_len.store(idle.len(), Relaxed);
+        taken
     }
 
     #[inline]
@@ -154,6 +185,7 @@ impl Pool {
             idle.pop_front();
         }
         idle.push_back((self.sweeps.load(Relaxed), conn));
+        self.idle_len.store(idle.len(), Relaxed);
         drop(idle);
         self.open.free();
     }
@@ -162,7 +194,10 @@ impl Pool {
     /// every second.
     pub fn sweep(&self) {
         let now = self.sweeps.fetch_add(1, Relaxed) + 1;
-        lock(&self.idle).retain(|(since, conn)| now - since < IDLE_SWEEPS && conn.looks_open());
+        let mut idle = lock(&self.idle);
+        idle.retain(|(since, conn)| now - since < IDLE_SWEEPS && conn.looks_open());
+        self.idle_len.store(idle.len(), Relaxed);
+        drop(idle);
         let mut http2 = lock(&self.http2);
         if http2.as_ref().is_some_and(|tx| tx.is_closed()) {
             *http2 = None;

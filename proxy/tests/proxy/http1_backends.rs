@@ -284,14 +284,21 @@ struct Http1Only {
 }
 
 async fn http1_only_backend() -> Http1Only {
+    http1_backend_refusing_with(
+        "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await
+}
+
+/// As [`http1_only_backend`], but it answers the preface with `refusal` (nothing: it closes
+/// without a word, as Python's websockets does).
+async fn http1_backend_refusing_with(refusal: &'static str) -> Http1Only {
     let prefaces = Arc::new(AtomicUsize::new(0));
     let heads = Arc::new(Mutex::new(Vec::new()));
     let (counted, kept) = (prefaces.clone(), heads.clone());
     let backend = RawBackend::start(move |head| {
         if head.starts_with("PRI * HTTP/2.0") {
             counted.fetch_add(1, Ordering::SeqCst);
-            let refusal =
-                "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
             return (refusal.as_bytes().to_vec(), true);
         }
         kept.lock().unwrap().push(head.to_string());
@@ -345,9 +352,20 @@ async fn http2_clients_reach_a_backend_that_speaks_only_http1_under_protocol_aut
 
 #[tokio::test]
 async fn requests_arriving_together_ask_a_backend_about_http2_once() {
+    // One that refuses with a status line, and one that closes without a word: those that
+    // come while the second one's try finds out over HTTP/1.1 take it to speak that too.
+    for refusal in [
+        "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        "",
+    ] {
+        eight_together_ask_once(http1_backend_refusing_with(refusal).await).await;
+    }
+}
+
+async fn eight_together_ask_once(backend: Http1Only) {
     let Http1Only {
         backend, prefaces, ..
-    } = http1_only_backend().await;
+    } = backend;
     let proxy = Proxy::start(&stable_only("", backend.addr)).await;
     let h2 = crate::support::h2_client();
     let mut together = tokio::task::JoinSet::new();

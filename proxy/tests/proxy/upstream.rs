@@ -243,6 +243,71 @@ async fn at_max_connections_per_backend_requests_wait_for_a_connection_and_then_
     tight.stop().await;
 }
 
+#[tokio::test]
+async fn a_request_that_waited_for_a_connection_gets_the_wait_back_for_its_exchange() {
+    // Three at once over one connection, each answered in 500 ms, each try due in 700 ms:
+    // the second waits 500 ms and then needs 500 more. Counted from the try's start, it
+    // timed out, and with `eject_after: 1` took the backend out for everyone.
+    let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(500))).await;
+    let proxy = Proxy::start(&config(
+        &[slow.addr],
+        "{ max_connections_per_backend: 1, per_try_timeout: 700ms, request_timeout: 5s, eject_after: 1 }",
+    ))
+    .await;
+    let c = client();
+    let all: Vec<_> = (0..3)
+        .map(|_| {
+            let c = c.clone();
+            let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+            tokio::spawn(async move { send(&c, req).await.unwrap().0 })
+        })
+        .collect();
+    for status in all {
+        assert_eq!(status.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(slow.conns(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn round_robin_passes_over_a_backend_at_its_cap_to_one_with_room() {
+    let (a, b) = (
+        Backend::start("a", Mode::Normal).await,
+        Backend::start("b", Mode::Normal).await,
+    );
+    let proxy = Proxy::start(&config(
+        &[a.addr, b.addr],
+        "{ max_connections_per_backend: 1 }",
+    ))
+    .await;
+    let c = client();
+    // One of them has its one connection held by a body still on its way.
+    let drip = Request::get(proxy.url("/drip"))
+        .body(Full::default())
+        .unwrap();
+    let mut held = c.request(drip).await.unwrap().into_body();
+    let held_by = if a.hits() == 1 { "a" } else { "b" };
+    assert_eq!(
+        held.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "first"
+    );
+    // Every request goes to the other at once, where half would have waited out a try.
+    for _ in 0..6 {
+        let started = std::time::Instant::now();
+        let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+        let (status, headers, _) = send(&c, req).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_ne!(headers["x-served-by"], held_by);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    drop(held);
+    proxy.stop().await;
+}
+
 /// A backend that answers one request per connection, as keep-alive, and then closes it: the
 /// connection the proxy pooled is dead by the time the next request comes.
 async fn one_shot_backend() -> RawBackend {

@@ -91,7 +91,7 @@ impl Conn {
     /// An idle connection of the backend's pool, its exchange due by `deadline`.
     #[inline]
     fn reused(backend: &Backend, deadline: Instant) -> Option<Conn> {
-        Some(backend.pool.take()?.due(deadline))
+        Some(backend.pool.take_unless_awaited()?.due(deadline))
     }
 
     /// Its next exchange due by `deadline`. The timer is moved only when the deadline is past
@@ -107,13 +107,19 @@ impl Conn {
     }
 
     /// A new connection to the backend, its exchange due by `deadline`; or, at the cap on
-    /// connections, the first to come back to the pool.
+    /// connections, the first to come back to the pool. Time spent waiting for room is the
+    /// proxy's, not the backend's: the exchange gets it back, up to `limit` (the request's
+    /// own deadline), so that a backend that is merely busy is not timed out and ejected.
     async fn connect(
         backend: &Backend,
         connect_timeout: Duration,
         deadline: Instant,
+        limit: Instant,
     ) -> Result<Conn, Error> {
-        let slot = match backend.pool.room(deadline).await? {
+        let asked = Instant::now();
+        let room = backend.pool.room(deadline).await?;
+        let deadline = (deadline + asked.elapsed()).min(limit);
+        let slot = match room {
             Room::Idle(conn) => return Ok(conn.due(deadline)),
             Room::New(slot) => slot,
         };
@@ -253,12 +259,12 @@ pub async fn request(
     marked: bool,
     body: Option<Body>,
     connect_timeout: Duration,
-    deadline: Instant,
+    (deadline, limit): (Instant, Instant),
 ) -> Result<Response<ResponseBody>, Error> {
     let mut conn = match Conn::reused(backend, deadline) {
         Some(conn) => conn,
         // Boxed: connecting is rare next to reuse.
-        None => Box::pin(Conn::connect(backend, connect_timeout, deadline)).await?,
+        None => Box::pin(Conn::connect(backend, connect_timeout, deadline, limit)).await?,
     };
     let (head, pump) = conn.exchange(parts, marked, body).await?;
     let mut body = ResponseBody {

@@ -56,7 +56,7 @@ pub async fn pipeline(
     };
     let connected = match Conn::reused(backend, deadline) {
         Some(conn) => Ok(conn),
-        None => Conn::connect(backend, connect_timeout, deadline).await,
+        None => Conn::connect(backend, connect_timeout, deadline, deadline).await,
     };
     let mut conn = match connected {
         Ok(conn) => conn,
