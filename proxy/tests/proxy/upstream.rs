@@ -189,6 +189,23 @@ async fn one_upstream_connection_serves_requests_one_after_another() {
     proxy.stop().await;
 }
 
+/// The statuses of `n` GETs sent at once.
+async fn gets_at_once(proxy: &Proxy, n: usize) -> Vec<StatusCode> {
+    let c = client();
+    let all: Vec<_> = (0..n)
+        .map(|_| {
+            let c = c.clone();
+            let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+            tokio::spawn(async move { send(&c, req).await.unwrap().0 })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for status in all {
+        statuses.push(status.await.unwrap());
+    }
+    statuses
+}
+
 #[tokio::test]
 async fn at_max_connections_per_backend_requests_wait_for_a_connection_and_then_get_503() {
     let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(300))).await;
@@ -199,16 +216,7 @@ async fn at_max_connections_per_backend_requests_wait_for_a_connection_and_then_
     .await;
     // Six at once over two connections: three rounds, all answered.
     let c = client();
-    let all: Vec<_> = (0..6)
-        .map(|_| {
-            let c = c.clone();
-            let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
-            tokio::spawn(async move { send(&c, req).await.unwrap().0 })
-        })
-        .collect();
-    for status in all {
-        assert_eq!(status.await.unwrap(), StatusCode::OK);
-    }
+    assert_eq!(gets_at_once(&proxy, 6).await, [StatusCode::OK; 6]);
     assert_eq!(slow.hits(), 6);
     assert_eq!(slow.conns(), 2);
     // Waiting past its deadline: 503, and the backend, busy rather than failing, stays in.
@@ -254,17 +262,7 @@ async fn a_request_that_waited_for_a_connection_gets_the_wait_back_for_its_excha
         "{ max_connections_per_backend: 1, per_try_timeout: 700ms, request_timeout: 5s, eject_after: 1 }",
     ))
     .await;
-    let c = client();
-    let all: Vec<_> = (0..3)
-        .map(|_| {
-            let c = c.clone();
-            let req = Request::get(proxy.url("/")).body(Full::default()).unwrap();
-            tokio::spawn(async move { send(&c, req).await.unwrap().0 })
-        })
-        .collect();
-    for status in all {
-        assert_eq!(status.await.unwrap(), StatusCode::OK);
-    }
+    assert_eq!(gets_at_once(&proxy, 3).await, [StatusCode::OK; 3]);
     assert_eq!(slow.conns(), 1);
     proxy.stop().await;
 }
