@@ -7,8 +7,9 @@ runs made minutes apart on the same machine are alike, and more of them narrow t
     benches/pooled.py run1.log run2.log
 """
 import random
-import statistics
 import sys
+
+from interval import median_interval
 
 
 def rounds(path):
@@ -19,12 +20,6 @@ def rounds(path):
             yield {f[0]: [float(x) for x in f[1:]] for f in fields}
 
 
-def interval(ratios):
-    rng = random.Random(1)
-    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(10_000))
-    return f"{statistics.median(ratios):.2f} [{boot[249]:.2f}–{boot[9_749]:.2f}]"
-
-
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -33,7 +28,8 @@ def main():
     print("| median of per-round ratios [95% interval] | req/s | p99 | CPU/req |")
     print("|---|---:|---:|---:|")
     for label, a, b in [("fleet-proxy / nginx", "fleet", "nginx"), ("mirror on / off", "mirror", "fleet")]:
-        cols = [interval([r[a][i] / r[b][i] for r in all_rounds]) for i in (0, 2, 3)]
+        ratios = ([r[a][i] / r[b][i] for r in all_rounds] for i in (0, 2, 3))
+        cols = [median_interval(r, random.Random(1)) for r in ratios]
         print(f"| {label} | {' | '.join(cols)} |")
 
 

@@ -221,13 +221,13 @@ echo "core serves wrk, the backend and the shadow, so that much of its time is g
 # ROUNDS=15 or more to settle a question.
 round_ratios() { # a.runs b.runs
   python3 - "$1" "$2" <<'EOF'
-import random, sys, statistics as s
+import random, sys
+sys.path.insert(0, "benches")
+from interval import median_interval
 a, b = ([list(map(float, l.split())) for l in open(f) if l.strip()] for f in sys.argv[1:])
 rng = random.Random(1)
 def col(i):
-    r = [x[i] / y[i] for x, y in zip(a, b)]
-    boot = sorted(s.median(rng.choices(r, k=len(r))) for _ in range(10_000))
-    return f"{s.median(r):.2f} [{boot[249]:.2f}–{boot[9_749]:.2f}]"
+    return median_interval([x[i] / y[i] for x, y in zip(a, b)], rng)
 print(f"{col(0)} | {col(2)} | {col(3)} (per round: "
       + ", ".join(f"{x[0] / y[0]:.2f}" for x, y in zip(a, b)) + " req/s)")
 EOF

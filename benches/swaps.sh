@@ -117,13 +117,13 @@ done
 for n in "${!PORTS[@]}"; do
   python3 - "$WORK/rounds.$n" "$WORK/put.$n" "${@:$((n + 1)):1}" <<'EOF'
 import random, sys, statistics as s
+sys.path.insert(0, "benches")
+from interval import median_interval
 rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
 puts = [float(l) * 1000 for l in open(sys.argv[2]) if l.strip()]
 rng = random.Random(1)
-def ratio(i, j):  # columns i / j of each round: median [95% bootstrap interval]
-    r = [x[i] / x[j] for x in rows]
-    boot = sorted(s.median(rng.choices(r, k=len(r))) for _ in range(10_000))
-    return f"{s.median(r):.2f} [{boot[249]:.2f}-{boot[9_749]:.2f}]"
+def ratio(i, j):  # columns i / j of each round
+    return median_interval([x[i] / x[j] for x in rows], rng)
 print(f"{sys.argv[3]}, medians of {len(rows)} per-round ratios [95% intervals]:")
 for name, a, b in [("swaps / without", 2, 0), ("control / without", 4, 0), ("swaps / control", 2, 4)]:
     print(f"  {name:18} req/s {ratio(a, b)}, p99 {ratio(a + 1, b + 1)}")
