@@ -255,7 +255,7 @@ pub fn check(src: &str, dir: &Path) -> Result<(Settings, Table), Vec<Diagnostic>
         at: &loaded.positions,
         diags: &mut loaded.diags,
     };
-    let settings = c.settings(&file, dir);
+    let settings = c.settings(&file, dir, digest(src.as_bytes()));
     let spec = TableSpec {
         version: None,
         tracks: file.tracks,
@@ -263,13 +263,7 @@ pub fn check(src: &str, dir: &Path) -> Result<(Settings, Table), Vec<Diagnostic>
     };
     let table = Table::build(spec, &loaded.positions, &mut loaded.diags);
     match (settings, table) {
-        (Some(s), Some(t)) if !loaded.diags.has_errors() => Ok((
-            Settings {
-                source: digest(src.as_bytes()),
-                ..s
-            },
-            t,
-        )),
+        (Some(s), Some(t)) if !loaded.diags.has_errors() => Ok((s, t)),
         _ => Err(loaded.diags.into_sorted()),
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use fleet_proxy_router::{Decision, RequestView, RouteId, TrackId};
+use fleet_proxy_router::{Decision, Protocol, RequestView, RouteId, TrackId};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -180,17 +180,16 @@ fn outgoing(
     survey: &Survey,
     mut req: Request<Incoming>,
 ) -> Outgoing {
-    let track = active.table.track(decision.track);
+    let protocol = active.table.track(decision.track).protocol();
     // A backend that speaks only HTTP/2 cannot switch an HTTP/1.1 connection: the request
     // goes to it without the `Upgrade`, which a server may ignore (RFC 9110 §7.8).
-    let upgrade = survey.wants_upgrade(req.headers(), req.version())
-        && track.protocol() != fleet_proxy_router::Protocol::H2c;
-    let auto = track.protocol() == fleet_proxy_router::Protocol::Auto;
-    let http2 = match track.protocol() {
+    let upgrade = survey.wants_upgrade(req.headers(), req.version()) && protocol != Protocol::H2c;
+    let auto = protocol == Protocol::Auto;
+    let http2 = match protocol {
         _ if upgrade => false,
-        fleet_proxy_router::Protocol::Auto => req.version() == Version::HTTP_2,
-        fleet_proxy_router::Protocol::Http1 => false,
-        fleet_proxy_router::Protocol::H2c => true,
+        Protocol::Auto => req.version() == Version::HTTP_2,
+        Protocol::Http1 => false,
+        Protocol::H2c => true,
     };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -225,8 +224,8 @@ fn mirrored(
     body: Option<Body>,
 ) -> Option<Body> {
     let mirror_protocol = active.table.track(to).protocol();
-    let mirror_http2 = mirror_protocol == fleet_proxy_router::Protocol::H2c
-        || (http2 && mirror_protocol == fleet_proxy_router::Protocol::Auto);
+    let auto = mirror_protocol == Protocol::Auto;
+    let mirror_http2 = mirror_protocol == Protocol::H2c || (http2 && auto);
     let job = {
         let (active, parts) = (active.clone(), clone_parts(parts));
         move |body| Job {
@@ -236,7 +235,7 @@ fn mirrored(
             parts,
             body,
             http2: mirror_http2,
-            auto: mirror_protocol == fleet_proxy_router::Protocol::Auto,
+            auto,
         }
     };
     let cap = shared.settings.mirror.max_body_bytes;

@@ -17,7 +17,8 @@ pub(super) struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    pub(super) fn settings(&mut self, f: &FileConfig, dir: &Path) -> Option<Settings> {
+    /// The settings of file `f`, whose text has digest `source`.
+    pub(super) fn settings(&mut self, f: &FileConfig, dir: &Path, source: u64) -> Option<Settings> {
         let entries: Vec<(String, Option<&TlsSpec>)> = match &f.listen {
             Listen::One(a) => vec![(a.clone(), None)],
             Listen::Many(list) => list
@@ -130,7 +131,7 @@ impl Checker<'_> {
             mirror,
             drain_timeout: drain_timeout?,
             watch_interval: watch_interval?,
-            source: 0,
+            source,
         })
     }
 
