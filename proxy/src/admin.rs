@@ -95,7 +95,7 @@ async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
     // and behind them for the CPU. So is joining the chunks as they came into one buffer, a
     // copy of megabytes.
     background::run("routes", move || {
-        check_and_install(&shared, &chunks.concat())
+        check_and_install(&shared, &fleet_proxy_router::pace::concat(&chunks))
     })
     .await
     .unwrap_or_else(|e| internal_error(&e))

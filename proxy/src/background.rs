@@ -130,6 +130,7 @@ fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> std::io::Result<()
         .name(format!("fleet-{name}"))
         .spawn(move || {
             lower_priority();
+            fleet_proxy_router::pace::enable();
             work();
         })
         .map(drop)

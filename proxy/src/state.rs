@@ -37,6 +37,14 @@ impl Active {
     }
 }
 
+/// Its counters are let go a few routes at a time, as its table is freed (see
+/// `fleet_proxy_router::pace`).
+impl Drop for Active {
+    fn drop(&mut self) {
+        fleet_proxy_router::pace::release(std::mem::take(&mut self.counters));
+    }
+}
+
 /// How long past the request timeout a retired table waits for its last requests before the
 /// last of them is left to free it.
 const RETIRE_SLACK: std::time::Duration = std::time::Duration::from_secs(1);

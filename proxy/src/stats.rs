@@ -125,6 +125,7 @@ impl Stats {
         // lookups among every route seen since start, not 40,000.
         routes
             .map(|route| {
+                fleet_proxy_router::pace::point();
                 let by_track = entry(&mut map, route);
                 tracks
                     .iter()

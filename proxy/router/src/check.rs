@@ -35,12 +35,10 @@ impl Table {
         // growing them would touch twice the memory, and memory a process has not used
         // before is what makes its first tables slow.
         let mut routes = Vec::with_capacity(spec.routes.len());
-        routes.extend(
-            spec.routes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| b.route(i, r)),
-        );
+        routes.extend(spec.routes.iter().enumerate().filter_map(|(i, r)| {
+            crate::pace::point();
+            b.route(i, r)
+        }));
         b.duplicates(&spec);
         // Only errors are ever added here, so any new diagnostic means the spec is rejected.
         if b.diags.len() > errors_before {
@@ -56,6 +54,7 @@ impl Table {
         let mut suffix: HashMap<String, Vec<RouteId>> = HashMap::new();
         let mut any = Vec::new();
         for (i, route) in routes.iter().enumerate() {
+            crate::pace::point();
             match &route.host {
                 HostMatch::Exact(h) => exact.entry(h.clone()).or_default().push(RouteId(i)),
                 HostMatch::Suffix(s) => suffix.entry(s.clone()).or_default().push(RouteId(i)),
@@ -391,6 +390,7 @@ impl Builder<'_> {
         let mut names: foldhash::HashMap<&str, usize> = foldhash::HashMap::default();
         let routes = At::Root("routes");
         for (i, r) in spec.routes.iter().enumerate() {
+            crate::pace::point();
             let host = r.host.as_deref().unwrap_or("*");
             let host = match host.bytes().any(|b| b.is_ascii_uppercase()) {
                 true => Cow::Owned(host.to_ascii_lowercase()),

@@ -6,6 +6,7 @@
 //! plane holds one `Table` and calls [`Table::decide`] per request.
 
 mod check;
+pub mod pace;
 mod rule;
 pub mod spec;
 mod split;

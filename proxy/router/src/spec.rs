@@ -20,6 +20,7 @@ pub struct TableSpec {
     #[serde(deserialize_with = "unique_keys")]
     pub tracks: BTreeMap<String, TrackSpec>,
     /// The routes; a request takes the most specific host, then the most specific path.
+    #[serde(deserialize_with = "paced")]
     pub routes: Vec<RouteSpec>,
 }
 
@@ -178,4 +179,38 @@ where
     }
 
     d.deserialize_map(Unique(std::marker::PhantomData))
+}
+
+/// A sequence read with a yield point after each element, in pieces joined at the end (see
+/// [`crate::pace`]).
+fn paced<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Paced<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Paced<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sequence")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            const PIECE: usize = 256;
+            let (mut pieces, mut piece) = (Vec::new(), Vec::new());
+            while let Some(value) = seq.next_element()? {
+                piece.push(value);
+                if piece.len() == PIECE {
+                    pieces.push(std::mem::take(&mut piece));
+                }
+                crate::pace::point();
+            }
+            pieces.push(piece);
+            Ok(crate::pace::join(pieces))
+        }
+    }
+
+    d.deserialize_seq(Paced(std::marker::PhantomData))
 }

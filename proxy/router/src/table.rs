@@ -144,6 +144,18 @@ pub struct Table {
     pub(crate) any: Vec<RouteId>,
 }
 
+/// A large table is freed a few routes at a time (see [`crate::pace`]).
+impl Drop for Table {
+    fn drop(&mut self) {
+        crate::pace::release(std::mem::take(&mut self.spec.routes));
+        crate::pace::release(std::mem::take(&mut self.routes));
+        for entry in self.exact.drain() {
+            drop(entry);
+            crate::pace::point();
+        }
+    }
+}
+
 /// The parts of a request that routing looks at.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestView<'a> {
