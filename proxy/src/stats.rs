@@ -142,6 +142,7 @@ impl Stats {
         let map = crate::lock(&self.by_route);
         let mut out = Vec::new();
         for (route, by_track) in map.iter() {
+            fleet_proxy_router::pace::point();
             for (track, by_source) in by_track {
                 for (source, c) in [Source::Primary, Source::Mirror].iter().zip(by_source) {
                     if let Some(c) = c {
@@ -163,6 +164,7 @@ impl Stats {
             .snapshot()
             .into_iter()
             .map(|((route, track, source), c)| {
+                fleet_proxy_router::pace::point();
                 let classes = &c.classes;
                 let mut cumulative = 0;
                 let buckets: Vec<u64> = c

@@ -2,44 +2,34 @@
 //! freeing it, all of which grow with its routes.
 //!
 //! fleet-proxy does that work on threads of the idle scheduling class that share a core with
-//! the thread serving traffic. A thread serving traffic that wakes takes the core back at
-//! once; but one kept busy by a steady load never sleeps, and the kernel, to be fair to the
-//! idle thread, now and then hands it the core anyway and leaves it there until its next tick
-//! (4 ms at 250 Hz): a pause in every request in flight. A thread that has called [`enable`]
-//! gives the core back at the next [`point`] once it has worked [`TURN`] since it last did, so
-//! such a pause lasts about that long (`benches/README.md`). When no other thread waits for
-//! the core a yield returns at once, and on any other thread a point does nothing.
+//! the thread serving traffic, and gives the core back now and then (`background.rs`). The
+//! router only says where it may: a thread that has set a hook with [`on_this_thread`] has
+//! it called every few [`point`]s, and decides there whether to yield. On any other thread a
+//! point is a thread-local read and nothing more. Pure: no clock, no system call.
 
 use std::cell::Cell;
-use std::time::{Duration, Instant};
 
-/// How long a thread that gives way works between yields, at most (give or take one
-/// stretch between points: a few routes, a few KiB copied).
-pub const TURN: Duration = Duration::from_micros(200);
-
-/// Points between looks at the clock.
-const LOOK_EVERY: u32 = 8;
+/// Points between calls of the hook.
+const EVERY: u32 = 8;
 
 /// Elements dropped, or KiB copied, between points.
 const BATCH: usize = 16;
 
 thread_local! {
-    /// When this thread last gave way (or began to), if it gives way at all.
-    static SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
+    static HOOK: Cell<Option<fn()>> = const { Cell::new(None) };
     static POINTS: Cell<u32> = const { Cell::new(0) };
-    static YIELDS: Cell<u64> = const { Cell::new(0) };
 }
 
-/// From now on the calling thread gives way at [`point`]s.
-pub fn enable() {
-    SINCE.with(|s| s.set(Some(Instant::now())));
+/// From now on `hook` is called on the calling thread at every few [`point`]s.
+pub fn on_this_thread(hook: fn()) {
+    HOOK.with(|h| h.set(Some(hook)));
+    POINTS.with(|p| p.set(0));
 }
 
-/// Gives the core to a thread waiting for it if the calling thread gives way and has worked
-/// [`TURN`] since it last did. Cheap: a thread-local read, and a look at the clock every
-/// few calls.
+/// A place where the work may stop for a moment: every few calls, the calling thread's hook,
+/// if it has one.
 pub fn point() {
-    let Some(since) = SINCE.with(Cell::get) else {
+    let Some(hook) = HOOK.with(Cell::get) else {
         return;
     };
     let n = POINTS.with(|p| {
@@ -47,10 +37,8 @@ pub fn point() {
         p.set(n);
         n
     });
-    if n.is_multiple_of(LOOK_EVERY) && since.elapsed() >= TURN {
-        YIELDS.with(|y| y.set(y.get() + 1));
-        std::thread::yield_now();
-        SINCE.with(|s| s.set(Some(Instant::now())));
+    if n.is_multiple_of(EVERY) {
+        hook();
     }
 }
 
@@ -84,51 +72,52 @@ pub fn concat<B: AsRef<[u8]>>(chunks: &[B]) -> Vec<u8> {
     out
 }
 
-/// How many times the calling thread has given way.
-pub fn yields() -> u64 {
-    YIELDS.with(Cell::get)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::rc::Rc;
 
     use super::*;
 
-    /// Works (spins) for `d` of wall time, calling `point` all along.
-    fn work_for(d: Duration) {
-        let started = Instant::now();
-        while started.elapsed() < d {
-            point();
-        }
+    thread_local! {
+        static CALLS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// A hook that counts its calls on this thread; returns the count so far.
+    pub(crate) fn counting() -> u64 {
+        on_this_thread(|| CALLS.with(|c| c.set(c.get() + 1)));
+        calls()
+    }
+
+    pub(crate) fn calls() -> u64 {
+        CALLS.with(Cell::get)
     }
 
     #[test]
-    fn a_thread_that_gives_way_yields_after_each_turn_of_work_and_another_never_does() {
+    fn the_hook_is_called_every_few_points_on_its_thread_only() {
         std::thread::spawn(|| {
-            work_for(5 * TURN);
-            assert_eq!(yields(), 0, "not enabled");
-            enable();
-            work_for(10 * TURN);
-            let n = yields();
-            // A turn each, or fewer if the test thread was itself kept off the core.
-            assert!((1..=10).contains(&n), "{n} yields in ten turns");
+            (0..10 * EVERY).for_each(|_| point());
+            assert_eq!(calls(), 0, "no hook yet");
+            let before = counting();
+            (0..10 * EVERY).for_each(|_| point());
+            assert_eq!(calls() - before, 10);
         })
         .join()
         .unwrap();
+        assert_eq!(calls(), 0, "another thread's hook");
     }
 
     #[test]
-    fn release_join_and_concat_keep_everything() {
+    fn release_join_and_concat_keep_everything_and_stop_along_the_way() {
+        let before = counting();
         let counted = Rc::new(());
-        release(vec![counted.clone(); 10 * BATCH + 3]);
+        release(vec![counted.clone(); 10 * EVERY as usize * BATCH + 3]);
         assert_eq!(Rc::strong_count(&counted), 1, "every item dropped");
-        let joined = join(vec![vec![1, 2], vec![], vec![3]]);
-        assert_eq!(joined, [1, 2, 3]);
+        assert_eq!(calls() - before, 10);
+        assert_eq!(join(vec![vec![1, 2], vec![], vec![3]]), [1, 2, 3]);
         let big = vec![7u8; 3 * (BATCH << 10) + 5];
-        let concatenated = concat(&[&b"ab"[..], &big, &b""[..], &b"c"[..]]);
-        assert_eq!(concatenated.len(), big.len() + 3);
-        assert_eq!(&concatenated[..3], b"ab\x07");
-        assert_eq!(concatenated.last(), Some(&b'c'));
+        let joined = concat(&[&b"ab"[..], &big, &b""[..], &b"c"[..]]);
+        assert_eq!(joined.len(), big.len() + 3);
+        assert_eq!(&joined[..3], b"ab\x07");
+        assert_eq!(joined.last(), Some(&b'c'));
     }
 }

@@ -20,6 +20,7 @@ impl Stats {
             "Requests finished, by route, track and source.",
         );
         for ((r, t, s), c) in &series {
+            fleet_proxy_router::pace::point();
             let _ = writeln!(
                 out,
                 "fleet_proxy_requests_total{{{}}} {}",
@@ -34,6 +35,7 @@ impl Stats {
             "Responses by status class.",
         );
         for ((r, t, s), c) in &series {
+            fleet_proxy_router::pace::point();
             for (i, class) in c.classes.iter().enumerate() {
                 let _ = writeln!(
                     out,
@@ -51,6 +53,7 @@ impl Stats {
             "Requests that got no response from a backend.",
         );
         for ((r, t, s), c) in &series {
+            fleet_proxy_router::pace::point();
             let _ = writeln!(
                 out,
                 "fleet_proxy_upstream_errors_total{{{}}} {}",
@@ -65,6 +68,7 @@ impl Stats {
             "Time to response headers.",
         );
         for ((r, t, s), c) in &series {
+            fleet_proxy_router::pace::point();
             let l = labels(r, t, *s);
             let mut cumulative = 0;
             for (i, b) in c.latency.iter().enumerate() {
