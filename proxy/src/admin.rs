@@ -10,8 +10,19 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use fleet_proxy_router::TableSpec;
+use fleet_proxy_router::spec::{RouteSpec, TrackSpec};
+
 use crate::background;
 use crate::state::{InstallError, Shared};
+
+/// The table in force as `GET /routes` writes it: its spec, with the version in force.
+#[derive(serde::Serialize)]
+struct InForce<'a> {
+    version: u64,
+    tracks: &'a std::collections::BTreeMap<String, TrackSpec>,
+    routes: &'a [RouteSpec],
+}
 
 /// `PUT /routes` bodies larger than this are refused.
 const MAX_TABLE_BYTES: usize = 32 << 20;
@@ -28,14 +39,28 @@ pub async fn handle(
             true => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
             false => text(StatusCode::OK, "ready\n"),
         },
+        // Written out on a background thread, like `/stats`: megabytes for a large table.
         (&Method::GET, "/routes") => {
-            let active = shared.active();
-            let mut spec = active.table.spec().clone();
-            spec.version = Some(active.version);
-            json_response(
-                StatusCode::OK,
-                &serde_json::to_value(spec).unwrap_or(Value::Null),
-            )
+            let body = background::run("routes", move || {
+                let active = shared.active();
+                // Every field named: one added to the spec must be added here too.
+                let TableSpec {
+                    version: _,
+                    tracks,
+                    routes,
+                } = active.table.spec();
+                let version = active.version;
+                serde_json::to_vec(&InForce {
+                    version,
+                    tracks,
+                    routes,
+                })
+            });
+            match body.await {
+                Ok(Ok(body)) => json_body(StatusCode::OK, body),
+                Ok(Err(e)) => internal_error(&e.into()),
+                Err(e) => internal_error(&e),
+            }
         }
         (&Method::PUT, "/routes") => put_routes(shared, req).await,
         // Rendered on a background thread: they take the counters' lock, which a table being
@@ -57,9 +82,11 @@ pub async fn handle(
             }
         }
         (&Method::GET, "/stats") => {
-            let body = background::run("stats", move || shared.stats.json(shared.active().version));
+            let body = background::run("stats", move || {
+                shared.stats.json(shared.active().version).to_string()
+            });
             match body.await {
-                Ok(body) => json_response(StatusCode::OK, &body),
+                Ok(body) => json_body(StatusCode::OK, body),
                 Err(e) => internal_error(&e),
             }
         }
@@ -188,7 +215,12 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    json_body(status, value.to_string())
+}
+
+/// A response of JSON text already written.
+fn json_body(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -25,6 +25,7 @@ pub struct FileConfig {
     /// The admin API listener. Keep it on a private address: it has no authentication.
     pub admin: String,
     pub tracks: BTreeMap<String, TrackSpec>,
+    #[serde(deserialize_with = "fleet_proxy_router::spec::paced")]
     pub routes: Vec<RouteSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamSpec>,

@@ -183,7 +183,7 @@ where
 
 /// A sequence read with a yield point after each element, in pieces joined at the end (see
 /// [`crate::pace`]).
-fn paced<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+pub fn paced<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,

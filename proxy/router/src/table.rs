@@ -149,6 +149,7 @@ impl Drop for Table {
     fn drop(&mut self) {
         crate::pace::release(std::mem::take(&mut self.spec.routes));
         crate::pace::release(std::mem::take(&mut self.routes));
+        crate::pace::release(std::mem::take(&mut self.suffix));
         for entry in self.exact.drain() {
             drop(entry);
             crate::pace::point();
