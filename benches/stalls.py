@@ -15,24 +15,26 @@ import sys
 path, traffic = sys.argv[1], sys.argv[2]
 out = subprocess.run(["perf", "sched", "timehist", "--state", "-i", path],
                      capture_output=True, text=True, check=True).stdout.splitlines()[3:]
-# time (s), [cpu], name[tid/pid], wait, sch delay, run time (ms), state at switch-out
-ROW = re.compile(r"\s*([\d.]+)\s+\[\d+\]\s+(\S.*?)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s+(\S+)\s*$")
-waiting = None  # the turns other threads took since the traffic thread was preempted
+# time (s), [cpu], name[tid/pid], wait time, sch delay, run time (ms), state at switch-out
+ROW = re.compile(r"\s*([\d.]+)\s+\[\d+\]\s+(\S.*?)\s+([\d.]+)\s+[\d.]+\s+([\d.]+)\s+(\S+)\s*$")
+# Switched out while it could still run: preempted. perf 6.1 prints R for that (the traffic
+# thread never yields); some versions mark it R+.
+RUNNABLE = {"R", "R+"}
+preempted = False  # whether the traffic thread is waiting for the core now
 turns = collections.defaultdict(list)
-stalls = []
+stalls = []  # each wait of the preempted traffic thread, from its own "wait time"
 for line in out:
     m = ROW.match(line)
     if not m:
         continue
-    name, run_ms, state = m[2], float(m[3]), m[4]
+    name, wait_ms, run_ms, state = m[2], float(m[3]), float(m[4]), m[5]
     tid = re.search(r"\[(\d+)(?:/\d+)?\]$", name)
     if tid and tid[1] == traffic:
-        if waiting is not None:
-            stalls.append(sum(r for _, r in waiting))
-        waiting = [] if state == "R" else None
-    elif waiting is not None:
-        waiting.append((re.sub(r"\[.*$", "", name), run_ms))
-        turns[waiting[-1][0]].append(run_ms)
+        if preempted:
+            stalls.append(wait_ms)
+        preempted = state in RUNNABLE
+    elif preempted:
+        turns[re.sub(r"\[.*$", "", name)].append(run_ms)
 print(f"  traffic thread preempted {len(stalls)} times, {sum(stalls):.1f} ms in all, "
       f"longest {max(stalls, default=0):.2f} ms")
 for name, rs in sorted(turns.items(), key=lambda kv: -sum(kv[1]))[:8]:

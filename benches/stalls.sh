@@ -3,12 +3,12 @@
 # back to back, and behind which threads. For each fleet-proxy binary given: 10,001 routes in
 # force, wrk (-t1 -c64) on CPU 1, the proxy (one worker) on CPU 0, a loop putting a new
 # 10,001-route table through `PUT /routes` 250 ms after the last came into force (on CPU 0 in
-# the idle class, as in swaps.sh), and `perf sched record` of CPU 0 for SECONDS. Reports
+# the idle class, as in swaps.sh), and `perf sched record` of CPU 0 for DURATION s. Reports
 # every time the traffic thread was taken off the core while it could still run, and which
 # threads held the core meanwhile (benches/stalls.py): fleet-proxy's own background threads
 # are the `fleet-` ones; the rest (the PUT loop's curl, kernel threads) are the machine's.
 #
-#   benches/stalls.sh BINARY [BINARY…]          # SECONDS=10 ROUTES=10000
+#   benches/stalls.sh BINARY [BINARY…]          # DURATION=10 ROUTES=10000
 #
 # Needs perf (Debian: linux-perf) with the right to record scheduler events (root, or
 # kernel.perf_event_paranoid ≤ -1), nginx, wrk, curl, chrt.
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 source benches/common.sh
 
 (($#)) || { echo "usage: benches/stalls.sh BINARY [BINARY…]" >&2; exit 2; }
-SECONDS_RECORDED=${SECONDS:-10}
+DURATION=${DURATION:-10}
 ROUTES=${ROUTES:-10000}
 need nginx wrk curl chrt perf python3
 
@@ -35,7 +35,7 @@ for bin in "$@"; do
   proxy=$LAST
   wait_port "$port" 300
   curl -s -o /dev/null -X PUT --data-binary @"$WORK/big.json" "http://127.0.0.1:$admin/routes"
-  taskset -c 1 wrk -t1 -c64 -d"$((SECONDS_RECORDED + 3))s" --latency -H "$COOKIE" \
+  taskset -c 1 wrk -t1 -c64 -d"$((DURATION + 3))s" --latency -H "$COOKIE" \
     "http://127.0.0.1:$port/" >"$WORK/wrk.out" &
   load=$!
   : >"$WORK/puts"
@@ -46,7 +46,7 @@ for bin in "$@"; do
   done) &
   loop=$!
   sleep 1
-  perf sched record -C 0 -o "$WORK/sched.data" -- sleep "$SECONDS_RECORDED" >/dev/null 2>&1
+  perf sched record -C 0 -o "$WORK/sched.data" -- sleep "$DURATION" >/dev/null 2>&1
   kill "$loop"; wait "$loop" 2>/dev/null || true
   wait "$load"
   echo "$bin: $(wc -l <"$WORK/puts") tables put in force; wrk: $(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out") req/s, p99 $(awk '$1=="99%" {print $2}' "$WORK/wrk.out") (recorded, so slower)"
