@@ -15,9 +15,9 @@
 //! idle class, now and then hands such a thread the core anyway and leaves it there until its
 //! next tick (4 ms at 250 Hz): a pause in every request in flight. So the work stops at the
 //! router's yield points (`fleet_proxy_router::pace`) and offers the core back once a
-//! [`TURN`] (0.2 ms) has passed. In `benches/stalls.sh` a thread building 10,001-route tables back to
-//! back held the traffic's core six times in ten seconds, 4.0 ms each time; giving way, it
-//! held it 120–140 times, 0.7 ms at the longest, for the same CPU time in all.
+//! [`TURN`] (0.2 ms) has passed. In `benches/stalls.sh` a thread building 10,001-route tables
+//! back to back held the traffic's core five or six times in ten seconds, 4.0 ms each time;
+//! giving way, it held it 51–87 times, 0.55 ms at the longest.
 //!
 //! Threads are few and short-lived: at most [`MAX_WORKERS`] pieces of work run at once (the
 //! rest wait their turn without blocking the runtime) and one thread drops every retired
