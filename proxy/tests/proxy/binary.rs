@@ -128,6 +128,14 @@ fn spawn_with(config: &std::path::Path, args: &[&str]) -> (Running, String) {
     (Running(child, logs), admin)
 }
 
+/// A config file whose watcher looks once an hour, so that only SIGHUP reloads it in a test's
+/// time, with one `stable` track at `stable` and one route, `{ route }`.
+fn reloaded_on_sighup(stable: std::net::SocketAddr, route: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 1h\ntracks:\n  stable: {{ backends: [\"{stable}\"] }}\nroutes:\n  - {{ {route} }}\n"
+    )
+}
+
 fn signal(child: &std::process::Child, sig: &str) {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -143,12 +151,7 @@ async fn sighup_reloads_the_file_and_sigterm_drains_and_exits_0() {
     let dir = temp_dir("signals");
     let file = dir.join("proxy.yaml");
     // The watcher polls once an hour: only SIGHUP can make this reload happen in time.
-    let config = |split: &str| {
-        format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 1h\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {split} }}\n",
-            stable.addr
-        )
-    };
+    let config = |split: &str| reloaded_on_sighup(stable.addr, &format!("split: {split}"));
     std::fs::write(&file, config("{ stable: 10000 }")).unwrap();
     let (mut child, admin) = spawn(&file);
     let version = || async {
@@ -189,9 +192,9 @@ async fn a_reload_of_unchanged_text_leaves_a_put_table_in_force() {
     let dir = temp_dir("unchanged");
     let file = dir.join("proxy.yaml");
     let config = |name: &str| {
-        format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 1h\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ name: {name}, split: {{ stable: 10000 }} }}\n",
-            stable.addr
+        reloaded_on_sighup(
+            stable.addr,
+            &format!("name: {name}, split: {{ stable: 10000 }}"),
         )
     };
     std::fs::write(&file, config("from-file")).unwrap();

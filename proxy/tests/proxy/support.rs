@@ -477,7 +477,6 @@ where
     }
 }
 
-/// The tracks section for these backends.
 /// A table that sends every request to one `stable` track at `stable`, after the config
 /// lines in `extra`.
 pub fn stable_only(extra: &str, stable: SocketAddr) -> String {
@@ -492,6 +491,7 @@ pub async fn stable_proxy(extra: &str) -> (Proxy, Backend) {
     (Proxy::start(&stable_only(extra, stable.addr)).await, stable)
 }
 
+/// The tracks section for these backends.
 pub fn tracks(stable: SocketAddr, canary: SocketAddr, shadow: SocketAddr) -> String {
     format!(
         "tracks:\n  stable: {{ backends: [\"{stable}\"] }}\n  canary: {{ backends: [\"{canary}\"] }}\n  shadow: {{ backends: [\"{shadow}\"] }}\n"
