@@ -374,4 +374,31 @@ mod tests {
             }"#]]
         .assert_eq(&serde_json::to_string_pretty(&json).unwrap());
     }
+
+    thread_local! {
+        static STOPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The router's stops (see `fleet_proxy_router::pace`) that `work` makes on this thread.
+    fn stops_in<T>(work: impl FnOnce() -> T) -> u64 {
+        fleet_proxy_router::pace::on_this_thread(|| STOPS.set(STOPS.get() + 1));
+        let before = STOPS.get();
+        std::hint::black_box(work());
+        STOPS.get() - before
+    }
+
+    /// `/stats` and `/metrics` of a large table are rendered on a background thread, which
+    /// must give the core back along the way: a point per series in every pass over them.
+    #[test]
+    fn rendering_many_series_stops_along_the_way() {
+        const SERIES: u64 = 800;
+        let stats = Stats::default();
+        for i in 0..SERIES {
+            stats.counters(&format!("svc{i}.test"), "stable", Source::Primary);
+        }
+        // A point per route taking the snapshot, then per series: a stop per eight points.
+        assert_eq!(stops_in(|| stats.json(1)), 2 * SERIES / 8);
+        // The snapshot, then four families of metrics.
+        assert_eq!(stops_in(|| stats.prometheus(1)), 5 * SERIES / 8);
+    }
 }
