@@ -25,6 +25,7 @@ need() {
       h2load) packages+=(nghttp2-client) ;;
       callgrind_annotate | callgrind_control) packages+=(valgrind) ;;
       chrt | taskset) packages+=(util-linux) ;;
+      pgrep) packages+=(procps) ;;
       *) packages+=("$tool") ;;
     esac
   done
