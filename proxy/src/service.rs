@@ -40,6 +40,11 @@ pub(crate) fn handle(
         return Err(Box::new(resp));
     }
     let survey = Survey::of(req.headers());
+    // The raw scan of an HTTP/1 connection stops at a head with `Upgrade`: unless the
+    // connection becomes a tunnel, it closes after the answer, so that no request after it
+    // goes unscanned (hyper would frame one with two equal lengths, or a length and chunked,
+    // quietly).
+    let close = req.version() < Version::HTTP_2 && survey.names_upgrade();
     let settled = survey
         .framing(req.headers(), req.version())
         .and_then(|()| survey.settle_host(&mut req));
@@ -63,7 +68,8 @@ pub(crate) fn handle(
         .decide(&RequestView::of(&req), &mut || rand::random())
     else {
         shared.stats.global.no_route.fetch_add(1, Relaxed);
-        return Err(Box::new(plain(StatusCode::NOT_FOUND, "no route")));
+        let resp = plain(StatusCode::NOT_FOUND, "no route");
+        return Err(Box::new(if close { closing(resp) } else { resp }));
     };
     tracing::debug!(
         method = %req.method(),
@@ -80,6 +86,7 @@ pub(crate) fn handle(
         decision,
         out,
         recorded: false,
+        close,
     })
 }
 
@@ -93,6 +100,8 @@ pub(crate) struct Forward {
     out: Outgoing,
     /// The outcome is counted; until then, dropping it counts the client as gone.
     recorded: bool,
+    /// The connection closes after the answer unless it becomes a tunnel.
+    close: bool,
 }
 
 /// Counted for a request whose client went away (closed its connection, reset its stream)
@@ -146,7 +155,7 @@ impl Forward {
                 Err(f) => {
                     let resp = failure(&f);
                     self.record(resp.status().as_u16(), f.is_upstream());
-                    return resp;
+                    return if self.close { closing(resp) } else { resp };
                 }
             };
             self.record(resp.status().as_u16(), false);
@@ -156,6 +165,9 @@ impl Forward {
                 }
             } else {
                 headers::strip_response(resp.headers_mut());
+                if self.close {
+                    resp = closing(resp);
+                }
             }
             let (mut parts, body) = resp.into_parts();
             if let Some(cookie) = self
@@ -313,7 +325,10 @@ fn bad_request(reason: &str) -> Response<Body> {
 }
 
 fn refuse_and_close(status: StatusCode, reason: &str) -> Response<Body> {
-    let mut resp = plain(status, reason);
+    closing(plain(status, reason))
+}
+
+fn closing<B>(mut resp: Response<B>) -> Response<B> {
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp

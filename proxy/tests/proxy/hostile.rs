@@ -102,6 +102,29 @@ async fn content_length_with_transfer_encoding_is_refused_in_either_order() {
     proxy.stop().await;
 }
 
+/// The raw scan stops at a head with `Upgrade` (what follows may be another protocol's
+/// bytes). So that nothing after it goes unscanned, such a connection closes after its answer
+/// unless it became a tunnel: here the backend answers 200 (no switch), and the ambiguous
+/// request pipelined behind is never read.
+#[tokio::test]
+async fn a_request_asking_to_upgrade_that_is_not_switched_closes_its_connection() {
+    let (proxy, b) = stable_proxy("").await;
+    for upgrade in [
+        "Upgrade: websocket\r\nConnection: upgrade",
+        "Upgrade: websocket",
+        "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__",
+    ] {
+        let raw = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{upgrade}\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nContent-Length: 40\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let (text, closed) = exchange(proxy.addr, raw.as_bytes()).await;
+        assert_eq!(statuses(&text), ["200"], "{upgrade}: {text}");
+        assert!(closed, "{upgrade}: connection kept open");
+    }
+    assert_eq!(b.hits(), 3);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn clean_pipelined_requests_after_bodies_are_all_served() {
     let (proxy, b) = stable_proxy("").await;
