@@ -288,6 +288,9 @@ pub fn failure(f: &Failure) -> Response<Body> {
             plain(StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out")
         }
         Failure::Upstream(_) => plain(StatusCode::BAD_GATEWAY, "upstream failed"),
+        Failure::ClientBody(crate::upstream::Error::ClientTooSlow) => {
+            plain(StatusCode::REQUEST_TIMEOUT, "request body too slow")
+        }
         Failure::ClientBody(_) => plain(StatusCode::BAD_REQUEST, "request body failed"),
     }
 }

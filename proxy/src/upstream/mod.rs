@@ -29,8 +29,8 @@ pub enum Failure {
     Timeout,
     #[error("upstream failed: {0}")]
     Upstream(#[source] Error),
-    /// The client's request body failed (an upload given up, a stream reset) before the
-    /// backend answered: no fault of the backend's.
+    /// The client's request body failed (an upload given up, a stream reset) or was still
+    /// arriving at the deadline, before the backend answered: no fault of the backend's.
     #[error("the request body failed: {0}")]
     ClientBody(#[source] Error),
     /// Every backend tried had `max_connections_per_backend` in use until the deadline.
@@ -64,6 +64,9 @@ pub enum Error {
     Body(#[source] crate::body::BoxError),
     #[error("no response head before the try's deadline")]
     TimedOut,
+    /// The deadline came while the request body was still arriving from the client.
+    #[error("the request body was still arriving at the deadline")]
+    ClientTooSlow,
     /// At `max_connections_per_backend`, none came free before the try's deadline: the
     /// backend is busy, not failing.
     #[error("every connection to the backend is in use")]
@@ -173,7 +176,7 @@ pub async fn send(
                 backend.answered(resp.status(), cfg);
                 return Ok(resp);
             }
-            Err(e @ Error::Body(_)) => return Err(Failure::ClientBody(e)),
+            Err(e @ (Error::Body(_) | Error::ClientTooSlow)) => return Err(Failure::ClientBody(e)),
             // Busy, not failing: no count towards ejection; the next try goes elsewhere.
             Err(Error::Saturated) => failure = Some(Failure::Saturated(track.to_string())),
             Err(Error::TimedOut) => {

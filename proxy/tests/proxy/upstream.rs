@@ -167,6 +167,33 @@ async fn a_backend_slower_than_the_request_timeout_gets_504() {
     proxy.stop().await;
 }
 
+/// A client slower with its body than the request timeout is the client's doing: 408, and
+/// the backend waiting for the rest is not counted as failing (else a few slow uploads would
+/// eject every backend of a track).
+#[tokio::test]
+async fn a_request_body_still_arriving_at_the_deadline_gets_408_and_ejects_no_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("stable", Mode::Normal).await;
+    let proxy = Proxy::start(&config(
+        &[backend.addr],
+        "{ request_timeout: 300ms, retries: 0, eject_after: 1, eject_for: 1m }",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(read.is_ok(), "no answer");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    // Not ejected: the next request is served.
+    let (status, _, body) = crate::support::get(&proxy.url("/")).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn one_upstream_connection_serves_requests_one_after_another() {
     let backend = Backend::start("stable", Mode::Normal).await;

@@ -34,6 +34,8 @@ pub struct Pump {
     after_large: bool,
     /// The body's last frame has been taken.
     ended: bool,
+    /// The last poll found everything written and the client's body with nothing more yet.
+    starved: bool,
 }
 
 impl Pump {
@@ -47,6 +49,7 @@ impl Pump {
             large: None,
             after_large: false,
             ended: false,
+            starved: false,
         }
     }
 
@@ -56,8 +59,15 @@ impl Pump {
         self.out
     }
 
+    /// Whether the request is held up by its client, not by the backend: at the last poll
+    /// everything so far had been written and the body had nothing more.
+    pub fn waits_for_the_client(&self) -> bool {
+        self.starved
+    }
+
     /// Ready once the whole request has been written.
     pub fn poll(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.starved = false;
         loop {
             let waiting = self.gather(cx)?;
             ready!(self.write(io, cx))?;
@@ -66,6 +76,7 @@ impl Pump {
             }
             if waiting {
                 // Everything is written and the body has nothing yet: it will wake us.
+                self.starved = true;
                 return Poll::Pending;
             }
             // The buffer was full (or held a large frame): now written, gather again.
