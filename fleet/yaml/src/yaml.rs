@@ -27,6 +27,17 @@ pub struct Node {
     pub value: Value,
 }
 
+impl Node {
+    /// How many nodes this one holds, itself included.
+    pub fn count(&self) -> usize {
+        1 + match &self.value {
+            Value::Scalar { .. } => 0,
+            Value::Seq(items) => items.iter().map(Node::count).sum(),
+            Value::Map(entries) => entries.iter().map(|e| e.value.count()).sum(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     /// A scalar as written; `plain` is false for quoted and block scalars, which are always
@@ -94,12 +105,20 @@ pub fn parse(src: &str) -> Result<Node, SyntaxError> {
     })
 }
 
+/// At most this many nodes may come from aliases in one document. Each alias is a copy of
+/// its anchor's node, so a few lines of aliases of aliases would otherwise build billions
+/// ("billion laughs"), from a config file or a `PUT /routes` body alike.
+pub const MAX_ALIASED_NODES: usize = 1_000_000;
+
 /// Turns the event stream into nodes: a stack of open collections, each with the key that
 /// waits for its value when it is a mapping.
 #[derive(Default)]
 struct Builder {
     stack: Vec<Open>,
-    anchors: Vec<(usize, Node)>,
+    /// Each anchor's node, with how many nodes it holds.
+    anchors: Vec<(usize, Node, usize)>,
+    /// Nodes copied from anchors so far.
+    aliased: usize,
 }
 
 struct Open {
@@ -120,8 +139,19 @@ impl Builder {
                 };
                 (Node { pos, value }, anchor)
             }
-            Event::Alias(id) => match self.anchors.iter().rev().find(|(a, _)| *a == id) {
-                Some((_, node)) => (node.clone(), 0),
+            Event::Alias(id) => match self.anchors.iter().rev().find(|(a, ..)| *a == id) {
+                Some((_, node, size)) => {
+                    self.aliased += size;
+                    if self.aliased > MAX_ALIASED_NODES {
+                        return Err(SyntaxError {
+                            pos,
+                            message: format!(
+                                "aliases expand to more than {MAX_ALIASED_NODES} nodes; write the repeated parts out instead"
+                            ),
+                        });
+                    }
+                    (node.clone(), 0)
+                }
                 None => {
                     return Err(SyntaxError {
                         pos,
@@ -147,7 +177,7 @@ impl Builder {
             _ => return Ok(None),
         };
         if anchor != 0 {
-            self.anchors.push((anchor, node.clone()));
+            self.anchors.push((anchor, node.clone(), node.count()));
         }
         self.attach(node)
     }
@@ -225,6 +255,21 @@ mod tests {
             panic!("not a map")
         };
         assert_eq!(entries[0].value.value, entries[1].value.value);
+    }
+
+    #[test]
+    fn aliases_of_aliases_stop_at_a_million_nodes() {
+        // Nine levels of ten aliases each: a billion scalars from a few hundred bytes.
+        let mut src = String::from("a0: &a0 [x]\n");
+        for i in 1..=9 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            src.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let err = parse(&src).unwrap_err();
+        assert!(err.message.contains("more than 1000000 nodes"), "{err:?}");
+        // A few aliases, as configs use them, are fine.
+        let node = parse("a: &x [1, 2]\nb: [*x, *x, *x]\n").unwrap();
+        assert_eq!(node.count(), 14);
     }
 
     #[test]

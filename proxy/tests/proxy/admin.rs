@@ -108,6 +108,23 @@ async fn a_bad_table_gets_400_with_every_diagnostic_and_the_old_table_stays() {
     proxy.stop().await;
 }
 
+/// A few hundred bytes of YAML aliases of aliases would build a billion nodes: refused with
+/// a diagnostic, and the proxy goes on serving.
+#[tokio::test]
+async fn a_table_of_aliases_that_would_expand_without_end_gets_400() {
+    let (proxy, _b) = crate::support::stable_proxy("").await;
+    let mut bomb = String::from("a0: &a0 [x]\n");
+    for i in 1..=9 {
+        let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+        bomb.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    let (status, body) = put(&proxy.admin_url("/routes"), &bomb).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("aliases expand to more than"), "{body}");
+    assert_eq!(get(&proxy.url("/")).await.unwrap().2, "stable");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_request_in_flight_finishes_on_the_table_it_started_with() {
     let stable = Backend::start("stable", Mode::Slow(Duration::from_millis(500))).await;
