@@ -209,9 +209,10 @@ fn outgoing(
     // A body that has ended already (most GETs) is not boxed: there is nothing to send.
     let body = (!http_body::Body::is_end_stream(&body)).then(|| boxed(body));
     let retryable = idempotent(&parts.method) && body.is_none() && !upgrade;
+    // A request that asks to switch protocols is not copied: a copy cannot be a tunnel.
     let body = match decision.mirror {
-        None => body,
-        Some(to) => mirrored(shared, active, decision.route, to, http2, &parts, body),
+        Some(to) if !upgrade => mirrored(shared, active, decision.route, to, http2, &parts, body),
+        _ => body,
     };
     Outgoing {
         parts,

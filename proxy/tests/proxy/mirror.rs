@@ -55,6 +55,43 @@ async fn a_mirrored_copy_carries_the_body_and_the_mirror_mark_and_is_counted_und
     }
 }
 
+/// A request asking to switch protocols is not copied: a copy cannot become a tunnel, and a
+/// shadow that answered it with `101` would be counted as failing.
+#[tokio::test]
+async fn a_request_asking_to_upgrade_is_not_mirrored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_stable, shadow, proxy) = mirroring("").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&head[..n]);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    drop(s);
+    // A plain request after it is copied; once its copy is counted, the shadow has seen
+    // that one only.
+    let (status, _, _) = send(
+        &client(),
+        Request::get(proxy.url("/")).body(Full::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    eventually(Duration::from_secs(5), || async {
+        mirror_series(&proxy).await["responses"]["2xx"] == 1
+    })
+    .await;
+    assert_eq!(shadow.hits(), 1);
+    proxy.stop().await;
+}
+
 /// A proxy mirroring every request from a healthy stable backend to a healthy shadow, with
 /// `extra` settings; the backends are returned to be kept alive and looked at.
 async fn mirroring(extra: &str) -> (Backend, Backend, Proxy) {
