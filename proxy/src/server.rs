@@ -93,11 +93,17 @@ impl Server {
         let (drain_tx, drain_rx) = watch::channel(false);
         let mut loops = Vec::new();
         let mut slots = Vec::new();
+        // One limit for every listener: `max_connections` is the proxy's.
+        let limit = Arc::new(Semaphore::new(shared.settings.limits.max_connections));
         for (listener, tls) in traffic {
             slots.push(tls.clone());
             let (shared, stop, drain) = (shared.clone(), stop_rx.clone(), drain_rx.clone());
             loops.push(tokio::spawn(accept_loop(
-                listener, tls, shared, stop, drain,
+                listener,
+                tls,
+                shared,
+                limit.clone(),
+                (stop, drain),
             )));
         }
         drop(drain_rx);
@@ -169,10 +175,9 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsSlot>,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    drain: watch::Receiver<bool>,
+    limit: Arc<Semaphore>,
+    (mut stop, drain): (watch::Receiver<bool>, watch::Receiver<bool>),
 ) {
-    let limit = Arc::new(Semaphore::new(shared.settings.limits.max_connections));
     loop {
         let (stream, peer) = tokio::select! {
             _ = stopped(&mut stop) => return,

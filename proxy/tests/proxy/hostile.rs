@@ -228,6 +228,33 @@ async fn connections_over_the_limit_are_closed_at_once() {
     proxy.stop().await;
 }
 
+/// `max_connections` is one limit for the whole proxy, not one for each listener.
+#[tokio::test]
+async fn the_connection_limit_is_shared_by_every_listener() {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let proxy = Proxy::start(&format!(
+        "listen: [127.0.0.1:0, 127.0.0.1:0]\nadmin: 127.0.0.1:0\nlimits: {{ max_connections: 1 }}\n{}",
+        stable_only("", stable.addr)
+    ))
+    .await;
+    let mut held = TcpStream::connect(proxy.addrs[0]).await.unwrap();
+    held.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert!(held.read(&mut buf).await.unwrap() > 0);
+    let mut other = TcpStream::connect(proxy.addrs[1]).await.unwrap();
+    let _ = other.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let mut out = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), other.read_to_end(&mut out))
+        .await
+        .expect("the second listener served over the limit and kept the connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the second listener served over the limit");
+    drop(held);
+    proxy.stop().await;
+}
+
 type Answer = Option<(http::StatusCode, http::HeaderMap, String)>;
 
 /// A proxy allowed one request in flight, and that one request, waiting on a slow backend.

@@ -327,6 +327,8 @@ pub async fn dead_addr() -> SocketAddr {
 /// A running proxy; dropped or `stop`ped, it drains and ends.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Every traffic listener's address, `addr` first.
+    pub addrs: Vec<SocketAddr>,
     pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -357,7 +359,8 @@ impl Proxy {
         let server = fleet_proxy::Server::bind(settings, table, watch.map(Path::to_path_buf))
             .await
             .unwrap();
-        let addr = server.traffic_addrs()[0];
+        let addrs = server.traffic_addrs();
+        let addr = addrs[0];
         let admin = server.admin_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
@@ -365,6 +368,7 @@ impl Proxy {
         }));
         let proxy = Proxy {
             addr,
+            addrs,
             admin,
             stop: Some(stop),
             task: Some(task),
