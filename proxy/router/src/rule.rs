@@ -62,13 +62,14 @@ impl Condition {
     fn matches(&self, req: &RequestView<'_>) -> bool {
         match self {
             // A header sent several times matches if any of its values does; values that are
-            // not UTF-8 never match a value test but still count as present.
+            // not UTF-8 never match a value test but still count as present. (`to_str` would
+            // refuse any byte over 0x7f, so UTF-8 such as `Zoë` is read as bytes.)
             Condition::Header(name, test) => {
                 let mut values = req.headers.get_all(name).iter().peekable();
                 match test {
                     Test::Present => values.peek().is_some(),
                     Test::Absent => values.peek().is_none(),
-                    _ => values.any(|v| test.holds(v.to_str().ok())),
+                    _ => values.any(|v| test.holds(std::str::from_utf8(v.as_bytes()).ok())),
                 }
             }
             // Compared as bytes: most values are settled without a UTF-8 check.

@@ -186,15 +186,19 @@ impl<'a> RequestView<'a> {
     }
 }
 
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.split_inclusive(']').next().unwrap_or(host);
-    }
-    // A port is all digits after the last `:`; found from the end, without a UTF-8 searcher.
-    match memchr::memrchr(b':', host.as_bytes()) {
-        Some(colon) => &host[..colon],
-        None => host,
-    }
+/// The host without its port, and without the trailing dot of a fully qualified name
+/// (`shop.example.com.` is `shop.example.com`).
+pub(crate) fn strip_port(host: &str) -> &str {
+    let host = if host.starts_with('[') {
+        host.split_inclusive(']').next().unwrap_or(host)
+    } else {
+        // A port is what follows the last `:`; found from the end, without a UTF-8 searcher.
+        match memchr::memrchr(b':', host.as_bytes()) {
+            Some(colon) => &host[..colon],
+            None => host,
+        }
+    };
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 /// Why a request went where it went.

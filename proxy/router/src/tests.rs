@@ -107,12 +107,15 @@ fn the_most_specific_host_then_the_most_specific_path_wins() {
         ("shop.example.com", "/img", Some("sub-root")),
         ("shop.example.com", "/x/y", Some("exact-second")),
         ("shop.example.com", "/x", Some("exact-first")),
+        ("shop.example.com.", "/img/a.png", Some("exact-img")),
+        ("shop.example.com.:8443", "/img/a.png", Some("exact-img")),
+        ("a.eu.example.com.", "/", Some("deep-sub")),
     ];
     for (host, path, want) in cases {
         let r = req(&format!("GET {host}{path}"), &[]);
         let mut view = r.view();
-        let h = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        view.host = h;
+        // As `RequestView::of` has it from a `Host` header.
+        view.host = crate::table::strip_port(host);
         let got = t.select(&view).map(|id| t.route(id).name().to_string());
         assert_eq!(got.as_deref(), want, "{host}{path}");
     }
@@ -132,6 +135,31 @@ fn no_route_for_the_host_or_path_means_no_decision() {
 }
 
 /// Request line, headers, and the track it must go to.
+#[test]
+fn header_values_in_utf8_beyond_ascii_are_matched() {
+    let t = table(
+        r#"
+  - path_prefix: /
+    rules:
+      - { match: { header: { name: x-user, exact: "Zoë" } }, to: canary }
+      - { match: { header: { name: x-team, regex: "^équipe-[0-9]+$" } }, to: shadow }
+    split: { stable: 10000 }
+"#,
+    );
+    let with = |name: &str, value: &[u8]| {
+        let mut r = req("GET h/", &[]);
+        r.headers.append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_bytes(value).unwrap(),
+        );
+        track_of(&t, &r)
+    };
+    assert_eq!(with("x-user", "Zoë".as_bytes()), "canary");
+    assert_eq!(with("x-team", "équipe-7".as_bytes()), "shadow");
+    // Not UTF-8: never equal to a value, but no failure either.
+    assert_eq!(with("x-user", b"Zo\xeb"), "stable");
+}
+
 type Case = (
     &'static str,
     &'static [(&'static str, &'static str)],
