@@ -343,6 +343,14 @@ impl Builder<'_> {
                     );
                     return None;
                 }
+                if s.max_age == Some(0) {
+                    self.error(
+                        &field.field("max_age"),
+                        "max_age 0 makes the cookie expire at once, so no user would stay put",
+                        "give the seconds a user keeps their bucket (default 2592000, 30 days)",
+                    );
+                    return None;
+                }
                 Some(Some(Sticky::Cookie {
                     name: name.clone(),
                     max_age: s.max_age.unwrap_or(DEFAULT_MAX_AGE),

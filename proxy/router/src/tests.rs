@@ -407,7 +407,7 @@ routes:
         proxy.yaml:3:24: error: tracks.canary.backends[0]: "nope" is not a `host:port` address; write it as `10.0.0.1:8080` or `svc.local:80`
         proxy.yaml:8:26: error: routes[0].rules[0].match.header: more than one test; keep one of: exact, prefix, regex, present, absent; use several rules to combine
         proxy.yaml:9:13: error: routes[0].rules[0].to: unknown track "canery"; did you mean "canary"?
-        proxy.yaml:10:44: error: routes[0].rules[1].match.cookie.regex: bad regex: error: unclosed group; see https://docs.rs/regex for the syntax
+        proxy.yaml:10:44: error: routes[0].rules[1].match.cookie.regex: bad regex "([a-z]": unclosed group; check its brackets, parentheses and escapes; the syntax is at https://docs.rs/regex
         proxy.yaml:12:16: error: routes[0].rules[2].match: no condition; add one of: header, cookie, query, method
         proxy.yaml:14:12: error: routes[0].split: shares sum to 9500, not 10000; shares are basis points: 10000 is 100%, 500 is 5%
         proxy.yaml:15:13: error: routes[0].sticky: needs exactly one of `cookie` or `header`; write `sticky: { cookie: fleet-bucket }` or `sticky: { header: x-user-id }`
@@ -416,6 +416,20 @@ routes:
         proxy.yaml:17:5: error: routes[1]: same host and path as routes[0], so it can never be chosen; merge the two routes or change host or path
         proxy.yaml:19:11: error: routes[2].host: bad host "bad host"; write `example.com`, `*.example.com` or `*` (no port)
         proxy.yaml:20:11: error: routes[2].path: bad path "nope"; start with `/`, without query or fragment"#]]
+    .assert_eq(&text.join("\n"));
+}
+
+#[test]
+fn a_sticky_cookie_that_expires_at_once_is_refused() {
+    let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { split: { stable: 10000 }, sticky: { cookie: b, max_age: 0 } }\n";
+    let text: Vec<String> = load(src)
+        .unwrap_err()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    expect_test::expect![[
+        r#"3:63: error: routes[0].sticky.max_age: max_age 0 makes the cookie expire at once, so no user would stay put; give the seconds a user keeps their bucket (default 2592000, 30 days)"#
+    ]]
     .assert_eq(&text.join("\n"));
 }
 

@@ -113,17 +113,15 @@ impl Builder<'_> {
                         built
                     }
                     Err(e) => {
-                        let message = e
-                            .to_string()
-                            .lines()
-                            .last()
-                            .unwrap_or_default()
-                            .trim()
-                            .to_string();
+                        // The last line says what is wrong (the lines before quote the
+                        // pattern as wrapped here).
+                        let text = e.to_string();
+                        let message = text.lines().last().unwrap_or_default().trim();
+                        let message = message.strip_prefix("error: ").unwrap_or(message);
                         self.error(
                             &at.field("regex"),
-                            format!("bad regex: {message}"),
-                            "see https://docs.rs/regex for the syntax",
+                            format!("bad regex \"{re}\": {message}"),
+                            "check its brackets, parentheses and escapes; the syntax is at https://docs.rs/regex",
                         );
                         return None;
                     }
