@@ -406,9 +406,29 @@ async fn serve_http2<S: Socket>(
         .max_concurrent_streams(1_000);
     let service = hyper_service(shared, conn);
     let mut http = pin!(builder.serve_connection(TokioIo::new(io), service));
-    tokio::select! {
-        done = http.as_mut() => return done,
-        _ = stopped(drain) => http.as_mut().graceful_shutdown(),
+    // Closed (GOAWAY, then the end once streams are done) on a drain, or when a whole
+    // `idle_timeout` went by with no request in flight and none new: one to two of them
+    // after the last, or after the preface of a client that never asks anything.
+    let idle = limits.idle_timeout;
+    let mut seen = conn.requests.load(Relaxed);
+    let draining = loop {
+        tokio::select! {
+            done = http.as_mut() => return done,
+            _ = stopped(drain) => break true,
+            () = tokio::time::sleep(idle) => {
+                let now = conn.requests.load(Relaxed);
+                if now == seen && conn.in_flight.load(Relaxed) == 0 {
+                    break false;
+                }
+                seen = now;
+            }
+        }
+    };
+    http.as_mut().graceful_shutdown();
+    if draining {
+        return http.await;
     }
-    http.await
+    // hyper's graceful close waits for the client to answer a PING; an idle client that never
+    // does is dropped after one more `idle_timeout`.
+    tokio::time::timeout(idle, http).await.unwrap_or(Ok(()))
 }

@@ -81,6 +81,31 @@ async fn a_connection_idle_for_longer_than_idle_timeout_is_closed() {
     proxy.stop().await;
 }
 
+/// An HTTP/2 connection with no request in flight is closed after `idle_timeout` as well,
+/// one that never made a request included: else a client that sends the preface and then
+/// nothing would hold a place under `max_connections` for good.
+#[tokio::test]
+async fn an_http2_connection_without_requests_for_longer_than_idle_timeout_is_closed() {
+    let (proxy, _b) = stable_proxy("limits: { idle_timeout: 300ms }\n").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // The preface and an empty SETTINGS frame, then silence.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5 s")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_drain_closes_idle_connections_at_once_instead_of_waiting_for_its_deadline() {
     let (mut proxy, _b) = stable_proxy("drain_timeout: 30s\n").await;
