@@ -101,7 +101,8 @@ impl Outgoing {
 }
 
 /// Sends the request to the track's backends, round robin from `start`, skipping ejected
-/// ones; retries only when `retryable`, and never once response headers arrived.
+/// ones; retries when `retryable`, or when a try sent nothing (no connection could be had)
+/// and the request is still whole; never once response headers arrived.
 pub async fn send(
     cfg: &Upstream,
     backends: &[Arc<Backend>],
@@ -113,9 +114,10 @@ pub async fn send(
     // both count from here.
     let now = Instant::now();
     let deadline = now + cfg.request_timeout;
-    let tries = if out.retryable { cfg.retries + 1 } else { 1 };
+    let tries = cfg.retries + 1;
     let mut failure = None;
     for attempt in 0..tries {
+        let had_body = out.body.is_some();
         let Some(backend) = pick(backends, start + attempt as usize) else {
             return Err(Failure::NoHealthyBackend(track.to_string()));
         };
@@ -138,19 +140,16 @@ pub async fn send(
             Err(e) => Err(e),
             // HTTP/1.1 goes out on fleet-proxy's own client, but for switching protocols; the
             // rest on hyper's. (CONNECT never comes here: the service refuses it.)
-            Ok(false) if !out.upgrade() => {
-                let body = out.body.take();
-                h1::request(
-                    backend,
-                    &out.parts,
-                    out.marked,
-                    body,
-                    cfg.connect_timeout,
-                    (this_try, deadline),
-                )
-                .await
-                .map(|resp| resp.map(UpstreamBody::Own))
-            }
+            Ok(false) if !out.upgrade() => h1::request(
+                backend,
+                &out.parts,
+                out.marked,
+                &mut out.body,
+                cfg.connect_timeout,
+                (this_try, deadline),
+            )
+            .await
+            .map(|resp| resp.map(UpstreamBody::Own)),
             Ok(http2) => {
                 let (req, body_failed) = build(out, backend, http2, attempt + 1 == tries)?;
                 let sending = pool::request(backend, req, http2, cfg.connect_timeout);
@@ -168,6 +167,12 @@ pub async fn send(
                 })
             }
         };
+        // Nothing went out: no connection was had (refused, timed out, none free).
+        let unsent = matches!(
+            sent,
+            Err(Error::Connect(_) | Error::ConnectTimeout | Error::Saturated)
+        ) && (out.body.is_some() || !had_body)
+            && !out.upgrade();
         match sent {
             Ok(resp) => {
                 if silent {
@@ -198,6 +203,9 @@ pub async fn send(
                 Some(busy @ Failure::Saturated(_)) => busy,
                 _ => Failure::Timeout,
             });
+        }
+        if !out.retryable && !unsent {
+            break;
         }
     }
     Err(failure.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())))

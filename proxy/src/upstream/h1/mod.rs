@@ -260,12 +260,14 @@ impl Conn {
 }
 
 /// Sends a request to `backend` on a pooled connection, or on a new one; fails with
-/// [`Error::TimedOut`] if the response head has not come by `deadline`.
+/// [`Error::TimedOut`] if the response head has not come by `deadline`. The body is taken
+/// only once there is a connection: when none could be had, nothing was sent, and the
+/// request may go to another backend whole.
 pub async fn request(
     backend: &Arc<Backend>,
     parts: &http::request::Parts,
     marked: bool,
-    body: Option<Body>,
+    body: &mut Option<Body>,
     connect_timeout: Duration,
     (deadline, limit): (Instant, Instant),
 ) -> Result<Response<ResponseBody>, Error> {
@@ -274,7 +276,7 @@ pub async fn request(
         // Boxed: connecting is rare next to reuse.
         None => Box::pin(Conn::connect(backend, connect_timeout, deadline, limit)).await?,
     };
-    let (head, pump) = conn.exchange(parts, marked, body).await?;
+    let (head, pump) = conn.exchange(parts, marked, body.take()).await?;
     let mut body = ResponseBody {
         conn: Some(conn),
         pump,
