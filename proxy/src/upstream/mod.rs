@@ -119,9 +119,11 @@ pub async fn send(
     for attempt in 0..tries {
         let had_body = out.body.is_some();
         let Some(backend) = pick(backends, start + attempt as usize) else {
-            return Err(Failure::NoHealthyBackend(track.to_string()));
+            // A try before may have ejected the last one: its failure is the answer.
+            return Err(failure.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())));
         };
-        let this_try = match (out.retryable, attempt) {
+        // Without retries, a try has the whole request timeout.
+        let this_try = match (out.retryable && cfg.retries > 0, attempt) {
             (false, _) => deadline,
             (true, 0) => deadline.min(now + cfg.per_try_timeout),
             (true, _) => deadline.min(Instant::now() + cfg.per_try_timeout),

@@ -171,6 +171,21 @@ async fn a_backend_slower_than_the_request_timeout_gets_504() {
     proxy.stop().await;
 }
 
+/// With `retries: 0` there is no other try to make room for: the one try has the whole
+/// request timeout, not the per-try timeout.
+#[tokio::test]
+async fn without_retries_a_try_has_the_whole_request_timeout() {
+    let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(400))).await;
+    let proxy = Proxy::start(&config(
+        &[slow.addr],
+        "{ request_timeout: 5s, per_try_timeout: 100ms, retries: 0 }",
+    ))
+    .await;
+    let (status, _, body) = crate::support::get(&proxy.url("/")).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    proxy.stop().await;
+}
+
 /// A client slower with its body than the request timeout is the client's doing: 408, and
 /// the backend waiting for the rest is not counted as failing (else a few slow uploads would
 /// eject every backend of a track).
@@ -434,7 +449,7 @@ async fn a_reused_connection_times_out_at_its_own_request_deadline() {
     let (addr, conns) = (backend.addr, backend.conns.clone());
     let proxy = Proxy::start(&config(
         &[addr],
-        "{ per_try_timeout: 300ms, retries: 0, eject_after: 1000 }",
+        "{ request_timeout: 300ms, retries: 0, eject_after: 1000 }",
     ))
     .await;
     let c = client();
