@@ -293,6 +293,16 @@ impl Builder<'_> {
             );
             return None;
         }
+        // Requests are matched in this form (`crate::path`): a path in another would never be.
+        let normal = crate::path::normalize(path);
+        if normal != path {
+            self.error(
+                &at.field(field),
+                format!("path \"{path}\" is matched as \"{normal}\""),
+                format!("write \"{normal}\""),
+            );
+            return None;
+        }
         Some(make(path.to_string()))
     }
 

@@ -7,6 +7,7 @@
 
 mod check;
 pub mod pace;
+mod path;
 mod rule;
 pub mod spec;
 mod split;

@@ -240,10 +240,11 @@ impl Table {
             true => Cow::Owned(req.host.to_ascii_lowercase()),
             false => Cow::Borrowed(req.host),
         };
+        let path = crate::path::normalize(req.path);
         let first_for_path = |ids: &[RouteId]| {
             ids.iter()
                 .copied()
-                .find(|id| self.routes[id.0].path.matches(req.path))
+                .find(|id| self.routes[id.0].path.matches(&path))
         };
         self.exact
             .get(host.as_ref())

@@ -122,6 +122,41 @@ fn the_most_specific_host_then_the_most_specific_path_wins() {
 }
 
 #[test]
+fn a_path_is_matched_as_a_backend_resolves_it() {
+    let t = table(
+        r#"
+  - { name: root, path_prefix: /, split: { stable: 10000 } }
+  - { name: admin, path_prefix: /admin, split: { stable: 10000 } }
+"#,
+    );
+    for path in [
+        "/admin",
+        "/public/../admin",
+        "/public/%2e%2e/admin/x",
+        "/%61dmin",
+        "//admin",
+        "/./admin",
+    ] {
+        let r = req(&format!("GET h{path}"), &[]);
+        let got = t.select(&r.view()).map(|id| t.route(id).name().to_string());
+        assert_eq!(got.as_deref(), Some("admin"), "{path}");
+    }
+    let r = req("GET h/admin%2Fx", &[]);
+    let got = t.select(&r.view()).map(|id| t.route(id).name().to_string());
+    assert_eq!(
+        got.as_deref(),
+        Some("root"),
+        "an escaped slash ends no segment"
+    );
+    // A route's own path must be in that form, or no request would ever match it.
+    let diags = load("tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { path_prefix: /a/../b, split: { stable: 10000 } }\n").unwrap_err();
+    assert_eq!(
+        diags[0].to_string(),
+        r#"3:20: error: routes[0].path_prefix: path "/a/../b" is matched as "/b"; write "/b""#
+    );
+}
+
+#[test]
 fn no_route_for_the_host_or_path_means_no_decision() {
     let t = table("  - { host: example.com, path_prefix: /api, split: { stable: 10000 } }\n");
     assert!(
