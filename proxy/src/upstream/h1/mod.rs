@@ -173,7 +173,7 @@ impl Conn {
             Some(body) => Some(Box::new(Pump::new(out, body, added == Added::Chunked))),
         };
         let mut failed = false;
-        let head = std::future::poll_fn(|cx| {
+        let mut head = std::future::poll_fn(|cx| {
             let pumped = self.poll_pump(&mut pump, cx);
             let head = self.poll_timed(cx, |c, cx| c.poll_head(&parts.method, cx));
             match (head, pumped) {
@@ -186,15 +186,15 @@ impl Conn {
                 (head, Ok(())) => head,
             }
         })
-        .await;
-        let mut head = match head {
+        .await
+        .map_err(|e| match e {
             // The deadline came while the client was still sending: its doing, not the
             // backend's.
-            Err(Error::TimedOut) if pump.as_ref().is_some_and(|p| p.waits_for_the_client()) => {
-                return Err(Error::ClientTooSlow);
+            Error::TimedOut if pump.as_ref().is_some_and(|p| p.waits_for_the_client()) => {
+                Error::ClientTooSlow
             }
-            head => head?,
-        };
+            e => e,
+        })?;
         // An answer that came before the whole request went out: the backend may not have
         // read the rest, which it would take for the next request. Not reused.
         head.keep_alive &= !failed && pump.is_none();
