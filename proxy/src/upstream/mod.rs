@@ -169,13 +169,7 @@ pub async fn send(
                 })
             }
         };
-        // Nothing went out: no connection was had (refused, timed out, none free).
-        let unsent = matches!(
-            sent,
-            Err(Error::Connect(_) | Error::ConnectTimeout | Error::Saturated)
-        ) && (out.body.is_some() || !had_body)
-            && !out.upgrade();
-        match sent {
+        let e = match sent {
             Ok(resp) => {
                 if silent {
                     backend.heard_http2(false);
@@ -183,14 +177,23 @@ pub async fn send(
                 backend.answered(resp.status(), cfg);
                 return Ok(resp);
             }
-            Err(e @ (Error::Body(_) | Error::ClientTooSlow)) => return Err(Failure::ClientBody(e)),
+            Err(e) => e,
+        };
+        // Nothing went out: no connection was had (refused, timed out, none free).
+        let unsent = matches!(
+            e,
+            Error::Connect(_) | Error::ConnectTimeout | Error::Saturated
+        ) && (out.body.is_some() || !had_body)
+            && !out.upgrade();
+        match e {
+            e @ (Error::Body(_) | Error::ClientTooSlow) => return Err(Failure::ClientBody(e)),
             // Busy, not failing: no count towards ejection; the next try goes elsewhere.
-            Err(Error::Saturated) => failure = Some(Failure::Saturated(track.to_string())),
-            Err(Error::TimedOut) => {
+            Error::Saturated => failure = Some(Failure::Saturated(track.to_string())),
+            Error::TimedOut => {
                 backend.failed(cfg);
                 failure = Some(Failure::Timeout);
             }
-            Err(e) => {
+            e => {
                 tracing::debug!(backend = %backend.addr, error = %e, attempt, "upstream try failed");
                 if out.auto && (over_http2 || silent) {
                     // It may have stopped speaking HTTP/2: ask again next time.
