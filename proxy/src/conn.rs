@@ -219,14 +219,22 @@ fn hyper_service(
                 }
             }
         };
-        let shared = shared.clone();
+        let (shared, conn) = (shared.clone(), conn.clone());
         async move {
-            let resp = match handling {
+            let mut resp = match handling {
                 Err(refused) => refused,
                 // The proxy itself never fails (`Infallible`): the stack's one error is
                 // `Overloaded`, from the shedding layer.
                 Ok(handling) => handling.await.unwrap_or_else(|_| overloaded(&shared)),
             };
+            // The raw scan reads no further than a head asking to switch protocols: unless
+            // the connection becomes a tunnel, it closes after this answer, whoever gave it
+            // (hyper would frame a request behind it with two equal lengths, or a length and
+            // chunked, quietly).
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS && conn.seen.stopped_at_upgrade() {
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok(resp.map(|body| Tracked {
                 body,
                 _guard: guard,

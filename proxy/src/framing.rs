@@ -39,9 +39,19 @@ pub struct Seen {
     read_blocked: AtomicBool,
     /// The last write or flush could not finish.
     write_blocked: AtomicBool,
+    /// The scan stopped at a head asking to switch protocols (`Upgrade`, `CONNECT`): what
+    /// follows on the connection is not read by it.
+    stopped_at_upgrade: AtomicBool,
 }
 
 impl Seen {
+    /// Whether the scan stopped at a head asking to switch protocols. Unless the connection
+    /// then became a tunnel, it must close after that answer: a request behind it would go
+    /// unscanned.
+    pub fn stopped_at_upgrade(&self) -> bool {
+        self.stopped_at_upgrade.load(Relaxed)
+    }
+
     /// The verdict on the next HTTP/1 request of the connection, if the scan saw its head.
     pub fn next(&self) -> Option<Verdict> {
         crate::lock(&self.verdicts).pop_front()
@@ -275,6 +285,9 @@ impl<I> Scan<I> {
             _ => Verdict::Clean,
         };
         self.seen.push(verdict);
+        if facts.upgrade {
+            self.seen.stopped_at_upgrade.store(true, Relaxed);
+        }
         if verdict != Verdict::Clean || facts.upgrade {
             return State::Off;
         }

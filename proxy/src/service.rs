@@ -40,11 +40,6 @@ pub(crate) fn handle(
         return Err(Box::new(resp));
     }
     let survey = Survey::of(req.headers());
-    // The raw scan of an HTTP/1 connection stops at a head with `Upgrade`: unless the
-    // connection becomes a tunnel, it closes after the answer, so that no request after it
-    // goes unscanned (hyper would frame one with two equal lengths, or a length and chunked,
-    // quietly).
-    let close = req.version() < Version::HTTP_2 && survey.names_upgrade();
     let settled = survey
         .framing(req.headers(), req.version())
         .and_then(|()| survey.settle_host(&mut req));
@@ -68,8 +63,7 @@ pub(crate) fn handle(
         .decide(&RequestView::of(&req), &mut || rand::random())
     else {
         shared.stats.global.no_route.fetch_add(1, Relaxed);
-        let resp = plain(StatusCode::NOT_FOUND, "no route");
-        return Err(Box::new(if close { closing(resp) } else { resp }));
+        return Err(Box::new(plain(StatusCode::NOT_FOUND, "no route")));
     };
     tracing::debug!(
         method = %req.method(),
@@ -86,7 +80,6 @@ pub(crate) fn handle(
         decision,
         out,
         recorded: false,
-        close,
     })
 }
 
@@ -100,8 +93,6 @@ pub(crate) struct Forward {
     out: Outgoing,
     /// The outcome is counted; until then, dropping it counts the client as gone.
     recorded: bool,
-    /// The connection closes after the answer unless it becomes a tunnel.
-    close: bool,
 }
 
 /// Counted for a request whose client went away (closed its connection, reset its stream)
@@ -155,7 +146,7 @@ impl Forward {
                 Err(f) => {
                     let resp = failure(&f);
                     self.record(resp.status().as_u16(), f.is_upstream());
-                    return if self.close { closing(resp) } else { resp };
+                    return resp;
                 }
             };
             self.record(resp.status().as_u16(), false);
@@ -165,9 +156,6 @@ impl Forward {
                 }
             } else {
                 headers::strip_response(resp.headers_mut());
-                if self.close {
-                    resp = closing(resp);
-                }
             }
             let (mut parts, body) = resp.into_parts();
             if let Some(cookie) = self
@@ -329,10 +317,7 @@ fn bad_request(reason: &str) -> Response<Body> {
 }
 
 fn refuse_and_close(status: StatusCode, reason: &str) -> Response<Body> {
-    closing(plain(status, reason))
-}
-
-fn closing<B>(mut resp: Response<B>) -> Response<B> {
+    let mut resp = plain(status, reason);
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp

@@ -171,12 +171,6 @@ impl Survey {
     /// to h2c: that would hand the client an HTTP/2 connection straight to the backend, its
     /// requests neither routed nor counted nor given forwarding headers. A server may ignore
     /// an `Upgrade` (RFC 9110 §7.8): the request then goes on without it.
-    /// The head has an `Upgrade` field, whether or not it asks for a switch that is made: the
-    /// raw framing scan reads no further than such a head (see [`crate::framing`]).
-    pub fn names_upgrade(&self) -> bool {
-        self.hops[UPGRADE] > 0
-    }
-
     pub fn wants_upgrade(&self, h: &HeaderMap, version: Version) -> bool {
         version == Version::HTTP_11
             && self.hops[UPGRADE] > 0

@@ -268,6 +268,20 @@ async fn proxy_at_its_request_limit() -> (Proxy, tokio::task::JoinHandle<Answer>
     (proxy, busy, slow)
 }
 
+/// The same when the proxy itself refuses the request asking to upgrade (here: shed for
+/// overload): the connection closes, and the ambiguous request behind is never read.
+#[tokio::test]
+async fn a_request_asking_to_upgrade_that_is_shed_closes_its_connection() {
+    let (proxy, first, slow) = proxy_at_its_request_limit().await;
+    let raw = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nContent-Length: 40\r\n\r\n";
+    let (text, closed) = exchange(proxy.addr, raw).await;
+    assert_eq!(statuses(&text), ["503"], "{text}");
+    assert!(closed, "connection kept open");
+    first.await.unwrap().unwrap();
+    assert_eq!(slow.hits(), 1);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn requests_over_max_requests_in_flight_get_503_at_once_and_are_counted() {
     let (proxy, first, _slow) = proxy_at_its_request_limit().await;
