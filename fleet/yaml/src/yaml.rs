@@ -27,17 +27,6 @@ pub struct Node {
     pub value: Value,
 }
 
-impl Node {
-    /// How many nodes this one holds, itself included.
-    pub fn count(&self) -> usize {
-        1 + match &self.value {
-            Value::Scalar { .. } => 0,
-            Value::Seq(items) => items.iter().map(Node::count).sum(),
-            Value::Map(entries) => entries.iter().map(|e| e.value.count()).sum(),
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     /// A scalar as written; `plain` is false for quoted and block scalars, which are always
@@ -105,52 +94,55 @@ pub fn parse(src: &str) -> Result<Node, SyntaxError> {
     })
 }
 
-/// At most this many nodes may come from aliases in one document. Each alias is a copy of
-/// its anchor's node, so a few lines of aliases of aliases would otherwise build billions
-/// ("billion laughs"), from a config file or a `PUT /routes` body alike.
-pub const MAX_ALIASED_NODES: usize = 1_000_000;
+/// At most this many bytes (a node's own size, plus its text) may be copied in building one
+/// document. Each anchor keeps a copy of its node and each alias makes one, so a few lines of
+/// aliases of aliases, nested anchors or one long string aliased many times would otherwise
+/// build gigabytes ("billion laughs"), from a config file or a `PUT /routes` body alike.
+pub const MAX_COPIED_BYTES: usize = 64 << 20;
+/// Collections nest at most this deep (a tree much deeper would overflow the stack when it
+/// is cloned or dropped).
+pub const MAX_DEPTH: usize = 256;
+/// What one node costs, beyond its text.
+const NODE_BYTES: usize = std::mem::size_of::<Node>();
 
 /// Turns the event stream into nodes: a stack of open collections, each with the key that
 /// waits for its value when it is a mapping.
 #[derive(Default)]
 struct Builder {
     stack: Vec<Open>,
-    /// Each anchor's node, with how many nodes it holds.
-    anchors: Vec<(usize, Node, usize)>,
-    /// Nodes copied from anchors so far.
-    aliased: usize,
+    /// Each anchor's node and its size in bytes, by id (the parser numbers anchors from 1, a
+    /// new number for each, even for a name used again).
+    anchors: std::collections::HashMap<usize, (Node, usize)>,
+    /// Bytes copied for anchors and aliases so far.
+    copied: usize,
 }
 
 struct Open {
     node: Node,
     anchor: usize,
     pending_key: Option<(String, Pos)>,
+    /// Bytes of what it holds so far.
+    bytes: usize,
 }
 
 impl Builder {
     fn push(&mut self, event: Event<'_>, span: Span) -> Result<Option<Node>, SyntaxError> {
         let pos = Pos::from_span(span);
-        let (node, anchor) = match event {
+        let (node, anchor, bytes) = match event {
             Event::Scalar(text, style, anchor, _tag) => {
                 let plain = matches!(style, ScalarStyle::Plain);
+                let bytes = NODE_BYTES + text.len();
                 let value = Value::Scalar {
                     text: text.into_owned(),
                     plain,
                 };
-                (Node { pos, value }, anchor)
+                (Node { pos, value }, anchor, bytes)
             }
-            Event::Alias(id) => match self.anchors.iter().rev().find(|(a, ..)| *a == id) {
-                Some((_, node, size)) => {
-                    self.aliased += size;
-                    if self.aliased > MAX_ALIASED_NODES {
-                        return Err(SyntaxError {
-                            pos,
-                            message: format!(
-                                "aliases expand to more than {MAX_ALIASED_NODES} nodes; write the repeated parts out instead"
-                            ),
-                        });
-                    }
-                    (node.clone(), 0)
+            Event::Alias(id) => match self.anchors.get(&id) {
+                Some((node, bytes)) => {
+                    let (node, bytes) = (node.clone(), *bytes);
+                    self.copy(bytes, pos)?;
+                    (node, 0, bytes)
                 }
                 None => {
                     return Err(SyntaxError {
@@ -160,15 +152,15 @@ impl Builder {
                 }
             },
             Event::SequenceStart(anchor, _) => {
-                self.open(pos, Value::Seq(Vec::new()), anchor);
+                self.open(pos, Value::Seq(Vec::new()), anchor)?;
                 return Ok(None);
             }
             Event::MappingStart(anchor, _) => {
-                self.open(pos, Value::Map(Vec::new()), anchor);
+                self.open(pos, Value::Map(Vec::new()), anchor)?;
                 return Ok(None);
             }
             Event::SequenceEnd | Event::MappingEnd => match self.stack.pop() {
-                Some(open) => (open.node, open.anchor),
+                Some(open) => (open.node, open.anchor, NODE_BYTES + open.bytes),
                 None => return Ok(None),
             },
             Event::DocumentEnd | Event::StreamEnd => {
@@ -177,24 +169,50 @@ impl Builder {
             _ => return Ok(None),
         };
         if anchor != 0 {
-            self.anchors.push((anchor, node.clone(), node.count()));
+            // Counted before it is made: a copy over the budget is never made.
+            self.copy(bytes, pos)?;
+            self.anchors.insert(anchor, (node.clone(), bytes));
         }
-        self.attach(node)
+        self.attach(node, bytes)
     }
 
-    fn open(&mut self, pos: Pos, value: Value, anchor: usize) {
+    /// Counts a copy of `bytes` against the document's budget.
+    fn copy(&mut self, bytes: usize, pos: Pos) -> Result<(), SyntaxError> {
+        self.copied = self.copied.saturating_add(bytes);
+        if self.copied > MAX_COPIED_BYTES {
+            return Err(SyntaxError {
+                pos,
+                message: format!(
+                    "anchors and aliases copy more than {} MiB; write the repeated parts out instead",
+                    MAX_COPIED_BYTES >> 20
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, pos: Pos, value: Value, anchor: usize) -> Result<(), SyntaxError> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(SyntaxError {
+                pos,
+                message: format!("lists and mappings nest deeper than {MAX_DEPTH} levels"),
+            });
+        }
         self.stack.push(Open {
             node: Node { pos, value },
             anchor,
             pending_key: None,
+            bytes: 0,
         });
+        Ok(())
     }
 
     /// Hands a finished node to its parent; returns it when it is the document's root.
-    fn attach(&mut self, node: Node) -> Result<Option<Node>, SyntaxError> {
+    fn attach(&mut self, node: Node, bytes: usize) -> Result<Option<Node>, SyntaxError> {
         let Some(parent) = self.stack.last_mut() else {
             return Ok(Some(node));
         };
+        parent.bytes = parent.bytes.saturating_add(bytes);
         match &mut parent.node.value {
             Value::Seq(items) => items.push(node),
             Value::Map(entries) => match parent.pending_key.take() {
@@ -257,19 +275,52 @@ mod tests {
         assert_eq!(entries[0].value.value, entries[1].value.value);
     }
 
-    #[test]
-    fn aliases_of_aliases_stop_at_a_million_nodes() {
-        // Nine levels of ten aliases each: a billion scalars from a few hundred bytes.
+    /// Nine levels of ten aliases each: a billion scalars from a few hundred bytes.
+    fn laughs() -> String {
         let mut src = String::from("a0: &a0 [x]\n");
         for i in 1..=9 {
             let refs = vec![format!("*a{}", i - 1); 10].join(", ");
             src.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
         }
-        let err = parse(&src).unwrap_err();
-        assert!(err.message.contains("more than 1000000 nodes"), "{err:?}");
+        src
+    }
+
+    #[test]
+    fn copies_by_anchors_and_aliases_stop_at_the_budget() {
+        let refused = |src: &str| parse(src).unwrap_err().message;
+        assert!(refused(&laughs()).contains("copy more than 64 MiB"));
+        // One long string aliased many times.
+        let long = "x".repeat(1 << 20);
+        let many = vec!["*s"; 100].join(", ");
+        assert!(refused(&format!("s: &s \"{long}\"\nl: [{many}]\n")).contains("copy more than"));
+        // Anchors nested in anchors copy without any alias.
+        let big = vec!["x"; 200_000].join(", ");
+        let mut nested = format!("[{big}]");
+        for _ in 0..200 {
+            nested = format!("&a [{nested}]");
+        }
+        assert!(refused(&format!("n: {nested}\n")).contains("copy more than"));
         // A few aliases, as configs use them, are fine.
         let node = parse("a: &x [1, 2]\nb: [*x, *x, *x]\n").unwrap();
-        assert_eq!(node.count(), 14);
+        let Value::Map(entries) = &node.value else {
+            panic!("not a map")
+        };
+        assert_eq!(
+            entries[1].value.value,
+            Value::Seq(vec![entries[0].value.clone(); 3])
+        );
+    }
+
+    #[test]
+    fn nesting_stops_at_its_limit() {
+        // Flow collections: the parser has a limit of its own.
+        let deep = format!("{}x{}", "[".repeat(300), "]".repeat(300));
+        assert!(parse(&deep).is_err());
+        let block: String = (0..300)
+            .map(|i| format!("{}- \n", "  ".repeat(i)))
+            .collect();
+        let err = parse(&block).unwrap_err();
+        assert!(err.message.contains("nest deeper than 256"), "{err:?}");
     }
 
     #[test]
