@@ -414,21 +414,24 @@ async fn serve_http2<S: Socket>(
         .max_concurrent_streams(1_000);
     let service = hyper_service(shared, conn);
     let mut http = pin!(builder.serve_connection(TokioIo::new(io), service));
-    // Closed (GOAWAY, then the end once streams are done) on a drain, or when a whole
-    // `idle_timeout` went by with no request in flight and none new: one to two of them
-    // after the last, or after the preface of a client that never asks anything.
+    // Closed (GOAWAY, then the end once streams are done) on a drain, or once a whole
+    // `idle_timeout` has gone by with no request in flight at either end of it and none
+    // begun in between: one to two of them after the last request ended, one after the
+    // preface of a client that never asks anything.
     let idle = limits.idle_timeout;
     let mut seen = conn.requests.load(Relaxed);
+    let mut quiet = true;
     let draining = loop {
         tokio::select! {
             done = http.as_mut() => return done,
             _ = stopped(drain) => break true,
             () = tokio::time::sleep(idle) => {
                 let now = conn.requests.load(Relaxed);
-                if now == seen && conn.in_flight.load(Relaxed) == 0 {
+                let none_in_flight = conn.in_flight.load(Relaxed) == 0;
+                if quiet && none_in_flight && now == seen {
                     break false;
                 }
-                seen = now;
+                (quiet, seen) = (none_in_flight, now);
             }
         }
     };
@@ -436,7 +439,14 @@ async fn serve_http2<S: Socket>(
     if draining {
         return http.await;
     }
-    // hyper's graceful close waits for the client to answer a PING; an idle client that never
-    // does is dropped after one more `idle_timeout`.
-    tokio::time::timeout(idle, http).await.unwrap_or(Ok(()))
+    // hyper's graceful close waits for the client to answer a PING, and serves streams begun
+    // before it does. A client that never answers is dropped once a whole `idle_timeout`
+    // passes with nothing in flight.
+    loop {
+        match tokio::time::timeout(idle, http.as_mut()).await {
+            Ok(done) => return done,
+            Err(_) if conn.in_flight.load(Relaxed) == 0 => return Ok(()),
+            Err(_) => {}
+        }
+    }
 }

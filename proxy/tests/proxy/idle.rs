@@ -106,6 +106,25 @@ async fn an_http2_connection_without_requests_for_longer_than_idle_timeout_is_cl
     proxy.stop().await;
 }
 
+/// A request in flight keeps an HTTP/2 connection open past `idle_timeout`, however long
+/// it takes, and the connection serves the next one after it.
+#[tokio::test]
+async fn an_http2_request_longer_than_idle_timeout_is_not_cut() {
+    use crate::support::{Backend, Mode, h2_client, send, stable_only};
+    use http_body_util::Full;
+    let slow = Backend::start("stable", Mode::Slow(Duration::from_millis(800))).await;
+    let proxy = Proxy::start(&stable_only("limits: { idle_timeout: 250ms }\n", slow.addr)).await;
+    let c = h2_client();
+    for _ in 0..2 {
+        let req = http::Request::get(proxy.url("/"))
+            .body(Full::default())
+            .unwrap();
+        let (status, _, body) = send(&c, req).await.expect("answered");
+        assert_eq!((status.as_u16(), body.as_str()), (200, "stable"));
+    }
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_drain_closes_idle_connections_at_once_instead_of_waiting_for_its_deadline() {
     let (mut proxy, _b) = stable_proxy("drain_timeout: 30s\n").await;
