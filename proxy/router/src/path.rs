@@ -7,7 +7,8 @@ use std::borrow::Cow;
 /// The path with `.` and `..` segments resolved (RFC 3986, section 5.2.4; never above the
 /// root), repeated slashes merged, and percent-encoded unreserved characters (letters,
 /// digits, `-`, `.`, `_`, `~`) decoded, as RFC 3986's section 6.2.2 allows. Other escapes stay
-/// as they are: `%2F` is not a segment's end. Borrowed, after one pass over its bytes, when
+/// escaped, in upper case (`%2f` is `%2F`): an escaped slash is not a segment's end. `;`
+/// parameters and `\` are left as they are. Borrowed, after one pass over its bytes, when
 /// there is nothing to do (nearly always).
 pub(crate) fn normalize(path: &str) -> Cow<'_, str> {
     if !path.starts_with('/') || !needs_work(path.as_bytes()) {
@@ -52,13 +53,17 @@ fn decode_unreserved(path: &str) -> Cow<'_, str> {
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
-        let decoded = (bytes[i] == b'%')
+        let escaped = (bytes[i] == b'%')
             .then(|| Some((hex(*bytes.get(i + 1)?)? << 4) | hex(*bytes.get(i + 2)?)?))
-            .flatten()
-            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'));
-        match decoded {
-            Some(c) => {
+            .flatten();
+        match escaped {
+            Some(c) if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
                 out.push(char::from(c));
+                i += 3;
+            }
+            Some(_) => {
+                out.push('%');
+                out.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
                 i += 3;
             }
             None => {
@@ -99,6 +104,7 @@ mod tests {
             ("/../../etc", "/etc"),
             ("/..", "/"),
             ("/a%2Fb", "/a%2Fb"),
+            ("/a%2fb", "/a%2Fb"),
             ("/a%20b", "/a%20b"),
             ("/caf%C3%A9/%7euser", "/caf%C3%A9/~user"),
             ("/100%", "/100%"),

@@ -469,6 +469,19 @@ fn a_sticky_cookie_that_expires_at_once_is_refused() {
 }
 
 #[test]
+fn a_regex_that_would_break_out_of_its_anchors_is_refused() {
+    let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - rules:\n      - { match: { header: { name: x, regex: \"x)|(.*\" } }, to: stable }\n    split: { stable: 10000 }\n";
+    let diags = load(src).unwrap_err();
+    assert!(
+        diags[0]
+            .to_string()
+            .contains(r#"bad regex "x)|(.*": unopened group"#),
+        "{}",
+        diags[0]
+    );
+}
+
+#[test]
 fn structural_errors_name_the_field_and_suggest_a_fix() {
     let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { split: { stable: 10000 }, stiky: { cookie: b } }\n";
     let text: Vec<String> = load(src)

@@ -103,10 +103,15 @@ impl Builder<'_> {
         if let Some(re) = &v.regex {
             let compiled = match self.regexes.get(re) {
                 Some(known) => known.clone(),
-                None => match RegexBuilder::new(&format!("^(?:{re})$"))
+                // Checked alone first: wrapped, `x)|(.*` would compile and match anything.
+                None => match RegexBuilder::new(re)
                     .size_limit(REGEX_SIZE_LIMIT)
                     .build()
-                {
+                    .and_then(|_| {
+                        RegexBuilder::new(&format!("^(?:{re})$"))
+                            .size_limit(REGEX_SIZE_LIMIT)
+                            .build()
+                    }) {
                     Ok(built) => {
                         let built = Arc::new(built);
                         self.regexes.insert(re.clone(), built.clone());

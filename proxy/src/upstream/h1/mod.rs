@@ -188,9 +188,12 @@ impl Conn {
         })
         .await
         .map_err(|e| match e {
-            // The deadline came while the client was still sending: its doing, not the
-            // backend's.
-            Error::TimedOut if pump.as_ref().is_some_and(|p| p.waits_for_the_client()) => {
+            // The deadline came while the client was still sending, and the backend had
+            // said nothing yet: the client's doing, not the backend's.
+            Error::TimedOut
+                if self.buf.is_empty()
+                    && pump.as_ref().is_some_and(|p| p.waits_for_the_client()) =>
+            {
                 Error::ClientTooSlow
             }
             e => e,
