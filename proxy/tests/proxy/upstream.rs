@@ -171,6 +171,52 @@ async fn a_backend_slower_than_the_request_timeout_gets_504() {
     proxy.stop().await;
 }
 
+/// `retries` extra tries, no more: five backends that hang up, `retries: 3`, four tries.
+#[tokio::test]
+async fn a_failing_request_is_tried_retries_plus_one_times() {
+    let mut hang_ups = Vec::new();
+    for _ in 0..5 {
+        hang_ups.push(RawBackend::start(|_| (Vec::new(), true)).await);
+    }
+    let addrs: Vec<_> = hang_ups.iter().map(|b| b.addr).collect();
+    let proxy = Proxy::start(&config(&addrs, "{ retries: 3, eject_after: 1000 }")).await;
+    let (status, _, _) = crate::support::get(&proxy.url("/")).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let tries: usize = hang_ups
+        .iter()
+        .map(|b| b.conns.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(tries, 4);
+    proxy.stop().await;
+}
+
+/// The request timeout bounds all the tries together: four backends slower than the per-try
+/// timeout would take 4 × 300 ms; the request ends at its 500 ms.
+#[tokio::test]
+async fn the_request_timeout_bounds_every_try_together() {
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        slow.push(Backend::start("slow", Mode::Slow(Duration::from_secs(5))).await);
+    }
+    let addrs: Vec<_> = slow.iter().map(|b| b.addr).collect();
+    let proxy = Proxy::start(&config(
+        &addrs,
+        "{ request_timeout: 500ms, per_try_timeout: 300ms, retries: 3, eject_after: 1000 }",
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let (status, _, _) = crate::support::get(&proxy.url("/")).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1100),
+        "{took:?}"
+    );
+    let tried: usize = slow.iter().map(Backend::hits).sum();
+    assert_eq!(tried, 2, "a second try at 300 ms, cut at 500 ms; no third");
+    proxy.stop().await;
+}
+
 /// With `retries: 0` there is no other try to make room for: the one try has the whole
 /// request timeout, not the per-try timeout.
 #[tokio::test]
