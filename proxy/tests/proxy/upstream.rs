@@ -217,6 +217,32 @@ async fn the_request_timeout_bounds_every_try_together() {
     proxy.stop().await;
 }
 
+/// Ejection ends: after `eject_for` the backend is tried again.
+#[tokio::test]
+async fn an_ejected_backend_is_tried_again_after_eject_for() {
+    let hangs_up = RawBackend::start(|_| (Vec::new(), true)).await;
+    let proxy = Proxy::start(&config(
+        &[hangs_up.addr],
+        "{ retries: 0, eject_after: 1, eject_for: 300ms }",
+    ))
+    .await;
+    let status = || async { crate::support::get(&proxy.url("/")).await.unwrap().0 };
+    assert_eq!(status().await, StatusCode::BAD_GATEWAY);
+    assert_eq!(status().await, StatusCode::SERVICE_UNAVAILABLE, "ejected");
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(5), || async {
+        status().await == StatusCode::BAD_GATEWAY
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(hangs_up.conns.load(Ordering::SeqCst), 2);
+    proxy.stop().await;
+}
+
 /// With `retries: 0` there is no other try to make room for: the one try has the whole
 /// request timeout, not the per-try timeout.
 #[tokio::test]
