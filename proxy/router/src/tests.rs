@@ -73,6 +73,13 @@ impl Req {
 }
 
 /// The track name a request goes to, with no randomness available.
+/// Every diagnostic for `src`, one a line.
+fn diagnostics(src: &str) -> String {
+    let diags = load(src).unwrap_err();
+    let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+    lines.join("\n")
+}
+
 fn track_of(t: &Table, r: &Req) -> String {
     let d = t
         .decide(&r.view(), &mut || panic!("needed randomness"))
@@ -457,15 +464,11 @@ routes:
 #[test]
 fn a_sticky_cookie_that_expires_at_once_is_refused() {
     let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { split: { stable: 10000 }, sticky: { cookie: b, max_age: 0 } }\n";
-    let text: Vec<String> = load(src)
-        .unwrap_err()
-        .iter()
-        .map(|d| d.to_string())
-        .collect();
+    let text = diagnostics(src);
     expect_test::expect![[
         r#"3:63: error: routes[0].sticky.max_age: max_age 0 makes the cookie expire at once, so no user would stay put; give the seconds a user keeps their bucket (default 2592000, 30 days)"#
     ]]
-    .assert_eq(&text.join("\n"));
+    .assert_eq(&text);
 }
 
 #[test]
@@ -484,31 +487,23 @@ fn a_regex_that_would_break_out_of_its_anchors_is_refused() {
 #[test]
 fn structural_errors_name_the_field_and_suggest_a_fix() {
     let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { split: { stable: 10000 }, stiky: { cookie: b } }\n";
-    let text: Vec<String> = load(src)
-        .unwrap_err()
-        .iter()
-        .map(|d| d.to_string())
-        .collect();
+    let text = diagnostics(src);
     expect_test::expect![[
         r#"3:33: error: routes[0].stiky: unknown field "stiky"; did you mean "sticky"?"#
     ]]
-    .assert_eq(&text.join("\n"));
+    .assert_eq(&text);
 }
 
 #[test]
 fn a_wrong_type_or_value_inside_a_track_or_a_split_is_named_with_its_place() {
     let src = "tracks:\n  stable: { backends: 127.0.0.1:1, protocol: h3 }\n  canary: { backends: [\"127.0.0.1:2\"] }\nroutes:\n  - { split: { stable: \"9500\", canary: -100 } }\n  - { host: a, split: { canary: 100 } }\n";
-    let text: Vec<String> = load(src)
-        .unwrap_err()
-        .iter()
-        .map(|d| d.to_string())
-        .collect();
+    let text = diagnostics(src);
     expect_test::expect![[r#"
         2:23: error: tracks.stable.backends: expected a list, found a string
         2:46: error: tracks.stable.protocol: unknown value "h3"; expected one of: auto, http1, h2c
         5:24: error: routes[0].split.stable: expected a whole number, found a string
         5:40: error: routes[0].split.canary: -100 is below the minimum of 0; use 0 or more"#]]
-    .assert_eq(&text.join("\n"));
+    .assert_eq(&text);
 }
 
 #[test]
@@ -525,15 +520,11 @@ fn json_is_read_like_yaml() {
 fn json_with_a_repeated_key_is_refused_like_yaml_with_one() {
     let src = r#"{"tracks": {"stable": {"backends": ["127.0.0.1:1"]}},
  "routes": [{"split": {"stable": 10000, "stable": 10000}}]}"#;
-    let text: Vec<String> = load(src)
-        .unwrap_err()
-        .iter()
-        .map(|d| d.to_string())
-        .collect();
+    let text = diagnostics(src);
     expect_test::expect![[
         r#"2:41: error: routes[0].split.stable: duplicate key "stable"; keep one of them"#
     ]]
-    .assert_eq(&text.join("\n"));
+    .assert_eq(&text);
 }
 
 #[test]

@@ -65,20 +65,22 @@ async fn a_connection_idle_for_longer_than_idle_timeout_is_closed() {
     let (proxy, _b) = stable_proxy("limits: { idle_timeout: 300ms }\n").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     get_on(&mut s).await;
+    // One second of quiet before it parks, then the idle timeout.
+    let (waited, rest) = closed(&mut s).await;
+    assert!(rest.is_empty());
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    proxy.stop().await;
+}
+
+/// How long until the proxy closes `s`, and what it sent before; within 5 s.
+async fn closed(s: &mut TcpStream) -> (Duration, Vec<u8>) {
     let started = Instant::now();
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
         .await
         .expect("closed within 5 s")
         .unwrap();
-    assert!(rest.is_empty());
-    // One second of quiet before it parks, then the idle timeout.
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "{:?}",
-        started.elapsed()
-    );
-    proxy.stop().await;
+    (started.elapsed(), rest)
 }
 
 /// An HTTP/2 connection with no request in flight is closed after `idle_timeout` as well,
@@ -92,17 +94,8 @@ async fn an_http2_connection_without_requests_for_longer_than_idle_timeout_is_cl
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
         .unwrap();
-    let started = Instant::now();
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
-        .await
-        .expect("closed within 5 s")
-        .unwrap();
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "{:?}",
-        started.elapsed()
-    );
+    let (waited, _) = closed(&mut s).await;
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
     proxy.stop().await;
 }
 
