@@ -153,7 +153,10 @@ pub async fn send(
             .await
             .map(|resp| resp.map(UpstreamBody::Own)),
             Ok(http2) => {
-                let (req, body_failed) = build(out, backend, http2, attempt + 1 == tries)?;
+                // The headers are moved, not copied, into a try no other can follow: the
+                // last, or one that takes a body it cannot give back.
+                let last = attempt + 1 == tries || (!out.retryable && out.body.is_some());
+                let (req, body_failed) = build(out, backend, http2, last)?;
                 let sending = pool::request(backend, req, http2, cfg.connect_timeout);
                 // Boxed: rare, and its state would make every request's future larger.
                 let sent = Box::pin(tokio::time::timeout_at(this_try, sending))
