@@ -103,10 +103,11 @@ impl Builder<'_> {
         if let Some(re) = &v.regex {
             let compiled = match self.regexes.get(re) {
                 Some(known) => known.clone(),
-                // Checked alone first: wrapped, `x)|(.*` would compile and match anything.
-                None => match RegexBuilder::new(re)
-                    .size_limit(REGEX_SIZE_LIMIT)
-                    .build()
+                // Parsed alone first (syntax only, nothing compiled): wrapped, `x)|(.*`
+                // would compile and match anything.
+                None => match regex_syntax::Parser::new()
+                    .parse(re)
+                    .map_err(|e| regex::Error::Syntax(e.to_string()))
                     .and_then(|_| {
                         RegexBuilder::new(&format!("^(?:{re})$"))
                             .size_limit(REGEX_SIZE_LIMIT)
