@@ -176,7 +176,6 @@ fn no_route_for_the_host_or_path_means_no_decision() {
     );
 }
 
-/// Request line, headers, and the track it must go to.
 #[test]
 fn header_values_in_utf8_beyond_ascii_are_matched() {
     let t = table(
@@ -202,6 +201,7 @@ fn header_values_in_utf8_beyond_ascii_are_matched() {
     assert_eq!(with("x-user", b"Zo\xeb"), "stable");
 }
 
+/// Request line, headers, and the track it must go to.
 type Case = (
     &'static str,
     &'static [(&'static str, &'static str)],

@@ -9,7 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::support::{
-    Backend, Mode, Proxy, RawBackend, client, dead_addr, eventually, put, send, series, stats,
+    Backend, Mode, Proxy, RawBackend, client, dead_addr, eventually, get, put, send, series, stats,
 };
 
 fn config(backends: &[std::net::SocketAddr], upstream: &str) -> String {
@@ -180,7 +180,7 @@ async fn a_failing_request_is_tried_retries_plus_one_times() {
     }
     let addrs: Vec<_> = hang_ups.iter().map(|b| b.addr).collect();
     let proxy = Proxy::start(&config(&addrs, "{ retries: 3, eject_after: 1000 }")).await;
-    let (status, _, _) = crate::support::get(&proxy.url("/")).await.unwrap();
+    let (status, _, _) = get(&proxy.url("/")).await.unwrap();
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     let tries: usize = hang_ups
         .iter()
@@ -205,7 +205,7 @@ async fn the_request_timeout_bounds_every_try_together() {
     ))
     .await;
     let started = std::time::Instant::now();
-    let (status, _, _) = crate::support::get(&proxy.url("/")).await.unwrap();
+    let (status, _, _) = get(&proxy.url("/")).await.unwrap();
     let took = started.elapsed();
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert!(
@@ -226,7 +226,7 @@ async fn an_ejected_backend_is_tried_again_after_eject_for() {
         "{ retries: 0, eject_after: 1, eject_for: 300ms }",
     ))
     .await;
-    let status = || async { crate::support::get(&proxy.url("/")).await.unwrap().0 };
+    let status = || async { get(&proxy.url("/")).await.unwrap().0 };
     assert_eq!(status().await, StatusCode::BAD_GATEWAY);
     assert_eq!(status().await, StatusCode::SERVICE_UNAVAILABLE, "ejected");
     let started = std::time::Instant::now();
@@ -253,7 +253,7 @@ async fn without_retries_a_try_has_the_whole_request_timeout() {
         "{ request_timeout: 5s, per_try_timeout: 100ms, retries: 0 }",
     ))
     .await;
-    let (status, _, body) = crate::support::get(&proxy.url("/")).await.unwrap();
+    let (status, _, body) = get(&proxy.url("/")).await.unwrap();
     assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
     proxy.stop().await;
 }
@@ -280,7 +280,7 @@ async fn a_request_body_still_arriving_at_the_deadline_gets_408_and_ejects_no_ba
     assert!(read.is_ok(), "no answer");
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     // Not ejected: the next request is served.
-    let (status, _, body) = crate::support::get(&proxy.url("/")).await.unwrap();
+    let (status, _, body) = get(&proxy.url("/")).await.unwrap();
     assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
     proxy.stop().await;
 }
@@ -607,7 +607,7 @@ async fn a_client_that_abandons_its_upload_is_not_counted_against_the_backend() 
             .await;
         }
         // The backend was not at fault: it stays in, and nothing counts as its failure.
-        let (status, _, body) = crate::support::get(&proxy.url("/")).await.unwrap();
+        let (status, _, body) = get(&proxy.url("/")).await.unwrap();
         assert_eq!(
             (status, body.as_str()),
             (StatusCode::OK, "stable"),
