@@ -66,9 +66,9 @@ fn check_exits_0_for_a_valid_file_and_1_with_every_diagnostic_for_a_broken_one()
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A running `fleet-proxy`, with the lines it has logged since "serving"; killed if the test
-/// ends before it exits.
-struct Running(std::process::Child, Arc<Mutex<Vec<String>>>);
+/// A running `fleet-proxy`, with the lines it has logged since "serving" and its first
+/// traffic address; killed if the test ends before it exits.
+struct Running(std::process::Child, Arc<Mutex<Vec<String>>>, String);
 
 impl Running {
     /// How many lines logged so far contain `text`.
@@ -108,13 +108,24 @@ fn spawn_with(config: &std::path::Path, args: &[&str]) -> (Running, String) {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let admin = loop {
+    let value = |line: &str, key: &str| {
+        let rest = line.split(key).nth(1)?;
+        Some(
+            rest.split([' ', ',', '"'])
+                .find(|v| !v.is_empty())?
+                .to_string(),
+        )
+    };
+    let (traffic, admin) = loop {
         let line = lines
             .next()
             .expect("the proxy logs before it exits")
             .unwrap();
-        if let Some(rest) = line.split("admin=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
+        if let Some(admin) = value(&line, "admin=") {
+            break (
+                value(&line, "traffic=").expect("traffic= before admin="),
+                admin,
+            );
         }
     };
     // Keep draining stderr so the child never blocks on a full pipe.
@@ -125,7 +136,7 @@ fn spawn_with(config: &std::path::Path, args: &[&str]) -> (Running, String) {
             .map_while(Result::ok)
             .for_each(|l| kept.lock().unwrap().push(l))
     });
-    (Running(child, logs), admin)
+    (Running(child, logs, traffic), admin)
 }
 
 /// A config file whose watcher looks once an hour, so that only SIGHUP reloads it in a test's
@@ -169,18 +180,64 @@ async fn sighup_reloads_the_file_and_sigterm_drains_and_exits_0() {
     })
     .await;
     signal(&child.0, "TERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
+    assert_eq!(
+        exit_code(&mut child.0, Duration::from_secs(10)).await,
+        Some(0)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The exit code of `child`, polled for until `within` has passed.
+async fn exit_code(child: &mut std::process::Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
         }
         assert!(
             Instant::now() < deadline,
-            "still running 10 s after SIGTERM"
+            "still running {within:?} after SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(status.code(), Some(0));
+    }
+}
+
+/// A request that outlives `drain_timeout` does not hold the process: at the deadline it is
+/// cut, and the proxy still exits 0.
+#[tokio::test]
+async fn sigterm_exits_0_at_drain_timeout_when_a_request_outlives_it() {
+    let stuck = Backend::start("stable", Mode::Slow(Duration::from_secs(60))).await;
+    let dir = temp_dir("drain-deadline");
+    let file = dir.join("proxy.yaml");
+    let yaml = reloaded_on_sighup(stuck.addr, "split: { stable: 10000 }");
+    // One try with a minute to answer: only the drain deadline can end this request early.
+    let limits = "drain_timeout: 500ms\nupstream: { retries: 0, request_timeout: 60s }\n";
+    std::fs::write(&file, format!("{yaml}{limits}")).unwrap();
+    let (mut child, _) = spawn(&file);
+    let addr = child.2.clone();
+    let in_flight = tokio::spawn(async move { get(&format!("http://{addr}/")).await });
+    crate::support::eventually(Duration::from_secs(10), || async { stuck.hits() == 1 }).await;
+    let asked = Instant::now();
+    signal(&child.0, "TERM");
+    assert_eq!(
+        exit_code(&mut child.0, Duration::from_secs(10)).await,
+        Some(0)
+    );
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450),
+        "exited after {waited:?}, before the request's drain deadline"
+    );
+    assert!(
+        child.logged("drain deadline passed") > 0,
+        "the cut is logged"
+    );
+    let cut = in_flight.await.unwrap();
+    assert!(
+        cut.as_ref()
+            .is_none_or(|(status, _, _)| !status.is_success()),
+        "the request outliving the deadline was not answered as if it had finished: {cut:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
