@@ -341,6 +341,16 @@ fn the_bucket_hash_is_fixed_so_every_proxy_agrees() {
 }
 
 #[test]
+fn a_sticky_cookie_without_max_age_keeps_a_user_for_30_days() {
+    let t = table("  - { split: { stable: 5000, canary: 5000 }, sticky: { cookie: b } }\n");
+    let d = t.decide(&req("GET h/", &[]).view(), &mut || 1).unwrap();
+    assert_eq!(
+        d.set_cookie().unwrap().to_string(),
+        "b=0000000000000001; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
+    );
+}
+
+#[test]
 fn a_request_without_a_cookie_gets_a_random_bucket_and_a_cookie_to_keep_it() {
     let t = table(
         "  - { split: { stable: 5000, canary: 5000 }, sticky: { cookie: fleet-bucket, max_age: 60 } }\n",

@@ -235,6 +235,42 @@ mod tests {
         }
     }
 
+    /// docs/proxy.md shows every default in its reference config, from `upstream:` to the end
+    /// of the block; a file that spells those lines out must mean what a file without them does.
+    #[test]
+    fn the_defaults_are_the_ones_docs_proxy_md_shows() {
+        let docs = include_str!("../../../docs/proxy.md");
+        let from = docs
+            .find("\nupstream:")
+            .expect("the reference config's upstream:")
+            + 1;
+        let shown = &docs[from..from + docs[from..].find("```").unwrap()];
+        assert!(shown.contains("defaults shown") && shown.contains("watch_interval:"));
+        let settings = |head: &str| {
+            let src = format!(
+                "listen: 127.0.0.1:1000\nadmin: 127.0.0.1:0\n{head}tracks:\n  stable: {{ backends: [\"127.0.0.1:1\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+            );
+            crate::config::check(&src, Path::new(".")).unwrap().0
+        };
+        let (defaults, spelled) = (settings(""), settings(shown));
+        assert_eq!(defaults.upstream, spelled.upstream);
+        assert_eq!(defaults.limits, spelled.limits);
+        assert_eq!(defaults.mirror, spelled.mirror);
+        assert_eq!(
+            (defaults.drain_timeout, defaults.watch_interval),
+            (spelled.drain_timeout, spelled.watch_interval)
+        );
+        // The issue's own numbers, which tools rely on.
+        let u = &defaults.upstream;
+        let s = std::time::Duration::from_secs;
+        assert_eq!(
+            (u.request_timeout, u.per_try_timeout, u.retries),
+            (s(10), s(2), 3)
+        );
+        assert_eq!(defaults.mirror.max_body_bytes, 1 << 20);
+        assert_eq!(defaults.drain_timeout, s(30));
+    }
+
     #[test]
     fn the_settings_read_at_start_only_that_a_reload_changes_are_named() {
         let settings = |head: &str| {
