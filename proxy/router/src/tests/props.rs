@@ -65,26 +65,6 @@ proptest! {
         }
     }
 
-}
-
-proptest! {
-    // Each case routes 100,000 requests; a few seeds are enough.
-    #![proptest_config(ProptestConfig::with_cases(8))]
-
-    #[test]
-    fn keyless_requests_at_one_percent_land_within_a_fifth_of_a_point(seed in any::<u64>()) {
-        let t = canary_table(100);
-        let mut random = splitmix(seed);
-        let r = req("GET h/", &[]);
-        let canary = (0..100_000)
-            .filter(|_| {
-                let d = t.decide(&r.view(), &mut random).unwrap();
-                t.track(d.track).name() == "canary"
-            })
-            .count();
-        let share = canary as f64 / 100_000.0 * 100.0;
-        prop_assert!((share - 1.0).abs() <= 0.2, "canary share {share}%");
-    }
 
     #[test]
     fn the_loader_never_panics_on_any_text(src in "[ -~\n]{0,200}") {
@@ -114,5 +94,34 @@ proptest! {
         };
         let mut random = splitmix(7);
         let _ = t.decide(&view, &mut random);
+    }
+}
+
+proptest! {
+    // Each case routes 100,000 requests; a dozen seeds are enough.
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    #[test]
+    fn keyless_requests_at_one_percent_land_within_a_fifth_of_a_point(
+        seed in any::<u64>(),
+        sticky in any::<bool>(),
+    ) {
+        // With a sticky cookie a keyless request draws the bucket its cookie will keep; without
+        // one, every request draws afresh.
+        let t = if sticky {
+            canary_table(100)
+        } else {
+            table("  - { split: { stable: 9900, canary: 100 } }\n")
+        };
+        let mut random = splitmix(seed);
+        let r = req("GET h/", &[]);
+        let canary = (0..100_000)
+            .filter(|_| {
+                let d = t.decide(&r.view(), &mut random).unwrap();
+                t.track(d.track).name() == "canary"
+            })
+            .count();
+        let share = canary as f64 / 100_000.0 * 100.0;
+        prop_assert!((share - 1.0).abs() <= 0.2, "canary share {share}% (sticky: {sticky})");
     }
 }
