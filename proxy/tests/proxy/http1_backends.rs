@@ -166,6 +166,48 @@ async fn an_answer_that_comes_before_the_request_body_has_ended_reaches_the_clie
 }
 
 #[tokio::test]
+async fn a_responses_hop_by_hop_headers_and_those_its_connection_names_stay_with_the_backend() {
+    let backend = RawBackend::start(|_| {
+        answer(concat!(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive, x-hop\r\nx-hop: secret\r\n",
+            "keep-alive: timeout=5\r\nproxy-connection: keep-alive\r\n",
+            "proxy-authenticate: Basic realm=backend\r\nupgrade: h2c\r\n",
+            "x-end: kept\r\ncontent-length: 5\r\n\r\nhello",
+        ))
+    })
+    .await;
+    let proxy = Proxy::start(&stable_only("", backend.addr)).await;
+    for c in [client(), crate::support::h2_client()] {
+        let (status, headers, body) = send(
+            &c,
+            Request::get(proxy.url("/")).body(Full::default()).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "hello"));
+        assert_eq!(headers["x-end"], "kept", "end-to-end headers pass");
+        for hop in [
+            "x-hop",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "upgrade",
+        ] {
+            assert!(
+                !headers.contains_key(hop),
+                "{hop} reached the client: {headers:?}"
+            );
+        }
+        let connection = headers.get("connection").map(|v| v.to_str().unwrap());
+        assert!(
+            !connection.is_some_and(|v| v.contains("x-hop")),
+            "the backend's Connection reached the client: {connection:?}"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn trailer_fields_no_trailer_may_carry_are_dropped_and_the_rest_reach_an_http2_client() {
     let backend = RawBackend::start(|_| {
         answer(concat!(
