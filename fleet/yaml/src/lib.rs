@@ -64,7 +64,7 @@ pub fn load<T: DeserializeOwned + JsonSchema>(src: &str) -> Loaded<T> {
     let node = match yaml::parse(src) {
         Ok(node) => node,
         Err(e) => {
-            diags.error(e.pos, "", format!("not valid YAML: {}", e.message), "");
+            diags.error(e.pos, "", format!("not valid YAML: {}", e.message), e.help);
             return Loaded {
                 value: None,
                 positions: Positions::default(),

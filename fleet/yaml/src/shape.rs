@@ -62,17 +62,7 @@ impl<'s> Walker<'s> {
         }
         let types = types_of(schema);
         let Some(ty) = types.iter().copied().find(|t| accepts(t, &node.value)) else {
-            let expected: Vec<&str> = types.iter().map(|t| describe(t)).collect();
-            diags.error(
-                node.pos,
-                path,
-                format!(
-                    "expected {}, found {}",
-                    expected.join(" or "),
-                    node.value.kind()
-                ),
-                "",
-            );
+            mismatch(node, &types, path, diags);
             return Json::Null;
         };
         match (ty, &node.value) {
@@ -223,22 +213,9 @@ impl<'s> Walker<'s> {
         }
         match fits.as_slice() {
             [] => {
-                let mut expected: Vec<&str> = branches
-                    .iter()
-                    .flat_map(|b| types_of(b))
-                    .map(describe)
-                    .collect();
-                expected.dedup();
-                diags.error(
-                    node.pos,
-                    path,
-                    format!(
-                        "expected {}, found {}",
-                        expected.join(" or "),
-                        node.value.kind()
-                    ),
-                    "",
-                );
+                let mut types: Vec<&str> = branches.iter().flat_map(|b| types_of(b)).collect();
+                types.dedup();
+                mismatch(node, &types, path, diags);
                 Json::Null
             }
             [only] => self.walk(node, only, path, diags),
@@ -300,7 +277,7 @@ fn walk_enum(node: &Node, allowed: &[&str], path: &str, diags: &mut Diagnostics)
                     allowed.join(", "),
                     other.kind()
                 ),
-                "",
+                "write one of them, alone",
             );
             Json::Null
         }
@@ -389,6 +366,73 @@ fn accepts(ty: &str, value: &Value) -> bool {
         ("integer", Value::Scalar { text, .. }) => text.parse::<i64>().is_ok(),
         ("number", v) => v.kind() == "a number",
         _ => false,
+    }
+}
+
+/// A value of the wrong kind: what was wanted, what was found (with its text, when it is a
+/// scalar), and how to write it.
+fn mismatch(node: &Node, types: &[&str], path: &str, diags: &mut Diagnostics) {
+    let optional = types.contains(&"null");
+    let wanted: Vec<&str> = types.iter().copied().filter(|t| *t != "null").collect();
+    let expected: Vec<&str> = wanted.iter().map(|t| describe(t)).collect();
+    let found = match &node.value {
+        Value::Scalar { text, .. } => match node.value.kind() {
+            "null" => "null".to_string(),
+            "a string" => format!("the string {}", quoted(text)),
+            kind => format!("the {} {text}", kind.trim_start_matches("a ")),
+        },
+        other => other.kind().to_string(),
+    };
+    let mut help = fix(&wanted, &node.value);
+    if optional {
+        help.push_str(", or leave the field out");
+    }
+    let message = format!("expected {}, found {found}", expected.join(" or "));
+    diags.error(node.pos, path, message, help);
+}
+
+/// How to write a value of one of the `wanted` types in place of `found`.
+fn fix(wanted: &[&str], found: &Value) -> String {
+    let scalar_wanted = wanted
+        .iter()
+        .any(|t| matches!(*t, "string" | "integer" | "number" | "boolean"));
+    match (wanted, found) {
+        (["array"], Value::Scalar { text, plain }) => {
+            let item = if *plain { text.clone() } else { quoted(text) };
+            format!("write a list, even of one item: [{item}]")
+        }
+        (["array"], _) => "write a list: `[a, b]`, or a `- ` line for each item".into(),
+        (["object"], _) => {
+            "write a mapping: `{ field: value }`, or a `field: value` line for each, indented under this one".into()
+        }
+        (_, Value::Seq(items)) if scalar_wanted => match items.as_slice() {
+            [Node { value: Value::Scalar { text, .. }, .. }] => {
+                format!("write the value alone, without brackets: {text}")
+            }
+            _ => "write one value, not a list".into(),
+        },
+        (_, Value::Scalar { text, plain: false })
+            if wanted.iter().any(|t| accepts(t, &Value::Scalar { text: text.clone(), plain: true })) =>
+        {
+            format!("write {text} without quotes")
+        }
+        (["integer"], _) => "write a whole number, without quotes or units".into(),
+        (["number"], _) => "write a number, without quotes or units".into(),
+        (["boolean"], _) => "write true or false".into(),
+        (["string"], _) => "write one value, quoted if it holds `: ` or begins with `[`, `{` or `-`".into(),
+        _ => {
+            let expected: Vec<&str> = wanted.iter().map(|t| describe(t)).collect();
+            format!("write {}", expected.join(" or "))
+        }
+    }
+}
+
+/// A scalar's text in quotes, cut short when long.
+fn quoted(text: &str) -> String {
+    const SHOWN: usize = 40;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{:?}", format!("{}…", &text[..end])),
+        None => format!("{text:?}"),
     }
 }
 
@@ -505,7 +549,9 @@ mod tests {
             ),
             (
                 "name: x\ncount: lots\n",
-                &["2:8: error: count: expected a whole number or nothing, found a string"],
+                &[
+                    "2:8: error: count: expected a whole number, found the string \"lots\"; write a whole number, without quotes or units, or leave the field out",
+                ],
             ),
             (
                 "name: x\ncount: -2\n",
@@ -515,8 +561,8 @@ mod tests {
                 "name: x\nweights: { a: -1, b: lots, c: [2] }\n",
                 &[
                     "2:15: error: weights.a: -1 is below the minimum of 0; use 0 or more",
-                    "2:22: error: weights.b: expected a whole number, found a string",
-                    "2:31: error: weights.c: expected a whole number, found a list",
+                    "2:22: error: weights.b: expected a whole number, found the string \"lots\"; write a whole number, without quotes or units",
+                    "2:31: error: weights.c: expected a whole number, found a list; write the value alone, without brackets: 2",
                 ],
             ),
             (
@@ -541,11 +587,15 @@ mod tests {
             ),
             (
                 "name: [1]\n",
-                &["1:7: error: name: expected a string, found a list"],
+                &[
+                    "1:7: error: name: expected a string, found a list; write the value alone, without brackets: 1",
+                ],
             ),
             (
                 "name: x\n  bad: indent\n",
-                &["2:6: error: not valid YAML: mapping values are not allowed in this context"],
+                &[
+                    "2:6: error: not valid YAML: mapping values are not allowed in this context; quote a value that holds `: `, put a nested field on a line of its own, or close a `[` or `{` left open above",
+                ],
             ),
         ];
         for (src, expected) in cases {

@@ -53,6 +53,54 @@ pub struct Entry {
 pub struct SyntaxError {
     pub pos: Pos,
     pub message: String,
+    /// How to fix it.
+    pub help: String,
+}
+
+impl SyntaxError {
+    fn new(pos: Pos, message: impl Into<String>, help: impl Into<String>) -> Self {
+        SyntaxError {
+            pos,
+            message: message.into(),
+            help: help.into(),
+        }
+    }
+
+    /// The parser's own error, with the fix for what its message says went wrong.
+    fn from_parser(e: &saphyr_parser::ScanError) -> Self {
+        let pos = Pos {
+            line: e.marker().line(),
+            column: e.marker().col() + 1,
+        };
+        SyntaxError::new(pos, e.info(), syntax_help(e.info()))
+    }
+}
+
+/// How to fix what the parser's message describes; the parser places most mistakes where it
+/// noticed them, which may be a line after the one to fix.
+fn syntax_help(message: &str) -> &'static str {
+    let says = |words: &str| message.contains(words);
+    if says("tab") {
+        "indent with spaces: YAML does not allow tabs for indentation"
+    } else if says("flow sequence") || says("',' or ']'") {
+        "close the list with `]`, or quote an item that holds `,`, `[` or `]`"
+    } else if says("flow mapping") || says("',' or '}'") {
+        "close the mapping with `}`, or quote a value that holds `,`, `{` or `}`"
+    } else if says("quoted scalar") {
+        "end the quoted value with the quote it began with, on the value's own line or indented below it"
+    } else if says("':'") || says("mapping values are not allowed") {
+        "quote a value that holds `: `, put a nested field on a line of its own, or close a `[` or `{` left open above"
+    } else if says("did not find expected key") || says("did not find expected '-'") {
+        "indent this line like the other fields at its level, or further, under the field it belongs to"
+    } else if says("misplaced bracket") {
+        "remove the extra bracket, or quote a value that begins with one"
+    } else if says("unexpected character") {
+        "quote the value: `@` and a backtick cannot begin an unquoted one"
+    } else if says("anchor") {
+        "define the anchor (`&name`) before an alias (`*name`) uses it"
+    } else {
+        "check the indentation and the quotes on this line and the one above"
+    }
 }
 
 impl Value {
@@ -72,26 +120,39 @@ impl Value {
     }
 }
 
-/// Parses the first document of `src`. An empty source is an empty mapping, so that the
-/// checker reports the missing fields rather than a syntax error.
+/// Parses `src`, which must hold one document: the whole source is read, so that nothing
+/// after the document (a syntax error, a second document) is silently ignored. An empty
+/// source is an empty mapping, so that the checker reports the missing fields rather than a
+/// syntax error.
 pub fn parse(src: &str) -> Result<Node, SyntaxError> {
     let mut builder = Builder::default();
+    let mut root = None;
     for item in Parser::new_from_str(src) {
-        let (event, span) = item.map_err(|e| SyntaxError {
-            pos: Pos {
-                line: e.marker().line(),
-                column: e.marker().col() + 1,
-            },
-            message: e.info().to_string(),
-        })?;
-        if let Some(root) = builder.push(event, span)? {
-            return Ok(root);
+        let (event, span) = item.map_err(|e| SyntaxError::from_parser(&e))?;
+        if root.is_none() {
+            root = builder.push(event, span)?;
+        } else if holds_content(&event) {
+            return Err(SyntaxError::new(
+                Pos::from_span(span),
+                "a second document begins here, and only the first would be read",
+                "remove it, or merge it into the first and remove the `---` between them",
+            ));
         }
     }
-    Ok(Node {
+    Ok(root.unwrap_or(Node {
         pos: Pos { line: 1, column: 1 },
         value: Value::Map(Vec::new()),
-    })
+    }))
+}
+
+/// An event that begins a node, other than the empty scalar of an empty document (a `---`
+/// with nothing after it).
+fn holds_content(event: &Event<'_>) -> bool {
+    match event {
+        Event::Scalar(text, style, ..) => !(text.is_empty() && matches!(style, ScalarStyle::Plain)),
+        Event::SequenceStart(..) | Event::MappingStart(..) | Event::Alias(_) => true,
+        _ => false,
+    }
 }
 
 /// At most this many bytes (a node's own size, plus its text) may be copied in building one
@@ -145,10 +206,11 @@ impl Builder {
                     (node, 0, bytes)
                 }
                 None => {
-                    return Err(SyntaxError {
+                    return Err(SyntaxError::new(
                         pos,
-                        message: "alias to an unknown anchor".into(),
-                    });
+                        "alias to an unknown anchor",
+                        syntax_help("anchor"),
+                    ));
                 }
             },
             Event::SequenceStart(anchor, _) => {
@@ -180,23 +242,25 @@ impl Builder {
     fn copy(&mut self, bytes: usize, pos: Pos) -> Result<(), SyntaxError> {
         self.copied = self.copied.saturating_add(bytes);
         if self.copied > MAX_COPIED_BYTES {
-            return Err(SyntaxError {
+            return Err(SyntaxError::new(
                 pos,
-                message: format!(
-                    "anchors and aliases copy more than {} MiB; write the repeated parts out instead",
+                format!(
+                    "anchors and aliases copy more than {} MiB",
                     MAX_COPIED_BYTES >> 20
                 ),
-            });
+                "write the repeated parts out instead",
+            ));
         }
         Ok(())
     }
 
     fn open(&mut self, pos: Pos, value: Value, anchor: usize) -> Result<(), SyntaxError> {
         if self.stack.len() >= MAX_DEPTH {
-            return Err(SyntaxError {
+            return Err(SyntaxError::new(
                 pos,
-                message: format!("lists and mappings nest deeper than {MAX_DEPTH} levels"),
-            });
+                format!("lists and mappings nest deeper than {MAX_DEPTH} levels"),
+                "nest them less deeply",
+            ));
         }
         self.stack.push(Open {
             node: Node { pos, value },
@@ -224,11 +288,11 @@ impl Builder {
                 None => match node.value {
                     Value::Scalar { text, .. } => parent.pending_key = Some((text, node.pos)),
                     _ => {
-                        return Err(SyntaxError {
-                            pos: node.pos,
-                            message: "mapping keys must be plain names, not lists or mappings"
-                                .into(),
-                        });
+                        return Err(SyntaxError::new(
+                            node.pos,
+                            "a mapping key is a list or a mapping",
+                            "write each key as a plain name",
+                        ));
                     }
                 },
             },
@@ -332,5 +396,42 @@ mod tests {
     #[test]
     fn empty_source_is_an_empty_mapping() {
         assert_eq!(parse("").unwrap().value, Value::Map(Vec::new()));
+    }
+
+    #[test]
+    fn nothing_after_the_document_is_ignored() {
+        let err = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert_eq!(err.pos, Pos { line: 3, column: 1 });
+        assert!(err.message.contains("a second document"), "{err:?}");
+        // A syntax error after the document ends, as after a JSON body's closing brace.
+        assert!(parse("{\"a\": 1} }\n").is_err());
+        assert!(parse("- a\nb: 1\n").is_err());
+        // Markers around one document are fine; so is an empty document after it.
+        for one in [
+            "---\na: 1\n",
+            "a: 1\n...\n",
+            "a: 1\n---\n",
+            "---\na: 1\n...\n---\n",
+        ] {
+            assert!(parse(one).is_ok(), "{one:?}");
+        }
+    }
+
+    #[test]
+    fn every_syntax_error_says_how_to_fix_it() {
+        for (src, fix) in [
+            ("a: [1, 2\nb: 3\n", "close a `[` or `{`"),
+            ("a: {x: 1\nb: 2\n", "close the mapping with `}`"),
+            ("a:\n\tb: 1\n", "indent with spaces"),
+            ("a: 'abc\n", "end the quoted value"),
+            ("a:\n  b: 1\n c: 2\n", "indent this line"),
+            ("a: b: c\n", "quote a value that holds `: `"),
+            ("a: [1]]\n", "remove the extra bracket"),
+            ("a: @x\n", "quote the value"),
+            ("a: *x\n", "define the anchor"),
+        ] {
+            let err = parse(src).unwrap_err();
+            assert!(err.help.contains(fix), "{src:?}: {err:?}");
+        }
     }
 }

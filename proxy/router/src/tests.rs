@@ -509,9 +509,9 @@ fn a_wrong_type_or_value_inside_a_track_or_a_split_is_named_with_its_place() {
     let src = "tracks:\n  stable: { backends: 127.0.0.1:1, protocol: h3 }\n  canary: { backends: [\"127.0.0.1:2\"] }\nroutes:\n  - { split: { stable: \"9500\", canary: -100 } }\n  - { host: a, split: { canary: 100 } }\n";
     let text = diagnostics(src);
     expect_test::expect![[r#"
-        2:23: error: tracks.stable.backends: expected a list, found a string
+        2:23: error: tracks.stable.backends: expected a list, found the string "127.0.0.1:1"; write a list, even of one item: [127.0.0.1:1]
         2:46: error: tracks.stable.protocol: unknown value "h3"; expected one of: auto, http1, h2c
-        5:24: error: routes[0].split.stable: expected a whole number, found a string
+        5:24: error: routes[0].split.stable: expected a whole number, found the string "9500"; write 9500 without quotes
         5:40: error: routes[0].split.canary: -100 is below the minimum of 0; use 0 or more"#]]
     .assert_eq(&text);
 }
