@@ -109,7 +109,14 @@ async fn put_routes(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Ful
     let collect = read_body(req.into_body(), MAX_TABLE_BYTES);
     let chunks = match tokio::time::timeout(patience, collect).await {
         Ok(Ok(chunks)) => chunks,
-        Ok(Err(e)) => return too_large(&e.to_string()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large(&e.to_string());
+        }
+        // Broken framing (a bad chunk size, say); a client that left never reads the answer.
+        Ok(Err(e)) => {
+            let error = format!("could not read the body: {e}");
+            return json_response(StatusCode::BAD_REQUEST, &json!({ "error": error }));
+        }
         Err(_) => {
             let error = format!(
                 "the table did not arrive within {} (limits.header_read_timeout)",
@@ -163,11 +170,13 @@ fn internal_error(e: &anyhow::Error) -> Response<Full<Bytes>> {
 }
 
 fn check_and_install(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
-    let Ok(text) = std::str::from_utf8(body) else {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            &json!({ "error": "body is not UTF-8" }),
-        );
+    let text = match std::str::from_utf8(body) {
+        Ok(text) => text,
+        Err(e) => {
+            shared.stats.global.table_rejected.fetch_add(1, Relaxed);
+            let errors = [not_utf8(body, e.valid_up_to())];
+            return json_response(StatusCode::BAD_REQUEST, &json!({ "errors": errors }));
+        }
     };
     let started = std::time::Instant::now();
     let table = match fleet_proxy_router::load(text) {
@@ -196,6 +205,21 @@ fn check_and_install(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
         Err(e @ InstallError::Conflict { .. }) => {
             json_response(StatusCode::CONFLICT, &json!({ "error": e.to_string() }))
         }
+    }
+}
+
+/// The diagnostic for a body that stops being UTF-8 at byte `valid`, placed like any other.
+fn not_utf8(body: &[u8], valid: usize) -> fleet_yaml::Diagnostic {
+    // Up to `valid` the text is UTF-8: lines and columns count characters, as editors do.
+    let before = std::str::from_utf8(&body[..valid]).unwrap_or_default();
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    fleet_yaml::Diagnostic {
+        severity: fleet_yaml::Severity::Error,
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+        path: String::new(),
+        message: format!("byte 0x{:02x} is not UTF-8", body[valid]),
+        help: "send the table as UTF-8 JSON or YAML".into(),
     }
 }
 

@@ -414,6 +414,37 @@ async fn a_put_body_that_trickles_gets_408_and_frees_its_connection() {
 }
 
 #[tokio::test]
+async fn a_put_body_that_is_not_utf8_or_not_framed_gets_400_and_the_table_stays() {
+    let (proxy, _stable) = stable_proxy("").await;
+    let before = get(&proxy.admin_url("/routes")).await.unwrap().2;
+    let (status, body) = put(&proxy.admin_url("/routes"), "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an empty table: {body}");
+    let req = Request::put(proxy.admin_url("/routes"))
+        .body(Full::new(Bytes::from_static(
+            b"{\n  \"tr\xc3\xa4cks\": \xff}",
+        )))
+        .unwrap();
+    let (status, _, body) = send(&client(), req).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let errors: Value = serde_json::from_str(&body).unwrap();
+    let error = &errors["errors"][0];
+    assert_eq!(
+        (&error["line"], &error["column"]),
+        (&2.into(), &13.into()),
+        "{body}"
+    );
+    assert_eq!(error["message"], "byte 0xff is not UTF-8");
+    assert_eq!(error["help"], "send the table as UTF-8 JSON or YAML");
+    let raw = b"PUT /routes HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n";
+    let (answer, _) = exchange(proxy.admin, raw).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("could not read the body"), "{answer}");
+    assert_eq!(get(&proxy.admin_url("/routes")).await.unwrap().2, before);
+    assert_eq!(stats(&proxy).await["proxy"]["table_rejected"], 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn a_table_declared_over_the_size_limit_is_refused_at_once() {
     // A header-read timeout far longer than the test may take: the refusal must not wait
     // for a body that is never sent.
