@@ -12,7 +12,7 @@ use fleet_proxy_router::{Diagnostic, Table, TableSpec};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-mod checker;
+pub(crate) mod checker;
 
 use checker::Checker;
 
@@ -244,6 +244,28 @@ impl Settings {
 /// What tells one text (a config file, a certificate) from another without keeping it.
 pub fn digest(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh64::xxh64(bytes, 0)
+}
+
+/// The certificate and key files `src` names, as far as it can be read: for a file refused
+/// (a certificate not there yet, say), the files whose change may make it good.
+pub fn named_cert_files(src: &str, dir: &Path) -> Vec<PathBuf> {
+    let Some(file) = fleet_yaml::load::<FileConfig>(src).value else {
+        return Vec::new();
+    };
+    let Listen::Many(entries) = &file.listen else {
+        return Vec::new();
+    };
+    let specs = entries.iter().filter_map(|e| match e {
+        ListenEntry::Full(ListenerSpec { tls: Some(tls), .. }) => Some(tls),
+        _ => None,
+    });
+    specs
+        .flat_map(|tls| match tls {
+            TlsSpec::One(c) => std::slice::from_ref(c),
+            TlsSpec::Many(cs) => cs.as_slice(),
+        })
+        .flat_map(|c| [dir.join(&c.cert), dir.join(&c.key)])
+        .collect()
 }
 
 /// Reads and checks a config file's text; `dir` resolves relative certificate paths.

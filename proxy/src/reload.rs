@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::config::checker::CERT_REFUSED;
 use crate::config::{Listener, digest};
 use crate::server::TlsSlot;
 use crate::state::Shared;
@@ -36,7 +37,9 @@ pub async fn watch(
         text: shared.settings.source,
         tls: tls_sources(&shared.settings.listeners),
     };
-    let mut seen = fingerprint(&path, &applied);
+    // Certificate and key files named by a file that was refused: their change reads it again.
+    let mut waiting = Vec::new();
+    let mut seen = fingerprint(&path, &applied, &waiting);
     // Set when no thread could start for the last reload: the next tick tries again.
     let mut retry = false;
     loop {
@@ -49,17 +52,17 @@ pub async fn watch(
         // thread of the blocking pool: that thread never got old enough to end, and a
         // process of more than one thread makes the kernel take and drop a reference on
         // the socket at every call (`fput`: 0.35% of the proxy's CPU time under wrk).
-        let now = fingerprint(&path, &applied);
+        let now = fingerprint(&path, &applied, &waiting);
         if !forced && !retry && now == seen {
             continue;
         }
         seen = now;
         // Reading, checking and building a large table is CPU work: off the traffic threads,
         // and behind them for the CPU.
-        let (shared, path, tls, last) =
+        let (shared, file, tls, last) =
             (shared.clone(), path.clone(), tls.clone(), applied.clone());
         let outcome =
-            crate::background::run("reload", move || reload(&shared, &path, &tls, &last)).await;
+            crate::background::run("reload", move || reload(&shared, &file, &tls, &last)).await;
         // No thread could start (the machine is short of threads for now): try again on the
         // next tick. A reload that panicked would panic again on the same file: wait for a
         // change. Either way the table in force stays.
@@ -68,12 +71,17 @@ pub async fn watch(
             .is_err_and(|e| e.downcast_ref::<std::io::Error>().is_some());
         match outcome {
             Ok(next) => {
-                // Other certificate files to watch: their stamps are not known yet, so the
-                // next tick reads them (and finds them as this reload did).
-                if !next.same_files(&applied) {
+                if !next.applied.same_files(&applied) {
+                    // Other certificate files in force: their stamps are not known yet, so
+                    // the next tick reads them (and finds them as this reload did).
                     seen.1.clear();
+                } else if next.waiting != waiting {
+                    // Files a refused file names, as they are now; a change from here reads
+                    // it again (`again` covers one made while it was being checked).
+                    seen = fingerprint(&path, &next.applied, &next.waiting);
                 }
-                applied = next;
+                retry |= next.again;
+                (applied, waiting) = (next.applied, next.waiting);
             }
             Err(e) => tracing::error!(error = %e, retry, "could not reload the config"),
         }
@@ -130,22 +138,44 @@ fn stamp(path: &Path) -> Stamp {
     Some((m.ino(), m.len(), m.modified().ok(), changed))
 }
 
-/// The stamps of the config file and of the certificates and keys in force.
-fn fingerprint(path: &Path, applied: &Sources) -> (Stamp, Vec<Stamp>) {
-    let certs = applied.paths().map(|p| stamp(p)).collect();
+/// The stamps of the config file, of the certificates and keys in force and of those a
+/// refused file names.
+fn fingerprint(path: &Path, applied: &Sources, waiting: &[PathBuf]) -> (Stamp, Vec<Stamp>) {
+    let certs = applied.paths().chain(waiting).map(|p| stamp(p)).collect();
     (stamp(path), certs)
 }
 
+/// What a reload leaves in force, and what to watch beyond it.
+struct Outcome {
+    applied: Sources,
+    /// The certificate and key files of a file refused: a certificate it names may not be
+    /// there yet, and its coming should read the file again as an edit would.
+    waiting: Vec<PathBuf>,
+    /// The file was refused for certificates that load now (they came while it was
+    /// checked): read it again at the next tick.
+    again: bool,
+}
+
+impl From<Sources> for Outcome {
+    fn from(applied: Sources) -> Self {
+        Outcome {
+            applied,
+            waiting: Vec::new(),
+            again: false,
+        }
+    }
+}
+
 /// Reads the file and what it names; puts in force what changed since `last`, if the whole
-/// file checks out. Returns what is in force after.
-fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources) -> Sources {
+/// file checks out.
+fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources) -> Outcome {
     let file = path.display().to_string();
     let src = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) => {
             shared.stats.global.table_rejected.fetch_add(1, Relaxed);
             tracing::error!(file, error = %e, "cannot read config; keeping the table in force");
-            return last.clone();
+            return last.clone().into();
         }
     };
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -161,7 +191,18 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
                 errors = diags.len(),
                 "config rejected; keeping the table in force"
             );
-            return last.clone();
+            let waiting = crate::config::named_cert_files(&src, dir);
+            let for_certs = diags.iter().any(|d| d.message.starts_with(CERT_REFUSED));
+            let pairs = waiting.chunks_exact(2);
+            let again = for_certs
+                && pairs
+                    .into_iter()
+                    .all(|p| crate::tls::load_cert(&p[0], &p[1]).is_ok());
+            return Outcome {
+                applied: last.clone(),
+                waiting,
+                again,
+            };
         }
     };
     let mut next = Sources {
@@ -173,7 +214,7 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
             file,
             "config and certificates unchanged; the table in force stays"
         );
-        return next;
+        return next.into();
     }
     let fixed = shared.settings.fixed_at_start_changed(&settings);
     if next.text != last.text && !fixed.is_empty() {
@@ -205,5 +246,5 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
     if next.text != last.text {
         let _ = shared.install(table, None);
     }
-    next
+    next.into()
 }

@@ -11,6 +11,10 @@ use super::{
     Upstream,
 };
 
+/// How the diagnostic on a certificate that cannot be loaded begins: a reload that finds it
+/// watches the files for the certificate to come.
+pub(crate) const CERT_REFUSED: &str = "cannot use this certificate";
+
 pub(super) struct Checker<'a> {
     pub(super) at: &'a Positions,
     pub(super) diags: &'a mut Diagnostics,
@@ -58,7 +62,7 @@ impl Checker<'_> {
                 if let Err(e) = crate::tls::load_cert(&cert, &key) {
                     self.error(
                         &at,
-                        format!("cannot use this certificate: {e:#}"),
+                        format!("{CERT_REFUSED}: {e:#}"),
                         "give PEM files for the chain and its private key",
                     );
                 }

@@ -306,6 +306,46 @@ async fn a_certificate_named_after_start_is_watched_too() {
 }
 
 #[tokio::test]
+async fn a_file_refused_for_a_certificate_not_there_yet_is_read_again_when_it_comes() {
+    let certs = certs();
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let config = certs.dir.join("proxy.yaml");
+    let yaml = |name: &str| {
+        format!(
+            "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: {name}.pem, key: {name}.key }}\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+            stable.addr
+        )
+    };
+    std::fs::write(&config, yaml("a")).unwrap();
+    let proxy = Proxy::start_in(&yaml("a"), &certs.dir, Some(&config)).await;
+    // The file now names a certificate that is not there yet: refused, the old one serves.
+    std::fs::write(&config, yaml("d")).unwrap();
+    crate::support::eventually(std::time::Duration::from_secs(10), || async {
+        crate::support::stats(&proxy).await["proxy"]["table_rejected"] == 1
+    })
+    .await;
+    let a = certs.a.cert.der().clone();
+    assert_eq!(served_cert(proxy.addr, vec![a.clone()]).await, Some(a));
+    // Watching for it reads nothing again while nothing changes: ten ticks, no new refusal.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        crate::support::stats(&proxy).await["proxy"]["table_rejected"],
+        1
+    );
+    // It comes, key first, as a certificate manager writes it; the file is not touched again.
+    let d = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+    std::fs::write(certs.dir.join("d.key"), d.signing_key.serialize_pem()).unwrap();
+    std::fs::write(certs.dir.join("d.pem"), d.cert.pem()).unwrap();
+    let d = d.cert.der().clone();
+    crate::support::eventually(std::time::Duration::from_secs(10), || async {
+        served_cert(proxy.addr, vec![d.clone()]).await.as_ref() == Some(&d)
+    })
+    .await;
+    proxy.stop().await;
+    std::fs::remove_dir_all(&certs.dir).unwrap();
+}
+
+#[tokio::test]
 async fn bodies_stream_both_ways_without_being_buffered() {
     let (proxy, _b) = proxy_with("").await;
     // Response: the first chunk arrives while the backend still holds back the second.
