@@ -6,7 +6,9 @@
 #   benches/ab.sh OLD_BINARY NEW_BINARY            # ROUNDS=6 DURATION=4
 #   MIRROR="mirror: { to: shadow, percent: 10 }" benches/ab.sh A B
 #
-# Prints each round and the median of the per-round B/A ratios of req/s and CPU per request.
+# Prints each round and the median of the per-round B/A ratios of req/s, p99 and CPU per
+# request, each with a 95% bootstrap interval (interval.py). Odd rounds run A first, even
+# rounds B first.
 # Needs nginx, wrk, python3 (Debian: nginx wrk python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,34 +23,38 @@ CLK=$(getconf CLK_TCK)
 
 start_backends taskset -c 1
 
-# One run of a binary: prints "req/s cpu-µs-per-request".
+# One run of a binary: prints "req/s cpu-µs-per-request p99-ms".
 run() {
   local port; port=$(free_port)
   fleet_conf "$WORK/ab.yaml" "$port" "$(free_port)" "$BACKEND" "$SHADOW" "${MIRROR:-}"
   start proxy taskset -c 0 "$1" --config "$WORK/ab.yaml" --worker-threads 1
   local pid=$LAST
   wait_port "$port" 300
-  local wrk=(taskset -c 1 wrk -t1 -c64 -H "$COOKIE")
+  local wrk=(taskset -c 1 wrk -t1 -c64 --latency -H "$COOKIE")
   "${wrk[@]}" -d1s "http://127.0.0.1:$port/" >/dev/null
   local before after out
   before=$(cpu_ticks "$pid")
   out=$("${wrk[@]}" -d"${DURATION}s" "http://127.0.0.1:$port/")
   after=$(cpu_ticks "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  awk -v t=$((after - before)) -v clk="$CLK" '
+  local p99; p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_ms)
+  awk -v t=$((after - before)) -v clk="$CLK" -v p99="$p99" '
     /requests in/ { n = $1 } /Requests\/sec/ { r = $2 }
-    END { printf "%s %.1f\n", r, t * 1000000 / clk / n }' <<<"$out"
+    END { printf "%s %.1f %s\n", r, t * 1000000 / clk / n, p99 }' <<<"$out"
 }
 
 for round in $(seq "$ROUNDS"); do
-  a=$(run "$A"); b=$(run "$B")
-  echo "round $round (req/s cpu-us): A $a | B $b" >&2
+  if ((round % 2)); then a=$(run "$A"); b=$(run "$B"); else b=$(run "$B"); a=$(run "$A"); fi
+  echo "round $round (req/s cpu-us p99-ms): A $a | B $b" >&2
   echo "$a $b" >>"$WORK/ab.runs"
 done
 python3 - "$WORK/ab.runs" <<'PY'
-import sys, statistics as s
+import random, sys
+sys.path.insert(0, "benches")
+from interval import median_interval
 rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
-rps = s.median(r[2] / r[0] for r in rows)
-cpu = s.median(r[3] / r[1] for r in rows)
-print(f"B / A, median of {len(rows)} rounds: {rps:.2f}x req/s, {cpu:.2f}x CPU per request")
+rng = random.Random(1)
+ratio = lambda i: median_interval([r[3 + i] / r[i] for r in rows], rng)
+print(f"B / A, median of {len(rows)} per-round ratios [95% interval]: "
+      f"req/s {ratio(0)}, CPU per request {ratio(1)}, p99 {ratio(2)}")
 PY
