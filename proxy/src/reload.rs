@@ -75,13 +75,16 @@ pub async fn watch(
                     // Other certificate files in force: their stamps are not known yet, so
                     // the next tick reads them (and finds them as this reload did).
                     seen.1.clear();
-                } else if next.waiting != waiting {
-                    // Files a refused file names, as they are now; a change from here reads
-                    // it again (`again` covers one made while it was being checked).
-                    seen = fingerprint(&path, &next.applied, &next.waiting);
+                } else {
+                    // The file and the certificates in force as they were before this read;
+                    // the files a refused file names as they were before their last check
+                    // (`again` covers one that came while the file was checked).
+                    seen.1.truncate(applied.paths().count());
+                    seen.1.extend(next.waiting.iter().map(|(_, stamp)| *stamp));
                 }
                 retry |= next.again;
-                (applied, waiting) = (next.applied, next.waiting);
+                applied = next.applied;
+                waiting = next.waiting.into_iter().map(|(path, _)| path).collect();
             }
             Err(e) => tracing::error!(error = %e, retry, "could not reload the config"),
         }
@@ -148,9 +151,10 @@ fn fingerprint(path: &Path, applied: &Sources, waiting: &[PathBuf]) -> (Stamp, V
 /// What a reload leaves in force, and what to watch beyond it.
 struct Outcome {
     applied: Sources,
-    /// The certificate and key files of a file refused: a certificate it names may not be
-    /// there yet, and its coming should read the file again as an edit would.
-    waiting: Vec<PathBuf>,
+    /// The certificate and key files of a file refused, stamped before they were last
+    /// checked: a certificate it names may not be there yet, and its coming should read the
+    /// file again as an edit would.
+    waiting: Vec<(PathBuf, Stamp)>,
     /// The file was refused for certificates that load now (they came while it was
     /// checked): read it again at the next tick.
     again: bool,
@@ -191,13 +195,15 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
                 errors = diags.len(),
                 "config rejected; keeping the table in force"
             );
-            let waiting = crate::config::named_cert_files(&src, dir);
+            let named = crate::config::named_cert_files(&src, dir);
+            // Stamped first, then tried: a change after the stamp reads the file again at
+            // the next tick, one before it is seen by this try.
+            let waiting: Vec<_> = named.into_iter().map(|p| (p.clone(), stamp(&p))).collect();
             let for_certs = diags.iter().any(|d| d.message.starts_with(CERT_REFUSED));
-            let pairs = waiting.chunks_exact(2);
             let again = for_certs
-                && pairs
-                    .into_iter()
-                    .all(|p| crate::tls::load_cert(&p[0], &p[1]).is_ok());
+                && waiting
+                    .chunks_exact(2)
+                    .all(|pair| crate::tls::load_cert(&pair[0].0, &pair[1].0).is_ok());
             return Outcome {
                 applied: last.clone(),
                 waiting,

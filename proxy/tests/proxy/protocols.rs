@@ -319,19 +319,23 @@ async fn a_file_refused_for_a_certificate_not_there_yet_is_read_again_when_it_co
     std::fs::write(&config, yaml("a")).unwrap();
     let proxy = Proxy::start_in(&yaml("a"), &certs.dir, Some(&config)).await;
     // The file now names a certificate that is not there yet: refused, the old one serves.
-    std::fs::write(&config, yaml("d")).unwrap();
+    // Written whole, by a rename: a tick may not see it half written.
+    let next = certs.dir.join("proxy.yaml.next");
+    std::fs::write(&next, yaml("d")).unwrap();
+    std::fs::rename(&next, &config).unwrap();
+    let rejected = || async {
+        let stats = crate::support::stats(&proxy).await;
+        stats["proxy"]["table_rejected"].as_u64().unwrap()
+    };
     crate::support::eventually(std::time::Duration::from_secs(10), || async {
-        crate::support::stats(&proxy).await["proxy"]["table_rejected"] == 1
+        rejected().await == 1
     })
     .await;
     let a = certs.a.cert.der().clone();
     assert_eq!(served_cert(proxy.addr, vec![a.clone()]).await, Some(a));
     // Watching for it reads nothing again while nothing changes: ten ticks, no new refusal.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert_eq!(
-        crate::support::stats(&proxy).await["proxy"]["table_rejected"],
-        1
-    );
+    assert_eq!(rejected().await, 1);
     // It comes, key first, as a certificate manager writes it; the file is not touched again.
     let d = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
     std::fs::write(certs.dir.join("d.key"), d.signing_key.serialize_pem()).unwrap();
