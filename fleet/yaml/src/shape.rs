@@ -397,17 +397,18 @@ fn fix(wanted: &[&str], found: &Value) -> String {
         .iter()
         .any(|t| matches!(*t, "string" | "integer" | "number" | "boolean"));
     match (wanted, found) {
-        (["array"], Value::Scalar { text, plain }) => {
-            let item = if *plain { text.clone() } else { quoted(text) };
-            format!("write a list, even of one item: [{item}]")
+        (["array"], Value::Scalar { text, plain })
+            if found.kind() != "null" && text.chars().count() <= SHOWN =>
+        {
+            format!("write a list, even of one item: [{}]", as_item(text, *plain))
         }
         (["array"], _) => "write a list: `[a, b]`, or a `- ` line for each item".into(),
         (["object"], _) => {
             "write a mapping: `{ field: value }`, or a `field: value` line for each, indented under this one".into()
         }
         (_, Value::Seq(items)) if scalar_wanted => match items.as_slice() {
-            [Node { value: Value::Scalar { text, .. }, .. }] => {
-                format!("write the value alone, without brackets: {text}")
+            [Node { value: Value::Scalar { text, plain }, .. }] => {
+                format!("write the value alone, without brackets: {}", as_item(text, *plain))
             }
             _ => "write one value, not a list".into(),
         },
@@ -427,12 +428,32 @@ fn fix(wanted: &[&str], found: &Value) -> String {
     }
 }
 
+/// How much of a scalar's text a diagnostic shows.
+const SHOWN: usize = 40;
+
 /// A scalar's text in quotes, cut short when long.
 fn quoted(text: &str) -> String {
-    const SHOWN: usize = 40;
     match text.char_indices().nth(SHOWN) {
         Some((end, _)) => format!("{:?}", format!("{}…", &text[..end])),
         None => format!("{text:?}"),
+    }
+}
+
+/// A scalar as a suggestion writes it so that it reads back the same, in a `[…]` list too:
+/// as it was when it was plain and holds nothing YAML would read otherwise, else in single
+/// quotes (a quoted value stays a string).
+fn as_item(text: &str, plain: bool) -> String {
+    let special = |c: char| ",[]{}#&*!|>'\"%@`".contains(c);
+    let safe = plain
+        && !text.is_empty()
+        && text.trim() == text
+        && !text.starts_with(['-', '?', ':'])
+        && !text.contains(special)
+        && !text.contains(": ")
+        && !text.ends_with(':');
+    match safe {
+        true => text.to_string(),
+        false => format!("'{}'", text.replace('\'', "''")),
     }
 }
 
@@ -486,6 +507,8 @@ mod tests {
     use schemars::JsonSchema;
     use serde::Deserialize;
 
+    use super::fix;
+    use crate::yaml::{Node, Pos, Value};
     use crate::{Diagnostic, load};
 
     #[derive(Debug, Deserialize, JsonSchema)]
@@ -586,6 +609,12 @@ mod tests {
                 ],
             ),
             (
+                "name: x\nitems: [{weight: inf}]\n",
+                &[
+                    "2:18: error: items[0].weight: expected a number, found the string \"inf\"; write a number, without quotes or units",
+                ],
+            ),
+            (
                 "name: [1]\n",
                 &[
                     "1:7: error: name: expected a string, found a list; write the value alone, without brackets: 1",
@@ -600,6 +629,69 @@ mod tests {
         ];
         for (src, expected) in cases {
             assert_eq!(&problems(src), expected, "for {src:?}");
+        }
+    }
+
+    #[test]
+    fn a_fix_writes_the_value_found_so_that_it_reads_back_the_same() {
+        let scalar = |text: &str, plain: bool| Value::Scalar {
+            text: text.to_string(),
+            plain,
+        };
+        let one = |item: Value| {
+            Value::Seq(vec![Node {
+                pos: Pos::default(),
+                value: item,
+            }])
+        };
+        for (wanted, found, help) in [
+            (
+                &["array"][..],
+                scalar("eu-west-1", true),
+                "write a list, even of one item: [eu-west-1]",
+            ),
+            (
+                &["array"],
+                scalar("a,b", true),
+                "write a list, even of one item: ['a,b']",
+            ),
+            (
+                &["array"],
+                scalar("it's", false),
+                "write a list, even of one item: ['it''s']",
+            ),
+            (
+                &["array"],
+                scalar("", true),
+                "write a list: `[a, b]`, or a `- ` line for each item",
+            ),
+            (
+                &["array"],
+                scalar(&"x".repeat(41), true),
+                "write a list: `[a, b]`, or a `- ` line for each item",
+            ),
+            (
+                &["integer"],
+                scalar("9500", false),
+                "write 9500 without quotes",
+            ),
+            (
+                &["number"],
+                scalar("inf", false),
+                "write a number, without quotes or units",
+            ),
+            (
+                &["string"],
+                one(scalar("a: b", false)),
+                "write the value alone, without brackets: 'a: b'",
+            ),
+            (
+                &["string"],
+                one(scalar("1m", true)),
+                "write the value alone, without brackets: 1m",
+            ),
+        ] {
+            assert_eq!(fix(wanted, &found), help, "{found:?}");
         }
     }
 

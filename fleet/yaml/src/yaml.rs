@@ -77,30 +77,83 @@ impl SyntaxError {
 }
 
 /// How to fix what the parser's message describes; the parser places most mistakes where it
-/// noticed them, which may be a line after the one to fix.
+/// noticed them, which may be a line after the one to fix. Whole phrases of saphyr-parser's
+/// messages, most specific first.
 fn syntax_help(message: &str) -> &'static str {
-    let says = |words: &str| message.contains(words);
-    if says("tab") {
-        "indent with spaces: YAML does not allow tabs for indentation"
-    } else if says("flow sequence") || says("',' or ']'") {
-        "close the list with `]`, or quote an item that holds `,`, `[` or `]`"
-    } else if says("flow mapping") || says("',' or '}'") {
-        "close the mapping with `}`, or quote a value that holds `,`, `{` or `}`"
-    } else if says("quoted scalar") {
-        "end the quoted value with the quote it began with, on the value's own line or indented below it"
-    } else if says("':'") || says("mapping values are not allowed") {
-        "quote a value that holds `: `, put a nested field on a line of its own, or close a `[` or `{` left open above"
-    } else if says("did not find expected key") || says("did not find expected '-'") {
-        "indent this line like the other fields at its level, or further, under the field it belongs to"
-    } else if says("misplaced bracket") {
-        "remove the extra bracket, or quote a value that begins with one"
-    } else if says("unexpected character") {
-        "quote the value: `@` and a backtick cannot begin an unquoted one"
-    } else if says("anchor") {
-        "define the anchor (`&name`) before an alias (`*name`) uses it"
-    } else {
-        "check the indentation and the quotes on this line and the one above"
-    }
+    const HELP: &[(&[&str], &str)] = &[
+        (
+            &[
+                "unknown escape character",
+                "escape code",
+                "hexadecimal number",
+            ],
+            "in double quotes a backslash begins an escape: write `\\\\` for a backslash, or use single quotes, in which a backslash is itself",
+        ),
+        (
+            &[
+                "tab cannot",
+                "tabs disallowed",
+                "found a tab",
+                "start with a tab",
+            ],
+            "indent with spaces: YAML does not allow tabs for indentation",
+        ),
+        (
+            &["unprintable character"],
+            "remove the control character, or save the file as UTF-8 text",
+        ),
+        (
+            &[
+                "document start",
+                "after document end marker",
+                "incompatible YAML document",
+            ],
+            "remove what follows the document: a file holds one",
+        ),
+        (
+            &["flow sequence", "',' or ']'"],
+            "close the list with `]`, or quote an item that holds `,`, `[` or `]`",
+        ),
+        (
+            &["flow mapping", "',' or '}'"],
+            "close the mapping with `}`, or quote a value that holds `,`, `{` or `}`",
+        ),
+        (
+            &["quoted scalar"],
+            "end the quoted value with the quote it began with, on the value's own line or indented below it",
+        ),
+        (
+            &["':' indicator", "mapping values are not allowed"],
+            "quote a value that holds `: `, put a nested field on a line of its own, or close a `[` or `{` left open above",
+        ),
+        (
+            &["did not find expected key", "expected '-' indicator"],
+            "indent this line like the other fields at its level, or further, under the field it belongs to",
+        ),
+        (
+            &["misplaced bracket"],
+            "remove the extra bracket, or quote a value that begins with one",
+        ),
+        (
+            &["unexpected character"],
+            "quote the value: `@`, a backtick and `%` cannot begin an unquoted one",
+        ),
+        (
+            &["unknown anchor"],
+            "define the anchor (`&name`) before an alias (`*name`) uses it",
+        ),
+        (&["duplicated anchor"], "give each anchor its own name"),
+        (
+            &["anchor or alias"],
+            "name an anchor or alias with letters, digits, `-` and `_`, or quote a value that begins with `&` or `*`",
+        ),
+    ];
+    HELP.iter()
+        .find(|(phrases, _)| phrases.iter().any(|p| message.contains(p)))
+        .map_or(
+            "check the indentation and the quotes on this line and the one above",
+            |(_, help)| help,
+        )
 }
 
 impl Value {
@@ -111,7 +164,8 @@ impl Value {
             Value::Scalar { text, .. } => match text.as_str() {
                 "" | "~" | "null" | "Null" | "NULL" => "null",
                 "true" | "false" | "True" | "False" | "TRUE" | "FALSE" => "a boolean",
-                t if t.parse::<f64>().is_ok() => "a number",
+                // Not `inf` or `NaN`, which JSON cannot hold.
+                t if t.parse::<f64>().is_ok_and(f64::is_finite) => "a number",
                 _ => "a string",
             },
             Value::Seq(_) => "a list",
@@ -135,7 +189,7 @@ pub fn parse(src: &str) -> Result<Node, SyntaxError> {
             return Err(SyntaxError::new(
                 Pos::from_span(span),
                 "a second document begins here, and only the first would be read",
-                "remove it, or merge it into the first and remove the `---` between them",
+                "remove it, or merge it into the first",
             ));
         }
     }
@@ -206,11 +260,8 @@ impl Builder {
                     (node, 0, bytes)
                 }
                 None => {
-                    return Err(SyntaxError::new(
-                        pos,
-                        "alias to an unknown anchor",
-                        syntax_help("anchor"),
-                    ));
+                    let message = "alias to an unknown anchor";
+                    return Err(SyntaxError::new(pos, message, syntax_help(message)));
                 }
             },
             Event::SequenceStart(anchor, _) => {
@@ -429,6 +480,8 @@ mod tests {
             ("a: [1]]\n", "remove the extra bracket"),
             ("a: @x\n", "quote the value"),
             ("a: *x\n", "define the anchor"),
+            ("a: \"b\\d+\"\n", "a backslash begins an escape"),
+            ("{\"a\": 1} x\n", "remove what follows the document"),
         ] {
             let err = parse(src).unwrap_err();
             assert!(err.help.contains(fix), "{src:?}: {err:?}");
