@@ -1,7 +1,7 @@
 """The median of per-round ratios with a 95% bootstrap interval (the rounds resampled 10,000
 times from `rng`, seeded by the caller so that a run prints the same figures again): whether a
-target is met or missed beyond the machine's noise. Used by proxy.sh, swaps.sh, latency.sh and
-pooled.py."""
+target is met or missed beyond the machine's noise. Used by proxy.sh, ab.sh, swaps.sh,
+latency.sh and pooled.py."""
 
 import statistics
 

@@ -174,7 +174,7 @@ fn check_and_install(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
         Ok(text) => text,
         Err(e) => {
             shared.stats.global.table_rejected.fetch_add(1, Relaxed);
-            let errors = [not_utf8(body, e.valid_up_to())];
+            let errors = [not_utf8(body, e)];
             return json_response(StatusCode::BAD_REQUEST, &json!({ "errors": errors }));
         }
     };
@@ -208,8 +208,9 @@ fn check_and_install(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
     }
 }
 
-/// The diagnostic for a body that stops being UTF-8 at byte `valid`, placed like any other.
-fn not_utf8(body: &[u8], valid: usize) -> fleet_yaml::Diagnostic {
+/// The diagnostic for a body that stops being UTF-8 where `e` says, placed like any other.
+fn not_utf8(body: &[u8], e: std::str::Utf8Error) -> fleet_yaml::Diagnostic {
+    let valid = e.valid_up_to();
     // Up to `valid` the text is UTF-8: lines and columns count characters, as editors do.
     let before = std::str::from_utf8(&body[..valid]).unwrap_or_default();
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
@@ -218,7 +219,10 @@ fn not_utf8(body: &[u8], valid: usize) -> fleet_yaml::Diagnostic {
         line: before.matches('\n').count() + 1,
         column: before[line_start..].chars().count() + 1,
         path: String::new(),
-        message: format!("byte 0x{:02x} is not UTF-8", body[valid]),
+        message: match e.error_len() {
+            Some(_) => format!("byte 0x{:02x} is not UTF-8", body[valid]),
+            None => "the body ends in the middle of a character".into(),
+        },
         help: "send the table as UTF-8 JSON or YAML".into(),
     }
 }

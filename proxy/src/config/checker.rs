@@ -249,7 +249,29 @@ mod tests {
             .expect("the reference config's upstream:")
             + 1;
         let shown = &docs[from..from + docs[from..].find("```").unwrap()];
-        assert!(shown.contains("defaults shown") && shown.contains("watch_interval:"));
+        assert!(shown.contains("defaults shown"));
+        // Every optional setting is among the lines shown, so none can be left out of them.
+        let schema = fleet_yaml::schema_of::<crate::config::FileConfig>();
+        let fields = |def: &str| {
+            let props = &schema["$defs"][def]["properties"];
+            props
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let settings_fields = ["drain_timeout".to_string(), "watch_interval".to_string()];
+        for field in ["UpstreamSpec", "LimitsSpec", "MirrorLimitsSpec"]
+            .iter()
+            .flat_map(|def| fields(def))
+            .chain(settings_fields)
+        {
+            assert!(
+                shown.contains(&format!(" {field}:")) || shown.contains(&format!("\n{field}:")),
+                "docs/proxy.md does not show {field}"
+            );
+        }
         let settings = |head: &str| {
             let src = format!(
                 "listen: 127.0.0.1:1000\nadmin: 127.0.0.1:0\n{head}tracks:\n  stable: {{ backends: [\"127.0.0.1:1\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"

@@ -435,12 +435,21 @@ async fn a_put_body_that_is_not_utf8_or_not_framed_gets_400_and_the_table_stays(
     );
     assert_eq!(error["message"], "byte 0xff is not UTF-8");
     assert_eq!(error["help"], "send the table as UTF-8 JSON or YAML");
+    let req = Request::put(proxy.admin_url("/routes"))
+        .body(Full::new(Bytes::from_static(b"{\"a\": \"\xe2\x82")))
+        .unwrap();
+    let (status, _, body) = send(&client(), req).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body.contains("the body ends in the middle of a character"),
+        "{body}"
+    );
     let raw = b"PUT /routes HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n";
     let (answer, _) = exchange(proxy.admin, raw).await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     assert!(answer.contains("could not read the body"), "{answer}");
     assert_eq!(get(&proxy.admin_url("/routes")).await.unwrap().2, before);
-    assert_eq!(stats(&proxy).await["proxy"]["table_rejected"], 2);
+    assert_eq!(stats(&proxy).await["proxy"]["table_rejected"], 3);
     proxy.stop().await;
 }
 
