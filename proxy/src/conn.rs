@@ -43,6 +43,46 @@ pub use shed::Admissions;
 use shed::ShedLayer;
 use vigil::{Finding, Sight, Vigil};
 
+/// What an open connection holds until it closes, however it ends: its place under
+/// `max_connections`, its count in `connections_open`, and a drain's wait for it. A
+/// connection upgraded to a tunnel (WebSocket) keeps them there: it is still open.
+pub struct Lease {
+    shared: Arc<Shared>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _drain: watch::Receiver<bool>,
+}
+
+impl Lease {
+    pub fn new(
+        shared: &Arc<Shared>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        drain: watch::Receiver<bool>,
+    ) -> Self {
+        shared.stats.global.connections_open.fetch_add(1, Relaxed);
+        Lease {
+            shared: shared.clone(),
+            _permit: permit,
+            _drain: drain,
+        }
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lease")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.shared
+            .stats
+            .global
+            .connections_open
+            .fetch_sub(1, Relaxed);
+    }
+}
+
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug)]
 pub struct Conn {
@@ -55,6 +95,9 @@ pub struct Conn {
     in_flight: AtomicUsize,
     /// Requests taken since the connection began.
     requests: AtomicU64,
+    /// Held for as long as the connection is: by its serving task, and by its tunnel once
+    /// it is upgraded. `None` for a `Conn` made outside the accept loop (in tests).
+    _lease: Option<Lease>,
 }
 
 impl Conn {
@@ -66,6 +109,15 @@ impl Conn {
             seen: Arc::default(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            _lease: None,
+        }
+    }
+
+    /// A connection accepted under `lease`, which it holds until it closes.
+    pub fn leased(peer: SocketAddr, tls: bool, lease: Lease) -> Self {
+        Conn {
+            _lease: Some(lease),
+            ..Conn::new(peer, tls)
         }
     }
 

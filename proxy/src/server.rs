@@ -21,7 +21,6 @@ use crate::config::Settings;
 use crate::conn::{self, Conn};
 use crate::mirror::Mirror;
 use crate::state::Shared;
-use crate::stats::Gauge;
 
 /// A traffic listener's TLS config, swapped whole when certificates are reloaded.
 pub type TlsSlot = Arc<ArcSwap<ServerConfig>>;
@@ -199,21 +198,19 @@ async fn accept_loop(
         };
         global.connections_accepted.fetch_add(1, Relaxed);
         let _ = stream.set_nodelay(true);
-        let conn = Arc::new(Conn::new(peer, tls.is_some()));
+        let lease = conn::Lease::new(&shared, permit, drain.clone());
+        let conn = Arc::new(Conn::leased(peer, tls.is_some(), lease));
         let (shared, drain) = (shared.clone(), drain.clone());
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    let _open = Gauge::up(&shared.stats.global.connections_open);
                     conn::serve(stream, conn, false, &shared, drain).await;
-                    drop(permit);
                 });
             }
             Some(slot) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(slot.load_full());
                 let handshake_timeout = shared.settings.limits.header_read_timeout;
                 tokio::spawn(async move {
-                    let _open = Gauge::up(&shared.stats.global.connections_open);
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -222,7 +219,6 @@ async fn accept_loop(
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
-                    drop(permit);
                 });
             }
         }

@@ -19,6 +19,7 @@ use crate::stats::Source;
 use crate::upstream::{Failure, Outgoing, send};
 
 mod headers;
+mod tunnel;
 
 use headers::Survey;
 pub use headers::X_FLEET_MIRROR;
@@ -28,7 +29,7 @@ pub use headers::X_FLEET_MIRROR;
 /// it stays small (it is moved into place for every request).
 pub(crate) fn handle(
     shared: &Arc<Shared>,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     mut req: Request<Incoming>,
 ) -> Result<Forward, Box<Response<Body>>> {
     // The answer is boxed: it is rare, and the result is moved for every request.
@@ -76,6 +77,8 @@ pub(crate) fn handle(
     Ok(Forward {
         started,
         start: active.next_index(decision.track),
+        // A tunnel, if the request becomes one, holds the connection open.
+        tunnel_conn: out.client_upgrade.is_some().then(|| conn.clone()),
         active,
         decision,
         out,
@@ -91,6 +94,8 @@ pub(crate) struct Forward {
     /// Where round robin starts.
     start: usize,
     out: Outgoing,
+    /// The client connection, for a request asking to upgrade.
+    tunnel_conn: Option<Arc<Conn>>,
     /// The outcome is counted; until then, dropping it counts the client as gone.
     recorded: bool,
 }
@@ -151,8 +156,10 @@ impl Forward {
             };
             self.record(resp.status().as_u16(), false);
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                if let Some(client) = self.out.client_upgrade.take() {
-                    tunnel(client, hyper::upgrade::on(&mut resp));
+                let client = self.out.client_upgrade.take();
+                if let (Some(client), Some(conn)) = (client, self.tunnel_conn.take()) {
+                    let idle = shared.settings.limits.idle_timeout;
+                    tunnel::spawn(client, hyper::upgrade::on(&mut resp), conn, idle);
                 }
             } else {
                 headers::strip_response(resp.headers_mut());
@@ -337,18 +344,4 @@ fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
     req.into_parts().0
-}
-
-/// Joins the client and backend connections once both sides switched protocols.
-fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
-    tokio::spawn(async move {
-        let (Ok(client), Ok(backend)) = (client.await, backend.await) else {
-            return;
-        };
-        let mut client = hyper_util::rt::TokioIo::new(client);
-        let mut backend = hyper_util::rt::TokioIo::new(backend);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-            tracing::debug!(error = %e, "upgraded tunnel ended");
-        }
-    });
 }

@@ -1,6 +1,7 @@
 //! HTTP/2 with prior knowledge, gRPC trailers, Upgrade tunnels, TLS with SNI and ALPN.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -60,10 +61,9 @@ async fn grpc_responses_keep_their_trailers() {
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn a_websocket_upgrade_becomes_a_tunnel_that_echoes() {
-    let (proxy, _b) = proxy_with("").await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+/// A WebSocket handshake through the proxy at `addr`: the stream, switched.
+async fn websocket(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
@@ -79,13 +79,81 @@ async fn a_websocket_upgrade_becomes_a_tunnel_that_echoes() {
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
+    s
+}
+
+async fn echoes(s: &mut TcpStream, message: &[u8]) {
+    s.write_all(message).await.unwrap();
+    let mut echo = vec![0u8; message.len()];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(echo, message);
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_becomes_a_tunnel_that_echoes() {
+    let (proxy, _b) = proxy_with("").await;
+    let mut s = websocket(proxy.addr).await;
     for message in [&b"hello"[..], b"again, through the same tunnel"] {
-        s.write_all(message).await.unwrap();
-        let mut echo = vec![0u8; message.len()];
-        s.read_exact(&mut echo).await.unwrap();
-        assert_eq!(echo, message);
+        echoes(&mut s, message).await;
     }
+    drop(s);
     proxy.stop().await;
+}
+
+/// A tunnel is an open connection: counted open, under `max_connections`, and closed
+/// after `idle_timeout` without a byte either way.
+#[tokio::test]
+async fn a_tunnel_holds_its_connection_until_it_ends_or_idles() {
+    let (proxy, _b) = proxy_with("limits: { max_connections: 1, idle_timeout: 500ms }\n").await;
+    let mut s = websocket(proxy.addr).await;
+    echoes(&mut s, b"hello").await;
+    let global = || async { crate::support::stats(&proxy).await["proxy"].clone() };
+    assert_eq!(global().await["connections_open"], 1);
+    // The one place under the limit is the tunnel's: another connection is closed at once.
+    let mut other = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let refused = tokio::time::timeout(Duration::from_secs(5), other.read(&mut byte)).await;
+    assert!(matches!(refused, Ok(Ok(0) | Err(_))), "{refused:?}");
+    assert_eq!(global().await["connections_rejected"], 1);
+    // Bytes keep it open past idle_timeout; quiet closes it.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        echoes(&mut s, b"still here").await;
+    }
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await;
+    assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    crate::support::eventually(Duration::from_secs(5), || async {
+        global().await["connections_open"] == 0
+    })
+    .await;
+    proxy.stop().await;
+}
+
+/// A drain waits for a tunnel as for any request in flight, up to `drain_timeout`.
+#[tokio::test]
+async fn a_drain_waits_for_an_open_tunnel() {
+    let (mut proxy, _b) = proxy_with("drain_timeout: 20s\n").await;
+    let mut s = websocket(proxy.addr).await;
+    let stopping = proxy.begin_stop();
+    // Well past the listeners' close, the tunnel still carries bytes and holds the drain.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echoes(&mut s, b"draining").await;
+    assert!(
+        !stopping.is_finished(),
+        "the drain did not wait for the tunnel"
+    );
+    drop(s);
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the drain ends when the tunnel does")
+        .unwrap()
+        .unwrap();
 }
 
 struct Certs {
