@@ -102,7 +102,8 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
-        let ip = peer.ip().to_string();
+        // An IPv4 client of a dual-stack listener as itself, not as `::ffff:a.b.c.d`.
+        let ip = peer.ip().to_canonical().to_string();
         Conn {
             peer_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
             tls,

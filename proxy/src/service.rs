@@ -155,14 +155,14 @@ impl Forward {
                 }
             };
             self.record(resp.status().as_u16(), false);
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            headers::strip_response(resp.headers_mut(), switched);
+            if switched {
                 let client = self.out.client_upgrade.take();
                 if let (Some(client), Some(conn)) = (client, self.tunnel_conn.take()) {
                     let idle = shared.settings.limits.idle_timeout;
                     tunnel::spawn(client, hyper::upgrade::on(&mut resp), conn, idle);
                 }
-            } else {
-                headers::strip_response(resp.headers_mut());
             }
             let (mut parts, body) = resp.into_parts();
             if let Some(cookie) = self

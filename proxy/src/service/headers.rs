@@ -217,10 +217,11 @@ fn tokens(h: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
         .map(str::trim)
 }
 
-/// Removes a response's hop-by-hop headers (see [`strip_hop_by_hop`]).
-pub fn strip_response(h: &mut HeaderMap) {
+/// Removes a response's hop-by-hop headers (see [`strip_hop_by_hop`]); a `101` keeps the
+/// `Connection: upgrade` and `Upgrade` its client needs.
+pub fn strip_response(h: &mut HeaderMap, switched: bool) {
     let survey = Survey::of(h);
-    strip_hop_by_hop(h, &survey, false);
+    strip_hop_by_hop(h, &survey, switched);
 }
 
 /// Removes hop-by-hop headers and those the `Connection` header names. `te: trailers` stays:
@@ -256,9 +257,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap, survey: &Survey, upgrade: bool) -> bool {
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let trailers = |v: &HeaderValue| v.as_bytes().eq_ignore_ascii_case(b"trailers");
-    if survey.te && !h.get(header::TE).is_some_and(trailers) {
+    // `TE` is hop-by-hop but for its `trailers` token, which gRPC needs end to end.
+    let trailers = |v: &str| v.eq_ignore_ascii_case("trailers");
+    let only_trailers = |v: &HeaderValue| v.to_str().is_ok_and(trailers);
+    if survey.te && !h.get(header::TE).is_some_and(only_trailers) {
+        let keep = tokens(h, header::TE).any(trailers);
         h.remove(header::TE);
+        if keep {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     named_others
 }
@@ -296,11 +303,17 @@ pub fn forwarded(h: &mut HeaderMap, survey: &Survey, conn: &Conn, upgrade: bool)
     h.insert(X_FORWARDED_FOR, xff);
     let proto = if conn.tls { "https" } else { "http" };
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    // HTTP/2 backends get the backend address as `:authority`; the client's host stays here.
-    if !survey.xfh
-        && let Some(host) = h.get(header::HOST).cloned()
-    {
-        h.insert(X_FORWARDED_HOST, host);
+    // HTTP/2 backends get the backend address as `:authority`; the client's host stays here:
+    // the host routing used, never one a client wrote itself (which, to an HTTP/2 backend,
+    // would be the only host it saw).
+    match h.get(header::HOST).cloned() {
+        Some(host) => {
+            h.insert(X_FORWARDED_HOST, host);
+        }
+        None if survey.xfh => {
+            h.remove(X_FORWARDED_HOST);
+        }
+        None => {}
     }
 }
 
@@ -461,6 +474,46 @@ mod tests {
         assert!(!Survey::of(&up).wants_upgrade(&up, Version::HTTP_10));
         let no_token = headers(&[("connection", "keep-alive"), ("upgrade", "websocket")]);
         assert!(!Survey::of(&no_token).wants_upgrade(&no_token, Version::HTTP_11));
+    }
+
+    #[test]
+    fn a_clients_forwarding_host_is_replaced_and_te_keeps_only_trailers() {
+        // A client of a dual-stack listener over IPv4 is named by its IPv4 address.
+        let conn = Conn::new("[::ffff:10.0.0.9]:5000".parse().unwrap(), false);
+        let mut h = headers(&[
+            ("host", "svc.example"),
+            ("x-forwarded-host", "evil.example"),
+            ("te", "trailers, gzip"),
+        ]);
+        let survey = Survey::of(&h);
+        forwarded(&mut h, &survey, &conn, false);
+        assert_eq!(h["x-forwarded-host"], "svc.example");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["te"], "trailers");
+        // Without a host to give, a client's own is not passed on either.
+        let mut h = headers(&[("x-forwarded-host", "evil.example"), ("te", "gzip")]);
+        let survey = Survey::of(&h);
+        forwarded(&mut h, &survey, &conn, false);
+        assert!(
+            !h.contains_key("x-forwarded-host") && !h.contains_key("te"),
+            "{h:?}"
+        );
+    }
+
+    #[test]
+    fn a_switching_response_keeps_only_the_headers_its_switch_needs() {
+        let mut h = headers(&[
+            ("connection", "upgrade, x-hop"),
+            ("upgrade", "websocket"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        ]);
+        strip_response(&mut h, true);
+        let mut names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["connection", "sec-websocket-accept", "upgrade"]);
+        assert_eq!(h["connection"], "upgrade");
     }
 
     #[test]

@@ -144,6 +144,7 @@ async fn the_proxy_adds_forwarding_headers_and_drops_hop_by_hop_ones() {
     .await;
     let req = Request::get(proxy.url("/"))
         .header("x-forwarded-for", "10.1.2.3")
+        .header("x-forwarded-host", "evil.test")
         .header("connection", "x-secret")
         .header("x-secret", "hop")
         .header("host", "shop.test")
