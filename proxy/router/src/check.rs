@@ -225,16 +225,7 @@ impl Builder<'_> {
                 })
             }
         };
-        let name = spec.name.clone().unwrap_or_else(|| {
-            format!(
-                "{}{}",
-                spec.host.as_deref().unwrap_or("*"),
-                spec.path
-                    .as_deref()
-                    .or(spec.path_prefix.as_deref())
-                    .unwrap_or("/")
-            )
-        });
+        let name = spec.name.clone().unwrap_or_else(|| default_name(spec));
         Some(Route {
             name,
             host: host?,
@@ -399,13 +390,14 @@ impl Builder<'_> {
         }
     }
 
-    /// Two routes with the same host and path: the second could never be chosen.
+    /// Two routes with the same host and path: the second could never be chosen. Two with the
+    /// same name (given, or host and path): their metrics would be one.
     fn duplicates(&mut self, spec: &TableSpec) {
         // Keyed by host, whether the path is exact, and the path; borrowed where they can be.
         type Place<'a> = (Cow<'a, str>, bool, &'a str);
         let mut seen: foldhash::HashMap<Place<'_>, usize> =
             foldhash::HashMap::with_capacity_and_hasher(spec.routes.len(), Default::default());
-        let mut names: foldhash::HashMap<&str, usize> = foldhash::HashMap::default();
+        let mut names: foldhash::HashMap<Cow<'_, str>, usize> = foldhash::HashMap::default();
         let routes = At::Root("routes");
         for (i, r) in spec.routes.iter().enumerate() {
             crate::pace::point();
@@ -424,15 +416,27 @@ impl Builder<'_> {
                     format!("same host and path as routes[{first}], so it can never be chosen"),
                     "merge the two routes or change host or path",
                 );
+                // Its name's clash, if any, follows from this one.
+                continue;
             }
-            if let Some(name) = &r.name
-                && let Some(first) = names.insert(name, i)
-            {
-                self.error(
-                    &routes.index(i).field("name"),
-                    format!("name \"{name}\" already used by routes[{first}]"),
-                    "route names label metrics; make them unique",
-                );
+            // Metrics count by name: two routes of one name would share their series.
+            let name = match &r.name {
+                Some(name) => Cow::Borrowed(name.as_str()),
+                None => Cow::Owned(default_name(r)),
+            };
+            if let Some(first) = names.insert(name.clone(), i) {
+                match r.name {
+                    Some(_) => self.error(
+                        &routes.index(i).field("name"),
+                        format!("name \"{name}\" already used by routes[{first}]"),
+                        "route names label metrics; make them unique",
+                    ),
+                    None => self.error(
+                        &routes.index(i),
+                        format!("its name in metrics, \"{name}\" (host and path), is routes[{first}]'s too"),
+                        "give one of them a `name:` of its own",
+                    ),
+                }
             }
         }
     }
@@ -449,4 +453,11 @@ fn is_host_port(s: &str) -> bool {
         Ok(a) => a.port_u16().is_some() && !a.host().is_empty() && !s.contains('@'),
         Err(_) => false,
     }
+}
+
+/// The name of a route without one: its host and path, as `*/api`.
+fn default_name(spec: &RouteSpec) -> String {
+    let host = spec.host.as_deref().unwrap_or("*");
+    let path = spec.path.as_deref().or(spec.path_prefix.as_deref());
+    format!("{host}{}", path.unwrap_or("/"))
 }

@@ -619,9 +619,19 @@ fn routes_that_could_never_be_chosen_and_repeated_names_are_refused() {
     let twice = route("Shop.Example.com", "path_prefix: /a")
         + &route("shop.example.com", "path_prefix: /a");
     assert_eq!(errors(&twice), [dup]);
-    // An exact path and a prefix of the same text are different routes.
+    // An exact path and a prefix of the same text are different routes, but their default
+    // names (host and path) are one: metrics would merge them. Named apart, they are fine.
     let both = route("a.com", "path: /a") + &route("a.com", "path_prefix: /a");
-    assert!(errors(&both).is_empty(), "{:?}", errors(&both));
+    assert_eq!(
+        errors(&both),
+        ["its name in metrics, \"a.com/a\" (host and path), is routes[0]'s too"]
+    );
+    let named_apart = route("a.com", "path: /a") + &route("a.com", "path_prefix: /a, name: a-tree");
+    assert!(
+        errors(&named_apart).is_empty(),
+        "{:?}",
+        errors(&named_apart)
+    );
     assert_eq!(
         errors(&(route("a.com", "path: /a") + &route("a.com", "path: /a"))),
         [dup]
@@ -632,6 +642,12 @@ fn routes_that_could_never_be_chosen_and_repeated_names_are_refused() {
     assert_eq!(errors(&defaults), [dup]);
     let named = "  - { name: a, host: a.com, split: { stable: 10000 } }\n  - { name: a, host: b.com, split: { stable: 10000 } }\n";
     assert_eq!(errors(named), ["name \"a\" already used by routes[0]"]);
+    // A name given that another route has by default.
+    let taken = route("a.com", "path: /a") + &route("b.com", "path: /b, name: a.com/a");
+    assert_eq!(
+        errors(&taken),
+        ["name \"a.com/a\" already used by routes[0]"]
+    );
 }
 
 #[test]
