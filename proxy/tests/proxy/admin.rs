@@ -319,6 +319,54 @@ async fn stats_and_metrics_count_requests_per_route_and_track() {
     proxy.stop().await;
 }
 
+/// A route name a scraper must read back: quotes, backslashes and a line break escaped as
+/// the text format says; a histogram whose buckets climb to its count.
+#[tokio::test]
+async fn metrics_escape_label_values_and_each_histogram_adds_up() {
+    let b = three().await;
+    let routes = "routes:\n  - name: \"we\\\"ird\\\\name\\nx\"\n    split: { stable: 10000 }\n";
+    let proxy = Proxy::start(&format!("{}{routes}", tracks(b.0.addr, b.1.addr, b.2.addr))).await;
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/")).await.unwrap().0, StatusCode::OK);
+    }
+    let (_, _, metrics) = get(&proxy.admin_url("/metrics")).await.unwrap();
+    for line in metrics.lines() {
+        assert!(
+            line.starts_with("# ") || line.starts_with("fleet_proxy_"),
+            "{line:?}"
+        );
+    }
+    let l = r#"route="we\"ird\\name\nx",track="stable",source="primary""#;
+    for line in [
+        format!("fleet_proxy_requests_total{{{l}}} 3"),
+        format!("fleet_proxy_responses_total{{{l},class=\"2xx\"}} 3"),
+        format!("fleet_proxy_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} 3"),
+        format!("fleet_proxy_request_duration_seconds_count{{{l}}} 3"),
+    ] {
+        assert!(
+            metrics.lines().any(|m| m == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    let bucket = format!("fleet_proxy_request_duration_seconds_bucket{{{l},le=");
+    let buckets: Vec<u64> = metrics
+        .lines()
+        .filter(|m| m.starts_with(&bucket))
+        .map(|m| m.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        buckets.len() > 1 && buckets.windows(2).all(|w| w[0] <= w[1]),
+        "{buckets:?}"
+    );
+    // /stats tells the same, with the name as written.
+    let stats = crate::support::stats(&proxy).await;
+    let named = stats["series"].as_array().unwrap().iter().find(|s| {
+        s["route"] == "we\"ird\\name\nx" && s["track"] == "stable" && s["source"] == "primary"
+    });
+    assert_eq!(named.unwrap()["requests"], 3, "{stats}");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn an_edited_config_file_is_reloaded_and_a_broken_one_is_not() {
     let b = three().await;
