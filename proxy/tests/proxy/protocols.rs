@@ -271,6 +271,41 @@ async fn tls_picks_the_certificate_by_sni_and_negotiates_h2_by_alpn() {
     std::fs::remove_dir_all(&certs.dir).unwrap();
 }
 
+/// A client that sends no name (an IP address is never sent as SNI) gets the first
+/// certificate; one that offers no protocol the proxy speaks is refused in the handshake
+/// (RFC 7301 §3.2), not answered in a protocol it did not ask for.
+#[tokio::test]
+async fn tls_without_sni_gets_the_first_certificate_and_a_foreign_alpn_is_refused() {
+    let certs = certs();
+    // The first certificate is valid for the address the client dials.
+    let first = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(certs.dir.join("ip.pem"), first.cert.pem()).unwrap();
+    std::fs::write(certs.dir.join("ip.key"), first.signing_key.serialize_pem()).unwrap();
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\n    tls: [ {{ cert: ip.pem, key: ip.key }}, {{ cert: a.pem, key: a.key }} ]\nadmin: 127.0.0.1:0\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        stable.addr
+    );
+    let proxy = Proxy::start_in(&yaml, &certs.dir, None).await;
+    let trusted = vec![first.cert.der().clone(), certs.a.cert.der().clone()];
+    let ip = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let tls = connector(trusted.clone(), &[b"http/1.1"])
+        .connect(ip.clone(), tcp)
+        .await
+        .expect("the first certificate, valid for the address");
+    assert_eq!(
+        tls.get_ref().1.peer_certificates().unwrap()[0].as_ref(),
+        first.cert.der().as_ref()
+    );
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let refused = connector(trusted, &[b"spdy/3"]).connect(ip, tcp).await;
+    let error = refused.expect_err("no protocol in common").to_string();
+    assert!(error.contains("NoApplicationProtocol"), "{error}");
+    proxy.stop().await;
+    std::fs::remove_dir_all(&certs.dir).unwrap();
+}
+
 #[tokio::test]
 async fn a_replaced_certificate_is_served_without_a_restart() {
     let certs = certs();
