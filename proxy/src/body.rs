@@ -1,8 +1,10 @@
 //! Body types: one boxed body for everything the proxy sends, and the tee that copies a
 //! request body for the mirror while it streams to the primary.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
@@ -115,6 +117,77 @@ impl<F: FnOnce(TeeEnd)> Drop for Tee<F> {
     }
 }
 
+/// A response body that fails once its backend has sent nothing for `idle` while the client
+/// waited for more: a backend stalled mid-body holds neither its client nor a connection for
+/// good. The timer is made the first time a frame is not ready at once, so a body that comes
+/// whole costs none, and is moved on, not made again, for each frame after.
+pub struct Quiet<B> {
+    inner: B,
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set.
+    moved: bool,
+}
+
+impl<B> Quiet<B> {
+    pub fn new(inner: B, idle: Duration) -> Self {
+        Quiet {
+            inner,
+            idle,
+            timer: None,
+            moved: false,
+        }
+    }
+}
+
+/// What a client whose response stalled gets instead of the rest of it.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend sent nothing for {0:?} in the middle of a response body")]
+pub struct Stalled(Duration);
+
+impl<B> http_body::Body for Quiet<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if std::mem::take(&mut this.moved) {
+                    timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(idle).into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            Poll::Ready(frame) => {
+                this.moved = true;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A body of frames that are all ready at once, taken in order (a test double).
 #[cfg(test)]
 pub struct Frames(pub std::collections::VecDeque<Frame<Bytes>>);
@@ -129,5 +202,62 @@ impl http_body::Body for Frames {
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::BodyExt;
+
+    use super::Quiet;
+
+    /// Frames as a channel gives them (a test double).
+    struct Chan(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl http_body::Body for Chan {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_keeps_coming_is_not_cut_however_long_it_lasts() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+            }
+        });
+        let started = std::time::Instant::now();
+        let body = Quiet::new(Chan(rx), Duration::from_millis(400))
+            .collect()
+            .await;
+        assert_eq!(body.unwrap().to_bytes(), "xxxxxx");
+        assert!(
+            started.elapsed() > Duration::from_millis(400),
+            "longer than idle in all"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_quiet_for_idle_fails() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(Bytes::from_static(b"x")).await.unwrap();
+        let mut body = Quiet::new(Chan(rx), Duration::from_millis(100));
+        assert!(body.frame().await.unwrap().is_ok());
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("sent nothing"), "{error}");
+        drop(tx);
     }
 }

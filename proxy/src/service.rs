@@ -10,7 +10,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::body::{Body, Tee, TeeEnd, boxed, full};
+use crate::body::{Body, Quiet, Tee, TeeEnd, boxed, full};
 use crate::conn::Conn;
 use crate::framing::Verdict;
 use crate::mirror::Job;
@@ -172,7 +172,8 @@ impl Forward {
             {
                 parts.headers.append(header::SET_COOKIE, cookie);
             }
-            Response::from_parts(parts, boxed(body))
+            let idle = shared.settings.limits.idle_timeout;
+            Response::from_parts(parts, boxed(Quiet::new(body, idle)))
         }
     }
 }
