@@ -173,7 +173,9 @@ impl Forward {
                 parts.headers.append(header::SET_COOKIE, cookie);
             }
             let idle = shared.settings.limits.idle_timeout;
-            Response::from_parts(parts, boxed(Quiet::new(body, idle)))
+            // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
+            // to convert its errors.
+            Response::from_parts(parts, Body::new(Quiet::new(body, idle)))
         }
     }
 }
