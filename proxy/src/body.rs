@@ -121,21 +121,24 @@ impl<F: FnOnce(TeeEnd)> Drop for Tee<F> {
 /// waited for more: a backend stalled mid-body holds neither its client nor a connection for
 /// good. The timer is made the first time a frame is not ready at once, so a body that comes
 /// whole costs none, and is moved on, not made again, for each frame after.
-pub struct Quiet<B> {
+pub struct Quiet<B, F> {
     inner: B,
     idle: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A frame came since the timer was last set.
     moved: bool,
+    /// Told when the body is cut.
+    on_cut: Option<F>,
 }
 
-impl<B> Quiet<B> {
-    pub fn new(inner: B, idle: Duration) -> Self {
+impl<B, F: FnOnce()> Quiet<B, F> {
+    pub fn new(inner: B, idle: Duration, on_cut: F) -> Self {
         Quiet {
             inner,
             idle,
             timer: None,
             moved: false,
+            on_cut: Some(on_cut),
         }
     }
 }
@@ -145,10 +148,11 @@ impl<B> Quiet<B> {
 #[error("the backend sent nothing for {0:?} in the middle of a response body")]
 pub struct Stalled(Duration);
 
-impl<B> http_body::Body for Quiet<B>
+impl<B, F> http_body::Body for Quiet<B, F>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
+    F: FnOnce() + Unpin,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -168,7 +172,13 @@ where
                     timer.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(idle).into()))),
+                    Poll::Ready(()) => {
+                        if let Some(on_cut) = this.on_cut.take() {
+                            on_cut();
+                        }
+                        tracing::debug!(?idle, "response body cut: nothing from its backend");
+                        Poll::Ready(Some(Err(Stalled(idle).into())))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -230,7 +240,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_body_that_keeps_coming_is_not_cut_however_long_it_lasts() {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
@@ -239,8 +249,8 @@ mod tests {
                 tx.send(Bytes::from_static(b"x")).await.unwrap();
             }
         });
-        let started = std::time::Instant::now();
-        let body = Quiet::new(Chan(rx), Duration::from_millis(400))
+        let started = tokio::time::Instant::now();
+        let body = Quiet::new(Chan(rx), Duration::from_millis(400), || ())
             .collect()
             .await;
         assert_eq!(body.unwrap().to_bytes(), "xxxxxx");
@@ -250,14 +260,21 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_body_quiet_for_idle_fails() {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.send(Bytes::from_static(b"x")).await.unwrap();
-        let mut body = Quiet::new(Chan(rx), Duration::from_millis(100));
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let told = cut.clone();
+        let on_cut = move || told.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut body = Quiet::new(Chan(rx), Duration::from_millis(100), on_cut);
         assert!(body.frame().await.unwrap().is_ok());
         let error = body.frame().await.unwrap().unwrap_err();
         assert!(error.to_string().contains("sent nothing"), "{error}");
+        assert!(
+            cut.load(std::sync::atomic::Ordering::SeqCst),
+            "the cut is told"
+        );
         drop(tx);
     }
 }

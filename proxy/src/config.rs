@@ -91,6 +91,10 @@ pub struct UpstreamSpec {
     pub request_timeout: Option<String>,
     /// Each try of a retryable request. Default: `2s`.
     pub per_try_timeout: Option<String>,
+    /// After the response head: the longest a response body may go without a byte from its
+    /// backend while the client waits, and an upgraded tunnel (WebSocket) without a byte
+    /// either way, before it is cut. Default: `60s`.
+    pub read_timeout: Option<String>,
     /// Extra tries for idempotent requests without a body on connect failure, reset or
     /// per-try timeout. Default: 3.
     pub retries: Option<u32>,
@@ -169,6 +173,7 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub per_try_timeout: Duration,
+    pub read_timeout: Duration,
     pub retries: u32,
     pub eject_after: u32,
     pub eject_for: Duration,

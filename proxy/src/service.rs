@@ -160,7 +160,7 @@ impl Forward {
             if switched {
                 let client = self.out.client_upgrade.take();
                 if let (Some(client), Some(conn)) = (client, self.tunnel_conn.take()) {
-                    let idle = shared.settings.limits.idle_timeout;
+                    let idle = shared.settings.upstream.read_timeout;
                     tunnel::spawn(client, hyper::upgrade::on(&mut resp), conn, idle);
                 }
             }
@@ -172,10 +172,14 @@ impl Forward {
             {
                 parts.headers.append(header::SET_COOKIE, cookie);
             }
-            let idle = shared.settings.limits.idle_timeout;
+            let idle = shared.settings.upstream.read_timeout;
+            let on_cut = move || {
+                let stalled = &shared.stats.global.responses_stalled;
+                stalled.fetch_add(1, Relaxed);
+            };
             // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
             // to convert its errors.
-            Response::from_parts(parts, Body::new(Quiet::new(body, idle)))
+            Response::from_parts(parts, Body::new(Quiet::new(body, idle, on_cut)))
         }
     }
 }

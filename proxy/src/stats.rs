@@ -79,6 +79,8 @@ pub struct Global {
     pub requests_shed: AtomicU64,
     pub mirror_shed: AtomicU64,
     pub mirror_skipped_body_too_large: AtomicU64,
+    /// Response bodies cut after `upstream.read_timeout` without a byte from their backend.
+    pub responses_stalled: AtomicU64,
     pub table_swaps: AtomicU64,
     pub table_rejected: AtomicU64,
 }
@@ -206,6 +208,7 @@ impl Stats {
                 "requests_shed": g.requests_shed.load(Relaxed),
                 "mirror_shed": g.mirror_shed.load(Relaxed),
                 "mirror_skipped_body_too_large": g.mirror_skipped_body_too_large.load(Relaxed),
+                "responses_stalled": g.responses_stalled.load(Relaxed),
                 "table_swaps": g.table_swaps.load(Relaxed),
                 "table_rejected": g.table_rejected.load(Relaxed),
             },
@@ -296,6 +299,7 @@ mod tests {
                 "mirror_skipped_body_too_large": 0,
                 "no_route": 0,
                 "requests_shed": 0,
+                "responses_stalled": 0,
                 "table_rejected": 0,
                 "table_swaps": 0
               },

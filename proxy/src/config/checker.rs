@@ -91,6 +91,7 @@ impl Checker<'_> {
         let connect_timeout = self.timeout("upstream.connect_timeout", &u.connect_timeout, 1_000);
         let request_timeout = self.timeout("upstream.request_timeout", &u.request_timeout, 10_000);
         let per_try_timeout = self.timeout("upstream.per_try_timeout", &u.per_try_timeout, 2_000);
+        let read_timeout = self.timeout("upstream.read_timeout", &u.read_timeout, 60_000);
         let eject_for = self.duration("upstream.eject_for", &u.eject_for, 10_000);
         let header_read_timeout =
             self.timeout("limits.header_read_timeout", &l.header_read_timeout, 10_000);
@@ -103,6 +104,7 @@ impl Checker<'_> {
             connect_timeout: connect_timeout?,
             request_timeout: request_timeout?,
             per_try_timeout: per_try_timeout?,
+            read_timeout: read_timeout?,
             retries: u.retries.unwrap_or(3),
             eject_after: u.eject_after.unwrap_or(5),
             eject_for: eject_for?,

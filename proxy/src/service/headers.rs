@@ -243,6 +243,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, survey: &Survey, upgrade: bool) -> bool {
             .filter(|n| !(upgrade && n == header::UPGRADE))
             // The host routing used: no client may take it from the backend.
             .filter(|n| n != header::HOST)
+            // `TE` is trimmed below to the `trailers` a sender names it for (RFC 9110 §10.1.4).
+            .filter(|n| n != header::TE)
             .collect();
         for name in named {
             h.remove(name);
@@ -483,6 +485,7 @@ mod tests {
         let mut h = headers(&[
             ("host", "svc.example"),
             ("x-forwarded-host", "evil.example"),
+            ("connection", "te"),
             ("te", "trailers, gzip"),
         ]);
         let survey = Survey::of(&h);

@@ -126,6 +126,11 @@ impl Stats {
                 &g.mirror_skipped_body_too_large,
             ),
             (
+                "responses_stalled_total",
+                "Response bodies cut: nothing from the backend for upstream.read_timeout.",
+                &g.responses_stalled,
+            ),
+            (
                 "table_swaps_total",
                 "Route tables put in force.",
                 &g.table_swaps,

@@ -155,6 +155,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             per_try_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(60),
             retries: 3,
             eject_after,
             eject_for: Duration::from_secs(600),

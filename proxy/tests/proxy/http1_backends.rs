@@ -166,31 +166,31 @@ async fn an_answer_that_comes_before_the_request_body_has_ended_reaches_the_clie
 }
 
 /// A backend that stops in the middle of a body does not hold its client for good: after
-/// `idle_timeout` without a byte the response is cut (the client sees a broken body, not a
-/// short one taken as whole).
+/// `upstream.read_timeout` without a byte the response is cut (the client sees a broken body,
+/// not a short one taken as whole), and counted.
 #[tokio::test]
-async fn a_response_body_that_stalls_for_idle_timeout_is_cut() {
+async fn a_response_body_that_stalls_for_read_timeout_is_cut() {
     let backend =
         RawBackend::start(|_| answer("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")).await;
-    let proxy = Proxy::start(&stable_only(
-        "limits: { idle_timeout: 300ms }\n",
-        backend.addr,
-    ))
-    .await;
+    let config = stable_only("upstream: { read_timeout: 300ms }\n", backend.addr);
+    let proxy = Proxy::start(&config).await;
+    // Before the request: the proxy's timer cannot start earlier than this.
+    let started = std::time::Instant::now();
     let resp = client()
         .request(Request::get(proxy.url("/")).body(Full::default()).unwrap())
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let started = std::time::Instant::now();
     let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await;
     let body = body.expect("cut within 5 s");
     assert!(body.is_err(), "a short body read as whole: {body:?}");
     assert!(
-        started.elapsed() >= Duration::from_millis(250),
+        started.elapsed() >= Duration::from_millis(300),
         "{:?}",
         started.elapsed()
     );
+    let stats = crate::support::stats(&proxy).await;
+    assert_eq!(stats["proxy"]["responses_stalled"], 1, "{stats}");
     proxy.stop().await;
 }
 

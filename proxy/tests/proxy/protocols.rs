@@ -101,10 +101,11 @@ async fn a_websocket_upgrade_becomes_a_tunnel_that_echoes() {
 }
 
 /// A tunnel is an open connection: counted open, under `max_connections`, and closed
-/// after `idle_timeout` without a byte either way.
+/// after `upstream.read_timeout` without a byte either way.
 #[tokio::test]
 async fn a_tunnel_holds_its_connection_until_it_ends_or_idles() {
-    let (proxy, _b) = proxy_with("limits: { max_connections: 1, idle_timeout: 500ms }\n").await;
+    let limits = "limits: { max_connections: 1 }\nupstream: { read_timeout: 2s }\n";
+    let (proxy, _b) = proxy_with(limits).await;
     let mut s = websocket(proxy.addr).await;
     echoes(&mut s, b"hello").await;
     let global = || async { crate::support::stats(&proxy).await["proxy"].clone() };
@@ -115,16 +116,18 @@ async fn a_tunnel_holds_its_connection_until_it_ends_or_idles() {
     let refused = tokio::time::timeout(Duration::from_secs(5), other.read(&mut byte)).await;
     assert!(matches!(refused, Ok(Ok(0) | Err(_))), "{refused:?}");
     assert_eq!(global().await["connections_rejected"], 1);
-    // Bytes keep it open past idle_timeout; quiet closes it.
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Bytes keep it open past read_timeout; quiet closes it.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
         echoes(&mut s, b"still here").await;
     }
+    // The proxy's last byte went out after this; the tunnel cannot close before 2 s from it.
     let started = std::time::Instant::now();
-    let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await;
+    echoes(&mut s, b"last").await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await;
     assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
     assert!(
-        started.elapsed() >= Duration::from_millis(400),
+        started.elapsed() >= Duration::from_millis(1990),
         "{:?}",
         started.elapsed()
     );
