@@ -94,7 +94,17 @@ type ByRoute = BTreeMap<String, ByTrack>;
 pub struct Stats {
     started: SystemTime,
     by_route: Mutex<ByRoute>,
+    /// Stands in for a route × track × source no request can reach (see [`Stats::resolve`]).
+    unreached: Arc<Counters>,
     pub global: Global,
+}
+
+/// What of a table's tracks one route can reach: by track index, whether it serves
+/// requests there, and which track it mirrors to.
+pub struct Reach<'a> {
+    pub route: &'a str,
+    pub serves: Vec<bool>,
+    pub mirror_to: Option<usize>,
 }
 
 impl Default for Stats {
@@ -102,6 +112,7 @@ impl Default for Stats {
         Stats {
             started: SystemTime::now(),
             by_route: Mutex::default(),
+            unreached: Arc::default(),
             global: Global::default(),
         }
     }
@@ -116,24 +127,39 @@ impl Stats {
     }
 
     /// The counters of every route × track × source of a table, under one lock:
-    /// `[route][track][source]`.
+    /// `[route][track][source]`. Only the pairs a route can reach get a series (the tracks it
+    /// serves as primary, its mirror track as mirror); the others share one set of counters
+    /// that nothing increments and nothing shows, so that a table of many routes and tracks
+    /// does not grow `/metrics` by every combination.
     pub fn resolve<'a>(
         &self,
-        routes: impl Iterator<Item = &'a str>,
+        routes: impl Iterator<Item = Reach<'a>>,
         tracks: &[&str],
     ) -> Vec<Vec<[Arc<Counters>; 2]>> {
         let mut map = crate::lock(&self.by_route);
         // Each route looked up once, each of its tracks once: a 10,000-route table is 10,000
         // lookups among every route seen since start, not 40,000.
         routes
-            .map(|route| {
+            .map(|reach| {
                 fleet_proxy_router::pace::point();
-                let by_track = entry(&mut map, route);
+                let by_track = entry(&mut map, reach.route);
                 tracks
                     .iter()
-                    .map(|track| {
-                        let by_source = entry(by_track, track);
-                        [Source::Primary, Source::Mirror].map(|s| of_source(by_source, s))
+                    .enumerate()
+                    .map(|(i, track)| {
+                        let wanted = [reach.serves[i], reach.mirror_to == Some(i)];
+                        match wanted {
+                            [false, false] => [self.unreached.clone(), self.unreached.clone()],
+                            _ => {
+                                let by_source = entry(by_track, track);
+                                [Source::Primary, Source::Mirror].map(|s| {
+                                    match wanted[s as usize] {
+                                        true => of_source(by_source, s),
+                                        false => self.unreached.clone(),
+                                    }
+                                })
+                            }
+                        }
                     })
                     .collect()
             })

@@ -121,6 +121,18 @@ impl Route {
     pub fn split(&self) -> &Split {
         &self.split
     }
+
+    /// Every track this route may send a request to: its rules' and its split's (a share of
+    /// 0 included), each once or more.
+    pub fn serves(&self) -> impl Iterator<Item = TrackId> + '_ {
+        let rules = self.rules.iter().map(|r| r.to);
+        rules.chain(self.split.shares().map(|(track, _)| track))
+    }
+
+    /// The track copies of its requests go to, if it mirrors.
+    pub fn mirror_to(&self) -> Option<TrackId> {
+        self.mirror.as_ref().map(|m| m.to)
+    }
 }
 
 /// The routing table: one immutable value, valid by construction (see [`Table::build`]).

@@ -297,6 +297,23 @@ async fn stats_and_metrics_count_requests_per_route_and_track() {
             .unwrap()
             .clone()
     };
+    // Only what the route can reach has a series: its two tracks, as primary; not `shadow`,
+    // which it never uses, and no mirror series, for it mirrors nothing.
+    let mut reached: Vec<String> = stats["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["route"] == "web")
+        .map(|s| {
+            format!(
+                "{}/{}",
+                s["track"].as_str().unwrap(),
+                s["source"].as_str().unwrap()
+            )
+        })
+        .collect();
+    reached.sort();
+    assert_eq!(reached, ["canary/primary", "stable/primary"]);
     assert_eq!(series("stable")["requests"], 3);
     assert_eq!(series("stable")["responses"]["2xx"], 3);
     assert_eq!(series("canary")["requests"], 2);
