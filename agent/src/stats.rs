@@ -22,6 +22,10 @@ pub struct Series {
     #[serde(default)]
     pub responses: BTreeMap<String, u64>,
     pub errors: u64,
+    /// gRPC answers (HTTP 200) whose status stands for a server's failure; absent from
+    /// proxies older than the field.
+    #[serde(default)]
+    pub grpc_errors: u64,
     pub latency: Latency,
 }
 
@@ -30,9 +34,9 @@ pub struct Latency {
     pub cumulative: Vec<u64>,
 }
 
-/// Sums the series of every proxy into stable and canary counters. An error is a 5xx answer
-/// or none at all; mirrored copies count with the track they were sent to, so that a mirror
-/// phase has numbers to judge.
+/// Sums the series of every proxy into stable and canary counters. An error is a 5xx answer,
+/// a gRPC answer with a server's failure in its status, or none at all; mirrored copies
+/// count with the track they were sent to, so that a mirror phase has numbers to judge.
 pub fn sum(proxies: &[ProxyStats]) -> pb::TrafficStats {
     let mut stable = pb::TrackStats::default();
     let mut canary = pb::TrackStats::default();
@@ -48,7 +52,7 @@ pub fn sum(proxies: &[ProxyStats]) -> pb::TrafficStats {
             // copy that got no answer is in no class.
             let unanswered = if s.source == "mirror" { s.errors } else { 0 };
             into.requests += s.requests;
-            into.errors += fivexx + unanswered;
+            into.errors += fivexx + unanswered + s.grpc_errors;
             add_histogram(into, &proxy.latency_bounds_ms, &s.latency.cumulative);
         }
     }
@@ -81,7 +85,7 @@ mod tests {
           "latency_bounds_ms": [10, 100],
           "series": [
             {"route":"demo","track":"stable","source":"primary","requests":90,"responses":{"2xx":89,"5xx":1},"errors":1,"latency":{"cumulative":[80,90,90],"sum_us":1}},
-            {"route":"demo","track":"canary","source":"primary","requests":10,"responses":{"2xx":9,"5xx":1},"errors":0,"latency":{"cumulative":[5,10,10],"sum_us":1}},
+            {"route":"demo","track":"canary","source":"primary","requests":10,"responses":{"2xx":9,"5xx":1},"errors":0,"grpc_errors":2,"latency":{"cumulative":[5,10,10],"sum_us":1}},
             {"route":"demo","track":"canary","source":"mirror","requests":4,"responses":{"2xx":3},"errors":1,"latency":{"cumulative":[2,3,4],"sum_us":1}}
           ]}"#;
         let one: ProxyStats = serde_json::from_str(json).unwrap();
@@ -89,7 +93,8 @@ mod tests {
         let total = sum(&[one, two]);
         let (stable, canary) = (total.stable.unwrap(), total.canary.unwrap());
         assert_eq!((stable.requests, stable.errors), (180, 2));
-        assert_eq!((canary.requests, canary.errors), (28, 4));
+        // 5xx 1 + gRPC failures 2 (on 200s) + an unanswered copy 1, from each of two proxies.
+        assert_eq!((canary.requests, canary.errors), (28, 8));
         assert_eq!(canary.latency_counts, [14, 26]);
         assert_eq!(canary.latency_bounds_ms, [10.0, 100.0]);
     }

@@ -198,6 +198,52 @@ where
     }
 }
 
+/// Passes a body through and shows `seen` its trailers, if it has any, as they pass.
+pub struct Trailers<B, F> {
+    inner: B,
+    seen: Option<F>,
+}
+
+impl<B, F> Trailers<B, F> {
+    pub fn new(inner: B, seen: F) -> Self {
+        Trailers {
+            inner,
+            seen: Some(seen),
+        }
+    }
+}
+
+impl<B, F> http_body::Body for Trailers<B, F>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    F: FnOnce(&http::HeaderMap) + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(trailers) = frame.trailers_ref()
+            && let Some(seen) = self.seen.take()
+        {
+            seen(trailers);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A body of frames that are all ready at once, taken in order (a test double).
 #[cfg(test)]
 pub struct Frames(pub std::collections::VecDeque<Frame<Bytes>>);

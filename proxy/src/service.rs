@@ -10,7 +10,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::body::{Body, Quiet, Tee, TeeEnd, boxed, full};
+use crate::body::{Body, Quiet, Tee, TeeEnd, Trailers, boxed, full};
 use crate::conn::Conn;
 use crate::framing::Verdict;
 use crate::mirror::Job;
@@ -100,6 +100,8 @@ pub(crate) struct Forward {
     recorded: bool,
 }
 
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// Counted for a request whose client went away (closed its connection, reset its stream)
 /// before the answer, as nginx logs it. Never sent.
 const CLIENT_CLOSED: u16 = 499;
@@ -124,6 +126,34 @@ impl Drop for Forward {
 }
 
 impl Forward {
+    /// A gRPC answer's outcome is its `grpc-status`: counted here when the answer is
+    /// trailers-only (the status in its head), else handed back as what to do with its
+    /// trailers. `None` for any other answer (a look at `content-type` alone).
+    fn grpc_outcome(
+        &self,
+        head: &http::HeaderMap,
+    ) -> Option<impl FnOnce(&http::HeaderMap) + Send + Sync + Unpin + 'static> {
+        let grpc = |v: &HeaderValue| v.as_bytes().starts_with(b"application/grpc");
+        if !head.get(header::CONTENT_TYPE).is_some_and(grpc) {
+            return None;
+        }
+        let (active, route, track) = (&self.active, self.decision.route, self.decision.track);
+        if let Some(status) = head.get(GRPC_STATUS) {
+            active
+                .counters(route, track, Source::Primary)
+                .grpc_status(status.as_bytes());
+            return None;
+        }
+        let active = active.clone();
+        Some(move |trailers: &http::HeaderMap| {
+            if let Some(status) = trailers.get(GRPC_STATUS) {
+                active
+                    .counters(route, track, Source::Primary)
+                    .grpc_status(status.as_bytes());
+            }
+        })
+    }
+
     /// Sends the request and shapes the response for the client.
     #[expect(
         clippy::manual_async_fn,
@@ -179,7 +209,14 @@ impl Forward {
             };
             // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
             // to convert its errors.
-            Response::from_parts(parts, Body::new(Quiet::new(body, idle, on_cut)))
+            let body = match self.grpc_outcome(&parts.headers) {
+                None => Body::new(Quiet::new(body, idle, on_cut)),
+                Some(on_trailers) => {
+                    let body = Trailers::new(body, on_trailers);
+                    Body::new(Quiet::new(body, idle, on_cut))
+                }
+            };
+            Response::from_parts(parts, body)
         }
     }
 }

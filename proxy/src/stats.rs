@@ -39,6 +39,8 @@ pub struct Counters {
     /// Requests that got no response from a backend (connect failure, reset, timeout, no
     /// healthy backend); the client got a 502, 503 or 504 from the proxy.
     errors: AtomicU64,
+    /// gRPC answers, HTTP 200 all, whose `grpc-status` stands for a server's failure.
+    grpc_errors: AtomicU64,
     /// Non-cumulative counts per bucket of [`BUCKETS_MS`], plus one for larger values.
     latency: [AtomicU64; BUCKETS_MS.len() + 1],
     latency_sum_us: AtomicU64,
@@ -61,6 +63,18 @@ impl Counters {
             .unwrap_or(BUCKETS_MS.len());
         self.latency[i].fetch_add(1, Relaxed);
         self.latency_sum_us.fetch_add(us, Relaxed);
+    }
+}
+
+impl Counters {
+    /// Counts a gRPC answer's `grpc-status` (in its head, or its trailers) when it stands
+    /// for a server's failure: the codes gRPC's HTTP mapping puts in 5xx (UNKNOWN,
+    /// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS). A client's
+    /// mistakes (NOT_FOUND, INVALID_ARGUMENT…) are not counted, as 4xx are not errors.
+    pub fn grpc_status(&self, status: &[u8]) {
+        if matches!(status, b"2" | b"4" | b"12" | b"13" | b"14" | b"15") {
+            self.grpc_errors.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -208,6 +222,7 @@ impl Stats {
                     "track": track,
                     "source": source.as_str(),
                     "requests": c.requests.load(Relaxed),
+                    "grpc_errors": c.grpc_errors.load(Relaxed),
                     "responses": {
                         "1xx": classes[0].load(Relaxed), "2xx": classes[1].load(Relaxed),
                         "3xx": classes[2].load(Relaxed), "4xx": classes[3].load(Relaxed),
@@ -332,6 +347,7 @@ mod tests {
               "series": [
                 {
                   "errors": 1,
+                  "grpc_errors": 0,
                   "latency": {
                     "cumulative": [
                       0,
@@ -366,6 +382,7 @@ mod tests {
                 },
                 {
                   "errors": 1,
+                  "grpc_errors": 0,
                   "latency": {
                     "cumulative": [
                       0,
@@ -428,7 +445,7 @@ mod tests {
         }
         // A point per route taking the snapshot, then per series: a stop per eight points.
         assert_eq!(stops_in(|| stats.json(1)), 2 * SERIES / 8);
-        // The snapshot, then four families of metrics.
-        assert_eq!(stops_in(|| stats.prometheus(1)), 5 * SERIES / 8);
+        // The snapshot, then five families of metrics.
+        assert_eq!(stops_in(|| stats.prometheus(1)), 6 * SERIES / 8);
     }
 }

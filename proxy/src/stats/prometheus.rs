@@ -63,6 +63,21 @@ impl Stats {
         }
         head(
             &mut out,
+            "fleet_proxy_grpc_errors_total",
+            "counter",
+            "gRPC answers whose grpc-status stands for a server failure (2, 4, 12, 13, 14, 15).",
+        );
+        for ((r, t, s), c) in &series {
+            fleet_proxy_router::pace::point();
+            let _ = writeln!(
+                out,
+                "fleet_proxy_grpc_errors_total{{{}}} {}",
+                labels(r, t, *s),
+                c.grpc_errors.load(Relaxed)
+            );
+        }
+        head(
+            &mut out,
             "fleet_proxy_request_duration_seconds",
             "histogram",
             "Time to response headers.",

@@ -272,6 +272,56 @@ async fn trailer_fields_no_trailer_may_carry_are_dropped_and_the_rest_reach_an_h
     proxy.stop().await;
 }
 
+/// gRPC answers are HTTP 200 whatever their outcome: a `grpc-status` for a server's
+/// failure, in the head (trailers-only) or the trailers, is counted in `grpc_errors`; a
+/// client's mistake, success, or the header on an answer that is not gRPC, are not.
+#[tokio::test]
+async fn grpc_failures_are_counted_from_the_head_or_the_trailers() {
+    let grpc = "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n";
+    let with_trailers = |status: &str| {
+        format!(
+            "{grpc}transfer-encoding: chunked\r\n\r\n5\r\n\0\0\0\0\0\r\n0\r\ngrpc-status: {status}\r\n\r\n"
+        )
+    };
+    let answers: Vec<(&str, String)> = vec![
+        ("/unavailable", format!("{grpc}grpc-status: 14\r\ncontent-length: 0\r\n\r\n")),
+        ("/internal", with_trailers("13")),
+        ("/not-found", with_trailers("5")),
+        ("/ok", with_trailers("0")),
+        (
+            "/plain",
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ngrpc-status: 14\r\ncontent-length: 2\r\n\r\nok".to_string(),
+        ),
+    ];
+    let paths: Vec<&str> = answers.iter().map(|(p, _)| *p).collect();
+    let backend = RawBackend::start(move |head| {
+        let (_, answer) = answers.iter().find(|(p, _)| *p == path(head)).unwrap();
+        (answer.as_bytes().to_vec(), false)
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "tracks:\n  stable: {{ backends: [\"{}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        backend.addr
+    ))
+    .await;
+    let c = crate::support::h2_client();
+    for p in paths {
+        let req = Request::post(proxy.url(p))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{p}");
+        resp.into_body().collect().await.unwrap();
+    }
+    let stats = crate::support::stats(&proxy).await;
+    let stable = crate::support::series(&stats, "stable", "primary");
+    assert_eq!(stable["grpc_errors"], 2, "{stats}");
+    assert_eq!(stable["responses"]["2xx"], 5, "{stats}");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn declared_trailers_reach_an_http1_client_that_accepts_them() {
     let backend = RawBackend::start(|_| {
