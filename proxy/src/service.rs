@@ -79,6 +79,7 @@ pub(crate) fn handle(
         start: active.next_index(decision.track),
         // A tunnel, if the request becomes one, holds the connection open.
         tunnel_conn: out.client_upgrade.is_some().then(|| conn.clone()),
+        grpc: survey.grpc,
         active,
         decision,
         out,
@@ -96,6 +97,8 @@ pub(crate) struct Forward {
     out: Outgoing,
     /// The client connection, for a request asking to upgrade.
     tunnel_conn: Option<Arc<Conn>>,
+    /// A gRPC request: its answer's `grpc-status` is counted.
+    grpc: bool,
     /// The outcome is counted; until then, dropping it counts the client as gone.
     recorded: bool,
 }
@@ -128,7 +131,8 @@ impl Drop for Forward {
 impl Forward {
     /// A gRPC answer's outcome is its `grpc-status`: counted here when the answer is
     /// trailers-only (the status in its head), else handed back as what to do with its
-    /// trailers. `None` for any other answer (a look at `content-type` alone).
+    /// trailers. `None` for any other answer. Asked of gRPC requests' answers only: other
+    /// requests pay nothing for it.
     fn grpc_outcome(
         &self,
         head: &http::HeaderMap,
@@ -209,7 +213,11 @@ impl Forward {
             };
             // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
             // to convert its errors.
-            let body = match self.grpc_outcome(&parts.headers) {
+            let outcome = match self.grpc {
+                true => self.grpc_outcome(&parts.headers),
+                false => None,
+            };
+            let body = match outcome {
                 None => Body::new(Quiet::new(body, idle, on_cut)),
                 Some(on_trailers) => {
                     let body = Trailers::new(body, on_trailers);

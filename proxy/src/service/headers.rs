@@ -47,6 +47,8 @@ pub struct Survey {
     mirror: bool,
     xff: bool,
     xfh: bool,
+    /// A gRPC request (`content-type: application/grpc…`): its answer's status is looked for.
+    pub grpc: bool,
 }
 
 impl Survey {
@@ -78,6 +80,9 @@ impl Survey {
                         "x-fleet-mirror" => s.mirror = true,
                         "x-forwarded-for" => s.xff = true,
                         "x-forwarded-host" => s.xfh = true,
+                        "content-type" => {
+                            s.grpc = value.as_bytes().starts_with(b"application/grpc");
+                        }
                         _ => {}
                     }
                     continue;
