@@ -198,7 +198,8 @@ where
     }
 }
 
-/// Passes a body through and shows `seen` its trailers, if it has any, as they pass.
+/// Passes a body through and shows `seen` its trailers as they pass, or `None` when it ends
+/// or fails without any. A body dropped before its end (the client left) shows nothing.
 pub struct Trailers<B, F> {
     inner: B,
     seen: Option<F>,
@@ -216,7 +217,7 @@ impl<B, F> Trailers<B, F> {
 impl<B, F> http_body::Body for Trailers<B, F>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
-    F: FnOnce(&http::HeaderMap) + Unpin,
+    F: FnOnce(Option<&http::HeaderMap>) + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -226,8 +227,17 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(trailers) = frame.trailers_ref()
+        let shown = match &polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.trailers_ref() {
+                Some(trailers) => Some(Some(trailers)),
+                // The last frame, and no trailers: hyper asks no more of a body at its end.
+                None if self.inner.is_end_stream() => Some(None),
+                None => None,
+            },
+            Poll::Ready(Some(Err(_)) | None) => Some(None),
+            Poll::Pending => None,
+        };
+        if let Some(trailers) = shown
             && let Some(seen) = self.seen.take()
         {
             seen(trailers);

@@ -135,26 +135,27 @@ impl Forward {
     /// requests pay nothing for it.
     fn grpc_outcome(
         &self,
-        head: &http::HeaderMap,
-    ) -> Option<impl FnOnce(&http::HeaderMap) + Send + Sync + Unpin + 'static> {
-        let grpc = |v: &HeaderValue| v.as_bytes().starts_with(b"application/grpc");
-        if !head.get(header::CONTENT_TYPE).is_some_and(grpc) {
+        head: &http::response::Parts,
+    ) -> Option<impl FnOnce(Option<&http::HeaderMap>) + Send + Sync + Unpin + 'static> {
+        // Any other status is counted by its class already; a gRPC answer is a 200.
+        let grpc = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(headers::is_grpc);
+        if head.status != StatusCode::OK || !grpc {
             return None;
         }
         let (active, route, track) = (&self.active, self.decision.route, self.decision.track);
-        if let Some(status) = head.get(GRPC_STATUS) {
-            active
-                .counters(route, track, Source::Primary)
-                .grpc_status(status.as_bytes());
+        if let Some(status) = head.headers.get(GRPC_STATUS) {
+            let counters = active.counters(route, track, Source::Primary);
+            counters.grpc_status(Some(status.as_bytes()));
             return None;
         }
         let active = active.clone();
-        Some(move |trailers: &http::HeaderMap| {
-            if let Some(status) = trailers.get(GRPC_STATUS) {
-                active
-                    .counters(route, track, Source::Primary)
-                    .grpc_status(status.as_bytes());
-            }
+        Some(move |trailers: Option<&http::HeaderMap>| {
+            let status = trailers.and_then(|t| t.get(GRPC_STATUS));
+            let counters = active.counters(route, track, Source::Primary);
+            counters.grpc_status(status.map(HeaderValue::as_bytes));
         })
     }
 
@@ -214,7 +215,7 @@ impl Forward {
             // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
             // to convert its errors.
             let outcome = match self.grpc {
-                true => self.grpc_outcome(&parts.headers),
+                true => self.grpc_outcome(&parts),
                 false => None,
             };
             let body = match outcome {

@@ -69,10 +69,15 @@ impl Counters {
 impl Counters {
     /// Counts a gRPC answer's `grpc-status` (in its head, or its trailers) when it stands
     /// for a server's failure: the codes gRPC's HTTP mapping puts in 5xx (UNKNOWN,
-    /// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS). A client's
-    /// mistakes (NOT_FOUND, INVALID_ARGUMENT…) are not counted, as 4xx are not errors.
-    pub fn grpc_status(&self, status: &[u8]) {
-        if matches!(status, b"2" | b"4" | b"12" | b"13" | b"14" | b"15") {
+    /// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), or is missing
+    /// (an answer that ended, or broke, without one). A client's mistakes (NOT_FOUND,
+    /// INVALID_ARGUMENT…) are not counted, as 4xx are not errors.
+    pub fn grpc_status(&self, status: Option<&[u8]>) {
+        let failed = match status.map(<[u8]>::trim_ascii) {
+            Some(code) => matches!(code, b"2" | b"4" | b"12" | b"13" | b"14" | b"15"),
+            None => true,
+        };
+        if failed {
             self.grpc_errors.fetch_add(1, Relaxed);
         }
     }

@@ -80,9 +80,7 @@ impl Survey {
                         "x-fleet-mirror" => s.mirror = true,
                         "x-forwarded-for" => s.xff = true,
                         "x-forwarded-host" => s.xfh = true,
-                        "content-type" => {
-                            s.grpc = value.as_bytes().starts_with(b"application/grpc");
-                        }
+                        "content-type" => s.grpc = is_grpc(value),
                         _ => {}
                     }
                     continue;
@@ -220,6 +218,17 @@ fn tokens(h: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
+}
+
+/// Whether a `content-type` is gRPC's: `application/grpc`, alone or with a `+format` or
+/// parameters, in any case (RFC 9110 §8.3.1). Not gRPC-Web (`application/grpc-web…`), whose
+/// status travels in its body.
+pub fn is_grpc(value: &HeaderValue) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    let v = value.as_bytes();
+    v.len() >= GRPC.len()
+        && v[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+        && matches!(v.get(GRPC.len()), None | Some(b'+' | b';' | b' '))
 }
 
 /// Removes a response's hop-by-hop headers (see [`strip_hop_by_hop`]); a `101` keeps the

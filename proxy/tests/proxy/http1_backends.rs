@@ -272,9 +272,10 @@ async fn trailer_fields_no_trailer_may_carry_are_dropped_and_the_rest_reach_an_h
     proxy.stop().await;
 }
 
-/// gRPC answers are HTTP 200 whatever their outcome: a `grpc-status` for a server's
-/// failure, in the head (trailers-only) or the trailers, is counted in `grpc_errors`; a
-/// client's mistake, success, or the header on an answer that is not gRPC, are not.
+/// A gRPC answer is an HTTP 200 whatever its outcome: a `grpc-status` for a server's
+/// failure, in the head (trailers-only) or the trailers, or none at all, is counted in
+/// `grpc_errors`. Not counted: a client's mistake, success, a non-200 (counted by its class),
+/// gRPC-Web, an answer that is not gRPC, and any answer to a request that is not gRPC.
 #[tokio::test]
 async fn grpc_failures_are_counted_from_the_head_or_the_trailers() {
     let grpc = "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n";
@@ -283,19 +284,52 @@ async fn grpc_failures_are_counted_from_the_head_or_the_trailers() {
             "{grpc}transfer-encoding: chunked\r\n\r\n5\r\n\0\0\0\0\0\r\n0\r\ngrpc-status: {status}\r\n\r\n"
         )
     };
-    let answers: Vec<(&str, String)> = vec![
-        ("/unavailable", format!("{grpc}grpc-status: 14\r\ncontent-length: 0\r\n\r\n")),
-        ("/internal", with_trailers("13")),
-        ("/not-found", with_trailers("5")),
-        ("/ok", with_trailers("0")),
+    let head_only = |content_type: &str, status: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ngrpc-status: 14\r\ncontent-length: 0\r\n\r\n"
+        )
+    };
+    // (path, answer, counted)
+    let answers: Vec<(&str, String, bool)> = vec![
         (
-            "/plain",
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ngrpc-status: 14\r\ncontent-length: 2\r\n\r\nok".to_string(),
+            "/unavailable",
+            head_only("application/grpc", "200 OK"),
+            true,
+        ),
+        (
+            "/upper-case",
+            head_only("Application/GRPC+proto", "200 OK"),
+            true,
+        ),
+        ("/internal", with_trailers("13"), true),
+        (
+            "/no-status",
+            format!("{grpc}content-length: 5\r\n\r\n\0\0\0\0\0"),
+            true,
+        ),
+        ("/not-found", with_trailers("5"), false),
+        ("/ok", with_trailers(" 0 "), false),
+        (
+            "/busy",
+            head_only("application/grpc", "503 Service Unavailable"),
+            false,
+        ),
+        (
+            "/grpc-web",
+            head_only("application/grpc-web", "200 OK"),
+            false,
+        ),
+        ("/plain", head_only("text/plain", "200 OK"), false),
+        (
+            "/plain-request",
+            head_only("application/grpc", "200 OK"),
+            false,
         ),
     ];
-    let paths: Vec<&str> = answers.iter().map(|(p, _)| *p).collect();
+    let counted = answers.iter().filter(|a| a.2).count();
+    let paths: Vec<&str> = answers.iter().map(|(p, ..)| *p).collect();
     let backend = RawBackend::start(move |head| {
-        let (_, answer) = answers.iter().find(|(p, _)| *p == path(head)).unwrap();
+        let (_, answer, _) = answers.iter().find(|(p, ..)| *p == path(head)).unwrap();
         (answer.as_bytes().to_vec(), false)
     })
     .await;
@@ -306,19 +340,23 @@ async fn grpc_failures_are_counted_from_the_head_or_the_trailers() {
     .await;
     let c = crate::support::h2_client();
     for p in paths {
+        let content_type = match p {
+            "/plain-request" => "text/plain",
+            _ => "application/grpc",
+        };
         let req = Request::post(proxy.url(p))
-            .header("content-type", "application/grpc")
+            .header("content-type", content_type)
             .header("te", "trailers")
             .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
             .unwrap();
         let resp = c.request(req).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "{p}");
         resp.into_body().collect().await.unwrap();
     }
     let stats = crate::support::stats(&proxy).await;
     let stable = crate::support::series(&stats, "stable", "primary");
-    assert_eq!(stable["grpc_errors"], 2, "{stats}");
-    assert_eq!(stable["responses"]["2xx"], 5, "{stats}");
+    assert_eq!(stable["grpc_errors"], counted, "{stats}");
+    assert_eq!(stable["responses"]["2xx"], 9, "{stats}");
+    assert_eq!(stable["responses"]["5xx"], 1, "{stats}");
     proxy.stop().await;
 }
 

@@ -58,6 +58,24 @@ async fn grpc_responses_keep_their_trailers() {
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["grpc-message"], "stable");
     assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x02hi");
+    // A failure in the trailers of an HTTP/2 backend's answer is counted too.
+    let req = Request::post(proxy.url("/pkg.Service/Method"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-grpc-status", "14")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x00")))
+        .unwrap();
+    let resp = h2_client().request(req).await.unwrap();
+    assert_eq!(
+        resp.headers()["x-seen-version"],
+        "HTTP/2.0",
+        "an HTTP/2 backend"
+    );
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["grpc-status"], "14");
+    let stats = crate::support::stats(&proxy).await;
+    let stable = crate::support::series(&stats, "stable", "primary");
+    assert_eq!(stable["grpc_errors"], 1, "{stats}");
     proxy.stop().await;
 }
 

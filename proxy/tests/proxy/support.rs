@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -31,7 +31,7 @@ pub enum Mode {
 
 /// A backend that answers with the name of its track in the body and `x-served-by`, and
 /// echoes what the proxy added (`x-seen-*`). `/ws` upgrades and echoes bytes; gRPC requests
-/// get a body and `grpc-status` trailers.
+/// get a body and `grpc-status` trailers (0, or the request's `x-grpc-status`).
 pub struct Backend {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
@@ -178,6 +178,7 @@ async fn answer(
     let version = format!("{:?}", req.version());
     builder = builder.header("x-seen-version", version);
     let headers = req.headers().clone();
+    let grpc_status = headers.get("x-grpc-status").cloned();
     let body = req
         .into_body()
         .collect()
@@ -188,7 +189,11 @@ async fn answer(
     *last.lock().unwrap() = Some((headers, body));
     if grpc {
         let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", "0".parse().unwrap());
+        let status = grpc_status;
+        trailers.insert(
+            "grpc-status",
+            status.unwrap_or(HeaderValue::from_static("0")),
+        );
         trailers.insert("grpc-message", name.parse().unwrap());
         let body = Frames(vec![
             http_body::Frame::trailers(trailers),
