@@ -164,13 +164,16 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {
-                let idle = this.idle;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                if std::mem::take(&mut this.moved) {
-                    timer.as_mut().reset(tokio::time::Instant::now() + idle);
-                }
+                let (idle, moved) = (this.idle, std::mem::take(&mut this.moved));
+                let timer = match &mut this.timer {
+                    Some(timer) => {
+                        if moved {
+                            timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                        }
+                        timer
+                    }
+                    none => none.insert(Box::pin(tokio::time::sleep(idle))),
+                };
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         if let Some(on_cut) = this.on_cut.take() {

@@ -131,18 +131,13 @@ impl Drop for Forward {
 impl Forward {
     /// A gRPC answer's outcome is its `grpc-status`: counted here when the answer is
     /// trailers-only (the status in its head), else handed back as what to do with its
-    /// trailers. `None` for any other answer. Asked of gRPC requests' answers only: other
-    /// requests pay nothing for it.
+    /// trailers. Asked of gRPC answers (by `content-type`) to gRPC requests only.
     fn grpc_outcome(
         &self,
         head: &http::response::Parts,
     ) -> Option<impl FnOnce(Option<&http::HeaderMap>) + Send + Sync + Unpin + 'static> {
         // Any other status is counted by its class already; a gRPC answer is a 200.
-        let grpc = head
-            .headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(headers::is_grpc);
-        if head.status != StatusCode::OK || !grpc {
+        if head.status != StatusCode::OK {
             return None;
         }
         let (active, route, track) = (&self.active, self.decision.route, self.decision.track);
@@ -191,7 +186,7 @@ impl Forward {
             };
             self.record(resp.status().as_u16(), false);
             let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-            headers::strip_response(resp.headers_mut(), switched);
+            let grpc_answer = headers::strip_response(resp.headers_mut(), switched);
             if switched {
                 let client = self.out.client_upgrade.take();
                 if let (Some(client), Some(conn)) = (client, self.tunnel_conn.take()) {
@@ -214,7 +209,7 @@ impl Forward {
             };
             // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
             // to convert its errors.
-            let outcome = match self.grpc {
+            let outcome = match self.grpc && grpc_answer {
                 true => self.grpc_outcome(&parts),
                 false => None,
             };

@@ -46,7 +46,6 @@ pub struct Survey {
     host_well_formed: bool,
     mirror: bool,
     xff: bool,
-    xfh: bool,
     /// A gRPC request (`content-type: application/grpc…`): its answer's status is looked for.
     pub grpc: bool,
 }
@@ -79,7 +78,6 @@ impl Survey {
                         }
                         "x-fleet-mirror" => s.mirror = true,
                         "x-forwarded-for" => s.xff = true,
-                        "x-forwarded-host" => s.xfh = true,
                         "content-type" => s.grpc = is_grpc(value),
                         _ => {}
                     }
@@ -232,10 +230,15 @@ pub fn is_grpc(value: &HeaderValue) -> bool {
 }
 
 /// Removes a response's hop-by-hop headers (see [`strip_hop_by_hop`]); a `101` keeps the
-/// `Connection: upgrade` and `Upgrade` its client needs.
-pub fn strip_response(h: &mut HeaderMap, switched: bool) {
+/// `Connection: upgrade` and `Upgrade` its client needs. True for a gRPC answer (by its
+/// `content-type`, seen in the same pass).
+pub fn strip_response(h: &mut HeaderMap, switched: bool) -> bool {
     let survey = Survey::of(h);
-    strip_hop_by_hop(h, &survey, switched);
+    match strip_hop_by_hop(h, &survey, switched) {
+        false => survey.grpc,
+        // `Connection` named other headers, the content's type perhaps: look again.
+        true => h.get(header::CONTENT_TYPE).is_some_and(is_grpc),
+    }
 }
 
 /// Removes hop-by-hop headers and those the `Connection` header names. `te: trailers` stays:
@@ -326,10 +329,9 @@ pub fn forwarded(h: &mut HeaderMap, survey: &Survey, conn: &Conn, upgrade: bool)
         Some(host) => {
             h.insert(X_FORWARDED_HOST, host);
         }
-        None if survey.xfh => {
+        None => {
             h.remove(X_FORWARDED_HOST);
         }
-        None => {}
     }
 }
 

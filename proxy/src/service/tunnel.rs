@@ -42,7 +42,7 @@ pub(crate) fn spawn(client: OnUpgrade, backend: OnUpgrade, conn: Arc<Conn>, idle
                 () = tokio::time::sleep_until(quiet_since + idle) => {
                     // Bytes went by while this slept: wait for the rest of the new quiet.
                     if Instant::now() >= start + Duration::from_millis(last.load(Relaxed)) + idle {
-                        return tracing::debug!("upgraded tunnel idle for idle_timeout: closed");
+                        return tracing::debug!("upgraded tunnel quiet for read_timeout: closed");
                     }
                 }
             }

@@ -189,10 +189,9 @@ async fn answer(
     *last.lock().unwrap() = Some((headers, body));
     if grpc {
         let mut trailers = http::HeaderMap::new();
-        let status = grpc_status;
         trailers.insert(
             "grpc-status",
-            status.unwrap_or(HeaderValue::from_static("0")),
+            grpc_status.unwrap_or(HeaderValue::from_static("0")),
         );
         trailers.insert("grpc-message", name.parse().unwrap());
         let body = Frames(vec![
