@@ -388,29 +388,35 @@ async fn served_cert(
     Some(tls.get_ref().1.peer_certificates()?[0].clone())
 }
 
+/// A config whose one TLS listener serves `{name}.pem`, watched every 20 ms, with one
+/// `stable` track at `stable`.
+fn watched_tls(name: &str, stable: std::net::SocketAddr) -> String {
+    format!(
+        "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: {name}.pem, key: {name}.key }}\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{stable}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+    )
+}
+
+/// A new certificate for `a.test` as `{name}.key` then `{name}.pem` in `dir`.
+fn write_cert(dir: &std::path::Path, name: &str) -> rustls_pki_types::CertificateDer<'static> {
+    let c = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.key")),
+        c.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), c.cert.pem()).unwrap();
+    c.cert.der().clone()
+}
+
 #[tokio::test]
 async fn a_certificate_named_after_start_is_watched_too() {
     let certs = certs();
     let stable = Backend::start("stable", Mode::Normal).await;
     let config = certs.dir.join("proxy.yaml");
-    let yaml = |name: &str| {
-        format!(
-            "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: {name}.pem, key: {name}.key }}\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-            stable.addr
-        )
-    };
+    let yaml = |name: &str| watched_tls(name, stable.addr);
     std::fs::write(&config, yaml("a")).unwrap();
     let proxy = Proxy::start_in(&yaml("a"), &certs.dir, Some(&config)).await;
-    let write = |name: &str| {
-        let c = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
-        std::fs::write(
-            certs.dir.join(format!("{name}.key")),
-            c.signing_key.serialize_pem(),
-        )
-        .unwrap();
-        std::fs::write(certs.dir.join(format!("{name}.pem")), c.cert.pem()).unwrap();
-        c.cert.der().clone()
-    };
+    let write = |name: &str| write_cert(&certs.dir, name);
     // The file now names other files; then those are renewed in place.
     let second = write("c");
     std::fs::write(&config, yaml("c")).unwrap();
@@ -434,12 +440,7 @@ async fn a_file_refused_for_a_certificate_not_there_yet_is_read_again_when_it_co
     let certs = certs();
     let stable = Backend::start("stable", Mode::Normal).await;
     let config = certs.dir.join("proxy.yaml");
-    let yaml = |name: &str| {
-        format!(
-            "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: {name}.pem, key: {name}.key }}\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-            stable.addr
-        )
-    };
+    let yaml = |name: &str| watched_tls(name, stable.addr);
     std::fs::write(&config, yaml("a")).unwrap();
     let proxy = Proxy::start_in(&yaml("a"), &certs.dir, Some(&config)).await;
     // The file now names a certificate that is not there yet: refused, the old one serves.
@@ -461,10 +462,7 @@ async fn a_file_refused_for_a_certificate_not_there_yet_is_read_again_when_it_co
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(rejected().await, 1);
     // It comes, key first, as a certificate manager writes it; the file is not touched again.
-    let d = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
-    std::fs::write(certs.dir.join("d.key"), d.signing_key.serialize_pem()).unwrap();
-    std::fs::write(certs.dir.join("d.pem"), d.cert.pem()).unwrap();
-    let d = d.cert.der().clone();
+    let d = write_cert(&certs.dir, "d");
     crate::support::eventually(std::time::Duration::from_secs(10), || async {
         served_cert(proxy.addr, vec![d.clone()]).await.as_ref() == Some(&d)
     })
