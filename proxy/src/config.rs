@@ -12,7 +12,7 @@ use fleet_proxy_router::{Diagnostic, Table, TableSpec};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub(crate) mod checker;
+mod checker;
 
 use checker::Checker;
 
@@ -251,39 +251,35 @@ pub fn digest(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh64::xxh64(bytes, 0)
 }
 
-/// The certificate and key files `src` names, as far as it can be read: for a file refused
-/// (a certificate not there yet, say), the files whose change may make it good.
-pub fn named_cert_files(src: &str, dir: &Path) -> Vec<PathBuf> {
-    let Some(file) = fleet_yaml::load::<FileConfig>(src).value else {
-        return Vec::new();
-    };
-    let Listen::Many(entries) = &file.listen else {
-        return Vec::new();
-    };
-    let specs = entries.iter().filter_map(|e| match e {
-        ListenEntry::Full(ListenerSpec { tls: Some(tls), .. }) => Some(tls),
-        _ => None,
-    });
-    specs
-        .flat_map(|tls| match tls {
-            TlsSpec::One(c) => std::slice::from_ref(c),
-            TlsSpec::Many(cs) => cs.as_slice(),
-        })
-        .flat_map(|c| [dir.join(&c.cert), dir.join(&c.key)])
-        .collect()
-}
-
 /// Reads and checks a config file's text; `dir` resolves relative certificate paths.
 pub fn check(src: &str, dir: &Path) -> Result<(Settings, Table), Vec<Diagnostic>> {
+    check_certs(src, dir).map_err(|refused| refused.diags)
+}
+
+/// A file refused: every diagnostic, and the `(cert, key)` files among them that could not
+/// be loaded (a certificate not there yet, say: their change may make the file good).
+pub struct Refused {
+    pub diags: Vec<Diagnostic>,
+    pub certs: Vec<(PathBuf, PathBuf)>,
+}
+
+/// [`check`], telling which certificates were refused.
+pub fn check_certs(src: &str, dir: &Path) -> Result<(Settings, Table), Refused> {
     let mut loaded = fleet_yaml::load::<FileConfig>(src);
     let Some(file) = loaded.value.take() else {
-        return Err(loaded.diags.into_sorted());
+        let diags = loaded.diags.into_sorted();
+        return Err(Refused {
+            diags,
+            certs: Vec::new(),
+        });
     };
     let mut c = Checker {
         at: &loaded.positions,
         diags: &mut loaded.diags,
+        refused_certs: Vec::new(),
     };
     let settings = c.settings(&file, dir, digest(src.as_bytes()));
+    let certs = std::mem::take(&mut c.refused_certs);
     let spec = TableSpec {
         version: None,
         tracks: file.tracks,
@@ -292,6 +288,9 @@ pub fn check(src: &str, dir: &Path) -> Result<(Settings, Table), Vec<Diagnostic>
     let table = Table::build(spec, &loaded.positions, &mut loaded.diags);
     match (settings, table) {
         (Some(s), Some(t)) if !loaded.diags.has_errors() => Ok((s, t)),
-        _ => Err(loaded.diags.into_sorted()),
+        _ => Err(Refused {
+            diags: loaded.diags.into_sorted(),
+            certs,
+        }),
     }
 }

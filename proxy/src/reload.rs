@@ -9,7 +9,6 @@ use std::time::SystemTime;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::config::checker::CERT_REFUSED;
 use crate::config::{Listener, digest};
 use crate::server::TlsSlot;
 use crate::state::Shared;
@@ -151,9 +150,9 @@ fn fingerprint(path: &Path, applied: &Sources, waiting: &[PathBuf]) -> (Stamp, V
 /// What a reload leaves in force, and what to watch beyond it.
 struct Outcome {
     applied: Sources,
-    /// The certificate and key files of a file refused, stamped before they were last
-    /// checked: a certificate it names may not be there yet, and its coming should read the
-    /// file again as an edit would.
+    /// The certificate and key files a refused file could not load, stamped before they were
+    /// last tried: a certificate it names may not be there yet, and its coming should read
+    /// the file again as an edit would.
     waiting: Vec<(PathBuf, Stamp)>,
     /// The file was refused for certificates that load now (they came while it was
     /// checked): read it again at the next tick.
@@ -183,9 +182,9 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
         }
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    let (settings, table) = match crate::config::check(&src, dir) {
+    let (settings, table) = match crate::config::check_certs(&src, dir) {
         Ok(checked) => checked,
-        Err(diags) => {
+        Err(crate::config::Refused { diags, certs }) => {
             shared.stats.global.table_rejected.fetch_add(1, Relaxed);
             for d in &diags {
                 tracing::error!(diagnostic = %d.in_file(&file), "config problem");
@@ -195,15 +194,12 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
                 errors = diags.len(),
                 "config rejected; keeping the table in force"
             );
-            let named = crate::config::named_cert_files(&src, dir);
             // Stamped first, then tried: a change after the stamp reads the file again at
             // the next tick, one before it is seen by this try.
-            let waiting: Vec<_> = named.into_iter().map(|p| (p.clone(), stamp(&p))).collect();
-            let for_certs = diags.iter().any(|d| d.message.starts_with(CERT_REFUSED));
-            let again = for_certs
-                && waiting
-                    .chunks_exact(2)
-                    .all(|pair| crate::tls::load_cert(&pair[0].0, &pair[1].0).is_ok());
+            let files = certs.iter().flat_map(|(cert, key)| [cert, key]);
+            let waiting: Vec<_> = files.map(|p| (p.clone(), stamp(p))).collect();
+            let load = |(cert, key): &(PathBuf, PathBuf)| crate::tls::load_cert(cert, key);
+            let again = !certs.is_empty() && certs.iter().all(|pair| load(pair).is_ok());
             return Outcome {
                 applied: last.clone(),
                 waiting,

@@ -1,7 +1,7 @@
 //! The checks on everything in the config file but the table.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleet_yaml::{Diagnostics, Positions};
@@ -11,13 +11,11 @@ use super::{
     Upstream,
 };
 
-/// How the diagnostic on a certificate that cannot be loaded begins: a reload that finds it
-/// watches the files for the certificate to come.
-pub(crate) const CERT_REFUSED: &str = "cannot use this certificate";
-
 pub(super) struct Checker<'a> {
     pub(super) at: &'a Positions,
     pub(super) diags: &'a mut Diagnostics,
+    /// The `(cert, key)` files that could not be loaded.
+    pub(super) refused_certs: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Checker<'_> {
@@ -62,9 +60,10 @@ impl Checker<'_> {
                 if let Err(e) = crate::tls::load_cert(&cert, &key) {
                     self.error(
                         &at,
-                        format!("{CERT_REFUSED}: {e:#}"),
+                        format!("cannot use this certificate: {e:#}"),
                         "give PEM files for the chain and its private key",
                     );
+                    self.refused_certs.push((cert.clone(), key.clone()));
                 }
                 tls.push((cert, key));
             }
