@@ -73,12 +73,12 @@ pub(crate) fn handle(
         track = decision.track.index(),
         "routed"
     );
-    let out = outgoing(shared, conn, &active, &decision, &survey, req);
+    let (out, client_upgrade) = outgoing(shared, conn, &active, &decision, &survey, req);
     Ok(Forward {
         started,
         start: active.next_index(decision.track),
         // A tunnel, if the request becomes one, holds the connection open.
-        tunnel_conn: out.client_upgrade.is_some().then(|| conn.clone()),
+        tunnel: client_upgrade.map(|client| (client, conn.clone())),
         grpc: survey.grpc,
         active,
         decision,
@@ -95,8 +95,9 @@ pub(crate) struct Forward {
     /// Where round robin starts.
     start: usize,
     out: Outgoing,
-    /// The client connection, for a request asking to upgrade.
-    tunnel_conn: Option<Arc<Conn>>,
+    /// For a request asking to switch protocols: the client's side of the switch, joined to
+    /// the backend's once it answers 101, and the connection the tunnel then holds open.
+    tunnel: Option<(hyper::upgrade::OnUpgrade, Arc<Conn>)>,
     /// A gRPC request: its answer's `grpc-status` is counted.
     grpc: bool,
     /// The outcome is counted; until then, dropping it counts the client as gone.
@@ -187,12 +188,9 @@ impl Forward {
             self.record(resp.status().as_u16(), false);
             let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             let grpc_answer = headers::strip_response(resp.headers_mut(), switched);
-            if switched {
-                let client = self.out.client_upgrade.take();
-                if let (Some(client), Some(conn)) = (client, self.tunnel_conn.take()) {
-                    let idle = shared.settings.upstream.read_timeout;
-                    tunnel::spawn(client, hyper::upgrade::on(&mut resp), conn, idle);
-                }
+            if switched && let Some((client, conn)) = self.tunnel.take() {
+                let idle = shared.settings.upstream.read_timeout;
+                tunnel::spawn(client, hyper::upgrade::on(&mut resp), conn, idle);
             }
             let (mut parts, body) = resp.into_parts();
             if let Some(cookie) = self
@@ -226,7 +224,8 @@ impl Forward {
 }
 
 /// The request as the backend gets it: forwarding headers set, hop-by-hop ones gone, and
-/// the body teed to the mirror when the decision samples it.
+/// the body teed to the mirror when the decision samples it; and the client's side of a
+/// protocol switch, when the request asks for one.
 fn outgoing(
     shared: &Arc<Shared>,
     conn: &Conn,
@@ -234,7 +233,7 @@ fn outgoing(
     decision: &Decision,
     survey: &Survey,
     mut req: Request<Incoming>,
-) -> Outgoing {
+) -> (Outgoing, Option<hyper::upgrade::OnUpgrade>) {
     let protocol = active.table.track(decision.track).protocol();
     // A backend that speaks only HTTP/2 cannot switch an HTTP/1.1 connection: the request
     // goes to it without the `Upgrade`, which a server may ignore (RFC 9110 §7.8).
@@ -257,15 +256,16 @@ fn outgoing(
         Some(to) if !upgrade => mirrored(shared, active, decision.route, to, http2, &parts, body),
         _ => body,
     };
-    Outgoing {
+    let out = Outgoing {
         parts,
         body,
         http2,
         auto,
         retryable,
-        client_upgrade,
+        upgrade,
         marked: false,
-    }
+    };
+    (out, client_upgrade)
 }
 
 /// Offers a copy of the request to the mirror track: at once when it has no body, else once

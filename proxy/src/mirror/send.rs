@@ -125,7 +125,7 @@ async fn single(shared: &Shared, job: Job) {
         http2,
         auto,
         retryable: false,
-        client_upgrade: None,
+        upgrade: false,
         marked: true,
     };
     let start = active.next_index(track);

@@ -83,21 +83,13 @@ pub struct Outgoing {
     pub auto: bool,
     /// Idempotent and without a body: may be sent again after a failure before the response.
     pub retryable: bool,
-    /// The client's side of a protocol switch, when the request asks for one (`Upgrade`):
-    /// joined to the backend's once it answers 101.
-    pub client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Asks to switch protocols (`Upgrade`): it goes through hyper's client, which hands the
+    /// connection over to the tunnel.
+    pub upgrade: bool,
     /// A mirrored copy: it goes out with `x-fleet-mirror: 1`, added as the request is
     /// written rather than to `parts`, whose header map has no room left for it (making
     /// room rehashes the map: a thousand instructions per copy).
     pub marked: bool,
-}
-
-impl Outgoing {
-    /// Asks to switch protocols: it goes through hyper's client, which hands the connection
-    /// over to the tunnel.
-    pub fn upgrade(&self) -> bool {
-        self.client_upgrade.is_some()
-    }
 }
 
 /// Sends the request to the track's backends, round robin from `start`, skipping ejected
@@ -142,7 +134,7 @@ pub async fn send(
             Err(e) => Err(e),
             // HTTP/1.1 goes out on fleet-proxy's own client, but for switching protocols; the
             // rest on hyper's. (CONNECT never comes here: the service refuses it.)
-            Ok(false) if !out.upgrade() => h1::request(
+            Ok(false) if !out.upgrade => h1::request(
                 backend,
                 &out.parts,
                 out.marked,
@@ -187,7 +179,7 @@ pub async fn send(
             e,
             Error::Connect(_) | Error::ConnectTimeout | Error::Saturated
         ) && (out.body.is_some() || !had_body)
-            && !out.upgrade();
+            && !out.upgrade;
         match e {
             e @ (Error::Body(_) | Error::ClientTooSlow) => return Err(Failure::ClientBody(e)),
             // Busy, not failing: no count towards ejection; the next try goes elsewhere.
