@@ -169,20 +169,7 @@ fn resolve(
         })
         .collect();
     drop(health);
-    let track_names: Vec<&str> = table.tracks().map(|(_, t)| t.name()).collect();
-    let reach = table.routes().map(|(_, r)| {
-        let mut serves = vec![false; track_names.len()];
-        for track in r.serves() {
-            serves[track.index()] = true;
-        }
-        let mirror_to = r.mirror_to().map(|t| t.index());
-        crate::stats::Reach {
-            route: r.name(),
-            serves,
-            mirror_to,
-        }
-    });
-    let counters = stats.resolve(reach, &track_names);
+    let counters = stats.resolve(&table);
     let next = (0..table.tracks().len())
         .map(|_| AtomicUsize::new(0))
         .collect();

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use fleet_proxy_router::Table;
 use serde_json::{Value, json};
 
 mod prometheus;
@@ -118,14 +119,6 @@ pub struct Stats {
     pub global: Global,
 }
 
-/// What of a table's tracks one route can reach: by track index, whether it serves
-/// requests there, and which track it mirrors to.
-pub struct Reach<'a> {
-    pub route: &'a str,
-    pub serves: Vec<bool>,
-    pub mirror_to: Option<usize>,
-}
-
 impl Default for Stats {
     fn default() -> Self {
         Stats {
@@ -150,37 +143,24 @@ impl Stats {
     /// serves as primary, its mirror track as mirror); the others share one set of counters
     /// that nothing increments and nothing shows, so that a table of many routes and tracks
     /// does not grow `/metrics` by every combination.
-    pub fn resolve<'a>(
-        &self,
-        routes: impl Iterator<Item = Reach<'a>>,
-        tracks: &[&str],
-    ) -> Vec<Vec<[Arc<Counters>; 2]>> {
+    pub fn resolve(&self, table: &Table) -> Vec<Vec<[Arc<Counters>; 2]>> {
         let mut map = crate::lock(&self.by_route);
-        // Each route looked up once, each of its tracks once: a 10,000-route table is 10,000
-        // lookups among every route seen since start, not 40,000.
-        routes
-            .map(|reach| {
+        let tracks = table.tracks().len();
+        // Each route looked up once, each track it reaches once: a 10,000-route table is
+        // 10,000 lookups among every route seen since start, not 40,000.
+        table
+            .routes()
+            .map(|(_, route)| {
                 fleet_proxy_router::pace::point();
-                let by_track = entry(&mut map, reach.route);
-                tracks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, track)| {
-                        let wanted = [reach.serves[i], reach.mirror_to == Some(i)];
-                        match wanted {
-                            [false, false] => [self.unreached.clone(), self.unreached.clone()],
-                            _ => {
-                                let by_source = entry(by_track, track);
-                                [Source::Primary, Source::Mirror].map(|s| {
-                                    match wanted[s as usize] {
-                                        true => of_source(by_source, s),
-                                        false => self.unreached.clone(),
-                                    }
-                                })
-                            }
-                        }
-                    })
-                    .collect()
+                let mut row = vec![[self.unreached.clone(), self.unreached.clone()]; tracks];
+                let by_track = entry(&mut map, route.name());
+                let reached = route.serves().map(|t| (t, Source::Primary));
+                for (track, source) in reached.chain(route.mirror_to().map(|t| (t, Source::Mirror)))
+                {
+                    let by_source = entry(by_track, table.track(track).name());
+                    row[track.index()][source as usize] = of_source(by_source, source);
+                }
+                row
             })
             .collect()
     }
