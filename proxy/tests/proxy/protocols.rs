@@ -329,15 +329,7 @@ async fn tls_without_sni_gets_the_first_certificate_and_a_foreign_alpn_is_refuse
 
 #[tokio::test]
 async fn a_replaced_certificate_is_served_without_a_restart() {
-    let certs = certs();
-    let stable = Backend::start("stable", Mode::Normal).await;
-    let config = certs.dir.join("proxy.yaml");
-    let yaml = format!(
-        "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: a.pem, key: a.key }}\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        stable.addr
-    );
-    std::fs::write(&config, &yaml).unwrap();
-    let proxy = Proxy::start_in(&yaml, &certs.dir, Some(&config)).await;
+    let (certs, stable, _, proxy) = watching_a_tls_file().await;
     let trusted = std::sync::Mutex::new(vec![certs.a.cert.der().clone()]);
     let served = || served_cert(proxy.addr, trusted.lock().unwrap().clone());
     assert_eq!(
@@ -408,14 +400,22 @@ fn write_cert(dir: &std::path::Path, name: &str) -> rustls_pki_types::Certificat
     c.cert.der().clone()
 }
 
-#[tokio::test]
-async fn a_certificate_named_after_start_is_watched_too() {
+/// A proxy started from a file it watches, `proxy.yaml` in a directory of certificates,
+/// serving `a.pem` on its TLS listener; with that file and the backend.
+async fn watching_a_tls_file() -> (Certs, Backend, std::path::PathBuf, Proxy) {
     let certs = certs();
     let stable = Backend::start("stable", Mode::Normal).await;
     let config = certs.dir.join("proxy.yaml");
+    let yaml = watched_tls("a", stable.addr);
+    std::fs::write(&config, &yaml).unwrap();
+    let proxy = Proxy::start_in(&yaml, &certs.dir, Some(&config)).await;
+    (certs, stable, config, proxy)
+}
+
+#[tokio::test]
+async fn a_certificate_named_after_start_is_watched_too() {
+    let (certs, stable, config, proxy) = watching_a_tls_file().await;
     let yaml = |name: &str| watched_tls(name, stable.addr);
-    std::fs::write(&config, yaml("a")).unwrap();
-    let proxy = Proxy::start_in(&yaml("a"), &certs.dir, Some(&config)).await;
     let write = |name: &str| write_cert(&certs.dir, name);
     // The file now names other files; then those are renewed in place.
     let second = write("c");
@@ -437,12 +437,8 @@ async fn a_certificate_named_after_start_is_watched_too() {
 
 #[tokio::test]
 async fn a_file_refused_for_a_certificate_not_there_yet_is_read_again_when_it_comes() {
-    let certs = certs();
-    let stable = Backend::start("stable", Mode::Normal).await;
-    let config = certs.dir.join("proxy.yaml");
+    let (certs, stable, config, proxy) = watching_a_tls_file().await;
     let yaml = |name: &str| watched_tls(name, stable.addr);
-    std::fs::write(&config, yaml("a")).unwrap();
-    let proxy = Proxy::start_in(&yaml("a"), &certs.dir, Some(&config)).await;
     // The file now names a certificate that is not there yet: refused, the old one serves.
     // Written whole, by a rename: a tick may not see it half written.
     let next = certs.dir.join("proxy.yaml.next");
