@@ -24,14 +24,17 @@ pub(crate) fn spawn(client: OnUpgrade, backend: OnUpgrade, conn: Arc<Conn>, idle
         let (Ok(client), Ok(backend)) = (client.await, backend.await) else {
             return;
         };
-        let start = Instant::now();
-        let last = Arc::new(AtomicU64::new(0));
+        let (start, last) = (Instant::now(), AtomicU64::new(0));
         let mut client = Watched::new(TokioIo::new(client), start, &last);
         let mut backend = Watched::new(TokioIo::new(backend), start, &last);
         let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
         tokio::pin!(copy);
         loop {
-            let quiet_since = start + Duration::from_millis(last.load(Relaxed));
+            // Bytes that went by while this slept move the deadline on.
+            let deadline = start + Duration::from_millis(last.load(Relaxed)) + idle;
+            if Instant::now() >= deadline {
+                return tracing::debug!("upgraded tunnel quiet for read_timeout: closed");
+            }
             tokio::select! {
                 ended = &mut copy => {
                     if let Err(e) = ended {
@@ -39,12 +42,7 @@ pub(crate) fn spawn(client: OnUpgrade, backend: OnUpgrade, conn: Arc<Conn>, idle
                     }
                     return;
                 }
-                () = tokio::time::sleep_until(quiet_since + idle) => {
-                    // Bytes went by while this slept: wait for the rest of the new quiet.
-                    if Instant::now() >= start + Duration::from_millis(last.load(Relaxed)) + idle {
-                        return tracing::debug!("upgraded tunnel quiet for read_timeout: closed");
-                    }
-                }
+                () = tokio::time::sleep_until(deadline) => {}
             }
         }
     });
@@ -52,15 +50,14 @@ pub(crate) fn spawn(client: OnUpgrade, backend: OnUpgrade, conn: Arc<Conn>, idle
 
 /// One side of a tunnel, noting when the last byte went through it, in milliseconds since
 /// the tunnel began.
-struct Watched<T> {
+struct Watched<'a, T> {
     io: T,
     start: Instant,
-    last: Arc<AtomicU64>,
+    last: &'a AtomicU64,
 }
 
-impl<T> Watched<T> {
-    fn new(io: T, start: Instant, last: &Arc<AtomicU64>) -> Self {
-        let last = last.clone();
+impl<'a, T> Watched<'a, T> {
+    fn new(io: T, start: Instant, last: &'a AtomicU64) -> Self {
         Watched { io, start, last }
     }
 
@@ -71,7 +68,7 @@ impl<T> Watched<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<'_, T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -86,7 +83,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<'_, T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
