@@ -136,6 +136,9 @@ pub struct LimitsSpec {
     pub header_read_timeout: Option<String>,
     /// How long a keep-alive connection may wait for its next request. Default: `60s`.
     pub idle_timeout: Option<String>,
+    /// How long a client may take no byte of a response it is owed before the response is
+    /// cut: its HTTP/1.1 connection closed, or its HTTP/2 stream reset. Default: `60s`.
+    pub send_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
@@ -190,6 +193,7 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub send_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]

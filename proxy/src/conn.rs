@@ -23,7 +23,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -37,10 +37,12 @@ use crate::state::Shared;
 use crate::stats::Gauge;
 
 mod shed;
+mod unread;
 mod vigil;
 
 pub use shed::Admissions;
 use shed::ShedLayer;
+use unread::{Pulls, Streams};
 use vigil::{Finding, Sight, Vigil};
 
 /// What an open connection holds until it closes, however it ends: its place under
@@ -128,6 +130,7 @@ impl Conn {
             requests: self.requests.load(Relaxed),
             idle: !answering && self.seen.idle_io(),
             awaiting_head: !answering && !self.seen.between_messages(),
+            write_stuck: self.seen.write_stuck(),
         }
     }
 }
@@ -257,6 +260,7 @@ fn hyper_service(
         conn.in_flight.fetch_add(1, Relaxed);
         conn.requests.fetch_add(1, Relaxed);
         let guard = InFlight(conn.clone());
+        let version = req.version();
         // Every HTTP/1 request takes its verdict here, whatever happens to it next.
         let handling = match crate::service::refused_by_scan(&shared, &conn, &req) {
             Some(refused) => Err(refused),
@@ -288,8 +292,15 @@ fn hyper_service(
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
+            // An HTTP/2 response's body tells its stream's task when the client has no
+            // room for it (see `unread`).
+            let pulls = match version {
+                http::Version::HTTP_2 => Pulls::of_this_stream().map(|p| (p, 0)),
+                _ => None,
+            };
             Ok(resp.map(|body| Tracked {
                 body,
+                pulls,
                 _guard: guard,
             }))
         }
@@ -313,6 +324,8 @@ impl Drop for InFlight {
 /// A response body that keeps its request counted in flight until hyper is done with it.
 pub struct Tracked {
     body: Body,
+    /// HTTP/2: its stream's [`Pulls`], and the number of the last piece handed on.
+    pulls: Option<(Arc<Pulls>, u64)>,
     _guard: InFlight,
 }
 
@@ -324,7 +337,19 @@ impl http_body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        let Some((pulls, pieces)) = &mut this.pulls else {
+            return Pin::new(&mut this.body).poll_frame(cx);
+        };
+        pulls.asked();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.data_ref().is_some_and(|d| !d.is_empty())
+        {
+            *pieces += 1;
+            pulls.gave(*pieces);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -403,7 +428,7 @@ async fn serve_until_idle<S: Socket>(
         .serve_connection(TokioIo::new(io), hyper_service(shared, conn))
         .with_upgrades();
     let mut drained = false;
-    let mut vigil = Vigil::new(PARK_AFTER, limits.header_read_timeout);
+    let mut vigil = Vigil::new(PARK_AFTER, limits.header_read_timeout, limits.send_timeout);
     let mut tick = pin!(tokio::time::sleep(vigil.period()));
     let paused = poll_fn(|cx| {
         // Looked at whenever the connection wakes, without a waker of its own: an awake
@@ -435,6 +460,11 @@ async fn serve_until_idle<S: Socket>(
             io.unread(parts.read_buf);
             io
         })),
+        Ok(Finding::Unread) => {
+            shared.stats.global.responses_unread.fetch_add(1, Relaxed);
+            tracing::debug!("the client took nothing of its response within send_timeout");
+            Ok(None)
+        }
         // The only other finding that ends serving.
         Ok(_) => {
             tracing::debug!("no request head within header_read_timeout");
@@ -460,7 +490,10 @@ async fn serve_http2<S: Socket>(
     drain: &mut watch::Receiver<bool>,
 ) -> Result<(), hyper::Error> {
     let limits = &shared.settings.limits;
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+    let mut builder = http2::Builder::new(Streams {
+        shared: shared.clone(),
+        send_timeout: limits.send_timeout,
+    });
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))

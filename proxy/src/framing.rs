@@ -39,6 +39,8 @@ pub struct Seen {
     read_blocked: AtomicBool,
     /// The last write or flush could not finish.
     write_blocked: AtomicBool,
+    /// A write or flush finished since [`Seen::write_stuck`] last looked.
+    wrote: AtomicBool,
     /// The scan stopped at a head asking to switch protocols (`Upgrade`, `CONNECT`): what
     /// follows on the connection is not read by it.
     stopped_at_upgrade: AtomicBool,
@@ -74,6 +76,13 @@ impl Seen {
         self.between_messages.load(Relaxed)
             && self.read_blocked.load(Relaxed)
             && !self.write_blocked.load(Relaxed)
+    }
+
+    /// Whether the client has taken nothing since the last call: a write is waiting for
+    /// room, and none has finished in between.
+    pub fn write_stuck(&self) -> bool {
+        let wrote = self.wrote.swap(false, Relaxed);
+        self.write_blocked.load(Relaxed) && !wrote
     }
 }
 
@@ -386,7 +395,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Scan<I> {
 
 impl<I> Scan<I> {
     fn note_write<T>(&self, polled: Poll<T>) -> Poll<T> {
-        self.seen.write_blocked.store(polled.is_pending(), Relaxed);
+        let blocked = polled.is_pending();
+        self.seen.write_blocked.store(blocked, Relaxed);
+        if !blocked {
+            self.seen.wrote.store(true, Relaxed);
+        }
         polled
     }
 }

@@ -101,6 +101,8 @@ pub struct Global {
     pub mirror_skipped_body_too_large: AtomicU64,
     /// Response bodies cut after `upstream.read_timeout` without a byte from their backend.
     pub responses_stalled: AtomicU64,
+    /// Responses cut after `limits.send_timeout` in which the client took none of them.
+    pub responses_unread: AtomicU64,
     pub table_swaps: AtomicU64,
     pub table_rejected: AtomicU64,
 }
@@ -235,6 +237,7 @@ impl Stats {
                 "mirror_shed": g.mirror_shed.load(Relaxed),
                 "mirror_skipped_body_too_large": g.mirror_skipped_body_too_large.load(Relaxed),
                 "responses_stalled": g.responses_stalled.load(Relaxed),
+                "responses_unread": g.responses_unread.load(Relaxed),
                 "table_swaps": g.table_swaps.load(Relaxed),
                 "table_rejected": g.table_rejected.load(Relaxed),
             },
@@ -326,6 +329,7 @@ mod tests {
                 "no_route": 0,
                 "requests_shed": 0,
                 "responses_stalled": 0,
+                "responses_unread": 0,
                 "table_rejected": 0,
                 "table_swaps": 0
               },

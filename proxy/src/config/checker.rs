@@ -95,6 +95,7 @@ impl Checker<'_> {
         let header_read_timeout =
             self.timeout("limits.header_read_timeout", &l.header_read_timeout, 10_000);
         let idle_timeout = self.timeout("limits.idle_timeout", &l.idle_timeout, 60_000);
+        let send_timeout = self.timeout("limits.send_timeout", &l.send_timeout, 60_000);
         let mirror_timeout = self.timeout("mirror.timeout", &m.timeout, 5_000);
         let batch_window = self.batch_window(&m.batch_window);
         let drain_timeout = self.duration("drain_timeout", &f.drain_timeout, 30_000);
@@ -119,6 +120,7 @@ impl Checker<'_> {
             max_header_bytes: l.max_header_bytes.unwrap_or(65_536) as usize,
             header_read_timeout: header_read_timeout?,
             idle_timeout: idle_timeout?,
+            send_timeout: send_timeout?,
         };
         let mirror = MirrorLimits {
             queue: m.queue.unwrap_or(1024) as usize,

@@ -1,6 +1,6 @@
-//! When an HTTP/1.1 connection has been idle long enough to park, or has taken too long to
-//! send a request head. Pure: the connection looks at itself every `period` and tells
-//! [`Vigil`] what it saw.
+//! When an HTTP/1.1 connection has been idle long enough to park, has taken too long to
+//! send a request head, or to take any of a response. Pure: the connection looks at itself
+//! every `period` and tells [`Vigil`] what it saw.
 //!
 //! A timer per connection that fires every `period` replaces a timer reset on every request
 //! (hyper's header-read timeout and a park timer): on a busy connection a timer reset costs
@@ -18,6 +18,8 @@ pub struct Sight {
     /// No request being answered, but bytes of the next one have begun: its head is still
     /// on its way (or the rest of a body nobody waits for any more).
     pub awaiting_head: bool,
+    /// A write to the client waits for room, and none finished since the last look.
+    pub write_stuck: bool,
 }
 
 /// What to do after a look.
@@ -28,6 +30,8 @@ pub enum Finding {
     Park,
     /// The head has been on its way for at least the header-read timeout: close.
     TooSlow,
+    /// The client has taken nothing for at least the send timeout: close.
+    Unread,
 }
 
 /// Counts looks in a row that saw the same state with no new request in between. `n` such
@@ -37,25 +41,30 @@ pub struct Vigil {
     period: Duration,
     park_looks: u32,
     slow_looks: u32,
+    stuck_looks: u32,
     requests: u64,
     idle: u32,
     awaiting: u32,
+    stuck: u32,
 }
 
 impl Vigil {
-    /// Looks every `min(park_after, header_timeout) / 2`, so that each deadline is met
-    /// within half its length.
-    pub fn new(park_after: Duration, header_timeout: Duration) -> Self {
-        let period = (park_after.min(header_timeout) / 2).max(Duration::from_millis(1));
+    /// Looks every `min(park_after, header_timeout, send_timeout) / 2`, so that each
+    /// deadline is met within half its length.
+    pub fn new(park_after: Duration, header_timeout: Duration, send_timeout: Duration) -> Self {
+        let shortest = park_after.min(header_timeout).min(send_timeout);
+        let period = (shortest / 2).max(Duration::from_millis(1));
         let looks =
             |span: Duration| (span.div_duration_f64(period).ceil() as u32).saturating_add(1);
         Vigil {
             period,
             park_looks: looks(park_after),
             slow_looks: looks(header_timeout),
+            stuck_looks: looks(send_timeout),
             requests: 0,
             idle: 0,
             awaiting: 0,
+            stuck: 0,
         }
     }
 
@@ -73,8 +82,11 @@ impl Vigil {
         };
         self.idle = streak(self.idle, sight.idle);
         self.awaiting = streak(self.awaiting, sight.awaiting_head);
+        self.stuck = streak(self.stuck, sight.write_stuck);
         if self.awaiting >= self.slow_looks {
             Finding::TooSlow
+        } else if self.stuck >= self.stuck_looks {
+            Finding::Unread
         } else if self.idle >= self.park_looks {
             Finding::Park
         } else {
@@ -91,16 +103,19 @@ mod tests {
         requests: 0,
         idle: true,
         awaiting_head: false,
+        write_stuck: false,
     };
     const SLOW: Sight = Sight {
         requests: 0,
         idle: false,
         awaiting_head: true,
+        write_stuck: false,
     };
     const BUSY: Sight = Sight {
         requests: 0,
         idle: false,
         awaiting_head: false,
+        write_stuck: false,
     };
 
     fn ms(n: u64) -> Duration {
@@ -114,23 +129,26 @@ mod tests {
 
     #[test]
     fn the_period_is_half_the_shorter_deadline() {
-        assert_eq!(Vigil::new(ms(1000), ms(10_000)).period(), ms(500));
-        assert_eq!(Vigil::new(ms(1000), ms(300)).period(), ms(150));
+        assert_eq!(
+            Vigil::new(ms(1000), ms(10_000), ms(60_000)).period(),
+            ms(500)
+        );
+        assert_eq!(Vigil::new(ms(1000), ms(300), ms(60_000)).period(), ms(150));
     }
 
     #[test]
     fn an_idle_connection_parks_after_the_park_delay_and_no_sooner() {
-        let mut w = Vigil::new(ms(1000), ms(10_000));
+        let mut w = Vigil::new(ms(1000), ms(10_000), ms(60_000));
         // Idle seen at looks 0, 1, 2: at least two periods (1 s) of idleness.
         assert_eq!(periods_until(&mut w, IDLE, Finding::Park), 2);
-        let mut w = Vigil::new(ms(1000), ms(300));
+        let mut w = Vigil::new(ms(1000), ms(300), ms(60_000));
         // 150 ms periods: ceil(1000 / 150) = 7 periods, 1050 ms.
         assert_eq!(periods_until(&mut w, IDLE, Finding::Park), 7);
     }
 
     #[test]
     fn a_request_between_two_looks_restarts_the_idle_count() {
-        let mut w = Vigil::new(ms(1000), ms(10_000));
+        let mut w = Vigil::new(ms(1000), ms(10_000), ms(60_000));
         assert_eq!(w.look(IDLE), Finding::Carry);
         assert_eq!(w.look(IDLE), Finding::Carry);
         // Served a request in between: idle again, but only known to be since this look.
@@ -145,7 +163,7 @@ mod tests {
 
     #[test]
     fn busy_looks_break_the_idle_count() {
-        let mut w = Vigil::new(ms(1000), ms(10_000));
+        let mut w = Vigil::new(ms(1000), ms(10_000), ms(60_000));
         for _ in 0..10 {
             assert_eq!(w.look(IDLE), Finding::Carry);
             assert_eq!(w.look(BUSY), Finding::Carry);
@@ -154,16 +172,46 @@ mod tests {
 
     #[test]
     fn a_head_that_takes_longer_than_the_header_timeout_closes_the_connection() {
-        let mut w = Vigil::new(ms(1000), ms(300));
+        let mut w = Vigil::new(ms(1000), ms(300), ms(60_000));
         // 150 ms periods: the head was on its way at looks 0, 1, 2, that is for 300 ms.
         assert_eq!(periods_until(&mut w, SLOW, Finding::TooSlow), 2);
-        let mut w = Vigil::new(ms(1000), ms(10_000));
+        let mut w = Vigil::new(ms(1000), ms(10_000), ms(60_000));
         assert_eq!(periods_until(&mut w, SLOW, Finding::TooSlow), 20);
+    }
+
+    const STUCK: Sight = Sight {
+        requests: 0,
+        idle: false,
+        awaiting_head: false,
+        write_stuck: true,
+    };
+
+    #[test]
+    fn the_send_timeout_shortens_the_period_when_it_is_the_shortest() {
+        assert_eq!(Vigil::new(ms(1000), ms(10_000), ms(400)).period(), ms(200));
+    }
+
+    #[test]
+    fn a_client_that_takes_nothing_for_the_send_timeout_is_cut() {
+        let mut w = Vigil::new(ms(1000), ms(10_000), ms(60_000));
+        // 500 ms periods: stuck at 121 looks in a row, 60 s at the least.
+        assert_eq!(periods_until(&mut w, STUCK, Finding::Unread), 120);
+        let mut w = Vigil::new(ms(1000), ms(10_000), ms(400));
+        assert_eq!(periods_until(&mut w, STUCK, Finding::Unread), 2);
+    }
+
+    #[test]
+    fn a_client_that_takes_a_little_between_looks_is_not_cut() {
+        let mut w = Vigil::new(ms(1000), ms(10_000), ms(400));
+        for _ in 0..100 {
+            assert_eq!(w.look(STUCK), Finding::Carry);
+            assert_eq!(w.look(BUSY), Finding::Carry);
+        }
     }
 
     #[test]
     fn heads_that_complete_between_looks_are_not_slow() {
-        let mut w = Vigil::new(ms(1000), ms(300));
+        let mut w = Vigil::new(ms(1000), ms(300), ms(60_000));
         // Every look sees a head on its way, but each time a new one: the client is quick.
         for requests in 0..100 {
             let sight = Sight { requests, ..SLOW };

@@ -146,6 +146,11 @@ impl Stats {
                 &g.responses_stalled,
             ),
             (
+                "responses_unread_total",
+                "Responses cut: the client took no byte of them for limits.send_timeout.",
+                &g.responses_unread,
+            ),
+            (
                 "table_swaps_total",
                 "Route tables put in force.",
                 &g.table_swaps,

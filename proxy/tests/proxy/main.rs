@@ -12,4 +12,5 @@ mod idle;
 mod mirror;
 mod protocols;
 mod routing;
+mod unread;
 mod upstream;

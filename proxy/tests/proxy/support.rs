@@ -30,7 +30,8 @@ pub enum Mode {
 }
 
 /// A backend that answers with the name of its track in the body and `x-served-by`, and
-/// echoes what the proxy added (`x-seen-*`). `/ws` upgrades and echoes bytes; gRPC requests
+/// echoes what the proxy added (`x-seen-*`). `/ws` upgrades and echoes bytes; `/endless`
+/// sends a body that never ends; gRPC requests
 /// get a body and `grpc-status` trailers (0, or the request's `x-grpc-status`).
 pub struct Backend {
     pub addr: SocketAddr,
@@ -146,6 +147,9 @@ async fn answer(
         });
         return Ok(Response::new(body.boxed()));
     }
+    if req.uri().path() == "/endless" {
+        return Ok(Response::new(Endless.boxed()));
+    }
     if req.uri().path() == "/drip" {
         let (tx, body) = ChanBody::new();
         tokio::spawn(async move {
@@ -228,6 +232,23 @@ impl http_body::Body for ChanBody {
         self.0
             .poll_recv(cx)
             .map(|d| d.map(|d| Ok(http_body::Frame::data(d))))
+    }
+}
+
+/// A body that never ends: 64 KiB pieces of `x` for as long as it is read.
+struct Endless;
+
+static PIECE: [u8; 65_536] = [b'x'; 65_536];
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        let piece = http_body::Frame::data(Bytes::from_static(&PIECE));
+        std::task::Poll::Ready(Some(Ok(piece)))
     }
 }
 
