@@ -42,6 +42,7 @@ mod vigil;
 
 pub use shed::Admissions;
 use shed::ShedLayer;
+pub(crate) use unread::tie_to_stream;
 use unread::{Pulls, Streams};
 use vigil::{Finding, Sight, Vigil};
 
@@ -130,7 +131,8 @@ impl Conn {
             requests: self.requests.load(Relaxed),
             idle: !answering && self.seen.idle_io(),
             awaiting_head: !answering && !self.seen.between_messages(),
-            write_stuck: self.seen.write_stuck(),
+            write_blocked: self.seen.write_blocked(),
+            writes: self.seen.writes(),
         }
     }
 }
@@ -492,7 +494,7 @@ async fn serve_http2<S: Socket>(
     let limits = &shared.settings.limits;
     let mut builder = http2::Builder::new(Streams {
         shared: shared.clone(),
-        send_timeout: limits.send_timeout,
+        seen: conn.seen.clone(),
     });
     builder
         .timer(TokioTimer::new())

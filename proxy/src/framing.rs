@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -39,8 +39,9 @@ pub struct Seen {
     read_blocked: AtomicBool,
     /// The last write or flush could not finish.
     write_blocked: AtomicBool,
-    /// A write or flush finished since [`Seen::write_stuck`] last looked.
-    wrote: AtomicBool,
+    /// Writes and flushes finished since the connection began: the client took bytes (or
+    /// room for them) when this moves.
+    writes: AtomicU64,
     /// The scan stopped at a head asking to switch protocols (`Upgrade`, `CONNECT`): what
     /// follows on the connection is not read by it.
     stopped_at_upgrade: AtomicBool,
@@ -78,11 +79,14 @@ impl Seen {
             && !self.write_blocked.load(Relaxed)
     }
 
-    /// Whether the client has taken nothing since the last call: a write is waiting for
-    /// room, and none has finished in between.
-    pub fn write_stuck(&self) -> bool {
-        let wrote = self.wrote.swap(false, Relaxed);
-        self.write_blocked.load(Relaxed) && !wrote
+    /// The last write or flush is waiting for room from the client.
+    pub fn write_blocked(&self) -> bool {
+        self.write_blocked.load(Relaxed)
+    }
+
+    /// Writes and flushes finished since the connection began.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Relaxed)
     }
 }
 
@@ -112,6 +116,8 @@ pub struct Scan<I> {
     head: Vec<u8>,
     max_head: usize,
     seen: Arc<Seen>,
+    /// `seen.writes`, kept here too: this is its one writer, so it is stored, not added to.
+    writes: u64,
 }
 
 impl<I> Scan<I> {
@@ -124,6 +130,7 @@ impl<I> Scan<I> {
             head: Vec::new(),
             max_head,
             seen,
+            writes: 0,
         };
         scan.feed(&read);
         scan.replay = read;
@@ -394,11 +401,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for Scan<I> {
 }
 
 impl<I> Scan<I> {
-    fn note_write<T>(&self, polled: Poll<T>) -> Poll<T> {
+    fn note_write<T>(&mut self, polled: Poll<T>) -> Poll<T> {
         let blocked = polled.is_pending();
         self.seen.write_blocked.store(blocked, Relaxed);
         if !blocked {
-            self.seen.wrote.store(true, Relaxed);
+            self.writes += 1;
+            self.seen.writes.store(self.writes, Relaxed);
         }
         polled
     }
@@ -433,7 +441,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Scan<I> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        // A TLS close_notify may have to wait for room too.
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.note_write(polled)
     }
 }
 

@@ -167,6 +167,11 @@ impl Forward {
         // A block, not an `async fn`: the fields are used in place, not copied into the
         // future's locals.
         async move {
+            // Sent on by hyper's client, an HTTP/2 backend's request body must learn of a
+            // cut of its client's stream (`conn::unread`); run here, in the stream's task.
+            if self.out.http2 {
+                self.out.body = self.out.body.take().map(crate::conn::tie_to_stream);
+            }
             let (decision, active) = (&self.decision, &self.active);
             let track = active.table.track(decision.track);
             let sent = send(

@@ -18,8 +18,10 @@ pub struct Sight {
     /// No request being answered, but bytes of the next one have begun: its head is still
     /// on its way (or the rest of a body nobody waits for any more).
     pub awaiting_head: bool,
-    /// A write to the client waits for room, and none finished since the last look.
-    pub write_stuck: bool,
+    /// The last write to the client waits for room.
+    pub write_blocked: bool,
+    /// Writes to the client finished since the connection began.
+    pub writes: u64,
 }
 
 /// What to do after a look.
@@ -43,6 +45,7 @@ pub struct Vigil {
     slow_looks: u32,
     stuck_looks: u32,
     requests: u64,
+    writes: u64,
     idle: u32,
     awaiting: u32,
     stuck: u32,
@@ -60,8 +63,11 @@ impl Vigil {
             period,
             park_looks: looks(park_after),
             slow_looks: looks(header_timeout),
-            stuck_looks: looks(send_timeout),
+            // A look that finds a write waiting and none finished since the last one speaks
+            // for the whole period before it: no `+ 1` here.
+            stuck_looks: (send_timeout.div_duration_f64(period).ceil() as u32).max(1),
             requests: 0,
+            writes: 0,
             idle: 0,
             awaiting: 0,
             stuck: 0,
@@ -82,7 +88,9 @@ impl Vigil {
         };
         self.idle = streak(self.idle, sight.idle);
         self.awaiting = streak(self.awaiting, sight.awaiting_head);
-        self.stuck = streak(self.stuck, sight.write_stuck);
+        let stuck = sight.write_blocked && sight.writes == self.writes;
+        self.writes = sight.writes;
+        self.stuck = streak(self.stuck, stuck);
         if self.awaiting >= self.slow_looks {
             Finding::TooSlow
         } else if self.stuck >= self.stuck_looks {
@@ -103,19 +111,22 @@ mod tests {
         requests: 0,
         idle: true,
         awaiting_head: false,
-        write_stuck: false,
+        write_blocked: false,
+        writes: 0,
     };
     const SLOW: Sight = Sight {
         requests: 0,
         idle: false,
         awaiting_head: true,
-        write_stuck: false,
+        write_blocked: false,
+        writes: 0,
     };
     const BUSY: Sight = Sight {
         requests: 0,
         idle: false,
         awaiting_head: false,
-        write_stuck: false,
+        write_blocked: false,
+        writes: 0,
     };
 
     fn ms(n: u64) -> Duration {
@@ -183,7 +194,8 @@ mod tests {
         requests: 0,
         idle: false,
         awaiting_head: false,
-        write_stuck: true,
+        write_blocked: true,
+        writes: 0,
     };
 
     #[test]
@@ -194,17 +206,28 @@ mod tests {
     #[test]
     fn a_client_that_takes_nothing_for_the_send_timeout_is_cut() {
         let mut w = Vigil::new(ms(1000), ms(10_000), ms(60_000));
-        // 500 ms periods: stuck at 121 looks in a row, 60 s at the least.
-        assert_eq!(periods_until(&mut w, STUCK, Finding::Unread), 120);
+        // 500 ms periods: 120 looks in a row, each finding nothing taken for the period
+        // before it, span 60 s.
+        assert_eq!(periods_until(&mut w, STUCK, Finding::Unread), 119);
         let mut w = Vigil::new(ms(1000), ms(10_000), ms(400));
-        assert_eq!(periods_until(&mut w, STUCK, Finding::Unread), 2);
+        assert_eq!(periods_until(&mut w, STUCK, Finding::Unread), 1);
     }
 
     #[test]
     fn a_client_that_takes_a_little_between_looks_is_not_cut() {
         let mut w = Vigil::new(ms(1000), ms(10_000), ms(400));
+        for writes in 0..100 {
+            // Waiting for room at every look, but a write finished in between each time.
+            let sight = Sight { writes, ..STUCK };
+            assert_eq!(w.look(sight), Finding::Carry);
+        }
+    }
+
+    #[test]
+    fn a_response_waiting_for_its_backend_is_not_the_clients_doing() {
+        let mut w = Vigil::new(ms(1000), ms(10_000), ms(400));
+        // Nothing written, and nothing waiting to be: the backend is quiet.
         for _ in 0..100 {
-            assert_eq!(w.look(STUCK), Finding::Carry);
             assert_eq!(w.look(BUSY), Finding::Carry);
         }
     }
