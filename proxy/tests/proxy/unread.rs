@@ -99,15 +99,15 @@ where
         .build_http()
 }
 
+fn get_on(proxy: &Proxy, path: &str) -> Request<Full<Bytes>> {
+    Request::get(proxy.url(path)).body(Full::default()).unwrap()
+}
+
 #[tokio::test]
 async fn an_http2_stream_its_client_gives_no_window_is_reset_and_the_connection_goes_on() {
     let (proxy, _backend) = stable_proxy(CONFIG).await;
     let client = h2_client::<Full<Bytes>>();
-    let get = |path: &str| {
-        Request::get(proxy.url(path))
-            .body(Full::<Bytes>::default())
-            .unwrap()
-    };
+    let get = |path: &str| get_on(&proxy, path);
 
     // Read slowly for two timeouts: each piece read opens the window a little. Beside it,
     // a stream whose backend is quiet for two timeouts between two pieces.
@@ -183,11 +183,7 @@ async fn a_cut_reaches_a_request_body_still_going_to_an_http2_backend() {
 async fn a_stream_left_unread_beside_one_being_read_is_cut_after_four_send_timeouts() {
     let (proxy, _backend) = stable_proxy(CONFIG).await;
     let client = h2_client::<Full<Bytes>>();
-    let get = |path: &str| {
-        Request::get(proxy.url(path))
-            .body(Full::<Bytes>::default())
-            .unwrap()
-    };
+    let get = |path: &str| get_on(&proxy, path);
     let asked = Instant::now();
     let unread = client.request(get("/endless")).await.unwrap();
     let mut slow = client.request(get("/endless")).await.unwrap().into_body();
