@@ -39,8 +39,8 @@ pub struct Seen {
     read_blocked: AtomicBool,
     /// The last write or flush could not finish.
     write_blocked: AtomicBool,
-    /// Writes and flushes finished since the connection began: the client took bytes (or
-    /// room for them) when this moves.
+    /// Writes that took bytes since the connection began (and flushes that finished after
+    /// waiting for room): the client took some when this moves.
     writes: AtomicU64,
     /// The scan stopped at a head asking to switch protocols (`Upgrade`, `CONNECT`): what
     /// follows on the connection is not read by it.
@@ -84,9 +84,15 @@ impl Seen {
         self.write_blocked.load(Relaxed)
     }
 
-    /// Writes and flushes finished since the connection began.
+    /// Writes that took bytes since the connection began.
     pub fn writes(&self) -> u64 {
         self.writes.load(Relaxed)
+    }
+
+    /// As if a write had taken bytes.
+    #[cfg(test)]
+    pub fn count_write(&self) {
+        self.writes.fetch_add(1, Relaxed);
     }
 }
 
@@ -401,14 +407,28 @@ impl<I: AsyncRead + Unpin> AsyncRead for Scan<I> {
 }
 
 impl<I> Scan<I> {
-    fn note_write<T>(&mut self, polled: Poll<T>) -> Poll<T> {
-        let blocked = polled.is_pending();
-        self.seen.write_blocked.store(blocked, Relaxed);
-        if !blocked {
-            self.writes += 1;
-            self.seen.writes.store(self.writes, Relaxed);
+    /// A write: bytes taken when it wrote some.
+    fn note_write(&mut self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        self.seen.write_blocked.store(polled.is_pending(), Relaxed);
+        if let Poll::Ready(Ok(1..)) = polled {
+            self.count_write();
         }
         polled
+    }
+
+    /// A flush or shutdown: bytes taken only when it finished after waiting for room (one
+    /// that finds nothing to write, as HTTP/2's after every turn, took nothing).
+    fn note_flush(&mut self, polled: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+        let waited = self.seen.write_blocked.swap(polled.is_pending(), Relaxed);
+        if waited && let Poll::Ready(Ok(())) = polled {
+            self.count_write();
+        }
+        polled
+    }
+
+    fn count_write(&mut self) {
+        self.writes += 1;
+        self.seen.writes.store(self.writes, Relaxed);
     }
 }
 
@@ -437,13 +457,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Scan<I> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.inner).poll_flush(cx);
-        self.note_write(polled)
+        self.note_flush(polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // A TLS close_notify may have to wait for room too.
         let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
-        self.note_write(polled)
+        self.note_flush(polled)
     }
 }
 

@@ -207,7 +207,17 @@ impl Checker<'_> {
         match text {
             None => Some(Duration::from_millis(default_ms)),
             Some(t) => match humantime::parse_duration(t) {
-                Ok(d) => Some(d),
+                Ok(d) => {
+                    // Longer ones would overflow the clock's arithmetic, and mean no limit.
+                    self.refuse_unless(
+                        d <= MAX_DURATION,
+                        path,
+                        text,
+                        "is longer than a year",
+                        "write at most `365d`",
+                    )?;
+                    Some(d)
+                }
                 Err(e) => {
                     self.error(
                         path,
@@ -220,6 +230,9 @@ impl Checker<'_> {
         }
     }
 }
+
+/// The longest any duration may be.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
 /// The longest a copy may be held back to go out with others.
 const MAX_BATCH_WINDOW: Duration = Duration::from_secs(1);
@@ -324,11 +337,15 @@ mod tests {
     #[test]
     fn a_zero_timeout_or_interval_is_refused_and_every_bad_duration_is_named() {
         let diags = diagnostics(
-            "watch_interval: 0s\nlimits: { header_read_timeout: 0ms }\nupstream: { request_timeout: soon }\n",
+            "watch_interval: 0s\nlimits: { header_read_timeout: 0ms, send_timeout: 366d }\nupstream: { request_timeout: soon }\n",
         );
-        assert_eq!(diags.len(), 3, "{diags:#?}");
+        assert_eq!(diags.len(), 4, "{diags:#?}");
         for (field, value) in [
             ("watch_interval", "\"0s\" must be more than zero"),
+            (
+                "limits.send_timeout",
+                "\"366d\" is longer than a year; write at most `365d`",
+            ),
             (
                 "limits.header_read_timeout",
                 "\"0ms\" must be more than zero",

@@ -1,22 +1,23 @@
 //! HTTP/2 streams whose client takes none of their response for `send_timeout` are reset.
 //!
-//! hyper sends a response body on a stream of its own, and asks the body for its next piece
-//! only once the client's flow-control window has room for all of the last one. A client
-//! that gives a stream no window (it stopped reading, or withholds `WINDOW_UPDATE`) leaves
-//! hyper waiting with no timer of its own, holding the backend connection under it. So each
-//! stream runs as a task of its own ([`Streams`], hyper's executor) that learns from the
-//! body ([`Pulls`], shared through a task-local) when hyper holds a piece it has no room
-//! for. A stream is cut once it has held the same piece for `send_timeout` with no byte
-//! taken by the client on the whole connection, or for four times that however the
-//! connection moves (other streams being read do not keep an unread one forever). The cut
-//! drops the stream, which resets it (`CANCEL`), and fails the request body still going to
-//! an HTTP/2 backend, which resets the backend's stream too. The timer is made only when a
-//! stream first waits for room.
+//! hyper sends a response body on a stream of its own: it hands each piece of the body to
+//! h2, which sends what the client's flow-control window allows and buffers the rest, and
+//! asks the body for the next piece at once. It takes that next piece on only once the
+//! window has room for all of the last one and a byte more; until then it waits, with no
+//! timer of its own, holding the backend connection under it. So each stream runs as a task
+//! of its own ([`Streams`], hyper's executor) that learns from the body ([`Pulls`], shared
+//! through a task-local) when hyper holds a piece it has no room for. While it does, the task
+//! looks at the connection every `send_timeout / 2`: the stream is cut once two looks in a
+//! row find that nothing was written to the client on the whole connection, or once it has
+//! held one piece for four `send_timeout`s however the connection moves (streams being read
+//! do not keep one left unread forever). The cut drops the stream, which resets it
+//! (`CANCEL`), and the request body an HTTP/2 backend may still be sent, which hyper's client
+//! holds apart from the stream. The timer is made only when a stream first waits for room.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
@@ -32,20 +33,26 @@ tokio::task_local! {
     static PULLS: Arc<Pulls>;
 }
 
-/// However the connection moves, a stream is cut after holding one piece for this many
+/// However the connection moves, a stream is cut after holding one piece this many
 /// `send_timeout`s.
 const MAX_HOLD: u32 = 4;
 
-/// What a stream's response body tells its task, and what the task tells the stream's
+/// Looks in a row that found nothing written, each `send_timeout / 2` after the last, before a
+/// stream holding a piece is cut.
+const QUIET_LOOKS: u32 = 2;
+
+/// What a stream's response body tells its task, and what the task takes from the stream's
 /// request body.
 #[derive(Debug, Default)]
 pub struct Pulls {
     /// The piece hyper took last and has not come back for yet (0: none held).
     held: AtomicU64,
-    /// The stream was cut.
-    cut: AtomicBool,
-    /// The request body, waiting for the client: woken by a cut.
-    request: AtomicWaker,
+    /// The request body, when hyper's client sends it on from a task of its own
+    /// ([`tie_to_stream`]). A cut takes it: that drops the client's side of the stream at
+    /// once, which h2 needs before it resets the stream.
+    request: Mutex<Option<Body>>,
+    /// The task sending the request body on, woken by a cut.
+    sender: AtomicWaker,
 }
 
 impl Pulls {
@@ -56,33 +63,39 @@ impl Pulls {
 
     /// hyper asks for the next piece: the last one found room.
     pub fn asked(&self) {
-        self.held.store(0, Ordering::Relaxed);
+        self.held.store(0, Relaxed);
     }
 
     /// hyper took piece number `piece` (counted from 1) and may hold it until it has room.
     pub fn gave(&self, piece: u64) {
-        self.held.store(piece, Ordering::Relaxed);
+        self.held.store(piece, Relaxed);
     }
 
     fn cut(&self) {
-        self.cut.store(true, Ordering::Release);
-        self.request.wake();
+        drop(crate::lock(&self.request).take());
+        self.sender.wake();
     }
 }
 
-/// `body`, the request body of an HTTP/2 stream, made to fail once the stream is cut (as is
-/// when called outside a stream's task). Needed only when something other than the stream's
-/// own task sends it on: hyper's client, for an HTTP/2 backend.
+/// `body`, the request body of an HTTP/2 stream, put where a cut of the stream can take it
+/// (as is, when called outside a stream's task). Needed only when something other than the
+/// stream's own task sends it on: hyper's client, for an HTTP/2 backend.
 pub fn tie_to_stream(body: Body) -> Body {
     match Pulls::of_this_stream() {
-        Some(pulls) => boxed(Tied { body, pulls }),
+        Some(pulls) => {
+            *crate::lock(&pulls.request) = Some(body);
+            boxed(Tied(pulls))
+        }
         None => body,
     }
 }
 
-struct Tied {
-    body: Body,
-    pulls: Arc<Pulls>,
+struct Tied(Arc<Pulls>);
+
+impl Tied {
+    fn with<T>(&self, f: impl FnOnce(&mut Body) -> T) -> Option<T> {
+        crate::lock(&self.0.request).as_mut().map(f)
+    }
 }
 
 impl http_body::Body for Tied {
@@ -90,22 +103,22 @@ impl http_body::Body for Tied {
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        self.pulls.request.register(cx.waker());
-        if self.pulls.cut.load(Ordering::Acquire) {
-            return Poll::Ready(Some(Err("the client took nothing of the response".into())));
-        }
-        Pin::new(&mut self.body).poll_frame(cx)
+        self.0.sender.register(cx.waker());
+        // Cut: the backend's stream is reset as cancelled.
+        let cut = || Poll::Ready(Some(Err(h2::Error::from(h2::Reason::CANCEL).into())));
+        self.with(|body| Pin::new(body).poll_frame(cx))
+            .unwrap_or_else(cut)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.with(|body| body.is_end_stream()).unwrap_or(false)
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        self.with(|body| body.size_hint()).unwrap_or_default()
     }
 }
 
@@ -130,13 +143,14 @@ impl<F: Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for Streams
     }
 }
 
-/// A piece held without room.
+/// A piece held without room, as the looks saw it.
 struct Hold {
     piece: u64,
     since: Instant,
-    /// When the connection was last seen to move, and its count of writes then.
-    moved: Instant,
+    /// The connection's writes at the last look.
     writes: u64,
+    /// Looks in a row that found none.
+    quiet: u32,
 }
 
 pin_project_lite::pin_project! {
@@ -158,7 +172,7 @@ impl<F: Future<Output = ()>> Future for Stream<F> {
         if this.task.poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        let held = this.pulls.held.load(Ordering::Relaxed);
+        let held = this.pulls.held.load(Relaxed);
         if held == 0 {
             // Waiting for the backend or the request, not for the client. A timer set
             // earlier may still wake the task once: it then finds nothing held.
@@ -166,43 +180,199 @@ impl<F: Future<Output = ()>> Future for Stream<F> {
         }
         let (seen, shared) = (&this.streams.seen, &this.streams.shared);
         let send_timeout = shared.settings.limits.send_timeout;
+        let period = send_timeout / 2;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
         let hold = match this.hold {
             Some(hold) if hold.piece == held => hold,
             _ => {
                 let now = Instant::now();
+                // A timer still set for an earlier hold comes within a period anyway.
+                if timer.is_elapsed() {
+                    timer.as_mut().reset(now + period);
+                }
                 this.hold.insert(Hold {
                     piece: held,
                     since: now,
-                    moved: now,
                     writes: seen.writes(),
+                    quiet: 0,
                 })
             }
         };
-        // Set for the first hold; after that it may be due earlier than this hold needs
-        // (it was set for an earlier one), and is moved when it comes.
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
         while timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
+            // A look that comes a period late (the thread was held up) tells nothing of
+            // the client.
+            let late = now.saturating_duration_since(timer.deadline()) > period;
             let writes = seen.writes();
-            if writes != hold.writes {
-                (hold.moved, hold.writes) = (now, writes);
+            if late || writes != hold.writes {
+                (hold.writes, hold.quiet) = (writes, 0);
+            } else {
+                hold.quiet += 1;
             }
-            let due = (hold.moved + send_timeout).min(hold.since + send_timeout * MAX_HOLD);
-            if now >= due {
-                shared
-                    .stats
-                    .global
-                    .responses_unread
-                    .fetch_add(1, Ordering::Relaxed);
+            let held_for = now.saturating_duration_since(hold.since);
+            if hold.quiet >= QUIET_LOOKS || held_for >= send_timeout.saturating_mul(MAX_HOLD) {
+                shared.stats.global.responses_unread.fetch_add(1, Relaxed);
                 tracing::debug!("an HTTP/2 client took nothing of a response within send_timeout");
                 this.pulls.cut();
                 // Dropping the stream resets it, and lets the backend connection go.
                 return Poll::Ready(());
             }
-            timer.as_mut().reset(due);
+            timer.as_mut().reset(now + period);
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    /// A stream task (its stream never ends by itself) holding piece 1, with a
+    /// `send_timeout` of 1 s; the connection's `Seen`, and the proxy's state.
+    async fn holding() -> (JoinHandle<()>, Arc<Pulls>, Arc<Seen>, Arc<Shared>) {
+        let src = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nlimits: { send_timeout: 1s }\ntracks:\n  stable: { backends: [\"127.0.0.1:9\"] }\nroutes:\n  - { split: { stable: 10000 } }\n";
+        let (settings, table) = crate::config::check(src, std::path::Path::new(".")).unwrap();
+        let shared = Shared::new(settings, table);
+        let (pulls, seen) = (Arc::new(Pulls::default()), Arc::new(Seen::default()));
+        pulls.gave(1);
+        let task = tokio::spawn(Stream {
+            task: PULLS.scope(pulls.clone(), std::future::pending()),
+            pulls: pulls.clone(),
+            streams: Streams {
+                shared: shared.clone(),
+                seen: seen.clone(),
+            },
+            hold: None,
+            timer: None,
+        });
+        // Its first turn, at 0 ms: the hold begins.
+        turns().await;
+        (task, pulls, seen, shared)
+    }
+
+    /// Lets time run on by `ms` (paused time), a millisecond at a time, each time letting
+    /// the tasks whose timers came do their turn.
+    async fn after(ms: u64) {
+        for _ in 0..ms {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            turns().await;
+        }
+    }
+
+    async fn turns() {
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_held_with_nothing_written_is_cut_at_the_send_timeout() {
+        let (task, _pulls, _seen, shared) = holding().await;
+        after(999).await;
+        assert!(!task.is_finished());
+        after(2).await;
+        assert!(task.is_finished());
+        let unread = &shared.stats.global.responses_unread;
+        assert_eq!(unread.load(Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cut_counts_from_the_last_write_and_comes_within_half_a_timeout_of_it() {
+        let (task, _pulls, seen, _shared) = holding().await;
+        // The connection writes out what it can of the piece before the one held, just
+        // after the hold began (hyper hands it over as it takes the next).
+        after(10).await;
+        seen.count_write();
+        after(1_000).await;
+        assert!(
+            !task.is_finished(),
+            "cut within a timeout of the last write"
+        );
+        after(500).await;
+        assert!(task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_taking_other_pieces_of_the_connection_keeps_a_held_stream_four_timeouts() {
+        let (task, _pulls, seen, _shared) = holding().await;
+        for _ in 0..39 {
+            after(100).await;
+            seen.count_write();
+        }
+        assert!(!task.is_finished(), "cut at 3.9 s");
+        after(200).await;
+        assert!(task.is_finished(), "not cut at 4.1 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_whose_pieces_keep_finding_room_is_never_cut() {
+        let (task, pulls, _seen, _shared) = holding().await;
+        // A new piece held at every look: each took the client's window.
+        for piece in 2..100 {
+            after(400).await;
+            pulls.asked();
+            pulls.gave(piece);
+        }
+        assert!(!task.is_finished());
+        // Waiting for the backend (nothing held) is never the client's doing.
+        pulls.asked();
+        after(60_000).await;
+        assert!(!task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_look_that_comes_late_does_not_blame_the_client() {
+        let (task, _pulls, _seen, _shared) = holding().await;
+        // The thread is held up for 2 s: the look due at 0.5 s comes at 2 s and tells
+        // nothing; the next two, at 2.5 and 3 s, do.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        turns().await;
+        assert!(!task.is_finished(), "cut on a late look");
+        after(999).await;
+        assert!(!task.is_finished());
+        after(2).await;
+        assert!(task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_takes_the_request_body_and_wakes_its_sender() {
+        use http_body_util::BodyExt;
+        let (task, pulls, _seen, _shared) = holding().await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let mut tied = PULLS.sync_scope(pulls.clone(), || tie_to_stream(boxed(Chan(rx))));
+        // The sender waits for the client's next bytes, which never come.
+        let sender = tokio::spawn(async move { tied.frame().await.map(|f| f.is_err()) });
+        after(1_001).await;
+        assert!(task.is_finished());
+        let failed = tokio::time::timeout(Duration::from_secs(1), sender).await;
+        assert_eq!(
+            failed.unwrap().unwrap(),
+            Some(true),
+            "the body fails once cut"
+        );
+        assert!(tx.is_closed(), "and the client's side of it is dropped");
+    }
+
+    /// A request body fed through a channel.
+    struct Chan(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl http_body::Body for Chan {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            let data = self.0.poll_recv(cx);
+            data.map(|d| d.map(|d| Ok(http_body::Frame::data(d))))
+        }
     }
 }
