@@ -167,3 +167,22 @@ build_ms() { python3 -c 'import json, sys; print(json.load(sys.stdin)["build_ms"
 
 # A latency as wrk prints it (850.00us, 1.20ms, 1.02s) in milliseconds.
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
+
+# Runs a proxy under callgrind, warms it up with `drive PORT 2000`, counts REQUESTS requests
+# sent by `drive PORT REQUESTS` (a function of the calling script); prints instructions per
+# request.
+count() { # name, port, command...
+  local name=$1 port=$2; shift 2
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg" "$@" >"$WORK/$name.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  wait_port "$port" 300
+  drive "$port" 2000
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  drive "$port" "$REQUESTS"
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  local total
+  total=$(callgrind_annotate "$WORK/$name.cg".1 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+  awk -v t="$total" -v n="$REQUESTS" 'BEGIN { printf "%.0f", t / n }'
+}

@@ -43,22 +43,7 @@ while left:
                 left -= 1
 EOF
 
-# Runs a proxy under callgrind, warms it up, counts REQUESTS requests; prints instructions/request.
-count() { # name, port, command...
-  local name=$1 port=$2; shift 2
-  valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg" "$@" >"$WORK/$name.log" 2>&1 &
-  local pid=$!
-  PIDS+=("$pid")
-  wait_port "$port" 300
-  python3 "$WORK/drive.py" "$port" 2000
-  callgrind_control -z "$pid" >/dev/null 2>&1
-  python3 "$WORK/drive.py" "$port" "$REQUESTS"
-  callgrind_control -d "$pid" >/dev/null 2>&1
-  kill "$pid"; wait "$pid" 2>/dev/null || true
-  local total
-  total=$(callgrind_annotate "$WORK/$name.cg".1 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
-  awk -v t="$total" -v n="$REQUESTS" 'BEGIN { printf "%.0f", t / n }'
-}
+drive() { python3 "$WORK/drive.py" "$1" "$2"; }
 
 BACKEND=$(free_port)
 nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"

@@ -280,6 +280,12 @@ fn hyper_service(
         };
         let (shared, conn) = (shared.clone(), conn.clone());
         async move {
+            // An HTTP/2 response's body tells its stream's task when the client has no
+            // room for it (see `unread`: taken at once, on the future's first poll).
+            let pulls = match version {
+                http::Version::HTTP_2 => Pulls::of_this_stream().map(|p| (p, 0)),
+                _ => None,
+            };
             let mut resp = match handling {
                 Err(refused) => refused,
                 // The proxy itself never fails (`Infallible`): the stack's one error is
@@ -294,12 +300,6 @@ fn hyper_service(
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
-            // An HTTP/2 response's body tells its stream's task when the client has no
-            // room for it (see `unread`).
-            let pulls = match version {
-                http::Version::HTTP_2 => Pulls::of_this_stream().map(|p| (p, 0)),
-                _ => None,
-            };
             Ok(resp.map(|body| Tracked {
                 body,
                 pulls,
@@ -492,10 +492,7 @@ async fn serve_http2<S: Socket>(
     drain: &mut watch::Receiver<bool>,
 ) -> Result<(), hyper::Error> {
     let limits = &shared.settings.limits;
-    let mut builder = http2::Builder::new(Streams {
-        shared: shared.clone(),
-        seen: conn.seen.clone(),
-    });
+    let mut builder = http2::Builder::new(Streams::new(shared.clone(), conn.seen.clone()));
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))

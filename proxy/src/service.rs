@@ -168,7 +168,8 @@ impl Forward {
         // future's locals.
         async move {
             // Sent on by hyper's client, an HTTP/2 backend's request body must learn of a
-            // cut of its client's stream (`conn::unread`); run here, in the stream's task.
+            // cut of its client's stream (`conn::unread`): here, on the first poll, in the
+            // stream's task.
             if self.out.http2 {
                 self.out.body = self.out.body.take().map(crate::conn::tie_to_stream);
             }

@@ -5,8 +5,11 @@
 //! asks the body for the next piece at once. It takes that next piece on only once the
 //! window has room for all of the last one and a byte more; until then it waits, with no
 //! timer of its own, holding the backend connection under it. So each stream runs as a task
-//! of its own ([`Streams`], hyper's executor) that learns from the body ([`Pulls`], shared
-//! through a task-local) when hyper holds a piece it has no room for. While it does, the task
+//! of its own ([`Streams`], hyper's executor) that learns from the body ([`Pulls`]) when
+//! hyper holds a piece it has no room for. The `Pulls` are handed over through a task-local
+//! set for the stream's first poll only, in which hyper first polls the service's future:
+//! what needs them takes them there, at once (a scope for every poll would cost 1% of an
+//! HTTP/2 request). While it does, the task
 //! looks at the connection every `send_timeout / 2`: the stream is cut once two looks in a
 //! row find that nothing was written to the client on the whole connection, or once it has
 //! held one piece for four `send_timeout`s however the connection moves (streams being read
@@ -22,7 +25,6 @@ use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
 use bytes::Bytes;
-use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{Body, BoxError, boxed};
@@ -56,7 +58,7 @@ pub struct Pulls {
 }
 
 impl Pulls {
-    /// The stream's `Pulls`, when called from the task of an HTTP/2 stream.
+    /// The stream's `Pulls`, when called in the first poll of an HTTP/2 stream's task.
     pub fn of_this_stream() -> Option<Arc<Pulls>> {
         PULLS.try_with(Arc::clone).ok()
     }
@@ -78,7 +80,7 @@ impl Pulls {
 }
 
 /// `body`, the request body of an HTTP/2 stream, put where a cut of the stream can take it
-/// (as is, when called outside a stream's task). Needed only when something other than the
+/// (as is, when called outside the first poll of a stream's task). Needed only when something other than the
 /// stream's own task sends it on: hyper's client, for an HTTP/2 backend.
 pub fn tie_to_stream(body: Body) -> Body {
     match Pulls::of_this_stream() {
@@ -124,43 +126,57 @@ impl http_body::Body for Tied {
 
 /// hyper's executor for the streams of one HTTP/2 connection.
 #[derive(Clone)]
-pub struct Streams {
-    pub shared: Arc<Shared>,
+pub struct Streams(Arc<Connection>);
+
+/// What each stream of a connection looks at.
+struct Connection {
+    shared: Arc<Shared>,
     /// The connection's bytes, as its socket saw them.
-    pub seen: Arc<Seen>,
+    seen: Arc<Seen>,
+}
+
+impl Streams {
+    pub fn new(shared: Arc<Shared>, seen: Arc<Seen>) -> Self {
+        Streams(Arc::new(Connection { shared, seen }))
+    }
 }
 
 impl<F: Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for Streams {
     fn execute(&self, stream: F) {
         let pulls = Arc::new(Pulls::default());
         tokio::spawn(Stream {
-            task: PULLS.scope(pulls.clone(), stream),
+            task: stream,
             pulls,
-            streams: self.clone(),
-            hold: None,
-            timer: None,
+            conn: self.0.clone(),
+            started: false,
+            watch: None,
         });
     }
-}
-
-/// A piece held without room, as the looks saw it.
-struct Hold {
-    piece: u64,
-    since: Instant,
-    /// The connection's writes at the last look.
-    writes: u64,
-    /// Looks in a row that found none.
-    quiet: u32,
 }
 
 pin_project_lite::pin_project! {
     struct Stream<F: Future> {
         #[pin]
-        task: TaskLocalFuture<Arc<Pulls>, F>,
+        task: F,
         pulls: Arc<Pulls>,
-        streams: Streams,
-        hold: Option<Hold>,
-        timer: Option<Pin<Box<Sleep>>>,
+        conn: Arc<Connection>,
+        started: bool,
+        // Made when the stream first holds a piece (most never do), and kept.
+        watch: Option<Pin<Box<Watch>>>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A piece held without room, as the looks saw it, and the timer of the looks.
+    struct Watch {
+        piece: u64,
+        since: Instant,
+        // The connection's writes at the last look.
+        writes: u64,
+        // Looks in a row that found none.
+        quiet: u32,
+        #[pin]
+        timer: Sleep,
     }
 }
 
@@ -168,8 +184,15 @@ impl<F: Future<Output = ()>> Future for Stream<F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        if this.task.poll(cx).is_ready() {
+        let mut this = self.project();
+        let polled = match *this.started {
+            true => this.task.poll(cx),
+            false => {
+                *this.started = true;
+                PULLS.sync_scope(this.pulls.clone(), || this.task.as_mut().poll(cx))
+            }
+        };
+        if polled.is_ready() {
             return Poll::Ready(());
         }
         let held = this.pulls.held.load(Relaxed);
@@ -178,48 +201,47 @@ impl<F: Future<Output = ()>> Future for Stream<F> {
             // earlier may still wake the task once: it then finds nothing held.
             return Poll::Pending;
         }
-        let (seen, shared) = (&this.streams.seen, &this.streams.shared);
+        let Connection { shared, seen } = &**this.conn;
         let send_timeout = shared.settings.limits.send_timeout;
         let period = send_timeout / 2;
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
-        let hold = match this.hold {
-            Some(hold) if hold.piece == held => hold,
-            _ => {
-                let now = Instant::now();
-                // A timer still set for an earlier hold comes within a period anyway.
-                if timer.is_elapsed() {
-                    timer.as_mut().reset(now + period);
-                }
-                this.hold.insert(Hold {
-                    piece: held,
-                    since: now,
-                    writes: seen.writes(),
-                    quiet: 0,
-                })
+        let watch = this.watch.get_or_insert_with(|| {
+            Box::pin(Watch {
+                piece: 0,
+                since: Instant::now(),
+                writes: 0,
+                quiet: 0,
+                timer: tokio::time::sleep(period),
+            })
+        });
+        let mut w = watch.as_mut().project();
+        if *w.piece != held {
+            let now = Instant::now();
+            (*w.piece, *w.since, *w.writes, *w.quiet) = (held, now, seen.writes(), 0);
+            // A timer still set for an earlier hold comes within a period anyway.
+            if w.timer.is_elapsed() {
+                w.timer.as_mut().reset(now + period);
             }
-        };
-        while timer.as_mut().poll(cx).is_ready() {
+        }
+        while w.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             // A look that comes a period late (the thread was held up) tells nothing of
             // the client.
-            let late = now.saturating_duration_since(timer.deadline()) > period;
+            let late = now.saturating_duration_since(w.timer.deadline()) > period;
             let writes = seen.writes();
-            if late || writes != hold.writes {
-                (hold.writes, hold.quiet) = (writes, 0);
+            if late || writes != *w.writes {
+                (*w.writes, *w.quiet) = (writes, 0);
             } else {
-                hold.quiet += 1;
+                *w.quiet += 1;
             }
-            let held_for = now.saturating_duration_since(hold.since);
-            if hold.quiet >= QUIET_LOOKS || held_for >= send_timeout.saturating_mul(MAX_HOLD) {
+            let held_for = now.saturating_duration_since(*w.since);
+            if *w.quiet >= QUIET_LOOKS || held_for >= send_timeout.saturating_mul(MAX_HOLD) {
                 shared.stats.global.responses_unread.fetch_add(1, Relaxed);
                 tracing::debug!("an HTTP/2 client took nothing of a response within send_timeout");
                 this.pulls.cut();
                 // Dropping the stream resets it, and lets the backend connection go.
                 return Poll::Ready(());
             }
-            timer.as_mut().reset(now + period);
+            w.timer.as_mut().reset(now + period);
         }
         Poll::Pending
     }
@@ -244,14 +266,11 @@ mod tests {
         let (pulls, seen) = (Arc::new(Pulls::default()), Arc::new(Seen::default()));
         pulls.gave(1);
         let task = tokio::spawn(Stream {
-            task: PULLS.scope(pulls.clone(), std::future::pending()),
+            task: std::future::pending(),
             pulls: pulls.clone(),
-            streams: Streams {
-                shared: shared.clone(),
-                seen: seen.clone(),
-            },
-            hold: None,
-            timer: None,
+            conn: Streams::new(shared.clone(), seen.clone()).0,
+            started: false,
+            watch: None,
         });
         // Its first turn, at 0 ms: the hold begins.
         turns().await;

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# User-space instructions per h2c request of two fleet-proxy binaries (say main's and a
+# change's), counted by callgrind, with h2load as the client (4 connections, 8 streams each)
+# and an nginx backend. For changes to the HTTP/2 path, which instructions.sh does not take.
+#
+#   benches/h2-instructions.sh OLD_BINARY NEW_BINARY        # REQUESTS=20000
+#
+# Needs valgrind, nginx, h2load (Debian: valgrind nginx nghttp2-client).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/common.sh
+A_BIN=${1:?usage: benches/h2-instructions.sh BINARY_A BINARY_B}
+B_BIN=${2:?usage: benches/h2-instructions.sh BINARY_A BINARY_B}
+need valgrind nginx h2load
+REQUESTS=${REQUESTS:-20000}
+drive() { # port, requests
+  local out; out=$(h2load -n "$2" -c 4 -m 8 "http://127.0.0.1:$1/")
+  grep -q "status codes: $2 2xx" <<<"$out" || echo "warning: $(grep 'status codes' <<<"$out")" >&2
+}
+
+BACKEND=$(free_port)
+nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
+start backend nginx -c "$WORK/backend/nginx.conf"
+wait_port "$BACKEND"
+P=$(free_port)
+fleet_conf "$WORK/fleet.yaml" "$P" "$(free_port)" "$BACKEND" "$BACKEND" ""
+A=$(count a "$P" "$A_BIN" --config "$WORK/fleet.yaml" --worker-threads 1)
+B=$(count b "$P" "$B_BIN" --config "$WORK/fleet.yaml" --worker-threads 1)
+echo "A $A  B $B  B/A $(awk -v a="$A" -v b="$B" 'BEGIN { printf "%.3f", b / a }')"
