@@ -169,8 +169,9 @@ build_ms() { python3 -c 'import json, sys; print(json.load(sys.stdin)["build_ms"
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
 
 # Runs a proxy under callgrind, warms it up with `drive PORT 2000`, counts REQUESTS requests
-# sent by `drive PORT REQUESTS` (a function of the calling script); prints instructions per
-# request.
+# sent by `drive PORT REQUESTS` (a function of the calling script); sets COUNTED to the
+# instructions per request. Not to be run in a subshell: the proxy's PID must reach PIDS,
+# for the cleanup if the script is stopped mid-count.
 count() { # name, port, command...
   local name=$1 port=$2; shift 2
   valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.cg" "$@" >"$WORK/$name.log" 2>&1 &
@@ -184,5 +185,6 @@ count() { # name, port, command...
   kill "$pid"; wait "$pid" 2>/dev/null || true
   local total
   total=$(callgrind_annotate "$WORK/$name.cg".1 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
-  awk -v t="$total" -v n="$REQUESTS" 'BEGIN { printf "%.0f", t / n }'
+  [[ -n "$total" ]] || { echo "callgrind counted nothing for $name: see $WORK/$name.log" >&2; exit 1; }
+  COUNTED=$(awk -v t="$total" -v n="$REQUESTS" 'BEGIN { printf "%.0f", t / n }')
 }

@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 source benches/common.sh
 A_BIN=${1:?usage: benches/h2-instructions.sh BINARY_A BINARY_B}
 B_BIN=${2:?usage: benches/h2-instructions.sh BINARY_A BINARY_B}
-need valgrind nginx h2load
+need valgrind nginx h2load python3
+for bin in "$A_BIN" "$B_BIN"; do [[ -x "$bin" ]] || { echo "not an executable: $bin (paths are from the repository's root)" >&2; exit 1; }; done
 REQUESTS=${REQUESTS:-20000}
 drive() { # port, requests
   local out; out=$(h2load -n "$2" -c 4 -m 8 "http://127.0.0.1:$1/")
@@ -24,6 +25,6 @@ start backend nginx -c "$WORK/backend/nginx.conf"
 wait_port "$BACKEND"
 P=$(free_port)
 fleet_conf "$WORK/fleet.yaml" "$P" "$(free_port)" "$BACKEND" "$BACKEND" ""
-A=$(count a "$P" "$A_BIN" --config "$WORK/fleet.yaml" --worker-threads 1)
-B=$(count b "$P" "$B_BIN" --config "$WORK/fleet.yaml" --worker-threads 1)
+count a "$P" "$A_BIN" --config "$WORK/fleet.yaml" --worker-threads 1; A=$COUNTED
+count b "$P" "$B_BIN" --config "$WORK/fleet.yaml" --worker-threads 1; B=$COUNTED
 echo "A $A  B $B  B/A $(awk -v a="$A" -v b="$B" 'BEGIN { printf "%.3f", b / a }')"

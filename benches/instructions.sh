@@ -66,10 +66,10 @@ wait_port "$SHADOW"
 MIRRORED=$(free_port)
 fleet_conf "$WORK/mirror.yaml" "$MIRRORED" "$(free_port)" "$BACKEND" "$SHADOW" "mirror: { to: shadow, percent: 10 }"
 
-N=$(count nginx "$NGINX" nginx -c "$WORK/proxy/nginx.conf")
-H=$(count hyper-floor "$FLOOR" "$TARGET/release/examples/hyper_floor" "127.0.0.1:$FLOOR" "127.0.0.1:$BACKEND")
-F=$(count fleet-proxy "$FLEET" "$TARGET/release/fleet-proxy" --config "$WORK/fleet.yaml" --worker-threads 1)
-M=$(count fleet-mirror "$MIRRORED" "$TARGET/release/fleet-proxy" --config "$WORK/mirror.yaml" --worker-threads 1)
+count nginx "$NGINX" nginx -c "$WORK/proxy/nginx.conf"; N=$COUNTED
+count hyper-floor "$FLOOR" "$TARGET/release/examples/hyper_floor" "127.0.0.1:$FLOOR" "127.0.0.1:$BACKEND"; H=$COUNTED
+count fleet-proxy "$FLEET" "$TARGET/release/fleet-proxy" --config "$WORK/fleet.yaml" --worker-threads 1; F=$COUNTED
+count fleet-mirror "$MIRRORED" "$TARGET/release/fleet-proxy" --config "$WORK/mirror.yaml" --worker-threads 1; M=$COUNTED
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo "| proxy | instructions per request (user space) |"
 echo "|---|---:|"

@@ -80,8 +80,9 @@ impl Pulls {
 }
 
 /// `body`, the request body of an HTTP/2 stream, put where a cut of the stream can take it
-/// (as is, when called outside the first poll of a stream's task). Needed only when something other than the
-/// stream's own task sends it on: hyper's client, for an HTTP/2 backend.
+/// (as is, when called outside the first poll of a stream's task). Needed only when
+/// something other than the stream's own task sends it on: hyper's client, for an HTTP/2
+/// backend.
 pub fn tie_to_stream(body: Body) -> Body {
     match Pulls::of_this_stream() {
         Some(pulls) => {
@@ -204,15 +205,16 @@ impl<F: Future<Output = ()>> Future for Stream<F> {
         let Connection { shared, seen } = &**this.conn;
         let send_timeout = shared.settings.limits.send_timeout;
         let period = send_timeout / 2;
-        let watch = this.watch.get_or_insert_with(|| {
-            Box::pin(Watch {
-                piece: 0,
+        let watch = match this.watch {
+            Some(watch) => watch,
+            None => this.watch.insert(Box::pin(Watch {
+                piece: held,
                 since: Instant::now(),
-                writes: 0,
+                writes: seen.writes(),
                 quiet: 0,
                 timer: tokio::time::sleep(period),
-            })
-        });
+            })),
+        };
         let mut w = watch.as_mut().project();
         if *w.piece != held {
             let now = Instant::now();
@@ -225,10 +227,12 @@ impl<F: Future<Output = ()>> Future for Stream<F> {
         while w.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             // A look that comes a period late (the thread was held up) tells nothing of
-            // the client.
+            // the client, nor does one less than a period into the hold (its timer was set
+            // for an earlier one): each quiet look speaks for a whole period.
             let late = now.saturating_duration_since(w.timer.deadline()) > period;
+            let early = now.saturating_duration_since(*w.since) < period;
             let writes = seen.writes();
-            if late || writes != *w.writes {
+            if late || early || writes != *w.writes {
                 (*w.writes, *w.quiet) = (writes, 0);
             } else {
                 *w.quiet += 1;
@@ -257,16 +261,45 @@ mod tests {
 
     use super::*;
 
-    /// A stream task (its stream never ends by itself) holding piece 1, with a
-    /// `send_timeout` of 1 s; the connection's `Seen`, and the proxy's state.
-    async fn holding() -> (JoinHandle<()>, Arc<Pulls>, Arc<Seen>, Arc<Shared>) {
+    /// A stream task holding piece 1, with a `send_timeout` of 1 s (its stream never ends
+    /// by itself); the connection's `Seen`, and the proxy's state.
+    struct Held {
+        task: JoinHandle<()>,
+        pulls: Arc<Pulls>,
+        seen: Arc<Seen>,
+        shared: Arc<Shared>,
+        wake: Arc<tokio::sync::Notify>,
+    }
+
+    impl Held {
+        /// hyper found room for the piece held, and holds `piece` now.
+        async fn give(&self, piece: u64) {
+            self.pulls.asked();
+            self.pulls.gave(piece);
+            self.wake.notify_one();
+            turns().await;
+        }
+
+        fn cut(&self) -> bool {
+            self.task.is_finished()
+        }
+    }
+
+    async fn holding() -> Held {
         let src = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nlimits: { send_timeout: 1s }\ntracks:\n  stable: { backends: [\"127.0.0.1:9\"] }\nroutes:\n  - { split: { stable: 10000 } }\n";
         let (settings, table) = crate::config::check(src, std::path::Path::new(".")).unwrap();
         let shared = Shared::new(settings, table);
         let (pulls, seen) = (Arc::new(Pulls::default()), Arc::new(Seen::default()));
+        let wake = Arc::new(tokio::sync::Notify::new());
         pulls.gave(1);
+        let woken = wake.clone();
         let task = tokio::spawn(Stream {
-            task: std::future::pending(),
+            // As hyper's stream, woken when it has something new to tell.
+            task: async move {
+                loop {
+                    woken.notified().await;
+                }
+            },
             pulls: pulls.clone(),
             conn: Streams::new(shared.clone(), seen.clone()).0,
             started: false,
@@ -274,7 +307,13 @@ mod tests {
         });
         // Its first turn, at 0 ms: the hold begins.
         turns().await;
-        (task, pulls, seen, shared)
+        Held {
+            task,
+            pulls,
+            seen,
+            shared,
+            wake,
+        }
     }
 
     /// Lets time run on by `ms` (paused time), a millisecond at a time, each time letting
@@ -294,89 +333,99 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_held_with_nothing_written_is_cut_at_the_send_timeout() {
-        let (task, _pulls, _seen, shared) = holding().await;
+        let h = holding().await;
         after(999).await;
-        assert!(!task.is_finished());
+        assert!(!h.cut());
         after(2).await;
-        assert!(task.is_finished());
-        let unread = &shared.stats.global.responses_unread;
+        assert!(h.cut());
+        let unread = &h.shared.stats.global.responses_unread;
         assert_eq!(unread.load(Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_cut_counts_from_the_last_write_and_comes_within_half_a_timeout_of_it() {
-        let (task, _pulls, seen, _shared) = holding().await;
+        let h = holding().await;
         // The connection writes out what it can of the piece before the one held, just
         // after the hold began (hyper hands it over as it takes the next).
         after(10).await;
-        seen.count_write();
+        h.seen.count_write();
         after(1_000).await;
-        assert!(
-            !task.is_finished(),
-            "cut within a timeout of the last write"
-        );
+        assert!(!h.cut(), "cut within a timeout of the last write");
         after(500).await;
-        assert!(task.is_finished());
+        assert!(h.cut());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_client_taking_other_pieces_of_the_connection_keeps_a_held_stream_four_timeouts() {
-        let (task, _pulls, seen, _shared) = holding().await;
+        let h = holding().await;
         for _ in 0..39 {
             after(100).await;
-            seen.count_write();
+            h.seen.count_write();
         }
-        assert!(!task.is_finished(), "cut at 3.9 s");
+        assert!(!h.cut(), "cut at 3.9 s");
         after(200).await;
-        assert!(task.is_finished(), "not cut at 4.1 s");
+        assert!(h.cut(), "not cut at 4.1 s");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_whose_pieces_keep_finding_room_is_never_cut() {
-        let (task, pulls, _seen, _shared) = holding().await;
-        // A new piece held at every look: each took the client's window.
+        let h = holding().await;
+        // A new piece held every 400 ms: each took the client's window.
         for piece in 2..100 {
             after(400).await;
-            pulls.asked();
-            pulls.gave(piece);
+            h.give(piece).await;
         }
-        assert!(!task.is_finished());
+        assert!(!h.cut());
         // Waiting for the backend (nothing held) is never the client's doing.
-        pulls.asked();
+        h.pulls.asked();
+        h.wake.notify_one();
         after(60_000).await;
-        assert!(!task.is_finished());
+        assert!(!h.cut());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_look_that_comes_soon_after_a_new_hold_does_not_count() {
+        let h = holding().await;
+        // Piece 2 is held at 400 ms; the look set for piece 1 comes at 500 ms, 100 ms into
+        // it, and tells nothing. The looks at 1 and 1.5 s do: cut at 1.5 s, 1.1 s after.
+        after(400).await;
+        h.give(2).await;
+        after(999).await;
+        assert!(
+            !h.cut(),
+            "cut 1 s after the first hold, 0.6 s into this one"
+        );
+        after(102).await;
+        assert!(h.cut());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_look_that_comes_late_does_not_blame_the_client() {
-        let (task, _pulls, _seen, _shared) = holding().await;
+        let h = holding().await;
         // The thread is held up for 2 s: the look due at 0.5 s comes at 2 s and tells
         // nothing; the next two, at 2.5 and 3 s, do.
         tokio::time::advance(Duration::from_secs(2)).await;
         turns().await;
-        assert!(!task.is_finished(), "cut on a late look");
+        assert!(!h.cut(), "cut on a late look");
         after(999).await;
-        assert!(!task.is_finished());
+        assert!(!h.cut());
         after(2).await;
-        assert!(task.is_finished());
+        assert!(h.cut());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_cut_takes_the_request_body_and_wakes_its_sender() {
         use http_body_util::BodyExt;
-        let (task, pulls, _seen, _shared) = holding().await;
+        let h = holding().await;
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-        let mut tied = PULLS.sync_scope(pulls.clone(), || tie_to_stream(boxed(Chan(rx))));
+        let mut tied = PULLS.sync_scope(h.pulls.clone(), || tie_to_stream(boxed(Chan(rx))));
         // The sender waits for the client's next bytes, which never come.
         let sender = tokio::spawn(async move { tied.frame().await.map(|f| f.is_err()) });
         after(1_001).await;
-        assert!(task.is_finished());
+        assert!(h.cut());
         let failed = tokio::time::timeout(Duration::from_secs(1), sender).await;
-        assert_eq!(
-            failed.unwrap().unwrap(),
-            Some(true),
-            "the body fails once cut"
-        );
+        let failed = failed.unwrap().unwrap();
+        assert_eq!(failed, Some(true), "the body fails once cut");
         assert!(tx.is_closed(), "and the client's side of it is dropped");
     }
 
