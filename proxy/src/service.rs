@@ -18,7 +18,7 @@ use crate::state::{Active, Shared};
 use crate::stats::Source;
 use crate::upstream::{Failure, Outgoing, send};
 
-mod headers;
+pub(crate) mod headers;
 mod tunnel;
 
 use headers::Survey;
@@ -104,7 +104,7 @@ pub(crate) struct Forward {
     recorded: bool,
 }
 
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+pub(crate) const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// Counted for a request whose client went away (closed its connection, reset its stream)
 /// before the answer, as nginx logs it. Never sent.

@@ -4,18 +4,20 @@
 //! h2, which sends what the client's flow-control window allows and buffers the rest, and
 //! asks the body for the next piece at once. It takes that next piece on only once the
 //! window has room for all of the last one and a byte more; until then it waits, with no
-//! timer of its own, holding the backend connection under it. So each stream runs as a task
-//! of its own ([`Streams`], hyper's executor) that learns from the body ([`Pulls`]) when
-//! hyper holds a piece it has no room for. The `Pulls` are handed over through a task-local
-//! set for the stream's first poll only, in which hyper first polls the service's future:
-//! what needs them takes them there, at once (a scope for every poll would cost 1% of an
-//! HTTP/2 request). While it does, the task
-//! looks at the connection every `send_timeout / 2`: the stream is cut once two looks in a
+//! timer of its own, holding the backend connection under it.
+//!
+//! So each stream runs as a task of its own ([`Streams`], hyper's executor) that learns from
+//! the body ([`Pulls`]) when hyper holds a piece it has no room for. While it does, the task
+//! looks at the connection every `send_timeout / 2`; the stream is cut once two looks in a
 //! row find that nothing was written to the client on the whole connection, or once it has
 //! held one piece for four `send_timeout`s however the connection moves (streams being read
 //! do not keep one left unread forever). The cut drops the stream, which resets it
 //! (`CANCEL`), and the request body an HTTP/2 backend may still be sent, which hyper's client
 //! holds apart from the stream. The timer is made only when a stream first waits for room.
+//!
+//! The `Pulls` are handed over through a task-local set for the stream's first poll only, in
+//! which hyper first polls the service's future: what needs them takes them there, at once
+//! (a scope around every poll would cost 1% of an HTTP/2 request's instructions).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -145,8 +147,8 @@ impl Streams {
 impl<F: Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for Streams {
     fn execute(&self, stream: F) {
         let pulls = Arc::new(Pulls::default());
-        tokio::spawn(Stream {
-            task: stream,
+        tokio::spawn(Watched {
+            stream,
             pulls,
             conn: self.0.clone(),
             started: false,
@@ -156,9 +158,10 @@ impl<F: Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for Streams
 }
 
 pin_project_lite::pin_project! {
-    struct Stream<F: Future> {
+    /// hyper's future for one stream, and what watches it.
+    struct Watched<F: Future> {
         #[pin]
-        task: F,
+        stream: F,
         pulls: Arc<Pulls>,
         conn: Arc<Connection>,
         started: bool,
@@ -181,16 +184,16 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F: Future<Output = ()>> Future for Stream<F> {
+impl<F: Future<Output = ()>> Future for Watched<F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let polled = match *this.started {
-            true => this.task.poll(cx),
+            true => this.stream.poll(cx),
             false => {
                 *this.started = true;
-                PULLS.sync_scope(this.pulls.clone(), || this.task.as_mut().poll(cx))
+                PULLS.sync_scope(this.pulls.clone(), || this.stream.as_mut().poll(cx))
             }
         };
         if polled.is_ready() {
@@ -293,9 +296,9 @@ mod tests {
         let wake = Arc::new(tokio::sync::Notify::new());
         pulls.gave(1);
         let woken = wake.clone();
-        let task = tokio::spawn(Stream {
+        let task = tokio::spawn(Watched {
             // As hyper's stream, woken when it has something new to tell.
-            task: async move {
+            stream: async move {
                 loop {
                     woken.notified().await;
                 }

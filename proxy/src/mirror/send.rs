@@ -1,8 +1,9 @@
 //! Sending a batch of copies. Those that can share a connection are grouped by the backend
 //! round robin picks for each and pipelined, a group to a connection
 //! ([`upstream::pipeline`]); the others (copies over HTTP/2, with a body over
-//! [`PIPELINED_BODY_MAX`], or asking for an upgrade or a `100 Continue`) go each on its own
-//! through [`upstream::send`], as a primary request does.
+//! [`PIPELINED_BODY_MAX`], asking for an upgrade or a `100 Continue`, or gRPC calls, whose
+//! outcome is in their trailers) go each on its own through [`upstream::send`], as a primary
+//! request does.
 
 use std::sync::Arc;
 
@@ -11,6 +12,8 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::Job;
+use crate::service::GRPC_STATUS;
+use crate::service::headers;
 use crate::state::Shared;
 use crate::stats::{Counters, Source};
 use crate::upstream::{self, Backend, Outgoing};
@@ -63,13 +66,21 @@ pub fn plan(batch: impl IntoIterator<Item = Job>, pipeline: bool) -> Vec<Work> {
     work
 }
 
-/// Whether a copy may share a connection with others: HTTP/1.1, a small body, and nothing
-/// that would make the backend answer out of step (a protocol switch, `100 Continue`).
+/// Whether a copy may share a connection with others: HTTP/1.1, a small body, nothing that
+/// would make the backend answer out of step (a protocol switch, `100 Continue`), and not a
+/// gRPC call (the pipeline reads no trailers).
 fn pipelines(job: &Job) -> bool {
     !job.http2
         && job.body.len() <= PIPELINED_BODY_MAX
         && !job.parts.headers.contains_key(header::UPGRADE)
         && !job.parts.headers.contains_key(header::EXPECT)
+        && !grpc(&job.parts.headers)
+}
+
+fn grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(headers::is_grpc)
 }
 
 /// Sends one share of a batch and counts each copy under the mirror track.
@@ -119,6 +130,7 @@ async fn single(shared: &Shared, job: Job) {
         http2,
         auto,
     } = job;
+    let grpc_call = grpc(&parts.headers);
     let mut out = Outgoing {
         parts,
         body: Some(crate::body::full(body)),
@@ -138,18 +150,31 @@ async fn single(shared: &Shared, job: Job) {
     );
     let outcome = tokio::time::timeout(shared.settings.mirror.timeout, async {
         let resp = sending.await.ok()?;
-        let status = resp.status().as_u16();
-        // Read the answer to the end so the connection goes back to the pool; keep nothing.
-        // As for the primary, the status counts once it came, whatever becomes of the body.
+        let status = resp.status();
+        // As for the primary: a gRPC call's answer (a 200 of gRPC's media type) has its
+        // outcome in a trailers-only head or in its trailers; none counts as a failure.
+        let grpc_answer = grpc_call && status == http::StatusCode::OK && grpc(resp.headers());
+        let mut grpc_status = grpc_answer.then(|| resp.headers().get(GRPC_STATUS).cloned());
+        // Read the answer to the end so the connection goes back to the pool; keep nothing
+        // but the trailers' status. As for the primary, the status counts once it came,
+        // whatever becomes of the body.
         let mut body = resp.into_body();
-        while let Some(Ok(_)) = body.frame().await {}
-        Some(status)
+        while let Some(Ok(frame)) = body.frame().await {
+            if let (Some(found @ None), Some(trailers)) = (&mut grpc_status, frame.trailers_ref()) {
+                *found = trailers.get(GRPC_STATUS).cloned();
+            }
+        }
+        Some((status.as_u16(), grpc_status))
     })
     .await
     .ok()
     .flatten();
     let counters = active.counters(route, track, Source::Mirror);
-    count(counters, outcome, started.elapsed());
+    // The gRPC outcome first, so a reader who sees the answer counted sees its failure too.
+    if let Some((_, Some(grpc_status))) = &outcome {
+        counters.grpc_status(grpc_status.as_ref().map(http::HeaderValue::as_bytes));
+    }
+    count(counters, outcome.map(|o| o.0), started.elapsed());
 }
 
 /// Counts a copy's outcome: its status, or (`None`) an error.

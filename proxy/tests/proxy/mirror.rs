@@ -55,6 +55,34 @@ async fn a_mirrored_copy_carries_the_body_and_the_mirror_mark_and_is_counted_und
     }
 }
 
+/// A mirrored gRPC call's outcome is read from its answer's trailers and counted under the
+/// mirror track, as the primary's is: a failing shadow does not look healthy.
+#[tokio::test]
+async fn a_mirrored_grpc_calls_failure_is_counted_from_its_trailers() {
+    // Over HTTP/1.1 the copy would be pipelined but for its gRPC; over HTTP/2, hyper's.
+    for c in [client(), h2_client()] {
+        let (_stable, _shadow, proxy) = mirroring("").await;
+        for status in ["14", "0"] {
+            let req = Request::post(proxy.url("/svc/Call"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .header("x-grpc-status", status)
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                .unwrap();
+            assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
+        }
+        eventually(Duration::from_secs(5), || async {
+            mirror_series(&proxy).await["responses"]["2xx"] == 2
+        })
+        .await;
+        let mirrored = mirror_series(&proxy).await;
+        assert_eq!(mirrored["grpc_errors"], 1, "{mirrored}");
+        let primary = series(&stats(&proxy).await, "stable", "primary");
+        assert_eq!(primary["grpc_errors"], 1, "{primary}");
+        proxy.stop().await;
+    }
+}
+
 /// A request asking to switch protocols is not copied: a copy cannot become a tunnel, and a
 /// shadow that answered it with `101` would be counted as failing.
 #[tokio::test]

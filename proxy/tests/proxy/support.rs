@@ -205,6 +205,8 @@ async fn answer(
         .boxed();
         return Ok(builder
             .header("content-type", "application/grpc")
+            // hyper's HTTP/1.1 server sends only the trailers a response declares.
+            .header("trailer", "grpc-status, grpc-message")
             .body(body)
             .unwrap());
     }
