@@ -170,8 +170,10 @@ fn resolve(
         .collect();
     drop(health);
     let counters = stats.resolve(&table);
+    // Each table starts round robin at a random backend: were it always the first, a fleet
+    // pushing tables often would load every track's first backend the most.
     let next = (0..table.tracks().len())
-        .map(|_| AtomicUsize::new(0))
+        .map(|_| AtomicUsize::new(rand::random::<u32>() as usize))
         .collect();
     Active {
         version,
@@ -203,6 +205,27 @@ mod tests {
         STOPS.get() - before
     }
 
+    fn check(src: &str) -> (Settings, Table) {
+        crate::config::check(src, std::path::Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn each_table_starts_round_robin_at_a_random_backend() {
+        let src = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntracks:\n  stable: { backends: [\"127.0.0.1:9\", \"127.0.0.1:10\"] }\nroutes:\n  - { split: { stable: 10000 } }\n";
+        let (health, stats) = (Mutex::default(), Stats::default());
+        // One request per table, as when tables come faster than requests: with a fixed
+        // start all 64 would go to one backend (a chance of 2^-63 with random starts).
+        let firsts: std::collections::HashSet<usize> = (0..64)
+            .map(|v| {
+                let (settings, table) = check(src);
+                let active = resolve(v, table, &settings, &health, &stats);
+                let track = active.table.tracks().next().unwrap().0;
+                active.next_index(track) % active.backends(track).len()
+            })
+            .collect();
+        assert_eq!(firsts.len(), 2, "{firsts:?}");
+    }
+
     #[test]
     fn a_table_taken_out_of_force_frees_its_counters_with_stops_along_the_way() {
         const ROUTES: u64 = 2_000;
@@ -217,7 +240,7 @@ mod tests {
             fleet_proxy_router::load(&json).unwrap()
         };
         let src = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntracks:\n  stable: { backends: [\"127.0.0.1:9\"] }\nroutes:\n  - { split: { stable: 10000 } }\n";
-        let (settings, _) = crate::config::check(src, std::path::Path::new(".")).unwrap();
+        let (settings, _) = check(src);
         let (health, stats) = (Mutex::default(), Stats::default());
         let active = resolve(2, table(), &settings, &health, &stats);
         let of_the_table = stops_dropping(table());
