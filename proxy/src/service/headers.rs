@@ -322,9 +322,8 @@ pub fn forwarded(h: &mut HeaderMap, survey: &Survey, conn: &Conn, upgrade: bool)
     h.insert(X_FORWARDED_FOR, xff);
     let proto = if conn.tls { "https" } else { "http" };
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    // HTTP/2 backends get the backend address as `:authority`; the client's host stays here:
-    // the host routing used, never one a client wrote itself (which, to an HTTP/2 backend,
-    // would be the only host it saw).
+    // The host routing used, as backends of either protocol get it in `Host` or
+    // `:authority`; never one a client wrote itself.
     match h.get(header::HOST).cloned() {
         Some(host) => {
             h.insert(X_FORWARDED_HOST, host);

@@ -272,6 +272,19 @@ pub async fn pipeline(
     answers
 }
 
+/// The `:authority` an HTTP/2 backend gets: the host routing used, as an HTTP/1.1 backend
+/// reads it in `Host` (`settle_host` made the two agree). The backend's own address only
+/// when there is none, as for a request without one from an HTTP/1.0 client.
+fn authority(parts: &http::request::Parts, backend: &Backend) -> Option<http::uri::Authority> {
+    let host = || {
+        let host = parts.headers.get(http::header::HOST)?;
+        http::uri::Authority::try_from(host.as_bytes()).ok()
+    };
+    (parts.uri.authority().cloned())
+        .or_else(host)
+        .or_else(|| backend.authority.clone())
+}
+
 /// The request for one try; the last try takes the headers instead of copying them. With a
 /// body comes the flag it raises if it fails.
 fn build(
@@ -293,7 +306,7 @@ fn build(
         true => {
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(http::uri::Scheme::HTTP);
-            uri.authority = backend.authority.clone();
+            uri.authority = authority(&out.parts, backend);
             uri.path_and_query = Some(path);
             Uri::from_parts(uri).map_err(|_| Failure::NoHealthyBackend(backend.addr.clone()))?
         }

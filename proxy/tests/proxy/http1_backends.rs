@@ -412,12 +412,7 @@ async fn an_h2c_upgrade_is_not_passed_on_and_the_request_is_answered_over_http1(
 
 #[tokio::test]
 async fn an_upgrade_to_a_track_that_speaks_only_http2_goes_on_without_it_and_ejects_nothing() {
-    let b = crate::support::Backend::start("stable", crate::support::Mode::Normal).await;
-    let proxy = Proxy::start(&format!(
-        "upstream: {{ eject_after: 1 }}\ntracks:\n  stable: {{ backends: [\"{}\"], protocol: h2c }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        b.addr
-    ))
-    .await;
+    let (proxy, _b) = crate::support::stable_h2c_proxy("upstream: { eject_after: 1 }\n").await;
     // An HTTP/2 backend cannot switch an HTTP/1.1 connection: sent as HTTP/1.1 it failed,
     // and each such request counted toward ejecting it for everyone.
     for _ in 0..3 {

@@ -10,7 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Backend, Mode, Proxy, h2_client, send, tracks};
+use crate::support::{Backend, Mode, Proxy, client, h2_client, send, stable_h2c_proxy, tracks};
 
 async fn proxy_with(extra: &str) -> (Proxy, [Backend; 3]) {
     let b = [
@@ -35,10 +35,31 @@ async fn h2c_clients_are_served_over_http2_end_to_end() {
         assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
         assert_eq!(h["x-seen-version"], "HTTP/2.0");
         assert_eq!(h["x-seen-forwarded-host"], proxy.addr.to_string());
+        assert_eq!(h["x-seen-authority"], proxy.addr.to_string());
     }
     // `protocol: auto` asked the backend once whether it speaks HTTP/2, on a connection of
     // its own; the requests shared one more.
     assert_eq!(b[0].conns(), 2);
+    proxy.stop().await;
+}
+
+/// An HTTP/2 backend is asked for the host routing used, as an HTTP/1.1 one reads it in
+/// `Host`: an HTTP/1.1 client's `Host` becomes its `:authority`.
+#[tokio::test]
+async fn an_http2_backend_gets_the_clients_host_as_its_authority() {
+    let (proxy, _backend) = stable_h2c_proxy("").await;
+    let req = Request::get(proxy.url("/"))
+        .header("host", "shop.test")
+        .body(Full::default())
+        .unwrap();
+    let (status, h, _) = send(&client(), req).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h["x-seen-version"], "HTTP/2.0");
+    assert_eq!(h["x-seen-authority"], "shop.test");
+    assert!(
+        !h.contains_key("x-seen-host"),
+        "only one of the two is sent"
+    );
     proxy.stop().await;
 }
 

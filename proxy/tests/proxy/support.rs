@@ -179,6 +179,9 @@ async fn answer(
             builder = builder.header(seen, v);
         }
     }
+    if let Some(authority) = req.uri().authority() {
+        builder = builder.header("x-seen-authority", authority.as_str());
+    }
     let version = format!("{:?}", req.version());
     builder = builder.header("x-seen-version", version);
     let headers = req.headers().clone();
@@ -511,8 +514,12 @@ where
 /// A table that sends every request to one `stable` track at `stable`, after the config
 /// lines in `extra`.
 pub fn stable_only(extra: &str, stable: SocketAddr) -> String {
+    stable_track(extra, stable, "")
+}
+
+fn stable_track(extra: &str, stable: SocketAddr, options: &str) -> String {
     format!(
-        "{extra}tracks:\n  stable: {{ backends: [\"{stable}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+        "{extra}tracks:\n  stable: {{ backends: [\"{stable}\"]{options} }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
     )
 }
 
@@ -520,6 +527,13 @@ pub fn stable_only(extra: &str, stable: SocketAddr) -> String {
 pub async fn stable_proxy(extra: &str) -> (Proxy, Backend) {
     let stable = Backend::start("stable", Mode::Normal).await;
     (Proxy::start(&stable_only(extra, stable.addr)).await, stable)
+}
+
+/// Likewise, the backend spoken to over HTTP/2 whatever the client speaks (`protocol: h2c`).
+pub async fn stable_h2c_proxy(extra: &str) -> (Proxy, Backend) {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let config = stable_track(extra, stable.addr, ", protocol: h2c");
+    (Proxy::start(&config).await, stable)
 }
 
 /// The tracks section for these backends.

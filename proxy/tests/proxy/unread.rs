@@ -13,7 +13,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Backend, ChanBody, Mode, Proxy, eventually, get, send, stable_proxy, stats};
+use crate::support::{
+    ChanBody, Proxy, eventually, get, send, stable_h2c_proxy, stable_proxy, stats,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 const CONFIG: &str = "limits: { send_timeout: 1s }\n";
@@ -150,12 +152,7 @@ async fn an_http2_stream_its_client_gives_no_window_is_reset_and_the_connection_
 /// long as the client goes on sending.
 #[tokio::test]
 async fn a_cut_reaches_a_request_body_still_going_to_an_http2_backend() {
-    let backend = Backend::start("stable", Mode::Normal).await;
-    let proxy = Proxy::start(&format!(
-        "{CONFIG}tracks:\n  stable: {{ backends: [\"{}\"], protocol: h2c }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        backend.addr
-    ))
-    .await;
+    let (proxy, _backend) = stable_h2c_proxy(CONFIG).await;
     let client = h2_client::<ChanBody>();
     let (upload, body) = ChanBody::new();
     let req = Request::post(proxy.url("/echo")).body(body).unwrap();
