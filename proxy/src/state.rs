@@ -172,8 +172,8 @@ fn resolve(
     let counters = stats.resolve(&table);
     // Each table starts round robin at a random backend: were it always the first, a fleet
     // pushing tables often would load every track's first backend the most.
-    let next = (0..table.tracks().len())
-        .map(|_| AtomicUsize::new(rand::random::<u32>() as usize))
+    let next = (backends.iter())
+        .map(|b| AtomicUsize::new(rand::random_range(0..b.len().max(1))))
         .collect();
     Active {
         version,

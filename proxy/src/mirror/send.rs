@@ -148,33 +148,33 @@ async fn single(shared: &Shared, job: Job) {
         active.table.track(track).name(),
         &mut out,
     );
-    let outcome = tokio::time::timeout(shared.settings.mirror.timeout, async {
-        let resp = sending.await.ok()?;
-        let status = resp.status();
-        // As for the primary: a gRPC call's answer (a 200 of gRPC's media type) has its
-        // outcome in a trailers-only head or in its trailers; none counts as a failure.
-        let grpc_answer = grpc_call && status == http::StatusCode::OK && grpc(resp.headers());
-        let mut grpc_status = grpc_answer.then(|| resp.headers().get(GRPC_STATUS).cloned());
-        // Read the answer to the end so the connection goes back to the pool; keep nothing
-        // but the trailers' status. As for the primary, the status counts once it came,
-        // whatever becomes of the body.
-        let mut body = resp.into_body();
+    // The timeout covers the whole copy: its answer's head, then its body.
+    let deadline = started + shared.settings.mirror.timeout;
+    let counters = active.counters(route, track, Source::Mirror);
+    let resp = match tokio::time::timeout_at(deadline, sending).await {
+        Ok(Ok(resp)) => resp,
+        _ => return count(counters, None, started.elapsed()),
+    };
+    // As for the primary, the status counts once it came, whatever becomes of the body.
+    let status = resp.status();
+    count(counters, Some(status.as_u16()), started.elapsed());
+    // A gRPC call's answer (a 200 of gRPC's media type) has its outcome in a trailers-only
+    // head or in its trailers; none, when it ends or breaks, counts as a failure.
+    let grpc_answer = grpc_call && status == http::StatusCode::OK && grpc(resp.headers());
+    let mut grpc_status = resp.headers().get(GRPC_STATUS).cloned();
+    // Read to the end so the connection goes back to the pool; keep only the trailers' status.
+    let mut body = resp.into_body();
+    let read = tokio::time::timeout_at(deadline, async {
         while let Some(Ok(frame)) = body.frame().await {
-            if let (Some(found @ None), Some(trailers)) = (&mut grpc_status, frame.trailers_ref()) {
-                *found = trailers.get(GRPC_STATUS).cloned();
+            if let (None, Some(trailers)) = (&grpc_status, frame.trailers_ref()) {
+                grpc_status = trailers.get(GRPC_STATUS).cloned();
             }
         }
-        Some((status.as_u16(), grpc_status))
-    })
-    .await
-    .ok()
-    .flatten();
-    let counters = active.counters(route, track, Source::Mirror);
-    // The gRPC outcome first, so a reader who sees the answer counted sees its failure too.
-    if let Some((_, Some(grpc_status))) = &outcome {
+    });
+    // Cut by the timeout, a call has no outcome of its own, as a primary whose client left.
+    if read.await.is_ok() && grpc_answer {
         counters.grpc_status(grpc_status.as_ref().map(http::HeaderValue::as_bytes));
     }
-    count(counters, outcome.map(|o| o.0), started.elapsed());
 }
 
 /// Counts a copy's outcome: its status, or (`None`) an error.

@@ -72,7 +72,8 @@ async fn a_mirrored_grpc_calls_failure_is_counted_from_its_trailers() {
             assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
         }
         eventually(Duration::from_secs(5), || async {
-            mirror_series(&proxy).await["responses"]["2xx"] == 2
+            let mirrored = mirror_series(&proxy).await;
+            mirrored["responses"]["2xx"] == 2 && mirrored["grpc_errors"] != 0
         })
         .await;
         let mirrored = mirror_series(&proxy).await;
@@ -81,6 +82,46 @@ async fn a_mirrored_grpc_calls_failure_is_counted_from_its_trailers() {
         assert_eq!(primary["grpc_errors"], 1, "{primary}");
         proxy.stop().await;
     }
+}
+
+/// A mirrored gRPC call's failure counts from a trailers-only head too, and an answer with no
+/// status counts as one; an answer the mirror's timeout cuts mid-body counts by its status
+/// alone: the proxy ended it, not the shadow.
+#[tokio::test]
+async fn a_mirrored_grpc_answer_cut_by_the_timeout_counts_by_its_status_alone() {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let shadow = RawBackend::start(|head| {
+        let grpc = "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n";
+        let answer = match head.split(' ').nth(1).unwrap_or_default() {
+            "/head-only" => format!("{grpc}grpc-status: 14\r\ncontent-length: 0\r\n\r\n"),
+            "/no-status" => format!("{grpc}content-length: 5\r\n\r\n\0\0\0\0\0"),
+            // A stream that goes on past the timeout.
+            _ => format!("{grpc}transfer-encoding: chunked\r\n\r\n5\r\n\0\0\0\0\0\r\n"),
+        };
+        (answer.into_bytes(), false)
+    })
+    .await;
+    let extra = "mirror: { timeout: 500ms }\n";
+    let proxy = Proxy::start(&config(stable.addr, shadow.addr, extra)).await;
+    let c = client();
+    for path in ["/head-only", "/no-status", "/stream"] {
+        let req = Request::post(proxy.url(path))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK);
+    }
+    // The stream's connection is let go once the timeout cut it.
+    eventually(Duration::from_secs(5), || async {
+        shadow.closed.load(Ordering::SeqCst) && mirror_series(&proxy).await["grpc_errors"] == 2
+    })
+    .await;
+    let mirrored = mirror_series(&proxy).await;
+    assert_eq!(mirrored["responses"]["2xx"], 3, "{mirrored}");
+    assert_eq!(mirrored["errors"], 0, "{mirrored}");
+    assert_eq!(mirrored["grpc_errors"], 2, "{mirrored}");
+    proxy.stop().await;
 }
 
 /// A request asking to switch protocols is not copied: a copy cannot become a tunnel, and a
