@@ -110,8 +110,15 @@ async fn pipelined(shared: &Shared, backend: &Backend, jobs: &[Job]) {
         }
         from += answers.statuses.len();
         if answers.failed.is_some() || answers.statuses.is_empty() {
+            let mut behind = jobs[from..].iter();
+            // One whose answer had begun counts by its head, as on a connection of its own.
+            if let Some((status, at)) = answers.cut
+                && let Some(job) = behind.next()
+            {
+                count(job.counters(), Some(status.as_u16()), at - started);
+            }
             let failed = started.elapsed();
-            for job in &jobs[from..] {
+            for job in behind {
                 count(job.counters(), None, failed);
             }
             return;

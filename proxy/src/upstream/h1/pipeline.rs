@@ -38,6 +38,9 @@ pub struct Answers {
     /// the connection after an answer that said it would, and processed none of them, so they
     /// may be sent again.
     pub failed: Option<Error>,
+    /// With `failed`, the answer being read when it came: its status and when its head came.
+    /// Its body did not end, but it was answered, and counts as a primary answer does.
+    pub cut: Option<(StatusCode, Instant)>,
 }
 
 /// Sends `requests` (each its head and its whole body) to `backend` on one connection,
@@ -53,6 +56,7 @@ pub async fn pipeline(
     let mut answers = Answers {
         statuses: Vec::with_capacity(requests.len()),
         failed: None,
+        cut: None,
     };
     let connected = match Conn::reused(backend, deadline) {
         Some(conn) => Ok(conn),
@@ -96,7 +100,10 @@ pub async fn pipeline(
             ));
         }
         Ok(()) => {}
-        Err(e) => answers.failed = Some(e),
+        Err(e) => {
+            answers.failed = Some(e);
+            answers.cut = run.reading.map(|(_, status, came)| (status, came));
+        }
     }
     answers
 }
