@@ -5,13 +5,12 @@ mod backend;
 mod h1;
 mod pool;
 mod probe;
+mod upload;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use tokio::time::Instant;
 
 use http::{Request, Response, Uri, Version};
-use http_body_util::BodyExt;
 
 pub use backend::Backend;
 pub use h1::Answers;
@@ -148,19 +147,21 @@ pub async fn send(
                 // The headers are moved, not copied, into a try no other can follow: the
                 // last, or one that takes a body it cannot give back.
                 let last = attempt + 1 == tries || (!out.retryable && out.body.is_some());
-                let (req, body_failed) = build(out, backend, http2, last)?;
+                let (req, upload) = build(out, backend, http2, last)?;
                 let sending = pool::request(backend, req, http2, cfg.connect_timeout);
                 // Boxed: rare, and its state would make every request's future larger.
                 let sent = Box::pin(tokio::time::timeout_at(this_try, sending))
                     .await
                     .unwrap_or(Err(Error::TimedOut));
-                // hyper reports the body's failure as its own: the flag tells them apart.
-                sent.map_err(|e| {
-                    if body_failed.is_some_and(|f| f.load(Relaxed)) {
-                        Error::Body(e.into())
-                    } else {
-                        e
+                // hyper reports the body's failure as its own, and a deadline falls on
+                // whichever side was slow: what the body saw tells them apart.
+                sent.map_err(|e| match upload {
+                    Some(seen) if seen.failed() => Error::Body(e.into()),
+                    // The backend had all the client had sent, and asked for more.
+                    Some(seen) if matches!(e, Error::TimedOut) && seen.waits_for_the_client() => {
+                        Error::ClientTooSlow
                     }
+                    _ => e,
                 })
             }
         };
@@ -286,13 +287,13 @@ fn authority(parts: &http::request::Parts, backend: &Backend) -> Option<http::ur
 }
 
 /// The request for one try; the last try takes the headers instead of copying them. With a
-/// body comes the flag it raises if it fails.
+/// body comes what its sending shows of the client ([`upload::Seen`]).
 fn build(
     out: &mut Outgoing,
     backend: &Backend,
     http2: bool,
     last: bool,
-) -> Result<(Request<Body>, Option<Arc<AtomicBool>>), Failure> {
+) -> Result<(Request<Body>, Option<Arc<upload::Seen>>), Failure> {
     let path = out
         .parts
         .uri
@@ -311,15 +312,10 @@ fn build(
             Uri::from_parts(uri).map_err(|_| Failure::NoHealthyBackend(backend.addr.clone()))?
         }
     };
-    let (body, failed) = match out.body.take() {
+    let (body, seen) = match out.body.take() {
         Some(body) => {
-            let failed = Arc::new(AtomicBool::new(false));
-            let flag = failed.clone();
-            let body = body.map_err(move |e| {
-                flag.store(true, Relaxed);
-                e
-            });
-            (crate::body::boxed(body), Some(failed))
+            let (upload, seen) = upload::Upload::new(body);
+            (crate::body::boxed(upload), Some(seen))
         }
         None => (crate::body::empty(), None),
     };
@@ -343,5 +339,5 @@ fn build(
         req.headers_mut()
             .insert(crate::service::X_FLEET_MIRROR, mark);
     }
-    Ok((req, failed))
+    Ok((req, seen))
 }

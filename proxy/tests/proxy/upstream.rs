@@ -9,7 +9,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::support::{
-    Backend, Mode, Proxy, RawBackend, client, dead_addr, eventually, get, put, send, series, stats,
+    Backend, Mode, Proxy, RawBackend, client, dead_addr, eventually, get, put, send, series,
+    stable_h2c_proxy, stable_proxy, stats,
 };
 
 fn config(backends: &[std::net::SocketAddr], upstream: &str) -> String {
@@ -260,28 +261,68 @@ async fn without_retries_a_try_has_the_whole_request_timeout() {
 
 /// A client slower with its body than the request timeout is the client's doing: 408, and
 /// the backend waiting for the rest is not counted as failing (else a few slow uploads would
-/// eject every backend of a track).
+/// eject every backend of a track). Over HTTP/1.1, on the proxy's own client; over HTTP/2,
+/// on hyper's.
 #[tokio::test]
 async fn a_request_body_still_arriving_at_the_deadline_gets_408_and_ejects_no_backend() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let backend = Backend::start("stable", Mode::Normal).await;
-    let proxy = Proxy::start(&config(
-        &[backend.addr],
-        "{ request_timeout: 300ms, retries: 0, eject_after: 1, eject_for: 1m }",
+    let upstream =
+        "upstream: { request_timeout: 300ms, retries: 0, eject_after: 1, eject_for: 1m }\n";
+    for (proxy, _backend) in [
+        stable_proxy(upstream).await,
+        stable_h2c_proxy(upstream).await,
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(read.is_ok(), "no answer");
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        // Not ejected: the next request is served.
+        let (status, _, body) = get(&proxy.url("/")).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+        proxy.stop().await;
+    }
+}
+
+/// The other way round: an HTTP/2 backend that stops taking the body (its window stays
+/// shut) is the one failing, though the client has more to send: 504, and it counts
+/// towards the backend's ejection.
+#[tokio::test]
+async fn an_http2_backend_that_stops_taking_the_body_is_counted_as_failing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LEN: usize = 16 << 20;
+    // Reads nothing of the body: it sleeps first.
+    let backend = Backend::start("stable", Mode::Slow(Duration::from_secs(30))).await;
+    let proxy = Proxy::start(&format!(
+        "upstream: {{ request_timeout: 500ms, retries: 0, eject_after: 1, eject_for: 1m }}\ntracks:\n  stable: {{ backends: [\"{}\"], protocol: h2c }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        backend.addr
     ))
     .await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
-        .await
-        .unwrap();
+    let s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let head = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {LEN}\r\n\r\n");
+    let writer = tokio::spawn(async move {
+        w.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..LEN / chunk.len() {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
     let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut out)).await;
+    let read = tokio::time::timeout(Duration::from_secs(5), r.read_buf(&mut out)).await;
     let text = String::from_utf8_lossy(&out);
     assert!(read.is_ok(), "no answer");
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    // Not ejected: the next request is served.
-    let (status, _, body) = get(&proxy.url("/")).await.unwrap();
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    writer.abort();
+    // Ejected: the next request finds no backend to go to.
+    let (status, _, _) = get(&proxy.url("/")).await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     proxy.stop().await;
 }
 

@@ -1,0 +1,131 @@
+//! A request body on its way to a backend through hyper's client. hyper reports the body's
+//! failure as its own and a try's deadline says nothing of whose side was slow; the body
+//! keeps the two facts that tell: whether it failed, and whether it was asked for more that
+//! the client had not sent yet.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use crate::body::{Body, BoxError};
+
+/// What the sending side saw of the body; shared with the try that sent it.
+#[derive(Debug, Default)]
+pub struct Seen {
+    failed: AtomicBool,
+    waiting: AtomicBool,
+}
+
+impl Seen {
+    /// The client's body failed (an upload given up, a stream reset).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Relaxed)
+    }
+
+    /// The sender asked for more of the body and the client had not sent it: a deadline
+    /// that comes now is the client's doing. hyper's HTTP/2 client asks only once the
+    /// backend's window has room, so a backend that stopped reading is not excused.
+    pub fn waits_for_the_client(&self) -> bool {
+        self.waiting.load(Relaxed)
+    }
+}
+
+pub struct Upload {
+    body: Body,
+    seen: Arc<Seen>,
+}
+
+impl Upload {
+    pub fn new(body: Body) -> (Self, Arc<Seen>) {
+        let seen = Arc::new(Seen::default());
+        (
+            Upload {
+                body,
+                seen: seen.clone(),
+            },
+            seen,
+        )
+    }
+}
+
+impl http_body::Body for Upload {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        self.seen.waiting.store(polled.is_pending(), Relaxed);
+        if let Poll::Ready(Some(Err(_))) = polled {
+            self.seen.failed.store(true, Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::VecDeque;
+
+    use http_body::Body as _;
+
+    use super::*;
+
+    type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+    /// A test fake: a body that gives these, one a poll, then ends.
+    struct Scripted(VecDeque<Polled>);
+
+    impl http_body::Body for Scripted {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Polled {
+            self.0.pop_front().unwrap_or(Poll::Ready(None))
+        }
+    }
+
+    #[test]
+    fn it_tells_a_body_waited_on_from_one_that_ended_or_failed() {
+        let data = || Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"a")))));
+        let script = [
+            data(),
+            Poll::Pending,
+            Poll::Ready(Some(Err("reset".into()))),
+        ];
+        let (mut upload, seen) = Upload::new(crate::body::boxed(Scripted(script.into())));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut poll = || Pin::new(&mut upload).poll_frame(&mut cx);
+        assert!(poll().is_ready());
+        assert!(!seen.waits_for_the_client(), "a frame came at once");
+        assert!(poll().is_pending());
+        assert!(seen.waits_for_the_client() && !seen.failed());
+        assert!(matches!(poll(), Poll::Ready(Some(Err(_)))));
+        assert!(seen.failed() && !seen.waits_for_the_client());
+
+        let script = [Poll::Pending];
+        let (mut upload, seen) = Upload::new(crate::body::boxed(Scripted(script.into())));
+        let mut poll = || Pin::new(&mut upload).poll_frame(&mut cx);
+        assert!(poll().is_pending());
+        assert!(matches!(poll(), Poll::Ready(None)));
+        assert!(
+            !seen.waits_for_the_client(),
+            "an ended body waits for nothing"
+        );
+    }
+}
