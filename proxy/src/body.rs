@@ -11,6 +11,8 @@ use http_body::{Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
+mod grpc_web;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
@@ -206,6 +208,8 @@ where
 pub struct Trailers<B, F> {
     inner: B,
     seen: Option<F>,
+    /// For gRPC-Web, whose trailers come in the body: the walk over its messages.
+    web: Option<grpc_web::Scan>,
 }
 
 impl<B, F> Trailers<B, F> {
@@ -213,6 +217,15 @@ impl<B, F> Trailers<B, F> {
         Trailers {
             inner,
             seen: Some(seen),
+            web: None,
+        }
+    }
+
+    /// For a gRPC-Web body: its trailers are the message flagged as such.
+    pub fn grpc_web(inner: B, seen: F) -> Self {
+        Trailers {
+            web: Some(grpc_web::Scan::default()),
+            ..Trailers::new(inner, seen)
         }
     }
 }
@@ -230,18 +243,29 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if self.seen.is_none() {
+            return polled;
+        }
+        let this = &mut *self;
+        let in_body = match (&polled, &mut this.web) {
+            (Poll::Ready(Some(Ok(frame))), Some(scan)) => {
+                frame.data_ref().and_then(|d| scan.feed(d))
+            }
+            _ => None,
+        };
         let shown = match &polled {
+            _ if in_body.is_some() => Some(in_body.as_ref()),
             Poll::Ready(Some(Ok(frame))) => match frame.trailers_ref() {
                 Some(trailers) => Some(Some(trailers)),
                 // The last frame, and no trailers: hyper asks no more of a body at its end.
-                None if self.inner.is_end_stream() => Some(None),
+                None if this.inner.is_end_stream() => Some(None),
                 None => None,
             },
             Poll::Ready(Some(Err(_)) | None) => Some(None),
             Poll::Pending => None,
         };
         if let Some(trailers) = shown
-            && let Some(seen) = self.seen.take()
+            && let Some(seen) = this.seen.take()
         {
             seen(trailers);
         }

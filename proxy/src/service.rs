@@ -21,8 +21,8 @@ use crate::upstream::{Failure, Outgoing, send};
 pub(crate) mod headers;
 mod tunnel;
 
-use headers::Survey;
 pub use headers::X_FLEET_MIRROR;
+use headers::{Grpc, Survey};
 
 /// Takes a request: refuses ambiguous input, routes it, and forwards it. The work before
 /// the backend is done here, at once; the future holds only what forwarding needs, so that
@@ -98,8 +98,8 @@ pub(crate) struct Forward {
     /// For a request asking to switch protocols: the client's side of the switch, joined to
     /// the backend's once it answers 101, and the connection the tunnel then holds open.
     tunnel: Option<(hyper::upgrade::OnUpgrade, Arc<Conn>)>,
-    /// A gRPC request: its answer's `grpc-status` is counted.
-    grpc: bool,
+    /// A gRPC or gRPC-Web request: its answer's `grpc-status` is counted.
+    grpc: Grpc,
     /// The outcome is counted; until then, dropping it counts the client as gone.
     recorded: bool,
 }
@@ -213,12 +213,17 @@ impl Forward {
             };
             // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
             // to convert its errors.
-            let outcome = match self.grpc && grpc_answer {
+            // An answer of the request's own kind of gRPC.
+            let outcome = match self.grpc != Grpc::No && self.grpc == grpc_answer {
                 true => self.grpc_outcome(&parts),
                 false => None,
             };
             let body = match outcome {
                 None => Body::new(Quiet::new(body, idle, on_cut)),
+                Some(on_trailers) if self.grpc == Grpc::Web => {
+                    let body = Trailers::grpc_web(body, on_trailers);
+                    Body::new(Quiet::new(body, idle, on_cut))
+                }
                 Some(on_trailers) => {
                     let body = Trailers::new(body, on_trailers);
                     Body::new(Quiet::new(body, idle, on_cut))

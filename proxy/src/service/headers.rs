@@ -46,8 +46,8 @@ pub struct Survey {
     host_well_formed: bool,
     mirror: bool,
     xff: bool,
-    /// A gRPC request (`content-type: application/grpc…`): its answer's status is looked for.
-    pub grpc: bool,
+    /// A gRPC or gRPC-Web request (by `content-type`): its answer's status is looked for.
+    pub grpc: Grpc,
 }
 
 impl Survey {
@@ -78,7 +78,7 @@ impl Survey {
                         }
                         "x-fleet-mirror" => s.mirror = true,
                         "x-forwarded-for" => s.xff = true,
-                        "content-type" => s.grpc = is_grpc(value),
+                        "content-type" => s.grpc = Grpc::of(value),
                         _ => {}
                     }
                     continue;
@@ -218,26 +218,54 @@ fn tokens(h: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
         .map(str::trim)
 }
 
-/// Whether a `content-type` is gRPC's: `application/grpc`, alone or with a `+format` or
-/// parameters, in any case (RFC 9110 §8.3.1). Not gRPC-Web (`application/grpc-web…`), whose
-/// status travels in its body.
+/// Which gRPC a message is, by its `content-type`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Grpc {
+    #[default]
+    No,
+    /// `application/grpc`: the status is in the head of a trailers-only answer or in the
+    /// trailers.
+    Native,
+    /// `application/grpc-web`: in the head of a trailers-only answer or in the body's last
+    /// message, flagged as trailers. Not `grpc-web-text`, whose body is base64.
+    Web,
+}
+
+impl Grpc {
+    /// Each alone or with a `+format` or parameters, in any case (RFC 9110 §8.3.1).
+    pub fn of(value: &HeaderValue) -> Grpc {
+        const GRPC: &[u8] = b"application/grpc";
+        const WEB: &[u8] = b"-web";
+        let ends = |rest: &[u8]| matches!(rest.first(), None | Some(b'+' | b';' | b' '));
+        let v = value.as_bytes();
+        if v.len() < GRPC.len() || !v[..GRPC.len()].eq_ignore_ascii_case(GRPC) {
+            return Grpc::No;
+        }
+        let rest = &v[GRPC.len()..];
+        if ends(rest) {
+            return Grpc::Native;
+        }
+        match rest.len() >= WEB.len() && rest[..WEB.len()].eq_ignore_ascii_case(WEB) {
+            true if ends(&rest[WEB.len()..]) => Grpc::Web,
+            _ => Grpc::No,
+        }
+    }
+}
+
+/// Whether a `content-type` is gRPC's own (not gRPC-Web's).
 pub fn is_grpc(value: &HeaderValue) -> bool {
-    const GRPC: &[u8] = b"application/grpc";
-    let v = value.as_bytes();
-    v.len() >= GRPC.len()
-        && v[..GRPC.len()].eq_ignore_ascii_case(GRPC)
-        && matches!(v.get(GRPC.len()), None | Some(b'+' | b';' | b' '))
+    Grpc::of(value) == Grpc::Native
 }
 
 /// Removes a response's hop-by-hop headers (see [`strip_hop_by_hop`]); a `101` keeps the
-/// `Connection: upgrade` and `Upgrade` its client needs. True for a gRPC answer (by its
-/// `content-type`, seen in the same pass).
-pub fn strip_response(h: &mut HeaderMap, switched: bool) -> bool {
+/// `Connection: upgrade` and `Upgrade` its client needs. Gives which gRPC the answer is (by
+/// its `content-type`, seen in the same pass).
+pub fn strip_response(h: &mut HeaderMap, switched: bool) -> Grpc {
     let survey = Survey::of(h);
     match strip_hop_by_hop(h, &survey, switched) {
         false => survey.grpc,
         // `Connection` named other headers, the content's type perhaps: look again.
-        true => h.get(header::CONTENT_TYPE).is_some_and(is_grpc),
+        true => h.get(header::CONTENT_TYPE).map_or(Grpc::No, Grpc::of),
     }
 }
 

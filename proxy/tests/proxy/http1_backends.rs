@@ -18,6 +18,15 @@ fn path(head: &str) -> &str {
     head.split(' ').nth(1).unwrap_or_default()
 }
 
+/// A proxy whose one track, `stable`, is the backend at `addr`, spoken to over HTTP/1.1
+/// whatever the client speaks.
+async fn http1_proxy(addr: std::net::SocketAddr) -> Proxy {
+    Proxy::start(&format!(
+        "tracks:\n  stable: {{ backends: [\"{addr}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+    ))
+    .await
+}
+
 fn answer(bytes: &str) -> (Vec<u8>, bool) {
     (bytes.as_bytes().to_vec(), false)
 }
@@ -248,11 +257,7 @@ async fn trailer_fields_no_trailer_may_carry_are_dropped_and_the_rest_reach_an_h
         ))
     })
     .await;
-    let proxy = Proxy::start(&format!(
-        "tracks:\n  stable: {{ backends: [\"{}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        backend.addr
-    ))
-    .await;
+    let proxy = http1_proxy(backend.addr).await;
     for c in [client(), crate::support::h2_client()] {
         let req = Request::get(proxy.url("/"))
             .header("te", "trailers")
@@ -333,11 +338,7 @@ async fn grpc_failures_are_counted_from_the_head_or_the_trailers() {
         (answer.as_bytes().to_vec(), false)
     })
     .await;
-    let proxy = Proxy::start(&format!(
-        "tracks:\n  stable: {{ backends: [\"{}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        backend.addr
-    ))
-    .await;
+    let proxy = http1_proxy(backend.addr).await;
     let c = crate::support::h2_client();
     for p in paths {
         let content_type = match p {
@@ -360,6 +361,81 @@ async fn grpc_failures_are_counted_from_the_head_or_the_trailers() {
     proxy.stop().await;
 }
 
+/// gRPC-Web's status is in the head of a trailers-only answer, or in the body's last
+/// message, flagged as trailers; an answer without one counts as a failure too.
+#[tokio::test]
+async fn grpc_web_failures_are_counted_from_the_head_or_the_trailers_message() {
+    let message = |flags: u8, payload: &str| {
+        let mut m = vec![flags];
+        m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        m.extend_from_slice(payload.as_bytes());
+        m
+    };
+    let head = |content_type: &str| {
+        format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ngrpc-status: 14\r\ncontent-length: 0\r\n\r\n")
+            .into_bytes()
+    };
+    let sized = |body: Vec<u8>| {
+        let mut a = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/grpc-web+proto\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        a.extend(body);
+        a
+    };
+    // The trailers message cut across two chunks.
+    let trailers = message(0x80, "grpc-message: x\r\ngrpc-status: 14\r\n");
+    let mut chunked =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc-web\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    for piece in [&trailers[..3], &trailers[3..]] {
+        chunked.extend(format!("{:x}\r\n", piece.len()).into_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    // (path, answer, counted)
+    let answers: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("/head", head("application/grpc-web+proto"), true),
+        (
+            "/message",
+            sized([message(0, "hi"), message(0x80, "grpc-status:13\r\n")].concat()),
+            true,
+        ),
+        ("/chunked", chunked, true),
+        ("/no-status", sized(message(0, "hi")), true),
+        ("/ok", sized(message(0x80, "grpc-status: 0\r\n")), false),
+        // Base64 bodies are not read, nor a head of it looked at.
+        ("/text", head("application/grpc-web-text"), false),
+        // Not the request's kind of gRPC.
+        ("/native", head("application/grpc"), false),
+    ];
+    let counted = answers.iter().filter(|a| a.2).count();
+    let paths: Vec<&str> = answers.iter().map(|(p, ..)| *p).collect();
+    let backend = RawBackend::start(move |head| {
+        let (_, answer, _) = answers.iter().find(|(p, ..)| *p == path(head)).unwrap();
+        (answer.clone(), false)
+    })
+    .await;
+    let proxy = http1_proxy(backend.addr).await;
+    let c = crate::support::client();
+    for p in &paths {
+        let req = Request::post(proxy.url(p))
+            .header("content-type", "application/grpc-web+proto")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{p}");
+        resp.into_body().collect().await.unwrap();
+    }
+    let stats = crate::support::stats(&proxy).await;
+    let stable = crate::support::series(&stats, "stable", "primary");
+    assert_eq!(stable["grpc_errors"], counted, "{stats}");
+    assert_eq!(stable["responses"]["2xx"], paths.len(), "{stats}");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn declared_trailers_reach_an_http1_client_that_accepts_them() {
     let backend = RawBackend::start(|_| {
@@ -370,11 +446,7 @@ async fn declared_trailers_reach_an_http1_client_that_accepts_them() {
         ))
     })
     .await;
-    let proxy = Proxy::start(&format!(
-        "tracks:\n  stable: {{ backends: [\"{}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
-        backend.addr
-    ))
-    .await;
+    let proxy = http1_proxy(backend.addr).await;
     // An HTTP/1.1 server sends the trailers its response declares in `Trailer`, to a client
     // that said it takes them (`TE: trailers`): the proxy keeps that declaration.
     let req = Request::get(proxy.url("/"))
