@@ -220,6 +220,14 @@ impl Forward {
             };
             let body = match outcome {
                 None => Body::new(Quiet::new(body, idle, on_cut)),
+                // Ended already (no body, no trailers), it would never be read: it has no
+                // status.
+                Some(on_trailers) if http_body::Body::is_end_stream(&body) => {
+                    on_trailers(None);
+                    Body::new(Quiet::new(body, idle, on_cut))
+                }
+                // In base64: only a trailers-only head is read.
+                Some(_) if self.grpc == Grpc::WebText => Body::new(Quiet::new(body, idle, on_cut)),
                 Some(on_trailers) if self.grpc == Grpc::Web => {
                     let body = Trailers::grpc_web(body, on_trailers);
                     Body::new(Quiet::new(body, idle, on_cut))

@@ -227,27 +227,34 @@ pub enum Grpc {
     /// trailers.
     Native,
     /// `application/grpc-web`: in the head of a trailers-only answer or in the body's last
-    /// message, flagged as trailers. Not `grpc-web-text`, whose body is base64.
+    /// message, flagged as trailers.
     Web,
+    /// `application/grpc-web-text`: its body is base64, so only a trailers-only head is read.
+    WebText,
 }
 
 impl Grpc {
     /// Each alone or with a `+format` or parameters, in any case (RFC 9110 §8.3.1).
     pub fn of(value: &HeaderValue) -> Grpc {
-        const GRPC: &[u8] = b"application/grpc";
-        const WEB: &[u8] = b"-web";
-        let ends = |rest: &[u8]| matches!(rest.first(), None | Some(b'+' | b';' | b' '));
-        let v = value.as_bytes();
-        if v.len() < GRPC.len() || !v[..GRPC.len()].eq_ignore_ascii_case(GRPC) {
-            return Grpc::No;
+        /// What follows `word` at the start of `v`, in any case.
+        fn after<'a>(v: &'a [u8], word: &[u8]) -> Option<&'a [u8]> {
+            let head = v.get(..word.len())?;
+            head.eq_ignore_ascii_case(word).then(|| &v[word.len()..])
         }
-        let rest = &v[GRPC.len()..];
+        let ends = |rest: &[u8]| matches!(rest.first(), None | Some(b'+' | b';' | b' '));
+        let Some(rest) = after(value.as_bytes(), b"application/grpc") else {
+            return Grpc::No;
+        };
         if ends(rest) {
             return Grpc::Native;
         }
-        match rest.len() >= WEB.len() && rest[..WEB.len()].eq_ignore_ascii_case(WEB) {
-            true if ends(&rest[WEB.len()..]) => Grpc::Web,
-            _ => Grpc::No,
+        match after(rest, b"-web") {
+            Some(rest) if ends(rest) => Grpc::Web,
+            Some(rest) => match after(rest, b"-text") {
+                Some(rest) if ends(rest) => Grpc::WebText,
+                _ => Grpc::No,
+            },
+            None => Grpc::No,
         }
     }
 }

@@ -261,12 +261,15 @@ pub async fn pipeline(
     deadline: Instant,
 ) -> Answers {
     let answers = h1::pipeline(backend, copies, true, cfg.connect_timeout, deadline).await;
-    for (status, _) in &answers.statuses {
+    for (status, _) in answers.statuses.iter().chain(&answers.cut) {
         backend.answered(*status, cfg);
     }
     if let Some(e) = &answers.failed {
         tracing::debug!(backend = %backend.addr, error = %e, "mirrored copies failed");
-        if !matches!(e, Error::Saturated) {
+        // An answer still coming at the deadline is the mirror's cut, as on a connection
+        // of its own, not the backend's failure.
+        let cut = answers.cut.is_some() && matches!(e, Error::TimedOut);
+        if !matches!(e, Error::Saturated) && !cut {
             backend.failed(cfg);
         }
     }

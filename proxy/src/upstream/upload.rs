@@ -27,8 +27,10 @@ impl Seen {
     }
 
     /// The sender asked for more of the body and the client had not sent it: a deadline
-    /// that comes now is the client's doing. hyper's HTTP/2 client asks only once the
-    /// backend's window has room, so a backend that stopped reading is not excused.
+    /// that comes now is the client's doing. hyper's HTTP/2 client holds a piece while the
+    /// backend's window is shut and asks for no more, so a backend that stopped reading is
+    /// not excused; but once the window has any room it queues the whole piece and asks
+    /// again, so the backend may not have taken the last piece the client sent.
     pub fn waits_for_the_client(&self) -> bool {
         self.waiting.load(Relaxed)
     }

@@ -312,6 +312,8 @@ async fn grpc_failures_are_counted_from_the_head_or_the_trailers() {
             format!("{grpc}content-length: 5\r\n\r\n\0\0\0\0\0"),
             true,
         ),
+        // No body to read: no status either.
+        ("/empty", format!("{grpc}content-length: 0\r\n\r\n"), true),
         ("/not-found", with_trailers("5"), false),
         ("/ok", with_trailers(" 0 "), false),
         (
@@ -356,7 +358,7 @@ async fn grpc_failures_are_counted_from_the_head_or_the_trailers() {
     let stats = crate::support::stats(&proxy).await;
     let stable = crate::support::series(&stats, "stable", "primary");
     assert_eq!(stable["grpc_errors"], counted, "{stats}");
-    assert_eq!(stable["responses"]["2xx"], 9, "{stats}");
+    assert_eq!(stable["responses"]["2xx"], 10, "{stats}");
     assert_eq!(stable["responses"]["5xx"], 1, "{stats}");
     proxy.stop().await;
 }
@@ -405,8 +407,17 @@ async fn grpc_web_failures_are_counted_from_the_head_or_the_trailers_message() {
         ),
         ("/chunked", chunked, true),
         ("/no-status", sized(message(0, "hi")), true),
+        ("/empty", sized(Vec::new()), true),
         ("/ok", sized(message(0x80, "grpc-status: 0\r\n")), false),
-        // Base64 bodies are not read, nor a head of it looked at.
+        // To a `grpc-web-text` request, only a trailers-only head is read: its body is base64.
+        ("/text-head", head("application/grpc-web-text"), true),
+        (
+            "/text-body",
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc-web-text\r\ncontent-length: 4\r\n\r\ngAAA"
+                .to_vec(),
+            false,
+        ),
+        // Not the request's kind of gRPC.
         ("/text", head("application/grpc-web-text"), false),
         // Not the request's kind of gRPC.
         ("/native", head("application/grpc"), false),
@@ -421,8 +432,12 @@ async fn grpc_web_failures_are_counted_from_the_head_or_the_trailers_message() {
     let proxy = http1_proxy(backend.addr).await;
     let c = crate::support::client();
     for p in &paths {
+        let content_type = match p.starts_with("/text-") {
+            true => "application/grpc-web-text",
+            false => "application/grpc-web+proto",
+        };
         let req = Request::post(proxy.url(p))
-            .header("content-type", "application/grpc-web+proto")
+            .header("content-type", content_type)
             .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
             .unwrap();
         let resp = c.request(req).await.unwrap();

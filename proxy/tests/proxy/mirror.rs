@@ -434,30 +434,42 @@ async fn copies_a_shadow_never_answers_fail_at_the_mirror_timeout() {
 async fn a_shadow_streaming_an_endless_answer_is_cut_at_the_mirror_timeout_and_counted_by_its_head()
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A shadow that answers with a body it never ends, as fast as the proxy reads.
+    // A shadow that answers each copy with a body it never ends, as fast as the proxy reads.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let shadow = listener.local_addr().unwrap();
-    let streaming = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
+    let stream_one = |mut stream: tokio::net::TcpStream| async move {
         let mut buf = [0; 4096];
         let _ = stream.read(&mut buf).await;
         let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n";
         stream.write_all(head).await.unwrap();
         let chunk = vec![b'x'; 64 * 1024];
         while stream.write_all(&chunk).await.is_ok() {}
+    };
+    let streaming = tokio::spawn(async move {
+        let (first, _) = listener.accept().await.unwrap();
+        stream_one(first).await;
+        let (second, _) = listener.accept().await.unwrap();
+        stream_one(second).await;
     });
     let stable = Backend::start("stable", Mode::Normal).await;
-    let extra = "mirror: { batch_window: 0s, timeout: 300ms }\n";
+    // One failure would eject the shadow: the cut must not count as its failure.
+    let extra = "upstream: { eject_after: 1, eject_for: 1m }\nmirror: { batch_window: 0s, timeout: 300ms }\n";
     let proxy = Proxy::start(&config(stable.addr, shadow, extra)).await;
     get_n(&proxy, 1).await;
-    // The proxy let go of the connection: the shadow's writes fail and it stops.
+    // The status came, then the body never ended: the proxy cut it, and the copy counts by
+    // its head, as a primary request does.
+    assert_eq!(counted(&proxy, 1).await, (1, 0));
+    get_n(&proxy, 1).await;
+    assert_eq!(
+        counted(&proxy, 2).await,
+        (2, 0),
+        "the shadow was not ejected"
+    );
+    // The proxy let go of both connections: the shadow's writes fail and it stops.
     tokio::time::timeout(Duration::from_secs(10), streaming)
         .await
         .expect("the proxy kept reading past its timeout")
         .unwrap();
-    // The status came, then the body never ended: the proxy cut it, and the copy counts by
-    // its head, as a primary request does.
-    assert_eq!(counted(&proxy, 1).await, (1, 0));
     proxy.stop().await;
 }
 
