@@ -8,6 +8,7 @@ pub mod body;
 pub mod config;
 pub mod conn;
 pub mod framing;
+pub mod grpc;
 pub mod memory;
 pub mod mirror;
 pub mod reload;

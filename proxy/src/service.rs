@@ -10,9 +10,10 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::body::{Body, Quiet, Tee, TeeEnd, Trailers, boxed, full};
+use crate::body::{Body, Quiet, Tee, TeeEnd, boxed, full};
 use crate::conn::Conn;
 use crate::framing::Verdict;
+use crate::grpc::{self, Grpc};
 use crate::mirror::Job;
 use crate::state::{Active, Shared};
 use crate::stats::Source;
@@ -21,8 +22,8 @@ use crate::upstream::{Failure, Outgoing, send};
 pub(crate) mod headers;
 mod tunnel;
 
+use headers::Survey;
 pub use headers::X_FLEET_MIRROR;
-use headers::{Grpc, Survey};
 
 /// Takes a request: refuses ambiguous input, routes it, and forwards it. The work before
 /// the backend is done here, at once; the future holds only what forwarding needs, so that
@@ -104,8 +105,6 @@ pub(crate) struct Forward {
     recorded: bool,
 }
 
-pub(crate) const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-
 /// Counted for a request whose client went away (closed its connection, reset its stream)
 /// before the answer, as nginx logs it. Never sent.
 const CLIENT_CLOSED: u16 = 499;
@@ -130,31 +129,6 @@ impl Drop for Forward {
 }
 
 impl Forward {
-    /// A gRPC answer's outcome is its `grpc-status`: counted here when the answer is
-    /// trailers-only (the status in its head), else handed back as what to do with its
-    /// trailers. Asked of gRPC answers (by `content-type`) to gRPC requests only.
-    fn grpc_outcome(
-        &self,
-        head: &http::response::Parts,
-    ) -> Option<impl FnOnce(Option<&http::HeaderMap>) + Send + Sync + Unpin + 'static> {
-        // Any other status is counted by its class already; a gRPC answer is a 200.
-        if head.status != StatusCode::OK {
-            return None;
-        }
-        let (active, route, track) = (&self.active, self.decision.route, self.decision.track);
-        if let Some(status) = head.headers.get(GRPC_STATUS) {
-            let counters = active.counters(route, track, Source::Primary);
-            counters.grpc_status(Some(status.as_bytes()));
-            return None;
-        }
-        let active = active.clone();
-        Some(move |trailers: Option<&http::HeaderMap>| {
-            let status = trailers.and_then(|t| t.get(GRPC_STATUS));
-            let counters = active.counters(route, track, Source::Primary);
-            counters.grpc_status(status.map(HeaderValue::as_bytes));
-        })
-    }
-
     /// Sends the request and shapes the response for the client.
     #[expect(
         clippy::manual_async_fn,
@@ -213,27 +187,23 @@ impl Forward {
             };
             // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
             // to convert its errors.
-            // An answer of the request's own kind of gRPC.
-            let outcome = match self.grpc != Grpc::No && self.grpc == grpc_answer {
-                true => self.grpc_outcome(&parts),
-                false => None,
+            let outcome = match self.grpc {
+                Grpc::No => None,
+                request => {
+                    let ended = http_body::Body::is_end_stream(&body);
+                    let series = grpc::Series {
+                        active: &self.active,
+                        route: self.decision.route,
+                        track: self.decision.track,
+                        source: Source::Primary,
+                    };
+                    grpc::outcome(request, grpc_answer, &parts, ended, series)
+                }
             };
             let body = match outcome {
                 None => Body::new(Quiet::new(body, idle, on_cut)),
-                // Ended already (no body, no trailers), it would never be read: it has no
-                // status.
-                Some(on_trailers) if http_body::Body::is_end_stream(&body) => {
-                    on_trailers(None);
-                    Body::new(Quiet::new(body, idle, on_cut))
-                }
-                // In base64: only a trailers-only head is read.
-                Some(_) if self.grpc == Grpc::WebText => Body::new(Quiet::new(body, idle, on_cut)),
-                Some(on_trailers) if self.grpc == Grpc::Web => {
-                    let body = Trailers::grpc_web(body, on_trailers);
-                    Body::new(Quiet::new(body, idle, on_cut))
-                }
                 Some(on_trailers) => {
-                    let body = Trailers::new(body, on_trailers);
+                    let body = grpc::watch(self.grpc, body, on_trailers);
                     Body::new(Quiet::new(body, idle, on_cut))
                 }
             };

@@ -7,7 +7,7 @@
 use bytes::Buf;
 use http::{HeaderMap, HeaderValue};
 
-use crate::service::GRPC_STATUS;
+use crate::grpc::GRPC_STATUS;
 
 /// Trailers beyond this are not kept: the status comes first in practice.
 const TRAILERS_KEPT: usize = 16 * 1024;

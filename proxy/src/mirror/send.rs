@@ -12,8 +12,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::Job;
-use crate::service::GRPC_STATUS;
-use crate::service::headers;
+use crate::grpc::{self, Grpc};
 use crate::state::Shared;
 use crate::stats::{Counters, Source};
 use crate::upstream::{self, Backend, Outgoing};
@@ -74,13 +73,16 @@ fn pipelines(job: &Job) -> bool {
         && job.body.len() <= PIPELINED_BODY_MAX
         && !job.parts.headers.contains_key(header::UPGRADE)
         && !job.parts.headers.contains_key(header::EXPECT)
-        && !grpc(&job.parts.headers)
+        && grpc(&job.parts.headers) == Grpc::No
 }
 
-fn grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(headers::is_grpc)
+/// A gRPC call's copy, whose outcome is counted: gRPC's own (gRPC-Web copies count by
+/// their HTTP status).
+fn grpc(headers: &http::HeaderMap) -> Grpc {
+    match headers.get(header::CONTENT_TYPE).map(Grpc::of) {
+        Some(Grpc::Native) => Grpc::Native,
+        _ => Grpc::No,
+    }
 }
 
 /// Sends one share of a batch and counts each copy under the mirror track.
@@ -137,7 +139,7 @@ async fn single(shared: &Shared, job: Job) {
         http2,
         auto,
     } = job;
-    let grpc_call = grpc(&parts.headers);
+    let call = grpc(&parts.headers);
     let mut out = Outgoing {
         parts,
         body: Some(crate::body::full(body)),
@@ -163,25 +165,30 @@ async fn single(shared: &Shared, job: Job) {
         _ => return count(counters, None, started.elapsed()),
     };
     // As for the primary, the status counts once it came, whatever becomes of the body.
-    let status = resp.status();
-    count(counters, Some(status.as_u16()), started.elapsed());
-    // A gRPC call's answer (a 200 of gRPC's media type) has its outcome in a trailers-only
-    // head or in its trailers; none, when it ends or breaks, counts as a failure.
-    let grpc_answer = grpc_call && status == http::StatusCode::OK && grpc(resp.headers());
-    let mut grpc_status = resp.headers().get(GRPC_STATUS).cloned();
-    // Read to the end so the connection goes back to the pool; keep only the trailers' status.
-    let mut body = resp.into_body();
-    let read = tokio::time::timeout_at(deadline, async {
-        while let Some(Ok(frame)) = body.frame().await {
-            if let (None, Some(trailers)) = (&grpc_status, frame.trailers_ref()) {
-                grpc_status = trailers.get(GRPC_STATUS).cloned();
-            }
+    count(counters, Some(resp.status().as_u16()), started.elapsed());
+    let (head, body) = resp.into_parts();
+    let series = grpc::Series {
+        active: &active,
+        route,
+        track,
+        source: Source::Mirror,
+    };
+    let ended = http_body::Body::is_end_stream(&body);
+    let outcome = grpc::outcome(call, grpc(&head.headers), &head, ended, series);
+    // Read to the end so the connection goes back to the pool. Cut by the timeout, a call
+    // has no outcome of its own, as a primary whose client left: its trailers are not seen.
+    let read = async {
+        match outcome {
+            Some(seen) => drain(grpc::watch(call, body, seen)).await,
+            None => drain(body).await,
         }
-    });
-    // Cut by the timeout, a call has no outcome of its own, as a primary whose client left.
-    if read.await.is_ok() && grpc_answer {
-        counters.grpc_status(grpc_status.as_ref().map(http::HeaderValue::as_bytes));
-    }
+    };
+    let _cut = tokio::time::timeout_at(deadline, read).await;
+}
+
+/// Reads a body to its end, or to its first error, keeping nothing.
+async fn drain<B: http_body::Body + Unpin>(mut body: B) {
+    while let Some(Ok(_)) = body.frame().await {}
 }
 
 /// Counts a copy's outcome: its status, or (`None`) an error.

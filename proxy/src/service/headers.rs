@@ -10,6 +10,7 @@ use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::conn::Conn;
+use crate::grpc::Grpc;
 
 const HOPS: usize = 7;
 /// RFC 9110 §7.6.1's connection-specific fields, and `HTTP2-Settings`, which only an h2c
@@ -216,52 +217,6 @@ fn tokens(h: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-}
-
-/// Which gRPC a message is, by its `content-type`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Grpc {
-    #[default]
-    No,
-    /// `application/grpc`: the status is in the head of a trailers-only answer or in the
-    /// trailers.
-    Native,
-    /// `application/grpc-web`: in the head of a trailers-only answer or in the body's last
-    /// message, flagged as trailers.
-    Web,
-    /// `application/grpc-web-text`: its body is base64, so only a trailers-only head is read.
-    WebText,
-}
-
-impl Grpc {
-    /// Each alone or with a `+format` or parameters, in any case (RFC 9110 §8.3.1).
-    pub fn of(value: &HeaderValue) -> Grpc {
-        /// What follows `word` at the start of `v`, in any case.
-        fn after<'a>(v: &'a [u8], word: &[u8]) -> Option<&'a [u8]> {
-            let head = v.get(..word.len())?;
-            head.eq_ignore_ascii_case(word).then(|| &v[word.len()..])
-        }
-        let ends = |rest: &[u8]| matches!(rest.first(), None | Some(b'+' | b';' | b' '));
-        let Some(rest) = after(value.as_bytes(), b"application/grpc") else {
-            return Grpc::No;
-        };
-        if ends(rest) {
-            return Grpc::Native;
-        }
-        match after(rest, b"-web") {
-            Some(rest) if ends(rest) => Grpc::Web,
-            Some(rest) => match after(rest, b"-text") {
-                Some(rest) if ends(rest) => Grpc::WebText,
-                _ => Grpc::No,
-            },
-            None => Grpc::No,
-        }
-    }
-}
-
-/// Whether a `content-type` is gRPC's own (not gRPC-Web's).
-pub fn is_grpc(value: &HeaderValue) -> bool {
-    Grpc::of(value) == Grpc::Native
 }
 
 /// Removes a response's hop-by-hop headers (see [`strip_hop_by_hop`]); a `101` keeps the
