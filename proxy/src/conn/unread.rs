@@ -29,7 +29,7 @@ use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{Body, BoxError, boxed};
+use crate::body::{Body, BoxError};
 use crate::framing::Seen;
 use crate::state::Shared;
 
@@ -89,7 +89,8 @@ pub fn tie_to_stream(body: Body) -> Body {
     match Pulls::of_this_stream() {
         Some(pulls) => {
             *crate::lock(&pulls.request) = Some(body);
-            boxed(Tied(pulls))
+            // Its errors are the proxy's already: boxed as it is.
+            Body::new(Tied(pulls))
         }
         None => body,
     }
@@ -421,7 +422,7 @@ mod tests {
         use http_body_util::BodyExt;
         let h = holding().await;
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-        let mut tied = PULLS.sync_scope(h.pulls.clone(), || tie_to_stream(boxed(Chan(rx))));
+        let mut tied = PULLS.sync_scope(h.pulls.clone(), || tie_to_stream(Body::new(Chan(rx))));
         // The sender waits for the client's next bytes, which never come.
         let sender = tokio::spawn(async move { tied.frame().await.map(|f| f.is_err()) });
         after(1_001).await;

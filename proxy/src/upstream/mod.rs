@@ -318,7 +318,7 @@ fn build(
     let (body, seen) = match out.body.take() {
         Some(body) => {
             let (upload, seen) = upload::Upload::new(body);
-            (crate::body::boxed(upload), Some(seen))
+            (Body::new(upload), Some(seen))
         }
         None => (crate::body::empty(), None),
     };

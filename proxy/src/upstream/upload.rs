@@ -110,7 +110,7 @@ mod tests {
             Poll::Pending,
             Poll::Ready(Some(Err("reset".into()))),
         ];
-        let (mut upload, seen) = Upload::new(crate::body::boxed(Scripted(script.into())));
+        let (mut upload, seen) = Upload::new(Body::new(Scripted(script.into())));
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut poll = || Pin::new(&mut upload).poll_frame(&mut cx);
         assert!(poll().is_ready());
@@ -121,7 +121,7 @@ mod tests {
         assert!(seen.failed() && !seen.waits_for_the_client());
 
         let script = [Poll::Pending];
-        let (mut upload, seen) = Upload::new(crate::body::boxed(Scripted(script.into())));
+        let (mut upload, seen) = Upload::new(Body::new(Scripted(script.into())));
         let mut poll = || Pin::new(&mut upload).poll_frame(&mut cx);
         assert!(poll().is_pending());
         assert!(matches!(poll(), Poll::Ready(None)));
