@@ -1,9 +1,9 @@
 //! `/metrics`: the same counters in the Prometheus text exposition format 0.0.4.
 
 use std::fmt::Write;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use super::{BUCKETS_MS, Source, Stats};
+use super::{BUCKETS_MS, Counters, Source, Stats};
 
 impl Stats {
     /// Prometheus text exposition format 0.0.4.
@@ -13,21 +13,25 @@ impl Stats {
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        head(
+        // One counter a series: a family of them.
+        let family = |out: &mut String, name: &str, help: &str, of: fn(&Counters) -> &AtomicU64| {
+            head(out, name, "counter", help);
+            for ((r, t, s), c) in &series {
+                fleet_proxy_router::pace::point();
+                let _ = writeln!(
+                    out,
+                    "{name}{{{}}} {}",
+                    labels(r, t, *s),
+                    of(c).load(Relaxed)
+                );
+            }
+        };
+        family(
             &mut out,
             "fleet_proxy_requests_total",
-            "counter",
             "Requests finished, by route, track and source.",
+            |c| &c.requests,
         );
-        for ((r, t, s), c) in &series {
-            fleet_proxy_router::pace::point();
-            let _ = writeln!(
-                out,
-                "fleet_proxy_requests_total{{{}}} {}",
-                labels(r, t, *s),
-                c.requests.load(Relaxed)
-            );
-        }
         head(
             &mut out,
             "fleet_proxy_responses_total",
@@ -46,36 +50,18 @@ impl Stats {
                 );
             }
         }
-        head(
+        family(
             &mut out,
             "fleet_proxy_upstream_errors_total",
-            "counter",
             "Requests that got no response from a backend.",
+            |c| &c.errors,
         );
-        for ((r, t, s), c) in &series {
-            fleet_proxy_router::pace::point();
-            let _ = writeln!(
-                out,
-                "fleet_proxy_upstream_errors_total{{{}}} {}",
-                labels(r, t, *s),
-                c.errors.load(Relaxed)
-            );
-        }
-        head(
+        family(
             &mut out,
             "fleet_proxy_grpc_errors_total",
-            "counter",
             "gRPC answers whose grpc-status stands for a server failure (2, 4, 12, 13, 14, 15).",
+            |c| &c.grpc_errors,
         );
-        for ((r, t, s), c) in &series {
-            fleet_proxy_router::pace::point();
-            let _ = writeln!(
-                out,
-                "fleet_proxy_grpc_errors_total{{{}}} {}",
-                labels(r, t, *s),
-                c.grpc_errors.load(Relaxed)
-            );
-        }
         head(
             &mut out,
             "fleet_proxy_request_duration_seconds",
