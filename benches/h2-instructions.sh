@@ -19,10 +19,7 @@ drive() { # port, requests
   grep -q "status codes: $2 2xx" <<<"$out" || echo "warning: $(grep 'status codes' <<<"$out")" >&2
 }
 
-BACKEND=$(free_port)
-nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
-start backend nginx -c "$WORK/backend/nginx.conf"
-wait_port "$BACKEND"
+start_backends
 P=$(free_port)
 fleet_conf "$WORK/fleet.yaml" "$P" "$(free_port)" "$BACKEND" "$BACKEND" ""
 count a "$P" "$A_BIN" --config "$WORK/fleet.yaml" --worker-threads 1; A=$COUNTED

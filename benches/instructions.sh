@@ -45,10 +45,7 @@ EOF
 
 drive() { python3 "$WORK/drive.py" "$1" "$2"; }
 
-BACKEND=$(free_port)
-nginx_conf backend "server { listen 127.0.0.1:$BACKEND; location / { return 200 'ok\n'; } }"
-start backend nginx -c "$WORK/backend/nginx.conf"
-wait_port "$BACKEND"
+start_backends
 
 NGINX=$(free_port)
 nginx_proxy_conf proxy "$BACKEND" "listen 127.0.0.1:$NGINX;"
@@ -58,11 +55,7 @@ FLEET=$(free_port)
 fleet_conf "$WORK/fleet.yaml" "$FLEET" "$(free_port)" "$BACKEND" "$BACKEND" ""
 
 FLOOR=$(free_port)
-# The same table with 10% of requests mirrored to a second nginx (the shadow track).
-SHADOW=$(free_port)
-nginx_conf shadow "server { listen 127.0.0.1:$SHADOW; location / { return 200 'ok\n'; } }"
-start shadow nginx -c "$WORK/shadow/nginx.conf"
-wait_port "$SHADOW"
+# The same table with 10% of requests mirrored to the second nginx (the shadow track).
 MIRRORED=$(free_port)
 fleet_conf "$WORK/mirror.yaml" "$MIRRORED" "$(free_port)" "$BACKEND" "$SHADOW" "mirror: { to: shadow, percent: 10 }"
 

@@ -107,26 +107,17 @@ impl Vigil {
 mod tests {
     use super::*;
 
-    const IDLE: Sight = Sight {
-        requests: 0,
-        idle: true,
-        awaiting_head: false,
-        write_blocked: false,
-        writes: 0,
-    };
-    const SLOW: Sight = Sight {
-        requests: 0,
-        idle: false,
-        awaiting_head: true,
-        write_blocked: false,
-        writes: 0,
-    };
     const BUSY: Sight = Sight {
         requests: 0,
         idle: false,
         awaiting_head: false,
         write_blocked: false,
         writes: 0,
+    };
+    const IDLE: Sight = Sight { idle: true, ..BUSY };
+    const SLOW: Sight = Sight {
+        awaiting_head: true,
+        ..BUSY
     };
 
     fn ms(n: u64) -> Duration {
@@ -191,11 +182,8 @@ mod tests {
     }
 
     const STUCK: Sight = Sight {
-        requests: 0,
-        idle: false,
-        awaiting_head: false,
         write_blocked: true,
-        writes: 0,
+        ..BUSY
     };
 
     #[test]
