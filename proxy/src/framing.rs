@@ -468,6 +468,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Scan<I> {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
