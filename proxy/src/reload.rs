@@ -115,15 +115,29 @@ impl Sources {
 }
 
 fn tls_sources(listeners: &[Listener]) -> Vec<Files> {
+    listeners.iter().map(files).collect()
+}
+
+fn files(listener: &Listener) -> Files {
     let read = |p: &PathBuf| (p.clone(), std::fs::read(p).ok().map(|b| digest(&b)));
-    listeners
+    let paths = listener.tls.iter().flat_map(|(cert, key)| [cert, key]);
+    paths.map(read).collect()
+}
+
+/// For each listener bound at start, the listener of a reread file whose certificates it takes:
+/// the one at the same address (the first at start takes the first in the file, and so on, as
+/// `127.0.0.1:0` may be written more than once), if both terminate TLS. None for a listener
+/// the file moved, dropped or stripped of TLS: that waits for a restart, and its certificates
+/// in force stay rather than being paired with another listener's, or with none.
+fn counterparts<'a>(started: &[Listener], file: &'a [Listener]) -> Vec<Option<&'a Listener>> {
+    started
         .iter()
-        .map(|l| {
-            l.tls
-                .iter()
-                .flat_map(|(cert, key)| [cert, key])
-                .map(read)
-                .collect()
+        .enumerate()
+        .map(|(i, listener)| {
+            let same = |l: &&Listener| l.addr == listener.addr;
+            let nth = started[..i].iter().filter(same).count();
+            let there = file.iter().filter(same).nth(nth)?;
+            (!listener.tls.is_empty() && !there.tls.is_empty()).then_some(there)
         })
         .collect()
 }
@@ -207,9 +221,17 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
             };
         }
     };
+    let counterparts = counterparts(&shared.settings.listeners, &settings.listeners);
+    let kept = last
+        .tls
+        .iter()
+        .cloned()
+        .chain(std::iter::repeat_with(Files::new));
     let mut next = Sources {
         text: settings.source,
-        tls: tls_sources(&settings.listeners),
+        tls: (counterparts.iter().zip(kept))
+            .map(|(there, kept)| there.map_or(kept, files))
+            .collect(),
     };
     if next == *last {
         tracing::info!(
@@ -226,9 +248,12 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
             "settings read at start only changed; they take effect on restart"
         );
     }
-    for (i, (slot, listener)) in tls.iter().zip(&settings.listeners).enumerate() {
-        // A listener without TLS at start has none until a restart (warned above).
-        let Some(slot) = slot else { continue };
+    for (i, (slot, there)) in tls.iter().zip(&counterparts).enumerate() {
+        // A listener without TLS at start has none until a restart, and one the file moved
+        // or stripped of TLS keeps its certificates until then (warned above).
+        let (Some(slot), Some(listener)) = (slot, there) else {
+            continue;
+        };
         if last.tls.get(i) == next.tls.get(i) {
             continue;
         }
@@ -249,4 +274,49 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
         let _ = shared.install(table, None);
     }
     next.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(addr: &str, cert: Option<&str>) -> Listener {
+        let tls = cert.map(|c| {
+            (
+                PathBuf::from(format!("{c}.pem")),
+                PathBuf::from(format!("{c}.key")),
+            )
+        });
+        Listener {
+            addr: addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}")),
+            tls: tls.into_iter().collect(),
+        }
+    }
+
+    fn certs(pairs: Vec<Option<&Listener>>) -> Vec<Option<String>> {
+        let name = |l: &Listener| l.tls[0].0.display().to_string();
+        pairs.into_iter().map(|l| l.map(name)).collect()
+    }
+
+    #[test]
+    fn listeners_take_certificates_by_address_not_by_place() {
+        let started = [
+            listener("127.0.0.1:8443", Some("a")),
+            listener("127.0.0.1:8080", None),
+            listener("127.0.0.1:9443", Some("b")),
+            listener("127.0.0.1:0", Some("c")),
+            listener("127.0.0.1:0", Some("d")),
+        ];
+        let file = [
+            listener("127.0.0.1:0", None),
+            listener("127.0.0.1:8080", Some("e")),
+            listener("127.0.0.1:8443", Some("a2")),
+            listener("127.0.0.1:0", Some("d2")),
+        ];
+        let expected = [Some("a2.pem"), None, None, None, Some("d2.pem")];
+        let expected: Vec<_> = expected.iter().map(|c| c.map(String::from)).collect();
+        // 8443 moved down the list; 8080 gained TLS (a restart's business); 9443 is gone; the
+        // first `:0` lost TLS, the second took new certificates.
+        assert_eq!(certs(counterparts(&started, &file)), expected);
+    }
 }

@@ -489,6 +489,42 @@ async fn a_file_refused_for_a_certificate_not_there_yet_is_read_again_when_it_co
 }
 
 #[tokio::test]
+async fn a_listener_the_file_moves_or_strips_of_tls_keeps_its_certificates_until_a_restart() {
+    let (certs, stable, config, proxy) = watching_a_tls_file().await;
+    let a = certs.a.cert.der().clone();
+    let c = write_cert(&certs.dir, "c");
+    let admin = proxy.admin_url("/routes");
+    let admin = admin.as_str();
+    let applied = move |route: &'static str| async move {
+        let (_, _, table) = crate::support::get(admin).await.unwrap();
+        let table: serde_json::Value = serde_json::from_str(&table).unwrap();
+        table["routes"][0]["name"] == route
+    };
+    let listeners = [
+        // TLS taken off the listener (to be done by a load balancer after the next restart).
+        "  - 127.0.0.1:0\n",
+        // A plain listener written first: the TLS one is second, now with another certificate.
+        "  - 127.0.0.1:0\n  - addr: 127.0.0.1:0\n    tls: { cert: c.pem, key: c.key }\n",
+    ];
+    for (listen, route) in listeners.into_iter().zip(["plain", "second"]) {
+        let yaml = format!(
+            "listen:\n{listen}admin: 127.0.0.1:0\nwatch_interval: 20ms\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ name: {route}, split: {{ stable: 10000 }} }}\n",
+            stable.addr
+        );
+        let next = certs.dir.join("proxy.yaml.next");
+        std::fs::write(&next, yaml).unwrap();
+        std::fs::rename(&next, &config).unwrap();
+        crate::support::eventually(std::time::Duration::from_secs(10), || applied(route)).await;
+        // The table is the file's; the listener bound at start still serves its certificate,
+        // neither none (every handshake refused) nor the certificate of another listener.
+        let served = served_cert(proxy.addr, vec![a.clone(), c.clone()]).await;
+        assert_eq!(served.as_ref(), Some(&a), "after the {route} file");
+    }
+    proxy.stop().await;
+    std::fs::remove_dir_all(&certs.dir).unwrap();
+}
+
+#[tokio::test]
 async fn bodies_stream_both_ways_without_being_buffered() {
     let (proxy, _b) = proxy_with("").await;
     // Response: the first chunk arrives while the backend still holds back the second.
