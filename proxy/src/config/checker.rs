@@ -18,6 +18,16 @@ pub(super) struct Checker<'a> {
     pub(super) refused_certs: Vec<(PathBuf, PathBuf)>,
 }
 
+/// Whether two listeners could not both be bound: the same port (port 0 asks the kernel for
+/// one, so two of those never clash) on the same address, or on a wildcard address that
+/// covers the other (`0.0.0.0` every IPv4 address; `[::]`, dual-stack as Linux binds it by
+/// default, every address).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 impl Checker<'_> {
     /// The settings of file `f`, whose text has digest `source`.
     pub(super) fn settings(&mut self, f: &FileConfig, dir: &Path, source: u64) -> Option<Settings> {
@@ -39,12 +49,23 @@ impl Checker<'_> {
             );
         }
         let mut listeners = Vec::new();
+        let mut placed: Vec<(SocketAddr, String)> = Vec::new();
         for (i, (addr, tls)) in entries.iter().enumerate() {
             let path = match &f.listen {
                 Listen::One(_) => "listen".to_string(),
                 Listen::Many(_) => format!("listen[{i}]"),
             };
             let addr = self.addr(&path, addr);
+            if let Some(addr) = addr {
+                if let Some((other, at)) = placed.iter().find(|(p, _)| clash(*p, addr)) {
+                    let message = match *other == addr {
+                        true => format!("{addr} is also {at}"),
+                        false => format!("{addr} takes the port of {at} ({other}) too"),
+                    };
+                    self.error(&path, message, "give each listener a port of its own");
+                }
+                placed.push((addr, path.clone()));
+            }
             let certs: Vec<&CertSpec> = match tls {
                 None => vec![],
                 Some(TlsSpec::One(c)) => vec![c],
@@ -72,16 +93,14 @@ impl Checker<'_> {
             }
         }
         let admin = self.addr("admin", &f.admin);
-        // Port 0 asks the kernel for a port: two of those never clash.
         if let Some(admin) = admin
-            && admin.port() != 0
-            && listeners.iter().any(|l| l.addr == admin)
+            && let Some((other, at)) = placed.iter().find(|(p, _)| clash(*p, admin))
         {
-            self.error(
-                "admin",
-                format!("{admin} is also a traffic listener"),
-                "give the admin API an address of its own",
-            );
+            let message = match *other == admin {
+                true => format!("{admin} is also a traffic listener"),
+                false => format!("{admin} takes the port of traffic listener {at} ({other}) too"),
+            };
+            self.error("admin", message, "give the admin API an address of its own");
         }
         let u = f.upstream.clone().unwrap_or_default();
         let l = f.limits.clone().unwrap_or_default();
@@ -406,6 +425,52 @@ mod tests {
                 "2:8: error: admin: 127.0.0.1:8081 is also a traffic listener; give the admin API an address of its own"
             ]
         );
+    }
+
+    #[test]
+    fn listeners_that_could_not_all_be_bound_are_refused() {
+        let check = |listen: &str, admin: &str| -> Vec<String> {
+            let src = format!(
+                "listen: {listen}\nadmin: {admin}\ntracks:\n  stable: {{ backends: [\"127.0.0.1:1\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+            );
+            match crate::config::check(&src, Path::new(".")) {
+                Ok(_) => vec![],
+                Err(diags) => diags.iter().map(|d| d.to_string()).collect(),
+            }
+        };
+        assert_eq!(
+            check("[127.0.0.1:8080, 127.0.0.1:8080]", "127.0.0.1:9901"),
+            [
+                "1:26: error: listen[1]: 127.0.0.1:8080 is also listen[0]; give each listener a port of its own"
+            ]
+        );
+        assert_eq!(
+            check("[127.0.0.1:8080, 0.0.0.0:8080]", "127.0.0.1:9901"),
+            [
+                "1:26: error: listen[1]: 0.0.0.0:8080 takes the port of listen[0] (127.0.0.1:8080) too; give each listener a port of its own"
+            ]
+        );
+        assert_eq!(
+            check("[127.0.0.1:8080]", "0.0.0.0:8080"),
+            [
+                "2:8: error: admin: 0.0.0.0:8080 takes the port of traffic listener listen[0] (127.0.0.1:8080) too; give the admin API an address of its own"
+            ]
+        );
+        assert_eq!(check("[\"[::]:8080\"]", "10.0.0.1:8080").len(), 1);
+        // Different ports, different addresses, an IPv4 wildcard beside an IPv6 address, and
+        // ports the kernel picks: all fine.
+        for (listen, admin) in [
+            ("[127.0.0.1:8080, 127.0.0.1:8443]", "127.0.0.1:9901"),
+            ("[127.0.0.1:8080, 127.0.0.2:8080]", "127.0.0.3:8080"),
+            ("[0.0.0.0:8080, \"[::1]:8080\"]", "127.0.0.1:9901"),
+            ("[127.0.0.1:0, 127.0.0.1:0]", "127.0.0.1:0"),
+        ] {
+            assert_eq!(
+                check(listen, admin),
+                Vec::<String>::new(),
+                "{listen} {admin}"
+            );
+        }
     }
 
     #[test]
