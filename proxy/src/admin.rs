@@ -33,7 +33,13 @@ pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let resp = match (req.method(), req.uri().path()) {
+    // HEAD is GET without the body, which hyper leaves out (RFC 9110 §9.3.2): health checkers
+    // probe with it.
+    let method = match *req.method() {
+        Method::HEAD => &Method::GET,
+        ref other => other,
+    };
+    let resp = match (method, req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => match shared.draining.load(Relaxed) {
             true => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
@@ -90,8 +96,15 @@ pub async fn handle(
                 Err(e) => internal_error(&e),
             }
         }
-        (_, "/healthz" | "/readyz" | "/routes" | "/metrics" | "/stats") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        (_, path @ ("/healthz" | "/readyz" | "/routes" | "/metrics" | "/stats")) => {
+            let allow = match path {
+                "/routes" => "GET, HEAD, PUT",
+                _ => "GET, HEAD",
+            };
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            resp.headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+            resp
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };

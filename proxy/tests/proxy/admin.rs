@@ -535,3 +535,38 @@ async fn a_table_declared_over_the_size_limit_is_refused_at_once() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn head_is_answered_like_get_and_a_wrong_method_is_told_which_are_allowed() {
+    let (proxy, _backend) = stable_proxy("").await;
+    let client = client();
+    let ask = |method: &str, path: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(proxy.admin_url(path))
+            .body(Full::default())
+            .unwrap();
+        send(&client, req)
+    };
+    for path in ["/healthz", "/readyz", "/stats"] {
+        let (status, headers, body) = ask("HEAD", path).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, ""), "HEAD {path}");
+        let (_, got, full) = ask("GET", path).await.unwrap();
+        assert_eq!(
+            headers.get("content-type"),
+            got.get("content-type"),
+            "{path}"
+        );
+        assert!(!full.is_empty(), "GET {path}");
+    }
+    for (method, path, allow) in [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/routes", "GET, HEAD, PUT"),
+        ("PUT", "/stats", "GET, HEAD"),
+    ] {
+        let (status, headers, _) = ask(method, path).await.unwrap();
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(headers["allow"], allow, "{method} {path}");
+    }
+    proxy.stop().await;
+}
