@@ -6,6 +6,7 @@
 //! proxies keep their last table.
 
 pub mod driver;
+mod proxies;
 pub mod routes;
 mod session;
 pub mod stats;
@@ -20,7 +21,6 @@ use tokio::sync::watch;
 use driver::{Driver, Want};
 
 const RECONCILE_EVERY: Duration = Duration::from_millis(200);
-const PROXY_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -53,8 +53,10 @@ pub async fn run<D: Driver>(
         status_rx,
         shutdown.clone(),
     ));
-    let http = http_client();
+    let mut proxies = proxies::Proxies::new(http_client(), config.proxies.clone());
     let mut programmed: Option<(TableSpec, BTreeMap<String, u32>)> = None;
+    // A proxy lost the table put on it: put it again, though it has not changed.
+    let mut lost = false;
     let mut applied: Option<(String, u64)> = None;
     let mut stop = shutdown.clone();
     loop {
@@ -73,11 +75,12 @@ pub async fn run<D: Driver>(
             let table = routes::table(d, &running.ready);
             let mut detail = running.detail.clone();
             if let Some(table) = table {
-                if programmed.as_ref().is_none_or(|(t, _)| *t != table) {
-                    match program(&http, &config.proxies, &table).await {
+                if lost || programmed.as_ref().is_none_or(|(t, _)| *t != table) {
+                    match proxies.program(&table).await {
                         Ok(()) => {
                             tracing::info!(release = %d.release_id, seq = d.seq, "proxies programmed");
                             programmed = Some((table, want_of(d).versions));
+                            lost = false;
                         }
                         Err(e) => detail = format!("proxies not programmed: {e:#}"),
                     }
@@ -99,9 +102,12 @@ pub async fn run<D: Driver>(
                 ready: done,
                 stats: None,
                 detail,
+                counting_since_unix_ms: 0,
             };
         }
-        status.stats = scrape(&http, &config.proxies).await;
+        lost |= !proxies.scrape().await.is_empty();
+        status.stats = proxies.stats();
+        status.counting_since_unix_ms = proxies.counting_since_unix_ms();
         let _ = status_tx.send(status);
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
@@ -129,42 +135,4 @@ fn want_of(d: &pb::DesiredState) -> Want {
             workload.health_check
         },
     }
-}
-
-/// Puts `table` on every proxy; fails if any refuses it.
-async fn program(
-    http: &reqwest::Client,
-    proxies: &[String],
-    table: &TableSpec,
-) -> anyhow::Result<()> {
-    for proxy in proxies {
-        let url = format!("{}/routes", proxy.trim_end_matches('/'));
-        let response = http
-            .put(&url)
-            .timeout(PROXY_TIMEOUT)
-            .json(table)
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            let status = response.status();
-            let body = response.text().await.unwrap_or_default();
-            anyhow::bail!("{url} answered {status}: {body}");
-        }
-    }
-    Ok(())
-}
-
-/// The summed counters of every proxy that answers.
-async fn scrape(http: &reqwest::Client, proxies: &[String]) -> Option<pb::TrafficStats> {
-    let mut all = Vec::new();
-    for proxy in proxies {
-        let url = format!("{}/stats", proxy.trim_end_matches('/'));
-        let Ok(response) = http.get(&url).timeout(PROXY_TIMEOUT).send().await else {
-            continue;
-        };
-        if let Ok(stats) = response.json::<stats::ProxyStats>().await {
-            all.push(stats);
-        }
-    }
-    (!all.is_empty()).then(|| stats::sum(&all))
 }

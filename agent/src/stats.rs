@@ -1,4 +1,5 @@
-//! From the proxies' `GET /stats` to the per-track counters the controller judges.
+//! From a proxy's `GET /stats` to the per-track counters the controller judges. The agent
+//! sums its proxies' through a [`fleet_proto::tally::Tally`].
 
 use std::collections::BTreeMap;
 
@@ -10,6 +11,12 @@ use crate::routes::{CANARY, STABLE};
 /// The part of a proxy's `/stats` the agent reads (documented in docs/proxy.md).
 #[derive(Debug, Deserialize)]
 pub struct ProxyStats {
+    /// When the proxy started: its counters are since then.
+    #[serde(default)]
+    pub started_unix_ms: u64,
+    /// The version of the table in force.
+    #[serde(default)]
+    pub table_version: u64,
     pub latency_bounds_ms: Vec<f64>,
     pub series: Vec<Series>,
 }
@@ -34,45 +41,30 @@ pub struct Latency {
     pub cumulative: Vec<u64>,
 }
 
-/// Sums the series of every proxy into stable and canary counters. An error is a 5xx answer,
-/// a gRPC answer with a server's failure in its status, or none at all; mirrored copies
-/// count with the track they were sent to, so that a mirror phase has numbers to judge.
-pub fn sum(proxies: &[ProxyStats]) -> pb::TrafficStats {
-    let mut stable = pb::TrackStats::default();
-    let mut canary = pb::TrackStats::default();
-    for proxy in proxies {
-        for s in &proxy.series {
-            let into = match s.track.as_str() {
-                STABLE => &mut stable,
-                CANARY => &mut canary,
-                _ => continue,
-            };
-            let fivexx = s.responses.get("5xx").copied().unwrap_or(0);
-            // A primary answered by the proxy for a dead backend is already a 5xx; a mirrored
-            // copy that got no answer is in no class.
-            let unanswered = if s.source == "mirror" { s.errors } else { 0 };
-            into.requests += s.requests;
-            into.errors += fivexx + unanswered + s.grpc_errors;
-            add_histogram(into, &proxy.latency_bounds_ms, &s.latency.cumulative);
-        }
+/// A proxy's series summed into stable and canary counters. An error is a 5xx answer, a gRPC
+/// answer with a server's failure in its status, or none at all; mirrored copies count with
+/// the track they were sent to, so that a mirror phase has numbers to judge.
+pub fn tracks(proxy: &ProxyStats) -> pb::TrafficStats {
+    let mut out = pb::TrafficStats::default();
+    for s in &proxy.series {
+        let into = match s.track.as_str() {
+            STABLE => &mut out.stable,
+            CANARY => &mut out.canary,
+            _ => continue,
+        };
+        let fivexx = s.responses.get("5xx").copied().unwrap_or(0);
+        // A primary answered by the proxy for a dead backend is already a 5xx; a mirrored
+        // copy that got no answer is in no class.
+        let unanswered = if s.source == "mirror" { s.errors } else { 0 };
+        let series = pb::TrackStats {
+            requests: s.requests,
+            errors: fivexx + unanswered + s.grpc_errors,
+            latency_bounds_ms: proxy.latency_bounds_ms.clone(),
+            latency_counts: s.latency.cumulative.clone(),
+        };
+        fleet_proto::tally::add_track(into, &series);
     }
-    pb::TrafficStats {
-        stable: Some(stable),
-        canary: Some(canary),
-    }
-}
-
-fn add_histogram(into: &mut pb::TrackStats, bounds: &[f64], cumulative: &[u64]) {
-    if into.latency_bounds_ms.is_empty() {
-        into.latency_bounds_ms = bounds.to_vec();
-        into.latency_counts = vec![0; bounds.len()];
-    }
-    if into.latency_bounds_ms.as_slice() != bounds {
-        return; // Proxies of other versions with other buckets: counts only.
-    }
-    for (total, n) in into.latency_counts.iter_mut().zip(cumulative) {
-        *total += n;
-    }
+    out
 }
 
 #[cfg(test)]
@@ -80,7 +72,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn series_sum_by_track_with_5xx_and_unanswered_mirrors_as_errors() {
+    fn series_add_up_by_track_with_5xx_and_unanswered_mirrors_as_errors() {
         let json = r#"{
           "latency_bounds_ms": [10, 100],
           "series": [
@@ -88,14 +80,13 @@ mod tests {
             {"route":"demo","track":"canary","source":"primary","requests":10,"responses":{"2xx":9,"5xx":1},"errors":0,"grpc_errors":2,"latency":{"cumulative":[5,10,10],"sum_us":1}},
             {"route":"demo","track":"canary","source":"mirror","requests":4,"responses":{"2xx":3},"errors":1,"latency":{"cumulative":[2,3,4],"sum_us":1}}
           ]}"#;
-        let one: ProxyStats = serde_json::from_str(json).unwrap();
-        let two: ProxyStats = serde_json::from_str(json).unwrap();
-        let total = sum(&[one, two]);
+        let proxy: ProxyStats = serde_json::from_str(json).unwrap();
+        let total = tracks(&proxy);
         let (stable, canary) = (total.stable.unwrap(), total.canary.unwrap());
-        assert_eq!((stable.requests, stable.errors), (180, 2));
-        // 5xx 1 + gRPC failures 2 (on 200s) + an unanswered copy 1, from each of two proxies.
-        assert_eq!((canary.requests, canary.errors), (28, 8));
-        assert_eq!(canary.latency_counts, [14, 26]);
+        assert_eq!((stable.requests, stable.errors), (90, 1));
+        // 5xx 1 + gRPC failures 2 (on 200s) + an unanswered copy 1.
+        assert_eq!((canary.requests, canary.errors), (14, 4));
+        assert_eq!(canary.latency_counts, [7, 13]);
         assert_eq!(canary.latency_bounds_ms, [10.0, 100.0]);
     }
 }

@@ -174,7 +174,7 @@ async fn agent(
                 r = ack.recv() => {
                     if r.is_err() { return; }
                     if let Some(d) = &last {
-                        let status = pb::AgentStatus { epoch: d.epoch, applied_seq: d.seq, release_id: d.release_id.clone(), ready: true, stats: None, detail: String::new() };
+                        let status = pb::AgentStatus { epoch: d.epoch, applied_seq: d.seq, release_id: d.release_id.clone(), ready: true, stats: None, detail: String::new(), ..Default::default() };
                         let _ = tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Status(status)) }).await;
                     }
                 }

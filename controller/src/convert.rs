@@ -153,27 +153,6 @@ pub fn stats(s: &pb::TrafficStats) -> RegionStats {
     }
 }
 
-/// Sums the counters of a region's clusters.
-pub fn sum(all: &[RegionStats]) -> RegionStats {
-    let add = |a: &mut TrackStats, b: &TrackStats| {
-        a.requests += b.requests;
-        a.errors += b.errors;
-        if a.latency.bounds_ms.is_empty() {
-            a.latency = b.latency.clone();
-        } else if a.latency.bounds_ms == b.latency.bounds_ms {
-            for (x, y) in a.latency.counts.iter_mut().zip(&b.latency.counts) {
-                *x += y;
-            }
-        }
-    };
-    let mut out = RegionStats::default();
-    for s in all {
-        add(&mut out.stable, &s.stable);
-        add(&mut out.canary, &s.canary);
-    }
-    out
-}
-
 pub fn diagnostic(d: &fleet::Diagnostic) -> pb::Diagnostic {
     pb::Diagnostic {
         severity: format!("{:?}", d.severity).to_lowercase(),

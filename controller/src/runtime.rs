@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use fleet::Manifest;
+use fleet_engine::RegionStats;
 use fleet_engine::{Command, Engine, Event, Phase};
+use fleet_proto::tally::Tally;
 use fleet_proto::v1 as pb;
 use prost::Message;
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -37,7 +39,39 @@ pub(crate) struct Inner {
     pub agents: BTreeMap<u64, Agent>,
     /// The last desired state sent to each region.
     pub desired: BTreeMap<String, pb::DesiredState>,
+    traffic: Traffic,
     next_conn: u64,
+}
+
+/// Each region's traffic counters, added up report by report over its clusters, so that they
+/// only grow while the controller runs: an agent that restarts, reconnects or misses a report
+/// neither takes its counts out of its region's nor puts in what it counted before
+/// (`fleet_proto::tally`).
+pub(crate) struct Traffic {
+    since_unix_ms: u64,
+    regions: BTreeMap<String, Tally<String>>,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            since_unix_ms: u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0),
+            regions: BTreeMap::new(),
+        }
+    }
+}
+
+impl Traffic {
+    /// Takes the counters of a cluster's agent; the region's, added up.
+    fn observe(&mut self, region: &str, cluster: &str, status: &pb::AgentStatus) -> RegionStats {
+        let since = self.since_unix_ms;
+        let tally = (self.regions.entry(region.to_string())).or_insert_with(|| Tally::new(since));
+        if let Some(stats) = &status.stats {
+            let started = status.counting_since_unix_ms;
+            tally.observe(cluster.to_string(), started, stats.clone());
+        }
+        convert::stats(tally.total())
+    }
 }
 
 impl Inner {
@@ -292,11 +326,14 @@ impl Controller {
 
     pub fn agent_status(self: &Arc<Self>, conn: u64, status: pb::AgentStatus) {
         let mut inner = self.lock();
-        let Some(agent) = inner.agents.get_mut(&conn) else {
+        let Some(agent) = inner.agents.get(&conn) else {
             return;
         };
-        agent.status = Some(status);
-        let region = agent.region.clone();
+        let (region, cluster) = (agent.region.clone(), agent.cluster.clone());
+        let stats = inner.traffic.observe(&region, &cluster, &status);
+        if let Some(agent) = inner.agents.get_mut(&conn) {
+            agent.status = Some(status);
+        }
         let reports: Vec<pb::AgentStatus> = inner
             .agents
             .values()
@@ -312,13 +349,6 @@ impl Controller {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        let stats = convert::sum(
-            &reports
-                .iter()
-                .filter_map(|s| s.stats.as_ref())
-                .map(convert::stats)
-                .collect::<Vec<_>>(),
-        );
         for id in active {
             // Applied by the region once every cluster has applied it.
             let of_release: Vec<&pb::AgentStatus> =

@@ -129,6 +129,7 @@ fn fake_agent(
                         ready: true,
                         stats: Some(pb::TrafficStats { stable: Some(stable.clone()), canary: Some(canary.clone()) }),
                         detail: String::new(),
+                        ..Default::default()
                     };
                     if tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Status(status)) }).await.is_err() {
                         return;

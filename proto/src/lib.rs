@@ -3,8 +3,9 @@
 //! Only the controller, the agent and fleetctl touch these types; everything inside converts
 //! them to domain types at the edge.
 
-#![allow(clippy::all, missing_docs, rust_2018_idioms)] // Generated code.
+pub mod tally;
 
+#[allow(clippy::all, missing_docs, rust_2018_idioms)] // Generated code.
 pub mod v1 {
     tonic::include_proto!("fleet.v1");
 

@@ -364,3 +364,49 @@ async fn a_region_without_traffic_never_promotes_past_an_analysed_step_and_says_
     assert!(world.splits_of("us-east").is_empty(), "the next wave waits");
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_loses_the_agents_table_gets_it_back() {
+    // us-west's first step waits for a promote that never comes: its table stays as it is.
+    const STEERING: &str = include_str!("steering.yaml");
+    let mut world = World::start_with(STEERING, &[], &["us-west"])
+        .await
+        .unwrap();
+    world.start_release("v2").await.unwrap();
+    world
+        .wait_for_split("us-west", 1000, RELEASE_TIME)
+        .await
+        .unwrap();
+    let admin = world.fleet.regions[0].admin;
+    let routes = || async move {
+        let url = format!("http://{admin}/routes");
+        let http = fleetctl::local::http_client();
+        let table: serde_json::Value = http.get(url).send().await?.json().await?;
+        anyhow::Ok(table)
+    };
+    let put = routes().await.unwrap();
+    let version = put["version"].as_u64().unwrap();
+    // The file names no instance of the service; the agent's table does.
+    let from_file = |t: &serde_json::Value| t["tracks"]["stable"]["backends"][0] == "127.0.0.1:1";
+    assert!(!from_file(&put), "{put}");
+    // Its config file edited (a comment is enough): the proxy reads it and puts the file's
+    // table in force, as it would after a restart. The agent sees it in `/stats` and puts its
+    // own back.
+    let file = world.fleet.dir.join("proxy-us-west.yaml");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("# edited\n");
+    std::fs::write(&file, text).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = routes().await.unwrap();
+        let now = table["version"].as_u64().unwrap();
+        if now >= version + 2 && !from_file(&table) {
+            assert_eq!(table["routes"], put["routes"]);
+            assert_eq!(table["tracks"], put["tracks"]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{table}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    world.stop().await;
+}

@@ -1,0 +1,113 @@
+//! The cluster's proxies, as the agent sees them: the table it put on each, and their
+//! counters added up since the agent began counting.
+//!
+//! A proxy can lose the agent's table without the agent doing anything: it restarts and
+//! serves the table of its config file, or its file is edited and read again. Each scrape of
+//! `/stats` says which table a proxy has in force (`table_version`, since `started_unix_ms`),
+//! so the agent sees it there and puts its table back.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleet_proto::tally::Tally;
+use fleet_proto::v1 as pb;
+use fleet_proxy_router::spec::TableSpec;
+
+use crate::stats::{self, ProxyStats};
+
+const PROXY_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct Proxies {
+    http: reqwest::Client,
+    /// Admin URLs, e.g. `http://127.0.0.1:9901`.
+    urls: Vec<String>,
+    /// The table version each proxy answered our last `PUT` with, and the start of the proxy
+    /// it answered (known from the first scrape after).
+    installed: HashMap<String, (u64, Option<u64>)>,
+    tally: Tally<String>,
+    /// When counting began, in ms since the Unix epoch.
+    since_unix_ms: u64,
+}
+
+impl Proxies {
+    pub fn new(http: reqwest::Client, urls: Vec<String>) -> Self {
+        let since_unix_ms = now_unix_ms();
+        Proxies {
+            http,
+            urls,
+            installed: HashMap::new(),
+            tally: Tally::new(since_unix_ms),
+            since_unix_ms,
+        }
+    }
+
+    /// Puts `table` on every proxy; fails if any refuses it.
+    pub async fn program(&mut self, table: &TableSpec) -> anyhow::Result<()> {
+        for proxy in &self.urls {
+            let url = format!("{}/routes", proxy.trim_end_matches('/'));
+            let response = (self.http.put(&url))
+                .timeout(PROXY_TIMEOUT)
+                .json(table)
+                .send()
+                .await?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let body = response.text().await.unwrap_or_default();
+                anyhow::bail!("{url} answered {status}: {body}");
+            }
+            #[derive(serde::Deserialize)]
+            struct Put {
+                version: u64,
+            }
+            let put: Put = response.json().await?;
+            self.installed.insert(proxy.clone(), (put.version, None));
+        }
+        Ok(())
+    }
+
+    /// Reads every proxy's counters into the tally. Returns the proxies found serving another
+    /// table than the one put on them (restarted, or their file read again): they need it put
+    /// again.
+    pub async fn scrape(&mut self) -> Vec<String> {
+        let mut lost = Vec::new();
+        for proxy in &self.urls {
+            let url = format!("{}/stats", proxy.trim_end_matches('/'));
+            let Ok(response) = self.http.get(&url).timeout(PROXY_TIMEOUT).send().await else {
+                continue;
+            };
+            let Ok(stats) = response.json::<ProxyStats>().await else {
+                continue;
+            };
+            if let Some((version, started)) = self.installed.get_mut(proxy) {
+                let started = started.get_or_insert(stats.started_unix_ms);
+                if (*version, *started) != (stats.table_version, stats.started_unix_ms) {
+                    tracing::warn!(
+                        proxy,
+                        serving = stats.table_version,
+                        put = *version,
+                        "a proxy serves another table than the one put on it; putting it again"
+                    );
+                    self.installed.remove(proxy);
+                    lost.push(proxy.clone());
+                }
+            }
+            let tracks = stats::tracks(&stats);
+            (self.tally).observe(proxy.clone(), stats.started_unix_ms, tracks);
+        }
+        lost
+    }
+
+    /// What every proxy counted since the agent began counting; `None` until one answered.
+    pub fn stats(&self) -> Option<pb::TrafficStats> {
+        (!self.tally.is_empty()).then(|| self.tally.total().clone())
+    }
+
+    pub fn counting_since_unix_ms(&self) -> u64 {
+        self.since_unix_ms
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH);
+    since.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
