@@ -794,3 +794,38 @@ async fn a_backend_that_closes_on_the_question_gets_http1_and_is_asked_again_onl
     assert_eq!(prefaces.load(Ordering::SeqCst), 3);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn an_http1_0_answer_reaches_the_client_as_http1_1_and_an_unknown_coding_as_502() {
+    let backend = RawBackend::start(|head| match path(head) {
+        "/old" => {
+            answer("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok")
+        }
+        "/gzip" => answer(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nhe\r\n0\r\n\r\n",
+        ),
+        other => panic!("unexpected path {other}"),
+    })
+    .await;
+    let proxy = http1_proxy(backend.addr).await;
+    // Answered in the client's HTTP/1.1, with the connection kept: an HTTP/1.0 status line
+    // would have the client close after every answer.
+    let (raw, closed) = crate::support::exchange(
+        proxy.addr,
+        b"GET /old HTTP/1.1\r\nhost: a\r\n\r\nGET /old HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(closed, "{raw}");
+    assert_eq!(raw.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{raw}");
+    // A body under a coding nobody would undo or announce is refused, not passed on bare.
+    let (status, _, _) = send(
+        &client(),
+        Request::get(proxy.url("/gzip"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    proxy.stop().await;
+}

@@ -28,7 +28,6 @@ pub enum Framing {
 #[derive(Debug)]
 pub struct Head {
     pub status: StatusCode,
-    pub version: Version,
     pub headers: HeaderMap,
     pub framing: Framing,
     /// The connection may carry another exchange once this body has been read.
@@ -163,9 +162,15 @@ fn build(
             lengths_differ |= length.is_some_and(|l| l != n);
             length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
-            // Only the last coding counts, across every Transfer-Encoding field.
-            let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            coding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // `chunked` alone, across every Transfer-Encoding field: a body under another
+            // coding as well (`gzip, chunked`) would reach the client with that coding undone
+            // by nobody and said by nothing, so it is refused, as nginx refuses it.
+            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if !token.is_empty() {
+                    let chunked = coding.is_none() && token.eq_ignore_ascii_case(b"chunked");
+                    coding = Some(chunked);
+                }
+            }
         } else if name == header::CONNECTION {
             let mut names_others = false;
             for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
@@ -201,7 +206,7 @@ fn build(
     let framing = match (coding, length) {
         _ if bodiless => Framing::Empty,
         (Some(true), _) => Framing::Chunked,
-        (Some(false), _) => Framing::UntilClose,
+        (Some(false), _) => return Err("transfer-encoding other than chunked"),
         (None, Some(_)) if lengths_differ => return Err("differing content-lengths"),
         (None, Some(0)) => Framing::Empty,
         (None, Some(n)) => Framing::Length(n),
@@ -217,7 +222,6 @@ fn build(
     let keep_alive = persistent && framing != Framing::UntilClose && !doubtful;
     Ok(Head {
         status,
-        version,
         headers,
         framing,
         keep_alive,
@@ -410,14 +414,9 @@ mod tests {
                 true,
             ),
             (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n",
                 Framing::Chunked,
                 true,
-            ),
-            (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
-                Framing::UntilClose,
-                false,
             ),
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
@@ -552,6 +551,22 @@ mod tests {
                 "malformed response head",
             ),
             ("SMTP ready\r\n\r\n", "malformed response head"),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                "transfer-encoding other than chunked",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+                "transfer-encoding other than chunked",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+                "transfer-encoding other than chunked",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n",
+                "transfer-encoding other than chunked",
+            ),
         ];
         for (raw, reason) in cases {
             assert_eq!(parse(raw, Method::GET).unwrap_err(), reason, "{raw:?}");

@@ -292,7 +292,10 @@ pub async fn request(
     }
     let mut resp = Response::new(body);
     *resp.status_mut() = head.status;
-    *resp.version_mut() = head.version;
+    // Answered in HTTP/1.1 whatever the backend spoke: hyper writes the client's version
+    // from it, and an HTTP/1.0 status line would have an HTTP/1.1 client close after each
+    // answer while the proxy keeps both connections.
+    *resp.version_mut() = http::Version::HTTP_11;
     *resp.headers_mut() = head.headers;
     Ok(resp)
 }
