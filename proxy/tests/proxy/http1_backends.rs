@@ -829,3 +829,29 @@ async fn an_http1_0_answer_reaches_the_client_as_http1_1_and_an_unknown_coding_a
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn an_http1_0_request_without_host_reaches_the_backend_with_one() {
+    let backend = RawBackend::start(|head| {
+        let host = (head.lines())
+            .find_map(|l| l.strip_prefix("host: "))
+            .unwrap_or("none");
+        let body = format!("host={host}");
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+        ((head + &body).into_bytes(), false)
+    })
+    .await;
+    let proxy = http1_proxy(backend.addr).await;
+    // What HAProxy's default health check sends.
+    let (raw, _) = crate::support::exchange(proxy.addr, b"OPTIONS / HTTP/1.0\r\n\r\n").await;
+    assert!(raw.starts_with("HTTP/1.0 200 OK\r\n"), "{raw}");
+    assert!(raw.ends_with(&format!("host={}", backend.addr)), "{raw}");
+    // A request with a host keeps it.
+    let (raw, _) = crate::support::exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.ends_with("host=app.test"), "{raw}");
+    proxy.stop().await;
+}

@@ -46,14 +46,27 @@ pub enum Added {
 }
 
 /// Appends a request head: origin-form target, HTTP/1.1, the headers as they are (the
-/// service has already removed the hop-by-hop ones), and the framing header `added`.
-pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, marked: bool, added: Added) {
+/// service has already removed the hop-by-hop ones), and the framing header `added`. A request
+/// without `Host` (from an HTTP/1.0 client) gets `backend`, the backend's address, as HTTP/1.1
+/// requires one (RFC 9112 §3.2) and many servers refuse a request without.
+pub fn encode_request(
+    out: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    backend: &str,
+    marked: bool,
+    added: Added,
+) {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     encode_fields(out, &parts.headers);
+    if !parts.headers.contains_key(header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(backend.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     if marked {
         let mark = HeaderValue::from_static("1");
         encode_field(out, &crate::service::X_FLEET_MIRROR, &mark);
@@ -336,7 +349,7 @@ mod tests {
             .unwrap()
             .into_parts();
         let mut out = Vec::new();
-        encode_request(&mut out, &parts, false, Added::Nothing);
+        encode_request(&mut out, &parts, "b:1", false, Added::Nothing);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /a/b?c=d HTTP/1.1\r\nhost: example.com\r\nx-many: 1\r\nx-many: 2\r\n\r\n"
@@ -344,23 +357,26 @@ mod tests {
         parts.uri = http::Uri::from_static("http://example.com");
         parts.headers.clear();
         let mut out = Vec::new();
-        encode_request(&mut out, &parts, false, Added::Nothing);
-        assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+        encode_request(&mut out, &parts, "b:1", false, Added::Nothing);
+        assert_eq!(
+            out, b"GET / HTTP/1.1\r\nhost: b:1\r\n\r\n",
+            "a host of some kind"
+        );
         let mut out = Vec::new();
-        encode_request(&mut out, &parts, true, Added::Chunked);
+        encode_request(&mut out, &parts, "b:1", true, Added::Chunked);
         assert_eq!(
             out,
-            b"GET / HTTP/1.1\r\nx-fleet-mirror: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"GET / HTTP/1.1\r\nhost: b:1\r\nx-fleet-mirror: 1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         for (added, line) in [
             (Added::ContentLength(12), "content-length: 12\r\n"),
             (Added::Chunked, "transfer-encoding: chunked\r\n"),
         ] {
             let mut out = Vec::new();
-            encode_request(&mut out, &parts, false, added);
+            encode_request(&mut out, &parts, "b:1", false, added);
             assert_eq!(
                 String::from_utf8(out).unwrap(),
-                format!("GET / HTTP/1.1\r\n{line}\r\n")
+                format!("GET / HTTP/1.1\r\nhost: b:1\r\n{line}\r\n")
             );
         }
     }

@@ -140,6 +140,7 @@ impl Conn {
     async fn exchange(
         &mut self,
         parts: &http::request::Parts,
+        backend: &str,
         marked: bool,
         body: Option<Body>,
     ) -> Result<(head::Head, Option<Box<Pump>>), Error> {
@@ -155,7 +156,7 @@ impl Conn {
         };
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        head::encode_request(&mut out, parts, marked, added);
+        head::encode_request(&mut out, parts, backend, marked, added);
         let mut pump = match body {
             None => {
                 let mut at = 0;
@@ -279,7 +280,9 @@ pub async fn request(
         // Boxed: connecting is rare next to reuse.
         None => Box::pin(Conn::connect(backend, connect_timeout, deadline, limit)).await?,
     };
-    let (head, pump) = conn.exchange(parts, marked, body.take()).await?;
+    let (head, pump) = conn
+        .exchange(parts, &backend.addr, marked, body.take())
+        .await?;
     let mut body = ResponseBody {
         conn: Some(conn),
         pump,

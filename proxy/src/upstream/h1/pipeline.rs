@@ -72,7 +72,7 @@ pub async fn pipeline(
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
     for (parts, body) in requests {
-        encode(&mut out, parts, body, marked);
+        encode(&mut out, parts, &backend.addr, body, marked);
     }
     let mut run = Run {
         out: &out,
@@ -110,12 +110,18 @@ pub async fn pipeline(
 
 /// Appends one request: its head, framed by its body's length unless it says it already,
 /// and the body.
-fn encode(out: &mut Vec<u8>, parts: &http::request::Parts, body: &[u8], marked: bool) {
+fn encode(
+    out: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    backend: &str,
+    body: &[u8],
+    marked: bool,
+) {
     let added = match body.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH) {
         true => Added::Nothing,
         false => Added::ContentLength(body.len() as u64),
     };
-    head::encode_request(out, parts, marked, added);
+    head::encode_request(out, parts, backend, marked, added);
     out.extend_from_slice(body);
 }
 
