@@ -173,10 +173,9 @@ impl Forward {
                 tunnel::spawn(client, hyper::upgrade::on(&mut resp), conn, idle);
             }
             let (mut parts, body) = resp.into_parts();
-            if let Some(cookie) = self
-                .decision
-                .set_cookie()
-                .and_then(|c| HeaderValue::from_str(c).ok())
+            if let Some(cookie) = self.decision.set_cookie()
+                && !sets_cookie_named(&parts.headers, cookie)
+                && let Ok(cookie) = HeaderValue::from_str(cookie)
             {
                 parts.headers.append(header::SET_COOKIE, cookie);
             }
@@ -365,6 +364,18 @@ fn refuse_and_close(status: StatusCode, reason: &str) -> Response<Body> {
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
+}
+
+/// Whether the backend's answer sets the cookie `ours` (`name=value; …`) would set: the
+/// backend's choice stands (browsers keep the last of two), and the user keeps the bucket
+/// it picked, as they would a cookie that came with the request.
+fn sets_cookie_named(headers: &http::HeaderMap, ours: &str) -> bool {
+    let name = ours.split('=').next().unwrap_or_default().as_bytes();
+    headers.get_all(header::SET_COOKIE).iter().any(|set| {
+        let set = set.as_bytes();
+        let named = set.split(|b| *b == b'=').next().unwrap_or_default();
+        named.trim_ascii() == name
+    })
 }
 
 fn idempotent(m: &Method) -> bool {

@@ -344,6 +344,21 @@ impl Builder<'_> {
                     );
                     return None;
                 }
+                let lower = name.to_ascii_lowercase();
+                let prefix = ["__host-", "__secure-"]
+                    .into_iter()
+                    .find(|p| lower.starts_with(p));
+                if let Some(prefix) = prefix
+                    && s.secure != Some(true)
+                {
+                    let prefix = &name[..prefix.len()];
+                    self.error(
+                        &field.field("cookie"),
+                        format!("browsers keep a `{prefix}` cookie only if it is `Secure`, so every request would get a new bucket"),
+                        "add `secure: true` (the site must be served over HTTPS), or drop the prefix",
+                    );
+                    return None;
+                }
                 if s.max_age == Some(0) {
                     self.error(
                         &field.field("max_age"),

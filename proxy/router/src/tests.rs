@@ -482,6 +482,26 @@ fn a_sticky_cookie_that_expires_at_once_is_refused() {
 }
 
 #[test]
+fn a_prefixed_sticky_cookie_that_browsers_would_drop_is_refused() {
+    let route = |sticky: &str| {
+        format!(
+            "tracks: {{ stable: {{ backends: [\"127.0.0.1:1\"] }} }}\nroutes:\n  - {{ split: {{ stable: 10000 }}, sticky: {sticky} }}\n"
+        )
+    };
+    let text = diagnostics(&route("{ cookie: __Host-bucket }"));
+    expect_test::expect!["3:51: error: routes[0].sticky.cookie: browsers keep a `__Host-` cookie only if it is `Secure`, so every request would get a new bucket; add `secure: true` (the site must be served over HTTPS), or drop the prefix"]
+    .assert_eq(&text);
+    assert!(diagnostics(&route("{ cookie: __secure-b, secure: false }")).contains("`__secure-`"));
+    for fine in [
+        "{ cookie: __Host-bucket, secure: true }",
+        "{ cookie: __Secure-b, secure: true }",
+        "{ cookie: host-bucket }",
+    ] {
+        assert!(load(&route(fine)).is_ok(), "{fine}");
+    }
+}
+
+#[test]
 fn a_regex_that_would_break_out_of_its_anchors_is_refused() {
     let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - rules:\n      - { match: { header: { name: x, regex: \"x)|(.*\" } }, to: stable }\n    split: { stable: 10000 }\n";
     let diags = load(src).unwrap_err();

@@ -855,3 +855,36 @@ async fn an_http1_0_request_without_host_reaches_the_backend_with_one() {
     assert!(raw.ends_with("host=app.test"), "{raw}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_sticky_cookie_the_backend_sets_itself_is_not_set_over() {
+    let backend = RawBackend::start(|head| match path(head) {
+        "/login" => answer(
+            "HTTP/1.1 200 OK\r\nset-cookie: other=1\r\nset-cookie: fleet-bucket=user-42; Path=/\r\ncontent-length: 0\r\n\r\n",
+        ),
+        _ => answer("HTTP/1.1 200 OK\r\nset-cookie: fleet-bucketeer=1\r\ncontent-length: 0\r\n\r\n"),
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "tracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }}, sticky: {{ cookie: fleet-bucket }} }}\n",
+        backend.addr
+    ))
+    .await;
+    let cookies = |h: &http::HeaderMap| -> Vec<String> {
+        let all = h.get_all("set-cookie").iter();
+        all.map(|v| v.to_str().unwrap().to_string()).collect()
+    };
+    let get = |path: &str| Request::get(proxy.url(path)).body(Full::default()).unwrap();
+    // The backend pins the user itself: its cookie stands, and no second one follows it.
+    let (_, headers, _) = send(&client(), get("/login")).await.unwrap();
+    assert_eq!(
+        cookies(&headers),
+        ["other=1", "fleet-bucket=user-42; Path=/"]
+    );
+    // A cookie whose name only begins the same is another cookie.
+    let (_, headers, _) = send(&client(), get("/")).await.unwrap();
+    let set = cookies(&headers);
+    assert_eq!(set.len(), 2, "{set:?}");
+    assert!(set[1].starts_with("fleet-bucket="), "{set:?}");
+    proxy.stop().await;
+}
