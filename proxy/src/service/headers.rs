@@ -187,7 +187,28 @@ impl Survey {
 /// `port` allow them, one table lookup a byte: parsing it into an `Authority` copies it,
 /// for every request.
 fn well_formed(host: &[u8]) -> bool {
-    host.iter().all(|&b| HOST_BYTES[usize::from(b)])
+    host.iter().all(|&b| HOST_BYTES[usize::from(b)]) && port_well_formed(host)
+}
+
+/// After the host, nothing or `:` and digits: an IPv6 literal's colons are inside its
+/// brackets, and no other host has one (`a.example:1:2` and `a.example:abc` are not a host
+/// and port, whichever colon routing would split at).
+fn port_well_formed(host: &[u8]) -> bool {
+    let after_host = match host.first() {
+        Some(b'[') => match memchr::memchr(b']', host) {
+            Some(end) => &host[end + 1..],
+            None => return false,
+        },
+        _ => match memchr::memchr3(b':', b'[', b']', host) {
+            Some(at) => &host[at..],
+            None => return true,
+        },
+    };
+    match after_host.split_first() {
+        None => true,
+        Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
 }
 
 const HOST_BYTES: [bool; 256] = {
@@ -361,6 +382,8 @@ mod tests {
             "[::1]:80",
             "127.0.0.1",
             "x_y-z~1%41",
+            "a.example:",
+            "[v1.x]",
         ] {
             assert!(well_formed(good.as_bytes()), "{good:?}");
         }
@@ -373,6 +396,13 @@ mod tests {
             "a\"b",
             "a\tb",
             "é.example",
+            "a.example:1:2",
+            "a.example:abc",
+            "a.example:8080]",
+            "a[b]",
+            "[::1",
+            "[::1]x",
+            "[::1]:8a",
         ] {
             assert!(!well_formed(bad.as_bytes()), "{bad:?}");
         }

@@ -326,6 +326,8 @@ async fn a_request_without_one_well_formed_host_is_refused_and_the_connection_cl
         "GET / HTTP/1.1\r\nHost: a b/c\r\n",
         "GET / HTTP/1.1\r\nHost: a.example, b.example\r\n",
         "GET / HTTP/1.1\r\nHost: user@a.example\r\n",
+        "GET / HTTP/1.1\r\nHost: a.example:1:2\r\n",
+        "GET / HTTP/1.1\r\nHost: a.example:abc\r\n",
         "GET http://user:pw@a.example/ HTTP/1.1\r\nHost: a.example\r\n",
         "GET ftp://a.example/ HTTP/1.1\r\nHost: a.example\r\n",
         // An absolute-form target replaces the Host, but HTTP/1.1 still requires a good one.
