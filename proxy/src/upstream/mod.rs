@@ -3,6 +3,7 @@
 
 mod backend;
 mod h1;
+mod h2;
 mod pool;
 mod probe;
 mod upload;

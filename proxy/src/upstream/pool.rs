@@ -1,7 +1,7 @@
 //! Connections to one backend, kept for reuse. HTTP/1.1: idle connections of fleet-proxy's
 //! own client ([`super::h1`]), newest first; a connection goes back once its response body
-//! has been read to the end. HTTP/2: one connection of hyper's client that every request
-//! multiplexes on. A request that asks to switch protocols (WebSocket and other upgrades)
+//! has been read to the end. HTTP/2: connections of hyper's client that requests multiplex on
+//! ([`super::h2`]). A request that asks to switch protocols (WebSocket and other upgrades)
 //! goes through hyper's HTTP/1.1 client, which hands the connection over to the tunnel; that
 //! connection never comes back.
 //!
@@ -19,8 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -46,7 +46,7 @@ pub struct Pool {
     open: Arc<Open>,
     /// How many of them are idle, as of the last change to `idle`.
     idle_len: AtomicUsize,
-    http2: Mutex<Option<http2::SendRequest<Body>>>,
+    pub(super) http2: super::h2::Connections,
 }
 
 /// The count of open connections against `max_connections_per_backend`, and the requests
@@ -108,7 +108,7 @@ impl Pool {
                 freed: Notify::new(),
             }),
             idle_len: AtomicUsize::new(0),
-            http2: Mutex::default(),
+            http2: super::h2::Connections::default(),
         }
     }
 
@@ -198,10 +198,7 @@ impl Pool {
         idle.retain(|(since, conn)| now - since < IDLE_SWEEPS && conn.looks_open());
         self.idle_len.store(idle.len(), Relaxed);
         drop(idle);
-        let mut http2 = lock(&self.http2);
-        if http2.as_ref().is_some_and(|tx| tx.is_closed()) {
-            *http2 = None;
-        }
+        self.http2.sweep();
     }
 }
 
@@ -223,7 +220,10 @@ pub async fn request(
     connect_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, Error> {
     match http2 {
-        true => request_http2(backend, req, connect_timeout).await,
+        true => {
+            let resp = super::h2::request(backend, req, connect_timeout).await?;
+            Ok(resp.map(|(body, place)| UpstreamBody::Http2(body, place)))
+        }
         false => request_upgrade(backend, req, connect_timeout).await,
     }
 }
@@ -247,39 +247,6 @@ async fn request_upgrade(
     Ok(tx.send_request(req).await?.map(UpstreamBody::Hyper))
 }
 
-async fn request_http2(
-    backend: &Arc<Backend>,
-    mut req: Request<Body>,
-    connect_timeout: Duration,
-) -> Result<Response<UpstreamBody>, Error> {
-    let shared = lock(&backend.pool.http2)
-        .clone()
-        .filter(|tx| !tx.is_closed());
-    if let Some(mut tx) = shared {
-        match tx.try_send_request(req).await {
-            Ok(resp) => return Ok(resp.map(UpstreamBody::Hyper)),
-            Err(mut e) => match e.take_message() {
-                Some(unsent) => req = unsent,
-                None => return Err(e.into_error().into()),
-            },
-        }
-    }
-    let io = TokioIo::new(connect(backend, connect_timeout).await?);
-    let (mut tx, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .handshake(io)
-        .await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-        }
-    });
-    // Requests racing here may each open one; the last stays shared, the others end with
-    // their streams.
-    *lock(&backend.pool.http2) = Some(tx.clone());
-    Ok(tx.send_request(req).await?.map(UpstreamBody::Hyper))
-}
-
 pub(super) async fn connect(backend: &Backend, timeout: Duration) -> Result<TcpStream, Error> {
     let connecting = async {
         match backend.socket {
@@ -300,6 +267,8 @@ pub(super) async fn connect(backend: &Backend, timeout: Duration) -> Result<TcpS
 pub enum UpstreamBody {
     Own(h1::ResponseBody),
     Hyper(Incoming),
+    /// With the stream's place on its connection, given back when the body goes.
+    Http2(Incoming, super::h2::Place),
 }
 
 impl hyper::body::Body for UpstreamBody {
@@ -312,21 +281,23 @@ impl hyper::body::Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         match self.get_mut() {
             UpstreamBody::Own(body) => Pin::new(body).poll_frame(cx),
-            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Error::Http),
+            UpstreamBody::Hyper(body) | UpstreamBody::Http2(body, _) => {
+                Pin::new(body).poll_frame(cx).map_err(Error::Http)
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Own(body) => body.is_end_stream(),
-            UpstreamBody::Hyper(body) => body.is_end_stream(),
+            UpstreamBody::Hyper(body) | UpstreamBody::Http2(body, _) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Own(body) => body.size_hint(),
-            UpstreamBody::Hyper(body) => body.size_hint(),
+            UpstreamBody::Hyper(body) | UpstreamBody::Http2(body, _) => body.size_hint(),
         }
     }
 }

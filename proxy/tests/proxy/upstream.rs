@@ -683,3 +683,165 @@ async fn a_request_whose_client_leaves_before_the_answer_is_counted_as_client_cl
     assert_eq!(series["errors"], 0, "{series}");
     proxy.stop().await;
 }
+
+/// An HTTP/2 (prior knowledge) backend that allows `streams` at once, as servers do (100 in
+/// Tomcat and Apache): `/hold` answers its head and then never ends its body, `/big` sends
+/// 64 MiB, `/` answers `ok`. Counts the connections it accepted and the bytes of `/big` the
+/// connection took.
+struct H2Backend {
+    addr: std::net::SocketAddr,
+    conns: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn h2_backend_of(streams: u32) -> H2Backend {
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (accepted, counted) = (conns.clone(), sent.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let counted = counted.clone();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let counted = counted.clone();
+                async move {
+                    let body = match req.uri().path() {
+                        "/big" => {
+                            let (tx, body) = crate::support::ChanBody::new();
+                            tokio::spawn(async move {
+                                let piece = Bytes::from(vec![b'x'; 64 << 10]);
+                                for _ in 0..1024 {
+                                    if tx.send(piece.clone()).await.is_err() {
+                                        return;
+                                    }
+                                    counted.fetch_add(piece.len(), Ordering::SeqCst);
+                                }
+                            });
+                            body.boxed()
+                        }
+                        "/hold" => {
+                            let (tx, body) = crate::support::ChanBody::new();
+                            tokio::spawn(async move {
+                                let _tx = tx;
+                                std::future::pending::<()>().await;
+                            });
+                            body.boxed()
+                        }
+                        _ => Full::new(Bytes::from_static(b"ok"))
+                            .map_err(|e| match e {})
+                            .boxed(),
+                    };
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(streams)
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    H2Backend { addr, conns, sent }
+}
+
+#[tokio::test]
+async fn an_http2_backend_whose_streams_are_all_taken_gets_another_connection_not_an_ejection() {
+    let backend = h2_backend_of(100).await;
+    let proxy = h2c_proxy(backend.addr).await;
+    // 100 long streams (server-sent events, gRPC streams) take every stream the backend
+    // allows on one connection.
+    let h2 = crate::support::h2_client();
+    let asked: Vec<_> = (0..100)
+        .map(|_| {
+            let req = Request::get(proxy.url("/hold"))
+                .body(Full::default())
+                .unwrap();
+            tokio::spawn(h2.request(req))
+        })
+        .collect();
+    let mut held = Vec::new();
+    for answer in asked {
+        let resp = answer.await.unwrap().unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        held.push(resp);
+    }
+    // The next requests go at once, on a second connection; none waits its deadline out and
+    // gets the backend ejected.
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let (status, _, body) = send(
+            &client(),
+            Request::get(proxy.url("/")).body(Full::default()).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(backend.conns.load(Ordering::SeqCst), 2);
+    drop(held);
+    proxy.stop().await;
+}
+
+/// A proxy whose one track is `addr` over h2c; one failure ejects it.
+async fn h2c_proxy(addr: std::net::SocketAddr) -> Proxy {
+    Proxy::start(&format!(
+        "upstream: {{ eject_after: 1 }}\ntracks:\n  stable: {{ backends: [\"{addr}\"], protocol: h2c }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn clients_slow_to_read_big_answers_do_not_hold_up_others_on_the_backend_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = h2_backend_of(100).await;
+    let proxy = h2c_proxy(backend.addr).await;
+    // Twelve clients ask for 64 MiB each and stop reading after the first bytes.
+    let mut stalled = Vec::new();
+    for _ in 0..12 {
+        let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        c.write_all(b"GET /big HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 1024];
+        assert!(c.read(&mut first).await.unwrap() > 0);
+        stalled.push(c);
+    }
+    // Until everything between them and the backend is full: the bytes sent stop growing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut last = usize::MAX;
+    loop {
+        let now = backend.sent.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still sending: {now}");
+        last = now;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // What they have not read holds their streams' windows, not the connection's: another
+    // answer on the same connection comes at once.
+    let started = std::time::Instant::now();
+    let (status, _, body) = send(
+        &client(),
+        Request::get(proxy.url("/")).body(Full::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.conns.load(Ordering::SeqCst), 1);
+    drop(stalled);
+    proxy.stop().await;
+}

@@ -1,0 +1,158 @@
+//! HTTP/2 connections to one backend, through hyper's client: requests multiplex on a
+//! connection until it carries [`STREAMS_PER_CONNECTION`] of them, then another is opened.
+//!
+//! One connection for everything held two ways to stall a backend's whole traffic. A backend
+//! allows so many streams at once (`SETTINGS_MAX_CONCURRENT_STREAMS`: 100 in Tomcat and
+//! Apache, 128 in nginx, 200 in hyper, 250 in Go); long gRPC or SSE streams that fill them
+//! left every other request waiting inside hyper until its deadline, counted against the
+//! backend, which was then ejected though healthy. And flow control: data a slow client has
+//! not taken yet keeps its share of the connection's window, which, smaller than the streams'
+//! windows together, let a few slow downloads stop every response on the connection. So a
+//! connection carries at most 100 of our streams, the floor of common servers' limits, and its
+//! window is as large as 100 streams' windows, so that no stream waits for another's reader.
+//! (RFC 9113 §5.1.2, §6.9.)
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::backend::Backend;
+use super::{Error, pool};
+use crate::body::Body;
+use crate::lock;
+
+/// Streams of ours on one connection, at most.
+pub const STREAMS_PER_CONNECTION: usize = 100;
+/// Each stream's receive window: what a backend may send ahead of the client reading it.
+const STREAM_WINDOW: u32 = 256 << 10;
+/// The connection's receive window: every stream's, so that streams whose data waits for a
+/// slow client never use up the window of the others.
+const CONNECTION_WINDOW: u32 = STREAM_WINDOW * STREAMS_PER_CONNECTION as u32;
+/// While streams are open, a ping this often; no answer within [`PING_TIMEOUT`] closes the
+/// connection, so that one to a host that vanished (no FIN, no RST) fails its streams and is
+/// replaced, rather than taking requests until the kernel gives up on it.
+const PING_EVERY: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default)]
+pub struct Connections(Mutex<Vec<Connection>>);
+
+#[derive(Debug)]
+struct Connection {
+    tx: http2::SendRequest<Body>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// A stream's place on its connection, given back as the response body goes.
+#[derive(Debug)]
+pub struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Connections {
+    /// A place on a connection with room: the first one open that has it.
+    fn place(&self) -> Option<(http2::SendRequest<Body>, Place)> {
+        let conns = lock(&self.0);
+        let conn = conns
+            .iter()
+            .find(|c| !c.tx.is_closed() && c.streams.load(Relaxed) < STREAMS_PER_CONNECTION)?;
+        conn.streams.fetch_add(1, Relaxed);
+        Some((conn.tx.clone(), Place(conn.streams.clone())))
+    }
+
+    /// Forgets connections that closed (the backend's GOAWAY, a failed ping, an error).
+    pub fn sweep(&self) {
+        lock(&self.0).retain(|c| !c.tx.is_closed());
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.0).len()
+    }
+}
+
+/// Sends `req` on a connection with room, opening one if none has it.
+pub async fn request(
+    backend: &Arc<Backend>,
+    mut req: Request<Body>,
+    connect_timeout: Duration,
+) -> Result<Response<(Incoming, Place)>, Error> {
+    let conns = &backend.pool.http2;
+    // A connection found closing as the request goes on it hands the request back: the
+    // next one is tried, or a new one.
+    while let Some((mut tx, place)) = conns.place() {
+        match tx.try_send_request(req).await {
+            Ok(resp) => return Ok(resp.map(|body| (body, place))),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => req = unsent,
+                None => return Err(e.into_error().into()),
+            },
+        }
+    }
+    let io = TokioIo::new(pool::connect(backend, connect_timeout).await?);
+    let (mut tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .keep_alive_interval(PING_EVERY)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .handshake(io)
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    // Requests racing here may each open one: all are kept and used.
+    let streams = Arc::new(AtomicUsize::new(1));
+    let place = Place(streams.clone());
+    let shared = Connection {
+        tx: tx.clone(),
+        streams,
+    };
+    lock(&conns.0).push(shared);
+    Ok(tx.send_request(req).await?.map(|body| (body, place)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_with_every_place_taken_is_passed_over() {
+        // A connection whose task is never driven: its sender stays open.
+        let (client, _server) = tokio::io::duplex(64);
+        let handshake = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake::<_, Body>(TokioIo::new(client));
+        let (tx, _conn) = handshake.await.unwrap();
+        let conns = Connections::default();
+        let streams = Arc::new(AtomicUsize::new(0));
+        lock(&conns.0).push(Connection {
+            tx,
+            streams: streams.clone(),
+        });
+        let mut held: Vec<Place> = (0..STREAMS_PER_CONNECTION)
+            .map(|_| conns.place().unwrap().1)
+            .collect();
+        assert_eq!(streams.load(Relaxed), STREAMS_PER_CONNECTION);
+        assert!(
+            conns.place().is_none(),
+            "full: another connection is needed"
+        );
+        held.pop();
+        assert!(conns.place().is_some(), "a place came free");
+        drop(held);
+        assert_eq!(streams.load(Relaxed), 0);
+        assert_eq!(conns.len(), 1);
+    }
+}
