@@ -888,3 +888,40 @@ async fn a_sticky_cookie_the_backend_sets_itself_is_not_set_over() {
     assert!(set[1].starts_with("fleet-bucket="), "{set:?}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn an_answer_sent_before_the_backend_stops_taking_the_body_reaches_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that refuses a body at its head: `413` and close, its rest unread, so the
+    // kernel resets the connection under the proxy's writes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = "HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 9\r\n\r\ntoo large";
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let proxy = http1_proxy(addr).await;
+    let body = Bytes::from(vec![b'x'; 8 << 20]);
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        let req = Request::post(proxy.url("/upload"))
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let status = send(&client(), req).await.map(|(s, _, _)| s.as_u16());
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    assert_eq!(statuses, [(Some(413), 20)].into(), "{statuses:?}");
+    proxy.stop().await;
+}

@@ -173,12 +173,20 @@ impl Conn {
             // is left of the pump, moved several times on its way to the client.
             Some(body) => Some(Box::new(Pump::new(out, body, added == Added::Chunked))),
         };
-        let mut failed = false;
+        let (mut failed, mut write_error) = (false, None);
         let mut head = std::future::poll_fn(|cx| {
             let pumped = self.poll_pump(&mut pump, cx);
             let head = self.poll_timed(cx, |c, cx| c.poll_head(&parts.method, cx));
             match (head, pumped) {
-                (Poll::Pending, Err(e)) => Poll::Ready(Err(e)),
+                // The client's body failed: nothing more to send or wait for.
+                (_, Err(e @ Error::Body(_))) => Poll::Ready(Err(e)),
+                // The backend stopped taking the request, and may have answered first (a
+                // `413` before closing): the answer is read on for, until the connection
+                // says no more.
+                (Poll::Pending, Err(e)) => {
+                    (failed, write_error) = (true, Some(e));
+                    Poll::Pending
+                }
                 // The backend answered, then stopped taking the request: its answer stands.
                 (head, Err(_)) => {
                     failed = true;
@@ -188,6 +196,8 @@ impl Conn {
             }
         })
         .await
+        // No answer after all: the write's failure is the exchange's.
+        .map_err(|e| write_error.take().unwrap_or(e))
         .map_err(|e| match e {
             // The deadline came while the client was still sending, and the backend had
             // said nothing yet: the client's doing, not the backend's.
