@@ -151,9 +151,7 @@ pub async fn send(
                 let (req, upload) = build(out, backend, http2, last)?;
                 let sending = pool::request(backend, req, http2, cfg.connect_timeout);
                 // Boxed: rare, and its state would make every request's future larger.
-                let sent = Box::pin(tokio::time::timeout_at(this_try, sending))
-                    .await
-                    .unwrap_or(Err(Error::TimedOut));
+                let sent = Box::pin(moving_deadline(sending, this_try, upload.as_deref())).await;
                 // hyper reports the body's failure as its own, and a deadline falls on
                 // whichever side was slow: what the body saw tells them apart.
                 sent.map_err(|e| match upload {
@@ -275,6 +273,27 @@ pub async fn pipeline(
         }
     }
     answers
+}
+
+/// `sending`, unless `deadline` comes first; an upload that moved since (the sender took more
+/// of the body) has the try's time again from its last move, as on fleet-proxy's own client.
+async fn moving_deadline<T>(
+    sending: impl Future<Output = Result<T, Error>>,
+    deadline: Instant,
+    upload: Option<&upload::Seen>,
+) -> Result<T, Error> {
+    let span = deadline.saturating_duration_since(Instant::now());
+    let mut sending = std::pin::pin!(sending);
+    let mut deadline = deadline;
+    loop {
+        match tokio::time::timeout_at(deadline, sending.as_mut()).await {
+            Ok(sent) => return sent,
+            Err(_) => match upload.and_then(upload::Seen::moved) {
+                Some(moved) if moved + span > deadline => deadline = moved + span,
+                _ => return Err(Error::TimedOut),
+            },
+        }
+    }
 }
 
 /// The `:authority` an HTTP/2 backend gets: the host routing used, as an HTTP/1.1 backend

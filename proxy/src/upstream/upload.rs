@@ -4,12 +4,14 @@
 //! the client had not sent yet.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+
+use tokio::time::Instant;
 
 use crate::body::{Body, BoxError};
 
@@ -18,6 +20,8 @@ use crate::body::{Body, BoxError};
 pub struct Seen {
     failed: AtomicBool,
     waiting: AtomicBool,
+    /// When the sender last took a piece of the body: the upload moved.
+    moved: Mutex<Option<Instant>>,
 }
 
 impl Seen {
@@ -33,6 +37,11 @@ impl Seen {
     /// again, so the backend may not have taken the last piece the client sent.
     pub fn waits_for_the_client(&self) -> bool {
         self.waiting.load(Relaxed)
+    }
+
+    /// When the sender last took a piece of the body, if it took any.
+    pub fn moved(&self) -> Option<Instant> {
+        *crate::lock(&self.moved)
     }
 }
 
@@ -64,8 +73,10 @@ impl http_body::Body for Upload {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         self.seen.waiting.store(polled.is_pending(), Relaxed);
-        if let Poll::Ready(Some(Err(_))) = polled {
-            self.seen.failed.store(true, Relaxed);
+        match &polled {
+            Poll::Ready(Some(Err(_))) => self.seen.failed.store(true, Relaxed),
+            Poll::Ready(Some(Ok(_))) => *crate::lock(&self.seen.moved) = Some(Instant::now()),
+            _ => {}
         }
         polled
     }

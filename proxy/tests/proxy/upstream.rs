@@ -288,6 +288,42 @@ async fn a_request_body_still_arriving_at_the_deadline_gets_408_and_ejects_no_ba
     }
 }
 
+#[tokio::test]
+async fn an_upload_longer_than_the_timeouts_that_keeps_moving_is_not_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = "upstream: { request_timeout: 500ms, per_try_timeout: 500ms }\n";
+    for (proxy, _backend) in [
+        stable_proxy(upstream).await,
+        stable_h2c_proxy(upstream).await,
+    ] {
+        // PUT, retryable (so under `per_try_timeout`) and POST alike: eight pieces 150 ms
+        // apart, 1.2 s in all, more than twice either timeout; each piece moves the upload.
+        for method in ["PUT", "POST"] {
+            let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let head = format!("{method} / HTTP/1.1\r\nHost: a\r\nContent-Length: 800\r\n\r\n");
+            s.write_all(head.as_bytes()).await.unwrap();
+            for _ in 0..8 {
+                s.write_all(&[b'x'; 100]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            let mut out = Vec::new();
+            let head = async {
+                while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+                    if s.read_buf(&mut out).await.unwrap() == 0 {
+                        break;
+                    }
+                }
+            };
+            let read = tokio::time::timeout(Duration::from_secs(5), head).await;
+            let text = String::from_utf8_lossy(&out);
+            assert!(read.is_ok(), "no answer");
+            assert!(text.starts_with("HTTP/1.1 200"), "{method}: {text}");
+            assert!(text.contains("x-seen-body-len: 800"), "{method}: {text}");
+        }
+        proxy.stop().await;
+    }
+}
+
 /// The other way round: an HTTP/2 backend that stops taking the body (its window stays
 /// shut) is the one failing, though the client has more to send: 504, and it counts
 /// towards the backend's ejection.

@@ -143,6 +143,7 @@ impl Conn {
         backend: &str,
         marked: bool,
         body: Option<Body>,
+        span: Duration,
     ) -> Result<(head::Head, Option<Box<Pump>>), Error> {
         let body = body.filter(|b| !b.is_end_stream());
         // Only a request with a body looks at its framing headers.
@@ -175,7 +176,7 @@ impl Conn {
         };
         let (mut failed, mut write_error) = (false, None);
         let mut head = std::future::poll_fn(|cx| {
-            let pumped = self.poll_pump(&mut pump, cx);
+            let pumped = self.poll_pump(&mut pump, Some(span), cx);
             let head = self.poll_timed(cx, |c, cx| c.poll_head(&parts.method, cx));
             match (head, pumped) {
                 // The client's body failed: nothing more to send or wait for.
@@ -232,13 +233,26 @@ impl Conn {
 
     /// Moves the request along, if it is still being sent; done with it once written, or
     /// once writing failed.
+    /// Writes what it can of the request. With `span`, an upload that moves (the client sent
+    /// more and the backend took what came before) moves the exchange's deadline to `span`
+    /// from now: a long upload is not cut for its length, only for standing still.
     fn poll_pump(
         &mut self,
         pump: &mut Option<Box<Pump>>,
+        span: Option<Duration>,
         cx: &mut Context<'_>,
     ) -> Result<(), Error> {
         let Some(p) = pump else { return Ok(()) };
+        let taken = p.taken();
         let polled = p.poll(&mut self.io, cx);
+        if let Some(span) = span
+            && p.taken() != taken
+        {
+            let deadline = Instant::now() + span;
+            if deadline > self.timer.deadline() {
+                self.timer.as_mut().reset(deadline + DEADLINE_SLACK);
+            }
+        }
         if polled.is_ready()
             && let Some(done) = pump.take()
         {
@@ -285,13 +299,15 @@ pub async fn request(
     connect_timeout: Duration,
     (deadline, limit): (Instant, Instant),
 ) -> Result<Response<ResponseBody>, Error> {
+    // What the try was given: an upload that moves has it again from its last move.
+    let span = deadline.saturating_duration_since(Instant::now());
     let mut conn = match Conn::reused(backend, deadline) {
         Some(conn) => conn,
         // Boxed: connecting is rare next to reuse.
         None => Box::pin(Conn::connect(backend, connect_timeout, deadline, limit)).await?,
     };
     let (head, pump) = conn
-        .exchange(parts, &backend.addr, marked, body.take())
+        .exchange(parts, &backend.addr, marked, body.take(), span)
         .await?;
     let mut body = ResponseBody {
         conn: Some(conn),
@@ -395,7 +411,7 @@ impl ResponseBody {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(());
         };
-        match conn.poll_pump(&mut self.pump, cx) {
+        match conn.poll_pump(&mut self.pump, None, cx) {
             Err(e @ Error::Body(_)) => Err(e),
             Err(e) => {
                 tracing::debug!(error = %e, "backend stopped taking the request body");

@@ -36,6 +36,8 @@ pub struct Pump {
     ended: bool,
     /// The last poll found everything written and the client's body with nothing more yet.
     starved: bool,
+    /// Frames taken from the client's body so far: the upload moves while this does.
+    taken: u64,
 }
 
 impl Pump {
@@ -50,6 +52,7 @@ impl Pump {
             after_large: false,
             ended: false,
             starved: false,
+            taken: 0,
         }
     }
 
@@ -57,6 +60,12 @@ impl Pump {
     pub fn into_buf(mut self) -> Vec<u8> {
         self.out.clear();
         self.out
+    }
+
+    /// How many frames of the client's body have been taken: one more each time the client
+    /// sent some and the backend took what came before.
+    pub fn taken(&self) -> u64 {
+        self.taken
     }
 
     /// Whether the request is held up by its client, not by the backend: at the last poll
@@ -96,6 +105,7 @@ impl Pump {
                 }
                 Poll::Ready(Some(frame)) => frame.map_err(Error::Body)?,
             };
+            self.taken += 1;
             match frame.into_data() {
                 Ok(data) => self.put(data),
                 Err(frame) => self.end(frame.trailers_ref()),
