@@ -10,7 +10,14 @@
 //! windows together, let a few slow downloads stop every response on the connection. So a
 //! connection carries at most 100 of our streams, the floor of common servers' limits, and its
 //! window is as large as 100 streams' windows, so that no stream waits for another's reader.
-//! (RFC 9113 §5.1.2, §6.9.)
+//! (RFC 9113 §5.1.2, §6.9.) One request at a time opens a connection, the others waiting for
+//! a place on it, so that a burst to a backend with none opens one, not one per request; a
+//! sweep closes connections beyond the first once they carry no stream.
+//!
+//! No keep-alive pings: gRPC servers answer pings more often than every five minutes with
+//! `GOAWAY ENHANCE_YOUR_CALM` (grpc-go's and grpc-java's default), which would end exactly the
+//! long quiet streams this is for. A connection to a host that vanished without a word is
+//! found by the requests' own timeouts and, in the end, by the kernel.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -33,14 +40,12 @@ const STREAM_WINDOW: u32 = 256 << 10;
 /// The connection's receive window: every stream's, so that streams whose data waits for a
 /// slow client never use up the window of the others.
 const CONNECTION_WINDOW: u32 = STREAM_WINDOW * STREAMS_PER_CONNECTION as u32;
-/// While streams are open, a ping this often; no answer within [`PING_TIMEOUT`] closes the
-/// connection, so that one to a host that vanished (no FIN, no RST) fails its streams and is
-/// replaced, rather than taking requests until the kernel gives up on it.
-const PING_EVERY: Duration = Duration::from_secs(5);
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
-
 #[derive(Debug, Default)]
-pub struct Connections(Mutex<Vec<Connection>>);
+pub struct Connections {
+    open: Mutex<Vec<Connection>>,
+    /// Held by the request opening a connection.
+    opening: tokio::sync::Mutex<()>,
+}
 
 #[derive(Debug)]
 struct Connection {
@@ -61,7 +66,7 @@ impl Drop for Place {
 impl Connections {
     /// A place on a connection with room: the first one open that has it.
     fn place(&self) -> Option<(http2::SendRequest<Body>, Place)> {
-        let conns = lock(&self.0);
+        let conns = lock(&self.open);
         let conn = conns
             .iter()
             .find(|c| !c.tx.is_closed() && c.streams.load(Relaxed) < STREAMS_PER_CONNECTION)?;
@@ -69,14 +74,20 @@ impl Connections {
         Some((conn.tx.clone(), Place(conn.streams.clone())))
     }
 
-    /// Forgets connections that closed (the backend's GOAWAY, a failed ping, an error).
+    /// Forgets connections that closed (the backend's GOAWAY, an error), and closes those
+    /// beyond the first that carry no stream: a burst's extra connections do not stay.
     pub fn sweep(&self) {
-        lock(&self.0).retain(|c| !c.tx.is_closed());
+        let mut first = true;
+        lock(&self.open).retain(|c| {
+            let keep = !c.tx.is_closed() && (first || c.streams.load(Relaxed) > 0);
+            first &= !keep;
+            keep
+        });
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        lock(&self.0).len()
+        lock(&self.open).len()
     }
 }
 
@@ -87,24 +98,40 @@ pub async fn request(
     connect_timeout: Duration,
 ) -> Result<Response<(Incoming, Place)>, Error> {
     let conns = &backend.pool.http2;
-    // A connection found closing as the request goes on it hands the request back: the
-    // next one is tried, or a new one.
-    while let Some((mut tx, place)) = conns.place() {
-        match tx.try_send_request(req).await {
-            Ok(resp) => return Ok(resp.map(|body| (body, place))),
-            Err(mut e) => match e.take_message() {
-                Some(unsent) => req = unsent,
-                None => return Err(e.into_error().into()),
-            },
+    loop {
+        // A connection found closing as the request goes on it hands the request back: the
+        // next one is tried, or a new one.
+        while let Some((mut tx, place)) = conns.place() {
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|body| (body, place))),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(e.into_error().into()),
+                },
+            }
         }
+        let opening = conns.opening.lock().await;
+        // Another request may have opened one while this one waited to.
+        if conns.place().is_some() {
+            continue;
+        }
+        let (tx, place) = open(backend, connect_timeout).await?;
+        drop(opening);
+        let mut tx = tx;
+        return Ok(tx.send_request(req).await?.map(|body| (body, place)));
     }
+}
+
+/// A new connection to `backend`, kept for others too, with a place on it taken.
+async fn open(
+    backend: &Arc<Backend>,
+    connect_timeout: Duration,
+) -> Result<(http2::SendRequest<Body>, Place), Error> {
     let io = TokioIo::new(pool::connect(backend, connect_timeout).await?);
-    let (mut tx, conn) = http2::Builder::new(TokioExecutor::new())
+    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .keep_alive_interval(PING_EVERY)
-        .keep_alive_timeout(PING_TIMEOUT)
         .handshake(io)
         .await?;
     tokio::spawn(async move {
@@ -112,15 +139,14 @@ pub async fn request(
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
         }
     });
-    // Requests racing here may each open one: all are kept and used.
     let streams = Arc::new(AtomicUsize::new(1));
     let place = Place(streams.clone());
     let shared = Connection {
         tx: tx.clone(),
         streams,
     };
-    lock(&conns.0).push(shared);
-    Ok(tx.send_request(req).await?.map(|body| (body, place)))
+    lock(&backend.pool.http2.open).push(shared);
+    Ok((tx, place))
 }
 
 #[cfg(test)]
@@ -137,7 +163,7 @@ mod tests {
         let (tx, _conn) = handshake.await.unwrap();
         let conns = Connections::default();
         let streams = Arc::new(AtomicUsize::new(0));
-        lock(&conns.0).push(Connection {
+        lock(&conns.open).push(Connection {
             tx,
             streams: streams.clone(),
         });
@@ -154,5 +180,27 @@ mod tests {
         drop(held);
         assert_eq!(streams.load(Relaxed), 0);
         assert_eq!(conns.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_keeps_the_first_connection_and_those_carrying_streams() {
+        let conns = Connections::default();
+        let mut ends = Vec::new();
+        for streams in [0, 0, 3, 0] {
+            let (client, server) = tokio::io::duplex(64);
+            let handshake = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake::<_, Body>(TokioIo::new(client));
+            let (tx, conn) = handshake.await.unwrap();
+            ends.push((server, conn));
+            let streams = Arc::new(AtomicUsize::new(streams));
+            lock(&conns.open).push(Connection { tx, streams });
+        }
+        conns.sweep();
+        let left: Vec<usize> = lock(&conns.open)
+            .iter()
+            .map(|c| c.streams.load(Relaxed))
+            .collect();
+        assert_eq!(left, [0, 3]);
     }
 }

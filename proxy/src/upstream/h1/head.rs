@@ -62,7 +62,8 @@ pub fn encode_request(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     encode_fields(out, &parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
+    // Only an HTTP/1.0 request can come without one (the service refuses others).
+    if parts.version == http::Version::HTTP_10 && !parts.headers.contains_key(header::HOST) {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(backend.as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -354,8 +355,10 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET /a/b?c=d HTTP/1.1\r\nhost: example.com\r\nx-many: 1\r\nx-many: 2\r\n\r\n"
         );
+        // An HTTP/1.0 request without a host (the only kind the service lets through).
         parts.uri = http::Uri::from_static("http://example.com");
         parts.headers.clear();
+        parts.version = http::Version::HTTP_10;
         let mut out = Vec::new();
         encode_request(&mut out, &parts, "b:1", false, Added::Nothing);
         assert_eq!(
