@@ -198,11 +198,10 @@ pub async fn send(
                 failure = Some(Failure::Upstream(e));
             }
         }
+        // No time for another try: the last one's failure is the answer (a reset or a bad
+        // answer after an upload that ran past the deadline is the backend's `502`).
         if Instant::now() >= deadline {
-            return Err(match failure {
-                Some(busy @ Failure::Saturated(_)) => busy,
-                _ => Failure::Timeout,
-            });
+            return Err(failure.unwrap_or(Failure::Timeout));
         }
         if !out.retryable && !unsent {
             break;

@@ -233,8 +233,8 @@ impl Conn {
 
     /// Moves the request along, if it is still being sent; done with it once written, or
     /// once writing failed.
-    /// Writes what it can of the request. With `span`, an upload that moves (the client sent
-    /// more and the backend took what came before) moves the exchange's deadline to `span`
+    /// Writes what it can of the request. With `span`, an upload that moves (the socket took
+    /// more of it: the client sent, the backend read) moves the exchange's deadline to `span`
     /// from now: a long upload is not cut for its length, only for standing still.
     fn poll_pump(
         &mut self,
@@ -243,10 +243,10 @@ impl Conn {
         cx: &mut Context<'_>,
     ) -> Result<(), Error> {
         let Some(p) = pump else { return Ok(()) };
-        let taken = p.taken();
+        let written = p.written();
         let polled = p.poll(&mut self.io, cx);
         if let Some(span) = span
-            && p.taken() != taken
+            && p.written() != written
         {
             let deadline = Instant::now() + span;
             if deadline > self.timer.deadline() {

@@ -36,8 +36,9 @@ pub struct Pump {
     ended: bool,
     /// The last poll found everything written and the client's body with nothing more yet.
     starved: bool,
-    /// Frames taken from the client's body so far: the upload moves while this does.
-    taken: u64,
+    /// Body bytes (and their framing) the socket took so far: the upload moves while this
+    /// does, which takes both a client that sends and a backend that reads.
+    written: u64,
 }
 
 impl Pump {
@@ -52,7 +53,7 @@ impl Pump {
             after_large: false,
             ended: false,
             starved: false,
-            taken: 0,
+            written: 0,
         }
     }
 
@@ -62,10 +63,9 @@ impl Pump {
         self.out
     }
 
-    /// How many frames of the client's body have been taken: one more each time the client
-    /// sent some and the backend took what came before.
-    pub fn taken(&self) -> u64 {
-        self.taken
+    /// How many bytes of the request the socket has taken.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// Whether the request is held up by its client, not by the backend: at the last poll
@@ -105,7 +105,6 @@ impl Pump {
                 }
                 Poll::Ready(Some(frame)) => frame.map_err(Error::Body)?,
             };
-            self.taken += 1;
             match frame.into_data() {
                 Ok(data) => self.put(data),
                 Err(frame) => self.end(frame.trailers_ref()),
@@ -155,13 +154,17 @@ impl Pump {
 
     /// Writes what is buffered; Ready once all of it is out.
     fn write(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        ready!(poll_write_all(io, cx, &self.out, &mut self.at))?;
+        let at = self.at;
+        let wrote = poll_write_all(io, cx, &self.out, &mut self.at);
+        self.written += (self.at - at) as u64;
+        ready!(wrote)?;
         self.out.clear();
         self.at = 0;
         if let Some(large) = &mut self.large {
             while !large.is_empty() {
                 let n = ready!(poll_write(io, cx, large))?;
                 large.advance(n);
+                self.written += n as u64;
             }
             self.large = None;
             if std::mem::take(&mut self.after_large) {
