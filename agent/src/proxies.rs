@@ -4,10 +4,13 @@
 //! A proxy can lose the agent's table without the agent doing anything: it restarts and
 //! serves the table of its config file, or its file is edited and read again. Each scrape of
 //! `/stats` says which table a proxy has in force (`table_version`, since `started_unix_ms`),
-//! so the agent sees it there and puts its table back.
+//! so the agent sees it there and puts its table back: at once the first time, then at most
+//! every [`RESTORE_EVERY`], so that another writer that keeps replacing it (a second agent
+//! pointed at the same proxy, an operator's `PUT`) gets a table put back now and then, with a
+//! warning, rather than a fight every scrape.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleet_proto::tally::Tally;
 use fleet_proto::v1 as pb;
@@ -16,6 +19,8 @@ use fleet_proxy_router::spec::TableSpec;
 use crate::stats::{self, ProxyStats};
 
 const PROXY_TIMEOUT: Duration = Duration::from_secs(2);
+/// A table is put back on a proxy that lost it at most this often.
+const RESTORE_EVERY: Duration = Duration::from_secs(5);
 
 pub struct Proxies {
     http: reqwest::Client,
@@ -27,6 +32,8 @@ pub struct Proxies {
     tally: Tally<String>,
     /// When counting began, in ms since the Unix epoch.
     since_unix_ms: u64,
+    /// No table is put back before this.
+    quiet_until: Option<Instant>,
 }
 
 impl Proxies {
@@ -38,6 +45,7 @@ impl Proxies {
             installed: HashMap::new(),
             tally: Tally::new(since_unix_ms),
             since_unix_ms,
+            quiet_until: None,
         }
     }
 
@@ -80,7 +88,9 @@ impl Proxies {
             };
             if let Some((version, started)) = self.installed.get_mut(proxy) {
                 let started = started.get_or_insert(stats.started_unix_ms);
-                if (*version, *started) != (stats.table_version, stats.started_unix_ms) {
+                let quiet = self.quiet_until.is_some_and(|t| Instant::now() < t);
+                if (*version, *started) != (stats.table_version, stats.started_unix_ms) && !quiet {
+                    self.quiet_until = Some(Instant::now() + RESTORE_EVERY);
                     tracing::warn!(
                         proxy,
                         serving = stats.table_version,

@@ -135,16 +135,19 @@ pub fn event(id: &str, index: u64, e: &HistoryEvent) -> pb::ReleaseEvent {
     }
 }
 
-pub fn stats(s: &pb::TrafficStats) -> RegionStats {
+/// The counters of a region, counted since `since_unix_ms`.
+pub fn stats(s: &pb::TrafficStats, since_unix_ms: u64) -> RegionStats {
     let track = |t: &Option<pb::TrackStats>| {
-        t.as_ref().map_or_else(TrackStats::default, |t| TrackStats {
+        let t = t.clone().unwrap_or_default();
+        TrackStats {
             requests: t.requests,
             errors: t.errors,
             latency: Histogram {
-                bounds_ms: t.latency_bounds_ms.clone(),
-                counts: t.latency_counts.clone(),
+                bounds_ms: t.latency_bounds_ms,
+                counts: t.latency_counts,
             },
-        })
+            counting_since_unix_ms: since_unix_ms,
+        }
     };
     RegionStats {
         stable: track(&s.stable),

@@ -70,7 +70,7 @@ impl Traffic {
             let started = status.counting_since_unix_ms;
             tally.observe(cluster.to_string(), started, stats.clone());
         }
-        convert::stats(tally.total())
+        convert::stats(tally.total(), since)
     }
 }
 

@@ -9,7 +9,10 @@
 //! what each source counted *between its reports* instead, so its total only grows: a missed
 //! report adds nothing until the next one, a source that restarted adds what it counted since
 //! its start, and a source first seen adds nothing (its counts are from before the tally
-//! looked) unless it started after the tally did. Pure.
+//! looked) unless it started after the tally did. Each run of a source (a source and its
+//! start) is followed on its own, so two that report under one name (an agent and its
+//! replacement overlapping, one admin URL in front of two proxies) each add what they counted,
+//! rather than each report looking like the other's restart. Pure.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -22,14 +25,9 @@ pub struct Tally<K> {
     /// counted whole at its first report.
     since_unix_ms: u64,
     total: TrafficStats,
-    last: HashMap<K, Reading>,
-}
-
-/// What a source reported last, and which run of it that was.
-#[derive(Debug)]
-struct Reading {
-    started_unix_ms: u64,
-    stats: TrafficStats,
+    /// What each run of each source reported last. A run that ended stays (a restart leaves
+    /// one entry behind).
+    last: HashMap<(K, u64), TrafficStats>,
 }
 
 impl<K: Hash + Eq> Tally<K> {
@@ -44,21 +42,17 @@ impl<K: Hash + Eq> Tally<K> {
     /// Takes a report of `source`: its counters since it started, at `started_unix_ms` (0 if
     /// it does not say; a restart then shows only as a counter that went down).
     pub fn observe(&mut self, source: K, started_unix_ms: u64, now: TrafficStats) {
-        let added = match self.last.get(&source) {
-            Some(last) if last.started_unix_ms == started_unix_ms => {
-                difference(&now, &last.stats).unwrap_or_else(|| now.clone())
-            }
-            // Restarted: everything it counted is since its start.
-            Some(_) => now.clone(),
+        let run = (source, started_unix_ms);
+        let added = match self.last.get(&run) {
+            // A counter that went down: it restarted without saying, and all is since then.
+            Some(last) => difference(&now, last).unwrap_or_else(|| now.clone()),
+            // A new run (a restart, or a source not seen before): all of it counts if it
+            // began after the tally did.
             None if started_unix_ms > self.since_unix_ms => now.clone(),
             None => TrafficStats::default(),
         };
         add(&mut self.total, &added);
-        let reading = Reading {
-            started_unix_ms,
-            stats: now,
-        };
-        self.last.insert(source, reading);
+        self.last.insert(run, now);
     }
 
     /// Whether any source has reported.
@@ -187,6 +181,18 @@ mod tests {
         // And one announced, whose counts happen to be higher, is still taken whole.
         t.observe("a", 3, stats(500, 50));
         assert_eq!(totals(&t), (809, 81));
+    }
+
+    #[test]
+    fn two_runs_reporting_under_one_name_each_add_what_they_counted() {
+        let mut t = Tally::new(0);
+        t.observe("a", 1, stats(100, 0));
+        t.observe("a", 2, stats(10, 0));
+        t.observe("a", 1, stats(150, 0));
+        t.observe("a", 2, stats(20, 0));
+        t.observe("a", 1, stats(160, 0));
+        // Each run whole at its first report (both began after the tally), then its steps.
+        assert_eq!(totals(&t), (100 + 10 + 50 + 10 + 10, 0));
     }
 
     #[test]

@@ -85,9 +85,11 @@ impl Verdict {
     }
 }
 
-/// The counters accumulated between `base` and `now`; all of `now` if the proxy restarted.
+/// The counters accumulated between `base` and `now`; all of `now` if the counting began
+/// again in between (the controller restarted, or a counter went down).
 pub fn delta(now: &TrackStats, base: &TrackStats) -> TrackStats {
-    let restarted = now.requests < base.requests
+    let restarted = now.counting_since_unix_ms != base.counting_since_unix_ms
+        || now.requests < base.requests
         || now.errors < base.errors
         || now.latency.bounds_ms != base.latency.bounds_ms
         || now
@@ -112,6 +114,7 @@ pub fn delta(now: &TrackStats, base: &TrackStats) -> TrackStats {
                 .map(|(n, b)| n - b)
                 .collect(),
         },
+        counting_since_unix_ms: now.counting_since_unix_ms,
     }
 }
 
@@ -278,6 +281,7 @@ mod tests {
                 bounds_ms: vec![10.0, 100.0, 1000.0],
                 counts: vec![fast, requests, requests],
             },
+            counting_since_unix_ms: 0,
         }
     }
 
@@ -364,6 +368,14 @@ mod tests {
             (d.requests, d.errors, d.latency.counts),
             (100, 2, vec![100, 100, 100])
         );
+        // Counted from another start (the controller restarted): all of `now`, even where
+        // no counter went down.
+        let restarted = TrackStats {
+            counting_since_unix_ms: 7,
+            ..track(600, 7, 1.0)
+        };
+        let d = delta(&restarted, &track(500, 5, 1.0));
+        assert_eq!((d.requests, d.errors), (600, 7));
     }
 
     #[test]

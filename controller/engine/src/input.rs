@@ -38,8 +38,9 @@ pub enum Action {
     Abort,
 }
 
-/// Cumulative counters since the proxy started, per track. A counter that goes down means the
-/// proxy restarted; the engine then measures from zero.
+/// Cumulative counters, per track, since `counting_since_unix_ms`. Counters of another start,
+/// or a counter that goes down, mean the counting began again; the engine then measures from
+/// zero.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RegionStats {
     pub stable: TrackStats,
@@ -55,6 +56,9 @@ pub struct TrackStats {
     /// Requests answered 5xx or not at all.
     pub errors: u64,
     pub latency: Histogram,
+    /// When these counters began (the controller's start, in ms since the Unix epoch).
+    #[serde(default)]
+    pub counting_since_unix_ms: u64,
 }
 
 /// A cumulative latency histogram: `counts[i]` requests took at most `bounds_ms[i]`.
