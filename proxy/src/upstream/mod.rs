@@ -9,6 +9,7 @@ mod probe;
 mod upload;
 
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 use http::{Request, Response, Uri, Version};
@@ -115,10 +116,21 @@ pub async fn send(
             return Err(failure.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())));
         };
         // Without retries, a try has the whole request timeout.
-        let this_try = match (out.retryable && cfg.retries > 0, attempt) {
-            (false, _) => deadline,
-            (true, 0) => deadline.min(now + cfg.per_try_timeout),
-            (true, _) => deadline.min(Instant::now() + cfg.per_try_timeout),
+        // And how long it is: what an upload that moves has again from its last move.
+        let (this_try, span) = match (out.retryable && cfg.retries > 0, attempt) {
+            (false, 0) => (deadline, cfg.request_timeout),
+            (false, _) => (deadline, deadline.saturating_duration_since(Instant::now())),
+            (true, 0) => {
+                let span = cfg.per_try_timeout.min(cfg.request_timeout);
+                (now + span, span)
+            }
+            (true, _) => {
+                let at = Instant::now();
+                let span = deadline
+                    .saturating_duration_since(at)
+                    .min(cfg.per_try_timeout);
+                (at + span, span)
+            }
         };
         let http2 = match out.http2 && out.auto {
             false => Ok(Some(out.http2)),
@@ -140,7 +152,7 @@ pub async fn send(
                 out.marked,
                 &mut out.body,
                 cfg.connect_timeout,
-                (this_try, deadline),
+                (this_try, deadline, span),
             )
             .await
             .map(|resp| resp.map(UpstreamBody::Own)),
@@ -151,7 +163,8 @@ pub async fn send(
                 let (req, upload) = build(out, backend, http2, last)?;
                 let sending = pool::request(backend, req, http2, cfg.connect_timeout);
                 // Boxed: rare, and its state would make every request's future larger.
-                let sent = Box::pin(moving_deadline(sending, this_try, upload.as_deref())).await;
+                let sent =
+                    Box::pin(moving_deadline(sending, this_try, span, upload.as_deref())).await;
                 // hyper reports the body's failure as its own, and a deadline falls on
                 // whichever side was slow: what the body saw tells them apart.
                 sent.map_err(|e| match upload {
@@ -279,9 +292,9 @@ pub async fn pipeline(
 async fn moving_deadline<T>(
     sending: impl Future<Output = Result<T, Error>>,
     deadline: Instant,
+    span: Duration,
     upload: Option<&upload::Seen>,
 ) -> Result<T, Error> {
-    let span = deadline.saturating_duration_since(Instant::now());
     let mut sending = std::pin::pin!(sending);
     let mut deadline = deadline;
     loop {

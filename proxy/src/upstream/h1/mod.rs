@@ -297,10 +297,8 @@ pub async fn request(
     marked: bool,
     body: &mut Option<Body>,
     connect_timeout: Duration,
-    (deadline, limit): (Instant, Instant),
+    (deadline, limit, span): (Instant, Instant, Duration),
 ) -> Result<Response<ResponseBody>, Error> {
-    // What the try was given: an upload that moves has it again from its last move.
-    let span = deadline.saturating_duration_since(Instant::now());
     let mut conn = match Conn::reused(backend, deadline) {
         Some(conn) => conn,
         // Boxed: connecting is rare next to reuse.
