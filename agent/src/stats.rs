@@ -33,6 +33,10 @@ pub struct Series {
     /// proxies older than the field.
     #[serde(default)]
     pub grpc_errors: u64,
+    /// Responses whose body the backend broke off or stalled after their head; absent from
+    /// proxies older than the field.
+    #[serde(default)]
+    pub broken: u64,
     pub latency: Latency,
 }
 
@@ -42,7 +46,8 @@ pub struct Latency {
 }
 
 /// A proxy's series summed into stable and canary counters. An error is a 5xx answer, a gRPC
-/// answer with a server's failure in its status, or none at all; mirrored copies count with
+/// answer with a server's failure in its status, an answer whose body the backend broke off
+/// or stalled, or none at all; mirrored copies count with
 /// the track they were sent to, so that a mirror phase has numbers to judge.
 pub fn tracks(proxy: &ProxyStats) -> pb::TrafficStats {
     let mut out = pb::TrafficStats::default();
@@ -58,7 +63,7 @@ pub fn tracks(proxy: &ProxyStats) -> pb::TrafficStats {
         let unanswered = if s.source == "mirror" { s.errors } else { 0 };
         let series = pb::TrackStats {
             requests: s.requests,
-            errors: fivexx + unanswered + s.grpc_errors,
+            errors: fivexx + unanswered + s.grpc_errors + s.broken,
             latency_bounds_ms: proxy.latency_bounds_ms.clone(),
             latency_counts: s.latency.cumulative.clone(),
         };
@@ -76,14 +81,15 @@ mod tests {
         let json = r#"{
           "latency_bounds_ms": [10, 100],
           "series": [
-            {"route":"demo","track":"stable","source":"primary","requests":90,"responses":{"2xx":89,"5xx":1},"errors":1,"latency":{"cumulative":[80,90,90],"sum_us":1}},
+            {"route":"demo","track":"stable","source":"primary","requests":90,"responses":{"2xx":89,"5xx":1},"errors":1,"broken":3,"latency":{"cumulative":[80,90,90],"sum_us":1}},
             {"route":"demo","track":"canary","source":"primary","requests":10,"responses":{"2xx":9,"5xx":1},"errors":0,"grpc_errors":2,"latency":{"cumulative":[5,10,10],"sum_us":1}},
             {"route":"demo","track":"canary","source":"mirror","requests":4,"responses":{"2xx":3},"errors":1,"latency":{"cumulative":[2,3,4],"sum_us":1}}
           ]}"#;
         let proxy: ProxyStats = serde_json::from_str(json).unwrap();
         let total = tracks(&proxy);
         let (stable, canary) = (total.stable.unwrap(), total.canary.unwrap());
-        assert_eq!((stable.requests, stable.errors), (90, 1));
+        // 5xx 1 + bodies broken off 3.
+        assert_eq!((stable.requests, stable.errors), (90, 4));
         // 5xx 1 + gRPC failures 2 (on 200s) + an unanswered copy 1.
         assert_eq!((canary.requests, canary.errors), (14, 4));
         assert_eq!(canary.latency_counts, [7, 13]);

@@ -129,11 +129,20 @@ pub struct Quiet<B, F> {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A frame came since the timer was last set.
     moved: bool,
-    /// Told when the body is cut.
+    /// Told when the body ends short, once.
     on_cut: Option<F>,
 }
 
-impl<B, F: FnOnce()> Quiet<B, F> {
+/// Why a response body ended short of its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Short {
+    /// Nothing from the backend for `idle`: cut here.
+    Stalled,
+    /// The backend's body failed (a reset, a close short of its length).
+    Broken,
+}
+
+impl<B, F: FnOnce(Short)> Quiet<B, F> {
     pub fn new(inner: B, idle: Duration, on_cut: F) -> Self {
         Quiet {
             inner,
@@ -154,7 +163,7 @@ impl<B, F> http_body::Body for Quiet<B, F>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
-    F: FnOnce() + Unpin,
+    F: FnOnce(Short) + Unpin,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -179,7 +188,7 @@ where
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         if let Some(on_cut) = this.on_cut.take() {
-                            on_cut();
+                            on_cut(Short::Stalled);
                         }
                         tracing::debug!(?idle, "response body cut: nothing from its backend");
                         Poll::Ready(Some(Err(Stalled(idle).into())))
@@ -189,6 +198,11 @@ where
             }
             Poll::Ready(frame) => {
                 this.moved = true;
+                if let Some(Err(_)) = &frame
+                    && let Some(on_cut) = this.on_cut.take()
+                {
+                    on_cut(Short::Broken);
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
         }
@@ -333,7 +347,7 @@ mod tests {
             }
         });
         let started = tokio::time::Instant::now();
-        let body = Quiet::new(Chan(rx), Duration::from_millis(400), || ())
+        let body = Quiet::new(Chan(rx), Duration::from_millis(400), |_| ())
             .collect()
             .await;
         assert_eq!(body.unwrap().to_bytes(), "xxxxxx");
@@ -349,7 +363,10 @@ mod tests {
         tx.send(Bytes::from_static(b"x")).await.unwrap();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let told = cut.clone();
-        let on_cut = move || told.store(true, std::sync::atomic::Ordering::SeqCst);
+        let on_cut = move |short| {
+            assert_eq!(short, super::Short::Stalled);
+            told.store(true, std::sync::atomic::Ordering::SeqCst);
+        };
         let mut body = Quiet::new(Chan(rx), Duration::from_millis(100), on_cut);
         assert!(body.frame().await.unwrap().is_ok());
         let error = body.frame().await.unwrap().unwrap_err();

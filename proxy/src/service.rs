@@ -10,7 +10,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::body::{Body, Quiet, Tee, TeeEnd, boxed, full};
+use crate::body::{Body, Quiet, Short, Tee, TeeEnd, boxed, full};
 use crate::conn::Conn;
 use crate::framing::Verdict;
 use crate::grpc::{self, Grpc};
@@ -180,12 +180,6 @@ impl Forward {
                 parts.headers.append(header::SET_COOKIE, cookie);
             }
             let idle = shared.settings.upstream.read_timeout;
-            let on_cut = move || {
-                let stalled = &shared.stats.global.responses_stalled;
-                stalled.fetch_add(1, Relaxed);
-            };
-            // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
-            // to convert its errors.
             let outcome = match self.grpc {
                 Grpc::No => None,
                 request => {
@@ -199,6 +193,23 @@ impl Forward {
                     grpc::outcome(request, grpc_answer, &parts, ended, series)
                 }
             };
+            // A body its backend breaks off or stalls counts against the track, as a 5xx
+            // would: its head went out as a success. (A gRPC answer that ends without its
+            // status counts among the gRPC errors already.)
+            let (route, track) = (self.decision.route, self.decision.track);
+            let series = self.active.counters(route, track, Source::Primary).clone();
+            let watched = outcome.is_some();
+            let on_cut = move |short| {
+                if short == Short::Stalled {
+                    let stalled = &shared.stats.global.responses_stalled;
+                    stalled.fetch_add(1, Relaxed);
+                }
+                if !watched {
+                    series.broke();
+                }
+            };
+            // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
+            // to convert its errors.
             let body = match outcome {
                 None => Body::new(Quiet::new(body, idle, on_cut)),
                 Some(on_trailers) => {

@@ -32,7 +32,7 @@ impl Active {
         self.next[track.index()].fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn counters(&self, route: RouteId, track: TrackId, source: Source) -> &Counters {
+    pub fn counters(&self, route: RouteId, track: TrackId, source: Source) -> &Arc<Counters> {
         &self.counters[route.index()][track.index()][source as usize]
     }
 }

@@ -42,6 +42,9 @@ pub struct Counters {
     errors: AtomicU64,
     /// gRPC answers, HTTP 200 all, whose `grpc-status` stands for a server's failure.
     grpc_errors: AtomicU64,
+    /// Responses whose body the backend broke off (a reset, a close short of its length) or
+    /// stalled past `upstream.read_timeout`, after their head had gone out with its status.
+    broken: AtomicU64,
     /// Non-cumulative counts per bucket of [`BUCKETS_MS`], plus one for larger values.
     latency: [AtomicU64; BUCKETS_MS.len() + 1],
     latency_sum_us: AtomicU64,
@@ -68,6 +71,11 @@ impl Counters {
 }
 
 impl Counters {
+    /// Counts a response whose body its backend broke off or stalled.
+    pub fn broke(&self) {
+        self.broken.fetch_add(1, Relaxed);
+    }
+
     /// Counts a gRPC answer's `grpc-status` (in its head, or its trailers) when it stands
     /// for a server's failure: the codes gRPC's HTTP mapping puts in 5xx (UNKNOWN,
     /// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), or is missing
@@ -210,6 +218,7 @@ impl Stats {
                     "source": source.as_str(),
                     "requests": c.requests.load(Relaxed),
                     "grpc_errors": c.grpc_errors.load(Relaxed),
+                    "broken": c.broken.load(Relaxed),
                     "responses": {
                         "1xx": classes[0].load(Relaxed), "2xx": classes[1].load(Relaxed),
                         "3xx": classes[2].load(Relaxed), "4xx": classes[3].load(Relaxed),
@@ -335,6 +344,7 @@ mod tests {
               },
               "series": [
                 {
+                  "broken": 0,
                   "errors": 1,
                   "grpc_errors": 0,
                   "latency": {
@@ -370,6 +380,7 @@ mod tests {
                   "track": "canary"
                 },
                 {
+                  "broken": 0,
                   "errors": 1,
                   "grpc_errors": 0,
                   "latency": {
@@ -434,7 +445,7 @@ mod tests {
         }
         // A point per route taking the snapshot, then per series: a stop per eight points.
         assert_eq!(stops_in(|| stats.json(1)), 2 * SERIES / 8);
-        // The snapshot, then five families of metrics.
-        assert_eq!(stops_in(|| stats.prometheus(1)), 6 * SERIES / 8);
+        // The snapshot, then six families of metrics.
+        assert_eq!(stops_in(|| stats.prometheus(1)), 7 * SERIES / 8);
     }
 }

@@ -62,6 +62,12 @@ impl Stats {
             "gRPC answers whose grpc-status stands for a server failure (2, 4, 12, 13, 14, 15).",
             |c| &c.grpc_errors,
         );
+        family(
+            &mut out,
+            "fleet_proxy_responses_broken_total",
+            "Responses whose body the backend broke off or stalled after their head.",
+            |c| &c.broken,
+        );
         head(
             &mut out,
             "fleet_proxy_request_duration_seconds",

@@ -200,6 +200,58 @@ async fn a_response_body_that_stalls_for_read_timeout_is_cut() {
     );
     let stats = crate::support::stats(&proxy).await;
     assert_eq!(stats["proxy"]["responses_stalled"], 1, "{stats}");
+    // A failure of the track's, though its head said 200.
+    let stable = crate::support::series(&stats, "stable", "primary");
+    assert_eq!(
+        (
+            stable["responses"]["2xx"].as_u64(),
+            stable["broken"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_response_body_the_backend_breaks_off_counts_as_broken() {
+    let backend = RawBackend::start(|head| match path(head) {
+        "/short" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
+            true,
+        ),
+        _ => answer("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nwhole"),
+    })
+    .await;
+    let proxy = http1_proxy(backend.addr).await;
+    for (path, whole) in [("/short", false), ("/", true), ("/short", false)] {
+        let asked = client()
+            .request(Request::get(proxy.url(path)).body(Full::default()).unwrap())
+            .await;
+        // The client sees a broken body, or, when the break comes before hyper wrote the
+        // head, a connection closed without an answer; never a short body taken as whole.
+        let got_whole = match asked {
+            Ok(resp) => {
+                assert_eq!(resp.status(), StatusCode::OK);
+                resp.into_body().collect().await.is_ok()
+            }
+            Err(_) => false,
+        };
+        assert_eq!(got_whole, whole, "{path}");
+    }
+    let stats = crate::support::stats(&proxy).await;
+    let stable = crate::support::series(&stats, "stable", "primary");
+    assert_eq!(stable["responses"]["2xx"], 3, "{stats}");
+    assert_eq!(stable["broken"], 2, "{stats}");
+    assert_eq!(stats["proxy"]["responses_stalled"], 0, "{stats}");
+    let (_, _, metrics) = crate::support::get(&proxy.admin_url("/metrics"))
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "fleet_proxy_responses_broken_total{route=\"*/\",track=\"stable\",source=\"primary\"} 2"
+        ),
+        "{metrics}"
+    );
     proxy.stop().await;
 }
 
