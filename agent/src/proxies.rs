@@ -4,10 +4,10 @@
 //! A proxy can lose the agent's table without the agent doing anything: it restarts and
 //! serves the table of its config file, or its file is edited and read again. Each scrape of
 //! `/stats` says which table a proxy has in force (`table_version`, since `started_unix_ms`),
-//! so the agent sees it there and puts its table back: at once the first time, then at most
-//! every [`RESTORE_EVERY`], so that another writer that keeps replacing it (a second agent
-//! pointed at the same proxy, an operator's `PUT`) gets a table put back now and then, with a
-//! warning, rather than a fight every scrape.
+//! so the agent sees it there and puts its table back: at once after a restart, and when
+//! something replaced it in the same run (a second agent pointed at the same proxy, an
+//! operator's `PUT`, a file edit) at once the first time, then at most every
+//! [`RESTORE_EVERY`] for that proxy, with a warning, rather than a fight every scrape.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,8 +32,8 @@ pub struct Proxies {
     tally: Tally<String>,
     /// When counting began, in ms since the Unix epoch.
     since_unix_ms: u64,
-    /// No table is put back before this.
-    quiet_until: Option<Instant>,
+    /// A table replaced in a proxy's run is not put back on it before this.
+    quiet_until: HashMap<String, Instant>,
 }
 
 impl Proxies {
@@ -45,7 +45,7 @@ impl Proxies {
             installed: HashMap::new(),
             tally: Tally::new(since_unix_ms),
             since_unix_ms,
-            quiet_until: None,
+            quiet_until: HashMap::new(),
         }
     }
 
@@ -87,10 +87,15 @@ impl Proxies {
                 continue;
             };
             if let Some((version, started)) = self.installed.get_mut(proxy) {
-                let started = started.get_or_insert(stats.started_unix_ms);
-                let quiet = self.quiet_until.is_some_and(|t| Instant::now() < t);
-                if (*version, *started) != (stats.table_version, stats.started_unix_ms) && !quiet {
-                    self.quiet_until = Some(Instant::now() + RESTORE_EVERY);
+                let started = *started.get_or_insert(stats.started_unix_ms);
+                let restarted = started != stats.started_unix_ms;
+                let replaced = *version != stats.table_version;
+                let now = Instant::now();
+                let quiet = self.quiet_until.get(proxy).is_some_and(|t| now < *t);
+                if restarted || (replaced && !quiet) {
+                    if !restarted {
+                        self.quiet_until.insert(proxy.clone(), now + RESTORE_EVERY);
+                    }
                     tracing::warn!(
                         proxy,
                         serving = stats.table_version,

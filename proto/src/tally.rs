@@ -25,10 +25,16 @@ pub struct Tally<K> {
     /// counted whole at its first report.
     since_unix_ms: u64,
     total: TrafficStats,
-    /// What each run of each source reported last. A run that ended stays (a restart leaves
-    /// one entry behind).
-    last: HashMap<(K, u64), TrafficStats>,
+    /// What each run of each source reported last, and at which report of the tally's.
+    last: HashMap<(K, u64), (TrafficStats, u64)>,
+    /// Reports taken so far: the tally's clock.
+    reports: u64,
 }
+
+/// A run not heard from in this many reports (of any source) is forgotten: an agent's proxies
+/// report five times a second each, so minutes. One heard from again after is taken as first
+/// seen (nothing of it counts until its next report).
+const FORGET_AFTER: u64 = 4096;
 
 impl<K: Hash + Eq> Tally<K> {
     pub fn new(since_unix_ms: u64) -> Self {
@@ -36,6 +42,7 @@ impl<K: Hash + Eq> Tally<K> {
             since_unix_ms,
             total: TrafficStats::default(),
             last: HashMap::new(),
+            reports: 0,
         }
     }
 
@@ -45,14 +52,20 @@ impl<K: Hash + Eq> Tally<K> {
         let run = (source, started_unix_ms);
         let added = match self.last.get(&run) {
             // A counter that went down: it restarted without saying, and all is since then.
-            Some(last) => difference(&now, last).unwrap_or_else(|| now.clone()),
+            Some((last, _)) => difference(&now, last).unwrap_or_else(|| now.clone()),
             // A new run (a restart, or a source not seen before): all of it counts if it
             // began after the tally did.
             None if started_unix_ms > self.since_unix_ms => now.clone(),
             None => TrafficStats::default(),
         };
         add(&mut self.total, &added);
-        self.last.insert(run, now);
+        self.reports += 1;
+        self.last.insert(run, (now, self.reports));
+        // Runs that ended (restarts) go, now and then.
+        if self.reports.is_multiple_of(FORGET_AFTER) {
+            let reports = self.reports;
+            self.last.retain(|_, (_, at)| reports - *at < FORGET_AFTER);
+        }
     }
 
     /// Whether any source has reported.
@@ -193,6 +206,19 @@ mod tests {
         t.observe("a", 1, stats(160, 0));
         // Each run whole at its first report (both began after the tally), then its steps.
         assert_eq!(totals(&t), (100 + 10 + 50 + 10 + 10, 0));
+    }
+
+    #[test]
+    fn runs_that_ended_are_forgotten() {
+        let mut t = Tally::new(0);
+        for start in 1..=3 {
+            t.observe("a", start, stats(10, 0));
+        }
+        for _ in 0..2 * FORGET_AFTER {
+            t.observe("b", 1, stats(1, 0));
+        }
+        assert_eq!(t.last.len(), 1, "only b's run is left");
+        assert_eq!(totals(&t), (31, 0));
     }
 
     #[test]

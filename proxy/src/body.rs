@@ -134,15 +134,15 @@ pub struct Quiet<B, F> {
 }
 
 /// Why a response body ended short of its end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Short {
+#[derive(Clone, Copy, Debug)]
+pub enum Short<'a> {
     /// Nothing from the backend for `idle`: cut here.
     Stalled,
-    /// The backend's body failed (a reset, a close short of its length).
-    Broken,
+    /// The body failed with this error (a reset, a close short of its length).
+    Broken(&'a BoxError),
 }
 
-impl<B, F: FnOnce(Short)> Quiet<B, F> {
+impl<B, F: FnOnce(Short<'_>)> Quiet<B, F> {
     pub fn new(inner: B, idle: Duration, on_cut: F) -> Self {
         Quiet {
             inner,
@@ -163,7 +163,7 @@ impl<B, F> http_body::Body for Quiet<B, F>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
-    F: FnOnce(Short) + Unpin,
+    F: FnOnce(Short<'_>) + Unpin,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -198,12 +198,13 @@ where
             }
             Poll::Ready(frame) => {
                 this.moved = true;
-                if let Some(Err(_)) = &frame
+                let frame = frame.map(|f| f.map_err(Into::into));
+                if let Some(Err(e)) = &frame
                     && let Some(on_cut) = this.on_cut.take()
                 {
-                    on_cut(Short::Broken);
+                    on_cut(Short::Broken(e));
                 }
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                Poll::Ready(frame)
             }
         }
     }
@@ -347,9 +348,13 @@ mod tests {
             }
         });
         let started = tokio::time::Instant::now();
-        let body = Quiet::new(Chan(rx), Duration::from_millis(400), |_| ())
-            .collect()
-            .await;
+        let body = Quiet::new(
+            Chan(rx),
+            Duration::from_millis(400),
+            |_: super::Short<'_>| (),
+        )
+        .collect()
+        .await;
         assert_eq!(body.unwrap().to_bytes(), "xxxxxx");
         assert!(
             started.elapsed() > Duration::from_millis(400),
@@ -363,8 +368,8 @@ mod tests {
         tx.send(Bytes::from_static(b"x")).await.unwrap();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let told = cut.clone();
-        let on_cut = move |short| {
-            assert_eq!(short, super::Short::Stalled);
+        let on_cut = move |short: super::Short<'_>| {
+            assert!(matches!(short, super::Short::Stalled));
             told.store(true, std::sync::atomic::Ordering::SeqCst);
         };
         let mut body = Quiet::new(Chan(rx), Duration::from_millis(100), on_cut);

@@ -194,18 +194,24 @@ impl Forward {
                 }
             };
             // A body its backend breaks off or stalls counts against the track, as a 5xx
-            // would: its head went out as a success. (A gRPC answer that ends without its
-            // status counts among the gRPC errors already.)
+            // would (a 5xx counts already): its head went out as a success. A gRPC answer
+            // that breaks without its status counts among the gRPC errors already; one that
+            // stalls is cut before its watch sees an end, so it is counted here, there.
             let (route, track) = (self.decision.route, self.decision.track);
             let series = self.active.counters(route, track, Source::Primary).clone();
-            let watched = outcome.is_some();
-            let on_cut = move |short| {
-                if short == Short::Stalled {
-                    let stalled = &shared.stats.global.responses_stalled;
-                    stalled.fetch_add(1, Relaxed);
+            let (watched, failed) = (outcome.is_some(), parts.status.is_server_error());
+            let on_cut = move |short: Short<'_>| {
+                let stalled = matches!(short, Short::Stalled);
+                if stalled {
+                    let count = &shared.stats.global.responses_stalled;
+                    count.fetch_add(1, Relaxed);
                 }
-                if !watched {
-                    series.broke();
+                match short {
+                    Short::Broken(e) if crate::upstream::Error::is_the_clients(e) => {}
+                    _ if failed => {}
+                    Short::Stalled if watched => series.grpc_status(None),
+                    _ if watched => {}
+                    _ => series.broke(),
                 }
             };
             // `Quiet` gives the proxy's error type already: boxed as it is, without a layer

@@ -14,10 +14,16 @@
 //! a place on it, so that a burst to a backend with none opens one, not one per request; a
 //! sweep closes connections beyond the first once they carry no stream.
 //!
-//! No keep-alive pings: gRPC servers answer pings more often than every five minutes with
-//! `GOAWAY ENHANCE_YOUR_CALM` (grpc-go's and grpc-java's default), which would end exactly the
-//! long quiet streams this is for. A connection to a host that vanished without a word is
-//! found by the requests' own timeouts and, in the end, by the kernel.
+//! A request waits for another's open at most `connect_timeout`, and then fails as a connect
+//! that timed out would (nothing was sent: another backend may take it).
+//!
+//! Keep-alive pings go out only after [`PING_AFTER`] without a frame from the backend, idle
+//! connections included, so that one a NAT or a vanished host dropped without a word is
+//! closed within minutes rather than taking every request until the kernel gives up (about
+//! 15 minutes). Not more often: gRPC servers answer pings more frequent than every five
+//! minutes with `GOAWAY ENHANCE_YOUR_CALM` (grpc-go's and grpc-java's default), which would end
+//! the long quiet streams; pings on a connection without streams may still earn an idle one a
+//! `GOAWAY` from them, after which the next request opens another.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -40,6 +46,10 @@ const STREAM_WINDOW: u32 = 256 << 10;
 /// The connection's receive window: every stream's, so that streams whose data waits for a
 /// slow client never use up the window of the others.
 const CONNECTION_WINDOW: u32 = STREAM_WINDOW * STREAMS_PER_CONNECTION as u32;
+/// A ping after this long without a frame from the backend (a little over gRPC's five
+/// minutes); no answer within [`PING_TIMEOUT`] closes the connection.
+const PING_AFTER: Duration = Duration::from_secs(330);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Default)]
 pub struct Connections {
     open: Mutex<Vec<Connection>>,
@@ -110,7 +120,8 @@ pub async fn request(
                 },
             }
         }
-        let opening = conns.opening.lock().await;
+        let waiting = tokio::time::timeout(connect_timeout, conns.opening.lock());
+        let opening = waiting.await.map_err(|_| Error::ConnectTimeout)?;
         // Another request may have opened one while this one waited to.
         if conns.place().is_some() {
             continue;
@@ -132,6 +143,9 @@ async fn open(
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .keep_alive_interval(PING_AFTER)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_while_idle(true)
         .handshake(io)
         .await?;
     tokio::spawn(async move {

@@ -74,6 +74,14 @@ pub enum Error {
     Saturated,
 }
 
+impl Error {
+    /// Whether a response body's error is the client's request body failing (our HTTP/1.1
+    /// client reports it through the response it streams beside), not the backend's doing.
+    pub fn is_the_clients(e: &crate::body::BoxError) -> bool {
+        matches!(e.downcast_ref::<Error>(), Some(Error::Body(_)))
+    }
+}
+
 /// A request to send, kept as parts so that a retry can rebuild it.
 pub struct Outgoing {
     pub parts: http::request::Parts,

@@ -36,15 +36,17 @@ pub struct Pump {
     ended: bool,
     /// The last poll found everything written and the client's body with nothing more yet.
     starved: bool,
-    /// Body bytes (and their framing) the socket took so far: the upload moves while this
-    /// does, which takes both a client that sends and a backend that reads.
+    /// Bytes the socket took so far, the head's included.
     written: u64,
+    /// The head's length: the upload moves once the socket takes bytes past it.
+    head: u64,
 }
 
 impl Pump {
     /// `head` is the request head, already encoded; `chunked` frames the body in chunks.
     pub fn new(head: Vec<u8>, body: Body, chunked: bool) -> Self {
         Pump {
+            head: head.len() as u64,
             body,
             chunked,
             out: head,
@@ -63,9 +65,10 @@ impl Pump {
         self.out
     }
 
-    /// How many bytes of the request the socket has taken.
+    /// How many bytes of the body (with its framing) the socket has taken: the upload
+    /// moves while this does, which takes both a client that sends and a backend that reads.
     pub fn written(&self) -> u64 {
-        self.written
+        self.written.saturating_sub(self.head)
     }
 
     /// Whether the request is held up by its client, not by the backend: at the last poll
