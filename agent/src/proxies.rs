@@ -88,12 +88,12 @@ impl Proxies {
             };
             if let Some((version, started)) = self.installed.get_mut(proxy) {
                 let started = *started.get_or_insert(stats.started_unix_ms);
-                let restarted = started != stats.started_unix_ms;
-                let replaced = *version != stats.table_version;
                 let now = Instant::now();
                 let quiet = self.quiet_until.get(proxy).is_some_and(|t| now < *t);
-                if restarted || (replaced && !quiet) {
-                    if !restarted {
+                let put = (*version, started);
+                let serving = (stats.table_version, stats.started_unix_ms);
+                if let Some(again) = put_back(put, serving, quiet) {
+                    if again == Again::Limited {
                         self.quiet_until.insert(proxy.clone(), now + RESTORE_EVERY);
                     }
                     tracing::warn!(
@@ -122,7 +122,44 @@ impl Proxies {
     }
 }
 
+/// How a table goes back on a proxy that lost it.
+#[derive(Debug, PartialEq, Eq)]
+enum Again {
+    /// The proxy restarted: at once, whatever came before.
+    AtOnce,
+    /// Something replaced it in the same run: now, then not again for a while.
+    Limited,
+}
+
+/// Whether a proxy that was put table version `put.0` in its run started at `put.1`, and
+/// now serves `serving` (version, start), needs it put back; `quiet` while a table replaced in
+/// this run was put back lately. Pure.
+fn put_back(put: (u64, u64), serving: (u64, u64), quiet: bool) -> Option<Again> {
+    match (put.1 != serving.1, put.0 != serving.0) {
+        (true, _) => Some(Again::AtOnce),
+        (false, true) if !quiet => Some(Again::Limited),
+        _ => None,
+    }
+}
+
 fn now_unix_ms() -> u64 {
     let since = SystemTime::now().duration_since(UNIX_EPOCH);
     since.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_table_goes_back_at_once_after_a_restart_and_at_a_limited_pace_otherwise() {
+        // In force as put: nothing to do.
+        assert_eq!(put_back((4, 100), (4, 100), false), None);
+        // The proxy restarted (its file's table, version 1): at once, even in a quiet spell.
+        assert_eq!(put_back((4, 100), (1, 200), true), Some(Again::AtOnce));
+        // Replaced in the same run (a file edit, a hand PUT, a second agent): now, and not
+        // again while the spell lasts.
+        assert_eq!(put_back((4, 100), (5, 100), false), Some(Again::Limited));
+        assert_eq!(put_back((4, 100), (6, 100), true), None);
+    }
 }

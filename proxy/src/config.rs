@@ -185,6 +185,24 @@ pub struct Upstream {
     pub max_connections_per_backend: usize,
 }
 
+#[cfg(test)]
+impl Upstream {
+    /// The defaults, with one idle connection kept per backend and no cap.
+    pub fn for_tests() -> Self {
+        Upstream {
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(10),
+            per_try_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(60),
+            retries: 3,
+            eject_after: 5,
+            eject_for: Duration::from_secs(10),
+            max_idle_per_backend: 1,
+            max_connections_per_backend: usize::MAX,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Limits {
     pub max_connections: usize,

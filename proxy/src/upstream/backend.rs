@@ -152,15 +152,9 @@ mod tests {
 
     fn upstream(eject_after: u32) -> Upstream {
         Upstream {
-            connect_timeout: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(10),
-            per_try_timeout: Duration::from_secs(2),
-            read_timeout: Duration::from_secs(60),
-            retries: 3,
             eject_after,
             eject_for: Duration::from_secs(600),
-            max_idle_per_backend: 1,
-            max_connections_per_backend: usize::MAX,
+            ..Upstream::for_tests()
         }
     }
 

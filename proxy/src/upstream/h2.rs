@@ -197,6 +197,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_waits_for_another_requests_open_at_most_the_connect_timeout() {
+        let cfg = crate::config::Upstream {
+            connect_timeout: Duration::from_millis(50),
+            ..crate::config::Upstream::for_tests()
+        };
+        let backend = Arc::new(Backend::new("127.0.0.1:1", &cfg));
+        // Another request is opening a connection, and takes its time.
+        let opener = backend.pool.http2.opening.lock().await;
+        let started = tokio::time::Instant::now();
+        let req = Request::new(crate::body::empty());
+        let waited = request(&backend, req, cfg.connect_timeout).await;
+        assert!(matches!(waited, Err(Error::ConnectTimeout)), "{waited:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(opener);
+    }
+
+    #[tokio::test]
     async fn a_sweep_keeps_the_first_connection_and_those_carrying_streams() {
         let conns = Connections::default();
         let mut ends = Vec::new();
