@@ -808,23 +808,28 @@ async fn an_http2_backend_whose_streams_are_all_taken_gets_another_connection_no
     // The next requests go at once, on a second connection; none waits its deadline out and
     // gets the backend ejected.
     for _ in 0..3 {
-        let started = std::time::Instant::now();
-        let (status, _, body) = send(
-            &client(),
-            Request::get(proxy.url("/")).body(Full::default()).unwrap(),
-        )
-        .await
-        .unwrap();
-        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            started.elapsed()
-        );
+        answers_ok_at_once(&proxy).await;
     }
     assert_eq!(backend.conns.load(Ordering::SeqCst), 2);
     drop(held);
     proxy.stop().await;
+}
+
+/// `GET /` through `proxy` is answered `ok` within a second.
+async fn answers_ok_at_once(proxy: &Proxy) {
+    let started = std::time::Instant::now();
+    let (status, _, body) = send(
+        &client(),
+        Request::get(proxy.url("/")).body(Full::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// A proxy whose one track is `addr` over h2c; one failure ejects it.
@@ -865,19 +870,7 @@ async fn clients_slow_to_read_big_answers_do_not_hold_up_others_on_the_backend_c
     }
     // What they have not read holds their streams' windows, not the connection's: another
     // answer on the same connection comes at once.
-    let started = std::time::Instant::now();
-    let (status, _, body) = send(
-        &client(),
-        Request::get(proxy.url("/")).body(Full::default()).unwrap(),
-    )
-    .await
-    .unwrap();
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
+    answers_ok_at_once(&proxy).await;
     assert_eq!(backend.conns.load(Ordering::SeqCst), 1);
     drop(stalled);
     proxy.stop().await;
