@@ -201,10 +201,9 @@ impl Forward {
             let series = self.active.counters(route, track, Source::Primary).clone();
             let (watched, failed) = (outcome.is_some(), parts.status.is_server_error());
             let on_cut = move |short: Short<'_>| {
-                let stalled = matches!(short, Short::Stalled);
-                if stalled {
-                    let count = &shared.stats.global.responses_stalled;
-                    count.fetch_add(1, Relaxed);
+                if let Short::Stalled = short {
+                    let stalled = &shared.stats.global.responses_stalled;
+                    stalled.fetch_add(1, Relaxed);
                 }
                 match short {
                     Short::Broken(e) if crate::upstream::Error::is_the_clients(e) => {}

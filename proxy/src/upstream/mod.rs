@@ -123,23 +123,14 @@ pub async fn send(
             // A try before may have ejected the last one: its failure is the answer.
             return Err(failure.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())));
         };
-        // Without retries, a try has the whole request timeout.
-        // And how long it is: what an upload that moves has again from its last move.
-        let (this_try, span) = match (out.retryable && cfg.retries > 0, attempt) {
-            (false, 0) => (deadline, cfg.request_timeout),
-            (false, _) => (deadline, deadline.saturating_duration_since(Instant::now())),
-            (true, 0) => {
-                let span = cfg.per_try_timeout.min(cfg.request_timeout);
-                (now + span, span)
-            }
-            (true, _) => {
-                let at = Instant::now();
-                let span = deadline
-                    .saturating_duration_since(at)
-                    .min(cfg.per_try_timeout);
-                (at + span, span)
-            }
+        // Without retries, a try has the whole request timeout. Its length from its start is
+        // what an upload that moves has again from its last move.
+        let at = if attempt == 0 { now } else { Instant::now() };
+        let this_try = match out.retryable && cfg.retries > 0 {
+            true => deadline.min(at + cfg.per_try_timeout),
+            false => deadline,
         };
+        let span = this_try.saturating_duration_since(at);
         let http2 = match out.http2 && out.auto {
             false => Ok(Some(out.http2)),
             // Boxed, as below: asking is rare.

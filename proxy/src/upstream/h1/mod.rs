@@ -232,10 +232,9 @@ impl Conn {
     }
 
     /// Moves the request along, if it is still being sent; done with it once written, or
-    /// once writing failed.
-    /// Writes what it can of the request. With `span`, an upload that moves (the socket took
-    /// more of it: the client sent, the backend read) moves the exchange's deadline to `span`
-    /// from now: a long upload is not cut for its length, only for standing still.
+    /// once writing failed. With `span`, an upload that moves (the socket took more of it:
+    /// the client sent, the backend read) moves the exchange's deadline to `span` from now:
+    /// a long upload is not cut for its length, only for standing still.
     fn poll_pump(
         &mut self,
         pump: &mut Option<Box<Pump>>,
