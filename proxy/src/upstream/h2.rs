@@ -109,27 +109,32 @@ pub async fn request(
 ) -> Result<Response<(Incoming, Place)>, Error> {
     let conns = &backend.pool.http2;
     loop {
+        let (mut tx, place) = match conns.place() {
+            Some(found) => found,
+            None => {
+                let waiting = tokio::time::timeout(connect_timeout, conns.opening.lock());
+                let opening = waiting.await.map_err(|_| Error::ConnectTimeout)?;
+                // Another request may have opened one while this one waited to.
+                match conns.place() {
+                    Some(found) => found,
+                    None => {
+                        let (mut tx, place) = open(backend, connect_timeout).await?;
+                        // Others may go on it as this request waits for its answer.
+                        drop(opening);
+                        return Ok(tx.send_request(req).await?.map(|body| (body, place)));
+                    }
+                }
+            }
+        };
         // A connection found closing as the request goes on it hands the request back: the
         // next one is tried, or a new one.
-        while let Some((mut tx, place)) = conns.place() {
-            match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|body| (body, place))),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(e.into_error().into()),
-                },
-            }
+        match tx.try_send_request(req).await {
+            Ok(resp) => return Ok(resp.map(|body| (body, place))),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => req = unsent,
+                None => return Err(e.into_error().into()),
+            },
         }
-        let waiting = tokio::time::timeout(connect_timeout, conns.opening.lock());
-        let opening = waiting.await.map_err(|_| Error::ConnectTimeout)?;
-        // Another request may have opened one while this one waited to.
-        if conns.place().is_some() {
-            continue;
-        }
-        let (tx, place) = open(backend, connect_timeout).await?;
-        drop(opening);
-        let mut tx = tx;
-        return Ok(tx.send_request(req).await?.map(|body| (body, place)));
     }
 }
 
