@@ -4,13 +4,11 @@
 
 use std::sync::Arc;
 
-use fleet_proxy_router::{RouteId, TrackId};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, response};
 
 use crate::body::Trailers;
-use crate::state::Active;
-use crate::stats::Source;
+use crate::stats::Counters;
 
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
@@ -55,14 +53,6 @@ impl Grpc {
     }
 }
 
-/// Whose counters an answer's outcome goes to.
-pub struct Series<'a> {
-    pub active: &'a Arc<Active>,
-    pub route: RouteId,
-    pub track: TrackId,
-    pub source: Source,
-}
-
 /// A gRPC call's outcome, when the answer is of the request's own kind of gRPC: counted at
 /// once when the head tells it (a trailers-only answer, or one that `ended` at its head
 /// with no status, a failure), else handed back as what to do with the trailers, for
@@ -73,31 +63,24 @@ pub fn outcome(
     answer: Grpc,
     head: &response::Parts,
     ended: bool,
-    series: Series<'_>,
+    counters: &Arc<Counters>,
 ) -> Option<impl FnOnce(Option<&HeaderMap>) + Send + Sync + Unpin + 'static> {
     // Any other status is counted by its class already; a gRPC answer is a 200.
     if request == Grpc::No || request != answer || head.status != StatusCode::OK {
         return None;
     }
-    let Series {
-        active,
-        route,
-        track,
-        source,
-    } = series;
-    let count = move |active: &Active, status: Option<&HeaderValue>| {
-        let counters = active.counters(route, track, source);
+    let count = |counters: &Counters, status: Option<&HeaderValue>| {
         counters.grpc_status(status.map(HeaderValue::as_bytes));
     };
     match head.headers.get(GRPC_STATUS) {
-        Some(status) => count(active, Some(status)),
+        Some(status) => count(counters, Some(status)),
         // No body to read: no status either.
-        None if ended => count(active, None),
+        None if ended => count(counters, None),
         None if request == Grpc::WebText => {}
         None => {
-            let active = active.clone();
+            let counters = counters.clone();
             return Some(move |trailers: Option<&HeaderMap>| {
-                count(&active, trailers.and_then(|t| t.get(GRPC_STATUS)));
+                count(&counters, trailers.and_then(|t| t.get(GRPC_STATUS)));
             });
         }
     }

@@ -180,25 +180,15 @@ impl Forward {
                 parts.headers.append(header::SET_COOKIE, cookie);
             }
             let idle = shared.settings.upstream.read_timeout;
-            let outcome = match self.grpc {
-                Grpc::No => None,
-                request => {
-                    let ended = http_body::Body::is_end_stream(&body);
-                    let series = grpc::Series {
-                        active: &self.active,
-                        route: self.decision.route,
-                        track: self.decision.track,
-                        source: Source::Primary,
-                    };
-                    grpc::outcome(request, grpc_answer, &parts, ended, series)
-                }
-            };
+            let (route, track) = (self.decision.route, self.decision.track);
+            let series = self.active.counters(route, track, Source::Primary);
+            let ended = http_body::Body::is_end_stream(&body);
+            let outcome = grpc::outcome(self.grpc, grpc_answer, &parts, ended, series);
             // A body its backend breaks off or stalls counts against the track, as a 5xx
             // would (a 5xx counts already): its head went out as a success. A gRPC answer
-            // that breaks without its status counts among the gRPC errors already; one that
-            // stalls is cut before its watch sees an end, so it is counted here, there.
-            let (route, track) = (self.decision.route, self.decision.track);
-            let series = self.active.counters(route, track, Source::Primary).clone();
+            // that breaks or stalls without its status counts among the gRPC errors instead:
+            // its watch, outside the cut, sees the cut as an error.
+            let series = series.clone();
             let (watched, failed) = (outcome.is_some(), parts.status.is_server_error());
             let on_cut = move |short: Short<'_>| {
                 if let Short::Stalled = short {
@@ -207,20 +197,16 @@ impl Forward {
                 }
                 match short {
                     Short::Broken(e) if crate::upstream::Error::is_the_clients(e) => {}
-                    _ if failed => {}
-                    Short::Stalled if watched => series.grpc_status(None),
-                    _ if watched => {}
+                    _ if failed || watched => {}
                     _ => series.broke(),
                 }
             };
             // `Quiet` gives the proxy's error type already: boxed as it is, without a layer
             // to convert its errors.
+            let body = Quiet::new(body, idle, on_cut);
             let body = match outcome {
-                None => Body::new(Quiet::new(body, idle, on_cut)),
-                Some(on_trailers) => {
-                    let body = grpc::watch(self.grpc, body, on_trailers);
-                    Body::new(Quiet::new(body, idle, on_cut))
-                }
+                None => Body::new(body),
+                Some(on_trailers) => Body::new(grpc::watch(self.grpc, body, on_trailers)),
             };
             Response::from_parts(parts, body)
         }

@@ -167,14 +167,8 @@ async fn single(shared: &Shared, job: Job) {
     // As for the primary, the status counts once it came, whatever becomes of the body.
     count(counters, Some(resp.status().as_u16()), started.elapsed());
     let (head, body) = resp.into_parts();
-    let series = grpc::Series {
-        active: &active,
-        route,
-        track,
-        source: Source::Mirror,
-    };
     let ended = http_body::Body::is_end_stream(&body);
-    let outcome = grpc::outcome(call, grpc(&head.headers), &head, ended, series);
+    let outcome = grpc::outcome(call, grpc(&head.headers), &head, ended, counters);
     // Read to the end so the connection goes back to the pool. Cut by the timeout, a call
     // has no outcome of its own, as a primary whose client left: its trailers are not seen.
     let read = async {

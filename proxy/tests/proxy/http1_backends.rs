@@ -423,6 +423,37 @@ async fn grpc_failures_are_counted_from_the_head_or_the_trailers() {
     proxy.stop().await;
 }
 
+/// A gRPC answer whose backend stalls mid-body is cut at `read_timeout` and counts as a gRPC
+/// failure (no status came), not as a broken body: counted once.
+#[tokio::test]
+async fn a_stalled_grpc_answer_counts_as_a_grpc_failure_once() {
+    let backend = RawBackend::start(|_| {
+        answer("HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n5\r\n\0\0\0\0\0\r\n")
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "upstream: {{ read_timeout: 300ms }}\ntracks:\n  stable: {{ backends: [\"{}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        backend.addr
+    ))
+    .await;
+    let req = Request::post(proxy.url("/call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let resp = crate::support::h2_client().request(req).await.unwrap();
+    assert!(resp.into_body().collect().await.is_err(), "cut");
+    let stats = crate::support::stats(&proxy).await;
+    let stable = crate::support::series(&stats, "stable", "primary");
+    assert_eq!(
+        (stable["grpc_errors"].as_u64(), stable["broken"].as_u64()),
+        (Some(1), Some(0)),
+        "{stats}"
+    );
+    assert_eq!(stats["proxy"]["responses_stalled"], 1, "{stats}");
+    proxy.stop().await;
+}
+
 /// gRPC-Web's status is in the head of a trailers-only answer, or in the body's last
 /// message, flagged as trailers; an answer without one counts as a failure too.
 #[tokio::test]
