@@ -105,7 +105,7 @@ pub async fn run<D: Driver>(
                 counting_since_unix_ms: 0,
             };
         }
-        lost |= !proxies.scrape().await.is_empty();
+        lost |= proxies.scrape().await;
         status.stats = proxies.stats();
         status.counting_since_unix_ms = proxies.counting_since_unix_ms();
         let _ = status_tx.send(status);

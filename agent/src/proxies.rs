@@ -30,21 +30,17 @@ pub struct Proxies {
     /// it answered (known from the first scrape after).
     installed: HashMap<String, (u64, Option<u64>)>,
     tally: Tally<String>,
-    /// When counting began, in ms since the Unix epoch.
-    since_unix_ms: u64,
     /// A table replaced in a proxy's run is not put back on it before this.
     quiet_until: HashMap<String, Instant>,
 }
 
 impl Proxies {
     pub fn new(http: reqwest::Client, urls: Vec<String>) -> Self {
-        let since_unix_ms = now_unix_ms();
         Proxies {
             http,
             urls,
             installed: HashMap::new(),
-            tally: Tally::new(since_unix_ms),
-            since_unix_ms,
+            tally: Tally::new(now_unix_ms()),
             quiet_until: HashMap::new(),
         }
     }
@@ -73,11 +69,11 @@ impl Proxies {
         Ok(())
     }
 
-    /// Reads every proxy's counters into the tally. Returns the proxies found serving another
-    /// table than the one put on them (restarted, or their file read again): they need it put
-    /// again.
-    pub async fn scrape(&mut self) -> Vec<String> {
-        let mut lost = Vec::new();
+    /// Reads every proxy's counters into the tally. True when a proxy was found serving
+    /// another table than the one put on it (restarted, or its file read again): the table
+    /// needs putting again.
+    pub async fn scrape(&mut self) -> bool {
+        let mut lost = false;
         for proxy in &self.urls {
             let url = format!("{}/stats", proxy.trim_end_matches('/'));
             let Ok(response) = self.http.get(&url).timeout(PROXY_TIMEOUT).send().await else {
@@ -103,7 +99,7 @@ impl Proxies {
                         "a proxy serves another table than the one put on it; putting it again"
                     );
                     self.installed.remove(proxy);
-                    lost.push(proxy.clone());
+                    lost = true;
                 }
             }
             let tracks = stats::tracks(&stats);
@@ -118,7 +114,7 @@ impl Proxies {
     }
 
     pub fn counting_since_unix_ms(&self) -> u64 {
-        self.since_unix_ms
+        self.tally.since_unix_ms()
     }
 }
 

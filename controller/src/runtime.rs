@@ -62,13 +62,19 @@ impl Default for Traffic {
 }
 
 impl Traffic {
-    /// Takes the counters of a cluster's agent; the region's, added up.
-    fn observe(&mut self, region: &str, cluster: &str, status: &pb::AgentStatus) -> RegionStats {
+    /// Takes the counters of a cluster's agent (counting since `started`); the region's,
+    /// added up.
+    fn observe(
+        &mut self,
+        region: &str,
+        cluster: &str,
+        started: u64,
+        stats: Option<pb::TrafficStats>,
+    ) -> RegionStats {
         let since = self.since_unix_ms;
         let tally = (self.regions.entry(region.to_string())).or_insert_with(|| Tally::new(since));
-        if let Some(stats) = &status.stats {
-            let started = status.counting_since_unix_ms;
-            tally.observe(cluster.to_string(), started, stats.clone());
+        if let Some(stats) = stats {
+            tally.observe(cluster.to_string(), started, stats);
         }
         convert::stats(tally.total(), since)
     }
@@ -109,6 +115,7 @@ pub(crate) struct Agent {
     pub region: String,
     pub cluster: String,
     pub tx: AgentTx,
+    /// Its last report, but for the counters, which went into its region's tally.
     pub status: Option<pb::AgentStatus>,
 }
 
@@ -324,13 +331,15 @@ impl Controller {
         }
     }
 
-    pub fn agent_status(self: &Arc<Self>, conn: u64, status: pb::AgentStatus) {
+    pub fn agent_status(self: &Arc<Self>, conn: u64, mut status: pb::AgentStatus) {
         let mut inner = self.lock();
         let Some(agent) = inner.agents.get(&conn) else {
             return;
         };
         let (region, cluster) = (agent.region.clone(), agent.cluster.clone());
-        let stats = inner.traffic.observe(&region, &cluster, &status);
+        // The counters go into the region's tally; the status kept is the rest.
+        let (started, counted) = (status.counting_since_unix_ms, status.stats.take());
+        let stats = inner.traffic.observe(&region, &cluster, started, counted);
         if let Some(agent) = inner.agents.get_mut(&conn) {
             agent.status = Some(status);
         }

@@ -68,6 +68,11 @@ impl<K: Hash + Eq> Tally<K> {
         }
     }
 
+    /// When the tally began, in ms since the Unix epoch.
+    pub fn since_unix_ms(&self) -> u64 {
+        self.since_unix_ms
+    }
+
     /// Whether any source has reported.
     pub fn is_empty(&self) -> bool {
         self.last.is_empty()
