@@ -4,8 +4,8 @@
 //! the client had not sent yet.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,12 +16,15 @@ use tokio::time::Instant;
 use crate::body::{Body, BoxError};
 
 /// What the sending side saw of the body; shared with the try that sent it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Seen {
     failed: AtomicBool,
     waiting: AtomicBool,
-    /// When the sender last took a piece of the body: the upload moved.
-    moved: Mutex<Option<Instant>>,
+    /// When the body began on its way.
+    began: Instant,
+    /// When the sender last took a piece of the body (the upload moved), in nanoseconds
+    /// after `began`, at least 1; 0 while it took none. A store, not a lock, per piece.
+    moved: AtomicU64,
 }
 
 impl Seen {
@@ -41,7 +44,10 @@ impl Seen {
 
     /// When the sender last took a piece of the body, if it took any.
     pub fn moved(&self) -> Option<Instant> {
-        *crate::lock(&self.moved)
+        match self.moved.load(Relaxed) {
+            0 => None,
+            nanos => Some(self.began + std::time::Duration::from_nanos(nanos)),
+        }
     }
 }
 
@@ -52,7 +58,12 @@ pub struct Upload {
 
 impl Upload {
     pub fn new(body: Body) -> (Self, Arc<Seen>) {
-        let seen = Arc::new(Seen::default());
+        let seen = Arc::new(Seen {
+            failed: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
+            began: Instant::now(),
+            moved: AtomicU64::new(0),
+        });
         (
             Upload {
                 body,
@@ -75,7 +86,10 @@ impl http_body::Body for Upload {
         self.seen.waiting.store(polled.is_pending(), Relaxed);
         match &polled {
             Poll::Ready(Some(Err(_))) => self.seen.failed.store(true, Relaxed),
-            Poll::Ready(Some(Ok(_))) => *crate::lock(&self.seen.moved) = Some(Instant::now()),
+            Poll::Ready(Some(Ok(_))) => {
+                let nanos = u64::try_from(self.seen.began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.seen.moved.store(nanos.max(1), Relaxed);
+            }
             _ => {}
         }
         polled
