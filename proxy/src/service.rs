@@ -182,8 +182,14 @@ impl Forward {
             let idle = shared.settings.upstream.read_timeout;
             let (route, track) = (self.decision.route, self.decision.track);
             let series = self.active.counters(route, track, Source::Primary);
-            let ended = http_body::Body::is_end_stream(&body);
-            let outcome = grpc::outcome(self.grpc, grpc_answer, &parts, ended, series);
+            // Most requests are not gRPC: they skip the look at the answer.
+            let outcome = match self.grpc {
+                Grpc::No => None,
+                request => {
+                    let ended = http_body::Body::is_end_stream(&body);
+                    grpc::outcome(request, grpc_answer, &parts, ended, series)
+                }
+            };
             // A body its backend breaks off or stalls counts against the track, as a 5xx
             // would (a 5xx counts already): its head went out as a success. A gRPC answer
             // that breaks or stalls without its status counts among the gRPC errors instead:
