@@ -61,8 +61,20 @@ pub struct ListenerSpec {
     pub addr: String,
     /// Terminate TLS here: `{ cert, key }` or a list of them, chosen by SNI; the first one
     /// serves clients that send no name or an unknown one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "tls_written"
+    )]
     pub tls: Option<TlsSpec>,
+}
+
+/// `tls:` with nothing after it reads as TLS without a certificate, which the checker refuses,
+/// rather than as a plain listener (a template that rendered no certificate means TLS).
+fn tls_written<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TlsSpec>, D::Error> {
+    Ok(Some(
+        Option::<TlsSpec>::deserialize(d)?.unwrap_or(TlsSpec::Many(Vec::new())),
+    ))
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

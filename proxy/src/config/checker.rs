@@ -71,6 +71,15 @@ impl Checker<'_> {
                 Some(TlsSpec::One(c)) => vec![c],
                 Some(TlsSpec::Many(cs)) => cs.iter().collect(),
             };
+            // `tls: []`, or `tls:` with nothing after it (a template that rendered no
+            // certificate): meant for TLS, and plain HTTP would be served on it.
+            if tls.is_some() && certs.is_empty() {
+                self.error(
+                    &format!("{path}.tls"),
+                    "no certificate",
+                    "give at least one `{ cert, key }`, or remove `tls` to serve plain HTTP",
+                );
+            }
             let mut tls = Vec::new();
             for (j, c) in certs.iter().enumerate() {
                 let at = match tls_is_list(entries[i].1) {
@@ -425,6 +434,33 @@ mod tests {
                 "2:8: error: admin: 127.0.0.1:8081 is also a traffic listener; give the admin API an address of its own"
             ]
         );
+    }
+
+    #[test]
+    fn a_tls_listener_without_a_certificate_is_refused_not_served_plain() {
+        let check = |entry: &str| -> Vec<String> {
+            let src = format!(
+                "listen:\n  - {entry}\nadmin: 127.0.0.1:0\ntracks:\n  stable: {{ backends: [\"127.0.0.1:1\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+            );
+            match crate::config::check(&src, Path::new(".")) {
+                Ok(_) => vec![],
+                Err(diags) => diags.iter().map(|d| d.to_string()).collect(),
+            }
+        };
+        for tls in ["[]", "null", ""] {
+            let found = check(&format!("{{ addr: 127.0.0.1:0, tls: {tls} }}"));
+            let at = found
+                .iter()
+                .map(|d| d.split_once(' ').map_or("", |(_, m)| m));
+            assert_eq!(
+                at.collect::<Vec<_>>(),
+                [
+                    "error: listen[0].tls: no certificate; give at least one `{ cert, key }`, or remove `tls` to serve plain HTTP"
+                ],
+                "tls: {tls:?}"
+            );
+        }
+        assert_eq!(check("{ addr: 127.0.0.1:0 }"), Vec::<String>::new());
     }
 
     #[test]
