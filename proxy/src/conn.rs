@@ -160,32 +160,31 @@ impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves a connection until it closes, or until `drain` turns true and it has finished what
-/// it started. `h2`: TLS negotiated HTTP/2 (ALPN); otherwise the first bytes tell.
+/// it started. `alpn_h2`: TLS negotiated HTTP/2; otherwise the first bytes tell.
 pub async fn serve<S: Socket>(
     mut io: S,
     conn: Arc<Conn>,
-    h2: bool,
+    alpn_h2: bool,
     shared: &Arc<Shared>,
     mut drain: watch::Receiver<bool>,
 ) {
     let limits = &shared.settings.limits;
-    let (h2, read) = match h2 {
-        true => (true, Bytes::new()),
-        false => {
-            let sniffing = tokio::time::timeout(limits.header_read_timeout, sniff(&mut io));
-            tokio::select! {
-                // Draining: a connection that has sent nothing yet is closed at once.
-                _ = stopped(&mut drain) => return,
-                sniffed = sniffing => match sniffed {
-                    Ok(Ok(sniffed)) => sniffed,
-                    Ok(Err(e)) => {
-                        return tracing::debug!(error = %e, "connection failed before a request");
-                    }
-                    Err(_) => return tracing::debug!("no request before header_read_timeout"),
-                },
+    // Every client shows its first bytes within `header_read_timeout`, one that chose HTTP/2
+    // by ALPN too (it still sends the preface): else a client that finishes the handshake and
+    // sends nothing would hold its place for two idle timeouts, and a drain to its deadline.
+    let sniffing = tokio::time::timeout(limits.header_read_timeout, sniff(&mut io));
+    let (preface, read) = tokio::select! {
+        // Draining: a connection that has sent nothing yet is closed at once.
+        _ = stopped(&mut drain) => return,
+        sniffed = sniffing => match sniffed {
+            Ok(Ok(sniffed)) => sniffed,
+            Ok(Err(e)) => {
+                return tracing::debug!(error = %e, "connection failed before a request");
             }
-        }
+            Err(_) => return tracing::debug!("no request before header_read_timeout"),
+        },
     };
+    let h2 = alpn_h2 || preface;
     let io = Scan::new(io, read, limits.max_header_bytes, conn.seen.clone());
     let served = match h2 {
         // Boxed: an HTTP/2 connection's state is large, and most connections are HTTP/1.
@@ -521,17 +520,26 @@ async fn serve_http2<S: Socket>(
         }
     };
     http.as_mut().graceful_shutdown();
-    if draining {
-        return http.await;
-    }
     // hyper's graceful close waits for the client to answer a PING, and serves streams begun
-    // before it does. A client that never answers is dropped once a whole `idle_timeout`
-    // passes with nothing in flight.
+    // before it does. A client that never answers (gone without a word: a NAT's timeout, a
+    // host that went down) is dropped once a wait passes with nothing in flight and nothing
+    // left to write: a whole `idle_timeout`, or a second when draining, so that a drain ends
+    // with its last request rather than at its deadline.
+    let wait = match draining {
+        true => DRAIN_PING_WAIT,
+        false => idle,
+    };
     loop {
-        match tokio::time::timeout(idle, http.as_mut()).await {
+        match tokio::time::timeout(wait, http.as_mut()).await {
             Ok(done) => return done,
-            Err(_) if conn.in_flight.load(Relaxed) == 0 => return Ok(()),
+            Err(_) if conn.in_flight.load(Relaxed) == 0 && !conn.seen.write_blocked() => {
+                return Ok(());
+            }
             Err(_) => {}
         }
     }
 }
+
+/// How long a draining HTTP/2 connection with nothing in flight waits for the client's answer
+/// to the shutdown PING: many round trips of any client still there.
+const DRAIN_PING_WAIT: Duration = Duration::from_secs(1);

@@ -138,3 +138,25 @@ async fn a_drain_closes_idle_connections_at_once_instead_of_waiting_for_its_dead
     s.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
 }
+
+/// A drain does not wait for its deadline on an idle HTTP/2 client that never answers the
+/// shutdown PING (one gone without a word): it ends a second after nothing is in flight.
+#[tokio::test]
+async fn a_drain_does_not_wait_for_an_http2_client_that_never_answers() {
+    let (mut proxy, _b) = stable_proxy("drain_timeout: 30s\n").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // The proxy's SETTINGS: the connection is being served as HTTP/2.
+    let mut settings = [0u8; 9];
+    s.read_exact(&mut settings).await.unwrap();
+    assert_eq!(settings[3], 4, "a SETTINGS frame");
+    let started = Instant::now();
+    proxy.begin_stop().await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

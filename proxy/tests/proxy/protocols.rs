@@ -348,6 +348,37 @@ async fn tls_without_sni_gets_the_first_certificate_and_a_foreign_alpn_is_refuse
     std::fs::remove_dir_all(&certs.dir).unwrap();
 }
 
+/// A client that chose HTTP/2 by ALPN still owes the preface within `header_read_timeout`,
+/// as every other client owes its first bytes: one that finishes the handshake and sends
+/// nothing is closed then, not after two idle timeouts.
+#[tokio::test]
+async fn a_tls_client_that_chose_http2_and_sends_nothing_is_closed_after_header_read_timeout() {
+    let certs = certs();
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ cert: a.pem, key: a.key }}\nadmin: 127.0.0.1:0\nlimits: {{ header_read_timeout: 300ms }}\ntracks:\n  stable: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        stable.addr
+    );
+    let proxy = Proxy::start_in(&yaml, &certs.dir, None).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut tls = tls_client(&certs, &[b"h2"])
+        .connect("a.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open after 5 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+    std::fs::remove_dir_all(&certs.dir).unwrap();
+}
+
 #[tokio::test]
 async fn a_replaced_certificate_is_served_without_a_restart() {
     let (certs, stable, _, proxy) = watching_a_tls_file().await;
