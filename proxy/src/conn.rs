@@ -36,6 +36,7 @@ use crate::server::stopped;
 use crate::state::Shared;
 use crate::stats::Gauge;
 
+mod resets;
 mod shed;
 mod unread;
 mod vigil;
@@ -98,6 +99,10 @@ pub struct Conn {
     in_flight: AtomicUsize,
     /// Requests taken since the connection began.
     requests: AtomicU64,
+    /// Requests dropped before their answer (on HTTP/2, streams the client reset), and the
+    /// signal that there are too many of them (see [`resets`]).
+    resets: AtomicU64,
+    too_many_resets: tokio::sync::Notify,
     /// Held for as long as the connection is: by its serving task, and by its tunnel once
     /// it is upgraded. `None` for a `Conn` made outside the accept loop (in tests).
     _lease: Option<Lease>,
@@ -113,6 +118,8 @@ impl Conn {
             seen: Arc::default(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+            too_many_resets: tokio::sync::Notify::const_new(),
             _lease: None,
         }
     }
@@ -260,7 +267,10 @@ fn hyper_service(
         // Counted now, when hyper hands the request over, not when the future first runs.
         conn.in_flight.fetch_add(1, Relaxed);
         conn.requests.fetch_add(1, Relaxed);
-        let guard = InFlight(conn.clone());
+        let mut guard = InFlight {
+            conn: conn.clone(),
+            answered: false,
+        };
         let version = req.version();
         // Every HTTP/1 request takes its verdict here, whatever happens to it next.
         let handling = match crate::service::refused_by_scan(&shared, &conn, &req) {
@@ -299,6 +309,7 @@ fn hyper_service(
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
+            guard.answered = true;
             Ok(resp.map(|body| Tracked {
                 body,
                 pulls,
@@ -314,11 +325,23 @@ fn overloaded(shared: &Shared) -> Response<Body> {
     crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
 }
 
-struct InFlight(Arc<Conn>);
+/// A request counted in flight on its connection; one dropped before its answer counts as
+/// reset.
+struct InFlight {
+    conn: Arc<Conn>,
+    answered: bool,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        let conn = &self.conn;
+        conn.in_flight.fetch_sub(1, Relaxed);
+        if !self.answered {
+            let resets = conn.resets.fetch_add(1, Relaxed) + 1;
+            if resets::too_many(resets, conn.requests.load(Relaxed)) {
+                conn.too_many_resets.notify_one();
+            }
+        }
     }
 }
 
@@ -509,6 +532,12 @@ async fn serve_http2<S: Socket>(
         tokio::select! {
             done = http.as_mut() => return done,
             _ = stopped(drain) => break true,
+            () = conn.too_many_resets.notified() => {
+                let resets = conn.resets.load(Relaxed);
+                let ip = &conn.peer_ip;
+                tracing::warn!(?ip, resets, "closing an HTTP/2 connection whose client resets its streams before their answers");
+                return Ok(());
+            }
             () = tokio::time::sleep(idle) => {
                 let now = conn.requests.load(Relaxed);
                 let none_in_flight = conn.in_flight.load(Relaxed) == 0;

@@ -387,3 +387,66 @@ async fn an_absolute_form_request_is_routed_and_forwarded_by_the_host_of_its_tar
     assert_eq!((stable.hits(), canary.hits()), (0, 2));
     proxy.stop().await;
 }
+
+/// An HTTP/2 client that resets its streams once the proxy has sent them on ("rapid reset",
+/// CVE-2023-44487: each reset drops a backend exchange half done) has its connection closed
+/// once it has made 100 such resets; other clients are served.
+#[tokio::test]
+async fn an_http2_client_that_resets_its_streams_before_their_answers_is_cut_off() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let slow = Backend::start("canary", Mode::Slow(Duration::from_secs(30))).await;
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let proxy = Proxy::start(&format!(
+        "tracks:\n  stable: {{ backends: [\"{}\"] }}\n  canary: {{ backends: [\"{}\"] }}\nroutes:\n  - {{ path_prefix: /slow, split: {{ canary: 10000 }} }}\n  - {{ split: {{ stable: 10000 }} }}\n",
+        stable.addr, slow.addr
+    ))
+    .await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let served = tokio::spawn(conn);
+    let mut resets = 0;
+    while !served.is_finished() && resets < 150 {
+        let req = http::Request::get(proxy.url("/slow"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let Ok(()) = std::future::poll_fn(|cx| sender.poll_ready(cx)).await else {
+            break;
+        };
+        let answer = sender.send_request(req);
+        // Sent on to the backend, then reset: the response future dropped.
+        let hits = slow.hits();
+        tokio::select! {
+            a = answer => {
+                // The connection closed under the request: no answer, no further request.
+                assert!(a.is_err(), "answered: {a:?}");
+                break;
+            }
+            () = eventually(Duration::from_secs(5), || async { slow.hits() > hits }) => {}
+        }
+        resets += 1;
+    }
+    assert!(
+        (100..=101).contains(&resets),
+        "the connection was closed after {resets} resets"
+    );
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("the connection closed")
+        .unwrap()
+        .ok();
+    let (status, _, _) = send(
+        &crate::support::h2_client(),
+        http::Request::get(proxy.url("/"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+    .expect("another client is served");
+    assert_eq!(status, http::StatusCode::OK);
+    proxy.stop().await;
+}
