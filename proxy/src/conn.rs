@@ -551,20 +551,25 @@ async fn serve_http2<S: Socket>(
     http.as_mut().graceful_shutdown();
     // hyper's graceful close waits for the client to answer a PING, and serves streams begun
     // before it does. A client that never answers (gone without a word: a NAT's timeout, a
-    // host that went down) is dropped once a wait passes with nothing in flight and nothing
-    // left to write: a whole `idle_timeout`, or a second when draining, so that a drain ends
-    // with its last request rather than at its deadline.
+    // host that went down, one that stopped reading) is dropped once a wait passes with
+    // nothing in flight and nothing left to write, or no byte of it taken: a whole
+    // `idle_timeout`, or a second when draining, so that a drain ends with its last request
+    // rather than at its deadline.
     let wait = match draining {
         true => DRAIN_PING_WAIT,
         false => idle,
     };
+    let mut writes = conn.seen.writes();
     loop {
-        match tokio::time::timeout(wait, http.as_mut()).await {
-            Ok(done) => return done,
-            Err(_) if conn.in_flight.load(Relaxed) == 0 && !conn.seen.write_blocked() => {
-                return Ok(());
-            }
-            Err(_) => {}
+        if let Ok(done) = tokio::time::timeout(wait, http.as_mut()).await {
+            return done;
+        }
+        let (before, now) = (writes, conn.seen.writes());
+        writes = now;
+        // Bytes waiting for the client, and the client took some during the wait.
+        let writing = conn.seen.write_blocked() && now != before;
+        if conn.in_flight.load(Relaxed) == 0 && !writing {
+            return Ok(());
         }
     }
 }

@@ -160,3 +160,47 @@ async fn a_drain_does_not_wait_for_an_http2_client_that_never_answers() {
         started.elapsed()
     );
 }
+
+/// An HTTP/2 client that stops reading with a response under way: `send_timeout` resets the
+/// stream, and the connection, with nothing in flight and its writes standing still, is
+/// closed once idle; a drain does not wait for it either.
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_is_closed_once_nothing_is_in_flight() {
+    for drained in [false, true] {
+        let limits = "limits: { idle_timeout: 300ms, send_timeout: 300ms }\ndrain_timeout: 30s\n";
+        let (mut proxy, _b) = stable_proxy(limits).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(proxy.addr).await.unwrap();
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS: INITIAL_WINDOW_SIZE as large as it goes; the connection's window too.
+        hello.extend_from_slice(b"\0\0\x06\x04\0\0\0\0\0\0\x04\x7f\xff\xff\xff");
+        hello.extend_from_slice(b"\0\0\x04\x08\0\0\0\0\0\x7f\xff\0\0");
+        // HEADERS, stream 1, END_STREAM | END_HEADERS: GET http://a/endless.
+        let block = b"\x82\x86\x04\x08/endless\x01\x01a";
+        hello.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+        hello.extend_from_slice(block);
+        s.write_all(&hello).await.unwrap();
+        // Never read again: the stream is cut once the client has taken nothing for a while.
+        eventually(Duration::from_secs(10), || async {
+            stats(&proxy).await["proxy"]["responses_unread"].as_u64() == Some(1)
+        })
+        .await;
+        let started = Instant::now();
+        if drained {
+            proxy.begin_stop().await.unwrap().unwrap();
+        } else {
+            eventually(Duration::from_secs(10), || async {
+                connections(&proxy).await.0 == 0
+            })
+            .await;
+            proxy.stop().await;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(s);
+    }
+}
