@@ -55,20 +55,31 @@ pub struct Tee<F: FnOnce(TeeEnd)> {
 
 impl<F: FnOnce(TeeEnd)> Tee<F> {
     pub fn new(inner: Body, cap: usize, done: F) -> Self {
+        // A body of known length (most uploads) is copied into one allocation of its size.
+        let known = http_body::Body::size_hint(&inner).lower();
+        let known = usize::try_from(known).unwrap_or(usize::MAX);
         Tee {
             inner,
-            copy: Some(BytesMut::new()),
+            copy: Some(BytesMut::with_capacity(known.min(cap))),
             cap,
             done: Some(done),
         }
     }
 
-    fn finish(&mut self, end: fn(Bytes) -> TeeEnd) {
+    fn finish(&mut self, end: fn(BytesMut) -> TeeEnd) {
         if let Some(done) = self.done.take() {
-            let copy = self.copy.take().map(BytesMut::freeze).unwrap_or_default();
-            done(end(copy));
+            done(end(self.copy.take().unwrap_or_default()));
         }
     }
+}
+
+/// The whole copy, held in an allocation of about its length: one grown piece by piece can
+/// hold twice what it has, and copies wait in the mirror's queue.
+fn whole(copy: BytesMut) -> TeeEnd {
+    TeeEnd::Complete(match copy.capacity() - copy.len() > copy.len() / 8 {
+        true => Bytes::copy_from_slice(&copy),
+        false => copy.freeze(),
+    })
 }
 
 // `Tee` holds nothing pinned in place: `Body` is a `Pin<Box<_>>` and `F` is only moved out.
@@ -93,11 +104,11 @@ impl<F: FnOnce(TeeEnd)> http_body::Body for Tee<F> {
                     }
                 }
                 if this.inner.is_end_stream() {
-                    this.finish(TeeEnd::Complete);
+                    this.finish(whole);
                 }
             }
             Poll::Ready(Some(Err(_))) => this.finish(|_| TeeEnd::Incomplete),
-            Poll::Ready(None) => this.finish(TeeEnd::Complete),
+            Poll::Ready(None) => this.finish(whole),
             Poll::Pending => {}
         }
         polled
@@ -321,7 +332,7 @@ mod tests {
     use http_body::Frame;
     use http_body_util::BodyExt;
 
-    use super::Quiet;
+    use super::{Quiet, Tee, TeeEnd};
 
     /// Frames as a channel gives them (a test double).
     struct Chan(tokio::sync::mpsc::Receiver<Bytes>);
@@ -335,6 +346,42 @@ mod tests {
             cx: &mut std::task::Context<'_>,
         ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    /// The copy a tee hands on, of a body of `pieces`, sent with its length or not.
+    async fn teed(pieces: Vec<Bytes>, with_length: bool) -> Bytes {
+        let total: usize = pieces.iter().map(Bytes::len).sum();
+        let (tx, rx) = tokio::sync::mpsc::channel(pieces.len());
+        for p in pieces {
+            tx.try_send(p).unwrap();
+        }
+        drop(tx);
+        let body = match with_length {
+            true => super::boxed(http_body_util::Full::new(Bytes::from(vec![7; total]))),
+            false => super::boxed(Chan(rx)),
+        };
+        let (copied, got) = tokio::sync::oneshot::channel();
+        let tee = Tee::new(body, 1 << 20, move |end| {
+            let TeeEnd::Complete(bytes) = end else {
+                panic!("{end:?}")
+            };
+            copied.send(bytes).unwrap();
+        });
+        assert_eq!(tee.collect().await.unwrap().to_bytes().len(), total);
+        got.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_teed_copy_is_held_in_about_its_length() {
+        let mut pieces = vec![Bytes::from(vec![1; 300])];
+        pieces.extend((0..40).map(|_| Bytes::from(vec![2; 16 * 1024])));
+        let total = 300 + 40 * 16 * 1024;
+        for with_length in [false, true] {
+            let copy = teed(pieces.clone(), with_length).await;
+            assert_eq!(copy.len(), total);
+            let held = copy.try_into_mut().unwrap().capacity();
+            assert!(held <= total + total / 8, "{held} for {total} bytes");
         }
     }
 
