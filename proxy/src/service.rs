@@ -311,7 +311,10 @@ fn mirrored(
                     .mirror_skipped_body_too_large
                     .fetch_add(1, Relaxed);
             }
-            TeeEnd::Incomplete => {}
+            TeeEnd::Incomplete => {
+                let skipped = &shared.stats.global.mirror_skipped_incomplete;
+                skipped.fetch_add(1, Relaxed);
+            }
         })))
     }
 }

@@ -107,6 +107,9 @@ pub struct Global {
     pub requests_shed: AtomicU64,
     pub mirror_shed: AtomicU64,
     pub mirror_skipped_body_too_large: AtomicU64,
+    /// Copies not sent: the request body did not reach its end (the client went away, or the
+    /// primary was answered without reading it).
+    pub mirror_skipped_incomplete: AtomicU64,
     /// Response bodies cut after `upstream.read_timeout` without a byte from their backend.
     pub responses_stalled: AtomicU64,
     /// Responses cut after `limits.send_timeout` in which the client took none of them.
@@ -245,6 +248,7 @@ impl Stats {
                 "requests_shed": g.requests_shed.load(Relaxed),
                 "mirror_shed": g.mirror_shed.load(Relaxed),
                 "mirror_skipped_body_too_large": g.mirror_skipped_body_too_large.load(Relaxed),
+                "mirror_skipped_incomplete": g.mirror_skipped_incomplete.load(Relaxed),
                 "responses_stalled": g.responses_stalled.load(Relaxed),
                 "responses_unread": g.responses_unread.load(Relaxed),
                 "table_swaps": g.table_swaps.load(Relaxed),
@@ -335,6 +339,7 @@ mod tests {
                 "connections_rejected": 0,
                 "mirror_shed": 0,
                 "mirror_skipped_body_too_large": 0,
+                "mirror_skipped_incomplete": 0,
                 "no_route": 0,
                 "requests_shed": 0,
                 "responses_stalled": 0,

@@ -133,6 +133,11 @@ impl Stats {
                 &g.mirror_skipped_body_too_large,
             ),
             (
+                "mirror_skipped_incomplete_total",
+                "Mirrored requests skipped: the request body did not reach its end.",
+                &g.mirror_skipped_incomplete,
+            ),
+            (
                 "responses_stalled_total",
                 "Response bodies cut: nothing from the backend for upstream.read_timeout.",
                 &g.responses_stalled,

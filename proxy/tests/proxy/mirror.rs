@@ -532,3 +532,25 @@ async fn a_batch_of_forty_with_answers_larger_than_the_socket_buffers_beside_a_c
     assert_eq!(shadow.conns(), 2, "one pipeline and one copy on its own");
     proxy.stop().await;
 }
+
+/// A copy whose request body never reached its end is not sent, and is counted: here the
+/// primary's backend refuses connections, so its body is never read. A bodiless request
+/// is copied up front, and still goes.
+#[tokio::test]
+async fn a_copy_whose_body_never_reached_its_end_is_counted_as_skipped() {
+    let shadow = Backend::start("shadow", Mode::Normal).await;
+    let proxy = Proxy::start(&config(dead_addr().await, shadow.addr, "")).await;
+    let post = Request::post(proxy.url("/orders"))
+        .body(Full::new(Bytes::from_static(b"twelve bytes")))
+        .unwrap();
+    let (status, _, _) = send(&client(), post).await.unwrap();
+    assert!(status.is_server_error(), "{status}");
+    eventually(Duration::from_secs(5), || async {
+        mirror_series(&proxy).await["proxy"]["mirror_skipped_incomplete"] == 1
+    })
+    .await;
+    let get = Request::get(proxy.url("/")).body(Full::default()).unwrap();
+    send(&client(), get).await.unwrap();
+    eventually(Duration::from_secs(5), || async { shadow.hits() == 1 }).await;
+    proxy.stop().await;
+}
