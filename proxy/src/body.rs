@@ -55,12 +55,11 @@ pub struct Tee<F: FnOnce(TeeEnd)> {
 
 impl<F: FnOnce(TeeEnd)> Tee<F> {
     pub fn new(inner: Body, cap: usize, done: F) -> Self {
-        // A body of known length (most uploads) is copied into one allocation of its size.
-        let known = http_body::Body::size_hint(&inner).lower();
-        let known = usize::try_from(known).unwrap_or(usize::MAX);
+        // Not reserved up front by the announced length: a client could announce megabytes,
+        // send nothing, and have the proxy hold them.
         Tee {
             inner,
-            copy: Some(BytesMut::with_capacity(known.min(cap))),
+            copy: Some(BytesMut::new()),
             cap,
             done: Some(done),
         }
@@ -73,7 +72,7 @@ impl<F: FnOnce(TeeEnd)> Tee<F> {
     }
 }
 
-/// The whole copy, held in an allocation of about its length: one grown piece by piece can
+/// The whole copy, held in an allocation of about its length: grown piece by piece, it can
 /// hold twice what it has, and copies wait in the mirror's queue.
 fn whole(copy: BytesMut) -> TeeEnd {
     TeeEnd::Complete(match copy.capacity() - copy.len() > copy.len() / 8 {
