@@ -87,14 +87,24 @@ fn serve(
         .context("starting the runtime")?;
     runtime.block_on(async move {
         let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
         let server = fleet_proxy::Server::bind(settings, table, Some(path)).await?;
-        server
-            .run(async move {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            })
-            .await
+        // The first SIGTERM or SIGINT drains; a second one ends the drain at once.
+        let (first, told) = tokio::sync::oneshot::channel();
+        let signals = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            let _ = first.send(());
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        tokio::select! {
+            served = server.run(async move { let _ = told.await; }) => served,
+            () = signals => anyhow::bail!("a second signal: stopped without finishing the drain"),
+        }
     })
 }

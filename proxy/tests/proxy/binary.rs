@@ -355,3 +355,31 @@ async fn one_worker_is_one_thread_while_the_file_is_watched() {
     drop(child);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A second SIGTERM (or Ctrl-C) during a drain ends it at once, with exit code 1: an
+/// operator need not wait out `drain_timeout` for a request that would outlive it.
+#[tokio::test]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let stuck = Backend::start("stable", Mode::Slow(Duration::from_secs(60))).await;
+    let dir = temp_dir("second-signal");
+    let file = dir.join("proxy.yaml");
+    let yaml = reloaded_on_sighup(stuck.addr, "split: { stable: 10000 }");
+    let limits = "drain_timeout: 60s\nupstream: { retries: 0, request_timeout: 60s }\n";
+    std::fs::write(&file, format!("{yaml}{limits}")).unwrap();
+    let (mut child, _) = spawn(&file);
+    let addr = child.2.clone();
+    let in_flight = tokio::spawn(async move { get(&format!("http://{addr}/")).await });
+    crate::support::eventually(Duration::from_secs(10), || async { stuck.hits() == 1 }).await;
+    signal(&child.0, "TERM");
+    crate::support::eventually(Duration::from_secs(5), || async {
+        child.logged("draining") > 0
+    })
+    .await;
+    signal(&child.0, "TERM");
+    assert_eq!(
+        exit_code(&mut child.0, Duration::from_secs(10)).await,
+        Some(1)
+    );
+    drop(in_flight);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
