@@ -99,8 +99,10 @@ pub struct Conn {
     in_flight: AtomicUsize,
     /// Requests taken since the connection began.
     requests: AtomicU64,
-    /// Requests dropped before their answer (on HTTP/2, streams the client reset), and the
-    /// signal that there are too many of them (see [`resets`]).
+    /// Requests routed and sent on; those of them dropped before their answer soon after
+    /// they began (on HTTP/2, streams the client reset), and the signal that there are too
+    /// many of those (see [`resets`]).
+    forwarded: AtomicU64,
     resets: AtomicU64,
     too_many_resets: tokio::sync::Notify,
     /// Held for as long as the connection is: by its serving task, and by its tunnel once
@@ -118,6 +120,7 @@ impl Conn {
             seen: Arc::default(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             too_many_resets: tokio::sync::Notify::const_new(),
             _lease: None,
@@ -129,6 +132,24 @@ impl Conn {
         Conn {
             _lease: Some(lease),
             ..Conn::new(peer, tls)
+        }
+    }
+
+    /// Counts a request routed on this connection and about to be sent on: the connection,
+    /// for the request to hold.
+    pub(crate) fn forwarding(self: &Arc<Self>) -> Arc<Self> {
+        self.forwarded.fetch_add(1, Relaxed);
+        self.clone()
+    }
+
+    /// A forwarded request was dropped before its answer, `waited` after it began.
+    pub(crate) fn reset_early(&self, waited: Duration) {
+        if waited >= resets::PREMATURE {
+            return;
+        }
+        let resets = self.resets.fetch_add(1, Relaxed) + 1;
+        if resets::too_many(resets, self.forwarded.load(Relaxed)) {
+            self.too_many_resets.notify_one();
         }
     }
 
@@ -267,10 +288,7 @@ fn hyper_service(
         // Counted now, when hyper hands the request over, not when the future first runs.
         conn.in_flight.fetch_add(1, Relaxed);
         conn.requests.fetch_add(1, Relaxed);
-        let mut guard = InFlight {
-            conn: conn.clone(),
-            answered: false,
-        };
+        let guard = InFlight(conn.clone());
         let version = req.version();
         // Every HTTP/1 request takes its verdict here, whatever happens to it next.
         let handling = match crate::service::refused_by_scan(&shared, &conn, &req) {
@@ -309,7 +327,6 @@ fn hyper_service(
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
-            guard.answered = true;
             Ok(resp.map(|body| Tracked {
                 body,
                 pulls,
@@ -325,23 +342,11 @@ fn overloaded(shared: &Shared) -> Response<Body> {
     crate::service::plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded")
 }
 
-/// A request counted in flight on its connection; one dropped before its answer counts as
-/// reset.
-struct InFlight {
-    conn: Arc<Conn>,
-    answered: bool,
-}
+struct InFlight(Arc<Conn>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let conn = &self.conn;
-        conn.in_flight.fetch_sub(1, Relaxed);
-        if !self.answered {
-            let resets = conn.resets.fetch_add(1, Relaxed) + 1;
-            if resets::too_many(resets, conn.requests.load(Relaxed)) {
-                conn.too_many_resets.notify_one();
-            }
-        }
+        self.0.in_flight.fetch_sub(1, Relaxed);
     }
 }
 
@@ -532,12 +537,7 @@ async fn serve_http2<S: Socket>(
         tokio::select! {
             done = http.as_mut() => return done,
             _ = stopped(drain) => break true,
-            () = conn.too_many_resets.notified() => {
-                let resets = conn.resets.load(Relaxed);
-                let ip = &conn.peer_ip;
-                tracing::warn!(?ip, resets, "closing an HTTP/2 connection whose client resets its streams before their answers");
-                return Ok(());
-            }
+            () = conn.too_many_resets.notified() => return closed_for_resets(conn),
             () = tokio::time::sleep(idle) => {
                 let now = conn.requests.load(Relaxed);
                 let none_in_flight = conn.in_flight.load(Relaxed) == 0;
@@ -550,28 +550,46 @@ async fn serve_http2<S: Socket>(
     };
     http.as_mut().graceful_shutdown();
     // hyper's graceful close waits for the client to answer a PING, and serves streams begun
-    // before it does. A client that never answers (gone without a word: a NAT's timeout, a
-    // host that went down, one that stopped reading) is dropped once a wait passes with
-    // nothing in flight and nothing left to write, or no byte of it taken: a whole
-    // `idle_timeout`, or a second when draining, so that a drain ends with its last request
-    // rather than at its deadline.
+    // before it does, to the last byte h2 holds for them. A client that never answers (gone
+    // without a word: a NAT's timeout, a host that went down, one that stopped reading) is
+    // dropped once a wait passes with nothing in flight and no byte moving: none from the
+    // client (a `WINDOW_UPDATE` for a response's last bytes is one), none of those waiting
+    // for it taken. The wait is a whole `idle_timeout`, or a second when draining, so that a
+    // drain ends with its last request rather than at its deadline.
     let wait = match draining {
         true => DRAIN_PING_WAIT,
         false => idle,
     };
-    let mut writes = conn.seen.writes();
+    let (mut reads, mut writes) = (conn.seen.reads(), conn.seen.writes());
     loop {
-        if let Ok(done) = tokio::time::timeout(wait, http.as_mut()).await {
-            return done;
+        tokio::select! {
+            done = tokio::time::timeout(wait, http.as_mut()) => if let Ok(done) = done {
+                return done;
+            },
+            () = conn.too_many_resets.notified() => return closed_for_resets(conn),
         }
-        let (before, now) = (writes, conn.seen.writes());
-        writes = now;
-        // Bytes waiting for the client, and the client took some during the wait.
-        let writing = conn.seen.write_blocked() && now != before;
-        if conn.in_flight.load(Relaxed) == 0 && !writing {
+        let (r, w) = (conn.seen.reads(), conn.seen.writes());
+        // The client sent something, or took some of what still waits for it (a write that
+        // did not wait, as the GOAWAY's, is not its doing).
+        let moving = r != reads || (w != writes && conn.seen.write_blocked());
+        (reads, writes) = (r, w);
+        if conn.in_flight.load(Relaxed) == 0 && !moving {
             return Ok(());
         }
     }
+}
+
+/// Logged as an HTTP/2 connection is dropped for [`resets::too_many`]: at once, its other
+/// streams with it (hyper offers no `GOAWAY` with `ENHANCE_YOUR_CALM`, and a graceful one
+/// would go on taking streams until the client answered its `PING`).
+fn closed_for_resets(conn: &Conn) -> Result<(), hyper::Error> {
+    let (resets, ip) = (conn.resets.load(Relaxed), &conn.peer_ip);
+    tracing::warn!(
+        ?ip,
+        resets,
+        "closing an HTTP/2 connection whose client resets its streams before their answers"
+    );
+    Ok(())
 }
 
 /// How long a draining HTTP/2 connection with nothing in flight waits for the client's answer

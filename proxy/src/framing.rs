@@ -42,6 +42,9 @@ pub struct Seen {
     /// Writes that took bytes since the connection began (and flushes that finished after
     /// waiting for room): the client took some when this moves.
     writes: AtomicU64,
+    /// Reads that brought bytes since the connection began: the client sent some when this
+    /// moves.
+    reads: AtomicU64,
     /// The scan stopped at a head asking to switch protocols (`Upgrade`, `CONNECT`): what
     /// follows on the connection is not read by it.
     stopped_at_upgrade: AtomicBool,
@@ -89,6 +92,11 @@ impl Seen {
         self.writes.load(Relaxed)
     }
 
+    /// Reads that brought bytes since the connection began.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Relaxed)
+    }
+
     /// As if a write had taken bytes.
     #[cfg(test)]
     pub fn count_write(&self) {
@@ -122,8 +130,10 @@ pub struct Scan<I> {
     head: Vec<u8>,
     max_head: usize,
     seen: Arc<Seen>,
-    /// `seen.writes`, kept here too: this is its one writer, so it is stored, not added to.
+    /// `seen.writes` and `seen.reads`, kept here too: this is their one writer, so they are
+    /// stored, not added to.
     writes: u64,
+    reads: u64,
 }
 
 impl<I> Scan<I> {
@@ -137,6 +147,7 @@ impl<I> Scan<I> {
             max_head,
             seen,
             writes: 0,
+            reads: 0,
         };
         scan.feed(&read);
         scan.replay = read;
@@ -398,6 +409,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Scan<I> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         this.seen.read_blocked.store(polled.is_pending(), Relaxed);
+        if buf.filled().len() > before {
+            this.reads += 1;
+            this.seen.reads.store(this.reads, Relaxed);
+        }
         if polled.is_ready() && !matches!(this.state, State::Off) {
             this.feed(&buf.filled()[before..]);
         }

@@ -78,8 +78,8 @@ pub(crate) fn handle(
     Ok(Forward {
         started,
         start: active.next_index(decision.track),
-        // A tunnel, if the request becomes one, holds the connection open.
-        tunnel: client_upgrade.map(|client| (client, conn.clone())),
+        tunnel: client_upgrade,
+        conn: conn.forwarding(),
         grpc: survey.grpc,
         active,
         decision,
@@ -97,8 +97,11 @@ pub(crate) struct Forward {
     start: usize,
     out: Outgoing,
     /// For a request asking to switch protocols: the client's side of the switch, joined to
-    /// the backend's once it answers 101, and the connection the tunnel then holds open.
-    tunnel: Option<(hyper::upgrade::OnUpgrade, Arc<Conn>)>,
+    /// the backend's once it answers 101.
+    tunnel: Option<hyper::upgrade::OnUpgrade>,
+    /// The client's connection: a tunnel holds it open, and a request dropped early counts
+    /// against it ([`Conn::reset_early`]).
+    conn: Arc<Conn>,
     /// A gRPC or gRPC-Web request: its answer's `grpc-status` is counted.
     grpc: Grpc,
     /// The outcome is counted; until then, dropping it counts the client as gone.
@@ -111,19 +114,26 @@ const CLIENT_CLOSED: u16 = 499;
 
 impl Forward {
     fn record(&mut self, status: u16, upstream_failed: bool) {
+        self.record_after(status, upstream_failed, self.started.elapsed());
+    }
+
+    fn record_after(&mut self, status: u16, upstream_failed: bool, took: std::time::Duration) {
         self.recorded = true;
         let (route, track) = (self.decision.route, self.decision.track);
         let counters = self.active.counters(route, track, Source::Primary);
-        counters.record(status, upstream_failed, self.started.elapsed());
+        counters.record(status, upstream_failed, took);
     }
 }
 
 impl Drop for Forward {
     /// A request dropped before its answer still counts, with how long its client waited:
-    /// cancelled requests are often the slow ones.
+    /// cancelled requests are often the slow ones. One dropped soon after it began counts
+    /// against its connection too (an HTTP/2 stream reset at once: `conn/resets.rs`).
     fn drop(&mut self) {
         if !self.recorded {
-            self.record(CLIENT_CLOSED, false);
+            let waited = self.started.elapsed();
+            self.record_after(CLIENT_CLOSED, false, waited);
+            self.conn.reset_early(waited);
         }
     }
 }
@@ -168,7 +178,8 @@ impl Forward {
             self.record(resp.status().as_u16(), false);
             let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             let grpc_answer = headers::strip_response(resp.headers_mut(), switched);
-            if switched && let Some((client, conn)) = self.tunnel.take() {
+            if switched && let Some(client) = self.tunnel.take() {
+                let conn = self.conn.clone();
                 let idle = shared.settings.upstream.read_timeout;
                 tunnel::spawn(client, hyper::upgrade::on(&mut resp), conn, idle);
             }

@@ -11,6 +11,7 @@ mod http1_backends;
 mod idle;
 mod mirror;
 mod protocols;
+mod resets;
 mod routing;
 mod unread;
 mod upstream;
