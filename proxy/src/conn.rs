@@ -552,26 +552,32 @@ async fn serve_http2<S: Socket>(
     // hyper's graceful close waits for the client to answer a PING, and serves streams begun
     // before it does, to the last byte h2 holds for them. A client that never answers (gone
     // without a word: a NAT's timeout, a host that went down, one that stopped reading) is
-    // dropped once a wait passes with nothing in flight and no byte moving: none from the
-    // client (a `WINDOW_UPDATE` for a response's last bytes is one), none of those waiting
-    // for it taken. The wait is a whole `idle_timeout`, or a second when draining, so that a
-    // drain ends with its last request rather than at its deadline.
-    let wait = match draining {
-        true => DRAIN_PING_WAIT,
-        false => idle,
-    };
+    // dropped once a wait passes with nothing in flight and no byte moving: none of those
+    // waiting for the client taken and, when draining, none from the client either (a
+    // `WINDOW_UPDATE` for an answer's last bytes is one; idle, a client that sends a frame
+    // now and then and asks for nothing would be held for good). The wait is a whole
+    // `idle_timeout`, or a second once draining, so that a drain ends with its last request
+    // rather than at its deadline.
+    let mut draining = draining;
     let (mut reads, mut writes) = (conn.seen.reads(), conn.seen.writes());
     loop {
+        let wait = match draining {
+            true => DRAIN_PING_WAIT,
+            false => idle,
+        };
         tokio::select! {
             done = tokio::time::timeout(wait, http.as_mut()) => if let Ok(done) = done {
                 return done;
             },
             () = conn.too_many_resets.notified() => return closed_for_resets(conn),
+            _ = stopped(drain), if !draining => {
+                draining = true;
+                continue;
+            }
         }
         let (r, w) = (conn.seen.reads(), conn.seen.writes());
-        // The client sent something, or took some of what still waits for it (a write that
-        // did not wait, as the GOAWAY's, is not its doing).
-        let moving = r != reads || (w != writes && conn.seen.write_blocked());
+        // A write that did not wait, as the GOAWAY's, is not the client's doing.
+        let moving = (draining && r != reads) || (w != writes && conn.seen.write_blocked());
         (reads, writes) = (r, w);
         if conn.in_flight.load(Relaxed) == 0 && !moving {
             return Ok(());

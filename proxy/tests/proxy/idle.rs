@@ -204,3 +204,39 @@ async fn an_http2_client_that_stops_reading_is_closed_once_nothing_is_in_flight(
         drop(s);
     }
 }
+
+/// A client closed for being idle that never answers the closing PING is dropped a whole
+/// `idle_timeout` later, though it keeps sending frames of its own (PINGs) and asking for
+/// nothing: it is not held for good.
+#[tokio::test]
+async fn an_http2_client_closed_for_idleness_is_dropped_though_it_keeps_pinging() {
+    use crate::support::{RawH2, h2_frame};
+    let (proxy, _b) = stable_proxy("limits: { idle_timeout: 300ms }\n").await;
+    let mut client = RawH2::connect(proxy.addr).await;
+    eventually(Duration::from_secs(5), || async { client.got_goaway() }).await;
+    let started = Instant::now();
+    while client.send(&h2_frame(6, 0, 0, &[0; 8])).await && !client.closed() {
+        assert!(started.elapsed() < Duration::from_secs(5), "still open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.stop().await;
+}
+
+/// A drain that begins while an HTTP/2 connection is being closed for idleness does not
+/// wait out that close's `idle_timeout`: a client that never answers is dropped a second
+/// after, as any other while draining.
+#[tokio::test]
+async fn a_drain_during_an_idle_close_does_not_wait_for_the_idle_timeout() {
+    use crate::support::RawH2;
+    let (mut proxy, _b) = stable_proxy("limits: { idle_timeout: 5s }\ndrain_timeout: 30s\n").await;
+    let client = RawH2::connect(proxy.addr).await;
+    eventually(Duration::from_secs(10), || async { client.got_goaway() }).await;
+    let started = Instant::now();
+    proxy.begin_stop().await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually(Duration::from_secs(2), || async { client.closed() }).await;
+}

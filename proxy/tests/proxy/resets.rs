@@ -1,17 +1,14 @@
 //! HTTP/2 clients that reset their streams before the answer ("rapid reset",
 //! CVE-2023-44487: each reset drops a backend exchange half done).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Backend, Mode, Proxy, eventually, h2_client, send};
+use crate::support::{Backend, Mode, Proxy, RawH2, eventually, h2_client, h2_frame, send};
 
 /// A proxy whose `/slow` route answers after 30 s (track canary) and whose other paths at
 /// once (track stable), or with 404 without `others`.
@@ -143,70 +140,39 @@ async fn streams_reset_after_a_while_do_not_close_the_connection() {
     proxy.stop().await;
 }
 
-/// HTTP/2 frames as a raw client writes them.
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
-    let mut f = vec![len[1], len[2], len[3], kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 /// HEADERS with END_STREAM and END_HEADERS: `GET http://a/slow`.
 fn get_slow(stream: u32) -> Vec<u8> {
-    frame(1, 5, stream, b"\x82\x86\x04\x05/slow\x01\x01a")
+    h2_frame(1, 5, stream, b"\x82\x86\x04\x05/slow\x01\x01a")
 }
 
 /// RST_STREAM, CANCEL.
 fn cancel(stream: u32) -> Vec<u8> {
-    frame(3, 0, stream, &8u32.to_be_bytes())
+    h2_frame(3, 0, stream, &8u32.to_be_bytes())
 }
 
 /// A client past its connection's graceful close (sent when it idled), which never answers
 /// the closing PING and so may still open streams, is held to the same rule.
 #[tokio::test]
 async fn resets_after_the_graceful_close_began_are_held_to_the_rule_too() {
-    let (proxy, slow, _stable) = slow_route_proxy("limits: { idle_timeout: 300ms }\n", true).await;
-    let s = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut from, mut to) = s.into_split();
-    to.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .unwrap();
-    to.write_all(&frame(4, 0, 0, &[])).await.unwrap();
-    let (goaway, closed) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let (saw_goaway, saw_close) = (goaway.clone(), closed.clone());
-    let reader = tokio::spawn(async move {
-        let mut head = [0u8; 9];
-        while from.read_exact(&mut head).await.is_ok() {
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0; len];
-            if from.read_exact(&mut payload).await.is_err() {
-                break;
-            }
-            if head[3] == 7 {
-                saw_goaway.store(true, Ordering::SeqCst);
-            }
-        }
-        saw_close.store(true, Ordering::SeqCst);
-    });
-    eventually(Duration::from_secs(5), || async {
-        goaway.load(Ordering::SeqCst)
-    })
-    .await;
+    // Idle for a second, it is closed gracefully: GOAWAY, and a PING it never answers.
+    let (proxy, slow, _stable) = slow_route_proxy("limits: { idle_timeout: 1s }\n", true).await;
+    let mut client = RawH2::connect(proxy.addr).await;
+    eventually(Duration::from_secs(5), || async { client.got_goaway() }).await;
+    // One stream left waiting throughout: the connection is never without a request in
+    // flight, so only the reset rule can close it.
+    assert!(client.send(&get_slow(1)).await);
+    eventually(Duration::from_secs(5), || async { slow.hits() == 1 }).await;
     let mut resets = 0;
-    for stream in (1..300).step_by(2) {
+    for stream in (3..300).step_by(2) {
         let hits = slow.hits();
-        if closed.load(Ordering::SeqCst) || to.write_all(&get_slow(stream)).await.is_err() {
+        if !client.send(&get_slow(stream)).await {
             break;
         }
         eventually(Duration::from_secs(5), || async {
-            slow.hits() > hits || closed.load(Ordering::SeqCst)
+            slow.hits() > hits || client.closed()
         })
         .await;
-        if closed.load(Ordering::SeqCst) || to.write_all(&cancel(stream)).await.is_err() {
+        if !client.send(&cancel(stream)).await {
             break;
         }
         resets += 1;
@@ -215,11 +181,7 @@ async fn resets_after_the_graceful_close_began_are_held_to_the_rule_too() {
         (100..=101).contains(&resets),
         "the connection was closed after {resets} resets"
     );
-    eventually(Duration::from_secs(5), || async {
-        closed.load(Ordering::SeqCst)
-    })
-    .await;
-    reader.await.unwrap();
+    eventually(Duration::from_secs(5), || async { client.closed() }).await;
     others_served(&proxy).await;
     proxy.stop().await;
 }

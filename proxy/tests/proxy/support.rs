@@ -555,3 +555,76 @@ pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> (String, bool) {
         .is_ok();
     (String::from_utf8_lossy(&out).into_owned(), closed)
 }
+
+/// An HTTP/2 frame as a raw client writes it.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HTTP/2 client by hand, for clients no library would be: it sends the preface and an
+/// empty SETTINGS, then only what the test writes; it answers nothing (no SETTINGS ack, no
+/// PING answer). What it receives is read and dropped, noting a GOAWAY and the close.
+pub struct RawH2 {
+    pub to: tokio::net::tcp::OwnedWriteHalf,
+    goaway: Arc<AtomicBool>,
+    closed: Arc<AtomicBool>,
+    _reader: AbortOnDrop,
+}
+
+impl RawH2 {
+    pub async fn connect(addr: SocketAddr) -> RawH2 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut from, mut to) = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap()
+            .into_split();
+        to.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        to.write_all(&h2_frame(4, 0, 0, &[])).await.unwrap();
+        let (goaway, closed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (saw_goaway, saw_close) = (goaway.clone(), closed.clone());
+        let reader = tokio::spawn(async move {
+            let mut head = [0u8; 9];
+            while from.read_exact(&mut head).await.is_ok() {
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0; len];
+                if from.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                if head[3] == 7 {
+                    saw_goaway.store(true, Ordering::SeqCst);
+                }
+            }
+            saw_close.store(true, Ordering::SeqCst);
+        });
+        RawH2 {
+            to,
+            goaway,
+            closed,
+            _reader: AbortOnDrop(reader),
+        }
+    }
+
+    pub fn got_goaway(&self) -> bool {
+        self.goaway.load(Ordering::SeqCst)
+    }
+
+    /// The proxy closed the connection.
+    pub fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Writes `bytes`; false once the connection is closed.
+    pub async fn send(&mut self, bytes: &[u8]) -> bool {
+        use tokio::io::AsyncWriteExt;
+        !self.closed() && self.to.write_all(bytes).await.is_ok()
+    }
+}
