@@ -179,6 +179,11 @@ impl Pool {
 
     #[inline]
     pub(super) fn put(&self, conn: h1::Conn) {
+        if self.max_idle == 0 {
+            // None kept (`max_idle_per_backend: 0`): dropped, the connection closes and gives
+            // its place back.
+            return;
+        }
         let mut idle = lock(&self.idle);
         if idle.len() >= self.max_idle {
             // The oldest goes: the newest are the likeliest to be alive.

@@ -1016,3 +1016,18 @@ async fn an_answer_sent_before_the_backend_stops_taking_the_body_reaches_the_cli
     assert_eq!(statuses, [(Some(413), 20)].into(), "{statuses:?}");
     proxy.stop().await;
 }
+
+/// `max_idle_per_backend: 0` keeps no connection for reuse: each request opens its own.
+#[tokio::test]
+async fn with_max_idle_per_backend_0_no_connection_is_reused() {
+    for (max_idle, conns) in [(0, 3), (1, 1)] {
+        let extra = format!("upstream: {{ max_idle_per_backend: {max_idle} }}\n");
+        let (proxy, stable) = crate::support::stable_proxy(&extra).await;
+        for _ in 0..3 {
+            let (status, _, _) = crate::support::get(&proxy.url("/")).await.unwrap();
+            assert_eq!(status, http::StatusCode::OK);
+        }
+        assert_eq!(stable.conns(), conns, "max_idle_per_backend: {max_idle}");
+        proxy.stop().await;
+    }
+}
