@@ -254,6 +254,13 @@ fn outgoing(
     };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if parts
+        .uri
+        .path_and_query()
+        .is_some_and(|p| p.as_str().starts_with('?'))
+    {
+        parts.uri = with_root_path(&parts.uri);
+    }
     headers::forwarded(&mut parts.headers, survey, conn, upgrade);
     // A body that has ended already (most GETs) is not boxed: there is nothing to send.
     let body = (!http_body::Body::is_end_stream(&body)).then(|| boxed(body));
@@ -328,6 +335,15 @@ fn mirrored(
             }
         })))
     }
+}
+
+/// `uri` with the `/` an absolute-form target may leave out before its query
+/// (`http://a.test?x=1`), which the origin form sent on may not (RFC 9112 §3.2.1).
+fn with_root_path(uri: &http::Uri) -> http::Uri {
+    let mut parts = uri.clone().into_parts();
+    let query = uri.path_and_query().map_or("", |p| p.as_str());
+    parts.path_and_query = http::uri::PathAndQuery::try_from(format!("/{query}")).ok();
+    http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
 /// The one place where an upstream failure becomes a response.

@@ -47,6 +47,9 @@ pub struct Survey {
     host_well_formed: bool,
     mirror: bool,
     xff: bool,
+    /// `Expect` (100-continue): met here, by hyper's `100 Continue` once the body is
+    /// wanted, and not sent on.
+    expect: bool,
     /// A gRPC or gRPC-Web request (by `content-type`): its answer's status is looked for.
     pub grpc: Grpc,
 }
@@ -79,6 +82,7 @@ impl Survey {
                         }
                         "x-fleet-mirror" => s.mirror = true,
                         "x-forwarded-for" => s.xff = true,
+                        "expect" => s.expect = true,
                         "content-type" => s.grpc = Grpc::of(value),
                         _ => {}
                     }
@@ -316,6 +320,12 @@ pub fn forwarded(h: &mut HeaderMap, survey: &Survey, conn: &Conn, upgrade: bool)
     // Only the proxy marks mirrored copies; a client cannot pass for one.
     if survey.mirror {
         h.remove(X_FLEET_MIRROR);
+    }
+    // The client was told to go on (or, HTTP/1.0, may not expect): the body is sent on as
+    // it comes, so the backend is asked for nothing (a server that does not do `Expect` may
+    // answer 417; Go's closes the connection after an early answer). nginx clears it too.
+    if survey.expect {
+        h.remove(header::EXPECT);
     }
     let xff = match survey.xff {
         false => conn.peer_ip.clone(),

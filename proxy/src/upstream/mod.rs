@@ -200,6 +200,15 @@ pub async fn send(
                 backend.failed(cfg);
                 failure = Some(Failure::Timeout);
             }
+            // An answer received and refused (a head over the limits, an unknown coding,
+            // lengths that differ) is the endpoint's, not the backend failing: asking again
+            // would run its handler again for the same answer, and counting it would eject a
+            // backend that serves every other path. One 502, as nginx (`invalid_header` is
+            // neither retried nor counted by default).
+            e @ Error::Protocol(_) => {
+                tracing::debug!(backend = %backend.addr, error = %e, attempt, "upstream answer refused");
+                return Err(Failure::Upstream(e));
+            }
             e => {
                 tracing::debug!(backend = %backend.addr, error = %e, attempt, "upstream try failed");
                 if out.auto && (over_http2 || silent) {

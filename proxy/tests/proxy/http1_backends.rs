@@ -1031,3 +1031,94 @@ async fn with_max_idle_per_backend_0_no_connection_is_reused() {
         proxy.stop().await;
     }
 }
+
+/// A backend that answers with the request head it read (the request line and the fields).
+async fn head_echo() -> RawBackend {
+    RawBackend::start(|head| {
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len()) + head;
+        (head.into_bytes(), false)
+    })
+    .await
+}
+
+/// An absolute-form target without a path before its query goes on with one (`GET /?x=1`,
+/// not `GET ?x=1`, which backends refuse), and `Expect: 100-continue` is met by the proxy (the
+/// client gets its `100 Continue`) and not sent on, as nginx does.
+#[tokio::test]
+async fn the_target_goes_on_in_origin_form_and_expect_is_met_by_the_proxy() {
+    let backend = head_echo().await;
+    let proxy = http1_proxy(backend.addr).await;
+    let (raw, _) = crate::support::exchange(
+        proxy.addr,
+        b"GET http://a.test?x=1 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.contains("\r\n\r\nGET /?x=1 HTTP/1.1\r\n"), "{raw}");
+    let (raw, _) = crate::support::exchange(
+        proxy.addr,
+        b"POST /u HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert!(
+        raw.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
+        "{raw}"
+    );
+    assert!(raw.contains("\r\n\r\nPOST /u HTTP/1.1\r\n"), "{raw}");
+    assert!(!raw.to_ascii_lowercase().contains("\r\nexpect:"), "{raw}");
+    proxy.stop().await;
+}
+
+/// A status line's own reason reaches an HTTP/1.1 client (`419 Page Expired`), as nginx
+/// passes it, not hyper's `<none>` for a code without a usual one.
+#[tokio::test]
+async fn a_backends_own_reason_phrase_reaches_the_client() {
+    let backend = RawBackend::start(|head| match path(head) {
+        "/419" => answer("HTTP/1.1 419 Page Expired\r\ncontent-length: 0\r\n\r\n"),
+        _ => answer("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+    })
+    .await;
+    let proxy = http1_proxy(backend.addr).await;
+    for (path, line) in [
+        ("/419", "HTTP/1.1 419 Page Expired\r\n"),
+        ("/", "HTTP/1.1 200 OK\r\n"),
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let (raw, _) = crate::support::exchange(proxy.addr, req.as_bytes()).await;
+        assert!(raw.starts_with(line), "{raw}");
+    }
+    proxy.stop().await;
+}
+
+/// An answer the proxy refuses (here, 101 header fields) is that endpoint's: one 502, the
+/// request not sent again, and the backend not counted as failing, so that its other paths
+/// are still served (nginx's `invalid_header` is neither retried nor counted either).
+#[tokio::test]
+async fn an_answer_the_proxy_refuses_is_not_asked_again_and_ejects_nothing() {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counted = asked.clone();
+    let backend = RawBackend::start(move |head| match path(head) {
+        "/big" => {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let fields: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+            (
+                format!("HTTP/1.1 200 OK\r\n{fields}content-length: 0\r\n\r\n").into_bytes(),
+                false,
+            )
+        }
+        _ => answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "upstream: {{ eject_after: 2 }}\ntracks:\n  stable: {{ backends: [\"{}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        backend.addr
+    ))
+    .await;
+    for _ in 0..2 {
+        let (status, _, _) = crate::support::get(&proxy.url("/big")).await.unwrap();
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "each asked once");
+    let (status, _, body) = crate::support::get(&proxy.url("/ok")).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    proxy.stop().await;
+}

@@ -35,6 +35,9 @@ pub struct Head {
     /// The backend said the connection ends with this answer (`Connection: close`, or HTTP/1.0
     /// without `keep-alive`): it processes no request sent after (RFC 9112, section 9.6).
     pub closes: bool,
+    /// The status line's reason when it is not the status code's usual one (`419 Page
+    /// Expired`): passed on to HTTP/1.1 clients, as nginx does, rather than hyper's `<none>`.
+    pub reason: Option<hyper::ext::ReasonPhrase>,
 }
 
 /// The framing header the request head gets, if its own headers do not frame the body.
@@ -133,7 +136,11 @@ pub fn parse_response(
         }
         let head = match status.is_informational() {
             true => None,
-            false => Some(build(status, resp.version, resp.headers, method, fields)?),
+            false => {
+                let mut head = build(status, resp.version, resp.headers, method, fields)?;
+                head.reason = unusual_reason(status, resp.reason);
+                Some(head)
+            }
         };
         buf.advance(len);
         if head.is_some() {
@@ -141,6 +148,12 @@ pub fn parse_response(
         }
     }
     Ok(None)
+}
+
+/// `reason` when a status line has one other than `status`'s usual reason.
+fn unusual_reason(status: StatusCode, reason: Option<&str>) -> Option<hyper::ext::ReasonPhrase> {
+    let reason = reason.filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())?;
+    hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok()
 }
 
 fn build(
@@ -240,6 +253,7 @@ fn build(
         framing,
         keep_alive,
         closes: !persistent,
+        reason: None,
     })
 }
 

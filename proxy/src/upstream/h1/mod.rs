@@ -323,6 +323,9 @@ pub async fn request(
     // answer while the proxy keeps both connections.
     *resp.version_mut() = http::Version::HTTP_11;
     *resp.headers_mut() = head.headers;
+    if let Some(reason) = head.reason {
+        resp.extensions_mut().insert(reason);
+    }
     Ok(resp)
 }
 
