@@ -61,6 +61,10 @@ pub enum Error {
     Closed,
     #[error("bad response from backend: {0}")]
     Protocol(&'static str),
+    /// An answer received and refused for what it says ([`h1::Bad::Refused`]): the endpoint's,
+    /// not the backend failing.
+    #[error("response refused: {0}")]
+    Refused(&'static str),
     #[error("request body failed: {0}")]
     Body(#[source] crate::body::BoxError),
     #[error("no response head before the try's deadline")]
@@ -72,6 +76,15 @@ pub enum Error {
     /// backend is busy, not failing.
     #[error("every connection to the backend is in use")]
     Saturated,
+}
+
+impl From<h1::Bad> for Error {
+    fn from(bad: h1::Bad) -> Self {
+        match bad {
+            h1::Bad::Garbled(why) => Error::Protocol(why),
+            h1::Bad::Refused(why) => Error::Refused(why),
+        }
+    }
 }
 
 impl Error {
@@ -205,7 +218,7 @@ pub async fn send(
             // would run its handler again for the same answer, and counting it would eject a
             // backend that serves every other path. One 502, as nginx (`invalid_header` is
             // neither retried nor counted by default).
-            e @ Error::Protocol(_) => {
+            e @ Error::Refused(_) => {
                 tracing::debug!(backend = %backend.addr, error = %e, attempt, "upstream answer refused");
                 return Err(Failure::Upstream(e));
             }
@@ -288,7 +301,7 @@ pub async fn pipeline(
         // An answer still coming at the deadline is the mirror's cut, as on a connection
         // of its own, not the backend's failure.
         let cut = answers.cut.is_some() && matches!(e, Error::TimedOut);
-        if !matches!(e, Error::Saturated) && !cut {
+        if !matches!(e, Error::Saturated | Error::Refused(_)) && !cut {
             backend.failed(cfg);
         }
     }

@@ -1122,3 +1122,29 @@ async fn an_answer_the_proxy_refuses_is_not_asked_again_and_ejects_nothing() {
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
     proxy.stop().await;
 }
+
+/// Unlike a refused answer, bytes that are not HTTP at all (another service on the port) are
+/// the backend failing: the request is asked again of the next backend, and the backend is
+/// ejected after `eject_after` of them.
+#[tokio::test]
+async fn a_backend_that_does_not_speak_http_is_asked_no_more_and_ejected() {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counted = asked.clone();
+    let garbled = RawBackend::start(move |_| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        (b"SSH-2.0-OpenSSH_9.6\r\n".to_vec(), true)
+    })
+    .await;
+    let good = crate::support::Backend::start("stable", crate::support::Mode::Normal).await;
+    let proxy = Proxy::start(&format!(
+        "upstream: {{ eject_after: 2 }}\ntracks:\n  stable: {{ backends: [\"{}\", \"{}\"], protocol: http1 }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n",
+        garbled.addr, good.addr
+    ))
+    .await;
+    for _ in 0..10 {
+        let (status, _, body) = crate::support::get(&proxy.url("/")).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "stable"));
+    }
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "ejected after two");
+    proxy.stop().await;
+}

@@ -37,7 +37,8 @@ pub struct Head {
     pub closes: bool,
     /// The status line's reason when it is not the status code's usual one (`419 Page
     /// Expired`): passed on to HTTP/1.1 clients, as nginx does, rather than hyper's `<none>`.
-    pub reason: Option<hyper::ext::ReasonPhrase>,
+    /// Boxed: it is rare, and a head is moved several times per request.
+    pub reason: Option<Box<hyper::ext::ReasonPhrase>>,
 }
 
 /// The framing header the request head gets, if its own headers do not frame the body.
@@ -108,37 +109,58 @@ pub enum Fields {
     Drop,
 }
 
+/// Why a response head was not taken; each names what is wrong with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bad {
+    /// Not a response head: bytes that are not HTTP, or a head broken in its syntax. The
+    /// backend or the connection is at fault (another service on the port, bytes left over
+    /// from an earlier answer).
+    Garbled(&'static str),
+    /// A response head, refused for what it says: over the limits, a coding other than
+    /// `chunked`, lengths that differ, an unasked-for `101`. The endpoint's answer.
+    Refused(&'static str),
+}
+
 /// Takes the response head off the front of `buf`, skipping interim (1xx) heads. `Ok(None)`:
-/// the head is not complete yet. The error names what is wrong with the response.
+/// the head is not complete yet.
 pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
     fields: Fields,
-) -> Result<Option<Head>, &'static str> {
+) -> Result<Option<Head>, Bad> {
     while !buf.is_empty() {
         let mut found = [const { MaybeUninit::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
         let parsed = httparse::ParserConfig::default()
             .parse_response_with_uninit_headers(&mut resp, buf, &mut found);
+        // What httparse took so far is a status line and fields: past the limits, it is a
+        // head too large, not bytes that are not HTTP.
         let len = match parsed {
             Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
             Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => return Ok(None),
-            Ok(_) => return Err("response head too large"),
-            Err(httparse::Error::TooManyHeaders) => return Err("more than 100 response headers"),
-            Err(_) => return Err("malformed response head"),
+            Ok(_) => return Err(Bad::Refused("response head too large")),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Bad::Refused("more than 100 response headers"));
+            }
+            Err(_) => return Err(Bad::Garbled("malformed response head")),
         };
         let status = resp
             .code
             .and_then(|c| StatusCode::from_u16(c).ok())
-            .ok_or("malformed response status")?;
+            .ok_or(Bad::Garbled("malformed response status"))?;
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            return Err("101 Switching Protocols without an upgrade asked for");
+            return Err(Bad::Refused(
+                "101 Switching Protocols without an upgrade asked for",
+            ));
         }
         let head = match status.is_informational() {
             true => None,
             false => {
-                let mut head = build(status, resp.version, resp.headers, method, fields)?;
-                head.reason = unusual_reason(status, resp.reason);
+                let mut head = build(status, resp.version, resp.headers, method, fields)
+                    .map_err(Bad::Refused)?;
+                if fields == Fields::Keep {
+                    head.reason = unusual_reason(status, resp.reason);
+                }
                 Some(head)
             }
         };
@@ -151,9 +173,14 @@ pub fn parse_response(
 }
 
 /// `reason` when a status line has one other than `status`'s usual reason.
-fn unusual_reason(status: StatusCode, reason: Option<&str>) -> Option<hyper::ext::ReasonPhrase> {
+fn unusual_reason(
+    status: StatusCode,
+    reason: Option<&str>,
+) -> Option<Box<hyper::ext::ReasonPhrase>> {
     let reason = reason.filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())?;
-    hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok()
+    hyper::ext::ReasonPhrase::try_from(reason.as_bytes())
+        .ok()
+        .map(Box::new)
 }
 
 fn build(
@@ -303,7 +330,32 @@ mod tests {
     use super::*;
 
     fn parse(raw: &str, method: Method) -> Result<Option<Head>, &'static str> {
-        parse_response(&mut BytesMut::from(raw), &method, Fields::Keep)
+        parse_response(&mut BytesMut::from(raw), &method, Fields::Keep).map_err(|bad| match bad {
+            Bad::Garbled(why) | Bad::Refused(why) => why,
+        })
+    }
+
+    /// Bytes that are not a response head are the backend's or the connection's fault; a
+    /// head refused for what it says is the endpoint's answer.
+    #[test]
+    fn garbled_bytes_are_told_from_a_refused_head() {
+        let kind = |raw: &str| parse_response(&mut BytesMut::from(raw), &Method::GET, Fields::Keep);
+        for raw in [
+            "SSH-2.0-OpenSSH_9.6\r\n",
+            "\x15\x03\x03\x00\x02\x02\x50",
+            "HTTP/1.1 2x0 OK\r\n\r\n",
+        ] {
+            assert!(matches!(kind(raw), Err(Bad::Garbled(_))), "{raw:?}");
+        }
+        let fields: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+        for raw in [
+            format!("HTTP/1.1 200 OK\r\n{fields}\r\n"),
+            "HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-length: 8\r\n\r\n".to_string(),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n".to_string(),
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n".to_string(),
+        ] {
+            assert!(matches!(kind(&raw), Err(Bad::Refused(_))), "{raw:?}");
+        }
     }
 
     fn head(raw: &str) -> Head {

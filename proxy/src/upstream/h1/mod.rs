@@ -33,6 +33,7 @@ use super::backend::Backend;
 use super::pool::{Room, Slot};
 use crate::body::Body;
 
+pub use self::head::Bad;
 pub use self::pipeline::{Answers, pipeline};
 
 /// Room made in the read buffer before each read.
@@ -269,9 +270,7 @@ impl Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Result<head::Head, Error>> {
         loop {
-            if let Some(head) = head::parse_response(&mut self.buf, method, head::Fields::Keep)
-                .map_err(Error::Protocol)?
-            {
+            if let Some(head) = head::parse_response(&mut self.buf, method, head::Fields::Keep)? {
                 return Poll::Ready(Ok(head));
             }
             if ready!(self.poll_read(cx)).map_err(Error::Io)? == 0 {
@@ -324,7 +323,7 @@ pub async fn request(
     *resp.version_mut() = http::Version::HTTP_11;
     *resp.headers_mut() = head.headers;
     if let Some(reason) = head.reason {
-        resp.extensions_mut().insert(reason);
+        resp.extensions_mut().insert(*reason);
     }
     Ok(resp)
 }

@@ -167,8 +167,7 @@ impl Run<'_> {
                     None if statuses.len() == requests.len() => return Poll::Ready(Ok(())),
                     None => {
                         let method = &requests[statuses.len()].0.method;
-                        let Some(head) = head::parse_response(&mut conn.buf, method, Fields::Drop)
-                            .map_err(Error::Protocol)?
+                        let Some(head) = head::parse_response(&mut conn.buf, method, Fields::Drop)?
                         else {
                             break;
                         };
