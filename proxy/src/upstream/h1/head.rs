@@ -177,7 +177,11 @@ fn unusual_reason(
     status: StatusCode,
     reason: Option<&str>,
 ) -> Option<Box<hyper::ext::ReasonPhrase>> {
-    let reason = reason.filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())?;
+    let reason = reason.filter(|r| !r.is_empty())?;
+    // Most answers are `200 OK`: settled without the table of usual reasons.
+    if (status == StatusCode::OK && reason == "OK") || Some(reason) == status.canonical_reason() {
+        return None;
+    }
     hyper::ext::ReasonPhrase::try_from(reason.as_bytes())
         .ok()
         .map(Box::new)
