@@ -180,8 +180,11 @@ impl Forward {
             let grpc_answer = headers::strip_response(resp.headers_mut(), switched);
             if switched && let Some(client) = self.tunnel.take() {
                 let conn = self.conn.clone();
-                let idle = shared.settings.upstream.read_timeout;
-                tunnel::spawn(client, hyper::upgrade::on(&mut resp), conn, idle);
+                let (idle, send) = (
+                    shared.settings.upstream.read_timeout,
+                    shared.settings.limits.send_timeout,
+                );
+                tunnel::spawn(client, hyper::upgrade::on(&mut resp), conn, idle, send);
             }
             let (mut parts, body) = resp.into_parts();
             if let Some(cookie) = self.decision.set_cookie()

@@ -178,6 +178,22 @@ async fn a_tunnel_holds_its_connection_until_it_ends_or_idles() {
 }
 
 /// A drain waits for a tunnel as for any request in flight, up to `drain_timeout`.
+/// A tunnel whose client keeps sending but takes nothing of what comes back (here the echo
+/// of what it sends) is closed once `send_timeout` passes with its bytes waiting, however long
+/// `read_timeout` is, as nginx's `send_timeout` on an upgraded connection.
+#[tokio::test]
+async fn a_tunnel_whose_client_takes_nothing_is_closed_after_send_timeout() {
+    let (proxy, _b) =
+        proxy_with("limits: { send_timeout: 300ms }\nupstream: { read_timeout: 30s }\n").await;
+    let mut s = websocket(proxy.addr).await;
+    let chunk = vec![b'x'; 64 * 1024];
+    let writing = async { while s.write_all(&chunk).await.is_ok() {} };
+    tokio::time::timeout(Duration::from_secs(10), writing)
+        .await
+        .expect("the tunnel was closed under the writes");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_drain_waits_for_an_open_tunnel() {
     let (mut proxy, _b) = proxy_with("drain_timeout: 20s\n").await;
