@@ -42,8 +42,9 @@ pub struct Seen {
     /// Writes that took bytes since the connection began (and flushes that finished after
     /// waiting for room): the client took some when this moves.
     writes: AtomicU64,
-    /// Reads that brought bytes since the connection began: the client sent some when this
-    /// moves.
+    /// Reads that brought bytes since the scan stopped following the framing (an HTTP/2
+    /// connection, from its preface on): the client sent some when this moves. Not counted
+    /// while HTTP/1 is scanned: only HTTP/2's close looks at it.
     reads: AtomicU64,
     /// The scan stopped at a head asking to switch protocols (`Upgrade`, `CONNECT`): what
     /// follows on the connection is not read by it.
@@ -92,7 +93,7 @@ impl Seen {
         self.writes.load(Relaxed)
     }
 
-    /// Reads that brought bytes since the connection began.
+    /// Reads that brought bytes since the scan stopped following the framing.
     pub fn reads(&self) -> u64 {
         self.reads.load(Relaxed)
     }
@@ -409,12 +410,15 @@ impl<I: AsyncRead + Unpin> AsyncRead for Scan<I> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         this.seen.read_blocked.store(polled.is_pending(), Relaxed);
-        if buf.filled().len() > before {
-            this.reads += 1;
-            this.seen.reads.store(this.reads, Relaxed);
-        }
-        if polled.is_ready() && !matches!(this.state, State::Off) {
-            this.feed(&buf.filled()[before..]);
+        if polled.is_ready() {
+            match this.state {
+                State::Off if buf.filled().len() > before => {
+                    this.reads += 1;
+                    this.seen.reads.store(this.reads, Relaxed);
+                }
+                State::Off => {}
+                _ => this.feed(&buf.filled()[before..]),
+            }
         }
         this.note_position();
         polled
