@@ -155,14 +155,7 @@ pub fn parse_response(
         }
         let head = match status.is_informational() {
             true => None,
-            false => {
-                let mut head = build(status, resp.version, resp.headers, method, fields)
-                    .map_err(Bad::Refused)?;
-                if fields == Fields::Keep {
-                    head.reason = unusual_reason(status, resp.reason);
-                }
-                Some(head)
-            }
+            false => Some(build(status, &resp, method, fields).map_err(Bad::Refused)?),
         };
         buf.advance(len);
         if head.is_some() {
@@ -189,12 +182,12 @@ fn unusual_reason(
 
 fn build(
     status: StatusCode,
-    version: Option<u8>,
-    found: &[httparse::Header<'_>],
+    resp: &httparse::Response<'_, '_>,
     method: &Method,
     fields: Fields,
 ) -> Result<Head, &'static str> {
-    let version = match version {
+    let found = &*resp.headers;
+    let version = match resp.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
@@ -284,7 +277,10 @@ fn build(
         framing,
         keep_alive,
         closes: !persistent,
-        reason: None,
+        reason: match fields {
+            Fields::Keep => unusual_reason(status, resp.reason),
+            Fields::Drop => None,
+        },
     })
 }
 
