@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// Every request allocates a little (header maps, bodies, futures); mimalloc's per-thread
 /// free lists make that cheaper than glibc's malloc, and keep idle connections smaller.
@@ -92,19 +92,21 @@ fn serve(
         // The first SIGTERM or SIGINT drains; a second one ends the drain at once.
         let (first, told) = tokio::sync::oneshot::channel();
         let signals = async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+            stop_signal(&mut term, &mut int).await;
             let _ = first.send(());
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+            stop_signal(&mut term, &mut int).await;
         };
         tokio::select! {
             served = server.run(async move { let _ = told.await; }) => served,
             () = signals => anyhow::bail!("a second signal: stopped without finishing the drain"),
         }
     })
+}
+
+/// The next SIGTERM or SIGINT.
+async fn stop_signal(term: &mut Signal, int: &mut Signal) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }
