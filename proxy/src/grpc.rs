@@ -69,18 +69,16 @@ pub fn outcome(
     if request == Grpc::No || request != answer || head.status != StatusCode::OK {
         return None;
     }
-    let count = |counters: &Counters, status: Option<&HeaderValue>| {
-        counters.grpc_status(status.map(HeaderValue::as_bytes));
-    };
     match head.headers.get(GRPC_STATUS) {
-        Some(status) => count(counters, Some(status)),
+        Some(status) => counters.grpc_status(Some(status.as_bytes())),
         // No body to read: no status either.
-        None if ended => count(counters, None),
+        None if ended => counters.grpc_status(None),
         None if request == Grpc::WebText => {}
         None => {
             let counters = counters.clone();
             return Some(move |trailers: Option<&HeaderMap>| {
-                count(&counters, trailers.and_then(|t| t.get(GRPC_STATUS)));
+                let status = trailers.and_then(|t| t.get(GRPC_STATUS));
+                counters.grpc_status(status.map(HeaderValue::as_bytes));
             });
         }
     }
