@@ -332,17 +332,18 @@ impl Controller {
     }
 
     pub fn agent_status(self: &Arc<Self>, conn: u64, mut status: pb::AgentStatus) {
-        let mut inner = self.lock();
-        let Some(agent) = inner.agents.get(&conn) else {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(agent) = inner.agents.get_mut(&conn) else {
             return;
         };
-        let (region, cluster) = (agent.region.clone(), agent.cluster.clone());
         // The counters go into the region's tally; the status kept is the rest.
         let (started, counted) = (status.counting_since_unix_ms, status.stats.take());
-        let stats = inner.traffic.observe(&region, &cluster, started, counted);
-        if let Some(agent) = inner.agents.get_mut(&conn) {
-            agent.status = Some(status);
-        }
+        let stats = inner
+            .traffic
+            .observe(&agent.region, &agent.cluster, started, counted);
+        agent.status = Some(status);
+        let region = agent.region.clone();
         let reports: Vec<pb::AgentStatus> = inner
             .agents
             .values()
@@ -368,7 +369,7 @@ impl Controller {
             let ready = of_release.iter().all(|s| s.ready);
             let stats = stats.clone();
             let region = region.clone();
-            let result = self.step(&mut inner, &id, |e| {
+            let result = self.step(inner, &id, |e| {
                 let now = Utc::now();
                 if let Some(seq) = applied {
                     e.handle(
