@@ -115,7 +115,7 @@ fn difference(now: &TrafficStats, last: &TrafficStats) -> Option<TrafficStats> {
 }
 
 /// Adds `more` into `into`, track by track.
-pub fn add(into: &mut TrafficStats, more: &TrafficStats) {
+fn add(into: &mut TrafficStats, more: &TrafficStats) {
     for (into, more) in [
         (&mut into.stable, &more.stable),
         (&mut into.canary, &more.canary),
