@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Proxy, eventually, stable_proxy, stats};
+use crate::support::{Proxy, eventually, h2_frame, stable_proxy, stats};
 
 /// Sends one GET on `s` and reads its whole answer (the test backend's body is its name).
 async fn get_on(s: &mut TcpStream) -> String {
@@ -28,6 +28,14 @@ async fn get_on(s: &mut TcpStream) -> String {
         got.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Stops `proxy` (SIGTERM's drain) and asserts it ended within `limit`.
+async fn drains_within(proxy: &mut Proxy, limit: Duration) {
+    let started = Instant::now();
+    proxy.begin_stop().await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(took < limit, "the drain took {took:?}");
 }
 
 /// The proxy's connection gauges from `/stats`: (open, idle).
@@ -127,13 +135,7 @@ async fn a_drain_closes_idle_connections_at_once_instead_of_waiting_for_its_dead
         connections(&proxy).await == (1, 1)
     })
     .await;
-    let started = Instant::now();
-    proxy.begin_stop().await.unwrap().unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    drains_within(&mut proxy, Duration::from_secs(5)).await;
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
@@ -152,13 +154,7 @@ async fn a_drain_does_not_wait_for_an_http2_client_that_never_answers() {
     let mut settings = [0u8; 9];
     s.read_exact(&mut settings).await.unwrap();
     assert_eq!(settings[3], 4, "a SETTINGS frame");
-    let started = Instant::now();
-    proxy.begin_stop().await.unwrap().unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    drains_within(&mut proxy, Duration::from_secs(5)).await;
 }
 
 /// An HTTP/2 client that stops reading with a response under way: `send_timeout` resets the
@@ -172,15 +168,15 @@ async fn an_http2_client_that_stops_reading_is_closed_once_nothing_is_in_flight(
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
         let mut s = socket.connect(proxy.addr).await.unwrap();
-        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        // SETTINGS: INITIAL_WINDOW_SIZE as large as it goes; the connection's window too.
-        hello.extend_from_slice(b"\0\0\x06\x04\0\0\0\0\0\0\x04\x7f\xff\xff\xff");
-        hello.extend_from_slice(b"\0\0\x04\x08\0\0\0\0\0\x7f\xff\0\0");
-        // HEADERS, stream 1, END_STREAM | END_HEADERS: GET http://a/endless.
-        let block = b"\x82\x86\x04\x08/endless\x01\x01a";
-        hello.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
-        hello.extend_from_slice(block);
-        s.write_all(&hello).await.unwrap();
+        let hello = [
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            // SETTINGS: INITIAL_WINDOW_SIZE as large as it goes; the connection's window too.
+            h2_frame(4, 0, 0, b"\0\x04\x7f\xff\xff\xff"),
+            h2_frame(8, 0, 0, b"\x7f\xff\0\0"),
+            // HEADERS, stream 1, END_STREAM | END_HEADERS: GET http://a/endless.
+            h2_frame(1, 5, 1, b"\x82\x86\x04\x08/endless\x01\x01a"),
+        ];
+        s.write_all(&hello.concat()).await.unwrap();
         // Never read again: the stream is cut once the client has taken nothing for a while.
         eventually(Duration::from_secs(10), || async {
             stats(&proxy).await["proxy"]["responses_unread"].as_u64() == Some(1)
@@ -210,7 +206,7 @@ async fn an_http2_client_that_stops_reading_is_closed_once_nothing_is_in_flight(
 /// nothing: it is not held for good.
 #[tokio::test]
 async fn an_http2_client_closed_for_idleness_is_dropped_though_it_keeps_pinging() {
-    use crate::support::{RawH2, h2_frame};
+    use crate::support::RawH2;
     let (proxy, _b) = stable_proxy("limits: { idle_timeout: 300ms }\n").await;
     let mut client = RawH2::connect(proxy.addr).await;
     eventually(Duration::from_secs(5), || async { client.got_goaway() }).await;
@@ -231,12 +227,6 @@ async fn a_drain_during_an_idle_close_does_not_wait_for_the_idle_timeout() {
     let (mut proxy, _b) = stable_proxy("limits: { idle_timeout: 5s }\ndrain_timeout: 30s\n").await;
     let client = RawH2::connect(proxy.addr).await;
     eventually(Duration::from_secs(10), || async { client.got_goaway() }).await;
-    let started = Instant::now();
-    proxy.begin_stop().await.unwrap().unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    drains_within(&mut proxy, Duration::from_secs(3)).await;
     eventually(Duration::from_secs(2), || async { client.closed() }).await;
 }
