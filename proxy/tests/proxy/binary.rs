@@ -202,21 +202,38 @@ async fn exit_code(child: &mut std::process::Child, within: Duration) -> Option<
     }
 }
 
+/// A proxy (in `temp_dir(tag)`) with `drain_timeout`, serving a request its backend holds for
+/// a minute (one try, with a minute to answer: only the drain can end it early).
+async fn serving_a_stuck_request(
+    tag: &str,
+    drain_timeout: &str,
+) -> (
+    Running,
+    tokio::task::JoinHandle<Option<(http::StatusCode, http::HeaderMap, String)>>,
+    std::path::PathBuf,
+    Backend,
+) {
+    let stuck = Backend::start("stable", Mode::Slow(Duration::from_secs(60))).await;
+    let dir = temp_dir(tag);
+    let file = dir.join("proxy.yaml");
+    let yaml = reloaded_on_sighup(stuck.addr, "split: { stable: 10000 }");
+    let limits = format!(
+        "drain_timeout: {drain_timeout}\nupstream: {{ retries: 0, request_timeout: 60s }}\n"
+    );
+    std::fs::write(&file, format!("{yaml}{limits}")).unwrap();
+    let (child, _) = spawn(&file);
+    let addr = child.2.clone();
+    let in_flight = tokio::spawn(async move { get(&format!("http://{addr}/")).await });
+    crate::support::eventually(Duration::from_secs(10), || async { stuck.hits() == 1 }).await;
+    (child, in_flight, dir, stuck)
+}
+
 /// A request that outlives `drain_timeout` does not hold the process: at the deadline it is
 /// cut, and the proxy still exits 0.
 #[tokio::test]
 async fn sigterm_exits_0_at_drain_timeout_when_a_request_outlives_it() {
-    let stuck = Backend::start("stable", Mode::Slow(Duration::from_secs(60))).await;
-    let dir = temp_dir("drain-deadline");
-    let file = dir.join("proxy.yaml");
-    let yaml = reloaded_on_sighup(stuck.addr, "split: { stable: 10000 }");
-    // One try with a minute to answer: only the drain deadline can end this request early.
-    let limits = "drain_timeout: 500ms\nupstream: { retries: 0, request_timeout: 60s }\n";
-    std::fs::write(&file, format!("{yaml}{limits}")).unwrap();
-    let (mut child, _) = spawn(&file);
-    let addr = child.2.clone();
-    let in_flight = tokio::spawn(async move { get(&format!("http://{addr}/")).await });
-    crate::support::eventually(Duration::from_secs(10), || async { stuck.hits() == 1 }).await;
+    let (mut child, in_flight, dir, _stuck) =
+        serving_a_stuck_request("drain-deadline", "500ms").await;
     let asked = Instant::now();
     signal(&child.0, "TERM");
     assert_eq!(
@@ -360,16 +377,7 @@ async fn one_worker_is_one_thread_while_the_file_is_watched() {
 /// operator need not wait out `drain_timeout` for a request that would outlive it.
 #[tokio::test]
 async fn a_second_sigterm_ends_the_drain_at_once() {
-    let stuck = Backend::start("stable", Mode::Slow(Duration::from_secs(60))).await;
-    let dir = temp_dir("second-signal");
-    let file = dir.join("proxy.yaml");
-    let yaml = reloaded_on_sighup(stuck.addr, "split: { stable: 10000 }");
-    let limits = "drain_timeout: 60s\nupstream: { retries: 0, request_timeout: 60s }\n";
-    std::fs::write(&file, format!("{yaml}{limits}")).unwrap();
-    let (mut child, _) = spawn(&file);
-    let addr = child.2.clone();
-    let in_flight = tokio::spawn(async move { get(&format!("http://{addr}/")).await });
-    crate::support::eventually(Duration::from_secs(10), || async { stuck.hits() == 1 }).await;
+    let (mut child, in_flight, dir, _stuck) = serving_a_stuck_request("second-signal", "60s").await;
     signal(&child.0, "TERM");
     crate::support::eventually(Duration::from_secs(5), || async {
         child.logged("draining") > 0
