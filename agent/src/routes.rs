@@ -54,6 +54,7 @@ pub fn table(
     let mirror = (canary.is_some() && routes.mirror_bp > 0).then(|| MirrorSpec {
         to: CANARY.to_string(),
         percent: f64::from(routes.mirror_bp) / 100.0,
+        compare: None,
     });
     let route = RouteSpec {
         name: Some(desired.service.clone()),

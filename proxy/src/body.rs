@@ -34,57 +34,47 @@ where
     body.map_err(Into::into).boxed()
 }
 
-/// How a teed body ended.
-#[derive(Debug)]
-pub enum TeeEnd {
-    /// The whole body.
-    Complete(Bytes),
-    /// It grew past the cap; the copy was dropped.
-    TooLarge,
-    /// It failed or was dropped before its end.
-    Incomplete,
+/// Told what passes through a [`Watch`]ed body.
+pub trait Watcher {
+    /// A frame of data.
+    fn data(&mut self, data: &Bytes);
+    /// The body reached its end (`true`), or failed or was dropped before it; told once.
+    fn end(&mut self, whole: bool);
 }
 
-/// Passes a body through and keeps a copy, up to `cap` bytes; `done` learns how it ended.
-pub struct Tee<F: FnOnce(TeeEnd)> {
+/// Passes a body through, telling its watcher what passes and how it ended.
+pub struct Watch<W: Watcher> {
     inner: Body,
-    copy: Option<BytesMut>,
-    cap: usize,
-    done: Option<F>,
+    watcher: W,
+    ended: bool,
 }
 
-impl<F: FnOnce(TeeEnd)> Tee<F> {
-    pub fn new(inner: Body, cap: usize, done: F) -> Self {
-        // Not reserved up front by the announced length: a client could announce megabytes,
-        // send nothing, and have the proxy hold them.
-        Tee {
+impl<W: Watcher> Watch<W> {
+    pub fn new(inner: Body, watcher: W) -> Self {
+        let mut watch = Watch {
             inner,
-            copy: Some(BytesMut::new()),
-            cap,
-            done: Some(done),
+            watcher,
+            ended: false,
+        };
+        // hyper may never poll a body that says it has ended.
+        if http_body::Body::is_end_stream(&watch.inner) {
+            watch.end(true);
         }
+        watch
     }
 
-    fn finish(&mut self, end: fn(BytesMut) -> TeeEnd) {
-        if let Some(done) = self.done.take() {
-            done(end(self.copy.take().unwrap_or_default()));
+    fn end(&mut self, whole: bool) {
+        if !std::mem::replace(&mut self.ended, true) {
+            self.watcher.end(whole);
         }
     }
 }
 
-/// The whole copy, held in an allocation of about its length: grown piece by piece, it can
-/// hold twice what it has, and copies wait in the mirror's queue.
-fn whole(copy: BytesMut) -> TeeEnd {
-    TeeEnd::Complete(match copy.capacity() - copy.len() > copy.len() / 8 {
-        true => Bytes::copy_from_slice(&copy),
-        false => copy.freeze(),
-    })
-}
+// `Watch` holds nothing pinned in place: `Body` is a `Pin<Box<_>>`, and the watcher is never
+// pinned.
+impl<W: Watcher> Unpin for Watch<W> {}
 
-// `Tee` holds nothing pinned in place: `Body` is a `Pin<Box<_>>` and `F` is only moved out.
-impl<F: FnOnce(TeeEnd)> Unpin for Tee<F> {}
-
-impl<F: FnOnce(TeeEnd)> http_body::Body for Tee<F> {
+impl<W: Watcher> http_body::Body for Watch<W> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -96,18 +86,16 @@ impl<F: FnOnce(TeeEnd)> http_body::Body for Tee<F> {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(copy)) = (frame.data_ref(), this.copy.as_mut()) {
-                    match copy.len() + data.len() > this.cap {
-                        true => this.finish(|_| TeeEnd::TooLarge),
-                        false => copy.extend_from_slice(data),
-                    }
+                if let Some(data) = frame.data_ref() {
+                    this.watcher.data(data);
                 }
-                if this.inner.is_end_stream() {
-                    this.finish(whole);
+                // hyper stops polling once the body says it has ended.
+                if frame.is_trailers() || this.inner.is_end_stream() {
+                    this.end(true);
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.finish(|_| TeeEnd::Incomplete),
-            Poll::Ready(None) => this.finish(whole),
+            Poll::Ready(Some(Err(_))) => this.end(false),
+            Poll::Ready(None) => this.end(true),
             Poll::Pending => {}
         }
         polled
@@ -122,11 +110,79 @@ impl<F: FnOnce(TeeEnd)> http_body::Body for Tee<F> {
     }
 }
 
-impl<F: FnOnce(TeeEnd)> Drop for Tee<F> {
+impl<W: Watcher> Drop for Watch<W> {
     fn drop(&mut self) {
-        // A body dropped before its end (client gone, primary failed) is not mirrored.
-        self.finish(|_| TeeEnd::Incomplete);
+        // Dropped before its end: the client went away, or the exchange failed.
+        self.end(false);
     }
+}
+
+/// How a teed body ended.
+#[derive(Debug)]
+pub enum TeeEnd {
+    /// The whole body.
+    Complete(Bytes),
+    /// It grew past the cap; the copy was dropped.
+    TooLarge,
+    /// It failed or was dropped before its end.
+    Incomplete,
+}
+
+/// Keeps a copy of a watched body, up to `cap` bytes; `done` learns how it ended, as soon as
+/// the copy is too large.
+pub struct Tee<F: FnOnce(TeeEnd)> {
+    copy: Option<BytesMut>,
+    cap: usize,
+    done: Option<F>,
+}
+
+impl<F: FnOnce(TeeEnd)> Tee<F> {
+    pub fn new(cap: usize, done: F) -> Self {
+        // Not reserved up front by the announced length: a client could announce megabytes,
+        // send nothing, and have the proxy hold them.
+        Tee {
+            copy: Some(BytesMut::new()),
+            cap,
+            done: Some(done),
+        }
+    }
+
+    fn tell(&mut self, end: TeeEnd) {
+        if let Some(done) = self.done.take() {
+            done(end);
+        }
+    }
+}
+
+impl<F: FnOnce(TeeEnd)> Watcher for Tee<F> {
+    fn data(&mut self, data: &Bytes) {
+        let Some(copy) = self.copy.as_mut() else {
+            return;
+        };
+        match copy.len() + data.len() > self.cap {
+            true => {
+                self.copy = None;
+                self.tell(TeeEnd::TooLarge);
+            }
+            false => copy.extend_from_slice(data),
+        }
+    }
+
+    fn end(&mut self, whole: bool) {
+        match (whole, self.copy.take()) {
+            (true, Some(copy)) => self.tell(whole_copy(copy)),
+            _ => self.tell(TeeEnd::Incomplete),
+        }
+    }
+}
+
+/// The whole copy, held in an allocation of about its length: grown piece by piece, it can
+/// hold twice what it has, and copies wait in the mirror's queue.
+fn whole_copy(copy: BytesMut) -> TeeEnd {
+    TeeEnd::Complete(match copy.capacity() - copy.len() > copy.len() / 8 {
+        true => Bytes::copy_from_slice(&copy),
+        false => copy.freeze(),
+    })
 }
 
 /// A response body that fails once its backend has sent nothing for `idle` while the client
@@ -306,6 +362,29 @@ where
     }
 }
 
+/// A digest of a body's bytes as they pass, whatever pieces they come in.
+pub struct Digest(xxhash_rust::xxh64::Xxh64);
+
+impl Default for Digest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Digest {
+    pub fn new() -> Self {
+        Digest(xxhash_rust::xxh64::Xxh64::new(0))
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0.digest()
+    }
+}
+
 /// A body of frames that are all ready at once, taken in order (a test double).
 #[cfg(test)]
 pub struct Frames(pub std::collections::VecDeque<Frame<Bytes>>);
@@ -327,11 +406,13 @@ impl http_body::Body for Frames {
 mod tests {
     use std::time::Duration;
 
+    use super::Digest;
+
     use bytes::Bytes;
     use http_body::Frame;
     use http_body_util::BodyExt;
 
-    use super::{Quiet, Tee, TeeEnd};
+    use super::{Quiet, Tee, TeeEnd, Watch};
 
     /// Frames as a channel gives them (a test double).
     struct Chan(tokio::sync::mpsc::Receiver<Bytes>);
@@ -361,12 +442,13 @@ mod tests {
             false => super::boxed(Chan(rx)),
         };
         let (copied, got) = tokio::sync::oneshot::channel();
-        let tee = Tee::new(body, 1 << 20, move |end| {
+        let tee = Tee::new(1 << 20, move |end| {
             let TeeEnd::Complete(bytes) = end else {
                 panic!("{end:?}")
             };
             copied.send(bytes).unwrap();
         });
+        let tee = Watch::new(body, tee);
         assert_eq!(tee.collect().await.unwrap().to_bytes().len(), total);
         got.await.unwrap()
     }
@@ -427,5 +509,22 @@ mod tests {
             "the cut is told"
         );
         drop(tx);
+    }
+
+    #[test]
+    fn a_digest_does_not_depend_on_the_pieces() {
+        let whole = {
+            let mut d = Digest::new();
+            d.update(b"hello, world");
+            d.finish()
+        };
+        let mut pieces = Digest::new();
+        for piece in [&b"hel"[..], b"", b"lo, w", b"orld"] {
+            pieces.update(piece);
+        }
+        assert_eq!(pieces.finish(), whole);
+        let mut other = Digest::new();
+        other.update(b"hello, World");
+        assert_ne!(other.finish(), whole);
     }
 }

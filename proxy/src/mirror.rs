@@ -9,6 +9,7 @@
 //! from 0.89× to 0.96× of the unmirrored throughput (`benches/mirror.sh`). The copies of a
 //! batch to one backend are pipelined on one connection ([`send`]): one write for them all.
 
+pub mod compare;
 mod send;
 
 use std::collections::HashMap;
@@ -36,6 +37,8 @@ pub struct Job {
     pub http2: bool,
     /// HTTP/2 only because the client spoke it ([`Outgoing::auto`]).
     pub auto: bool,
+    /// Its answer is compared with the primary's.
+    pub pair: Option<Arc<compare::Pair>>,
 }
 
 pub struct Mirror {

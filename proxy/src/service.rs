@@ -10,11 +10,12 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::body::{Body, Quiet, Short, Tee, TeeEnd, boxed, full};
+use crate::body::{Body, Quiet, Short, Tee, TeeEnd, Watch, boxed, full};
 use crate::conn::Conn;
 use crate::framing::Verdict;
 use crate::grpc::{self, Grpc};
 use crate::mirror::Job;
+use crate::mirror::compare::{Answer, Pair, PrimaryBody, Side};
 use crate::state::{Active, Shared};
 use crate::stats::Source;
 use crate::upstream::{Failure, Outgoing, send};
@@ -74,7 +75,7 @@ pub(crate) fn handle(
         track = decision.track.index(),
         "routed"
     );
-    let (out, client_upgrade) = outgoing(shared, conn, &active, &decision, &survey, req);
+    let (out, client_upgrade, compared) = outgoing(shared, conn, &active, &decision, &survey, req);
     Ok(Forward {
         started,
         start: active.next_index(decision.track),
@@ -84,6 +85,7 @@ pub(crate) fn handle(
         active,
         decision,
         out,
+        compared,
         recorded: false,
     })
 }
@@ -104,6 +106,8 @@ pub(crate) struct Forward {
     conn: Arc<Conn>,
     /// A gRPC or gRPC-Web request: its answer's `grpc-status` is counted.
     grpc: Grpc,
+    /// A mirrored request whose copy's answer is compared with this one's.
+    compared: Option<Arc<Pair>>,
     /// The outcome is counted; until then, dropping it counts the client as gone.
     recorded: bool,
 }
@@ -176,6 +180,16 @@ impl Forward {
                 }
             };
             self.record(resp.status().as_u16(), false);
+            // With bodies compared, the answer is whole once its body has passed (below).
+            let compared = self.compared.take().and_then(|pair| match pair.bodies() {
+                true => Some(pair),
+                false => {
+                    let status = resp.status().as_u16();
+                    let answer = Answer { status, body: None };
+                    pair.answered(Side::Primary, answer);
+                    None
+                }
+            });
             let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             let grpc_answer = headers::strip_response(resp.headers_mut(), switched);
             if switched && let Some(client) = self.tunnel.take() {
@@ -228,6 +242,13 @@ impl Forward {
                 None => Body::new(body),
                 Some(on_trailers) => Body::new(grpc::watch(self.grpc, body, on_trailers)),
             };
+            let body = match compared {
+                None => body,
+                Some(pair) => {
+                    let primary = PrimaryBody::new(parts.status.as_u16(), pair);
+                    Body::new(Watch::new(body, primary))
+                }
+            };
             Response::from_parts(parts, body)
         }
     }
@@ -243,7 +264,11 @@ fn outgoing(
     decision: &Decision,
     survey: &Survey,
     mut req: Request<Incoming>,
-) -> (Outgoing, Option<hyper::upgrade::OnUpgrade>) {
+) -> (
+    Outgoing,
+    Option<hyper::upgrade::OnUpgrade>,
+    Option<Arc<Pair>>,
+) {
     let protocol = active.table.track(decision.track).protocol();
     // A backend that speaks only HTTP/2 cannot switch an HTTP/1.1 connection: the request
     // goes to it without the `Upgrade`, which a server may ignore (RFC 9110 §7.8).
@@ -269,9 +294,9 @@ fn outgoing(
     let body = (!http_body::Body::is_end_stream(&body)).then(|| boxed(body));
     let retryable = idempotent(&parts.method) && body.is_none() && !upgrade;
     // A request that asks to switch protocols is not copied: a copy cannot be a tunnel.
-    let body = match decision.mirror {
+    let (body, compared) = match decision.mirror {
         Some(to) if !upgrade => mirrored(shared, active, decision.route, to, http2, &parts, body),
-        _ => body,
+        _ => (body, None),
     };
     let out = Outgoing {
         parts,
@@ -282,11 +307,13 @@ fn outgoing(
         upgrade,
         marked: false,
     };
-    (out, client_upgrade)
+    (out, client_upgrade, compared)
 }
 
 /// Offers a copy of the request to the mirror track: at once when it has no body, else once
 /// its body has been read (a tee, up to the cap). The primary never waits for the mirror.
+/// When the route compares the answers, the primary's side of the pair comes back with the
+/// body.
 fn mirrored(
     shared: &Arc<Shared>,
     active: &Arc<Active>,
@@ -295,12 +322,14 @@ fn mirrored(
     http2: bool,
     parts: &http::request::Parts,
     body: Option<Body>,
-) -> Option<Body> {
+) -> (Option<Body>, Option<Arc<Pair>>) {
     let mirror_protocol = active.table.track(to).protocol();
     let auto = mirror_protocol == Protocol::Auto;
     let mirror_http2 = mirror_protocol == Protocol::H2c || (http2 && auto);
+    let compare = active.table.route(route).mirror_compare();
+    let pair = compare.map(|c| Arc::new(Pair::new(c, active.clone(), route, to)));
     let job = {
-        let (active, parts) = (active.clone(), clone_parts(parts));
+        let (active, parts, pair) = (active.clone(), clone_parts(parts), pair.clone());
         move |body| Job {
             active,
             route,
@@ -309,21 +338,22 @@ fn mirrored(
             body,
             http2: mirror_http2,
             auto,
+            pair,
         }
     };
     let cap = shared.settings.mirror.max_body_bytes;
     let Some(body) = body else {
         shared.mirror.offer(shared, job(bytes::Bytes::new()));
-        return None;
+        return (None, pair);
     };
     if http_body::Body::size_hint(&body).lower() > cap as u64 {
-        // Known to be too large (Content-Length): do not even copy it.
+        // Known to be too large (Content-Length): do not even copy it, nor compare.
         let skipped = &shared.stats.global.mirror_skipped_body_too_large;
         skipped.fetch_add(1, Relaxed);
-        Some(body)
+        (Some(body), None)
     } else {
         let shared = shared.clone();
-        Some(boxed(Tee::new(body, cap, move |end| match end {
+        let tee = Tee::new(cap, move |end| match end {
             TeeEnd::Complete(bytes) => shared.mirror.offer(&shared, job(bytes)),
             TeeEnd::TooLarge => {
                 shared
@@ -336,7 +366,8 @@ fn mirrored(
                 let skipped = &shared.stats.global.mirror_skipped_incomplete;
                 skipped.fetch_add(1, Relaxed);
             }
-        })))
+        });
+        (Some(boxed(Watch::new(body, tee))), pair)
     }
 }
 

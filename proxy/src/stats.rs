@@ -48,6 +48,10 @@ pub struct Counters {
     /// Non-cumulative counts per bucket of [`BUCKETS_MS`], plus one for larger values.
     latency: [AtomicU64; BUCKETS_MS.len() + 1],
     latency_sum_us: AtomicU64,
+    /// Mirror series only: copies whose answer was compared with the primary's (both
+    /// answered), and those of them whose answers differed.
+    compared: AtomicU64,
+    differed: AtomicU64,
 }
 
 impl Counters {
@@ -88,6 +92,16 @@ impl Counters {
         };
         if failed {
             self.grpc_errors.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+impl Counters {
+    /// Counts a copy's answer compared with its primary's, and whether they differed.
+    pub fn compared(&self, differed: bool) {
+        self.compared.fetch_add(1, Relaxed);
+        if differed {
+            self.differed.fetch_add(1, Relaxed);
         }
     }
 }
@@ -215,7 +229,7 @@ impl Stats {
                         cumulative
                     })
                     .collect();
-                json!({
+                let mut series = json!({
                     "route": route,
                     "track": track,
                     "source": source.as_str(),
@@ -229,7 +243,12 @@ impl Stats {
                     },
                     "errors": c.errors.load(Relaxed),
                     "latency": { "cumulative": buckets, "sum_us": c.latency_sum_us.load(Relaxed) },
-                })
+                });
+                if source == Source::Mirror {
+                    series["compared"] = json!(c.compared.load(Relaxed));
+                    series["differed"] = json!(c.differed.load(Relaxed));
+                }
+                series
             })
             .collect();
         let g = &self.global;
@@ -386,6 +405,8 @@ mod tests {
                 },
                 {
                   "broken": 0,
+                  "compared": 0,
+                  "differed": 0,
                   "errors": 1,
                   "grpc_errors": 0,
                   "latency": {

@@ -221,6 +221,7 @@ impl Builder<'_> {
                     Some(Mirror {
                         to,
                         share: share.clamp(0.0, f64::from(BUCKETS)) as u32,
+                        compare: m.compare,
                     })
                 })
             }

@@ -15,7 +15,7 @@ mod table;
 
 pub use fleet_yaml::{Diagnostic, Diagnostics, Positions};
 pub use rule::{cookie, query_param};
-pub use spec::TableSpec;
+pub use spec::{Compare, TableSpec};
 pub use split::{BUCKETS, Bucketing, Split, Sticky, bucket_of};
 pub use table::{Cause, Decision, Protocol, RequestView, Route, RouteId, Table, Track, TrackId};
 

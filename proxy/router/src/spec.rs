@@ -145,6 +145,20 @@ pub struct MirrorSpec {
     pub to: String,
     /// Percent of the route's requests to copy, 0-100, down to 0.01.
     pub percent: f64,
+    /// Whether each copy's answer is compared with the primary's: `status`, or `body` (the
+    /// status and a digest of the body). Default: not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare: Option<Compare>,
+}
+
+/// What of a mirrored copy's answer is compared with the primary's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Compare {
+    /// The status code.
+    Status,
+    /// The status code and the body (a digest of its bytes; trailers are not compared).
+    Body,
 }
 
 /// A map that refuses a repeated key, which serde_json would otherwise resolve silently by

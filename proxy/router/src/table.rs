@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use http::{HeaderMap, Method, header};
 
 use crate::rule::Rule;
-use crate::spec::TableSpec;
+use crate::spec::{Compare, TableSpec};
 use crate::split::{Bucketing, Split, Sticky, random_bucket};
 
 /// A track's index in its table.
@@ -100,6 +100,7 @@ pub(crate) struct Mirror {
     pub(crate) to: TrackId,
     /// Basis points of requests mirrored.
     pub(crate) share: u32,
+    pub(crate) compare: Option<Compare>,
 }
 
 #[derive(Clone, Debug)]
@@ -132,6 +133,11 @@ impl Route {
     /// The track copies of its requests go to, if it mirrors.
     pub fn mirror_to(&self) -> Option<TrackId> {
         self.mirror.as_ref().map(|m| m.to)
+    }
+
+    /// What of a copy's answer is compared with the primary's, if anything.
+    pub fn mirror_compare(&self) -> Option<Compare> {
+        self.mirror.as_ref().and_then(|m| m.compare)
     }
 }
 

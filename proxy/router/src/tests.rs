@@ -410,6 +410,24 @@ fn mirroring_samples_the_configured_share() {
 }
 
 #[test]
+fn a_mirror_compares_answers_only_as_asked() {
+    let mirror = |extra: &str| {
+        let t = table(&format!(
+            "  - {{ split: {{ stable: 10000 }}, mirror: {{ to: shadow, percent: 10{extra} }} }}\n"
+        ));
+        t.route(crate::RouteId(0)).mirror_compare()
+    };
+    assert_eq!(mirror(""), None);
+    assert_eq!(mirror(", compare: status"), Some(crate::Compare::Status));
+    assert_eq!(mirror(", compare: body"), Some(crate::Compare::Body));
+    let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { split: { stable: 10000 }, mirror: { to: stable, percent: 1, compare: headers } }\n";
+    expect_test::expect![[
+        r#"3:76: error: routes[0].mirror.compare: unknown value "headers"; expected one of: status, body"#
+    ]]
+    .assert_eq(&diagnostics(src));
+}
+
+#[test]
 fn more_than_two_tracks_are_laid_out_by_name_with_stable_on_top() {
     let t = table("  - { split: { stable: 5000, canary: 3000, shadow: 2000 } }\n");
     let split = t.route(crate::RouteId(0)).split();

@@ -12,6 +12,8 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::Job;
+use super::compare::{Answer, Side};
+use crate::body::Digest;
 use crate::grpc::{self, Grpc};
 use crate::state::Shared;
 use crate::stats::{Counters, Source};
@@ -97,6 +99,9 @@ async fn pipelined(shared: &Shared, backend: &Backend, jobs: &[Job]) {
     let started = Instant::now();
     let deadline = started + shared.settings.mirror.timeout;
     let copies: Vec<_> = jobs.iter().map(|j| (&j.parts, &j.body[..])).collect();
+    let digests = jobs
+        .iter()
+        .any(|j| j.pair.as_ref().is_some_and(|p| p.bodies()));
     let mut from = 0;
     // Those the backend closed the connection before processing go again, on another.
     while from < jobs.len() {
@@ -105,10 +110,16 @@ async fn pipelined(shared: &Shared, backend: &Backend, jobs: &[Job]) {
             backend,
             &copies[from..],
             deadline,
+            digests,
         )
         .await;
-        for (job, (status, at)) in jobs[from..].iter().zip(&answers.statuses) {
+        for (i, (job, (status, at))) in jobs[from..].iter().zip(&answers.statuses).enumerate() {
             count(job.counters(), Some(status.as_u16()), *at - started);
+            if let Some(pair) = &job.pair {
+                let body = answers.digests.get(i).copied().filter(|_| pair.bodies());
+                let status = status.as_u16();
+                pair.answered(Side::Copy, Answer { status, body });
+            }
         }
         from += answers.statuses.len();
         if answers.failed.is_some() || answers.statuses.is_empty() {
@@ -138,6 +149,7 @@ async fn single(shared: &Shared, job: Job) {
         body,
         http2,
         auto,
+        pair,
     } = job;
     let call = grpc(&parts.headers);
     let mut out = Outgoing {
@@ -165,7 +177,17 @@ async fn single(shared: &Shared, job: Job) {
         _ => return count(counters, None, started.elapsed()),
     };
     // As for the primary, the status counts once it came, whatever becomes of the body.
-    count(counters, Some(resp.status().as_u16()), started.elapsed());
+    let status = resp.status().as_u16();
+    count(counters, Some(status), started.elapsed());
+    // Statuses alone are compared at once; bodies once read whole.
+    let pair = pair.and_then(|pair| match pair.bodies() {
+        true => Some(pair),
+        false => {
+            pair.answered(Side::Copy, Answer { status, body: None });
+            None
+        }
+    });
+    let mut digest = pair.as_ref().map(|_| Digest::new());
     let (head, body) = resp.into_parts();
     let ended = http_body::Body::is_end_stream(&body);
     let outcome = grpc::outcome(call, grpc(&head.headers), &head, ended, counters);
@@ -173,16 +195,30 @@ async fn single(shared: &Shared, job: Job) {
     // has no outcome of its own, as a primary whose client left: its trailers are not seen.
     let read = async {
         match outcome {
-            Some(seen) => drain(grpc::watch(call, body, seen)).await,
-            None => drain(body).await,
+            Some(seen) => drain(grpc::watch(call, body, seen), digest.as_mut()).await,
+            None => drain(body, digest.as_mut()).await,
         }
     };
-    let _cut = tokio::time::timeout_at(deadline, read).await;
+    let ended = tokio::time::timeout_at(deadline, read).await == Ok(true);
+    if let (Some(pair), Some(digest), true) = (pair, digest, ended) {
+        let body = Some(digest.finish());
+        pair.answered(Side::Copy, Answer { status, body });
+    }
 }
 
-/// Reads a body to its end, or to its first error, keeping nothing.
-async fn drain<B: http_body::Body + Unpin>(mut body: B) {
-    while let Some(Ok(_)) = body.frame().await {}
+/// Reads a body to its end, keeping nothing but, when asked, a digest of its bytes; false if
+/// it failed before its end.
+async fn drain<B>(mut body: B, mut digest: Option<&mut Digest>) -> bool
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return false };
+        if let (Some(digest), Some(data)) = (digest.as_deref_mut(), frame.data_ref()) {
+            digest.update(data);
+        }
+    }
+    true
 }
 
 /// Counts a copy's outcome: its status, or (`None`) an error.

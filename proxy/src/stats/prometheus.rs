@@ -13,10 +13,17 @@ impl Stats {
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        // One counter a series: a family of them.
-        let family = |out: &mut String, name: &str, help: &str, of: fn(&Counters) -> &AtomicU64| {
+        // One counter a series: a family of them, over every series or the mirror's only.
+        let family_of = |out: &mut String,
+                         name: &str,
+                         help: &str,
+                         of: fn(&Counters) -> &AtomicU64,
+                         mirror_only: bool| {
             head(out, name, "counter", help);
             for ((r, t, s), c) in &series {
+                if mirror_only && *s != Source::Mirror {
+                    continue;
+                }
                 fleet_proxy_router::pace::point();
                 let _ = writeln!(
                     out,
@@ -25,6 +32,9 @@ impl Stats {
                     of(c).load(Relaxed)
                 );
             }
+        };
+        let family = |out: &mut String, name: &str, help: &str, of: fn(&Counters) -> &AtomicU64| {
+            family_of(out, name, help, of, false);
         };
         family(
             &mut out,
@@ -67,6 +77,20 @@ impl Stats {
             "fleet_proxy_responses_broken_total",
             "Responses whose body the backend broke off or stalled after their head.",
             |c| &c.broken,
+        );
+        family_of(
+            &mut out,
+            "fleet_proxy_mirror_compared_total",
+            "Mirrored copies whose answer was compared with the primary's (mirror: compare).",
+            |c| &c.compared,
+            true,
+        );
+        family_of(
+            &mut out,
+            "fleet_proxy_mirror_differed_total",
+            "Compared copies whose answer differed from the primary's.",
+            |c| &c.differed,
+            true,
         );
         head(
             &mut out,

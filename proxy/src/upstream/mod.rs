@@ -285,14 +285,17 @@ pub fn pick(backends: &[Arc<Backend>], start: usize) -> Option<&Arc<Backend>> {
 
 /// Sends mirrored copies, each with its whole body, to one backend pipelined on one
 /// connection ([`h1::pipeline`]). The backend's passive health counts each answer as
-/// [`send`] does, and a connection that failed once.
+/// [`send`] does, and a connection that failed once. With `digests`, each answer's body is
+/// digested.
 pub async fn pipeline(
     cfg: &Upstream,
     backend: &Backend,
     copies: &[(&http::request::Parts, &[u8])],
     deadline: Instant,
+    digests: bool,
 ) -> Answers {
-    let answers = h1::pipeline(backend, copies, true, cfg.connect_timeout, deadline).await;
+    let connect = cfg.connect_timeout;
+    let answers = h1::pipeline(backend, copies, true, connect, deadline, digests).await;
     for (status, _) in answers.statuses.iter().chain(&answers.cut) {
         backend.answered(*status, cfg);
     }

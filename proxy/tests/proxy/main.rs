@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod binary;
+mod compare;
 mod drain;
 mod hostile;
 mod http1_backends;

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::chunked::Step;
 use super::head::{self, Added, Fields};
 use super::{Conn, Error, Left, pump};
+use crate::body::Digest;
 use crate::upstream::backend::Backend;
 
 /// What became of a pipeline's requests, in order.
@@ -33,6 +34,8 @@ pub struct Answers {
     /// The statuses of the requests answered whole, head and body (the first
     /// `statuses.len()`), each with the time its head came.
     pub statuses: Vec<(StatusCode, Instant)>,
+    /// When asked for, a digest of each of their bodies, in the same order.
+    pub digests: Vec<u64>,
     /// What ended the pipeline before every request was answered: the requests from
     /// `statuses.len()` on failed with it. `None` with requests left over: the backend closed
     /// the connection after an answer that said it would, and processed none of them, so they
@@ -45,16 +48,19 @@ pub struct Answers {
 
 /// Sends `requests` (each its head and its whole body) to `backend` on one connection,
 /// pooled or new, marked as mirrored copies when `marked`; everything must have been answered
-/// by `deadline`. The connection goes back to the pool if it can carry more.
+/// by `deadline`. The connection goes back to the pool if it can carry more. With
+/// `digests`, each answer's body is digested as it is dropped.
 pub async fn pipeline(
     backend: &Backend,
     requests: &[(&http::request::Parts, &[u8])],
     marked: bool,
     connect_timeout: Duration,
     deadline: Instant,
+    digests: bool,
 ) -> Answers {
     let mut answers = Answers {
         statuses: Vec::with_capacity(requests.len()),
+        digests: Vec::new(),
         failed: None,
         cut: None,
     };
@@ -82,8 +88,9 @@ pub async fn pipeline(
         reusable: true,
         said_close: false,
         deadline: conn.timer.deadline(),
+        digest: digests.then(Digest::new),
     };
-    let ended = poll_fn(|cx| run.poll(&mut conn, requests, &mut answers.statuses, cx)).await;
+    let ended = poll_fn(|cx| run.poll(&mut conn, requests, &mut answers, cx)).await;
     let written_whole = run.written == out.len();
     let (reusable, said_close) = (run.reusable, run.said_close);
     let unanswered = answers.statuses.len() < requests.len();
@@ -141,6 +148,8 @@ struct Run<'a> {
     /// faster than the task's budget of reads would keep the timer from ever being polled
     /// ready.
     deadline: Instant,
+    /// The digest of the body being read, when digests are asked for.
+    digest: Option<Digest>,
 }
 
 impl Run<'_> {
@@ -150,9 +159,10 @@ impl Run<'_> {
         &mut self,
         conn: &mut Conn,
         requests: &[(&http::request::Parts, &[u8])],
-        statuses: &mut Vec<(StatusCode, Instant)>,
+        answers: &mut Answers,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), Error>> {
+        let statuses = &mut answers.statuses;
         if self.written < self.out.len()
             && self.write_failed.is_none()
             && let Poll::Ready(Err(e)) =
@@ -177,11 +187,15 @@ impl Run<'_> {
                         self.reading = Some((left, head.status, Instant::now()));
                     }
                     Some((left, status, came)) => {
-                        if !skip(left, &mut conn.buf).map_err(Error::Protocol)? {
+                        let digest = self.digest.as_mut();
+                        if !skip(left, &mut conn.buf, digest).map_err(Error::Protocol)? {
                             break;
                         }
                         statuses.push((*status, *came));
                         self.reading = None;
+                        if let Some(digest) = self.digest.replace(Digest::new()) {
+                            answers.digests.push(digest.finish());
+                        }
                         if !self.reusable {
                             return Poll::Ready(Ok(()));
                         }
@@ -193,6 +207,9 @@ impl Run<'_> {
                     // That body ends here, and with it the connection.
                     if let Some((_, status, came)) = self.reading.take() {
                         statuses.push((status, came));
+                        if let Some(digest) = &self.digest {
+                            answers.digests.push(digest.finish());
+                        }
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -215,23 +232,38 @@ impl Run<'_> {
     }
 }
 
-/// Drops what the front of `buf` holds of a body; true once the body has ended.
-fn skip(left: &mut Left, buf: &mut BytesMut) -> Result<bool, &'static str> {
+/// Drops what the front of `buf` holds of a body, digesting it if asked; true once the body
+/// has ended.
+fn skip(
+    left: &mut Left,
+    buf: &mut BytesMut,
+    mut digest: Option<&mut Digest>,
+) -> Result<bool, &'static str> {
     match left {
         Left::Length(n) => {
             let taken = usize::try_from(*n).unwrap_or(usize::MAX).min(buf.len());
+            if let Some(digest) = digest {
+                digest.update(&buf[..taken]);
+            }
             buf.advance(taken);
             *n -= taken as u64;
             Ok(*n == 0)
         }
         Left::Chunked(chunked) => loop {
             match chunked.step(buf)? {
-                Step::Data(_) => continue,
+                Step::Data(data) => {
+                    if let Some(digest) = digest.as_deref_mut() {
+                        digest.update(&data);
+                    }
+                }
                 Step::Trailers(_) | Step::End => return Ok(true),
                 Step::More => return Ok(false),
             }
         },
         Left::UntilClose => {
+            if let Some(digest) = digest {
+                digest.update(buf);
+            }
             buf.clear();
             Ok(false)
         }
