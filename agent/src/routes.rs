@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use fleet_proto::v1 as pb;
 use fleet_proxy_router::spec::{
-    MatchSpec, MirrorSpec, RouteSpec, RuleSpec, StickySpec, TableSpec, TrackSpec, ValueMatchSpec,
+    Compare, MatchSpec, MirrorSpec, RouteSpec, RuleSpec, StickySpec, TableSpec, TrackSpec,
+    ValueMatchSpec,
 };
 
 pub const STABLE: &str = "stable";
@@ -54,7 +55,11 @@ pub fn table(
     let mirror = (canary.is_some() && routes.mirror_bp > 0).then(|| MirrorSpec {
         to: CANARY.to_string(),
         percent: f64::from(routes.mirror_bp) / 100.0,
-        compare: None,
+        // Compared, so that a mirror phase can be judged by how alike the answers are.
+        compare: Some(match routes.mirror_compare_bodies {
+            true => Compare::Body,
+            false => Compare::Status,
+        }),
     });
     let route = RouteSpec {
         name: Some(desired.service.clone()),
@@ -166,6 +171,18 @@ mod tests {
         // The table is one the proxy accepts.
         let json = serde_json::to_string(&t).unwrap();
         assert!(fleet_proxy_router::load(&json).is_ok(), "{json}");
+    }
+
+    #[test]
+    fn mirrored_answers_are_compared_by_status_or_by_body_as_asked() {
+        let compare = |bodies: bool| {
+            let mut d = desired(0, true);
+            d.routes.as_mut().unwrap().mirror_compare_bodies = bodies;
+            let t = table(&d, &ready()).unwrap();
+            t.routes[0].mirror.as_ref().and_then(|m| m.compare)
+        };
+        assert_eq!(compare(false), Some(Compare::Status));
+        assert_eq!(compare(true), Some(Compare::Body));
     }
 
     #[test]

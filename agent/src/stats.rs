@@ -37,6 +37,12 @@ pub struct Series {
     /// proxies older than the field.
     #[serde(default)]
     pub broken: u64,
+    /// Mirror series: copies whose answer was compared with the primary's, and those that
+    /// differed; absent from proxies older than the fields.
+    #[serde(default)]
+    pub compared: u64,
+    #[serde(default)]
+    pub differed: u64,
     pub latency: Latency,
 }
 
@@ -66,6 +72,8 @@ pub fn tracks(proxy: &ProxyStats) -> pb::TrafficStats {
             errors: fivexx + unanswered + s.grpc_errors + s.broken,
             latency_bounds_ms: proxy.latency_bounds_ms.clone(),
             latency_counts: s.latency.cumulative.clone(),
+            compared: s.compared,
+            differed: s.differed,
         };
         fleet_proto::tally::add_track(into, &series);
     }
@@ -77,13 +85,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn series_add_up_by_track_with_5xx_and_unanswered_mirrors_as_errors() {
+    fn series_add_up_by_track_with_5xx_and_unanswered_mirrors_as_errors_and_comparisons() {
         let json = r#"{
           "latency_bounds_ms": [10, 100],
           "series": [
             {"route":"demo","track":"stable","source":"primary","requests":90,"responses":{"2xx":89,"5xx":1},"errors":1,"broken":3,"latency":{"cumulative":[80,90,90],"sum_us":1}},
             {"route":"demo","track":"canary","source":"primary","requests":10,"responses":{"2xx":9,"5xx":1},"errors":0,"grpc_errors":2,"latency":{"cumulative":[5,10,10],"sum_us":1}},
-            {"route":"demo","track":"canary","source":"mirror","requests":4,"responses":{"2xx":3},"errors":1,"latency":{"cumulative":[2,3,4],"sum_us":1}}
+            {"route":"demo","track":"canary","source":"mirror","requests":4,"responses":{"2xx":3},"errors":1,"compared":3,"differed":1,"latency":{"cumulative":[2,3,4],"sum_us":1}},
+            {"route":"api","track":"canary","source":"mirror","requests":2,"responses":{"2xx":2},"errors":0,"compared":2,"differed":0,"latency":{"cumulative":[2,2,2],"sum_us":1}}
           ]}"#;
         let proxy: ProxyStats = serde_json::from_str(json).unwrap();
         let total = tracks(&proxy);
@@ -91,8 +100,11 @@ mod tests {
         // 5xx 1 + bodies broken off 3.
         assert_eq!((stable.requests, stable.errors), (90, 4));
         // 5xx 1 + gRPC failures 2 (on 200s) + an unanswered copy 1.
-        assert_eq!((canary.requests, canary.errors), (14, 4));
-        assert_eq!(canary.latency_counts, [7, 13]);
+        assert_eq!((canary.requests, canary.errors), (16, 4));
+        assert_eq!(canary.latency_counts, [9, 15]);
+        // Copies compared with their primaries, over both routes.
+        assert_eq!((canary.compared, canary.differed), (5, 1));
+        assert_eq!((stable.compared, stable.differed), (0, 0));
         assert_eq!(canary.latency_bounds_ms, [10.0, 100.0]);
     }
 }

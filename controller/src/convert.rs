@@ -37,6 +37,7 @@ pub fn desired(epoch: u64, manifest: &Manifest, d: &Desired) -> pb::DesiredState
                 })
                 .collect(),
             mirror_bp: traffic.mirror.map_or(0, |m| u32::from(u16::from(m))),
+            mirror_compare_bodies: traffic.mirror_compare_bodies,
             sticky: traffic.sticky.as_ref().map(|s| match s {
                 StickyKey::Cookie(c) => pb::route_table::Sticky::StickyCookie(c.clone()),
                 StickyKey::Header(h) => pb::route_table::Sticky::StickyHeader(h.clone()),
@@ -147,6 +148,8 @@ pub fn stats(s: &pb::TrafficStats, since_unix_ms: u64) -> RegionStats {
                 counts: t.latency_counts,
             },
             counting_since_unix_ms: since_unix_ms,
+            compared: t.compared,
+            differed: t.differed,
         }
     };
     RegionStats {

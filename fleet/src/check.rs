@@ -49,6 +49,7 @@ pub(crate) fn manifest(
             "add `analysis.gates`, e.g. `- success_rate: { min: 99 }`",
         );
     }
+    mirror_gate_without_mirroring(w, cx);
     let schedule = timing::schedule(&w.windows, &w.blackouts, cx);
     let webhooks = timing::webhooks(&w.webhooks, cx);
     first_wave_exposure(w, cx);
@@ -62,6 +63,30 @@ pub(crate) fn manifest(
         webhooks: webhooks?,
         on_failure: w.on_failure.unwrap_or_default(),
     })
+}
+
+/// A `mirror_match_rate` gate is judged in mirror phases only: with none anywhere, it judges
+/// nothing, which is likely a mistake (a release started with another strategy may still
+/// have one, so this is a warning).
+fn mirror_gate_without_mirroring(w: &wire::Manifest, cx: &mut Ctx<'_>) {
+    let Some(analysis) = &w.analysis else { return };
+    let Some(i) = analysis
+        .gates
+        .iter()
+        .position(|g| matches!(g, wire::Gate::MirrorMatchRate(_)))
+    else {
+        return;
+    };
+    let strategies = std::iter::once(&w.strategy)
+        .chain(w.regions.iter().filter_map(|r| r.strategy.as_ref()))
+        .chain(w.waves.iter().filter_map(|wave| wave.strategy.as_ref()));
+    if strategies.into_iter().all(|s| s.mirror.is_none()) {
+        cx.warning(
+            &format!("analysis.gates[{i}].mirror_match_rate"),
+            "no strategy has a mirror phase: this gate judges only mirror phases, so it judges nothing",
+            "add `strategy.mirror: { percent: 10, duration: 10m }`, or remove the gate",
+        );
+    }
 }
 
 fn service(w: &wire::Service, cx: &mut Ctx<'_>) -> Option<Service> {

@@ -248,6 +248,8 @@ pub enum ValueTest {
 pub struct MirrorPhase {
     pub share: Weight,
     pub duration: Duration,
+    /// Copies' answers are compared with the primaries' by body too, not by status alone.
+    pub compare_bodies: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -280,6 +282,11 @@ pub enum Gate {
     },
     CanaryVsStableLatencyRatio {
         max: f64,
+    },
+    /// Percent of mirrored copies answered as the primary was, 0 to 100; judged only while
+    /// the step mirrors.
+    MirrorMatchRate {
+        min: f64,
     },
     Prometheus {
         address: String,

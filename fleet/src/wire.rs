@@ -246,6 +246,17 @@ pub struct Mirror {
     pub percent: f64,
     /// How long the mirror phase lasts, e.g. `10m`.
     pub duration: String,
+    /// What of each copy's answer is compared with the answer users got (for the
+    /// `mirror_match_rate` gate): `status` (the default) or `body` (status and body bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare: Option<Compare>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Compare {
+    Status,
+    Body,
 }
 
 /// Exactly one of `cookie` or `header`: the value that keeps a user on one side.
@@ -286,6 +297,9 @@ pub enum Gate {
     CanaryVsStableErrorRatio(Max),
     /// The new version's p99 latency divided by the stable one's.
     CanaryVsStableLatencyRatio(Max),
+    /// Percent of the copies mirrored to the new version answered as the stable one
+    /// answered the same requests; judged in the mirror phase only.
+    MirrorMatchRate(Min),
     /// An external Prometheus query whose scalar result is compared with `min` or `max`.
     Prometheus(PrometheusGate),
 }

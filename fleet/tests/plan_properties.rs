@@ -66,6 +66,7 @@ fn strategy() -> impl Strategy<Value = wire::Strategy> {
             s.mirror = Some(wire::Mirror {
                 percent: 10.0,
                 duration: "5m".into(),
+                compare: None,
             });
         }
         if ab {

@@ -106,6 +106,8 @@ fn difference(now: &TrafficStats, last: &TrafficStats) -> Option<TrafficStats> {
             errors: sub(now.errors, last.errors)?,
             latency_bounds_ms: now.latency_bounds_ms.clone(),
             latency_counts: counts?,
+            compared: sub(now.compared, last.compared)?,
+            differed: sub(now.differed, last.differed)?,
         })
     };
     Some(TrafficStats {
@@ -132,6 +134,8 @@ pub fn add_track(into: &mut Option<TrackStats>, more: &TrackStats) {
     let into = into.get_or_insert_with(TrackStats::default);
     into.requests += more.requests;
     into.errors += more.errors;
+    into.compared += more.compared;
+    into.differed += more.differed;
     if into.latency_bounds_ms.is_empty() {
         into.latency_bounds_ms = more.latency_bounds_ms.clone();
         into.latency_counts = vec![0; more.latency_bounds_ms.len()];
@@ -154,6 +158,8 @@ mod tests {
             errors: n / 10,
             latency_bounds_ms: vec![100.0],
             latency_counts: vec![n],
+            compared: n / 2,
+            differed: n / 20,
         };
         TrafficStats {
             stable: Some(track(stable)),

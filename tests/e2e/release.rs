@@ -3,7 +3,7 @@
 //! traffic through every proxy.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleet_e2e::World;
 
@@ -408,5 +408,83 @@ async fn a_proxy_that_loses_the_agents_table_gets_it_back() {
         assert!(std::time::Instant::now() < deadline, "{table}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    world.stop().await;
+}
+
+/// The mirror phase of `e2e/mirror.yaml` with `compare`: every request copied to v2.
+async fn mirroring(compare: &str) -> (World, String) {
+    let manifest = include_str!("mirror.yaml").replace("COMPARE", compare);
+    let mut world = World::start_with(&manifest, &[], &["us-west", "us-east", "eu-west"])
+        .await
+        .unwrap();
+    let id = world.start_release("v2").await.unwrap();
+    (world, id)
+}
+
+/// us-west's verdicts so far.
+async fn verdicts(world: &mut World, id: &str) -> Vec<String> {
+    let history = world.history(id).await.unwrap();
+    let verdicts = history
+        .into_iter()
+        .filter(|e| e.region == "us-west" && e.kind == "analysis");
+    verdicts.map(|e| e.reason).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_answered_as_users_were_pass_the_mirror_phase_by_their_status() {
+    // v2 answers "hello from v2" where v1 said "hello from v1": alike by status.
+    let (mut world, id) = mirroring("status").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = verdicts(&mut world, &id).await;
+        if let Some(pass) = seen.iter().find(|v| v.starts_with("pass")) {
+            assert!(
+                pass.contains("mirror_match_rate >= 99 (is 100: ok)"),
+                "{pass}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no passing verdict: {seen:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Still mirroring: nobody was sent to v2.
+    assert!(world.splits_of("us-west").iter().all(|bp| *bp == 0));
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_answered_otherwise_are_caught_in_the_mirror_phase_before_anyone_gets_them() {
+    // By body, every copy differs from its primary ("hello from v2" against v1's).
+    let (mut world, id) = mirroring("body").await;
+    let release = world
+        .wait_for(&id, RELEASE_TIME, |r| {
+            r.phase != "progressing" && r.phase != "rolling_back"
+        })
+        .await
+        .unwrap();
+    assert_eq!(release.phase, "rolled_back", "{release:#?}");
+    assert!(
+        release.reason.contains("us-west failed 2 checks in a row")
+            && release
+                .reason
+                .contains("mirror_match_rate >= 99 (is 0: FAILED)"),
+        "{}",
+        release.reason
+    );
+    let seen = verdicts(&mut world, &id).await;
+    assert!(
+        seen.iter()
+            .all(|v| v.contains("success_rate >= 99 (is 100: ok)")),
+        "nothing failed outright: {seen:#?}"
+    );
+    assert!(
+        world.splits_of("us-west").iter().all(|bp| *bp == 0),
+        "no user was sent to v2: {:?}",
+        world.splits_of("us-west")
+    );
+    assert!(
+        world.splits_of("us-east").is_empty(),
+        "the next wave never started"
+    );
     world.stop().await;
 }

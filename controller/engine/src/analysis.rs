@@ -34,6 +34,10 @@ pub struct Sample {
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Percent of the copies compared whose answers matched the primaries'; `None` when
+    /// none was compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_rate: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -91,6 +95,8 @@ pub fn delta(now: &TrackStats, base: &TrackStats) -> TrackStats {
     let restarted = now.counting_since_unix_ms != base.counting_since_unix_ms
         || now.requests < base.requests
         || now.errors < base.errors
+        || now.compared < base.compared
+        || now.differed < base.differed
         || now.latency.bounds_ms != base.latency.bounds_ms
         || now
             .latency
@@ -115,21 +121,27 @@ pub fn delta(now: &TrackStats, base: &TrackStats) -> TrackStats {
                 .collect(),
         },
         counting_since_unix_ms: now.counting_since_unix_ms,
+        compared: now.compared - base.compared,
+        differed: now.differed - base.differed,
     }
 }
 
 /// Judges one interval of `canary` against `stable` (both deltas).
+/// Judges an interval's numbers by the analysis' gates. `mirror_match_rate` is judged only
+/// while the step `mirroring`: other steps copy nothing, and it is left out.
 pub fn judge(
     analysis: &Analysis,
     canary: &TrackStats,
     stable: &TrackStats,
     external: &BTreeMap<usize, f64>,
+    mirroring: bool,
 ) -> Verdict {
     let (c, s) = (sample(canary), sample(stable));
     let gates: Vec<GateResult> = analysis
         .gates
         .iter()
         .enumerate()
+        .filter(|(_, gate)| mirroring || !matches!(gate, Gate::MirrorMatchRate { .. }))
         .map(|(i, gate)| evaluate(gate, &c, stable, &s, external.get(&i).copied()))
         .collect();
     let outcome = if c.requests < analysis.min_requests {
@@ -185,6 +197,12 @@ fn evaluate(
                 Some(*max),
             )
         }
+        Gate::MirrorMatchRate { min } => (
+            format!("mirror_match_rate >= {min}"),
+            c.match_rate,
+            Some(*min),
+            None,
+        ),
         Gate::CanaryVsStableLatencyRatio { max } => {
             let ratio = match (c.p99_ms, s.p99_ms) {
                 (Some(cp), Some(sp)) if sp > 0.0 => Some(cp / sp),
@@ -229,6 +247,8 @@ fn sample(t: &TrackStats) -> Sample {
         p50_ms: quantile(&t.latency, t.requests, 0.50),
         p95_ms: quantile(&t.latency, t.requests, 0.95),
         p99_ms: quantile(&t.latency, t.requests, 0.99),
+        match_rate: (t.compared > 0)
+            .then(|| 100.0 * (1.0 - rate(t.differed.min(t.compared), t.compared))),
     }
 }
 
@@ -282,6 +302,8 @@ mod tests {
                 counts: vec![fast, requests, requests],
             },
             counting_since_unix_ms: 0,
+            compared: 0,
+            differed: 0,
         }
     }
 
@@ -302,6 +324,7 @@ mod tests {
             &track(99, 0, 1.0),
             &track(1000, 0, 1.0),
             &BTreeMap::new(),
+            false,
         );
         assert_eq!(v.outcome, Outcome::NoData);
         assert!(
@@ -321,6 +344,7 @@ mod tests {
             &track(1000, 50, 1.0),
             &track(1000, 0, 1.0),
             &BTreeMap::new(),
+            false,
         );
         assert_eq!(v.outcome, Outcome::Fail);
         assert_eq!(v.gates[0].value, Some(95.0));
@@ -344,6 +368,7 @@ mod tests {
             &track(500, 0, 0.9),
             &track(5000, 1, 0.9),
             &BTreeMap::new(),
+            false,
         );
         assert_eq!(v.outcome, Outcome::Pass, "{}", v.summary(100));
     }
@@ -390,6 +415,7 @@ mod tests {
             &track(500, 0, 1.0),
             &track(500, 0, 1.0),
             &BTreeMap::new(),
+            false,
         );
         assert_eq!(v.outcome, Outcome::NoData);
         let v = judge(
@@ -397,7 +423,56 @@ mod tests {
             &track(500, 0, 1.0),
             &track(500, 0, 1.0),
             &BTreeMap::from([(0, 0.0)]),
+            false,
         );
         assert_eq!(v.outcome, Outcome::Fail);
+    }
+
+    #[test]
+    fn the_mirror_match_rate_is_judged_while_the_step_mirrors_and_only_then() {
+        let a = analysis(vec![
+            Gate::SuccessRate { min: 99.0 },
+            Gate::MirrorMatchRate { min: 99.0 },
+        ]);
+        let compared = |compared, differed| TrackStats {
+            compared,
+            differed,
+            ..track(1000, 0, 1.0)
+        };
+        let stable = track(10_000, 0, 1.0);
+        let judged = |canary: &TrackStats, mirroring| {
+            judge(&a, canary, &stable, &BTreeMap::new(), mirroring)
+        };
+        // 2% of the copies answered otherwise: fails, though none failed outright.
+        let v = judged(&compared(1000, 20), true);
+        assert_eq!(v.outcome, Outcome::Fail, "{}", v.summary(100));
+        assert_eq!(v.gates[1].value, Some(98.0));
+        assert!(
+            v.summary(100)
+                .contains("mirror_match_rate >= 99 (is 98: FAILED)")
+        );
+        let v = judged(&compared(1000, 5), true);
+        assert_eq!(v.outcome, Outcome::Pass, "{}", v.summary(100));
+        // Nothing compared (a proxy that does not compare): no verdict, never a pass.
+        let v = judged(&compared(0, 0), true);
+        assert_eq!(v.outcome, Outcome::NoData);
+        // A step that does not mirror is judged without it.
+        let v = judged(&compared(0, 0), false);
+        assert_eq!(v.outcome, Outcome::Pass);
+        assert_eq!(v.gates.len(), 1);
+    }
+
+    #[test]
+    fn comparisons_are_taken_as_differences_between_readings_too() {
+        let at = |compared, differed| TrackStats {
+            compared,
+            differed,
+            ..track(600, 7, 1.0)
+        };
+        let d = delta(&at(300, 4), &at(100, 1));
+        assert_eq!((d.compared, d.differed), (200, 3));
+        // Fewer than before: the proxies' counts began again.
+        let d = delta(&at(50, 1), &at(100, 1));
+        assert_eq!((d.compared, d.differed), (50, 1));
     }
 }

@@ -59,6 +59,12 @@ pub struct TrackStats {
     /// When these counters began (the controller's start, in ms since the Unix epoch).
     #[serde(default)]
     pub counting_since_unix_ms: u64,
+    /// Mirrored copies whose answer the proxies compared with the primary's, and those that
+    /// differed.
+    #[serde(default)]
+    pub compared: u64,
+    #[serde(default)]
+    pub differed: u64,
 }
 
 /// A cumulative latency histogram: `counts[i]` requests took at most `bounds_ms[i]`.

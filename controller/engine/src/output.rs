@@ -46,6 +46,9 @@ pub struct Traffic {
     pub cohort: Vec<CohortRule>,
     /// Share of requests copied to the canary, answers dropped.
     pub mirror: Option<Weight>,
+    /// Each copy's answer is compared with the primary's by its body too, not only its status.
+    #[serde(default)]
+    pub mirror_compare_bodies: bool,
     pub sticky: Option<StickyKey>,
 }
 

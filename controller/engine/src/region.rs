@@ -207,7 +207,8 @@ impl Engine {
             let base = r.baseline.replace(latest.clone()).unwrap_or_default();
             let canary = analysis::delta(&latest.canary, &base.canary);
             let stable = analysis::delta(&latest.stable, &base.stable);
-            let verdict = analysis::judge(a, &canary, &stable, &latest.external);
+            let mirroring = step.phase == StepPhase::Mirror;
+            let verdict = analysis::judge(a, &canary, &stable, &latest.external, mirroring);
             r.last_outcome = Some(verdict.outcome);
             match verdict.outcome {
                 Outcome::Pass => {

@@ -60,13 +60,14 @@ impl Engine {
                     _ => Vec::new(),
                 };
                 let mirror = match (strategy.and_then(|s| s.mirror.as_ref()), phase) {
-                    (Some(m), Some(StepPhase::Mirror)) => Some(m.share),
+                    (Some(m), Some(StepPhase::Mirror)) => Some(m),
                     _ => None,
                 };
                 let traffic = Traffic {
                     canary_weight: step.filter(|_| weighted).map_or(Weight::ZERO, |s| s.weight),
                     cohort,
-                    mirror,
+                    mirror: mirror.map(|m| m.share),
+                    mirror_compare_bodies: mirror.is_some_and(|m| m.compare_bodies),
                     sticky,
                 };
                 (

@@ -62,6 +62,8 @@ struct Sim {
     rps: BTreeMap<String, u64>,
     /// Share of requests the new version fails.
     v2_error_rate: f64,
+    /// The share of mirrored copies v2 answers otherwise than v1 did.
+    v2_mismatch_rate: f64,
     hooks_ok: bool,
     history: Vec<HistoryEvent>,
     desired_log: Vec<(String, Desired)>,
@@ -85,6 +87,7 @@ impl Sim {
                 .collect(),
             rps: regions.iter().map(|r| (r.clone(), 100)).collect(),
             v2_error_rate: 0.0,
+            v2_mismatch_rate: 0.0,
             hooks_ok: true,
             history: Vec::new(),
             desired_log: Vec::new(),
@@ -208,6 +211,12 @@ impl Sim {
                 total - canary,
                 error_rate(&stable_version),
             );
+            // Every copy's answer is compared with the one its user got.
+            if canary_version.as_deref() == Some("v2") {
+                counters.canary.compared += mirrored;
+                counters.canary.differed +=
+                    (mirrored as f64 * self.v2_mismatch_rate).round() as u64;
+            }
             let stats = counters.clone();
             self.pending.push((
                 self.now,
@@ -705,6 +714,10 @@ fn mirror_then_cohort_then_weights() {
         .map(|(_, d)| d.clone())
         .collect();
     assert_eq!(sent[0].traffic.mirror.map(u16::from), Some(1000));
+    assert!(
+        !sent[0].traffic.mirror_compare_bodies,
+        "statuses are compared"
+    );
     assert!(sent[0].traffic.cohort.is_empty());
     assert_eq!(sent[1].traffic.mirror, None);
     assert_eq!(sent[1].traffic.cohort.len(), 2);
@@ -714,4 +727,25 @@ fn mirror_then_cohort_then_weights() {
         2,
         "the cohort stays on the new version during the ramp"
     );
+}
+
+#[test]
+fn a_new_version_that_answers_mirrored_requests_otherwise_is_caught_before_anyone_gets_it() {
+    let mut sim = Sim::new(manifest("ab-mirror"), spec(None), monday_morning());
+    // No request fails; 3% of the copies get another answer than the stable one gave.
+    sim.v2_mismatch_rate = 0.03;
+    assert!(sim.run_to_end(TimeDelta::days(1)));
+    assert!(matches!(sim.engine.state().phase, Phase::RolledBack { .. }));
+    // Only the mirror phase was ever sent: no user was served by v2.
+    let sent: Vec<_> = sim.desired_log.iter().map(|(_, d)| d).collect();
+    assert!(
+        sent.iter()
+            .all(|d| d.traffic.cohort.is_empty() && u16::from(d.traffic.canary_weight) == 0),
+        "{sent:?}"
+    );
+    let failed = sim
+        .history
+        .iter()
+        .find(|e| e.reason.contains("mirror_match_rate >= 99 (is 97: FAILED)"));
+    assert!(failed.is_some(), "{:#?}", sim.history);
 }

@@ -48,15 +48,12 @@ fn gate(w: &wire::Gate, path: &str, cx: &mut Ctx<'_>) -> Option<Gate> {
     };
     match w {
         wire::Gate::SuccessRate(m) => {
-            if !(0.0..=100.0).contains(&m.min) {
-                cx.error(
-                    &format!("{path}.success_rate.min"),
-                    format!("success rate {} is not a percentage", m.min),
-                    "give a percent from 0 to 100, e.g. 99.5",
-                );
-                return None;
-            }
-            Some(Gate::SuccessRate { min: m.min })
+            let at = format!("{path}.success_rate.min");
+            percent(m.min, &at, "success rate", cx).map(|min| Gate::SuccessRate { min })
+        }
+        wire::Gate::MirrorMatchRate(m) => {
+            let at = format!("{path}.mirror_match_rate.min");
+            percent(m.min, &at, "mirror match rate", cx).map(|min| Gate::MirrorMatchRate { min })
         }
         wire::Gate::LatencyP50Ms(m) => latency(Quantile::P50, m, "latency_p50_ms", cx),
         wire::Gate::LatencyP95Ms(m) => latency(Quantile::P95, m, "latency_p95_ms", cx),
@@ -104,6 +101,18 @@ fn gate(w: &wire::Gate, path: &str, cx: &mut Ctx<'_>) -> Option<Gate> {
             })
         }
     }
+}
+
+fn percent(value: f64, path: &str, what: &str, cx: &mut Ctx<'_>) -> Option<f64> {
+    if (0.0..=100.0).contains(&value) {
+        return Some(value);
+    }
+    cx.error(
+        path,
+        format!("{what} {value} is not a percentage"),
+        "give a percent from 0 to 100, e.g. 99.5",
+    );
+    None
 }
 
 fn positive(value: f64, path: &str, unit: &str, cx: &mut Ctx<'_>) -> Option<f64> {

@@ -263,6 +263,7 @@ fn mirror_phase(w: &wire::Mirror, path: &str, cx: &mut Ctx<'_>) -> Option<Mirror
     Some(MirrorPhase {
         share: share.filter(|s| *s > Weight::ZERO)?,
         duration: duration?,
+        compare_bodies: w.compare == Some(wire::Compare::Body),
     })
 }
 
