@@ -58,18 +58,20 @@ async fn a_good_release_moves_every_proxy_through_the_manifests_weights_wave_by_
     world.stop().await;
 }
 
+/// The release once it has ended, rolled back or otherwise.
+async fn rolled_back_or_done(world: &mut World, id: &str) -> fleet_proto::v1::Release {
+    let ended =
+        |r: &fleet_proto::v1::Release| r.phase != "progressing" && r.phase != "rolling_back";
+    world.wait_for(id, RELEASE_TIME, ended).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_failing_five_percent_is_caught_and_rolled_back_before_the_next_wave() {
     let mut world = World::start(&[("FLEET_DEMO_FAULTS", "v2=0.05")])
         .await
         .unwrap();
     let id = world.start_release("v2").await.unwrap();
-    let release = world
-        .wait_for(&id, RELEASE_TIME, |r| {
-            r.phase != "progressing" && r.phase != "rolling_back"
-        })
-        .await
-        .unwrap();
+    let release = rolled_back_or_done(&mut world, &id).await;
     assert_eq!(release.phase, "rolled_back", "{release:#?}");
     assert!(
         release.reason.contains("us-west failed 2 checks in a row"),
@@ -456,12 +458,7 @@ async fn copies_answered_as_users_were_pass_the_mirror_phase_by_their_status() {
 async fn copies_answered_otherwise_are_caught_in_the_mirror_phase_before_anyone_gets_them() {
     // By body, every copy differs from its primary ("hello from v2" against v1's).
     let (mut world, id) = mirroring("body").await;
-    let release = world
-        .wait_for(&id, RELEASE_TIME, |r| {
-            r.phase != "progressing" && r.phase != "rolling_back"
-        })
-        .await
-        .unwrap();
+    let release = rolled_back_or_done(&mut world, &id).await;
     assert_eq!(release.phase, "rolled_back", "{release:#?}");
     assert!(
         release.reason.contains("us-west failed 2 checks in a row")
