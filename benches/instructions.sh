@@ -58,11 +58,15 @@ FLOOR=$(free_port)
 # The same table with 10% of requests mirrored to the second nginx (the shadow track).
 MIRRORED=$(free_port)
 fleet_conf "$WORK/mirror.yaml" "$MIRRORED" "$(free_port)" "$BACKEND" "$SHADOW" "mirror: { to: shadow, percent: 10 }"
+# And with each copy's answer compared with its primary's, bodies too.
+COMPARED=$(free_port)
+fleet_conf "$WORK/compare.yaml" "$COMPARED" "$(free_port)" "$BACKEND" "$SHADOW" "mirror: { to: shadow, percent: 10, compare: body }"
 
 count nginx "$NGINX" nginx -c "$WORK/proxy/nginx.conf"; N=$COUNTED
 count hyper-floor "$FLOOR" "$TARGET/release/examples/hyper_floor" "127.0.0.1:$FLOOR" "127.0.0.1:$BACKEND"; H=$COUNTED
 count fleet-proxy "$FLEET" "$TARGET/release/fleet-proxy" --config "$WORK/fleet.yaml" --worker-threads 1; F=$COUNTED
 count fleet-mirror "$MIRRORED" "$TARGET/release/fleet-proxy" --config "$WORK/mirror.yaml" --worker-threads 1; M=$COUNTED
+count fleet-compare "$COMPARED" "$TARGET/release/fleet-proxy" --config "$WORK/compare.yaml" --worker-threads 1; C=$COUNTED
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo "| proxy | instructions per request (user space) |"
 echo "|---|---:|"
@@ -70,7 +74,9 @@ echo "| nginx | $N |"
 echo "| hyper floor (proxy/examples/hyper_floor.rs) | $H |"
 echo "| fleet-proxy | $F |"
 echo "| fleet-proxy, 10% mirror | $M |"
+echo "| fleet-proxy, 10% mirror, compared by body | $C |"
 echo "| hyper floor / nginx | $(ratio "$H" "$N") |"
 echo "| fleet-proxy / nginx | $(ratio "$F" "$N") |"
 echo "| fleet-proxy / hyper floor | $(ratio "$F" "$H") |"
 echo "| mirror on / off | $(ratio "$M" "$F") |"
+echo "| mirror compared / not | $(ratio "$C" "$M") |"

@@ -38,6 +38,8 @@ where
 pub trait Watcher {
     /// A frame of data.
     fn data(&mut self, data: &Bytes);
+    /// The trailers, the body's last frame.
+    fn trailers(&mut self, _trailers: &http::HeaderMap) {}
     /// The body reached its end (`true`), or failed or was dropped before it; told once.
     fn end(&mut self, whole: bool);
 }
@@ -89,8 +91,15 @@ impl<W: Watcher> http_body::Body for Watch<W> {
                 if let Some(data) = frame.data_ref() {
                     this.watcher.data(data);
                 }
-                // hyper stops polling once the body says it has ended.
-                if frame.is_trailers() || this.inner.is_end_stream() {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.watcher.trailers(trailers);
+                }
+                // hyper stops polling once the body says it has ended, and its HTTP/1 server
+                // once it has written as many bytes as the length it sent: a body whose length
+                // is all there has ended (an HTTP/2 backend's says so only once its
+                // END_STREAM has come, which may be in a frame of its own).
+                let rest = this.inner.size_hint().exact();
+                if frame.is_trailers() || this.inner.is_end_stream() || rest == Some(0) {
                     this.end(true);
                 }
             }
@@ -412,7 +421,7 @@ mod tests {
     use http_body::Frame;
     use http_body_util::BodyExt;
 
-    use super::{Quiet, Tee, TeeEnd, Watch};
+    use super::{Quiet, SizeHint, Tee, TeeEnd, Watch, Watcher};
 
     /// Frames as a channel gives them (a test double).
     struct Chan(tokio::sync::mpsc::Receiver<Bytes>);
@@ -427,6 +436,51 @@ mod tests {
         ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
         }
+    }
+
+    /// A body of a known length that says it has ended only when polled after its last
+    /// byte, as an HTTP/2 backend's does when its END_STREAM comes in a frame of its own.
+    struct Sized(Option<Bytes>);
+
+    impl http_body::Body for Sized {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0.as_ref().map_or(0, |b| b.len() as u64))
+        }
+    }
+
+    /// Records what a watch told.
+    #[derive(Default)]
+    struct Told(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Watcher for Told {
+        fn data(&mut self, data: &Bytes) {
+            self.0.lock().unwrap().push(format!("{} bytes", data.len()));
+        }
+
+        fn end(&mut self, whole: bool) {
+            self.0.lock().unwrap().push(format!("whole: {whole}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watched_body_whose_length_is_all_there_has_ended_though_not_polled_again() {
+        let told = Told::default();
+        let seen = told.0.clone();
+        let mut body = Watch::new(super::boxed(Sized(Some(Bytes::from_static(b"abc")))), told);
+        assert!(body.frame().await.unwrap().is_ok());
+        // hyper's HTTP/1 server, having written the length it announced, drops the body.
+        drop(body);
+        assert_eq!(*seen.lock().unwrap(), ["3 bytes", "whole: true"]);
     }
 
     /// The copy a tee hands on, of a body of `pieces`, sent with its length or not.

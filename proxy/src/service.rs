@@ -15,7 +15,7 @@ use crate::conn::Conn;
 use crate::framing::Verdict;
 use crate::grpc::{self, Grpc};
 use crate::mirror::Job;
-use crate::mirror::compare::{Answer, Pair, PrimaryBody, Side};
+use crate::mirror::compare::{Answering, Pair, Side};
 use crate::state::{Active, Shared};
 use crate::stats::Source;
 use crate::upstream::{Failure, Outgoing, send};
@@ -180,16 +180,6 @@ impl Forward {
                 }
             };
             self.record(resp.status().as_u16(), false);
-            // With bodies compared, the answer is whole once its body has passed (below).
-            let compared = self.compared.take().and_then(|pair| match pair.bodies() {
-                true => Some(pair),
-                false => {
-                    let status = resp.status().as_u16();
-                    let answer = Answer { status, body: None };
-                    pair.answered(Side::Primary, answer);
-                    None
-                }
-            });
             let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             let grpc_answer = headers::strip_response(resp.headers_mut(), switched);
             if switched && let Some(client) = self.tunnel.take() {
@@ -242,12 +232,16 @@ impl Forward {
                 None => Body::new(body),
                 Some(on_trailers) => Body::new(grpc::watch(self.grpc, body, on_trailers)),
             };
-            let body = match compared {
+            // The copy's answer is compared with this one once it is whole: at once, or once
+            // its body has passed.
+            let call = self.grpc == Grpc::Native;
+            let answering = self
+                .compared
+                .take()
+                .and_then(|pair| Answering::new(Side::Primary, pair, &parts, call));
+            let body = match answering {
                 None => body,
-                Some(pair) => {
-                    let primary = PrimaryBody::new(parts.status.as_u16(), pair);
-                    Body::new(Watch::new(body, primary))
-                }
+                Some(answering) => Body::new(Watch::new(body, answering)),
             };
             Response::from_parts(parts, body)
         }
@@ -326,6 +320,16 @@ fn mirrored(
     let mirror_protocol = active.table.track(to).protocol();
     let auto = mirror_protocol == Protocol::Auto;
     let mirror_http2 = mirror_protocol == Protocol::H2c || (http2 && auto);
+    let cap = shared.settings.mirror.max_body_bytes;
+    if body
+        .as_ref()
+        .is_some_and(|b| http_body::Body::size_hint(b).lower() > cap as u64)
+    {
+        // Known to be too large (Content-Length): do not even copy it, nor compare.
+        let skipped = &shared.stats.global.mirror_skipped_body_too_large;
+        skipped.fetch_add(1, Relaxed);
+        return (body, None);
+    }
     let compare = active.table.route(route).mirror_compare();
     let pair = compare.map(|c| Arc::new(Pair::new(c, active.clone(), route, to)));
     let job = {
@@ -341,34 +345,23 @@ fn mirrored(
             pair,
         }
     };
-    let cap = shared.settings.mirror.max_body_bytes;
     let Some(body) = body else {
         shared.mirror.offer(shared, job(bytes::Bytes::new()));
         return (None, pair);
     };
-    if http_body::Body::size_hint(&body).lower() > cap as u64 {
-        // Known to be too large (Content-Length): do not even copy it, nor compare.
-        let skipped = &shared.stats.global.mirror_skipped_body_too_large;
-        skipped.fetch_add(1, Relaxed);
-        (Some(body), None)
-    } else {
-        let shared = shared.clone();
-        let tee = Tee::new(cap, move |end| match end {
-            TeeEnd::Complete(bytes) => shared.mirror.offer(&shared, job(bytes)),
-            TeeEnd::TooLarge => {
-                shared
-                    .stats
-                    .global
-                    .mirror_skipped_body_too_large
-                    .fetch_add(1, Relaxed);
-            }
-            TeeEnd::Incomplete => {
-                let skipped = &shared.stats.global.mirror_skipped_incomplete;
-                skipped.fetch_add(1, Relaxed);
-            }
-        });
-        (Some(boxed(Watch::new(body, tee))), pair)
-    }
+    let shared = shared.clone();
+    let tee = Tee::new(cap, move |end| match end {
+        TeeEnd::Complete(bytes) => shared.mirror.offer(&shared, job(bytes)),
+        TeeEnd::TooLarge => {
+            let skipped = &shared.stats.global.mirror_skipped_body_too_large;
+            skipped.fetch_add(1, Relaxed);
+        }
+        TeeEnd::Incomplete => {
+            let skipped = &shared.stats.global.mirror_skipped_incomplete;
+            skipped.fetch_add(1, Relaxed);
+        }
+    });
+    (Some(boxed(Watch::new(body, tee))), pair)
 }
 
 /// `uri` with the `/` an absolute-form target may leave out before its query

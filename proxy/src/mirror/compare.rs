@@ -9,15 +9,21 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use fleet_proxy_router::{Compare, RouteId, TrackId};
+use http::header::{HeaderMap, HeaderValue};
+use http::response;
 
 use crate::body::{Digest, Watcher};
+use crate::grpc::GRPC_STATUS;
 use crate::state::Active;
 use crate::stats::Source;
 
 /// What is compared of one answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub status: u16,
+    /// A gRPC call's outcome (not gRPC-Web's, which copies are not read for): gRPC answers
+    /// are HTTP 200 whatever it is.
+    pub grpc: Option<HeaderValue>,
     /// A digest of the body's bytes, when bodies are compared.
     pub body: Option<u64>,
 }
@@ -81,6 +87,8 @@ impl Pair {
                 route = self.active.table.route(route).name(),
                 primary = primary.status,
                 copy = copy.status,
+                primary_grpc = ?primary.grpc,
+                copy_grpc = ?copy.grpc,
                 bodies_differ = primary.body != copy.body,
                 "a mirrored copy was answered differently"
             );
@@ -88,38 +96,64 @@ impl Pair {
     }
 }
 
-/// The primary's answer on its way to the client, [`Watch`](crate::body::Watch)ed: its body's
-/// digest is taken as it passes, and the answer reported once the body has ended. A body that
-/// fails or is dropped before its end (the client went away) reports nothing.
-pub struct PrimaryBody {
-    status: u16,
-    digest: Digest,
+/// One side's answer as it comes, [`Watch`](crate::body::Watch)ed on its way (to the client,
+/// or to be dropped): its status, its `grpc-status` (in its head, or its trailers), and with
+/// bodies compared a digest of its body. Told to the pair once whole; a body that fails or is
+/// dropped before its end (the client went away, the mirror's timeout) tells nothing.
+pub struct Answering {
+    side: Side,
+    answer: Answer,
+    digest: Option<Digest>,
     pair: Arc<Pair>,
 }
 
-impl PrimaryBody {
-    pub fn new(status: u16, pair: Arc<Pair>) -> Self {
-        PrimaryBody {
-            status,
-            digest: Digest::new(),
-            pair,
+impl Answering {
+    /// For the answer with `head`; `None` if it is whole already and has been told (statuses
+    /// alone are compared, and it is not an answer to a gRPC call, whose outcome may be in
+    /// its trailers).
+    pub fn new(
+        side: Side,
+        pair: Arc<Pair>,
+        head: &response::Parts,
+        grpc_call: bool,
+    ) -> Option<Self> {
+        let grpc = grpc_call.then(|| head.headers.get(GRPC_STATUS).cloned());
+        let answer = Answer {
+            status: head.status.as_u16(),
+            grpc: grpc.flatten(),
+            body: None,
+        };
+        if !pair.bodies() && !grpc_call {
+            pair.answered(side, answer);
+            return None;
         }
+        Some(Answering {
+            side,
+            answer,
+            digest: pair.bodies().then(Digest::new),
+            pair,
+        })
     }
 }
 
-impl Watcher for PrimaryBody {
+impl Watcher for Answering {
     fn data(&mut self, data: &Bytes) {
-        self.digest.update(data);
+        if let Some(digest) = &mut self.digest {
+            digest.update(data);
+        }
+    }
+
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(status) = trailers.get(GRPC_STATUS) {
+            self.answer.grpc = Some(status.clone());
+        }
     }
 
     fn end(&mut self, whole: bool) {
         if whole {
-            let body = Some(self.digest.finish());
-            let answer = Answer {
-                status: self.status,
-                body,
-            };
-            self.pair.answered(Side::Primary, answer);
+            let mut answer = self.answer.clone();
+            answer.body = self.digest.as_ref().map(Digest::finish);
+            self.pair.answered(self.side, answer);
         }
     }
 }

@@ -12,8 +12,8 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::Job;
-use super::compare::{Answer, Side};
-use crate::body::Digest;
+use super::compare::{Answer, Answering, Side};
+use crate::body::{Watch, boxed};
 use crate::grpc::{self, Grpc};
 use crate::state::Shared;
 use crate::stats::{Counters, Source};
@@ -117,8 +117,8 @@ async fn pipelined(shared: &Shared, backend: &Backend, jobs: &[Job]) {
             count(job.counters(), Some(status.as_u16()), *at - started);
             if let Some(pair) = &job.pair {
                 let body = answers.digests.get(i).copied().filter(|_| pair.bodies());
-                let status = status.as_u16();
-                pair.answered(Side::Copy, Answer { status, body });
+                let (status, grpc) = (status.as_u16(), None);
+                pair.answered(Side::Copy, Answer { status, grpc, body });
             }
         }
         from += answers.statuses.len();
@@ -179,46 +179,34 @@ async fn single(shared: &Shared, job: Job) {
     // As for the primary, the status counts once it came, whatever becomes of the body.
     let status = resp.status().as_u16();
     count(counters, Some(status), started.elapsed());
-    // Statuses alone are compared at once; bodies once read whole.
-    let pair = pair.and_then(|pair| match pair.bodies() {
-        true => Some(pair),
-        false => {
-            pair.answered(Side::Copy, Answer { status, body: None });
-            None
-        }
-    });
-    let mut digest = pair.as_ref().map(|_| Digest::new());
     let (head, body) = resp.into_parts();
+    // Compared with the primary's answer once whole: at once, or once its body is read.
+    let answering =
+        pair.and_then(|pair| Answering::new(Side::Copy, pair, &head, call == Grpc::Native));
     let ended = http_body::Body::is_end_stream(&body);
     let outcome = grpc::outcome(call, grpc(&head.headers), &head, ended, counters);
     // Read to the end so the connection goes back to the pool. Cut by the timeout, a call
-    // has no outcome of its own, as a primary whose client left: its trailers are not seen.
+    // has no outcome of its own, as a primary whose client left: its trailers are not seen,
+    // and it is not compared.
     let read = async {
-        match outcome {
-            Some(seen) => drain(grpc::watch(call, body, seen), digest.as_mut()).await,
-            None => drain(body, digest.as_mut()).await,
+        match (outcome, answering) {
+            (Some(seen), None) => drain(grpc::watch(call, body, seen)).await,
+            (None, None) => drain(body).await,
+            (outcome, Some(answering)) => {
+                let body = match outcome {
+                    Some(seen) => boxed(grpc::watch(call, body, seen)),
+                    None => boxed(body),
+                };
+                drain(Watch::new(body, answering)).await;
+            }
         }
     };
-    let ended = tokio::time::timeout_at(deadline, read).await == Ok(true);
-    if let (Some(pair), Some(digest), true) = (pair, digest, ended) {
-        let body = Some(digest.finish());
-        pair.answered(Side::Copy, Answer { status, body });
-    }
+    let _cut = tokio::time::timeout_at(deadline, read).await;
 }
 
-/// Reads a body to its end, keeping nothing but, when asked, a digest of its bytes; false if
-/// it failed before its end.
-async fn drain<B>(mut body: B, mut digest: Option<&mut Digest>) -> bool
-where
-    B: http_body::Body<Data = bytes::Bytes> + Unpin,
-{
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { return false };
-        if let (Some(digest), Some(data)) = (digest.as_deref_mut(), frame.data_ref()) {
-            digest.update(data);
-        }
-    }
-    true
+/// Reads a body to its end, or to its first error, keeping nothing.
+async fn drain<B: http_body::Body + Unpin>(mut body: B) {
+    while let Some(Ok(_)) = body.frame().await {}
 }
 
 /// Counts a copy's outcome: its status, or (`None`) an error.

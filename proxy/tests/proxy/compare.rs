@@ -36,6 +36,17 @@ fn path(head: &str) -> &str {
     head.split(' ').nth(1).unwrap_or_default()
 }
 
+/// What `answer` says for the request's path; to a HEAD, the head alone.
+fn answer(head: &str, answer: impl Fn(&str) -> Vec<u8>) -> Vec<u8> {
+    let mut bytes = answer(path(head));
+    if head.starts_with("HEAD ")
+        && let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n")
+    {
+        bytes.truncate(end + 4);
+    }
+    bytes
+}
+
 /// A primary and a shadow that answer each path as their functions say, and a proxy that
 /// mirrors every request with `mirror` (`compare`, and any other of the route's mirror
 /// fields) and the proxy-wide settings in `extra`.
@@ -49,8 +60,8 @@ where
     P: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
     S: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
 {
-    let primary = RawBackend::start(move |head| (primary(path(head)), false)).await;
-    let shadow = RawBackend::start(move |head| (shadow(path(head)), false)).await;
+    let primary = RawBackend::start(move |head| (answer(head, &primary), false)).await;
+    let shadow = RawBackend::start(move |head| (answer(head, &shadow), false)).await;
     let proxy = Proxy::start(&config(primary.addr, shadow.addr, mirror, extra)).await;
     (primary, shadow, proxy)
 }
@@ -165,8 +176,13 @@ async fn compared_by_body_the_bytes_are_compared_whatever_their_framing() {
             &["/same", "/differs", "/status", "/empty", "/short"],
         )
         .await;
-        let s = counted(&proxy, 5).await;
-        assert_eq!(verdicts(&s), (5, 3), "{sending}");
+        // To a HEAD, both answer without a body: alike, though their GETs' bodies differ.
+        let req = Request::head(proxy.url("/differs"))
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(&client(), req).await.unwrap().0, StatusCode::OK);
+        let s = counted(&proxy, 6).await;
+        assert_eq!(verdicts(&s), (6, 3), "{sending}");
         proxy.stop().await;
     }
 }
@@ -226,5 +242,47 @@ async fn without_compare_nothing_is_compared() {
     get_each(&proxy, &["/a", "/b"]).await;
     let s = sent(&proxy, 2).await;
     assert_eq!(verdicts(&s), (0, 0));
+    proxy.stop().await;
+}
+
+/// A gRPC answer over HTTP/1.1: a message, then `grpc-status` in the trailers; or, with no
+/// message, the status in the head (a trailers-only answer).
+fn grpc_answer(status: &str, message: bool) -> Vec<u8> {
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n";
+    match message {
+        true => format!(
+            "{head}transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\ngrpc-status: {status}\r\n\r\n"
+        ),
+        false => format!("{head}grpc-status: {status}\r\ncontent-length: 0\r\n\r\n"),
+    }
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn grpc_calls_are_compared_by_their_grpc_status_too() {
+    // Every answer is HTTP 200; the shadow fails some calls with INTERNAL (13), in the trailers
+    // or in the head.
+    let (_primary, _shadow, proxy) = comparing(
+        ", compare: status",
+        "",
+        |path| grpc_answer("0", path != "/only-head"),
+        |path| match path {
+            "/fails" => grpc_answer("13", true),
+            "/only-head" => grpc_answer("5", false),
+            _ => grpc_answer("0", true),
+        },
+    )
+    .await;
+    let c = client();
+    for path in ["/ok", "/fails", "/only-head", "/ok"] {
+        let req = Request::post(proxy.url(path))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        assert_eq!(send(&c, req).await.unwrap().0, StatusCode::OK, "{path}");
+    }
+    let s = counted(&proxy, 4).await;
+    assert_eq!(verdicts(&s), (4, 2));
     proxy.stop().await;
 }

@@ -91,6 +91,11 @@ pub async fn pipeline(
         digest: digests.then(Digest::new),
     };
     let ended = poll_fn(|cx| run.poll(&mut conn, requests, &mut answers, cx)).await;
+    debug_assert_eq!(
+        answers.digests.len(),
+        if digests { answers.statuses.len() } else { 0 },
+        "a digest for each whole answer, when asked"
+    );
     let written_whole = run.written == out.len();
     let (reusable, said_close) = (run.reusable, run.said_close);
     let unanswered = answers.statuses.len() < requests.len();
@@ -193,8 +198,8 @@ impl Run<'_> {
                         }
                         statuses.push((*status, *came));
                         self.reading = None;
-                        if let Some(digest) = self.digest.replace(Digest::new()) {
-                            answers.digests.push(digest.finish());
+                        if let Some(digest) = self.digest.as_mut() {
+                            answers.digests.push(std::mem::take(digest).finish());
                         }
                         if !self.reusable {
                             return Poll::Ready(Ok(()));
