@@ -55,11 +55,12 @@ pub fn table(
     let mirror = (canary.is_some() && routes.mirror_bp > 0).then(|| MirrorSpec {
         to: CANARY.to_string(),
         percent: f64::from(routes.mirror_bp) / 100.0,
-        // Compared, so that a mirror phase can be judged by how alike the answers are.
-        compare: Some(match routes.mirror_compare_bodies {
-            true => Compare::Body,
-            false => Compare::Status,
-        }),
+        // Left out unless asked for: proxies older than comparisons refuse the field.
+        compare: match routes.mirror_compare() {
+            pb::MirrorCompare::None => None,
+            pb::MirrorCompare::Status => Some(Compare::Status),
+            pb::MirrorCompare::Body => Some(Compare::Body),
+        },
     });
     let route = RouteSpec {
         name: Some(desired.service.clone()),
@@ -174,15 +175,22 @@ mod tests {
     }
 
     #[test]
-    fn mirrored_answers_are_compared_by_status_or_by_body_as_asked() {
-        let compare = |bodies: bool| {
+    fn mirrored_answers_are_compared_only_as_asked() {
+        let compare = |asked: pb::MirrorCompare| {
             let mut d = desired(0, true);
-            d.routes.as_mut().unwrap().mirror_compare_bodies = bodies;
+            d.routes.as_mut().unwrap().mirror_compare = asked.into();
             let t = table(&d, &ready()).unwrap();
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(
+                json.contains("compare"),
+                asked != pb::MirrorCompare::None,
+                "{json}"
+            );
             t.routes[0].mirror.as_ref().and_then(|m| m.compare)
         };
-        assert_eq!(compare(false), Some(Compare::Status));
-        assert_eq!(compare(true), Some(Compare::Body));
+        assert_eq!(compare(pb::MirrorCompare::None), None);
+        assert_eq!(compare(pb::MirrorCompare::Status), Some(Compare::Status));
+        assert_eq!(compare(pb::MirrorCompare::Body), Some(Compare::Body));
     }
 
     #[test]

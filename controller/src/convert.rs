@@ -1,6 +1,7 @@
 //! Between the engine's domain types and the fleet.v1 wire types; the only place that does.
 
 use fleet::Manifest;
+use fleet::model::Compare;
 use fleet_engine::output::StickyKey;
 use fleet_engine::{
     Desired, Engine, Histogram, HistoryEvent, Phase, RegionStats, TrackStats, WaveState,
@@ -37,7 +38,12 @@ pub fn desired(epoch: u64, manifest: &Manifest, d: &Desired) -> pb::DesiredState
                 })
                 .collect(),
             mirror_bp: traffic.mirror.map_or(0, |m| u32::from(u16::from(m))),
-            mirror_compare_bodies: traffic.mirror_compare_bodies,
+            mirror_compare: match traffic.mirror_compare {
+                None => pb::MirrorCompare::None,
+                Some(Compare::Status) => pb::MirrorCompare::Status,
+                Some(Compare::Body) => pb::MirrorCompare::Body,
+            }
+            .into(),
             sticky: traffic.sticky.as_ref().map(|s| match s {
                 StickyKey::Cookie(c) => pb::route_table::Sticky::StickyCookie(c.clone()),
                 StickyKey::Header(h) => pb::route_table::Sticky::StickyHeader(h.clone()),

@@ -77,10 +77,10 @@ fn mirror_gate_without_mirroring(w: &wire::Manifest, cx: &mut Ctx<'_>) {
     else {
         return;
     };
-    let strategies = std::iter::once(&w.strategy)
+    let mut strategies = std::iter::once(&w.strategy)
         .chain(w.regions.iter().filter_map(|r| r.strategy.as_ref()))
         .chain(w.waves.iter().filter_map(|wave| wave.strategy.as_ref()));
-    if strategies.into_iter().all(|s| s.mirror.is_none()) {
+    if strategies.all(|s| s.mirror.is_none()) {
         cx.warning(
             &format!("analysis.gates[{i}].mirror_match_rate"),
             "no strategy has a mirror phase: this gate judges only mirror phases, so it judges nothing",

@@ -248,8 +248,18 @@ pub enum ValueTest {
 pub struct MirrorPhase {
     pub share: Weight,
     pub duration: Duration,
-    /// Copies' answers are compared with the primaries' by body too, not by status alone.
-    pub compare_bodies: bool,
+    /// What of the copies' answers is compared with the primaries', when written.
+    pub compare: Option<Compare>,
+}
+
+/// What of a mirrored copy's answer is compared with its primary's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compare {
+    /// The status, and a gRPC call's `grpc-status`.
+    Status,
+    /// The status and the body's bytes.
+    Body,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

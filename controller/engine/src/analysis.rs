@@ -126,9 +126,9 @@ pub fn delta(now: &TrackStats, base: &TrackStats) -> TrackStats {
     }
 }
 
-/// Judges one interval of `canary` against `stable` (both deltas).
-/// Judges an interval's numbers by the analysis' gates. `mirror_match_rate` is judged only
-/// while the step `mirroring`: other steps copy nothing, and it is left out.
+/// Judges one interval of `canary` against `stable` (both deltas). `mirror_match_rate` is
+/// judged only while the step is `mirroring` (other steps copy nothing, and it is left out),
+/// and on no fewer comparisons than `min_requests`.
 pub fn judge(
     analysis: &Analysis,
     canary: &TrackStats,
@@ -136,7 +136,10 @@ pub fn judge(
     external: &BTreeMap<usize, f64>,
     mirroring: bool,
 ) -> Verdict {
-    let (c, s) = (sample(canary), sample(stable));
+    let (mut c, s) = (sample(canary), sample(stable));
+    if canary.compared < analysis.min_requests {
+        c.match_rate = None;
+    }
     let gates: Vec<GateResult> = analysis
         .gates
         .iter()
@@ -456,6 +459,9 @@ mod tests {
         // Nothing compared (a proxy that does not compare): no verdict, never a pass.
         let v = judged(&compared(0, 0), true);
         assert_eq!(v.outcome, Outcome::NoData);
+        // Fewer comparisons than `min_requests` (100): no verdict either, though all differ.
+        let v = judged(&compared(99, 99), true);
+        assert_eq!(v.outcome, Outcome::NoData, "{}", v.summary(100));
         // A step that does not mirror is judged without it.
         let v = judged(&compared(0, 0), false);
         assert_eq!(v.outcome, Outcome::Pass);

@@ -1,7 +1,7 @@
 //! What the engine asks for: desired state per region, webhook calls, history.
 
 use chrono::{DateTime, Utc};
-use fleet::model::{HookEvent, Match, Sticky, Weight};
+use fleet::model::{Compare, HookEvent, Match, Sticky, Weight};
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::Verdict;
@@ -46,9 +46,9 @@ pub struct Traffic {
     pub cohort: Vec<CohortRule>,
     /// Share of requests copied to the canary, answers dropped.
     pub mirror: Option<Weight>,
-    /// Each copy's answer is compared with the primary's by its body too, not only its status.
+    /// What of each copy's answer is compared with the primary's, if anything.
     #[serde(default)]
-    pub mirror_compare_bodies: bool,
+    pub mirror_compare: Option<Compare>,
     pub sticky: Option<StickyKey>,
 }
 

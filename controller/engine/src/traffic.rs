@@ -1,6 +1,6 @@
 //! What each step means for a region's workloads and traffic.
 
-use fleet::model::{Strategy, Weight};
+use fleet::model::{Compare, Gate, Strategy, Weight};
 use fleet::steps::{self, Phase as StepPhase, Step};
 
 use crate::Engine;
@@ -63,11 +63,19 @@ impl Engine {
                     (Some(m), Some(StepPhase::Mirror)) => Some(m),
                     _ => None,
                 };
+                // Compared as the manifest says, or by status for its gate: otherwise not, as
+                // proxies older than comparisons refuse a table that asks for them.
+                let gated = self.manifest.analysis.as_ref().is_some_and(|a| {
+                    a.gates
+                        .iter()
+                        .any(|g| matches!(g, Gate::MirrorMatchRate { .. }))
+                });
+                let compare = mirror.and_then(|m| m.compare.or(gated.then_some(Compare::Status)));
                 let traffic = Traffic {
                     canary_weight: step.filter(|_| weighted).map_or(Weight::ZERO, |s| s.weight),
                     cohort,
                     mirror: mirror.map(|m| m.share),
-                    mirror_compare_bodies: mirror.is_some_and(|m| m.compare_bodies),
+                    mirror_compare: compare,
                     sticky,
                 };
                 (

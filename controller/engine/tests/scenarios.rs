@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use fleet::Manifest;
+use fleet::model::Compare;
 use fleet_engine::analysis::Outcome;
 use fleet_engine::{
     Action, Command, Desired, Engine, Event, Histogram, HistoryEvent, Phase, RegionStats,
@@ -714,10 +715,7 @@ fn mirror_then_cohort_then_weights() {
         .map(|(_, d)| d.clone())
         .collect();
     assert_eq!(sent[0].traffic.mirror.map(u16::from), Some(1000));
-    assert!(
-        !sent[0].traffic.mirror_compare_bodies,
-        "statuses are compared"
-    );
+    assert_eq!(sent[0].traffic.mirror_compare, Some(Compare::Status));
     assert!(sent[0].traffic.cohort.is_empty());
     assert_eq!(sent[1].traffic.mirror, None);
     assert_eq!(sent[1].traffic.cohort.len(), 2);
@@ -748,4 +746,26 @@ fn a_new_version_that_answers_mirrored_requests_otherwise_is_caught_before_anyon
         .iter()
         .find(|e| e.reason.contains("mirror_match_rate >= 99 (is 97: FAILED)"));
     assert!(failed.is_some(), "{:#?}", sim.history);
+}
+
+#[test]
+fn proxies_are_asked_to_compare_only_when_the_manifest_says_so_or_its_gate_needs_it() {
+    // The mirror phase's `compare` as written, and whether the gate is there.
+    let asked = |compare: Option<Compare>, gate: bool| {
+        let mut manifest = (*manifest("ab-mirror")).clone();
+        manifest.strategy.mirror.as_mut().unwrap().compare = compare;
+        let gates = &mut manifest.analysis.as_mut().unwrap().gates;
+        gates.retain(|g| gate || !matches!(g, fleet::model::Gate::MirrorMatchRate { .. }));
+        let mut sim = Sim::new(Arc::new(manifest), spec(None), monday_morning());
+        sim.run_until(TimeDelta::minutes(1), |s| !s.desired_log.is_empty());
+        sim.desired_log[0].1.traffic.mirror_compare
+    };
+    assert_eq!(
+        asked(None, false),
+        None,
+        "not asked: older proxies refuse it"
+    );
+    assert_eq!(asked(None, true), Some(Compare::Status));
+    assert_eq!(asked(Some(Compare::Body), true), Some(Compare::Body));
+    assert_eq!(asked(Some(Compare::Status), false), Some(Compare::Status));
 }
