@@ -474,9 +474,20 @@ async fn copies_answered_otherwise_are_caught_in_the_mirror_phase_before_anyone_
             .all(|v| v.contains("success_rate >= 99 (is 100: ok)")),
         "nothing failed outright: {seen:#?}"
     );
+    // No step after the mirror phase (step 0) was ever applied: no user was sent to v2.
+    let history = world.history(&id).await.unwrap();
+    let applied: Vec<serde_json::Value> = history
+        .iter()
+        .filter(|e| e.kind == "step_applied")
+        .map(|e| serde_json::from_str(&e.detail_json).unwrap())
+        .collect();
+    assert!(
+        !applied.is_empty() && applied.iter().all(|d| d["step"] == 0),
+        "{applied:?}"
+    );
     assert!(
         world.splits_of("us-west").iter().all(|bp| *bp == 0),
-        "no user was sent to v2: {:?}",
+        "{:?}",
         world.splits_of("us-west")
     );
     assert!(
