@@ -48,13 +48,16 @@ impl Engine {
                     label: s.label.clone(),
                     weight: s.weight,
                 };
-                self.record(
-                    now,
-                    ENGINE,
-                    Some(region),
-                    what,
-                    format!("{} of traffic to the new version", s.weight),
-                );
+                let reason = match s.phase {
+                    StepPhase::Mirror => {
+                        format!(
+                            "{}: requests copied to the new version, no user on it",
+                            s.label
+                        )
+                    }
+                    _ => format!("{} of traffic to the new version", s.weight),
+                };
+                self.record(now, ENGINE, Some(region), what, reason);
                 (Target::Step(step), RegionStatus::Active)
             }
             None => {

@@ -741,6 +741,10 @@ fn a_new_version_that_answers_mirrored_requests_otherwise_is_caught_before_anyon
             .all(|d| d.traffic.cohort.is_empty() && u16::from(d.traffic.canary_weight) == 0),
         "{sent:?}"
     );
+    let said = |text: &str| sim.history.iter().any(|e| e.reason.contains(text));
+    assert!(said(
+        "mirror 10%: requests copied to the new version, no user on it"
+    ));
     let failed = sim
         .history
         .iter()
