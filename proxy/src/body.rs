@@ -94,12 +94,8 @@ impl<W: Watcher> http_body::Body for Watch<W> {
                 if let Some(trailers) = frame.trailers_ref() {
                     this.watcher.trailers(trailers);
                 }
-                // hyper stops polling once the body says it has ended, and its HTTP/1 server
-                // once it has written as many bytes as the length it sent: a body whose length
-                // is all there has ended (an HTTP/2 backend's says so only once its
-                // END_STREAM has come, which may be in a frame of its own).
-                let rest = this.inner.size_hint().exact();
-                if frame.is_trailers() || this.inner.is_end_stream() || rest == Some(0) {
+                // hyper stops polling once the body says it has ended.
+                if frame.is_trailers() || this.inner.is_end_stream() {
                     this.end(true);
                 }
             }
@@ -121,8 +117,12 @@ impl<W: Watcher> http_body::Body for Watch<W> {
 
 impl<W: Watcher> Drop for Watch<W> {
     fn drop(&mut self) {
-        // Dropped before its end: the client went away, or the exchange failed.
-        self.end(false);
+        // Dropped before its end: the client went away, or the exchange failed; unless all
+        // its length is there. hyper's HTTP/1 server drops a body once it has written the
+        // length it announced, and an HTTP/2 backend's body says it has ended only once its
+        // END_STREAM has come, which may be in a frame of its own, never polled for.
+        let whole = http_body::Body::size_hint(&self.inner).exact() == Some(0);
+        self.end(whole);
     }
 }
 
@@ -439,8 +439,9 @@ mod tests {
     }
 
     /// A body of a known length that says it has ended only when polled after its last
-    /// byte, as an HTTP/2 backend's does when its END_STREAM comes in a frame of its own.
-    struct Sized(Option<Bytes>);
+    /// byte, as an HTTP/2 backend's does when its END_STREAM comes in a frame of its own; with
+    /// trailers after its data, if given.
+    struct Sized(Option<Bytes>, Option<http::HeaderMap>);
 
     impl http_body::Body for Sized {
         type Data = Bytes;
@@ -450,7 +451,11 @@ mod tests {
             mut self: std::pin::Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
         ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            std::task::Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+            let frame = match self.0.take() {
+                Some(data) => Some(Frame::data(data)),
+                None => self.1.take().map(Frame::trailers),
+            };
+            std::task::Poll::Ready(frame.map(Ok))
         }
 
         fn size_hint(&self) -> SizeHint {
@@ -467,6 +472,13 @@ mod tests {
             self.0.lock().unwrap().push(format!("{} bytes", data.len()));
         }
 
+        fn trailers(&mut self, trailers: &http::HeaderMap) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{} trailers", trailers.len()));
+        }
+
         fn end(&mut self, whole: bool) {
             self.0.lock().unwrap().push(format!("whole: {whole}"));
         }
@@ -476,11 +488,29 @@ mod tests {
     async fn a_watched_body_whose_length_is_all_there_has_ended_though_not_polled_again() {
         let told = Told::default();
         let seen = told.0.clone();
-        let mut body = Watch::new(super::boxed(Sized(Some(Bytes::from_static(b"abc")))), told);
+        let body = Sized(Some(Bytes::from_static(b"abc")), None);
+        let mut body = Watch::new(super::boxed(body), told);
         assert!(body.frame().await.unwrap().is_ok());
         // hyper's HTTP/1 server, having written the length it announced, drops the body.
         drop(body);
         assert_eq!(*seen.lock().unwrap(), ["3 bytes", "whole: true"]);
+    }
+
+    #[tokio::test]
+    async fn a_watched_body_of_a_known_length_is_whole_only_after_its_trailers() {
+        let told = Told::default();
+        let seen = told.0.clone();
+        let trailers = http::HeaderMap::from_iter([(
+            http::HeaderName::from_static("grpc-status"),
+            http::HeaderValue::from_static("13"),
+        )]);
+        let body = Sized(Some(Bytes::from_static(b"abc")), Some(trailers));
+        let body = Watch::new(super::boxed(body), told);
+        assert!(body.collect().await.unwrap().trailers().is_some());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["3 bytes", "1 trailers", "whole: true"]
+        );
     }
 
     /// The copy a tee hands on, of a body of `pieces`, sent with its length or not.
