@@ -247,7 +247,8 @@ pub struct Mirror {
     /// How long the mirror phase lasts, e.g. `10m`.
     pub duration: String,
     /// What of each copy's answer is compared with the answer users got (for the
-    /// `mirror_match_rate` gate): `status` (the default) or `body` (status and body bytes).
+    /// `mirror_match_rate` gate): `status` (and a gRPC call's `grpc-status`) or `body` (also
+    /// the body's bytes). Default: `status` with that gate, otherwise nothing compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compare: Option<Compare>,
 }

@@ -40,6 +40,11 @@ pub trait Watcher {
     fn data(&mut self, data: &Bytes);
     /// The trailers, the body's last frame.
     fn trailers(&mut self, _trailers: &http::HeaderMap) {}
+    /// Whether the body is whole only with its trailers (a gRPC answer's status): then a body
+    /// dropped with all its length there, but not its end, is not.
+    fn waits_for_trailers(&self) -> bool {
+        false
+    }
     /// The body reached its end (`true`), or failed or was dropped before it; told once.
     fn end(&mut self, whole: bool);
 }
@@ -121,8 +126,8 @@ impl<W: Watcher> Drop for Watch<W> {
         // its length is there. hyper's HTTP/1 server drops a body once it has written the
         // length it announced, and an HTTP/2 backend's body says it has ended only once its
         // END_STREAM has come, which may be in a frame of its own, never polled for.
-        let whole = http_body::Body::size_hint(&self.inner).exact() == Some(0);
-        self.end(whole);
+        let all_there = http_body::Body::size_hint(&self.inner).exact() == Some(0);
+        self.end(all_there && !self.watcher.waits_for_trailers());
     }
 }
 
@@ -494,6 +499,34 @@ mod tests {
         // hyper's HTTP/1 server, having written the length it announced, drops the body.
         drop(body);
         assert_eq!(*seen.lock().unwrap(), ["3 bytes", "whole: true"]);
+    }
+
+    /// Waits for the trailers, as the answer to a gRPC call does.
+    struct Trailing(Told);
+
+    impl Watcher for Trailing {
+        fn data(&mut self, data: &Bytes) {
+            self.0.data(data);
+        }
+
+        fn waits_for_trailers(&self) -> bool {
+            true
+        }
+
+        fn end(&mut self, whole: bool) {
+            self.0.end(whole);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_awaiting_its_trailers_is_not_whole_when_dropped_without_them() {
+        let told = Told::default();
+        let seen = told.0.clone();
+        let body = Sized(Some(Bytes::from_static(b"abc")), None);
+        let mut body = Watch::new(super::boxed(body), Trailing(told));
+        assert!(body.frame().await.unwrap().is_ok());
+        drop(body);
+        assert_eq!(*seen.lock().unwrap(), ["3 bytes", "whole: false"]);
     }
 
     #[tokio::test]

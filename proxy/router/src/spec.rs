@@ -145,8 +145,8 @@ pub struct MirrorSpec {
     pub to: String,
     /// Percent of the route's requests to copy, 0-100, down to 0.01.
     pub percent: f64,
-    /// Whether each copy's answer is compared with the primary's: `status`, or `body` (the
-    /// status and a digest of the body). Default: not compared.
+    /// Whether each copy's answer is compared with the primary's: `status` (and a gRPC call's
+    /// `grpc-status`), or `body` (also a digest of the body). Default: not compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compare: Option<Compare>,
 }
@@ -155,9 +155,10 @@ pub struct MirrorSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Compare {
-    /// The status code.
+    /// The status code, and a gRPC call's `grpc-status`.
     Status,
-    /// The status code and the body (a digest of its bytes; trailers are not compared).
+    /// Those and the body (a digest of its bytes; other headers and trailers are not
+    /// compared).
     Body,
 }
 

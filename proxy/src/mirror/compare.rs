@@ -104,6 +104,8 @@ pub struct Answering {
     side: Side,
     answer: Answer,
     digest: Option<Digest>,
+    /// An answer to a gRPC call: whole only with its trailers.
+    waits_for_trailers: bool,
     pair: Arc<Pair>,
 }
 
@@ -131,6 +133,7 @@ impl Answering {
             side,
             answer,
             digest: pair.bodies().then(Digest::new),
+            waits_for_trailers: grpc_call,
             pair,
         })
     }
@@ -147,6 +150,11 @@ impl Watcher for Answering {
         if let Some(status) = trailers.get(GRPC_STATUS) {
             self.answer.grpc = Some(status.clone());
         }
+    }
+
+    fn waits_for_trailers(&self) -> bool {
+        // A gRPC call's status may be in them, though its length is all there.
+        self.waits_for_trailers
     }
 
     fn end(&mut self, whole: bool) {
