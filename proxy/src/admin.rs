@@ -96,7 +96,19 @@ pub async fn handle(
                 Err(e) => internal_error(&e),
             }
         }
-        (_, path @ ("/healthz" | "/readyz" | "/routes" | "/metrics" | "/stats")) => {
+        (&Method::GET, "/mirror/differences") => {
+            let body = shared.stats.differences.json().to_string();
+            json_body(StatusCode::OK, body)
+        }
+        (
+            _,
+            path @ ("/healthz"
+            | "/readyz"
+            | "/routes"
+            | "/metrics"
+            | "/stats"
+            | "/mirror/differences"),
+        ) => {
             let allow = match path {
                 "/routes" => "GET, HEAD, PUT",
                 _ => "GET, HEAD",

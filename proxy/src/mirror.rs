@@ -10,6 +10,7 @@
 //! batch to one backend are pipelined on one connection ([`send`]): one write for them all.
 
 pub mod compare;
+pub mod differences;
 mod send;
 
 use std::collections::HashMap;

@@ -331,7 +331,15 @@ fn mirrored(
         return (body, None);
     }
     let compare = active.table.route(route).mirror_compare();
-    let pair = compare.map(|c| Arc::new(Pair::new(c, active.clone(), route, to)));
+    let pair = compare.map(|c| {
+        let differences = shared.stats.differences.clone();
+        Arc::new(Pair::new(
+            c,
+            (active.clone(), route, to),
+            parts,
+            differences,
+        ))
+    });
     let job = {
         let (active, parts, pair) = (active.clone(), clone_parts(parts), pair.clone());
         move |body| Job {

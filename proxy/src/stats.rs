@@ -144,6 +144,8 @@ pub struct Stats {
     /// Stands in for a route × track × source no request can reach (see [`Stats::resolve`]).
     unreached: Arc<Counters>,
     pub global: Global,
+    /// The last mirrored copies answered otherwise than their primaries.
+    pub differences: Arc<crate::mirror::differences::Differences>,
 }
 
 impl Default for Stats {
@@ -153,6 +155,7 @@ impl Default for Stats {
             by_route: Mutex::default(),
             unreached: Arc::default(),
             global: Global::default(),
+            differences: Arc::default(),
         }
     }
 }

@@ -6,12 +6,14 @@
 //! errors already, the primary's are not the copy's difference.
 
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use fleet_proxy_router::{Compare, RouteId, TrackId};
 use http::header::{HeaderMap, HeaderValue};
-use http::response;
+use http::{Method, Uri, request, response};
 
+use super::differences::{Difference, Differences, kept_path};
 use crate::body::{Digest, Watcher};
 use crate::grpc::GRPC_STATUS;
 use crate::state::Active;
@@ -41,16 +43,30 @@ pub struct Pair {
     route: RouteId,
     /// The mirror track, under whose series the comparison counts.
     track: TrackId,
+    /// The request, to name it among the differences kept.
+    method: Method,
+    uri: Uri,
+    differences: Arc<Differences>,
     first: Mutex<Option<(Side, Answer)>>,
 }
 
 impl Pair {
-    pub fn new(compare: Compare, active: Arc<Active>, route: RouteId, track: TrackId) -> Self {
+    /// For the request in `parts` on `route`, copied to `track`; a difference is kept in
+    /// `differences`.
+    pub fn new(
+        compare: Compare,
+        (active, route, track): (Arc<Active>, RouteId, TrackId),
+        parts: &request::Parts,
+        differences: Arc<Differences>,
+    ) -> Self {
         Pair {
             compare,
             active,
             route,
             track,
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            differences,
             first: Mutex::new(None),
         }
     }
@@ -83,8 +99,10 @@ impl Pair {
                 Side::Copy => (first.1, answer),
                 Side::Primary => (answer, first.1),
             };
+            let route = self.active.table.route(route).name();
             tracing::debug!(
-                route = self.active.table.route(route).name(),
+                route,
+                path = self.uri.path(),
                 primary = primary.status,
                 copy = copy.status,
                 primary_grpc = ?primary.grpc,
@@ -92,6 +110,15 @@ impl Pair {
                 bodies_differ = primary.body != copy.body,
                 "a mirrored copy was answered differently"
             );
+            self.differences.record(Difference {
+                at: SystemTime::now(),
+                route: route.to_owned(),
+                track: self.active.table.track(track).name().to_owned(),
+                method: self.method.clone(),
+                path: kept_path(self.uri.path()),
+                primary,
+                copy,
+            });
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::{Proxy, RawBackend, client, dead_addr, eventually, get, send, series, stats};
 
@@ -102,6 +102,14 @@ async fn sent(proxy: &Proxy, n: u64) -> Value {
     series(&stats(proxy).await, "shadow", "mirror")
 }
 
+/// The differences the proxy keeps, oldest first.
+async fn differences(proxy: &Proxy) -> Vec<Value> {
+    let (status, _, body) = get(&proxy.admin_url("/mirror/differences")).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let json: Value = serde_json::from_str(&body).unwrap();
+    json["differences"].as_array().unwrap().clone()
+}
+
 /// A mirror series' copies compared, and those that differed.
 fn verdicts(s: &Value) -> (u64, u64) {
     (
@@ -145,6 +153,25 @@ async fn compared_by_status_copies_answered_with_another_status_are_counted_as_d
             !metrics.contains(r#"fleet_proxy_mirror_compared_total{route="web",track="stable""#),
             "primary series have no comparisons"
         );
+        // Which requests: the two to /gone, with both answers; no query kept.
+        let found = differences(&proxy).await;
+        assert_eq!(found.len(), 2, "{found:?}");
+        for d in &found {
+            assert_eq!(
+                (&d["route"], &d["track"], &d["method"], &d["path"]),
+                (
+                    &json!("web"),
+                    &json!("shadow"),
+                    &json!("GET"),
+                    &json!("/gone")
+                )
+            );
+            assert_eq!(
+                (&d["primary"]["status"], &d["copy"]["status"]),
+                (&json!(200), &json!(404))
+            );
+            assert_eq!(d["bodies_differ"], Value::Null, "not compared");
+        }
         proxy.stop().await;
     }
 }
@@ -183,6 +210,19 @@ async fn compared_by_body_the_bytes_are_compared_whatever_their_framing() {
         assert_eq!(send(&client(), req).await.unwrap().0, StatusCode::OK);
         let s = counted(&proxy, 6).await;
         assert_eq!(verdicts(&s), (6, 3), "{sending}");
+        // In the order compared: copies sent each on its own may be answered in any order.
+        let mut bodies: Vec<(String, bool)> = differences(&proxy)
+            .await
+            .iter()
+            .map(|d| (d["path"].to_string(), d["bodies_differ"].as_bool().unwrap()))
+            .collect();
+        bodies.sort();
+        let expected = [("/differs", true), ("/short", true), ("/status", false)];
+        assert_eq!(
+            bodies,
+            expected.map(|(p, b)| (format!("\"{p}\""), b)),
+            "{sending}"
+        );
         proxy.stop().await;
     }
 }
