@@ -548,7 +548,7 @@ async fn head_is_answered_like_get_and_a_wrong_method_is_told_which_are_allowed(
             .unwrap();
         send(&client, req)
     };
-    for path in ["/healthz", "/readyz", "/stats"] {
+    for path in ["/healthz", "/readyz", "/stats", "/mirror/differences"] {
         let (status, headers, body) = ask("HEAD", path).await.unwrap();
         assert_eq!((status, body.as_str()), (StatusCode::OK, ""), "HEAD {path}");
         let (_, got, full) = ask("GET", path).await.unwrap();
@@ -563,6 +563,7 @@ async fn head_is_answered_like_get_and_a_wrong_method_is_told_which_are_allowed(
         ("POST", "/healthz", "GET, HEAD"),
         ("DELETE", "/routes", "GET, HEAD, PUT"),
         ("PUT", "/stats", "GET, HEAD"),
+        ("DELETE", "/mirror/differences", "GET, HEAD"),
     ] {
         let (status, headers, _) = ask(method, path).await.unwrap();
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
