@@ -1,4 +1,5 @@
-//! The admin API: health, readiness, the route table (read and replace), metrics, stats.
+//! The admin API: health, readiness, the route table (read and replace), metrics, stats, and
+//! the last mirrored copies answered otherwise than their primaries.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;

@@ -13,7 +13,7 @@ use fleet_proxy_router::{Compare, RouteId, TrackId};
 use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Uri, request, response};
 
-use super::differences::{Difference, Differences, kept_path};
+use super::differences::{self, Difference, Differences, cut};
 use crate::body::{Digest, Watcher};
 use crate::grpc::GRPC_STATUS;
 use crate::state::Active;
@@ -28,6 +28,17 @@ pub struct Answer {
     pub grpc: Option<HeaderValue>,
     /// A digest of the body's bytes, when bodies are compared.
     pub body: Option<u64>,
+}
+
+impl Answer {
+    /// The same, holding none of the buffer its `grpc-status` was read from (an HTTP/2
+    /// frame's, kilobytes), as a difference kept for long should.
+    fn owned(self) -> Answer {
+        let grpc = self
+            .grpc
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+        Answer { grpc, ..self }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,36 +101,43 @@ impl Pair {
         };
         debug_assert_ne!(first.0, side, "each side answers once");
         let differed = first.1 != answer;
-        let (route, track) = (self.route, self.track);
-        self.active
-            .counters(route, track, Source::Mirror)
-            .compared(differed);
         if differed {
             let (primary, copy) = match side {
                 Side::Copy => (first.1, answer),
                 Side::Primary => (answer, first.1),
             };
-            let route = self.active.table.route(route).name();
-            tracing::debug!(
-                route,
-                path = self.uri.path(),
-                primary = primary.status,
-                copy = copy.status,
-                primary_grpc = ?primary.grpc,
-                copy_grpc = ?copy.grpc,
-                bodies_differ = primary.body != copy.body,
-                "a mirrored copy was answered differently"
-            );
-            self.differences.record(Difference {
-                at: SystemTime::now(),
-                route: route.to_owned(),
-                track: self.active.table.track(track).name().to_owned(),
-                method: self.method.clone(),
-                path: kept_path(self.uri.path()),
-                primary,
-                copy,
-            });
+            self.keep(primary, copy);
         }
+        // Counted once kept: whoever sees the count sees the difference.
+        let (route, track) = (self.route, self.track);
+        self.active
+            .counters(route, track, Source::Mirror)
+            .compared(differed);
+    }
+
+    /// Logs a difference and keeps it for `GET /mirror/differences`.
+    fn keep(&self, primary: Answer, copy: Answer) {
+        let route = self.active.table.route(self.route).name();
+        let bodies_differ = differences::bodies_differ(&primary, &copy);
+        tracing::debug!(
+            route,
+            path = self.uri.path(),
+            primary = primary.status,
+            copy = copy.status,
+            primary_grpc = ?primary.grpc,
+            copy_grpc = ?copy.grpc,
+            ?bodies_differ,
+            "a mirrored copy was answered differently"
+        );
+        self.differences.record(Difference {
+            at: SystemTime::now(),
+            route: route.to_owned(),
+            track: self.active.table.track(self.track).name().to_owned(),
+            method: cut(self.method.as_str(), differences::METHOD_MAX),
+            path: cut(self.uri.path(), differences::PATH_MAX),
+            primary: primary.owned(),
+            copy: copy.owned(),
+        });
     }
 }
 

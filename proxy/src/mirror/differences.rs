@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::Method;
 use serde_json::{Value, json};
 
 use super::compare::Answer;
@@ -14,8 +13,9 @@ use super::compare::Answer;
 /// How many differences are kept: the newest, older ones dropped.
 pub const KEPT: usize = 32;
 
-/// Paths are kept up to this many bytes.
-const PATH_MAX: usize = 1024;
+/// Paths are kept up to this many bytes, methods (extension methods can be long) up to this.
+pub const PATH_MAX: usize = 1024;
+pub const METHOD_MAX: usize = 32;
 
 /// One copy answered otherwise than its primary.
 #[derive(Debug)]
@@ -23,7 +23,7 @@ pub struct Difference {
     pub at: SystemTime,
     pub route: String,
     pub track: String,
-    pub method: Method,
+    pub method: String,
     /// The request's path, without its query (which may carry credentials).
     pub path: String,
     pub primary: Answer,
@@ -36,10 +36,11 @@ pub struct Differences(Mutex<VecDeque<Difference>>);
 impl Differences {
     pub fn record(&self, difference: Difference) {
         let mut kept = crate::lock(&self.0);
-        if kept.len() == KEPT {
-            kept.pop_front();
-        }
+        let dropped = (kept.len() == KEPT).then(|| kept.pop_front());
         kept.push_back(difference);
+        drop(kept);
+        // Freed outside the lock.
+        drop(dropped);
     }
 
     /// The differences kept, oldest first.
@@ -56,16 +57,12 @@ impl Differences {
             .iter()
             .map(|d| {
                 let at = d.at.duration_since(UNIX_EPOCH).unwrap_or_default();
-                // Bodies were compared only if both sides have a digest.
-                let bodies = match (d.primary.body, d.copy.body) {
-                    (Some(p), Some(c)) => Some(p != c),
-                    _ => None,
-                };
+                let bodies = bodies_differ(&d.primary, &d.copy);
                 json!({
                     "at_unix_ms": at.as_millis() as u64,
                     "route": d.route,
                     "track": d.track,
-                    "method": d.method.as_str(),
+                    "method": d.method,
                     "path": d.path,
                     "primary": answer(&d.primary),
                     "copy": answer(&d.copy),
@@ -77,13 +74,21 @@ impl Differences {
     }
 }
 
-/// `path` cut to at most [`PATH_MAX`] bytes, on a character boundary.
-pub fn kept_path(path: &str) -> String {
-    let mut end = path.len().min(PATH_MAX);
-    while !path.is_char_boundary(end) {
+/// Whether the bodies differed: `None` unless both were digested (`compare: body`).
+pub fn bodies_differ(primary: &Answer, copy: &Answer) -> Option<bool> {
+    match (primary.body, copy.body) {
+        (Some(p), Some(c)) => Some(p != c),
+        _ => None,
+    }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    path[..end].to_owned()
+    text[..end].to_owned()
 }
 
 #[cfg(test)]
@@ -100,7 +105,7 @@ mod tests {
             at: UNIX_EPOCH,
             route: "web".into(),
             track: "shadow".into(),
-            method: Method::GET,
+            method: "GET".into(),
             path: path.into(),
             primary: answer(200),
             copy: answer(404),
@@ -128,8 +133,8 @@ mod tests {
     #[test]
     fn long_paths_are_cut_on_a_character_boundary() {
         let path = format!("/{}é", "a".repeat(PATH_MAX - 2));
-        let kept = kept_path(&path);
+        let kept = cut(&path, PATH_MAX);
         assert_eq!(kept.len(), PATH_MAX - 1);
-        assert_eq!(kept_path("/short"), "/short");
+        assert_eq!(cut("/short", PATH_MAX), "/short");
     }
 }

@@ -31,9 +31,10 @@ fn chunked(status: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The request line's path.
+/// The request line's path, without its query.
 fn path(head: &str) -> &str {
-    head.split(' ').nth(1).unwrap_or_default()
+    let target = head.split(' ').nth(1).unwrap_or_default();
+    target.split('?').next().unwrap_or_default()
 }
 
 /// What `answer` says for the request's path; to a HEAD, the head alone.
@@ -142,7 +143,8 @@ async fn compared_by_status_copies_answered_with_another_status_are_counted_as_d
             },
         )
         .await;
-        get_each(&proxy, &["/a", "/gone", "/b", "/gone", "/c"]).await;
+        let gone = "/gone?token=s3cr3t";
+        get_each(&proxy, &["/a", gone, "/b", gone, "/c"]).await;
         let s = counted(&proxy, 5).await;
         assert_eq!(verdicts(&s), (5, 2), "{sending}");
         let (_, _, metrics) = get(&proxy.admin_url("/metrics")).await.unwrap();
@@ -155,6 +157,7 @@ async fn compared_by_status_copies_answered_with_another_status_are_counted_as_d
         );
         // Which requests: the two to /gone, with both answers; no query kept.
         let found = differences(&proxy).await;
+        assert!(!found.iter().any(|d| d.to_string().contains("s3cr3t")));
         assert_eq!(found.len(), 2, "{found:?}");
         for d in &found {
             assert_eq!(
@@ -324,5 +327,21 @@ async fn grpc_calls_are_compared_by_their_grpc_status_too() {
     }
     let s = counted(&proxy, 4).await;
     assert_eq!(verdicts(&s), (4, 2));
+    let mut found: Vec<(Value, Value, Value)> = differences(&proxy)
+        .await
+        .iter()
+        .map(|d| {
+            let grpc = |side: &str| d[side]["grpc_status"].clone();
+            (d["method"].clone(), grpc("primary"), grpc("copy"))
+        })
+        .collect();
+    found.sort_by_key(|f| f.2.to_string());
+    assert_eq!(
+        found,
+        [
+            (json!("POST"), json!("0"), json!("13")),
+            (json!("POST"), json!("0"), json!("5")),
+        ]
+    );
     proxy.stop().await;
 }
