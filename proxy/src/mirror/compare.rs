@@ -177,7 +177,7 @@ impl Answering {
         Some(Answering {
             side,
             answer,
-            digest: pair.bodies().then(Digest::new),
+            digest: pair.bodies().then(Digest::default),
             waits_for_trailers: grpc_call,
             pair,
         })
@@ -205,7 +205,7 @@ impl Watcher for Answering {
     fn end(&mut self, whole: bool) {
         if whole {
             let mut answer = self.answer.clone();
-            answer.body = self.digest.as_ref().map(Digest::finish);
+            answer.body = self.digest.as_ref().map(Digest::digest);
             self.pair.answered(self.side, answer);
         }
     }

@@ -88,7 +88,7 @@ pub async fn pipeline(
         reusable: true,
         said_close: false,
         deadline: conn.timer.deadline(),
-        digest: digests.then(Digest::new),
+        digest: digests.then(Digest::default),
     };
     let ended = poll_fn(|cx| run.poll(&mut conn, requests, &mut answers, cx)).await;
     debug_assert_eq!(
@@ -199,7 +199,7 @@ impl Run<'_> {
                         statuses.push((*status, *came));
                         self.reading = None;
                         if let Some(digest) = self.digest.as_mut() {
-                            answers.digests.push(std::mem::take(digest).finish());
+                            answers.digests.push(std::mem::take(digest).digest());
                         }
                         if !self.reusable {
                             return Poll::Ready(Ok(()));
@@ -213,7 +213,7 @@ impl Run<'_> {
                     if let Some((_, status, came)) = self.reading.take() {
                         statuses.push((status, came));
                         if let Some(digest) = &self.digest {
-                            answers.digests.push(digest.finish());
+                            answers.digests.push(digest.digest());
                         }
                     }
                     return Poll::Ready(Ok(()));
