@@ -333,12 +333,7 @@ fn mirrored(
     let compare = active.table.route(route).mirror_compare();
     let pair = compare.map(|c| {
         let differences = shared.stats.differences.clone();
-        Arc::new(Pair::new(
-            c,
-            (active.clone(), route, to),
-            parts,
-            differences,
-        ))
+        Arc::new(Pair::new(c, active.clone(), route, to, parts, differences))
     });
     let job = {
         let (active, parts, pair) = (active.clone(), clone_parts(parts), pair.clone());

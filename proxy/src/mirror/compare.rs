@@ -66,7 +66,9 @@ impl Pair {
     /// `differences`.
     pub fn new(
         compare: Compare,
-        (active, route, track): (Arc<Active>, RouteId, TrackId),
+        active: Arc<Active>,
+        route: RouteId,
+        track: TrackId,
         parts: &request::Parts,
         differences: Arc<Differences>,
     ) -> Self {
