@@ -113,10 +113,10 @@ async fn pipelined(shared: &Shared, backend: &Backend, jobs: &[Job]) {
             digests,
         )
         .await;
-        for (i, (job, (status, at))) in jobs[from..].iter().zip(&answers.statuses).enumerate() {
+        for (job, (status, at, digest)) in jobs[from..].iter().zip(&answers.statuses) {
             count(job.counters(), Some(status.as_u16()), *at - started);
             if let Some(pair) = &job.pair {
-                let body = answers.digests.get(i).copied().filter(|_| pair.bodies());
+                let body = digest.filter(|_| pair.bodies());
                 let (status, grpc) = (status.as_u16(), None);
                 pair.answered(Side::Copy, Answer { status, grpc, body });
             }

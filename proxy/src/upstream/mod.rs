@@ -296,7 +296,13 @@ pub async fn pipeline(
 ) -> Answers {
     let connect = cfg.connect_timeout;
     let answers = h1::pipeline(backend, copies, true, connect, deadline, digests).await;
-    for (status, _) in answers.statuses.iter().chain(&answers.cut) {
+    let cut = answers.cut.iter().map(|(status, _)| status);
+    for status in answers
+        .statuses
+        .iter()
+        .map(|(status, ..)| status)
+        .chain(cut)
+    {
         backend.answered(*status, cfg);
     }
     if let Some(e) = &answers.failed {

@@ -32,10 +32,9 @@ use crate::upstream::backend::Backend;
 #[derive(Debug)]
 pub struct Answers {
     /// The statuses of the requests answered whole, head and body (the first
-    /// `statuses.len()`), each with the time its head came.
-    pub statuses: Vec<(StatusCode, Instant)>,
-    /// When asked for, a digest of each of their bodies, in the same order.
-    pub digests: Vec<u64>,
+    /// `statuses.len()`), each with the time its head came and, when asked for, a digest of
+    /// its body.
+    pub statuses: Vec<(StatusCode, Instant, Option<u64>)>,
     /// What ended the pipeline before every request was answered: the requests from
     /// `statuses.len()` on failed with it. `None` with requests left over: the backend closed
     /// the connection after an answer that said it would, and processed none of them, so they
@@ -60,7 +59,6 @@ pub async fn pipeline(
 ) -> Answers {
     let mut answers = Answers {
         statuses: Vec::with_capacity(requests.len()),
-        digests: Vec::new(),
         failed: None,
         cut: None,
     };
@@ -90,12 +88,7 @@ pub async fn pipeline(
         deadline: conn.timer.deadline(),
         digest: digests.then(Digest::default),
     };
-    let ended = poll_fn(|cx| run.poll(&mut conn, requests, &mut answers, cx)).await;
-    debug_assert_eq!(
-        answers.digests.len(),
-        if digests { answers.statuses.len() } else { 0 },
-        "a digest for each whole answer, when asked"
-    );
+    let ended = poll_fn(|cx| run.poll(&mut conn, requests, &mut answers.statuses, cx)).await;
     let written_whole = run.written == out.len();
     let (reusable, said_close) = (run.reusable, run.said_close);
     let unanswered = answers.statuses.len() < requests.len();
@@ -164,10 +157,9 @@ impl Run<'_> {
         &mut self,
         conn: &mut Conn,
         requests: &[(&http::request::Parts, &[u8])],
-        answers: &mut Answers,
+        statuses: &mut Vec<(StatusCode, Instant, Option<u64>)>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), Error>> {
-        let statuses = &mut answers.statuses;
         if self.written < self.out.len()
             && self.write_failed.is_none()
             && let Poll::Ready(Err(e)) =
@@ -196,11 +188,9 @@ impl Run<'_> {
                         if !skip(left, &mut conn.buf, digest).map_err(Error::Protocol)? {
                             break;
                         }
-                        statuses.push((*status, *came));
+                        let digest = self.digest.as_mut().map(|d| std::mem::take(d).digest());
+                        statuses.push((*status, *came, digest));
                         self.reading = None;
-                        if let Some(digest) = self.digest.as_mut() {
-                            answers.digests.push(std::mem::take(digest).digest());
-                        }
                         if !self.reusable {
                             return Poll::Ready(Ok(()));
                         }
@@ -211,10 +201,7 @@ impl Run<'_> {
                 Poll::Ready(Ok(0)) if matches!(self.reading, Some((Left::UntilClose, ..))) => {
                     // That body ends here, and with it the connection.
                     if let Some((_, status, came)) = self.reading.take() {
-                        statuses.push((status, came));
-                        if let Some(digest) = &self.digest {
-                            answers.digests.push(digest.digest());
-                        }
+                        statuses.push((status, came, self.digest.as_ref().map(Digest::digest)));
                     }
                     return Poll::Ready(Ok(()));
                 }
