@@ -305,7 +305,7 @@ fn hyper_service(
                 }
             }
         };
-        let (shared, conn) = (shared.clone(), conn.clone());
+        let shared = shared.clone();
         async move {
             // An HTTP/2 response's body tells its stream's task when the client has no
             // room for it (see `unread`: taken at once, on the future's first poll).
@@ -323,7 +323,9 @@ fn hyper_service(
             // the connection becomes a tunnel, it closes after this answer, whoever gave it
             // (hyper would frame a request behind it with two equal lengths, or a length and
             // chunked, quietly).
-            if resp.status() != StatusCode::SWITCHING_PROTOCOLS && conn.seen.stopped_at_upgrade() {
+            // (`guard` holds the connection.)
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS && guard.0.seen.stopped_at_upgrade()
+            {
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -533,7 +535,7 @@ async fn serve_http2<S: Socket>(
     let idle = limits.idle_timeout;
     let mut seen = conn.requests.load(Relaxed);
     let mut quiet = true;
-    let draining = loop {
+    let mut draining = loop {
         tokio::select! {
             done = http.as_mut() => return done,
             _ = stopped(drain) => break true,
@@ -558,7 +560,6 @@ async fn serve_http2<S: Socket>(
     // now and then and asks for nothing would be held for good). The wait is a whole
     // `idle_timeout`, or a second once draining, so that a drain ends with its last request
     // rather than at its deadline.
-    let mut draining = draining;
     let (mut reads, mut writes) = (conn.seen.reads(), conn.seen.writes());
     loop {
         let wait = match draining {
