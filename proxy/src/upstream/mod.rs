@@ -296,13 +296,9 @@ pub async fn pipeline(
 ) -> Answers {
     let connect = cfg.connect_timeout;
     let answers = h1::pipeline(backend, copies, true, connect, deadline, digests).await;
+    let whole = answers.statuses.iter().map(|(status, ..)| status);
     let cut = answers.cut.iter().map(|(status, _)| status);
-    for status in answers
-        .statuses
-        .iter()
-        .map(|(status, ..)| status)
-        .chain(cut)
-    {
+    for status in whole.chain(cut) {
         backend.answered(*status, cfg);
     }
     if let Some(e) = &answers.failed {
