@@ -136,10 +136,8 @@ pub fn judge(
     external: &BTreeMap<usize, f64>,
     mirroring: bool,
 ) -> Verdict {
-    let (mut c, s) = (sample(canary), sample(stable));
-    if canary.compared < analysis.min_requests {
-        c.match_rate = None;
-    }
+    let compared = analysis.min_requests;
+    let (c, s) = (sample(canary, compared), sample(stable, compared));
     let gates: Vec<GateResult> = analysis
         .gates
         .iter()
@@ -241,7 +239,8 @@ fn evaluate(
     }
 }
 
-fn sample(t: &TrackStats) -> Sample {
+/// `t` summed up; its match rate only on at least `min_compared` comparisons (and one).
+fn sample(t: &TrackStats, min_compared: u64) -> Sample {
     let any = t.requests > 0;
     Sample {
         requests: t.requests,
@@ -250,7 +249,7 @@ fn sample(t: &TrackStats) -> Sample {
         p50_ms: quantile(&t.latency, t.requests, 0.50),
         p95_ms: quantile(&t.latency, t.requests, 0.95),
         p99_ms: quantile(&t.latency, t.requests, 0.99),
-        match_rate: (t.compared > 0)
+        match_rate: (t.compared >= min_compared.max(1))
             .then(|| 100.0 * (1.0 - rate(t.differed.min(t.compared), t.compared))),
     }
 }
