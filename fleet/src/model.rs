@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::schedule::{Blackout, Schedule, Window};
-pub use crate::wire::{FailurePolicy, HookEvent};
+pub use crate::wire::{Compare, FailurePolicy, HookEvent};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Manifest {
@@ -250,16 +250,6 @@ pub struct MirrorPhase {
     pub duration: Duration,
     /// What of the copies' answers is compared with the primaries', when written.
     pub compare: Option<Compare>,
-}
-
-/// What of a mirrored copy's answer is compared with its primary's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Compare {
-    /// The status, and a gRPC call's `grpc-status`.
-    Status,
-    /// The status and the body's bytes.
-    Body,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -253,10 +253,13 @@ pub struct Mirror {
     pub compare: Option<Compare>,
 }
 
+/// What of a mirrored copy's answer is compared with its primary's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Compare {
+    /// The status, and a gRPC call's `grpc-status`.
     Status,
+    /// The status and the body's bytes.
     Body,
 }
 

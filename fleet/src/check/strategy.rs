@@ -7,8 +7,8 @@ use fleet_yaml::is_token;
 
 use crate::check::Ctx;
 use crate::model::{
-    AbPhase, Compare, Hook, Match, MatchOn, MirrorPhase, Pause, Rollout, Step, Sticky, Strategy,
-    ValueTest, Weight,
+    AbPhase, Hook, Match, MatchOn, MirrorPhase, Pause, Rollout, Step, Sticky, Strategy, ValueTest,
+    Weight,
 };
 use crate::wire;
 
@@ -263,10 +263,7 @@ fn mirror_phase(w: &wire::Mirror, path: &str, cx: &mut Ctx<'_>) -> Option<Mirror
     Some(MirrorPhase {
         share: share.filter(|s| *s > Weight::ZERO)?,
         duration: duration?,
-        compare: w.compare.map(|c| match c {
-            wire::Compare::Status => Compare::Status,
-            wire::Compare::Body => Compare::Body,
-        }),
+        compare: w.compare,
     })
 }
 
