@@ -1,7 +1,8 @@
 //! Workload drivers: what makes a cluster run the versions it is asked for. `process` runs
-//! local processes (the embedded default, for laptops, CI and bare metal); a Kubernetes
-//! driver implements the same trait.
+//! local processes (the embedded default, for laptops, CI and bare metal); `kubernetes`
+//! runs a Deployment per version through the Kubernetes API (kube-rs).
 
+pub mod kubernetes;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -9,7 +10,12 @@ use std::collections::BTreeMap;
 /// What should run: each version with its number of instances.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Want {
+    /// The service, as the fleet manifest names it.
+    pub service: String,
     pub versions: BTreeMap<String, u32>,
+    /// Container image for the Kubernetes driver; `{version}` is replaced. Empty if the
+    /// manifest gives none.
+    pub image: String,
     /// Program and arguments; `{version}` and `{port}` are replaced.
     pub command: Vec<String>,
     /// Path that answers 2xx when an instance is ready.

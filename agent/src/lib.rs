@@ -127,7 +127,9 @@ fn want_of(d: &pb::DesiredState) -> Want {
         .map(|t| (t.version.clone(), t.replicas.max(1)))
         .collect();
     Want {
+        service: d.service.clone(),
         versions,
+        image: workload.image,
         command: workload.command,
         health_check: if workload.health_check.is_empty() {
             "/healthz".into()

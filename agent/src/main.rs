@@ -1,7 +1,9 @@
 //! `fleet-agent --controller URL --region R --cluster C --driver process --proxy-admin URL...`
 
+use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use fleet_agent::Config;
+use fleet_agent::driver::kubernetes::KubernetesDriver;
 use fleet_agent::driver::process::ProcessDriver;
 
 /// The Fleet agent for one cluster.
@@ -26,12 +28,23 @@ struct Args {
     /// Admin URL of a proxy of this region; repeat for several.
     #[arg(long = "proxy-admin", value_name = "URL", required = true)]
     proxies: Vec<String>,
+    /// With `--driver kubernetes`: the namespace of the service's Deployments. Default: the
+    /// kubeconfig context's, or the service account's in a cluster.
+    #[arg(long, env = "FLEET_NAMESPACE")]
+    namespace: Option<String>,
+    /// With `--driver kubernetes`: the port the service's containers listen on (given to them
+    /// as `PORT`); the proxies reach the ready pods there.
+    #[arg(long, env = "FLEET_CONTAINER_PORT", default_value_t = 8080)]
+    container_port: u16,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DriverKind {
     /// Local processes from the manifest's command (the embedded default).
     Process,
+    /// A Deployment per version from the manifest's image, through the Kubernetes API (the
+    /// kubeconfig, or the service account in a cluster).
+    Kubernetes,
 }
 
 #[tokio::main]
@@ -64,5 +77,12 @@ async fn main() -> anyhow::Result<()> {
     });
     match args.driver {
         DriverKind::Process => fleet_agent::run(config, ProcessDriver::default(), shutdown).await,
+        DriverKind::Kubernetes => {
+            let client = kube::Client::try_default().await.context(
+                "connecting to the Kubernetes API (kubeconfig or in-cluster service account)",
+            )?;
+            let driver = KubernetesDriver::new(client, args.namespace, args.container_port);
+            fleet_agent::run(config, driver, shutdown).await
+        }
     }
 }

@@ -21,6 +21,7 @@ fn want(versions: &[(&str, u32)]) -> Want {
             },
         ),
         health_check: "/healthz".into(),
+        ..Want::default()
     }
 }
 

@@ -1,0 +1,244 @@
+//! The Kubernetes objects of the `kubernetes` driver, made and judged without I/O: a
+//! Deployment per version, named and labelled so that the driver finds its own again, and
+//! the addresses of a version's ready pods.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, HTTPGetAction, Pod, PodSpec, PodTemplateSpec, Probe,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// The recommended labels (kubernetes.io/docs/concepts/overview/working-with-objects/common-labels).
+pub const NAME: &str = "app.kubernetes.io/name";
+pub const VERSION: &str = "app.kubernetes.io/version";
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The value of [`MANAGED_BY`] and the field manager of every apply.
+pub const MANAGER: &str = "fleet-agent";
+
+/// Longest name of a label value, and of a Deployment here (so that its pods' names stay
+/// within what every tool expects).
+const MAX_NAME: usize = 63;
+
+/// The label selector of everything the driver made for `service`.
+pub fn selector(service: &str) -> String {
+    format!("{MANAGED_BY}={MANAGER},{NAME}={service}")
+}
+
+/// What the driver runs one version with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec<'a> {
+    pub namespace: &'a str,
+    pub service: &'a str,
+    pub version: &'a str,
+    pub replicas: u32,
+    /// The image with `{version}` replaced.
+    pub image: String,
+    pub port: u16,
+    pub health_check: &'a str,
+}
+
+/// Checks that `service` can name Kubernetes objects (a DNS-1123 label).
+pub fn check_service(service: &str) -> Result<(), String> {
+    let ok = !service.is_empty()
+        && service.len() <= MAX_NAME
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !service.starts_with('-')
+        && !service.ends_with('-');
+    ok.then_some(()).ok_or_else(|| {
+        format!(
+            "service \"{service}\" cannot name Kubernetes objects: rename it in the fleet \
+             manifest with lowercase letters, digits and '-' (at most {MAX_NAME}, a letter or \
+             digit at each end)"
+        )
+    })
+}
+
+/// Checks that `version` can be a label value, which is how the driver finds its pods.
+pub fn check_version(version: &str) -> Result<(), String> {
+    let b = version.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= MAX_NAME
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric();
+    ok.then_some(()).ok_or_else(|| {
+        format!(
+            "version \"{version}\" cannot be a Kubernetes label value: release a version of \
+             letters, digits, '-', '_' and '.' (at most {MAX_NAME}, a letter or digit at each end)"
+        )
+    })
+}
+
+/// The Deployment's name: `service-version`, the version lowercased with anything but
+/// letters, digits and '-' made '-'. A version so changed, or a name too long, gets a hash of
+/// the version too, so that `1.2` and `1-2` never share a Deployment.
+pub fn deployment_name(service: &str, version: &str) -> String {
+    let slug: String = version
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '-') => c,
+            _ => '-',
+        })
+        .collect();
+    let plain = format!("{service}-{slug}");
+    if slug == version && plain.len() <= MAX_NAME {
+        return plain;
+    }
+    let hash = format!(
+        "{:08x}",
+        xxhash_rust::xxh64::xxh64(version.as_bytes(), 0) as u32
+    );
+    let mut name = plain;
+    name.truncate(MAX_NAME - hash.len() - 1);
+    let name = name.trim_end_matches('-');
+    format!("{name}-{hash}")
+}
+
+fn labels(service: &str, version: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (NAME.to_owned(), service.to_owned()),
+        (VERSION.to_owned(), version.to_owned()),
+        (MANAGED_BY.to_owned(), MANAGER.to_owned()),
+    ])
+}
+
+/// The Deployment that runs `spec`, as the driver applies it (server-side: only the fields
+/// set here are the driver's; whatever else the cluster adds stays).
+pub fn deployment(spec: &Spec<'_>) -> Deployment {
+    let labels = labels(spec.service, spec.version);
+    let selected = BTreeMap::from([
+        (NAME.to_owned(), spec.service.to_owned()),
+        (VERSION.to_owned(), spec.version.to_owned()),
+    ]);
+    let container = Container {
+        name: spec.service.to_owned(),
+        image: Some(spec.image.clone()),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: i32::from(spec.port),
+            ..ContainerPort::default()
+        }]),
+        env: Some(vec![
+            EnvVar {
+                name: "PORT".into(),
+                value: Some(spec.port.to_string()),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "FLEET_VERSION".into(),
+                value: Some(spec.version.to_owned()),
+                ..EnvVar::default()
+            },
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(spec.health_check.to_owned()),
+                port: IntOrString::String("http".into()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(2),
+            ..Probe::default()
+        }),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(deployment_name(spec.service, spec.version)),
+            namespace: Some(spec.namespace.to_owned()),
+            labels: Some(labels.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(i32::try_from(spec.replicas).unwrap_or(i32::MAX)),
+            selector: LabelSelector {
+                match_labels: Some(selected),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Whether `d` has rolled out `replicas` instances of its current spec, all ready, and no
+/// others left over; if not, what it lacks, for people.
+pub fn rolled_out(d: &Deployment, replicas: u32) -> Result<(), String> {
+    let name = d.metadata.name.as_deref().unwrap_or_default();
+    let Some(status) = &d.status else {
+        return Err(format!("{name}: no status yet"));
+    };
+    let want = i64::from(replicas);
+    let seen = status.observed_generation.unwrap_or(0);
+    if seen < d.metadata.generation.unwrap_or(0) {
+        return Err(format!(
+            "{name}: its latest spec is not yet seen by the cluster"
+        ));
+    }
+    let count = |n: Option<i32>| i64::from(n.unwrap_or(0));
+    let (updated, ready, total) = (
+        count(status.updated_replicas),
+        count(status.ready_replicas),
+        count(status.replicas),
+    );
+    if updated < want || ready < want {
+        return Err(format!(
+            "{name}: {ready} of {want} ready, {updated} of {want} updated"
+        ));
+    }
+    if total > want {
+        return Err(format!(
+            "{name}: {} old instances still running",
+            total - want
+        ));
+    }
+    Ok(())
+}
+
+/// The addresses (`ip:port`) of `version`'s pods that are ready and not being deleted,
+/// sorted.
+pub fn ready_addresses(pods: &[Pod], version: &str, port: u16) -> Vec<String> {
+    let mut out: Vec<String> = pods
+        .iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(VERSION))
+                    .is_some_and(|v| v == version)
+        })
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            let ready = status
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+            ready.then(|| SocketAddr::new(ip, port).to_string())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+#[path = "objects_tests.rs"]
+mod tests;

@@ -1,0 +1,212 @@
+#![allow(clippy::unwrap_used)]
+
+use k8s_openapi::api::apps::v1::DeploymentStatus;
+use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::*;
+
+fn spec(version: &str) -> Spec<'_> {
+    Spec {
+        namespace: "shop",
+        service: "checkout",
+        version,
+        replicas: 3,
+        image: format!("registry.example.com/checkout:{version}"),
+        port: 8080,
+        health_check: "/healthz",
+    }
+}
+
+#[test]
+fn a_version_that_is_a_name_already_names_its_deployment_as_it_is() {
+    assert_eq!(deployment_name("checkout", "v2"), "checkout-v2");
+    assert_eq!(
+        deployment_name("checkout", "2024-05-01"),
+        "checkout-2024-05-01"
+    );
+}
+
+#[test]
+fn other_versions_get_a_hash_so_that_no_two_share_a_deployment() {
+    let dotted = deployment_name("checkout", "1.2");
+    let dashed = deployment_name("checkout", "1-2");
+    let upper = deployment_name("checkout", "V2");
+    assert!(dotted.starts_with("checkout-1-2-"), "{dotted}");
+    assert_eq!(dashed, "checkout-1-2");
+    assert_ne!(dotted, dashed);
+    assert!(upper.starts_with("checkout-v2-"), "{upper}");
+    assert_ne!(upper, deployment_name("checkout", "v2"));
+    for v in ["1.2", "V2", &"9".repeat(63), "a_b"] {
+        let name = deployment_name("checkout", v);
+        assert!(name.len() <= 63, "{name}");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "{name}"
+        );
+        assert!(!name.ends_with('-') && !name.contains("--"), "{name}");
+    }
+}
+
+#[test]
+fn names_and_versions_that_kubernetes_would_refuse_are_refused_with_the_fix() {
+    assert!(check_service("checkout").is_ok());
+    let e = check_service("Checkout_API").unwrap_err();
+    assert!(
+        e.contains("\"Checkout_API\"") && e.contains("lowercase"),
+        "{e}"
+    );
+    assert!(check_service("-checkout").is_err());
+    assert!(check_service(&"a".repeat(64)).is_err());
+
+    for ok in ["v2", "1.4.2", "2024_05_01", "rc-1"] {
+        assert!(check_version(ok).is_ok(), "{ok}");
+    }
+    let e = check_version("1.4.2+build.7").unwrap_err();
+    assert!(
+        e.contains("\"1.4.2+build.7\"") && e.contains("label value"),
+        "{e}"
+    );
+    assert!(check_version("").is_err());
+    assert!(check_version("-v2").is_err());
+    assert!(check_version(&"1".repeat(64)).is_err());
+}
+
+#[test]
+fn a_deployment_runs_the_image_of_its_version_behind_a_readiness_probe() {
+    let d = deployment(&spec("v2"));
+    let json = serde_json::to_value(&d).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": "checkout-v2",
+                "namespace": "shop",
+                "labels": {
+                    "app.kubernetes.io/managed-by": "fleet-agent",
+                    "app.kubernetes.io/name": "checkout",
+                    "app.kubernetes.io/version": "v2"
+                }
+            },
+            "spec": {
+                "replicas": 3,
+                "selector": { "matchLabels": {
+                    "app.kubernetes.io/name": "checkout",
+                    "app.kubernetes.io/version": "v2"
+                } },
+                "template": {
+                    "metadata": { "labels": {
+                        "app.kubernetes.io/managed-by": "fleet-agent",
+                        "app.kubernetes.io/name": "checkout",
+                        "app.kubernetes.io/version": "v2"
+                    } },
+                    "spec": { "containers": [{
+                        "name": "checkout",
+                        "image": "registry.example.com/checkout:v2",
+                        "ports": [{ "name": "http", "containerPort": 8080 }],
+                        "env": [
+                            { "name": "PORT", "value": "8080" },
+                            { "name": "FLEET_VERSION", "value": "v2" }
+                        ],
+                        "readinessProbe": {
+                            "httpGet": { "path": "/healthz", "port": "http" },
+                            "periodSeconds": 2
+                        }
+                    }] }
+                }
+            }
+        })
+    );
+    assert_eq!(
+        selector("checkout"),
+        "app.kubernetes.io/managed-by=fleet-agent,app.kubernetes.io/name=checkout"
+    );
+}
+
+fn with_status(generation: i64, status: DeploymentStatus) -> Deployment {
+    let mut d = deployment(&spec("v2"));
+    d.metadata.generation = Some(generation);
+    d.status = Some(status);
+    d
+}
+
+#[test]
+fn a_rollout_is_complete_once_the_latest_spec_runs_everywhere_ready_and_alone() {
+    let done = DeploymentStatus {
+        observed_generation: Some(2),
+        replicas: Some(3),
+        updated_replicas: Some(3),
+        ready_replicas: Some(3),
+        available_replicas: Some(3),
+        ..DeploymentStatus::default()
+    };
+    assert_eq!(rolled_out(&with_status(2, done.clone()), 3), Ok(()));
+
+    let unseen = with_status(3, done.clone());
+    assert!(rolled_out(&unseen, 3).unwrap_err().contains("not yet seen"));
+    let short = with_status(
+        2,
+        DeploymentStatus {
+            ready_replicas: Some(2),
+            ..done.clone()
+        },
+    );
+    assert_eq!(
+        rolled_out(&short, 3).unwrap_err(),
+        "checkout-v2: 2 of 3 ready, 3 of 3 updated"
+    );
+    let old_left = with_status(
+        2,
+        DeploymentStatus {
+            replicas: Some(4),
+            ..done
+        },
+    );
+    assert!(
+        rolled_out(&old_left, 3)
+            .unwrap_err()
+            .contains("1 old instances")
+    );
+    let mut fresh = deployment(&spec("v2"));
+    fresh.metadata.generation = Some(1);
+    assert!(rolled_out(&fresh, 3).unwrap_err().contains("no status"));
+}
+
+fn pod(version: &str, ip: Option<&str>, ready: bool, deleting: bool) -> Pod {
+    let mut p = Pod::default();
+    p.metadata.labels = Some(BTreeMap::from([(VERSION.to_owned(), version.to_owned())]));
+    if deleting {
+        p.metadata.deletion_timestamp = Some(Time(Default::default()));
+    }
+    p.status = Some(PodStatus {
+        pod_ip: ip.map(str::to_owned),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: if ready { "True" } else { "False" }.into(),
+            ..PodCondition::default()
+        }]),
+        ..PodStatus::default()
+    });
+    p
+}
+
+#[test]
+fn a_versions_instances_are_its_ready_pods_that_are_not_going_away() {
+    let pods = [
+        pod("v2", Some("10.0.0.9"), true, false),
+        pod("v2", Some("10.0.0.3"), true, false),
+        pod("v2", Some("10.0.0.4"), false, false),
+        pod("v2", Some("10.0.0.5"), true, true),
+        pod("v2", None, true, false),
+        pod("v1", Some("10.0.0.1"), true, false),
+        pod("v2", Some("fd00::7"), true, false),
+    ];
+    assert_eq!(
+        ready_addresses(&pods, "v2", 8080),
+        ["10.0.0.3:8080", "10.0.0.9:8080", "[fd00::7]:8080"]
+    );
+    assert_eq!(ready_addresses(&pods, "v1", 80), ["10.0.0.1:80"]);
+}

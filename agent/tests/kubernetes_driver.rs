@@ -1,0 +1,384 @@
+//! The `kubernetes` driver against a FAKE Kubernetes API server, through kube-rs's documented
+//! test harness (a `tower_test` mock service under a real `kube::Client`).
+//!
+//! What this shows: the requests the driver makes (paths, label selectors, server-side apply
+//! with its field manager, the Deployment it sends as JSON typed by k8s-openapi), and how it
+//! reads what an API server answers (lists, statuses, pods, errors). What it cannot show: that
+//! a real API server and its controllers behave as the fake does. The fake keeps Deployments
+//! and pods in memory, filters by label selector, and bumps a Deployment's generation when its
+//! spec changes; it runs no controllers (a test sets statuses and pods itself), checks no
+//! schema and knows no RBAC.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_agent::driver::kubernetes::KubernetesDriver;
+use fleet_agent::driver::{Driver, Want};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use serde_json::{Value, json};
+
+/// One request as the fake saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: Method,
+    uri: String,
+    content_type: String,
+    body: Value,
+}
+
+/// The fake API server's state (test-only).
+#[derive(Default)]
+struct Cluster {
+    deployments: BTreeMap<String, Value>,
+    pods: Vec<Value>,
+    seen: Vec<Seen>,
+    /// Answered to every PATCH instead of applying it.
+    refuse_patches: Option<(StatusCode, Value)>,
+}
+
+type Shared = Arc<Mutex<Cluster>>;
+
+/// A driver for namespace `shop` on a fake cluster, rounds as often as polled.
+fn fake_cluster() -> (KubernetesDriver, Shared) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let cluster = Shared::default();
+    tokio::spawn(serve(handle, cluster.clone()));
+    let client = kube::Client::new(service, "default");
+    let driver =
+        KubernetesDriver::new(client, Some("shop".into()), 8080).round_every(Duration::ZERO);
+    (driver, cluster)
+}
+
+async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>, c: Shared) {
+    while let Some((request, respond)) = handle.next_request().await {
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let seen = Seen {
+            method: parts.method.clone(),
+            uri: parts.uri.to_string(),
+            content_type: parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default(),
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        };
+        let (status, answer) = answer(&mut c.lock().unwrap(), &seen);
+        c.lock().unwrap().seen.push(seen);
+        let mut response = Response::new(Body::from(serde_json::to_vec(&answer).unwrap()));
+        *response.status_mut() = status;
+        respond.send_response(response);
+    }
+}
+
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/shop/deployments";
+const PODS: &str = "/api/v1/namespaces/shop/pods";
+
+fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
+    let (path, query) = seen.uri.split_once('?').unwrap_or((&seen.uri, ""));
+    let selector = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "labelSelector")
+        .map(|(_, v)| v.into_owned());
+    match (&seen.method, path) {
+        (&Method::GET, DEPLOYMENTS) => {
+            let items: Vec<Value> = c
+                .deployments
+                .values()
+                .filter(|d| selects(selector.as_deref(), d))
+                .cloned()
+                .collect();
+            (StatusCode::OK, list("DeploymentList", "apps/v1", items))
+        }
+        (&Method::GET, PODS) => {
+            let items = c
+                .pods
+                .iter()
+                .filter(|p| selects(selector.as_deref(), p))
+                .cloned()
+                .collect();
+            (StatusCode::OK, list("PodList", "v1", items))
+        }
+        (&Method::PATCH, p) if p.starts_with(DEPLOYMENTS) => {
+            if let Some(refused) = &c.refuse_patches {
+                return refused.clone();
+            }
+            let name = p.rsplit('/').next().unwrap().to_owned();
+            let mut object = seen.body.clone();
+            let (generation, status) = match c.deployments.get(&name) {
+                Some(old) if old["spec"] == object["spec"] => {
+                    (old["metadata"]["generation"].clone(), old["status"].clone())
+                }
+                Some(old) => (
+                    json!(old["metadata"]["generation"].as_i64().unwrap() + 1),
+                    old["status"].clone(),
+                ),
+                None => (json!(1), Value::Null),
+            };
+            object["metadata"]["generation"] = generation;
+            if !status.is_null() {
+                object["status"] = status;
+            }
+            c.deployments.insert(name, object.clone());
+            (StatusCode::OK, object)
+        }
+        (&Method::DELETE, p) if p.starts_with(DEPLOYMENTS) => {
+            let name = p.rsplit('/').next().unwrap();
+            match c.deployments.remove(name) {
+                Some(_) => (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "Status", "status": "Success",
+                           "details": {"name": name, "group": "apps", "kind": "deployments"}}),
+                ),
+                None => not_found(name),
+            }
+        }
+        _ => panic!(
+            "the fake API server does not serve {} {}",
+            seen.method, seen.uri
+        ),
+    }
+}
+
+/// Whether every `key=value` of `selector` is among `object`'s labels.
+fn selects(selector: Option<&str>, object: &Value) -> bool {
+    selector.is_none_or(|s| {
+        s.split(',').all(|term| {
+            let (k, v) = term.split_once('=').unwrap();
+            object["metadata"]["labels"][k] == v
+        })
+    })
+}
+
+fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "7"}, "items": items})
+}
+
+fn not_found(name: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound",
+               "code": 404, "message": format!("deployments.apps \"{name}\" not found")}),
+    )
+}
+
+fn want(versions: &[(&str, u32)]) -> Want {
+    Want {
+        service: "checkout".into(),
+        versions: versions.iter().map(|(v, n)| (v.to_string(), *n)).collect(),
+        image: "registry.example.com/checkout:{version}".into(),
+        command: Vec::new(),
+        health_check: "/ready".into(),
+    }
+}
+
+/// What a Deployment controller and kubelets would do: the rollout of `name` complete with
+/// `ready` of its pods ready at 10.1.0.1, 10.1.0.2…
+fn roll_out(c: &Shared, name: &str, version: &str, ready: usize) {
+    let mut c = c.lock().unwrap();
+    let d = c.deployments.get_mut(name).unwrap();
+    let replicas = d["spec"]["replicas"].clone();
+    d["status"] = json!({
+        "observedGeneration": d["metadata"]["generation"],
+        "replicas": replicas, "updatedReplicas": replicas,
+        "readyReplicas": ready, "availableReplicas": ready,
+    });
+    c.pods
+        .retain(|p| p["metadata"]["labels"]["app.kubernetes.io/version"] != version);
+    for i in 0..ready {
+        c.pods.push(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{name}-{i}"), "labels": {
+                "app.kubernetes.io/name": "checkout", "app.kubernetes.io/version": version,
+                "app.kubernetes.io/managed-by": "fleet-agent"}},
+            "status": {"podIP": format!("10.1.0.{}", i + 1),
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }));
+    }
+}
+
+fn seen(c: &Shared) -> Vec<Seen> {
+    std::mem::take(&mut c.lock().unwrap().seen)
+}
+
+#[tokio::test]
+async fn a_wanted_version_is_applied_server_side_as_a_deployment_and_ready_once_rolled_out() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 2)]));
+    let running = driver.poll().await;
+    assert!(running.ready.is_empty(), "{running:?}");
+    assert_eq!(running.detail, "checkout-v1: no status yet");
+
+    let requests = seen(&cluster);
+    let uris: Vec<_> = requests
+        .iter()
+        .map(|s| format!("{} {}", s.method, s.uri))
+        .collect();
+    let selector = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dfleet-agent%2Capp.kubernetes.io%2Fname%3Dcheckout";
+    assert_eq!(
+        uris,
+        [
+            format!("GET {DEPLOYMENTS}?&{selector}"),
+            format!("PATCH {DEPLOYMENTS}/checkout-v1?&force=true&fieldManager=fleet-agent"),
+            format!("GET {PODS}?&{selector}"),
+        ]
+    );
+    let patch = &requests[1];
+    assert_eq!(patch.content_type, "application/apply-patch+yaml");
+    assert_eq!(patch.body["kind"], "Deployment");
+    assert_eq!(patch.body["spec"]["replicas"], 2);
+    let container = &patch.body["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "registry.example.com/checkout:v1");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+
+    roll_out(&cluster, "checkout-v1", "v1", 1);
+    let running = driver.poll().await;
+    assert!(running.ready.is_empty());
+    assert_eq!(running.detail, "checkout-v1: 1 of 2 ready, 2 of 2 updated");
+
+    roll_out(&cluster, "checkout-v1", "v1", 2);
+    let running = driver.poll().await;
+    assert_eq!(
+        running.ready,
+        BTreeMap::from([(
+            "v1".to_owned(),
+            vec!["10.1.0.1:8080".to_owned(), "10.1.0.2:8080".to_owned()]
+        )])
+    );
+    assert_eq!(running.detail, "");
+    assert!(
+        seen(&cluster).iter().all(|s| s.method == Method::GET),
+        "an unchanged want is not applied again"
+    );
+}
+
+#[tokio::test]
+async fn a_new_version_gets_its_own_deployment_and_an_unwanted_one_is_deleted() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 2)]));
+    driver.poll().await;
+    // Something else's Deployment in the namespace, not the agent's.
+    cluster.lock().unwrap().deployments.insert(
+        "checkout-db".into(),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "checkout-db", "labels": {"app.kubernetes.io/name": "checkout"}}}),
+    );
+
+    driver.apply(&want(&[("v1", 2), ("1.4.2", 1)]));
+    driver.poll().await;
+    let canary = deployment_named(&cluster, "checkout-1-4-2-");
+    assert_eq!(canary["spec"]["replicas"], 1);
+    assert_eq!(
+        canary["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.example.com/checkout:1.4.2"
+    );
+
+    driver.apply(&want(&[("1.4.2", 3)]));
+    driver.poll().await;
+    let requests = seen(&cluster);
+    let deleted: Vec<_> = requests
+        .iter()
+        .filter(|s| s.method == Method::DELETE)
+        .map(|s| s.uri.as_str())
+        .collect();
+    assert_eq!(deleted, [format!("{DEPLOYMENTS}/checkout-v1?")]);
+    let names: Vec<_> = cluster
+        .lock()
+        .unwrap()
+        .deployments
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names.contains(&"checkout-db".to_owned()),
+        "not the agent's: kept"
+    );
+    let canary = deployment_named(&cluster, "checkout-1-4-2-");
+    assert_eq!(canary["spec"]["replicas"], 3, "scaled as asked");
+    assert_eq!(canary["metadata"]["generation"], 2);
+}
+
+fn deployment_named(cluster: &Shared, prefix: &str) -> Value {
+    let c = cluster.lock().unwrap();
+    let found: Vec<_> = c
+        .deployments
+        .iter()
+        .filter(|(n, _)| n.starts_with(prefix))
+        .collect();
+    assert_eq!(found.len(), 1, "{:?}", c.deployments.keys());
+    found[0].1.clone()
+}
+
+#[tokio::test]
+async fn a_deployment_deleted_by_hand_is_made_again() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 1)]));
+    driver.poll().await;
+    cluster.lock().unwrap().deployments.clear();
+    driver.poll().await;
+    assert!(
+        cluster
+            .lock()
+            .unwrap()
+            .deployments
+            .contains_key("checkout-v1")
+    );
+}
+
+#[tokio::test]
+async fn what_cannot_run_is_reported_with_the_reason_and_nothing_is_ready() {
+    let (mut driver, cluster) = fake_cluster();
+    let refused = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+        "reason": "Forbidden", "code": 403,
+        "message": "deployments.apps \"checkout-v1\" is forbidden: User \"system:serviceaccount:shop:fleet-agent\" cannot patch resource \"deployments\""});
+    cluster.lock().unwrap().refuse_patches = Some((StatusCode::FORBIDDEN, refused));
+    driver.apply(&want(&[("v1", 1)]));
+    let running = driver.poll().await;
+    assert!(running.ready.is_empty());
+    assert!(
+        running
+            .detail
+            .starts_with("applying Deployment checkout-v1 in namespace shop:")
+            && running.detail.contains("cannot patch resource"),
+        "{}",
+        running.detail
+    );
+
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&Want {
+        image: String::new(),
+        ..want(&[("v1", 1)])
+    });
+    let running = driver.poll().await;
+    assert!(
+        running.detail.contains("`workload.image`"),
+        "{}",
+        running.detail
+    );
+    assert!(seen(&cluster).is_empty(), "nothing asked of the cluster");
+
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 1), ("2.0+b7", 1)]));
+    let running = driver.poll().await;
+    assert!(
+        running
+            .detail
+            .contains("version \"2.0+b7\" cannot be a Kubernetes label value"),
+        "{}",
+        running.detail
+    );
+    assert_eq!(
+        cluster
+            .lock()
+            .unwrap()
+            .deployments
+            .keys()
+            .collect::<Vec<_>>(),
+        ["checkout-v1"],
+        "the valid version still runs"
+    );
+}
