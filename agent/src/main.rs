@@ -25,8 +25,15 @@ struct Args {
     /// How workloads run.
     #[arg(long, value_enum, default_value_t = DriverKind::Process)]
     driver: DriverKind,
-    /// Admin URL of a proxy of this region; repeat for several.
-    #[arg(long = "proxy-admin", value_name = "URL", required = true)]
+    /// Admin URL of a proxy of this region; repeat for several (in the environment: URLs
+    /// separated by commas).
+    #[arg(
+        long = "proxy-admin",
+        value_name = "URL",
+        required = true,
+        env = "FLEET_PROXY_ADMIN",
+        value_delimiter = ','
+    )]
     proxies: Vec<String>,
     /// With `--driver kubernetes`: the namespace of the service's Deployments. Default: the
     /// kubeconfig context's, or the service account's in a cluster.

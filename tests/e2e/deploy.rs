@@ -1,0 +1,285 @@
+//! `deploy/`: the Kubernetes install and its image, checked without a cluster (none runs
+//! here).
+//!
+//! What this shows:
+//! - every object is a valid Kubernetes object as k8s-openapi types it: a misspelt or
+//!   misplaced field fails, as it does not survive a round trip through the typed object;
+//! - the containers' flags and environment are the ones the binaries take (each binary is run
+//!   with the flags, and its `--help` lists the variables);
+//! - the proxies' starting config passes `fleet-proxy --check`;
+//! - the agent's Role grants what the kubernetes driver calls;
+//! - the names and ports that refer to each other agree, and the image has every binary the
+//!   workloads run.
+//!
+//! What it cannot show: that a cluster admits these objects (admission, quotas, a CNI that
+//! enforces NetworkPolicy), that the image builds, or that the parts find each other over a
+//! cluster's network.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodTemplateSpec, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The documents of `deploy/kubernetes/FILE`.
+fn documents(file: &str) -> Vec<Value> {
+    let path = deploy_dir().join("kubernetes").join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_saphyr::from_multiple::<Value>(&text).unwrap()
+}
+
+/// `doc` read as `T` and written back: the same as `doc` when every field is one `T` has.
+fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Value {
+    let typed: T = serde_json::from_value(doc.clone()).unwrap();
+    serde_json::to_value(typed).unwrap()
+}
+
+fn typed(doc: &Value) -> Value {
+    match doc["kind"].as_str().unwrap() {
+        "Namespace" => round_trip::<Namespace>(doc),
+        "Service" => round_trip::<Service>(doc),
+        "ServiceAccount" => round_trip::<ServiceAccount>(doc),
+        "ConfigMap" => round_trip::<ConfigMap>(doc),
+        "Deployment" => round_trip::<Deployment>(doc),
+        "StatefulSet" => round_trip::<StatefulSet>(doc),
+        "Role" => round_trip::<Role>(doc),
+        "RoleBinding" => round_trip::<RoleBinding>(doc),
+        "NetworkPolicy" => round_trip::<NetworkPolicy>(doc),
+        other => panic!("no check for kind {other}"),
+    }
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn template(workload: &Value) -> PodTemplateSpec {
+    serde_json::from_value(workload["spec"]["template"].clone()).unwrap()
+}
+
+fn bin(name: &str) -> PathBuf {
+    fleetctl::local::bin_dir().unwrap().join(name)
+}
+
+#[test]
+fn every_object_is_a_kubernetes_object_with_no_field_it_does_not_have() {
+    for file in ["controller.yaml", "cluster.yaml"] {
+        let docs = documents(file);
+        assert!(docs.len() >= 3, "{file}: {} documents", docs.len());
+        for doc in &docs {
+            assert_eq!(
+                &typed(doc),
+                doc,
+                "{file}: {} {} has fields its type has not (left: as typed)",
+                doc["kind"],
+                doc["metadata"]["name"]
+            );
+        }
+    }
+}
+
+/// A mistake of the kind the round trip is there to catch is caught.
+#[test]
+fn a_misspelt_field_does_not_survive_the_round_trip() {
+    let mut doc = find(&documents("cluster.yaml"), "Deployment", "fleet-agent").clone();
+    doc["spec"]["template"]["spec"]["serviceAcountName"] = "fleet-agent".into();
+    assert_ne!(typed(&doc), doc);
+}
+
+#[test]
+fn each_container_runs_a_binary_of_the_image_with_flags_and_variables_it_takes() {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("docker/Dockerfile")).unwrap();
+    let in_image: BTreeSet<&str> = dockerfile
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("target/release/"))
+        .collect();
+    assert!(in_image.len() >= 4, "{in_image:?}");
+    for name in &in_image {
+        assert!(bin(name).exists(), "the image installs {name}, not a workspace binary");
+    }
+
+    let mut checked = 0;
+    for file in ["controller.yaml", "cluster.yaml"] {
+        let docs = documents(file);
+        for doc in docs.iter().filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet") {
+            let spec = template(doc).spec.unwrap();
+            for c in &spec.containers {
+                let command = c.command.as_ref().unwrap();
+                let name = command[0].strip_prefix("/usr/local/bin/").unwrap();
+                assert!(in_image.contains(name), "{name} is not in the image");
+                // Every flag (and value) is taken: clap stops at the first it does not know,
+                // before `--help`.
+                let args = c.args.clone().unwrap_or_default();
+                let out = Command::new(bin(name))
+                    .args(&args)
+                    .arg("--help")
+                    .env_clear()
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{name} {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let help = String::from_utf8_lossy(&out.stdout);
+                let mut variables: Vec<String> =
+                    c.env.iter().flatten().map(|e| e.name.clone()).collect();
+                for from in c.env_from.iter().flatten() {
+                    let map = from.config_map_ref.as_ref().unwrap();
+                    let data = find(&docs, "ConfigMap", &map.name)["data"].clone();
+                    variables.extend(data.as_object().unwrap().keys().cloned());
+                }
+                for v in variables {
+                    assert!(help.contains(&format!("[env: {v}=")), "{name} does not read {v}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 3, "controller, agent, proxy");
+}
+
+#[test]
+fn the_proxies_start_on_a_config_fleet_proxy_accepts_at_the_path_they_are_given() {
+    let docs = documents("cluster.yaml");
+    let config = find(&docs, "ConfigMap", "fleet-proxy")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, &config).unwrap();
+    let out = Command::new(bin("fleet-proxy"))
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let proxy = template(find(&docs, "StatefulSet", "fleet-proxy")).spec.unwrap();
+    let c = &proxy.containers[0];
+    let mount = &c.volume_mounts.as_ref().unwrap()[0];
+    let args = c.args.as_ref().unwrap();
+    assert_eq!(args[1], format!("{}/config.yaml", mount.mount_path));
+    let volume = &proxy.volumes.as_ref().unwrap()[0];
+    assert_eq!(volume.name, mount.name);
+    assert_eq!(volume.config_map.as_ref().unwrap().name, "fleet-proxy");
+    let port = |name: &str| {
+        c.ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap()
+            .container_port
+    };
+    assert!(config.contains(&format!("listen: 0.0.0.0:{}", port("http"))));
+    assert!(config.contains(&format!("admin: 0.0.0.0:{}", port("admin"))));
+}
+
+#[test]
+fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy() {
+    let docs = documents("cluster.yaml");
+    let role: Role = serde_json::from_value(find(&docs, "Role", "fleet-agent").clone()).unwrap();
+    // The calls of agent/src/driver/kubernetes.rs.
+    for (group, resource, verb) in [
+        ("apps", "deployments", "list"),
+        ("apps", "deployments", "patch"),
+        ("apps", "deployments", "delete"),
+        ("", "pods", "list"),
+    ] {
+        assert!(
+            role.rules.iter().flatten().any(|r| {
+                let has = |l: &Option<Vec<String>>, x: &str| l.iter().flatten().any(|v| v == x);
+                has(&r.api_groups, group) && has(&r.resources, resource) && r.verbs.iter().any(|v| v == verb)
+            }),
+            "the Role does not allow {verb} {resource}"
+        );
+    }
+    let binding = find(&docs, "RoleBinding", "fleet-agent");
+    assert_eq!(binding["subjects"][0]["name"], "fleet-agent");
+    let agent = template(find(&docs, "Deployment", "fleet-agent")).spec.unwrap();
+    assert_eq!(agent.service_account_name.as_deref(), Some("fleet-agent"));
+
+    // One admin URL per proxy replica, by the StatefulSet's stable names.
+    let proxies = find(&docs, "StatefulSet", "fleet-proxy");
+    let service = proxies["spec"]["serviceName"].as_str().unwrap();
+    let replicas = proxies["spec"]["replicas"].as_i64().unwrap();
+    let admin = find(&docs, "Service", service);
+    assert_eq!(admin["spec"]["clusterIP"], "None", "headless, for per-pod names");
+    let port = admin["spec"]["ports"][0]["port"].as_i64().unwrap();
+    let urls: Vec<String> = (0..replicas)
+        .map(|i| format!("http://fleet-proxy-{i}.{service}:{port}"))
+        .collect();
+    let config = &find(&docs, "ConfigMap", "fleet-agent")["data"];
+    assert_eq!(config["FLEET_PROXY_ADMIN"], urls.join(","));
+
+    // The controller's URL is its Service's.
+    let controller = documents("controller.yaml");
+    let svc = find(&controller, "Service", "fleet-controller");
+    let grpc = svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .unwrap();
+    assert_eq!(
+        config["FLEET_CONTROLLER"],
+        format!(
+            "http://{}.{}.svc:{}",
+            svc["metadata"]["name"].as_str().unwrap(),
+            svc["metadata"]["namespace"].as_str().unwrap(),
+            grpc["port"]
+        )
+    );
+}
+
+#[test]
+fn services_select_their_pods_by_label_and_port_name_and_objects_share_a_namespace() {
+    for file in ["controller.yaml", "cluster.yaml"] {
+        let docs = documents(file);
+        let namespaces: BTreeSet<&str> = docs
+            .iter()
+            .filter(|d| d["kind"] != "Namespace")
+            .map(|d| d["metadata"]["namespace"].as_str().unwrap())
+            .collect();
+        assert_eq!(namespaces.len(), 1, "{file}: {namespaces:?}");
+        let workloads: Vec<&Value> = docs
+            .iter()
+            .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
+            .collect();
+        for svc in docs.iter().filter(|d| d["kind"] == "Service") {
+            let selector = svc["spec"]["selector"].as_object().unwrap();
+            let selected: Vec<_> = workloads
+                .iter()
+                .filter(|w| {
+                    let labels = &w["spec"]["template"]["metadata"]["labels"];
+                    selector.iter().all(|(k, v)| labels[k] == *v)
+                })
+                .collect();
+            assert_eq!(selected.len(), 1, "{file}: {}", svc["metadata"]["name"]);
+            let ports = &selected[0]["spec"]["template"]["spec"]["containers"][0]["ports"];
+            for p in svc["spec"]["ports"].as_array().unwrap() {
+                assert!(
+                    ports.as_array().unwrap().iter().any(|c| c["name"] == p["targetPort"]),
+                    "{file}: {} targets port {}, which its pods do not name",
+                    svc["metadata"]["name"],
+                    p["targetPort"]
+                );
+            }
+        }
+    }
+}
