@@ -20,6 +20,10 @@ pub struct Want {
     pub command: Vec<String>,
     /// Path that answers 2xx when an instance is ready.
     pub health_check: String,
+    /// Leave running the versions not in `versions` too: set until the agent has programmed
+    /// the proxies since it started, as they may still route to those versions (an agent
+    /// restarted after its region moved on).
+    pub keep_others: bool,
 }
 
 /// What runs: per version, the addresses of its ready instances, once all of them are.

@@ -39,7 +39,8 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// Runs the agent until `shutdown`, then stops the workloads it started.
+/// Runs the agent until `shutdown`, then shuts the driver down (the process driver stops its
+/// processes; the kubernetes driver leaves its Deployments running).
 pub async fn run<D: Driver>(
     config: Config,
     mut driver: D,
@@ -63,13 +64,7 @@ pub async fn run<D: Driver>(
         let desired = desired_rx.borrow_and_update().clone();
         let mut status = pb::AgentStatus::default();
         if let Some(d) = &desired {
-            let mut want = want_of(d);
-            // Versions the proxies still route to keep running until the new table is in.
-            if let Some((_, versions)) = &programmed {
-                for (v, n) in versions {
-                    want.versions.entry(v.clone()).or_insert(*n);
-                }
-            }
+            let want = want_for(d, programmed.as_ref().map(|(_, versions)| versions));
             driver.apply(&want);
             let running = driver.poll().await;
             let table = routes::table(d, &running.ready);
@@ -119,6 +114,22 @@ pub async fn run<D: Driver>(
     Ok(())
 }
 
+/// What the driver should run for `d`, given the versions of the table last put on the
+/// proxies: those keep running until the new table is in, and before the first table since
+/// the start, whatever runs is kept.
+fn want_for(d: &pb::DesiredState, programmed: Option<&BTreeMap<String, u32>>) -> Want {
+    let mut want = want_of(d);
+    match programmed {
+        Some(versions) => {
+            for (v, n) in versions {
+                want.versions.entry(v.clone()).or_insert(*n);
+            }
+        }
+        None => want.keep_others = true,
+    }
+    want
+}
+
 fn want_of(d: &pb::DesiredState) -> Want {
     let workload = d.workload.clone().unwrap_or_default();
     let versions = [d.stable.as_ref(), d.canary.as_ref()]
@@ -136,5 +147,44 @@ fn want_of(d: &pb::DesiredState) -> Want {
         } else {
             workload.health_check
         },
+        keep_others: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxies_versions_keep_running_and_before_any_table_everything_does() {
+        let d = pb::DesiredState {
+            service: "checkout".into(),
+            stable: Some(pb::Track {
+                version: "v2".into(),
+                replicas: 2,
+            }),
+            workload: Some(pb::Workload {
+                image: "registry.example.com/checkout:{version}".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let first = want_for(&d, None);
+        assert!(
+            first.keep_others,
+            "restarted: the proxies may route anywhere"
+        );
+        assert_eq!(first.versions, BTreeMap::from([("v2".to_owned(), 2)]));
+        assert_eq!(first.service, "checkout");
+        assert_eq!(first.image, "registry.example.com/checkout:{version}");
+
+        let routed = BTreeMap::from([("v1".to_owned(), 3), ("v2".to_owned(), 1)]);
+        let later = want_for(&d, Some(&routed));
+        assert!(!later.keep_others);
+        assert_eq!(
+            later.versions,
+            BTreeMap::from([("v1".to_owned(), 3), ("v2".to_owned(), 2)]),
+            "v1 until the table without it is in; v2 as desired"
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! `fleet-agent --controller URL --region R --cluster C --driver process --proxy-admin URL...`
+//! `fleet-agent --controller URL --region R --cluster C --driver process|kubernetes --proxy-admin URL...`
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};

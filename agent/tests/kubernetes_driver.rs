@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleet_agent::driver::kubernetes::KubernetesDriver;
+use fleet_agent::driver::kubernetes::{KubernetesDriver, ROUND_TIMEOUT};
 use fleet_agent::driver::{Driver, Want};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -38,23 +38,38 @@ struct Cluster {
     seen: Vec<Seen>,
     /// Answered to every PATCH instead of applying it.
     refuse_patches: Option<(StatusCode, Value)>,
+    /// Answered to every DELETE instead of deleting.
+    refuse_deletes: Option<(StatusCode, Value)>,
+    /// No request is answered (the answers are held, never sent).
+    hang: bool,
 }
 
 type Shared = Arc<Mutex<Cluster>>;
 
 /// A driver for namespace `shop` on a fake cluster, rounds as often as polled.
 fn fake_cluster() -> (KubernetesDriver, Shared) {
+    let (driver, cluster) = fake_cluster_with_rounds_of_a_second();
+    (driver.round_every(Duration::ZERO), cluster)
+}
+
+fn fake_cluster_with_rounds_of_a_second() -> (KubernetesDriver, Shared) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let cluster = Shared::default();
     tokio::spawn(serve(handle, cluster.clone()));
     let client = kube::Client::new(service, "default");
-    let driver =
-        KubernetesDriver::new(client, Some("shop".into()), 8080).round_every(Duration::ZERO);
-    (driver, cluster)
+    (
+        KubernetesDriver::new(client, Some("shop".into()), 8080),
+        cluster,
+    )
 }
 
 async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>, c: Shared) {
+    let mut held = Vec::new();
     while let Some((request, respond)) = handle.next_request().await {
+        if c.lock().unwrap().hang {
+            held.push(respond);
+            continue;
+        }
         let (parts, body) = request.into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
         let seen = Seen {
@@ -102,6 +117,13 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                 .collect();
             (StatusCode::OK, list("PodList", "v1", items))
         }
+        (&Method::GET, p) if p.starts_with(DEPLOYMENTS) => {
+            let name = p.rsplit('/').next().unwrap();
+            match c.deployments.get(name) {
+                Some(d) => (StatusCode::OK, d.clone()),
+                None => not_found(name),
+            }
+        }
         (&Method::PATCH, p) if p.starts_with(DEPLOYMENTS) => {
             if let Some(refused) = &c.refuse_patches {
                 return refused.clone();
@@ -126,6 +148,9 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
             (StatusCode::OK, object)
         }
         (&Method::DELETE, p) if p.starts_with(DEPLOYMENTS) => {
+            if let Some(refused) = &c.refuse_deletes {
+                return refused.clone();
+            }
             let name = p.rsplit('/').next().unwrap();
             match c.deployments.remove(name) {
                 Some(_) => (
@@ -172,12 +197,13 @@ fn want(versions: &[(&str, u32)]) -> Want {
         image: "registry.example.com/checkout:{version}".into(),
         command: Vec::new(),
         health_check: "/ready".into(),
+        keep_others: false,
     }
 }
 
-/// What a Deployment controller and kubelets would do: the rollout of `name` complete with
-/// `ready` of its pods ready at 10.1.0.1, 10.1.0.2…
-fn roll_out(c: &Shared, name: &str, version: &str, ready: usize) {
+/// What a Deployment controller would report: the latest spec of `name` seen, all of its
+/// replicas updated, `ready` of them ready.
+fn set_status(c: &Shared, name: &str, ready: u32) {
     let mut c = c.lock().unwrap();
     let d = c.deployments.get_mut(name).unwrap();
     let replicas = d["spec"]["replicas"].clone();
@@ -186,18 +212,33 @@ fn roll_out(c: &Shared, name: &str, version: &str, ready: usize) {
         "replicas": replicas, "updatedReplicas": replicas,
         "readyReplicas": ready, "availableReplicas": ready,
     });
+}
+
+/// What kubelets would report: `version`'s pods, ready at the addresses given.
+fn set_pods(c: &Shared, version: &str, ready_at: &[&str]) {
+    let mut c = c.lock().unwrap();
     c.pods
         .retain(|p| p["metadata"]["labels"]["app.kubernetes.io/version"] != version);
-    for i in 0..ready {
+    for ip in ready_at {
         c.pods.push(json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("{name}-{i}"), "labels": {
+            "metadata": {"name": format!("checkout-{version}-{ip}"), "labels": {
                 "app.kubernetes.io/name": "checkout", "app.kubernetes.io/version": version,
                 "app.kubernetes.io/managed-by": "fleet-agent"}},
-            "status": {"podIP": format!("10.1.0.{}", i + 1),
-                       "conditions": [{"type": "Ready", "status": "True"}]},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
         }));
     }
+}
+
+/// The rollout of `name` complete with `ready` pods ready at 10.1.0.1, 10.1.0.2…
+fn roll_out(c: &Shared, name: &str, version: &str, ready: u32) {
+    set_status(c, name, ready);
+    let ips: Vec<String> = (1..=ready).map(|i| format!("10.1.0.{i}")).collect();
+    set_pods(
+        c,
+        version,
+        &ips.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
 }
 
 fn seen(c: &Shared) -> Vec<Seen> {
@@ -222,11 +263,13 @@ async fn a_wanted_version_is_applied_server_side_as_a_deployment_and_ready_once_
         uris,
         [
             format!("GET {DEPLOYMENTS}?&{selector}"),
+            // Not among the driver's: is the name free?
+            format!("GET {DEPLOYMENTS}/checkout-v1"),
             format!("PATCH {DEPLOYMENTS}/checkout-v1?&force=true&fieldManager=fleet-agent"),
             format!("GET {PODS}?&{selector}"),
         ]
     );
-    let patch = &requests[1];
+    let patch = &requests[2];
     assert_eq!(patch.content_type, "application/apply-patch+yaml");
     assert_eq!(patch.body["kind"], "Deployment");
     assert_eq!(patch.body["spec"]["replicas"], 2);
@@ -238,6 +281,13 @@ async fn a_wanted_version_is_applied_server_side_as_a_deployment_and_ready_once_
     let running = driver.poll().await;
     assert!(running.ready.is_empty());
     assert_eq!(running.detail, "checkout-v1: 1 of 2 ready, 2 of 2 updated");
+    // The Deployment says all are ready before the pods' readiness reaches the list: not
+    // ready until a pod is.
+    set_status(&cluster, "checkout-v1", 2);
+    set_pods(&cluster, "v1", &[]);
+    let running = driver.poll().await;
+    assert!(running.ready.is_empty());
+    assert_eq!(running.detail, "checkout-v1: no pod ready with an address");
 
     roll_out(&cluster, "checkout-v1", "v1", 2);
     let running = driver.poll().await;
@@ -380,5 +430,215 @@ async fn what_cannot_run_is_reported_with_the_reason_and_nothing_is_ready() {
             .collect::<Vec<_>>(),
         ["checkout-v1"],
         "the valid version still runs"
+    );
+}
+
+fn ready(version: &str, addresses: &[&str]) -> BTreeMap<String, Vec<String>> {
+    BTreeMap::from([(
+        version.to_owned(),
+        addresses.iter().map(|a| a.to_string()).collect(),
+    )])
+}
+
+/// A Deployment as if someone had made it.
+fn put(cluster: &Shared, name: &str, object: Value) {
+    cluster
+        .lock()
+        .unwrap()
+        .deployments
+        .insert(name.into(), object);
+}
+
+fn managed(name: &str, version: &str) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": name, "generation": 1, "labels": {
+               "app.kubernetes.io/name": "checkout", "app.kubernetes.io/version": version,
+               "app.kubernetes.io/managed-by": "fleet-agent"}},
+           "spec": {"replicas": 1}})
+}
+
+#[tokio::test]
+async fn once_rolled_out_a_version_follows_its_pods_to_new_addresses() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 2)]));
+    driver.poll().await;
+    roll_out(&cluster, "checkout-v1", "v1", 2);
+    assert_eq!(
+        driver.poll().await.ready,
+        ready("v1", &["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+
+    // A pod evicted: the version goes on with the one left, then with its replacement.
+    set_status(&cluster, "checkout-v1", 1);
+    set_pods(&cluster, "v1", &["10.1.0.1"]);
+    assert_eq!(driver.poll().await.ready, ready("v1", &["10.1.0.1:8080"]));
+    set_pods(&cluster, "v1", &["10.1.0.1", "10.1.0.7"]);
+    set_status(&cluster, "checkout-v1", 2);
+    assert_eq!(
+        driver.poll().await.ready,
+        ready("v1", &["10.1.0.1:8080", "10.1.0.7:8080"])
+    );
+
+    // A new spec (three replicas) must roll out before the version is ready again.
+    driver.apply(&want(&[("v1", 3)]));
+    let running = driver.poll().await;
+    assert!(running.ready.is_empty(), "{running:?}");
+    assert!(
+        running.detail.contains("not yet seen"),
+        "{}",
+        running.detail
+    );
+    roll_out(&cluster, "checkout-v1", "v1", 3);
+    assert_eq!(driver.poll().await.ready["v1"].len(), 3);
+}
+
+#[tokio::test]
+async fn after_a_restart_nothing_is_deleted_until_the_proxies_have_a_table() {
+    let (mut driver, cluster) = fake_cluster();
+    // What ran before the agent restarted; the proxies may still send traffic to it.
+    put(&cluster, "checkout-v0", managed("checkout-v0", "v0"));
+    driver.apply(&Want {
+        keep_others: true,
+        ..want(&[("v1", 1)])
+    });
+    driver.poll().await;
+    assert!(seen(&cluster).iter().all(|s| s.method != Method::DELETE));
+    assert!(
+        cluster
+            .lock()
+            .unwrap()
+            .deployments
+            .contains_key("checkout-v0")
+    );
+
+    driver.apply(&want(&[("v1", 1)]));
+    driver.poll().await;
+    assert!(
+        !cluster
+            .lock()
+            .unwrap()
+            .deployments
+            .contains_key("checkout-v0")
+    );
+}
+
+#[tokio::test]
+async fn a_name_taken_by_another_deployment_is_reported_and_left_alone() {
+    let (mut driver, cluster) = fake_cluster();
+    let theirs = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "checkout-v1", "generation": 4, "labels": {"app": "checkout"}},
+        "spec": {"replicas": 5}});
+    put(&cluster, "checkout-v1", theirs.clone());
+    driver.apply(&want(&[("v1", 1)]));
+    let running = driver.poll().await;
+    assert!(running.ready.is_empty());
+    assert!(
+        running.detail.starts_with(
+            "Deployment checkout-v1 in namespace shop is not fleet-agent's for checkout v1: rename or delete it"
+        ),
+        "{}",
+        running.detail
+    );
+    assert!(seen(&cluster).iter().all(|s| s.method == Method::GET));
+    assert_eq!(cluster.lock().unwrap().deployments["checkout-v1"], theirs);
+}
+
+#[tokio::test]
+async fn a_failed_delete_is_reported_and_the_wanted_version_carries_on() {
+    let (mut driver, cluster) = fake_cluster();
+    put(&cluster, "checkout-v0", managed("checkout-v0", "v0"));
+    cluster.lock().unwrap().refuse_deletes = Some((
+        StatusCode::FORBIDDEN,
+        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden",
+               "code": 403, "message": "cannot delete resource \"deployments\""}),
+    ));
+    driver.apply(&want(&[("v1", 1)]));
+    driver.poll().await;
+    roll_out(&cluster, "checkout-v1", "v1", 1);
+    let running = driver.poll().await;
+    assert_eq!(running.ready, ready("v1", &["10.1.0.1:8080"]));
+    assert!(
+        running
+            .detail
+            .starts_with("deleting Deployment checkout-v0 in namespace shop:"),
+        "{}",
+        running.detail
+    );
+}
+
+#[tokio::test]
+async fn why_pods_are_not_ready_is_reported_as_the_cluster_says() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 1)]));
+    driver.poll().await;
+    set_status(&cluster, "checkout-v1", 0);
+    cluster.lock().unwrap().pods.push(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "checkout-v1-abc", "labels": {
+            "app.kubernetes.io/name": "checkout", "app.kubernetes.io/version": "v1",
+            "app.kubernetes.io/managed-by": "fleet-agent"}},
+        "status": {"containerStatuses": [{"name": "checkout", "image": "x", "imageID": "",
+            "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff",
+                                   "message": "Back-off pulling image \"registry.example.com/checkout:v1\""}}}]},
+    }));
+    let detail = driver.poll().await.detail;
+    assert_eq!(
+        detail,
+        "checkout-v1: 0 of 1 ready, 1 of 1 updated (pod checkout-v1-abc: container checkout waiting: \
+         ImagePullBackOff: Back-off pulling image \"registry.example.com/checkout:v1\")"
+    );
+}
+
+#[tokio::test]
+async fn a_hand_edit_of_the_drivers_fields_is_undone() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 1)]));
+    driver.poll().await;
+    {
+        // `kubectl set image`: another image, the next generation.
+        let mut c = cluster.lock().unwrap();
+        let d = c.deployments.get_mut("checkout-v1").unwrap();
+        d["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest".into();
+        d["metadata"]["generation"] = 2.into();
+    }
+    seen(&cluster);
+    driver.poll().await;
+    assert!(seen(&cluster).iter().any(|s| s.method == Method::PATCH));
+    let image = cluster.lock().unwrap().deployments["checkout-v1"]["spec"]["template"]["spec"]
+        ["containers"][0]["image"]
+        .clone();
+    assert_eq!(image, "registry.example.com/checkout:v1");
+}
+
+#[tokio::test]
+async fn rounds_are_a_second_apart_unless_the_want_changes() {
+    let (mut driver, cluster) = fake_cluster_with_rounds_of_a_second();
+    driver.apply(&want(&[("v1", 1)]));
+    driver.poll().await;
+    seen(&cluster);
+    driver.apply(&want(&[("v1", 1)]));
+    driver.poll().await;
+    assert!(
+        seen(&cluster).is_empty(),
+        "the same want, within a second: no call"
+    );
+    driver.apply(&want(&[("v1", 2)]));
+    driver.poll().await;
+    assert!(seen(&cluster).iter().any(|s| s.method == Method::PATCH));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_api_server_that_does_not_answer_is_reported_and_the_agent_goes_on() {
+    let (mut driver, cluster) = fake_cluster();
+    cluster.lock().unwrap().hang = true;
+    driver.apply(&want(&[("v1", 1)]));
+    let started = tokio::time::Instant::now();
+    let running = driver.poll().await;
+    assert_eq!(started.elapsed(), ROUND_TIMEOUT);
+    assert!(running.ready.is_empty());
+    assert_eq!(
+        running.detail,
+        "the Kubernetes API did not answer within 10s (namespace shop)"
     );
 }

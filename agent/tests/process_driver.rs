@@ -68,6 +68,17 @@ async fn instances_become_ready_are_replaced_and_come_back_after_a_crash() {
         "the stable instances were left alone"
     );
 
+    // Not wanted, but kept while others may be (the agent has yet to program the proxies).
+    driver.apply(&Want {
+        keep_others: true,
+        ..want(&[("v2", 1)])
+    });
+    assert_eq!(
+        driver.pids().iter().filter(|(v, _)| v == "v1").count(),
+        2,
+        "kept"
+    );
+
     // v1 is no longer wanted: it is stopped, v2 keeps running.
     driver.apply(&want(&[("v2", 1)]));
     let running = until_ready(&mut driver, |r| !r.ready.contains_key("v1")).await;

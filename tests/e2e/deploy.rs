@@ -108,13 +108,19 @@ fn each_container_runs_a_binary_of_the_image_with_flags_and_variables_it_takes()
         .collect();
     assert!(in_image.len() >= 4, "{in_image:?}");
     for name in &in_image {
-        assert!(bin(name).exists(), "the image installs {name}, not a workspace binary");
+        assert!(
+            bin(name).exists(),
+            "the image installs {name}, not a workspace binary"
+        );
     }
 
     let mut checked = 0;
     for file in ["controller.yaml", "cluster.yaml"] {
         let docs = documents(file);
-        for doc in docs.iter().filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet") {
+        for doc in docs
+            .iter()
+            .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
+        {
             let spec = template(doc).spec.unwrap();
             for c in &spec.containers {
                 let command = c.command.as_ref().unwrap();
@@ -143,7 +149,10 @@ fn each_container_runs_a_binary_of_the_image_with_flags_and_variables_it_takes()
                     variables.extend(data.as_object().unwrap().keys().cloned());
                 }
                 for v in variables {
-                    assert!(help.contains(&format!("[env: {v}=")), "{name} does not read {v}");
+                    assert!(
+                        help.contains(&format!("[env: {v}=")),
+                        "{name} does not read {v}"
+                    );
                 }
                 checked += 1;
             }
@@ -168,9 +177,15 @@ fn the_proxies_start_on_a_config_fleet_proxy_accepts_at_the_path_they_are_given(
         .arg("--check")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let proxy = template(find(&docs, "StatefulSet", "fleet-proxy")).spec.unwrap();
+    let proxy = template(find(&docs, "StatefulSet", "fleet-proxy"))
+        .spec
+        .unwrap();
     let c = &proxy.containers[0];
     let mount = &c.volume_mounts.as_ref().unwrap()[0];
     let args = c.args.as_ref().unwrap();
@@ -196,6 +211,7 @@ fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy(
     let role: Role = serde_json::from_value(find(&docs, "Role", "fleet-agent").clone()).unwrap();
     // The calls of agent/src/driver/kubernetes.rs.
     for (group, resource, verb) in [
+        ("apps", "deployments", "get"),
         ("apps", "deployments", "list"),
         ("apps", "deployments", "patch"),
         ("apps", "deployments", "delete"),
@@ -204,14 +220,18 @@ fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy(
         assert!(
             role.rules.iter().flatten().any(|r| {
                 let has = |l: &Option<Vec<String>>, x: &str| l.iter().flatten().any(|v| v == x);
-                has(&r.api_groups, group) && has(&r.resources, resource) && r.verbs.iter().any(|v| v == verb)
+                has(&r.api_groups, group)
+                    && has(&r.resources, resource)
+                    && r.verbs.iter().any(|v| v == verb)
             }),
             "the Role does not allow {verb} {resource}"
         );
     }
     let binding = find(&docs, "RoleBinding", "fleet-agent");
     assert_eq!(binding["subjects"][0]["name"], "fleet-agent");
-    let agent = template(find(&docs, "Deployment", "fleet-agent")).spec.unwrap();
+    let agent = template(find(&docs, "Deployment", "fleet-agent"))
+        .spec
+        .unwrap();
     assert_eq!(agent.service_account_name.as_deref(), Some("fleet-agent"));
 
     // One admin URL per proxy replica, by the StatefulSet's stable names.
@@ -219,7 +239,10 @@ fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy(
     let service = proxies["spec"]["serviceName"].as_str().unwrap();
     let replicas = proxies["spec"]["replicas"].as_i64().unwrap();
     let admin = find(&docs, "Service", service);
-    assert_eq!(admin["spec"]["clusterIP"], "None", "headless, for per-pod names");
+    assert_eq!(
+        admin["spec"]["clusterIP"], "None",
+        "headless, for per-pod names"
+    );
     let port = admin["spec"]["ports"][0]["port"].as_i64().unwrap();
     let urls: Vec<String> = (0..replicas)
         .map(|i| format!("http://fleet-proxy-{i}.{service}:{port}"))
@@ -274,7 +297,11 @@ fn services_select_their_pods_by_label_and_port_name_and_objects_share_a_namespa
             let ports = &selected[0]["spec"]["template"]["spec"]["containers"][0]["ports"];
             for p in svc["spec"]["ports"].as_array().unwrap() {
                 assert!(
-                    ports.as_array().unwrap().iter().any(|c| c["name"] == p["targetPort"]),
+                    ports
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|c| c["name"] == p["targetPort"]),
                     "{file}: {} targets port {}, which its pods do not name",
                     svc["metadata"]["name"],
                     p["targetPort"]

@@ -1,11 +1,15 @@
 //! The `kubernetes` driver: each wanted version runs as a Deployment of its own
-//! (`objects.rs`), applied server-side through kube-rs; a version is ready once its rollout is
-//! complete, and its instances are its ready pods' addresses, which the proxies are given.
+//! (`objects.rs`), applied server-side through kube-rs. A version is ready once its rollout
+//! is complete (every replica of its current spec ready); from then on its instances are its
+//! ready pods' addresses, which the proxies are given, so a pod replaced later is followed to
+//! its new address while the rest carry on.
 //!
-//! Each round lists the service's Deployments and pods (by label), applies what is missing or
-//! changed, and deletes the Deployments of versions no longer wanted. Deployments the driver
-//! did not make (no `app.kubernetes.io/managed-by: fleet-agent`) are never touched. Rounds
-//! are at most one a second, whatever the agent asks.
+//! Each round lists the service's Deployments and pods (by label), applies what is missing,
+//! changed here or changed by hand, and deletes the Deployments of versions no longer wanted.
+//! A Deployment the driver did not make for that service and version is never changed or
+//! deleted: a name taken by one is reported. A failure with one Deployment is reported and the
+//! others carry on. Rounds are at most one a second unless the want changed, and one that
+//! takes longer than [`ROUND_TIMEOUT`] is given up and reported.
 //!
 //! The workloads outlive the agent: stopping it (or losing it) leaves every Deployment as it
 //! is, so the cluster goes on serving while the agent is away (fail-static).
@@ -24,10 +28,11 @@ use self::objects::Spec;
 pub use self::objects::{MANAGER, check_service, check_version, deployment_name};
 use super::{Driver, Running, Want};
 
-/// Least time between two rounds of API calls.
+/// Least time between two rounds of API calls while the want stays the same.
 const ROUND_EVERY: Duration = Duration::from_secs(1);
-/// A Deployment applied this long ago is applied again, though unchanged, so that a hand edit
-/// of the driver's fields does not last.
+/// A round of API calls that takes longer is given up (kube-rs sets no read timeout).
+pub const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+/// A Deployment applied this long ago is applied again, though unchanged.
 const APPLY_AGAIN_AFTER: Duration = Duration::from_secs(60);
 
 pub struct KubernetesDriver {
@@ -38,12 +43,28 @@ pub struct KubernetesDriver {
     port: u16,
     want: Want,
     round_every: Duration,
-    /// What this driver applied, by Deployment name, and when.
-    applied: BTreeMap<String, (Deployment, Instant)>,
+    /// What this driver applied, by Deployment name: the object, the generation the API
+    /// server gave it, and when.
+    applied: BTreeMap<String, Applied>,
+    /// The generation at which each Deployment's rollout was last seen complete.
+    complete: BTreeMap<String, i64>,
     /// The last round's outcome and when it ended.
     last: Option<(Running, Instant)>,
     /// The want changed since the last round.
     changed: bool,
+}
+
+struct Applied {
+    object: Deployment,
+    generation: Option<i64>,
+    at: Instant,
+}
+
+/// A wanted version's Deployment: its name, version and replicas.
+struct Wanted<'a> {
+    name: String,
+    version: &'a str,
+    replicas: u32,
 }
 
 impl KubernetesDriver {
@@ -59,6 +80,7 @@ impl KubernetesDriver {
             want: Want::default(),
             round_every: ROUND_EVERY,
             applied: BTreeMap::new(),
+            complete: BTreeMap::new(),
             last: None,
             changed: false,
         }
@@ -71,108 +93,181 @@ impl KubernetesDriver {
     }
 
     async fn round(&mut self) -> Result<Running, String> {
-        let want = &self.want;
-        check_service(&want.service)?;
-        if want.image.is_empty() {
+        check_service(&self.want.service)?;
+        if self.want.image.is_empty() {
             return Err(format!(
                 "service \"{}\" has no image: set `workload.image` in the fleet manifest to run it on Kubernetes",
-                want.service
+                self.want.service
             ));
         }
-        let ns = &self.namespace;
-        let selector = ListParams::default().labels(&objects::selector(&want.service));
-        let listed = self
+        let ns = self.namespace.clone();
+        let selector = ListParams::default().labels(&objects::selector(&self.want.service));
+        let mut listed: BTreeMap<String, Deployment> = self
             .deployments
             .list(&selector)
             .await
-            .map_err(|e| format!("listing Deployments in namespace {ns}: {e}"))?;
-        let mut listed: BTreeMap<String, Deployment> = listed
+            .map_err(|e| format!("listing Deployments in namespace {ns}: {e}"))?
             .items
             .into_iter()
             .filter_map(|d| Some((d.metadata.name.clone()?, d)))
             .collect();
-
-        let mut wanted = BTreeMap::new();
         let mut problems = Vec::new();
+        let want = self.want.clone();
+        let mut wanted = Vec::new();
         for (version, replicas) in &want.versions {
-            if let Err(e) = check_version(version) {
-                problems.push(e);
-                continue;
+            match self.apply_one(&want, version, *replicas, &mut listed).await {
+                Ok(name) => wanted.push(Wanted {
+                    name,
+                    version,
+                    replicas: *replicas,
+                }),
+                Err(e) => problems.push(e),
             }
-            let spec = Spec {
-                namespace: ns,
-                service: &want.service,
-                version,
-                replicas: *replicas,
-                image: want.image.replace("{version}", version),
-                port: self.port,
-                health_check: &want.health_check,
-            };
-            let object = objects::deployment(&spec);
-            let name = deployment_name(&want.service, version);
-            let fresh = self.applied.get(&name).is_some_and(|(applied, at)| {
-                *applied == object && at.elapsed() < APPLY_AGAIN_AFTER
-            });
-            if !fresh || !listed.contains_key(&name) {
-                let params = PatchParams::apply(MANAGER).force();
-                let now = self
-                    .deployments
-                    .patch(&name, &params, &Patch::Apply(&object))
-                    .await
-                    .map_err(|e| format!("applying Deployment {name} in namespace {ns}: {e}"))?;
-                tracing::info!(deployment = %name, namespace = %ns, replicas, "applied");
-                self.applied.insert(name.clone(), (object, Instant::now()));
-                // As the API server has it now: judged below with the listed ones.
-                listed.insert(name.clone(), now);
-            }
-            wanted.insert(name, (version.as_str(), *replicas));
         }
-
-        for name in listed.keys().filter(|n| !wanted.contains_key(*n)) {
-            match self
-                .deployments
-                .delete(name, &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(deployment = %name, namespace = %ns, "deleted: its version is no longer wanted")
-                }
-                // Gone already: what was wanted.
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    return Err(format!("deleting Deployment {name} in namespace {ns}: {e}"));
-                }
-            }
-            self.applied.remove(name);
+        if !want.keep_others {
+            self.delete_others(&listed, &wanted, &mut problems).await;
         }
-
         let pods = self
             .pods
             .list(&selector)
             .await
             .map_err(|e| format!("listing pods in namespace {ns}: {e}"))?
             .items;
+        Ok(self.judge(&listed, &wanted, &pods, problems))
+    }
+
+    /// Applies `version`'s Deployment unless it stands as last applied; returns its name.
+    /// `listed` gets the object as the API server has it after the apply.
+    async fn apply_one(
+        &mut self,
+        want: &Want,
+        version: &str,
+        replicas: u32,
+        listed: &mut BTreeMap<String, Deployment>,
+    ) -> Result<String, String> {
+        check_version(version)?;
+        let ns = &self.namespace;
+        let name = deployment_name(&want.service, version);
+        let object = objects::deployment(&Spec {
+            namespace: ns,
+            service: &want.service,
+            version,
+            replicas,
+            image: want.image.replace("{version}", version),
+            port: self.port,
+            health_check: &want.health_check,
+        });
+        let standing = match (self.applied.get(&name), listed.get(&name)) {
+            (Some(applied), Some(now)) => {
+                applied.object == object
+                    && applied.generation == now.metadata.generation
+                    && applied.at.elapsed() < APPLY_AGAIN_AFTER
+            }
+            _ => false,
+        };
+        if standing {
+            return Ok(name);
+        }
+        if !listed.contains_key(&name) {
+            // Not among the driver's: the name may be taken by another's Deployment.
+            let found = self.deployments.get_opt(&name).await;
+            match found.map_err(|e| format!("reading Deployment {name} in namespace {ns}: {e}"))? {
+                Some(d) if !objects::is_ours(&d, &want.service, version) => {
+                    return Err(format!(
+                        "Deployment {name} in namespace {ns} is not fleet-agent's for {} {version}: \
+                         rename or delete it, or run the service in another namespace",
+                        want.service
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let params = PatchParams::apply(MANAGER).force();
+        let now = self
+            .deployments
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map_err(|e| format!("applying Deployment {name} in namespace {ns}: {e}"))?;
+        tracing::info!(deployment = %name, namespace = %ns, replicas, "applied");
+        self.applied.insert(
+            name.clone(),
+            Applied {
+                object,
+                generation: now.metadata.generation,
+                at: Instant::now(),
+            },
+        );
+        listed.insert(name.clone(), now);
+        Ok(name)
+    }
+
+    /// Deletes the listed Deployments of versions no longer wanted.
+    async fn delete_others(
+        &mut self,
+        listed: &BTreeMap<String, Deployment>,
+        wanted: &[Wanted<'_>],
+        problems: &mut Vec<String>,
+    ) {
+        let ns = &self.namespace;
+        for name in listed
+            .keys()
+            .filter(|n| wanted.iter().all(|w| w.name != **n))
+        {
+            match self
+                .deployments
+                .delete(name, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(deployment = %name, namespace = %ns, "deleted: its version is no longer wanted");
+                }
+                // Gone already: what was wanted.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    problems.push(format!("deleting Deployment {name} in namespace {ns}: {e}"));
+                    continue;
+                }
+            }
+            self.applied.remove(name);
+            self.complete.remove(name);
+        }
+    }
+
+    /// The ready versions and their instances, and what keeps the others from being ready.
+    fn judge(
+        &mut self,
+        listed: &BTreeMap<String, Deployment>,
+        wanted: &[Wanted<'_>],
+        pods: &[Pod],
+        mut problems: Vec<String>,
+    ) -> Running {
         let mut running = Running::default();
-        for (name, (version, replicas)) in &wanted {
-            let Some(d) = listed.get(name) else {
+        for w in wanted {
+            let Some(d) = listed.get(&w.name) else {
                 continue;
             };
-            if let Err(e) = objects::rolled_out(d, *replicas) {
-                problems.push(e);
+            let generation = d.metadata.generation.unwrap_or(0);
+            let rollout = objects::rolled_out(d, w.replicas);
+            if rollout.is_ok() {
+                self.complete.insert(w.name.clone(), generation);
+            }
+            let addresses = objects::ready_addresses(pods, w.version, self.port);
+            if self.complete.get(&w.name) == Some(&generation) && !addresses.is_empty() {
+                // Complete once at this spec: it serves with the pods ready now, however many.
+                running.ready.insert(w.version.to_owned(), addresses);
                 continue;
             }
-            let addresses = objects::ready_addresses(&pods, version, self.port);
-            if addresses.len() < *replicas as usize {
-                problems.push(format!(
-                    "{name}: {} of {replicas} pods ready with an address",
-                    addresses.len()
-                ));
-                continue;
+            let mut why = match rollout {
+                Err(e) => e,
+                Ok(()) => format!("{}: no pod ready with an address", w.name),
+            };
+            if let Some(trouble) = objects::pod_trouble(pods, w.version) {
+                why = format!("{why} ({trouble})");
             }
-            running.ready.insert((*version).to_owned(), addresses);
+            problems.push(why);
         }
         running.detail = problems.join("; ");
-        Ok(running)
+        running
     }
 }
 
@@ -192,14 +287,25 @@ impl Driver for KubernetesDriver {
             return running.clone();
         }
         self.changed = false;
-        let running = self.round().await.unwrap_or_else(|detail| {
-            tracing::warn!(%detail, "kubernetes round failed");
-            // Nothing is reported ready, so the proxies keep the table they have.
-            Running {
-                ready: BTreeMap::new(),
-                detail,
+        let round = tokio::time::timeout(ROUND_TIMEOUT, self.round()).await;
+        let running = match round {
+            Ok(Ok(running)) => running,
+            failed => {
+                let detail = match failed {
+                    Ok(Err(detail)) => detail,
+                    _ => format!(
+                        "the Kubernetes API did not answer within {ROUND_TIMEOUT:?} (namespace {})",
+                        self.namespace
+                    ),
+                };
+                tracing::warn!(%detail, "kubernetes round failed");
+                // Nothing is reported ready, so the proxies keep the table they have.
+                Running {
+                    ready: BTreeMap::new(),
+                    detail,
+                }
             }
-        });
+        };
         self.last = Some((running.clone(), Instant::now()));
         running
     }

@@ -85,7 +85,10 @@ impl ProcessDriver {
 impl Driver for ProcessDriver {
     fn apply(&mut self, want: &Want) {
         self.want = want.clone();
-        let wanted = |i: &Instance| want.versions.get(&i.version).is_some_and(|n| i.index < *n);
+        let wanted = |i: &Instance| match want.versions.get(&i.version) {
+            Some(n) => i.index < *n,
+            None => want.keep_others,
+        };
         let (keep, stop): (Vec<Instance>, Vec<Instance>) = std::mem::take(&mut self.instances)
             .into_iter()
             .partition(wanted);

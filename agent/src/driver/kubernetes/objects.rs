@@ -113,10 +113,9 @@ fn labels(service: &str, version: &str) -> BTreeMap<String, String> {
 /// set here are the driver's; whatever else the cluster adds stays).
 pub fn deployment(spec: &Spec<'_>) -> Deployment {
     let labels = labels(spec.service, spec.version);
-    let selected = BTreeMap::from([
-        (NAME.to_owned(), spec.service.to_owned()),
-        (VERSION.to_owned(), spec.version.to_owned()),
-    ]);
+    // All three, so that no other tool's pods (Helm charts set the first two too) are ever
+    // taken for the driver's: a selector cannot change once made.
+    let selected = labels.clone();
     let container = Container {
         name: spec.service.to_owned(),
         image: Some(spec.image.clone()),
@@ -177,13 +176,34 @@ pub fn deployment(spec: &Spec<'_>) -> Deployment {
     }
 }
 
+/// Whether `d` was made by the driver for `service` and `version`.
+pub fn is_ours(d: &Deployment, service: &str, version: &str) -> bool {
+    let labels = d.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    label(MANAGED_BY) == Some(MANAGER)
+        && label(NAME) == Some(service)
+        && label(VERSION) == Some(version)
+}
+
 /// Whether `d` has rolled out `replicas` instances of its current spec, all ready, and no
-/// others left over; if not, what it lacks, for people.
+/// others left over; if not, what it lacks, for people, with the cluster's own reason when
+/// it gave one (a deadline passed, pods it could not create).
 pub fn rolled_out(d: &Deployment, replicas: u32) -> Result<(), String> {
     let name = d.metadata.name.as_deref().unwrap_or_default();
     let Some(status) = &d.status else {
         return Err(format!("{name}: no status yet"));
     };
+    let stuck = status.conditions.iter().flatten().find(|c| {
+        (c.type_ == "Progressing" && c.status == "False")
+            || (c.type_ == "ReplicaFailure" && c.status == "True")
+    });
+    if let Some(c) = stuck {
+        return Err(format!(
+            "{name}: {}: {}",
+            c.reason.as_deref().unwrap_or(&c.type_),
+            c.message.as_deref().unwrap_or_default()
+        ));
+    }
     let want = i64::from(replicas);
     let seen = status.observed_generation.unwrap_or(0);
     if seen < d.metadata.generation.unwrap_or(0) {
@@ -211,19 +231,60 @@ pub fn rolled_out(d: &Deployment, replicas: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Why `version`'s pods are not ready, when one of them says: unschedulable, or a container
+/// waiting for a reason other than being made (an image that cannot be pulled, a crash loop).
+pub fn pod_trouble(pods: &[Pod], version: &str) -> Option<String> {
+    pods.iter()
+        .filter(|p| has_version(p, version))
+        .find_map(|p| {
+            let name = p.metadata.name.as_deref().unwrap_or_default();
+            let status = p.status.as_ref()?;
+            let unschedulable = status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+            if let Some(c) = unschedulable {
+                let why = c
+                    .message
+                    .as_deref()
+                    .or(c.reason.as_deref())
+                    .unwrap_or("unschedulable");
+                return Some(format!("pod {name}: not scheduled: {why}"));
+            }
+            status.container_statuses.iter().flatten().find_map(|c| {
+                let waiting = c.state.as_ref()?.waiting.as_ref()?;
+                let reason = waiting.reason.as_deref()?;
+                if matches!(reason, "ContainerCreating" | "PodInitializing") {
+                    return None;
+                }
+                let message = waiting
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                Some(format!(
+                    "pod {name}: container {} waiting: {reason}{message}",
+                    c.name
+                ))
+            })
+        })
+}
+
+fn has_version(p: &Pod, version: &str) -> bool {
+    p.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(VERSION))
+        .is_some_and(|v| v == version)
+}
+
 /// The addresses (`ip:port`) of `version`'s pods that are ready and not being deleted,
 /// sorted.
 pub fn ready_addresses(pods: &[Pod], version: &str, port: u16) -> Vec<String> {
     let mut out: Vec<String> = pods
         .iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(VERSION))
-                    .is_some_and(|v| v == version)
-        })
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && has_version(p, version))
         .filter_map(|p| {
             let status = p.status.as_ref()?;
             let ready = status

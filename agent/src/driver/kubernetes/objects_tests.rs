@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used)]
 
-use k8s_openapi::api::apps::v1::DeploymentStatus;
+use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
 use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -94,6 +94,7 @@ fn a_deployment_runs_the_image_of_its_version_behind_a_readiness_probe() {
             "spec": {
                 "replicas": 3,
                 "selector": { "matchLabels": {
+                    "app.kubernetes.io/managed-by": "fleet-agent",
                     "app.kubernetes.io/name": "checkout",
                     "app.kubernetes.io/version": "v2"
                 } },
@@ -209,4 +210,55 @@ fn a_versions_instances_are_its_ready_pods_that_are_not_going_away() {
         ["10.0.0.3:8080", "10.0.0.9:8080", "[fd00::7]:8080"]
     );
     assert_eq!(ready_addresses(&pods, "v1", 80), ["10.0.0.1:80"]);
+}
+
+#[test]
+fn a_rollout_the_cluster_gave_up_on_says_why() {
+    let d = with_status(
+        2,
+        DeploymentStatus {
+            observed_generation: Some(2),
+            conditions: Some(vec![DeploymentCondition {
+                type_: "Progressing".into(),
+                status: "False".into(),
+                reason: Some("ProgressDeadlineExceeded".into()),
+                message: Some("ReplicaSet \"checkout-v2-5d8\" has timed out progressing.".into()),
+                ..DeploymentCondition::default()
+            }]),
+            ..DeploymentStatus::default()
+        },
+    );
+    assert_eq!(
+        rolled_out(&d, 3).unwrap_err(),
+        "checkout-v2: ProgressDeadlineExceeded: ReplicaSet \"checkout-v2-5d8\" has timed out progressing."
+    );
+}
+
+#[test]
+fn only_the_drivers_own_deployment_for_that_service_and_version_is_its_own() {
+    let ours = deployment(&spec("v2"));
+    assert!(is_ours(&ours, "checkout", "v2"));
+    assert!(!is_ours(&ours, "checkout-canary", "v2"), "another service");
+    assert!(!is_ours(&ours, "checkout", "v3"));
+    let mut theirs = ours.clone();
+    theirs.metadata.labels.as_mut().unwrap().remove(MANAGED_BY);
+    assert!(!is_ours(&theirs, "checkout", "v2"));
+}
+
+#[test]
+fn a_pod_that_cannot_be_scheduled_says_why() {
+    let mut p = pod("v2", None, false, false);
+    p.metadata.name = Some("checkout-v2-x".into());
+    p.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
+        type_: "PodScheduled".into(),
+        status: "False".into(),
+        reason: Some("Unschedulable".into()),
+        message: Some("0/3 nodes are available: 3 Insufficient cpu.".into()),
+        ..PodCondition::default()
+    }]);
+    assert_eq!(
+        pod_trouble(&[p.clone()], "v2").unwrap(),
+        "pod checkout-v2-x: not scheduled: 0/3 nodes are available: 3 Insufficient cpu."
+    );
+    assert_eq!(pod_trouble(&[p], "v1"), None, "another version's pod");
 }
