@@ -26,7 +26,9 @@ pub struct Want {
     pub keep_others: bool,
 }
 
-/// What runs: per version, the addresses of its ready instances, once all of them are.
+/// What runs: per version, the addresses of its ready instances, once all of them have been
+/// ready (the process driver: all of them now; the kubernetes driver: its rollout complete
+/// once, its ready pods since).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Running {
     pub ready: BTreeMap<String, Vec<String>>,

@@ -42,6 +42,8 @@ struct Cluster {
     refuse_deletes: Option<(StatusCode, Value)>,
     /// No request is answered (the answers are held, never sent).
     hang: bool,
+    /// Deployments made so far, for their uids.
+    made: u32,
 }
 
 type Shared = Arc<Mutex<Cluster>>;
@@ -140,6 +142,13 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                 ),
                 None => (json!(1), Value::Null),
             };
+            // A Deployment made anew gets a uid of its own.
+            c.made += 1;
+            let uid = c.deployments.get(&name).map_or_else(
+                || json!(format!("uid-{}", c.made)),
+                |old| old["metadata"]["uid"].clone(),
+            );
+            object["metadata"]["uid"] = uid;
             object["metadata"]["generation"] = generation;
             if !status.is_null() {
                 object["status"] = status;
@@ -451,7 +460,7 @@ fn put(cluster: &Shared, name: &str, object: Value) {
 
 fn managed(name: &str, version: &str) -> Value {
     json!({"apiVersion": "apps/v1", "kind": "Deployment",
-           "metadata": {"name": name, "generation": 1, "labels": {
+           "metadata": {"name": name, "generation": 1, "uid": format!("uid-{name}"), "labels": {
                "app.kubernetes.io/name": "checkout", "app.kubernetes.io/version": version,
                "app.kubernetes.io/managed-by": "fleet-agent"}},
            "spec": {"replicas": 1}})
@@ -479,17 +488,65 @@ async fn once_rolled_out_a_version_follows_its_pods_to_new_addresses() {
         ready("v1", &["10.1.0.1:8080", "10.1.0.7:8080"])
     );
 
-    // A new spec (three replicas) must roll out before the version is ready again.
+    // A new spec (three replicas) rolls out with the version still served by its ready pods.
     driver.apply(&want(&[("v1", 3)]));
-    let running = driver.poll().await;
-    assert!(running.ready.is_empty(), "{running:?}");
-    assert!(
-        running.detail.contains("not yet seen"),
-        "{}",
-        running.detail
+    assert_eq!(
+        driver.poll().await.ready,
+        ready("v1", &["10.1.0.1:8080", "10.1.0.7:8080"])
     );
     roll_out(&cluster, "checkout-v1", "v1", 3);
     assert_eq!(driver.poll().await.ready["v1"].len(), 3);
+}
+
+#[tokio::test]
+async fn a_deployment_made_again_must_roll_out_anew() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 2)]));
+    driver.poll().await;
+    roll_out(&cluster, "checkout-v1", "v1", 2);
+    assert_eq!(driver.poll().await.ready["v1"].len(), 2);
+    // Deleted by hand: made again at generation 1 as before, its old pods not yet gone.
+    cluster.lock().unwrap().deployments.clear();
+    let running = driver.poll().await;
+    assert!(running.ready.is_empty(), "{running:?}");
+    assert_eq!(running.detail, "checkout-v1: no status yet");
+    roll_out(&cluster, "checkout-v1", "v1", 2);
+    assert_eq!(driver.poll().await.ready["v1"].len(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_apply_leaves_the_running_version_running_and_served() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 2)]));
+    driver.poll().await;
+    roll_out(&cluster, "checkout-v1", "v1", 2);
+    driver.poll().await;
+    cluster.lock().unwrap().refuse_patches = Some((
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+               "reason": "TooManyRequests", "code": 429, "message": "too many requests"}),
+    ));
+    driver.apply(&want(&[("v1", 3)]));
+    let running = driver.poll().await;
+    assert!(seen(&cluster).iter().all(|s| s.method != Method::DELETE));
+    assert!(
+        cluster
+            .lock()
+            .unwrap()
+            .deployments
+            .contains_key("checkout-v1")
+    );
+    assert_eq!(
+        running.ready,
+        ready("v1", &["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+    assert!(
+        running
+            .detail
+            .starts_with("applying Deployment checkout-v1 in namespace shop:"),
+        "{}",
+        running.detail
+    );
 }
 
 #[tokio::test]

@@ -213,6 +213,8 @@ fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy(
     for (group, resource, verb) in [
         ("apps", "deployments", "get"),
         ("apps", "deployments", "list"),
+        // A server-side apply that makes the object.
+        ("apps", "deployments", "create"),
         ("apps", "deployments", "patch"),
         ("apps", "deployments", "delete"),
         ("", "pods", "list"),

@@ -1,15 +1,17 @@
 //! The `kubernetes` driver: each wanted version runs as a Deployment of its own
-//! (`objects.rs`), applied server-side through kube-rs. A version is ready once its rollout
-//! is complete (every replica of its current spec ready); from then on its instances are its
-//! ready pods' addresses, which the proxies are given, so a pod replaced later is followed to
-//! its new address while the rest carry on.
+//! (`objects.rs`), applied server-side through kube-rs. A version is first ready once its
+//! rollout is complete (every replica of its spec ready); from then on, for as long as that
+//! Deployment lives, its instances are whichever of its pods are ready, which the proxies are
+//! given: a pod evicted, or replaced by a later rollout, is followed to its new address while
+//! the rest carry on.
 //!
 //! Each round lists the service's Deployments and pods (by label), applies what is missing,
 //! changed here or changed by hand, and deletes the Deployments of versions no longer wanted.
 //! A Deployment the driver did not make for that service and version is never changed or
-//! deleted: a name taken by one is reported. A failure with one Deployment is reported and the
-//! others carry on. Rounds are at most one a second unless the want changed, and one that
-//! takes longer than [`ROUND_TIMEOUT`] is given up and reported.
+//! deleted: a name taken by one is reported. A failed apply or delete is reported and the
+//! rest of the round carries on; a wanted version's Deployment is never deleted for it.
+//! Rounds are at most one a second unless the want changed, and one that takes longer than
+//! [`ROUND_TIMEOUT`] is given up and reported.
 //!
 //! The workloads outlive the agent: stopping it (or losing it) leaves every Deployment as it
 //! is, so the cluster goes on serving while the agent is away (fail-static).
@@ -46,8 +48,8 @@ pub struct KubernetesDriver {
     /// What this driver applied, by Deployment name: the object, the generation the API
     /// server gave it, and when.
     applied: BTreeMap<String, Applied>,
-    /// The generation at which each Deployment's rollout was last seen complete.
-    complete: BTreeMap<String, i64>,
+    /// The Deployments (by name, with their uid) whose rollout has been seen complete.
+    complete: BTreeMap<String, String>,
     /// The last round's outcome and when it ended.
     last: Option<(Running, Instant)>,
     /// The want changed since the last round.
@@ -115,17 +117,33 @@ impl KubernetesDriver {
         let want = self.want.clone();
         let mut wanted = Vec::new();
         for (version, replicas) in &want.versions {
-            match self.apply_one(&want, version, *replicas, &mut listed).await {
-                Ok(name) => wanted.push(Wanted {
-                    name,
-                    version,
-                    replicas: *replicas,
-                }),
-                Err(e) => problems.push(e),
+            if let Err(e) = check_version(version) {
+                problems.push(e);
+                continue;
             }
+            let name = deployment_name(&want.service, version);
+            // A failed apply leaves the Deployment as it was, to be judged as it is.
+            if let Err(e) = self
+                .apply_one(&want, version, *replicas, &name, &mut listed)
+                .await
+            {
+                problems.push(e);
+            }
+            wanted.push(Wanted {
+                name,
+                version,
+                replicas: *replicas,
+            });
         }
         if !want.keep_others {
-            self.delete_others(&listed, &wanted, &mut problems).await;
+            // Every wanted version's name, applied this round or not: a failed apply must
+            // not take a version's Deployment away.
+            let keep: Vec<String> = want
+                .versions
+                .keys()
+                .map(|v| deployment_name(&want.service, v))
+                .collect();
+            self.delete_others(&listed, &keep, &mut problems).await;
         }
         let pods = self
             .pods
@@ -136,18 +154,17 @@ impl KubernetesDriver {
         Ok(self.judge(&listed, &wanted, &pods, problems))
     }
 
-    /// Applies `version`'s Deployment unless it stands as last applied; returns its name.
-    /// `listed` gets the object as the API server has it after the apply.
+    /// Applies `version`'s Deployment, `name`, unless it stands as last applied. `listed`
+    /// gets the object as the API server has it after the apply.
     async fn apply_one(
         &mut self,
         want: &Want,
         version: &str,
         replicas: u32,
+        name: &str,
         listed: &mut BTreeMap<String, Deployment>,
-    ) -> Result<String, String> {
-        check_version(version)?;
+    ) -> Result<(), String> {
         let ns = &self.namespace;
-        let name = deployment_name(&want.service, version);
         let object = objects::deployment(&Spec {
             namespace: ns,
             service: &want.service,
@@ -157,7 +174,7 @@ impl KubernetesDriver {
             port: self.port,
             health_check: &want.health_check,
         });
-        let standing = match (self.applied.get(&name), listed.get(&name)) {
+        let standing = match (self.applied.get(name), listed.get(name)) {
             (Some(applied), Some(now)) => {
                 applied.object == object
                     && applied.generation == now.metadata.generation
@@ -166,11 +183,11 @@ impl KubernetesDriver {
             _ => false,
         };
         if standing {
-            return Ok(name);
+            return Ok(());
         }
-        if !listed.contains_key(&name) {
+        if !listed.contains_key(name) {
             // Not among the driver's: the name may be taken by another's Deployment.
-            let found = self.deployments.get_opt(&name).await;
+            let found = self.deployments.get_opt(name).await;
             match found.map_err(|e| format!("reading Deployment {name} in namespace {ns}: {e}"))? {
                 Some(d) if !objects::is_ours(&d, &want.service, version) => {
                     return Err(format!(
@@ -185,34 +202,31 @@ impl KubernetesDriver {
         let params = PatchParams::apply(MANAGER).force();
         let now = self
             .deployments
-            .patch(&name, &params, &Patch::Apply(&object))
+            .patch(name, &params, &Patch::Apply(&object))
             .await
             .map_err(|e| format!("applying Deployment {name} in namespace {ns}: {e}"))?;
         tracing::info!(deployment = %name, namespace = %ns, replicas, "applied");
         self.applied.insert(
-            name.clone(),
+            name.to_owned(),
             Applied {
                 object,
                 generation: now.metadata.generation,
                 at: Instant::now(),
             },
         );
-        listed.insert(name.clone(), now);
-        Ok(name)
+        listed.insert(name.to_owned(), now);
+        Ok(())
     }
 
-    /// Deletes the listed Deployments of versions no longer wanted.
+    /// Deletes the listed Deployments not named in `keep`.
     async fn delete_others(
         &mut self,
         listed: &BTreeMap<String, Deployment>,
-        wanted: &[Wanted<'_>],
+        keep: &[String],
         problems: &mut Vec<String>,
     ) {
         let ns = &self.namespace;
-        for name in listed
-            .keys()
-            .filter(|n| wanted.iter().all(|w| w.name != **n))
-        {
+        for name in listed.keys().filter(|n| !keep.contains(n)) {
             match self
                 .deployments
                 .delete(name, &DeleteParams::default())
@@ -241,19 +255,27 @@ impl KubernetesDriver {
         pods: &[Pod],
         mut problems: Vec<String>,
     ) -> Running {
+        // A Deployment made again (deleted by hand) has another uid: it must roll out anew.
+        self.complete.retain(|name, uid| {
+            listed
+                .get(name)
+                .is_some_and(|d| d.metadata.uid.as_ref() == Some(uid))
+        });
         let mut running = Running::default();
         for w in wanted {
             let Some(d) = listed.get(&w.name) else {
                 continue;
             };
-            let generation = d.metadata.generation.unwrap_or(0);
             let rollout = objects::rolled_out(d, w.replicas);
-            if rollout.is_ok() {
-                self.complete.insert(w.name.clone(), generation);
+            if rollout.is_ok()
+                && let Some(uid) = &d.metadata.uid
+            {
+                self.complete.insert(w.name.clone(), uid.clone());
             }
             let addresses = objects::ready_addresses(pods, w.version, self.port);
-            if self.complete.get(&w.name) == Some(&generation) && !addresses.is_empty() {
-                // Complete once at this spec: it serves with the pods ready now, however many.
+            if self.complete.contains_key(&w.name) && !addresses.is_empty() {
+                // Rolled out once: it serves with whichever of its pods are ready now, through
+                // evictions and later rollouts of a new spec alike, as a Service would.
                 running.ready.insert(w.version.to_owned(), addresses);
                 continue;
             }

@@ -7,7 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, HTTPGetAction, Pod, PodSpec, PodTemplateSpec, Probe,
+    Container, ContainerPort, EnvVar, HTTPGetAction, Lifecycle, LifecycleHandler, Pod, PodSpec,
+    PodTemplateSpec, Probe, SleepAction,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -19,8 +20,12 @@ pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// The value of [`MANAGED_BY`] and the field manager of every apply.
 pub const MANAGER: &str = "fleet-agent";
 
-/// Longest name of a label value, and of a Deployment here (so that its pods' names stay
-/// within what every tool expects).
+/// How long a pod being stopped goes on serving before its SIGTERM: time for the agent to
+/// see it go and take it out of the proxies' tables (a round a second, then a `PUT`).
+pub const STOP_AFTER_SECONDS: i64 = 5;
+
+/// Longest name of a label value, and of a Deployment here (a DNS label, as tools that
+/// make names from it expect; its pods' names, longer by a hash, are cut by Kubernetes).
 const MAX_NAME: usize = 63;
 
 /// The label selector of everything the driver made for `service`.
@@ -144,6 +149,15 @@ pub fn deployment(spec: &Spec<'_>) -> Deployment {
             }),
             period_seconds: Some(2),
             ..Probe::default()
+        }),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: STOP_AFTER_SECONDS,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
         }),
         ..Container::default()
     };

@@ -115,7 +115,8 @@ fn a_deployment_runs_the_image_of_its_version_behind_a_readiness_probe() {
                         "readinessProbe": {
                             "httpGet": { "path": "/healthz", "port": "http" },
                             "periodSeconds": 2
-                        }
+                        },
+                        "lifecycle": { "preStop": { "sleep": { "seconds": 5 } } }
                     }] }
                 }
             }
