@@ -42,10 +42,18 @@ pub async fn handle(
     };
     let resp = match (method, req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => match shared.draining.load(Relaxed) {
-            true => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-            false => text(StatusCode::OK, "ready\n"),
-        },
+        (&Method::GET, "/readyz") => {
+            if shared.draining.load(Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if shared.settings.await_put && !shared.put.load(Relaxed) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "awaiting a table (PUT /routes)\n",
+                )
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
         // Written out on a background thread, like `/stats`: megabytes for a large table.
         (&Method::GET, "/routes") => {
             let body = background::run("routes", move || {
@@ -216,6 +224,7 @@ fn check_and_install(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
     let (routes, built) = (table.routes().len(), started.elapsed());
     match shared.install(table, expected) {
         Ok(version) => {
+            shared.put.store(true, Relaxed);
             // Read, checked and built; then in force.
             let (build_ms, total_ms) = (millis(built), millis(started.elapsed()));
             tracing::info!(

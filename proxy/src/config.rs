@@ -39,6 +39,11 @@ pub struct FileConfig {
     /// How often the config file is checked for changes. Default: `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch_interval: Option<String>,
+    /// `/readyz` answers 503 until a table has come through `PUT /routes`: for proxies an
+    /// agent programs, so that one started on its file's table takes no traffic until the
+    /// agent has given it the real one. Default: `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub await_put: Option<bool>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -247,6 +252,7 @@ pub struct Settings {
     pub mirror: MirrorLimits,
     pub drain_timeout: Duration,
     pub watch_interval: Duration,
+    pub await_put: bool,
     /// A digest of the text these settings were read from: a reload that reads the same text
     /// leaves the table in force alone.
     pub source: u64,
@@ -273,6 +279,7 @@ impl Settings {
                 "watch_interval",
                 self.watch_interval != other.watch_interval,
             ),
+            ("await_put", self.await_put != other.await_put),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))

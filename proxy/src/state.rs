@@ -58,6 +58,8 @@ pub struct Shared {
     pub stats: Stats,
     pub mirror: Mirror,
     pub draining: AtomicBool,
+    /// A table has been put through `PUT /routes` since the start (`await_put`).
+    pub put: AtomicBool,
     /// Requests in flight across the proxy, against `limits.max_requests`.
     pub admissions: Arc<crate::conn::Admissions>,
 }
@@ -85,6 +87,7 @@ impl Shared {
             stats,
             mirror,
             draining: AtomicBool::new(false),
+            put: AtomicBool::new(false),
             admissions,
         });
         shared

@@ -182,6 +182,8 @@ fn the_proxies_start_on_a_config_fleet_proxy_accepts_at_the_path_they_are_given(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Its table is a placeholder: the proxy takes traffic only once the agent put its own.
+    assert!(config.contains("\nawait_put: true\n"), "{config}");
 
     let proxy = template(find(&docs, "StatefulSet", "fleet-proxy"))
         .spec

@@ -166,6 +166,7 @@ impl Checker<'_> {
             mirror,
             drain_timeout: drain_timeout?,
             watch_interval: watch_interval?,
+            await_put: f.await_put.unwrap_or(false),
             source,
         })
     }
@@ -305,7 +306,7 @@ mod tests {
                 .cloned()
                 .collect::<Vec<_>>()
         };
-        let settings_fields = ["drain_timeout".to_string(), "watch_interval".to_string()];
+        let settings_fields = ["drain_timeout", "watch_interval", "await_put"].map(String::from);
         for field in ["UpstreamSpec", "LimitsSpec", "MirrorLimitsSpec"]
             .iter()
             .flat_map(|def| fields(def))
@@ -327,8 +328,16 @@ mod tests {
         assert_eq!(defaults.limits, spelled.limits);
         assert_eq!(defaults.mirror, spelled.mirror);
         assert_eq!(
-            (defaults.drain_timeout, defaults.watch_interval),
-            (spelled.drain_timeout, spelled.watch_interval)
+            (
+                defaults.drain_timeout,
+                defaults.watch_interval,
+                defaults.await_put
+            ),
+            (
+                spelled.drain_timeout,
+                spelled.watch_interval,
+                spelled.await_put
+            )
         );
         // The issue's own numbers, which tools rely on.
         let u = &defaults.upstream;

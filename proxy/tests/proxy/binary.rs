@@ -391,3 +391,39 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
     drop(in_flight);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A proxy an agent programs: not ready on its file's table, ready once a table is put.
+#[tokio::test]
+async fn with_await_put_the_proxy_is_ready_only_once_a_table_is_put() {
+    let stable = Backend::start("stable", Mode::Normal).await;
+    let dir = temp_dir("await-put");
+    let file = dir.join("proxy.yaml");
+    let table = |addr: &str| {
+        format!(
+            "tracks:\n  stable: {{ backends: [\"{addr}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
+        )
+    };
+    let head = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nawait_put: true\n";
+    std::fs::write(&file, format!("{head}{}", table("127.0.0.1:1"))).unwrap();
+    let (child, admin) = spawn_with(&file, &[]);
+    let ready = format!("http://{admin}/readyz");
+    crate::support::eventually(Duration::from_secs(10), || async {
+        get(&ready).await.is_some()
+    })
+    .await;
+    let (status, _, body) = get(&ready).await.unwrap();
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (503, "awaiting a table (PUT /routes)\n")
+    );
+    let (status, body) = crate::support::put(
+        &format!("http://{admin}/routes"),
+        &table(&stable.addr.to_string()),
+    )
+    .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let (status, _, body) = get(&ready).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "ready\n"));
+    drop(child);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
