@@ -271,7 +271,15 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
         }
     }
     if next.text != last.text {
-        let _ = shared.install(table, None);
+        if shared.settings.await_put && shared.put.load(Relaxed) {
+            // The file's table is a placeholder once one came through `PUT /routes`.
+            tracing::info!(
+                file,
+                "await_put: the table put through PUT /routes stays in force"
+            );
+        } else {
+            let _ = shared.install(table, None);
+        }
     }
     next.into()
 }

@@ -403,7 +403,7 @@ async fn with_await_put_the_proxy_is_ready_only_once_a_table_is_put() {
             "tracks:\n  stable: {{ backends: [\"{addr}\"] }}\nroutes:\n  - {{ split: {{ stable: 10000 }} }}\n"
         )
     };
-    let head = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nawait_put: true\n";
+    let head = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\nawait_put: true\n";
     std::fs::write(&file, format!("{head}{}", table("127.0.0.1:1"))).unwrap();
     let (child, admin) = spawn_with(&file, &[]);
     let ready = format!("http://{admin}/readyz");
@@ -424,6 +424,16 @@ async fn with_await_put_the_proxy_is_ready_only_once_a_table_is_put() {
     assert_eq!(status.as_u16(), 200, "{body}");
     let (status, _, body) = get(&ready).await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, "ready\n"));
+
+    // The file edited (its table another placeholder): read, and the put table stays.
+    std::fs::write(&file, format!("{head}{}", table("127.0.0.1:2"))).unwrap();
+    crate::support::eventually(Duration::from_secs(10), || async {
+        child.logged("the table put through PUT /routes stays in force") == 1
+    })
+    .await;
+    let (_, _, routes) = get(&format!("http://{admin}/routes")).await.unwrap();
+    assert!(routes.contains(&stable.addr.to_string()), "{routes}");
+    assert_eq!(get(&ready).await.unwrap().0.as_u16(), 200);
     drop(child);
     std::fs::remove_dir_all(&dir).unwrap();
 }
