@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use fleet_proto::tally::Tally;
 use fleet_proto::v1 as pb;
 use fleet_proxy_router::spec::TableSpec;
@@ -45,28 +46,44 @@ impl Proxies {
         }
     }
 
-    /// Puts `table` on every proxy; fails if any refuses it.
+    /// Puts `table` on every proxy, each whatever the others answer (one down must not keep
+    /// the rest on an old table); fails, naming each, if any did not take it.
     pub async fn program(&mut self, table: &TableSpec) -> anyhow::Result<()> {
-        for proxy in &self.urls {
-            let url = format!("{}/routes", proxy.trim_end_matches('/'));
-            let response = (self.http.put(&url))
-                .timeout(PROXY_TIMEOUT)
-                .json(table)
-                .send()
-                .await?;
-            if !response.status().is_success() {
-                let status = response.status();
-                let body = response.text().await.unwrap_or_default();
-                anyhow::bail!("{url} answered {status}: {body}");
+        let mut failed = Vec::new();
+        for proxy in self.urls.clone() {
+            match self.put(&proxy, table).await {
+                Ok(version) => {
+                    self.installed.insert(proxy, (version, None));
+                }
+                Err(e) => failed.push(format!("{e:#}")),
             }
-            #[derive(serde::Deserialize)]
-            struct Put {
-                version: u64,
-            }
-            let put: Put = response.json().await?;
-            self.installed.insert(proxy.clone(), (put.version, None));
         }
-        Ok(())
+        match failed.is_empty() {
+            true => Ok(()),
+            false => anyhow::bail!("{}", failed.join("; ")),
+        }
+    }
+
+    /// Puts `table` on one proxy; the version it is in force as.
+    async fn put(&self, proxy: &str, table: &TableSpec) -> anyhow::Result<u64> {
+        let url = format!("{}/routes", proxy.trim_end_matches('/'));
+        let response = (self.http.put(&url))
+            .timeout(PROXY_TIMEOUT)
+            .json(table)
+            .send()
+            .await
+            .with_context(|| url.clone())?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            anyhow::bail!("{url} answered {status}: {body}");
+        }
+        #[derive(serde::Deserialize)]
+        struct Put {
+            version: u64,
+        }
+        let put: Put = response.json().await?;
+        Ok(put.version)
     }
 
     /// Reads every proxy's counters into the tally. True when a proxy was found serving
@@ -146,6 +163,50 @@ fn now_unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A FAKE proxy admin API (test-only): answers every request with `{"version": 7}` and
+    /// counts them.
+    async fn fake_proxy() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let puts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = puts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = vec![0; 64 * 1024];
+                let _ = socket.read(&mut buf).await;
+                let body = r#"{"version": 7}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        (url, puts)
+    }
+
+    #[tokio::test]
+    async fn a_proxy_that_is_down_keeps_none_of_the_others_from_their_table() {
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let (live, puts) = fake_proxy().await;
+        let mut proxies = Proxies::new(crate::http_client(), vec![dead.clone(), live.clone()]);
+        let table = TableSpec {
+            version: None,
+            tracks: Default::default(),
+            routes: Vec::new(),
+        };
+        let e = proxies.program(&table).await.unwrap_err().to_string();
+        assert!(e.contains(&dead), "{e}");
+        assert!(!e.contains(&live), "{e}");
+        assert_eq!(puts.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(proxies.installed.get(&live), Some(&(7, None)));
+    }
 
     #[test]
     fn a_lost_table_goes_back_at_once_after_a_restart_and_at_a_limited_pace_otherwise() {

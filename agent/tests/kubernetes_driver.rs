@@ -488,11 +488,17 @@ async fn once_rolled_out_a_version_follows_its_pods_to_new_addresses() {
         ready("v1", &["10.1.0.1:8080", "10.1.0.7:8080"])
     );
 
-    // A new spec (three replicas) rolls out with the version still served by its ready pods.
+    // A new spec (three replicas) rolls out with the version still served by its ready pods,
+    // and what it waits for is told.
     driver.apply(&want(&[("v1", 3)]));
+    let running = driver.poll().await;
     assert_eq!(
-        driver.poll().await.ready,
+        running.ready,
         ready("v1", &["10.1.0.1:8080", "10.1.0.7:8080"])
+    );
+    assert_eq!(
+        running.detail,
+        "checkout-v1: its latest spec is not yet seen by the cluster; serving with its 2 ready pods"
     );
     roll_out(&cluster, "checkout-v1", "v1", 3);
     assert_eq!(driver.poll().await.ready["v1"].len(), 3);

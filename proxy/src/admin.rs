@@ -15,7 +15,7 @@ use fleet_proxy_router::TableSpec;
 use fleet_proxy_router::spec::{RouteSpec, TrackSpec};
 
 use crate::background;
-use crate::state::{InstallError, Shared};
+use crate::state::{Origin, Shared};
 
 /// The table in force as `GET /routes` writes it: its spec, with the version in force.
 #[derive(serde::Serialize)]
@@ -222,9 +222,8 @@ fn check_and_install(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
     };
     let expected = table.spec().version;
     let (routes, built) = (table.routes().len(), started.elapsed());
-    match shared.install(table, expected) {
+    match shared.install(table, expected, Origin::Put) {
         Ok(version) => {
-            shared.put.store(true, Relaxed);
             // Read, checked and built; then in force.
             let (build_ms, total_ms) = (millis(built), millis(started.elapsed()));
             tracing::info!(
@@ -237,9 +236,8 @@ fn check_and_install(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
             let answer = json!({ "version": version, "build_ms": build_ms, "total_ms": total_ms });
             json_response(StatusCode::OK, &answer)
         }
-        Err(e @ InstallError::Conflict { .. }) => {
-            json_response(StatusCode::CONFLICT, &json!({ "error": e.to_string() }))
-        }
+        // A version conflict: the only refusal of a table put.
+        Err(e) => json_response(StatusCode::CONFLICT, &json!({ "error": e.to_string() })),
     }
 }
 

@@ -40,10 +40,11 @@ pub struct FileConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch_interval: Option<String>,
     /// `/readyz` answers 503 until a table has come through `PUT /routes`, and from then on
-    /// a reload of the file leaves that table in force (settings and certificates are read
-    /// as always): for proxies an agent programs, whose file's table is a placeholder, so that
-    /// one started on it takes no traffic until the agent has given it the real one, and an
-    /// edit of the file does not take the real one away. Default: `false`.
+    /// a reload of the file leaves that table in force until a restart (certificates are
+    /// reloaded as always): for proxies an agent programs, whose file's table is a
+    /// placeholder, so that one started on it takes no traffic until the agent has given it
+    /// the real one, and an edit of the file does not take the real one away. Default:
+    /// `false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub await_put: Option<bool>,
 }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::config::{Listener, digest};
 use crate::server::TlsSlot;
-use crate::state::Shared;
+use crate::state::{Origin, Shared};
 
 /// Listens for SIGHUP; call before serving, so that an early SIGHUP cannot kill the process.
 pub fn hangups() -> Option<Signal> {
@@ -270,16 +270,11 @@ fn reload(shared: &Shared, path: &Path, tls: &[Option<TlsSlot>], last: &Sources)
             }
         }
     }
-    if next.text != last.text {
-        if shared.settings.await_put && shared.put.load(Relaxed) {
-            // The file's table is a placeholder once one came through `PUT /routes`.
-            tracing::info!(
-                file,
-                "await_put: the table put through PUT /routes stays in force"
-            );
-        } else {
-            let _ = shared.install(table, None);
-        }
+    if next.text != last.text
+        && let Err(e) = shared.install(table, None, Origin::File)
+    {
+        // The file's table is a placeholder once one came through `PUT /routes`.
+        tracing::info!(file, "{e}");
     }
     next.into()
 }

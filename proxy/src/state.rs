@@ -64,12 +64,24 @@ pub struct Shared {
     pub admissions: Arc<crate::conn::Admissions>,
 }
 
-/// Why `PUT /routes` did not install a table.
+/// Where a table to install comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `PUT /routes`.
+    Put,
+    /// The config file, read again.
+    File,
+}
+
+/// Why a table was not installed.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     /// The change was based on another version than the one in force.
     #[error("table version {expected} is not the one in force ({current})")]
     Conflict { expected: u64, current: u64 },
+    /// With `await_put`, the file's table once one has come through `PUT /routes`.
+    #[error("the table put through PUT /routes stays in force (await_put)")]
+    PutTableKept,
 }
 
 impl Shared {
@@ -118,13 +130,23 @@ impl Shared {
         self.active.load_full()
     }
 
-    /// Puts `table` in force and returns its version. With `expected`, only if the version
-    /// in force is that one.
-    pub fn install(&self, table: Table, expected: Option<u64>) -> Result<u64, InstallError> {
+    /// Puts `table`, from `origin`, in force and returns its version. With `expected`, only
+    /// if the version in force is that one. With `await_put`, a table from the file only
+    /// until one has come through `PUT /routes`; decided under the install lock, so that a
+    /// reload and a `PUT` at once cannot leave the file's table in force.
+    pub fn install(
+        &self,
+        table: Table,
+        expected: Option<u64>,
+        origin: Origin,
+    ) -> Result<u64, InstallError> {
         let _one_at_a_time = crate::lock(&self.install);
         let current = self.active.load().version;
         if let Some(expected) = expected.filter(|e| *e != current) {
             return Err(InstallError::Conflict { expected, current });
+        }
+        if origin == Origin::File && self.settings.await_put && self.put.load(Ordering::Relaxed) {
+            return Err(InstallError::PutTableKept);
         }
         let next = resolve(
             current + 1,
@@ -142,6 +164,9 @@ impl Shared {
             .global
             .table_swaps
             .fetch_add(1, Ordering::Relaxed);
+        if origin == Origin::Put {
+            self.put.store(true, Ordering::Relaxed);
+        }
         tracing::info!(version = current + 1, "route table installed");
         Ok(current + 1)
     }

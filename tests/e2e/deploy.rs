@@ -288,6 +288,15 @@ fn services_select_their_pods_by_label_and_port_name_and_objects_share_a_namespa
             .iter()
             .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
             .collect();
+        // A StatefulSet's own Service gives its pods their names: it must be headless.
+        for set in docs.iter().filter(|d| d["kind"] == "StatefulSet") {
+            let own = find(
+                &docs,
+                "Service",
+                set["spec"]["serviceName"].as_str().unwrap(),
+            );
+            assert_eq!(own["spec"]["clusterIP"], "None", "{file}");
+        }
         for svc in docs.iter().filter(|d| d["kind"] == "Service") {
             let selector = svc["spec"]["selector"].as_object().unwrap();
             let selected: Vec<_> = workloads

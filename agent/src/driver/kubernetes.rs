@@ -273,20 +273,30 @@ impl KubernetesDriver {
                 self.complete.insert(w.name.clone(), uid.clone());
             }
             let addresses = objects::ready_addresses(pods, w.version, self.port);
+            let trouble = objects::pod_trouble(pods, w.version)
+                .map(|t| format!(" ({t})"))
+                .unwrap_or_default();
             if self.complete.contains_key(&w.name) && !addresses.is_empty() {
                 // Rolled out once: it serves with whichever of its pods are ready now, through
-                // evictions and later rollouts of a new spec alike, as a Service would.
+                // evictions and later rollouts of a new spec alike, as a Service would; a
+                // rollout under way, or stuck, is still told.
+                if let Err(e) = rollout {
+                    problems.push(format!(
+                        "{e}{trouble}; serving with its {} ready pods",
+                        addresses.len()
+                    ));
+                }
                 running.ready.insert(w.version.to_owned(), addresses);
                 continue;
             }
-            let mut why = match rollout {
-                Err(e) => e,
-                Ok(()) => format!("{}: no pod ready with an address", w.name),
+            let why = match (rollout, &d.metadata.uid) {
+                (Err(e), _) => e,
+                (Ok(()), None) => {
+                    format!("{}: no uid, so its rollout is never taken as done", w.name)
+                }
+                (Ok(()), Some(_)) => format!("{}: no pod ready with an address", w.name),
             };
-            if let Some(trouble) = objects::pod_trouble(pods, w.version) {
-                why = format!("{why} ({trouble})");
-            }
-            problems.push(why);
+            problems.push(format!("{why}{trouble}"));
         }
         running.detail = problems.join("; ");
         running

@@ -416,6 +416,20 @@ async fn with_await_put_the_proxy_is_ready_only_once_a_table_is_put() {
         (status.as_u16(), body.as_str()),
         (503, "awaiting a table (PUT /routes)\n")
     );
+    let routes = format!("http://{admin}/routes");
+    // A table refused is no table put.
+    let (status, _) = crate::support::put(&routes, "tracks: {}\nroutes: []\n").await;
+    assert_eq!(status.as_u16(), 400);
+    assert_eq!(get(&ready).await.unwrap().0.as_u16(), 503);
+    // Before any table is put, the file's is put in force when the file changes.
+    std::fs::write(&file, format!("{head}{}", table("127.0.0.1:3"))).unwrap();
+    crate::support::eventually(Duration::from_secs(10), || async {
+        get(&routes)
+            .await
+            .is_some_and(|(_, _, body)| body.contains("127.0.0.1:3"))
+    })
+    .await;
+    assert_eq!(get(&ready).await.unwrap().0.as_u16(), 503);
     let (status, body) = crate::support::put(
         &format!("http://{admin}/routes"),
         &table(&stable.addr.to_string()),
