@@ -30,6 +30,10 @@ pub struct Config {
     pub cluster: String,
     /// Admin URLs of the region's proxies, e.g. `http://127.0.0.1:9901`.
     pub proxies: Vec<String>,
+    /// TLS to the controller, for an `https://` URL.
+    pub tls: fleet_proto::connect::ClientTls,
+    /// The workload driver's name, told to the controller (`process`, `kubernetes`).
+    pub driver: String,
 }
 
 /// An HTTP client. reqwest is built without a default TLS provider (so no C toolchain is

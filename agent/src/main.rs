@@ -1,10 +1,13 @@
 //! `fleet-agent --controller URL --region R --cluster C --driver process|kubernetes --proxy-admin URL...`
 
+use std::path::PathBuf;
+
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use fleet_agent::Config;
 use fleet_agent::driver::kubernetes::KubernetesDriver;
 use fleet_agent::driver::process::ProcessDriver;
+use fleet_proto::connect::ClientTls;
 
 /// The Fleet agent for one cluster.
 #[derive(Parser, Debug)]
@@ -43,6 +46,16 @@ struct Args {
     /// as `PORT`); the proxies reach the ready pods there.
     #[arg(long, env = "FLEET_CONTAINER_PORT", default_value_t = 8080)]
     container_port: u16,
+    /// For an `https://` controller: PEM CA that signed its certificate. Default: the
+    /// system's roots.
+    #[arg(long, env = "FLEET_CA")]
+    ca: Option<PathBuf>,
+    /// For a controller that asks for one (mutual TLS): this agent's PEM certificate.
+    #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -68,7 +81,18 @@ async fn main() -> anyhow::Result<()> {
         region: args.region,
         cluster: args.cluster,
         proxies: args.proxies,
+        tls: ClientTls {
+            ca: args.ca,
+            cert: args.tls_cert,
+            key: args.tls_key,
+        },
+        driver: args
+            .driver
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned()),
     };
+    // A TLS file that cannot be read is told now, not at each redial.
+    fleet_proto::connect::endpoint(&config.controller, &config.tls)?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut term =

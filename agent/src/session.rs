@@ -50,13 +50,17 @@ async fn session(
     status: &mut watch::Receiver<pb::AgentStatus>,
     max_epoch: &mut u64,
 ) -> anyhow::Result<()> {
-    let mut client = AgentServiceClient::connect(config.controller.clone()).await?;
+    let channel = fleet_proto::connect::channel(&config.controller, &config.tls).await?;
+    let mut client = AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::Hello {
         region: config.region.clone(),
         cluster: config.cluster.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        capabilities: vec!["driver:process".into(), "proxy:fleet-proxy".into()],
+        capabilities: vec![
+            format!("driver:{}", config.driver),
+            "proxy:fleet-proxy".into(),
+        ],
     };
     tx.send(message(pb::agent_message::Message::Hello(hello)))
         .await?;

@@ -8,6 +8,7 @@ mod convert;
 mod release_service;
 mod runtime;
 mod store;
+pub mod tls;
 mod webhook;
 
 use std::path::Path;
@@ -31,6 +32,17 @@ pub async fn serve(
     admin: TcpListener,
     data: &Path,
     shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    serve_with_tls(grpc, admin, data, shutdown, None).await
+}
+
+/// [`serve`], the gRPC listener speaking TLS when `tls` is given ([`tls::server_config`]).
+pub async fn serve_with_tls(
+    grpc: TcpListener,
+    admin: TcpListener,
+    data: &Path,
+    shutdown: watch::Receiver<bool>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> anyhow::Result<()> {
     let controller = Controller::open(data)?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -63,7 +75,11 @@ pub async fn serve(
     let agents = agent_service::Agents {
         controller: Arc::clone(&controller),
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ReleaseServiceServer::new(releases))

@@ -1,4 +1,4 @@
-//! `fleet-controller --listen ADDR --admin ADDR --data DIR`
+//! `fleet-controller --listen ADDR --admin ADDR --data DIR [--tls-cert F --tls-key F [--client-ca F]]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +27,15 @@ struct Args {
     /// Directory of the embedded store; created if missing.
     #[arg(long, env = "FLEET_DATA")]
     data: PathBuf,
+    /// PEM certificate (chain) of the gRPC listener, which then speaks TLS only.
+    #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA whose certificates clients must show (mutual TLS): agents and release tooling.
+    #[arg(long, env = "FLEET_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -40,6 +49,14 @@ async fn main() -> anyhow::Result<()> {
     // Webhook calls over https use rustls with the ring provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(fleet_controller::tls::server_config(
+            cert,
+            key,
+            args.client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
     let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -58,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stop.send(true);
     });
-    fleet_controller::serve(grpc, admin, &args.data, shutdown).await
+    fleet_controller::serve_with_tls(grpc, admin, &args.data, shutdown, tls).await
 }
 
 async fn wait_for_signal() {

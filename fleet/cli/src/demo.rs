@@ -82,7 +82,7 @@ impl Demo {
                 r.name, r.traffic, r.admin
             );
         }
-        let mut client = connect(&fleet.controller).await?;
+        let mut client = connect(&fleet.controller, &Default::default()).await?;
         client
             .apply_fleet(pb::ApplyFleetRequest {
                 request_id: request_id(),

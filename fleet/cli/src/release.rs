@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use fleet_proto::connect::ClientTls;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::release_service_client::ReleaseServiceClient;
 use tonic::transport::Channel;
@@ -22,8 +23,28 @@ pub struct Remote {
         default_value = "http://127.0.0.1:7070"
     )]
     pub controller: String,
+    /// For an `https://` controller: PEM CA that signed its certificate. Default: the
+    /// system's roots.
+    #[arg(long, global = true, env = "FLEET_CA")]
+    pub ca: Option<std::path::PathBuf>,
+    /// For a controller that asks for one (mutual TLS): your PEM certificate.
+    #[arg(long, global = true, env = "FLEET_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, global = true, env = "FLEET_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+impl Remote {
+    fn tls(&self) -> ClientTls {
+        ClientTls {
+            ca: self.ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
 }
 
 /// Store a fleet manifest in the controller (validated first; nothing changes if it is invalid).
@@ -99,12 +120,16 @@ struct Steer {
     reason: String,
 }
 
-pub async fn connect(url: &str) -> anyhow::Result<ReleaseServiceClient<Channel>> {
-    ReleaseServiceClient::connect(url.to_string())
+pub async fn connect(url: &str, tls: &ClientTls) -> anyhow::Result<ReleaseServiceClient<Channel>> {
+    let channel = fleet_proto::connect::endpoint(url, tls)?
+        .connect()
         .await
         .with_context(|| {
-            format!("cannot reach the controller at {url} (set --controller or FLEET_CONTROLLER)")
-        })
+            format!(
+                "cannot reach the controller at {url} (set --controller or FLEET_CONTROLLER; for TLS, --ca, --tls-cert and --tls-key)"
+            )
+        })?;
+    Ok(ReleaseServiceClient::new(channel))
 }
 
 /// A fresh id for a mutating request.
@@ -120,7 +145,7 @@ impl Apply {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let manifest = std::fs::read_to_string(&self.file)
             .with_context(|| format!("cannot read {}", self.file))?;
-        let mut client = connect(&self.remote.controller).await?;
+        let mut client = connect(&self.remote.controller, &self.remote.tls()).await?;
         let response = client
             .apply_fleet(pb::ApplyFleetRequest {
                 request_id: request_id(),
@@ -150,7 +175,7 @@ impl Apply {
 
 impl Release {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
-        let mut client = connect(&self.remote.controller).await?;
+        let mut client = connect(&self.remote.controller, &self.remote.tls()).await?;
         let output = self.remote.output;
         let steer = |s: &Steer| pb::OperatorRequest {
             request_id: request_id(),
@@ -247,7 +272,19 @@ impl Release {
     }
 }
 
-/// A controller's refusal, as the user should read it.
+/// A controller's refusal, as the user should read it. A call cut below gRPC (the connection
+/// closed or reset: a controller that asks for a client certificate closes it on a client
+/// without one) is not the controller's answer, and is told as such.
 pub fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("the controller refused: {}", s.message())
+    // A status made from a transport error carries it as its source; one the controller
+    // answered has none.
+    let cut = std::error::Error::source(&s).is_some()
+        || matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled);
+    match cut {
+        true => anyhow::anyhow!(
+            "the connection to the controller failed: {} (a controller with mutual TLS wants --tls-cert and --tls-key)",
+            s.message()
+        ),
+        false => anyhow::anyhow!("the controller refused: {}", s.message()),
+    }
 }

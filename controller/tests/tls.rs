@@ -1,0 +1,173 @@
+//! The controller's gRPC listener over TLS, with a client CA (mutual TLS), reached the way
+//! the agent and fleetctl reach it (`fleet_proto::connect`); certificates made by rcgen.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet_proto::connect::{ClientTls, channel, endpoint};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tokio::net::TcpListener;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A CA, and certificates it signed written as PEM files into `dir`.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    dir: PathBuf,
+    name: &'static str,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &'static str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let ca = Ca {
+            issuer,
+            dir: dir.to_owned(),
+            name,
+        };
+        std::fs::write(ca.path("ca.pem"), ca.issuer.pem()).unwrap();
+        ca
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(format!("{}-{file}", self.name))
+    }
+
+    /// Writes `<name>-<who>.pem` and `<name>-<who>.key` for `names`; returns their paths.
+    fn sign(&self, who: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let (cert_path, key_path) = (
+            self.path(&format!("{who}.pem")),
+            self.path(&format!("{who}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+/// Whether a health check over `tls` to `url` is answered.
+async fn answered(url: &str, tls: &ClientTls) -> bool {
+    let Ok(channel) = channel(url, tls).await else {
+        return false;
+    };
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), check).await,
+        Ok(Ok(_))
+    )
+}
+
+#[tokio::test]
+async fn with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ours = Ca::new(dir.path(), "ours");
+    let theirs = Ca::new(dir.path(), "theirs");
+    let (server_cert, server_key) = ours.sign("controller", &["localhost", "127.0.0.1"]);
+    let (agent_cert, agent_key) = ours.sign("agent", &["agent.usw1-a"]);
+    let (stranger_cert, stranger_key) = theirs.sign("stranger", &["agent.usw1-a"]);
+
+    let tls =
+        fleet_controller::tls::server_config(&server_cert, &server_key, Some(&ours.path("ca.pem")))
+            .unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = grpc.local_addr().unwrap().port();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let data = dir.path().join("data");
+    let server = tokio::spawn(async move {
+        fleet_controller::serve_with_tls(grpc, admin, &data, shutdown, Some(tls)).await
+    });
+
+    let url = format!("https://127.0.0.1:{port}");
+    let agent = ClientTls {
+        ca: Some(ours.path("ca.pem")),
+        cert: Some(agent_cert),
+        key: Some(agent_key.clone()),
+    };
+    assert!(answered(&url, &agent).await, "a client of the CA");
+    let localhost = format!("https://localhost:{port}");
+    assert!(answered(&localhost, &agent).await, "by its other name");
+
+    let without_certificate = ClientTls {
+        cert: None,
+        key: None,
+        ..agent.clone()
+    };
+    assert!(
+        !answered(&url, &without_certificate).await,
+        "no certificate"
+    );
+    let stranger = ClientTls {
+        cert: Some(stranger_cert),
+        key: Some(stranger_key),
+        ..agent.clone()
+    };
+    assert!(
+        !answered(&url, &stranger).await,
+        "a certificate of another CA"
+    );
+    let trusting_another = ClientTls {
+        ca: Some(theirs.path("ca.pem")),
+        ..agent.clone()
+    };
+    assert!(
+        !answered(&url, &trusting_another).await,
+        "a controller it does not trust"
+    );
+    let plain = format!("http://127.0.0.1:{port}");
+    assert!(
+        !answered(&plain, &ClientTls::default()).await,
+        "plain HTTP/2"
+    );
+
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(15), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn tls_settings_that_cannot_work_are_refused_naming_the_flag() {
+    let missing = ClientTls {
+        ca: Some("/nonexistent/ca.pem".into()),
+        ..ClientTls::default()
+    };
+    let e = endpoint("https://127.0.0.1:7070", &missing).unwrap_err();
+    assert_eq!(e.to_string(), "--ca /nonexistent/ca.pem: cannot read it");
+    let e = endpoint("http://127.0.0.1:7070", &missing).unwrap_err();
+    assert!(e.to_string().contains("is not https://"), "{e}");
+    let half = ClientTls {
+        cert: Some("/tmp/agent.pem".into()),
+        ..ClientTls::default()
+    };
+    let e = endpoint("https://127.0.0.1:7070", &half).unwrap_err();
+    assert!(
+        e.to_string().starts_with("--tls-cert needs --tls-key"),
+        "{e}"
+    );
+    let e = fleet_controller::tls::server_config(
+        Path::new("/nonexistent/c.pem"),
+        Path::new("/nonexistent/c.key"),
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--tls-cert /nonexistent/c.pem: cannot read it"
+    );
+}

@@ -1,0 +1,161 @@
+//! Mutual TLS between the binaries: `fleet-controller` with `--tls-cert`, `--tls-key` and
+//! `--client-ca`; `fleetctl` and `fleet-agent` reaching it with `--ca`, `--tls-cert` and
+//! `--tls-key`. Real processes on 127.0.0.1, certificates made by rcgen.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+fn bin(name: &str) -> PathBuf {
+    fleetctl::local::bin_dir().unwrap().join(name)
+}
+
+/// Writes `<who>.pem` and `<who>.key`, signed by `ca`, for `names`.
+fn sign(dir: &Path, ca: &CertifiedIssuer<'_, KeyPair>, who: &str, names: &[&str]) -> [PathBuf; 2] {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, ca)
+        .unwrap();
+    let paths = [
+        dir.join(format!("{who}.pem")),
+        dir.join(format!("{who}.key")),
+    ];
+    std::fs::write(&paths[0], cert.pem()).unwrap();
+    std::fs::write(&paths[1], key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A child process killed when the test ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines `child`'s stream writes, as they come.
+fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The first line from `rx` containing `text`, within 20 s.
+fn first_with(rx: &mpsc::Receiver<String>, text: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(text) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {text:?}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let ca_pem = d.join("ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    let [server_cert, server_key] = sign(d, &ca, "controller", &["localhost"]);
+    let [client_cert, client_key] = sign(d, &ca, "operator", &["operator"]);
+
+    let mut controller = Command::new(bin("fleet-controller"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(d.join("data"))
+        .arg("--tls-cert")
+        .arg(&server_cert)
+        .arg("--tls-key")
+        .arg(&server_key)
+        .arg("--client-ca")
+        .arg(&ca_pem)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = lines(controller.stdout.take().unwrap());
+    let controller = Running(controller);
+    let line = first_with(&out, "listening");
+    let port = line
+        .split("grpc=127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    let url = format!("https://localhost:{port}");
+
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo.yaml");
+    let fleetctl = |tls: &[&Path]| {
+        let mut c = Command::new(bin("fleetctl"));
+        c.arg("apply").arg(&manifest).args(["--controller", &url]);
+        for (flag, path) in ["--ca", "--tls-cert", "--tls-key"].iter().zip(tls) {
+            c.arg(flag).arg(path);
+        }
+        c.env_clear().output().unwrap()
+    };
+    let with = fleetctl(&[&ca_pem, &client_cert, &client_key]);
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    let without = fleetctl(&[&ca_pem]);
+    assert!(!without.status.success());
+    let said = String::from_utf8_lossy(&without.stderr);
+    assert!(said.contains("wants --tls-cert and --tls-key"), "{said}");
+
+    let [agent_cert, agent_key] = sign(d, &ca, "agent", &["agent.us-west"]);
+    let mut agent = Command::new(bin("fleet-agent"))
+        .args([
+            "--controller",
+            &url,
+            "--region",
+            "us-west",
+            "--cluster",
+            "us-west",
+        ])
+        .args(["--proxy-admin", "http://127.0.0.1:9"])
+        .arg("--ca")
+        .arg(&ca_pem)
+        .arg("--tls-cert")
+        .arg(&agent_cert)
+        .arg("--tls-key")
+        .arg(&agent_key)
+        .env_clear()
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = lines(agent.stderr.take().unwrap());
+    let _agent = Running(agent);
+    first_with(&logs, "connected to the controller");
+    drop(controller);
+}
