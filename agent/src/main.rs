@@ -91,7 +91,8 @@ async fn main() -> anyhow::Result<()> {
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_owned()),
     };
-    // A TLS file that cannot be read is told now, not at each redial.
+    // A TLS file that cannot be read is told now, before the first dial; each dial reads
+    // them again, so a renewed certificate is used from the next connection.
     fleet_proto::connect::endpoint(&config.controller, &config.tls)?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

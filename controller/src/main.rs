@@ -27,13 +27,13 @@ struct Args {
     /// Directory of the embedded store; created if missing.
     #[arg(long, env = "FLEET_DATA")]
     data: PathBuf,
-    /// PEM certificate (chain) of the gRPC listener, which then speaks TLS only.
-    #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
+    /// PEM certificate (chain) of the gRPC listener, which then speaks mutual TLS only.
+    #[arg(long, env = "FLEET_SERVER_TLS_CERT", requires_all = ["tls_key", "client_ca"])]
     tls_cert: Option<PathBuf>,
     /// PEM private key of `--tls-cert`.
-    #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "FLEET_SERVER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// PEM CA whose certificates clients must show (mutual TLS): agents and release tooling.
+    /// PEM CA whose certificates clients must show: agents and release tooling.
     #[arg(long, env = "FLEET_CLIENT_CA", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
 }
@@ -49,14 +49,13 @@ async fn main() -> anyhow::Result<()> {
     // Webhook calls over https use rustls with the ring provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(fleet_controller::tls::server_config(
-            cert,
-            key,
-            args.client_ca.as_deref(),
-        )?),
+    let tls = match (&args.tls_cert, &args.tls_key, &args.client_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            Some(fleet_controller::tls::server_config(cert, key, ca)?)
+        }
         _ => None,
     };
+    let mode = if tls.is_some() { "mutual" } else { "off" };
     let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -65,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.admin))?;
     // Tools that start the controller on port 0 read the real addresses from this line.
     println!(
-        "fleet-controller listening grpc={} admin={}",
+        "fleet-controller listening grpc={} admin={} tls={mode}",
         grpc.local_addr()?,
         admin.local_addr()?
     );

@@ -79,9 +79,8 @@ async fn with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in() {
     let (agent_cert, agent_key) = ours.sign("agent", &["agent.usw1-a"]);
     let (stranger_cert, stranger_key) = theirs.sign("stranger", &["agent.usw1-a"]);
 
-    let tls =
-        fleet_controller::tls::server_config(&server_cert, &server_key, Some(&ours.path("ca.pem")))
-            .unwrap();
+    let tls = fleet_controller::tls::server_config(&server_cert, &server_key, &ours.path("ca.pem"))
+        .unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = grpc.local_addr().unwrap().port();
@@ -163,11 +162,42 @@ fn tls_settings_that_cannot_work_are_refused_naming_the_flag() {
     let e = fleet_controller::tls::server_config(
         Path::new("/nonexistent/c.pem"),
         Path::new("/nonexistent/c.key"),
-        None,
+        Path::new("/nonexistent/ca.pem"),
     )
     .unwrap_err();
     assert_eq!(
         e.to_string(),
         "--tls-cert /nonexistent/c.pem: cannot read it"
     );
+
+    // Files that are there but are not what their flag says.
+    let dir = tempfile::tempdir().unwrap();
+    let ours = Ca::new(dir.path(), "ours");
+    let (cert, key) = ours.sign("controller", &["localhost"]);
+    let (_, other_key) = ours.sign("other", &["localhost"]);
+    let e = fleet_controller::tls::server_config(&cert, &key, &key).unwrap_err();
+    assert!(
+        e.to_string().starts_with(&format!(
+            "--client-ca {}: no certificate in it",
+            key.display()
+        )),
+        "{e}"
+    );
+    let e = fleet_controller::tls::server_config(&key, &key, &ours.path("ca.pem")).unwrap_err();
+    assert!(e.to_string().starts_with("--tls-cert"), "{e}");
+    let e = fleet_controller::tls::server_config(&cert, &cert, &ours.path("ca.pem")).unwrap_err();
+    assert!(e.to_string().starts_with("--tls-key"), "{e}");
+    let e =
+        fleet_controller::tls::server_config(&cert, &other_key, &ours.path("ca.pem")).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("not a certificate, its key and a CA that go together"),
+        "{e}"
+    );
+    let not_a_ca = ClientTls {
+        ca: Some(key.clone()),
+        ..ClientTls::default()
+    };
+    let e = endpoint("https://127.0.0.1:7070", &not_a_ca).unwrap_err();
+    assert!(e.to_string().starts_with("--ca"), "{e}");
 }

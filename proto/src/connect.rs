@@ -2,10 +2,16 @@
 //! `https://` ones (rustls), trusting the CA given or else the system's roots, and showing a
 //! client certificate when one is given, for a controller that asks for one (mutual TLS).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::pem;
+
+/// What to do when the controller cannot be reached or lets the client in, told with every
+/// such failure.
+pub const HINT: &str = "set --controller or FLEET_CONTROLLER; for TLS, --ca, and for a controller that asks for client certificates, --tls-cert and --tls-key";
 
 /// The TLS side of a connection to the controller, as the flags give it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -28,7 +34,7 @@ pub async fn channel(url: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
     endpoint(url, tls)?
         .connect()
         .await
-        .with_context(|| format!("cannot reach the controller at {url}"))
+        .with_context(|| format!("cannot reach the controller at {url} ({HINT})"))
 }
 
 /// The endpoint for `url`, TLS set up as `tls` says; every file is read here, so a wrong path
@@ -37,7 +43,7 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(url.to_owned()).with_context(|| {
         format!("controller URL \"{url}\" is not a URL; write it as https://host:7070")
     })?;
-    if !url.starts_with("https://") {
+    if endpoint.uri().scheme_str() != Some("https") {
         anyhow::ensure!(
             !tls.is_set(),
             "--ca, --tls-cert and --tls-key are for TLS, but the controller URL \"{url}\" is not https://: write it as https://…"
@@ -46,12 +52,15 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     }
     let mut config = ClientTlsConfig::new();
     config = match &tls.ca {
-        Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca, "--ca")?)),
+        Some(ca) => config.ca_certificate(Certificate::from_pem(pem::certificates(ca, "--ca")?)),
         None => config.with_native_roots(),
     };
     match (&tls.cert, &tls.key) {
         (Some(cert), Some(key)) => {
-            let identity = Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?);
+            let identity = Identity::from_pem(
+                pem::certificates(cert, "--tls-cert")?,
+                pem::private_key(key, "--tls-key")?,
+            );
             config = config.identity(identity);
         }
         (None, None) => {}
@@ -62,11 +71,9 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
             anyhow::bail!("--tls-key needs --tls-cert: give the certificate of the key")
         }
     }
-    endpoint
-        .tls_config(config)
-        .with_context(|| format!("setting up TLS for {url}"))
-}
-
-fn read(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("{flag} {}: cannot read it", path.display()))
+    let without_ca = tls.ca.is_none();
+    endpoint.tls_config(config).with_context(|| match without_ca {
+        true => format!("setting up TLS for {url} with the system's CA roots (give --ca to trust a CA of your own)"),
+        false => format!("setting up TLS for {url}"),
+    })
 }

@@ -4,6 +4,7 @@
 //! them to domain types at the edge.
 
 pub mod connect;
+pub mod pem;
 pub mod tally;
 
 #[allow(clippy::all, missing_docs, rust_2018_idioms)] // Generated code.

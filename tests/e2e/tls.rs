@@ -11,6 +11,20 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
+/// `fleet-controller` on 127.0.0.1:0 with its store in `data`, flags to be added.
+fn controller(data: PathBuf) -> Command {
+    let mut c = Command::new(bin("fleet-controller"));
+    c.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--data",
+    ])
+    .arg(data);
+    c
+}
+
 fn bin(name: &str) -> PathBuf {
     fleetctl::local::bin_dir().unwrap().join(name)
 }
@@ -80,15 +94,7 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
     let [server_cert, server_key] = sign(d, &ca, "controller", &["localhost"]);
     let [client_cert, client_key] = sign(d, &ca, "operator", &["operator"]);
 
-    let mut controller = Command::new(bin("fleet-controller"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(d.join("data"))
+    let mut controller = controller(d.join("data"))
         .arg("--tls-cert")
         .arg(&server_cert)
         .arg("--tls-key")
@@ -102,6 +108,7 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
     let out = lines(controller.stdout.take().unwrap());
     let controller = Running(controller);
     let line = first_with(&out, "listening");
+    assert!(line.ends_with(" tls=mutual"), "{line}");
     let port = line
         .split("grpc=127.0.0.1:")
         .nth(1)
@@ -129,7 +136,10 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
     let without = fleetctl(&[&ca_pem]);
     assert!(!without.status.success());
     let said = String::from_utf8_lossy(&without.stderr);
-    assert!(said.contains("wants --tls-cert and --tls-key"), "{said}");
+    assert!(
+        said.contains("client certificates, --tls-cert and --tls-key"),
+        "{said}"
+    );
 
     let [agent_cert, agent_key] = sign(d, &ca, "agent", &["agent.us-west"]);
     let mut agent = Command::new(bin("fleet-agent"))
@@ -158,4 +168,17 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
     let _agent = Running(agent);
     first_with(&logs, "connected to the controller");
     drop(controller);
+}
+
+#[test]
+fn a_controller_asked_for_tls_without_a_client_ca_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = controller(dir.path().join("data"))
+        .args(["--tls-cert", "c.pem", "--tls-key", "c.key"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("--client-ca"), "{said}");
 }

@@ -296,6 +296,18 @@ impl LocalFleet {
     fn command(&self, binary: &str, log: &str) -> anyhow::Result<Command> {
         let log = std::fs::File::create(self.dir.join(format!("{log}.log")))?;
         let mut command = Command::new(self.bin.join(binary));
+        // The local fleet speaks plain gRPC: TLS settings in the user's environment (for
+        // fleetctl against a real controller) are not its own.
+        for var in [
+            "FLEET_CA",
+            "FLEET_TLS_CERT",
+            "FLEET_TLS_KEY",
+            "FLEET_SERVER_TLS_CERT",
+            "FLEET_SERVER_TLS_KEY",
+            "FLEET_CLIENT_CA",
+        ] {
+            command.env_remove(var);
+        }
         command
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -121,14 +121,7 @@ struct Steer {
 }
 
 pub async fn connect(url: &str, tls: &ClientTls) -> anyhow::Result<ReleaseServiceClient<Channel>> {
-    let channel = fleet_proto::connect::endpoint(url, tls)?
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the controller at {url} (set --controller or FLEET_CONTROLLER; for TLS, --ca, --tls-cert and --tls-key)"
-            )
-        })?;
+    let channel = fleet_proto::connect::channel(url, tls).await?;
     Ok(ReleaseServiceClient::new(channel))
 }
 
@@ -276,15 +269,21 @@ impl Release {
 /// closed or reset: a controller that asks for a client certificate closes it on a client
 /// without one) is not the controller's answer, and is told as such.
 pub fn status(s: tonic::Status) -> anyhow::Error {
-    // A status made from a transport error carries it as its source; one the controller
-    // answered has none.
-    let cut = std::error::Error::source(&s).is_some()
-        || matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled);
+    // A status made from a transport error carries it as its source (a TLS alert, a reset);
+    // one the controller answered has none.
+    let mut why = s.message().to_owned();
+    let mut source = std::error::Error::source(&s);
+    let cut =
+        source.is_some() || matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled);
+    while let Some(e) = source {
+        why = format!("{why}: {e}");
+        source = e.source();
+    }
     match cut {
         true => anyhow::anyhow!(
-            "the connection to the controller failed: {} (a controller with mutual TLS wants --tls-cert and --tls-key)",
-            s.message()
+            "the connection to the controller failed: {why} ({})",
+            fleet_proto::connect::HINT
         ),
-        false => anyhow::anyhow!("the controller refused: {}", s.message()),
+        false => anyhow::anyhow!("the controller refused: {why}"),
     }
 }
