@@ -20,6 +20,10 @@ pub struct Want {
     pub command: Vec<String>,
     /// Path that answers 2xx when an instance is ready.
     pub health_check: String,
+    /// For the Kubernetes driver: each instance's CPU and memory requests (memory also its
+    /// limit), as Kubernetes quantities; empty: none.
+    pub cpu: String,
+    pub memory: String,
     /// Leave running the versions not in `versions` too: set until the agent has programmed
     /// the proxies since it started, as they may still route to those versions (an agent
     /// restarted after its region moved on).

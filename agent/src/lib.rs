@@ -151,6 +151,8 @@ fn want_of(d: &pb::DesiredState) -> Want {
         } else {
             workload.health_check
         },
+        cpu: workload.cpu,
+        memory: workload.memory,
         keep_others: false,
     }
 }

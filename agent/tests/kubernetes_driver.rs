@@ -206,6 +206,8 @@ fn want(versions: &[(&str, u32)]) -> Want {
         image: "registry.example.com/checkout:{version}".into(),
         command: Vec::new(),
         health_check: "/ready".into(),
+        cpu: "250m".into(),
+        memory: "256Mi".into(),
         keep_others: false,
     }
 }
@@ -285,6 +287,10 @@ async fn a_wanted_version_is_applied_server_side_as_a_deployment_and_ready_once_
     let container = &patch.body["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["image"], "registry.example.com/checkout:v1");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(
+        container["resources"],
+        json!({"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "256Mi"}})
+    );
 
     roll_out(&cluster, "checkout-v1", "v1", 1);
     let running = driver.poll().await;

@@ -58,6 +58,8 @@ pub fn desired(epoch: u64, manifest: &Manifest, d: &Desired) -> pb::DesiredState
                 .clone()
                 .unwrap_or_default(),
             health_check: manifest.service.health_check.clone(),
+            cpu: (manifest.service.workload.resources.cpu.clone()).unwrap_or_default(),
+            memory: (manifest.service.workload.resources.memory.clone()).unwrap_or_default(),
         }),
     }
 }

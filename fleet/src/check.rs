@@ -123,6 +123,25 @@ fn service(w: &wire::Service, cx: &mut Ctx<'_>) -> Option<Service> {
             "name the program first, e.g. [\"./app\", \"--port\", \"{port}\"]",
         );
     }
+    let resources = workload.resources.clone().unwrap_or_default();
+    if let Some(cpu) = &resources.cpu
+        && !is_quantity(cpu, &["m"])
+    {
+        cx.error(
+            "service.workload.resources.cpu",
+            format!("\"{cpu}\" is not a CPU quantity"),
+            "write cores (1, 0.5) or millicores (250m)",
+        );
+    }
+    if let Some(memory) = &resources.memory
+        && !is_quantity(memory, &["Ki", "Mi", "Gi", "Ti", "k", "M", "G", "T"])
+    {
+        cx.error(
+            "service.workload.resources.memory",
+            format!("\"{memory}\" is not a memory quantity"),
+            "write bytes with a suffix: 256Mi, 1Gi, 500M",
+        );
+    }
     if workload.replicas == Some(0) {
         cx.error(
             "service.workload.replicas",
@@ -139,8 +158,24 @@ fn service(w: &wire::Service, cx: &mut Ctx<'_>) -> Option<Service> {
             image: workload.image.clone(),
             command: workload.command.clone(),
             replicas: workload.replicas.unwrap_or(1),
+            resources,
         },
     })
+}
+
+/// Whether `s` is a positive decimal number with one of `suffixes` or none, as Kubernetes
+/// writes the quantities people write (`250m`, `0.5`, `256Mi`).
+fn is_quantity(s: &str, suffixes: &[&str]) -> bool {
+    let number = suffixes
+        .iter()
+        .find_map(|suffix| s.strip_suffix(suffix))
+        .unwrap_or(s);
+    let mut parts = number.splitn(2, '.');
+    let whole = parts.next().unwrap_or_default();
+    let all_digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    all_digits(whole)
+        && parts.next().is_none_or(all_digits)
+        && number.bytes().any(|b| (b'1'..=b'9').contains(&b))
 }
 
 fn regions(w: &[wire::Region], cx: &mut Ctx<'_>) -> Option<Vec<Region>> {
@@ -358,6 +393,28 @@ impl<'a> Unique<'a> {
             None => {
                 self.seen.insert(name.to_string(), path.to_string());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod quantity_tests {
+    use super::is_quantity;
+
+    #[test]
+    fn quantities_are_positive_decimals_with_a_known_suffix() {
+        let memory = ["Ki", "Mi", "Gi", "Ti", "k", "M", "G", "T"];
+        for ok in ["250m", "0.5", "1", "2"] {
+            assert!(is_quantity(ok, &["m"]), "{ok}");
+        }
+        for ok in ["256Mi", "1.5Gi", "500M", "1048576"] {
+            assert!(is_quantity(ok, &memory), "{ok}");
+        }
+        for bad in [
+            "0", "0m", "-1", "1.", ".5", "m", "1x", "2 GB", "1e3", "", "256mi",
+        ] {
+            assert!(!is_quantity(bad, &memory), "{bad}");
+            assert!(!is_quantity(bad, &["m"]), "{bad}");
         }
     }
 }

@@ -58,7 +58,10 @@ pub struct Workload {
     pub image: Option<String>,
     pub command: Option<Vec<String>>,
     pub replicas: u32,
+    pub resources: Resources,
 }
+
+pub use crate::wire::Resources;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Region {

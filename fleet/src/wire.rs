@@ -69,6 +69,22 @@ pub struct Workload {
     /// Instances per track and cluster. Default: 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// What each instance needs, for the Kubernetes driver: the pods' requests (memory is
+    /// also their limit). The process driver ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+/// An instance's CPU and memory, as Kubernetes quantities.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU: cores (`1`, `0.5`) or millicores (`250m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory in bytes, with a suffix (`256Mi`, `1Gi`, `500M`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

@@ -173,6 +173,8 @@ impl KubernetesDriver {
             image: want.image.replace("{version}", version),
             port: self.port,
             health_check: &want.health_check,
+            cpu: &want.cpu,
+            memory: &want.memory,
         });
         let standing = match (self.applied.get(name), listed.get(name)) {
             (Some(applied), Some(now)) => {

@@ -8,8 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, HTTPGetAction, Lifecycle, LifecycleHandler, Pod, PodSpec,
-    PodTemplateSpec, Probe, SleepAction,
+    PodTemplateSpec, Probe, ResourceRequirements, SleepAction,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -44,6 +45,9 @@ pub struct Spec<'a> {
     pub image: String,
     pub port: u16,
     pub health_check: &'a str,
+    /// Each pod's CPU and memory requests (memory also its limit); empty: none.
+    pub cpu: &'a str,
+    pub memory: &'a str,
 }
 
 /// Checks that `service` can name Kubernetes objects (a DNS-1123 label).
@@ -150,6 +154,7 @@ pub fn deployment(spec: &Spec<'_>) -> Deployment {
             period_seconds: Some(2),
             ..Probe::default()
         }),
+        resources: resources(spec),
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 sleep: Some(SleepAction {
@@ -197,6 +202,26 @@ pub fn is_ours(d: &Deployment, service: &str, version: &str) -> bool {
     label(MANAGED_BY) == Some(MANAGER)
         && label(NAME) == Some(service)
         && label(VERSION) == Some(version)
+}
+
+/// The container's requests and limits: CPU and memory requested as given, memory also the
+/// limit (a pod over it is stopped rather than starving its node); none when nothing is
+/// given.
+fn resources(spec: &Spec<'_>) -> Option<ResourceRequirements> {
+    let quantity = |v: &str| (!v.is_empty()).then(|| Quantity(v.to_owned()));
+    let requests: BTreeMap<String, Quantity> = [("cpu", spec.cpu), ("memory", spec.memory)]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_owned(), quantity(v)?)))
+        .collect();
+    if requests.is_empty() {
+        return None;
+    }
+    let limits = quantity(spec.memory).map(|m| BTreeMap::from([("memory".to_owned(), m)]));
+    Some(ResourceRequirements {
+        requests: Some(requests),
+        limits,
+        ..ResourceRequirements::default()
+    })
 }
 
 /// Whether `d` has rolled out `replicas` instances of its current spec, all ready, and no

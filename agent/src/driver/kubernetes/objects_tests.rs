@@ -15,7 +15,35 @@ fn spec(version: &str) -> Spec<'_> {
         image: format!("registry.example.com/checkout:{version}"),
         port: 8080,
         health_check: "/healthz",
+        cpu: "",
+        memory: "",
     }
+}
+
+#[test]
+fn resources_given_are_requested_and_memory_is_the_limit_too() {
+    let d = deployment(&Spec {
+        cpu: "250m",
+        memory: "256Mi",
+        ..spec("v2")
+    });
+    let json = serde_json::to_value(&d).unwrap();
+    assert_eq!(
+        json["spec"]["template"]["spec"]["containers"][0]["resources"],
+        serde_json::json!({
+            "requests": { "cpu": "250m", "memory": "256Mi" },
+            "limits": { "memory": "256Mi" }
+        })
+    );
+    let cpu_only = deployment(&Spec {
+        cpu: "1",
+        ..spec("v2")
+    });
+    let json = serde_json::to_value(&cpu_only).unwrap();
+    assert_eq!(
+        json["spec"]["template"]["spec"]["containers"][0]["resources"],
+        serde_json::json!({ "requests": { "cpu": "1" } })
+    );
 }
 
 #[test]
