@@ -27,7 +27,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use tokio::time::Instant;
 
 use self::objects::Spec;
-pub use self::objects::{MANAGER, check_service, check_version, deployment_name};
+use self::objects::{MANAGER, check_service, check_version, deployment_name};
 use super::{Driver, Running, Want};
 
 /// Least time between two rounds of API calls while the want stays the same.
@@ -50,10 +50,8 @@ pub struct KubernetesDriver {
     applied: BTreeMap<String, Applied>,
     /// The Deployments (by name, with their uid) whose rollout has been seen complete.
     complete: BTreeMap<String, String>,
-    /// The last round's outcome and when it ended.
-    last: Option<(Running, Instant)>,
-    /// The want changed since the last round.
-    changed: bool,
+    /// The last round: the want it was made for, its outcome, and when it ended.
+    last: Option<(Want, Running, Instant)>,
 }
 
 struct Applied {
@@ -84,7 +82,6 @@ impl KubernetesDriver {
             applied: BTreeMap::new(),
             complete: BTreeMap::new(),
             last: None,
-            changed: false,
         }
     }
 
@@ -136,14 +133,9 @@ impl KubernetesDriver {
             });
         }
         if !want.keep_others {
-            // Every wanted version's name, applied this round or not: a failed apply must
-            // not take a version's Deployment away.
-            let keep: Vec<String> = want
-                .versions
-                .keys()
-                .map(|v| deployment_name(&want.service, v))
-                .collect();
-            self.delete_others(&listed, &keep, &mut problems).await;
+            // Every wanted version, applied this round or not: a failed apply must not take
+            // a version's Deployment away.
+            self.delete_others(&listed, &wanted, &mut problems).await;
         }
         let pods = self
             .pods
@@ -220,15 +212,18 @@ impl KubernetesDriver {
         Ok(())
     }
 
-    /// Deletes the listed Deployments not named in `keep`.
+    /// Deletes the listed Deployments of no version in `wanted`.
     async fn delete_others(
         &mut self,
         listed: &BTreeMap<String, Deployment>,
-        keep: &[String],
+        wanted: &[Wanted<'_>],
         problems: &mut Vec<String>,
     ) {
         let ns = &self.namespace;
-        for name in listed.keys().filter(|n| !keep.contains(n)) {
+        for name in listed
+            .keys()
+            .filter(|n| wanted.iter().all(|w| w.name != **n))
+        {
             match self
                 .deployments
                 .delete(name, &DeleteParams::default())
@@ -309,38 +304,33 @@ impl Driver for KubernetesDriver {
     fn apply(&mut self, want: &Want) {
         if *want != self.want {
             self.want = want.clone();
-            self.changed = true;
         }
     }
 
     async fn poll(&mut self) -> Running {
-        if let Some((running, at)) = &self.last
-            && !self.changed
+        if let Some((want, running, at)) = &self.last
+            && *want == self.want
             && at.elapsed() < self.round_every
         {
             return running.clone();
         }
-        self.changed = false;
-        let round = tokio::time::timeout(ROUND_TIMEOUT, self.round()).await;
-        let running = match round {
-            Ok(Ok(running)) => running,
-            failed => {
-                let detail = match failed {
-                    Ok(Err(detail)) => detail,
-                    _ => format!(
-                        "the Kubernetes API did not answer within {ROUND_TIMEOUT:?} (namespace {})",
-                        self.namespace
-                    ),
-                };
-                tracing::warn!(%detail, "kubernetes round failed");
-                // Nothing is reported ready, so the proxies keep the table they have.
-                Running {
-                    ready: BTreeMap::new(),
-                    detail,
-                }
+        let round = tokio::time::timeout(ROUND_TIMEOUT, self.round())
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the Kubernetes API did not answer within {ROUND_TIMEOUT:?} (namespace {})",
+                    self.namespace
+                ))
+            });
+        let running = round.unwrap_or_else(|detail| {
+            tracing::warn!(%detail, "kubernetes round failed");
+            // Nothing is reported ready, so the proxies keep the table they have.
+            Running {
+                ready: BTreeMap::new(),
+                detail,
             }
-        };
-        self.last = Some((running.clone(), Instant::now()));
+        });
+        self.last = Some((self.want.clone(), running.clone(), Instant::now()));
         running
     }
 
