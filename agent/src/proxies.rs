@@ -50,10 +50,10 @@ impl Proxies {
     /// the rest on an old table); fails, naming each, if any did not take it.
     pub async fn program(&mut self, table: &TableSpec) -> anyhow::Result<()> {
         let mut failed = Vec::new();
-        for proxy in self.urls.clone() {
-            match self.put(&proxy, table).await {
+        for proxy in &self.urls {
+            match self.put(proxy, table).await {
                 Ok(version) => {
-                    self.installed.insert(proxy, (version, None));
+                    self.installed.insert(proxy.clone(), (version, None));
                 }
                 Err(e) => failed.push(format!("{e:#}")),
             }
