@@ -16,6 +16,7 @@
 //! cluster's network.
 #![allow(clippy::unwrap_used)]
 
+use fleet_e2e::bin;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,10 +69,6 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 fn template(workload: &Value) -> PodTemplateSpec {
     serde_json::from_value(workload["spec"]["template"].clone()).unwrap()
-}
-
-fn bin(name: &str) -> PathBuf {
-    fleetctl::local::bin_dir().unwrap().join(name)
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! `--tls-key`. Real processes on 127.0.0.1, certificates made by rcgen.
 #![allow(clippy::unwrap_used)]
 
+use fleet_e2e::bin;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,10 +24,6 @@ fn controller(data: PathBuf) -> Command {
     ])
     .arg(data);
     c
-}
-
-fn bin(name: &str) -> PathBuf {
-    fleetctl::local::bin_dir().unwrap().join(name)
 }
 
 /// Writes `<who>.pem` and `<who>.key`, signed by `ca`, for `names`.

@@ -213,3 +213,9 @@ async fn watch_split(region: String, url: String, splits: Arc<Mutex<BTreeMap<Str
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A binary of the workspace, as built for these tests.
+#[allow(clippy::unwrap_used)] // Tests only: a missing target directory is a broken build.
+pub fn bin(name: &str) -> std::path::PathBuf {
+    bin_dir().unwrap().join(name)
+}
