@@ -54,6 +54,14 @@ fn fake_cluster() -> (KubernetesDriver, Shared) {
     (driver.round_every(Duration::ZERO), cluster)
 }
 
+/// A driver on a fake cluster that has made its first round for `versions`.
+async fn first_round(versions: &[(&str, u32)]) -> (KubernetesDriver, Shared) {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(versions));
+    driver.poll().await;
+    (driver, cluster)
+}
+
 fn fake_cluster_with_rounds_of_a_second() -> (KubernetesDriver, Shared) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let cluster = Shared::default();
@@ -322,9 +330,7 @@ async fn a_wanted_version_is_applied_server_side_as_a_deployment_and_ready_once_
 
 #[tokio::test]
 async fn a_new_version_gets_its_own_deployment_and_an_unwanted_one_is_deleted() {
-    let (mut driver, cluster) = fake_cluster();
-    driver.apply(&want(&[("v1", 2)]));
-    driver.poll().await;
+    let (mut driver, cluster) = first_round(&[("v1", 2)]).await;
     // Something else's Deployment in the namespace, not the agent's.
     cluster.lock().unwrap().deployments.insert(
         "checkout-db".into(),
@@ -380,9 +386,7 @@ fn deployment_named(cluster: &Shared, prefix: &str) -> Value {
 
 #[tokio::test]
 async fn a_deployment_deleted_by_hand_is_made_again() {
-    let (mut driver, cluster) = fake_cluster();
-    driver.apply(&want(&[("v1", 1)]));
-    driver.poll().await;
+    let (mut driver, cluster) = first_round(&[("v1", 1)]).await;
     cluster.lock().unwrap().deployments.clear();
     driver.poll().await;
     assert!(
@@ -474,9 +478,7 @@ fn managed(name: &str, version: &str) -> Value {
 
 #[tokio::test]
 async fn once_rolled_out_a_version_follows_its_pods_to_new_addresses() {
-    let (mut driver, cluster) = fake_cluster();
-    driver.apply(&want(&[("v1", 2)]));
-    driver.poll().await;
+    let (mut driver, cluster) = first_round(&[("v1", 2)]).await;
     roll_out(&cluster, "checkout-v1", "v1", 2);
     assert_eq!(
         driver.poll().await.ready,
@@ -512,9 +514,7 @@ async fn once_rolled_out_a_version_follows_its_pods_to_new_addresses() {
 
 #[tokio::test]
 async fn a_deployment_made_again_must_roll_out_anew() {
-    let (mut driver, cluster) = fake_cluster();
-    driver.apply(&want(&[("v1", 2)]));
-    driver.poll().await;
+    let (mut driver, cluster) = first_round(&[("v1", 2)]).await;
     roll_out(&cluster, "checkout-v1", "v1", 2);
     assert_eq!(driver.poll().await.ready["v1"].len(), 2);
     // Deleted by hand: made again at generation 1 as before, its old pods not yet gone.
@@ -528,9 +528,7 @@ async fn a_deployment_made_again_must_roll_out_anew() {
 
 #[tokio::test]
 async fn a_failed_apply_leaves_the_running_version_running_and_served() {
-    let (mut driver, cluster) = fake_cluster();
-    driver.apply(&want(&[("v1", 2)]));
-    driver.poll().await;
+    let (mut driver, cluster) = first_round(&[("v1", 2)]).await;
     roll_out(&cluster, "checkout-v1", "v1", 2);
     driver.poll().await;
     cluster.lock().unwrap().refuse_patches = Some((
@@ -637,9 +635,7 @@ async fn a_failed_delete_is_reported_and_the_wanted_version_carries_on() {
 
 #[tokio::test]
 async fn why_pods_are_not_ready_is_reported_as_the_cluster_says() {
-    let (mut driver, cluster) = fake_cluster();
-    driver.apply(&want(&[("v1", 1)]));
-    driver.poll().await;
+    let (mut driver, cluster) = first_round(&[("v1", 1)]).await;
     set_status(&cluster, "checkout-v1", 0);
     cluster.lock().unwrap().pods.push(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -661,9 +657,7 @@ async fn why_pods_are_not_ready_is_reported_as_the_cluster_says() {
 
 #[tokio::test]
 async fn a_hand_edit_of_the_drivers_fields_is_undone() {
-    let (mut driver, cluster) = fake_cluster();
-    driver.apply(&want(&[("v1", 1)]));
-    driver.poll().await;
+    let (mut driver, cluster) = first_round(&[("v1", 1)]).await;
     {
         // `kubectl set image`: another image, the next generation.
         let mut c = cluster.lock().unwrap();
