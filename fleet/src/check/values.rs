@@ -1,12 +1,10 @@
 //! Checks of single values — names, durations, weights, URLs, time zones — each reporting
 //! its own diagnostic and returning `None` when the value is unusable.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono_tz::Tz;
 use fleet_yaml::{Diagnostics, Positions, did_you_mean};
-use regex::Regex;
 
 use crate::model::{Weight, WeightError};
 
@@ -15,12 +13,6 @@ pub(crate) struct Ctx<'a> {
     pos: &'a Positions,
     diags: &'a mut Diagnostics,
 }
-
-static NAME: LazyLock<Regex> = LazyLock::new(|| {
-    // A literal pattern known to compile.
-    #[allow(clippy::unwrap_used)]
-    Regex::new("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").unwrap()
-});
 
 impl<'a> Ctx<'a> {
     pub(crate) fn new(pos: &'a Positions, diags: &'a mut Diagnostics) -> Self {
@@ -51,7 +43,7 @@ impl<'a> Ctx<'a> {
 
     /// A DNS label, as Kubernetes names its objects.
     pub(crate) fn name(&mut self, path: &str, name: &str) -> Option<String> {
-        if NAME.is_match(name) && name.len() <= 63 {
+        if fleet_yaml::is_dns_label(name) {
             return Some(name.to_string());
         }
         self.error(

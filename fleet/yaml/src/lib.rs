@@ -26,6 +26,15 @@ pub struct Loaded<T> {
     pub diags: Diagnostics,
 }
 
+/// A DNS label (RFC 1123), as Kubernetes names its objects: at most 63 lowercase letters,
+/// digits and '-', a letter or digit at each end. The manifest's check and the agent's
+/// Kubernetes driver both use it.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
+    !b.is_empty() && b.len() <= 63 && b.iter().all(inner) && b[0] != b'-' && b[b.len() - 1] != b'-'
+}
+
 /// An HTTP token (RFC 9110 §5.6.2), as cookie and header names must be; both the manifest's
 /// and the proxy's checks use it. A `match` rather than a search of the allowed bytes: every
 /// route of a large table names its cookie, and the search ran for a tenth of a build.

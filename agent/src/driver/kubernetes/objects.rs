@@ -52,20 +52,15 @@ pub struct Spec<'a> {
 
 /// Checks that `service` can name Kubernetes objects (a DNS-1123 label).
 pub fn check_service(service: &str) -> Result<(), String> {
-    let ok = !service.is_empty()
-        && service.len() <= MAX_NAME
-        && service
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !service.starts_with('-')
-        && !service.ends_with('-');
-    ok.then_some(()).ok_or_else(|| {
-        format!(
-            "service \"{service}\" cannot name Kubernetes objects: rename it in the fleet \
+    fleet_yaml::is_dns_label(service)
+        .then_some(())
+        .ok_or_else(|| {
+            format!(
+                "service \"{service}\" cannot name Kubernetes objects: rename it in the fleet \
              manifest with lowercase letters, digits and '-' (at most {MAX_NAME}, a letter or \
              digit at each end)"
-        )
-    })
+            )
+        })
 }
 
 /// Checks that `version` can be a label value, which is how the driver finds its pods.
