@@ -31,7 +31,14 @@ pub async fn run(
             Ok(()) => failures = 0,
             Err(e) => {
                 failures += 1;
-                tracing::warn!(error = %e, failures, "controller unreachable; keeping the last desired state");
+                match refusal(&e) {
+                    Some(why) => {
+                        tracing::error!(%why, failures, "the controller refused this agent; keeping the last desired state")
+                    }
+                    None => {
+                        tracing::warn!(error = %e, failures, "controller unreachable; keeping the last desired state")
+                    }
+                }
             }
         }
         let base =
@@ -105,6 +112,17 @@ fn accept(max_epoch: &mut u64, d: &pb::DesiredState) -> bool {
     true
 }
 
+/// Why the controller refused this agent, when it did (its certificate names another
+/// cluster, say): a fault to fix here, where other failures are the network's.
+fn refusal(e: &anyhow::Error) -> Option<&str> {
+    let status = e.downcast_ref::<tonic::Status>()?;
+    matches!(
+        status.code(),
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+    )
+    .then(|| status.message())
+}
+
 fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
     pb::AgentMessage { message: Some(m) }
 }
@@ -112,6 +130,15 @@ fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_told_apart_from_a_network_failure() {
+        let refused = anyhow::Error::new(tonic::Status::permission_denied("wrong cluster"));
+        assert_eq!(refusal(&refused), Some("wrong cluster"));
+        let cut = anyhow::Error::new(tonic::Status::unavailable("connection reset"));
+        assert_eq!(refusal(&cut), None);
+        assert_eq!(refusal(&anyhow::anyhow!("dns error")), None);
+    }
 
     #[test]
     fn desired_state_from_an_older_epoch_is_ignored() {

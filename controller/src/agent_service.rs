@@ -9,10 +9,14 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::identity;
 use crate::runtime::Controller;
 
 pub struct Agents {
     pub controller: Arc<Controller>,
+    /// Whether the listener is mutual TLS: then an agent speaks only for the cluster its
+    /// certificate names ([`identity`]).
+    pub mutual: bool,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
@@ -25,6 +29,7 @@ impl AgentService for Agents {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let names = identity::peer_names(&request, self.mutual)?;
         let mut inbound = request.into_inner();
         let first = inbound
             .next()
@@ -37,6 +42,12 @@ impl AgentService for Agents {
             return Err(Status::invalid_argument(
                 "hello needs a region and a cluster",
             ));
+        }
+        if let Some(names) = names {
+            identity::check_agent(&names, &hello.region, &hello.cluster).map_err(|e| {
+                tracing::warn!(region = %hello.region, cluster = %hello.cluster, %e, "agent refused");
+                Status::permission_denied(e)
+            })?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = self.controller.agent_connected(hello, tx);

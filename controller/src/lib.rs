@@ -5,6 +5,7 @@
 mod admin;
 mod agent_service;
 mod convert;
+pub mod identity;
 mod release_service;
 mod runtime;
 mod store;
@@ -72,8 +73,10 @@ pub async fn serve_with_tls(
         controller: controller.clone(),
         shutdown: shutdown.clone(),
     };
+    let mutual = tls.is_some();
     let agents = agent_service::Agents {
         controller: Arc::clone(&controller),
+        mutual,
     };
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -82,7 +85,10 @@ pub async fn serve_with_tls(
     server
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ReleaseServiceServer::new(releases))
+        .add_service(ReleaseServiceServer::with_interceptor(
+            releases,
+            identity::operators(mutual),
+        ))
         .add_service(AgentServiceServer::new(agents))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc),

@@ -12,6 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::identity::Operator;
 use crate::runtime::{Controller, Running};
 
 pub struct Releases {
@@ -21,6 +22,16 @@ pub struct Releases {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ReleaseEvent, Status>> + Send>>;
+
+/// Who acts on a request: under mutual TLS the operator its certificate names, whatever the
+/// request's `actor` says; else that `actor`, or `operator` when it is empty.
+fn acting<T>(request: &Request<T>, claimed: &str) -> String {
+    match request.extensions().get::<Operator>() {
+        Some(Operator(name)) => name.clone(),
+        None if claimed.is_empty() => "operator".into(),
+        None => claimed.into(),
+    }
+}
 
 /// Maps an internal failure to a gRPC status, in one place.
 fn internal(e: anyhow::Error) -> Status {
@@ -64,16 +75,13 @@ impl Releases {
 
     fn operator(
         &self,
-        r: pb::OperatorRequest,
+        request: Request<pb::OperatorRequest>,
         action: Action,
     ) -> Result<Response<pb::Release>, Status> {
+        let actor = acting(&request, &request.get_ref().actor);
+        let r = request.into_inner();
         let id = r.id.clone();
         self.once(&r.request_id, || {
-            let actor = if r.actor.is_empty() {
-                "operator".to_string()
-            } else {
-                r.actor
-            };
             let event = Event::Operator {
                 action,
                 actor,
@@ -153,6 +161,7 @@ impl ReleaseService for Releases {
         &self,
         request: Request<pb::StartReleaseRequest>,
     ) -> Result<Response<pb::Release>, Status> {
+        let actor = acting(&request, &request.get_ref().actor);
         let r = request.into_inner();
         self.once(&r.request_id, || {
             let controller = &self.controller;
@@ -178,7 +187,6 @@ impl ReleaseService for Releases {
                 .filter(|(_, run)| run.service == r.service && !run.engine.state().phase.is_terminal())
                 .map(|(id, _)| id.clone())
                 .collect();
-            let actor = if r.actor.is_empty() { "operator".to_string() } else { r.actor.clone() };
             // Every check comes before any change, so that a refused request changes nothing.
             if let (Some(id), false) = (running.first(), r.supersede) {
                 return Err(Status::failed_precondition(format!(
@@ -341,28 +349,28 @@ impl ReleaseService for Releases {
         &self,
         request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::Release>, Status> {
-        self.operator(request.into_inner(), Action::Promote)
+        self.operator(request, Action::Promote)
     }
 
     async fn pause(
         &self,
         request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::Release>, Status> {
-        self.operator(request.into_inner(), Action::Pause)
+        self.operator(request, Action::Pause)
     }
 
     async fn resume(
         &self,
         request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::Release>, Status> {
-        self.operator(request.into_inner(), Action::Resume)
+        self.operator(request, Action::Resume)
     }
 
     async fn abort(
         &self,
         request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::Release>, Status> {
-        self.operator(request.into_inner(), Action::Abort)
+        self.operator(request, Action::Abort)
     }
 }
 

@@ -6,10 +6,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleet_proto::connect::{ClientTls, channel, endpoint};
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::agent_service_client::AgentServiceClient;
+use fleet_proto::v1::release_service_client::ReleaseServiceClient;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::net::TcpListener;
+use tonic::Code;
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+
+const QUICK: &str = include_str!("../../deploy/examples/quick.yaml");
 
 /// A CA, and certificates it signed written as PEM files into `dir`.
 struct Ca {
@@ -54,6 +61,37 @@ impl Ca {
     }
 }
 
+/// A controller serving mutual TLS on loopback, its clients' certificates signed by `ca`.
+struct Mutual {
+    port: u16,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Mutual {
+    async fn start(ca: &Ca, cert: &Path, key: &Path, dir: &Path) -> Mutual {
+        let tls = fleet_controller::tls::server_config(cert, key, &ca.path("ca.pem")).unwrap();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = grpc.local_addr().unwrap().port();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let data = dir.join("data");
+        let task = tokio::spawn(async move {
+            fleet_controller::serve_with_tls(grpc, admin, &data, shutdown, Some(tls)).await
+        });
+        Mutual { port, stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
 /// Whether a health check over `tls` to `url` is answered.
 async fn answered(url: &str, tls: &ClientTls) -> bool {
     let Ok(channel) = channel(url, tls).await else {
@@ -79,16 +117,8 @@ async fn with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in() {
     let (agent_cert, agent_key) = ours.sign("agent", &["agent.usw1-a"]);
     let (stranger_cert, stranger_key) = theirs.sign("stranger", &["agent.usw1-a"]);
 
-    let tls = fleet_controller::tls::server_config(&server_cert, &server_key, &ours.path("ca.pem"))
-        .unwrap();
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = grpc.local_addr().unwrap().port();
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let data = dir.path().join("data");
-    let server = tokio::spawn(async move {
-        fleet_controller::serve_with_tls(grpc, admin, &data, shutdown, Some(tls)).await
-    });
+    let server = Mutual::start(&ours, &server_cert, &server_key, dir.path()).await;
+    let port = server.port;
 
     let url = format!("https://127.0.0.1:{port}");
     let agent = ClientTls {
@@ -132,12 +162,7 @@ async fn with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in() {
         "plain HTTP/2"
     );
 
-    let _ = stop.send(true);
-    tokio::time::timeout(Duration::from_secs(15), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    server.stop().await;
 }
 
 #[test]
@@ -200,4 +225,123 @@ fn tls_settings_that_cannot_work_are_refused_naming_the_flag() {
     };
     let e = endpoint("https://127.0.0.1:7070", &not_a_ca).unwrap_err();
     assert!(e.to_string().starts_with("--ca"), "{e}");
+}
+
+/// A client of `url` showing the certificate `who`, signed by `ca`.
+async fn client_of(url: &str, ca: &Ca, cert: &(PathBuf, PathBuf)) -> Channel {
+    let tls = ClientTls {
+        ca: Some(ca.path("ca.pem")),
+        cert: Some(cert.0.clone()),
+        key: Some(cert.1.clone()),
+    };
+    channel(url, &tls).await.unwrap()
+}
+
+/// Opens an agent's stream saying hello for `cluster` in `region`.
+async fn hello(channel: Channel, region: &str, cluster: &str) -> Result<(), tonic::Status> {
+    let hello = pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Hello(pb::Hello {
+            region: region.into(),
+            cluster: cluster.into(),
+            ..Default::default()
+        })),
+    };
+    AgentServiceClient::new(channel)
+        .session(tokio_stream::iter([hello]))
+        .await
+        .map(drop)
+}
+
+#[tokio::test]
+async fn each_client_may_do_only_what_its_certificate_names_it_for() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ours");
+    let (server_cert, server_key) = ca.sign("controller", &["localhost"]);
+    let agent = ca.sign("agent", &["usw1-a.us-west.agent.fleet"]);
+    let alice = ca.sign("alice", &["alice.operator.fleet"]);
+    let server = Mutual::start(&ca, &server_cert, &server_key, dir.path()).await;
+    let url = format!("https://localhost:{}", server.port);
+    let as_agent = client_of(&url, &ca, &agent).await;
+    let as_alice = client_of(&url, &ca, &alice).await;
+
+    hello(as_agent.clone(), "us-west", "usw1-a").await.unwrap();
+    let refused = hello(as_agent.clone(), "us-west", "usw1-b")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(
+        refused
+            .message()
+            .ends_with("give this agent a certificate for the DNS name usw1-b.us-west.agent.fleet"),
+        "{refused:?}"
+    );
+    let refused = hello(as_alice.clone(), "us-west", "usw1-a")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::PermissionDenied,
+        "an operator is no agent"
+    );
+
+    let mut agent_api = ReleaseServiceClient::new(as_agent);
+    let refused = agent_api
+        .list_fleets(pb::ListFleetsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(
+        refused.message().starts_with(
+            "a certificate for usw1-a.us-west.agent.fleet is not an operator's: the release API \
+             needs a certificate for <name>.operator.fleet"
+        ),
+        "{refused:?}"
+    );
+
+    // What alice does is recorded as hers, whoever the request says acts.
+    let mut api = ReleaseServiceClient::new(as_alice);
+    api.apply_fleet(pb::ApplyFleetRequest {
+        request_id: "apply-1".into(),
+        manifest: QUICK.into(),
+    })
+    .await
+    .unwrap();
+    let release = api
+        .start_release(pb::StartReleaseRequest {
+            request_id: "start-1".into(),
+            service: "demo".into(),
+            version: "v2".into(),
+            from_version: "v1".into(),
+            actor: "mallory".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    api.abort(pb::OperatorRequest {
+        request_id: "abort-1".into(),
+        id: release.id.clone(),
+        actor: "mallory".into(),
+        reason: "testing".into(),
+    })
+    .await
+    .unwrap();
+    let history = api
+        .history(pb::HistoryRequest { id: release.id })
+        .await
+        .unwrap()
+        .into_inner();
+    let actors: Vec<(&str, &str)> = history
+        .events
+        .iter()
+        .filter(|e| e.actor != "engine")
+        .map(|e| (e.kind.as_str(), e.actor.as_str()))
+        .collect();
+    assert!(actors.len() >= 2, "{actors:?}");
+    assert!(
+        actors.iter().all(|(_, actor)| *actor == "alice"),
+        "{actors:?}"
+    );
+    server.stop().await;
 }

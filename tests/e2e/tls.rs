@@ -1,6 +1,8 @@
 //! Mutual TLS between the binaries: `fleet-controller` with `--tls-cert`, `--tls-key` and
 //! `--client-ca`; `fleetctl` and `fleet-agent` reaching it with `--ca`, `--tls-cert` and
-//! `--tls-key`. Real processes on 127.0.0.1, certificates made by rcgen.
+//! `--tls-key`, each let in only for what its certificate names it (an operator as
+//! `<name>.operator.fleet`, an agent as `<cluster>.<region>.agent.fleet`). Real processes on
+//! 127.0.0.1, certificates made by rcgen.
 #![allow(clippy::unwrap_used)]
 
 use fleet_e2e::bin;
@@ -89,7 +91,8 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
     let ca_pem = d.join("ca.pem");
     std::fs::write(&ca_pem, ca.pem()).unwrap();
     let [server_cert, server_key] = sign(d, &ca, "controller", &["localhost"]);
-    let [client_cert, client_key] = sign(d, &ca, "operator", &["operator"]);
+    let [client_cert, client_key] = sign(d, &ca, "operator", &["alice.operator.fleet"]);
+    let [agent_cert, agent_key] = sign(d, &ca, "agent", &["us-west.us-west.agent.fleet"]);
 
     let mut controller = controller(d.join("data"))
         .arg("--tls-cert")
@@ -137,33 +140,52 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
         said.contains("client certificates, --tls-cert and --tls-key"),
         "{said}"
     );
+    let as_agent = fleetctl(&[&ca_pem, &agent_cert, &agent_key]);
+    assert!(!as_agent.status.success());
+    let said = String::from_utf8_lossy(&as_agent.stderr);
+    assert!(
+        said.contains(
+            "the controller refused: a certificate for us-west.us-west.agent.fleet is not an operator's"
+        ),
+        "{said}"
+    );
 
-    let [agent_cert, agent_key] = sign(d, &ca, "agent", &["agent.us-west"]);
-    let mut agent = Command::new(bin("fleet-agent"))
-        .args([
-            "--controller",
-            &url,
-            "--region",
-            "us-west",
-            "--cluster",
-            "us-west",
-        ])
-        .args(["--proxy-admin", "http://127.0.0.1:9"])
-        .arg("--ca")
-        .arg(&ca_pem)
-        .arg("--tls-cert")
-        .arg(&agent_cert)
-        .arg("--tls-key")
-        .arg(&agent_key)
-        .env_clear()
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = lines(agent.stderr.take().unwrap());
-    let _agent = Running(agent);
+    let agent = |cluster: &str| {
+        let mut agent = Command::new(bin("fleet-agent"))
+            .args([
+                "--controller",
+                &url,
+                "--region",
+                "us-west",
+                "--cluster",
+                cluster,
+            ])
+            .args(["--proxy-admin", "http://127.0.0.1:9"])
+            .arg("--ca")
+            .arg(&ca_pem)
+            .arg("--tls-cert")
+            .arg(&agent_cert)
+            .arg("--tls-key")
+            .arg(&agent_key)
+            .env_clear()
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = lines(agent.stderr.take().unwrap());
+        (Running(agent), logs)
+    };
+    let (_ours, logs) = agent("us-west");
     first_with(&logs, "connected to the controller");
+    let (_another, logs) = agent("us-west-2");
+    let line = first_with(&logs, "the controller refused this agent");
+    assert!(
+        line.contains(
+            "give this agent a certificate for the DNS name us-west-2.us-west.agent.fleet"
+        ),
+        "{line}"
+    );
     drop(controller);
 }
 

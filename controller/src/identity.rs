@@ -1,0 +1,216 @@
+//! Who a client of the mutual-TLS listener is: the names its certificate is for.
+//!
+//! The client CA lets in every certificate it signed; the names decide what each may do.
+//! - An agent speaks only for the cluster its certificate names, as
+//!   `<cluster>.<region>.agent.fleet` ([`agent_name`]): a stolen agent certificate cannot
+//!   report, or take desired state, for any other cluster.
+//! - The release API is for operators and their tools, whose certificates name them as
+//!   `<name>.operator.fleet`; `<name>` is recorded as the actor of what they do, whatever the
+//!   request says, so the history tells who acted. An agent's certificate is no operator's.
+//!
+//! The names are the DNS names among the certificate's subject alternative names, compared
+//! without regard to case, and exactly: a wildcard certificate speaks for no one. On a plain
+//! listener there is no certificate and every client is let in, as the network is trusted.
+
+use tonic::{Request, Status};
+use x509_parser::extensions::GeneralName;
+
+/// The domain under which agents' certificates are named.
+pub const AGENT_DOMAIN: &str = "agent.fleet";
+/// The domain under which operators' certificates are named.
+pub const OPERATOR_DOMAIN: &str = "operator.fleet";
+
+/// The operator a request comes from under mutual TLS, put in the request's extensions by
+/// [`operators`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Operator(pub String);
+
+/// The name an agent's certificate must carry to speak for `cluster` in `region`.
+pub fn agent_name(region: &str, cluster: &str) -> String {
+    format!("{cluster}.{region}.{AGENT_DOMAIN}").to_ascii_lowercase()
+}
+
+/// The DNS names of a DER certificate's subject alternative names, in lower case.
+pub fn dns_names(der: &[u8]) -> Result<Vec<String>, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("the client certificate cannot be read: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("the client certificate's subject alternative names: {e}"))?;
+    Ok(san
+        .into_iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Whether a certificate for `names` may speak for `cluster` in `region`; the error says which
+/// name it needs.
+pub fn check_agent(names: &[String], region: &str, cluster: &str) -> Result<(), String> {
+    let wanted = agent_name(region, cluster);
+    if names.contains(&wanted) {
+        return Ok(());
+    }
+    Err(format!(
+        "a certificate for {} cannot speak for cluster {cluster:?} in region {region:?}: \
+         give this agent a certificate for the DNS name {wanted}",
+        shown(names)
+    ))
+}
+
+/// The operator a certificate for `names` names (`alice` for `alice.operator.fleet`); the
+/// error says what the release API needs.
+pub fn operator(names: &[String]) -> Result<String, String> {
+    names
+        .iter()
+        .filter_map(|name| name.strip_suffix(OPERATOR_DOMAIN)?.strip_suffix('.'))
+        .find(|label| fleet_yaml::is_dns_label(label))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            format!(
+                "a certificate for {} is not an operator's: the release API needs a certificate \
+                 for <name>.{OPERATOR_DOMAIN} (say alice.{OPERATOR_DOMAIN}), signed by the \
+                 controller's client CA",
+                shown(names)
+            )
+        })
+}
+
+fn shown(names: &[String]) -> String {
+    if names.is_empty() {
+        "no DNS name".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The names of the certificate a client showed, when the listener is `mutual` TLS; `None`
+/// on a plain one.
+pub fn peer_names<T>(request: &Request<T>, mutual: bool) -> Result<Option<Vec<String>>, Status> {
+    if !mutual {
+        return Ok(None);
+    }
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    dns_names(leaf).map(Some).map_err(Status::unauthenticated)
+}
+
+/// The release API's gate: under mutual TLS only operators pass, each request carrying its
+/// [`Operator`].
+pub fn operators(mutual: bool) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request| {
+        if let Some(names) = peer_names(&request, mutual)? {
+            let name = operator(&names).map_err(|e| {
+                tracing::warn!(%e, "release API call refused");
+                Status::permission_denied(e)
+            })?;
+            request.extensions_mut().insert(Operator(name));
+        }
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn the_names_are_the_certificates_dns_names_in_lower_case() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["Usw1-A.US-West.agent.fleet".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        params.subject_alt_names.push(rcgen::SanType::Rfc822Name(
+            "ops@example.com".try_into().unwrap(),
+        ));
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            dns_names(cert.der()).unwrap(),
+            names(&["usw1-a.us-west.agent.fleet"])
+        );
+        let e = dns_names(b"not a certificate").unwrap_err();
+        assert!(
+            e.starts_with("the client certificate cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_agent_speaks_only_for_the_cluster_its_certificate_names() {
+        let usw1 = names(&["controller.example", "usw1-a.us-west.agent.fleet"]);
+        assert_eq!(check_agent(&usw1, "us-west", "usw1-a"), Ok(()));
+        assert_eq!(check_agent(&usw1, "US-West", "USW1-A"), Ok(()), "case");
+        assert_eq!(
+            check_agent(&usw1, "us-west", "usw1-b").unwrap_err(),
+            "a certificate for controller.example, usw1-a.us-west.agent.fleet cannot speak for \
+             cluster \"usw1-b\" in region \"us-west\": give this agent a certificate for the DNS \
+             name usw1-b.us-west.agent.fleet"
+        );
+        assert!(
+            check_agent(&usw1, "eu-west", "usw1-a").is_err(),
+            "nor for its cluster in another region"
+        );
+        let wildcard = names(&["*.us-west.agent.fleet"]);
+        assert!(check_agent(&wildcard, "us-west", "usw1-a").is_err());
+        let operator = names(&["alice.operator.fleet"]);
+        assert!(check_agent(&operator, "us-west", "usw1-a").is_err());
+    }
+
+    #[test]
+    fn an_operator_is_named_by_a_name_under_the_operator_domain() {
+        assert_eq!(
+            operator(&names(&["laptop.example", "alice.operator.fleet"])),
+            Ok("alice".to_string())
+        );
+        for not_an_operator in [
+            &["usw1-a.us-west.agent.fleet"][..],
+            &["operator.fleet"],
+            &["*.operator.fleet"],
+            &["a.b.operator.fleet"],
+            &["aliceoperator.fleet"],
+            &[],
+        ] {
+            let e = operator(&names(not_an_operator)).unwrap_err();
+            assert!(
+                e.ends_with(
+                    "is not an operator's: the release API needs a certificate for \
+                     <name>.operator.fleet (say alice.operator.fleet), signed by the \
+                     controller's client CA"
+                ),
+                "{not_an_operator:?}: {e}"
+            );
+        }
+        assert!(
+            operator(&[])
+                .unwrap_err()
+                .starts_with("a certificate for no DNS name")
+        );
+    }
+
+    #[test]
+    fn on_a_plain_listener_everyone_passes_unnamed() {
+        let mut gate = operators(false);
+        let passed = gate(Request::new(())).unwrap();
+        assert!(passed.extensions().get::<Operator>().is_none());
+        assert_eq!(peer_names(&Request::new(()), false).unwrap(), None);
+        let e = peer_names(&Request::new(()), true).unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::Unauthenticated,
+            "mutual, yet no certificate"
+        );
+    }
+}
