@@ -38,10 +38,11 @@ impl AgentService for Agents {
         let Some(pb::agent_message::Message::Hello(hello)) = first.message else {
             return Err(Status::invalid_argument("the first message must be hello"));
         };
-        if hello.region.is_empty() || hello.cluster.is_empty() {
-            return Err(Status::invalid_argument(
-                "hello needs a region and a cluster",
-            ));
+        if !fleet_yaml::is_dns_label(&hello.region) || !fleet_yaml::is_dns_label(&hello.cluster) {
+            return Err(Status::invalid_argument(format!(
+                "hello needs a region and a cluster as the manifest names them (lowercase DNS labels), not {:?} and {:?}",
+                hello.region, hello.cluster
+            )));
         }
         if let Some(names) = names {
             identity::check_agent(&names, &hello.region, &hello.cluster).map_err(|e| {

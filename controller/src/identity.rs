@@ -25,9 +25,11 @@ pub const OPERATOR_DOMAIN: &str = "operator.fleet";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Operator(pub String);
 
-/// The name an agent's certificate must carry to speak for `cluster` in `region`.
+/// The name an agent's certificate must carry to speak for `cluster` (the manifest cluster's
+/// `agent`, by default its name) in `region`: both lowercase DNS labels, as the hello is
+/// checked to have them, so that no two clusters share a name.
 pub fn agent_name(region: &str, cluster: &str) -> String {
-    format!("{cluster}.{region}.{AGENT_DOMAIN}").to_ascii_lowercase()
+    format!("{cluster}.{region}.{AGENT_DOMAIN}")
 }
 
 /// The DNS names of a DER certificate's subject alternative names, in lower case.
@@ -152,7 +154,10 @@ mod tests {
     fn an_agent_speaks_only_for_the_cluster_its_certificate_names() {
         let usw1 = names(&["controller.example", "usw1-a.us-west.agent.fleet"]);
         assert_eq!(check_agent(&usw1, "us-west", "usw1-a"), Ok(()));
-        assert_eq!(check_agent(&usw1, "US-West", "USW1-A"), Ok(()), "case");
+        assert!(
+            check_agent(&usw1, "us-west", "USW1-A").is_err(),
+            "another cluster's name, by case (the hello is refused before)"
+        );
         assert_eq!(
             check_agent(&usw1, "us-west", "usw1-b").unwrap_err(),
             "a certificate for controller.example, usw1-a.us-west.agent.fleet cannot speak for \

@@ -23,10 +23,15 @@ pub struct Releases {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ReleaseEvent, Status>> + Send>>;
 
-/// Who acts on a request: under mutual TLS the operator its certificate names, whatever the
-/// request's `actor` says; else that `actor`, or `operator` when it is empty.
-fn acting<T>(request: &Request<T>, claimed: &str) -> String {
-    match request.extensions().get::<Operator>() {
+/// The operator a request comes from under mutual TLS (its certificate names it).
+fn caller<T>(request: &Request<T>) -> Option<Operator> {
+    request.extensions().get::<Operator>().cloned()
+}
+
+/// Who acts: under mutual TLS the operator the certificate names, whatever the request's
+/// `actor` says; else that `actor`, or `operator` when it is empty.
+fn actor(caller: &Option<Operator>, claimed: &str) -> String {
+    match caller {
         Some(Operator(name)) => name.clone(),
         None if claimed.is_empty() => "operator".into(),
         None => claimed.into(),
@@ -40,9 +45,11 @@ fn internal(e: anyhow::Error) -> Status {
 }
 
 impl Releases {
-    /// Answers a mutating request once: a repeated request id gets the first answer.
+    /// Answers a mutating request once: a repeated request id gets the first answer. Under
+    /// mutual TLS request ids are each operator's own: one operator's id answers no other.
     fn once<T: Message + Default>(
         &self,
+        caller: &Option<Operator>,
         request_id: &str,
         act: impl FnOnce() -> Result<T, Status>,
     ) -> Result<Response<T>, Status> {
@@ -51,6 +58,10 @@ impl Releases {
                 "request_id is empty: give every mutating call a unique id, e.g. a UUID",
             ));
         }
+        let request_id = &match caller {
+            Some(Operator(name)) => format!("{name}/{request_id}"),
+            None => request_id.to_string(),
+        };
         let store = &self.controller.store;
         if let Some(bytes) = store.answered(request_id).map_err(internal)? {
             return T::decode(bytes.as_slice())
@@ -78,10 +89,11 @@ impl Releases {
         request: Request<pb::OperatorRequest>,
         action: Action,
     ) -> Result<Response<pb::Release>, Status> {
-        let actor = acting(&request, &request.get_ref().actor);
+        let caller = caller(&request);
         let r = request.into_inner();
+        let actor = actor(&caller, &r.actor);
         let id = r.id.clone();
-        self.once(&r.request_id, || {
+        self.once(&caller, &r.request_id, || {
             let event = Event::Operator {
                 action,
                 actor,
@@ -108,8 +120,9 @@ impl ReleaseService for Releases {
         &self,
         request: Request<pb::ApplyFleetRequest>,
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
-        self.once(&r.request_id, || {
+        self.once(&caller, &r.request_id, || {
             let loaded = fleet::load(&r.manifest).map_err(|diags| {
                 let lines: Vec<String> = diags
                     .iter()
@@ -161,9 +174,10 @@ impl ReleaseService for Releases {
         &self,
         request: Request<pb::StartReleaseRequest>,
     ) -> Result<Response<pb::Release>, Status> {
-        let actor = acting(&request, &request.get_ref().actor);
+        let caller = caller(&request);
         let r = request.into_inner();
-        self.once(&r.request_id, || {
+        let actor = actor(&caller, &r.actor);
+        self.once(&caller, &r.request_id, || {
             let controller = &self.controller;
             let from = controller.store.version(&r.service).map_err(internal)?;
             let number = controller.store.next_release_number().map_err(internal)?;

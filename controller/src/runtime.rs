@@ -413,7 +413,7 @@ impl Controller {
                 inner
                     .agents
                     .values()
-                    .any(|a| a.region == region && (a.cluster == c.name || a.cluster == c.agent))
+                    .any(|a| a.region == region && a.cluster == c.agent)
             });
             let region = region.to_string();
             let result = self.step(inner, &id, |e| {

@@ -284,6 +284,22 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
         Code::PermissionDenied,
         "an operator is no agent"
     );
+    let wildcard = ca.sign("wildcard", &["*.us-west.agent.fleet"]);
+    let as_wildcard = client_of(&url, &ca, &wildcard).await;
+    for (region, cluster) in [("us-west", "*"), ("us-west", "usw1-a")] {
+        assert!(
+            hello(as_wildcard.clone(), region, cluster).await.is_err(),
+            "a wildcard speaks for no one: {cluster}"
+        );
+    }
+    for (region, cluster) in [("us-west", "USW1-A"), ("us-west", "a.b"), ("", "usw1-a")] {
+        let refused = hello(as_agent.clone(), region, cluster).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{region:?} {cluster:?}"
+        );
+    }
 
     let mut agent_api = ReleaseServiceClient::new(as_agent);
     let refused = agent_api
@@ -327,6 +343,18 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
     })
     .await
     .unwrap();
+    // Request ids are each operator's own: bob's "apply-1" is not alice's.
+    let bob = ca.sign("bob", &["bob.operator.fleet"]);
+    let mut bobs = ReleaseServiceClient::new(client_of(&url, &ca, &bob).await);
+    let refused = bobs
+        .apply_fleet(pb::ApplyFleetRequest {
+            request_id: "apply-1".into(),
+            manifest: "not: a fleet".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
     let history = api
         .history(pb::HistoryRequest { id: release.id })
         .await

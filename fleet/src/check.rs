@@ -220,7 +220,9 @@ fn regions(w: &[wire::Region], cx: &mut Ctx<'_>) -> Option<Vec<Region>> {
                 false => format!("{cpath}.name"),
             };
             agents.add(cx, &agent_path, &agent);
-            if let Some(cname) = cname {
+            // The agent says it in its hello, and its certificate names it under mutual TLS.
+            let agent_ok = c.agent.is_none() || cx.name(&agent_path, &agent).is_some();
+            if let (Some(cname), true) = (cname, agent_ok) {
                 region_clusters.push(Cluster { name: cname, agent });
             }
         }
