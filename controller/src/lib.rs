@@ -37,13 +37,13 @@ pub async fn serve(
     serve_with_tls(grpc, admin, data, shutdown, None).await
 }
 
-/// [`serve`], the gRPC listener speaking TLS when `tls` is given ([`tls::server_config`]).
+/// [`serve`], the gRPC listener speaking mutual TLS when `tls` is given ([`tls::Reloader`]).
 pub async fn serve_with_tls(
     grpc: TcpListener,
     admin: TcpListener,
     data: &Path,
     shutdown: watch::Receiver<bool>,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<tls::Reloader>,
 ) -> anyhow::Result<()> {
     let controller = Controller::open(data)?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -78,23 +78,28 @@ pub async fn serve_with_tls(
         controller: Arc::clone(&controller),
         mutual,
     };
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls)?;
-    }
-    server
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ReleaseServiceServer::with_interceptor(
             releases,
             identity::operators(mutual),
         ))
-        .add_service(AgentServiceServer::new(agents))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
-            signalled(shutdown),
-        )
-        .await?;
+        .add_service(AgentServiceServer::new(agents));
+    match tls {
+        Some(tls) => {
+            let incoming = tls.incoming(grpc, shutdown.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, signalled(shutdown))
+                .await?
+        }
+        None => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+            router
+                .serve_with_incoming_shutdown(incoming, signalled(shutdown))
+                .await?
+        }
+    }
     // Tasks of closed streams let go of the controller as they notice; the store closes with
     // the last of them, and a controller started next on the same directory can open it.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);

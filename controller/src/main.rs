@@ -1,4 +1,4 @@
-//! `fleet-controller --listen ADDR --admin ADDR --data DIR [--tls-cert F --tls-key F [--client-ca F]]`
+//! `fleet-controller --listen ADDR --admin ADDR --data DIR [--tls-cert F --tls-key F --client-ca F [--client-crl F]]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +36,9 @@ struct Args {
     /// PEM CA whose certificates clients must show: agents and release tooling.
     #[arg(long, env = "FLEET_CLIENT_CA", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// PEM revocation lists of `--client-ca`: client certificates they list are refused.
+    #[arg(long, env = "FLEET_CLIENT_CRL", requires = "client_ca")]
+    client_crl: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -50,9 +53,14 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let tls = match (&args.tls_cert, &args.tls_key, &args.client_ca) {
-        (Some(cert), Some(key), Some(ca)) => {
-            Some(fleet_controller::tls::server_config(cert, key, ca)?)
-        }
+        (Some(cert), Some(key), Some(ca)) => Some(fleet_controller::tls::Reloader::new(
+            fleet_controller::tls::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: ca.clone(),
+                client_crl: args.client_crl.clone(),
+            },
+        )?),
         _ => None,
     };
     let mode = if tls.is_some() { "mutual" } else { "off" };

@@ -5,11 +5,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use fleet_controller::tls::{Files, Reloader};
 use fleet_proto::connect::{ClientTls, channel, endpoint};
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::agent_service_client::AgentServiceClient;
 use fleet_proto::v1::release_service_client::ReleaseServiceClient;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, IsCa,
+    KeyIdMethod, KeyPair, RevocationReason, RevokedCertParams,
+};
 use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -45,12 +51,16 @@ impl Ca {
 
     /// Writes `<name>-<who>.pem` and `<name>-<who>.key` for `names`; returns their paths.
     fn sign(&self, who: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        self.sign_serial(who, names, rand_serial())
+    }
+
+    /// [`Ca::sign`] with the serial number `serial`.
+    fn sign_serial(&self, who: &str, names: &[&str], serial: u64) -> (PathBuf, PathBuf) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.serial_number = Some(serial.into());
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
         let (cert_path, key_path) = (
             self.path(&format!("{who}.pem")),
             self.path(&format!("{who}.key")),
@@ -59,6 +69,53 @@ impl Ca {
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
         (cert_path, key_path)
     }
+}
+
+/// The listener's files: `cert` and `key`, clients' certificates signed by `ca`.
+fn files(cert: &Path, key: &Path, ca: &Path) -> Files {
+    Files {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        client_ca: ca.to_owned(),
+        client_crl: None,
+    }
+}
+
+/// The settings `files` make, or why they make none.
+fn config(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    files(cert, key, ca).server_config()
+}
+
+impl Ca {
+    /// Writes `<name>-crl.pem`, revoking the certificates of serial numbers `revoked`.
+    fn revoke(&self, revoked: &[u64]) -> PathBuf {
+        let crl = CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&serial| RevokedCertParams {
+                    serial_number: serial.into(),
+                    revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .unwrap();
+        let path = self.path("crl.pem");
+        std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        path
+    }
+}
+
+fn rand_serial() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) >> 1
 }
 
 /// A controller serving mutual TLS on loopback, its clients' certificates signed by `ca`.
@@ -70,7 +127,11 @@ struct Mutual {
 
 impl Mutual {
     async fn start(ca: &Ca, cert: &Path, key: &Path, dir: &Path) -> Mutual {
-        let tls = fleet_controller::tls::server_config(cert, key, &ca.path("ca.pem")).unwrap();
+        Mutual::with(files(cert, key, &ca.path("ca.pem")), dir).await
+    }
+
+    async fn with(files: Files, dir: &Path) -> Mutual {
+        let tls = Reloader::new(files).unwrap();
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = grpc.local_addr().unwrap().port();
@@ -184,7 +245,7 @@ fn tls_settings_that_cannot_work_are_refused_naming_the_flag() {
         e.to_string().starts_with("--tls-cert needs --tls-key"),
         "{e}"
     );
-    let e = fleet_controller::tls::server_config(
+    let e = config(
         Path::new("/nonexistent/c.pem"),
         Path::new("/nonexistent/c.key"),
         Path::new("/nonexistent/ca.pem"),
@@ -200,7 +261,7 @@ fn tls_settings_that_cannot_work_are_refused_naming_the_flag() {
     let ours = Ca::new(dir.path(), "ours");
     let (cert, key) = ours.sign("controller", &["localhost"]);
     let (_, other_key) = ours.sign("other", &["localhost"]);
-    let e = fleet_controller::tls::server_config(&cert, &key, &key).unwrap_err();
+    let e = config(&cert, &key, &key).unwrap_err();
     assert!(
         e.to_string().starts_with(&format!(
             "--client-ca {}: no certificate in it",
@@ -208,17 +269,25 @@ fn tls_settings_that_cannot_work_are_refused_naming_the_flag() {
         )),
         "{e}"
     );
-    let e = fleet_controller::tls::server_config(&key, &key, &ours.path("ca.pem")).unwrap_err();
+    let e = config(&key, &key, &ours.path("ca.pem")).unwrap_err();
     assert!(e.to_string().starts_with("--tls-cert"), "{e}");
-    let e = fleet_controller::tls::server_config(&cert, &cert, &ours.path("ca.pem")).unwrap_err();
+    let e = config(&cert, &cert, &ours.path("ca.pem")).unwrap_err();
     assert!(e.to_string().starts_with("--tls-key"), "{e}");
-    let e =
-        fleet_controller::tls::server_config(&cert, &other_key, &ours.path("ca.pem")).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("not a certificate, its key and a CA that go together"),
-        "{e}"
+    let e = config(&cert, &other_key, &ours.path("ca.pem")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "--tls-cert {}, --tls-key {}: not a certificate and its key",
+            cert.display(),
+            other_key.display()
+        )
     );
+    let crl = Files {
+        client_crl: Some(key.clone()),
+        ..files(&cert, &key, &ours.path("ca.pem"))
+    };
+    let e = crl.server_config().unwrap_err();
+    assert!(e.to_string().starts_with("--client-crl"), "{e}");
     let not_a_ca = ClientTls {
         ca: Some(key.clone()),
         ..ClientTls::default()
@@ -229,12 +298,7 @@ fn tls_settings_that_cannot_work_are_refused_naming_the_flag() {
 
 /// A client of `url` showing the certificate `who`, signed by `ca`.
 async fn client_of(url: &str, ca: &Ca, cert: &(PathBuf, PathBuf)) -> Channel {
-    let tls = ClientTls {
-        ca: Some(ca.path("ca.pem")),
-        cert: Some(cert.0.clone()),
-        key: Some(cert.1.clone()),
-    };
-    channel(url, &tls).await.unwrap()
+    channel(url, &showing(ca, cert)).await.unwrap()
 }
 
 /// Opens an agent's stream saying hello for `cluster` in `region`.
@@ -371,5 +435,119 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
         actors.iter().all(|(_, actor)| *actor == "alice"),
         "{actors:?}"
     );
+    server.stop().await;
+}
+
+/// Whether `check` holds within 10 s, trying every 50 ms.
+async fn eventually<F: std::future::Future<Output = bool>>(mut check: impl FnMut() -> F) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A client trusting `trusted`'s CA, showing the certificate `cert`.
+fn showing(trusted: &Ca, cert: &(PathBuf, PathBuf)) -> ClientTls {
+    ClientTls {
+        ca: Some(trusted.path("ca.pem")),
+        cert: Some(cert.0.clone()),
+        key: Some(cert.1.clone()),
+    }
+}
+
+#[test]
+fn the_files_are_read_again_once_changed_and_bad_ones_leave_the_last_good_in_force() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ours");
+    let (cert, key) = ca.sign("controller", &["localhost"]);
+    let mut tls = Reloader::new(files(&cert, &key, &ca.path("ca.pem"))).unwrap();
+    let first = tls.current();
+    assert!(!tls.check().unwrap(), "nothing changed");
+    assert!(Arc::ptr_eq(&first, &tls.current()));
+
+    ca.sign("controller", &["localhost", "controller.example"]);
+    assert!(tls.check().unwrap(), "a renewed certificate");
+    let renewed = tls.current();
+    assert!(!Arc::ptr_eq(&first, &renewed));
+
+    std::fs::write(&cert, "half a certificate").unwrap();
+    let e = tls.check().unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("--tls-cert {}", cert.display())),
+        "{e}"
+    );
+    assert!(Arc::ptr_eq(&renewed, &tls.current()), "the last good stay");
+    assert!(!tls.check().unwrap(), "not read again until changed again");
+
+    ca.sign("controller", &["localhost"]);
+    assert!(tls.check().unwrap(), "mended");
+    assert!(!Arc::ptr_eq(&renewed, &tls.current()));
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_and_a_new_client_ca_take_effect_without_a_restart() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ours = Ca::new(dir.path(), "ours");
+    let next = Ca::new(dir.path(), "next");
+    let (cert, key) = ours.sign("controller", &["localhost"]);
+    let client_ca = dir.path().join("client-ca.pem");
+    std::fs::copy(ours.path("ca.pem"), &client_ca).unwrap();
+    let server = Mutual::with(files(&cert, &key, &client_ca), dir.path()).await;
+    let url = format!("https://localhost:{}", server.port);
+    let old_client = ours.sign("old", &["alice.operator.fleet"]);
+    let new_client = next.sign("new", &["alice.operator.fleet"]);
+    assert!(answered(&url, &showing(&ours, &old_client)).await);
+    assert!(!answered(&url, &showing(&next, &old_client)).await);
+
+    // The controller's certificate renewed by the next CA, written over the old files.
+    let (renewed_cert, renewed_key) = next.sign("controller", &["localhost"]);
+    std::fs::copy(&renewed_cert, &cert).unwrap();
+    std::fs::copy(&renewed_key, &key).unwrap();
+    assert!(
+        {
+            let tls = showing(&next, &old_client);
+            eventually(|| answered(&url, &tls)).await
+        },
+        "clients trusting the next CA get in"
+    );
+    assert!(!answered(&url, &showing(&ours, &old_client)).await);
+
+    // Clients' certificates from the next CA only.
+    std::fs::copy(next.path("ca.pem"), &client_ca).unwrap();
+    assert!(
+        {
+            let tls = showing(&next, &new_client);
+            eventually(|| answered(&url, &tls)).await
+        },
+        "a client of the next CA gets in"
+    );
+    assert!(!answered(&url, &showing(&next, &old_client)).await);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ours");
+    let (cert, key) = ca.sign("controller", &["localhost"]);
+    let lost = ca.sign_serial("lost", &["usw1-a.us-west.agent.fleet"], 7);
+    let kept = ca.sign_serial("kept", &["usw1-b.us-west.agent.fleet"], 8);
+    let crl = ca.revoke(&[7]);
+    let with_crl = Files {
+        client_crl: Some(crl),
+        ..files(&cert, &key, &ca.path("ca.pem"))
+    };
+    let server = Mutual::with(with_crl, dir.path()).await;
+    let url = format!("https://localhost:{}", server.port);
+    assert!(answered(&url, &showing(&ca, &kept)).await);
+    assert!(!answered(&url, &showing(&ca, &lost)).await, "revoked");
     server.stop().await;
 }

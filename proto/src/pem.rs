@@ -6,34 +6,75 @@ use std::path::Path;
 
 use anyhow::Context;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 /// The bytes of `path`, which holds one or more certificates and nothing unreadable.
 pub fn certificates(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
     let bytes = read(path, flag)?;
-    let mut found = 0;
-    for cert in CertificateDer::pem_slice_iter(&bytes) {
-        cert.map_err(|e| anyhow::anyhow!("{flag} {}: {e:?}", path.display()))?;
-        found += 1;
-    }
+    parse_certificates(&bytes, path, flag)?;
+    Ok(bytes)
+}
+
+/// The certificates `path` holds: one or more, and nothing unreadable.
+pub fn certificate_chain(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    parse_certificates(&read(path, flag)?, path, flag)
+}
+
+fn parse_certificates(
+    bytes: &[u8],
+    path: &Path,
+    flag: &str,
+) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let chain = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e:?}", path.display()))?;
     anyhow::ensure!(
-        found > 0,
+        !chain.is_empty(),
         "{flag} {}: no certificate in it (a PEM file with -----BEGIN CERTIFICATE-----)",
         path.display()
     );
-    Ok(bytes)
+    Ok(chain)
 }
 
 /// The bytes of `path`, which holds a private key.
 pub fn private_key(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
     let bytes = read(path, flag)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+    parse_private_key(&bytes, path, flag)?;
+    Ok(bytes)
+}
+
+/// The private key `path` holds.
+pub fn private_key_der(path: &Path, flag: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
+    parse_private_key(&read(path, flag)?, path, flag)
+}
+
+fn parse_private_key(
+    bytes: &[u8],
+    path: &Path,
+    flag: &str,
+) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(bytes).map_err(|e| {
         anyhow::anyhow!(
             "{flag} {}: no private key in it (a PEM file with -----BEGIN PRIVATE KEY-----): {e:?}",
             path.display()
         )
-    })?;
-    Ok(bytes)
+    })
+}
+
+/// The certificate revocation lists `path` holds: one or more, and nothing unreadable.
+pub fn revocation_lists(
+    path: &Path,
+    flag: &str,
+) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
+    let lists = CertificateRevocationListDer::pem_slice_iter(&read(path, flag)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e:?}", path.display()))?;
+    anyhow::ensure!(
+        !lists.is_empty(),
+        "{flag} {}: no revocation list in it (a PEM file with -----BEGIN X509 CRL-----)",
+        path.display()
+    );
+    Ok(lists)
 }
 
 fn read(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
