@@ -27,8 +27,10 @@ pub struct Proxies {
     http: reqwest::Client,
     /// Admin URLs, e.g. `http://127.0.0.1:9901`.
     urls: Vec<String>,
-    /// The table version each proxy answered our last `PUT` with, and the start of the proxy
-    /// it answered (known from the first scrape after).
+    /// The table last programmed, which `installed` is of.
+    table: Option<TableSpec>,
+    /// The proxies that took `table`: the version each answered our `PUT` with, and the start
+    /// of the proxy it answered (known from the first scrape after).
     installed: HashMap<String, (u64, Option<u64>)>,
     tally: Tally<String>,
     /// A table replaced in a proxy's run is not put back on it before this.
@@ -40,50 +42,49 @@ impl Proxies {
         Proxies {
             http,
             urls,
+            table: None,
             installed: HashMap::new(),
             tally: Tally::new(now_unix_ms()),
             quiet_until: HashMap::new(),
         }
     }
 
-    /// Puts `table` on every proxy, each whatever the others answer (one down must not keep
-    /// the rest on an old table); fails, naming each, if any did not take it.
+    /// Puts `table` on every proxy that does not have it yet, all at once, each whatever the
+    /// others answer (one down must not keep the rest on an old table, nor slow them); fails,
+    /// naming each, if any did not take it. Called again while one is down, it puts the table
+    /// on that one only.
     pub async fn program(&mut self, table: &TableSpec) -> anyhow::Result<()> {
+        if self.table.as_ref() != Some(table) {
+            self.table = Some(table.clone());
+            self.installed.clear();
+        }
+        let body = bytes::Bytes::from(serde_json::to_vec(table)?);
+        let mut puts = tokio::task::JoinSet::new();
+        for proxy in self
+            .urls
+            .iter()
+            .filter(|p| !self.installed.contains_key(*p))
+        {
+            let (http, proxy, body) = (self.http.clone(), proxy.clone(), body.clone());
+            puts.spawn(async move {
+                let answer = put(&http, &proxy, body).await;
+                (proxy, answer)
+            });
+        }
         let mut failed = Vec::new();
-        for proxy in &self.urls {
-            match self.put(proxy, table).await {
-                Ok(version) => {
-                    self.installed.insert(proxy.clone(), (version, None));
+        while let Some(done) = puts.join_next().await {
+            match done? {
+                (proxy, Ok(version)) => {
+                    self.installed.insert(proxy, (version, None));
                 }
-                Err(e) => failed.push(format!("{e:#}")),
+                (_, Err(e)) => failed.push(format!("{e:#}")),
             }
         }
+        failed.sort();
         match failed.is_empty() {
             true => Ok(()),
             false => anyhow::bail!("{}", failed.join("; ")),
         }
-    }
-
-    /// Puts `table` on one proxy; the version it is in force as.
-    async fn put(&self, proxy: &str, table: &TableSpec) -> anyhow::Result<u64> {
-        let url = format!("{}/routes", proxy.trim_end_matches('/'));
-        let response = (self.http.put(&url))
-            .timeout(PROXY_TIMEOUT)
-            .json(table)
-            .send()
-            .await
-            .with_context(|| url.clone())?;
-        if !response.status().is_success() {
-            let status = response.status();
-            let body = response.text().await.unwrap_or_default();
-            anyhow::bail!("{url} answered {status}: {body}");
-        }
-        #[derive(serde::Deserialize)]
-        struct Put {
-            version: u64,
-        }
-        let put: Put = response.json().await?;
-        Ok(put.version)
     }
 
     /// Reads every proxy's counters into the tally. True when a proxy was found serving
@@ -155,6 +156,29 @@ fn put_back(put: (u64, u64), serving: (u64, u64), quiet: bool) -> Option<Again> 
     }
 }
 
+/// Puts the table `body` (JSON) on one proxy; the version it is in force as.
+async fn put(http: &reqwest::Client, proxy: &str, body: bytes::Bytes) -> anyhow::Result<u64> {
+    let url = format!("{}/routes", proxy.trim_end_matches('/'));
+    let response = (http.put(&url))
+        .timeout(PROXY_TIMEOUT)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .with_context(|| url.clone())?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        anyhow::bail!("{url} answered {status}: {body}");
+    }
+    #[derive(serde::Deserialize)]
+    struct Put {
+        version: u64,
+    }
+    let put: Put = response.json().await?;
+    Ok(put.version)
+}
+
 fn now_unix_ms() -> u64 {
     let since = SystemTime::now().duration_since(UNIX_EPOCH);
     since.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -204,8 +228,20 @@ mod tests {
         let e = proxies.program(&table).await.unwrap_err().to_string();
         assert!(e.contains(&dead), "{e}");
         assert!(!e.contains(&live), "{e}");
-        assert_eq!(puts.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let count = || puts.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(count(), 1);
         assert_eq!(proxies.installed.get(&live), Some(&(7, None)));
+
+        // Tried again while one is down: only that one is put to.
+        assert!(proxies.program(&table).await.is_err());
+        assert_eq!(count(), 1, "the live proxy has the table already");
+        // A new table goes to every proxy again.
+        let newer = TableSpec {
+            version: Some(2),
+            ..table
+        };
+        assert!(proxies.program(&newer).await.is_err());
+        assert_eq!(count(), 2);
     }
 
     #[test]

@@ -296,7 +296,7 @@ fn tls_settings_that_cannot_work_are_refused_naming_the_flag() {
     assert!(e.to_string().starts_with("--ca"), "{e}");
 }
 
-/// A client of `url` showing the certificate `who`, signed by `ca`.
+/// A client of `url` trusting `ca` and showing `cert`.
 async fn client_of(url: &str, ca: &Ca, cert: &(PathBuf, PathBuf)) -> Channel {
     channel(url, &showing(ca, cert)).await.unwrap()
 }
