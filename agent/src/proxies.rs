@@ -87,17 +87,32 @@ impl Proxies {
         }
     }
 
-    /// Reads every proxy's counters into the tally. True when a proxy was found serving
-    /// another table than the one put on it (restarted, or its file read again): the table
-    /// needs putting again.
+    /// Reads every proxy's counters into the tally, all at once (one that does not answer
+    /// keeps none of the others waiting). True when a proxy was found serving another table
+    /// than the one put on it (restarted, or its file read again): the table needs putting
+    /// again.
     pub async fn scrape(&mut self) -> bool {
+        let mut fetches = tokio::task::JoinSet::new();
+        for (i, proxy) in self.urls.iter().enumerate() {
+            let (http, url) = (
+                self.http.clone(),
+                format!("{}/stats", proxy.trim_end_matches('/')),
+            );
+            fetches.spawn(async move {
+                let response = http.get(&url).timeout(PROXY_TIMEOUT).send().await.ok()?;
+                let stats = response.json::<ProxyStats>().await.ok()?;
+                Some((i, stats))
+            });
+        }
+        let mut answers: Vec<Option<ProxyStats>> = self.urls.iter().map(|_| None).collect();
+        while let Some(done) = fetches.join_next().await {
+            if let Ok(Some((i, stats))) = done {
+                answers[i] = Some(stats);
+            }
+        }
         let mut lost = false;
-        for proxy in &self.urls {
-            let url = format!("{}/stats", proxy.trim_end_matches('/'));
-            let Ok(response) = self.http.get(&url).timeout(PROXY_TIMEOUT).send().await else {
-                continue;
-            };
-            let Ok(stats) = response.json::<ProxyStats>().await else {
+        for (proxy, stats) in self.urls.iter().zip(answers) {
+            let Some(stats) = stats else {
                 continue;
             };
             if let Some((version, started)) = self.installed.get_mut(proxy) {
@@ -192,6 +207,13 @@ mod tests {
     /// A FAKE proxy admin API (test-only): answers every request with `{"version": 7}` and
     /// counts them.
     async fn fake_proxy() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        fake_proxy_saying(r#"{"version": 7}"#).await
+    }
+
+    /// A FAKE proxy admin API (test-only): answers every request with `body` and counts them.
+    async fn fake_proxy_saying(
+        body: &'static str,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let puts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -201,7 +223,6 @@ mod tests {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut buf = vec![0; 64 * 1024];
                 let _ = socket.read(&mut buf).await;
-                let body = r#"{"version": 7}"#;
                 let answer = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -242,6 +263,33 @@ mod tests {
         };
         assert!(proxies.program(&newer).await.is_err());
         assert_eq!(count(), 2);
+    }
+
+    #[tokio::test]
+    async fn proxies_that_do_not_answer_keep_none_of_the_others_stats_waiting() {
+        // Two that take connections and never answer: each costs PROXY_TIMEOUT, not both.
+        let silent: Vec<_> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut urls: Vec<String> = silent
+            .iter()
+            .map(|l| format!("http://{}", l.local_addr().unwrap()))
+            .collect();
+        let stats =
+            r#"{"started_unix_ms": 1, "table_version": 1, "latency_bounds_ms": [], "series": []}"#;
+        urls.push(fake_proxy_saying(stats).await.0);
+        let mut proxies = Proxies::new(crate::http_client(), urls);
+        let started = Instant::now();
+        assert!(!proxies.scrape().await);
+        assert!(
+            started.elapsed() < PROXY_TIMEOUT * 3 / 2,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            proxies.stats().is_some(),
+            "the one that answered is counted"
+        );
     }
 
     #[test]
