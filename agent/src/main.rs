@@ -20,10 +20,10 @@ struct Args {
     #[arg(long, env = "FLEET_CONTROLLER")]
     controller: String,
     /// The region this cluster serves, as the fleet manifest names it.
-    #[arg(long, env = "FLEET_REGION")]
+    #[arg(long, env = "FLEET_REGION", value_parser = name)]
     region: String,
-    /// This cluster's name (or agent identity) in the manifest.
-    #[arg(long, env = "FLEET_CLUSTER")]
+    /// This cluster's agent identity in the manifest (by default the cluster's name).
+    #[arg(long, env = "FLEET_CLUSTER", value_parser = name)]
     cluster: String,
     /// How workloads run.
     #[arg(long, value_enum, default_value_t = DriverKind::Process)]
@@ -116,5 +116,17 @@ async fn main() -> anyhow::Result<()> {
             let driver = KubernetesDriver::new(client, args.namespace, args.container_port);
             fleet_agent::run(config, driver, shutdown).await
         }
+    }
+}
+
+/// A name as the manifest gives regions, clusters and agents: the controller refuses others.
+fn name(s: &str) -> Result<String, String> {
+    match fleet_yaml::is_dns_label(s) {
+        true => Ok(s.to_string()),
+        false => Err(
+            "not a name as the manifest gives them: at most 63 lowercase letters, digits and '-', \
+             starting and ending with a letter or digit"
+                .into(),
+        ),
     }
 }

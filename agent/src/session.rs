@@ -118,7 +118,7 @@ fn refusal(e: &anyhow::Error) -> Option<&str> {
     let status = e.downcast_ref::<tonic::Status>()?;
     matches!(
         status.code(),
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::InvalidArgument
     )
     .then(|| status.message())
 }
@@ -135,6 +135,8 @@ mod tests {
     fn a_refusal_is_told_apart_from_a_network_failure() {
         let refused = anyhow::Error::new(tonic::Status::permission_denied("wrong cluster"));
         assert_eq!(refusal(&refused), Some("wrong cluster"));
+        let bad_hello = anyhow::Error::new(tonic::Status::invalid_argument("not a name"));
+        assert_eq!(refusal(&bad_hello), Some("not a name"));
         let cut = anyhow::Error::new(tonic::Status::unavailable("connection reset"));
         assert_eq!(refusal(&cut), None);
         assert_eq!(refusal(&anyhow::anyhow!("dns error")), None);

@@ -220,9 +220,16 @@ fn regions(w: &[wire::Region], cx: &mut Ctx<'_>) -> Option<Vec<Region>> {
                 false => format!("{cpath}.name"),
             };
             agents.add(cx, &agent_path, &agent);
-            // The agent says it in its hello, and its certificate names it under mutual TLS.
-            let agent_ok = c.agent.is_none() || cx.name(&agent_path, &agent).is_some();
-            if let (Some(cname), true) = (cname, agent_ok) {
+            // The agent says it in its hello, which the controller refuses unless it is a
+            // name. A warning, not an error: a fleet stored before this check must still load.
+            if c.agent.is_some() && !fleet_yaml::is_dns_label(&agent) {
+                cx.warning(
+                    &agent_path,
+                    format!("agent \"{agent}\" is not a name, so the controller refuses its hello and the region never becomes reachable"),
+                    "use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit",
+                );
+            }
+            if let Some(cname) = cname {
                 region_clusters.push(Cluster { name: cname, agent });
             }
         }

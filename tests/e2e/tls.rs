@@ -201,3 +201,21 @@ fn a_controller_asked_for_tls_without_a_client_ca_does_not_start() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("--client-ca"), "{said}");
 }
+
+#[test]
+fn an_agent_given_a_region_or_cluster_that_is_not_a_name_does_not_start() {
+    for (region, cluster) in [("US-West", "usw1-a"), ("us-west", "usw1_a")] {
+        let out = Command::new(bin("fleet-agent"))
+            .args(["--controller", "http://127.0.0.1:9", "--region", region])
+            .args(["--cluster", cluster, "--proxy-admin", "http://127.0.0.1:9"])
+            .env_clear()
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("not a name as the manifest gives them"),
+            "{said}"
+        );
+    }
+}
