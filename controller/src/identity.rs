@@ -96,7 +96,9 @@ pub fn peer_names<T>(request: &Request<T>, mutual: bool) -> Result<Option<Vec<St
         return Ok(None);
     }
     let certs = request
-        .peer_certs()
+        .extensions()
+        .get::<crate::tls::Peer>()
+        .and_then(|peer| peer.certs.clone())
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
     let leaf = certs
         .first()

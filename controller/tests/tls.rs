@@ -35,6 +35,9 @@ impl Ca {
     fn new(dir: &Path, name: &'static str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         let ca = Ca {
             issuer,
@@ -288,6 +291,17 @@ fn tls_settings_that_cannot_work_are_refused_naming_the_flag() {
     };
     let e = crl.server_config().unwrap_err();
     assert!(e.to_string().starts_with("--client-crl"), "{e}");
+    let theirs = Ca::new(dir.path(), "theirs");
+    let crl = Files {
+        client_crl: Some(theirs.revoke(&[1])),
+        ..files(&cert, &key, &ours.path("ca.pem"))
+    };
+    let e = crl.server_config().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("a list issued by \"CN=theirs CA\", which is none of --client-ca's CAs"),
+        "{e}"
+    );
     let not_a_ca = ClientTls {
         ca: Some(key.clone()),
         ..ClientTls::default()
@@ -303,6 +317,16 @@ async fn client_of(url: &str, ca: &Ca, cert: &(PathBuf, PathBuf)) -> Channel {
 
 /// Opens an agent's stream saying hello for `cluster` in `region`.
 async fn hello(channel: Channel, region: &str, cluster: &str) -> Result<(), tonic::Status> {
+    session(channel, region, cluster).await.map(drop)
+}
+
+/// An agent's stream after its hello for `cluster` in `region`, open while the sender lives.
+type Session = (
+    tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    tonic::Streaming<pb::ControllerMessage>,
+);
+
+async fn session(channel: Channel, region: &str, cluster: &str) -> Result<Session, tonic::Status> {
     let hello = pb::AgentMessage {
         message: Some(pb::agent_message::Message::Hello(pb::Hello {
             region: region.into(),
@@ -310,10 +334,21 @@ async fn hello(channel: Channel, region: &str, cluster: &str) -> Result<(), toni
             ..Default::default()
         })),
     };
-    AgentServiceClient::new(channel)
-        .session(tokio_stream::iter([hello]))
-        .await
-        .map(drop)
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello).await.unwrap();
+    let inbound = AgentServiceClient::new(channel)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, inbound))
+}
+
+/// Whether the controller ends `session` within `within`.
+async fn ended(session: &mut Session, within: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(within, session.1.message()).await,
+        Ok(Err(_) | Ok(None))
+    )
 }
 
 #[tokio::test]
@@ -350,9 +385,16 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
     );
     let wildcard = ca.sign("wildcard", &["*.us-west.agent.fleet"]);
     let as_wildcard = client_of(&url, &ca, &wildcard).await;
-    for (region, cluster) in [("us-west", "*"), ("us-west", "usw1-a")] {
-        assert!(
-            hello(as_wildcard.clone(), region, cluster).await.is_err(),
+    for (cluster, code) in [
+        ("*", Code::InvalidArgument),
+        ("usw1-a", Code::PermissionDenied),
+    ] {
+        let refused = hello(as_wildcard.clone(), "us-west", cluster)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            code,
             "a wildcard speaks for no one: {cluster}"
         );
     }
@@ -485,6 +527,12 @@ fn the_files_are_read_again_once_changed_and_bad_ones_leave_the_last_good_in_for
     assert!(Arc::ptr_eq(&renewed, &tls.current()), "the last good stay");
     assert!(!tls.check().unwrap(), "not read again until changed again");
 
+    // A file that cannot be read (written in two steps, say) is tried again next time.
+    std::fs::remove_file(&cert).unwrap();
+    assert!(tls.check().is_err());
+    assert!(tls.check().is_err(), "tried again");
+    assert!(Arc::ptr_eq(&renewed, &tls.current()));
+
     ca.sign("controller", &["localhost"]);
     assert!(tls.check().unwrap(), "mended");
     assert!(!Arc::ptr_eq(&renewed, &tls.current()));
@@ -505,6 +553,10 @@ async fn a_renewed_certificate_and_a_new_client_ca_take_effect_without_a_restart
     let new_client = next.sign("new", &["alice.operator.fleet"]);
     assert!(answered(&url, &showing(&ours, &old_client)).await);
     assert!(!answered(&url, &showing(&next, &old_client)).await);
+    let agent = ours.sign("agent", &["usw1-a.us-west.agent.fleet"]);
+    let mut open = session(client_of(&url, &ours, &agent).await, "us-west", "usw1-a")
+        .await
+        .unwrap();
 
     // The controller's certificate renewed by the next CA, written over the old files.
     let (renewed_cert, renewed_key) = next.sign("controller", &["localhost"]);
@@ -518,9 +570,14 @@ async fn a_renewed_certificate_and_a_new_client_ca_take_effect_without_a_restart
         "clients trusting the next CA get in"
     );
     assert!(!answered(&url, &showing(&ours, &old_client)).await);
+    assert!(
+        !ended(&mut open, Duration::from_millis(300)).await,
+        "open connections carry on"
+    );
 
-    // Clients' certificates from the next CA only.
+    // Clients' certificates from the next CA only: those let in before are let go.
     std::fs::copy(next.path("ca.pem"), &client_ca).unwrap();
+    assert!(ended(&mut open, Duration::from_secs(10)).await);
     assert!(
         {
             let tls = showing(&next, &new_client);
@@ -537,17 +594,54 @@ async fn a_revoked_client_certificate_is_refused() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "ours");
+    let other = Ca::new(dir.path(), "other");
     let (cert, key) = ca.sign("controller", &["localhost"]);
     let lost = ca.sign_serial("lost", &["usw1-a.us-west.agent.fleet"], 7);
     let kept = ca.sign_serial("kept", &["usw1-b.us-west.agent.fleet"], 8);
-    let crl = ca.revoke(&[7]);
+    let others = other.sign_serial("others", &["usw1-c.us-west.agent.fleet"], 7);
+    // Two client CAs, a list for one: the other's certificates are not looked up.
+    let both = dir.path().join("both-ca.pem");
+    let pems =
+        [ca.path("ca.pem"), other.path("ca.pem")].map(|p| std::fs::read_to_string(p).unwrap());
+    std::fs::write(&both, pems.concat()).unwrap();
     let with_crl = Files {
-        client_crl: Some(crl),
-        ..files(&cert, &key, &ca.path("ca.pem"))
+        client_crl: Some(ca.revoke(&[7])),
+        ..files(&cert, &key, &both)
     };
     let server = Mutual::with(with_crl, dir.path()).await;
     let url = format!("https://localhost:{}", server.port);
     assert!(answered(&url, &showing(&ca, &kept)).await);
     assert!(!answered(&url, &showing(&ca, &lost)).await, "revoked");
+    assert!(
+        answered(&url, &showing(&ca, &others)).await,
+        "the same serial from a CA without a list"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_revoked_while_the_controller_runs_loses_its_stream_and_stays_out() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ours");
+    let (cert, key) = ca.sign("controller", &["localhost"]);
+    let lost = ca.sign_serial("lost", &["usw1-a.us-west.agent.fleet"], 7);
+    let kept = ca.sign_serial("kept", &["usw1-b.us-west.agent.fleet"], 8);
+    let with_crl = Files {
+        client_crl: Some(ca.revoke(&[])),
+        ..files(&cert, &key, &ca.path("ca.pem"))
+    };
+    let server = Mutual::with(with_crl, dir.path()).await;
+    let url = format!("https://localhost:{}", server.port);
+    let mut stolen = session(client_of(&url, &ca, &lost).await, "us-west", "usw1-a")
+        .await
+        .unwrap();
+
+    ca.revoke(&[7]);
+    assert!(ended(&mut stolen, Duration::from_secs(10)).await);
+    assert!(!answered(&url, &showing(&ca, &lost)).await, "revoked");
+    let again = session(client_of(&url, &ca, &kept).await, "us-west", "usw1-b").await;
+    assert!(again.is_ok(), "the others reconnect: {:?}", again.err());
+    drop(again);
     server.stop().await;
 }

@@ -1,0 +1,283 @@
+//! The listener's TLS connections: accepted with the settings in force at each handshake,
+//! the files looked at every [`RELOAD_EVERY`], and connections let in under a client CA or
+//! revocation list since replaced closed.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::Connected;
+
+use super::{Files, Stamp};
+
+/// How often the files are looked at for a change.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
+/// How long a client has to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once; connections beyond are closed at once, so that clients that
+/// never finish theirs cannot take every descriptor from the agents.
+const MAX_HANDSHAKES: usize = 256;
+/// Refused handshakes are logged at most this often (with how many were not).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The settings in force, read again from their [`Files`] when they change.
+pub struct Reloader {
+    files: Files,
+    stamps: (Vec<Stamp>, Vec<Stamp>),
+    current: Arc<ArcSwap<ServerConfig>>,
+    /// Cancelled when the client CA or revocation lists change: the connections let in under
+    /// them close.
+    admitted: CancellationToken,
+}
+
+impl Reloader {
+    /// Reads the files; a wrong one is an error naming its flag.
+    pub fn new(files: Files) -> anyhow::Result<Reloader> {
+        let stamps = files.stamps();
+        let config = files.server_config()?;
+        Ok(Reloader {
+            files,
+            stamps,
+            current: Arc::new(ArcSwap::new(config)),
+            admitted: CancellationToken::new(),
+        })
+    }
+
+    /// The settings in force, for handshakes.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
+    }
+
+    /// Reads the files again if any changed since last time: `Ok(true)` when new settings are
+    /// now in force, `Ok(false)` when nothing changed, an error (the old settings staying)
+    /// when the new files do not work. Files that could not be read are tried again next
+    /// time; files read that do not work, only once they change again.
+    pub fn check(&mut self) -> anyhow::Result<bool> {
+        let stamps = self.files.stamps();
+        if stamps == self.stamps {
+            return Ok(false);
+        }
+        let config = match self.files.server_config() {
+            Ok(config) => config,
+            Err(e) => {
+                if !e.chain().any(|cause| cause.is::<io::Error>()) {
+                    self.stamps = stamps;
+                }
+                return Err(e);
+            }
+        };
+        self.current.store(config);
+        if stamps.1 != self.stamps.1 {
+            self.admitted.cancel();
+            self.admitted = CancellationToken::new();
+        }
+        self.stamps = stamps;
+        Ok(true)
+    }
+
+    /// Accepts TLS connections on `listener` with the settings in force at each handshake,
+    /// and looks at the files every [`RELOAD_EVERY`], until `shutdown` turns true.
+    pub fn incoming(
+        mut self,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> ReceiverStream<io::Result<Connection>> {
+        let (tx, rx) = mpsc::channel(64);
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let refused = Arc::new(Refusals::default());
+        tokio::spawn(async move {
+            let mut reload = tokio::time::interval(RELOAD_EVERY);
+            let mut last_error = None;
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => match handshakes.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                let _ = tcp.set_nodelay(true);
+                                let admitted = self.admitted.clone();
+                                let (acceptor, tx, refused) = (TlsAcceptor::from(self.current()), tx.clone(), refused.clone());
+                                tokio::spawn(async move {
+                                    match handshake(acceptor, tcp).await {
+                                        Ok(tls) => {
+                                            let _ = tx.send(Ok(Connection::new(tls, admitted))).await;
+                                        }
+                                        Err(e) => refused.note(e),
+                                    }
+                                    drop(permit);
+                                });
+                            }
+                            Err(_) => refused.note(io::Error::other("too many handshakes under way")),
+                        },
+                        Err(e) => {
+                            // Out of descriptors, say: wait a little rather than spin.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                    _ = reload.tick() => match self.check() {
+                        Ok(true) => {
+                            last_error = None;
+                            tracing::info!(files = ?self.files, "TLS files read again; new connections use them");
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            let e = format!("{e:#}");
+                            if last_error.as_ref() != Some(&e) {
+                                tracing::error!(error = %e, "TLS files changed but do not work; the last good ones stay in force");
+                                last_error = Some(e);
+                            }
+                        }
+                    },
+                    _ = stopped(&mut shutdown) => return,
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+    let peer = tcp.peer_addr().ok();
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(io::Error::new(e.kind(), format!("{peer:?}: {e}"))),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{peer:?}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
+        )),
+    }
+}
+
+/// Refused handshakes, logged at most every [`WARN_EVERY`]: a client shut out (another CA's
+/// certificate, a revoked one, none) should be seen, a port scan should not flood the log.
+/// A connection closed before its first byte (a TCP probe) is not a refusal.
+#[derive(Default)]
+struct Refusals {
+    /// When one was last logged, and how many since.
+    last: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Refusals {
+    fn note(&self, e: io::Error) {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            tracing::debug!(error = %e, "closed before a handshake");
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last.0.is_some_and(|at| now - at < WARN_EVERY) {
+            last.1 += 1;
+            return;
+        }
+        tracing::warn!(error = %e, not_logged_before = last.1, "TLS handshake refused");
+        *last = (Some(now), 0);
+    }
+}
+
+/// A client's connection: TLS, closed when the client CA or revocation lists it was let in
+/// under are replaced.
+pub struct Connection {
+    tls: TlsStream<TcpStream>,
+    replaced: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Connection {
+    fn new(tls: TlsStream<TcpStream>, admitted: CancellationToken) -> Connection {
+        Connection {
+            tls,
+            replaced: Box::pin(admitted.cancelled_owned()),
+        }
+    }
+
+    /// An error once the settings it was let in under are replaced.
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.replaced.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client CA or revocation lists changed: reconnect to be checked again",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+/// Who is at the other end of a [`Connection`], in each request's extensions.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: Option<SocketAddr>,
+    /// The certificate chain the client showed, its own first.
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+impl Connected for Connection {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        let (tcp, session) = self.tls.get_ref();
+        Peer {
+            addr: tcp.peer_addr().ok(),
+            certs: session.peer_certificates().map(|c| Arc::new(c.to_vec())),
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
