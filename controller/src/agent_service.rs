@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::agent_service_server::AgentService;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -17,6 +17,9 @@ pub struct Agents {
     /// Whether the listener is mutual TLS: then an agent speaks only for the cluster its
     /// certificate names ([`identity`]).
     pub mutual: bool,
+    /// Agents' streams are let go when this turns true: a stream still read would hold the
+    /// server's graceful shutdown until its agent hangs up.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
@@ -53,8 +56,16 @@ impl AgentService for Agents {
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = self.controller.agent_connected(hello, tx);
         let controller = self.controller.clone();
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            while let Some(message) = inbound.next().await {
+            loop {
+                let message = tokio::select! {
+                    message = inbound.next() => message,
+                    _ = shutdown.wait_for(|stop| *stop) => None,
+                };
+                let Some(message) = message else {
+                    break;
+                };
                 match message {
                     Ok(pb::AgentMessage {
                         message: Some(pb::agent_message::Message::Status(status)),

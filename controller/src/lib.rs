@@ -77,8 +77,13 @@ pub async fn serve_with_tls(
     let agents = agent_service::Agents {
         controller: Arc::clone(&controller),
         mutual,
+        shutdown: shutdown.clone(),
     };
+    // An agent whose path died without a word is let go in seconds: it is told gone, and its
+    // region unreachable, rather than counted present for TCP's minutes of retries.
     let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(fleet_proto::connect::KEEPALIVE))
+        .http2_keepalive_timeout(Some(fleet_proto::connect::KEEPALIVE))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ReleaseServiceServer::with_interceptor(

@@ -657,3 +657,125 @@ async fn a_webhook_answering_503_pauses_the_release_and_resume_calls_it_again() 
     );
     server.stop().await;
 }
+
+/// Opens the stream of an agent of cluster usw-a in us-west; it stays open while the sender
+/// lives.
+async fn usw_a_says_hello(
+    mut agents: AgentServiceClient<Channel>,
+) -> (
+    mpsc::Sender<pb::AgentMessage>,
+    tonic::Streaming<pb::ControllerMessage>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    let hello = pb::Hello {
+        region: "us-west".into(),
+        cluster: "usw-a".into(),
+        ..Default::default()
+    };
+    tx.send(pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let inbound = agents
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
+}
+
+#[tokio::test]
+async fn the_controller_stops_while_an_agent_holds_its_stream_open_without_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let _ = server.client().await;
+    let agents = AgentServiceClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    let (tx, _unread) = usw_a_says_hello(agents).await;
+    // The agent neither reads what it is sent nor hangs up (a stuck one, say).
+    tokio::time::timeout(Duration::from_secs(5), server.stop())
+        .await
+        .expect("the controller stopped");
+    drop(tx);
+}
+
+/// What a [`freezable_relay`] does with its connections.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Path {
+    Open,
+    /// Passes nothing more either way and keeps both sockets open: a path that died without a
+    /// word.
+    Frozen,
+    /// Closes both sockets.
+    Cut,
+}
+
+/// A TEST-ONLY TCP relay to `to`, its connections' path as `path` says.
+async fn freezable_relay(to: String, path: watch::Receiver<Path>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(to.trim_start_matches("http://"))
+                .await
+                .unwrap();
+            let (c_read, c_write) = client.into_split();
+            let (s_read, s_write) = server.into_split();
+            for (mut from, mut into) in [
+                (
+                    Box::new(c_read) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(s_write) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                ),
+                (Box::new(s_read), Box::new(c_write)),
+            ] {
+                let mut path = path.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0; 16 * 1024];
+                    loop {
+                        let n = tokio::select! {
+                            n = from.read(&mut buf) => n.unwrap_or(0),
+                            _ = path.wait_for(|p| *p >= Path::Frozen) => break,
+                        };
+                        if n == 0 || into.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Frozen: hold both ends open, passing nothing, until cut.
+                    let _ = path.wait_for(|p| *p == Path::Cut).await;
+                    drop((from, into));
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_agent_notices_a_path_that_died_without_a_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let _ = server.client().await;
+    let (path, paths) = watch::channel(Path::Open);
+    let relay = freezable_relay(server.grpc.clone(), paths).await;
+    let keepalive = Duration::from_millis(300);
+    let endpoint = fleet_proto::connect::endpoint_pinging(&relay, &Default::default(), keepalive);
+    let agents = AgentServiceClient::new(endpoint.unwrap().connect().await.unwrap());
+    let (tx, mut inbound) = usw_a_says_hello(agents).await;
+    let quiet = tokio::time::timeout(keepalive * 4, inbound.message()).await;
+    assert!(quiet.is_err(), "alive while pings are answered: {quiet:?}");
+
+    path.send(Path::Frozen).unwrap();
+    let noticed = tokio::time::timeout(keepalive * 10, inbound.message()).await;
+    assert!(
+        matches!(noticed, Ok(Err(_))),
+        "the stream fails once a ping goes unanswered: {noticed:?}"
+    );
+    drop(tx);
+    // The controller's end of the path is still frozen: cut it, or its graceful stop would
+    // wait for its own pings to go unanswered.
+    path.send(Path::Cut).unwrap();
+    server.stop().await;
+}

@@ -3,6 +3,7 @@
 //! client certificate when one is given, for a controller that asks for one (mutual TLS).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -37,12 +38,34 @@ pub async fn channel(url: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot reach the controller at {url} ({HINT})"))
 }
 
+/// A connection to the controller is pinged every this long (HTTP/2 PING), and dropped when a
+/// ping goes unanswered as long again: a path that died without a word (a host gone, a
+/// firewall or NAT that forgot the flow) is noticed in seconds, not after TCP's minutes of
+/// retries, so that an agent dials again and hears the latest desired state (an abort, say).
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+/// How long dialling the controller may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The endpoint for `url`, TLS set up as `tls` says; every file is read here, so a wrong path
 /// is told before any connection is tried.
 pub fn endpoint(url: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).with_context(|| {
-        format!("controller URL \"{url}\" is not a URL; write it as https://host:7070")
-    })?;
+    endpoint_pinging(url, tls, KEEPALIVE)
+}
+
+/// [`endpoint`], pinging every `keepalive` (tests use a short one).
+pub fn endpoint_pinging(
+    url: &str,
+    tls: &ClientTls,
+    keepalive: Duration,
+) -> anyhow::Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .with_context(|| {
+            format!("controller URL \"{url}\" is not a URL; write it as https://host:7070")
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive)
+        .keep_alive_while_idle(true);
     if endpoint.uri().scheme_str() != Some("https") {
         anyhow::ensure!(
             !tls.is_set(),
