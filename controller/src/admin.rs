@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::fmt::Write;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -11,11 +12,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::runtime::Controller;
+use crate::tls;
 
 /// Serves the admin endpoints on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     controller: Arc<Controller>,
+    tls: Option<Arc<tls::Status>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -30,11 +33,11 @@ pub async fn serve(
             },
             _ = &mut shutdown => return,
         };
-        let controller = controller.clone();
+        let (controller, tls) = (controller.clone(), tls.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let controller = controller.clone();
-                async move { Ok::<_, Infallible>(route(&req, &controller)) }
+                let (controller, tls) = (controller.clone(), tls.clone());
+                async move { Ok::<_, Infallible>(route(&req, &controller, tls.as_deref())) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let _ = builder
@@ -44,10 +47,20 @@ pub async fn serve(
     }
 }
 
-fn route(req: &Request<Incoming>, controller: &Controller) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<Incoming>,
+    controller: &Controller,
+    tls: Option<&tls::Status>,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" | "/readyz" => text(StatusCode::OK, "ok\n".into()),
-        "/metrics" => text(StatusCode::OK, metrics(controller)),
+        "/metrics" => {
+            let mut out = metrics(controller);
+            if let Some(tls) = tls {
+                tls_metrics(&mut out, tls);
+            }
+            text(StatusCode::OK, out)
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
@@ -78,6 +91,53 @@ fn metrics(controller: &Controller) -> String {
         let _ = writeln!(out, "fleet_controller_releases{{phase=\"{phase}\"}} {n}");
     }
     out
+}
+
+/// The gRPC listener's TLS: what to alert on before clients are shut out (a certificate near
+/// its end, renewed files that do not work).
+fn tls_metrics(out: &mut String, tls: &tls::Status) {
+    let read = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP fleet_controller_tls_certificate_expiry_seconds When the controller's certificate in force expires (Unix time)."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE fleet_controller_tls_certificate_expiry_seconds gauge"
+    );
+    let _ = writeln!(
+        out,
+        "fleet_controller_tls_certificate_expiry_seconds {}",
+        tls.certificate_expiry.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP fleet_controller_tls_reloads_total Reads of changed TLS files, by whether the new settings went into force."
+    );
+    let _ = writeln!(out, "# TYPE fleet_controller_tls_reloads_total counter");
+    let _ = writeln!(
+        out,
+        "fleet_controller_tls_reloads_total{{result=\"ok\"}} {}",
+        read(&tls.reloads)
+    );
+    let _ = writeln!(
+        out,
+        "fleet_controller_tls_reloads_total{{result=\"failed\"}} {}",
+        read(&tls.reloads_failed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP fleet_controller_tls_handshakes_refused_total Client handshakes refused or given up."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE fleet_controller_tls_handshakes_refused_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "fleet_controller_tls_handshakes_refused_total {}",
+        read(&tls.refused)
+    );
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

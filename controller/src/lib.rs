@@ -60,6 +60,7 @@ pub async fn serve_with_tls(
     tokio::spawn(admin::serve(
         admin,
         controller.clone(),
+        tls.as_ref().map(tls::Reloader::status),
         signalled(shutdown.clone()),
     ));
     // Open streams would hold a graceful shutdown forever: end them as it starts.

@@ -28,7 +28,7 @@ use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 
-pub use accept::{Peer, RELOAD_EVERY, Reloader};
+pub use accept::{Peer, RELOAD_EVERY, Reloader, Status};
 
 /// The files of the listener's TLS settings, by flag.
 #[derive(Clone, Debug)]
@@ -50,7 +50,16 @@ type Stamp = Option<(u64, u64, SystemTime)>;
 impl Files {
     /// Reads every file and puts the settings together, naming the flag of a wrong one.
     pub fn server_config(&self) -> anyhow::Result<Arc<ServerConfig>> {
+        self.load().map(|(config, _)| config)
+    }
+
+    /// [`Files::server_config`], and when the controller's certificate expires (seconds since
+    /// the Unix epoch).
+    fn load(&self) -> anyhow::Result<(Arc<ServerConfig>, i64)> {
         let chain = pem::certificate_chain(&self.cert, "--tls-cert")?;
+        let expiry = x509_parser::parse_x509_certificate(&chain[0])
+            .map(|(_, cert)| cert.validity().not_after.timestamp())
+            .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", self.cert.display()))?;
         let key = pem::private_key_der(&self.key, "--tls-key")?;
         let cas = pem::certificate_chain(&self.client_ca, "--client-ca")?;
         let mut roots = RootCertStore::empty();
@@ -97,7 +106,7 @@ impl Files {
                 )
             })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(config))
+        Ok((Arc::new(config), expiry))
     }
 
     /// The files' stamps: the server's own two, then the client CA's and the lists'.

@@ -124,6 +124,7 @@ fn rand_serial() -> u64 {
 /// A controller serving mutual TLS on loopback, its clients' certificates signed by `ca`.
 struct Mutual {
     port: u16,
+    admin_port: u16,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -137,13 +138,19 @@ impl Mutual {
         let tls = Reloader::new(files).unwrap();
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_port = admin.local_addr().unwrap().port();
         let port = grpc.local_addr().unwrap().port();
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let data = dir.join("data");
         let task = tokio::spawn(async move {
             fleet_controller::serve_with_tls(grpc, admin, &data, shutdown, Some(tls)).await
         });
-        Mutual { port, stop, task }
+        Mutual {
+            port,
+            admin_port,
+            stop,
+            task,
+        }
     }
 
     async fn stop(self) {
@@ -643,5 +650,58 @@ async fn a_certificate_revoked_while_the_controller_runs_loses_its_stream_and_st
     let again = session(client_of(&url, &ca, &kept).await, "us-west", "usw1-b").await;
     assert!(again.is_ok(), "the others reconnect: {:?}", again.err());
     drop(again);
+    server.stop().await;
+}
+
+impl Mutual {
+    /// The value of the sample `name` (with its labels) on `/metrics`.
+    async fn metric(&self, name: &str) -> f64 {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let line = text
+            .lines()
+            .find(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line[name.len()..].trim().parse().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn metrics_tell_when_the_certificate_expires_and_what_the_listener_refused() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ours");
+    let stranger = Ca::new(dir.path(), "theirs").sign("stranger", &["alice.operator.fleet"]);
+    let (cert, key) = ca.sign("controller", &["localhost"]);
+    let server = Mutual::start(&ca, &cert, &key, dir.path()).await;
+    let url = format!("https://localhost:{}", server.port);
+
+    let pem = std::fs::read(&cert).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let not_after = pem.parse_x509().unwrap().validity().not_after.timestamp();
+    let expiry = "fleet_controller_tls_certificate_expiry_seconds";
+    assert_eq!(server.metric(expiry).await, not_after as f64);
+
+    assert!(!answered(&url, &showing(&ca, &stranger)).await);
+    let refused = "fleet_controller_tls_handshakes_refused_total";
+    assert!(server.metric(refused).await >= 1.0);
+
+    std::fs::write(&cert, "half a certificate").unwrap();
+    let failed = "fleet_controller_tls_reloads_total{result=\"failed\"}";
+    let watched = &server;
+    assert!(eventually(|| async move { watched.metric(failed).await > 0.0 }).await);
+    assert_eq!(
+        server.metric(failed).await,
+        1.0,
+        "one failed read of the changed files"
+    );
+    assert_eq!(
+        server.metric(expiry).await,
+        not_after as f64,
+        "the last good stay"
+    );
     server.stop().await;
 }

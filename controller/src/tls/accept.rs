@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -34,8 +35,22 @@ const MAX_HANDSHAKES: usize = 256;
 /// Refused handshakes are logged at most this often (with how many were not).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// What the listener's TLS has done, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// Reads of changed files that put new settings in force.
+    pub reloads: AtomicU64,
+    /// Reads of changed files that did not work (the last good settings stayed).
+    pub reloads_failed: AtomicU64,
+    /// Handshakes refused or given up (not counting connections closed before a byte).
+    pub refused: AtomicU64,
+    /// When the controller's certificate in force expires, in seconds since the Unix epoch.
+    pub certificate_expiry: AtomicI64,
+}
+
 /// The settings in force, read again from their [`Files`] when they change.
 pub struct Reloader {
+    status: Arc<Status>,
     files: Files,
     stamps: (Vec<Stamp>, Vec<Stamp>),
     current: Arc<ArcSwap<ServerConfig>>,
@@ -48,8 +63,11 @@ impl Reloader {
     /// Reads the files; a wrong one is an error naming its flag.
     pub fn new(files: Files) -> anyhow::Result<Reloader> {
         let stamps = files.stamps();
-        let config = files.server_config()?;
+        let (config, expiry) = files.load()?;
+        let status = Status::default();
+        status.certificate_expiry.store(expiry, Ordering::Relaxed);
         Ok(Reloader {
+            status: Arc::new(status),
             files,
             stamps,
             current: Arc::new(ArcSwap::new(config)),
@@ -62,6 +80,11 @@ impl Reloader {
         self.current.load_full()
     }
 
+    /// What the listener has done, as it goes on.
+    pub fn status(&self) -> Arc<Status> {
+        self.status.clone()
+    }
+
     /// Reads the files again if any changed since last time: `Ok(true)` when new settings are
     /// now in force, `Ok(false)` when nothing changed, an error (the old settings staying)
     /// when the new files do not work. Files that could not be read are tried again next
@@ -71,15 +94,18 @@ impl Reloader {
         if stamps == self.stamps {
             return Ok(false);
         }
-        let config = match self.files.server_config() {
-            Ok(config) => config,
+        let (config, expiry) = match self.files.load() {
+            Ok(loaded) => loaded,
             Err(e) => {
                 if !e.chain().any(|cause| cause.is::<io::Error>()) {
                     self.stamps = stamps;
                 }
+                self.status.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 return Err(e);
             }
         };
+        (self.status.certificate_expiry).store(expiry, Ordering::Relaxed);
+        self.status.reloads.fetch_add(1, Ordering::Relaxed);
         self.current.store(config);
         if stamps.1 != self.stamps.1 {
             self.admitted.cancel();
@@ -98,7 +124,10 @@ impl Reloader {
     ) -> ReceiverStream<io::Result<Connection>> {
         let (tx, rx) = mpsc::channel(64);
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        let refused = Arc::new(Refusals::default());
+        let refused = Arc::new(Refusals {
+            status: self.status.clone(),
+            last: Mutex::default(),
+        });
         tokio::spawn(async move {
             let mut reload = tokio::time::interval(RELOAD_EVERY);
             let mut last_error = None;
@@ -169,8 +198,8 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream) -> io::Result<TlsStrea
 /// Refused handshakes, logged at most every [`WARN_EVERY`]: a client shut out (another CA's
 /// certificate, a revoked one, none) should be seen, a port scan should not flood the log.
 /// A connection closed before its first byte (a TCP probe) is not a refusal.
-#[derive(Default)]
 struct Refusals {
+    status: Arc<Status>,
     /// When one was last logged, and how many since.
     last: Mutex<(Option<Instant>, u64)>,
 }
@@ -181,6 +210,7 @@ impl Refusals {
             tracing::debug!(error = %e, "closed before a handshake");
             return;
         }
+        self.status.refused.fetch_add(1, Ordering::Relaxed);
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if last.0.is_some_and(|at| now - at < WARN_EVERY) {
