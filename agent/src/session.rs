@@ -23,23 +23,22 @@ pub async fn run(
     let mut failures = 0u32;
     let mut max_epoch = 0u64;
     loop {
+        let mut heard = false;
         let result = tokio::select! {
-            r = session(&config, &desired, &mut status, &mut max_epoch) => r,
+            r = session(&config, &desired, &mut status, &mut max_epoch, &mut heard) => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
+        failures = failures_now(failures, heard, result.is_ok());
         match result {
-            Ok(()) => failures = 0,
-            Err(e) => {
-                failures += 1;
-                match refusal(&e) {
-                    Some(why) => {
-                        tracing::error!(%why, failures, "the controller refused this agent; keeping the last desired state")
-                    }
-                    None => {
-                        tracing::warn!(error = %e, failures, "controller unreachable; keeping the last desired state")
-                    }
+            Ok(()) => {}
+            Err(e) => match refusal(&e) {
+                Some(why) => {
+                    tracing::error!(%why, failures, "the controller refused this agent; keeping the last desired state")
                 }
-            }
+                None => {
+                    tracing::warn!(error = %e, failures, "controller unreachable; keeping the last desired state")
+                }
+            },
         }
         let base =
             Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(MAX_BACKOFF);
@@ -56,6 +55,7 @@ async fn session(
     desired: &watch::Sender<Option<pb::DesiredState>>,
     status: &mut watch::Receiver<pb::AgentStatus>,
     max_epoch: &mut u64,
+    heard: &mut bool,
 ) -> anyhow::Result<()> {
     let channel = fleet_proto::connect::channel(&config.controller, &config.tls).await?;
     let mut client = AgentServiceClient::new(channel);
@@ -73,6 +73,7 @@ async fn session(
         .await?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(controller = %config.controller, "connected to the controller");
+    *heard = true;
     // Whatever the agent runs now, the controller hears it first thing.
     let current = status.borrow().clone();
     tx.send(message(pb::agent_message::Message::Status(current)))
@@ -112,6 +113,18 @@ fn accept(max_epoch: &mut u64, d: &pb::DesiredState) -> bool {
     true
 }
 
+/// The failures in a row that set the wait before dialling again, after a session that
+/// ended `ok` or not, having `heard` the controller answer its hello or not: a stream that got
+/// past hello and then broke is a new trouble, not the last one going on, so the agent dials
+/// again at once, backing off only while dialling keeps failing.
+fn failures_now(before: u32, heard: bool, ok: bool) -> u32 {
+    match (ok, heard) {
+        (true, _) => 0,
+        (false, true) => 1,
+        (false, false) => before.saturating_add(1),
+    }
+}
+
 /// Why the controller refused this agent, when it did (its certificate names another
 /// cluster, say): a fault to fix here, where other failures are the network's.
 fn refusal(e: &anyhow::Error) -> Option<&str> {
@@ -130,6 +143,14 @@ fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backoff_starts_again_once_a_stream_got_past_hello() {
+        assert_eq!(failures_now(0, false, false), 1);
+        assert_eq!(failures_now(5, false, false), 6, "dialling keeps failing");
+        assert_eq!(failures_now(5, true, false), 1, "it broke after hello");
+        assert_eq!(failures_now(5, true, true), 0);
+    }
 
     #[test]
     fn a_refusal_is_told_apart_from_a_network_failure() {

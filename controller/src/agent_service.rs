@@ -22,6 +22,9 @@ pub struct Agents {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// How long an agent has to say hello once its stream is open.
+const HELLO_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -34,9 +37,9 @@ impl AgentService for Agents {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let names = identity::peer_names(&request, self.mutual)?;
         let mut inbound = request.into_inner();
-        let first = inbound
-            .next()
+        let first = tokio::time::timeout(HELLO_WITHIN, inbound.next())
             .await
+            .map_err(|_| Status::deadline_exceeded(format!("no hello within {HELLO_WITHIN:?}")))?
             .ok_or_else(|| Status::invalid_argument("the stream ended before hello"))??;
         let Some(pb::agent_message::Message::Hello(hello)) = first.message else {
             return Err(Status::invalid_argument("the first message must be hello"));

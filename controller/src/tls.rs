@@ -4,11 +4,11 @@
 //! is [`crate::identity`]'s.
 //!
 //! The files are read again whenever one changes ([`Reloader`]), so a renewed certificate, a
-//! new CA bundle or a new revocation list takes effect without a restart. A renewed
-//! certificate of the controller is shown from the next handshake on; a changed client CA or
-//! revocation list closes the connections let in under the old one, so that every client is
-//! checked again as it reconnects (a revoked agent's stream ends there). Settings that do not
-//! work together are reported, naming the flag, and the last good ones stay in force.
+//! new CA bundle or a new revocation list takes effect without a restart: from the next
+//! handshake on, and for the connections open, whose clients' certificates are checked again
+//! against the new settings; those that fail (a revoked agent's) are closed, the rest carry on.
+//! Settings that do not work together are reported, naming the flag, and the last good ones
+//! stay in force.
 //!
 //! Revocation: a client's certificate is looked up in the lists of the CA that signed it; only
 //! the client's own certificate is (not intermediate CAs), and a CA given no list has none of
@@ -26,6 +26,7 @@ use fleet_proto::pem;
 use rustls::RootCertStore;
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 
 pub use accept::{Peer, RELOAD_EVERY, Reloader, Status};
@@ -43,6 +44,16 @@ pub struct Files {
     pub client_crl: Option<PathBuf>,
 }
 
+/// The listener's settings as read from the [`Files`].
+struct Settings {
+    config: Arc<ServerConfig>,
+    /// How the clients' certificates are checked: again, for the connections open, when the
+    /// settings change.
+    verifier: Arc<dyn ClientCertVerifier>,
+    /// When the controller's certificate expires, in seconds since the Unix epoch.
+    expiry: i64,
+}
+
 /// What a file was when last looked at: inode (a Kubernetes Secret's files change by a
 /// symbolic link moving to new ones), size and modification time; `None` when missing.
 type Stamp = Option<(u64, u64, SystemTime)>;
@@ -50,12 +61,11 @@ type Stamp = Option<(u64, u64, SystemTime)>;
 impl Files {
     /// Reads every file and puts the settings together, naming the flag of a wrong one.
     pub fn server_config(&self) -> anyhow::Result<Arc<ServerConfig>> {
-        self.load().map(|(config, _)| config)
+        self.load().map(|settings| settings.config)
     }
 
-    /// [`Files::server_config`], and when the controller's certificate expires (seconds since
-    /// the Unix epoch).
-    fn load(&self) -> anyhow::Result<(Arc<ServerConfig>, i64)> {
+    /// [`Files::server_config`], with its parts that outlive a handshake.
+    fn load(&self) -> anyhow::Result<Settings> {
         let chain = pem::certificate_chain(&self.cert, "--tls-cert")?;
         let expiry = x509_parser::parse_x509_certificate(&chain[0])
             .map(|(_, cert)| cert.validity().not_after.timestamp())
@@ -96,7 +106,7 @@ impl Files {
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(chain, key)
             .with_context(|| {
                 format!(
@@ -106,21 +116,23 @@ impl Files {
                 )
             })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok((Arc::new(config), expiry))
+        Ok(Settings {
+            config: Arc::new(config),
+            verifier,
+            expiry,
+        })
     }
 
-    /// The files' stamps: the server's own two, then the client CA's and the lists'.
-    fn stamps(&self) -> (Vec<Stamp>, Vec<Stamp>) {
-        let stamp = |path: &PathBuf| {
-            let m = std::fs::metadata(path).ok()?;
-            Some((m.ino(), m.len(), m.modified().ok()?))
-        };
-        let own = [&self.cert, &self.key].into_iter().map(stamp).collect();
-        let clients = std::iter::once(&self.client_ca)
+    /// The files' stamps, to tell a change.
+    fn stamps(&self) -> Vec<Stamp> {
+        [&self.cert, &self.key, &self.client_ca]
+            .into_iter()
             .chain(&self.client_crl)
-            .map(stamp)
-            .collect();
-        (own, clients)
+            .map(|path| {
+                let m = std::fs::metadata(path).ok()?;
+                Some((m.ino(), m.len(), m.modified().ok()?))
+            })
+            .collect()
     }
 }
 

@@ -760,15 +760,17 @@ async fn an_agent_notices_a_path_that_died_without_a_word() {
     let _ = server.client().await;
     let (path, paths) = watch::channel(Path::Open);
     let relay = freezable_relay(server.grpc.clone(), paths).await;
-    let keepalive = Duration::from_millis(300);
-    let endpoint = fleet_proto::connect::endpoint_pinging(&relay, &Default::default(), keepalive);
+    // Pings every 300 ms, each given 2 s: a busy machine answers late, not never.
+    let (keepalive, timeout) = (Duration::from_millis(300), Duration::from_secs(2));
+    let endpoint =
+        fleet_proto::connect::endpoint_pinging(&relay, &Default::default(), keepalive, timeout);
     let agents = AgentServiceClient::new(endpoint.unwrap().connect().await.unwrap());
     let (tx, mut inbound) = usw_a_says_hello(agents).await;
     let quiet = tokio::time::timeout(keepalive * 4, inbound.message()).await;
     assert!(quiet.is_err(), "alive while pings are answered: {quiet:?}");
 
     path.send(Path::Frozen).unwrap();
-    let noticed = tokio::time::timeout(keepalive * 10, inbound.message()).await;
+    let noticed = tokio::time::timeout(keepalive + timeout * 3, inbound.message()).await;
     assert!(
         matches!(noticed, Ok(Err(_))),
         "the stream fails once a ping goes unanswered: {noticed:?}"

@@ -32,31 +32,39 @@ impl ClientTls {
 
 /// A channel to the controller at `url`, connected.
 pub async fn channel(url: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
-    endpoint(url, tls)?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the controller at {url} ({HINT})"))
+    let endpoint = endpoint(url, tls)?;
+    // The endpoint's own timeout covers the TCP connect only, not the TLS handshake after.
+    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(connected) => {
+            connected.with_context(|| format!("cannot reach the controller at {url} ({HINT})"))
+        }
+        Err(_) => anyhow::bail!(
+            "cannot reach the controller at {url}: no connection within {CONNECT_TIMEOUT:?} ({HINT})"
+        ),
+    }
 }
 
 /// A connection to the controller is pinged every this long (HTTP/2 PING), and dropped when a
-/// ping goes unanswered as long again: a path that died without a word (a host gone, a
+/// ping goes unanswered for as long: a path that died without a word (a host gone, a
 /// firewall or NAT that forgot the flow) is noticed in seconds, not after TCP's minutes of
 /// retries, so that an agent dials again and hears the latest desired state (an abort, say).
 pub const KEEPALIVE: Duration = Duration::from_secs(10);
-/// How long dialling the controller may take.
+/// How long dialling the controller may take, TLS handshake included ([`channel`]).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The endpoint for `url`, TLS set up as `tls` says; every file is read here, so a wrong path
 /// is told before any connection is tried.
 pub fn endpoint(url: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
-    endpoint_pinging(url, tls, KEEPALIVE)
+    endpoint_pinging(url, tls, KEEPALIVE, KEEPALIVE)
 }
 
-/// [`endpoint`], pinging every `keepalive` (tests use a short one).
+/// [`endpoint`], pinging every `keepalive` and waiting `timeout` for the answer (tests use
+/// short ones).
 pub fn endpoint_pinging(
     url: &str,
     tls: &ClientTls,
     keepalive: Duration,
+    timeout: Duration,
 ) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| {
@@ -64,7 +72,7 @@ pub fn endpoint_pinging(
         })?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(keepalive)
-        .keep_alive_timeout(keepalive)
+        .keep_alive_timeout(timeout)
         .keep_alive_while_idle(true);
     if endpoint.uri().scheme_str() != Some("https") {
         anyhow::ensure!(

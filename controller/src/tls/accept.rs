@@ -1,8 +1,7 @@
 //! The listener's TLS connections: accepted with the settings in force at each handshake,
-//! the files looked at every [`RELOAD_EVERY`], and connections let in under a client CA or
-//! revocation list since replaced closed.
+//! the files looked at every [`RELOAD_EVERY`], and each open connection's client certificate
+//! checked again whenever new settings come into force, the connection closed if it fails.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -13,14 +12,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
-use rustls_pki_types::CertificateDer;
+use rustls::server::danger::ClientCertVerifier;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::transport::server::Connected;
 
 use super::{Files, Stamp};
@@ -52,26 +52,28 @@ pub struct Status {
 pub struct Reloader {
     status: Arc<Status>,
     files: Files,
-    stamps: (Vec<Stamp>, Vec<Stamp>),
+    stamps: Vec<Stamp>,
     current: Arc<ArcSwap<ServerConfig>>,
-    /// Cancelled when the client CA or revocation lists change: the connections let in under
-    /// them close.
-    admitted: CancellationToken,
+    /// How clients' certificates are checked now: open connections check theirs again when
+    /// this changes.
+    verifier: watch::Sender<Arc<dyn ClientCertVerifier>>,
 }
 
 impl Reloader {
     /// Reads the files; a wrong one is an error naming its flag.
     pub fn new(files: Files) -> anyhow::Result<Reloader> {
         let stamps = files.stamps();
-        let (config, expiry) = files.load()?;
+        let settings = files.load()?;
         let status = Status::default();
-        status.certificate_expiry.store(expiry, Ordering::Relaxed);
+        status
+            .certificate_expiry
+            .store(settings.expiry, Ordering::Relaxed);
         Ok(Reloader {
             status: Arc::new(status),
             files,
             stamps,
-            current: Arc::new(ArcSwap::new(config)),
-            admitted: CancellationToken::new(),
+            current: Arc::new(ArcSwap::new(settings.config)),
+            verifier: watch::Sender::new(settings.verifier),
         })
     }
 
@@ -94,8 +96,8 @@ impl Reloader {
         if stamps == self.stamps {
             return Ok(false);
         }
-        let (config, expiry) = match self.files.load() {
-            Ok(loaded) => loaded,
+        let settings = match self.files.load() {
+            Ok(settings) => settings,
             Err(e) => {
                 if !e.chain().any(|cause| cause.is::<io::Error>()) {
                     self.stamps = stamps;
@@ -104,14 +106,11 @@ impl Reloader {
                 return Err(e);
             }
         };
-        (self.status.certificate_expiry).store(expiry, Ordering::Relaxed);
-        self.status.reloads.fetch_add(1, Ordering::Relaxed);
-        self.current.store(config);
-        if stamps.1 != self.stamps.1 {
-            self.admitted.cancel();
-            self.admitted = CancellationToken::new();
-        }
         self.stamps = stamps;
+        (self.status.certificate_expiry).store(settings.expiry, Ordering::Relaxed);
+        self.status.reloads.fetch_add(1, Ordering::Relaxed);
+        self.current.store(settings.config);
+        self.verifier.send_replace(settings.verifier);
         Ok(true)
     }
 
@@ -137,12 +136,12 @@ impl Reloader {
                         Ok((tcp, _)) => match handshakes.clone().try_acquire_owned() {
                             Ok(permit) => {
                                 let _ = tcp.set_nodelay(true);
-                                let admitted = self.admitted.clone();
+                                let verifier = self.verifier.subscribe();
                                 let (acceptor, tx, refused) = (TlsAcceptor::from(self.current()), tx.clone(), refused.clone());
                                 tokio::spawn(async move {
                                     match handshake(acceptor, tcp).await {
                                         Ok(tls) => {
-                                            let _ = tx.send(Ok(Connection::new(tls, admitted))).await;
+                                            let _ = tx.send(Ok(Connection::new(tls, verifier))).await;
                                         }
                                         Err(e) => refused.note(e),
                                     }
@@ -222,30 +221,44 @@ impl Refusals {
     }
 }
 
-/// A client's connection: TLS, closed when the client CA or revocation lists it was let in
-/// under are replaced.
+/// A client's connection: TLS, closed when new settings come into force that its client's
+/// certificate does not pass (revoked, or of a CA no longer trusted).
 pub struct Connection {
     tls: TlsStream<TcpStream>,
-    replaced: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The checks of clients' certificates, as each comes into force.
+    verifiers: WatchStream<Arc<dyn ClientCertVerifier>>,
 }
 
 impl Connection {
-    fn new(tls: TlsStream<TcpStream>, admitted: CancellationToken) -> Connection {
+    fn new(
+        tls: TlsStream<TcpStream>,
+        verifier: watch::Receiver<Arc<dyn ClientCertVerifier>>,
+    ) -> Connection {
         Connection {
             tls,
-            replaced: Box::pin(admitted.cancelled_owned()),
+            verifiers: WatchStream::from_changes(verifier),
         }
     }
 
-    /// An error once the settings it was let in under are replaced.
+    /// An error once settings have come into force that the client's certificate fails.
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.replaced.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the client CA or revocation lists changed: reconnect to be checked again",
-            )),
-            Poll::Pending => Ok(()),
+        while let Poll::Ready(Some(verifier)) = Pin::new(&mut self.verifiers).poll_next(cx) {
+            let certs = self.tls.get_ref().1.peer_certificates().unwrap_or_default();
+            let passed = match certs.split_first() {
+                Some((own, chain)) => {
+                    let now = UnixTime::now();
+                    verifier.verify_client_cert(own, chain, now).is_ok()
+                }
+                None => false,
+            };
+            if !passed {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the client's certificate does not pass the TLS settings now in force",
+                ));
+            }
         }
+        Ok(())
     }
 }
 
@@ -304,6 +317,7 @@ impl AsyncWrite for Connection {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
         Pin::new(&mut self.tls).poll_flush(cx)
     }
 
