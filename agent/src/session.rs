@@ -13,6 +13,8 @@ use crate::Config;
 
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A stream past hello for this long has settled: if it breaks, the backoff starts again.
+const SETTLED: Duration = Duration::from_secs(10);
 
 pub async fn run(
     config: Config,
@@ -23,12 +25,13 @@ pub async fn run(
     let mut failures = 0u32;
     let mut max_epoch = 0u64;
     loop {
-        let mut heard = false;
+        let (mut heard, dialled) = (false, tokio::time::Instant::now());
         let result = tokio::select! {
             r = session(&config, &desired, &mut status, &mut max_epoch, &mut heard) => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        failures = failures_now(failures, heard, result.is_ok());
+        let settled = heard && dialled.elapsed() >= SETTLED;
+        failures = failures_now(failures, settled, result.is_ok());
         match result {
             Ok(()) => {}
             Err(e) => match refusal(&e) {
@@ -114,11 +117,12 @@ fn accept(max_epoch: &mut u64, d: &pb::DesiredState) -> bool {
 }
 
 /// The failures in a row that set the wait before dialling again, after a session that
-/// ended `ok` or not, having `heard` the controller answer its hello or not: a stream that got
-/// past hello and then broke is a new trouble, not the last one going on, so the agent dials
-/// again at once, backing off only while dialling keeps failing.
-fn failures_now(before: u32, heard: bool, ok: bool) -> u32 {
-    match (ok, heard) {
+/// ended `ok` or not, having `settled` (past hello, for [`SETTLED`]) or not: a stream that
+/// settled and then broke is a new trouble, not the last one going on, so the agent dials again
+/// at once, backing off only while dialling keeps failing (or a controller keeps ending the
+/// stream as soon as it is open).
+fn failures_now(before: u32, settled: bool, ok: bool) -> u32 {
+    match (ok, settled) {
         (true, _) => 0,
         (false, true) => 1,
         (false, false) => before.saturating_add(1),
@@ -148,7 +152,7 @@ mod tests {
     fn the_backoff_starts_again_once_a_stream_got_past_hello() {
         assert_eq!(failures_now(0, false, false), 1);
         assert_eq!(failures_now(5, false, false), 6, "dialling keeps failing");
-        assert_eq!(failures_now(5, true, false), 1, "it broke after hello");
+        assert_eq!(failures_now(5, true, false), 1, "it broke once settled");
         assert_eq!(failures_now(5, true, true), 0);
     }
 

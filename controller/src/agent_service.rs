@@ -37,8 +37,14 @@ impl AgentService for Agents {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let names = identity::peer_names(&request, self.mutual)?;
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_WITHIN, inbound.next())
-            .await
+        let mut shutdown = self.shutdown.clone();
+        let first = tokio::select! {
+            first = tokio::time::timeout(HELLO_WITHIN, inbound.next()) => first,
+            _ = shutdown.wait_for(|stop| *stop) => {
+                return Err(Status::unavailable("the controller is stopping"));
+            }
+        };
+        let first = first
             .map_err(|_| Status::deadline_exceeded(format!("no hello within {HELLO_WITHIN:?}")))?
             .ok_or_else(|| Status::invalid_argument("the stream ended before hello"))??;
         let Some(pb::agent_message::Message::Hello(hello)) = first.message else {
@@ -59,7 +65,6 @@ impl AgentService for Agents {
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = self.controller.agent_connected(hello, tx);
         let controller = self.controller.clone();
-        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
                 let message = tokio::select! {

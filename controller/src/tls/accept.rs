@@ -227,6 +227,8 @@ pub struct Connection {
     tls: TlsStream<TcpStream>,
     /// The checks of clients' certificates, as each comes into force.
     verifiers: WatchStream<Arc<dyn ClientCertVerifier>>,
+    /// Once failed, failed for good, whatever a caller makes of the first error.
+    failed: bool,
 }
 
 impl Connection {
@@ -237,12 +239,15 @@ impl Connection {
         Connection {
             tls,
             verifiers: WatchStream::from_changes(verifier),
+            failed: false,
         }
     }
 
     /// An error once settings have come into force that the client's certificate fails.
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        while let Poll::Ready(Some(verifier)) = Pin::new(&mut self.verifiers).poll_next(cx) {
+        while !self.failed
+            && let Poll::Ready(Some(verifier)) = Pin::new(&mut self.verifiers).poll_next(cx)
+        {
             let certs = self.tls.get_ref().1.peer_certificates().unwrap_or_default();
             let passed = match certs.split_first() {
                 Some((own, chain)) => {
@@ -251,12 +256,13 @@ impl Connection {
                 }
                 None => false,
             };
-            if !passed {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "the client's certificate does not pass the TLS settings now in force",
-                ));
-            }
+            self.failed = !passed;
+        }
+        if self.failed {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client's certificate does not pass the TLS settings now in force",
+            ));
         }
         Ok(())
     }
