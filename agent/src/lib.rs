@@ -5,6 +5,7 @@
 //! Fail-static: while the controller is away, the agent keeps its last desired state and the
 //! proxies keep their last table.
 
+pub mod discover;
 pub mod driver;
 mod proxies;
 pub mod routes;
@@ -28,8 +29,8 @@ pub struct Config {
     pub controller: String,
     pub region: String,
     pub cluster: String,
-    /// Admin URLs of the region's proxies, e.g. `http://127.0.0.1:9901`.
-    pub proxies: Vec<String>,
+    /// Where the region's proxies are.
+    pub proxies: discover::ProxySource,
     /// TLS to the controller, for an `https://` URL.
     pub tls: fleet_proto::connect::ClientTls,
     /// The workload driver's name, told to the controller (`process`, `kubernetes`).
@@ -58,13 +59,27 @@ pub async fn run<D: Driver>(
         status_rx,
         shutdown.clone(),
     ));
-    let mut proxies = proxies::Proxies::new(http_client(), config.proxies.clone());
+    let mut source = config.proxies.clone();
+    let mut proxies = proxies::Proxies::new(http_client(), Vec::new());
+    // Why the proxies could not be looked up, while they cannot.
+    let mut unfound: Option<String> = None;
     let mut programmed: Option<(TableSpec, BTreeMap<String, u32>)> = None;
     // A proxy lost the table put on it: put it again, though it has not changed.
     let mut lost = false;
     let mut applied: Option<(String, u64)> = None;
     let mut stop = shutdown.clone();
     loop {
+        match source.look().await {
+            Some(Ok(urls)) => {
+                lost |= proxies.set_urls(urls);
+                unfound = None;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "the proxies could not be looked up; keeping those known");
+                unfound = Some(format!("{e:#}"));
+            }
+            None => {}
+        }
         let desired = desired_rx.borrow_and_update().clone();
         let mut status = pb::AgentStatus::default();
         if let Some(d) = &desired {
@@ -73,6 +88,11 @@ pub async fn run<D: Driver>(
             let running = driver.poll().await;
             let table = routes::table(d, &running.ready);
             let mut detail = running.detail.clone();
+            if let Some(why) = &unfound {
+                detail = format!("{detail}; {why}")
+                    .trim_start_matches("; ")
+                    .to_string();
+            }
             if let Some(table) = table {
                 if lost || programmed.as_ref().is_none_or(|(t, _)| *t != table) {
                     match proxies.program(&table).await {

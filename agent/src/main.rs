@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use fleet_agent::Config;
+use fleet_agent::discover::ProxySource;
 use fleet_agent::driver::kubernetes::KubernetesDriver;
 use fleet_agent::driver::process::ProcessDriver;
 use fleet_proto::connect::ClientTls;
@@ -29,17 +30,26 @@ struct Args {
     #[arg(long, value_enum, default_value_t = DriverKind::Process)]
     driver: DriverKind,
     /// Admin URL of a proxy of this region; repeat for several (in the environment: URLs
-    /// separated by commas).
+    /// separated by commas). Or `--proxy-pods`.
     #[arg(
         long = "proxy-admin",
         value_name = "URL",
-        required = true,
+        required_unless_present = "proxy_pods",
+        conflicts_with = "proxy_pods",
         env = "FLEET_PROXY_ADMIN",
         value_delimiter = ','
     )]
     proxies: Vec<String>,
-    /// With `--driver kubernetes`: the namespace of the service's Deployments. Default: the
-    /// kubeconfig context's, or the service account's in a cluster.
+    /// The proxies are the running pods this label selector picks in `--namespace`, looked up
+    /// every 5 s through the Kubernetes API (e.g. `app.kubernetes.io/name=fleet-proxy`).
+    #[arg(long, value_name = "SELECTOR", env = "FLEET_PROXY_PODS")]
+    proxy_pods: Option<String>,
+    /// With `--proxy-pods`: the port of the proxies' admin API.
+    #[arg(long, env = "FLEET_PROXY_ADMIN_PORT", default_value_t = 9901)]
+    proxy_admin_port: u16,
+    /// With `--driver kubernetes` or `--proxy-pods`: the namespace of the service's
+    /// Deployments and proxies. Default: the kubeconfig context's, or the service account's in
+    /// a cluster.
     #[arg(long, env = "FLEET_NAMESPACE")]
     namespace: Option<String>,
     /// With `--driver kubernetes`: the port the service's containers listen on (given to them
@@ -76,11 +86,27 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let kubernetes = matches!(args.driver, DriverKind::Kubernetes) || args.proxy_pods.is_some();
+    let client = match kubernetes {
+        true => Some(kube::Client::try_default().await.context(
+            "connecting to the Kubernetes API (kubeconfig or in-cluster service account)",
+        )?),
+        false => None,
+    };
+    let proxies = match (&args.proxy_pods, &client) {
+        (Some(selector), Some(client)) => ProxySource::pods(
+            client.clone(),
+            args.namespace.as_deref(),
+            selector.clone(),
+            args.proxy_admin_port,
+        ),
+        _ => ProxySource::Listed(args.proxies),
+    };
     let config = Config {
         controller: args.controller,
         region: args.region,
         cluster: args.cluster,
-        proxies: args.proxies,
+        proxies,
         tls: ClientTls {
             ca: args.ca,
             cert: args.tls_cert,
@@ -110,9 +136,7 @@ async fn main() -> anyhow::Result<()> {
     match args.driver {
         DriverKind::Process => fleet_agent::run(config, ProcessDriver::default(), shutdown).await,
         DriverKind::Kubernetes => {
-            let client = kube::Client::try_default().await.context(
-                "connecting to the Kubernetes API (kubeconfig or in-cluster service account)",
-            )?;
+            let client = client.context("a Kubernetes client")?;
             let driver = KubernetesDriver::new(client, args.namespace, args.container_port);
             fleet_agent::run(config, driver, shutdown).await
         }

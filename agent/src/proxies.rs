@@ -49,11 +49,29 @@ impl Proxies {
         }
     }
 
+    /// Takes the proxies' admin URLs as they are now; true when one is new (it needs the
+    /// table). What was known of those gone is forgotten; their counts stay in the tally.
+    pub fn set_urls(&mut self, urls: Vec<String>) -> bool {
+        if urls == self.urls {
+            return false;
+        }
+        let new = urls.iter().any(|u| !self.urls.contains(u));
+        tracing::info!(proxies = ?urls, "the region's proxies");
+        self.installed.retain(|proxy, _| urls.contains(proxy));
+        self.quiet_until.retain(|proxy, _| urls.contains(proxy));
+        self.urls = urls;
+        new
+    }
+
     /// Puts `table` on every proxy that does not have it yet, all at once, each whatever the
     /// others answer (one down must not keep the rest on an old table, nor slow them); fails,
     /// naming each, if any did not take it. Called again while one is down, it puts the table
     /// on that one only.
     pub async fn program(&mut self, table: &TableSpec) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.urls.is_empty(),
+            "no proxy is known to put the table on"
+        );
         if self.table.as_ref() != Some(table) {
             self.table = Some(table.clone());
             self.installed.clear();
@@ -290,6 +308,31 @@ mod tests {
             proxies.stats().is_some(),
             "the one that answered is counted"
         );
+    }
+
+    #[tokio::test]
+    async fn proxies_found_anew_are_told_and_those_gone_forgotten() {
+        let mut proxies = Proxies::new(crate::http_client(), Vec::new());
+        let table = TableSpec {
+            version: None,
+            tracks: Default::default(),
+            routes: Vec::new(),
+        };
+        let e = proxies.program(&table).await.unwrap_err();
+        assert_eq!(e.to_string(), "no proxy is known to put the table on");
+
+        let (a, b) = (
+            "http://10.2.0.2:9901".to_string(),
+            "http://10.2.0.3:9901".to_string(),
+        );
+        assert!(proxies.set_urls(vec![a.clone(), b.clone()]), "new ones");
+        proxies.installed.insert(a.clone(), (7, None));
+        proxies.installed.insert(b.clone(), (7, None));
+        assert!(!proxies.set_urls(vec![a.clone(), b.clone()]), "the same");
+        assert!(!proxies.set_urls(vec![b.clone()]), "one gone: none new");
+        assert!(!proxies.installed.contains_key(&a), "forgotten");
+        assert!(proxies.installed.contains_key(&b), "kept, with its table");
+        assert!(proxies.set_urls(vec![a.clone(), b]), "back: new again");
     }
 
     #[test]

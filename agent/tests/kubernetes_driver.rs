@@ -1,5 +1,6 @@
-//! The `kubernetes` driver against a FAKE Kubernetes API server, through kube-rs's documented
-//! test harness (a `tower_test` mock service under a real `kube::Client`).
+//! The `kubernetes` driver, and the proxies found as pods (`--proxy-pods`), against a FAKE
+//! Kubernetes API server, through kube-rs's documented test harness (a `tower_test` mock
+//! service under a real `kube::Client`).
 //!
 //! What this shows: the requests the driver makes (paths, label selectors, server-side apply
 //! with its field manager, the Deployment it sends as JSON typed by k8s-openapi), and how it
@@ -14,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fleet_agent::discover::{LOOK_EVERY, ProxySource};
 use fleet_agent::driver::kubernetes::{KubernetesDriver, ROUND_TIMEOUT};
 use fleet_agent::driver::{Driver, Want};
 use http::{Method, Request, Response, StatusCode};
@@ -63,14 +65,19 @@ async fn first_round(versions: &[(&str, u32)]) -> (KubernetesDriver, Shared) {
 }
 
 fn fake_cluster_with_rounds_of_a_second() -> (KubernetesDriver, Shared) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let cluster = Shared::default();
-    tokio::spawn(serve(handle, cluster.clone()));
-    let client = kube::Client::new(service, "default");
+    let (client, cluster) = fake_api();
     (
         KubernetesDriver::new(client, Some("shop".into()), 8080),
         cluster,
     )
+}
+
+/// A real `kube::Client` whose API server is the fake.
+fn fake_api() -> (kube::Client, Shared) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let cluster = Shared::default();
+    tokio::spawn(serve(handle, cluster.clone()));
+    (kube::Client::new(service, "default"), cluster)
 }
 
 async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>, c: Shared) {
@@ -704,4 +711,53 @@ async fn an_api_server_that_does_not_answer_is_reported_and_the_agent_goes_on() 
         running.detail,
         "the Kubernetes API did not answer within 10s (namespace shop)"
     );
+}
+
+/// A pod of the region's proxies (or of `name`), running at `ip`.
+fn proxy_pod(name: &str, ip: &str, phase: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("{name}-{ip}"), "labels": {"app.kubernetes.io/name": name}},
+        "status": {"phase": phase, "podIP": ip},
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_proxies_are_the_running_pods_a_selector_picks_looked_up_every_few_seconds() {
+    let (client, cluster) = fake_api();
+    let selector = "app.kubernetes.io/name=fleet-proxy";
+    let mut source = ProxySource::pods(client, Some("shop"), selector.into(), 9901);
+    cluster.lock().unwrap().pods = vec![
+        proxy_pod("fleet-proxy", "10.2.0.2", "Running"),
+        proxy_pod("fleet-proxy", "10.2.0.3", "Pending"),
+        proxy_pod("checkout", "10.1.0.1", "Running"),
+    ];
+    assert_eq!(
+        source.look().await.unwrap().unwrap(),
+        ["http://10.2.0.2:9901"]
+    );
+    let asked = seen(&cluster).pop().unwrap();
+    assert_eq!(asked.method, Method::GET);
+    assert_eq!(
+        asked.uri,
+        "/api/v1/namespaces/shop/pods?&labelSelector=app.kubernetes.io%2Fname%3Dfleet-proxy"
+    );
+    assert!(source.look().await.is_none(), "not again so soon");
+
+    // Scaled out, one rescheduled: found at the next look.
+    cluster.lock().unwrap().pods = vec![
+        proxy_pod("fleet-proxy", "10.2.0.3", "Running"),
+        proxy_pod("fleet-proxy", "10.2.0.4", "Running"),
+    ];
+    tokio::time::advance(LOOK_EVERY).await;
+    assert_eq!(
+        source.look().await.unwrap().unwrap(),
+        ["http://10.2.0.3:9901", "http://10.2.0.4:9901"]
+    );
+
+    // An API server that does not answer: an error, after a while, and no hang.
+    cluster.lock().unwrap().hang = true;
+    tokio::time::advance(LOOK_EVERY).await;
+    let e = source.look().await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("no answer within"), "{e}");
 }

@@ -235,21 +235,25 @@ fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy(
         .unwrap();
     assert_eq!(agent.service_account_name.as_deref(), Some("fleet-agent"));
 
-    // One admin URL per proxy replica, by the StatefulSet's stable names.
+    // The agent finds the proxies as the pods its selector picks, at their admin port.
     let proxies = find(&docs, "StatefulSet", "fleet-proxy");
-    let service = proxies["spec"]["serviceName"].as_str().unwrap();
-    let replicas = proxies["spec"]["replicas"].as_i64().unwrap();
-    let admin = find(&docs, "Service", service);
-    assert_eq!(
-        admin["spec"]["clusterIP"], "None",
-        "headless, for per-pod names"
-    );
-    let port = admin["spec"]["ports"][0]["port"].as_i64().unwrap();
-    let urls: Vec<String> = (0..replicas)
-        .map(|i| format!("http://fleet-proxy-{i}.{service}:{port}"))
-        .collect();
+    let pod = &proxies["spec"]["template"];
     let config = &find(&docs, "ConfigMap", "fleet-agent")["data"];
-    assert_eq!(config["FLEET_PROXY_ADMIN"], urls.join(","));
+    let selector = config["FLEET_PROXY_PODS"].as_str().unwrap();
+    assert!(selects(selector, pod), "{selector} picks no proxy pod");
+    let admin_port = pod["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "admin")
+        .unwrap()["containerPort"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(config["FLEET_PROXY_ADMIN_PORT"], admin_port.to_string());
+    assert!(
+        config.get("FLEET_PROXY_ADMIN").is_none(),
+        "one or the other"
+    );
 
     // The controller's URL is its Service's.
     let controller = documents("controller.yaml");
@@ -319,4 +323,12 @@ fn services_select_their_pods_by_label_and_port_name_and_objects_share_a_namespa
             }
         }
     }
+}
+
+/// Whether every `key=value` of the label selector `selector` is among `object`'s labels.
+fn selects(selector: &str, object: &Value) -> bool {
+    selector.split(',').all(|term| {
+        term.split_once('=')
+            .is_some_and(|(k, v)| object["metadata"]["labels"][k] == v)
+    })
 }
