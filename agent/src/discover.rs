@@ -52,7 +52,8 @@ impl ProxySource {
 
     /// The proxies' admin URLs, when it is time to look: the listed ones at the first call,
     /// the pods' every [`LOOK_EVERY`]; `None` in between. A lookup the API refuses or leaves
-    /// unanswered is an error, and the proxies known stay as they are.
+    /// unanswered, or that finds no running proxy, is an error, and the proxies known stay as
+    /// they are.
     pub async fn look(&mut self) -> Option<anyhow::Result<Vec<String>>> {
         match self {
             ProxySource::Listed(urls) => {
@@ -65,15 +66,18 @@ impl ProxySource {
                 port,
                 next,
             } => {
-                let now = Instant::now();
-                if next.is_some_and(|at| now < at) {
+                if next.is_some_and(|at| Instant::now() < at) {
                     return None;
                 }
-                *next = Some(now + LOOK_EVERY);
                 let params = ListParams::default().labels(selector);
                 let list = pods.list(&params);
                 let found = match tokio::time::timeout(LOOK_TIMEOUT, list).await {
-                    Ok(Ok(list)) => Ok(admin_urls(&list.items, *port)),
+                    Ok(Ok(list)) => match admin_urls(&list.items, *port) {
+                        urls if urls.is_empty() => Err(anyhow::anyhow!(
+                            "no running pod matches the proxies' selector {selector}"
+                        )),
+                        urls => Ok(urls),
+                    },
                     Ok(Err(e)) => Err(anyhow::anyhow!(
                         "listing the proxies' pods ({selector}): {e}"
                     )),
@@ -81,6 +85,9 @@ impl ProxySource {
                         "listing the proxies' pods ({selector}): no answer within {LOOK_TIMEOUT:?}"
                     )),
                 };
+                // From the end of this look, so that an API that does not answer costs the
+                // loop one wait in every few seconds, not one every pass.
+                *next = Some(Instant::now() + LOOK_EVERY);
                 Some(found)
             }
         }

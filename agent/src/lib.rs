@@ -87,30 +87,33 @@ pub async fn run<D: Driver>(
             driver.apply(&want);
             let running = driver.poll().await;
             let table = routes::table(d, &running.ready);
-            let mut detail = running.detail.clone();
-            if let Some(why) = &unfound {
-                detail = format!("{detail}; {why}")
-                    .trim_start_matches("; ")
-                    .to_string();
-            }
-            if let Some(table) = table {
-                if lost || programmed.as_ref().is_none_or(|(t, _)| *t != table) {
-                    match proxies.program(&table).await {
-                        Ok(()) => {
-                            tracing::info!(release = %d.release_id, seq = d.seq, "proxies programmed");
-                            programmed = Some((table, want_of(d).versions));
-                            lost = false;
+            let mut details = vec![running.detail.clone()];
+            details.extend(unfound.clone());
+            let served = programmed.as_ref().map(|(t, _)| t);
+            match (to_put(table.as_ref(), served, lost), &table) {
+                (Put::Step, Some(table)) => match proxies.program(table).await {
+                    Ok(()) => {
+                        tracing::info!(release = %d.release_id, seq = d.seq, "proxies programmed");
+                        programmed = Some((table.clone(), want_of(d).versions));
+                        lost = false;
+                    }
+                    Err(e) => details.push(format!("proxies not programmed: {e:#}")),
+                },
+                (Put::Served, _) => {
+                    if let Some((served, _)) = &programmed {
+                        match proxies.program(served).await {
+                            Ok(()) => lost = false,
+                            Err(e) => details.push(format!("proxies not programmed: {e:#}")),
                         }
-                        Err(e) => detail = format!("proxies not programmed: {e:#}"),
                     }
                 }
-                if programmed
-                    .as_ref()
-                    .is_some_and(|(_, v)| *v == want_of(d).versions)
-                {
-                    applied = Some((d.release_id.clone(), d.seq));
-                }
+                (Put::Step | Put::Nothing, _) => {}
             }
+            if in_force(programmed.as_ref(), table.as_ref(), &want_of(d).versions) {
+                applied = Some((d.release_id.clone(), d.seq));
+            }
+            details.retain(|d| !d.is_empty());
+            let detail = details.join("; ");
             let done = applied
                 .as_ref()
                 .is_some_and(|(r, s)| *r == d.release_id && *s == d.seq);
@@ -136,6 +139,38 @@ pub async fn run<D: Driver>(
     }
     driver.shutdown().await;
     Ok(())
+}
+
+/// Whether a step is in force: the proxies were put its own table (weights and routes, not
+/// only its versions: a step that only moves weights keeps the versions of the one before),
+/// and the versions it runs. Pure.
+fn in_force(
+    programmed: Option<&(TableSpec, BTreeMap<String, u32>)>,
+    step: Option<&TableSpec>,
+    versions: &BTreeMap<String, u32>,
+) -> bool {
+    programmed.is_some_and(|(table, v)| step == Some(table) && v == versions)
+}
+
+/// What to put on the proxies in a round.
+#[derive(Debug, PartialEq, Eq)]
+enum Put {
+    Nothing,
+    /// The step's table: new, or a proxy lost (or never had) the one put.
+    Step,
+    /// The table the proxies serve, to one that came (or came back) without it, while
+    /// nothing of the step is ready to make a table of: rather than leave it with none.
+    Served,
+}
+
+/// What to put on the proxies, given the `step`'s table (`None` while nothing of it is
+/// ready), the one last put (`served`), and whether a proxy is `lost` (without it). Pure.
+fn to_put(step: Option<&TableSpec>, served: Option<&TableSpec>, lost: bool) -> Put {
+    match (step, served) {
+        (Some(step), served) if lost || served != Some(step) => Put::Step,
+        (None, Some(_)) if lost => Put::Served,
+        _ => Put::Nothing,
+    }
 }
 
 /// What the driver should run for `d`, given the versions of the table last put on the
@@ -180,6 +215,44 @@ fn want_of(d: &pb::DesiredState) -> Want {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn table(weight: u32) -> TableSpec {
+        serde_json::from_value(serde_json::json!({
+            "tracks": {"stable": {"backends": ["127.0.0.1:9001"]}},
+            "routes": [{"host": "*", "path_prefix": "/", "split": {"stable": weight}}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_step_is_in_force_once_its_own_table_is_put_not_only_its_versions() {
+        let versions: BTreeMap<String, u32> = [("v1".to_string(), 2)].into();
+        let put = (table(10000), versions.clone());
+        assert!(in_force(Some(&put), Some(&table(10000)), &versions));
+        // The next step moves only weights: same versions, another table, not put yet.
+        assert!(!in_force(Some(&put), Some(&table(9000)), &versions));
+        assert!(
+            !in_force(Some(&put), None, &versions),
+            "nothing ready to make it"
+        );
+        assert!(!in_force(None, Some(&table(10000)), &versions));
+    }
+
+    #[test]
+    fn a_proxy_without_a_table_gets_the_steps_or_else_the_one_the_others_serve() {
+        let (step, served) = (table(9000), table(10000));
+        assert_eq!(to_put(Some(&step), None, false), Put::Step, "the first");
+        assert_eq!(to_put(Some(&step), Some(&served), false), Put::Step, "new");
+        assert_eq!(to_put(Some(&step), Some(&step), false), Put::Nothing);
+        assert_eq!(to_put(Some(&step), Some(&step), true), Put::Step, "lost");
+        assert_eq!(
+            to_put(None, Some(&served), true),
+            Put::Served,
+            "nothing of the step ready: what the others serve"
+        );
+        assert_eq!(to_put(None, Some(&served), false), Put::Nothing);
+        assert_eq!(to_put(None, None, true), Put::Nothing, "nothing to put");
+    }
 
     #[test]
     fn the_proxies_versions_keep_running_and_before_any_table_everything_does() {

@@ -755,9 +755,20 @@ async fn the_proxies_are_the_running_pods_a_selector_picks_looked_up_every_few_s
         ["http://10.2.0.3:9901", "http://10.2.0.4:9901"]
     );
 
-    // An API server that does not answer: an error, after a while, and no hang.
+    // None running: told, naming the selector (the proxies known stay).
+    cluster.lock().unwrap().pods = vec![proxy_pod("fleet-proxy", "10.2.0.5", "Pending")];
+    tokio::time::advance(LOOK_EVERY).await;
+    let e = source.look().await.unwrap().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "no running pod matches the proxies' selector app.kubernetes.io/name=fleet-proxy"
+    );
+
+    // An API server that does not answer: an error, after a while, and no hang; the next
+    // look waits its turn from then, so the agent's rounds are not held every time.
     cluster.lock().unwrap().hang = true;
     tokio::time::advance(LOOK_EVERY).await;
     let e = source.look().await.unwrap().unwrap_err();
     assert!(e.to_string().contains("no answer within"), "{e}");
+    assert!(source.look().await.is_none());
 }
