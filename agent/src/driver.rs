@@ -24,6 +24,9 @@ pub struct Want {
     /// limit), as Kubernetes quantities; empty: none.
     pub cpu: String,
     pub memory: String,
+    /// For the Kubernetes driver: the pods' user, under the restricted Pod Security profile;
+    /// 0: as the image says.
+    pub run_as_user: u32,
     /// Leave running the versions not in `versions` too: set until the agent has programmed
     /// the proxies since it started, as they may still route to those versions (an agent
     /// restarted after its region moved on).

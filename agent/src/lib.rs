@@ -208,6 +208,7 @@ fn want_of(d: &pb::DesiredState) -> Want {
         },
         cpu: workload.cpu,
         memory: workload.memory,
+        run_as_user: workload.run_as_user,
         keep_others: false,
     }
 }
@@ -264,11 +265,13 @@ mod tests {
             }),
             workload: Some(pb::Workload {
                 image: "registry.example.com/checkout:{version}".into(),
+                run_as_user: 65532,
                 ..Default::default()
             }),
             ..Default::default()
         };
         let first = want_for(&d, None);
+        assert_eq!(first.run_as_user, 65532);
         assert!(
             first.keep_others,
             "restarted: the proxies may route anywhere"

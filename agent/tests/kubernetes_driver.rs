@@ -223,6 +223,7 @@ fn want(versions: &[(&str, u32)]) -> Want {
         health_check: "/ready".into(),
         cpu: "250m".into(),
         memory: "256Mi".into(),
+        run_as_user: 0,
         keep_others: false,
     }
 }

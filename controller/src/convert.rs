@@ -60,6 +60,7 @@ pub fn desired(epoch: u64, manifest: &Manifest, d: &Desired) -> pb::DesiredState
             health_check: manifest.service.health_check.clone(),
             cpu: (manifest.service.workload.resources.cpu.clone()).unwrap_or_default(),
             memory: (manifest.service.workload.resources.memory.clone()).unwrap_or_default(),
+            run_as_user: manifest.service.workload.run_as_user.unwrap_or(0),
         }),
     }
 }

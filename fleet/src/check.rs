@@ -142,6 +142,13 @@ fn service(w: &wire::Service, cx: &mut Ctx<'_>) -> Option<Service> {
             "write bytes with a suffix: 256Mi, 1Gi, 500M",
         );
     }
+    if workload.run_as_user == Some(0) {
+        cx.error(
+            "service.workload.run_as_user",
+            "0 is root, which the restricted profile forbids",
+            "give the non-root uid the image runs as (e.g. 65532), or leave run_as_user out",
+        );
+    }
     if workload.replicas == Some(0) {
         cx.error(
             "service.workload.replicas",
@@ -159,6 +166,7 @@ fn service(w: &wire::Service, cx: &mut Ctx<'_>) -> Option<Service> {
             command: workload.command.clone(),
             replicas: workload.replicas.unwrap_or(1),
             resources,
+            run_as_user: workload.run_as_user,
         },
     })
 }

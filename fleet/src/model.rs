@@ -59,6 +59,8 @@ pub struct Workload {
     pub command: Option<Vec<String>>,
     pub replicas: u32,
     pub resources: Resources,
+    /// The Kubernetes pods' user, under the restricted profile; `None`: as the image says.
+    pub run_as_user: Option<u32>,
 }
 
 pub use crate::wire::Resources;

@@ -73,6 +73,11 @@ pub struct Workload {
     /// also their limit). The process driver ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// For the Kubernetes driver: the user (uid) the pods run as, under the restricted Pod
+    /// Security profile (not root, no privilege escalation, no capabilities, the runtime's
+    /// seccomp profile). Default: as the image says, with no security context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<u32>,
 }
 
 /// An instance's CPU and memory, as Kubernetes quantities.

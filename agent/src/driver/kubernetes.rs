@@ -167,6 +167,7 @@ impl KubernetesDriver {
             health_check: &want.health_check,
             cpu: &want.cpu,
             memory: &want.memory,
+            run_as_user: want.run_as_user,
         });
         let standing = match (self.applied.get(name), listed.get(name)) {
             (Some(applied), Some(now)) => {

@@ -7,8 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, HTTPGetAction, Lifecycle, LifecycleHandler, Pod, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SleepAction,
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Lifecycle, LifecycleHandler,
+    Pod, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, SleepAction,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -48,6 +49,8 @@ pub struct Spec<'a> {
     /// Each pod's CPU and memory requests (memory also its limit); empty: none.
     pub cpu: &'a str,
     pub memory: &'a str,
+    /// The pods' user, under the restricted Pod Security profile; 0: as the image says.
+    pub run_as_user: u32,
 }
 
 /// Checks that `service` can name Kubernetes objects (a DNS-1123 label).
@@ -150,6 +153,14 @@ pub fn deployment(spec: &Spec<'_>) -> Deployment {
             ..Probe::default()
         }),
         resources: resources(spec),
+        security_context: (spec.run_as_user > 0).then(|| SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 sleep: Some(SleepAction {
@@ -181,6 +192,7 @@ pub fn deployment(spec: &Spec<'_>) -> Deployment {
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    security_context: restricted(spec.run_as_user),
                     ..PodSpec::default()
                 }),
             },
@@ -197,6 +209,20 @@ pub fn is_ours(d: &Deployment, service: &str, version: &str) -> bool {
     label(MANAGED_BY) == Some(MANAGER)
         && label(NAME) == Some(service)
         && label(VERSION) == Some(version)
+}
+
+/// What the restricted Pod Security profile asks of a pod, running as `user`; nothing for 0
+/// (the image's user, whatever it is).
+fn restricted(user: u32) -> Option<PodSecurityContext> {
+    (user > 0).then(|| PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(i64::from(user)),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    })
 }
 
 /// The container's requests and limits: CPU and memory requested as given, memory also the

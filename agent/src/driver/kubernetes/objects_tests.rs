@@ -17,6 +17,7 @@ fn spec(version: &str) -> Spec<'_> {
         health_check: "/healthz",
         cpu: "",
         memory: "",
+        run_as_user: 0,
     }
 }
 
@@ -44,6 +45,35 @@ fn resources_given_are_requested_and_memory_is_the_limit_too() {
         json["spec"]["template"]["spec"]["containers"][0]["resources"],
         serde_json::json!({ "requests": { "cpu": "1" } })
     );
+}
+
+#[test]
+fn with_run_as_user_the_pods_meet_the_restricted_profile_and_without_it_get_no_context() {
+    let d = deployment(&Spec {
+        run_as_user: 65532,
+        ..spec("v2")
+    });
+    let json = serde_json::to_value(&d).unwrap();
+    let pod = &json["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["securityContext"],
+        serde_json::json!({
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "seccompProfile": { "type": "RuntimeDefault" }
+        })
+    );
+    assert_eq!(
+        pod["containers"][0]["securityContext"],
+        serde_json::json!({
+            "allowPrivilegeEscalation": false,
+            "capabilities": { "drop": ["ALL"] }
+        })
+    );
+    let json = serde_json::to_value(deployment(&spec("v2"))).unwrap();
+    let pod = &json["spec"]["template"]["spec"];
+    assert!(pod.get("securityContext").is_none(), "{pod}");
+    assert!(pod["containers"][0].get("securityContext").is_none());
 }
 
 #[test]
