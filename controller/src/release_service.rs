@@ -45,10 +45,12 @@ fn internal(e: anyhow::Error) -> Status {
 }
 
 impl Releases {
-    /// Answers a mutating request once: a repeated request id gets the first answer. Under
-    /// mutual TLS request ids are each operator's own: one operator's id answers no other.
+    /// Answers a mutating request once: a repeated request id gets the first answer. Ids are
+    /// each `method`'s own (an abort given a start's id is an abort, not the start's answer)
+    /// and, under mutual TLS, each operator's own.
     fn once<T: Message + Default>(
         &self,
+        method: &str,
         caller: &Option<Operator>,
         request_id: &str,
         act: impl FnOnce() -> Result<T, Status>,
@@ -59,8 +61,8 @@ impl Releases {
             ));
         }
         let request_id = &match caller {
-            Some(Operator(name)) => format!("{name}/{request_id}"),
-            None => request_id.to_string(),
+            Some(Operator(name)) => format!("{method}/{name}/{request_id}"),
+            None => format!("{method}/{request_id}"),
         };
         let store = &self.controller.store;
         if let Some(bytes) = store.answered(request_id).map_err(internal)? {
@@ -93,7 +95,8 @@ impl Releases {
         let r = request.into_inner();
         let actor = actor(&caller, &r.actor);
         let id = r.id.clone();
-        self.once(&caller, &r.request_id, || {
+        let method = format!("{action:?}").to_lowercase();
+        self.once(&method, &caller, &r.request_id, || {
             let event = Event::Operator {
                 action,
                 actor,
@@ -122,7 +125,7 @@ impl ReleaseService for Releases {
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
         let caller = caller(&request);
         let r = request.into_inner();
-        self.once(&caller, &r.request_id, || {
+        self.once("apply_fleet", &caller, &r.request_id, || {
             let loaded = fleet::load(&r.manifest).map_err(|diags| {
                 let lines: Vec<String> = diags
                     .iter()
@@ -177,7 +180,7 @@ impl ReleaseService for Releases {
         let caller = caller(&request);
         let r = request.into_inner();
         let actor = actor(&caller, &r.actor);
-        self.once(&caller, &r.request_id, || {
+        self.once("start_release", &caller, &r.request_id, || {
             let controller = &self.controller;
             let from = controller.store.version(&r.service).map_err(internal)?;
             let number = controller.store.next_release_number().map_err(internal)?;

@@ -370,6 +370,20 @@ async fn mutating_calls_are_idempotent_and_a_second_release_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(no_id.code(), tonic::Code::InvalidArgument);
+    // An id is each method's own: an abort given the start's id aborts.
+    let aborted = client
+        .abort(pb::OperatorRequest {
+            request_id: "start-1".into(),
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(aborted.phase.as_str(), "rolling_back" | "rolled_back"),
+        "{aborted:#?}"
+    );
     server.stop().await;
 }
 
