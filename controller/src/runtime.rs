@@ -344,11 +344,11 @@ impl Controller {
             .observe(&agent.region, &agent.cluster, started, counted);
         agent.status = Some(status);
         let region = agent.region.clone();
-        let reports: Vec<pb::AgentStatus> = inner
+        let reports: Vec<(String, Option<pb::AgentStatus>)> = inner
             .agents
             .values()
             .filter(|a| a.region == region)
-            .filter_map(|a| a.status.clone())
+            .map(|a| (a.cluster.clone(), a.status.clone()))
             .collect();
         let active: Vec<String> = inner
             .releases
@@ -360,18 +360,20 @@ impl Controller {
             .map(|(id, _)| id.clone())
             .collect();
         for id in active {
-            // Applied by the region once every cluster has applied it.
-            let of_release: Vec<&pb::AgentStatus> =
-                reports.iter().filter(|s| s.release_id == id).collect();
-            let applied = (of_release.len() == reports.len())
-                .then(|| of_release.iter().map(|s| s.applied_seq).min())
-                .flatten();
-            let ready = of_release.iter().all(|s| s.ready);
+            let clusters = (inner.releases.get(&id))
+                .and_then(|run| {
+                    run.engine
+                        .manifest()
+                        .region(&region)
+                        .map(|r| r.clusters.clone())
+                })
+                .unwrap_or_default();
+            let applied = region_applied(&id, &clusters, &reports);
             let stats = stats.clone();
             let region = region.clone();
             let result = self.step(inner, &id, |e| {
                 let now = Utc::now();
-                if let Some(seq) = applied {
+                if let Some((seq, ready)) = applied {
                     e.handle(
                         now,
                         Event::Applied {
@@ -489,5 +491,124 @@ impl Controller {
             },
         );
         Ok(())
+    }
+}
+
+/// How far the region has applied release `id`: the lowest step any of its `clusters` has
+/// applied, and whether all of them are ready; `None` until every cluster's agent (by its
+/// agent identity; each one connected, if several) reports on `id`. An agent of a cluster the
+/// manifest does not name (one left over, say) has no say. `reports` are the region's
+/// connected agents: their cluster, and their last report if any. Pure.
+fn region_applied(
+    id: &str,
+    clusters: &[fleet::model::Cluster],
+    reports: &[(String, Option<pb::AgentStatus>)],
+) -> Option<(u64, bool)> {
+    let mut lowest: Option<u64> = None;
+    let mut ready = true;
+    for cluster in clusters {
+        let mut heard = false;
+        for (_, report) in reports.iter().filter(|(c, _)| *c == cluster.agent) {
+            let report = report.as_ref().filter(|r| r.release_id == id)?;
+            lowest = Some(lowest.map_or(report.applied_seq, |l| l.min(report.applied_seq)));
+            ready &= report.ready;
+            heard = true;
+        }
+        if !heard {
+            return None;
+        }
+    }
+    lowest.map(|seq| (seq, ready))
+}
+
+#[cfg(test)]
+mod region_applied_tests {
+    use super::*;
+
+    fn cluster(agent: &str) -> fleet::model::Cluster {
+        fleet::model::Cluster {
+            name: agent.into(),
+            agent: agent.into(),
+        }
+    }
+
+    fn report(
+        cluster: &str,
+        release: &str,
+        seq: u64,
+        ready: bool,
+    ) -> (String, Option<pb::AgentStatus>) {
+        let status = pb::AgentStatus {
+            release_id: release.into(),
+            applied_seq: seq,
+            ready,
+            ..Default::default()
+        };
+        (cluster.into(), Some(status))
+    }
+
+    #[test]
+    fn a_region_has_applied_a_step_once_every_cluster_of_the_manifest_has() {
+        let clusters = [cluster("usw1-a"), cluster("usw1-b")];
+        let both = [
+            report("usw1-a", "r1", 4, true),
+            report("usw1-b", "r1", 3, true),
+        ];
+        assert_eq!(
+            region_applied("r1", &clusters, &both),
+            Some((3, true)),
+            "the lower"
+        );
+        let one = [report("usw1-a", "r1", 4, true)];
+        assert_eq!(
+            region_applied("r1", &clusters, &one),
+            None,
+            "usw1-b unheard"
+        );
+        let silent = [report("usw1-a", "r1", 4, true), ("usw1-b".into(), None)];
+        assert_eq!(
+            region_applied("r1", &clusters, &silent),
+            None,
+            "connected, no report yet"
+        );
+        let behind = [
+            report("usw1-a", "r1", 4, true),
+            report("usw1-b", "r0", 9, true),
+        ];
+        assert_eq!(
+            region_applied("r1", &clusters, &behind),
+            None,
+            "on another release"
+        );
+        let unready = [
+            report("usw1-a", "r1", 4, true),
+            report("usw1-b", "r1", 4, false),
+        ];
+        assert_eq!(region_applied("r1", &clusters, &unready), Some((4, false)));
+    }
+
+    #[test]
+    fn an_agent_of_a_cluster_the_manifest_does_not_name_has_no_say() {
+        let clusters = [cluster("usw1-a")];
+        let stray = [
+            report("usw1-a", "r1", 4, true),
+            report("usw1-old", "r0", 1, false),
+        ];
+        assert_eq!(region_applied("r1", &clusters, &stray), Some((4, true)));
+    }
+
+    #[test]
+    fn two_agents_of_one_cluster_must_both_have_applied() {
+        let clusters = [cluster("usw1-a")];
+        let two = [
+            report("usw1-a", "r1", 4, true),
+            report("usw1-a", "r1", 3, true),
+        ];
+        assert_eq!(region_applied("r1", &clusters, &two), Some((3, true)));
+        let old = [
+            report("usw1-a", "r1", 4, true),
+            report("usw1-a", "r0", 9, true),
+        ];
+        assert_eq!(region_applied("r1", &clusters, &old), None);
     }
 }
