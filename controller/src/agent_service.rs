@@ -69,7 +69,9 @@ impl AgentService for Agents {
             loop {
                 let message = tokio::select! {
                     message = inbound.next() => message,
-                    _ = shutdown.wait_for(|stop| *stop) => None,
+                    // The agents are let go as one by `disconnect_agents`: a stream told gone
+                    // here would record its region unreachable in running releases first.
+                    _ = shutdown.wait_for(|stop| *stop) => return,
                 };
                 let Some(message) = message else {
                     break;
