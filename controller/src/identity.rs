@@ -95,13 +95,9 @@ pub fn peer_names<T>(request: &Request<T>, mutual: bool) -> Result<Option<Vec<St
     if !mutual {
         return Ok(None);
     }
-    let certs = request
-        .extensions()
-        .get::<crate::tls::Peer>()
-        .and_then(|peer| peer.certs.clone())
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let leaf = certs
-        .first()
+    let peer = request.extensions().get::<crate::tls::Peer>();
+    let leaf = peer
+        .and_then(|peer| peer.certs.as_deref()?.first())
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
     dns_names(leaf).map(Some).map_err(Status::unauthenticated)
 }

@@ -5,7 +5,7 @@
 mod admin;
 mod agent_service;
 mod convert;
-pub mod identity;
+mod identity;
 mod release_service;
 mod runtime;
 mod store;

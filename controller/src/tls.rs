@@ -29,7 +29,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 
-pub use accept::{Peer, RELOAD_EVERY, Reloader, Status};
+pub use accept::{Peer, Reloader, Status};
 
 /// The files of the listener's TLS settings, by flag.
 #[derive(Clone, Debug)]

@@ -3,14 +3,12 @@
 //! checked again whenever new settings come into force, the connection closed if it fails.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -23,7 +21,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::transport::server::Connected;
 
-use super::{Files, Stamp};
+use super::{Files, Settings, Stamp};
 
 /// How often the files are looked at for a change.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
@@ -53,7 +51,7 @@ pub struct Reloader {
     status: Arc<Status>,
     files: Files,
     stamps: Vec<Stamp>,
-    current: Arc<ArcSwap<ServerConfig>>,
+    current: Arc<ServerConfig>,
     /// How clients' certificates are checked now: open connections check theirs again when
     /// this changes.
     verifier: watch::Sender<Arc<dyn ClientCertVerifier>>,
@@ -64,22 +62,28 @@ impl Reloader {
     pub fn new(files: Files) -> anyhow::Result<Reloader> {
         let stamps = files.stamps();
         let settings = files.load()?;
-        let status = Status::default();
-        status
-            .certificate_expiry
-            .store(settings.expiry, Ordering::Relaxed);
-        Ok(Reloader {
-            status: Arc::new(status),
+        let mut reloader = Reloader {
+            status: Arc::default(),
             files,
             stamps,
-            current: Arc::new(ArcSwap::new(settings.config)),
-            verifier: watch::Sender::new(settings.verifier),
-        })
+            current: settings.config.clone(),
+            verifier: watch::Sender::new(settings.verifier.clone()),
+        };
+        reloader.install(settings);
+        Ok(reloader)
+    }
+
+    /// Puts `settings` in force: for the next handshakes, the open connections' checks and
+    /// `/metrics`.
+    fn install(&mut self, settings: Settings) {
+        (self.status.certificate_expiry).store(settings.expiry, Ordering::Relaxed);
+        self.current = settings.config;
+        self.verifier.send_replace(settings.verifier);
     }
 
     /// The settings in force, for handshakes.
     pub fn current(&self) -> Arc<ServerConfig> {
-        self.current.load_full()
+        self.current.clone()
     }
 
     /// What the listener has done, as it goes on.
@@ -107,10 +111,8 @@ impl Reloader {
             }
         };
         self.stamps = stamps;
-        (self.status.certificate_expiry).store(settings.expiry, Ordering::Relaxed);
         self.status.reloads.fetch_add(1, Ordering::Relaxed);
-        self.current.store(settings.config);
-        self.verifier.send_replace(settings.verifier);
+        self.install(settings);
         Ok(true)
     }
 
@@ -119,7 +121,7 @@ impl Reloader {
     pub fn incoming(
         mut self,
         listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) -> ReceiverStream<io::Result<Connection>> {
         let (tx, rx) = mpsc::channel(64);
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
@@ -128,6 +130,8 @@ impl Reloader {
             last: Mutex::default(),
         });
         tokio::spawn(async move {
+            let stop = crate::signalled(shutdown);
+            tokio::pin!(stop);
             let mut reload = tokio::time::interval(RELOAD_EVERY);
             let mut last_error = None;
             loop {
@@ -170,16 +174,12 @@ impl Reloader {
                             }
                         }
                     },
-                    _ = stopped(&mut shutdown) => return,
+                    _ = &mut stop => return,
                 }
             }
         });
         ReceiverStream::new(rx)
     }
-}
-
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
@@ -271,7 +271,6 @@ impl Connection {
 /// Who is at the other end of a [`Connection`], in each request's extensions.
 #[derive(Clone, Debug)]
 pub struct Peer {
-    pub addr: Option<SocketAddr>,
     /// The certificate chain the client showed, its own first.
     pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
@@ -280,10 +279,13 @@ impl Connected for Connection {
     type ConnectInfo = Peer;
 
     fn connect_info(&self) -> Peer {
-        let (tcp, session) = self.tls.get_ref();
         Peer {
-            addr: tcp.peer_addr().ok(),
-            certs: session.peer_certificates().map(|c| Arc::new(c.to_vec())),
+            certs: self
+                .tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| Arc::new(c.to_vec())),
         }
     }
 }
