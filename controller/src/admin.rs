@@ -65,30 +65,29 @@ fn route(
     }
 }
 
+/// Writes the `# HELP` and `# TYPE` lines of metric `name`.
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 fn metrics(controller: &Controller) -> String {
     let inner = controller.lock();
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP fleet_controller_epoch The controller's current epoch."
-    );
-    let _ = writeln!(out, "# TYPE fleet_controller_epoch gauge");
-    let _ = writeln!(out, "fleet_controller_epoch {}", controller.epoch);
-    let _ = writeln!(out, "# HELP fleet_controller_agents Agents connected now.");
-    let _ = writeln!(out, "# TYPE fleet_controller_agents gauge");
-    let _ = writeln!(out, "fleet_controller_agents {}", inner.agents.len());
-    let _ = writeln!(
-        out,
-        "# HELP fleet_controller_releases Releases known, by phase."
-    );
-    let _ = writeln!(out, "# TYPE fleet_controller_releases gauge");
+    let epoch = "fleet_controller_epoch";
+    head(&mut out, epoch, "gauge", "The controller's current epoch.");
+    let _ = writeln!(out, "{epoch} {}", controller.epoch);
+    let agents = "fleet_controller_agents";
+    head(&mut out, agents, "gauge", "Agents connected now.");
+    let _ = writeln!(out, "{agents} {}", inner.agents.len());
+    let releases = "fleet_controller_releases";
+    head(&mut out, releases, "gauge", "Releases known, by phase.");
     let mut phases = std::collections::BTreeMap::<String, u64>::new();
     for run in inner.releases.values() {
         let phase = crate::convert::release("", 0, &run.engine).phase;
         *phases.entry(phase).or_default() += 1;
     }
     for (phase, n) in phases {
-        let _ = writeln!(out, "fleet_controller_releases{{phase=\"{phase}\"}} {n}");
+        let _ = writeln!(out, "{releases}{{phase=\"{phase}\"}} {n}");
     }
     out
 }
@@ -97,47 +96,31 @@ fn metrics(controller: &Controller) -> String {
 /// its end, renewed files that do not work).
 fn tls_metrics(out: &mut String, tls: &tls::Status) {
     let read = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+    let expiry = "fleet_controller_tls_certificate_expiry_seconds";
+    let help = "When the controller's certificate in force expires (Unix time).";
+    head(out, expiry, "gauge", help);
     let _ = writeln!(
         out,
-        "# HELP fleet_controller_tls_certificate_expiry_seconds When the controller's certificate in force expires (Unix time)."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE fleet_controller_tls_certificate_expiry_seconds gauge"
-    );
-    let _ = writeln!(
-        out,
-        "fleet_controller_tls_certificate_expiry_seconds {}",
+        "{expiry} {}",
         tls.certificate_expiry.load(Ordering::Relaxed)
     );
+    let reloads = "fleet_controller_tls_reloads_total";
+    let help = "Reads of changed TLS files, by whether the new settings went into force.";
+    head(out, reloads, "counter", help);
+    let _ = writeln!(out, "{reloads}{{result=\"ok\"}} {}", read(&tls.reloads));
     let _ = writeln!(
         out,
-        "# HELP fleet_controller_tls_reloads_total Reads of changed TLS files, by whether the new settings went into force."
-    );
-    let _ = writeln!(out, "# TYPE fleet_controller_tls_reloads_total counter");
-    let _ = writeln!(
-        out,
-        "fleet_controller_tls_reloads_total{{result=\"ok\"}} {}",
-        read(&tls.reloads)
-    );
-    let _ = writeln!(
-        out,
-        "fleet_controller_tls_reloads_total{{result=\"failed\"}} {}",
+        "{reloads}{{result=\"failed\"}} {}",
         read(&tls.reloads_failed)
     );
-    let _ = writeln!(
+    let refused = "fleet_controller_tls_handshakes_refused_total";
+    head(
         out,
-        "# HELP fleet_controller_tls_handshakes_refused_total Client handshakes refused or given up."
+        refused,
+        "counter",
+        "Client handshakes refused or given up.",
     );
-    let _ = writeln!(
-        out,
-        "# TYPE fleet_controller_tls_handshakes_refused_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "fleet_controller_tls_handshakes_refused_total {}",
-        read(&tls.refused)
-    );
+    let _ = writeln!(out, "{refused} {}", read(&tls.refused));
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -360,15 +360,9 @@ impl Controller {
             .map(|(id, _)| id.clone())
             .collect();
         for id in active {
-            let clusters = (inner.releases.get(&id))
-                .and_then(|run| {
-                    run.engine
-                        .manifest()
-                        .region(&region)
-                        .map(|r| r.clusters.clone())
-                })
-                .unwrap_or_default();
-            let applied = region_applied(&id, &clusters, &reports);
+            let applied = (inner.releases.get(&id))
+                .and_then(|run| run.engine.manifest().region(&region))
+                .and_then(|r| region_applied(&id, &r.clusters, &reports));
             let stats = stats.clone();
             let region = region.clone();
             let result = self.step(inner, &id, |e| {
