@@ -3,12 +3,13 @@
 //! [`LOOK_EVERY`], so that proxies scaled out, rescheduled or replaced are found without
 //! editing the agent's settings.
 
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use tokio::time::Instant;
+
+use crate::driver::kubernetes::objects::pod_address;
 
 /// How often the proxies' pods are looked up.
 pub const LOOK_EVERY: Duration = Duration::from_secs(5);
@@ -99,15 +100,8 @@ impl ProxySource {
 pub fn admin_urls(pods: &[Pod], port: u16) -> Vec<String> {
     let mut urls: Vec<String> = pods
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| {
-            let status = p.status.as_ref()?;
-            if status.phase.as_deref() != Some("Running") {
-                return None;
-            }
-            let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
-            Some(format!("http://{}", SocketAddr::new(ip, port)))
-        })
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .filter_map(|p| Some(format!("http://{}", pod_address(p, port)?)))
         .collect();
     urls.sort();
     urls

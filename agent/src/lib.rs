@@ -89,27 +89,24 @@ pub async fn run<D: Driver>(
             let table = routes::table(d, &running.ready);
             let mut details = vec![running.detail.clone()];
             details.extend(unfound.clone());
+            let versions = want_of(d).versions;
             let served = programmed.as_ref().map(|(t, _)| t);
-            match (to_put(table.as_ref(), served, lost), &table) {
-                (Put::Step, Some(table)) => match proxies.program(table).await {
+            match to_put(table.as_ref(), served, lost) {
+                Put::Step(step) => match proxies.program(step).await {
                     Ok(()) => {
                         tracing::info!(release = %d.release_id, seq = d.seq, "proxies programmed");
-                        programmed = Some((table.clone(), want_of(d).versions));
+                        programmed = Some((step.clone(), versions.clone()));
                         lost = false;
                     }
                     Err(e) => details.push(format!("proxies not programmed: {e:#}")),
                 },
-                (Put::Served, _) => {
-                    if let Some((served, _)) = &programmed {
-                        match proxies.program(served).await {
-                            Ok(()) => lost = false,
-                            Err(e) => details.push(format!("proxies not programmed: {e:#}")),
-                        }
-                    }
-                }
-                (Put::Step | Put::Nothing, _) => {}
+                Put::Served(served) => match proxies.program(served).await {
+                    Ok(()) => lost = false,
+                    Err(e) => details.push(format!("proxies not programmed: {e:#}")),
+                },
+                Put::Nothing => {}
             }
-            if in_force(programmed.as_ref(), table.as_ref(), &want_of(d).versions) {
+            if in_force(programmed.as_ref(), table.as_ref(), &versions) {
                 applied = Some((d.release_id.clone(), d.seq));
             }
             details.retain(|d| !d.is_empty());
@@ -153,22 +150,26 @@ fn in_force(
 }
 
 /// What to put on the proxies in a round.
-#[derive(Debug, PartialEq, Eq)]
-enum Put {
+#[derive(Debug, PartialEq)]
+enum Put<'s, 'p> {
     Nothing,
     /// The step's table: new, or a proxy lost (or never had) the one put.
-    Step,
+    Step(&'s TableSpec),
     /// The table the proxies serve, to one that came (or came back) without it, while
     /// nothing of the step is ready to make a table of: rather than leave it with none.
-    Served,
+    Served(&'p TableSpec),
 }
 
 /// What to put on the proxies, given the `step`'s table (`None` while nothing of it is
 /// ready), the one last put (`served`), and whether a proxy is `lost` (without it). Pure.
-fn to_put(step: Option<&TableSpec>, served: Option<&TableSpec>, lost: bool) -> Put {
+fn to_put<'s, 'p>(
+    step: Option<&'s TableSpec>,
+    served: Option<&'p TableSpec>,
+    lost: bool,
+) -> Put<'s, 'p> {
     match (step, served) {
-        (Some(step), served) if lost || served != Some(step) => Put::Step,
-        (None, Some(_)) if lost => Put::Served,
+        (Some(step), served) if lost || served != Some(step) => Put::Step(step),
+        (None, Some(served)) if lost => Put::Served(served),
         _ => Put::Nothing,
     }
 }
@@ -242,13 +243,25 @@ mod tests {
     #[test]
     fn a_proxy_without_a_table_gets_the_steps_or_else_the_one_the_others_serve() {
         let (step, served) = (table(9000), table(10000));
-        assert_eq!(to_put(Some(&step), None, false), Put::Step, "the first");
-        assert_eq!(to_put(Some(&step), Some(&served), false), Put::Step, "new");
+        assert_eq!(
+            to_put(Some(&step), None, false),
+            Put::Step(&step),
+            "the first"
+        );
+        assert_eq!(
+            to_put(Some(&step), Some(&served), false),
+            Put::Step(&step),
+            "new"
+        );
         assert_eq!(to_put(Some(&step), Some(&step), false), Put::Nothing);
-        assert_eq!(to_put(Some(&step), Some(&step), true), Put::Step, "lost");
+        assert_eq!(
+            to_put(Some(&step), Some(&step), true),
+            Put::Step(&step),
+            "lost"
+        );
         assert_eq!(
             to_put(None, Some(&served), true),
-            Put::Served,
+            Put::Served(&served),
             "nothing of the step ready: what the others serve"
         );
         assert_eq!(to_put(None, Some(&served), false), Put::Nothing);

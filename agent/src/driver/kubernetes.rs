@@ -16,7 +16,7 @@
 //! The workloads outlive the agent: stopping it (or losing it) leaves every Deployment as it
 //! is, so the cluster goes on serving while the agent is away (fail-static).
 
-mod objects;
+pub(crate) mod objects;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -303,9 +303,7 @@ impl KubernetesDriver {
 
 impl Driver for KubernetesDriver {
     fn apply(&mut self, want: &Want) {
-        if *want != self.want {
-            self.want = want.clone();
-        }
+        self.want.clone_from(want);
     }
 
     async fn poll(&mut self) -> Running {

@@ -339,22 +339,29 @@ fn has_version(p: &Pod, version: &str) -> bool {
         .is_some_and(|v| v == version)
 }
 
+/// Where `pod` serves `port`: its address, unless it is being deleted or has none yet.
+pub fn pod_address(pod: &Pod, port: u16) -> Option<SocketAddr> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    Some(SocketAddr::new(ip, port))
+}
+
 /// The addresses (`ip:port`) of `version`'s pods that are ready and not being deleted,
 /// sorted.
 pub fn ready_addresses(pods: &[Pod], version: &str, port: u16) -> Vec<String> {
     let mut out: Vec<String> = pods
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && has_version(p, version))
-        .filter_map(|p| {
-            let status = p.status.as_ref()?;
-            let ready = status
-                .conditions
-                .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
-            ready.then(|| SocketAddr::new(ip, port).to_string())
+        .filter(|p| has_version(p, version))
+        .filter(|p| {
+            let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+            conditions
+                .into_iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
         })
+        .filter_map(|p| Some(pod_address(p, port)?.to_string()))
         .collect();
     out.sort();
     out
