@@ -305,6 +305,7 @@ impl LocalFleet {
             "FLEET_SERVER_TLS_CERT",
             "FLEET_SERVER_TLS_KEY",
             "FLEET_CLIENT_CA",
+            "FLEET_CLIENT_CRL",
         ] {
             command.env_remove(var);
         }
