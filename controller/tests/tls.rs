@@ -72,24 +72,7 @@ impl Ca {
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
         (cert_path, key_path)
     }
-}
 
-/// The listener's files: `cert` and `key`, clients' certificates signed by `ca`.
-fn files(cert: &Path, key: &Path, ca: &Path) -> Files {
-    Files {
-        cert: cert.to_owned(),
-        key: key.to_owned(),
-        client_ca: ca.to_owned(),
-        client_crl: None,
-    }
-}
-
-/// The settings `files` make, or why they make none.
-fn config(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    files(cert, key, ca).server_config()
-}
-
-impl Ca {
     /// Writes `<name>-crl.pem`, revoking the certificates of serial numbers `revoked`.
     fn revoke(&self, revoked: &[u64]) -> PathBuf {
         let crl = CertificateRevocationListParams {
@@ -114,6 +97,21 @@ impl Ca {
         std::fs::write(&path, crl.pem().unwrap()).unwrap();
         path
     }
+}
+
+/// The listener's files: `cert` and `key`, clients' certificates signed by `ca`.
+fn files(cert: &Path, key: &Path, ca: &Path) -> Files {
+    Files {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        client_ca: ca.to_owned(),
+        client_crl: None,
+    }
+}
+
+/// The settings `files` make, or why they make none.
+fn config(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    files(cert, key, ca).server_config()
 }
 
 fn rand_serial() -> u64 {
@@ -160,6 +158,20 @@ impl Mutual {
             .unwrap()
             .unwrap()
             .unwrap();
+    }
+
+    /// The value of the sample `name` (with its labels) on `/metrics`.
+    async fn metric(&self, name: &str) -> f64 {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let line = text
+            .lines()
+            .find(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line[name.len()..].trim().parse().unwrap()
     }
 }
 
@@ -572,11 +584,9 @@ async fn a_renewed_certificate_and_a_new_client_ca_take_effect_without_a_restart
     std::fs::copy(&renewed_key, &key).unwrap();
     std::fs::remove_file(&client_ca).unwrap();
     std::fs::copy(ours.path("ca.pem"), &client_ca).unwrap();
+    let tls = showing(&next, &old_client);
     assert!(
-        {
-            let tls = showing(&next, &old_client);
-            eventually(|| answered(&url, &tls)).await
-        },
+        eventually(|| answered(&url, &tls)).await,
         "clients trusting the next CA get in"
     );
     assert!(!answered(&url, &showing(&ours, &old_client)).await);
@@ -588,11 +598,9 @@ async fn a_renewed_certificate_and_a_new_client_ca_take_effect_without_a_restart
     // Clients' certificates from the next CA only: those let in before fail it, and go.
     std::fs::copy(next.path("ca.pem"), &client_ca).unwrap();
     assert!(ended(&mut open, Duration::from_secs(10)).await);
+    let tls = showing(&next, &new_client);
     assert!(
-        {
-            let tls = showing(&next, &new_client);
-            eventually(|| answered(&url, &tls)).await
-        },
+        eventually(|| answered(&url, &tls)).await,
         "a client of the next CA gets in"
     );
     assert!(!answered(&url, &showing(&next, &old_client)).await);
@@ -660,22 +668,6 @@ async fn a_certificate_revoked_while_the_controller_runs_loses_its_stream_and_th
     );
     drop(honest);
     server.stop().await;
-}
-
-impl Mutual {
-    /// The value of the sample `name` (with its labels) on `/metrics`.
-    async fn metric(&self, name: &str) -> f64 {
-        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
-        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-        let line = text
-            .lines()
-            .find(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' '))
-            })
-            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
-        line[name.len()..].trim().parse().unwrap()
-    }
 }
 
 #[tokio::test]

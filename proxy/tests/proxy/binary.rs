@@ -405,7 +405,7 @@ async fn with_await_put_the_proxy_is_ready_only_once_a_table_is_put() {
     };
     let head = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nwatch_interval: 20ms\nawait_put: true\n";
     std::fs::write(&file, format!("{head}{}", table("127.0.0.1:1"))).unwrap();
-    let (child, admin) = spawn_with(&file, &[]);
+    let (child, admin) = spawn(&file);
     let ready = format!("http://{admin}/readyz");
     crate::support::eventually(Duration::from_secs(10), || async {
         get(&ready).await.is_some()
@@ -430,11 +430,7 @@ async fn with_await_put_the_proxy_is_ready_only_once_a_table_is_put() {
     })
     .await;
     assert_eq!(get(&ready).await.unwrap().0.as_u16(), 503);
-    let (status, body) = crate::support::put(
-        &format!("http://{admin}/routes"),
-        &table(&stable.addr.to_string()),
-    )
-    .await;
+    let (status, body) = crate::support::put(&routes, &table(&stable.addr.to_string())).await;
     assert_eq!(status.as_u16(), 200, "{body}");
     let (status, _, body) = get(&ready).await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, "ready\n"));
@@ -445,8 +441,8 @@ async fn with_await_put_the_proxy_is_ready_only_once_a_table_is_put() {
         child.logged("the table put through PUT /routes stays in force") == 1
     })
     .await;
-    let (_, _, routes) = get(&format!("http://{admin}/routes")).await.unwrap();
-    assert!(routes.contains(&stable.addr.to_string()), "{routes}");
+    let (_, _, body) = get(&routes).await.unwrap();
+    assert!(body.contains(&stable.addr.to_string()), "{body}");
     assert_eq!(get(&ready).await.unwrap().0.as_u16(), 200);
     drop(child);
     std::fs::remove_dir_all(&dir).unwrap();
