@@ -25,15 +25,27 @@ fn parse_certificates(
     path: &Path,
     flag: &str,
 ) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let chain = CertificateDer::pem_slice_iter(bytes)
+    parse_all(bytes, path, flag, "certificate", "CERTIFICATE")
+}
+
+/// Every `T` in `bytes`, one or more, and nothing unreadable; a `what` that PEM marks as
+/// `-----BEGIN {label}-----`.
+fn parse_all<T: PemObject>(
+    bytes: &[u8],
+    path: &Path,
+    flag: &str,
+    what: &str,
+    label: &str,
+) -> anyhow::Result<Vec<T>> {
+    let all = T::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{flag} {}: {e:?}", path.display()))?;
     anyhow::ensure!(
-        !chain.is_empty(),
-        "{flag} {}: no certificate in it (a PEM file with -----BEGIN CERTIFICATE-----)",
+        !all.is_empty(),
+        "{flag} {}: no {what} in it (a PEM file with -----BEGIN {label}-----)",
         path.display()
     );
-    Ok(chain)
+    Ok(all)
 }
 
 /// The bytes of `path`, which holds a private key.
@@ -66,15 +78,8 @@ pub fn revocation_lists(
     path: &Path,
     flag: &str,
 ) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
-    let lists = CertificateRevocationListDer::pem_slice_iter(&read(path, flag)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("{flag} {}: {e:?}", path.display()))?;
-    anyhow::ensure!(
-        !lists.is_empty(),
-        "{flag} {}: no revocation list in it (a PEM file with -----BEGIN X509 CRL-----)",
-        path.display()
-    );
-    Ok(lists)
+    let bytes = read(path, flag)?;
+    parse_all(&bytes, path, flag, "revocation list", "X509 CRL")
 }
 
 fn read(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
