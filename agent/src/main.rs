@@ -86,21 +86,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let kubernetes = matches!(args.driver, DriverKind::Kubernetes) || args.proxy_pods.is_some();
-    let client = match kubernetes {
-        true => Some(kube::Client::try_default().await.context(
-            "connecting to the Kubernetes API (kubeconfig or in-cluster service account)",
-        )?),
-        false => None,
-    };
-    let proxies = match (&args.proxy_pods, &client) {
-        (Some(selector), Some(client)) => ProxySource::pods(
-            client.clone(),
+    let proxies = match &args.proxy_pods {
+        Some(selector) => ProxySource::pods(
+            kube_client().await?,
             args.namespace.as_deref(),
             selector.clone(),
             args.proxy_admin_port,
         ),
-        _ => ProxySource::Listed(args.proxies),
+        None => ProxySource::Listed(args.proxies),
     };
     let config = Config {
         controller: args.controller,
@@ -136,11 +129,18 @@ async fn main() -> anyhow::Result<()> {
     match args.driver {
         DriverKind::Process => fleet_agent::run(config, ProcessDriver::default(), shutdown).await,
         DriverKind::Kubernetes => {
-            let client = client.context("a Kubernetes client")?;
+            let client = kube_client().await?;
             let driver = KubernetesDriver::new(client, args.namespace, args.container_port);
             fleet_agent::run(config, driver, shutdown).await
         }
     }
+}
+
+/// A client of the Kubernetes API, for the kubernetes driver and the proxies' discovery.
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (kubeconfig or in-cluster service account)")
 }
 
 /// A name as the manifest gives regions, clusters and agents: the controller refuses others.
