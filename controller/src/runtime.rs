@@ -367,13 +367,14 @@ impl Controller {
             let region = region.clone();
             let result = self.step(inner, &id, |e| {
                 let now = Utc::now();
-                if let Some((seq, ready)) = applied {
+                if let Some(a) = applied {
                     e.handle(
                         now,
                         Event::Applied {
                             region: region.clone(),
-                            seq,
-                            ready,
+                            seq: a.seq,
+                            ready: a.ready,
+                            detail: a.detail,
                         },
                     );
                 }
@@ -497,27 +498,45 @@ fn region_applied(
     id: &str,
     clusters: &[fleet::model::Cluster],
     reports: &[(String, Option<pb::AgentStatus>)],
-) -> Option<(u64, bool)> {
+) -> Option<RegionApplied> {
     let mut lowest: Option<u64> = None;
     let mut ready = true;
+    let mut why = Vec::new();
     for cluster in clusters {
         let mut heard = false;
         for (_, report) in reports.iter().filter(|(c, _)| *c == cluster.agent) {
             let report = report.as_ref().filter(|r| r.release_id == id)?;
             lowest = Some(lowest.map_or(report.applied_seq, |l| l.min(report.applied_seq)));
             ready &= report.ready;
+            if !report.ready && !report.detail.is_empty() {
+                why.push(format!("{}: {}", cluster.name, report.detail));
+            }
             heard = true;
         }
         if !heard {
             return None;
         }
     }
-    lowest.map(|seq| (seq, ready))
+    let detail = why.join("; ");
+    lowest.map(|seq| RegionApplied { seq, ready, detail })
+}
+
+/// What a region's agents together have applied: the lowest sequence number any of them
+/// has, whether every one is ready, and why those that are not say they are not.
+#[derive(Debug, PartialEq)]
+struct RegionApplied {
+    seq: u64,
+    ready: bool,
+    detail: String,
 }
 
 #[cfg(test)]
 mod region_applied_tests {
     use super::*;
+
+    fn seq_ready(applied: Option<RegionApplied>) -> Option<(u64, bool)> {
+        applied.map(|a| (a.seq, a.ready))
+    }
 
     fn cluster(agent: &str) -> fleet::model::Cluster {
         fleet::model::Cluster {
@@ -549,19 +568,19 @@ mod region_applied_tests {
             report("usw1-b", "r1", 3, true),
         ];
         assert_eq!(
-            region_applied("r1", &clusters, &both),
+            seq_ready(region_applied("r1", &clusters, &both)),
             Some((3, true)),
             "the lower"
         );
         let one = [report("usw1-a", "r1", 4, true)];
         assert_eq!(
-            region_applied("r1", &clusters, &one),
+            seq_ready(region_applied("r1", &clusters, &one)),
             None,
             "usw1-b unheard"
         );
         let silent = [report("usw1-a", "r1", 4, true), ("usw1-b".into(), None)];
         assert_eq!(
-            region_applied("r1", &clusters, &silent),
+            seq_ready(region_applied("r1", &clusters, &silent)),
             None,
             "connected, no report yet"
         );
@@ -570,7 +589,7 @@ mod region_applied_tests {
             report("usw1-b", "r0", 9, true),
         ];
         assert_eq!(
-            region_applied("r1", &clusters, &behind),
+            seq_ready(region_applied("r1", &clusters, &behind)),
             None,
             "on another release"
         );
@@ -578,7 +597,10 @@ mod region_applied_tests {
             report("usw1-a", "r1", 4, true),
             report("usw1-b", "r1", 4, false),
         ];
-        assert_eq!(region_applied("r1", &clusters, &unready), Some((4, false)));
+        assert_eq!(
+            seq_ready(region_applied("r1", &clusters, &unready)),
+            Some((4, false))
+        );
     }
 
     #[test]
@@ -588,7 +610,10 @@ mod region_applied_tests {
             report("usw1-a", "r1", 4, true),
             report("usw1-old", "r0", 1, false),
         ];
-        assert_eq!(region_applied("r1", &clusters, &stray), Some((4, true)));
+        assert_eq!(
+            seq_ready(region_applied("r1", &clusters, &stray)),
+            Some((4, true))
+        );
     }
 
     #[test]
@@ -598,11 +623,33 @@ mod region_applied_tests {
             report("usw1-a", "r1", 4, true),
             report("usw1-a", "r1", 3, true),
         ];
-        assert_eq!(region_applied("r1", &clusters, &two), Some((3, true)));
+        assert_eq!(
+            seq_ready(region_applied("r1", &clusters, &two)),
+            Some((3, true))
+        );
         let old = [
             report("usw1-a", "r1", 4, true),
             report("usw1-a", "r0", 9, true),
         ];
-        assert_eq!(region_applied("r1", &clusters, &old), None);
+        assert_eq!(seq_ready(region_applied("r1", &clusters, &old)), None);
+    }
+
+    #[test]
+    fn the_clusters_that_are_not_ready_say_why_by_name() {
+        let clusters = [cluster("usw1-a"), cluster("usw1-b"), cluster("usw1-c")];
+        let mut b = report("usw1-b", "r1", 4, false);
+        let mut c = report("usw1-c", "r1", 4, true);
+        for (report, detail) in [(&mut b, "canary v2: 0/1 ready"), (&mut c, "stale words")] {
+            if let Some(status) = report.1.as_mut() {
+                status.detail = detail.into();
+            }
+        }
+        let applied = region_applied("r1", &clusters, &[report("usw1-a", "r1", 4, false), b, c]);
+        let detail = applied.map(|a| a.detail);
+        assert_eq!(
+            detail.as_deref(),
+            Some("usw1-b: canary v2: 0/1 ready"),
+            "only a cluster that is not ready and says why is named"
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use fleet_yaml::{Diagnostics, Positions, suggest};
 
-use crate::model::{Cluster, Manifest, Region, Service, Wave, Workload};
+use crate::model::{Cluster, DEFAULT_PROGRESS_DEADLINE, Manifest, Region, Service, Wave, Workload};
 use crate::wire;
 
 pub(crate) use values::Ctx;
@@ -52,6 +52,10 @@ pub(crate) fn manifest(
     mirror_gate_without_mirroring(w, cx);
     let schedule = timing::schedule(&w.windows, &w.blackouts, cx);
     let webhooks = timing::webhooks(&w.webhooks, cx);
+    let progress_deadline = match &w.progress_deadline {
+        Some(text) => cx.positive_duration("progress_deadline", text),
+        None => Some(DEFAULT_PROGRESS_DEADLINE),
+    };
     first_wave_exposure(w, cx);
     Some(Manifest {
         service: service?,
@@ -62,6 +66,7 @@ pub(crate) fn manifest(
         schedule: schedule?,
         webhooks: webhooks?,
         on_failure: w.on_failure.unwrap_or_default(),
+        progress_deadline: progress_deadline?,
     })
 }
 

@@ -21,7 +21,12 @@ pub struct Manifest {
     pub schedule: Schedule,
     pub webhooks: Vec<Webhook>,
     pub on_failure: FailurePolicy,
+    /// How long a region may wait for a step to be applied and ready before it fails.
+    pub progress_deadline: Duration,
 }
+
+/// A region that has not applied a step and made it ready by then fails.
+pub const DEFAULT_PROGRESS_DEADLINE: Duration = Duration::from_secs(600);
 
 impl Manifest {
     pub fn region(&self, name: &str) -> Option<&Region> {

@@ -37,6 +37,11 @@ pub struct Manifest {
     /// What a failed region does to the rest of the release. Default: `rollback_all`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failure: Option<FailurePolicy>,
+    /// How long a region may take to apply a step and have its workloads ready (and, once
+    /// ready, to be ready again after they stop being so) before it counts as failed under
+    /// `on_failure`. Default: `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

@@ -187,6 +187,7 @@ prop_compose! {
             blackouts,
             webhooks: vec![],
             on_failure: None,
+            progress_deadline: None,
         }
     }
 }

@@ -6,11 +6,14 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Event {
-    /// A region's agent has applied desired state `seq` and its workloads are `ready`.
+    /// A region's agents have applied desired state `seq` and its workloads are `ready`;
+    /// if not, `detail` says why, in the agents' words.
     Applied {
         region: String,
         seq: u64,
         ready: bool,
+        #[serde(default)]
+        detail: String,
     },
     /// A region's agent connected (`true`) or was lost (`false`).
     Reachable { region: String, reachable: bool },

@@ -81,7 +81,14 @@ impl Engine {
 
     /// Carries on from a persisted state. No command is pending; call [`Engine::resend`] to
     /// give every region its desired state again (agents apply a sequence number once).
-    pub fn restore(manifest: Arc<Manifest>, state: State) -> Engine {
+    ///
+    /// A region waiting for its step starts its `progress_deadline` again from the first event
+    /// after this: while the controller was down nobody heard its agents, and a region is never
+    /// failed for the controller's own absence.
+    pub fn restore(manifest: Arc<Manifest>, mut state: State) -> Engine {
+        for r in state.regions.values_mut() {
+            r.waiting_since = None;
+        }
         Engine {
             manifest,
             state,
@@ -107,7 +114,12 @@ impl Engine {
 
     pub fn handle(&mut self, now: DateTime<Utc>, event: Event) {
         match event {
-            Event::Applied { region, seq, ready } => self.on_applied(now, &region, seq, ready),
+            Event::Applied {
+                region,
+                seq,
+                ready,
+                detail,
+            } => self.on_applied(&region, seq, ready, detail),
             Event::Reachable { region, reachable } => self.on_reachable(now, &region, reachable),
             Event::Stats { region, stats } => {
                 if let Some(r) = self.state.regions.get_mut(&region) {
@@ -142,13 +154,16 @@ impl Engine {
             WaveState::Baking { until } => Some(*until),
             WaveState::Running => None,
         };
+        let progress_deadline = self.manifest.progress_deadline;
         let regions = self
             .state
             .regions
             .values()
-            .filter(|r| r.status == RegionStatus::Active)
+            .filter(|r| r.status == RegionStatus::Active && r.applied())
             .flat_map(|r| [r.hold_until, r.next_check]);
-        regions.chain([wave]).flatten().min()
+        let deadlines = self.state.regions.values().filter(|r| r.in_progress());
+        let deadlines = deadlines.map(|r| r.deadline(progress_deadline));
+        regions.chain(deadlines).chain([wave]).flatten().min()
     }
 
     pub fn state(&self) -> &State {

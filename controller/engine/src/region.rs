@@ -135,6 +135,9 @@ impl Engine {
     }
 
     fn advance_region(&mut self, now: DateTime<Utc>, name: &str) -> bool {
+        if let Some(changed) = self.watch_deadline(now, name) {
+            return changed;
+        }
         let Some(r) = self.state.regions.get(name) else {
             return false;
         };
@@ -151,6 +154,49 @@ impl Engine {
             RegionStatus::Active if r.applied() => self.advance_active(now, name),
             _ => false,
         }
+    }
+
+    /// Keeps the clock of a region that waits for its desired state to be applied and ready,
+    /// and fails the region once it has waited `progress_deadline`. While it waits, its
+    /// step's pause and analysis stand still. The deadline's clock runs only while
+    /// the region's agents are connected (one that is lost holds the region, and the clock
+    /// starts again when it is back and has been sent the desired state anew) and stops with
+    /// the release (see [`Engine::shift_clocks`]). `Some(changed)` ends the region's turn.
+    fn watch_deadline(&mut self, now: DateTime<Utc>, name: &str) -> Option<bool> {
+        let deadline = self.manifest.progress_deadline;
+        let r = self.state.regions.get_mut(name)?;
+        let waiting = r.in_progress() && r.status != RegionStatus::Entering;
+        let waiting = waiting && r.reachable && !r.applied();
+        match (waiting, r.waiting_since) {
+            (false, None) => return None,
+            (false, Some(since)) => {
+                if r.applied() {
+                    // Ready again: the step's pause and analysis resume where they stopped.
+                    r.shift_step_clocks(now - since);
+                }
+                r.waiting_since = None;
+                return None;
+            }
+            (true, None) => {
+                r.waiting_since = Some(now);
+                return Some(true);
+            }
+            (true, Some(_)) => {}
+        };
+        if r.deadline(deadline).is_none_or(|due| now < due) {
+            return None;
+        }
+        let (step, why) = (r.step, r.waiting_for().unwrap_or_default());
+        let what = match self.step(name, step) {
+            Some(step) => step.label,
+            None => "the promotion".to_string(),
+        };
+        let reason = format!(
+            "{name} waited {} (progress_deadline) for {what} to be applied and ready; {why}",
+            crate::wave::humanize(deadline)
+        );
+        self.fail_region(now, name, reason);
+        Some(true)
     }
 
     /// A region whose current step is applied: start its clock, judge it, move it on.
@@ -291,12 +337,13 @@ impl Engine {
         }
     }
 
-    pub(crate) fn on_applied(&mut self, _now: DateTime<Utc>, region: &str, seq: u64, ready: bool) {
+    pub(crate) fn on_applied(&mut self, region: &str, seq: u64, ready: bool, detail: String) {
         if let Some(r) = self.state.regions.get_mut(region)
             && seq >= r.applied_seq
         {
             r.applied_seq = seq;
             r.ready = ready;
+            r.not_ready = (!ready && !detail.is_empty()).then_some(detail);
         }
     }
 
@@ -377,10 +424,8 @@ impl Engine {
     /// Shifts every running clock by how long the release was paused.
     pub(crate) fn shift_clocks(&mut self, paused: chrono::TimeDelta) {
         for r in self.state.regions.values_mut() {
-            r.step_started = r.step_started.map(|t| t + paused);
-            r.hold_until = r.hold_until.map(|t| t + paused);
-            r.next_check = r.next_check.map(|t| t + paused);
-            r.baseline = r.latest.clone().or(r.baseline.take());
+            r.shift_step_clocks(paused);
+            r.waiting_since = r.waiting_since.map(|t| t + paused);
         }
         if let WaveState::Baking { until } = &mut self.state.wave_state {
             *until += paused;

@@ -124,6 +124,14 @@ pub struct RegionState {
     pub promote_requested: bool,
     pub baseline: Option<RegionStats>,
     pub latest: Option<RegionStats>,
+    /// Since when the region has been waiting for its desired state to be applied and ready:
+    /// from when it was sent, when ready workloads stopped being ready, or when its agents
+    /// came back. The manifest's `progress_deadline` counts from here.
+    #[serde(default)]
+    pub waiting_since: Option<DateTime<Utc>>,
+    /// Why the agents say the region is not ready, in their words.
+    #[serde(default)]
+    pub not_ready: Option<String>,
 }
 
 impl RegionState {
@@ -147,6 +155,8 @@ impl RegionState {
             promote_requested: false,
             baseline: None,
             latest: None,
+            waiting_since: None,
+            not_ready: None,
         }
     }
 
@@ -162,6 +172,36 @@ impl RegionState {
     /// The release has changed this region at some point.
     pub fn reached(&self) -> bool {
         self.status != RegionStatus::Pending
+    }
+
+    /// Moves the current step's clocks on by `stopped`, and has its analysis judge only what
+    /// comes after.
+    pub(crate) fn shift_step_clocks(&mut self, stopped: chrono::TimeDelta) {
+        self.step_started = self.step_started.map(|t| t + stopped);
+        self.hold_until = self.hold_until.map(|t| t + stopped);
+        self.next_check = self.next_check.map(|t| t + stopped);
+        self.baseline = self.latest.clone().or(self.baseline.take());
+    }
+
+    /// While the region waits for its desired state to be applied and ready: why, in words.
+    pub fn waiting_for(&self) -> Option<String> {
+        self.waiting_since?;
+        let heard = self
+            .desired
+            .as_ref()
+            .is_some_and(|d| self.applied_seq >= d.seq);
+        Some(match (&self.not_ready, heard) {
+            (Some(detail), _) => format!("the agents say: {detail}"),
+            (None, true) => "applied, but its workloads are not ready".to_string(),
+            (None, false) => "no agent has reported applying it".to_string(),
+        })
+    }
+
+    /// When the region fails for not having applied its desired state, if it is waiting.
+    pub fn deadline(&self, progress_deadline: std::time::Duration) -> Option<DateTime<Utc>> {
+        let deadline = chrono::TimeDelta::from_std(progress_deadline).ok()?;
+        self.waiting_since
+            .and_then(|t| t.checked_add_signed(deadline))
     }
 
     /// The region is being moved forward by the release.

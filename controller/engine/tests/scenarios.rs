@@ -20,6 +20,8 @@ use fleet_engine::{
 
 const APPLY_DELAY: i64 = 2;
 const STATS_EVERY: i64 = 10;
+/// What the fake agents say while the new version is not ready.
+const NOT_READY: &str = "usw1-a: checkout-v2: 0 of 1 pods ready (ImagePullBackOff)";
 
 fn manifest(example: &str) -> Arc<Manifest> {
     let path = format!(
@@ -66,6 +68,8 @@ struct Sim {
     /// The share of mirrored copies v2 answers otherwise than v1 did.
     v2_mismatch_rate: f64,
     hooks_ok: bool,
+    /// Whether the new version's workloads ever become ready.
+    v2_ready: bool,
     history: Vec<HistoryEvent>,
     desired_log: Vec<(String, Desired)>,
 }
@@ -90,6 +94,7 @@ impl Sim {
             v2_error_rate: 0.0,
             v2_mismatch_rate: 0.0,
             hooks_ok: true,
+            v2_ready: true,
             history: Vec::new(),
             desired_log: Vec::new(),
         }
@@ -102,12 +107,20 @@ impl Sim {
                     self.desired_log.push((region.clone(), desired.clone()));
                     if self.agents_up[&region] {
                         let at = self.now + TimeDelta::seconds(APPLY_DELAY);
+                        let runs_v2 = [Some(&desired.stable), desired.canary.as_ref()]
+                            .contains(&Some(&"v2".to_string()));
+                        let ready = self.v2_ready || !runs_v2;
+                        let detail = match ready {
+                            true => String::new(),
+                            false => NOT_READY.to_string(),
+                        };
                         self.pending.push((
                             at,
                             Event::Applied {
                                 region: region.clone(),
                                 seq: desired.seq,
-                                ready: true,
+                                ready,
+                                detail,
                             },
                         ));
                         self.applied.insert(region, desired);
@@ -772,4 +785,153 @@ fn proxies_are_asked_to_compare_only_when_the_manifest_says_so_or_its_gate_needs
     assert_eq!(asked(None, true), Some(Compare::Status));
     assert_eq!(asked(Some(Compare::Body), true), Some(Compare::Body));
     assert_eq!(asked(Some(Compare::Status), false), Some(Compare::Status));
+}
+
+/// The history's `region_failed` lines: when, and why.
+fn failures(sim: &Sim) -> Vec<(TimeDelta, String)> {
+    let failed = sim.history.iter().filter(|e| e.what == What::RegionFailed);
+    failed
+        .map(|e| (e.at - sim.start, e.reason.clone()))
+        .collect()
+}
+
+const DEADLINE_FAILURE: &str = "us-west-1 waited 10m (progress_deadline) for step 1/4 to be \
+    applied and ready; the agents say: usw1-a: checkout-v2: 0 of 1 pods ready (ImagePullBackOff)";
+
+#[test]
+fn a_new_version_that_never_becomes_ready_fails_its_region_at_the_progress_deadline() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    sim.v2_ready = false;
+    assert!(sim.run_to_end(TimeDelta::days(1)));
+    assert!(matches!(sim.engine.state().phase, Phase::RolledBack { .. }));
+    // The default deadline, counted from when the step was sent; the failure policy
+    // (rollback_all) does the rest, and the rollback, which runs v1 only, is applied.
+    assert_eq!(
+        failures(&sim),
+        [(TimeDelta::minutes(10), DEADLINE_FAILURE.to_string())]
+    );
+    assert_eq!(sim.weights("us-west-1"), [500, -1]);
+    assert_eq!(sim.applied["us-west-1"].stable, "v1");
+    assert!(sim.weights("us-east-1").is_empty());
+}
+
+#[test]
+fn the_progress_deadline_stops_while_the_release_is_paused_or_the_agent_is_lost() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    sim.v2_ready = false;
+    let failed = |s: &Sim| !failures(s).is_empty();
+    sim.run_until(TimeDelta::minutes(4), failed);
+    sim.operator(Action::Pause);
+    assert!(!sim.run_until(TimeDelta::hours(2), failed), "paused");
+    sim.operator(Action::Resume);
+    assert!(
+        !sim.run_until(TimeDelta::minutes(5), failed),
+        "9 of 10 minutes"
+    );
+    // Lost, the region holds: no failure while the agent cannot be heard.
+    let reachable = |sim: &mut Sim, up: bool| {
+        sim.agents_up.insert("us-west-1".into(), up);
+        let region = "us-west-1".to_string();
+        let event = Event::Reachable {
+            region,
+            reachable: up,
+        };
+        sim.engine.handle(sim.now, event);
+        sim.drain();
+    };
+    reachable(&mut sim, false);
+    assert!(!sim.run_until(TimeDelta::hours(2), failed), "lost");
+    // Back, it is sent the step again and given the whole deadline to make it ready.
+    reachable(&mut sim, true);
+    let back = sim.now - sim.start;
+    assert!(!sim.run_until(TimeDelta::seconds(599), failed), "back");
+    assert!(sim.run_until(TimeDelta::seconds(1), failed));
+    assert_eq!(
+        failures(&sim),
+        [(back + TimeDelta::minutes(10), DEADLINE_FAILURE.to_string())]
+    );
+}
+
+#[test]
+fn a_step_whose_workloads_stop_being_ready_fails_if_they_stay_so_past_the_deadline() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    assert!(sim.run_until(TimeDelta::minutes(1), |s| {
+        s.engine.state().regions["us-west-1"].step_started.is_some()
+    }));
+    // The fake agent of us-west-1 says what it has applied, and how ready that is.
+    let report = |sim: &mut Sim, ready: bool, detail: &str| {
+        let event = Event::Applied {
+            region: "us-west-1".into(),
+            seq: sim.applied["us-west-1"].seq,
+            ready,
+            detail: detail.into(),
+        };
+        sim.engine.handle(sim.now, event);
+        sim.drain();
+    };
+    let failed = |s: &Sim| !failures(s).is_empty();
+    // Unready for nine minutes, then ready again: the step carries on. Meanwhile its pause
+    // and analysis stood still (the simulation stops with "stuck" if the engine asks to be
+    // woken at a time already past).
+    let crashing = "usw1-a: checkout-v2: 0 of 1 pods ready (CrashLoopBackOff)";
+    report(&mut sim, false, crashing);
+    assert!(!sim.run_until(TimeDelta::minutes(9), failed));
+    report(&mut sim, true, "");
+    let next_step = |s: &Sim| s.engine.state().regions["us-west-1"].step == 1;
+    assert!(
+        !sim.run_until(TimeDelta::seconds(295), next_step),
+        "the five-minute pause had not begun to run out"
+    );
+    assert!(sim.run_until(TimeDelta::seconds(10), next_step));
+    // At the next step, unready for good: failed ten minutes later.
+    sim.run_until(TimeDelta::seconds(5), |_| false);
+    let at = sim.now - sim.start;
+    report(&mut sim, false, "");
+    assert!(sim.run_until(TimeDelta::minutes(11), failed));
+    let reason = "us-west-1 waited 10m (progress_deadline) for step 2/4 to be applied and \
+        ready; applied, but its workloads are not ready";
+    assert_eq!(
+        failures(&sim),
+        [(at + TimeDelta::minutes(10), reason.to_string())]
+    );
+}
+
+#[test]
+fn a_restored_engine_gives_a_waiting_region_the_whole_deadline_again() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    sim.v2_ready = false;
+    let failed = |s: &Sim| !failures(s).is_empty();
+    assert!(!sim.run_until(TimeDelta::minutes(8), failed));
+    // A crash, and a controller back an hour later: only the persisted state survives, and
+    // nothing was heard meanwhile.
+    let saved = serde_json::to_string(sim.engine.state()).unwrap();
+    sim.now += TimeDelta::hours(1);
+    sim.pending.clear();
+    sim.engine = Engine::restore(sim.manifest.clone(), serde_json::from_str(&saved).unwrap());
+    sim.engine.resend();
+    sim.drain();
+    let back = sim.now - sim.start;
+    assert!(
+        !sim.run_until(TimeDelta::seconds(599), failed),
+        "{:?} {back}",
+        failures(&sim)
+    );
+    assert!(sim.run_until(TimeDelta::minutes(1), failed));
+    assert_eq!(failures(&sim)[0].0, back + TimeDelta::minutes(10));
 }

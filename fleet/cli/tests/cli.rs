@@ -127,6 +127,7 @@ fn schema_is_a_json_schema_of_the_manifest() {
         "blackouts",
         "webhooks",
         "on_failure",
+        "progress_deadline",
     ] {
         assert!(schema["properties"].get(field).is_some(), "{field}");
     }

@@ -72,7 +72,8 @@ impl<'a> Ctx<'a> {
     pub(crate) fn positive_duration(&mut self, path: &str, text: &str) -> Option<Duration> {
         let d = self.duration(path, text)?;
         if d.is_zero() {
-            self.error(path, "must be longer than zero", "e.g. 30s or 1m");
+            let what = format!("\"{text}\" is no time at all");
+            self.error(path, what, "give it a length, e.g. 30s or 10m");
             return None;
         }
         Some(d)
