@@ -108,6 +108,11 @@ pub fn release(id: &str, started_at_ms: i64, engine: &Engine) -> pb::Release {
                 reachable: r.reachable,
                 last_verdict: r.last_verdict.clone().unwrap_or_default(),
                 hold_until_ms: r.hold_until.map_or(0, |t| t.timestamp_millis()),
+                waiting: r.waiting_for().unwrap_or_default(),
+                // The deadline's clock stands still while the release is paused.
+                deadline_ms: (r.deadline(manifest.progress_deadline))
+                    .filter(|_| state.phase == Phase::Progressing)
+                    .map_or(0, |t| t.timestamp_millis()),
             }
         })
         .collect();

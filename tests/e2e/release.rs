@@ -115,6 +115,46 @@ async fn a_release_failing_five_percent_is_caught_and_rolled_back_before_the_nex
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_never_starts_is_rolled_back_at_the_progress_deadline_saying_why() {
+    const CRASHED: &str = "v2: 0/1 ready (exited with exit status: 1)";
+    let manifest = format!("{}progress_deadline: 6s\n", fleet_e2e::MANIFEST);
+    let env = [("FLEET_DEMO_FAULTS", "v2=crash")];
+    let mut world = World::start_with(&manifest, &env, &["us-west"])
+        .await
+        .unwrap();
+    let id = world.start_release("v2").await.unwrap();
+    // While it waits, the status says why, in the agent's words, and until when.
+    let waiting = |r: &fleet_proto::v1::Release| {
+        r.regions
+            .iter()
+            .any(|g| g.region == "us-west" && g.deadline_ms > 0 && g.waiting.contains(CRASHED))
+    };
+    let release = world.wait_for(&id, RELEASE_TIME, waiting).await.unwrap();
+    let west = &release.regions[0];
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let left = west.deadline_ms - i64::try_from(now.unwrap().as_millis()).unwrap();
+    assert!((0..=6_000).contains(&left), "{left} ms left");
+    let (code, status) = world.fleetctl(&["release", "status", &id]).unwrap();
+    assert_eq!(code, 0, "{status}");
+    assert!(
+        status.contains("us-west is not ready (the agents say: usw-a: "),
+        "{status}"
+    );
+    assert!(status.contains(CRASHED), "{status}");
+    let release = rolled_back_or_done(&mut world, &id).await;
+    assert_eq!(release.phase, "rolled_back", "{release:#?}");
+    let why = "us-west waited 6s (progress_deadline) for step 1/3 to be applied and ready; \
+        the agents say: usw-a: ";
+    assert!(release.reason.starts_with(why), "{}", release.reason);
+    assert!(release.reason.ends_with(CRASHED), "{}", release.reason);
+    // No user was ever sent to the version that never came up, and the next wave never began.
+    let west = world.splits_of("us-west");
+    assert!(west.iter().all(|bp| *bp == 0), "{west:?}");
+    assert!(world.splits_of("us-east").is_empty());
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_agent_holds_its_region_with_the_proxy_serving_the_last_table_until_it_returns() {
     let mut world = World::start(&[]).await.unwrap();
     let id = world.start_release("v2").await.unwrap();

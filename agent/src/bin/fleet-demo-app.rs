@@ -1,7 +1,8 @@
 //! `fleet-demo-app --port P --version V [--fail-rate R] [--latency-ms N]`: the service of the
 //! demo and the end-to-end tests. `GET /healthz` answers `ok`; every other request answers
 //! `hello from VERSION` with an `x-version` header, or a 500 for a `--fail-rate` share of them.
-//! `FLEET_DEMO_FAULTS="v2=0.05,v3=0.5"` sets the fail rate by version when the flag is absent.
+//! `FLEET_DEMO_FAULTS="v2=0.05,v3=0.5"` sets the fail rate by version when the flag is absent;
+//! `v4=crash` has that version exit with an error as it starts, as a broken build would.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,10 +34,15 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    if args.fail_rate.is_none() {
-        args.fail_rate = std::env::var("FLEET_DEMO_FAULTS")
-            .ok()
-            .and_then(|f| fault_for(&f, &args.version));
+    let fault = std::env::var("FLEET_DEMO_FAULTS")
+        .ok()
+        .and_then(|f| fault_for(&f, &args.version));
+    match fault {
+        Some(Fault::Crash) => {
+            anyhow::bail!("{} crashes as it starts (FLEET_DEMO_FAULTS)", args.version)
+        }
+        Some(Fault::FailRate(rate)) => args.fail_rate = args.fail_rate.or(Some(rate)),
+        None => {}
     }
     let listener =
         tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port))).await?;
@@ -78,11 +84,19 @@ async fn answer(req: Request<Incoming>, args: Args) -> Result<Response<Full<Byte
     Ok(response)
 }
 
-/// The fail rate `faults` ("v2=0.05,v3=0.5") gives `version`.
-fn fault_for(faults: &str, version: &str) -> Option<f64> {
-    faults
+enum Fault {
+    FailRate(f64),
+    Crash,
+}
+
+/// What `faults` ("v2=0.05,v3=0.5,v4=crash") gives `version`.
+fn fault_for(faults: &str, version: &str) -> Option<Fault> {
+    let (_, fault) = faults
         .split(',')
         .filter_map(|pair| pair.split_once('='))
-        .find(|(v, _)| v.trim() == version)
-        .and_then(|(_, rate)| rate.trim().parse().ok())
+        .find(|(v, _)| v.trim() == version)?;
+    match fault.trim() {
+        "crash" => Some(Fault::Crash),
+        rate => rate.parse().ok().map(Fault::FailRate),
+    }
 }

@@ -30,13 +30,19 @@ const PAUSE_BETWEEN_REQUESTS: Duration = Duration::from_millis(4);
 /// Starts a controller, and for each of three regions a fleet-proxy and a fleet-agent whose
 /// process driver runs the demo app; sends traffic from many users through every proxy;
 /// releases v2 and follows it live. Exits 0 if the release ended as expected: succeeded, or
-/// with --bad (a v2 that fails 5% of requests) rolled back.
+/// with --bad (a v2 that fails 5% of requests) or --crash (a v2 that never starts) rolled back.
 #[derive(Args, Debug)]
-#[command(after_help = "Examples:\n  fleetctl demo\n  fleetctl demo --bad\n  fleetctl demo --keep")]
+#[command(
+    after_help = "Examples:\n  fleetctl demo\n  fleetctl demo --bad\n  fleetctl demo --crash\n  fleetctl demo --keep"
+)]
 pub struct Demo {
     /// Release a v2 that fails 5% of its requests, and watch it caught and rolled back.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "crash")]
     bad: bool,
+    /// Release a v2 that crashes as it starts, and watch it rolled back at the manifest's
+    /// progress deadline (30 s) with the agents' words for why.
+    #[arg(long)]
+    crash: bool,
     /// Leave the fleet running after the release, until Ctrl-C.
     #[arg(long)]
     keep: bool,
@@ -55,10 +61,10 @@ impl Demo {
             .parent()
             .context("fleetctl's directory")?
             .to_path_buf();
-        let faults: &[(&str, &str)] = if self.bad {
-            &[("FLEET_DEMO_FAULTS", "v2=0.05")]
-        } else {
-            &[]
+        let faults: &[(&str, &str)] = match (self.bad, self.crash) {
+            (true, _) => &[("FLEET_DEMO_FAULTS", "v2=0.05")],
+            (_, true) => &[("FLEET_DEMO_FAULTS", "v2=crash")],
+            _ => &[],
         };
         println!("starting a local fleet in {} (logs there)", dir.display());
         let mut fleet = LocalFleet::start(&dir, &bin, &REGIONS, faults).await?;
@@ -93,10 +99,10 @@ impl Demo {
         let version = "v2";
         println!(
             "releasing {version}{} through 3 waves; {USERS} users per region send traffic\n",
-            if self.bad {
-                ", which fails 5% of requests,"
-            } else {
-                ""
+            match (self.bad, self.crash) {
+                (true, _) => ", which fails 5% of requests,",
+                (_, true) => ", which crashes as it starts,",
+                _ => "",
             }
         );
         let release = client
@@ -124,7 +130,10 @@ impl Demo {
             .map_err(status)?
             .into_inner();
         print_traffic(&traffic.counts).await;
-        let expected = if self.bad { "rolled_back" } else { "succeeded" };
+        let expected = match self.bad || self.crash {
+            true => "rolled_back",
+            false => "succeeded",
+        };
         let ok = end.phase == expected;
         println!(
             "\nrelease {} {}: {}",

@@ -111,7 +111,10 @@ impl Bars {
             } else {
                 String::new()
             };
-            let verdict = if g.last_verdict.is_empty() {
+            let verdict = if g.deadline_ms > 0 {
+                let left = (g.deadline_ms - now).max(0) / 1000;
+                format!(" · not ready, fails in {left}s: {}", short(&g.waiting))
+            } else if g.last_verdict.is_empty() {
                 String::new()
             } else {
                 format!(" · {}", short(&g.last_verdict))

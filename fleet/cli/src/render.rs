@@ -14,6 +14,7 @@ pub fn release_json(r: &pb::Release) -> Value {
             "region": g.region, "status": g.status, "step": g.step, "steps": g.steps,
             "step_label": g.step_label, "canary_weight_bp": g.canary_weight_bp,
             "reachable": g.reachable, "last_verdict": g.last_verdict, "hold_until_ms": g.hold_until_ms,
+            "waiting": g.waiting, "deadline_ms": g.deadline_ms,
         })).collect::<Vec<_>>(),
     })
 }
@@ -80,10 +81,10 @@ pub fn release_status(r: &pb::Release) -> String {
         } else {
             format!("{}/{} {}", (g.step + 1).min(g.steps), g.steps, g.step_label)
         };
-        let status = if g.reachable {
-            g.status.clone()
-        } else {
-            format!("{} (unreachable)", g.status)
+        let status = match (g.reachable, g.deadline_ms) {
+            (false, _) => format!("{} (unreachable)", g.status),
+            (true, 0) => g.status.clone(),
+            (true, _) => format!("{} (not ready)", g.status),
         };
         table.add_row([
             g.region.clone(),
@@ -93,7 +94,17 @@ pub fn release_status(r: &pb::Release) -> String {
             g.last_verdict.clone(),
         ]);
     }
-    out + &lines(&table)
+    out += &lines(&table);
+    for g in r.regions.iter().filter(|g| g.deadline_ms > 0) {
+        let at = DateTime::from_timestamp_millis(g.deadline_ms)
+            .map(|t| t.format("%H:%M:%S UTC").to_string())
+            .unwrap_or_default();
+        out += &format!(
+            "{} is not ready ({}); it fails at {at} unless ready by then\n",
+            g.region, g.waiting
+        );
+    }
+    out
 }
 
 pub fn percent(bp: u32) -> String {
