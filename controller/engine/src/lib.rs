@@ -82,12 +82,12 @@ impl Engine {
     /// Carries on from a persisted state. No command is pending; call [`Engine::resend`] to
     /// give every region its desired state again (agents apply a sequence number once).
     ///
-    /// A region waiting for its step starts its `progress_deadline` again from the first event
-    /// after this: while the controller was down nobody heard its agents, and a region is never
-    /// failed for the controller's own absence.
+    /// A region waiting for its step starts its `progress_deadline` again once its agents
+    /// report to this controller: while it was down nobody heard them, and a region is never
+    /// failed for the controller's own absence, nor for agents that never come back.
     pub fn restore(manifest: Arc<Manifest>, mut state: State) -> Engine {
         for r in state.regions.values_mut() {
-            r.waiting_since = None;
+            r.heard = false;
         }
         Engine {
             manifest,

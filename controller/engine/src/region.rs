@@ -70,6 +70,7 @@ impl Engine {
         if let Some(r) = self.state.regions.get_mut(region) {
             r.status = status;
             r.desired = Some(desired.clone());
+            r.heard = false;
             r.step_started = None;
             r.hold_until = None;
             r.next_check = None;
@@ -158,22 +159,22 @@ impl Engine {
 
     /// Keeps the clock of a region that waits for its desired state to be applied and ready,
     /// and fails the region once it has waited `progress_deadline`. While it waits, its
-    /// step's pause and analysis stand still. The deadline's clock runs only while
-    /// the region's agents are connected (one that is lost holds the region, and the clock
-    /// starts again when it is back and has been sent the desired state anew) and stops with
-    /// the release (see [`Engine::shift_clocks`]). `Some(changed)` ends the region's turn.
+    /// step's pause and analysis stand still. The deadline's clock runs only while the
+    /// region's agents are connected and have reported since the state was sent (agents that
+    /// are lost, or never answer, hold the region; when they are back and have reported on
+    /// the state sent anew, the clock starts again) and stops with the release (see
+    /// [`Engine::shift_clocks`]). `Some(changed)` ends the region's turn.
     fn watch_deadline(&mut self, now: DateTime<Utc>, name: &str) -> Option<bool> {
         let deadline = self.manifest.progress_deadline;
         let r = self.state.regions.get_mut(name)?;
         let waiting = r.in_progress() && r.status != RegionStatus::Entering;
-        let waiting = waiting && r.reachable && !r.applied();
+        let waiting = waiting && r.reachable && r.heard && !r.applied();
         match (waiting, r.waiting_since) {
             (false, None) => return None,
             (false, Some(since)) => {
-                if r.applied() {
-                    // Ready again: the step's pause and analysis resume where they stopped.
-                    r.shift_step_clocks(now - since);
-                }
+                // Ready again, or no longer heard: the step's pause and analysis resume where
+                // they stopped (a lost region's clocks then run, as they always have).
+                r.shift_step_clocks(now - since);
                 r.waiting_since = None;
                 return None;
             }
@@ -312,6 +313,10 @@ impl Engine {
 
     /// Applies the manifest's failure policy to a region that failed its analysis.
     pub(crate) fn fail_region(&mut self, now: DateTime<Utc>, name: &str, reason: String) {
+        if let Some(r) = self.state.regions.get_mut(name) {
+            // A failure ends the wait: resumed from a hold, the region has the whole deadline.
+            r.waiting_since = None;
+        }
         self.record(now, ENGINE, Some(name), What::RegionFailed, reason.clone());
         match self.manifest.on_failure {
             FailurePolicy::RollbackAll => self.start_rollback(now, ENGINE, reason),
@@ -343,6 +348,7 @@ impl Engine {
         {
             r.applied_seq = seq;
             r.ready = ready;
+            r.heard = true;
             r.not_ready = (!ready && !detail.is_empty()).then_some(detail);
         }
     }
@@ -355,6 +361,7 @@ impl Engine {
             return;
         }
         r.reachable = reachable;
+        r.heard = false;
         let desired = r.desired.clone();
         if reachable {
             // The agent may have missed changes: give it the whole desired state again.

@@ -125,10 +125,14 @@ pub struct RegionState {
     pub baseline: Option<RegionStats>,
     pub latest: Option<RegionStats>,
     /// Since when the region has been waiting for its desired state to be applied and ready:
-    /// from when it was sent, when ready workloads stopped being ready, or when its agents
-    /// came back. The manifest's `progress_deadline` counts from here.
+    /// from when its agents first reported after it was sent, or when ready workloads stopped
+    /// being ready. The manifest's `progress_deadline` counts from here.
     #[serde(default)]
     pub waiting_since: Option<DateTime<Utc>>,
+    /// The region's agents have reported since its desired state was last sent, since they
+    /// were last found or lost, and since the controller started.
+    #[serde(default)]
+    pub heard: bool,
     /// Why the agents say the region is not ready, in their words.
     #[serde(default)]
     pub not_ready: Option<String>,
@@ -156,6 +160,7 @@ impl RegionState {
             baseline: None,
             latest: None,
             waiting_since: None,
+            heard: false,
             not_ready: None,
         }
     }
@@ -185,7 +190,7 @@ impl RegionState {
 
     /// While the region waits for its desired state to be applied and ready: why, in words.
     pub fn waiting_for(&self) -> Option<String> {
-        self.waiting_since?;
+        self.deadline(std::time::Duration::ZERO)?;
         let heard = self
             .desired
             .as_ref()
@@ -193,15 +198,15 @@ impl RegionState {
         Some(match (&self.not_ready, heard) {
             (Some(detail), _) => format!("the agents say: {detail}"),
             (None, true) => "applied, but its workloads are not ready".to_string(),
-            (None, false) => "no agent has reported applying it".to_string(),
+            (None, false) => "the agents have not applied it yet".to_string(),
         })
     }
 
     /// When the region fails for not having applied its desired state, if it is waiting.
     pub fn deadline(&self, progress_deadline: std::time::Duration) -> Option<DateTime<Utc>> {
         let deadline = chrono::TimeDelta::from_std(progress_deadline).ok()?;
-        self.waiting_since
-            .and_then(|t| t.checked_add_signed(deadline))
+        let since = self.waiting_since.filter(|_| self.in_progress())?;
+        since.checked_add_signed(deadline)
     }
 
     /// The region is being moved forward by the release.

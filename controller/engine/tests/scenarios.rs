@@ -795,6 +795,9 @@ fn failures(sim: &Sim) -> Vec<(TimeDelta, String)> {
         .collect()
 }
 
+/// How long after a state is sent the fake agents report on it.
+const ANSWERED: TimeDelta = TimeDelta::seconds(APPLY_DELAY);
+
 const DEADLINE_FAILURE: &str = "us-west-1 waited 10m (progress_deadline) for step 1/4 to be \
     applied and ready; the agents say: usw1-a: checkout-v2: 0 of 1 pods ready (ImagePullBackOff)";
 
@@ -808,11 +811,15 @@ fn a_new_version_that_never_becomes_ready_fails_its_region_at_the_progress_deadl
     sim.v2_ready = false;
     assert!(sim.run_to_end(TimeDelta::days(1)));
     assert!(matches!(sim.engine.state().phase, Phase::RolledBack { .. }));
-    // The default deadline, counted from when the step was sent; the failure policy
-    // (rollback_all) does the rest, and the rollback, which runs v1 only, is applied.
+    // The default deadline, counted from the agent's first report on the step (it answers two
+    // seconds after the step is sent); the failure policy (rollback_all) does the rest, and
+    // the rollback, which runs v1 only, is applied.
     assert_eq!(
         failures(&sim),
-        [(TimeDelta::minutes(10), DEADLINE_FAILURE.to_string())]
+        [(
+            ANSWERED + TimeDelta::minutes(10),
+            DEADLINE_FAILURE.to_string()
+        )]
     );
     assert_eq!(sim.weights("us-west-1"), [500, -1]);
     assert_eq!(sim.applied["us-west-1"].stable, "v1");
@@ -849,14 +856,18 @@ fn the_progress_deadline_stops_while_the_release_is_paused_or_the_agent_is_lost(
     };
     reachable(&mut sim, false);
     assert!(!sim.run_until(TimeDelta::hours(2), failed), "lost");
-    // Back, it is sent the step again and given the whole deadline to make it ready.
+    // Back, it is sent the step again and, once it has reported on it, given the whole
+    // deadline to make it ready.
     reachable(&mut sim, true);
     let back = sim.now - sim.start;
-    assert!(!sim.run_until(TimeDelta::seconds(599), failed), "back");
+    assert!(!sim.run_until(TimeDelta::seconds(601), failed), "back");
     assert!(sim.run_until(TimeDelta::seconds(1), failed));
     assert_eq!(
         failures(&sim),
-        [(back + TimeDelta::minutes(10), DEADLINE_FAILURE.to_string())]
+        [(
+            back + ANSWERED + TimeDelta::minutes(10),
+            DEADLINE_FAILURE.to_string()
+        )]
     );
 }
 
@@ -927,11 +938,43 @@ fn a_restored_engine_gives_a_waiting_region_the_whole_deadline_again() {
     sim.engine.resend();
     sim.drain();
     let back = sim.now - sim.start;
-    assert!(
-        !sim.run_until(TimeDelta::seconds(599), failed),
-        "{:?} {back}",
-        failures(&sim)
-    );
+    assert!(!sim.run_until(TimeDelta::seconds(601), failed));
     assert!(sim.run_until(TimeDelta::minutes(1), failed));
-    assert_eq!(failures(&sim)[0].0, back + TimeDelta::minutes(10));
+    assert_eq!(
+        failures(&sim)[0].0,
+        back + ANSWERED + TimeDelta::minutes(10)
+    );
+}
+
+#[test]
+fn a_region_whose_agents_never_answer_holds_rather_than_fails() {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    // Agents gone before the release began: the engine was never told, yet hears nothing.
+    sim.agents_up.insert("us-west-1".into(), false);
+    sim.run_until(TimeDelta::hours(2), |_| false);
+    assert!(failures(&sim).is_empty());
+    assert_eq!(sim.engine.state().phase, Phase::Progressing);
+    assert_eq!(sim.weights("us-west-1"), [500], "sent, never applied");
+}
+
+#[test]
+fn resumed_after_a_held_deadline_failure_a_region_has_the_whole_deadline_again() {
+    let mut sim = Sim::new(manifest("blue-green"), spec(None), monday_morning());
+    sim.v2_ready = false;
+    let failed = |n: usize| move |s: &Sim| failures(s).len() >= n;
+    assert!(sim.run_until(TimeDelta::hours(1), failed(1)));
+    let first = failures(&sim)[0].0;
+    // on_failure: hold pauses the release; an operator resumes it an hour later.
+    assert!(matches!(sim.engine.state().phase, Phase::Paused { .. }));
+    sim.run_until(TimeDelta::hours(1), |_| false);
+    sim.operator(Action::Resume);
+    let resumed = sim.now - sim.start;
+    assert_eq!(resumed, first + TimeDelta::hours(1));
+    assert!(!sim.run_until(TimeDelta::seconds(599), failed(2)));
+    assert!(sim.run_until(TimeDelta::seconds(1), failed(2)));
+    assert_eq!(failures(&sim)[1].0, resumed + TimeDelta::minutes(10));
 }
