@@ -7,6 +7,8 @@
 //! - The release API is for operators and their tools, whose certificates name them as
 //!   `<name>.operator.fleet`; `<name>` is recorded as the actor of what they do, whatever the
 //!   request says, so the history tells who acted. An agent's certificate is no operator's.
+//! - Viewers (dashboards, on-call people who should look but not touch), named
+//!   `<name>.viewer.fleet`, may read fleets and releases and follow them, and change nothing.
 //!
 //! The names are the DNS names among the certificate's subject alternative names, compared
 //! without regard to case, and exactly: a wildcard certificate speaks for no one. On a plain
@@ -19,11 +21,25 @@ use x509_parser::extensions::GeneralName;
 pub const AGENT_DOMAIN: &str = "agent.fleet";
 /// The domain under which operators' certificates are named.
 pub const OPERATOR_DOMAIN: &str = "operator.fleet";
+/// The domain under which viewers' certificates are named.
+pub const VIEWER_DOMAIN: &str = "viewer.fleet";
 
 /// The operator a request comes from under mutual TLS, put in the request's extensions by
 /// [`operators`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Operator(pub String);
+
+/// The viewer a request comes from under mutual TLS, put in the request's extensions by
+/// [`operators`]: it may read, not change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Viewer(pub String);
+
+/// Who may use the release API, as a certificate names them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    Operator(String),
+    Viewer(String),
+}
 
 /// The name an agent's certificate must carry to speak for `cluster` (the manifest cluster's
 /// `agent`, by default its name) in `region`: both lowercase DNS labels, as the hello is
@@ -63,22 +79,37 @@ pub fn check_agent(names: &[String], region: &str, cluster: &str) -> Result<(), 
     ))
 }
 
-/// The operator a certificate for `names` names (`alice` for `alice.operator.fleet`); the
-/// error says what the release API needs.
-pub fn operator(names: &[String]) -> Result<String, String> {
-    names
-        .iter()
-        .filter_map(|name| name.strip_suffix(OPERATOR_DOMAIN)?.strip_suffix('.'))
-        .find(|label| fleet_yaml::is_dns_label(label))
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            format!(
-                "a certificate for {} is not an operator's: the release API needs a certificate \
-                 for <name>.{OPERATOR_DOMAIN} (say alice.{OPERATOR_DOMAIN}), signed by the \
-                 controller's client CA",
-                shown(names)
-            )
-        })
+/// What a certificate for `names` may do on the release API (`alice.operator.fleet`: operate
+/// as `alice`); an operator's name wins over a viewer's. The error says what the release API
+/// needs.
+pub fn role(names: &[String]) -> Result<Role, String> {
+    let named = |domain: &str| {
+        names
+            .iter()
+            .filter_map(|name| name.strip_suffix(domain)?.strip_suffix('.'))
+            .find(|label| fleet_yaml::is_dns_label(label))
+            .map(str::to_owned)
+    };
+    if let Some(name) = named(OPERATOR_DOMAIN) {
+        return Ok(Role::Operator(name));
+    }
+    if let Some(name) = named(VIEWER_DOMAIN) {
+        return Ok(Role::Viewer(name));
+    }
+    Err(format!(
+        "a certificate for {} is not an operator's: the release API needs a certificate for \
+         <name>.{OPERATOR_DOMAIN} (say alice.{OPERATOR_DOMAIN}), or <name>.{VIEWER_DOMAIN} to \
+         read only, signed by the controller's client CA",
+        shown(names)
+    ))
+}
+
+/// Why viewer `name` may not change anything, and the fix.
+pub fn read_only(name: &str) -> String {
+    format!(
+        "{name}.{VIEWER_DOMAIN} may read fleets and releases, not change them: a change needs \
+         a certificate for {name}.{OPERATOR_DOMAIN}"
+    )
 }
 
 fn shown(names: &[String]) -> String {
@@ -102,16 +133,21 @@ pub fn peer_names<T>(request: &Request<T>, mutual: bool) -> Result<Option<Vec<St
     dns_names(leaf).map(Some).map_err(Status::unauthenticated)
 }
 
-/// The release API's gate: under mutual TLS only operators pass, each request carrying its
-/// [`Operator`].
+/// The release API's gate: under mutual TLS only operators and viewers pass, each request
+/// carrying its [`Operator`] or [`Viewer`]. Every call that changes something asks for the
+/// operator (the release service's `caller`), which a viewer's request does not carry.
 pub fn operators(mutual: bool) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request| {
         if let Some(names) = peer_names(&request, mutual)? {
-            let name = operator(&names).map_err(|e| {
+            let role = role(&names).map_err(|e| {
                 tracing::warn!(%e, "release API call refused");
                 Status::permission_denied(e)
             })?;
-            request.extensions_mut().insert(Operator(name));
+            let extensions = request.extensions_mut();
+            match role {
+                Role::Operator(name) => extensions.insert(Operator(name)).map(drop),
+                Role::Viewer(name) => extensions.insert(Viewer(name)).map(drop),
+            };
         }
         Ok(request)
     }
@@ -173,31 +209,42 @@ mod tests {
     }
 
     #[test]
-    fn an_operator_is_named_by_a_name_under_the_operator_domain() {
+    fn operators_and_viewers_are_named_under_their_domains() {
         assert_eq!(
-            operator(&names(&["laptop.example", "alice.operator.fleet"])),
-            Ok("alice".to_string())
+            role(&names(&["laptop.example", "alice.operator.fleet"])),
+            Ok(Role::Operator("alice".into()))
         );
-        for not_an_operator in [
+        assert_eq!(
+            role(&names(&["grafana.viewer.fleet"])),
+            Ok(Role::Viewer("grafana".into()))
+        );
+        assert_eq!(
+            role(&names(&["bob.viewer.fleet", "bob.operator.fleet"])),
+            Ok(Role::Operator("bob".into())),
+            "an operator may also read"
+        );
+        for neither in [
             &["usw1-a.us-west.agent.fleet"][..],
             &["operator.fleet"],
             &["*.operator.fleet"],
+            &["*.viewer.fleet"],
             &["a.b.operator.fleet"],
+            &["a.b.viewer.fleet"],
             &["aliceoperator.fleet"],
             &[],
         ] {
-            let e = operator(&names(not_an_operator)).unwrap_err();
+            let e = role(&names(neither)).unwrap_err();
             assert!(
                 e.ends_with(
                     "is not an operator's: the release API needs a certificate for \
-                     <name>.operator.fleet (say alice.operator.fleet), signed by the \
-                     controller's client CA"
+                     <name>.operator.fleet (say alice.operator.fleet), or \
+                     <name>.viewer.fleet to read only, signed by the controller's client CA"
                 ),
-                "{not_an_operator:?}: {e}"
+                "{neither:?}: {e}"
             );
         }
         assert!(
-            operator(&[])
+            role(&[])
                 .unwrap_err()
                 .starts_with("a certificate for no DNS name")
         );

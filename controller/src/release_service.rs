@@ -12,7 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::identity::Operator;
+use crate::identity::{Operator, Viewer};
 use crate::runtime::{Controller, Running};
 
 pub struct Releases {
@@ -23,9 +23,16 @@ pub struct Releases {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ReleaseEvent, Status>> + Send>>;
 
-/// The operator a request comes from under mutual TLS (its certificate names it).
-fn caller<T>(request: &Request<T>) -> Option<Operator> {
-    request.extensions().get::<Operator>().cloned()
+/// The operator a request that changes something comes from under mutual TLS (its
+/// certificate names it). A viewer's request is refused here: every such call asks for its
+/// caller first.
+fn caller<T>(request: &Request<T>) -> Result<Option<Operator>, Status> {
+    if let Some(Viewer(name)) = request.extensions().get::<Viewer>() {
+        let e = crate::identity::read_only(name);
+        tracing::warn!(%e, "release API change refused");
+        return Err(Status::permission_denied(e));
+    }
+    Ok(request.extensions().get::<Operator>().cloned())
 }
 
 /// Who acts: under mutual TLS the operator the certificate names, whatever the request's
@@ -91,7 +98,7 @@ impl Releases {
         request: Request<pb::OperatorRequest>,
         action: Action,
     ) -> Result<Response<pb::Release>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let actor = actor(&caller, &r.actor);
         let id = r.id.clone();
@@ -123,7 +130,7 @@ impl ReleaseService for Releases {
         &self,
         request: Request<pb::ApplyFleetRequest>,
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let r = request.into_inner();
         self.once("apply_fleet", &caller, &r.request_id, || {
             let loaded = fleet::load(&r.manifest).map_err(|diags| {
@@ -177,7 +184,7 @@ impl ReleaseService for Releases {
         &self,
         request: Request<pb::StartReleaseRequest>,
     ) -> Result<Response<pb::Release>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let actor = actor(&caller, &r.actor);
         self.once("start_release", &caller, &r.request_id, || {

@@ -481,7 +481,9 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
 
     let history = api
-        .history(pb::HistoryRequest { id: release.id })
+        .history(pb::HistoryRequest {
+            id: release.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -495,6 +497,66 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
     assert!(
         actors.iter().all(|(_, actor)| *actor == "alice"),
         "{actors:?}"
+    );
+
+    // A viewer reads everything and changes nothing.
+    let dash = ca.sign("dash", &["dash.viewer.fleet"]);
+    let mut viewer = ReleaseServiceClient::new(client_of(&url, &ca, &dash).await);
+    let id = release.id.clone();
+    let seen = viewer
+        .get_release(pb::GetReleaseRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (seen.id.as_str(), seen.phase.as_str()),
+        (id.as_str(), "rolling_back")
+    );
+    let listed = viewer.list_releases(pb::ListReleasesRequest::default());
+    assert_eq!(listed.await.unwrap().into_inner().releases.len(), 1);
+    let fleets = viewer.list_fleets(pb::ListFleetsRequest::default());
+    assert_eq!(fleets.await.unwrap().into_inner().fleets.len(), 1);
+    let read = viewer.history(pb::HistoryRequest { id: id.clone() });
+    assert_eq!(read.await.unwrap().into_inner(), history);
+    let refusals = [
+        viewer
+            .apply_fleet(pb::ApplyFleetRequest {
+                request_id: "v-apply".into(),
+                manifest: QUICK.into(),
+            })
+            .await
+            .unwrap_err(),
+        viewer
+            .start_release(pb::StartReleaseRequest {
+                request_id: "v-start".into(),
+                service: "demo".into(),
+                version: "v3".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        viewer
+            .resume(pb::OperatorRequest {
+                request_id: "v-resume".into(),
+                id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    ];
+    for refused in refusals {
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert_eq!(
+            refused.message(),
+            "dash.viewer.fleet may read fleets and releases, not change them: a change needs \
+             a certificate for dash.operator.fleet"
+        );
+    }
+    let after = api.history(pb::HistoryRequest { id }).await.unwrap();
+    assert_eq!(
+        after.into_inner(),
+        history,
+        "nothing the viewer asked for happened"
     );
     server.stop().await;
 }
