@@ -27,10 +27,22 @@ pub struct Want {
     /// For the Kubernetes driver: the pods' user, under the restricted Pod Security profile;
     /// 0: as the image says.
     pub run_as_user: u32,
+    /// For the Kubernetes driver: each version scaled by a HorizontalPodAutoscaler instead
+    /// of held at its count in `versions` (the process driver runs that count).
+    pub autoscale: Option<Autoscale>,
     /// Leave running the versions not in `versions` too: set until the agent has programmed
     /// the proxies since it started, as they may still route to those versions (an agent
     /// restarted after its region moved on).
     pub keep_others: bool,
+}
+
+/// A HorizontalPodAutoscaler's bounds, and the average CPU use it keeps, in percent of each
+/// instance's request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Autoscale {
+    pub min: u32,
+    pub max: u32,
+    pub cpu_percent: u32,
 }
 
 /// What runs: per version, the addresses of its ready instances, once all of them have been

@@ -210,6 +210,11 @@ fn want_of(d: &pb::DesiredState) -> Want {
         cpu: workload.cpu,
         memory: workload.memory,
         run_as_user: workload.run_as_user,
+        autoscale: workload.autoscale.map(|a| crate::driver::Autoscale {
+            min: a.min,
+            max: a.max,
+            cpu_percent: a.cpu_percent,
+        }),
         keep_others: false,
     }
 }
@@ -279,12 +284,23 @@ mod tests {
             workload: Some(pb::Workload {
                 image: "registry.example.com/checkout:{version}".into(),
                 run_as_user: 65532,
+                autoscale: Some(pb::Autoscale {
+                    min: 2,
+                    max: 9,
+                    cpu_percent: 60,
+                }),
                 ..Default::default()
             }),
             ..Default::default()
         };
         let first = want_for(&d, None);
         assert_eq!(first.run_as_user, 65532);
+        let autoscale = crate::driver::Autoscale {
+            min: 2,
+            max: 9,
+            cpu_percent: 60,
+        };
+        assert_eq!(first.autoscale, Some(autoscale));
         assert!(
             first.keep_others,
             "restarted: the proxies may route anywhere"

@@ -36,6 +36,8 @@ struct Seen {
 #[derive(Default)]
 struct Cluster {
     deployments: BTreeMap<String, Value>,
+    /// HorizontalPodAutoscalers, as applied (the fake merges nothing).
+    autoscalers: BTreeMap<String, Value>,
     pods: Vec<Value>,
     seen: Vec<Seen>,
     /// Answered to every PATCH instead of applying it.
@@ -109,6 +111,7 @@ async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body
 
 const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/shop/deployments";
 const PODS: &str = "/api/v1/namespaces/shop/pods";
+const AUTOSCALERS: &str = "/apis/autoscaling/v2/namespaces/shop/horizontalpodautoscalers";
 
 fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
     let (path, query) = seen.uri.split_once('?').unwrap_or((&seen.uri, ""));
@@ -124,6 +127,37 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                 .cloned()
                 .collect();
             (StatusCode::OK, list("DeploymentList", "apps/v1", items))
+        }
+        (&Method::GET, AUTOSCALERS) => {
+            let items: Vec<Value> = c
+                .autoscalers
+                .values()
+                .filter(|a| selects(selector.as_deref(), a))
+                .cloned()
+                .collect();
+            let kind = "HorizontalPodAutoscalerList";
+            (StatusCode::OK, list(kind, "autoscaling/v2", items))
+        }
+        (method, p) if p.starts_with(AUTOSCALERS) => {
+            let name = p.rsplit('/').next().unwrap().to_owned();
+            match *method {
+                Method::GET => match c.autoscalers.get(&name) {
+                    Some(a) => (StatusCode::OK, a.clone()),
+                    None => not_found(&name),
+                },
+                Method::PATCH => {
+                    c.autoscalers.insert(name, seen.body.clone());
+                    (StatusCode::OK, seen.body.clone())
+                }
+                Method::DELETE => match c.autoscalers.remove(&name) {
+                    Some(_) => (
+                        StatusCode::OK,
+                        json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}),
+                    ),
+                    None => not_found(&name),
+                },
+                _ => panic!("the fake API server does not serve {method} {p}"),
+            }
         }
         (&Method::GET, PODS) => {
             let items = c
@@ -224,6 +258,7 @@ fn want(versions: &[(&str, u32)]) -> Want {
         cpu: "250m".into(),
         memory: "256Mi".into(),
         run_as_user: 0,
+        autoscale: None,
         keep_others: false,
     }
 }
@@ -290,13 +325,14 @@ async fn a_wanted_version_is_applied_server_side_as_a_deployment_and_ready_once_
         uris,
         [
             format!("GET {DEPLOYMENTS}?&{selector}"),
+            format!("GET {AUTOSCALERS}?&{selector}"),
             // Not among the driver's: is the name free?
             format!("GET {DEPLOYMENTS}/checkout-v1"),
             format!("PATCH {DEPLOYMENTS}/checkout-v1?&force=true&fieldManager=fleet-agent"),
             format!("GET {PODS}?&{selector}"),
         ]
     );
-    let patch = &requests[2];
+    let patch = &requests[3];
     assert_eq!(patch.content_type, "application/apply-patch+yaml");
     assert_eq!(patch.body["kind"], "Deployment");
     assert_eq!(patch.body["spec"]["replicas"], 2);
@@ -772,4 +808,151 @@ async fn the_proxies_are_the_running_pods_a_selector_picks_looked_up_every_few_s
     let e = source.look().await.unwrap().unwrap_err();
     assert!(e.to_string().contains("no answer within"), "{e}");
     assert!(source.look().await.is_none());
+}
+
+const AUTOSCALE: fleet_agent::driver::Autoscale = fleet_agent::driver::Autoscale {
+    min: 2,
+    max: 10,
+    cpu_percent: 70,
+};
+
+fn autoscaled(versions: &[(&str, u32)]) -> Want {
+    Want {
+        autoscale: Some(AUTOSCALE),
+        ..want(versions)
+    }
+}
+
+/// The requests of a round that changed something, as `METHOD path fieldManager`.
+fn changes(c: &Shared) -> Vec<String> {
+    seen(c)
+        .iter()
+        .filter(|s| s.method != Method::GET)
+        .map(|s| {
+            let (path, query) = s.uri.split_once('?').unwrap_or((&s.uri, ""));
+            let manager = form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "fieldManager")
+                .map(|(_, v)| format!(" {v}"))
+                .unwrap_or_default();
+            format!("{} {path}{manager}", s.method)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_autoscaled_version_gets_an_autoscaler_after_its_count_is_handed_over() {
+    let (mut driver, cluster) = first_round(&[("v1", 3)]).await;
+    roll_out(&cluster, "checkout-v1", "v1", 3);
+    // A real API server records that fleet-agent's apply set the count (the fake does not).
+    cluster
+        .lock()
+        .unwrap()
+        .deployments
+        .get_mut("checkout-v1")
+        .unwrap()["metadata"]["managedFields"] = json!([{"manager": "fleet-agent", "operation": "Apply",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:replicas": {}}}}]);
+    seen(&cluster);
+
+    driver.apply(&autoscaled(&[("v1", 2)]));
+    driver.poll().await;
+    assert_eq!(
+        changes(&cluster),
+        [
+            format!("PATCH {DEPLOYMENTS}/checkout-v1 fleet-agent-handover"),
+            format!("PATCH {DEPLOYMENTS}/checkout-v1 fleet-agent"),
+            format!("PATCH {AUTOSCALERS}/checkout-v1 fleet-agent"),
+        ],
+        "the count is kept under another manager before the driver's apply lets go of it"
+    );
+    {
+        let c = cluster.lock().unwrap();
+        let hpa = &c.autoscalers["checkout-v1"];
+        assert_eq!(hpa["spec"]["minReplicas"], 2);
+        assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "checkout-v1");
+        let owner = &hpa["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            owner["uid"],
+            c.deployments["checkout-v1"]["metadata"]["uid"]
+        );
+        assert!(
+            c.deployments["checkout-v1"]["spec"]
+                .get("replicas")
+                .is_none()
+        );
+    }
+    // The fake merges nothing: the count the autoscaler keeps is put back by hand, as a
+    // real API server would have kept it, and the rollout is judged against it.
+    cluster
+        .lock()
+        .unwrap()
+        .deployments
+        .get_mut("checkout-v1")
+        .unwrap()["spec"]["replicas"] = json!(3);
+    roll_out(&cluster, "checkout-v1", "v1", 3);
+    let running = driver.poll().await;
+    assert_eq!(running.detail, "");
+    assert_eq!(running.ready["v1"].len(), 3);
+    assert!(changes(&cluster).is_empty(), "nothing applied again");
+
+    // A new version gets its own autoscaler (nothing to hand over: it is new).
+    driver.apply(&autoscaled(&[("v1", 2), ("v2", 2)]));
+    driver.poll().await;
+    assert_eq!(
+        changes(&cluster),
+        [
+            format!("PATCH {DEPLOYMENTS}/checkout-v2 fleet-agent"),
+            format!("PATCH {AUTOSCALERS}/checkout-v2 fleet-agent"),
+        ]
+    );
+    // v1 no longer wanted: its Deployment goes, and its autoscaler with it.
+    driver.apply(&autoscaled(&[("v2", 2)]));
+    driver.poll().await;
+    assert_eq!(
+        changes(&cluster),
+        [
+            format!("DELETE {DEPLOYMENTS}/checkout-v1"),
+            format!("DELETE {AUTOSCALERS}/checkout-v1"),
+        ]
+    );
+    // No longer autoscaled: the count is the driver's again, and the autoscaler goes.
+    driver.apply(&want(&[("v2", 4)]));
+    driver.poll().await;
+    assert_eq!(
+        changes(&cluster),
+        [
+            format!("PATCH {DEPLOYMENTS}/checkout-v2 fleet-agent"),
+            format!("DELETE {AUTOSCALERS}/checkout-v2"),
+        ]
+    );
+    let c = cluster.lock().unwrap();
+    assert_eq!(c.deployments["checkout-v2"]["spec"]["replicas"], 4);
+    assert!(c.autoscalers.is_empty());
+}
+
+#[tokio::test]
+async fn an_autoscaler_of_another_with_the_name_is_reported_and_left_alone() {
+    let (mut driver, cluster) = fake_cluster();
+    let theirs = json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "checkout-v1", "labels": {"app": "checkout"}},
+        "spec": {"maxReplicas": 50}});
+    cluster
+        .lock()
+        .unwrap()
+        .autoscalers
+        .insert("checkout-v1".into(), theirs.clone());
+    driver.apply(&autoscaled(&[("v1", 2)]));
+    let running = driver.poll().await;
+    assert!(
+        running.detail.starts_with(
+            "HorizontalPodAutoscaler checkout-v1 in namespace shop is not fleet-agent's for \
+             checkout v1: delete it (the agent makes its own)"
+        ),
+        "{}",
+        running.detail
+    );
+    assert_eq!(
+        changes(&cluster),
+        [format!("PATCH {DEPLOYMENTS}/checkout-v1 fleet-agent")]
+    );
+    assert_eq!(cluster.lock().unwrap().autoscalers["checkout-v1"], theirs);
 }

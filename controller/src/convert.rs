@@ -61,6 +61,11 @@ pub fn desired(epoch: u64, manifest: &Manifest, d: &Desired) -> pb::DesiredState
             cpu: (manifest.service.workload.resources.cpu.clone()).unwrap_or_default(),
             memory: (manifest.service.workload.resources.memory.clone()).unwrap_or_default(),
             run_as_user: manifest.service.workload.run_as_user.unwrap_or(0),
+            autoscale: manifest.service.workload.autoscale.map(|a| pb::Autoscale {
+                min: a.min,
+                max: a.max,
+                cpu_percent: a.cpu_percent,
+            }),
         }),
     }
 }
@@ -181,5 +186,42 @@ pub fn diagnostic(d: &fleet::Diagnostic) -> pb::Diagnostic {
         path: d.path.clone(),
         message: d.message.clone(),
         help: d.help.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workload_reaches_agents_with_its_resources_user_and_autoscaler() {
+        let src = include_str!("../../deploy/examples/multi-region-canary.yaml").replace(
+            "    replicas: 3\n",
+            "    resources: { cpu: 250m, memory: 256Mi }\n    autoscale: { min: 2, max: 20 }\n",
+        );
+        let manifest = fleet::load(&src).expect("valid").manifest;
+        let d = Desired {
+            seq: 1,
+            release: "checkout-1".into(),
+            stable: "v1".into(),
+            canary: Some("v2".into()),
+            replicas: manifest.service.workload.replicas,
+            traffic: Default::default(),
+        };
+        let sent = desired(7, &manifest, &d);
+        let workload = sent.workload.expect("a workload");
+        assert_eq!(
+            (workload.cpu.as_str(), workload.memory.as_str()),
+            ("250m", "256Mi")
+        );
+        assert_eq!(workload.run_as_user, 65532);
+        let autoscale = pb::Autoscale {
+            min: 2,
+            max: 20,
+            cpu_percent: 70,
+        };
+        assert_eq!(workload.autoscale, Some(autoscale));
+        let tracks = [sent.stable, sent.canary].map(|t| t.map(|t| t.replicas));
+        assert_eq!(tracks, [Some(2), Some(2)], "each track starts at min");
     }
 }

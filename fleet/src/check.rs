@@ -11,7 +11,10 @@ use std::collections::HashMap;
 
 use fleet_yaml::{Diagnostics, Positions, suggest};
 
-use crate::model::{Cluster, DEFAULT_PROGRESS_DEADLINE, Manifest, Region, Service, Wave, Workload};
+use crate::model::{
+    Autoscale, Cluster, DEFAULT_CPU_PERCENT, DEFAULT_PROGRESS_DEADLINE, Manifest, Region, Service,
+    Wave, Workload,
+};
 use crate::wire;
 
 pub(crate) use values::Ctx;
@@ -161,6 +164,10 @@ fn service(w: &wire::Service, cx: &mut Ctx<'_>) -> Option<Service> {
             "",
         );
     }
+    let autoscale = workload
+        .autoscale
+        .as_ref()
+        .and_then(|a| autoscale(a, workload, cx));
     Some(Service {
         name: name?,
         host,
@@ -169,10 +176,60 @@ fn service(w: &wire::Service, cx: &mut Ctx<'_>) -> Option<Service> {
         workload: Workload {
             image: workload.image.clone(),
             command: workload.command.clone(),
-            replicas: workload.replicas.unwrap_or(1),
+            replicas: autoscale.map_or(workload.replicas.unwrap_or(1), |a| a.min),
             resources,
             run_as_user: workload.run_as_user,
+            autoscale,
         },
+    })
+}
+
+/// An autoscaler's bounds and target, checked against the rest of the workload.
+fn autoscale(a: &wire::Autoscale, w: &wire::Workload, cx: &mut Ctx<'_>) -> Option<Autoscale> {
+    const PATH: &str = "service.workload.autoscale";
+    let mut ok = true;
+    if w.replicas.is_some() {
+        ok = false;
+        cx.error(
+            "service.workload.replicas",
+            "replicas and autoscale both set: the autoscaler decides how many instances run",
+            "remove `replicas` (the process driver runs `autoscale.min`), or remove `autoscale`",
+        );
+    }
+    if a.min == 0 {
+        ok = false;
+        let fix = "give at least 1, so that every version keeps an instance to serve";
+        cx.error(&format!("{PATH}.min"), "min 0: no instance would run", fix);
+    }
+    if a.max < a.min {
+        ok = false;
+        cx.error(
+            &format!("{PATH}.max"),
+            format!("max {} is below min {}", a.max, a.min),
+            "raise max to min or more",
+        );
+    }
+    let cpu_percent = a.cpu_percent.unwrap_or(DEFAULT_CPU_PERCENT);
+    if !(1..=1000).contains(&cpu_percent) {
+        ok = false;
+        cx.error(
+            &format!("{PATH}.cpu_percent"),
+            format!("cpu_percent {cpu_percent} is not between 1 and 1000"),
+            "give the average CPU use to keep, in percent of resources.cpu, e.g. 70",
+        );
+    }
+    if w.resources.as_ref().is_none_or(|r| r.cpu.is_none()) {
+        ok = false;
+        cx.error(
+            PATH,
+            "autoscaling on CPU needs each instance's CPU request, which is not set",
+            "set `resources.cpu` (e.g. 250m): the autoscaler keeps use at cpu_percent of it",
+        );
+    }
+    ok.then_some(Autoscale {
+        min: a.min,
+        max: a.max,
+        cpu_percent,
     })
 }
 

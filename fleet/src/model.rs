@@ -66,7 +66,21 @@ pub struct Workload {
     pub resources: Resources,
     /// The Kubernetes pods' user, under the restricted profile; `None`: as the image says.
     pub run_as_user: Option<u32>,
+    /// Kubernetes: instances scaled on CPU between bounds instead of a fixed `replicas`
+    /// (which is then `min`).
+    pub autoscale: Option<Autoscale>,
 }
+
+/// A HorizontalPodAutoscaler's bounds and CPU target, per version and cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Autoscale {
+    pub min: u32,
+    pub max: u32,
+    pub cpu_percent: u32,
+}
+
+/// The CPU use an autoscaler keeps unless the manifest says otherwise.
+pub const DEFAULT_CPU_PERCENT: u32 = 70;
 
 pub use crate::wire::Resources;
 

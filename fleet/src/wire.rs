@@ -83,6 +83,23 @@ pub struct Workload {
     /// seccomp profile). Default: as the image says, with no security context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_as_user: Option<u32>,
+    /// For the Kubernetes driver: instead of a fixed `replicas`, each version's instances
+    /// are scaled by a HorizontalPodAutoscaler on CPU, between `min` and `max`. Needs
+    /// `resources.cpu`; the process driver runs `min`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscale {
+    /// Fewest instances per version and cluster (at least 1).
+    pub min: u32,
+    /// Most instances per version and cluster.
+    pub max: u32,
+    /// The average CPU use to keep, in percent of `resources.cpu`. Default: 70.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<u32>,
 }
 
 /// An instance's CPU and memory, as Kubernetes quantities.

@@ -87,3 +87,35 @@ fn a_release_can_override_the_strategy_everywhere_and_a_bad_override_is_explaine
         "{diags:?}"
     );
 }
+
+#[test]
+fn an_autoscaled_workload_runs_min_instances_unless_an_autoscaler_says_otherwise() {
+    let src = std::fs::read_to_string(examples_dir().join("multi-region-canary.yaml")).unwrap();
+    let with = |workload: &str| src.replace("    replicas: 3\n", workload);
+    let loaded = fleet::load(&with(
+        "    resources: { cpu: 250m }\n    autoscale: { min: 2, max: 20 }\n",
+    ))
+    .unwrap();
+    let workload = &loaded.manifest.service.workload;
+    let autoscale = workload.autoscale.unwrap();
+    assert_eq!(
+        (autoscale.min, autoscale.max, autoscale.cpu_percent),
+        (2, 20, 70)
+    );
+    assert_eq!(
+        workload.replicas, 2,
+        "what the process driver runs, and each track's count"
+    );
+    let diags = fleet::load(&with("    autoscale: { min: 0, max: 20 }\n")).unwrap_err();
+    let lines: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+    assert_eq!(
+        lines,
+        [
+            "10:16: error: service.workload.autoscale: autoscaling on CPU needs each instance's \
+             CPU request, which is not set; set `resources.cpu` (e.g. 250m): the autoscaler keeps \
+             use at cpu_percent of it",
+            "10:23: error: service.workload.autoscale.min: min 0: no instance would run; give at \
+             least 1, so that every version keeps an instance to serve",
+        ]
+    );
+}

@@ -177,7 +177,7 @@ prop_compose! {
                 host: None,
                 path: None,
                 health_check: None,
-                workload: wire::Workload { image: Some("img:{version}".into()), command: None, replicas: None, resources: None, run_as_user: None },
+                workload: wire::Workload { image: Some("img:{version}".into()), command: None, replicas: None, resources: None, run_as_user: None, autoscale: None },
             },
             regions,
             waves,

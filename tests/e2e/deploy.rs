@@ -216,6 +216,12 @@ fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy(
         ("apps", "deployments", "create"),
         ("apps", "deployments", "patch"),
         ("apps", "deployments", "delete"),
+        // agent/src/driver/kubernetes/scaling.rs.
+        ("autoscaling", "horizontalpodautoscalers", "get"),
+        ("autoscaling", "horizontalpodautoscalers", "list"),
+        ("autoscaling", "horizontalpodautoscalers", "create"),
+        ("autoscaling", "horizontalpodautoscalers", "patch"),
+        ("autoscaling", "horizontalpodautoscalers", "delete"),
         ("", "pods", "list"),
     ] {
         assert!(

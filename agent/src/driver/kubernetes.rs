@@ -5,8 +5,10 @@
 //! given: a pod evicted, or replaced by a later rollout, is followed to its new address while
 //! the rest carry on.
 //!
-//! Each round lists the service's Deployments and pods (by label), applies what is missing,
-//! changed here or changed by hand, and deletes the Deployments of versions no longer wanted.
+//! Each round lists the service's Deployments, autoscalers and pods (by label), applies what
+//! is missing, changed here or changed by hand, and deletes the Deployments of versions no
+//! longer wanted, and the autoscalers of Deployments that are no longer autoscaled
+//! (`scaling.rs`).
 //! A Deployment the driver did not make for that service and version is never changed or
 //! deleted: a name taken by one is reported. A failed apply or delete is reported and the
 //! rest of the round carries on; a wanted version's Deployment is never deleted for it.
@@ -17,11 +19,13 @@
 //! is, so the cluster goes on serving while the agent is away (fail-static).
 
 pub(crate) mod objects;
+mod scaling;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use tokio::time::Instant;
@@ -39,6 +43,7 @@ const APPLY_AGAIN_AFTER: Duration = Duration::from_secs(60);
 
 pub struct KubernetesDriver {
     deployments: Api<Deployment>,
+    autoscalers: Api<HorizontalPodAutoscaler>,
     pods: Api<Pod>,
     namespace: String,
     /// The port the service's containers listen on.
@@ -48,6 +53,8 @@ pub struct KubernetesDriver {
     /// What this driver applied, by Deployment name: the object, the generation the API
     /// server gave it, and when.
     applied: BTreeMap<String, Applied>,
+    /// The autoscalers this driver applied, by name, and when.
+    applied_autoscalers: BTreeMap<String, (HorizontalPodAutoscaler, Instant)>,
     /// The Deployments (by name, with their uid) whose rollout has been seen complete.
     complete: BTreeMap<String, String>,
     /// The last round: the want it was made for, its outcome, and when it ended.
@@ -74,12 +81,14 @@ impl KubernetesDriver {
         let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
         KubernetesDriver {
             deployments: Api::namespaced(client.clone(), &namespace),
+            autoscalers: Api::namespaced(client.clone(), &namespace),
             pods: Api::namespaced(client, &namespace),
             namespace,
             port,
             want: Want::default(),
             round_every: ROUND_EVERY,
             applied: BTreeMap::new(),
+            applied_autoscalers: BTreeMap::new(),
             complete: BTreeMap::new(),
             last: None,
         }
@@ -110,6 +119,7 @@ impl KubernetesDriver {
             .into_iter()
             .filter_map(|d| Some((d.metadata.name.clone()?, d)))
             .collect();
+        let autoscalers = self.list_autoscalers(&selector).await?;
         let mut problems = Vec::new();
         let want = self.want.clone();
         let mut wanted = Vec::new();
@@ -125,6 +135,12 @@ impl KubernetesDriver {
                 .await
             {
                 problems.push(e);
+            } else if let (Some(autoscale), Some(owner)) = (&want.autoscale, listed.get(&name))
+                && let Err(e) = self
+                    .apply_autoscaler(&want, version, autoscale, owner, &autoscalers)
+                    .await
+            {
+                problems.push(e);
             }
             wanted.push(Wanted {
                 name,
@@ -137,6 +153,8 @@ impl KubernetesDriver {
             // a version's Deployment away.
             self.delete_others(&listed, &wanted, &mut problems).await;
         }
+        self.delete_autoscalers(&autoscalers, &wanted, &mut problems)
+            .await;
         let pods = self
             .pods
             .list(&selector)
@@ -157,18 +175,7 @@ impl KubernetesDriver {
         listed: &mut BTreeMap<String, Deployment>,
     ) -> Result<(), String> {
         let ns = &self.namespace;
-        let object = objects::deployment(&Spec {
-            namespace: ns,
-            service: &want.service,
-            version,
-            replicas,
-            image: want.image.replace("{version}", version),
-            port: self.port,
-            health_check: &want.health_check,
-            cpu: &want.cpu,
-            memory: &want.memory,
-            run_as_user: want.run_as_user,
-        });
+        let object = objects::deployment(&self.spec(want, version, replicas));
         let standing = match (self.applied.get(name), listed.get(name)) {
             (Some(applied), Some(now)) => {
                 applied.object == object
@@ -194,6 +201,11 @@ impl KubernetesDriver {
                 _ => {}
             }
         }
+        if want.autoscale.is_some()
+            && let Some(handover) = listed.get(name).and_then(objects::replicas_handover)
+        {
+            self.hand_replicas_over(name, &handover).await?;
+        }
         let params = PatchParams::apply(MANAGER).force();
         let now = self
             .deployments
@@ -211,6 +223,23 @@ impl KubernetesDriver {
         );
         listed.insert(name.to_owned(), now);
         Ok(())
+    }
+
+    /// What runs `version`, `replicas` of it unless autoscaled.
+    fn spec<'a>(&'a self, want: &'a Want, version: &'a str, replicas: u32) -> Spec<'a> {
+        Spec {
+            namespace: &self.namespace,
+            service: &want.service,
+            version,
+            replicas,
+            image: want.image.replace("{version}", version),
+            port: self.port,
+            health_check: &want.health_check,
+            cpu: &want.cpu,
+            memory: &want.memory,
+            run_as_user: want.run_as_user,
+            autoscale: want.autoscale,
+        }
     }
 
     /// Deletes the listed Deployments of no version in `wanted`.
@@ -264,7 +293,8 @@ impl KubernetesDriver {
             let Some(d) = listed.get(&w.name) else {
                 continue;
             };
-            let rollout = objects::rolled_out(d, w.replicas);
+            let replicas = self.want.autoscale.is_none().then_some(w.replicas);
+            let rollout = objects::rolled_out(d, replicas);
             if rollout.is_ok()
                 && let Some(uid) = &d.metadata.uid
             {

@@ -1,18 +1,23 @@
 //! The Kubernetes objects of the `kubernetes` driver, made and judged without I/O: a
-//! Deployment per version, named and labelled so that the driver finds its own again, and
-//! the addresses of a version's ready pods.
+//! Deployment per version (with, when the manifest autoscales, a HorizontalPodAutoscaler of
+//! the same name), named and labelled so that the driver finds its own again, and the
+//! addresses of a version's ready pods.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Lifecycle, LifecycleHandler,
     Pod, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
     SecurityContext, SleepAction,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// The recommended labels (kubernetes.io/docs/concepts/overview/working-with-objects/common-labels).
@@ -21,6 +26,9 @@ pub const VERSION: &str = "app.kubernetes.io/version";
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// The value of [`MANAGED_BY`] and the field manager of every apply.
 pub const MANAGER: &str = "fleet-agent";
+/// The field manager that keeps a Deployment's replica count while it passes from
+/// [`MANAGER`] to its autoscaler (see [`replicas_handover`]).
+pub const HANDOVER: &str = "fleet-agent-handover";
 
 /// How long a pod being stopped goes on serving before its SIGTERM: time for the agent to
 /// see it go and take it out of the proxies' tables (a round a second, then a `PUT`).
@@ -51,6 +59,8 @@ pub struct Spec<'a> {
     pub memory: &'a str,
     /// The pods' user, under the restricted Pod Security profile; 0: as the image says.
     pub run_as_user: u32,
+    /// Scaled by a HorizontalPodAutoscaler: the Deployment leaves its replica count alone.
+    pub autoscale: Option<crate::driver::Autoscale>,
 }
 
 /// Checks that `service` can name Kubernetes objects (a DNS-1123 label).
@@ -180,7 +190,9 @@ pub fn deployment(spec: &Spec<'_>) -> Deployment {
             ..ObjectMeta::default()
         },
         spec: Some(DeploymentSpec {
-            replicas: Some(i32::try_from(spec.replicas).unwrap_or(i32::MAX)),
+            // Autoscaled, the count is the autoscaler's: an apply that set it would undo it.
+            replicas: (spec.autoscale.is_none())
+                .then(|| i32::try_from(spec.replicas).unwrap_or(i32::MAX)),
             selector: LabelSelector {
                 match_labels: Some(selected),
                 ..LabelSelector::default()
@@ -202,9 +214,90 @@ pub fn deployment(spec: &Spec<'_>) -> Deployment {
     }
 }
 
+/// The autoscaler of `spec`'s Deployment, `owner` (as the API server has it, with its uid):
+/// of the same name, keeping the pods' average CPU use at `cpu_percent` of their request
+/// between `min` and `max` pods. It is the Deployment's dependent, so the cluster's garbage
+/// collector deletes it with the Deployment, whoever deletes that.
+pub fn autoscaler(
+    spec: &Spec<'_>,
+    autoscale: &crate::driver::Autoscale,
+    owner: &Deployment,
+) -> HorizontalPodAutoscaler {
+    let name = deployment_name(spec.service, spec.version);
+    let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    let owner = owner.metadata.uid.clone().map(|uid| OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: name.clone(),
+        uid,
+        ..OwnerReference::default()
+    });
+    HorizontalPodAutoscaler {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(spec.namespace.to_owned()),
+            labels: Some(labels(spec.service, spec.version)),
+            owner_references: owner.map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name,
+            },
+            min_replicas: Some(count(autoscale.min)),
+            max_replicas: count(autoscale.max),
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".into(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".into(),
+                    target: MetricTarget {
+                        type_: "Utilization".into(),
+                        average_utilization: Some(count(autoscale.cpu_percent)),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            ..HorizontalPodAutoscalerSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// When `d`'s replica count is still the driver's own (applied by [`MANAGER`]) but is to
+/// become its autoscaler's: the apply, under [`HANDOVER`], that keeps the count as it is.
+/// Without it, the next apply (which no longer sets the count) would leave the field to no
+/// one, and Kubernetes would scale the Deployment to its default, one pod, until the
+/// autoscaler raised it again: the ownership transfer Kubernetes documents for this case.
+pub fn replicas_handover(d: &Deployment) -> Option<serde_json::Value> {
+    let owned = d.metadata.managed_fields.iter().flatten().any(|f| {
+        f.manager.as_deref() == Some(MANAGER)
+            && f.operation.as_deref() == Some("Apply")
+            && f.fields_v1
+                .as_ref()
+                .is_some_and(|v| v.0["f:spec"].get("f:replicas").is_some())
+    });
+    let replicas = d.spec.as_ref()?.replicas?;
+    owned.then(|| {
+        serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": { "name": d.metadata.name },
+            "spec": { "replicas": replicas },
+        })
+    })
+}
+
 /// Whether `d` was made by the driver for `service` and `version`.
 pub fn is_ours(d: &Deployment, service: &str, version: &str) -> bool {
-    let labels = d.metadata.labels.as_ref();
+    is_ours_meta(&d.metadata, service, version)
+}
+
+/// Whether an object with `meta` was made by the driver for `service` and `version`.
+pub fn is_ours_meta(meta: &ObjectMeta, service: &str, version: &str) -> bool {
+    let labels = meta.labels.as_ref();
     let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
     label(MANAGED_BY) == Some(MANAGER)
         && label(NAME) == Some(service)
@@ -245,10 +338,11 @@ fn resources(spec: &Spec<'_>) -> Option<ResourceRequirements> {
     })
 }
 
-/// Whether `d` has rolled out `replicas` instances of its current spec, all ready, and no
-/// others left over; if not, what it lacks, for people, with the cluster's own reason when
-/// it gave one (a deadline passed, pods it could not create).
-pub fn rolled_out(d: &Deployment, replicas: u32) -> Result<(), String> {
+/// Whether `d` has rolled out `replicas` instances (`None`: as many as its spec says, which
+/// its autoscaler sets) of its current spec, all ready, and no others left over; if not, what
+/// it lacks, for people, with the cluster's own reason when it gave one (a deadline passed,
+/// pods it could not create).
+pub fn rolled_out(d: &Deployment, replicas: Option<u32>) -> Result<(), String> {
     let name = d.metadata.name.as_deref().unwrap_or_default();
     let Some(status) = &d.status else {
         return Err(format!("{name}: no status yet"));
@@ -264,7 +358,8 @@ pub fn rolled_out(d: &Deployment, replicas: u32) -> Result<(), String> {
             c.message.as_deref().unwrap_or_default()
         ));
     }
-    let want = i64::from(replicas);
+    let spec = d.spec.as_ref().and_then(|s| s.replicas);
+    let want = replicas.map_or(i64::from(spec.unwrap_or(1)), i64::from);
     let seen = status.observed_generation.unwrap_or(0);
     if seen < d.metadata.generation.unwrap_or(0) {
         return Err(format!(

@@ -18,6 +18,7 @@ fn spec(version: &str) -> Spec<'_> {
         cpu: "",
         memory: "",
         run_as_user: 0,
+        autoscale: None,
     }
 }
 
@@ -203,10 +204,14 @@ fn a_rollout_is_complete_once_the_latest_spec_runs_everywhere_ready_and_alone() 
         available_replicas: Some(3),
         ..DeploymentStatus::default()
     };
-    assert_eq!(rolled_out(&with_status(2, done.clone()), 3), Ok(()));
+    assert_eq!(rolled_out(&with_status(2, done.clone()), Some(3)), Ok(()));
 
     let unseen = with_status(3, done.clone());
-    assert!(rolled_out(&unseen, 3).unwrap_err().contains("not yet seen"));
+    assert!(
+        rolled_out(&unseen, Some(3))
+            .unwrap_err()
+            .contains("not yet seen")
+    );
     let short = with_status(
         2,
         DeploymentStatus {
@@ -215,7 +220,7 @@ fn a_rollout_is_complete_once_the_latest_spec_runs_everywhere_ready_and_alone() 
         },
     );
     assert_eq!(
-        rolled_out(&short, 3).unwrap_err(),
+        rolled_out(&short, Some(3)).unwrap_err(),
         "checkout-v2: 2 of 3 ready, 3 of 3 updated"
     );
     let old_left = with_status(
@@ -226,13 +231,124 @@ fn a_rollout_is_complete_once_the_latest_spec_runs_everywhere_ready_and_alone() 
         },
     );
     assert!(
-        rolled_out(&old_left, 3)
+        rolled_out(&old_left, Some(3))
             .unwrap_err()
             .contains("1 old instances")
     );
     let mut fresh = deployment(&spec("v2"));
     fresh.metadata.generation = Some(1);
-    assert!(rolled_out(&fresh, 3).unwrap_err().contains("no status"));
+    assert!(
+        rolled_out(&fresh, Some(3))
+            .unwrap_err()
+            .contains("no status")
+    );
+    // Autoscaled: as many as the spec says now (its autoscaler's count), 5 then 6.
+    let mut scaled = with_status(2, done5());
+    let mut count = |n| {
+        if let Some(spec) = scaled.spec.as_mut() {
+            spec.replicas = Some(n);
+        }
+        rolled_out(&scaled, None)
+    };
+    assert_eq!(count(5), Ok(()));
+    assert_eq!(
+        count(6).unwrap_err(),
+        "checkout-v2: 5 of 6 ready, 5 of 6 updated"
+    );
+}
+
+fn done5() -> DeploymentStatus {
+    DeploymentStatus {
+        observed_generation: Some(2),
+        replicas: Some(5),
+        updated_replicas: Some(5),
+        ready_replicas: Some(5),
+        ..DeploymentStatus::default()
+    }
+}
+
+const AUTOSCALE: crate::driver::Autoscale = crate::driver::Autoscale {
+    min: 2,
+    max: 10,
+    cpu_percent: 70,
+};
+
+#[test]
+fn an_autoscaled_version_leaves_its_count_to_an_autoscaler_its_deployment_owns() {
+    let autoscaled = Spec {
+        autoscale: Some(AUTOSCALE),
+        cpu: "250m",
+        ..spec("v2")
+    };
+    let mut d = deployment(&autoscaled);
+    let json = serde_json::to_value(&d).unwrap();
+    assert!(json["spec"].get("replicas").is_none(), "{json}");
+    d.metadata.uid = Some("uid-7".into());
+    let hpa = serde_json::to_value(autoscaler(&autoscaled, &AUTOSCALE, &d)).unwrap();
+    assert_eq!(
+        hpa,
+        serde_json::json!({
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": {
+                "name": "checkout-v2",
+                "namespace": "shop",
+                "labels": {
+                    "app.kubernetes.io/managed-by": "fleet-agent",
+                    "app.kubernetes.io/name": "checkout",
+                    "app.kubernetes.io/version": "v2"
+                },
+                "ownerReferences": [
+                    { "apiVersion": "apps/v1", "kind": "Deployment", "name": "checkout-v2", "uid": "uid-7" }
+                ]
+            },
+            "spec": {
+                "scaleTargetRef": { "apiVersion": "apps/v1", "kind": "Deployment", "name": "checkout-v2" },
+                "minReplicas": 2,
+                "maxReplicas": 10,
+                "metrics": [{
+                    "type": "Resource",
+                    "resource": { "name": "cpu", "target": { "type": "Utilization", "averageUtilization": 70 } }
+                }]
+            }
+        })
+    );
+}
+
+#[test]
+fn a_count_the_driver_applied_is_handed_over_before_the_driver_lets_go_of_it() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+    let entry = |manager: &str, fields: serde_json::Value| ManagedFieldsEntry {
+        manager: Some(manager.into()),
+        operation: Some("Apply".into()),
+        fields_v1: Some(FieldsV1(fields)),
+        ..ManagedFieldsEntry::default()
+    };
+    let mut d = deployment(&spec("v2"));
+    assert_eq!(
+        replicas_handover(&d),
+        None,
+        "no one's yet: a new Deployment"
+    );
+    d.metadata.managed_fields = Some(vec![entry(
+        MANAGER,
+        serde_json::json!({"f:spec": {"f:replicas": {}, "f:template": {}}}),
+    )]);
+    assert_eq!(
+        replicas_handover(&d),
+        Some(serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": { "name": "checkout-v2" },
+            "spec": { "replicas": 3 },
+        }))
+    );
+    // Handed over already (the driver applies without a count): nothing to do.
+    d.metadata.managed_fields = Some(vec![
+        entry(MANAGER, serde_json::json!({"f:spec": {"f:template": {}}})),
+        entry(HANDOVER, serde_json::json!({"f:spec": {"f:replicas": {}}})),
+    ]);
+    assert_eq!(replicas_handover(&d), None);
 }
 
 fn pod(version: &str, ip: Option<&str>, ready: bool, deleting: bool) -> Pod {
@@ -288,7 +404,7 @@ fn a_rollout_the_cluster_gave_up_on_says_why() {
         },
     );
     assert_eq!(
-        rolled_out(&d, 3).unwrap_err(),
+        rolled_out(&d, Some(3)).unwrap_err(),
         "checkout-v2: ProgressDeadlineExceeded: ReplicaSet \"checkout-v2-5d8\" has timed out progressing."
     );
 }

@@ -1,0 +1,137 @@
+//! Autoscaled versions: each Deployment with a HorizontalPodAutoscaler of its own name,
+//! applied server-side as the Deployment is, and deleted once its version is no longer
+//! autoscaled or no longer wanted. The Deployment then leaves its replica count to the
+//! autoscaler; a count that was the driver's is first handed over (`replicas_handover`), so
+//! that no version drops to one pod on the way.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use tokio::time::Instant;
+
+use super::objects::{self, HANDOVER, MANAGER};
+use super::{APPLY_AGAIN_AFTER, KubernetesDriver, Wanted};
+use crate::driver::{Autoscale, Want};
+
+impl KubernetesDriver {
+    /// The service's autoscalers the driver made, by name.
+    pub(super) async fn list_autoscalers(
+        &self,
+        selector: &ListParams,
+    ) -> Result<BTreeMap<String, HorizontalPodAutoscaler>, String> {
+        let ns = &self.namespace;
+        let list = self
+            .autoscalers
+            .list(selector)
+            .await
+            .map_err(|e| format!("listing HorizontalPodAutoscalers in namespace {ns}: {e}"))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|a| Some((a.metadata.name.clone()?, a)))
+            .collect())
+    }
+
+    /// Applies `version`'s autoscaler for its Deployment `owner`, unless it stands as last
+    /// applied.
+    pub(super) async fn apply_autoscaler(
+        &mut self,
+        want: &Want,
+        version: &str,
+        autoscale: &Autoscale,
+        owner: &Deployment,
+        listed: &BTreeMap<String, HorizontalPodAutoscaler>,
+    ) -> Result<(), String> {
+        let spec = self.spec(want, version, autoscale.min);
+        let object = objects::autoscaler(&spec, autoscale, owner);
+        let name = objects::deployment_name(&want.service, version);
+        let ns = &self.namespace;
+        let standing = self.applied_autoscalers.get(&name).is_some_and(|(o, at)| {
+            *o == object && listed.contains_key(&name) && at.elapsed() < APPLY_AGAIN_AFTER
+        });
+        if standing {
+            return Ok(());
+        }
+        if !listed.contains_key(&name) {
+            // Not among the driver's: the name may be taken by another's autoscaler.
+            let found = self.autoscalers.get_opt(&name).await.map_err(|e| {
+                format!("reading HorizontalPodAutoscaler {name} in namespace {ns}: {e}")
+            })?;
+            if found.is_some_and(|a| !objects::is_ours_meta(&a.metadata, &want.service, version)) {
+                return Err(format!(
+                    "HorizontalPodAutoscaler {name} in namespace {ns} is not fleet-agent's for \
+                     {} {version}: delete it (the agent makes its own), or run the service in \
+                     another namespace",
+                    want.service
+                ));
+            }
+        }
+        let params = PatchParams::apply(MANAGER).force();
+        self.autoscalers
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map_err(|e| {
+                format!("applying HorizontalPodAutoscaler {name} in namespace {ns}: {e}")
+            })?;
+        tracing::info!(autoscaler = %name, namespace = %ns, min = autoscale.min, max = autoscale.max, "applied");
+        self.applied_autoscalers
+            .insert(name, (object, Instant::now()));
+        Ok(())
+    }
+
+    /// Keeps Deployment `name`'s replica count under [`HANDOVER`] before the driver's apply
+    /// lets go of it.
+    pub(super) async fn hand_replicas_over(
+        &self,
+        name: &str,
+        handover: &serde_json::Value,
+    ) -> Result<(), String> {
+        let params = PatchParams::apply(HANDOVER).force();
+        self.deployments
+            .patch(name, &params, &Patch::Apply(handover))
+            .await
+            .map_err(|e| {
+                let ns = &self.namespace;
+                format!("handing Deployment {name}'s replicas over to its autoscaler in namespace {ns}: {e}")
+            })?;
+        tracing::info!(deployment = %name, "replica count handed over to its autoscaler");
+        Ok(())
+    }
+
+    /// Deletes the listed autoscalers of versions that are not autoscaled: wanted ones, when
+    /// the manifest no longer autoscales (else they would fight the count the Deployment
+    /// sets), and others unless they are kept running.
+    pub(super) async fn delete_autoscalers(
+        &mut self,
+        listed: &BTreeMap<String, HorizontalPodAutoscaler>,
+        wanted: &[Wanted<'_>],
+        problems: &mut Vec<String>,
+    ) {
+        let ns = &self.namespace;
+        let autoscaled = self.want.autoscale.is_some();
+        let keep_others = self.want.keep_others;
+        for name in listed.keys() {
+            let is_wanted = wanted.iter().any(|w| w.name == *name);
+            if (is_wanted && autoscaled) || (!is_wanted && keep_others) {
+                continue;
+            }
+            match self
+                .autoscalers
+                .delete(name, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => tracing::info!(autoscaler = %name, namespace = %ns, "deleted"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    problems.push(format!(
+                        "deleting HorizontalPodAutoscaler {name} in namespace {ns}: {e}"
+                    ));
+                    continue;
+                }
+            }
+            self.applied_autoscalers.remove(name);
+        }
+    }
+}
