@@ -42,6 +42,8 @@ struct Cluster {
     seen: Vec<Seen>,
     /// Answered to every PATCH instead of applying it.
     refuse_patches: Option<(StatusCode, Value)>,
+    /// Autoscalers cannot be listed (a Role from before autoscaling).
+    refuse_autoscaler_lists: bool,
     /// Answered to every DELETE instead of deleting.
     refuse_deletes: Option<(StatusCode, Value)>,
     /// No request is answered (the answers are held, never sent).
@@ -128,6 +130,11 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                 .collect();
             (StatusCode::OK, list("DeploymentList", "apps/v1", items))
         }
+        (&Method::GET, AUTOSCALERS) if c.refuse_autoscaler_lists => (
+            StatusCode::FORBIDDEN,
+            json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden",
+                   "code": 403, "message": "cannot list resource \"horizontalpodautoscalers\""}),
+        ),
         (&Method::GET, AUTOSCALERS) => {
             let items: Vec<Value> = c
                 .autoscalers
@@ -955,4 +962,43 @@ async fn an_autoscaler_of_another_with_the_name_is_reported_and_left_alone() {
         [format!("PATCH {DEPLOYMENTS}/checkout-v1 fleet-agent")]
     );
     assert_eq!(cluster.lock().unwrap().autoscalers["checkout-v1"], theirs);
+}
+
+#[tokio::test]
+async fn a_new_autoscaled_version_is_ready_only_with_min_pods() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&autoscaled(&[("v2", 2)]));
+    driver.poll().await;
+    // Made without a count, the Deployment has one pod until its autoscaler acts.
+    cluster
+        .lock()
+        .unwrap()
+        .deployments
+        .get_mut("checkout-v2")
+        .unwrap()["spec"]["replicas"] = json!(1);
+    roll_out(&cluster, "checkout-v2", "v2", 1);
+    let running = driver.poll().await;
+    assert!(running.ready.is_empty(), "{running:?}");
+    assert_eq!(running.detail, "checkout-v2: 1 of 2 ready, 1 of 2 updated");
+}
+
+#[tokio::test]
+async fn autoscalers_that_cannot_be_listed_stop_only_what_autoscales() {
+    let (mut driver, cluster) = fake_cluster();
+    cluster.lock().unwrap().refuse_autoscaler_lists = true;
+    driver.apply(&want(&[("v1", 1)]));
+    driver.poll().await;
+    roll_out(&cluster, "checkout-v1", "v1", 1);
+    let running = driver.poll().await;
+    assert_eq!(running.ready, ready("v1", &["10.1.0.1:8080"]));
+    assert_eq!(running.detail, "", "a fixed count needs no autoscaler");
+    driver.apply(&autoscaled(&[("v1", 1)]));
+    let running = driver.poll().await;
+    assert!(
+        running
+            .detail
+            .starts_with("listing HorizontalPodAutoscalers in namespace shop:"),
+        "{}",
+        running.detail
+    );
 }

@@ -119,8 +119,8 @@ impl KubernetesDriver {
             .into_iter()
             .filter_map(|d| Some((d.metadata.name.clone()?, d)))
             .collect();
-        let autoscalers = self.list_autoscalers(&selector).await?;
         let mut problems = Vec::new();
+        let autoscalers = self.list_autoscalers(&selector, &mut problems).await;
         let want = self.want.clone();
         let mut wanted = Vec::new();
         for (version, replicas) in &want.versions {
@@ -293,7 +293,7 @@ impl KubernetesDriver {
             let Some(d) = listed.get(&w.name) else {
                 continue;
             };
-            let replicas = self.want.autoscale.is_none().then_some(w.replicas);
+            let replicas = objects::wanted_replicas(d, self.want.autoscale.as_ref(), w.replicas);
             let rollout = objects::rolled_out(d, replicas);
             if rollout.is_ok()
                 && let Some(uid) = &d.metadata.uid

@@ -338,11 +338,25 @@ fn resources(spec: &Spec<'_>) -> Option<ResourceRequirements> {
     })
 }
 
-/// Whether `d` has rolled out `replicas` instances (`None`: as many as its spec says, which
-/// its autoscaler sets) of its current spec, all ready, and no others left over; if not, what
-/// it lacks, for people, with the cluster's own reason when it gave one (a deadline passed,
-/// pods it could not create).
-pub fn rolled_out(d: &Deployment, replicas: Option<u32>) -> Result<(), String> {
+/// How many instances of `d` a rollout must have ready: `fixed`, or, autoscaled, as many as
+/// its autoscaler set and at least `min` (a Deployment made without a count has one until
+/// its autoscaler acts, or for good if the autoscaler could not be applied).
+pub fn wanted_replicas(
+    d: &Deployment,
+    autoscale: Option<&crate::driver::Autoscale>,
+    fixed: u32,
+) -> u32 {
+    let Some(autoscale) = autoscale else {
+        return fixed;
+    };
+    let set = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    u32::try_from(set).unwrap_or(0).max(autoscale.min)
+}
+
+/// Whether `d` has rolled out `replicas` instances of its current spec, all ready, and no
+/// others left over; if not, what it lacks, for people, with the cluster's own reason when
+/// it gave one (a deadline passed, pods it could not create).
+pub fn rolled_out(d: &Deployment, replicas: u32) -> Result<(), String> {
     let name = d.metadata.name.as_deref().unwrap_or_default();
     let Some(status) = &d.status else {
         return Err(format!("{name}: no status yet"));
@@ -358,8 +372,7 @@ pub fn rolled_out(d: &Deployment, replicas: Option<u32>) -> Result<(), String> {
             c.message.as_deref().unwrap_or_default()
         ));
     }
-    let spec = d.spec.as_ref().and_then(|s| s.replicas);
-    let want = replicas.map_or(i64::from(spec.unwrap_or(1)), i64::from);
+    let want = i64::from(replicas);
     let seen = status.observed_generation.unwrap_or(0);
     if seen < d.metadata.generation.unwrap_or(0) {
         return Err(format!(

@@ -204,14 +204,10 @@ fn a_rollout_is_complete_once_the_latest_spec_runs_everywhere_ready_and_alone() 
         available_replicas: Some(3),
         ..DeploymentStatus::default()
     };
-    assert_eq!(rolled_out(&with_status(2, done.clone()), Some(3)), Ok(()));
+    assert_eq!(rolled_out(&with_status(2, done.clone()), 3), Ok(()));
 
     let unseen = with_status(3, done.clone());
-    assert!(
-        rolled_out(&unseen, Some(3))
-            .unwrap_err()
-            .contains("not yet seen")
-    );
+    assert!(rolled_out(&unseen, 3).unwrap_err().contains("not yet seen"));
     let short = with_status(
         2,
         DeploymentStatus {
@@ -220,7 +216,7 @@ fn a_rollout_is_complete_once_the_latest_spec_runs_everywhere_ready_and_alone() 
         },
     );
     assert_eq!(
-        rolled_out(&short, Some(3)).unwrap_err(),
+        rolled_out(&short, 3).unwrap_err(),
         "checkout-v2: 2 of 3 ready, 3 of 3 updated"
     );
     let old_left = with_status(
@@ -231,29 +227,37 @@ fn a_rollout_is_complete_once_the_latest_spec_runs_everywhere_ready_and_alone() 
         },
     );
     assert!(
-        rolled_out(&old_left, Some(3))
+        rolled_out(&old_left, 3)
             .unwrap_err()
             .contains("1 old instances")
     );
     let mut fresh = deployment(&spec("v2"));
     fresh.metadata.generation = Some(1);
-    assert!(
-        rolled_out(&fresh, Some(3))
-            .unwrap_err()
-            .contains("no status")
-    );
-    // Autoscaled: as many as the spec says now (its autoscaler's count), 5 then 6.
+    assert!(rolled_out(&fresh, 3).unwrap_err().contains("no status"));
+}
+
+#[test]
+fn an_autoscaled_rollout_wants_what_its_autoscaler_set_and_never_fewer_than_min() {
     let mut scaled = with_status(2, done5());
     let mut count = |n| {
         if let Some(spec) = scaled.spec.as_mut() {
-            spec.replicas = Some(n);
+            spec.replicas = n;
         }
-        rolled_out(&scaled, None)
+        let replicas = wanted_replicas(&scaled, Some(&AUTOSCALE), 3);
+        (replicas, rolled_out(&scaled, replicas))
     };
-    assert_eq!(count(5), Ok(()));
+    assert_eq!(count(Some(5)), (5, Ok(())));
     assert_eq!(
-        count(6).unwrap_err(),
-        "checkout-v2: 5 of 6 ready, 5 of 6 updated"
+        count(Some(6)),
+        (6, Err("checkout-v2: 5 of 6 ready, 5 of 6 updated".into()))
+    );
+    // Made without a count, the Deployment has one until its autoscaler acts: not enough.
+    assert_eq!(count(None).0, AUTOSCALE.min);
+    assert_eq!(count(Some(1)).0, AUTOSCALE.min);
+    assert_eq!(
+        wanted_replicas(&scaled, None, 3),
+        3,
+        "not autoscaled: as asked"
     );
 }
 
@@ -404,7 +408,7 @@ fn a_rollout_the_cluster_gave_up_on_says_why() {
         },
     );
     assert_eq!(
-        rolled_out(&d, Some(3)).unwrap_err(),
+        rolled_out(&d, 3).unwrap_err(),
         "checkout-v2: ProgressDeadlineExceeded: ReplicaSet \"checkout-v2-5d8\" has timed out progressing."
     );
 }

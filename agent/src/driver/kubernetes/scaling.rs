@@ -16,22 +16,31 @@ use super::{APPLY_AGAIN_AFTER, KubernetesDriver, Wanted};
 use crate::driver::{Autoscale, Want};
 
 impl KubernetesDriver {
-    /// The service's autoscalers the driver made, by name.
+    /// The service's autoscalers the driver made, by name. One that cannot be listed (an
+    /// agent whose Role predates autoscaling, a cluster without autoscaling/v2) keeps nothing
+    /// else from running: the round goes on as if there were none, and it is a problem only
+    /// when the manifest autoscales.
     pub(super) async fn list_autoscalers(
         &self,
         selector: &ListParams,
-    ) -> Result<BTreeMap<String, HorizontalPodAutoscaler>, String> {
+        problems: &mut Vec<String>,
+    ) -> BTreeMap<String, HorizontalPodAutoscaler> {
         let ns = &self.namespace;
-        let list = self
-            .autoscalers
-            .list(selector)
-            .await
-            .map_err(|e| format!("listing HorizontalPodAutoscalers in namespace {ns}: {e}"))?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter_map(|a| Some((a.metadata.name.clone()?, a)))
-            .collect())
+        match self.autoscalers.list(selector).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter_map(|a| Some((a.metadata.name.clone()?, a)))
+                .collect(),
+            Err(e) => {
+                let e = format!("listing HorizontalPodAutoscalers in namespace {ns}: {e}");
+                match self.want.autoscale {
+                    Some(_) => problems.push(e),
+                    None => tracing::debug!(%e, "not autoscaled: carrying on"),
+                }
+                BTreeMap::new()
+            }
+        }
     }
 
     /// Applies `version`'s autoscaler for its Deployment `owner`, unless it stands as last
