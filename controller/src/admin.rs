@@ -1,5 +1,7 @@
 //! The admin HTTP listener: `/healthz`, `/readyz`, `/metrics` (Prometheus text).
 
+mod releases;
+
 use std::convert::Infallible;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -81,14 +83,17 @@ fn metrics(controller: &Controller) -> String {
     let _ = writeln!(out, "{agents} {}", inner.agents.len());
     let releases = "fleet_controller_releases";
     head(&mut out, releases, "gauge", "Releases known, by phase.");
-    let mut phases = std::collections::BTreeMap::<String, u64>::new();
-    for run in inner.releases.values() {
-        let phase = crate::convert::release("", 0, &run.engine).phase;
-        *phases.entry(phase).or_default() += 1;
+    let all: Vec<_> = (inner.releases.iter())
+        .map(|(id, run)| crate::convert::release(id, run.started_at_ms, &run.engine))
+        .collect();
+    let mut phases = std::collections::BTreeMap::<&str, u64>::new();
+    for release in &all {
+        *phases.entry(&release.phase).or_default() += 1;
     }
     for (phase, n) in phases {
         let _ = writeln!(out, "{releases}{{phase=\"{phase}\"}} {n}");
     }
+    releases::write(&mut out, &all);
     out
 }
 
