@@ -17,12 +17,7 @@
 use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
 
-/// The domain under which agents' certificates are named.
-pub const AGENT_DOMAIN: &str = "agent.fleet";
-/// The domain under which operators' certificates are named.
-pub const OPERATOR_DOMAIN: &str = "operator.fleet";
-/// The domain under which viewers' certificates are named.
-pub const VIEWER_DOMAIN: &str = "viewer.fleet";
+use fleet_proto::names::{OPERATOR_DOMAIN, VIEWER_DOMAIN};
 
 /// The operator a request comes from under mutual TLS, put in the request's extensions by
 /// [`operators`].
@@ -41,12 +36,7 @@ pub enum Role {
     Viewer(String),
 }
 
-/// The name an agent's certificate must carry to speak for `cluster` (the manifest cluster's
-/// `agent`, by default its name) in `region`: both lowercase DNS labels, as the hello is
-/// checked to have them, so that no two clusters share a name.
-pub fn agent_name(region: &str, cluster: &str) -> String {
-    format!("{cluster}.{region}.{AGENT_DOMAIN}")
-}
+pub use fleet_proto::names::agent as agent_name;
 
 /// The DNS names of a DER certificate's subject alternative names, in lower case.
 pub fn dns_names(der: &[u8]) -> Result<Vec<String>, String> {

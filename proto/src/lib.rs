@@ -4,6 +4,7 @@
 //! them to domain types at the edge.
 
 pub mod connect;
+pub mod names;
 pub mod pem;
 pub mod tally;
 

@@ -1,8 +1,9 @@
 //! Mutual TLS between the binaries: `fleet-controller` with `--tls-cert`, `--tls-key` and
 //! `--client-ca`; `fleetctl` and `fleet-agent` reaching it with `--ca`, `--tls-cert` and
 //! `--tls-key`, each let in only for what its certificate names it (an operator as
-//! `<name>.operator.fleet`, an agent as `<cluster>.<region>.agent.fleet`). Real processes on
-//! 127.0.0.1, certificates made by rcgen.
+//! `<name>.operator.fleet`, a viewer as `<name>.viewer.fleet`, an agent as
+//! `<cluster>.<region>.agent.fleet`). Real processes on 127.0.0.1, certificates made by
+//! `fleetctl certs`.
 #![allow(clippy::unwrap_used)]
 
 use fleet_e2e::bin;
@@ -11,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
-
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 /// `fleet-controller` on 127.0.0.1:0 with its store in `data`, flags to be added.
 fn controller(data: PathBuf) -> Command {
@@ -28,20 +27,26 @@ fn controller(data: PathBuf) -> Command {
     c
 }
 
-/// Writes `<who>.pem` and `<who>.key`, signed by `ca`, for `names`.
-fn sign(dir: &Path, ca: &CertifiedIssuer<'_, KeyPair>, who: &str, names: &[&str]) -> [PathBuf; 2] {
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, ca)
+/// Runs `fleetctl certs ARGS --dir dir` and returns the certificate and key it wrote for
+/// `file` (`<file>.pem`, `<file>.key`).
+fn certs(dir: &Path, args: &[&str], file: &str) -> [PathBuf; 2] {
+    let out = Command::new(bin("fleetctl"))
+        .arg("certs")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .env_clear()
+        .output()
         .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fleetctl certs {args:?}: {said}");
     let paths = [
-        dir.join(format!("{who}.pem")),
-        dir.join(format!("{who}.key")),
+        dir.join(format!("{file}.pem")),
+        dir.join(format!("{file}.key")),
     ];
-    std::fs::write(&paths[0], cert.pem()).unwrap();
-    std::fs::write(&paths[1], key.serialize_pem()).unwrap();
+    for path in &paths {
+        assert!(path.exists(), "{} not written", path.display());
+    }
     paths
 }
 
@@ -85,14 +90,12 @@ fn first_with(rx: &mpsc::Receiver<String>, text: &str) -> String {
 fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let ca_pem = d.join("ca.pem");
-    std::fs::write(&ca_pem, ca.pem()).unwrap();
-    let [server_cert, server_key] = sign(d, &ca, "controller", &["localhost"]);
-    let [client_cert, client_key] = sign(d, &ca, "operator", &["alice.operator.fleet"]);
-    let [agent_cert, agent_key] = sign(d, &ca, "agent", &["us-west.us-west.agent.fleet"]);
+    let [ca_pem, _] = certs(d, &["ca"], "ca");
+    let [server_cert, server_key] = certs(d, &["controller", "--dns", "localhost"], "controller");
+    let [client_cert, client_key] = certs(d, &["operator", "alice"], "alice.operator.fleet");
+    let [viewer_cert, viewer_key] = certs(d, &["viewer", "grafana"], "grafana.viewer.fleet");
+    let agent = ["agent", "--region", "us-west", "--cluster", "us-west"];
+    let [agent_cert, agent_key] = certs(d, &agent, "us-west.us-west.agent.fleet");
 
     let mut controller = controller(d.join("data"))
         .arg("--tls-cert")
@@ -127,11 +130,33 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
         }
         c.env_clear().output().unwrap()
     };
+    let list = |tls: &[&Path]| {
+        let mut c = Command::new(bin("fleetctl"));
+        c.args(["release", "list", "--controller", &url]);
+        for (flag, path) in ["--ca", "--tls-cert", "--tls-key"].iter().zip(tls) {
+            c.arg(flag).arg(path);
+        }
+        c.env_clear().output().unwrap()
+    };
     let with = fleetctl(&[&ca_pem, &client_cert, &client_key]);
     assert!(
         with.status.success(),
         "{}",
         String::from_utf8_lossy(&with.stderr)
+    );
+    // A viewer reads, and may not apply.
+    let read = list(&[&ca_pem, &viewer_cert, &viewer_key]);
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let apply = fleetctl(&[&ca_pem, &viewer_cert, &viewer_key]);
+    assert!(!apply.status.success());
+    let said = String::from_utf8_lossy(&apply.stderr);
+    assert!(
+        said.contains("grafana.viewer.fleet may read fleets and releases, not change them"),
+        "{said}"
     );
     let without = fleetctl(&[&ca_pem]);
     assert!(!without.status.success());

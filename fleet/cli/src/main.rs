@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fleetctl::{demo, release, verbs};
+use fleetctl::{certs, demo, release, verbs};
 
 /// Validate and plan fleet manifests; start, follow and steer releases.
 #[derive(Parser, Debug)]
@@ -21,6 +21,7 @@ enum Verb {
     Apply(release::Apply),
     Release(release::Release),
     Demo(demo::Demo),
+    Certs(certs::Certs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Verb::Apply(a) => runtime().and_then(|rt| rt.block_on(a.run())),
         Verb::Release(r) => runtime().and_then(|rt| rt.block_on(r.run())),
         Verb::Demo(d) => runtime().and_then(|rt| rt.block_on(d.run())),
+        Verb::Certs(c) => c.run(),
     };
     match result {
         Ok(code) => code,

@@ -144,3 +144,75 @@ fn every_verb_explains_itself_with_an_example() {
         assert!(help.contains(&format!("fleetctl {verb}")), "{verb}: {help}");
     }
 }
+
+#[test]
+fn certs_are_made_once_named_as_the_controller_checks_and_keys_kept_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("fleetctl-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let before_ca = fleetctl(&["certs", "operator", "alice", "--dir", d]);
+    assert_eq!(before_ca.status.code(), Some(2));
+    assert!(
+        text(&before_ca.stderr).contains("make a CA first with `fleetctl certs ca --dir"),
+        "{}",
+        text(&before_ca.stderr)
+    );
+    assert!(fleetctl(&["certs", "ca", "--dir", d]).status.success());
+    let agent = [
+        "certs",
+        "agent",
+        "--region",
+        "us-west",
+        "--cluster",
+        "usw1-a",
+        "--dir",
+        d,
+    ];
+    let made = fleetctl(&agent);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let key = dir.join("usw1-a.us-west.agent.fleet.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only its owner reads a private key");
+    let pem = std::fs::read(dir.join("usw1-a.us-west.agent.fleet.pem")).unwrap();
+    let again = fleetctl(&agent);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(text(&again.stderr).contains("exists already: nothing was written"));
+    assert_eq!(
+        std::fs::read(dir.join("usw1-a.us-west.agent.fleet.pem")).unwrap(),
+        pem
+    );
+    for (args, said) in [
+        (
+            &[
+                "certs",
+                "agent",
+                "--region",
+                "US-West",
+                "--cluster",
+                "a",
+                "--dir",
+                d,
+            ][..],
+            "--region \"US-West\" is not a name the controller accepts",
+        ),
+        (
+            &["certs", "viewer", "a.b", "--dir", d],
+            "NAME \"a.b\" is not a name",
+        ),
+        (
+            &["certs", "controller", "--dir", d],
+            "give --dns NAME or --ip ADDRESS",
+        ),
+        (&["certs", "ca", "--days", "0", "--dir", d], "--days 0"),
+    ] {
+        let out = fleetctl(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(said),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,238 @@
+//! `fleetctl certs`: the certificates of a fleet under mutual TLS, made with rcgen and named
+//! as the controller checks them (`fleet_proto::names`): a CA, the controller's certificate,
+//! and one per agent, operator and viewer. For a fleet without a PKI of its own; one that has
+//! one (cert-manager, step, a corporate CA) gives the same names from there.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use chrono::{Datelike, Utc};
+use clap::{Args, Subcommand};
+use fleet_proto::names;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+
+/// Make the certificates of a fleet under mutual TLS.
+///
+/// `ca` makes a CA in `--dir` (ca.pem, ca.key); the others are signed by it and named as the
+/// controller expects: the controller's for the names agents and tools dial it by, an
+/// agent's as `<cluster>.<region>.agent.fleet`, an operator's as `<name>.operator.fleet`, a
+/// viewer's (reads, changes nothing) as `<name>.viewer.fleet`. Each goes to `<name>.pem`
+/// and `<name>.key` (readable by its owner only); nothing is overwritten.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  fleetctl certs ca
+  fleetctl certs controller --dns fleet.example.com
+  fleetctl certs agent --region us-west --cluster usw1-a
+  fleetctl certs operator alice
+  fleetctl certs viewer grafana")]
+pub struct Certs {
+    #[command(subcommand)]
+    what: What,
+    /// Where the CA is, and where the certificates go.
+    #[arg(long, default_value = "fleet-certs", global = true)]
+    dir: PathBuf,
+    /// How long the certificate is valid, in days. Default: 3650 for a CA, 365 otherwise.
+    #[arg(long, global = true)]
+    days: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+enum What {
+    /// A new CA: ca.pem (the controller's --client-ca, every client's --ca) and ca.key (keep
+    /// it secret: it signs the rest).
+    Ca,
+    /// The controller's certificate, for the DNS names and addresses clients dial it by.
+    Controller {
+        /// A DNS name clients dial the controller by (repeat for more).
+        #[arg(long = "dns", value_name = "NAME")]
+        dns: Vec<String>,
+        /// An IP address clients dial the controller by (repeat for more).
+        #[arg(long = "ip", value_name = "ADDRESS")]
+        ips: Vec<std::net::IpAddr>,
+    },
+    /// An agent's certificate: it may speak for that cluster of that region only.
+    Agent {
+        #[arg(long)]
+        region: String,
+        /// The agent's `--cluster`: the manifest cluster's `agent`, by default its name.
+        #[arg(long)]
+        cluster: String,
+    },
+    /// An operator's or a tool's certificate: it may do everything, recorded as NAME.
+    Operator { name: String },
+    /// A viewer's certificate: it may read fleets and releases, and change nothing.
+    Viewer { name: String },
+}
+
+impl Certs {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let written = match &self.what {
+            What::Ca => self.ca()?,
+            What::Controller { dns, ips } => {
+                if dns.is_empty() && ips.is_empty() {
+                    bail!(
+                        "the controller's certificate needs the names clients dial it by: give \
+                         --dns NAME or --ip ADDRESS, e.g. --dns fleet.example.com"
+                    );
+                }
+                let mut sans = Vec::new();
+                for name in dns {
+                    let name = name.as_str().try_into().with_context(|| {
+                        format!(
+                            "--dns {name:?} is not a DNS name; give one such as fleet.example.com"
+                        )
+                    })?;
+                    sans.push(SanType::DnsName(name));
+                }
+                sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+                self.leaf("controller", sans, ExtendedKeyUsagePurpose::ServerAuth)?
+            }
+            What::Agent { region, cluster } => {
+                label("--region", region)?;
+                label("--cluster", cluster)?;
+                self.client(&names::agent(region, cluster))?
+            }
+            What::Operator { name } => {
+                label("NAME", name)?;
+                self.client(&names::operator(name))?
+            }
+            What::Viewer { name } => {
+                label("NAME", name)?;
+                self.client(&names::viewer(name))?
+            }
+        };
+        for path in written {
+            println!("wrote {}", path.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    fn ca(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let mut params = self.params("Fleet CA", 3650)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        self.write("ca", &cert.pem(), &key.serialize_pem())
+    }
+
+    /// A certificate for a client named `name`.
+    fn client(&self, name: &str) -> anyhow::Result<Vec<PathBuf>> {
+        let san = SanType::DnsName(name.try_into()?);
+        self.leaf(name, vec![san], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    /// A certificate signed by the CA in `--dir`, written as `<file>.pem` and `<file>.key`.
+    fn leaf(
+        &self,
+        file: &str,
+        sans: Vec<SanType>,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> anyhow::Result<Vec<PathBuf>> {
+        let issuer = self.issuer()?;
+        let mut params = self.params(file, 365)?;
+        params.subject_alt_names = sans;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        self.write(file, &cert.pem(), &key.serialize_pem())
+    }
+
+    /// The CA in `--dir`, to sign with.
+    fn issuer(&self) -> anyhow::Result<Issuer<'static, KeyPair>> {
+        let (cert, key) = (self.dir.join("ca.pem"), self.dir.join("ca.key"));
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "reading the CA's {}: make a CA first with `fleetctl certs ca --dir {}`",
+                    path.display(),
+                    self.dir.display()
+                )
+            })
+        };
+        let key = KeyPair::from_pem(&read(&key)?).context("ca.key is not a PEM private key")?;
+        Issuer::from_ca_cert_pem(&read(&cert)?, key).context("ca.pem is not a PEM CA certificate")
+    }
+
+    /// Parameters valid from yesterday (for clocks behind) for `--days` or `default_days`,
+    /// with a random serial number (so that a revocation list can name this one) and `name`
+    /// as the common name.
+    fn params(&self, name: &str, default_days: u32) -> anyhow::Result<CertificateParams> {
+        let days = self.days.unwrap_or(default_days);
+        if days == 0 {
+            bail!("--days 0: a certificate valid for no time; give at least 1");
+        }
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let today = Utc::now().date_naive();
+        let day = |d: chrono::NaiveDate| {
+            let (month, day) = (d.month() as u8, d.day() as u8);
+            rcgen::date_time_ymd(d.year(), month, day)
+        };
+        params.not_before = day(today - chrono::Days::new(1));
+        params.not_after = day(today + chrono::Days::new(u64::from(days)));
+        params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        Ok(params)
+    }
+
+    /// Writes `<file>.pem` and `<file>.key` (owner-only), refusing to overwrite either.
+    fn write(&self, file: &str, cert: &str, key: &str) -> anyhow::Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("making {}", self.dir.display()))?;
+        let paths = [
+            self.dir.join(format!("{file}.pem")),
+            self.dir.join(format!("{file}.key")),
+        ];
+        for path in &paths {
+            if path.exists() {
+                bail!(
+                    "{} exists already: nothing was written; remove it to make it anew, or give \
+                     another --dir",
+                    path.display()
+                );
+            }
+        }
+        std::fs::write(&paths[0], cert)
+            .with_context(|| format!("writing {}", paths[0].display()))?;
+        write_secret(&paths[1], key)?;
+        Ok(paths.to_vec())
+    }
+}
+
+/// Writes a private key readable by its owner only, from the moment it exists.
+fn write_secret(path: &Path, key: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(key.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Checks that `value` (of `flag`) is a lowercase DNS label, as the controller requires of
+/// the names it finds in certificates.
+fn label(flag: &str, value: &str) -> anyhow::Result<()> {
+    if fleet_yaml::is_dns_label(value) {
+        return Ok(());
+    }
+    bail!(
+        "{flag} {value:?} is not a name the controller accepts: use lowercase letters, digits \
+         and '-' (at most 63, a letter or digit at each end)"
+    )
+}
