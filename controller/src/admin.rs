@@ -86,6 +86,7 @@ fn metrics(controller: &Controller) -> String {
     let all: Vec<_> = (inner.releases.iter())
         .map(|(id, run)| crate::convert::release(id, run.started_at_ms, &run.engine))
         .collect();
+    drop(inner);
     let mut phases = std::collections::BTreeMap::<&str, u64>::new();
     for release in &all {
         *phases.entry(&release.phase).or_default() += 1;

@@ -12,20 +12,7 @@ const RELEASE_TIME: Duration = Duration::from_secs(90);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_release_moves_every_proxy_through_the_manifests_weights_wave_by_wave() {
     let mut world = World::start(&[]).await.unwrap();
-    let id = world.start_release("v2").await.unwrap();
-    let release = world
-        .wait_for(&id, RELEASE_TIME, |r| r.phase != "progressing")
-        .await
-        .unwrap();
-    assert_eq!(release.phase, "succeeded", "{release:#?}");
-    for region in ["us-west", "us-east", "eu-west"] {
-        world
-            .wait_for_split(region, 0, Duration::from_secs(5))
-            .await
-            .unwrap();
-        // Each step, then 0 once v2 is the stable version.
-        assert_eq!(world.splits_of(region), [1000, 5000, 10_000, 0], "{region}");
-    }
+    let id = released_step_by_step(&mut world).await;
     let history = world.history(&id).await.unwrap();
     let first_step = |region: &str| {
         history
@@ -56,6 +43,45 @@ async fn a_good_release_moves_every_proxy_through_the_manifests_weights_wave_by_
         "{counts:?}"
     );
     world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_goes_through_its_waves_with_every_link_under_mutual_tls() {
+    let mut world = World::start_tls(&[]).await.unwrap();
+    assert!(world.fleet.controller.starts_with("https://"));
+    let id = released_step_by_step(&mut world).await;
+    // Started as the operator the client's certificate names, whatever the request said.
+    let history = world.history(&id).await.unwrap();
+    assert_eq!(history[0].kind, "release_started");
+    assert_eq!(history[0].actor, "fleetctl");
+    let (code, status) = world.fleetctl(&["release", "status", &id]).unwrap();
+    assert_eq!(code, 0, "{status}");
+    assert!(status.contains("succeeded"), "{status}");
+    world.stop().await;
+}
+
+/// Releases v2 and checks it as [`succeeded_step_by_step`] does; returns the release's id.
+async fn released_step_by_step(world: &mut World) -> String {
+    let id = world.start_release("v2").await.unwrap();
+    succeeded_step_by_step(world, &id).await;
+    id
+}
+
+/// Waits for release `id` to end, and checks that it succeeded with every proxy taken
+/// through each step of the manifest, then to 0 once v2 is the stable version.
+async fn succeeded_step_by_step(world: &mut World, id: &str) {
+    let release = world
+        .wait_for(id, RELEASE_TIME, |r| r.phase != "progressing")
+        .await
+        .unwrap();
+    assert_eq!(release.phase, "succeeded", "{release:#?}");
+    for region in ["us-west", "us-east", "eu-west"] {
+        world
+            .wait_for_split(region, 0, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(world.splits_of(region), [1000, 5000, 10_000, 0], "{region}");
+    }
 }
 
 /// The release once it has ended, rolled back or otherwise.
@@ -252,17 +278,8 @@ async fn a_controller_killed_mid_release_carries_on_from_the_same_step_after_a_r
         .await
         .unwrap();
     world.fleet.crash_and_restart_controller().await.unwrap();
-    let release = world
-        .wait_for(&id, RELEASE_TIME, |r| r.phase != "progressing")
-        .await
-        .unwrap();
-    assert_eq!(release.phase, "succeeded", "{release:#?}");
+    succeeded_step_by_step(&mut world, &id).await;
     for region in ["us-west", "us-east", "eu-west"] {
-        world
-            .wait_for_split(region, 0, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(world.splits_of(region), [1000, 5000, 10_000, 0], "{region}");
         // The start-up table, the baseline of regions whose wave comes later, one per step
         // and the promotion: none applied twice.
         let baseline = u64::from(region != "us-west");

@@ -32,15 +32,32 @@ impl World {
         World::start_with(MANIFEST, env, &["us-west", "us-east", "eu-west"]).await
     }
 
+    /// A world whose agents and client reach the controller under mutual TLS, each showing
+    /// a certificate `fleetctl certs` made (the client's is operator `fleetctl`'s).
+    pub async fn start_tls(env: &[(&str, &str)]) -> anyhow::Result<World> {
+        let busy = ["us-west", "us-east", "eu-west"];
+        World::start_in(MANIFEST, env, &busy, true).await
+    }
+
     /// A world with its own `manifest`, and traffic through the proxies of `busy` only.
     pub async fn start_with(
         manifest: &str,
         env: &[(&str, &str)],
         busy: &[&str],
     ) -> anyhow::Result<World> {
+        World::start_in(manifest, env, busy, false).await
+    }
+
+    async fn start_in(
+        manifest: &str,
+        env: &[(&str, &str)],
+        busy: &[&str],
+        tls: bool,
+    ) -> anyhow::Result<World> {
         let dir = tempfile::tempdir()?;
-        let fleet = LocalFleet::start(dir.path(), &bin_dir()?, &REGIONS, env).await?;
-        let mut client = ReleaseServiceClient::connect(fleet.controller.clone()).await?;
+        let fleet = LocalFleet::start_with(dir.path(), &bin_dir()?, &REGIONS, env, tls).await?;
+        let channel = fleet_proto::connect::channel(&fleet.controller, &fleet.client_tls()).await?;
+        let mut client = ReleaseServiceClient::new(channel);
         let request = pb::ApplyFleetRequest {
             request_id: "apply".into(),
             manifest: manifest.into(),
@@ -167,12 +184,24 @@ impl World {
             .context("no version in GET /routes")
     }
 
-    /// Runs `fleetctl ARGS --controller URL` and returns its exit code and output.
+    /// Runs `fleetctl ARGS --controller URL` (with the client's certificate under TLS) and
+    /// returns its exit code and output.
     pub fn fleetctl(&self, args: &[&str]) -> anyhow::Result<(i32, String)> {
-        let out = std::process::Command::new(bin_dir()?.join("fleetctl"))
+        let mut command = std::process::Command::new(bin_dir()?.join("fleetctl"));
+        command
             .args(args)
-            .args(["--controller", &self.fleet.controller])
-            .output()?;
+            .args(["--controller", &self.fleet.controller]);
+        let tls = self.fleet.client_tls();
+        for (flag, path) in [
+            ("--ca", tls.ca),
+            ("--tls-cert", tls.cert),
+            ("--tls-key", tls.key),
+        ] {
+            if let Some(path) = path {
+                command.arg(flag).arg(path);
+            }
+        }
+        let out = command.output()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         Ok((out.status.code().unwrap_or(-1), text))

@@ -50,17 +50,20 @@ pub fn write(out: &mut String, releases: &[pb::Release]) {
         let _ = writeln!(out, "{status}{{{labels},status=\"{}\"}} 1", g.status);
     }
     let step = "fleet_controller_region_step";
-    let help = "The step a region is at, from 1; above the steps it has once promoted.";
+    let help = "The step a region is at, from 1 (0 before the release reaches it); above the \
+                steps it has once promoting.";
     head(out, step, "gauge", help);
     for (labels, g) in regions() {
-        let _ = writeln!(out, "{step}{{{labels}}} {}", g.step + 1);
+        let at = if g.status == "pending" { 0 } else { g.step + 1 };
+        let _ = writeln!(out, "{step}{{{labels}}} {at}");
     }
     let share = "fleet_controller_region_canary_percent";
     let help = "Share of a region's traffic on the new version, in percent.";
     head(out, share, "gauge", help);
     for (labels, g) in regions() {
+        // Promoting, the new version becomes the stable one: all of the traffic.
         let percent = match g.status.as_str() {
-            "succeeded" => 100.0,
+            "promoting" | "succeeded" => 100.0,
             _ => f64::from(g.canary_weight_bp) / 100.0,
         };
         let _ = writeln!(out, "{share}{{{labels}}} {percent}");
@@ -151,6 +154,7 @@ mod tests {
             format!("fleet_controller_region_step{{{west}}} 1"),
             format!("fleet_controller_region_canary_percent{{{west}}} 10"),
             format!("fleet_controller_region_canary_percent{{{east}}} 0"),
+            format!("fleet_controller_region_step{{{east}}} 0"),
             format!("fleet_controller_region_reachable{{{west}}} 1"),
             format!("fleet_controller_region_deadline_seconds{{{west}}} {deadline}"),
         ] {

@@ -15,6 +15,9 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
+/// The longest validity `--days` gives.
+const MAX_DAYS: u32 = 3650;
+
 /// Make the certificates of a fleet under mutual TLS.
 ///
 /// `ca` makes a CA in `--dir` (ca.pem, ca.key); the others are signed by it and named as the
@@ -70,8 +73,12 @@ enum What {
 
 impl Certs {
     pub fn run(self) -> anyhow::Result<ExitCode> {
+        let authority = Authority {
+            dir: self.dir.clone(),
+            days: self.days,
+        };
         let written = match &self.what {
-            What::Ca => self.ca()?,
+            What::Ca => authority.ca()?,
             What::Controller { dns, ips } => {
                 if dns.is_empty() && ips.is_empty() {
                     bail!(
@@ -79,30 +86,20 @@ impl Certs {
                          --dns NAME or --ip ADDRESS, e.g. --dns fleet.example.com"
                     );
                 }
-                let mut sans = Vec::new();
-                for name in dns {
-                    let name = name.as_str().try_into().with_context(|| {
-                        format!(
-                            "--dns {name:?} is not a DNS name; give one such as fleet.example.com"
-                        )
-                    })?;
-                    sans.push(SanType::DnsName(name));
-                }
-                sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-                self.leaf("controller", sans, ExtendedKeyUsagePurpose::ServerAuth)?
+                authority.server("controller", dns, ips)?
             }
             What::Agent { region, cluster } => {
                 label("--region", region)?;
                 label("--cluster", cluster)?;
-                self.client(&names::agent(region, cluster))?
+                authority.client(&names::agent(region, cluster))?
             }
             What::Operator { name } => {
                 label("NAME", name)?;
-                self.client(&names::operator(name))?
+                authority.client(&names::operator(name))?
             }
             What::Viewer { name } => {
                 label("NAME", name)?;
-                self.client(&names::viewer(name))?
+                authority.client(&names::viewer(name))?
             }
         };
         for path in written {
@@ -110,8 +107,17 @@ impl Certs {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
 
-    fn ca(&self) -> anyhow::Result<Vec<PathBuf>> {
+/// A CA in `dir` and what it signs, valid for `days` (else the defaults).
+pub struct Authority {
+    pub dir: PathBuf,
+    pub days: Option<u32>,
+}
+
+impl Authority {
+    /// Makes the CA: `ca.pem`, `ca.key`.
+    pub fn ca(&self) -> anyhow::Result<Vec<PathBuf>> {
         let mut params = self.params("Fleet CA", 3650)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
@@ -124,8 +130,31 @@ impl Certs {
         self.write("ca", &cert.pem(), &key.serialize_pem())
     }
 
-    /// A certificate for a client named `name`.
-    fn client(&self, name: &str) -> anyhow::Result<Vec<PathBuf>> {
+    /// A server certificate for `dns` names and `ips`, as `<file>.pem`, `<file>.key`.
+    pub fn server(
+        &self,
+        file: &str,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+    ) -> anyhow::Result<Vec<PathBuf>> {
+        let mut sans = Vec::new();
+        for name in dns {
+            let labels = name.strip_prefix("*.").unwrap_or(name).split('.');
+            let ip = name.parse::<std::net::IpAddr>().is_ok();
+            if ip || !labels.into_iter().all(fleet_yaml::is_dns_label) {
+                bail!(
+                    "--dns {name:?} is not a DNS name: give lowercase names such as \
+                     fleet.example.com (or *.example.com), and addresses with --ip"
+                );
+            }
+            sans.push(SanType::DnsName(name.as_str().try_into()?));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        self.leaf(file, sans, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A certificate for a client named `name`, as `<name>.pem`, `<name>.key`.
+    pub fn client(&self, name: &str) -> anyhow::Result<Vec<PathBuf>> {
         let san = SanType::DnsName(name.try_into()?);
         self.leaf(name, vec![san], ExtendedKeyUsagePurpose::ClientAuth)
     }
@@ -169,8 +198,8 @@ impl Certs {
     /// as the common name.
     fn params(&self, name: &str, default_days: u32) -> anyhow::Result<CertificateParams> {
         let days = self.days.unwrap_or(default_days);
-        if days == 0 {
-            bail!("--days 0: a certificate valid for no time; give at least 1");
+        if !(1..=MAX_DAYS).contains(&days) {
+            bail!("--days {days}: give from 1 to {MAX_DAYS} (ten years)");
         }
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let today = Utc::now().date_naive();
@@ -179,7 +208,8 @@ impl Certs {
             rcgen::date_time_ymd(d.year(), month, day)
         };
         params.not_before = day(today - chrono::Days::new(1));
-        params.not_after = day(today + chrono::Days::new(u64::from(days)));
+        // To the end of the last day: at least `days` whole days from now.
+        params.not_after = day(today + chrono::Days::new(u64::from(days) + 1));
         params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
@@ -204,25 +234,34 @@ impl Certs {
                 );
             }
         }
-        std::fs::write(&paths[0], cert)
-            .with_context(|| format!("writing {}", paths[0].display()))?;
-        write_secret(&paths[1], key)?;
+        // The key first, the certificate only once it is written: never one without the
+        // other, and neither over a file (or a link) that appeared since the check.
+        write_new(&paths[1], key, 0o600)?;
+        if let Err(e) = write_new(&paths[0], cert, 0o644) {
+            let _ = std::fs::remove_file(&paths[1]);
+            let _ = std::fs::remove_file(&paths[0]);
+            return Err(e);
+        }
         Ok(paths.to_vec())
     }
 }
 
-/// Writes a private key readable by its owner only, from the moment it exists.
-fn write_secret(path: &Path, key: &str) -> anyhow::Result<()> {
+/// Writes `text` to a new file of `mode` (a private key: readable by its owner only, from
+/// the moment it exists); a half-written one is removed.
+fn write_new(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(key.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
+        .and_then(|mut file| {
+            file.write_all(text.as_bytes()).inspect_err(|_| {
+                let _ = std::fs::remove_file(path);
+            })
+        });
+    written.with_context(|| format!("writing {}", path.display()))
 }
 
 /// Checks that `value` (of `flag`) is a lowercase DNS label, as the controller requires of

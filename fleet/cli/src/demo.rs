@@ -33,7 +33,7 @@ const PAUSE_BETWEEN_REQUESTS: Duration = Duration::from_millis(4);
 /// with --bad (a v2 that fails 5% of requests) or --crash (a v2 that never starts) rolled back.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  fleetctl demo\n  fleetctl demo --bad\n  fleetctl demo --crash\n  fleetctl demo --keep"
+    after_help = "Examples:\n  fleetctl demo\n  fleetctl demo --bad\n  fleetctl demo --crash\n  fleetctl demo --tls\n  fleetctl demo --keep"
 )]
 pub struct Demo {
     /// Release a v2 that fails 5% of its requests, and watch it caught and rolled back.
@@ -46,6 +46,10 @@ pub struct Demo {
     /// Leave the fleet running after the release, until Ctrl-C.
     #[arg(long)]
     keep: bool,
+    /// Run the fleet under mutual TLS: a CA and certificates made as `fleetctl certs` makes
+    /// them (in the fleet's directory), the controller asking every agent and client for its.
+    #[arg(long)]
+    tls: bool,
     /// Where the fleet keeps its data and logs. Default: a new temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -67,7 +71,7 @@ impl Demo {
             _ => &[],
         };
         println!("starting a local fleet in {} (logs there)", dir.display());
-        let mut fleet = LocalFleet::start(&dir, &bin, &REGIONS, faults).await?;
+        let mut fleet = LocalFleet::start_with(&dir, &bin, &REGIONS, faults, self.tls).await?;
         let result = tokio::select! {
             // First: with --keep, the release has ended and a signal only ends the wait.
             biased;
@@ -88,7 +92,17 @@ impl Demo {
                 r.name, r.traffic, r.admin
             );
         }
-        let mut client = connect(&fleet.controller, &Default::default()).await?;
+        let tls = fleet.client_tls();
+        if let (Some(ca), Some(cert), Some(key)) = (&tls.ca, &tls.cert, &tls.key) {
+            println!(
+                "controller {} under mutual TLS: fleetctl --ca {} --tls-cert {} --tls-key {}",
+                fleet.controller,
+                ca.display(),
+                cert.display(),
+                key.display()
+            );
+        }
+        let mut client = connect(&fleet.controller, &tls).await?;
         client
             .apply_fleet(pb::ApplyFleetRequest {
                 request_id: request_id(),

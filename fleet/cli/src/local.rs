@@ -15,8 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use fleet_proto::connect::ClientTls;
+use fleet_proto::names;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
+
+use crate::certs::Authority;
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(8);
@@ -32,6 +36,51 @@ pub struct LocalFleet {
     /// The controller's gRPC URL.
     pub controller: String,
     pub regions: Vec<LocalRegion>,
+    /// Under mutual TLS: the certificates, in `<dir>/certs`.
+    tls: Option<LocalTls>,
+}
+
+/// A local fleet's certificates under mutual TLS, made by `fleetctl certs`' [`Authority`]:
+/// the controller's for `localhost` and 127.0.0.1, one operator's (`fleetctl`) for the
+/// release API, and one per agent.
+struct LocalTls {
+    authority: Authority,
+}
+
+/// The operator the local fleet's own client (the demo, the tests) acts as under TLS.
+const LOCAL_OPERATOR: &str = "fleetctl";
+
+impl LocalTls {
+    fn make(dir: &Path) -> anyhow::Result<LocalTls> {
+        let authority = Authority {
+            dir: dir.join("certs"),
+            days: Some(2),
+        };
+        authority.ca()?;
+        let localhost = [std::net::IpAddr::from([127, 0, 0, 1])];
+        authority.server("controller", &["localhost".into()], &localhost)?;
+        authority.client(&names::operator(LOCAL_OPERATOR))?;
+        Ok(LocalTls { authority })
+    }
+
+    /// What a client showing `name`'s certificate gives to connect.
+    fn client(&self, name: &str) -> ClientTls {
+        let dir = &self.authority.dir;
+        ClientTls {
+            ca: Some(dir.join("ca.pem")),
+            cert: Some(dir.join(format!("{name}.pem"))),
+            key: Some(dir.join(format!("{name}.key"))),
+        }
+    }
+
+    /// The agent of `cluster` in `region`'s, made the first time it is asked for.
+    fn agent(&self, region: &str, cluster: &str) -> anyhow::Result<ClientTls> {
+        let name = names::agent(region, cluster);
+        if !self.authority.dir.join(format!("{name}.pem")).exists() {
+            self.authority.client(&name)?;
+        }
+        Ok(self.client(&name))
+    }
 }
 
 pub struct LocalRegion {
@@ -50,6 +99,18 @@ impl LocalFleet {
         regions: &[(&str, &str)],
         env: &[(&str, &str)],
     ) -> anyhow::Result<LocalFleet> {
+        LocalFleet::start_with(dir, bin, regions, env, false).await
+    }
+
+    /// As [`LocalFleet::start`], and with `tls`, every connection to the controller under
+    /// mutual TLS, each client showing a certificate of its own (see [`LocalFleet::client_tls`]).
+    pub async fn start_with(
+        dir: &Path,
+        bin: &Path,
+        regions: &[(&str, &str)],
+        env: &[(&str, &str)],
+        tls: bool,
+    ) -> anyhow::Result<LocalFleet> {
         for name in [
             "fleet-controller",
             "fleet-agent",
@@ -64,6 +125,7 @@ impl LocalFleet {
             }
         }
         std::fs::create_dir_all(dir)?;
+        let tls = tls.then(|| LocalTls::make(dir)).transpose()?;
         let mut fleet = LocalFleet {
             dir: dir.to_path_buf(),
             bin: bin.to_path_buf(),
@@ -71,6 +133,7 @@ impl LocalFleet {
             groups: Vec::new(),
             controller: String::new(),
             regions: Vec::new(),
+            tls,
         };
         match fleet.start_all(regions, env).await {
             Ok(()) => Ok(fleet),
@@ -116,17 +179,35 @@ impl LocalFleet {
     async fn spawn_controller(&mut self, listen: &str) -> anyhow::Result<()> {
         let data = self.dir.join("controller");
         let log = format!("controller-{}", self.children.len());
-        let mut child = self
-            .command("fleet-controller", &log)?
+        let mut command = self.command("fleet-controller", &log)?;
+        command
             .args(["--listen", listen, "--admin", "127.0.0.1:0", "--data"])
-            .arg(&data)
+            .arg(&data);
+        if let Some(tls) = &self.tls {
+            let dir = &tls.authority.dir;
+            command
+                .arg("--tls-cert")
+                .arg(dir.join("controller.pem"))
+                .arg("--tls-key")
+                .arg(dir.join("controller.key"))
+                .arg("--client-ca")
+                .arg(dir.join("ca.pem"));
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .spawn()
             .context("starting fleet-controller")?;
         let stdout = child.stdout.take().context("controller stdout")?;
         let line = first_line_with(BufReader::new(stdout), "listening").await?;
         let grpc = field(&line, "grpc=").context("the controller did not say where it listens")?;
-        self.controller = format!("http://{grpc}");
+        self.controller = match &self.tls {
+            // The name its certificate is for.
+            Some(_) => format!(
+                "https://localhost:{}",
+                grpc.rsplit(':').next().unwrap_or_default()
+            ),
+            None => format!("http://{grpc}"),
+        };
         self.started(("controller".into(), child));
         Ok(())
     }
@@ -191,12 +272,30 @@ impl LocalFleet {
                 &format!("http://{admin}"),
             ])
             .env("PATH", std::env::join_paths(paths)?);
+        if let Some(tls) = &self.tls {
+            let ClientTls { ca, cert, key } = tls.agent(region, cluster)?;
+            let flags = [("--ca", ca), ("--tls-cert", cert), ("--tls-key", key)];
+            for (flag, path) in flags {
+                if let Some(path) = path {
+                    command.arg(flag).arg(path);
+                }
+            }
+        }
         for (k, v) in env {
             command.env(k, v);
         }
         let child = command.spawn().context("starting fleet-agent")?;
         self.started((format!("agent {region}"), child));
         Ok(())
+    }
+
+    /// What the fleet's own client (the demo, the tests) gives to reach the controller: under
+    /// TLS, an operator's certificate (`fleetctl.operator.fleet`); else nothing.
+    pub fn client_tls(&self) -> ClientTls {
+        match &self.tls {
+            Some(tls) => tls.client(&names::operator(LOCAL_OPERATOR)),
+            None => ClientTls::default(),
+        }
     }
 
     /// Waits until every region's proxy answers `GET /` with a 2xx.

@@ -205,6 +205,18 @@ fn certs_are_made_once_named_as_the_controller_checks_and_keys_kept_private() {
             "give --dns NAME or --ip ADDRESS",
         ),
         (&["certs", "ca", "--days", "0", "--dir", d], "--days 0"),
+        (
+            &["certs", "ca", "--days", "99999999", "--dir", d],
+            "give from 1 to 3650",
+        ),
+        (
+            &["certs", "controller", "--dns", "10.0.0.1", "--dir", d],
+            "is not a DNS name: give lowercase names",
+        ),
+        (
+            &["certs", "controller", "--dns", "a b.example", "--dir", d],
+            "is not a DNS name",
+        ),
     ] {
         let out = fleetctl(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
