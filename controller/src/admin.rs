@@ -83,18 +83,20 @@ fn metrics(controller: &Controller) -> String {
     let _ = writeln!(out, "{agents} {}", inner.agents.len());
     let releases = "fleet_controller_releases";
     head(&mut out, releases, "gauge", "Releases known, by phase.");
-    let all: Vec<_> = (inner.releases.iter())
-        .map(|(id, run)| crate::convert::release(id, run.started_at_ms, &run.engine))
-        .collect();
-    drop(inner);
     let mut phases = std::collections::BTreeMap::<&str, u64>::new();
-    for release in &all {
-        *phases.entry(&release.phase).or_default() += 1;
+    let mut under_way = Vec::new();
+    for (id, run) in &inner.releases {
+        let phase = &run.engine.state().phase;
+        *phases.entry(crate::convert::phase_name(phase)).or_default() += 1;
+        if !phase.is_terminal() {
+            under_way.push(crate::convert::release(id, run.started_at_ms, &run.engine));
+        }
     }
+    drop(inner);
     for (phase, n) in phases {
         let _ = writeln!(out, "{releases}{{phase=\"{phase}\"}} {n}");
     }
-    releases::write(&mut out, &all);
+    releases::write(&mut out, &under_way);
     out
 }
 

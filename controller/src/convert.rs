@@ -70,14 +70,25 @@ pub fn desired(epoch: u64, manifest: &Manifest, d: &Desired) -> pb::DesiredState
     }
 }
 
+/// A release's phase as the API names it.
+pub fn phase_name(phase: &Phase) -> &'static str {
+    match phase {
+        Phase::Progressing => "progressing",
+        Phase::Paused { .. } => "paused",
+        Phase::RollingBack { .. } => "rolling_back",
+        Phase::Succeeded => "succeeded",
+        Phase::RolledBack { .. } => "rolled_back",
+    }
+}
+
 pub fn release(id: &str, started_at_ms: i64, engine: &Engine) -> pb::Release {
     let state = engine.state();
-    let (phase, reason) = match &state.phase {
-        Phase::Progressing => ("progressing", String::new()),
-        Phase::Paused { reason, .. } => ("paused", reason.clone()),
-        Phase::RollingBack { reason } => ("rolling_back", reason.clone()),
-        Phase::Succeeded => ("succeeded", String::new()),
-        Phase::RolledBack { reason } => ("rolled_back", reason.clone()),
+    let phase = phase_name(&state.phase);
+    let reason = match &state.phase {
+        Phase::Paused { reason, .. }
+        | Phase::RollingBack { reason }
+        | Phase::RolledBack { reason } => reason.clone(),
+        Phase::Progressing | Phase::Succeeded => String::new(),
     };
     let manifest = engine.manifest();
     let wave_state = match state.wave_state {

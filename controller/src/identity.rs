@@ -87,9 +87,9 @@ pub fn role(names: &[String]) -> Result<Role, String> {
         return Ok(Role::Viewer(name));
     }
     Err(format!(
-        "a certificate for {} is not an operator's: the release API needs a certificate for \
-         <name>.{OPERATOR_DOMAIN} (say alice.{OPERATOR_DOMAIN}), or <name>.{VIEWER_DOMAIN} to \
-         read only, signed by the controller's client CA",
+        "a certificate for {} is neither an operator's nor a viewer's: the release API needs a \
+         certificate for <name>.{OPERATOR_DOMAIN} (say alice.{OPERATOR_DOMAIN}), or \
+         <name>.{VIEWER_DOMAIN} to read only, signed by the controller's client CA",
         shown(names)
     ))
 }
@@ -126,7 +126,9 @@ pub fn peer_names<T>(request: &Request<T>, mutual: bool) -> Result<Option<Vec<St
 /// The release API's gate: under mutual TLS only operators and viewers pass, each request
 /// carrying its [`Operator`] or [`Viewer`]. Every call that changes something asks for the
 /// operator (the release service's `caller`), which a viewer's request does not carry.
-pub fn operators(mutual: bool) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+pub fn release_api_gate(
+    mutual: bool,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request| {
         if let Some(names) = peer_names(&request, mutual)? {
             let role = role(&names).map_err(|e| {
@@ -135,9 +137,13 @@ pub fn operators(mutual: bool) -> impl FnMut(Request<()>) -> Result<Request<()>,
             })?;
             let extensions = request.extensions_mut();
             match role {
-                Role::Operator(name) => extensions.insert(Operator(name)).map(drop),
-                Role::Viewer(name) => extensions.insert(Viewer(name)).map(drop),
-            };
+                Role::Operator(name) => {
+                    extensions.insert(Operator(name));
+                }
+                Role::Viewer(name) => {
+                    extensions.insert(Viewer(name));
+                }
+            }
         }
         Ok(request)
     }
@@ -226,8 +232,8 @@ mod tests {
             let e = role(&names(neither)).unwrap_err();
             assert!(
                 e.ends_with(
-                    "is not an operator's: the release API needs a certificate for \
-                     <name>.operator.fleet (say alice.operator.fleet), or \
+                    "is neither an operator's nor a viewer's: the release API needs a \
+                     certificate for <name>.operator.fleet (say alice.operator.fleet), or \
                      <name>.viewer.fleet to read only, signed by the controller's client CA"
                 ),
                 "{neither:?}: {e}"
@@ -242,7 +248,7 @@ mod tests {
 
     #[test]
     fn on_a_plain_listener_everyone_passes_unnamed() {
-        let mut gate = operators(false);
+        let mut gate = release_api_gate(false);
         let passed = gate(Request::new(())).unwrap();
         assert!(passed.extensions().get::<Operator>().is_none());
         assert_eq!(peer_names(&Request::new(()), false).unwrap(), None);

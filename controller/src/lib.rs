@@ -89,7 +89,7 @@ pub async fn serve_with_tls(
         .add_service(reflection)
         .add_service(ReleaseServiceServer::with_interceptor(
             releases,
-            identity::operators(mutual),
+            identity::release_api_gate(mutual),
         ))
         .add_service(AgentServiceServer::new(agents));
     match tls {

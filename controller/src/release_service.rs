@@ -23,10 +23,10 @@ pub struct Releases {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ReleaseEvent, Status>> + Send>>;
 
-/// The operator a request that changes something comes from under mutual TLS (its
-/// certificate names it). A viewer's request is refused here: every such call asks for its
-/// caller first.
-fn caller<T>(request: &Request<T>) -> Result<Option<Operator>, Status> {
+/// The gate of every call that changes something, which each such call passes first: a
+/// viewer's request is refused here; an operator's gives the operator its certificate names
+/// (under mutual TLS; `None` on a plain listener). A new changing call must begin with it.
+fn may_change<T>(request: &Request<T>) -> Result<Option<Operator>, Status> {
     if let Some(Viewer(name)) = request.extensions().get::<Viewer>() {
         let e = crate::identity::read_only(name);
         tracing::warn!(%e, "release API change refused");
@@ -98,7 +98,7 @@ impl Releases {
         request: Request<pb::OperatorRequest>,
         action: Action,
     ) -> Result<Response<pb::Release>, Status> {
-        let caller = caller(&request)?;
+        let caller = may_change(&request)?;
         let r = request.into_inner();
         let actor = actor(&caller, &r.actor);
         let id = r.id.clone();
@@ -130,7 +130,7 @@ impl ReleaseService for Releases {
         &self,
         request: Request<pb::ApplyFleetRequest>,
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = may_change(&request)?;
         let r = request.into_inner();
         self.once("apply_fleet", &caller, &r.request_id, || {
             let loaded = fleet::load(&r.manifest).map_err(|diags| {
@@ -184,7 +184,7 @@ impl ReleaseService for Releases {
         &self,
         request: Request<pb::StartReleaseRequest>,
     ) -> Result<Response<pb::Release>, Status> {
-        let caller = caller(&request)?;
+        let caller = may_change(&request)?;
         let r = request.into_inner();
         let actor = actor(&caller, &r.actor);
         self.once("start_release", &caller, &r.request_id, || {

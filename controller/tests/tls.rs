@@ -434,8 +434,8 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
     assert_eq!(refused.code(), Code::PermissionDenied);
     assert!(
         refused.message().starts_with(
-            "a certificate for usw1-a.us-west.agent.fleet is not an operator's: the release API \
-             needs a certificate for <name>.operator.fleet"
+            "a certificate for usw1-a.us-west.agent.fleet is neither an operator's nor a viewer's: \
+             the release API needs a certificate for <name>.operator.fleet"
         ),
         "{refused:?}"
     );

@@ -170,7 +170,8 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
     let said = String::from_utf8_lossy(&as_agent.stderr);
     assert!(
         said.contains(
-            "the controller refused: a certificate for us-west.us-west.agent.fleet is not an operator's"
+            "the controller refused: a certificate for us-west.us-west.agent.fleet is neither an \
+             operator's nor a viewer's"
         ),
         "{said}"
     );

@@ -34,9 +34,10 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    let fault = std::env::var("FLEET_DEMO_FAULTS")
-        .ok()
-        .and_then(|f| fault_for(&f, &args.version));
+    let fault = match std::env::var("FLEET_DEMO_FAULTS") {
+        Ok(faults) => fault_for(&faults, &args.version)?,
+        Err(_) => None,
+    };
     match fault {
         Some(Fault::Crash) => {
             anyhow::bail!("{} crashes as it starts (FLEET_DEMO_FAULTS)", args.version)
@@ -89,14 +90,45 @@ enum Fault {
     Crash,
 }
 
-/// What `faults` ("v2=0.05,v3=0.5,v4=crash") gives `version`.
-fn fault_for(faults: &str, version: &str) -> Option<Fault> {
-    let (_, fault) = faults
+/// What `faults` ("v2=0.05,v3=0.5,v4=crash") gives `version`; a value that is neither is an
+/// error, so that a typo never quietly runs a healthy version.
+fn fault_for(faults: &str, version: &str) -> anyhow::Result<Option<Fault>> {
+    let Some((_, fault)) = faults
         .split(',')
         .filter_map(|pair| pair.split_once('='))
-        .find(|(v, _)| v.trim() == version)?;
+        .find(|(v, _)| v.trim() == version)
+    else {
+        return Ok(None);
+    };
     match fault.trim() {
-        "crash" => Some(Fault::Crash),
-        rate => rate.parse().ok().map(Fault::FailRate),
+        "crash" => Ok(Some(Fault::Crash)),
+        rate => match rate.parse::<f64>() {
+            Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(Some(Fault::FailRate(rate))),
+            _ => anyhow::bail!(
+                "FLEET_DEMO_FAULTS: {version}={rate:?} is neither a fail rate from 0 to 1 (e.g. \
+                 0.05) nor \"crash\""
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_a_rate_or_a_crash_and_anything_else_is_refused() {
+        let faults = "v2=0.05, v3=crash,v4=crahs,v5=1.5";
+        assert!(matches!(fault_for(faults, "v2"), Ok(Some(Fault::FailRate(r))) if r == 0.05));
+        assert!(matches!(fault_for(faults, "v3"), Ok(Some(Fault::Crash))));
+        assert!(matches!(fault_for(faults, "v1"), Ok(None)));
+        for typo in ["v4", "v5"] {
+            let e = fault_for(faults, typo).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.contains("is neither a fail rate from 0 to 1")),
+                "{typo}: {e:?}"
+            );
+        }
     }
 }

@@ -190,12 +190,12 @@ impl RegionState {
 
     /// While the region waits for its desired state to be applied and ready: why, in words.
     pub fn waiting_for(&self) -> Option<String> {
-        self.deadline(std::time::Duration::ZERO)?;
-        let heard = self
+        self.waiting_since.filter(|_| self.in_progress())?;
+        let applied = self
             .desired
             .as_ref()
             .is_some_and(|d| self.applied_seq >= d.seq);
-        Some(match (&self.not_ready, heard) {
+        Some(match (&self.not_ready, applied) {
             (Some(detail), _) => format!("the agents say: {detail}"),
             (None, true) => "applied, but its workloads are not ready".to_string(),
             (None, false) => "the agents have not applied it yet".to_string(),

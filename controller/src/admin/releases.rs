@@ -1,8 +1,9 @@
 //! The releases under way, as Prometheus gauges for dashboards and alerts: each release's
 //! phase, and each region's status, step, share of traffic on the new version, reachability,
 //! and, while it waits for a step, when it will fail (`progress_deadline`). Releases that
-//! ended are left out, so the series come and go with releases and do not pile up; the
-//! count by phase (`fleet_controller_releases`) keeps them all.
+//! ended are left out (the caller gives only those under way), so the series come and go with
+//! releases and do not pile up; the count by phase (`fleet_controller_releases`) keeps them
+//! all.
 
 use std::fmt::Write;
 
@@ -10,12 +11,8 @@ use fleet_proto::v1 as pb;
 
 use super::head;
 
-/// Writes the gauges of `releases`, those that have not ended.
-pub fn write(out: &mut String, releases: &[pb::Release]) {
-    let running: Vec<&pb::Release> = releases
-        .iter()
-        .filter(|r| !matches!(r.phase.as_str(), "succeeded" | "rolled_back"))
-        .collect();
+/// Writes the gauges of `running`, the releases under way.
+pub fn write(out: &mut String, running: &[pb::Release]) {
     let info = "fleet_controller_release_info";
     head(
         out,
@@ -23,7 +20,7 @@ pub fn write(out: &mut String, releases: &[pb::Release]) {
         "gauge",
         "A release under way (1), with what it releases and its phase.",
     );
-    for r in &running {
+    for r in running {
         let _ = writeln!(
             out,
             "{info}{{release=\"{}\",service=\"{}\",from=\"{}\",to=\"{}\",phase=\"{}\"}} 1",
@@ -34,11 +31,11 @@ pub fn write(out: &mut String, releases: &[pb::Release]) {
             r.phase
         );
     }
-    let regions = || {
-        running
-            .iter()
-            .flat_map(|r| r.regions.iter().map(move |g| (labels(r, g), g)))
-    };
+    let rows: Vec<(String, &pb::RegionProgress)> = running
+        .iter()
+        .flat_map(|r| r.regions.iter().map(move |g| (labels(r, g), g)))
+        .collect();
+    let regions = || rows.iter().map(|(labels, g)| (labels, *g));
     let status = "fleet_controller_region_status";
     head(
         out,
@@ -111,7 +108,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_waiting_region_shows_its_step_share_and_deadline_and_ended_releases_show_nothing() {
+    fn a_waiting_region_shows_its_step_share_and_deadline() {
         let manifest = fleet::load(include_str!("../../../tests/e2e/fleet.yaml"))
             .expect("valid")
             .manifest;
@@ -165,12 +162,5 @@ mod tests {
             1,
             "only the waiting region has a deadline"
         );
-        let ended = pb::Release {
-            phase: "rolled_back".into(),
-            ..release
-        };
-        let mut out = String::new();
-        write(&mut out, &[ended]);
-        assert!(out.lines().all(|l| l.starts_with('#')), "{out}");
     }
 }

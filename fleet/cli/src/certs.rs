@@ -24,7 +24,7 @@ const MAX_DAYS: u32 = 3650;
 /// controller expects: the controller's for the names agents and tools dial it by, an
 /// agent's as `<cluster>.<region>.agent.fleet`, an operator's as `<name>.operator.fleet`, a
 /// viewer's (reads, changes nothing) as `<name>.viewer.fleet`. Each goes to `<name>.pem`
-/// and `<name>.key` (readable by its owner only); nothing is overwritten.
+/// and `<name>.key` (the key readable by its owner only); nothing is overwritten.
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   fleetctl certs ca
@@ -74,7 +74,7 @@ enum What {
 impl Certs {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let authority = Authority {
-            dir: self.dir.clone(),
+            dir: self.dir,
             days: self.days,
         };
         let written = match &self.what {
@@ -139,9 +139,9 @@ impl Authority {
     ) -> anyhow::Result<Vec<PathBuf>> {
         let mut sans = Vec::new();
         for name in dns {
-            let labels = name.strip_prefix("*.").unwrap_or(name).split('.');
+            let mut labels = name.strip_prefix("*.").unwrap_or(name).split('.');
             let ip = name.parse::<std::net::IpAddr>().is_ok();
-            if ip || !labels.into_iter().all(fleet_yaml::is_dns_label) {
+            if ip || !labels.all(fleet_yaml::is_dns_label) {
                 bail!(
                     "--dns {name:?} is not a DNS name: give lowercase names such as \
                      fleet.example.com (or *.example.com), and addresses with --ip"
@@ -238,8 +238,9 @@ impl Authority {
         // other, and neither over a file (or a link) that appeared since the check.
         write_new(&paths[1], key, 0o600)?;
         if let Err(e) = write_new(&paths[0], cert, 0o644) {
+            // Ours is gone already (write_new removes a half-written file); one that appeared
+            // meanwhile is someone else's.
             let _ = std::fs::remove_file(&paths[1]);
-            let _ = std::fs::remove_file(&paths[0]);
             return Err(e);
         }
         Ok(paths.to_vec())

@@ -144,9 +144,10 @@ impl Demo {
             .map_err(status)?
             .into_inner();
         print_traffic(&traffic.counts).await;
-        let expected = match self.bad || self.crash {
-            true => "rolled_back",
-            false => "succeeded",
+        let expected = if self.bad || self.crash {
+            "rolled_back"
+        } else {
+            "succeeded"
         };
         let ok = end.phase == expected;
         println!(

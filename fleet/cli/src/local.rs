@@ -35,6 +35,8 @@ pub struct LocalFleet {
     groups: Vec<u32>,
     /// The controller's gRPC URL.
     pub controller: String,
+    /// Where it listens, for a restart on the same port.
+    controller_addr: Option<SocketAddr>,
     pub regions: Vec<LocalRegion>,
     /// Under mutual TLS: the certificates, in `<dir>/certs`.
     tls: Option<LocalTls>,
@@ -132,6 +134,7 @@ impl LocalFleet {
             children: Vec::new(),
             groups: Vec::new(),
             controller: String::new(),
+            controller_addr: None,
             regions: Vec::new(),
             tls,
         };
@@ -172,7 +175,10 @@ impl LocalFleet {
     pub async fn crash_and_restart_controller(&mut self) -> anyhow::Result<()> {
         self.stop_one("controller", rustix::process::Signal::KILL)
             .await?;
-        let addr = self.controller.trim_start_matches("http://").to_string();
+        let addr = self
+            .controller_addr
+            .context("no controller has listened yet")?
+            .to_string();
         self.spawn_controller(&addr).await
     }
 
@@ -200,12 +206,13 @@ impl LocalFleet {
         let stdout = child.stdout.take().context("controller stdout")?;
         let line = first_line_with(BufReader::new(stdout), "listening").await?;
         let grpc = field(&line, "grpc=").context("the controller did not say where it listens")?;
+        let grpc: SocketAddr = grpc
+            .parse()
+            .with_context(|| format!("the controller's address {grpc:?}"))?;
+        self.controller_addr = Some(grpc);
         self.controller = match &self.tls {
-            // The name its certificate is for.
-            Some(_) => format!(
-                "https://localhost:{}",
-                grpc.rsplit(':').next().unwrap_or_default()
-            ),
+            // A name its certificate is for, as a user would dial it.
+            Some(_) => format!("https://localhost:{}", grpc.port()),
             None => format!("http://{grpc}"),
         };
         self.started(("controller".into(), child));

@@ -101,7 +101,8 @@ impl Bars {
             } else {
                 u64::from(g.canary_weight_bp)
             });
-            let left = if g.hold_until_ms > now {
+            // A step's pause stands still while the region waits for it.
+            let left = if g.hold_until_ms > now && g.deadline_ms == 0 {
                 format!(", {}s left", (g.hold_until_ms - now + 999) / 1000)
             } else {
                 String::new()

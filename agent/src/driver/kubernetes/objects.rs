@@ -214,16 +214,18 @@ pub fn deployment(spec: &Spec<'_>) -> Deployment {
     }
 }
 
-/// The autoscaler of `spec`'s Deployment, `owner` (as the API server has it, with its uid):
+/// The autoscaler of `service` `version`'s Deployment, `owner` (as the API server has it, with
+/// its uid):
 /// of the same name, keeping the pods' average CPU use at `cpu_percent` of their request
 /// between `min` and `max` pods. It is the Deployment's dependent, so the cluster's garbage
 /// collector deletes it with the Deployment, whoever deletes that.
 pub fn autoscaler(
-    spec: &Spec<'_>,
+    namespace: &str,
+    (service, version): (&str, &str),
     autoscale: &crate::driver::Autoscale,
     owner: &Deployment,
 ) -> HorizontalPodAutoscaler {
-    let name = deployment_name(spec.service, spec.version);
+    let name = deployment_name(service, version);
     let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
     let owner = owner.metadata.uid.clone().map(|uid| OwnerReference {
         api_version: "apps/v1".into(),
@@ -235,8 +237,8 @@ pub fn autoscaler(
     HorizontalPodAutoscaler {
         metadata: ObjectMeta {
             name: Some(name.clone()),
-            namespace: Some(spec.namespace.to_owned()),
-            labels: Some(labels(spec.service, spec.version)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels(service, version)),
             owner_references: owner.map(|o| vec![o]),
             ..ObjectMeta::default()
         },

@@ -288,7 +288,8 @@ fn an_autoscaled_version_leaves_its_count_to_an_autoscaler_its_deployment_owns()
     let json = serde_json::to_value(&d).unwrap();
     assert!(json["spec"].get("replicas").is_none(), "{json}");
     d.metadata.uid = Some("uid-7".into());
-    let hpa = serde_json::to_value(autoscaler(&autoscaled, &AUTOSCALE, &d)).unwrap();
+    let hpa = autoscaler("shop", ("checkout", "v2"), &AUTOSCALE, &d);
+    let hpa = serde_json::to_value(hpa).unwrap();
     assert_eq!(
         hpa,
         serde_json::json!({

@@ -53,10 +53,9 @@ impl KubernetesDriver {
         owner: &Deployment,
         listed: &BTreeMap<String, HorizontalPodAutoscaler>,
     ) -> Result<(), String> {
-        let spec = self.spec(want, version, autoscale.min);
-        let object = objects::autoscaler(&spec, autoscale, owner);
-        let name = objects::deployment_name(&want.service, version);
         let ns = &self.namespace;
+        let object = objects::autoscaler(ns, (&want.service, version), autoscale, owner);
+        let name = objects::deployment_name(&want.service, version);
         let standing = self.applied_autoscalers.get(&name).is_some_and(|(o, at)| {
             *o == object && listed.contains_key(&name) && at.elapsed() < APPLY_AGAIN_AFTER
         });
