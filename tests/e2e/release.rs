@@ -49,7 +49,20 @@ async fn a_good_release_moves_every_proxy_through_the_manifests_weights_wave_by_
 async fn a_release_goes_through_its_waves_with_every_link_under_mutual_tls() {
     let mut world = World::start_tls(&[]).await.unwrap();
     assert!(world.fleet.controller.starts_with("https://"));
-    let id = released_step_by_step(&mut world).await;
+    let id = world.start_release("v2").await.unwrap();
+    // A controller killed mid-release: the agents dial the new one over TLS again.
+    let west_started = |r: &fleet_proto::v1::Release| {
+        r.regions
+            .iter()
+            .any(|g| g.region == "us-west" && g.canary_weight_bp > 0)
+    };
+    world
+        .wait_for(&id, RELEASE_TIME, west_started)
+        .await
+        .unwrap();
+    world.fleet.crash_and_restart_controller().await.unwrap();
+    assert!(world.fleet.controller.starts_with("https://localhost:"));
+    succeeded_step_by_step(&mut world, &id).await;
     // Started as the operator the client's certificate names, whatever the request said.
     let history = world.history(&id).await.unwrap();
     assert_eq!(history[0].kind, "release_started");
