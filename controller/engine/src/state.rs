@@ -188,9 +188,13 @@ impl RegionState {
         self.baseline = self.latest.clone().or(self.baseline.take());
     }
 
-    /// While the region waits for its desired state to be applied and ready: why, in words.
+    /// While the region waits for its desired state to be applied and ready (a step, or a
+    /// rollback, which has no deadline): why, in words.
     pub fn waiting_for(&self) -> Option<String> {
-        self.waiting_since.filter(|_| self.in_progress())?;
+        let rolling_back = self.status == RegionStatus::RollingBack && !self.applied();
+        if !rolling_back {
+            self.waiting_since.filter(|_| self.in_progress())?;
+        }
         let applied = self
             .desired
             .as_ref()

@@ -493,14 +493,7 @@ fn an_indefinite_pause_waits_for_promote() {
 
 #[test]
 fn pause_stops_the_clock_and_resume_restarts_it() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
-    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
-        s.engine.state().regions["us-west-1"].step_started.is_some()
-    }));
+    let mut sim = at_the_first_step();
     sim.run_until(TimeDelta::minutes(2), |_| false);
     sim.operator(Action::Pause);
     sim.run_until(TimeDelta::hours(2), |_| false);
@@ -543,14 +536,7 @@ fn abort_mid_step_rolls_back_every_region_reached() {
 
 #[test]
 fn a_lost_agent_holds_its_region_until_it_returns() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
-    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
-        s.engine.state().regions["us-west-1"].step_started.is_some()
-    }));
+    let mut sim = at_the_first_step();
     sim.agents_up.insert("us-west-1".into(), false);
     sim.engine.handle(
         sim.now,
@@ -787,6 +773,19 @@ fn proxies_are_asked_to_compare_only_when_the_manifest_says_so_or_its_gate_needs
     assert_eq!(asked(Some(Compare::Status), false), Some(Compare::Status));
 }
 
+/// A release of the four-wave example, its first region's first step applied.
+fn at_the_first_step() -> Sim {
+    let mut sim = Sim::new(
+        manifest("multi-region-canary"),
+        spec(None),
+        monday_morning(),
+    );
+    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
+        s.engine.state().regions["us-west-1"].step_started.is_some()
+    }));
+    sim
+}
+
 /// The history's `region_failed` lines: when, and why.
 fn failures(sim: &Sim) -> Vec<(TimeDelta, String)> {
     let failed = sim.history.iter().filter(|e| e.what == What::RegionFailed);
@@ -873,14 +872,7 @@ fn the_progress_deadline_stops_while_the_release_is_paused_or_the_agent_is_lost(
 
 #[test]
 fn a_step_whose_workloads_stop_being_ready_fails_if_they_stay_so_past_the_deadline() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
-    assert!(sim.run_until(TimeDelta::minutes(1), |s| {
-        s.engine.state().regions["us-west-1"].step_started.is_some()
-    }));
+    let mut sim = at_the_first_step();
     // The fake agent of us-west-1 says what it has applied, and how ready that is.
     let report = |sim: &mut Sim, ready: bool, detail: &str| {
         let event = Event::Applied {
@@ -977,4 +969,36 @@ fn resumed_after_a_held_deadline_failure_a_region_has_the_whole_deadline_again()
     assert!(!sim.run_until(TimeDelta::seconds(599), failed(2)));
     assert!(sim.run_until(TimeDelta::seconds(1), failed(2)));
     assert_eq!(failures(&sim)[1].0, resumed + TimeDelta::minutes(10));
+}
+
+#[test]
+fn a_rollback_that_is_not_yet_in_force_says_why_and_has_no_deadline() {
+    let mut sim = at_the_first_step();
+    sim.operator(Action::Abort);
+    let region = &sim.engine.state().regions["us-west-1"];
+    assert_eq!(region.status, RegionStatus::RollingBack);
+    // The fake agent answers the rollback two seconds later; before that it is not in force.
+    let seq = region.desired.as_ref().unwrap().seq;
+    let waiting = |s: &Sim| s.engine.state().regions["us-west-1"].waiting_for();
+    assert_eq!(
+        waiting(&sim).as_deref(),
+        Some("the agents have not applied it yet")
+    );
+    sim.pending.clear();
+    let event = Event::Applied {
+        region: "us-west-1".into(),
+        seq,
+        ready: false,
+        detail: "usw1-a: checkout-v1: 0 of 3 ready (ImagePullBackOff)".into(),
+    };
+    sim.engine.handle(sim.now, event);
+    sim.drain();
+    sim.run_until(TimeDelta::hours(1), |_| false);
+    assert_eq!(
+        waiting(&sim).as_deref(),
+        Some("the agents say: usw1-a: checkout-v1: 0 of 3 ready (ImagePullBackOff)")
+    );
+    let region = &sim.engine.state().regions["us-west-1"];
+    assert_eq!(region.deadline(std::time::Duration::ZERO), None);
+    assert!(failures(&sim).is_empty());
 }

@@ -104,6 +104,18 @@ pub fn release_status(r: &pb::Release) -> String {
             g.region, g.waiting
         );
     }
+    let rolling_back = |g: &&pb::RegionProgress| g.status == "rolling_back";
+    for g in r
+        .regions
+        .iter()
+        .filter(rolling_back)
+        .filter(|g| !g.waiting.is_empty())
+    {
+        out += &format!(
+            "{} is rolling back, not yet in force ({})\n",
+            g.region, g.waiting
+        );
+    }
     out
 }
 
