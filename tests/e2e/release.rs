@@ -109,7 +109,20 @@ async fn a_release_failing_five_percent_is_caught_and_rolled_back_before_the_nex
     let mut world = World::start(&[("FLEET_DEMO_FAULTS", "v2=0.05")])
         .await
         .unwrap();
-    let id = world.start_release("v2").await.unwrap();
+    // Started and followed as a pipeline would: one command, whose exit code is the outcome.
+    let fleetctl =
+        world.fleetctl_command(&["release", "start", "e2e", "v2", "--from", "v1", "--watch"]);
+    let (code, out) = tokio::task::spawn_blocking(move || fleet_e2e::run(fleetctl))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 1, "rolled back: {out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("started "))
+        .unwrap()
+        .to_string();
+    assert!(out.contains("rolled_back"), "{out}");
     let release = rolled_back_or_done(&mut world, &id).await;
     assert_eq!(release.phase, "rolled_back", "{release:#?}");
     assert!(

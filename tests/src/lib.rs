@@ -187,7 +187,13 @@ impl World {
     /// Runs `fleetctl ARGS --controller URL` (with the client's certificate under TLS) and
     /// returns its exit code and output.
     pub fn fleetctl(&self, args: &[&str]) -> anyhow::Result<(i32, String)> {
-        let mut command = std::process::Command::new(bin_dir()?.join("fleetctl"));
+        run(self.fleetctl_command(args))
+    }
+
+    /// `fleetctl ARGS` against this world's controller, to run (say, off the test's threads
+    /// with [`run`], for a command that follows a release to its end).
+    pub fn fleetctl_command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(bin("fleetctl"));
         command
             .args(args)
             .args(["--controller", &self.fleet.controller]);
@@ -201,10 +207,7 @@ impl World {
                 command.arg(flag).arg(path);
             }
         }
-        let out = command.output()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        Ok((out.status.code().unwrap_or(-1), text))
+        command
     }
 
     /// Stops every process the world started, and checks that none is left, service
@@ -247,4 +250,12 @@ async fn watch_split(region: String, url: String, splits: Arc<Mutex<BTreeMap<Str
 #[allow(clippy::unwrap_used)] // Tests only: a missing target directory is a broken build.
 pub fn bin(name: &str) -> std::path::PathBuf {
     bin_dir().unwrap().join(name)
+}
+
+/// Runs `command` to its end; its exit code and its output, stdout then stderr.
+pub fn run(mut command: std::process::Command) -> anyhow::Result<(i32, String)> {
+    let out = command.output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.code().unwrap_or(-1), text))
 }

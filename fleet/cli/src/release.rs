@@ -62,7 +62,7 @@ pub struct Apply {
 /// Start, follow and steer releases.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  fleetctl release start checkout v2\n  fleetctl release watch checkout-1\n  fleetctl release promote checkout-1"
+    after_help = "Examples:\n  fleetctl release start checkout v2\n  fleetctl release start checkout v2 --watch\n  fleetctl release watch checkout-1\n  fleetctl release promote checkout-1"
 )]
 pub struct Release {
     #[command(subcommand)]
@@ -90,6 +90,10 @@ enum ReleaseVerb {
         /// release instead of the manifest's.
         #[arg(long = "strategy", value_name = "FILE")]
         strategy: Option<String>,
+        /// Then follow it until it ends, as `release watch` does: exit 0 if it succeeded, 1
+        /// if not (for a pipeline whose step is the release).
+        #[arg(long)]
+        watch: bool,
     },
     /// List releases.
     List {
@@ -184,6 +188,7 @@ impl Release {
                 supersede,
                 from_version,
                 strategy,
+                watch,
             } => {
                 let strategy_override = match strategy {
                     Some(file) => std::fs::read_to_string(&file)
@@ -200,11 +205,19 @@ impl Release {
                     from_version: from_version.unwrap_or_default(),
                     strategy_override,
                 };
-                client
+                let started = client
                     .start_release(request)
                     .await
                     .map_err(status)?
-                    .into_inner()
+                    .into_inner();
+                if watch {
+                    if output == Output::Table {
+                        println!("started {}", started.id);
+                    }
+                    let fancy = output == Output::Table && std::io::stdout().is_terminal();
+                    return progress::watch(&mut client, &started.id, output, fancy).await;
+                }
+                started
             }
             ReleaseVerb::List { service } => {
                 let list = client
