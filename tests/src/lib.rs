@@ -252,10 +252,40 @@ pub fn bin(name: &str) -> std::path::PathBuf {
     bin_dir().unwrap().join(name)
 }
 
-/// Runs `command` to its end; its exit code and its output, stdout then stderr.
+/// Runs `command` to its end, within 2 minutes (it is killed then, and that is an error);
+/// its exit code and its output, stdout then stderr. Blocking: off a test's async threads,
+/// run it with `spawn_blocking`.
 pub fn run(mut command: std::process::Command) -> anyhow::Result<(i32, String)> {
-    let out = command.output()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    Ok((out.status.code().unwrap_or(-1), text))
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Read both pipes as the command writes, so that it never waits on a full one.
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("{command:?} did not end within 2 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = stdout.join().unwrap_or_default() + &stderr.join().unwrap_or_default();
+    Ok((status.code().unwrap_or(-1), text))
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn read_all(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
 }

@@ -90,26 +90,35 @@ enum Fault {
     Crash,
 }
 
-/// What `faults` ("v2=0.05,v3=0.5,v4=crash") gives `version`; a value that is neither is an
-/// error, so that a typo never quietly runs a healthy version.
+/// What `faults` ("v2=0.05,v3=0.5,v4=crash") gives `version`. The whole list is checked, so
+/// that a typo anywhere in it (a pair without `=`, a value that is neither a rate nor
+/// `crash`, a version given twice) is an error rather than a healthy version run quietly.
 fn fault_for(faults: &str, version: &str) -> anyhow::Result<Option<Fault>> {
-    let Some((_, fault)) = faults
-        .split(',')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(v, _)| v.trim() == version)
-    else {
-        return Ok(None);
-    };
-    match fault.trim() {
-        "crash" => Ok(Some(Fault::Crash)),
-        rate => match rate.parse::<f64>() {
-            Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(Some(Fault::FailRate(rate))),
-            _ => anyhow::bail!(
-                "FLEET_DEMO_FAULTS: {version}={rate:?} is neither a fail rate from 0 to 1 (e.g. \
-                 0.05) nor \"crash\""
-            ),
-        },
+    let mut found: Option<Fault> = None;
+    let mut seen = std::collections::BTreeSet::new();
+    for pair in faults.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((v, fault)) = pair.split_once('=') else {
+            anyhow::bail!("FLEET_DEMO_FAULTS: {pair:?} is not VERSION=RATE or VERSION=crash");
+        };
+        let v = v.trim();
+        if !seen.insert(v) {
+            anyhow::bail!("FLEET_DEMO_FAULTS: {v} is given twice; give each version once");
+        }
+        let fault = match fault.trim() {
+            "crash" => Fault::Crash,
+            rate => match rate.parse::<f64>() {
+                Ok(rate) if (0.0..=1.0).contains(&rate) => Fault::FailRate(rate),
+                _ => anyhow::bail!(
+                    "FLEET_DEMO_FAULTS: {v}={rate:?} is neither a fail rate from 0 to 1 (e.g. \
+                     0.05) nor \"crash\""
+                ),
+            },
+        };
+        if v == version {
+            found = Some(fault);
+        }
     }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -118,15 +127,20 @@ mod tests {
 
     #[test]
     fn faults_are_a_rate_or_a_crash_and_anything_else_is_refused() {
-        let faults = "v2=0.05, v3=crash,v4=crahs,v5=1.5";
+        let faults = "v2=0.05, v3=crash ,";
         assert!(matches!(fault_for(faults, "v2"), Ok(Some(Fault::FailRate(r))) if r == 0.05));
         assert!(matches!(fault_for(faults, "v3"), Ok(Some(Fault::Crash))));
         assert!(matches!(fault_for(faults, "v1"), Ok(None)));
-        for typo in ["v4", "v5"] {
-            let e = fault_for(faults, typo).err().map(|e| e.to_string());
+        for (typo, said) in [
+            ("v2=0.05,v4=crahs", "is neither a fail rate from 0 to 1"),
+            ("v2=0.05,v5=1.5", "is neither a fail rate"),
+            ("v2:crash", "is not VERSION=RATE or VERSION=crash"),
+            ("v2=0.05,v2=crash", "v2 is given twice"),
+        ] {
+            // Whichever version asks: a typo anywhere is refused.
+            let e = fault_for(typo, "v2").err().map(|e| e.to_string());
             assert!(
-                e.as_deref()
-                    .is_some_and(|e| e.contains("is neither a fail rate from 0 to 1")),
+                e.as_deref().is_some_and(|e| e.contains(said)),
                 "{typo}: {e:?}"
             );
         }

@@ -189,9 +189,12 @@ impl RegionState {
     }
 
     /// While the region waits for its desired state to be applied and ready (a step, or a
-    /// rollback, which has no deadline): why, in words.
+    /// rollback, which has no deadline, once its agents have reported on it): why, in words.
     pub fn waiting_for(&self) -> Option<String> {
-        let rolling_back = self.status == RegionStatus::RollingBack && !self.applied();
+        let rolling_back = self.status == RegionStatus::RollingBack
+            && self.reachable
+            && self.heard
+            && !self.applied();
         if !rolling_back {
             self.waiting_since.filter(|_| self.in_progress())?;
         }

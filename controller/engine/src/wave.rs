@@ -179,6 +179,9 @@ impl Engine {
             r.desired = Some(desired.clone());
             r.awaiting_hook = None;
             r.next_check = None;
+            // What the agents said of the step is not said of the rollback.
+            r.heard = false;
+            r.not_ready = None;
         }
         self.commands.push_back(Command::Desire {
             region: name.to_string(),

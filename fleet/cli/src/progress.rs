@@ -115,7 +115,7 @@ impl Bars {
             let verdict = if g.deadline_ms > 0 {
                 let left = (g.deadline_ms - now).max(0) / 1000;
                 format!(" · not ready, fails in {left}s: {}", short(&g.waiting))
-            } else if !g.waiting.is_empty() {
+            } else if g.status == "rolling_back" && !g.waiting.is_empty() {
                 format!(" · not yet in force: {}", short(&g.waiting))
             } else if g.last_verdict.is_empty() {
                 String::new()
