@@ -19,17 +19,13 @@ use x509_parser::extensions::GeneralName;
 
 use fleet_proto::names::{OPERATOR_DOMAIN, VIEWER_DOMAIN};
 
-/// The operator a request comes from under mutual TLS, put in the request's extensions by
-/// [`operators`].
+/// The operator a changing request comes from under mutual TLS, as the release service's
+/// `may_change` gives it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Operator(pub String);
 
-/// The viewer a request comes from under mutual TLS, put in the request's extensions by
-/// [`operators`]: it may read, not change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Viewer(pub String);
-
-/// Who may use the release API, as a certificate names them.
+/// Who may use the release API, as a certificate names them: put in each request's
+/// extensions by [`release_api_gate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {
     Operator(String),
@@ -124,8 +120,8 @@ pub fn peer_names<T>(request: &Request<T>, mutual: bool) -> Result<Option<Vec<St
 }
 
 /// The release API's gate: under mutual TLS only operators and viewers pass, each request
-/// carrying its [`Operator`] or [`Viewer`]. Every call that changes something asks for the
-/// operator (the release service's `caller`), which a viewer's request does not carry.
+/// carrying its [`Role`]. Every call that changes something passes the release service's
+/// `may_change` first, which refuses a viewer.
 pub fn release_api_gate(
     mutual: bool,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
@@ -135,15 +131,7 @@ pub fn release_api_gate(
                 tracing::warn!(%e, "release API call refused");
                 Status::permission_denied(e)
             })?;
-            let extensions = request.extensions_mut();
-            match role {
-                Role::Operator(name) => {
-                    extensions.insert(Operator(name));
-                }
-                Role::Viewer(name) => {
-                    extensions.insert(Viewer(name));
-                }
-            }
+            request.extensions_mut().insert(role);
         }
         Ok(request)
     }
@@ -250,7 +238,7 @@ mod tests {
     fn on_a_plain_listener_everyone_passes_unnamed() {
         let mut gate = release_api_gate(false);
         let passed = gate(Request::new(())).unwrap();
-        assert!(passed.extensions().get::<Operator>().is_none());
+        assert!(passed.extensions().get::<Role>().is_none());
         assert_eq!(peer_names(&Request::new(()), false).unwrap(), None);
         let e = peer_names(&Request::new(()), true).unwrap_err();
         assert_eq!(

@@ -12,7 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::identity::{Operator, Viewer};
+use crate::identity::{Operator, Role};
 use crate::runtime::{Controller, Running};
 
 pub struct Releases {
@@ -27,12 +27,15 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ReleaseEvent, Status>> +
 /// viewer's request is refused here; an operator's gives the operator its certificate names
 /// (under mutual TLS; `None` on a plain listener). A new changing call must begin with it.
 fn may_change<T>(request: &Request<T>) -> Result<Option<Operator>, Status> {
-    if let Some(Viewer(name)) = request.extensions().get::<Viewer>() {
-        let e = crate::identity::read_only(name);
-        tracing::warn!(%e, "release API change refused");
-        return Err(Status::permission_denied(e));
+    match request.extensions().get::<Role>() {
+        Some(Role::Operator(name)) => Ok(Some(Operator(name.clone()))),
+        Some(Role::Viewer(name)) => {
+            let e = crate::identity::read_only(name);
+            tracing::warn!(%e, "release API change refused");
+            Err(Status::permission_denied(e))
+        }
+        None => Ok(None),
     }
-    Ok(request.extensions().get::<Operator>().cloned())
 }
 
 /// Who acts: under mutual TLS the operator the certificate names, whatever the request's

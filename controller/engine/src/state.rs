@@ -196,7 +196,7 @@ impl RegionState {
             && self.heard
             && !self.applied();
         if !rolling_back {
-            self.waiting_since.filter(|_| self.in_progress())?;
+            self.waiting()?;
         }
         let applied = self
             .desired
@@ -212,8 +212,12 @@ impl RegionState {
     /// When the region fails for not having applied its desired state, if it is waiting.
     pub fn deadline(&self, progress_deadline: std::time::Duration) -> Option<DateTime<Utc>> {
         let deadline = chrono::TimeDelta::from_std(progress_deadline).ok()?;
-        let since = self.waiting_since.filter(|_| self.in_progress())?;
-        since.checked_add_signed(deadline)
+        self.waiting()?.checked_add_signed(deadline)
+    }
+
+    /// Since when the region, moving forward, has waited for its desired state.
+    fn waiting(&self) -> Option<DateTime<Utc>> {
+        self.waiting_since.filter(|_| self.in_progress())
     }
 
     /// The region is being moved forward by the release.
