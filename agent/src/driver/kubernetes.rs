@@ -175,7 +175,19 @@ impl KubernetesDriver {
         listed: &mut BTreeMap<String, Deployment>,
     ) -> Result<(), String> {
         let ns = &self.namespace;
-        let object = objects::deployment(&self.spec(want, version, replicas));
+        let object = objects::deployment(&Spec {
+            namespace: ns,
+            service: &want.service,
+            version,
+            replicas,
+            image: want.image.replace("{version}", version),
+            port: self.port,
+            health_check: &want.health_check,
+            cpu: &want.cpu,
+            memory: &want.memory,
+            run_as_user: want.run_as_user,
+            autoscale: want.autoscale,
+        });
         let standing = match (self.applied.get(name), listed.get(name)) {
             (Some(applied), Some(now)) => {
                 applied.object == object
@@ -188,18 +200,8 @@ impl KubernetesDriver {
             return Ok(());
         }
         if !listed.contains_key(name) {
-            // Not among the driver's: the name may be taken by another's Deployment.
-            let found = self.deployments.get_opt(name).await;
-            match found.map_err(|e| format!("reading Deployment {name} in namespace {ns}: {e}"))? {
-                Some(d) if !objects::is_ours(&d, &want.service, version) => {
-                    return Err(format!(
-                        "Deployment {name} in namespace {ns} is not fleet-agent's for {} {version}: \
-                         rename or delete it, or run the service in another namespace",
-                        want.service
-                    ));
-                }
-                _ => {}
-            }
+            let fix = "rename or delete it, or run the service in another namespace";
+            name_free(&self.deployments, name, (&want.service, version), ns, fix).await?;
         }
         if want.autoscale.is_some()
             && let Some(handover) = listed.get(name).and_then(objects::replicas_handover)
@@ -225,23 +227,6 @@ impl KubernetesDriver {
         Ok(())
     }
 
-    /// What runs `version`, `replicas` of it unless autoscaled.
-    fn spec<'a>(&'a self, want: &'a Want, version: &'a str, replicas: u32) -> Spec<'a> {
-        Spec {
-            namespace: &self.namespace,
-            service: &want.service,
-            version,
-            replicas,
-            image: want.image.replace("{version}", version),
-            port: self.port,
-            health_check: &want.health_check,
-            cpu: &want.cpu,
-            memory: &want.memory,
-            run_as_user: want.run_as_user,
-            autoscale: want.autoscale,
-        }
-    }
-
     /// Deletes the listed Deployments of no version in `wanted`.
     async fn delete_others(
         &mut self,
@@ -254,20 +239,9 @@ impl KubernetesDriver {
             .keys()
             .filter(|n| wanted.iter().all(|w| w.name != **n))
         {
-            match self
-                .deployments
-                .delete(name, &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(deployment = %name, namespace = %ns, "deleted: its version is no longer wanted");
-                }
-                // Gone already: what was wanted.
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    problems.push(format!("deleting Deployment {name} in namespace {ns}: {e}"));
-                    continue;
-                }
+            if let Err(e) = delete(&self.deployments, name, ns).await {
+                problems.push(e);
+                continue;
             }
             self.applied.remove(name);
             self.complete.remove(name);
@@ -328,6 +302,47 @@ impl KubernetesDriver {
         }
         running.detail = problems.join("; ");
         running
+    }
+}
+
+/// Checks that `name` is free for the driver's object of `service` and `version`: none of
+/// that kind has it, or the driver's does. `fix` says what to do when another's has it.
+async fn name_free<K>(
+    api: &Api<K>,
+    name: &str,
+    (service, version): (&str, &str),
+    ns: &str,
+    fix: &str,
+) -> Result<(), String>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    let found = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("reading {kind} {name} in namespace {ns}: {e}"))?;
+    match found {
+        Some(theirs) if !objects::is_ours(&theirs, service, version) => Err(format!(
+            "{kind} {name} in namespace {ns} is not fleet-agent's for {service} {version}: {fix}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes `name`; one gone already (404) is what was wanted.
+async fn delete<K>(api: &Api<K>, name: &str, ns: &str) -> Result<(), String>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {
+            tracing::info!(%kind, %name, namespace = %ns, "deleted: no longer wanted");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(format!("deleting {kind} {name} in namespace {ns}: {e}")),
     }
 }
 

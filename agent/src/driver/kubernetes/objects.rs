@@ -214,10 +214,9 @@ pub fn deployment(spec: &Spec<'_>) -> Deployment {
     }
 }
 
-/// The autoscaler of `service` `version`'s Deployment, `owner` (as the API server has it, with
-/// its uid):
-/// of the same name, keeping the pods' average CPU use at `cpu_percent` of their request
-/// between `min` and `max` pods. It is the Deployment's dependent, so the cluster's garbage
+/// The autoscaler of `service` `version`'s Deployment `owner` (as the API server has it, with
+/// its uid), of the same name, keeping the pods' average CPU use at `cpu_percent` of their
+/// request between `min` and `max` pods. It is the Deployment's dependent, so the cluster's garbage
 /// collector deletes it with the Deployment, whoever deletes that.
 pub fn autoscaler(
     namespace: &str,
@@ -292,14 +291,10 @@ pub fn replicas_handover(d: &Deployment) -> Option<serde_json::Value> {
     })
 }
 
-/// Whether `d` was made by the driver for `service` and `version`.
-pub fn is_ours(d: &Deployment, service: &str, version: &str) -> bool {
-    is_ours_meta(&d.metadata, service, version)
-}
-
-/// Whether an object with `meta` was made by the driver for `service` and `version`.
-pub fn is_ours_meta(meta: &ObjectMeta, service: &str, version: &str) -> bool {
-    let labels = meta.labels.as_ref();
+/// Whether `object` (a Deployment, an autoscaler) was made by the driver for `service` and
+/// `version`.
+pub fn is_ours(object: &impl kube::Resource, service: &str, version: &str) -> bool {
+    let labels = object.meta().labels.as_ref();
     let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
     label(MANAGED_BY) == Some(MANAGER)
         && label(NAME) == Some(service)

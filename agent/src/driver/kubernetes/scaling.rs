@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use tokio::time::Instant;
 
 use super::objects::{self, HANDOVER, MANAGER};
-use super::{APPLY_AGAIN_AFTER, KubernetesDriver, Wanted};
+use super::{APPLY_AGAIN_AFTER, KubernetesDriver, Wanted, delete, name_free};
 use crate::driver::{Autoscale, Want};
 
 impl KubernetesDriver {
@@ -63,18 +63,9 @@ impl KubernetesDriver {
             return Ok(());
         }
         if !listed.contains_key(&name) {
-            // Not among the driver's: the name may be taken by another's autoscaler.
-            let found = self.autoscalers.get_opt(&name).await.map_err(|e| {
-                format!("reading HorizontalPodAutoscaler {name} in namespace {ns}: {e}")
-            })?;
-            if found.is_some_and(|a| !objects::is_ours_meta(&a.metadata, &want.service, version)) {
-                return Err(format!(
-                    "HorizontalPodAutoscaler {name} in namespace {ns} is not fleet-agent's for \
-                     {} {version}: delete it (the agent makes its own), or run the service in \
-                     another namespace",
-                    want.service
-                ));
-            }
+            let fix =
+                "delete it (the agent makes its own), or run the service in another namespace";
+            name_free(&self.autoscalers, &name, (&want.service, version), ns, fix).await?;
         }
         let params = PatchParams::apply(MANAGER).force();
         self.autoscalers
@@ -125,19 +116,9 @@ impl KubernetesDriver {
             if (is_wanted && autoscaled) || (!is_wanted && keep_others) {
                 continue;
             }
-            match self
-                .autoscalers
-                .delete(name, &DeleteParams::default())
-                .await
-            {
-                Ok(_) => tracing::info!(autoscaler = %name, namespace = %ns, "deleted"),
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    problems.push(format!(
-                        "deleting HorizontalPodAutoscaler {name} in namespace {ns}: {e}"
-                    ));
-                    continue;
-                }
+            if let Err(e) = delete(&self.autoscalers, name, ns).await {
+                problems.push(e);
+                continue;
             }
             self.applied_autoscalers.remove(name);
         }
