@@ -28,6 +28,21 @@ impl ClientTls {
     fn is_set(&self) -> bool {
         self.ca.is_some() || self.cert.is_some() || self.key.is_some()
     }
+
+    /// The flags that give these settings to fleetctl or fleet-agent (`--ca FILE`, …), those
+    /// set only.
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        let flags = [
+            ("--ca", &self.ca),
+            ("--tls-cert", &self.cert),
+            ("--tls-key", &self.key),
+        ];
+        let set = flags
+            .into_iter()
+            .filter_map(|(f, p)| Some((f, p.as_ref()?)));
+        set.flat_map(|(flag, path)| [flag.into(), path.into()])
+            .collect()
+    }
 }
 
 /// A channel to the controller at `url`, connected.

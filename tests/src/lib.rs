@@ -197,16 +197,7 @@ impl World {
         command
             .args(args)
             .args(["--controller", &self.fleet.controller]);
-        let tls = self.fleet.client_tls();
-        for (flag, path) in [
-            ("--ca", tls.ca),
-            ("--tls-cert", tls.cert),
-            ("--tls-key", tls.key),
-        ] {
-            if let Some(path) = path {
-                command.arg(flag).arg(path);
-            }
-        }
+        command.args(self.fleet.client_tls().args());
         command
     }
 

@@ -375,11 +375,7 @@ fn snapshot(name: &str) -> expect_test::ExpectFile {
 
 #[test]
 fn a_good_release_goes_through_four_waves_with_their_bakes() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     assert!(sim.run_promoting(TimeDelta::days(1)));
     assert_eq!(sim.engine.state().phase, Phase::Succeeded);
     for region in [
@@ -413,11 +409,7 @@ fn a_good_release_goes_through_four_waves_with_their_bakes() {
 
 #[test]
 fn a_release_failing_five_percent_is_rolled_back_where_it_reached() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     sim.v2_error_rate = 0.05;
     assert!(sim.run_promoting(TimeDelta::days(1)));
     assert!(matches!(sim.engine.state().phase, Phase::RolledBack { .. }));
@@ -439,11 +431,7 @@ fn a_release_failing_five_percent_is_rolled_back_where_it_reached() {
 
 #[test]
 fn a_region_without_traffic_holds_at_its_first_analysed_step_and_says_why() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     sim.rps.insert("us-west-1".into(), 0);
     sim.run_until(TimeDelta::hours(3), |_| false);
     let region = &sim.engine.state().regions["us-west-1"];
@@ -468,11 +456,7 @@ fn a_region_without_traffic_holds_at_its_first_analysed_step_and_says_why() {
 
 #[test]
 fn an_indefinite_pause_waits_for_promote() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     let at_fifty = |s: &Sim| {
         s.engine.state().regions["us-west-1"].step == 2
             && s.engine.state().regions["us-west-1"].step_started.is_some()
@@ -516,11 +500,7 @@ fn pause_stops_the_clock_and_resume_restarts_it() {
 
 #[test]
 fn abort_mid_step_rolls_back_every_region_reached() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     assert!(sim.run_promoting_until(TimeDelta::hours(3), |s| {
         s.engine.state().regions["us-east-1"].step == 1
     }));
@@ -563,11 +543,7 @@ fn a_lost_agent_holds_its_region_until_it_returns() {
 
 #[test]
 fn a_restored_engine_carries_on_from_the_same_step_and_applies_nothing_twice() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     assert!(sim.run_promoting_until(TimeDelta::hours(3), |s| {
         s.engine.state().regions["us-east-1"].step == 1
     }));
@@ -773,17 +749,27 @@ fn proxies_are_asked_to_compare_only_when_the_manifest_says_so_or_its_gate_needs
     assert_eq!(asked(Some(Compare::Status), false), Some(Compare::Status));
 }
 
-/// A release of the four-wave example, its first region's first step applied.
-fn at_the_first_step() -> Sim {
-    let mut sim = Sim::new(
+/// A release of the four-wave example (`multi-region-canary`), on a Monday morning.
+fn four_waves() -> Sim {
+    Sim::new(
         manifest("multi-region-canary"),
         spec(None),
         monday_morning(),
-    );
+    )
+}
+
+/// A release of the four-wave example, its first region's first step applied.
+fn at_the_first_step() -> Sim {
+    let mut sim = four_waves();
     assert!(sim.run_until(TimeDelta::minutes(10), |s| {
         s.engine.state().regions["us-west-1"].step_started.is_some()
     }));
     sim
+}
+
+/// Whether a region has failed.
+fn failed(s: &Sim) -> bool {
+    !failures(s).is_empty()
 }
 
 /// The history's `region_failed` lines: when, and why.
@@ -802,11 +788,7 @@ const DEADLINE_FAILURE: &str = "us-west-1 waited 10m (progress_deadline) for ste
 
 #[test]
 fn a_new_version_that_never_becomes_ready_fails_its_region_at_the_progress_deadline() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     sim.v2_ready = false;
     assert!(sim.run_to_end(TimeDelta::days(1)));
     assert!(matches!(sim.engine.state().phase, Phase::RolledBack { .. }));
@@ -827,13 +809,8 @@ fn a_new_version_that_never_becomes_ready_fails_its_region_at_the_progress_deadl
 
 #[test]
 fn the_progress_deadline_stops_while_the_release_is_paused_or_the_agent_is_lost() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     sim.v2_ready = false;
-    let failed = |s: &Sim| !failures(s).is_empty();
     sim.run_until(TimeDelta::minutes(4), failed);
     sim.operator(Action::Pause);
     assert!(!sim.run_until(TimeDelta::hours(2), failed), "paused");
@@ -884,7 +861,6 @@ fn a_step_whose_workloads_stop_being_ready_fails_if_they_stay_so_past_the_deadli
         sim.engine.handle(sim.now, event);
         sim.drain();
     };
-    let failed = |s: &Sim| !failures(s).is_empty();
     // Unready for nine minutes, then ready again: the step carries on. Meanwhile its pause
     // and analysis stood still (the simulation stops with "stuck" if the engine asks to be
     // woken at a time already past).
@@ -913,13 +889,8 @@ fn a_step_whose_workloads_stop_being_ready_fails_if_they_stay_so_past_the_deadli
 
 #[test]
 fn a_restored_engine_gives_a_waiting_region_the_whole_deadline_again() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     sim.v2_ready = false;
-    let failed = |s: &Sim| !failures(s).is_empty();
     assert!(!sim.run_until(TimeDelta::minutes(8), failed));
     // A crash, and a controller back an hour later: only the persisted state survives, and
     // nothing was heard meanwhile.
@@ -940,11 +911,7 @@ fn a_restored_engine_gives_a_waiting_region_the_whole_deadline_again() {
 
 #[test]
 fn a_region_whose_agents_never_answer_holds_rather_than_fails() {
-    let mut sim = Sim::new(
-        manifest("multi-region-canary"),
-        spec(None),
-        monday_morning(),
-    );
+    let mut sim = four_waves();
     // Agents gone before the release began: the engine was never told, yet hears nothing.
     sim.agents_up.insert("us-west-1".into(), false);
     sim.run_until(TimeDelta::hours(2), |_| false);
@@ -957,8 +924,8 @@ fn a_region_whose_agents_never_answer_holds_rather_than_fails() {
 fn resumed_after_a_held_deadline_failure_a_region_has_the_whole_deadline_again() {
     let mut sim = Sim::new(manifest("blue-green"), spec(None), monday_morning());
     sim.v2_ready = false;
-    let failed = |n: usize| move |s: &Sim| failures(s).len() >= n;
-    assert!(sim.run_until(TimeDelta::hours(1), failed(1)));
+    let failed_times = |n: usize| move |s: &Sim| failures(s).len() >= n;
+    assert!(sim.run_until(TimeDelta::hours(1), failed_times(1)));
     let first = failures(&sim)[0].0;
     // on_failure: hold pauses the release; an operator resumes it an hour later.
     assert!(matches!(sim.engine.state().phase, Phase::Paused { .. }));
@@ -966,8 +933,8 @@ fn resumed_after_a_held_deadline_failure_a_region_has_the_whole_deadline_again()
     sim.operator(Action::Resume);
     let resumed = sim.now - sim.start;
     assert_eq!(resumed, first + TimeDelta::hours(1));
-    assert!(!sim.run_until(TimeDelta::seconds(599), failed(2)));
-    assert!(sim.run_until(TimeDelta::seconds(1), failed(2)));
+    assert!(!sim.run_until(TimeDelta::seconds(599), failed_times(2)));
+    assert!(sim.run_until(TimeDelta::seconds(1), failed_times(2)));
     assert_eq!(failures(&sim)[1].0, resumed + TimeDelta::minutes(10));
 }
 

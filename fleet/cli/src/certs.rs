@@ -179,7 +179,7 @@ impl Authority {
 
     /// The CA in `--dir`, to sign with.
     fn issuer(&self) -> anyhow::Result<Issuer<'static, KeyPair>> {
-        let (cert, key) = (self.dir.join("ca.pem"), self.dir.join("ca.key"));
+        let [cert, key] = self.files("ca");
         let read = |path: &Path| {
             std::fs::read_to_string(path).with_context(|| {
                 format!(
@@ -217,14 +217,17 @@ impl Authority {
         Ok(params)
     }
 
+    /// Where `file`'s certificate and key are: `<dir>/<file>.pem`, `<dir>/<file>.key`.
+    pub fn files(&self, file: &str) -> [PathBuf; 2] {
+        let path = |ext: &str| self.dir.join(format!("{file}.{ext}"));
+        [path("pem"), path("key")]
+    }
+
     /// Writes `<file>.pem` and `<file>.key` (owner-only), refusing to overwrite either.
     fn write(&self, file: &str, cert: &str, key: &str) -> anyhow::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("making {}", self.dir.display()))?;
-        let paths = [
-            self.dir.join(format!("{file}.pem")),
-            self.dir.join(format!("{file}.key")),
-        ];
+        let paths = self.files(file);
         for path in &paths {
             if path.exists() {
                 bail!(

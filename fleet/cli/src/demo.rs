@@ -93,14 +93,11 @@ impl Demo {
             );
         }
         let tls = fleet.client_tls();
-        if let (Some(ca), Some(cert), Some(key)) = (&tls.ca, &tls.cert, &tls.key) {
-            println!(
-                "controller {} under mutual TLS: fleetctl --ca {} --tls-cert {} --tls-key {}",
-                fleet.controller,
-                ca.display(),
-                cert.display(),
-                key.display()
-            );
+        let flags = tls.args();
+        if !flags.is_empty() {
+            let flags: Vec<_> = flags.iter().map(|f| f.to_string_lossy()).collect();
+            let (url, flags) = (&fleet.controller, flags.join(" "));
+            println!("controller {url} under mutual TLS: fleetctl {flags}");
         }
         let mut client = connect(&fleet.controller, &tls).await?;
         client

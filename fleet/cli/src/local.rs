@@ -67,18 +67,19 @@ impl LocalTls {
 
     /// What a client showing `name`'s certificate gives to connect.
     fn client(&self, name: &str) -> ClientTls {
-        let dir = &self.authority.dir;
+        let ([ca, _], [cert, key]) = (self.authority.files("ca"), self.authority.files(name));
         ClientTls {
-            ca: Some(dir.join("ca.pem")),
-            cert: Some(dir.join(format!("{name}.pem"))),
-            key: Some(dir.join(format!("{name}.key"))),
+            ca: Some(ca),
+            cert: Some(cert),
+            key: Some(key),
         }
     }
 
     /// The agent of `cluster` in `region`'s, made the first time it is asked for.
     fn agent(&self, region: &str, cluster: &str) -> anyhow::Result<ClientTls> {
         let name = names::agent(region, cluster);
-        if !self.authority.dir.join(format!("{name}.pem")).exists() {
+        let [cert, _] = self.authority.files(&name);
+        if !cert.exists() {
             self.authority.client(&name)?;
         }
         Ok(self.client(&name))
@@ -190,14 +191,16 @@ impl LocalFleet {
             .args(["--listen", listen, "--admin", "127.0.0.1:0", "--data"])
             .arg(&data);
         if let Some(tls) = &self.tls {
-            let dir = &tls.authority.dir;
-            command
-                .arg("--tls-cert")
-                .arg(dir.join("controller.pem"))
-                .arg("--tls-key")
-                .arg(dir.join("controller.key"))
-                .arg("--client-ca")
-                .arg(dir.join("ca.pem"));
+            let [cert, key] = tls.authority.files("controller");
+            let [ca, _] = tls.authority.files("ca");
+            let flags = [
+                ("--tls-cert", cert),
+                ("--tls-key", key),
+                ("--client-ca", ca),
+            ];
+            for (flag, path) in flags {
+                command.arg(flag).arg(path);
+            }
         }
         let mut child = command
             .stdout(Stdio::piped())
@@ -280,13 +283,7 @@ impl LocalFleet {
             ])
             .env("PATH", std::env::join_paths(paths)?);
         if let Some(tls) = &self.tls {
-            let ClientTls { ca, cert, key } = tls.agent(region, cluster)?;
-            let flags = [("--ca", ca), ("--tls-cert", cert), ("--tls-key", key)];
-            for (flag, path) in flags {
-                if let Some(path) = path {
-                    command.arg(flag).arg(path);
-                }
-            }
+            command.args(tls.agent(region, cluster)?.args());
         }
         for (k, v) in env {
             command.env(k, v);
