@@ -294,6 +294,9 @@ async fn a_lost_agent_holds_its_region_with_the_proxy_serving_the_last_table_unt
 async fn a_controller_killed_mid_release_carries_on_from_the_same_step_after_a_restart() {
     let mut world = World::start(&[]).await.unwrap();
     let id = world.start_release("v2").await.unwrap();
+    // Followed from the start as a pipeline would, through the controller's crash.
+    let watch = world.fleetctl_command(&["release", "watch", &id, "--output", "json"]);
+    let watch = tokio::task::spawn_blocking(move || fleet_e2e::run(watch));
     let east_started = |r: &fleet_proto::v1::Release| {
         r.regions
             .iter()
@@ -303,8 +306,38 @@ async fn a_controller_killed_mid_release_carries_on_from_the_same_step_after_a_r
         .wait_for(&id, RELEASE_TIME, east_started)
         .await
         .unwrap();
-    world.fleet.crash_and_restart_controller().await.unwrap();
+    // A watch told to bear a second without the controller gives up, saying how to go on.
+    let impatient = world.fleetctl_command(&["release", "watch", &id, "--reconnect-for", "1s"]);
+    let mut impatient = fleet_e2e::Running::start(impatient).unwrap();
+    let first = impatient.line(Duration::from_secs(10)).await.unwrap();
+    assert!(first.contains("release_started"), "{first}");
+    world.fleet.crash_controller().await.unwrap();
+    let (code, out) = tokio::task::spawn_blocking(move || impatient.finish())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 2, "not the release's outcome: {out}");
+    assert!(
+        out.contains(&format!(
+            "gave up following {id} after 1s without the controller"
+        )) && out.contains(&format!("`fleetctl release watch {id}` follows it again")),
+        "{out}"
+    );
+    world.fleet.restart_controller().await.unwrap();
     succeeded_step_by_step(&mut world, &id).await;
+    // The other watch dialled the new controller, printed every event once and in order, and
+    // exited 0 for the release's success.
+    let (code, out) = watch.await.unwrap().unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("lost the controller: "), "{out}");
+    assert!(out.contains(&format!("following {id} again")), "{out}");
+    let printed: Vec<u64> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    let told = world.history(&id).await.unwrap().len() as u64;
+    assert_eq!(printed, (0..told).collect::<Vec<_>>(), "{out}");
     for region in ["us-west", "us-east", "eu-west"] {
         // The start-up table, the baseline of regions whose wave comes later, one per step
         // and the promotion: none applied twice.

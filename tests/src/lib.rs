@@ -246,28 +246,83 @@ pub fn bin(name: &str) -> std::path::PathBuf {
 /// Runs `command` to its end, within 2 minutes (it is killed then, and that is an error);
 /// its exit code and its output, stdout then stderr. Blocking: off a test's async threads,
 /// run it with `spawn_blocking`.
-pub fn run(mut command: std::process::Command) -> anyhow::Result<(i32, String)> {
-    let mut child = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    // Read both pipes as the command writes, so that it never waits on a full one.
-    let stdout = read_all(child.stdout.take());
-    let stderr = read_all(child.stderr.take());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+pub fn run(command: std::process::Command) -> anyhow::Result<(i32, String)> {
+    Running::start(command)?.finish()
+}
+
+/// A command running beside the test, its stdout read line by line as it writes.
+pub struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    pub fn start(mut command: std::process::Command) -> anyhow::Result<Running> {
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        // Read both pipes as the command writes, so that it never waits on a full one.
+        let (tx, lines) = std::sync::mpsc::channel();
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                    if line
+                        .and_then(|l| tx.send(l).map_err(std::io::Error::other))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("{command:?} did not end within 2 minutes");
+        let stderr = read_all(child.stderr.take());
+        Ok(Running {
+            child,
+            lines,
+            stderr,
+        })
+    }
+
+    /// The next line of its stdout, within `within`.
+    pub async fn line(&mut self, within: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.lines.try_recv() {
+                Ok(line) => return Ok(line),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    anyhow::bail!("its stdout ended")
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) if Instant::now() > deadline => {
+                    anyhow::bail!("no line within {within:?}")
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = stdout.join().unwrap_or_default() + &stderr.join().unwrap_or_default();
-    Ok((status.code().unwrap_or(-1), text))
+    }
+
+    /// Waits for its end, within 2 minutes (it is killed then, and that is an error): its
+    /// exit code and the output not yet read, stdout then stderr. Blocking, as [`run`].
+    pub fn finish(mut self) -> anyhow::Result<(i32, String)> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                anyhow::bail!("a command did not end within 2 minutes");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut text: String = self.lines.iter().map(|l| l + "\n").collect();
+        text += &self.stderr.join().unwrap_or_default();
+        Ok((status.code().unwrap_or(-1), text))
+    }
 }
 
 /// Reads `pipe` to its end on a thread of its own.

@@ -174,8 +174,18 @@ impl LocalFleet {
     /// Kills the controller with SIGKILL and starts a new one on the same address and data
     /// directory, as after a crash; the agents reconnect to it.
     pub async fn crash_and_restart_controller(&mut self) -> anyhow::Result<()> {
+        self.crash_controller().await?;
+        self.restart_controller().await
+    }
+
+    /// Kills the controller with SIGKILL, as a crash would.
+    pub async fn crash_controller(&mut self) -> anyhow::Result<()> {
         self.stop_one("controller", rustix::process::Signal::KILL)
-            .await?;
+            .await
+    }
+
+    /// Starts a controller on the last one's address and data directory.
+    pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
         let addr = self
             .controller_addr
             .context("no controller has listened yet")?

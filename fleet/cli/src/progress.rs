@@ -3,65 +3,88 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::release_service_client::ReleaseServiceClient;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_stream::StreamExt;
+use tonic::Streaming;
 use tonic::transport::Channel;
 
-use crate::release::status;
+use crate::release::{status, told};
 use crate::render;
 use crate::verbs::Output;
 
-/// Follows release `id` until it ends. Exit 0 if it succeeded, 1 if not.
+/// Follows release `id` until it ends. Exit 0 if it succeeded, 1 if not; an error (exit 2)
+/// if it could not be followed to its end.
+///
+/// A controller that goes away (a restart, an upgrade, a connection lost) is dialled again
+/// for up to `reconnect_for`, and the events go on from the first one not yet printed: a
+/// pipeline's release step outlives the controller's restarts, and prints each event once, in
+/// order.
 pub async fn watch(
     client: &mut ReleaseServiceClient<Channel>,
     id: &str,
     output: Output,
     fancy: bool,
+    reconnect_for: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let mut events = client
-        .watch(pb::WatchRequest {
+    let mut printer = Printer {
+        output,
+        bars: fancy.then(Bars::default),
+        next: 0,
+    };
+    let mut lost: Option<Lost> = None;
+    let release = loop {
+        let request = pb::WatchRequest {
             id: id.to_string(),
-            after_index: 0,
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
-    let mut bars = fancy.then(Bars::default);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            event = events.next() => match event {
-                Some(Ok(e)) => {
-                    let line = match output {
-                        Output::Json => render::event_json(&e).to_string(),
-                        Output::Table => render::event_line(&e),
-                    };
-                    match &bars {
-                        Some(b) => b.multi.suspend(|| println!("{line}")),
-                        None => println!("{line}"),
-                    }
+            after_index: printer.next,
+        };
+        let followed = match client.watch(request).await {
+            Ok(events) => {
+                if lost.take().is_some() {
+                    printer.warn(&format!("following {id} again"));
                 }
-                Some(Err(s)) => return Err(status(s)),
-                None => break,
-            },
-            _ = tick.tick(), if bars.is_some() => {
-                let release = client.get_release(pb::GetReleaseRequest { id: id.to_string() }).await.map_err(status)?.into_inner();
-                if let Some(b) = &mut bars {
-                    b.update(&release);
-                }
+                printer.follow(events.into_inner(), client, id).await
             }
+            Err(s) => Err(s),
+        };
+        let why = match followed {
+            // The stream ends when the release has, or when the controller stops.
+            Ok(()) => match client.get_release(get(id)).await {
+                Ok(r) if TERMINAL.contains(&r.get_ref().phase.as_str()) => break r.into_inner(),
+                Ok(_) => "it ended the stream while the release goes on".to_string(),
+                Err(s) if resumable(&s) => format!("the connection failed: {}", told(&s)),
+                Err(s) => return Err(status(s)),
+            },
+            Err(s) if resumable(&s) => format!("the connection failed: {}", told(&s)),
+            Err(s) => return Err(status(s)),
+        };
+        let loss = lost.get_or_insert_with(|| {
+            printer.warn(&format!(
+                "lost the controller: {why}; dialling it again for up to {}",
+                humantime::format_duration(reconnect_for)
+            ));
+            Lost::new()
+        });
+        if loss.since.elapsed() >= reconnect_for {
+            anyhow::bail!(
+                "gave up following {id} after {} without the controller (last: {why}); the \
+                 release goes on without this command: `fleetctl release watch {id}` follows it again",
+                humantime::format_duration(reconnect_for)
+            );
+        }
+        tokio::time::sleep(loss.backoff()).await;
+    };
+    // What the stream had not yet told when it ended (a controller that stopped just after
+    // the release ended, say).
+    if let Ok(history) = client.history(pb::HistoryRequest { id: id.into() }).await {
+        for e in &history.get_ref().events {
+            printer.event(e);
         }
     }
-    let release = client
-        .get_release(pb::GetReleaseRequest { id: id.to_string() })
-        .await
-        .map_err(status)?
-        .into_inner();
-    if let Some(b) = &mut bars {
+    if let Some(b) = &mut printer.bars {
         b.update(&release);
         b.finish();
     }
@@ -73,6 +96,120 @@ pub async fn watch(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// How long a command following a release dials a controller that went away, unless told.
+pub const RECONNECT_FOR: Duration = Duration::from_secs(300);
+
+/// The phases a release ends in.
+const TERMINAL: [&str; 2] = ["succeeded", "rolled_back"];
+
+fn get(id: &str) -> pb::GetReleaseRequest {
+    pb::GetReleaseRequest { id: id.to_string() }
+}
+
+/// Whether following may go on after `s` once the controller is back: not after an answer
+/// that another try would only repeat (no such release, a certificate it refuses).
+fn resumable(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    !matches!(
+        s.code(),
+        Code::NotFound
+            | Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::Unimplemented
+            | Code::FailedPrecondition
+    )
+}
+
+/// Since when the controller has been away, and how long to wait before dialling it again.
+struct Lost {
+    since: Instant,
+    wait: Duration,
+}
+
+impl Lost {
+    fn new() -> Lost {
+        Lost {
+            since: Instant::now(),
+            wait: Duration::from_millis(250),
+        }
+    }
+
+    /// The wait before the next try: doubled each time, up to 5 s.
+    fn backoff(&mut self) -> Duration {
+        let wait = self.wait;
+        self.wait = (wait * 2).min(Duration::from_secs(5));
+        wait
+    }
+}
+
+/// Prints a release's events, each once, and keeps its bars.
+struct Printer {
+    output: Output,
+    bars: Option<Bars>,
+    /// The index of the next event to print.
+    next: u64,
+}
+
+impl Printer {
+    /// Prints the events of one watch stream as they come, until it ends (`Ok`) or fails.
+    async fn follow(
+        &mut self,
+        mut events: Streaming<pb::ReleaseEvent>,
+        client: &mut ReleaseServiceClient<Channel>,
+        id: &str,
+    ) -> Result<(), tonic::Status> {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(Ok(e)) => self.event(&e),
+                    Some(Err(s)) => return Err(s),
+                    None => return Ok(()),
+                },
+                _ = tick.tick(), if self.bars.is_some() => {
+                    // A look that fails leaves the bars as they were: the stream tells of a
+                    // controller gone.
+                    if let (Ok(release), Some(b)) = (client.get_release(get(id)).await, &mut self.bars) {
+                        b.update(release.get_ref());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Prints `e`, unless it was printed already.
+    fn event(&mut self, e: &pb::ReleaseEvent) {
+        let Some(line) = self.line(e) else {
+            return;
+        };
+        match &self.bars {
+            Some(b) => b.multi.suspend(|| println!("{line}")),
+            None => println!("{line}"),
+        }
+    }
+
+    /// The line to print for `e`: none for an event printed already.
+    fn line(&mut self, e: &pb::ReleaseEvent) -> Option<String> {
+        if e.index < self.next {
+            return None;
+        }
+        self.next = e.index + 1;
+        Some(match self.output {
+            Output::Json => render::event_json(e).to_string(),
+            Output::Table => render::event_line(e),
+        })
+    }
+
+    /// Tells of the controller on stderr, out of the way of the events.
+    fn warn(&self, line: &str) {
+        match &self.bars {
+            Some(b) => b.multi.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -146,4 +283,58 @@ fn short(verdict: &str) -> String {
         s.push('…');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_connection_is_dialled_again_and_an_answer_is_not() {
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::Unknown,
+            tonic::Code::Internal,
+            tonic::Code::Cancelled,
+        ] {
+            assert!(resumable(&tonic::Status::new(code, "cut")), "{code:?}");
+        }
+        for code in [
+            tonic::Code::NotFound,
+            tonic::Code::PermissionDenied,
+            tonic::Code::Unauthenticated,
+        ] {
+            assert!(!resumable(&tonic::Status::new(code, "no")), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn the_wait_between_tries_doubles_up_to_five_seconds() {
+        let mut lost = Lost::new();
+        let waits: Vec<u64> = (0..7).map(|_| lost.backoff().as_millis() as u64).collect();
+        assert_eq!(waits, [250, 500, 1000, 2000, 4000, 5000, 5000]);
+    }
+
+    #[test]
+    fn an_event_already_printed_is_not_printed_again() {
+        let mut printer = Printer {
+            output: Output::Json,
+            bars: None,
+            next: 0,
+        };
+        let event = |index| pb::ReleaseEvent {
+            index,
+            ..Default::default()
+        };
+        let printed: Vec<u64> = [0, 1, 1, 0, 2]
+            .into_iter()
+            .filter_map(|index| printer.line(&event(index)))
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(&line).unwrap()["index"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(printed, [0, 1, 2]);
+    }
 }

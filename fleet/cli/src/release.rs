@@ -91,9 +91,12 @@ enum ReleaseVerb {
         #[arg(long = "strategy", value_name = "FILE")]
         strategy: Option<String>,
         /// Then follow it until it ends, as `release watch` does: exit 0 if it succeeded, 1
-        /// if not (for a pipeline whose step is the release).
+        /// if not, 2 if it could not be followed to its end (for a pipeline whose step is the
+        /// release).
         #[arg(long)]
         watch: bool,
+        #[command(flatten)]
+        follow: Follow,
     },
     /// List releases.
     List {
@@ -102,8 +105,13 @@ enum ReleaseVerb {
     },
     /// Show a release: phase, wave, and every region's step and last verdict.
     Status { id: String },
-    /// Follow a release live until it ends; exits 0 if it succeeded.
-    Watch { id: String },
+    /// Follow a release live until it ends; exits 0 if it succeeded, 1 if not, 2 if it could
+    /// not be followed to its end.
+    Watch {
+        id: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
     /// Every event of a release, with its actor, reason and numbers.
     History { id: String },
     /// Pass the current gate: an approval, a bake, or the current step of every region.
@@ -114,6 +122,15 @@ enum ReleaseVerb {
     Resume(Steer),
     /// Roll every region the release reached back to the stable version.
     Abort(Steer),
+}
+
+/// How a command that follows a release bears with a controller that goes away.
+#[derive(Args, Debug)]
+struct Follow {
+    /// While following, dial a controller that went away (a restart, a lost connection) again
+    /// for this long before giving up; the events go on where they stopped.
+    #[arg(long, value_name = "DURATION", default_value_t = progress::RECONNECT_FOR.into())]
+    reconnect_for: humantime::Duration,
 }
 
 #[derive(Args, Debug)]
@@ -189,6 +206,7 @@ impl Release {
                 from_version,
                 strategy,
                 watch,
+                follow,
             } => {
                 let strategy_override = match strategy {
                     Some(file) => std::fs::read_to_string(&file)
@@ -215,7 +233,14 @@ impl Release {
                         println!("started {}", started.id);
                     }
                     let fancy = output == Output::Table && std::io::stdout().is_terminal();
-                    return progress::watch(&mut client, &started.id, output, fancy).await;
+                    return progress::watch(
+                        &mut client,
+                        &started.id,
+                        output,
+                        fancy,
+                        follow.reconnect_for.into(),
+                    )
+                    .await;
                 }
                 started
             }
@@ -243,9 +268,10 @@ impl Release {
                 .await
                 .map_err(status)?
                 .into_inner(),
-            ReleaseVerb::Watch { id } => {
+            ReleaseVerb::Watch { id, follow } => {
                 let fancy = output == Output::Table && std::io::stdout().is_terminal();
-                return progress::watch(&mut client, &id, output, fancy).await;
+                let reconnect_for = follow.reconnect_for.into();
+                return progress::watch(&mut client, &id, output, fancy, reconnect_for).await;
             }
             ReleaseVerb::History { id } => {
                 let history = client
@@ -284,14 +310,9 @@ impl Release {
 pub fn status(s: tonic::Status) -> anyhow::Error {
     // A status made from a transport error carries it as its source (a TLS alert, a reset);
     // one the controller answered has none.
-    let mut why = s.message().to_owned();
-    let mut source = std::error::Error::source(&s);
-    let cut =
-        source.is_some() || matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled);
-    while let Some(e) = source {
-        why = format!("{why}: {e}");
-        source = e.source();
-    }
+    let cut = std::error::Error::source(&s).is_some()
+        || matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled);
+    let why = told(&s);
     match cut {
         true => anyhow::anyhow!(
             "the connection to the controller failed: {why} ({})",
@@ -299,4 +320,19 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
         ),
         false => anyhow::anyhow!("the controller refused: {why}"),
     }
+}
+
+/// A status's message and the errors beneath it, each said once (a transport error's sources
+/// often repeat its words).
+pub fn told(s: &tonic::Status) -> String {
+    let mut why = s.message().to_owned();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let said = e.to_string();
+        if !why.contains(&said) {
+            why = format!("{why}: {said}");
+        }
+        source = e.source();
+    }
+    why
 }
