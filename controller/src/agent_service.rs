@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::Limits;
 use crate::identity;
 use crate::runtime::Controller;
 
@@ -20,10 +21,8 @@ pub struct Agents {
     /// Agents' streams are let go when this turns true: a stream still read would hold the
     /// server's graceful shutdown until its agent hangs up.
     pub shutdown: watch::Receiver<bool>,
+    pub limits: Limits,
 }
-
-/// How long an agent has to say hello once its stream is open.
-const HELLO_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
 
@@ -38,14 +37,19 @@ impl AgentService for Agents {
         let names = identity::peer_names(&request, self.mutual)?;
         let mut inbound = request.into_inner();
         let mut shutdown = self.shutdown.clone();
+        let Limits {
+            hello_within,
+            silent_after,
+            ..
+        } = self.limits;
         let first = tokio::select! {
-            first = tokio::time::timeout(HELLO_WITHIN, inbound.next()) => first,
+            first = tokio::time::timeout(hello_within, inbound.next()) => first,
             _ = shutdown.wait_for(|stop| *stop) => {
                 return Err(Status::unavailable("the controller is stopping"));
             }
         };
         let first = first
-            .map_err(|_| Status::deadline_exceeded(format!("no hello within {HELLO_WITHIN:?}")))?
+            .map_err(|_| Status::deadline_exceeded(format!("no hello within {hello_within:?}")))?
             .ok_or_else(|| Status::invalid_argument("the stream ended before hello"))??;
         let Some(pb::agent_message::Message::Hello(hello)) = first.message else {
             return Err(Status::invalid_argument("the first message must be hello"));
@@ -63,15 +67,20 @@ impl AgentService for Agents {
             })?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let (region, cluster) = (hello.region.clone(), hello.cluster.clone());
         let conn = self.controller.agent_connected(hello, tx);
         let controller = self.controller.clone();
         tokio::spawn(async move {
             loop {
                 let message = tokio::select! {
-                    message = inbound.next() => message,
+                    message = tokio::time::timeout(silent_after, inbound.next()) => message,
                     // The agents are let go as one by `disconnect_agents`: a stream told gone
                     // here would record its region unreachable in running releases first.
                     _ = shutdown.wait_for(|stop| *stop) => return,
+                };
+                let Ok(message) = message else {
+                    tracing::warn!(%region, %cluster, "agent silent for {silent_after:?}; letting it go");
+                    break;
                 };
                 let Some(message) = message else {
                     break;

@@ -15,6 +15,7 @@ mod webhook;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fleet_proto::v1::agent_service_server::AgentServiceServer;
 use fleet_proto::v1::release_service_server::ReleaseServiceServer;
@@ -35,17 +36,51 @@ pub async fn serve(
     data: &Path,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    serve_with_tls(grpc, admin, data, shutdown, None).await
+    serve_with(grpc, admin, data, shutdown, Options::default()).await
 }
 
-/// [`serve`], the gRPC listener speaking mutual TLS when `tls` is given ([`tls::Reloader`]).
-pub async fn serve_with_tls(
+/// How [`serve_with`] serves, where it differs from [`serve`].
+#[derive(Default)]
+pub struct Options {
+    /// Mutual TLS on the gRPC listener ([`tls::Reloader`]); plain HTTP/2 without.
+    pub tls: Option<tls::Reloader>,
+    pub limits: Limits,
+}
+
+/// How long the controller bears with its peers. The defaults are the product's; tests
+/// shorten them.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// An agent's stream must say hello within this once open.
+    pub hello_within: Duration,
+    /// An agent that sends nothing for this long is let go and its region told unreachable,
+    /// as if its connection had dropped (agents report every 500 ms): a hung agent is not
+    /// counted present while its connection stays up.
+    pub silent_after: Duration,
+    /// Every connection is pinged this often, and dropped when a ping goes unanswered as
+    /// long: a path that died without a word is noticed in seconds, not after TCP's minutes.
+    pub keepalive: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            hello_within: Duration::from_secs(10),
+            silent_after: Duration::from_secs(15),
+            keepalive: fleet_proto::connect::KEEPALIVE,
+        }
+    }
+}
+
+/// [`serve`], as `options` say.
+pub async fn serve_with(
     grpc: TcpListener,
     admin: TcpListener,
     data: &Path,
     shutdown: watch::Receiver<bool>,
-    tls: Option<tls::Reloader>,
+    options: Options,
 ) -> anyhow::Result<()> {
+    let Options { tls, limits } = options;
     let controller = Controller::open(data)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -80,12 +115,13 @@ pub async fn serve_with_tls(
         controller: Arc::clone(&controller),
         mutual,
         shutdown: shutdown.clone(),
+        limits,
     };
     // An agent whose path died without a word is let go in seconds: it is told gone, and its
     // region unreachable, rather than counted present for TCP's minutes of retries.
     let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(fleet_proto::connect::KEEPALIVE))
-        .http2_keepalive_timeout(Some(fleet_proto::connect::KEEPALIVE))
+        .http2_keepalive_interval(Some(limits.keepalive))
+        .http2_keepalive_timeout(Some(limits.keepalive))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ReleaseServiceServer::with_interceptor(
@@ -109,9 +145,9 @@ pub async fn serve_with_tls(
     }
     // Tasks of closed streams let go of the controller as they notice; the store closes with
     // the last of them, and a controller started next on the same directory can open it.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while Arc::strong_count(&controller) > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }

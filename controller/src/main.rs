@@ -82,7 +82,11 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stop.send(true);
     });
-    fleet_controller::serve_with_tls(grpc, admin, &args.data, shutdown, tls).await
+    let options = fleet_controller::Options {
+        tls,
+        ..Default::default()
+    };
+    fleet_controller::serve_with(grpc, admin, &args.data, shutdown, options).await
 }
 
 async fn wait_for_signal() {

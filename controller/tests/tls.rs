@@ -141,7 +141,11 @@ impl Mutual {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let data = dir.join("data");
         let task = tokio::spawn(async move {
-            fleet_controller::serve_with_tls(grpc, admin, &data, shutdown, Some(tls)).await
+            let options = fleet_controller::Options {
+                tls: Some(tls),
+                ..Default::default()
+            };
+            fleet_controller::serve_with(grpc, admin, &data, shutdown, options).await
         });
         Mutual {
             port,

@@ -1,0 +1,171 @@
+//! How long the controller bears with agents, over real gRPC on 127.0.0.1 with shortened
+//! limits: a stream that never says hello, an agent that goes silent on an open stream, and a
+//! path that dies without a word. A region whose agent is let go is told unreachable in the
+//! running release, as when its connection drops.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fleet_controller::Limits;
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::agent_service_client::AgentServiceClient;
+use fleet_proto::v1::release_service_client::ReleaseServiceClient;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+use support::*;
+
+/// Whether us-west's agent is counted present in release `id`.
+async fn west_reachable(client: &mut ReleaseServiceClient<Channel>, id: &str) -> bool {
+    let release = client
+        .get_release(pb::GetReleaseRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    release
+        .regions
+        .iter()
+        .any(|g| g.region == "us-west" && g.reachable)
+}
+
+/// Waits until us-west is counted present (`true`) or not in release `id`; how long it took.
+async fn west_becomes(
+    client: &mut ReleaseServiceClient<Channel>,
+    id: &str,
+    reachable: bool,
+    within: Duration,
+) -> Duration {
+    let start = Instant::now();
+    while west_reachable(client, id).await != reachable {
+        assert!(
+            start.elapsed() < within,
+            "us-west not {} within {within:?}",
+            if reachable {
+                "reachable"
+            } else {
+                "unreachable"
+            }
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+fn status() -> pb::AgentMessage {
+    pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Status(
+            pb::AgentStatus::default(),
+        )),
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_never_says_hello_is_ended_after_hello_within() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        hello_within: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let server = Server::start_with(dir.path(), limits).await;
+    let _ = server.client().await;
+    let mut agents = AgentServiceClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    // Open, and nothing said on it.
+    let (_tx, rx) = mpsc::channel::<pb::AgentMessage>(1);
+    let start = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        agents.session(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("the controller answers a stream without hello");
+    let refused = answer.err().unwrap();
+    assert_eq!(refused.code(), tonic::Code::DeadlineExceeded, "{refused:?}");
+    assert_eq!(refused.message(), "no hello within 300ms");
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_silent_on_an_open_stream_is_let_go_and_its_region_told_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent_after = Duration::from_millis(600);
+    let limits = Limits {
+        silent_after,
+        ..Limits::default()
+    };
+    let server = Server::start_with(dir.path(), limits).await;
+    let mut client = server.client().await;
+    let id = apply_and_start(&mut client).await;
+    let agents = AgentServiceClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    let (tx, mut inbound) = usw_a_says_hello(agents).await;
+    // Reporting every 100 ms, it stays: for three times as long as it may be silent.
+    let talking = tokio::spawn({
+        let tx = tx.clone();
+        async move {
+            loop {
+                if tx.send(status()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    west_becomes(&mut client, &id, true, Duration::from_secs(5)).await;
+    let stayed = Instant::now();
+    while stayed.elapsed() < silent_after * 3 {
+        assert!(
+            west_reachable(&mut client, &id).await,
+            "let go while talking"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Then silent, its stream still open (a hung agent): let go, and the region unreachable.
+    talking.abort();
+    let took = west_becomes(&mut client, &id, false, Duration::from_secs(5)).await;
+    assert!(took >= silent_after / 2, "let go after {took:?}");
+    // Its stream is ended, so that a live agent dials again.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the agent's stream stays open");
+    drop(tx);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_controller_lets_go_an_agent_whose_path_died_without_a_word() {
+    let dir = tempfile::tempdir().unwrap();
+    // Pings every 300 ms, each given as long; silence alone would take a minute.
+    let limits = Limits {
+        keepalive: Duration::from_millis(300),
+        silent_after: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let server = Server::start_with(dir.path(), limits).await;
+    let mut client = server.client().await;
+    let id = apply_and_start(&mut client).await;
+    let (path, paths) = watch::channel(Path::Open);
+    let relay = freezable_relay(server.grpc.clone(), paths).await;
+    // The agent's own pings are off: only the controller's can tell.
+    let agents = AgentServiceClient::connect(relay).await.unwrap();
+    let (tx, _inbound) = usw_a_says_hello(agents).await;
+    west_becomes(&mut client, &id, true, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300) * 4).await;
+    assert!(
+        west_reachable(&mut client, &id).await,
+        "let go while its pings are answered"
+    );
+
+    path.send(Path::Frozen).unwrap();
+    west_becomes(&mut client, &id, false, Duration::from_secs(5)).await;
+    drop(tx);
+    path.send(Path::Cut).unwrap();
+    server.stop().await;
+}
