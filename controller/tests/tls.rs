@@ -772,3 +772,37 @@ async fn metrics_tell_when_the_certificate_expires_and_what_the_listener_refused
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn clients_that_never_finish_a_handshake_cannot_take_more_than_256_places() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ours");
+    let (cert, key) = ca.sign("controller", &["localhost"]);
+    let server = Mutual::start(&ca, &cert, &key, dir.path()).await;
+    let url = format!("https://localhost:{}", server.port);
+    let alice = ca.sign("alice", &["alice.operator.fleet"]);
+    let addr = format!("127.0.0.1:{}", server.port);
+    // 256 clients that open a connection and never say a word take every handshake place…
+    let mut silent = Vec::new();
+    for _ in 0..256 {
+        silent.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // …so the next, an operator with a good certificate, is closed at once and counted
+    // refused, rather than left waiting for the handshake timeout.
+    let operator = showing(&ca, &alice);
+    let tried = std::time::Instant::now();
+    assert!(!answered(&url, &operator).await);
+    assert!(
+        tried.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        tried.elapsed()
+    );
+    let refused = "fleet_controller_tls_handshakes_refused_total";
+    assert_eq!(server.metric(refused).await, 1.0);
+    // Once they hang up (not a refusal: nothing was said), there is room again.
+    drop(silent);
+    assert!(eventually(|| answered(&url, &operator)).await);
+    assert_eq!(server.metric(refused).await, 1.0);
+    server.stop().await;
+}

@@ -211,14 +211,22 @@ impl Refusals {
         }
         self.status.refused.fetch_add(1, Ordering::Relaxed);
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if last.0.is_some_and(|at| now - at < WARN_EVERY) {
-            last.1 += 1;
-            return;
+        if let Some(not_logged_before) = to_log(&mut last, Instant::now()) {
+            tracing::warn!(error = %e, not_logged_before, "TLS handshake refused");
         }
-        tracing::warn!(error = %e, not_logged_before = last.1, "TLS handshake refused");
-        *last = (Some(now), 0);
     }
+}
+
+/// Whether a refusal at `now` is logged, given when one was `last` logged and how many were
+/// not since: if so, how many were not (and `last` starts again from now).
+fn to_log(last: &mut (Option<Instant>, u64), now: Instant) -> Option<u64> {
+    if last.0.is_some_and(|at| now - at < WARN_EVERY) {
+        last.1 += 1;
+        return None;
+    }
+    let not_logged = last.1;
+    *last = (Some(now), 0);
+    Some(not_logged)
 }
 
 /// A client's connection: TLS, closed when new settings come into force that its client's
@@ -331,5 +339,21 @@ impl AsyncWrite for Connection {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_once_every_ten_seconds_with_how_many_were_not() {
+        let start = Instant::now();
+        let mut last = (None, 0);
+        let logged: Vec<Option<u64>> = [0, 1, 2, 9, 10, 10, 25]
+            .into_iter()
+            .map(|s| to_log(&mut last, start + Duration::from_secs(s)))
+            .collect();
+        assert_eq!(logged, [Some(0), None, None, None, Some(3), None, Some(1)]);
     }
 }
