@@ -5,6 +5,7 @@
 //! Fail-static: while the controller is away, the agent keeps its last desired state and the
 //! proxies keep their last table.
 
+pub mod admin;
 pub mod discover;
 pub mod driver;
 mod proxies;
@@ -45,18 +46,35 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// Runs the agent until `shutdown`, then shuts the driver down (the process driver stops its
-/// processes; the kubernetes driver leaves its Deployments running).
+/// processes; the kubernetes driver leaves its Deployments running). With `admin`, serves
+/// the admin endpoints there ([`admin`]).
 pub async fn run<D: Driver>(
     config: Config,
     mut driver: D,
+    admin: Option<tokio::net::TcpListener>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (desired_tx, mut desired_rx) = watch::channel::<Option<pb::DesiredState>>(None);
     let (status_tx, status_rx) = watch::channel(pb::AgentStatus::default());
+    let observed = std::sync::Arc::new(admin::Observed::default());
+    if let Some(listener) = admin {
+        let view = admin::View {
+            observed: observed.clone(),
+            desired: desired_rx.clone(),
+            status: status_rx.clone(),
+            labels: [
+                ("region", config.region.clone()),
+                ("cluster", config.cluster.clone()),
+                ("driver", config.driver.clone()),
+            ],
+        };
+        tokio::spawn(admin::serve(listener, view, shutdown.clone()));
+    }
     tokio::spawn(session::run(
         config.clone(),
         desired_tx,
         status_rx,
+        observed.clone(),
         shutdown.clone(),
     ));
     let mut source = config.proxies.clone();
@@ -128,6 +146,7 @@ pub async fn run<D: Driver>(
         status.stats = proxies.stats();
         status.counting_since_unix_ms = proxies.counting_since_unix_ms();
         let _ = status_tx.send(status);
+        observed.round();
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
             _ = desired_rx.changed() => {}

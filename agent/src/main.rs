@@ -66,6 +66,10 @@ struct Args {
     /// PEM private key of `--tls-cert`.
     #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve `/healthz` (the reconcile loop goes round), `/readyz` (connected to the
+    /// controller) and `/metrics` on this address (port 0: any; the address is printed).
+    #[arg(long, value_name = "ADDR", env = "FLEET_AGENT_ADMIN")]
+    admin: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -113,6 +117,17 @@ async fn main() -> anyhow::Result<()> {
     // A TLS file that cannot be read is told now, before the first dial; each dial reads
     // them again, so a renewed certificate is used from the next connection.
     fleet_proto::connect::endpoint(&config.controller, &config.tls)?;
+    let admin = match args.admin {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on --admin {addr}"))?;
+            // Tools that start the agent on port 0 read the real address from this line.
+            println!("fleet-agent listening admin={}", listener.local_addr()?);
+            Some(listener)
+        }
+        None => None,
+    };
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut term =
@@ -127,11 +142,13 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
     match args.driver {
-        DriverKind::Process => fleet_agent::run(config, ProcessDriver::default(), shutdown).await,
+        DriverKind::Process => {
+            fleet_agent::run(config, ProcessDriver::default(), admin, shutdown).await
+        }
         DriverKind::Kubernetes => {
             let client = kube_client().await?;
             let driver = KubernetesDriver::new(client, args.namespace, args.container_port);
-            fleet_agent::run(config, driver, shutdown).await
+            fleet_agent::run(config, driver, admin, shutdown).await
         }
     }
 }

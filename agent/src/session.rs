@@ -1,6 +1,7 @@
 //! The stream to the controller: dialled by the agent, so that clusters behind NAT work;
 //! redialled with jittered exponential backoff whenever it breaks.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_proto::v1 as pb;
@@ -10,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Config;
+use crate::admin::Observed;
 
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -20,6 +22,7 @@ pub async fn run(
     config: Config,
     desired: watch::Sender<Option<pb::DesiredState>>,
     mut status: watch::Receiver<pb::AgentStatus>,
+    observed: Arc<Observed>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut failures = 0u32;
@@ -27,11 +30,15 @@ pub async fn run(
     loop {
         let (mut heard, dialled) = (false, tokio::time::Instant::now());
         let result = tokio::select! {
-            r = session(&config, &desired, &mut status, &mut max_epoch, &mut heard) => r,
+            r = session(&config, &desired, &mut status, &mut max_epoch, &mut heard, &observed) => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
         let settled = heard && dialled.elapsed() >= SETTLED;
         failures = failures_now(failures, settled, result.is_ok());
+        observed.disconnected(match &result {
+            Ok(()) => "the controller ended the stream".into(),
+            Err(e) => format!("{e:#}"),
+        });
         match result {
             Ok(()) => {}
             Err(e) => match refusal(&e) {
@@ -59,6 +66,7 @@ async fn session(
     status: &mut watch::Receiver<pb::AgentStatus>,
     max_epoch: &mut u64,
     heard: &mut bool,
+    observed: &Observed,
 ) -> anyhow::Result<()> {
     let channel = fleet_proto::connect::channel(&config.controller, &config.tls).await?;
     let mut client = AgentServiceClient::new(channel);
@@ -77,6 +85,7 @@ async fn session(
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(controller = %config.controller, "connected to the controller");
     *heard = true;
+    observed.connected();
     // Whatever the agent runs now, the controller hears it first thing.
     let current = status.borrow().clone();
     tx.send(message(pb::agent_message::Message::Status(current)))

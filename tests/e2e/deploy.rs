@@ -25,6 +25,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodTemplateSpec, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -240,6 +241,27 @@ fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy(
         .spec
         .unwrap();
     assert_eq!(agent.service_account_name.as_deref(), Some("fleet-agent"));
+    // Its probes ask the admin port it serves on.
+    let c = &agent.containers[0];
+    let args = c.args.as_ref().unwrap();
+    let at = args.iter().position(|a| a == "--admin").unwrap();
+    let admin = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("admin"));
+    assert_eq!(
+        args[at + 1],
+        format!("0.0.0.0:{}", admin.unwrap().container_port)
+    );
+    for (probe, path) in [
+        (&c.readiness_probe, "/readyz"),
+        (&c.liveness_probe, "/healthz"),
+    ] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.port, IntOrString::String("admin".into()));
+    }
 
     // The agent finds the proxies as the pods its selector picks, at their admin port.
     let proxies = find(&docs, "StatefulSet", "fleet-proxy");

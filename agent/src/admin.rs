@@ -1,0 +1,304 @@
+//! The agent's admin HTTP listener (`--admin`): `/healthz` (the reconcile loop goes round: a
+//! liveness probe restarts an agent that hangs), `/readyz` (connected to the controller: an
+//! upgraded agent that cannot reach it fails its rollout), `/metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fleet_proto::v1 as pb;
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The reconcile loop is taken for hung when it has not gone round for this long (a round
+/// takes at most about 20 s: a proxy lookup, a driver round and the proxies' calls, each with
+/// its own timeout).
+pub const HUNG_AFTER: Duration = Duration::from_secs(60);
+
+/// What the agent's parts tell the admin endpoints: the reconcile loop its rounds, the
+/// session its link to the controller.
+#[derive(Debug)]
+pub struct Observed {
+    started: Instant,
+    rounds: AtomicU64,
+    last_round: Mutex<Option<(Instant, SystemTime)>>,
+    link: Mutex<Link>,
+}
+
+/// The link to the controller.
+#[derive(Clone, Debug, Default)]
+struct Link {
+    connected: bool,
+    /// Sessions that ended after they were connected.
+    disconnects: u64,
+    /// Why the last session ended, or the last dial failed.
+    why: String,
+}
+
+impl Default for Observed {
+    fn default() -> Self {
+        Observed {
+            started: Instant::now(),
+            rounds: AtomicU64::new(0),
+            last_round: Mutex::default(),
+            link: Mutex::new(Link {
+                why: "not dialled yet".into(),
+                ..Link::default()
+            }),
+        }
+    }
+}
+
+impl Observed {
+    /// The reconcile loop went round once more.
+    pub fn round(&self) {
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_round) = Some((Instant::now(), SystemTime::now()));
+    }
+
+    /// The session is connected to the controller.
+    pub fn connected(&self) {
+        let mut link = lock(&self.link);
+        link.connected = true;
+        link.why.clear();
+    }
+
+    /// The session ended, or could not be opened, for `why`.
+    pub fn disconnected(&self, why: String) {
+        let mut link = lock(&self.link);
+        if link.connected {
+            link.disconnects += 1;
+        }
+        link.connected = false;
+        link.why = why;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether the reconcile loop is alive at `now`: it went round within [`HUNG_AFTER`] (or,
+/// before its first round, started within it). Pure.
+pub fn alive(now: Instant, started: Instant, last_round: Option<Instant>) -> Result<(), String> {
+    let since = last_round.unwrap_or(started);
+    let quiet = now.saturating_duration_since(since);
+    match (quiet < HUNG_AFTER, last_round) {
+        (true, _) => Ok(()),
+        (false, Some(_)) => Err(format!(
+            "the reconcile loop has not gone round for {}s",
+            quiet.as_secs()
+        )),
+        (false, None) => Err(format!(
+            "the reconcile loop has not gone round once in {}s",
+            quiet.as_secs()
+        )),
+    }
+}
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct View {
+    pub observed: Arc<Observed>,
+    pub desired: watch::Receiver<Option<pb::DesiredState>>,
+    pub status: watch::Receiver<pb::AgentStatus>,
+    /// `region`, `cluster` and `driver`, for `fleet_agent_info`.
+    pub labels: [(&'static str, String); 3],
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, view: View, mut shutdown: watch::Receiver<bool>) {
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => return,
+        };
+        let view = view.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let answer = route(req.uri().path(), &view);
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn route(path: &str, view: &View) -> Response<Full<Bytes>> {
+    let observed = &view.observed;
+    match path {
+        "/healthz" => {
+            let last = lock(&observed.last_round).map(|(at, _)| at);
+            match alive(Instant::now(), observed.started, last) {
+                Ok(()) => text(StatusCode::OK, "ok\n".into()),
+                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why + "\n"),
+            }
+        }
+        "/readyz" => {
+            let link = lock(&observed.link).clone();
+            match link.connected {
+                true => text(StatusCode::OK, "ok\n".into()),
+                false => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not connected to the controller: {}\n", link.why),
+                ),
+            }
+        }
+        "/metrics" => text(StatusCode::OK, metrics(view)),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Writes the `# HELP` and `# TYPE` lines of metric `name`, and its one sample.
+fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
+fn metrics(view: &View) -> String {
+    let observed = &view.observed;
+    let link = lock(&observed.link).clone();
+    let last_round = lock(&observed.last_round).map_or(0.0, |(_, at)| {
+        at.duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    });
+    let desired = view.desired.borrow().clone();
+    let status = view.status.borrow().clone();
+    let mut out = String::new();
+    let labels: Vec<String> = (view.labels.iter())
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    let info = format!(
+        "fleet_agent_info{{{},version=\"{}\"}}",
+        labels.join(","),
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = writeln!(
+        out,
+        "# HELP fleet_agent_info The agent's cluster and driver.\n# TYPE fleet_agent_info gauge"
+    );
+    let _ = writeln!(out, "{info} 1");
+    let connected = u8::from(link.connected);
+    let help = "Whether the agent is connected to the controller now.";
+    sample(
+        &mut out,
+        "fleet_agent_controller_connected",
+        "gauge",
+        help,
+        connected,
+    );
+    let help = "Connections to the controller that ended.";
+    let disconnects = link.disconnects;
+    sample(
+        &mut out,
+        "fleet_agent_controller_disconnects_total",
+        "counter",
+        help,
+        disconnects,
+    );
+    let rounds = observed.rounds.load(Ordering::Relaxed);
+    let help = "Rounds of the reconcile loop (desired state, driver, proxies, report).";
+    sample(
+        &mut out,
+        "fleet_agent_reconcile_rounds_total",
+        "counter",
+        help,
+        rounds,
+    );
+    let help = "When the reconcile loop last went round (Unix time; 0: never).";
+    sample(
+        &mut out,
+        "fleet_agent_reconcile_last_round_seconds",
+        "gauge",
+        help,
+        last_round,
+    );
+    let (release, seq) = desired.map_or((String::new(), 0), |d| (d.release_id, d.seq));
+    let _ = writeln!(
+        out,
+        "# HELP fleet_agent_desired_seq The sequence number of the desired state received (0: none).\n# TYPE fleet_agent_desired_seq gauge"
+    );
+    let _ = writeln!(
+        out,
+        "fleet_agent_desired_seq{{release=\"{}\"}} {seq}",
+        escape(&release)
+    );
+    let help = "The sequence number of the desired state in force: applied, ready and the proxies programmed (0: none).";
+    sample(
+        &mut out,
+        "fleet_agent_applied_seq",
+        "gauge",
+        help,
+        status.applied_seq,
+    );
+    let help = "Whether the desired state received is in force.";
+    sample(
+        &mut out,
+        "fleet_agent_ready",
+        "gauge",
+        help,
+        u8::from(status.ready),
+    );
+    out
+}
+
+/// A label value as the Prometheus text format writes it.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loop_is_alive_while_it_goes_round_within_a_minute() {
+        let start = Instant::now();
+        let at = |s| start + Duration::from_secs(s);
+        assert_eq!(alive(at(59), start, None), Ok(()), "starting");
+        assert_eq!(
+            alive(at(61), start, None),
+            Err("the reconcile loop has not gone round once in 61s".into())
+        );
+        assert_eq!(alive(at(100), start, Some(at(41))), Ok(()));
+        assert_eq!(
+            alive(at(100), start, Some(at(30))),
+            Err("the reconcile loop has not gone round for 70s".into())
+        );
+    }
+}
