@@ -62,6 +62,12 @@ impl Observed {
         *lock(&self.last_round) = Some((Instant::now(), SystemTime::now()));
     }
 
+    /// Whether the reconcile loop is alive now ([`alive`]).
+    pub fn alive(&self) -> Result<(), String> {
+        let last = lock(&self.last_round).map(|(at, _)| at);
+        alive(Instant::now(), self.started, last)
+    }
+
     /// The session is connected to the controller.
     pub fn connected(&self) {
         let mut link = lock(&self.link);
@@ -147,13 +153,10 @@ pub async fn serve(listener: TcpListener, view: View, mut shutdown: watch::Recei
 fn route(path: &str, view: &View) -> Response<Full<Bytes>> {
     let observed = &view.observed;
     match path {
-        "/healthz" => {
-            let last = lock(&observed.last_round).map(|(at, _)| at);
-            match alive(Instant::now(), observed.started, last) {
-                Ok(()) => text(StatusCode::OK, "ok\n".into()),
-                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why + "\n"),
-            }
-        }
+        "/healthz" => match observed.alive() {
+            Ok(()) => text(StatusCode::OK, "ok\n".into()),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why + "\n"),
+        },
         "/readyz" => {
             let link = lock(&observed.link).clone();
             match link.connected {

@@ -107,7 +107,9 @@ async fn session(
                 let current = status.borrow_and_update().clone();
                 tx.send(message(pb::agent_message::Message::Status(current))).await?;
             }
-            _ = tick.tick() => {
+            // The last status again, while the reconcile loop goes round: an agent whose loop
+            // hangs falls silent, and the controller lets it go rather than count it present.
+            _ = tick.tick(), if observed.alive().is_ok() => {
                 let current = status.borrow().clone();
                 tx.send(message(pb::agent_message::Message::Status(current))).await?;
             }

@@ -324,9 +324,16 @@ impl ReleaseService for Releases {
                 if ended {
                     return;
                 }
+                // The stream ends cleanly only once the release has ended and everything is
+                // sent; a client told otherwise follows it again from where it stopped.
+                let stopping = Status::unavailable("the controller is stopping");
                 let received = tokio::select! {
-                    received = live.recv() => received,
-                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    received = live.recv() => Some(received),
+                    _ = shutdown.wait_for(|stop| *stop) => None,
+                };
+                let Some(received) = received else {
+                    let _ = tx.send(Err(stopping)).await;
+                    return;
                 };
                 match received {
                     Ok(e) if e.release_id == id && e.index >= next => {
@@ -338,8 +345,12 @@ impl ReleaseService for Releases {
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         // Too slow for the live feed: catch up from the store.
-                        let Ok(missed) = controller.store.history(&id, next) else {
-                            return;
+                        let missed = match controller.store.history(&id, next) {
+                            Ok(missed) => missed,
+                            Err(e) => {
+                                let _ = tx.send(Err(internal(e))).await;
+                                return;
+                            }
                         };
                         for (index, e) in missed {
                             next = index + 1;
@@ -348,7 +359,10 @@ impl ReleaseService for Releases {
                             }
                         }
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        let _ = tx.send(Err(stopping)).await;
+                        return;
+                    }
                 }
             }
         });

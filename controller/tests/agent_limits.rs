@@ -92,7 +92,7 @@ async fn a_stream_that_never_says_hello_is_ended_after_hello_within() {
 #[tokio::test]
 async fn an_agent_silent_on_an_open_stream_is_let_go_and_its_region_told_unreachable() {
     let dir = tempfile::tempdir().unwrap();
-    let silent_after = Duration::from_millis(600);
+    let silent_after = Duration::from_secs(2);
     let limits = Limits {
         silent_after,
         ..Limits::default()
@@ -104,7 +104,7 @@ async fn an_agent_silent_on_an_open_stream_is_let_go_and_its_region_told_unreach
         .await
         .unwrap();
     let (tx, mut inbound) = usw_a_says_hello(agents).await;
-    // Reporting every 100 ms, it stays: for three times as long as it may be silent.
+    // Reporting every 100 ms, it stays: for twice as long as it may be silent.
     let talking = tokio::spawn({
         let tx = tx.clone();
         async move {
@@ -118,7 +118,7 @@ async fn an_agent_silent_on_an_open_stream_is_let_go_and_its_region_told_unreach
     });
     west_becomes(&mut client, &id, true, Duration::from_secs(5)).await;
     let stayed = Instant::now();
-    while stayed.elapsed() < silent_after * 3 {
+    while stayed.elapsed() < silent_after * 2 {
         assert!(
             west_reachable(&mut client, &id).await,
             "let go while talking"
@@ -127,7 +127,7 @@ async fn an_agent_silent_on_an_open_stream_is_let_go_and_its_region_told_unreach
     }
     // Then silent, its stream still open (a hung agent): let go, and the region unreachable.
     talking.abort();
-    let took = west_becomes(&mut client, &id, false, Duration::from_secs(5)).await;
+    let took = west_becomes(&mut client, &id, false, Duration::from_secs(10)).await;
     assert!(took >= silent_after / 2, "let go after {took:?}");
     // Its stream is ended, so that a live agent dials again.
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
@@ -142,9 +142,11 @@ async fn an_agent_silent_on_an_open_stream_is_let_go_and_its_region_told_unreach
 #[tokio::test]
 async fn the_controller_lets_go_an_agent_whose_path_died_without_a_word() {
     let dir = tempfile::tempdir().unwrap();
-    // Pings every 300 ms, each given as long; silence alone would take a minute.
+    // Pings every second, each given as long (the test's own client is pinged too: a busy
+    // machine answers late, not never); silence alone would take a minute.
+    let keepalive = Duration::from_secs(1);
     let limits = Limits {
-        keepalive: Duration::from_millis(300),
+        keepalive,
         silent_after: Duration::from_secs(60),
         ..Limits::default()
     };
@@ -157,14 +159,14 @@ async fn the_controller_lets_go_an_agent_whose_path_died_without_a_word() {
     let agents = AgentServiceClient::connect(relay).await.unwrap();
     let (tx, _inbound) = usw_a_says_hello(agents).await;
     west_becomes(&mut client, &id, true, Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_millis(300) * 4).await;
+    tokio::time::sleep(keepalive * 4).await;
     assert!(
         west_reachable(&mut client, &id).await,
         "let go while its pings are answered"
     );
 
     path.send(Path::Frozen).unwrap();
-    west_becomes(&mut client, &id, false, Duration::from_secs(5)).await;
+    west_becomes(&mut client, &id, false, Duration::from_secs(10)).await;
     drop(tx);
     path.send(Path::Cut).unwrap();
     server.stop().await;

@@ -495,3 +495,36 @@ async fn an_agent_notices_a_path_that_died_without_a_word() {
     path.send(Path::Cut).unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_watch_open_as_the_controller_stops_ends_unavailable_not_as_if_the_release_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    // No agents: the release stays under way.
+    let id = apply_and_start(&mut client).await;
+    let mut events = client
+        .watch(pb::WatchRequest { id, after_index: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        events.message().await.unwrap().unwrap().kind,
+        "release_started"
+    );
+    let stopping = tokio::spawn(server.stop());
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                ended => return ended,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "the controller is stopping");
+    stopping.await.unwrap();
+}

@@ -306,8 +306,13 @@ impl Running {
 
     /// Waits for its end, within 2 minutes (it is killed then, and that is an error): its
     /// exit code and the output not yet read, stdout then stderr. Blocking, as [`run`].
-    pub fn finish(mut self) -> anyhow::Result<(i32, String)> {
-        let deadline = Instant::now() + Duration::from_secs(120);
+    pub fn finish(self) -> anyhow::Result<(i32, String)> {
+        self.finish_within(Duration::from_secs(120))
+    }
+
+    /// [`Running::finish`], within `within`.
+    pub fn finish_within(mut self, within: Duration) -> anyhow::Result<(i32, String)> {
+        let deadline = Instant::now() + within;
         let status = loop {
             if let Some(status) = self.child.try_wait()? {
                 break status;
@@ -315,7 +320,7 @@ impl Running {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                anyhow::bail!("a command did not end within 2 minutes");
+                anyhow::bail!("a command did not end within {within:?}");
             }
             std::thread::sleep(Duration::from_millis(50));
         };

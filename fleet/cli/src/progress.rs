@@ -34,56 +34,44 @@ pub async fn watch(
         output,
         bars: fancy.then(Bars::default),
         next: 0,
+        lost: None,
     };
-    let mut lost: Option<Lost> = None;
     let release = loop {
         let request = pb::WatchRequest {
             id: id.to_string(),
             after_index: printer.next,
         };
         let followed = match client.watch(request).await {
-            Ok(events) => {
-                if lost.take().is_some() {
-                    printer.warn(&format!("following {id} again"));
-                }
-                printer.follow(events.into_inner(), client, id).await
-            }
+            Ok(events) => printer.follow(events.into_inner(), client, id).await,
             Err(s) => Err(s),
         };
-        let why = match followed {
-            // The stream ends when the release has, or when the controller stops.
-            Ok(()) => match client.get_release(get(id)).await {
-                Ok(r) if TERMINAL.contains(&r.get_ref().phase.as_str()) => break r.into_inner(),
-                Ok(_) => "it ended the stream while the release goes on".to_string(),
-                Err(s) if resumable(&s) => format!("the connection failed: {}", told(&s)),
-                Err(s) => return Err(status(s)),
-            },
+        // The stream ends cleanly once the release has ended and all of it was sent.
+        let ended = match followed {
+            Ok(()) => client.get_release(get(id)).await.map(|r| r.into_inner()),
+            Err(s) => Err(s),
+        };
+        let why = match ended {
+            Ok(r) if TERMINAL.contains(&r.phase.as_str()) => break r,
+            Ok(_) => "it ended the stream while the release goes on".to_string(),
             Err(s) if resumable(&s) => format!("the connection failed: {}", told(&s)),
             Err(s) => return Err(status(s)),
         };
-        let loss = lost.get_or_insert_with(|| {
+        if printer.lost.is_none() {
             printer.warn(&format!(
                 "lost the controller: {why}; dialling it again for up to {}",
                 humantime::format_duration(reconnect_for)
             ));
-            Lost::new()
-        });
-        if loss.since.elapsed() >= reconnect_for {
+        }
+        let lost = printer.lost.get_or_insert_with(Lost::new);
+        if lost.since.elapsed() >= reconnect_for {
             anyhow::bail!(
                 "gave up following {id} after {} without the controller (last: {why}); the \
                  release goes on without this command: `fleetctl release watch {id}` follows it again",
                 humantime::format_duration(reconnect_for)
             );
         }
-        tokio::time::sleep(loss.backoff()).await;
+        tokio::time::sleep(lost.backoff()).await;
     };
-    // What the stream had not yet told when it ended (a controller that stopped just after
-    // the release ended, say).
-    if let Ok(history) = client.history(pb::HistoryRequest { id: id.into() }).await {
-        for e in &history.get_ref().events {
-            printer.event(e);
-        }
-    }
     if let Some(b) = &mut printer.bars {
         b.update(&release);
         b.finish();
@@ -98,8 +86,11 @@ pub async fn watch(
     })
 }
 
-/// How long a command following a release dials a controller that went away, unless told.
+/// How long to bear with a controller that goes away, unless told.
 pub const RECONNECT_FOR: Duration = Duration::from_secs(300);
+/// A stream that has brought an event, or stayed open this long, ends a loss: a controller
+/// that takes the call and ends it at once (as it stops, say) does not.
+const SETTLED: Duration = Duration::from_secs(10);
 
 /// The phases a release ends in.
 const TERMINAL: [&str; 2] = ["succeeded", "rolled_back"];
@@ -151,6 +142,8 @@ struct Printer {
     bars: Option<Bars>,
     /// The index of the next event to print.
     next: u64,
+    /// While the controller is away, since when.
+    lost: Option<Lost>,
 }
 
 impl Printer {
@@ -162,13 +155,19 @@ impl Printer {
         id: &str,
     ) -> Result<(), tonic::Status> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let settled = tokio::time::sleep(SETTLED);
+        tokio::pin!(settled);
         loop {
             tokio::select! {
                 event = events.next() => match event {
-                    Some(Ok(e)) => self.event(&e),
+                    Some(Ok(e)) => {
+                        self.back();
+                        self.event(&e);
+                    }
                     Some(Err(s)) => return Err(s),
                     None => return Ok(()),
                 },
+                () = &mut settled, if self.lost.is_some() => self.back(),
                 _ = tick.tick(), if self.bars.is_some() => {
                     // A look that fails leaves the bars as they were: the stream tells of a
                     // controller gone.
@@ -180,9 +179,16 @@ impl Printer {
         }
     }
 
+    /// The controller is back: a loss ends.
+    fn back(&mut self) {
+        if self.lost.take().is_some() {
+            self.warn("following the release again");
+        }
+    }
+
     /// Prints `e`, unless it was printed already.
     fn event(&mut self, e: &pb::ReleaseEvent) {
-        let Some(line) = self.line(e) else {
+        let Some(line) = self.take_line(e) else {
             return;
         };
         match &self.bars {
@@ -191,8 +197,8 @@ impl Printer {
         }
     }
 
-    /// The line to print for `e`: none for an event printed already.
-    fn line(&mut self, e: &pb::ReleaseEvent) -> Option<String> {
+    /// The line to print for `e`, counted as printed: none for an event printed already.
+    fn take_line(&mut self, e: &pb::ReleaseEvent) -> Option<String> {
         if e.index < self.next {
             return None;
         }
@@ -321,6 +327,7 @@ mod tests {
             output: Output::Json,
             bars: None,
             next: 0,
+            lost: None,
         };
         let event = |index| pb::ReleaseEvent {
             index,
@@ -328,7 +335,7 @@ mod tests {
         };
         let printed: Vec<u64> = [0, 1, 1, 0, 2]
             .into_iter()
-            .filter_map(|index| printer.line(&event(index)))
+            .filter_map(|index| printer.take_line(&event(index)))
             .map(|line| {
                 serde_json::from_str::<serde_json::Value>(&line).unwrap()["index"]
                     .as_u64()

@@ -270,8 +270,14 @@ impl Release {
                 .into_inner(),
             ReleaseVerb::Watch { id, follow } => {
                 let fancy = output == Output::Table && std::io::stdout().is_terminal();
-                let reconnect_for = follow.reconnect_for.into();
-                return progress::watch(&mut client, &id, output, fancy, reconnect_for).await;
+                return progress::watch(
+                    &mut client,
+                    &id,
+                    output,
+                    fancy,
+                    follow.reconnect_for.into(),
+                )
+                .await;
             }
             ReleaseVerb::History { id } => {
                 let history = client
