@@ -4,6 +4,7 @@
 
 mod admin;
 mod agent_service;
+mod agents;
 mod applied;
 mod convert;
 mod identity;

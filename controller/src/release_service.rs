@@ -183,6 +183,24 @@ impl ReleaseService for Releases {
         Ok(Response::new(pb::ListFleetsResponse { fleets }))
     }
 
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let service = request.into_inner().service;
+        let inner = self.controller.lock();
+        let fleet = match service.as_str() {
+            "" => None,
+            s => Some(inner.fleets.get(s).ok_or_else(|| {
+                Status::not_found(format!(
+                    "no fleet for service \"{s}\": apply its manifest with `fleetctl apply`"
+                ))
+            })?),
+        };
+        let agents = crate::agents::list(&inner.agents, fleet.map(|f| &*f.manifest));
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
     async fn start_release(
         &self,
         request: Request<pb::StartReleaseRequest>,

@@ -118,6 +118,12 @@ pub(crate) struct Agent {
     pub tx: AgentTx,
     /// Its last report, but for the counters, which went into its region's tally.
     pub status: Option<pb::AgentStatus>,
+    /// Its version and capabilities, as its hello said.
+    pub version: String,
+    pub capabilities: Vec<String>,
+    pub connected_at_ms: i64,
+    /// When its last report came (0: none yet).
+    pub reported_at_ms: i64,
 }
 
 impl Controller {
@@ -318,6 +324,10 @@ impl Controller {
                 cluster: hello.cluster,
                 tx,
                 status: None,
+                version: hello.agent_version,
+                capabilities: hello.capabilities,
+                connected_at_ms: Utc::now().timestamp_millis(),
+                reported_at_ms: 0,
             },
         );
         self.update_reachability(&mut inner, &hello.region);
@@ -344,6 +354,7 @@ impl Controller {
             .traffic
             .observe(&agent.region, &agent.cluster, started, counted);
         agent.status = Some(status);
+        agent.reported_at_ms = Utc::now().timestamp_millis();
         let region = agent.region.clone();
         let reports: Vec<(String, Option<pb::AgentStatus>)> = inner
             .agents

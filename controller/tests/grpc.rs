@@ -528,3 +528,59 @@ async fn a_watch_open_as_the_controller_stops_ends_unavailable_not_as_if_the_rel
     assert_eq!(status.message(), "the controller is stopping");
     stopping.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_agents_shows_each_cluster_of_a_fleet_with_its_agent_or_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    apply_and_start(&mut client).await;
+    // Agents for two of the three regions.
+    let west = fake_agent(server.grpc.clone(), "us-west", 0.0);
+    let east = fake_agent(server.grpc.clone(), "us-east", 0.0);
+    let of_fleet = || pb::ListAgentsRequest {
+        service: "demo".into(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let listed = client.list_agents(of_fleet()).await.unwrap().into_inner();
+        let reported = |a: &pb::Agent| a.reported_at_ms > 0 && a.release_id == "demo-1";
+        if listed.agents.iter().filter(|a| reported(a)).count() == 2 {
+            break listed.agents;
+        }
+        assert!(std::time::Instant::now() < deadline, "{listed:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let rows: Vec<(&str, &str, bool)> = (listed.iter())
+        .map(|a| (a.region.as_str(), a.cluster.as_str(), a.connected))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("us-west", "usw-a", true),
+            ("us-east", "use-a", true),
+            ("eu-west", "euw-a", false)
+        ]
+    );
+    assert_eq!(listed[0].agent_version, "test");
+    // Without a service: the agents connected, whatever their fleet.
+    let all = client
+        .list_agents(pb::ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(all.len(), 2);
+    let unknown = pb::ListAgentsRequest {
+        service: "nope".into(),
+    };
+    let refused = client.list_agents(unknown).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound);
+    assert_eq!(
+        refused.message(),
+        "no fleet for service \"nope\": apply its manifest with `fleetctl apply`"
+    );
+    west.1.abort();
+    east.1.abort();
+    server.stop().await;
+}

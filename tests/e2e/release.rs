@@ -13,6 +13,20 @@ const RELEASE_TIME: Duration = Duration::from_secs(90);
 async fn a_good_release_moves_every_proxy_through_the_manifests_weights_wave_by_wave() {
     let mut world = World::start(&[]).await.unwrap();
     let id = released_step_by_step(&mut world).await;
+    // Every cluster's agent connected, each holding the release's last desired state.
+    let (code, agents) = world.fleetctl(&["agents", "--service", "e2e"]).unwrap();
+    assert_eq!(code, 0, "{agents}");
+    for cluster in ["usw-a", "use-a", "euw-a"] {
+        let row = agents.lines().find(|l| l.contains(cluster)).unwrap();
+        assert!(
+            row.contains("connected") && row.contains("process"),
+            "{agents}"
+        );
+        assert!(
+            row.contains(&format!("{id} #")) && row.contains("in force"),
+            "{agents}"
+        );
+    }
     let history = world.history(&id).await.unwrap();
     let first_step = |region: &str| {
         history

@@ -1,6 +1,7 @@
 //! fleetctl as a library: the verbs, and [`local::LocalFleet`], a whole fleet as processes on
 //! this machine, which `fleetctl demo` and the end-to-end tests share.
 
+pub mod agents;
 pub mod certs;
 pub mod demo;
 pub mod local;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fleetctl::{certs, demo, release, verbs};
+use fleetctl::{agents, certs, demo, release, verbs};
 
 /// Validate and plan fleet manifests; start, follow and steer releases.
 #[derive(Parser, Debug)]
@@ -20,6 +20,7 @@ enum Verb {
     Schema(verbs::Schema),
     Apply(release::Apply),
     Release(release::Release),
+    Agents(agents::Agents),
     Demo(demo::Demo),
     Certs(certs::Certs),
 }
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Verb::Schema(s) => s.run(),
         Verb::Apply(a) => runtime().and_then(|rt| rt.block_on(a.run())),
         Verb::Release(r) => runtime().and_then(|rt| rt.block_on(r.run())),
+        Verb::Agents(a) => runtime().and_then(|rt| rt.block_on(a.run())),
         Verb::Demo(d) => runtime().and_then(|rt| rt.block_on(d.run())),
         Verb::Certs(c) => c.run(),
     };

@@ -38,7 +38,7 @@ pub struct Remote {
 }
 
 impl Remote {
-    fn tls(&self) -> ClientTls {
+    pub fn tls(&self) -> ClientTls {
         ClientTls {
             ca: self.ca.clone(),
             cert: self.tls_cert.clone(),

@@ -119,6 +119,55 @@ pub fn release_status(r: &pb::Release) -> String {
     out
 }
 
+pub fn agent_json(a: &pb::Agent) -> Value {
+    json!({
+        "region": a.region, "cluster": a.cluster, "connected": a.connected,
+        "agent_version": a.agent_version, "driver": a.driver,
+        "connected_at_ms": a.connected_at_ms, "reported_at_ms": a.reported_at_ms,
+        "release_id": a.release_id, "applied_seq": a.applied_seq, "ready": a.ready,
+        "detail": a.detail,
+    })
+}
+
+/// The agents as a table, their times told as ages at `now_ms`.
+pub fn agent_list(agents: &[pb::Agent], now_ms: i64) -> String {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header([
+        "REGION", "CLUSTER", "AGENT", "VERSION", "DRIVER", "REPORTED", "STATE",
+    ]);
+    let age = |at_ms: i64| {
+        let d = std::time::Duration::from_secs(u64::try_from((now_ms - at_ms) / 1000).unwrap_or(0));
+        humantime::format_duration(d).to_string()
+    };
+    for a in agents {
+        if !a.connected {
+            table.add_row([&a.region, &a.cluster, "none", "", "", "", ""]);
+            continue;
+        }
+        let reported = match a.reported_at_ms {
+            0 => "never".to_string(),
+            at => format!("{} ago", age(at)),
+        };
+        let state = match (a.release_id.as_str(), a.ready) {
+            ("", _) => "no desired state".to_string(),
+            (release, true) => format!("{release} #{} in force", a.applied_seq),
+            (release, false) if a.detail.is_empty() => format!("{release}: not in force"),
+            (release, false) => format!("{release}: not in force: {}", a.detail),
+        };
+        table.add_row([
+            a.region.as_str(),
+            &a.cluster,
+            &format!("connected {}", age(a.connected_at_ms)),
+            &a.agent_version,
+            &a.driver,
+            &reported,
+            &state,
+        ]);
+    }
+    lines(&table)
+}
+
 pub fn percent(bp: u32) -> String {
     let s = format!("{:.2}", f64::from(bp) / 100.0);
     format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
@@ -129,4 +178,51 @@ fn lines(table: &Table) -> String {
         .lines()
         .map(|l| format!("{}\n", l.trim_end()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `table` without the one-space margin each of its lines begins with (expect-test
+    /// takes a margin common to every line for its own indentation).
+    fn without_margin(table: &str) -> String {
+        (table.lines())
+            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+            .collect()
+    }
+
+    #[test]
+    fn agents_are_shown_with_their_ages_and_what_they_last_said() {
+        let now = 1_800_000_000_000;
+        let agent = |cluster: &str, ready: bool, detail: &str| pb::Agent {
+            region: "us-west".into(),
+            cluster: cluster.into(),
+            connected: true,
+            agent_version: "0.1.0".into(),
+            driver: "kubernetes".into(),
+            connected_at_ms: now - 3_723_000,
+            reported_at_ms: now - 1_000,
+            release_id: "checkout-4".into(),
+            applied_seq: 2,
+            ready,
+            detail: detail.into(),
+        };
+        let agents = [
+            agent("usw-a", true, ""),
+            agent("usw-b", false, "v2: 1/3 ready"),
+            pb::Agent {
+                region: "eu-west".into(),
+                cluster: "euw-a".into(),
+                ..Default::default()
+            },
+        ];
+        expect_test::expect![[r#"
+             REGION   CLUSTER  AGENT               VERSION  DRIVER      REPORTED  STATE
+             us-west  usw-a    connected 1h 2m 3s  0.1.0    kubernetes  1s ago    checkout-4 #2 in force
+             us-west  usw-b    connected 1h 2m 3s  0.1.0    kubernetes  1s ago    checkout-4: not in force: v2: 1/3 ready
+             eu-west  euw-a    none
+        "#]]
+        .assert_eq(&without_margin(&agent_list(&agents, now)));
+    }
 }

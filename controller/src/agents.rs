@@ -1,0 +1,127 @@
+//! `ListAgents` (pure): the agents connected now, or every cluster of a fleet with its agent
+//! or without one.
+
+use std::collections::BTreeMap;
+
+use fleet::Manifest;
+use fleet_proto::v1 as pb;
+
+use crate::runtime::Agent;
+
+/// Every agent connected now, by region and cluster; with `fleet`, every cluster of its
+/// manifest instead, in its order, each with its agents (two, if two say they are it) or a
+/// row without one.
+pub fn list(agents: &BTreeMap<u64, Agent>, fleet: Option<&Manifest>) -> Vec<pb::Agent> {
+    let Some(manifest) = fleet else {
+        let mut all: Vec<pb::Agent> = agents.values().map(info).collect();
+        all.sort_by(|a, b| (&a.region, &a.cluster).cmp(&(&b.region, &b.cluster)));
+        return all;
+    };
+    let mut listed = Vec::new();
+    for region in &manifest.regions {
+        for cluster in &region.clusters {
+            let before = listed.len();
+            listed.extend(
+                agents
+                    .values()
+                    .filter(|a| a.region == region.name && a.cluster == cluster.agent)
+                    .map(info),
+            );
+            if listed.len() == before {
+                listed.push(pb::Agent {
+                    region: region.name.clone(),
+                    cluster: cluster.agent.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    listed
+}
+
+fn info(a: &Agent) -> pb::Agent {
+    let status = a.status.clone().unwrap_or_default();
+    let driver = (a.capabilities.iter())
+        .find_map(|c| c.strip_prefix("driver:"))
+        .unwrap_or_default();
+    pb::Agent {
+        region: a.region.clone(),
+        cluster: a.cluster.clone(),
+        connected: true,
+        agent_version: a.version.clone(),
+        driver: driver.to_string(),
+        connected_at_ms: a.connected_at_ms,
+        reported_at_ms: a.reported_at_ms,
+        release_id: status.release_id,
+        applied_seq: status.applied_seq,
+        ready: status.ready,
+        detail: status.detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(region: &str, cluster: &str, status: Option<pb::AgentStatus>) -> Agent {
+        Agent {
+            region: region.into(),
+            cluster: cluster.into(),
+            tx: tokio::sync::mpsc::unbounded_channel().0,
+            status,
+            version: "0.1.0".into(),
+            capabilities: vec!["proxy:fleet-proxy".into(), "driver:kubernetes".into()],
+            connected_at_ms: 1_000,
+            reported_at_ms: 2_000,
+        }
+    }
+
+    fn rows(listed: &[pb::Agent]) -> Vec<(&str, &str, bool)> {
+        (listed.iter())
+            .map(|a| (a.region.as_str(), a.cluster.as_str(), a.connected))
+            .collect()
+    }
+
+    #[test]
+    fn a_fleets_clusters_are_listed_in_its_order_with_their_agents_or_without() {
+        let manifest = fleet::load(include_str!("../../deploy/examples/quick.yaml"))
+            .unwrap()
+            .manifest;
+        let ready = pb::AgentStatus {
+            release_id: "demo-1".into(),
+            applied_seq: 3,
+            ready: true,
+            ..Default::default()
+        };
+        let agents = BTreeMap::from([
+            (1, agent("us-east", "use-a", None)),
+            (2, agent("us-west", "usw-a", Some(ready))),
+            // Not the fleet's: left out of its list.
+            (3, agent("ap-south", "aps-a", None)),
+        ]);
+        let listed = list(&agents, Some(&manifest));
+        assert_eq!(
+            rows(&listed),
+            [
+                ("us-west", "usw-a", true),
+                ("us-east", "use-a", true),
+                ("eu-west", "euw-a", false)
+            ]
+        );
+        let west = &listed[0];
+        assert_eq!(
+            (west.driver.as_str(), west.release_id.as_str()),
+            ("kubernetes", "demo-1")
+        );
+        assert_eq!((west.applied_seq, west.ready), (3, true));
+        assert_eq!((west.connected_at_ms, west.reported_at_ms), (1_000, 2_000));
+        assert_eq!(
+            rows(&list(&agents, None)),
+            [
+                ("ap-south", "aps-a", true),
+                ("us-east", "use-a", true),
+                ("us-west", "usw-a", true)
+            ]
+        );
+    }
+}
