@@ -81,6 +81,13 @@ fn metrics(controller: &Controller) -> String {
     let agents = "fleet_controller_agents";
     head(&mut out, agents, "gauge", "Agents connected now.");
     let _ = writeln!(out, "{agents} {}", inner.agents.len());
+    let missing = "fleet_controller_clusters_without_agent";
+    let help = "Clusters of each fleet that have no agent connected now.";
+    head(&mut out, missing, "gauge", help);
+    let fleets = (inner.fleets.iter()).map(|(service, f)| (service, &*f.manifest));
+    for (service, n) in crate::agents::missing(fleets, &inner.agents) {
+        let _ = writeln!(out, "{missing}{{service=\"{service}\"}} {n}");
+    }
     let releases = "fleet_controller_releases";
     head(&mut out, releases, "gauge", "Releases known, by phase.");
     let mut phases = std::collections::BTreeMap::<&str, u64>::new();

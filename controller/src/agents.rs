@@ -39,6 +39,22 @@ pub fn list(agents: &BTreeMap<u64, Agent>, fleet: Option<&Manifest>) -> Vec<pb::
     listed
 }
 
+/// How many clusters of each fleet (by service) have no agent connected now.
+pub fn missing<'f>(
+    fleets: impl IntoIterator<Item = (&'f String, &'f Manifest)>,
+    agents: &BTreeMap<u64, Agent>,
+) -> Vec<(&'f str, usize)> {
+    (fleets.into_iter())
+        .map(|(service, manifest)| {
+            let listed = list(agents, Some(manifest));
+            (
+                service.as_str(),
+                listed.iter().filter(|a| !a.connected).count(),
+            )
+        })
+        .collect()
+}
+
 fn info(a: &Agent) -> pb::Agent {
     let status = a.status.clone().unwrap_or_default();
     let driver = (a.capabilities.iter())
@@ -115,6 +131,8 @@ mod tests {
         );
         assert_eq!((west.applied_seq, west.ready), (3, true));
         assert_eq!((west.connected_at_ms, west.reported_at_ms), (1_000, 2_000));
+        let service = "demo".to_string();
+        assert_eq!(missing([(&service, &manifest)], &agents), [("demo", 1)]);
         assert_eq!(
             rows(&list(&agents, None)),
             [
