@@ -26,6 +26,8 @@ pub const HUNG_AFTER: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Observed {
     started: Instant,
+    /// The loop is taken for hung when it has not gone round for this long.
+    hung_after: Duration,
     rounds: AtomicU64,
     last_round: Mutex<Option<(Instant, SystemTime)>>,
     link: Mutex<Link>,
@@ -41,10 +43,12 @@ struct Link {
     why: String,
 }
 
-impl Default for Observed {
-    fn default() -> Self {
+impl Observed {
+    /// `hung_after`: [`HUNG_AFTER`], but for tests.
+    pub fn new(hung_after: Duration) -> Self {
         Observed {
             started: Instant::now(),
+            hung_after,
             rounds: AtomicU64::new(0),
             last_round: Mutex::default(),
             link: Mutex::new(Link {
@@ -53,9 +57,7 @@ impl Default for Observed {
             }),
         }
     }
-}
 
-impl Observed {
     /// The reconcile loop went round once more.
     pub fn round(&self) {
         self.rounds.fetch_add(1, Ordering::Relaxed);
@@ -65,7 +67,7 @@ impl Observed {
     /// Whether the reconcile loop is alive now ([`alive`]).
     pub fn alive(&self) -> Result<(), String> {
         let last = lock(&self.last_round).map(|(at, _)| at);
-        alive(Instant::now(), self.started, last)
+        alive(Instant::now(), self.started, last, self.hung_after)
     }
 
     /// The session is connected to the controller.
@@ -90,12 +92,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether the reconcile loop is alive at `now`: it went round within [`HUNG_AFTER`] (or,
+/// Whether the reconcile loop is alive at `now`: it went round within `hung_after` (or,
 /// before its first round, started within it). Pure.
-pub fn alive(now: Instant, started: Instant, last_round: Option<Instant>) -> Result<(), String> {
+pub fn alive(
+    now: Instant,
+    started: Instant,
+    last_round: Option<Instant>,
+    hung_after: Duration,
+) -> Result<(), String> {
     let since = last_round.unwrap_or(started);
     let quiet = now.saturating_duration_since(since);
-    match (quiet < HUNG_AFTER, last_round) {
+    match (quiet < hung_after, last_round) {
         (true, _) => Ok(()),
         (false, Some(_)) => Err(format!(
             "the reconcile loop has not gone round for {}s",
@@ -293,14 +300,14 @@ mod tests {
     fn the_loop_is_alive_while_it_goes_round_within_a_minute() {
         let start = Instant::now();
         let at = |s| start + Duration::from_secs(s);
-        assert_eq!(alive(at(59), start, None), Ok(()), "starting");
+        assert_eq!(alive(at(59), start, None, HUNG_AFTER), Ok(()), "starting");
         assert_eq!(
-            alive(at(61), start, None),
+            alive(at(61), start, None, HUNG_AFTER),
             Err("the reconcile loop has not gone round once in 61s".into())
         );
-        assert_eq!(alive(at(100), start, Some(at(41))), Ok(()));
+        assert_eq!(alive(at(100), start, Some(at(41)), HUNG_AFTER), Ok(()));
         assert_eq!(
-            alive(at(100), start, Some(at(30))),
+            alive(at(100), start, Some(at(30)), HUNG_AFTER),
             Err("the reconcile loop has not gone round for 70s".into())
         );
     }

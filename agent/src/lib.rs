@@ -36,6 +36,10 @@ pub struct Config {
     pub tls: fleet_proto::connect::ClientTls,
     /// The workload driver's name, told to the controller (`process`, `kubernetes`).
     pub driver: String,
+    /// The reconcile loop is taken for hung when it has not gone round for this long
+    /// ([`admin::HUNG_AFTER`]; tests shorten it): `/healthz` fails, and the agent leaves the
+    /// controller until it goes round again.
+    pub hung_after: Duration,
 }
 
 /// An HTTP client. reqwest is built without a default TLS provider (so no C toolchain is
@@ -56,7 +60,7 @@ pub async fn run<D: Driver>(
 ) -> anyhow::Result<()> {
     let (desired_tx, mut desired_rx) = watch::channel::<Option<pb::DesiredState>>(None);
     let (status_tx, status_rx) = watch::channel(pb::AgentStatus::default());
-    let observed = std::sync::Arc::new(admin::Observed::default());
+    let observed = std::sync::Arc::new(admin::Observed::new(config.hung_after));
     if let Some(listener) = admin {
         let view = admin::View {
             observed: observed.clone(),
@@ -145,8 +149,8 @@ pub async fn run<D: Driver>(
         lost |= proxies.scrape().await;
         status.stats = proxies.stats();
         status.counting_since_unix_ms = proxies.counting_since_unix_ms();
-        let _ = status_tx.send(status);
         observed.round();
+        let _ = status_tx.send(status);
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
             _ = desired_rx.changed() => {}

@@ -113,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
             .driver
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_owned()),
+        hung_after: fleet_agent::admin::HUNG_AFTER,
     };
     // A TLS file that cannot be read is told now, before the first dial; each dial reads
     // them again, so a renewed certificate is used from the next connection.

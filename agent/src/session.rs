@@ -28,6 +28,15 @@ pub async fn run(
     let mut failures = 0u32;
     let mut max_epoch = 0u64;
     loop {
+        // An agent whose reconcile loop hangs keeps away: it would only report a state that
+        // nothing keeps any more, and be counted present.
+        while let Err(why) = observed.alive() {
+            observed.disconnected(why);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
         let (mut heard, dialled) = (false, tokio::time::Instant::now());
         let result = tokio::select! {
             r = session(&config, &desired, &mut status, &mut max_epoch, &mut heard, &observed) => r,
@@ -107,9 +116,10 @@ async fn session(
                 let current = status.borrow_and_update().clone();
                 tx.send(message(pb::agent_message::Message::Status(current))).await?;
             }
-            // The last status again, while the reconcile loop goes round: an agent whose loop
-            // hangs falls silent, and the controller lets it go rather than count it present.
-            _ = tick.tick(), if observed.alive().is_ok() => {
+            // The last status again, while the reconcile loop goes round; once it has not for
+            // a while, the session ends and the agent keeps away.
+            _ = tick.tick() => {
+                observed.alive().map_err(anyhow::Error::msg)?;
                 let current = status.borrow().clone();
                 tx.send(message(pb::agent_message::Message::Status(current))).await?;
             }

@@ -1,8 +1,12 @@
 //! The agent's admin endpoints (`--admin`), from the real binary on 127.0.0.1, against a
-//! TEST-ONLY fake controller that holds an agent's stream open and sends nothing.
+//! TEST-ONLY fake controller that holds an agent's stream open and sends nothing; and an
+//! agent whose reconcile loop hangs (in a TEST-ONLY driver that never answers), run in this
+//! process.
 #![allow(clippy::unwrap_used)]
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use fleet_proto::v1 as pb;
@@ -156,4 +160,110 @@ async fn the_admin_endpoints_tell_the_loop_alive_and_the_controller_link_as_it_c
     let (code, _) = get(&admin, "/nothing").await;
     assert_eq!(code, 404);
     agent.kill().await.unwrap();
+}
+
+/// Test-only: a driver whose every poll hangs, as a reconcile loop stuck in it would.
+struct Hanging;
+
+impl fleet_agent::driver::Driver for Hanging {
+    fn apply(&mut self, _: &fleet_agent::driver::Want) {}
+
+    async fn poll(&mut self) -> fleet_agent::driver::Running {
+        std::future::pending().await
+    }
+
+    async fn shutdown(&mut self) {}
+}
+
+/// Test-only: a controller that sends each agent one desired state and counts the streams
+/// opened and those still open.
+#[derive(Clone, Default)]
+struct Counting {
+    opened: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl AgentService for Counting {
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        self.opened.fetch_add(1, Ordering::SeqCst);
+        self.open.fetch_add(1, Ordering::SeqCst);
+        let (open, mut inbound) = (self.open.clone(), request.into_inner());
+        tokio::spawn(async move {
+            while let Some(Ok(_)) = inbound.next().await {}
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
+        let desired = pb::DesiredState {
+            epoch: 1,
+            seq: 1,
+            release_id: "demo-1".into(),
+            stable: Some(pb::Track {
+                version: "v1".into(),
+                replicas: 1,
+            }),
+            ..Default::default()
+        };
+        let message = pb::ControllerMessage {
+            message: Some(pb::controller_message::Message::Desired(desired)),
+        };
+        let then_nothing = tokio_stream::once(Ok(message)).chain(tokio_stream::pending());
+        Ok(Response::new(Box::pin(then_nothing)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_loop_hangs_fails_healthz_and_keeps_away_from_the_controller() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let controller = Counting::default();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(controller.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap().to_string();
+    let config = fleet_agent::Config {
+        controller: url,
+        region: "us-west".into(),
+        cluster: "usw-a".into(),
+        proxies: fleet_agent::discover::ProxySource::Listed(Vec::new()),
+        tls: Default::default(),
+        driver: "test".into(),
+        hung_after: Duration::from_secs(1),
+    };
+    let (_stop, shutdown) = watch::channel(false);
+    let agent = tokio::spawn(fleet_agent::run(config, Hanging, Some(admin), shutdown));
+
+    // It connects, takes the desired state, and its loop hangs in the driver: unhealthy, and
+    // it leaves the controller, saying why.
+    let (_, body) = until(&admin_addr, "/healthz", |code, _| code == 503).await;
+    assert!(
+        body.starts_with("the reconcile loop has not gone round for "),
+        "{body}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while controller.open.load(Ordering::SeqCst) > 0 {
+        assert!(Instant::now() < deadline, "the agent stays connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, body) = get(&admin_addr, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("the reconcile loop has not gone round"),
+        "{body}"
+    );
+    // And it keeps away while the loop is stuck.
+    let kept_away = Instant::now();
+    while kept_away.elapsed() < Duration::from_secs(3) {
+        assert_eq!(controller.opened.load(Ordering::SeqCst), 1, "dialled again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.abort();
+    server.abort();
 }

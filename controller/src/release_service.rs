@@ -49,6 +49,11 @@ fn actor(caller: &Option<Operator>, claimed: &str) -> String {
 }
 
 /// Maps an internal failure to a gRPC status, in one place.
+/// How a stream ends that the controller cuts as it stops.
+fn stopping() -> Status {
+    Status::unavailable("the controller is stopping")
+}
+
 fn internal(e: anyhow::Error) -> Status {
     tracing::error!(error = %e, "request failed");
     Status::internal(format!("{e:#}"))
@@ -344,13 +349,12 @@ impl ReleaseService for Releases {
                 }
                 // The stream ends cleanly only once the release has ended and everything is
                 // sent; a client told otherwise follows it again from where it stopped.
-                let stopping = Status::unavailable("the controller is stopping");
                 let received = tokio::select! {
                     received = live.recv() => Some(received),
                     _ = shutdown.wait_for(|stop| *stop) => None,
                 };
                 let Some(received) = received else {
-                    let _ = tx.send(Err(stopping)).await;
+                    let _ = tx.send(Err(stopping())).await;
                     return;
                 };
                 match received {
@@ -378,7 +382,7 @@ impl ReleaseService for Releases {
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        let _ = tx.send(Err(stopping)).await;
+                        let _ = tx.send(Err(stopping())).await;
                         return;
                     }
                 }

@@ -13,19 +13,28 @@ const RELEASE_TIME: Duration = Duration::from_secs(90);
 async fn a_good_release_moves_every_proxy_through_the_manifests_weights_wave_by_wave() {
     let mut world = World::start(&[]).await.unwrap();
     let id = released_step_by_step(&mut world).await;
-    // Every cluster's agent connected, each holding the release's last desired state.
-    let (code, agents) = world.fleetctl(&["agents", "--service", "e2e"]).unwrap();
-    assert_eq!(code, 0, "{agents}");
-    for cluster in ["usw-a", "use-a", "euw-a"] {
-        let row = agents.lines().find(|l| l.contains(cluster)).unwrap();
-        assert!(
-            row.contains("connected") && row.contains("process"),
-            "{agents}"
-        );
-        assert!(
-            row.contains(&format!("{id} #")) && row.contains("in force"),
-            "{agents}"
-        );
+    // Every cluster's agent connected, each holding the release's last desired state once it
+    // has reported it in force.
+    let in_force = |agents: &str| {
+        ["usw-a", "use-a", "euw-a"].iter().all(|cluster| {
+            agents.lines().any(|row| {
+                row.contains(cluster)
+                    && row.contains("connected")
+                    && row.contains("process")
+                    && row.contains(&format!("{id} #"))
+                    && row.ends_with("in force")
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, agents) = world.fleetctl(&["agents", "--service", "e2e"]).unwrap();
+        assert_eq!(code, 0, "{agents}");
+        if in_force(&agents) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{agents}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let history = world.history(&id).await.unwrap();
     let first_step = |region: &str| {

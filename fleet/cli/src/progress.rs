@@ -53,16 +53,12 @@ pub async fn watch(
         let why = match ended {
             Ok(r) if TERMINAL.contains(&r.phase.as_str()) => break r,
             Ok(_) => "it ended the stream while the release goes on".to_string(),
-            Err(s) if resumable(&s) => format!("the connection failed: {}", told(&s)),
+            Err(s) if resumable(&s) => told(&s),
             Err(s) => return Err(status(s)),
         };
-        if printer.lost.is_none() {
-            printer.warn(&format!(
-                "lost the controller: {why}; dialling it again for up to {}",
-                humantime::format_duration(reconnect_for)
-            ));
-        }
         let lost = printer.lost.get_or_insert_with(Lost::new);
+        lost.tries += 1;
+        let (tries, wait) = (lost.tries, lost.backoff());
         if lost.since.elapsed() >= reconnect_for {
             anyhow::bail!(
                 "gave up following {id} after {} without the controller (last: {why}); the \
@@ -70,7 +66,15 @@ pub async fn watch(
                 humantime::format_duration(reconnect_for)
             );
         }
-        tokio::time::sleep(lost.backoff()).await;
+        // Told once a try again has failed too: a stream cut once (by a load balancer, say)
+        // and followed again at once is not worth a word.
+        if tries == 2 {
+            printer.warn(&format!(
+                "lost the controller: {why}; dialling it again for up to {}",
+                humantime::format_duration(reconnect_for)
+            ));
+        }
+        tokio::time::sleep(wait).await;
     };
     if let Some(b) = &mut printer.bars {
         b.update(&release);
@@ -118,6 +122,8 @@ fn resumable(s: &tonic::Status) -> bool {
 struct Lost {
     since: Instant,
     wait: Duration,
+    /// The tries that have failed.
+    tries: u32,
 }
 
 impl Lost {
@@ -125,6 +131,7 @@ impl Lost {
         Lost {
             since: Instant::now(),
             wait: Duration::from_millis(250),
+            tries: 0,
         }
     }
 
@@ -179,9 +186,9 @@ impl Printer {
         }
     }
 
-    /// The controller is back: a loss ends.
+    /// The controller is back: a loss ends, told to have ended if it was told.
     fn back(&mut self) {
-        if self.lost.take().is_some() {
+        if self.lost.take().is_some_and(|lost| lost.tries >= 2) {
             self.warn("following the release again");
         }
     }

@@ -136,9 +136,11 @@ pub fn agent_list(agents: &[pb::Agent], now_ms: i64) -> String {
     table.set_header([
         "REGION", "CLUSTER", "AGENT", "VERSION", "DRIVER", "REPORTED", "STATE",
     ]);
+    // Its two largest units: "1h 2m", "3days 4h".
     let age = |at_ms: i64| {
-        let d = std::time::Duration::from_secs(u64::try_from((now_ms - at_ms) / 1000).unwrap_or(0));
-        humantime::format_duration(d).to_string()
+        let secs = u64::try_from((now_ms - at_ms) / 1000).unwrap_or(0);
+        let full = humantime::format_duration(std::time::Duration::from_secs(secs)).to_string();
+        full.split(' ').take(2).collect::<Vec<_>>().join(" ")
     };
     for a in agents {
         if !a.connected {
@@ -218,10 +220,10 @@ mod tests {
             },
         ];
         expect_test::expect![[r#"
-             REGION   CLUSTER  AGENT               VERSION  DRIVER      REPORTED  STATE
-             us-west  usw-a    connected 1h 2m 3s  0.1.0    kubernetes  1s ago    checkout-4 #2 in force
-             us-west  usw-b    connected 1h 2m 3s  0.1.0    kubernetes  1s ago    checkout-4: not in force: v2: 1/3 ready
-             eu-west  euw-a    none
+            REGION   CLUSTER  AGENT            VERSION  DRIVER      REPORTED  STATE
+            us-west  usw-a    connected 1h 2m  0.1.0    kubernetes  1s ago    checkout-4 #2 in force
+            us-west  usw-b    connected 1h 2m  0.1.0    kubernetes  1s ago    checkout-4: not in force: v2: 1/3 ready
+            eu-west  euw-a    none
         "#]]
         .assert_eq(&without_margin(&agent_list(&agents, now)));
     }
