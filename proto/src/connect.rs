@@ -45,14 +45,32 @@ impl ClientTls {
     }
 }
 
+/// `said` and the errors beneath it, each said once: a transport error's sources often
+/// repeat its words ("tcp connect error: tcp connect error: …").
+pub fn said_once(
+    mut said: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    while let Some(e) = source {
+        let words = e.to_string();
+        if !said.contains(&words) {
+            said = format!("{said}: {words}");
+        }
+        source = e.source();
+    }
+    said
+}
+
 /// A channel to the controller at `url`, connected.
 pub async fn channel(url: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
     let endpoint = endpoint(url, tls)?;
     // The endpoint's own timeout covers the TCP connect only, not the TLS handshake after.
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
-        Ok(connected) => {
-            connected.with_context(|| format!("cannot reach the controller at {url} ({HINT})"))
-        }
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => anyhow::bail!(
+            "cannot reach the controller at {url} ({HINT}): {}",
+            said_once(e.to_string(), std::error::Error::source(&e))
+        ),
         Err(_) => anyhow::bail!(
             "cannot reach the controller at {url}: no connection within {CONNECT_TIMEOUT:?} ({HINT})"
         ),
@@ -122,4 +140,36 @@ pub fn endpoint_pinging(
         true => format!("setting up TLS for {url} with the system's CA roots (give --ca to trust a CA of your own)"),
         false => format!("setting up TLS for {url}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test-only: an error saying `said`, over `below`.
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let refused = Layer("Connection refused (os error 111)", None);
+        let inner = Layer("tcp connect error", Some(Box::new(refused)));
+        let outer = Layer("tcp connect error", Some(Box::new(inner)));
+        assert_eq!(
+            said_once("transport error".into(), Some(&outer)),
+            "transport error: tcp connect error: Connection refused (os error 111)"
+        );
+    }
 }

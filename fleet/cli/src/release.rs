@@ -129,8 +129,18 @@ enum ReleaseVerb {
 struct Follow {
     /// While following, dial a controller that went away (a restart, a lost connection) again
     /// for this long before giving up; the events go on where they stopped.
-    #[arg(long, value_name = "DURATION", default_value_t = progress::RECONNECT_FOR.into())]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value_t = progress::RECONNECT_FOR.into(),
+        value_parser = duration
+    )]
     reconnect_for: humantime::Duration,
+}
+
+fn duration(s: &str) -> Result<humantime::Duration, String> {
+    s.parse()
+        .map_err(|e| format!("{e}; write a duration as 30s, 5m or 1h"))
 }
 
 #[derive(Args, Debug)]
@@ -331,14 +341,5 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
 /// A status's message and the errors beneath it, each said once (a transport error's sources
 /// often repeat its words).
 pub fn told(s: &tonic::Status) -> String {
-    let mut why = s.message().to_owned();
-    let mut source = std::error::Error::source(s);
-    while let Some(e) = source {
-        let said = e.to_string();
-        if !why.contains(&said) {
-            why = format!("{why}: {said}");
-        }
-        source = e.source();
-    }
-    why
+    fleet_proto::connect::said_once(s.message().to_owned(), std::error::Error::source(s))
 }

@@ -228,3 +228,15 @@ fn certs_are_made_once_named_as_the_controller_checks_and_keys_kept_private() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_duration_that_does_not_read_as_one_says_how_to_write_it() {
+    let out = fleetctl(&["release", "watch", "checkout-1", "--reconnect-for", "soon"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("invalid value 'soon' for '--reconnect-for <DURATION>'")
+            && err.contains("write a duration as 30s, 5m or 1h"),
+        "{err}"
+    );
+}
