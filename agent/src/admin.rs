@@ -179,12 +179,14 @@ fn route(path: &str, view: &View) -> Response<Full<Bytes>> {
     }
 }
 
-/// Writes the `# HELP` and `# TYPE` lines of metric `name`, and its one sample.
-fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-    );
+/// Writes the `# HELP` and `# TYPE` lines of metric `name`, and its one sample (with
+/// `labels`, as `a="b",c="d"`).
+fn sample(out: &mut String, name: &str, labels: &str, kind: &str, help: &str, value: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    let _ = match labels {
+        "" => writeln!(out, "{name} {value}"),
+        _ => writeln!(out, "{name}{{{labels}}} {value}"),
+    };
 }
 
 fn metrics(view: &View) -> String {
@@ -194,83 +196,81 @@ fn metrics(view: &View) -> String {
         at.duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64())
     });
-    let desired = view.desired.borrow().clone();
-    let status = view.status.borrow().clone();
-    let mut out = String::new();
-    let labels: Vec<String> = (view.labels.iter())
+    let (release, desired_seq) = match &*view.desired.borrow() {
+        Some(d) => (escape(&d.release_id), d.seq),
+        None => (String::new(), 0),
+    };
+    let (applied_seq, ready) = {
+        let status = view.status.borrow();
+        (status.applied_seq, status.ready)
+    };
+    let mut info: Vec<String> = (view.labels.iter())
         .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
         .collect();
-    let info = format!(
-        "fleet_agent_info{{{},version=\"{}\"}}",
-        labels.join(","),
-        env!("CARGO_PKG_VERSION")
-    );
-    let _ = writeln!(
-        out,
-        "# HELP fleet_agent_info The agent's cluster and driver.\n# TYPE fleet_agent_info gauge"
-    );
-    let _ = writeln!(out, "{info} 1");
-    let connected = u8::from(link.connected);
-    let help = "Whether the agent is connected to the controller now.";
-    sample(
-        &mut out,
-        "fleet_agent_controller_connected",
-        "gauge",
-        help,
-        connected,
-    );
-    let help = "Connections to the controller that ended.";
-    let disconnects = link.disconnects;
-    sample(
-        &mut out,
-        "fleet_agent_controller_disconnects_total",
-        "counter",
-        help,
-        disconnects,
-    );
+    info.push(format!("version=\"{}\"", env!("CARGO_PKG_VERSION")));
     let rounds = observed.rounds.load(Ordering::Relaxed);
-    let help = "Rounds of the reconcile loop (desired state, driver, proxies, report).";
-    sample(
-        &mut out,
-        "fleet_agent_reconcile_rounds_total",
-        "counter",
-        help,
-        rounds,
-    );
-    let help = "When the reconcile loop last went round (Unix time; 0: never).";
-    sample(
-        &mut out,
-        "fleet_agent_reconcile_last_round_seconds",
-        "gauge",
-        help,
-        last_round,
-    );
-    let (release, seq) = desired.map_or((String::new(), 0), |d| (d.release_id, d.seq));
-    let _ = writeln!(
-        out,
-        "# HELP fleet_agent_desired_seq The sequence number of the desired state received (0: none).\n# TYPE fleet_agent_desired_seq gauge"
-    );
-    let _ = writeln!(
-        out,
-        "fleet_agent_desired_seq{{release=\"{}\"}} {seq}",
-        escape(&release)
-    );
-    let help = "The sequence number of the desired state in force: applied, ready and the proxies programmed (0: none).";
-    sample(
-        &mut out,
-        "fleet_agent_applied_seq",
-        "gauge",
-        help,
-        status.applied_seq,
-    );
-    let help = "Whether the desired state received is in force.";
-    sample(
-        &mut out,
-        "fleet_agent_ready",
-        "gauge",
-        help,
-        u8::from(status.ready),
-    );
+    let samples: [(&str, &str, &str, &str, f64); 8] = [
+        (
+            "fleet_agent_info",
+            &info.join(","),
+            "gauge",
+            "The agent's cluster and driver.",
+            1.0,
+        ),
+        (
+            "fleet_agent_controller_connected",
+            "",
+            "gauge",
+            "Whether the agent is connected to the controller now.",
+            f64::from(u8::from(link.connected)),
+        ),
+        (
+            "fleet_agent_controller_disconnects_total",
+            "",
+            "counter",
+            "Connections to the controller that ended.",
+            link.disconnects as f64,
+        ),
+        (
+            "fleet_agent_reconcile_rounds_total",
+            "",
+            "counter",
+            "Rounds of the reconcile loop (desired state, driver, proxies, report).",
+            rounds as f64,
+        ),
+        (
+            "fleet_agent_reconcile_last_round_seconds",
+            "",
+            "gauge",
+            "When the reconcile loop last went round (Unix time; 0: never).",
+            last_round,
+        ),
+        (
+            "fleet_agent_desired_seq",
+            &format!("release=\"{release}\""),
+            "gauge",
+            "The sequence number of the desired state received (0: none).",
+            desired_seq as f64,
+        ),
+        (
+            "fleet_agent_applied_seq",
+            "",
+            "gauge",
+            "The sequence number of the desired state in force: applied, ready and the proxies programmed (0: none).",
+            applied_seq as f64,
+        ),
+        (
+            "fleet_agent_ready",
+            "",
+            "gauge",
+            "Whether the desired state received is in force.",
+            f64::from(u8::from(ready)),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, labels, kind, help, value) in samples {
+        sample(&mut out, name, labels, kind, help, value);
+    }
     out
 }
 

@@ -50,6 +50,9 @@ pub async fn run(
         });
         match result {
             Ok(()) => {}
+            Err(e) if observed.alive().is_err() => {
+                tracing::error!(error = %e, "the reconcile loop hangs; leaving the controller until it goes round again")
+            }
             Err(e) => match refusal(&e) {
                 Some(why) => {
                     tracing::error!(%why, failures, "the controller refused this agent; keeping the last desired state")

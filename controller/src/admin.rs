@@ -86,6 +86,7 @@ fn metrics(controller: &Controller) -> String {
     head(&mut out, missing, "gauge", help);
     let fleets = (inner.fleets.iter()).map(|(service, f)| (service, &*f.manifest));
     for (service, n) in crate::agents::missing(fleets, &inner.agents) {
+        let service = releases::escape(service);
         let _ = writeln!(out, "{missing}{{service=\"{service}\"}} {n}");
     }
     let releases = "fleet_controller_releases";

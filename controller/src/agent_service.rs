@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::Limits;
 use crate::identity;
+use crate::release_service::stopping;
 use crate::runtime::Controller;
 
 pub struct Agents {
@@ -44,9 +45,7 @@ impl AgentService for Agents {
         } = self.limits;
         let first = tokio::select! {
             first = tokio::time::timeout(hello_within, inbound.next()) => first,
-            _ = shutdown.wait_for(|stop| *stop) => {
-                return Err(Status::unavailable("the controller is stopping"));
-            }
+            _ = shutdown.wait_for(|stop| *stop) => return Err(stopping()),
         };
         let first = first
             .map_err(|_| Status::deadline_exceeded(format!("no hello within {hello_within:?}")))?

@@ -18,25 +18,39 @@ pub fn list(agents: &BTreeMap<u64, Agent>, fleet: Option<&Manifest>) -> Vec<pb::
         return all;
     };
     let mut listed = Vec::new();
-    for region in &manifest.regions {
-        for cluster in &region.clusters {
-            let before = listed.len();
-            listed.extend(
-                agents
-                    .values()
-                    .filter(|a| a.region == region.name && a.cluster == cluster.agent)
-                    .map(info),
-            );
-            if listed.len() == before {
-                listed.push(pb::Agent {
-                    region: region.name.clone(),
-                    cluster: cluster.agent.clone(),
-                    ..Default::default()
-                });
-            }
+    for (region, cluster) in clusters(manifest) {
+        let before = listed.len();
+        listed.extend(agents.values().filter(|a| is(a, region, cluster)).map(info));
+        if listed.len() == before {
+            listed.push(pb::Agent {
+                region: region.to_string(),
+                cluster: cluster.to_string(),
+                ..Default::default()
+            });
         }
     }
     listed
+}
+
+/// Every cluster of `manifest`, in its order: its region, and the name its agent says.
+fn clusters(manifest: &Manifest) -> impl Iterator<Item = (&str, &str)> {
+    (manifest.regions.iter()).flat_map(|r| {
+        r.clusters
+            .iter()
+            .map(|c| (r.name.as_str(), c.agent.as_str()))
+    })
+}
+
+/// Whether `a` is the agent of `cluster` in `region`.
+fn is(a: &Agent, region: &str, cluster: &str) -> bool {
+    a.region == region && a.cluster == cluster
+}
+
+/// The driver an agent's hello names among its capabilities (`driver:kubernetes`).
+pub fn driver(capabilities: &[String]) -> &str {
+    (capabilities.iter())
+        .find_map(|c| c.strip_prefix("driver:"))
+        .unwrap_or_default()
 }
 
 /// How many clusters of each fleet (by service) have no agent connected now.
@@ -46,26 +60,22 @@ pub fn missing<'f>(
 ) -> Vec<(&'f str, usize)> {
     (fleets.into_iter())
         .map(|(service, manifest)| {
-            let listed = list(agents, Some(manifest));
-            (
-                service.as_str(),
-                listed.iter().filter(|a| !a.connected).count(),
-            )
+            let without = clusters(manifest)
+                .filter(|(region, cluster)| !agents.values().any(|a| is(a, region, cluster)))
+                .count();
+            (service.as_str(), without)
         })
         .collect()
 }
 
 fn info(a: &Agent) -> pb::Agent {
     let status = a.status.clone().unwrap_or_default();
-    let driver = (a.capabilities.iter())
-        .find_map(|c| c.strip_prefix("driver:"))
-        .unwrap_or_default();
     pb::Agent {
         region: a.region.clone(),
         cluster: a.cluster.clone(),
         connected: true,
         agent_version: a.version.clone(),
-        driver: driver.to_string(),
+        driver: a.driver.clone(),
         connected_at_ms: a.connected_at_ms,
         reported_at_ms: a.reported_at_ms,
         release_id: status.release_id,
@@ -86,7 +96,7 @@ mod tests {
             tx: tokio::sync::mpsc::unbounded_channel().0,
             status,
             version: "0.1.0".into(),
-            capabilities: vec!["proxy:fleet-proxy".into(), "driver:kubernetes".into()],
+            driver: driver(&["proxy:fleet-proxy".into(), "driver:kubernetes".into()]).into(),
             connected_at_ms: 1_000,
             reported_at_ms: 2_000,
         }

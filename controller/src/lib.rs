@@ -55,8 +55,9 @@ pub struct Limits {
     /// An agent's stream must say hello within this once open.
     pub hello_within: Duration,
     /// An agent that sends nothing for this long is let go and its region told unreachable,
-    /// as if its connection had dropped (agents report every 500 ms while their reconcile
-    /// loop goes round): a hung agent is not counted present while its connection stays up.
+    /// as if its connection had dropped (agents report every 500 ms): an agent process that
+    /// hangs is not counted present while its connection stays up. (An agent whose
+    /// reconcile loop hangs hangs up itself.)
     pub silent_after: Duration,
     /// Every connection is pinged this often, and dropped when a ping goes unanswered as
     /// long: a path that died without a word is noticed in seconds, not after TCP's minutes.

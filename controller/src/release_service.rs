@@ -8,6 +8,7 @@ use fleet_engine::{Action, Engine, Event, ReleaseSpec};
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::release_service_server::ReleaseService;
 use prost::Message;
+use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -48,12 +49,12 @@ fn actor(caller: &Option<Operator>, claimed: &str) -> String {
     }
 }
 
-/// Maps an internal failure to a gRPC status, in one place.
-/// How a stream ends that the controller cuts as it stops.
-fn stopping() -> Status {
+/// How a call or stream ends that the controller cuts as it stops.
+pub(crate) fn stopping() -> Status {
     Status::unavailable("the controller is stopping")
 }
 
+/// Maps an internal failure to a gRPC status, in one place.
 fn internal(e: anyhow::Error) -> Status {
     tracing::error!(error = %e, "request failed");
     Status::internal(format!("{e:#}"))
@@ -350,12 +351,8 @@ impl ReleaseService for Releases {
                 // The stream ends cleanly only once the release has ended and everything is
                 // sent; a client told otherwise follows it again from where it stopped.
                 let received = tokio::select! {
-                    received = live.recv() => Some(received),
-                    _ = shutdown.wait_for(|stop| *stop) => None,
-                };
-                let Some(received) = received else {
-                    let _ = tx.send(Err(stopping())).await;
-                    return;
+                    received = live.recv() => received,
+                    _ = shutdown.wait_for(|stop| *stop) => Err(RecvError::Closed),
                 };
                 match received {
                     Ok(e) if e.release_id == id && e.index >= next => {
@@ -365,7 +362,7 @@ impl ReleaseService for Releases {
                         }
                     }
                     Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    Err(RecvError::Lagged(_)) => {
                         // Too slow for the live feed: catch up from the store.
                         let missed = match controller.store.history(&id, next) {
                             Ok(missed) => missed,
@@ -381,7 +378,7 @@ impl ReleaseService for Releases {
                             }
                         }
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    Err(RecvError::Closed) => {
                         let _ = tx.send(Err(stopping())).await;
                         return;
                     }

@@ -118,9 +118,9 @@ pub(crate) struct Agent {
     pub tx: AgentTx,
     /// Its last report, but for the counters, which went into its region's tally.
     pub status: Option<pb::AgentStatus>,
-    /// Its version and capabilities, as its hello said.
+    /// Its version, and the driver it applies desired states with, as its hello said.
     pub version: String,
-    pub capabilities: Vec<String>,
+    pub driver: String,
     pub connected_at_ms: i64,
     /// When its last report came (0: none yet).
     pub reported_at_ms: i64,
@@ -325,7 +325,7 @@ impl Controller {
                 tx,
                 status: None,
                 version: hello.agent_version,
-                capabilities: hello.capabilities,
+                driver: crate::agents::driver(&hello.capabilities).to_string(),
                 connected_at_ms: Utc::now().timestamp_millis(),
                 reported_at_ms: 0,
             },

@@ -252,6 +252,8 @@ pub fn run(command: std::process::Command) -> anyhow::Result<(i32, String)> {
 
 /// A command running beside the test, its stdout read line by line as it writes.
 pub struct Running {
+    /// The command, to say which one did not end.
+    command: String,
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     stderr: std::thread::JoinHandle<String>,
@@ -279,6 +281,7 @@ impl Running {
         }
         let stderr = read_all(child.stderr.take());
         Ok(Running {
+            command: format!("{command:?}"),
             child,
             lines,
             stderr,
@@ -320,7 +323,7 @@ impl Running {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                anyhow::bail!("a command did not end within {within:?}");
+                anyhow::bail!("{} did not end within {within:?}", self.command);
             }
             std::thread::sleep(Duration::from_millis(50));
         };

@@ -91,7 +91,7 @@ fn labels(r: &pb::Release, g: &pb::RegionProgress) -> String {
 }
 
 /// A label value as the Prometheus text format writes it.
-fn escape(value: &str) -> String {
+pub(crate) fn escape(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 use fleet_proto::v1 as pb;
 
-use crate::release::{Remote, connect, status};
+use crate::release::{Remote, status};
 use crate::render;
 use crate::verbs::Output;
 
@@ -23,7 +23,7 @@ pub struct Agents {
 
 impl Agents {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
-        let mut client = connect(&self.remote.controller, &self.remote.tls()).await?;
+        let mut client = self.remote.connect().await?;
         let listed = client
             .list_agents(pb::ListAgentsRequest {
                 service: self.service.clone().unwrap_or_default(),

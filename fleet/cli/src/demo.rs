@@ -132,15 +132,8 @@ impl Demo {
         fleet.wait_until_serving(Duration::from_secs(60)).await?;
         let traffic = Traffic::start(fleet, USERS, WORKERS_PER_REGION, PAUSE_BETWEEN_REQUESTS);
         let fancy = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        let reconnect_for = progress::RECONNECT_FOR;
-        progress::watch(
-            &mut client,
-            &release.id,
-            Output::Table,
-            fancy,
-            reconnect_for,
-        )
-        .await?;
+        let (output, reconnect_for) = (Output::Table, progress::RECONNECT_FOR);
+        progress::watch(&mut client, &release.id, output, fancy, reconnect_for).await?;
         let end = client
             .get_release(pb::GetReleaseRequest {
                 id: release.id.clone(),

@@ -57,8 +57,7 @@ pub async fn watch(
             Err(s) => return Err(status(s)),
         };
         let lost = printer.lost.get_or_insert_with(Lost::new);
-        lost.tries += 1;
-        let (tries, wait) = (lost.tries, lost.backoff());
+        let (tries, wait) = lost.failed();
         if lost.since.elapsed() >= reconnect_for {
             anyhow::bail!(
                 "gave up following {id} after {} without the controller (last: {why}); the \
@@ -135,11 +134,13 @@ impl Lost {
         }
     }
 
-    /// The wait before the next try: doubled each time, up to 5 s.
-    fn backoff(&mut self) -> Duration {
+    /// A try failed: how many have, and the wait before the next (doubled each time, up to
+    /// 5 s).
+    fn failed(&mut self) -> (u32, Duration) {
         let wait = self.wait;
         self.wait = (wait * 2).min(Duration::from_secs(5));
-        wait
+        self.tries += 1;
+        (self.tries, wait)
     }
 }
 
@@ -324,7 +325,7 @@ mod tests {
     #[test]
     fn the_wait_between_tries_doubles_up_to_five_seconds() {
         let mut lost = Lost::new();
-        let waits: Vec<u64> = (0..7).map(|_| lost.backoff().as_millis() as u64).collect();
+        let waits: Vec<u64> = (0..7).map(|_| lost.failed().1.as_millis() as u64).collect();
         assert_eq!(waits, [250, 500, 1000, 2000, 4000, 5000, 5000]);
     }
 

@@ -38,7 +38,12 @@ pub struct Remote {
 }
 
 impl Remote {
-    pub fn tls(&self) -> ClientTls {
+    /// A client of the controller these flags name.
+    pub async fn connect(&self) -> anyhow::Result<ReleaseServiceClient<Channel>> {
+        connect(&self.controller, &self.tls()).await
+    }
+
+    fn tls(&self) -> ClientTls {
         ClientTls {
             ca: self.ca.clone(),
             cert: self.tls_cert.clone(),
@@ -138,6 +143,19 @@ struct Follow {
     reconnect_for: humantime::Duration,
 }
 
+impl Follow {
+    /// Follows release `id` as `release watch` does: with bars on a terminal.
+    async fn watch(
+        &self,
+        client: &mut ReleaseServiceClient<Channel>,
+        id: &str,
+        output: Output,
+    ) -> anyhow::Result<ExitCode> {
+        let fancy = output == Output::Table && std::io::stdout().is_terminal();
+        progress::watch(client, id, output, fancy, self.reconnect_for.into()).await
+    }
+}
+
 fn duration(s: &str) -> Result<humantime::Duration, String> {
     s.parse()
         .map_err(|e| format!("{e}; write a duration as 30s, 5m or 1h"))
@@ -169,7 +187,7 @@ impl Apply {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let manifest = std::fs::read_to_string(&self.file)
             .with_context(|| format!("cannot read {}", self.file))?;
-        let mut client = connect(&self.remote.controller, &self.remote.tls()).await?;
+        let mut client = self.remote.connect().await?;
         let response = client
             .apply_fleet(pb::ApplyFleetRequest {
                 request_id: request_id(),
@@ -199,7 +217,7 @@ impl Apply {
 
 impl Release {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
-        let mut client = connect(&self.remote.controller, &self.remote.tls()).await?;
+        let mut client = self.remote.connect().await?;
         let output = self.remote.output;
         let steer = |s: &Steer| pb::OperatorRequest {
             request_id: request_id(),
@@ -242,15 +260,7 @@ impl Release {
                     if output == Output::Table {
                         println!("started {}", started.id);
                     }
-                    let fancy = output == Output::Table && std::io::stdout().is_terminal();
-                    return progress::watch(
-                        &mut client,
-                        &started.id,
-                        output,
-                        fancy,
-                        follow.reconnect_for.into(),
-                    )
-                    .await;
+                    return follow.watch(&mut client, &started.id, output).await;
                 }
                 started
             }
@@ -279,15 +289,7 @@ impl Release {
                 .map_err(status)?
                 .into_inner(),
             ReleaseVerb::Watch { id, follow } => {
-                let fancy = output == Output::Table && std::io::stdout().is_terminal();
-                return progress::watch(
-                    &mut client,
-                    &id,
-                    output,
-                    fancy,
-                    follow.reconnect_for.into(),
-                )
-                .await;
+                return follow.watch(&mut client, &id, output).await;
             }
             ReleaseVerb::History { id } => {
                 let history = client
