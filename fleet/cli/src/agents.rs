@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 use fleet_proto::v1 as pb;
+use fleet_proto::v1::release_service_client::ReleaseServiceClient;
+use tonic::transport::Channel;
 
 use crate::release::{Remote, status};
 use crate::render;
@@ -48,5 +50,56 @@ impl Agents {
             return Ok(ExitCode::from(1));
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// After a release of `service` started: a warning on stderr for each cluster of its fleet
+/// that has no agent connected, whose region will wait for one when its wave comes. Nothing
+/// if the controller cannot say (one from before `ListAgents`).
+pub async fn warn_missing(client: &mut ReleaseServiceClient<Channel>, service: &str) {
+    let request = pb::ListAgentsRequest {
+        service: service.to_string(),
+    };
+    if let Ok(listed) = client.list_agents(request).await {
+        for warning in missing(&listed.into_inner().agents, service) {
+            eprintln!("{warning}");
+        }
+    }
+}
+
+/// A warning for each cluster in `agents` without an agent connected. Pure.
+fn missing(agents: &[pb::Agent], service: &str) -> Vec<String> {
+    (agents.iter())
+        .filter(|a| !a.connected)
+        .map(|a| {
+            format!(
+                "warning: no agent is connected for cluster {} of region {}: the region waits \
+                 for it when its wave comes (`fleetctl agents --service {service}`)",
+                a.cluster, a.region
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cluster_without_an_agent_is_warned_of() {
+        let agent = |cluster: &str, connected| pb::Agent {
+            region: "eu-west".into(),
+            cluster: cluster.into(),
+            connected,
+            ..Default::default()
+        };
+        let warnings = missing(&[agent("euw-a", true), agent("euw-b", false)], "checkout");
+        assert_eq!(
+            warnings,
+            [
+                "warning: no agent is connected for cluster euw-b of region eu-west: the region \
+              waits for it when its wave comes (`fleetctl agents --service checkout`)"
+            ]
+        );
     }
 }

@@ -256,6 +256,7 @@ impl Release {
                     .await
                     .map_err(status)?
                     .into_inner();
+                crate::agents::warn_missing(&mut client, &started.service).await;
                 if watch {
                     if output == Output::Table {
                         println!("started {}", started.id);
