@@ -267,7 +267,10 @@ async fn a_lost_agent_holds_its_region_with_the_proxy_serving_the_last_table_unt
     assert_eq!(code, 1, "a cluster without its agent: {agents}");
     let west = agents.lines().find(|l| l.contains("usw-a")).unwrap();
     assert!(west.trim_end().ends_with("none"), "{agents}");
-    assert!(agents.contains("1 cluster(s) without an agent connected"), "{agents}");
+    assert!(
+        agents.contains("1 cluster(s) without an agent connected"),
+        "{agents}"
+    );
     tokio::time::sleep(Duration::from_secs(5)).await; // Long enough to pass two steps, were it not held.
     let still = world.release(&id).await.unwrap();
     let west = still

@@ -1,0 +1,223 @@
+//! `fleetctl release watch`, the real binary, against a TEST-ONLY fake controller on
+//! 127.0.0.1 whose `Watch` streams end as a scenario says: cut mid-release and followed again
+//! from the next event, or ended at once again and again (a controller that takes the call
+//! and drops it), which must not keep the command dialling for ever.
+#![allow(clippy::unwrap_used)]
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::release_service_server::{ReleaseService, ReleaseServiceServer};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// How the fake's `Watch` calls go.
+#[derive(Clone, Copy)]
+enum Scenario {
+    /// The first sends events 0 and 1 and is cut (UNAVAILABLE); the next sends the rest from
+    /// where it is asked and ends; the release has succeeded.
+    CutOnce,
+    /// Every call ends at once, cleanly, while the release goes on.
+    EndsAtOnce,
+}
+
+/// Test-only: a controller with one release, `demo-1`.
+#[derive(Clone)]
+struct Fake {
+    scenario: Scenario,
+    /// The `after_index` of each `Watch` call.
+    calls: Arc<Mutex<Vec<u64>>>,
+}
+
+fn event(index: u64) -> pb::ReleaseEvent {
+    pb::ReleaseEvent {
+        release_id: "demo-1".into(),
+        index,
+        kind: format!("event_{index}"),
+        ..Default::default()
+    }
+}
+
+type Events = Pin<Box<dyn Stream<Item = Result<pb::ReleaseEvent, Status>> + Send>>;
+
+fn unimplemented<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented("not in this fake"))
+}
+
+#[tonic::async_trait]
+impl ReleaseService for Fake {
+    type WatchStream = Events;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Events>, Status> {
+        let after = request.into_inner().after_index;
+        let first = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(after);
+            calls.len() == 1
+        };
+        let items: Vec<Result<pb::ReleaseEvent, Status>> = match (self.scenario, first) {
+            (Scenario::CutOnce, true) => {
+                vec![Ok(event(0)), Ok(event(1)), Err(Status::unavailable("cut"))]
+            }
+            (Scenario::CutOnce, false) => (after..4).map(|i| Ok(event(i))).collect(),
+            (Scenario::EndsAtOnce, _) => Vec::new(),
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+
+    async fn get_release(
+        &self,
+        _: Request<pb::GetReleaseRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        let phase = match self.scenario {
+            Scenario::CutOnce => "succeeded",
+            Scenario::EndsAtOnce => "progressing",
+        };
+        Ok(Response::new(pb::Release {
+            id: "demo-1".into(),
+            phase: phase.into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn apply_fleet(
+        &self,
+        _: Request<pb::ApplyFleetRequest>,
+    ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
+        unimplemented()
+    }
+    async fn get_fleet(
+        &self,
+        _: Request<pb::GetFleetRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
+        unimplemented()
+    }
+    async fn list_fleets(
+        &self,
+        _: Request<pb::ListFleetsRequest>,
+    ) -> Result<Response<pb::ListFleetsResponse>, Status> {
+        unimplemented()
+    }
+    async fn list_agents(
+        &self,
+        _: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        unimplemented()
+    }
+    async fn start_release(
+        &self,
+        _: Request<pb::StartReleaseRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        unimplemented()
+    }
+    async fn list_releases(
+        &self,
+        _: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        unimplemented()
+    }
+    async fn history(
+        &self,
+        _: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        unimplemented()
+    }
+    async fn promote(
+        &self,
+        _: Request<pb::OperatorRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        unimplemented()
+    }
+    async fn pause(
+        &self,
+        _: Request<pb::OperatorRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        unimplemented()
+    }
+    async fn resume(
+        &self,
+        _: Request<pb::OperatorRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        unimplemented()
+    }
+    async fn abort(
+        &self,
+        _: Request<pb::OperatorRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        unimplemented()
+    }
+}
+
+/// Serves `fake` on 127.0.0.1 and runs `fleetctl release watch demo-1 ARGS` against it, to
+/// its end (within 30 s): its exit code, stdout and stderr.
+async fn watch(fake: Fake, args: &[&str]) -> (i32, String, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ReleaseServiceServer::new(fake))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+    command
+        .args(["release", "watch", "demo-1", "--controller", &url])
+        .args(args)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("fleetctl ended")
+        .unwrap();
+    server.abort();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+#[tokio::test]
+async fn a_cut_stream_is_followed_again_from_the_next_event_each_printed_once() {
+    let calls = Arc::default();
+    let fake = Fake {
+        scenario: Scenario::CutOnce,
+        calls: Arc::clone(&calls),
+    };
+    let (code, out, err) = watch(fake, &["--output", "json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let printed: Vec<u64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(printed, [0, 1, 2, 3]);
+    assert_eq!(*calls.lock().unwrap(), [0, 2], "asked again from event 2");
+    // Followed again at once: not worth a word.
+    assert!(!err.contains("lost the controller"), "{err}");
+}
+
+#[tokio::test]
+async fn a_controller_that_ends_every_stream_at_once_is_given_up_on_in_time() {
+    let calls = Arc::default();
+    let fake = Fake {
+        scenario: Scenario::EndsAtOnce,
+        calls: Arc::clone(&calls),
+    };
+    let started = Instant::now();
+    let (code, _, err) = watch(fake, &["--reconnect-for", "2s"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("gave up following demo-1 after 2s without the controller (last: it ended the stream while the release goes on)"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Backing off, not spinning: 250 ms, 500 ms, 1 s… between tries.
+    let tries = calls.lock().unwrap().len();
+    assert!((2..=6).contains(&tries), "{tries} tries");
+    assert_eq!(err.matches("lost the controller").count(), 1, "{err}");
+}
