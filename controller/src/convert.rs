@@ -91,10 +91,13 @@ pub fn release(id: &str, started_at_ms: i64, engine: &Engine) -> pb::Release {
         Phase::Progressing | Phase::Succeeded => String::new(),
     };
     let manifest = engine.manifest();
-    let wave_state = match state.wave_state {
-        WaveState::Waiting { .. } => "waiting",
-        WaveState::Running => "running",
-        WaveState::Baking { .. } => "baking",
+    // A release that has ended left its last wave as it was; say it ended with it.
+    let wave_state = match (&state.phase, &state.wave_state) {
+        (Phase::Succeeded, _) => "done",
+        (Phase::RolledBack { .. }, _) => "stopped",
+        (_, WaveState::Waiting { .. }) => "waiting",
+        (_, WaveState::Running) => "running",
+        (_, WaveState::Baking { .. }) => "baking",
     };
     let regions = manifest
         .waves

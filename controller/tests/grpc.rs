@@ -54,6 +54,10 @@ async fn a_release_runs_through_every_wave_over_grpc_and_watch_streams_it_all() 
         .unwrap()
         .into_inner();
     assert_eq!(release.phase, "succeeded", "{release:#?}");
+    assert_eq!(
+        (release.wave.as_str(), release.wave_state.as_str()),
+        ("last", "done")
+    );
     for (region, (applied, _)) in &agents.0 {
         assert_eq!(
             weights(applied),
@@ -92,6 +96,7 @@ async fn a_failing_canary_is_rolled_back_and_later_waves_never_start() {
         r.phase == "rolled_back"
     })
     .await;
+    assert_eq!(release.wave_state, "stopped", "{release:#?}");
     assert!(
         release.reason.contains("us-west failed 2 checks in a row"),
         "{}",
