@@ -522,6 +522,10 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
     assert_eq!(fleets.await.unwrap().into_inner().fleets.len(), 1);
     let read = viewer.history(pb::HistoryRequest { id: id.clone() });
     assert_eq!(read.await.unwrap().into_inner(), history);
+    let agents = viewer.list_agents(pb::ListAgentsRequest {
+        service: "demo".into(),
+    });
+    assert_eq!(agents.await.unwrap().into_inner().agents.len(), 3);
     let refusals = [
         viewer
             .apply_fleet(pb::ApplyFleetRequest {
