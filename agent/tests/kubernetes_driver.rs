@@ -964,22 +964,66 @@ async fn an_autoscaler_of_another_with_the_name_is_reported_and_left_alone() {
     assert_eq!(cluster.lock().unwrap().autoscalers["checkout-v1"], theirs);
 }
 
-#[tokio::test]
-async fn a_new_autoscaled_version_is_ready_only_with_min_pods() {
+/// A driver that made an autoscaled v2, rolled out with `pods` pods: the count its autoscaler
+/// holds it at (the fake runs no HPA controller, so the count is set here).
+async fn autoscaled_v2_with(pods: u32) -> (KubernetesDriver, Shared) {
     let (mut driver, cluster) = fake_cluster();
     driver.apply(&autoscaled(&[("v2", 2)]));
     driver.poll().await;
-    // Made without a count, the Deployment has one pod until its autoscaler acts.
     cluster
         .lock()
         .unwrap()
         .deployments
         .get_mut("checkout-v2")
-        .unwrap()["spec"]["replicas"] = json!(1);
-    roll_out(&cluster, "checkout-v2", "v2", 1);
+        .unwrap()["spec"]["replicas"] = json!(pods);
+    roll_out(&cluster, "checkout-v2", "v2", pods);
+    (driver, cluster)
+}
+
+#[tokio::test]
+async fn a_new_autoscaled_version_is_ready_only_with_min_pods() {
+    // Made without a count, the Deployment has one pod until its autoscaler acts.
+    let (mut driver, _cluster) = autoscaled_v2_with(1).await;
     let running = driver.poll().await;
     assert!(running.ready.is_empty(), "{running:?}");
     assert_eq!(running.detail, "checkout-v2: 1 of 2 ready, 1 of 2 updated");
+}
+
+#[tokio::test]
+async fn an_autoscaler_that_cannot_scale_is_reported_and_its_version_serves_on() {
+    let (mut driver, cluster) = autoscaled_v2_with(2).await;
+    let running = driver.poll().await;
+    assert_eq!(running.detail, "", "{running:?}");
+    // As the HPA controller writes it in a cluster without a metrics server.
+    let status = json!({
+        "currentReplicas": 2,
+        "desiredReplicas": 2,
+        "conditions": [
+            { "type": "AbleToScale", "status": "True", "reason": "SucceededGetScale",
+              "lastTransitionTime": "2026-12-06T00:00:00Z" },
+            { "type": "ScalingActive", "status": "False", "reason": "FailedGetResourceMetric",
+              "message": "the HPA was unable to compute the replica count: failed to get cpu utilization: unable to get metrics for resource cpu: no metrics returned from resource metrics API",
+              "lastTransitionTime": "2026-12-06T00:00:00Z" },
+        ],
+    });
+    cluster
+        .lock()
+        .unwrap()
+        .autoscalers
+        .get_mut("checkout-v2")
+        .unwrap()["status"] = status;
+    let running = driver.poll().await;
+    assert_eq!(
+        running.ready,
+        ready("v2", &["10.1.0.1:8080", "10.1.0.2:8080"])
+    );
+    assert_eq!(
+        running.detail,
+        "autoscaler checkout-v2 cannot scale, FailedGetResourceMetric: the HPA was unable to \
+         compute the replica count: failed to get cpu utilization: unable to get metrics for \
+         resource cpu: no metrics returned from resource metrics API (does the cluster run a \
+         metrics server?)"
+    );
 }
 
 #[tokio::test]

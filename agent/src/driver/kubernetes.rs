@@ -141,6 +141,10 @@ impl KubernetesDriver {
                     .await
             {
                 problems.push(e);
+            } else if want.autoscale.is_some()
+                && let Some(stuck) = autoscalers.get(&name).and_then(objects::autoscaler_stuck)
+            {
+                problems.push(stuck);
             }
             wanted.push(Wanted {
                 name,

@@ -153,7 +153,11 @@ pub fn agent_list(agents: &[pb::Agent], now_ms: i64) -> String {
         };
         let state = match (a.release_id.as_str(), a.ready) {
             ("", _) => "no desired state".to_string(),
-            (release, true) => format!("{release} #{} in force", a.applied_seq),
+            // In force, with what the agent still says (an autoscaler that cannot scale).
+            (release, true) if a.detail.is_empty() => {
+                format!("{release} #{} in force", a.applied_seq)
+            }
+            (release, true) => format!("{release} #{} in force; {}", a.applied_seq, a.detail),
             (release, false) if a.detail.is_empty() => format!("{release}: not in force"),
             (release, false) => format!("{release}: not in force: {}", a.detail),
         };
@@ -213,6 +217,7 @@ mod tests {
         let agents = [
             agent("usw-a", true, ""),
             agent("usw-b", false, "v2: 1/3 ready"),
+            agent("usw-c", true, "autoscaler checkout-v2 cannot scale"),
             pb::Agent {
                 region: "eu-west".into(),
                 cluster: "euw-a".into(),
@@ -223,6 +228,7 @@ mod tests {
             REGION   CLUSTER  AGENT            VERSION  DRIVER      REPORTED  STATE
             us-west  usw-a    connected 1h 2m  0.1.0    kubernetes  1s ago    checkout-4 #2 in force
             us-west  usw-b    connected 1h 2m  0.1.0    kubernetes  1s ago    checkout-4: not in force: v2: 1/3 ready
+            us-west  usw-c    connected 1h 2m  0.1.0    kubernetes  1s ago    checkout-4 #2 in force; autoscaler checkout-v2 cannot scale
             eu-west  euw-a    none
         "#]]
         .assert_eq(&without_margin(&agent_list(&agents, now)));

@@ -291,6 +291,27 @@ pub fn replicas_handover(d: &Deployment) -> Option<serde_json::Value> {
     })
 }
 
+/// Why autoscaler `hpa` cannot scale, as its conditions say (`AbleToScale` or
+/// `ScalingActive` false: no metrics server, a container without a CPU request, …), if it
+/// cannot. Its version still runs, at the count it has.
+pub fn autoscaler_stuck(hpa: &HorizontalPodAutoscaler) -> Option<String> {
+    let conditions = hpa.status.as_ref()?.conditions.as_ref()?;
+    let stuck = conditions.iter().find(|c| {
+        matches!(c.type_.as_str(), "AbleToScale" | "ScalingActive") && c.status == "False"
+    })?;
+    let name = hpa.metadata.name.as_deref().unwrap_or_default();
+    let reason = stuck.reason.as_deref().unwrap_or("no reason given");
+    let message = stuck.message.as_deref().unwrap_or_default();
+    // FailedGetResourceMetric and the like: nothing serves the metrics API.
+    let hint = match reason.starts_with("FailedGet") && reason.ends_with("Metric") {
+        true => " (does the cluster run a metrics server?)",
+        false => "",
+    };
+    Some(format!(
+        "autoscaler {name} cannot scale, {reason}: {message}{hint}"
+    ))
+}
+
 /// Whether `object` (a Deployment, an autoscaler) was made by the driver for `service` and
 /// `version`.
 pub fn is_ours(object: &impl kube::Resource, service: &str, version: &str) -> bool {

@@ -442,3 +442,41 @@ fn a_pod_that_cannot_be_scheduled_says_why() {
     );
     assert_eq!(pod_trouble(&[p], "v1"), None, "another version's pod");
 }
+
+#[test]
+fn an_autoscaler_says_why_it_cannot_scale_and_a_metrics_server_is_hinted_only_when_missing() {
+    let hpa = |conditions: serde_json::Value| -> HorizontalPodAutoscaler {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "checkout-v2" },
+            "spec": { "maxReplicas": 5, "scaleTargetRef": { "kind": "Deployment", "name": "checkout-v2" } },
+            "status": { "desiredReplicas": 2, "conditions": conditions },
+        }))
+        .unwrap()
+    };
+    let condition = |kind: &str, status: &str, reason: &str| serde_json::json!({ "type": kind, "status": status, "reason": reason, "message": "m" });
+    let able = condition("AbleToScale", "True", "SucceededGetScale");
+    let active = condition("ScalingActive", "True", "ValidMetricFound");
+    assert_eq!(
+        autoscaler_stuck(&hpa(serde_json::json!([able, active]))),
+        None
+    );
+    let no_scale = condition("AbleToScale", "False", "FailedGetScale");
+    assert_eq!(
+        autoscaler_stuck(&hpa(serde_json::json!([no_scale]))).unwrap(),
+        "autoscaler checkout-v2 cannot scale, FailedGetScale: m"
+    );
+    let no_request = condition("ScalingActive", "False", "InvalidMetricSourceType");
+    assert_eq!(
+        autoscaler_stuck(&hpa(serde_json::json!([able, no_request]))).unwrap(),
+        "autoscaler checkout-v2 cannot scale, InvalidMetricSourceType: m"
+    );
+    let no_metrics = condition("ScalingActive", "False", "FailedGetPodsMetric");
+    assert!(
+        autoscaler_stuck(&hpa(serde_json::json!([no_metrics])))
+            .unwrap()
+            .ends_with("(does the cluster run a metrics server?)")
+    );
+    let mut unread = hpa(serde_json::json!([]));
+    unread.status = None;
+    assert_eq!(autoscaler_stuck(&unread), None, "not yet looked at");
+}
