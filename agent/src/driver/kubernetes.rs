@@ -142,7 +142,8 @@ impl KubernetesDriver {
             {
                 problems.push(e);
             } else if want.autoscale.is_some()
-                && let Some(stuck) = autoscalers.get(&name).and_then(objects::autoscaler_stuck)
+                && let Some(stuck) = (autoscalers.get(&name))
+                    .and_then(|a| objects::autoscaler_stuck(a, k8s_openapi::jiff::Timestamp::now()))
             {
                 problems.push(stuck);
             }

@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
 
 /// The recommended labels (kubernetes.io/docs/concepts/overview/working-with-objects/common-labels).
 pub const NAME: &str = "app.kubernetes.io/name";
@@ -291,19 +292,31 @@ pub fn replicas_handover(d: &Deployment) -> Option<serde_json::Value> {
     })
 }
 
-/// Why autoscaler `hpa` cannot scale, as its conditions say (`AbleToScale` or
-/// `ScalingActive` false: no metrics server, a container without a CPU request, …), if it
-/// cannot. Its version still runs, at the count it has.
-pub fn autoscaler_stuck(hpa: &HorizontalPodAutoscaler) -> Option<String> {
+/// How long an autoscaler's condition must have stood before it is told: a new version's
+/// autoscaler has no metrics for its new pods for a minute or so, which is no fault.
+const SETTLED_FOR_SECONDS: i64 = 120;
+
+/// Why autoscaler `hpa` cannot scale at `now`, as its conditions say (`AbleToScale` or
+/// `ScalingActive` false for two minutes or more: no metrics server, a container without a
+/// CPU request, …), if it cannot. A backoff or scaling turned off is not a fault. Its version
+/// still runs, at the count it has.
+pub fn autoscaler_stuck(hpa: &HorizontalPodAutoscaler, now: Timestamp) -> Option<String> {
     let conditions = hpa.status.as_ref()?.conditions.as_ref()?;
     let stuck = conditions.iter().find(|c| {
-        matches!(c.type_.as_str(), "AbleToScale" | "ScalingActive") && c.status == "False"
+        let reason = c.reason.as_deref().unwrap_or_default();
+        let settled = (c.last_transition_time.as_ref())
+            .is_none_or(|t| now.as_second() - t.0.as_second() >= SETTLED_FOR_SECONDS);
+        matches!(c.type_.as_str(), "AbleToScale" | "ScalingActive")
+            && c.status == "False"
+            && settled
+            && !reason.starts_with("Backoff")
+            && reason != "ScalingDisabled"
     })?;
     let name = hpa.metadata.name.as_deref().unwrap_or_default();
     let reason = stuck.reason.as_deref().unwrap_or("no reason given");
     let message = stuck.message.as_deref().unwrap_or_default();
-    // FailedGetResourceMetric and the like: nothing serves the metrics API.
-    let hint = match reason.starts_with("FailedGet") && reason.ends_with("Metric") {
+    // Nothing serves the metrics API (rather than, say, a container without a CPU request).
+    let hint = match message.contains("metrics API") || message.contains("metrics.k8s.io") {
         true => " (does the cluster run a metrics server?)",
         false => "",
     };

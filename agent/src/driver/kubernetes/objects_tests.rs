@@ -444,7 +444,7 @@ fn a_pod_that_cannot_be_scheduled_says_why() {
 }
 
 #[test]
-fn an_autoscaler_says_why_it_cannot_scale_and_a_metrics_server_is_hinted_only_when_missing() {
+fn an_autoscaler_says_why_it_cannot_scale_once_that_has_stood_two_minutes() {
     let hpa = |conditions: serde_json::Value| -> HorizontalPodAutoscaler {
         serde_json::from_value(serde_json::json!({
             "metadata": { "name": "checkout-v2" },
@@ -453,30 +453,73 @@ fn an_autoscaler_says_why_it_cannot_scale_and_a_metrics_server_is_hinted_only_wh
         }))
         .unwrap()
     };
-    let condition = |kind: &str, status: &str, reason: &str| serde_json::json!({ "type": kind, "status": status, "reason": reason, "message": "m" });
-    let able = condition("AbleToScale", "True", "SucceededGetScale");
-    let active = condition("ScalingActive", "True", "ValidMetricFound");
+    let now: Timestamp = "2026-12-06T01:00:00Z".parse().unwrap();
+    // As the HPA controller words them (k8s.io/kubernetes pkg/controller/podautoscaler).
+    let condition = |kind: &str, status: &str, reason: &str, message: &str, since: &str| {
+        serde_json::json!({
+            "type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": since,
+        })
+    };
+    let (old, new) = ("2026-12-06T00:50:00Z", "2026-12-06T00:59:30Z");
+    let able = condition("AbleToScale", "True", "SucceededGetScale", "", old);
+    let active = condition("ScalingActive", "True", "ValidMetricFound", "", old);
     assert_eq!(
-        autoscaler_stuck(&hpa(serde_json::json!([able, active]))),
+        autoscaler_stuck(&hpa(serde_json::json!([able, active])), now),
         None
     );
-    let no_scale = condition("AbleToScale", "False", "FailedGetScale");
+    let no_metrics_server = |since| {
+        let message = "the HPA was unable to compute the replica count: failed to get cpu \
+            utilization: unable to get metrics for resource cpu: unable to fetch metrics from \
+            resource metrics API: the server could not find the requested resource (get \
+            pods.metrics.k8s.io)";
+        let c = condition(
+            "ScalingActive",
+            "False",
+            "FailedGetResourceMetric",
+            message,
+            since,
+        );
+        hpa(serde_json::json!([able, c]))
+    };
     assert_eq!(
-        autoscaler_stuck(&hpa(serde_json::json!([no_scale]))).unwrap(),
-        "autoscaler checkout-v2 cannot scale, FailedGetScale: m"
+        autoscaler_stuck(&no_metrics_server(new), now),
+        None,
+        "new pods have no metrics for a while"
     );
-    let no_request = condition("ScalingActive", "False", "InvalidMetricSourceType");
-    assert_eq!(
-        autoscaler_stuck(&hpa(serde_json::json!([able, no_request]))).unwrap(),
-        "autoscaler checkout-v2 cannot scale, InvalidMetricSourceType: m"
-    );
-    let no_metrics = condition("ScalingActive", "False", "FailedGetPodsMetric");
+    let told = autoscaler_stuck(&no_metrics_server(old), now).unwrap();
     assert!(
-        autoscaler_stuck(&hpa(serde_json::json!([no_metrics])))
-            .unwrap()
-            .ends_with("(does the cluster run a metrics server?)")
+        told.starts_with("autoscaler checkout-v2 cannot scale, FailedGetResourceMetric: the HPA")
+            && told.ends_with("(does the cluster run a metrics server?)"),
+        "{told}"
+    );
+    let message = "the HPA was unable to compute the replica count: failed to get cpu \
+        utilization: missing request for cpu in container app of Pod checkout-v2-x";
+    let no_request = condition(
+        "ScalingActive",
+        "False",
+        "FailedGetResourceMetric",
+        message,
+        old,
+    );
+    assert_eq!(
+        autoscaler_stuck(&hpa(serde_json::json!([able, no_request])), now).unwrap(),
+        format!("autoscaler checkout-v2 cannot scale, FailedGetResourceMetric: {message}"),
+        "the message says it all: no hint"
+    );
+    let backoff = condition("AbleToScale", "False", "BackoffBoth", "recent rescale", old);
+    let disabled = condition(
+        "ScalingActive",
+        "False",
+        "ScalingDisabled",
+        "scaled to 0",
+        old,
+    );
+    assert_eq!(
+        autoscaler_stuck(&hpa(serde_json::json!([backoff, disabled])), now),
+        None
     );
     let mut unread = hpa(serde_json::json!([]));
     unread.status = None;
-    assert_eq!(autoscaler_stuck(&unread), None, "not yet looked at");
+    assert_eq!(autoscaler_stuck(&unread, now), None, "not yet looked at");
 }
