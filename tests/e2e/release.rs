@@ -36,6 +36,21 @@ async fn a_good_release_moves_every_proxy_through_the_manifests_weights_wave_by_
         assert!(Instant::now() < deadline, "{agents}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Each agent's own metrics say the same: connected, the last desired state in force.
+    let http = fleetctl::local::http_client();
+    for region in &world.fleet.regions {
+        let url = format!("http://{}/metrics", region.agent);
+        let metrics = http.get(&url).send().await.unwrap().text().await.unwrap();
+        let value = |name: &str| -> f64 {
+            let line = metrics.lines().find(|l| l.starts_with(name)).unwrap();
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        let desired = value(&format!("fleet_agent_desired_seq{{release=\"{id}\"}}"));
+        assert!(desired > 0.0, "{metrics}");
+        assert_eq!(value("fleet_agent_applied_seq "), desired, "{metrics}");
+        assert_eq!(value("fleet_agent_ready "), 1.0, "{metrics}");
+        assert_eq!(value("fleet_agent_controller_connected "), 1.0, "{metrics}");
+    }
     let history = world.history(&id).await.unwrap();
     let first_step = |region: &str| {
         history
@@ -300,9 +315,10 @@ async fn a_lost_agent_holds_its_region_with_the_proxy_serving_the_last_table_unt
         world.fleet.regions[0].cluster.clone(),
         world.fleet.regions[0].admin,
     );
-    world
+    world.fleet.regions[0].agent = world
         .fleet
         .start_agent("us-west", &cluster, admin, &[])
+        .await
         .unwrap();
     let release = world
         .wait_for(&id, RELEASE_TIME, |r| r.phase != "progressing")

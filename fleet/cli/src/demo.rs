@@ -88,8 +88,8 @@ impl Demo {
     async fn release(&self, fleet: &LocalFleet) -> anyhow::Result<ExitCode> {
         for r in &fleet.regions {
             println!(
-                "region {:<8} proxy http://{}  admin http://{}",
-                r.name, r.traffic, r.admin
+                "region {:<8} proxy http://{}  admin http://{}  agent http://{}",
+                r.name, r.traffic, r.admin, r.agent
             );
         }
         let tls = fleet.client_tls();

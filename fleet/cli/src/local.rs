@@ -90,7 +90,10 @@ pub struct LocalRegion {
     pub name: String,
     pub cluster: String,
     pub traffic: SocketAddr,
+    /// The proxy's admin API.
     pub admin: SocketAddr,
+    /// The agent's admin endpoints, as it was started.
+    pub agent: SocketAddr,
 }
 
 impl LocalFleet {
@@ -156,13 +159,14 @@ impl LocalFleet {
         self.start_controller().await?;
         for (region, cluster) in regions {
             let (traffic, admin) = self.start_proxy(region).await?;
+            let agent = self.start_agent(region, cluster, admin, env).await?;
             self.regions.push(LocalRegion {
                 name: region.to_string(),
                 cluster: cluster.to_string(),
                 traffic,
                 admin,
+                agent,
             });
-            self.start_agent(region, cluster, admin, env)?;
         }
         Ok(())
     }
@@ -263,14 +267,15 @@ impl LocalFleet {
         }
     }
 
-    /// Starts the agent of `region`; also used to bring one back after it was stopped.
-    pub fn start_agent(
+    /// Starts the agent of `region`, its proxy's admin API at `admin`; also used to bring one
+    /// back after it was stopped. Where the agent serves its own admin endpoints.
+    pub async fn start_agent(
         &mut self,
         region: &str,
         cluster: &str,
         admin: SocketAddr,
         env: &[(&str, &str)],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<SocketAddr> {
         // The service's command names fleet-demo-app: find it next to the other binaries.
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![self.bin.clone()];
@@ -290,6 +295,8 @@ impl LocalFleet {
                 "process",
                 "--proxy-admin",
                 &format!("http://{admin}"),
+                "--admin",
+                "127.0.0.1:0",
             ])
             .env("PATH", std::env::join_paths(paths)?);
         if let Some(tls) = &self.tls {
@@ -298,9 +305,16 @@ impl LocalFleet {
         for (k, v) in env {
             command.env(k, v);
         }
-        let child = command.spawn().context("starting fleet-agent")?;
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting fleet-agent")?;
+        let stdout = child.stdout.take().context("agent stdout")?;
         self.started((format!("agent {region}"), child));
-        Ok(())
+        let line = first_line_with(BufReader::new(stdout), "listening admin=").await?;
+        field(&line, "admin=")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("the agent of {region} did not say where it listens: {line}"))
     }
 
     /// What the fleet's own client (the demo, the tests) gives to reach the controller: under
