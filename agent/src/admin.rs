@@ -2,17 +2,16 @@
 //! liveness probe restarts an agent that hangs), `/readyz` (connected to the controller: an
 //! upgraded agent that cannot reach it fails its rollout), `/metrics` (Prometheus text).
 
-use std::convert::Infallible;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use fleet_proto::admin::{escape, text};
 use fleet_proto::v1 as pb;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -130,31 +129,7 @@ pub async fn serve(listener: TcpListener, view: View, mut shutdown: watch::Recei
     let stop = async move {
         let _ = shutdown.wait_for(|s| *s).await;
     };
-    tokio::pin!(stop);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => return,
-        };
-        let view = view.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                let answer = route(req.uri().path(), &view);
-                async move { Ok::<_, Infallible>(answer) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    fleet_proto::admin::serve(listener, move |path: &str| route(path, &view), stop).await;
 }
 
 fn route(path: &str, view: &View) -> Response<Full<Bytes>> {
@@ -272,24 +247,6 @@ fn metrics(view: &View) -> String {
         sample(&mut out, name, labels, kind, help, value);
     }
     out
-}
-
-/// A label value as the Prometheus text format writes it.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    response
 }
 
 #[cfg(test)]

@@ -2,15 +2,14 @@
 
 mod releases;
 
-use std::convert::Infallible;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use fleet_proto::admin::text;
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::runtime::Controller;
@@ -23,38 +22,12 @@ pub async fn serve(
     tls: Option<Arc<tls::Status>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
-            _ = &mut shutdown => return,
-        };
-        let (controller, tls) = (controller.clone(), tls.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let (controller, tls) = (controller.clone(), tls.clone());
-                async move { Ok::<_, Infallible>(route(&req, &controller, tls.as_deref())) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let answer = move |path: &str| route(path, &controller, tls.as_deref());
+    fleet_proto::admin::serve(listener, answer, shutdown).await;
 }
 
-fn route(
-    req: &Request<Incoming>,
-    controller: &Controller,
-    tls: Option<&tls::Status>,
-) -> Response<Full<Bytes>> {
-    match req.uri().path() {
+fn route(path: &str, controller: &Controller, tls: Option<&tls::Status>) -> Response<Full<Bytes>> {
+    match path {
         "/healthz" | "/readyz" => text(StatusCode::OK, "ok\n".into()),
         "/metrics" => {
             let mut out = metrics(controller);
@@ -86,7 +59,7 @@ fn metrics(controller: &Controller) -> String {
     head(&mut out, missing, "gauge", help);
     let fleets = (inner.fleets.iter()).map(|(service, f)| (service, &*f.manifest));
     for (service, n) in crate::agents::missing(fleets, &inner.agents) {
-        let service = releases::escape(service);
+        let service = fleet_proto::admin::escape(service);
         let _ = writeln!(out, "{missing}{{service=\"{service}\"}} {n}");
     }
     let releases = "fleet_controller_releases";
@@ -137,14 +110,4 @@ fn tls_metrics(out: &mut String, tls: &tls::Status) {
         "Client handshakes refused or given up.",
     );
     let _ = writeln!(out, "{refused} {}", read(&tls.refused));
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    response
 }

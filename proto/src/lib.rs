@@ -3,6 +3,7 @@
 //! Only the controller, the agent and fleetctl touch these types; everything inside converts
 //! them to domain types at the edge.
 
+pub mod admin;
 pub mod connect;
 pub mod names;
 pub mod pem;

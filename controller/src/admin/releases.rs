@@ -7,6 +7,7 @@
 
 use std::fmt::Write;
 
+use fleet_proto::admin::escape;
 use fleet_proto::v1 as pb;
 
 use super::head;
@@ -88,14 +89,6 @@ fn labels(r: &pb::Release, g: &pb::RegionProgress) -> String {
         escape(&r.service),
         escape(&g.region)
     )
-}
-
-/// A label value as the Prometheus text format writes it.
-pub(crate) fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
