@@ -54,6 +54,13 @@ pub(crate) fn stopping() -> Status {
     Status::unavailable("the controller is stopping")
 }
 
+/// The answer for a service that has no fleet, naming the fix.
+fn no_fleet(service: &str) -> Status {
+    Status::not_found(format!(
+        "no fleet for service \"{service}\": apply its manifest with `fleetctl apply`"
+    ))
+}
+
 /// Maps an internal failure to a gRPC status, in one place.
 fn internal(e: anyhow::Error) -> Status {
     tracing::error!(error = %e, "request failed");
@@ -172,7 +179,7 @@ impl ReleaseService for Releases {
         let fleet = inner
             .fleets
             .get(&service)
-            .ok_or_else(|| Status::not_found(format!("no fleet for service {service}")))?;
+            .ok_or_else(|| no_fleet(&service))?;
         Ok(Response::new(fleet_proto(&service, fleet)))
     }
 
@@ -197,11 +204,7 @@ impl ReleaseService for Releases {
         let inner = self.controller.lock();
         let fleet = match service.as_str() {
             "" => None,
-            s => Some(inner.fleets.get(s).ok_or_else(|| {
-                Status::not_found(format!(
-                    "no fleet for service \"{s}\": apply its manifest with `fleetctl apply`"
-                ))
-            })?),
+            s => Some(inner.fleets.get(s).ok_or_else(|| no_fleet(s))?),
         };
         let agents = crate::agents::list(&inner.agents, fleet.map(|f| &*f.manifest));
         Ok(Response::new(pb::ListAgentsResponse { agents }))
@@ -223,7 +226,7 @@ impl ReleaseService for Releases {
                 .fleets
                 .get(&r.service)
                 .map(|f| f.manifest.clone())
-                .ok_or_else(|| Status::not_found(format!("no fleet for service {}; apply its manifest first", r.service)))?;
+                .ok_or_else(|| no_fleet(&r.service))?;
             let strategy_override = (!r.strategy_override.trim().is_empty()).then(|| r.strategy_override.clone());
             let manifest = match &strategy_override {
                 Some(strategy) => Arc::new(fleet::with_strategy(&manifest, strategy).map_err(|diags| {
