@@ -88,7 +88,7 @@ async fn session(
         cluster: config.cluster.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         capabilities: vec![
-            format!("driver:{}", config.driver),
+            format!("{}{}", fleet_proto::DRIVER_CAPABILITY, config.driver),
             "proxy:fleet-proxy".into(),
         ],
     };

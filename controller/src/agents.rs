@@ -49,7 +49,7 @@ fn is(a: &Agent, region: &str, cluster: &str) -> bool {
 /// The driver an agent's hello names among its capabilities (`driver:kubernetes`).
 pub fn driver(capabilities: &[String]) -> &str {
     (capabilities.iter())
-        .find_map(|c| c.strip_prefix("driver:"))
+        .find_map(|c| c.strip_prefix(fleet_proto::DRIVER_CAPABILITY))
         .unwrap_or_default()
 }
 

@@ -9,6 +9,9 @@ pub mod names;
 pub mod pem;
 pub mod tally;
 
+/// How a hello's capabilities name the agent's workload driver: `driver:kubernetes`.
+pub const DRIVER_CAPABILITY: &str = "driver:";
+
 #[allow(clippy::all, missing_docs, rust_2018_idioms)] // Generated code.
 pub mod v1 {
     tonic::include_proto!("fleet.v1");

@@ -27,6 +27,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use tokio::time::Instant;
 
@@ -135,17 +136,17 @@ impl KubernetesDriver {
                 .await
             {
                 problems.push(e);
-            } else if let (Some(autoscale), Some(owner)) = (&want.autoscale, listed.get(&name))
-                && let Err(e) = self
-                    .apply_autoscaler(&want, version, autoscale, owner, &autoscalers)
-                    .await
-            {
-                problems.push(e);
-            } else if want.autoscale.is_some()
-                && let Some(stuck) = (autoscalers.get(&name))
-                    .and_then(|a| objects::autoscaler_stuck(a, k8s_openapi::jiff::Timestamp::now()))
-            {
-                problems.push(stuck);
+            } else if let (Some(autoscale), Some(owner)) = (&want.autoscale, listed.get(&name)) {
+                let applied =
+                    (self.apply_autoscaler(&want, version, autoscale, owner, &autoscalers))
+                        .await
+                        .map(|()| autoscalers.get(&name));
+                match applied {
+                    Err(e) => problems.push(e),
+                    Ok(listed) => problems.extend(
+                        listed.and_then(|a| objects::autoscaler_stuck(a, Timestamp::now())),
+                    ),
+                }
             }
             wanted.push(Wanted {
                 name,

@@ -131,9 +131,8 @@ impl Demo {
         // Users come once every region serves v1.
         fleet.wait_until_serving(Duration::from_secs(60)).await?;
         let traffic = Traffic::start(fleet, USERS, WORKERS_PER_REGION, PAUSE_BETWEEN_REQUESTS);
-        let fancy = std::io::IsTerminal::is_terminal(&std::io::stdout());
         let (output, reconnect_for) = (Output::Table, progress::RECONNECT_FOR);
-        progress::watch(&mut client, &release.id, output, fancy, reconnect_for).await?;
+        progress::watch(&mut client, &release.id, output, reconnect_for).await?;
         let end = client
             .get_release(pb::GetReleaseRequest {
                 id: release.id.clone(),

@@ -2,6 +2,7 @@
 //! canary weight, step, time left and last verdict.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -27,9 +28,10 @@ pub async fn watch(
     client: &mut ReleaseServiceClient<Channel>,
     id: &str,
     output: Output,
-    fancy: bool,
     reconnect_for: Duration,
 ) -> anyhow::Result<ExitCode> {
+    // Bars on a terminal; plain lines when piped.
+    let fancy = output == Output::Table && std::io::stdout().is_terminal();
     let mut printer = Printer {
         output,
         bars: fancy.then(Bars::default),

@@ -1,6 +1,5 @@
 //! The verbs that talk to a controller: `apply` and `release ...`.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -144,15 +143,14 @@ struct Follow {
 }
 
 impl Follow {
-    /// Follows release `id` as `release watch` does: with bars on a terminal.
+    /// Follows release `id` as `release watch` does.
     async fn watch(
         &self,
         client: &mut ReleaseServiceClient<Channel>,
         id: &str,
         output: Output,
     ) -> anyhow::Result<ExitCode> {
-        let fancy = output == Output::Table && std::io::stdout().is_terminal();
-        progress::watch(client, id, output, fancy, self.reconnect_for.into()).await
+        progress::watch(client, id, output, self.reconnect_for.into()).await
     }
 }
 

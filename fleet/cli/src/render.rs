@@ -151,15 +151,15 @@ pub fn agent_list(agents: &[pb::Agent], now_ms: i64) -> String {
             0 => "never".to_string(),
             at => format!("{} ago", age(at)),
         };
-        let state = match (a.release_id.as_str(), a.ready) {
-            ("", _) => "no desired state".to_string(),
-            // In force, with what the agent still says (an autoscaler that cannot scale).
-            (release, true) if a.detail.is_empty() => {
-                format!("{release} #{} in force", a.applied_seq)
-            }
-            (release, true) => format!("{release} #{} in force; {}", a.applied_seq, a.detail),
-            (release, false) if a.detail.is_empty() => format!("{release}: not in force"),
-            (release, false) => format!("{release}: not in force: {}", a.detail),
+        // With what the agent says, in force or not (an autoscaler that cannot scale).
+        let (state, then) = match (a.release_id.as_str(), a.ready) {
+            ("", _) => ("no desired state".to_string(), None),
+            (release, true) => (format!("{release} #{} in force", a.applied_seq), Some("; ")),
+            (release, false) => (format!("{release}: not in force"), Some(": ")),
+        };
+        let state = match (then, a.detail.as_str()) {
+            (Some(then), detail) if !detail.is_empty() => format!("{state}{then}{detail}"),
+            _ => state,
         };
         table.add_row([
             a.region.as_str(),
