@@ -2,7 +2,7 @@
 //!
 //! The client CA lets in every certificate it signed; the names decide what each may do.
 //! - An agent speaks only for the cluster its certificate names, as
-//!   `<cluster>.<region>.agent.fleet` ([`agent_name`]): a stolen agent certificate cannot
+//!   `<cluster>.<region>.agent.fleet` ([`names::agent`]): a stolen agent certificate cannot
 //!   report, or take desired state, for any other cluster.
 //! - The release API is for operators and their tools, whose certificates name them as
 //!   `<name>.operator.fleet`; `<name>` is recorded as the actor of what they do, whatever the
@@ -17,7 +17,7 @@
 use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
 
-use fleet_proto::names::{OPERATOR_DOMAIN, VIEWER_DOMAIN};
+use fleet_proto::names::{self, OPERATOR_DOMAIN, VIEWER_DOMAIN};
 
 /// The operator a changing request comes from under mutual TLS, as the release service's
 /// `may_change` gives it.
@@ -31,8 +31,6 @@ pub enum Role {
     Operator(String),
     Viewer(String),
 }
-
-pub use fleet_proto::names::agent as agent_name;
 
 /// The DNS names of a DER certificate's subject alternative names, in lower case.
 pub fn dns_names(der: &[u8]) -> Result<Vec<String>, String> {
@@ -54,7 +52,7 @@ pub fn dns_names(der: &[u8]) -> Result<Vec<String>, String> {
 /// Whether a certificate for `names` may speak for `cluster` in `region`; the error says which
 /// name it needs.
 pub fn check_agent(names: &[String], region: &str, cluster: &str) -> Result<(), String> {
-    let wanted = agent_name(region, cluster);
+    let wanted = names::agent(region, cluster);
     if names.contains(&wanted) {
         return Ok(());
     }
@@ -93,8 +91,9 @@ pub fn role(names: &[String]) -> Result<Role, String> {
 /// Why viewer `name` may not change anything, and the fix.
 pub fn read_only(name: &str) -> String {
     format!(
-        "{name}.{VIEWER_DOMAIN} may read fleets and releases, not change them: a change needs \
-         a certificate for {name}.{OPERATOR_DOMAIN}"
+        "{} may read fleets and releases, not change them: a change needs a certificate for {}",
+        names::viewer(name),
+        names::operator(name)
     )
 }
 

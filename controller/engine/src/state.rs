@@ -167,11 +167,12 @@ impl RegionState {
 
     /// The desired state last sent has been applied and its workloads are ready.
     pub fn applied(&self) -> bool {
-        self.ready
-            && self
-                .desired
-                .as_ref()
-                .is_some_and(|d| self.applied_seq >= d.seq)
+        self.ready && self.seq_applied()
+    }
+
+    /// The agents have applied the desired state last sent, ready or not.
+    fn seq_applied(&self) -> bool {
+        (self.desired.as_ref()).is_some_and(|d| self.applied_seq >= d.seq)
     }
 
     /// The release has changed this region at some point.
@@ -198,11 +199,7 @@ impl RegionState {
         if !rolling_back {
             self.waiting()?;
         }
-        let applied = self
-            .desired
-            .as_ref()
-            .is_some_and(|d| self.applied_seq >= d.seq);
-        Some(match (&self.not_ready, applied) {
+        Some(match (&self.not_ready, self.seq_applied()) {
             (Some(detail), _) => format!("the agents say: {detail}"),
             (None, true) => "applied, but its workloads are not ready".to_string(),
             (None, false) => "the agents have not applied it yet".to_string(),
