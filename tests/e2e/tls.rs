@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 use fleet_e2e::bin;
+use fleet_proto::connect::ClientTls;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,6 +27,17 @@ fn controller(data: PathBuf) -> Command {
     ])
     .arg(data);
     c
+}
+
+/// TLS settings from files in the order of the flags: the CA's, then a certificate's and its
+/// key's.
+fn showing(files: &[&Path]) -> ClientTls {
+    let file = |i: usize| files.get(i).map(|p| p.to_path_buf());
+    ClientTls {
+        ca: file(0),
+        cert: file(1),
+        key: file(2),
+    }
 }
 
 /// Runs `fleetctl certs ARGS --dir dir` and returns the certificate and key it wrote for
@@ -122,22 +135,18 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
     let url = format!("https://localhost:{port}");
 
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo.yaml");
-    let fleetctl = |tls: &[&Path]| {
-        let mut c = Command::new(bin("fleetctl"));
-        c.arg("apply").arg(&manifest).args(["--controller", &url]);
-        for (flag, path) in ["--ca", "--tls-cert", "--tls-key"].iter().zip(tls) {
-            c.arg(flag).arg(path);
-        }
-        c.env_clear().output().unwrap()
+    // `fleetctl VERB` showing `tls`: the CA's file, then the certificate's and key's if any.
+    let run = |verb: &[&OsStr], tls: &[&Path]| {
+        Command::new(bin("fleetctl"))
+            .args(verb)
+            .args(["--controller", &url])
+            .args(showing(tls).args())
+            .env_clear()
+            .output()
+            .unwrap()
     };
-    let list = |tls: &[&Path]| {
-        let mut c = Command::new(bin("fleetctl"));
-        c.args(["release", "list", "--controller", &url]);
-        for (flag, path) in ["--ca", "--tls-cert", "--tls-key"].iter().zip(tls) {
-            c.arg(flag).arg(path);
-        }
-        c.env_clear().output().unwrap()
-    };
+    let fleetctl = |tls: &[&Path]| run(&[OsStr::new("apply"), manifest.as_os_str()], tls);
+    let list = |tls: &[&Path]| run(&[OsStr::new("release"), OsStr::new("list")], tls);
     let with = fleetctl(&[&ca_pem, &client_cert, &client_key]);
     assert!(
         with.status.success(),
@@ -187,12 +196,7 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
                 cluster,
             ])
             .args(["--proxy-admin", "http://127.0.0.1:9"])
-            .arg("--ca")
-            .arg(&ca_pem)
-            .arg("--tls-cert")
-            .arg(&agent_cert)
-            .arg("--tls-key")
-            .arg(&agent_key)
+            .args(showing(&[&ca_pem, &agent_cert, &agent_key]).args())
             .env_clear()
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
