@@ -3,14 +3,15 @@
 mod releases;
 
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use fleet_proto::admin::text;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::runtime::Controller;
 use crate::tls;
@@ -18,12 +19,66 @@ use crate::tls;
 /// Serves the admin endpoints on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    controller: Arc<Controller>,
+    role: Arc<Role>,
     tls: Option<Arc<tls::Status>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let answer = move |path: &str| route(path, &controller, tls.as_deref());
+    let answer = move |path: &str| match role.controller.get() {
+        Some(controller) => route(path, controller, tls.as_deref()),
+        None => standby(path, &role.leader.borrow()),
+    };
     fleet_proto::admin::serve(listener, answer, shutdown).await;
+}
+
+/// Whether this controller leads (serves), and if not, who does.
+pub struct Role {
+    controller: OnceLock<Arc<Controller>>,
+    leader: watch::Sender<String>,
+}
+
+impl Role {
+    /// A controller standing by, not knowing yet who leads.
+    pub fn new() -> Arc<Role> {
+        Arc::new(Role {
+            controller: OnceLock::new(),
+            leader: watch::channel("nobody yet".to_string()).0,
+        })
+    }
+
+    /// Where the campaign says who leads while this controller does not.
+    pub fn leader(&self) -> &watch::Sender<String> {
+        &self.leader
+    }
+
+    /// This controller leads and serves `controller`.
+    pub fn lead(&self, controller: Arc<Controller>) {
+        let _ = self.controller.set(controller);
+    }
+}
+
+/// A standby's answers: alive, not ready (so that a Service sends nothing to it), and the
+/// one metric that says it stands by.
+fn standby(path: &str, leader: &str) -> Response<Full<Bytes>> {
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok: standing by\n".into()),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("standing by: {leader} leads\n"),
+        ),
+        "/metrics" => {
+            let mut out = String::new();
+            leading(&mut out, false);
+            text(StatusCode::OK, out)
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn leading(out: &mut String, leads: bool) {
+    let name = "fleet_controller_leading";
+    let help = "1 while this controller leads (serves), 0 while it stands by for another.";
+    head(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {}", u8::from(leads));
 }
 
 fn route(path: &str, controller: &Controller, tls: Option<&tls::Status>) -> Response<Full<Bytes>> {
@@ -31,6 +86,7 @@ fn route(path: &str, controller: &Controller, tls: Option<&tls::Status>) -> Resp
         "/healthz" | "/readyz" => text(StatusCode::OK, "ok\n".into()),
         "/metrics" => {
             let mut out = metrics(controller);
+            leading(&mut out, true);
             if let Some(tls) = tls {
                 tls_metrics(&mut out, tls);
             }

@@ -7,13 +7,16 @@ mod agent_service;
 mod agents;
 mod applied;
 mod convert;
+mod etcd;
 mod identity;
+mod leader;
 mod release_service;
 mod runtime;
 mod store;
 pub mod tls;
 mod webhook;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +26,8 @@ use fleet_proto::v1::release_service_server::ReleaseServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use etcd::EtcdOptions;
+pub use leader::Campaign;
 pub use runtime::Controller;
 
 /// Resolves once `shutdown` has been signalled (or its sender dropped).
@@ -82,8 +87,125 @@ pub async fn serve_with(
     shutdown: watch::Receiver<bool>,
     options: Options,
 ) -> anyhow::Result<()> {
-    let Options { tls, limits } = options;
     let controller = Controller::open(data)?;
+    let role = admin::Role::new();
+    role.lead(controller.clone());
+    let tls_status = options.tls.as_ref().map(tls::Reloader::status);
+    tokio::spawn(admin::serve(
+        admin,
+        role,
+        tls_status,
+        signalled(shutdown.clone()),
+    ));
+    run(controller, grpc, shutdown, options).await
+}
+
+/// One of several controllers that keep their state in etcd and stand in for each other
+/// (`leader.rs`): stands by, serving only `admin` (not ready), until it leads; then listens
+/// on `grpc`, says where through `listening`, and serves until `shutdown` (giving the lead up)
+/// or until it loses the lead (an error: the process should exit, and be started again to
+/// stand by).
+pub async fn serve_ha(
+    grpc: SocketAddr,
+    admin: TcpListener,
+    ha: Ha,
+    shutdown: watch::Receiver<bool>,
+    options: Options,
+    listening: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let etcd = etcd::Etcd::connect(&ha.etcd)?;
+    let role = admin::Role::new();
+    let tls_status = options.tls.as_ref().map(tls::Reloader::status);
+    let admin_shutdown = signalled(shutdown.clone());
+    tokio::spawn(admin::serve(
+        admin,
+        role.clone(),
+        tls_status,
+        admin_shutdown,
+    ));
+    let leadership = tokio::select! {
+        leadership = leader::campaign(&etcd, &ha.campaign, role.leader()) => leadership,
+        _ = signalled(shutdown.clone()) => return Ok(()),
+    };
+    let fence = leadership.fence.clone();
+    let grpc = match bind_when_free(grpc, &fence).await {
+        Ok(grpc) => grpc,
+        Err(e) => {
+            leadership.resign().await;
+            return Err(e);
+        }
+    };
+    listening(grpc.local_addr()?);
+    let store = store::EtcdStore::new(etcd, fence.clone(), leadership.epoch);
+    let controller = match Controller::open_store(Box::new(store)) {
+        Ok(controller) => controller,
+        Err(e) => {
+            leadership.resign().await;
+            return Err(e);
+        }
+    };
+    role.lead(controller.clone());
+    // Stop serving when told to, or as soon as the lead is lost.
+    let (stop, stopping) = watch::channel(false);
+    let lost = fence.clone();
+    let outer = shutdown.clone();
+    let why = tokio::spawn(async move {
+        let why = tokio::select! {
+            why = lost.lost() => Some(why),
+            _ = signalled(outer) => None,
+        };
+        let _ = stop.send(true);
+        why
+    });
+    let served = run(controller, grpc, stopping, options).await;
+    why.abort();
+    let lost = why.await.ok().flatten();
+    leadership.resign().await;
+    served?;
+    match lost {
+        Some(why) => Err(anyhow::anyhow!("stopped leading: {why}")),
+        None => Ok(()),
+    }
+}
+
+/// Where [`serve_ha`] keeps its state and how it decides who leads.
+#[derive(Clone, Debug)]
+pub struct Ha {
+    pub etcd: etcd::EtcdOptions,
+    pub campaign: leader::Campaign,
+}
+
+/// Binds `addr`, waiting while the controller that led before still holds it (when the
+/// controllers share a host) and this one leads.
+async fn bind_when_free(addr: SocketAddr, fence: &leader::Fence) -> anyhow::Result<TcpListener> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < BIND_FOR => {
+                tokio::select! {
+                    why = fence.lost() => anyhow::bail!("stopped leading before {addr} was free: {why}"),
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("cannot listen on {addr}")));
+            }
+        }
+    }
+}
+
+/// How long a new leader waits for its gRPC address to come free.
+const BIND_FOR: Duration = Duration::from_secs(30);
+
+/// Serves `controller` on `grpc` until `shutdown`.
+async fn run(
+    controller: Arc<Controller>,
+    grpc: TcpListener,
+    shutdown: watch::Receiver<bool>,
+    options: Options,
+) -> anyhow::Result<()> {
+    let Options { tls, limits } = options;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ReleaseServiceServer<release_service::Releases>>()
@@ -95,12 +217,6 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(fleet_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tokio::spawn(controller.clone().run_timers(signalled(shutdown.clone())));
-    tokio::spawn(admin::serve(
-        admin,
-        controller.clone(),
-        tls.as_ref().map(tls::Reloader::status),
-        signalled(shutdown.clone()),
-    ));
     // Open streams would hold a graceful shutdown forever: end them as it starts.
     let closing = controller.clone();
     let stop = shutdown.clone();

@@ -1,7 +1,8 @@
-//! `fleet-controller --listen ADDR --admin ADDR --data DIR [--tls-cert F --tls-key F --client-ca F [--client-crl F]]`
+//! `fleet-controller --listen ADDR --admin ADDR (--data DIR | --etcd URL[,URL]) [--tls-cert F --tls-key F --client-ca F [--client-crl F]]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -25,8 +26,29 @@ struct Args {
     #[arg(long, env = "FLEET_CONTROLLER_ADMIN", default_value = "127.0.0.1:7071")]
     admin: SocketAddr,
     /// Directory of the embedded store; created if missing.
-    #[arg(long, env = "FLEET_DATA")]
-    data: PathBuf,
+    #[arg(
+        long,
+        env = "FLEET_DATA",
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
+    data: Option<PathBuf>,
+    /// Keep the state in etcd instead (`http://HOST:PORT`, comma-separated for several
+    /// members). Several controllers may then run on one etcd: one leads and serves, the
+    /// others stand by (not ready) and take over when it stops or dies.
+    #[arg(long, env = "FLEET_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// With --etcd: the prefix of the controller's keys.
+    #[arg(long, env = "FLEET_ETCD_PREFIX", default_value = "/fleet/")]
+    etcd_prefix: String,
+    /// With --etcd: how soon after the leader dies another takes over (its etcd lease's time
+    /// to live; whole seconds).
+    #[arg(long, env = "FLEET_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+    /// With --etcd: this controller's name, which the others show while it leads. Default:
+    /// the host's name and the process id.
+    #[arg(long, env = "FLEET_CONTROLLER_NAME")]
+    name: Option<String>,
     /// PEM certificate (chain) of the gRPC listener, which then speaks mutual TLS only.
     #[arg(long, env = "FLEET_SERVER_TLS_CERT", requires_all = ["tls_key", "client_ca"])]
     tls_cert: Option<PathBuf>,
@@ -64,18 +86,10 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let mode = if tls.is_some() { "mutual" } else { "off" };
-    let grpc = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let admin = TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("cannot listen on {}", args.admin))?;
-    // Tools that start the controller on port 0 read the real addresses from this line.
-    println!(
-        "fleet-controller listening grpc={} admin={} tls={mode}",
-        grpc.local_addr()?,
-        admin.local_addr()?
-    );
+    let admin_addr = admin.local_addr()?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -86,7 +100,46 @@ async fn main() -> anyhow::Result<()> {
         tls,
         ..Default::default()
     };
-    fleet_controller::serve_with(grpc, admin, &args.data, shutdown, options).await
+    // Tools that start the controller on port 0 read the real addresses from this line.
+    let listening = |grpc: SocketAddr| {
+        println!("fleet-controller listening grpc={grpc} admin={admin_addr} tls={mode}");
+    };
+    let Some(data) = &args.data else {
+        let ha = ha(&args)?;
+        println!(
+            "fleet-controller standing by admin={admin_addr} name={:?}",
+            ha.campaign.name
+        );
+        return fleet_controller::serve_ha(args.listen, admin, ha, shutdown, options, listening)
+            .await;
+    };
+    let grpc = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    listening(grpc.local_addr()?);
+    fleet_controller::serve_with(grpc, admin, data, shutdown, options).await
+}
+
+/// The etcd store and the campaign, from `--etcd` and the flags that go with it.
+fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
+    let ttl = args.lease_ttl;
+    if ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0 {
+        anyhow::bail!(
+            "--lease-ttl {}: etcd leases last whole seconds, at least 2; give 2s or more, such as 10s",
+            humantime::format_duration(ttl)
+        );
+    }
+    let name = args.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{} (pid {})", host.trim(), std::process::id())
+    });
+    Ok(fleet_controller::Ha {
+        etcd: fleet_controller::EtcdOptions {
+            endpoints: args.etcd.clone(),
+            prefix: args.etcd_prefix.clone(),
+        },
+        campaign: fleet_controller::Campaign { name, ttl },
+    })
 }
 
 async fn wait_for_signal() {

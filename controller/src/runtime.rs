@@ -20,13 +20,13 @@ use tonic::Status;
 
 use crate::applied::region_applied;
 use crate::convert;
-use crate::store::{ReleaseChange, Store, StoredFleet, StoredRelease};
+use crate::store::{Embedded, ReleaseChange, Store, StoredFleet, StoredRelease};
 use crate::webhook;
 
 pub type AgentTx = mpsc::UnboundedSender<Result<pb::ControllerMessage, Status>>;
 
 pub struct Controller {
-    pub(crate) store: Store,
+    pub(crate) store: Box<dyn Store>,
     pub epoch: u64,
     inner: Mutex<Inner>,
     pub(crate) events: broadcast::Sender<pb::ReleaseEvent>,
@@ -129,7 +129,11 @@ pub(crate) struct Agent {
 impl Controller {
     /// Opens the store in `dir`, takes a new epoch, and restores every fleet and release.
     pub fn open(dir: &std::path::Path) -> anyhow::Result<Arc<Controller>> {
-        let store = Store::open(dir)?;
+        Controller::open_store(Box::new(Embedded::open(dir)?))
+    }
+
+    /// Takes a new epoch from `store` and restores every fleet and release from it.
+    pub(crate) fn open_store(store: Box<dyn Store>) -> anyhow::Result<Arc<Controller>> {
         let epoch = store.next_epoch()?;
         let mut inner = Inner::default();
         for f in store.fleets()? {

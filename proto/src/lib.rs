@@ -21,6 +21,13 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("fleet_v1_descriptor");
 }
 
+/// The client of the part of etcd's v3 API (KV and Lease) that the controller's etcd store
+/// uses, generated from `etcd/rpc.proto`.
+#[allow(clippy::all, missing_docs, rust_2018_idioms)] // Generated code.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

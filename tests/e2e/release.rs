@@ -5,9 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use fleet_e2e::World;
-
-const RELEASE_TIME: Duration = Duration::from_secs(90);
+use fleet_e2e::{RELEASE_TIME, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_release_moves_every_proxy_through_the_manifests_weights_wave_by_wave() {
@@ -100,7 +98,7 @@ async fn a_release_goes_through_its_waves_with_every_link_under_mutual_tls() {
         .unwrap();
     world.fleet.crash_and_restart_controller().await.unwrap();
     assert!(world.fleet.controller.starts_with("https://localhost:"));
-    succeeded_step_by_step(&mut world, &id).await;
+    world.succeeded_step_by_step(&id).await;
     // Started as the operator the client's certificate names, whatever the request said.
     let history = world.history(&id).await.unwrap();
     assert_eq!(history[0].kind, "release_started");
@@ -111,28 +109,11 @@ async fn a_release_goes_through_its_waves_with_every_link_under_mutual_tls() {
     world.stop().await;
 }
 
-/// Releases v2 and checks it as [`succeeded_step_by_step`] does; returns the release's id.
+/// Releases v2 and checks it as [`World::succeeded_step_by_step`] does; returns the release's id.
 async fn released_step_by_step(world: &mut World) -> String {
     let id = world.start_release("v2").await.unwrap();
-    succeeded_step_by_step(world, &id).await;
+    world.succeeded_step_by_step(&id).await;
     id
-}
-
-/// Waits for release `id` to end, and checks that it succeeded with every proxy taken
-/// through each step of the manifest, then to 0 once v2 is the stable version.
-async fn succeeded_step_by_step(world: &mut World, id: &str) {
-    let release = world
-        .wait_for(id, RELEASE_TIME, |r| r.phase != "progressing")
-        .await
-        .unwrap();
-    assert_eq!(release.phase, "succeeded", "{release:#?}");
-    for region in ["us-west", "us-east", "eu-west"] {
-        world
-            .wait_for_split(region, 0, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(world.splits_of(region), [1000, 5000, 10_000, 0], "{region}");
-    }
 }
 
 /// The release once it has ended, rolled back or otherwise.
@@ -340,20 +321,8 @@ async fn a_lost_agent_holds_its_region_with_the_proxy_serving_the_last_table_unt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_mid_release_carries_on_from_the_same_step_after_a_restart() {
     let mut world = World::start(&[]).await.unwrap();
-    let id = world.start_release("v2").await.unwrap();
     // Followed from the start as a pipeline would, through the controller's crash.
-    let watch = world.fleetctl_command(&["release", "watch", &id, "--output", "json"]);
-    let watch = fleet_e2e::Running::start(watch).unwrap();
-    let watch = tokio::task::spawn_blocking(move || watch.finish_within(RELEASE_TIME * 3));
-    let east_started = |r: &fleet_proto::v1::Release| {
-        r.regions
-            .iter()
-            .any(|g| g.region == "us-east" && g.canary_weight_bp > 0)
-    };
-    world
-        .wait_for(&id, RELEASE_TIME, east_started)
-        .await
-        .unwrap();
+    let (id, watch) = world.release_into_its_second_wave().await.unwrap();
     // A watch told to bear a second without the controller gives up, saying how to go on.
     let impatient = world.fleetctl_command(&["release", "watch", &id, "--reconnect-for", "1s"]);
     let mut impatient = fleet_e2e::Running::start(impatient).unwrap();
@@ -372,40 +341,13 @@ async fn a_controller_killed_mid_release_carries_on_from_the_same_step_after_a_r
         "{out}"
     );
     world.fleet.restart_controller().await.unwrap();
-    succeeded_step_by_step(&mut world, &id).await;
+    world.succeeded_step_by_step(&id).await;
     // The other watch dialled the new controller, printed every event once and in order, and
     // exited 0 for the release's success.
-    let (code, out) = watch.await.unwrap().unwrap();
-    assert_eq!(code, 0, "{out}");
+    let out = world.watched_each_event_once(&id, watch).await;
     assert!(out.contains("lost the controller: "), "{out}");
     assert!(out.contains("following the release again"), "{out}");
-    let printed: Vec<u64> = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|e| e["index"].as_u64().unwrap())
-        .collect();
-    let told = world.history(&id).await.unwrap().len() as u64;
-    assert_eq!(printed, (0..told).collect::<Vec<_>>(), "{out}");
-    for region in ["us-west", "us-east", "eu-west"] {
-        // The start-up table, the baseline of regions whose wave comes later, one per step
-        // and the promotion: none applied twice.
-        let baseline = u64::from(region != "us-west");
-        assert_eq!(
-            world.table_version(region).await.unwrap(),
-            5 + baseline,
-            "{region}"
-        );
-    }
-    let history = world.history(&id).await.unwrap();
-    let mut steps: Vec<(String, String)> = history
-        .iter()
-        .filter(|e| e.kind == "step_started")
-        .map(|e| (e.region.clone(), e.detail_json.clone()))
-        .collect();
-    let total = steps.len();
-    steps.dedup();
-    assert_eq!(steps.len(), total, "no step started twice");
-    assert_eq!(total, 9);
+    world.each_step_once(&id).await;
     world.stop().await;
 }
 

@@ -1,5 +1,8 @@
 //! Support for the end-to-end tests: a local fleet with traffic, and what its proxies did.
 
+/// A real etcd for the tests.
+pub mod etcd;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -7,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::release_service_client::ReleaseServiceClient;
-use fleetctl::local::{LocalFleet, Traffic, bin_dir};
+use fleetctl::local::{LocalFleet, Setup, Traffic, bin_dir};
 use tonic::transport::Channel;
 
 pub const REGIONS: [(&str, &str); 3] = [
@@ -16,6 +19,8 @@ pub const REGIONS: [(&str, &str); 3] = [
     ("eu-west", "euw-a"),
 ];
 pub const MANIFEST: &str = include_str!("../e2e/fleet.yaml");
+/// How long a release of [`MANIFEST`] may take.
+pub const RELEASE_TIME: Duration = Duration::from_secs(90);
 
 /// A fleet on 127.0.0.1 with users sending traffic, and a watcher of each proxy's table.
 pub struct World {
@@ -36,7 +41,21 @@ impl World {
     /// a certificate `fleetctl certs` made (the client's is operator `fleetctl`'s).
     pub async fn start_tls(env: &[(&str, &str)]) -> anyhow::Result<World> {
         let busy = ["us-west", "us-east", "eu-west"];
-        World::start_in(MANIFEST, env, &busy, true).await
+        let setup = Setup {
+            tls: true,
+            etcd: None,
+        };
+        World::start_in(MANIFEST, env, &busy, setup).await
+    }
+
+    /// A world whose controller keeps its state in `etcd`, where others may stand by for it.
+    pub async fn start_on_etcd(etcd: &etcd::Etcd) -> anyhow::Result<World> {
+        let busy = ["us-west", "us-east", "eu-west"];
+        let setup = Setup {
+            tls: false,
+            etcd: Some(etcd.url.clone()),
+        };
+        World::start_in(MANIFEST, &[], &busy, setup).await
     }
 
     /// A world with its own `manifest`, and traffic through the proxies of `busy` only.
@@ -45,17 +64,17 @@ impl World {
         env: &[(&str, &str)],
         busy: &[&str],
     ) -> anyhow::Result<World> {
-        World::start_in(manifest, env, busy, false).await
+        World::start_in(manifest, env, busy, Setup::default()).await
     }
 
     async fn start_in(
         manifest: &str,
         env: &[(&str, &str)],
         busy: &[&str],
-        tls: bool,
+        setup: Setup,
     ) -> anyhow::Result<World> {
         let dir = tempfile::tempdir()?;
-        let fleet = LocalFleet::start_with(dir.path(), &bin_dir()?, &REGIONS, env, tls).await?;
+        let fleet = LocalFleet::start_with(dir.path(), &bin_dir()?, &REGIONS, env, setup).await?;
         let channel = fleet_proto::connect::channel(&fleet.controller, &fleet.client_tls()).await?;
         let mut client = ReleaseServiceClient::new(channel);
         let request = pb::ApplyFleetRequest {
@@ -201,6 +220,82 @@ impl World {
         command
     }
 
+    /// Starts a release of v2, followed from the start by `fleetctl release watch --output
+    /// json` as a pipeline would, and waits until its second wave (us-east) has begun: the
+    /// release's id, and the watch's exit code and output to come.
+    pub async fn release_into_its_second_wave(&mut self) -> anyhow::Result<(String, Watch)> {
+        let id = self.start_release("v2").await?;
+        let watch = self.fleetctl_command(&["release", "watch", &id, "--output", "json"]);
+        let watch = Running::start(watch)?;
+        let watch = tokio::task::spawn_blocking(move || watch.finish_within(RELEASE_TIME * 3));
+        let east_started = |r: &pb::Release| {
+            r.regions
+                .iter()
+                .any(|g| g.region == "us-east" && g.canary_weight_bp > 0)
+        };
+        self.wait_for(&id, RELEASE_TIME, east_started).await?;
+        Ok((id, watch))
+    }
+
+    /// Checks that `watch`, from [`World::release_into_its_second_wave`], exited 0 for the
+    /// success of release `id`, having printed each of its events once and in order.
+    #[allow(clippy::unwrap_used)] // Assertions, for the tests.
+    pub async fn watched_each_event_once(&mut self, id: &str, watch: Watch) -> String {
+        let (code, out) = watch.await.unwrap().unwrap();
+        assert_eq!(code, 0, "{out}");
+        let printed: Vec<u64> = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|e| e["index"].as_u64().unwrap())
+            .collect();
+        let told = self.history(id).await.unwrap().len() as u64;
+        assert_eq!(printed, (0..told).collect::<Vec<_>>(), "{out}");
+        out
+    }
+
+    /// Waits for release `id` to end, and checks that it succeeded with every proxy taken
+    /// through each step of the manifest, then to 0 once v2 is the stable version.
+    #[allow(clippy::unwrap_used)] // Assertions, for the tests.
+    pub async fn succeeded_step_by_step(&mut self, id: &str) {
+        let release = self
+            .wait_for(id, RELEASE_TIME, |r| r.phase != "progressing")
+            .await
+            .unwrap();
+        assert_eq!(release.phase, "succeeded", "{release:#?}");
+        for region in ["us-west", "us-east", "eu-west"] {
+            self.wait_for_split(region, 0, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(self.splits_of(region), [1000, 5000, 10_000, 0], "{region}");
+        }
+    }
+
+    /// Checks that release `id` (of v2, succeeded) started each step once and that each
+    /// proxy applied each table once, whatever happened to the controller meanwhile.
+    #[allow(clippy::unwrap_used)] // Assertions, for the tests.
+    pub async fn each_step_once(&mut self, id: &str) {
+        for region in ["us-west", "us-east", "eu-west"] {
+            // The start-up table, the baseline of regions whose wave comes later, one per
+            // step and the promotion: none applied twice.
+            let baseline = u64::from(region != "us-west");
+            assert_eq!(
+                self.table_version(region).await.unwrap(),
+                5 + baseline,
+                "{region}"
+            );
+        }
+        let history = self.history(id).await.unwrap();
+        let mut steps: Vec<(String, String)> = history
+            .iter()
+            .filter(|e| e.kind == "step_started")
+            .map(|e| (e.region.clone(), e.detail_json.clone()))
+            .collect();
+        let total = steps.len();
+        steps.dedup();
+        assert_eq!(steps.len(), total, "no step started twice");
+        assert_eq!(total, 9);
+    }
+
     /// Stops every process the world started, and checks that none is left, service
     /// instances of killed agents included.
     pub async fn stop(mut self) {
@@ -236,6 +331,9 @@ async fn watch_split(region: String, url: String, splits: Arc<Mutex<BTreeMap<Str
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A `fleetctl release watch` running beside a test: its exit code and output to come.
+pub type Watch = tokio::task::JoinHandle<anyhow::Result<(i32, String)>>;
 
 /// A binary of the workspace, as built for these tests.
 #[allow(clippy::unwrap_used)] // Tests only: a missing target directory is a broken build.

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use fleet_proto::v1 as pb;
 
-use crate::local::{Counts, LocalFleet, Traffic};
+use crate::local::{Counts, LocalFleet, Setup, Traffic};
 use crate::progress;
 use crate::release::{actor, connect, request_id, status};
 use crate::verbs::Output;
@@ -71,7 +71,11 @@ impl Demo {
             _ => &[],
         };
         println!("starting a local fleet in {} (logs there)", dir.display());
-        let mut fleet = LocalFleet::start_with(&dir, &bin, &REGIONS, faults, self.tls).await?;
+        let setup = Setup {
+            tls: self.tls,
+            ..Setup::default()
+        };
+        let mut fleet = LocalFleet::start_with(&dir, &bin, &REGIONS, faults, setup).await?;
         let result = tokio::select! {
             // First: with --keep, the release has ended and a signal only ends the wait.
             biased;

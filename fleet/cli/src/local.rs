@@ -40,7 +40,32 @@ pub struct LocalFleet {
     pub regions: Vec<LocalRegion>,
     /// Under mutual TLS: the certificates, in `<dir>/certs`.
     tls: Option<LocalTls>,
+    /// The etcd the controllers keep their state in, if not the embedded store.
+    etcd: Option<String>,
 }
+
+/// How a local fleet is set up, where it differs from the default (plain gRPC, the
+/// embedded store).
+#[derive(Clone, Debug, Default)]
+pub struct Setup {
+    /// Every connection to the controller under mutual TLS, each client showing a
+    /// certificate of its own (see [`LocalFleet::client_tls`]).
+    pub tls: bool,
+    /// The controller keeps its state in the etcd at this URL, and other controllers may
+    /// stand by for it ([`LocalFleet::start_standby`]).
+    pub etcd: Option<String>,
+}
+
+/// A controller standing by for the one that leads, from [`LocalFleet::start_standby`].
+pub struct Standby {
+    /// Its admin endpoints (`/readyz` is 503 while it stands by).
+    pub admin: SocketAddr,
+    /// Its "listening" line, once it leads.
+    leads: tokio::task::JoinHandle<anyhow::Result<String>>,
+}
+
+/// How soon a standby controller of a local fleet takes over from a dead leader.
+const LEASE_TTL: &str = "2s";
 
 /// A local fleet's certificates under mutual TLS, made by `fleetctl certs`' [`Authority`]:
 /// the controller's for `localhost` and 127.0.0.1, one operator's (`fleetctl`) for the
@@ -105,17 +130,16 @@ impl LocalFleet {
         regions: &[(&str, &str)],
         env: &[(&str, &str)],
     ) -> anyhow::Result<LocalFleet> {
-        LocalFleet::start_with(dir, bin, regions, env, false).await
+        LocalFleet::start_with(dir, bin, regions, env, Setup::default()).await
     }
 
-    /// As [`LocalFleet::start`], and with `tls`, every connection to the controller under
-    /// mutual TLS, each client showing a certificate of its own (see [`LocalFleet::client_tls`]).
+    /// As [`LocalFleet::start`], set up as `setup` says.
     pub async fn start_with(
         dir: &Path,
         bin: &Path,
         regions: &[(&str, &str)],
         env: &[(&str, &str)],
-        tls: bool,
+        setup: Setup,
     ) -> anyhow::Result<LocalFleet> {
         for name in [
             "fleet-controller",
@@ -131,7 +155,7 @@ impl LocalFleet {
             }
         }
         std::fs::create_dir_all(dir)?;
-        let tls = tls.then(|| LocalTls::make(dir)).transpose()?;
+        let tls = setup.tls.then(|| LocalTls::make(dir)).transpose()?;
         let mut fleet = LocalFleet {
             dir: dir.to_path_buf(),
             bin: bin.to_path_buf(),
@@ -141,6 +165,7 @@ impl LocalFleet {
             controller_addr: None,
             regions: Vec::new(),
             tls,
+            etcd: setup.etcd,
         };
         match fleet.start_all(regions, env).await {
             Ok(()) => Ok(fleet),
@@ -197,13 +222,69 @@ impl LocalFleet {
         self.spawn_controller(&addr).await
     }
 
-    async fn spawn_controller(&mut self, listen: &str) -> anyhow::Result<()> {
-        let data = self.dir.join("controller");
-        let log = format!("controller-{}", self.children.len());
-        let mut command = self.command("fleet-controller", &log)?;
-        command
-            .args(["--listen", listen, "--admin", "127.0.0.1:0", "--data"])
-            .arg(&data);
+    /// Starts a controller that stands by for the one leading, on its address and etcd.
+    pub async fn start_standby(&mut self) -> anyhow::Result<Standby> {
+        if self.etcd.is_none() {
+            bail!("only controllers that keep their state in etcd stand by for each other");
+        }
+        let addr = (self.controller_addr)
+            .context("no controller has listened yet")?
+            .to_string();
+        let mut child = (self.controller_command(&addr)?)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting fleet-controller")?;
+        let stdout = child.stdout.take().context("controller stdout")?;
+        self.started(("controller standby".into(), child));
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+            .await
+            .context("the standby controller did not start in time")??
+            .context("the standby controller ended at once")?;
+        let admin = field(&line, "admin=").and_then(|a| a.parse().ok());
+        let admin = admin.with_context(|| format!("not a standby's first line: {line}"))?;
+        let leads = tokio::spawn(async move {
+            while let Some(line) = lines.next_line().await? {
+                if line.contains("listening") {
+                    return Ok(line);
+                }
+            }
+            bail!("the standby controller ended before it led")
+        });
+        Ok(Standby { admin, leads })
+    }
+
+    /// Waits, up to `within`, for `standby` to lead; it is then this fleet's controller.
+    pub async fn standby_leads(
+        &mut self,
+        standby: Standby,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        let line = tokio::time::timeout(within, standby.leads)
+            .await
+            .with_context(|| format!("the standby did not take over within {within:?}"))??;
+        line?;
+        let leader = (self.children.iter_mut()).find(|(name, _)| name == "controller standby");
+        let (name, _) = leader.context("the standby was stopped")?;
+        *name = "controller".into();
+        Ok(())
+    }
+
+    /// The command that starts a controller listening on `listen`, on this fleet's store.
+    fn controller_command(&self, listen: &str) -> anyhow::Result<Command> {
+        let n = self.children.len();
+        let mut command = self.command("fleet-controller", &format!("controller-{n}"))?;
+        command.args(["--listen", listen, "--admin", "127.0.0.1:0"]);
+        match &self.etcd {
+            Some(url) => {
+                let name = format!("controller-{n}");
+                let flags = ["--etcd", url, "--lease-ttl", LEASE_TTL, "--name", &name];
+                command.args(flags);
+            }
+            None => {
+                command.arg("--data").arg(self.dir.join("controller"));
+            }
+        }
         if let Some(tls) = &self.tls {
             let [cert, key] = tls.authority.files("controller");
             let [ca, _] = tls.authority.files("ca");
@@ -216,6 +297,11 @@ impl LocalFleet {
                 command.arg(flag).arg(path);
             }
         }
+        Ok(command)
+    }
+
+    async fn spawn_controller(&mut self, listen: &str) -> anyhow::Result<()> {
+        let mut command = self.controller_command(listen)?;
         let mut child = command
             .stdout(Stdio::piped())
             .spawn()

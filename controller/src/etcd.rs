@@ -1,0 +1,259 @@
+//! A small client of etcd's KV and Lease APIs (`fleet_proto::etcd`, over tonic), for the etcd
+//! store and the controller's leadership.
+//!
+//! It runs on a runtime of its own, so that the store, whose callers hold the controller's
+//! lock and expect the embedded store's blocking calls, can wait for an answer from any
+//! thread ([`Etcd::block_on`]) without stalling the tasks that carry it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use fleet_proto::etcd as pb;
+use fleet_proto::etcd::kv_client::KvClient;
+use fleet_proto::etcd::lease_client::LeaseClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long one call to etcd may take before it counts as failed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Keys read per call when listing a prefix (few in tests, to read several pages).
+const PAGE: i64 = if cfg!(test) { 5 } else { 1_000 };
+
+/// Where the controller's keys are: `--etcd` endpoints and a key prefix.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// `http://host:port` of one or more members.
+    pub endpoints: Vec<String>,
+    /// Put before every key, so that several fleets of controllers can share one etcd.
+    pub prefix: String,
+}
+
+/// A connection to etcd, cheap to clone.
+#[derive(Clone)]
+pub struct Etcd {
+    kv: KvClient<Channel>,
+    lease: LeaseClient<Channel>,
+    prefix: Arc<str>,
+    runtime: Arc<Runtime>,
+}
+
+/// The runtime the connection lives on; shut down without waiting when the last clone goes.
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Etcd {
+    /// Connects lazily to `options.endpoints` (balanced over them); calls fail while none
+    /// answers.
+    pub fn connect(options: &EtcdOptions) -> anyhow::Result<Etcd> {
+        if options.endpoints.is_empty() {
+            return Err(anyhow!("--etcd names no endpoint: give http://HOST:PORT"));
+        }
+        let mut endpoints = Vec::new();
+        for url in &options.endpoints {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .with_context(|| format!("--etcd {url:?} is not a URL: write http://HOST:PORT"))?
+                .connect_timeout(CALL_TIMEOUT)
+                .timeout(CALL_TIMEOUT)
+                .http2_keep_alive_interval(fleet_proto::connect::KEEPALIVE)
+                .keep_alive_timeout(fleet_proto::connect::KEEPALIVE);
+            endpoints.push(endpoint);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("fleet-etcd")
+            .enable_all()
+            .build()?;
+        // The channel's worker task is spawned where it is made: on this runtime.
+        let channel = {
+            let _on = rt.enter();
+            Channel::balance_list(endpoints.into_iter())
+        };
+        Ok(Etcd {
+            kv: KvClient::new(channel.clone()),
+            lease: LeaseClient::new(channel),
+            prefix: options.prefix.as_str().into(),
+            runtime: Arc::new(Runtime(Some(rt))),
+        })
+    }
+
+    /// `name` under the prefix.
+    pub fn key(&self, name: &str) -> Vec<u8> {
+        format!("{}{name}", self.prefix).into_bytes()
+    }
+
+    /// Runs `f` on the connection's runtime and waits for it on this thread, which may be
+    /// any thread, a runtime's or not.
+    pub fn block_on<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().map_err(|_| anyhow!("the etcd client stopped"))?
+    }
+
+    /// Spawns `f` on the connection's runtime.
+    pub fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.runtime.0 {
+            rt.spawn(f);
+        }
+    }
+
+    /// The key `key` (under no prefix: as [`Etcd::key`] gave it), if it exists.
+    pub async fn get(&self, key: Vec<u8>) -> anyhow::Result<Option<pb::KeyValue>> {
+        let request = pb::RangeRequest {
+            key,
+            ..Default::default()
+        };
+        let response = self.kv.clone().range(request).await.map_err(said)?;
+        Ok(response.into_inner().kvs.into_iter().next())
+    }
+
+    /// Every key that starts with `prefix`, from `from` on (inclusive), in key order.
+    pub async fn list(&self, prefix: Vec<u8>, from: Vec<u8>) -> anyhow::Result<Vec<pb::KeyValue>> {
+        let end = prefix_end(&prefix);
+        let mut start = if from.is_empty() { prefix } else { from };
+        let mut out = Vec::new();
+        loop {
+            let request = pb::RangeRequest {
+                key: start.clone(),
+                range_end: end.clone(),
+                limit: PAGE,
+                ..Default::default()
+            };
+            let page = self.kv.clone().range(request).await.map_err(said)?;
+            let page = page.into_inner();
+            let more = page.more;
+            out.extend(page.kvs);
+            match out.last() {
+                Some(last) if more => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    pub async fn txn(&self, request: pb::TxnRequest) -> anyhow::Result<pb::TxnResponse> {
+        let response = self.kv.clone().txn(request).await.map_err(said)?;
+        Ok(response.into_inner())
+    }
+
+    /// A new lease of `ttl`; its id.
+    pub async fn grant(&self, ttl: Duration) -> anyhow::Result<i64> {
+        let request = pb::LeaseGrantRequest {
+            ttl: i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX),
+            id: 0,
+        };
+        let granted = self
+            .lease
+            .clone()
+            .lease_grant(request)
+            .await
+            .map_err(said)?;
+        let granted = granted.into_inner();
+        if !granted.error.is_empty() {
+            return Err(anyhow!("etcd granted no lease: {}", granted.error));
+        }
+        Ok(granted.id)
+    }
+
+    pub async fn revoke(&self, id: i64) -> anyhow::Result<()> {
+        let request = pb::LeaseRevokeRequest { id };
+        self.lease
+            .clone()
+            .lease_revoke(request)
+            .await
+            .map_err(said)?;
+        Ok(())
+    }
+
+    /// Renews lease `id` once; the seconds it has left (0: it had expired).
+    pub async fn renew(&self, id: i64) -> anyhow::Result<i64> {
+        let request = tokio_stream::once(pb::LeaseKeepAliveRequest { id });
+        let mut answers = (self.lease.clone().lease_keep_alive(request).await)
+            .map_err(said)?
+            .into_inner();
+        match answers.message().await.map_err(said)? {
+            Some(answer) => Ok(answer.ttl),
+            None => Err(anyhow!(
+                "etcd closed the keep-alive stream without an answer"
+            )),
+        }
+    }
+}
+
+/// The end of the range of every key that starts with `prefix` (etcd's `range_end`).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff: to the end of the key space.
+    vec![0]
+}
+
+/// An etcd call's failure, said once.
+fn said(status: tonic::Status) -> anyhow::Error {
+    let message = format!("etcd: {}", status.message());
+    anyhow!(fleet_proto::connect::said_once(
+        message,
+        std::error::Error::source(&status)
+    ))
+}
+
+/// A compare that holds while `key` was created at `revision` (still the same key).
+pub fn created_at(key: Vec<u8>, revision: i64) -> pb::Compare {
+    pb::Compare {
+        result: pb::compare::CompareResult::Equal.into(),
+        target: pb::compare::CompareTarget::Create.into(),
+        key,
+        target_union: Some(pb::compare::TargetUnion::CreateRevision(revision)),
+    }
+}
+
+pub fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+            key,
+            value,
+            lease,
+        })),
+    }
+}
+
+pub fn range(key: Vec<u8>) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+            key,
+            ..Default::default()
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_where_its_last_byte_below_ff_goes_up_by_one() {
+        assert_eq!(prefix_end(b"/fleet/"), b"/fleet0");
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+}

@@ -1,0 +1,225 @@
+//! Which of several controllers sharing one etcd acts: the one whose key `<prefix>leader`
+//! exists, bound to its lease. The others stand by and try for it every second; when the
+//! leader stops (and revokes its lease) or dies (and its lease runs out), one of them takes
+//! it.
+//!
+//! The revision that created the key is the leader's epoch: larger than every earlier
+//! leader's, it goes with every desired state, and agents ignore older ones. Every write of
+//! the leader's store holds only while that key is still the one it created ([`Fence`]), so
+//! a leader that lost its lease without noticing (paused, cut off) can change nothing; it
+//! stops as soon as a write fails so or its lease cannot be renewed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_proto::etcd as pb;
+use tokio::sync::watch;
+
+use crate::etcd::{self, Etcd};
+
+/// The leader key's name under the prefix.
+const KEY: &str = "leader";
+
+/// How the controllers of one etcd decide.
+#[derive(Clone, Debug)]
+pub struct Campaign {
+    /// This controller's name, shown by the others while it leads.
+    pub name: String,
+    /// The lease's time to live: how long after the leader dies another takes over.
+    pub ttl: Duration,
+}
+
+impl Campaign {
+    /// How often a standby tries for the lead and renews its lease, and the leader renews
+    /// its own.
+    fn every(&self) -> Duration {
+        (self.ttl / 3).min(Duration::from_secs(1))
+    }
+}
+
+/// Holds the lead until [`Leadership::resign`] or until it is lost.
+pub struct Leadership {
+    pub epoch: u64,
+    pub fence: Fence,
+    lease: i64,
+    etcd: Etcd,
+    stop_renewing: watch::Sender<bool>,
+}
+
+/// Makes the leader's writes conditional on its still leading, and tells when it does not.
+#[derive(Clone)]
+pub struct Fence {
+    key: Vec<u8>,
+    revision: i64,
+    lost: Arc<watch::Sender<Option<String>>>,
+}
+
+impl Fence {
+    /// The condition every write of the leader carries.
+    pub fn holds(&self) -> pb::Compare {
+        etcd::created_at(self.key.clone(), self.revision)
+    }
+
+    /// The leader key.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// Whether `kv`, read at the leader key, is the key this leader created.
+    pub fn is(&self, kv: &pb::KeyValue) -> bool {
+        kv.create_revision == self.revision
+    }
+
+    /// The lead is gone, for `why`.
+    pub fn lose(&self, why: String) {
+        self.lost.send_if_modified(|lost| {
+            let first = lost.is_none();
+            if first {
+                *lost = Some(why);
+            }
+            first
+        });
+    }
+
+    /// Resolves with why once the lead is lost.
+    pub async fn lost(&self) -> String {
+        let mut lost = self.lost.subscribe();
+        let why = lost.wait_for(Option::is_some).await;
+        why.map_or_else(|_| "stopped".into(), |why| why.clone().unwrap_or_default())
+    }
+}
+
+/// Stands by until this controller leads; while it does not, `leader` says who does.
+/// Never fails: while etcd cannot be reached it says so in the log and tries again.
+pub async fn campaign(
+    etcd: &Etcd,
+    campaign: &Campaign,
+    leader: &watch::Sender<String>,
+) -> Leadership {
+    let key = etcd.key(KEY);
+    loop {
+        let lease = match etcd.grant(campaign.ttl).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(error = %e, "standing by: cannot reach etcd");
+                let _ = leader.send(format!("unknown: {e}"));
+                tokio::time::sleep(campaign.every()).await;
+                continue;
+            }
+        };
+        let mut renewed = Instant::now();
+        loop {
+            match try_to_lead(etcd, &key, &campaign.name, lease).await {
+                Ok(Ok(revision)) => return lead(etcd, campaign, key, lease, revision),
+                Ok(Err(holder)) => {
+                    leader.send_if_modified(|was| std::mem::replace(was, holder.clone()) != holder);
+                }
+                Err(e) => tracing::warn!(error = %e, "standing by: cannot reach etcd"),
+            }
+            tokio::time::sleep(campaign.every()).await;
+            match etcd.renew(lease).await {
+                Ok(left) if left > 0 => renewed = Instant::now(),
+                Ok(_) => break,
+                Err(_) if renewed.elapsed() >= campaign.ttl => break,
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Creates the key if nobody holds it: the revision that did, or who holds it.
+async fn try_to_lead(
+    etcd: &Etcd,
+    key: &[u8],
+    name: &str,
+    lease: i64,
+) -> anyhow::Result<Result<i64, String>> {
+    let request = pb::TxnRequest {
+        compare: vec![etcd::created_at(key.to_vec(), 0)],
+        success: vec![etcd::put(key.to_vec(), name.as_bytes().to_vec(), lease)],
+        failure: vec![etcd::range(key.to_vec())],
+    };
+    let answer = etcd.txn(request).await?;
+    if answer.succeeded {
+        return Ok(Ok(answer.header.map_or(0, |h| h.revision)));
+    }
+    let holder = answer.responses.into_iter().find_map(|r| match r.response {
+        Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
+        _ => None,
+    });
+    let holder = holder.map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+    Ok(Err(holder.unwrap_or_else(|| "nobody (just now)".into())))
+}
+
+fn lead(etcd: &Etcd, campaign: &Campaign, key: Vec<u8>, lease: i64, revision: i64) -> Leadership {
+    let fence = Fence {
+        key,
+        revision,
+        lost: Arc::new(watch::channel(None).0),
+    };
+    let (stop_renewing, stop) = watch::channel(false);
+    etcd.spawn(renew(
+        etcd.clone(),
+        campaign.clone(),
+        lease,
+        fence.clone(),
+        stop,
+    ));
+    tracing::info!(epoch = revision, name = %campaign.name, "leading");
+    Leadership {
+        epoch: u64::try_from(revision).unwrap_or(0),
+        fence,
+        lease,
+        etcd: etcd.clone(),
+        stop_renewing,
+    }
+}
+
+/// Keeps the leader's lease alive; loses the lead when it has expired, or when it could not
+/// be renewed for a whole time to live (by then it has expired at etcd).
+async fn renew(
+    etcd: Etcd,
+    campaign: Campaign,
+    lease: i64,
+    fence: Fence,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = tokio::time::sleep(campaign.every()) => {}
+        }
+        match etcd.renew(lease).await {
+            Ok(left) if left > 0 => renewed = Instant::now(),
+            Ok(_) => return fence.lose("its etcd lease expired".into()),
+            Err(e) if renewed.elapsed() >= campaign.ttl => {
+                let ttl = humantime::format_duration(campaign.ttl);
+                return fence.lose(format!(
+                    "its etcd lease could not be renewed for {ttl}: {e}"
+                ));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew the leader's lease yet"),
+        }
+    }
+}
+
+impl Leadership {
+    /// The lease that keeps the lead, for tests that take it away as etcd would.
+    #[cfg(test)]
+    pub fn lease_for_tests(&self) -> i64 {
+        self.lease
+    }
+
+    /// Gives the lead up at once (revokes the lease), so that a standby need not wait for it
+    /// to run out.
+    pub async fn resign(self) {
+        let _ = self.stop_renewing.send(true);
+        self.fence.lose("it stopped".into());
+        match tokio::time::timeout(Duration::from_secs(2), self.etcd.revoke(self.lease)).await {
+            Ok(Ok(())) => tracing::info!("gave up the lead"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not give up the lead; it runs out"),
+            Err(_) => tracing::warn!("etcd did not answer; the lead runs out instead"),
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! The store in etcd, for controllers that stand in for each other (`leader.rs`). Keys, under
+//! the prefix: `fleets/<service>`, `releases/<id>`, `history/<id>/<index, 20 digits>`,
+//! `desired/<region>`, `requests/<request id>`, `versions/<service>`, `meta/releases`. Values
+//! are what the embedded store keeps (JSON, or the encoded desired state and answer).
+//!
+//! Every write is one transaction that holds only while this controller still leads (its
+//! [`Fence`]); one that finds it does not changes nothing, fails, and tells the controller to
+//! stop. A release's change must fit in one transaction: etcd takes 128 operations in one by
+//! default (`--max-txn-ops`), which is one for the release, one per history event and one per
+//! region it sends a desired state to.
+
+use anyhow::{Context, anyhow};
+use fleet_engine::HistoryEvent;
+use fleet_proto::etcd as pb;
+
+use super::{ReleaseChange, Store, StoredFleet, StoredRelease};
+use crate::etcd::{self, Etcd};
+use crate::leader::Fence;
+
+pub struct EtcdStore {
+    etcd: Etcd,
+    fence: Fence,
+    epoch: u64,
+}
+
+impl EtcdStore {
+    /// The store of the controller that leads with `fence`, since `epoch`.
+    pub fn new(etcd: Etcd, fence: Fence, epoch: u64) -> EtcdStore {
+        EtcdStore { etcd, fence, epoch }
+    }
+
+    fn key(&self, table: &str, name: &str) -> Vec<u8> {
+        self.etcd.key(&format!("{table}/{name}"))
+    }
+
+    /// Puts every `(key, value)` in one transaction, if this controller still leads.
+    fn write(&self, puts: Vec<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<()> {
+        let ops = puts.into_iter().map(|(k, v)| etcd::put(k, v, 0)).collect();
+        let written = self.txn(vec![], ops)?;
+        written.then_some(()).ok_or_else(|| self.deposed())
+    }
+
+    /// A transaction that holds if this controller leads and `compare` holds; whether it did.
+    fn txn(
+        &self,
+        mut compare: Vec<pb::Compare>,
+        success: Vec<pb::RequestOp>,
+    ) -> anyhow::Result<bool> {
+        compare.push(self.fence.holds());
+        let request = pb::TxnRequest {
+            compare,
+            success,
+            failure: vec![],
+        };
+        let etcd = self.etcd.clone();
+        let answer = self.etcd.block_on(async move { etcd.txn(request).await })?;
+        Ok(answer.succeeded)
+    }
+
+    /// Tells the controller it no longer leads; the error to fail the write with.
+    fn deposed(&self) -> anyhow::Error {
+        let why = "another controller leads now; this one stops";
+        self.fence.lose(why.into());
+        anyhow!("the store refused the write: {why}")
+    }
+
+    fn get(&self, key: Vec<u8>) -> anyhow::Result<Option<pb::KeyValue>> {
+        let etcd = self.etcd.clone();
+        self.etcd.block_on(async move { etcd.get(key).await })
+    }
+
+    /// Every value under `table/`, from `from` on, with its name.
+    fn list(&self, table: &str, from: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let prefix = self.key(table, "");
+        let start = if from.is_empty() {
+            vec![]
+        } else {
+            self.key(table, from)
+        };
+        let etcd = self.etcd.clone();
+        let list = prefix.clone();
+        let kvs = self
+            .etcd
+            .block_on(async move { etcd.list(list, start).await })?;
+        let named = kvs.into_iter().map(|kv| {
+            let name = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+            (name, kv.value)
+        });
+        Ok(named.collect())
+    }
+
+    /// Adds one to the counter `meta/name`; its new value.
+    fn count(&self, name: &str) -> anyhow::Result<u64> {
+        let key = self.key("meta", name);
+        for _ in 0..10 {
+            let (n, seen) = match self.get(key.clone())? {
+                Some(kv) => (parse_count(&kv.value)?, kv.mod_revision),
+                None => (0, 0),
+            };
+            // Unchanged since read: another caller of this controller did not count meanwhile.
+            let unchanged = pb::Compare {
+                result: pb::compare::CompareResult::Equal.into(),
+                target: pb::compare::CompareTarget::Mod.into(),
+                key: key.clone(),
+                target_union: Some(pb::compare::TargetUnion::ModRevision(seen)),
+            };
+            let put = etcd::put(key.clone(), (n + 1).to_string().into_bytes(), 0);
+            if self.txn(vec![unchanged], vec![put])? {
+                return Ok(n + 1);
+            }
+            if self
+                .get(self.fence.key().to_vec())?
+                .is_none_or(|kv| !self.fence.is(&kv))
+            {
+                return Err(self.deposed());
+            }
+        }
+        Err(anyhow!(
+            "the counter meta/{name} kept changing under this controller"
+        ))
+    }
+}
+
+fn parse_count(value: &[u8]) -> anyhow::Result<u64> {
+    let text = String::from_utf8_lossy(value);
+    text.parse()
+        .with_context(|| format!("the store's counter holds {text:?}, not a number"))
+}
+
+fn json<T: serde::de::DeserializeOwned>(value: &[u8]) -> anyhow::Result<T> {
+    Ok(serde_json::from_slice(value)?)
+}
+
+impl Store for EtcdStore {
+    fn next_epoch(&self) -> anyhow::Result<u64> {
+        Ok(self.epoch)
+    }
+
+    fn next_release_number(&self) -> anyhow::Result<u64> {
+        self.count("releases")
+    }
+
+    fn put_fleet(&self, fleet: &StoredFleet) -> anyhow::Result<()> {
+        let key = self.key("fleets", &fleet.service);
+        self.write(vec![(key, serde_json::to_vec(fleet)?)])
+    }
+
+    fn fleets(&self) -> anyhow::Result<Vec<StoredFleet>> {
+        let rows = self.list("fleets", "")?;
+        rows.iter().map(|(_, value)| json(value)).collect()
+    }
+
+    fn save_release(&self, change: ReleaseChange<'_>) -> anyhow::Result<()> {
+        let mut puts = vec![(
+            self.key("releases", change.id),
+            serde_json::to_vec(change.release)?,
+        )];
+        for (index, event) in change.events {
+            let key = self.key("history", &format!("{}/{index:020}", change.id));
+            puts.push((key, serde_json::to_vec(event)?));
+        }
+        for (region, bytes) in change.desired {
+            puts.push((self.key("desired", region), bytes.clone()));
+        }
+        if let Some((service, version)) = change.version {
+            puts.push((self.key("versions", service), version.as_bytes().to_vec()));
+        }
+        self.write(puts)
+    }
+
+    fn put_desired(&self, region: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        self.write(vec![(self.key("desired", region), bytes.to_vec())])
+    }
+
+    fn releases(&self) -> anyhow::Result<Vec<(String, StoredRelease)>> {
+        let rows = self.list("releases", "")?;
+        rows.into_iter()
+            .map(|(id, value)| Ok((id, json(&value)?)))
+            .collect()
+    }
+
+    fn history(&self, id: &str, from: u64) -> anyhow::Result<Vec<(u64, HistoryEvent)>> {
+        let rows = self.list(&format!("history/{id}"), &format!("{from:020}"))?;
+        let event = |(index, value): (String, Vec<u8>)| {
+            let index = index.parse()?;
+            Ok((index, json(&value)?))
+        };
+        rows.into_iter().map(event).collect()
+    }
+
+    fn desired(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        self.list("desired", "")
+    }
+
+    fn version(&self, service: &str) -> anyhow::Result<Option<String>> {
+        let kv = self.get(self.key("versions", service))?;
+        Ok(kv.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+    }
+
+    fn answered(&self, request_id: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self
+            .get(self.key("requests", request_id))?
+            .map(|kv| kv.value))
+    }
+
+    fn answer(&self, request_id: &str, response: &[u8]) -> anyhow::Result<()> {
+        self.write(vec![(self.key("requests", request_id), response.to_vec())])
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use fleet_engine::HistoryEvent;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::etcd::EtcdOptions;
+    use crate::leader::{self, Campaign, Leadership};
+
+    /// The tests' real etcd (Debian's etcd-server), shared with the end-to-end tests.
+    mod server {
+        include!("../../../tests/src/etcd.rs");
+    }
+
+    fn connect(server: &server::Etcd) -> Etcd {
+        let options = EtcdOptions {
+            endpoints: vec![server.url.clone()],
+            prefix: "/test/".into(),
+        };
+        Etcd::connect(&options).unwrap()
+    }
+
+    async fn lead(etcd: &Etcd, name: &str) -> Leadership {
+        let campaign = Campaign {
+            name: name.into(),
+            ttl: Duration::from_secs(2),
+        };
+        let leader = watch::channel(String::new()).0;
+        leader::campaign(etcd, &campaign, &leader).await
+    }
+
+    fn event(reason: String) -> HistoryEvent {
+        HistoryEvent {
+            at: chrono::Utc::now(),
+            actor: "t".into(),
+            region: None,
+            what: fleet_engine::What::ReleaseStarted,
+            reason,
+        }
+    }
+
+    fn release() -> StoredRelease {
+        let manifest = fleet::load(include_str!("../../../tests/e2e/fleet.yaml"))
+            .unwrap()
+            .manifest;
+        let spec = fleet_engine::ReleaseSpec {
+            id: "e2e-1".into(),
+            service: "e2e".into(),
+            from_version: "v1".into(),
+            to_version: "v2".into(),
+            emergency: None,
+            actor: "t".into(),
+        };
+        let engine = fleet_engine::Engine::start(manifest.into(), spec, chrono::Utc::now());
+        StoredRelease {
+            service: "e2e".into(),
+            started_at_ms: 1,
+            history_len: 12,
+            strategy_override: None,
+            state: engine.state().clone(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_the_embedded_store_keeps_etcd_keeps_under_the_prefix() {
+        let server = server::Etcd::start().unwrap();
+        let etcd = connect(&server);
+        let leadership = lead(&etcd, "a").await;
+        let store = EtcdStore::new(etcd.clone(), leadership.fence.clone(), leadership.epoch);
+        assert_eq!(store.next_release_number().unwrap(), 1);
+        assert_eq!(store.next_release_number().unwrap(), 2);
+        let fleet = StoredFleet {
+            service: "checkout".into(),
+            manifest: "m".into(),
+            applied_at_ms: 3,
+        };
+        store.put_fleet(&fleet).unwrap();
+        assert_eq!(store.fleets().unwrap()[0].manifest, "m");
+        let release = release();
+        // 12 events: three pages of keys in tests.
+        let events: Vec<_> = (0..12).map(|i| (i, event(format!("e{i}")))).collect();
+        let desired = [
+            ("us-west".to_string(), vec![1, 2]),
+            ("eu".to_string(), vec![3]),
+        ];
+        store
+            .save_release(ReleaseChange {
+                id: "checkout-1",
+                release: &release,
+                events: &events,
+                desired: &desired,
+                version: Some(("checkout", "v2")),
+            })
+            .unwrap();
+        let releases = store.releases().unwrap();
+        assert_eq!(releases.len(), 1);
+        assert_eq!(releases[0].0, "checkout-1");
+        let history = store.history("checkout-1", 9).unwrap();
+        let indexes: Vec<u64> = history.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, [9, 10, 11]);
+        let all = store.history("checkout-1", 0).unwrap();
+        let reasons: Vec<&str> = all.iter().map(|(_, e)| e.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            (0..12).map(|i| format!("e{i}")).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            store.history("checkout-", 0).unwrap().len(),
+            0,
+            "ids do not run into each other"
+        );
+        assert_eq!(
+            store.desired().unwrap(),
+            [("eu".into(), vec![3]), ("us-west".into(), vec![1, 2])]
+        );
+        store.put_desired("eu", &[4]).unwrap();
+        assert_eq!(store.desired().unwrap()[0].1, [4]);
+        assert_eq!(store.version("checkout").unwrap().as_deref(), Some("v2"));
+        assert_eq!(store.version("other").unwrap(), None);
+        assert_eq!(store.answered("r1").unwrap(), None);
+        store.answer("r1", b"done").unwrap();
+        assert_eq!(store.answered("r1").unwrap().as_deref(), Some(&b"done"[..]));
+        // Everything is under the prefix: another prefix's controllers see none of it.
+        let other = Etcd::connect(&EtcdOptions {
+            endpoints: vec![server.url.clone()],
+            prefix: "/other/".into(),
+        })
+        .unwrap();
+        let theirs = lead(&other, "b").await;
+        let store = EtcdStore::new(other, theirs.fence.clone(), theirs.epoch);
+        assert_eq!(store.fleets().unwrap().len(), 0);
+        assert_eq!(store.next_release_number().unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_whose_lease_is_gone_writes_nothing_once_another_leads_and_is_told_to_stop() {
+        let server = server::Etcd::start().unwrap();
+        let etcd = connect(&server);
+        let old = lead(&etcd, "old").await;
+        let old_store = EtcdStore::new(etcd.clone(), old.fence.clone(), old.epoch);
+        old_store.put_desired("us-west", &[1]).unwrap();
+        // A standby says who leads, and waits.
+        let seen = watch::channel(String::new()).0;
+        let mut told = seen.subscribe();
+        let campaign = Campaign {
+            name: "new".into(),
+            ttl: Duration::from_secs(2),
+        };
+        let standby = {
+            let (etcd, seen) = (etcd.clone(), seen.clone());
+            tokio::spawn(async move { leader::campaign(&etcd, &campaign, &seen).await })
+        };
+        let leader = told.wait_for(|l| !l.is_empty()).await.unwrap().clone();
+        assert_eq!(leader, "old");
+        // The old leader's lease goes as if it had been cut off for its whole time to live,
+        // without its knowing: the standby takes over.
+        let lease = old.lease_for_tests();
+        etcd.revoke(lease).await.unwrap();
+        let new = tokio::time::timeout(Duration::from_secs(10), standby)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(new.epoch > old.epoch, "{} after {}", new.epoch, old.epoch);
+        let new_store = EtcdStore::new(etcd.clone(), new.fence.clone(), new.epoch);
+        new_store.put_desired("us-west", &[2]).unwrap();
+        // The old leader's writes change nothing, fail, and tell it to stop.
+        let refused = std::thread::spawn(move || {
+            let refused = old_store.put_desired("us-west", &[9]).unwrap_err();
+            (refused, old_store.next_release_number().unwrap_err())
+        });
+        let (refused, counted) = refused.join().unwrap();
+        assert!(
+            refused.to_string().contains("another controller leads now"),
+            "{refused}"
+        );
+        assert!(
+            counted.to_string().contains("another controller leads now"),
+            "{counted}"
+        );
+        // (Its own renewal may have found the lease gone first.)
+        let why = tokio::time::timeout(Duration::from_secs(1), old.fence.lost())
+            .await
+            .unwrap();
+        let told = ["another controller leads now", "its etcd lease expired"];
+        assert!(told.iter().any(|t| why.contains(t)), "{why}");
+        assert_eq!(new_store.desired().unwrap(), [("us-west".into(), vec![2])]);
+        assert_eq!(new_store.next_release_number().unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_resigns_is_followed_at_once_not_after_its_lease() {
+        let server = server::Etcd::start().unwrap();
+        let etcd = connect(&server);
+        let first = lead(&etcd, "first").await;
+        let next = {
+            let etcd = etcd.clone();
+            tokio::spawn(async move {
+                let campaign = Campaign {
+                    name: "next".into(),
+                    // Long: only the resignation can let it lead within the deadline below.
+                    ttl: Duration::from_secs(60),
+                };
+                leader::campaign(&etcd, &campaign, &watch::channel(String::new()).0).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!next.is_finished(), "two leaders");
+        let resigned = std::time::Instant::now();
+        first.resign().await;
+        let next = tokio::time::timeout(Duration::from_secs(3), next)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            resigned.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            resigned.elapsed()
+        );
+        assert!(next.epoch > 0);
+    }
+}
