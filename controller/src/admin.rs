@@ -13,6 +13,7 @@ use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::leader::Holder;
 use crate::runtime::Controller;
 use crate::tls;
 
@@ -25,7 +26,7 @@ pub async fn serve(
 ) {
     let answer = move |path: &str| match role.controller.get() {
         Some(controller) => route(path, controller, tls.as_deref()),
-        None => standby(path, &role.leader.borrow()),
+        None => standby(path, role.leader.borrow().as_ref()),
     };
     fleet_proto::admin::serve(listener, answer, shutdown).await;
 }
@@ -33,7 +34,7 @@ pub async fn serve(
 /// Whether this controller leads (serves), and if not, who does.
 pub struct Role {
     controller: OnceLock<Arc<Controller>>,
-    leader: watch::Sender<String>,
+    leader: watch::Sender<Option<Holder>>,
 }
 
 impl Role {
@@ -41,12 +42,12 @@ impl Role {
     pub fn new() -> Arc<Role> {
         Arc::new(Role {
             controller: OnceLock::new(),
-            leader: watch::channel("nobody yet".to_string()).0,
+            leader: watch::channel(None).0,
         })
     }
 
     /// Where the campaign says who leads while this controller does not.
-    pub fn leader(&self) -> &watch::Sender<String> {
+    pub fn leader(&self) -> &watch::Sender<Option<Holder>> {
         &self.leader
     }
 
@@ -56,16 +57,20 @@ impl Role {
     }
 }
 
-/// A standby's answers: alive, not ready (so that a Service sends nothing to it), and the
-/// one metric that says it stands by.
-fn standby(path: &str, leader: &str) -> Response<Full<Bytes>> {
-    match path {
-        "/healthz" => text(StatusCode::OK, "ok: standing by\n".into()),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("standing by: {leader} leads\n"),
+/// A standby's answers: alive; ready while it knows a leader to pass connections to; and
+/// the one metric that says it stands by.
+fn standby(path: &str, leader: Option<&Holder>) -> Response<Full<Bytes>> {
+    match (path, leader) {
+        ("/healthz", _) => text(StatusCode::OK, "ok: standing by\n".into()),
+        ("/readyz", Some(Holder { name, grpc })) => text(
+            StatusCode::OK,
+            format!("standing by: {name} leads, at {grpc}; connections pass to it\n"),
         ),
-        "/metrics" => {
+        ("/readyz", None) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standing by: no controller is known to lead\n".into(),
+        ),
+        ("/metrics", _) => {
             let mut out = String::new();
             leading(&mut out, false);
             text(StatusCode::OK, out)

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_proto::etcd as pb;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::etcd::{self, Etcd};
@@ -25,6 +26,9 @@ const KEY: &str = "leader";
 pub struct Campaign {
     /// This controller's name, shown by the others while it leads.
     pub name: String,
+    /// Where the others pass connections to while it leads: its gRPC address as they reach
+    /// it.
+    pub advertise: String,
     /// The lease's time to live: how long after the leader dies another takes over.
     pub ttl: Duration,
 }
@@ -89,12 +93,30 @@ impl Fence {
     }
 }
 
-/// Stands by until this controller leads; while it does not, `leader` says who does.
-/// Never fails: while etcd cannot be reached it says so in the log and tries again.
+/// Who leads, as the leader key says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub name: String,
+    /// Its gRPC address, as the others reach it.
+    pub grpc: String,
+}
+
+impl Holder {
+    pub fn of(campaign: &Campaign) -> Holder {
+        Holder {
+            name: campaign.name.clone(),
+            grpc: campaign.advertise.clone(),
+        }
+    }
+}
+
+/// Stands by until this controller leads; while it does not, `leader` says who does (none
+/// while that is not known). Never fails: while etcd cannot be reached it says so in the log
+/// and tries again.
 pub async fn campaign(
     etcd: &Etcd,
     campaign: &Campaign,
-    leader: &watch::Sender<String>,
+    leader: &watch::Sender<Option<Holder>>,
 ) -> Leadership {
     let key = etcd.key(KEY);
     loop {
@@ -102,20 +124,22 @@ pub async fn campaign(
             Ok(lease) => lease,
             Err(e) => {
                 tracing::warn!(error = %e, "standing by: cannot reach etcd");
-                let _ = leader.send(format!("unknown: {e}"));
+                leader.send_replace(None);
                 tokio::time::sleep(campaign.every()).await;
                 continue;
             }
         };
         let mut renewed = Instant::now();
         loop {
-            match try_to_lead(etcd, &key, &campaign.name, lease).await {
+            let holder = match try_to_lead(etcd, &key, &Holder::of(campaign), lease).await {
                 Ok(Ok(revision)) => return lead(etcd, campaign, key, lease, revision),
-                Ok(Err(holder)) => {
-                    leader.send_if_modified(|was| std::mem::replace(was, holder.clone()) != holder);
+                Ok(Err(holder)) => holder,
+                Err(e) => {
+                    tracing::warn!(error = %e, "standing by: cannot reach etcd");
+                    None
                 }
-                Err(e) => tracing::warn!(error = %e, "standing by: cannot reach etcd"),
-            }
+            };
+            leader.send_if_modified(|was| std::mem::replace(was, holder.clone()) != holder);
             tokio::time::sleep(campaign.every()).await;
             match etcd.renew(lease).await {
                 Ok(left) if left > 0 => renewed = Instant::now(),
@@ -127,16 +151,17 @@ pub async fn campaign(
     }
 }
 
-/// Creates the key if nobody holds it: the revision that did, or who holds it.
+/// Creates the key if nobody holds it: the revision that did, or who holds it (none if it
+/// went just now, or says what no controller of this version writes).
 async fn try_to_lead(
     etcd: &Etcd,
     key: &[u8],
-    name: &str,
+    us: &Holder,
     lease: i64,
-) -> anyhow::Result<Result<i64, String>> {
+) -> anyhow::Result<Result<i64, Option<Holder>>> {
     let request = pb::TxnRequest {
         compare: vec![etcd::created_at(key.to_vec(), 0)],
-        success: vec![etcd::put(key.to_vec(), name.as_bytes().to_vec(), lease)],
+        success: vec![etcd::put(key.to_vec(), serde_json::to_vec(us)?, lease)],
         failure: vec![etcd::range(key.to_vec())],
     };
     let answer = etcd.txn(request).await?;
@@ -147,8 +172,9 @@ async fn try_to_lead(
         Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
         _ => None,
     });
-    let holder = holder.map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-    Ok(Err(holder.unwrap_or_else(|| "nobody (just now)".into())))
+    Ok(Err(
+        holder.and_then(|kv| serde_json::from_slice(&kv.value).ok())
+    ))
 }
 
 fn lead(etcd: &Etcd, campaign: &Campaign, key: Vec<u8>, lease: i64, revision: i64) -> Leadership {

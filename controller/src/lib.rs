@@ -12,11 +12,11 @@ mod identity;
 mod leader;
 mod release_service;
 mod runtime;
+mod standby;
 mod store;
 pub mod tls;
 mod webhook;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,21 +97,28 @@ pub async fn serve_with(
         tls_status,
         signalled(shutdown.clone()),
     ));
-    run(controller, grpc, shutdown, options).await
+    run(controller.clone(), grpc, shutdown, options).await?;
+    // Tasks of closed streams let go of the controller as they notice; the store closes with
+    // the last of them, and a controller started next on the same directory can open it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&controller) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// One of several controllers that keep their state in etcd and stand in for each other
-/// (`leader.rs`): stands by, serving only `admin` (not ready), until it leads; then listens
-/// on `grpc`, says where through `listening`, and serves until `shutdown` (giving the lead up)
-/// or until it loses the lead (an error: the process should exit, and be started again to
-/// stand by).
+/// (`leader.rs`). Until it leads it stands by, passing the connections `grpc` accepts to the
+/// leader (`standby.rs`); once it leads it says so through `leading` (with its epoch) and
+/// serves, until `shutdown` (giving the lead up at once) or until it loses the lead (an
+/// error: the process should exit, and be started again to stand by).
 pub async fn serve_ha(
-    grpc: SocketAddr,
+    grpc: TcpListener,
     admin: TcpListener,
     ha: Ha,
     shutdown: watch::Receiver<bool>,
     options: Options,
-    listening: impl FnOnce(SocketAddr),
+    leading: impl FnOnce(u64),
 ) -> anyhow::Result<()> {
     let etcd = etcd::Etcd::connect(&ha.etcd)?;
     let role = admin::Role::new();
@@ -123,28 +130,36 @@ pub async fn serve_ha(
         tls_status,
         admin_shutdown,
     ));
+    let (led, leads) = tokio::sync::oneshot::channel::<()>();
+    let us = leader::Holder::of(&ha.campaign);
+    let passing = tokio::spawn(standby::pass_through(
+        grpc,
+        role.leader().subscribe(),
+        us,
+        async {
+            let _ = leads.await;
+        },
+    ));
     let leadership = tokio::select! {
         leadership = leader::campaign(&etcd, &ha.campaign, role.leader()) => leadership,
         _ = signalled(shutdown.clone()) => return Ok(()),
     };
+    let _ = led.send(());
     let fence = leadership.fence.clone();
-    let grpc = match bind_when_free(grpc, &fence).await {
-        Ok(grpc) => grpc,
-        Err(e) => {
-            leadership.resign().await;
-            return Err(e);
-        }
-    };
-    listening(grpc.local_addr()?);
     let store = store::EtcdStore::new(etcd, fence.clone(), leadership.epoch);
-    let controller = match Controller::open_store(Box::new(store)) {
-        Ok(controller) => controller,
+    let opened = match passing.await {
+        Ok(grpc) => Controller::open_store(Box::new(store)).map(|c| (c, grpc)),
+        Err(e) => Err(anyhow::Error::new(e).context("passing connections to the leader")),
+    };
+    let (controller, grpc) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             leadership.resign().await;
             return Err(e);
         }
     };
     role.lead(controller.clone());
+    leading(leadership.epoch);
     // Stop serving when told to, or as soon as the lead is lost.
     let (stop, stopping) = watch::channel(false);
     let lost = fence.clone();
@@ -174,29 +189,6 @@ pub struct Ha {
     pub etcd: etcd::EtcdOptions,
     pub campaign: leader::Campaign,
 }
-
-/// Binds `addr`, waiting while the controller that led before still holds it (when the
-/// controllers share a host) and this one leads.
-async fn bind_when_free(addr: SocketAddr, fence: &leader::Fence) -> anyhow::Result<TcpListener> {
-    let started = tokio::time::Instant::now();
-    loop {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => return Ok(listener),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < BIND_FOR => {
-                tokio::select! {
-                    why = fence.lost() => anyhow::bail!("stopped leading before {addr} was free: {why}"),
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                }
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("cannot listen on {addr}")));
-            }
-        }
-    }
-}
-
-/// How long a new leader waits for its gRPC address to come free.
-const BIND_FOR: Duration = Duration::from_secs(30);
 
 /// Serves `controller` on `grpc` until `shutdown`.
 async fn run(
@@ -260,12 +252,6 @@ async fn run(
                 .serve_with_incoming_shutdown(incoming, signalled(shutdown))
                 .await?
         }
-    }
-    // Tasks of closed streams let go of the controller as they notice; the store closes with
-    // the last of them, and a controller started next on the same directory can open it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while Arc::strong_count(&controller) > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }

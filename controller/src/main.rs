@@ -34,8 +34,9 @@ struct Args {
     )]
     data: Option<PathBuf>,
     /// Keep the state in etcd instead (`http://HOST:PORT`, comma-separated for several
-    /// members). Several controllers may then run on one etcd: one leads and serves, the
-    /// others stand by (not ready) and take over when it stops or dies.
+    /// members). Several controllers may then run on one etcd: one leads and serves; the
+    /// others stand by, pass the connections they take to it, and take over when it stops or
+    /// dies.
     #[arg(long, env = "FLEET_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
     /// With --etcd: the prefix of the controller's keys.
@@ -45,6 +46,11 @@ struct Args {
     /// to live; whole seconds).
     #[arg(long, env = "FLEET_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
+    /// With --etcd: the address at which the other controllers reach this one's gRPC port,
+    /// to pass their connections to it while it leads. Default: --listen, unless that is
+    /// 0.0.0.0 or [::].
+    #[arg(long, env = "FLEET_CONTROLLER_ADVERTISE")]
+    advertise: Option<String>,
     /// With --etcd: this controller's name, which the others show while it leads. Default:
     /// the host's name and the process id.
     #[arg(long, env = "FLEET_CONTROLLER_NAME")]
@@ -86,10 +92,17 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let mode = if tls.is_some() { "mutual" } else { "off" };
+    let grpc = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let admin = TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("cannot listen on {}", args.admin))?;
-    let admin_addr = admin.local_addr()?;
+    let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
+    // Tools that start the controller on port 0 read the real addresses from this line.
+    say(&format!(
+        "fleet-controller listening grpc={grpc_addr} admin={admin_addr} tls={mode}"
+    ));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -100,28 +113,30 @@ async fn main() -> anyhow::Result<()> {
         tls,
         ..Default::default()
     };
-    // Tools that start the controller on port 0 read the real addresses from this line.
-    let listening = |grpc: SocketAddr| {
-        println!("fleet-controller listening grpc={grpc} admin={admin_addr} tls={mode}");
-    };
-    let Some(data) = &args.data else {
-        let ha = ha(&args)?;
-        println!(
-            "fleet-controller standing by admin={admin_addr} name={:?}",
-            ha.campaign.name
-        );
-        return fleet_controller::serve_ha(args.listen, admin, ha, shutdown, options, listening)
-            .await;
-    };
-    let grpc = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    listening(grpc.local_addr()?);
-    fleet_controller::serve_with(grpc, admin, data, shutdown, options).await
+    match &args.data {
+        Some(data) => fleet_controller::serve_with(grpc, admin, data, shutdown, options).await,
+        None => {
+            let ha = ha(&args, grpc_addr)?;
+            say(&format!(
+                "fleet-controller standing by name={:?}",
+                ha.campaign.name
+            ));
+            let leading = |epoch| say(&format!("fleet-controller leading epoch={epoch}"));
+            fleet_controller::serve_ha(grpc, admin, ha, shutdown, options, leading).await
+        }
+    }
 }
 
-/// The etcd store and the campaign, from `--etcd` and the flags that go with it.
-fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
+/// Prints `line` on stdout, for tools that start the controller; nothing if they stopped
+/// reading.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// The etcd store and the campaign, from `--etcd` and the flags that go with it; `grpc`, where
+/// this controller listens.
+fn ha(args: &Args, grpc: SocketAddr) -> anyhow::Result<fleet_controller::Ha> {
     let ttl = args.lease_ttl;
     if ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0 {
         anyhow::bail!(
@@ -129,6 +144,15 @@ fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
             humantime::format_duration(ttl)
         );
     }
+    let advertise = match &args.advertise {
+        Some(advertise) => advertise.clone(),
+        None if grpc.ip().is_unspecified() => anyhow::bail!(
+            "--listen {grpc} with --etcd: give --advertise HOST:PORT, the address at which the \
+             other controllers reach this one's gRPC port (in Kubernetes, $(POD_IP):{})",
+            grpc.port()
+        ),
+        None => grpc.to_string(),
+    };
     let name = args.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{} (pid {})", host.trim(), std::process::id())
@@ -138,7 +162,11 @@ fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
             endpoints: args.etcd.clone(),
             prefix: args.etcd_prefix.clone(),
         },
-        campaign: fleet_controller::Campaign { name, ttl },
+        campaign: fleet_controller::Campaign {
+            name,
+            advertise,
+            ttl,
+        },
     })
 }
 

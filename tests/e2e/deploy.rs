@@ -24,6 +24,7 @@ use std::process::Command;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodTemplateSpec, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
@@ -58,6 +59,7 @@ fn typed(doc: &Value) -> Value {
         "Role" => round_trip::<Role>(doc),
         "RoleBinding" => round_trip::<RoleBinding>(doc),
         "NetworkPolicy" => round_trip::<NetworkPolicy>(doc),
+        "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(doc),
         other => panic!("no check for kind {other}"),
     }
 }
@@ -74,7 +76,7 @@ fn template(workload: &Value) -> PodTemplateSpec {
 
 #[test]
 fn every_object_is_a_kubernetes_object_with_no_field_it_does_not_have() {
-    for file in ["controller.yaml", "cluster.yaml"] {
+    for file in ["controller.yaml", "controller-ha.yaml", "cluster.yaml"] {
         let docs = documents(file);
         assert!(docs.len() >= 3, "{file}: {} documents", docs.len());
         for doc in &docs {
@@ -113,7 +115,7 @@ fn each_container_runs_a_binary_of_the_image_with_flags_and_variables_it_takes()
     }
 
     let mut checked = 0;
-    for file in ["controller.yaml", "cluster.yaml"] {
+    for file in ["controller.yaml", "controller-ha.yaml", "cluster.yaml"] {
         let docs = documents(file);
         for doc in docs
             .iter()
@@ -138,7 +140,9 @@ fn each_container_runs_a_binary_of_the_image_with_flags_and_variables_it_takes()
                     "{name} {args:?}: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
+                // Help text wraps lines between `[env:` and the name.
                 let help = String::from_utf8_lossy(&out.stdout);
+                let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
                 let mut variables: Vec<String> =
                     c.env.iter().flatten().map(|e| e.name.clone()).collect();
                 for from in c.env_from.iter().flatten() {
@@ -146,7 +150,9 @@ fn each_container_runs_a_binary_of_the_image_with_flags_and_variables_it_takes()
                     let data = find(&docs, "ConfigMap", &map.name)["data"].clone();
                     variables.extend(data.as_object().unwrap().keys().cloned());
                 }
-                for v in variables {
+                // A variable the arguments take (`$(POD_IP)`) is Kubernetes', not the binary's.
+                let in_args = |v: &str| args.iter().any(|a| a.contains(&format!("$({v})")));
+                for v in variables.into_iter().filter(|v| !in_args(v)) {
                     assert!(
                         help.contains(&format!("[env: {v}=")),
                         "{name} does not read {v}"
@@ -156,7 +162,44 @@ fn each_container_runs_a_binary_of_the_image_with_flags_and_variables_it_takes()
             }
         }
     }
-    assert_eq!(checked, 3, "controller, agent, proxy");
+    assert_eq!(checked, 4, "controller (twice), agent, proxy");
+}
+
+#[test]
+fn highly_available_controllers_advertise_their_pod_address_and_one_survives_a_drain() {
+    let docs = documents("controller-ha.yaml");
+    let deployment = find(&docs, "Deployment", "fleet-controller");
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let spec = template(deployment).spec.unwrap();
+    let c = &spec.containers[0];
+    let args = c.args.clone().unwrap();
+    let flag = |name: &str| {
+        let at = args.iter().position(|a| a == name).unwrap();
+        args[at + 1].clone()
+    };
+    assert!(flag("--etcd").starts_with("http://"), "{args:?}");
+    assert!(!args.contains(&"--data".to_string()), "{args:?}");
+    // Kubernetes puts $(POD_IP) in only if the container has that variable.
+    let grpc = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("grpc"));
+    let port = grpc.unwrap().container_port;
+    assert_eq!(flag("--advertise"), format!("$(POD_IP):{port}"));
+    let from = |name: &str| {
+        let var = c.env.iter().flatten().find(|e| e.name == name).unwrap();
+        let field = var.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+        field.field_path.clone()
+    };
+    assert_eq!(from("POD_IP"), "status.podIP");
+    assert_eq!(from("FLEET_CONTROLLER_NAME"), "metadata.name");
+    let budget = find(&docs, "PodDisruptionBudget", "fleet-controller");
+    assert_eq!(budget["spec"]["minAvailable"], 1);
+    assert!(selects(
+        "app.kubernetes.io/name=fleet-controller",
+        &deployment["spec"]["template"]
+    ));
 }
 
 #[test]
@@ -305,7 +348,7 @@ fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy(
 
 #[test]
 fn services_select_their_pods_by_label_and_port_name_and_objects_share_a_namespace() {
-    for file in ["controller.yaml", "cluster.yaml"] {
+    for file in ["controller.yaml", "controller-ha.yaml", "cluster.yaml"] {
         let docs = documents(file);
         let namespaces: BTreeSet<&str> = docs
             .iter()

@@ -1,6 +1,6 @@
 //! Controllers that keep their state in a real etcd and stand in for each other: a whole
 //! fleet of real processes on 127.0.0.1, as in `release.rs`, with a second controller
-//! standing by on the leader's address.
+//! standing by, through which the agents and clients reach the leader.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -22,28 +22,32 @@ async fn get(url: String) -> (u16, String) {
 async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_from_the_same_step() {
     let etcd = Etcd::start().unwrap();
     let mut world = World::start_on_etcd(&etcd).await.unwrap();
-    let standby = world.fleet.start_standby().await.unwrap();
-    // Not ready, and saying who leads once it has asked etcd.
+    // Every client of the fleet dials the standby, which passes its connections to the
+    // leader: ready, saying so, once it has asked etcd who leads.
+    let admin = world.fleet.standby_admin().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (status, body) = get(format!("http://{}/readyz", standby.admin)).await;
-        assert_eq!(status, 503, "a standby is not ready: {body}");
-        if body.contains("standing by: controller-0 leads") {
+        let (status, body) = get(format!("http://{admin}/readyz")).await;
+        if status == 200 {
+            assert!(
+                body.contains("standing by: controller-0 leads, at 127.0.0.1:"),
+                "{body}"
+            );
+            assert!(body.contains("connections pass to it"), "{body}");
             break;
         }
-        assert!(Instant::now() < deadline, "{body}");
+        assert!(Instant::now() < deadline, "{status} {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, metrics) = get(format!("http://{}/metrics", standby.admin)).await;
+    let (_, metrics) = get(format!("http://{admin}/metrics")).await;
     assert!(metrics.contains("fleet_controller_leading 0"), "{metrics}");
 
     let (id, watch) = world.release_into_its_second_wave().await.unwrap();
-    let admin = standby.admin;
     let killed = Instant::now();
     world.fleet.crash_controller().await.unwrap();
     // The lease lives 2 s; the standby tries for the lead three times as often.
     let within = Duration::from_secs(10);
-    world.fleet.standby_leads(standby, within).await.unwrap();
+    world.fleet.standby_leads(within).await.unwrap();
     let took = killed.elapsed();
     println!("the standby led {took:?} after the leader was killed");
     assert!(
@@ -62,5 +66,37 @@ async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_fr
     let next = world.start_release("v3").await.unwrap();
     let number = |id: &str| id.rsplit('-').next().unwrap().parse::<u64>().unwrap();
     assert_eq!(number(&next), number(&id) + 1, "{next} after {id}");
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_stops_when_it_wakes_and_the_standby_carries_on() {
+    let etcd = Etcd::start().unwrap();
+    let mut world = World::start_on_etcd(&etcd).await.unwrap();
+    let (id, watch) = world.release_into_its_second_wave().await.unwrap();
+    // Paused (as by a long stall, or cut off from etcd) for longer than its lease: the
+    // standby takes over while the old leader still believes it leads.
+    let stop = rustix::process::Signal::STOP;
+    world.fleet.signal("controller", stop).unwrap();
+    world
+        .fleet
+        .standby_leads(Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Awake again, it finds out, changes nothing, and exits for Kubernetes to start it
+    // again as a standby.
+    let (old, cont) = ("controller, deposed", rustix::process::Signal::CONT);
+    world.fleet.signal(old, cont).unwrap();
+    let status = world
+        .fleet
+        .ended(old, Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert!(!status.success(), "{status}");
+    let log = std::fs::read_to_string(world.fleet.dir.join("controller-0.log")).unwrap();
+    assert!(log.contains("stopped leading: "), "{log}");
+    world.succeeded_step_by_step(&id).await;
+    world.each_step_once(&id).await;
+    world.watched_each_event_once(&id, watch).await;
     world.stop().await;
 }

@@ -233,13 +233,17 @@ mod tests {
         Etcd::connect(&options).unwrap()
     }
 
-    async fn lead(etcd: &Etcd, name: &str) -> Leadership {
-        let campaign = Campaign {
+    fn campaign(name: &str, ttl: Duration) -> Campaign {
+        Campaign {
             name: name.into(),
-            ttl: Duration::from_secs(2),
-        };
-        let leader = watch::channel(String::new()).0;
-        leader::campaign(etcd, &campaign, &leader).await
+            advertise: format!("{name}:7070"),
+            ttl,
+        }
+    }
+
+    async fn lead(etcd: &Etcd, name: &str) -> Leadership {
+        let campaign = campaign(name, Duration::from_secs(2));
+        leader::campaign(etcd, &campaign, &watch::channel(None).0).await
     }
 
     fn event(reason: String) -> HistoryEvent {
@@ -353,18 +357,18 @@ mod tests {
         let old_store = EtcdStore::new(etcd.clone(), old.fence.clone(), old.epoch);
         old_store.put_desired("us-west", &[1]).unwrap();
         // A standby says who leads, and waits.
-        let seen = watch::channel(String::new()).0;
+        let seen = watch::channel(None).0;
         let mut told = seen.subscribe();
-        let campaign = Campaign {
-            name: "new".into(),
-            ttl: Duration::from_secs(2),
-        };
+        let new = campaign("new", Duration::from_secs(2));
         let standby = {
             let (etcd, seen) = (etcd.clone(), seen.clone());
-            tokio::spawn(async move { leader::campaign(&etcd, &campaign, &seen).await })
+            tokio::spawn(async move { leader::campaign(&etcd, &new, &seen).await })
         };
-        let leader = told.wait_for(|l| !l.is_empty()).await.unwrap().clone();
-        assert_eq!(leader, "old");
+        let leader = told.wait_for(Option::is_some).await.unwrap().clone();
+        assert_eq!(
+            leader,
+            Some(leader::Holder::of(&campaign("old", Duration::ZERO)))
+        );
         // The old leader's lease goes as if it had been cut off for its whole time to live,
         // without its knowing: the standby takes over.
         let lease = old.lease_for_tests();
@@ -408,12 +412,9 @@ mod tests {
         let next = {
             let etcd = etcd.clone();
             tokio::spawn(async move {
-                let campaign = Campaign {
-                    name: "next".into(),
-                    // Long: only the resignation can let it lead within the deadline below.
-                    ttl: Duration::from_secs(60),
-                };
-                leader::campaign(&etcd, &campaign, &watch::channel(String::new()).0).await
+                // Long: only the resignation can let it lead within the deadline below.
+                let next = campaign("next", Duration::from_secs(60));
+                leader::campaign(&etcd, &next, &watch::channel(None).0).await
             })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;

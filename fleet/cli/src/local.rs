@@ -42,6 +42,8 @@ pub struct LocalFleet {
     tls: Option<LocalTls>,
     /// The etcd the controllers keep their state in, if not the embedded store.
     etcd: Option<String>,
+    /// On etcd: a second controller, standing by for the first.
+    standby: Option<Standby>,
 }
 
 /// How a local fleet is set up, where it differs from the default (plain gRPC, the
@@ -51,18 +53,21 @@ pub struct Setup {
     /// Every connection to the controller under mutual TLS, each client showing a
     /// certificate of its own (see [`LocalFleet::client_tls`]).
     pub tls: bool,
-    /// The controller keeps its state in the etcd at this URL, and other controllers may
-    /// stand by for it ([`LocalFleet::start_standby`]).
+    /// The controller keeps its state in the etcd at this URL, and a second controller
+    /// stands by for it, through which every client of the fleet reaches it (as through a
+    /// Kubernetes Service): [`LocalFleet::standby_leads`].
     pub etcd: Option<String>,
 }
 
-/// A controller standing by for the one that leads, from [`LocalFleet::start_standby`].
-pub struct Standby {
-    /// Its admin endpoints (`/readyz` is 503 while it stands by).
-    pub admin: SocketAddr,
-    /// Its "listening" line, once it leads.
-    leads: tokio::task::JoinHandle<anyhow::Result<String>>,
+/// A controller standing by for the one that leads.
+struct Standby {
+    /// Its admin endpoints.
+    admin: SocketAddr,
+    leads: Leads,
 }
+
+/// Resolves once a controller on etcd says it leads.
+type Leads = tokio::task::JoinHandle<anyhow::Result<()>>;
 
 /// How soon a standby controller of a local fleet takes over from a dead leader.
 const LEASE_TTL: &str = "2s";
@@ -166,6 +171,7 @@ impl LocalFleet {
             regions: Vec::new(),
             tls,
             etcd: setup.etcd,
+            standby: None,
         };
         match fleet.start_all(regions, env).await {
             Ok(()) => Ok(fleet),
@@ -182,6 +188,9 @@ impl LocalFleet {
         env: &[(&str, &str)],
     ) -> anyhow::Result<()> {
         self.start_controller().await?;
+        if self.etcd.is_some() {
+            self.start_standby().await?;
+        }
         for (region, cluster) in regions {
             let (traffic, admin) = self.start_proxy(region).await?;
             let agent = self.start_agent(region, cluster, admin, env).await?;
@@ -222,52 +231,29 @@ impl LocalFleet {
         self.spawn_controller(&addr).await
     }
 
-    /// Starts a controller that stands by for the one leading, on its address and etcd.
-    pub async fn start_standby(&mut self) -> anyhow::Result<Standby> {
-        if self.etcd.is_none() {
-            bail!("only controllers that keep their state in etcd stand by for each other");
-        }
-        let addr = (self.controller_addr)
-            .context("no controller has listened yet")?
-            .to_string();
-        let mut child = (self.controller_command(&addr)?)
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting fleet-controller")?;
-        let stdout = child.stdout.take().context("controller stdout")?;
-        self.started(("controller standby".into(), child));
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+    /// Waits, up to `within`, for the controller standing by to lead (after the leader was
+    /// stopped); it is then this fleet's `controller`, and the old one, if it still runs,
+    /// `controller, deposed`.
+    pub async fn standby_leads(&mut self, within: Duration) -> anyhow::Result<()> {
+        let standby = self.standby.take().context("no controller stands by")?;
+        tokio::time::timeout(within, standby.leads)
             .await
-            .context("the standby controller did not start in time")??
-            .context("the standby controller ended at once")?;
-        let admin = field(&line, "admin=").and_then(|a| a.parse().ok());
-        let admin = admin.with_context(|| format!("not a standby's first line: {line}"))?;
-        let leads = tokio::spawn(async move {
-            while let Some(line) = lines.next_line().await? {
-                if line.contains("listening") {
-                    return Ok(line);
-                }
+            .with_context(|| format!("the standby did not take over within {within:?}"))???;
+        // The old leader, if it still runs (paused, cut off), goes by another name now.
+        for (name, _) in &mut self.children {
+            if name == "controller" {
+                *name = "controller, deposed".into();
             }
-            bail!("the standby controller ended before it led")
-        });
-        Ok(Standby { admin, leads })
-    }
-
-    /// Waits, up to `within`, for `standby` to lead; it is then this fleet's controller.
-    pub async fn standby_leads(
-        &mut self,
-        standby: Standby,
-        within: Duration,
-    ) -> anyhow::Result<()> {
-        let line = tokio::time::timeout(within, standby.leads)
-            .await
-            .with_context(|| format!("the standby did not take over within {within:?}"))??;
-        line?;
+        }
         let leader = (self.children.iter_mut()).find(|(name, _)| name == "controller standby");
         let (name, _) = leader.context("the standby was stopped")?;
         *name = "controller".into();
         Ok(())
+    }
+
+    /// The admin endpoints of the controller standing by, if one does.
+    pub fn standby_admin(&self) -> Option<SocketAddr> {
+        self.standby.as_ref().map(|s| s.admin)
     }
 
     /// The command that starts a controller listening on `listen`, on this fleet's store.
@@ -301,25 +287,69 @@ impl LocalFleet {
     }
 
     async fn spawn_controller(&mut self, listen: &str) -> anyhow::Result<()> {
-        let mut command = self.controller_command(listen)?;
-        let mut child = command
+        let (child, grpc, _, leads) = self.spawn_controller_process(listen).await?;
+        if let Some(leads) = leads {
+            tokio::time::timeout(START_TIMEOUT, leads)
+                .await
+                .context("the first controller did not lead in time")???;
+        }
+        self.controller_addr = Some(grpc);
+        self.controller = self.url(grpc);
+        self.started(("controller".into(), child));
+        Ok(())
+    }
+
+    /// Starts a controller that stands by for the leader; every client of this fleet dials
+    /// it from now on, and reaches the leader through it until it leads itself.
+    async fn start_standby(&mut self) -> anyhow::Result<()> {
+        let (child, grpc, admin, leads) = self.spawn_controller_process("127.0.0.1:0").await?;
+        let leads = leads.context("only controllers on etcd stand by")?;
+        self.controller = self.url(grpc);
+        self.standby = Some(Standby { admin, leads });
+        self.started(("controller standby".into(), child));
+        Ok(())
+    }
+
+    /// A controller process listening on `listen`: it, its gRPC and admin addresses and, on
+    /// etcd, what resolves once it leads.
+    async fn spawn_controller_process(
+        &mut self,
+        listen: &str,
+    ) -> anyhow::Result<(Child, SocketAddr, SocketAddr, Option<Leads>)> {
+        let mut child = (self.controller_command(listen)?)
             .stdout(Stdio::piped())
             .spawn()
             .context("starting fleet-controller")?;
         let stdout = child.stdout.take().context("controller stdout")?;
-        let line = first_line_with(BufReader::new(stdout), "listening").await?;
-        let grpc = field(&line, "grpc=").context("the controller did not say where it listens")?;
-        let grpc: SocketAddr = grpc
-            .parse()
-            .with_context(|| format!("the controller's address {grpc:?}"))?;
-        self.controller_addr = Some(grpc);
-        self.controller = match &self.tls {
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+            .await
+            .context("the controller did not start in time")??
+            .context("the controller ended at once")?;
+        let addr = |key| field(&line, key).and_then(|a| a.parse::<SocketAddr>().ok());
+        let (Some(grpc), Some(admin)) = (addr("grpc="), addr("admin=")) else {
+            bail!("the controller did not say where it listens: {line}");
+        };
+        let leads = self.etcd.is_some().then(|| {
+            tokio::spawn(async move {
+                while let Some(line) = lines.next_line().await? {
+                    if line.contains("leading") {
+                        return Ok(());
+                    }
+                }
+                bail!("the controller ended before it led")
+            })
+        });
+        Ok((child, grpc, admin, leads))
+    }
+
+    /// The URL a client dials the controller listening at `grpc` by.
+    fn url(&self, grpc: SocketAddr) -> String {
+        match &self.tls {
             // A name its certificate is for, as a user would dial it.
             Some(_) => format!("https://localhost:{}", grpc.port()),
             None => format!("http://{grpc}"),
-        };
-        self.started(("controller".into(), child));
-        Ok(())
+        }
     }
 
     async fn start_proxy(&mut self, region: &str) -> anyhow::Result<(SocketAddr, SocketAddr)> {
@@ -483,6 +513,35 @@ impl LocalFleet {
             let _ = child.kill().await;
         }
         Ok(())
+    }
+
+    /// Sends `signal` to one started process by name, leaving it in the fleet.
+    pub fn signal(&self, name: &str, signal: rustix::process::Signal) -> anyhow::Result<()> {
+        let (_, child) = (self.children.iter())
+            .find(|(n, _)| n == name)
+            .with_context(|| format!("no process {name}"))?;
+        send(child, signal);
+        Ok(())
+    }
+
+    /// Waits up to `within` for one started process to end by itself: its exit status. It
+    /// is no longer the fleet's.
+    pub async fn ended(
+        &mut self,
+        name: &str,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let index = (self.children.iter())
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no process {name}"))?;
+        let (_, mut child) = self.children.remove(index);
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                let _ = child.kill().await;
+                bail!("{name} did not end within {within:?}")
+            }
+        }
     }
 
     /// Ends every process this fleet started: agents first, so that they stop the instances

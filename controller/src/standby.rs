@@ -1,0 +1,129 @@
+//! What a standby controller does with the connections to its gRPC port: it passes each, as
+//! bytes, to the controller that leads (at the address its leader key gives), so that a
+//! Service may send clients to any controller, and TLS, if on, is between the client and
+//! the leader. While no controller is known to lead, connections are closed at once and
+//! clients dial again.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::leader::Holder;
+
+/// How long a standby waits for the leader to take a connection it passes on.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Passes every connection `listener` accepts to the leader `leader` names, until `until`
+/// resolves; then gives the listener back, for this controller to serve on. `us` is this
+/// controller: a leader key that names it (left from before a restart) is not followed.
+pub async fn pass_through(
+    listener: TcpListener,
+    leader: watch::Receiver<Option<Holder>>,
+    us: Holder,
+    until: impl Future<Output = ()>,
+) -> TcpListener {
+    tokio::pin!(until);
+    loop {
+        let client = tokio::select! {
+            _ = &mut until => return listener,
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) => client,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let to = leader.borrow().clone();
+        match to {
+            Some(to) if to != us && to.grpc != us.grpc => {
+                tokio::spawn(pass(client, to.grpc));
+            }
+            // Closed: the client dials again, by when a leader may be known.
+            _ => drop(client),
+        }
+    }
+}
+
+/// Copies bytes both ways between `client` and the leader at `to` until either ends.
+async fn pass(mut client: TcpStream, to: String) {
+    let leader = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&to)).await;
+    let mut leader = match leader {
+        Ok(Ok(leader)) => leader,
+        Ok(Err(e)) => return tracing::debug!(%to, error = %e, "the leader refused a connection"),
+        Err(_) => return tracing::debug!(%to, "the leader did not take a connection in time"),
+    };
+    let _ = (client.set_nodelay(true), leader.set_nodelay(true));
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut leader).await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn holder(name: &str, grpc: &str) -> Holder {
+        Holder {
+            name: name.into(),
+            grpc: grpc.into(),
+        }
+    }
+
+    /// A stand-in for the leader's port that answers each connection with its first bytes
+    /// in upper case.
+    async fn leader() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let mut buf = [0; 5];
+                c.read_exact(&mut buf).await.unwrap();
+                c.write_all(&buf.to_ascii_uppercase()).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    /// Connects to `at`, says hello: what comes back before the connection ends.
+    async fn hello(at: std::net::SocketAddr) -> Vec<u8> {
+        let mut c = TcpStream::connect(at).await.unwrap();
+        let _ = c.write_all(b"hello").await;
+        let mut back = vec![0; 5];
+        match tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut back)).await {
+            Ok(Ok(_)) => back,
+            Ok(Err(_)) => vec![],
+            Err(_) => panic!("neither passed on nor closed"),
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_pass_to_the_leader_it_knows_and_are_closed_while_it_knows_none() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let us = holder("us", &at.to_string());
+        let (leader_tx, leader_rx) = watch::channel(None);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let passing = tokio::spawn(pass_through(listener, leader_rx, us.clone(), async {
+            let _ = stopped.await;
+        }));
+        assert_eq!(hello(at).await, b"", "no leader known: closed");
+        leader_tx.send_replace(Some(holder("them", &leader().await)));
+        assert_eq!(hello(at).await, b"HELLO");
+        // A leader key left by this very controller (before a restart) is not followed: that
+        // would pass connections to itself.
+        leader_tx.send_replace(Some(us));
+        assert_eq!(hello(at).await, b"");
+        let _ = stop.send(());
+        let listener = passing.await.unwrap();
+        assert_eq!(
+            listener.local_addr().unwrap(),
+            at,
+            "the listener is given back"
+        );
+    }
+}
