@@ -18,8 +18,13 @@ use tonic::transport::{Channel, Endpoint};
 /// How long one call to etcd may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Keys read per call when listing a prefix (few in tests, to read several pages).
-const PAGE: i64 = if cfg!(test) { 5 } else { 1_000 };
+/// Keys read per call when listing a prefix (few in tests, to read several pages). A stored
+/// release is some kilobytes per region.
+const PAGE: i64 = if cfg!(test) { 5 } else { 100 };
+
+/// The largest answer taken from etcd: above a page of the largest releases (etcd's own
+/// limit on a request, 1.5 MiB by default, bounds each value).
+const MAX_ANSWER: usize = 256 * 1024 * 1024;
 
 /// Where the controller's keys are: `--etcd` endpoints and a key prefix.
 #[derive(Clone, Debug)]
@@ -78,7 +83,7 @@ impl Etcd {
             Channel::balance_list(endpoints.into_iter())
         };
         Ok(Etcd {
-            kv: KvClient::new(channel.clone()),
+            kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_ANSWER),
             lease: LeaseClient::new(channel),
             prefix: options.prefix.as_str().into(),
             runtime: Arc::new(Runtime(Some(rt))),
@@ -100,7 +105,13 @@ impl Etcd {
         self.spawn(async move {
             let _ = tx.send(f.await);
         });
-        rx.recv().map_err(|_| anyhow!("the etcd client stopped"))?
+        let wait = || rx.recv().map_err(|_| anyhow!("the etcd client stopped"))?;
+        // On a worker of a multi-threaded runtime, its other tasks move to another worker
+        // meanwhile: an etcd slow to answer (up to CALL_TIMEOUT) stalls no one else.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
     }
 
     /// Spawns `f` on the connection's runtime.

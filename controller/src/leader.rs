@@ -120,6 +120,8 @@ pub async fn campaign(
 ) -> Leadership {
     let key = etcd.key(KEY);
     loop {
+        // When the lease was last made sure of (granted or renewed), as asked.
+        let mut renewed = Instant::now();
         let lease = match etcd.grant(campaign.ttl).await {
             Ok(lease) => lease,
             Err(e) => {
@@ -129,10 +131,9 @@ pub async fn campaign(
                 continue;
             }
         };
-        let mut renewed = Instant::now();
         loop {
             let holder = match try_to_lead(etcd, &key, &Holder::of(campaign), lease).await {
-                Ok(Ok(revision)) => return lead(etcd, campaign, key, lease, revision),
+                Ok(Ok(revision)) => return lead(etcd, campaign, key, (lease, renewed), revision),
                 Ok(Err(holder)) => holder,
                 Err(e) => {
                     tracing::warn!(error = %e, "standing by: cannot reach etcd");
@@ -141,8 +142,9 @@ pub async fn campaign(
             };
             leader.send_if_modified(|was| std::mem::replace(was, holder.clone()) != holder);
             tokio::time::sleep(campaign.every()).await;
+            let asked = Instant::now();
             match etcd.renew(lease).await {
-                Ok(left) if left > 0 => renewed = Instant::now(),
+                Ok(left) if left > 0 => renewed = asked,
                 Ok(_) => break,
                 Err(_) if renewed.elapsed() >= campaign.ttl => break,
                 Err(_) => {}
@@ -152,7 +154,8 @@ pub async fn campaign(
 }
 
 /// Creates the key if nobody holds it: the revision that did, or who holds it (none if it
-/// went just now, or says what no controller of this version writes).
+/// went just now, or says what no controller of this version writes). A key bound to
+/// `lease` is this controller's own, made by a try whose answer was lost: it leads.
 async fn try_to_lead(
     etcd: &Etcd,
     key: &[u8],
@@ -172,12 +175,27 @@ async fn try_to_lead(
         Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
         _ => None,
     });
-    Ok(Err(
-        holder.and_then(|kv| serde_json::from_slice(&kv.value).ok())
-    ))
+    match holder {
+        Some(kv) if kv.lease == lease => Ok(Ok(kv.create_revision)),
+        holder => Ok(Err(
+            holder.and_then(|kv| serde_json::from_slice(&kv.value).ok())
+        )),
+    }
 }
 
-fn lead(etcd: &Etcd, campaign: &Campaign, key: Vec<u8>, lease: i64, revision: i64) -> Leadership {
+/// Epochs of leaders on etcd start here: above every epoch of the embedded store (which
+/// counts the controller's starts), so that agents follow a fleet moved from `--data` to
+/// `--etcd` without a restart.
+const EPOCHS_FROM: u64 = 1 << 32;
+
+/// Leads with the key `revision` made, bound to `lease`, last made sure of at `renewed`.
+fn lead(
+    etcd: &Etcd,
+    campaign: &Campaign,
+    key: Vec<u8>,
+    (lease, renewed): (i64, Instant),
+    revision: i64,
+) -> Leadership {
     let fence = Fence {
         key,
         revision,
@@ -187,13 +205,14 @@ fn lead(etcd: &Etcd, campaign: &Campaign, key: Vec<u8>, lease: i64, revision: i6
     etcd.spawn(renew(
         etcd.clone(),
         campaign.clone(),
-        lease,
+        (lease, renewed),
         fence.clone(),
         stop,
     ));
-    tracing::info!(epoch = revision, name = %campaign.name, "leading");
+    let epoch = EPOCHS_FROM + u64::try_from(revision).unwrap_or(0);
+    tracing::info!(epoch, name = %campaign.name, "leading");
     Leadership {
-        epoch: u64::try_from(revision).unwrap_or(0),
+        epoch,
         fence,
         lease,
         etcd: etcd.clone(),
@@ -202,28 +221,30 @@ fn lead(etcd: &Etcd, campaign: &Campaign, key: Vec<u8>, lease: i64, revision: i6
 }
 
 /// Keeps the leader's lease alive; loses the lead when it has expired, or when it could not
-/// be renewed for a whole time to live (by then it has expired at etcd).
+/// be renewed in time for the next try to come before the lease may run out at etcd (from
+/// when the last renewal that worked was asked for).
 async fn renew(
     etcd: Etcd,
     campaign: Campaign,
-    lease: i64,
+    (lease, mut renewed): (i64, Instant),
     fence: Fence,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut renewed = Instant::now();
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
             _ = tokio::time::sleep(campaign.every()) => {}
         }
+        let asked = Instant::now();
         match etcd.renew(lease).await {
-            Ok(left) if left > 0 => renewed = Instant::now(),
+            Ok(left) if left > 0 => renewed = asked,
             Ok(_) => return fence.lose("its etcd lease expired".into()),
-            Err(e) if renewed.elapsed() >= campaign.ttl => {
+            Err(e) if renewed.elapsed() + campaign.every() >= campaign.ttl => {
+                let since = Duration::from_millis(renewed.elapsed().as_millis() as u64);
+                let since = humantime::format_duration(since);
                 let ttl = humantime::format_duration(campaign.ttl);
-                return fence.lose(format!(
-                    "its etcd lease could not be renewed for {ttl}: {e}"
-                ));
+                let why = format!("its etcd lease ({ttl}) was not renewed for {since}: {e}");
+                return fence.lose(why);
             }
             Err(e) => tracing::warn!(error = %e, "cannot renew the leader's lease yet"),
         }

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 pub use etcd::EtcdOptions;
 pub use leader::Campaign;
 pub use runtime::Controller;
+pub use standby::advertised;
 
 /// Resolves once `shutdown` has been signalled (or its sender dropped).
 pub async fn signalled(mut shutdown: watch::Receiver<bool>) {
@@ -110,8 +111,8 @@ pub async fn serve_with(
 /// One of several controllers that keep their state in etcd and stand in for each other
 /// (`leader.rs`). Until it leads it stands by, passing the connections `grpc` accepts to the
 /// leader (`standby.rs`); once it leads it says so through `leading` (with its epoch) and
-/// serves, until `shutdown` (giving the lead up at once) or until it loses the lead (an
-/// error: the process should exit, and be started again to stand by).
+/// serves, until `shutdown` (giving the lead up at once) or until it loses the lead
+/// ([`LostLead`]).
 pub async fn serve_ha(
     grpc: TcpListener,
     admin: TcpListener,
@@ -121,6 +122,7 @@ pub async fn serve_ha(
     leading: impl FnOnce(u64),
 ) -> anyhow::Result<()> {
     let etcd = etcd::Etcd::connect(&ha.etcd)?;
+    tracing::info!(name = %ha.campaign.name, "standing by");
     let role = admin::Role::new();
     let tls_status = options.tls.as_ref().map(tls::Reloader::status);
     let admin_shutdown = signalled(shutdown.clone());
@@ -178,10 +180,16 @@ pub async fn serve_ha(
     leadership.resign().await;
     served?;
     match lost {
-        Some(why) => Err(anyhow::anyhow!("stopped leading: {why}")),
+        Some(why) => Err(LostLead(why).into()),
         None => Ok(()),
     }
 }
+
+/// [`serve_ha`]'s error when this controller stopped leading, having served until then: it
+/// should start over as a standby.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped leading: {0}")]
+pub struct LostLead(String);
 
 /// Where [`serve_ha`] keeps its state and how it decides who leads.
 #[derive(Clone, Debug)]

@@ -122,9 +122,25 @@ async fn main() -> anyhow::Result<()> {
                 ha.campaign.name
             ));
             let leading = |epoch| say(&format!("fleet-controller leading epoch={epoch}"));
-            fleet_controller::serve_ha(grpc, admin, ha, shutdown, options, leading).await
+            let served = fleet_controller::serve_ha(grpc, admin, ha, shutdown, options, leading);
+            match served.await {
+                Err(e) if e.is::<fleet_controller::LostLead>() => start_over(&e),
+                served => served,
+            }
         }
     }
+}
+
+/// After losing the lead, the process replaces itself with a fresh one (same pid, flags and
+/// environment) that stands by: nothing of its term lingers, and its supervisor sees no crash
+/// to back off from.
+fn start_over(why: &anyhow::Error) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    tracing::warn!("{why}; starting over as a standby");
+    let exe = std::env::current_exe().context("finding this program to start over")?;
+    let args = std::env::args_os().skip(1);
+    let failed = std::process::Command::new(exe).args(args).exec();
+    Err(failed).context("could not start over as a standby")
 }
 
 /// Prints `line` on stdout, for tools that start the controller; nothing if they stopped
@@ -145,7 +161,7 @@ fn ha(args: &Args, grpc: SocketAddr) -> anyhow::Result<fleet_controller::Ha> {
         );
     }
     let advertise = match &args.advertise {
-        Some(advertise) => advertise.clone(),
+        Some(advertise) => fleet_controller::advertised(advertise)?,
         None if grpc.ip().is_unspecified() => anyhow::bail!(
             "--listen {grpc} with --etcd: give --advertise HOST:PORT, the address at which the \
              other controllers reach this one's gRPC port (in Kubernetes, $(POD_IP):{})",

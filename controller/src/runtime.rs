@@ -302,7 +302,7 @@ impl Controller {
                 .collect();
             for id in due {
                 if let Err(e) = self.step(&mut inner, &id, |e| e.handle_timeout(now)) {
-                    tracing::error!(release = %id, error = %e, "cannot persist a release; it will retry");
+                    tracing::error!(release = %id, error = %e, "cannot persist a release's change");
                 }
             }
         }

@@ -48,6 +48,24 @@ pub async fn pass_through(
     }
 }
 
+/// `--advertise`'s value as the others dial it: `HOST:PORT`, an IPv6 address put in
+/// brackets (Kubernetes' `$(POD_IP):7070` gives none); an error that says what to write.
+pub fn advertised(text: &str) -> anyhow::Result<String> {
+    let wrong = || {
+        anyhow::anyhow!(
+            "--advertise {text:?}: write HOST:PORT, the address at which the other controllers \
+             reach this one's gRPC port, such as 10.0.0.7:7070 or [fd00::7]:7070"
+        )
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(wrong)?;
+    port.parse::<u16>().map_err(|_| wrong())?;
+    match host.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) => Ok(format!("[{v6}]:{port}")),
+        Err(_) if host.is_empty() || host.contains(':') && !host.starts_with('[') => Err(wrong()),
+        Err(_) => Ok(text.to_string()),
+    }
+}
+
 /// Copies bytes both ways between `client` and the leader at `to` until either ends.
 async fn pass(mut client: TcpStream, to: String) {
     let leader = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&to)).await;
@@ -98,6 +116,18 @@ mod tests {
             Ok(Ok(_)) => back,
             Ok(Err(_)) => vec![],
             Err(_) => panic!("neither passed on nor closed"),
+        }
+    }
+
+    #[test]
+    fn an_advertised_address_is_one_to_dial() {
+        assert_eq!(advertised("10.0.0.7:7070").unwrap(), "10.0.0.7:7070");
+        assert_eq!(advertised("fd00::7:7070").unwrap(), "[fd00::7]:7070");
+        assert_eq!(advertised("[fd00::7]:7070").unwrap(), "[fd00::7]:7070");
+        assert_eq!(advertised("ctl-0.fleet:7070").unwrap(), "ctl-0.fleet:7070");
+        for wrong in ["10.0.0.7", ":7070", "10.0.0.7:http", "fd00::zz:7070"] {
+            let e = advertised(wrong).unwrap_err().to_string();
+            assert!(e.contains("write HOST:PORT"), "{wrong}: {e}");
         }
     }
 

@@ -9,6 +9,8 @@
 //! default (`--max-txn-ops`), which is one for the release, one per history event and one per
 //! region it sends a desired state to.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, anyhow};
 use fleet_engine::HistoryEvent;
 use fleet_proto::etcd as pb;
@@ -34,13 +36,19 @@ impl EtcdStore {
     }
 
     /// Puts every `(key, value)` in one transaction, if this controller still leads.
+    /// A key put twice keeps its last value, as in the embedded store (etcd refuses a
+    /// transaction that names a key twice; a change may send a region two desired states).
     fn write(&self, puts: Vec<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<()> {
+        let puts: BTreeMap<Vec<u8>, Vec<u8>> = puts.into_iter().collect();
         let ops = puts.into_iter().map(|(k, v)| etcd::put(k, v, 0)).collect();
         let written = self.txn(vec![], ops)?;
         written.then_some(()).ok_or_else(|| self.deposed())
     }
 
     /// A transaction that holds if this controller leads and `compare` holds; whether it did.
+    /// One that fails (etcd unreachable, or its answer lost: it may have been made) ends the
+    /// lead: what this controller holds may now be ahead of what etcd has, and the next
+    /// leader, maybe this one again, starts from etcd.
     fn txn(
         &self,
         mut compare: Vec<pb::Compare>,
@@ -53,8 +61,14 @@ impl EtcdStore {
             failure: vec![],
         };
         let etcd = self.etcd.clone();
-        let answer = self.etcd.block_on(async move { etcd.txn(request).await })?;
-        Ok(answer.succeeded)
+        match self.etcd.block_on(async move { etcd.txn(request).await }) {
+            Ok(answer) => Ok(answer.succeeded),
+            Err(e) => {
+                let why = format!("a write to etcd failed, and may or may not have been made: {e}");
+                self.fence.lose(why);
+                Err(anyhow!("the store could not write: {e:#}"))
+            }
+        }
     }
 
     /// Tells the controller it no longer leads; the error to fail the write with.
@@ -296,9 +310,11 @@ mod tests {
         let release = release();
         // 12 events: three pages of keys in tests.
         let events: Vec<_> = (0..12).map(|i| (i, event(format!("e{i}")))).collect();
+        // A change may send a region two desired states (a step, then a rollback): the last.
         let desired = [
-            ("us-west".to_string(), vec![1, 2]),
+            ("us-west".to_string(), vec![0]),
             ("eu".to_string(), vec![3]),
+            ("us-west".to_string(), vec![1, 2]),
         ];
         store
             .save_release(ReleaseChange {
@@ -408,18 +424,17 @@ mod tests {
     async fn a_leader_that_resigns_is_followed_at_once_not_after_its_lease() {
         let server = server::Etcd::start().unwrap();
         let etcd = connect(&server);
-        let first = lead(&etcd, "first").await;
+        // A lease far longer than the deadline below: only the resignation can end it.
+        let first = campaign("first", Duration::from_secs(60));
+        let first = leader::campaign(&etcd, &first, &watch::channel(None).0).await;
         let next = {
             let etcd = etcd.clone();
-            tokio::spawn(async move {
-                // Long: only the resignation can let it lead within the deadline below.
-                let next = campaign("next", Duration::from_secs(60));
-                leader::campaign(&etcd, &next, &watch::channel(None).0).await
-            })
+            tokio::spawn(async move { lead(&etcd, "next").await })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!next.is_finished(), "two leaders");
         let resigned = std::time::Instant::now();
+        let first_epoch = first.epoch;
         first.resign().await;
         let next = tokio::time::timeout(Duration::from_secs(3), next)
             .await
@@ -430,6 +445,6 @@ mod tests {
             "{:?}",
             resigned.elapsed()
         );
-        assert!(next.epoch > 0);
+        assert!(next.epoch > first_epoch);
     }
 }
