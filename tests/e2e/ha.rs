@@ -21,9 +21,10 @@ async fn get(url: String) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_from_the_same_step() {
     let etcd = Etcd::start().unwrap();
-    let mut world = World::start_on_etcd(&etcd).await.unwrap();
+    let mut world = World::start_on_etcd(&etcd, true).await.unwrap();
     // Every client of the fleet dials the standby, which passes its connections to the
-    // leader: ready, saying so, once it has asked etcd who leads.
+    // leader (TLS and all: the leader checks each client's certificate): ready, saying so,
+    // once it has asked etcd who leads.
     let admin = world.fleet.standby_admin().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -72,7 +73,7 @@ async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_fr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_paused_past_its_lease_steps_down_when_it_wakes_and_the_standby_carries_on() {
     let etcd = Etcd::start().unwrap();
-    let mut world = World::start_on_etcd(&etcd).await.unwrap();
+    let mut world = World::start_on_etcd(&etcd, false).await.unwrap();
     let (id, watch) = world.release_into_its_second_wave().await.unwrap();
     // Paused (as by a long stall, or cut off from etcd) for longer than its lease: the
     // standby takes over while the old leader still believes it leads.

@@ -48,11 +48,13 @@ impl World {
         World::start_in(MANIFEST, env, &busy, setup).await
     }
 
-    /// A world whose controller keeps its state in `etcd`, where others may stand by for it.
-    pub async fn start_on_etcd(etcd: &etcd::Etcd) -> anyhow::Result<World> {
+    /// A world whose controller keeps its state in `etcd`, with a second standing by through
+    /// which the agents and the client reach it; with `tls`, under mutual TLS, which the
+    /// standby passes through.
+    pub async fn start_on_etcd(etcd: &etcd::Etcd, tls: bool) -> anyhow::Result<World> {
         let busy = ["us-west", "us-east", "eu-west"];
         let setup = Setup {
-            tls: false,
+            tls,
             etcd: Some(etcd.url.clone()),
         };
         World::start_in(MANIFEST, &[], &busy, setup).await
