@@ -24,9 +24,10 @@ pub async fn serve(
     tls: Option<Arc<tls::Status>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let answer = move |path: &str| match role.controller.get() {
-        Some(controller) => route(path, controller, tls.as_deref()),
-        None => standby(path, role.leader.borrow().as_ref()),
+    let answer = move |path: &str| match (role.controller.get(), role.stepping_down.get()) {
+        (_, Some(why)) => stepping_down(path, why),
+        (Some(controller), None) => route(path, controller, tls.as_deref()),
+        (None, None) => standby(path, role.leader.borrow().as_ref()),
     };
     fleet_proto::admin::serve(listener, answer, shutdown).await;
 }
@@ -35,6 +36,8 @@ pub async fn serve(
 pub struct Role {
     controller: OnceLock<Arc<Controller>>,
     leader: watch::Sender<Option<Holder>>,
+    /// Why it stopped leading, once it has.
+    stepping_down: OnceLock<String>,
 }
 
 impl Role {
@@ -43,6 +46,7 @@ impl Role {
         Arc::new(Role {
             controller: OnceLock::new(),
             leader: watch::channel(None).0,
+            stepping_down: OnceLock::new(),
         })
     }
 
@@ -54,6 +58,28 @@ impl Role {
     /// This controller leads and serves `controller`.
     pub fn lead(&self, controller: Arc<Controller>) {
         let _ = self.controller.set(controller);
+    }
+
+    /// This controller no longer leads, for `why`, and is stopping.
+    pub fn step_down(&self, why: String) {
+        let _ = self.stepping_down.set(why);
+    }
+}
+
+/// A controller that lost the lead, while it stops: alive, not ready.
+fn stepping_down(path: &str, why: &str) -> Response<Full<Bytes>> {
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok: stepping down\n".into()),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stepping down: {why}\n"),
+        ),
+        "/metrics" => {
+            let mut out = String::new();
+            leading(&mut out, false);
+            text(StatusCode::OK, out)
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 

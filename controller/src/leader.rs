@@ -85,6 +85,11 @@ impl Fence {
         });
     }
 
+    /// Why the lead was lost, if it was.
+    pub fn is_lost(&self) -> Option<String> {
+        self.lost.borrow().clone()
+    }
+
     /// Resolves with why once the lead is lost.
     pub async fn lost(&self) -> String {
         let mut lost = self.lost.subscribe();
@@ -112,18 +117,20 @@ impl Holder {
 
 /// Stands by until this controller leads; while it does not, `leader` says who does (none
 /// while that is not known). Never fails: while etcd cannot be reached it says so in the log
-/// and tries again.
+/// and tries again. `standing` holds the lease it stands with, for a caller that gives up
+/// on it (drops it) to revoke: a key made just then would otherwise wait for it to run out.
 pub async fn campaign(
     etcd: &Etcd,
     campaign: &Campaign,
     leader: &watch::Sender<Option<Holder>>,
+    standing: &mut Option<i64>,
 ) -> Leadership {
     let key = etcd.key(KEY);
     loop {
         // When the lease was last made sure of (granted or renewed), as asked.
         let mut renewed = Instant::now();
         let lease = match etcd.grant(campaign.ttl).await {
-            Ok(lease) => lease,
+            Ok(lease) => *standing.insert(lease),
             Err(e) => {
                 tracing::warn!(error = %e, "standing by: cannot reach etcd");
                 leader.send_replace(None);
@@ -132,9 +139,11 @@ pub async fn campaign(
             }
         };
         loop {
-            let holder = match try_to_lead(etcd, &key, &Holder::of(campaign), lease).await {
+            let us = Holder::of(campaign);
+            let holder = match try_to_lead(etcd, &key, &us, lease).await {
                 Ok(Ok(revision)) => return lead(etcd, campaign, key, (lease, renewed), revision),
-                Ok(Err(holder)) => holder,
+                // A key of ours under another lease (before a restart) is followed by no one.
+                Ok(Err(holder)) => holder.filter(|h| *h != us),
                 Err(e) => {
                     tracing::warn!(error = %e, "standing by: cannot reach etcd");
                     None
@@ -235,26 +244,36 @@ async fn renew(
             _ = stop.wait_for(|stop| *stop) => return,
             _ = tokio::time::sleep(campaign.every()) => {}
         }
+        // The lead ends one renewal's wait before the lease may run out at etcd; a renewal
+        // that takes longer counts as failed.
+        let deadline = renewed + campaign.ttl.saturating_sub(campaign.every());
         let asked = Instant::now();
-        match etcd.renew(lease).await {
-            Ok(left) if left > 0 => renewed = asked,
-            Ok(_) => return fence.lose("its etcd lease expired".into()),
-            Err(e) if renewed.elapsed() + campaign.every() >= campaign.ttl => {
-                let since = Duration::from_millis(renewed.elapsed().as_millis() as u64);
-                let since = humantime::format_duration(since);
-                let ttl = humantime::format_duration(campaign.ttl);
-                let why = format!("its etcd lease ({ttl}) was not renewed for {since}: {e}");
-                return fence.lose(why);
+        let renewal = tokio::time::timeout_at(deadline.into(), etcd.renew(lease)).await;
+        let e = match renewal {
+            Ok(Ok(left)) if left > 0 => {
+                renewed = asked;
+                continue;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot renew the leader's lease yet"),
+            Ok(Ok(_)) => return fence.lose("its etcd lease expired".into()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "etcd did not answer in time".into(),
+        };
+        if Instant::now() + campaign.every() >= deadline {
+            let ttl = humantime::format_duration(campaign.ttl);
+            return fence.lose(format!(
+                "its etcd lease ({ttl}) could not be renewed in time: {e}"
+            ));
         }
+        tracing::warn!(error = %e, "cannot renew the leader's lease yet");
     }
 }
 
 impl Leadership {
-    /// The lease that keeps the lead, for tests that take it away as etcd would.
+    /// The lease that keeps the lead, for tests that take it away as etcd would, after
+    /// stopping its renewal (which would notice).
     #[cfg(test)]
-    pub fn lease_for_tests(&self) -> i64 {
+    pub fn stop_renewing_for_tests(&self) -> i64 {
+        let _ = self.stop_renewing.send(true);
         self.lease
     }
 

@@ -142,9 +142,15 @@ pub async fn serve_ha(
             let _ = leads.await;
         },
     ));
+    let mut standing = None;
     let leadership = tokio::select! {
-        leadership = leader::campaign(&etcd, &ha.campaign, role.leader()) => leadership,
-        _ = signalled(shutdown.clone()) => return Ok(()),
+        leadership = leader::campaign(&etcd, &ha.campaign, role.leader(), &mut standing) => leadership,
+        _ = signalled(shutdown.clone()) => {
+            if let Some(lease) = standing {
+                let _ = tokio::time::timeout(Duration::from_secs(2), etcd.revoke(lease)).await;
+            }
+            return Ok(());
+        }
     };
     let _ = led.send(());
     let fence = leadership.fence.clone();
@@ -162,15 +168,20 @@ pub async fn serve_ha(
     };
     role.lead(controller.clone());
     leading(leadership.epoch);
+    let led_since = tokio::time::Instant::now();
     // Stop serving when told to, or as soon as the lead is lost.
     let (stop, stopping) = watch::channel(false);
     let lost = fence.clone();
     let outer = shutdown.clone();
+    let stepping = role.clone();
     let why = tokio::spawn(async move {
         let why = tokio::select! {
             why = lost.lost() => Some(why),
             _ = signalled(outer) => None,
         };
+        if let Some(why) = &why {
+            stepping.step_down(why.clone());
+        }
         let _ = stop.send(true);
         why
     });
@@ -180,7 +191,11 @@ pub async fn serve_ha(
     leadership.resign().await;
     served?;
     match lost {
-        Some(why) => Err(LostLead(why).into()),
+        Some(why) => Err(LostLead {
+            why,
+            led_for: led_since.elapsed(),
+        }
+        .into()),
         None => Ok(()),
     }
 }
@@ -188,8 +203,12 @@ pub async fn serve_ha(
 /// [`serve_ha`]'s error when this controller stopped leading, having served until then: it
 /// should start over as a standby.
 #[derive(Debug, thiserror::Error)]
-#[error("stopped leading: {0}")]
-pub struct LostLead(String);
+#[error("stopped leading: {why}")]
+pub struct LostLead {
+    pub why: String,
+    /// How long it led.
+    pub led_for: Duration,
+}
 
 /// Where [`serve_ha`] keeps its state and how it decides who leads.
 #[derive(Clone, Debug)]
@@ -206,6 +225,7 @@ async fn run(
     options: Options,
 ) -> anyhow::Result<()> {
     let Options { tls, limits } = options;
+    let drain = shutdown.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ReleaseServiceServer<release_service::Releases>>()
@@ -247,19 +267,30 @@ async fn run(
             identity::release_api_gate(mutual),
         ))
         .add_service(AgentServiceServer::new(agents));
-    match tls {
-        Some(tls) => {
-            let incoming = tls.incoming(grpc, shutdown.clone());
-            router
-                .serve_with_incoming_shutdown(incoming, signalled(shutdown))
-                .await?
+    let stopped = signalled(shutdown.clone());
+    let served = async move {
+        match tls {
+            Some(tls) => {
+                let incoming = tls.incoming(grpc, shutdown.clone());
+                (router.serve_with_incoming_shutdown(incoming, stopped)).await
+            }
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+                (router.serve_with_incoming_shutdown(incoming, stopped)).await
+            }
         }
-        None => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
-            router
-                .serve_with_incoming_shutdown(incoming, signalled(shutdown))
-                .await?
-        }
+    };
+    // Once stopping, connections get DRAIN to close (a client that stopped reading a stream,
+    // say, would hold them open for ever); those left are dropped with the process.
+    tokio::select! {
+        served = served => served?,
+        () = async {
+            signalled(drain).await;
+            tokio::time::sleep(DRAIN).await;
+        } => tracing::warn!("connections still open {DRAIN:?} after the stop; leaving them"),
     }
     Ok(())
 }
+
+/// How long a stopping controller waits for its connections to close.
+const DRAIN: Duration = Duration::from_secs(5);

@@ -122,25 +122,61 @@ async fn main() -> anyhow::Result<()> {
                 ha.campaign.name
             ));
             let leading = |epoch| say(&format!("fleet-controller leading epoch={epoch}"));
-            let served = fleet_controller::serve_ha(grpc, admin, ha, shutdown, options, leading);
+            let ttl = ha.campaign.ttl;
+            let served =
+                fleet_controller::serve_ha(grpc, admin, ha, shutdown.clone(), options, leading);
             match served.await {
-                Err(e) if e.is::<fleet_controller::LostLead>() => start_over(&e),
-                served => served,
+                Err(e) => match e.downcast::<fleet_controller::LostLead>() {
+                    Ok(lost) => start_over(&lost, ttl, shutdown).await,
+                    Err(e) => Err(e),
+                },
+                Ok(()) => Ok(()),
             }
         }
     }
 }
 
+/// How many times in a row the controller started over soon after it began to lead.
+const STARTS_OVER: &str = "FLEET_CONTROLLER_STARTS_OVER";
+
 /// After losing the lead, the process replaces itself with a fresh one (same pid, flags and
 /// environment) that stands by: nothing of its term lingers, and its supervisor sees no crash
-/// to back off from.
-fn start_over(why: &anyhow::Error) -> anyhow::Result<()> {
+/// to back off from. It backs off itself: it waits a lease's time to live first, twice as long
+/// each time in a row that it led for less than ten minutes (up to 32 times), so that a
+/// failure that comes back at once (a write etcd always refuses) does not pass the lead round
+/// every second. Told to stop meanwhile, it stops.
+async fn start_over(
+    lost: &fleet_controller::LostLead,
+    ttl: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
-    tracing::warn!("{why}; starting over as a standby");
-    let exe = std::env::current_exe().context("finding this program to start over")?;
-    let args = std::env::args_os().skip(1);
-    let failed = std::process::Command::new(exe).args(args).exec();
+    let before = std::env::var(STARTS_OVER).ok().and_then(|n| n.parse().ok());
+    let (wait, in_a_row) = backoff(ttl, before.unwrap_or(0), lost.led_for);
+    let after = humantime::format_duration(wait);
+    tracing::warn!("{lost}; starting over as a standby in {after}");
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+    }
+    // Not current_exe(): after the binary was replaced on disk, that names a deleted file.
+    let failed = std::process::Command::new("/proc/self/exe")
+        .arg0(std::env::args_os().next().unwrap_or_default())
+        .args(std::env::args_os().skip(1))
+        .env(STARTS_OVER, in_a_row.to_string())
+        .exec();
     Err(failed).context("could not start over as a standby")
+}
+
+/// How long to wait before starting over, having led for `led_for` after `before` starts over
+/// in a row that each came within ten minutes of leading; and the count to go on with.
+fn backoff(ttl: Duration, before: u32, led_for: Duration) -> (Duration, u32) {
+    let in_a_row = if led_for < Duration::from_secs(600) {
+        before + 1
+    } else {
+        0
+    };
+    (ttl * 2u32.pow(in_a_row.saturating_sub(1).min(5)), in_a_row)
 }
 
 /// Prints `line` on stdout, for tools that start the controller; nothing if they stopped
@@ -194,5 +230,25 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starting_over_again_and_again_soon_after_leading_waits_longer_each_time() {
+        let ttl = Duration::from_secs(10);
+        let (soon, long) = (Duration::from_secs(1), Duration::from_secs(3600));
+        assert_eq!(backoff(ttl, 0, soon), (ttl, 1));
+        assert_eq!(backoff(ttl, 1, soon), (ttl * 2, 2));
+        assert_eq!(backoff(ttl, 3, soon), (ttl * 8, 4));
+        assert_eq!(backoff(ttl, 40, soon).0, ttl * 32, "at most");
+        assert_eq!(
+            backoff(ttl, 40, long),
+            (ttl, 0),
+            "after a long term, from the start"
+        );
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::leader::Holder;
 
@@ -18,16 +19,31 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Passes every connection `listener` accepts to the leader `leader` names, until `until`
 /// resolves; then gives the listener back, for this controller to serve on. `us` is this
 /// controller: a leader key that names it (left from before a restart) is not followed.
+/// Connections passed on end when the leader changes, or when this controller leads: their
+/// clients dial again and reach the leader of now, not one that may be paused or cut off.
 pub async fn pass_through(
     listener: TcpListener,
-    leader: watch::Receiver<Option<Holder>>,
+    mut leader: watch::Receiver<Option<Holder>>,
     us: Holder,
     until: impl Future<Output = ()>,
 ) -> TcpListener {
     tokio::pin!(until);
+    let mut passing = JoinSet::new();
     loop {
         let client = tokio::select! {
             _ = &mut until => return listener,
+            changed = leader.changed() => match changed {
+                Ok(()) => {
+                    passing.abort_all();
+                    continue;
+                }
+                // Nobody will say who leads any more: wait to be told to stop.
+                Err(_) => {
+                    (&mut until).await;
+                    return listener;
+                }
+            },
+            Some(_) = passing.join_next(), if !passing.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => client,
                 Err(e) => {
@@ -40,7 +56,7 @@ pub async fn pass_through(
         let to = leader.borrow().clone();
         match to {
             Some(to) if to != us && to.grpc != us.grpc => {
-                tokio::spawn(pass(client, to.grpc));
+                passing.spawn(pass(client, to.grpc));
             }
             // Closed: the client dials again, by when a leader may be known.
             _ => drop(client),
@@ -93,15 +109,18 @@ mod tests {
     }
 
     /// A stand-in for the leader's port that answers each connection with its first bytes
-    /// in upper case.
+    /// in upper case, and keeps it open until the other side closes it.
     async fn leader() -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
             while let Ok((mut c, _)) = listener.accept().await {
-                let mut buf = [0; 5];
-                c.read_exact(&mut buf).await.unwrap();
-                c.write_all(&buf.to_ascii_uppercase()).await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0; 5];
+                    c.read_exact(&mut buf).await.unwrap();
+                    c.write_all(&buf.to_ascii_uppercase()).await.unwrap();
+                    let _ = c.read(&mut buf).await;
+                });
             }
         });
         addr
@@ -143,6 +162,15 @@ mod tests {
         }));
         assert_eq!(hello(at).await, b"", "no leader known: closed");
         leader_tx.send_replace(Some(holder("them", &leader().await)));
+        assert_eq!(hello(at).await, b"HELLO");
+        // A connection passed on ends when another leads.
+        let mut open = TcpStream::connect(at).await.unwrap();
+        open.write_all(b"howdy").await.unwrap();
+        let mut back = [0; 5];
+        open.read_exact(&mut back).await.unwrap();
+        leader_tx.send_replace(Some(holder("others", &leader().await)));
+        let ended = tokio::time::timeout(Duration::from_secs(5), open.read(&mut back)).await;
+        assert!(matches!(ended, Ok(Ok(0)) | Ok(Err(_))), "{ended:?}");
         assert_eq!(hello(at).await, b"HELLO");
         // A leader key left by this very controller (before a restart) is not followed: that
         // would pass connections to itself.

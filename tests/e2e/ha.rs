@@ -46,7 +46,7 @@ async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_fr
     let (id, watch) = world.release_into_its_second_wave().await.unwrap();
     let killed = Instant::now();
     world.fleet.crash_controller().await.unwrap();
-    // The lease lives 2 s; the standby tries for the lead three times as often.
+    // The lease lives 3 s; the standby tries for the lead three times as often.
     let within = Duration::from_secs(10);
     world.fleet.standby_leads(within).await.unwrap();
     let took = killed.elapsed();
