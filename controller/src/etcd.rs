@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use fleet_proto::connect::{self, ClientTls, TlsFlags};
 use fleet_proto::etcd as pb;
 use fleet_proto::etcd::kv_client::KvClient;
 use fleet_proto::etcd::lease_client::LeaseClient;
@@ -29,11 +30,21 @@ const MAX_ANSWER: usize = 256 * 1024 * 1024;
 /// Where the controller's keys are: `--etcd` endpoints and a key prefix.
 #[derive(Clone, Debug)]
 pub struct EtcdOptions {
-    /// `http://host:port` of one or more members.
+    /// `http://host:port` or `https://host:port` of one or more members.
     pub endpoints: Vec<String>,
     /// Put before every key, so that several fleets of controllers can share one etcd.
     pub prefix: String,
+    /// For `https://` endpoints: the CA to trust (else the system's roots), and the client
+    /// certificate to show an etcd that asks for one (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    pub tls: ClientTls,
 }
+
+/// The flags that give [`EtcdOptions::tls`].
+const TLS_FLAGS: TlsFlags = TlsFlags {
+    ca: "--etcd-ca",
+    cert: "--etcd-cert",
+    key: "--etcd-key",
+};
 
 /// A connection to etcd, cheap to clone.
 #[derive(Clone)]
@@ -64,12 +75,22 @@ impl Etcd {
         }
         let mut endpoints = Vec::new();
         for url in &options.endpoints {
-            let endpoint = Endpoint::from_shared(url.clone())
+            let mut endpoint = Endpoint::from_shared(url.clone())
                 .with_context(|| format!("--etcd {url:?} is not a URL: write http://HOST:PORT"))?
                 .connect_timeout(CALL_TIMEOUT)
                 .timeout(CALL_TIMEOUT)
                 .http2_keep_alive_interval(fleet_proto::connect::KEEPALIVE)
                 .keep_alive_timeout(fleet_proto::connect::KEEPALIVE);
+            if endpoint.uri().scheme_str() == Some("https") {
+                let config = connect::tls_config(&options.tls, &TLS_FLAGS)?;
+                endpoint = (endpoint.tls_config(config))
+                    .with_context(|| format!("setting up TLS for --etcd {url}"))?;
+            } else if options.tls.is_set() {
+                anyhow::bail!(
+                    "--etcd-ca, --etcd-cert and --etcd-key are for TLS, but --etcd {url:?} is not \
+                     https://: write it as https://…"
+                );
+            }
             endpoints.push(endpoint);
         }
         let rt = tokio::runtime::Builder::new_multi_thread()

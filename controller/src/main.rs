@@ -39,6 +39,16 @@ struct Args {
     /// dies.
     #[arg(long, env = "FLEET_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
+    /// With an https:// --etcd: PEM CA that signed etcd's certificate (default: the system's
+    /// roots).
+    #[arg(long, env = "FLEET_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// With an https:// --etcd: PEM certificate to show an etcd that asks clients for one.
+    #[arg(long, env = "FLEET_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "FLEET_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// With --etcd: the prefix of the controller's keys.
     #[arg(long, env = "FLEET_ETCD_PREFIX", default_value = "/fleet/")]
     etcd_prefix: String,
@@ -213,6 +223,11 @@ fn ha(args: &Args, grpc: SocketAddr) -> anyhow::Result<fleet_controller::Ha> {
         etcd: fleet_controller::EtcdOptions {
             endpoints: args.etcd.clone(),
             prefix: args.etcd_prefix.clone(),
+            tls: fleet_proto::connect::ClientTls {
+                ca: args.etcd_ca.clone(),
+                cert: args.etcd_cert.clone(),
+                key: args.etcd_key.clone(),
+            },
         },
         campaign: fleet_controller::Campaign {
             name,

@@ -25,7 +25,7 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    fn is_set(&self) -> bool {
+    pub fn is_set(&self) -> bool {
         self.ca.is_some() || self.cert.is_some() || self.key.is_some()
     }
 
@@ -114,32 +114,60 @@ pub fn endpoint_pinging(
         );
         return Ok(endpoint);
     }
-    let mut config = ClientTlsConfig::new();
-    config = match &tls.ca {
-        Some(ca) => config.ca_certificate(Certificate::from_pem(pem::certificates(ca, "--ca")?)),
-        None => config.with_native_roots(),
-    };
-    match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => {
-            let identity = Identity::from_pem(
-                pem::certificates(cert, "--tls-cert")?,
-                pem::private_key(key, "--tls-key")?,
-            );
-            config = config.identity(identity);
-        }
-        (None, None) => {}
-        (Some(_), None) => {
-            anyhow::bail!("--tls-cert needs --tls-key: give the key of the certificate")
-        }
-        (None, Some(_)) => {
-            anyhow::bail!("--tls-key needs --tls-cert: give the certificate of the key")
-        }
-    }
+    let config = tls_config(tls, &CONTROLLER_FLAGS)?;
     let without_ca = tls.ca.is_none();
     endpoint.tls_config(config).with_context(|| match without_ca {
         true => format!("setting up TLS for {url} with the system's CA roots (give --ca to trust a CA of your own)"),
         false => format!("setting up TLS for {url}"),
     })
+}
+
+/// The flags that give a [`ClientTls`]'s files, to name them in errors.
+pub struct TlsFlags {
+    pub ca: &'static str,
+    pub cert: &'static str,
+    pub key: &'static str,
+}
+
+/// fleetctl's and the agent's flags for reaching the controller.
+pub const CONTROLLER_FLAGS: TlsFlags = TlsFlags {
+    ca: "--ca",
+    cert: "--tls-cert",
+    key: "--tls-key",
+};
+
+/// The TLS settings `tls` gives: its CA, or else the system's roots, and its certificate and
+/// key, if any. Every file is read and checked here; an error names its flag (`flags`).
+pub fn tls_config(tls: &ClientTls, flags: &TlsFlags) -> anyhow::Result<ClientTlsConfig> {
+    let mut config = ClientTlsConfig::new();
+    config = match &tls.ca {
+        Some(ca) => config.ca_certificate(Certificate::from_pem(pem::certificates(ca, flags.ca)?)),
+        None => config.with_native_roots(),
+    };
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let identity = Identity::from_pem(
+                pem::certificates(cert, flags.cert)?,
+                pem::private_key(key, flags.key)?,
+            );
+            Ok(config.identity(identity))
+        }
+        (None, None) => Ok(config),
+        (Some(_), None) => {
+            anyhow::bail!(
+                "{} needs {}: give the key of the certificate",
+                flags.cert,
+                flags.key
+            )
+        }
+        (None, Some(_)) => {
+            anyhow::bail!(
+                "{} needs {}: give the certificate of the key",
+                flags.key,
+                flags.cert
+            )
+        }
+    }
 }
 
 #[cfg(test)]

@@ -16,8 +16,25 @@ pub struct Etcd {
     _dir: tempfile::TempDir,
 }
 
+/// An etcd's TLS: its certificate and key, and the CA whose client certificates it takes
+/// (it asks every client for one).
+pub struct Tls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: std::path::PathBuf,
+}
+
 impl Etcd {
     pub fn start() -> anyhow::Result<Etcd> {
+        Etcd::start_with(None)
+    }
+
+    /// An etcd that serves clients over TLS only (`https://`), as `tls` says.
+    pub fn start_tls(tls: &Tls) -> anyhow::Result<Etcd> {
+        Etcd::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&Tls>) -> anyhow::Result<Etcd> {
         // In memory where the machine has it: a disk busy with the build beside the tests
         // would stall etcd's syncs past the tests' short leases.
         let shm = std::path::Path::new("/dev/shm");
@@ -26,11 +43,27 @@ impl Etcd {
             false => tempfile::tempdir()?,
         };
         let log = dir.path().join("etcd.log");
-        let any = "http://127.0.0.1:0";
-        let child = Command::new("etcd")
+        let (any, clients) = (
+            "http://127.0.0.1:0",
+            ["https://127.0.0.1:0", "http://127.0.0.1:0"],
+        );
+        let clients = clients[usize::from(tls.is_none())];
+        let mut command = Command::new("etcd");
+        if let Some(tls) = tls {
+            command.arg("--cert-file").arg(&tls.cert);
+            command.arg("--key-file").arg(&tls.key);
+            command.arg("--trusted-ca-file").arg(&tls.client_ca);
+            command.arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "test", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", any, "--advertise-client-urls", any])
+            .args([
+                "--listen-client-urls",
+                clients,
+                "--advertise-client-urls",
+                clients,
+            ])
             .args([
                 "--listen-peer-urls",
                 any,
@@ -53,7 +86,8 @@ impl Etcd {
         loop {
             let text = std::fs::read_to_string(&log)?;
             if let Some(addr) = serving_at(&text) {
-                etcd.url = format!("http://{addr}");
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                etcd.url = format!("{scheme}://{addr}");
                 return Ok(etcd);
             }
             if let Some(status) = etcd.child.try_wait()? {
@@ -73,8 +107,13 @@ fn serving_at(log: &str) -> Option<&str> {
     fn addr(rest: &str) -> Option<&str> {
         rest.split([',', ' ', '"', '\n']).next()
     }
-    if let Some(at) = log.find("serving insecure client requests on ") {
-        return addr(&log[at + "serving insecure client requests on ".len()..]);
+    for said in [
+        "serving insecure client requests on ",
+        "serving client requests on ",
+    ] {
+        if let Some(at) = log.find(said) {
+            return addr(&log[at + said.len()..]);
+        }
     }
     let line = log
         .lines()

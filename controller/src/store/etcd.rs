@@ -236,6 +236,8 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
+    use fleet_proto::connect::ClientTls;
+
     use crate::etcd::EtcdOptions;
     use crate::leader::{self, Campaign, Leadership};
 
@@ -248,6 +250,7 @@ mod tests {
         let options = EtcdOptions {
             endpoints: vec![server.url.clone()],
             prefix: "/test/".into(),
+            tls: Default::default(),
         };
         Etcd::connect(&options).unwrap()
     }
@@ -362,6 +365,7 @@ mod tests {
         let other = Etcd::connect(&EtcdOptions {
             endpoints: vec![server.url.clone()],
             prefix: "/other/".into(),
+            tls: Default::default(),
         })
         .unwrap();
         let theirs = lead(&other, "b").await;
@@ -455,6 +459,69 @@ mod tests {
             .unwrap();
         assert!(why.contains("could not be renewed in time"), "{why}");
         println!("stepped down {:?} after etcd hung", cut.elapsed());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_over_tls_is_reached_with_its_ca_and_a_client_certificate_and_not_without() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = fleetctl::certs::Authority {
+            dir: dir.path().to_path_buf(),
+            days: Some(1),
+        };
+        authority.ca().unwrap();
+        let localhost = [std::net::IpAddr::from([127, 0, 0, 1])];
+        authority.server("etcd", &[], &localhost).unwrap();
+        authority.client("controller.fleet").unwrap();
+        let ([ca, _], [cert, key]) = (authority.files("ca"), authority.files("etcd"));
+        let tls = server::Tls {
+            cert,
+            key,
+            client_ca: ca.clone(),
+        };
+        let server = server::Etcd::start_tls(&tls).unwrap();
+        assert!(
+            server.url.starts_with("https://127.0.0.1:"),
+            "{}",
+            server.url
+        );
+        let [cert, key] = authority.files("controller.fleet");
+        let options = |tls| EtcdOptions {
+            endpoints: vec![server.url.clone()],
+            prefix: "/tls/".into(),
+            tls,
+        };
+        let shown = ClientTls {
+            ca: Some(ca.clone()),
+            cert: Some(cert),
+            key: Some(key),
+        };
+        let etcd = Etcd::connect(&options(shown)).unwrap();
+        let leading = lead(&etcd, "a").await;
+        let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
+        store.put_desired("us-west", &[1]).unwrap();
+        assert_eq!(store.desired().unwrap(), [("us-west".into(), vec![1])]);
+        // Without a client certificate, etcd lets nothing through.
+        let unshown = ClientTls {
+            ca: Some(ca),
+            ..Default::default()
+        };
+        let etcd = Etcd::connect(&options(unshown)).unwrap();
+        let refused = etcd.get(b"/tls/desired/us-west".to_vec()).await.unwrap_err();
+        println!("without a client certificate: {refused}");
+        assert!(refused.to_string().starts_with("etcd: "), "{refused}");
+        // Files given for a plain URL are a mistake, told as one.
+        let plain = EtcdOptions {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            ..options(ClientTls {
+                ca: Some("ca.pem".into()),
+                ..Default::default()
+            })
+        };
+        let told = Etcd::connect(&plain).err().unwrap().to_string();
+        assert!(
+            told.contains("is not https://: write it as https://"),
+            "{told}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
