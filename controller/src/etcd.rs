@@ -70,29 +70,7 @@ impl Etcd {
     /// Connects lazily to `options.endpoints` (balanced over them); calls fail while none
     /// answers.
     pub fn connect(options: &EtcdOptions) -> anyhow::Result<Etcd> {
-        if options.endpoints.is_empty() {
-            return Err(anyhow!("--etcd names no endpoint: give http://HOST:PORT"));
-        }
-        let mut endpoints = Vec::new();
-        for url in &options.endpoints {
-            let mut endpoint = Endpoint::from_shared(url.clone())
-                .with_context(|| format!("--etcd {url:?} is not a URL: write http://HOST:PORT"))?
-                .connect_timeout(CALL_TIMEOUT)
-                .timeout(CALL_TIMEOUT)
-                .http2_keep_alive_interval(fleet_proto::connect::KEEPALIVE)
-                .keep_alive_timeout(fleet_proto::connect::KEEPALIVE);
-            if endpoint.uri().scheme_str() == Some("https") {
-                let config = connect::tls_config(&options.tls, &TLS_FLAGS)?;
-                endpoint = (endpoint.tls_config(config))
-                    .with_context(|| format!("setting up TLS for --etcd {url}"))?;
-            } else if options.tls.is_set() {
-                anyhow::bail!(
-                    "--etcd-ca, --etcd-cert and --etcd-key are for TLS, but --etcd {url:?} is not \
-                     https://: write it as https://…"
-                );
-            }
-            endpoints.push(endpoint);
-        }
+        let endpoints = endpoints(options)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("fleet-etcd")
@@ -225,6 +203,35 @@ impl Etcd {
             )),
         }
     }
+}
+
+/// The endpoints `options` name, TLS set up for `https://` ones: every flag and file is
+/// checked here, before anything connects.
+pub fn endpoints(options: &EtcdOptions) -> anyhow::Result<Vec<Endpoint>> {
+    if options.endpoints.is_empty() {
+        return Err(anyhow!("--etcd names no endpoint: give http://HOST:PORT"));
+    }
+    let mut endpoints = Vec::new();
+    for url in &options.endpoints {
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .with_context(|| format!("--etcd {url:?} is not a URL: write http://HOST:PORT"))?
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .http2_keep_alive_interval(fleet_proto::connect::KEEPALIVE)
+            .keep_alive_timeout(fleet_proto::connect::KEEPALIVE);
+        if endpoint.uri().scheme_str() == Some("https") {
+            let config = connect::tls_config(&options.tls, &TLS_FLAGS)?;
+            endpoint = (endpoint.tls_config(config))
+                .with_context(|| format!("setting up TLS for --etcd {url}"))?;
+        } else if options.tls.is_set() {
+            anyhow::bail!(
+                "--etcd-ca, --etcd-cert and --etcd-key are for TLS, but --etcd {url:?} is not \
+                 https://: write it as https://…"
+            );
+        }
+        endpoints.push(endpoint);
+    }
+    Ok(endpoints)
 }
 
 /// The end of the range of every key that starts with `prefix` (etcd's `range_end`).

@@ -210,6 +210,11 @@ pub struct LostLead {
     pub led_for: Duration,
 }
 
+/// Checks `options` (URLs, TLS flags and files) before anything listens.
+pub fn check_etcd(options: &EtcdOptions) -> anyhow::Result<()> {
+    etcd::endpoints(options).map(drop)
+}
+
 /// Where [`serve_ha`] keeps its state and how it decides who leads.
 #[derive(Clone, Debug)]
 pub struct Ha {

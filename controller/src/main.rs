@@ -102,6 +102,8 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let mode = if tls.is_some() { "mutual" } else { "off" };
+    // Every flag is checked before anything listens.
+    let ha = (args.data.is_none()).then(|| ha(&args)).transpose()?;
     let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -123,10 +125,16 @@ async fn main() -> anyhow::Result<()> {
         tls,
         ..Default::default()
     };
-    match &args.data {
-        Some(data) => fleet_controller::serve_with(grpc, admin, data, shutdown, options).await,
+    match ha {
         None => {
-            let ha = ha(&args, grpc_addr)?;
+            let data = args.data.as_deref().context("give --data or --etcd")?;
+            fleet_controller::serve_with(grpc, admin, data, shutdown, options).await
+        }
+        Some(mut ha) => {
+            if args.advertise.is_none() {
+                // --listen, as bound: its port may have been 0.
+                ha.campaign.advertise = grpc_addr.to_string();
+            }
             say(&format!(
                 "fleet-controller standing by name={:?}",
                 ha.campaign.name
@@ -196,9 +204,9 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
 }
 
-/// The etcd store and the campaign, from `--etcd` and the flags that go with it; `grpc`, where
-/// this controller listens.
-fn ha(args: &Args, grpc: SocketAddr) -> anyhow::Result<fleet_controller::Ha> {
+/// The etcd store and the campaign, from `--etcd` and the flags that go with it.
+fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
+    let grpc = args.listen;
     let ttl = args.lease_ttl;
     if ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0 {
         anyhow::bail!(
@@ -219,16 +227,18 @@ fn ha(args: &Args, grpc: SocketAddr) -> anyhow::Result<fleet_controller::Ha> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{} (pid {})", host.trim(), std::process::id())
     });
-    Ok(fleet_controller::Ha {
-        etcd: fleet_controller::EtcdOptions {
-            endpoints: args.etcd.clone(),
-            prefix: args.etcd_prefix.clone(),
-            tls: fleet_proto::connect::ClientTls {
-                ca: args.etcd_ca.clone(),
-                cert: args.etcd_cert.clone(),
-                key: args.etcd_key.clone(),
-            },
+    let etcd = fleet_controller::EtcdOptions {
+        endpoints: args.etcd.clone(),
+        prefix: args.etcd_prefix.clone(),
+        tls: fleet_proto::connect::ClientTls {
+            ca: args.etcd_ca.clone(),
+            cert: args.etcd_cert.clone(),
+            key: args.etcd_key.clone(),
         },
+    };
+    fleet_controller::check_etcd(&etcd)?;
+    Ok(fleet_controller::Ha {
+        etcd,
         campaign: fleet_controller::Campaign {
             name,
             advertise,

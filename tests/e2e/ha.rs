@@ -112,3 +112,31 @@ async fn a_leader_paused_past_its_lease_steps_down_when_it_wakes_and_the_standby
     world.watched_each_event_once(&id, watch).await;
     world.stop().await;
 }
+
+#[test]
+fn bad_etcd_flags_are_told_before_anything_listens() {
+    let cases = [
+        (
+            &["--lease-ttl", "500ms"][..],
+            "etcd leases last whole seconds, at least 2",
+        ),
+        (&["--listen", "0.0.0.0:0"], "give --advertise HOST:PORT"),
+        (
+            &["--advertise", "nope"],
+            "--advertise \"nope\": write HOST:PORT",
+        ),
+        (
+            &["--etcd-ca", "ca.pem"],
+            "is not https://: write it as https://",
+        ),
+    ];
+    for (flags, told) in cases {
+        let mut command = std::process::Command::new(fleet_e2e::bin("fleet-controller"));
+        command.args(["--etcd", "http://127.0.0.1:1", "--admin", "127.0.0.1:0"]);
+        command.args(flags).env("RUST_BACKTRACE", "0");
+        let (code, out) = fleet_e2e::run(command).unwrap();
+        assert_eq!(code, 1, "{flags:?}: {out}");
+        assert!(out.contains(told), "{flags:?}: {out}");
+        assert!(!out.contains("listening"), "{flags:?}: {out}");
+    }
+}

@@ -506,7 +506,10 @@ mod tests {
             ..Default::default()
         };
         let etcd = Etcd::connect(&options(unshown)).unwrap();
-        let refused = etcd.get(b"/tls/desired/us-west".to_vec()).await.unwrap_err();
+        let refused = etcd
+            .get(b"/tls/desired/us-west".to_vec())
+            .await
+            .unwrap_err();
         println!("without a client certificate: {refused}");
         assert!(refused.to_string().starts_with("etcd: "), "{refused}");
         // Files given for a plain URL are a mistake, told as one.
