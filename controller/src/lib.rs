@@ -18,6 +18,8 @@ pub mod tls;
 mod webhook;
 
 use std::path::Path;
+
+use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -155,15 +157,16 @@ pub async fn serve_ha(
     let _ = led.send(());
     let fence = leadership.fence.clone();
     let store = store::EtcdStore::new(etcd, fence.clone(), leadership.epoch);
-    let opened = match passing.await {
-        Ok(grpc) => Controller::open_store(Box::new(store)).map(|c| (c, grpc)),
-        Err(e) => Err(anyhow::Error::new(e).context("passing connections to the leader")),
-    };
-    let (controller, grpc) = match opened {
-        Ok(opened) => opened,
+    let grpc = passing.await.context("passing connections to the leader")?;
+    // A store that cannot be read now (etcd slow, say) is given up on as a lost lead: the
+    // process starts over rather than exits.
+    let controller = match Controller::open_store(Box::new(store)) {
+        Ok(controller) => controller,
         Err(e) => {
             leadership.resign().await;
-            return Err(e);
+            let why = format!("could not read the store: {e:#}");
+            let led_for = Duration::ZERO;
+            return Err(LostLead { why, led_for }.into());
         }
     };
     role.lead(controller.clone());

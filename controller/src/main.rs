@@ -1,4 +1,6 @@
-//! `fleet-controller --listen ADDR --admin ADDR (--data DIR | --etcd URL[,URL]) [--tls-cert F --tls-key F --client-ca F [--client-crl F]]`
+//! `fleet-controller --listen ADDR --admin ADDR (--data DIR | --etcd URL[,URL] [--advertise ADDR]
+//! [--etcd-ca F] [--etcd-cert F --etcd-key F]) [--tls-cert F --tls-key F --client-ca F
+//! [--client-crl F]]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +14,7 @@ use tokio::net::TcpListener;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Example:\n  fleet-controller --listen 127.0.0.1:7070 --admin 127.0.0.1:7071 --data /var/lib/fleet"
+    after_help = "Examples:\n  fleet-controller --listen 127.0.0.1:7070 --admin 127.0.0.1:7071 --data /var/lib/fleet\n  fleet-controller --listen 0.0.0.0:7070 --advertise 10.0.0.7:7070 --etcd https://etcd:2379 --etcd-ca ca.pem"
 )]
 struct Args {
     /// gRPC address for tooling (ReleaseService) and agents (AgentService).
@@ -33,37 +35,47 @@ struct Args {
         conflicts_with = "etcd"
     )]
     data: Option<PathBuf>,
-    /// Keep the state in etcd instead (`http://HOST:PORT`, comma-separated for several
-    /// members). Several controllers may then run on one etcd: one leads and serves; the
+    /// Keep the state in etcd instead (`http://HOST:PORT` or `https://…`, comma-separated for
+    /// several members). Several controllers may then run on one etcd: one leads and serves; the
     /// others stand by, pass the connections they take to it, and take over when it stops or
     /// dies.
     #[arg(long, env = "FLEET_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
     /// With an https:// --etcd: PEM CA that signed etcd's certificate (default: the system's
     /// roots).
-    #[arg(long, env = "FLEET_ETCD_CA")]
+    #[arg(long, env = "FLEET_ETCD_CA", conflicts_with = "data")]
     etcd_ca: Option<PathBuf>,
     /// With an https:// --etcd: PEM certificate to show an etcd that asks clients for one.
-    #[arg(long, env = "FLEET_ETCD_CERT", requires = "etcd_key")]
+    #[arg(
+        long,
+        env = "FLEET_ETCD_CERT",
+        requires = "etcd_key",
+        conflicts_with = "data"
+    )]
     etcd_cert: Option<PathBuf>,
     /// PEM private key of --etcd-cert.
     #[arg(long, env = "FLEET_ETCD_KEY", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
     /// With --etcd: the prefix of the controller's keys.
-    #[arg(long, env = "FLEET_ETCD_PREFIX", default_value = "/fleet/")]
+    #[arg(
+        long,
+        env = "FLEET_ETCD_PREFIX",
+        default_value = "/fleet/",
+        conflicts_with = "data"
+    )]
     etcd_prefix: String,
     /// With --etcd: how soon after the leader dies another takes over (its etcd lease's time
-    /// to live; whole seconds).
-    #[arg(long, env = "FLEET_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// to live; whole seconds, at least 2).
+    #[arg(long, env = "FLEET_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration, conflicts_with = "data")]
     lease_ttl: Duration,
     /// With --etcd: the address at which the other controllers reach this one's gRPC port,
     /// to pass their connections to it while it leads. Default: --listen, unless that is
     /// 0.0.0.0 or [::].
-    #[arg(long, env = "FLEET_CONTROLLER_ADVERTISE")]
+    #[arg(long, env = "FLEET_CONTROLLER_ADVERTISE", conflicts_with = "data")]
     advertise: Option<String>,
     /// With --etcd: this controller's name, which the others show while it leads. Default:
     /// the host's name and the process id.
-    #[arg(long, env = "FLEET_CONTROLLER_NAME")]
+    #[arg(long, env = "FLEET_CONTROLLER_NAME", conflicts_with = "data")]
     name: Option<String>,
     /// PEM certificate (chain) of the gRPC listener, which then speaks mutual TLS only.
     #[arg(long, env = "FLEET_SERVER_TLS_CERT", requires_all = ["tls_key", "client_ca"])]

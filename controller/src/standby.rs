@@ -29,12 +29,19 @@ pub async fn pass_through(
 ) -> TcpListener {
     tokio::pin!(until);
     let mut passing = JoinSet::new();
+    // The leader the connections in `passing` go to.
+    let mut passing_to = leader.borrow().clone();
     loop {
         let client = tokio::select! {
             _ = &mut until => return listener,
             changed = leader.changed() => match changed {
+                // Another leader (not just one unknown for a moment: etcd slow to answer).
                 Ok(()) => {
-                    passing.abort_all();
+                    let now = leader.borrow().clone();
+                    if now.is_some() && now != passing_to {
+                        passing.abort_all();
+                        passing_to = now;
+                    }
                     continue;
                 }
                 // Nobody will say who leads any more: wait to be told to stop.
@@ -56,6 +63,7 @@ pub async fn pass_through(
         let to = leader.borrow().clone();
         match to {
             Some(to) if to != us && to.grpc != us.grpc => {
+                passing_to = Some(to.clone());
                 passing.spawn(pass(client, to.grpc));
             }
             // Closed: the client dials again, by when a leader may be known.
@@ -168,6 +176,10 @@ mod tests {
         open.write_all(b"howdy").await.unwrap();
         let mut back = [0; 5];
         open.read_exact(&mut back).await.unwrap();
+        // Not when etcd could not say for a moment who leads.
+        leader_tx.send_replace(None);
+        let still = tokio::time::timeout(Duration::from_millis(300), open.read(&mut back)).await;
+        assert!(still.is_err(), "ended: {still:?}");
         leader_tx.send_replace(Some(holder("others", &leader().await)));
         let ended = tokio::time::timeout(Duration::from_secs(5), open.read(&mut back)).await;
         assert!(matches!(ended, Ok(Ok(0)) | Ok(Err(_))), "{ended:?}");

@@ -134,9 +134,23 @@ fn bad_etcd_flags_are_told_before_anything_listens() {
         let mut command = std::process::Command::new(fleet_e2e::bin("fleet-controller"));
         command.args(["--etcd", "http://127.0.0.1:1", "--admin", "127.0.0.1:0"]);
         command.args(flags).env("RUST_BACKTRACE", "0");
-        let (code, out) = fleet_e2e::run(command).unwrap();
+        let running = fleet_e2e::Running::start(command).unwrap();
+        let (code, out) = running.finish_within(Duration::from_secs(10)).unwrap();
         assert_eq!(code, 1, "{flags:?}: {out}");
         assert!(out.contains(told), "{flags:?}: {out}");
         assert!(!out.contains("listening"), "{flags:?}: {out}");
     }
+    // And a flag of the etcd store without it.
+    let mut command = std::process::Command::new(fleet_e2e::bin("fleet-controller"));
+    command.args([
+        "--data",
+        "/nonexistent/fleet",
+        "--advertise",
+        "10.0.0.7:7070",
+    ]);
+    let running = fleet_e2e::Running::start(command).unwrap();
+    let (code, out) = running.finish_within(Duration::from_secs(10)).unwrap();
+    assert_eq!(code, 2, "{out}");
+    let told = "the argument '--data <DATA>' cannot be used with '--advertise <ADVERTISE>'";
+    assert!(out.contains(told), "{out}");
 }
