@@ -24,11 +24,8 @@ const KEY: &str = "leader";
 /// How the controllers of one etcd decide.
 #[derive(Clone, Debug)]
 pub struct Campaign {
-    /// This controller's name, shown by the others while it leads.
-    pub name: String,
-    /// Where the others pass connections to while it leads: its gRPC address as they reach
-    /// it.
-    pub advertise: String,
+    /// This controller, as its key says while it leads.
+    pub us: Holder,
     /// The lease's time to live: how long after the leader dies another takes over.
     pub ttl: Duration,
 }
@@ -64,16 +61,6 @@ impl Fence {
         etcd::created_at(self.key.clone(), self.revision)
     }
 
-    /// The leader key.
-    pub fn key(&self) -> &[u8] {
-        &self.key
-    }
-
-    /// Whether `kv`, read at the leader key, is the key this leader created.
-    pub fn is(&self, kv: &pb::KeyValue) -> bool {
-        kv.create_revision == self.revision
-    }
-
     /// The lead is gone, for `why`.
     pub fn lose(&self, why: String) {
         self.lost.send_if_modified(|lost| {
@@ -101,18 +88,11 @@ impl Fence {
 /// Who leads, as the leader key says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
+    /// Its name, shown by the others.
     pub name: String,
-    /// Its gRPC address, as the others reach it.
+    /// Its gRPC address, as the others reach it (`--advertise`): where they pass
+    /// connections to.
     pub grpc: String,
-}
-
-impl Holder {
-    pub fn of(campaign: &Campaign) -> Holder {
-        Holder {
-            name: campaign.name.clone(),
-            grpc: campaign.advertise.clone(),
-        }
-    }
 }
 
 /// Stands by until this controller leads; while it does not, `leader` says who does (none
@@ -139,11 +119,11 @@ pub async fn campaign(
             }
         };
         loop {
-            let us = Holder::of(campaign);
-            let holder = match try_to_lead(etcd, &key, &us, lease).await {
+            let us = &campaign.us;
+            let holder = match try_to_lead(etcd, &key, us, lease).await {
                 Ok(Ok(revision)) => return lead(etcd, campaign, key, (lease, renewed), revision),
                 // A key of ours under another lease (before a restart) is followed by no one.
-                Ok(Err(holder)) => holder.filter(|h| *h != us),
+                Ok(Err(holder)) => holder.filter(|h| h != us),
                 Err(e) => {
                     tracing::warn!(error = %e, "standing by: cannot reach etcd");
                     None
@@ -219,7 +199,7 @@ fn lead(
         stop,
     ));
     let epoch = EPOCHS_FROM + u64::try_from(revision).unwrap_or(0);
-    tracing::info!(epoch, name = %campaign.name, "leading");
+    tracing::info!(epoch, name = %campaign.us.name, "leading");
     Leadership {
         epoch,
         fence,

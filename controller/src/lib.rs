@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use etcd::EtcdOptions;
-pub use leader::Campaign;
+pub use leader::{Campaign, Holder};
 pub use runtime::Controller;
 pub use standby::advertised;
 
@@ -124,7 +124,7 @@ pub async fn serve_ha(
     leading: impl FnOnce(u64),
 ) -> anyhow::Result<()> {
     let etcd = etcd::Etcd::connect(&ha.etcd)?;
-    tracing::info!(name = %ha.campaign.name, "standing by");
+    tracing::info!(name = %ha.campaign.us.name, "standing by");
     let role = admin::Role::new();
     let tls_status = options.tls.as_ref().map(tls::Reloader::status);
     let admin_shutdown = signalled(shutdown.clone());
@@ -135,7 +135,7 @@ pub async fn serve_ha(
         admin_shutdown,
     ));
     let (led, leads) = tokio::sync::oneshot::channel::<()>();
-    let us = leader::Holder::of(&ha.campaign);
+    let us = ha.campaign.us.clone();
     let passing = tokio::spawn(standby::pass_through(
         grpc,
         role.leader().subscribe(),

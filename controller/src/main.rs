@@ -145,11 +145,11 @@ async fn main() -> anyhow::Result<()> {
         Some(mut ha) => {
             if args.advertise.is_none() {
                 // --listen, as bound: its port may have been 0.
-                ha.campaign.advertise = grpc_addr.to_string();
+                ha.campaign.us.grpc = grpc_addr.to_string();
             }
             say(&format!(
                 "fleet-controller standing by name={:?}",
-                ha.campaign.name
+                ha.campaign.us.name
             ));
             let leading = |epoch| say(&format!("fleet-controller leading epoch={epoch}"));
             let ttl = ha.campaign.ttl;
@@ -252,8 +252,10 @@ fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
     Ok(fleet_controller::Ha {
         etcd,
         campaign: fleet_controller::Campaign {
-            name,
-            advertise,
+            us: fleet_controller::Holder {
+                name,
+                grpc: advertise,
+            },
             ttl,
         },
     })

@@ -10,6 +10,7 @@
 //! region it sends a desired state to.
 
 use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
 
 use anyhow::{Context, anyhow};
 use fleet_engine::HistoryEvent;
@@ -23,12 +24,18 @@ pub struct EtcdStore {
     etcd: Etcd,
     fence: Fence,
     epoch: u64,
+    counting: Mutex<()>,
 }
 
 impl EtcdStore {
     /// The store of the controller that leads with `fence`, since `epoch`.
     pub fn new(etcd: Etcd, fence: Fence, epoch: u64) -> EtcdStore {
-        EtcdStore { etcd, fence, epoch }
+        EtcdStore {
+            etcd,
+            fence,
+            epoch,
+            counting: Mutex::new(()),
+        }
     }
 
     fn key(&self, table: &str, name: &str) -> Vec<u8> {
@@ -38,36 +45,25 @@ impl EtcdStore {
     /// Puts every `(key, value)` in one transaction, if this controller still leads.
     /// A key put twice keeps its last value, as in the embedded store (etcd refuses a
     /// transaction that names a key twice; a change may send a region two desired states).
-    fn write(&self, puts: Vec<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<()> {
-        let puts: BTreeMap<Vec<u8>, Vec<u8>> = puts.into_iter().collect();
-        let ops = puts.into_iter().map(|(k, v)| etcd::put(k, v, 0)).collect();
-        let written = self.txn(vec![], ops)?;
-        written.then_some(()).ok_or_else(|| self.deposed())
-    }
-
-    /// A transaction that holds if this controller leads and `compare` holds; whether it did.
-    /// One that fails (etcd unreachable, or its answer lost: it may have been made) ends the
-    /// lead: what this controller holds may now be ahead of what etcd has, and the next
+    /// A write that fails (etcd unreachable, or its answer lost: it may have been made) ends
+    /// the lead: what this controller holds may now be ahead of what etcd has, and the next
     /// leader, maybe this one again, starts from etcd.
-    fn txn(
-        &self,
-        mut compare: Vec<pb::Compare>,
-        success: Vec<pb::RequestOp>,
-    ) -> anyhow::Result<bool> {
+    fn write(&self, puts: Vec<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<()> {
         // After a failed or refused write, none: later ones could make etcd hold a state
         // without the changes the failed one carried.
         if let Some(why) = self.fence.is_lost() {
             anyhow::bail!("the store writes no more: this controller is stepping down ({why})");
         }
-        compare.push(self.fence.holds());
+        let puts: BTreeMap<Vec<u8>, Vec<u8>> = puts.into_iter().collect();
         let request = pb::TxnRequest {
-            compare,
-            success,
+            compare: vec![self.fence.holds()],
+            success: puts.into_iter().map(|(k, v)| etcd::put(k, v, 0)).collect(),
             failure: vec![],
         };
         let etcd = self.etcd.clone();
         match self.etcd.block_on(async move { etcd.txn(request).await }) {
-            Ok(answer) => Ok(answer.succeeded),
+            Ok(answer) if answer.succeeded => Ok(()),
+            Ok(_) => Err(self.deposed()),
             Err(e) => {
                 let why = format!("a write to etcd failed, and may or may not have been made: {e}");
                 self.fence.lose(why);
@@ -108,35 +104,18 @@ impl EtcdStore {
         Ok(named.collect())
     }
 
-    /// Adds one to the counter `meta/name`; its new value.
+    /// Adds one to the counter `meta/name`; its new value. Only this controller writes (every
+    /// write is fenced), and `counting` takes its own callers one at a time, so nothing
+    /// changes the counter between the read and the write.
     fn count(&self, name: &str) -> anyhow::Result<u64> {
+        let _one_at_a_time = self.counting.lock().unwrap_or_else(PoisonError::into_inner);
         let key = self.key("meta", name);
-        for _ in 0..10 {
-            let (n, seen) = match self.get(key.clone())? {
-                Some(kv) => (parse_count(&kv.value)?, kv.mod_revision),
-                None => (0, 0),
-            };
-            // Unchanged since read: another caller of this controller did not count meanwhile.
-            let unchanged = pb::Compare {
-                result: pb::compare::CompareResult::Equal.into(),
-                target: pb::compare::CompareTarget::Mod.into(),
-                key: key.clone(),
-                target_union: Some(pb::compare::TargetUnion::ModRevision(seen)),
-            };
-            let put = etcd::put(key.clone(), (n + 1).to_string().into_bytes(), 0);
-            if self.txn(vec![unchanged], vec![put])? {
-                return Ok(n + 1);
-            }
-            if self
-                .get(self.fence.key().to_vec())?
-                .is_none_or(|kv| !self.fence.is(&kv))
-            {
-                return Err(self.deposed());
-            }
-        }
-        Err(anyhow!(
-            "the counter meta/{name} kept changing under this controller"
-        ))
+        let n = match self.get(key.clone())? {
+            Some(kv) => parse_count(&kv.value)?,
+            None => 0,
+        };
+        self.write(vec![(key, (n + 1).to_string().into_bytes())])?;
+        Ok(n + 1)
     }
 }
 
@@ -257,8 +236,10 @@ mod tests {
 
     fn campaign(name: &str, ttl: Duration) -> Campaign {
         Campaign {
-            name: name.into(),
-            advertise: format!("{name}:7070"),
+            us: leader::Holder {
+                name: name.into(),
+                grpc: format!("{name}:7070"),
+            },
             ttl,
         }
     }
@@ -390,10 +371,7 @@ mod tests {
             tokio::spawn(async move { leader::campaign(&etcd, &new, &seen, &mut None).await })
         };
         let leader = told.wait_for(Option::is_some).await.unwrap().clone();
-        assert_eq!(
-            leader,
-            Some(leader::Holder::of(&campaign("old", Duration::ZERO)))
-        );
+        assert_eq!(leader, Some(campaign("old", Duration::ZERO).us));
         // The old leader's lease goes as if it had been cut off for its whole time to live,
         // without its knowing: the standby takes over.
         let lease = old.stop_renewing_for_tests();
