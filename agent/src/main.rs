@@ -88,6 +88,9 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (a full disk) is dropped; told about on stderr, it
+        // would panic the task that logged it.
+        .log_internal_errors(false)
         .init();
     let args = Args::parse();
     let proxies = match &args.proxy_pods {

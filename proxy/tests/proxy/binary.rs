@@ -97,6 +97,23 @@ fn spawn(config: &std::path::Path) -> (Running, String) {
 }
 
 fn spawn_with(config: &std::path::Path, args: &[&str]) -> (Running, String) {
+    let (child, lines, traffic, admin) = start(config, args);
+    // Keep draining stderr so the child never blocks on a full pipe.
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let kept = logs.clone();
+    std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .for_each(|l| kept.lock().unwrap().push(l))
+    });
+    (Running(child, logs, traffic), admin)
+}
+
+/// Log lines still to come from a started proxy.
+type Lines = std::io::Lines<BufReader<std::process::ChildStderr>>;
+
+/// Starts the binary: it, its log lines after "serving", and its traffic and admin addresses.
+fn start(config: &std::path::Path, args: &[&str]) -> (std::process::Child, Lines, String, String) {
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(config)
@@ -128,15 +145,31 @@ fn spawn_with(config: &std::path::Path, args: &[&str]) -> (Running, String) {
             );
         }
     };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let kept = logs.clone();
-    std::thread::spawn(move || {
-        lines
-            .map_while(Result::ok)
-            .for_each(|l| kept.lock().unwrap().push(l))
-    });
-    (Running(child, logs, traffic), admin)
+    (child, lines, traffic, admin)
+}
+
+#[tokio::test]
+async fn a_log_that_cannot_be_written_loses_lines_not_requests() {
+    let dir = temp_dir("lost-log");
+    let file = dir.join("proxy.yaml");
+    // Nothing listens on port 1: every request fails, and the fifth failure in a row ejects
+    // the backend, which is logged.
+    let config = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntracks:\n  stable: { backends: [\"127.0.0.1:1\"] }\nroutes:\n  - { split: { stable: 10000 } }\n";
+    std::fs::write(&file, config).unwrap();
+    let (child, lines, traffic, admin) = start(&file, &[]);
+    let running = Running(child, Arc::default(), traffic);
+    // Whatever collected its log is gone: each line it writes now fails (EPIPE), as on a
+    // full disk.
+    drop(lines);
+    for n in 0..8 {
+        let answer = get(&format!("http://{}/", running.2)).await;
+        let (status, _, _) = answer.unwrap_or_else(|| panic!("request {n} got no answer"));
+        assert!(status.is_server_error(), "request {n}: {status}");
+    }
+    let (status, _, _) = get(&format!("http://{admin}/healthz")).await.unwrap();
+    assert_eq!(status.as_u16(), 200);
+    drop(running);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A config file whose watcher looks once an hour, so that only SIGHUP reloads it in a test's
