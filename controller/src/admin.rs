@@ -24,8 +24,8 @@ pub async fn serve(
     tls: Option<Arc<tls::Status>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let answer = move |path: &str| match (role.controller.get(), role.stepping_down.get()) {
-        (_, Some(why)) => stepping_down(path, why),
+    let answer = move |path: &str| match (role.controller.get(), role.starting_over.get()) {
+        (_, Some(why)) => starting_over(path, why),
         (Some(controller), None) => route(path, controller, tls.as_deref()),
         (None, None) => standby(path, role.leader.borrow().as_ref()),
     };
@@ -36,8 +36,9 @@ pub async fn serve(
 pub struct Role {
     controller: OnceLock<Arc<Controller>>,
     leader: watch::Sender<Option<Holder>>,
-    /// Why it stopped leading, once it has.
-    stepping_down: OnceLock<String>,
+    /// Why it stopped serving to start over (it lost the lead, or its store a write), once
+    /// it has.
+    starting_over: OnceLock<String>,
 }
 
 impl Role {
@@ -46,7 +47,7 @@ impl Role {
         Arc::new(Role {
             controller: OnceLock::new(),
             leader: watch::channel(None).0,
-            stepping_down: OnceLock::new(),
+            starting_over: OnceLock::new(),
         })
     }
 
@@ -60,19 +61,19 @@ impl Role {
         let _ = self.controller.set(controller);
     }
 
-    /// This controller no longer leads, for `why`, and is stopping.
-    pub fn step_down(&self, why: String) {
-        let _ = self.stepping_down.set(why);
+    /// This controller stops serving, for `why`, to start over from its store.
+    pub fn start_over(&self, why: String) {
+        let _ = self.starting_over.set(why);
     }
 }
 
-/// A controller that lost the lead, while it stops: alive, not ready.
-fn stepping_down(path: &str, why: &str) -> Response<Full<Bytes>> {
+/// A controller that stops serving to start over, while it stops: alive, not ready.
+fn starting_over(path: &str, why: &str) -> Response<Full<Bytes>> {
     match path {
-        "/healthz" => text(StatusCode::OK, "ok: stepping down\n".into()),
+        "/healthz" => text(StatusCode::OK, "ok: starting over\n".into()),
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("stepping down: {why}\n"),
+            format!("starting over: {why}\n"),
         ),
         "/metrics" => {
             let mut out = String::new();

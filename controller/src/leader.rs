@@ -9,7 +9,6 @@
 //! a leader that lost its lease without noticing (paused, cut off) can change nothing; it
 //! stops as soon as a write fails so or its lease cannot be renewed.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_proto::etcd as pb;
@@ -17,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::etcd::{self, Etcd};
+use crate::store::Lost;
 
 /// The leader key's name under the prefix.
 const KEY: &str = "leader";
@@ -52,36 +52,14 @@ pub struct Leadership {
 pub struct Fence {
     key: Vec<u8>,
     revision: i64,
-    lost: Arc<watch::Sender<Option<String>>>,
+    /// Lost with the lead.
+    pub lost: Lost,
 }
 
 impl Fence {
     /// The condition every write of the leader carries.
     pub fn holds(&self) -> pb::Compare {
         etcd::created_at(self.key.clone(), self.revision)
-    }
-
-    /// The lead is gone, for `why`.
-    pub fn lose(&self, why: String) {
-        self.lost.send_if_modified(|lost| {
-            let first = lost.is_none();
-            if first {
-                *lost = Some(why);
-            }
-            first
-        });
-    }
-
-    /// Why the lead was lost, if it was.
-    pub fn is_lost(&self) -> Option<String> {
-        self.lost.borrow().clone()
-    }
-
-    /// Resolves with why once the lead is lost.
-    pub async fn lost(&self) -> String {
-        let mut lost = self.lost.subscribe();
-        let why = lost.wait_for(Option::is_some).await;
-        why.map_or_else(|_| "stopped".into(), |why| why.clone().unwrap_or_default())
     }
 }
 
@@ -188,7 +166,7 @@ fn lead(
     let fence = Fence {
         key,
         revision,
-        lost: Arc::new(watch::channel(None).0),
+        lost: Lost::default(),
     };
     let (stop_renewing, stop) = watch::channel(false);
     etcd.spawn(renew(
@@ -234,13 +212,13 @@ async fn renew(
                 renewed = asked;
                 continue;
             }
-            Ok(Ok(_)) => return fence.lose("its etcd lease expired".into()),
+            Ok(Ok(_)) => return fence.lost.lose("its etcd lease expired".into()),
             Ok(Err(e)) => e.to_string(),
             Err(_) => "etcd did not answer in time".into(),
         };
         if Instant::now() + campaign.every() >= deadline {
             let ttl = humantime::format_duration(campaign.ttl);
-            return fence.lose(format!(
+            return fence.lost.lose(format!(
                 "its etcd lease ({ttl}) could not be renewed in time: {e}"
             ));
         }
@@ -261,7 +239,7 @@ impl Leadership {
     /// to run out.
     pub async fn resign(self) {
         let _ = self.stop_renewing.send(true);
-        self.fence.lose("it stopped".into());
+        self.fence.lost.lose("it stopped".into());
         match tokio::time::timeout(Duration::from_secs(2), self.etcd.revoke(self.lease)).await {
             Ok(Ok(())) => tracing::info!("gave up the lead"),
             Ok(Err(e)) => tracing::warn!(error = %e, "could not give up the lead; it runs out"),

@@ -96,25 +96,34 @@ pub async fn serve_with(
     let tls_status = options.tls.as_ref().map(tls::Reloader::status);
     tokio::spawn(admin::serve(
         admin,
-        role,
+        role.clone(),
         tls_status,
         signalled(shutdown.clone()),
     ));
-    run(controller.clone(), grpc, shutdown, options).await?;
+    let since = tokio::time::Instant::now();
+    let lost = serve_until_lost(controller.clone(), grpc, &role, shutdown, options).await?;
+    drop(role);
     // Tasks of closed streams let go of the controller as they notice; the store closes with
     // the last of them, and a controller started next on the same directory can open it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while Arc::strong_count(&controller) > 1 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(())
+    match lost {
+        Some(why) => Err(StartOver {
+            why,
+            served_for: since.elapsed(),
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// One of several controllers that keep their state in etcd and stand in for each other
 /// (`leader.rs`). Until it leads it stands by, passing the connections `grpc` accepts to the
 /// leader (`standby.rs`); once it leads it says so through `leading` (with its epoch) and
 /// serves, until `shutdown` (giving the lead up at once) or until it loses the lead
-/// ([`LostLead`]).
+/// ([`StartOver`]).
 pub async fn serve_ha(
     grpc: TcpListener,
     admin: TcpListener,
@@ -155,8 +164,7 @@ pub async fn serve_ha(
         }
     };
     let _ = led.send(());
-    let fence = leadership.fence.clone();
-    let store = store::EtcdStore::new(etcd, fence.clone(), leadership.epoch);
+    let store = store::EtcdStore::new(etcd, leadership.fence.clone(), leadership.epoch);
     let grpc = passing.await.context("passing connections to the leader")?;
     // A store that cannot be read now (etcd slow, say) is given up on as a lost lead: the
     // process starts over rather than exits.
@@ -164,26 +172,47 @@ pub async fn serve_ha(
         Ok(controller) => controller,
         Err(e) => {
             leadership.resign().await;
-            let why = format!("could not read the store: {e:#}");
-            let led_for = Duration::ZERO;
-            return Err(LostLead { why, led_for }.into());
+            let why = format!("stopped leading: could not read the store: {e:#}");
+            let served_for = Duration::ZERO;
+            return Err(StartOver { why, served_for }.into());
         }
     };
     role.lead(controller.clone());
     leading(leadership.epoch);
     let led_since = tokio::time::Instant::now();
-    // Stop serving when told to, or as soon as the lead is lost.
+    let lost = serve_until_lost(controller, grpc, &role, shutdown, options).await;
+    leadership.resign().await;
+    match lost? {
+        Some(why) => Err(StartOver {
+            why: format!("stopped leading: {why}"),
+            served_for: led_since.elapsed(),
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// Serves `controller` on `grpc` until `shutdown`, or until its store is lost (takes no more
+/// writes): then its readiness fails, saying why, its connections get [`DRAIN`] to close, and
+/// the answer is why.
+async fn serve_until_lost(
+    controller: Arc<Controller>,
+    grpc: TcpListener,
+    role: &Arc<admin::Role>,
+    shutdown: watch::Receiver<bool>,
+    options: Options,
+) -> anyhow::Result<Option<String>> {
+    let lost = controller.store.lost().clone();
     let (stop, stopping) = watch::channel(false);
-    let lost = fence.clone();
-    let outer = shutdown.clone();
-    let stepping = role.clone();
+    let role = role.clone();
     let why = tokio::spawn(async move {
         let why = tokio::select! {
-            why = lost.lost() => Some(why),
-            _ = signalled(outer) => None,
+            why = lost.wait() => Some(why),
+            _ = signalled(shutdown) => None,
         };
         if let Some(why) = &why {
-            stepping.step_down(why.clone());
+            tracing::error!("{why}; the controller stops serving and starts over from its store");
+            role.start_over(why.clone());
         }
         let _ = stop.send(true);
         why
@@ -191,26 +220,19 @@ pub async fn serve_ha(
     let served = run(controller, grpc, stopping, options).await;
     why.abort();
     let lost = why.await.ok().flatten();
-    leadership.resign().await;
     served?;
-    match lost {
-        Some(why) => Err(LostLead {
-            why,
-            led_for: led_since.elapsed(),
-        }
-        .into()),
-        None => Ok(()),
-    }
+    Ok(lost)
 }
 
-/// [`serve_ha`]'s error when this controller stopped leading, having served until then: it
-/// should start over as a standby.
+/// Why the controller stopped serving before it was told to: it can no longer trust what it
+/// holds (it lost the lead, or a write to its store failed), and the process should start
+/// over from what its store has.
 #[derive(Debug, thiserror::Error)]
-#[error("stopped leading: {why}")]
-pub struct LostLead {
+#[error("{why}")]
+pub struct StartOver {
     pub why: String,
-    /// How long it led.
-    pub led_for: Duration,
+    /// How long it served.
+    pub served_for: Duration,
 }
 
 /// Checks `options` (URLs, TLS flags and files) before anything listens.

@@ -14,6 +14,9 @@ use tokio::net::TcpListener;
 #[derive(Parser, Debug)]
 #[command(
     version,
+    // The last of a flag given twice counts: starting over, the process adds the addresses
+    // it listened on to its flags.
+    args_override_self = true,
     after_help = "Examples:\n  fleet-controller --listen 127.0.0.1:7070 --admin 127.0.0.1:7071 --data /var/lib/fleet\n  fleet-controller --listen 0.0.0.0:7070 --advertise 10.0.0.7:7070 --etcd https://etcd:2379 --etcd-ca ca.pem"
 )]
 struct Args {
@@ -98,7 +101,14 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (a full disk) is dropped; told about on stderr, it
+        // would panic the task that logged it.
+        .log_internal_errors(false)
         .init();
+    // A store file grown past the process's size limit (RLIMIT_FSIZE) fails that write
+    // (EFBIG), which the controller handles, rather than ending it with SIGXFSZ mid-write.
+    let xfsz = tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
+    let _ = tokio::signal::unix::signal(xfsz);
     // Webhook calls over https use rustls with the ring provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
@@ -137,10 +147,17 @@ async fn main() -> anyhow::Result<()> {
         tls,
         ..Default::default()
     };
-    match ha {
+    let bound = [("--listen", grpc_addr), ("--admin", admin_addr)];
+    let (served, first_wait, then) = match ha {
         None => {
             let data = args.data.as_deref().context("give --data or --etcd")?;
-            fleet_controller::serve_with(grpc, admin, data, shutdown, options).await
+            let served =
+                fleet_controller::serve_with(grpc, admin, data, shutdown.clone(), options).await;
+            (
+                served,
+                Duration::from_secs(1),
+                "starting over from the store",
+            )
         }
         Some(mut ha) => {
             if args.advertise.is_none() {
@@ -155,36 +172,39 @@ async fn main() -> anyhow::Result<()> {
             let ttl = ha.campaign.ttl;
             let served =
                 fleet_controller::serve_ha(grpc, admin, ha, shutdown.clone(), options, leading);
-            match served.await {
-                Err(e) => match e.downcast::<fleet_controller::LostLead>() {
-                    Ok(lost) => start_over(&lost, ttl, shutdown).await,
-                    Err(e) => Err(e),
-                },
-                Ok(()) => Ok(()),
-            }
+            (served.await, ttl, "starting over as a standby")
         }
+    };
+    match served {
+        Err(e) => match e.downcast::<fleet_controller::StartOver>() {
+            Ok(over) => start_over(&over, (first_wait, then), bound, shutdown).await,
+            Err(e) => Err(e),
+        },
+        Ok(()) => Ok(()),
     }
 }
 
-/// How many times in a row the controller started over soon after it began to lead.
+/// How many times in a row the controller started over soon after it began to serve.
 const STARTS_OVER: &str = "FLEET_CONTROLLER_STARTS_OVER";
 
-/// After losing the lead, the process replaces itself with a fresh one (same pid, flags and
-/// environment) that stands by: nothing of its term lingers, and its supervisor sees no crash
-/// to back off from. It backs off itself: it waits a lease's time to live first, twice as long
-/// each time in a row that it led for less than ten minutes (up to 32 times), so that a
-/// failure that comes back at once (a write etcd always refuses) does not pass the lead round
-/// every second. Told to stop meanwhile, it stops.
+/// After losing the lead, or a write to its store, the process replaces itself with a fresh
+/// one (same pid, flags and environment, and the addresses it listened on) that stands by or
+/// opens the store again: nothing of its term lingers, and its supervisor sees no crash to
+/// back off from. It backs off itself: it waits `first_wait` (a lease's time to live, or a
+/// second) first, twice as long each time in a row that it served for less than ten minutes
+/// (up to 32 times), so that a failure that comes back at once (a write etcd always refuses)
+/// does not pass the lead round every second. Told to stop meanwhile, it stops.
 async fn start_over(
-    lost: &fleet_controller::LostLead,
-    ttl: Duration,
+    over: &fleet_controller::StartOver,
+    (first_wait, then): (Duration, &str),
+    bound: [(&str, SocketAddr); 2],
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let before = std::env::var(STARTS_OVER).ok().and_then(|n| n.parse().ok());
-    let (wait, in_a_row) = backoff(ttl, before.unwrap_or(0), lost.led_for);
+    let (wait, in_a_row) = backoff(first_wait, before.unwrap_or(0), over.served_for);
     let after = humantime::format_duration(wait);
-    tracing::warn!("{lost}; starting over as a standby in {after}");
+    tracing::warn!("{over}; {then} in {after}");
     tokio::select! {
         _ = tokio::time::sleep(wait) => {}
         _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
@@ -192,21 +212,48 @@ async fn start_over(
     // Not current_exe(): after the binary was replaced on disk, that names a deleted file.
     let failed = std::process::Command::new("/proc/self/exe")
         .arg0(std::env::args_os().next().unwrap_or_default())
-        .args(std::env::args_os().skip(1))
+        .args(listening_on(std::env::args_os().skip(1), bound))
         .env(STARTS_OVER, in_a_row.to_string())
         .exec();
-    Err(failed).context("could not start over as a standby")
+    Err(failed).context("could not start over")
 }
 
-/// How long to wait before starting over, having led for `led_for` after `before` starts over
-/// in a row that each came within ten minutes of leading; and the count to go on with.
-fn backoff(ttl: Duration, before: u32, led_for: Duration) -> (Duration, u32) {
-    let in_a_row = if led_for < Duration::from_secs(600) {
+/// `args` with the addresses `bound` instead of their `--listen` and `--admin`: a port given
+/// as 0 would be another one after starting over.
+fn listening_on(
+    args: impl Iterator<Item = std::ffi::OsString>,
+    bound: [(&str, SocketAddr); 2],
+) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        let ours = |flag: &&str| text == *flag || text.starts_with(&format!("{flag}="));
+        match bound.map(|(flag, _)| flag).into_iter().find(ours) {
+            Some(flag) if text == flag => drop(args.next()),
+            Some(_) => {}
+            None => out.push(arg),
+        }
+    }
+    for (flag, addr) in bound {
+        out.extend([flag.into(), addr.to_string().into()]);
+    }
+    out
+}
+
+/// How long to wait before starting over, having served for `served_for` after `before`
+/// starts over in a row that each came within ten minutes of serving; and the count to go on
+/// with.
+fn backoff(first_wait: Duration, before: u32, served_for: Duration) -> (Duration, u32) {
+    let in_a_row = if served_for < Duration::from_secs(600) {
         before + 1
     } else {
         0
     };
-    (ttl * 2u32.pow(in_a_row.saturating_sub(1).min(5)), in_a_row)
+    (
+        first_wait * 2u32.pow(in_a_row.saturating_sub(1).min(5)),
+        in_a_row,
+    )
 }
 
 /// Prints `line` on stdout, for tools that start the controller; nothing if they stopped
@@ -275,6 +322,20 @@ async fn wait_for_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn starting_over_listens_where_the_process_listened() {
+        let args = "--data d --listen 127.0.0.1:0 --admin=127.0.0.1:0 --name x";
+        let args = args.split(' ').map(std::ffi::OsString::from);
+        let grpc: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let admin: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        let once = listening_on(args, [("--listen", grpc), ("--admin", admin)]);
+        let want = "--data d --name x --listen 127.0.0.1:4000 --admin 127.0.0.1:4001";
+        assert_eq!(once.join(" ".as_ref()), want);
+        // Again and again: the flags do not pile up.
+        let twice = listening_on(once.into_iter(), [("--listen", grpc), ("--admin", admin)]);
+        assert_eq!(twice.join(" ".as_ref()), want);
+    }
 
     #[test]
     fn starting_over_again_and_again_soon_after_leading_waits_longer_each_time() {

@@ -289,7 +289,11 @@ impl ReleaseService for Releases {
                     history_len: 0,
                 },
             );
-            controller.step(&mut inner, &id, |_| {}).map_err(internal)?;
+            if let Err(e) = controller.step(&mut inner, &id, |_| {}) {
+                // Not stored, so not started (the controller starts over from its store).
+                inner.releases.remove(&id);
+                return Err(internal(e));
+            }
             controller.baseline(&mut inner, &id).map_err(internal)?;
             let run = inner.releases.get(&id).ok_or_else(|| Status::internal("release vanished"))?;
             Ok(convert::release(&id, run.started_at_ms, &run.engine))

@@ -12,8 +12,11 @@ mod etcd;
 pub use embedded::Embedded;
 pub use etcd::EtcdStore;
 
+use std::sync::Arc;
+
 use fleet_engine::{HistoryEvent, State};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StoredFleet {
@@ -65,4 +68,45 @@ pub trait Store: Send + Sync {
     /// The answer already given to `request_id`, if any.
     fn answered(&self, request_id: &str) -> anyhow::Result<Option<Vec<u8>>>;
     fn answer(&self, request_id: &str, response: &[u8]) -> anyhow::Result<()>;
+    /// Tells once the store takes no more writes, and why.
+    fn lost(&self) -> &Lost;
+}
+
+/// Whether a store has stopped taking writes, and why. After a write that failed (its outcome
+/// unknown, or the file broken) or that etcd refused (another controller leads), what the
+/// controller holds may be ahead of what the store has: a later write could store a state
+/// without the failed one's changes. So the store refuses every write after that, and the
+/// controller stops serving and starts over from what the store has.
+#[derive(Clone)]
+pub struct Lost(Arc<watch::Sender<Option<String>>>);
+
+impl Default for Lost {
+    fn default() -> Lost {
+        Lost(Arc::new(watch::channel(None).0))
+    }
+}
+
+impl Lost {
+    /// The store takes no more writes, for `why` (the first reason given stands).
+    pub fn lose(&self, why: String) {
+        self.0.send_if_modified(|lost| {
+            let first = lost.is_none();
+            if first {
+                *lost = Some(why);
+            }
+            first
+        });
+    }
+
+    /// Why the store takes no more writes, if it does not.
+    pub fn why(&self) -> Option<String> {
+        self.0.borrow().clone()
+    }
+
+    /// Resolves with why, once the store takes no more writes.
+    pub async fn wait(&self) -> String {
+        let mut lost = self.0.subscribe();
+        let why = lost.wait_for(Option::is_some).await;
+        why.map_or_else(|_| "stopped".into(), |why| why.clone().unwrap_or_default())
+    }
 }

@@ -602,3 +602,66 @@ async fn copies_answered_otherwise_are_caught_in_the_mirror_phase_before_anyone_
     );
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_whose_store_fails_a_write_starts_over_from_it_and_carries_the_release_on() {
+    use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
+    let mut world = World::start(&[]).await.unwrap();
+    let (id, watch) = world.release_into_its_second_wave().await.unwrap();
+    let pid = world.fleet.pid("controller").unwrap();
+    let admin = world.fleet.controller_admin().unwrap();
+    // Its store's file may grow no further: every write to it fails (EFBIG), as on a full
+    // disk, while the process goes on.
+    let process = Pid::from_raw(i32::try_from(pid).unwrap());
+    let ours = getrlimit(Resource::Fsize);
+    let full = Rlimit {
+        current: Some(1),
+        maximum: ours.maximum,
+    };
+    prlimit(process, Resource::Fsize, full).unwrap();
+    let readyz = format!("http://{admin}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, why) = loop {
+        let (status, body) = get(&readyz).await;
+        if status != 200 {
+            break (status, body);
+        }
+        assert!(Instant::now() < deadline, "no write failed: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503, "{why}");
+    assert!(
+        why.contains("starting over: a write to the store failed"),
+        "{why}"
+    );
+    // The disk has room again before the process starts over (a second after it stopped).
+    prlimit(process, Resource::Fsize, ours).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(&readyz).await.0 != 200 {
+        assert!(Instant::now() < deadline, "it did not serve again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The same process (its supervisor saw no crash), on the same addresses, once.
+    assert_eq!(world.fleet.pid("controller").unwrap(), pid);
+    let log = std::fs::read_to_string(world.fleet.dir.join("controller-0.log")).unwrap();
+    assert_eq!(
+        log.matches("starting over from the store in").count(),
+        1,
+        "{log}"
+    );
+    world.succeeded_step_by_step(&id).await;
+    world.each_step_once(&id).await;
+    world.watched_each_event_once(&id, watch).await;
+    world.stop().await;
+}
+
+/// Reads `url`: its status and body; 0 while nothing answers.
+async fn get(url: &str) -> (u16, String) {
+    match fleetctl::local::http_client().get(url).send().await {
+        Ok(answer) => (
+            answer.status().as_u16(),
+            answer.text().await.unwrap_or_default(),
+        ),
+        Err(e) => (0, e.to_string()),
+    }
+}

@@ -298,11 +298,16 @@ impl World {
         assert_eq!(total, 9);
     }
 
-    /// Stops every process the world started, and checks that none is left, service
-    /// instances of killed agents included.
+    /// Stops every process the world started, and checks that each stopped cleanly, in
+    /// time, and that none is left, service instances of killed agents included.
     pub async fn stop(mut self) {
         self.traffic.stop();
-        self.fleet.stop().await;
+        let unclean = self.fleet.stop().await;
+        assert_eq!(
+            unclean,
+            Vec::<String>::new(),
+            "did not stop cleanly on SIGTERM"
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.fleet.leftovers().is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -4,9 +4,9 @@ use std::path::Path;
 
 use anyhow::Context;
 use fleet_engine::HistoryEvent;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
-use super::{ReleaseChange, Store, StoredFleet, StoredRelease};
+use super::{Lost, ReleaseChange, Store, StoredFleet, StoredRelease};
 
 const FLEETS: TableDefinition<'_, &str, &str> = TableDefinition::new("fleets");
 const RELEASES: TableDefinition<'_, &str, &str> = TableDefinition::new("releases");
@@ -18,6 +18,7 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 
 pub struct Embedded {
     db: Database,
+    lost: Lost,
 }
 
 impl Embedded {
@@ -38,43 +39,64 @@ impl Embedded {
             txn.open_table(META)?;
         }
         txn.commit()?;
-        Ok(Embedded { db })
+        Ok(Embedded {
+            db,
+            lost: Lost::default(),
+        })
+    }
+
+    /// The store on `backend`: for tests that make its writes fail.
+    #[cfg(test)]
+    fn on(backend: impl redb::StorageBackend) -> anyhow::Result<Embedded> {
+        let db = Database::builder().create_with_backend(backend)?;
+        Ok(Embedded {
+            db,
+            lost: Lost::default(),
+        })
+    }
+
+    /// Makes `change` in one transaction, unless an earlier write failed. One that fails
+    /// (a full disk, an I/O error, after which redb takes no more until reopened) loses the
+    /// store: the controller starts over from the file.
+    fn write<T>(
+        &self,
+        change: impl FnOnce(&WriteTransaction) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        if let Some(why) = self.lost.why() {
+            anyhow::bail!("the store writes no more: the controller is starting over ({why})");
+        }
+        let written = self
+            .db
+            .begin_write()
+            .map_err(anyhow::Error::from)
+            .and_then(|txn| {
+                let out = change(&txn)?;
+                txn.commit()?;
+                Ok(out)
+            });
+        written.inspect_err(|e| {
+            self.lost
+                .lose(format!("a write to the store failed: {e:#}"))
+        })
     }
 }
 
 impl Store for Embedded {
     fn next_epoch(&self) -> anyhow::Result<u64> {
-        let txn = self.db.begin_write()?;
-        let epoch = {
-            let mut meta = txn.open_table(META)?;
-            let epoch = meta.get("epoch")?.map_or(0, |v| v.value()) + 1;
-            meta.insert("epoch", epoch)?;
-            epoch
-        };
-        txn.commit()?;
-        Ok(epoch)
+        self.write(|txn| count(txn, "epoch"))
     }
 
     fn next_release_number(&self) -> anyhow::Result<u64> {
-        let txn = self.db.begin_write()?;
-        let n = {
-            let mut meta = txn.open_table(META)?;
-            let n = meta.get("releases")?.map_or(0, |v| v.value()) + 1;
-            meta.insert("releases", n)?;
-            n
-        };
-        txn.commit()?;
-        Ok(n)
+        self.write(|txn| count(txn, "releases"))
     }
 
     fn put_fleet(&self, fleet: &StoredFleet) -> anyhow::Result<()> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(FLEETS)?.insert(
-            fleet.service.as_str(),
-            serde_json::to_string(fleet)?.as_str(),
-        )?;
-        txn.commit()?;
-        Ok(())
+        self.write(|txn| {
+            let json = serde_json::to_string(fleet)?;
+            txn.open_table(FLEETS)?
+                .insert(fleet.service.as_str(), json.as_str())?;
+            Ok(())
+        })
     }
 
     fn fleets(&self) -> anyhow::Result<Vec<StoredFleet>> {
@@ -88,8 +110,7 @@ impl Store for Embedded {
     }
 
     fn save_release(&self, change: ReleaseChange<'_>) -> anyhow::Result<()> {
-        let txn = self.db.begin_write()?;
-        {
+        self.write(|txn| {
             txn.open_table(RELEASES)?
                 .insert(change.id, serde_json::to_string(change.release)?.as_str())?;
             let mut history = txn.open_table(HISTORY)?;
@@ -103,16 +124,15 @@ impl Store for Embedded {
             if let Some((service, version)) = change.version {
                 txn.open_table(VERSIONS)?.insert(service, version)?;
             }
-        }
-        txn.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     fn put_desired(&self, region: &str, bytes: &[u8]) -> anyhow::Result<()> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(DESIRED)?.insert(region, bytes)?;
-        txn.commit()?;
-        Ok(())
+        self.write(|txn| {
+            txn.open_table(DESIRED)?.insert(region, bytes)?;
+            Ok(())
+        })
     }
 
     fn releases(&self) -> anyhow::Result<Vec<(String, StoredRelease)>> {
@@ -161,9 +181,93 @@ impl Store for Embedded {
     }
 
     fn answer(&self, request_id: &str, response: &[u8]) -> anyhow::Result<()> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(REQUESTS)?.insert(request_id, response)?;
-        txn.commit()?;
-        Ok(())
+        self.write(|txn| {
+            txn.open_table(REQUESTS)?.insert(request_id, response)?;
+            Ok(())
+        })
+    }
+
+    fn lost(&self) -> &Lost {
+        &self.lost
+    }
+}
+
+/// Adds one to the counter `name` of the meta table: its new value.
+fn count(txn: &WriteTransaction, name: &str) -> anyhow::Result<u64> {
+    let mut meta = txn.open_table(META)?;
+    let n = meta.get(name)?.map_or(0, |v| v.value()) + 1;
+    meta.insert(name, n)?;
+    Ok(n)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use redb::StorageBackend;
+    use redb::backends::InMemoryBackend;
+
+    use super::*;
+
+    /// Test-only fake: redb's in-memory backend, whose writes fail while `failing` is set, as
+    /// on a full disk; it counts the writes asked of it.
+    #[derive(Debug, Default)]
+    struct Disk {
+        inner: InMemoryBackend,
+        failing: AtomicBool,
+        writes: AtomicU64,
+    }
+
+    #[derive(Debug, Clone, Default)]
+    struct Shared(Arc<Disk>);
+
+    impl StorageBackend for Shared {
+        fn len(&self) -> std::io::Result<u64> {
+            self.0.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.0.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.0.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.0.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.0.writes.fetch_add(1, Ordering::SeqCst);
+            if self.0.failing.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            self.0.inner.write(offset, data)
+        }
+    }
+
+    #[test]
+    fn after_a_write_fails_the_store_writes_nothing_more_and_says_why() {
+        let disk = Shared::default();
+        let store = Embedded::on(disk.clone()).unwrap();
+        store.put_desired("us-west", &[1]).unwrap();
+        assert_eq!(store.lost().why(), None);
+
+        disk.0.failing.store(true, Ordering::SeqCst);
+        let failed = store.put_desired("us-west", &[2]).unwrap_err();
+        let why = store.lost().why().unwrap();
+        assert!(why.contains("a write to the store failed"), "{why}");
+        assert!(why.contains("No space left on device"), "{why}: {failed:#}");
+
+        // The disk has room again, but the controller's memory may be ahead of the file:
+        // nothing more is written, and redb is not even asked.
+        disk.0.failing.store(false, Ordering::SeqCst);
+        let writes = disk.0.writes.load(Ordering::SeqCst);
+        let refused = store.put_desired("us-west", &[3]).unwrap_err().to_string();
+        assert!(refused.contains("the store writes no more"), "{refused}");
+        assert!(store.next_release_number().is_err());
+        assert!(store.answer("r", &[1]).is_err());
+        assert_eq!(disk.0.writes.load(Ordering::SeqCst), writes);
+        // What was written before stands, and reads still answer.
+        assert_eq!(store.desired().unwrap(), [("us-west".into(), vec![1])]);
     }
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, anyhow};
 use fleet_engine::HistoryEvent;
 use fleet_proto::etcd as pb;
 
-use super::{ReleaseChange, Store, StoredFleet, StoredRelease};
+use super::{Lost, ReleaseChange, Store, StoredFleet, StoredRelease};
 use crate::etcd::{self, Etcd};
 use crate::leader::Fence;
 
@@ -51,7 +51,7 @@ impl EtcdStore {
     fn write(&self, puts: Vec<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<()> {
         // After a failed or refused write, none: later ones could make etcd hold a state
         // without the changes the failed one carried.
-        if let Some(why) = self.fence.is_lost() {
+        if let Some(why) = self.fence.lost.why() {
             anyhow::bail!("the store writes no more: this controller is stepping down ({why})");
         }
         let puts: BTreeMap<Vec<u8>, Vec<u8>> = puts.into_iter().collect();
@@ -66,7 +66,7 @@ impl EtcdStore {
             Ok(_) => Err(self.deposed()),
             Err(e) => {
                 let why = format!("a write to etcd failed, and may or may not have been made: {e}");
-                self.fence.lose(why);
+                self.fence.lost.lose(why);
                 Err(anyhow!("the store could not write: {e:#}"))
             }
         }
@@ -75,7 +75,7 @@ impl EtcdStore {
     /// Tells the controller it no longer leads; the error to fail the write with.
     fn deposed(&self) -> anyhow::Error {
         let why = "another controller leads now; this one stops";
-        self.fence.lose(why.into());
+        self.fence.lost.lose(why.into());
         anyhow!("the store refused the write: {why}")
     }
 
@@ -203,6 +203,10 @@ impl Store for EtcdStore {
 
     fn answer(&self, request_id: &str, response: &[u8]) -> anyhow::Result<()> {
         self.write(vec![(self.key("requests", request_id), response.to_vec())])
+    }
+
+    fn lost(&self) -> &Lost {
+        &self.fence.lost
     }
 }
 
@@ -397,7 +401,7 @@ mod tests {
             counted.to_string().contains("another controller leads now"),
             "{counted}"
         );
-        let why = tokio::time::timeout(Duration::from_secs(1), old.fence.lost())
+        let why = tokio::time::timeout(Duration::from_secs(1), old.fence.lost.wait())
             .await
             .unwrap();
         assert!(why.contains("another controller leads now"), "{why}");
@@ -413,7 +417,7 @@ mod tests {
         let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
         store.put_desired("us-west", &[1]).unwrap();
         // As after a write whose answer never came: etcd would still take the next one.
-        leading.fence.lose("a write to etcd failed".into());
+        leading.fence.lost.lose("a write to etcd failed".into());
         let refused = store.put_desired("us-west", &[2]).unwrap_err().to_string();
         assert!(
             refused.contains("stepping down (a write to etcd failed)"),
@@ -432,7 +436,7 @@ mod tests {
         server.freeze();
         let cut = std::time::Instant::now();
         // The lease lives 2 s from the last renewal, at most 0.67 s before the cut.
-        let why = tokio::time::timeout(Duration::from_secs(2), leading.fence.lost())
+        let why = tokio::time::timeout(Duration::from_secs(2), leading.fence.lost.wait())
             .await
             .unwrap();
         assert!(why.contains("could not be renewed in time"), "{why}");

@@ -85,7 +85,7 @@ impl Demo {
                 Ok(ExitCode::from(130))
             }
         };
-        fleet.stop().await;
+        let _ = fleet.stop().await;
         result
     }
 

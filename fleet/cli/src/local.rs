@@ -37,6 +37,8 @@ pub struct LocalFleet {
     pub controller: String,
     /// Where it listens, for a restart on the same port.
     controller_addr: Option<SocketAddr>,
+    /// Its admin endpoints.
+    controller_admin: Option<SocketAddr>,
     pub regions: Vec<LocalRegion>,
     /// Under mutual TLS: the certificates, in `<dir>/certs`.
     tls: Option<LocalTls>,
@@ -168,6 +170,7 @@ impl LocalFleet {
             groups: Vec::new(),
             controller: String::new(),
             controller_addr: None,
+            controller_admin: None,
             regions: Vec::new(),
             tls,
             etcd: setup.etcd,
@@ -176,7 +179,7 @@ impl LocalFleet {
         match fleet.start_all(regions, env).await {
             Ok(()) => Ok(fleet),
             Err(e) => {
-                fleet.stop().await;
+                let _ = fleet.stop().await;
                 Err(e)
             }
         }
@@ -251,6 +254,11 @@ impl LocalFleet {
         Ok(())
     }
 
+    /// The admin endpoints of the controller last started to lead or serve.
+    pub fn controller_admin(&self) -> Option<SocketAddr> {
+        self.controller_admin
+    }
+
     /// The admin endpoints of the controller standing by, if one does.
     pub fn standby_admin(&self) -> Option<SocketAddr> {
         self.standby.as_ref().map(|s| s.admin)
@@ -287,13 +295,14 @@ impl LocalFleet {
     }
 
     async fn spawn_controller(&mut self, listen: &str) -> anyhow::Result<()> {
-        let (child, grpc, _, leads) = self.spawn_controller_process(listen).await?;
+        let (child, grpc, admin, leads) = self.spawn_controller_process(listen).await?;
         if let Some(leads) = leads {
             tokio::time::timeout(START_TIMEOUT, leads)
                 .await
                 .context("the first controller did not lead in time")???;
         }
         self.controller_addr = Some(grpc);
+        self.controller_admin = Some(admin);
         self.controller = self.url(grpc);
         self.started(("controller".into(), child));
         Ok(())
@@ -515,6 +524,14 @@ impl LocalFleet {
         Ok(())
     }
 
+    /// The process id of one started process, by name.
+    pub fn pid(&self, name: &str) -> anyhow::Result<u32> {
+        let (_, child) = (self.children.iter())
+            .find(|(n, _)| n == name)
+            .with_context(|| format!("no process {name}"))?;
+        child.id().with_context(|| format!("{name} has ended"))
+    }
+
     /// Sends `signal` to one started process by name, leaving it in the fleet.
     pub fn signal(&self, name: &str, signal: rustix::process::Signal) -> anyhow::Result<()> {
         let (_, child) = (self.children.iter())
@@ -546,23 +563,29 @@ impl LocalFleet {
 
     /// Ends every process this fleet started: agents first, so that they stop the instances
     /// they started, then the proxies and the controller.
-    pub async fn stop(&mut self) {
+    /// Returns what did not stop cleanly on SIGTERM: each process that failed, or that was
+    /// killed after `STOP_GRACE`.
+    pub async fn stop(&mut self) -> Vec<String> {
         let mut children = std::mem::take(&mut self.children);
         children.sort_by_key(|(name, _)| !name.starts_with("agent"));
         for (_, child) in &children {
             send(child, rustix::process::Signal::TERM);
         }
+        let mut unclean = Vec::new();
         for (name, mut child) in children {
-            if tokio::time::timeout(STOP_GRACE, child.wait())
-                .await
-                .is_err()
-            {
-                tracing_free_warn(&name);
-                let _ = child.kill().await;
+            match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(status) => unclean.push(format!("{name}: {status:?}")),
+                Err(_) => {
+                    tracing_free_warn(&name);
+                    let _ = child.kill().await;
+                    unclean.push(format!("{name}: killed after {STOP_GRACE:?}"));
+                }
             }
         }
         // Whatever is left in their groups: instances of an agent that was killed.
         kill_groups(&self.groups);
+        unclean
     }
 
     fn command(&self, binary: &str, log: &str) -> anyhow::Result<Command> {
