@@ -14,9 +14,6 @@ use tokio::net::TcpListener;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    // The last of a flag given twice counts: starting over, the process adds the addresses
-    // it listened on to its flags.
-    args_override_self = true,
     after_help = "Examples:\n  fleet-controller --listen 127.0.0.1:7070 --admin 127.0.0.1:7071 --data /var/lib/fleet\n  fleet-controller --listen 0.0.0.0:7070 --advertise 10.0.0.7:7070 --etcd https://etcd:2379 --etcd-ca ca.pem"
 )]
 struct Args {
