@@ -229,7 +229,12 @@ impl World {
         let id = self.start_release("v2").await?;
         let watch = self.fleetctl_command(&["release", "watch", &id, "--output", "json"]);
         let watch = Running::start(watch)?;
-        let watch = tokio::task::spawn_blocking(move || watch.finish_within(RELEASE_TIME * 3));
+        let pid = watch.child.id();
+        let ended = tokio::task::spawn_blocking(move || watch.finish_within(RELEASE_TIME * 3));
+        let watch = Watch {
+            pid,
+            ended: Some(ended),
+        };
         let east_started = |r: &pb::Release| {
             r.regions
                 .iter()
@@ -243,7 +248,7 @@ impl World {
     /// success of release `id`, having printed each of its events once and in order.
     #[allow(clippy::unwrap_used)] // Assertions, for the tests.
     pub async fn watched_each_event_once(&mut self, id: &str, watch: Watch) -> String {
-        let (code, out) = watch.await.unwrap().unwrap();
+        let (code, out) = watch.ended().await.unwrap();
         assert_eq!(code, 0, "{out}");
         let printed: Vec<u64> = out
             .lines()
@@ -339,8 +344,37 @@ async fn watch_split(region: String, url: String, splits: Arc<Mutex<BTreeMap<Str
     }
 }
 
-/// A `fleetctl release watch` running beside a test: its exit code and output to come.
-pub type Watch = tokio::task::JoinHandle<anyhow::Result<(i32, String)>>;
+/// A `fleetctl release watch` running beside a test: its exit code and output to come. A
+/// test that ends (or fails) before it does kills it, rather than leave the test's runtime
+/// waiting for it to give up.
+pub struct Watch {
+    pid: u32,
+    ended: Option<tokio::task::JoinHandle<anyhow::Result<(i32, String)>>>,
+}
+
+impl Watch {
+    /// Its exit code and output, once it has ended.
+    pub async fn ended(mut self) -> anyhow::Result<(i32, String)> {
+        let ended = self.ended.take().context("awaited once")?;
+        ended.await?
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // Its waiter has not reaped it yet (it would have finished), so the pid is its own.
+        let running = self
+            .ended
+            .as_ref()
+            .is_some_and(|ended| !ended.is_finished());
+        let pid = i32::try_from(self.pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw);
+        if let (true, Some(pid)) = (running, pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
 
 /// A binary of the workspace, as built for these tests.
 #[allow(clippy::unwrap_used)] // Tests only: a missing target directory is a broken build.
