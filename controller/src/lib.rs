@@ -105,8 +105,13 @@ pub async fn serve_with(
     drop(role);
     // Tasks of closed streams let go of the controller as they notice; the store closes with
     // the last of them, and a controller started next on the same directory can open it.
+    // (Not when starting over: the process replaces itself, which closes the file, and the
+    // admin endpoints hold the controller until then.)
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while Arc::strong_count(&controller) > 1 && tokio::time::Instant::now() < deadline {
+    while lost.is_none()
+        && Arc::strong_count(&controller) > 1
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     match lost {
@@ -211,7 +216,7 @@ async fn serve_until_lost(
             _ = signalled(shutdown) => None,
         };
         if let Some(why) = &why {
-            tracing::error!("{why}; the controller stops serving and starts over from its store");
+            tracing::error!("{why}; the controller stops serving, to start over");
             role.start_over(why.clone());
         }
         let _ = stop.send(true);

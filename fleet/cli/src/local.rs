@@ -251,6 +251,7 @@ impl LocalFleet {
         let leader = (self.children.iter_mut()).find(|(name, _)| name == "controller standby");
         let (name, _) = leader.context("the standby was stopped")?;
         *name = "controller".into();
+        self.controller_admin = Some(standby.admin);
         Ok(())
     }
 
