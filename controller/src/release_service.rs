@@ -222,10 +222,10 @@ impl ReleaseService for Releases {
             let from = controller.store.version(&r.service).map_err(internal)?;
             let number = controller.store.next_release_number().map_err(internal)?;
             let mut inner = controller.lock();
-            let manifest = inner
+            let (manifest, source) = inner
                 .fleets
                 .get(&r.service)
-                .map(|f| f.manifest.clone())
+                .map(|f| (f.manifest.clone(), f.source.clone()))
                 .ok_or_else(|| no_fleet(&r.service))?;
             let strategy_override = (!r.strategy_override.trim().is_empty()).then(|| r.strategy_override.clone());
             let manifest = match &strategy_override {
@@ -287,6 +287,7 @@ impl ReleaseService for Releases {
                     strategy_override,
                     started_at_ms: now.timestamp_millis(),
                     history_len: 0,
+                    unstored_manifest: Some(source),
                 },
             );
             if let Err(e) = controller.step(&mut inner, &id, |_| {}) {

@@ -110,6 +110,8 @@ pub(crate) struct Running {
     pub strategy_override: Option<String>,
     pub started_at_ms: i64,
     pub history_len: u64,
+    /// The fleet manifest it was started with, until its first change stores it.
+    pub unstored_manifest: Option<String>,
 }
 
 pub(crate) struct Agent {
@@ -152,17 +154,28 @@ impl Controller {
             );
         }
         for (id, r) in store.releases()? {
-            let fleet = inner
-                .fleets
-                .get(&r.service)
-                .with_context(|| format!("release {id} names unknown service {}", r.service))?;
-            let manifest = match &r.strategy_override {
-                Some(strategy) => Arc::new(
-                    fleet::with_strategy(&fleet.manifest, strategy).map_err(|d| {
-                        anyhow::anyhow!("release {id}'s strategy no longer validates: {d:?}")
-                    })?,
+            // The manifest it was started with; for a release stored before releases kept
+            // theirs, the fleet's now.
+            let manifest = match store.release_manifest(&id)? {
+                Some(source) => Arc::new(
+                    fleet::load(&source)
+                        .map_err(|d| {
+                            anyhow::anyhow!("release {id}'s manifest no longer validates: {d:?}")
+                        })?
+                        .manifest,
                 ),
-                None => fleet.manifest.clone(),
+                None => (inner.fleets.get(&r.service))
+                    .with_context(|| format!("release {id} names unknown service {}", r.service))?
+                    .manifest
+                    .clone(),
+            };
+            let manifest = match &r.strategy_override {
+                Some(strategy) => {
+                    Arc::new(fleet::with_strategy(&manifest, strategy).map_err(|d| {
+                        anyhow::anyhow!("release {id}'s strategy no longer validates: {d:?}")
+                    })?)
+                }
+                None => manifest,
             };
             let engine = Engine::restore(manifest, r.state);
             inner.releases.insert(
@@ -173,6 +186,7 @@ impl Controller {
                     strategy_override: r.strategy_override,
                     started_at_ms: r.started_at_ms,
                     history_len: r.history_len,
+                    unstored_manifest: None,
                 },
             );
         }
@@ -252,7 +266,9 @@ impl Controller {
             events: &events,
             desired: &encoded,
             version: succeeded.then_some((record.service.as_str(), state.spec.to_version.as_str())),
+            manifest: run.unstored_manifest.as_deref(),
         })?;
+        run.unstored_manifest = None;
         // Durable: now it may leave.
         for (region, d) in desired {
             inner.deliver(region, d);

@@ -47,6 +47,9 @@ pub struct ReleaseChange<'a> {
     pub desired: &'a [(String, Vec<u8>)],
     /// The service's version once the release has succeeded.
     pub version: Option<(&'a str, &'a str)>,
+    /// In the release's first change: the fleet manifest it was started with (its source),
+    /// which it runs on to its end, whatever is applied after.
+    pub manifest: Option<&'a str>,
 }
 
 /// A store. Calls block until the change is durable (or the answer read); they are made with
@@ -61,6 +64,9 @@ pub trait Store: Send + Sync {
     fn save_release(&self, change: ReleaseChange<'_>) -> anyhow::Result<()>;
     fn put_desired(&self, region: &str, bytes: &[u8]) -> anyhow::Result<()>;
     fn releases(&self) -> anyhow::Result<Vec<(String, StoredRelease)>>;
+    /// The fleet manifest release `id` was started with; none for one stored before
+    /// releases kept theirs.
+    fn release_manifest(&self, id: &str) -> anyhow::Result<Option<String>>;
     /// A release's history from index `from` on.
     fn history(&self, id: &str, from: u64) -> anyhow::Result<Vec<(u64, HistoryEvent)>>;
     fn desired(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>>;

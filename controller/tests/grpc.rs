@@ -216,6 +216,61 @@ async fn a_restarted_controller_carries_on_from_the_same_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_runs_to_its_end_on_the_manifest_it_started_with_through_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents = fake_agents(&server, 0.0);
+    let id = apply_and_start(&mut client).await;
+    wait_for(&mut client, &id, Duration::from_secs(30), |r| {
+        r.regions
+            .iter()
+            .any(|g| g.region == "us-east" && g.status == "active")
+    })
+    .await;
+    // Mid-release, the fleet is applied again with other steps, and the controller restarts.
+    let steps = "      - { weight: 10, pause: 1s }\n      - { weight: 50, pause: 1s }\n";
+    assert!(QUICK.contains(steps));
+    let other = QUICK.replace(steps, "      - { weight: 30, pause: 1s }\n");
+    client
+        .apply_fleet(pb::ApplyFleetRequest {
+            request_id: "apply-2".into(),
+            manifest: other.clone(),
+        })
+        .await
+        .unwrap();
+    server.stop().await;
+    drop(agents);
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents = fake_agents(&server, 0.0);
+    wait_for(&mut client, &id, Duration::from_secs(60), |r| {
+        r.phase == "succeeded"
+    })
+    .await;
+    // The last wave went through the steps the release started with.
+    assert_eq!(weights(&agents["eu-west"].0), [1000, 5000, 10_000, 0]);
+    // The next release runs on the fleet as applied now.
+    let next = client
+        .start_release(pb::StartReleaseRequest {
+            request_id: "start-2".into(),
+            service: "demo".into(),
+            version: "v3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let release = wait_for(&mut client, &next.id, Duration::from_secs(30), |r| {
+        r.regions.iter().any(|g| g.canary_weight_bp > 0)
+    })
+    .await;
+    let west = release.regions.iter().find(|g| g.region == "us-west");
+    assert_eq!(west.unwrap().canary_weight_bp, 3000, "{release:#?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_health_and_server_reflection_answer_for_any_grpc_client() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};

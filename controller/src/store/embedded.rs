@@ -10,6 +10,7 @@ use super::{Lost, ReleaseChange, Store, StoredFleet, StoredRelease};
 
 const FLEETS: TableDefinition<'_, &str, &str> = TableDefinition::new("fleets");
 const RELEASES: TableDefinition<'_, &str, &str> = TableDefinition::new("releases");
+const MANIFESTS: TableDefinition<'_, &str, &str> = TableDefinition::new("release_manifests");
 const HISTORY: TableDefinition<'_, (&str, u64), &str> = TableDefinition::new("history");
 const DESIRED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("desired");
 const REQUESTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("requests");
@@ -32,6 +33,7 @@ impl Embedded {
             // Create every table, so that readers never meet a missing one.
             txn.open_table(FLEETS)?;
             txn.open_table(RELEASES)?;
+            txn.open_table(MANIFESTS)?;
             txn.open_table(HISTORY)?;
             txn.open_table(DESIRED)?;
             txn.open_table(REQUESTS)?;
@@ -124,6 +126,9 @@ impl Store for Embedded {
             if let Some((service, version)) = change.version {
                 txn.open_table(VERSIONS)?.insert(service, version)?;
             }
+            if let Some(manifest) = change.manifest {
+                txn.open_table(MANIFESTS)?.insert(change.id, manifest)?;
+            }
             Ok(())
         })
     }
@@ -144,6 +149,12 @@ impl Store for Embedded {
             out.push((id.value().to_string(), serde_json::from_str(value.value())?));
         }
         Ok(out)
+    }
+
+    fn release_manifest(&self, id: &str) -> anyhow::Result<Option<String>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MANIFESTS)?;
+        Ok(table.get(id)?.map(|v| v.value().to_string()))
     }
 
     fn history(&self, id: &str, from: u64) -> anyhow::Result<Vec<(u64, HistoryEvent)>> {

@@ -1,5 +1,6 @@
 //! The store in etcd, for controllers that stand in for each other (`leader.rs`). Keys, under
-//! the prefix: `fleets/<service>`, `releases/<id>`, `history/<id>/<index, 20 digits>`,
+//! the prefix: `fleets/<service>`, `releases/<id>`, `manifests/<release id>`,
+//! `history/<id>/<index, 20 digits>`,
 //! `desired/<region>`, `requests/<request id>`, `versions/<service>`, `meta/releases`. Values
 //! are what the embedded store keeps (JSON, or the encoded desired state and answer).
 //!
@@ -163,6 +164,10 @@ impl Store for EtcdStore {
         if let Some((service, version)) = change.version {
             puts.push((self.key("versions", service), version.as_bytes().to_vec()));
         }
+        if let Some(manifest) = change.manifest {
+            let key = self.key("manifests", change.id);
+            puts.push((key, manifest.as_bytes().to_vec()));
+        }
         self.write(puts)
     }
 
@@ -175,6 +180,11 @@ impl Store for EtcdStore {
         rows.into_iter()
             .map(|(id, value)| Ok((id, json(&value)?)))
             .collect()
+    }
+
+    fn release_manifest(&self, id: &str) -> anyhow::Result<Option<String>> {
+        let kv = self.get(self.key("manifests", id))?;
+        Ok(kv.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
     }
 
     fn history(&self, id: &str, from: u64) -> anyhow::Result<Vec<(u64, HistoryEvent)>> {
@@ -316,11 +326,15 @@ mod tests {
                 events: &events,
                 desired: &desired,
                 version: Some(("checkout", "v2")),
+                manifest: Some("service: checkout"),
             })
             .unwrap();
         let releases = store.releases().unwrap();
         assert_eq!(releases.len(), 1);
         assert_eq!(releases[0].0, "checkout-1");
+        let manifest = store.release_manifest("checkout-1").unwrap();
+        assert_eq!(manifest.as_deref(), Some("service: checkout"));
+        assert_eq!(store.release_manifest("checkout-2").unwrap(), None);
         let history = store.history("checkout-1", 9).unwrap();
         let indexes: Vec<u64> = history.iter().map(|(i, _)| *i).collect();
         assert_eq!(indexes, [9, 10, 11]);
