@@ -70,13 +70,13 @@ fn internal(e: anyhow::Error) -> Status {
 impl Releases {
     /// Answers a mutating request once: a repeated request id gets the first answer. Ids are
     /// each `method`'s own (an abort given a start's id is an abort, not the start's answer)
-    /// and, under mutual TLS, each operator's own.
+    /// and, under mutual TLS, each operator's own. `act` is given the request's key.
     fn once<T: Message + Default>(
         &self,
         method: &str,
         caller: &Option<Operator>,
         request_id: &str,
-        act: impl FnOnce() -> Result<T, Status>,
+        act: impl FnOnce(&str) -> Result<T, Status>,
     ) -> Result<Response<T>, Status> {
         if request_id.is_empty() {
             return Err(Status::invalid_argument(
@@ -93,7 +93,7 @@ impl Releases {
                 .map(Response::new)
                 .map_err(|e| Status::internal(e.to_string()));
         }
-        let answer = act()?;
+        let answer = act(request_id)?;
         store
             .answer(request_id, &answer.encode_to_vec())
             .map_err(internal)?;
@@ -119,7 +119,7 @@ impl Releases {
         let actor = actor(&caller, &r.actor);
         let id = r.id.clone();
         let method = format!("{action:?}").to_lowercase();
-        self.once(&method, &caller, &r.request_id, || {
+        self.once(&method, &caller, &r.request_id, |_| {
             let event = Event::Operator {
                 action,
                 actor,
@@ -148,7 +148,7 @@ impl ReleaseService for Releases {
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
         let caller = may_change(&request)?;
         let r = request.into_inner();
-        self.once("apply_fleet", &caller, &r.request_id, || {
+        self.once("apply_fleet", &caller, &r.request_id, |_| {
             let loaded = fleet::load(&r.manifest).map_err(|diags| {
                 let lines: Vec<String> = diags
                     .iter()
@@ -217,8 +217,13 @@ impl ReleaseService for Releases {
         let caller = may_change(&request)?;
         let r = request.into_inner();
         let actor = actor(&caller, &r.actor);
-        self.once("start_release", &caller, &r.request_id, || {
+        self.once("start_release", &caller, &r.request_id, |request| {
             let controller = &self.controller;
+            // Started by this very request, whose answer was lost (the store failed, or the
+            // controller died, between the release's first change and the answer): that.
+            if let Some(answer) = controller.started_by(request) {
+                return Ok(answer);
+            }
             let from = controller.store.version(&r.service).map_err(internal)?;
             let number = controller.store.next_release_number().map_err(internal)?;
             let mut inner = controller.lock();
@@ -288,6 +293,7 @@ impl ReleaseService for Releases {
                     started_at_ms: now.timestamp_millis(),
                     history_len: 0,
                     unstored_manifest: Some(source),
+                    request: Some(request.to_string()),
                 },
             );
             if let Err(e) = controller.step(&mut inner, &id, |_| {}) {

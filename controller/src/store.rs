@@ -34,6 +34,10 @@ pub struct StoredRelease {
     /// The strategy the release was started with instead of the manifest's.
     #[serde(default)]
     pub strategy_override: Option<String>,
+    /// The key of the request that started it, so that a repeat of the request whose answer
+    /// was lost is answered with it.
+    #[serde(default)]
+    pub request: Option<String>,
     pub state: State,
 }
 

@@ -271,6 +271,42 @@ async fn a_release_runs_to_its_end_on_the_manifest_it_started_with_through_a_res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_answer_was_lost_is_answered_with_the_release_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let id = apply_and_start(&mut client).await;
+    server.stop().await;
+    // As if the controller had died, or its store failed, after the release's first change
+    // was stored and before the answer was.
+    {
+        let requests = redb::TableDefinition::<&str, &[u8]>::new("requests");
+        let db = redb::Database::open(dir.path().join("fleet.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        let removed = txn
+            .open_table(requests)
+            .unwrap()
+            .remove("start_release/start-1")
+            .unwrap()
+            .is_some();
+        assert!(removed);
+        txn.commit().unwrap();
+    }
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    // The client, told nothing, asks again: the release it started, not "still running".
+    let again = apply_and_start(&mut client).await;
+    assert_eq!(again, id);
+    let listed = client
+        .list_releases(pb::ListReleasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.releases.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_health_and_server_reflection_answer_for_any_grpc_client() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};

@@ -291,6 +291,7 @@ mod tests {
             started_at_ms: 1,
             history_len: 12,
             strategy_override: None,
+            request: Some("start_release/r1".into()),
             state: engine.state().clone(),
         }
     }
