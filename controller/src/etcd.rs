@@ -276,6 +276,15 @@ pub fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> pb::RequestOp {
     }
 }
 
+/// Deletes `key`, or with `range_end` every key from it up to that.
+pub fn delete(key: Vec<u8>, range_end: Vec<u8>) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestDeleteRange(
+            pb::DeleteRangeRequest { key, range_end },
+        )),
+    }
+}
+
 pub fn range(key: Vec<u8>) -> pb::RequestOp {
     pb::RequestOp {
         request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {

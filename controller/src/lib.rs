@@ -11,6 +11,7 @@ mod etcd;
 mod identity;
 mod leader;
 mod release_service;
+mod retention;
 mod runtime;
 mod standby;
 mod store;
@@ -49,11 +50,26 @@ pub async fn serve(
 }
 
 /// How [`serve_with`] serves, where it differs from [`serve`].
-#[derive(Default)]
 pub struct Options {
     /// Mutual TLS on the gRPC listener ([`tls::Reloader`]); plain HTTP/2 without.
     pub tls: Option<tls::Reloader>,
     pub limits: Limits,
+    /// Of each service, how many ended releases (with their history) the controller keeps;
+    /// older ones are forgotten. 0 keeps every release.
+    pub keep_releases: usize,
+}
+
+/// `--keep-releases`' default.
+pub const KEEP_RELEASES: usize = 100;
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            tls: None,
+            limits: Limits::default(),
+            keep_releases: KEEP_RELEASES,
+        }
+    }
 }
 
 /// How long the controller bears with its peers. The defaults are the product's; tests
@@ -90,7 +106,7 @@ pub async fn serve_with(
     shutdown: watch::Receiver<bool>,
     options: Options,
 ) -> anyhow::Result<()> {
-    let controller = Controller::open(data)?;
+    let controller = Controller::open(data, options.keep_releases)?;
     let role = admin::Role::new();
     role.lead(controller.clone());
     let tls_status = options.tls.as_ref().map(tls::Reloader::status);
@@ -173,7 +189,7 @@ pub async fn serve_ha(
     let grpc = passing.await.context("passing connections to the leader")?;
     // A store that cannot be read now (etcd slow, say) is given up on as a lost lead: the
     // process starts over rather than exits.
-    let controller = match Controller::open_store(Box::new(store)) {
+    let controller = match Controller::open_store(Box::new(store), options.keep_releases) {
         Ok(controller) => controller,
         Err(e) => {
             leadership.resign().await;
@@ -259,7 +275,7 @@ async fn run(
     shutdown: watch::Receiver<bool>,
     options: Options,
 ) -> anyhow::Result<()> {
-    let Options { tls, limits } = options;
+    let Options { tls, limits, .. } = options;
     let drain = shutdown.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health

@@ -77,6 +77,10 @@ struct Args {
     /// the host's name and the process id.
     #[arg(long, env = "FLEET_CONTROLLER_NAME", conflicts_with = "data")]
     name: Option<String>,
+    /// Of each service, how many ended releases the controller keeps, with their history;
+    /// older ones are forgotten. 0 keeps every release.
+    #[arg(long, env = "FLEET_KEEP_RELEASES", default_value_t = fleet_controller::KEEP_RELEASES)]
+    keep_releases: usize,
     /// PEM certificate (chain) of the gRPC listener, which then speaks mutual TLS only.
     #[arg(long, env = "FLEET_SERVER_TLS_CERT", requires_all = ["tls_key", "client_ca"])]
     tls_cert: Option<PathBuf>,
@@ -142,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let options = fleet_controller::Options {
         tls,
+        keep_releases: args.keep_releases,
         ..Default::default()
     };
     let bound = [("--listen", grpc_addr), ("--admin", admin_addr)];

@@ -102,10 +102,12 @@ impl Releases {
 
     fn release(&self, id: &str) -> Result<pb::Release, Status> {
         let inner = self.controller.lock();
-        let run = inner
-            .releases
-            .get(id)
-            .ok_or_else(|| Status::not_found(format!("no release {id}")))?;
+        let run = inner.releases.get(id).ok_or_else(|| {
+            let keep = self.controller.keep_releases;
+            Status::not_found(format!(
+                "no release {id} (of each service the controller keeps the newest {keep} ended releases: --keep-releases)"
+            ))
+        })?;
         Ok(convert::release(id, run.started_at_ms, &run.engine))
     }
 

@@ -20,6 +20,7 @@ use tonic::Status;
 
 use crate::applied::region_applied;
 use crate::convert;
+use crate::retention;
 use crate::store::{Embedded, ReleaseChange, Store, StoredFleet, StoredRelease};
 use crate::webhook;
 
@@ -28,6 +29,8 @@ pub type AgentTx = mpsc::UnboundedSender<Result<pb::ControllerMessage, Status>>;
 pub struct Controller {
     pub(crate) store: Box<dyn Store>,
     pub epoch: u64,
+    /// Of each service, how many ended releases it keeps (0: all).
+    pub(crate) keep_releases: usize,
     inner: Mutex<Inner>,
     pub(crate) events: broadcast::Sender<pb::ReleaseEvent>,
     wake: Notify,
@@ -131,13 +134,17 @@ pub(crate) struct Agent {
 }
 
 impl Controller {
-    /// Opens the store in `dir`, takes a new epoch, and restores every fleet and release.
-    pub fn open(dir: &std::path::Path) -> anyhow::Result<Arc<Controller>> {
-        Controller::open_store(Box::new(Embedded::open(dir)?))
+    /// Opens the store in `dir`, takes a new epoch, and restores every fleet and release,
+    /// keeping `keep_releases` ended releases of each service.
+    pub fn open(dir: &std::path::Path, keep_releases: usize) -> anyhow::Result<Arc<Controller>> {
+        Controller::open_store(Box::new(Embedded::open(dir)?), keep_releases)
     }
 
     /// Takes a new epoch from `store` and restores every fleet and release from it.
-    pub(crate) fn open_store(store: Box<dyn Store>) -> anyhow::Result<Arc<Controller>> {
+    pub(crate) fn open_store(
+        store: Box<dyn Store>,
+        keep_releases: usize,
+    ) -> anyhow::Result<Arc<Controller>> {
         let epoch = store.next_epoch()?;
         let mut inner = Inner::default();
         for f in store.fleets()? {
@@ -207,13 +214,37 @@ impl Controller {
             "controller store open"
         );
         let (events, _) = broadcast::channel(4096);
-        Ok(Arc::new(Controller {
+        let controller = Controller {
             store,
             epoch,
+            keep_releases,
             inner: Mutex::new(inner),
             events,
             wake: Notify::new(),
-        }))
+        };
+        controller.forget_old(&mut controller.lock())?;
+        Ok(Arc::new(controller))
+    }
+
+    /// Forgets every ended release beyond the newest `keep_releases` of its service: in the
+    /// store first, then here.
+    fn forget_old(&self, inner: &mut Inner) -> anyhow::Result<()> {
+        let seen = inner.releases.iter().map(|(id, run)| retention::Seen {
+            id,
+            service: &run.service,
+            started_at_ms: run.started_at_ms,
+            ended: run.engine.state().phase.is_terminal(),
+        });
+        let old = retention::forget(seen, self.keep_releases);
+        if old.is_empty() {
+            return Ok(());
+        }
+        self.store.forget(&old)?;
+        for id in &old {
+            inner.releases.remove(id);
+        }
+        tracing::info!(releases = ?old, keep = self.keep_releases, "forgot ended releases");
+        Ok(())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -242,6 +273,7 @@ impl Controller {
         let Some(run) = inner.releases.get_mut(id) else {
             return Ok(());
         };
+        let was_under_way = !run.engine.state().phase.is_terminal();
         f(&mut run.engine);
         let mut events = Vec::new();
         let mut desired = Vec::new();
@@ -260,6 +292,7 @@ impl Controller {
         }
         let state = run.engine.state();
         let succeeded = state.phase == Phase::Succeeded;
+        let ended_now = was_under_way && state.phase.is_terminal();
         let record = StoredRelease {
             service: run.service.clone(),
             strategy_override: run.strategy_override.clone(),
@@ -292,6 +325,13 @@ impl Controller {
             webhook::spawn(self.clone(), id.to_string(), hook);
         }
         self.wake.notify_one();
+        if ended_now {
+            // This change stands; a store that cannot forget is lost, and the controller
+            // starts over.
+            if let Err(e) = self.forget_old(inner) {
+                tracing::error!(error = %e, "cannot forget old releases");
+            }
+        }
         Ok(())
     }
 

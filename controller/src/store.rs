@@ -68,6 +68,8 @@ pub trait Store: Send + Sync {
     fn save_release(&self, change: ReleaseChange<'_>) -> anyhow::Result<()>;
     fn put_desired(&self, region: &str, bytes: &[u8]) -> anyhow::Result<()>;
     fn releases(&self) -> anyhow::Result<Vec<(String, StoredRelease)>>;
+    /// Forgets the releases `ids`: each one's record, manifest and history.
+    fn forget(&self, ids: &[String]) -> anyhow::Result<()>;
     /// The fleet manifest release `id` was started with; none for one stored before
     /// releases kept theirs.
     fn release_manifest(&self, id: &str) -> anyhow::Result<Option<String>>;
@@ -118,5 +120,74 @@ impl Lost {
         let mut lost = self.0.subscribe();
         let why = lost.wait_for(Option::is_some).await;
         why.map_or_else(|_| "stopped".into(), |why| why.clone().unwrap_or_default())
+    }
+}
+
+/// What the stores' tests share.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod fixtures {
+    use fleet_engine::HistoryEvent;
+
+    use super::*;
+
+    pub fn event(reason: String) -> HistoryEvent {
+        HistoryEvent {
+            at: chrono::Utc::now(),
+            actor: "t".into(),
+            region: None,
+            what: fleet_engine::What::ReleaseStarted,
+            reason,
+        }
+    }
+
+    pub fn release() -> StoredRelease {
+        let manifest = fleet::load(include_str!("../../tests/e2e/fleet.yaml"))
+            .unwrap()
+            .manifest;
+        let spec = fleet_engine::ReleaseSpec {
+            id: "e2e-1".into(),
+            service: "e2e".into(),
+            from_version: "v1".into(),
+            to_version: "v2".into(),
+            emergency: None,
+            actor: "t".into(),
+        };
+        let engine = fleet_engine::Engine::start(manifest.into(), spec, chrono::Utc::now());
+        StoredRelease {
+            service: "e2e".into(),
+            started_at_ms: 1,
+            history_len: 12,
+            strategy_override: None,
+            request: Some("start_release/r1".into()),
+            state: engine.state().clone(),
+        }
+    }
+
+    /// Stores two releases with history and manifests, forgets the first, and checks that
+    /// nothing of it is left and the second is whole.
+    pub fn forgetting(store: &dyn Store) {
+        let events: Vec<_> = (0..7).map(|i| (i, event(format!("e{i}")))).collect();
+        for id in ["e2e-1", "e2e-2"] {
+            let change = ReleaseChange {
+                id,
+                release: &release(),
+                events: &events,
+                desired: &[],
+                version: None,
+                manifest: Some("m"),
+            };
+            store.save_release(change).unwrap();
+        }
+        store.forget(&["e2e-1".into()]).unwrap();
+        let ids: Vec<String> = store.releases().unwrap().into_iter().map(|r| r.0).collect();
+        assert_eq!(ids, ["e2e-2"]);
+        assert!(store.history("e2e-1", 0).unwrap().is_empty());
+        assert_eq!(store.release_manifest("e2e-1").unwrap(), None);
+        assert_eq!(store.history("e2e-2", 0).unwrap().len(), 7);
+        assert_eq!(
+            store.release_manifest("e2e-2").unwrap().as_deref(),
+            Some("m")
+        );
     }
 }

@@ -251,17 +251,8 @@ async fn a_release_runs_to_its_end_on_the_manifest_it_started_with_through_a_res
     // The last wave went through the steps the release started with.
     assert_eq!(weights(&agents["eu-west"].0), [1000, 5000, 10_000, 0]);
     // The next release runs on the fleet as applied now.
-    let next = client
-        .start_release(pb::StartReleaseRequest {
-            request_id: "start-2".into(),
-            service: "demo".into(),
-            version: "v3".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let release = wait_for(&mut client, &next.id, Duration::from_secs(30), |r| {
+    let next = start_v3(&mut client).await;
+    let release = wait_for(&mut client, &next, Duration::from_secs(30), |r| {
         r.regions.iter().any(|g| g.canary_weight_bp > 0)
     })
     .await;
@@ -304,6 +295,55 @@ async fn a_start_whose_answer_was_lost_is_answered_with_the_release_it_started()
         .into_inner();
     assert_eq!(listed.releases.len(), 1);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_each_service_the_newest_ended_releases_are_kept_and_older_ones_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || fleet_controller::Options {
+        keep_releases: 1,
+        ..Default::default()
+    };
+    let server = Server::start_options(dir.path(), options()).await;
+    let mut client = server.client().await;
+    let _agents = fake_agents(&server, 0.0);
+    let first = apply_and_start(&mut client).await;
+    let succeeded = |r: &pb::Release| r.phase == "succeeded";
+    wait_for(&mut client, &first, Duration::from_secs(60), succeeded).await;
+    let second = start_v3(&mut client).await;
+    // While the second runs, the first is the newest ended release: kept.
+    let history = |id: &str| pb::HistoryRequest { id: id.into() };
+    assert!(
+        !client
+            .history(history(&first))
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+            .is_empty()
+    );
+    wait_for(&mut client, &second, Duration::from_secs(60), succeeded).await;
+    let gone = client.history(history(&first)).await.unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    assert!(gone.message().contains("--keep-releases"), "{gone:?}");
+    assert_eq!(listed(&mut client).await, [second.as_str()]);
+    // Gone from the store too.
+    server.stop().await;
+    let server = Server::start_options(dir.path(), options()).await;
+    let mut client = server.client().await;
+    assert_eq!(listed(&mut client).await, [second.as_str()]);
+    server.stop().await;
+}
+
+/// The ids of every release the controller knows.
+async fn listed(
+    client: &mut fleet_proto::v1::release_service_client::ReleaseServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> Vec<String> {
+    let all = client.list_releases(pb::ListReleasesRequest::default());
+    let all = all.await.unwrap().into_inner().releases;
+    all.into_iter().map(|r| r.id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -151,6 +151,20 @@ impl Store for Embedded {
         Ok(out)
     }
 
+    fn forget(&self, ids: &[String]) -> anyhow::Result<()> {
+        self.write(|txn| {
+            let mut releases = txn.open_table(RELEASES)?;
+            let mut manifests = txn.open_table(MANIFESTS)?;
+            let mut history = txn.open_table(HISTORY)?;
+            for id in ids.iter().map(String::as_str) {
+                releases.remove(id)?;
+                manifests.remove(id)?;
+                history.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+            }
+            Ok(())
+        })
+    }
+
     fn release_manifest(&self, id: &str) -> anyhow::Result<Option<String>> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(MANIFESTS)?;
@@ -254,6 +268,12 @@ mod tests {
             }
             self.0.inner.write(offset, data)
         }
+    }
+
+    #[test]
+    fn a_forgotten_release_leaves_nothing_behind() {
+        let store = Embedded::on(Shared::default()).unwrap();
+        crate::store::fixtures::forgetting(&store);
     }
 
     #[test]

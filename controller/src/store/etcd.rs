@@ -50,15 +50,20 @@ impl EtcdStore {
     /// the lead: what this controller holds may now be ahead of what etcd has, and the next
     /// leader, maybe this one again, starts from etcd.
     fn write(&self, puts: Vec<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<()> {
+        let puts: BTreeMap<Vec<u8>, Vec<u8>> = puts.into_iter().collect();
+        self.transact(puts.into_iter().map(|(k, v)| etcd::put(k, v, 0)).collect())
+    }
+
+    /// Makes `ops` in one transaction, if this controller still leads; see [`Self::write`].
+    fn transact(&self, ops: Vec<pb::RequestOp>) -> anyhow::Result<()> {
         // After a failed or refused write, none: later ones could make etcd hold a state
         // without the changes the failed one carried.
         if let Some(why) = self.fence.lost.why() {
             anyhow::bail!("the store writes no more: this controller is stepping down ({why})");
         }
-        let puts: BTreeMap<Vec<u8>, Vec<u8>> = puts.into_iter().collect();
         let request = pb::TxnRequest {
             compare: vec![self.fence.holds()],
-            success: puts.into_iter().map(|(k, v)| etcd::put(k, v, 0)).collect(),
+            success: ops,
             failure: vec![],
         };
         let etcd = self.etcd.clone();
@@ -182,6 +187,18 @@ impl Store for EtcdStore {
             .collect()
     }
 
+    fn forget(&self, ids: &[String]) -> anyhow::Result<()> {
+        let mut ops = Vec::new();
+        for id in ids {
+            ops.push(etcd::delete(self.key("releases", id), vec![]));
+            ops.push(etcd::delete(self.key("manifests", id), vec![]));
+            let history = self.key("history", &format!("{id}/"));
+            let end = etcd::prefix_end(&history);
+            ops.push(etcd::delete(history, end));
+        }
+        self.transact(ops)
+    }
+
     fn release_manifest(&self, id: &str) -> anyhow::Result<Option<String>> {
         let kv = self.get(self.key("manifests", id))?;
         Ok(kv.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
@@ -225,7 +242,6 @@ impl Store for EtcdStore {
 mod tests {
     use std::time::Duration;
 
-    use fleet_engine::HistoryEvent;
     use tokio::sync::watch;
 
     use super::*;
@@ -233,6 +249,7 @@ mod tests {
 
     use crate::etcd::EtcdOptions;
     use crate::leader::{self, Campaign, Leadership};
+    use crate::store::fixtures::{self, event, release};
 
     /// The tests' real etcd (Debian's etcd-server), shared with the end-to-end tests.
     mod server {
@@ -261,39 +278,6 @@ mod tests {
     async fn lead(etcd: &Etcd, name: &str) -> Leadership {
         let campaign = campaign(name, Duration::from_secs(2));
         leader::campaign(etcd, &campaign, &watch::channel(None).0, &mut None).await
-    }
-
-    fn event(reason: String) -> HistoryEvent {
-        HistoryEvent {
-            at: chrono::Utc::now(),
-            actor: "t".into(),
-            region: None,
-            what: fleet_engine::What::ReleaseStarted,
-            reason,
-        }
-    }
-
-    fn release() -> StoredRelease {
-        let manifest = fleet::load(include_str!("../../../tests/e2e/fleet.yaml"))
-            .unwrap()
-            .manifest;
-        let spec = fleet_engine::ReleaseSpec {
-            id: "e2e-1".into(),
-            service: "e2e".into(),
-            from_version: "v1".into(),
-            to_version: "v2".into(),
-            emergency: None,
-            actor: "t".into(),
-        };
-        let engine = fleet_engine::Engine::start(manifest.into(), spec, chrono::Utc::now());
-        StoredRelease {
-            service: "e2e".into(),
-            started_at_ms: 1,
-            history_len: 12,
-            strategy_override: None,
-            request: Some("start_release/r1".into()),
-            state: engine.state().clone(),
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,6 +406,22 @@ mod tests {
         assert!(why.contains("another controller leads now"), "{why}");
         assert_eq!(new_store.desired().unwrap(), [("us-west".into(), vec![2])]);
         assert_eq!(new_store.next_release_number().unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forgotten_release_leaves_nothing_behind() {
+        let server = server::Etcd::start().unwrap();
+        let etcd = connect(&server);
+        let leading = lead(&etcd, "a").await;
+        let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
+        fixtures::forgetting(&store);
+        // Not a key of the release is left under the prefix.
+        let left = etcd.list(b"/test/".to_vec(), vec![]).await.unwrap();
+        let left: Vec<String> = (left.iter())
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect();
+        assert!(left.iter().all(|k| !k.contains("/e2e-1")), "{left:?}");
+        assert!(left.iter().any(|k| k.contains("/e2e-2")), "{left:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,15 +29,23 @@ impl Server {
 
     /// A controller that bears with its peers as `limits` say.
     pub async fn start_with(data: &std::path::Path, limits: fleet_controller::Limits) -> Server {
+        let options = fleet_controller::Options {
+            limits,
+            ..Default::default()
+        };
+        Server::start_options(data, options).await
+    }
+
+    /// A controller that serves as `options` say.
+    pub async fn start_options(
+        data: &std::path::Path,
+        options: fleet_controller::Options,
+    ) -> Server {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", grpc.local_addr().unwrap());
         let (stop, shutdown) = watch::channel(false);
         let data = data.to_path_buf();
-        let options = fleet_controller::Options {
-            limits,
-            ..Default::default()
-        };
         let task = tokio::spawn(async move {
             fleet_controller::serve_with(grpc, admin, &data, shutdown, options).await
         });
@@ -205,6 +213,17 @@ pub async fn apply_and_start(client: &mut ReleaseServiceClient<Channel>) -> Stri
         .unwrap()
         .into_inner();
     release.id
+}
+
+/// Starts releasing v3 of the fleet [`apply_and_start`] applied, once v2 has ended: its id.
+pub async fn start_v3(client: &mut ReleaseServiceClient<Channel>) -> String {
+    let started = client.start_release(pb::StartReleaseRequest {
+        request_id: "start-2".into(),
+        service: "demo".into(),
+        version: "v3".into(),
+        ..Default::default()
+    });
+    started.await.unwrap().into_inner().id
 }
 
 pub async fn wait_for(
