@@ -188,15 +188,19 @@ impl Store for EtcdStore {
     }
 
     fn forget(&self, ids: &[String]) -> anyhow::Result<()> {
-        let mut ops = Vec::new();
-        for id in ids {
-            ops.push(etcd::delete(self.key("releases", id), vec![]));
-            ops.push(etcd::delete(self.key("manifests", id), vec![]));
-            let history = self.key("history", &format!("{id}/"));
-            let end = etcd::prefix_end(&history);
-            ops.push(etcd::delete(history, end));
+        // Three operations a release, in transactions under etcd's default limit of 128.
+        for some in ids.chunks(40) {
+            let mut ops = Vec::new();
+            for id in some {
+                ops.push(etcd::delete(self.key("releases", id), vec![]));
+                ops.push(etcd::delete(self.key("manifests", id), vec![]));
+                let history = self.key("history", &format!("{id}/"));
+                let end = etcd::prefix_end(&history);
+                ops.push(etcd::delete(history, end));
+            }
+            self.transact(ops)?;
         }
-        self.transact(ops)
+        Ok(())
     }
 
     fn release_manifest(&self, id: &str) -> anyhow::Result<Option<String>> {
@@ -422,6 +426,30 @@ mod tests {
             .collect();
         assert!(left.iter().all(|k| !k.contains("/e2e-1")), "{left:?}");
         assert!(left.iter().any(|k| k.contains("/e2e-2")), "{left:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn more_releases_than_one_transaction_takes_are_forgotten_at_once() {
+        let server = server::Etcd::start().unwrap();
+        let etcd = connect(&server);
+        let leading = lead(&etcd, "a").await;
+        let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
+        // 3 operations each: 150 releases would be 450 in one, over etcd's 128.
+        let ids: Vec<String> = (1..=150).map(|n| format!("e2e-{n}")).collect();
+        for id in &ids {
+            let change = ReleaseChange {
+                id,
+                release: &release(),
+                events: &[(0, event("e".into()))],
+                desired: &[],
+                version: None,
+                manifest: Some("m"),
+            };
+            store.save_release(change).unwrap();
+        }
+        store.forget(&ids).unwrap();
+        assert!(store.releases().unwrap().is_empty());
+        assert!(store.history("e2e-150", 0).unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
