@@ -654,6 +654,71 @@ async fn a_controller_whose_store_fails_a_write_starts_over_from_it_and_carries_
     world.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_told_to_stop_while_it_waits_to_start_over_stops() {
+    use rustix::process::{Pid, Resource, Rlimit, Signal, getrlimit, kill_process, prlimit};
+    let dir = tempfile::tempdir().unwrap();
+    // Its log on stdout too, to be read as it comes.
+    let mut command = std::process::Command::new("sh");
+    command.args(["-c", "exec \"$0\" \"$@\" 2>&1"]);
+    command.arg(fleet_e2e::bin("fleet-controller"));
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--data",
+    ]);
+    command.arg(dir.path().join("data")).env("NO_COLOR", "1");
+    // As after five start-overs in a row: it waits 32 s before the next.
+    command.env("FLEET_CONTROLLER_STARTS_OVER", "5");
+    let mut running = fleet_e2e::Running::start(command).unwrap();
+    let mut line = String::new();
+    while !line.contains("listening") {
+        line = running.line(Duration::from_secs(10)).await.unwrap();
+    }
+    let addr = |key: &str| {
+        line.split(key)
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let (grpc, admin) = (addr("grpc="), addr("admin="));
+    let process = Pid::from_raw(i32::try_from(running.pid()).unwrap()).unwrap();
+    let full = Rlimit {
+        current: Some(1),
+        maximum: getrlimit(Resource::Fsize).maximum,
+    };
+    prlimit(Some(process), Resource::Fsize, full).unwrap();
+    let mut apply = std::process::Command::new(fleet_e2e::bin("fleetctl"));
+    let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/fleet.yaml");
+    apply.args(["apply", fleet, "--controller", &format!("http://{grpc}")]);
+    let (code, out) = tokio::task::spawn_blocking(move || fleet_e2e::run(apply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("File too large"), "{out}");
+    // Its connections closed, it waits, not ready; told to stop, it stops at once, cleanly.
+    while !line.contains("starting over from the store in 32s") {
+        line = running.line(Duration::from_secs(10)).await.unwrap();
+    }
+    let (status, why) = get(&format!("http://{admin}/readyz")).await;
+    assert_eq!(status, 503, "{why}");
+    kill_process(process, Signal::TERM).unwrap();
+    let stopped = Instant::now();
+    let (code, out) =
+        tokio::task::spawn_blocking(move || running.finish_within(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(stopped.elapsed() < Duration::from_secs(3), "{out}");
+}
+
 /// Reads `url`: its status and body; 0 while nothing answers.
 async fn get(url: &str) -> (u16, String) {
     match fleetctl::local::http_client().get(url).send().await {

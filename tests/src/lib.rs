@@ -427,6 +427,11 @@ impl Running {
         })
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The next line of its stdout, within `within`.
     pub async fn line(&mut self, within: Duration) -> anyhow::Result<String> {
         let deadline = Instant::now() + within;
