@@ -47,6 +47,34 @@ pub(crate) struct Inner {
     next_conn: u64,
 }
 
+/// The manifest release `id` runs on: the one it was started with (for a release stored
+/// before releases kept theirs, its service's `fleet` now), with its strategy override.
+fn manifest_of(
+    store: &dyn Store,
+    id: &str,
+    r: &StoredRelease,
+    fleet: Option<&Arc<Manifest>>,
+) -> anyhow::Result<Arc<Manifest>> {
+    let manifest = match store.release_manifest(id)? {
+        Some(source) => Arc::new(
+            fleet::load(&source)
+                .map_err(|d| anyhow::anyhow!("release {id}'s manifest no longer validates: {d:?}"))?
+                .manifest,
+        ),
+        None => fleet
+            .with_context(|| format!("release {id} names unknown service {}", r.service))?
+            .clone(),
+    };
+    match &r.strategy_override {
+        Some(strategy) => Ok(Arc::new(
+            fleet::with_strategy(&manifest, strategy).map_err(|d| {
+                anyhow::anyhow!("release {id}'s strategy no longer validates: {d:?}")
+            })?,
+        )),
+        None => Ok(manifest),
+    }
+}
+
 /// Each region's traffic counters, added up report by report over its clusters, so that they
 /// only grow while the controller runs: an agent that restarts, reconnects or misses a report
 /// neither takes its counts out of its region's nor puts in what it counted before
@@ -163,28 +191,23 @@ impl Controller {
             );
         }
         for (id, r) in store.releases()? {
-            // The manifest it was started with; for a release stored before releases kept
-            // theirs, the fleet's now.
-            let manifest = match store.release_manifest(&id)? {
-                Some(source) => Arc::new(
-                    fleet::load(&source)
-                        .map_err(|d| {
-                            anyhow::anyhow!("release {id}'s manifest no longer validates: {d:?}")
-                        })?
-                        .manifest,
-                ),
-                None => (inner.fleets.get(&r.service))
-                    .with_context(|| format!("release {id} names unknown service {}", r.service))?
-                    .manifest
-                    .clone(),
-            };
-            let manifest = match &r.strategy_override {
-                Some(strategy) => {
-                    Arc::new(fleet::with_strategy(&manifest, strategy).map_err(|d| {
-                        anyhow::anyhow!("release {id}'s strategy no longer validates: {d:?}")
-                    })?)
-                }
-                None => manifest,
+            let fleet = inner.fleets.get(&r.service).map(|f| &f.manifest);
+            let manifest = match manifest_of(&*store, &id, &r, fleet) {
+                Ok(manifest) => manifest,
+                // An ended release is only read: one whose manifest this controller no longer
+                // takes (its checks grew stricter, say) is shown on its fleet's, rather than
+                // keep the controller from starting.
+                Err(e) if r.state.phase.is_terminal() => match fleet {
+                    Some(fleet) => {
+                        tracing::warn!(release = %id, error = %e, "shown on its fleet's manifest");
+                        fleet.clone()
+                    }
+                    None => {
+                        tracing::warn!(release = %id, error = %e, "not restored");
+                        continue;
+                    }
+                },
+                Err(e) => return Err(e),
             };
             let engine = Engine::restore(manifest, r.state);
             inner.releases.insert(
@@ -222,20 +245,21 @@ impl Controller {
             events,
             wake: Notify::new(),
         };
-        controller.forget_old(&mut controller.lock())?;
+        controller.forget_old(&mut controller.lock(), None)?;
         Ok(Arc::new(controller))
     }
 
-    /// Forgets every ended release beyond the newest `keep_releases` of its service: in the
-    /// store first, then here.
-    fn forget_old(&self, inner: &mut Inner) -> anyhow::Result<()> {
+    /// Forgets every ended release beyond the newest `keep_releases` of its service, but
+    /// `just_ended` (its watchers and webhooks have yet to hear of its end): in the store
+    /// first, then here.
+    fn forget_old(&self, inner: &mut Inner, just_ended: Option<&str>) -> anyhow::Result<()> {
         let seen = inner.releases.iter().map(|(id, run)| retention::Seen {
             id,
             service: &run.service,
-            started_at_ms: run.started_at_ms,
             ended: run.engine.state().phase.is_terminal(),
         });
-        let old = retention::forget(seen, self.keep_releases);
+        let mut old = retention::forget(seen, self.keep_releases);
+        old.retain(|id| Some(id.as_str()) != just_ended);
         if old.is_empty() {
             return Ok(());
         }
@@ -328,7 +352,7 @@ impl Controller {
         if ended_now {
             // This change stands; a store that cannot forget is lost, and the controller
             // starts over.
-            if let Err(e) = self.forget_old(inner) {
+            if let Err(e) = self.forget_old(inner, Some(id)) {
                 tracing::error!(error = %e, "cannot forget old releases");
             }
         }

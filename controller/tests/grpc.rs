@@ -327,8 +327,24 @@ async fn of_each_service_the_newest_ended_releases_are_kept_and_older_ones_forgo
     assert_eq!(gone.code(), tonic::Code::NotFound);
     assert!(gone.message().contains("--keep-releases"), "{gone:?}");
     assert_eq!(listed(&mut client).await, [second.as_str()]);
-    // Gone from the store too.
     server.stop().await;
+    // An ended release whose manifest a controller no longer takes (its checks grew stricter,
+    // say) does not keep it from starting.
+    {
+        let manifests = redb::TableDefinition::<&str, &str>::new("release_manifests");
+        let db = redb::Database::open(dir.path().join("fleet.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        let mut table = txn.open_table(manifests).unwrap();
+        assert!(
+            table
+                .insert(second.as_str(), "service: [")
+                .unwrap()
+                .is_some()
+        );
+        drop(table);
+        txn.commit().unwrap();
+    }
+    // The forgotten one is gone from the store too.
     let server = Server::start_options(dir.path(), options()).await;
     let mut client = server.client().await;
     assert_eq!(listed(&mut client).await, [second.as_str()]);

@@ -2,8 +2,8 @@
 //! phase, and each region's status, step, share of traffic on the new version, reachability,
 //! and, while it waits for a step, when it will fail (`progress_deadline`). Releases that
 //! ended are left out (the caller gives only those under way), so the series come and go with
-//! releases and do not pile up; the count by phase (`fleet_controller_releases`) keeps them
-//! all.
+//! releases and do not pile up; the count by phase (`fleet_controller_releases`) counts every
+//! release the controller keeps (`--keep-releases`).
 
 use std::fmt::Write;
 

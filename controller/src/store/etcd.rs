@@ -424,8 +424,9 @@ mod tests {
         let left: Vec<String> = (left.iter())
             .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
             .collect();
-        assert!(left.iter().all(|k| !k.contains("/e2e-1")), "{left:?}");
-        assert!(left.iter().any(|k| k.contains("/e2e-2")), "{left:?}");
+        assert!(left.iter().all(|k| !k.contains("/e2e-1/")), "{left:?}");
+        assert!(!left.iter().any(|k| k.ends_with("/e2e-1")), "{left:?}");
+        assert!(left.iter().any(|k| k.contains("/e2e-10/")), "{left:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
