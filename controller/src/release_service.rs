@@ -358,11 +358,20 @@ impl ReleaseService for Releases {
                 next = index + 1;
             }
             loop {
-                let ended = controller.lock().releases.get(&id).is_none_or(|run| {
-                    run.engine.state().phase.is_terminal() && run.history_len <= next
-                });
-                if ended {
-                    return;
+                let ended = (controller.lock().releases.get(&id))
+                    .map(|run| run.engine.state().phase.is_terminal() && run.history_len <= next);
+                match ended {
+                    Some(false) => {}
+                    Some(true) => return,
+                    // Forgotten (`--keep-releases`) before all was sent: not a clean end.
+                    None => {
+                        let _ = tx
+                            .send(Err(Status::not_found(format!(
+                                "release {id} was forgotten"
+                            ))))
+                            .await;
+                        return;
+                    }
                 }
                 // The stream ends cleanly only once the release has ended and everything is
                 // sent; a client told otherwise follows it again from where it stopped.
@@ -418,6 +427,8 @@ impl ReleaseService for Releases {
             .iter()
             .map(|(index, e)| convert::event(&id, *index, e))
             .collect();
+        // Forgotten meanwhile: not found, rather than an empty history.
+        self.release(&id)?;
         Ok(Response::new(pb::HistoryResponse { events }))
     }
 
