@@ -1,6 +1,6 @@
-//! fleet-controller: runs releases with the rollout engine, keeps everything in an embedded
-//! store, and serves `fleet.v1` to release tooling and to agents on one gRPC port, plus an
-//! admin HTTP port.
+//! fleet-controller: runs releases with the rollout engine, keeps its state in a store (the
+//! embedded one, or etcd shared by controllers that stand in for each other), and serves
+//! `fleet.v1` to release tooling and to agents on one gRPC port, plus an admin HTTP port.
 
 mod admin;
 mod agent_service;
@@ -39,7 +39,8 @@ pub async fn signalled(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Serves the controller on `grpc` and `admin` from the store in `data` until `shutdown`.
+/// Serves the controller on `grpc` and `admin` from the store in `data` until `shutdown`, or
+/// until a write to the store fails ([`StartOver`]).
 pub async fn serve(
     grpc: TcpListener,
     admin: TcpListener,

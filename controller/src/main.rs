@@ -1,6 +1,6 @@
 //! `fleet-controller --listen ADDR --admin ADDR (--data DIR | --etcd URL[,URL] [--advertise ADDR]
-//! [--etcd-ca F] [--etcd-cert F --etcd-key F]) [--tls-cert F --tls-key F --client-ca F
-//! [--client-crl F]]`
+//! [--etcd-ca F] [--etcd-cert F --etcd-key F]) [--keep-releases N] [--tls-cert F --tls-key F
+//! --client-ca F [--client-crl F]]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -67,16 +67,25 @@ fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
 }
 
+/// Whether a request's answer was stored with its change.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    Yes,
+    No,
+}
+
 impl Releases {
     /// Answers a mutating request once: a repeated request id gets the first answer. Ids are
     /// each `method`'s own (an abort given a start's id is an abort, not the start's answer)
-    /// and, under mutual TLS, each operator's own. `act` is given the request's key.
+    /// and, under mutual TLS, each operator's own. `act` is given the request's key, and says
+    /// whether it stored the answer with its change (`Controller::step_answering`); if not, it
+    /// is stored after.
     fn once<T: Message + Default>(
         &self,
         method: &str,
         caller: &Option<Operator>,
         request_id: &str,
-        act: impl FnOnce(&str) -> Result<T, Status>,
+        act: impl FnOnce(&str) -> Result<(T, Stored), Status>,
     ) -> Result<Response<T>, Status> {
         if request_id.is_empty() {
             return Err(Status::invalid_argument(
@@ -93,10 +102,12 @@ impl Releases {
                 .map(Response::new)
                 .map_err(|e| Status::internal(e.to_string()));
         }
-        let answer = act(request_id)?;
-        store
-            .answer(request_id, &answer.encode_to_vec())
-            .map_err(internal)?;
+        let (answer, stored) = act(request_id)?;
+        if stored == Stored::No {
+            store
+                .answer(request_id, &answer.encode_to_vec())
+                .map_err(internal)?;
+        }
         Ok(Response::new(answer))
     }
 
@@ -104,9 +115,11 @@ impl Releases {
         let inner = self.controller.lock();
         let run = inner.releases.get(id).ok_or_else(|| {
             let keep = self.controller.keep_releases;
-            Status::not_found(format!(
-                "no release {id} (of each service the controller keeps the newest {keep} ended releases: --keep-releases)"
-            ))
+            let forgotten = match keep {
+                0 => String::new(),
+                keep => format!(", or it was forgotten: of each service the controller keeps the newest {keep} ended releases (--keep-releases)"),
+            };
+            Status::not_found(format!("no release {id}{forgotten}"))
         })?;
         Ok(convert::release(id, run.started_at_ms, &run.engine))
     }
@@ -121,23 +134,22 @@ impl Releases {
         let actor = actor(&caller, &r.actor);
         let id = r.id.clone();
         let method = format!("{action:?}").to_lowercase();
-        self.once(&method, &caller, &r.request_id, |_| {
+        self.once(&method, &caller, &r.request_id, |request| {
             let event = Event::Operator {
                 action,
                 actor,
                 reason: r.reason,
             };
-            {
-                let mut inner = self.controller.lock();
-                if !inner.releases.contains_key(&id) {
-                    return Err(Status::not_found(format!("no release {id}")));
-                }
-                let now = Utc::now();
-                self.controller
-                    .step(&mut inner, &id, |e| e.handle(now, event))
-                    .map_err(internal)?;
+            let mut inner = self.controller.lock();
+            if !inner.releases.contains_key(&id) {
+                return Err(Status::not_found(format!("no release {id}")));
             }
-            self.release(&id)
+            let now = Utc::now();
+            let answer = self
+                .controller
+                .step_answering(&mut inner, &id, |e| e.handle(now, event), request)
+                .map_err(internal)?;
+            Ok((answer, Stored::Yes))
         })
     }
 }
@@ -168,7 +180,7 @@ impl ReleaseService for Releases {
                 .put_fleet(&mut inner, loaded.manifest, r.manifest.clone(), Utc::now())
                 .map_err(internal)?;
             let fleet = inner.fleets.get(&service).map(|f| fleet_proto(&service, f));
-            Ok(pb::ApplyFleetResponse { fleet, warnings })
+            Ok((pb::ApplyFleetResponse { fleet, warnings }, Stored::No))
         })
     }
 
@@ -224,7 +236,7 @@ impl ReleaseService for Releases {
             // Started by this very request, whose answer was lost (the store failed, or the
             // controller died, between the release's first change and the answer): that.
             if let Some(answer) = controller.started_by(request) {
-                return Ok(answer);
+                return Ok((answer, Stored::No));
             }
             let from = controller.store.version(&r.service).map_err(internal)?;
             let number = controller.store.next_release_number().map_err(internal)?;
@@ -298,14 +310,16 @@ impl ReleaseService for Releases {
                     request: Some(request.to_string()),
                 },
             );
-            if let Err(e) = controller.step(&mut inner, &id, |_| {}) {
-                // Not stored, so not started (the controller starts over from its store).
-                inner.releases.remove(&id);
-                return Err(internal(e));
-            }
+            let answer = match controller.step_answering(&mut inner, &id, |_| {}, request) {
+                Ok(answer) => answer,
+                Err(e) => {
+                    // Not stored, so not started (the controller starts over from its store).
+                    inner.releases.remove(&id);
+                    return Err(internal(e));
+                }
+            };
             controller.baseline(&mut inner, &id).map_err(internal)?;
-            let run = inner.releases.get(&id).ok_or_else(|| Status::internal("release vanished"))?;
-            Ok(convert::release(&id, run.started_at_ms, &run.engine))
+            Ok((answer, Stored::Yes))
         })
     }
 

@@ -293,9 +293,34 @@ impl Controller {
         id: &str,
         f: impl FnOnce(&mut Engine),
     ) -> anyhow::Result<()> {
+        self.change(inner, id, f, None).map(drop)
+    }
+
+    /// [`Controller::step`] for the request keyed `request`, whose answer (the release after
+    /// the change) is stored with the change: a repeat of the request is answered with it and
+    /// never made again, whatever fails after. The answer.
+    pub(crate) fn step_answering(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        id: &str,
+        f: impl FnOnce(&mut Engine),
+        request: &str,
+    ) -> anyhow::Result<pb::Release> {
+        let answer = self.change(inner, id, f, Some(request))?;
+        answer.with_context(|| format!("no release {id}"))
+    }
+
+    /// [`Controller::step`], answering `request` if given.
+    fn change(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        id: &str,
+        f: impl FnOnce(&mut Engine),
+        request: Option<&str>,
+    ) -> anyhow::Result<Option<pb::Release>> {
         let epoch = self.epoch;
         let Some(run) = inner.releases.get_mut(id) else {
-            return Ok(());
+            return Ok(None);
         };
         let was_under_way = !run.engine.state().phase.is_terminal();
         f(&mut run.engine);
@@ -329,6 +354,8 @@ impl Controller {
             .iter()
             .map(|(r, d)| (r.clone(), d.encode_to_vec()))
             .collect();
+        let answer = request.map(|_| convert::release(id, run.started_at_ms, &run.engine));
+        let answer_bytes = answer.as_ref().map(Message::encode_to_vec);
         self.store.save_release(ReleaseChange {
             id,
             release: &record,
@@ -336,6 +363,7 @@ impl Controller {
             desired: &encoded,
             version: succeeded.then_some((record.service.as_str(), state.spec.to_version.as_str())),
             manifest: run.unstored_manifest.as_deref(),
+            answer: request.zip(answer_bytes.as_deref()),
         })?;
         run.unstored_manifest = None;
         // Durable: now it may leave.
@@ -356,7 +384,7 @@ impl Controller {
                 tracing::error!(error = %e, "cannot forget old releases");
             }
         }
-        Ok(())
+        Ok(answer)
     }
 
     /// Feeds an event to release `id`.

@@ -1,5 +1,8 @@
-//! What the controller keeps: fleets, releases with their engine state, history, the last
-//! desired state of every region, answered requests, and the epoch. Two stores keep it: the
+//! What the controller keeps: fleets, releases with their engine state, history, the manifest
+//! each was started with and the key of the request that started it, the last desired state
+//! of every region, answered requests, and the epoch. Ended releases beyond `--keep-releases`
+//! of a service are forgotten with their history and manifest (`Store::forget`); answers are
+//! kept. Two stores keep it: the
 //! embedded one (redb, one file; the default) and etcd, for controllers that stand in for each
 //! other (`etcd.rs` in this directory, with `leader.rs`).
 //!
@@ -54,6 +57,9 @@ pub struct ReleaseChange<'a> {
     /// In the release's first change: the fleet manifest it was started with (its source),
     /// which it runs on to its end, whatever is applied after.
     pub manifest: Option<&'a str>,
+    /// The answer to the request that made the change, by the request's key: kept with it,
+    /// so that a repeat of the request is answered and never made again.
+    pub answer: Option<(&'a str, &'a [u8])>,
 }
 
 /// A store. Calls block until the change is durable (or the answer read); they are made with
@@ -177,6 +183,7 @@ pub(crate) mod fixtures {
                 desired: &[],
                 version: None,
                 manifest: Some("m"),
+                answer: None,
             };
             store.save_release(change).unwrap();
         }

@@ -351,6 +351,38 @@ async fn of_each_service_the_newest_ended_releases_are_kept_and_older_ones_forgo
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_call_repeated_with_its_request_id_is_answered_not_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let _agents = fake_agents(&server, 0.0);
+    let id = apply_and_start(&mut client).await;
+    let call = |request_id: &str| pb::OperatorRequest {
+        request_id: request_id.into(),
+        id: id.clone(),
+        actor: "alice".into(),
+        reason: "testing".into(),
+    };
+    let paused = client.pause(call("pause-1")).await.unwrap().into_inner();
+    assert_eq!(paused.phase, "paused");
+    let resumed = client.resume(call("resume-1")).await.unwrap().into_inner();
+    assert_eq!(resumed.phase, "progressing");
+    // After a restart too: the answer was kept with the change.
+    server.stop().await;
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let again = client.pause(call("pause-1")).await.unwrap().into_inner();
+    assert_eq!(again, paused, "the first answer");
+    let now = client.get_release(pb::GetReleaseRequest { id: id.clone() });
+    assert_ne!(
+        now.await.unwrap().into_inner().phase,
+        "paused",
+        "not paused again"
+    );
+    server.stop().await;
+}
+
 /// The ids of every release the controller knows.
 async fn listed(
     client: &mut fleet_proto::v1::release_service_client::ReleaseServiceClient<

@@ -129,6 +129,9 @@ impl Store for Embedded {
             if let Some(manifest) = change.manifest {
                 txn.open_table(MANIFESTS)?.insert(change.id, manifest)?;
             }
+            if let Some((request, answer)) = change.answer {
+                txn.open_table(REQUESTS)?.insert(request, answer)?;
+            }
             Ok(())
         })
     }
@@ -268,6 +271,23 @@ mod tests {
             }
             self.0.inner.write(offset, data)
         }
+    }
+
+    #[test]
+    fn a_change_keeps_the_answer_to_the_request_that_made_it() {
+        let store = Embedded::on(Shared::default()).unwrap();
+        let change = super::super::ReleaseChange {
+            id: "e2e-1",
+            release: &crate::store::fixtures::release(),
+            events: &[],
+            desired: &[],
+            version: None,
+            manifest: None,
+            answer: Some(("promote/r1", &[1, 2])),
+        };
+        store.save_release(change).unwrap();
+        let answered = store.answered("promote/r1").unwrap();
+        assert_eq!(answered.as_deref(), Some(&[1, 2][..]));
     }
 
     #[test]

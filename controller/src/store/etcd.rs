@@ -7,8 +7,10 @@
 //! Every write is one transaction that holds only while this controller still leads (its
 //! [`Fence`]); one that finds it does not changes nothing, fails, and tells the controller to
 //! stop. A release's change must fit in one transaction: etcd takes 128 operations in one by
-//! default (`--max-txn-ops`), which is one for the release, one per history event and one per
-//! region it sends a desired state to.
+//! default (`--max-txn-ops`), which is one for the release, one per history event, one per
+//! region it sends a desired state to, and one each for the service's version, the
+//! release's manifest and a request's answer when the change carries them. Releases are
+//! forgotten 40 to a transaction (120 operations).
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
@@ -173,6 +175,9 @@ impl Store for EtcdStore {
             let key = self.key("manifests", change.id);
             puts.push((key, manifest.as_bytes().to_vec()));
         }
+        if let Some((request, answer)) = change.answer {
+            puts.push((self.key("requests", request), answer.to_vec()));
+        }
         self.write(puts)
     }
 
@@ -316,8 +321,11 @@ mod tests {
                 desired: &desired,
                 version: Some(("checkout", "v2")),
                 manifest: Some("service: checkout"),
+                answer: Some(("start_release/r1", &[7])),
             })
             .unwrap();
+        let answered = store.answered("start_release/r1").unwrap();
+        assert_eq!(answered.as_deref(), Some(&[7][..]), "kept with the change");
         let releases = store.releases().unwrap();
         assert_eq!(releases.len(), 1);
         assert_eq!(releases[0].0, "checkout-1");
@@ -445,6 +453,7 @@ mod tests {
                 desired: &[],
                 version: None,
                 manifest: Some("m"),
+                answer: None,
             };
             store.save_release(change).unwrap();
         }
