@@ -1,19 +1,24 @@
 //! A small client of etcd's KV and Lease APIs (`fleet_proto::etcd`, over tonic), for the etcd
-//! store and the controller's leadership.
+//! store and the controller's leadership. With a user and password, it authenticates when
+//! etcd first asks for a token, and again whenever etcd no longer takes the one it has
+//! (expired, or etcd restarted), then makes the call once more.
 //!
 //! It runs on a runtime of its own, so that the store, whose callers hold the controller's
 //! lock and expect the embedded store's blocking calls, can wait for an answer from any
 //! thread ([`Etcd::block_on`]) without stalling the tasks that carry it.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use fleet_proto::connect::{self, ClientTls, TlsFlags};
 use fleet_proto::etcd as pb;
+use fleet_proto::etcd::auth_client::AuthClient;
 use fleet_proto::etcd::kv_client::KvClient;
 use fleet_proto::etcd::lease_client::LeaseClient;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// How long one call to etcd may take before it counts as failed.
@@ -37,7 +42,47 @@ pub struct EtcdOptions {
     /// For `https://` endpoints: the CA to trust (else the system's roots), and the client
     /// certificate to show an etcd that asks for one (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
     pub tls: ClientTls,
+    /// The user to authenticate as, for an etcd with authentication enabled (`--etcd-user`,
+    /// `--etcd-password-file`).
+    pub user: Option<Credentials>,
 }
+
+/// An etcd user and its password.
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} (password not shown)", self.user)
+    }
+}
+
+/// The token etcd gave for the credentials, which every call carries (metadata `token`).
+#[derive(Clone, Default)]
+struct Token(Arc<RwLock<Option<AsciiMetadataValue>>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let token = self
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(token) = token {
+            request.metadata_mut().insert("token", token);
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the token.
+type Authed = InterceptedService<Channel, Token>;
 
 /// The flags that give [`EtcdOptions::tls`].
 const TLS_FLAGS: TlsFlags = TlsFlags {
@@ -49,8 +94,12 @@ const TLS_FLAGS: TlsFlags = TlsFlags {
 /// A connection to etcd, cheap to clone.
 #[derive(Clone)]
 pub struct Etcd {
-    kv: KvClient<Channel>,
-    lease: LeaseClient<Channel>,
+    kv: KvClient<Authed>,
+    lease: LeaseClient<Authed>,
+    auth: AuthClient<Channel>,
+    /// Whom to authenticate as, if etcd asks.
+    user: Option<Arc<Credentials>>,
+    token: Token,
     prefix: Arc<str>,
     runtime: Arc<Runtime>,
 }
@@ -81,9 +130,14 @@ impl Etcd {
             let _on = rt.enter();
             Channel::balance_list(endpoints.into_iter())
         };
+        let token = Token::default();
         Ok(Etcd {
-            kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_ANSWER),
-            lease: LeaseClient::new(channel),
+            auth: AuthClient::new(channel.clone()),
+            user: options.user.clone().map(Arc::new),
+            kv: KvClient::with_interceptor(channel.clone(), token.clone())
+                .max_decoding_message_size(MAX_ANSWER),
+            lease: LeaseClient::with_interceptor(channel, token.clone()),
+            token,
             prefix: options.prefix.as_str().into(),
             runtime: Arc::new(Runtime(Some(rt))),
         })
@@ -120,14 +174,91 @@ impl Etcd {
         }
     }
 
+    /// Makes `call`; when etcd asks for a token it was not given or no longer takes, it
+    /// authenticates (if it has a user to) and makes it once more.
+    async fn call<T, Answer>(&self, call: impl Fn() -> Answer) -> anyhow::Result<T>
+    where
+        Answer: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match call().await {
+            Ok(answer) => Ok(answer.into_inner()),
+            Err(status) if self.user.is_some() && wants_token(&status) => {
+                self.authenticate().await?;
+                call().await.map(tonic::Response::into_inner).map_err(said)
+            }
+            Err(status) => Err(said(status)),
+        }
+    }
+
+    /// Turns authentication on, with `user` (and `password`) as etcd's root: for the tests of
+    /// an etcd that asks for a user.
+    #[cfg(test)]
+    pub async fn enable_auth_for_tests(&self, user: &str, password: &str) -> anyhow::Result<()> {
+        let mut auth = self.auth.clone();
+        let name = user.to_string();
+        let add = pb::AuthUserAddRequest {
+            name: name.clone(),
+            password: password.into(),
+        };
+        auth.user_add(add).await.map_err(said)?;
+        // etcd 3.4 grants the root role without its being added; later ones want it added.
+        let _ = auth
+            .role_add(pb::AuthRoleAddRequest {
+                name: "root".into(),
+            })
+            .await;
+        let grant = pb::AuthUserGrantRoleRequest {
+            user: name,
+            role: "root".into(),
+        };
+        auth.user_grant_role(grant).await.map_err(said)?;
+        auth.auth_enable(pb::AuthEnableRequest {})
+            .await
+            .map_err(said)?;
+        Ok(())
+    }
+
+    /// Takes a new token for the user.
+    async fn authenticate(&self) -> anyhow::Result<()> {
+        let Some(user) = &self.user else {
+            return Ok(());
+        };
+        let request = pb::AuthenticateRequest {
+            name: user.user.clone(),
+            password: user.password.clone(),
+        };
+        let answer = self.auth.clone().authenticate(request).await.map_err(|status| {
+            anyhow!(
+                "etcd did not authenticate user {:?}: {} (check --etcd-user and the password in --etcd-password-file)",
+                user.user,
+                status.message()
+            )
+        })?;
+        let token = AsciiMetadataValue::try_from(answer.into_inner().token)
+            .context("etcd gave a token that is not ASCII")?;
+        *self.token.0.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
+        tracing::debug!(user = %user.user, "authenticated to etcd");
+        Ok(())
+    }
+
+    /// One Range call, as [`Etcd::call`] makes it.
+    fn range(
+        &self,
+        request: pb::RangeRequest,
+    ) -> impl Future<Output = Result<tonic::Response<pb::RangeResponse>, tonic::Status>> + use<>
+    {
+        let mut kv = self.kv.clone();
+        async move { kv.range(request).await }
+    }
+
     /// The key `key` (under no prefix: as [`Etcd::key`] gave it), if it exists.
     pub async fn get(&self, key: Vec<u8>) -> anyhow::Result<Option<pb::KeyValue>> {
         let request = pb::RangeRequest {
             key,
             ..Default::default()
         };
-        let response = self.kv.clone().range(request).await.map_err(said)?;
-        Ok(response.into_inner().kvs.into_iter().next())
+        let response = self.call(|| self.range(request.clone())).await?;
+        Ok(response.kvs.into_iter().next())
     }
 
     /// Every key that starts with `prefix`, from `from` on (inclusive), in key order.
@@ -142,8 +273,7 @@ impl Etcd {
                 limit: PAGE,
                 ..Default::default()
             };
-            let page = self.kv.clone().range(request).await.map_err(said)?;
-            let page = page.into_inner();
+            let page = self.call(|| self.range(request.clone())).await?;
             let more = page.more;
             out.extend(page.kvs);
             match out.last() {
@@ -157,8 +287,11 @@ impl Etcd {
     }
 
     pub async fn txn(&self, request: pb::TxnRequest) -> anyhow::Result<pb::TxnResponse> {
-        let response = self.kv.clone().txn(request).await.map_err(said)?;
-        Ok(response.into_inner())
+        self.call(|| {
+            let (mut kv, request) = (self.kv.clone(), request.clone());
+            async move { kv.txn(request).await }
+        })
+        .await
     }
 
     /// A new lease of `ttl`; its id.
@@ -168,12 +301,11 @@ impl Etcd {
             id: 0,
         };
         let granted = self
-            .lease
-            .clone()
-            .lease_grant(request)
-            .await
-            .map_err(said)?;
-        let granted = granted.into_inner();
+            .call(|| {
+                let (mut lease, request) = (self.lease.clone(), request);
+                async move { lease.lease_grant(request).await }
+            })
+            .await?;
         if !granted.error.is_empty() {
             return Err(anyhow!("etcd granted no lease: {}", granted.error));
         }
@@ -182,21 +314,29 @@ impl Etcd {
 
     pub async fn revoke(&self, id: i64) -> anyhow::Result<()> {
         let request = pb::LeaseRevokeRequest { id };
-        self.lease
-            .clone()
-            .lease_revoke(request)
-            .await
-            .map_err(said)?;
+        self.call(|| {
+            let (mut lease, request) = (self.lease.clone(), request);
+            async move { lease.lease_revoke(request).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// Renews lease `id` once; the seconds it has left (0: it had expired).
     pub async fn renew(&self, id: i64) -> anyhow::Result<i64> {
-        let request = tokio_stream::once(pb::LeaseKeepAliveRequest { id });
-        let mut answers = (self.lease.clone().lease_keep_alive(request).await)
-            .map_err(said)?
-            .into_inner();
-        match answers.message().await.map_err(said)? {
+        let once = || async {
+            let request = tokio_stream::once(pb::LeaseKeepAliveRequest { id });
+            let answers = self.lease.clone().lease_keep_alive(request).await?;
+            answers.into_inner().message().await
+        };
+        let answer = match once().await {
+            Err(status) if self.user.is_some() && wants_token(&status) => {
+                self.authenticate().await?;
+                once().await
+            }
+            answer => answer,
+        };
+        match answer.map_err(said)? {
             Some(answer) => Ok(answer.ttl),
             None => Err(anyhow!(
                 "etcd closed the keep-alive stream without an answer"
@@ -245,6 +385,20 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     // Every byte 0xff: to the end of the key space.
     vec![0]
+}
+
+/// Whether etcd refused a call for its token: none given (authentication is on), or one it no
+/// longer takes (expired, or etcd restarted).
+fn wants_token(status: &tonic::Status) -> bool {
+    let message = status.message();
+    status.code() == tonic::Code::Unauthenticated
+        || [
+            "user name is empty",
+            "invalid auth token",
+            "revision of auth store is old",
+        ]
+        .iter()
+        .any(|said| message.contains(said))
 }
 
 /// An etcd call's failure, said once.

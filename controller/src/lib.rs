@@ -29,7 +29,7 @@ use fleet_proto::v1::release_service_server::ReleaseServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use etcd::EtcdOptions;
+pub use etcd::{Credentials, EtcdOptions};
 pub use leader::{Campaign, Holder};
 pub use runtime::Controller;
 pub use standby::advertised;

@@ -56,6 +56,14 @@ struct Args {
     /// PEM private key of --etcd-cert.
     #[arg(long, env = "FLEET_ETCD_KEY", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// With --etcd: the user to authenticate to etcd as, for an etcd with authentication
+    /// enabled; its password is in --etcd-password-file.
+    #[arg(long, env = "FLEET_ETCD_USER", conflicts_with = "data")]
+    etcd_user: Option<String>,
+    /// The password of --etcd-user: a file that holds it (a trailing newline is not part of
+    /// it), such as a mounted Secret.
+    #[arg(long, env = "FLEET_ETCD_PASSWORD_FILE", conflicts_with = "data")]
+    etcd_password_file: Option<PathBuf>,
     /// With --etcd: the prefix of the controller's keys.
     #[arg(
         long,
@@ -296,6 +304,7 @@ fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
             cert: args.etcd_cert.clone(),
             key: args.etcd_key.clone(),
         },
+        user: etcd_user(args)?,
     };
     fleet_controller::check_etcd(&etcd)?;
     Ok(fleet_controller::Ha {
@@ -308,6 +317,34 @@ fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
             ttl,
         },
     })
+}
+
+/// `--etcd-user` with its password from `--etcd-password-file`; both or neither.
+fn etcd_user(args: &Args) -> anyhow::Result<Option<fleet_controller::Credentials>> {
+    let (user, file) = match (&args.etcd_user, &args.etcd_password_file) {
+        (None, None) => return Ok(None),
+        (Some(user), Some(file)) => (user, file),
+        (Some(_), None) => anyhow::bail!(
+            "--etcd-user without --etcd-password-file: give the file that holds its password"
+        ),
+        (None, Some(_)) => anyhow::bail!(
+            "--etcd-password-file without --etcd-user: give the user whose password it holds"
+        ),
+    };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--etcd-password-file {}: cannot read it", file.display()))?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        anyhow::bail!(
+            "--etcd-password-file {} is empty: put the password of etcd user {user:?} in it",
+            file.display()
+        );
+    }
+    Ok(Some(fleet_controller::Credentials {
+        user: user.clone(),
+        password: password.to_string(),
+    }))
 }
 
 async fn wait_for_signal() {

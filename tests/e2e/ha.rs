@@ -129,6 +129,19 @@ fn bad_etcd_flags_are_told_before_anything_listens() {
             &["--etcd-ca", "ca.pem"],
             "is not https://: write it as https://",
         ),
+        (
+            &["--etcd-user", "fleet"],
+            "give the file that holds its password",
+        ),
+        (
+            &[
+                "--etcd-user",
+                "fleet",
+                "--etcd-password-file",
+                "/nonexistent/pw",
+            ],
+            "--etcd-password-file /nonexistent/pw: cannot read it",
+        ),
     ];
     for (flags, told) in cases {
         let mut command = std::process::Command::new(fleet_e2e::bin("fleet-controller"));

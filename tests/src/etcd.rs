@@ -26,15 +26,20 @@ pub struct Tls {
 
 impl Etcd {
     pub fn start() -> anyhow::Result<Etcd> {
-        Etcd::start_with(None)
+        Etcd::start_with(None, &[])
     }
 
     /// An etcd that serves clients over TLS only (`https://`), as `tls` says.
     pub fn start_tls(tls: &Tls) -> anyhow::Result<Etcd> {
-        Etcd::start_with(Some(tls))
+        Etcd::start_with(Some(tls), &[])
     }
 
-    fn start_with(tls: Option<&Tls>) -> anyhow::Result<Etcd> {
+    /// An etcd started with the flags `args` as well.
+    pub fn start_args(args: &[&str]) -> anyhow::Result<Etcd> {
+        Etcd::start_with(None, args)
+    }
+
+    fn start_with(tls: Option<&Tls>, args: &[&str]) -> anyhow::Result<Etcd> {
         // In memory where the machine has it: a disk busy with the build beside the tests
         // would stall etcd's syncs past the tests' short leases.
         let shm = std::path::Path::new("/dev/shm");
@@ -72,6 +77,7 @@ impl Etcd {
             ])
             .args(["--initial-cluster", "test=http://127.0.0.1:0"])
             .args(["--enable-grpc-gateway=false", "--log-outputs", "stderr"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)

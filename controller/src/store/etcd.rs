@@ -270,6 +270,7 @@ mod tests {
             endpoints: vec![server.url.clone()],
             prefix: "/test/".into(),
             tls: Default::default(),
+            user: None,
         };
         Etcd::connect(&options).unwrap()
     }
@@ -362,6 +363,7 @@ mod tests {
             endpoints: vec![server.url.clone()],
             prefix: "/other/".into(),
             tls: Default::default(),
+            user: None,
         })
         .unwrap();
         let theirs = lead(&other, "b").await;
@@ -462,6 +464,55 @@ mod tests {
         assert!(store.history("e2e-150", 0).unwrap().is_empty());
     }
 
+    /// A connection to `server` as `user` with `password`.
+    fn connect_as(server: &server::Etcd, user: &str, password: &str) -> Etcd {
+        let options = EtcdOptions {
+            endpoints: vec![server.url.clone()],
+            prefix: "/test/".into(),
+            tls: Default::default(),
+            user: Some(crate::etcd::Credentials {
+                user: user.into(),
+                password: password.into(),
+            }),
+        };
+        Etcd::connect(&options).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_etcd_that_asks_for_a_user_is_used_as_one_and_a_stale_token_is_renewed() {
+        // Tokens last a second unused; passwords are hashed cheaply.
+        let args = ["--auth-token-ttl", "1", "--bcrypt-cost", "4"];
+        let server = server::Etcd::start_args(&args).unwrap();
+        let plain = connect(&server);
+        plain.enable_auth_for_tests("root", "secret").await.unwrap();
+        let key = || b"/test/desired/us-west".to_vec();
+        // Without a user: refused, saying why.
+        let refused = plain.get(key()).await.unwrap_err().to_string();
+        assert!(refused.contains("user name is empty"), "{refused}");
+        // With a wrong password: told which user, and where its password comes from.
+        let wrong = connect_as(&server, "root", "nope");
+        let told = wrong.get(key()).await.unwrap_err().to_string();
+        assert!(
+            told.contains("did not authenticate user \"root\""),
+            "{told}"
+        );
+        assert!(told.contains("--etcd-password-file"), "{told}");
+        // As the user: a leader that writes, and another connection that reads.
+        let etcd = connect_as(&server, "root", "secret");
+        let leading = lead(&etcd, "a").await;
+        let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
+        store.put_desired("us-west", &[1]).unwrap();
+        let idle = connect_as(&server, "root", "secret");
+        assert!(idle.get(key()).await.unwrap().is_some());
+        // Unused for longer than a token lasts, that one's is no longer taken: the next call
+        // takes a new token and goes through.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(idle.get(key()).await.unwrap().is_some());
+        // The leader, busy renewing its lease all along, still leads and writes.
+        store.put_desired("us-west", &[2]).unwrap();
+        assert!(leading.fence.lost.why().is_none());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn once_the_lead_is_lost_for_any_reason_nothing_more_is_written() {
         let server = server::Etcd::start().unwrap();
@@ -524,6 +575,7 @@ mod tests {
             endpoints: vec![server.url.clone()],
             prefix: "/tls/".into(),
             tls,
+            user: None,
         };
         let shown = ClientTls {
             ca: Some(ca.clone()),
