@@ -186,6 +186,14 @@ impl Etcd {
                 self.authenticate().await?;
                 call().await.map(tonic::Response::into_inner).map_err(said)
             }
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                let user = self.user.as_ref().map_or("(none)", |u| u.user.as_str());
+                Err(anyhow!(
+                    "{}: etcd user {user:?} needs read and write permission on the keys under {:?} (--etcd-user, --etcd-prefix)",
+                    said(status),
+                    self.prefix
+                ))
+            }
             Err(status) => Err(said(status)),
         }
     }
@@ -388,7 +396,8 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// Whether etcd refused a call for its token: none given (authentication is on), or one it no
-/// longer takes (expired, or etcd restarted).
+/// longer takes (expired, or etcd restarted). Any UNAUTHENTICATED counts: a new token is taken
+/// and the call made once more, no more.
 fn wants_token(status: &tonic::Status) -> bool {
     let message = status.message();
     status.code() == tonic::Code::Unauthenticated

@@ -96,6 +96,11 @@ impl Releases {
             Some(Operator(name)) => format!("{method}/{name}/{request_id}"),
             None => format!("{method}/{request_id}"),
         };
+        // One mutating call at a time: two with the same id at once (a client that retried
+        // while its first call waited on the store) make the change once.
+        let _one_at_a_time = (self.controller.requests)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let store = &self.controller.store;
         if let Some(bytes) = store.answered(request_id).map_err(internal)? {
             return T::decode(bytes.as_slice())

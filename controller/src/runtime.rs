@@ -31,6 +31,8 @@ pub struct Controller {
     pub epoch: u64,
     /// Of each service, how many ended releases it keeps (0: all).
     pub(crate) keep_releases: usize,
+    /// Held through each mutating call of the API, from looking for its answer to storing it.
+    pub(crate) requests: Mutex<()>,
     inner: Mutex<Inner>,
     pub(crate) events: broadcast::Sender<pb::ReleaseEvent>,
     wake: Notify,
@@ -241,6 +243,7 @@ impl Controller {
             store,
             epoch,
             keep_releases,
+            requests: Mutex::new(()),
             inner: Mutex::new(inner),
             events,
             wake: Notify::new(),
