@@ -368,6 +368,16 @@ async fn an_operator_call_repeated_with_its_request_id_is_answered_not_made_agai
     assert_eq!(paused.phase, "paused");
     let resumed = client.resume(call("resume-1")).await.unwrap().into_inner();
     assert_eq!(resumed.phase, "progressing");
+    // The same call twice at once (a client that retried while its first was under way):
+    // made once, both answered alike.
+    let (mut a, mut b) = (client.clone(), client.clone());
+    let (first, second) = tokio::join!(a.pause(call("pause-2")), b.pause(call("pause-2")));
+    assert_eq!(first.unwrap().into_inner(), second.unwrap().into_inner());
+    let history = client.history(pb::HistoryRequest { id: id.clone() });
+    let history = history.await.unwrap().into_inner().events;
+    let by_alice = history.iter().filter(|e| e.actor == "alice").count();
+    assert_eq!(by_alice, 1 + 3, "started, paused, resumed, paused: {history:#?}");
+    client.resume(call("resume-2")).await.unwrap();
     // After a restart too: the answer was kept with the change.
     server.stop().await;
     let server = Server::start(dir.path()).await;
