@@ -376,7 +376,11 @@ async fn an_operator_call_repeated_with_its_request_id_is_answered_not_made_agai
     let history = client.history(pb::HistoryRequest { id: id.clone() });
     let history = history.await.unwrap().into_inner().events;
     let by_alice = history.iter().filter(|e| e.actor == "alice").count();
-    assert_eq!(by_alice, 1 + 3, "started, paused, resumed, paused: {history:#?}");
+    assert_eq!(
+        by_alice,
+        1 + 3,
+        "started, paused, resumed, paused: {history:#?}"
+    );
     client.resume(call("resume-2")).await.unwrap();
     // After a restart too: the answer was kept with the change.
     server.stop().await;
