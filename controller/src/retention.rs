@@ -12,8 +12,13 @@ pub struct Seen<'a> {
     pub ended: bool,
 }
 
-/// The ids of the releases to forget, oldest first.
-pub fn forget<'a>(releases: impl IntoIterator<Item = Seen<'a>>, keep: usize) -> Vec<String> {
+/// The ids of the releases to forget, oldest first; never `just_ended`, which counts as kept
+/// (its watchers and webhooks have yet to hear of its end).
+pub fn forget<'a>(
+    releases: impl IntoIterator<Item = Seen<'a>>,
+    keep: usize,
+    just_ended: Option<&str>,
+) -> Vec<String> {
     if keep == 0 {
         return Vec::new();
     }
@@ -35,6 +40,7 @@ pub fn forget<'a>(releases: impl IntoIterator<Item = Seen<'a>>, keep: usize) -> 
                 .map(|(_, id)| id.to_string()),
         );
     }
+    out.retain(|id| Some(id.as_str()) != just_ended);
     out
 }
 
@@ -69,16 +75,25 @@ mod tests {
             seen("my-app-11", true),
         ];
         // By number, not as text: a-10 is newer than a-5.
-        let forgotten = forget(releases, 2);
+        let forgotten = forget(releases, 2, None);
         assert_eq!(forgotten, ["a-1", "a-2", "a-3"]);
+    }
+
+    #[test]
+    fn the_release_that_just_ended_is_kept_though_newer_ones_ended_before_it() {
+        // a-1 was superseded by a-2, which ended first; a-1's rollback ends now.
+        let releases = || [seen("a-1", true), seen("a-2", true)];
+        assert!(forget(releases(), 1, Some("a-1")).is_empty());
+        // Once anything else ends, a-1 goes.
+        assert_eq!(forget(releases(), 1, Some("a-2")), ["a-1"]);
     }
 
     #[test]
     fn a_service_with_few_ended_releases_and_keep_0_forget_nothing() {
         let releases = || [seen("a-1", true), seen("a-2", false)];
-        assert!(forget(releases(), 1).is_empty());
-        assert!(forget(releases(), 0).is_empty());
+        assert!(forget(releases(), 1, None).is_empty());
+        assert!(forget(releases(), 0, None).is_empty());
         let ids: Vec<String> = (1..=5).map(|n| format!("a-{n}")).collect();
-        assert!(forget(ids.iter().map(|id| seen(id, true)), 0).is_empty());
+        assert!(forget(ids.iter().map(|id| seen(id, true)), 0, None).is_empty());
     }
 }

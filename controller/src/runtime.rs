@@ -261,8 +261,7 @@ impl Controller {
             service: &run.service,
             ended: run.engine.state().phase.is_terminal(),
         });
-        let mut old = retention::forget(seen, self.keep_releases);
-        old.retain(|id| Some(id.as_str()) != just_ended);
+        let old = retention::forget(seen, self.keep_releases, just_ended);
         if old.is_empty() {
             return Ok(());
         }
