@@ -12,7 +12,8 @@ use crate::render;
 use crate::verbs::Output;
 
 /// Show the agents connected to the controller; with `--service`, every cluster of its fleet,
-/// connected or not (exit 1 if one is not: a check to make before a release).
+/// connected or not (exit 1 if one is not, or if two agents say they are the same cluster: a
+/// check to make before a release).
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  fleetctl agents\n  fleetctl agents --service checkout")]
 pub struct Agents {
@@ -44,12 +45,18 @@ impl Agents {
                 print!("{}", render::agent_list(&listed, now));
             }
         }
+        let doubled = doubled(&listed);
+        for line in &doubled {
+            eprintln!("{line}");
+        }
         let missing = listed.iter().filter(|a| !a.connected).count();
         if missing > 0 {
             eprintln!("{missing} cluster(s) without an agent connected");
-            return Ok(ExitCode::from(1));
         }
-        Ok(ExitCode::SUCCESS)
+        match missing > 0 || !doubled.is_empty() {
+            true => Ok(ExitCode::from(1)),
+            false => Ok(ExitCode::SUCCESS),
+        }
     }
 }
 
@@ -81,9 +88,50 @@ fn missing(agents: &[pb::Agent], service: &str) -> Vec<String> {
         .collect()
 }
 
+/// An error for each cluster that more than one connected agent says it is: both apply the
+/// desired state and program the region's proxies. Pure.
+fn doubled(agents: &[pb::Agent]) -> Vec<String> {
+    let mut count = std::collections::BTreeMap::<(&str, &str), usize>::new();
+    for a in agents.iter().filter(|a| a.connected) {
+        *count.entry((&a.region, &a.cluster)).or_default() += 1;
+    }
+    (count.into_iter().filter(|(_, n)| *n > 1))
+        .map(|((region, cluster), n)| {
+            format!(
+                "error: {n} agents say they are cluster {cluster} of region {region}: stop all but \
+                 one (a second install, or an old agent still running)"
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_two_connected_agents_say_they_are_is_an_error() {
+        let agent = |region: &str, cluster: &str, connected| pb::Agent {
+            region: region.into(),
+            cluster: cluster.into(),
+            connected,
+            ..Default::default()
+        };
+        let listed = [
+            agent("eu-west", "euw-a", true),
+            agent("eu-west", "euw-a", true),
+            agent("us-east", "euw-a", true),
+            agent("us-east", "use-a", false),
+            agent("us-east", "use-a", true),
+        ];
+        assert_eq!(
+            doubled(&listed),
+            [
+                "error: 2 agents say they are cluster euw-a of region eu-west: stop all but one (a \
+              second install, or an old agent still running)"
+            ]
+        );
+    }
 
     #[test]
     fn each_cluster_without_an_agent_is_warned_of() {
