@@ -332,19 +332,19 @@ impl Etcd {
 
     /// Renews lease `id` once; the seconds it has left (0: it had expired).
     pub async fn renew(&self, id: i64) -> anyhow::Result<i64> {
-        let once = || async {
-            let request = tokio_stream::once(pb::LeaseKeepAliveRequest { id });
-            let answers = self.lease.clone().lease_keep_alive(request).await?;
-            answers.into_inner().message().await
-        };
-        let answer = match once().await {
-            Err(status) if self.user.is_some() && wants_token(&status) => {
-                self.authenticate().await?;
-                once().await
-            }
-            answer => answer,
-        };
-        match answer.map_err(said)? {
+        // One keep-alive on a stream of its own: its first answer, as a call's.
+        let answer = self
+            .call(|| {
+                let mut lease = self.lease.clone();
+                async move {
+                    let request = tokio_stream::once(pb::LeaseKeepAliveRequest { id });
+                    let answers = lease.lease_keep_alive(request).await?;
+                    let first = answers.into_inner().message().await?;
+                    Ok(tonic::Response::new(first))
+                }
+            })
+            .await?;
+        match answer {
             Some(answer) => Ok(answer.ttl),
             None => Err(anyhow!(
                 "etcd closed the keep-alive stream without an answer"
