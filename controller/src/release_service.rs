@@ -238,11 +238,6 @@ impl ReleaseService for Releases {
         let actor = actor(&caller, &r.actor);
         self.once("start_release", &caller, &r.request_id, |request| {
             let controller = &self.controller;
-            // Started by this very request, whose answer was lost (the store failed, or the
-            // controller died, between the release's first change and the answer): that.
-            if let Some(answer) = controller.started_by(request) {
-                return Ok((answer, Stored::No));
-            }
             let from = controller.store.version(&r.service).map_err(internal)?;
             let number = controller.store.next_release_number().map_err(internal)?;
             let mut inner = controller.lock();
@@ -312,7 +307,6 @@ impl ReleaseService for Releases {
                     started_at_ms: now.timestamp_millis(),
                     history_len: 0,
                     unstored_manifest: Some(source),
-                    request: Some(request.to_string()),
                 },
             );
             let answer = match controller.step_answering(&mut inner, &id, |_| {}, request) {

@@ -145,8 +145,6 @@ pub(crate) struct Running {
     pub history_len: u64,
     /// The fleet manifest it was started with, until its first change stores it.
     pub unstored_manifest: Option<String>,
-    /// The key of the request that started it.
-    pub request: Option<String>,
 }
 
 pub(crate) struct Agent {
@@ -221,7 +219,6 @@ impl Controller {
                     started_at_ms: r.started_at_ms,
                     history_len: r.history_len,
                     unstored_manifest: None,
-                    request: r.request,
                 },
             );
         }
@@ -278,14 +275,6 @@ impl Controller {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The release the request keyed `request` started, if one did, as `GetRelease` answers.
-    pub(crate) fn started_by(&self, request: &str) -> Option<pb::Release> {
-        let inner = self.lock();
-        let mut releases = inner.releases.iter();
-        let (id, run) = releases.find(|(_, run)| run.request.as_deref() == Some(request))?;
-        Some(convert::release(id, run.started_at_ms, &run.engine))
     }
 
     /// Feeds release `id` through `f`, persists the outcome, then acts on it.
@@ -347,7 +336,6 @@ impl Controller {
         let record = StoredRelease {
             service: run.service.clone(),
             strategy_override: run.strategy_override.clone(),
-            request: run.request.clone(),
             started_at_ms: run.started_at_ms,
             history_len: run.history_len,
             state: state.clone(),

@@ -1,13 +1,13 @@
 //! What the controller keeps: fleets, releases with their engine state, history, the manifest
-//! each was started with and the key of the request that started it, the last desired state
-//! of every region, answered requests, and the epoch. Ended releases beyond `--keep-releases`
-//! of a service are forgotten with their history and manifest (`Store::forget`); answers are
-//! kept. Two stores keep it: the
-//! embedded one (redb, one file; the default) and etcd, for controllers that stand in for each
-//! other (`etcd.rs` in this directory, with `leader.rs`).
+//! each was started with, the last desired state of every region, answered requests, and the
+//! epoch. Ended releases beyond `--keep-releases` of a service are forgotten with their
+//! history and manifest (`Store::forget`); answers are kept. Two stores keep it: the embedded
+//! one (redb, one file; the default) and etcd, for controllers that stand in for each other
+//! (`etcd.rs` in this directory, with `leader.rs`).
 //!
-//! Every change to a release is one transaction: its new state, its new history events and
-//! the desired states it sends are durable together, before any of it leaves the controller.
+//! Every change to a release is one transaction: its new state, its new history events, the
+//! desired states it sends and the answer to the request that made it are durable together,
+//! before any of it leaves the controller.
 
 mod embedded;
 mod etcd;
@@ -37,10 +37,6 @@ pub struct StoredRelease {
     /// The strategy the release was started with instead of the manifest's.
     #[serde(default)]
     pub strategy_override: Option<String>,
-    /// The key of the request that started it, so that a repeat of the request whose answer
-    /// was lost is answered with it.
-    #[serde(default)]
-    pub request: Option<String>,
     pub state: State,
 }
 
@@ -165,7 +161,6 @@ pub(crate) mod fixtures {
             started_at_ms: 1,
             history_len: 12,
             strategy_override: None,
-            request: Some("start_release/r1".into()),
             state: engine.state().clone(),
         }
     }
