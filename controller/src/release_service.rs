@@ -107,13 +107,27 @@ impl Releases {
                 .map(Response::new)
                 .map_err(|e| Status::internal(e.to_string()));
         }
-        let (answer, stored) = act(request_id)?;
+        let (answer, stored) = act(request_id).map_err(|s| self.starting_over(s))?;
         if stored == Stored::No {
             store
                 .answer(request_id, &answer.encode_to_vec())
-                .map_err(internal)?;
+                .map_err(|e| self.starting_over(internal(e)))?;
         }
         Ok(Response::new(answer))
+    }
+
+    /// A call that failed because the store takes no more writes is Unavailable, not
+    /// Internal: the controller starts over from its store (or another leads), and the
+    /// client should make the call again, with the same request_id.
+    fn starting_over(&self, failed: Status) -> Status {
+        match (failed.code(), self.controller.store.lost().why()) {
+            (tonic::Code::Internal, Some(why)) => Status::unavailable(format!(
+                "the controller is starting over from its store ({why}); the call may not \
+                 have been made: make it again, with the same request_id, once the controller \
+                 is back"
+            )),
+            _ => failed,
+        }
     }
 
     fn release(&self, id: &str) -> Result<pb::Release, Status> {

@@ -63,17 +63,89 @@ pub fn said_once(
 
 /// A channel to the controller at `url`, connected.
 pub async fn channel(url: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
-    let endpoint = endpoint(url, tls)?;
+    Ok(dial(url, tls).await?)
+}
+
+/// [`channel`], telling a controller away for a moment from settings that cannot work: the
+/// error says whether another try may get through ([`Unreached::passing`]).
+pub async fn dial(url: &str, tls: &ClientTls) -> Result<Channel, Unreached> {
+    let endpoint = endpoint(url, tls).map_err(|e| Unreached {
+        said: format!("{e:#}"),
+        passing: false,
+    })?;
     // The endpoint's own timeout covers the TCP connect only, not the TLS handshake after.
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(e)) => anyhow::bail!(
-            "cannot reach the controller at {url} ({HINT}): {}",
-            said_once(e.to_string(), std::error::Error::source(&e))
-        ),
-        Err(_) => anyhow::bail!(
-            "cannot reach the controller at {url}: no connection within {CONNECT_TIMEOUT:?} ({HINT})"
-        ),
+        Ok(Err(e)) => Err(Unreached {
+            said: format!(
+                "cannot reach the controller at {url} ({HINT}): {}",
+                said_once(e.to_string(), std::error::Error::source(&e))
+            ),
+            passing: passing(&e),
+        }),
+        Err(_) => Err(Unreached {
+            said: format!(
+                "cannot reach the controller at {url}: no connection within {CONNECT_TIMEOUT:?} ({HINT})"
+            ),
+            passing: true,
+        }),
+    }
+}
+
+/// Why the controller could not be dialled.
+#[derive(Debug)]
+pub struct Unreached {
+    said: String,
+    /// Another try may get through: the connection was refused, reset, closed or timed out
+    /// (a controller restarting, or handing its lead over), rather than a setting that
+    /// cannot work (a bad URL or file, a name that does not resolve, a certificate refused).
+    pub passing: bool,
+}
+
+impl std::fmt::Display for Unreached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.said)
+    }
+}
+
+impl std::error::Error for Unreached {}
+
+/// Whether `error`, by itself or an error beneath it, is a connection that failed the way a
+/// controller away for a moment makes it fail: refused, reset, closed early or timed out.
+/// A TLS failure is not (rustls's errors come as `InvalidData`), nor a name not resolved.
+pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | BrokenPipe
+                    | NotConnected
+                    | UnexpectedEof
+                    | TimedOut
+            );
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && (h.is_closed() || h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// Whether a call that failed with `s` may be made again once the controller is back: the
+/// controller said it is unavailable (stopping, starting over), or the connection failed as
+/// [`passing`] says. Not a refusal, nor a call cut by TLS.
+pub fn call_passing(s: &tonic::Status) -> bool {
+    match std::error::Error::source(s) {
+        Some(below) => passing(below),
+        None => s.code() == tonic::Code::Unavailable,
     }
 }
 
@@ -188,6 +260,68 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             self.1.as_deref().map(|e| e as _)
         }
+    }
+
+    #[tokio::test]
+    async fn a_controller_away_is_dialled_again_and_one_that_cannot_be_spoken_to_is_not() {
+        let url = |scheme: &str, listener: &tokio::net::TcpListener| {
+            let port = listener.local_addr().unwrap().port();
+            format!("{scheme}://localhost:{port}")
+        };
+        // Nothing listens: refused.
+        let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let nothing = url("http", &free);
+        drop(free);
+        let refused = dial(&nothing, &ClientTls::default()).await.unwrap_err();
+        assert!(refused.passing, "{refused}");
+        // Each connection closed at once (a standby that knows no leader): the handshake cut.
+        let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed = url("https", &closing);
+        tokio::spawn(async move {
+            while let Ok((connection, _)) = closing.accept().await {
+                drop(connection);
+            }
+        });
+        let cut = dial(&closed, &ClientTls::default()).await.unwrap_err();
+        assert!(cut.passing, "{cut}");
+        // Plain HTTP where TLS was asked for: another try would only fail the same way.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let answering = url("https", &plain);
+        tokio::spawn(async move {
+            while let Ok((mut connection, _)) = plain.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = connection
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                    .await;
+            }
+        });
+        let tls = dial(&answering, &ClientTls::default()).await.unwrap_err();
+        assert!(!tls.passing, "{tls}");
+        // A URL that cannot work.
+        let bad = dial("no url", &ClientTls::default()).await.unwrap_err();
+        assert!(!bad.passing, "{bad}");
+    }
+
+    #[test]
+    fn a_call_is_made_again_after_a_cut_connection_or_a_controller_unavailable_only() {
+        let with = |code, below: std::io::Error| {
+            let mut s = tonic::Status::new(code, "failed");
+            s.set_source(std::sync::Arc::new(below));
+            s
+        };
+        let io = std::io::Error::from;
+        use std::io::ErrorKind::{ConnectionReset, InvalidData};
+        use tonic::Code::{Internal, NotFound, Unavailable, Unknown};
+        assert!(call_passing(&tonic::Status::new(
+            Unavailable,
+            "starting over"
+        )));
+        assert!(call_passing(&with(Unknown, io(ConnectionReset))));
+        assert!(call_passing(&with(Unavailable, io(ConnectionReset))));
+        // A TLS alert (rustls's errors come as InvalidData), or an answer.
+        assert!(!call_passing(&with(Unavailable, io(InvalidData))));
+        assert!(!call_passing(&tonic::Status::new(Internal, "failed")));
+        assert!(!call_passing(&tonic::Status::new(NotFound, "no release")));
     }
 
     #[test]

@@ -46,6 +46,9 @@ async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_fr
     let (id, watch) = world.release_into_its_second_wave().await.unwrap();
     let killed = Instant::now();
     world.fleet.crash_controller().await.unwrap();
+    // A call made meanwhile, through the standby, is made again until the standby leads.
+    let meanwhile = world.fleetctl_command(&["release", "status", &id]);
+    let meanwhile = fleet_e2e::Running::start(meanwhile).unwrap();
     // The lease lives 3 s; the standby tries for the lead three times as often.
     let within = Duration::from_secs(10);
     world.fleet.standby_leads(within).await.unwrap();
@@ -59,6 +62,14 @@ async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_fr
     assert_eq!(status, 200);
     let (_, metrics) = get(format!("http://{admin}/metrics")).await;
     assert!(metrics.contains("fleet_controller_leading 1"), "{metrics}");
+    let (code, said) =
+        tokio::task::spawn_blocking(move || meanwhile.finish_within(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains(&format!("release {id}: ")), "{said}");
+    assert!(said.contains("trying again for up to 30s"), "{said}");
 
     world.succeeded_step_by_step(&id).await;
     world.each_step_once(&id).await;

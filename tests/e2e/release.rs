@@ -656,9 +656,120 @@ async fn a_controller_whose_store_fails_a_write_starts_over_from_it_and_carries_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_told_to_stop_while_it_waits_to_start_over_stops() {
-    use rustix::process::{Pid, Resource, Rlimit, Signal, getrlimit, kill_process, prlimit};
+    use rustix::process::{Signal, kill_process};
     let dir = tempfile::tempdir().unwrap();
-    // Its log on stdout too, to be read as it comes.
+    // As after five start-overs in a row: it waits 32 s before the next.
+    let (mut running, grpc, admin) = controller_alone(dir.path(), "5").await;
+    let process = full_disk(&running);
+    let mut apply = std::process::Command::new(fleet_e2e::bin("fleetctl"));
+    let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/fleet.yaml");
+    apply.args(["apply", fleet, "--controller", &format!("http://{grpc}")]);
+    apply.args(["--retry-for", "0s"]);
+    let (code, out) = tokio::task::spawn_blocking(move || fleet_e2e::run(apply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains(
+            "the controller is unavailable: the controller is starting over from its store (a \
+             write to the store failed: I/O error: File too large"
+        ),
+        "{out}"
+    );
+    // Its connections closed, it waits, not ready; told to stop, it stops at once, cleanly.
+    let mut line = String::new();
+    while !line.contains("starting over from the store in 32s") {
+        line = running.line(Duration::from_secs(10)).await.unwrap();
+    }
+    let (status, why) = get(&format!("http://{admin}/readyz")).await;
+    assert_eq!(status, 503, "{why}");
+    kill_process(process, Signal::TERM).unwrap();
+    let stopped = Instant::now();
+    let (code, out) =
+        tokio::task::spawn_blocking(move || running.finish_within(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(stopped.elapsed() < Duration::from_secs(3), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_cut_by_a_controller_starting_over_is_made_once_by_fleetctl_trying_again() {
+    use rustix::process::{Resource, getrlimit, prlimit};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut running, grpc, _admin) = controller_alone(dir.path(), "0").await;
+    let url = format!("http://{grpc}");
+    let fleetctl = |args: &[&str]| {
+        let mut command = std::process::Command::new(fleet_e2e::bin("fleetctl"));
+        command.args(args).args(["--controller", &url]);
+        command
+    };
+    let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/fleet.yaml");
+    let (code, out) = fleet_e2e::run(fleetctl(&["apply", fleet])).unwrap();
+    assert_eq!(code, 0, "{out}");
+    // The start's write fails, as on a full disk: the controller starts over from its store.
+    let process = full_disk(&running);
+    let start = ["release", "start", "e2e", "v2", "--from", "v1"];
+    let start = fleet_e2e::Running::start(fleetctl(&start)).unwrap();
+    let mut line = String::new();
+    while !line.contains("starting over from the store in 1s") {
+        line = running.line(Duration::from_secs(10)).await.unwrap();
+    }
+    // The disk has room again before the process starts over.
+    prlimit(Some(process), Resource::Fsize, getrlimit(Resource::Fsize)).unwrap();
+    let (code, out) = tokio::task::spawn_blocking(move || start.finish_within(RETRY_FOR))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("the controller is starting over from its store")
+            && out.contains("trying again for up to 30s (--retry-for)"),
+        "{out}"
+    );
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("release "))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no release in {out}"))
+        .to_string();
+    // Started once: one release, with one start in its history.
+    let (code, list) = fleet_e2e::run(fleetctl(&["release", "list", "--output", "json"])).unwrap();
+    assert_eq!(code, 0, "{list}");
+    let list: serde_json::Value = serde_json::from_str(list.lines().next().unwrap()).unwrap();
+    let ids: Vec<&str> = (list.as_array().unwrap().iter())
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id.as_str()]);
+    let history = ["release", "history", &id, "--output", "json"];
+    let (code, history) = fleet_e2e::run(fleetctl(&history)).unwrap();
+    assert_eq!(code, 0, "{history}");
+    let starts = history
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"release_started\""))
+        .count();
+    assert_eq!(starts, 1, "{history}");
+    rustix::process::kill_process(process, rustix::process::Signal::TERM).unwrap();
+    let (code, out) =
+        tokio::task::spawn_blocking(move || running.finish_within(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(code, 0, "{out}");
+}
+
+/// How long a test waits for fleetctl bearing with a controller away: its own default.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// A controller of its own on 127.0.0.1 port 0, its store in `dir`, its log read line by line
+/// (on stdout), having started over `starts_over` times in a row: it, and its gRPC and admin
+/// addresses.
+async fn controller_alone(
+    dir: &std::path::Path,
+    starts_over: &str,
+) -> (fleet_e2e::Running, String, String) {
     let mut command = std::process::Command::new("sh");
     command.args(["-c", "exec \"$0\" \"$@\" 2>&1"]);
     command.arg(fleet_e2e::bin("fleet-controller"));
@@ -669,9 +780,8 @@ async fn a_controller_told_to_stop_while_it_waits_to_start_over_stops() {
         "127.0.0.1:0",
         "--data",
     ]);
-    command.arg(dir.path().join("data")).env("NO_COLOR", "1");
-    // As after five start-overs in a row: it waits 32 s before the next.
-    command.env("FLEET_CONTROLLER_STARTS_OVER", "5");
+    command.arg(dir.join("data")).env("NO_COLOR", "1");
+    command.env("FLEET_CONTROLLER_STARTS_OVER", starts_over);
     let mut running = fleet_e2e::Running::start(command).unwrap();
     let mut line = String::new();
     while !line.contains("listening") {
@@ -687,36 +797,20 @@ async fn a_controller_told_to_stop_while_it_waits_to_start_over_stops() {
             .to_string()
     };
     let (grpc, admin) = (addr("grpc="), addr("admin="));
+    (running, grpc, admin)
+}
+
+/// Lets `running`'s files grow no further: every write to its store fails (EFBIG), as on a
+/// full disk, while the process goes on. Its pid.
+fn full_disk(running: &fleet_e2e::Running) -> rustix::process::Pid {
+    use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
     let process = Pid::from_raw(i32::try_from(running.pid()).unwrap()).unwrap();
     let full = Rlimit {
         current: Some(1),
         maximum: getrlimit(Resource::Fsize).maximum,
     };
     prlimit(Some(process), Resource::Fsize, full).unwrap();
-    let mut apply = std::process::Command::new(fleet_e2e::bin("fleetctl"));
-    let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/fleet.yaml");
-    apply.args(["apply", fleet, "--controller", &format!("http://{grpc}")]);
-    let (code, out) = tokio::task::spawn_blocking(move || fleet_e2e::run(apply))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_ne!(code, 0, "{out}");
-    assert!(out.contains("File too large"), "{out}");
-    // Its connections closed, it waits, not ready; told to stop, it stops at once, cleanly.
-    while !line.contains("starting over from the store in 32s") {
-        line = running.line(Duration::from_secs(10)).await.unwrap();
-    }
-    let (status, why) = get(&format!("http://{admin}/readyz")).await;
-    assert_eq!(status, 503, "{why}");
-    kill_process(process, Signal::TERM).unwrap();
-    let stopped = Instant::now();
-    let (code, out) =
-        tokio::task::spawn_blocking(move || running.finish_within(Duration::from_secs(5)))
-            .await
-            .unwrap()
-            .unwrap();
-    assert_eq!(code, 0, "{out}");
-    assert!(stopped.elapsed() < Duration::from_secs(3), "{out}");
+    process
 }
 
 /// Reads `url`: its status and body; 0 while nothing answers.

@@ -4,11 +4,10 @@ use std::process::ExitCode;
 
 use clap::Args;
 use fleet_proto::v1 as pb;
-use fleet_proto::v1::release_service_client::ReleaseServiceClient;
-use tonic::transport::Channel;
 
-use crate::release::{Remote, status};
+use crate::release::Remote;
 use crate::render;
+use crate::retry::{Caller, call};
 use crate::verbs::Output;
 
 /// Show the agents connected to the controller; with `--service`, every cluster of its fleet,
@@ -26,15 +25,11 @@ pub struct Agents {
 
 impl Agents {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
-        let mut client = self.remote.connect().await?;
-        let listed = client
-            .list_agents(pb::ListAgentsRequest {
-                service: self.service.clone().unwrap_or_default(),
-            })
-            .await
-            .map_err(status)?
-            .into_inner()
-            .agents;
+        let mut caller = self.remote.caller();
+        let request = pb::ListAgentsRequest {
+            service: self.service.clone().unwrap_or_default(),
+        };
+        let listed = call!(caller, list_agents, request)?.agents;
         match self.remote.output {
             Output::Json => println!(
                 "{}",
@@ -63,12 +58,12 @@ impl Agents {
 /// After a release of `service` started: a warning on stderr for each cluster of its fleet
 /// that has no agent connected, whose region will wait for one when its wave comes. Nothing
 /// if the controller cannot say (one from before `ListAgents`).
-pub async fn warn_missing(client: &mut ReleaseServiceClient<Channel>, service: &str) {
+pub async fn warn_missing(caller: &mut Caller, service: &str) {
     let request = pb::ListAgentsRequest {
         service: service.to_string(),
     };
-    if let Ok(listed) = client.list_agents(request).await {
-        for warning in missing(&listed.into_inner().agents, service) {
+    if let Ok(listed) = call!(caller, list_agents, request) {
+        for warning in missing(&listed.agents, service) {
             eprintln!("{warning}");
         }
     }

@@ -9,4 +9,5 @@ pub mod plan_table;
 pub mod progress;
 pub mod release;
 pub mod render;
+pub mod retry;
 pub mod verbs;

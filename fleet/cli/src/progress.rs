@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::release_service_client::ReleaseServiceClient;
@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 use crate::release::{status, told};
 use crate::render;
+use crate::retry::Away;
 use crate::verbs::Output;
 
 /// Follows release `id` until it ends. Exit 0 if it succeeded, 1 if not; an error (exit 2)
@@ -58,7 +59,7 @@ pub async fn watch(
             Err(s) if resumable(&s) => told(&s),
             Err(s) => return Err(status(s)),
         };
-        let lost = printer.lost.get_or_insert_with(Lost::new);
+        let lost = printer.lost.get_or_insert_with(Away::new);
         let (tries, wait) = lost.failed();
         if lost.since.elapsed() >= reconnect_for {
             anyhow::bail!(
@@ -119,33 +120,6 @@ fn resumable(s: &tonic::Status) -> bool {
     )
 }
 
-/// Since when the controller has been away, and how long to wait before dialling it again.
-struct Lost {
-    since: Instant,
-    wait: Duration,
-    /// The tries that have failed.
-    tries: u32,
-}
-
-impl Lost {
-    fn new() -> Lost {
-        Lost {
-            since: Instant::now(),
-            wait: Duration::from_millis(250),
-            tries: 0,
-        }
-    }
-
-    /// A try failed: how many have, and the wait before the next (doubled each time, up to
-    /// 5 s).
-    fn failed(&mut self) -> (u32, Duration) {
-        let wait = self.wait;
-        self.wait = (wait * 2).min(Duration::from_secs(5));
-        self.tries += 1;
-        (self.tries, wait)
-    }
-}
-
 /// Prints a release's events, each once, and keeps its bars.
 struct Printer {
     output: Output,
@@ -153,7 +127,7 @@ struct Printer {
     /// The index of the next event to print.
     next: u64,
     /// While the controller is away, since when.
-    lost: Option<Lost>,
+    lost: Option<Away>,
 }
 
 impl Printer {
@@ -322,13 +296,6 @@ mod tests {
         ] {
             assert!(!resumable(&tonic::Status::new(code, "no")), "{code:?}");
         }
-    }
-
-    #[test]
-    fn the_wait_between_tries_doubles_up_to_five_seconds() {
-        let mut lost = Lost::new();
-        let waits: Vec<u64> = (0..7).map(|_| lost.failed().1.as_millis() as u64).collect();
-        assert_eq!(waits, [250, 500, 1000, 2000, 4000, 5000, 5000]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use fleet_proto::v1 as pb;
 use fleet_proto::v1::release_service_client::ReleaseServiceClient;
 use tonic::transport::Channel;
 
+use crate::retry::{self, Caller, call};
 use crate::verbs::Output;
 use crate::{progress, render};
 
@@ -34,12 +35,24 @@ pub struct Remote {
     pub tls_key: Option<std::path::PathBuf>,
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Bear with a controller that cannot be reached, or that cuts a call (restarting, or
+    /// handing its lead to another), for this long: the call is made again, a change with the
+    /// same request id, which the controller makes at most once. 0s: fail at once.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEET_RETRY_FOR",
+        value_name = "DURATION",
+        default_value_t = retry::RETRY_FOR.into(),
+        value_parser = duration
+    )]
+    pub retry_for: humantime::Duration,
 }
 
 impl Remote {
-    /// A client of the controller these flags name.
-    pub async fn connect(&self) -> anyhow::Result<ReleaseServiceClient<Channel>> {
-        connect(&self.controller, &self.tls()).await
+    /// A caller of the controller these flags name.
+    pub fn caller(&self) -> Caller {
+        Caller::new(&self.controller, self.tls(), self.retry_for.into())
     }
 
     fn tls(&self) -> ClientTls {
@@ -146,11 +159,12 @@ impl Follow {
     /// Follows release `id` as `release watch` does.
     async fn watch(
         &self,
-        client: &mut ReleaseServiceClient<Channel>,
+        caller: &mut Caller,
         id: &str,
         output: Output,
     ) -> anyhow::Result<ExitCode> {
-        progress::watch(client, id, output, self.reconnect_for.into()).await
+        let mut client = caller.client().await?;
+        progress::watch(&mut client, id, output, self.reconnect_for.into()).await
     }
 }
 
@@ -185,15 +199,15 @@ impl Apply {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let manifest = std::fs::read_to_string(&self.file)
             .with_context(|| format!("cannot read {}", self.file))?;
-        let mut client = self.remote.connect().await?;
-        let response = client
-            .apply_fleet(pb::ApplyFleetRequest {
+        let mut caller = self.remote.caller();
+        let response = call!(
+            caller,
+            apply_fleet,
+            pb::ApplyFleetRequest {
                 request_id: request_id(),
                 manifest,
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
+            }
+        )?;
         for w in &response.warnings {
             eprintln!(
                 "{}:{}:{}: warning: {}: {}; {}",
@@ -215,7 +229,7 @@ impl Apply {
 
 impl Release {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
-        let mut client = self.remote.connect().await?;
+        let mut caller = self.remote.caller();
         let output = self.remote.output;
         let steer = |s: &Steer| pb::OperatorRequest {
             request_id: request_id(),
@@ -239,38 +253,37 @@ impl Release {
                         .with_context(|| format!("cannot read {file}"))?,
                     None => String::new(),
                 };
-                let request = pb::StartReleaseRequest {
-                    request_id: request_id(),
-                    service,
-                    version,
-                    emergency_reason: emergency.unwrap_or_default(),
-                    supersede,
-                    actor: actor(),
-                    from_version: from_version.unwrap_or_default(),
-                    strategy_override,
-                };
-                let started = client
-                    .start_release(request)
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                crate::agents::warn_missing(&mut client, &started.service).await;
+                let started = call!(
+                    caller,
+                    start_release,
+                    pb::StartReleaseRequest {
+                        request_id: request_id(),
+                        service,
+                        version,
+                        emergency_reason: emergency.unwrap_or_default(),
+                        supersede,
+                        actor: actor(),
+                        from_version: from_version.unwrap_or_default(),
+                        strategy_override,
+                    }
+                )?;
+                crate::agents::warn_missing(&mut caller, &started.service).await;
                 if watch {
                     if output == Output::Table {
                         println!("started {}", started.id);
                     }
-                    return follow.watch(&mut client, &started.id, output).await;
+                    return follow.watch(&mut caller, &started.id, output).await;
                 }
                 started
             }
             ReleaseVerb::List { service } => {
-                let list = client
-                    .list_releases(pb::ListReleasesRequest {
+                let list = call!(
+                    caller,
+                    list_releases,
+                    pb::ListReleasesRequest {
                         service: service.unwrap_or_default(),
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
+                    }
+                )?;
                 match output {
                     Output::Json => println!(
                         "{}",
@@ -282,20 +295,12 @@ impl Release {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            ReleaseVerb::Status { id } => client
-                .get_release(pb::GetReleaseRequest { id })
-                .await
-                .map_err(status)?
-                .into_inner(),
+            ReleaseVerb::Status { id } => call!(caller, get_release, pb::GetReleaseRequest { id })?,
             ReleaseVerb::Watch { id, follow } => {
-                return follow.watch(&mut client, &id, output).await;
+                return follow.watch(&mut caller, &id, output).await;
             }
             ReleaseVerb::History { id } => {
-                let history = client
-                    .history(pb::HistoryRequest { id })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
+                let history = call!(caller, history, pb::HistoryRequest { id })?;
                 for e in &history.events {
                     match output {
                         Output::Json => println!("{}", render::event_json(e)),
@@ -304,14 +309,10 @@ impl Release {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            ReleaseVerb::Promote(s) => client
-                .promote(steer(&s))
-                .await
-                .map_err(status)?
-                .into_inner(),
-            ReleaseVerb::Pause(s) => client.pause(steer(&s)).await.map_err(status)?.into_inner(),
-            ReleaseVerb::Resume(s) => client.resume(steer(&s)).await.map_err(status)?.into_inner(),
-            ReleaseVerb::Abort(s) => client.abort(steer(&s)).await.map_err(status)?.into_inner(),
+            ReleaseVerb::Promote(s) => call!(caller, promote, steer(&s))?,
+            ReleaseVerb::Pause(s) => call!(caller, pause, steer(&s))?,
+            ReleaseVerb::Resume(s) => call!(caller, resume, steer(&s))?,
+            ReleaseVerb::Abort(s) => call!(caller, abort, steer(&s))?,
         };
         match output {
             Output::Json => println!("{}", render::release_json(&release)),
@@ -323,19 +324,22 @@ impl Release {
 
 /// A controller's refusal, as the user should read it. A call cut below gRPC (the connection
 /// closed or reset: a controller that asks for a client certificate closes it on a client
-/// without one) is not the controller's answer, and is told as such.
+/// without one) is not the controller's answer, and is told as such; nor is a controller
+/// that says it is unavailable (stopping, or starting over).
 pub fn status(s: tonic::Status) -> anyhow::Error {
     // A status made from a transport error carries it as its source (a TLS alert, a reset);
     // one the controller answered has none.
-    let cut = std::error::Error::source(&s).is_some()
-        || matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled);
+    let cut = std::error::Error::source(&s).is_some() || s.code() == tonic::Code::Cancelled;
     let why = told(&s);
-    match cut {
-        true => anyhow::anyhow!(
+    match (cut, s.code()) {
+        (true, _) => anyhow::anyhow!(
             "the connection to the controller failed: {why} ({})",
             fleet_proto::connect::HINT
         ),
-        false => anyhow::anyhow!("the controller refused: {why}"),
+        (false, tonic::Code::Unavailable) => {
+            anyhow::anyhow!("the controller is unavailable: {why}")
+        }
+        (false, _) => anyhow::anyhow!("the controller refused: {why}"),
     }
 }
 

@@ -1,0 +1,159 @@
+//! Calls that bear with a controller away for a moment: one restarting, starting over from its
+//! store, or handing its lead to another. Such a call is made again, on a new connection,
+//! until it is answered or `--retry-for` runs out. A change is made again with the same
+//! `request_id`, which the controller answers with its first answer if it made it already:
+//! a call cut after the controller made the change is not made twice.
+//!
+//! A refusal (no such release, a manifest that does not validate, a certificate refused) is
+//! not tried again: another try would only repeat it.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use fleet_proto::connect::{ClientTls, call_passing, dial};
+use fleet_proto::v1::release_service_client::ReleaseServiceClient;
+use tonic::transport::Channel;
+
+use crate::release::status;
+
+/// `caller.call(…)` of `method` of the release service with `request`, the same request
+/// each try.
+macro_rules! call {
+    ($caller:expr, $method:ident, $request:expr) => {{
+        let request = $request;
+        $caller
+            .call(|mut client| {
+                let request = request.clone();
+                async move { client.$method(request).await }
+            })
+            .await
+    }};
+}
+pub(crate) use call;
+
+/// How long a call bears with a controller that is away, unless told.
+pub const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// A controller's client that makes each call again while the controller is away.
+pub struct Caller {
+    url: String,
+    tls: ClientTls,
+    retry_for: Duration,
+    client: Option<ReleaseServiceClient<Channel>>,
+}
+
+impl Caller {
+    /// Calls the controller at `url`, bearing with it for `retry_for` (zero: not at all).
+    pub fn new(url: &str, tls: ClientTls, retry_for: Duration) -> Caller {
+        Caller {
+            url: url.to_owned(),
+            tls,
+            retry_for,
+            client: None,
+        }
+    }
+
+    /// Makes `call` until it is answered, or refused, or the controller has been away for
+    /// `retry_for`. `call` is given a client connected to the controller each time, and must
+    /// make the same request each time (with the same `request_id`).
+    pub async fn call<T, F, Fut>(&mut self, mut call: F) -> anyhow::Result<T>
+    where
+        F: FnMut(ReleaseServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut away: Option<Away> = None;
+        loop {
+            let failed = match self.dialled().await {
+                Ok(client) => match call(client).await {
+                    Ok(answer) => return Ok(answer.into_inner()),
+                    Err(s) if call_passing(&s) => {
+                        // A new connection for the next try: this one may be to a controller
+                        // that has stopped serving.
+                        self.client = None;
+                        status(s)
+                    }
+                    Err(s) => return Err(status(s)),
+                },
+                Err(e) if e.passing => anyhow::Error::from(e),
+                Err(e) => return Err(e.into()),
+            };
+            let away = away.get_or_insert_with(Away::new);
+            let (tries, wait) = away.failed();
+            if away.since.elapsed() + wait > self.retry_for {
+                return Err(match tries {
+                    1 => failed,
+                    _ => failed.context(format!(
+                        "gave up after {} tries in {} (--retry-for)",
+                        tries,
+                        humantime::format_duration(self.retry_for)
+                    )),
+                });
+            }
+            if tries == 1 {
+                eprintln!(
+                    "fleetctl: {failed:#}; trying again for up to {} (--retry-for)",
+                    humantime::format_duration(self.retry_for)
+                );
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// A client connected to the controller, dialled again while it is away, as
+    /// [`Caller::call`] does: for a stream to follow.
+    pub async fn client(&mut self) -> anyhow::Result<ReleaseServiceClient<Channel>> {
+        self.call(|client| async { Ok(tonic::Response::new(client)) })
+            .await
+    }
+
+    /// The client of the connection made last, or of a new one.
+    async fn dialled(
+        &mut self,
+    ) -> Result<ReleaseServiceClient<Channel>, fleet_proto::connect::Unreached> {
+        if let Some(client) = &self.client {
+            return Ok(client.clone());
+        }
+        let client = ReleaseServiceClient::new(dial(&self.url, &self.tls).await?);
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+}
+
+/// Since when the controller has been away, and how long to wait before dialling it again.
+pub(crate) struct Away {
+    pub(crate) since: Instant,
+    wait: Duration,
+    /// The tries that have failed.
+    pub(crate) tries: u32,
+}
+
+impl Away {
+    pub(crate) fn new() -> Away {
+        Away {
+            since: Instant::now(),
+            wait: Duration::from_millis(250),
+            tries: 0,
+        }
+    }
+
+    /// A try failed: how many have, and the wait before the next (doubled each time, up to
+    /// 5 s).
+    pub(crate) fn failed(&mut self) -> (u32, Duration) {
+        let wait = self.wait;
+        self.wait = (wait * 2).min(Duration::from_secs(5));
+        self.tries += 1;
+        (self.tries, wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_between_tries_doubles_up_to_five_seconds() {
+        let mut away = Away::new();
+        let waits: Vec<u64> = (0..7).map(|_| away.failed().1.as_millis() as u64).collect();
+        assert_eq!(waits, [250, 500, 1000, 2000, 4000, 5000, 5000]);
+    }
+}
