@@ -19,7 +19,7 @@ use crate::etcd::{self, Etcd};
 use crate::store::Lost;
 
 /// The leader key's name under the prefix.
-const KEY: &str = "leader";
+pub(crate) const KEY: &str = "leader";
 
 /// How the controllers of one etcd decide.
 #[derive(Clone, Debug)]

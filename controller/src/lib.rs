@@ -9,6 +9,7 @@ mod applied;
 mod convert;
 mod etcd;
 mod identity;
+mod import;
 mod leader;
 mod release_service;
 mod retention;
@@ -30,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use etcd::{Credentials, EtcdOptions};
+pub use import::{Imported, import_data};
 pub use leader::{Campaign, Holder};
 pub use runtime::Controller;
 pub use standby::advertised;

@@ -64,6 +64,12 @@ struct Args {
     /// it), such as a mounted Secret.
     #[arg(long, env = "FLEET_ETCD_PASSWORD_FILE", conflicts_with = "data")]
     etcd_password_file: Option<PathBuf>,
+    /// With --etcd: copy the embedded store of a stopped controller (the directory it was
+    /// given as --data) into etcd, under --etcd-prefix, which must hold nothing; then exit.
+    /// Releases under way are carried on by the controllers on etcd from the step they were
+    /// at.
+    #[arg(long, value_name = "DIR", requires = "etcd")]
+    import_data: Option<PathBuf>,
     /// With --etcd: the prefix of the controller's keys.
     #[arg(
         long,
@@ -121,6 +127,9 @@ async fn main() -> anyhow::Result<()> {
     // Webhook calls over https use rustls with the ring provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
+    if let Some(dir) = &args.import_data {
+        return import(dir, &args);
+    }
     let tls = match (&args.tls_cert, &args.tls_key, &args.client_ca) {
         (Some(cert), Some(key), Some(ca)) => Some(fleet_controller::tls::Reloader::new(
             fleet_controller::tls::Files {
@@ -296,6 +305,20 @@ fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{} (pid {})", host.trim(), std::process::id())
     });
+    Ok(fleet_controller::Ha {
+        etcd: etcd_options(args)?,
+        campaign: fleet_controller::Campaign {
+            us: fleet_controller::Holder {
+                name,
+                grpc: advertise,
+            },
+            ttl,
+        },
+    })
+}
+
+/// The etcd store's settings, from `--etcd` and the flags that go with it, checked.
+fn etcd_options(args: &Args) -> anyhow::Result<fleet_controller::EtcdOptions> {
     let etcd = fleet_controller::EtcdOptions {
         endpoints: args.etcd.clone(),
         prefix: args.etcd_prefix.clone(),
@@ -307,16 +330,27 @@ fn ha(args: &Args) -> anyhow::Result<fleet_controller::Ha> {
         user: etcd_user(args)?,
     };
     fleet_controller::check_etcd(&etcd)?;
-    Ok(fleet_controller::Ha {
-        etcd,
-        campaign: fleet_controller::Campaign {
-            us: fleet_controller::Holder {
-                name,
-                grpc: advertise,
-            },
-            ttl,
-        },
-    })
+    Ok(etcd)
+}
+
+/// `--import-data DIR`: copies the embedded store in `dir` into etcd, and says what it copied.
+fn import(dir: &std::path::Path, args: &Args) -> anyhow::Result<()> {
+    let options = etcd_options(args)?;
+    let i = fleet_controller::import_data(dir, &options)?;
+    say(&format!(
+        "imported {} into etcd under {}: {} fleets, {} releases with {} history events, {} \
+         desired states, {} answers ({} keys in {} transactions)",
+        dir.display(),
+        options.prefix,
+        i.fleets,
+        i.releases,
+        i.events,
+        i.desired,
+        i.answers,
+        i.keys,
+        i.transactions
+    ));
+    Ok(())
 }
 
 /// `--etcd-user` with its password from `--etcd-password-file`; both or neither.

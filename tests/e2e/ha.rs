@@ -124,6 +124,77 @@ async fn a_leader_paused_past_its_lease_steps_down_when_it_wakes_and_the_standby
     world.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_moved_from_its_data_directory_into_etcd_serves_what_it_kept() {
+    use std::ffi::OsStr;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let on_data = [OsStr::new("--data"), data.as_os_str()];
+    let (running, grpc, _) = fleet_e2e::controller_alone(&on_data, &[]).await.unwrap();
+    let fleetctl = |grpc: &str, args: &[&str]| {
+        let mut command = std::process::Command::new(fleet_e2e::bin("fleetctl"));
+        command
+            .args(args)
+            .args(["--controller", &format!("http://{grpc}")]);
+        let (code, out) = fleet_e2e::run(command).unwrap();
+        assert_eq!(code, 0, "{args:?}: {out}");
+        out
+    };
+    let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/fleet.yaml");
+    fleetctl(&grpc, &["apply", fleet]);
+    let started = fleetctl(&grpc, &["release", "start", "e2e", "v2", "--from", "v1"]);
+    assert!(started.starts_with("release e2e-1: "), "{started}");
+    fleetctl(
+        &grpc,
+        &["release", "pause", "e2e-1", "--reason", "before the move"],
+    );
+    let history = ["release", "history", "e2e-1", "--output", "json"];
+    let before = fleetctl(&grpc, &history);
+    stop(running).await;
+
+    let etcd = Etcd::start().unwrap();
+    let on_etcd = ["--etcd", &etcd.url, "--etcd-prefix", "/moved/"];
+    let import = |dir: &std::path::Path| {
+        let mut command = std::process::Command::new(fleet_e2e::bin("fleet-controller"));
+        command.args(on_etcd).arg("--import-data").arg(dir);
+        fleet_e2e::run(command).unwrap()
+    };
+    let (code, said) = import(&data);
+    assert_eq!(code, 0, "{said}");
+    assert!(
+        said.contains("imported") && said.contains("1 fleets, 1 releases with"),
+        "{said}"
+    );
+    let on_etcd: Vec<&OsStr> = on_etcd.iter().map(OsStr::new).collect();
+    let (running, grpc, _) = fleet_e2e::controller_alone(&on_etcd, &[]).await.unwrap();
+    // Every event as it was, and the release as it was left: paused, to be resumed.
+    assert_eq!(fleetctl(&grpc, &history), before);
+    let resumed = fleetctl(&grpc, &["release", "resume", "e2e-1"]);
+    assert!(resumed.starts_with("release e2e-1: "), "{resumed}");
+    // Releases are numbered on.
+    let next = ["release", "start", "e2e", "v3", "--supersede"];
+    let next = fleetctl(&grpc, &next);
+    assert!(next.starts_with("release e2e-2: "), "{next}");
+    // Not twice: the prefix holds the first copy, and more.
+    let (code, said) = import(&data);
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains("etcd already holds"), "{said}");
+    let (code, said) = import(&dir.path().join("elsewhere"));
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains("there is no store here"), "{said}");
+    stop(running).await;
+}
+
+/// Stops a controller started with `controller_alone`: SIGTERM, then a clean exit in time.
+async fn stop(running: fleet_e2e::Running) {
+    let within = Duration::from_secs(15);
+    let (code, out) = tokio::task::spawn_blocking(move || running.stop_within(within))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+}
+
 #[test]
 fn bad_etcd_flags_are_told_before_anything_listens() {
     let cases = [

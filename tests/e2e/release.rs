@@ -659,7 +659,7 @@ async fn a_controller_told_to_stop_while_it_waits_to_start_over_stops() {
     use rustix::process::{Signal, kill_process};
     let dir = tempfile::tempdir().unwrap();
     // As after five start-overs in a row: it waits 32 s before the next.
-    let (mut running, grpc, admin) = controller_alone(dir.path(), "5").await;
+    let (mut running, grpc, admin) = data_controller(dir.path(), "5").await;
     let process = full_disk(&running);
     let mut apply = std::process::Command::new(fleet_e2e::bin("fleetctl"));
     let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/fleet.yaml");
@@ -699,7 +699,7 @@ async fn a_controller_told_to_stop_while_it_waits_to_start_over_stops() {
 async fn a_start_cut_by_a_controller_starting_over_is_made_once_by_fleetctl_trying_again() {
     use rustix::process::{Resource, getrlimit, prlimit};
     let dir = tempfile::tempdir().unwrap();
-    let (mut running, grpc, _admin) = controller_alone(dir.path(), "0").await;
+    let (mut running, grpc, _admin) = data_controller(dir.path(), "0").await;
     let url = format!("http://{grpc}");
     let fleetctl = |args: &[&str]| {
         let mut command = std::process::Command::new(fleet_e2e::bin("fleetctl"));
@@ -751,53 +751,26 @@ async fn a_start_cut_by_a_controller_starting_over_is_made_once_by_fleetctl_tryi
         .filter(|l| l.contains("\"kind\":\"release_started\""))
         .count();
     assert_eq!(starts, 1, "{history}");
-    rustix::process::kill_process(process, rustix::process::Signal::TERM).unwrap();
-    let (code, out) =
-        tokio::task::spawn_blocking(move || running.finish_within(Duration::from_secs(10)))
-            .await
-            .unwrap()
-            .unwrap();
+    let within = Duration::from_secs(10);
+    let (code, out) = tokio::task::spawn_blocking(move || running.stop_within(within))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(code, 0, "{out}");
 }
 
 /// How long a test waits for fleetctl bearing with a controller away: its own default.
 const RETRY_FOR: Duration = Duration::from_secs(30);
 
-/// A controller of its own on 127.0.0.1 port 0, its store in `dir`, its log read line by line
-/// (on stdout), having started over `starts_over` times in a row: it, and its gRPC and admin
-/// addresses.
-async fn controller_alone(
+/// A controller with its store in `dir`, having started over `starts_over` times in a row.
+async fn data_controller(
     dir: &std::path::Path,
     starts_over: &str,
 ) -> (fleet_e2e::Running, String, String) {
-    let mut command = std::process::Command::new("sh");
-    command.args(["-c", "exec \"$0\" \"$@\" 2>&1"]);
-    command.arg(fleet_e2e::bin("fleet-controller"));
-    command.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--data",
-    ]);
-    command.arg(dir.join("data")).env("NO_COLOR", "1");
-    command.env("FLEET_CONTROLLER_STARTS_OVER", starts_over);
-    let mut running = fleet_e2e::Running::start(command).unwrap();
-    let mut line = String::new();
-    while !line.contains("listening") {
-        line = running.line(Duration::from_secs(10)).await.unwrap();
-    }
-    let addr = |key: &str| {
-        line.split(key)
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .to_string()
-    };
-    let (grpc, admin) = (addr("grpc="), addr("admin="));
-    (running, grpc, admin)
+    let data = dir.join("data");
+    let store = [std::ffi::OsStr::new("--data"), data.as_os_str()];
+    let env = [("FLEET_CONTROLLER_STARTS_OVER", starts_over)];
+    fleet_e2e::controller_alone(&store, &env).await.unwrap()
 }
 
 /// Lets `running`'s files grow no further: every write to its store fails (EFBIG), as on a

@@ -382,6 +382,32 @@ pub fn bin(name: &str) -> std::path::PathBuf {
     bin_dir().unwrap().join(name)
 }
 
+/// A controller of its own on 127.0.0.1 port 0, its store as `store` says (`--data DIR`, or
+/// `--etcd URL …`), with the environment variables `env`, its log read line by line (on
+/// stdout): it, once it has said where it listens, and its gRPC and admin addresses.
+pub async fn controller_alone(
+    store: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Running, String, String)> {
+    let mut command = std::process::Command::new("sh");
+    command.args(["-c", "exec \"$0\" \"$@\" 2>&1"]);
+    command.arg(bin("fleet-controller"));
+    command.args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    command.args(store).env("NO_COLOR", "1");
+    command.envs(env.iter().copied());
+    let mut running = Running::start(command)?;
+    let mut line = String::new();
+    while !line.contains("listening") {
+        line = running.line(Duration::from_secs(10)).await?;
+    }
+    let addr = |key: &str| {
+        let after = line.split(key).nth(1).context("no address in the line")?;
+        Ok::<_, anyhow::Error>(after.split(' ').next().unwrap_or_default().to_string())
+    };
+    let (grpc, admin) = (addr("grpc=")?, addr("admin=")?);
+    Ok((running, grpc, admin))
+}
+
 /// Runs `command` to its end, within 2 minutes (it is killed then, and that is an error);
 /// its exit code and its output, stdout then stderr. Blocking: off a test's async threads,
 /// run it with `spawn_blocking`.
@@ -474,6 +500,14 @@ impl Running {
         let mut text: String = self.lines.iter().map(|l| l + "\n").collect();
         text += &self.stderr.join().unwrap_or_default();
         Ok((status.code().unwrap_or(-1), text))
+    }
+
+    /// Sends it SIGTERM, then [`Running::finish_within`]. Blocking, as that is.
+    pub fn stop_within(self, within: Duration) -> anyhow::Result<(i32, String)> {
+        let pid = i32::try_from(self.pid())?;
+        let pid = rustix::process::Pid::from_raw(pid).context("pid 0")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+        self.finish_within(within)
     }
 }
 

@@ -47,6 +47,44 @@ impl Embedded {
         })
     }
 
+    /// Everything the store keeps, keyed as the etcd store keys it under its prefix
+    /// (`etcd.rs`), values as they are: to copy it into etcd. The epoch counter is left out:
+    /// leaders on etcd number their own epochs, above every one of this store's.
+    pub fn export(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        let tables = [
+            (FLEETS, "fleets"),
+            (RELEASES, "releases"),
+            (MANIFESTS, "manifests"),
+            (VERSIONS, "versions"),
+        ];
+        for (table, name) in tables {
+            for row in txn.open_table(table)?.iter()? {
+                let (key, value) = row?;
+                let value = value.value().as_bytes().to_vec();
+                out.push((format!("{name}/{}", key.value()), value));
+            }
+        }
+        for (table, name) in [(DESIRED, "desired"), (REQUESTS, "requests")] {
+            for row in txn.open_table(table)?.iter()? {
+                let (key, value) = row?;
+                out.push((format!("{name}/{}", key.value()), value.value().to_vec()));
+            }
+        }
+        for row in txn.open_table(HISTORY)?.iter()? {
+            let (key, value) = row?;
+            let (id, index) = key.value();
+            let value = value.value().as_bytes().to_vec();
+            out.push((format!("history/{id}/{index:020}"), value));
+        }
+        if let Some(n) = txn.open_table(META)?.get("releases")? {
+            let n = n.value().to_string().into_bytes();
+            out.push(("meta/releases".to_string(), n));
+        }
+        Ok(out)
+    }
+
     /// The store on `backend`: for tests that make its writes fail.
     #[cfg(test)]
     fn on(backend: impl redb::StorageBackend) -> anyhow::Result<Embedded> {

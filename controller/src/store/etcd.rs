@@ -464,6 +464,114 @@ mod tests {
         assert!(store.history("e2e-150", 0).unwrap().is_empty());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_embedded_store_imported_into_etcd_reads_back_as_it_was() {
+        use crate::store::Embedded;
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = Embedded::open(dir.path()).unwrap();
+        for _ in 0..3 {
+            embedded.next_release_number().unwrap();
+            embedded.next_epoch().unwrap();
+        }
+        for service in ["checkout", "search"] {
+            let fleet = StoredFleet {
+                service: service.into(),
+                manifest: format!("service: {service}"),
+                applied_at_ms: 3,
+            };
+            embedded.put_fleet(&fleet).unwrap();
+        }
+        // 150 events: more than one transaction takes.
+        let events: Vec<_> = (0..150).map(|i| (i, event(format!("e{i}")))).collect();
+        let changes = [
+            (
+                "checkout-1",
+                &events[..],
+                Some(("checkout", "v2")),
+                Some("m1"),
+            ),
+            ("checkout-3", &events[..5], None, None),
+        ];
+        for (id, events, version, manifest) in changes {
+            let change = ReleaseChange {
+                id,
+                release: &release(),
+                events,
+                desired: &[("us-west".to_string(), vec![1, 2])],
+                version,
+                manifest,
+                answer: Some((&format!("start_release/{id}"), &[7])),
+            };
+            embedded.save_release(change).unwrap();
+        }
+        embedded.put_desired("eu", &[4]).unwrap();
+        embedded.answer("apply_fleet/a", b"done").unwrap();
+        // Not while a controller has the file open.
+        let server = server::Etcd::start().unwrap();
+        let options = EtcdOptions {
+            endpoints: vec![server.url.clone()],
+            prefix: "/test/".into(),
+            tls: Default::default(),
+            user: None,
+        };
+        let in_use = crate::import_data(dir.path(), &options).unwrap_err();
+        assert!(
+            format!("{in_use:#}").contains("stop it first"),
+            "{in_use:#}"
+        );
+        drop(embedded);
+        let imported = crate::import_data(dir.path(), &options).unwrap();
+        let expected = crate::Imported {
+            fleets: 2,
+            releases: 2,
+            events: 155,
+            desired: 2,
+            answers: 3,
+            keys: 2 + 2 + 155 + 2 + 3 + 1 + 1 + 1,
+            transactions: 2,
+        };
+        assert_eq!(imported, expected);
+        // Into a prefix that holds something: refused, and nothing is changed.
+        let again = crate::import_data(dir.path(), &options).unwrap_err();
+        assert!(
+            format!("{again:#}").contains("etcd already holds 167 keys under the prefix /test/"),
+            "{again:#}"
+        );
+        let nowhere = crate::import_data(&dir.path().join("nothing"), &options).unwrap_err();
+        assert!(
+            format!("{nowhere:#}").contains("there is no store here"),
+            "{nowhere:#}"
+        );
+
+        // What the controllers on etcd read is what the embedded store holds.
+        let embedded = Embedded::open(dir.path()).unwrap();
+        let etcd = connect(&server);
+        let leading = lead(&etcd, "a").await;
+        let store = EtcdStore::new(etcd, leading.fence.clone(), leading.epoch);
+        let both = |f: &dyn Fn(&dyn Store) -> String| (f(&embedded), f(&store));
+        let (a, b) = both(&|s| serde_json::to_string(&s.fleets().unwrap()).unwrap());
+        assert_eq!(a, b);
+        let (a, b) = both(&|s| serde_json::to_string(&s.releases().unwrap()).unwrap());
+        assert_eq!(a, b);
+        for id in ["checkout-1", "checkout-3"] {
+            let (a, b) = both(&|s| serde_json::to_string(&s.history(id, 0).unwrap()).unwrap());
+            assert_eq!(a, b, "{id}");
+            let (a, b) = both(&|s| format!("{:?}", s.release_manifest(id).unwrap()));
+            assert_eq!(a, b, "{id}");
+            let key = format!("start_release/{id}");
+            let (a, b) = both(&|s| format!("{:?}", s.answered(&key).unwrap()));
+            assert_eq!(a, b, "{id}");
+        }
+        let (a, b) = both(&|s| format!("{:?}", s.desired().unwrap()));
+        assert_eq!(a, b);
+        let (a, b) = both(&|s| format!("{:?}", s.version("checkout").unwrap()));
+        assert_eq!((a.as_str(), b.as_str()), ("Some(\"v2\")", "Some(\"v2\")"));
+        let (a, b) = both(&|s| format!("{:?}", s.answered("apply_fleet/a").unwrap()));
+        assert_eq!(a, b);
+        // Releases are numbered on from the embedded store's count.
+        assert_eq!(store.next_release_number().unwrap(), 4);
+    }
+
     /// A connection to `server` as `user` with `password`.
     fn connect_as(server: &server::Etcd, user: &str, password: &str) -> Etcd {
         let options = EtcdOptions {
