@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::identity::{Operator, Role};
 use crate::runtime::{Controller, Running};
+use crate::store::answer;
 
 pub struct Releases {
     pub controller: Arc<Controller>,
@@ -102,15 +103,22 @@ impl Releases {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let store = &self.controller.store;
-        if let Some(bytes) = store.answered(request_id).map_err(internal)? {
-            return T::decode(bytes.as_slice())
+        // Not read (etcd unreachable, say): nothing was done, and another try may read it.
+        let answered = store.answered(request_id).map_err(|e| {
+            Status::unavailable(format!(
+                "cannot read the store, so nothing was done: {e:#}; make the call again"
+            ))
+        })?;
+        if let Some(kept) = answered {
+            return T::decode(answer::answer(&kept))
                 .map(Response::new)
                 .map_err(|e| Status::internal(e.to_string()));
         }
         let (answer, stored) = act(request_id).map_err(|s| self.starting_over(s))?;
         if stored == Stored::No {
+            let kept = answer::stamped(Utc::now().timestamp_millis(), &answer.encode_to_vec());
             store
-                .answer(request_id, &answer.encode_to_vec())
+                .answer(request_id, &kept)
                 .map_err(|e| self.starting_over(internal(e)))?;
         }
         Ok(Response::new(answer))

@@ -21,7 +21,7 @@ use tonic::Status;
 use crate::applied::region_applied;
 use crate::convert;
 use crate::retention;
-use crate::store::{Embedded, ReleaseChange, Store, StoredFleet, StoredRelease};
+use crate::store::{self, Embedded, ReleaseChange, Store, StoredFleet, StoredRelease};
 use crate::webhook;
 
 pub type AgentTx = mpsc::UnboundedSender<Result<pb::ControllerMessage, Status>>;
@@ -253,6 +253,12 @@ impl Controller {
     /// `just_ended` (its watchers and webhooks have yet to hear of its end): in the store
     /// first, then here.
     fn forget_old(&self, inner: &mut Inner, just_ended: Option<&str>) -> anyhow::Result<()> {
+        let now_ms = Utc::now().timestamp_millis();
+        let keep_for = i64::try_from(store::answer::KEEP_FOR.as_millis()).unwrap_or(i64::MAX);
+        let answers = self.store.forget_answers(now_ms - keep_for, now_ms)?;
+        if answers > 0 {
+            tracing::info!(answers, "forgot answers to requests older than a day");
+        }
         let seen = inner.releases.iter().map(|(id, run)| retention::Seen {
             id,
             service: &run.service,
@@ -345,7 +351,9 @@ impl Controller {
             .map(|(r, d)| (r.clone(), d.encode_to_vec()))
             .collect();
         let answer = request.map(|_| convert::release(id, run.started_at_ms, &run.engine));
-        let answer_bytes = answer.as_ref().map(Message::encode_to_vec);
+        let now_ms = Utc::now().timestamp_millis();
+        let answer_bytes =
+            (answer.as_ref()).map(|a| store::answer::stamped(now_ms, &a.encode_to_vec()));
         self.store.save_release(ReleaseChange {
             id,
             release: &record,
@@ -612,5 +620,31 @@ impl Controller {
             },
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::answer::{KEEP_FOR, stamped};
+
+    #[test]
+    fn answers_older_than_a_day_are_forgotten_as_the_store_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now().timestamp_millis();
+        let day = i64::try_from(KEEP_FOR.as_millis()).unwrap();
+        let store = Embedded::open(dir.path()).unwrap();
+        store
+            .answer("pause/old", &stamped(now - day - 60_000, b"old"))
+            .unwrap();
+        store
+            .answer("pause/new", &stamped(now - 60_000, b"new"))
+            .unwrap();
+        drop(store);
+        let controller = Controller::open(dir.path(), 0).unwrap();
+        assert_eq!(controller.store.answered("pause/old").unwrap(), None);
+        let new = controller.store.answered("pause/new").unwrap();
+        assert_eq!(new, Some(stamped(now - 60_000, b"new")));
     }
 }

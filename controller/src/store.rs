@@ -1,7 +1,7 @@
 //! What the controller keeps: fleets, releases with their engine state, history, the manifest
 //! each was started with, the last desired state of every region, answered requests, and the
 //! epoch. Ended releases beyond `--keep-releases` of a service are forgotten with their
-//! history and manifest (`Store::forget`); answers are kept. Two stores keep it: the embedded
+//! history and manifest (`Store::forget`); answers a day (`answer.rs`). Two stores keep it: the embedded
 //! one (redb, one file; the default) and etcd, for controllers that stand in for each other
 //! (`etcd.rs` in this directory, with `leader.rs`).
 //!
@@ -9,6 +9,7 @@
 //! desired states it sends and the answer to the request that made it are durable together,
 //! before any of it leaves the controller.
 
+pub mod answer;
 mod embedded;
 mod etcd;
 
@@ -79,9 +80,14 @@ pub trait Store: Send + Sync {
     fn history(&self, id: &str, from: u64) -> anyhow::Result<Vec<(u64, HistoryEvent)>>;
     fn desired(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>>;
     fn version(&self, service: &str) -> anyhow::Result<Option<String>>;
-    /// The answer already given to `request_id`, if any.
+    /// The answer already given to `request_id`, if any, as kept (`answer::stamped`).
     fn answered(&self, request_id: &str) -> anyhow::Result<Option<Vec<u8>>>;
-    fn answer(&self, request_id: &str, response: &[u8]) -> anyhow::Result<()>;
+    /// Keeps `kept`, an answer as `answer::stamped` makes it, for `request_id`.
+    fn answer(&self, request_id: &str, kept: &[u8]) -> anyhow::Result<()>;
+    /// Forgets the answers given before `before_ms`, and stamps with `now_ms` those kept
+    /// without a stamp (`answer::sweep`); how many it forgot. Writes only if there is
+    /// something to change.
+    fn forget_answers(&self, before_ms: i64, now_ms: i64) -> anyhow::Result<usize>;
     /// Tells once the store takes no more writes, and why.
     fn lost(&self) -> &Lost;
 }
@@ -163,6 +169,34 @@ pub(crate) mod fixtures {
             strategy_override: None,
             state: engine.state().clone(),
         }
+    }
+
+    /// Keeps answers given more than a day ago, less, and without a stamp (kept before answers
+    /// were stamped), and checks that a sweep forgets the first only, and stamps the last.
+    pub fn forgetting_answers(store: &dyn Store) {
+        use super::answer::stamped;
+        let now = chrono::Utc::now().timestamp_millis();
+        let day = 24 * 60 * 60 * 1000;
+        // More than one etcd transaction takes.
+        for i in 0..150 {
+            store
+                .answer(&format!("pause/old-{i}"), &stamped(now - day - 1, b"old"))
+                .unwrap();
+        }
+        store
+            .answer("pause/new", &stamped(now - 1, b"new"))
+            .unwrap();
+        store.answer("pause/unstamped", b"\x0a\x01c").unwrap();
+        assert_eq!(store.forget_answers(now - day, now).unwrap(), 150);
+        assert_eq!(store.answered("pause/old-0").unwrap(), None);
+        assert_eq!(store.answered("pause/old-149").unwrap(), None);
+        let new = store.answered("pause/new").unwrap();
+        assert_eq!(new, Some(stamped(now - 1, b"new")));
+        let unstamped = store.answered("pause/unstamped").unwrap();
+        assert_eq!(unstamped, Some(stamped(now, b"\x0a\x01c")));
+        // Stamped now, it is kept for a day from now.
+        assert_eq!(store.forget_answers(now - day + 1, now + 1).unwrap(), 0);
+        assert!(store.answered("pause/unstamped").unwrap().is_some());
     }
 
     /// Stores two releases with history and manifests, forgets the first, and checks that

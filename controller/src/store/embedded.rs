@@ -6,6 +6,7 @@ use anyhow::Context;
 use fleet_engine::HistoryEvent;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
+use super::answer::{self, Sweep};
 use super::{Lost, ReleaseChange, Store, StoredFleet, StoredRelease};
 
 const FLEETS: TableDefinition<'_, &str, &str> = TableDefinition::new("fleets");
@@ -246,10 +247,38 @@ impl Store for Embedded {
         Ok(table.get(request_id)?.map(|v| v.value().to_vec()))
     }
 
-    fn answer(&self, request_id: &str, response: &[u8]) -> anyhow::Result<()> {
+    fn answer(&self, request_id: &str, kept: &[u8]) -> anyhow::Result<()> {
         self.write(|txn| {
-            txn.open_table(REQUESTS)?.insert(request_id, response)?;
+            txn.open_table(REQUESTS)?.insert(request_id, kept)?;
             Ok(())
+        })
+    }
+
+    fn forget_answers(&self, before_ms: i64, now_ms: i64) -> anyhow::Result<usize> {
+        let mut forget = Vec::new();
+        let mut stamp = Vec::new();
+        let txn = self.db.begin_read()?;
+        for row in txn.open_table(REQUESTS)?.iter()? {
+            let (key, kept) = row?;
+            match answer::sweep(kept.value(), before_ms, now_ms) {
+                Sweep::Keep => {}
+                Sweep::Forget => forget.push(key.value().to_string()),
+                Sweep::Stamp(stamped) => stamp.push((key.value().to_string(), stamped)),
+            }
+        }
+        drop(txn);
+        if forget.is_empty() && stamp.is_empty() {
+            return Ok(0);
+        }
+        self.write(|txn| {
+            let mut table = txn.open_table(REQUESTS)?;
+            for key in &forget {
+                table.remove(key.as_str())?;
+            }
+            for (key, stamped) in &stamp {
+                table.insert(key.as_str(), stamped.as_slice())?;
+            }
+            Ok(forget.len())
         })
     }
 
@@ -332,6 +361,12 @@ mod tests {
     fn a_forgotten_release_leaves_nothing_behind() {
         let store = Embedded::on(Shared::default()).unwrap();
         crate::store::fixtures::forgetting(&store);
+    }
+
+    #[test]
+    fn answers_older_than_a_day_are_forgotten() {
+        let store = Embedded::on(Shared::default()).unwrap();
+        crate::store::fixtures::forgetting_answers(&store);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use anyhow::{Context, anyhow};
 use fleet_engine::HistoryEvent;
 use fleet_proto::etcd as pb;
 
+use super::answer::{self, Sweep};
 use super::{Lost, ReleaseChange, Store, StoredFleet, StoredRelease};
 use crate::etcd::{self, Etcd};
 use crate::leader::Fence;
@@ -237,8 +238,29 @@ impl Store for EtcdStore {
             .map(|kv| kv.value))
     }
 
-    fn answer(&self, request_id: &str, response: &[u8]) -> anyhow::Result<()> {
-        self.write(vec![(self.key("requests", request_id), response.to_vec())])
+    fn answer(&self, request_id: &str, kept: &[u8]) -> anyhow::Result<()> {
+        self.write(vec![(self.key("requests", request_id), kept.to_vec())])
+    }
+
+    fn forget_answers(&self, before_ms: i64, now_ms: i64) -> anyhow::Result<usize> {
+        let mut ops = Vec::new();
+        let mut forgot = 0;
+        for (name, kept) in self.list("requests", "")? {
+            let key = self.key("requests", &name);
+            match answer::sweep(&kept, before_ms, now_ms) {
+                Sweep::Keep => {}
+                Sweep::Forget => {
+                    forgot += 1;
+                    ops.push(etcd::delete(key, vec![]));
+                }
+                Sweep::Stamp(stamped) => ops.push(etcd::put(key, stamped, 0)),
+            }
+        }
+        // Under etcd's default limit of 128 operations a transaction.
+        for some in ops.chunks(100) {
+            self.transact(some.to_vec())?;
+        }
+        Ok(forgot)
     }
 
     fn lost(&self) -> &Lost {
@@ -437,6 +459,15 @@ mod tests {
         assert!(left.iter().all(|k| !k.contains("/e2e-1/")), "{left:?}");
         assert!(!left.iter().any(|k| k.ends_with("/e2e-1")), "{left:?}");
         assert!(left.iter().any(|k| k.contains("/e2e-10/")), "{left:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_older_than_a_day_are_forgotten() {
+        let server = server::Etcd::start().unwrap();
+        let etcd = connect(&server);
+        let leading = lead(&etcd, "a").await;
+        let store = EtcdStore::new(etcd, leading.fence.clone(), leading.epoch);
+        fixtures::forgetting_answers(&store);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
