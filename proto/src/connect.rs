@@ -111,13 +111,19 @@ impl std::fmt::Display for Unreached {
 impl std::error::Error for Unreached {}
 
 /// Whether `error`, by itself or an error beneath it, is a connection that failed the way a
-/// controller away for a moment makes it fail: refused, reset, closed early or timed out.
-/// A TLS failure is not (rustls's errors come as `InvalidData`), nor a name not resolved.
+/// controller away for a moment makes it fail: refused, reset, closed early or timed out
+/// (its pings unanswered, too), or a call the controller did not take up as it stopped
+/// (HTTP/2 `REFUSED_STREAM`, or a `GOAWAY` without error). A TLS failure is not (rustls's
+/// errors come as `InvalidData`), nor a name not resolved. A connection cut during the TLS
+/// handshake is, though a controller without TLS, dialled over `https://`, cuts it too.
 pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind::*;
     let mut next = Some(error);
     while let Some(e) = next {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        // h2 keeps the io error it failed with beneath it, without giving it as its source.
+        let io = (e.downcast_ref::<std::io::Error>())
+            .or_else(|| e.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+        if let Some(io) = io {
             return matches!(
                 io.kind(),
                 ConnectionRefused
@@ -130,9 +136,14 @@ pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
             );
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>()
-            && (h.is_closed() || h.is_incomplete_message() || h.is_canceled())
+            && (h.is_closed() || h.is_incomplete_message() || h.is_canceled() || h.is_timeout())
         {
             return true;
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            let reason = h2.reason();
+            return reason == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote() && reason == Some(h2::Reason::NO_ERROR));
         }
         next = e.source();
     }
@@ -268,13 +279,27 @@ mod tests {
             let port = listener.local_addr().unwrap().port();
             format!("{scheme}://localhost:{port}")
         };
+        // A CA of the test's own: nothing depends on the machine's roots.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        let tls = ClientTls {
+            ca: Some(ca_file),
+            ..ClientTls::default()
+        };
         // Nothing listens: refused.
         let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let nothing = url("http", &free);
         drop(free);
         let refused = dial(&nothing, &ClientTls::default()).await.unwrap_err();
         assert!(refused.passing, "{refused}");
-        // Each connection closed at once (a standby that knows no leader): the handshake cut.
+        assert!(
+            refused.to_string().contains("Connection refused"),
+            "{refused}"
+        );
+        // Each connection closed unread (a standby that knows no leader; also a controller
+        // without TLS, to which this is no HTTP/2 preface): the handshake cut.
         let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let closed = url("https", &closing);
         tokio::spawn(async move {
@@ -282,9 +307,9 @@ mod tests {
                 drop(connection);
             }
         });
-        let cut = dial(&closed, &ClientTls::default()).await.unwrap_err();
+        let cut = dial(&closed, &tls).await.unwrap_err();
         assert!(cut.passing, "{cut}");
-        // Plain HTTP where TLS was asked for: another try would only fail the same way.
+        // A server that answers, but not with TLS: another try would only fail the same way.
         let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let answering = url("https", &plain);
         tokio::spawn(async move {
@@ -295,8 +320,8 @@ mod tests {
                     .await;
             }
         });
-        let tls = dial(&answering, &ClientTls::default()).await.unwrap_err();
-        assert!(!tls.passing, "{tls}");
+        let not_tls = dial(&answering, &tls).await.unwrap_err();
+        assert!(!not_tls.passing, "{not_tls}");
         // A URL that cannot work.
         let bad = dial("no url", &ClientTls::default()).await.unwrap_err();
         assert!(!bad.passing, "{bad}");
@@ -318,6 +343,14 @@ mod tests {
         )));
         assert!(call_passing(&with(Unknown, io(ConnectionReset))));
         assert!(call_passing(&with(Unavailable, io(ConnectionReset))));
+        // A stream the controller refused as it stopped, or a connection h2 lost.
+        let h2 = |e: h2::Error| {
+            let mut s = tonic::Status::new(Unavailable, "failed");
+            s.set_source(std::sync::Arc::new(e));
+            s
+        };
+        assert!(call_passing(&h2(h2::Reason::REFUSED_STREAM.into())));
+        assert!(!call_passing(&h2(h2::Reason::PROTOCOL_ERROR.into())));
         // A TLS alert (rustls's errors come as InvalidData), or an answer.
         assert!(!call_passing(&with(Unavailable, io(InvalidData))));
         assert!(!call_passing(&tonic::Status::new(Internal, "failed")));

@@ -47,7 +47,8 @@ async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_fr
     let killed = Instant::now();
     world.fleet.crash_controller().await.unwrap();
     // A call made meanwhile, through the standby, is made again until the standby leads.
-    let meanwhile = world.fleetctl_command(&["release", "status", &id]);
+    let status = ["release", "status", &id, "--retry-for", "30s"];
+    let meanwhile = world.fleetctl_command(&status);
     let meanwhile = fleet_e2e::Running::start(meanwhile).unwrap();
     // The lease lives 3 s; the standby tries for the lead three times as often.
     let within = Duration::from_secs(10);

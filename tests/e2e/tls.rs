@@ -167,6 +167,8 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
         said.contains("grafana.viewer.fleet may read fleets and releases, not change them"),
         "{said}"
     );
+    // Refused, which another try would not change: told at once, not tried again.
+    let refused_at = std::time::Instant::now();
     let without = fleetctl(&[&ca_pem]);
     assert!(!without.status.success());
     let said = String::from_utf8_lossy(&without.stderr);
@@ -174,6 +176,9 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
         said.contains("client certificates, --tls-cert and --tls-key"),
         "{said}"
     );
+    // The controller's own word, not a connection cut (which would be tried again).
+    assert!(said.contains("CertificateRequired"), "{said}");
+    assert!(!said.contains("trying again"), "{said}");
     let as_agent = fleetctl(&[&ca_pem, &agent_cert, &agent_key]);
     assert!(!as_agent.status.success());
     let said = String::from_utf8_lossy(&as_agent.stderr);
@@ -183,6 +188,12 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
              operator's nor a viewer's"
         ),
         "{said}"
+    );
+    assert!(!said.contains("trying again"), "{said}");
+    let refused_in = refused_at.elapsed();
+    assert!(
+        refused_in < std::time::Duration::from_secs(5),
+        "{refused_in:?}"
     );
 
     let agent = |cluster: &str| {

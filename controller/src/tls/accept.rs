@@ -184,14 +184,36 @@ impl Reloader {
 
 async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
     let peer = tcp.peer_addr().ok();
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let accept = acceptor.accept(tcp).into_fallible();
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => Err(io::Error::new(e.kind(), format!("{peer:?}: {e}"))),
+        Ok(Err((e, tcp))) => {
+            linger(tcp).await;
+            Err(io::Error::new(e.kind(), format!("{peer:?}: {e}")))
+        }
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("{peer:?}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
         )),
     }
+}
+
+/// How long a refused client's connection is read (and what it sends dropped) before it is
+/// closed.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Closes the connection of a refused handshake so that the client reads why: the alert that
+/// says it (a certificate required, or refused) is sent; closed at once, with the client's
+/// first request unread (under TLS 1.3 it sends one before it hears), the connection would be
+/// reset, and the client would lose the alert and see a connection cut, which it would try
+/// again. So: no more writes, then what the client sends is read and dropped until it closes
+/// its side, or for [`LINGER`] at most (a lingering close, as nginx makes).
+async fn linger(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drained = async { while let Ok(1..) = tcp.read(&mut sink).await {} };
+    let _ = tokio::time::timeout(LINGER, drained).await;
 }
 
 /// Refused handshakes, logged at most every [`WARN_EVERY`]: a client shut out (another CA's

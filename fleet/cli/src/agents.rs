@@ -58,11 +58,13 @@ impl Agents {
 /// After a release of `service` started: a warning on stderr for each cluster of its fleet
 /// that has no agent connected, whose region will wait for one when its wave comes. Nothing
 /// if the controller cannot say (one from before `ListAgents`).
-pub async fn warn_missing(caller: &mut Caller, service: &str) {
+pub async fn warn_missing(caller: &Caller, service: &str) {
     let request = pb::ListAgentsRequest {
         service: service.to_string(),
     };
-    if let Ok(listed) = call!(caller, list_agents, request) {
+    // One try: the release has started; this is only a warning.
+    let mut once = caller.clone().retrying_for(std::time::Duration::ZERO);
+    if let Ok(listed) = call!(once, list_agents, request) {
         for warning in missing(&listed.agents, service) {
             eprintln!("{warning}");
         }

@@ -35,9 +35,11 @@ pub struct Remote {
     pub tls_key: Option<std::path::PathBuf>,
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// Bear with a controller that cannot be reached, or that cuts a call (restarting, or
-    /// handing its lead to another), for this long: the call is made again, a change with the
-    /// same request id, which the controller makes at most once. 0s: fail at once.
+    /// Bear with a controller that is away for a moment (the connection refused, reset or
+    /// timed out; a call cut, or answered UNAVAILABLE: restarting, or handing its lead to
+    /// another) for this long from the first try: the call is made again, a change with the
+    /// same request id, which the controller makes at most once. A refusal, a certificate
+    /// refused or a name that does not resolve is not tried again. 0s: fail at once.
     #[arg(
         long,
         global = true,
@@ -47,12 +49,22 @@ pub struct Remote {
         value_parser = duration
     )]
     pub retry_for: humantime::Duration,
+    /// The id of the change this command makes (a start, an apply, a promote…): a command
+    /// run again with the same id is answered as the first was, never made twice, for a day
+    /// (a pipeline's job id, say). Give each change its own. Default: a new one each run.
+    #[arg(long, global = true, env = "FLEET_REQUEST_ID", value_name = "ID")]
+    pub request_id: Option<String>,
 }
 
 impl Remote {
     /// A caller of the controller these flags name.
     pub fn caller(&self) -> Caller {
         Caller::new(&self.controller, self.tls(), self.retry_for.into())
+    }
+
+    /// The request id of the change this command makes: `--request-id`, or a new one.
+    pub fn request_id(&self) -> String {
+        self.request_id.clone().unwrap_or_else(request_id)
     }
 
     fn tls(&self) -> ClientTls {
@@ -157,14 +169,12 @@ struct Follow {
 
 impl Follow {
     /// Follows release `id` as `release watch` does.
-    async fn watch(
-        &self,
-        caller: &mut Caller,
-        id: &str,
-        output: Output,
-    ) -> anyhow::Result<ExitCode> {
-        let mut client = caller.client().await?;
-        progress::watch(&mut client, id, output, self.reconnect_for.into()).await
+    async fn watch(&self, caller: &Caller, id: &str, output: Output) -> anyhow::Result<ExitCode> {
+        // Bearing with a controller away from the start as from then on.
+        let reconnect_for = self.reconnect_for.into();
+        let mut dialling = caller.clone().retrying_for_at_least(reconnect_for);
+        let mut client = dialling.client().await?;
+        progress::watch(&mut client, id, output, reconnect_for).await
     }
 }
 
@@ -199,12 +209,13 @@ impl Apply {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let manifest = std::fs::read_to_string(&self.file)
             .with_context(|| format!("cannot read {}", self.file))?;
-        let mut caller = self.remote.caller();
+        let change = self.remote.request_id();
+        let mut changing = self.remote.caller().changing(&change);
         let response = call!(
-            caller,
+            changing,
             apply_fleet,
             pb::ApplyFleetRequest {
-                request_id: request_id(),
+                request_id: change.clone(),
                 manifest,
             }
         )?;
@@ -230,9 +241,11 @@ impl Apply {
 impl Release {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let mut caller = self.remote.caller();
+        let change = self.remote.request_id();
+        let mut changing = caller.clone().changing(&change);
         let output = self.remote.output;
         let steer = |s: &Steer| pb::OperatorRequest {
-            request_id: request_id(),
+            request_id: change.clone(),
             id: s.id.clone(),
             actor: actor(),
             reason: s.reason.clone(),
@@ -254,10 +267,10 @@ impl Release {
                     None => String::new(),
                 };
                 let started = call!(
-                    caller,
+                    changing,
                     start_release,
                     pb::StartReleaseRequest {
-                        request_id: request_id(),
+                        request_id: change.clone(),
                         service,
                         version,
                         emergency_reason: emergency.unwrap_or_default(),
@@ -267,12 +280,12 @@ impl Release {
                         strategy_override,
                     }
                 )?;
-                crate::agents::warn_missing(&mut caller, &started.service).await;
+                crate::agents::warn_missing(&caller, &started.service).await;
                 if watch {
                     if output == Output::Table {
                         println!("started {}", started.id);
                     }
-                    return follow.watch(&mut caller, &started.id, output).await;
+                    return follow.watch(&caller, &started.id, output).await;
                 }
                 started
             }
@@ -297,7 +310,7 @@ impl Release {
             }
             ReleaseVerb::Status { id } => call!(caller, get_release, pb::GetReleaseRequest { id })?,
             ReleaseVerb::Watch { id, follow } => {
-                return follow.watch(&mut caller, &id, output).await;
+                return follow.watch(&caller, &id, output).await;
             }
             ReleaseVerb::History { id } => {
                 let history = call!(caller, history, pb::HistoryRequest { id })?;
@@ -309,10 +322,10 @@ impl Release {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            ReleaseVerb::Promote(s) => call!(caller, promote, steer(&s))?,
-            ReleaseVerb::Pause(s) => call!(caller, pause, steer(&s))?,
-            ReleaseVerb::Resume(s) => call!(caller, resume, steer(&s))?,
-            ReleaseVerb::Abort(s) => call!(caller, abort, steer(&s))?,
+            ReleaseVerb::Promote(s) => call!(changing, promote, steer(&s))?,
+            ReleaseVerb::Pause(s) => call!(changing, pause, steer(&s))?,
+            ReleaseVerb::Resume(s) => call!(changing, resume, steer(&s))?,
+            ReleaseVerb::Abort(s) => call!(changing, abort, steer(&s))?,
         };
         match output {
             Output::Json => println!("{}", render::release_json(&release)),

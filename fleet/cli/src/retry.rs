@@ -35,11 +35,15 @@ pub(crate) use call;
 pub const RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// A controller's client that makes each call again while the controller is away.
+#[derive(Clone)]
 pub struct Caller {
     url: String,
     tls: ClientTls,
     retry_for: Duration,
     client: Option<ReleaseServiceClient<Channel>>,
+    /// The request id of the change the calls make, if they make one: told when they give
+    /// up, as the change may have been made.
+    change: Option<String>,
 }
 
 impl Caller {
@@ -50,17 +54,38 @@ impl Caller {
             tls,
             retry_for,
             client: None,
+            change: None,
         }
     }
 
-    /// Makes `call` until it is answered, or refused, or the controller has been away for
-    /// `retry_for`. `call` is given a client connected to the controller each time, and must
-    /// make the same request each time (with the same `request_id`).
+    /// This caller, bearing with the controller for `retry_for` instead.
+    pub fn retrying_for(mut self, retry_for: Duration) -> Caller {
+        self.retry_for = retry_for;
+        self
+    }
+
+    /// This caller, bearing with the controller for `at_least` if that is longer.
+    pub fn retrying_for_at_least(self, at_least: Duration) -> Caller {
+        let retry_for = self.retry_for.max(at_least);
+        self.retrying_for(retry_for)
+    }
+
+    /// This caller, for calls that make the change `request_id` names.
+    pub fn changing(mut self, request_id: &str) -> Caller {
+        self.change = Some(request_id.to_owned());
+        self
+    }
+
+    /// Makes `call` until it is answered, or refused, or `retry_for` has passed since the
+    /// first try (a try under way then is finished). `call` is given a client connected to
+    /// the controller each time, and must make the same request each time (with the same
+    /// `request_id`).
     pub async fn call<T, F, Fut>(&mut self, mut call: F) -> anyhow::Result<T>
     where
         F: FnMut(ReleaseServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        let started = Instant::now();
         let mut away: Option<Away> = None;
         loop {
             let failed = match self.dialled().await {
@@ -79,17 +104,27 @@ impl Caller {
             };
             let away = away.get_or_insert_with(Away::new);
             let (tries, wait) = away.failed();
-            if away.since.elapsed() + wait > self.retry_for {
-                return Err(match tries {
+            if started.elapsed() + wait > self.retry_for {
+                let failed = match tries {
                     1 => failed,
                     _ => failed.context(format!(
                         "gave up after {} tries in {} (--retry-for)",
                         tries,
                         humantime::format_duration(self.retry_for)
                     )),
+                };
+                return Err(match &self.change {
+                    Some(id) => failed.context(format!(
+                        "the change may or may not have been made: make it again with \
+                         --request-id {id}, which the controller answers as it answered the \
+                         first if it made it (for a day), or look first (`fleetctl release list`)"
+                    )),
+                    None => failed,
                 });
             }
-            if tries == 1 {
+            // Told once a try again has failed too: a connection cut once, and made again at
+            // once, is not worth a word (nor is a cut that the next try shows was a refusal).
+            if tries == 2 {
                 eprintln!(
                     "fleetctl: {failed:#}; trying again for up to {} (--retry-for)",
                     humantime::format_duration(self.retry_for)

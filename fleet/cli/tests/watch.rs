@@ -1,7 +1,9 @@
 //! `fleetctl release watch`, the real binary, against a TEST-ONLY fake controller on
 //! 127.0.0.1 whose `Watch` streams end as a scenario says: cut mid-release and followed again
 //! from the next event, or ended at once again and again (a controller that takes the call
-//! and drops it), which must not keep the command dialling for ever.
+//! and drops it), which must not keep the command dialling for ever. And `release pause`
+//! against one that says it is unavailable the first time: the pause made again with the
+//! same request id.
 #![allow(clippy::unwrap_used)]
 
 use std::pin::Pin;
@@ -29,6 +31,8 @@ struct Fake {
     scenario: Scenario,
     /// The `after_index` of each `Watch` call.
     calls: Arc<Mutex<Vec<u64>>>,
+    /// The request id of each `Pause` call; the first is answered UNAVAILABLE.
+    pauses: Arc<Mutex<Vec<String>>>,
 }
 
 fn event(index: u64) -> pb::ReleaseEvent {
@@ -132,9 +136,21 @@ impl ReleaseService for Fake {
     }
     async fn pause(
         &self,
-        _: Request<pb::OperatorRequest>,
+        request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::Release>, Status> {
-        unimplemented()
+        let first = {
+            let mut pauses = self.pauses.lock().unwrap();
+            pauses.push(request.into_inner().request_id);
+            pauses.len() == 1
+        };
+        match first {
+            true => Err(Status::unavailable("the controller is stopping")),
+            false => Ok(Response::new(pb::Release {
+                id: "demo-1".into(),
+                phase: "paused".into(),
+                ..Default::default()
+            })),
+        }
     }
     async fn resume(
         &self,
@@ -153,6 +169,12 @@ impl ReleaseService for Fake {
 /// Serves `fake` on 127.0.0.1 and runs `fleetctl release watch demo-1 ARGS` against it, to
 /// its end (within 30 s): its exit code, stdout and stderr.
 async fn watch(fake: Fake, args: &[&str]) -> (i32, String, String) {
+    fleetctl(fake, &[&["release", "watch", "demo-1"], args].concat()).await
+}
+
+/// Serves `fake` on 127.0.0.1 and runs `fleetctl ARGS` against it, to its end (within 30 s):
+/// its exit code, stdout and stderr.
+async fn fleetctl(fake: Fake, args: &[&str]) -> (i32, String, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(
@@ -162,8 +184,8 @@ async fn watch(fake: Fake, args: &[&str]) -> (i32, String, String) {
     );
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"));
     command
-        .args(["release", "watch", "demo-1", "--controller", &url])
         .args(args)
+        .args(["--controller", &url])
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(30), command.output())
         .await
@@ -184,6 +206,7 @@ async fn a_cut_stream_is_followed_again_from_the_next_event_each_printed_once() 
     let fake = Fake {
         scenario: Scenario::CutOnce,
         calls: Arc::clone(&calls),
+        pauses: Arc::default(),
     };
     let (code, out, err) = watch(fake, &["--output", "json"]).await;
     assert_eq!(code, 0, "{out}{err}");
@@ -207,6 +230,7 @@ async fn a_controller_that_ends_every_stream_at_once_is_given_up_on_in_time() {
     let fake = Fake {
         scenario: Scenario::EndsAtOnce,
         calls: Arc::clone(&calls),
+        pauses: Arc::default(),
     };
     let started = Instant::now();
     let (code, _, err) = watch(fake, &["--reconnect-for", "2s"]).await;
@@ -220,4 +244,52 @@ async fn a_controller_that_ends_every_stream_at_once_is_given_up_on_in_time() {
     let tries = calls.lock().unwrap().len();
     assert!((2..=6).contains(&tries), "{tries} tries");
     assert_eq!(err.matches("lost the controller").count(), 1, "{err}");
+}
+
+#[tokio::test]
+async fn a_change_the_controller_could_not_take_is_made_again_with_the_same_request_id() {
+    let pause = ["release", "pause", "demo-1", "--retry-for", "30s"];
+    for given in [None, Some("pipeline-42")] {
+        let pauses = Arc::<Mutex<Vec<String>>>::default();
+        let fake = Fake {
+            scenario: Scenario::CutOnce,
+            calls: Arc::default(),
+            pauses: Arc::clone(&pauses),
+        };
+        let args = match given {
+            Some(id) => [&pause[..], &["--request-id", id]].concat(),
+            None => pause.to_vec(),
+        };
+        let (code, out, err) = fleetctl(fake, &args).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("release demo-1: "), "{out}");
+        // Made again at once: not worth a word.
+        assert!(!err.contains("trying again"), "{err}");
+        let pauses = pauses.lock().unwrap();
+        assert_eq!(pauses.len(), 2, "{pauses:?}");
+        assert_eq!(pauses[0], pauses[1]);
+        if let Some(id) = given {
+            assert_eq!(pauses[0], id);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_change_given_up_on_says_how_to_make_it_again_without_making_it_twice() {
+    let pauses = Arc::<Mutex<Vec<String>>>::default();
+    let fake = Fake {
+        scenario: Scenario::CutOnce,
+        calls: Arc::default(),
+        pauses: Arc::clone(&pauses),
+    };
+    let pause = ["release", "pause", "demo-1", "--retry-for", "0s"];
+    let (code, out, err) = fleetctl(fake, &pause).await;
+    assert_eq!(code, 2, "{out}{err}");
+    let id = pauses.lock().unwrap()[0].clone();
+    assert!(
+        err.contains(&format!(
+            "the change may or may not have been made: make it again with --request-id {id}"
+        )),
+        "{err}"
+    );
 }
