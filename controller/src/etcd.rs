@@ -426,6 +426,53 @@ pub fn created_at(key: Vec<u8>, revision: i64) -> pb::Compare {
         target: pb::compare::CompareTarget::Create.into(),
         key,
         target_union: Some(pb::compare::TargetUnion::CreateRevision(revision)),
+        range_end: vec![],
+    }
+}
+
+/// A compare that holds while no key starts with `prefix`.
+pub fn none_under(prefix: Vec<u8>) -> pb::Compare {
+    pb::Compare {
+        range_end: prefix_end(&prefix),
+        ..created_at(prefix, 0)
+    }
+}
+
+/// Operations a transaction takes: under etcd's default limit of 128 (`--max-txn-ops`).
+pub const OPS_A_TRANSACTION: usize = 100;
+/// Bytes of keys and values a transaction takes: under etcd's default request limit of
+/// 1.5 MiB (`--max-request-bytes`).
+pub const BYTES_A_TRANSACTION: usize = 1 << 20;
+
+/// `items` in transactions, in order, each under both limits (`size` tells an item's bytes)
+/// and with at least one item: one larger than the byte limit goes alone.
+pub fn in_transactions<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item);
+        match out.last_mut() {
+            Some(last) if last.len() < OPS_A_TRANSACTION && bytes + n <= BYTES_A_TRANSACTION => {
+                bytes += n;
+                last.push(item);
+            }
+            _ => {
+                bytes = n;
+                out.push(vec![item]);
+            }
+        }
+    }
+    out
+}
+
+/// The bytes of the key and value `op` puts or deletes.
+pub fn op_size(op: &pb::RequestOp) -> usize {
+    use pb::request_op::Request;
+    match &op.request {
+        Some(Request::RequestPut(put)) => put.key.len() + put.value.len(),
+        Some(Request::RequestDeleteRange(delete)) => delete.key.len() + delete.range_end.len(),
+        Some(Request::RequestRange(range)) => range.key.len(),
+        None => 0,
     }
 }
 

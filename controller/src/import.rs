@@ -6,8 +6,12 @@
 //! request ids, and the release counter. Epochs are not: leaders on etcd number theirs above
 //! every epoch of the embedded store, so agents follow them without a restart.
 //!
-//! Only into a prefix that holds nothing, and only while no controller leads on it: every
-//! transaction holds only while no leader key exists.
+//! Only into a prefix that holds nothing, and never while a controller leads on it or reads a
+//! half-made copy: the first transaction, which holds only while no key has the prefix, makes
+//! the leader key `<prefix>leader` (no controller's, with no lease), every later one holds only
+//! while that key is the import's own, and the last deletes it. Controllers started meanwhile
+//! stand by; an import that stops halfway leaves the key, and so no controller leads on what
+//! it copied until the prefix is deleted.
 
 use std::path::Path;
 
@@ -16,10 +20,12 @@ use anyhow::Context;
 use crate::etcd::{self, Etcd, EtcdOptions};
 use crate::store::Embedded;
 
-/// Puts in one transaction: under etcd's default limit of 128 operations.
-const PUTS_A_TRANSACTION: usize = 100;
-/// Bytes in one transaction: under etcd's default request limit of 1.5 MiB.
-const BYTES_A_TRANSACTION: usize = 1 << 20;
+/// The largest entry copied: what etcd takes in one request (1.5 MiB by default), less room
+/// for the prefix and the request's framing.
+const LARGEST: usize = 1400 * 1024;
+
+/// What the leader key says while an import holds it.
+const IMPORTING: &[u8] = b"an import (fleet-controller --import-data), not a controller";
 
 /// What was copied, for people.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -52,22 +58,79 @@ pub fn import_data(dir: &Path, options: &EtcdOptions) -> anyhow::Result<Imported
         )
     })?;
     let entries = store.export()?;
+    if let Some((key, value)) = entries.iter().find(|(k, v)| k.len() + v.len() > LARGEST) {
+        anyhow::bail!(
+            "{key} is {} bytes, more than etcd takes in one request; nothing was copied",
+            key.len() + value.len()
+        );
+    }
+    let mut imported = counted(&entries);
     let etcd = Etcd::connect(options)?;
-    let prefix = etcd.key("");
-    let there = etcd.clone();
-    let held = etcd.block_on(async move { there.list(there.key(""), vec![]).await })?;
-    let prefix_text = String::from_utf8_lossy(&prefix).into_owned();
-    anyhow::ensure!(
-        held.is_empty(),
-        "etcd already holds {} keys under the prefix {prefix_text}: import into a prefix that \
-         holds nothing (--etcd-prefix); if they are from an import that failed, delete them \
-         first (etcdctl del --prefix {prefix_text})",
-        held.len()
-    );
-    let mut imported = Imported::default();
-    for (key, _) in &entries {
-        let table = key.split('/').next().unwrap_or_default();
-        match table {
+    let prefix = String::from_utf8_lossy(&etcd.key("")).into_owned();
+    let lock = etcd.key(crate::leader::KEY);
+    let mut batches = etcd::in_transactions(entries, |(k, v)| k.len() + v.len()).into_iter();
+    let puts = |batch: Vec<(String, Vec<u8>)>| -> Vec<_> {
+        (batch.into_iter())
+            .map(|(key, value)| etcd::put(etcd.key(&key), value, 0))
+            .collect()
+    };
+    let txn = |compare, success| {
+        let request = fleet_proto::etcd::TxnRequest {
+            compare: vec![compare],
+            success,
+            failure: vec![],
+        };
+        let there = etcd.clone();
+        etcd.block_on(async move { there.txn(request).await })
+    };
+    // The first: the lock, and the first entries, if nothing is under the prefix.
+    let mut first = vec![etcd::put(lock.clone(), IMPORTING.to_vec(), 0)];
+    first.extend(batches.next().map(puts).unwrap_or_default());
+    let answer = txn(etcd::none_under(etcd.key("")), first)?;
+    if !answer.succeeded {
+        let there = etcd.clone();
+        let held = etcd.block_on(async move { there.list(there.key(""), vec![]).await })?;
+        anyhow::bail!(
+            "etcd already holds {} keys under the prefix {prefix}: import into a prefix that \
+             holds nothing (--etcd-prefix); if they are from an import that failed, delete them \
+             first (etcdctl del --prefix {prefix})",
+            held.len()
+        );
+    }
+    let ours = answer.header.map_or(0, |h| h.revision);
+    imported.transactions = 1;
+    let stopped = |done: usize| {
+        format!(
+            "the import stopped after {done} transactions: what it copied is under {prefix}, \
+             where no controller leads while {prefix}{} is the import's; delete it all \
+             (etcdctl del --prefix {prefix}) and import again",
+            crate::leader::KEY
+        )
+    };
+    let rest = batches
+        .map(puts)
+        .chain([vec![etcd::delete(lock.clone(), vec![])]]);
+    for ops in rest {
+        let answer = txn(etcd::created_at(lock.clone(), ours), ops)
+            .with_context(|| stopped(imported.transactions))?;
+        anyhow::ensure!(
+            answer.succeeded,
+            "{prefix}{} is no longer the import's (deleted, or made again)",
+            crate::leader::KEY
+        );
+        imported.transactions += 1;
+    }
+    Ok(imported)
+}
+
+/// What `entries` hold, by kind.
+fn counted(entries: &[(String, Vec<u8>)]) -> Imported {
+    let mut imported = Imported {
+        keys: entries.len(),
+        ..Imported::default()
+    };
+    for (key, _) in entries {
+        match key.split('/').next().unwrap_or_default() {
             "fleets" => imported.fleets += 1,
             "releases" => imported.releases += 1,
             "history" => imported.events += 1,
@@ -76,71 +139,29 @@ pub fn import_data(dir: &Path, options: &EtcdOptions) -> anyhow::Result<Imported
             _ => {}
         }
     }
-    imported.keys = entries.len();
-    for batch in batches(entries) {
-        let puts = batch
-            .into_iter()
-            .map(|(key, value)| etcd::put(etcd.key(&key), value, 0))
-            .collect();
-        let request = fleet_proto::etcd::TxnRequest {
-            // No controller leads meanwhile: one would act on half a copy.
-            compare: vec![etcd::created_at(etcd.key(crate::leader::KEY), 0)],
-            success: puts,
-            failure: vec![],
-        };
-        let there = etcd.clone();
-        let answer = etcd.block_on(async move { there.txn(request).await })?;
-        anyhow::ensure!(
-            answer.succeeded,
-            "a controller leads on etcd under the prefix {prefix_text}: stop every controller \
-             on it, delete what was copied (etcdctl del --prefix {prefix_text}) and import again"
-        );
-        imported.transactions += 1;
-    }
-    Ok(imported)
-}
-
-/// `entries` in transactions: each under both limits, and at least one entry each.
-fn batches(entries: Vec<(String, Vec<u8>)>) -> Vec<Vec<(String, Vec<u8>)>> {
-    let mut out: Vec<Vec<(String, Vec<u8>)>> = Vec::new();
-    let mut bytes = 0;
-    for entry in entries {
-        let size = entry.0.len() + entry.1.len();
-        match out.last_mut() {
-            Some(last)
-                if last.len() < PUTS_A_TRANSACTION && bytes + size <= BYTES_A_TRANSACTION =>
-            {
-                bytes += size;
-                last.push(entry);
-            }
-            _ => {
-                bytes = size;
-                out.push(vec![entry]);
-            }
-        }
-    }
-    out
+    imported
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::etcd::in_transactions;
 
     #[test]
     fn transactions_stay_under_etcds_limits() {
         let small = |i: usize| (format!("history/a/{i:020}"), vec![0; 100]);
-        let sizes: Vec<usize> = batches((0..250).map(small).collect())
+        let size = |(k, v): &(String, Vec<u8>)| k.len() + v.len();
+        let sizes: Vec<usize> = in_transactions((0..250).map(small).collect(), size)
             .iter()
             .map(Vec::len)
             .collect();
         assert_eq!(sizes, [100, 100, 50]);
         // A value larger than the byte limit still goes, alone.
         let large = |i: usize| (format!("manifests/a-{i}"), vec![0; 600 << 10]);
-        let sizes: Vec<usize> = batches((0..3).map(large).collect())
+        let sizes: Vec<usize> = in_transactions((0..3).map(large).collect(), size)
             .iter()
             .map(Vec::len)
             .collect();
         assert_eq!(sizes, [1, 1, 1]);
-        assert!(batches(Vec::new()).is_empty());
+        assert!(in_transactions(Vec::<(String, Vec<u8>)>::new(), size).is_empty());
     }
 }

@@ -251,14 +251,24 @@ impl Controller {
 
     /// Forgets every ended release beyond the newest `keep_releases` of its service, but
     /// `just_ended` (its watchers and webhooks have yet to hear of its end): in the store
-    /// first, then here.
+    /// first, then here. Then the answers to requests older than a day.
     fn forget_old(&self, inner: &mut Inner, just_ended: Option<&str>) -> anyhow::Result<()> {
+        self.forget_old_releases(inner, just_ended)?;
         let now_ms = Utc::now().timestamp_millis();
         let keep_for = i64::try_from(store::answer::KEEP_FOR.as_millis()).unwrap_or(i64::MAX);
         let answers = self.store.forget_answers(now_ms - keep_for, now_ms)?;
         if answers > 0 {
             tracing::info!(answers, "forgot answers to requests older than a day");
         }
+        Ok(())
+    }
+
+    /// The releases part of [`Controller::forget_old`].
+    fn forget_old_releases(
+        &self,
+        inner: &mut Inner,
+        just_ended: Option<&str>,
+    ) -> anyhow::Result<()> {
         let seen = inner.releases.iter().map(|(id, run)| retention::Seen {
             id,
             service: &run.service,

@@ -256,9 +256,8 @@ impl Store for EtcdStore {
                 Sweep::Stamp(stamped) => ops.push(etcd::put(key, stamped, 0)),
             }
         }
-        // Under etcd's default limit of 128 operations a transaction.
-        for some in ops.chunks(100) {
-            self.transact(some.to_vec())?;
+        for some in etcd::in_transactions(ops, etcd::op_size) {
+            self.transact(some)?;
         }
         Ok(forgot)
     }
@@ -468,6 +467,65 @@ mod tests {
         let leading = lead(&etcd, "a").await;
         let store = EtcdStore::new(etcd, leading.fence.clone(), leading.epoch);
         fixtures::forgetting_answers(&store);
+        // Stamping answers from before stamps were kept rewrites them: more bytes than one
+        // request takes (1.5 MiB) go in several transactions.
+        let large = vec![0x0a; 100 << 10];
+        for i in 0..20 {
+            store.answer(&format!("start_release/{i}"), &large).unwrap();
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        let day = 24 * 60 * 60 * 1000;
+        assert_eq!(store.forget_answers(now - day, now).unwrap(), 0);
+        let kept = store.answered("start_release/19").unwrap().unwrap();
+        assert_eq!(kept, crate::store::answer::stamped(now, &large));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_import_that_stops_halfway_leaves_no_controller_leading_on_what_it_copied() {
+        use crate::store::Embedded;
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = Embedded::open(dir.path()).unwrap();
+        // 100 small keys first, then a manifest larger than this etcd takes in a request.
+        for i in 0..100 {
+            let fleet = StoredFleet {
+                service: format!("s{i:03}"),
+                manifest: "m".into(),
+                applied_at_ms: 1,
+            };
+            embedded.put_fleet(&fleet).unwrap();
+        }
+        let manifest = "#".repeat(300 << 10);
+        let change = ReleaseChange {
+            id: "s000-1",
+            release: &release(),
+            events: &[],
+            desired: &[],
+            version: None,
+            manifest: Some(&manifest),
+            answer: None,
+        };
+        embedded.save_release(change).unwrap();
+        drop(embedded);
+        let server = server::Etcd::start_args(&["--max-request-bytes", "200000"]).unwrap();
+        let options = EtcdOptions {
+            endpoints: vec![server.url.clone()],
+            prefix: "/test/".into(),
+            tls: Default::default(),
+            user: None,
+        };
+        let stopped = crate::import_data(dir.path(), &options).unwrap_err();
+        let said = format!("{stopped:#}");
+        assert!(
+            said.contains("the import stopped after 1 transactions")
+                && said.contains("etcdctl del --prefix /test/"),
+            "{said}"
+        );
+        // What it copied is held by the import's leader key: a controller stands by.
+        let etcd = connect(&server);
+        let held = etcd.get(etcd.key("leader")).await.unwrap().unwrap();
+        assert_eq!(held.lease, 0);
+        let led = tokio::time::timeout(Duration::from_secs(3), lead(&etcd, "a")).await;
+        assert!(led.is_err(), "a controller led on half a copy");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,7 +617,8 @@ mod tests {
             desired: 2,
             answers: 3,
             keys: 2 + 2 + 155 + 2 + 3 + 1 + 1 + 1,
-            transactions: 2,
+            // The leader key's and 100 keys, 67 keys, the leader key deleted.
+            transactions: 3,
         };
         assert_eq!(imported, expected);
         // Into a prefix that holds something: refused, and nothing is changed.

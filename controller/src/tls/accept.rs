@@ -125,6 +125,7 @@ impl Reloader {
     ) -> ReceiverStream<io::Result<Connection>> {
         let (tx, rx) = mpsc::channel(64);
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let lingering = Arc::new(Semaphore::new(MAX_LINGERING));
         let refused = Arc::new(Refusals {
             status: self.status.clone(),
             last: Mutex::default(),
@@ -142,14 +143,21 @@ impl Reloader {
                                 let _ = tcp.set_nodelay(true);
                                 let verifier = self.verifier.subscribe();
                                 let (acceptor, tx, refused) = (TlsAcceptor::from(self.current()), tx.clone(), refused.clone());
+                                let lingering = lingering.clone();
                                 tokio::spawn(async move {
                                     match handshake(acceptor, tcp).await {
                                         Ok(tls) => {
                                             let _ = tx.send(Ok(Connection::new(tls, verifier))).await;
                                         }
-                                        Err(e) => refused.note(e),
+                                        Err((e, tcp)) => {
+                                            refused.note(e);
+                                            drop(permit);
+                                            // Lingering, but not at the cost of handshakes.
+                                            if let (Some(tcp), Ok(_lingers)) = (tcp, lingering.try_acquire_owned()) {
+                                                linger(tcp).await;
+                                            }
+                                        }
                                     }
-                                    drop(permit);
                                 });
                             }
                             Err(_) => refused.note(io::Error::other("too many handshakes under way")),
@@ -182,18 +190,25 @@ impl Reloader {
     }
 }
 
-async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+/// A TLS handshake on `tcp`; if refused, why, and the connection (to close lingering).
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+) -> Result<TlsStream<TcpStream>, (io::Error, Option<TcpStream>)> {
     let peer = tcp.peer_addr().ok();
     let accept = acceptor.accept(tcp).into_fallible();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => Ok(tls),
-        Ok(Err((e, tcp))) => {
-            linger(tcp).await;
-            Err(io::Error::new(e.kind(), format!("{peer:?}: {e}")))
-        }
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("{peer:?}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
+        Ok(Err((e, tcp))) => Err((
+            io::Error::new(e.kind(), format!("{peer:?}: {e}")),
+            Some(tcp),
+        )),
+        Err(_) => Err((
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{peer:?}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
+            ),
+            None,
         )),
     }
 }
@@ -201,6 +216,9 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream) -> io::Result<TlsStrea
 /// How long a refused client's connection is read (and what it sends dropped) before it is
 /// closed.
 const LINGER: Duration = Duration::from_secs(1);
+/// Refused connections closed lingering at once; more are closed at once. Apart from the
+/// handshakes' places: clients refused by the hundred must not keep others from theirs.
+const MAX_LINGERING: usize = 64;
 
 /// Closes the connection of a refused handshake so that the client reads why: the alert that
 /// says it (a certificate required, or refused) is sent; closed at once, with the client's
