@@ -226,6 +226,41 @@ impl Etcd {
         Ok(())
     }
 
+    /// Test-only: adds `user` with `password` and a role of its own that may read and write
+    /// the keys under `prefix` and nothing else. Before auth is enabled.
+    #[cfg(test)]
+    pub async fn add_prefix_user_for_tests(
+        &self,
+        user: &str,
+        password: &str,
+        prefix: &[u8],
+    ) -> anyhow::Result<()> {
+        let mut auth = self.auth.clone();
+        let add = pb::AuthUserAddRequest {
+            name: user.into(),
+            password: password.into(),
+        };
+        auth.user_add(add).await.map_err(said)?;
+        let role = pb::AuthRoleAddRequest { name: user.into() };
+        auth.role_add(role).await.map_err(said)?;
+        let perm = pb::Permission {
+            perm_type: pb::permission::Type::Readwrite.into(),
+            key: prefix.to_vec(),
+            range_end: prefix_end(prefix),
+        };
+        let grant = pb::AuthRoleGrantPermissionRequest {
+            name: user.into(),
+            perm: Some(perm),
+        };
+        auth.role_grant_permission(grant).await.map_err(said)?;
+        let grant = pb::AuthUserGrantRoleRequest {
+            user: user.into(),
+            role: user.into(),
+        };
+        auth.user_grant_role(grant).await.map_err(said)?;
+        Ok(())
+    }
+
     /// Takes a new token for the user.
     async fn authenticate(&self) -> anyhow::Result<()> {
         let Some(user) = &self.user else {

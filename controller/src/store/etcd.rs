@@ -712,6 +712,59 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_user_that_may_read_and_write_the_prefix_only_is_all_a_controller_needs() {
+        let server = server::Etcd::start_args(&["--bcrypt-cost", "4"]).unwrap();
+        let plain = connect(&server);
+        plain
+            .add_prefix_user_for_tests("fleet", "pw", b"/test/")
+            .await
+            .unwrap();
+        plain.enable_auth_for_tests("root", "secret").await.unwrap();
+        // The user may do nothing outside the prefix.
+        let etcd = connect_as(&server, "fleet", "pw");
+        let outside = etcd.get(b"/other/x".to_vec()).await.unwrap_err();
+        assert!(
+            format!("{outside:#}").contains("permission denied"),
+            "{outside:#}"
+        );
+        // An import into the prefix.
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = crate::store::Embedded::open(dir.path()).unwrap();
+        let fleet = StoredFleet {
+            service: "checkout".into(),
+            manifest: "m".into(),
+            applied_at_ms: 1,
+        };
+        embedded.put_fleet(&fleet).unwrap();
+        drop(embedded);
+        let options = EtcdOptions {
+            endpoints: vec![server.url.clone()],
+            prefix: "/test/".into(),
+            tls: Default::default(),
+            user: Some(crate::etcd::Credentials {
+                user: "fleet".into(),
+                password: "pw".into(),
+            }),
+        };
+        crate::import_data(dir.path(), &options).unwrap();
+        // A leader, its writes, forgetting releases and answers, and giving the lead up (its
+        // lease outlives the test: only revoking it ends it).
+        let first = campaign("a", Duration::from_secs(60));
+        let leading = leader::campaign(&etcd, &first, &watch::channel(None).0, &mut None).await;
+        let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
+        assert_eq!(store.fleets().unwrap().len(), 1);
+        assert_eq!(store.next_release_number().unwrap(), 1);
+        fixtures::forgetting(&store);
+        fixtures::forgetting_answers(&store);
+        store.put_desired("us-west", &[1]).unwrap();
+        assert!(leading.fence.lost.why().is_none());
+        let epoch = leading.epoch;
+        leading.resign().await;
+        let next = tokio::time::timeout(Duration::from_secs(3), lead(&etcd, "b")).await;
+        assert!(next.unwrap().epoch > epoch, "the lead was not given up");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn once_the_lead_is_lost_for_any_reason_nothing_more_is_written() {
         let server = server::Etcd::start().unwrap();
         let etcd = connect(&server);
