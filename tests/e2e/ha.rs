@@ -151,7 +151,7 @@ async fn a_controller_moved_from_its_data_directory_into_etcd_serves_what_it_kep
     );
     let history = ["release", "history", "e2e-1", "--output", "json"];
     let before = fleetctl(&grpc, &history);
-    stop(running).await;
+    fleet_e2e::stop_cleanly(running).await;
 
     let etcd = Etcd::start().unwrap();
     let on_etcd = ["--etcd", &etcd.url, "--etcd-prefix", "/moved/"];
@@ -183,17 +183,7 @@ async fn a_controller_moved_from_its_data_directory_into_etcd_serves_what_it_kep
     let (code, said) = import(&dir.path().join("elsewhere"));
     assert_eq!(code, 1, "{said}");
     assert!(said.contains("there is no store here"), "{said}");
-    stop(running).await;
-}
-
-/// Stops a controller started with `controller_alone`: SIGTERM, then a clean exit in time.
-async fn stop(running: fleet_e2e::Running) {
-    let within = Duration::from_secs(15);
-    let (code, out) = tokio::task::spawn_blocking(move || running.stop_within(within))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(code, 0, "{out}");
+    fleet_e2e::stop_cleanly(running).await;
 }
 
 #[test]

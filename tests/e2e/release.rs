@@ -761,12 +761,80 @@ async fn a_start_cut_by_a_controller_starting_over_is_made_once_by_fleetctl_tryi
         .filter(|l| l.contains("\"kind\":\"release_started\""))
         .count();
     assert_eq!(starts, 1, "{history}");
-    let within = Duration::from_secs(10);
-    let (code, out) = tokio::task::spawn_blocking(move || running.stop_within(within))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(code, 0, "{out}");
+    fleet_e2e::stop_cleanly(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_shows_the_fleets_kept_and_what_applying_a_file_would_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, grpc, _admin) = data_controller(dir.path(), "0").await;
+    let url = format!("http://{grpc}");
+    let fleetctl = |args: &[&str]| {
+        let mut command = std::process::Command::new(fleet_e2e::bin("fleetctl"));
+        command.args(args).args(["--controller", &url]);
+        fleet_e2e::run(command).unwrap()
+    };
+    let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/fleet.yaml");
+    let (code, out) = fleetctl(&["diff", fleet]);
+    assert_eq!(
+        (code, out.trim()),
+        (
+            1,
+            format!("fleet e2e is not applied: applying {fleet} makes it").as_str()
+        )
+    );
+    assert_eq!(fleetctl(&["apply", fleet]).0, 0);
+    // The same: nothing to say.
+    assert_eq!(fleetctl(&["diff", fleet]), (0, String::new()));
+    // One line changed: that line, with its context.
+    let changed = dir.path().join("changed.yaml");
+    let text = std::fs::read_to_string(fleet).unwrap();
+    let bake = "  - { name: first, regions: [us-west], bake: 1s }";
+    std::fs::write(&changed, text.replacen(bake, &bake.replace("1s", "5s"), 1)).unwrap();
+    let (code, diff) = fleetctl(&["diff", changed.to_str().unwrap()]);
+    assert_eq!(code, 1, "{diff}");
+    assert!(diff.starts_with("--- fleet e2e, applied\n+++ "), "{diff}");
+    assert!(
+        diff.contains(&format!("\n-{bake}\n+{}\n", bake.replace("1s", "5s"))),
+        "{diff}"
+    );
+    assert_eq!(
+        diff.lines().filter(|l| l.starts_with(['-', '+'])).count(),
+        4,
+        "{diff}"
+    );
+    // A file that does not validate: its diagnostics, nothing compared.
+    let invalid = dir.path().join("invalid.yaml");
+    std::fs::write(
+        &invalid,
+        text.replace("traffic_share: 10", "traffic_share: 1000"),
+    )
+    .unwrap();
+    let (code, said) = fleetctl(&["diff", invalid.to_str().unwrap()]);
+    assert_eq!(code, 1, "{said}");
+    assert!(
+        said.contains("traffic_share") && said.contains("nothing to compare"),
+        "{said}"
+    );
+    // The fleets kept, one of them, and its manifest as applied, byte for byte.
+    let (code, listed) = fleetctl(&["fleets"]);
+    assert_eq!(code, 0, "{listed}");
+    let row = listed
+        .lines()
+        .find(|l| l.trim_start().starts_with("e2e "))
+        .unwrap_or_default();
+    assert!(
+        row.contains("us-west,us-east,eu-west") && row.contains("first → second → last"),
+        "{listed}"
+    );
+    let (code, shown) = fleetctl(&["fleet", "e2e"]);
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.starts_with("fleet e2e: applied "), "{shown}");
+    assert_eq!(fleetctl(&["fleet", "e2e", "--manifest"]), (0, text));
+    let (code, said) = fleetctl(&["fleet", "nope"]);
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("no fleet for service \"nope\""), "{said}");
+    fleet_e2e::stop_cleanly(running).await;
 }
 
 /// How long a test waits for fleetctl bearing with a controller away: its own default.

@@ -408,6 +408,16 @@ pub async fn controller_alone(
     Ok((running, grpc, admin))
 }
 
+/// Stops `running` (a controller `controller_alone` started, say) with SIGTERM, and checks
+/// that it exits 0 within 15 s.
+#[allow(clippy::unwrap_used)] // Tests only.
+pub async fn stop_cleanly(running: Running) {
+    let within = Duration::from_secs(15);
+    let stopped = tokio::task::spawn_blocking(move || running.stop_within(within)).await;
+    let (code, out) = stopped.unwrap().unwrap();
+    assert_eq!(code, 0, "{out}");
+}
+
 /// Runs `command` to its end, within 2 minutes (it is killed then, and that is an error);
 /// its exit code and its output, stdout then stderr. Blocking: off a test's async threads,
 /// run it with `spawn_blocking`.

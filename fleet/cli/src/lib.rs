@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod certs;
 pub mod demo;
+pub mod fleets;
 pub mod local;
 pub mod plan_table;
 pub mod progress;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fleetctl::{agents, certs, demo, release, verbs};
+use fleetctl::{agents, certs, demo, fleets, release, verbs};
 
 /// Validate and plan fleet manifests; start, follow and steer releases.
 #[derive(Parser, Debug)]
@@ -19,6 +19,9 @@ enum Verb {
     Plan(verbs::Plan),
     Schema(verbs::Schema),
     Apply(release::Apply),
+    Diff(fleets::Diff),
+    Fleets(fleets::Fleets),
+    Fleet(fleets::Fleet),
     Release(release::Release),
     Agents(agents::Agents),
     Demo(demo::Demo),
@@ -32,6 +35,9 @@ fn main() -> ExitCode {
         Verb::Plan(p) => p.run(),
         Verb::Schema(s) => s.run(),
         Verb::Apply(a) => runtime().and_then(|rt| rt.block_on(a.run())),
+        Verb::Diff(d) => runtime().and_then(|rt| rt.block_on(d.run())),
+        Verb::Fleets(f) => runtime().and_then(|rt| rt.block_on(f.run())),
+        Verb::Fleet(f) => runtime().and_then(|rt| rt.block_on(f.run())),
         Verb::Release(r) => runtime().and_then(|rt| rt.block_on(r.run())),
         Verb::Agents(a) => runtime().and_then(|rt| rt.block_on(a.run())),
         Verb::Demo(d) => runtime().and_then(|rt| rt.block_on(d.run())),

@@ -352,9 +352,27 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
         (false, tonic::Code::Unavailable) => {
             anyhow::anyhow!("the controller is unavailable: {why}")
         }
-        (false, _) => anyhow::anyhow!("the controller refused: {why}"),
+        (false, code) => anyhow::Error::new(Refused {
+            code,
+            said: format!("the controller refused: {why}"),
+        }),
     }
 }
+
+/// The controller's refusal of a call, as [`status`] tells it, with its code.
+#[derive(Debug)]
+pub struct Refused {
+    pub code: tonic::Code,
+    said: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.said)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// A status's message and the errors beneath it, each said once (a transport error's sources
 /// often repeat its words).

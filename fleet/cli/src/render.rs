@@ -31,6 +31,45 @@ pub fn fleet_json(f: &pb::Fleet) -> Value {
     json!({ "service": f.service, "regions": f.regions, "waves": f.waves, "applied_at_ms": f.applied_at_ms })
 }
 
+/// `fleet_json`, with the manifest as applied.
+pub fn fleet_json_with_manifest(f: &pb::Fleet) -> Value {
+    let mut v = fleet_json(f);
+    v["manifest"] = json!(f.manifest);
+    v
+}
+
+pub fn fleet_list(fleets: &[pb::Fleet], now_ms: i64) -> String {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header(["SERVICE", "REGIONS", "WAVES", "APPLIED"]);
+    for f in fleets {
+        table.add_row([
+            f.service.clone(),
+            f.regions.join(","),
+            f.waves.join(" → "),
+            format!("{} ago", age(now_ms, f.applied_at_ms)),
+        ]);
+    }
+    format!("{table}\n")
+}
+
+pub fn fleet_status(f: &pb::Fleet, now_ms: i64) -> String {
+    format!(
+        "fleet {}: applied {} ago\nregions: {}\nwaves: {}\n",
+        f.service,
+        age(now_ms, f.applied_at_ms),
+        f.regions.join(", "),
+        f.waves.join(" → ")
+    )
+}
+
+/// How long before `now_ms` `at_ms` was, in its two largest units: "1h 2m", "3days 4h".
+pub fn age(now_ms: i64, at_ms: i64) -> String {
+    let secs = u64::try_from((now_ms - at_ms) / 1000).unwrap_or(0);
+    let full = humantime::format_duration(std::time::Duration::from_secs(secs)).to_string();
+    full.split(' ').take(2).collect::<Vec<_>>().join(" ")
+}
+
 pub fn event_line(e: &pb::ReleaseEvent) -> String {
     let at = DateTime::from_timestamp_millis(e.at_ms)
         .map(|t| t.format("%H:%M:%S").to_string())
@@ -136,12 +175,7 @@ pub fn agent_list(agents: &[pb::Agent], now_ms: i64) -> String {
     table.set_header([
         "REGION", "CLUSTER", "AGENT", "VERSION", "DRIVER", "REPORTED", "STATE",
     ]);
-    // Its two largest units: "1h 2m", "3days 4h".
-    let age = |at_ms: i64| {
-        let secs = u64::try_from((now_ms - at_ms) / 1000).unwrap_or(0);
-        let full = humantime::format_duration(std::time::Duration::from_secs(secs)).to_string();
-        full.split(' ').take(2).collect::<Vec<_>>().join(" ")
-    };
+    let age = |at_ms: i64| age(now_ms, at_ms);
     for a in agents {
         if !a.connected {
             table.add_row([&a.region, &a.cluster, "none", "", "", "", ""]);
