@@ -769,71 +769,102 @@ async fn fleetctl_shows_the_fleets_kept_and_what_applying_a_file_would_change() 
     let dir = tempfile::tempdir().unwrap();
     let (running, grpc, _admin) = data_controller(dir.path(), "0").await;
     let url = format!("http://{grpc}");
+    // Its exit code, stdout and stderr, each as written.
     let fleetctl = |args: &[&str]| {
         let mut command = std::process::Command::new(fleet_e2e::bin("fleetctl"));
-        command.args(args).args(["--controller", &url]);
-        fleet_e2e::run(command).unwrap()
+        let out = command
+            .args(args)
+            .args(["--controller", &url])
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+        (
+            out.status.code().unwrap(),
+            text(&out.stdout),
+            text(&out.stderr),
+        )
     };
     let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/fleet.yaml");
-    let (code, out) = fleetctl(&["diff", fleet]);
-    assert_eq!(
-        (code, out.trim()),
-        (
-            1,
-            format!("fleet e2e is not applied: applying {fleet} makes it").as_str()
-        )
+    let text = std::fs::read_to_string(fleet).unwrap();
+    // Not applied yet: every line added.
+    let (code, diff, err) = fleetctl(&["diff", fleet]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        diff.starts_with(&format!("--- /dev/null\n+++ {fleet}\n")),
+        "{diff}"
     );
+    let added = diff.lines().filter(|l| l.starts_with('+')).count();
+    assert_eq!(added, text.lines().count() + 1, "{diff}");
+    assert!(err.contains("fleet e2e is not applied"), "{err}");
+    // Another fleet first: each verb must find its own.
+    let other = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/demo.yaml");
+    assert_eq!(fleetctl(&["apply", other]).0, 0);
     assert_eq!(fleetctl(&["apply", fleet]).0, 0);
     // The same: nothing to say.
-    assert_eq!(fleetctl(&["diff", fleet]), (0, String::new()));
+    assert_eq!(
+        fleetctl(&["diff", fleet]),
+        (0, String::new(), String::new())
+    );
     // One line changed: that line, with its context.
     let changed = dir.path().join("changed.yaml");
-    let text = std::fs::read_to_string(fleet).unwrap();
     let bake = "  - { name: first, regions: [us-west], bake: 1s }";
-    std::fs::write(&changed, text.replacen(bake, &bake.replace("1s", "5s"), 1)).unwrap();
-    let (code, diff) = fleetctl(&["diff", changed.to_str().unwrap()]);
-    assert_eq!(code, 1, "{diff}");
+    let slower = bake.replace("1s", "5s");
+    std::fs::write(&changed, text.replacen(bake, &slower, 1)).unwrap();
+    let (code, diff, err) = fleetctl(&["diff", changed.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
     assert!(diff.starts_with("--- fleet e2e, applied\n+++ "), "{diff}");
-    assert!(
-        diff.contains(&format!("\n-{bake}\n+{}\n", bake.replace("1s", "5s"))),
-        "{diff}"
-    );
-    assert_eq!(
-        diff.lines().filter(|l| l.starts_with(['-', '+'])).count(),
-        4,
-        "{diff}"
-    );
-    // A file that does not validate: its diagnostics, nothing compared.
+    assert!(diff.contains(&format!("\n-{bake}\n+{slower}\n")), "{diff}");
+    let lines = diff.lines().filter(|l| l.starts_with(['-', '+'])).count();
+    assert_eq!(lines, 4, "{diff}");
+    // A file that does not validate, or a controller not reached: it cannot tell.
     let invalid = dir.path().join("invalid.yaml");
     std::fs::write(
         &invalid,
         text.replace("traffic_share: 10", "traffic_share: 1000"),
     )
     .unwrap();
-    let (code, said) = fleetctl(&["diff", invalid.to_str().unwrap()]);
-    assert_eq!(code, 1, "{said}");
+    let (code, out, err) = fleetctl(&["diff", invalid.to_str().unwrap()]);
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
     assert!(
-        said.contains("traffic_share") && said.contains("nothing to compare"),
-        "{said}"
+        err.contains("traffic_share") && err.contains("does not validate"),
+        "{err}"
     );
+    let mut away = std::process::Command::new(fleet_e2e::bin("fleetctl"));
+    away.args([
+        "diff",
+        fleet,
+        "--controller",
+        "http://127.0.0.1:1",
+        "--retry-for",
+        "0s",
+    ]);
+    let away = away.output().unwrap();
+    assert_eq!(away.status.code(), Some(2));
+    assert!(away.stdout.is_empty());
     // The fleets kept, one of them, and its manifest as applied, byte for byte.
-    let (code, listed) = fleetctl(&["fleets"]);
-    assert_eq!(code, 0, "{listed}");
-    let row = listed
-        .lines()
+    let (code, listed, err) = fleetctl(&["fleets"]);
+    assert_eq!(code, 0, "{err}");
+    let row = (listed.lines())
         .find(|l| l.trim_start().starts_with("e2e "))
         .unwrap_or_default();
-    assert!(
-        row.contains("us-west,us-east,eu-west") && row.contains("first → second → last"),
-        "{listed}"
-    );
-    let (code, shown) = fleetctl(&["fleet", "e2e"]);
-    assert_eq!(code, 0, "{shown}");
+    assert!(row.contains("us-west,us-east,eu-west"), "{listed}");
+    assert!(row.contains("first → second → last"), "{listed}");
+    let (code, shown, err) = fleetctl(&["fleet", "e2e"]);
+    assert_eq!(code, 0, "{err}");
     assert!(shown.starts_with("fleet e2e: applied "), "{shown}");
-    assert_eq!(fleetctl(&["fleet", "e2e", "--manifest"]), (0, text));
-    let (code, said) = fleetctl(&["fleet", "nope"]);
-    assert_eq!(code, 2, "{said}");
-    assert!(said.contains("no fleet for service \"nope\""), "{said}");
+    assert!(shown.contains("waves: first → second → last"), "{shown}");
+    assert_eq!(
+        fleetctl(&["fleet", "e2e", "--manifest"]),
+        (0, text.clone(), String::new())
+    );
+    let (code, json, err) = fleetctl(&["fleet", "e2e", "--manifest", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["service"], "e2e");
+    assert_eq!(json["manifest"].as_str(), Some(text.as_str()));
+    let (code, out, err) = fleetctl(&["fleet", "nope"]);
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert!(err.contains("no fleet for service \"nope\""), "{err}");
     fleet_e2e::stop_cleanly(running).await;
 }
 

@@ -722,11 +722,15 @@ mod tests {
         plain.enable_auth_for_tests("root", "secret").await.unwrap();
         // The user may do nothing outside the prefix.
         let etcd = connect_as(&server, "fleet", "pw");
+        let denied = |e: anyhow::Error| format!("{e:#}").contains("permission denied");
         let outside = etcd.get(b"/other/x".to_vec()).await.unwrap_err();
-        assert!(
-            format!("{outside:#}").contains("permission denied"),
-            "{outside:#}"
-        );
+        assert!(denied(outside));
+        let put = fleet_proto::etcd::TxnRequest {
+            compare: vec![],
+            success: vec![crate::etcd::put(b"/other/x".to_vec(), vec![1], 0)],
+            failure: vec![],
+        };
+        assert!(denied(etcd.txn(put).await.unwrap_err()));
         // An import into the prefix.
         let dir = tempfile::tempdir().unwrap();
         let embedded = crate::store::Embedded::open(dir.path()).unwrap();

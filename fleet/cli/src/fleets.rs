@@ -11,7 +11,7 @@ use fleet_proto::v1 as pb;
 use crate::release::{Refused, Remote};
 use crate::render;
 use crate::retry::call;
-use crate::verbs::{Output, invalid, usage_error};
+use crate::verbs::{Output, usage_error};
 
 /// List the fleets the controller keeps.
 #[derive(Args, Debug)]
@@ -32,18 +32,24 @@ impl Fleets {
             ),
             Output::Table => print!("{}", render::fleet_list(&listed, now_ms())),
         }
+        if listed.is_empty() {
+            eprintln!("no fleet is applied: `fleetctl apply FILE` applies one");
+        }
         Ok(ExitCode::SUCCESS)
     }
 }
 
 /// Show a fleet: its regions, waves and when it was applied; or its manifest as applied.
+///
+/// Exits 1 if the controller keeps no fleet for SERVICE, 2 if it could not be asked.
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  fleetctl fleet checkout\n  fleetctl fleet checkout --manifest > checkout.yaml"
 )]
 pub struct Fleet {
     service: String,
-    /// Print the manifest as it was applied, and nothing else.
+    /// Print the manifest as it was applied, and nothing else (with `--output json`: the
+    /// fleet with its `manifest`).
     #[arg(long)]
     manifest: bool,
     #[command(flatten)]
@@ -56,7 +62,13 @@ impl Fleet {
         let request = pb::GetFleetRequest {
             service: self.service.clone(),
         };
-        let fleet = call!(caller, get_fleet, request)?;
+        let fleet = match call!(caller, get_fleet, request) {
+            Err(e) if not_found(&e) => {
+                eprintln!("fleetctl: {e:#}");
+                return Ok(ExitCode::from(1));
+            }
+            fleet => fleet?,
+        };
         match (self.manifest, self.remote.output) {
             (true, Output::Table) => print!("{}", fleet.manifest),
             (true, Output::Json) => println!("{}", render::fleet_json_with_manifest(&fleet)),
@@ -67,9 +79,12 @@ impl Fleet {
     }
 }
 
-/// Show what applying a manifest would change: the manifest as applied against FILE, as a
-/// unified diff. Exits 0 if they are the same, 1 if they differ (or the fleet is not applied
-/// yet, or FILE does not validate: its diagnostics are printed), 2 if it could not tell.
+/// Show what applying a manifest would change: the manifest as applied against FILE.
+///
+/// Prints a unified diff on stdout (every line added, against /dev/null, for a fleet not
+/// applied yet). Exits 0 if applying FILE would change nothing, 1 if it would, 2 if it could
+/// not tell: FILE unreadable or not valid (its diagnostics are printed), or the controller
+/// not reached.
 #[derive(Args, Debug)]
 #[command(
     after_help = "Example:\n  fleetctl diff deploy/examples/multi-region-canary.yaml && echo unchanged"
@@ -84,6 +99,10 @@ pub struct Diff {
 impl Diff {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let file = &self.file;
+        anyhow::ensure!(
+            self.remote.output == Output::Table,
+            "fleetctl diff prints a unified diff; --output json is not for it"
+        );
         let new = std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?;
         let service = match fleet::load(&new) {
             Ok(loaded) => loaded.manifest.service.name,
@@ -91,29 +110,30 @@ impl Diff {
                 for d in &diags {
                     eprintln!("{}", d.in_file(file));
                 }
-                eprintln!("{file}: invalid: the controller would refuse it; nothing to compare");
-                return Ok(invalid());
+                eprintln!(
+                    "{file} does not validate (`fleetctl validate {file}`); nothing compared"
+                );
+                return Ok(usage_error());
             }
         };
         let mut caller = self.remote.caller();
         let request = pb::GetFleetRequest {
             service: service.clone(),
         };
-        let applied = match call!(caller, get_fleet, request) {
-            Ok(fleet) => fleet,
-            Err(e)
-                if e.downcast_ref::<Refused>().map(|r| r.code) == Some(tonic::Code::NotFound) =>
-            {
-                println!("fleet {service} is not applied: applying {file} makes it");
-                return Ok(ExitCode::from(1));
+        let (applied, old) = match call!(caller, get_fleet, request) {
+            Ok(fleet) => (fleet.manifest, format!("fleet {service}, applied")),
+            Err(e) if not_found(&e) => {
+                eprintln!(
+                    "fleet {service} is not applied: applying {file} makes it (`fleetctl fleets` lists those applied)"
+                );
+                (String::new(), "/dev/null".to_string())
             }
             Err(e) => {
                 eprintln!("fleetctl: {e:#}");
                 return Ok(usage_error());
             }
         };
-        let old = format!("fleet {service}, applied");
-        match unified(&applied.manifest, &new, &old, file) {
+        match unified(&applied, &new, &old, file) {
             None => Ok(ExitCode::SUCCESS),
             Some(diff) => {
                 print!("{diff}");
@@ -136,6 +156,11 @@ fn unified(old: &str, new: &str, old_name: &str, new_name: &str) -> Option<Strin
             .header(old_name, new_name)
             .to_string(),
     )
+}
+
+/// Whether `e` is the controller saying it has no such thing.
+fn not_found(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Refused>().map(|r| r.code) == Some(tonic::Code::NotFound)
 }
 
 fn now_ms() -> i64 {
