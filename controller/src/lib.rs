@@ -120,14 +120,17 @@ pub async fn serve_with(
         signalled(shutdown.clone()),
     ));
     let since = tokio::time::Instant::now();
-    let lost = serve_until_lost(controller.clone(), grpc, &role, shutdown, options).await?;
+    let served = serve_until_lost(controller.clone(), grpc, &role, shutdown, options).await?;
+    let lost = served.lost;
     drop(role);
     // Tasks of closed streams let go of the controller as they notice; the store closes with
     // the last of them, and a controller started next on the same directory can open it.
     // (Not when starting over: the process replaces itself, which closes the file, and the
-    // admin endpoints hold the controller until then.)
+    // admin endpoints hold the controller until then. Nor when connections were left open
+    // after the drain: their tasks never let go, and end with the process.)
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while lost.is_none()
+        && served.drained == Drained::All
         && Arc::strong_count(&controller) > 1
         && tokio::time::Instant::now() < deadline
     {
@@ -204,9 +207,9 @@ pub async fn serve_ha(
     role.lead(controller.clone());
     leading(leadership.epoch);
     let led_since = tokio::time::Instant::now();
-    let lost = serve_until_lost(controller, grpc, &role, shutdown, options).await;
+    let served = serve_until_lost(controller, grpc, &role, shutdown, options).await;
     leadership.resign().await;
-    match lost? {
+    match served?.lost {
         Some(why) => Err(StartOver {
             why: format!("stopped leading: {why}"),
             served_for: led_since.elapsed(),
@@ -216,16 +219,29 @@ pub async fn serve_ha(
     }
 }
 
+/// How serving ended.
+struct Served {
+    /// Why the store was lost, if it was.
+    lost: Option<String>,
+    drained: Drained,
+}
+
+/// Whether every connection closed within [`DRAIN`] of the stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drained {
+    All,
+    LeftOpen,
+}
+
 /// Serves `controller` on `grpc` until `shutdown`, or until its store is lost (takes no more
-/// writes): then its readiness fails, saying why, its connections get [`DRAIN`] to close, and
-/// the answer is why.
+/// writes): then its readiness fails, saying why, and its connections get [`DRAIN`] to close.
 async fn serve_until_lost(
     controller: Arc<Controller>,
     grpc: TcpListener,
     role: &Arc<admin::Role>,
     shutdown: watch::Receiver<bool>,
     options: Options,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Served> {
     let lost = controller.store.lost().clone();
     let (stop, stopping) = watch::channel(false);
     let role = role.clone();
@@ -241,11 +257,13 @@ async fn serve_until_lost(
         let _ = stop.send(true);
         why
     });
-    let served = run(controller, grpc, stopping, options).await;
+    let drained = run(controller, grpc, stopping, options).await;
     why.abort();
     let lost = why.await.ok().flatten();
-    served?;
-    Ok(lost)
+    Ok(Served {
+        lost,
+        drained: drained?,
+    })
 }
 
 /// Why the controller stopped serving before it was told to: it can no longer trust what it
@@ -271,13 +289,14 @@ pub struct Ha {
     pub campaign: leader::Campaign,
 }
 
-/// Serves `controller` on `grpc` until `shutdown`.
+/// Serves `controller` on `grpc` until `shutdown`; then waits up to [`DRAIN`] for the
+/// connections to close.
 async fn run(
     controller: Arc<Controller>,
     grpc: TcpListener,
     shutdown: watch::Receiver<bool>,
     options: Options,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Drained> {
     let Options { tls, limits, .. } = options;
     let drain = shutdown.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -337,13 +356,18 @@ async fn run(
     // Once stopping, connections get DRAIN to close (a client that stopped reading a stream,
     // say, would hold them open for ever); those left are dropped with the process.
     tokio::select! {
-        served = served => served?,
+        served = served => {
+            served?;
+            Ok(Drained::All)
+        }
         () = async {
             signalled(drain).await;
             tokio::time::sleep(DRAIN).await;
-        } => tracing::warn!("connections still open {DRAIN:?} after the stop; leaving them"),
+        } => {
+            tracing::warn!("connections still open {DRAIN:?} after the stop; leaving them");
+            Ok(Drained::LeftOpen)
+        }
     }
-    Ok(())
 }
 
 /// How long a stopping controller waits for its connections to close.

@@ -868,6 +868,31 @@ async fn fleetctl_shows_the_fleets_kept_and_what_applying_a_file_would_change() 
     fleet_e2e::stop_cleanly(running).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_holds_its_connection_keeps_a_stopping_controller_five_seconds_at_most() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (running, grpc, _admin) = data_controller(dir.path(), "0").await;
+    // An HTTP/2 client that says hello and then nothing: it never closes, nor reads.
+    let mut silent = tokio::net::TcpStream::connect(&grpc).await.unwrap();
+    let hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    silent.write_all(hello).await.unwrap();
+    let stopped = Instant::now();
+    let within = Duration::from_secs(9);
+    let (code, out) = tokio::task::spawn_blocking(move || running.stop_within(within))
+        .await
+        .unwrap()
+        .unwrap();
+    let took = stopped.elapsed();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("connections still open 5s after the stop; leaving them"),
+        "{out}"
+    );
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    drop(silent);
+}
+
 /// How long a test waits for fleetctl bearing with a controller away: its own default.
 const RETRY_FOR: Duration = Duration::from_secs(30);
 
