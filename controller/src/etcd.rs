@@ -21,8 +21,13 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-/// How long one call to etcd may take before it counts as failed.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one try of a call to etcd may take (to connect, and then to answer).
+const TRY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a call is tried again when a try failed the way a member lost makes it fail
+/// ([`passed_over`]), or took longer than [`TRY_TIMEOUT`]; then it counts as failed. Above
+/// an etcd election (1 s by default).
+const CALL_FOR: Duration = Duration::from_secs(5);
 
 /// Keys read per call when listing a prefix (few in tests, to read several pages). A stored
 /// release is some kilobytes per region.
@@ -160,7 +165,7 @@ impl Etcd {
         });
         let wait = || rx.recv().map_err(|_| anyhow!("the etcd client stopped"))?;
         // On a worker of a multi-threaded runtime, its other tasks move to another worker
-        // meanwhile: an etcd slow to answer (up to CALL_TIMEOUT) stalls no one else.
+        // meanwhile: an etcd slow to answer (up to CALL_FOR) stalls no one else.
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
             _ => wait(),
@@ -175,12 +180,33 @@ impl Etcd {
     }
 
     /// Makes `call`; when etcd asks for a token it was not given or no longer takes, it
-    /// authenticates (if it has a user to) and makes it once more.
+    /// authenticates (if it has a user to) and makes it once more. A try that did not get
+    /// through to a member, that the cluster dropped while it chose a new leader, or that
+    /// went unanswered for [`TRY_TIMEOUT`] (one sent through a member as the leader it went to
+    /// died) is made again, for up to [`CALL_FOR`]: a member lost must not cost the lead.
+    /// Every call the controller makes may be made twice: its transactions put and delete
+    /// whole values, fenced on the leader key (a try left pending comes before the next in
+    /// etcd's log, or never), and the rest read, or renew or revoke a lease.
     async fn call<T, Answer>(&self, call: impl Fn() -> Answer) -> anyhow::Result<T>
     where
         Answer: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        match call().await {
+        let deadline = tokio::time::Instant::now() + CALL_FOR;
+        let mut wait = Duration::from_millis(25);
+        let answer = loop {
+            match call().await {
+                Err(status)
+                    if (passed_over(&status) || timed_out(&status))
+                        && tokio::time::Instant::now() + wait < deadline =>
+                {
+                    tracing::debug!(error = %said(status), "etcd call made again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(400));
+                }
+                answer => break answer,
+            }
+        };
+        match answer {
             Ok(answer) => Ok(answer.into_inner()),
             Err(status) if self.user.is_some() && wants_token(&status) => {
                 self.authenticate().await?;
@@ -398,8 +424,8 @@ pub fn endpoints(options: &EtcdOptions) -> anyhow::Result<Vec<Endpoint>> {
     for url in &options.endpoints {
         let mut endpoint = Endpoint::from_shared(url.clone())
             .with_context(|| format!("--etcd {url:?} is not a URL: write http://HOST:PORT"))?
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
+            .connect_timeout(TRY_TIMEOUT)
+            .timeout(TRY_TIMEOUT)
             .http2_keep_alive_interval(fleet_proto::connect::KEEPALIVE)
             .keep_alive_timeout(fleet_proto::connect::KEEPALIVE);
         if endpoint.uri().scheme_str() == Some("https") {
@@ -443,6 +469,26 @@ fn wants_token(status: &tonic::Status) -> bool {
         ]
         .iter()
         .any(|said| message.contains(said))
+}
+
+/// Whether a call failed before a member took it up, or was dropped by the cluster while it
+/// chose a leader: the connection to one member refused, reset or not made (a member down),
+/// or etcd saying it has no leader or changed it. Not a call that timed out (a member that
+/// hangs: the controller steps down, as it must before its lease can run out).
+fn passed_over(status: &tonic::Status) -> bool {
+    let message = status.message();
+    // A call that timed out has the timeout's error beneath, which is none of these.
+    let refused = std::error::Error::source(status).is_some_and(connect::passing);
+    refused
+        || ["etcdserver: leader changed", "etcdserver: no leader"]
+            .iter()
+            .any(|said| message.contains(said))
+}
+
+/// Whether a try went unanswered for [`TRY_TIMEOUT`].
+fn timed_out(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled
+        && status.message() == tonic::TimeoutExpired(()).to_string()
 }
 
 /// An etcd call's failure, said once.

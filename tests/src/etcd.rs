@@ -143,3 +143,123 @@ impl Drop for Etcd {
         let _ = self.child.wait();
     }
 }
+
+/// Several etcd members on 127.0.0.1 in one cluster, each with its data in memory where the
+/// machine has it; killed when dropped. Peers must be told each other's addresses before any
+/// starts, so each member's ports are the kernel's choice of a free one, bound and let go just
+/// before etcd binds them.
+pub struct Cluster {
+    /// Each member's client URL, `http://127.0.0.1:PORT`.
+    pub urls: Vec<String>,
+    members: Vec<Option<Child>>,
+    logs: Vec<std::path::PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// A cluster of `n` members, each serving once the cluster has its quorum.
+    pub fn start(n: usize) -> anyhow::Result<Cluster> {
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = match shm.is_dir() {
+            true => tempfile::tempdir_in(shm)?,
+            false => tempfile::tempdir()?,
+        };
+        let free: Vec<std::net::TcpListener> = (0..2 * n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<_, _>>()?;
+        let url = |l: &std::net::TcpListener| -> anyhow::Result<String> {
+            Ok(format!("http://{}", l.local_addr()?))
+        };
+        let peers: Vec<String> = free[..n].iter().map(url).collect::<Result<_, _>>()?;
+        let urls: Vec<String> = free[n..].iter().map(url).collect::<Result<_, _>>()?;
+        drop(free);
+        let initial: Vec<String> = (peers.iter().enumerate())
+            .map(|(i, peer)| format!("m{i}={peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        let mut logs = Vec::new();
+        for i in 0..n {
+            let log = dir.path().join(format!("m{i}.log"));
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(dir.path().join(format!("m{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &urls[i],
+                    "--advertise-client-urls",
+                    &urls[i],
+                ])
+                .args(["--listen-peer-urls", &peers[i]])
+                .args(["--initial-advertise-peer-urls", &peers[i]])
+                .args([
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-state",
+                    "new",
+                ])
+                // Elections in a quarter of a second rather than a second.
+                .args(["--heartbeat-interval", "25", "--election-timeout", "250"])
+                .args(["--enable-grpc-gateway=false", "--log-outputs", "stderr"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?)
+                .spawn()
+                .context("starting etcd: is Debian's etcd-server installed?")?;
+            members.push(Some(child));
+            logs.push(log);
+        }
+        let cluster = Cluster {
+            urls,
+            members,
+            logs,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for log in &cluster.logs {
+            loop {
+                let text = std::fs::read_to_string(log)?;
+                if serving_at(&text).is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("etcd member did not serve within 20s: {text}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// The member that leads the cluster now, as the members' logs say: the last to say it
+    /// became leader.
+    pub fn leader(&self) -> anyhow::Result<usize> {
+        let mut last = None;
+        for (i, log) in self.logs.iter().enumerate() {
+            let text = std::fs::read_to_string(log)?;
+            for line in text.lines().filter(|l| l.contains("became leader at term")) {
+                let term: u64 = line.rsplit(' ').next().unwrap_or("0").trim().parse()?;
+                if last.is_none_or(|(t, _)| term > t) {
+                    last = Some((term, i));
+                }
+            }
+        }
+        last.map(|(_, i)| i).context("no member says it leads")
+    }
+
+    /// Kills member `i` (SIGKILL), as a node lost.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

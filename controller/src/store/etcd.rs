@@ -769,6 +769,45 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_writes_on_through_the_loss_of_any_one_etcd_member_of_three() {
+        // The member that leads etcd's cluster, then one that follows.
+        for leads in [true, false] {
+            let mut cluster = server::Cluster::start(3).unwrap();
+            let leader = cluster.leader().unwrap();
+            let lost = if leads { leader } else { (leader + 1) % 3 };
+            let etcd = Etcd::connect(&EtcdOptions {
+                endpoints: cluster.urls.clone(),
+                prefix: "/test/".into(),
+                tls: Default::default(),
+                user: None,
+            })
+            .unwrap();
+            let leading = lead(&etcd, "a").await;
+            let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
+            let started = std::time::Instant::now();
+            for i in 0..60u8 {
+                if i == 20 {
+                    cluster.kill(lost);
+                }
+                let written = {
+                    let store = &store;
+                    tokio::task::block_in_place(|| store.put_desired("us-west", &[i]))
+                };
+                assert!(
+                    written.is_ok(),
+                    "member {lost} lost, write {i}: {written:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(leading.fence.lost.why().is_none(), "member {lost}");
+            println!(
+                "member {lost} (leading: {leads}) lost: 60 writes in {:?}",
+                started.elapsed()
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn once_the_lead_is_lost_for_any_reason_nothing_more_is_written() {
         let server = server::Etcd::start().unwrap();
         let etcd = connect(&server);
