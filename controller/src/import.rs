@@ -24,8 +24,8 @@ use crate::store::Embedded;
 /// for the prefix and the request's framing.
 const LARGEST: usize = 1400 * 1024;
 
-/// What the leader key says while an import holds it.
-const IMPORTING: &[u8] = b"an import (fleet-controller --import-data), not a controller";
+/// What the leader key says while an import holds it (with the import's pid and start).
+const IMPORTING: &str = "an import (fleet-controller --import-data), not a controller";
 
 /// What was copied, for people.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -74,20 +74,32 @@ pub fn import_data(dir: &Path, options: &EtcdOptions) -> anyhow::Result<Imported
             .map(|(key, value)| etcd::put(etcd.key(&key), value, 0))
             .collect()
     };
+    // Each transaction, failing, reads the leader key: a try whose answer was lost may have
+    // made it (etcd calls are made again), which its value, this import's own, tells.
     let txn = |compare, success| {
         let request = fleet_proto::etcd::TxnRequest {
             compare: vec![compare],
             success,
-            failure: vec![],
+            failure: vec![etcd::range(lock.clone())],
         };
         let there = etcd.clone();
         etcd.block_on(async move { there.txn(request).await })
     };
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let since = since.unwrap_or_default().as_nanos();
+    let mark = format!("{IMPORTING} ({}, {since})", std::process::id()).into_bytes();
     // The first: the lock, and the first entries, if nothing is under the prefix.
-    let mut first = vec![etcd::put(lock.clone(), IMPORTING.to_vec(), 0)];
+    let mut first = vec![etcd::put(lock.clone(), mark.clone(), 0)];
     first.extend(batches.next().map(puts).unwrap_or_default());
     let answer = txn(etcd::none_under(etcd.key("")), first)?;
-    if !answer.succeeded {
+    let ours = match answer.succeeded {
+        true => answer.header.map_or(0, |h| h.revision),
+        false => match held(answer) {
+            Some(lock) if lock.value == mark => lock.create_revision,
+            _ => 0,
+        },
+    };
+    if ours == 0 {
         let there = etcd.clone();
         let held = etcd.block_on(async move { there.list(there.key(""), vec![]).await })?;
         anyhow::bail!(
@@ -97,7 +109,6 @@ pub fn import_data(dir: &Path, options: &EtcdOptions) -> anyhow::Result<Imported
             held.len()
         );
     }
-    let ours = answer.header.map_or(0, |h| h.revision);
     imported.transactions = 1;
     let stopped = |done: usize| {
         format!(
@@ -107,9 +118,7 @@ pub fn import_data(dir: &Path, options: &EtcdOptions) -> anyhow::Result<Imported
             crate::leader::KEY
         )
     };
-    let rest = batches
-        .map(puts)
-        .chain([vec![etcd::delete(lock.clone(), vec![])]]);
+    let rest: Vec<_> = batches.map(puts).collect();
     for ops in rest {
         let answer = txn(etcd::created_at(lock.clone(), ours), ops)
             .with_context(|| stopped(imported.transactions))?;
@@ -120,7 +129,26 @@ pub fn import_data(dir: &Path, options: &EtcdOptions) -> anyhow::Result<Imported
         );
         imported.transactions += 1;
     }
+    // The last: the lock let go. Gone already, it was let go by a try whose answer was lost.
+    let unlock = vec![etcd::delete(lock.clone(), vec![])];
+    let answer = txn(etcd::created_at(lock.clone(), ours), unlock)
+        .with_context(|| stopped(imported.transactions))?;
+    anyhow::ensure!(
+        answer.succeeded || held(answer).is_none(),
+        "{prefix}{} is no longer the import's (made again)",
+        crate::leader::KEY
+    );
+    imported.transactions += 1;
     Ok(imported)
+}
+
+/// The leader key, as a failed transaction's read of it found it.
+fn held(answer: fleet_proto::etcd::TxnResponse) -> Option<fleet_proto::etcd::KeyValue> {
+    use fleet_proto::etcd::response_op::Response;
+    answer.responses.into_iter().find_map(|r| match r.response {
+        Some(Response::ResponseRange(range)) => range.kvs.into_iter().next(),
+        _ => None,
+    })
 }
 
 /// What `entries` hold, by kind.
