@@ -181,20 +181,32 @@ impl Etcd {
 
     /// Makes `call`; when etcd asks for a token it was not given or no longer takes, it
     /// authenticates (if it has a user to) and makes it once more. A try that did not get
-    /// through to a member, that the cluster dropped while it chose a new leader, or that
-    /// went unanswered for [`TRY_TIMEOUT`] (one sent through a member as the leader it went to
-    /// died) is made again, for up to [`CALL_FOR`]: a member lost must not cost the lead.
-    /// Every call the controller makes may be made twice: its transactions put and delete
-    /// whole values, fenced on the leader key (a try left pending comes before the next in
-    /// etcd's log, or never), and the rest read, or renew or revoke a lease.
+    /// through to a member, that the cluster dropped or turned away while it chose a new
+    /// leader, or that went unanswered for [`TRY_TIMEOUT`] (one sent through a member to a
+    /// leader that died) is made again, while [`CALL_FOR`] has not passed: a member lost must
+    /// not cost the lead. Every call may be made twice, and a try given up on may still reach
+    /// etcd after the next: the store's transactions each hold only while the last write is
+    /// the one the controller made (`EtcdStore::transact`), the import's write each key once,
+    /// and the rest read, or renew or revoke a lease.
     async fn call<T, Answer>(&self, call: impl Fn() -> Answer) -> anyhow::Result<T>
     where
         Answer: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = tokio::time::Instant::now() + CALL_FOR;
         let mut wait = Duration::from_millis(25);
+        let mut authenticated = false;
         let answer = loop {
-            match call().await {
+            let tried = tokio::time::timeout(TRY_TIMEOUT, call()).await;
+            let tried = tried.unwrap_or_else(|_| {
+                Err(tonic::Status::cancelled(
+                    tonic::TimeoutExpired(()).to_string(),
+                ))
+            });
+            match tried {
+                Err(status) if self.user.is_some() && wants_token(&status) && !authenticated => {
+                    self.authenticate().await?;
+                    authenticated = true;
+                }
                 Err(status)
                     if (passed_over(&status) || timed_out(&status))
                         && tokio::time::Instant::now() + wait < deadline =>
@@ -208,10 +220,6 @@ impl Etcd {
         };
         match answer {
             Ok(answer) => Ok(answer.into_inner()),
-            Err(status) if self.user.is_some() && wants_token(&status) => {
-                self.authenticate().await?;
-                call().await.map(tonic::Response::into_inner).map_err(said)
-            }
             Err(status) if status.code() == tonic::Code::PermissionDenied => {
                 let user = self.user.as_ref().map_or("(none)", |u| u.user.as_str());
                 Err(anyhow!(
@@ -381,14 +389,20 @@ impl Etcd {
         Ok(granted.id)
     }
 
+    /// Revokes lease `id`; one gone already (revoked by a try whose answer was lost, or run
+    /// out) is what was wanted.
     pub async fn revoke(&self, id: i64) -> anyhow::Result<()> {
         let request = pb::LeaseRevokeRequest { id };
-        self.call(|| {
-            let (mut lease, request) = (self.lease.clone(), request);
-            async move { lease.lease_revoke(request).await }
-        })
-        .await?;
-        Ok(())
+        let revoked = self
+            .call(|| {
+                let (mut lease, request) = (self.lease.clone(), request);
+                async move { lease.lease_revoke(request).await }
+            })
+            .await;
+        match revoked {
+            Err(e) if format!("{e:#}").contains("requested lease not found") => Ok(()),
+            revoked => revoked.map(drop),
+        }
     }
 
     /// Renews lease `id` once; the seconds it has left (0: it had expired).
@@ -471,18 +485,20 @@ fn wants_token(status: &tonic::Status) -> bool {
         .any(|said| message.contains(said))
 }
 
-/// Whether a call failed before a member took it up, or was dropped by the cluster while it
-/// chose a leader: the connection to one member refused, reset or not made (a member down),
-/// or etcd saying it has no leader or changed it. Not a call that timed out (a member that
-/// hangs: the controller steps down, as it must before its lease can run out).
+/// Whether a try failed the way a member lost makes it fail: its connection refused, reset
+/// or closed (a member down), or etcd saying it has no leader or changed it, dropped the
+/// proposal as its leader handed over, or has too many requests.
 fn passed_over(status: &tonic::Status) -> bool {
     let message = status.message();
-    // A call that timed out has the timeout's error beneath, which is none of these.
-    let refused = std::error::Error::source(status).is_some_and(connect::passing);
-    refused
-        || ["etcdserver: leader changed", "etcdserver: no leader"]
-            .iter()
-            .any(|said| message.contains(said))
+    let cut = std::error::Error::source(status).is_some_and(connect::passing);
+    cut || [
+        "etcdserver: leader changed",
+        "etcdserver: no leader",
+        "raft proposal dropped",
+        "etcdserver: too many requests",
+    ]
+    .iter()
+    .any(|said| message.contains(said))
 }
 
 /// Whether a try went unanswered for [`TRY_TIMEOUT`].
@@ -508,6 +524,15 @@ pub fn created_at(key: Vec<u8>, revision: i64) -> pb::Compare {
         key,
         target_union: Some(pb::compare::TargetUnion::CreateRevision(revision)),
         range_end: vec![],
+    }
+}
+
+/// A compare that holds while `key` was last changed at `revision` (0: it does not exist).
+pub fn modified_at(key: Vec<u8>, revision: i64) -> pb::Compare {
+    pb::Compare {
+        target: pb::compare::CompareTarget::Mod.into(),
+        target_union: Some(pb::compare::TargetUnion::ModRevision(revision)),
+        ..created_at(key, revision)
     }
 }
 

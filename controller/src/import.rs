@@ -133,9 +133,11 @@ pub fn import_data(dir: &Path, options: &EtcdOptions) -> anyhow::Result<Imported
     let unlock = vec![etcd::delete(lock.clone(), vec![])];
     let answer = txn(etcd::created_at(lock.clone(), ours), unlock)
         .with_context(|| stopped(imported.transactions))?;
+    // Every earlier transaction held under the key: another's (a controller's, made since)
+    // means it is done too.
     anyhow::ensure!(
-        answer.succeeded || held(answer).is_none(),
-        "{prefix}{} is no longer the import's (made again)",
+        answer.succeeded || held(answer).is_none_or(|kv| kv.create_revision != ours),
+        "{prefix}{} is still the import's",
         crate::leader::KEY
     );
     imported.transactions += 1;

@@ -215,12 +215,17 @@ impl Cluster {
             logs,
             _dir: dir,
         };
+        let mut cluster = cluster;
         let deadline = Instant::now() + Duration::from_secs(20);
-        for log in &cluster.logs {
+        for i in 0..n {
             loop {
-                let text = std::fs::read_to_string(log)?;
+                let text = std::fs::read_to_string(&cluster.logs[i])?;
                 if serving_at(&text).is_some() {
                     break;
+                }
+                // One whose port was taken meanwhile ends at once: say so, not wait.
+                if let Some(Ok(Some(status))) = cluster.members[i].as_mut().map(Child::try_wait) {
+                    bail!("etcd member m{i} ended ({status}) before serving: {text}");
                 }
                 if Instant::now() > deadline {
                     bail!("etcd member did not serve within 20s: {text}");
@@ -237,14 +242,29 @@ impl Cluster {
         let mut last = None;
         for (i, log) in self.logs.iter().enumerate() {
             let text = std::fs::read_to_string(log)?;
-            for line in text.lines().filter(|l| l.contains("became leader at term")) {
-                let term: u64 = line.rsplit(' ').next().unwrap_or("0").trim().parse()?;
+            for line in text.lines() {
+                let Some((_, after)) = line.split_once("became leader at term ") else {
+                    continue;
+                };
+                let digits = after.split(|c: char| !c.is_ascii_digit()).next();
+                let term: u64 = digits.unwrap_or_default().parse()?;
                 if last.is_none_or(|(t, _)| term > t) {
                     last = Some((term, i));
                 }
             }
         }
         last.map(|(_, i)| i).context("no member says it leads")
+    }
+
+    /// Stops member `i` with SIGTERM, as a rolling restart does (it hands its lead over),
+    /// and waits for it to end.
+    pub fn stop(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.members[i].take() {
+            let pid = child.id().to_string();
+            Command::new("kill").args(["-TERM", &pid]).status()?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// Kills member `i` (SIGKILL), as a node lost.

@@ -8,9 +8,9 @@
 //! [`Fence`]); one that finds it does not changes nothing, fails, and tells the controller to
 //! stop. A release's change must fit in one transaction: etcd takes 128 operations in one by
 //! default (`--max-txn-ops`), which is one for the release, one per history event, one per
-//! region it sends a desired state to, and one each for the service's version, the
-//! release's manifest and a request's answer when the change carries them. Releases are
-//! forgotten 40 to a transaction (120 operations).
+//! region it sends a desired state to, one each for the service's version, the release's
+//! manifest and a request's answer when the change carries them, and one for the write's
+//! mark (`transact`). Releases are forgotten 40 to a transaction (121 operations).
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
@@ -29,6 +29,9 @@ pub struct EtcdStore {
     fence: Fence,
     epoch: u64,
     counting: Mutex<()>,
+    /// The revision of this controller's last write (`meta/writer`'s), once known, and how
+    /// many it has made: see [`EtcdStore::transact`].
+    written: Mutex<(Option<i64>, u64)>,
 }
 
 impl EtcdStore {
@@ -39,6 +42,7 @@ impl EtcdStore {
             fence,
             epoch,
             counting: Mutex::new(()),
+            written: Mutex::new((None, 0)),
         }
     }
 
@@ -58,21 +62,48 @@ impl EtcdStore {
     }
 
     /// Makes `ops` in one transaction, if this controller still leads; see [`Self::write`].
-    fn transact(&self, ops: Vec<pb::RequestOp>) -> anyhow::Result<()> {
+    ///
+    /// Writes land in the order they are made. The etcd client makes a call again when a
+    /// try went unanswered or its connection broke (`Etcd::call`), and such a try may yet
+    /// reach etcd after the next write. So each transaction also holds only while the key
+    /// `meta/writer` is as this controller's last write left it, and puts into it a mark of
+    /// its own: a try that comes late finds the key moved on and changes nothing, and a
+    /// try made again after the first went through finds its own mark there, and is taken
+    /// as made.
+    fn transact(&self, mut ops: Vec<pb::RequestOp>) -> anyhow::Result<()> {
         // After a failed or refused write, none: later ones could make etcd hold a state
         // without the changes the failed one carried.
         if let Some(why) = self.fence.lost.why() {
             anyhow::bail!("the store writes no more: this controller is stepping down ({why})");
         }
+        let writer = self.key("meta", "writer");
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = match written.0 {
+            Some(revision) => revision,
+            None => self.get(writer.clone())?.map_or(0, |kv| kv.mod_revision),
+        };
+        written.1 += 1;
+        let mark = format!("{} {}", self.epoch, written.1).into_bytes();
+        ops.push(etcd::put(writer.clone(), mark.clone(), 0));
         let request = pb::TxnRequest {
-            compare: vec![self.fence.holds()],
+            compare: vec![self.fence.holds(), etcd::modified_at(writer.clone(), last)],
             success: ops,
-            failure: vec![],
+            failure: vec![etcd::range(writer)],
         };
         let etcd = self.etcd.clone();
         match self.etcd.block_on(async move { etcd.txn(request).await }) {
-            Ok(answer) if answer.succeeded => Ok(()),
-            Ok(_) => Err(self.deposed()),
+            Ok(answer) if answer.succeeded => {
+                written.0 = answer.header.map(|h| h.revision);
+                Ok(())
+            }
+            Ok(answer) => match read_back(answer) {
+                // Made by a try whose answer was lost.
+                Some(kv) if kv.value == mark => {
+                    written.0 = Some(kv.mod_revision);
+                    Ok(())
+                }
+                _ => Err(self.deposed()),
+            },
             Err(e) => {
                 let why = format!("a write to etcd failed, and may or may not have been made: {e}");
                 self.fence.lost.lose(why);
@@ -126,6 +157,14 @@ impl EtcdStore {
         self.write(vec![(key, (n + 1).to_string().into_bytes())])?;
         Ok(n + 1)
     }
+}
+
+/// The key a failed transaction read back (its failure branch's one range), if it exists.
+fn read_back(answer: pb::TxnResponse) -> Option<pb::KeyValue> {
+    answer.responses.into_iter().find_map(|r| match r.response {
+        Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
+        _ => None,
+    })
 }
 
 fn parse_count(value: &[u8]) -> anyhow::Result<u64> {
@@ -271,6 +310,9 @@ impl Store for EtcdStore {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use std::time::Duration;
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use tokio::sync::watch;
 
@@ -770,41 +812,120 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leader_writes_on_through_the_loss_of_any_one_etcd_member_of_three() {
-        // The member that leads etcd's cluster, then one that follows.
-        for leads in [true, false] {
+        // The member that leads etcd's cluster killed, or stopped (it hands over), then one
+        // that follows killed.
+        for (leads, killed) in [(true, true), (true, false), (false, true)] {
             let mut cluster = server::Cluster::start(3).unwrap();
-            let leader = cluster.leader().unwrap();
-            let lost = if leads { leader } else { (leader + 1) % 3 };
-            let etcd = Etcd::connect(&EtcdOptions {
-                endpoints: cluster.urls.clone(),
-                prefix: "/test/".into(),
-                tls: Default::default(),
-                user: None,
-            })
-            .unwrap();
-            let leading = lead(&etcd, "a").await;
-            let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
+            let (_, leading, store) = leading_on(cluster.urls.clone()).await;
             let started = std::time::Instant::now();
+            let mut lost = None;
             for i in 0..60u8 {
                 if i == 20 {
-                    cluster.kill(lost);
+                    let leader = cluster.leader().unwrap();
+                    let member = if leads { leader } else { (leader + 1) % 3 };
+                    match killed {
+                        true => cluster.kill(member),
+                        false => cluster.stop(member).unwrap(),
+                    }
+                    lost = Some(member);
                 }
                 let written = {
                     let store = &store;
                     tokio::task::block_in_place(|| store.put_desired("us-west", &[i]))
                 };
-                assert!(
-                    written.is_ok(),
-                    "member {lost} lost, write {i}: {written:?}"
-                );
+                assert!(written.is_ok(), "{lost:?} lost, write {i}: {written:?}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert!(leading.fence.lost.why().is_none(), "member {lost}");
+            assert!(leading.fence.lost.why().is_none(), "{lost:?}");
+            assert_eq!(store.desired().unwrap(), [("us-west".into(), vec![59])]);
             println!(
-                "member {lost} (leading: {leads}) lost: 60 writes in {:?}",
+                "member {lost:?} (leading etcd: {leads}, killed: {killed}) lost: 60 writes in {:?}",
                 started.elapsed()
             );
         }
+    }
+
+    /// A store of a controller that leads on the etcd at `endpoints`, with a lease that
+    /// outlives an election on a busy machine (10 s).
+    async fn leading_on(endpoints: Vec<String>) -> (Etcd, Leadership, EtcdStore) {
+        let etcd = Etcd::connect(&EtcdOptions {
+            endpoints,
+            prefix: "/test/".into(),
+            tls: Default::default(),
+            user: None,
+        })
+        .unwrap();
+        let ours = campaign("a", Duration::from_secs(10));
+        let leading = leader::campaign(&etcd, &ours, &watch::channel(None).0, &mut None).await;
+        let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
+        (etcd, leading, store)
+    }
+
+    /// Test-only: a relay to `to` on 127.0.0.1; once `cut` is set, the next request a client
+    /// sends that names [`NEEDLE`] goes on, and then (a moment later, etcd's answer held
+    /// back) that client's connection is closed, as a connection lost after a request but
+    /// before its answer.
+    const NEEDLE: &[u8] = b"desired/us-west";
+    async fn relay(to: std::net::SocketAddr, cut: Arc<AtomicBool>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(to).await.unwrap();
+                let cut = cut.clone();
+                tokio::spawn(async move {
+                    let (mut client_in, mut client_out) = client.into_split();
+                    let (mut server_in, mut server_out) = server.into_split();
+                    let answers = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut server_in, &mut client_out).await;
+                    });
+                    let mut buf = vec![0; 64 << 10];
+                    while let Ok(n @ 1..) = client_in.read(&mut buf).await {
+                        if server_out.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        let request = &buf[..n];
+                        let ours = request.windows(NEEDLE.len()).any(|w| w == NEEDLE);
+                        if ours && cut.swap(false, Ordering::SeqCst) {
+                            // The rest of the request goes on for a moment; no answer back.
+                            answers.abort();
+                            let rest = async {
+                                while let Ok(n @ 1..) = client_in.read(&mut buf).await {
+                                    let _ = server_out.write_all(&buf[..n]).await;
+                                }
+                            };
+                            let _ = tokio::time::timeout(Duration::from_millis(300), rest).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_whose_answer_was_lost_is_made_again_and_taken_as_made() {
+        let server = server::Etcd::start().unwrap();
+        let at = server.url.trim_start_matches("http://").parse().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (etcd, leading, store) = leading_on(vec![relay(at, cut.clone()).await]).await;
+        store.put_desired("us-west", &[1]).unwrap();
+        // The write reaches etcd and is made; its answer is lost with the connection. Made
+        // again, it finds its own mark: taken as made, the lead kept.
+        let before = etcd.get(etcd.key("meta/writer")).await.unwrap().unwrap();
+        cut.store(true, Ordering::SeqCst);
+        let written = tokio::task::block_in_place(|| store.put_desired("us-west", &[2]));
+        assert!(written.is_ok(), "{written:?}");
+        assert!(!cut.load(Ordering::SeqCst), "no connection was cut");
+        assert!(leading.fence.lost.why().is_none());
+        let after = etcd.get(etcd.key("meta/writer")).await.unwrap().unwrap();
+        assert!(after.mod_revision > before.mod_revision);
+        assert_eq!(store.desired().unwrap(), [("us-west".into(), vec![2])]);
+        // And the next write lands after it.
+        store.put_desired("us-west", &[3]).unwrap();
+        assert_eq!(store.desired().unwrap(), [("us-west".into(), vec![3])]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
