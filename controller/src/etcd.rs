@@ -195,6 +195,11 @@ impl Etcd {
         let deadline = tokio::time::Instant::now() + CALL_FOR;
         let mut wait = Duration::from_millis(25);
         let mut authenticated = false;
+        let mut again = || {
+            let wait_now = wait;
+            wait = (wait * 2).min(Duration::from_millis(400));
+            (tokio::time::Instant::now() + wait_now < deadline).then_some(wait_now)
+        };
         let answer = loop {
             let tried = tokio::time::timeout(TRY_TIMEOUT, call()).await;
             let tried = tried.unwrap_or_else(|_| {
@@ -204,17 +209,24 @@ impl Etcd {
             });
             match tried {
                 Err(status) if self.user.is_some() && wants_token(&status) && !authenticated => {
-                    self.authenticate().await?;
-                    authenticated = true;
+                    match self.authenticate().await? {
+                        Ok(()) => authenticated = true,
+                        // Taking a token, a member lost too: as for any call.
+                        Err(status) => match again() {
+                            Some(wait) => tokio::time::sleep(wait).await,
+                            None => break Err(status),
+                        },
+                    }
                 }
-                Err(status)
-                    if (passed_over(&status) || timed_out(&status))
-                        && tokio::time::Instant::now() + wait < deadline =>
-                {
-                    tracing::debug!(error = %said(status), "etcd call made again");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_millis(400));
-                }
+                Err(status) if passed_over(&status) || timed_out(&status) => match again() {
+                    Some(wait) => {
+                        tracing::debug!(error = %said(status), "etcd call made again");
+                        // A member that came back may want a token again.
+                        authenticated = false;
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => break Err(status),
+                },
                 answer => break answer,
             }
         };
@@ -296,15 +308,28 @@ impl Etcd {
     }
 
     /// Takes a new token for the user.
-    async fn authenticate(&self) -> anyhow::Result<()> {
+    /// Takes a token for the user. A try that failed as a member lost makes a call fail
+    /// (`passed_over`, `timed_out`) is the status, to be made again.
+    async fn authenticate(&self) -> anyhow::Result<Result<(), tonic::Status>> {
         let Some(user) = &self.user else {
-            return Ok(());
+            return Ok(Ok(()));
         };
         let request = pb::AuthenticateRequest {
             name: user.user.clone(),
             password: user.password.clone(),
         };
-        let answer = self.auth.clone().authenticate(request).await.map_err(|status| {
+        let mut auth = self.auth.clone();
+        let tried = tokio::time::timeout(TRY_TIMEOUT, auth.authenticate(request));
+        let answer = match tried.await {
+            Err(_) => {
+                return Ok(Err(tonic::Status::cancelled(
+                    tonic::TimeoutExpired(()).to_string(),
+                )));
+            }
+            Ok(Err(status)) if passed_over(&status) => return Ok(Err(status)),
+            Ok(answer) => answer,
+        };
+        let answer = answer.map_err(|status| {
             anyhow!(
                 "etcd did not authenticate user {:?}: {} (check --etcd-user and the password in --etcd-password-file)",
                 user.user,
@@ -315,7 +340,7 @@ impl Etcd {
             .context("etcd gave a token that is not ASCII")?;
         *self.token.0.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
         tracing::debug!(user = %user.user, "authenticated to etcd");
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// One Range call, as [`Etcd::call`] makes it.
@@ -496,6 +521,7 @@ fn passed_over(status: &tonic::Status) -> bool {
         "etcdserver: no leader",
         "raft proposal dropped",
         "etcdserver: too many requests",
+        "etcdserver: server stopped",
     ]
     .iter()
     .any(|said| message.contains(said))

@@ -157,8 +157,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// A cluster of `n` members, each serving once the cluster has its quorum.
+    /// A cluster of `n` members, each serving once the cluster has its quorum. Started again
+    /// on other ports, once, if a member ends before serving (a port taken meanwhile).
     pub fn start(n: usize) -> anyhow::Result<Cluster> {
+        Cluster::start_once(n).or_else(|_| Cluster::start_once(n))
+    }
+
+    fn start_once(n: usize) -> anyhow::Result<Cluster> {
         let shm = std::path::Path::new("/dev/shm");
         let dir = match shm.is_dir() {
             true => tempfile::tempdir_in(shm)?,

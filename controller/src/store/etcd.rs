@@ -67,20 +67,29 @@ impl EtcdStore {
     /// try went unanswered or its connection broke (`Etcd::call`), and such a try may yet
     /// reach etcd after the next write. So each transaction also holds only while the key
     /// `meta/writer` is as this controller's last write left it, and puts into it a mark of
-    /// its own: a try that comes late finds the key moved on and changes nothing, and a
-    /// try made again after the first went through finds its own mark there, and is taken
-    /// as made.
+    /// its own: a try that reaches etcd after a later write finds the key moved on and
+    /// changes nothing, and a try made again after the first went through finds its own mark
+    /// there, and is taken as made.
     fn transact(&self, mut ops: Vec<pb::RequestOp>) -> anyhow::Result<()> {
-        // After a failed or refused write, none: later ones could make etcd hold a state
-        // without the changes the failed one carried.
+        let writer = self.key("meta", "writer");
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        // After a failed or refused write, none (a write that waited for this one's turn
+        // included): later ones could make etcd hold a state without the changes the failed
+        // one carried.
         if let Some(why) = self.fence.lost.why() {
             anyhow::bail!("the store writes no more: this controller is stepping down ({why})");
         }
-        let writer = self.key("meta", "writer");
-        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
         let last = match written.0 {
             Some(revision) => revision,
-            None => self.get(writer.clone())?.map_or(0, |kv| kv.mod_revision),
+            // Not read, this write is not made, and the controller has moved on: it stops.
+            None => match self.get(writer.clone()) {
+                Ok(kv) => kv.map_or(0, |kv| kv.mod_revision),
+                Err(e) => {
+                    let why = format!("etcd could not be read before a write: {e:#}");
+                    self.fence.lost.lose(why);
+                    return Err(e.context("the store could not write"));
+                }
+            },
         };
         written.1 += 1;
         let mark = format!("{} {}", self.epoch, written.1).into_bytes();
@@ -866,36 +875,59 @@ mod tests {
     /// back) that client's connection is closed, as a connection lost after a request but
     /// before its answer.
     const NEEDLE: &[u8] = b"desired/us-west";
-    async fn relay(to: std::net::SocketAddr, cut: Arc<AtomicBool>) -> String {
+    /// It counts the connections it took in `taken`.
+    async fn relay(
+        to: std::net::SocketAddr,
+        cut: Arc<AtomicBool>,
+        taken: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                taken.fetch_add(1, Ordering::SeqCst);
                 let server = tokio::net::TcpStream::connect(to).await.unwrap();
                 let cut = cut.clone();
                 tokio::spawn(async move {
                     let (mut client_in, mut client_out) = client.into_split();
                     let (mut server_in, mut server_out) = server.into_split();
+                    // Answers go back until `held`; then they are read and dropped, and the
+                    // client's connection stays open, so that it waits for its answer.
+                    let held = Arc::new(AtomicBool::new(false));
+                    let holding = held.clone();
                     let answers = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut server_in, &mut client_out).await;
+                        let mut buf = vec![0; 64 << 10];
+                        while let Ok(n @ 1..) = server_in.read(&mut buf).await {
+                            if !holding.load(Ordering::SeqCst)
+                                && client_out.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                        client_out
                     });
                     let mut buf = vec![0; 64 << 10];
                     while let Ok(n @ 1..) = client_in.read(&mut buf).await {
+                        let request = &buf[..n];
+                        let ours = request.windows(NEEDLE.len()).any(|w| w == NEEDLE);
+                        // No answer back, before the request can be answered.
+                        let cutting = ours && cut.swap(false, Ordering::SeqCst);
+                        if cutting {
+                            held.store(true, Ordering::SeqCst);
+                        }
                         if server_out.write_all(&buf[..n]).await.is_err() {
                             break;
                         }
-                        let request = &buf[..n];
-                        let ours = request.windows(NEEDLE.len()).any(|w| w == NEEDLE);
-                        if ours && cut.swap(false, Ordering::SeqCst) {
-                            // The rest of the request goes on for a moment; no answer back.
-                            answers.abort();
+                        if cutting {
+                            // The rest of the request goes on for a moment.
                             let rest = async {
                                 while let Ok(n @ 1..) = client_in.read(&mut buf).await {
                                     let _ = server_out.write_all(&buf[..n]).await;
                                 }
                             };
-                            let _ = tokio::time::timeout(Duration::from_millis(300), rest).await;
+                            let _ = tokio::time::timeout(Duration::from_secs(1), rest).await;
+                            answers.abort();
                             return;
                         }
                     }
@@ -910,7 +942,9 @@ mod tests {
         let server = server::Etcd::start().unwrap();
         let at = server.url.trim_start_matches("http://").parse().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
-        let (etcd, leading, store) = leading_on(vec![relay(at, cut.clone()).await]).await;
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let relayed = relay(at, cut.clone(), taken.clone()).await;
+        let (etcd, leading, store) = leading_on(vec![relayed]).await;
         store.put_desired("us-west", &[1]).unwrap();
         // The write reaches etcd and is made; its answer is lost with the connection. Made
         // again, it finds its own mark: taken as made, the lead kept.
@@ -919,6 +953,10 @@ mod tests {
         let written = tokio::task::block_in_place(|| store.put_desired("us-west", &[2]));
         assert!(written.is_ok(), "{written:?}");
         assert!(!cut.load(Ordering::SeqCst), "no connection was cut");
+        assert!(
+            taken.load(Ordering::SeqCst) >= 2,
+            "not made again on a new connection"
+        );
         assert!(leading.fence.lost.why().is_none());
         let after = etcd.get(etcd.key("meta/writer")).await.unwrap().unwrap();
         assert!(after.mod_revision > before.mod_revision);
