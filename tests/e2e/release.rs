@@ -870,13 +870,18 @@ async fn fleetctl_shows_the_fleets_kept_and_what_applying_a_file_would_change() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_holds_its_connection_keeps_a_stopping_controller_five_seconds_at_most() {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let (running, grpc, _admin) = data_controller(dir.path(), "0").await;
-    // An HTTP/2 client that says hello and then nothing: it never closes, nor reads.
+    // An HTTP/2 client that says hello, hears the controller's, and then says nothing more:
+    // it never closes, nor reads on.
     let mut silent = tokio::net::TcpStream::connect(&grpc).await.unwrap();
     let hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
     silent.write_all(hello).await.unwrap();
+    let mut settings = [0u8; 9];
+    let heard = tokio::time::timeout(Duration::from_secs(10), silent.read_exact(&mut settings));
+    heard.await.unwrap().unwrap();
+    assert_eq!(settings[3], 4, "not a SETTINGS frame: {settings:?}");
     let stopped = Instant::now();
     let within = Duration::from_secs(9);
     let (code, out) = tokio::task::spawn_blocking(move || running.stop_within(within))
