@@ -12,6 +12,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use arc_swap::ArcSwap;
 use fleet_proto::connect::{self, ClientTls, TlsFlags};
 use fleet_proto::etcd as pb;
 use fleet_proto::etcd::auth_client::AuthClient;
@@ -99,15 +100,47 @@ const TLS_FLAGS: TlsFlags = TlsFlags {
 /// A connection to etcd, cheap to clone.
 #[derive(Clone)]
 pub struct Etcd {
-    kv: KvClient<Authed>,
-    lease: LeaseClient<Authed>,
-    auth: AuthClient<Channel>,
+    /// Replaced when the TLS files change (`watch_files`).
+    clients: Arc<ArcSwap<Clients>>,
     /// Whom to authenticate as, if etcd asks.
     user: Option<Arc<Credentials>>,
     token: Token,
     prefix: Arc<str>,
     runtime: Arc<Runtime>,
 }
+
+/// The clients of one channel to the endpoints.
+struct Clients {
+    kv: KvClient<Authed>,
+    lease: LeaseClient<Authed>,
+    auth: AuthClient<Channel>,
+}
+
+impl Clients {
+    /// Clients of a channel balanced over `options`' endpoints, made on `rt` (its worker
+    /// task is spawned there); every file read and checked.
+    fn new(
+        options: &EtcdOptions,
+        token: &Token,
+        rt: &tokio::runtime::Handle,
+    ) -> anyhow::Result<Clients> {
+        let endpoints = endpoints(options)?;
+        let channel = {
+            let _on = rt.enter();
+            Channel::balance_list(endpoints.into_iter())
+        };
+        Ok(Clients {
+            auth: AuthClient::new(channel.clone()),
+            kv: KvClient::with_interceptor(channel.clone(), token.clone())
+                .max_decoding_message_size(MAX_ANSWER),
+            lease: LeaseClient::with_interceptor(channel, token.clone()),
+        })
+    }
+}
+
+/// How often the TLS files are looked at, for a certificate renewed in place (a mounted
+/// Secret).
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// The runtime the connection lives on; shut down without waiting when the last clone goes.
 struct Runtime(Option<tokio::runtime::Runtime>);
@@ -124,24 +157,24 @@ impl Etcd {
     /// Connects lazily to `options.endpoints` (balanced over them); calls fail while none
     /// answers.
     pub fn connect(options: &EtcdOptions) -> anyhow::Result<Etcd> {
-        let endpoints = endpoints(options)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("fleet-etcd")
             .enable_all()
             .build()?;
-        // The channel's worker task is spawned where it is made: on this runtime.
-        let channel = {
-            let _on = rt.enter();
-            Channel::balance_list(endpoints.into_iter())
-        };
         let token = Token::default();
+        let clients = Arc::new(ArcSwap::from_pointee(Clients::new(
+            options,
+            &token,
+            rt.handle(),
+        )?));
+        if options.tls.is_set() {
+            let watched = watch_files(options.clone(), token.clone(), Arc::downgrade(&clients));
+            rt.spawn(watched);
+        }
         Ok(Etcd {
-            auth: AuthClient::new(channel.clone()),
+            clients,
             user: options.user.clone().map(Arc::new),
-            kv: KvClient::with_interceptor(channel.clone(), token.clone())
-                .max_decoding_message_size(MAX_ANSWER),
-            lease: LeaseClient::with_interceptor(channel, token.clone()),
             token,
             prefix: options.prefix.as_str().into(),
             runtime: Arc::new(Runtime(Some(rt))),
@@ -248,7 +281,7 @@ impl Etcd {
     /// an etcd that asks for a user.
     #[cfg(test)]
     pub async fn enable_auth_for_tests(&self, user: &str, password: &str) -> anyhow::Result<()> {
-        let mut auth = self.auth.clone();
+        let mut auth = self.clients.load().auth.clone();
         let name = user.to_string();
         let add = pb::AuthUserAddRequest {
             name: name.clone(),
@@ -281,7 +314,7 @@ impl Etcd {
         password: &str,
         prefix: &[u8],
     ) -> anyhow::Result<()> {
-        let mut auth = self.auth.clone();
+        let mut auth = self.clients.load().auth.clone();
         let add = pb::AuthUserAddRequest {
             name: user.into(),
             password: password.into(),
@@ -318,7 +351,7 @@ impl Etcd {
             name: user.user.clone(),
             password: user.password.clone(),
         };
-        let mut auth = self.auth.clone();
+        let mut auth = self.clients.load().auth.clone();
         let tried = tokio::time::timeout(TRY_TIMEOUT, auth.authenticate(request));
         let answer = match tried.await {
             Err(_) => {
@@ -349,7 +382,7 @@ impl Etcd {
         request: pb::RangeRequest,
     ) -> impl Future<Output = Result<tonic::Response<pb::RangeResponse>, tonic::Status>> + use<>
     {
-        let mut kv = self.kv.clone();
+        let mut kv = self.clients.load().kv.clone();
         async move { kv.range(request).await }
     }
 
@@ -390,7 +423,7 @@ impl Etcd {
 
     pub async fn txn(&self, request: pb::TxnRequest) -> anyhow::Result<pb::TxnResponse> {
         self.call(|| {
-            let (mut kv, request) = (self.kv.clone(), request.clone());
+            let (mut kv, request) = (self.clients.load().kv.clone(), request.clone());
             async move { kv.txn(request).await }
         })
         .await
@@ -404,7 +437,7 @@ impl Etcd {
         };
         let granted = self
             .call(|| {
-                let (mut lease, request) = (self.lease.clone(), request);
+                let (mut lease, request) = (self.clients.load().lease.clone(), request);
                 async move { lease.lease_grant(request).await }
             })
             .await?;
@@ -420,7 +453,7 @@ impl Etcd {
         let request = pb::LeaseRevokeRequest { id };
         let revoked = self
             .call(|| {
-                let (mut lease, request) = (self.lease.clone(), request);
+                let (mut lease, request) = (self.clients.load().lease.clone(), request);
                 async move { lease.lease_revoke(request).await }
             })
             .await;
@@ -435,7 +468,7 @@ impl Etcd {
         // One keep-alive on a stream of its own: its first answer, as a call's.
         let answer = self
             .call(|| {
-                let mut lease = self.lease.clone();
+                let mut lease = self.clients.load().lease.clone();
                 async move {
                     let request = tokio_stream::once(pb::LeaseKeepAliveRequest { id });
                     let answers = lease.lease_keep_alive(request).await?;
@@ -525,6 +558,56 @@ fn passed_over(status: &tonic::Status) -> bool {
     ]
     .iter()
     .any(|said| message.contains(said))
+}
+
+/// Looks at `options`' TLS files every [`RELOAD_EVERY`], and when they change, puts clients
+/// of a new channel in `clients`' place: calls made from then on use the new certificate
+/// (calls under way finish on the old channel). Files that do not work are told once, and
+/// the last good ones stay in use. Ends once the connection is gone.
+async fn watch_files(
+    options: EtcdOptions,
+    token: Token,
+    clients: std::sync::Weak<ArcSwap<Clients>>,
+) {
+    let files: Vec<std::path::PathBuf> = [&options.tls.ca, &options.tls.cert, &options.tls.key]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let stamps = || {
+        files
+            .iter()
+            .map(|f| crate::tls::stamp(f))
+            .collect::<Vec<_>>()
+    };
+    let mut seen = stamps();
+    let mut told: Option<String> = None;
+    let mut every = tokio::time::interval(RELOAD_EVERY);
+    loop {
+        every.tick().await;
+        let Some(clients) = clients.upgrade() else {
+            return;
+        };
+        let now = stamps();
+        if now == seen {
+            continue;
+        }
+        match Clients::new(&options, &token, &tokio::runtime::Handle::current()) {
+            Ok(new) => {
+                clients.store(Arc::new(new));
+                seen = now;
+                told = None;
+                tracing::info!(files = ?files, "etcd TLS files read again; new calls use them");
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                if told.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "etcd TLS files changed but do not work; the last good ones stay in use");
+                    told = Some(e);
+                }
+            }
+        }
+    }
 }
 
 /// Whether a try went unanswered for [`TRY_TIMEOUT`].

@@ -56,7 +56,13 @@ struct Settings {
 
 /// What a file was when last looked at: inode (a Kubernetes Secret's files change by a
 /// symbolic link moving to new ones), size and modification time; `None` when missing.
-type Stamp = Option<(u64, u64, SystemTime)>;
+pub(crate) type Stamp = Option<(u64, u64, SystemTime)>;
+
+/// The stamp of the file at `path`.
+pub(crate) fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
 
 impl Files {
     /// Reads every file and puts the settings together, naming the flag of a wrong one.
@@ -128,10 +134,7 @@ impl Files {
         [&self.cert, &self.key, &self.client_ca]
             .into_iter()
             .chain(&self.client_crl)
-            .map(|path| {
-                let m = std::fs::metadata(path).ok()?;
-                Some((m.ino(), m.len(), m.modified().ok()?))
-            })
+            .map(|path| stamp(path))
             .collect()
     }
 }

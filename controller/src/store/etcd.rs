@@ -1001,6 +1001,57 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_certificate_renewed_in_place_is_used_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = |name: &str| {
+            let authority = fleetctl::certs::Authority {
+                dir: dir.path().join(name),
+                days: Some(1),
+            };
+            authority.ca().unwrap();
+            authority.client("controller.fleet").unwrap();
+            authority
+        };
+        let (ours, other) = (authority("ours"), authority("other"));
+        let localhost = [std::net::IpAddr::from([127, 0, 0, 1])];
+        ours.server("etcd", &[], &localhost).unwrap();
+        let ([ca, _], [cert, key]) = (ours.files("ca"), ours.files("etcd"));
+        let tls = server::Tls {
+            cert,
+            key,
+            client_ca: ca.clone(),
+        };
+        let server = server::Etcd::start_tls(&tls).unwrap();
+        // The controller's files hold a certificate etcd does not take (another CA's).
+        let (shown_cert, shown_key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let [cert, key] = other.files("controller.fleet");
+        std::fs::copy(&cert, &shown_cert).unwrap();
+        std::fs::copy(&key, &shown_key).unwrap();
+        let etcd = Etcd::connect(&EtcdOptions {
+            endpoints: vec![server.url.clone()],
+            prefix: "/tls/".into(),
+            tls: ClientTls {
+                ca: Some(ca),
+                cert: Some(shown_cert.clone()),
+                key: Some(shown_key.clone()),
+            },
+            user: None,
+        })
+        .unwrap();
+        let key_of = || etcd.key("desired/us-west");
+        assert!(etcd.get(key_of()).await.is_err());
+        // Renewed in place, as a mounted Secret is: taken up without a restart.
+        let [cert, key] = ours.files("controller.fleet");
+        std::fs::copy(&key, &shown_key).unwrap();
+        std::fs::copy(&cert, &shown_cert).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Err(e) = etcd.get(key_of()).await {
+            assert!(std::time::Instant::now() < deadline, "still refused: {e:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn etcd_over_tls_is_reached_with_its_ca_and_a_client_certificate_and_not_without() {
         let dir = tempfile::tempdir().unwrap();
         let authority = fleetctl::certs::Authority {
