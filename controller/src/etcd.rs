@@ -1,7 +1,9 @@
 //! A small client of etcd's KV and Lease APIs (`fleet_proto::etcd`, over tonic), for the etcd
 //! store and the controller's leadership. With a user and password, it authenticates when
 //! etcd first asks for a token, and again whenever etcd no longer takes the one it has
-//! (expired, or etcd restarted), then makes the call once more.
+//! (expired, or etcd restarted), then makes the call once more. A call that a member lost
+//! fails is made again for a few seconds ([`Etcd::call`]). TLS files renewed in place are
+//! used for new calls once etcd takes them ([`watch_files`]).
 //!
 //! It runs on a runtime of its own, so that the store, whose callers hold the controller's
 //! lock and expect the embedded store's blocking calls, can wait for an answer from any
@@ -163,14 +165,16 @@ impl Etcd {
             .enable_all()
             .build()?;
         let token = Token::default();
+        // As the files are before they are read: a change meanwhile is seen.
+        let seen = stamps(&tls_files(options));
         let clients = Arc::new(ArcSwap::from_pointee(Clients::new(
             options,
             &token,
             rt.handle(),
         )?));
         if options.tls.is_set() {
-            let watched = watch_files(options.clone(), token.clone(), Arc::downgrade(&clients));
-            rt.spawn(watched);
+            let weak = Arc::downgrade(&clients);
+            rt.spawn(watch_files(options.clone(), token.clone(), weak, seen));
         }
         Ok(Etcd {
             clients,
@@ -560,53 +564,91 @@ fn passed_over(status: &tonic::Status) -> bool {
     .any(|said| message.contains(said))
 }
 
-/// Looks at `options`' TLS files every [`RELOAD_EVERY`], and when they change, puts clients
-/// of a new channel in `clients`' place: calls made from then on use the new certificate
-/// (calls under way finish on the old channel). Files that do not work are told once, and
-/// the last good ones stay in use. Ends once the connection is gone.
+/// Looks at `options`' TLS files every [`RELOAD_EVERY`] (as they were at `seen`), and when
+/// they change, puts clients of a new channel in `clients`' place: calls made from then on
+/// use the new certificate (calls under way finish on the old channel). New files are used
+/// once etcd takes them (a call answered), or once the old ones do not work either; until
+/// then, and while they cannot be read or the key is not the certificate's, the last good ones
+/// stay in use. A problem is logged once it is seen on two looks (one file written before the
+/// other is not one). Ends once the connection is gone.
 async fn watch_files(
     options: EtcdOptions,
     token: Token,
     clients: std::sync::Weak<ArcSwap<Clients>>,
+    mut seen: Vec<crate::tls::Stamp>,
 ) {
-    let files: Vec<std::path::PathBuf> = [&options.tls.ca, &options.tls.cert, &options.tls.key]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-    let stamps = || {
-        files
-            .iter()
-            .map(|f| crate::tls::stamp(f))
-            .collect::<Vec<_>>()
-    };
-    let mut seen = stamps();
-    let mut told: Option<String> = None;
+    let files = tls_files(&options);
+    let mut problem: Option<(String, bool)> = None;
     let mut every = tokio::time::interval(RELOAD_EVERY);
     loop {
         every.tick().await;
         let Some(clients) = clients.upgrade() else {
             return;
         };
-        let now = stamps();
+        let now = stamps(&files);
         if now == seen {
             continue;
         }
-        match Clients::new(&options, &token, &tokio::runtime::Handle::current()) {
+        let tried = match Clients::new(&options, &token, &tokio::runtime::Handle::current()) {
+            Err(e) => Err(format!("{e:#}")),
+            Ok(new) => match answers(&new, &options).await {
+                Ok(()) => Ok(new),
+                // Refused with the new files and not with the old: keep the old.
+                Err(e) if answers(&clients.load_full(), &options).await.is_ok() => Err(format!(
+                    "etcd does not take them ({}); the last good ones stay in use",
+                    said(e)
+                )),
+                Err(_) => Ok(new),
+            },
+        };
+        match tried {
             Ok(new) => {
                 clients.store(Arc::new(new));
                 seen = now;
-                told = None;
+                problem = None;
                 tracing::info!(files = ?files, "etcd TLS files read again; new calls use them");
             }
-            Err(e) => {
-                let e = format!("{e:#}");
-                if told.as_ref() != Some(&e) {
-                    tracing::error!(error = %e, "etcd TLS files changed but do not work; the last good ones stay in use");
-                    told = Some(e);
+            Err(e) => match &mut problem {
+                Some((seen_before, told)) if *seen_before == e => {
+                    if !*told {
+                        tracing::error!(error = %e, "etcd TLS files changed but do not work; the last good ones stay in use");
+                        *told = true;
+                    }
                 }
-            }
+                _ => problem = Some((e, false)),
+            },
         }
+    }
+}
+
+/// The TLS files `options` give.
+fn tls_files(options: &EtcdOptions) -> Vec<std::path::PathBuf> {
+    [&options.tls.ca, &options.tls.cert, &options.tls.key]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+}
+
+fn stamps(files: &[std::path::PathBuf]) -> Vec<crate::tls::Stamp> {
+    files.iter().map(|f| crate::tls::stamp(f)).collect()
+}
+
+/// Whether etcd answers a call made with `clients` within a try's time (any answer of its
+/// own, a refusal included: the connection, and so the certificate, was taken).
+async fn answers(clients: &Clients, options: &EtcdOptions) -> Result<(), tonic::Status> {
+    let request = pb::RangeRequest {
+        key: format!("{}{}", options.prefix, crate::leader::KEY).into_bytes(),
+        ..Default::default()
+    };
+    let mut kv = clients.kv.clone();
+    match tokio::time::timeout(TRY_TIMEOUT, kv.range(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) if std::error::Error::source(&status).is_none() => Ok(()),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(tonic::Status::cancelled(
+            tonic::TimeoutExpired(()).to_string(),
+        )),
     }
 }
 

@@ -55,13 +55,19 @@ struct Settings {
 }
 
 /// What a file was when last looked at: inode (a Kubernetes Secret's files change by a
-/// symbolic link moving to new ones), size and modification time; `None` when missing.
-pub(crate) type Stamp = Option<(u64, u64, SystemTime)>;
+/// symbolic link moving to new ones), size, modification time and status change time (which
+/// a copy that keeps the modification time still moves); `None` when missing.
+pub(crate) type Stamp = Option<(u64, u64, SystemTime, (i64, i64))>;
 
 /// The stamp of the file at `path`.
 pub(crate) fn stamp(path: &Path) -> Stamp {
     let m = std::fs::metadata(path).ok()?;
-    Some((m.ino(), m.len(), m.modified().ok()?))
+    Some((
+        m.ino(),
+        m.len(),
+        m.modified().ok()?,
+        (m.ctime(), m.ctime_nsec()),
+    ))
 }
 
 impl Files {

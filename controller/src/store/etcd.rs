@@ -1039,7 +1039,11 @@ mod tests {
         })
         .unwrap();
         let key_of = || etcd.key("desired/us-west");
-        assert!(etcd.get(key_of()).await.is_err());
+        let refused = etcd.get(key_of()).await.unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("BadCertificate"),
+            "{refused:#}"
+        );
         // Renewed in place, as a mounted Secret is: taken up without a restart.
         let [cert, key] = ours.files("controller.fleet");
         std::fs::copy(&key, &shown_key).unwrap();
@@ -1048,6 +1052,16 @@ mod tests {
         while let Err(e) = etcd.get(key_of()).await {
             assert!(std::time::Instant::now() < deadline, "still refused: {e:#}");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Replaced by files etcd refuses: the last good ones stay in use.
+        let [cert, key] = other.files("controller.fleet");
+        std::fs::copy(&key, &shown_key).unwrap();
+        std::fs::copy(&cert, &shown_cert).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < until {
+            let got = etcd.get(key_of()).await;
+            assert!(got.is_ok(), "{got:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
