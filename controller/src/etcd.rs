@@ -126,17 +126,21 @@ impl Clients {
         token: &Token,
         rt: &tokio::runtime::Handle,
     ) -> anyhow::Result<Clients> {
-        let endpoints = endpoints(options)?;
+        Ok(Clients::of(endpoints(options)?, token, rt))
+    }
+
+    /// Clients of a channel balanced over `endpoints`, made on `rt`.
+    fn of(endpoints: Vec<Endpoint>, token: &Token, rt: &tokio::runtime::Handle) -> Clients {
         let channel = {
             let _on = rt.enter();
             Channel::balance_list(endpoints.into_iter())
         };
-        Ok(Clients {
+        Clients {
             auth: AuthClient::new(channel.clone()),
             kv: KvClient::with_interceptor(channel.clone(), token.clone())
                 .max_decoding_message_size(MAX_ANSWER),
             lease: LeaseClient::with_interceptor(channel, token.clone()),
-        })
+        }
     }
 }
 
@@ -159,19 +163,22 @@ impl Etcd {
     /// Connects lazily to `options.endpoints` (balanced over them); calls fail while none
     /// answers.
     pub fn connect(options: &EtcdOptions) -> anyhow::Result<Etcd> {
+        // As the files are before they are read: a change meanwhile is seen.
+        let seen = stamps(&tls_files(options));
+        // Every flag and file checked before a runtime is made (one dropped in a caller's
+        // async context would panic).
+        let endpoints = endpoints(options)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("fleet-etcd")
             .enable_all()
             .build()?;
         let token = Token::default();
-        // As the files are before they are read: a change meanwhile is seen.
-        let seen = stamps(&tls_files(options));
-        let clients = Arc::new(ArcSwap::from_pointee(Clients::new(
-            options,
+        let clients = Arc::new(ArcSwap::from_pointee(Clients::of(
+            endpoints,
             &token,
             rt.handle(),
-        )?));
+        )));
         if options.tls.is_set() {
             let weak = Arc::downgrade(&clients);
             rt.spawn(watch_files(options.clone(), token.clone(), weak, seen));
