@@ -425,13 +425,24 @@ pub fn run(command: std::process::Command) -> anyhow::Result<(i32, String)> {
     Running::start(command)?.finish()
 }
 
-/// A command running beside the test, its stdout read line by line as it writes.
+/// A command running beside the test, its stdout read line by line as it writes; killed if
+/// it is dropped still running (a test that failed before it stopped it).
 pub struct Running {
     /// The command, to say which one did not end.
     command: String,
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
-    stderr: std::thread::JoinHandle<String>,
+    /// Taken as it finishes.
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Running {
@@ -459,7 +470,7 @@ impl Running {
             command: format!("{command:?}"),
             child,
             lines,
-            stderr,
+            stderr: Some(stderr),
         })
     }
 
@@ -508,7 +519,8 @@ impl Running {
             std::thread::sleep(Duration::from_millis(50));
         };
         let mut text: String = self.lines.iter().map(|l| l + "\n").collect();
-        text += &self.stderr.join().unwrap_or_default();
+        let stderr = self.stderr.take().map(std::thread::JoinHandle::join);
+        text += &stderr.and_then(Result::ok).unwrap_or_default();
         Ok((status.code().unwrap_or(-1), text))
     }
 
