@@ -768,6 +768,15 @@ pub fn range(key: Vec<u8>) -> pb::RequestOp {
     }
 }
 
+/// The key a transaction that failed read back with its failure branch's [`range`], if it
+/// exists.
+pub fn read_back(answer: pb::TxnResponse) -> Option<pb::KeyValue> {
+    answer.responses.into_iter().find_map(|r| match r.response {
+        Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,7 +94,7 @@ pub fn import_data(dir: &Path, options: &EtcdOptions) -> anyhow::Result<Imported
     let answer = txn(etcd::none_under(etcd.key("")), first)?;
     let ours = match answer.succeeded {
         true => answer.header.map_or(0, |h| h.revision),
-        false => match held(answer) {
+        false => match etcd::read_back(answer) {
             Some(lock) if lock.value == mark => lock.create_revision,
             _ => 0,
         },
@@ -136,21 +136,12 @@ pub fn import_data(dir: &Path, options: &EtcdOptions) -> anyhow::Result<Imported
     // Every earlier transaction held under the key: another's (a controller's, made since)
     // means it is done too.
     anyhow::ensure!(
-        answer.succeeded || held(answer).is_none_or(|kv| kv.create_revision != ours),
+        answer.succeeded || etcd::read_back(answer).is_none_or(|kv| kv.create_revision != ours),
         "{prefix}{} is still the import's",
         crate::leader::KEY
     );
     imported.transactions += 1;
     Ok(imported)
-}
-
-/// The leader key, as a failed transaction's read of it found it.
-fn held(answer: fleet_proto::etcd::TxnResponse) -> Option<fleet_proto::etcd::KeyValue> {
-    use fleet_proto::etcd::response_op::Response;
-    answer.responses.into_iter().find_map(|r| match r.response {
-        Some(Response::ResponseRange(range)) => range.kvs.into_iter().next(),
-        _ => None,
-    })
 }
 
 /// What `entries` hold, by kind.

@@ -138,11 +138,7 @@ async fn try_to_lead(
     if answer.succeeded {
         return Ok(Ok(answer.header.map_or(0, |h| h.revision)));
     }
-    let holder = answer.responses.into_iter().find_map(|r| match r.response {
-        Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
-        _ => None,
-    });
-    match holder {
+    match etcd::read_back(answer) {
         Some(kv) if kv.lease == lease => Ok(Ok(kv.create_revision)),
         holder => Ok(Err(
             holder.and_then(|kv| serde_json::from_slice(&kv.value).ok())

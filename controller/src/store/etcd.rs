@@ -105,7 +105,7 @@ impl EtcdStore {
                 written.0 = answer.header.map(|h| h.revision);
                 Ok(())
             }
-            Ok(answer) => match read_back(answer) {
+            Ok(answer) => match etcd::read_back(answer) {
                 // Made by a try whose answer was lost.
                 Some(kv) if kv.value == mark => {
                     written.0 = Some(kv.mod_revision);
@@ -166,14 +166,6 @@ impl EtcdStore {
         self.write(vec![(key, (n + 1).to_string().into_bytes())])?;
         Ok(n + 1)
     }
-}
-
-/// The key a failed transaction read back (its failure branch's one range), if it exists.
-fn read_back(answer: pb::TxnResponse) -> Option<pb::KeyValue> {
-    answer.responses.into_iter().find_map(|r| match r.response {
-        Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
-        _ => None,
-    })
 }
 
 fn parse_count(value: &[u8]) -> anyhow::Result<u64> {
