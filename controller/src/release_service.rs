@@ -68,25 +68,18 @@ fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
 }
 
-/// Whether a request's answer was stored with its change.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Stored {
-    Yes,
-    No,
-}
-
 impl Releases {
     /// Answers a mutating request once: a repeated request id gets the first answer. Ids are
     /// each `method`'s own (an abort given a start's id is an abort, not the start's answer)
-    /// and, under mutual TLS, each operator's own. `act` is given the request's key, and says
-    /// whether it stored the answer with its change (`Controller::step_answering`); if not, it
-    /// is stored after.
+    /// and, under mutual TLS, each operator's own. `act` is given the request's key, and
+    /// stores the answer: with its change (`Controller::step_answering`), or after it
+    /// ([`Releases::keep_answer`]).
     fn once<T: Message + Default>(
         &self,
         method: &str,
         caller: &Option<Operator>,
         request_id: &str,
-        act: impl FnOnce(&str) -> Result<(T, Stored), Status>,
+        act: impl FnOnce(&str) -> Result<T, Status>,
     ) -> Result<Response<T>, Status> {
         if request_id.is_empty() {
             return Err(Status::invalid_argument(
@@ -114,14 +107,19 @@ impl Releases {
                 .map(Response::new)
                 .map_err(|e| Status::internal(e.to_string()));
         }
-        let (answer, stored) = act(request_id).map_err(|s| self.starting_over(s))?;
-        if stored == Stored::No {
-            let kept = answer::stamped(Utc::now().timestamp_millis(), &answer.encode_to_vec());
-            store
-                .answer(request_id, &kept)
-                .map_err(|e| self.starting_over(internal(e)))?;
-        }
-        Ok(Response::new(answer))
+        act(request_id)
+            .map(Response::new)
+            .map_err(|s| self.starting_over(s))
+    }
+
+    /// Stores `answer` to the request keyed `request`, made already: for a call whose change
+    /// was not written with its answer.
+    fn keep_answer(&self, request: &str, answer: &impl Message) -> Result<(), Status> {
+        let kept = answer::stamped(Utc::now().timestamp_millis(), &answer.encode_to_vec());
+        self.controller
+            .store
+            .answer(request, &kept)
+            .map_err(internal)
     }
 
     /// A call that failed because the store takes no more writes is Unavailable, not
@@ -176,7 +174,7 @@ impl Releases {
                 .controller
                 .step_answering(&mut inner, &id, |e| e.handle(now, event), request)
                 .map_err(internal)?;
-            Ok((answer, Stored::Yes))
+            Ok(answer)
         })
     }
 }
@@ -189,7 +187,7 @@ impl ReleaseService for Releases {
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
         let caller = may_change(&request)?;
         let r = request.into_inner();
-        self.once("apply_fleet", &caller, &r.request_id, |_| {
+        self.once("apply_fleet", &caller, &r.request_id, |request| {
             let loaded = fleet::load(&r.manifest).map_err(|diags| {
                 let lines: Vec<String> = diags
                     .iter()
@@ -207,7 +205,11 @@ impl ReleaseService for Releases {
                 .put_fleet(&mut inner, loaded.manifest, r.manifest.clone(), Utc::now())
                 .map_err(internal)?;
             let fleet = inner.fleets.get(&service).map(|f| fleet_proto(&service, f));
-            Ok((pb::ApplyFleetResponse { fleet, warnings }, Stored::No))
+            drop(inner);
+            // Applied again if its answer is lost: to the same effect.
+            let answer = pb::ApplyFleetResponse { fleet, warnings };
+            self.keep_answer(request, &answer)?;
+            Ok(answer)
         })
     }
 
@@ -340,7 +342,7 @@ impl ReleaseService for Releases {
                 }
             };
             controller.baseline(&mut inner, &id).map_err(internal)?;
-            Ok((answer, Stored::Yes))
+            Ok(answer)
         })
     }
 
