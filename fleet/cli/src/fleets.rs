@@ -4,14 +4,13 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
 use fleet_proto::v1 as pb;
 
 use crate::release::{Refused, Remote};
 use crate::render;
 use crate::retry::call;
-use crate::verbs::{Output, usage_error};
+use crate::verbs::{Output, print_diagnostics, read, usage_error};
 
 /// List the fleets the controller keeps.
 #[derive(Args, Debug)]
@@ -103,13 +102,11 @@ impl Diff {
             self.remote.output == Output::Table,
             "fleetctl diff prints a unified diff; --output json is not for it"
         );
-        let new = std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?;
+        let new = read(file)?;
         let service = match fleet::load(&new) {
             Ok(loaded) => loaded.manifest.service.name,
             Err(diags) => {
-                for d in &diags {
-                    eprintln!("{}", d.in_file(file));
-                }
+                print_diagnostics(file, &diags);
                 eprintln!(
                     "{file} does not validate (`fleetctl validate {file}`); nothing compared"
                 );
@@ -128,10 +125,7 @@ impl Diff {
                 );
                 (String::new(), "/dev/null".to_string())
             }
-            Err(e) => {
-                eprintln!("fleetctl: {e:#}");
-                return Ok(usage_error());
-            }
+            Err(e) => return Err(e),
         };
         match unified(&applied, &new, &old, file) {
             None => Ok(ExitCode::SUCCESS),

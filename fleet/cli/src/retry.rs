@@ -85,8 +85,7 @@ impl Caller {
         F: FnMut(ReleaseServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let started = Instant::now();
-        let mut away: Option<Away> = None;
+        let mut away = Away::new();
         loop {
             let failed = match self.dialled().await {
                 Ok(client) => match call(client).await {
@@ -102,9 +101,8 @@ impl Caller {
                 Err(e) if e.passing => anyhow::Error::from(e),
                 Err(e) => return Err(e.into()),
             };
-            let away = away.get_or_insert_with(Away::new);
             let (tries, wait) = away.failed();
-            if started.elapsed() + wait > self.retry_for {
+            if away.since.elapsed() + wait > self.retry_for {
                 let failed = match tries {
                     1 => failed,
                     _ => failed.context(format!(

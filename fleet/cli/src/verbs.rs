@@ -128,11 +128,11 @@ impl Schema {
     }
 }
 
-fn read(file: &str) -> anyhow::Result<String> {
+pub(crate) fn read(file: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))
 }
 
-fn print_diagnostics(file: &str, diags: &[Diagnostic]) {
+pub(crate) fn print_diagnostics(file: &str, diags: &[Diagnostic]) {
     for d in diags {
         eprintln!("{}", d.in_file(file));
     }
