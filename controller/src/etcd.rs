@@ -119,17 +119,8 @@ struct Clients {
 }
 
 impl Clients {
-    /// Clients of a channel balanced over `options`' endpoints, made on `rt` (its worker
-    /// task is spawned there); every file read and checked.
-    fn new(
-        options: &EtcdOptions,
-        token: &Token,
-        rt: &tokio::runtime::Handle,
-    ) -> anyhow::Result<Clients> {
-        Ok(Clients::of(endpoints(options)?, token, rt))
-    }
-
-    /// Clients of a channel balanced over `endpoints`, made on `rt`.
+    /// Clients of a channel balanced over `endpoints`, made on `rt` (its worker task is
+    /// spawned there).
     fn of(endpoints: Vec<Endpoint>, token: &Token, rt: &tokio::runtime::Handle) -> Clients {
         let channel = {
             let _on = rt.enter();
@@ -143,10 +134,6 @@ impl Clients {
         }
     }
 }
-
-/// How often the TLS files are looked at, for a certificate renewed in place (a mounted
-/// Secret).
-const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// The runtime the connection lives on; shut down without waiting when the last clone goes.
 struct Runtime(Option<tokio::runtime::Runtime>);
@@ -164,31 +151,31 @@ impl Etcd {
     /// answers.
     pub fn connect(options: &EtcdOptions) -> anyhow::Result<Etcd> {
         // As the files are before they are read: a change meanwhile is seen.
-        let seen = stamps(&tls_files(options));
-        // Every flag and file checked before a runtime is made (one dropped in a caller's
-        // async context would panic).
+        let seen = crate::tls::stamps(&tls_files(options));
         let endpoints = endpoints(options)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("fleet-etcd")
             .enable_all()
             .build()?;
+        // Owned at once by what shuts it down without waiting: a bare runtime dropped in a
+        // caller's async context would panic.
+        let handle = rt.handle().clone();
+        let runtime = Arc::new(Runtime(Some(rt)));
         let token = Token::default();
         let clients = Arc::new(ArcSwap::from_pointee(Clients::of(
-            endpoints,
-            &token,
-            rt.handle(),
+            endpoints, &token, &handle,
         )));
         if options.tls.is_set() {
             let weak = Arc::downgrade(&clients);
-            rt.spawn(watch_files(options.clone(), token.clone(), weak, seen));
+            handle.spawn(watch_files(options.clone(), token.clone(), weak, seen));
         }
         Ok(Etcd {
             clients,
             user: options.user.clone().map(Arc::new),
             token,
             prefix: options.prefix.as_str().into(),
-            runtime: Arc::new(Runtime(Some(rt))),
+            runtime,
         })
     }
 
@@ -245,13 +232,7 @@ impl Etcd {
             (tokio::time::Instant::now() + wait_now < deadline).then_some(wait_now)
         };
         let answer = loop {
-            let tried = tokio::time::timeout(TRY_TIMEOUT, call()).await;
-            let tried = tried.unwrap_or_else(|_| {
-                Err(tonic::Status::cancelled(
-                    tonic::TimeoutExpired(()).to_string(),
-                ))
-            });
-            match tried {
+            match within(call()).await {
                 Err(status) if self.user.is_some() && wants_token(&status) && !authenticated => {
                     match self.authenticate().await? {
                         Ok(()) => authenticated = true,
@@ -351,7 +332,6 @@ impl Etcd {
         Ok(())
     }
 
-    /// Takes a new token for the user.
     /// Takes a token for the user. A try that failed as a member lost makes a call fail
     /// (`passed_over`, `timed_out`) is the status, to be made again.
     async fn authenticate(&self) -> anyhow::Result<Result<(), tonic::Status>> {
@@ -363,15 +343,9 @@ impl Etcd {
             password: user.password.clone(),
         };
         let mut auth = self.clients.load().auth.clone();
-        let tried = tokio::time::timeout(TRY_TIMEOUT, auth.authenticate(request));
-        let answer = match tried.await {
-            Err(_) => {
-                return Ok(Err(tonic::Status::cancelled(
-                    tonic::TimeoutExpired(()).to_string(),
-                )));
-            }
-            Ok(Err(status)) if passed_over(&status) => return Ok(Err(status)),
-            Ok(answer) => answer,
+        let answer = match within(auth.authenticate(request)).await {
+            Err(status) if passed_over(&status) || timed_out(&status) => return Ok(Err(status)),
+            answer => answer,
         };
         let answer = answer.map_err(|status| {
             anyhow!(
@@ -571,8 +545,8 @@ fn passed_over(status: &tonic::Status) -> bool {
     .any(|said| message.contains(said))
 }
 
-/// Looks at `options`' TLS files every [`RELOAD_EVERY`] (as they were at `seen`), and when
-/// they change, puts clients of a new channel in `clients`' place: calls made from then on
+/// Looks at `options`' TLS files every [`crate::tls::RELOAD_EVERY`] (as they were at
+/// `seen`), and when they change, puts clients of a new channel in `clients`' place: calls made from then on
 /// use the new certificate (calls under way finish on the old channel). New files are used
 /// once etcd takes them (a call answered), or once the old ones do not work either; until
 /// then, and while they cannot be read or the key is not the certificate's, the last good ones
@@ -586,17 +560,18 @@ async fn watch_files(
 ) {
     let files = tls_files(&options);
     let mut problem: Option<(String, bool)> = None;
-    let mut every = tokio::time::interval(RELOAD_EVERY);
+    let mut every = tokio::time::interval(crate::tls::RELOAD_EVERY);
     loop {
         every.tick().await;
         let Some(clients) = clients.upgrade() else {
             return;
         };
-        let now = stamps(&files);
+        let now = crate::tls::stamps(&files);
         if now == seen {
             continue;
         }
-        let tried = match Clients::new(&options, &token, &tokio::runtime::Handle::current()) {
+        let handle = tokio::runtime::Handle::current();
+        let tried = match endpoints(&options).map(|e| Clients::of(e, &token, &handle)) {
             Err(e) => Err(format!("{e:#}")),
             Ok(new) => match answers(&new, &options).await {
                 Ok(()) => Ok(new),
@@ -637,10 +612,6 @@ fn tls_files(options: &EtcdOptions) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-fn stamps(files: &[std::path::PathBuf]) -> Vec<crate::tls::Stamp> {
-    files.iter().map(|f| crate::tls::stamp(f)).collect()
-}
-
 /// Whether etcd answers a call made with `clients` within a try's time (any answer of its
 /// own, a refusal included: the connection, and so the certificate, was taken).
 async fn answers(clients: &Clients, options: &EtcdOptions) -> Result<(), tonic::Status> {
@@ -649,10 +620,21 @@ async fn answers(clients: &Clients, options: &EtcdOptions) -> Result<(), tonic::
         ..Default::default()
     };
     let mut kv = clients.kv.clone();
-    match tokio::time::timeout(TRY_TIMEOUT, kv.range(request)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(status)) if std::error::Error::source(&status).is_none() => Ok(()),
-        Ok(Err(status)) => Err(status),
+    match within(kv.range(request)).await {
+        Ok(_) => Ok(()),
+        Err(status) if std::error::Error::source(&status).is_none() && !timed_out(&status) => {
+            Ok(())
+        }
+        Err(status) => Err(status),
+    }
+}
+
+/// `call`, or once it has taken [`TRY_TIMEOUT`], the status that says so ([`timed_out`]).
+async fn within<T>(
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(TRY_TIMEOUT, call).await {
+        Ok(answer) => answer,
         Err(_) => Err(tonic::Status::cancelled(
             tonic::TimeoutExpired(()).to_string(),
         )),

@@ -29,6 +29,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 
+pub(crate) use accept::RELOAD_EVERY;
 pub use accept::{Peer, Reloader, Status};
 
 /// The files of the listener's TLS settings, by flag.
@@ -59,8 +60,13 @@ struct Settings {
 /// a copy that keeps the modification time still moves); `None` when missing.
 pub(crate) type Stamp = Option<(u64, u64, SystemTime, (i64, i64))>;
 
+/// The stamps of the files at `paths`, to tell a change.
+pub(crate) fn stamps<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> Vec<Stamp> {
+    paths.into_iter().map(|path| stamp(path)).collect()
+}
+
 /// The stamp of the file at `path`.
-pub(crate) fn stamp(path: &Path) -> Stamp {
+fn stamp(path: &Path) -> Stamp {
     let m = std::fs::metadata(path).ok()?;
     Some((
         m.ino(),
@@ -137,11 +143,11 @@ impl Files {
 
     /// The files' stamps, to tell a change.
     fn stamps(&self) -> Vec<Stamp> {
-        [&self.cert, &self.key, &self.client_ca]
-            .into_iter()
-            .chain(&self.client_crl)
-            .map(|path| stamp(path))
-            .collect()
+        stamps(
+            [&self.cert, &self.key, &self.client_ca]
+                .into_iter()
+                .chain(&self.client_crl),
+        )
     }
 }
 
