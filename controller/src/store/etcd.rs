@@ -329,14 +329,22 @@ mod tests {
         include!("../../../tests/src/etcd.rs");
     }
 
-    fn connect(server: &server::Etcd) -> Etcd {
-        let options = EtcdOptions {
-            endpoints: vec![server.url.clone()],
+    /// The options of the tests' store: etcd at `endpoints`, under `/test/`, as `user` (and
+    /// password) if given.
+    fn options(endpoints: Vec<String>, user: Option<(&str, &str)>) -> EtcdOptions {
+        EtcdOptions {
+            endpoints,
             prefix: "/test/".into(),
             tls: Default::default(),
-            user: None,
-        };
-        Etcd::connect(&options).unwrap()
+            user: user.map(|(user, password)| crate::etcd::Credentials {
+                user: user.into(),
+                password: password.into(),
+            }),
+        }
+    }
+
+    fn connect(server: &server::Etcd) -> Etcd {
+        Etcd::connect(&options(vec![server.url.clone()], None)).unwrap()
     }
 
     fn campaign(name: &str, ttl: Duration) -> Campaign {
@@ -350,7 +358,12 @@ mod tests {
     }
 
     async fn lead(etcd: &Etcd, name: &str) -> Leadership {
-        let campaign = campaign(name, Duration::from_secs(2));
+        lead_for(etcd, name, Duration::from_secs(2)).await
+    }
+
+    /// [`lead`] with a lease of `ttl`.
+    async fn lead_for(etcd: &Etcd, name: &str, ttl: Duration) -> Leadership {
+        let campaign = campaign(name, ttl);
         leader::campaign(etcd, &campaign, &watch::channel(None).0, &mut None).await
     }
 
@@ -424,10 +437,8 @@ mod tests {
         assert_eq!(store.answered("r1").unwrap().as_deref(), Some(&b"done"[..]));
         // Everything is under the prefix: another prefix's controllers see none of it.
         let other = Etcd::connect(&EtcdOptions {
-            endpoints: vec![server.url.clone()],
             prefix: "/other/".into(),
-            tls: Default::default(),
-            user: None,
+            ..options(vec![server.url.clone()], None)
         })
         .unwrap();
         let theirs = lead(&other, "b").await;
@@ -550,12 +561,7 @@ mod tests {
         embedded.save_release(change).unwrap();
         drop(embedded);
         let server = server::Etcd::start_args(&["--max-request-bytes", "200000"]).unwrap();
-        let options = EtcdOptions {
-            endpoints: vec![server.url.clone()],
-            prefix: "/test/".into(),
-            tls: Default::default(),
-            user: None,
-        };
+        let options = options(vec![server.url.clone()], None);
         let stopped = crate::import_data(dir.path(), &options).unwrap_err();
         let said = format!("{stopped:#}");
         assert!(
@@ -640,12 +646,7 @@ mod tests {
         embedded.answer("apply_fleet/a", b"done").unwrap();
         // Not while a controller has the file open.
         let server = server::Etcd::start().unwrap();
-        let options = EtcdOptions {
-            endpoints: vec![server.url.clone()],
-            prefix: "/test/".into(),
-            tls: Default::default(),
-            user: None,
-        };
+        let options = options(vec![server.url.clone()], None);
         let in_use = crate::import_data(dir.path(), &options).unwrap_err();
         assert!(
             format!("{in_use:#}").contains("stop it first"),
@@ -707,16 +708,7 @@ mod tests {
 
     /// A connection to `server` as `user` with `password`.
     fn connect_as(server: &server::Etcd, user: &str, password: &str) -> Etcd {
-        let options = EtcdOptions {
-            endpoints: vec![server.url.clone()],
-            prefix: "/test/".into(),
-            tls: Default::default(),
-            user: Some(crate::etcd::Credentials {
-                user: user.into(),
-                password: password.into(),
-            }),
-        };
-        Etcd::connect(&options).unwrap()
+        Etcd::connect(&options(vec![server.url.clone()], Some((user, password)))).unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -784,20 +776,11 @@ mod tests {
         };
         embedded.put_fleet(&fleet).unwrap();
         drop(embedded);
-        let options = EtcdOptions {
-            endpoints: vec![server.url.clone()],
-            prefix: "/test/".into(),
-            tls: Default::default(),
-            user: Some(crate::etcd::Credentials {
-                user: "fleet".into(),
-                password: "pw".into(),
-            }),
-        };
+        let options = options(vec![server.url.clone()], Some(("fleet", "pw")));
         crate::import_data(dir.path(), &options).unwrap();
         // A leader, its writes, forgetting releases and answers, and giving the lead up (its
         // lease outlives the test: only revoking it ends it).
-        let first = campaign("a", Duration::from_secs(60));
-        let leading = leader::campaign(&etcd, &first, &watch::channel(None).0, &mut None).await;
+        let leading = lead_for(&etcd, "a", Duration::from_secs(60)).await;
         let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
         assert_eq!(store.fleets().unwrap().len(), 1);
         assert_eq!(store.next_release_number().unwrap(), 1);
@@ -849,24 +832,18 @@ mod tests {
     /// A store of a controller that leads on the etcd at `endpoints`, with a lease that
     /// outlives an election on a busy machine (10 s).
     async fn leading_on(endpoints: Vec<String>) -> (Etcd, Leadership, EtcdStore) {
-        let etcd = Etcd::connect(&EtcdOptions {
-            endpoints,
-            prefix: "/test/".into(),
-            tls: Default::default(),
-            user: None,
-        })
-        .unwrap();
-        let ours = campaign("a", Duration::from_secs(10));
-        let leading = leader::campaign(&etcd, &ours, &watch::channel(None).0, &mut None).await;
+        let etcd = Etcd::connect(&options(endpoints, None)).unwrap();
+        let leading = lead_for(&etcd, "a", Duration::from_secs(10)).await;
         let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
         (etcd, leading, store)
     }
+
+    const NEEDLE: &[u8] = b"desired/us-west";
 
     /// Test-only: a relay to `to` on 127.0.0.1; once `cut` is set, the next request a client
     /// sends that names [`NEEDLE`] goes on, and then (a moment later, etcd's answer held
     /// back) that client's connection is closed, as a connection lost after a request but
     /// before its answer.
-    const NEEDLE: &[u8] = b"desired/us-west";
     /// It counts the connections it took in `taken`.
     async fn relay(
         to: std::net::SocketAddr,
@@ -1129,8 +1106,7 @@ mod tests {
         let server = server::Etcd::start().unwrap();
         let etcd = connect(&server);
         // A lease far longer than the deadline below: only the resignation can end it.
-        let first = campaign("first", Duration::from_secs(60));
-        let first = leader::campaign(&etcd, &first, &watch::channel(None).0, &mut None).await;
+        let first = lead_for(&etcd, "first", Duration::from_secs(60)).await;
         let next = {
             let etcd = etcd.clone();
             tokio::spawn(async move { lead(&etcd, "next").await })
