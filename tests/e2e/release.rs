@@ -656,11 +656,10 @@ async fn a_controller_whose_store_fails_a_write_starts_over_from_it_and_carries_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_told_to_stop_while_it_waits_to_start_over_stops() {
-    use rustix::process::{Signal, kill_process};
     let dir = tempfile::tempdir().unwrap();
     // As after five start-overs in a row: it waits 32 s before the next.
     let (mut running, grpc, admin) = data_controller(dir.path(), "5").await;
-    let process = full_disk(&running);
+    full_disk(&running);
     let mut apply = std::process::Command::new(fleet_e2e::bin("fleetctl"));
     let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/fleet.yaml");
     apply.args(["apply", fleet, "--controller", &format!("http://{grpc}")]);
@@ -684,10 +683,9 @@ async fn a_controller_told_to_stop_while_it_waits_to_start_over_stops() {
     }
     let (status, why) = get(&format!("http://{admin}/readyz")).await;
     assert_eq!(status, 503, "{why}");
-    kill_process(process, Signal::TERM).unwrap();
     let stopped = Instant::now();
     let (code, out) =
-        tokio::task::spawn_blocking(move || running.finish_within(Duration::from_secs(5)))
+        tokio::task::spawn_blocking(move || running.stop_within(Duration::from_secs(5)))
             .await
             .unwrap()
             .unwrap();

@@ -40,13 +40,7 @@ impl Etcd {
     }
 
     fn start_with(tls: Option<&Tls>, args: &[&str]) -> anyhow::Result<Etcd> {
-        // In memory where the machine has it: a disk busy with the build beside the tests
-        // would stall etcd's syncs past the tests' short leases.
-        let shm = std::path::Path::new("/dev/shm");
-        let dir = match shm.is_dir() {
-            true => tempfile::tempdir_in(shm)?,
-            false => tempfile::tempdir()?,
-        };
+        let dir = scratch_dir()?;
         let log = dir.path().join("etcd.log");
         let (any, clients) = (
             "http://127.0.0.1:0",
@@ -60,7 +54,7 @@ impl Etcd {
             command.arg("--trusted-ca-file").arg(&tls.client_ca);
             command.arg("--client-cert-auth");
         }
-        let child = command
+        command
             .args(["--name", "test", "--data-dir"])
             .arg(dir.path().join("data"))
             .args([
@@ -76,34 +70,61 @@ impl Etcd {
                 any,
             ])
             .args(["--initial-cluster", "test=http://127.0.0.1:0"])
-            .args(["--enable-grpc-gateway=false", "--log-outputs", "stderr"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting etcd: is Debian's etcd-server installed? (.ci/run installs it)")?;
+            .args(args);
         let mut etcd = Etcd {
             url: String::new(),
-            child,
+            child: spawn(command, &log)?,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(&log)?;
-            if let Some(addr) = serving_at(&text) {
-                let scheme = if tls.is_some() { "https" } else { "http" };
-                etcd.url = format!("{scheme}://{addr}");
-                return Ok(etcd);
-            }
-            if let Some(status) = etcd.child.try_wait()? {
-                bail!("etcd ended ({status}) before serving: {text}");
-            }
-            if Instant::now() > deadline {
-                bail!("etcd did not serve within 20s: {text}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let addr = wait_serving(&mut etcd.child, &log, deadline)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        etcd.url = format!("{scheme}://{addr}");
+        Ok(etcd)
+    }
+}
+
+/// A temporary directory for etcd's data, in memory where the machine has it: a disk busy
+/// with the build beside the tests would stall etcd's syncs past the tests' short leases.
+fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
+    let shm = std::path::Path::new("/dev/shm");
+    Ok(match shm.is_dir() {
+        true => tempfile::tempdir_in(shm)?,
+        false => tempfile::tempdir()?,
+    })
+}
+
+/// Starts `command` (etcd and its flags) with the flags every test's etcd has, its log in
+/// `log`.
+fn spawn(mut command: Command, log: &std::path::Path) -> anyhow::Result<Child> {
+    command
+        .args(["--enable-grpc-gateway=false", "--log-outputs", "stderr"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .context("starting etcd: is Debian's etcd-server installed? (.ci/run installs it)")
+}
+
+/// Waits until `child`'s `log` says where it serves clients, and says where; an error if it
+/// ends first (a port taken meanwhile, say), or if `deadline` passes.
+fn wait_serving(
+    child: &mut Child,
+    log: &std::path::Path,
+    deadline: Instant,
+) -> anyhow::Result<String> {
+    loop {
+        let text = std::fs::read_to_string(log)?;
+        if let Some(addr) = serving_at(&text) {
+            return Ok(addr.to_string());
         }
+        if let Some(status) = child.try_wait()? {
+            bail!("etcd ended ({status}) before serving: {text}");
+        }
+        if Instant::now() > deadline {
+            bail!("etcd did not serve within 20s: {text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -164,11 +185,7 @@ impl Cluster {
     }
 
     fn start_once(n: usize) -> anyhow::Result<Cluster> {
-        let shm = std::path::Path::new("/dev/shm");
-        let dir = match shm.is_dir() {
-            true => tempfile::tempdir_in(shm)?,
-            false => tempfile::tempdir()?,
-        };
+        let dir = scratch_dir()?;
         let free: Vec<std::net::TcpListener> = (0..2 * n)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
             .collect::<Result<_, _>>()?;
@@ -186,7 +203,8 @@ impl Cluster {
         let mut logs = Vec::new();
         for i in 0..n {
             let log = dir.path().join(format!("m{i}.log"));
-            let child = Command::new("etcd")
+            let mut command = Command::new("etcd");
+            command
                 .args(["--name", &format!("m{i}"), "--data-dir"])
                 .arg(dir.path().join(format!("m{i}")))
                 .args([
@@ -204,38 +222,20 @@ impl Cluster {
                     "new",
                 ])
                 // Elections in a quarter of a second rather than a second.
-                .args(["--heartbeat-interval", "25", "--election-timeout", "250"])
-                .args(["--enable-grpc-gateway=false", "--log-outputs", "stderr"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log)?)
-                .spawn()
-                .context("starting etcd: is Debian's etcd-server installed?")?;
-            members.push(Some(child));
+                .args(["--heartbeat-interval", "25", "--election-timeout", "250"]);
+            members.push(Some(spawn(command, &log)?));
             logs.push(log);
         }
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             urls,
             members,
             logs,
             _dir: dir,
         };
-        let mut cluster = cluster;
         let deadline = Instant::now() + Duration::from_secs(20);
-        for i in 0..n {
-            loop {
-                let text = std::fs::read_to_string(&cluster.logs[i])?;
-                if serving_at(&text).is_some() {
-                    break;
-                }
-                // One whose port was taken meanwhile ends at once: say so, not wait.
-                if let Some(Ok(Some(status))) = cluster.members[i].as_mut().map(Child::try_wait) {
-                    bail!("etcd member m{i} ended ({status}) before serving: {text}");
-                }
-                if Instant::now() > deadline {
-                    bail!("etcd member did not serve within 20s: {text}");
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        for (member, log) in cluster.members.iter_mut().zip(&cluster.logs) {
+            if let Some(child) = member {
+                wait_serving(child, log, deadline)?;
             }
         }
         Ok(cluster)
