@@ -1,20 +1,19 @@
 //! Where the region's proxies are: the admin URLs given (`--proxy-admin`), or the pods a label
-//! selector picks in the agent's namespace (`--proxy-pods`), looked up again every
-//! [`LOOK_EVERY`], so that proxies scaled out, rescheduled or replaced are found without
-//! editing the agent's settings.
+//! selector picks in the agent's namespace (`--proxy-pods`), watched, so that proxies scaled
+//! out, rescheduled or replaced are found as the API tells of them, without editing the
+//! agent's settings.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
-use tokio::time::Instant;
+use kube::api::Api;
 
 use crate::driver::kubernetes::objects::pod_address;
+use crate::watched::Watched;
 
-/// How often the proxies' pods are looked up.
-pub const LOOK_EVERY: Duration = Duration::from_secs(5);
-/// A lookup that takes longer is given up (kube-rs sets no read timeout).
-const LOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the first look waits for the pods' first list (kube-rs sets no read timeout).
+pub const FIRST_LOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the proxies are.
 #[derive(Clone, Debug)]
@@ -26,8 +25,10 @@ pub enum ProxySource {
         pods: Box<Api<Pod>>,
         selector: String,
         port: u16,
-        /// When to look again; `None` before the first look.
-        next: Option<Instant>,
+        /// The pods, watched from the first look on.
+        watched: Option<Arc<Watched<Pod>>>,
+        /// What the last look found and told.
+        told: Option<Result<Vec<String>, String>>,
     },
 }
 
@@ -47,14 +48,16 @@ impl ProxySource {
             pods: Box::new(pods),
             selector,
             port,
-            next: None,
+            watched: None,
+            told: None,
         }
     }
 
-    /// The proxies' admin URLs, when it is time to look: the listed ones at the first call,
-    /// the pods' every [`LOOK_EVERY`]; `None` in between. A lookup the API refuses or leaves
-    /// unanswered, or that finds no running proxy, is an error, and the proxies known stay as
-    /// they are.
+    /// The proxies' admin URLs, when they are new: the listed ones at the first call, the
+    /// pods' whenever the running ones change; `None` when nothing changed. The first look
+    /// waits for the pods' first list, up to [`FIRST_LOOK_TIMEOUT`]. A watch the API refuses
+    /// or leaves unanswered, or that shows no running proxy, is an error (told once, until it
+    /// changes), and the proxies known stay as they are.
     pub async fn look(&mut self) -> Option<anyhow::Result<Vec<String>>> {
         match self {
             ProxySource::Listed(urls) => {
@@ -65,31 +68,31 @@ impl ProxySource {
                 pods,
                 selector,
                 port,
-                next,
+                watched,
+                told,
             } => {
-                if next.is_some_and(|at| Instant::now() < at) {
-                    return None;
+                let watched = watched.get_or_insert_with(|| {
+                    let what = format!("the proxies' pods ({selector})");
+                    Arc::new(Watched::start(Api::clone(pods), selector, what))
+                });
+                if told.is_none() {
+                    // Not answered in time: told as such below.
+                    let _ = tokio::time::timeout(FIRST_LOOK_TIMEOUT, watched.first_list()).await;
                 }
-                let params = ListParams::default().labels(selector);
-                let list = pods.list(&params);
-                let found = match tokio::time::timeout(LOOK_TIMEOUT, list).await {
-                    Ok(Ok(list)) => match admin_urls(&list.items, *port) {
-                        urls if urls.is_empty() => Err(anyhow::anyhow!(
+                let found = match watched.trouble().map_or_else(|| watched.objects(), Err) {
+                    Ok(listed) => match admin_urls(listed.iter().map(|p| &**p), *port) {
+                        urls if urls.is_empty() => Err(format!(
                             "no running pod matches the proxies' selector {selector}"
                         )),
                         urls => Ok(urls),
                     },
-                    Ok(Err(e)) => Err(anyhow::anyhow!(
-                        "listing the proxies' pods ({selector}): {e}"
-                    )),
-                    Err(_) => Err(anyhow::anyhow!(
-                        "listing the proxies' pods ({selector}): no answer within {LOOK_TIMEOUT:?}"
-                    )),
+                    Err(why) => Err(why),
                 };
-                // From the end of this look, so that an API that does not answer costs the
-                // loop one wait in every few seconds, not one every pass.
-                *next = Some(Instant::now() + LOOK_EVERY);
-                Some(found)
+                if told.as_ref() == Some(&found) {
+                    return None;
+                }
+                *told = Some(found.clone());
+                Some(found.map_err(anyhow::Error::msg))
             }
         }
     }
@@ -97,9 +100,9 @@ impl ProxySource {
 
 /// The admin URLs of the pods that can take a table: running, with an address, not being
 /// deleted. Not only the ready ones: a proxy is ready only once it has a table. Pure.
-pub fn admin_urls(pods: &[Pod], port: u16) -> Vec<String> {
+pub fn admin_urls<'p>(pods: impl IntoIterator<Item = &'p Pod>, port: u16) -> Vec<String> {
     let mut urls: Vec<String> = pods
-        .iter()
+        .into_iter()
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .filter_map(|p| Some(format!("http://{}", pod_address(p, port)?)))
         .collect();

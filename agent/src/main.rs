@@ -40,8 +40,8 @@ struct Args {
         value_delimiter = ','
     )]
     proxies: Vec<String>,
-    /// The proxies are the running pods this label selector picks in `--namespace`, looked up
-    /// every 5 s through the Kubernetes API (e.g. `app.kubernetes.io/name=fleet-proxy`).
+    /// The proxies are the running pods this label selector picks in `--namespace`, watched
+    /// through the Kubernetes API (e.g. `app.kubernetes.io/name=fleet-proxy`).
     #[arg(long, value_name = "SELECTOR", env = "FLEET_PROXY_PODS")]
     proxy_pods: Option<String>,
     /// With `--proxy-pods`: the port of the proxies' admin API.

@@ -3,25 +3,36 @@
 //! service under a real `kube::Client`).
 //!
 //! What this shows: the requests the driver makes (paths, label selectors, server-side apply
-//! with its field manager, the Deployment it sends as JSON typed by k8s-openapi), and how it
-//! reads what an API server answers (lists, statuses, pods, errors). What it cannot show: that
-//! a real API server and its controllers behave as the fake does. The fake keeps Deployments
-//! and pods in memory, filters by label selector, and bumps a Deployment's generation when its
-//! spec changes; it runs no controllers (a test sets statuses and pods itself), checks no
-//! schema and knows no RBAC.
+//! with its field manager, the Deployment it sends as JSON typed by k8s-openapi, the lists and
+//! watches kube-runtime makes), and how it reads what an API server answers (lists, watch
+//! events, statuses, pods, errors). What it cannot show: that a real API server and its
+//! controllers behave as the fake does. The fake keeps Deployments and pods in memory, filters
+//! by label selector, bumps a Deployment's generation when its spec changes, and sends every
+//! change to the watches open as ADDED, MODIFIED or DELETED, numbered by a resourceVersion of
+//! its own (it never ends a watch, sends no bookmarks and never answers 410 Gone); it runs no
+//! controllers (a test sets statuses and pods itself), checks no schema and knows no RBAC.
+//!
+//! The driver learns of a test's changes through its watches, a moment after they are made,
+//! so a test polls it until it reports them (`poll_until`); its own writes it waits for.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::convert::Infallible;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use fleet_agent::discover::{LOOK_EVERY, ProxySource};
+use bytes::Bytes;
+use fleet_agent::discover::{FIRST_LOOK_TIMEOUT, ProxySource};
 use fleet_agent::driver::kubernetes::{KubernetesDriver, ROUND_TIMEOUT};
-use fleet_agent::driver::{Driver, Want};
+use fleet_agent::driver::{Driver, Running, Want};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use kube::client::Body;
 use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
 
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
@@ -44,15 +55,121 @@ struct Cluster {
     refuse_patches: Option<(StatusCode, Value)>,
     /// Autoscalers cannot be listed (a Role from before autoscaling).
     refuse_autoscaler_lists: bool,
+    /// Pods cannot be listed.
+    refuse_pod_lists: bool,
+    /// Watches are refused (a Role without `watch`).
+    refuse_watches: bool,
+    /// Bumped to end the watches open (`end_watches`).
+    watches_ended: u32,
+    /// Changes are held from the watches until `release_events` (a real API server promises
+    /// no order between a request's answer and its watch event).
+    hold_events: bool,
     /// Answered to every DELETE instead of deleting.
     refuse_deletes: Option<(StatusCode, Value)>,
     /// No request is answered (the answers are held, never sent).
     hang: bool,
     /// Deployments made so far, for their uids.
     made: u32,
+    /// The lists and watches asked for (kube-runtime's), apart from `seen`.
+    watches: Vec<String>,
+    /// Every change so far, as a watch sends it: its resourceVersion, its kind's path, the
+    /// event's type and the object.
+    events: Vec<(u64, &'static str, &'static str, Value)>,
+    /// The objects as the last change left them, by their kind's path and name.
+    recorded: BTreeMap<(&'static str, String), Value>,
 }
 
-type Shared = Arc<Mutex<Cluster>>;
+impl Cluster {
+    /// Records what changed since the last call as watch events; whether anything did.
+    fn record(&mut self) -> bool {
+        let deployments = self
+            .deployments
+            .iter()
+            .map(|(n, o)| ((DEPLOYMENTS, n.clone()), o));
+        let autoscalers = self
+            .autoscalers
+            .iter()
+            .map(|(n, o)| ((AUTOSCALERS, n.clone()), o));
+        let pods = (self.pods.iter()).map(|o| {
+            (
+                (PODS, o["metadata"]["name"].as_str().unwrap().to_owned()),
+                o,
+            )
+        });
+        let now: BTreeMap<_, Value> = deployments
+            .chain(autoscalers)
+            .chain(pods)
+            .map(|(k, o)| (k, o.clone()))
+            .collect();
+        let mut changes = Vec::new();
+        for (key, object) in &now {
+            match self.recorded.get(key) {
+                None => changes.push((key.0, "ADDED", object.clone())),
+                Some(was) if was != object => changes.push((key.0, "MODIFIED", object.clone())),
+                Some(_) => {}
+            }
+        }
+        for (key, object) in &self.recorded {
+            if !now.contains_key(key) {
+                changes.push((key.0, "DELETED", object.clone()));
+            }
+        }
+        for (path, kind, mut object) in changes.clone() {
+            let revision = self.revision() + 1;
+            object["metadata"]["resourceVersion"] = json!(revision.to_string());
+            self.events.push((revision, path, kind, object));
+        }
+        self.recorded = now;
+        !changes.is_empty()
+    }
+
+    /// The resourceVersion of the last change.
+    fn revision(&self) -> u64 {
+        self.events.last().map_or(1, |e| e.0)
+    }
+}
+
+/// The fake API server's state, shared with its tests; every change made under `lock` is
+/// sent to the watches open as the lock is let go.
+#[derive(Clone)]
+struct Shared(Arc<(Mutex<Cluster>, watch::Sender<()>)>);
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared(Arc::new((Mutex::default(), watch::Sender::new(()))))
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> Locked<'_> {
+        Locked(self.0.0.lock().unwrap(), &self.0.1)
+    }
+}
+
+struct Locked<'a>(MutexGuard<'a, Cluster>, &'a watch::Sender<()>);
+
+impl Deref for Locked<'_> {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.0
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if self.0.record() && !self.0.hold_events {
+            self.1.send_replace(());
+        }
+    }
+}
+
+type Answer = Response<BoxBody<Bytes, Infallible>>;
 
 /// A driver for namespace `shop` on a fake cluster, rounds as often as polled.
 fn fake_cluster() -> (KubernetesDriver, Shared) {
@@ -78,18 +195,46 @@ fn fake_cluster_with_rounds_of_a_second() -> (KubernetesDriver, Shared) {
 
 /// A real `kube::Client` whose API server is the fake.
 fn fake_api() -> (kube::Client, Shared) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Answer>();
     let cluster = Shared::default();
     tokio::spawn(serve(handle, cluster.clone()));
     (kube::Client::new(service, "default"), cluster)
 }
 
-async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>, c: Shared) {
+async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Answer>, c: Shared) {
     let mut held = Vec::new();
     while let Some((request, respond)) = handle.next_request().await {
-        if c.lock().unwrap().hang {
+        if c.lock().hang {
             held.push(respond);
             continue;
+        }
+        let uri = request.uri().clone();
+        let path = uri.path();
+        let query = |key: &str| {
+            form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.into_owned())
+        };
+        if [DEPLOYMENTS, AUTOSCALERS, PODS].contains(&path) && request.method() == Method::GET {
+            c.lock().watches.push(uri.to_string());
+            if query("watch").is_some_and(|w| w == "true" || w == "1") {
+                if c.lock().refuse_watches {
+                    let resource = path.rsplit('/').next().unwrap();
+                    let (status, refused) = forbidden("watch", resource);
+                    let body = Full::new(Bytes::from(serde_json::to_vec(&refused).unwrap()));
+                    let mut response = Response::new(BoxBody::new(body));
+                    *response.status_mut() = status;
+                    respond.send_response(response);
+                    continue;
+                }
+                let from = query("resourceVersion").unwrap().parse().unwrap();
+                let path = [DEPLOYMENTS, AUTOSCALERS, PODS]
+                    .into_iter()
+                    .find(|p| *p == path);
+                let events = send_events(c.clone(), path.unwrap(), query("labelSelector"), from);
+                respond.send_response(Response::new(events));
+                continue;
+            }
         }
         let (parts, body) = request.into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
@@ -103,12 +248,62 @@ async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body
                 .unwrap_or_default(),
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         };
-        let (status, answer) = answer(&mut c.lock().unwrap(), &seen);
-        c.lock().unwrap().seen.push(seen);
-        let mut response = Response::new(Body::from(serde_json::to_vec(&answer).unwrap()));
+        let watcher = [DEPLOYMENTS, AUTOSCALERS, PODS].contains(&parts.uri.path());
+        let (status, answer) = answer(&mut c.lock(), &seen);
+        if !watcher {
+            c.lock().seen.push(seen);
+        }
+        let body = Full::new(Bytes::from(serde_json::to_vec(&answer).unwrap()));
+        let mut response = Response::new(BoxBody::new(body));
         *response.status_mut() = status;
         respond.send_response(response);
     }
+}
+
+/// A watch's answer: the changes to the objects at `path` that `selector` picks since
+/// resourceVersion `from`, then each as it is made, one JSON line each, for as long as the
+/// client reads.
+fn send_events(
+    c: Shared,
+    path: &'static str,
+    selector: Option<String>,
+    mut from: u64,
+) -> BoxBody<Bytes, Infallible> {
+    let (tx, rx) = mpsc::channel(16);
+    let mut changed = c.0.1.subscribe();
+    let ended = c.lock().watches_ended;
+    tokio::spawn(async move {
+        loop {
+            let lines: Vec<Bytes> = {
+                let cluster = c.lock();
+                if cluster.watches_ended != ended {
+                    return;
+                }
+                let new = cluster.events.iter().filter(|e| e.0 > from);
+                let lines = new
+                    .filter(|e| e.1 == path && selects(selector.as_deref(), &e.3))
+                    .map(|e| {
+                        let mut line = serde_json::to_vec(&json!({"type": e.2, "object": e.3}));
+                        line.as_mut().unwrap().push(b'\n');
+                        Bytes::from(line.unwrap())
+                    })
+                    .collect();
+                from = cluster.revision();
+                lines
+            };
+            for line in lines {
+                if tx.send(Ok(Frame::data(line))).await.is_err() {
+                    return;
+                }
+            }
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    BoxBody::new(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
 }
 
 const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/shop/deployments";
@@ -128,13 +323,15 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                 .filter(|d| selects(selector.as_deref(), d))
                 .cloned()
                 .collect();
-            (StatusCode::OK, list("DeploymentList", "apps/v1", items))
+            let revision = c.revision();
+            (
+                StatusCode::OK,
+                list("DeploymentList", "apps/v1", items, revision),
+            )
         }
-        (&Method::GET, AUTOSCALERS) if c.refuse_autoscaler_lists => (
-            StatusCode::FORBIDDEN,
-            json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden",
-                   "code": 403, "message": "cannot list resource \"horizontalpodautoscalers\""}),
-        ),
+        (&Method::GET, AUTOSCALERS) if c.refuse_autoscaler_lists => {
+            forbidden("list", "horizontalpodautoscalers")
+        }
         (&Method::GET, AUTOSCALERS) => {
             let items: Vec<Value> = c
                 .autoscalers
@@ -143,7 +340,11 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                 .cloned()
                 .collect();
             let kind = "HorizontalPodAutoscalerList";
-            (StatusCode::OK, list(kind, "autoscaling/v2", items))
+            let revision = c.revision();
+            (
+                StatusCode::OK,
+                list(kind, "autoscaling/v2", items, revision),
+            )
         }
         (method, p) if p.starts_with(AUTOSCALERS) => {
             let name = p.rsplit('/').next().unwrap().to_owned();
@@ -166,6 +367,7 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                 _ => panic!("the fake API server does not serve {method} {p}"),
             }
         }
+        (&Method::GET, PODS) if c.refuse_pod_lists => forbidden("list", "pods"),
         (&Method::GET, PODS) => {
             let items = c
                 .pods
@@ -173,7 +375,8 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                 .filter(|p| selects(selector.as_deref(), p))
                 .cloned()
                 .collect();
-            (StatusCode::OK, list("PodList", "v1", items))
+            let revision = c.revision();
+            (StatusCode::OK, list("PodList", "v1", items, revision))
         }
         (&Method::GET, p) if p.starts_with(DEPLOYMENTS) => {
             let name = p.rsplit('/').next().unwrap();
@@ -243,8 +446,24 @@ fn selects(selector: Option<&str>, object: &Value) -> bool {
     })
 }
 
-fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
-    json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "7"}, "items": items})
+fn list(kind: &str, api_version: &str, items: Vec<Value>, revision: u64) -> Value {
+    json!({"apiVersion": api_version, "kind": kind,
+           "metadata": {"resourceVersion": revision.to_string()}, "items": items})
+}
+
+/// A refusal to `verb` (list, watch) `resource`.
+fn forbidden(verb: &str, resource: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::FORBIDDEN,
+        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden",
+               "code": 403, "message": format!("cannot {verb} resource \"{resource}\"")}),
+    )
+}
+
+/// Ends every watch open, as an API server that restarts does.
+fn end_watches(c: &Shared) {
+    c.lock().watches_ended += 1;
+    c.0.1.send_replace(());
 }
 
 fn not_found(name: &str) -> (StatusCode, Value) {
@@ -273,7 +492,7 @@ fn want(versions: &[(&str, u32)]) -> Want {
 /// What a Deployment controller would report: the latest spec of `name` seen, all of its
 /// replicas updated, `ready` of them ready.
 fn set_status(c: &Shared, name: &str, ready: u32) {
-    let mut c = c.lock().unwrap();
+    let mut c = c.lock();
     let d = c.deployments.get_mut(name).unwrap();
     let replicas = d["spec"]["replicas"].clone();
     d["status"] = json!({
@@ -285,7 +504,7 @@ fn set_status(c: &Shared, name: &str, ready: u32) {
 
 /// What kubelets would report: `version`'s pods, ready at the addresses given.
 fn set_pods(c: &Shared, version: &str, ready_at: &[&str]) {
-    let mut c = c.lock().unwrap();
+    let mut c = c.lock();
     c.pods
         .retain(|p| p["metadata"]["labels"]["app.kubernetes.io/version"] != version);
     for ip in ready_at {
@@ -310,8 +529,31 @@ fn roll_out(c: &Shared, name: &str, version: &str, ready: u32) {
     );
 }
 
+/// Polls the driver until it reports what `done` looks for, for up to 10 s: it learns of the
+/// fake's changes through its watches, a moment after they are made (or, after a watch
+/// failed, once kube-runtime has tried again: 0.8 to 1.6 s after a first failure).
+async fn poll_until(driver: &mut KubernetesDriver, done: impl Fn(&Running) -> bool) -> Running {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let running = driver.poll().await;
+        if done(&running) {
+            return running;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not reported in 10 s: {running:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls the driver until its detail is `detail`.
+async fn poll_until_detail(driver: &mut KubernetesDriver, detail: &str) -> Running {
+    poll_until(driver, |r| r.detail == detail).await
+}
+
 fn seen(c: &Shared) -> Vec<Seen> {
-    std::mem::take(&mut c.lock().unwrap().seen)
+    std::mem::take(&mut c.lock().seen)
 }
 
 #[tokio::test]
@@ -331,15 +573,23 @@ async fn a_wanted_version_is_applied_server_side_as_a_deployment_and_ready_once_
     assert_eq!(
         uris,
         [
-            format!("GET {DEPLOYMENTS}?&{selector}"),
-            format!("GET {AUTOSCALERS}?&{selector}"),
             // Not among the driver's: is the name free?
             format!("GET {DEPLOYMENTS}/checkout-v1"),
             format!("PATCH {DEPLOYMENTS}/checkout-v1?&force=true&fieldManager=fleet-agent"),
-            format!("GET {PODS}?&{selector}"),
         ]
     );
-    let patch = &requests[3];
+    // The service's objects, each listed, then watched from the list's resourceVersion.
+    let watches = std::mem::take(&mut cluster.lock().watches);
+    for path in [DEPLOYMENTS, AUTOSCALERS, PODS] {
+        let asked: Vec<_> = (watches.iter())
+            .filter(|w| w.starts_with(&format!("{path}?")) && w.contains(selector))
+            .collect();
+        assert!(
+            asked.len() >= 2 && !asked[0].contains("watch=") && asked[1].contains("watch=true"),
+            "{path}: {watches:?}"
+        );
+    }
+    let patch = &requests[1];
     assert_eq!(patch.content_type, "application/apply-patch+yaml");
     assert_eq!(patch.body["kind"], "Deployment");
     assert_eq!(patch.body["spec"]["replicas"], 2);
@@ -352,19 +602,17 @@ async fn a_wanted_version_is_applied_server_side_as_a_deployment_and_ready_once_
     );
 
     roll_out(&cluster, "checkout-v1", "v1", 1);
-    let running = driver.poll().await;
+    let running = poll_until_detail(&mut driver, "checkout-v1: 1 of 2 ready, 2 of 2 updated").await;
     assert!(running.ready.is_empty());
-    assert_eq!(running.detail, "checkout-v1: 1 of 2 ready, 2 of 2 updated");
-    // The Deployment says all are ready before the pods' readiness reaches the list: not
+    // The Deployment says all are ready before the pods' readiness reaches the driver: not
     // ready until a pod is.
-    set_status(&cluster, "checkout-v1", 2);
     set_pods(&cluster, "v1", &[]);
-    let running = driver.poll().await;
+    set_status(&cluster, "checkout-v1", 2);
+    let running = poll_until_detail(&mut driver, "checkout-v1: no pod ready with an address").await;
     assert!(running.ready.is_empty());
-    assert_eq!(running.detail, "checkout-v1: no pod ready with an address");
 
     roll_out(&cluster, "checkout-v1", "v1", 2);
-    let running = driver.poll().await;
+    let running = poll_until(&mut driver, |r| !r.ready.is_empty()).await;
     assert_eq!(
         running.ready,
         BTreeMap::from([(
@@ -383,7 +631,7 @@ async fn a_wanted_version_is_applied_server_side_as_a_deployment_and_ready_once_
 async fn a_new_version_gets_its_own_deployment_and_an_unwanted_one_is_deleted() {
     let (mut driver, cluster) = first_round(&[("v1", 2)]).await;
     // Something else's Deployment in the namespace, not the agent's.
-    cluster.lock().unwrap().deployments.insert(
+    cluster.lock().deployments.insert(
         "checkout-db".into(),
         json!({"apiVersion": "apps/v1", "kind": "Deployment",
                "metadata": {"name": "checkout-db", "labels": {"app.kubernetes.io/name": "checkout"}}}),
@@ -407,13 +655,7 @@ async fn a_new_version_gets_its_own_deployment_and_an_unwanted_one_is_deleted() 
         .map(|s| s.uri.as_str())
         .collect();
     assert_eq!(deleted, [format!("{DEPLOYMENTS}/checkout-v1?")]);
-    let names: Vec<_> = cluster
-        .lock()
-        .unwrap()
-        .deployments
-        .keys()
-        .cloned()
-        .collect();
+    let names: Vec<_> = cluster.lock().deployments.keys().cloned().collect();
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(
         names.contains(&"checkout-db".to_owned()),
@@ -425,7 +667,7 @@ async fn a_new_version_gets_its_own_deployment_and_an_unwanted_one_is_deleted() 
 }
 
 fn deployment_named(cluster: &Shared, prefix: &str) -> Value {
-    let c = cluster.lock().unwrap();
+    let c = cluster.lock();
     let found: Vec<_> = c
         .deployments
         .iter()
@@ -438,15 +680,11 @@ fn deployment_named(cluster: &Shared, prefix: &str) -> Value {
 #[tokio::test]
 async fn a_deployment_deleted_by_hand_is_made_again() {
     let (mut driver, cluster) = first_round(&[("v1", 1)]).await;
-    cluster.lock().unwrap().deployments.clear();
-    driver.poll().await;
-    assert!(
-        cluster
-            .lock()
-            .unwrap()
-            .deployments
-            .contains_key("checkout-v1")
-    );
+    cluster.lock().deployments.clear();
+    poll_until(&mut driver, |_| {
+        cluster.lock().deployments.contains_key("checkout-v1")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -455,7 +693,7 @@ async fn what_cannot_run_is_reported_with_the_reason_and_nothing_is_ready() {
     let refused = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
         "reason": "Forbidden", "code": 403,
         "message": "deployments.apps \"checkout-v1\" is forbidden: User \"system:serviceaccount:shop:fleet-agent\" cannot patch resource \"deployments\""});
-    cluster.lock().unwrap().refuse_patches = Some((StatusCode::FORBIDDEN, refused));
+    cluster.lock().refuse_patches = Some((StatusCode::FORBIDDEN, refused));
     driver.apply(&want(&[("v1", 1)]));
     let running = driver.poll().await;
     assert!(running.ready.is_empty());
@@ -492,12 +730,7 @@ async fn what_cannot_run_is_reported_with_the_reason_and_nothing_is_ready() {
         running.detail
     );
     assert_eq!(
-        cluster
-            .lock()
-            .unwrap()
-            .deployments
-            .keys()
-            .collect::<Vec<_>>(),
+        cluster.lock().deployments.keys().collect::<Vec<_>>(),
         ["checkout-v1"],
         "the valid version still runs"
     );
@@ -512,11 +745,7 @@ fn ready(version: &str, addresses: &[&str]) -> BTreeMap<String, Vec<String>> {
 
 /// A Deployment as if someone had made it.
 fn put(cluster: &Shared, name: &str, object: Value) {
-    cluster
-        .lock()
-        .unwrap()
-        .deployments
-        .insert(name.into(), object);
+    cluster.lock().deployments.insert(name.into(), object);
 }
 
 fn managed(name: &str, version: &str) -> Value {
@@ -527,62 +756,60 @@ fn managed(name: &str, version: &str) -> Value {
            "spec": {"replicas": 1}})
 }
 
-#[tokio::test]
-async fn once_rolled_out_a_version_follows_its_pods_to_new_addresses() {
+/// A driver whose v1 rolled out, seen ready on 10.1.0.1 and 10.1.0.2.
+async fn serving_v1_on_two_pods() -> (KubernetesDriver, Shared) {
     let (mut driver, cluster) = first_round(&[("v1", 2)]).await;
     roll_out(&cluster, "checkout-v1", "v1", 2);
-    assert_eq!(
-        driver.poll().await.ready,
-        ready("v1", &["10.1.0.1:8080", "10.1.0.2:8080"])
-    );
+    let both = ready("v1", &["10.1.0.1:8080", "10.1.0.2:8080"]);
+    poll_until(&mut driver, |r| r.ready == both).await;
+    (driver, cluster)
+}
+
+#[tokio::test]
+async fn once_rolled_out_a_version_follows_its_pods_to_new_addresses() {
+    let (mut driver, cluster) = serving_v1_on_two_pods().await;
 
     // A pod evicted: the version goes on with the one left, then with its replacement.
     set_status(&cluster, "checkout-v1", 1);
     set_pods(&cluster, "v1", &["10.1.0.1"]);
-    assert_eq!(driver.poll().await.ready, ready("v1", &["10.1.0.1:8080"]));
+    let one = ready("v1", &["10.1.0.1:8080"]);
+    poll_until(&mut driver, |r| r.ready == one).await;
     set_pods(&cluster, "v1", &["10.1.0.1", "10.1.0.7"]);
     set_status(&cluster, "checkout-v1", 2);
-    assert_eq!(
-        driver.poll().await.ready,
-        ready("v1", &["10.1.0.1:8080", "10.1.0.7:8080"])
-    );
+    let replaced = ready("v1", &["10.1.0.1:8080", "10.1.0.7:8080"]);
+    poll_until(&mut driver, |r| r.ready == replaced).await;
 
     // A new spec (three replicas) rolls out with the version still served by its ready pods,
     // and what it waits for is told.
     driver.apply(&want(&[("v1", 3)]));
     let running = driver.poll().await;
-    assert_eq!(
-        running.ready,
-        ready("v1", &["10.1.0.1:8080", "10.1.0.7:8080"])
-    );
+    assert_eq!(running.ready, replaced);
     assert_eq!(
         running.detail,
         "checkout-v1: its latest spec is not yet seen by the cluster; serving with its 2 ready pods"
     );
     roll_out(&cluster, "checkout-v1", "v1", 3);
-    assert_eq!(driver.poll().await.ready["v1"].len(), 3);
+    poll_until(&mut driver, |r| r.ready["v1"].len() == 3).await;
 }
 
 #[tokio::test]
 async fn a_deployment_made_again_must_roll_out_anew() {
-    let (mut driver, cluster) = first_round(&[("v1", 2)]).await;
-    roll_out(&cluster, "checkout-v1", "v1", 2);
-    assert_eq!(driver.poll().await.ready["v1"].len(), 2);
+    let (mut driver, cluster) = serving_v1_on_two_pods().await;
     // Deleted by hand: made again at generation 1 as before, its old pods not yet gone.
-    cluster.lock().unwrap().deployments.clear();
-    let running = driver.poll().await;
+    cluster.lock().deployments.clear();
+    let running = poll_until_detail(&mut driver, "checkout-v1: no status yet").await;
     assert!(running.ready.is_empty(), "{running:?}");
-    assert_eq!(running.detail, "checkout-v1: no status yet");
     roll_out(&cluster, "checkout-v1", "v1", 2);
-    assert_eq!(driver.poll().await.ready["v1"].len(), 2);
+    poll_until(&mut driver, |r| {
+        r.ready.get("v1").is_some_and(|a| a.len() == 2)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_failed_apply_leaves_the_running_version_running_and_served() {
-    let (mut driver, cluster) = first_round(&[("v1", 2)]).await;
-    roll_out(&cluster, "checkout-v1", "v1", 2);
-    driver.poll().await;
-    cluster.lock().unwrap().refuse_patches = Some((
+    let (mut driver, cluster) = serving_v1_on_two_pods().await;
+    cluster.lock().refuse_patches = Some((
         StatusCode::TOO_MANY_REQUESTS,
         json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
                "reason": "TooManyRequests", "code": 429, "message": "too many requests"}),
@@ -590,13 +817,7 @@ async fn a_failed_apply_leaves_the_running_version_running_and_served() {
     driver.apply(&want(&[("v1", 3)]));
     let running = driver.poll().await;
     assert!(seen(&cluster).iter().all(|s| s.method != Method::DELETE));
-    assert!(
-        cluster
-            .lock()
-            .unwrap()
-            .deployments
-            .contains_key("checkout-v1")
-    );
+    assert!(cluster.lock().deployments.contains_key("checkout-v1"));
     assert_eq!(
         running.ready,
         ready("v1", &["10.1.0.1:8080", "10.1.0.2:8080"])
@@ -621,23 +842,11 @@ async fn after_a_restart_nothing_is_deleted_until_the_proxies_have_a_table() {
     });
     driver.poll().await;
     assert!(seen(&cluster).iter().all(|s| s.method != Method::DELETE));
-    assert!(
-        cluster
-            .lock()
-            .unwrap()
-            .deployments
-            .contains_key("checkout-v0")
-    );
+    assert!(cluster.lock().deployments.contains_key("checkout-v0"));
 
     driver.apply(&want(&[("v1", 1)]));
     driver.poll().await;
-    assert!(
-        !cluster
-            .lock()
-            .unwrap()
-            .deployments
-            .contains_key("checkout-v0")
-    );
+    assert!(!cluster.lock().deployments.contains_key("checkout-v0"));
 }
 
 #[tokio::test]
@@ -658,14 +867,14 @@ async fn a_name_taken_by_another_deployment_is_reported_and_left_alone() {
         running.detail
     );
     assert!(seen(&cluster).iter().all(|s| s.method == Method::GET));
-    assert_eq!(cluster.lock().unwrap().deployments["checkout-v1"], theirs);
+    assert_eq!(cluster.lock().deployments["checkout-v1"], theirs);
 }
 
 #[tokio::test]
 async fn a_failed_delete_is_reported_and_the_wanted_version_carries_on() {
     let (mut driver, cluster) = fake_cluster();
     put(&cluster, "checkout-v0", managed("checkout-v0", "v0"));
-    cluster.lock().unwrap().refuse_deletes = Some((
+    cluster.lock().refuse_deletes = Some((
         StatusCode::FORBIDDEN,
         json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden",
                "code": 403, "message": "cannot delete resource \"deployments\""}),
@@ -688,7 +897,7 @@ async fn a_failed_delete_is_reported_and_the_wanted_version_carries_on() {
 async fn why_pods_are_not_ready_is_reported_as_the_cluster_says() {
     let (mut driver, cluster) = first_round(&[("v1", 1)]).await;
     set_status(&cluster, "checkout-v1", 0);
-    cluster.lock().unwrap().pods.push(json!({
+    cluster.lock().pods.push(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "checkout-v1-abc", "labels": {
             "app.kubernetes.io/name": "checkout", "app.kubernetes.io/version": "v1",
@@ -698,12 +907,12 @@ async fn why_pods_are_not_ready_is_reported_as_the_cluster_says() {
             "state": {"waiting": {"reason": "ImagePullBackOff",
                                    "message": "Back-off pulling image \"registry.example.com/checkout:v1\""}}}]},
     }));
-    let detail = driver.poll().await.detail;
-    assert_eq!(
-        detail,
+    poll_until_detail(
+        &mut driver,
         "checkout-v1: 0 of 1 ready, 1 of 1 updated (pod checkout-v1-abc: container checkout waiting: \
-         ImagePullBackOff: Back-off pulling image \"registry.example.com/checkout:v1\")"
-    );
+         ImagePullBackOff: Back-off pulling image \"registry.example.com/checkout:v1\")",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -711,18 +920,22 @@ async fn a_hand_edit_of_the_drivers_fields_is_undone() {
     let (mut driver, cluster) = first_round(&[("v1", 1)]).await;
     {
         // `kubectl set image`: another image, the next generation.
-        let mut c = cluster.lock().unwrap();
+        let mut c = cluster.lock();
         let d = c.deployments.get_mut("checkout-v1").unwrap();
         d["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest".into();
         d["metadata"]["generation"] = 2.into();
     }
     seen(&cluster);
-    driver.poll().await;
+    let image = || {
+        cluster.lock().deployments["checkout-v1"]["spec"]["template"]["spec"]["containers"][0]
+            ["image"]
+            .clone()
+    };
+    poll_until(&mut driver, |_| {
+        image() == "registry.example.com/checkout:v1"
+    })
+    .await;
     assert!(seen(&cluster).iter().any(|s| s.method == Method::PATCH));
-    let image = cluster.lock().unwrap().deployments["checkout-v1"]["spec"]["template"]["spec"]
-        ["containers"][0]["image"]
-        .clone();
-    assert_eq!(image, "registry.example.com/checkout:v1");
 }
 
 #[tokio::test]
@@ -745,7 +958,7 @@ async fn rounds_are_a_second_apart_unless_the_want_changes() {
 #[tokio::test(start_paused = true)]
 async fn an_api_server_that_does_not_answer_is_reported_and_the_agent_goes_on() {
     let (mut driver, cluster) = fake_cluster();
-    cluster.lock().unwrap().hang = true;
+    cluster.lock().hang = true;
     driver.apply(&want(&[("v1", 1)]));
     let started = tokio::time::Instant::now();
     let running = driver.poll().await;
@@ -757,6 +970,76 @@ async fn an_api_server_that_does_not_answer_is_reported_and_the_agent_goes_on() 
     );
 }
 
+#[tokio::test]
+async fn a_write_is_waited_for_until_the_watch_shows_it() {
+    let (mut driver, cluster) = fake_cluster();
+    driver.apply(&want(&[("v1", 1)]));
+    driver.poll().await;
+    // Each change reaches the watch only after the driver has had its answer (and has gone
+    // on, unless it waits for it).
+    let answered = |method: Method| {
+        let cluster = cluster.clone();
+        cluster.lock().hold_events = true;
+        tokio::spawn(async move {
+            while !cluster.lock().seen.iter().any(|s| s.method == method) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            cluster.lock().hold_events = false;
+            cluster.0.1.send_replace(());
+        })
+    };
+    seen(&cluster);
+    let released = answered(Method::PATCH);
+    driver.apply(&want(&[("v1", 1), ("v2", 1)]));
+    let running = driver.poll().await;
+    released.await.unwrap();
+    assert_eq!(
+        running.detail, "checkout-v1: no status yet; checkout-v2: no status yet",
+        "judged on the Deployment just made"
+    );
+    seen(&cluster);
+    let released = answered(Method::DELETE);
+    driver.apply(&want(&[("v2", 1)]));
+    driver.poll().await;
+    driver.poll().await;
+    released.await.unwrap();
+    let deletes = seen(&cluster)
+        .into_iter()
+        .filter(|s| s.method == Method::DELETE)
+        .count();
+    assert_eq!(deletes, 1, "not deleted again");
+}
+
+#[tokio::test]
+async fn a_watch_that_fails_is_told_and_what_it_last_showed_is_judged() {
+    let (mut driver, cluster) = serving_v1_on_two_pods().await;
+    let both = ready("v1", &["10.1.0.1:8080", "10.1.0.2:8080"]);
+
+    // The API server restarts with a Role that no longer allows watching.
+    cluster.lock().refuse_watches = true;
+    end_watches(&cluster);
+    let running = poll_until(&mut driver, |r| !r.detail.is_empty()).await;
+    assert_eq!(running.ready, both, "served on as last seen");
+    assert!(
+        running
+            .detail
+            .starts_with("watching Deployments in namespace shop: ")
+            && running
+                .detail
+                .contains("cannot watch resource \"deployments\""),
+        "{}",
+        running.detail
+    );
+
+    // Allowed again: the next changes come through, and the failure is no longer told.
+    cluster.lock().refuse_watches = false;
+    set_pods(&cluster, "v1", &["10.1.0.1", "10.1.0.3"]);
+    cluster.lock().deployments.get_mut("checkout-v1").unwrap()["metadata"]["annotations"] =
+        json!({"example.com/note": "touched"});
+    let moved = ready("v1", &["10.1.0.1:8080", "10.1.0.3:8080"]);
+    poll_until(&mut driver, |r| r.ready == moved && r.detail.is_empty()).await;
+}
+
 /// A pod of the region's proxies (or of `name`), running at `ip`.
 fn proxy_pod(name: &str, ip: &str, phase: &str) -> Value {
     json!({
@@ -766,12 +1049,12 @@ fn proxy_pod(name: &str, ip: &str, phase: &str) -> Value {
     })
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_proxies_are_the_running_pods_a_selector_picks_looked_up_every_few_seconds() {
+#[tokio::test]
+async fn the_proxies_are_the_running_pods_a_selector_picks_followed_as_they_change() {
     let (client, cluster) = fake_api();
     let selector = "app.kubernetes.io/name=fleet-proxy";
     let mut source = ProxySource::pods(client, Some("shop"), selector.into(), 9901);
-    cluster.lock().unwrap().pods = vec![
+    cluster.lock().pods = vec![
         proxy_pod("fleet-proxy", "10.2.0.2", "Running"),
         proxy_pod("fleet-proxy", "10.2.0.3", "Pending"),
         proxy_pod("checkout", "10.1.0.1", "Running"),
@@ -780,41 +1063,91 @@ async fn the_proxies_are_the_running_pods_a_selector_picks_looked_up_every_few_s
         source.look().await.unwrap().unwrap(),
         ["http://10.2.0.2:9901"]
     );
-    let asked = seen(&cluster).pop().unwrap();
-    assert_eq!(asked.method, Method::GET);
-    assert_eq!(
-        asked.uri,
-        "/api/v1/namespaces/shop/pods?&labelSelector=app.kubernetes.io%2Fname%3Dfleet-proxy"
+    let asked: Vec<_> = std::mem::take(&mut cluster.lock().watches);
+    let pods = "/api/v1/namespaces/shop/pods?";
+    let picked = "labelSelector=app.kubernetes.io%2Fname%3Dfleet-proxy";
+    assert!(
+        asked[0].starts_with(pods) && asked[0].contains(picked),
+        "listed: {asked:?}"
     );
-    assert!(source.look().await.is_none(), "not again so soon");
+    assert!(seen(&cluster).is_empty(), "nothing but the watch");
+    assert!(source.look().await.is_none(), "nothing new");
 
-    // Scaled out, one rescheduled: found at the next look.
-    cluster.lock().unwrap().pods = vec![
+    // Scaled out, one rescheduled: found through the watch, without listing again.
+    cluster.lock().pods = vec![
         proxy_pod("fleet-proxy", "10.2.0.3", "Running"),
         proxy_pod("fleet-proxy", "10.2.0.4", "Running"),
     ];
-    tokio::time::advance(LOOK_EVERY).await;
-    assert_eq!(
-        source.look().await.unwrap().unwrap(),
-        ["http://10.2.0.3:9901", "http://10.2.0.4:9901"]
+    let found = look_until_told(&mut source).await.unwrap();
+    assert_eq!(found, ["http://10.2.0.3:9901", "http://10.2.0.4:9901"]);
+    let asked = std::mem::take(&mut cluster.lock().watches);
+    assert!(
+        asked.iter().all(|a| a.contains("watch=")),
+        "not listed again: {asked:?}"
     );
 
-    // None running: told, naming the selector (the proxies known stay).
-    cluster.lock().unwrap().pods = vec![proxy_pod("fleet-proxy", "10.2.0.5", "Pending")];
-    tokio::time::advance(LOOK_EVERY).await;
-    let e = source.look().await.unwrap().unwrap_err();
+    // None running: told once, naming the selector (the proxies known stay).
+    cluster.lock().pods = vec![proxy_pod("fleet-proxy", "10.2.0.5", "Pending")];
+    let e = look_until_told(&mut source).await.unwrap_err();
     assert_eq!(
         e.to_string(),
         "no running pod matches the proxies' selector app.kubernetes.io/name=fleet-proxy"
     );
+    assert!(source.look().await.is_none(), "told once");
+    cluster.lock().pods = vec![proxy_pod("fleet-proxy", "10.2.0.5", "Running")];
+    let found = look_until_told(&mut source).await.unwrap();
+    assert_eq!(found, ["http://10.2.0.5:9901"]);
+}
 
-    // An API server that does not answer: an error, after a while, and no hang; the next
-    // look waits its turn from then, so the agent's rounds are not held every time.
-    cluster.lock().unwrap().hang = true;
-    tokio::time::advance(LOOK_EVERY).await;
+#[tokio::test(start_paused = true)]
+async fn proxies_whose_pods_the_api_does_not_list_are_told_and_the_agent_goes_on() {
+    let (client, cluster) = fake_api();
+    cluster.lock().hang = true;
+    let selector = "app.kubernetes.io/name=fleet-proxy";
+    let mut source = ProxySource::pods(client, Some("shop"), selector.into(), 9901);
+    let started = tokio::time::Instant::now();
     let e = source.look().await.unwrap().unwrap_err();
-    assert!(e.to_string().contains("no answer within"), "{e}");
-    assert!(source.look().await.is_none());
+    assert_eq!(started.elapsed(), FIRST_LOOK_TIMEOUT);
+    assert_eq!(
+        e.to_string(),
+        "listing the proxies' pods (app.kubernetes.io/name=fleet-proxy): no answer yet"
+    );
+    let started = tokio::time::Instant::now();
+    assert!(source.look().await.is_none(), "told once");
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "the later looks do not wait"
+    );
+}
+
+#[tokio::test]
+async fn proxies_whose_pods_may_not_be_listed_are_told_why() {
+    let (client, cluster) = fake_api();
+    cluster.lock().refuse_pod_lists = true;
+    let selector = "app.kubernetes.io/name=fleet-proxy";
+    let mut source = ProxySource::pods(client, Some("shop"), selector.into(), 9901);
+    let e = source.look().await.unwrap().unwrap_err().to_string();
+    assert!(
+        e.starts_with("listing the proxies' pods (app.kubernetes.io/name=fleet-proxy): ")
+            && e.contains("cannot list resource \"pods\""),
+        "{e}"
+    );
+}
+
+/// Looks until the source tells something new, for up to 5 s.
+async fn look_until_told(source: &mut ProxySource) -> anyhow::Result<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(told) = source.look().await {
+            return told;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing told in 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 const AUTOSCALE: fleet_agent::driver::Autoscale = fleet_agent::driver::Autoscale {
@@ -849,15 +1182,14 @@ fn changes(c: &Shared) -> Vec<String> {
 #[tokio::test]
 async fn an_autoscaled_version_gets_an_autoscaler_after_its_count_is_handed_over() {
     let (mut driver, cluster) = first_round(&[("v1", 3)]).await;
-    roll_out(&cluster, "checkout-v1", "v1", 3);
     // A real API server records that fleet-agent's apply set the count (the fake does not).
-    cluster
-        .lock()
-        .unwrap()
-        .deployments
-        .get_mut("checkout-v1")
-        .unwrap()["metadata"]["managedFields"] = json!([{"manager": "fleet-agent", "operation": "Apply",
+    cluster.lock().deployments.get_mut("checkout-v1").unwrap()["metadata"]["managedFields"] = json!([{"manager": "fleet-agent", "operation": "Apply",
             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:replicas": {}}}}]);
+    roll_out(&cluster, "checkout-v1", "v1", 3);
+    poll_until(&mut driver, |r| {
+        r.ready.get("v1").is_some_and(|a| a.len() == 3)
+    })
+    .await;
     seen(&cluster);
 
     driver.apply(&autoscaled(&[("v1", 2)]));
@@ -872,7 +1204,7 @@ async fn an_autoscaled_version_gets_an_autoscaler_after_its_count_is_handed_over
         "the count is kept under another manager before the driver's apply lets go of it"
     );
     {
-        let c = cluster.lock().unwrap();
+        let c = cluster.lock();
         let hpa = &c.autoscalers["checkout-v1"];
         assert_eq!(hpa["spec"]["minReplicas"], 2);
         assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "checkout-v1");
@@ -889,15 +1221,9 @@ async fn an_autoscaled_version_gets_an_autoscaler_after_its_count_is_handed_over
     }
     // The fake merges nothing: the count the autoscaler keeps is put back by hand, as a
     // real API server would have kept it, and the rollout is judged against it.
-    cluster
-        .lock()
-        .unwrap()
-        .deployments
-        .get_mut("checkout-v1")
-        .unwrap()["spec"]["replicas"] = json!(3);
+    cluster.lock().deployments.get_mut("checkout-v1").unwrap()["spec"]["replicas"] = json!(3);
     roll_out(&cluster, "checkout-v1", "v1", 3);
-    let running = driver.poll().await;
-    assert_eq!(running.detail, "");
+    let running = poll_until_detail(&mut driver, "").await;
     assert_eq!(running.ready["v1"].len(), 3);
     assert!(changes(&cluster).is_empty(), "nothing applied again");
 
@@ -931,7 +1257,7 @@ async fn an_autoscaled_version_gets_an_autoscaler_after_its_count_is_handed_over
             format!("DELETE {AUTOSCALERS}/checkout-v2"),
         ]
     );
-    let c = cluster.lock().unwrap();
+    let c = cluster.lock();
     assert_eq!(c.deployments["checkout-v2"]["spec"]["replicas"], 4);
     assert!(c.autoscalers.is_empty());
 }
@@ -944,7 +1270,6 @@ async fn an_autoscaler_of_another_with_the_name_is_reported_and_left_alone() {
         "spec": {"maxReplicas": 50}});
     cluster
         .lock()
-        .unwrap()
         .autoscalers
         .insert("checkout-v1".into(), theirs.clone());
     driver.apply(&autoscaled(&[("v1", 2)]));
@@ -961,7 +1286,7 @@ async fn an_autoscaler_of_another_with_the_name_is_reported_and_left_alone() {
         changes(&cluster),
         [format!("PATCH {DEPLOYMENTS}/checkout-v1 fleet-agent")]
     );
-    assert_eq!(cluster.lock().unwrap().autoscalers["checkout-v1"], theirs);
+    assert_eq!(cluster.lock().autoscalers["checkout-v1"], theirs);
 }
 
 /// A driver that made an autoscaled v2, rolled out with `pods` pods: the count its autoscaler
@@ -970,12 +1295,7 @@ async fn autoscaled_v2_with(pods: u32) -> (KubernetesDriver, Shared) {
     let (mut driver, cluster) = fake_cluster();
     driver.apply(&autoscaled(&[("v2", 2)]));
     driver.poll().await;
-    cluster
-        .lock()
-        .unwrap()
-        .deployments
-        .get_mut("checkout-v2")
-        .unwrap()["spec"]["replicas"] = json!(pods);
+    cluster.lock().deployments.get_mut("checkout-v2").unwrap()["spec"]["replicas"] = json!(pods);
     roll_out(&cluster, "checkout-v2", "v2", pods);
     (driver, cluster)
 }
@@ -984,16 +1304,14 @@ async fn autoscaled_v2_with(pods: u32) -> (KubernetesDriver, Shared) {
 async fn a_new_autoscaled_version_is_ready_only_with_min_pods() {
     // Made without a count, the Deployment has one pod until its autoscaler acts.
     let (mut driver, _cluster) = autoscaled_v2_with(1).await;
-    let running = driver.poll().await;
+    let running = poll_until_detail(&mut driver, "checkout-v2: 1 of 2 ready, 1 of 2 updated").await;
     assert!(running.ready.is_empty(), "{running:?}");
-    assert_eq!(running.detail, "checkout-v2: 1 of 2 ready, 1 of 2 updated");
 }
 
 #[tokio::test]
 async fn an_autoscaler_that_cannot_scale_is_reported_and_its_version_serves_on() {
     let (mut driver, cluster) = autoscaled_v2_with(2).await;
-    let running = driver.poll().await;
-    assert_eq!(running.detail, "", "{running:?}");
+    poll_until_detail(&mut driver, "").await;
     // As the HPA controller writes it in a cluster without a metrics server.
     let status = json!({
         "currentReplicas": 2,
@@ -1006,34 +1324,29 @@ async fn an_autoscaler_that_cannot_scale_is_reported_and_its_version_serves_on()
               "lastTransitionTime": "2026-12-06T00:00:00Z" },
         ],
     });
-    cluster
-        .lock()
-        .unwrap()
-        .autoscalers
-        .get_mut("checkout-v2")
-        .unwrap()["status"] = status;
-    let running = driver.poll().await;
-    assert_eq!(
-        running.ready,
-        ready("v2", &["10.1.0.1:8080", "10.1.0.2:8080"])
-    );
-    assert_eq!(
-        running.detail,
+    cluster.lock().autoscalers.get_mut("checkout-v2").unwrap()["status"] = status;
+    let running = poll_until_detail(
+        &mut driver,
         "autoscaler checkout-v2 cannot scale, FailedGetResourceMetric: the HPA was unable to \
          compute the replica count: failed to get cpu utilization: unable to get metrics for \
          resource cpu: no metrics returned from resource metrics API (does the cluster run a \
-         metrics server?)"
+         metrics server?)",
+    )
+    .await;
+    assert_eq!(
+        running.ready,
+        ready("v2", &["10.1.0.1:8080", "10.1.0.2:8080"])
     );
 }
 
 #[tokio::test]
 async fn autoscalers_that_cannot_be_listed_stop_only_what_autoscales() {
     let (mut driver, cluster) = fake_cluster();
-    cluster.lock().unwrap().refuse_autoscaler_lists = true;
+    cluster.lock().refuse_autoscaler_lists = true;
     driver.apply(&want(&[("v1", 1)]));
     driver.poll().await;
     roll_out(&cluster, "checkout-v1", "v1", 1);
-    let running = driver.poll().await;
+    let running = poll_until(&mut driver, |r| !r.ready.is_empty()).await;
     assert_eq!(running.ready, ready("v1", &["10.1.0.1:8080"]));
     assert_eq!(running.detail, "", "a fixed count needs no autoscaler");
     driver.apply(&autoscaled(&[("v1", 1)]));

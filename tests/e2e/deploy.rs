@@ -252,10 +252,11 @@ fn the_proxies_start_on_a_config_fleet_proxy_accepts_at_the_path_they_are_given(
 fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy() {
     let docs = documents("cluster.yaml");
     let role: Role = serde_json::from_value(find(&docs, "Role", "fleet-agent").clone()).unwrap();
-    // The calls of agent/src/driver/kubernetes.rs.
+    // The calls of agent/src/driver/kubernetes.rs, and the watches of agent/src/watched.rs.
     for (group, resource, verb) in [
         ("apps", "deployments", "get"),
         ("apps", "deployments", "list"),
+        ("apps", "deployments", "watch"),
         // A server-side apply that makes the object.
         ("apps", "deployments", "create"),
         ("apps", "deployments", "patch"),
@@ -263,10 +264,12 @@ fn the_agent_is_allowed_what_the_kubernetes_driver_does_and_reaches_every_proxy(
         // agent/src/driver/kubernetes/scaling.rs.
         ("autoscaling", "horizontalpodautoscalers", "get"),
         ("autoscaling", "horizontalpodautoscalers", "list"),
+        ("autoscaling", "horizontalpodautoscalers", "watch"),
         ("autoscaling", "horizontalpodautoscalers", "create"),
         ("autoscaling", "horizontalpodautoscalers", "patch"),
         ("autoscaling", "horizontalpodautoscalers", "delete"),
         ("", "pods", "list"),
+        ("", "pods", "watch"),
     ] {
         assert!(
             role.rules.iter().flatten().any(|r| {

@@ -5,15 +5,19 @@
 //! given: a pod evicted, or replaced by a later rollout, is followed to its new address while
 //! the rest carry on.
 //!
-//! Each round lists the service's Deployments, autoscalers and pods (by label), applies what
-//! is missing, changed here or changed by hand, and deletes the Deployments of versions no
+//! The driver watches the service's Deployments, autoscalers and pods (by label; kube-runtime
+//! reflectors, `crate::watched`), so a round reads them without asking the API: it asks only
+//! to change something. Its first round waits for their first lists. A round applies what is
+//! missing, changed here or changed by hand, and deletes the Deployments of versions no
 //! longer wanted, and the autoscalers of Deployments that are no longer autoscaled
-//! (`scaling.rs`).
+//! (`scaling.rs`); each write is waited for, briefly, to come back through the watch, so that
+//! the next round does not make it again.
 //! A Deployment the driver did not make for that service and version is never changed or
 //! deleted: a name taken by one is reported. A failed apply or delete is reported and the
 //! rest of the round carries on; a wanted version's Deployment is never deleted for it.
 //! Rounds are at most one a second unless the want changed, and one that takes longer than
-//! [`ROUND_TIMEOUT`] is given up and reported.
+//! [`ROUND_TIMEOUT`] is given up and reported. A watch that fails is reported, and the
+//! objects it last showed are judged.
 //!
 //! The workloads outlive the agent: stopping it (or losing it) leaves every Deployment as it
 //! is, so the cluster goes on serving while the agent is away (fail-static).
@@ -22,30 +26,38 @@ pub(crate) mod objects;
 mod scaling;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use tokio::time::Instant;
 
 use self::objects::Spec;
 use self::objects::{MANAGER, check_service, check_version, deployment_name};
 use super::{Driver, Running, Want};
+use crate::watched::{Object, Watched};
 
-/// Least time between two rounds of API calls while the want stays the same.
+/// Least time between two rounds while the want stays the same.
 const ROUND_EVERY: Duration = Duration::from_secs(1);
-/// A round of API calls that takes longer is given up (kube-rs sets no read timeout).
+/// A round that takes longer, waiting for the first lists or for a write, is given up
+/// (kube-rs sets no read timeout).
 pub const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
 /// A Deployment applied this long ago is applied again, though unchanged.
 const APPLY_AGAIN_AFTER: Duration = Duration::from_secs(60);
+/// How long a write is waited for to come back through the watch. One that does not is
+/// carried on from: the next round may make it again, to the same effect.
+const SEEN_WITHIN: Duration = Duration::from_secs(2);
 
 pub struct KubernetesDriver {
+    client: kube::Client,
     deployments: Api<Deployment>,
     autoscalers: Api<HorizontalPodAutoscaler>,
-    pods: Api<Pod>,
+    /// The watches of the service's objects, once a service is wanted.
+    watches: Option<Watches>,
     namespace: String,
     /// The port the service's containers listen on.
     port: u16,
@@ -60,6 +72,21 @@ pub struct KubernetesDriver {
     complete: BTreeMap<String, String>,
     /// The last round: the want it was made for, its outcome, and when it ended.
     last: Option<(Want, Running, Instant)>,
+}
+
+/// One service's objects, watched.
+struct Watches {
+    service: String,
+    deployments: Watched<Deployment>,
+    autoscalers: Watched<HorizontalPodAutoscaler>,
+    pods: Watched<Pod>,
+}
+
+/// What the watches show, by name (pods as a list).
+struct Seen {
+    deployments: BTreeMap<String, Deployment>,
+    autoscalers: BTreeMap<String, HorizontalPodAutoscaler>,
+    pods: Vec<Pod>,
 }
 
 struct Applied {
@@ -83,7 +110,8 @@ impl KubernetesDriver {
         KubernetesDriver {
             deployments: Api::namespaced(client.clone(), &namespace),
             autoscalers: Api::namespaced(client.clone(), &namespace),
-            pods: Api::namespaced(client, &namespace),
+            client,
+            watches: None,
             namespace,
             port,
             want: Want::default(),
@@ -109,65 +137,123 @@ impl KubernetesDriver {
                 self.want.service
             ));
         }
-        let ns = self.namespace.clone();
-        let selector = ListParams::default().labels(&objects::selector(&self.want.service));
-        let mut listed: BTreeMap<String, Deployment> = self
-            .deployments
-            .list(&selector)
-            .await
-            .map_err(|e| format!("listing Deployments in namespace {ns}: {e}"))?
-            .items
-            .into_iter()
-            .filter_map(|d| Some((d.metadata.name.clone()?, d)))
-            .collect();
-        let mut problems = Vec::new();
-        let autoscalers = self.list_autoscalers(&selector, &mut problems).await;
+        let watches = self.watch_service();
+        watches.deployments.first_list().await;
+        watches.autoscalers.first_list().await;
+        watches.pods.first_list().await;
+        let mut seen = self.seen()?;
         let want = self.want.clone();
+        let mut problems = self.watch_trouble();
         let mut wanted = Vec::new();
         for (version, replicas) in &want.versions {
-            if let Err(e) = check_version(version) {
-                problems.push(e);
-                continue;
+            match check_version(version) {
+                Ok(()) => wanted.push(Wanted {
+                    name: deployment_name(&want.service, version),
+                    version,
+                    replicas: *replicas,
+                }),
+                Err(e) => problems.push(e),
             }
-            let name = deployment_name(&want.service, version);
-            // A failed apply leaves the Deployment as it was, to be judged as it is.
-            if let Err(e) = self
-                .apply_one(&want, version, *replicas, &name, &mut listed)
-                .await
-            {
-                problems.push(e);
-            } else if let (Some(autoscale), Some(owner)) = (&want.autoscale, listed.get(&name)) {
-                let applied =
-                    (self.apply_autoscaler(&want, version, autoscale, owner, &autoscalers))
-                        .await
-                        .map(|()| autoscalers.get(&name));
-                match applied {
-                    Err(e) => problems.push(e),
-                    Ok(listed) => problems.extend(
-                        listed.and_then(|a| objects::autoscaler_stuck(a, Timestamp::now())),
-                    ),
-                }
-            }
-            wanted.push(Wanted {
-                name,
-                version,
-                replicas: *replicas,
+        }
+        self.write(&want, &wanted, &mut seen, &mut problems).await;
+        // The writes, as the watches show them now.
+        let seen = self.seen()?;
+        Ok(self.judge(&seen, &wanted, problems))
+    }
+
+    /// The watches of the wanted service: started, or started again when it is another.
+    fn watch_service(&mut self) -> &Watches {
+        let (service, ns) = (&self.want.service, &self.namespace);
+        if self.watches.as_ref().is_none_or(|w| w.service != *service) {
+            let selector = objects::selector(service);
+            let client = &self.client;
+            self.watches = Some(Watches {
+                service: service.clone(),
+                deployments: Watched::start(
+                    Api::namespaced(client.clone(), ns),
+                    &selector,
+                    format!("Deployments in namespace {ns}"),
+                ),
+                autoscalers: Watched::start(
+                    Api::namespaced(client.clone(), ns),
+                    &selector,
+                    format!("HorizontalPodAutoscalers in namespace {ns}"),
+                ),
+                pods: Watched::start(
+                    Api::namespaced(client.clone(), ns),
+                    &selector,
+                    format!("pods in namespace {ns}"),
+                ),
             });
+        }
+        self.watched()
+    }
+
+    fn watched(&self) -> &Watches {
+        #[allow(clippy::expect_used)] // Made by `watch_service` before any use.
+        self.watches.as_ref().expect("the service is watched")
+    }
+
+    /// What the watches show now; why not, until their first lists came through.
+    /// Autoscalers that cannot be listed (an agent whose Role predates autoscaling, a cluster
+    /// without autoscaling/v2) keep nothing else from running: taken as none
+    /// ([`Self::watch_trouble`] tells it when the manifest autoscales).
+    fn seen(&self) -> Result<Seen, String> {
+        let w = self.watched();
+        Ok(Seen {
+            deployments: by_name(w.deployments.objects()?),
+            autoscalers: w.autoscalers.objects().map(by_name).unwrap_or_default(),
+            pods: w.pods.objects()?.iter().map(|p| Pod::clone(p)).collect(),
+        })
+    }
+
+    /// Why the watches failed lately; the autoscalers' only when the manifest autoscales.
+    fn watch_trouble(&self) -> Vec<String> {
+        let w = self.watched();
+        let autoscalers = match self.want.autoscale {
+            Some(_) => (w.autoscalers.trouble()).or_else(|| w.autoscalers.objects().err()),
+            None => None,
+        };
+        [w.deployments.trouble(), w.pods.trouble(), autoscalers]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Applies what `wanted` lacks or has changed, and deletes what it no longer has,
+    /// telling `problems` what failed. `seen` gets each object as its apply answered.
+    async fn write(
+        &mut self,
+        want: &Want,
+        wanted: &[Wanted<'_>],
+        seen: &mut Seen,
+        problems: &mut Vec<String>,
+    ) {
+        for w in wanted {
+            // A failed apply leaves the Deployment as it was, to be judged as it is.
+            let applied = self
+                .apply_one(want, w.version, w.replicas, &w.name, &mut seen.deployments)
+                .await;
+            if let Err(e) = applied {
+                problems.push(e);
+            } else if let (Some(autoscale), Some(owner)) =
+                (&want.autoscale, seen.deployments.get(&w.name))
+            {
+                let version = w.version;
+                let listed = &seen.autoscalers;
+                let applied =
+                    (self.apply_autoscaler(want, version, autoscale, owner, listed)).await;
+                problems.extend(applied.err());
+            }
         }
         if !want.keep_others {
             // Every wanted version, applied this round or not: a failed apply must not take
             // a version's Deployment away.
-            self.delete_others(&listed, &wanted, &mut problems).await;
+            self.delete_others(&seen.deployments, wanted, problems)
+                .await;
         }
-        self.delete_autoscalers(&autoscalers, &wanted, &mut problems)
+        self.delete_autoscalers(&seen.autoscalers, wanted, problems)
             .await;
-        let pods = self
-            .pods
-            .list(&selector)
-            .await
-            .map_err(|e| format!("listing pods in namespace {ns}: {e}"))?
-            .items;
-        Ok(self.judge(&listed, &wanted, &pods, problems))
     }
 
     /// Applies `version`'s Deployment, `name`, unless it stands as last applied. `listed`
@@ -221,6 +307,15 @@ impl KubernetesDriver {
             .await
             .map_err(|e| format!("applying Deployment {name} in namespace {ns}: {e}"))?;
         tracing::info!(deployment = %name, namespace = %ns, replicas, "applied");
+        let (uid, generation) = (&now.metadata.uid, now.metadata.generation);
+        let shown = |listed: &[Arc<Deployment>]| {
+            listed
+                .iter()
+                .any(|d| d.metadata.uid == *uid && d.metadata.generation >= generation)
+        };
+        if !self.watched().deployments.shows(SEEN_WITHIN, shown).await {
+            tracing::debug!(deployment = %name, "the apply is not yet seen through the watch");
+        }
         self.applied.insert(
             name.to_owned(),
             Applied {
@@ -241,11 +336,12 @@ impl KubernetesDriver {
         problems: &mut Vec<String>,
     ) {
         let ns = &self.namespace;
-        for name in listed
-            .keys()
-            .filter(|n| wanted.iter().all(|w| w.name != **n))
-        {
-            if let Err(e) = delete(&self.deployments, name, ns).await {
+        let unwanted = listed.iter().filter(|(n, d)| {
+            wanted.iter().all(|w| w.name != **n) && d.metadata.deletion_timestamp.is_none()
+        });
+        for (name, _) in unwanted {
+            let watched = &self.watched().deployments;
+            if let Err(e) = delete(&self.deployments, watched, name, ns).await {
                 problems.push(e);
                 continue;
             }
@@ -255,13 +351,8 @@ impl KubernetesDriver {
     }
 
     /// The ready versions and their instances, and what keeps the others from being ready.
-    fn judge(
-        &mut self,
-        listed: &BTreeMap<String, Deployment>,
-        wanted: &[Wanted<'_>],
-        pods: &[Pod],
-        mut problems: Vec<String>,
-    ) -> Running {
+    fn judge(&mut self, seen: &Seen, wanted: &[Wanted<'_>], mut problems: Vec<String>) -> Running {
+        let (listed, pods) = (&seen.deployments, &seen.pods[..]);
         // A Deployment made again (deleted by hand) has another uid: it must roll out anew.
         self.complete.retain(|name, uid| {
             listed
@@ -270,6 +361,12 @@ impl KubernetesDriver {
         });
         let mut running = Running::default();
         for w in wanted {
+            if self.want.autoscale.is_some() {
+                let autoscaler = seen.autoscalers.get(&w.name);
+                problems.extend(
+                    autoscaler.and_then(|a| objects::autoscaler_stuck(a, Timestamp::now())),
+                );
+            }
             let Some(d) = listed.get(&w.name) else {
                 continue;
             };
@@ -336,20 +433,38 @@ where
     }
 }
 
-/// Deletes `name`; one gone already (404) is what was wanted.
-async fn delete<K>(api: &Api<K>, name: &str, ns: &str) -> Result<(), String>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
+/// Deletes `name`, and waits briefly for `watched` to show it gone or going; one gone
+/// already (404) is what was wanted.
+async fn delete<K: Object>(
+    api: &Api<K>,
+    watched: &Watched<K>,
+    name: &str,
+    ns: &str,
+) -> Result<(), String> {
     let kind = K::kind(&());
     match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => {
-            tracing::info!(%kind, %name, namespace = %ns, "deleted: no longer wanted");
-            Ok(())
-        }
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(format!("deleting {kind} {name} in namespace {ns}: {e}")),
+        Ok(_) => tracing::info!(%kind, %name, namespace = %ns, "deleted: no longer wanted"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(format!("deleting {kind} {name} in namespace {ns}: {e}")),
     }
+    let gone = |listed: &[Arc<K>]| {
+        !listed.iter().any(|o| {
+            let meta = o.meta();
+            meta.name.as_deref() == Some(name) && meta.deletion_timestamp.is_none()
+        })
+    };
+    if !watched.shows(SEEN_WITHIN, gone).await {
+        tracing::debug!(%kind, %name, "the delete is not yet seen through the watch");
+    }
+    Ok(())
+}
+
+/// Objects by name.
+fn by_name<K: kube::Resource + Clone>(objects: Vec<Arc<K>>) -> BTreeMap<String, K> {
+    objects
+        .into_iter()
+        .filter_map(|o| Some((o.meta().name.clone()?, K::clone(&o))))
+        .collect()
 }
 
 impl Driver for KubernetesDriver {

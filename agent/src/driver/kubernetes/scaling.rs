@@ -5,44 +5,18 @@
 //! that no version drops to one pod on the way.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use tokio::time::Instant;
 
 use super::objects::{self, HANDOVER, MANAGER};
-use super::{APPLY_AGAIN_AFTER, KubernetesDriver, Wanted, delete, name_free};
+use super::{APPLY_AGAIN_AFTER, KubernetesDriver, SEEN_WITHIN, Wanted, delete, name_free};
 use crate::driver::{Autoscale, Want};
 
 impl KubernetesDriver {
-    /// The service's autoscalers the driver made, by name. One that cannot be listed (an
-    /// agent whose Role predates autoscaling, a cluster without autoscaling/v2) keeps nothing
-    /// else from running: the round goes on as if there were none, and it is a problem only
-    /// when the manifest autoscales.
-    pub(super) async fn list_autoscalers(
-        &self,
-        selector: &ListParams,
-        problems: &mut Vec<String>,
-    ) -> BTreeMap<String, HorizontalPodAutoscaler> {
-        let ns = &self.namespace;
-        match self.autoscalers.list(selector).await {
-            Ok(list) => list
-                .items
-                .into_iter()
-                .filter_map(|a| Some((a.metadata.name.clone()?, a)))
-                .collect(),
-            Err(e) => {
-                let e = format!("listing HorizontalPodAutoscalers in namespace {ns}: {e}");
-                match self.want.autoscale {
-                    Some(_) => problems.push(e),
-                    None => tracing::debug!(%e, "not autoscaled: carrying on"),
-                }
-                BTreeMap::new()
-            }
-        }
-    }
-
     /// Applies `version`'s autoscaler for its Deployment `owner`, unless it stands as last
     /// applied.
     pub(super) async fn apply_autoscaler(
@@ -68,13 +42,21 @@ impl KubernetesDriver {
             name_free(&self.autoscalers, &name, (&want.service, version), ns, fix).await?;
         }
         let params = PatchParams::apply(MANAGER).force();
-        self.autoscalers
+        let now = self
+            .autoscalers
             .patch(&name, &params, &Patch::Apply(&object))
             .await
             .map_err(|e| {
                 format!("applying HorizontalPodAutoscaler {name} in namespace {ns}: {e}")
             })?;
         tracing::info!(autoscaler = %name, namespace = %ns, min = autoscale.min, max = autoscale.max, "applied");
+        let shown = |listed: &[Arc<HorizontalPodAutoscaler>]| {
+            let (uid, generation) = (&now.metadata.uid, now.metadata.generation);
+            (listed.iter()).any(|a| a.metadata.uid == *uid && a.metadata.generation >= generation)
+        };
+        if !self.watched().autoscalers.shows(SEEN_WITHIN, shown).await {
+            tracing::debug!(autoscaler = %name, "the apply is not yet seen through the watch");
+        }
         self.applied_autoscalers
             .insert(name, (object, Instant::now()));
         Ok(())
@@ -111,12 +93,14 @@ impl KubernetesDriver {
         let ns = &self.namespace;
         let autoscaled = self.want.autoscale.is_some();
         let keep_others = self.want.keep_others;
-        for name in listed.keys() {
+        let going = |a: &HorizontalPodAutoscaler| a.metadata.deletion_timestamp.is_some();
+        for (name, _) in listed.iter().filter(|(_, a)| !going(a)) {
             let is_wanted = wanted.iter().any(|w| w.name == *name);
             if (is_wanted && autoscaled) || (!is_wanted && keep_others) {
                 continue;
             }
-            if let Err(e) = delete(&self.autoscalers, name, ns).await {
+            let watched = &self.watched().autoscalers;
+            if let Err(e) = delete(&self.autoscalers, watched, name, ns).await {
                 problems.push(e);
                 continue;
             }

@@ -1,0 +1,195 @@
+//! Objects of one kind, as the Kubernetes API last told them: a kube-runtime reflector fed by
+//! a watch (one list, then the changes as they happen), on a task of its own, and what went
+//! wrong with that watch lately.
+//!
+//! The driver and the proxies' discovery read their objects here rather than listing them
+//! again and again: the API server sends each change once, and the agent sees it within one
+//! round. kube-runtime lists again when the watch falls too far behind (410 Gone) and backs
+//! off while the API cannot be reached, keeping the objects it had.
+//!
+//! A watch that fails is told (`trouble`) until it shows a change again, or for
+//! [`TROUBLE_TOLD_FOR`] after its last failure: a watch taken up again without a change
+//! says nothing, so it is not seen to heal before then.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::Api;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event, watcher};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_stream::StreamExt as _;
+
+/// How long a watch's failure is told after it happened, unless a change comes through
+/// sooner. Above kube-runtime's longest wait between tries (30 s, and as much again of
+/// jitter), so that a watch that keeps failing is told all along.
+pub const TROUBLE_TOLD_FOR: Duration = Duration::from_secs(90);
+
+/// What a kind's watch has been through.
+#[derive(Default)]
+struct Health {
+    /// Its first list came through (and with it the objects).
+    listed: bool,
+    /// The last failure, and when, until a change comes through.
+    failed: Option<(String, Instant)>,
+}
+
+pub struct Watched<K>
+where
+    K: kube::Resource + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    store: Store<K>,
+    /// Changed after every event, once the store has it.
+    health: watch::Receiver<Health>,
+    /// What is watched, for people: "Deployments in namespace shop".
+    what: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What can be watched: a Kubernetes object of a kind known at compile time.
+pub trait Object:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Object for K where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+impl<K: Object> Watched<K> {
+    /// Watches the objects `api` serves that `selector` (labels) picks; `what` names them.
+    pub fn start(api: Api<K>, selector: &str, what: String) -> Self {
+        let (store, writer) = reflector::store();
+        let (told, health) = watch::channel(Health::default());
+        let config = watcher::Config::default().labels(selector);
+        let events = watcher(api, config).default_backoff().reflect(writer);
+        let task = tokio::spawn(follow(events, told, what.clone()));
+        Watched {
+            store,
+            health,
+            what,
+            task,
+        }
+    }
+
+    /// The objects, once first listed; until then why not.
+    pub fn objects(&self) -> Result<Vec<Arc<K>>, String> {
+        let health = self.health.borrow();
+        if !health.listed {
+            return Err(match &health.failed {
+                Some((why, _)) => why.clone(),
+                None => format!("listing {}: no answer yet", self.what),
+            });
+        }
+        Ok(self.store.state())
+    }
+
+    /// Why the watch failed lately, while it is told ([`TROUBLE_TOLD_FOR`]).
+    pub fn trouble(&self) -> Option<String> {
+        let health = self.health.borrow();
+        let (why, at) = health.failed.as_ref()?;
+        (at.elapsed() < TROUBLE_TOLD_FOR).then(|| why.clone())
+    }
+
+    /// Waits for the first list to come through, or to fail.
+    pub async fn first_list(&self) {
+        self.until(|_, health| health.listed || health.failed.is_some())
+            .await;
+    }
+
+    /// Waits, up to `within`, until the objects are as `done` wants (a write of the driver's
+    /// come back through the watch); false if they were not.
+    pub async fn shows(&self, within: Duration, done: impl Fn(&[Arc<K>]) -> bool) -> bool {
+        if !self.health.borrow().listed {
+            // Nothing comes through a watch that has never listed.
+            return false;
+        }
+        let shown = self.until(|store, health| health.listed && done(&store.state()));
+        tokio::time::timeout(within, shown).await.is_ok()
+    }
+
+    async fn until(&self, done: impl Fn(&Store<K>, &Health) -> bool) {
+        let mut health = self.health.clone();
+        loop {
+            if done(&self.store, &health.borrow_and_update()) {
+                return;
+            }
+            if health.changed().await.is_err() {
+                // The watch ended: nothing will change any more.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl<K> std::fmt::Debug for Watched<K>
+where
+    K: kube::Resource + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched").field("what", &self.what).finish()
+    }
+}
+
+impl<K> Drop for Watched<K>
+where
+    K: kube::Resource + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Drives the watch (the reflector keeps the store), noting what it goes through.
+async fn follow<K, S>(events: S, told: watch::Sender<Health>, what: String)
+where
+    S: tokio_stream::Stream<Item = Result<Event<K>, watcher::Error>>,
+{
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        told.send_modify(|health| match event {
+            // Sent before a list is asked for: nothing has come through yet.
+            Ok(Event::Init) => {}
+            Ok(Event::InitDone) => {
+                health.listed = true;
+                health.failed = None;
+            }
+            Ok(Event::InitApply(_) | Event::Apply(_) | Event::Delete(_)) => health.failed = None,
+            Err(e) => {
+                let why = failure(&what, &e);
+                tracing::warn!(%why, "watching the Kubernetes API");
+                health.failed = Some((why, Instant::now()));
+            }
+        });
+    }
+}
+
+/// What a watch's failure means, naming what was watched. Pure.
+fn failure(what: &str, e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(e) => format!("listing {what}: {e}"),
+        watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+            format!("watching {what}: {e}")
+        }
+        watcher::Error::WatchError(status) => format!("watching {what}: {status}"),
+        e => format!("watching {what}: {e}"),
+    }
+}
