@@ -12,7 +12,7 @@ mod proxies;
 pub mod routes;
 mod session;
 pub mod stats;
-mod watched;
+pub mod watched;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

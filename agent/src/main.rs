@@ -8,6 +8,7 @@ use fleet_agent::Config;
 use fleet_agent::discover::ProxySource;
 use fleet_agent::driver::kubernetes::KubernetesDriver;
 use fleet_agent::driver::process::ProcessDriver;
+use fleet_agent::watched::READ_TIMEOUT;
 use fleet_proto::connect::ClientTls;
 
 /// The Fleet agent for one cluster.
@@ -157,11 +158,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// A client of the Kubernetes API, for the kubernetes driver and the proxies' discovery.
+/// A client of the Kubernetes API, for the kubernetes driver and the proxies' discovery. A
+/// read that waits longer than [`READ_TIMEOUT`] fails (kube-rs sets no such limit, as its
+/// watches are long), so that a request on a connection that died unseen is tried again.
 async fn kube_client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (kubeconfig or in-cluster service account)")
+    let settings = "connecting to the Kubernetes API (kubeconfig or in-cluster service account)";
+    let mut config = kube::Config::infer().await.context(settings)?;
+    config.read_timeout = Some(READ_TIMEOUT);
+    kube::Client::try_from(config).context(settings)
 }
 
 /// A name as the manifest gives regions, clusters and agents: the controller refuses others.

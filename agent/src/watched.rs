@@ -9,7 +9,11 @@
 //!
 //! A watch that fails is told (`trouble`) until it shows a change again, or for
 //! [`TROUBLE_TOLD_FOR`] after its last failure: a watch taken up again without a change
-//! says nothing, so it is not seen to heal before then.
+//! says nothing, so it is not seen to heal before then. A watch asks the API server to end it
+//! after [`WATCH_TIMEOUT_SECS`] and takes it up again, and the client gives up a read that
+//! waits longer than [`READ_TIMEOUT`], so that no request hangs for ever on a connection that
+//! died unseen; a watch whose first list has not come through in time is made anew
+//! ([`Watched::stalled`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +28,17 @@ use tokio_stream::StreamExt as _;
 
 /// How long a watch's failure is told after it happened, unless a change comes through
 /// sooner. Above kube-runtime's longest wait between tries (30 s, and as much again of
-/// jitter), so that a watch that keeps failing is told all along.
-pub const TROUBLE_TOLD_FOR: Duration = Duration::from_secs(90);
+/// jitter) and the connect timeout of the try itself (30 s), so that a watch that keeps
+/// failing is told all along.
+pub const TROUBLE_TOLD_FOR: Duration = Duration::from_secs(120);
+
+/// The API server ends each watch after this long (kube-runtime's default is 290 s), and it
+/// is taken up again from where it was.
+pub const WATCH_TIMEOUT_SECS: u32 = 60;
+
+/// The longest wait for the next bytes of any answer of the Kubernetes API, for the client's
+/// settings: above [`WATCH_TIMEOUT_SECS`], so that a quiet watch is not cut.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// What a kind's watch has been through.
 #[derive(Default)]
@@ -46,6 +59,7 @@ where
     health: watch::Receiver<Health>,
     /// What is watched, for people: "Deployments in namespace shop".
     what: String,
+    started: Instant,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -77,13 +91,14 @@ impl<K: Object> Watched<K> {
     pub fn start(api: Api<K>, selector: &str, what: String) -> Self {
         let (store, writer) = reflector::store();
         let (told, health) = watch::channel(Health::default());
-        let config = watcher::Config::default().labels(selector);
+        let config = (watcher::Config::default().labels(selector)).timeout(WATCH_TIMEOUT_SECS);
         let events = watcher(api, config).default_backoff().reflect(writer);
         let task = tokio::spawn(follow(events, told, what.clone()));
         Watched {
             store,
             health,
             what,
+            started: Instant::now(),
             task,
         }
     }
@@ -107,21 +122,33 @@ impl<K: Object> Watched<K> {
         (at.elapsed() < TROUBLE_TOLD_FOR).then(|| why.clone())
     }
 
+    /// Whether the first list has neither come through nor failed in `within` from the start:
+    /// its request may hang on a connection that died unseen, and the watch is best made anew.
+    pub fn stalled(&self, within: Duration) -> bool {
+        let health = self.health.borrow();
+        !health.listed && health.failed.is_none() && self.started.elapsed() >= within
+    }
+
     /// Waits for the first list to come through, or to fail.
     pub async fn first_list(&self) {
         self.until(|_, health| health.listed || health.failed.is_some())
             .await;
     }
 
-    /// Waits, up to `within`, until the objects are as `done` wants (a write of the driver's
-    /// come back through the watch); false if they were not.
-    pub async fn shows(&self, within: Duration, done: impl Fn(&[Arc<K>]) -> bool) -> bool {
-        if !self.health.borrow().listed {
-            // Nothing comes through a watch that has never listed.
-            return false;
+    /// Waits, until `deadline`, for the objects to be as `done` wants (a write of the
+    /// driver's come back through the watch); false if they were not. Does not wait on a
+    /// watch that has never listed or failed lately: nothing comes through it.
+    pub async fn shows(&self, deadline: Instant, done: impl Fn(&[Arc<K>]) -> bool) -> bool {
+        if !self.health.borrow().listed || self.trouble().is_some() {
+            return done(&self.store.state());
         }
         let shown = self.until(|store, health| health.listed && done(&store.state()));
-        tokio::time::timeout(within, shown).await.is_ok()
+        tokio::time::timeout_at(deadline, shown).await.is_ok()
+    }
+
+    /// What is watched, for people.
+    pub fn what(&self) -> &str {
+        &self.what
     }
 
     async fn until(&self, done: impl Fn(&Store<K>, &Health) -> bool) {
@@ -172,7 +199,13 @@ where
                 health.listed = true;
                 health.failed = None;
             }
-            Ok(Event::InitApply(_) | Event::Apply(_) | Event::Delete(_)) => health.failed = None,
+            // Only a list come through in full, or a change, shows the watch well again.
+            Ok(Event::InitApply(_)) => {}
+            Ok(Event::Apply(_) | Event::Delete(_)) => health.failed = None,
+            // Too far behind (410 Gone): kube-runtime lists again, which is no failure.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                tracing::debug!(what, "watch too far behind; listing again");
+            }
             Err(e) => {
                 let why = failure(&what, &e);
                 tracing::warn!(%why, "watching the Kubernetes API");
@@ -182,14 +215,32 @@ where
     }
 }
 
-/// What a watch's failure means, naming what was watched. Pure.
+/// What a watch's failure means, naming what was watched, with a hint when the agent may not
+/// do it. Pure.
 fn failure(what: &str, e: &watcher::Error) -> String {
+    use kube::Error::Api;
+    const ROLE: &str = " (does the agent's Role allow list and watch? deploy/kubernetes/cluster.yaml has the rules)";
     match e {
-        watcher::Error::InitialListFailed(e) => format!("listing {what}: {e}"),
-        watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
-            format!("watching {what}: {e}")
+        watcher::Error::InitialListFailed(e) => {
+            let hint = if matches!(e, Api(s) if s.code == 403) {
+                ROLE
+            } else {
+                ""
+            };
+            format!("listing {what}: {e}{hint}")
         }
-        watcher::Error::WatchError(status) => format!("watching {what}: {status}"),
+        watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+            let hint = if matches!(e, Api(s) if s.code == 403) {
+                ROLE
+            } else {
+                ""
+            };
+            format!("watching {what}: {e}{hint}")
+        }
+        watcher::Error::WatchError(status) => {
+            let hint = if status.code == 403 { ROLE } else { "" };
+            format!("watching {what}: {status}{hint}")
+        }
         e => format!("watching {what}: {e}"),
     }
 }

@@ -9,8 +9,8 @@
 //! controllers behave as the fake does. The fake keeps Deployments and pods in memory, filters
 //! by label selector, bumps a Deployment's generation when its spec changes, and sends every
 //! change to the watches open as ADDED, MODIFIED or DELETED, numbered by a resourceVersion of
-//! its own (it never ends a watch, sends no bookmarks and never answers 410 Gone); it runs no
-//! controllers (a test sets statuses and pods itself), checks no schema and knows no RBAC.
+//! its own (it ends a watch only when a test says, sends no bookmarks, and answers 410 Gone
+//! only when a test says); it runs no controllers (a test sets statuses and pods itself), checks no schema and knows no RBAC.
 //!
 //! The driver learns of a test's changes through its watches, a moment after they are made,
 //! so a test polls it until it reports them (`poll_until`); its own writes it waits for.
@@ -61,6 +61,8 @@ struct Cluster {
     refuse_watches: bool,
     /// Bumped to end the watches open (`end_watches`).
     watches_ended: u32,
+    /// The next watch is told 410 Gone (too far behind) and ended.
+    gone_once: bool,
     /// Changes are held from the watches until `release_events` (a real API server promises
     /// no order between a request's answer and its watch event).
     hold_events: bool,
@@ -227,6 +229,14 @@ async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Answer>, c: S
                     respond.send_response(response);
                     continue;
                 }
+                if std::mem::take(&mut c.lock().gone_once) {
+                    let gone = json!({"type": "ERROR", "object": {"apiVersion": "v1",
+                        "kind": "Status", "status": "Failure", "reason": "Expired", "code": 410,
+                        "message": "too old resource version"}});
+                    let line = Bytes::from(format!("{gone}\n"));
+                    respond.send_response(Response::new(BoxBody::new(Full::new(line))));
+                    continue;
+                }
                 let from = query("resourceVersion").unwrap().parse().unwrap();
                 let path = [DEPLOYMENTS, AUTOSCALERS, PODS]
                     .into_iter()
@@ -357,6 +367,11 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                     c.autoscalers.insert(name, seen.body.clone());
                     (StatusCode::OK, seen.body.clone())
                 }
+                Method::DELETE
+                    if precondition_failed(&c.autoscalers, &name, &seen.body).is_some() =>
+                {
+                    precondition_failed(&c.autoscalers, &name, &seen.body).unwrap()
+                }
                 Method::DELETE => match c.autoscalers.remove(&name) {
                     Some(_) => (
                         StatusCode::OK,
@@ -420,6 +435,9 @@ fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
                 return refused.clone();
             }
             let name = p.rsplit('/').next().unwrap();
+            if let Some(refused) = precondition_failed(&c.deployments, name, &seen.body) {
+                return refused;
+            }
             match c.deployments.remove(name) {
                 Some(_) => (
                     StatusCode::OK,
@@ -449,6 +467,23 @@ fn selects(selector: Option<&str>, object: &Value) -> bool {
 fn list(kind: &str, api_version: &str, items: Vec<Value>, revision: u64) -> Value {
     json!({"apiVersion": api_version, "kind": kind,
            "metadata": {"resourceVersion": revision.to_string()}, "items": items})
+}
+
+/// The 409 a DELETE gets when its body's uid precondition does not hold for `name`.
+fn precondition_failed(
+    objects: &BTreeMap<String, Value>,
+    name: &str,
+    body: &Value,
+) -> Option<(StatusCode, Value)> {
+    let uid = body["preconditions"]["uid"].as_str()?;
+    let found = objects.get(name)?;
+    (found["metadata"]["uid"] != uid).then(|| {
+        (
+            StatusCode::CONFLICT,
+            json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Conflict",
+                   "code": 409, "message": format!("Precondition failed: UID in precondition: {uid}")}),
+        )
+    })
 }
 
 /// A refusal to `verb` (list, watch) `resource`.
@@ -968,6 +1003,75 @@ async fn an_api_server_that_does_not_answer_is_reported_and_the_agent_goes_on() 
         running.detail,
         "the Kubernetes API did not answer within 10s (namespace shop)"
     );
+
+    // The API answers again (the requests held stay unanswered, as on a connection that died
+    // unseen): the watches are made anew and the round goes through.
+    cluster.lock().hang = false;
+    let running = driver.poll().await;
+    assert_eq!(running.detail, "checkout-v1: no status yet");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_the_watch_does_not_show_is_told_and_judged_as_answered() {
+    let (mut driver, cluster) = first_round(&[("v1", 1)]).await;
+    cluster.lock().hold_events = true;
+    driver.apply(&want(&[("v1", 2), ("v2", 1)]));
+    let started = tokio::time::Instant::now();
+    let running = driver.poll().await;
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(2),
+        "waited 2 s, no more"
+    );
+    assert_eq!(
+        running.detail,
+        "the watch of Deployments in namespace shop has not shown the change to checkout-v1 \
+         within 2s; the watch of Deployments in namespace shop has not shown the change to \
+         checkout-v2 within 2s; checkout-v1: no status yet; checkout-v2: no status yet"
+    );
+    // The next round: v1, shown at its earlier generation, stands as applied; v2, not shown
+    // at all, is applied again (to the same effect).
+    seen(&cluster);
+    driver.poll().await;
+    assert_eq!(
+        changes(&cluster),
+        [format!("PATCH {DEPLOYMENTS}/checkout-v2 fleet-agent")]
+    );
+}
+
+#[tokio::test]
+async fn a_watch_too_far_behind_lists_again_and_is_no_failure() {
+    let (mut driver, cluster) = serving_v1_on_two_pods().await;
+    cluster.lock().gone_once = true;
+    end_watches(&cluster);
+    // The pods change while the watch is taken up again (told 410 Gone, listed anew).
+    set_pods(&cluster, "v1", &["10.1.0.1", "10.1.0.4"]);
+    let moved = ready("v1", &["10.1.0.1:8080", "10.1.0.4:8080"]);
+    poll_until(&mut driver, |r| {
+        assert_eq!(r.detail, "", "nothing told, all along");
+        r.ready == moved
+    })
+    .await;
+    assert!(!cluster.lock().gone_once, "a watch was told 410 Gone");
+}
+
+#[tokio::test]
+async fn another_service_is_watched_anew() {
+    let (mut driver, cluster) = first_round(&[("v1", 1)]).await;
+    cluster.lock().watches.clear();
+    driver.apply(&Want {
+        service: "payments".into(),
+        ..want(&[("v1", 1)])
+    });
+    driver.poll().await;
+    let watches = std::mem::take(&mut cluster.lock().watches);
+    let payments = "app.kubernetes.io%2Fname%3Dpayments";
+    for path in [DEPLOYMENTS, AUTOSCALERS, PODS] {
+        assert!(
+            (watches.iter()).any(|w| w.starts_with(&format!("{path}?")) && w.contains(payments)),
+            "{path}: {watches:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -1119,6 +1223,12 @@ async fn proxies_whose_pods_the_api_does_not_list_are_told_and_the_agent_goes_on
         Duration::ZERO,
         "the later looks do not wait"
     );
+
+    // The API answers again: the watch is made anew, and the proxies are found.
+    cluster.lock().hang = false;
+    cluster.lock().pods = vec![proxy_pod("fleet-proxy", "10.2.0.2", "Running")];
+    let found = look_until_told(&mut source).await.unwrap();
+    assert_eq!(found, ["http://10.2.0.2:9901"]);
 }
 
 #[tokio::test]

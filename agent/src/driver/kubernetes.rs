@@ -33,7 +33,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use tokio::time::Instant;
 
 use self::objects::Spec;
@@ -48,8 +48,8 @@ const ROUND_EVERY: Duration = Duration::from_secs(1);
 pub const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
 /// A Deployment applied this long ago is applied again, though unchanged.
 const APPLY_AGAIN_AFTER: Duration = Duration::from_secs(60);
-/// How long a write is waited for to come back through the watch. One that does not is
-/// carried on from: the next round may make it again, to the same effect.
+/// How long a round waits, in all, for its writes to come back through the watches. One
+/// that does not is reported; the next round may make it again, to the same effect.
 const SEEN_WITHIN: Duration = Duration::from_secs(2);
 
 pub struct KubernetesDriver {
@@ -83,6 +83,7 @@ struct Watches {
 }
 
 /// What the watches show, by name (pods as a list).
+#[derive(Default)]
 struct Seen {
     deployments: BTreeMap<String, Deployment>,
     autoscalers: BTreeMap<String, HorizontalPodAutoscaler>,
@@ -91,6 +92,7 @@ struct Seen {
 
 struct Applied {
     object: Deployment,
+    uid: Option<String>,
     generation: Option<i64>,
     at: Instant,
 }
@@ -141,7 +143,7 @@ impl KubernetesDriver {
         watches.deployments.first_list().await;
         watches.autoscalers.first_list().await;
         watches.pods.first_list().await;
-        let mut seen = self.seen()?;
+        let seen = self.seen()?;
         let want = self.want.clone();
         let mut problems = self.watch_trouble();
         let mut wanted = Vec::new();
@@ -155,16 +157,36 @@ impl KubernetesDriver {
                 Err(e) => problems.push(e),
             }
         }
-        self.write(&want, &wanted, &mut seen, &mut problems).await;
-        // The writes, as the watches show them now.
-        let seen = self.seen()?;
+        let answered = self.write(&want, &wanted, &seen, &mut problems).await;
+        // The writes, as the watches show them now, or as the API answered them when the
+        // watch has not shown them yet.
+        let mut seen = self.seen()?;
+        for (name, d) in answered {
+            let shown = seen.deployments.get(&name).is_some_and(|now| {
+                now.metadata.uid == d.metadata.uid
+                    && now.metadata.generation >= d.metadata.generation
+            });
+            if !shown {
+                seen.deployments.insert(name, d);
+            }
+        }
         Ok(self.judge(&seen, &wanted, problems))
     }
 
-    /// The watches of the wanted service: started, or started again when it is another.
+    /// The watches of the wanted service: started, or started again when it is another or
+    /// when one of them stalled before its first list.
     fn watch_service(&mut self) -> &Watches {
         let (service, ns) = (&self.want.service, &self.namespace);
-        if self.watches.as_ref().is_none_or(|w| w.service != *service) {
+        let stalled = |w: &Watches| {
+            w.deployments.stalled(ROUND_TIMEOUT)
+                || w.autoscalers.stalled(ROUND_TIMEOUT)
+                || w.pods.stalled(ROUND_TIMEOUT)
+        };
+        if self
+            .watches
+            .as_ref()
+            .is_none_or(|w| w.service != *service || stalled(w))
+        {
             let selector = objects::selector(service);
             let client = &self.client;
             self.watches = Some(Watches {
@@ -221,57 +243,65 @@ impl KubernetesDriver {
     }
 
     /// Applies what `wanted` lacks or has changed, and deletes what it no longer has,
-    /// telling `problems` what failed. `seen` gets each object as its apply answered.
+    /// telling `problems` what failed; the Deployments as their applies answered. Waits, up
+    /// to [`SEEN_WITHIN`] in all, for each write to come back through the watches.
     async fn write(
         &mut self,
         want: &Want,
         wanted: &[Wanted<'_>],
-        seen: &mut Seen,
+        seen: &Seen,
         problems: &mut Vec<String>,
-    ) {
+    ) -> BTreeMap<String, Deployment> {
+        let deadline = Instant::now() + SEEN_WITHIN;
+        let mut answered = BTreeMap::new();
         for w in wanted {
             // A failed apply leaves the Deployment as it was, to be judged as it is.
-            let applied = self
-                .apply_one(want, w.version, w.replicas, &w.name, &mut seen.deployments)
-                .await;
-            if let Err(e) = applied {
-                problems.push(e);
-            } else if let (Some(autoscale), Some(owner)) =
-                (&want.autoscale, seen.deployments.get(&w.name))
-            {
-                let version = w.version;
-                let listed = &seen.autoscalers;
-                let applied =
-                    (self.apply_autoscaler(want, version, autoscale, owner, listed)).await;
-                problems.extend(applied.err());
+            let listed = seen.deployments.get(&w.name);
+            match self.apply_one(want, w, listed, deadline).await {
+                Err(e) => problems.push(e),
+                Ok(applied) => {
+                    let answer = applied.map(|(d, shown)| {
+                        problems.extend(shown.err());
+                        answered.entry(w.name.clone()).or_insert(d)
+                    });
+                    let owner = answer.map(|d| &*d).or(listed);
+                    if let (Some(autoscale), Some(owner)) = (&want.autoscale, owner) {
+                        let version = w.version;
+                        let listed = &seen.autoscalers;
+                        let applied = self
+                            .apply_autoscaler(want, version, autoscale, owner, listed, deadline);
+                        problems.extend(applied.await.err());
+                    }
+                }
             }
         }
         if !want.keep_others {
             // Every wanted version, applied this round or not: a failed apply must not take
             // a version's Deployment away.
-            self.delete_others(&seen.deployments, wanted, problems)
+            self.delete_others(&seen.deployments, wanted, problems, deadline)
                 .await;
         }
-        self.delete_autoscalers(&seen.autoscalers, wanted, problems)
+        self.delete_autoscalers(&seen.autoscalers, wanted, problems, deadline)
             .await;
+        answered
     }
 
-    /// Applies `version`'s Deployment, `name`, unless it stands as last applied. `listed`
-    /// gets the object as the API server has it after the apply.
+    /// Applies `w`'s Deployment, unless it stands as last applied (`listed`: as the watch
+    /// shows it). `None` if it stood; else the object as the API answered, and whether the
+    /// watch showed it by `deadline` (why not, if not).
     async fn apply_one(
         &mut self,
         want: &Want,
-        version: &str,
-        replicas: u32,
-        name: &str,
-        listed: &mut BTreeMap<String, Deployment>,
-    ) -> Result<(), String> {
-        let ns = &self.namespace;
+        w: &Wanted<'_>,
+        listed: Option<&Deployment>,
+        deadline: Instant,
+    ) -> Result<Option<(Deployment, Result<(), String>)>, String> {
+        let (ns, name, version) = (&self.namespace, &w.name, w.version);
         let object = objects::deployment(&Spec {
             namespace: ns,
             service: &want.service,
             version,
-            replicas,
+            replicas: w.replicas,
             image: want.image.replace("{version}", version),
             port: self.port,
             health_check: &want.health_check,
@@ -280,23 +310,26 @@ impl KubernetesDriver {
             run_as_user: want.run_as_user,
             autoscale: want.autoscale,
         });
-        let standing = match (self.applied.get(name), listed.get(name)) {
+        // As applied, unless edited since (a later generation) or made anew (another uid); a
+        // watch behind shows an earlier generation, which is no reason to apply again.
+        let standing = match (self.applied.get(name), listed) {
             (Some(applied), Some(now)) => {
                 applied.object == object
-                    && applied.generation == now.metadata.generation
+                    && applied.uid == now.metadata.uid
+                    && now.metadata.generation <= applied.generation
                     && applied.at.elapsed() < APPLY_AGAIN_AFTER
             }
             _ => false,
         };
         if standing {
-            return Ok(());
+            return Ok(None);
         }
-        if !listed.contains_key(name) {
+        if listed.is_none() {
             let fix = "rename or delete it, or run the service in another namespace";
             name_free(&self.deployments, name, (&want.service, version), ns, fix).await?;
         }
         if want.autoscale.is_some()
-            && let Some(handover) = listed.get(name).and_then(objects::replicas_handover)
+            && let Some(handover) = listed.and_then(objects::replicas_handover)
         {
             self.hand_replicas_over(name, &handover).await?;
         }
@@ -306,26 +339,28 @@ impl KubernetesDriver {
             .patch(name, &params, &Patch::Apply(&object))
             .await
             .map_err(|e| format!("applying Deployment {name} in namespace {ns}: {e}"))?;
-        tracing::info!(deployment = %name, namespace = %ns, replicas, "applied");
+        tracing::info!(deployment = %name, namespace = %ns, replicas = w.replicas, "applied");
         let (uid, generation) = (&now.metadata.uid, now.metadata.generation);
         let shown = |listed: &[Arc<Deployment>]| {
             listed
                 .iter()
                 .any(|d| d.metadata.uid == *uid && d.metadata.generation >= generation)
         };
-        if !self.watched().deployments.shows(SEEN_WITHIN, shown).await {
-            tracing::debug!(deployment = %name, "the apply is not yet seen through the watch");
-        }
+        let watched = &self.watched().deployments;
+        let shown = match watched.shows(deadline, shown).await {
+            true => Ok(()),
+            false => Err(not_shown(watched, name)),
+        };
         self.applied.insert(
             name.to_owned(),
             Applied {
                 object,
+                uid: now.metadata.uid.clone(),
                 generation: now.metadata.generation,
                 at: Instant::now(),
             },
         );
-        listed.insert(name.to_owned(), now);
-        Ok(())
+        Ok(Some((now, shown)))
     }
 
     /// Deletes the listed Deployments of no version in `wanted`.
@@ -334,16 +369,21 @@ impl KubernetesDriver {
         listed: &BTreeMap<String, Deployment>,
         wanted: &[Wanted<'_>],
         problems: &mut Vec<String>,
+        deadline: Instant,
     ) {
         let ns = &self.namespace;
         let unwanted = listed.iter().filter(|(n, d)| {
             wanted.iter().all(|w| w.name != **n) && d.metadata.deletion_timestamp.is_none()
         });
-        for (name, _) in unwanted {
+        for (name, d) in unwanted {
             let watched = &self.watched().deployments;
-            if let Err(e) = delete(&self.deployments, watched, name, ns).await {
-                problems.push(e);
-                continue;
+            let uid = d.metadata.uid.as_deref();
+            match delete(&self.deployments, watched, (name, uid), ns, deadline).await {
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+                Ok(not_shown) => problems.extend(not_shown),
             }
             self.applied.remove(name);
             self.complete.remove(name);
@@ -433,18 +473,31 @@ where
     }
 }
 
-/// Deletes `name`, and waits briefly for `watched` to show it gone or going; one gone
-/// already (404) is what was wanted.
+/// Deletes `name`, only while it is the object of `uid` the watch showed (a precondition:
+/// one made anew under the name since is left alone), and waits, until `deadline`, for
+/// `watched` to show it gone or going (`Some` why not, if it did not). One gone already
+/// (404), or made anew (409), is left to the next round, as the watch shows it.
 async fn delete<K: Object>(
     api: &Api<K>,
     watched: &Watched<K>,
-    name: &str,
+    (name, uid): (&str, Option<&str>),
     ns: &str,
-) -> Result<(), String> {
+    deadline: Instant,
+) -> Result<Option<String>, String> {
     let kind = K::kind(&());
-    match api.delete(name, &DeleteParams::default()).await {
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| Preconditions {
+            uid: Some(uid.to_owned()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
         Ok(_) => tracing::info!(%kind, %name, namespace = %ns, "deleted: no longer wanted"),
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
+            tracing::debug!(%kind, %name, code = e.code, "not deleted: gone, or made anew");
+            return Ok(None);
+        }
         Err(e) => return Err(format!("deleting {kind} {name} in namespace {ns}: {e}")),
     }
     let gone = |listed: &[Arc<K>]| {
@@ -453,10 +506,16 @@ async fn delete<K: Object>(
             meta.name.as_deref() == Some(name) && meta.deletion_timestamp.is_none()
         })
     };
-    if !watched.shows(SEEN_WITHIN, gone).await {
-        tracing::debug!(%kind, %name, "the delete is not yet seen through the watch");
-    }
-    Ok(())
+    let shown = watched.shows(deadline, gone).await;
+    Ok((!shown).then(|| not_shown(watched, name)))
+}
+
+/// A write the watch has not shown in time. Pure.
+fn not_shown<K: Object>(watched: &Watched<K>, name: &str) -> String {
+    format!(
+        "the watch of {} has not shown the change to {name} within {SEEN_WITHIN:?}",
+        watched.what()
+    )
 }
 
 /// Objects by name.

@@ -13,7 +13,7 @@ use kube::api::{Patch, PatchParams};
 use tokio::time::Instant;
 
 use super::objects::{self, HANDOVER, MANAGER};
-use super::{APPLY_AGAIN_AFTER, KubernetesDriver, SEEN_WITHIN, Wanted, delete, name_free};
+use super::{APPLY_AGAIN_AFTER, KubernetesDriver, Wanted, delete, name_free, not_shown};
 use crate::driver::{Autoscale, Want};
 
 impl KubernetesDriver {
@@ -26,6 +26,7 @@ impl KubernetesDriver {
         autoscale: &Autoscale,
         owner: &Deployment,
         listed: &BTreeMap<String, HorizontalPodAutoscaler>,
+        deadline: Instant,
     ) -> Result<(), String> {
         let ns = &self.namespace;
         let object = objects::autoscaler(ns, (&want.service, version), autoscale, owner);
@@ -54,12 +55,14 @@ impl KubernetesDriver {
             let (uid, generation) = (&now.metadata.uid, now.metadata.generation);
             (listed.iter()).any(|a| a.metadata.uid == *uid && a.metadata.generation >= generation)
         };
-        if !self.watched().autoscalers.shows(SEEN_WITHIN, shown).await {
-            tracing::debug!(autoscaler = %name, "the apply is not yet seen through the watch");
-        }
+        let watched = &self.watched().autoscalers;
+        let shown = match watched.shows(deadline, shown).await {
+            true => Ok(()),
+            false => Err(not_shown(watched, &name)),
+        };
         self.applied_autoscalers
             .insert(name, (object, Instant::now()));
-        Ok(())
+        shown
     }
 
     /// Keeps Deployment `name`'s replica count under [`HANDOVER`] before the driver's apply
@@ -89,20 +92,25 @@ impl KubernetesDriver {
         listed: &BTreeMap<String, HorizontalPodAutoscaler>,
         wanted: &[Wanted<'_>],
         problems: &mut Vec<String>,
+        deadline: Instant,
     ) {
         let ns = &self.namespace;
         let autoscaled = self.want.autoscale.is_some();
         let keep_others = self.want.keep_others;
         let going = |a: &HorizontalPodAutoscaler| a.metadata.deletion_timestamp.is_some();
-        for (name, _) in listed.iter().filter(|(_, a)| !going(a)) {
+        for (name, a) in listed.iter().filter(|(_, a)| !going(a)) {
             let is_wanted = wanted.iter().any(|w| w.name == *name);
             if (is_wanted && autoscaled) || (!is_wanted && keep_others) {
                 continue;
             }
             let watched = &self.watched().autoscalers;
-            if let Err(e) = delete(&self.autoscalers, watched, name, ns).await {
-                problems.push(e);
-                continue;
+            let uid = a.metadata.uid.as_deref();
+            match delete(&self.autoscalers, watched, (name, uid), ns, deadline).await {
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+                Ok(not_shown) => problems.extend(not_shown),
             }
             self.applied_autoscalers.remove(name);
         }
