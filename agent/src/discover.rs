@@ -9,8 +9,29 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 
-use crate::driver::kubernetes::objects::pod_address;
+use crate::driver::kubernetes::objects::{is_ready, pod_address};
 use crate::watched::Watched;
+
+/// A proxy the agent puts tables on.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Proxy {
+    /// Its admin URL, e.g. `http://10.2.0.2:9901`.
+    pub admin: String,
+    /// Whether it may be serving traffic: a proxy given by URL always; a pod while Kubernetes
+    /// says it is ready. A step is in force once every serving proxy has its table; the
+    /// others are given it as they can take it (they are ready only once they have one).
+    pub serving: bool,
+}
+
+impl Proxy {
+    /// A proxy given by its admin URL, taken as serving.
+    pub fn listed(admin: &str) -> Self {
+        Proxy {
+            admin: admin.to_owned(),
+            serving: true,
+        }
+    }
+}
 
 /// How long the first look waits for the pods' first list (kube-rs sets no read timeout).
 pub const FIRST_LOOK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,7 +49,7 @@ pub enum ProxySource {
         /// The pods, watched from the first look on.
         watched: Option<Arc<Watched<Pod>>>,
         /// What the last look found and told.
-        told: Option<Result<Vec<String>, String>>,
+        told: Option<Result<Vec<Proxy>, String>>,
     },
 }
 
@@ -60,11 +81,11 @@ impl ProxySource {
     /// lately (for up to `watched::TROUBLE_TOLD_FOR` after, unless a change comes through), or
     /// that shows no running proxy, is an error (told once, until it changes), and the proxies
     /// known stay as they are.
-    pub async fn look(&mut self) -> Option<anyhow::Result<Vec<String>>> {
+    pub async fn look(&mut self) -> Option<anyhow::Result<Vec<Proxy>>> {
         match self {
             ProxySource::Listed(urls) => {
                 let urls = std::mem::take(urls);
-                (!urls.is_empty()).then_some(Ok(urls))
+                (!urls.is_empty()).then(|| Ok(urls.iter().map(|u| Proxy::listed(u)).collect()))
             }
             ProxySource::Pods {
                 pods,
@@ -89,11 +110,11 @@ impl ProxySource {
                     let _ = tokio::time::timeout(FIRST_LOOK_TIMEOUT, watched.first_list()).await;
                 }
                 let found = match watched.trouble().map_or_else(|| watched.objects(), Err) {
-                    Ok(listed) => match admin_urls(listed.iter().map(|p| &**p), *port) {
-                        urls if urls.is_empty() => Err(format!(
+                    Ok(listed) => match proxies(listed.iter().map(|p| &**p), *port) {
+                        found if found.is_empty() => Err(format!(
                             "no running pod matches the proxies' selector {selector}"
                         )),
-                        urls => Ok(urls),
+                        found => Ok(found),
                     },
                     Err(why) => Err(why),
                 };
@@ -107,16 +128,22 @@ impl ProxySource {
     }
 }
 
-/// The admin URLs of the pods that can take a table: running, with an address, not being
-/// deleted. Not only the ready ones: a proxy is ready only once it has a table. Pure.
-pub fn admin_urls<'p>(pods: impl IntoIterator<Item = &'p Pod>, port: u16) -> Vec<String> {
-    let mut urls: Vec<String> = pods
+/// The proxies of the pods that can take a table: running, with an address, not being
+/// deleted; serving while ready. Not only the ready ones: a proxy is ready only once it has a
+/// table. Sorted. Pure.
+pub fn proxies<'p>(pods: impl IntoIterator<Item = &'p Pod>, port: u16) -> Vec<Proxy> {
+    let mut found: Vec<Proxy> = pods
         .into_iter()
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        .filter_map(|p| Some(format!("http://{}", pod_address(p, port)?)))
+        .filter_map(|p| {
+            Some(Proxy {
+                admin: format!("http://{}", pod_address(p, port)?),
+                serving: is_ready(p),
+            })
+        })
         .collect();
-    urls.sort();
-    urls
+    found.sort();
+    found
 }
 
 #[cfg(test)]
@@ -127,7 +154,8 @@ mod tests {
     fn pod(phase: &str, ip: Option<&str>, deleting: bool) -> Pod {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "p" },
-            "status": { "phase": phase, "podIP": ip },
+            "status": { "phase": phase, "podIP": ip,
+                        "conditions": [{"type": "Ready", "status": "True"}] },
         }))
         .unwrap();
         if deleting {
@@ -137,7 +165,16 @@ mod tests {
     }
 
     #[test]
-    fn the_proxies_are_the_running_pods_with_an_address() {
+    fn the_proxies_are_the_running_pods_with_an_address_serving_while_ready() {
+        let mut unready = pod("Running", Some("10.0.0.2"), false);
+        unready
+            .status
+            .as_mut()
+            .unwrap()
+            .conditions
+            .as_mut()
+            .unwrap()[0]
+            .status = "False".into();
         let pods = [
             pod("Running", Some("10.0.0.9"), false),
             pod("Running", Some("fd00::7"), false),
@@ -145,23 +182,29 @@ mod tests {
             pod("Pending", Some("10.0.0.7"), false),
             pod("Running", None, false),
             pod("Running", Some("10.0.0.1"), false),
+            unready,
         ];
+        let found: Vec<_> = proxies(&pods, 9901)
+            .into_iter()
+            .map(|p| (p.admin, p.serving))
+            .collect();
         assert_eq!(
-            admin_urls(&pods, 9901),
+            found,
             [
-                "http://10.0.0.1:9901",
-                "http://10.0.0.9:9901",
-                "http://[fd00::7]:9901"
+                ("http://10.0.0.1:9901".into(), true),
+                ("http://10.0.0.2:9901".into(), false),
+                ("http://10.0.0.9:9901".into(), true),
+                ("http://[fd00::7]:9901".into(), true),
             ]
         );
     }
 
     #[tokio::test]
-    async fn listed_proxies_are_told_once() {
+    async fn listed_proxies_are_told_once_and_taken_as_serving() {
         let mut source = ProxySource::Listed(vec!["http://127.0.0.1:9901".into()]);
         assert_eq!(
             source.look().await.unwrap().unwrap(),
-            ["http://127.0.0.1:9901"]
+            [Proxy::listed("http://127.0.0.1:9901")]
         );
         assert!(source.look().await.is_none());
     }

@@ -8,6 +8,11 @@
 //! something replaced it in the same run (a second agent pointed at the same proxy, an
 //! operator's `PUT`, a file edit) at once the first time, then at most every
 //! [`RESTORE_EVERY`] for that proxy, with a warning, rather than a fight every scrape.
+//!
+//! A table is in force once every proxy that may be serving traffic has it (and at least one
+//! proxy does): a proxy pod Kubernetes does not take for ready (crashing, starting, draining)
+//! keeps no step waiting. It is given the table all the same, and again every
+//! [`RESTORE_EVERY`] while it cannot take it: a proxy is ready only once it has a table.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,6 +22,7 @@ use fleet_proto::tally::Tally;
 use fleet_proto::v1 as pb;
 use fleet_proxy_router::spec::TableSpec;
 
+use crate::discover::Proxy;
 use crate::stats::{self, ProxyStats};
 
 const PROXY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -25,8 +31,8 @@ const RESTORE_EVERY: Duration = Duration::from_secs(5);
 
 pub struct Proxies {
     http: reqwest::Client,
-    /// Admin URLs, e.g. `http://127.0.0.1:9901`.
-    urls: Vec<String>,
+    /// The proxies known, sorted.
+    known: Vec<Proxy>,
     /// The table last programmed, which `installed` is of.
     table: Option<TableSpec>,
     /// The proxies that took `table`: the version each answered our `PUT` with, and the start
@@ -35,52 +41,77 @@ pub struct Proxies {
     tally: Tally<String>,
     /// A table replaced in a proxy's run is not put back on it before this.
     quiet_until: HashMap<String, Instant>,
+    /// The proxies not serving that could not take `table`: when they last failed, and why.
+    aside: HashMap<String, (Instant, String)>,
 }
 
 impl Proxies {
-    pub fn new(http: reqwest::Client, urls: Vec<String>) -> Self {
+    pub fn new(http: reqwest::Client, known: Vec<Proxy>) -> Self {
         Proxies {
             http,
-            urls,
+            known,
             table: None,
             installed: HashMap::new(),
             tally: Tally::new(now_unix_ms()),
             quiet_until: HashMap::new(),
+            aside: HashMap::new(),
         }
     }
 
-    /// Takes the proxies' admin URLs as they are now; true when one is new (it needs the
-    /// table). What was known of those gone is forgotten; their counts stay in the tally.
-    pub fn set_urls(&mut self, urls: Vec<String>) -> bool {
-        if urls == self.urls {
+    /// Takes the proxies as they are now; true when one needs the table: new, or serving
+    /// now without it. What was known of those gone is forgotten; their counts stay in the
+    /// tally.
+    pub fn set_proxies(&mut self, found: Vec<Proxy>) -> bool {
+        if found == self.known {
             return false;
         }
-        let new = urls.iter().any(|u| !self.urls.contains(u));
-        tracing::info!(proxies = ?urls, "the region's proxies");
-        self.installed.retain(|proxy, _| urls.contains(proxy));
-        self.quiet_until.retain(|proxy, _| urls.contains(proxy));
-        self.urls = urls;
-        new
+        let needs = found
+            .iter()
+            .any(|p| match self.known.iter().find(|k| k.admin == p.admin) {
+                None => true,
+                Some(was) => p.serving && !was.serving && !self.installed.contains_key(&p.admin),
+            });
+        tracing::info!(proxies = ?found, "the region's proxies");
+        let kept = |proxy: &String| found.iter().any(|p| p.admin == *proxy);
+        self.installed.retain(|proxy, _| kept(proxy));
+        self.quiet_until.retain(|proxy, _| kept(proxy));
+        self.aside.retain(|proxy, _| kept(proxy));
+        self.known = found;
+        needs
+    }
+
+    /// Whether a proxy not serving that could not take the table is due to be given it
+    /// again ([`RESTORE_EVERY`] after it last failed).
+    pub fn aside_due(&self) -> bool {
+        (self.aside.values()).any(|(failed, _)| failed.elapsed() >= RESTORE_EVERY)
+    }
+
+    /// Why the proxies not serving that lack the table could not take it.
+    pub fn aside(&self) -> impl Iterator<Item = String> + '_ {
+        let mut why: Vec<_> = self.aside.values().map(|(_, why)| why).collect();
+        why.sort();
+        why.into_iter()
+            .map(|why| format!("a proxy not ready has not taken the table: {why}"))
     }
 
     /// Puts `table` on every proxy that does not have it yet, all at once, each whatever the
     /// others answer (one down must not keep the rest on an old table, nor slow them); fails,
-    /// naming each, if any did not take it. Called again while one is down, it puts the table
-    /// on that one only.
+    /// naming each, if a serving proxy did not take it, or none did. Called again while one is
+    /// down, it puts the table on that one only.
     pub async fn program(&mut self, table: &TableSpec) -> anyhow::Result<()> {
         anyhow::ensure!(
-            !self.urls.is_empty(),
+            !self.known.is_empty(),
             "no proxy is known to put the table on"
         );
         if self.table.as_ref() != Some(table) {
             self.table = Some(table.clone());
             self.installed.clear();
+            self.aside.clear();
         }
         let body = bytes::Bytes::from(serde_json::to_vec(table)?);
         let mut puts = tokio::task::JoinSet::new();
-        for proxy in self
-            .urls
-            .iter()
+        for proxy in (self.known.iter())
+            .map(|p| &p.admin)
             .filter(|p| !self.installed.contains_key(*p))
         {
             let (http, proxy, body) = (self.http.clone(), proxy.clone(), body.clone());
@@ -93,16 +124,28 @@ impl Proxies {
         while let Some(done) = puts.join_next().await {
             match done? {
                 (proxy, Ok(version)) => {
+                    self.aside.remove(&proxy);
                     self.installed.insert(proxy, (version, None));
+                }
+                (proxy, Err(e)) if !self.serving(&proxy) => {
+                    self.aside.insert(proxy, (Instant::now(), format!("{e:#}")));
                 }
                 (_, Err(e)) => failed.push(format!("{e:#}")),
             }
         }
         failed.sort();
+        if self.installed.is_empty() {
+            failed.extend(self.aside());
+            anyhow::bail!("no proxy took the table: {}", failed.join("; "));
+        }
         match failed.is_empty() {
             true => Ok(()),
             false => anyhow::bail!("{}", failed.join("; ")),
         }
+    }
+
+    fn serving(&self, proxy: &str) -> bool {
+        (self.known.iter()).any(|p| p.admin == proxy && p.serving)
     }
 
     /// Reads every proxy's counters into the tally, all at once (one that does not answer
@@ -111,7 +154,7 @@ impl Proxies {
     /// again.
     pub async fn scrape(&mut self) -> bool {
         let mut fetches = tokio::task::JoinSet::new();
-        for (i, proxy) in self.urls.iter().enumerate() {
+        for (i, proxy) in self.known.iter().map(|p| &p.admin).enumerate() {
             let (http, url) = (
                 self.http.clone(),
                 format!("{}/stats", proxy.trim_end_matches('/')),
@@ -122,14 +165,14 @@ impl Proxies {
                 Some((i, stats))
             });
         }
-        let mut answers: Vec<Option<ProxyStats>> = self.urls.iter().map(|_| None).collect();
+        let mut answers: Vec<Option<ProxyStats>> = self.known.iter().map(|_| None).collect();
         while let Some(done) = fetches.join_next().await {
             if let Ok(Some((i, stats))) = done {
                 answers[i] = Some(stats);
             }
         }
         let mut lost = false;
-        for (proxy, stats) in self.urls.iter().zip(answers) {
+        for (proxy, stats) in self.known.iter().map(|p| &p.admin).zip(answers) {
             let Some(stats) = stats else {
                 continue;
             };
@@ -258,7 +301,8 @@ mod tests {
             format!("http://{}", l.local_addr().unwrap())
         };
         let (live, puts) = fake_proxy().await;
-        let mut proxies = Proxies::new(crate::http_client(), vec![dead.clone(), live.clone()]);
+        let known = vec![Proxy::listed(&dead), Proxy::listed(&live)];
+        let mut proxies = Proxies::new(crate::http_client(), known);
         let table = TableSpec {
             version: None,
             tracks: Default::default(),
@@ -296,7 +340,8 @@ mod tests {
         let stats =
             r#"{"started_unix_ms": 1, "table_version": 1, "latency_bounds_ms": [], "series": []}"#;
         urls.push(fake_proxy_saying(stats).await.0);
-        let mut proxies = Proxies::new(crate::http_client(), urls);
+        let known = urls.iter().map(|u| Proxy::listed(u)).collect();
+        let mut proxies = Proxies::new(crate::http_client(), known);
         let started = Instant::now();
         assert!(!proxies.scrape().await);
         assert!(
@@ -325,14 +370,80 @@ mod tests {
             "http://10.2.0.2:9901".to_string(),
             "http://10.2.0.3:9901".to_string(),
         );
-        assert!(proxies.set_urls(vec![a.clone(), b.clone()]), "new ones");
+        let listed = |urls: &[&String]| urls.iter().map(|u| Proxy::listed(u)).collect();
+        assert!(proxies.set_proxies(listed(&[&a, &b])), "new ones");
         proxies.installed.insert(a.clone(), (7, None));
         proxies.installed.insert(b.clone(), (7, None));
-        assert!(!proxies.set_urls(vec![a.clone(), b.clone()]), "the same");
-        assert!(!proxies.set_urls(vec![b.clone()]), "one gone: none new");
+        assert!(!proxies.set_proxies(listed(&[&a, &b])), "the same");
+        assert!(!proxies.set_proxies(listed(&[&b])), "one gone: none new");
         assert!(!proxies.installed.contains_key(&a), "forgotten");
         assert!(proxies.installed.contains_key(&b), "kept, with its table");
-        assert!(proxies.set_urls(vec![a.clone(), b]), "back: new again");
+        assert!(proxies.set_proxies(listed(&[&a, &b])), "back: new again");
+
+        // Ready now, and without the table: it needs it.
+        let c = "http://10.2.0.4:9901".to_string();
+        let unready = Proxy {
+            admin: c.clone(),
+            serving: false,
+        };
+        assert!(proxies.set_proxies(vec![unready.clone()]), "new");
+        assert!(
+            proxies.set_proxies(vec![Proxy::listed(&c)]),
+            "ready, without the table"
+        );
+        proxies.installed.insert(c.clone(), (7, None));
+        assert!(
+            !proxies.set_proxies(vec![unready]),
+            "not ready: nothing to put"
+        );
+        assert!(
+            !proxies.set_proxies(vec![Proxy::listed(&c)]),
+            "ready, with the table"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proxy_not_serving_that_cannot_take_the_table_keeps_no_step_waiting() {
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let not_ready = Proxy {
+            admin: dead.clone(),
+            serving: false,
+        };
+        let table = TableSpec {
+            version: None,
+            tracks: Default::default(),
+            routes: Vec::new(),
+        };
+        // Alone, it takes nothing: no proxy has the table.
+        let mut proxies = Proxies::new(crate::http_client(), vec![not_ready.clone()]);
+        let e = proxies.program(&table).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with("no proxy took the table: a proxy not ready"),
+            "{e}"
+        );
+
+        let (live, puts) = fake_proxy().await;
+        let known = vec![not_ready, Proxy::listed(&live)];
+        let mut proxies = Proxies::new(crate::http_client(), known);
+        proxies.program(&table).await.unwrap();
+        assert_eq!(proxies.installed.get(&live), Some(&(7, None)));
+        let aside: Vec<_> = proxies.aside().collect();
+        assert_eq!(aside.len(), 1);
+        assert!(
+            aside[0].starts_with("a proxy not ready has not taken the table: ")
+                && aside[0].contains(&dead),
+            "{aside:?}"
+        );
+        assert!(!proxies.aside_due(), "not again at once");
+        // Due again after a while; tried alone (the live one has the table).
+        proxies.aside.get_mut(&dead).unwrap().0 -= RESTORE_EVERY;
+        assert!(proxies.aside_due());
+        proxies.program(&table).await.unwrap();
+        assert_eq!(puts.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(!proxies.aside_due(), "its try is dated anew");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fleet_agent::discover::{FIRST_LOOK_TIMEOUT, ProxySource};
+use fleet_agent::discover::{FIRST_LOOK_TIMEOUT, Proxy, ProxySource};
 use fleet_agent::driver::kubernetes::{KubernetesDriver, ROUND_TIMEOUT};
 use fleet_agent::driver::{Driver, Running, Want};
 use http::{Method, Request, Response, StatusCode};
@@ -1144,13 +1144,20 @@ async fn a_watch_that_fails_is_told_and_what_it_last_showed_is_judged() {
     poll_until(&mut driver, |r| r.ready == moved && r.detail.is_empty()).await;
 }
 
-/// A pod of the region's proxies (or of `name`), running at `ip`.
+/// A pod of the region's proxies (or of `name`) at `ip`, ready while "Running".
 fn proxy_pod(name: &str, ip: &str, phase: &str) -> Value {
+    let ready = if phase == "Running" { "True" } else { "False" };
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": format!("{name}-{ip}"), "labels": {"app.kubernetes.io/name": name}},
-        "status": {"phase": phase, "podIP": ip},
+        "status": {"phase": phase, "podIP": ip,
+                   "conditions": [{"type": "Ready", "status": ready}]},
     })
+}
+
+/// Proxies as `(admin URL, serving)`.
+fn told(found: Vec<Proxy>) -> Vec<(String, bool)> {
+    found.into_iter().map(|p| (p.admin, p.serving)).collect()
 }
 
 #[tokio::test]
@@ -1164,8 +1171,8 @@ async fn the_proxies_are_the_running_pods_a_selector_picks_followed_as_they_chan
         proxy_pod("checkout", "10.1.0.1", "Running"),
     ];
     assert_eq!(
-        source.look().await.unwrap().unwrap(),
-        ["http://10.2.0.2:9901"]
+        told(source.look().await.unwrap().unwrap()),
+        [("http://10.2.0.2:9901".into(), true)]
     );
     let asked: Vec<_> = std::mem::take(&mut cluster.lock().watches);
     let pods = "/api/v1/namespaces/shop/pods?";
@@ -1177,13 +1184,19 @@ async fn the_proxies_are_the_running_pods_a_selector_picks_followed_as_they_chan
     assert!(seen(&cluster).is_empty(), "nothing but the watch");
     assert!(source.look().await.is_none(), "nothing new");
 
-    // Scaled out, one rescheduled: found through the watch, without listing again.
-    cluster.lock().pods = vec![
-        proxy_pod("fleet-proxy", "10.2.0.3", "Running"),
-        proxy_pod("fleet-proxy", "10.2.0.4", "Running"),
-    ];
+    // Scaled out, one rescheduled, one not ready: found through the watch, without listing
+    // again.
+    let mut unready = proxy_pod("fleet-proxy", "10.2.0.4", "Running");
+    unready["status"]["conditions"][0]["status"] = json!("False");
+    cluster.lock().pods = vec![proxy_pod("fleet-proxy", "10.2.0.3", "Running"), unready];
     let found = look_until_told(&mut source).await.unwrap();
-    assert_eq!(found, ["http://10.2.0.3:9901", "http://10.2.0.4:9901"]);
+    assert_eq!(
+        told(found),
+        [
+            ("http://10.2.0.3:9901".into(), true),
+            ("http://10.2.0.4:9901".into(), false)
+        ]
+    );
     let asked = std::mem::take(&mut cluster.lock().watches);
     assert!(
         asked.iter().all(|a| a.contains("watch=")),
@@ -1200,7 +1213,7 @@ async fn the_proxies_are_the_running_pods_a_selector_picks_followed_as_they_chan
     assert!(source.look().await.is_none(), "told once");
     cluster.lock().pods = vec![proxy_pod("fleet-proxy", "10.2.0.5", "Running")];
     let found = look_until_told(&mut source).await.unwrap();
-    assert_eq!(found, ["http://10.2.0.5:9901"]);
+    assert_eq!(found, [Proxy::listed("http://10.2.0.5:9901")]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1228,7 +1241,7 @@ async fn proxies_whose_pods_the_api_does_not_list_are_told_and_the_agent_goes_on
     cluster.lock().hang = false;
     cluster.lock().pods = vec![proxy_pod("fleet-proxy", "10.2.0.2", "Running")];
     let found = look_until_told(&mut source).await.unwrap();
-    assert_eq!(found, ["http://10.2.0.2:9901"]);
+    assert_eq!(found, [Proxy::listed("http://10.2.0.2:9901")]);
 }
 
 #[tokio::test]
@@ -1246,7 +1259,7 @@ async fn proxies_whose_pods_may_not_be_listed_are_told_why() {
 }
 
 /// Looks until the source tells something new, for up to 5 s.
-async fn look_until_told(source: &mut ProxySource) -> anyhow::Result<Vec<String>> {
+async fn look_until_told(source: &mut ProxySource) -> anyhow::Result<Vec<Proxy>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         if let Some(told) = source.look().await {

@@ -487,19 +487,19 @@ pub fn pod_address(pod: &Pod, port: u16) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// Whether `pod` says it is ready (its `Ready` condition true).
+pub fn is_ready(pod: &Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    (conditions.into_iter().flatten()).any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
 /// The addresses (`ip:port`) of `version`'s pods that are ready and not being deleted,
 /// sorted.
 pub fn ready_addresses(pods: &[Pod], version: &str, port: u16) -> Vec<String> {
     let mut out: Vec<String> = pods
         .iter()
         .filter(|p| has_version(p, version))
-        .filter(|p| {
-            let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
-            conditions
-                .into_iter()
-                .flatten()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
+        .filter(|p| is_ready(p))
         .filter_map(|p| Some(pod_address(p, port)?.to_string()))
         .collect();
     out.sort();
