@@ -33,7 +33,8 @@ impl Proxy {
     }
 }
 
-/// How long the first look waits for the pods' first list (kube-rs sets no read timeout).
+/// How long the first look waits for the pods' first list (later looks take it when it
+/// comes).
 pub const FIRST_LOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the proxies are.
@@ -76,8 +77,7 @@ impl ProxySource {
 
     /// The proxies' admin URLs, when they are new: the listed ones at the first call, the
     /// pods' whenever the running ones change; `None` when nothing changed. The first look
-    /// waits for the pods' first list, up to [`FIRST_LOOK_TIMEOUT`]; a watch whose first list
-    /// takes longer is made anew. A watch the API refuses or leaves unanswered, or failed
+    /// waits for the pods' first list, up to [`FIRST_LOOK_TIMEOUT`]. A watch the API refuses or leaves unanswered, or failed
     /// lately (for up to `watched::TROUBLE_TOLD_FOR` after, unless a change comes through), or
     /// that shows no running proxy, is an error (told once, until it changes), and the proxies
     /// known stay as they are.
@@ -94,13 +94,6 @@ impl ProxySource {
                 watched,
                 told,
             } => {
-                if watched
-                    .as_ref()
-                    .is_some_and(|w| w.stalled(FIRST_LOOK_TIMEOUT))
-                {
-                    // Its list may hang on a connection that died unseen: made anew.
-                    *watched = None;
-                }
                 let watched = watched.get_or_insert_with(|| {
                     let what = format!("the proxies' pods ({selector})");
                     Arc::new(Watched::start(Api::clone(pods), selector, what))

@@ -159,12 +159,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// A client of the Kubernetes API, for the kubernetes driver and the proxies' discovery. A
-/// read that waits longer than [`READ_TIMEOUT`] fails (kube-rs sets no such limit, as its
-/// watches are long), so that a request on a connection that died unseen is tried again.
+/// read that waits longer than [`READ_TIMEOUT`] from its request fails (kube-rs sets no such
+/// limit by default, as its watches are long), so that a request on a connection that died
+/// unseen is tried again.
 async fn kube_client() -> anyhow::Result<kube::Client> {
     let settings = "connecting to the Kubernetes API (kubeconfig or in-cluster service account)";
     let mut config = kube::Config::infer().await.context(settings)?;
     config.read_timeout = Some(READ_TIMEOUT);
+    // Counted from each request, not from when its pooled connection went idle.
+    config.reset_reader_on_write = true;
     kube::Client::try_from(config).context(settings)
 }
 

@@ -11,9 +11,8 @@
 //! [`TROUBLE_TOLD_FOR`] after its last failure: a watch taken up again without a change
 //! says nothing, so it is not seen to heal before then. A watch asks the API server to end it
 //! after [`WATCH_TIMEOUT_SECS`] and takes it up again, and the client gives up a read that
-//! waits longer than [`READ_TIMEOUT`], so that no request hangs for ever on a connection that
-//! died unseen; a watch whose first list has not come through in time is made anew
-//! ([`Watched::stalled`]).
+//! waits longer than [`READ_TIMEOUT`], so that no request (a list, say) hangs for ever on a
+//! connection that died unseen: it fails, and kube-runtime tries again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,16 +27,17 @@ use tokio_stream::StreamExt as _;
 
 /// How long a watch's failure is told after it happened, unless a change comes through
 /// sooner. Above kube-runtime's longest wait between tries (30 s, and as much again of
-/// jitter) and the connect timeout of the try itself (30 s), so that a watch that keeps
-/// failing is told all along.
-pub const TROUBLE_TOLD_FOR: Duration = Duration::from_secs(120);
+/// jitter) and the longest a try can take to fail ([`READ_TIMEOUT`]), so that a watch that
+/// keeps failing is told all along.
+pub const TROUBLE_TOLD_FOR: Duration = Duration::from_secs(150);
 
 /// The API server ends each watch after this long (kube-runtime's default is 290 s), and it
 /// is taken up again from where it was.
 pub const WATCH_TIMEOUT_SECS: u32 = 60;
 
-/// The longest wait for the next bytes of any answer of the Kubernetes API, for the client's
-/// settings: above [`WATCH_TIMEOUT_SECS`], so that a quiet watch is not cut.
+/// The longest wait for the next bytes of any answer of the Kubernetes API, counted from the
+/// request (or the last bytes), for the client's settings: above [`WATCH_TIMEOUT_SECS`], so
+/// that a quiet watch is not cut.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// What a kind's watch has been through.
@@ -59,7 +59,6 @@ where
     health: watch::Receiver<Health>,
     /// What is watched, for people: "Deployments in namespace shop".
     what: String,
-    started: Instant,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -98,7 +97,6 @@ impl<K: Object> Watched<K> {
             store,
             health,
             what,
-            started: Instant::now(),
             task,
         }
     }
@@ -122,13 +120,6 @@ impl<K: Object> Watched<K> {
         (at.elapsed() < TROUBLE_TOLD_FOR).then(|| why.clone())
     }
 
-    /// Whether the first list has neither come through nor failed in `within` from the start:
-    /// its request may hang on a connection that died unseen, and the watch is best made anew.
-    pub fn stalled(&self, within: Duration) -> bool {
-        let health = self.health.borrow();
-        !health.listed && health.failed.is_none() && self.started.elapsed() >= within
-    }
-
     /// Waits for the first list to come through, or to fail.
     pub async fn first_list(&self) {
         self.until(|_, health| health.listed || health.failed.is_some())
@@ -137,10 +128,10 @@ impl<K: Object> Watched<K> {
 
     /// Waits, until `deadline`, for the objects to be as `done` wants (a write of the
     /// driver's come back through the watch); false if they were not. Does not wait on a
-    /// watch that has never listed or failed lately: nothing comes through it.
+    /// watch that has never listed: it has no objects to show.
     pub async fn shows(&self, deadline: Instant, done: impl Fn(&[Arc<K>]) -> bool) -> bool {
-        if !self.health.borrow().listed || self.trouble().is_some() {
-            return done(&self.store.state());
+        if !self.health.borrow().listed {
+            return false;
         }
         let shown = self.until(|store, health| health.listed && done(&store.state()));
         tokio::time::timeout_at(deadline, shown).await.is_ok()

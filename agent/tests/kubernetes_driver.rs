@@ -9,8 +9,10 @@
 //! controllers behave as the fake does. The fake keeps Deployments and pods in memory, filters
 //! by label selector, bumps a Deployment's generation when its spec changes, and sends every
 //! change to the watches open as ADDED, MODIFIED or DELETED, numbered by a resourceVersion of
-//! its own (it ends a watch only when a test says, sends no bookmarks, and answers 410 Gone
-//! only when a test says); it runs no controllers (a test sets statuses and pods itself), checks no schema and knows no RBAC.
+//! its own (it ends a watch, or answers one 410 Gone, only when a test says, and sends no
+//! bookmarks); it honours a DELETE's uid precondition; it runs no controllers (a test sets
+//! statuses and pods itself), checks no schema and knows no RBAC. A request it holds (`hang`)
+//! fails, once it answers again, as a read that timed out.
 //!
 //! The driver learns of a test's changes through its watches, a moment after they are made,
 //! so a test polls it until it reports them (`poll_until`); its own writes it waits for.
@@ -61,7 +63,7 @@ struct Cluster {
     refuse_watches: bool,
     /// Bumped to end the watches open (`end_watches`).
     watches_ended: u32,
-    /// The next watch is told 410 Gone (too far behind) and ended.
+    /// The next watch of pods is told 410 Gone (too far behind) and ended.
     gone_once: bool,
     /// Changes are held from the watches until `release_events` (a real API server promises
     /// no order between a request's answer and its watch event).
@@ -204,8 +206,28 @@ fn fake_api() -> (kube::Client, Shared) {
 }
 
 async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Answer>, c: Shared) {
-    let mut held = Vec::new();
-    while let Some((request, respond)) = handle.next_request().await {
+    let mut held: Vec<tower_test::mock::SendResponse<Answer>> = Vec::new();
+    let mut changed = c.0.1.subscribe();
+    loop {
+        let (request, respond) = tokio::select! {
+            next = handle.next_request() => match next {
+                Some(next) => next,
+                None => return,
+            },
+            _ = changed.changed() => {
+                if !c.lock().hang {
+                    // Answered again: what was held fails as a read that timed out would.
+                    for respond in held.drain(..) {
+                        let timed_out = std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "read timed out (the FAKE API server hung)",
+                        );
+                        respond.send_error(timed_out);
+                    }
+                }
+                continue;
+            }
+        };
         if c.lock().hang {
             held.push(respond);
             continue;
@@ -229,7 +251,7 @@ async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Answer>, c: S
                     respond.send_response(response);
                     continue;
                 }
-                if std::mem::take(&mut c.lock().gone_once) {
+                if path == PODS && std::mem::take(&mut c.lock().gone_once) {
                     let gone = json!({"type": "ERROR", "object": {"apiVersion": "v1",
                         "kind": "Status", "status": "Failure", "reason": "Expired", "code": 410,
                         "message": "too old resource version"}});
@@ -493,6 +515,12 @@ fn forbidden(verb: &str, resource: &str) -> (StatusCode, Value) {
         json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden",
                "code": 403, "message": format!("cannot {verb} resource \"{resource}\"")}),
     )
+}
+
+/// The API server answers again after `hang`.
+fn unhang(c: &Shared) {
+    c.lock().hang = false;
+    c.0.1.send_replace(());
 }
 
 /// Ends every watch open, as an API server that restarts does.
@@ -866,8 +894,8 @@ async fn a_failed_apply_leaves_the_running_version_running_and_served() {
     );
 }
 
-#[tokio::test]
-async fn after_a_restart_nothing_is_deleted_until_the_proxies_have_a_table() {
+/// A driver restarted while v0 ran, keeping it (`keep_others`) while it wants v1.
+async fn restarted_over_v0() -> (KubernetesDriver, Shared) {
     let (mut driver, cluster) = fake_cluster();
     // What ran before the agent restarted; the proxies may still send traffic to it.
     put(&cluster, "checkout-v0", managed("checkout-v0", "v0"));
@@ -876,12 +904,45 @@ async fn after_a_restart_nothing_is_deleted_until_the_proxies_have_a_table() {
         ..want(&[("v1", 1)])
     });
     driver.poll().await;
+    (driver, cluster)
+}
+
+#[tokio::test]
+async fn after_a_restart_nothing_is_deleted_until_the_proxies_have_a_table() {
+    let (mut driver, cluster) = restarted_over_v0().await;
     assert!(seen(&cluster).iter().all(|s| s.method != Method::DELETE));
     assert!(cluster.lock().deployments.contains_key("checkout-v0"));
 
     driver.apply(&want(&[("v1", 1)]));
     driver.poll().await;
     assert!(!cluster.lock().deployments.contains_key("checkout-v0"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deployment_made_anew_under_its_name_is_not_deleted_on_what_the_watch_showed_before() {
+    let (mut driver, cluster) = restarted_over_v0().await;
+    // Deleted and made again under the name (another uid) before the watch shows it.
+    cluster.lock().hold_events = true;
+    let mut anew = managed("checkout-v0", "v0");
+    anew["metadata"]["uid"] = json!("uid-anew");
+    put(&cluster, "checkout-v0", anew);
+    seen(&cluster);
+    driver.apply(&want(&[("v1", 1)]));
+    let running = driver.poll().await;
+    let deletes: Vec<_> = (seen(&cluster).into_iter())
+        .filter(|s| s.method == Method::DELETE)
+        .collect();
+    assert_eq!(deletes.len(), 1);
+    assert_eq!(
+        deletes[0].body["preconditions"]["uid"], "uid-checkout-v0",
+        "only the one the watch showed"
+    );
+    assert_eq!(
+        cluster.lock().deployments["checkout-v0"]["metadata"]["uid"],
+        "uid-anew",
+        "the one made anew is left to the next round"
+    );
+    assert!(!running.detail.contains("deleting"), "{}", running.detail);
 }
 
 #[tokio::test]
@@ -1004,11 +1065,10 @@ async fn an_api_server_that_does_not_answer_is_reported_and_the_agent_goes_on() 
         "the Kubernetes API did not answer within 10s (namespace shop)"
     );
 
-    // The API answers again (the requests held stay unanswered, as on a connection that died
-    // unseen): the watches are made anew and the round goes through.
-    cluster.lock().hang = false;
-    let running = driver.poll().await;
-    assert_eq!(running.detail, "checkout-v1: no status yet");
+    // The API answers again, and the requests held fail as reads that timed out
+    // (`watched::READ_TIMEOUT`): kube-runtime lists again and the round goes through.
+    unhang(&cluster);
+    poll_until_detail(&mut driver, "checkout-v1: no status yet").await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -1043,6 +1103,7 @@ async fn a_write_the_watch_does_not_show_is_told_and_judged_as_answered() {
 async fn a_watch_too_far_behind_lists_again_and_is_no_failure() {
     let (mut driver, cluster) = serving_v1_on_two_pods().await;
     cluster.lock().gone_once = true;
+    cluster.lock().watches.clear();
     end_watches(&cluster);
     // The pods change while the watch is taken up again (told 410 Gone, listed anew).
     set_pods(&cluster, "v1", &["10.1.0.1", "10.1.0.4"]);
@@ -1052,7 +1113,14 @@ async fn a_watch_too_far_behind_lists_again_and_is_no_failure() {
         r.ready == moved
     })
     .await;
-    assert!(!cluster.lock().gone_once, "a watch was told 410 Gone");
+    assert!(
+        !cluster.lock().gone_once,
+        "the pods' watch was told 410 Gone"
+    );
+    let pod_lists = (cluster.lock().watches.iter())
+        .filter(|w| w.starts_with(&format!("{PODS}?")) && !w.contains("watch="))
+        .count();
+    assert_eq!(pod_lists, 1, "listed again");
 }
 
 #[tokio::test]
@@ -1237,11 +1305,18 @@ async fn proxies_whose_pods_the_api_does_not_list_are_told_and_the_agent_goes_on
         "the later looks do not wait"
     );
 
-    // The API answers again: the watch is made anew, and the proxies are found.
-    cluster.lock().hang = false;
+    // The API answers again, and the list held fails as a read that timed out: told, then
+    // listed again, and the proxies are found.
     cluster.lock().pods = vec![proxy_pod("fleet-proxy", "10.2.0.2", "Running")];
+    unhang(&cluster);
+    let e = look_until_told(&mut source).await.unwrap_err().to_string();
+    assert!(e.contains("read timed out"), "{e}");
     let found = look_until_told(&mut source).await.unwrap();
     assert_eq!(found, [Proxy::listed("http://10.2.0.2:9901")]);
+    let lists = (cluster.lock().watches.iter())
+        .filter(|w| !w.contains("watch="))
+        .count();
+    assert_eq!(lists, 1, "listed again (the list held is not recorded)");
 }
 
 #[tokio::test]

@@ -43,8 +43,8 @@ use crate::watched::{Object, Watched};
 
 /// Least time between two rounds while the want stays the same.
 const ROUND_EVERY: Duration = Duration::from_secs(1);
-/// A round that takes longer, waiting for the first lists or for a write, is given up
-/// (kube-rs sets no read timeout).
+/// A round that takes longer, waiting for the first lists or for a write, is given up (the
+/// client's read timeout, `watched::READ_TIMEOUT`, is longer).
 pub const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
 /// A Deployment applied this long ago is applied again, though unchanged.
 const APPLY_AGAIN_AFTER: Duration = Duration::from_secs(60);
@@ -173,20 +173,10 @@ impl KubernetesDriver {
         Ok(self.judge(&seen, &wanted, problems))
     }
 
-    /// The watches of the wanted service: started, or started again when it is another or
-    /// when one of them stalled before its first list.
+    /// The watches of the wanted service: started, or started again when it is another.
     fn watch_service(&mut self) -> &Watches {
         let (service, ns) = (&self.want.service, &self.namespace);
-        let stalled = |w: &Watches| {
-            w.deployments.stalled(ROUND_TIMEOUT)
-                || w.autoscalers.stalled(ROUND_TIMEOUT)
-                || w.pods.stalled(ROUND_TIMEOUT)
-        };
-        if self
-            .watches
-            .as_ref()
-            .is_none_or(|w| w.service != *service || stalled(w))
-        {
+        if self.watches.as_ref().is_none_or(|w| w.service != *service) {
             let selector = objects::selector(service);
             let client = &self.client;
             self.watches = Some(Watches {
