@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 
-use crate::driver::kubernetes::objects::{is_ready, pod_address};
+use crate::driver::kubernetes::objects::{pod_address, runs};
 use crate::watched::Watched;
 
 /// A proxy the agent puts tables on.
@@ -17,18 +17,19 @@ use crate::watched::Watched;
 pub struct Proxy {
     /// Its admin URL, e.g. `http://10.2.0.2:9901`.
     pub admin: String,
-    /// Whether it may be serving traffic: a proxy given by URL always; a pod while Kubernetes
-    /// says it is ready. A step is in force once every serving proxy has its table; the
-    /// others are given it as they can take it (they are ready only once they have one).
-    pub serving: bool,
+    /// Whether its process runs: a proxy given by URL is taken as running; a pod runs while
+    /// one of its containers does (ready or not: a proxy not ready may still hold a table and
+    /// serve the connections it has). One that does not run holds no table and serves
+    /// nothing, so no step waits for it.
+    pub running: bool,
 }
 
 impl Proxy {
-    /// A proxy given by its admin URL, taken as serving.
+    /// A proxy given by its admin URL, taken as running.
     pub fn listed(admin: &str) -> Self {
         Proxy {
             admin: admin.to_owned(),
-            serving: true,
+            running: true,
         }
     }
 }
@@ -75,8 +76,8 @@ impl ProxySource {
         }
     }
 
-    /// The proxies' admin URLs, when they are new: the listed ones at the first call, the
-    /// pods' whenever the running ones change; `None` when nothing changed. The first look
+    /// The proxies, when they changed: the listed ones at the first call, the pods' whenever
+    /// they come, go, or start or stop running; `None` when nothing changed. The first look
     /// waits for the pods' first list, up to [`FIRST_LOOK_TIMEOUT`]. A watch the API refuses or leaves unanswered, or failed
     /// lately (for up to `watched::TROUBLE_TOLD_FOR` after, unless a change comes through), or
     /// that shows no running proxy, is an error (told once, until it changes), and the proxies
@@ -121,9 +122,9 @@ impl ProxySource {
     }
 }
 
-/// The proxies of the pods that can take a table: running, with an address, not being
-/// deleted; serving while ready. Not only the ready ones: a proxy is ready only once it has a
-/// table. Sorted. Pure.
+/// The proxies of the pods in phase Running, with an address, not being deleted; each
+/// running while one of its containers does. Not only the ready ones: a proxy is ready only
+/// once it has a table. Sorted. Pure.
 pub fn proxies<'p>(pods: impl IntoIterator<Item = &'p Pod>, port: u16) -> Vec<Proxy> {
     let mut found: Vec<Proxy> = pods
         .into_iter()
@@ -131,7 +132,7 @@ pub fn proxies<'p>(pods: impl IntoIterator<Item = &'p Pod>, port: u16) -> Vec<Pr
         .filter_map(|p| {
             Some(Proxy {
                 admin: format!("http://{}", pod_address(p, port)?),
-                serving: is_ready(p),
+                running: runs(p),
             })
         })
         .collect();
@@ -147,8 +148,9 @@ mod tests {
     fn pod(phase: &str, ip: Option<&str>, deleting: bool) -> Pod {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "p" },
-            "status": { "phase": phase, "podIP": ip,
-                        "conditions": [{"type": "Ready", "status": "True"}] },
+            "status": { "phase": phase, "podIP": ip, "containerStatuses": [{
+                "name": "fleet-proxy", "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"running": {}}}] },
         }))
         .unwrap();
         if deleting {
@@ -158,16 +160,16 @@ mod tests {
     }
 
     #[test]
-    fn the_proxies_are_the_running_pods_with_an_address_serving_while_ready() {
-        let mut unready = pod("Running", Some("10.0.0.2"), false);
-        unready
+    fn the_proxies_are_the_running_pods_with_an_address_running_while_a_container_does() {
+        let mut crashing = pod("Running", Some("10.0.0.2"), false);
+        let waiting = serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}});
+        let containers = crashing
             .status
             .as_mut()
             .unwrap()
-            .conditions
-            .as_mut()
-            .unwrap()[0]
-            .status = "False".into();
+            .container_statuses
+            .as_mut();
+        containers.unwrap()[0].state = Some(serde_json::from_value(waiting).unwrap());
         let pods = [
             pod("Running", Some("10.0.0.9"), false),
             pod("Running", Some("fd00::7"), false),
@@ -175,11 +177,11 @@ mod tests {
             pod("Pending", Some("10.0.0.7"), false),
             pod("Running", None, false),
             pod("Running", Some("10.0.0.1"), false),
-            unready,
+            crashing,
         ];
         let found: Vec<_> = proxies(&pods, 9901)
             .into_iter()
-            .map(|p| (p.admin, p.serving))
+            .map(|p| (p.admin, p.running))
             .collect();
         assert_eq!(
             found,
@@ -193,7 +195,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn listed_proxies_are_told_once_and_taken_as_serving() {
+    async fn listed_proxies_are_told_once_and_taken_as_running() {
         let mut source = ProxySource::Listed(vec!["http://127.0.0.1:9901".into()]);
         assert_eq!(
             source.look().await.unwrap().unwrap(),

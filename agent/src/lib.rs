@@ -112,9 +112,6 @@ pub async fn run<D: Driver>(
             let table = routes::table(d, &running.ready);
             let mut details = vec![running.detail.clone()];
             details.extend(unfound.clone());
-            // A proxy not serving that could not take the table is given it again now and
-            // then, though nothing changed.
-            lost |= proxies.aside_due();
             let versions = want_of(d).versions;
             let served = programmed.as_ref().map(|(t, _)| t);
             match to_put(table.as_ref(), served, lost) {
@@ -135,7 +132,7 @@ pub async fn run<D: Driver>(
             if in_force(programmed.as_ref(), table.as_ref(), &versions) {
                 applied = Some((d.release_id.clone(), d.seq));
             }
-            details.extend(proxies.aside());
+            details.extend(proxies.not_running());
             details.retain(|d| !d.is_empty());
             let detail = details.join("; ");
             let done = applied

@@ -9,10 +9,11 @@
 //! operator's `PUT`, a file edit) at once the first time, then at most every
 //! [`RESTORE_EVERY`] for that proxy, with a warning, rather than a fight every scrape.
 //!
-//! A table is in force once every proxy that may be serving traffic has it (and at least one
-//! proxy does): a proxy pod Kubernetes does not take for ready (crashing, starting, draining)
-//! keeps no step waiting. It is given the table all the same, and again every
-//! [`RESTORE_EVERY`] while it cannot take it: a proxy is ready only once it has a table.
+//! A table is in force once every proxy that runs has it (and at least one proxy runs): a
+//! proxy pod none of whose containers runs (crashing and waiting to start again, or not
+//! started yet) holds no table and serves nothing, so it keeps no step waiting; it is given
+//! the table as soon as it runs. A proxy that runs but is not ready may hold a table and serve
+//! the connections it has, so it is waited for, as any other.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -41,8 +42,6 @@ pub struct Proxies {
     tally: Tally<String>,
     /// A table replaced in a proxy's run is not put back on it before this.
     quiet_until: HashMap<String, Instant>,
-    /// The proxies not serving that could not take `table`: when they last failed, and why.
-    aside: HashMap<String, (Instant, String)>,
 }
 
 impl Proxies {
@@ -54,63 +53,63 @@ impl Proxies {
             installed: HashMap::new(),
             tally: Tally::new(now_unix_ms()),
             quiet_until: HashMap::new(),
-            aside: HashMap::new(),
         }
     }
 
-    /// Takes the proxies as they are now; true when one needs the table: new, or serving
-    /// now without it. What was known of those gone is forgotten; their counts stay in the
-    /// tally.
+    /// Takes the proxies as they are now; true when one needs the table: new, or running
+    /// again (a new process, without it). What was known of those gone is forgotten; their
+    /// counts stay in the tally.
     pub fn set_proxies(&mut self, found: Vec<Proxy>) -> bool {
         if found == self.known {
             return false;
         }
-        let needs = found
-            .iter()
-            .any(|p| match self.known.iter().find(|k| k.admin == p.admin) {
-                None => true,
-                Some(was) => p.serving && !was.serving && !self.installed.contains_key(&p.admin),
-            });
+        let mut needs = false;
+        for p in &found {
+            match self.known.iter().find(|k| k.admin == p.admin) {
+                None => needs |= p.running,
+                Some(was) if p.running && !was.running => {
+                    // Its process started again: whatever it was put is gone.
+                    self.installed.remove(&p.admin);
+                    needs = true;
+                }
+                Some(_) => {}
+            }
+        }
         tracing::info!(proxies = ?found, "the region's proxies");
         let kept = |proxy: &String| found.iter().any(|p| p.admin == *proxy);
         self.installed.retain(|proxy, _| kept(proxy));
         self.quiet_until.retain(|proxy, _| kept(proxy));
-        self.aside.retain(|proxy, _| kept(proxy));
         self.known = found;
         needs
     }
 
-    /// Whether a proxy not serving that could not take the table is due to be given it
-    /// again ([`RESTORE_EVERY`] after it last failed).
-    pub fn aside_due(&self) -> bool {
-        (self.aside.values()).any(|(failed, _)| failed.elapsed() >= RESTORE_EVERY)
+    /// The proxies left out because their process does not run, for people.
+    pub fn not_running(&self) -> impl Iterator<Item = String> + '_ {
+        (self.known.iter().filter(|p| !p.running))
+            .map(|p| format!("proxy {} does not run: left out until it does", p.admin))
     }
 
-    /// Why the proxies not serving that lack the table could not take it.
-    pub fn aside(&self) -> impl Iterator<Item = String> + '_ {
-        let mut why: Vec<_> = self.aside.values().map(|(_, why)| why).collect();
-        why.sort();
-        why.into_iter()
-            .map(|why| format!("a proxy not ready has not taken the table: {why}"))
-    }
-
-    /// Puts `table` on every proxy that does not have it yet, all at once, each whatever the
-    /// others answer (one down must not keep the rest on an old table, nor slow them); fails,
-    /// naming each, if a serving proxy did not take it, or none did. Called again while one is
-    /// down, it puts the table on that one only.
+    /// Puts `table` on every proxy that runs and does not have it yet, all at once, each
+    /// whatever the others answer (one down must not keep the rest on an old table, nor slow
+    /// them); fails, naming each, if any did not take it, or if none runs. Called again while
+    /// one is down, it puts the table on that one only.
     pub async fn program(&mut self, table: &TableSpec) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.known.is_empty(),
             "no proxy is known to put the table on"
         );
+        anyhow::ensure!(
+            self.known.iter().any(|p| p.running),
+            "no proxy runs to put the table on (their pods' containers are not running)"
+        );
         if self.table.as_ref() != Some(table) {
             self.table = Some(table.clone());
             self.installed.clear();
-            self.aside.clear();
         }
         let body = bytes::Bytes::from(serde_json::to_vec(table)?);
         let mut puts = tokio::task::JoinSet::new();
         for proxy in (self.known.iter())
+            .filter(|p| p.running)
             .map(|p| &p.admin)
             .filter(|p| !self.installed.contains_key(*p))
         {
@@ -124,28 +123,16 @@ impl Proxies {
         while let Some(done) = puts.join_next().await {
             match done? {
                 (proxy, Ok(version)) => {
-                    self.aside.remove(&proxy);
                     self.installed.insert(proxy, (version, None));
-                }
-                (proxy, Err(e)) if !self.serving(&proxy) => {
-                    self.aside.insert(proxy, (Instant::now(), format!("{e:#}")));
                 }
                 (_, Err(e)) => failed.push(format!("{e:#}")),
             }
         }
         failed.sort();
-        if self.installed.is_empty() {
-            failed.extend(self.aside());
-            anyhow::bail!("no proxy took the table: {}", failed.join("; "));
-        }
         match failed.is_empty() {
             true => Ok(()),
             false => anyhow::bail!("{}", failed.join("; ")),
         }
-    }
-
-    fn serving(&self, proxy: &str) -> bool {
-        (self.known.iter()).any(|p| p.admin == proxy && p.serving)
     }
 
     /// Reads every proxy's counters into the tally, all at once (one that does not answer
@@ -379,71 +366,77 @@ mod tests {
         assert!(!proxies.installed.contains_key(&a), "forgotten");
         assert!(proxies.installed.contains_key(&b), "kept, with its table");
         assert!(proxies.set_proxies(listed(&[&a, &b])), "back: new again");
-
-        // Ready now, and without the table: it needs it.
-        let c = "http://10.2.0.4:9901".to_string();
-        let unready = Proxy {
-            admin: c.clone(),
-            serving: false,
-        };
-        assert!(proxies.set_proxies(vec![unready.clone()]), "new");
-        assert!(
-            proxies.set_proxies(vec![Proxy::listed(&c)]),
-            "ready, without the table"
-        );
-        proxies.installed.insert(c.clone(), (7, None));
-        assert!(
-            !proxies.set_proxies(vec![unready]),
-            "not ready: nothing to put"
-        );
-        assert!(
-            !proxies.set_proxies(vec![Proxy::listed(&c)]),
-            "ready, with the table"
-        );
     }
 
     #[tokio::test]
-    async fn a_proxy_not_serving_that_cannot_take_the_table_keeps_no_step_waiting() {
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", l.local_addr().unwrap())
-        };
-        let not_ready = Proxy {
-            admin: dead.clone(),
-            serving: false,
+    async fn a_proxy_that_does_not_run_is_left_out_and_given_the_table_once_it_runs() {
+        let (live, puts) = fake_proxy().await;
+        let (other, other_puts) = fake_proxy().await;
+        let stopped = Proxy {
+            admin: other.clone(),
+            running: false,
         };
         let table = TableSpec {
             version: None,
             tracks: Default::default(),
             routes: Vec::new(),
         };
-        // Alone, it takes nothing: no proxy has the table.
-        let mut proxies = Proxies::new(crate::http_client(), vec![not_ready.clone()]);
+        // Alone, it takes nothing: no proxy runs.
+        let mut proxies = Proxies::new(crate::http_client(), vec![stopped.clone()]);
         let e = proxies.program(&table).await.unwrap_err().to_string();
-        assert!(
-            e.starts_with("no proxy took the table: a proxy not ready"),
-            "{e}"
+        assert!(e.starts_with("no proxy runs to put the table on"), "{e}");
+
+        let mut proxies = Proxies::new(crate::http_client(), vec![stopped, Proxy::listed(&live)]);
+        proxies.program(&table).await.unwrap();
+        let count = |puts: &std::sync::Arc<std::sync::atomic::AtomicUsize>| {
+            puts.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        assert_eq!((count(&puts), count(&other_puts)), (1, 0), "left out");
+        let told: Vec<_> = proxies.not_running().collect();
+        assert_eq!(
+            told,
+            [format!(
+                "proxy {other} does not run: left out until it does"
+            )]
         );
 
-        let (live, puts) = fake_proxy().await;
-        let known = vec![not_ready, Proxy::listed(&live)];
-        let mut proxies = Proxies::new(crate::http_client(), known);
+        // It runs: it needs the table, and is given it alone.
+        assert!(proxies.set_proxies(vec![Proxy::listed(&other), Proxy::listed(&live)]));
         proxies.program(&table).await.unwrap();
-        assert_eq!(proxies.installed.get(&live), Some(&(7, None)));
-        let aside: Vec<_> = proxies.aside().collect();
-        assert_eq!(aside.len(), 1);
-        assert!(
-            aside[0].starts_with("a proxy not ready has not taken the table: ")
-                && aside[0].contains(&dead),
-            "{aside:?}"
+        assert_eq!((count(&puts), count(&other_puts)), (1, 1));
+        assert_eq!(proxies.not_running().count(), 0);
+    }
+
+    #[test]
+    fn a_proxy_that_runs_again_is_a_new_process_without_its_table() {
+        let mut proxies = Proxies::new(crate::http_client(), Vec::new());
+        let a = "http://10.2.0.2:9901".to_string();
+        let (running, stopped) = (
+            Proxy::listed(&a),
+            Proxy {
+                admin: a.clone(),
+                running: false,
+            },
         );
-        assert!(!proxies.aside_due(), "not again at once");
-        // Due again after a while; tried alone (the live one has the table).
-        proxies.aside.get_mut(&dead).unwrap().0 -= RESTORE_EVERY;
-        assert!(proxies.aside_due());
-        proxies.program(&table).await.unwrap();
-        assert_eq!(puts.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert!(!proxies.aside_due(), "its try is dated anew");
+        assert!(proxies.set_proxies(vec![running.clone()]), "new");
+        proxies.installed.insert(a.clone(), (7, Some(1)));
+        assert!(
+            !proxies.set_proxies(vec![stopped.clone()]),
+            "stopped: nothing to put"
+        );
+        assert!(
+            proxies.set_proxies(vec![running]),
+            "running again: needs it"
+        );
+        assert!(
+            !proxies.installed.contains_key(&a),
+            "what it was put is gone"
+        );
+        let mut fresh = Proxies::new(crate::http_client(), Vec::new());
+        assert!(
+            !fresh.set_proxies(vec![stopped]),
+            "new, not running: nothing to put"
+        );
     }
 
     #[test]

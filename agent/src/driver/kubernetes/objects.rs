@@ -487,6 +487,16 @@ pub fn pod_address(pod: &Pod, port: u16) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// Whether one of `pod`'s containers runs, as its status says.
+pub fn runs(pod: &Pod) -> bool {
+    let containers = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref());
+    (containers.into_iter().flatten())
+        .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+}
+
 /// Whether `pod` says it is ready (its `Ready` condition true).
 pub fn is_ready(pod: &Pod) -> bool {
     let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
