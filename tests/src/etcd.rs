@@ -1,10 +1,11 @@
 // Also included by the controller's own tests of its etcd store (`include!`, hence no inner
 // doc comment here).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context as _;
+use fleetctl::local::etcd::{one_member, spawn, wait_serving};
 
 /// A real etcd (Debian's `etcd-server`) for the tests of controllers that keep their state
 /// in it: one member on 127.0.0.1, its ports the kernel's choice, its data in a temporary
@@ -42,10 +43,7 @@ impl Etcd {
     fn start_with(tls: Option<&Tls>, args: &[&str]) -> anyhow::Result<Etcd> {
         let dir = scratch_dir()?;
         let log = dir.path().join("etcd.log");
-        let (any, clients) = (
-            "http://127.0.0.1:0",
-            ["https://127.0.0.1:0", "http://127.0.0.1:0"],
-        );
+        let clients = ["https://127.0.0.1:0", "http://127.0.0.1:0"];
         let clients = clients[usize::from(tls.is_none())];
         let mut command = Command::new("etcd");
         if let Some(tls) = tls {
@@ -57,19 +55,7 @@ impl Etcd {
         command
             .args(["--name", "test", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                clients,
-                "--advertise-client-urls",
-                clients,
-            ])
-            .args([
-                "--listen-peer-urls",
-                any,
-                "--initial-advertise-peer-urls",
-                any,
-            ])
-            .args(["--initial-cluster", "test=http://127.0.0.1:0"])
+            .args(one_member("test", clients))
             .args(args);
         let mut etcd = Etcd {
             url: String::new(),
@@ -92,61 +78,6 @@ fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
         true => tempfile::tempdir_in(shm)?,
         false => tempfile::tempdir()?,
     })
-}
-
-/// Starts `command` (etcd and its flags) with the flags every test's etcd has, its log in
-/// `log`.
-fn spawn(mut command: Command, log: &std::path::Path) -> anyhow::Result<Child> {
-    command
-        .args(["--enable-grpc-gateway=false", "--log-outputs", "stderr"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()
-        .context("starting etcd: is Debian's etcd-server installed? (.ci/run installs it)")
-}
-
-/// Waits until `child`'s `log` says where it serves clients, and says where; an error if it
-/// ends first (a port taken meanwhile, say), or if `deadline` passes.
-fn wait_serving(
-    child: &mut Child,
-    log: &std::path::Path,
-    deadline: Instant,
-) -> anyhow::Result<String> {
-    loop {
-        let text = std::fs::read_to_string(log)?;
-        if let Some(addr) = serving_at(&text) {
-            return Ok(addr.to_string());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("etcd ended ({status}) before serving: {text}");
-        }
-        if Instant::now() > deadline {
-            bail!("etcd did not serve within 20s: {text}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Where etcd says it serves clients: in 3.4's words (Debian 12's, run here), or in 3.5's
-/// JSON log, as its source writes it (not run here).
-fn serving_at(log: &str) -> Option<&str> {
-    fn addr(rest: &str) -> Option<&str> {
-        rest.split([',', ' ', '"', '\n']).next()
-    }
-    for said in [
-        "serving insecure client requests on ",
-        "serving client requests on ",
-    ] {
-        if let Some(at) = log.find(said) {
-            return addr(&log[at + said.len()..]);
-        }
-    }
-    let line = log
-        .lines()
-        .find(|l| l.contains("serving client traffic insecurely"))?;
-    let at = line.find("\"address\":\"")? + "\"address\":\"".len();
-    addr(&line[at..])
 }
 
 impl Etcd {

@@ -3,12 +3,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use fleet_proto::v1 as pb;
+use fleet_proto::v1::release_service_client::ReleaseServiceClient;
+use tonic::transport::Channel;
 
+use crate::local::etcd::LocalEtcd;
 use crate::local::{Counts, LocalFleet, Setup, Traffic};
 use crate::progress;
 use crate::release::{actor, connect, request_id, status};
@@ -20,6 +23,13 @@ const REGIONS: [(&str, &str); 3] = [
     ("us-east", "use-a"),
     ("eu-west", "euw-a"),
 ];
+/// With `--ha`, the leading controller is killed once the release is this far: in this wave,
+/// at this step of its region or later.
+const KILL_AT: (&str, &str, u32) = ("americas", "us-east", 2);
+/// With `--ha`, how long the standby may take to lead after the leader is killed (its lease
+/// lives 3 s).
+const TAKE_OVER_WITHIN: Duration = Duration::from_secs(30);
+
 /// Simulated users per region, each keeping its sticky cookie.
 const USERS: usize = 400;
 const WORKERS_PER_REGION: usize = 6;
@@ -33,7 +43,7 @@ const PAUSE_BETWEEN_REQUESTS: Duration = Duration::from_millis(4);
 /// with --bad (a v2 that fails 5% of requests) or --crash (a v2 that never starts) rolled back.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  fleetctl demo\n  fleetctl demo --bad\n  fleetctl demo --crash\n  fleetctl demo --tls\n  fleetctl demo --keep"
+    after_help = "Examples:\n  fleetctl demo\n  fleetctl demo --bad\n  fleetctl demo --crash\n  fleetctl demo --tls\n  fleetctl demo --ha\n  fleetctl demo --keep"
 )]
 pub struct Demo {
     /// Release a v2 that fails 5% of its requests, and watch it caught and rolled back.
@@ -50,6 +60,12 @@ pub struct Demo {
     /// them (in the fleet's directory), the controller asking every agent and client for its.
     #[arg(long)]
     tls: bool,
+    /// Keep the controllers' state in a local etcd (Debian's etcd-server) with a second
+    /// controller standing by, through which every agent and client reaches the leader; kill
+    /// the leading controller in the middle of the second wave, and watch the standby take
+    /// over and carry the release on from the same step.
+    #[arg(long, conflicts_with_all = ["bad", "crash"])]
+    ha: bool,
     /// Where the fleet keeps its data and logs. Default: a new temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -71,9 +87,17 @@ impl Demo {
             _ => &[],
         };
         println!("starting a local fleet in {} (logs there)", dir.display());
+        // Outlives the fleet: dropped (killed) once the fleet has stopped.
+        let etcd = match self.ha {
+            true => {
+                let at = dir.join("etcd");
+                Some(tokio::task::spawn_blocking(move || LocalEtcd::start(&at)).await??)
+            }
+            false => None,
+        };
         let setup = Setup {
             tls: self.tls,
-            ..Setup::default()
+            etcd: etcd.as_ref().map(|e| e.url.clone()),
         };
         let mut fleet = LocalFleet::start_with(&dir, &bin, &REGIONS, faults, setup).await?;
         let result = tokio::select! {
@@ -94,6 +118,12 @@ impl Demo {
             println!(
                 "region {:<8} proxy http://{}  admin http://{}  agent http://{}",
                 r.name, r.traffic, r.admin, r.agent
+            );
+        }
+        if let Some(standby) = fleet.standby_admin() {
+            println!(
+                "controllers on etcd: one leads, one stands by (admin http://{standby}); every \
+                 agent and client dials the standby, which passes its connections to the leader"
             );
         }
         let tls = fleet.client_tls();
@@ -136,7 +166,16 @@ impl Demo {
         fleet.wait_until_serving(Duration::from_secs(60)).await?;
         let traffic = Traffic::start(fleet, USERS, WORKERS_PER_REGION, PAUSE_BETWEEN_REQUESTS);
         let (output, reconnect_for) = (Output::Table, progress::RECONNECT_FOR);
-        progress::watch(&mut client, &release.id, output, reconnect_for).await?;
+        let mut observer = client.clone();
+        let took_over = async {
+            match self.ha {
+                true => Some(kill_the_leader_mid_release(fleet, &mut observer, &release.id).await),
+                false => None,
+            }
+        };
+        let watched = progress::watch(&mut client, &release.id, output, reconnect_for);
+        let (watched, took_over) = tokio::join!(watched, took_over);
+        watched?;
         let end = client
             .get_release(pb::GetReleaseRequest {
                 id: release.id.clone(),
@@ -150,7 +189,18 @@ impl Demo {
         } else {
             "succeeded"
         };
-        let ok = end.phase == expected;
+        let mut ok = end.phase == expected;
+        match took_over {
+            Some(Ok(took)) => println!(
+                "\nthe standby led {:.1} s after the leader was killed, and carried the release on",
+                took.as_secs_f64()
+            ),
+            Some(Err(e)) => {
+                println!("\nthe standby did not take over as it should: {e:#}");
+                ok = false;
+            }
+            None => {}
+        }
         println!(
             "\nrelease {} {}: {}",
             end.id,
@@ -170,6 +220,64 @@ impl Demo {
         } else {
             ExitCode::from(1)
         })
+    }
+}
+
+/// Kills the leading controller once the release is [`KILL_AT`], then waits for the standby
+/// to lead: how long it took.
+async fn kill_the_leader_mid_release(
+    fleet: &LocalFleet,
+    client: &mut ReleaseServiceClient<Channel>,
+    id: &str,
+) -> anyhow::Result<Duration> {
+    let (wave, region, step) = KILL_AT;
+    loop {
+        let request = pb::GetReleaseRequest { id: id.into() };
+        let release = client
+            .get_release(request)
+            .await
+            .map_err(status)?
+            .into_inner();
+        if progress::TERMINAL.contains(&release.phase.as_str()) {
+            anyhow::bail!("the release ended ({}) before wave {wave}", release.phase);
+        }
+        let far = (release.regions.iter()).any(|g| g.region == region && g.step >= step);
+        if release.wave == wave && far {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    fleet.signal("controller", rustix::process::Signal::KILL)?;
+    let killed = Instant::now();
+    println!(
+        "\n>>> killed the leading controller (SIGKILL) in wave {wave}; the standby takes over \
+         once the leader's lease in etcd runs out (3 s)\n"
+    );
+    let admin = fleet.standby_admin().context("no controller stands by")?;
+    let metrics = format!("http://{admin}/metrics");
+    let http = crate::local::http_client();
+    loop {
+        let said = match http.get(&metrics).send().await {
+            Ok(answer) => answer.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        // The sample's own line: its HELP text says "1 while this controller leads".
+        if said
+            .lines()
+            .any(|line| line == "fleet_controller_leading 1")
+        {
+            println!(
+                "\n>>> the standby leads, {:.1} s after the leader was killed; the release \
+                 carries on from the same step\n",
+                killed.elapsed().as_secs_f64()
+            );
+            return Ok(killed.elapsed());
+        }
+        anyhow::ensure!(
+            killed.elapsed() < TAKE_OVER_WITHIN,
+            "the standby did not lead within {TAKE_OVER_WITHIN:?} (the controllers' logs are in the fleet's directory)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -6,6 +6,8 @@
 //! directory. [`LocalFleet::stop`] ends every process it started, by PID: SIGTERM first (so
 //! agents stop the instances they started), SIGKILL after a grace period.
 
+pub mod etcd;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
