@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
 use kube::api::Api;
 
-use crate::driver::kubernetes::objects::{pod_address, runs};
+use crate::driver::kubernetes::objects::any_pod_address;
 use crate::watched::Watched;
 
 /// A proxy the agent puts tables on.
@@ -17,10 +17,10 @@ use crate::watched::Watched;
 pub struct Proxy {
     /// Its admin URL, e.g. `http://10.2.0.2:9901`.
     pub admin: String,
-    /// Whether its process runs: a proxy given by URL is taken as running; a pod runs while
-    /// one of its containers does (ready or not: a proxy not ready may still hold a table and
-    /// serve the connections it has). One that does not run holds no table and serves
-    /// nothing, so no step waits for it.
+    /// Whether its process may run: a proxy given by URL is taken as running; a pod while its
+    /// proxy container may ([`proxy_runs`]; ready or not: a proxy not ready may still hold a
+    /// table and serve the connections it has). One that does not run holds no table and
+    /// serves nothing, so no step waits for it.
     pub running: bool,
 }
 
@@ -122,22 +122,75 @@ impl ProxySource {
     }
 }
 
-/// The proxies of the pods in phase Running, with an address, not being deleted; each
-/// running while one of its containers does. Not only the ready ones: a proxy is ready only
-/// once it has a table. Sorted. Pure.
+/// The proxies of the pods in phase Running with an address, each running while its proxy
+/// runs ([`proxy_runs`]). Not only the ready ones: a proxy is ready only once it has a table.
+/// A pod being deleted is kept while its proxy runs: it serves on while the Service lets it
+/// go, then drains on its table. Sorted. Pure.
 pub fn proxies<'p>(pods: impl IntoIterator<Item = &'p Pod>, port: u16) -> Vec<Proxy> {
     let mut found: Vec<Proxy> = pods
         .into_iter()
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .filter_map(|p| {
+            let running = proxy_runs(p, port);
+            if p.metadata.deletion_timestamp.is_some() && !running {
+                return None;
+            }
             Some(Proxy {
-                admin: format!("http://{}", pod_address(p, port)?),
-                running: runs(p),
+                admin: format!("http://{}", any_pod_address(p, port)?),
+                running,
             })
         })
         .collect();
     found.sort();
     found
+}
+
+/// Why the kubelet says a container is waiting when its process has not started (or has
+/// ended and not started again); a waiting container with another reason, or none (a state
+/// the kubelet could not read), may still run.
+const NOT_STARTED: [&str; 10] = [
+    "ContainerCreating",
+    "PodInitializing",
+    "CrashLoopBackOff",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+    "PreCreateHookError",
+];
+
+/// Whether the proxy of `pod` may be running: its container (the one declaring the admin
+/// `port`, or any, if none declares it) is running, or waiting for a reason that does not
+/// say it has not started. One that has ended, or has not started, holds no table. Pure.
+pub fn proxy_runs(pod: &Pod, port: u16) -> bool {
+    let declares =
+        |c: &&Container| (c.ports.iter().flatten()).any(|p| p.container_port == i32::from(port));
+    let spec = pod.spec.as_ref();
+    let proxy = spec.and_then(|s| s.containers.iter().find(declares));
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref());
+    (statuses.into_iter().flatten())
+        .filter(|c| proxy.is_none_or(|p| p.name == c.name))
+        .any(may_run)
+}
+
+/// Whether a container, as its status says, may be running. Pure.
+fn may_run(c: &ContainerStatus) -> bool {
+    let Some(state) = &c.state else {
+        return true;
+    };
+    if state.running.is_some() {
+        return true;
+    }
+    if state.terminated.is_some() {
+        return false;
+    }
+    let reason = state.waiting.as_ref().and_then(|w| w.reason.as_deref());
+    !reason.is_some_and(|r| NOT_STARTED.contains(&r))
 }
 
 #[cfg(test)]
@@ -149,7 +202,7 @@ mod tests {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "p" },
             "status": { "phase": phase, "podIP": ip, "containerStatuses": [{
-                "name": "fleet-proxy", "image": "x", "imageID": "", "ready": false,
+                "name": "proxy", "image": "x", "imageID": "", "ready": false,
                 "restartCount": 0, "state": {"running": {}}}] },
         }))
         .unwrap();
@@ -159,25 +212,50 @@ mod tests {
         pod
     }
 
+    /// A proxy pod at `ip` whose `proxy` container (declaring the admin port) is in `state`,
+    /// beside a sidecar that runs.
+    fn with_sidecar(ip: &str, state: serde_json::Value) -> Pod {
+        let status = |name: &str, state: serde_json::Value| {
+            serde_json::json!({"name": name, "image": "x", "imageID": "", "ready": false,
+                               "restartCount": 0, "state": state})
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p" },
+            "spec": { "containers": [
+                { "name": "mesh", "ports": [{ "containerPort": 15001 }] },
+                { "name": "proxy", "ports": [{ "containerPort": 8080 }, { "containerPort": 9901 }] },
+            ] },
+            "status": { "phase": "Running", "podIP": ip, "containerStatuses": [
+                status("mesh", serde_json::json!({"running": {}})),
+                status("proxy", state),
+            ] },
+        }))
+        .unwrap()
+    }
+
     #[test]
-    fn the_proxies_are_the_running_pods_with_an_address_running_while_a_container_does() {
-        let mut crashing = pod("Running", Some("10.0.0.2"), false);
-        let waiting = serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}});
-        let containers = crashing
-            .status
-            .as_mut()
-            .unwrap()
-            .container_statuses
-            .as_mut();
-        containers.unwrap()[0].state = Some(serde_json::from_value(waiting).unwrap());
+    fn the_proxies_are_the_running_pods_with_an_address_running_while_their_proxy_may() {
+        let waiting = |reason: &str| serde_json::json!({"waiting": {"reason": reason}});
+        let mut ended = pod("Running", Some("10.0.0.6"), true);
+        let statuses = ended.status.as_mut().unwrap().container_statuses.as_mut();
+        statuses.unwrap()[0].state = Some(
+            serde_json::from_value(serde_json::json!({"terminated": {"exitCode": 0}})).unwrap(),
+        );
         let pods = [
             pod("Running", Some("10.0.0.9"), false),
             pod("Running", Some("fd00::7"), false),
+            // Being deleted, its proxy still running: it drains on its table.
             pod("Running", Some("10.0.0.8"), true),
+            // Being deleted, its proxy ended: gone.
+            ended,
             pod("Pending", Some("10.0.0.7"), false),
             pod("Running", None, false),
             pod("Running", Some("10.0.0.1"), false),
-            crashing,
+            with_sidecar("10.0.0.2", waiting("CrashLoopBackOff")),
+            with_sidecar("10.0.0.3", serde_json::json!({"running": {}})),
+            // Waiting, the kubelet not knowing why: it may run.
+            with_sidecar("10.0.0.4", serde_json::json!({"waiting": {}})),
+            with_sidecar("10.0.0.5", waiting("ContainerCreating")),
         ];
         let found: Vec<_> = proxies(&pods, 9901)
             .into_iter()
@@ -188,6 +266,10 @@ mod tests {
             [
                 ("http://10.0.0.1:9901".into(), true),
                 ("http://10.0.0.2:9901".into(), false),
+                ("http://10.0.0.3:9901".into(), true),
+                ("http://10.0.0.4:9901".into(), true),
+                ("http://10.0.0.5:9901".into(), false),
+                ("http://10.0.0.8:9901".into(), true),
                 ("http://10.0.0.9:9901".into(), true),
                 ("http://[fd00::7]:9901".into(), true),
             ]

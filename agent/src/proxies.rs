@@ -10,9 +10,9 @@
 //! [`RESTORE_EVERY`] for that proxy, with a warning, rather than a fight every scrape.
 //!
 //! A table is in force once every proxy that runs has it (and at least one proxy runs): a
-//! proxy pod none of whose containers runs (crashing and waiting to start again, or not
-//! started yet) holds no table and serves nothing, so it keeps no step waiting; it is given
-//! the table as soon as it runs. A proxy that runs but is not ready may hold a table and serve
+//! proxy pod whose proxy container has not started or has ended (crashing and waiting to
+//! start again, say) holds no table and serves nothing, so it keeps no step waiting; it is
+//! given the table as soon as it runs (`discover::proxy_runs`). A proxy that runs but is not ready may hold a table and serve
 //! the connections it has, so it is waited for, as any other.
 
 use std::collections::HashMap;

@@ -483,18 +483,13 @@ pub fn pod_address(pod: &Pod, port: u16) -> Option<SocketAddr> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
-    let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
-    Some(SocketAddr::new(ip, port))
+    any_pod_address(pod, port)
 }
 
-/// Whether one of `pod`'s containers runs, as its status says.
-pub fn runs(pod: &Pod) -> bool {
-    let containers = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref());
-    (containers.into_iter().flatten())
-        .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+/// Where `pod` serves `port`, being deleted or not; `None` while it has no address yet.
+pub fn any_pod_address(pod: &Pod, port: u16) -> Option<SocketAddr> {
+    let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Whether `pod` says it is ready (its `Ready` condition true).
