@@ -73,10 +73,14 @@ pub fn one_member(name: &str, clients: &str) -> Vec<String> {
 }
 
 /// Starts `command` (etcd and its flags) with the flags every local etcd has, its log in
-/// `log`.
+/// `log`, in a process group of its own.
 pub fn spawn(mut command: Command, log: &Path) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt as _;
     command
         .args(["--enable-grpc-gateway=false", "--log-outputs", "stderr"])
+        // A group of its own: a Ctrl-C at the terminal does not end it before the
+        // controllers that keep their state in it (it is ended by its PID, when dropped).
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?)
