@@ -28,6 +28,8 @@ use bytes::Bytes;
 use fleet_agent::discover::{FIRST_LOOK_TIMEOUT, Proxy, ProxySource};
 use fleet_agent::driver::kubernetes::{KubernetesDriver, ROUND_TIMEOUT};
 use fleet_agent::driver::{Driver, Running, Want};
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -35,6 +37,7 @@ use hyper::body::Frame;
 use kube::client::Body;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
 
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
@@ -1561,4 +1564,195 @@ async fn autoscalers_that_cannot_be_listed_stop_only_what_autoscales() {
         "{}",
         running.detail
     );
+}
+
+/// TEST-ONLY: a controller that sends each agent the desired state `desired` holds, as it
+/// changes, and keeps every status the agent reports.
+#[derive(Clone)]
+struct Steering {
+    desired: watch::Receiver<Option<pb::DesiredState>>,
+    statuses: Arc<Mutex<Vec<pb::AgentStatus>>>,
+}
+
+#[tonic::async_trait]
+impl AgentService for Steering {
+    type SessionStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, tonic::Status>> + Send>,
+    >;
+
+    async fn session(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+        let (statuses, mut inbound) = (self.statuses.clone(), request.into_inner());
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = inbound.next().await {
+                if let Some(pb::agent_message::Message::Status(status)) = message.message {
+                    statuses.lock().unwrap().push(status);
+                }
+            }
+        });
+        let desired = tokio_stream::wrappers::WatchStream::new(self.desired.clone());
+        let sent = desired.filter_map(|d| {
+            let message = pb::controller_message::Message::Desired(d?);
+            Some(Ok(pb::ControllerMessage {
+                message: Some(message),
+            }))
+        });
+        Ok(tonic::Response::new(Box::pin(sent)))
+    }
+}
+
+impl Steering {
+    /// Waits, up to 10 s, for the agent's last status to be as `done` wants.
+    async fn last_status_until(&self, done: impl Fn(&pb::AgentStatus) -> bool) -> pb::AgentStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let last = self.statuses.lock().unwrap().last().cloned();
+            if let Some(last) = last.filter(|s| done(s)) {
+                return last;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not reported in 10 s: {:?}",
+                self.statuses.lock().unwrap().last()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// TEST-ONLY: a driver whose every wanted version is ready at once, at 127.0.0.1:9.
+struct AllReady(Vec<String>);
+
+impl Driver for AllReady {
+    fn apply(&mut self, want: &Want) {
+        self.0 = want.versions.keys().cloned().collect();
+    }
+
+    async fn poll(&mut self) -> Running {
+        let at = vec!["127.0.0.1:9".to_string()];
+        Running {
+            ready: self.0.iter().map(|v| (v.clone(), at.clone())).collect(),
+            detail: String::new(),
+        }
+    }
+
+    async fn shutdown(&mut self) {}
+}
+
+/// TEST-ONLY: a proxy's admin API on `listener` that takes every table (as version 7) and
+/// says, asked for its stats, that it serves it.
+async fn fake_proxy(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((mut socket, _)) = listener.accept().await {
+        let mut read = vec![0; 64 * 1024];
+        let n = socket.read(&mut read).await.unwrap_or(0);
+        let body = match read[..n].starts_with(b"PUT /routes") {
+            true => r#"{"version": 7}"#,
+            false => {
+                r#"{"started_unix_ms": 1, "table_version": 7, "latency_bounds_ms": [], "series": []}"#
+            }
+        };
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = socket.write_all(answer.as_bytes()).await;
+    }
+}
+
+/// The state `seq` of release demo-1: v1 stable, and v2 taking `canary` basis points.
+fn desired(seq: u64, canary: u32) -> pb::DesiredState {
+    let track = |version: &str| pb::Track {
+        version: version.into(),
+        replicas: 1,
+    };
+    pb::DesiredState {
+        epoch: 1,
+        seq,
+        release_id: "demo-1".into(),
+        service: "checkout".into(),
+        stable: Some(track("v1")),
+        canary: (canary > 0).then(|| track("v2")),
+        routes: Some(pb::RouteTable {
+            canary_weight_bp: canary,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_one_that_does() {
+    // Two proxy pods on one admin port: one at 127.0.0.1, served; one at 127.0.0.2, where
+    // nothing listens, its container crashing.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = proxy.local_addr().unwrap().port();
+    tokio::spawn(fake_proxy(proxy));
+    let (client, cluster) = fake_api();
+    let mut crashing = proxy_pod("fleet-proxy", "127.0.0.2", "Running");
+    crashing["status"]["containerStatuses"][0]["state"] =
+        json!({"waiting": {"reason": "CrashLoopBackOff"}});
+    cluster.lock().pods = vec![proxy_pod("fleet-proxy", "127.0.0.1", "Running"), crashing];
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (steer, wanted) = watch::channel(Some(desired(1, 0)));
+    let controller = Steering {
+        desired: wanted,
+        statuses: Arc::default(),
+    };
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(AgentServiceServer::new(controller.clone()))
+        .serve_with_incoming(incoming);
+    let server = tokio::spawn(server);
+    let selector = "app.kubernetes.io/name=fleet-proxy".to_string();
+    let config = fleet_agent::Config {
+        controller: url,
+        region: "us-west".into(),
+        cluster: "usw-a".into(),
+        proxies: ProxySource::pods(client, Some("shop"), selector, port),
+        tls: Default::default(),
+        driver: "test".into(),
+        hung_after: Duration::from_secs(60),
+    };
+    let (stop, shutdown) = watch::channel(false);
+    let agent = tokio::spawn(fleet_agent::run(
+        config,
+        AllReady(Vec::new()),
+        None,
+        shutdown,
+    ));
+
+    // In force with the proxy that runs; the other is named.
+    let applied = controller.last_status_until(|s| s.applied_seq == 1).await;
+    assert!(applied.ready);
+    let left_out = format!("proxy http://127.0.0.2:{port} does not run: left out until it does");
+    assert!(applied.detail.contains(&left_out), "{}", applied.detail);
+
+    // Its container runs, but it cannot be reached: once the agent has seen it run (a process
+    // just started holds no table before), the next step waits for it.
+    let statuses = |c: &mut Cluster| c.pods[1]["status"]["containerStatuses"][0].take();
+    let mut running = statuses(&mut cluster.lock());
+    running["state"] = json!({"running": {}});
+    cluster.lock().pods[1]["status"]["containerStatuses"][0] = running;
+    (controller.last_status_until(|s| !s.detail.contains(&left_out))).await;
+    steer.send_replace(Some(desired(2, 1000)));
+    let unreached = format!("127.0.0.2:{port}");
+    // Working on seq 2 (seq 1 no longer reported applied), held by the proxy unreached.
+    let working_on_2 = |s: &pb::AgentStatus| s.applied_seq == 0;
+    let held = |s: &pb::AgentStatus| {
+        working_on_2(s)
+            && s.detail.contains("proxies not programmed")
+            && s.detail.contains(&unreached)
+    };
+    controller.last_status_until(held).await;
+    let ever_2 = (controller.statuses.lock().unwrap().iter()).any(|s| s.applied_seq == 2);
+    assert!(!ever_2, "seq 2 was never in force");
+    stop.send_replace(true);
+    agent.await.unwrap().unwrap();
+    server.abort();
 }
