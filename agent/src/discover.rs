@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 
 use crate::driver::kubernetes::objects::any_pod_address;
@@ -104,12 +105,14 @@ impl ProxySource {
                     let _ = tokio::time::timeout(FIRST_LOOK_TIMEOUT, watched.first_list()).await;
                 }
                 let found = match watched.trouble().map_or_else(|| watched.objects(), Err) {
-                    Ok(listed) => match proxies(listed.iter().map(|p| &**p), *port) {
-                        found if found.is_empty() => Err(format!(
-                            "no running pod matches the proxies' selector {selector}"
-                        )),
-                        found => Ok(found),
-                    },
+                    Ok(listed) => {
+                        match proxies(listed.iter().map(|p| &**p), *port, Timestamp::now()) {
+                            found if found.is_empty() => Err(format!(
+                                "no running pod matches the proxies' selector {selector}"
+                            )),
+                            found => Ok(found),
+                        }
+                    }
                     Err(why) => Err(why),
                 };
                 if told.as_ref() == Some(&found) {
@@ -124,16 +127,25 @@ impl ProxySource {
 
 /// The proxies of the pods in phase Running with an address, each running while its proxy
 /// runs ([`proxy_runs`]). Not only the ready ones: a proxy is ready only once it has a table.
-/// A pod being deleted is kept while its proxy runs: it serves on while the Service lets it
-/// go, then drains on its table. Sorted. Pure.
-pub fn proxies<'p>(pods: impl IntoIterator<Item = &'p Pod>, port: u16) -> Vec<Proxy> {
+/// A pod being deleted is kept while its proxy runs, until its grace period ends (`now` past
+/// its `deletionTimestamp`, and [`GONE_AFTER`]): it serves on while the Service lets it go,
+/// then drains on its table; after, the kubelet has ended it, or cannot be reached to say so
+/// (a node lost). Sorted. Pure.
+pub fn proxies<'p>(
+    pods: impl IntoIterator<Item = &'p Pod>,
+    port: u16,
+    now: Timestamp,
+) -> Vec<Proxy> {
     let mut found: Vec<Proxy> = pods
         .into_iter()
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .filter_map(|p| {
             let running = proxy_runs(p, port);
-            if p.metadata.deletion_timestamp.is_some() && !running {
-                return None;
+            if let Some(deleted) = &p.metadata.deletion_timestamp {
+                let over = deleted.0.checked_add(GONE_AFTER).unwrap_or(deleted.0) <= now;
+                if over || !running {
+                    return None;
+                }
             }
             Some(Proxy {
                 admin: format!("http://{}", any_pod_address(p, port)?),
@@ -145,20 +157,30 @@ pub fn proxies<'p>(pods: impl IntoIterator<Item = &'p Pod>, port: u16) -> Vec<Pr
     found
 }
 
+/// How long after its `deletionTimestamp` (the end of its grace period) a pod being deleted is
+/// taken as ended: the kubelet's last word may take as long to come.
+const GONE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the kubelet says a container is waiting when its process has not started (or has
-/// ended and not started again); a waiting container with another reason, or none (a state
-/// the kubelet could not read), may still run.
-const NOT_STARTED: [&str; 10] = [
+/// ended and not started again; it says so only of a container it is to start); a waiting
+/// container with another reason, or none (a state the kubelet could not read), may still run.
+const NOT_STARTED: [&str; 16] = [
     "ContainerCreating",
     "PodInitializing",
     "CrashLoopBackOff",
     "ErrImagePull",
     "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "ImageInspectError",
     "InvalidImageName",
+    "RegistryUnavailable",
+    "SignatureValidationFailed",
     "CreateContainerConfigError",
     "CreateContainerError",
     "RunContainerError",
     "PreCreateHookError",
+    "PreStartHookError",
+    "PostStartHookError",
 ];
 
 /// Whether the proxy of `pod` may be running: its container (the one declaring the admin
@@ -198,7 +220,12 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    fn pod(phase: &str, ip: Option<&str>, deleting: bool) -> Pod {
+    /// The time the test looks at the pods.
+    const NOW: i64 = 1_800_000_000;
+
+    /// A pod whose container runs, and, if `deleting`, being deleted with its grace period
+    /// ending `deleting` seconds from [`NOW`].
+    fn pod(phase: &str, ip: Option<&str>, deleting: Option<i64>) -> Pod {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "p" },
             "status": { "phase": phase, "podIP": ip, "containerStatuses": [{
@@ -206,9 +233,16 @@ mod tests {
                 "restartCount": 0, "state": {"running": {}}}] },
         }))
         .unwrap();
-        if deleting {
-            pod.metadata.deletion_timestamp = Some(Time(Default::default()));
+        if let Some(after) = deleting {
+            let at = Timestamp::from_second(NOW + after).unwrap();
+            pod.metadata.deletion_timestamp = Some(Time(at));
         }
+        pod
+    }
+
+    fn in_state(mut pod: Pod, state: serde_json::Value) -> Pod {
+        let statuses = pod.status.as_mut().unwrap().container_statuses.as_mut();
+        statuses.unwrap()[0].state = serde_json::from_value(state).unwrap();
         pod
     }
 
@@ -236,28 +270,34 @@ mod tests {
     #[test]
     fn the_proxies_are_the_running_pods_with_an_address_running_while_their_proxy_may() {
         let waiting = |reason: &str| serde_json::json!({"waiting": {"reason": reason}});
-        let mut ended = pod("Running", Some("10.0.0.6"), true);
-        let statuses = ended.status.as_mut().unwrap().container_statuses.as_mut();
-        statuses.unwrap()[0].state = Some(
-            serde_json::from_value(serde_json::json!({"terminated": {"exitCode": 0}})).unwrap(),
-        );
+        let deleting = |ip: &str, after: i64| pod("Running", Some(ip), Some(after));
+        let ended = serde_json::json!({"terminated": {"exitCode": 0}});
         let pods = [
-            pod("Running", Some("10.0.0.9"), false),
-            pod("Running", Some("fd00::7"), false),
+            pod("Running", Some("10.0.0.9"), None),
+            pod("Running", Some("fd00::7"), None),
             // Being deleted, its proxy still running: it drains on its table.
-            pod("Running", Some("10.0.0.8"), true),
-            // Being deleted, its proxy ended: gone.
-            ended,
-            pod("Pending", Some("10.0.0.7"), false),
-            pod("Running", None, false),
-            pod("Running", Some("10.0.0.1"), false),
+            deleting("10.0.0.8", 30),
+            // Being deleted, its proxy ended, or not started again: gone.
+            in_state(deleting("10.0.0.6", 30), ended),
+            in_state(deleting("10.0.1.6", 30), waiting("CrashLoopBackOff")),
+            // Its grace period over, its status as last told (a node lost): gone.
+            deleting("10.0.1.8", -10),
+            pod("Pending", Some("10.0.0.7"), None),
+            pod("Running", None, None),
+            pod("Running", Some("10.0.0.1"), None),
+            // The kubelet could not read its state: it may run.
+            in_state(
+                pod("Running", Some("10.0.1.1"), None),
+                serde_json::Value::Null,
+            ),
             with_sidecar("10.0.0.2", waiting("CrashLoopBackOff")),
             with_sidecar("10.0.0.3", serde_json::json!({"running": {}})),
             // Waiting, the kubelet not knowing why: it may run.
             with_sidecar("10.0.0.4", serde_json::json!({"waiting": {}})),
             with_sidecar("10.0.0.5", waiting("ContainerCreating")),
         ];
-        let found: Vec<_> = proxies(&pods, 9901)
+        let now = Timestamp::from_second(NOW).unwrap();
+        let found: Vec<_> = proxies(&pods, 9901, now)
             .into_iter()
             .map(|p| (p.admin, p.running))
             .collect();
@@ -271,6 +311,7 @@ mod tests {
                 ("http://10.0.0.5:9901".into(), false),
                 ("http://10.0.0.8:9901".into(), true),
                 ("http://10.0.0.9:9901".into(), true),
+                ("http://10.0.1.1:9901".into(), true),
                 ("http://[fd00::7]:9901".into(), true),
             ]
         );

@@ -1735,10 +1735,7 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
 
     // Its container runs, but it cannot be reached: once the agent has seen it run (a process
     // just started holds no table before), the next step waits for it.
-    let statuses = |c: &mut Cluster| c.pods[1]["status"]["containerStatuses"][0].take();
-    let mut running = statuses(&mut cluster.lock());
-    running["state"] = json!({"running": {}});
-    cluster.lock().pods[1]["status"]["containerStatuses"][0] = running;
+    cluster.lock().pods[1]["status"]["containerStatuses"][0]["state"] = json!({"running": {}});
     (controller.last_status_until(|s| !s.detail.contains(&left_out))).await;
     steer.send_replace(Some(desired(2, 1000)));
     let unreached = format!("127.0.0.2:{port}");
@@ -1753,6 +1750,7 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
     let ever_2 = (controller.statuses.lock().unwrap().iter()).any(|s| s.applied_seq == 2);
     assert!(!ever_2, "seq 2 was never in force");
     stop.send_replace(true);
-    agent.await.unwrap().unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    stopped.expect("the agent stops").unwrap().unwrap();
     server.abort();
 }

@@ -87,19 +87,30 @@ impl Demo {
             _ => &[],
         };
         println!("starting a local fleet in {} (logs there)", dir.display());
-        // Outlives the fleet: dropped (killed) once the fleet has stopped.
-        let etcd = match self.ha {
-            true => {
-                let at = dir.join("etcd");
-                Some(tokio::task::spawn_blocking(move || LocalEtcd::start(&at)).await??)
+        let starting = async {
+            let etcd = match self.ha {
+                true => {
+                    let at = dir.join("etcd");
+                    Some(tokio::task::spawn_blocking(move || LocalEtcd::start(&at)).await??)
+                }
+                false => None,
+            };
+            let setup = Setup {
+                tls: self.tls,
+                etcd: etcd.as_ref().map(|e| e.url.clone()),
+            };
+            let fleet = LocalFleet::start_with(&dir, &bin, &REGIONS, faults, setup).await?;
+            anyhow::Ok((etcd, fleet))
+        };
+        // A signal while starting drops what has started, which ends it (every process leads
+        // a group of its own, out of the terminal's reach).
+        let (etcd, mut fleet) = tokio::select! {
+            started = starting => started?,
+            why = stop_signal() => {
+                println!("\n{why} while starting; stopping what had started");
+                return Ok(ExitCode::from(130));
             }
-            false => None,
         };
-        let setup = Setup {
-            tls: self.tls,
-            etcd: etcd.as_ref().map(|e| e.url.clone()),
-        };
-        let mut fleet = LocalFleet::start_with(&dir, &bin, &REGIONS, faults, setup).await?;
         let result = tokio::select! {
             // First: with --keep, the release has ended and a signal only ends the wait.
             biased;
@@ -110,6 +121,8 @@ impl Demo {
             }
         };
         let _ = fleet.stop().await;
+        // Only now: the controllers keep their state in it until they stop.
+        drop(etcd);
         result
     }
 

@@ -20,11 +20,15 @@ pub struct LocalEtcd {
 
 impl LocalEtcd {
     /// Starts a member with its data and its log (`etcd.log`) in `dir`, and waits until it
-    /// serves clients.
+    /// serves clients. It leads a process group of its own, so that a Ctrl-C at the terminal
+    /// does not end it before the controllers that keep their state in it: whoever starts it
+    /// catches the signal and drops it (ending it by its PID) once they have stopped.
     pub fn start(dir: &Path) -> anyhow::Result<LocalEtcd> {
+        use std::os::unix::process::CommandExt as _;
         std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
         let log = dir.join("etcd.log");
         let mut command = Command::new("etcd");
+        command.process_group(0);
         command
             .args(["--name", "fleet", "--data-dir"])
             .arg(dir.join("data"))
@@ -73,14 +77,10 @@ pub fn one_member(name: &str, clients: &str) -> Vec<String> {
 }
 
 /// Starts `command` (etcd and its flags) with the flags every local etcd has, its log in
-/// `log`, in a process group of its own.
+/// `log`.
 pub fn spawn(mut command: Command, log: &Path) -> anyhow::Result<Child> {
-    use std::os::unix::process::CommandExt as _;
     command
         .args(["--enable-grpc-gateway=false", "--log-outputs", "stderr"])
-        // A group of its own: a Ctrl-C at the terminal does not end it before the
-        // controllers that keep their state in it (it is ended by its PID, when dropped).
-        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?)
