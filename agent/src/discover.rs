@@ -78,11 +78,12 @@ impl ProxySource {
     }
 
     /// The proxies, when they changed: the listed ones at the first call, the pods' whenever
-    /// they come, go, or start or stop running; `None` when nothing changed. The first look
-    /// waits for the pods' first list, up to [`FIRST_LOOK_TIMEOUT`]. A watch the API refuses or leaves unanswered, or failed
-    /// lately (for up to `watched::TROUBLE_TOLD_FOR` after, unless a change comes through), or
-    /// that shows no running proxy, is an error (told once, until it changes), and the proxies
-    /// known stay as they are.
+    /// they come, go, or start or stop running (or a deleted one's grace period ends); `None`
+    /// when nothing changed. The first look waits for the pods' first list, up to
+    /// [`FIRST_LOOK_TIMEOUT`]. A watch not yet listed (refused, unanswered), or that shows no
+    /// pod in phase Running with an address, is an error (told once, until it changes), and
+    /// the proxies known stay as they are. A watch that fails after its first list is logged
+    /// (`watched`), and what it last showed goes on being used, as the driver does.
     pub async fn look(&mut self) -> Option<anyhow::Result<Vec<Proxy>>> {
         match self {
             ProxySource::Listed(urls) => {
@@ -104,7 +105,7 @@ impl ProxySource {
                     // Not answered in time: told as such below.
                     let _ = tokio::time::timeout(FIRST_LOOK_TIMEOUT, watched.first_list()).await;
                 }
-                let found = match watched.trouble().map_or_else(|| watched.objects(), Err) {
+                let found = match watched.objects() {
                     Ok(listed) => {
                         match proxies(listed.iter().map(|p| &**p), *port, Timestamp::now()) {
                             found if found.is_empty() => Err(format!(

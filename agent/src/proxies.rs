@@ -12,8 +12,8 @@
 //! A table is in force once every proxy that runs has it (and at least one proxy runs): a
 //! proxy pod whose proxy container has not started or has ended (crashing and waiting to
 //! start again, say) holds no table and serves nothing, so it keeps no step waiting; it is
-//! given the table as soon as it runs (`discover::proxy_runs`). A proxy that runs but is not ready may hold a table and serve
-//! the connections it has, so it is waited for, as any other.
+//! given the table as soon as it runs (`discover::proxy_runs`). A proxy that runs but is not
+//! ready may hold a table and serve the connections it has, so it is waited for, as any other.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,7 +32,7 @@ const RESTORE_EVERY: Duration = Duration::from_secs(5);
 
 pub struct Proxies {
     http: reqwest::Client,
-    /// The proxies known, sorted.
+    /// The proxies known.
     known: Vec<Proxy>,
     /// The table last programmed, which `installed` is of.
     table: Option<TableSpec>,

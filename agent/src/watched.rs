@@ -137,6 +137,13 @@ impl<K: Object> Watched<K> {
         tokio::time::timeout_at(deadline, shown).await.is_ok()
     }
 
+    /// Waits, until `deadline`, for the watch to show `answered` (a write's answer), or a later
+    /// version of it; false if it did not.
+    pub async fn shows_written(&self, deadline: Instant, answered: &K) -> bool {
+        let shown = |listed: &[Arc<K>]| listed.iter().any(|o| at_least(&**o, answered));
+        self.shows(deadline, shown).await
+    }
+
     /// What is watched, for people.
     pub fn what(&self) -> &str {
         &self.what
@@ -209,29 +216,34 @@ where
 /// What a watch's failure means, naming what was watched, with a hint when the agent may not
 /// do it. Pure.
 fn failure(what: &str, e: &watcher::Error) -> String {
-    use kube::Error::Api;
-    const ROLE: &str = " (does the agent's Role allow list and watch? deploy/kubernetes/cluster.yaml has the rules)";
-    match e {
-        watcher::Error::InitialListFailed(e) => {
-            let hint = if matches!(e, Api(s) if s.code == 403) {
-                ROLE
-            } else {
-                ""
-            };
-            format!("listing {what}: {e}{hint}")
-        }
+    let (doing, code, said) = match e {
+        watcher::Error::InitialListFailed(e) => ("listing", api_code(e), e.to_string()),
         watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
-            let hint = if matches!(e, Api(s) if s.code == 403) {
-                ROLE
-            } else {
-                ""
-            };
-            format!("watching {what}: {e}{hint}")
+            ("watching", api_code(e), e.to_string())
         }
-        watcher::Error::WatchError(status) => {
-            let hint = if status.code == 403 { ROLE } else { "" };
-            format!("watching {what}: {status}{hint}")
+        watcher::Error::WatchError(status) => ("watching", Some(status.code), status.to_string()),
+        e => ("watching", None, e.to_string()),
+    };
+    let hint = match code {
+        Some(403) => {
+            " (does the agent's Role allow list and watch? deploy/kubernetes/cluster.yaml has the rules)"
         }
-        e => format!("watching {what}: {e}"),
+        _ => "",
+    };
+    format!("{doing} {what}: {said}{hint}")
+}
+
+/// The status code the API answered with, if the error is an answer of the API.
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
     }
+}
+
+/// Whether `seen` is `answered` (a write's answer) or a later version of it: the same object
+/// (uid), at its generation or a later one. Pure.
+pub fn at_least<K: kube::Resource>(seen: &K, answered: &K) -> bool {
+    let (seen, answered) = (seen.meta(), answered.meta());
+    seen.uid == answered.uid && seen.generation >= answered.generation
 }

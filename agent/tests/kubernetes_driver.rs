@@ -41,7 +41,7 @@ use tokio_stream::StreamExt as _;
 
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
-struct Seen {
+struct Asked {
     method: Method,
     uri: String,
     content_type: String,
@@ -55,7 +55,7 @@ struct Cluster {
     /// HorizontalPodAutoscalers, as applied (the fake merges nothing).
     autoscalers: BTreeMap<String, Value>,
     pods: Vec<Value>,
-    seen: Vec<Seen>,
+    seen: Vec<Asked>,
     /// Answered to every PATCH instead of applying it.
     refuse_patches: Option<(StatusCode, Value)>,
     /// Autoscalers cannot be listed (a Role from before autoscaling).
@@ -273,7 +273,7 @@ async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Answer>, c: S
         }
         let (parts, body) = request.into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
-        let seen = Seen {
+        let seen = Asked {
             method: parts.method.clone(),
             uri: parts.uri.to_string(),
             content_type: parts
@@ -345,7 +345,7 @@ const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/shop/deployments";
 const PODS: &str = "/api/v1/namespaces/shop/pods";
 const AUTOSCALERS: &str = "/apis/autoscaling/v2/namespaces/shop/horizontalpodautoscalers";
 
-fn answer(c: &mut Cluster, seen: &Seen) -> (StatusCode, Value) {
+fn answer(c: &mut Cluster, seen: &Asked) -> (StatusCode, Value) {
     let (path, query) = seen.uri.split_once('?').unwrap_or((&seen.uri, ""));
     let selector = form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "labelSelector")
@@ -618,7 +618,7 @@ async fn poll_until_detail(driver: &mut KubernetesDriver, detail: &str) -> Runni
     poll_until(driver, |r| r.detail == detail).await
 }
 
-fn seen(c: &Shared) -> Vec<Seen> {
+fn seen(c: &Shared) -> Vec<Asked> {
     std::mem::take(&mut c.lock().seen)
 }
 

@@ -40,13 +40,11 @@ async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_fr
         assert!(Instant::now() < deadline, "{status} {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, metrics) = get(format!("http://{admin}/metrics")).await;
-    // The sample's own line: its HELP text says "1 while this controller leads".
-    let leading = |metrics: &str, value: &str| {
-        let sample = format!("fleet_controller_leading {value}");
-        metrics.lines().any(|line| line == sample)
-    };
-    assert!(leading(&metrics, "0"), "{metrics}");
+    assert_eq!(
+        fleetctl::local::leads(admin).await,
+        Some(false),
+        "stands by"
+    );
 
     let (id, watch) = world.release_into_its_second_wave().await.unwrap();
     let killed = Instant::now();
@@ -66,8 +64,7 @@ async fn a_standby_takes_over_when_the_leader_dies_and_carries_the_release_on_fr
     );
     let (status, _) = get(format!("http://{admin}/readyz")).await;
     assert_eq!(status, 200);
-    let (_, metrics) = get(format!("http://{admin}/metrics")).await;
-    assert!(leading(&metrics, "1"), "{metrics}");
+    assert_eq!(fleetctl::local::leads(admin).await, Some(true), "leads");
     let (code, said) =
         tokio::task::spawn_blocking(move || meanwhile.finish_within(Duration::from_secs(30)))
             .await

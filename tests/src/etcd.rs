@@ -2,10 +2,10 @@
 // doc comment here).
 
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
-use fleetctl::local::etcd::{one_member, spawn, wait_serving};
+use fleetctl::local::etcd::{START_WITHIN, one_member, spawn, wait_serving};
 
 /// A real etcd (Debian's `etcd-server`) for the tests of controllers that keep their state
 /// in it: one member on 127.0.0.1, its ports the kernel's choice, its data in a temporary
@@ -62,8 +62,7 @@ impl Etcd {
             child: spawn(command, &log)?,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let addr = wait_serving(&mut etcd.child, &log, deadline)?;
+        let addr = wait_serving(&mut etcd.child, &log, START_WITHIN)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         etcd.url = format!("{scheme}://{addr}");
         Ok(etcd)
@@ -163,10 +162,12 @@ impl Cluster {
             logs,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Each waits out the ones before: together, they serve within the time one has.
+        let started = Instant::now();
         for (member, log) in cluster.members.iter_mut().zip(&cluster.logs) {
             if let Some(child) = member {
-                wait_serving(child, log, deadline)?;
+                let left = START_WITHIN.saturating_sub(started.elapsed());
+                wait_serving(child, log, left)?;
             }
         }
         Ok(cluster)

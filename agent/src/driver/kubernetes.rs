@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use self::objects::Spec;
 use self::objects::{MANAGER, check_service, check_version, deployment_name};
 use super::{Driver, Running, Want};
-use crate::watched::{Object, Watched};
+use crate::watched::{Object, Watched, at_least};
 
 /// Least time between two rounds while the want stays the same.
 const ROUND_EVERY: Duration = Duration::from_secs(1);
@@ -63,8 +63,8 @@ pub struct KubernetesDriver {
     port: u16,
     want: Want,
     round_every: Duration,
-    /// What this driver applied, by Deployment name: the object, the generation the API
-    /// server gave it, and when.
+    /// What this driver applied, by Deployment name: the object, the uid and generation the
+    /// API server gave it, and when.
     applied: BTreeMap<String, Applied>,
     /// The autoscalers this driver applied, by name, and when.
     applied_autoscalers: BTreeMap<String, (HorizontalPodAutoscaler, Instant)>,
@@ -162,11 +162,11 @@ impl KubernetesDriver {
         // watch has not shown them yet.
         let mut seen = self.seen()?;
         for (name, d) in answered {
-            let shown = seen.deployments.get(&name).is_some_and(|now| {
-                now.metadata.uid == d.metadata.uid
-                    && now.metadata.generation >= d.metadata.generation
-            });
-            if !shown {
+            if !seen
+                .deployments
+                .get(&name)
+                .is_some_and(|now| at_least(now, &d))
+            {
                 seen.deployments.insert(name, d);
             }
         }
@@ -330,17 +330,7 @@ impl KubernetesDriver {
             .await
             .map_err(|e| format!("applying Deployment {name} in namespace {ns}: {e}"))?;
         tracing::info!(deployment = %name, namespace = %ns, replicas = w.replicas, "applied");
-        let (uid, generation) = (&now.metadata.uid, now.metadata.generation);
-        let shown = |listed: &[Arc<Deployment>]| {
-            listed
-                .iter()
-                .any(|d| d.metadata.uid == *uid && d.metadata.generation >= generation)
-        };
-        let watched = &self.watched().deployments;
-        let shown = match watched.shows(deadline, shown).await {
-            true => Ok(()),
-            false => Err(not_shown(watched, name)),
-        };
+        let shown = written(&self.watched().deployments, deadline, &now, name).await;
         self.applied.insert(
             name.to_owned(),
             Applied {
@@ -368,12 +358,9 @@ impl KubernetesDriver {
         for (name, d) in unwanted {
             let watched = &self.watched().deployments;
             let uid = d.metadata.uid.as_deref();
-            match delete(&self.deployments, watched, (name, uid), ns, deadline).await {
-                Err(e) => {
-                    problems.push(e);
-                    continue;
-                }
-                Ok(not_shown) => problems.extend(not_shown),
+            let at = (name.as_str(), uid);
+            if !delete(&self.deployments, watched, at, (ns, deadline), problems).await {
+                continue;
             }
             self.applied.remove(name);
             self.complete.remove(name);
@@ -465,15 +452,16 @@ where
 
 /// Deletes `name`, only while it is the object of `uid` the watch showed (a precondition:
 /// one made anew under the name since is left alone), and waits, until `deadline`, for
-/// `watched` to show it gone or going (`Some` why not, if it did not). One gone already
-/// (404), or made anew (409), is left to the next round, as the watch shows it.
+/// `watched` to show it gone or going. False, telling `problems` why, if it could not be
+/// deleted; a delete the watch did not show in time is told too. One gone already (404), or
+/// made anew (409), is left to the next round, as the watch shows it.
 async fn delete<K: Object>(
     api: &Api<K>,
     watched: &Watched<K>,
     (name, uid): (&str, Option<&str>),
-    ns: &str,
-    deadline: Instant,
-) -> Result<Option<String>, String> {
+    (ns, deadline): (&str, Instant),
+    problems: &mut Vec<String>,
+) -> bool {
     let kind = K::kind(&());
     let params = DeleteParams {
         preconditions: uid.map(|uid| Preconditions {
@@ -486,9 +474,12 @@ async fn delete<K: Object>(
         Ok(_) => tracing::info!(%kind, %name, namespace = %ns, "deleted: no longer wanted"),
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
             tracing::debug!(%kind, %name, code = e.code, "not deleted: gone, or made anew");
-            return Ok(None);
+            return true;
         }
-        Err(e) => return Err(format!("deleting {kind} {name} in namespace {ns}: {e}")),
+        Err(e) => {
+            problems.push(format!("deleting {kind} {name} in namespace {ns}: {e}"));
+            return false;
+        }
     }
     let gone = |listed: &[Arc<K>]| {
         !listed.iter().any(|o| {
@@ -496,8 +487,24 @@ async fn delete<K: Object>(
             meta.name.as_deref() == Some(name) && meta.deletion_timestamp.is_none()
         })
     };
-    let shown = watched.shows(deadline, gone).await;
-    Ok((!shown).then(|| not_shown(watched, name)))
+    if !watched.shows(deadline, gone).await {
+        problems.push(not_shown(watched, name));
+    }
+    true
+}
+
+/// Waits, until `deadline`, for `watched` to show a write's `answered` object (`name`), or a
+/// later version of it; why not, if it did not.
+async fn written<K: Object>(
+    watched: &Watched<K>,
+    deadline: Instant,
+    answered: &K,
+    name: &str,
+) -> Result<(), String> {
+    match watched.shows_written(deadline, answered).await {
+        true => Ok(()),
+        false => Err(not_shown(watched, name)),
+    }
 }
 
 /// A write the watch has not shown in time. Pure.

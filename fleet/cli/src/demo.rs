@@ -178,26 +178,20 @@ impl Demo {
         // Users come once every region serves v1.
         fleet.wait_until_serving(Duration::from_secs(60)).await?;
         let traffic = Traffic::start(fleet, USERS, WORKERS_PER_REGION, PAUSE_BETWEEN_REQUESTS);
-        let (output, reconnect_for) = (Output::Table, progress::RECONNECT_FOR);
-        let mut observer = client.clone();
-        let took_over = {
-            let watched = progress::watch(&mut client, &release.id, output, reconnect_for);
-            let mut watched = std::pin::pin!(watched);
-            let took_over = match self.ha {
-                true => Some(tokio::select! {
-                    took = kill_the_leader_mid_release(fleet, &mut observer, &release.id) => took,
-                    ended = &mut watched => ended.and_then(|_| {
-                        Err(anyhow::anyhow!("the leader was not killed: the release ended first"))
-                    }),
-                }),
-                false => None,
-            };
-            // A takeover that failed leaves nothing to follow: the watch would wait minutes.
-            if !matches!(took_over, Some(Err(_))) {
-                watched.await?;
+        let took_over = self.follow(fleet, &mut client, &release.id).await?;
+        // Told first: with the takeover failed, nothing may answer what follows.
+        let mut ok = true;
+        match &took_over {
+            Some(Ok(took)) => println!(
+                "\nthe standby led {:.1} s after the leader was killed, and carried the release on",
+                took.as_secs_f64()
+            ),
+            Some(Err(e)) => {
+                println!("\n{e:#}");
+                ok = false;
             }
-            took_over
-        };
+            None => {}
+        }
         let end = client
             .get_release(pb::GetReleaseRequest {
                 id: release.id.clone(),
@@ -211,18 +205,7 @@ impl Demo {
         } else {
             "succeeded"
         };
-        let mut ok = end.phase == expected;
-        match took_over {
-            Some(Ok(took)) => println!(
-                "\nthe standby led {:.1} s after the leader was killed, and carried the release on",
-                took.as_secs_f64()
-            ),
-            Some(Err(e)) => {
-                println!("\n{e:#}");
-                ok = false;
-            }
-            None => {}
-        }
+        ok &= end.phase == expected;
         println!(
             "\nrelease {} {}: {}",
             end.id,
@@ -242,6 +225,50 @@ impl Demo {
         } else {
             ExitCode::from(1)
         })
+    }
+}
+
+/// What came first while following a release with `--ha`.
+enum First {
+    /// The leader was killed, and the standby led (after how long), or not.
+    Killed(anyhow::Result<Duration>),
+    /// The release ended (the watch's outcome).
+    Ended(anyhow::Result<ExitCode>),
+}
+
+impl Demo {
+    /// Follows the release live until it ends; with `--ha`, kills the leader on the way, and
+    /// says how the takeover went.
+    async fn follow(
+        &self,
+        fleet: &LocalFleet,
+        client: &mut ReleaseServiceClient<Channel>,
+        id: &str,
+    ) -> anyhow::Result<Option<anyhow::Result<Duration>>> {
+        let mut observer = client.clone();
+        let watched = progress::watch(client, id, Output::Table, progress::RECONNECT_FOR);
+        let mut watched = std::pin::pin!(watched);
+        if !self.ha {
+            watched.await?;
+            return Ok(None);
+        }
+        let first = tokio::select! {
+            took = kill_the_leader_mid_release(fleet, &mut observer, id) => First::Killed(took),
+            ended = &mut watched => First::Ended(ended),
+        };
+        match first {
+            First::Killed(Ok(took)) => {
+                watched.await?;
+                Ok(Some(Ok(took)))
+            }
+            // A takeover that failed leaves nothing to follow: the watch would wait minutes.
+            First::Killed(Err(e)) => Ok(Some(Err(e))),
+            First::Ended(ended) => {
+                ended?;
+                let e = anyhow::anyhow!("the leader was not killed: the release ended first");
+                Ok(Some(Err(e)))
+            }
+        }
     }
 }
 
@@ -268,17 +295,7 @@ async fn kill_the_leader_mid_release(
     let admin = fleet
         .standby_admin()
         .context("the leader was not killed: none stands by")?;
-    let metrics = format!("http://{admin}/metrics");
-    let http = crate::local::http_client();
-    let leads = || async {
-        let said = match http.get(&metrics).send().await {
-            Ok(answer) => answer.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        // The sample's own line: its HELP text says "1 while this controller leads".
-        said.lines()
-            .any(|line| line == "fleet_controller_leading 1")
-    };
+    let leads = || async { crate::local::leads(admin).await == Some(true) };
     anyhow::ensure!(
         !leads().await,
         "the leader was not killed: the controller standing by leads already"

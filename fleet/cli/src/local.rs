@@ -743,6 +743,21 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
 
 /// An HTTP client for talking to the fleet. reqwest is built without a default TLS provider
 /// (no C toolchain for aws-lc); install ring first, as every part of Fleet does.
+/// Whether the controller whose admin endpoints are at `admin` says it leads (`Some(true)`)
+/// or stands by (`Some(false)`); `None` if it cannot be read.
+pub async fn leads(admin: SocketAddr) -> Option<bool> {
+    let answer = http_client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await;
+    let metrics = answer.ok()?.text().await.ok()?;
+    // The sample's own line: its HELP text says "1 while this controller leads".
+    let sample = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("fleet_controller_leading "))?;
+    Some(sample == "1")
+}
+
 pub fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()

@@ -99,7 +99,7 @@ pub const RECONNECT_FOR: Duration = Duration::from_secs(300);
 const SETTLED: Duration = Duration::from_secs(10);
 
 /// The phases a release ends in.
-pub const TERMINAL: [&str; 2] = ["succeeded", "rolled_back"];
+const TERMINAL: [&str; 2] = ["succeeded", "rolled_back"];
 
 fn get(id: &str) -> pb::GetReleaseRequest {
     pb::GetReleaseRequest { id: id.to_string() }

@@ -493,7 +493,7 @@ pub fn any_pod_address(pod: &Pod, port: u16) -> Option<SocketAddr> {
 }
 
 /// Whether `pod` says it is ready (its `Ready` condition true).
-pub fn is_ready(pod: &Pod) -> bool {
+fn is_ready(pod: &Pod) -> bool {
     let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
     (conditions.into_iter().flatten()).any(|c| c.type_ == "Ready" && c.status == "True")
 }

@@ -5,7 +5,6 @@
 //! that no version drops to one pod on the way.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -13,7 +12,7 @@ use kube::api::{Patch, PatchParams};
 use tokio::time::Instant;
 
 use super::objects::{self, HANDOVER, MANAGER};
-use super::{APPLY_AGAIN_AFTER, KubernetesDriver, Wanted, delete, name_free, not_shown};
+use super::{APPLY_AGAIN_AFTER, KubernetesDriver, Wanted, delete, name_free, written};
 use crate::driver::{Autoscale, Want};
 
 impl KubernetesDriver {
@@ -51,15 +50,7 @@ impl KubernetesDriver {
                 format!("applying HorizontalPodAutoscaler {name} in namespace {ns}: {e}")
             })?;
         tracing::info!(autoscaler = %name, namespace = %ns, min = autoscale.min, max = autoscale.max, "applied");
-        let shown = |listed: &[Arc<HorizontalPodAutoscaler>]| {
-            let (uid, generation) = (&now.metadata.uid, now.metadata.generation);
-            (listed.iter()).any(|a| a.metadata.uid == *uid && a.metadata.generation >= generation)
-        };
-        let watched = &self.watched().autoscalers;
-        let shown = match watched.shows(deadline, shown).await {
-            true => Ok(()),
-            false => Err(not_shown(watched, &name)),
-        };
+        let shown = written(&self.watched().autoscalers, deadline, &now, &name).await;
         self.applied_autoscalers
             .insert(name, (object, Instant::now()));
         shown
@@ -105,12 +96,9 @@ impl KubernetesDriver {
             }
             let watched = &self.watched().autoscalers;
             let uid = a.metadata.uid.as_deref();
-            match delete(&self.autoscalers, watched, (name, uid), ns, deadline).await {
-                Err(e) => {
-                    problems.push(e);
-                    continue;
-                }
-                Ok(not_shown) => problems.extend(not_shown),
+            let at = (name.as_str(), uid);
+            if !delete(&self.autoscalers, watched, at, (ns, deadline), problems).await {
+                continue;
             }
             self.applied_autoscalers.remove(name);
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 /// How long etcd may take to serve.
-const START_WITHIN: Duration = Duration::from_secs(20);
+pub const START_WITHIN: Duration = Duration::from_secs(20);
 
 /// One etcd member on 127.0.0.1, killed when dropped.
 pub struct LocalEtcd {
@@ -34,7 +34,7 @@ impl LocalEtcd {
             .arg(dir.join("data"))
             .args(one_member("fleet", "http://127.0.0.1:0"));
         let mut child = spawn(command, &log)?;
-        match wait_serving(&mut child, &log, Instant::now() + START_WITHIN) {
+        match wait_serving(&mut child, &log, START_WITHIN) {
             Ok(addr) => Ok(LocalEtcd {
                 url: format!("http://{addr}"),
                 child,
@@ -89,8 +89,10 @@ pub fn spawn(mut command: Command, log: &Path) -> anyhow::Result<Child> {
 }
 
 /// Waits until `child`'s `log` says where it serves clients, and says where; an error if it
-/// ends first (a port taken meanwhile, say), or if `deadline` passes. Blocks the thread.
-pub fn wait_serving(child: &mut Child, log: &Path, deadline: Instant) -> anyhow::Result<String> {
+/// ends first (a port taken meanwhile, say), or if it has not within `within`. Blocks the
+/// thread.
+pub fn wait_serving(child: &mut Child, log: &Path, within: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + within;
     loop {
         let text = std::fs::read_to_string(log)?;
         if let Some(addr) = serving_at(&text) {
@@ -100,7 +102,7 @@ pub fn wait_serving(child: &mut Child, log: &Path, deadline: Instant) -> anyhow:
             bail!("etcd ended ({status}) before serving: {text}");
         }
         if Instant::now() > deadline {
-            bail!("etcd did not serve within 20s: {text}");
+            bail!("etcd did not serve within {within:?}: {text}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
