@@ -969,6 +969,22 @@ mod tests {
         println!("stepped down {:?} after etcd hung", cut.elapsed());
     }
 
+    /// An etcd over TLS (on 127.0.0.1) whose certificate `authority` signs, asking each client
+    /// for one it signed: it, and the CA's file.
+    fn etcd_signed_by(
+        authority: &fleetctl::certs::Authority,
+    ) -> (server::Etcd, std::path::PathBuf) {
+        let localhost = [std::net::IpAddr::from([127, 0, 0, 1])];
+        authority.server("etcd", &[], &localhost).unwrap();
+        let ([ca, _], [cert, key]) = (authority.files("ca"), authority.files("etcd"));
+        let tls = server::Tls {
+            cert,
+            key,
+            client_ca: ca.clone(),
+        };
+        (server::Etcd::start_tls(&tls).unwrap(), ca)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_certificate_renewed_in_place_is_used_without_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -982,15 +998,7 @@ mod tests {
             authority
         };
         let (ours, other) = (authority("ours"), authority("other"));
-        let localhost = [std::net::IpAddr::from([127, 0, 0, 1])];
-        ours.server("etcd", &[], &localhost).unwrap();
-        let ([ca, _], [cert, key]) = (ours.files("ca"), ours.files("etcd"));
-        let tls = server::Tls {
-            cert,
-            key,
-            client_ca: ca.clone(),
-        };
-        let server = server::Etcd::start_tls(&tls).unwrap();
+        let (server, ca) = etcd_signed_by(&ours);
         // The controller's files hold a certificate etcd does not take (another CA's).
         let (shown_cert, shown_key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let [cert, key] = other.files("controller.fleet");
@@ -1042,16 +1050,8 @@ mod tests {
             days: Some(1),
         };
         authority.ca().unwrap();
-        let localhost = [std::net::IpAddr::from([127, 0, 0, 1])];
-        authority.server("etcd", &[], &localhost).unwrap();
         authority.client("controller.fleet").unwrap();
-        let ([ca, _], [cert, key]) = (authority.files("ca"), authority.files("etcd"));
-        let tls = server::Tls {
-            cert,
-            key,
-            client_ca: ca.clone(),
-        };
-        let server = server::Etcd::start_tls(&tls).unwrap();
+        let (server, ca) = etcd_signed_by(&authority);
         assert!(
             server.url.starts_with("https://127.0.0.1:"),
             "{}",
