@@ -105,17 +105,15 @@ impl ProxySource {
                     // Not answered in time: told as such below.
                     let _ = tokio::time::timeout(FIRST_LOOK_TIMEOUT, watched.first_list()).await;
                 }
-                let found = match watched.objects() {
-                    Ok(listed) => {
-                        match proxies(listed.iter().map(|p| &**p), *port, Timestamp::now()) {
-                            found if found.is_empty() => Err(format!(
-                                "no running pod matches the proxies' selector {selector}"
-                            )),
-                            found => Ok(found),
-                        }
+                let found = watched.objects().and_then(|listed| {
+                    let found = proxies(listed.iter().map(|p| &**p), *port, Timestamp::now());
+                    match found.is_empty() {
+                        true => Err(format!(
+                            "no running pod matches the proxies' selector {selector}"
+                        )),
+                        false => Ok(found),
                     }
-                    Err(why) => Err(why),
-                };
+                });
                 if told.as_ref() == Some(&found) {
                     return None;
                 }

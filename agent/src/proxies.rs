@@ -135,16 +135,16 @@ impl Proxies {
         }
     }
 
-    /// Reads every proxy's counters into the tally, all at once (one that does not answer
-    /// keeps none of the others waiting). True when a proxy was found serving another table
+    /// Reads every running proxy's counters into the tally, all at once (one that does not
+    /// answer keeps none of the others waiting; one that does not run is not asked). True when a proxy was found serving another table
     /// than the one put on it (restarted, or its file read again): the table needs putting
     /// again.
     pub async fn scrape(&mut self) -> bool {
         let mut fetches = tokio::task::JoinSet::new();
-        for (i, proxy) in self.known.iter().map(|p| &p.admin).enumerate() {
+        for (i, proxy) in self.known.iter().enumerate().filter(|(_, p)| p.running) {
             let (http, url) = (
                 self.http.clone(),
-                format!("{}/stats", proxy.trim_end_matches('/')),
+                format!("{}/stats", proxy.admin.trim_end_matches('/')),
             );
             fetches.spawn(async move {
                 let response = http.get(&url).timeout(PROXY_TIMEOUT).send().await.ok()?;

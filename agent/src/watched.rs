@@ -24,6 +24,7 @@ use kube::runtime::watcher::{self, Event, watcher};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_stream::StreamExt as _;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How long a watch's failure is told after it happened, unless a change comes through
 /// sooner. Above kube-runtime's longest wait between tries (30 s, and as much again of
@@ -59,7 +60,8 @@ where
     health: watch::Receiver<Health>,
     /// What is watched, for people: "Deployments in namespace shop".
     what: String,
-    task: tokio::task::JoinHandle<()>,
+    /// Drives the watch; ended when this is dropped.
+    _task: AbortOnDropHandle<()>,
 }
 
 /// What can be watched: a Kubernetes object of a kind known at compile time.
@@ -97,7 +99,7 @@ impl<K: Object> Watched<K> {
             store,
             health,
             what,
-            task,
+            _task: AbortOnDropHandle::new(task),
         }
     }
 
@@ -170,16 +172,6 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watched").field("what", &self.what).finish()
-    }
-}
-
-impl<K> Drop for Watched<K>
-where
-    K: kube::Resource + 'static,
-    K::DynamicType: std::hash::Hash + Eq + Clone,
-{
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

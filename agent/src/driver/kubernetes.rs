@@ -178,24 +178,12 @@ impl KubernetesDriver {
         let (service, ns) = (&self.want.service, &self.namespace);
         if self.watches.as_ref().is_none_or(|w| w.service != *service) {
             let selector = objects::selector(service);
-            let client = &self.client;
+            let c = &self.client;
             self.watches = Some(Watches {
                 service: service.clone(),
-                deployments: Watched::start(
-                    Api::namespaced(client.clone(), ns),
-                    &selector,
-                    format!("Deployments in namespace {ns}"),
-                ),
-                autoscalers: Watched::start(
-                    Api::namespaced(client.clone(), ns),
-                    &selector,
-                    format!("HorizontalPodAutoscalers in namespace {ns}"),
-                ),
-                pods: Watched::start(
-                    Api::namespaced(client.clone(), ns),
-                    &selector,
-                    format!("pods in namespace {ns}"),
-                ),
+                deployments: watch(c, ns, &selector, "Deployments"),
+                autoscalers: watch(c, ns, &selector, "HorizontalPodAutoscalers"),
+                pods: watch(c, ns, &selector, "pods"),
             });
         }
         self.watched()
@@ -247,14 +235,10 @@ impl KubernetesDriver {
         for w in wanted {
             // A failed apply leaves the Deployment as it was, to be judged as it is.
             let listed = seen.deployments.get(&w.name);
-            match self.apply_one(want, w, listed, deadline).await {
+            match self.apply_one(want, w, listed, deadline, problems).await {
                 Err(e) => problems.push(e),
-                Ok(applied) => {
-                    let answer = applied.map(|(d, shown)| {
-                        problems.extend(shown.err());
-                        answered.entry(w.name.clone()).or_insert(d)
-                    });
-                    let owner = answer.map(|d| &*d).or(listed);
+                Ok(answer) => {
+                    let owner = answer.as_ref().or(listed);
                     if let (Some(autoscale), Some(owner)) = (&want.autoscale, owner) {
                         let version = w.version;
                         let listed = &seen.autoscalers;
@@ -262,6 +246,7 @@ impl KubernetesDriver {
                             .apply_autoscaler(want, version, autoscale, owner, listed, deadline);
                         problems.extend(applied.await.err());
                     }
+                    answered.extend(answer.map(|d| (w.name.clone(), d)));
                 }
             }
         }
@@ -277,15 +262,16 @@ impl KubernetesDriver {
     }
 
     /// Applies `w`'s Deployment, unless it stands as last applied (`listed`: as the watch
-    /// shows it). `None` if it stood; else the object as the API answered, and whether the
-    /// watch showed it by `deadline` (why not, if not).
+    /// shows it). `None` if it stood; else the object as the API answered, `problems` told
+    /// if the watch did not show it by `deadline`.
     async fn apply_one(
         &mut self,
         want: &Want,
         w: &Wanted<'_>,
         listed: Option<&Deployment>,
         deadline: Instant,
-    ) -> Result<Option<(Deployment, Result<(), String>)>, String> {
+        problems: &mut Vec<String>,
+    ) -> Result<Option<Deployment>, String> {
         let (ns, name, version) = (&self.namespace, &w.name, w.version);
         let object = objects::deployment(&Spec {
             namespace: ns,
@@ -331,6 +317,7 @@ impl KubernetesDriver {
             .map_err(|e| format!("applying Deployment {name} in namespace {ns}: {e}"))?;
         tracing::info!(deployment = %name, namespace = %ns, replicas = w.replicas, "applied");
         let shown = written(&self.watched().deployments, deadline, &now, name).await;
+        problems.extend(shown.err());
         self.applied.insert(
             name.to_owned(),
             Applied {
@@ -340,7 +327,7 @@ impl KubernetesDriver {
                 at: Instant::now(),
             },
         );
-        Ok(Some((now, shown)))
+        Ok(Some(now))
     }
 
     /// Deletes the listed Deployments of no version in `wanted`.
@@ -513,6 +500,16 @@ fn not_shown<K: Object>(watched: &Watched<K>, name: &str) -> String {
         "the watch of {} has not shown the change to {name} within {SEEN_WITHIN:?}",
         watched.what()
     )
+}
+
+/// The objects of kind `K` (which `kinds` names) in namespace `ns` that `selector` picks,
+/// watched.
+fn watch<K>(client: &kube::Client, ns: &str, selector: &str, kinds: &str) -> Watched<K>
+where
+    K: Object + kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    let what = format!("{kinds} in namespace {ns}");
+    Watched::start(Api::namespaced(client.clone(), ns), selector, what)
 }
 
 /// Objects by name.
