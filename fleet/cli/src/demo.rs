@@ -27,7 +27,7 @@ const REGIONS: [(&str, &str); 3] = [
 /// at this step of its region or later.
 const KILL_AT: (&str, &str, u32) = ("americas", "us-east", 2);
 /// With `--ha`, how long the standby may take to lead after the leader is killed (its lease
-/// lives 3 s).
+/// lives [`crate::local::LEASE_TTL`]).
 const TAKE_OVER_WITHIN: Duration = Duration::from_secs(30);
 
 /// Simulated users per region, each keeping its sticky cookie.
@@ -304,7 +304,8 @@ async fn kill_the_leader_mid_release(
     let killed = Instant::now();
     println!(
         "\n>>> killed the leading controller (SIGKILL) in wave {wave}; the standby takes over \
-         once the leader's lease in etcd runs out (3 s)\n"
+         once the leader's lease in etcd runs out ({})\n",
+        crate::local::LEASE_TTL
     );
     while !leads().await {
         anyhow::ensure!(

@@ -74,7 +74,7 @@ struct Standby {
 type Leads = tokio::task::JoinHandle<anyhow::Result<()>>;
 
 /// How soon a standby controller of a local fleet takes over from a dead leader.
-const LEASE_TTL: &str = "3s";
+pub const LEASE_TTL: &str = "3s";
 
 /// A local fleet's certificates under mutual TLS, made by `fleetctl certs`' [`Authority`]:
 /// the controller's for `localhost` and 127.0.0.1, one operator's (`fleetctl`) for the
