@@ -2,6 +2,7 @@
 //! liveness probe restarts an agent that hangs), `/readyz` (connected to the controller: an
 //! upgraded agent that cannot reach it fails its rollout), `/metrics` (Prometheus text).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,8 @@ use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::watched::{Figures, Tally};
 
 /// The reconcile loop is taken for hung when it has not gone round for this long (a round
 /// takes at most about 20 s: a proxy lookup, a driver round and the proxies' calls, each with
@@ -120,6 +123,8 @@ pub struct View {
     pub observed: Arc<Observed>,
     pub desired: watch::Receiver<Option<pb::DesiredState>>,
     pub status: watch::Receiver<pb::AgentStatus>,
+    /// The Kubernetes watches' figures.
+    pub watches: Tally,
     /// `region`, `cluster` and `driver`, for `fleet_agent_info`.
     pub labels: [(&'static str, String); 3],
 }
@@ -246,12 +251,99 @@ fn metrics(view: &View) -> String {
     for (name, labels, kind, help, value) in samples {
         sample(&mut out, name, labels, kind, help, value);
     }
+    watch_metrics(&mut out, &view.watches.figures());
     out
+}
+
+/// The Kubernetes watches' metrics, one sample per watch (none with the process driver and
+/// listed proxies). Pure.
+fn watch_metrics(out: &mut String, watches: &BTreeMap<&'static str, Figures>) {
+    type Metric = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&Figures) -> f64,
+    );
+    let metrics: [Metric; 5] = [
+        (
+            "fleet_agent_watch_listed",
+            "gauge",
+            "Whether the watch's first list of the Kubernetes API came through.",
+            |f| f64::from(u8::from(f.listed)),
+        ),
+        (
+            "fleet_agent_watch_objects",
+            "gauge",
+            "The objects the watch shows.",
+            |f| f.objects as f64,
+        ),
+        (
+            "fleet_agent_watch_failing",
+            "gauge",
+            "Whether the watch failed lately and no change has come through since (the agent's detail says why).",
+            |f| f64::from(u8::from(f.failing())),
+        ),
+        (
+            "fleet_agent_watch_failures_total",
+            "counter",
+            "Lists and watches of the Kubernetes API that failed.",
+            |f| f.failures as f64,
+        ),
+        (
+            "fleet_agent_watch_relists_total",
+            "counter",
+            "Lists made again because the watch fell too far behind (410 Gone).",
+            |f| f.relists as f64,
+        ),
+    ];
+    if watches.is_empty() {
+        return;
+    }
+    for (name, kind, help, value) in metrics {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (watch, figures) in watches {
+            let _ = writeln!(out, "{name}{{watch=\"{watch}\"}} {}", value(figures));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_watch_is_a_sample_of_each_watch_metric_and_no_watch_no_metric() {
+        let mut out = String::new();
+        watch_metrics(&mut out, &BTreeMap::new());
+        assert_eq!(
+            out, "",
+            "the process driver and listed proxies watch nothing"
+        );
+
+        let failed = Figures {
+            listed: true,
+            objects: 3,
+            failures: 2,
+            relists: 1,
+            failed_at: Some(tokio::time::Instant::now()),
+            writer: 1,
+        };
+        let watches = BTreeMap::from([("deployments", failed), ("pods", Figures::default())]);
+        watch_metrics(&mut out, &watches);
+        for line in [
+            "# TYPE fleet_agent_watch_failures_total counter",
+            "fleet_agent_watch_listed{watch=\"deployments\"} 1",
+            "fleet_agent_watch_listed{watch=\"pods\"} 0",
+            "fleet_agent_watch_objects{watch=\"deployments\"} 3",
+            "fleet_agent_watch_failing{watch=\"deployments\"} 1",
+            "fleet_agent_watch_failing{watch=\"pods\"} 0",
+            "fleet_agent_watch_failures_total{watch=\"deployments\"} 2",
+            "fleet_agent_watch_relists_total{watch=\"deployments\"} 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in:\n{out}");
+        }
+        assert_eq!(out.matches("# HELP").count(), 5, "one family each:\n{out}");
+    }
 
     #[test]
     fn the_loop_is_alive_while_it_goes_round_within_a_minute() {

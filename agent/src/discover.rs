@@ -11,7 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 
 use crate::driver::kubernetes::objects::any_pod_address;
-use crate::watched::Watched;
+use crate::watched::{Tally, Watched};
 
 /// A proxy the agent puts tables on.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,6 +49,8 @@ pub enum ProxySource {
         pods: Box<Api<Pod>>,
         selector: String,
         port: u16,
+        /// Where the watch keeps its figures (as `proxy-pods`).
+        tally: Tally,
         /// The pods, watched from the first look on.
         watched: Option<Arc<Watched<Pod>>>,
         /// What the last look found and told.
@@ -63,6 +65,7 @@ impl ProxySource {
         namespace: Option<&str>,
         selector: String,
         port: u16,
+        tally: &Tally,
     ) -> Self {
         let pods = match namespace {
             Some(ns) => Api::namespaced(client, ns),
@@ -72,6 +75,7 @@ impl ProxySource {
             pods: Box::new(pods),
             selector,
             port,
+            tally: tally.clone(),
             watched: None,
             told: None,
         }
@@ -94,12 +98,14 @@ impl ProxySource {
                 pods,
                 selector,
                 port,
+                tally,
                 watched,
                 told,
             } => {
                 let watched = watched.get_or_insert_with(|| {
                     let what = format!("the proxies' pods ({selector})");
-                    Arc::new(Watched::start(Api::clone(pods), selector, what))
+                    let pods = Api::clone(pods);
+                    Arc::new(Watched::start(pods, selector, what, tally, "proxy-pods"))
                 });
                 if told.is_none() {
                     // Not answered in time: told as such below.
@@ -183,20 +189,35 @@ const NOT_STARTED: [&str; 16] = [
 ];
 
 /// Whether the proxy of `pod` may be running: its container (the one declaring the admin
-/// `port`, or any, if none declares it) is running, or waiting for a reason that does not
-/// say it has not started. One that has ended, or has not started, holds no table. Pure.
+/// `port`, a native sidecar among them, or any of the pod's containers, if none declares it)
+/// is running, or waiting for a reason that does not say it has not started. One that has
+/// ended, or has not started, holds no table. Pure.
 pub fn proxy_runs(pod: &Pod, port: u16) -> bool {
     let declares =
         |c: &&Container| (c.ports.iter().flatten()).any(|p| p.container_port == i32::from(port));
     let spec = pod.spec.as_ref();
-    let proxy = spec.and_then(|s| s.containers.iter().find(declares));
-    let statuses = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref());
-    (statuses.into_iter().flatten())
-        .filter(|c| proxy.is_none_or(|p| p.name == c.name))
-        .any(may_run)
+    let containers = spec.into_iter().flat_map(|s| &s.containers);
+    // Native sidecars: init containers that run beside the others for the pod's life.
+    let sidecars = (spec
+        .into_iter()
+        .flat_map(|s| s.init_containers.iter().flatten()))
+    .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    let proxy = containers.chain(sidecars).find(declares);
+    let status = pod.status.as_ref();
+    let statuses = status
+        .into_iter()
+        .flat_map(|s| s.container_statuses.iter().flatten());
+    match proxy {
+        Some(proxy) => {
+            let sidecars = status
+                .into_iter()
+                .flat_map(|s| s.init_container_statuses.iter());
+            (statuses.chain(sidecars.flatten()))
+                .filter(|c| c.name == proxy.name)
+                .any(may_run)
+        }
+        None => statuses.into_iter().any(may_run),
+    }
 }
 
 /// Whether a container, as its status says, may be running. Pure.
@@ -245,13 +266,15 @@ mod tests {
         pod
     }
 
+    /// The status of container `name`, in `state`.
+    fn status(name: &str, state: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"name": name, "image": "x", "imageID": "", "ready": false,
+                           "restartCount": 0, "state": state})
+    }
+
     /// A proxy pod at `ip` whose `proxy` container (declaring the admin port) is in `state`,
     /// beside a sidecar that runs.
     fn with_sidecar(ip: &str, state: serde_json::Value) -> Pod {
-        let status = |name: &str, state: serde_json::Value| {
-            serde_json::json!({"name": name, "image": "x", "imageID": "", "ready": false,
-                               "restartCount": 0, "state": state})
-        };
         serde_json::from_value(serde_json::json!({
             "metadata": { "name": "p" },
             "spec": { "containers": [
@@ -264,6 +287,54 @@ mod tests {
             ] },
         }))
         .unwrap()
+    }
+
+    /// A proxy pod at `ip` whose proxy is a native sidecar (an init container that runs on,
+    /// declaring the admin port) in `state`, beside the service's container, which runs.
+    fn native_sidecar(ip: &str, state: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p" },
+            "spec": {
+                "initContainers": [
+                    { "name": "setup" },
+                    { "name": "proxy", "restartPolicy": "Always",
+                      "ports": [{ "containerPort": 9901 }] },
+                ],
+                "containers": [{ "name": "shop", "ports": [{ "containerPort": 8080 }] }],
+            },
+            "status": {
+                "phase": "Running", "podIP": ip,
+                "initContainerStatuses": [
+                    status("setup", serde_json::json!({"terminated": {"exitCode": 0}})),
+                    status("proxy", state),
+                ],
+                "containerStatuses": [status("shop", serde_json::json!({"running": {}}))],
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_proxy_that_is_a_native_sidecar_runs_while_it_does_not_while_the_service_does() {
+        let crashing = serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}});
+        assert!(!proxy_runs(&native_sidecar("10.0.0.1", crashing), 9901));
+        let running = serde_json::json!({"running": {}});
+        assert!(proxy_runs(&native_sidecar("10.0.0.1", running), 9901));
+        // An init container that runs to its end is no sidecar, whatever it declares.
+        let mut pod = native_sidecar("10.0.0.1", serde_json::json!({"running": {}}));
+        let spec = pod.spec.as_mut().unwrap();
+        spec.init_containers.as_mut().unwrap()[1].restart_policy = None;
+        let status = pod.status.as_mut().unwrap();
+        status.init_container_statuses.as_mut().unwrap()[1].state =
+            serde_json::from_value(serde_json::json!({"terminated": {"exitCode": 0}})).unwrap();
+        assert!(
+            proxy_runs(&pod, 9901),
+            "the pod's own containers are looked at"
+        );
+        let status = pod.status.as_mut().unwrap();
+        status.container_statuses.as_mut().unwrap()[0].state =
+            serde_json::from_value(serde_json::json!({"terminated": {"exitCode": 1}})).unwrap();
+        assert!(!proxy_runs(&pod, 9901));
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct Config {
     /// ([`admin::HUNG_AFTER`]; tests shorten it): `/healthz` fails, and the agent leaves the
     /// controller until it goes round again.
     pub hung_after: Duration,
+    /// The figures of the agent's Kubernetes watches (the driver's, the proxies'), for
+    /// `/metrics`: the tally given to them.
+    pub watches: watched::Tally,
 }
 
 /// An HTTP client. reqwest is built without a default TLS provider (so no C toolchain is
@@ -67,6 +70,7 @@ pub async fn run<D: Driver>(
             observed: observed.clone(),
             desired: desired_rx.clone(),
             status: status_rx.clone(),
+            watches: config.watches.clone(),
             labels: [
                 ("region", config.region.clone()),
                 ("cluster", config.cluster.clone()),

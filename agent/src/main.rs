@@ -8,7 +8,7 @@ use fleet_agent::Config;
 use fleet_agent::discover::ProxySource;
 use fleet_agent::driver::kubernetes::KubernetesDriver;
 use fleet_agent::driver::process::ProcessDriver;
-use fleet_agent::watched::READ_TIMEOUT;
+use fleet_agent::watched::{READ_TIMEOUT, Tally};
 use fleet_proto::connect::ClientTls;
 
 /// The Fleet agent for one cluster.
@@ -94,12 +94,14 @@ async fn main() -> anyhow::Result<()> {
         .log_internal_errors(false)
         .init();
     let args = Args::parse();
+    let watches = Tally::default();
     let proxies = match &args.proxy_pods {
         Some(selector) => ProxySource::pods(
             kube_client().await?,
             args.namespace.as_deref(),
             selector.clone(),
             args.proxy_admin_port,
+            &watches,
         ),
         None => ProxySource::Listed(args.proxies),
     };
@@ -118,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_owned()),
         hung_after: fleet_agent::admin::HUNG_AFTER,
+        watches: watches.clone(),
     };
     // A TLS file that cannot be read is told now, before the first dial; each dial reads
     // them again, so a renewed certificate is used from the next connection.
@@ -152,7 +155,8 @@ async fn main() -> anyhow::Result<()> {
         }
         DriverKind::Kubernetes => {
             let client = kube_client().await?;
-            let driver = KubernetesDriver::new(client, args.namespace, args.container_port);
+            let driver =
+                KubernetesDriver::new(client, args.namespace, args.container_port, &watches);
             fleet_agent::run(config, driver, admin, shutdown).await
         }
     }

@@ -9,12 +9,15 @@
 //!
 //! A watch that fails is told (`trouble`) until it shows a change again, or for
 //! [`TROUBLE_TOLD_FOR`] after its last failure: a watch taken up again without a change
-//! says nothing, so it is not seen to heal before then. A watch asks the API server to end it
+//! says nothing, so it is not seen to heal before then. Every watch of the agent also keeps
+//! its figures in a [`Tally`], which `/metrics` shows. A watch asks the API server to end it
 //! after [`WATCH_TIMEOUT_SECS`] and takes it up again, and the client gives up a read that
 //! waits longer than [`READ_TIMEOUT`], so that no request (a list, say) hangs for ever on a
 //! connection that died unseen: it fails, and kube-runtime tries again.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::api::Api;
@@ -64,6 +67,71 @@ where
     _task: AbortOnDropHandle<()>,
 }
 
+/// The figures of the agent's watches, by name (`deployments`, `proxy-pods`), for
+/// `/metrics`: written by the watches, read by the admin listener. A watch started anew under
+/// a name (another service's) carries its counters on and sets the rest afresh.
+#[derive(Clone, Debug, Default)]
+pub struct Tally(Arc<Mutex<BTreeMap<&'static str, Figures>>>);
+
+/// One watch's figures.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Figures {
+    /// Its first list came through.
+    pub listed: bool,
+    /// The objects it shows.
+    pub objects: usize,
+    /// Lists and watches that failed, since the agent started (a relist is no failure).
+    pub failures: u64,
+    /// Lists made again because the watch fell too far behind (410 Gone).
+    pub relists: u64,
+    /// When it last failed, until a change came through.
+    pub(crate) failed_at: Option<Instant>,
+    /// The watch that writes these: the last one started under the name.
+    pub(crate) writer: u64,
+}
+
+impl Figures {
+    /// Its failure is told now ([`TROUBLE_TOLD_FOR`]).
+    pub fn failing(&self) -> bool {
+        self.failed_at
+            .is_some_and(|at| at.elapsed() < TROUBLE_TOLD_FOR)
+    }
+}
+
+impl Tally {
+    /// Every watch's figures, by name.
+    pub fn figures(&self) -> BTreeMap<&'static str, Figures> {
+        self.lock().clone()
+    }
+
+    /// A watch starts under `name`: it writes its figures from now on (the one it replaces
+    /// no longer does); its counters carry on.
+    fn start(&self, name: &'static str) -> u64 {
+        static WRITERS: AtomicU64 = AtomicU64::new(1);
+        let writer = WRITERS.fetch_add(1, Ordering::Relaxed);
+        let mut tally = self.lock();
+        let figures = tally.entry(name).or_default();
+        *figures = Figures {
+            failures: figures.failures,
+            relists: figures.relists,
+            writer,
+            ..Figures::default()
+        };
+        writer
+    }
+
+    /// Changes the figures of `name`, if `writer` still writes them.
+    fn note(&self, name: &'static str, writer: u64, change: impl FnOnce(&mut Figures)) {
+        if let Some(figures) = self.lock().get_mut(name).filter(|f| f.writer == writer) {
+            change(figures);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Figures>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// What can be watched: a Kubernetes object of a kind known at compile time.
 pub trait Object:
     kube::Resource<DynamicType = ()>
@@ -88,13 +156,26 @@ impl<K> Object for K where
 }
 
 impl<K: Object> Watched<K> {
-    /// Watches the objects `api` serves that `selector` (labels) picks; `what` names them.
-    pub fn start(api: Api<K>, selector: &str, what: String) -> Self {
+    /// Watches the objects `api` serves that `selector` (labels) picks; `what` names them
+    /// for people, `name` in `tally`.
+    pub fn start(
+        api: Api<K>,
+        selector: &str,
+        what: String,
+        tally: &Tally,
+        name: &'static str,
+    ) -> Self {
         let (store, writer) = reflector::store();
         let (told, health) = watch::channel(Health::default());
         let config = (watcher::Config::default().labels(selector)).timeout(WATCH_TIMEOUT_SECS);
         let events = watcher(api, config).default_backoff().reflect(writer);
-        let task = tokio::spawn(follow(events, told, what.clone()));
+        let tallied = Tallied {
+            tally: tally.clone(),
+            writer: tally.start(name),
+            name,
+            store: store.clone(),
+        };
+        let task = tokio::spawn(follow(events, told, what.clone(), tallied));
         Watched {
             store,
             health,
@@ -175,13 +256,23 @@ where
     }
 }
 
+/// Where a watch keeps its figures.
+struct Tallied<K: Object> {
+    tally: Tally,
+    name: &'static str,
+    writer: u64,
+    store: Store<K>,
+}
+
 /// Drives the watch (the reflector keeps the store), noting what it goes through.
-async fn follow<K, S>(events: S, told: watch::Sender<Health>, what: String)
+async fn follow<K, S>(events: S, told: watch::Sender<Health>, what: String, tallied: Tallied<K>)
 where
+    K: Object,
     S: tokio_stream::Stream<Item = Result<Event<K>, watcher::Error>>,
 {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
+        let (mut failed, mut relisted) = (false, false);
         told.send_modify(|health| match event {
             // Sent before a list is asked for: nothing has come through yet.
             Ok(Event::Init) => {}
@@ -195,12 +286,22 @@ where
             // Too far behind (410 Gone): kube-runtime lists again, which is no failure.
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                 tracing::debug!(what, "watch too far behind; listing again");
+                relisted = true;
             }
             Err(e) => {
                 let why = failure(&what, &e);
                 tracing::warn!(%why, "watching the Kubernetes API");
                 health.failed = Some((why, Instant::now()));
+                failed = true;
             }
+        });
+        let health = told.borrow();
+        (tallied.tally).note(tallied.name, tallied.writer, |figures| {
+            figures.listed = health.listed;
+            figures.objects = tallied.store.len();
+            figures.failures += u64::from(failed);
+            figures.relists += u64::from(relisted);
+            figures.failed_at = health.failed.as_ref().map(|(_, at)| *at);
         });
     }
 }
@@ -238,4 +339,34 @@ fn api_code(e: &kube::Error) -> Option<u16> {
 pub fn at_least<K: kube::Resource>(seen: &K, answered: &K) -> bool {
     let (seen, answered) = (seen.meta(), answered.meta());
     seen.uid == answered.uid && seen.generation >= answered.generation
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_started_anew_under_a_name_writes_its_figures_and_the_counters_carry_on() {
+        let tally = Tally::default();
+        let first = tally.start("pods");
+        tally.note("pods", first, |f| {
+            f.listed = true;
+            f.objects = 4;
+            f.failures = 2;
+            f.relists = 1;
+            f.failed_at = Some(Instant::now());
+        });
+        let second = tally.start("pods");
+        let figures = |tally: &Tally| tally.figures()["pods"].clone();
+        let started = figures(&tally);
+        assert_eq!((started.listed, started.objects), (false, 0));
+        assert_eq!((started.failures, started.relists), (2, 1));
+        assert!(!started.failing());
+
+        // The watch it replaced, not yet ended, writes nothing more.
+        tally.note("pods", first, |f| f.objects = 9);
+        assert_eq!(figures(&tally).objects, 0);
+        tally.note("pods", second, |f| f.objects = 1);
+        assert_eq!(figures(&tally).objects, 1);
+    }
 }

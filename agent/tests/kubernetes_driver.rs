@@ -28,6 +28,7 @@ use bytes::Bytes;
 use fleet_agent::discover::{FIRST_LOOK_TIMEOUT, Proxy, ProxySource};
 use fleet_agent::driver::kubernetes::{KubernetesDriver, ROUND_TIMEOUT};
 use fleet_agent::driver::{Driver, Running, Want};
+use fleet_agent::watched::Tally;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use http::{Method, Request, Response, StatusCode};
@@ -84,6 +85,9 @@ struct Cluster {
     events: Vec<(u64, &'static str, &'static str, Value)>,
     /// The objects as the last change left them, by their kind's path and name.
     recorded: BTreeMap<(&'static str, String), Value>,
+    /// Not the API's: the figures of the watches of the driver (or discovery) on it, kept
+    /// here for the tests to read.
+    tally: Tally,
 }
 
 impl Cluster {
@@ -194,10 +198,9 @@ async fn first_round(versions: &[(&str, u32)]) -> (KubernetesDriver, Shared) {
 
 fn fake_cluster_with_rounds_of_a_second() -> (KubernetesDriver, Shared) {
     let (client, cluster) = fake_api();
-    (
-        KubernetesDriver::new(client, Some("shop".into()), 8080),
-        cluster,
-    )
+    let tally = cluster.lock().tally.clone();
+    let driver = KubernetesDriver::new(client, Some("shop".into()), 8080, &tally);
+    (driver, cluster)
 }
 
 /// A real `kube::Client` whose API server is the fake.
@@ -1124,15 +1127,22 @@ async fn a_watch_too_far_behind_lists_again_and_is_no_failure() {
         .filter(|w| w.starts_with(&format!("{PODS}?")) && !w.contains("watch="))
         .count();
     assert_eq!(pod_lists, 1, "listed again");
+    let figures = cluster.lock().tally.figures();
+    assert_eq!(figures["pods"].relists, 1, "{figures:?}");
+    assert!(
+        figures.values().all(|f| f.failures == 0 && !f.failing()),
+        "{figures:?}"
+    );
 }
 
 #[tokio::test]
 async fn another_service_is_watched_anew() {
     let (mut driver, cluster) = first_round(&[("v1", 1)]).await;
+    assert_eq!(cluster.lock().tally.figures()["deployments"].objects, 1);
     cluster.lock().watches.clear();
     driver.apply(&Want {
         service: "payments".into(),
-        ..want(&[("v1", 1)])
+        ..want(&[("v1", 1), ("v2", 1)])
     });
     driver.poll().await;
     let watches = std::mem::take(&mut cluster.lock().watches);
@@ -1143,6 +1153,10 @@ async fn another_service_is_watched_anew() {
             "{path}: {watches:?}"
         );
     }
+    // Its figures are the new watches': the two payments Deployments, not checkout's one.
+    let figures = cluster.lock().tally.figures();
+    assert_eq!(figures.len(), 3, "{figures:?}");
+    assert_eq!(figures["deployments"].objects, 2, "{figures:?}");
 }
 
 #[tokio::test]
@@ -1213,6 +1227,21 @@ async fn a_watch_that_fails_is_told_and_what_it_last_showed_is_judged() {
         json!({"example.com/note": "touched"});
     let moved = ready("v1", &["10.1.0.1:8080", "10.1.0.3:8080"]);
     poll_until(&mut driver, |r| r.ready == moved && r.detail.is_empty()).await;
+
+    // `/metrics` has counted the failures, and shows which watches have come through since: a
+    // watch taken up again says nothing until a change comes (the autoscalers had none).
+    let figures = cluster.lock().tally.figures();
+    for (watch, failing) in [
+        ("deployments", false),
+        ("pods", false),
+        ("autoscalers", true),
+    ] {
+        let f = &figures[watch];
+        assert!(f.failures >= 1, "{watch}: {f:?}");
+        assert_eq!(f.failing(), failing, "{watch}: {f:?}");
+        assert!(f.listed, "{watch}: {f:?}");
+    }
+    assert_eq!(figures["pods"].objects, 2);
 }
 
 /// A pod of the region's proxies (or of `name`) at `ip`, its container running while the pod
@@ -1230,6 +1259,12 @@ fn proxy_pod(name: &str, ip: &str, phase: &str) -> Value {
     })
 }
 
+/// The proxies `selector` picks in namespace shop, on the fake API, their admin API on 9901.
+fn proxy_pods(client: kube::Client, cluster: &Shared, selector: &str) -> ProxySource {
+    let tally = cluster.lock().tally.clone();
+    ProxySource::pods(client, Some("shop"), selector.into(), 9901, &tally)
+}
+
 /// Proxies as `(admin URL, running)`.
 fn told(found: Vec<Proxy>) -> Vec<(String, bool)> {
     found.into_iter().map(|p| (p.admin, p.running)).collect()
@@ -1239,7 +1274,7 @@ fn told(found: Vec<Proxy>) -> Vec<(String, bool)> {
 async fn the_proxies_are_the_running_pods_a_selector_picks_followed_as_they_change() {
     let (client, cluster) = fake_api();
     let selector = "app.kubernetes.io/name=fleet-proxy";
-    let mut source = ProxySource::pods(client, Some("shop"), selector.into(), 9901);
+    let mut source = proxy_pods(client, &cluster, selector);
     cluster.lock().pods = vec![
         proxy_pod("fleet-proxy", "10.2.0.2", "Running"),
         proxy_pod("fleet-proxy", "10.2.0.3", "Pending"),
@@ -1297,7 +1332,7 @@ async fn proxies_whose_pods_the_api_does_not_list_are_told_and_the_agent_goes_on
     let (client, cluster) = fake_api();
     cluster.lock().hang = true;
     let selector = "app.kubernetes.io/name=fleet-proxy";
-    let mut source = ProxySource::pods(client, Some("shop"), selector.into(), 9901);
+    let mut source = proxy_pods(client, &cluster, selector);
     let started = tokio::time::Instant::now();
     let e = source.look().await.unwrap().unwrap_err();
     assert_eq!(started.elapsed(), FIRST_LOOK_TIMEOUT);
@@ -1332,7 +1367,7 @@ async fn proxies_whose_pods_may_not_be_listed_are_told_why() {
     let (client, cluster) = fake_api();
     cluster.lock().refuse_pod_lists = true;
     let selector = "app.kubernetes.io/name=fleet-proxy";
-    let mut source = ProxySource::pods(client, Some("shop"), selector.into(), 9901);
+    let mut source = proxy_pods(client, &cluster, selector);
     let e = source.look().await.unwrap().unwrap_err().to_string();
     assert!(
         e.starts_with("listing the proxies' pods (app.kubernetes.io/name=fleet-proxy): ")
@@ -1714,10 +1749,11 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
         controller: url,
         region: "us-west".into(),
         cluster: "usw-a".into(),
-        proxies: ProxySource::pods(client, Some("shop"), selector, port),
+        proxies: ProxySource::pods(client, Some("shop"), selector, port, &Tally::default()),
         tls: Default::default(),
         driver: "test".into(),
         hung_after: Duration::from_secs(60),
+        watches: Tally::default(),
     };
     let (stop, shutdown) = watch::channel(false);
     let agent = tokio::spawn(fleet_agent::run(

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use self::objects::Spec;
 use self::objects::{MANAGER, check_service, check_version, deployment_name};
 use super::{Driver, Running, Want};
-use crate::watched::{Object, Watched, at_least};
+use crate::watched::{Object, Tally, Watched, at_least};
 
 /// Least time between two rounds while the want stays the same.
 const ROUND_EVERY: Duration = Duration::from_secs(1);
@@ -58,6 +58,8 @@ pub struct KubernetesDriver {
     autoscalers: Api<HorizontalPodAutoscaler>,
     /// The watches of the service's objects, once a service is wanted.
     watches: Option<Watches>,
+    /// Where the watches keep their figures.
+    tally: Tally,
     namespace: String,
     /// The port the service's containers listen on.
     port: u16,
@@ -107,13 +109,14 @@ struct Wanted<'a> {
 impl KubernetesDriver {
     /// Works in `namespace`, or the client's default namespace (the service account's, in a
     /// cluster); the containers listen on `port`.
-    pub fn new(client: kube::Client, namespace: Option<String>, port: u16) -> Self {
+    pub fn new(client: kube::Client, namespace: Option<String>, port: u16, tally: &Tally) -> Self {
         let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
         KubernetesDriver {
             deployments: Api::namespaced(client.clone(), &namespace),
             autoscalers: Api::namespaced(client.clone(), &namespace),
             client,
             watches: None,
+            tally: tally.clone(),
             namespace,
             port,
             want: Want::default(),
@@ -178,12 +181,18 @@ impl KubernetesDriver {
         let (service, ns) = (&self.want.service, &self.namespace);
         if self.watches.as_ref().is_none_or(|w| w.service != *service) {
             let selector = objects::selector(service);
-            let c = &self.client;
+            let (c, t) = (&self.client, &self.tally);
             self.watches = Some(Watches {
                 service: service.clone(),
-                deployments: watch(c, ns, &selector, "Deployments"),
-                autoscalers: watch(c, ns, &selector, "HorizontalPodAutoscalers"),
-                pods: watch(c, ns, &selector, "pods"),
+                deployments: watch(c, ns, &selector, "Deployments", (t, "deployments")),
+                autoscalers: watch(
+                    c,
+                    ns,
+                    &selector,
+                    "HorizontalPodAutoscalers",
+                    (t, "autoscalers"),
+                ),
+                pods: watch(c, ns, &selector, "pods", (t, "pods")),
             });
         }
         self.watched()
@@ -503,13 +512,25 @@ fn not_shown<K: Object>(watched: &Watched<K>, name: &str) -> String {
 }
 
 /// The objects of kind `K` (which `kinds` names) in namespace `ns` that `selector` picks,
-/// watched.
-fn watch<K>(client: &kube::Client, ns: &str, selector: &str, kinds: &str) -> Watched<K>
+/// watched, with their figures in `tally` under `name`.
+fn watch<K>(
+    client: &kube::Client,
+    ns: &str,
+    selector: &str,
+    kinds: &str,
+    (tally, name): (&Tally, &'static str),
+) -> Watched<K>
 where
     K: Object + kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
     let what = format!("{kinds} in namespace {ns}");
-    Watched::start(Api::namespaced(client.clone(), ns), selector, what)
+    Watched::start(
+        Api::namespaced(client.clone(), ns),
+        selector,
+        what,
+        tally,
+        name,
+    )
 }
 
 /// Objects by name.
