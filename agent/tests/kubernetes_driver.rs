@@ -1745,21 +1745,24 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
         .serve_with_incoming(incoming);
     let server = tokio::spawn(server);
     let selector = "app.kubernetes.io/name=fleet-proxy".to_string();
+    let watches = Tally::default();
     let config = fleet_agent::Config {
         controller: url,
         region: "us-west".into(),
         cluster: "usw-a".into(),
-        proxies: ProxySource::pods(client, Some("shop"), selector, port, &Tally::default()),
+        proxies: ProxySource::pods(client, Some("shop"), selector, port, &watches),
         tls: Default::default(),
         driver: "test".into(),
         hung_after: Duration::from_secs(60),
-        watches: Tally::default(),
+        watches,
     };
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = format!("http://{}/metrics", admin.local_addr().unwrap());
     let (stop, shutdown) = watch::channel(false);
     let agent = tokio::spawn(fleet_agent::run(
         config,
         AllReady(Vec::new()),
-        None,
+        Some(admin),
         shutdown,
     ));
 
@@ -1768,6 +1771,10 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
     assert!(applied.ready);
     let left_out = format!("proxy http://127.0.0.2:{port} does not run: left out until it does");
     assert!(applied.detail.contains(&left_out), "{}", applied.detail);
+    // The proxies' watch, listed before the step, is on `/metrics`.
+    let metrics = (reqwest::get(&metrics).await.unwrap().text().await).unwrap();
+    let listed = "fleet_agent_watch_objects{watch=\"proxy-pods\"} 2";
+    assert!(metrics.lines().any(|l| l == listed), "{metrics}");
 
     // Its container runs, but it cannot be reached: once the agent has seen it run (a process
     // just started holds no table before), the next step waits for it.
