@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::identity::{Operator, Role};
 use crate::runtime::{Controller, Running};
-use crate::store::answer;
+use crate::store::answer::{self, Asked};
 
 pub struct Releases {
     pub controller: Arc<Controller>,
@@ -68,28 +68,53 @@ fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
 }
 
+/// A request that changes something, made once whatever its repeats.
+trait Mutating: Message + Clone {
+    fn request_id(&mut self) -> &mut String;
+}
+
+macro_rules! mutating {
+    ($($request:ty),*) => {$(
+        impl Mutating for $request {
+            fn request_id(&mut self) -> &mut String {
+                &mut self.request_id
+            }
+        }
+    )*};
+}
+mutating!(
+    pb::ApplyFleetRequest,
+    pb::StartReleaseRequest,
+    pb::OperatorRequest
+);
+
 impl Releases {
-    /// Answers a mutating request once: a repeated request id gets the first answer. Ids are
-    /// each `method`'s own (an abort given a start's id is an abort, not the start's answer)
-    /// and, under mutual TLS, each operator's own. `act` is given the request's key, and
-    /// stores the answer: with its change (`Controller::step_answering`), or after it
+    /// Answers a mutating request once: a repeat (the same request with the same id) gets the
+    /// first answer; another request given the id of one answered is refused. Ids are each
+    /// `method`'s own (an abort given a start's id is an abort, not the start's answer) and,
+    /// under mutual TLS, each operator's own. `act` is given the request's key, and stores the
+    /// answer: with its change (`Controller::step_answering`), or after it
     /// ([`Releases::keep_answer`]).
     fn once<T: Message + Default>(
         &self,
         method: &str,
         caller: &Option<Operator>,
-        request_id: &str,
-        act: impl FnOnce(&str) -> Result<T, Status>,
+        request: &impl Mutating,
+        act: impl FnOnce(&Asked) -> Result<T, Status>,
     ) -> Result<Response<T>, Status> {
+        let mut asked = request.clone();
+        let request_id = std::mem::take(asked.request_id());
         if request_id.is_empty() {
             return Err(Status::invalid_argument(
                 "request_id is empty: give every mutating call a unique id, e.g. a UUID",
             ));
         }
-        let request_id = &match caller {
+        let fingerprint = answer::fingerprint(&asked.encode_to_vec());
+        let key = match caller {
             Some(Operator(name)) => format!("{method}/{name}/{request_id}"),
             None => format!("{method}/{request_id}"),
         };
+        let request = Asked { key, fingerprint };
         // One mutating call at a time: two with the same id at once (a client that retried
         // while its first call waited on the store) make the change once.
         let _one_at_a_time = (self.controller.requests)
@@ -97,28 +122,37 @@ impl Releases {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let store = &self.controller.store;
         // Not read (etcd unreachable, say): nothing was done, and another try may read it.
-        let answered = store.answered(request_id).map_err(|e| {
+        let answered = store.answered(&request.key).map_err(|e| {
             Status::unavailable(format!(
                 "cannot read the store, so nothing was done: {e:#}; make the call again"
             ))
         })?;
         if let Some(kept) = answered {
-            return T::decode(answer::answer(&kept))
+            let kept = answer::read(&kept);
+            if kept.asked.is_some_and(|asked| asked != fingerprint) {
+                return Err(Status::invalid_argument(format!(
+                    "request_id {request_id} was given to another {method} call, with other \
+                     arguments, which the controller answered: nothing was done. An id names \
+                     one change, and makes it once; give this one an id of its own (fleetctl: \
+                     leave out --request-id)"
+                )));
+            }
+            return T::decode(kept.answer)
                 .map(Response::new)
                 .map_err(|e| Status::internal(e.to_string()));
         }
-        act(request_id)
+        act(&request)
             .map(Response::new)
             .map_err(|s| self.starting_over(s))
     }
 
-    /// Stores `answer` to the request keyed `request`, made already: for a call whose change
-    /// was not written with its answer.
-    fn keep_answer(&self, request: &str, answer: &impl Message) -> Result<(), Status> {
-        let kept = answer::stamped(Utc::now().timestamp_millis(), &answer.encode_to_vec());
-        self.controller
-            .store
-            .answer(request, &kept)
+    /// Stores `answer` to `request`, made already: for a call whose change was not written
+    /// with its answer.
+    fn keep_answer(&self, request: &Asked, answer: &impl Message) -> Result<(), Status> {
+        let now = Utc::now().timestamp_millis();
+        let kept = answer::kept(now, request.fingerprint, &answer.encode_to_vec());
+        (self.controller.store)
+            .answer(&request.key, &kept)
             .map_err(internal)
     }
 
@@ -159,11 +193,11 @@ impl Releases {
         let actor = actor(&caller, &r.actor);
         let id = r.id.clone();
         let method = format!("{action:?}").to_lowercase();
-        self.once(&method, &caller, &r.request_id, |request| {
+        self.once(&method, &caller, &r, |request| {
             let event = Event::Operator {
                 action,
                 actor,
-                reason: r.reason,
+                reason: r.reason.clone(),
             };
             let mut inner = self.controller.lock();
             if !inner.releases.contains_key(&id) {
@@ -187,7 +221,7 @@ impl ReleaseService for Releases {
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
         let caller = may_change(&request)?;
         let r = request.into_inner();
-        self.once("apply_fleet", &caller, &r.request_id, |request| {
+        self.once("apply_fleet", &caller, &r, |request| {
             let loaded = fleet::load(&r.manifest).map_err(|diags| {
                 let lines: Vec<String> = diags
                     .iter()
@@ -260,7 +294,7 @@ impl ReleaseService for Releases {
         let caller = may_change(&request)?;
         let r = request.into_inner();
         let actor = actor(&caller, &r.actor);
-        self.once("start_release", &caller, &r.request_id, |request| {
+        self.once("start_release", &caller, &r, |request| {
             let controller = &self.controller;
             let from = controller.store.version(&r.service).map_err(internal)?;
             let number = controller.store.next_release_number().map_err(internal)?;

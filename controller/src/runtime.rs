@@ -21,6 +21,7 @@ use tonic::Status;
 use crate::applied::region_applied;
 use crate::convert;
 use crate::retention;
+use crate::store::answer::Asked;
 use crate::store::{self, Embedded, ReleaseChange, Store, StoredFleet, StoredRelease};
 use crate::webhook;
 
@@ -303,15 +304,15 @@ impl Controller {
         self.change(inner, id, f, None).map(drop)
     }
 
-    /// [`Controller::step`] for the request keyed `request`, whose answer (the release after
-    /// the change) is stored with the change: a repeat of the request is answered with it and
-    /// never made again, whatever fails after. The answer.
+    /// [`Controller::step`] for `request`, whose answer (the release after the change) is
+    /// stored with the change: a repeat of the request is answered with it and never made
+    /// again, whatever fails after. The answer.
     pub(crate) fn step_answering(
         self: &Arc<Self>,
         inner: &mut Inner,
         id: &str,
         f: impl FnOnce(&mut Engine),
-        request: &str,
+        request: &Asked,
     ) -> anyhow::Result<pb::Release> {
         let answer = self.change(inner, id, f, Some(request))?;
         answer.with_context(|| format!("no release {id}"))
@@ -323,7 +324,7 @@ impl Controller {
         inner: &mut Inner,
         id: &str,
         f: impl FnOnce(&mut Engine),
-        request: Option<&str>,
+        request: Option<&Asked>,
     ) -> anyhow::Result<Option<pb::Release>> {
         let epoch = self.epoch;
         let Some(run) = inner.releases.get_mut(id) else {
@@ -362,8 +363,8 @@ impl Controller {
             .collect();
         let answer = request.map(|_| convert::release(id, run.started_at_ms, &run.engine));
         let now_ms = Utc::now().timestamp_millis();
-        let answer_bytes =
-            (answer.as_ref()).map(|a| store::answer::stamped(now_ms, &a.encode_to_vec()));
+        let answer_bytes = (answer.as_ref().zip(request))
+            .map(|(a, r)| store::answer::kept(now_ms, r.fingerprint, &a.encode_to_vec()));
         self.store.save_release(ReleaseChange {
             id,
             release: &record,
@@ -371,7 +372,7 @@ impl Controller {
             desired: &encoded,
             version: succeeded.then_some((record.service.as_str(), state.spec.to_version.as_str())),
             manifest: run.unstored_manifest.as_deref(),
-            answer: request.zip(answer_bytes.as_deref()),
+            answer: request.map(|r| r.key.as_str()).zip(answer_bytes.as_deref()),
         })?;
         run.unstored_manifest = None;
         // Durable: now it may leave.

@@ -346,7 +346,8 @@ async fn of_each_service_the_newest_ended_releases_are_kept_and_older_ones_forgo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_call_repeated_with_its_request_id_is_answered_not_made_again() {
+async fn an_operator_call_repeated_with_its_request_id_is_answered_not_made_again_and_another_refused()
+ {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let mut client = server.client().await;
@@ -382,6 +383,20 @@ async fn an_operator_call_repeated_with_its_request_id_is_answered_not_made_agai
     let mut client = server.client().await;
     let again = client.pause(call("pause-1")).await.unwrap().into_inner();
     assert_eq!(again, paused, "the first answer");
+    // Another call given its id (another reason) is refused, and changes nothing.
+    let other = pb::OperatorRequest {
+        reason: "another reason".into(),
+        ..call("pause-1")
+    };
+    let refused = client.pause(other).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with(
+            "request_id pause-1 was given to another pause call, with other arguments"
+        ),
+        "{}",
+        refused.message()
+    );
     let now = client.get_release(pb::GetReleaseRequest { id: id.clone() });
     assert_ne!(
         now.await.unwrap().into_inner().phase,
@@ -528,6 +543,16 @@ async fn a_release_may_override_the_strategy_and_a_bad_override_changes_nothing(
         strategy_override: strategy.into(),
         ..Default::default()
     };
+    // The manifest applied again under its id: answered; another manifest under it: refused.
+    let apply = |manifest: &str| pb::ApplyFleetRequest {
+        request_id: "apply".into(),
+        manifest: manifest.into(),
+    };
+    client.apply_fleet(apply(QUICK)).await.unwrap();
+    let other = client
+        .apply_fleet(apply(&format!("{QUICK}# edited\n")))
+        .await;
+    assert_eq!(other.unwrap_err().code(), tonic::Code::InvalidArgument);
     let refused = client
         .start_release(start(
             "bad",
@@ -774,5 +799,23 @@ async fn list_agents_shows_each_cluster_of_a_fleet_with_its_agent_or_without() {
     );
     west.1.abort();
     east.1.abort();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_without_tls_dialled_over_https_is_told_at_once_to_be_dialled_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    server.client().await;
+    let https = server.grpc.replacen("http://", "https://", 1);
+    let tls = fleet_proto::connect::ClientTls::default();
+    let e = fleet_proto::connect::dial(&https, &tls).await.unwrap_err();
+    assert!(!e.passing, "not tried again: {e}");
+    assert!(
+        e.to_string().contains(
+            "it does not answer in TLS there: for a controller without TLS, an http:// URL"
+        ),
+        "{e}"
+    );
     server.stop().await;
 }

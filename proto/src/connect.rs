@@ -78,7 +78,12 @@ pub async fn dial(url: &str, tls: &ClientTls) -> Result<Channel, Unreached> {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(e)) => Err(Unreached {
             said: format!(
-                "cannot reach the controller at {url} ({HINT}): {}",
+                "cannot reach the controller at {url} ({}): {}",
+                match not_tls(&e) {
+                    true =>
+                        "it does not answer in TLS there: for a controller without TLS, an http:// URL",
+                    false => HINT,
+                },
                 said_once(e.to_string(), std::error::Error::source(&e))
             ),
             passing: passing(&e),
@@ -114,8 +119,9 @@ impl std::error::Error for Unreached {}
 /// controller away for a moment makes it fail: refused, reset, closed early or timed out
 /// (its pings unanswered, too), or a call the controller did not take up as it stopped
 /// (HTTP/2 `REFUSED_STREAM`, or a `GOAWAY` without error). A TLS failure is not (rustls's
-/// errors come as `InvalidData`), nor a name not resolved. A connection cut during the TLS
-/// handshake is, though a controller without TLS, dialled over `https://`, cuts it too.
+/// errors come as `InvalidData`; a controller without TLS, dialled over `https://`, answers
+/// the handshake with its `GOAWAY`, which rustls finds is not TLS), nor a name not resolved.
+/// A connection cut during the TLS handshake is.
 pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind::*;
     let mut next = Some(error);
@@ -144,6 +150,27 @@ pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
             let reason = h2.reason();
             return reason == Some(h2::Reason::REFUSED_STREAM)
                 || (h2.is_go_away() && h2.is_remote() && reason == Some(h2::Reason::NO_ERROR));
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// Whether `error`, by itself or an error beneath it, is a TLS handshake answered with bytes
+/// that are not TLS: a controller without TLS dialled over `https://` (its HTTP/2 server
+/// answers the ClientHello with a GOAWAY).
+fn not_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let tls = (e.downcast_ref::<std::io::Error>())
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .or_else(|| e.downcast_ref::<rustls::Error>());
+        if let Some(tls) = tls {
+            return matches!(
+                tls,
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
+            );
         }
         next = e.source();
     }
