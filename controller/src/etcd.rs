@@ -10,6 +10,7 @@
 //! thread ([`Etcd::block_on`]) without stalling the tasks that carry it.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -59,7 +60,37 @@ pub struct EtcdOptions {
 #[derive(Clone)]
 pub struct Credentials {
     pub user: String,
-    pub password: String,
+    pub password: Password,
+}
+
+/// A password: given, or read from a file each time etcd is authenticated to, so that a
+/// password renewed in place (a Secret mounted as a file) is used from the next token on.
+#[derive(Clone)]
+pub enum Password {
+    Given(String),
+    /// `--etcd-password-file`.
+    File(PathBuf),
+}
+
+impl Password {
+    /// The password of `user`: the one given, or the file's (its trailing newline is not
+    /// part of it); an error names the file and the fix.
+    pub fn read(&self, user: &str) -> anyhow::Result<String> {
+        let file = match self {
+            Password::Given(password) => return Ok(password.clone()),
+            Password::File(file) => file,
+        };
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("--etcd-password-file {}: cannot read it", file.display()))?;
+        let password = text.strip_suffix('\n').unwrap_or(&text);
+        let password = password.strip_suffix('\r').unwrap_or(password);
+        anyhow::ensure!(
+            !password.is_empty(),
+            "--etcd-password-file {} is empty: put the password of etcd user {user:?} in it",
+            file.display()
+        );
+        Ok(password.to_string())
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -297,6 +328,33 @@ impl Etcd {
         Ok(())
     }
 
+    /// Test-only: gives `user` a new `password`.
+    #[cfg(test)]
+    pub async fn change_password_for_tests(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<()> {
+        // As the user this connection is (root): the auth client carries no token itself.
+        self.authenticate().await?.map_err(said)?;
+        let mut change = tonic::Request::new(pb::AuthUserChangePasswordRequest {
+            name: user.into(),
+            password: password.into(),
+        });
+        let token = self
+            .token
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(token) = token {
+            change.metadata_mut().insert("token", token);
+        }
+        let mut auth = self.clients.load().auth.clone();
+        auth.user_change_password(change).await.map_err(said)?;
+        Ok(())
+    }
+
     /// Test-only: adds `user` with `password` and a role of its own that may read and write
     /// the keys under `prefix` and nothing else. Before auth is enabled.
     #[cfg(test)]
@@ -340,7 +398,7 @@ impl Etcd {
         };
         let request = pb::AuthenticateRequest {
             name: user.user.clone(),
-            password: user.password.clone(),
+            password: user.password.read(&user.user)?,
         };
         let mut auth = self.clients.load().auth.clone();
         let answer = match within(auth.authenticate(request)).await {

@@ -30,7 +30,7 @@ use fleet_proto::v1::release_service_server::ReleaseServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use etcd::{Credentials, EtcdOptions};
+pub use etcd::{Credentials, EtcdOptions, Password};
 pub use import::{Imported, import_data};
 pub use leader::{Campaign, Holder};
 pub use runtime::Controller;

@@ -365,19 +365,13 @@ fn etcd_user(args: &Args) -> anyhow::Result<Option<fleet_controller::Credentials
             "--etcd-password-file without --etcd-user: give the user whose password it holds"
         ),
     };
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("--etcd-password-file {}: cannot read it", file.display()))?;
-    let password = text.strip_suffix('\n').unwrap_or(&text);
-    let password = password.strip_suffix('\r').unwrap_or(password);
-    if password.is_empty() {
-        anyhow::bail!(
-            "--etcd-password-file {} is empty: put the password of etcd user {user:?} in it",
-            file.display()
-        );
-    }
+    // Read now, so that a file that cannot work is told at start; and again each time etcd is
+    // authenticated to, so that a password renewed in the file is used.
+    let password = fleet_controller::Password::File(file.clone());
+    password.read(user)?;
     Ok(Some(fleet_controller::Credentials {
         user: user.clone(),
-        password: password.to_string(),
+        password,
     }))
 }
 

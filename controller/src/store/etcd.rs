@@ -338,7 +338,7 @@ mod tests {
             tls: Default::default(),
             user: user.map(|(user, password)| crate::etcd::Credentials {
                 user: user.into(),
-                password: password.into(),
+                password: crate::etcd::Password::Given(password.into()),
             }),
         }
     }
@@ -744,6 +744,58 @@ mod tests {
         // The leader, busy renewing its lease all along, still leads and writes.
         store.put_desired("us-west", &[2]).unwrap();
         assert!(leading.fence.lost.why().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_password_renewed_in_its_file_is_used_from_the_next_token_on() {
+        // Tokens last a second unused; passwords are hashed cheaply.
+        let args = ["--auth-token-ttl", "1", "--bcrypt-cost", "4"];
+        let server = server::Etcd::start_args(&args).unwrap();
+        let plain = connect(&server);
+        (plain
+            .add_prefix_user_for_tests("fleet", "old", b"/test/")
+            .await)
+            .unwrap();
+        plain.enable_auth_for_tests("root", "secret").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "old\n").unwrap();
+        let user = crate::etcd::Credentials {
+            user: "fleet".into(),
+            password: crate::etcd::Password::File(file.clone()),
+        };
+        let options = EtcdOptions {
+            user: Some(user),
+            ..options(vec![server.url.clone()], None)
+        };
+        let etcd = Etcd::connect(&options).unwrap();
+        let key = || b"/test/x".to_vec();
+        assert!(etcd.get(key()).await.unwrap().is_none());
+
+        // Renewed, in etcd and then in the file (a Secret mounted): once the token is no longer
+        // taken, the next call authenticates with the file's new password.
+        let root = connect_as(&server, "root", "secret");
+        root.change_password_for_tests("fleet", "new")
+            .await
+            .unwrap();
+        std::fs::write(&file, "new\n").unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(etcd.get(key()).await.unwrap().is_none());
+
+        // A file that cannot be read then is told, naming it.
+        root.change_password_for_tests("fleet", "newer")
+            .await
+            .unwrap();
+        std::fs::remove_file(&file).unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let told = format!("{:#}", etcd.get(key()).await.unwrap_err());
+        assert!(
+            told.contains(&format!(
+                "--etcd-password-file {}: cannot read it",
+                file.display()
+            )),
+            "{told}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
