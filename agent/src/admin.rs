@@ -280,7 +280,7 @@ fn watch_metrics(out: &mut String, watches: &BTreeMap<&'static str, Figures>) {
         (
             "fleet_agent_watch_failing",
             "gauge",
-            "Whether the watch failed lately and no change has come through since (the agent's detail says why).",
+            "Whether the watch failed in the last 150 s and no change has come through since (the log says why).",
             |f| f64::from(u8::from(f.failing())),
         ),
         (

@@ -189,7 +189,7 @@ const NOT_STARTED: [&str; 16] = [
 ];
 
 /// Whether the proxy of `pod` may be running: its container (the one declaring the admin
-/// `port`, a native sidecar among them, or any of the pod's containers, if none declares it)
+/// `port`, a native sidecar among them, or any of its regular containers, if none declares it)
 /// is running, or waiting for a reason that does not say it has not started. One that has
 /// ended, or has not started, holds no table. Pure.
 pub fn proxy_runs(pod: &Pod, port: u16) -> bool {

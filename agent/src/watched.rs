@@ -273,35 +273,38 @@ where
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
         let (mut failed, mut relisted) = (false, false);
-        told.send_modify(|health| match event {
-            // Sent before a list is asked for: nothing has come through yet.
-            Ok(Event::Init) => {}
-            Ok(Event::InitDone) => {
-                health.listed = true;
-                health.failed = None;
+        // The tally is noted before those waiting on the health are woken: what they read
+        // next is no older.
+        told.send_modify(|health| {
+            match event {
+                // Sent before a list is asked for: nothing has come through yet.
+                Ok(Event::Init) => {}
+                Ok(Event::InitDone) => {
+                    health.listed = true;
+                    health.failed = None;
+                }
+                // Only a list come through in full, or a change, shows the watch well again.
+                Ok(Event::InitApply(_)) => {}
+                Ok(Event::Apply(_) | Event::Delete(_)) => health.failed = None,
+                // Too far behind (410 Gone): kube-runtime lists again, which is no failure.
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    tracing::debug!(what, "watch too far behind; listing again");
+                    relisted = true;
+                }
+                Err(e) => {
+                    let why = failure(&what, &e);
+                    tracing::warn!(%why, "watching the Kubernetes API");
+                    health.failed = Some((why, Instant::now()));
+                    failed = true;
+                }
             }
-            // Only a list come through in full, or a change, shows the watch well again.
-            Ok(Event::InitApply(_)) => {}
-            Ok(Event::Apply(_) | Event::Delete(_)) => health.failed = None,
-            // Too far behind (410 Gone): kube-runtime lists again, which is no failure.
-            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
-                tracing::debug!(what, "watch too far behind; listing again");
-                relisted = true;
-            }
-            Err(e) => {
-                let why = failure(&what, &e);
-                tracing::warn!(%why, "watching the Kubernetes API");
-                health.failed = Some((why, Instant::now()));
-                failed = true;
-            }
-        });
-        let health = told.borrow();
-        (tallied.tally).note(tallied.name, tallied.writer, |figures| {
-            figures.listed = health.listed;
-            figures.objects = tallied.store.len();
-            figures.failures += u64::from(failed);
-            figures.relists += u64::from(relisted);
-            figures.failed_at = health.failed.as_ref().map(|(_, at)| *at);
+            (tallied.tally).note(tallied.name, tallied.writer, |figures| {
+                figures.listed = health.listed;
+                figures.objects = tallied.store.len();
+                figures.failures += u64::from(failed);
+                figures.relists += u64::from(relisted);
+                figures.failed_at = health.failed.as_ref().map(|(_, at)| *at);
+            });
         });
     }
 }

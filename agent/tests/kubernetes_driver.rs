@@ -1219,6 +1219,15 @@ async fn a_watch_that_fails_is_told_and_what_it_last_showed_is_judged() {
         "{}",
         running.detail
     );
+    // Each of the three watches has been refused (and counted) before they are allowed again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(cluster.lock().tally.figures().values()).all(|f| f.failures >= 1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every watch refused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // Allowed again: the next changes come through, and the failure is no longer told.
     cluster.lock().refuse_watches = false;
