@@ -247,6 +247,18 @@ impl Controller {
             wake: Notify::new(),
         };
         controller.forget_old(&mut controller.lock(), None)?;
+        // A start writes its regions' baselines after the release: a controller that stopped
+        // in between writes them now, before any region is steered.
+        {
+            let mut inner = controller.lock();
+            let running: Vec<String> = (inner.releases.iter())
+                .filter(|(_, run)| !run.engine.state().phase.is_terminal())
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in running {
+                controller.baseline(&mut inner, &id)?;
+            }
+        }
         Ok(Arc::new(controller))
     }
 
@@ -570,6 +582,8 @@ impl Controller {
     /// Gives every region of release `id` that has never had a desired state its baseline:
     /// the stable version alone. A region the controller has not steered before (the first
     /// release of a service) then runs the version it is said to run, before its wave starts.
+    /// Made after the start is written, and again as the store is opened (for a start whose
+    /// baselines a stop kept from being written).
     pub(crate) fn baseline(&self, inner: &mut Inner, id: &str) -> anyhow::Result<()> {
         let Some(run) = inner.releases.get(id) else {
             return Ok(());
@@ -639,6 +653,79 @@ impl Controller {
 mod tests {
     use super::*;
     use crate::store::answer::{KEEP_FOR, stamped};
+
+    #[test]
+    fn a_release_stored_without_its_baselines_gets_them_as_the_store_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = include_str!("../../deploy/examples/quick.yaml");
+        let manifest = Arc::new(fleet::load(source).unwrap().manifest);
+        let store = Embedded::open(dir.path()).unwrap();
+        let fleet = StoredFleet {
+            service: "demo".into(),
+            manifest: source.into(),
+            applied_at_ms: 1,
+        };
+        store.put_fleet(&fleet).unwrap();
+        let spec = fleet_engine::ReleaseSpec {
+            id: "demo-1".into(),
+            service: "demo".into(),
+            from_version: "v1".into(),
+            to_version: "v2".into(),
+            emergency: None,
+            actor: "test".into(),
+        };
+        let mut engine = Engine::start(manifest, spec, Utc::now());
+        // The start's own write, as `change` makes it, with what the engine desired at once;
+        // the controller stopped before it wrote the other regions' baselines.
+        let mut desired = Vec::new();
+        while let Some(command) = engine.poll_command() {
+            if let Command::Desire { region, desired: d } = command {
+                let d = convert::desired(1, engine.manifest(), &d);
+                desired.push((region, d.encode_to_vec()));
+            }
+        }
+        let release = StoredRelease {
+            service: "demo".into(),
+            started_at_ms: 1,
+            history_len: 0,
+            strategy_override: None,
+            state: engine.state().clone(),
+        };
+        store
+            .save_release(ReleaseChange {
+                id: "demo-1",
+                release: &release,
+                events: &[],
+                desired: &desired,
+                version: None,
+                manifest: Some(source),
+                answer: None,
+            })
+            .unwrap();
+        drop(store);
+
+        let controller = Controller::open(dir.path(), 0).unwrap();
+        let stored: BTreeMap<String, pb::DesiredState> = (controller.store.desired().unwrap())
+            .into_iter()
+            .map(|(region, bytes)| (region, pb::DesiredState::decode(&bytes[..]).unwrap()))
+            .collect();
+        let regions: Vec<&str> = stored.keys().map(String::as_str).collect();
+        assert_eq!(regions, ["eu-west", "us-east", "us-west"]);
+        for (region, d) in &stored {
+            assert_eq!(d.release_id, "demo-1", "{region}");
+            let stable = d.stable.as_ref().map(|t| t.version.as_str());
+            assert_eq!(stable, Some("v1"), "{region}");
+        }
+        let desired_first = desired.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>();
+        for region in ["us-east", "eu-west"] {
+            assert!(
+                !desired_first.contains(&region),
+                "{region} had no desired state"
+            );
+            assert!(stored[region].canary.is_none(), "{region}: the baseline");
+        }
+        assert_eq!(controller.lock().desired.len(), 3, "and delivered");
+    }
 
     #[test]
     fn answers_older_than_a_day_are_forgotten_as_the_store_is_opened() {
