@@ -12,7 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(["fleet/v1/fleet.proto"], ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("fleet_v1_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Maps as BTreeMaps, should a message get one: encoded in key order, so that a request
+    // encodes the same way each time (the controller fingerprints its mutating requests).
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .compile_fds(fds)?;
     let etcd = protox::compile(["etcd/rpc.proto"], ["."])?;
     tonic_prost_build::configure()
         .build_server(false)

@@ -71,22 +71,35 @@ fn internal(e: anyhow::Error) -> Status {
 /// A request that changes something, made once whatever its repeats.
 trait Mutating: Message + Clone {
     fn request_id(&mut self) -> &mut String;
+    /// Forgets who claims to make it: what is asked is the same whoever asks it again (a
+    /// command run again in another shell, whose `$USER` differs). Under mutual TLS the
+    /// request's key names the operator.
+    fn forget_actor(&mut self) {}
 }
 
-macro_rules! mutating {
-    ($($request:ty),*) => {$(
-        impl Mutating for $request {
-            fn request_id(&mut self) -> &mut String {
-                &mut self.request_id
-            }
-        }
-    )*};
+impl Mutating for pb::ApplyFleetRequest {
+    fn request_id(&mut self) -> &mut String {
+        &mut self.request_id
+    }
 }
-mutating!(
-    pb::ApplyFleetRequest,
-    pb::StartReleaseRequest,
-    pb::OperatorRequest
-);
+
+impl Mutating for pb::StartReleaseRequest {
+    fn request_id(&mut self) -> &mut String {
+        &mut self.request_id
+    }
+    fn forget_actor(&mut self) {
+        self.actor.clear();
+    }
+}
+
+impl Mutating for pb::OperatorRequest {
+    fn request_id(&mut self) -> &mut String {
+        &mut self.request_id
+    }
+    fn forget_actor(&mut self) {
+        self.actor.clear();
+    }
+}
 
 impl Releases {
     /// Answers a mutating request once: a repeat (the same request with the same id) gets the
@@ -104,6 +117,7 @@ impl Releases {
     ) -> Result<Response<T>, Status> {
         let mut asked = request.clone();
         let request_id = std::mem::take(asked.request_id());
+        asked.forget_actor();
         if request_id.is_empty() {
             return Err(Status::invalid_argument(
                 "request_id is empty: give every mutating call a unique id, e.g. a UUID",
@@ -134,7 +148,7 @@ impl Releases {
                     "request_id {request_id} was given to another {method} call, with other \
                      arguments, which the controller answered: nothing was done. An id names \
                      one change, and makes it once; give this one an id of its own (fleetctl: \
-                     leave out --request-id)"
+                     leave out --request-id, and FLEET_REQUEST_ID unset)"
                 )));
             }
             return T::decode(kept.answer)

@@ -80,9 +80,9 @@ pub trait Store: Send + Sync {
     fn history(&self, id: &str, from: u64) -> anyhow::Result<Vec<(u64, HistoryEvent)>>;
     fn desired(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>>;
     fn version(&self, service: &str) -> anyhow::Result<Option<String>>;
-    /// The answer already given to `request_id`, if any, as kept (`answer::stamped`).
+    /// The answer already given to `request_id`, if any, as kept (`answer::kept`).
     fn answered(&self, request_id: &str) -> anyhow::Result<Option<Vec<u8>>>;
-    /// Keeps `kept`, an answer as `answer::stamped` makes it, for `request_id`.
+    /// Keeps `kept`, an answer as `answer::kept` makes it, for `request_id`.
     fn answer(&self, request_id: &str, kept: &[u8]) -> anyhow::Result<()>;
     /// Forgets the answers given before `before_ms`, and stamps with `now_ms` those kept
     /// without a stamp (`answer::sweep`); how many it forgot. Writes only if there is

@@ -383,6 +383,12 @@ async fn an_operator_call_repeated_with_its_request_id_is_answered_not_made_agai
     let mut client = server.client().await;
     let again = client.pause(call("pause-1")).await.unwrap().into_inner();
     assert_eq!(again, paused, "the first answer");
+    // Run again by another (without mutual TLS, the actor is the client's word): the same call.
+    let by_bob = pb::OperatorRequest {
+        actor: "bob".into(),
+        ..call("pause-1")
+    };
+    assert_eq!(client.pause(by_bob).await.unwrap().into_inner(), paused);
     // Another call given its id (another reason) is refused, and changes nothing.
     let other = pb::OperatorRequest {
         reason: "another reason".into(),
@@ -553,6 +559,14 @@ async fn a_release_may_override_the_strategy_and_a_bad_override_changes_nothing(
         .apply_fleet(apply(&format!("{QUICK}# edited\n")))
         .await;
     assert_eq!(other.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let fleet = client.get_fleet(pb::GetFleetRequest {
+        service: "demo".into(),
+    });
+    assert_eq!(
+        fleet.await.unwrap().into_inner().manifest,
+        QUICK,
+        "unchanged"
+    );
     let refused = client
         .start_release(start(
             "bad",
@@ -576,6 +590,15 @@ async fn a_release_may_override_the_strategy_and_a_bad_override_changes_nothing(
         .await
         .unwrap()
         .into_inner();
+    // Its id given to a start of another strategy: refused, before anything is looked at.
+    let again = client.start_release(start("good", "linear: { step_weight: 25, interval: 1s }"));
+    let refused = again.await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("another start_release call"),
+        "{}",
+        refused.message()
+    );
     wait_for(&mut client, &release.id, Duration::from_secs(60), |r| {
         r.phase == "succeeded"
     })
@@ -808,13 +831,18 @@ async fn a_controller_without_tls_dialled_over_https_is_told_at_once_to_be_diall
     let server = Server::start(dir.path()).await;
     server.client().await;
     let https = server.grpc.replacen("http://", "https://", 1);
-    let tls = fleet_proto::connect::ClientTls::default();
+    // A CA of the test's own: nothing depends on the machine's roots.
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let tls = fleet_proto::connect::ClientTls {
+        ca: Some(dir.path().join("ca.pem")),
+        ..Default::default()
+    };
     let e = fleet_proto::connect::dial(&https, &tls).await.unwrap_err();
     assert!(!e.passing, "not tried again: {e}");
     assert!(
-        e.to_string().contains(
-            "it does not answer in TLS there: for a controller without TLS, an http:// URL"
-        ),
+        e.to_string()
+            .contains("does not speak TLS: for a controller without TLS, use an http:// URL"),
         "{e}"
     );
     server.stop().await;

@@ -483,6 +483,10 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().starts_with("the manifest is invalid"),
+        "bob's own request, checked: {refused:?}"
+    );
 
     let history = api
         .history(pb::HistoryRequest {

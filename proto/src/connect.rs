@@ -81,7 +81,7 @@ pub async fn dial(url: &str, tls: &ClientTls) -> Result<Channel, Unreached> {
                 "cannot reach the controller at {url} ({}): {}",
                 match not_tls(&e) {
                     true =>
-                        "it does not answer in TLS there: for a controller without TLS, an http:// URL",
+                        "what answers there does not speak TLS: for a controller without TLS, use an http:// URL; else check the port",
                     false => HINT,
                 },
                 said_once(e.to_string(), std::error::Error::source(&e))
@@ -119,9 +119,9 @@ impl std::error::Error for Unreached {}
 /// controller away for a moment makes it fail: refused, reset, closed early or timed out
 /// (its pings unanswered, too), or a call the controller did not take up as it stopped
 /// (HTTP/2 `REFUSED_STREAM`, or a `GOAWAY` without error). A TLS failure is not (rustls's
-/// errors come as `InvalidData`; a controller without TLS, dialled over `https://`, answers
-/// the handshake with its `GOAWAY`, which rustls finds is not TLS), nor a name not resolved.
-/// A connection cut during the TLS handshake is.
+/// errors come as `InvalidData`; a controller without TLS, dialled over `https://`, sends its
+/// HTTP/2 SETTINGS frame, which rustls finds is not TLS), nor a name not resolved. A
+/// connection cut during the TLS handshake is.
 pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind::*;
     let mut next = Some(error);
@@ -157,8 +157,8 @@ pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Whether `error`, by itself or an error beneath it, is a TLS handshake answered with bytes
-/// that are not TLS: a controller without TLS dialled over `https://` (its HTTP/2 server
-/// answers the ClientHello with a GOAWAY).
+/// that are not TLS: a controller without TLS dialled over `https://` (its HTTP/2 server sends
+/// its SETTINGS frame first), or another server.
 fn not_tls(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
@@ -325,8 +325,7 @@ mod tests {
             refused.to_string().contains("Connection refused"),
             "{refused}"
         );
-        // Each connection closed unread (a standby that knows no leader; also a controller
-        // without TLS, to which this is no HTTP/2 preface): the handshake cut.
+        // Each connection closed unread (a standby that knows no leader): the handshake cut.
         let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let closed = url("https", &closing);
         tokio::spawn(async move {
@@ -349,6 +348,12 @@ mod tests {
         });
         let not_tls = dial(&answering, &tls).await.unwrap_err();
         assert!(!not_tls.passing, "{not_tls}");
+        assert!(
+            not_tls
+                .to_string()
+                .contains("what answers there does not speak TLS"),
+            "{not_tls}"
+        );
         // A URL that cannot work.
         let bad = dial("no url", &ClientTls::default()).await.unwrap_err();
         assert!(!bad.passing, "{bad}");

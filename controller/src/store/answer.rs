@@ -78,6 +78,11 @@ pub fn read(kept: &[u8]) -> Read<'_> {
     };
     let at = |bytes: &[u8]| Some(i64::from_be_bytes(bytes.try_into().ok()?));
     match kept.split_first() {
+        // Fingerprinted, then stamped again by a sweep of a controller from before
+        // fingerprints (one rolled back to): read as it was kept.
+        Some((&STAMPED, rest)) if rest.len() >= 8 && rest.get(8) == Some(&FINGERPRINTED) => {
+            read(&rest[8..])
+        }
         Some((&STAMPED, rest)) if rest.len() >= 8 => Read {
             at_ms: at(&rest[..8]),
             asked: None,
@@ -155,6 +160,9 @@ mod tests {
         assert_eq!(super::read(&stamped(7, b"a")).asked, None, "kept before");
         // Cut short (a store's bytes mangled): taken for an answer without a stamp.
         assert_eq!(super::read(&kept[..10]).at_ms, None);
+        // Stamped again by a controller from before fingerprints (a rollback of it): as kept.
+        let restamped = stamped(9_000, &kept);
+        assert_eq!(super::read(&restamped), super::read(&kept));
     }
 
     #[test]
