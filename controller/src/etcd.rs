@@ -64,7 +64,8 @@ pub struct Credentials {
 }
 
 /// A password: given, or read from a file each time etcd is authenticated to, so that a
-/// password renewed in place (a Secret mounted as a file) is used from the next token on.
+/// password renewed in place (a Secret mounted as a file) is used from the next token on
+/// (`Etcd::authenticate` falls back on the password etcd last took).
 #[derive(Clone)]
 pub enum Password {
     Given(String),
@@ -97,6 +98,10 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?} (password not shown)", self.user)
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The token etcd gave for the credentials, which every call carries (metadata `token`).
@@ -137,6 +142,9 @@ pub struct Etcd {
     clients: Arc<ArcSwap<Clients>>,
     /// Whom to authenticate as, if etcd asks.
     user: Option<Arc<Credentials>>,
+    /// The password etcd last took, tried when it refuses the file's or the file cannot be
+    /// read.
+    taken: Arc<std::sync::Mutex<Option<String>>>,
     token: Token,
     prefix: Arc<str>,
     runtime: Arc<Runtime>,
@@ -204,6 +212,7 @@ impl Etcd {
         Ok(Etcd {
             clients,
             user: options.user.clone().map(Arc::new),
+            taken: Arc::default(),
             token,
             prefix: options.prefix.as_str().into(),
             runtime,
@@ -390,33 +399,56 @@ impl Etcd {
         Ok(())
     }
 
-    /// Takes a token for the user. A try that failed as a member lost makes a call fail
+    /// Takes a token for the user: with the password of its file, or, if etcd refuses that
+    /// one or the file cannot be read (renewed in the file before in etcd, or being written),
+    /// with the last password etcd took. A try that failed as a member lost makes a call fail
     /// (`passed_over`, `timed_out`) is the status, to be made again.
     async fn authenticate(&self) -> anyhow::Result<Result<(), tonic::Status>> {
         let Some(user) = &self.user else {
             return Ok(Ok(()));
         };
-        let request = pb::AuthenticateRequest {
-            name: user.user.clone(),
-            password: user.password.read(&user.user)?,
-        };
-        let mut auth = self.clients.load().auth.clone();
-        let answer = match within(auth.authenticate(request)).await {
-            Err(status) if passed_over(&status) || timed_out(&status) => return Ok(Err(status)),
-            answer => answer,
-        };
-        let answer = answer.map_err(|status| {
-            anyhow!(
-                "etcd did not authenticate user {:?}: {} (check --etcd-user and the password in --etcd-password-file)",
-                user.user,
-                status.message()
-            )
-        })?;
-        let token = AsciiMetadataValue::try_from(answer.into_inner().token)
-            .context("etcd gave a token that is not ASCII")?;
-        *self.token.0.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
-        tracing::debug!(user = %user.user, "authenticated to etcd");
-        Ok(Ok(()))
+        let read = user.password.read(&user.user);
+        let taken = lock(&self.taken).clone();
+        let mut tries: Vec<&str> = read.iter().map(String::as_str).collect();
+        tries.extend(taken.as_deref().filter(|t| read.as_deref().ok() != Some(t)));
+        let mut refused = None;
+        for password in tries {
+            let request = pb::AuthenticateRequest {
+                name: user.user.clone(),
+                password: password.to_string(),
+            };
+            let mut auth = self.clients.load().auth.clone();
+            let answer = match within(auth.authenticate(request)).await {
+                Err(status) if passed_over(&status) || timed_out(&status) => {
+                    return Ok(Err(status));
+                }
+                Err(status) => {
+                    refused = Some(status);
+                    continue;
+                }
+                Ok(answer) => answer,
+            };
+            let token = AsciiMetadataValue::try_from(answer.into_inner().token)
+                .context("etcd gave a token that is not ASCII")?;
+            *self.token.0.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
+            if taken.as_deref() == Some(password) && read.as_deref().ok() != Some(password) {
+                let why = match &read {
+                    Ok(_) => "etcd refuses the password in --etcd-password-file".to_string(),
+                    Err(e) => format!("{e:#}"),
+                };
+                tracing::warn!(user = %user.user, %why, "authenticated to etcd with the password it last took");
+            }
+            *lock(&self.taken) = Some(password.to_string());
+            tracing::debug!(user = %user.user, "authenticated to etcd");
+            return Ok(Ok(()));
+        }
+        // The file, if it cannot be read, is what to mend first.
+        read?;
+        let said = refused.as_ref().map_or("", |status| status.message());
+        Err(anyhow!(
+            "etcd did not authenticate user {:?}: {said} (check --etcd-user and the password in --etcd-password-file)",
+            user.user,
+        ))
     }
 
     /// One Range call, as [`Etcd::call`] makes it.

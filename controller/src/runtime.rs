@@ -596,7 +596,9 @@ impl Controller {
             .as_ref()
             .map(fleet_engine::output::StickyKey::from);
         let mut fresh = Vec::new();
-        for region in manifest.regions.iter().map(|r| r.name.clone()) {
+        // The release's own regions (one restored on its fleet's manifest steers no region
+        // added to that since).
+        for region in state.regions.keys().cloned() {
             if inner.desired.contains_key(&region) {
                 continue;
             }

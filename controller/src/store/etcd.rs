@@ -747,7 +747,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_password_renewed_in_its_file_is_used_from_the_next_token_on() {
+    async fn a_password_renewed_in_its_file_then_in_etcd_is_taken_with_no_call_failing() {
         // Tokens last a second unused; passwords are hashed cheaply.
         let args = ["--auth-token-ttl", "1", "--bcrypt-cost", "4"];
         let server = server::Etcd::start_args(&args).unwrap();
@@ -771,23 +771,30 @@ mod tests {
         let etcd = Etcd::connect(&options).unwrap();
         let key = || b"/test/x".to_vec();
         assert!(etcd.get(key()).await.unwrap().is_none());
+        // Waits for the token to be no longer taken (unused for longer than it lasts), so that
+        // the next call authenticates.
+        let token_ends = || tokio::time::sleep(Duration::from_secs(3));
 
-        // Renewed, in etcd and then in the file (a Secret mounted): once the token is no longer
-        // taken, the next call authenticates with the file's new password.
+        // Renewed in the file first (the Secret), which etcd refuses yet: the last password
+        // it took is used.
+        std::fs::write(&file, "new\n").unwrap();
+        token_ends().await;
+        assert!(etcd.get(key()).await.unwrap().is_none());
+        // Then in etcd, which ends the user's tokens: the file's is taken at once.
         let root = connect_as(&server, "root", "secret");
         root.change_password_for_tests("fleet", "new")
             .await
             .unwrap();
-        std::fs::write(&file, "new\n").unwrap();
-        tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(etcd.get(key()).await.unwrap().is_none());
-
-        // A file that cannot be read then is told, naming it.
+        // A file being written (empty for a moment): the last password taken again.
+        std::fs::write(&file, "").unwrap();
+        token_ends().await;
+        assert!(etcd.get(key()).await.unwrap().is_none());
+        // Gone, and the password changed in etcd: told, naming the file.
+        std::fs::remove_file(&file).unwrap();
         root.change_password_for_tests("fleet", "newer")
             .await
             .unwrap();
-        std::fs::remove_file(&file).unwrap();
-        tokio::time::sleep(Duration::from_secs(3)).await;
         let told = format!("{:#}", etcd.get(key()).await.unwrap_err());
         assert!(
             told.contains(&format!(
