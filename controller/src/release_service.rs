@@ -62,6 +62,32 @@ fn no_fleet(service: &str) -> Status {
     ))
 }
 
+/// Why `manifest` may not be applied beside `fleets`, if it may not: a region another
+/// service's fleet has. A region's desired state, and its agents, are one service's. Pure.
+fn region_taken(
+    fleets: &std::collections::BTreeMap<String, crate::runtime::Fleet>,
+    manifest: &fleet::Manifest,
+) -> Option<String> {
+    let service = &manifest.service.name;
+    let others = fleets.iter().filter(|(other, _)| *other != service);
+    let taken = others.flat_map(|(other, fleet)| {
+        let regions = fleet.manifest.regions.iter();
+        regions.map(move |r| (r.name.as_str(), other.as_str()))
+    });
+    let taken: std::collections::BTreeMap<&str, &str> = taken.collect();
+    let (i, region, other) = manifest
+        .regions
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| Some((i, &r.name, *taken.get(r.name.as_str())?)))?;
+    Some(format!(
+        "regions[{i}].name: region \"{region}\" is service {other}'s; nothing changed. A region's \
+         agents run one service, so a controller steers each region for one: name this fleet's \
+         regions apart (\"{service}-{region}\", say, with agents started with that --region), \
+         or run a controller of its own for {service} (its own --data, or --etcd-prefix)"
+    ))
+}
+
 /// Maps an internal failure to a gRPC status, in one place.
 fn internal(e: anyhow::Error) -> Status {
     tracing::error!(error = %e, "request failed");
@@ -249,6 +275,9 @@ impl ReleaseService for Releases {
             let warnings = loaded.warnings.iter().map(convert::diagnostic).collect();
             let service = loaded.manifest.service.name.clone();
             let mut inner = self.controller.lock();
+            if let Some(why) = region_taken(&inner.fleets, &loaded.manifest) {
+                return Err(Status::failed_precondition(why));
+            }
             self.controller
                 .put_fleet(&mut inner, loaded.manifest, r.manifest.clone(), Utc::now())
                 .map_err(internal)?;

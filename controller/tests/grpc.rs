@@ -847,3 +847,39 @@ async fn a_controller_without_tls_dialled_over_https_is_told_at_once_to_be_diall
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_with_a_region_of_another_service_is_refused_naming_the_region_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let apply = |request_id: &str, manifest: &str| pb::ApplyFleetRequest {
+        request_id: request_id.into(),
+        manifest: manifest.into(),
+    };
+    client.apply_fleet(apply("demo", QUICK)).await.unwrap();
+    // Service "shop" in demo's regions: refused, and nothing changed.
+    let shop = QUICK.replacen("name: demo", "name: shop", 1);
+    let refused = client.apply_fleet(apply("shop", &shop)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .starts_with("regions[0].name: region \"us-west\" is service demo's; nothing changed.")
+            && refused.message().contains("\"shop-us-west\""),
+        "{}",
+        refused.message()
+    );
+    let listed = client.list_fleets(pb::ListFleetsRequest {});
+    let services: Vec<String> = (listed.await.unwrap().into_inner().fleets.into_iter())
+        .map(|f| f.service)
+        .collect();
+    assert_eq!(services, ["demo"]);
+    // Its regions named apart: applied; and demo may still be applied again.
+    let apart = ["us-west", "us-east", "eu-west"]
+        .into_iter()
+        .fold(shop, |m, r| m.replace(r, &format!("shop-{r}")));
+    client.apply_fleet(apply("shop-2", &apart)).await.unwrap();
+    client.apply_fleet(apply("demo-2", QUICK)).await.unwrap();
+    server.stop().await;
+}

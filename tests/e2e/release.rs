@@ -794,8 +794,12 @@ async fn fleetctl_shows_the_fleets_kept_and_what_applying_a_file_would_change() 
     let added = diff.lines().filter(|l| l.starts_with('+')).count();
     assert_eq!(added, text.lines().count() + 1, "{diff}");
     assert!(err.contains("fleet e2e is not applied"), "{err}");
-    // Another fleet first: each verb must find its own.
-    let other = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/demo.yaml");
+    // Another fleet first: each verb must find its own. (Of other regions: a region is one
+    // service's.)
+    let other = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/multi-region-canary.yaml"
+    );
     assert_eq!(fleetctl(&["apply", other]).0, 0);
     assert_eq!(fleetctl(&["apply", fleet]).0, 0);
     // The same: nothing to say.
