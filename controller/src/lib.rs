@@ -11,6 +11,7 @@ mod etcd;
 mod identity;
 mod import;
 mod leader;
+mod regions;
 mod release_service;
 mod retention;
 mod runtime;

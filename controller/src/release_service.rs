@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::identity::{Operator, Role};
+use crate::regions;
 use crate::runtime::{Controller, Running};
 use crate::store::answer::{self, Asked};
 
@@ -59,32 +60,6 @@ pub(crate) fn stopping() -> Status {
 fn no_fleet(service: &str) -> Status {
     Status::not_found(format!(
         "no fleet for service \"{service}\": apply its manifest with `fleetctl apply`"
-    ))
-}
-
-/// Why `manifest` may not be applied beside `fleets`, if it may not: a region another
-/// service's fleet has. A region's desired state, and its agents, are one service's. Pure.
-fn region_taken(
-    fleets: &std::collections::BTreeMap<String, crate::runtime::Fleet>,
-    manifest: &fleet::Manifest,
-) -> Option<String> {
-    let service = &manifest.service.name;
-    let others = fleets.iter().filter(|(other, _)| *other != service);
-    let taken = others.flat_map(|(other, fleet)| {
-        let regions = fleet.manifest.regions.iter();
-        regions.map(move |r| (r.name.as_str(), other.as_str()))
-    });
-    let taken: std::collections::BTreeMap<&str, &str> = taken.collect();
-    let (i, region, other) = manifest
-        .regions
-        .iter()
-        .enumerate()
-        .find_map(|(i, r)| Some((i, &r.name, *taken.get(r.name.as_str())?)))?;
-    Some(format!(
-        "regions[{i}].name: region \"{region}\" is service {other}'s; nothing changed. A region's \
-         agents run one service, so a controller steers each region for one: name this fleet's \
-         regions apart (\"{service}-{region}\", say, with agents started with that --region), \
-         or run a controller of its own for {service} (its own --data, or --etcd-prefix)"
     ))
 }
 
@@ -275,7 +250,11 @@ impl ReleaseService for Releases {
             let warnings = loaded.warnings.iter().map(convert::diagnostic).collect();
             let service = loaded.manifest.service.name.clone();
             let mut inner = self.controller.lock();
-            if let Some(why) = region_taken(&inner.fleets, &loaded.manifest) {
+            let held = regions::held_by_others(&inner, &service);
+            let had: Vec<String> = (inner.fleets.get(&service).into_iter())
+                .flat_map(|f| f.manifest.regions.iter().map(|r| r.name.clone()))
+                .collect();
+            if let Some(why) = regions::refuse_fleet(&held, &had, &loaded.manifest) {
                 return Err(Status::failed_precondition(why));
             }
             self.controller
@@ -361,6 +340,9 @@ impl ReleaseService for Releases {
                 .filter(|(_, run)| run.service == r.service && !run.engine.state().phase.is_terminal())
                 .map(|(id, _)| id.clone())
                 .collect();
+            if let Some(why) = regions::refuse_release(&regions::held_by_others(&inner, &r.service), &manifest) {
+                return Err(Status::failed_precondition(why));
+            }
             // Every check comes before any change, so that a refused request changes nothing.
             if let (Some(id), false) = (running.first(), r.supersede) {
                 return Err(Status::failed_precondition(format!(

@@ -162,6 +162,26 @@ pub(crate) struct Agent {
     pub reported_at_ms: i64,
 }
 
+/// Logs every region that two services' fleets have (a store from before regions were
+/// checked): a region's agents run one service.
+fn warn_of_shared_regions(fleets: &BTreeMap<String, Fleet>) {
+    let mut services: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (service, fleet) in fleets {
+        for region in &fleet.manifest.regions {
+            services.entry(&region.name).or_default().push(service);
+        }
+    }
+    for (region, services) in services.into_iter().filter(|(_, s)| s.len() > 1) {
+        tracing::warn!(
+            region,
+            services = ?services,
+            "a region of several services' fleets: its agents run one service; name each \
+             service's regions apart (a fleet may keep the regions it has, but no fleet may \
+             take another's, nor a release start where another service's release is under way)"
+        );
+    }
+}
+
 impl Controller {
     /// Opens the store in `dir`, takes a new epoch, and restores every fleet and release,
     /// keeping `keep_releases` ended releases of each service.
@@ -191,6 +211,7 @@ impl Controller {
                 },
             );
         }
+        warn_of_shared_regions(&inner.fleets);
         for (id, r) in store.releases()? {
             let fleet = inner.fleets.get(&r.service).map(|f| &f.manifest);
             let manifest = match manifest_of(&*store, &id, &r, fleet) {
@@ -579,7 +600,7 @@ impl Controller {
         }
     }
 
-    /// Gives every region of release `id` that has never had a desired state its baseline:
+    /// Gives every region of release `id` that has never had a desired state of its service its baseline:
     /// the stable version alone. A region the controller has not steered before (the first
     /// release of a service) then runs the version it is said to run, before its wave starts.
     /// Made after the start is written, and again as the store is opened (for a start whose
@@ -599,7 +620,10 @@ impl Controller {
         // The release's own regions (one restored on its fleet's manifest steers no region
         // added to that since).
         for region in state.regions.keys().cloned() {
-            if inner.desired.contains_key(&region) {
+            // Another service's, left from before the region was this one's: not this
+            // service's baseline.
+            let own = |d: &pb::DesiredState| d.service == state.spec.service;
+            if inner.desired.get(&region).is_some_and(own) {
                 continue;
             }
             let desired = fleet_engine::Desired {
@@ -704,6 +728,15 @@ mod tests {
                 answer: None,
             })
             .unwrap();
+        // Another service's, left from before the region was demo's.
+        let theirs = pb::DesiredState {
+            service: "shop".into(),
+            release_id: "shop-1".into(),
+            ..Default::default()
+        };
+        store
+            .put_desired("eu-west", &theirs.encode_to_vec())
+            .unwrap();
         drop(store);
 
         let controller = Controller::open(dir.path(), 0).unwrap();
@@ -722,8 +755,9 @@ mod tests {
         for region in ["us-east", "eu-west"] {
             assert!(
                 !desired_first.contains(&region),
-                "{region} had no desired state"
+                "{region} had no desired state of demo"
             );
+            assert_eq!(stored[region].service, "demo", "{region}");
             assert!(stored[region].canary.is_none(), "{region}: the baseline");
         }
         assert_eq!(controller.lock().desired.len(), 3, "and delivered");

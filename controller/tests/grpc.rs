@@ -881,5 +881,35 @@ async fn a_fleet_with_a_region_of_another_service_is_refused_naming_the_region_a
         .fold(shop, |m, r| m.replace(r, &format!("shop-{r}")));
     client.apply_fleet(apply("shop-2", &apart)).await.unwrap();
     client.apply_fleet(apply("demo-2", QUICK)).await.unwrap();
+
+    // A release of demo under way (no agent answers) steers its regions though demo's fleet
+    // names them apart since: still not another service's to take.
+    let start = pb::StartReleaseRequest {
+        request_id: "start-demo".into(),
+        service: "demo".into(),
+        version: "v2".into(),
+        from_version: "v1".into(),
+        ..Default::default()
+    };
+    let release = client.start_release(start).await.unwrap().into_inner();
+    let moved = QUICK.replace("us-west", "demo-us-west");
+    client.apply_fleet(apply("demo-3", &moved)).await.unwrap();
+    let taking = QUICK
+        .replacen("name: demo", "name: cart", 1)
+        .replace("us-east", "cart-us-east")
+        .replace("eu-west", "cart-eu-west");
+    let refused = client
+        .apply_fleet(apply("cart", &taking))
+        .await
+        .unwrap_err();
+    let steered = format!(
+        "regions[0].name: region \"us-west\" is steered by service demo's release {}, under way;",
+        release.id
+    );
+    assert!(
+        refused.message().starts_with(&steered),
+        "{}",
+        refused.message()
+    );
     server.stop().await;
 }

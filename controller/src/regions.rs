@@ -1,0 +1,158 @@
+//! Which service has each region. A region's desired state, its agents and its proxies' table
+//! are one service's (an agent says only its region and cluster), so a controller steers each
+//! region for one service: a fleet may not take a region another service's fleet has, nor any
+//! service start a release in a region another service's release is steering. Pure.
+
+use std::collections::BTreeMap;
+
+use crate::runtime::Inner;
+
+/// Who else has a region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// Another service's fleet names it.
+    Fleet { service: String },
+    /// Another service's release under way steers it.
+    Release { service: String, id: String },
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Fleet { service } => write!(f, "service {service}'s"),
+            Holder::Release { service, id } => {
+                write!(f, "steered by service {service}'s release {id}, under way")
+            }
+        }
+    }
+}
+
+/// The regions services other than `service` have, each with who has it (a release under way
+/// before a fleet).
+pub fn held_by_others(inner: &Inner, service: &str) -> BTreeMap<String, Holder> {
+    let mut held = BTreeMap::new();
+    for (other, fleet) in inner.fleets.iter().filter(|(s, _)| *s != service) {
+        for region in &fleet.manifest.regions {
+            let holder = Holder::Fleet {
+                service: other.clone(),
+            };
+            held.insert(region.name.clone(), holder);
+        }
+    }
+    let running = (inner.releases.iter())
+        .filter(|(_, run)| run.service != service && !run.engine.state().phase.is_terminal());
+    for (id, run) in running {
+        for region in run.engine.state().regions.keys() {
+            let holder = Holder::Release {
+                service: run.service.clone(),
+                id: id.clone(),
+            };
+            held.insert(region.clone(), holder);
+        }
+    }
+    held
+}
+
+/// Why `manifest` may not be applied, if it may not: its first region that another service's
+/// release under way steers, or that another service's fleet has and its own fleet (`had`, the
+/// regions of the one applied now) did not have already (a store from before regions were
+/// checked keeps what it had).
+pub fn refuse_fleet(
+    held: &BTreeMap<String, Holder>,
+    had: &[String],
+    manifest: &fleet::Manifest,
+) -> Option<String> {
+    let service = &manifest.service.name;
+    let (i, region, holder) = (manifest.regions.iter().enumerate()).find_map(|(i, r)| {
+        let holder = held.get(&r.name)?;
+        let kept = matches!(holder, Holder::Fleet { .. }) && had.contains(&r.name);
+        (!kept).then_some((i, &r.name, holder))
+    })?;
+    Some(format!(
+        "regions[{i}].name: region \"{region}\" is {holder}; nothing changed. A region's agents \
+         run one service, so a controller steers each region for one: name this fleet's regions \
+         apart (\"{service}-{region}\", say, in its waves too, with agents started with that \
+         --region and, under mutual TLS, certificates for it), or run a controller of its own \
+         for {service} (its own --data, or --etcd-prefix)"
+    ))
+}
+
+/// Why a release of `manifest` may not start, if it may not: a region of it another
+/// service's release under way steers.
+pub fn refuse_release(
+    held: &BTreeMap<String, Holder>,
+    manifest: &fleet::Manifest,
+) -> Option<String> {
+    let (region, holder) = (manifest.regions.iter()).find_map(|r| {
+        let holder = held.get(&r.name)?;
+        matches!(holder, Holder::Release { .. }).then_some((&r.name, holder))
+    })?;
+    Some(format!(
+        "region \"{region}\" of service {} is {holder}: wait for that release to end, or abort \
+         it; nothing changed",
+        manifest.service.name
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(service: &str, regions: &[&str]) -> fleet::Manifest {
+        let quick = include_str!("../../deploy/examples/quick.yaml");
+        let renamed = [("us-west", 0), ("us-east", 1), ("eu-west", 2)]
+            .into_iter()
+            .fold(
+                quick.replacen("name: demo", &format!("name: {service}"), 1),
+                |m, (r, i)| m.replace(r, regions[i]),
+            );
+        fleet::load(&renamed).unwrap().manifest
+    }
+
+    #[test]
+    fn a_region_of_another_fleet_is_refused_unless_this_fleet_had_it_and_one_being_steered_always()
+    {
+        let fleet = |s: &str| Holder::Fleet { service: s.into() };
+        let release = Holder::Release {
+            service: "demo".into(),
+            id: "demo-3".into(),
+        };
+        let held = BTreeMap::from([
+            ("us-west".to_string(), fleet("demo")),
+            ("eu-west".to_string(), release),
+        ]);
+        let shop = manifest("shop", &["a", "us-west", "b"]);
+        let refused = refuse_fleet(&held, &[], &shop).unwrap();
+        assert!(
+            refused.starts_with(
+                "regions[1].name: region \"us-west\" is service demo's; nothing changed."
+            ),
+            "{refused}"
+        );
+        assert_eq!(
+            refuse_fleet(&held, &["us-west".into()], &shop),
+            None,
+            "had it"
+        );
+        assert_eq!(refuse_release(&held, &shop), None, "no release steers it");
+
+        let steered = manifest("shop", &["a", "us-west", "eu-west"]);
+        let refused = refuse_fleet(&held, &["us-west".into(), "eu-west".into()], &steered);
+        assert!(
+            refused.unwrap().starts_with(
+                "regions[2].name: region \"eu-west\" is steered by service demo's release demo-3, under way;"
+            )
+        );
+        let refused = refuse_release(&held, &steered).unwrap();
+        assert!(
+            refused.starts_with(
+                "region \"eu-west\" of service shop is steered by service demo's release demo-3"
+            ),
+            "{refused}"
+        );
+        assert_eq!(
+            refuse_fleet(&held, &[], &manifest("shop", &["a", "b", "c"])),
+            None
+        );
+    }
+}
