@@ -423,8 +423,14 @@ impl Etcd {
                     return Ok(Err(status));
                 }
                 Err(status) => {
-                    refused = Some(status);
-                    continue;
+                    // Only a password refused is tried again with another; the first refusal
+                    // (the file's) is the one told.
+                    let wrong = status.message().contains("authentication failed");
+                    refused.get_or_insert(status);
+                    match wrong {
+                        true => continue,
+                        false => break,
+                    }
                 }
                 Ok(answer) => answer,
             };
