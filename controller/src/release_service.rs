@@ -63,6 +63,26 @@ fn no_fleet(service: &str) -> Status {
     ))
 }
 
+/// Whether `value` of `field` can be a version: what an image tag may be (a letter, digit or
+/// `_`, then up to 127 of those, `.` and `-`), as the Kubernetes driver puts it in one, and
+/// the process driver in an argument. Pure.
+fn check_version(field: &str, value: &str) -> Result<(), String> {
+    let mut chars = value.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    match (value.is_empty(), first_ok && rest_ok && value.len() <= 128) {
+        (true, _) => Err(format!(
+            "{field} is empty: give the version to release, e.g. v2"
+        )),
+        (false, true) => Ok(()),
+        (false, false) => Err(format!(
+            "{field} {value:?} is not a version: a letter, digit or '_', then at most 127 letters, digits, '_', '.' and '-' (as an image tag), e.g. v2 or 1.4.0-rc.1"
+        )),
+    }
+}
+
 /// Maps an internal failure to a gRPC status, in one place.
 fn internal(e: anyhow::Error) -> Status {
     tracing::error!(error = %e, "request failed");
@@ -215,8 +235,13 @@ impl Releases {
                 reason: r.reason.clone(),
             };
             let mut inner = self.controller.lock();
-            if !inner.releases.contains_key(&id) {
+            let Some(run) = inner.releases.get(&id) else {
                 return Err(Status::not_found(format!("no release {id}")));
+            };
+            if let Some(why) = run.engine.refusal(action) {
+                return Err(Status::failed_precondition(format!(
+                    "release {id}: {why}; nothing changed"
+                )));
             }
             let now = Utc::now();
             let answer = self
@@ -363,15 +388,21 @@ impl ReleaseService for Releases {
                     )));
                 }
             };
-            if r.version.is_empty() || r.version == from_version {
-                return Err(Status::invalid_argument(format!("version \"{}\" is empty or already running", r.version)));
+            check_version("version", &r.version).map_err(Status::invalid_argument)?;
+            if !r.from_version.is_empty() {
+                check_version("from_version", &r.from_version).map_err(Status::invalid_argument)?;
             }
-            if let Some(id) = running.first() {
-                let now = Utc::now();
-                let event = Event::Operator { action: Action::Abort, actor: actor.clone(), reason: format!("superseded by {}", r.version) };
-                controller.step(&mut inner, id, |e| e.handle(now, event)).map_err(internal)?;
+            if r.version == from_version {
+                return Err(Status::invalid_argument(format!("version \"{}\" is the one running already: nothing to release", r.version)));
             }
             let id = format!("{}-{number}", r.service);
+            // Every release of the service under way (one, but for a store from before
+            // supersede ended them) ends: the new one takes its regions over.
+            for old in &running {
+                let now = Utc::now();
+                let by = format!("{id} ({})", r.version);
+                controller.step(&mut inner, old, |e| e.supersede(now, &actor, &by)).map_err(internal)?;
+            }
             let spec = ReleaseSpec {
                 id: id.clone(),
                 service: r.service.clone(),
@@ -577,4 +608,34 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_is_what_an_image_tag_may_be() {
+        for ok in ["v2", "1.4.0-rc.1", "_x", "a".repeat(128).as_str()] {
+            assert_eq!(check_version("version", ok), Ok(()), "{ok}");
+        }
+        assert_eq!(
+            check_version("version", ""),
+            Err("version is empty: give the version to release, e.g. v2".into())
+        );
+        for bad in [
+            "v 3; rm -rf /",
+            "-v2",
+            ".v2",
+            "v2/x",
+            "a".repeat(129).as_str(),
+            "v\u{e9}",
+        ] {
+            let said = check_version("from_version", bad).unwrap_err();
+            assert!(
+                said.starts_with(&format!("from_version {bad:?} is not a version")),
+                "{said}"
+            );
+        }
+    }
 }

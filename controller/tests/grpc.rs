@@ -508,18 +508,33 @@ async fn supersede_rolls_the_running_release_back_and_starts_the_new_one() {
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        matches!(old.phase.as_str(), "rolling_back" | "rolled_back"),
-        "{old:#?}"
-    );
+    assert_eq!(old.phase, "rolled_back", "ended at once: {old:#?}");
     let history = client
-        .history(pb::HistoryRequest { id: first })
+        .history(pb::HistoryRequest { id: first.clone() })
         .await
         .unwrap()
         .into_inner();
-    assert!(history.events.iter().any(|e| e.kind == "rollback_started"
-        && e.reason == "superseded by v3"
-        && e.actor == "bob"));
+    let by = format!("superseded by {} (v3)", second.id);
+    assert!(
+        (history.events.iter())
+            .any(|e| e.kind == "rollback_started" && e.reason == by && e.actor == "bob"),
+        "{history:#?}"
+    );
+    // Ended, it is refused what would change nothing.
+    let abort = pb::OperatorRequest {
+        request_id: "abort-old".into(),
+        id: first.clone(),
+        ..Default::default()
+    };
+    let refused = client.abort(abort).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().starts_with(&format!(
+            "release {first}: the release has rolled back (superseded by"
+        )),
+        "{}",
+        refused.message()
+    );
     let done = wait_for(&mut client, &second.id, Duration::from_secs(60), |r| {
         r.phase == "succeeded"
     })
@@ -911,5 +926,40 @@ async fn a_fleet_with_a_region_of_another_service_is_refused_naming_the_region_a
         "{}",
         refused.message()
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_of_a_version_that_cannot_be_one_or_runs_already_is_refused_saying_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let apply = pb::ApplyFleetRequest {
+        request_id: "apply".into(),
+        manifest: QUICK.into(),
+    };
+    client.apply_fleet(apply).await.unwrap();
+    let start = |id: &str, version: &str| pb::StartReleaseRequest {
+        request_id: id.into(),
+        service: "demo".into(),
+        version: version.into(),
+        from_version: "v1".into(),
+        ..Default::default()
+    };
+    for (id, version, said) in [
+        (
+            "a",
+            "v 3; rm -rf /",
+            "version \"v 3; rm -rf /\" is not a version: ",
+        ),
+        ("b", "", "version is empty: "),
+        ("c", "v1", "version \"v1\" is the one running already"),
+    ] {
+        let refused = client.start_release(start(id, version)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().starts_with(said), "{}", refused.message());
+    }
+    let listed = client.list_releases(pb::ListReleasesRequest::default());
+    assert!(listed.await.unwrap().into_inner().releases.is_empty());
     server.stop().await;
 }

@@ -32,8 +32,8 @@ pub enum Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
-    /// Pass the current gate: the approval the release waits on, or the current step of every
-    /// region in progress (skipping what is left of its pause and analysis).
+    /// Pass the current gate: the approval the release waits on, its bake, or the current step
+    /// of every region at a step in force (skipping what is left of its pause and analysis).
     Promote,
     Pause,
     Resume,

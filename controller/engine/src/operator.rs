@@ -8,6 +8,93 @@ use crate::output::What;
 use crate::state::{Phase, RegionStatus, WaveState};
 
 impl Engine {
+    /// Why `action` would change nothing now, in words an operator can act on; `None` if it
+    /// would change something. The API refuses an action so refused rather than answer as if
+    /// it were done. Pure.
+    pub fn refusal(&self, action: Action) -> Option<String> {
+        let verb = format!("{action:?}").to_lowercase();
+        let phase = &self.state.phase;
+        match (phase, action) {
+            (Phase::Succeeded, _) => Some(format!("the release has succeeded: nothing to {verb}")),
+            (Phase::RolledBack { reason }, _) => Some(format!(
+                "the release has rolled back ({reason}): nothing to {verb}"
+            )),
+            (Phase::RollingBack { .. }, Action::Abort) => {
+                Some("the release is rolling back already".into())
+            }
+            (Phase::RollingBack { .. }, _) => {
+                Some(format!("the release is rolling back: nothing to {verb}"))
+            }
+            (Phase::Paused { .. }, Action::Pause) => Some("the release is paused already".into()),
+            (Phase::Paused { .. }, Action::Promote) => {
+                Some("the release is paused: resume it first".into())
+            }
+            (Phase::Progressing, Action::Resume) => Some("the release is not paused".into()),
+            (Phase::Progressing, Action::Promote) => self.nothing_to_promote(),
+            _ => None,
+        }
+    }
+
+    /// Why a promote would pass no gate now, if it would not.
+    fn nothing_to_promote(&self) -> Option<String> {
+        match &self.state.wave_state {
+            WaveState::Waiting { approved, .. } if !*approved => return None,
+            WaveState::Baking { .. } => return None,
+            _ => {}
+        }
+        if self.promotable().next().is_some() {
+            return None;
+        }
+        let entering: Vec<&str> = (self.state.regions.iter())
+            .filter(|(_, r)| r.in_progress())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        Some(match entering.is_empty() {
+            true => {
+                "no gate to pass: no wave waits for approval or bakes, and no region is at a step"
+                    .into()
+            }
+            false => format!(
+                "no gate to pass yet: {} not at a step in force (applied and ready); promote once it is (`fleetctl release status` shows where each region is)",
+                entering.join(", ")
+            ),
+        })
+    }
+
+    /// The regions a promote passes the step of: at a step in force (applied and ready), so
+    /// that a promote never passes a step before it is in force and seen.
+    fn promotable(&self) -> impl Iterator<Item = &String> {
+        (self.state.regions.iter())
+            .filter(|(_, r)| r.status == RegionStatus::Active && r.applied())
+            .map(|(name, _)| name)
+    }
+
+    /// Ends the release for another of its service, started in its place (`by` names it):
+    /// rolled back at once. Every region it reached is sent back to the stable version (a
+    /// rollback under way has sent it already), and is the new release's from then on: the
+    /// agents report on that one, so this one would never hear its own rollback applied.
+    pub fn supersede(&mut self, now: DateTime<Utc>, actor: &str, by: &str) {
+        if self.state.phase.is_terminal() {
+            return;
+        }
+        if !matches!(self.state.phase, Phase::RollingBack { .. }) {
+            self.start_rollback(now, actor, format!("superseded by {by}"));
+        }
+        for r in self.state.regions.values_mut() {
+            if r.status == RegionStatus::RollingBack {
+                r.status = RegionStatus::RolledBack;
+            }
+        }
+        let reason = format!(
+            "superseded by {by}, which goes on from {} in every region",
+            self.state.spec.from_version
+        );
+        self.state.phase = Phase::RolledBack {
+            reason: reason.clone(),
+        };
+        self.record(now, actor, None, What::RolledBack, reason);
+    }
+
     pub(crate) fn on_operator(
         &mut self,
         now: DateTime<Utc>,
@@ -65,11 +152,13 @@ impl Engine {
                 "ended the bake".to_string()
             }
             _ => {
-                let mut promoted = Vec::new();
-                for (name, r) in &mut self.state.regions {
-                    if r.status == RegionStatus::Active {
+                let promoted: Vec<String> = self.promotable().cloned().collect();
+                if promoted.is_empty() {
+                    return;
+                }
+                for name in &promoted {
+                    if let Some(r) = self.state.regions.get_mut(name) {
                         r.promote_requested = true;
-                        promoted.push(name.clone());
                     }
                 }
                 format!("promoted {}", promoted.join(", "))

@@ -975,3 +975,87 @@ fn a_rollback_that_is_not_yet_in_force_says_why_and_has_no_deadline() {
     assert_eq!(region.deadline(std::time::Duration::ZERO), None);
     assert!(failures(&sim).is_empty());
 }
+
+#[test]
+fn a_promote_passes_no_step_before_it_is_in_force_and_is_refused_saying_why() {
+    let mut sim = four_waves();
+    let region = |s: &Sim| s.engine.state().regions["us-west-1"].clone();
+    // The first region has been sent its first step; its agents have not applied it yet.
+    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
+        region(s).status == RegionStatus::Active && !region(s).applied()
+    }));
+    let refused = sim.engine.refusal(Action::Promote).unwrap();
+    assert!(
+        refused.starts_with("no gate to pass yet: us-west-1 not at a step in force"),
+        "{refused}"
+    );
+    let step = region(&sim).step;
+    sim.operator(Action::Promote);
+    assert!(!region(&sim).promote_requested, "not passed unseen");
+    // In force: a promote passes it.
+    assert!(sim.run_until(TimeDelta::minutes(1), |s| region(s).applied()));
+    assert_eq!(sim.engine.refusal(Action::Promote), None);
+    sim.operator(Action::Promote);
+    assert!(region(&sim).step > step, "passed once in force");
+}
+
+#[test]
+fn an_operator_action_that_would_change_nothing_is_refused_saying_why() {
+    let mut sim = at_the_first_step();
+    assert_eq!(
+        sim.engine.refusal(Action::Resume).as_deref(),
+        Some("the release is not paused")
+    );
+    assert_eq!(sim.engine.refusal(Action::Pause), None);
+    sim.operator(Action::Pause);
+    assert_eq!(
+        sim.engine.refusal(Action::Pause).as_deref(),
+        Some("the release is paused already")
+    );
+    assert_eq!(
+        sim.engine.refusal(Action::Promote).as_deref(),
+        Some("the release is paused: resume it first")
+    );
+    assert_eq!(sim.engine.refusal(Action::Abort), None);
+    sim.operator(Action::Abort);
+    assert_eq!(
+        sim.engine.refusal(Action::Abort).as_deref(),
+        Some("the release is rolling back already")
+    );
+    assert!(sim.run_to_end(TimeDelta::minutes(1)));
+    assert_eq!(
+        sim.engine.refusal(Action::Abort).as_deref(),
+        Some("the release has rolled back (aborted): nothing to abort")
+    );
+}
+
+#[test]
+fn a_superseded_release_ends_at_once_its_regions_sent_back_to_the_stable_version() {
+    let mut sim = at_the_first_step();
+    sim.engine.supersede(sim.now, "bob", "demo-2 (v3)");
+    sim.drain();
+    let phase = sim.engine.state().phase.clone();
+    let reason = "superseded by demo-2 (v3), which goes on from v1 in every region";
+    assert_eq!(
+        phase,
+        Phase::RolledBack {
+            reason: reason.into()
+        }
+    );
+    assert_eq!(sim.applied["us-west-1"].stable, "v1");
+    assert_eq!(sim.applied["us-west-1"].canary, None);
+    let told: Vec<(&str, &str)> = (sim.history.iter())
+        .filter(|e| matches!(e.what, What::RollbackStarted | What::RolledBack))
+        .map(|e| (e.actor.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        told,
+        [("bob", "superseded by demo-2 (v3)"), ("bob", reason)]
+    );
+    // A rollback under way (its agents gone, say) ends as well.
+    let mut sim = at_the_first_step();
+    sim.agents_up.insert("us-west-1".into(), false);
+    sim.operator(Action::Abort);
+    sim.engine.supersede(sim.now, "bob", "demo-2 (v3)");
+    assert!(sim.engine.state().phase.is_terminal());
+}

@@ -110,7 +110,8 @@ enum ReleaseVerb {
         /// Override windows and blackouts; the reason is recorded.
         #[arg(long, value_name = "REASON")]
         emergency: Option<String>,
-        /// Roll back a release of the service that is still running, then start this one.
+        /// End a release of the service that is still running (its regions sent back to the
+        /// stable version, and carried on by this one), then start this one.
         #[arg(long)]
         supersede: bool,
         /// The version running now, for the first release of a service.
@@ -144,13 +145,18 @@ enum ReleaseVerb {
     },
     /// Every event of a release, with its actor, reason and numbers.
     History { id: String },
-    /// Pass the current gate: an approval, a bake, or the current step of every region.
+    /// Pass the current gate: an approval, a bake, or the step of every region at a step in
+    /// force (applied and ready; a step not yet in force is not passed unseen).
     Promote(Steer),
     /// Hold the release where it is.
     Pause(Steer),
     /// Carry on after a pause.
     Resume(Steer),
     /// Roll every region the release reached back to the stable version.
+    ///
+    /// These four are refused (exit 2, saying why) when they would change nothing: on a
+    /// release that has ended, a pause of a paused one, a resume of one not paused, an abort
+    /// of one rolling back, a promote with no gate to pass yet.
     Abort(Steer),
 }
 
