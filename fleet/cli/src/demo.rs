@@ -57,7 +57,8 @@ pub struct Demo {
     #[arg(long)]
     keep: bool,
     /// Run the fleet under mutual TLS: a CA and certificates made as `fleetctl certs` makes
-    /// them (in the fleet's directory), the controller asking every agent and client for its.
+    /// them (in the fleet's directory), the controller asking every agent and client for its
+    /// certificate.
     #[arg(long)]
     tls: bool,
     /// Keep the controllers' state in a local etcd (Debian's etcd-server) with a second
@@ -141,10 +142,18 @@ impl Demo {
         }
         let tls = fleet.client_tls();
         let flags = tls.args();
-        if !flags.is_empty() {
-            let flags: Vec<_> = flags.iter().map(|f| f.to_string_lossy()).collect();
-            let (url, flags) = (&fleet.controller, flags.join(" "));
-            println!("controller {url} under mutual TLS: fleetctl {flags}");
+        let admin =
+            (fleet.controller_admin()).map_or(String::new(), |a| format!("  admin http://{a}"));
+        match flags.is_empty() {
+            true => println!(
+                "controller {}{admin}  (fleetctl release … --controller {})",
+                fleet.controller, fleet.controller
+            ),
+            false => {
+                let flags: Vec<_> = flags.iter().map(|f| f.to_string_lossy()).collect();
+                let (url, flags) = (&fleet.controller, flags.join(" "));
+                println!("controller {url}{admin} under mutual TLS: fleetctl {flags}");
+            }
         }
         let mut client = connect(&fleet.controller, &tls).await?;
         client

@@ -1,6 +1,7 @@
 //! `fleetctl`: the Fleet command line.
 
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use clap::{Parser, Subcommand};
 use fleetctl::{agents, certs, demo, fleets, release, verbs};
@@ -30,6 +31,44 @@ enum Verb {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    catch_output_errors();
+    // A panic unwinds out of the verb (what it started, a demo's processes, is dropped and so
+    // ended) before an output error is told.
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(code) => code,
+        Err(panic) => match OUTPUT_FAILED.get() {
+            // The reader stopped reading (`| head`): as a program ended by SIGPIPE.
+            Some(why) if why.starts_with("Broken pipe") => ExitCode::from(141),
+            Some(why) => {
+                eprintln!("fleetctl: cannot write its output: {why}");
+                ExitCode::FAILURE
+            }
+            None => std::panic::resume_unwind(panic),
+        },
+    }
+}
+
+/// Why writing to stdout failed, if it did.
+static OUTPUT_FAILED: OnceLock<String> = OnceLock::new();
+
+/// `print!` panics when stdout cannot be written (a pipe whose reader has gone, a full disk):
+/// such a panic is noted for `main` to tell in a line, rather than told with a backtrace.
+fn catch_output_errors() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let said = (payload.downcast_ref::<String>().map(String::as_str))
+            .or_else(|| payload.downcast_ref::<&str>().copied());
+        match said.and_then(|s| s.strip_prefix("failed printing to stdout: ")) {
+            Some(why) => {
+                let _ = OUTPUT_FAILED.set(why.to_string());
+            }
+            None => default(info),
+        }
+    }));
+}
+
+fn run(cli: Cli) -> ExitCode {
     let result = match cli.verb {
         Verb::Validate(v) => v.run(),
         Verb::Plan(p) => p.run(),

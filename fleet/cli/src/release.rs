@@ -51,8 +51,9 @@ pub struct Remote {
     pub retry_for: humantime::Duration,
     /// The id of the change this command makes (a start, an apply, a promote…): the same
     /// command run again with the same id is answered as the first was, never made twice, for
-    /// a day (a pipeline's job id, say); another command given the id is refused. Give each
-    /// change its own. Default: a new one each run.
+    /// a day (a pipeline's job id, say); the same verb given the id with other arguments is
+    /// refused (ids are each verb's own). Give each change its own. Default: a new one each
+    /// run.
     #[arg(long, global = true, env = "FLEET_REQUEST_ID", value_name = "ID")]
     pub request_id: Option<String>,
 }

@@ -240,3 +240,25 @@ fn a_duration_that_does_not_read_as_one_says_how_to_write_it() {
         "{err}"
     );
 }
+
+#[test]
+fn output_that_cannot_be_written_is_told_in_a_line_not_a_panic() {
+    let run = |stdout: std::process::Stdio| {
+        let mut fleetctl = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+        fleetctl.arg("schema").stdout(stdout).output().unwrap()
+    };
+    // The reader has gone (`| head`): ended quietly, as by SIGPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let gone = run(writer.into());
+    assert_eq!(gone.status.code(), Some(141), "{}", text(&gone.stderr));
+    assert_eq!(text(&gone.stderr), "");
+    // A full disk: told.
+    let full = std::fs::File::create("/dev/full").unwrap();
+    let full = run(full.into());
+    assert_eq!(full.status.code(), Some(1));
+    assert_eq!(
+        text(&full.stderr),
+        "fleetctl: cannot write its output: No space left on device (os error 28)\n"
+    );
+}
