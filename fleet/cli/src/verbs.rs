@@ -36,8 +36,17 @@ pub struct Validate {
 impl Validate {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let mut code = ExitCode::SUCCESS;
+        let mut unreadable = false;
         for file in &self.files {
-            let src = read(file)?;
+            // A file that cannot be read is told, and the others are still checked.
+            let src = match read(file) {
+                Ok(src) => src,
+                Err(e) => {
+                    eprintln!("fleetctl: {e:#}");
+                    unreadable = true;
+                    continue;
+                }
+            };
             match fleet::load(&src) {
                 Ok(loaded) => {
                     print_diagnostics(file, &loaded.warnings);
@@ -52,7 +61,10 @@ impl Validate {
                 }
             }
         }
-        Ok(code)
+        Ok(match unreadable {
+            true => usage_error(),
+            false => code,
+        })
     }
 }
 

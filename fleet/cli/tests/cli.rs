@@ -57,6 +57,16 @@ fn validate_exits_two_on_usage_errors() {
             .code(),
         Some(2)
     );
+    // A file that cannot be read does not keep the others from being checked.
+    let quick = "deploy/examples/quick.yaml";
+    let out = fleetctl(&["validate", "no/such/file.yaml", quick]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no/such/file.yaml"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), format!("{quick}: valid\n"));
 }
 
 #[test]
