@@ -113,6 +113,11 @@ impl Engine {
     }
 
     pub fn handle(&mut self, now: DateTime<Utc>, event: Event) {
+        // An ended release hears nothing more: a hook's late answer, say, must not take it up
+        // again.
+        if self.state.phase.is_terminal() {
+            return;
+        }
         match event {
             Event::Applied {
                 region,
@@ -178,7 +183,11 @@ impl Engine {
     fn advance(&mut self, now: DateTime<Utc>) {
         for _ in 0..MAX_TRANSITIONS_PER_CALL {
             let changed = match self.state.phase {
-                Phase::Progressing => self.advance_wave(now) || self.advance_regions(now),
+                // A region rolled back by the `rollback_region` policy, the release resumed
+                // before its rollback was in force, finishes while the others progress.
+                Phase::Progressing => {
+                    self.finish_rollback(now) || self.advance_wave(now) || self.advance_regions(now)
+                }
                 // A region rolled back by the `rollback_region` policy finishes while paused.
                 Phase::RollingBack { .. } | Phase::Paused { .. } => self.finish_rollback(now),
                 Phase::Succeeded | Phase::RolledBack { .. } => false,

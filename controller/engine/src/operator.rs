@@ -38,34 +38,55 @@ impl Engine {
     /// Why a promote would pass no gate now, if it would not.
     fn nothing_to_promote(&self) -> Option<String> {
         match &self.state.wave_state {
-            WaveState::Waiting { approved, .. } if !*approved => return None,
+            WaveState::Waiting { .. } if self.awaits_approval() => return None,
+            WaveState::Waiting { .. } => {
+                let wave = self.manifest.waves.get(self.state.wave);
+                let name = wave.map_or("", |w| w.name.as_str());
+                return Some(format!(
+                    "wave {name} waits for its window or its pre-rollout hook, which a promote does not pass (an emergency release ignores windows)"
+                ));
+            }
             WaveState::Baking { .. } => return None,
-            _ => {}
+            WaveState::Running => {}
         }
         if self.promotable().next().is_some() {
             return None;
         }
         let entering: Vec<&str> = (self.state.regions.iter())
-            .filter(|(_, r)| r.in_progress())
+            .filter(|(name, r)| {
+                matches!(r.status, RegionStatus::Entering | RegionStatus::Active)
+                    && r.step < self.steps_of(name).len()
+                    && !r.promote_requested
+            })
             .map(|(name, _)| name.as_str())
             .collect();
         Some(match entering.is_empty() {
-            true => {
-                "no gate to pass: no wave waits for approval or bakes, and no region is at a step"
-                    .into()
-            }
+            true => "no gate to pass: no wave waits for approval or bakes, and no region waits at a step (one promoted already goes on once its agents are back)".into(),
             false => format!(
-                "no gate to pass yet: {} not at a step in force (applied and ready); promote once it is (`fleetctl release status` shows where each region is)",
+                "no gate to pass yet: {} not at a step in force (applied and ready, its webhooks passed); promote once it is (`fleetctl release status` shows where each region is)",
                 entering.join(", ")
             ),
         })
     }
 
+    /// The wave waits for an operator's approval.
+    fn awaits_approval(&self) -> bool {
+        let wave = self.manifest.waves.get(self.state.wave);
+        let approved = matches!(
+            self.state.wave_state,
+            WaveState::Waiting { approved: true, .. }
+        );
+        wave.is_some_and(|w| w.approval) && !approved
+    }
+
     /// The regions a promote passes the step of: at a step in force (applied and ready), so
-    /// that a promote never passes a step before it is in force and seen.
+    /// that a promote never passes a step before it is in force and seen; not one promoted
+    /// already (whose agents are away, say).
     fn promotable(&self) -> impl Iterator<Item = &String> {
         (self.state.regions.iter())
-            .filter(|(_, r)| r.status == RegionStatus::Active && r.applied())
+            .filter(|(_, r)| {
+                r.status == RegionStatus::Active && r.applied() && !r.promote_requested
+            })
             .map(|(name, _)| name)
     }
 
@@ -80,6 +101,8 @@ impl Engine {
         if !matches!(self.state.phase, Phase::RollingBack { .. }) {
             self.start_rollback(now, actor, format!("superseded by {by}"));
         }
+        // Nothing it waits for (a pre-rollout hook) is waited for any more.
+        self.state.pre_rollout_awaiting = None;
         for r in self.state.regions.values_mut() {
             if r.status == RegionStatus::RollingBack {
                 r.status = RegionStatus::RolledBack;
@@ -142,11 +165,13 @@ impl Engine {
         if self.state.phase != Phase::Progressing {
             return;
         }
+        let awaits_approval = self.awaits_approval();
         let what = match &mut self.state.wave_state {
-            WaveState::Waiting { approved, .. } if !*approved => {
+            WaveState::Waiting { approved, .. } if awaits_approval => {
                 *approved = true;
                 "approved the wave".to_string()
             }
+            WaveState::Waiting { .. } => return,
             WaveState::Baking { until } => {
                 *until = now;
                 "ended the bake".to_string()

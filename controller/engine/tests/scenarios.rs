@@ -583,6 +583,12 @@ fn waves_wait_for_their_window_and_their_approval() {
     assert!(!sim.run_until(TimeDelta::minutes(119), |s| {
         !s.weights("eu-central-1").is_empty()
     }));
+    // A promote does not open a window (the first wave needs no approval).
+    let refused = sim.engine.refusal(Action::Promote).unwrap();
+    assert!(
+        refused.contains("waits for its window or its pre-rollout hook"),
+        "{refused}"
+    );
     assert!(sim.run_until(TimeDelta::minutes(2), |s| {
         !s.weights("eu-central-1").is_empty()
     }));
@@ -1058,4 +1064,47 @@ fn a_superseded_release_ends_at_once_its_regions_sent_back_to_the_stable_version
     sim.operator(Action::Abort);
     sim.engine.supersede(sim.now, "bob", "demo-2 (v3)");
     assert!(sim.engine.state().phase.is_terminal());
+}
+
+#[test]
+fn an_ended_release_hears_nothing_more_not_a_late_webhook_answer() {
+    let mut sim = Sim::new(
+        manifest("linear-berlin-window"),
+        spec(Some("test")),
+        monday_morning(),
+    );
+    sim.hooks_ok = false;
+    sim.drain();
+    assert!(
+        sim.engine.state().pre_rollout_awaiting.is_some(),
+        "its pre-rollout hook called"
+    );
+    sim.engine.supersede(sim.now, "bob", "demo-2 (v3)");
+    let ended = sim.engine.state().phase.clone();
+    assert!(ended.is_terminal());
+    // The hook's failure comes after: the release is not taken up again.
+    sim.run_until(TimeDelta::minutes(1), |_| false);
+    assert_eq!(sim.engine.state().phase, ended);
+}
+
+#[test]
+fn a_region_rolled_back_by_its_policy_finishes_after_the_release_is_resumed() {
+    let mut sim = Sim::new(
+        manifest("linear-berlin-window"),
+        spec(Some("test")),
+        monday_morning(),
+    );
+    sim.v2_error_rate = 0.05;
+    assert!(sim.run_until(TimeDelta::hours(1), |s| {
+        matches!(s.engine.state().phase, Phase::Paused { .. })
+    }));
+    // Resumed at once, before the agents have applied the rollback.
+    assert_eq!(
+        sim.engine.state().regions["eu-central-1"].status,
+        RegionStatus::RollingBack
+    );
+    sim.operator(Action::Resume);
+    assert!(sim.run_until(TimeDelta::minutes(1), |s| {
+        s.engine.state().regions["eu-central-1"].status == RegionStatus::RolledBack
+    }));
 }

@@ -1,7 +1,6 @@
 //! `fleetctl`: the Fleet command line.
 
 use std::process::ExitCode;
-use std::sync::OnceLock;
 
 use clap::{Parser, Subcommand};
 use fleetctl::{agents, certs, demo, fleets, release, verbs};
@@ -36,34 +35,37 @@ fn main() -> ExitCode {
     // ended) before an output error is told.
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(code) => code,
-        Err(panic) => match OUTPUT_FAILED.get() {
-            // The reader stopped reading (`| head`): as a program ended by SIGPIPE.
-            Some(why) if why.starts_with("Broken pipe") => ExitCode::from(141),
-            Some(why) => {
-                eprintln!("fleetctl: cannot write its output: {why}");
-                ExitCode::FAILURE
-            }
+        Err(panic) => match output_failure(panic.as_ref()) {
+            Some(why) => output_failed(why),
             None => std::panic::resume_unwind(panic),
         },
     }
 }
 
-/// Why writing to stdout failed, if it did.
-static OUTPUT_FAILED: OnceLock<String> = OnceLock::new();
+/// Why writing to stdout failed, if `panic` is `print!`'s on failing to.
+fn output_failure(panic: &(dyn std::any::Any + Send)) -> Option<&str> {
+    let said = (panic.downcast_ref::<String>().map(String::as_str))
+        .or_else(|| panic.downcast_ref::<&str>().copied());
+    said?.strip_prefix("failed printing to stdout: ")
+}
+
+/// The end of a run whose output could not be written: quiet, as a program ended by
+/// SIGPIPE, when the reader stopped reading (`| head`); else told in a line.
+fn output_failed(why: &str) -> ExitCode {
+    if why.starts_with("Broken pipe") {
+        return ExitCode::from(141);
+    }
+    eprintln!("fleetctl: cannot write its output: {why}");
+    ExitCode::FAILURE
+}
 
 /// `print!` panics when stdout cannot be written (a pipe whose reader has gone, a full disk):
-/// such a panic is noted for `main` to tell in a line, rather than told with a backtrace.
+/// such a panic is left for `main` to tell in a line, rather than told with a backtrace.
 fn catch_output_errors() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let said = (payload.downcast_ref::<String>().map(String::as_str))
-            .or_else(|| payload.downcast_ref::<&str>().copied());
-        match said.and_then(|s| s.strip_prefix("failed printing to stdout: ")) {
-            Some(why) => {
-                let _ = OUTPUT_FAILED.set(why.to_string());
-            }
-            None => default(info),
+        if output_failure(info.payload()).is_none() {
+            default(info);
         }
     }));
 }
@@ -84,10 +86,14 @@ fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("fleetctl: {e:#}");
-            verbs::usage_error()
-        }
+        // A write to stdout that failed (`plan | head`), as `print!`'s are told.
+        Err(e) => match e.downcast_ref::<std::io::Error>() {
+            Some(io) if io.kind() == std::io::ErrorKind::BrokenPipe => output_failed("Broken pipe"),
+            _ => {
+                eprintln!("fleetctl: {e:#}");
+                verbs::usage_error()
+            }
+        },
     }
 }
 

@@ -253,19 +253,28 @@ fn a_duration_that_does_not_read_as_one_says_how_to_write_it() {
 
 #[test]
 fn output_that_cannot_be_written_is_told_in_a_line_not_a_panic() {
-    let run = |stdout: std::process::Stdio| {
+    let run = |args: &[&str], stdout: std::process::Stdio| {
         let mut fleetctl = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
-        fleetctl.arg("schema").stdout(stdout).output().unwrap()
+        let fleetctl = fleetctl.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+        fleetctl.args(args).stdout(stdout).output().unwrap()
     };
-    // The reader has gone (`| head`): ended quietly, as by SIGPIPE.
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let gone = run(writer.into());
-    assert_eq!(gone.status.code(), Some(141), "{}", text(&gone.stderr));
-    assert_eq!(text(&gone.stderr), "");
+    // The reader has gone (`| head`): ended quietly, as by SIGPIPE, whether the verb prints
+    // (`schema`) or writes (`plan`).
+    for args in [&["schema"][..], &["plan", "deploy/examples/quick.yaml"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let gone = run(args, writer.into());
+        assert_eq!(
+            gone.status.code(),
+            Some(141),
+            "{args:?}: {}",
+            text(&gone.stderr)
+        );
+        assert_eq!(text(&gone.stderr), "", "{args:?}");
+    }
     // A full disk: told.
     let full = std::fs::File::create("/dev/full").unwrap();
-    let full = run(full.into());
+    let full = run(&["schema"], full.into());
     assert_eq!(full.status.code(), Some(1));
     assert_eq!(
         text(&full.stderr),
