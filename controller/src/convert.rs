@@ -4,7 +4,8 @@ use fleet::Manifest;
 use fleet::model::Compare;
 use fleet_engine::output::StickyKey;
 use fleet_engine::{
-    Desired, Engine, Histogram, HistoryEvent, Phase, RegionStats, TrackStats, WaveState,
+    Desired, Engine, Histogram, HistoryEvent, Phase, RegionState, RegionStats, RegionStatus,
+    TrackStats, WaveState,
 };
 use fleet_proto::v1 as pb;
 
@@ -127,7 +128,10 @@ pub fn release(id: &str, started_at_ms: i64, engine: &Engine) -> pb::Release {
                 reachable: r.reachable,
                 last_verdict: r.last_verdict.clone().unwrap_or_default(),
                 hold_until_ms: r.hold_until.map_or(0, |t| t.timestamp_millis()),
-                waiting: r.waiting_for().unwrap_or_default(),
+                waiting: r
+                    .waiting_for()
+                    .or_else(|| waits_for_operator(r, steps.get(r.step)))
+                    .unwrap_or_default(),
                 // The deadline's clock stands still while the release is paused.
                 deadline_ms: (r.deadline(manifest.progress_deadline))
                     .filter(|_| state.phase == Phase::Progressing)
@@ -208,6 +212,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_region_in_progress_says_what_it_waits_for_that_is_no_fault() {
+        let src = include_str!("../../deploy/examples/quick.yaml");
+        let manifest = std::sync::Arc::new(fleet::load(src).unwrap().manifest);
+        let spec = fleet_engine::ReleaseSpec {
+            id: "demo-1".into(),
+            service: "demo".into(),
+            from_version: "v1".into(),
+            to_version: "v2".into(),
+            emergency: None,
+            actor: "test".into(),
+        };
+        let engine = Engine::start(manifest, spec, chrono::Utc::now());
+        let mut r = engine.state().regions["eu-west"].clone();
+        assert_eq!(waits_for_operator(&r, None), None, "pending");
+        let indefinite = fleet::steps::Step {
+            label: "50%".into(),
+            phase: fleet::steps::Phase::Weight,
+            weight: fleet::model::Weight::from_percent(50.0).unwrap(),
+            hold: fleet::model::Pause::Indefinite,
+        };
+        r.status = RegionStatus::Active;
+        r.desired = Some(Desired {
+            seq: 3,
+            release: "demo-1".into(),
+            stable: "v1".into(),
+            canary: Some("v2".into()),
+            replicas: 1,
+            traffic: fleet_engine::Traffic::default(),
+        });
+        let said = waits_for_operator(&r, Some(&indefinite)).unwrap();
+        assert!(said.starts_with("its agents have not reported"), "{said}");
+        (r.heard, r.applied_seq, r.ready) = (true, 3, true);
+        assert_eq!(
+            waits_for_operator(&r, Some(&indefinite)).as_deref(),
+            Some("an indefinite pause: `fleetctl release promote` passes it")
+        );
+        let timed = fleet::steps::Step {
+            hold: fleet::model::Pause::None,
+            ..indefinite
+        };
+        assert_eq!(waits_for_operator(&r, Some(&timed)), None);
+    }
+
+    #[test]
     fn the_workload_reaches_agents_with_its_resources_user_and_autoscaler() {
         let src = include_str!("../../deploy/examples/multi-region-canary.yaml").replace(
             "    replicas: 3\n",
@@ -238,4 +286,21 @@ mod tests {
         let tracks = [sent.stable, sent.canary].map(|t| t.map(|t| t.replicas));
         assert_eq!(tracks, [Some(2), Some(2)], "each track starts at min");
     }
+}
+
+/// What a region in progress waits for that is no fault: its agents' first report on what
+/// was sent it (none may be connected), or an operator's promote at an indefinite pause. Pure.
+fn waits_for_operator(r: &RegionState, step: Option<&fleet::steps::Step>) -> Option<String> {
+    if !r.in_progress() {
+        return None;
+    }
+    if r.desired.is_some() && !r.heard {
+        return Some(
+            "its agents have not reported since its desired state was sent (`fleetctl agents` shows which are connected)"
+                .into(),
+        );
+    }
+    let indefinite = step.is_some_and(|s| s.hold == fleet::model::Pause::Indefinite);
+    (r.status == RegionStatus::Active && r.applied() && indefinite)
+        .then(|| "an indefinite pause: `fleetctl release promote` passes it".into())
 }

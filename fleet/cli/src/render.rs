@@ -144,6 +144,12 @@ pub fn release_status(r: &pb::Release) -> String {
         );
     }
     let rolling_back = |g: &&pb::RegionProgress| g.status == "rolling_back";
+    // What else a region waits for: its agents' first report, an operator's promote.
+    for g in (r.regions.iter())
+        .filter(|g| g.deadline_ms == 0 && !g.waiting.is_empty() && !rolling_back(g))
+    {
+        out += &format!("{} waits: {}\n", g.region, g.waiting);
+    }
     for g in r
         .regions
         .iter()
@@ -230,6 +236,57 @@ mod tests {
         (table.lines())
             .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
             .collect()
+    }
+
+    #[test]
+    fn a_region_that_waits_says_for_what_under_the_table() {
+        let region = |name: &str, status: &str, waiting: &str, deadline_ms| pb::RegionProgress {
+            region: name.into(),
+            status: status.into(),
+            waiting: waiting.into(),
+            deadline_ms,
+            ..Default::default()
+        };
+        let release = pb::Release {
+            id: "demo-1".into(),
+            regions: vec![
+                region(
+                    "us-west",
+                    "active",
+                    "an indefinite pause: `fleetctl release promote` passes it",
+                    0,
+                ),
+                region(
+                    "us-east",
+                    "active",
+                    "the agents say: crashed",
+                    1_800_000_000_000,
+                ),
+                region(
+                    "eu-west",
+                    "rolling_back",
+                    "the agents have not applied it yet",
+                    0,
+                ),
+                region("ap-south", "pending", "", 0),
+            ],
+            ..Default::default()
+        };
+        let out = release_status(&release);
+        let told: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.starts_with(' '))
+            .skip_while(|l| !l.contains(" is not ready") && !l.contains(" waits: "))
+            .collect();
+        assert_eq!(
+            told,
+            [
+                "us-east is not ready (the agents say: crashed); it fails at 08:00:00 UTC unless ready by then",
+                "us-west waits: an indefinite pause: `fleetctl release promote` passes it",
+                "eu-west is rolling back, not yet in force (the agents have not applied it yet)",
+            ],
+            "{out}"
+        );
     }
 
     #[test]
