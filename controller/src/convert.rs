@@ -207,6 +207,23 @@ pub fn diagnostic(d: &fleet::Diagnostic) -> pb::Diagnostic {
     }
 }
 
+/// What a region in progress waits for that is no fault: its agents' first report on what
+/// was sent it (none may be connected), or an operator's promote at an indefinite pause. Pure.
+fn waits_for_operator(r: &RegionState, step: Option<&fleet::steps::Step>) -> Option<String> {
+    if !r.in_progress() {
+        return None;
+    }
+    if r.desired.is_some() && !r.heard {
+        return Some(
+            "its agents have not reported since its desired state was sent (`fleetctl agents` shows which are connected)"
+                .into(),
+        );
+    }
+    let indefinite = step.is_some_and(|s| s.hold == fleet::model::Pause::Indefinite);
+    (r.status == RegionStatus::Active && r.applied() && indefinite)
+        .then(|| "an indefinite pause: `fleetctl release promote` passes it".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,15 +232,7 @@ mod tests {
     fn a_region_in_progress_says_what_it_waits_for_that_is_no_fault() {
         let src = include_str!("../../deploy/examples/quick.yaml");
         let manifest = std::sync::Arc::new(fleet::load(src).unwrap().manifest);
-        let spec = fleet_engine::ReleaseSpec {
-            id: "demo-1".into(),
-            service: "demo".into(),
-            from_version: "v1".into(),
-            to_version: "v2".into(),
-            emergency: None,
-            actor: "test".into(),
-        };
-        let engine = Engine::start(manifest, spec, chrono::Utc::now());
+        let engine = Engine::start(manifest, crate::demo_1(), chrono::Utc::now());
         let mut r = engine.state().regions["eu-west"].clone();
         assert_eq!(waits_for_operator(&r, None), None, "pending");
         let indefinite = fleet::steps::Step {
@@ -286,21 +295,4 @@ mod tests {
         let tracks = [sent.stable, sent.canary].map(|t| t.map(|t| t.replicas));
         assert_eq!(tracks, [Some(2), Some(2)], "each track starts at min");
     }
-}
-
-/// What a region in progress waits for that is no fault: its agents' first report on what
-/// was sent it (none may be connected), or an operator's promote at an indefinite pause. Pure.
-fn waits_for_operator(r: &RegionState, step: Option<&fleet::steps::Step>) -> Option<String> {
-    if !r.in_progress() {
-        return None;
-    }
-    if r.desired.is_some() && !r.heard {
-        return Some(
-            "its agents have not reported since its desired state was sent (`fleetctl agents` shows which are connected)"
-                .into(),
-        );
-    }
-    let indefinite = step.is_some_and(|s| s.hold == fleet::model::Pause::Indefinite);
-    (r.status == RegionStatus::Active && r.applied() && indefinite)
-        .then(|| "an indefinite pause: `fleetctl release promote` passes it".into())
 }

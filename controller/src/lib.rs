@@ -373,3 +373,16 @@ async fn run(
 
 /// How long a stopping controller waits for its connections to close.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// Test-only: release demo-1 of service demo, v1 to v2.
+#[cfg(test)]
+fn demo_1() -> fleet_engine::ReleaseSpec {
+    fleet_engine::ReleaseSpec {
+        id: "demo-1".into(),
+        service: "demo".into(),
+        from_version: "v1".into(),
+        to_version: "v2".into(),
+        emergency: None,
+        actor: "test".into(),
+    }
+}

@@ -692,15 +692,7 @@ mod tests {
             applied_at_ms: 1,
         };
         store.put_fleet(&fleet).unwrap();
-        let spec = fleet_engine::ReleaseSpec {
-            id: "demo-1".into(),
-            service: "demo".into(),
-            from_version: "v1".into(),
-            to_version: "v2".into(),
-            emergency: None,
-            actor: "test".into(),
-        };
-        let mut engine = Engine::start(manifest, spec, Utc::now());
+        let mut engine = Engine::start(manifest, crate::demo_1(), Utc::now());
         // The start's own write, as `change` makes it, with what the engine desired at once;
         // the controller stopped before it wrote the other regions' baselines.
         let mut desired = Vec::new();
