@@ -35,7 +35,10 @@ pub async fn serve<A>(
         let answer = answer.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                let response = answer(req.uri().path());
+                let response = match *req.method() {
+                    hyper::Method::GET | hyper::Method::HEAD => answer(req.uri().path()),
+                    _ => not_read(),
+                };
                 async move { Ok::<_, Infallible>(response) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -44,6 +47,17 @@ pub async fn serve<A>(
                 .await;
         });
     }
+}
+
+/// The answer to a method other than GET and HEAD: every endpoint is only read.
+fn not_read() -> Response<Full<Bytes>> {
+    let mut response = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "the admin endpoints are only read: GET or HEAD\n".into(),
+    );
+    let allow = hyper::header::HeaderValue::from_static("GET, HEAD");
+    response.headers_mut().insert(hyper::header::ALLOW, allow);
+    response
 }
 
 /// A text answer (Prometheus' text format's content type, which plain text also reads as).
@@ -68,6 +82,36 @@ pub fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_endpoints_are_read_with_get_or_head_and_any_other_method_is_405() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = |path: &str| text(StatusCode::OK, format!("{path}\n"));
+        let server = tokio::spawn(serve(listener, answer, std::future::pending()));
+        let ask = |method: &'static str| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "{method} /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        assert!(ask("GET").await.starts_with("HTTP/1.1 200 OK"));
+        assert!(ask("HEAD").await.starts_with("HTTP/1.1 200 OK"));
+        for method in ["POST", "PUT", "DELETE"] {
+            let answer = ask(method).await.to_lowercase();
+            assert!(
+                answer.starts_with("http/1.1 405 method not allowed"),
+                "{method}: {answer}"
+            );
+            assert!(answer.contains("allow: get, head"), "{method}: {answer}");
+        }
+        server.abort();
+    }
 
     #[test]
     fn label_values_are_escaped_as_the_text_format_says() {

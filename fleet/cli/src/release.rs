@@ -109,7 +109,7 @@ enum ReleaseVerb {
         service: String,
         version: String,
         /// Override windows and blackouts; the reason is recorded.
-        #[arg(long, value_name = "REASON")]
+        #[arg(long, value_name = "REASON", value_parser = crate::verbs::reason)]
         emergency: Option<String>,
         /// End a release of the service that is still running (its regions sent back to the
         /// stable version, and carried on by this one), then start this one.
@@ -217,6 +217,13 @@ impl Apply {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let manifest = std::fs::read_to_string(&self.file)
             .with_context(|| format!("cannot read {}", self.file))?;
+        // The controller takes a message of at most 4 MiB (gRPC's default).
+        let mib = manifest.len() as f64 / (1024.0 * 1024.0);
+        anyhow::ensure!(
+            mib < 3.9,
+            "{} is {mib:.1} MiB: the controller takes a manifest of at most 4 MiB",
+            self.file
+        );
         let change = self.remote.request_id();
         let mut changing = self.remote.caller().changing(&change);
         let response = call!(

@@ -11,6 +11,14 @@ use fleet::plan::ReleaseRequest;
 
 use crate::plan_table;
 
+/// An emergency's reason: recorded, so not empty.
+pub fn reason(s: &str) -> Result<String, String> {
+    match s.trim().is_empty() {
+        true => Err("an emergency needs its reason, which is recorded: say why".into()),
+        false => Ok(s.to_string()),
+    }
+}
+
 /// Exit code for a manifest that does not validate.
 pub fn invalid() -> ExitCode {
     ExitCode::from(1)
@@ -96,7 +104,7 @@ pub struct Plan {
     #[arg(long, default_value = "new")]
     version: String,
     /// Plan an emergency release, which ignores windows and blackouts; give the reason.
-    #[arg(long, value_name = "REASON")]
+    #[arg(long, value_name = "REASON", value_parser = reason)]
     emergency: Option<String>,
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,

@@ -281,3 +281,31 @@ fn output_that_cannot_be_written_is_told_in_a_line_not_a_panic() {
         "fleetctl: cannot write its output: No space left on device (os error 28)\n"
     );
 }
+
+#[test]
+fn an_emergency_without_its_reason_and_a_manifest_too_large_to_send_are_refused_at_once() {
+    for verb in [
+        &["plan", "deploy/examples/quick.yaml"][..],
+        &["release", "start", "demo", "v2"],
+    ] {
+        let out = fleetctl(&[verb, &["--emergency", " "]].concat());
+        assert_eq!(out.status.code(), Some(2), "{verb:?}");
+        assert!(
+            text(&out.stderr).contains("an emergency needs its reason"),
+            "{verb:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let large = dir.path().join("large.yaml");
+    std::fs::write(&large, "#".repeat(5 * 1024 * 1024)).unwrap();
+    let large = large.to_str().unwrap();
+    // Told before any controller is dialled (none listens here).
+    let out = fleetctl(&["apply", large, "--controller", "http://127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("is 5.0 MiB: the controller takes a manifest of at most 4 MiB"),
+        "{}",
+        text(&out.stderr)
+    );
+}
