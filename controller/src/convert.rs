@@ -130,7 +130,10 @@ pub fn release(id: &str, started_at_ms: i64, engine: &Engine) -> pb::Release {
                 hold_until_ms: r.hold_until.map_or(0, |t| t.timestamp_millis()),
                 waiting: r
                     .waiting_for()
-                    .or_else(|| waits_for_operator(r, steps.get(r.step)))
+                    .or_else(|| {
+                        let progressing = state.phase == Phase::Progressing;
+                        waits_for_operator(r, steps.get(r.step), progressing)
+                    })
                     .unwrap_or_default(),
                 // The deadline's clock stands still while the release is paused.
                 deadline_ms: (r.deadline(manifest.progress_deadline))
@@ -209,7 +212,11 @@ pub fn diagnostic(d: &fleet::Diagnostic) -> pb::Diagnostic {
 
 /// What a region in progress waits for that is no fault: its agents' first report on what
 /// was sent it (none may be connected), or an operator's promote at an indefinite pause. Pure.
-fn waits_for_operator(r: &RegionState, step: Option<&fleet::steps::Step>) -> Option<String> {
+fn waits_for_operator(
+    r: &RegionState,
+    step: Option<&fleet::steps::Step>,
+    progressing: bool,
+) -> Option<String> {
     if !r.in_progress() {
         return None;
     }
@@ -220,7 +227,8 @@ fn waits_for_operator(r: &RegionState, step: Option<&fleet::steps::Step>) -> Opt
         );
     }
     let indefinite = step.is_some_and(|s| s.hold == fleet::model::Pause::Indefinite);
-    (r.status == RegionStatus::Active && r.applied() && indefinite)
+    let promotable = progressing && r.reachable && !r.promote_requested;
+    (r.status == RegionStatus::Active && r.applied() && indefinite && promotable)
         .then(|| "an indefinite pause: `fleetctl release promote` passes it".into())
 }
 
@@ -234,7 +242,7 @@ mod tests {
         let manifest = std::sync::Arc::new(fleet::load(src).unwrap().manifest);
         let engine = Engine::start(manifest, crate::demo_1(), chrono::Utc::now());
         let mut r = engine.state().regions["eu-west"].clone();
-        assert_eq!(waits_for_operator(&r, None), None, "pending");
+        assert_eq!(waits_for_operator(&r, None, true), None, "pending");
         let indefinite = fleet::steps::Step {
             label: "50%".into(),
             phase: fleet::steps::Phase::Weight,
@@ -250,18 +258,29 @@ mod tests {
             replicas: 1,
             traffic: fleet_engine::Traffic::default(),
         });
-        let said = waits_for_operator(&r, Some(&indefinite)).unwrap();
+        let said = waits_for_operator(&r, Some(&indefinite), true).unwrap();
         assert!(said.starts_with("its agents have not reported"), "{said}");
         (r.heard, r.applied_seq, r.ready) = (true, 3, true);
         assert_eq!(
-            waits_for_operator(&r, Some(&indefinite)).as_deref(),
+            waits_for_operator(&r, Some(&indefinite), true).as_deref(),
             Some("an indefinite pause: `fleetctl release promote` passes it")
         );
         let timed = fleet::steps::Step {
             hold: fleet::model::Pause::None,
-            ..indefinite
+            ..indefinite.clone()
         };
-        assert_eq!(waits_for_operator(&r, Some(&timed)), None);
+        assert_eq!(waits_for_operator(&r, Some(&timed), true), None);
+        assert_eq!(
+            waits_for_operator(&r, Some(&indefinite), false),
+            None,
+            "paused"
+        );
+        r.promote_requested = true;
+        assert_eq!(
+            waits_for_operator(&r, Some(&indefinite), true),
+            None,
+            "promoted"
+        );
     }
 
     #[test]

@@ -262,6 +262,13 @@ impl ReleaseService for Releases {
         let caller = may_change(&request)?;
         let r = request.into_inner();
         self.once("apply_fleet", &caller, &r, |request| {
+            let max = fleet_proto::MAX_MANIFEST_BYTES;
+            if r.manifest.len() > max {
+                return Err(Status::invalid_argument(format!(
+                    "the manifest is {} bytes, above the {max} (1 MiB) a controller keeps; nothing changed",
+                    r.manifest.len()
+                )));
+            }
             let loaded = fleet::load(&r.manifest).map_err(|diags| {
                 let lines: Vec<String> = diags
                     .iter()
@@ -389,6 +396,11 @@ impl ReleaseService for Releases {
                 }
             };
             check_version("version", &r.version).map_err(Status::invalid_argument)?;
+            if !r.emergency_reason.is_empty() && r.emergency_reason.trim().is_empty() {
+                return Err(Status::invalid_argument(
+                    "emergency_reason is blank: give the reason, which is recorded (or leave it empty for an ordinary release)",
+                ));
+            }
             if !r.from_version.is_empty() {
                 check_version("from_version", &r.from_version).map_err(Status::invalid_argument)?;
             }
@@ -409,6 +421,7 @@ impl ReleaseService for Releases {
                 from_version,
                 to_version: r.version.clone(),
                 emergency: (!r.emergency_reason.is_empty()).then(|| r.emergency_reason.clone()),
+
                 actor,
             };
             let now = Utc::now();

@@ -959,7 +959,31 @@ async fn a_start_of_a_version_that_cannot_be_one_or_runs_already_is_refused_sayi
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         assert!(refused.message().starts_with(said), "{}", refused.message());
     }
+    let blank = pb::StartReleaseRequest {
+        emergency_reason: "  ".into(),
+        ..start("d", "v2")
+    };
+    let refused = client.start_release(blank).await.unwrap_err();
+    assert!(
+        refused.message().starts_with("emergency_reason is blank"),
+        "{}",
+        refused.message()
+    );
     let listed = client.list_releases(pb::ListReleasesRequest::default());
     assert!(listed.await.unwrap().into_inner().releases.is_empty());
+    // A manifest above what a controller keeps in one store write: refused before anything.
+    let large = pb::ApplyFleetRequest {
+        request_id: "large".into(),
+        manifest: format!("{QUICK}{}", "#".repeat(1024 * 1024)),
+    };
+    let refused = client.apply_fleet(large).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains("above the 1048576 (1 MiB) a controller keeps"),
+        "{}",
+        refused.message()
+    );
     server.stop().await;
 }

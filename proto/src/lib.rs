@@ -12,6 +12,10 @@ pub mod tally;
 /// How a hello's capabilities name the agent's workload driver: `driver:kubernetes`.
 pub const DRIVER_CAPABILITY: &str = "driver:";
 
+/// The largest fleet manifest a controller takes (bytes): it keeps each in one store write,
+/// with a release it starts, and etcd takes 1.5 MiB a request by default.
+pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
+
 #[allow(clippy::all, missing_docs, rust_2018_idioms)] // Generated code.
 pub mod v1 {
     tonic::include_proto!("fleet.v1");

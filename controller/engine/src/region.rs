@@ -343,13 +343,17 @@ impl Engine {
     }
 
     pub(crate) fn on_applied(&mut self, region: &str, seq: u64, ready: bool, detail: String) {
-        if let Some(r) = self.state.regions.get_mut(region)
-            && seq >= r.applied_seq
-        {
+        let Some(r) = self.state.regions.get_mut(region) else {
+            return;
+        };
+        // Heard, whatever the seq: an agent working on a desired state reports seq 0 until
+        // it is in force, and a region at its second step or later has applied a higher one
+        // before. Its words on why it is not ready count as well.
+        r.heard = true;
+        r.not_ready = (!ready && !detail.is_empty()).then_some(detail);
+        if seq >= r.applied_seq {
             r.applied_seq = seq;
             r.ready = ready;
-            r.heard = true;
-            r.not_ready = (!ready && !detail.is_empty()).then_some(detail);
         }
     }
 

@@ -118,7 +118,8 @@ impl Sim {
                             at,
                             Event::Applied {
                                 region: region.clone(),
-                                seq: desired.seq,
+                                // As a real agent: 0 until the desired state is in force.
+                                seq: if ready { desired.seq } else { 0 },
                                 ready,
                                 detail,
                             },
@@ -1107,4 +1108,18 @@ fn a_region_rolled_back_by_its_policy_finishes_after_the_release_is_resumed() {
     assert!(sim.run_until(TimeDelta::minutes(1), |s| {
         s.engine.state().regions["eu-central-1"].status == RegionStatus::RolledBack
     }));
+}
+
+#[test]
+fn a_later_step_that_never_comes_into_force_fails_its_region_at_the_progress_deadline() {
+    // The first step in force; the second never (its agents report seq 0, not ready, saying
+    // why, as real agents do), though an earlier seq was applied.
+    let mut sim = at_the_first_step();
+    sim.v2_ready = false;
+    assert!(sim.run_until(TimeDelta::days(1), failed));
+    let (_, why) = failures(&sim).remove(0);
+    assert!(
+        why.starts_with("us-west-1 waited 10m (progress_deadline) for step 2/4 to be applied and ready; the agents say: "),
+        "{why}"
+    );
 }

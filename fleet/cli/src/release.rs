@@ -217,12 +217,12 @@ impl Apply {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         let manifest = std::fs::read_to_string(&self.file)
             .with_context(|| format!("cannot read {}", self.file))?;
-        // The controller takes a message of at most 4 MiB (gRPC's default).
-        let mib = manifest.len() as f64 / (1024.0 * 1024.0);
+        let max = fleet_proto::MAX_MANIFEST_BYTES;
         anyhow::ensure!(
-            mib < 3.9,
-            "{} is {mib:.1} MiB: the controller takes a manifest of at most 4 MiB",
-            self.file
+            manifest.len() <= max,
+            "{} is {} bytes: a controller takes a manifest of at most {max} bytes (1 MiB)",
+            self.file,
+            manifest.len()
         );
         let change = self.remote.request_id();
         let mut changing = self.remote.caller().changing(&change);

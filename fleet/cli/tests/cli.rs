@@ -298,13 +298,15 @@ fn an_emergency_without_its_reason_and_a_manifest_too_large_to_send_are_refused_
     }
     let dir = tempfile::tempdir().unwrap();
     let large = dir.path().join("large.yaml");
-    std::fs::write(&large, "#".repeat(5 * 1024 * 1024)).unwrap();
+    std::fs::write(&large, "#".repeat(1024 * 1024 + 1)).unwrap();
     let large = large.to_str().unwrap();
     // Told before any controller is dialled (none listens here).
     let out = fleetctl(&["apply", large, "--controller", "http://127.0.0.1:1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).contains("is 5.0 MiB: the controller takes a manifest of at most 4 MiB"),
+        text(&out.stderr).contains(
+            "is 1048577 bytes: a controller takes a manifest of at most 1048576 bytes (1 MiB)"
+        ),
         "{}",
         text(&out.stderr)
     );
