@@ -462,12 +462,17 @@ impl ReleaseService for Releases {
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
         let service = request.into_inner().service;
         let inner = self.controller.lock();
-        let releases = inner
+        let mut releases: Vec<pb::Release> = inner
             .releases
             .iter()
             .filter(|(_, r)| service.is_empty() || r.service == service)
             .map(|(id, r)| convert::release(id, r.started_at_ms, &r.engine))
             .collect();
+        // Oldest first: by when each started, then by number (demo-9 before demo-10), where
+        // the ids' text order put demo-10 first.
+        releases.sort_by(|a, b| {
+            (a.started_at_ms, a.id.len(), &a.id).cmp(&(b.started_at_ms, b.id.len(), &b.id))
+        });
         Ok(Response::new(pb::ListReleasesResponse { releases }))
     }
 

@@ -932,13 +932,7 @@ async fn a_fleet_with_a_region_of_another_service_is_refused_naming_the_region_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_of_a_version_that_cannot_be_one_or_runs_already_is_refused_saying_which() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path()).await;
-    let mut client = server.client().await;
-    let apply = pb::ApplyFleetRequest {
-        request_id: "apply".into(),
-        manifest: QUICK.into(),
-    };
-    client.apply_fleet(apply).await.unwrap();
+    let (server, mut client) = quick_applied(dir.path()).await;
     let start = |id: &str, version: &str| pb::StartReleaseRequest {
         request_id: id.into(),
         service: "demo".into(),
@@ -985,5 +979,27 @@ async fn a_start_of_a_version_that_cannot_be_one_or_runs_already_is_refused_sayi
         "{}",
         refused.message()
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_are_listed_oldest_first_demo_9_before_demo_10() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mut client) = quick_applied(dir.path()).await;
+    // Each start supersedes the last (no agent answers): eleven releases, one under way.
+    for n in 1..=11 {
+        let start = pb::StartReleaseRequest {
+            request_id: format!("start-{n}"),
+            service: "demo".into(),
+            version: format!("v{}", n + 1),
+            from_version: "v1".into(),
+            supersede: true,
+            ..Default::default()
+        };
+        client.start_release(start).await.unwrap();
+    }
+    let ids = listed(&mut client).await;
+    let numbered: Vec<String> = (1..=11).map(|n| format!("demo-{n}")).collect();
+    assert_eq!(ids, numbered);
     server.stop().await;
 }

@@ -215,6 +215,18 @@ pub async fn apply_and_start(client: &mut ReleaseServiceClient<Channel>) -> Stri
     release.id
 }
 
+/// A controller on `data` with the quick fleet applied, and a client of it.
+pub async fn quick_applied(data: &std::path::Path) -> (Server, ReleaseServiceClient<Channel>) {
+    let server = Server::start(data).await;
+    let mut client = server.client().await;
+    let apply = pb::ApplyFleetRequest {
+        request_id: "apply".into(),
+        manifest: QUICK.into(),
+    };
+    client.apply_fleet(apply).await.unwrap();
+    (server, client)
+}
+
 /// Starts releasing v3 of the fleet [`apply_and_start`] applied, once v2 has ended: its id.
 pub async fn start_v3(client: &mut ReleaseServiceClient<Channel>) -> String {
     let started = client.start_release(pb::StartReleaseRequest {
