@@ -162,11 +162,16 @@ fn route(path: &str, view: &View) -> Response<Full<Bytes>> {
 /// Writes the `# HELP` and `# TYPE` lines of metric `name`, and its one sample (with
 /// `labels`, as `a="b",c="d"`).
 fn sample(out: &mut String, name: &str, labels: &str, kind: &str, help: &str, value: f64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    head(out, name, kind, help);
     let _ = match labels {
         "" => writeln!(out, "{name} {value}"),
         _ => writeln!(out, "{name}{{{labels}}} {value}"),
     };
+}
+
+/// Writes the `# HELP` and `# TYPE` lines of metric `name`.
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 fn metrics(view: &View) -> String {
@@ -300,7 +305,7 @@ fn watch_metrics(out: &mut String, watches: &BTreeMap<&'static str, Figures>) {
         return;
     }
     for (name, kind, help, value) in metrics {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        head(out, name, kind, help);
         for (watch, figures) in watches {
             let _ = writeln!(out, "{name}{{watch=\"{watch}\"}} {}", value(figures));
         }

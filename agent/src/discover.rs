@@ -246,11 +246,10 @@ mod tests {
     /// A pod whose container runs, and, if `deleting`, being deleted with its grace period
     /// ending `deleting` seconds from [`NOW`].
     fn pod(phase: &str, ip: Option<&str>, deleting: Option<i64>) -> Pod {
+        let running = status("proxy", serde_json::json!({"running": {}}));
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "p" },
-            "status": { "phase": phase, "podIP": ip, "containerStatuses": [{
-                "name": "proxy", "image": "x", "imageID": "", "ready": false,
-                "restartCount": 0, "state": {"running": {}}}] },
+            "status": { "phase": phase, "podIP": ip, "containerStatuses": [running] },
         }))
         .unwrap();
         if let Some(after) = deleting {

@@ -93,8 +93,7 @@ pub struct Figures {
 impl Figures {
     /// Its failure is told now ([`TROUBLE_TOLD_FOR`]).
     pub fn failing(&self) -> bool {
-        self.failed_at
-            .is_some_and(|at| at.elapsed() < TROUBLE_TOLD_FOR)
+        self.failed_at.is_some_and(still_told)
     }
 }
 
@@ -200,7 +199,7 @@ impl<K: Object> Watched<K> {
     pub fn trouble(&self) -> Option<String> {
         let health = self.health.borrow();
         let (why, at) = health.failed.as_ref()?;
-        (at.elapsed() < TROUBLE_TOLD_FOR).then(|| why.clone())
+        still_told(*at).then(|| why.clone())
     }
 
     /// Waits for the first list to come through, or to fail.
@@ -218,13 +217,6 @@ impl<K: Object> Watched<K> {
         }
         let shown = self.until(|store, health| health.listed && done(&store.state()));
         tokio::time::timeout_at(deadline, shown).await.is_ok()
-    }
-
-    /// Waits, until `deadline`, for the watch to show `answered` (a write's answer), or a later
-    /// version of it; false if it did not.
-    pub async fn shows_written(&self, deadline: Instant, answered: &K) -> bool {
-        let shown = |listed: &[Arc<K>]| listed.iter().any(|o| at_least(&**o, answered));
-        self.shows(deadline, shown).await
     }
 
     /// What is watched, for people.
@@ -307,6 +299,11 @@ where
             });
         });
     }
+}
+
+/// Whether a failure at `at` is still told ([`TROUBLE_TOLD_FOR`]).
+fn still_told(at: Instant) -> bool {
+    at.elapsed() < TROUBLE_TOLD_FOR
 }
 
 /// What a watch's failure means, naming what was watched, with a hint when the agent may not

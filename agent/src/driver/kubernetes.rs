@@ -490,14 +490,15 @@ async fn delete<K: Object>(
 }
 
 /// Waits, until `deadline`, for `watched` to show a write's `answered` object (`name`), or a
-/// later version of it; why not, if it did not.
+/// later version of it ([`at_least`]); why not, if it did not.
 async fn written<K: Object>(
     watched: &Watched<K>,
     deadline: Instant,
     answered: &K,
     name: &str,
 ) -> Result<(), String> {
-    match watched.shows_written(deadline, answered).await {
+    let shown = |listed: &[Arc<K>]| listed.iter().any(|o| at_least(&**o, answered));
+    match watched.shows(deadline, shown).await {
         true => Ok(()),
         false => Err(not_shown(watched, name)),
     }
