@@ -86,14 +86,10 @@ fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        // A write to stdout that failed (`plan | head`), as `print!`'s are told.
-        Err(e) => match e.downcast_ref::<std::io::Error>() {
-            Some(io) if io.kind() == std::io::ErrorKind::BrokenPipe => output_failed("Broken pipe"),
-            _ => {
-                eprintln!("fleetctl: {e:#}");
-                verbs::usage_error()
-            }
-        },
+        Err(e) => {
+            eprintln!("fleetctl: {e:#}");
+            verbs::usage_error()
+        }
     }
 }
 

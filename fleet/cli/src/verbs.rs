@@ -1,6 +1,5 @@
 //! The manifest verbs: validate, plan, schema.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -131,7 +130,7 @@ impl Plan {
             Output::Table => plan_table::render(&plan),
             Output::Json => serde_json::to_string_pretty(&plan)? + "\n",
         };
-        std::io::stdout().write_all(text.as_bytes())?;
+        print!("{text}");
         Ok(ExitCode::SUCCESS)
     }
 }
