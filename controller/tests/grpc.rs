@@ -549,13 +549,11 @@ async fn a_release_may_override_the_strategy_and_a_bad_override_changes_nothing(
     let server = Server::start(dir.path()).await;
     let mut client = server.client().await;
     let agents = fake_agents(&server, 0.0);
-    client
-        .apply_fleet(pb::ApplyFleetRequest {
-            request_id: "apply".into(),
-            manifest: QUICK.into(),
-        })
-        .await
-        .unwrap();
+    let apply = |manifest: &str| pb::ApplyFleetRequest {
+        request_id: "apply".into(),
+        manifest: manifest.into(),
+    };
+    client.apply_fleet(apply(QUICK)).await.unwrap();
     let start = |request_id: &str, strategy: &str| pb::StartReleaseRequest {
         request_id: request_id.into(),
         service: "demo".into(),
@@ -565,10 +563,6 @@ async fn a_release_may_override_the_strategy_and_a_bad_override_changes_nothing(
         ..Default::default()
     };
     // The manifest applied again under its id: answered; another manifest under it: refused.
-    let apply = |manifest: &str| pb::ApplyFleetRequest {
-        request_id: "apply".into(),
-        manifest: manifest.into(),
-    };
     client.apply_fleet(apply(QUICK)).await.unwrap();
     let other = client
         .apply_fleet(apply(&format!("{QUICK}# edited\n")))
@@ -866,13 +860,11 @@ async fn a_controller_without_tls_dialled_over_https_is_told_at_once_to_be_diall
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_with_a_region_of_another_service_is_refused_naming_the_region_and_the_fix() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (server, mut client) = quick_applied(dir.path()).await;
     let apply = |request_id: &str, manifest: &str| pb::ApplyFleetRequest {
         request_id: request_id.into(),
         manifest: manifest.into(),
     };
-    client.apply_fleet(apply("demo", QUICK)).await.unwrap();
     // Service "shop" in demo's regions: refused, and nothing changed.
     let shop = QUICK.replacen("name: demo", "name: shop", 1);
     let refused = client.apply_fleet(apply("shop", &shop)).await.unwrap_err();
@@ -963,8 +955,7 @@ async fn a_start_of_a_version_that_cannot_be_one_or_runs_already_is_refused_sayi
         "{}",
         refused.message()
     );
-    let listed = client.list_releases(pb::ListReleasesRequest::default());
-    assert!(listed.await.unwrap().into_inner().releases.is_empty());
+    assert!(listed(&mut client).await.is_empty());
     // A manifest above what a controller keeps in one store write: refused before anything.
     let large = pb::ApplyFleetRequest {
         request_id: "large".into(),
