@@ -4,8 +4,8 @@ use fleet::Manifest;
 use fleet::model::Compare;
 use fleet_engine::output::StickyKey;
 use fleet_engine::{
-    Desired, Engine, Histogram, HistoryEvent, Phase, RegionState, RegionStats, RegionStatus,
-    TrackStats, WaveState,
+    Desired, Engine, Histogram, HistoryEvent, Phase, RegionState, RegionStats, TrackStats,
+    WaveState,
 };
 use fleet_proto::v1 as pb;
 
@@ -227,8 +227,7 @@ fn waits_for_operator(
         );
     }
     let indefinite = step.is_some_and(|s| s.hold == fleet::model::Pause::Indefinite);
-    let promotable = progressing && r.reachable && !r.promote_requested;
-    (r.status == RegionStatus::Active && r.applied() && indefinite && promotable)
+    (progressing && r.reachable && r.promotable() && indefinite)
         .then(|| "an indefinite pause: `fleetctl release promote` passes it".into())
 }
 
@@ -249,7 +248,7 @@ mod tests {
             weight: fleet::model::Weight::from_percent(50.0).unwrap(),
             hold: fleet::model::Pause::Indefinite,
         };
-        r.status = RegionStatus::Active;
+        r.status = fleet_engine::RegionStatus::Active;
         r.desired = Some(Desired {
             seq: 3,
             release: "demo-1".into(),

@@ -84,9 +84,7 @@ impl Engine {
     /// already (whose agents are away, say).
     fn promotable(&self) -> impl Iterator<Item = &String> {
         (self.state.regions.iter())
-            .filter(|(_, r)| {
-                r.status == RegionStatus::Active && r.applied() && !r.promote_requested
-            })
+            .filter(|(_, r)| r.promotable())
             .map(|(name, _)| name)
     }
 
@@ -101,8 +99,6 @@ impl Engine {
         if !matches!(self.state.phase, Phase::RollingBack { .. }) {
             self.start_rollback(now, actor, format!("superseded by {by}"));
         }
-        // Nothing it waits for (a pre-rollout hook) is waited for any more.
-        self.state.pre_rollout_awaiting = None;
         for r in self.state.regions.values_mut() {
             if r.status == RegionStatus::RollingBack {
                 r.status = RegionStatus::RolledBack;
@@ -125,9 +121,7 @@ impl Engine {
         actor: &str,
         reason: String,
     ) {
-        if self.state.phase.is_terminal() {
-            return;
-        }
+        // An ended release hears no operator: `Engine::handle` drops every event to it.
         match action {
             Action::Promote => self.promote(now, actor, reason),
             Action::Pause if self.state.phase == Phase::Progressing => {

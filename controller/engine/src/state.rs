@@ -175,6 +175,11 @@ impl RegionState {
         (self.desired.as_ref()).is_some_and(|d| self.applied_seq >= d.seq)
     }
 
+    /// At a step in force (applied and ready), not promoted yet: a promote passes its step.
+    pub fn promotable(&self) -> bool {
+        self.status == RegionStatus::Active && self.applied() && !self.promote_requested
+    }
+
     /// The release has changed this region at some point.
     pub fn reached(&self) -> bool {
         self.status != RegionStatus::Pending
