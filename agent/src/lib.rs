@@ -133,12 +133,17 @@ pub async fn run<D: Driver>(
                 },
                 Put::Nothing => {}
             }
-            if in_force(programmed.as_ref(), table.as_ref(), &versions) {
+            let in_force_now = in_force(programmed.as_ref(), table.as_ref(), &versions);
+            if in_force_now {
                 applied = Some((d.release_id.clone(), d.seq));
             }
             details.extend(proxies.not_running());
             details.retain(|d| !d.is_empty());
             let detail = details.join("; ");
+            // Applied once it has been in force; ready while it is. A step whose workloads
+            // stop being ready (a version with no ready instance left, or a proxy's table
+            // that cannot be put) is reported applied and not ready, with why: the controller
+            // then holds the step and fails it at its progress deadline.
             let done = applied
                 .as_ref()
                 .is_some_and(|(r, s)| *r == d.release_id && *s == d.seq);
@@ -146,7 +151,7 @@ pub async fn run<D: Driver>(
                 epoch: d.epoch,
                 applied_seq: if done { d.seq } else { 0 },
                 release_id: d.release_id.clone(),
-                ready: done,
+                ready: done && in_force_now,
                 stats: None,
                 detail,
                 counting_since_unix_ms: 0,

@@ -120,3 +120,26 @@ async fn a_command_that_cannot_start_says_why() {
     );
     driver.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_instance_that_falls_ill_in_service_is_not_ready_saying_why_until_it_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sick = dir.path().join("sick");
+    let mut driver = ProcessDriver::default();
+    let mut w = want(&[("v1", 1)]);
+    w.command
+        .extend(["--sick-while".into(), sick.display().to_string()]);
+    driver.apply(&w);
+    let ready = until_ready(&mut driver, |r| r.ready.contains_key("v1")).await;
+    std::fs::write(&sick, "").unwrap();
+    let ill = until_ready(&mut driver, |r| !r.ready.contains_key("v1")).await;
+    assert_eq!(
+        ill.detail,
+        "v1: 0/1 ready (its health check /healthz answered 503 Service Unavailable)"
+    );
+    std::fs::remove_file(&sick).unwrap();
+    let well = until_ready(&mut driver, |r| r.ready.contains_key("v1")).await;
+    assert_eq!(well.ready, ready.ready, "the same instance, not restarted");
+    assert_eq!(well.detail, "");
+    driver.shutdown().await;
+}

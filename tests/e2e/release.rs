@@ -226,6 +226,36 @@ async fn a_version_that_never_starts_is_rolled_back_at_the_progress_deadline_say
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_falls_ill_after_its_step_is_in_force_is_rolled_back_at_the_progress_deadline()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let sick = dir.path().join("sick");
+    let faults = format!("v2=sick-while:{}", sick.display());
+    let manifest = format!("{}progress_deadline: 6s\n", fleet_e2e::MANIFEST);
+    let env = [("FLEET_DEMO_FAULTS", faults.as_str())];
+    let mut world = World::start_with(&manifest, &env, &["us-west"])
+        .await
+        .unwrap();
+    let id = world.start_release("v2").await.unwrap();
+    // In force at its first step (10%, two seconds' pause), then its health check fails.
+    world
+        .wait_for_split("us-west", 1000, RELEASE_TIME)
+        .await
+        .unwrap();
+    std::fs::write(&sick, "").unwrap();
+    let release = rolled_back_or_done(&mut world, &id).await;
+    assert_eq!(release.phase, "rolled_back", "{release:#?}");
+    let why = "us-west waited 6s (progress_deadline) for step 1/3 to be applied and ready; \
+        the agents say: usw-a: v2: 0/1 ready (its health check /healthz answered 503 Service \
+        Unavailable)";
+    assert_eq!(release.reason, why);
+    // The step held where it was (no share beyond 10%), and the next wave never began.
+    assert_eq!(world.splits_of("us-west"), [1000, 0]);
+    assert!(world.splits_of("us-east").is_empty());
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_agent_holds_its_region_with_the_proxy_serving_the_last_table_until_it_returns() {
     let mut world = World::start(&[]).await.unwrap();
     let id = world.start_release("v2").await.unwrap();

@@ -1,8 +1,10 @@
-//! `fleet-demo-app --port P --version V [--fail-rate R] [--latency-ms N]`: the service of the
-//! demo and the end-to-end tests. `GET /healthz` answers `ok`; every other request answers
-//! `hello from VERSION` with an `x-version` header, or a 500 for a `--fail-rate` share of them.
+//! `fleet-demo-app --port P --version V [--fail-rate R] [--latency-ms N] [--sick-while PATH]`:
+//! the service of the demo and the end-to-end tests. `GET /healthz` answers `ok` (a 503 while
+//! the `--sick-while` file exists); every other request answers `hello from VERSION` with an
+//! `x-version` header, or a 500 for a `--fail-rate` share of them.
 //! `FLEET_DEMO_FAULTS="v2=0.05,v3=0.5"` sets the fail rate by version when the flag is absent;
-//! `v4=crash` has that version exit with an error as it starts, as a broken build would.
+//! `v4=crash` has that version exit with an error as it starts, as a broken build would;
+//! `v5=sick-while:PATH` sets its `--sick-while`, for a version that falls ill in service.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,6 +31,9 @@ struct Args {
     /// Delay before every answer.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// The health check answers 503 while this file exists.
+    #[arg(long)]
+    sick_while: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -43,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
             anyhow::bail!("{} crashes as it starts (FLEET_DEMO_FAULTS)", args.version)
         }
         Some(Fault::FailRate(rate)) => args.fail_rate = args.fail_rate.or(Some(rate)),
+        Some(Fault::SickWhile(path)) => args.sick_while = args.sick_while.or(Some(path)),
         None => {}
     }
     let listener =
@@ -62,7 +68,12 @@ async fn main() -> anyhow::Result<()> {
 
 async fn answer(req: Request<Incoming>, args: Args) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() == "/healthz" {
-        return Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))));
+        let mut response = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+        if args.sick_while.as_ref().is_some_and(|p| p.exists()) {
+            *response.body_mut() = Full::new(Bytes::from_static(b"sick (--sick-while)\n"));
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        return Ok(response);
     }
     if args.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(args.latency_ms)).await;
@@ -88,9 +99,10 @@ async fn answer(req: Request<Incoming>, args: Args) -> Result<Response<Full<Byte
 enum Fault {
     FailRate(f64),
     Crash,
+    SickWhile(std::path::PathBuf),
 }
 
-/// What `faults` ("v2=0.05,v3=0.5,v4=crash") gives `version`. The whole list is checked, so
+/// What `faults` ("v2=0.05,v3=0.5,v4=crash,v5=sick-while:/run/ill") gives `version`. The whole list is checked, so
 /// that a typo anywhere in it (a pair without `=`, a value that is neither a rate nor
 /// `crash`, a version given twice) is an error rather than a healthy version run quietly.
 fn fault_for(faults: &str, version: &str) -> anyhow::Result<Option<Fault>> {
@@ -98,7 +110,10 @@ fn fault_for(faults: &str, version: &str) -> anyhow::Result<Option<Fault>> {
     let mut seen = std::collections::BTreeSet::new();
     for pair in faults.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((v, fault)) = pair.split_once('=') else {
-            anyhow::bail!("FLEET_DEMO_FAULTS: {pair:?} is not VERSION=RATE or VERSION=crash");
+            anyhow::bail!(
+                "FLEET_DEMO_FAULTS: {pair:?} is not VERSION=RATE, VERSION=crash or \
+                 VERSION=sick-while:PATH"
+            );
         };
         let v = v.trim();
         if !seen.insert(v) {
@@ -106,11 +121,17 @@ fn fault_for(faults: &str, version: &str) -> anyhow::Result<Option<Fault>> {
         }
         let fault = match fault.trim() {
             "crash" => Fault::Crash,
+            sick if sick
+                .strip_prefix("sick-while:")
+                .is_some_and(|p| !p.is_empty()) =>
+            {
+                Fault::SickWhile(sick["sick-while:".len()..].into())
+            }
             rate => match rate.parse::<f64>() {
                 Ok(rate) if (0.0..=1.0).contains(&rate) => Fault::FailRate(rate),
                 _ => anyhow::bail!(
-                    "FLEET_DEMO_FAULTS: {v}={rate:?} is neither a fail rate from 0 to 1 (e.g. \
-                     0.05) nor \"crash\""
+                    "FLEET_DEMO_FAULTS: {v}={rate:?} is not a fail rate from 0 to 1 (e.g. \
+                     0.05), \"crash\" or \"sick-while:PATH\""
                 ),
             },
         };
@@ -127,14 +148,18 @@ mod tests {
 
     #[test]
     fn faults_are_a_rate_or_a_crash_and_anything_else_is_refused() {
-        let faults = "v2=0.05, v3=crash ,";
+        let faults = "v2=0.05, v3=crash ,v4=sick-while:/run/ill";
         assert!(matches!(fault_for(faults, "v2"), Ok(Some(Fault::FailRate(r))) if r == 0.05));
         assert!(matches!(fault_for(faults, "v3"), Ok(Some(Fault::Crash))));
+        assert!(
+            matches!(fault_for(faults, "v4"), Ok(Some(Fault::SickWhile(p))) if p == std::path::Path::new("/run/ill"))
+        );
         assert!(matches!(fault_for(faults, "v1"), Ok(None)));
         for (typo, said) in [
-            ("v2=0.05,v4=crahs", "is neither a fail rate from 0 to 1"),
-            ("v2=0.05,v5=1.5", "is neither a fail rate"),
-            ("v2:crash", "is not VERSION=RATE or VERSION=crash"),
+            ("v2=0.05,v4=crahs", "is not a fail rate from 0 to 1"),
+            ("v2=0.05,v5=1.5", "is not a fail rate"),
+            ("v2=sick-while:", "is not a fail rate"),
+            ("v2:crash", "is not VERSION=RATE, VERSION=crash or"),
             ("v2=0.05,v2=crash", "v2 is given twice"),
         ] {
             // Whichever version asks: a typo anywhere is refused.

@@ -75,9 +75,17 @@ impl ProcessDriver {
         let url = format!("http://127.0.0.1:{}{health}", instance.port);
         let answer = self.http.get(&url).timeout(HEALTH_TIMEOUT).send().await;
         let instance = &mut self.instances[i];
+        let was_healthy = instance.healthy;
         instance.healthy = answer.as_ref().is_ok_and(|r| r.status().is_success());
         if instance.healthy {
             instance.crashes = 0;
+            instance.last_error = None;
+        } else if was_healthy {
+            // Fell ill in service (a starting one is simply "starting", or why it exited).
+            instance.last_error = Some(match answer {
+                Ok(r) => format!("its health check {health} answered {}", r.status()),
+                Err(e) => format!("its health check {health} failed: {}", ill(&e)),
+            });
         }
     }
 }
@@ -231,6 +239,17 @@ fn terminate(mut child: Child) {
             let _ = child.kill().await;
         }
     });
+}
+
+/// Why a health check got no answer, in a few words.
+fn ill(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!("no answer in {HEALTH_TIMEOUT:?}")
+    } else if e.is_connect() {
+        "no connection taken".into()
+    } else {
+        e.to_string()
+    }
 }
 
 fn backoff(crashes: u32) -> Duration {
