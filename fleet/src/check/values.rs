@@ -54,8 +54,27 @@ impl<'a> Ctx<'a> {
         None
     }
 
+    /// A duration of at most [`MAX_DURATION`], in units from milliseconds to weeks: months
+    /// and years have no fixed length, and `M` (months) is too easily meant as minutes.
     pub(crate) fn duration(&mut self, path: &str, text: &str) -> Option<Duration> {
+        if let Some(unit) = units(text).find(|u| VAGUE_UNITS.contains(u)) {
+            self.error(
+                path,
+                format!("\"{text}\" is in {unit:?}, which is months or years"),
+                "write minutes as m (5m) and longer times in d or w (30d)",
+            );
+            return None;
+        }
         match humantime::parse_duration(text) {
+            Ok(d) if d > MAX_DURATION => {
+                self.error(
+                    path,
+                    format!("\"{text}\" is longer than 30 days"),
+                    "give at most 30d; to wait for an operator's word, use an indefinite \
+                     pause or an approval gate",
+                );
+                None
+            }
             Ok(d) => Some(d),
             Err(_) => {
                 self.error(
@@ -151,6 +170,54 @@ impl<'a> Ctx<'a> {
                 self.error(path, format!("unknown time zone \"{text}\""), help);
                 None
             }
+        }
+    }
+}
+
+/// The longest duration a manifest may give anything: a release is not meant to hold a step,
+/// a bake or a deadline longer.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The units of months and years, as the duration parser (humantime) takes them.
+const VAGUE_UNITS: [&str; 6] = ["M", "month", "months", "y", "year", "years"];
+
+/// The unit words of a duration's text ("1h 30m" → "h", "m").
+fn units(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|u| !u.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn duration(text: &str) -> Result<Duration, String> {
+        let mut diags = Diagnostics::default();
+        let pos = Positions::default();
+        let d = Ctx::new(&pos, &mut diags).duration("waves[0].bake", text);
+        d.ok_or_else(|| {
+            let said = diags.into_sorted().into_iter().map(|d| d.to_string());
+            said.collect::<Vec<_>>().join("\n")
+        })
+    }
+
+    #[test]
+    fn a_duration_is_in_units_from_milliseconds_to_weeks_and_at_most_thirty_days() {
+        assert_eq!(duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration("30d"), Ok(MAX_DURATION));
+        assert_eq!(duration("2w"), Ok(Duration::from_secs(14 * 24 * 3600)));
+        for (text, said) in [
+            ("5M", "\"5M\" is in \"M\", which is months or years"),
+            ("1year", "is in \"year\""),
+            ("1h 2months", "is in \"months\""),
+            ("31d", "\"31d\" is longer than 30 days; give at most 30d"),
+            ("1000000days", "is longer than 30 days"),
+            ("soon", "\"soon\" is not a duration"),
+        ] {
+            let e = duration(text).expect_err(text);
+            assert!(e.contains(said), "{text}: {e}");
+            assert!(e.contains("waves[0].bake"), "{text}: {e}");
         }
     }
 }
