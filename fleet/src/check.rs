@@ -368,13 +368,6 @@ fn waves(w: &[wire::Wave], regions: &[wire::Region], cx: &mut Ctx<'_>) -> Option
                 );
             }
         }
-        if wave.max_parallel == Some(0) {
-            cx.error(
-                &format!("{path}.max_parallel"),
-                "max_parallel must be at least 1",
-                "",
-            );
-        }
         let bake = match &wave.bake {
             Some(text) => cx.duration(&format!("{path}.bake"), text),
             None => Some(std::time::Duration::ZERO),

@@ -142,6 +142,7 @@ pub struct Wave {
     pub regions: Vec<String>,
     /// How many of the wave's regions progress at once. Default: all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_parallel: Option<u32>,
     /// How long to watch after the wave's last step before the next wave starts, e.g. `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
