@@ -154,9 +154,13 @@ fn failures_now(before: u32, settled: bool, ok: bool) -> u32 {
 }
 
 /// Why the controller refused this agent, when it did (its certificate names another
-/// cluster, say): a fault to fix here, where other failures are the network's.
+/// cluster, say), or that what answers is no controller (a wrong port): a fault to fix here,
+/// where other failures are the network's.
 fn refusal(e: &anyhow::Error) -> Option<&str> {
     let status = e.downcast_ref::<tonic::Status>()?;
+    if fleet_proto::connect::not_grpc(status) {
+        return Some(fleet_proto::connect::NOT_GRPC);
+    }
     matches!(
         status.code(),
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::InvalidArgument
@@ -189,6 +193,10 @@ mod tests {
         let cut = anyhow::Error::new(tonic::Status::unavailable("connection reset"));
         assert_eq!(refusal(&cut), None);
         assert_eq!(refusal(&anyhow::anyhow!("dns error")), None);
+        let web = "protocol error: received message with invalid compression flag: 104 (valid \
+            flags are 0 and 1) while receiving response with status: 200 OK";
+        let web = anyhow::Error::new(tonic::Status::internal(web));
+        assert_eq!(refusal(&web), Some(fleet_proto::connect::NOT_GRPC));
     }
 
     #[test]

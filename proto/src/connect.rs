@@ -187,6 +187,24 @@ pub fn call_passing(s: &tonic::Status) -> bool {
     }
 }
 
+/// Whether `s` says that what answered does not speak gRPC at all (a web server, a proxy, an
+/// admin port): an answer without gRPC's framing or status. An answer of 502–504 is left out:
+/// a load balancer in front of a controller that is away says so.
+pub fn not_grpc(s: &tonic::Status) -> bool {
+    let said = s.message();
+    let balancer = ["502", "503", "504"]
+        .iter()
+        .any(|code| said.contains(&format!("with status: {code} ")));
+    let framing =
+        said.starts_with("protocol error: received message with invalid compression flag");
+    let mapped = said.starts_with("grpc-status header missing, mapped from HTTP status code")
+        && s.code() != tonic::Code::Unavailable;
+    (framing && !balancer) || mapped
+}
+
+/// What to say of a call answered by something that does not speak gRPC ([`not_grpc`]).
+pub const NOT_GRPC: &str = "what answers at the controller URL does not speak gRPC: check the URL's host and port (the controller's gRPC listener, 7070 by default; not a proxy's or an admin port)";
+
 /// A connection to the controller is pinged every this long (HTTP/2 PING), and dropped when a
 /// ping goes unanswered for as long: a path that died without a word (a host gone, a
 /// firewall or NAT that forgot the flow) is noticed in seconds, not after TCP's minutes of
@@ -217,6 +235,13 @@ pub fn endpoint_pinging(
         .http2_keep_alive_interval(keepalive)
         .keep_alive_timeout(timeout)
         .keep_alive_while_idle(true);
+    let uri = url.parse::<tonic::transport::Uri>().ok();
+    let uri = uri.filter(|u| matches!(u.scheme_str(), Some("http" | "https")));
+    anyhow::ensure!(
+        uri.is_some_and(|u| u.host().is_some()),
+        "controller URL \"{url}\" is not an http:// or https:// URL with a host; write it as \
+         https://host:7070 (http:// for a controller without TLS)"
+    );
     if endpoint.uri().scheme_str() != Some("https") {
         anyhow::ensure!(
             !tls.is_set(),
@@ -297,6 +322,66 @@ mod tests {
     impl std::error::Error for Layer {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    /// Test-only: a web server on 127.0.0.1 that answers every request `status` with a text
+    /// body, over HTTP/1.1 or h2c; its URL.
+    async fn web_server(status: u16) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = move |_| async move {
+                    let mut r = hyper::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"hello from v1\n"),
+                    ));
+                    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                    Ok::<_, std::convert::Infallible>(r)
+                };
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                let io = hyper_util::rt::TokioIo::new(stream);
+                tokio::spawn(async move {
+                    let _ = builder
+                        .serve_connection(io, hyper::service::service_fn(answer))
+                        .await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_is_not_grpc_is_told_apart_and_a_balancers_503_is_not() {
+        for (status, not) in [(200, true), (404, true), (405, true), (503, false)] {
+            let url = web_server(status).await;
+            let channel = channel(&url, &ClientTls::default()).await.unwrap();
+            let mut client = crate::v1::release_service_client::ReleaseServiceClient::new(channel);
+            let request = crate::v1::ListReleasesRequest::default();
+            let s = client.list_releases(request).await.unwrap_err();
+            assert_eq!(not_grpc(&s), not, "{status}: {s:?}");
+        }
+    }
+
+    #[test]
+    fn a_controller_url_is_http_or_https_with_a_host() {
+        let plain = ClientTls::default();
+        for url in ["http://127.0.0.1:7070", "https://controller.example:7070"] {
+            assert!(endpoint(url, &plain).is_ok(), "{url}");
+        }
+        for url in [
+            "ftp://127.0.0.1:7070",
+            "localhost:7070",
+            "unix:///run/fleet.sock",
+        ] {
+            let e = endpoint(url, &plain).err().map(|e| e.to_string());
+            let said = format!("controller URL \"{url}\" is not an http:// or https:// URL");
+            assert!(
+                e.as_deref().is_some_and(|e| e.starts_with(&said)),
+                "{url}: {e:?}"
+            );
         }
     }
 

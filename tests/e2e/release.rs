@@ -793,6 +793,28 @@ async fn a_start_cut_by_a_controller_starting_over_is_made_once_by_fleetctl_tryi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_pointed_at_a_port_that_is_no_controller_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, _grpc, admin) = data_controller(dir.path(), "0").await;
+    for url in [format!("http://{admin}"), format!("ftp://{admin}")] {
+        let (code, said) = fleet_e2e::run({
+            let mut c = std::process::Command::new(fleet_e2e::bin("fleetctl"));
+            c.args(["fleets", "--controller", &url, "--retry-for", "0s"]);
+            c
+        })
+        .unwrap();
+        assert_ne!(code, 0, "{said}");
+        let expected = match url.starts_with("http:") {
+            true => fleet_proto::connect::NOT_GRPC.to_string(),
+            false => format!("controller URL \"{url}\" is not an http:// or https:// URL"),
+        };
+        assert!(said.contains(&expected), "{url}: {said}");
+        assert!(!said.contains("the controller refused"), "{said}");
+    }
+    fleet_e2e::stop_cleanly(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleetctl_shows_the_fleets_kept_and_what_applying_a_file_would_change() {
     let dir = tempfile::tempdir().unwrap();
     let (running, grpc, _admin) = data_controller(dir.path(), "0").await;

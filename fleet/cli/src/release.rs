@@ -33,6 +33,9 @@ pub struct Remote {
     /// PEM private key of `--tls-cert`.
     #[arg(long, global = true, env = "FLEET_TLS_KEY")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// How to print answers: a table for people, or JSON for scripts (a document for each
+    /// answer; `release history` and `release watch` print one JSON object a line, as events
+    /// come). `diff` prints a unified diff either way and refuses json.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     /// Bear with a controller that is away for a moment (the connection refused, reset or
@@ -364,6 +367,9 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
             "the connection to the controller failed: {why} ({})",
             fleet_proto::connect::HINT
         ),
+        (false, _) if fleet_proto::connect::not_grpc(&s) => {
+            anyhow::anyhow!("{} ({why})", fleet_proto::connect::NOT_GRPC)
+        }
         (false, tonic::Code::Unavailable) => {
             anyhow::anyhow!("the controller is unavailable: {why}")
         }
