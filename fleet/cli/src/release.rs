@@ -227,6 +227,14 @@ impl Apply {
             self.file,
             manifest.len()
         );
+        // Checked here first, as `validate` checks it: its diagnostics then name the file,
+        // and an invalid file exits 1 without a word to the controller.
+        if let Err(diags) = fleet::load(&manifest) {
+            crate::verbs::print_diagnostics(&self.file, &diags);
+            let errors = diags.iter().filter(|d| d.is_error()).count();
+            eprintln!("{}: invalid: {errors} error(s); nothing applied", self.file);
+            return Ok(crate::verbs::invalid());
+        }
         let change = self.remote.request_id();
         let mut changing = self.remote.caller().changing(&change);
         let response = call!(

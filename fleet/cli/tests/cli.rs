@@ -45,6 +45,27 @@ fn validate_exits_one_with_every_diagnostic_on_stderr() {
 }
 
 #[test]
+fn apply_of_an_invalid_file_says_what_validate_says_and_calls_no_controller() {
+    let file = "deploy/examples/invalid/waves.yaml";
+    let validated = fleetctl(&["validate", file]);
+    // No controller listens on port 1: the file is refused before any call.
+    let applied = fleetctl(&["apply", file, "--controller", "http://127.0.0.1:1"]);
+    assert_eq!(applied.status.code(), Some(1));
+    let stderr = text(&applied.stderr);
+    let diagnostics = |s: &str| s.lines().filter(|l| l.starts_with(file)).count();
+    assert_eq!(
+        diagnostics(&stderr),
+        diagnostics(&text(&validated.stderr)),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{file}: invalid: 10 error(s); nothing applied")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("fleetctl:"), "no call was made: {stderr}");
+}
+
+#[test]
 fn validate_exits_two_on_usage_errors() {
     assert_eq!(fleetctl(&["validate"]).status.code(), Some(2));
     assert_eq!(
