@@ -261,11 +261,18 @@ impl Engine {
         }
     }
 
+    /// Pauses the release, or says why anew when it is paused already (a webhook failed
+    /// meanwhile): it stays paused from when it first was, so that a resume moves the clocks
+    /// on by the whole pause.
     fn pause(&mut self, now: DateTime<Utc>, by: &str, reason: String) {
+        let since = match &self.state.phase {
+            Phase::Paused { since, .. } => *since,
+            _ => now,
+        };
         self.state.phase = Phase::Paused {
             by: by.to_string(),
             reason: reason.clone(),
-            since: now,
+            since,
         };
         self.record(now, by, None, What::Paused, reason);
     }

@@ -639,6 +639,26 @@ fn a_failing_webhook_pauses_the_release_until_resumed() {
 }
 
 #[test]
+fn a_webhook_failing_while_paused_keeps_the_pause_from_when_it_began() {
+    let mut sim = Sim::new(
+        manifest("linear-berlin-window"),
+        spec(Some("test")),
+        monday_morning(),
+    );
+    sim.hooks_ok = false;
+    sim.drain();
+    // Paused by an operator while the pre-rollout hook is under way; it fails after that.
+    sim.operator(Action::Pause);
+    let began = sim.now;
+    sim.run_until(TimeDelta::minutes(5), |_| false);
+    let Phase::Paused { since, reason, .. } = &sim.engine.state().phase else {
+        panic!("{:?}", sim.engine.state().phase);
+    };
+    assert!(reason.contains("a webhook failed"), "{reason}");
+    assert_eq!(*since, began, "the clocks stood still from the first pause");
+}
+
+#[test]
 fn rollback_region_policy_rolls_back_only_the_failed_region() {
     let mut sim = Sim::new(
         manifest("linear-berlin-window"),
