@@ -351,7 +351,6 @@ impl ReleaseService for Releases {
         self.once("start_release", &caller, &r, |request| {
             let controller = &self.controller;
             let from = controller.store.version(&r.service).map_err(internal)?;
-            let number = controller.store.next_release_number().map_err(internal)?;
             let mut inner = controller.lock();
             let (manifest, source) = inner
                 .fleets
@@ -407,6 +406,8 @@ impl ReleaseService for Releases {
             if r.version == from_version {
                 return Err(Status::invalid_argument(format!("version \"{}\" is the one running already: nothing to release", r.version)));
             }
+            // Taken once every check has passed, so that a refused start uses no number up.
+            let number = controller.store.next_release_number().map_err(internal)?;
             let id = format!("{}-{number}", r.service);
             // Every release of the service under way (one, but for a store from before
             // supersede ended them) ends: the new one takes its regions over.

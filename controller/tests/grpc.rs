@@ -956,6 +956,9 @@ async fn a_start_of_a_version_that_cannot_be_one_or_runs_already_is_refused_sayi
         refused.message()
     );
     assert!(listed(&mut client).await.is_empty());
+    // The refused starts used no number up: the first release is the service's first.
+    let started = client.start_release(start("e", "v2")).await.unwrap();
+    assert_eq!(started.into_inner().id, "demo-1");
     // A manifest above what a controller keeps in one store write: refused before anything.
     let large = pb::ApplyFleetRequest {
         request_id: "large".into(),
