@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         // A log line that cannot be written (a full disk) is dropped; told about on stderr, it
         // would panic the task that logged it.
         .log_internal_errors(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let watches = Tally::default();

@@ -119,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
         // A log line that cannot be written (a full disk) is dropped; told about on stderr, it
         // would panic the task that logged it.
         .log_internal_errors(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // A store file grown past the process's size limit (RLIMIT_FSIZE) fails that write
     // (EFBIG), which the controller handles, rather than ending it with SIGXFSZ mid-write.
