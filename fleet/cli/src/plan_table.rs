@@ -156,7 +156,13 @@ fn time(t: DateTime<Utc>) -> String {
     t.format(TIME).to_string()
 }
 
+/// A duration to the second (a wait for a window is counted from now, to the nanosecond);
+/// one under a second as it is.
 fn human(d: Duration) -> String {
+    let d = match d < Duration::from_secs(1) {
+        true => d,
+        false => Duration::from_secs(d.as_secs() + u64::from(d.subsec_millis() >= 500)),
+    };
     humantime::format_duration(d).to_string()
 }
 
@@ -217,6 +223,14 @@ mod tests {
     #[test]
     fn ab_plan_mirrors_then_serves_the_cohort_then_ramps() {
         snapshot("ab-mirror").assert_eq(&rendered("ab-mirror"));
+    }
+
+    #[test]
+    fn durations_are_shown_to_the_second() {
+        let wait = Duration::new(14 * 3600 + 34 * 60 + 39, 861_068_313);
+        assert_eq!(human(wait), "14h 34m 40s");
+        assert_eq!(human(Duration::from_millis(1_400)), "1s");
+        assert_eq!(human(Duration::from_millis(500)), "500ms");
     }
 
     #[test]
