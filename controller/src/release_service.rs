@@ -67,18 +67,13 @@ fn no_fleet(service: &str) -> Status {
 /// `_`, then up to 127 of those, `.` and `-`), as the Kubernetes driver puts it in one, and
 /// the process driver in an argument. Pure.
 fn check_version(field: &str, value: &str) -> Result<(), String> {
-    let mut chars = value.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    match (value.is_empty(), first_ok && rest_ok && value.len() <= 128) {
+    match (value.is_empty(), fleet_yaml::is_version(value)) {
         (true, _) => Err(format!(
             "{field} is empty: give the version to release, e.g. v2"
         )),
         (false, true) => Ok(()),
         (false, false) => Err(format!(
-            "{field} {value:?} is not a version: a letter, digit or '_', then at most 127 letters, digits, '_', '.' and '-' (as an image tag), e.g. v2 or 1.4.0-rc.1"
+            "{field} {value:?} is not a version: at most 63 letters, digits, '_', '.' and '-', a letter or digit at each end (an image tag that is also a Kubernetes label value), e.g. v2 or 1.4.0-rc.1"
         )),
     }
 }
@@ -634,8 +629,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_version_is_what_an_image_tag_may_be() {
-        for ok in ["v2", "1.4.0-rc.1", "_x", "a".repeat(128).as_str()] {
+    fn a_version_is_an_image_tag_that_may_be_a_label_value() {
+        for ok in ["v2", "1.4.0-rc.1", "V2_b", "a".repeat(63).as_str()] {
             assert_eq!(check_version("version", ok), Ok(()), "{ok}");
         }
         assert_eq!(
@@ -647,7 +642,9 @@ mod tests {
             "-v2",
             ".v2",
             "v2/x",
-            "a".repeat(129).as_str(),
+            "a".repeat(64).as_str(),
+            "_x",
+            "v2_",
             "v\u{e9}",
         ] {
             let said = check_version("from_version", bad).unwrap_err();

@@ -35,6 +35,16 @@ pub fn is_dns_label(s: &str) -> bool {
     !b.is_empty() && b.len() <= 63 && b.iter().all(inner) && b[0] != b'-' && b[b.len() - 1] != b'-'
 }
 
+/// A version Fleet releases: an image tag that is also a Kubernetes label value (the
+/// Kubernetes driver finds its pods by it), at most 63 letters, digits, '_', '.' and '-', a
+/// letter or digit at each end. The controller's check of a start and the driver's use it.
+pub fn is_version(s: &str) -> bool {
+    let b = s.as_bytes();
+    let inner = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.');
+    let end = |c: Option<&u8>| c.is_some_and(u8::is_ascii_alphanumeric);
+    b.len() <= 63 && b.iter().all(inner) && end(b.first()) && end(b.last())
+}
+
 /// An HTTP token (RFC 9110 §5.6.2), as cookie and header names must be; both the manifest's
 /// and the proxy's checks use it. A `match` rather than a search of the allowed bytes: every
 /// route of a large table names its cookie, and the search ran for a tenth of a build.

@@ -79,19 +79,14 @@ pub fn check_service(service: &str) -> Result<(), String> {
 
 /// Checks that `version` can be a label value, which is how the driver finds its pods.
 pub fn check_version(version: &str) -> Result<(), String> {
-    let b = version.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= MAX_NAME
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric();
-    ok.then_some(()).ok_or_else(|| {
-        format!(
-            "version \"{version}\" cannot be a Kubernetes label value: release a version of \
+    fleet_yaml::is_version(version)
+        .then_some(())
+        .ok_or_else(|| {
+            format!(
+                "version \"{version}\" cannot be a Kubernetes label value: release a version of \
              letters, digits, '-', '_' and '.' (at most {MAX_NAME}, a letter or digit at each end)"
-        )
-    })
+            )
+        })
 }
 
 /// The Deployment's name: `service-version`, the version lowercased with anything but
