@@ -119,6 +119,7 @@ fn route(path: &str, controller: &Controller, tls: Option<&tls::Status>) -> Resp
         "/metrics" => {
             let mut out = metrics(controller);
             leading(&mut out, true);
+            controller.store.metrics(&mut out);
             if let Some(tls) = tls {
                 tls_metrics(&mut out, tls);
             }

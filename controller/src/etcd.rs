@@ -145,6 +145,9 @@ pub struct Etcd {
     /// The password etcd last took, tried when it refuses the file's or the file cannot be
     /// read.
     taken: Arc<std::sync::Mutex<Option<String>>>,
+    /// The last authentication took that password, not the file's: etcd refused the file's
+    /// or it could not be read. The controller works on until it restarts.
+    file_refused: Arc<std::sync::atomic::AtomicBool>,
     token: Token,
     prefix: Arc<str>,
     runtime: Arc<Runtime>,
@@ -213,6 +216,7 @@ impl Etcd {
             clients,
             user: options.user.clone().map(Arc::new),
             taken: Arc::default(),
+            file_refused: Arc::default(),
             token,
             prefix: options.prefix.as_str().into(),
             runtime,
@@ -399,6 +403,13 @@ impl Etcd {
         Ok(())
     }
 
+    /// Whether the last authentication took the password etcd last took rather than the one
+    /// in `--etcd-password-file` (refused, or the file unreadable); `None` without a user.
+    pub fn password_file_refused(&self) -> Option<bool> {
+        let refused = self.file_refused.load(std::sync::atomic::Ordering::Relaxed);
+        self.user.as_ref().map(|_| refused)
+    }
+
     /// Takes a token for the user: with the password of its file, or, if etcd refuses that
     /// one or the file cannot be read (renewed in the file before in etcd, or being written),
     /// with the last password etcd took. A try that failed as a member lost makes a call fail
@@ -437,7 +448,9 @@ impl Etcd {
             let token = AsciiMetadataValue::try_from(answer.into_inner().token)
                 .context("etcd gave a token that is not ASCII")?;
             *self.token.0.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
-            if taken.as_deref() == Some(password) && read.as_deref().ok() != Some(password) {
+            let fallback = read.as_deref().ok() != Some(password);
+            (self.file_refused).store(fallback, std::sync::atomic::Ordering::Relaxed);
+            if taken.as_deref() == Some(password) && fallback {
                 let why = match &read {
                     Ok(_) => "etcd refuses the password in --etcd-password-file".to_string(),
                     Err(e) => format!("{e:#}"),

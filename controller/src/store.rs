@@ -90,6 +90,8 @@ pub trait Store: Send + Sync {
     fn forget_answers(&self, before_ms: i64, now_ms: i64) -> anyhow::Result<usize>;
     /// Tells once the store takes no more writes, and why.
     fn lost(&self) -> &Lost;
+    /// Writes the store's own metrics (Prometheus text), if it has any.
+    fn metrics(&self, _out: &mut String) {}
 }
 
 /// Whether a store has stopped taking writes, and why. After a write that failed (its outcome

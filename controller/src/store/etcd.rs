@@ -13,6 +13,7 @@
 //! mark (`transact`). Releases are forgotten 40 to a transaction (121 operations).
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::{Context, anyhow};
@@ -304,6 +305,19 @@ impl Store for EtcdStore {
 
     fn lost(&self) -> &Lost {
         &self.fence.lost
+    }
+
+    fn metrics(&self, out: &mut String) {
+        if let Some(refused) = self.etcd.password_file_refused() {
+            let name = "fleet_controller_etcd_password_file_refused";
+            let _ = writeln!(
+                out,
+                "# HELP {name} 1 while etcd refuses the password in --etcd-password-file (or it \
+                 cannot be read) and the controller authenticates with the one etcd last took, \
+                 which it forgets when it restarts.\n# TYPE {name} gauge\n{name} {}",
+                u8::from(refused)
+            );
+        }
     }
 }
 
@@ -780,12 +794,14 @@ mod tests {
         std::fs::write(&file, "new\n").unwrap();
         token_ends().await;
         assert!(etcd.get(key()).await.unwrap().is_none());
+        assert_eq!(etcd.password_file_refused(), Some(true));
         // Then in etcd, which ends the user's tokens: the file's is taken at once.
         let root = connect_as(&server, "root", "secret");
         root.change_password_for_tests("fleet", "new")
             .await
             .unwrap();
         assert!(etcd.get(key()).await.unwrap().is_none());
+        assert_eq!(etcd.password_file_refused(), Some(false));
         // A file being written (empty for a moment): the last password taken again.
         std::fs::write(&file, "").unwrap();
         token_ends().await;
@@ -843,6 +859,13 @@ mod tests {
         let store = EtcdStore::new(etcd.clone(), leading.fence.clone(), leading.epoch);
         assert_eq!(store.fleets().unwrap().len(), 1);
         assert_eq!(store.next_release_number().unwrap(), 1);
+        // Its password taken: the metric that would say otherwise is 0.
+        let mut metrics = String::new();
+        store.metrics(&mut metrics);
+        assert!(
+            metrics.contains("\nfleet_controller_etcd_password_file_refused 0\n"),
+            "{metrics}"
+        );
         fixtures::forgetting(&store);
         fixtures::forgetting_answers(&store);
         store.put_desired("us-west", &[1]).unwrap();
