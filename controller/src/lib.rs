@@ -16,6 +16,7 @@ mod release_service;
 mod retention;
 mod runtime;
 mod standby;
+mod status_size;
 mod store;
 pub mod tls;
 mod webhook;
@@ -334,6 +335,7 @@ async fn run(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(limits.keepalive))
         .http2_keepalive_timeout(Some(limits.keepalive))
+        .layer(tower::util::MapResponseLayer::new(status_size::bounded))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ReleaseServiceServer::with_interceptor(

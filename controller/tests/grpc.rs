@@ -977,6 +977,29 @@ async fn a_start_of_a_version_that_cannot_be_one_or_runs_already_is_refused_sayi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_echoes_a_huge_argument_is_cut_not_a_broken_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mut client) = quick_applied(dir.path()).await;
+    let huge = "a".repeat(100_000);
+    let refused = client
+        .get_release(pb::GetReleaseRequest { id: huge.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    let said = refused.message();
+    assert!(said.len() < 2_100, "{} bytes", said.len());
+    assert!(said.ends_with("bytes]"), "{said}");
+    let refused = client
+        .get_fleet(pb::GetFleetRequest { service: huge })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    // The connection is whole: the next call is answered on it.
+    assert!(listed(&mut client).await.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_are_listed_oldest_first_demo_9_before_demo_10() {
     let dir = tempfile::tempdir().unwrap();
     let (server, mut client) = quick_applied(dir.path()).await;
