@@ -545,18 +545,26 @@ impl Controller {
             let region = region.clone();
             let result = self.step(inner, &id, |e| {
                 let now = Utc::now();
+                // The numbers first: a step this report says is applied begins with them.
+                e.handle(
+                    now,
+                    Event::Stats {
+                        region: region.clone(),
+                        stats,
+                    },
+                );
                 if let Some(a) = applied {
+                    let (seq, ready, detail) = (a.seq, a.ready, a.detail);
                     e.handle(
                         now,
                         Event::Applied {
-                            region: region.clone(),
-                            seq: a.seq,
-                            ready: a.ready,
-                            detail: a.detail,
+                            region,
+                            seq,
+                            ready,
+                            detail,
                         },
                     );
                 }
-                e.handle(now, Event::Stats { region, stats });
             });
             if let Err(e) = result {
                 tracing::error!(release = %id, error = %e, "cannot persist a release");

@@ -253,8 +253,16 @@ impl Engine {
                 // No fresh numbers from a region we cannot reach: no verdict this interval.
                 return false;
             }
-            let latest = r.latest.clone().unwrap_or_default();
-            let base = r.baseline.replace(latest.clone()).unwrap_or_default();
+            // Judged against the numbers of when the step began; with none then (the step was
+            // applied before the region's first report of them), against these, next time:
+            // the counters run since the agents began counting, earlier releases' traffic and
+            // all, so they are no measure of this step's.
+            let Some(latest) = r.latest.clone() else {
+                return true;
+            };
+            let Some(base) = r.baseline.replace(latest.clone()) else {
+                return true;
+            };
             let canary = analysis::delta(&latest.canary, &base.canary);
             let stable = analysis::delta(&latest.stable, &base.stable);
             let mirroring = step.phase == StepPhase::Mirror;

@@ -639,6 +639,32 @@ fn a_failing_webhook_pauses_the_release_until_resumed() {
 }
 
 #[test]
+fn a_step_applied_before_its_regions_first_numbers_judges_only_what_came_after() {
+    let mut sim = Sim::new(
+        manifest("linear-berlin-window"),
+        spec(Some("test")),
+        monday_morning(),
+    );
+    // The proxies' counters since the agents began counting: an earlier release's canary
+    // failed half its requests. And the step is applied before the first report of them.
+    let earlier = TrackStats {
+        requests: 100_000,
+        errors: 50_000,
+        counting_since_unix_ms: 1,
+        ..Default::default()
+    };
+    for counters in sim.counters.values_mut() {
+        counters.canary = earlier.clone();
+        counters.stable.counting_since_unix_ms = 1;
+    }
+    sim.next_stats = sim.start + TimeDelta::seconds(APPLY_DELAY + 1);
+    sim.run_until(TimeDelta::minutes(10), |_| false);
+    let judged = verdicts(&sim, "eu-central-1");
+    assert_eq!(judged[..3], [Outcome::Pass; 3], "{judged:?}");
+    assert!(!judged.contains(&Outcome::Fail), "{judged:?}");
+}
+
+#[test]
 fn a_webhook_failing_while_paused_keeps_the_pause_from_when_it_began() {
     let mut sim = Sim::new(
         manifest("linear-berlin-window"),
