@@ -84,10 +84,13 @@ impl Engine {
     ///
     /// A region waiting for its step starts its `progress_deadline` again once its agents
     /// report to this controller: while it was down nobody heard them, and a region is never
-    /// failed for the controller's own absence, nor for agents that never come back.
+    /// failed for the controller's own absence, nor for agents that never come back. Every
+    /// region is unreachable until its agents connect to this controller (a
+    /// [`Event::Reachable`]), and neither judged nor moved on until they report.
     pub fn restore(manifest: Arc<Manifest>, mut state: State) -> Engine {
         for r in state.regions.values_mut() {
             r.heard = false;
+            r.reachable = false;
         }
         Engine {
             manifest,
@@ -129,6 +132,7 @@ impl Engine {
             Event::Stats { region, stats } => {
                 if let Some(r) = self.state.regions.get_mut(&region) {
                     r.latest = Some(stats);
+                    r.latest_at = Some(now);
                 }
             }
             Event::Operator {

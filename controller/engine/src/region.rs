@@ -249,8 +249,11 @@ impl Engine {
         {
             changed = true;
             r.next_check = Some(due + delta(a.interval));
-            if !r.reachable {
-                // No fresh numbers from a region we cannot reach: no verdict this interval.
+            // No verdict this interval on numbers that are not fresh: from a region that
+            // cannot be reached or whose agents have not reported since (a controller that
+            // was down, or stopped), or that came before the interval began.
+            let fresh = r.latest_at.is_some_and(|at| now - at <= delta(a.interval));
+            if !r.reachable || !r.heard || !fresh {
                 return false;
             }
             // Judged against the numbers of when the step began; with none then (the step was
@@ -307,7 +310,14 @@ impl Engine {
             }
             changed = true;
         }
-        let Some(r) = self.state.regions.get(name).filter(|r| r.reachable) else {
+        // Moved on only with its agents there to be told, and heard since the controller
+        // (re)started.
+        let Some(r) = self
+            .state
+            .regions
+            .get(name)
+            .filter(|r| r.reachable && r.heard)
+        else {
             return changed;
         };
         let judged_enough = !judged || (r.passed_in_step && r.last_outcome == Some(Outcome::Pass));

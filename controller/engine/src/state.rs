@@ -124,6 +124,9 @@ pub struct RegionState {
     pub promote_requested: bool,
     pub baseline: Option<RegionStats>,
     pub latest: Option<RegionStats>,
+    /// When `latest` came: a verdict rests only on numbers that came within its interval.
+    #[serde(default)]
+    pub latest_at: Option<DateTime<Utc>>,
     /// Since when the region has been waiting for its desired state to be applied and ready:
     /// from when its agents first reported after it was sent, or when ready workloads stopped
     /// being ready. The manifest's `progress_deadline` counts from here.
@@ -159,6 +162,7 @@ impl RegionState {
             promote_requested: false,
             baseline: None,
             latest: None,
+            latest_at: None,
             waiting_since: None,
             heard: false,
             not_ready: None,

@@ -190,6 +190,23 @@ impl Sim {
         true
     }
 
+    /// A controller started again from `state`: it resends every desired state, and the
+    /// agents that are up connect to it.
+    fn restore(&mut self, state: State) {
+        self.engine = Engine::restore(self.manifest.clone(), state);
+        self.engine.resend();
+        self.drain();
+        let up: Vec<String> = (self.agents_up.iter())
+            .filter(|(_, up)| **up)
+            .map(|(region, _)| region.clone())
+            .collect();
+        for region in up {
+            let reachable = true;
+            (self.engine).handle(self.now, Event::Reachable { region, reachable });
+            self.drain();
+        }
+    }
+
     fn run_to_end(&mut self, limit: TimeDelta) -> bool {
         self.run_until(limit, |s| s.engine.state().phase.is_terminal())
     }
@@ -552,9 +569,7 @@ fn a_restored_engine_carries_on_from_the_same_step_and_applies_nothing_twice() {
     let saved = serde_json::to_string(sim.engine.state()).unwrap();
     let state: State = serde_json::from_str(&saved).unwrap();
     let step_before = state.regions["us-east-1"].step;
-    sim.engine = Engine::restore(sim.manifest.clone(), state);
-    sim.engine.resend();
-    sim.drain();
+    sim.restore(state);
     assert_eq!(sim.engine.state().regions["us-east-1"].step, step_before);
     assert!(sim.run_promoting(TimeDelta::days(1)));
     assert_eq!(sim.engine.state().phase, Phase::Succeeded);
@@ -567,10 +582,57 @@ fn a_restored_engine_carries_on_from_the_same_step_and_applies_nothing_twice() {
             d.seq
         );
     }
+    // 25% sent, then resent by the restored engine and as the region's agents came back.
     assert_eq!(
         sim.weights("us-east-1"),
-        [500, 2500, 2500, 5000, 10_000, -1]
+        [500, 2500, 2500, 2500, 5000, 10_000, -1]
     );
+}
+
+#[test]
+fn a_restored_engine_moves_no_region_on_until_its_agents_are_back_and_have_reported() {
+    let mut sim = four_waves();
+    assert!(sim.run_promoting_until(TimeDelta::hours(3), |s| {
+        s.engine.state().regions["us-east-1"].step == 1
+    }));
+    let saved = serde_json::to_string(sim.engine.state()).unwrap();
+    // Back an hour later, with us-east-1's agents away: its timers are all overdue.
+    sim.now += TimeDelta::hours(1);
+    sim.pending.clear();
+    sim.agents_up.insert("us-east-1".into(), false);
+    let judged = verdicts(&sim, "us-east-1").len();
+    sim.restore(serde_json::from_str(&saved).unwrap());
+    sim.run_until(TimeDelta::hours(1), |_| false);
+    let east = &sim.engine.state().regions["us-east-1"];
+    assert!(!east.reachable, "unreachable until its agents connect");
+    assert_eq!(east.step, 1, "not moved on");
+    assert_eq!(verdicts(&sim, "us-east-1").len(), judged, "not judged");
+    // They connect: it is judged on what they report, and carries on.
+    sim.agents_up.insert("us-east-1".into(), true);
+    let (region, reachable) = ("us-east-1".to_string(), true);
+    sim.engine
+        .handle(sim.now, Event::Reachable { region, reachable });
+    assert!(sim.run_promoting(TimeDelta::days(1)));
+    assert_eq!(sim.engine.state().phase, Phase::Succeeded);
+}
+
+#[test]
+fn a_check_whose_numbers_did_not_come_within_its_interval_gives_no_verdict() {
+    let mut sim = at_the_first_step();
+    assert!(sim.run_until(TimeDelta::minutes(5), |s| {
+        !verdicts(s, "us-west-1").is_empty()
+    }));
+    // Nothing comes for an hour (the controller stopped, say): the checks then due give no
+    // verdict on the numbers of an hour ago.
+    let judged = verdicts(&sim, "us-west-1").len();
+    sim.now += TimeDelta::hours(1);
+    sim.engine.handle_timeout(sim.now);
+    sim.drain();
+    assert_eq!(verdicts(&sim, "us-west-1").len(), judged);
+    // Fresh numbers: judged again.
+    assert!(sim.run_until(TimeDelta::minutes(5), |s| {
+        verdicts(s, "us-west-1").len() > judged
+    }));
 }
 
 #[test]
@@ -950,9 +1012,7 @@ fn a_restored_engine_gives_a_waiting_region_the_whole_deadline_again() {
     let saved = serde_json::to_string(sim.engine.state()).unwrap();
     sim.now += TimeDelta::hours(1);
     sim.pending.clear();
-    sim.engine = Engine::restore(sim.manifest.clone(), serde_json::from_str(&saved).unwrap());
-    sim.engine.resend();
-    sim.drain();
+    sim.restore(serde_json::from_str(&saved).unwrap());
     let back = sim.now - sim.start;
     assert!(!sim.run_until(TimeDelta::seconds(601), failed));
     assert!(sim.run_until(TimeDelta::minutes(1), failed));
