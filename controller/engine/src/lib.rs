@@ -91,6 +91,7 @@ impl Engine {
         for r in state.regions.values_mut() {
             r.heard = false;
             r.reachable = false;
+            r.waited_ms = 0;
         }
         Engine {
             manifest,

@@ -71,6 +71,7 @@ impl Engine {
             r.status = status;
             r.desired = Some(desired.clone());
             r.heard = false;
+            r.waited_ms = 0;
             r.step_started = None;
             r.hold_until = None;
             r.next_check = None;
@@ -176,6 +177,9 @@ impl Engine {
                 // they stopped (a lost region's clocks then run, as they always have).
                 r.shift_step_clocks(now - since);
                 r.waiting_since = None;
+                if r.applied() {
+                    r.waited_ms = 0;
+                }
                 return None;
             }
             (true, None) => {
@@ -334,6 +338,7 @@ impl Engine {
         if let Some(r) = self.state.regions.get_mut(name) {
             // A failure ends the wait: resumed from a hold, the region has the whole deadline.
             r.waiting_since = None;
+            r.waited_ms = 0;
         }
         self.record(now, ENGINE, Some(name), What::RegionFailed, reason.clone());
         match self.manifest.on_failure {
@@ -384,6 +389,12 @@ impl Engine {
         }
         r.reachable = reachable;
         r.heard = false;
+        if let Some(since) = r.waiting_since.filter(|_| !reachable && r.in_progress()) {
+            // Lost while it waited: what it waited counts on once its agents are back.
+            r.shift_step_clocks(now - since);
+            r.waited_ms += (now - since).num_milliseconds();
+            r.waiting_since = None;
+        }
         let desired = r.desired.clone();
         if reachable {
             // The agent may have missed changes: give it the whole desired state again.

@@ -132,6 +132,13 @@ pub struct RegionState {
     /// being ready. The manifest's `progress_deadline` counts from here.
     #[serde(default)]
     pub waiting_since: Option<DateTime<Utc>>,
+    /// How long, in ms, the region waited for its desired state before `waiting_since`, in
+    /// waits its agents cut short by being lost or not heard: it counts towards the deadline
+    /// once they are back, so that agents that come and go (a crash loop, a flapping link)
+    /// do not hold a step that never comes up for ever. Nothing once the state is in force,
+    /// or sent anew.
+    #[serde(default)]
+    pub waited_ms: i64,
     /// The region's agents have reported since its desired state was last sent, since they
     /// were last found or lost, and since the controller started.
     #[serde(default)]
@@ -164,6 +171,7 @@ impl RegionState {
             latest: None,
             latest_at: None,
             waiting_since: None,
+            waited_ms: 0,
             heard: false,
             not_ready: None,
         }
@@ -218,7 +226,8 @@ impl RegionState {
     /// When the region fails for not having applied its desired state, if it is waiting.
     pub fn deadline(&self, progress_deadline: std::time::Duration) -> Option<DateTime<Utc>> {
         let deadline = chrono::TimeDelta::from_std(progress_deadline).ok()?;
-        self.waiting()?.checked_add_signed(deadline)
+        let left = deadline - chrono::TimeDelta::milliseconds(self.waited_ms);
+        self.waiting()?.checked_add_signed(left)
     }
 
     /// Since when the region, moving forward, has waited for its desired state.

@@ -947,19 +947,45 @@ fn the_progress_deadline_stops_while_the_release_is_paused_or_the_agent_is_lost(
     };
     reachable(&mut sim, false);
     assert!(!sim.run_until(TimeDelta::hours(2), failed), "lost");
-    // Back, it is sent the step again and, once it has reported on it, given the whole
-    // deadline to make it ready.
+    // Back, it is sent the step again and, once it has reported on it, has what is left of
+    // the deadline: it had waited 8m58s (from 2 s to 4 min, and 5 min after the resume).
     reachable(&mut sim, true);
     let back = sim.now - sim.start;
-    assert!(!sim.run_until(TimeDelta::seconds(601), failed), "back");
-    assert!(sim.run_until(TimeDelta::seconds(1), failed));
+    assert!(sim.run_until(TimeDelta::minutes(2), failed));
     assert_eq!(
         failures(&sim),
         [(
-            back + ANSWERED + TimeDelta::minutes(10),
+            back + ANSWERED + TimeDelta::seconds(62),
             DEADLINE_FAILURE.to_string()
         )]
     );
+}
+
+#[test]
+fn agents_that_come_and_go_do_not_hold_a_step_that_never_comes_up_for_ever() {
+    let mut sim = four_waves();
+    sim.v2_ready = false;
+    // The region's agent restarts every 90 s, a crash loop: lost for 30 s, then back.
+    let mut turns = 0;
+    while !failed(&sim) {
+        turns += 1;
+        assert!(
+            turns < 20,
+            "never failed: the deadline starts over each time"
+        );
+        sim.run_until(TimeDelta::seconds(60), failed);
+        for up in [false, true] {
+            sim.agents_up.insert("us-west-1".into(), up);
+            let (region, reachable) = ("us-west-1".to_string(), up);
+            sim.engine
+                .handle(sim.now, Event::Reachable { region, reachable });
+            sim.drain();
+            sim.run_until(TimeDelta::seconds(30), failed);
+        }
+    }
+    // Ten minutes of waiting while heard (88 s a turn), in the seventh turn.
+    assert_eq!(turns, 7);
+    assert_eq!(failures(&sim)[0].1, DEADLINE_FAILURE);
 }
 
 #[test]
