@@ -25,6 +25,10 @@ use driver::{Driver, Want};
 
 const RECONCILE_EVERY: Duration = Duration::from_millis(200);
 
+/// As long as the controller waits for a silent agent before it lets it go: an agent that
+/// stood still longer may have missed a change ([`Config::stale_after`]).
+pub const STALE_AFTER: Duration = Duration::from_secs(15);
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The controller's gRPC URL, e.g. `http://127.0.0.1:7070`.
@@ -41,6 +45,11 @@ pub struct Config {
     /// ([`admin::HUNG_AFTER`]; tests shorten it): `/healthz` fails, and the agent leaves the
     /// controller until it goes round again.
     pub hung_after: Duration,
+    /// A reconcile loop that stood still this long between two rounds (the process stopped,
+    /// or starved) may hold a desired state the controller has since replaced: it puts no
+    /// table on its proxies until the controller's next word, or for as long again
+    /// ([`STALE_AFTER`]; tests shorten it).
+    pub stale_after: Duration,
     /// The figures of the agent's Kubernetes watches (the driver's, the proxies'), for
     /// `/metrics`: the tally given to them.
     pub watches: watched::Tally,
@@ -95,7 +104,23 @@ pub async fn run<D: Driver>(
     let mut lost = false;
     let mut applied: Option<(String, u64)> = None;
     let mut stop = shutdown.clone();
+    let mut last_round = tokio::time::Instant::now();
+    // Until when, after the loop stood still, no table is put (`Config::stale_after`).
+    let mut stale_until: Option<tokio::time::Instant> = None;
     loop {
+        let now = tokio::time::Instant::now();
+        if now - last_round > config.stale_after {
+            tracing::warn!(
+                stood_still_ms = (now - last_round).as_millis(),
+                "the agent stood still (stopped, or starved): its desired state may be out of date, so no table goes on its proxies until the controller's next word"
+            );
+            stale_until = Some(now + config.stale_after);
+        }
+        last_round = now;
+        if desired_rx.has_changed().unwrap_or(false) {
+            stale_until = None;
+        }
+        let stale = stale_until.is_some_and(|until| now < until);
         match source.look().await {
             Some(Ok(found)) => {
                 lost |= proxies.set_proxies(found);
@@ -118,7 +143,14 @@ pub async fn run<D: Driver>(
             details.extend(unfound.clone());
             let versions = want_of(d).versions;
             let served = programmed.as_ref().map(|(t, _)| t);
-            match to_put(table.as_ref(), served, lost) {
+            let put = match stale {
+                true => {
+                    details.push("the agent stood still: no table is put on its proxies until the controller's next word".into());
+                    Put::Nothing
+                }
+                false => to_put(table.as_ref(), served, lost),
+            };
+            match put {
                 Put::Step(step) => match proxies.program(step).await {
                     Ok(()) => {
                         tracing::info!(release = %d.release_id, seq = d.seq, "proxies programmed");

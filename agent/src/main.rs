@@ -121,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_owned()),
         hung_after: fleet_agent::admin::HUNG_AFTER,
+        stale_after: fleet_agent::STALE_AFTER,
         watches: watches.clone(),
     };
     // A TLS file that cannot be read is told now, before the first dial; each dial reads

@@ -1647,6 +1647,30 @@ impl AgentService for Steering {
     }
 }
 
+/// A [`Steering`] controller serving on 127.0.0.1, sending `first`: the sender that steers
+/// it, the controller, its URL and its server's task.
+async fn steering(
+    first: pb::DesiredState,
+) -> (
+    watch::Sender<Option<pb::DesiredState>>,
+    Steering,
+    String,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (steer, wanted) = watch::channel(Some(first));
+    let controller = Steering {
+        desired: wanted,
+        statuses: Arc::default(),
+    };
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(AgentServiceServer::new(controller.clone()))
+        .serve_with_incoming(incoming);
+    (steer, controller, url, tokio::spawn(server))
+}
+
 impl Steering {
     /// Waits, up to 10 s, for the agent's last status to be as `done` wants.
     async fn last_status_until(&self, done: impl Fn(&pb::AgentStatus) -> bool) -> pb::AgentStatus {
@@ -1741,18 +1765,7 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
         json!({"waiting": {"reason": "CrashLoopBackOff"}});
     cluster.lock().pods = vec![proxy_pod("fleet-proxy", "127.0.0.1", "Running"), crashing];
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (steer, wanted) = watch::channel(Some(desired(1, 0)));
-    let controller = Steering {
-        desired: wanted,
-        statuses: Arc::default(),
-    };
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder()
-        .add_service(AgentServiceServer::new(controller.clone()))
-        .serve_with_incoming(incoming);
-    let server = tokio::spawn(server);
+    let (steer, controller, url, server) = steering(desired(1, 0)).await;
     let selector = "app.kubernetes.io/name=fleet-proxy".to_string();
     let watches = Tally::default();
     let config = fleet_agent::Config {
@@ -1763,6 +1776,7 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
         tls: Default::default(),
         driver: "test".into(),
         hung_after: Duration::from_secs(60),
+        stale_after: fleet_agent::STALE_AFTER,
         watches,
     };
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1804,5 +1818,127 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
     stop.send_replace(true);
     let stopped = tokio::time::timeout(Duration::from_secs(10), agent).await;
     stopped.expect("the agent stops").unwrap().unwrap();
+    server.abort();
+}
+
+/// TEST-ONLY: a proxy's admin API that counts the tables put on it (each taken as version 7)
+/// and says, asked for its stats, that it serves the version `serving` holds.
+#[derive(Clone, Default)]
+struct CountingProxy {
+    puts: Arc<std::sync::atomic::AtomicUsize>,
+    serving: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CountingProxy {
+    async fn serve(self, listener: tokio::net::TcpListener) {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut read = vec![0; 64 * 1024];
+            let n = socket.read(&mut read).await.unwrap_or(0);
+            let body = match read[..n].starts_with(b"PUT /routes") {
+                true => {
+                    self.puts.fetch_add(1, SeqCst);
+                    self.serving.store(7, SeqCst);
+                    r#"{"version": 7}"#.to_string()
+                }
+                false => format!(
+                    r#"{{"started_unix_ms": 1, "table_version": {}, "latency_bounds_ms": [], "series": []}}"#,
+                    self.serving.load(SeqCst)
+                ),
+            };
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    }
+}
+
+/// TEST-ONLY: a driver as [`AllReady`] whose next poll, once `stall` is set, stands still for
+/// three seconds (as a process stopped would), saying so in `stalling`.
+struct Stalling {
+    ready: AllReady,
+    stall: Arc<std::sync::atomic::AtomicBool>,
+    stalling: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Driver for Stalling {
+    fn apply(&mut self, want: &Want) {
+        self.ready.apply(want);
+    }
+
+    async fn poll(&mut self) -> Running {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.stall.swap(false, SeqCst) {
+            self.stalling.store(true, SeqCst);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        self.ready.poll().await
+    }
+
+    async fn shutdown(&mut self) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = CountingProxy::default();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(proxy.clone().serve(listener));
+    let (steer, controller, url, server) = steering(desired(1, 0)).await;
+    let config = fleet_agent::Config {
+        controller: url,
+        region: "us-west".into(),
+        cluster: "usw-a".into(),
+        proxies: ProxySource::Listed(vec![admin]),
+        tls: Default::default(),
+        driver: "test".into(),
+        hung_after: Duration::from_secs(60),
+        stale_after: Duration::from_secs(2),
+        watches: Tally::default(),
+    };
+    let (stall, stalling) = (Arc::default(), Arc::default());
+    let driver = Stalling {
+        ready: AllReady(Vec::new()),
+        stall: Arc::clone(&stall),
+        stalling: Arc::clone(&stalling),
+    };
+    let (stop, shutdown) = watch::channel(false);
+    let agent = tokio::spawn(fleet_agent::run(config, driver, None, shutdown));
+    controller
+        .last_status_until(|s| s.applied_seq == 1 && s.ready)
+        .await;
+    assert_eq!(proxy.puts.load(SeqCst), 1);
+
+    // The agent stands still; meanwhile another puts a table on its proxy (an agent started
+    // in its place, say, for a state the controller has since changed).
+    stall.store(true, SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !stalling.load(SeqCst) {
+        assert!(tokio::time::Instant::now() < deadline, "never stood still");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.serving.store(8, SeqCst);
+    // Going round again, it says so and leaves the proxy as it is.
+    let still = "the agent stood still: no table is put on its proxies";
+    (controller.last_status_until(|s| s.detail.contains(still))).await;
+    assert_eq!(
+        proxy.puts.load(SeqCst),
+        1,
+        "put back before the controller's word"
+    );
+    // The controller's word: its table goes back on.
+    steer.send_replace(Some(desired(1, 0)));
+    while proxy.puts.load(SeqCst) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "never put back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (controller.last_status_until(|s| !s.detail.contains(still))).await;
+    stop.send_replace(true);
+    agent.await.unwrap().unwrap();
     server.abort();
 }
