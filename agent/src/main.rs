@@ -67,6 +67,12 @@ struct Args {
     /// PEM private key of `--tls-cert`.
     #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// With `--driver process`: the file where the agent keeps the instances it runs, so that
+    /// an agent started after one that died without stopping them (kill -9, a crash) takes
+    /// over those still running rather than start others beside them. Default: a file in the
+    /// temporary directory named after the controller, region and cluster.
+    #[arg(long, value_name = "FILE", env = "FLEET_AGENT_INSTANCES_FILE")]
+    instances_file: Option<PathBuf>,
     /// Serve `/healthz` (the reconcile loop goes round), `/readyz` (connected to the
     /// controller) and `/metrics` on this address (port 0: any; the address is printed).
     #[arg(long, value_name = "ADDR", env = "FLEET_AGENT_ADMIN")]
@@ -153,7 +159,10 @@ async fn main() -> anyhow::Result<()> {
     });
     match args.driver {
         DriverKind::Process => {
-            fleet_agent::run(config, ProcessDriver::default(), admin, shutdown).await
+            let file =
+                (args.instances_file.clone()).unwrap_or_else(|| default_instances_file(&config));
+            let driver = ProcessDriver::with_ledger(file);
+            fleet_agent::run(config, driver, admin, shutdown).await
         }
         DriverKind::Kubernetes => {
             let client = kube_client().await?;
@@ -162,6 +171,19 @@ async fn main() -> anyhow::Result<()> {
             fleet_agent::run(config, driver, admin, shutdown).await
         }
     }
+}
+
+/// `fleet-agent-CONTROLLER-REGION-CLUSTER.instances.json` in the temporary directory, the
+/// controller's URL with anything but letters and digits made '-': one agent's, whatever
+/// else runs on the machine.
+fn default_instances_file(config: &Config) -> PathBuf {
+    let controller: String = (config.controller.chars())
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let (region, cluster) = (&config.region, &config.cluster);
+    std::env::temp_dir().join(format!(
+        "fleet-agent-{controller}-{region}-{cluster}.instances.json"
+    ))
 }
 
 /// A client of the Kubernetes API, for the kubernetes driver and the proxies' discovery. A

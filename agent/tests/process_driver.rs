@@ -143,3 +143,64 @@ async fn an_instance_that_falls_ill_in_service_is_not_ready_saying_why_until_it_
     assert_eq!(well.detail, "");
     driver.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_agent_started_after_one_that_died_takes_over_its_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("instances.json");
+    let two_ready = |r: &Running| r.ready.get("v1").is_some_and(|b| b.len() == 2);
+    let mut first = ProcessDriver::with_ledger(file.clone());
+    first.apply(&want(&[("v1", 2)]));
+    let mut ready = until_ready(&mut first, two_ready).await.ready;
+    let mut pids = first.pids();
+    // It dies without stopping them (kill -9 runs no destructor). Should the test fail, they
+    // are killed as it ends.
+    std::mem::forget(first);
+    let _cleanup = KillOnDrop(pids.iter().map(|(_, pid)| *pid).collect());
+
+    // The next takes them over, on their ports, before its first table (it keeps the rest).
+    let mut second = ProcessDriver::with_ledger(file.clone());
+    second.apply(&Want {
+        keep_others: true,
+        ..want(&[("v1", 2)])
+    });
+    let mut taken = until_ready(&mut second, two_ready).await.ready;
+    ready.values_mut().for_each(|b| b.sort());
+    taken.values_mut().for_each(|b| b.sort());
+    assert_eq!(taken, ready, "the same instances");
+    let mut now = second.pids();
+    pids.sort();
+    now.sort();
+    assert_eq!(now, pids, "no other started");
+
+    // No longer wanted: stopped, though they are no children of this one.
+    second.apply(&want(&[("v2", 1)]));
+    until_ready(&mut second, |r| r.ready.contains_key("v2")).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (_, pid) in &pids {
+        let stat = format!("/proc/{pid}/stat");
+        let running = || std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z "));
+        while running() {
+            assert!(Instant::now() < deadline, "instance {pid} still runs");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    second.shutdown().await;
+    assert!(!file.exists(), "stopped, they are kept nowhere");
+}
+
+/// TEST-ONLY: kills the processes `0` names as it is dropped (they are the test's own).
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let pid = i32::try_from(*pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw);
+            if let Some(pid) = pid {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}

@@ -250,6 +250,10 @@ async fn a_canary_that_falls_ill_after_its_step_is_in_force_is_rolled_back_at_th
         Unavailable)";
     assert_eq!(release.reason, why);
     // The step held where it was (no share beyond 10%), and the next wave never began.
+    world
+        .wait_for_split("us-west", 0, RELEASE_TIME)
+        .await
+        .unwrap();
     assert_eq!(world.splits_of("us-west"), [1000, 0]);
     assert!(world.splits_of("us-east").is_empty());
     world.stop().await;

@@ -1,8 +1,12 @@
 //! The `process` driver: each instance is a local process from the manifest's command, on a
 //! port of its own on 127.0.0.1. An instance is ready once its health check answers 2xx; a
 //! crashed one is restarted with exponential backoff; unwanted ones get SIGTERM, then SIGKILL
-//! five seconds later.
+//! five seconds later. With a ledger (`ledger.rs`), the instances are kept in a file, and an
+//! agent started after one that died takes over those it left running.
 
+mod ledger;
+
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -19,6 +23,8 @@ pub struct ProcessDriver {
     instances: Vec<Instance>,
     want: Want,
     http: reqwest::Client,
+    /// Where the instances are kept, and what was last written there.
+    ledger: Option<(PathBuf, Vec<ledger::Entry>)>,
 }
 
 struct Instance {
@@ -26,6 +32,11 @@ struct Instance {
     index: u32,
     port: u16,
     child: Option<Child>,
+    /// A process an earlier agent started and left running, taken over: its id and start
+    /// time. It is no child of this one, so its end is seen by its id going away.
+    adopted: Option<(u32, u64)>,
+    /// When the kernel started `child`, to name it in the ledger.
+    started: Option<u64>,
     healthy: bool,
     /// Crashes in a row, for the backoff.
     crashes: u32,
@@ -39,23 +50,93 @@ impl Default for ProcessDriver {
             instances: Vec::new(),
             want: Want::default(),
             http: crate::http_client(),
+            ledger: None,
         }
     }
 }
 
 impl ProcessDriver {
+    /// A driver that keeps its instances in the file `path`, taking over first those it
+    /// names that still run (left by an agent that died without stopping them).
+    pub fn with_ledger(path: PathBuf) -> Self {
+        let entries = ledger::read(&path);
+        let instances = entries.iter().filter(|e| e.alive()).map(|e| {
+            tracing::info!(version = %e.version, port = e.port, pid = e.pid, "taking over an instance an earlier agent left running");
+            Instance {
+                version: e.version.clone(),
+                index: e.index,
+                port: e.port,
+                child: None,
+                adopted: Some((e.pid, e.started)),
+                started: None,
+                healthy: false,
+                crashes: 0,
+                restart_at: None,
+                last_error: None,
+            }
+        });
+        ProcessDriver {
+            instances: instances.collect(),
+            ledger: Some((path, entries)),
+            ..ProcessDriver::default()
+        }
+    }
+
     /// The process ids of the running instances, by version.
     pub fn pids(&self) -> Vec<(String, u32)> {
         self.instances
             .iter()
-            .filter_map(|i| Some((i.version.clone(), i.child.as_ref()?.id()?)))
+            .filter_map(|i| Some((i.version.clone(), i.pid()?)))
             .collect()
+    }
+
+    /// Writes the instances to the ledger, if there is one and they changed.
+    fn record(&mut self) {
+        let Some((path, written)) = &mut self.ledger else {
+            return;
+        };
+        let now: Vec<ledger::Entry> = (self.instances.iter())
+            .filter_map(|i| {
+                let (pid, started) = match i.adopted {
+                    Some(adopted) => adopted,
+                    None => (i.pid()?, i.started?),
+                };
+                let (version, index, port) = (i.version.clone(), i.index, i.port);
+                Some(ledger::Entry {
+                    version,
+                    index,
+                    port,
+                    pid,
+                    started,
+                })
+            })
+            .collect();
+        if now == *written {
+            return;
+        }
+        match ledger::write(path, &now) {
+            Ok(()) => *written = now,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the instances file; an agent started after this one would not take them over")
+            }
+        }
     }
 
     async fn check(&mut self, i: usize) {
         let now = Instant::now();
         let health = self.want.health_check.clone();
         let instance = &mut self.instances[i];
+        if let Some((pid, _)) = instance
+            .adopted
+            .filter(|(pid, started)| ledger::started(*pid) != Some(*started))
+        {
+            tracing::warn!(version = %instance.version, port = instance.port, pid, "instance taken over has ended; restarting");
+            instance.adopted = None;
+            instance.healthy = false;
+            instance.crashes += 1;
+            instance.last_error = Some("ended (taken over from an earlier agent)".into());
+            instance.restart_at = Some(now + backoff(instance.crashes));
+        }
         if let Some(child) = &mut instance.child
             && let Ok(Some(status)) = child.try_wait()
         {
@@ -66,7 +147,7 @@ impl ProcessDriver {
             instance.last_error = Some(format!("exited with {status}"));
             instance.restart_at = Some(now + backoff(instance.crashes));
         }
-        if instance.child.is_none() {
+        if instance.pid().is_none() {
             if instance.restart_at.is_none_or(|t| t <= now) {
                 start(&self.want, instance);
             }
@@ -106,6 +187,9 @@ impl Driver for ProcessDriver {
             if let Some(child) = instance.child {
                 terminate(child);
             }
+            if let Some(adopted) = instance.adopted {
+                tokio::spawn(stop_adopted(adopted));
+            }
         }
         for (version, replicas) in &want.versions {
             for index in 0..*replicas {
@@ -122,6 +206,8 @@ impl Driver for ProcessDriver {
                     index,
                     port,
                     child: None,
+                    adopted: None,
+                    started: None,
                     healthy: false,
                     crashes: 0,
                     restart_at: None,
@@ -131,12 +217,14 @@ impl Driver for ProcessDriver {
                 self.instances.push(instance);
             }
         }
+        self.record();
     }
 
     async fn poll(&mut self) -> Running {
         for i in 0..self.instances.len() {
             self.check(i).await;
         }
+        self.record();
         let mut running = Running::default();
         let mut waiting = Vec::new();
         for (version, replicas) in &self.want.versions {
@@ -169,6 +257,9 @@ impl Driver for ProcessDriver {
 
     async fn shutdown(&mut self) {
         for instance in std::mem::take(&mut self.instances) {
+            if let Some(adopted) = instance.adopted {
+                stop_adopted(adopted).await;
+            }
             if let Some(mut child) = instance.child {
                 if let Some(pid) = child
                     .id()
@@ -185,6 +276,41 @@ impl Driver for ProcessDriver {
                 }
             }
         }
+        self.record();
+    }
+}
+
+impl Instance {
+    /// The id of its process, while it has one.
+    fn pid(&self) -> Option<u32> {
+        match (&self.child, self.adopted) {
+            (Some(child), _) => child.id(),
+            (None, Some((pid, _))) => Some(pid),
+            (None, None) => None,
+        }
+    }
+}
+
+/// SIGTERM to a process taken over, then SIGKILL if it is still the same process after the
+/// grace period.
+async fn stop_adopted((pid, started): (u32, u64)) {
+    let Some(id) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    let same = || ledger::started(pid) == Some(started);
+    if !same() {
+        return;
+    }
+    let _ = rustix::process::kill_process(id, rustix::process::Signal::TERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while same() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if same() {
+        let _ = rustix::process::kill_process(id, rustix::process::Signal::KILL);
     }
 }
 
@@ -211,6 +337,7 @@ fn start(want: &Want, instance: &mut Instance) {
     match spawned {
         Ok(child) => {
             tracing::info!(version = %instance.version, port = instance.port, pid = child.id(), "instance started");
+            instance.started = child.id().and_then(ledger::started);
             instance.child = Some(child);
             instance.last_error = None;
         }
