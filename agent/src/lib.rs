@@ -55,6 +55,17 @@ pub struct Config {
     pub watches: watched::Tally,
 }
 
+/// Why an HTTP request made with `timeout` got no answer, in a few words.
+pub(crate) fn no_answer(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        format!("no answer in {timeout:?}")
+    } else if e.is_connect() {
+        "no connection taken".into()
+    } else {
+        e.to_string()
+    }
+}
+
 /// An HTTP client. reqwest is built without a default TLS provider (so no C toolchain is
 /// needed for aws-lc); ring is installed first, as the proxy uses it.
 pub fn http_client() -> reqwest::Client {
@@ -170,6 +181,7 @@ pub async fn run<D: Driver>(
                 applied = Some((d.release_id.clone(), d.seq));
             }
             details.extend(proxies.not_running());
+            details.extend(proxies.unanswered());
             details.retain(|d| !d.is_empty());
             let detail = details.join("; ");
             // Applied once it has been in force; ready while it is. A step whose workloads

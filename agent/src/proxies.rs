@@ -42,6 +42,8 @@ pub struct Proxies {
     tally: Tally<String>,
     /// A table replaced in a proxy's run is not put back on it before this.
     quiet_until: HashMap<String, Instant>,
+    /// The proxies whose last scrape got no answer, and why.
+    unanswered: HashMap<String, String>,
 }
 
 impl Proxies {
@@ -53,6 +55,7 @@ impl Proxies {
             installed: HashMap::new(),
             tally: Tally::new(now_unix_ms()),
             quiet_until: HashMap::new(),
+            unanswered: HashMap::new(),
         }
     }
 
@@ -79,8 +82,19 @@ impl Proxies {
         let kept = |proxy: &String| found.iter().any(|p| p.admin == *proxy);
         self.installed.retain(|proxy, _| kept(proxy));
         self.quiet_until.retain(|proxy, _| kept(proxy));
+        self.unanswered.retain(|proxy, _| kept(proxy));
         self.known = found;
         needs
+    }
+
+    /// The proxies that run but did not answer the last scrape, for people: one stopped or
+    /// hung serves nobody, though it may hold the table.
+    pub fn unanswered(&self) -> impl Iterator<Item = String> + '_ {
+        let mut said: Vec<String> = (self.unanswered.iter())
+            .map(|(proxy, why)| format!("proxy {proxy} does not answer: {why}"))
+            .collect();
+        said.sort();
+        said.into_iter()
     }
 
     /// The proxies left out because their process does not run, for people.
@@ -147,22 +161,38 @@ impl Proxies {
                 format!("{}/stats", proxy.admin.trim_end_matches('/')),
             );
             fetches.spawn(async move {
-                let response = http.get(&url).timeout(PROXY_TIMEOUT).send().await.ok()?;
-                let stats = response.json::<ProxyStats>().await.ok()?;
-                Some((i, stats))
+                let asked = async {
+                    let response = http.get(&url).timeout(PROXY_TIMEOUT).send().await?;
+                    response.error_for_status()?.json::<ProxyStats>().await
+                };
+                (
+                    i,
+                    asked.await.map_err(|e| crate::no_answer(&e, PROXY_TIMEOUT)),
+                )
             });
         }
-        let mut answers: Vec<Option<ProxyStats>> = self.known.iter().map(|_| None).collect();
+        let mut answers: Vec<Option<Result<ProxyStats, String>>> =
+            self.known.iter().map(|_| None).collect();
         while let Some(done) = fetches.join_next().await {
-            if let Ok(Some((i, stats))) = done {
-                answers[i] = Some(stats);
+            if let Ok((i, answer)) = done {
+                answers[i] = Some(answer);
             }
         }
         let mut lost = false;
-        for (proxy, stats) in self.known.iter().map(|p| &p.admin).zip(answers) {
-            let Some(stats) = stats else {
-                continue;
+        for (proxy, answer) in self.known.iter().map(|p| &p.admin).zip(answers) {
+            let stats = match answer {
+                None => continue,
+                Some(Err(why)) => {
+                    if self.unanswered.insert(proxy.clone(), why.clone()).is_none() {
+                        tracing::warn!(proxy, %why, "a proxy does not answer");
+                    }
+                    continue;
+                }
+                Some(Ok(stats)) => stats,
             };
+            if self.unanswered.remove(proxy).is_some() {
+                tracing::info!(proxy, "a proxy answers again");
+            }
             if let Some((version, started)) = self.installed.get_mut(proxy) {
                 let started = *started.get_or_insert(stats.started_unix_ms);
                 let now = Instant::now();

@@ -1942,3 +1942,36 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     agent.await.unwrap().unwrap();
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_stops_answering_is_named_in_the_agents_word() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    let proxy = tokio::spawn(CountingProxy::default().serve(listener));
+    let (_steer, controller, url, server) = steering(desired(1, 0)).await;
+    let config = fleet_agent::Config {
+        controller: url,
+        region: "us-west".into(),
+        cluster: "usw-a".into(),
+        proxies: ProxySource::Listed(vec![admin.clone()]),
+        tls: Default::default(),
+        driver: "test".into(),
+        hung_after: Duration::from_secs(60),
+        stale_after: fleet_agent::STALE_AFTER,
+        watches: Tally::default(),
+    };
+    let (stop, shutdown) = watch::channel(false);
+    let driver = AllReady(Vec::new());
+    let agent = tokio::spawn(fleet_agent::run(config, driver, None, shutdown));
+    let in_force = |s: &pb::AgentStatus| s.applied_seq == 1 && s.ready;
+    let silent = format!("proxy {admin} does not answer: no connection taken");
+    let said = controller.last_status_until(in_force).await;
+    assert!(!said.detail.contains("does not answer"), "{}", said.detail);
+    // It goes away (its listener closed): named, the step still in force on the table it put.
+    proxy.abort();
+    let said = (controller.last_status_until(|s| s.detail.contains(&silent))).await;
+    assert!(in_force(&said), "{said:?}");
+    stop.send_replace(true);
+    agent.await.unwrap().unwrap();
+    server.abort();
+}

@@ -165,7 +165,10 @@ impl ProcessDriver {
             // Fell ill in service (a starting one is simply "starting", or why it exited).
             instance.last_error = Some(match answer {
                 Ok(r) => format!("its health check {health} answered {}", r.status()),
-                Err(e) => format!("its health check {health} failed: {}", ill(&e)),
+                Err(e) => format!(
+                    "its health check {health} failed: {}",
+                    crate::no_answer(&e, HEALTH_TIMEOUT)
+                ),
             });
         }
     }
@@ -366,17 +369,6 @@ fn terminate(mut child: Child) {
             let _ = child.kill().await;
         }
     });
-}
-
-/// Why a health check got no answer, in a few words.
-fn ill(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        format!("no answer in {HEALTH_TIMEOUT:?}")
-    } else if e.is_connect() {
-        "no connection taken".into()
-    } else {
-        e.to_string()
-    }
 }
 
 fn backoff(crashes: u32) -> Duration {
