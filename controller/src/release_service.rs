@@ -354,7 +354,7 @@ impl ReleaseService for Releases {
                 .ok_or_else(|| no_fleet(&r.service))?;
             let strategy_override = (!r.strategy_override.trim().is_empty()).then(|| r.strategy_override.clone());
             let manifest = match &strategy_override {
-                Some(strategy) => Arc::new(fleet::with_strategy(&manifest, strategy).map_err(|diags| {
+                Some(strategy) => Arc::new(fleet::with_strategy(&manifest, strategy, fleet::Rules::Now).map_err(|diags| {
                     let lines: Vec<String> = diags.iter().map(|d| d.in_file("strategy_override").to_string()).collect();
                     Status::invalid_argument(format!("the strategy override is invalid; nothing changed:\n{}", lines.join("\n")))
                 })?),

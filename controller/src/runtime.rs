@@ -60,7 +60,7 @@ fn manifest_of(
 ) -> anyhow::Result<Arc<Manifest>> {
     let manifest = match store.release_manifest(id)? {
         Some(source) => Arc::new(
-            fleet::load(&source)
+            fleet::load_kept(&source)
                 .map_err(|d| anyhow::anyhow!("release {id}'s manifest no longer validates: {d:?}"))?
                 .manifest,
         ),
@@ -70,7 +70,7 @@ fn manifest_of(
     };
     match &r.strategy_override {
         Some(strategy) => Ok(Arc::new(
-            fleet::with_strategy(&manifest, strategy).map_err(|d| {
+            fleet::with_strategy(&manifest, strategy, fleet::Rules::Kept).map_err(|d| {
                 anyhow::anyhow!("release {id}'s strategy no longer validates: {d:?}")
             })?,
         )),
@@ -197,7 +197,7 @@ impl Controller {
         let epoch = store.next_epoch()?;
         let mut inner = Inner::default();
         for f in store.fleets()? {
-            let manifest = fleet::load(&f.manifest)
+            let manifest = fleet::load_kept(&f.manifest)
                 .map_err(|d| {
                     anyhow::anyhow!("stored fleet {} no longer validates: {d:?}", f.service)
                 })?
@@ -687,6 +687,25 @@ impl Controller {
 mod tests {
     use super::*;
     use crate::store::answer::{KEEP_FOR, stamped};
+
+    #[test]
+    fn a_fleet_stored_before_a_stricter_rule_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = include_str!("../../deploy/examples/quick.yaml");
+        // Taken when durations over 30 days were: refused now, kept with a warning.
+        let old = format!("{source}progress_deadline: 45d\n");
+        assert!(fleet::load(&old).is_err());
+        let store = Embedded::open(dir.path()).unwrap();
+        let fleet = StoredFleet {
+            service: "demo".into(),
+            manifest: old,
+            applied_at_ms: 1,
+        };
+        store.put_fleet(&fleet).unwrap();
+        drop(store);
+        let controller = Controller::open(dir.path(), 0).unwrap();
+        assert!(controller.lock().fleets.contains_key("demo"));
+    }
 
     #[test]
     fn a_release_stored_without_its_baselines_gets_them_as_the_store_is_opened() {

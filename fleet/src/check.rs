@@ -26,8 +26,9 @@ pub(crate) fn manifest(
     w: &wire::Manifest,
     pos: &Positions,
     diags: &mut Diagnostics,
+    rules: crate::Rules,
 ) -> Option<Manifest> {
-    let cx = &mut Ctx::new(pos, diags);
+    let cx = &mut Ctx::new(pos, diags, rules);
     if w.api_version != "fleet/v1" {
         cx.error(
             "apiVersion",

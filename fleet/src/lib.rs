@@ -23,11 +23,32 @@ pub struct Loaded {
 /// Reads and validates a manifest. On failure, every diagnostic found (errors and warnings),
 /// in source order.
 pub fn load(src: &str) -> Result<Loaded, Vec<Diagnostic>> {
+    load_as(src, Rules::Now)
+}
+
+/// [`load`] for a manifest taken before (a stored fleet, a running release's): a rule made
+/// stricter since ([`Rules::Kept`]) only warns, so that a controller upgraded over its store
+/// still opens it.
+pub fn load_kept(src: &str) -> Result<Loaded, Vec<Diagnostic>> {
+    load_as(src, Rules::Kept)
+}
+
+/// Which rules a manifest is checked by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rules {
+    /// Every rule: for what is applied or started now.
+    Now,
+    /// For what was taken before: rules made stricter since warn instead (durations in months
+    /// or years, or over 30 days).
+    Kept,
+}
+
+fn load_as(src: &str, rules: Rules) -> Result<Loaded, Vec<Diagnostic>> {
     let mut loaded = fleet_yaml::load::<wire::Manifest>(src);
     let manifest = loaded
         .value
         .as_ref()
-        .and_then(|w| check::manifest(w, &loaded.positions, &mut loaded.diags));
+        .and_then(|w| check::manifest(w, &loaded.positions, &mut loaded.diags, rules));
     let failed = loaded.diags.has_errors();
     let diags = loaded.diags.into_sorted();
     match manifest {
@@ -42,15 +63,19 @@ pub fn load(src: &str) -> Result<Loaded, Vec<Diagnostic>> {
 /// `manifest` with `strategy` — a strategy written as the manifest writes one, in YAML or
 /// JSON — in force for every region, instead of the manifest's, its waves' and its regions'.
 /// For a release that overrides the strategy; the diagnostics point into `strategy`'s text.
-pub fn with_strategy(manifest: &Manifest, strategy: &str) -> Result<Manifest, Vec<Diagnostic>> {
+pub fn with_strategy(
+    manifest: &Manifest,
+    strategy: &str,
+    rules: Rules,
+) -> Result<Manifest, Vec<Diagnostic>> {
     let fleet_yaml::Loaded {
         value,
         positions,
         mut diags,
     } = fleet_yaml::load::<wire::Strategy>(strategy);
-    let checked = value
-        .as_ref()
-        .and_then(|w| check::strategy::check(w, "", &mut check::Ctx::new(&positions, &mut diags)));
+    let checked = value.as_ref().and_then(|w| {
+        check::strategy::check(w, "", &mut check::Ctx::new(&positions, &mut diags, rules))
+    });
     match checked {
         Some(strategy) if !diags.has_errors() => {
             let mut m = manifest.clone();

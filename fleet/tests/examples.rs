@@ -57,7 +57,8 @@ fn every_invalid_manifest_yields_exactly_its_expected_diagnostics() {
 fn a_release_can_override_the_strategy_everywhere_and_a_bad_override_is_explained() {
     let src = std::fs::read_to_string(examples_dir().join("linear-berlin-window.yaml")).unwrap();
     let manifest = fleet::load(&src).unwrap().manifest;
-    let blue_green = fleet::with_strategy(&manifest, "blue_green: { standby: 10m }").unwrap();
+    let blue_green =
+        fleet::with_strategy(&manifest, "blue_green: { standby: 10m }", fleet::Rules::Now).unwrap();
     let wave = &blue_green.waves[1];
     let region = blue_green.region("eu-west-1").unwrap();
     assert_eq!(
@@ -67,6 +68,7 @@ fn a_release_can_override_the_strategy_everywhere_and_a_bad_override_is_explaine
     let diags = fleet::with_strategy(
         &manifest,
         "canary:\n  steps: [{ weight: 50 }, { weight: 5 }]\n",
+        fleet::Rules::Now,
     )
     .unwrap_err();
     let rendered: Vec<String> = diags
@@ -79,7 +81,7 @@ fn a_release_can_override_the_strategy_everywhere_and_a_bad_override_is_explaine
             "override:2:37: error: canary.steps[1].weight: weight 5% is lower than the previous step's 50%; weights never decrease along the steps; reorder or fix them"
         ]
     );
-    let diags = fleet::with_strategy(&manifest, "canery: {}\n").unwrap_err();
+    let diags = fleet::with_strategy(&manifest, "canery: {}\n", fleet::Rules::Now).unwrap_err();
     assert!(
         diags.iter().any(
             |d| d.message == "unknown field \"canery\"" && d.help == "did you mean \"canary\"?"
@@ -118,4 +120,24 @@ fn an_autoscaled_workload_runs_min_instances_unless_an_autoscaler_says_otherwise
              least 1, so that every version keeps an instance to serve",
         ]
     );
+}
+
+#[test]
+fn a_manifest_kept_from_before_a_stricter_rule_still_loads_with_a_warning() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/fleet.yaml");
+    let src = std::fs::read_to_string(path).unwrap();
+    // Taken before durations in months, or over 30 days, were refused.
+    let old = src.replacen("bake: 1s", "bake: 45d", 1) + "progress_deadline: 5M\n";
+    let refused = fleet::load(&old).unwrap_err();
+    let errors: Vec<String> = (refused.iter())
+        .filter(|d| d.is_error())
+        .map(|d| d.to_string())
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let kept = fleet::load_kept(&old).unwrap();
+    let warned = |path: &str| kept.warnings.iter().any(|d| d.path == path);
+    assert!(warned("waves[0].bake") && warned("progress_deadline"));
+    let days = |d: u64| std::time::Duration::from_secs(d * 24 * 3600);
+    assert_eq!(kept.manifest.waves[0].bake, days(45));
+    assert!(kept.manifest.progress_deadline > days(150));
 }

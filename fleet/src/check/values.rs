@@ -12,11 +12,22 @@ use crate::model::{Weight, WeightError};
 pub(crate) struct Ctx<'a> {
     pos: &'a Positions,
     diags: &'a mut Diagnostics,
+    rules: crate::Rules,
 }
 
 impl<'a> Ctx<'a> {
-    pub(crate) fn new(pos: &'a Positions, diags: &'a mut Diagnostics) -> Self {
-        Ctx { pos, diags }
+    pub(crate) fn new(pos: &'a Positions, diags: &'a mut Diagnostics, rules: crate::Rules) -> Self {
+        Ctx { pos, diags, rules }
+    }
+
+    /// An error, or under [`crate::Rules::Kept`] a warning: for a rule made stricter since
+    /// manifests were first taken.
+    fn stricter(&mut self, path: &str, message: String, help: &str) -> bool {
+        match self.rules {
+            crate::Rules::Now => self.error(path, message, help),
+            crate::Rules::Kept => self.warning(path, message, help),
+        }
+        self.rules == crate::Rules::Now
     }
 
     pub(crate) fn error(
@@ -58,22 +69,21 @@ impl<'a> Ctx<'a> {
     /// and years have no fixed length, and `M` (months) is too easily meant as minutes.
     pub(crate) fn duration(&mut self, path: &str, text: &str) -> Option<Duration> {
         if let Some(unit) = units(text).find(|u| VAGUE_UNITS.contains(u)) {
-            self.error(
-                path,
-                format!("\"{text}\" is in {unit:?}, which is months or years"),
-                "write minutes as m (5m) and longer times in d or w (30d)",
-            );
-            return None;
+            let said = format!("\"{text}\" is in {unit:?}, which is months or years");
+            let help = "write minutes as m (5m) and longer times in d or w (30d)";
+            if self.stricter(path, said, help) {
+                return None;
+            }
         }
         match humantime::parse_duration(text) {
             Ok(d) if d > MAX_DURATION => {
-                self.error(
-                    path,
-                    format!("\"{text}\" is longer than 30 days"),
-                    "give at most 30d; to wait for an operator's word, use an indefinite \
-                     pause or an approval gate",
-                );
-                None
+                let said = format!("\"{text}\" is longer than 30 days");
+                let help = "give at most 30d; to wait for an operator's word, use an \
+                            indefinite pause or an approval gate";
+                match self.stricter(path, said, help) {
+                    true => None,
+                    false => Some(d),
+                }
             }
             Ok(d) => Some(d),
             Err(_) => {
@@ -179,7 +189,7 @@ impl<'a> Ctx<'a> {
 pub(crate) const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The units of months and years, as the duration parser (humantime) takes them.
-const VAGUE_UNITS: [&str; 6] = ["M", "month", "months", "y", "year", "years"];
+const VAGUE_UNITS: [&str; 8] = ["M", "month", "months", "y", "yr", "yrs", "year", "years"];
 
 /// The unit words of a duration's text ("1h 30m" → "h", "m").
 fn units(text: &str) -> impl Iterator<Item = &str> {
@@ -194,7 +204,7 @@ mod tests {
     fn duration(text: &str) -> Result<Duration, String> {
         let mut diags = Diagnostics::default();
         let pos = Positions::default();
-        let d = Ctx::new(&pos, &mut diags).duration("waves[0].bake", text);
+        let d = Ctx::new(&pos, &mut diags, crate::Rules::Now).duration("waves[0].bake", text);
         d.ok_or_else(|| {
             let said = diags.into_sorted().into_iter().map(|d| d.to_string());
             said.collect::<Vec<_>>().join("\n")
@@ -214,6 +224,7 @@ mod tests {
             ("31d", "\"31d\" is longer than 30 days; give at most 30d"),
             ("1000000days", "is longer than 30 days"),
             ("soon", "\"soon\" is not a duration"),
+            ("1yr", "is in \"yr\""),
         ] {
             let e = duration(text).expect_err(text);
             assert!(e.contains(said), "{text}: {e}");
