@@ -208,7 +208,8 @@ pub async fn run<D: Driver>(
         let _ = status_tx.send(status);
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
-            _ = desired_rx.changed() => {}
+            // The controller's word: whatever stood still, the state is its latest.
+            _ = desired_rx.changed() => stale_until = None,
             _ = stop.wait_for(|s| *s) => break,
         }
     }

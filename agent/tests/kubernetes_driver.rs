@@ -1931,10 +1931,15 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
         1,
         "put back before the controller's word"
     );
-    // The controller's word: its table goes back on.
+    // The controller's word: its table goes back on, at once (before the agent would have
+    // put it back without a word, stale_after after it went round again).
     steer.send_replace(Some(desired(1, 0)));
+    let word = tokio::time::Instant::now();
     while proxy.puts.load(SeqCst) < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "never put back");
+        assert!(
+            word.elapsed() < Duration::from_secs(1),
+            "not put back at the word"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     (controller.last_status_until(|s| !s.detail.contains(still))).await;

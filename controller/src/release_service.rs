@@ -63,9 +63,8 @@ fn no_fleet(service: &str) -> Status {
     ))
 }
 
-/// Whether `value` of `field` can be a version: what an image tag may be (a letter, digit or
-/// `_`, then up to 127 of those, `.` and `-`), as the Kubernetes driver puts it in one, and
-/// the process driver in an argument. Pure.
+/// Whether `value` of `field` can be a version ([`fleet_yaml::is_version`]: an image tag that
+/// is also a Kubernetes label value), as every driver can run it. Pure.
 fn check_version(field: &str, value: &str) -> Result<(), String> {
     match (value.is_empty(), fleet_yaml::is_version(value)) {
         (true, _) => Err(format!(

@@ -23,11 +23,36 @@ fn cut(message: &[u8]) -> Option<HeaderValue> {
         return None;
     }
     let tail = &message[MAX_MESSAGE - 2..MAX_MESSAGE];
-    let end = MAX_MESSAGE - 2 + tail.iter().position(|b| *b == b'%').unwrap_or(2);
+    let mut end = MAX_MESSAGE - 2 + tail.iter().position(|b| *b == b'%').unwrap_or(2);
+    // Nor inside a character: a client takes a message that does not decode to UTF-8 for no
+    // status at all. The bytes of one left incomplete are the last escapes.
+    while end >= 3 && incomplete(&message[..end]) {
+        end -= 3;
+    }
     let mut kept = message[..end].to_vec();
     let said = format!(" [cut: the message was {} bytes]", message.len());
     kept.extend_from_slice(said.as_bytes());
     HeaderValue::from_bytes(&kept).ok()
+}
+
+/// Whether `encoded` (percent-encoded) ends inside a UTF-8 character.
+fn incomplete(encoded: &[u8]) -> bool {
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut rest = encoded;
+    while let Some((&b, after)) = rest.split_first() {
+        let hex = after.get(..2).and_then(|h| std::str::from_utf8(h).ok());
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(decoded) if b == b'%' => {
+                bytes.push(decoded);
+                rest = &after[2..];
+            }
+            _ => {
+                bytes.push(b);
+                rest = after;
+            }
+        }
+    }
+    std::str::from_utf8(&bytes).is_err_and(|e| e.error_len().is_none())
 }
 
 #[cfg(test)]
@@ -55,8 +80,10 @@ mod tests {
             let kept = std::str::from_utf8(kept.as_bytes()).unwrap();
             let head = &kept[..kept.find(" [cut").unwrap()];
             assert!(head.len() <= MAX_MESSAGE, "{shift}");
+            // Whole escapes of whole characters: six bytes of text each (%C3%A9).
             let escapes = head.trim_start_matches('a');
-            assert_eq!(escapes.len() % 3, 0, "{shift}: {escapes}");
+            assert_eq!(escapes.len() % 6, 0, "{shift}: {escapes}");
+            assert!(!incomplete(head.as_bytes()), "{shift}: {escapes}");
         }
     }
 }

@@ -231,13 +231,17 @@ async fn a_canary_that_falls_ill_after_its_step_is_in_force_is_rolled_back_at_th
     let dir = tempfile::tempdir().unwrap();
     let sick = dir.path().join("sick");
     let faults = format!("v2=sick-while:{}", sick.display());
-    let manifest = format!("{}progress_deadline: 6s\n", fleet_e2e::MANIFEST);
+    // Its first step held half a minute, so that it falls ill there however slow the machine.
+    let first = "{ weight: 10, pause: 2s }";
+    assert!(fleet_e2e::MANIFEST.contains(first));
+    let manifest = fleet_e2e::MANIFEST.replace(first, "{ weight: 10, pause: 30s }");
+    let manifest = format!("{manifest}progress_deadline: 6s\n");
     let env = [("FLEET_DEMO_FAULTS", faults.as_str())];
     let mut world = World::start_with(&manifest, &env, &["us-west"])
         .await
         .unwrap();
     let id = world.start_release("v2").await.unwrap();
-    // In force at its first step (10%, two seconds' pause), then its health check fails.
+    // In force at its first step (10%), then its health check fails.
     world
         .wait_for_split("us-west", 1000, RELEASE_TIME)
         .await

@@ -7,7 +7,7 @@ use fleet::steps::Phase as StepPhase;
 
 use crate::analysis::{self, Outcome};
 use crate::output::{Command, What};
-use crate::state::{RegionStatus, WaveState};
+use crate::state::{Phase, RegionStatus, WaveState};
 use crate::traffic::Target;
 use crate::{ENGINE, Engine, delta};
 
@@ -168,6 +168,10 @@ impl Engine {
     fn watch_deadline(&mut self, now: DateTime<Utc>, name: &str) -> Option<bool> {
         let deadline = self.manifest.progress_deadline;
         let r = self.state.regions.get_mut(name)?;
+        if r.applied() {
+            // In force: a later wait (its workloads stop being ready) starts from nothing.
+            r.waited_ms = 0;
+        }
         let waiting = r.in_progress() && r.status != RegionStatus::Entering;
         let waiting = waiting && r.reachable && r.heard && !r.applied();
         match (waiting, r.waiting_since) {
@@ -177,9 +181,6 @@ impl Engine {
                 // they stopped (a lost region's clocks then run, as they always have).
                 r.shift_step_clocks(now - since);
                 r.waiting_since = None;
-                if r.applied() {
-                    r.waited_ms = 0;
-                }
                 return None;
             }
             (true, None) => {
@@ -252,7 +253,13 @@ impl Engine {
             && now >= due
         {
             changed = true;
-            r.next_check = Some(due + delta(a.interval));
+            // Checks missed (the controller stopped) are not made up one by one.
+            let next = due + delta(a.interval);
+            r.next_check = Some(if next > now {
+                next
+            } else {
+                now + delta(a.interval)
+            });
             // No verdict this interval on numbers that are not fresh: from a region that
             // cannot be reached or whose agents have not reported since (a controller that
             // was down, or stopped), or that came before the interval began.
@@ -381,6 +388,11 @@ impl Engine {
     }
 
     pub(crate) fn on_reachable(&mut self, now: DateTime<Utc>, region: &str, reachable: bool) {
+        // A pause stops the clocks from its start (a resume moves them on by the pause).
+        let stopped = match &self.state.phase {
+            Phase::Paused { since, .. } => (*since).min(now),
+            _ => now,
+        };
         let Some(r) = self.state.regions.get_mut(region) else {
             return;
         };
@@ -391,8 +403,9 @@ impl Engine {
         r.heard = false;
         if let Some(since) = r.waiting_since.filter(|_| !reachable && r.in_progress()) {
             // Lost while it waited: what it waited counts on once its agents are back.
-            r.shift_step_clocks(now - since);
-            r.waited_ms += (now - since).num_milliseconds();
+            let waited = (stopped - since).max(chrono::TimeDelta::zero());
+            r.shift_step_clocks(waited);
+            r.waited_ms += waited.num_milliseconds();
             r.waiting_since = None;
         }
         let desired = r.desired.clone();

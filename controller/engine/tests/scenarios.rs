@@ -190,6 +190,14 @@ impl Sim {
         true
     }
 
+    /// `region`'s agent comes (`up`) or goes, and the controller tells the engine.
+    fn reach(&mut self, region: &str, up: bool) {
+        self.agents_up.insert(region.into(), up);
+        let (region, reachable) = (region.to_string(), up);
+        (self.engine).handle(self.now, Event::Reachable { region, reachable });
+        self.drain();
+    }
+
     /// A controller started again from `state`: it resends every desired state, and the
     /// agents that are up connect to it.
     fn restore(&mut self, state: State) {
@@ -201,9 +209,7 @@ impl Sim {
             .map(|(region, _)| region.clone())
             .collect();
         for region in up {
-            let reachable = true;
-            (self.engine).handle(self.now, Event::Reachable { region, reachable });
-            self.drain();
+            self.reach(&region, true);
         }
     }
 
@@ -629,6 +635,9 @@ fn a_check_whose_numbers_did_not_come_within_its_interval_gives_no_verdict() {
     sim.engine.handle_timeout(sim.now);
     sim.drain();
     assert_eq!(verdicts(&sim, "us-west-1").len(), judged);
+    // And the checks missed meanwhile are not made up one by one: the next is ahead.
+    let next = sim.engine.state().regions["us-west-1"].next_check;
+    assert!(next > Some(sim.now), "{next:?}");
     // Fresh numbers: judged again.
     assert!(sim.run_until(TimeDelta::minutes(5), |s| {
         verdicts(s, "us-west-1").len() > judged
@@ -935,21 +944,11 @@ fn the_progress_deadline_stops_while_the_release_is_paused_or_the_agent_is_lost(
         "9 of 10 minutes"
     );
     // Lost, the region holds: no failure while the agent cannot be heard.
-    let reachable = |sim: &mut Sim, up: bool| {
-        sim.agents_up.insert("us-west-1".into(), up);
-        let region = "us-west-1".to_string();
-        let event = Event::Reachable {
-            region,
-            reachable: up,
-        };
-        sim.engine.handle(sim.now, event);
-        sim.drain();
-    };
-    reachable(&mut sim, false);
+    sim.reach("us-west-1", false);
     assert!(!sim.run_until(TimeDelta::hours(2), failed), "lost");
     // Back, it is sent the step again and, once it has reported on it, has what is left of
     // the deadline: it had waited 8m58s (from 2 s to 4 min, and 5 min after the resume).
-    reachable(&mut sim, true);
+    sim.reach("us-west-1", true);
     let back = sim.now - sim.start;
     assert!(sim.run_until(TimeDelta::minutes(2), failed));
     assert_eq!(
@@ -959,6 +958,27 @@ fn the_progress_deadline_stops_while_the_release_is_paused_or_the_agent_is_lost(
             DEADLINE_FAILURE.to_string()
         )]
     );
+}
+
+#[test]
+fn agents_lost_during_a_pause_do_not_count_the_pause_as_waiting() {
+    let mut sim = four_waves();
+    sim.v2_ready = false;
+    sim.run_until(TimeDelta::minutes(4), failed);
+    sim.operator(Action::Pause);
+    // Paused overnight, the agent lost and back in the night.
+    sim.run_until(TimeDelta::hours(3), failed);
+    sim.reach("us-west-1", false);
+    sim.run_until(TimeDelta::hours(3), failed);
+    sim.reach("us-west-1", true);
+    sim.run_until(TimeDelta::hours(3), failed);
+    sim.operator(Action::Resume);
+    // 3m58s were waited before the pause: 6m02s are left once the agent has reported.
+    assert!(
+        !sim.run_until(TimeDelta::minutes(6), failed),
+        "the pause was counted"
+    );
+    assert!(sim.run_until(TimeDelta::seconds(10), failed));
 }
 
 #[test]
@@ -975,11 +995,7 @@ fn agents_that_come_and_go_do_not_hold_a_step_that_never_comes_up_for_ever() {
         );
         sim.run_until(TimeDelta::seconds(60), failed);
         for up in [false, true] {
-            sim.agents_up.insert("us-west-1".into(), up);
-            let (region, reachable) = ("us-west-1".to_string(), up);
-            sim.engine
-                .handle(sim.now, Event::Reachable { region, reachable });
-            sim.drain();
+            sim.reach("us-west-1", up);
             sim.run_until(TimeDelta::seconds(30), failed);
         }
     }
