@@ -69,8 +69,9 @@ struct Args {
     tls_key: Option<PathBuf>,
     /// With `--driver process`: the file where the agent keeps the instances it runs, so that
     /// an agent started after one that died without stopping them (kill -9, a crash) takes
-    /// over those still running rather than start others beside them. Default: a file in the
-    /// temporary directory named after the controller, region and cluster.
+    /// over those still running rather than start others beside them. Default: a file named
+    /// after the controller, region and cluster in `$XDG_RUNTIME_DIR`, else in
+    /// `fleet-agent-UID` (mode 0700) in the temporary directory.
     #[arg(long, value_name = "FILE", env = "FLEET_AGENT_INSTANCES_FILE")]
     instances_file: Option<PathBuf>,
     /// Serve `/healthz` (the reconcile loop goes round), `/readyz` (connected to the
@@ -159,9 +160,14 @@ async fn main() -> anyhow::Result<()> {
     });
     match args.driver {
         DriverKind::Process => {
-            let file =
-                (args.instances_file.clone()).unwrap_or_else(|| default_instances_file(&config));
-            let driver = ProcessDriver::with_ledger(file);
+            let file = match args.instances_file.clone() {
+                Some(file) => Some(file),
+                None => ProcessDriver::ledger_dir()
+                    .map(|dir| dir.join(instances_file_name(&config)))
+                    .inspect_err(|e| tracing::warn!(error = %e, "no directory to keep the instances in: an agent started after this one dies will not take them over"))
+                    .ok(),
+            };
+            let driver = file.map_or_else(ProcessDriver::default, ProcessDriver::with_ledger);
             fleet_agent::run(config, driver, admin, shutdown).await
         }
         DriverKind::Kubernetes => {
@@ -173,17 +179,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `fleet-agent-CONTROLLER-REGION-CLUSTER.instances.json` in the temporary directory, the
-/// controller's URL with anything but letters and digits made '-': one agent's, whatever
-/// else runs on the machine.
-fn default_instances_file(config: &Config) -> PathBuf {
+/// `fleet-agent-CONTROLLER-REGION-CLUSTER.instances.json`, the controller's URL with anything
+/// but letters and digits made '-': one agent's, whatever else runs on the machine.
+fn instances_file_name(config: &Config) -> String {
     let controller: String = (config.controller.chars())
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
     let (region, cluster) = (&config.region, &config.cluster);
-    std::env::temp_dir().join(format!(
-        "fleet-agent-{controller}-{region}-{cluster}.instances.json"
-    ))
+    format!("fleet-agent-{controller}-{region}-{cluster}.instances.json")
 }
 
 /// A client of the Kubernetes API, for the kubernetes driver and the proxies' discovery. A

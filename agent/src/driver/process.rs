@@ -37,6 +37,8 @@ struct Instance {
     adopted: Option<(u32, u64)>,
     /// When the kernel started `child`, to name it in the ledger.
     started: Option<u64>,
+    /// The command line it was started with.
+    command: Vec<String>,
     healthy: bool,
     /// Crashes in a row, for the backoff.
     crashes: u32,
@@ -56,6 +58,15 @@ impl Default for ProcessDriver {
 }
 
 impl ProcessDriver {
+    /// Where a driver's ledger is kept by default: `$XDG_RUNTIME_DIR` (the user's own), else
+    /// `fleet-agent-UID` in the temporary directory, made for this user only.
+    pub fn ledger_dir() -> std::io::Result<PathBuf> {
+        match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+            Some(dir) if dir.is_absolute() => Ok(dir),
+            _ => ledger::private_dir(&format!("fleet-agent-{}", ledger::euid())),
+        }
+    }
+
     /// A driver that keeps its instances in the file `path`, taking over first those it
     /// names that still run (left by an agent that died without stopping them).
     pub fn with_ledger(path: PathBuf) -> Self {
@@ -69,6 +80,7 @@ impl ProcessDriver {
                 child: None,
                 adopted: Some((e.pid, e.started)),
                 started: None,
+                command: e.command.clone(),
                 healthy: false,
                 crashes: 0,
                 restart_at: None,
@@ -108,6 +120,7 @@ impl ProcessDriver {
                     port,
                     pid,
                     started,
+                    command: i.command.clone(),
                 })
             })
             .collect();
@@ -211,6 +224,7 @@ impl Driver for ProcessDriver {
                     child: None,
                     adopted: None,
                     started: None,
+                    command: Vec::new(),
                     healthy: false,
                     crashes: 0,
                     restart_at: None,
@@ -323,12 +337,12 @@ fn start(want: &Want, instance: &mut Instance) {
         arg.replace("{version}", &instance.version)
             .replace("{port}", &instance.port.to_string())
     };
-    let mut args = want.command.iter().map(replace);
-    let Some(program) = args.next() else {
+    let argv: Vec<String> = want.command.iter().map(replace).collect();
+    let Some((program, args)) = argv.split_first() else {
         instance.last_error = Some("the workload has no command".into());
         return;
     };
-    let spawned = Command::new(&program)
+    let spawned = Command::new(program)
         .args(args)
         .env("PORT", instance.port.to_string())
         .env("FLEET_VERSION", &instance.version)
@@ -341,6 +355,7 @@ fn start(want: &Want, instance: &mut Instance) {
         Ok(child) => {
             tracing::info!(version = %instance.version, port = instance.port, pid = child.id(), "instance started");
             instance.started = child.id().and_then(ledger::started);
+            instance.command = argv.clone();
             instance.child = Some(child);
             instance.last_error = None;
         }

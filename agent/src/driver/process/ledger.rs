@@ -1,12 +1,23 @@
 //! The process driver's ledger: the instances it runs, kept in a file, so that an agent
 //! started after one that died without stopping them (kill -9, a crash) takes over the
 //! instances it left running, rather than starting others beside them that nobody would ever
-//! stop. An instance is known by its process id and the time the kernel started it, so that a
-//! process id used again by another program is never taken for it.
+//! stop. An instance is known by its process id, the time the kernel started it, its command
+//! line and its owner (this agent's user), all in the same boot: a process id used again by
+//! another program is not taken for it. The ledger is taken only from a file of this user's
+//! that nobody else may write.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+/// The file's content.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Ledger {
+    /// The boot it was written in (`/proc/sys/kernel/random/boot_id`).
+    boot: String,
+    instances: Vec<Entry>,
+}
 
 /// One instance, as the ledger keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,30 +28,45 @@ pub(crate) struct Entry {
     pub pid: u32,
     /// When the kernel started the process, in clock ticks since boot (`/proc/PID/stat`).
     pub started: u64,
+    /// Its command line, as started.
+    pub command: Vec<String>,
 }
 
 impl Entry {
-    /// The process is still the one the entry names.
+    /// The process is still the one the entry names, and this user's.
     pub fn alive(&self) -> bool {
-        started(self.pid) == Some(self.started)
+        let proc = format!("/proc/{}", self.pid);
+        let ours = std::fs::metadata(&proc).is_ok_and(|m| m.uid() == euid());
+        ours && started(self.pid) == Some(self.started)
+            && command(self.pid).as_deref() == Some(&self.command[..])
     }
 }
 
-/// The entries in `path`: none if it does not exist; one that cannot be read or parsed is
-/// logged and taken as none.
+/// The entries in `path`: none if it does not exist, or was written in another boot; one
+/// that cannot be read or parsed, or that another user owns or may write, is logged and taken
+/// as none.
 pub(crate) fn read(path: &Path) -> Vec<Entry> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "the instances file cannot be read; taking over no instance");
             return Vec::new();
         }
     };
-    serde_json::from_str(&text).unwrap_or_else(|e| {
+    if !meta.is_file() || meta.uid() != euid() || meta.permissions().mode() & 0o022 != 0 {
+        tracing::warn!(path = %path.display(), "the instances file is not a file of this user's that only it may write; taking over no instance");
+        return Vec::new();
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let ledger: Ledger = serde_json::from_str(&text).unwrap_or_else(|e| {
         tracing::warn!(path = %path.display(), error = %e, "the instances file is not a list of instances; taking over no instance");
-        Vec::new()
-    })
+        Ledger::default()
+    });
+    match ledger.boot == boot() {
+        true => ledger.instances,
+        false => Vec::new(),
+    }
 }
 
 /// Writes `entries` to `path` whole: to a file beside it, then renamed over it. None: the
@@ -54,9 +80,52 @@ pub(crate) fn write(path: &Path, entries: &[Entry]) -> std::io::Result<()> {
     }
     let mut beside = path.as_os_str().to_owned();
     beside.push(".new");
-    let text = serde_json::to_vec(entries).map_err(std::io::Error::other)?;
+    let ledger = Ledger {
+        boot: boot(),
+        instances: entries.to_vec(),
+    };
+    let text = serde_json::to_vec(&ledger).map_err(std::io::Error::other)?;
     std::fs::write(&beside, text)?;
     std::fs::rename(&beside, path)
+}
+
+/// A directory of this user's only, `name` in the temporary directory: made (mode 0700) if
+/// it is not there; an error if another user owns it or may enter it.
+pub fn private_dir(name: &str) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(name);
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let meta = std::fs::symlink_metadata(&dir)?;
+    if !meta.is_dir() || meta.uid() != euid() || meta.permissions().mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory of this user's only (mode 0700)",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+pub(crate) fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// This boot's id; empty where there is none to read.
+fn boot() -> String {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    id.trim().to_string()
+}
+
+/// The command line of process `pid`.
+pub(crate) fn command(pid: u32) -> Option<Vec<String>> {
+    let line = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args = line.strip_suffix(b"\0").unwrap_or(&line).split(|b| *b == 0);
+    Some(
+        args.map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
 }
 
 /// When the kernel started process `pid`, in clock ticks since boot; `None` if there is no
@@ -80,16 +149,27 @@ mod tests {
     fn a_process_is_known_by_its_id_and_start_time() {
         let me = std::process::id();
         let since = started(me).unwrap();
-        let entry = |pid, started| Entry {
+        let argv = command(me).unwrap();
+        let entry = |pid, started, command: &[String]| Entry {
             version: "v1".into(),
             index: 0,
             port: 1,
             pid,
             started,
+            command: command.to_vec(),
         };
-        assert!(entry(me, since).alive());
-        assert!(!entry(me, since + 1).alive(), "another process with the id");
-        assert!(!entry(u32::MAX, since).alive(), "no such process");
+        assert!(entry(me, since, &argv).alive());
+        assert!(
+            !entry(me, since + 1, &argv).alive(),
+            "another process with the id"
+        );
+        assert!(!entry(me, since, &["sh".into()]).alive(), "another program");
+        assert!(!entry(u32::MAX, since, &argv).alive(), "no such process");
+        // PID 1 is root's, not this test's (unless it runs as root, as in a container).
+        if euid() != 0 {
+            let init = entry(1, started(1).unwrap(), &command(1).unwrap());
+            assert!(!init.alive(), "another user's");
+        }
     }
 
     #[test]
@@ -103,7 +183,18 @@ mod tests {
             port: 8081,
             pid: 7,
             started: 9,
+            command: vec!["app".into(), "--port".into(), "8081".into()],
         }];
+        write(&path, &entries).unwrap();
+        assert_eq!(read(&path), entries);
+        // One others may write is not taken.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(read(&path).is_empty());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Nor one of another boot.
+        let other = serde_json::json!({"boot": "another", "instances": entries});
+        std::fs::write(&path, other.to_string()).unwrap();
+        assert!(read(&path).is_empty());
         write(&path, &entries).unwrap();
         assert_eq!(read(&path), entries);
         write(&path, &[]).unwrap();
