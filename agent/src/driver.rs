@@ -53,6 +53,10 @@ pub struct Running {
     pub ready: BTreeMap<String, Vec<String>>,
     /// Why something is not ready, for people.
     pub detail: String,
+    /// The round could not see the workloads (the Kubernetes API did not answer): what is
+    /// ready is not known, and `ready` is empty. A step in force is not taken for one whose
+    /// workloads stopped being ready.
+    pub unseen: bool,
 }
 
 #[allow(async_fn_in_trait)] // Used with concrete drivers only, never as a trait object.

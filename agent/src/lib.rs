@@ -114,6 +114,8 @@ pub async fn run<D: Driver>(
     // A proxy lost the table put on it: put it again, though it has not changed.
     let mut lost = false;
     let mut applied: Option<(String, u64)> = None;
+    // The state (release, seq) in force at the last round, if it was.
+    let mut in_force_before: Option<(String, u64)> = None;
     let mut stop = shutdown.clone();
     let mut last_round = tokio::time::Instant::now();
     // Until when, after the loop stood still, no table is put (`Config::stale_after`).
@@ -176,7 +178,13 @@ pub async fn run<D: Driver>(
                 },
                 Put::Nothing => {}
             }
-            let in_force_now = in_force(programmed.as_ref(), table.as_ref(), &versions);
+            // A round that saw nothing leaves this state as it was (never in force unseen).
+            let this = (d.release_id.clone(), d.seq);
+            let in_force_now = match running.unseen {
+                true => in_force_before.as_ref() == Some(&this),
+                false => in_force(programmed.as_ref(), table.as_ref(), &versions),
+            };
+            in_force_before = in_force_now.then_some(this);
             if in_force_now {
                 applied = Some((d.release_id.clone(), d.seq));
             }

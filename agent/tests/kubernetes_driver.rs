@@ -1702,7 +1702,7 @@ impl Driver for AllReady {
         let at = vec!["127.0.0.1:9".to_string()];
         Running {
             ready: self.0.iter().map(|v| (v.clone(), at.clone())).collect(),
-            detail: String::new(),
+            ..Running::default()
         }
     }
 
@@ -1976,6 +1976,74 @@ async fn a_proxy_that_stops_answering_is_named_in_the_agents_word() {
     proxy.abort();
     let said = (controller.last_status_until(|s| s.detail.contains(&silent))).await;
     assert!(in_force(&said), "{said:?}");
+    stop.send_replace(true);
+    agent.await.unwrap().unwrap();
+    server.abort();
+}
+
+/// TEST-ONLY: a driver as [`AllReady`] that, once `blind` is set, sees nothing (as a round
+/// the Kubernetes API does not answer).
+struct Blind {
+    ready: AllReady,
+    blind: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Driver for Blind {
+    fn apply(&mut self, want: &Want) {
+        self.ready.apply(want);
+    }
+
+    async fn poll(&mut self) -> Running {
+        match self.blind.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Running {
+                detail: "the Kubernetes API did not answer within 10s".into(),
+                unseen: true,
+                ..Running::default()
+            },
+            false => self.ready.poll().await,
+        }
+    }
+
+    async fn shutdown(&mut self) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_sees_nothing_leaves_a_step_in_force_and_a_new_one_not() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(CountingProxy::default().serve(listener));
+    let (steer, controller, url, server) = steering(desired(1, 0)).await;
+    let config = fleet_agent::Config {
+        controller: url,
+        region: "us-west".into(),
+        cluster: "usw-a".into(),
+        proxies: ProxySource::Listed(vec![admin]),
+        tls: Default::default(),
+        driver: "test".into(),
+        hung_after: Duration::from_secs(60),
+        stale_after: fleet_agent::STALE_AFTER,
+        watches: Tally::default(),
+    };
+    let blind = Arc::default();
+    let driver = Blind {
+        ready: AllReady(Vec::new()),
+        blind: Arc::clone(&blind),
+    };
+    let (stop, shutdown) = watch::channel(false);
+    let agent = tokio::spawn(fleet_agent::run(config, driver, None, shutdown));
+    controller
+        .last_status_until(|s| s.applied_seq == 1 && s.ready)
+        .await;
+    // The API goes away: the step stays in force, the agent saying why it cannot see.
+    blind.store(true, SeqCst);
+    let unseen = "did not answer";
+    let said = (controller.last_status_until(|s| s.detail.contains(unseen))).await;
+    assert!(said.applied_seq == 1 && said.ready, "{said:?}");
+    // A new step is not taken as in force unseen.
+    steer.send_replace(Some(desired(2, 1000)));
+    let said = (controller.last_status_until(|s| s.applied_seq != 1)).await;
+    assert!(said.applied_seq == 0 && !said.ready, "{said:?}");
     stop.send_replace(true);
     agent.await.unwrap().unwrap();
     server.abort();

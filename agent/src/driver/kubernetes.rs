@@ -564,10 +564,12 @@ impl Driver for KubernetesDriver {
             });
         let running = round.unwrap_or_else(|detail| {
             tracing::warn!(%detail, "kubernetes round failed");
-            // Nothing is reported ready, so the proxies keep the table they have.
+            // Nothing is reported ready, so the proxies keep the table they have; nor taken
+            // for not ready, as nothing was seen.
             Running {
                 ready: BTreeMap::new(),
                 detail,
+                unseen: true,
             }
         });
         self.last = Some((self.want.clone(), running.clone(), Instant::now()));
