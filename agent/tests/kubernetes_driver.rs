@@ -1821,6 +1821,22 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
     server.abort();
 }
 
+/// An agent's config for region us-west, cluster usw-a, with the proxy whose admin API is
+/// at `admin`.
+fn listed(controller: String, admin: String) -> fleet_agent::Config {
+    fleet_agent::Config {
+        controller,
+        region: "us-west".into(),
+        cluster: "usw-a".into(),
+        proxies: ProxySource::Listed(vec![admin]),
+        tls: Default::default(),
+        driver: "test".into(),
+        hung_after: Duration::from_secs(60),
+        stale_after: fleet_agent::STALE_AFTER,
+        watches: Tally::default(),
+    }
+}
+
 /// TEST-ONLY: a proxy's admin API that counts the tables put on it (each taken as version 7)
 /// and says, asked for its stats, that it serves the version `serving` holds.
 #[derive(Clone, Default)]
@@ -1891,15 +1907,8 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     tokio::spawn(proxy.clone().serve(listener));
     let (steer, controller, url, server) = steering(desired(1, 0)).await;
     let config = fleet_agent::Config {
-        controller: url,
-        region: "us-west".into(),
-        cluster: "usw-a".into(),
-        proxies: ProxySource::Listed(vec![admin]),
-        tls: Default::default(),
-        driver: "test".into(),
-        hung_after: Duration::from_secs(60),
         stale_after: Duration::from_secs(2),
-        watches: Tally::default(),
+        ..listed(url, admin)
     };
     let (stall, stalling) = (Arc::default(), Arc::default());
     let driver = Stalling {
@@ -1954,17 +1963,7 @@ async fn a_proxy_that_stops_answering_is_named_in_the_agents_word() {
     let admin = format!("http://{}", listener.local_addr().unwrap());
     let proxy = tokio::spawn(CountingProxy::default().serve(listener));
     let (_steer, controller, url, server) = steering(desired(1, 0)).await;
-    let config = fleet_agent::Config {
-        controller: url,
-        region: "us-west".into(),
-        cluster: "usw-a".into(),
-        proxies: ProxySource::Listed(vec![admin.clone()]),
-        tls: Default::default(),
-        driver: "test".into(),
-        hung_after: Duration::from_secs(60),
-        stale_after: fleet_agent::STALE_AFTER,
-        watches: Tally::default(),
-    };
+    let config = listed(url, admin.clone());
     let (stop, shutdown) = watch::channel(false);
     let driver = AllReady(Vec::new());
     let agent = tokio::spawn(fleet_agent::run(config, driver, None, shutdown));
@@ -2014,17 +2013,7 @@ async fn a_round_that_sees_nothing_leaves_a_step_in_force_and_a_new_one_not() {
     let admin = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(CountingProxy::default().serve(listener));
     let (steer, controller, url, server) = steering(desired(1, 0)).await;
-    let config = fleet_agent::Config {
-        controller: url,
-        region: "us-west".into(),
-        cluster: "usw-a".into(),
-        proxies: ProxySource::Listed(vec![admin]),
-        tls: Default::default(),
-        driver: "test".into(),
-        hung_after: Duration::from_secs(60),
-        stale_after: fleet_agent::STALE_AFTER,
-        watches: Tally::default(),
-    };
+    let config = listed(url, admin);
     let blind = Arc::default();
     let driver = Blind {
         ready: AllReady(Vec::new()),
