@@ -46,9 +46,9 @@ pub struct Config {
     /// controller until it goes round again.
     pub hung_after: Duration,
     /// A reconcile loop that stood still this long between two rounds (the process stopped,
-    /// or starved) may hold a desired state the controller has since replaced: it puts no
-    /// table on its proxies until the controller's next word, or for as long again
-    /// ([`STALE_AFTER`]; tests shorten it).
+    /// or starved) may hold a desired state the controller has since replaced: until the
+    /// controller's next word it changes nothing, neither its workloads nor its proxies'
+    /// table ([`STALE_AFTER`]; tests shorten it).
     pub stale_after: Duration,
     /// The figures of the agent's Kubernetes watches (the driver's, the proxies'), for
     /// `/metrics`: the tally given to them.
@@ -118,22 +118,21 @@ pub async fn run<D: Driver>(
     let mut in_force_before: Option<(String, u64)> = None;
     let mut stop = shutdown.clone();
     let mut last_round = tokio::time::Instant::now();
-    // Until when, after the loop stood still, no table is put (`Config::stale_after`).
-    let mut stale_until: Option<tokio::time::Instant> = None;
+    // The loop stood still, and the controller has not spoken since (`Config::stale_after`).
+    let mut stale = false;
     loop {
         let now = tokio::time::Instant::now();
         if now - last_round > config.stale_after {
             tracing::warn!(
                 stood_still_ms = (now - last_round).as_millis(),
-                "the agent stood still (stopped, or starved): its desired state may be out of date, so no table goes on its proxies until the controller's next word"
+                "the agent stood still (stopped, or starved): its desired state may be out of date, so it changes nothing until the controller's next word"
             );
-            stale_until = Some(now + config.stale_after);
+            stale = true;
         }
         last_round = now;
         if desired_rx.has_changed().unwrap_or(false) {
-            stale_until = None;
+            stale = false;
         }
-        let stale = stale_until.is_some_and(|until| now < until);
         match source.look().await {
             Some(Ok(found)) => {
                 lost |= proxies.set_proxies(found);
@@ -149,7 +148,11 @@ pub async fn run<D: Driver>(
         let mut status = pb::AgentStatus::default();
         if let Some(d) = &desired {
             let want = want_for(d, programmed.as_ref().map(|(_, versions)| versions));
-            driver.apply(&want);
+            // Stood still, it starts and stops nothing on a state that may be out of date
+            // (another agent may have taken its place meanwhile).
+            if !stale {
+                driver.apply(&want);
+            }
             let running = driver.poll().await;
             let table = routes::table(d, &running.ready);
             let mut details = vec![running.detail.clone()];
@@ -158,7 +161,7 @@ pub async fn run<D: Driver>(
             let served = programmed.as_ref().map(|(t, _)| t);
             let put = match stale {
                 true => {
-                    details.push("the agent stood still: no table is put on its proxies until the controller's next word".into());
+                    details.push("the agent stood still: it changes nothing, its proxies' table included, until the controller's next word".into());
                     Put::Nothing
                 }
                 false => to_put(table.as_ref(), served, lost),
@@ -217,7 +220,7 @@ pub async fn run<D: Driver>(
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
             // The controller's word: whatever stood still, the state is its latest.
-            _ = desired_rx.changed() => stale_until = None,
+            _ = desired_rx.changed() => stale = false,
             _ = stop.wait_for(|s| *s) => break,
         }
     }

@@ -1879,10 +1879,14 @@ struct Stalling {
     ready: AllReady,
     stall: Arc<std::sync::atomic::AtomicBool>,
     stalling: Arc<std::sync::atomic::AtomicBool>,
+    /// How many times it was applied.
+    applied: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Driver for Stalling {
     fn apply(&mut self, want: &Want) {
+        self.applied
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.ready.apply(want);
     }
 
@@ -1911,10 +1915,12 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
         ..listed(url, admin)
     };
     let (stall, stalling) = (Arc::default(), Arc::default());
+    let applied = Arc::<std::sync::atomic::AtomicUsize>::default();
     let driver = Stalling {
         ready: AllReady(Vec::new()),
         stall: Arc::clone(&stall),
         stalling: Arc::clone(&stalling),
+        applied: Arc::clone(&applied),
     };
     let (stop, shutdown) = watch::channel(false);
     let agent = tokio::spawn(fleet_agent::run(config, driver, None, shutdown));
@@ -1933,15 +1939,22 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     }
     proxy.serving.store(8, SeqCst);
     // Going round again, it says so and leaves the proxy as it is.
-    let still = "the agent stood still: no table is put on its proxies";
+    let still = "the agent stood still: it changes nothing";
     (controller.last_status_until(|s| s.detail.contains(still))).await;
+    assert_eq!(proxy.puts.load(SeqCst), 1, "put back before the word");
+    // However long the controller keeps silent (here longer than stale_after); nor are its
+    // workloads changed on the state it holds.
+    let applied_then = applied.load(SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(applied.load(SeqCst), applied_then, "the driver was applied");
+    let said = controller.statuses.lock().unwrap().last().cloned().unwrap();
+    assert!(said.detail.contains(still), "{}", said.detail);
     assert_eq!(
         proxy.puts.load(SeqCst),
         1,
-        "put back before the controller's word"
+        "put back though the controller was silent"
     );
-    // The controller's word: its table goes back on, at once (before the agent would have
-    // put it back without a word, stale_after after it went round again).
+    // The controller's word: its table goes back on, at once.
     steer.send_replace(Some(desired(1, 0)));
     let word = tokio::time::Instant::now();
     while proxy.puts.load(SeqCst) < 2 {

@@ -265,6 +265,9 @@ impl Engine {
             // was down, or stopped), or that came before the interval began.
             let fresh = r.latest_at.is_some_and(|at| now - at <= delta(a.interval));
             if !r.reachable || !r.heard || !fresh {
+                // Nor is the next judged across the gap: it takes the first fresh numbers
+                // for its baseline, and the one after judges from there.
+                r.baseline = None;
                 return false;
             }
             // Judged against the numbers of when the step began; with none then (the step was

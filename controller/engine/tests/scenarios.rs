@@ -624,24 +624,46 @@ fn a_restored_engine_moves_no_region_on_until_its_agents_are_back_and_have_repor
 
 #[test]
 fn a_check_whose_numbers_did_not_come_within_its_interval_gives_no_verdict() {
-    let mut sim = at_the_first_step();
-    assert!(sim.run_until(TimeDelta::minutes(5), |s| {
-        !verdicts(s, "us-west-1").is_empty()
+    // At the indefinite pause at 50%, judged every minute (3,000 canary requests).
+    let mut sim = four_waves();
+    assert!(sim.run_until(TimeDelta::hours(1), |s| {
+        let r = &s.engine.state().regions["us-west-1"];
+        r.step == 2 && r.passed_in_step
     }));
     // Nothing comes for an hour (the controller stopped, say): the checks then due give no
-    // verdict on the numbers of an hour ago.
+    // verdict on the numbers of an hour ago. The proxies counted on meanwhile.
     let judged = verdicts(&sim, "us-west-1").len();
     sim.now += TimeDelta::hours(1);
+    let counters = sim.counters.get_mut("us-west-1").unwrap();
+    (counters.canary.requests, counters.canary.errors) = (
+        counters.canary.requests + 36_000,
+        counters.canary.errors + 3_600,
+    );
     sim.engine.handle_timeout(sim.now);
     sim.drain();
     assert_eq!(verdicts(&sim, "us-west-1").len(), judged);
     // And the checks missed meanwhile are not made up one by one: the next is ahead.
     let next = sim.engine.state().regions["us-west-1"].next_check;
     assert!(next > Some(sim.now), "{next:?}");
-    // Fresh numbers: judged again.
+    // Fresh numbers: judged again, on what came after them, not across the hour.
     assert!(sim.run_until(TimeDelta::minutes(5), |s| {
         verdicts(s, "us-west-1").len() > judged
     }));
+    let after: Vec<(u64, Outcome)> = (sim.history.iter())
+        .filter_map(|e| match &e.what {
+            What::Analysis { verdict } if e.region.as_deref() == Some("us-west-1") => {
+                Some((verdict.canary.requests, verdict.outcome))
+            }
+            _ => None,
+        })
+        .skip(judged)
+        .collect();
+    assert!(
+        after
+            .iter()
+            .all(|(n, o)| *n <= 3_000 && *o == Outcome::Pass),
+        "{after:?}"
+    );
 }
 
 #[test]
