@@ -118,13 +118,17 @@ pub async fn run<D: Driver>(
     let mut in_force_before: Option<(String, u64)> = None;
     let mut stop = shutdown.clone();
     let mut last_round = tokio::time::Instant::now();
+    // How long the driver's poll took in the last round: a Kubernetes round may take its
+    // 10 s by itself, which is no standing still.
+    let mut polling = Duration::ZERO;
     // The loop stood still, and the controller has not spoken since (`Config::stale_after`).
     let mut stale = false;
     loop {
         let now = tokio::time::Instant::now();
-        if now - last_round > config.stale_after {
+        let stood = (now - last_round).saturating_sub(polling);
+        if stood > config.stale_after {
             tracing::warn!(
-                stood_still_ms = (now - last_round).as_millis(),
+                stood_still_ms = stood.as_millis(),
                 "the agent stood still (stopped, or starved): its desired state may be out of date, so it changes nothing until the controller's next word"
             );
             stale = true;
@@ -153,7 +157,9 @@ pub async fn run<D: Driver>(
             if !stale {
                 driver.apply(&want);
             }
+            let poll_began = tokio::time::Instant::now();
             let running = driver.poll().await;
+            polling = poll_began.elapsed();
             let table = routes::table(d, &running.ready);
             let mut details = vec![running.detail.clone()];
             details.extend(unfound.clone());

@@ -1873,28 +1873,35 @@ impl CountingProxy {
     }
 }
 
-/// TEST-ONLY: a driver as [`AllReady`] whose next poll, once `stall` is set, stands still for
-/// three seconds (as a process stopped would), saying so in `stalling`.
+/// TEST-ONLY: a driver as [`AllReady`] whose next apply, once `stall` is set, holds its
+/// thread for three seconds (as a stopped process holds the agent's loop; a slow poll is no
+/// standing still), saying so in `stalling`.
 struct Stalling {
     ready: AllReady,
     stall: Arc<std::sync::atomic::AtomicBool>,
     stalling: Arc<std::sync::atomic::AtomicBool>,
     /// How many times it was applied.
     applied: Arc<std::sync::atomic::AtomicUsize>,
+    /// Once set, the next poll takes three seconds (and clears it when done).
+    slow: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Driver for Stalling {
     fn apply(&mut self, want: &Want) {
-        self.applied
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        self.applied.fetch_add(1, SeqCst);
         self.ready.apply(want);
+        if self.stall.swap(false, SeqCst) {
+            self.stalling.store(true, SeqCst);
+            std::thread::sleep(Duration::from_secs(3));
+        }
     }
 
     async fn poll(&mut self) -> Running {
         use std::sync::atomic::Ordering::SeqCst;
-        if self.stall.swap(false, SeqCst) {
-            self.stalling.store(true, SeqCst);
+        if self.slow.load(SeqCst) {
             tokio::time::sleep(Duration::from_secs(3)).await;
+            self.slow.store(false, SeqCst);
         }
         self.ready.poll().await
     }
@@ -1916,11 +1923,13 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     };
     let (stall, stalling) = (Arc::default(), Arc::default());
     let applied = Arc::<std::sync::atomic::AtomicUsize>::default();
+    let slow = Arc::<std::sync::atomic::AtomicBool>::default();
     let driver = Stalling {
         ready: AllReady(Vec::new()),
         stall: Arc::clone(&stall),
         stalling: Arc::clone(&stalling),
         applied: Arc::clone(&applied),
+        slow: Arc::clone(&slow),
     };
     let (stop, shutdown) = watch::channel(false);
     let agent = tokio::spawn(fleet_agent::run(config, driver, None, shutdown));
@@ -1928,6 +1937,21 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
         .last_status_until(|s| s.applied_seq == 1 && s.ready)
         .await;
     assert_eq!(proxy.puts.load(SeqCst), 1);
+
+    // A poll slower than stale_after (a Kubernetes round may take 10 s) is no standing still.
+    let still = "the agent stood still: it changes nothing";
+    slow.store(true, SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while slow.load(SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never polled slowly"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let said = controller.statuses.lock().unwrap().last().cloned().unwrap();
+    assert!(!said.detail.contains(still), "{}", said.detail);
 
     // The agent stands still; meanwhile another puts a table on its proxy (an agent started
     // in its place, say, for a state the controller has since changed).
@@ -1939,7 +1963,6 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     }
     proxy.serving.store(8, SeqCst);
     // Going round again, it says so and leaves the proxy as it is.
-    let still = "the agent stood still: it changes nothing";
     (controller.last_status_until(|s| s.detail.contains(still))).await;
     assert_eq!(proxy.puts.load(SeqCst), 1, "put back before the word");
     // However long the controller keeps silent (here longer than stale_after); nor are its
