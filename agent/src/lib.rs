@@ -123,10 +123,13 @@ pub async fn run<D: Driver>(
     let mut polling = Duration::ZERO;
     // The loop stood still, and the controller has not spoken since (`Config::stale_after`).
     let mut stale = false;
+    // When the controller last spoke (a desired state came).
+    let mut word_at = tokio::time::Instant::now();
     loop {
         let now = tokio::time::Instant::now();
         let stood = (now - last_round).saturating_sub(polling);
-        if stood > config.stale_after {
+        // A word that came while it stood still is the latest: nothing stood still since.
+        if stood > config.stale_after && word_at < last_round {
             tracing::warn!(
                 stood_still_ms = stood.as_millis(),
                 "the agent stood still (stopped, or starved): its desired state may be out of date, so it changes nothing until the controller's next word"
@@ -136,6 +139,7 @@ pub async fn run<D: Driver>(
         last_round = now;
         if desired_rx.has_changed().unwrap_or(false) {
             stale = false;
+            word_at = now;
         }
         match source.look().await {
             Some(Ok(found)) => {
@@ -152,14 +156,23 @@ pub async fn run<D: Driver>(
         let mut status = pb::AgentStatus::default();
         if let Some(d) = &desired {
             let want = want_for(d, programmed.as_ref().map(|(_, versions)| versions));
-            // Stood still, it starts and stops nothing on a state that may be out of date
-            // (another agent may have taken its place meanwhile).
-            if !stale {
-                driver.apply(&want);
-            }
-            let poll_began = tokio::time::Instant::now();
-            let running = driver.poll().await;
-            polling = poll_began.elapsed();
+            // Stood still, it leaves its workloads alone on a state that may be out of date
+            // (another agent may have taken its place meanwhile): the driver is neither
+            // told nor polled, which would restart or rewrite them, and the round sees
+            // nothing (the step as it was).
+            let running = match stale {
+                true => driver::Running {
+                    unseen: true,
+                    ..driver::Running::default()
+                },
+                false => {
+                    driver.apply(&want);
+                    let poll_began = tokio::time::Instant::now();
+                    let running = driver.poll().await;
+                    polling = poll_began.elapsed();
+                    running
+                }
+            };
             let table = routes::table(d, &running.ready);
             let mut details = vec![running.detail.clone()];
             details.extend(unfound.clone());
@@ -226,7 +239,10 @@ pub async fn run<D: Driver>(
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
             // The controller's word: whatever stood still, the state is its latest.
-            _ = desired_rx.changed() => stale = false,
+            _ = desired_rx.changed() => {
+                stale = false;
+                word_at = tokio::time::Instant::now();
+            }
             _ = stop.wait_for(|s| *s) => break,
         }
     }

@@ -1988,6 +1988,28 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     (controller.last_status_until(|s| !s.detail.contains(still))).await;
+
+    // It stands still again, and the controller speaks meanwhile: that word is the latest,
+    // so it carries on at once (the table replaced meanwhile goes back on).
+    stalling.store(false, SeqCst);
+    stall.store(true, SeqCst);
+    while !stalling.load(SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < word + Duration::from_secs(10),
+            "never stood still"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.serving.store(9, SeqCst);
+    steer.send_replace(Some(desired(1, 0)));
+    let spoke = tokio::time::Instant::now();
+    while proxy.puts.load(SeqCst) < 3 {
+        assert!(
+            spoke.elapsed() < Duration::from_secs(6),
+            "the word was lost in the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     stop.send_replace(true);
     agent.await.unwrap().unwrap();
     server.abort();

@@ -61,8 +61,13 @@ impl ProcessDriver {
     /// Where a driver's ledger is kept by default: `$XDG_RUNTIME_DIR` (the user's own), else
     /// `fleet-agent-UID` in the temporary directory, made for this user only.
     pub fn ledger_dir() -> std::io::Result<PathBuf> {
-        match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
-            Some(dir) if dir.is_absolute() => Ok(dir),
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+        // Not one left by `su` or `sudo`: another user's, it could not be written.
+        match runtime
+            .filter(|d| d.is_absolute())
+            .map(ledger::checked_private)
+        {
+            Some(Ok(dir)) => Ok(dir),
             _ => ledger::private_dir(&format!("fleet-agent-{}", ledger::euid())),
         }
     }

@@ -1,12 +1,13 @@
 //! The process driver's ledger: the instances it runs, kept in a file, so that an agent
 //! started after one that died without stopping them (kill -9, a crash) takes over the
 //! instances it left running, rather than starting others beside them that nobody would ever
-//! stop. An instance is known by its process id, the time the kernel started it, its command
-//! line and its owner (this agent's user), all in the same boot: a process id used again by
-//! another program is not taken for it. The ledger is taken only from a file of this user's
-//! that nobody else may write.
+//! stop. An instance is known by its process id, the time the kernel started it and its owner
+//! (this agent's user), all in the same boot: a process id used again by another program is
+//! not taken for it. (Its command line is kept for people, not matched: a script's shows its
+//! interpreter, and some programs rename themselves.) The ledger is taken only from a file of
+//! this user's that nobody else may write, and is written so.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Ledger {
     /// The boot it was written in (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default)]
     boot: String,
     instances: Vec<Entry>,
 }
@@ -28,7 +30,8 @@ pub(crate) struct Entry {
     pub pid: u32,
     /// When the kernel started the process, in clock ticks since boot (`/proc/PID/stat`).
     pub started: u64,
-    /// Its command line, as started.
+    /// Its command line, as started (for people).
+    #[serde(default)]
     pub command: Vec<String>,
 }
 
@@ -38,7 +41,6 @@ impl Entry {
         let proc = format!("/proc/{}", self.pid);
         let ours = std::fs::metadata(&proc).is_ok_and(|m| m.uid() == euid());
         ours && started(self.pid) == Some(self.started)
-            && command(self.pid).as_deref() == Some(&self.command[..])
     }
 }
 
@@ -85,7 +87,15 @@ pub(crate) fn write(path: &Path, entries: &[Entry]) -> std::io::Result<()> {
         instances: entries.to_vec(),
     };
     let text = serde_json::to_vec(&ledger).map_err(std::io::Error::other)?;
-    std::fs::write(&beside, text)?;
+    // Only this user may write it (whatever the umask), or the next agent would refuse it.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&beside)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    std::io::Write::write_all(&mut file, &text)?;
     std::fs::rename(&beside, path)
 }
 
@@ -98,6 +108,11 @@ pub fn private_dir(name: &str) -> std::io::Result<std::path::PathBuf> {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
         _ => {}
     }
+    checked_private(dir)
+}
+
+/// `dir`, if it is a directory of this user's only (no one else may enter it); else an error.
+pub fn checked_private(dir: std::path::PathBuf) -> std::io::Result<std::path::PathBuf> {
     let meta = std::fs::symlink_metadata(&dir)?;
     if !meta.is_dir() || meta.uid() != euid() || meta.permissions().mode() & 0o077 != 0 {
         return Err(std::io::Error::other(format!(
@@ -116,16 +131,6 @@ pub(crate) fn euid() -> u32 {
 fn boot() -> String {
     let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     id.trim().to_string()
-}
-
-/// The command line of process `pid`.
-pub(crate) fn command(pid: u32) -> Option<Vec<String>> {
-    let line = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args = line.strip_suffix(b"\0").unwrap_or(&line).split(|b| *b == 0);
-    Some(
-        args.map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect(),
-    )
 }
 
 /// When the kernel started process `pid`, in clock ticks since boot; `None` if there is no
@@ -149,7 +154,7 @@ mod tests {
     fn a_process_is_known_by_its_id_and_start_time() {
         let me = std::process::id();
         let since = started(me).unwrap();
-        let argv = command(me).unwrap();
+        let argv: Vec<String> = std::env::args().collect();
         let entry = |pid, started, command: &[String]| Entry {
             version: "v1".into(),
             index: 0,
@@ -163,11 +168,10 @@ mod tests {
             !entry(me, since + 1, &argv).alive(),
             "another process with the id"
         );
-        assert!(!entry(me, since, &["sh".into()]).alive(), "another program");
         assert!(!entry(u32::MAX, since, &argv).alive(), "no such process");
         // PID 1 is root's, not this test's (unless it runs as root, as in a container).
         if euid() != 0 {
-            let init = entry(1, started(1).unwrap(), &command(1).unwrap());
+            let init = entry(1, started(1).unwrap(), &[]);
             assert!(!init.alive(), "another user's");
         }
     }
@@ -197,6 +201,8 @@ mod tests {
         assert!(read(&path).is_empty());
         write(&path, &entries).unwrap();
         assert_eq!(read(&path), entries);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only this user's, whatever the umask");
         write(&path, &[]).unwrap();
         assert!(!path.exists(), "none kept: no file");
         write(&path, &entries).unwrap();
