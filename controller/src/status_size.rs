@@ -37,21 +37,7 @@ fn cut(message: &[u8]) -> Option<HeaderValue> {
 
 /// Whether `encoded` (percent-encoded) ends inside a UTF-8 character.
 fn incomplete(encoded: &[u8]) -> bool {
-    let mut bytes = Vec::with_capacity(encoded.len());
-    let mut rest = encoded;
-    while let Some((&b, after)) = rest.split_first() {
-        let hex = after.get(..2).and_then(|h| std::str::from_utf8(h).ok());
-        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-            Some(decoded) if b == b'%' => {
-                bytes.push(decoded);
-                rest = &after[2..];
-            }
-            _ => {
-                bytes.push(b);
-                rest = after;
-            }
-        }
-    }
+    let bytes: Vec<u8> = percent_encoding::percent_decode(encoded).collect();
     std::str::from_utf8(&bytes).is_err_and(|e| e.error_len().is_none())
 }
 

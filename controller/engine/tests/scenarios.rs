@@ -524,10 +524,7 @@ fn pause_stops_the_clock_and_resume_restarts_it() {
 
 #[test]
 fn abort_mid_step_rolls_back_every_region_reached() {
-    let mut sim = four_waves();
-    assert!(sim.run_promoting_until(TimeDelta::hours(3), |s| {
-        s.engine.state().regions["us-east-1"].step == 1
-    }));
+    let mut sim = at_the_second_waves_second_step();
     sim.operator(Action::Abort);
     assert!(sim.run_to_end(TimeDelta::minutes(1)));
     assert!(matches!(sim.engine.state().phase, Phase::RolledBack { .. }));
@@ -541,36 +538,17 @@ fn abort_mid_step_rolls_back_every_region_reached() {
 #[test]
 fn a_lost_agent_holds_its_region_until_it_returns() {
     let mut sim = at_the_first_step();
-    sim.agents_up.insert("us-west-1".into(), false);
-    sim.engine.handle(
-        sim.now,
-        Event::Reachable {
-            region: "us-west-1".into(),
-            reachable: false,
-        },
-    );
-    sim.drain();
+    sim.reach("us-west-1", false);
     sim.run_until(TimeDelta::hours(1), |_| false);
     assert_eq!(sim.engine.state().regions["us-west-1"].step, 0);
-    sim.agents_up.insert("us-west-1".into(), true);
-    sim.engine.handle(
-        sim.now,
-        Event::Reachable {
-            region: "us-west-1".into(),
-            reachable: true,
-        },
-    );
-    sim.drain();
+    sim.reach("us-west-1", true);
     assert!(sim.run_promoting(TimeDelta::days(1)));
     assert_eq!(sim.engine.state().phase, Phase::Succeeded);
 }
 
 #[test]
 fn a_restored_engine_carries_on_from_the_same_step_and_applies_nothing_twice() {
-    let mut sim = four_waves();
-    assert!(sim.run_promoting_until(TimeDelta::hours(3), |s| {
-        s.engine.state().regions["us-east-1"].step == 1
-    }));
+    let mut sim = at_the_second_waves_second_step();
     // A crash: only the persisted state survives.
     let saved = serde_json::to_string(sim.engine.state()).unwrap();
     let state: State = serde_json::from_str(&saved).unwrap();
@@ -597,10 +575,7 @@ fn a_restored_engine_carries_on_from_the_same_step_and_applies_nothing_twice() {
 
 #[test]
 fn a_restored_engine_moves_no_region_on_until_its_agents_are_back_and_have_reported() {
-    let mut sim = four_waves();
-    assert!(sim.run_promoting_until(TimeDelta::hours(3), |s| {
-        s.engine.state().regions["us-east-1"].step == 1
-    }));
+    let mut sim = at_the_second_waves_second_step();
     let saved = serde_json::to_string(sim.engine.state()).unwrap();
     // Back an hour later, with us-east-1's agents away: its timers are all overdue.
     sim.now += TimeDelta::hours(1);
@@ -614,10 +589,7 @@ fn a_restored_engine_moves_no_region_on_until_its_agents_are_back_and_have_repor
     assert_eq!(east.step, 1, "not moved on");
     assert_eq!(verdicts(&sim, "us-east-1").len(), judged, "not judged");
     // They connect: it is judged on what they report, and carries on.
-    sim.agents_up.insert("us-east-1".into(), true);
-    let (region, reachable) = ("us-east-1".to_string(), true);
-    sim.engine
-        .handle(sim.now, Event::Reachable { region, reachable });
+    sim.reach("us-east-1", true);
     assert!(sim.run_promoting(TimeDelta::days(1)));
     assert_eq!(sim.engine.state().phase, Phase::Succeeded);
 }
@@ -909,6 +881,16 @@ fn at_the_first_step() -> Sim {
     let mut sim = four_waves();
     assert!(sim.run_until(TimeDelta::minutes(10), |s| {
         s.engine.state().regions["us-west-1"].step_started.is_some()
+    }));
+    sim
+}
+
+/// A release of the four-wave example, its second wave's region (us-east-1) at its second
+/// step.
+fn at_the_second_waves_second_step() -> Sim {
+    let mut sim = four_waves();
+    assert!(sim.run_promoting_until(TimeDelta::hours(3), |s| {
+        s.engine.state().regions["us-east-1"].step == 1
     }));
     sim
 }
