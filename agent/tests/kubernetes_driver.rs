@@ -1837,6 +1837,15 @@ fn listed(controller: String, admin: String) -> fleet_agent::Config {
     }
 }
 
+/// Polls `done` until it holds, failing with `what` after `seconds`.
+async fn within(seconds: u64, what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// TEST-ONLY: a proxy's admin API that counts the tables put on it (each taken as version 7)
 /// and says, asked for its stats, that it serves the version `serving` holds.
 #[derive(Clone, Default)]
@@ -1941,14 +1950,7 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     // A poll slower than stale_after (a Kubernetes round may take 10 s) is no standing still.
     let still = "the agent stood still: it changes nothing";
     slow.store(true, SeqCst);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while slow.load(SeqCst) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never polled slowly"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    within(10, "never polled slowly", || !slow.load(SeqCst)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let said = controller.statuses.lock().unwrap().last().cloned().unwrap();
     assert!(!said.detail.contains(still), "{}", said.detail);
@@ -1956,11 +1958,7 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     // The agent stands still; meanwhile another puts a table on its proxy (an agent started
     // in its place, say, for a state the controller has since changed).
     stall.store(true, SeqCst);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !stalling.load(SeqCst) {
-        assert!(tokio::time::Instant::now() < deadline, "never stood still");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    within(10, "never stood still", || stalling.load(SeqCst)).await;
     proxy.serving.store(8, SeqCst);
     // Going round again, it says so and leaves the proxy as it is.
     (controller.last_status_until(|s| s.detail.contains(still))).await;
@@ -1979,37 +1977,21 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     );
     // The controller's word: its table goes back on, at once.
     steer.send_replace(Some(desired(1, 0)));
-    let word = tokio::time::Instant::now();
-    while proxy.puts.load(SeqCst) < 2 {
-        assert!(
-            word.elapsed() < Duration::from_secs(1),
-            "not put back at the word"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    within(1, "not put back at the word", || {
+        proxy.puts.load(SeqCst) >= 2
+    })
+    .await;
     (controller.last_status_until(|s| !s.detail.contains(still))).await;
 
     // It stands still again, and the controller speaks meanwhile: that word is the latest,
     // so it carries on at once (the table replaced meanwhile goes back on).
     stalling.store(false, SeqCst);
     stall.store(true, SeqCst);
-    while !stalling.load(SeqCst) {
-        assert!(
-            tokio::time::Instant::now() < word + Duration::from_secs(10),
-            "never stood still"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    within(10, "never stood still", || stalling.load(SeqCst)).await;
     proxy.serving.store(9, SeqCst);
     steer.send_replace(Some(desired(1, 0)));
-    let spoke = tokio::time::Instant::now();
-    while proxy.puts.load(SeqCst) < 3 {
-        assert!(
-            spoke.elapsed() < Duration::from_secs(6),
-            "the word was lost in the stall"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let lost = "the word was lost in the stall";
+    within(6, lost, || proxy.puts.load(SeqCst) >= 3).await;
     stop.send_replace(true);
     agent.await.unwrap().unwrap();
     server.abort();
