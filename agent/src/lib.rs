@@ -48,7 +48,8 @@ pub struct Config {
     /// A reconcile loop that stood still this long between two rounds (the process stopped,
     /// or starved) may hold a desired state the controller has since replaced: until the
     /// controller's next word it changes nothing, neither its workloads nor its proxies'
-    /// table ([`STALE_AFTER`]; tests shorten it).
+    /// table, and it dials the controller again for that word ([`STALE_AFTER`]; tests
+    /// shorten it).
     pub stale_after: Duration,
     /// The figures of the agent's Kubernetes watches (the driver's, the proxies'), for
     /// `/metrics`: the tally given to them.
@@ -85,6 +86,9 @@ pub async fn run<D: Driver>(
     let (desired_tx, mut desired_rx) = watch::channel::<Option<pb::DesiredState>>(None);
     let (status_tx, status_rx) = watch::channel(pb::AgentStatus::default());
     let observed = std::sync::Arc::new(admin::Observed::new(config.hung_after));
+    // Bumped when the loop finds it stood still: the session dials the controller again,
+    // which answers a new session with its word (the desired state it holds now).
+    let (redial, redial_rx) = watch::channel(0u64);
     if let Some(listener) = admin {
         let view = admin::View {
             observed: observed.clone(),
@@ -103,6 +107,7 @@ pub async fn run<D: Driver>(
         config.clone(),
         desired_tx,
         status_rx,
+        redial_rx,
         observed.clone(),
         shutdown.clone(),
     ));
@@ -132,9 +137,10 @@ pub async fn run<D: Driver>(
         if stood > config.stale_after && word_at < last_round {
             tracing::warn!(
                 stood_still_ms = stood.as_millis(),
-                "the agent stood still (stopped, or starved): its desired state may be out of date, so it changes nothing until the controller's next word"
+                "the agent stood still (stopped, or starved): its desired state may be out of date, so it changes nothing until the controller's next word, and dials it again for that word"
             );
             stale = true;
+            redial.send_modify(|n| *n += 1);
         }
         last_round = now;
         if desired_rx.has_changed().unwrap_or(false) {

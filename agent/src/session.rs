@@ -18,10 +18,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A stream past hello for this long has settled: if it breaks, the backoff starts again.
 const SETTLED: Duration = Duration::from_secs(10);
 
+/// Runs the session until `shutdown`, dialling again whenever it ends; and at once when
+/// `redial` changes (the reconcile loop stood still, and a word the controller would send
+/// only on a change may never come on the open stream).
 pub async fn run(
     config: Config,
     desired: watch::Sender<Option<pb::DesiredState>>,
     mut status: watch::Receiver<pb::AgentStatus>,
+    mut redial: watch::Receiver<u64>,
     observed: Arc<Observed>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -39,17 +43,20 @@ pub async fn run(
         }
         let (mut heard, dialled) = (false, tokio::time::Instant::now());
         let result = tokio::select! {
-            r = session(&config, &desired, &mut status, &mut max_epoch, &mut heard, &observed) => r,
+            r = session(&config, &desired, &mut status, &mut redial, &mut max_epoch, &mut heard, &observed) => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
         let settled = heard && dialled.elapsed() >= SETTLED;
         failures = failures_now(failures, settled, result.is_ok());
         observed.disconnected(match &result {
-            Ok(()) => "the controller ended the stream".into(),
+            Ok(()) => "the agent stood still: dialling again for the controller's word".into(),
             Err(e) => format!("{e:#}"),
         });
         match result {
-            Ok(()) => {}
+            Ok(()) => {
+                tracing::info!("the agent stood still: dialling the controller again for its word");
+                continue;
+            }
             Err(e) if observed.alive().is_err() => {
                 tracing::error!(error = %e, "the reconcile loop hangs; leaving the controller until it goes round again")
             }
@@ -76,10 +83,13 @@ async fn session(
     config: &Config,
     desired: &watch::Sender<Option<pb::DesiredState>>,
     status: &mut watch::Receiver<pb::AgentStatus>,
+    redial: &mut watch::Receiver<u64>,
     max_epoch: &mut u64,
     heard: &mut bool,
     observed: &Observed,
 ) -> anyhow::Result<()> {
+    // A stall before this session is answered by its first word.
+    redial.borrow_and_update();
     let channel = fleet_proto::connect::channel(&config.controller, &config.tls).await?;
     let mut client = AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
@@ -115,6 +125,9 @@ async fn session(
                 }
                 desired.send_replace(Some(d));
             }
+            // Ended, not failed: the reconcile loop stood still and wants the controller's
+            // word, which a new session gets first thing.
+            Ok(()) = redial.changed() => return Ok(()),
             _ = status.changed() => {
                 let current = status.borrow_and_update().clone();
                 tx.send(message(pb::agent_message::Message::Status(current))).await?;

@@ -1611,11 +1611,14 @@ async fn autoscalers_that_cannot_be_listed_stop_only_what_autoscales() {
 }
 
 /// TEST-ONLY: a controller that sends each agent the desired state `desired` holds, as it
-/// changes, and keeps every status the agent reports.
+/// changes (a new session first thing; nothing while it holds `None`), and keeps every
+/// status the agent reports.
 #[derive(Clone)]
 struct Steering {
     desired: watch::Receiver<Option<pb::DesiredState>>,
     statuses: Arc<Mutex<Vec<pb::AgentStatus>>>,
+    /// How many sessions were opened.
+    sessions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[tonic::async_trait]
@@ -1629,6 +1632,7 @@ impl AgentService for Steering {
         request: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
     ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
         let (statuses, mut inbound) = (self.statuses.clone(), request.into_inner());
+        (self.sessions).fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             while let Some(Ok(message)) = inbound.next().await {
                 if let Some(pb::agent_message::Message::Status(status)) = message.message {
@@ -1662,6 +1666,7 @@ async fn steering(
     let controller = Steering {
         desired: wanted,
         statuses: Arc::default(),
+        sessions: Arc::default(),
     };
     let url = format!("http://{}", listener.local_addr().unwrap());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -1956,12 +1961,20 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     assert!(!said.detail.contains(still), "{}", said.detail);
 
     // The agent stands still; meanwhile another puts a table on its proxy (an agent started
-    // in its place, say, for a state the controller has since changed).
+    // in its place, say, for a state the controller has since changed). The controller has
+    // no word to give for now (a new session gets nothing).
+    steer.send_replace(None);
+    let sessions = controller.sessions.load(SeqCst);
     stall.store(true, SeqCst);
     within(10, "never stood still", || stalling.load(SeqCst)).await;
     proxy.serving.store(8, SeqCst);
-    // Going round again, it says so and leaves the proxy as it is.
+    // Going round again, it says so and leaves the proxy as it is. Its stream was never
+    // dropped (the session runs on the other thread): it dials again for the word.
     (controller.last_status_until(|s| s.detail.contains(still))).await;
+    within(5, "never dialled again for the word", || {
+        controller.sessions.load(SeqCst) > sessions
+    })
+    .await;
     assert_eq!(proxy.puts.load(SeqCst), 1, "put back before the word");
     // However long the controller keeps silent (here longer than stale_after); nor are its
     // workloads changed on the state it holds.
@@ -1992,6 +2005,16 @@ async fn an_agent_that_stood_still_puts_no_table_until_the_controllers_next_word
     steer.send_replace(Some(desired(1, 0)));
     let lost = "the word was lost in the stall";
     within(6, lost, || proxy.puts.load(SeqCst) >= 3).await;
+
+    // It stands still a third time, and the controller, which holds its word but sends one
+    // only when it changes, says nothing on the stream it has: the new session brings it.
+    stalling.store(false, SeqCst);
+    stall.store(true, SeqCst);
+    within(10, "never stood still", || stalling.load(SeqCst)).await;
+    proxy.serving.store(10, SeqCst);
+    let unasked = "the word was never asked for";
+    within(6, unasked, || proxy.puts.load(SeqCst) >= 4).await;
+    (controller.last_status_until(|s| !s.detail.contains(still))).await;
     stop.send_replace(true);
     agent.await.unwrap().unwrap();
     server.abort();
