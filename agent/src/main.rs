@@ -71,7 +71,8 @@ struct Args {
     /// an agent started after one that died without stopping them (kill -9, a crash) takes
     /// over those still running rather than start others beside them. Default: a file named
     /// after the controller, region and cluster in `$XDG_RUNTIME_DIR`, else in
-    /// `fleet-agent-UID` (mode 0700) in the temporary directory.
+    /// `fleet-agent-UID` (mode 0700) in the temporary directory. One agent's at a time: a
+    /// second started on it is refused (it holds `FILE.lock` while it runs).
     #[arg(long, value_name = "FILE", env = "FLEET_AGENT_INSTANCES_FILE")]
     instances_file: Option<PathBuf>,
     /// Serve `/healthz` (the reconcile loop goes round), `/readyz` (connected to the
@@ -134,6 +135,20 @@ async fn main() -> anyhow::Result<()> {
     // A TLS file that cannot be read is told now, before the first dial; each dial reads
     // them again, so a renewed certificate is used from the next connection.
     fleet_proto::connect::endpoint(&config.controller, &config.tls)?;
+    // The process driver's instances file, held while the agent runs: a second agent on it
+    // is refused before it says it listens.
+    let file = match (&args.driver, args.instances_file.clone()) {
+        (DriverKind::Kubernetes, _) => None,
+        (DriverKind::Process, Some(file)) => Some(file),
+        (DriverKind::Process, None) => ProcessDriver::ledger_dir()
+            .map(|dir| dir.join(instances_file_name(&config)))
+            .inspect_err(|e| tracing::warn!(error = %e, "no directory to keep the instances in: an agent started after this one dies will not take them over"))
+            .ok(),
+    };
+    let _lock = file
+        .as_deref()
+        .map(ProcessDriver::lock_ledger)
+        .transpose()?;
     let admin = match args.admin {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -160,13 +175,6 @@ async fn main() -> anyhow::Result<()> {
     });
     match args.driver {
         DriverKind::Process => {
-            let file = match args.instances_file.clone() {
-                Some(file) => Some(file),
-                None => ProcessDriver::ledger_dir()
-                    .map(|dir| dir.join(instances_file_name(&config)))
-                    .inspect_err(|e| tracing::warn!(error = %e, "no directory to keep the instances in: an agent started after this one dies will not take them over"))
-                    .ok(),
-            };
             let driver = file.map_or_else(ProcessDriver::default, ProcessDriver::with_ledger);
             fleet_agent::run(config, driver, admin, shutdown).await
         }

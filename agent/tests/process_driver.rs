@@ -189,6 +189,75 @@ async fn an_agent_started_after_one_that_died_takes_over_its_instances() {
     assert!(!file.exists(), "stopped, they are kept nowhere");
 }
 
+/// A fleet-agent binary with the process driver keeping its instances in `file`, dialling
+/// `controller`; its stdout and stderr piped.
+fn agent_on(file: &std::path::Path, controller: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
+        .args([
+            "--controller",
+            controller,
+            "--region",
+            "us-west",
+            "--cluster",
+            "usw-a",
+        ])
+        .args([
+            "--proxy-admin",
+            "http://127.0.0.1:9",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .arg("--instances-file")
+        .arg(file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits, up to 10 s, for `agent` to say it listens.
+async fn listening(agent: &mut tokio::process::Child) {
+    use tokio::io::AsyncBufReadExt;
+    let stdout = agent.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
+    let line = line
+        .expect("not listening in 10 s")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(line.starts_with("fleet-agent listening admin="), "{line}");
+}
+
+#[tokio::test]
+async fn a_second_agent_on_one_instances_file_is_refused_while_the_first_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("instances.json");
+    // A controller that takes connections into its backlog and never answers.
+    let controller = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let controller = format!("http://{}", controller.local_addr().unwrap());
+    let mut first = agent_on(&file, &controller);
+    listening(&mut first).await;
+
+    let second = agent_on(&file, &controller).wait_with_output();
+    let second = tokio::time::timeout(Duration::from_secs(10), second).await;
+    let second = second.expect("the second agent still runs").unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&second.stderr);
+    let named = format!(
+        "another fleet-agent keeps its instances in {}",
+        file.display()
+    );
+    assert!(said.contains(&named), "{said}");
+    assert!(second.stdout.is_empty(), "it said it listens");
+
+    // The first dies (kill -9): the file is free for the next.
+    first.kill().await.unwrap();
+    let mut third = agent_on(&file, &controller);
+    listening(&mut third).await;
+    third.kill().await.unwrap();
+}
+
 /// TEST-ONLY: kills the processes `0` names as it is dropped (they are the test's own).
 struct KillOnDrop(Vec<u32>);
 

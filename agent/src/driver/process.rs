@@ -72,6 +72,12 @@ impl ProcessDriver {
         }
     }
 
+    /// Takes the ledger `path` for this agent alone ([`ledger::lock`]): hold what it returns
+    /// for as long as a driver uses the file.
+    pub fn lock_ledger(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+        ledger::lock(path)
+    }
+
     /// A driver that keeps its instances in the file `path`, taking over first those it
     /// names that still run (left by an agent that died without stopping them).
     pub fn with_ledger(path: PathBuf) -> Self {

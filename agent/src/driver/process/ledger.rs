@@ -99,6 +99,36 @@ pub(crate) fn write(path: &Path, entries: &[Entry]) -> std::io::Result<()> {
     std::fs::rename(&beside, path)
 }
 
+/// The ledger `path` taken for this agent alone: held until the file returned is dropped (or
+/// the process ends, however it ends). Two agents on one ledger (two started for one cluster)
+/// would take each other's instances, and one stopping would stop the other's: the second is
+/// refused, naming the file and the fix.
+pub fn lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = Path::new(&lock);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(lock)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", lock.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another fleet-agent keeps its instances in {} (it holds {}): two agents for one \
+             cluster would take each other's instances; stop that one, or give this one its \
+             own --cluster or --instances-file",
+            path.display(),
+            lock.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            anyhow::bail!("cannot lock {}: {e}", lock.display())
+        }
+    }
+}
+
 /// A directory of this user's only, `name` in the temporary directory: made (mode 0700) if
 /// it is not there; an error if another user owns it or may enter it.
 pub fn private_dir(name: &str) -> std::io::Result<std::path::PathBuf> {
@@ -174,6 +204,24 @@ mod tests {
             let init = entry(1, started(1).unwrap(), &[]);
             assert!(!init.alive(), "another user's");
         }
+    }
+
+    #[test]
+    fn a_ledger_is_one_agents_while_it_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("instances.json");
+        let first = lock(&path).unwrap();
+        let refused = lock(&path).unwrap_err().to_string();
+        assert!(
+            refused.starts_with(&format!(
+                "another fleet-agent keeps its instances in {}",
+                path.display()
+            )),
+            "{refused}"
+        );
+        assert!(refused.ends_with("its own --cluster or --instances-file"));
+        drop(first);
+        let _second = lock(&path).unwrap();
     }
 
     #[test]
