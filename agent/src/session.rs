@@ -31,6 +31,7 @@ pub async fn run(
 ) {
     let mut failures = 0u32;
     let mut max_epoch = 0u64;
+    let instance = instance();
     loop {
         // An agent whose reconcile loop hangs keeps away: it would only report a state that
         // nothing keeps any more, and be counted present.
@@ -43,7 +44,7 @@ pub async fn run(
         }
         let (mut heard, dialled) = (false, tokio::time::Instant::now());
         let result = tokio::select! {
-            r = session(&config, &desired, &mut status, &mut redial, &mut max_epoch, &mut heard, &observed) => r,
+            r = session(&config, &instance, &desired, &mut status, &mut redial, &mut max_epoch, &mut heard, &observed) => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
         let settled = heard && dialled.elapsed() >= SETTLED;
@@ -79,8 +80,10 @@ pub async fn run(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     config: &Config,
+    instance: &str,
     desired: &watch::Sender<Option<pb::DesiredState>>,
     status: &mut watch::Receiver<pb::AgentStatus>,
     redial: &mut watch::Receiver<u64>,
@@ -101,6 +104,7 @@ async fn session(
             format!("{}{}", fleet_proto::DRIVER_CAPABILITY, config.driver),
             "proxy:fleet-proxy".into(),
         ],
+        instance: instance.to_string(),
     };
     tx.send(message(pb::agent_message::Message::Hello(hello)))
         .await?;
@@ -143,6 +147,14 @@ async fn session(
     }
 }
 
+/// This agent process, for the controller to tell it from another agent that says it is the
+/// same cluster: `HOST/PID/RANDOM` (a pod's host name is its name).
+fn instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let random: u32 = rand::random();
+    format!("{}/{}/{random:08x}", host.trim(), std::process::id())
+}
+
 /// Whether to take `d`: never from an older controller epoch than one already seen, so that a
 /// controller that lost its term cannot act after a new one took over.
 fn accept(max_epoch: &mut u64, d: &pb::DesiredState) -> bool {
@@ -176,7 +188,10 @@ fn refusal(e: &anyhow::Error) -> Option<&str> {
     }
     matches!(
         status.code(),
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::InvalidArgument
+        tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::InvalidArgument
+            | tonic::Code::AlreadyExists
     )
     .then(|| status.message())
 }
@@ -203,6 +218,8 @@ mod tests {
         assert_eq!(refusal(&refused), Some("wrong cluster"));
         let bad_hello = anyhow::Error::new(tonic::Status::invalid_argument("not a name"));
         assert_eq!(refusal(&bad_hello), Some("not a name"));
+        let second = anyhow::Error::new(tonic::Status::already_exists("has an agent"));
+        assert_eq!(refusal(&second), Some("has an agent"));
         let cut = anyhow::Error::new(tonic::Status::unavailable("connection reset"));
         assert_eq!(refusal(&cut), None);
         assert_eq!(refusal(&anyhow::anyhow!("dns error")), None);

@@ -150,6 +150,7 @@ async fn agent(
         region: format!("r{}", i / CLUSTERS_PER_REGION),
         cluster: format!("c{i}"),
         agent_version: "bench".into(),
+        instance: format!("bench/{i}"),
         capabilities: vec![],
     };
     tx.send(pb::AgentMessage {

@@ -67,7 +67,12 @@ impl AgentService for Agents {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let (region, cluster) = (hello.region.clone(), hello.cluster.clone());
-        let conn = self.controller.agent_connected(hello, tx);
+        let conn = self.controller.agent_connected(hello, tx).map_err(|held| {
+            tracing::warn!(%region, %cluster, %held, "a second agent for a cluster refused");
+            Status::already_exists(format!(
+                "{held}. An agent that is gone is let go once silent for {silent_after:?}"
+            ))
+        })?;
         let controller = self.controller.clone();
         tokio::spawn(async move {
             loop {

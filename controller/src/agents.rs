@@ -97,6 +97,7 @@ mod tests {
             status,
             version: "0.1.0".into(),
             driver: driver(&["proxy:fleet-proxy".into(), "driver:kubernetes".into()]).into(),
+            instance: format!("host/1/{cluster}"),
             connected_at_ms: 1_000,
             reported_at_ms: 2_000,
         }

@@ -157,6 +157,8 @@ pub(crate) struct Agent {
     /// Its version, and the driver it applies desired states with, as its hello said.
     pub version: String,
     pub driver: String,
+    /// The agent process, as its hello said (`Hello::instance`).
+    pub instance: String,
     pub connected_at_ms: i64,
     /// When its last report came (0: none yet).
     pub reported_at_ms: i64,
@@ -475,8 +477,32 @@ impl Controller {
         self.lock().agents.clear();
     }
 
-    pub fn agent_connected(self: &Arc<Self>, hello: pb::Hello, tx: AgentTx) -> u64 {
+    /// Takes the stream of an agent that said `hello`, and sends it the region's desired
+    /// state first thing: its connection's number. A stream of the agent already connected
+    /// for the cluster (the same instance dialling again) replaces its older one, whose
+    /// stream ends; another agent's is refused while that one is connected, saying which
+    /// holds the cluster.
+    pub fn agent_connected(self: &Arc<Self>, hello: pb::Hello, tx: AgentTx) -> Result<u64, String> {
         let mut inner = self.lock();
+        let held = (inner.agents.iter())
+            .find(|(_, a)| a.region == hello.region && a.cluster == hello.cluster)
+            .map(|(conn, a)| (*conn, a));
+        if let Some((conn, agent)) = held {
+            if hello.instance.is_empty() || agent.instance != hello.instance {
+                let since = chrono::DateTime::from_timestamp_millis(agent.connected_at_ms)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "cluster {} of region {} has an agent connected already (instance {:?}, version {}, since {since}); \
+                     two agents for one cluster would fight over its workloads and its proxies' table: \
+                     stop one, or give each its own --cluster",
+                    hello.cluster, hello.region, agent.instance, agent.version
+                ));
+            }
+            tracing::info!(region = %hello.region, cluster = %hello.cluster, "the agent dialled again: its new stream replaces the old");
+            // Its sender dropped, the old stream ends.
+            inner.agents.remove(&conn);
+        }
         inner.next_conn += 1;
         let conn = inner.next_conn;
         if let Some(d) = inner.desired.get(&hello.region) {
@@ -492,12 +518,13 @@ impl Controller {
                 status: None,
                 version: hello.agent_version,
                 driver: crate::agents::driver(&hello.capabilities).to_string(),
+                instance: hello.instance,
                 connected_at_ms: Utc::now().timestamp_millis(),
                 reported_at_ms: 0,
             },
         );
         self.update_reachability(&mut inner, &hello.region);
-        conn
+        Ok(conn)
     }
 
     pub fn agent_gone(self: &Arc<Self>, conn: u64) {

@@ -171,3 +171,70 @@ async fn the_controller_lets_go_an_agent_whose_path_died_without_a_word() {
     path.send(Path::Cut).unwrap();
     server.stop().await;
 }
+
+/// The next desired state on `inbound`, within 5 s.
+async fn desired_on(inbound: &mut tonic::Streaming<pb::ControllerMessage>) -> pb::DesiredState {
+    let next = tokio::time::timeout(Duration::from_secs(5), inbound.message()).await;
+    match next
+        .expect("no word in 5 s")
+        .unwrap()
+        .and_then(|m| m.message)
+    {
+        Some(pb::controller_message::Message::Desired(d)) => d,
+        other => panic!("not a desired state: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_second_agent_for_a_connected_cluster_is_refused_and_the_first_may_dial_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let id = apply_and_start(&mut client).await;
+    let agents = AgentServiceClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    let (first_tx, first) = usw_a_says_hello_as(agents.clone(), "node-a/7/aa").await;
+    let mut first = first.unwrap();
+    assert_eq!(desired_on(&mut first).await.release_id, id);
+
+    // Another agent for usw-a (a copy started by mistake): refused, naming the one connected.
+    let (_second_tx, second) = usw_a_says_hello_as(agents.clone(), "node-b/9/bb").await;
+    let refused = second.expect_err("a second agent for usw-a was taken");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists);
+    let said = refused.message();
+    let named =
+        "cluster usw-a of region us-west has an agent connected already (instance \"node-a/7/aa\"";
+    assert!(said.starts_with(named), "{said}");
+    assert!(
+        said.contains("stop one, or give each its own --cluster"),
+        "{said}"
+    );
+    // The first is still the one the controller speaks to.
+    assert!(west_reachable(&mut client, &id).await);
+
+    // The first dials again (its loop stood still, say): its new stream replaces the old one,
+    // which ends, rather than being refused for the old one.
+    let (again_tx, again) = usw_a_says_hello_as(agents.clone(), "node-a/7/aa").await;
+    let mut again = again.expect("the same agent dialling again was refused");
+    assert_eq!(desired_on(&mut again).await.release_id, id);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = first.message().await {}
+    });
+    assert!(ended.await.is_ok(), "the replaced stream stays open");
+    drop(first_tx);
+    let stayed = Instant::now();
+    while stayed.elapsed() < Duration::from_millis(500) {
+        let reachable = west_reachable(&mut client, &id).await;
+        assert!(reachable, "the old stream's end took the new one's cluster");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Once it is gone, another agent may take the cluster.
+    drop(again_tx);
+    west_becomes(&mut client, &id, false, Duration::from_secs(5)).await;
+    let (_other_tx, other) = usw_a_says_hello_as(agents, "node-b/9/bb").await;
+    let mut other = other.expect("refused after the first was gone");
+    assert_eq!(desired_on(&mut other).await.release_id, id);
+    server.stop().await;
+}

@@ -101,7 +101,7 @@ pub fn fake_agent(
             region: region.clone(),
             cluster: format!("{}-a", short(&region)),
             agent_version: "test".into(),
-            capabilities: vec![],
+            ..Default::default()
         };
         tx.send(pb::AgentMessage {
             message: Some(pb::agent_message::Message::Hello(hello)),
@@ -277,15 +277,28 @@ pub fn weights(applied: &Applied) -> Vec<u32> {
 /// Opens the stream of an agent of cluster usw-a in us-west; it stays open while the sender
 /// lives.
 pub async fn usw_a_says_hello(
-    mut agents: AgentServiceClient<Channel>,
+    agents: AgentServiceClient<Channel>,
 ) -> (
     mpsc::Sender<pb::AgentMessage>,
     tonic::Streaming<pb::ControllerMessage>,
+) {
+    let (tx, inbound) = usw_a_says_hello_as(agents, "").await;
+    (tx, inbound.unwrap())
+}
+
+/// As [`usw_a_says_hello`], for the agent process `instance`: what the controller answered.
+pub async fn usw_a_says_hello_as(
+    mut agents: AgentServiceClient<Channel>,
+    instance: &str,
+) -> (
+    mpsc::Sender<pb::AgentMessage>,
+    Result<tonic::Streaming<pb::ControllerMessage>, tonic::Status>,
 ) {
     let (tx, rx) = mpsc::channel(4);
     let hello = pb::Hello {
         region: "us-west".into(),
         cluster: "usw-a".into(),
+        instance: instance.into(),
         ..Default::default()
     };
     tx.send(pb::AgentMessage {
@@ -296,8 +309,7 @@ pub async fn usw_a_says_hello(
     let inbound = agents
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .unwrap()
-        .into_inner();
+        .map(tonic::Response::into_inner);
     (tx, inbound)
 }
 
