@@ -68,6 +68,8 @@ pub trait Driver {
     /// Checks every instance (health, crashes, restarts due) and reports what is ready.
     async fn poll(&mut self) -> Running;
 
-    /// Stops everything, for a clean exit.
+    /// The agent stops: whatever the driver must do before it exits. Workloads go on
+    /// serving unless the driver was told otherwise (fail-static: the agent is no part of the
+    /// data path).
     async fn shutdown(&mut self);
 }

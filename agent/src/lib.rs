@@ -74,8 +74,9 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// Runs the agent until `shutdown`, then shuts the driver down (the process driver stops its
-/// processes; the kubernetes driver leaves its Deployments running). With `admin`, serves
+/// Runs the agent until `shutdown`, then shuts the driver down (the kubernetes driver leaves
+/// its Deployments running; the process driver leaves its processes running for the next
+/// agent, unless it has no instances file or is told to stop them). With `admin`, serves
 /// the admin endpoints there ([`admin`]).
 pub async fn run<D: Driver>(
     config: Config,

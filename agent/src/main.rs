@@ -75,6 +75,12 @@ struct Args {
     /// second started on it is refused (it holds `FILE.lock` while it runs).
     #[arg(long, value_name = "FILE", env = "FLEET_AGENT_INSTANCES_FILE")]
     instances_file: Option<PathBuf>,
+    /// With `--driver process`: stop the instances when the agent stops (SIGTERM). By
+    /// default they go on serving, kept in `--instances-file` for the next agent to take
+    /// over, as the kubernetes driver leaves its Deployments: restarting or upgrading the
+    /// agent is no outage. Without an instances file they are always stopped.
+    #[arg(long, env = "FLEET_AGENT_STOP_INSTANCES_ON_EXIT")]
+    stop_instances_on_exit: bool,
     /// Serve `/healthz` (the reconcile loop goes round), `/readyz` (connected to the
     /// controller) and `/metrics` on this address (port 0: any; the address is printed).
     #[arg(long, value_name = "ADDR", env = "FLEET_AGENT_ADMIN")]
@@ -176,6 +182,10 @@ async fn main() -> anyhow::Result<()> {
     match args.driver {
         DriverKind::Process => {
             let driver = file.map_or_else(ProcessDriver::default, ProcessDriver::with_ledger);
+            let driver = match args.stop_instances_on_exit {
+                true => driver.stopping_on_exit(),
+                false => driver,
+            };
             fleet_agent::run(config, driver, admin, shutdown).await
         }
         DriverKind::Kubernetes => {

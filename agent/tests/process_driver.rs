@@ -159,7 +159,7 @@ async fn an_agent_started_after_one_that_died_takes_over_its_instances() {
     let _cleanup = KillOnDrop(pids.iter().map(|(_, pid)| *pid).collect());
 
     // The next takes them over, on their ports, before its first table (it keeps the rest).
-    let mut second = ProcessDriver::with_ledger(file.clone());
+    let mut second = ProcessDriver::with_ledger(file.clone()).stopping_on_exit();
     second.apply(&Want {
         keep_others: true,
         ..want(&[("v1", 2)])
@@ -186,6 +186,43 @@ async fn an_agent_started_after_one_that_died_takes_over_its_instances() {
         }
     }
     second.shutdown().await;
+    assert!(!file.exists(), "stopped, they are kept nowhere");
+}
+
+#[tokio::test]
+async fn an_agent_that_stops_leaves_its_instances_serving_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("instances.json");
+    let two_ready = |r: &Running| r.ready.get("v1").is_some_and(|b| b.len() == 2);
+    let mut first = ProcessDriver::with_ledger(file.clone());
+    first.apply(&want(&[("v1", 2)]));
+    let ready = until_ready(&mut first, two_ready).await.ready;
+    let mut pids = first.pids();
+    let _cleanup = KillOnDrop(pids.iter().map(|(_, pid)| *pid).collect());
+    // A clean stop (SIGTERM): they go on serving, kept in the file.
+    first.shutdown().await;
+    drop(first);
+    for addr in &ready["v1"] {
+        assert_eq!(version_at(addr).await, "hello from v1\n", "{addr}");
+    }
+    assert!(file.exists(), "kept nowhere");
+
+    // The next takes them over; told to stop them on exit, it does, and keeps nothing.
+    let mut second = ProcessDriver::with_ledger(file.clone()).stopping_on_exit();
+    second.apply(&want(&[("v1", 2)]));
+    until_ready(&mut second, two_ready).await;
+    let mut now = second.pids();
+    pids.sort();
+    now.sort();
+    assert_eq!(now, pids, "not the same instances");
+    second.shutdown().await;
+    for (_, pid) in &pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+        assert!(
+            stat.is_err() || stat.unwrap().contains(") Z "),
+            "{pid} runs"
+        );
+    }
     assert!(!file.exists(), "stopped, they are kept nowhere");
 }
 

@@ -2,7 +2,9 @@
 //! port of its own on 127.0.0.1. An instance is ready once its health check answers 2xx; a
 //! crashed one is restarted with exponential backoff; unwanted ones get SIGTERM, then SIGKILL
 //! five seconds later. With a ledger (`ledger.rs`), the instances are kept in a file, and an
-//! agent started after one that died takes over those it left running.
+//! agent started after one that died takes over those it left running; an agent that stops
+//! leaves them serving for the next, as the Kubernetes driver leaves its Deployments (unless
+//! told to stop them on exit).
 
 mod ledger;
 
@@ -25,6 +27,9 @@ pub struct ProcessDriver {
     http: reqwest::Client,
     /// Where the instances are kept, and what was last written there.
     ledger: Option<(PathBuf, Vec<ledger::Entry>)>,
+    /// Whether the instances stop when the driver shuts down (or is dropped). Without a
+    /// ledger they do: no agent could take them over.
+    stop_on_exit: bool,
 }
 
 struct Instance {
@@ -53,6 +58,7 @@ impl Default for ProcessDriver {
             want: Want::default(),
             http: crate::http_client(),
             ledger: None,
+            stop_on_exit: true,
         }
     }
 }
@@ -101,7 +107,17 @@ impl ProcessDriver {
         ProcessDriver {
             instances: instances.collect(),
             ledger: Some((path, entries)),
+            stop_on_exit: false,
             ..ProcessDriver::default()
+        }
+    }
+
+    /// The driver, stopping its instances when it shuts down rather than leaving them to the
+    /// next agent (`--stop-instances-on-exit`).
+    pub fn stopping_on_exit(self) -> Self {
+        ProcessDriver {
+            stop_on_exit: true,
+            ..self
         }
     }
 
@@ -173,7 +189,7 @@ impl ProcessDriver {
         }
         if instance.pid().is_none() {
             if instance.restart_at.is_none_or(|t| t <= now) {
-                start(&self.want, instance);
+                start(&self.want, instance, self.stop_on_exit);
             }
             return;
         }
@@ -241,7 +257,7 @@ impl Driver for ProcessDriver {
                     restart_at: None,
                     last_error: None,
                 };
-                start(want, &mut instance);
+                start(want, &mut instance, self.stop_on_exit);
                 self.instances.push(instance);
             }
         }
@@ -284,6 +300,15 @@ impl Driver for ProcessDriver {
     }
 
     async fn shutdown(&mut self) {
+        if !self.stop_on_exit {
+            // Fail-static: the instances serve on, kept in the ledger for the next agent.
+            self.record();
+            tracing::info!(
+                instances = self.instances.len(),
+                "leaving the instances serving for the next agent to take over"
+            );
+            return;
+        }
         for instance in std::mem::take(&mut self.instances) {
             if let Some(adopted) = instance.adopted {
                 stop_adopted(adopted).await;
@@ -342,8 +367,9 @@ async fn stop_adopted((pid, started): (u32, u64)) {
     }
 }
 
-/// Starts `instance`'s process from `want`'s command.
-fn start(want: &Want, instance: &mut Instance) {
+/// Starts `instance`'s process from `want`'s command; killed when its handle is dropped if
+/// `kill_on_drop`.
+fn start(want: &Want, instance: &mut Instance, kill_on_drop: bool) {
     let replace = |arg: &String| {
         arg.replace("{version}", &instance.version)
             .replace("{port}", &instance.port.to_string())
@@ -360,7 +386,7 @@ fn start(want: &Want, instance: &mut Instance) {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
+        .kill_on_drop(kill_on_drop)
         .spawn();
     match spawned {
         Ok(child) => {

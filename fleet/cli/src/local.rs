@@ -427,6 +427,10 @@ impl LocalFleet {
                 "127.0.0.1:0",
             ])
             .env("PATH", std::env::join_paths(paths)?);
+        // Its instances are kept in the fleet's directory: an agent started again in its
+        // place takes over those still running.
+        let instances = self.dir.join(format!("agent-{region}-{cluster}.instances.json"));
+        command.arg("--instances-file").arg(instances);
         if let Some(tls) = &self.tls {
             command.args(tls.agent(region, cluster)?.args());
         }
@@ -564,8 +568,9 @@ impl LocalFleet {
         }
     }
 
-    /// Ends every process this fleet started: agents first, so that they stop the instances
-    /// they started, then the proxies and the controller.
+    /// Ends every process this fleet started: agents first (they leave their instances
+    /// serving, as they would for the next agent), then the proxies and the controller, and
+    /// last whatever is left in their process groups (the instances).
     /// Returns what did not stop cleanly on SIGTERM: each process that failed, or that was
     /// killed after `STOP_GRACE`.
     pub async fn stop(&mut self) -> Vec<String> {
@@ -586,7 +591,7 @@ impl LocalFleet {
                 }
             }
         }
-        // Whatever is left in their groups: instances of an agent that was killed.
+        // Whatever is left in their groups: the agents' instances.
         kill_groups(&self.groups);
         unclean
     }
