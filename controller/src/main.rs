@@ -80,7 +80,7 @@ struct Args {
     etcd_prefix: String,
     /// With --etcd: how soon after the leader dies another takes over (its etcd lease's time
     /// to live; whole seconds, at least 2).
-    #[arg(long, env = "FLEET_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration, conflicts_with = "data")]
+    #[arg(long, env = "FLEET_LEASE_TTL", default_value = "10s", value_parser = fleet::duration, conflicts_with = "data")]
     lease_ttl: Duration,
     /// With --etcd: the address at which the other controllers reach this one's gRPC port,
     /// to pass their connections to it while it leads. Default: --listen, unless that is

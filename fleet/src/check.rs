@@ -18,6 +18,7 @@ use crate::model::{
 use crate::wire;
 
 pub(crate) use values::Ctx;
+pub use values::duration;
 
 /// Above this share of global traffic, a first wave is flagged as risky.
 const FIRST_WAVE_SHARE_WARNING: f64 = 10.0;

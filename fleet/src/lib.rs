@@ -10,6 +10,7 @@ pub mod schedule;
 pub mod steps;
 pub mod wire;
 
+pub use check::duration;
 pub use fleet_yaml::{Diagnostic, Severity};
 pub use model::Manifest;
 

@@ -429,7 +429,9 @@ impl LocalFleet {
             .env("PATH", std::env::join_paths(paths)?);
         // Its instances are kept in the fleet's directory: an agent started again in its
         // place takes over those still running.
-        let instances = self.dir.join(format!("agent-{region}-{cluster}.instances.json"));
+        let instances = self
+            .dir
+            .join(format!("agent-{region}-{cluster}.instances.json"));
         command.arg("--instances-file").arg(instances);
         if let Some(tls) = &self.tls {
             command.args(tls.agent(region, cluster)?.args());

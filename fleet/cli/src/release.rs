@@ -189,9 +189,10 @@ impl Follow {
     }
 }
 
+/// A duration flag, read as the manifest reads durations (no months or years, at most 30
+/// days).
 fn duration(s: &str) -> Result<humantime::Duration, String> {
-    s.parse()
-        .map_err(|e| format!("{e}; write a duration as 30s, 5m or 1h"))
+    fleet::duration(s).map(Into::into)
 }
 
 #[derive(Args, Debug)]

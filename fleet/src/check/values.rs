@@ -68,7 +68,7 @@ impl<'a> Ctx<'a> {
     /// A duration of at most [`MAX_DURATION`], in units from milliseconds to weeks: months
     /// and years have no fixed length, and `M` (months) is too easily meant as minutes.
     pub(crate) fn duration(&mut self, path: &str, text: &str) -> Option<Duration> {
-        if let Some(unit) = units(text).find(|u| VAGUE_UNITS.contains(u)) {
+        if let Some(unit) = fleet_yaml::vague_unit(text) {
             let said = format!("\"{text}\" is in {unit:?}, which is months or years");
             let help = "write minutes as m (5m) and longer times in d or w (30d)";
             if self.stricter(path, said, help) {
@@ -189,19 +189,24 @@ impl<'a> Ctx<'a> {
 pub(crate) const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The units of months and years, as the duration parser (humantime) takes them.
-const VAGUE_UNITS: [&str; 8] = ["M", "month", "months", "y", "yr", "yrs", "year", "years"];
-
-/// The unit words of a duration's text ("1h 30m" → "h", "m").
-fn units(text: &str) -> impl Iterator<Item = &str> {
-    text.split(|c: char| !c.is_ascii_alphabetic())
-        .filter(|u| !u.is_empty())
+/// A duration as the manifest takes one (units from milliseconds to weeks, at most 30 days),
+/// for a command-line flag: else what is wrong with `text` and the fix.
+pub fn duration(text: &str) -> Result<Duration, String> {
+    let mut diags = Diagnostics::default();
+    let pos = Positions::default();
+    let d = Ctx::new(&pos, &mut diags, crate::Rules::Now).duration("", text);
+    d.ok_or_else(|| {
+        let said = (diags.into_sorted().into_iter()).map(|d| format!("{}; {}", d.message, d.help));
+        said.collect::<Vec<_>>().join("\n")
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn duration(text: &str) -> Result<Duration, String> {
+    /// The diagnostics on `text` as a manifest's `waves[0].bake`.
+    fn at_bake(text: &str) -> Result<Duration, String> {
         let mut diags = Diagnostics::default();
         let pos = Positions::default();
         let d = Ctx::new(&pos, &mut diags, crate::Rules::Now).duration("waves[0].bake", text);
@@ -226,9 +231,12 @@ mod tests {
             ("soon", "\"soon\" is not a duration"),
             ("1yr", "is in \"yr\""),
         ] {
-            let e = duration(text).expect_err(text);
+            let e = at_bake(text).expect_err(text);
             assert!(e.contains(said), "{text}: {e}");
             assert!(e.contains("waves[0].bake"), "{text}: {e}");
+            // A flag's, the same words with no place in a file.
+            let e = duration(text).expect_err(text);
+            assert!(e.contains(said) && !e.contains("bake"), "{text}: {e}");
         }
     }
 }

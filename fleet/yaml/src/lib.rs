@@ -45,6 +45,14 @@ pub fn is_version(s: &str) -> bool {
     b.len() <= 63 && b.iter().all(inner) && end(b.first()) && end(b.last())
 }
 
+/// The first unit of a duration's text that is months or years (`M`, `month`, `y`, `yr`,
+/// …), which humantime takes: they have no fixed length, and `5M` is too easily meant as five
+/// minutes. The manifest's and the proxy's checks refuse them.
+pub fn vague_unit(duration: &str) -> Option<&str> {
+    const VAGUE: [&str; 8] = ["M", "month", "months", "y", "yr", "yrs", "year", "years"];
+    (duration.split(|c: char| !c.is_ascii_alphabetic())).find(|u| VAGUE.contains(u))
+}
+
 /// An HTTP token (RFC 9110 §5.6.2), as cookie and header names must be; both the manifest's
 /// and the proxy's checks use it. A `match` rather than a search of the allowed bytes: every
 /// route of a large table names its cookie, and the search ran for a tenth of a build.

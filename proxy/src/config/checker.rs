@@ -233,6 +233,18 @@ impl Checker<'_> {
     }
 
     fn duration(&mut self, path: &str, text: &Option<String>, default_ms: u64) -> Option<Duration> {
+        // humantime takes months and years; `5M` is too easily meant as five minutes.
+        if let Some((t, unit)) = text
+            .as_deref()
+            .and_then(|t| Some((t, fleet_yaml::vague_unit(t)?)))
+        {
+            self.error(
+                path,
+                format!("\"{t}\" is in {unit:?}, which is months or years"),
+                "write minutes as `m` (`5m`) and longer times in `d` (`30d`)",
+            );
+            return None;
+        }
         match text {
             None => Some(Duration::from_millis(default_ms)),
             Some(t) => match humantime::parse_duration(t) {
@@ -374,9 +386,9 @@ mod tests {
     #[test]
     fn a_zero_timeout_or_interval_is_refused_and_every_bad_duration_is_named() {
         let diags = diagnostics(
-            "watch_interval: 0s\nlimits: { header_read_timeout: 0ms, send_timeout: 366d }\nupstream: { request_timeout: soon }\n",
+            "watch_interval: 0s\nlimits: { header_read_timeout: 0ms, send_timeout: 366d }\nupstream: { request_timeout: soon, connect_timeout: 5M }\n",
         );
-        assert_eq!(diags.len(), 4, "{diags:#?}");
+        assert_eq!(diags.len(), 5, "{diags:#?}");
         for (field, value) in [
             ("watch_interval", "\"0s\" must be more than zero"),
             (
@@ -388,6 +400,10 @@ mod tests {
                 "\"0ms\" must be more than zero",
             ),
             ("upstream.request_timeout", "\"soon\" is not a duration"),
+            (
+                "upstream.connect_timeout",
+                "\"5M\" is in \"M\", which is months or years; write minutes as `m`",
+            ),
         ] {
             assert!(
                 diags.iter().any(|d| d.contains(field) && d.contains(value)),
