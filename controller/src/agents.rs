@@ -8,10 +8,20 @@ use fleet_proto::v1 as pb;
 
 use crate::runtime::Agent;
 
-/// Every agent connected now, by region and cluster; with `fleet`, every cluster of its
-/// manifest instead, in its order, each with its agents (two, if two say they are it) or a
-/// row without one.
-pub fn list(agents: &BTreeMap<u64, Agent>, fleet: Option<&Manifest>) -> Vec<pb::Agent> {
+/// Every agent connected now, by region and cluster, each marked `unnamed` if `named` says no
+/// manifest names it; with `fleet`, every cluster of its manifest instead, in its order, each
+/// with its agents (two, if two say they are it) or a row without one, and after them the
+/// agents in its regions whose cluster it does not name (a release under way may still name
+/// it).
+pub fn list(
+    agents: &BTreeMap<u64, Agent>,
+    fleet: Option<&Manifest>,
+    named: impl Fn(&Agent) -> bool,
+) -> Vec<pb::Agent> {
+    let info = |a: &Agent| pb::Agent {
+        unnamed: !named(a),
+        ..info(a)
+    };
     let Some(manifest) = fleet else {
         let mut all: Vec<pb::Agent> = agents.values().map(info).collect();
         all.sort_by(|a, b| (&a.region, &a.cluster).cmp(&(&b.region, &b.cluster)));
@@ -29,6 +39,10 @@ pub fn list(agents: &BTreeMap<u64, Agent>, fleet: Option<&Manifest>) -> Vec<pb::
             });
         }
     }
+    let strays = (agents.values())
+        .filter(|a| manifest.region(&a.region).is_some())
+        .filter(|a| !clusters(manifest).any(|(region, cluster)| is(a, region, cluster)));
+    listed.extend(strays.map(info));
     listed
 }
 
@@ -82,6 +96,7 @@ fn info(a: &Agent) -> pb::Agent {
         applied_seq: status.applied_seq,
         ready: status.ready,
         detail: status.detail,
+        unnamed: false,
     }
 }
 
@@ -125,16 +140,22 @@ mod tests {
             (2, agent("us-west", "usw-a", Some(ready))),
             // Not the fleet's: left out of its list.
             (3, agent("ap-south", "aps-a", None)),
+            // In its region, of a cluster it does not name (renamed, say): listed last.
+            (4, agent("us-west", "usw-old", None)),
         ]);
-        let listed = list(&agents, Some(&manifest));
+        let named = |a: &Agent| a.cluster != "usw-old";
+        let listed = list(&agents, Some(&manifest), named);
         assert_eq!(
             rows(&listed),
             [
                 ("us-west", "usw-a", true),
                 ("us-east", "use-a", true),
-                ("eu-west", "euw-a", false)
+                ("eu-west", "euw-a", false),
+                ("us-west", "usw-old", true)
             ]
         );
+        let unnamed: Vec<bool> = listed.iter().map(|a| a.unnamed).collect();
+        assert_eq!(unnamed, [false, false, false, true]);
         let west = &listed[0];
         assert_eq!(
             (west.driver.as_str(), west.release_id.as_str()),
@@ -144,13 +165,16 @@ mod tests {
         assert_eq!((west.connected_at_ms, west.reported_at_ms), (1_000, 2_000));
         let service = "demo".to_string();
         assert_eq!(missing([(&service, &manifest)], &agents), [("demo", 1)]);
+        let all = list(&agents, None, named);
         assert_eq!(
-            rows(&list(&agents, None)),
+            rows(&all),
             [
                 ("ap-south", "aps-a", true),
                 ("us-east", "use-a", true),
-                ("us-west", "usw-a", true)
+                ("us-west", "usw-a", true),
+                ("us-west", "usw-old", true)
             ]
         );
+        assert!(all[3].unnamed && !all[2].unnamed);
     }
 }

@@ -331,7 +331,8 @@ impl ReleaseService for Releases {
             "" => None,
             s => Some(inner.fleets.get(s).ok_or_else(|| no_fleet(s))?),
         };
-        let agents = crate::agents::list(&inner.agents, fleet.map(|f| &*f.manifest));
+        let named = |a: &crate::runtime::Agent| inner.named(&a.region, &a.cluster);
+        let agents = crate::agents::list(&inner.agents, fleet.map(|f| &*f.manifest), named);
         Ok(Response::new(pb::ListAgentsResponse { agents }))
     }
 
@@ -370,15 +371,24 @@ impl ReleaseService for Releases {
             }
             // Every check comes before any change, so that a refused request changes nothing.
             if let (Some(id), false) = (running.first(), r.supersede) {
-                return Err(Status::failed_precondition(format!(
-                    "release {id} of {} is still running; wait for it, abort it, or pass supersede (fleetctl: --supersede) to roll it back and start this one",
-                    r.service
-                )));
+                let rolling_back = (inner.releases.get(id))
+                    .is_some_and(|run| matches!(run.engine.state().phase, fleet_engine::Phase::RollingBack { .. }));
+                let or = match rolling_back {
+                    true => "is rolling back; wait for it, or pass supersede (fleetctl: --supersede) to start this one now",
+                    false => "is still running; wait for it, abort it, or pass supersede (fleetctl: --supersede) to roll it back and start this one",
+                };
+                return Err(Status::failed_precondition(format!("release {id} of {} {or}", r.service)));
             }
             // What runs now: the last version released, else what a superseded release rolls
             // back to, else what the caller says.
             let superseded_from = running.first().and_then(|id| inner.releases.get(id)).map(|run| run.engine.state().spec.from_version.clone());
             let from_version = match (from.or(superseded_from), r.from_version.is_empty()) {
+                (Some(v), false) if v != r.from_version => {
+                    return Err(Status::invalid_argument(format!(
+                        "from_version \"{}\" is not what runs: {} runs {v}, as its releases left it; leave from_version out (fleetctl: --from)",
+                        r.from_version, r.service
+                    )));
+                }
                 (Some(v), _) => v,
                 (None, false) => r.from_version.clone(),
                 (None, true) => {

@@ -116,13 +116,41 @@ impl Traffic {
 }
 
 impl Inner {
-    /// Sends `d` to every connected agent of `region` and keeps it as the region's last
-    /// desired state, for agents that connect later.
+    /// Sends `d` to every connected agent of `region` that a manifest names ([`Self::named`])
+    /// and keeps it as the region's last desired state, for agents that connect later.
     fn deliver(&mut self, region: String, d: pb::DesiredState) {
         for agent in self.agents.values().filter(|a| a.region == region) {
-            let _ = agent.tx.send(Ok(desired_message(d.clone())));
+            if self.named(&agent.region, &agent.cluster) {
+                let _ = agent.tx.send(Ok(desired_message(d.clone())));
+            }
         }
         self.desired.insert(region, d);
+    }
+
+    /// Whether the agent of `cluster` in `region` is one a manifest names: its service's
+    /// fleet now, or a release under way (started before the fleet changed). Only those are
+    /// sent desired states: another (left over from a renamed cluster, say) would apply steps
+    /// that no release judges or rolls back, as no release hears it.
+    pub fn named(&self, region: &str, cluster: &str) -> bool {
+        let names = |m: &Manifest| {
+            m.region(region)
+                .is_some_and(|r| r.clusters.iter().any(|c| c.agent == cluster))
+        };
+        self.fleets.values().any(|f| names(&f.manifest))
+            || (self.releases.values())
+                .filter(|r| !r.engine.state().phase.is_terminal())
+                .any(|r| names(r.engine.manifest()))
+    }
+}
+
+/// The version a release leaves running, for the service's record: the new one once it
+/// succeeded, the old one when it has just rolled back (aborted, failed or superseded), so
+/// that the next start knows what runs. Pure.
+fn ran_now(state: &fleet_engine::State, ended_now: bool) -> Option<&str> {
+    match state.phase {
+        Phase::Succeeded => Some(&state.spec.to_version),
+        Phase::RolledBack { .. } if ended_now => Some(&state.spec.from_version),
+        _ => None,
     }
 }
 
@@ -383,7 +411,6 @@ impl Controller {
             }
         }
         let state = run.engine.state();
-        let succeeded = state.phase == Phase::Succeeded;
         let ended_now = was_under_way && state.phase.is_terminal();
         let record = StoredRelease {
             service: run.service.clone(),
@@ -405,7 +432,7 @@ impl Controller {
             release: &record,
             events: &events,
             desired: &encoded,
-            version: succeeded.then_some((record.service.as_str(), state.spec.to_version.as_str())),
+            version: ran_now(state, ended_now).map(|v| (record.service.as_str(), v)),
             manifest: run.unstored_manifest.as_deref(),
             answer: request.map(|r| r.key.as_str()).zip(answer_bytes.as_deref()),
         })?;
@@ -505,8 +532,15 @@ impl Controller {
         }
         inner.next_conn += 1;
         let conn = inner.next_conn;
-        if let Some(d) = inner.desired.get(&hello.region) {
-            let _ = tx.send(Ok(desired_message(d.clone())));
+        match inner.named(&hello.region, &hello.cluster) {
+            true => {
+                if let Some(d) = inner.desired.get(&hello.region) {
+                    let _ = tx.send(Ok(desired_message(d.clone())));
+                }
+            }
+            false => {
+                tracing::warn!(region = %hello.region, cluster = %hello.cluster, "an agent of a cluster no manifest names: it is sent no desired state until one does");
+            }
         }
         tracing::info!(region = %hello.region, cluster = %hello.cluster, version = %hello.agent_version, "agent connected");
         inner.agents.insert(
@@ -697,6 +731,10 @@ impl Controller {
             applied_at_ms: now.timestamp_millis(),
         };
         self.store.put_fleet(&stored)?;
+        let unnamed: Vec<u64> = (inner.agents.iter())
+            .filter(|(_, a)| !inner.named(&a.region, &a.cluster))
+            .map(|(conn, _)| *conn)
+            .collect();
         inner.fleets.insert(
             service,
             Fleet {
@@ -705,6 +743,19 @@ impl Controller {
                 applied_at_ms: stored.applied_at_ms,
             },
         );
+        // An agent the manifest now names is sent its region's desired state, as it would
+        // have been had it connected now.
+        for conn in unnamed {
+            let Some(agent) = inner.agents.get(&conn) else {
+                continue;
+            };
+            if let (true, Some(d)) = (
+                inner.named(&agent.region, &agent.cluster),
+                inner.desired.get(&agent.region),
+            ) {
+                let _ = agent.tx.send(Ok(desired_message(d.clone())));
+            }
+        }
         Ok(())
     }
 }

@@ -238,3 +238,43 @@ async fn a_second_agent_for_a_connected_cluster_is_refused_and_the_first_may_dia
     assert_eq!(desired_on(&mut other).await.release_id, id);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_of_a_cluster_no_manifest_names_is_sent_nothing_until_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let id = apply_and_start(&mut client).await;
+    let agents = AgentServiceClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    // usw-z: in us-west, but no cluster of the fleet's (one renamed, say).
+    let (_stray_tx, stray) = says_hello(agents.clone(), "us-west", "usw-z", "node-z/1/zz").await;
+    let mut stray = stray.expect("refused");
+    let (_tx, west) = usw_a_says_hello_as(agents, "node-a/7/aa").await;
+    assert_eq!(desired_on(&mut west.unwrap()).await.release_id, id);
+    let sent = tokio::time::timeout(Duration::from_secs(1), stray.message()).await;
+    assert!(sent.is_err(), "the stray was sent {sent:?}");
+    let listed = client
+        .list_agents(pb::ListAgentsRequest {
+            service: "demo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let found = listed.iter().find(|a| a.cluster == "usw-z");
+    assert!(found.is_some_and(|a| a.unnamed), "{listed:?}");
+
+    // The fleet names it: it is sent its region's desired state at once.
+    let renamed = QUICK.replace("[{ name: usw-a }]", "[{ name: usw-a }, { name: usw-z }]");
+    client
+        .apply_fleet(pb::ApplyFleetRequest {
+            request_id: "apply-2".into(),
+            manifest: renamed,
+        })
+        .await
+        .unwrap();
+    assert_eq!(desired_on(&mut stray).await.release_id, id);
+    server.stop().await;
+}

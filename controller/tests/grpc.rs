@@ -1020,3 +1020,64 @@ async fn releases_are_listed_oldest_first_demo_9_before_demo_10() {
     assert_eq!(ids, numbered);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_release_rolled_back_the_next_knows_what_runs_and_a_wrong_from_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let first = apply_and_start(&mut client).await;
+    let abort = pb::OperatorRequest {
+        request_id: "abort-1".into(),
+        id: first.clone(),
+        actor: "alice".into(),
+        reason: "not today".into(),
+    };
+    client.abort(abort).await.unwrap();
+    // While it rolls back, a start is told to wait or supersede (an abort is made already).
+    let mut start = pb::StartReleaseRequest {
+        request_id: "start-2".into(),
+        service: "demo".into(),
+        version: "v3".into(),
+        ..Default::default()
+    };
+    // (No agent is connected yet: the first region is rolled back once its agent is.)
+    let refused = client.start_release(start.clone()).await.unwrap_err();
+    let said = refused.message();
+    assert!(
+        said.ends_with("is rolling back; wait for it, or pass supersede (fleetctl: --supersede) to start this one now"),
+        "{said}"
+    );
+    // What the rollback waits for is said.
+    let rolling = client
+        .get_release(pb::GetReleaseRequest { id: first.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let west = &rolling.regions[0];
+    assert_eq!(
+        (west.region.as_str(), west.status.as_str()),
+        ("us-west", "rolling_back")
+    );
+    let why = "its agents have not reported on it yet: it is put in force as they come";
+    assert!(west.waiting.starts_with(why), "{west:?}");
+    let _agents = fake_agents(&server, 0.0);
+    let ended = |r: &pb::Release| r.phase == "rolled_back";
+    wait_for(&mut client, &first, Duration::from_secs(30), ended).await;
+
+    // v1 runs, as the rollback left it: no --from needed, and a wrong one is refused.
+    start.request_id = "start-3".into();
+    start.from_version = "v9".into();
+    let refused = client.start_release(start.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let said = refused.message();
+    assert!(
+        said.starts_with("from_version \"v9\" is not what runs: demo runs v1"),
+        "{said}"
+    );
+    start.request_id = "start-4".into();
+    start.from_version = String::new();
+    let second = client.start_release(start).await.unwrap().into_inner();
+    assert_eq!(second.from_version, "v1");
+    server.stop().await;
+}

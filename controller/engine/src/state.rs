@@ -209,6 +209,15 @@ impl RegionState {
     /// While the region waits for its desired state to be applied and ready (a step, or a
     /// rollback, which has no deadline, once its agents have reported on it): why, in words.
     pub fn waiting_for(&self) -> Option<String> {
+        if self.status == RegionStatus::RollingBack && !(self.reachable && self.heard) {
+            let why = match self.reachable {
+                false => "not every cluster's agent is connected",
+                true => "its agents have not reported on it yet",
+            };
+            return Some(format!(
+                "{why}: it is put in force as they come (`fleetctl agents` shows which are connected)"
+            ));
+        }
         let rolling_back = self.status == RegionStatus::RollingBack
             && self.reachable
             && self.heard

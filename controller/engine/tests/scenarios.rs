@@ -1112,10 +1112,18 @@ fn a_rollback_that_is_not_yet_in_force_says_why_and_has_no_deadline() {
     sim.operator(Action::Abort);
     let region = &sim.engine.state().regions["us-west-1"];
     assert_eq!(region.status, RegionStatus::RollingBack);
-    // Nothing is said of the rollback until its agents have reported on it.
+    // Until its agents have reported on the rollback, that is what it waits for; and for
+    // them to connect, while they are not.
     let seq = region.desired.as_ref().unwrap().seq;
     let waiting = |s: &Sim| s.engine.state().regions["us-west-1"].waiting_for();
-    assert_eq!(waiting(&sim), None);
+    let unheard = "its agents have not reported on it yet: it is put in force as they come";
+    let said = waiting(&sim).unwrap_or_default();
+    assert!(said.starts_with(unheard), "{said}");
+    sim.reach("us-west-1", false);
+    let gone = "not every cluster's agent is connected: it is put in force as they come";
+    let said = waiting(&sim).unwrap_or_default();
+    assert!(said.starts_with(gone), "{said}");
+    sim.reach("us-west-1", true);
     sim.pending.clear();
     let event = Event::Applied {
         region: "us-west-1".into(),

@@ -288,7 +288,21 @@ pub async fn usw_a_says_hello(
 
 /// As [`usw_a_says_hello`], for the agent process `instance`: what the controller answered.
 pub async fn usw_a_says_hello_as(
+    agents: AgentServiceClient<Channel>,
+    instance: &str,
+) -> (
+    mpsc::Sender<pb::AgentMessage>,
+    Result<tonic::Streaming<pb::ControllerMessage>, tonic::Status>,
+) {
+    says_hello(agents, "us-west", "usw-a", instance).await
+}
+
+/// Opens the stream of agent process `instance` of `cluster` in `region`: the sender (the
+/// stream stays open while it lives) and what the controller answered.
+pub async fn says_hello(
     mut agents: AgentServiceClient<Channel>,
+    region: &str,
+    cluster: &str,
     instance: &str,
 ) -> (
     mpsc::Sender<pb::AgentMessage>,
@@ -296,8 +310,8 @@ pub async fn usw_a_says_hello_as(
 ) {
     let (tx, rx) = mpsc::channel(4);
     let hello = pb::Hello {
-        region: "us-west".into(),
-        cluster: "usw-a".into(),
+        region: region.into(),
+        cluster: cluster.into(),
         instance: instance.into(),
         ..Default::default()
     };

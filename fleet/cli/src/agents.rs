@@ -11,8 +11,9 @@ use crate::retry::{Caller, call};
 use crate::verbs::Output;
 
 /// Show the agents connected to the controller; with `--service`, every cluster of its fleet,
-/// connected or not (exit 1 if one is not, or if two agents say they are the same cluster: a
-/// check to make before a release).
+/// connected or not, and the agents in its regions of clusters it does not name (exit 1 if a
+/// cluster has no agent, if an agent's cluster is named by no manifest, or if two agents say
+/// they are the same cluster: a check to make before a release).
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  fleetctl agents\n  fleetctl agents --service checkout")]
 pub struct Agents {
@@ -48,7 +49,14 @@ impl Agents {
         if missing > 0 {
             eprintln!("{missing} cluster(s) without an agent connected");
         }
-        match missing > 0 || !doubled.is_empty() {
+        let unnamed = listed.iter().filter(|a| a.unnamed).count();
+        if unnamed > 0 {
+            eprintln!(
+                "{unnamed} agent(s) of a cluster no manifest names, sent no desired state: a \
+                 renamed cluster's, or one started with the wrong --region or --cluster"
+            );
+        }
+        match missing > 0 || unnamed > 0 || !doubled.is_empty() {
             true => Ok(ExitCode::from(1)),
             false => Ok(ExitCode::SUCCESS),
         }

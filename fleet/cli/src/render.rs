@@ -170,7 +170,7 @@ pub fn agent_json(a: &pb::Agent) -> Value {
         "agent_version": a.agent_version, "driver": a.driver,
         "connected_at_ms": a.connected_at_ms, "reported_at_ms": a.reported_at_ms,
         "release_id": a.release_id, "applied_seq": a.applied_seq, "ready": a.ready,
-        "detail": a.detail,
+        "detail": a.detail, "unnamed": a.unnamed,
     })
 }
 
@@ -200,6 +200,10 @@ pub fn agent_list(agents: &[pb::Agent], now_ms: i64) -> String {
         let state = match (then, a.detail.as_str()) {
             (Some(then), detail) if !detail.is_empty() => format!("{state}{then}{detail}"),
             _ => state,
+        };
+        let state = match a.unnamed {
+            true => format!("no manifest names it: sent nothing; holds {state}"),
+            false => state,
         };
         table.add_row([
             a.region.as_str(),
@@ -304,6 +308,7 @@ mod tests {
             applied_seq: 2,
             ready,
             detail: detail.into(),
+            unnamed: false,
         };
         let agents = [
             agent("usw-a", true, ""),
@@ -314,6 +319,10 @@ mod tests {
                 cluster: "euw-a".into(),
                 ..Default::default()
             },
+            pb::Agent {
+                unnamed: true,
+                ..agent("usw-old", true, "")
+            },
         ];
         expect_test::expect![[r#"
             REGION   CLUSTER  AGENT            VERSION  DRIVER      REPORTED  STATE
@@ -321,6 +330,7 @@ mod tests {
             us-west  usw-b    connected 1h 2m  0.1.0    kubernetes  1s ago    checkout-4: not in force: v2: 1/3 ready
             us-west  usw-c    connected 1h 2m  0.1.0    kubernetes  1s ago    checkout-4 #2 in force; autoscaler checkout-v2 cannot scale
             eu-west  euw-a    none
+            us-west  usw-old  connected 1h 2m  0.1.0    kubernetes  1s ago    no manifest names it: sent nothing; holds checkout-4 #2 in force
         "#]]
         .assert_eq(&without_margin(&agent_list(&agents, now)));
     }
