@@ -172,6 +172,25 @@ async fn the_controller_lets_go_an_agent_whose_path_died_without_a_word() {
     server.stop().await;
 }
 
+/// A controller on `data` releasing the quick fleet, with no agent connected: it, a client
+/// of its releases, the release's id and a client of its agent service.
+async fn released(
+    data: &std::path::Path,
+) -> (
+    Server,
+    ReleaseServiceClient<Channel>,
+    String,
+    AgentServiceClient<Channel>,
+) {
+    let server = Server::start(data).await;
+    let mut client = server.client().await;
+    let id = apply_and_start(&mut client).await;
+    let agents = AgentServiceClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    (server, client, id, agents)
+}
+
 /// The next desired state on `inbound`, within 5 s.
 async fn desired_on(inbound: &mut tonic::Streaming<pb::ControllerMessage>) -> pb::DesiredState {
     let next = tokio::time::timeout(Duration::from_secs(5), inbound.message()).await;
@@ -188,12 +207,7 @@ async fn desired_on(inbound: &mut tonic::Streaming<pb::ControllerMessage>) -> pb
 #[tokio::test]
 async fn a_second_agent_for_a_connected_cluster_is_refused_and_the_first_may_dial_again() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path()).await;
-    let mut client = server.client().await;
-    let id = apply_and_start(&mut client).await;
-    let agents = AgentServiceClient::connect(server.grpc.clone())
-        .await
-        .unwrap();
+    let (server, mut client, id, agents) = released(dir.path()).await;
     let (first_tx, first) = usw_a_says_hello_as(agents.clone(), "node-a/7/aa").await;
     let mut first = first.unwrap();
     assert_eq!(desired_on(&mut first).await.release_id, id);
@@ -242,12 +256,7 @@ async fn a_second_agent_for_a_connected_cluster_is_refused_and_the_first_may_dia
 #[tokio::test]
 async fn an_agent_of_a_cluster_no_manifest_names_is_sent_nothing_until_one_does() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path()).await;
-    let mut client = server.client().await;
-    let id = apply_and_start(&mut client).await;
-    let agents = AgentServiceClient::connect(server.grpc.clone())
-        .await
-        .unwrap();
+    let (server, mut client, id, agents) = released(dir.path()).await;
     // usw-z: in us-west, but no cluster of the fleet's (one renamed, say).
     let (_stray_tx, stray) = says_hello(agents.clone(), "us-west", "usw-z", "node-z/1/zz").await;
     let mut stray = stray.expect("refused");
