@@ -7,6 +7,7 @@ use chrono::Utc;
 use fleet_engine::{Action, Engine, Event, ReleaseSpec};
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::release_service_server::ReleaseService;
+use fleet_yaml::check_version;
 use prost::Message;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
@@ -65,18 +66,6 @@ fn no_fleet(service: &str) -> Status {
 
 /// Whether `value` of `field` can be a version ([`fleet_yaml::is_version`]: an image tag that
 /// is also a Kubernetes label value), as every driver can run it. Pure.
-fn check_version(field: &str, value: &str) -> Result<(), String> {
-    match (value.is_empty(), fleet_yaml::is_version(value)) {
-        (true, _) => Err(format!(
-            "{field} is empty: give the version to release, e.g. v2"
-        )),
-        (false, true) => Ok(()),
-        (false, false) => Err(format!(
-            "{field} {value:?} is not a version: at most 63 letters, digits, '_', '.' and '-', a letter or digit at each end (an image tag that is also a Kubernetes label value), e.g. v2 or 1.4.0-rc.1"
-        )),
-    }
-}
-
 /// Maps an internal failure to a gRPC status, in one place.
 fn internal(e: anyhow::Error) -> Status {
     tracing::error!(error = %e, "request failed");
@@ -344,6 +333,16 @@ impl ReleaseService for Releases {
         let r = request.into_inner();
         let actor = actor(&caller, &r.actor);
         self.once("start_release", &caller, &r, |request| {
+            // The request's own faults first: they are the caller's to fix, whatever runs.
+            check_version("version", &r.version).map_err(Status::invalid_argument)?;
+            if !r.emergency_reason.is_empty() && r.emergency_reason.trim().is_empty() {
+                return Err(Status::invalid_argument(
+                    "emergency_reason is blank: give the reason, which is recorded (or leave it empty for an ordinary release)",
+                ));
+            }
+            if !r.from_version.is_empty() {
+                check_version("from_version", &r.from_version).map_err(Status::invalid_argument)?;
+            }
             let controller = &self.controller;
             let from = controller.store.version(&r.service).map_err(internal)?;
             let mut inner = controller.lock();
@@ -398,15 +397,6 @@ impl ReleaseService for Releases {
                     )));
                 }
             };
-            check_version("version", &r.version).map_err(Status::invalid_argument)?;
-            if !r.emergency_reason.is_empty() && r.emergency_reason.trim().is_empty() {
-                return Err(Status::invalid_argument(
-                    "emergency_reason is blank: give the reason, which is recorded (or leave it empty for an ordinary release)",
-                ));
-            }
-            if !r.from_version.is_empty() {
-                check_version("from_version", &r.from_version).map_err(Status::invalid_argument)?;
-            }
             if r.version == from_version {
                 return Err(Status::invalid_argument(format!("version \"{}\" is the one running already: nothing to release", r.version)));
             }

@@ -1041,7 +1041,15 @@ async fn after_a_release_rolled_back_the_next_knows_what_runs_and_a_wrong_from_i
         version: "v3".into(),
         ..Default::default()
     };
-    // (No agent is connected yet: the first region is rolled back once its agent is.)
+    // (No agent is connected yet: the first region is rolled back once its agent is.) A
+    // start's own fault is told first, whatever runs.
+    let empty = pb::StartReleaseRequest {
+        request_id: "start-empty".into(),
+        version: String::new(),
+        ..start.clone()
+    };
+    let refused = client.start_release(empty).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     let refused = client.start_release(start.clone()).await.unwrap_err();
     let said = refused.message();
     assert!(

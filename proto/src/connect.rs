@@ -238,9 +238,19 @@ pub fn endpoint_pinging(
     let uri = url.parse::<tonic::transport::Uri>().ok();
     let uri = uri.filter(|u| matches!(u.scheme_str(), Some("http" | "https")));
     anyhow::ensure!(
-        uri.is_some_and(|u| u.host().is_some()),
+        uri.as_ref().is_some_and(|u| u.host().is_some()),
         "controller URL \"{url}\" is not an http:// or https:// URL with a host; write it as \
          https://host:7070 (http:// for a controller without TLS)"
+    );
+    // A port past 65535 is taken by the parser, and would be tried until the retries end.
+    let authority = uri.as_ref().and_then(|u| u.authority()).map(|a| a.as_str());
+    let port = authority
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(_, port)| port);
+    anyhow::ensure!(
+        port.is_none_or(|p| p.contains(']') || p.parse::<u16>().is_ok_and(|p| p > 0)),
+        "controller URL \"{url}\" has no port a controller could listen on (1 to 65535); write \
+         it as https://host:7070"
     );
     if endpoint.uri().scheme_str() != Some("https") {
         anyhow::ensure!(
@@ -368,8 +378,23 @@ mod tests {
     #[test]
     fn a_controller_url_is_http_or_https_with_a_host() {
         let plain = ClientTls::default();
-        for url in ["http://127.0.0.1:7070", "https://controller.example:7070"] {
+        for url in [
+            "http://127.0.0.1:7070",
+            "https://controller.example:7070",
+            "http://[::1]:7070",
+            "http://[::1]",
+            "https://controller.example",
+        ] {
             assert!(endpoint(url, &plain).is_ok(), "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:0",
+            "http://[::1]:70000",
+        ] {
+            let e = endpoint(url, &plain).err().map(|e| e.to_string());
+            let said = format!("controller URL \"{url}\" has no port a controller could listen on");
+            assert!(e.is_some_and(|e| e.starts_with(&said)), "{url}");
         }
         for url in [
             "ftp://127.0.0.1:7070",

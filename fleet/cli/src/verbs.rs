@@ -100,7 +100,7 @@ pub struct Plan {
     #[arg(long, value_name = "RFC3339")]
     start: Option<DateTime<Utc>>,
     /// The version being released.
-    #[arg(long, default_value = "new")]
+    #[arg(long, default_value = "new", value_parser = version)]
     version: String,
     /// Plan an emergency release, which ignores windows and blackouts; give the reason.
     #[arg(long, value_name = "REASON", value_parser = reason)]
@@ -166,4 +166,9 @@ fn warnings_note(n: usize) -> String {
 
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
+}
+
+/// A `--version`, as the controller takes one.
+fn version(s: &str) -> Result<String, String> {
+    fleet_yaml::check_version("version", s).map(|()| s.to_string())
 }

@@ -130,6 +130,19 @@ fn an_emergency_plan_ignores_windows_and_says_why() {
 }
 
 #[test]
+fn plan_refuses_a_version_the_controller_would_refuse() {
+    let quick = "deploy/examples/quick.yaml";
+    for (given, said) in [
+        ("", "version is empty"),
+        ("v 2", "\"v 2\" is not a version"),
+    ] {
+        let out = fleetctl(&["plan", quick, "--version", given]);
+        assert_eq!(out.status.code(), Some(2), "{given:?}");
+        assert!(text(&out.stderr).contains(said), "{}", text(&out.stderr));
+    }
+}
+
+#[test]
 fn plan_of_an_invalid_manifest_exits_one() {
     let out = fleetctl(&["plan", "deploy/examples/invalid/steps.yaml"]);
     assert_eq!(out.status.code(), Some(1));

@@ -45,6 +45,20 @@ pub fn is_version(s: &str) -> bool {
     b.len() <= 63 && b.iter().all(inner) && end(b.first()) && end(b.last())
 }
 
+/// `value` of `field` as a version to release ([`is_version`]), or what is wrong with it and
+/// the fix. The controller's check of a start and fleetctl's of a plan use it.
+pub fn check_version(field: &str, value: &str) -> Result<(), String> {
+    match (value.is_empty(), is_version(value)) {
+        (true, _) => Err(format!(
+            "{field} is empty: give the version to release, e.g. v2"
+        )),
+        (false, true) => Ok(()),
+        (false, false) => Err(format!(
+            "{field} {value:?} is not a version: at most 63 letters, digits, '_', '.' and '-', a letter or digit at each end (an image tag that is also a Kubernetes label value), e.g. v2 or 1.4.0-rc.1"
+        )),
+    }
+}
+
 /// The first unit of a duration's text that is months or years (`M`, `month`, `y`, `yr`,
 /// …), which humantime takes: they have no fixed length, and `5M` is too easily meant as five
 /// minutes. The manifest's and the proxy's checks refuse them.
