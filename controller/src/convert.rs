@@ -89,7 +89,12 @@ pub fn release(id: &str, started_at_ms: i64, engine: &Engine) -> pb::Release {
         Phase::Paused { reason, .. }
         | Phase::RollingBack { reason }
         | Phase::RolledBack { reason } => reason.clone(),
-        Phase::Progressing | Phase::Succeeded => String::new(),
+        // Why its next wave has not started (an approval, a window), while it waits.
+        Phase::Progressing => match state.wave_state {
+            WaveState::Waiting { .. } => state.waiting_note.clone().unwrap_or_default(),
+            _ => String::new(),
+        },
+        Phase::Succeeded => String::new(),
     };
     let manifest = engine.manifest();
     // A release that has ended left its last wave as it was; say it ended with it.
@@ -234,6 +239,24 @@ fn waits_for_operator(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_release_whose_next_wave_waits_says_for_what() {
+        let first = "  - name: first\n    regions: [us-west]\n";
+        let src = include_str!("../../deploy/examples/quick.yaml")
+            .replace(first, &format!("{first}    approval: required\n"));
+        let manifest = std::sync::Arc::new(fleet::load(&src).unwrap().manifest);
+        let engine = Engine::start(manifest, crate::demo_1(), chrono::Utc::now());
+        let r = release("demo-1", 0, &engine);
+        assert_eq!(
+            (r.phase.as_str(), r.wave_state.as_str(), r.reason.as_str()),
+            (
+                "progressing",
+                "waiting",
+                "wave first waits for approval (fleetctl release promote)"
+            )
+        );
+    }
 
     #[test]
     fn a_region_in_progress_says_what_it_waits_for_that_is_no_fault() {

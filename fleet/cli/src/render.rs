@@ -143,6 +143,18 @@ pub fn release_status(r: &pb::Release) -> String {
             g.region, g.waiting
         );
     }
+    // A pause holds the steps and the checks alike: say what stays exposed meanwhile.
+    if r.phase == "paused" {
+        for g in r.regions.iter().filter(|g| g.canary_weight_bp > 0) {
+            out += &format!(
+                "{} keeps {} of its traffic on {} while paused, unchecked: no analysis runs and \
+                 nothing rolls back by itself until resume (`fleetctl release abort` rolls back now)\n",
+                g.region,
+                percent(g.canary_weight_bp),
+                r.to_version
+            );
+        }
+    }
     let rolling_back = |g: &&pb::RegionProgress| g.status == "rolling_back";
     // What else a region waits for: its agents' first report, an operator's promote.
     for g in (r.regions.iter())
@@ -291,6 +303,38 @@ mod tests {
             ],
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_paused_release_says_which_regions_stay_exposed_unchecked() {
+        let region = |name: &str, canary_weight_bp| pb::RegionProgress {
+            region: name.into(),
+            status: "active".into(),
+            canary_weight_bp,
+            ..Default::default()
+        };
+        let mut release = pb::Release {
+            id: "demo-6".into(),
+            to_version: "v6".into(),
+            phase: "paused".into(),
+            reason: "paused by alice: hold at 10%".into(),
+            regions: vec![region("us-west", 1000), region("us-east", 0)],
+            ..Default::default()
+        };
+        let exposed = |r: &pb::Release| {
+            (release_status(r).lines())
+                .filter(|l| l.contains("while paused"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            exposed(&release),
+            [
+                "us-west keeps 10% of its traffic on v6 while paused, unchecked: no analysis runs and nothing rolls back by itself until resume (`fleetctl release abort` rolls back now)"
+            ]
+        );
+        release.phase = "progressing".into();
+        assert!(exposed(&release).is_empty());
     }
 
     #[test]
