@@ -208,6 +208,18 @@ pub async fn connect(url: &str, tls: &ClientTls) -> anyhow::Result<ReleaseServic
     Ok(ReleaseServiceClient::new(channel))
 }
 
+/// `e`, its diagnostics of the strategy override (which the controller names
+/// `strategy_override`) pointing into `file`, the file it was read from.
+fn in_file(e: anyhow::Error, file: Option<&str>) -> anyhow::Error {
+    match file {
+        Some(file) => {
+            let said = format!("{e:#}").replace("strategy_override:", &format!("{file}:"));
+            anyhow::anyhow!(said)
+        }
+        None => e,
+    }
+}
+
 /// A fresh id for a mutating request.
 pub fn request_id() -> String {
     format!("fleetctl-{:016x}", rand::random::<u64>())
@@ -288,8 +300,8 @@ impl Release {
                 watch,
                 follow,
             } => {
-                let strategy_override = match strategy {
-                    Some(file) => std::fs::read_to_string(&file)
+                let strategy_override = match &strategy {
+                    Some(file) => std::fs::read_to_string(file)
                         .with_context(|| format!("cannot read {file}"))?,
                     None => String::new(),
                 };
@@ -306,7 +318,8 @@ impl Release {
                         from_version: from_version.unwrap_or_default(),
                         strategy_override,
                     }
-                )?;
+                )
+                .map_err(|e| in_file(e, strategy.as_deref()))?;
                 crate::agents::warn_missing(&caller, &started.service).await;
                 if watch {
                     if output == Output::Table {
@@ -408,4 +421,21 @@ impl std::error::Error for Refused {}
 /// often repeat its words).
 pub fn told(s: &tonic::Status) -> String {
     fleet_proto::connect::said_once(s.message().to_owned(), std::error::Error::source(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_strategy_overrides_diagnostics_point_into_its_file() {
+        let said = "strategy_override:1:24: error: linear.step_weight: step_weight 60% is above max_weight 50%";
+        let e = in_file(anyhow::anyhow!(said), Some("fast.yaml"));
+        assert!(
+            format!("{e:#}").starts_with("fast.yaml:1:24: error: linear.step_weight"),
+            "{e:#}"
+        );
+        let e = in_file(anyhow::anyhow!(said), None);
+        assert_eq!(format!("{e:#}"), said);
+    }
 }
