@@ -10,7 +10,7 @@ use crate::runtime::Agent;
 
 /// Every agent connected now, by region and cluster, each marked `unnamed` if `named` says no
 /// manifest names it; with `fleet`, every cluster of its manifest instead, in its order, each
-/// with its agents (two, if two say they are it) or a row without one, and after them the
+/// with its agents (two, if two agents from before `Hello.instance` say they are it) or a row without one, and after them the
 /// agents in its regions whose cluster it does not name (a release under way may still name
 /// it).
 pub fn list(

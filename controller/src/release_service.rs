@@ -344,8 +344,9 @@ impl ReleaseService for Releases {
                 check_version("from_version", &r.from_version).map_err(Status::invalid_argument)?;
             }
             let controller = &self.controller;
-            let from = controller.store.version(&r.service).map_err(internal)?;
             let mut inner = controller.lock();
+            // Read under the lock: a release that ends meanwhile writes what it leaves running.
+            let from = controller.store.version(&r.service).map_err(internal)?;
             let (manifest, source) = inner
                 .fleets
                 .get(&r.service)

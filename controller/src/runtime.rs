@@ -117,10 +117,12 @@ impl Traffic {
 
 impl Inner {
     /// Sends `d` to every connected agent of `region` that a manifest names ([`Self::named`])
-    /// and keeps it as the region's last desired state, for agents that connect later.
-    fn deliver(&mut self, region: String, d: pb::DesiredState) {
+    /// or that is one of `also` (the agents the release that desires it names there, which
+    /// has just ended if it was superseded), and keeps it as the region's last desired state,
+    /// for agents that connect later.
+    fn deliver(&mut self, region: String, d: pb::DesiredState, also: &[String]) {
         for agent in self.agents.values().filter(|a| a.region == region) {
-            if self.named(&agent.region, &agent.cluster) {
+            if also.contains(&agent.cluster) || self.named(&agent.region, &agent.cluster) {
                 let _ = agent.tx.send(Ok(desired_message(d.clone())));
             }
         }
@@ -141,6 +143,14 @@ impl Inner {
                 .filter(|r| !r.engine.state().phase.is_terminal())
                 .any(|r| names(r.engine.manifest()))
     }
+}
+
+/// The names the agents of `region`'s clusters say in `manifest`.
+fn agents_in(manifest: &Manifest, region: &str) -> Vec<String> {
+    let clusters = manifest.region(region).map(|r| r.clusters.as_slice());
+    (clusters.unwrap_or_default().iter())
+        .map(|c| c.agent.clone())
+        .collect()
 }
 
 /// The version a release leaves running, for the service's record: the new one once it
@@ -437,9 +447,12 @@ impl Controller {
             answer: request.map(|r| r.key.as_str()).zip(answer_bytes.as_deref()),
         })?;
         run.unstored_manifest = None;
+        let to: Vec<Vec<String>> = (desired.iter())
+            .map(|(region, _)| agents_in(run.engine.manifest(), region))
+            .collect();
         // Durable: now it may leave.
-        for (region, d) in desired {
-            inner.deliver(region, d);
+        for ((region, d), also) in desired.into_iter().zip(to) {
+            inner.deliver(region, d, &also);
         }
         for (index, e) in &events {
             let _ = self.events.send(convert::event(id, *index, e));
@@ -506,16 +519,18 @@ impl Controller {
 
     /// Takes the stream of an agent that said `hello`, and sends it the region's desired
     /// state first thing: its connection's number. A stream of the agent already connected
-    /// for the cluster (the same instance dialling again) replaces its older one, whose
-    /// stream ends; another agent's is refused while that one is connected, saying which
-    /// holds the cluster.
+    /// for the cluster (the same instance dialling again, or one that says no instance)
+    /// replaces its older one, whose stream ends; another agent's is refused while that one
+    /// is connected, saying which holds the cluster.
     pub fn agent_connected(self: &Arc<Self>, hello: pb::Hello, tx: AgentTx) -> Result<u64, String> {
         let mut inner = self.lock();
         let held = (inner.agents.iter())
             .find(|(_, a)| a.region == hello.region && a.cluster == hello.cluster)
             .map(|(conn, a)| (*conn, a));
         if let Some((conn, agent)) = held {
-            if hello.instance.is_empty() || agent.instance != hello.instance {
+            // An agent from before instances were said cannot be told from its own redial:
+            // it replaces the stream, as it did.
+            if !hello.instance.is_empty() && agent.instance != hello.instance {
                 let since = chrono::DateTime::from_timestamp_millis(agent.connected_at_ms)
                     .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
                     .unwrap_or_default();
@@ -712,7 +727,7 @@ impl Controller {
             self.store.put_desired(region, &d.encode_to_vec())?;
         }
         for (region, d) in fresh {
-            inner.deliver(region, d);
+            inner.deliver(region, d, &[]);
         }
         Ok(())
     }

@@ -247,9 +247,12 @@ async fn a_second_agent_for_a_connected_cluster_is_refused_and_the_first_may_dia
     // Once it is gone, another agent may take the cluster.
     drop(again_tx);
     west_becomes(&mut client, &id, false, Duration::from_secs(5)).await;
-    let (_other_tx, other) = usw_a_says_hello_as(agents, "node-b/9/bb").await;
+    let (_other_tx, other) = usw_a_says_hello_as(agents.clone(), "node-b/9/bb").await;
     let mut other = other.expect("refused after the first was gone");
     assert_eq!(desired_on(&mut other).await.release_id, id);
+    // An agent from before instances were said cannot be told from a redial: it is taken.
+    let (_old_tx, old) = usw_a_says_hello_as(agents, "").await;
+    assert_eq!(desired_on(&mut old.expect("refused")).await.release_id, id);
     server.stop().await;
 }
 
@@ -285,5 +288,37 @@ async fn an_agent_of_a_cluster_no_manifest_names_is_sent_nothing_until_one_does(
         .await
         .unwrap();
     assert_eq!(desired_on(&mut stray).await.release_id, id);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_superseded_release_rolls_back_the_agents_only_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mut client, id, agents) = released(dir.path()).await;
+    let (_tx, west) = usw_a_says_hello_as(agents, "node-a/7/aa").await;
+    let mut west = west.unwrap();
+    let step = desired_on(&mut west).await;
+    assert!(step.release_id == id && step.canary.is_some(), "{step:?}");
+    // The fleet renames the cluster; the release under way still names usw-a.
+    let renamed = QUICK.replace("[{ name: usw-a }]", "[{ name: usw-b }]");
+    let apply = pb::ApplyFleetRequest {
+        request_id: "apply-2".into(),
+        manifest: renamed,
+    };
+    client.apply_fleet(apply).await.unwrap();
+    let start = pb::StartReleaseRequest {
+        request_id: "start-2".into(),
+        service: "demo".into(),
+        version: "v3".into(),
+        supersede: true,
+        ..Default::default()
+    };
+    client.start_release(start).await.unwrap();
+    // The superseded release's rollback reaches the agent it named, though it has ended.
+    let rollback = desired_on(&mut west).await;
+    assert!(
+        rollback.release_id == id && rollback.canary.is_none(),
+        "{rollback:?}"
+    );
     server.stop().await;
 }

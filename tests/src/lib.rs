@@ -29,6 +29,8 @@ pub struct World {
     pub traffic: Traffic,
     /// The canary share (basis points) each region's proxy served, each change once, in order.
     pub splits: Arc<Mutex<BTreeMap<String, Vec<u32>>>>,
+    /// Whether a release was started: the controller knows what runs from then on.
+    started: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -98,20 +100,25 @@ impl World {
             client,
             traffic,
             splits,
+            started: false,
             _dir: dir,
         })
     }
 
+    /// Starts releasing `version`, from v1 for the first release (after it, the controller
+    /// knows what runs, and refuses a `from_version` that is not it).
     pub async fn start_release(&mut self, version: &str) -> anyhow::Result<String> {
         let request = pb::StartReleaseRequest {
             request_id: format!("start-{version}"),
             service: "e2e".into(),
             version: version.into(),
-            from_version: "v1".into(),
+            from_version: if self.started { "" } else { "v1" }.into(),
             actor: "e2e".into(),
             ..Default::default()
         };
-        Ok(self.client.start_release(request).await?.into_inner().id)
+        let id = self.client.start_release(request).await?.into_inner().id;
+        self.started = true;
+        Ok(id)
     }
 
     pub async fn release(&mut self, id: &str) -> anyhow::Result<pb::Release> {
