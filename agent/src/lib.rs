@@ -134,7 +134,12 @@ pub async fn run<D: Driver>(
     loop {
         let now = tokio::time::Instant::now();
         let stood = (now - last_round).saturating_sub(polling);
-        // A word that came while it stood still is the latest: nothing stood still since.
+        // A word that came while it stood still (stopped in its sleep, say) is the latest:
+        // nothing stood still since, and no word need be asked for.
+        if desired_rx.has_changed().unwrap_or(false) {
+            stale = false;
+            word_at = now;
+        }
         if stood > config.stale_after && word_at < last_round {
             tracing::warn!(
                 stood_still_ms = stood.as_millis(),
@@ -144,10 +149,6 @@ pub async fn run<D: Driver>(
             redial.send_modify(|n| *n += 1);
         }
         last_round = now;
-        if desired_rx.has_changed().unwrap_or(false) {
-            stale = false;
-            word_at = now;
-        }
         match source.look().await {
             Some(Ok(found)) => {
                 lost |= proxies.set_proxies(found);

@@ -68,9 +68,10 @@ struct Args {
     #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// With `--driver process`: the file where the agent keeps the instances it runs, so that
-    /// an agent started after one that died without stopping them (kill -9, a crash) takes
-    /// over those still running rather than start others beside them. Default: a file named
-    /// after the controller, region and cluster in `$XDG_RUNTIME_DIR`, else in
+    /// an agent started after one that stopped or died without stopping them (SIGTERM, kill
+    /// -9, a crash) takes over those still running rather than start others beside them. It
+    /// must outlast the agent (not a private /tmp that goes with its service). Default: a
+    /// file named after the region and cluster in `$XDG_RUNTIME_DIR`, else in
     /// `fleet-agent-UID` (mode 0700) in the temporary directory. One agent's at a time: a
     /// second started on it is refused (it holds `FILE.lock` while it runs).
     #[arg(long, value_name = "FILE", env = "FLEET_AGENT_INSTANCES_FILE")]
@@ -78,7 +79,9 @@ struct Args {
     /// With `--driver process`: stop the instances when the agent stops (SIGTERM). By
     /// default they go on serving, kept in `--instances-file` for the next agent to take
     /// over, as the kubernetes driver leaves its Deployments: restarting or upgrading the
-    /// agent is no outage. Without an instances file they are always stopped.
+    /// agent is no outage, if what stops it signals the agent alone (the instances share its
+    /// process group and cgroup: systemd needs `KillMode=mixed`). Without an instances file
+    /// they are always stopped.
     #[arg(long, env = "FLEET_AGENT_STOP_INSTANCES_ON_EXIT")]
     stop_instances_on_exit: bool,
     /// Serve `/healthz` (the reconcile loop goes round), `/readyz` (connected to the
@@ -197,14 +200,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `fleet-agent-CONTROLLER-REGION-CLUSTER.instances.json`, the controller's URL with anything
-/// but letters and digits made '-': one agent's, whatever else runs on the machine.
+/// `fleet-agent-REGION-CLUSTER.instances.json`: the cluster's agent's, whichever controller it
+/// is pointed at (a URL changed from http:// to https:// must not leave the instances behind;
+/// a second agent for the cluster is refused by the file's lock).
 fn instances_file_name(config: &Config) -> String {
-    let controller: String = (config.controller.chars())
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
     let (region, cluster) = (&config.region, &config.cluster);
-    format!("fleet-agent-{controller}-{region}-{cluster}.instances.json")
+    format!("fleet-agent-{region}-{cluster}.instances.json")
 }
 
 /// A client of the Kubernetes API, for the kubernetes driver and the proxies' discovery. A

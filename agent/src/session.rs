@@ -61,6 +61,9 @@ pub async fn run(
             Err(e) if observed.alive().is_err() => {
                 tracing::error!(error = %e, "the reconcile loop hangs; leaving the controller until it goes round again")
             }
+            Err(e) if held_by_another(&e) => {
+                tracing::warn!(error = %e, failures, "another agent is connected for this cluster; dialling again (the controller lets one that has gone go once it has been silent a while)")
+            }
             Err(e) => match refusal(&e) {
                 Some(why) => {
                     tracing::error!(%why, failures, "the controller refused this agent; keeping the last desired state")
@@ -196,6 +199,12 @@ fn refusal(e: &anyhow::Error) -> Option<&str> {
     .then(|| status.message())
 }
 
+/// Whether the controller refused this agent because another is connected for its cluster
+/// (which may be this agent's predecessor, not yet seen gone).
+fn held_by_another(e: &anyhow::Error) -> bool {
+    (e.downcast_ref::<tonic::Status>()).is_some_and(|s| s.code() == tonic::Code::AlreadyExists)
+}
+
 fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
     pb::AgentMessage { message: Some(m) }
 }
@@ -220,6 +229,7 @@ mod tests {
         assert_eq!(refusal(&bad_hello), Some("not a name"));
         let second = anyhow::Error::new(tonic::Status::already_exists("has an agent"));
         assert_eq!(refusal(&second), Some("has an agent"));
+        assert!(held_by_another(&second) && !held_by_another(&refused));
         let cut = anyhow::Error::new(tonic::Status::unavailable("connection reset"));
         assert_eq!(refusal(&cut), None);
         assert_eq!(refusal(&anyhow::anyhow!("dns error")), None);

@@ -30,6 +30,9 @@ pub struct ProcessDriver {
     /// Whether the instances stop when the driver shuts down (or is dropped). Without a
     /// ledger they do: no agent could take them over.
     stop_on_exit: bool,
+    /// Instances no longer wanted, being stopped (SIGTERM, then SIGKILL after the grace):
+    /// waited for at shutdown, as they are in no ledger any more.
+    stopping: Vec<tokio::task::JoinHandle<()>>,
 }
 
 struct Instance {
@@ -59,6 +62,7 @@ impl Default for ProcessDriver {
             http: crate::http_client(),
             ledger: None,
             stop_on_exit: true,
+            stopping: Vec::new(),
         }
     }
 }
@@ -225,13 +229,14 @@ impl Driver for ProcessDriver {
             .into_iter()
             .partition(wanted);
         self.instances = keep;
+        self.stopping.retain(|stop| !stop.is_finished());
         for instance in stop {
             tracing::info!(version = %instance.version, port = instance.port, "instance no longer wanted; stopping");
             if let Some(child) = instance.child {
-                terminate(child);
+                self.stopping.push(terminate(child));
             }
             if let Some(adopted) = instance.adopted {
-                tokio::spawn(stop_adopted(adopted));
+                self.stopping.push(tokio::spawn(stop_adopted(adopted)));
             }
         }
         for (version, replicas) in &want.versions {
@@ -300,6 +305,10 @@ impl Driver for ProcessDriver {
     }
 
     async fn shutdown(&mut self) {
+        // Those being stopped are stopped, whatever becomes of the others.
+        for stop in std::mem::take(&mut self.stopping) {
+            let _ = stop.await;
+        }
         if !self.stop_on_exit {
             // Fail-static: the instances serve on, kept in the ledger for the next agent.
             self.record();
@@ -404,8 +413,9 @@ fn start(want: &Want, instance: &mut Instance, kill_on_drop: bool) {
     }
 }
 
-/// SIGTERM now, SIGKILL if the process is still there after the grace period.
-fn terminate(mut child: Child) {
+/// SIGTERM now, SIGKILL if the process is still there after the grace period: the task that
+/// waits.
+fn terminate(mut child: Child) -> tokio::task::JoinHandle<()> {
     if let Some(pid) = child
         .id()
         .and_then(|p| i32::try_from(p).ok())
@@ -420,7 +430,7 @@ fn terminate(mut child: Child) {
         {
             let _ = child.kill().await;
         }
-    });
+    })
 }
 
 fn backoff(crashes: u32) -> Duration {
