@@ -599,7 +599,12 @@ impl LocalFleet {
     }
 
     fn command(&self, binary: &str, log: &str) -> anyhow::Result<Command> {
-        let log = std::fs::File::create(self.dir.join(format!("{log}.log")))?;
+        // Appended to: a process started again in another's place (an agent) shares its log
+        // with what the first left running (its instances, which write to it too).
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{log}.log")))?;
         let mut command = Command::new(self.bin.join(binary));
         // The local fleet speaks plain gRPC: TLS settings in the user's environment (for
         // fleetctl against a real controller) are not its own.
