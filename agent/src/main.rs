@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use fleet_agent::Config;
 use fleet_agent::discover::ProxySource;
 use fleet_agent::driver::kubernetes::KubernetesDriver;
@@ -112,6 +112,18 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if matches!(args.driver, DriverKind::Kubernetes)
+        && (args.instances_file.is_some() || args.stop_instances_on_exit)
+    {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--instances-file and --stop-instances-on-exit are for --driver process: the \
+                 kubernetes driver keeps no instances of its own (its Deployments stay as they \
+                 are when it stops); leave them out",
+            )
+            .exit();
+    }
     let watches = Tally::default();
     let proxies = match &args.proxy_pods {
         Some(selector) => ProxySource::pods(

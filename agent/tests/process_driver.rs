@@ -229,6 +229,16 @@ async fn an_agent_that_stops_leaves_its_instances_serving_for_the_next() {
 /// A fleet-agent binary with the process driver keeping its instances in `file`, dialling
 /// `controller`; its stdout and stderr piped.
 fn agent_on(file: &std::path::Path, controller: &str) -> tokio::process::Child {
+    agent_with(file, controller, &[], std::process::Stdio::piped())
+}
+
+/// [`agent_on`], with `more` flags, its stderr to `stderr`.
+fn agent_with(
+    file: &std::path::Path,
+    controller: &str,
+    more: &[&str],
+    stderr: std::process::Stdio,
+) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
         .args([
             "--controller",
@@ -244,17 +254,18 @@ fn agent_on(file: &std::path::Path, controller: &str) -> tokio::process::Child {
             "--admin",
             "127.0.0.1:0",
         ])
+        .args(more)
         .arg("--instances-file")
         .arg(file)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .unwrap()
 }
 
-/// Waits, up to 10 s, for `agent` to say it listens.
-async fn listening(agent: &mut tokio::process::Child) {
+/// Waits, up to 10 s, for `agent` to say it listens: its admin address.
+async fn listening(agent: &mut tokio::process::Child) -> String {
     use tokio::io::AsyncBufReadExt;
     let stdout = agent.stdout.take().unwrap();
     let mut lines = tokio::io::BufReader::new(stdout).lines();
@@ -263,7 +274,8 @@ async fn listening(agent: &mut tokio::process::Child) {
         .expect("not listening in 10 s")
         .unwrap()
         .unwrap_or_default();
-    assert!(line.starts_with("fleet-agent listening admin="), "{line}");
+    let admin = line.strip_prefix("fleet-agent listening admin=");
+    admin.unwrap_or_else(|| panic!("{line}")).to_string()
 }
 
 #[tokio::test]
@@ -293,6 +305,166 @@ async fn a_second_agent_on_one_instances_file_is_refused_while_the_first_runs() 
     let mut third = agent_on(&file, &controller);
     listening(&mut third).await;
     third.kill().await.unwrap();
+}
+
+/// TEST-ONLY: a controller that tells every agent to run v1 (one instance of the demo app)
+/// and listens to nothing it says: its URL.
+async fn controller_wanting_v1() -> String {
+    use fleet_proto::v1 as pb;
+    use fleet_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+    struct WantsV1;
+    #[tonic::async_trait]
+    impl AgentService for WantsV1 {
+        type SessionStream = std::pin::Pin<
+            Box<
+                dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, tonic::Status>>
+                    + Send,
+            >,
+        >;
+        async fn session(
+            &self,
+            request: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
+        ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+            let w = want(&[("v1", 1)]);
+            let desired = pb::DesiredState {
+                epoch: 1,
+                seq: 1,
+                release_id: "demo-1".into(),
+                service: "demo".into(),
+                stable: Some(pb::Track {
+                    version: "v1".into(),
+                    replicas: 1,
+                }),
+                routes: Some(pb::RouteTable::default()),
+                workload: Some(pb::Workload {
+                    command: w.command,
+                    health_check: w.health_check,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let message = pb::controller_message::Message::Desired(desired);
+            // What the agent says is read and dropped; the stream stays open after the word.
+            let mut inbound = request.into_inner();
+            tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+            let said = Ok(pb::ControllerMessage {
+                message: Some(message),
+            });
+            let stream =
+                tokio_stream::StreamExt::chain(tokio_stream::once(said), tokio_stream::pending());
+            Ok(tonic::Response::new(Box::pin(stream)))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder().add_service(AgentServiceServer::new(WantsV1));
+    tokio::spawn(server.serve_with_incoming(incoming));
+    url
+}
+
+/// The instances `file` keeps: each one's process id and port.
+fn kept(file: &std::path::Path) -> Vec<(u32, u16)> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let ledger: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    (ledger["instances"].as_array().into_iter().flatten())
+        .map(|i| {
+            (
+                i["pid"].as_u64().unwrap() as u32,
+                i["port"].as_u64().unwrap() as u16,
+            )
+        })
+        .collect()
+}
+
+/// Sends SIGTERM to `agent` and waits, up to 15 s, for it to exit 0.
+async fn terminate(mut agent: tokio::process::Child) {
+    let pid = rustix::process::Pid::from_raw(agent.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), agent.wait()).await;
+    assert!(
+        ended
+            .expect("still runs 15 s after SIGTERM")
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test]
+async fn the_agent_binary_stopped_by_sigterm_leaves_its_instances_unless_told_to_stop_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("instances.json");
+    let controller = controller_wanting_v1().await;
+    let quiet = || std::process::Stdio::null();
+    let agent = agent_with(&file, &controller, &[], quiet());
+    let first = running(&file).await;
+    let _cleanup = KillOnDrop(first.iter().map(|(pid, _)| *pid).collect());
+    let addr = format!("127.0.0.1:{}", first[0].1);
+    until_answers(&addr, "/healthz").await;
+    terminate(agent).await;
+    assert_eq!(
+        version_at(&addr).await,
+        "hello from v1\n",
+        "stopped with the agent"
+    );
+    assert_eq!(kept(&file), first, "no longer kept");
+
+    // Told to stop them on exit, the next takes them over and stops them as it stops.
+    let mut agent = agent_with(&file, &controller, &["--stop-instances-on-exit"], quiet());
+    let admin = listening(&mut agent).await;
+    until_answers(&admin, "/readyz").await;
+    assert_eq!(kept(&file), first, "not taken over");
+    terminate(agent).await;
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", first[0].0));
+    assert!(
+        stat.is_err() || stat.unwrap().contains(") Z "),
+        "the instance runs"
+    );
+    assert!(!file.exists(), "still kept");
+}
+
+#[tokio::test]
+async fn the_process_drivers_flags_are_refused_with_the_kubernetes_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let more = ["--driver", "kubernetes", "--stop-instances-on-exit"];
+    let refused = agent_with(
+        &dir.path().join("i.json"),
+        "http://127.0.0.1:1",
+        &more,
+        std::process::Stdio::piped(),
+    );
+    let out = tokio::time::timeout(Duration::from_secs(10), refused.wait_with_output()).await;
+    let out = out.expect("still runs").unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("--instances-file and --stop-instances-on-exit are for --driver process"),
+        "{said}"
+    );
+}
+
+/// Waits, up to 20 s, for `file` to keep an instance: what it keeps.
+async fn running(file: &std::path::Path) -> Vec<(u32, u16)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = kept(file);
+        if !found.is_empty() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "no instance kept in 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits, up to 20 s, for `path` at `addr` to answer 2xx.
+async fn until_answers(addr: &str, path: &str) {
+    let http = fleet_agent::http_client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ok = |r: Result<reqwest::Response, _>| r.is_ok_and(|r| r.status().is_success());
+    while !ok(http.get(format!("http://{addr}{path}")).send().await) {
+        assert!(Instant::now() < deadline, "{addr}{path} never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// TEST-ONLY: kills the processes `0` names as it is dropped (they are the test's own).
