@@ -29,6 +29,10 @@ const RECONCILE_EVERY: Duration = Duration::from_millis(200);
 /// stood still longer may have missed a change ([`Config::stale_after`]).
 pub const STALE_AFTER: Duration = Duration::from_secs(15);
 
+/// Four times as long as the controller waits for a silent agent: an agent whose predecessor
+/// died unseen is let in well before.
+pub const HELD_LIMIT: Duration = Duration::from_secs(60);
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The controller's gRPC URL, e.g. `http://127.0.0.1:7070`.
@@ -51,6 +55,11 @@ pub struct Config {
     /// table, and it dials the controller again for that word ([`STALE_AFTER`]; tests
     /// shorten it).
     pub stale_after: Duration,
+    /// An agent the controller refuses this long in a row because another agent is
+    /// connected for its cluster gives up and exits ([`HELD_LIMIT`]; tests shorten it): a
+    /// second agent left running would otherwise take the cluster over the moment the first
+    /// is restarted.
+    pub held_limit: Duration,
     /// The figures of the agent's Kubernetes watches (the driver's, the proxies'), for
     /// `/metrics`: the tally given to them.
     pub watches: watched::Tally,
@@ -104,7 +113,7 @@ pub async fn run<D: Driver>(
         };
         tokio::spawn(admin::serve(listener, view, shutdown.clone()));
     }
-    tokio::spawn(session::run(
+    let mut session = tokio::spawn(session::run(
         config.clone(),
         desired_tx,
         status_rx,
@@ -131,6 +140,8 @@ pub async fn run<D: Driver>(
     let mut stale = false;
     // When the controller last spoke (a desired state came).
     let mut word_at = tokio::time::Instant::now();
+    // Why the session gave up, if it did.
+    let mut gave_up: Option<String> = None;
     loop {
         let now = tokio::time::Instant::now();
         let stood = (now - last_round).saturating_sub(polling);
@@ -252,10 +263,22 @@ pub async fn run<D: Driver>(
                 word_at = tokio::time::Instant::now();
             }
             _ = stop.wait_for(|s| *s) => break,
+            // It ends only when it gives up (or at the stop, which the branch above sees).
+            ended = &mut session => {
+                gave_up = match ended {
+                    Ok(Err(why)) => Some(why),
+                    Ok(Ok(())) => None,
+                    Err(e) => Some(format!("the session with the controller failed: {e}")),
+                };
+                break;
+            }
         }
     }
     driver.shutdown().await;
-    Ok(())
+    match gave_up {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
 
 /// Whether a step is in force: the proxies were put its own table (weights and routes, not

@@ -151,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
             .map_or_else(String::new, |v| v.get_name().to_owned()),
         hung_after: fleet_agent::admin::HUNG_AFTER,
         stale_after: fleet_agent::STALE_AFTER,
+        held_limit: fleet_agent::HELD_LIMIT,
         watches: watches.clone(),
     };
     // A TLS file that cannot be read is told now, before the first dial; each dial reads

@@ -20,7 +20,8 @@ const SETTLED: Duration = Duration::from_secs(10);
 
 /// Runs the session until `shutdown`, dialling again whenever it ends; and at once when
 /// `redial` changes (the reconcile loop stood still, and a word the controller would send
-/// only on a change may never come on the open stream).
+/// only on a change may never come on the open stream). Gives up, saying why, once the
+/// controller has refused it for another agent of its cluster for `Config::held_limit`.
 pub async fn run(
     config: Config,
     desired: watch::Sender<Option<pb::DesiredState>>,
@@ -28,8 +29,10 @@ pub async fn run(
     mut redial: watch::Receiver<u64>,
     observed: Arc<Observed>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Result<(), String> {
     let mut failures = 0u32;
+    // Since when the controller refuses this agent for another of its cluster.
+    let mut held_since: Option<tokio::time::Instant> = None;
     let mut max_epoch = 0u64;
     let instance = instance();
     loop {
@@ -39,15 +42,18 @@ pub async fn run(
             observed.disconnected(why);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
             }
         }
         let (mut heard, dialled) = (false, tokio::time::Instant::now());
         let result = tokio::select! {
             r = session(&config, &instance, &desired, &mut status, &mut redial, &mut max_epoch, &mut heard, &observed) => r,
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
         };
         let settled = heard && dialled.elapsed() >= SETTLED;
+        if !matches!(&result, Err(e) if held_by_another(e)) {
+            held_since = None;
+        }
         failures = failures_now(failures, settled, result.is_ok());
         observed.disconnected(match &result {
             Ok(()) => "the agent stood still: dialling again for the controller's word".into(),
@@ -62,6 +68,17 @@ pub async fn run(
                 tracing::error!(error = %e, "the reconcile loop hangs; leaving the controller until it goes round again")
             }
             Err(e) if held_by_another(&e) => {
+                let since = *held_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= config.held_limit {
+                    let status = e
+                        .downcast_ref::<tonic::Status>()
+                        .map(tonic::Status::message);
+                    return Err(format!(
+                        "refused for {:?} because another agent is connected for this cluster: {}",
+                        config.held_limit,
+                        status.unwrap_or_default()
+                    ));
+                }
                 tracing::warn!(error = %e, failures, "another agent is connected for this cluster; dialling again (the controller lets one that has gone go once it has been silent a while)")
             }
             Err(e) => match refusal(&e) {
@@ -78,7 +95,7 @@ pub async fn run(
         let jitter = rand::rng().random_range(0.5..1.5);
         tokio::select! {
             _ = tokio::time::sleep(base.mul_f64(jitter)) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
         }
     }
 }

@@ -237,6 +237,7 @@ async fn an_agent_whose_loop_hangs_fails_healthz_and_keeps_away_from_the_control
         driver: "test".into(),
         hung_after: Duration::from_secs(1),
         stale_after: fleet_agent::STALE_AFTER,
+        held_limit: fleet_agent::HELD_LIMIT,
         watches: Default::default(),
     };
     let (_stop, shutdown) = watch::channel(false);

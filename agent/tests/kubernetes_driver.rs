@@ -1782,6 +1782,7 @@ async fn a_step_is_in_force_without_a_proxy_that_does_not_run_and_not_without_on
         driver: "test".into(),
         hung_after: Duration::from_secs(60),
         stale_after: fleet_agent::STALE_AFTER,
+        held_limit: fleet_agent::HELD_LIMIT,
         watches,
     };
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1838,6 +1839,7 @@ fn listed(controller: String, admin: String) -> fleet_agent::Config {
         driver: "test".into(),
         hung_after: Duration::from_secs(60),
         stale_after: fleet_agent::STALE_AFTER,
+        held_limit: fleet_agent::HELD_LIMIT,
         watches: Tally::default(),
     }
 }
@@ -2098,5 +2100,50 @@ async fn a_round_that_sees_nothing_leaves_a_step_in_force_and_a_new_one_not() {
     assert!(said.applied_seq == 0 && !said.ready, "{said:?}");
     stop.send_replace(true);
     agent.await.unwrap().unwrap();
+    server.abort();
+}
+
+/// TEST-ONLY: a controller that refuses every agent, as one does a second agent for a
+/// cluster whose agent is connected.
+struct Refusing;
+
+#[tonic::async_trait]
+impl AgentService for Refusing {
+    type SessionStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, tonic::Status>> + Send>,
+    >;
+
+    async fn session(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+        Err(tonic::Status::already_exists(
+            "cluster usw-a of region us-west has an agent connected already",
+        ))
+    }
+}
+
+#[tokio::test]
+async fn an_agent_refused_for_another_of_its_cluster_gives_up_after_held_limit() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(AgentServiceServer::new(Refusing))
+        .serve_with_incoming(incoming);
+    let server = tokio::spawn(server);
+    let config = fleet_agent::Config {
+        held_limit: Duration::from_secs(1),
+        ..listed(url, "http://127.0.0.1:9".into())
+    };
+    let (_stop, shutdown) = watch::channel(false);
+    let agent = fleet_agent::run(config, AllReady(Vec::new()), None, shutdown);
+    let ended = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    let e = ended
+        .expect("still dialling after 10 s")
+        .unwrap_err()
+        .to_string();
+    let said = "refused for 1s because another agent is connected for this cluster: cluster usw-a";
+    assert!(e.starts_with(said), "{e}");
     server.abort();
 }

@@ -118,8 +118,8 @@ pub fn lock(path: &Path) -> anyhow::Result<std::fs::File> {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "another fleet-agent keeps its instances in {} (it holds {}): two agents for one \
-             cluster would take each other's instances; stop that one, or give this one its \
-             own --cluster or --instances-file",
+             cluster would fight over its instances and its proxies; stop that one first (an \
+             agent for another cluster needs its own --cluster)",
             path.display(),
             lock.display()
         ),
@@ -219,7 +219,9 @@ mod tests {
             )),
             "{refused}"
         );
-        assert!(refused.ends_with("its own --cluster or --instances-file"));
+        assert!(refused.ends_with(
+            "stop that one first (an agent for another cluster needs its own --cluster)"
+        ));
         drop(first);
         let _second = lock(&path).unwrap();
     }
