@@ -70,13 +70,10 @@ pub async fn run(
             Err(e) if held_by_another(&e) => {
                 let since = *held_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= config.held_limit {
-                    let status = e
-                        .downcast_ref::<tonic::Status>()
-                        .map(tonic::Status::message);
                     return Err(format!(
                         "refused for {:?} because another agent is connected for this cluster: {}",
                         config.held_limit,
-                        status.unwrap_or_default()
+                        refusal(&e).unwrap_or_default()
                     ));
                 }
                 tracing::warn!(error = %e, failures, "another agent is connected for this cluster; dialling again (the controller lets one that has gone go once it has been silent a while)")

@@ -41,7 +41,7 @@ pub fn list(
     }
     let strays = (agents.values())
         .filter(|a| manifest.region(&a.region).is_some())
-        .filter(|a| !clusters(manifest).any(|(region, cluster)| is(a, region, cluster)));
+        .filter(|a| !names(manifest, &a.region, &a.cluster));
     listed.extend(strays.map(info));
     listed
 }
@@ -53,6 +53,11 @@ fn clusters(manifest: &Manifest) -> impl Iterator<Item = (&str, &str)> {
             .iter()
             .map(|c| (r.name.as_str(), c.agent.as_str()))
     })
+}
+
+/// Whether `manifest` names the agent that says it is `cluster` in `region`. Pure.
+pub(crate) fn names(manifest: &Manifest, region: &str, cluster: &str) -> bool {
+    (manifest.region(region)).is_some_and(|r| r.clusters.iter().any(|c| c.agent == cluster))
 }
 
 /// Whether `a` is the agent of `cluster` in `region`.

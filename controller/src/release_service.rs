@@ -64,8 +64,6 @@ fn no_fleet(service: &str) -> Status {
     ))
 }
 
-/// Whether `value` of `field` can be a version ([`fleet_yaml::is_version`]: an image tag that
-/// is also a Kubernetes label value), as every driver can run it. Pure.
 /// Maps an internal failure to a gRPC status, in one place.
 fn internal(e: anyhow::Error) -> Status {
     tracing::error!(error = %e, "request failed");

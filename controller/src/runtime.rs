@@ -134,10 +134,7 @@ impl Inner {
     /// sent desired states: another (left over from a renamed cluster, say) would apply steps
     /// that no release judges or rolls back, as no release hears it.
     pub fn named(&self, region: &str, cluster: &str) -> bool {
-        let names = |m: &Manifest| {
-            m.region(region)
-                .is_some_and(|r| r.clusters.iter().any(|c| c.agent == cluster))
-        };
+        let names = |m: &Manifest| crate::agents::names(m, region, cluster);
         self.fleets.values().any(|f| names(&f.manifest))
             || (self.releases.values())
                 .filter(|r| !r.engine.state().phase.is_terminal())
