@@ -1220,14 +1220,10 @@ async fn a_watch_that_fails_is_told_and_what_it_last_showed_is_judged() {
         running.detail
     );
     // Each of the three watches has been refused (and counted) before they are allowed again.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !(cluster.lock().tally.figures().values()).all(|f| f.failures >= 1) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "every watch refused"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    within(10, "every watch refused", || {
+        (cluster.lock().tally.figures().values()).all(|f| f.failures >= 1)
+    })
+    .await;
 
     // Allowed again: the next changes come through, and the failure is no longer told.
     cluster.lock().refuse_watches = false;
@@ -1610,6 +1606,27 @@ async fn autoscalers_that_cannot_be_listed_stop_only_what_autoscales() {
     );
 }
 
+/// What a test-only controller sends an agent.
+type Sent = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, tonic::Status>> + Send>,
+>;
+
+/// Serves the test-only controller `service` on 127.0.0.1: its URL and its server's task.
+async fn serve_controller<S: AgentService>(
+    service: S,
+) -> (
+    String,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(AgentServiceServer::new(service))
+        .serve_with_incoming(incoming);
+    (url, tokio::spawn(server))
+}
+
 /// TEST-ONLY: a controller that sends each agent the desired state `desired` holds, as it
 /// changes (a new session first thing; nothing while it holds `None`), and keeps every
 /// status the agent reports.
@@ -1623,9 +1640,7 @@ struct Steering {
 
 #[tonic::async_trait]
 impl AgentService for Steering {
-    type SessionStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, tonic::Status>> + Send>,
-    >;
+    type SessionStream = Sent;
 
     async fn session(
         &self,
@@ -1661,19 +1676,14 @@ async fn steering(
     String,
     tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 ) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (steer, wanted) = watch::channel(Some(first));
     let controller = Steering {
         desired: wanted,
         statuses: Arc::default(),
         sessions: Arc::default(),
     };
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder()
-        .add_service(AgentServiceServer::new(controller.clone()))
-        .serve_with_incoming(incoming);
-    (steer, controller, url, tokio::spawn(server))
+    let (url, server) = serve_controller(controller.clone()).await;
+    (steer, controller, url, server)
 }
 
 impl Steering {
@@ -2109,9 +2119,7 @@ struct Refusing;
 
 #[tonic::async_trait]
 impl AgentService for Refusing {
-    type SessionStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, tonic::Status>> + Send>,
-    >;
+    type SessionStream = Sent;
 
     async fn session(
         &self,
@@ -2125,13 +2133,7 @@ impl AgentService for Refusing {
 
 #[tokio::test]
 async fn an_agent_refused_for_another_of_its_cluster_gives_up_after_held_limit() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder()
-        .add_service(AgentServiceServer::new(Refusing))
-        .serve_with_incoming(incoming);
-    let server = tokio::spawn(server);
+    let (url, server) = serve_controller(Refusing).await;
     let config = fleet_agent::Config {
         held_limit: Duration::from_secs(1),
         ..listed(url, "http://127.0.0.1:9".into())

@@ -178,9 +178,7 @@ async fn an_agent_started_after_one_that_died_takes_over_its_instances() {
     until_ready(&mut second, |r| r.ready.contains_key("v2")).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     for (_, pid) in &pids {
-        let stat = format!("/proc/{pid}/stat");
-        let running = || std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z "));
-        while running() {
+        while !gone(*pid) {
             assert!(Instant::now() < deadline, "instance {pid} still runs");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -217,19 +215,15 @@ async fn an_agent_that_stops_leaves_its_instances_serving_for_the_next() {
     assert_eq!(now, pids, "not the same instances");
     second.shutdown().await;
     for (_, pid) in &pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
-        assert!(
-            stat.is_err() || stat.unwrap().contains(") Z "),
-            "{pid} runs"
-        );
+        assert!(gone(*pid), "{pid} runs");
     }
     assert!(!file.exists(), "stopped, they are kept nowhere");
 }
 
 /// A fleet-agent binary with the process driver keeping its instances in `file`, dialling
-/// `controller`; its stdout and stderr piped.
+/// `controller`; its stdout piped, its stderr to nowhere (unread, a pipe could fill up).
 fn agent_on(file: &std::path::Path, controller: &str) -> tokio::process::Child {
-    agent_with(file, controller, &[], std::process::Stdio::piped())
+    agent_with(file, controller, &[], std::process::Stdio::null())
 }
 
 /// [`agent_on`], with `more` flags, its stderr to `stderr`.
@@ -288,7 +282,8 @@ async fn a_second_agent_on_one_instances_file_is_refused_while_the_first_runs() 
     let mut first = agent_on(&file, &controller);
     listening(&mut first).await;
 
-    let second = agent_on(&file, &controller).wait_with_output();
+    let second = agent_with(&file, &controller, &[], std::process::Stdio::piped());
+    let second = second.wait_with_output();
     let second = tokio::time::timeout(Duration::from_secs(10), second).await;
     let second = second.expect("the second agent still runs").unwrap();
     assert_eq!(second.status.code(), Some(1));
@@ -395,8 +390,7 @@ async fn the_agent_binary_stopped_by_sigterm_leaves_its_instances_unless_told_to
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("instances.json");
     let controller = controller_wanting_v1().await;
-    let quiet = || std::process::Stdio::null();
-    let agent = agent_with(&file, &controller, &[], quiet());
+    let agent = agent_on(&file, &controller);
     let first = running(&file).await;
     let _cleanup = KillOnDrop(first.iter().map(|(pid, _)| *pid).collect());
     let addr = format!("127.0.0.1:{}", first[0].1);
@@ -410,16 +404,13 @@ async fn the_agent_binary_stopped_by_sigterm_leaves_its_instances_unless_told_to
     assert_eq!(kept(&file), first, "no longer kept");
 
     // Told to stop them on exit, the next takes them over and stops them as it stops.
-    let mut agent = agent_with(&file, &controller, &["--stop-instances-on-exit"], quiet());
+    let stopping = ["--stop-instances-on-exit"];
+    let mut agent = agent_with(&file, &controller, &stopping, std::process::Stdio::null());
     let admin = listening(&mut agent).await;
     until_answers(&admin, "/readyz").await;
     assert_eq!(kept(&file), first, "not taken over");
     terminate(agent).await;
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", first[0].0));
-    assert!(
-        stat.is_err() || stat.unwrap().contains(") Z "),
-        "the instance runs"
-    );
+    assert!(gone(first[0].0), "the instance runs");
     assert!(!file.exists(), "still kept");
 }
 
@@ -465,6 +456,12 @@ async fn until_answers(addr: &str, path: &str) {
         assert!(Instant::now() < deadline, "{addr}{path} never answered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whether process `pid` has ended (gone, or a zombie not yet reaped).
+fn gone(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+    stat.is_err() || stat.is_ok_and(|s| s.contains(") Z "))
 }
 
 /// TEST-ONLY: kills the processes `0` names as it is dropped (they are the test's own).

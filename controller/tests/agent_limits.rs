@@ -263,8 +263,8 @@ async fn an_agent_of_a_cluster_no_manifest_names_is_sent_nothing_until_one_does(
     // usw-z: in us-west, but no cluster of the fleet's (one renamed, say).
     let (_stray_tx, stray) = says_hello(agents.clone(), "us-west", "usw-z", "node-z/1/zz").await;
     let mut stray = stray.expect("refused");
-    let (_tx, west) = usw_a_says_hello_as(agents, "node-a/7/aa").await;
-    assert_eq!(desired_on(&mut west.unwrap()).await.release_id, id);
+    let (_tx, mut west) = usw_a_says_hello(agents).await;
+    assert_eq!(desired_on(&mut west).await.release_id, id);
     let sent = tokio::time::timeout(Duration::from_secs(1), stray.message()).await;
     assert!(sent.is_err(), "the stray was sent {sent:?}");
     let listed = client
@@ -295,8 +295,7 @@ async fn an_agent_of_a_cluster_no_manifest_names_is_sent_nothing_until_one_does(
 async fn a_superseded_release_rolls_back_the_agents_only_it_names() {
     let dir = tempfile::tempdir().unwrap();
     let (server, mut client, id, agents) = released(dir.path()).await;
-    let (_tx, west) = usw_a_says_hello_as(agents, "node-a/7/aa").await;
-    let mut west = west.unwrap();
+    let (_tx, mut west) = usw_a_says_hello(agents).await;
     let step = desired_on(&mut west).await;
     assert!(step.release_id == id && step.canary.is_some(), "{step:?}");
     // The fleet renames the cluster; the release under way still names usw-a.

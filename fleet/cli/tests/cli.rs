@@ -138,7 +138,8 @@ fn plan_refuses_a_version_the_controller_would_refuse() {
     ] {
         let out = fleetctl(&["plan", quick, "--version", given]);
         assert_eq!(out.status.code(), Some(2), "{given:?}");
-        assert!(text(&out.stderr).contains(said), "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(err.contains(said), "{err}");
     }
 }
 
