@@ -156,8 +156,15 @@ impl Engine {
 
     /// When the engine next needs [`Engine::handle_timeout`], if anything is timed.
     pub fn poll_timeout(&self) -> Option<DateTime<Utc>> {
-        if self.state.phase != Phase::Progressing {
-            return None;
+        match self.state.phase {
+            Phase::Progressing => {}
+            // The steps stand still; the checks go on.
+            Phase::Paused { .. } => {
+                let regions = self.judged_while_paused().into_iter();
+                return (regions.filter_map(|name| self.state.regions.get(&name)?.next_check))
+                    .min();
+            }
+            _ => return None,
         }
         let wave = match &self.state.wave_state {
             WaveState::Waiting { opens_at, .. } => *opens_at,
@@ -193,8 +200,10 @@ impl Engine {
                 Phase::Progressing => {
                     self.finish_rollback(now) || self.advance_wave(now) || self.advance_regions(now)
                 }
-                // A region rolled back by the `rollback_region` policy finishes while paused.
-                Phase::RollingBack { .. } | Phase::Paused { .. } => self.finish_rollback(now),
+                // A region rolled back by the `rollback_region` policy finishes while paused;
+                // the regions with the new version's traffic are checked on.
+                Phase::Paused { .. } => self.finish_rollback(now) || self.judge_while_paused(now),
+                Phase::RollingBack { .. } => self.finish_rollback(now),
                 Phase::Succeeded | Phase::RolledBack { .. } => false,
             };
             if !changed {

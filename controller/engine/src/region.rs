@@ -2,8 +2,8 @@
 //! interval, moving on, promoting, and failing under the manifest's failure policy.
 
 use chrono::{DateTime, Utc};
-use fleet::model::{FailurePolicy, HookEvent, Pause, Rollout};
-use fleet::steps::Phase as StepPhase;
+use fleet::model::{Analysis, FailurePolicy, HookEvent, Pause, Rollout};
+use fleet::steps::{Phase as StepPhase, Step};
 
 use crate::analysis::{self, Outcome};
 use crate::output::{Command, What};
@@ -207,27 +207,67 @@ impl Engine {
 
     /// A region whose current step is applied: start its clock, judge it, move it on.
     fn advance_active(&mut self, now: DateTime<Utc>, name: &str) -> bool {
-        let Some(step) = self
-            .state
-            .regions
-            .get(name)
-            .and_then(|r| self.step(name, r.step))
+        let Some(step) = (self.state.regions.get(name)).and_then(|r| self.step(name, r.step))
         else {
             return false;
         };
-        let analysis = self
-            .manifest
-            .analysis
-            .clone()
-            .filter(|a| !a.gates.is_empty());
+        match self.judge_step(now, name, &step) {
+            Judged::Ends(changed) => changed,
+            Judged::GoesOn(changed) => self.move_on(now, name, &step) || changed,
+        }
+    }
+
+    /// Checks the regions with traffic on the new version while the release is paused: the
+    /// steps stand still, but a failing canary is caught and rolled back (or held) under the
+    /// manifest's `on_failure`, as Argo Rollouts goes on with its analysis while paused.
+    pub(crate) fn judge_while_paused(&mut self, now: DateTime<Utc>) -> bool {
+        let mut changed = false;
+        for name in self.judged_while_paused() {
+            let Some(step) = (self.state.regions.get(&name)).and_then(|r| self.step(&name, r.step))
+            else {
+                continue;
+            };
+            changed |= match self.judge_step(now, &name, &step) {
+                Judged::Ends(changed) | Judged::GoesOn(changed) => changed,
+            };
+            if !matches!(self.state.phase, Phase::Paused { .. }) {
+                return true;
+            }
+        }
+        changed
+    }
+
+    /// The regions [`Engine::judge_while_paused`] checks: those of the running wave at a step
+    /// in force.
+    pub(crate) fn judged_while_paused(&self) -> Vec<String> {
+        if self.state.wave_state != WaveState::Running {
+            return Vec::new();
+        }
+        let wave = self.manifest.waves.get(self.state.wave);
+        (wave.map(|w| w.regions.iter()).into_iter().flatten())
+            .filter(|name| {
+                (self.state.regions.get(*name))
+                    .is_some_and(|r| r.status == RegionStatus::Active && r.applied())
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Starts the clock of `name`'s step once it is in force, and makes its check if one is
+    /// due. While the release is paused a step that comes into force starts its pause from
+    /// when the release's clocks stopped, so that a resume starts it anew; its checks start
+    /// at once.
+    fn judge_step(&mut self, now: DateTime<Utc>, name: &str, step: &Step) -> Judged {
+        let analysis = self.analysis();
         let judged = step.is_analysed() && analysis.is_some();
+        let clock = self.clocks_stopped(now);
         let Some(r) = self.state.regions.get_mut(name) else {
-            return false;
+            return Judged::Ends(false);
         };
         if r.step_started.is_none() {
-            r.step_started = Some(now);
+            r.step_started = Some(clock);
             r.hold_until = match step.hold {
-                Pause::For(d) => Some(now + delta(d)),
+                Pause::For(d) => Some(clock + delta(d)),
                 Pause::None | Pause::Indefinite => None,
             };
             r.baseline = r.latest.clone();
@@ -246,94 +286,95 @@ impl Engine {
                 },
                 "applied and ready".into(),
             );
-            return true;
+            return Judged::Ends(true);
         }
-        let mut changed = false;
-        if let (Some(a), Some(due)) = (&analysis, r.next_check)
-            && now >= due
-        {
-            changed = true;
-            // Checks missed (the controller stopped) are not made up one by one.
-            let next = due + delta(a.interval);
-            r.next_check = Some(if next > now {
-                next
-            } else {
-                now + delta(a.interval)
-            });
-            // No verdict this interval on numbers that are not fresh: from a region that
-            // cannot be reached or whose agents have not reported since (a controller that
-            // was down, or stopped), or that came before the interval began.
-            let fresh = r.latest_at.is_some_and(|at| now - at <= delta(a.interval));
-            if !r.reachable || !r.heard || !fresh {
-                // Nor is the next judged across the gap: it takes the first fresh numbers
-                // for its baseline, and the one after judges from there.
-                r.baseline = None;
-                return false;
-            }
-            // Judged against the numbers of when the step began; with none then (the step was
-            // applied before the region's first report of them), against these, next time:
-            // the counters run since the agents began counting, earlier releases' traffic and
-            // all, so they are no measure of this step's.
-            let Some(latest) = r.latest.clone() else {
-                return true;
-            };
-            let Some(base) = r.baseline.replace(latest.clone()) else {
-                return true;
-            };
-            let canary = analysis::delta(&latest.canary, &base.canary);
-            let stable = analysis::delta(&latest.stable, &base.stable);
-            let mirroring = step.phase == StepPhase::Mirror;
-            let verdict = analysis::judge(a, &canary, &stable, &latest.external, mirroring);
-            r.last_outcome = Some(verdict.outcome);
-            match verdict.outcome {
-                Outcome::Pass => {
-                    r.passed_in_step = true;
-                    r.failures = 0;
-                }
-                Outcome::Fail => r.failures += 1,
-                Outcome::NoData => {}
-            }
-            let failures = r.failures;
-            let summary = verdict.summary(a.min_requests);
-            r.last_verdict = Some(summary.clone());
-            self.record(
-                now,
-                ENGINE,
-                Some(name),
-                What::Analysis { verdict },
-                summary.clone(),
-            );
-            if failures >= a.failure_limit {
-                let reason = format!("{name} failed {failures} checks in a row; last: {summary}");
-                self.fail_region(now, name, reason);
-                return true;
-            }
+        let (Some(a), Some(due)) = (&analysis, r.next_check) else {
+            return Judged::GoesOn(false);
+        };
+        if now < due {
+            return Judged::GoesOn(false);
         }
-        let Some(r) = self.state.regions.get(name) else {
-            return changed;
+        // Checks missed (the controller stopped) are not made up one by one.
+        let next = due + delta(a.interval);
+        r.next_check = Some(if next > now {
+            next
+        } else {
+            now + delta(a.interval)
+        });
+        // No verdict this interval on numbers that are not fresh: from a region that cannot
+        // be reached or whose agents have not reported since (a controller that was down, or
+        // stopped), or that came before the interval began.
+        let fresh = r.latest_at.is_some_and(|at| now - at <= delta(a.interval));
+        if !r.reachable || !r.heard || !fresh {
+            // Nor is the next judged across the gap: it takes the first fresh numbers for its
+            // baseline, and the one after judges from there.
+            r.baseline = None;
+            return Judged::Ends(false);
+        }
+        // Judged against the numbers of when the step began; with none then (the step was
+        // applied before the region's first report of them), against these, next time: the
+        // counters run since the agents began counting, earlier releases' traffic and all, so
+        // they are no measure of this step's.
+        let Some(latest) = r.latest.clone() else {
+            return Judged::Ends(true);
+        };
+        let Some(base) = r.baseline.replace(latest.clone()) else {
+            return Judged::Ends(true);
+        };
+        let canary = analysis::delta(&latest.canary, &base.canary);
+        let stable = analysis::delta(&latest.stable, &base.stable);
+        let mirroring = step.phase == StepPhase::Mirror;
+        let verdict = analysis::judge(a, &canary, &stable, &latest.external, mirroring);
+        r.last_outcome = Some(verdict.outcome);
+        match verdict.outcome {
+            Outcome::Pass => {
+                r.passed_in_step = true;
+                r.failures = 0;
+            }
+            Outcome::Fail => r.failures += 1,
+            Outcome::NoData => {}
+        }
+        let failures = r.failures;
+        let summary = verdict.summary(a.min_requests);
+        r.last_verdict = Some(summary.clone());
+        self.record(
+            now,
+            ENGINE,
+            Some(name),
+            What::Analysis { verdict },
+            summary.clone(),
+        );
+        if failures >= a.failure_limit {
+            let reason = format!("{name} failed {failures} checks in a row; last: {summary}");
+            self.fail_region(now, name, reason);
+            return Judged::Ends(true);
+        }
+        Judged::GoesOn(true)
+    }
+
+    /// Moves `name` on to its next step once its pause has passed and its analysis allows, or
+    /// an operator promoted it.
+    fn move_on(&mut self, now: DateTime<Utc>, name: &str, step: &Step) -> bool {
+        let judged = step.is_analysed() && self.analysis().is_some();
+        let Some(r) = self.state.regions.get_mut(name) else {
+            return false;
         };
         let paused_enough = match (step.hold, r.hold_until) {
             (Pause::Indefinite, _) => false,
             (_, Some(until)) => now >= until,
             (_, None) => true,
         };
+        let mut changed = false;
         if paused_enough && r.hold_until.is_some() {
             // The pause has passed: its timer must not fire again.
-            if let Some(r) = self.state.regions.get_mut(name) {
-                r.hold_until = None;
-            }
+            r.hold_until = None;
             changed = true;
         }
         // Moved on only with its agents there to be told, and heard since the controller
         // (re)started.
-        let Some(r) = self
-            .state
-            .regions
-            .get(name)
-            .filter(|r| r.reachable && r.heard)
-        else {
+        if !(r.reachable && r.heard) {
             return changed;
-        };
+        }
         let judged_enough = !judged || (r.passed_in_step && r.last_outcome == Some(Outcome::Pass));
         if r.promote_requested || (paused_enough && judged_enough) {
             let next = r.step + 1;
@@ -341,6 +382,19 @@ impl Engine {
             return true;
         }
         changed
+    }
+
+    /// The manifest's analysis, if it has gates to judge.
+    fn analysis(&self) -> Option<Analysis> {
+        (self.manifest.analysis.clone()).filter(|a| !a.gates.is_empty())
+    }
+
+    /// When the release's clocks stopped: the start of its pause, or `now`.
+    pub(crate) fn clocks_stopped(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match &self.state.phase {
+            Phase::Paused { since, .. } => (*since).min(now),
+            _ => now,
+        }
     }
 
     /// Applies the manifest's failure policy to a region that failed its analysis.
@@ -392,10 +446,7 @@ impl Engine {
 
     pub(crate) fn on_reachable(&mut self, now: DateTime<Utc>, region: &str, reachable: bool) {
         // A pause stops the clocks from its start (a resume moves them on by the pause).
-        let stopped = match &self.state.phase {
-            Phase::Paused { since, .. } => (*since).min(now),
-            _ => now,
-        };
+        let stopped = self.clocks_stopped(now);
         let Some(r) = self.state.regions.get_mut(region) else {
             return;
         };
@@ -477,14 +528,25 @@ impl Engine {
         }
     }
 
-    /// Shifts every running clock by how long the release was paused.
+    /// Moves the clocks that stood still while the release was paused on by how long it was
+    /// paused: steps' pauses, waits for a step to come into force, a wave's bake. Checks went
+    /// on through the pause and keep their times and baselines.
     pub(crate) fn shift_clocks(&mut self, paused: chrono::TimeDelta) {
         for r in self.state.regions.values_mut() {
-            r.shift_step_clocks(paused);
+            r.shift_hold(paused);
             r.waiting_since = r.waiting_since.map(|t| t + paused);
         }
         if let WaveState::Baking { until } = &mut self.state.wave_state {
             *until += paused;
         }
     }
+}
+
+/// What [`Engine::judge_step`] leaves of a region's turn.
+enum Judged {
+    /// The turn ends here (its clock started, no fresh numbers, a first baseline, a failure);
+    /// whether anything changed.
+    Ends(bool),
+    /// The step may move on; whether a check was made.
+    GoesOn(bool),
 }

@@ -200,10 +200,15 @@ impl RegionState {
     /// Moves the current step's clocks on by `stopped`, and has its analysis judge only what
     /// comes after.
     pub(crate) fn shift_step_clocks(&mut self, stopped: chrono::TimeDelta) {
-        self.step_started = self.step_started.map(|t| t + stopped);
-        self.hold_until = self.hold_until.map(|t| t + stopped);
+        self.shift_hold(stopped);
         self.next_check = self.next_check.map(|t| t + stopped);
         self.baseline = self.latest.clone().or(self.baseline.take());
+    }
+
+    /// Moves the current step's start and the end of its timed pause on by `stopped`.
+    pub(crate) fn shift_hold(&mut self, stopped: chrono::TimeDelta) {
+        self.step_started = self.step_started.map(|t| t + stopped);
+        self.hold_until = self.hold_until.map(|t| t + stopped);
     }
 
     /// While the region waits for its desired state to be applied and ready (a step, or a

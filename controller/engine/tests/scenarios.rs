@@ -523,6 +523,83 @@ fn pause_stops_the_clock_and_resume_restarts_it() {
 }
 
 #[test]
+fn a_paused_release_goes_on_checking_and_rolls_back_a_canary_that_fails() {
+    let mut sim = at_the_first_step();
+    sim.operator(Action::Pause);
+    let paused = sim.history.len();
+    // Healthy for an hour: checked every minute all along, never moved on.
+    sim.run_until(TimeDelta::hours(1), |_| false);
+    let checked: Vec<Outcome> = (sim.history[paused..].iter())
+        .filter_map(|e| match &e.what {
+            What::Analysis { verdict } => Some(verdict.outcome),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        checked,
+        [Outcome::Pass; 60],
+        "one check a minute while paused"
+    );
+    assert_eq!(
+        sim.engine.state().regions["us-west-1"].step,
+        0,
+        "no step moved"
+    );
+    assert!(matches!(sim.engine.state().phase, Phase::Paused { .. }));
+    // Then the new version fails: caught after failure_limit (3) checks, paused or not, and
+    // rolled back under the manifest's on_failure (rollback_all).
+    sim.v2_error_rate = 0.05;
+    let failing = sim.now - sim.start;
+    assert!(sim.run_to_end(TimeDelta::minutes(5)));
+    assert!(matches!(sim.engine.state().phase, Phase::RolledBack { .. }));
+    assert_eq!(sim.applied["us-west-1"].stable, "v1");
+    assert_eq!(sim.weights("us-west-1"), [500, -1]);
+    let failures = failures(&sim);
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0].0 <= failing + TimeDelta::minutes(4),
+        "{failures:?}"
+    );
+    assert!(
+        failures[0].1.contains("us-west-1 failed 3 checks in a row"),
+        "{failures:?}"
+    );
+}
+
+#[test]
+fn a_step_that_comes_into_force_while_paused_is_checked_at_once_and_holds_until_resumed() {
+    let mut sim = four_waves();
+    // Paused once the first step is sent, before its agent has applied it.
+    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
+        s.engine.state().regions["us-west-1"].status == RegionStatus::Active
+    }));
+    assert_eq!(sim.engine.state().regions["us-west-1"].step_started, None);
+    sim.operator(Action::Pause);
+    sim.run_until(TimeDelta::minutes(30), |_| false);
+    let r = &sim.engine.state().regions["us-west-1"];
+    assert_eq!(r.step, 0, "no step moved");
+    assert!(r.step_started.is_some(), "in force while paused");
+    assert_eq!(
+        verdicts(&sim, "us-west-1").len(),
+        29,
+        "checked from a minute after"
+    );
+    // The step's five-minute pause starts at the resume, not when the step came into force
+    // (two seconds after the pause began), and the checks go on a minute apart through it.
+    sim.operator(Action::Resume);
+    let checked = verdicts(&sim, "us-west-1").len();
+    assert!(!sim.run_until(
+        TimeDelta::seconds(299),
+        |s| s.engine.state().regions["us-west-1"].step == 1
+    ));
+    assert!(verdicts(&sim, "us-west-1").len() >= checked + 4);
+    assert!(sim.run_until(
+        TimeDelta::seconds(2),
+        |s| s.engine.state().regions["us-west-1"].step == 1
+    ));
+}
+
+#[test]
 fn abort_mid_step_rolls_back_every_region_reached() {
     let mut sim = at_the_second_waves_second_step();
     sim.operator(Action::Abort);

@@ -152,7 +152,8 @@ enum ReleaseVerb {
     /// Pass the current gate: an approval, a bake, or the step of every region at a step in
     /// force (applied and ready; a step not yet in force is not passed unseen).
     Promote(Steer),
-    /// Hold the release where it is.
+    /// Hold the release where it is: no step, bake or wave moves on until resume. Analysis
+    /// goes on, and a failing check is acted on as the manifest's on_failure says.
     Pause(Steer),
     /// Carry on after a pause.
     Resume(Steer),

@@ -143,12 +143,12 @@ pub fn release_status(r: &pb::Release) -> String {
             g.region, g.waiting
         );
     }
-    // A pause holds the steps and the checks alike: say what stays exposed meanwhile.
+    // A pause holds the steps, not the checks: say what stays exposed meanwhile.
     if r.phase == "paused" {
         for g in r.regions.iter().filter(|g| g.canary_weight_bp > 0) {
             out += &format!(
-                "{} keeps {} of its traffic on {} while paused, unchecked: no analysis runs and \
-                 nothing rolls back by itself until resume (`fleetctl release abort` rolls back now)\n",
+                "{} keeps {} of its traffic on {} while paused: its checks go on (a failure is \
+                 acted on as on_failure says), its steps wait for resume\n",
                 g.region,
                 percent(g.canary_weight_bp),
                 r.to_version
@@ -306,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn a_paused_release_says_which_regions_stay_exposed_unchecked() {
+    fn a_paused_release_says_which_regions_stay_exposed_and_checked() {
         let region = |name: &str, canary_weight_bp| pb::RegionProgress {
             region: name.into(),
             status: "active".into(),
@@ -330,7 +330,7 @@ mod tests {
         assert_eq!(
             exposed(&release),
             [
-                "us-west keeps 10% of its traffic on v6 while paused, unchecked: no analysis runs and nothing rolls back by itself until resume (`fleetctl release abort` rolls back now)"
+                "us-west keeps 10% of its traffic on v6 while paused: its checks go on (a failure is acted on as on_failure says), its steps wait for resume"
             ]
         );
         release.phase = "progressing".into();
