@@ -19,8 +19,8 @@ PAUSE=${PAUSE:-15}
 IDLE=${IDLE:-10000}
 need nginx wrk python3 curl
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if [[ $# -eq 0 ]]; then build_fleet_proxy; fi
-BIN=${1:-$TARGET/release/fleet-proxy}
+if [[ $# -eq 0 ]]; then build_fleet_proxy; fleet_binary; fi
+BIN=${1:-$FLEET}
 
 start_backends taskset -c 1
 big_table "$BACKEND" >"$WORK/big.json"

@@ -35,6 +35,17 @@ need() {
 # fleet-proxy, and the hyper floor it is compared with (proxy/examples/hyper_floor.rs).
 build_fleet_proxy() { CARGO_TARGET_DIR="$TARGET" cargo build --release -p fleet-proxy --bins --example hyper_floor >&2; }
 
+# The fleet-proxy the benchmarks measure, in FLEET: by default the one the deploy image ships,
+# built with profile-guided optimization by benches/pgo.sh (FLEET_BUILD=pgo); with PGO=0 a
+# plain `cargo build --release` (FLEET_BUILD=plain). Call after build_fleet_proxy.
+fleet_binary() {
+  if [[ "${PGO:-1}" == 1 ]]; then
+    FLEET=$(OUT="$TARGET/pgo" benches/pgo.sh); FLEET_BUILD=pgo
+  else
+    FLEET="$TARGET/release/fleet-proxy"; FLEET_BUILD=plain
+  fi
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { # port, [tries of 0.1 s]
   for _ in $(seq "${2:-100}"); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done

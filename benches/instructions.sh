@@ -17,6 +17,7 @@ source benches/common.sh
 REQUESTS=${REQUESTS:-16000}
 need valgrind nginx python3 curl
 build_fleet_proxy
+fleet_binary
 
 # N requests over 16 keep-alive connections, each waiting for its answer before the next.
 cat >"$WORK/drive.py" <<'EOF'
@@ -51,8 +52,8 @@ NGINX=$(free_port)
 nginx_proxy_conf proxy "$BACKEND" "listen 127.0.0.1:$NGINX;"
 # One process, so that callgrind sees the worker.
 sed -i 's/^daemon off;/daemon off;\nmaster_process off;/' "$WORK/proxy/nginx.conf"
-FLEET=$(free_port)
-fleet_conf "$WORK/fleet.yaml" "$FLEET" "$(free_port)" "$BACKEND" "$BACKEND" ""
+FLEET_PORT=$(free_port)
+fleet_conf "$WORK/fleet.yaml" "$FLEET_PORT" "$(free_port)" "$BACKEND" "$BACKEND" ""
 
 FLOOR=$(free_port)
 # The same table with 10% of requests mirrored to the second nginx (the shadow track).
@@ -64,15 +65,15 @@ fleet_conf "$WORK/compare.yaml" "$COMPARED" "$(free_port)" "$BACKEND" "$SHADOW" 
 
 count nginx "$NGINX" nginx -c "$WORK/proxy/nginx.conf"; N=$COUNTED
 count hyper-floor "$FLOOR" "$TARGET/release/examples/hyper_floor" "127.0.0.1:$FLOOR" "127.0.0.1:$BACKEND"; H=$COUNTED
-count fleet-proxy "$FLEET" "$TARGET/release/fleet-proxy" --config "$WORK/fleet.yaml" --worker-threads 1; F=$COUNTED
-count fleet-mirror "$MIRRORED" "$TARGET/release/fleet-proxy" --config "$WORK/mirror.yaml" --worker-threads 1; M=$COUNTED
-count fleet-compare "$COMPARED" "$TARGET/release/fleet-proxy" --config "$WORK/compare.yaml" --worker-threads 1; C=$COUNTED
+count fleet-proxy "$FLEET_PORT" "$FLEET" --config "$WORK/fleet.yaml" --worker-threads 1; F=$COUNTED
+count fleet-mirror "$MIRRORED" "$FLEET" --config "$WORK/mirror.yaml" --worker-threads 1; M=$COUNTED
+count fleet-compare "$COMPARED" "$FLEET" --config "$WORK/compare.yaml" --worker-threads 1; C=$COUNTED
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo "| proxy | instructions per request (user space) |"
 echo "|---|---:|"
 echo "| nginx | $N |"
 echo "| hyper floor (proxy/examples/hyper_floor.rs) | $H |"
-echo "| fleet-proxy | $F |"
+echo "| fleet-proxy ($FLEET_BUILD build) | $F |"
 echo "| fleet-proxy, 10% mirror | $M |"
 echo "| fleet-proxy, 10% mirror, compared by body | $C |"
 echo "| hyper floor / nginx | $(ratio "$H" "$N") |"

@@ -42,7 +42,7 @@ OHA_VERSION=1.16.0
 source benches/common.sh
 need nginx wrk python3 pgrep taskset chrt
 build_fleet_proxy
-FLEET="$TARGET/release/fleet-proxy"
+fleet_binary
 
 OHA=$(command -v oha || true)
 if [[ -z "$OHA" || "$("$OHA" --version)" != "oha $OHA_VERSION" ]]; then OHA="$TARGET/oha/bin/oha"; fi

@@ -19,6 +19,7 @@ ROUNDS=${ROUNDS:-4}
 DURATION=${DURATION:-5}
 need nginx wrk curl
 build_fleet_proxy
+fleet_binary
 MIRROR="mirror: { to: shadow, percent: 10 }"
 
 start_backends taskset -c 1
@@ -37,7 +38,7 @@ for mode in "${MODES[@]}"; do
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac
   [[ $mode == *-unbatched ]] && echo "mirror: { batch_window: 0s }" >>"$conf"
-  start "fleet-$mode" taskset -c 0 "$TARGET/release/fleet-proxy" --config "$WORK/fleet-$mode.yaml" --worker-threads 1
+  start "fleet-$mode" taskset -c 0 "$FLEET" --config "$WORK/fleet-$mode.yaml" --worker-threads 1
   PID[$mode]=$LAST; PORT[$mode]=$port; ADMIN[$mode]=$admin
   wait_port "$port" 300
 done

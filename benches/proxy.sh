@@ -32,7 +32,7 @@ need nginx haproxy wrk h2load python3 curl
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 (( $(ulimit -n) > IDLE * 2 )) || echo "warning: open-file limit $(ulimit -n) is tight for $IDLE idle connections" >&2
 build_fleet_proxy
-FLEET="$TARGET/release/fleet-proxy"
+fleet_binary
 
 # CPU sets: proxies on 0, everything else on 1 (when pinning and there are two CPUs).
 if [[ "$PIN" == 1 ]] && (( $(nproc) >= 2 )) && command -v taskset >/dev/null; then
@@ -169,7 +169,7 @@ rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
 print(" ".join(f"{s.median(col):.3f}" for col in zip(*rows)))'
 }
 
-echo "# $(date -u +%FT%TZ) $(nproc) CPUs, $(uname -r); wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds; one worker each; proxies pinned: ${PROXY_CPU[*]:-no}; runs with over ${MAX_STEAL}% steal made again, up to $TRIES in all" >&2
+echo "# $(date -u +%FT%TZ) $(nproc) CPUs, $(uname -r); wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds; one worker each; proxies pinned: ${PROXY_CPU[*]:-no}; runs with over ${MAX_STEAL}% steal made again, up to $TRIES in all; fleet-proxy: $FLEET_BUILD build ($FLEET)" >&2
 NAMES=(nginx haproxy fleet mirror floor)
 declare -A PID_OF=([nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [fleet]=$FLEET_PID [mirror]=$MIRROR_PID [floor]=$FLOOR_PID)
 declare -A URL_OF=([nginx]=$NGINX [haproxy]=$HAPROXY [fleet]=$FLEET_PORT [mirror]=$MIRROR_PORT [floor]=$FLOOR_PORT)
@@ -199,9 +199,9 @@ echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | CPU busy % | steal % | h
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 echo "| nginx | $N_RPS | $N_P50 | $N_P99 | $N_CPU | $(busy "$N_RPS" "$N_CPU") | $N_STEAL | $N_H2 | $N_RSS |"
 echo "| haproxy | $H_RPS | $H_P50 | $H_P99 | $H_CPU | $(busy "$H_RPS" "$H_CPU") | $H_STEAL | $H_H2 | $H_RSS$( ((HA_IDLE < IDLE)) && echo " ($HA_IDLE conns)") |"
-echo "| fleet-proxy | $F_RPS | $F_P50 | $F_P99 | $F_CPU | $(busy "$F_RPS" "$F_CPU") | $F_STEAL | $F_H2 | $F_RSS |"
+echo "| fleet-proxy ($FLEET_BUILD) | $F_RPS | $F_P50 | $F_P99 | $F_CPU | $(busy "$F_RPS" "$F_CPU") | $F_STEAL | $F_H2 | $F_RSS |"
 echo "| fleet-proxy, 10% mirror | $M_RPS | $M_P50 | $M_P99 | $M_CPU | $(busy "$M_RPS" "$M_CPU") | $M_STEAL | | |"
-echo "| hyper floor (no routing) | $Y_RPS | $Y_P50 | $Y_P99 | $Y_CPU | $(busy "$Y_RPS" "$Y_CPU") | $Y_STEAL | | |"
+echo "| hyper floor (no routing, plain build) | $Y_RPS | $Y_P50 | $Y_P99 | $Y_CPU | $(busy "$Y_RPS" "$Y_CPU") | $Y_STEAL | | |"
 echo
 echo "| ratio | req/s | p99 | CPU/req |"
 echo "|---|---:|---:|---:|"
