@@ -102,11 +102,20 @@ fn a_misspelt_field_does_not_survive_the_round_trip() {
 #[test]
 fn each_container_runs_a_binary_of_the_image_with_flags_and_variables_it_takes() {
     let dockerfile = std::fs::read_to_string(deploy_dir().join("docker/Dockerfile")).unwrap();
-    let in_image: BTreeSet<&str> = dockerfile
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("target/release/"))
+    // fleet-proxy comes from the profile-guided build (benches/pgo.sh), the rest as built.
+    let in_image: BTreeSet<&str> = (dockerfile.split_whitespace())
+        .filter_map(|w| {
+            (w.strip_prefix("target/release/")).or_else(|| w.strip_prefix("target/pgo/"))
+        })
         .collect();
     assert!(in_image.len() >= 4, "{in_image:?}");
+    if dockerfile.contains("target/pgo/") {
+        let script = deploy_dir().join("../benches/pgo.sh");
+        assert!(
+            dockerfile.contains("benches/pgo.sh") && script.exists(),
+            "the image installs a profile-guided build that nothing builds"
+        );
+    }
     for name in &in_image {
         assert!(
             bin(name).exists(),
