@@ -222,7 +222,17 @@ impl Engine {
     /// manifest's `on_failure`, as Argo Rollouts goes on with its analysis while paused.
     pub(crate) fn judge_while_paused(&mut self, now: DateTime<Utc>) -> bool {
         let mut changed = false;
+        let stopped = self.clocks_stopped(now);
         for name in self.judged_while_paused() {
+            if let Some(r) = self.state.regions.get_mut(&name)
+                && let Some(since) = r.waiting_since.take()
+            {
+                // In force again during the pause: its wait ended when the clocks stopped (the
+                // resume moves the step's clocks on by the pause, not by this wait again).
+                r.shift_step_clocks((stopped - since).max(chrono::TimeDelta::zero()));
+                r.waited_ms = 0;
+                changed = true;
+            }
             let Some(step) = (self.state.regions.get(&name)).and_then(|r| self.step(&name, r.step))
             else {
                 continue;

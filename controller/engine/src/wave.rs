@@ -91,6 +91,26 @@ impl Engine {
                 if !finished {
                     return changed;
                 }
+                let rolled_back: Vec<&str> = (self.state.regions.iter())
+                    .filter(|(_, r)| r.status == RegionStatus::RolledBack)
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                if !rolled_back.is_empty() {
+                    // A release is in force everywhere or nowhere: the service has one version.
+                    // Going on, or ending as succeeded, would leave regions on the old version
+                    // under a release that says the new one is live, and the next release would
+                    // start from a version they never ran.
+                    let reason = format!(
+                        "{} rolled back under on_failure: rollback_region, so {} cannot be live in \
+                         every region: rolled back everywhere at the end of wave {} (start a new \
+                         release once the cause is fixed)",
+                        rolled_back.join(", "),
+                        self.state.spec.to_version,
+                        wave.name
+                    );
+                    self.start_rollback(now, ENGINE, reason);
+                    return true;
+                }
                 if self.state.wave + 1 == self.manifest.waves.len() {
                     self.state.phase = Phase::Succeeded;
                     let reason = format!("{} is live in every region", self.state.spec.to_version);

@@ -600,6 +600,43 @@ fn a_step_that_comes_into_force_while_paused_is_checked_at_once_and_holds_until_
 }
 
 #[test]
+fn a_step_that_came_up_during_a_pause_after_waiting_before_it_holds_from_the_resume() {
+    let mut sim = four_waves();
+    sim.v2_ready = false;
+    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
+        s.engine.state().regions["us-west-1"]
+            .waiting_for()
+            .is_some()
+    }));
+    // Not ready for 15 s, then paused; ready 10 s into the pause.
+    sim.run_until(TimeDelta::seconds(15), |_| false);
+    sim.operator(Action::Pause);
+    sim.run_until(TimeDelta::seconds(10), |_| false);
+    let event = Event::Applied {
+        region: "us-west-1".into(),
+        seq: sim.applied["us-west-1"].seq,
+        ready: true,
+        detail: String::new(),
+    };
+    sim.engine.handle(sim.now, event);
+    sim.drain();
+    sim.run_until(TimeDelta::minutes(10), |_| false);
+    let r = &sim.engine.state().regions["us-west-1"];
+    assert!(r.step_started.is_some(), "in force while paused");
+    assert_eq!(
+        r.waiting_for(),
+        None,
+        "no longer said to wait for its workloads"
+    );
+    // Its five-minute pause runs from the resume, once: the wait before the pause is not
+    // added to it again.
+    sim.operator(Action::Resume);
+    let next_step = |s: &Sim| s.engine.state().regions["us-west-1"].step == 1;
+    assert!(!sim.run_until(TimeDelta::seconds(299), next_step));
+    assert!(sim.run_until(TimeDelta::seconds(2), next_step));
+}
+
+#[test]
 fn abort_mid_step_rolls_back_every_region_reached() {
     let mut sim = at_the_second_waves_second_step();
     sim.operator(Action::Abort);
@@ -1345,6 +1382,21 @@ fn a_region_rolled_back_by_its_policy_finishes_after_the_release_is_resumed() {
     assert!(sim.run_until(TimeDelta::minutes(1), |s| {
         s.engine.state().regions["eu-central-1"].status == RegionStatus::RolledBack
     }));
+    // Its wave has ended with no region on v2: the release goes no further and does not
+    // succeed (it did, and the next release started from v2, which no region ran).
+    assert!(sim.run_to_end(TimeDelta::hours(3)));
+    let Phase::RolledBack { reason } = &sim.engine.state().phase else {
+        panic!("{:?}", sim.engine.state().phase);
+    };
+    assert!(
+        reason.starts_with("eu-central-1 rolled back under on_failure: rollback_region, so v2 cannot be live in every region"),
+        "{reason}"
+    );
+    assert!(
+        sim.weights("eu-west-1").is_empty(),
+        "the next wave never began"
+    );
+    assert_eq!(sim.applied["eu-central-1"].stable, "v1");
 }
 
 #[test]

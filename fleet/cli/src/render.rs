@@ -143,12 +143,20 @@ pub fn release_status(r: &pb::Release) -> String {
             g.region, g.waiting
         );
     }
-    // A pause holds the steps, not the checks: say what stays exposed meanwhile.
+    // A pause holds the steps, not the checks of a step in force: say what stays exposed
+    // meanwhile, and whether it is checked.
     if r.phase == "paused" {
         for g in r.regions.iter().filter(|g| g.canary_weight_bp > 0) {
+            let checked = match g.status.as_str() {
+                "active" if g.deadline_ms == 0 && !g.waiting.contains("ready") => {
+                    "its checks go on (a failure is acted on as on_failure says)"
+                }
+                "failed" => "held after its failure, unchecked",
+                _ => "unchecked until its step is in force (applied and ready)",
+            };
             out += &format!(
-                "{} keeps {} of its traffic on {} while paused: its checks go on (a failure is \
-                 acted on as on_failure says), its steps wait for resume\n",
+                "{} keeps {} of its traffic on {} while paused: {checked}; its steps wait for \
+                 resume\n",
                 g.region,
                 percent(g.canary_weight_bp),
                 r.to_version
@@ -321,6 +329,10 @@ mod tests {
             regions: vec![region("us-west", 1000), region("us-east", 0)],
             ..Default::default()
         };
+        let mut held = region("eu-west", 500);
+        held.status = "failed".into();
+        let mut starting = region("ap-south", 500);
+        starting.waiting = "applied, but its workloads are not ready".into();
         let exposed = |r: &pb::Release| {
             (release_status(r).lines())
                 .filter(|l| l.contains("while paused"))
@@ -330,7 +342,15 @@ mod tests {
         assert_eq!(
             exposed(&release),
             [
-                "us-west keeps 10% of its traffic on v6 while paused: its checks go on (a failure is acted on as on_failure says), its steps wait for resume"
+                "us-west keeps 10% of its traffic on v6 while paused: its checks go on (a failure is acted on as on_failure says); its steps wait for resume"
+            ]
+        );
+        release.regions = vec![held, starting];
+        assert_eq!(
+            exposed(&release),
+            [
+                "eu-west keeps 5% of its traffic on v6 while paused: held after its failure, unchecked; its steps wait for resume",
+                "ap-south keeps 5% of its traffic on v6 while paused: unchecked until its step is in force (applied and ready); its steps wait for resume",
             ]
         );
         release.phase = "progressing".into();
