@@ -130,11 +130,18 @@ impl Engine {
             Action::Resume => {
                 if let Phase::Paused { since, .. } = self.state.phase {
                     self.shift_clocks(now - since);
+                    let interval = self.analysis().map(|a| crate::delta(a.interval));
                     for r in self.state.regions.values_mut() {
                         if r.status == RegionStatus::Failed {
-                            // The operator chose to carry on from a held failure.
+                            // The operator chose to carry on from a held failure. Unchecked
+                            // while held, it is judged on what comes after the resume, not on
+                            // the whole hold's numbers at its next check.
                             r.status = RegionStatus::Active;
                             r.failures = 0;
+                            r.baseline = r.latest.clone();
+                            if let (Some(interval), Some(_)) = (interval, r.next_check) {
+                                r.next_check = Some(now + interval);
+                            }
                         }
                     }
                     self.state.phase = Phase::Progressing;

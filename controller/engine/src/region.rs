@@ -395,7 +395,7 @@ impl Engine {
     }
 
     /// The manifest's analysis, if it has gates to judge.
-    fn analysis(&self) -> Option<Analysis> {
+    pub(crate) fn analysis(&self) -> Option<Analysis> {
         (self.manifest.analysis.clone()).filter(|a| !a.gates.is_empty())
     }
 

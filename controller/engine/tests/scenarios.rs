@@ -1212,6 +1212,32 @@ fn resumed_after_a_held_deadline_failure_a_region_has_the_whole_deadline_again()
 }
 
 #[test]
+fn resumed_after_a_held_analysis_failure_a_region_is_judged_on_what_came_after() {
+    let mut held = (*manifest("multi-region-canary")).clone();
+    held.on_failure = fleet::model::FailurePolicy::Hold;
+    let mut sim = Sim::new(Arc::new(held), spec(None), monday_morning());
+    sim.v2_error_rate = 0.05;
+    assert!(sim.run_until(TimeDelta::hours(1), failed));
+    assert_eq!(
+        sim.engine.state().regions["us-west-1"].status,
+        RegionStatus::Failed
+    );
+    // Held for an hour, the new version failing all along; then mended, and resumed.
+    sim.run_until(TimeDelta::hours(1), |_| false);
+    sim.v2_error_rate = 0.0;
+    sim.run_until(TimeDelta::seconds(30), |_| false);
+    let before = verdicts(&sim, "us-west-1").len();
+    sim.operator(Action::Resume);
+    sim.run_until(TimeDelta::minutes(3), |_| false);
+    let after = &verdicts(&sim, "us-west-1")[before..];
+    assert!(!after.is_empty(), "checked again after the resume");
+    assert!(
+        after.iter().all(|o| *o == Outcome::Pass),
+        "judged on the hour held: {after:?}"
+    );
+}
+
+#[test]
 fn a_rollback_that_is_not_yet_in_force_says_why_and_has_no_deadline() {
     let mut sim = at_the_first_step();
     // The step's own trouble, said before the abort, is not said of the rollback.
