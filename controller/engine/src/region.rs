@@ -179,8 +179,7 @@ impl Engine {
             (false, Some(since)) => {
                 // Ready again, or no longer heard: the step's pause and analysis resume where
                 // they stopped (a lost region's clocks then run, as they always have).
-                r.shift_step_clocks(now - since);
-                r.waiting_since = None;
+                r.end_wait(now, since);
                 return None;
             }
             (true, None) => {
@@ -207,8 +206,7 @@ impl Engine {
 
     /// A region whose current step is applied: start its clock, judge it, move it on.
     fn advance_active(&mut self, now: DateTime<Utc>, name: &str) -> bool {
-        let Some(step) = (self.state.regions.get(name)).and_then(|r| self.step(name, r.step))
-        else {
+        let Some(step) = self.current_step(name) else {
             return false;
         };
         match self.judge_step(now, name, &step) {
@@ -225,16 +223,15 @@ impl Engine {
         let stopped = self.clocks_stopped(now);
         for name in self.judged_while_paused() {
             if let Some(r) = self.state.regions.get_mut(&name)
-                && let Some(since) = r.waiting_since.take()
+                && let Some(since) = r.waiting_since
             {
                 // In force again during the pause: its wait ended when the clocks stopped (the
                 // resume moves the step's clocks on by the pause, not by this wait again).
-                r.shift_step_clocks((stopped - since).max(chrono::TimeDelta::zero()));
+                r.end_wait(stopped.max(since), since);
                 r.waited_ms = 0;
                 changed = true;
             }
-            let Some(step) = (self.state.regions.get(&name)).and_then(|r| self.step(&name, r.step))
-            else {
+            let Some(step) = self.current_step(&name) else {
                 continue;
             };
             changed |= match self.judge_step(now, &name, &step) {
@@ -392,6 +389,11 @@ impl Engine {
             return true;
         }
         changed
+    }
+
+    /// The step `name` is entering or at.
+    fn current_step(&self, name: &str) -> Option<Step> {
+        (self.state.regions.get(name)).and_then(|r| self.step(name, r.step))
     }
 
     /// The manifest's analysis, if it has gates to judge.

@@ -205,6 +205,13 @@ impl RegionState {
         self.baseline = self.latest.clone().or(self.baseline.take());
     }
 
+    /// Ends a wait for the step to come into force that began at `since` and ended at `at`:
+    /// the step's clocks move on by it.
+    pub(crate) fn end_wait(&mut self, at: DateTime<Utc>, since: DateTime<Utc>) {
+        self.shift_step_clocks(at - since);
+        self.waiting_since = None;
+    }
+
     /// Moves the current step's start and the end of its timed pause on by `stopped`.
     pub(crate) fn shift_hold(&mut self, stopped: chrono::TimeDelta) {
         self.step_started = self.step_started.map(|t| t + stopped);
