@@ -963,7 +963,10 @@ async fn a_client_that_holds_its_connection_keeps_a_stopping_controller_five_sec
 /// How long a test waits for fleetctl bearing with a controller away: its own default.
 const RETRY_FOR: Duration = Duration::from_secs(30);
 
-/// A controller with its store in `dir`, having started over `starts_over` times in a row.
+/// A controller with its store in `dir`, having started over `starts_over` times in a row;
+/// ready, that is with its store open. (It says "listening" before it opens the store: a
+/// test that fills the disk on that word may fail the opening itself, and the process
+/// exits instead of starting over.)
 async fn data_controller(
     dir: &std::path::Path,
     starts_over: &str,
@@ -971,7 +974,17 @@ async fn data_controller(
     let data = dir.join("data");
     let store = [std::ffi::OsStr::new("--data"), data.as_os_str()];
     let env = [("FLEET_CONTROLLER_STARTS_OVER", starts_over)];
-    fleet_e2e::controller_alone(&store, &env).await.unwrap()
+    let (running, grpc, admin) = fleet_e2e::controller_alone(&store, &env).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = get(&format!("http://{admin}/readyz")).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (running, grpc, admin)
 }
 
 /// Lets `running`'s files grow no further: every write to its store fails (EFBIG), as on a
