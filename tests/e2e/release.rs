@@ -1010,3 +1010,32 @@ async fn get(url: &str) -> (u16, String) {
         Err(e) => (0, e.to_string()),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_process_killed_from_outside_is_waited_for_and_told_not_left_a_zombie() {
+    use rustix::process::{Pid, Signal, kill_process};
+    let mut world = World::start(&[]).await.unwrap();
+    let pid = world.fleet.pid("controller").unwrap();
+    kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let ended = world.fleet.ended_by_themselves();
+        if !ended.is_empty() {
+            break ended;
+        }
+        assert!(Instant::now() < deadline, "never seen to end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    let (name, status) = &ended[0];
+    assert_eq!(name, "controller");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(status),
+        Some(9)
+    );
+    // Waited for: no zombie is left under its pid, and the fleet no longer counts it.
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(world.fleet.pid("controller").is_err());
+    assert!(world.fleet.ended_by_themselves().is_empty());
+    world.stop().await;
+}

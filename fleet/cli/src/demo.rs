@@ -115,7 +115,7 @@ impl Demo {
         let result = tokio::select! {
             // First: with --keep, the release has ended and a signal only ends the wait.
             biased;
-            r = self.release(&fleet) => r,
+            r = self.release(&mut fleet) => r,
             why = stop_signal() => {
                 println!("\n{why}; stopping everything the demo started");
                 Ok(ExitCode::from(130))
@@ -127,7 +127,7 @@ impl Demo {
         result
     }
 
-    async fn release(&self, fleet: &LocalFleet) -> anyhow::Result<ExitCode> {
+    async fn release(&self, fleet: &mut LocalFleet) -> anyhow::Result<ExitCode> {
         for r in &fleet.regions {
             println!(
                 "region {:<8} proxy http://{}  admin http://{}  agent http://{}",
@@ -226,7 +226,7 @@ impl Demo {
                 "the fleet keeps running; Ctrl-C stops it (controller at {})",
                 fleet.controller
             );
-            stop_signal().await;
+            keep_until_stopped(fleet).await;
         }
         traffic.stop();
         Ok(if ok {
@@ -338,6 +338,24 @@ async fn print_traffic(counts: &Counts) {
     for (region, by) in counts.lock().await.iter() {
         let parts: Vec<String> = by.iter().map(|(k, n)| format!("{k}: {n}")).collect();
         println!("  {region:<8} {}", parts.join(", "));
+    }
+}
+
+/// Keeps `fleet` running until a stop signal, saying of each of its processes that ends
+/// meanwhile (one an operator killed, say) that it did, and how.
+async fn keep_until_stopped(fleet: &mut LocalFleet) {
+    let stopped = stop_signal();
+    tokio::pin!(stopped);
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = every.tick() => {
+                for (name, status) in fleet.ended_by_themselves() {
+                    println!("the {name} ended ({status}); the rest of the fleet keeps running");
+                }
+            }
+        }
     }
 }
 

@@ -511,6 +511,22 @@ impl LocalFleet {
         self.children.push((name, child));
     }
 
+    /// Takes out of the fleet each started process that has ended by itself (killed from
+    /// outside, say), with its exit status: waited for, so that it leaves no zombie that
+    /// `kill -0` would still find.
+    pub fn ended_by_themselves(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+        let mut ended = Vec::new();
+        self.children
+            .retain_mut(|(name, child)| match child.try_wait() {
+                Ok(Some(status)) => {
+                    ended.push((name.clone(), status));
+                    false
+                }
+                _ => true,
+            });
+        ended
+    }
+
     /// Stops one started process by name (`controller`, `agent us-west`, …) with `signal`.
     pub async fn stop_one(
         &mut self,
