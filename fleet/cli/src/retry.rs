@@ -86,18 +86,24 @@ impl Caller {
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut away = Away::new();
+        // Whether any try reached the controller with the request: until one did, a change
+        // given up on was certainly not made.
+        let mut sent = false;
         loop {
             let failed = match self.dialled().await {
-                Ok(client) => match call(client).await {
-                    Ok(answer) => return Ok(answer.into_inner()),
-                    Err(s) if call_passing(&s) => {
-                        // A new connection for the next try: this one may be to a controller
-                        // that has stopped serving.
-                        self.client = None;
-                        status(s)
+                Ok(client) => {
+                    sent = true;
+                    match call(client).await {
+                        Ok(answer) => return Ok(answer.into_inner()),
+                        Err(s) if call_passing(&s) => {
+                            // A new connection for the next try: this one may be to a
+                            // controller that has stopped serving.
+                            self.client = None;
+                            status(s)
+                        }
+                        Err(s) => return Err(status(s)),
                     }
-                    Err(s) => return Err(status(s)),
-                },
+                }
                 Err(e) if e.passing => anyhow::Error::from(e),
                 Err(e) => return Err(e.into()),
             };
@@ -106,12 +112,16 @@ impl Caller {
                 let failed = match tries {
                     1 => failed,
                     _ => failed.context(format!(
-                        "gave up after {} tries in {} (--retry-for)",
-                        tries,
+                        "gave up after {tries} tries in {:.1}s (--retry-for {})",
+                        away.since.elapsed().as_secs_f64(),
                         humantime::format_duration(self.retry_for)
                     )),
                 };
                 return Err(match &self.change {
+                    Some(_) if !sent => failed.context(
+                        "the change was not made: the controller was not reached (make it \
+                         again once it is back, or bear with it longer with --retry-for)",
+                    ),
                     Some(id) => failed.context(format!(
                         "the change may or may not have been made: make it again with \
                          --request-id {id}, which the controller answers as it answered the \

@@ -361,3 +361,51 @@ fn an_emergency_without_its_reason_and_a_manifest_too_large_to_send_are_refused_
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_change_given_up_on_before_the_controller_was_reached_is_said_not_made() {
+    // A port nothing listens on: every dial is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    for retry_for in ["0s", "1s"] {
+        let out = fleetctl(&[
+            "release",
+            "pause",
+            "demo-1",
+            "--retry-for",
+            retry_for,
+            "--controller",
+            &url,
+        ]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("the change was not made: the controller was not reached"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("may or may not"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_call_given_up_on_says_how_many_tries_it_made_in_how_long() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = fleetctl(&["release", "list", "--retry-for", "1s", "--controller", &url]);
+    let stderr = text(&out.stderr);
+    // Tries at 0, 0.25 and 0.75 s (the next would come after the second); a busy machine
+    // may make that two tries, at 0 and 0.25 s.
+    let said = (stderr.split("gave up after ").nth(1))
+        .and_then(|rest| rest.split_once("s (--retry-for 1s)"))
+        .and_then(|(said, _)| said.split_once(" tries in "))
+        .map(|(tries, took)| (tries.parse::<u32>().unwrap(), took.parse::<f64>().unwrap()));
+    let waited = |tries| if tries == 3 { 0.75 } else { 0.25 };
+    assert!(
+        said.is_some_and(|(tries, took)| (2..=3).contains(&tries)
+            && took >= waited(tries)
+            && took < 3.0),
+        "{stderr}"
+    );
+}
