@@ -247,10 +247,13 @@ pub fn endpoint_pinging(
     let port = authority
         .and_then(|a| a.rsplit_once(':'))
         .map(|(_, port)| port);
+    // The fix keeps what was right: the scheme, and the host.
+    let scheme = uri.as_ref().and_then(|u| u.scheme_str()).unwrap_or("https");
+    let host = uri.as_ref().and_then(|u| u.host()).unwrap_or("host");
     anyhow::ensure!(
         port.is_none_or(|p| p.contains(']') || p.parse::<u16>().is_ok_and(|p| p > 0)),
         "controller URL \"{url}\" has no port a controller could listen on (1 to 65535); write \
-         it as https://host:7070"
+         it as {scheme}://{host}:7070, say"
     );
     if endpoint.uri().scheme_str() != Some("https") {
         anyhow::ensure!(
@@ -387,14 +390,23 @@ mod tests {
         ] {
             assert!(endpoint(url, &plain).is_ok(), "{url}");
         }
-        for url in [
-            "http://127.0.0.1:99999",
-            "http://127.0.0.1:0",
-            "http://[::1]:70000",
+        for (url, fix) in [
+            ("http://127.0.0.1:99999", "http://127.0.0.1:7070"),
+            ("http://127.0.0.1:0", "http://127.0.0.1:7070"),
+            ("http://[::1]:70000", "http://[::1]:7070"),
+            (
+                "https://controller.example:0",
+                "https://controller.example:7070",
+            ),
         ] {
             let e = endpoint(url, &plain).err().map(|e| e.to_string());
             let said = format!("controller URL \"{url}\" has no port a controller could listen on");
-            assert!(e.is_some_and(|e| e.starts_with(&said)), "{url}");
+            let fixed = format!("write it as {fix}, say");
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.starts_with(&said) && e.ends_with(&fixed)),
+                "{url}: {e:?}"
+            );
         }
         for url in [
             "ftp://127.0.0.1:7070",
