@@ -550,6 +550,11 @@ impl Controller {
                     let _ = tx.send(Ok(desired_message(d.clone())));
                 }
             }
+            // Before any manifest is applied (a fleet coming up, agents first), that is as
+            // expected; after, the cluster may be misnamed, or renamed away.
+            false if inner.fleets.is_empty() && inner.releases.is_empty() => {
+                tracing::info!(region = %hello.region, cluster = %hello.cluster, "an agent connected before any manifest was applied: it is sent its desired state once one names its cluster");
+            }
             false => {
                 tracing::warn!(region = %hello.region, cluster = %hello.cluster, "an agent of a cluster no manifest names: it is sent no desired state until one does");
             }

@@ -321,3 +321,69 @@ async fn a_superseded_release_rolls_back_the_agents_only_it_names() {
     );
     server.stop().await;
 }
+
+/// What the controller logged, for a test to read: its tracing output, kept.
+#[derive(Clone, Default)]
+struct Logged(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logged {
+    /// Waits up to 5 s for a line saying `what`: that line.
+    async fn line(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+            if let Some(line) = text.lines().find(|l| l.contains(what)) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "never logged {what:?}:\n{text}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_before_any_manifest_is_no_warning_and_one_no_manifest_names_after_is() {
+    // The test's own thread runs the controller's tasks: a default subscriber sees them.
+    let logged = Logged::default();
+    let writer = logged.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents = AgentServiceClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    // A fleet coming up, its agents first.
+    let (_tx, _first) = usw_a_says_hello(agents.clone()).await;
+    let line = logged.line("before any manifest was applied").await;
+    assert!(line.contains("INFO") && line.contains("usw-a"), "{line}");
+    client
+        .apply_fleet(pb::ApplyFleetRequest {
+            request_id: "apply-1".into(),
+            manifest: QUICK.into(),
+        })
+        .await
+        .unwrap();
+    // Then one the fleet does not name (misnamed, or renamed away).
+    let (_stray_tx, stray) = says_hello(agents, "us-west", "usw-z", "node-z/1/zz").await;
+    let _stray = stray.expect("refused");
+    let line = logged.line("no manifest names").await;
+    assert!(line.contains("WARN") && line.contains("usw-z"), "{line}");
+    let text = String::from_utf8_lossy(&logged.0.lock().unwrap()).into_owned();
+    assert_eq!(text.matches("no manifest names").count(), 1, "{text}");
+    server.stop().await;
+}
