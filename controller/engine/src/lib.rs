@@ -275,17 +275,26 @@ impl Engine {
         }
     }
 
-    /// Pauses the release, or says why anew when it is paused already (a webhook failed
-    /// meanwhile): it stays paused from when it first was, so that a resume moves the clocks
-    /// on by the whole pause.
+    /// Pauses the release, or adds why when it is paused already (an operator's pause, and a
+    /// webhook or a check failed meanwhile): one pause, in the first pauser's name, with every
+    /// reason, from when it first was, so that a resume moves the clocks on by the whole
+    /// pause.
     fn pause(&mut self, now: DateTime<Utc>, by: &str, reason: String) {
-        let since = match &self.state.phase {
-            Phase::Paused { since, .. } => *since,
-            _ => now,
+        let (since, by_first, why) = match &self.state.phase {
+            Phase::Paused {
+                since,
+                by: first,
+                reason: before,
+            } => (
+                *since,
+                first.clone(),
+                format!("{before}; and by {by}: {reason}"),
+            ),
+            _ => (now, by.to_string(), reason.clone()),
         };
         self.state.phase = Phase::Paused {
-            by: by.to_string(),
-            reason: reason.clone(),
+            by: by_first,
+            reason: why,
             since,
         };
         self.record(now, by, None, What::Paused, reason);

@@ -475,6 +475,7 @@ impl Engine {
             r.waiting_since = None;
         }
         let desired = r.desired.clone();
+        let said = reachability_said(r.status, reachable);
         if reachable {
             // The agent may have missed changes: give it the whole desired state again.
             if let Some(desired) = desired {
@@ -483,17 +484,8 @@ impl Engine {
                     desired,
                 });
             }
-            self.record(
-                now,
-                ENGINE,
-                Some(region),
-                What::RegionHolding,
-                "agent is back; carrying on".into(),
-            );
-        } else {
-            let reason = "agent unreachable; the region holds where it is".to_string();
-            self.record(now, ENGINE, Some(region), What::RegionHolding, reason);
         }
+        self.record(now, ENGINE, Some(region), What::RegionHolding, said.into());
     }
 
     pub(crate) fn on_webhook(&mut self, now: DateTime<Utc>, id: u64, ok: bool, detail: String) {
@@ -561,4 +553,21 @@ enum Judged {
     Ends(bool),
     /// The step may move on; whether a check was made.
     GoesOn(bool),
+}
+
+/// What the history says when a region's agents come back (`reachable`) or go, by where the
+/// release is with the region: only a region on its way moves on, or holds.
+fn reachability_said(status: RegionStatus, reachable: bool) -> &'static str {
+    use RegionStatus::*;
+    match (status, reachable) {
+        (Pending, true) => "agent is back (the release has not reached this region yet)",
+        (Pending, false) => "agent unreachable (the release has not reached this region yet)",
+        (Failed, true) => {
+            "agent is back; the region stays held after its failure (resume or abort)"
+        }
+        (Succeeded | RolledBack, true) => "agent is back",
+        (Succeeded | RolledBack, false) => "agent unreachable",
+        (_, true) => "agent is back; carrying on",
+        (_, false) => "agent unreachable; the region holds where it is",
+    }
 }

@@ -667,8 +667,20 @@ fn a_restored_engine_carries_on_from_the_same_step_and_applies_nothing_twice() {
     let saved = serde_json::to_string(sim.engine.state()).unwrap();
     let state: State = serde_json::from_str(&saved).unwrap();
     let step_before = state.regions["us-east-1"].step;
+    let before = sim.history.len();
     sim.restore(state);
     assert_eq!(sim.engine.state().regions["us-east-1"].step, step_before);
+    // Each region's agents back, in words that fit where the release is with it.
+    let back: BTreeMap<String, String> = (sim.history[before..].iter())
+        .filter(|e| e.what == What::RegionHolding)
+        .map(|e| (e.region.clone().unwrap(), e.reason.clone()))
+        .collect();
+    assert_eq!(back["us-west-1"], "agent is back", "done with: {back:?}");
+    assert_eq!(back["us-east-1"], "agent is back; carrying on");
+    assert_eq!(
+        back["eu-west-1"],
+        "agent is back (the release has not reached this region yet)"
+    );
     assert!(sim.run_promoting(TimeDelta::days(1)));
     assert_eq!(sim.engine.state().phase, Phase::Succeeded);
     // The resent state reused its sequence number: one content per seq, weights unchanged.
@@ -1222,6 +1234,15 @@ fn resumed_after_a_held_analysis_failure_a_region_is_judged_on_what_came_after()
         sim.engine.state().regions["us-west-1"].status,
         RegionStatus::Failed
     );
+    // Its agents gone and back while held: they are not told it carries on.
+    sim.reach("us-west-1", false);
+    sim.reach("us-west-1", true);
+    let said = sim.history.last().unwrap();
+    assert_eq!(said.what, What::RegionHolding);
+    assert_eq!(
+        said.reason,
+        "agent is back; the region stays held after its failure (resume or abort)"
+    );
     // Held for an hour, the new version failing all along; then mended, and resumed.
     sim.run_until(TimeDelta::hours(1), |_| false);
     sim.v2_error_rate = 0.0;
@@ -1234,6 +1255,41 @@ fn resumed_after_a_held_analysis_failure_a_region_is_judged_on_what_came_after()
     assert!(
         after.iter().all(|o| *o == Outcome::Pass),
         "judged on the hour held: {after:?}"
+    );
+}
+
+#[test]
+fn a_failure_held_during_an_operators_pause_adds_its_reason_to_the_operators() {
+    let mut held = (*manifest("multi-region-canary")).clone();
+    held.on_failure = fleet::model::FailurePolicy::Hold;
+    let mut sim = Sim::new(Arc::new(held), spec(None), monday_morning());
+    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
+        s.engine.state().regions["us-west-1"].step_started.is_some()
+    }));
+    let event = Event::Operator {
+        action: Action::Pause,
+        actor: "alice".into(),
+        reason: "hold at 5% over lunch".into(),
+    };
+    sim.engine.handle(sim.now, event);
+    sim.drain();
+    let since = sim.now;
+    sim.v2_error_rate = 0.05;
+    assert!(sim.run_until(TimeDelta::minutes(5), failed));
+    // One pause, alice's, from when she paused, saying both why.
+    let Phase::Paused {
+        by,
+        reason,
+        since: from,
+    } = &sim.engine.state().phase
+    else {
+        panic!("{:?}", sim.engine.state().phase);
+    };
+    assert_eq!((by.as_str(), *from), ("alice", since));
+    assert!(
+        reason.starts_with("hold at 5% over lunch; and by engine: us-west-1 failed 3 checks")
+            && reason.ends_with("holding everything for an operator"),
+        "{reason}"
     );
 }
 
