@@ -115,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
             id: release.id,
             actor: "bench".into(),
             reason: "bench".into(),
+            ..Default::default()
         })
         .await?;
     let rolled = wait_all(&seen, agents, |canary| !canary, Duration::from_secs(30)).await;

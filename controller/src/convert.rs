@@ -144,6 +144,7 @@ pub fn release(id: &str, started_at_ms: i64, engine: &Engine) -> pb::Release {
                 deadline_ms: (r.deadline(manifest.progress_deadline))
                     .filter(|_| state.phase == Phase::Progressing)
                     .map_or(0, |t| t.timestamp_millis()),
+                in_force: r.applied(),
             }
         })
         .collect();
@@ -163,6 +164,7 @@ pub fn release(id: &str, started_at_ms: i64, engine: &Engine) -> pb::Release {
         regions,
         started_at_ms,
         emergency_reason: state.spec.emergency.clone().unwrap_or_default(),
+        gate: engine.gate().unwrap_or_default(),
     }
 }
 

@@ -219,7 +219,16 @@ impl Releases {
             let Some(run) = inner.releases.get(&id) else {
                 return Err(Status::not_found(format!("no release {id}")));
             };
-            if let Some(why) = run.engine.refusal(action) {
+            let refused = match (action, r.gate.as_str()) {
+                (_, "") => run.engine.refusal(action),
+                (Action::Promote, gate) => run.engine.gate_refusal(gate),
+                (_, gate) => {
+                    return Err(Status::invalid_argument(format!(
+                        "gate {gate:?} is for a promote, not a {method}; nothing changed"
+                    )));
+                }
+            };
+            if let Some(why) = refused {
                 return Err(Status::failed_precondition(format!(
                     "release {id}: {why}; nothing changed"
                 )));

@@ -358,6 +358,7 @@ async fn an_operator_call_repeated_with_its_request_id_is_answered_not_made_agai
         id: id.clone(),
         actor: "alice".into(),
         reason: "testing".into(),
+        ..Default::default()
     };
     let paused = client.pause(call("pause-1")).await.unwrap().into_inner();
     assert_eq!(paused.phase, "paused");
@@ -1032,6 +1033,7 @@ async fn after_a_release_rolled_back_the_next_knows_what_runs_and_a_wrong_from_i
         id: first.clone(),
         actor: "alice".into(),
         reason: "not today".into(),
+        ..Default::default()
     };
     client.abort(abort).await.unwrap();
     // While it rolls back, a start is told to wait or supersede (an abort is made already).
@@ -1087,5 +1089,87 @@ async fn after_a_release_rolled_back_the_next_knows_what_runs_and_a_wrong_from_i
     start.from_version = String::new();
     let second = client.start_release(start).await.unwrap().into_inner();
     assert_eq!(second.from_version, "v1");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_given_its_gate_passes_that_gate_once_and_refuses_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let mut client = server.client().await;
+    let agents = fake_agents(&server, 0.0);
+    // The first step waits for a promote.
+    let manifest = QUICK.replace(
+        "{ weight: 10, pause: 1s }",
+        "{ weight: 10, pause: indefinite }",
+    );
+    assert_ne!(manifest, QUICK);
+    let apply = pb::ApplyFleetRequest {
+        request_id: "apply-1".into(),
+        manifest,
+    };
+    client.apply_fleet(apply).await.unwrap();
+    let start = pb::StartReleaseRequest {
+        request_id: "start-1".into(),
+        service: "demo".into(),
+        version: "v2".into(),
+        from_version: "v1".into(),
+        ..Default::default()
+    };
+    let id = client.start_release(start).await.unwrap().into_inner().id;
+    let at_gate = wait_for(&mut client, &id, Duration::from_secs(30), |r| {
+        !r.gate.is_empty()
+    })
+    .await;
+    assert_eq!(at_gate.gate, "step:us-west=1", "{at_gate:#?}");
+    let promote = |request_id: &str, gate: &str| pb::OperatorRequest {
+        request_id: request_id.into(),
+        id: id.clone(),
+        gate: gate.into(),
+        ..Default::default()
+    };
+    // A gate it does not wait at: refused, nothing changed.
+    let refused = (client.promote(promote("p-0", "bake:first")).await).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains(
+            "waits at gate step:us-west=1, not at bake:first (passed already, or not reached \
+             yet): give --gate step:us-west=1 to pass that one; nothing changed"
+        ),
+        "{}",
+        refused.message()
+    );
+    // Its gate: passed.
+    let passed = (client.promote(promote("p-1", "step:us-west=1")).await).unwrap();
+    assert_ne!(passed.into_inner().gate, "step:us-west=1");
+    // The same promote made again under a new request id (a retried job): refused, whatever
+    // gate the release has come to since.
+    let again = (client.promote(promote("p-2", "step:us-west=1")).await).unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    assert!(
+        again.message().contains("not at step:us-west=1"),
+        "{}",
+        again.message()
+    );
+    // A gate is for a promote.
+    let pause = pb::OperatorRequest {
+        gate: "step:us-west=1".into(),
+        ..promote("p-3", "")
+    };
+    let wrong = client.pause(pause).await.unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::InvalidArgument);
+    // The release goes on to its end, each region's indefinite pause promoted by its gate.
+    for (n, region) in ["us-east", "eu-west"].into_iter().enumerate() {
+        let gate = format!("step:{region}=1");
+        wait_for(&mut client, &id, Duration::from_secs(60), |r| r.gate == gate).await;
+        let request_id = format!("p-next-{n}");
+        (client.promote(promote(&request_id, &gate)).await).unwrap();
+    }
+    wait_for(&mut client, &id, Duration::from_secs(60), |r| {
+        r.phase == "succeeded"
+    })
+    .await;
+    let west = weights(&agents["us-west"].0);
+    assert_eq!(west.iter().filter(|w| **w == 1000).count(), 1, "{west:?}");
     server.stop().await;
 }

@@ -469,6 +469,7 @@ async fn each_client_may_do_only_what_its_certificate_names_it_for() {
         id: release.id.clone(),
         actor: "mallory".into(),
         reason: "testing".into(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -35,6 +35,49 @@ impl Engine {
         }
     }
 
+    /// The gate a promote passes now, named as a promote meant for it gives it (`--gate`):
+    /// `approval:WAVE` or `bake:WAVE`, or `step:REGION=N,…` (step N, counted from 1, of each
+    /// region at a step in force). Each names one gate of the release, passed once: a promote
+    /// that gives the gate it saw passes that one or nothing, however often it is made.
+    /// `None` when a promote would pass nothing. Pure.
+    pub fn gate(&self) -> Option<String> {
+        if self.state.phase != Phase::Progressing {
+            return None;
+        }
+        let wave = self.manifest.waves.get(self.state.wave);
+        let wave = wave.map_or("", |w| w.name.as_str());
+        match &self.state.wave_state {
+            WaveState::Waiting { .. } if self.awaits_approval() => Some(format!("approval:{wave}")),
+            WaveState::Waiting { .. } => None,
+            WaveState::Baking { .. } => Some(format!("bake:{wave}")),
+            WaveState::Running => {
+                let at: Vec<String> = (self.promotable())
+                    .map(|name| format!("{name}={}", self.state.regions[name].step + 1))
+                    .collect();
+                (!at.is_empty()).then(|| format!("step:{}", at.join(",")))
+            }
+        }
+    }
+
+    /// Why a promote meant for `gate` is refused: the release waits at another gate (it
+    /// passed that one already, say), or at none; `None` if it waits at `gate`. Pure.
+    pub fn gate_refusal(&self, gate: &str) -> Option<String> {
+        match self.gate() {
+            Some(now) if now == gate => None,
+            Some(now) => Some(format!(
+                "the release waits at gate {now}, not at {gate} (passed already, or not \
+                 reached yet): give --gate {now} to pass that one"
+            )),
+            None => {
+                let why = self.refusal(Action::Promote);
+                let why = why.unwrap_or_else(|| "no gate to pass".into());
+                Some(format!(
+                    "the release waits at no gate now, not at {gate}: {why}"
+                ))
+            }
+        }
+    }
+
     /// Why a promote would pass no gate now, if it would not.
     fn nothing_to_promote(&self) -> Option<String> {
         match &self.state.wave_state {

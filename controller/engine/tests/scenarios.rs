@@ -1259,6 +1259,46 @@ fn resumed_after_a_held_analysis_failure_a_region_is_judged_on_what_came_after()
 }
 
 #[test]
+fn each_gate_a_promote_passes_has_a_name_that_a_stale_promote_is_refused_by() {
+    let mut approved = (*manifest("multi-region-canary")).clone();
+    approved.waves[1].approval = true;
+    let mut sim = Sim::new(Arc::new(approved), spec(None), monday_morning());
+    let gate = |s: &Sim| s.engine.gate();
+    assert!(sim.run_until(TimeDelta::minutes(10), |s| gate(s).is_some()));
+    assert_eq!(gate(&sim).as_deref(), Some("step:us-west-1=1"));
+    let refused = sim.engine.gate_refusal("bake:canary-region").unwrap();
+    assert!(
+        refused
+            .starts_with("the release waits at gate step:us-west-1=1, not at bake:canary-region"),
+        "{refused}"
+    );
+    assert_eq!(sim.engine.gate_refusal("step:us-west-1=1"), None);
+    // The wave's bake, then the next wave's approval.
+    let baking = |s: &Sim| gate(s).as_deref() == Some("bake:canary-region");
+    assert!(sim.run_promoting_until(TimeDelta::hours(3), baking));
+    let stale = sim.engine.gate_refusal("step:us-west-1=1").unwrap();
+    assert!(
+        stale.contains("waits at gate bake:canary-region"),
+        "{stale}"
+    );
+    sim.operator(Action::Promote);
+    let approval = |s: &Sim| gate(s).as_deref() == Some("approval:americas");
+    assert!(sim.run_until(TimeDelta::minutes(1), approval));
+    sim.operator(Action::Promote);
+    assert!(sim.run_until(TimeDelta::minutes(10), |s| {
+        gate(s).as_deref() == Some("step:us-east-1=1")
+    }));
+    // Paused: no gate, and a promote of one is refused saying why.
+    sim.operator(Action::Pause);
+    assert_eq!(gate(&sim), None);
+    let paused = sim.engine.gate_refusal("step:us-east-1=1").unwrap();
+    assert_eq!(
+        paused,
+        "the release waits at no gate now, not at step:us-east-1=1: the release is paused: resume it first"
+    );
+}
+
+#[test]
 fn a_failure_held_during_an_operators_pause_adds_its_reason_to_the_operators() {
     let mut held = (*manifest("multi-region-canary")).clone();
     held.on_failure = fleet::model::FailurePolicy::Hold;

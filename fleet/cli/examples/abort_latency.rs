@@ -80,6 +80,7 @@ async fn trials(fleet: &LocalFleet) -> anyhow::Result<Vec<f64>> {
             id,
             actor: "bench".into(),
             reason: "bench".into(),
+            ..Default::default()
         };
         let release = client.abort(abort).await?.into_inner().id;
         let waits = fleet.regions.iter().map(|r| {

@@ -151,7 +151,19 @@ enum ReleaseVerb {
     History { id: String },
     /// Pass the current gate: an approval, a bake, or the step of every region at a step in
     /// force (applied and ready; a step not yet in force is not passed unseen).
-    Promote(Steer),
+    ///
+    /// With --gate, pass that gate or nothing: a promote made twice (a retried job, a double
+    /// click) then passes one gate, not two. `release status` names the gate the release
+    /// waits at.
+    Promote {
+        #[command(flatten)]
+        steer: Steer,
+        /// The gate to pass, as `release status` names it: approval:WAVE, bake:WAVE or
+        /// step:REGION=N,…; refused (exit 2, naming the gate the release waits at) if the
+        /// release waits at another.
+        #[arg(long, value_name = "GATE")]
+        gate: Option<String>,
+    },
     /// Hold the release where it is: no step, bake or wave moves on until resume. Analysis
     /// goes on, and a failing check is acted on as the manifest's on_failure says.
     Pause(Steer),
@@ -289,6 +301,7 @@ impl Release {
             id: s.id.clone(),
             actor: actor(),
             reason: s.reason.clone(),
+            gate: String::new(),
         };
         let release = match self.verb {
             ReleaseVerb::Start {
@@ -363,7 +376,13 @@ impl Release {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            ReleaseVerb::Promote(s) => call!(changing, promote, steer(&s))?,
+            ReleaseVerb::Promote { steer: s, gate } => {
+                let request = pb::OperatorRequest {
+                    gate: gate.unwrap_or_default(),
+                    ..steer(&s)
+                };
+                call!(changing, promote, request)?
+            }
             ReleaseVerb::Pause(s) => call!(changing, pause, steer(&s))?,
             ReleaseVerb::Resume(s) => call!(changing, resume, steer(&s))?,
             ReleaseVerb::Abort(s) => call!(changing, abort, steer(&s))?,

@@ -9,12 +9,12 @@ pub fn release_json(r: &pb::Release) -> Value {
     json!({
         "id": r.id, "service": r.service, "from_version": r.from_version, "to_version": r.to_version,
         "phase": r.phase, "reason": r.reason, "wave": r.wave, "wave_state": r.wave_state,
-        "started_at_ms": r.started_at_ms, "emergency_reason": r.emergency_reason,
+        "started_at_ms": r.started_at_ms, "emergency_reason": r.emergency_reason, "gate": r.gate,
         "regions": r.regions.iter().map(|g| json!({
             "region": g.region, "status": g.status, "step": g.step, "steps": g.steps,
             "step_label": g.step_label, "canary_weight_bp": g.canary_weight_bp,
             "reachable": g.reachable, "last_verdict": g.last_verdict, "hold_until_ms": g.hold_until_ms,
-            "waiting": g.waiting, "deadline_ms": g.deadline_ms,
+            "waiting": g.waiting, "deadline_ms": g.deadline_ms, "in_force": g.in_force,
         })).collect::<Vec<_>>(),
     })
 }
@@ -111,6 +111,12 @@ pub fn release_status(r: &pb::Release) -> String {
         out += &format!(" ({})", r.reason);
     }
     out += &format!("\nwave {} ({})\n", r.wave, r.wave_state);
+    if !r.gate.is_empty() {
+        out += &format!(
+            "gate {}: `fleetctl release promote {} --gate {}` passes it, and no other\n",
+            r.gate, r.id, r.gate
+        );
+    }
     let mut table = Table::new();
     table.load_style(presets::NOTHING);
     table.set_header(["REGION", "STATUS", "STEP", "CANARY", "LAST VERDICT"]);
@@ -148,7 +154,7 @@ pub fn release_status(r: &pb::Release) -> String {
     if r.phase == "paused" {
         for g in r.regions.iter().filter(|g| g.canary_weight_bp > 0) {
             let checked = match g.status.as_str() {
-                "active" if g.deadline_ms == 0 && !g.waiting.contains("ready") => {
+                "active" if g.in_force => {
                     "its checks go on (a failure is acted on as on_failure says)"
                 }
                 "failed" => "held after its failure, unchecked",
@@ -314,11 +320,36 @@ mod tests {
     }
 
     #[test]
+    fn a_release_at_a_gate_names_it_and_the_promote_that_passes_it_alone() {
+        let mut release = pb::Release {
+            id: "demo-1".into(),
+            gate: "step:us-west=2".into(),
+            ..Default::default()
+        };
+        let gate = |r: &pb::Release| {
+            (release_status(r).lines())
+                .filter(|l| l.starts_with("gate "))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            gate(&release),
+            [
+                "gate step:us-west=2: `fleetctl release promote demo-1 --gate step:us-west=2` passes it, and no other"
+            ]
+        );
+        assert_eq!(release_json(&release)["gate"], "step:us-west=2");
+        release.gate.clear();
+        assert!(gate(&release).is_empty());
+    }
+
+    #[test]
     fn a_paused_release_says_which_regions_stay_exposed_and_checked() {
         let region = |name: &str, canary_weight_bp| pb::RegionProgress {
             region: name.into(),
             status: "active".into(),
             canary_weight_bp,
+            in_force: true,
             ..Default::default()
         };
         let mut release = pb::Release {
@@ -333,6 +364,7 @@ mod tests {
         held.status = "failed".into();
         let mut starting = region("ap-south", 500);
         starting.waiting = "applied, but its workloads are not ready".into();
+        starting.in_force = false;
         let exposed = |r: &pb::Release| {
             (release_status(r).lines())
                 .filter(|l| l.contains("while paused"))
