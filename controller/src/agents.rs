@@ -120,6 +120,7 @@ mod tests {
             instance: format!("host/1/{cluster}"),
             connected_at_ms: 1_000,
             reported_at_ms: 2_000,
+            sent: None,
         }
     }
 

@@ -427,6 +427,12 @@ impl ReleaseService for Releases {
 
                 actor,
             };
+            // A new release counts every region reachable: it is told of those whose agents
+            // are not all connected now, which hold until they are (as when agents go).
+            let unreachable: Vec<String> = (manifest.regions.iter())
+                .filter(|g| !inner.reachable(&g.clusters, &g.name))
+                .map(|g| g.name.clone())
+                .collect();
             let now = Utc::now();
             inner.releases.insert(
                 id.clone(),
@@ -439,7 +445,12 @@ impl ReleaseService for Releases {
                     unstored_manifest: Some(source),
                 },
             );
-            let answer = match controller.step_answering(&mut inner, &id, |_| {}, request) {
+            let told = |e: &mut Engine| {
+                for region in unreachable {
+                    e.handle(now, Event::Reachable { region, reachable: false });
+                }
+            };
+            let answer = match controller.step_answering(&mut inner, &id, told, request) {
                 Ok(answer) => answer,
                 Err(e) => {
                     // Not stored, so not started (the controller starts over from its store).

@@ -121,12 +121,23 @@ impl Inner {
     /// has just ended if it was superseded), and keeps it as the region's last desired state,
     /// for agents that connect later.
     fn deliver(&mut self, region: String, d: pb::DesiredState, also: &[String]) {
-        for agent in self.agents.values().filter(|a| a.region == region) {
-            if also.contains(&agent.cluster) || self.named(&agent.region, &agent.cluster) {
-                let _ = agent.tx.send(Ok(desired_message(d.clone())));
+        let to: Vec<u64> = (self.agents.iter())
+            .filter(|(_, a)| a.region == region)
+            .filter(|(_, a)| also.contains(&a.cluster) || self.named(&a.region, &a.cluster))
+            .map(|(conn, _)| *conn)
+            .collect();
+        for conn in to {
+            if let Some(agent) = self.agents.get_mut(&conn) {
+                agent.send(&d);
             }
         }
         self.desired.insert(region, d);
+    }
+
+    /// Whether an agent of each of `clusters` of `region` is connected.
+    pub fn reachable(&self, clusters: &[fleet::model::Cluster], region: &str) -> bool {
+        (clusters.iter())
+            .all(|c| (self.agents.values()).any(|a| a.region == region && a.cluster == c.agent))
     }
 
     /// Whether the agent of `cluster` in `region` is one a manifest names: its service's
@@ -197,6 +208,20 @@ pub(crate) struct Agent {
     pub connected_at_ms: i64,
     /// When its last report came (0: none yet).
     pub reported_at_ms: i64,
+    /// The desired state last sent on its stream.
+    pub sent: Option<pb::DesiredState>,
+}
+
+impl Agent {
+    /// Sends `d` on the agent's stream, unless it was the last sent there: an agent that
+    /// comes back is sent its region's state as it says hello, and again as the release
+    /// hears its region reachable.
+    fn send(&mut self, d: &pb::DesiredState) {
+        if self.sent.as_ref() != Some(d) {
+            let _ = self.tx.send(Ok(desired_message(d.clone())));
+            self.sent = Some(d.clone());
+        }
+    }
 }
 
 /// Logs every region that two services' fleets have (a store from before regions were
@@ -544,10 +569,22 @@ impl Controller {
         }
         inner.next_conn += 1;
         let conn = inner.next_conn;
+        let mut agent = Agent {
+            region: hello.region.clone(),
+            cluster: hello.cluster.clone(),
+            tx,
+            status: None,
+            version: hello.agent_version.clone(),
+            driver: crate::agents::driver(&hello.capabilities).to_string(),
+            instance: hello.instance,
+            connected_at_ms: Utc::now().timestamp_millis(),
+            reported_at_ms: 0,
+            sent: None,
+        };
         match inner.named(&hello.region, &hello.cluster) {
             true => {
                 if let Some(d) = inner.desired.get(&hello.region) {
-                    let _ = tx.send(Ok(desired_message(d.clone())));
+                    agent.send(d);
                 }
             }
             // Before any manifest is applied (a fleet coming up, agents first), that is as
@@ -560,20 +597,7 @@ impl Controller {
             }
         }
         tracing::info!(region = %hello.region, cluster = %hello.cluster, version = %hello.agent_version, "agent connected");
-        inner.agents.insert(
-            conn,
-            Agent {
-                region: hello.region.clone(),
-                cluster: hello.cluster,
-                tx,
-                status: None,
-                version: hello.agent_version,
-                driver: crate::agents::driver(&hello.capabilities).to_string(),
-                instance: hello.instance,
-                connected_at_ms: Utc::now().timestamp_millis(),
-                reported_at_ms: 0,
-            },
-        );
+        inner.agents.insert(conn, agent);
         self.update_reachability(&mut inner, &hello.region);
         Ok(conn)
     }
@@ -670,12 +694,7 @@ impl Controller {
             else {
                 continue;
             };
-            let reachable = clusters.iter().all(|c| {
-                inner
-                    .agents
-                    .values()
-                    .any(|a| a.region == region && a.cluster == c.agent)
-            });
+            let reachable = inner.reachable(&clusters, region);
             let region = region.to_string();
             let result = self.step(inner, &id, |e| {
                 e.handle(Utc::now(), Event::Reachable { region, reachable })
@@ -766,11 +785,11 @@ impl Controller {
             let Some(agent) = inner.agents.get(&conn) else {
                 continue;
             };
-            if let (true, Some(d)) = (
-                inner.named(&agent.region, &agent.cluster),
-                inner.desired.get(&agent.region),
-            ) {
-                let _ = agent.tx.send(Ok(desired_message(d.clone())));
+            let named = inner.named(&agent.region, &agent.cluster);
+            if let (true, Some(d)) = (named, inner.desired.get(&agent.region).cloned())
+                && let Some(agent) = inner.agents.get_mut(&conn)
+            {
+                agent.send(&d);
             }
         }
         Ok(())

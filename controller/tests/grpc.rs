@@ -1069,8 +1069,9 @@ async fn after_a_release_rolled_back_the_next_knows_what_runs_and_a_wrong_from_i
         (west.region.as_str(), west.status.as_str()),
         ("us-west", "rolling_back")
     );
-    let why = "its agents have not reported on it yet: it is put in force as they come";
-    assert!(west.waiting.starts_with(why), "{west:?}");
+    // Its agent has not been connected since the release started: it is unreachable.
+    let why = "not every cluster's agent is connected: it is put in force as they come";
+    assert!(west.waiting.starts_with(why) && !west.reachable, "{west:?}");
     let _agents = fake_agents(&server, 0.0);
     let ended = |r: &pb::Release| r.phase == "rolled_back";
     wait_for(&mut client, &first, Duration::from_secs(30), ended).await;
@@ -1161,7 +1162,10 @@ async fn a_promote_given_its_gate_passes_that_gate_once_and_refuses_a_second() {
     // The release goes on to its end, each region's indefinite pause promoted by its gate.
     for (n, region) in ["us-east", "eu-west"].into_iter().enumerate() {
         let gate = format!("step:{region}=1");
-        wait_for(&mut client, &id, Duration::from_secs(60), |r| r.gate == gate).await;
+        wait_for(&mut client, &id, Duration::from_secs(60), |r| {
+            r.gate == gate
+        })
+        .await;
         let request_id = format!("p-next-{n}");
         (client.promote(promote(&request_id, &gate)).await).unwrap();
     }
@@ -1171,5 +1175,82 @@ async fn a_promote_given_its_gate_passes_that_gate_once_and_refuses_a_second() {
     .await;
     let west = weights(&agents["us-west"].0);
     assert_eq!(west.iter().filter(|w| **w == 1000).count(), 1, "{west:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_whose_agents_are_away_when_a_release_starts_is_unreachable_and_holds_until_they_come()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mut client) = quick_applied(dir.path()).await;
+    // The first two regions' agents are connected; the last one's is not.
+    let mut agents = Agents(
+        ["us-west", "us-east"]
+            .into_iter()
+            .map(|r| (r, fake_agent(server.grpc.clone(), r, 0.0)))
+            .collect(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = client
+            .list_agents(pb::ListAgentsRequest {
+                service: "demo".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .agents;
+        if listed.iter().filter(|a| a.connected).count() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{listed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start = pb::StartReleaseRequest {
+        request_id: "start-1".into(),
+        service: "demo".into(),
+        version: "v2".into(),
+        from_version: "v1".into(),
+        ..Default::default()
+    };
+    let started = client.start_release(start).await.unwrap().into_inner();
+    let reachable = |r: &pb::Release, region: &str| {
+        (r.regions.iter())
+            .find(|g| g.region == region)
+            .map(|g| g.reachable)
+    };
+    // Said in the start's own answer, and in the history.
+    assert_eq!(reachable(&started, "eu-west"), Some(false), "{started:#?}");
+    assert_eq!(reachable(&started, "us-west"), Some(true), "{started:#?}");
+    let history = client
+        .history(pb::HistoryRequest {
+            id: started.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(
+        history.iter().any(|e| e.region == "eu-west"
+            && e.reason == "agent unreachable (the release has not reached this region yet)"),
+        "{history:#?}"
+    );
+    // The first two waves go through; the last holds at its first step, unreachable.
+    let held = wait_for(&mut client, &started.id, Duration::from_secs(60), |r| {
+        r.wave == "last" && r.wave_state == "running"
+    })
+    .await;
+    assert_eq!(held.phase, "progressing");
+    assert_eq!(reachable(&held, "eu-west"), Some(false));
+    // Its agent comes: the release carries on to its end.
+    agents
+        .0
+        .insert("eu-west", fake_agent(server.grpc.clone(), "eu-west", 0.0));
+    wait_for(&mut client, &started.id, Duration::from_secs(60), |r| {
+        r.phase == "succeeded"
+    })
+    .await;
+    let west = weights(&agents["eu-west"].0);
+    assert_eq!(west.last(), Some(&0), "promoted: {west:?}");
     server.stop().await;
 }
