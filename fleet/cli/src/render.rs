@@ -131,11 +131,18 @@ pub fn release_status(r: &pb::Release) -> String {
             (true, 0) => g.status.clone(),
             (true, _) => format!("{} (not ready)", g.status),
         };
+        // The share sent; until it is in force the proxies serve the one before.
+        let canary = match (g.canary_weight_bp, g.in_force, g.status.as_str()) {
+            (1.., false, "entering" | "active" | "promoting") => {
+                format!("{} (sent)", percent(g.canary_weight_bp))
+            }
+            _ => percent(g.canary_weight_bp),
+        };
         table.add_row([
             g.region.clone(),
             status,
             step,
-            percent(g.canary_weight_bp),
+            canary,
             g.last_verdict.clone(),
         ]);
     }
@@ -317,6 +324,33 @@ mod tests {
             ],
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_canary_share_sent_but_not_in_force_is_marked_sent() {
+        let region = |name: &str, in_force| pb::RegionProgress {
+            region: name.into(),
+            status: "active".into(),
+            canary_weight_bp: 5000,
+            in_force,
+            reachable: true,
+            ..Default::default()
+        };
+        let release = pb::Release {
+            id: "demo-1".into(),
+            regions: vec![region("us-west", true), region("us-east", false)],
+            ..Default::default()
+        };
+        let out = release_status(&release);
+        let cells = |name: &str| {
+            let row = out
+                .lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap();
+            row.split_whitespace().skip(2).collect::<Vec<_>>().join(" ")
+        };
+        assert_eq!(cells("us-west"), "50%", "{out}");
+        assert_eq!(cells("us-east"), "50% (sent)", "{out}");
     }
 
     #[test]
