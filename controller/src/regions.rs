@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use fleet_proto::v1 as pb;
+
 use crate::runtime::Inner;
 
 /// Who else has a region.
@@ -75,6 +77,49 @@ pub fn refuse_fleet(
          --region and, under mutual TLS, certificates for it), or run a controller of its own \
          for {service} (its own --data, or --etcd-prefix)"
     ))
+}
+
+/// Warnings for `manifest` (its source `src`), applied while `releases` of its service are
+/// under way (their ids, and the manifests they started with): one for each cluster such a
+/// release steers that `manifest` names no longer. A release goes on with the clusters it
+/// started with. Pure.
+pub fn clusters_gone_under(
+    releases: &[(&str, &fleet::Manifest)],
+    manifest: &fleet::Manifest,
+    src: &str,
+) -> Vec<pb::Diagnostic> {
+    let mut out = Vec::new();
+    for (id, started) in releases {
+        for region in &started.regions {
+            let now = (manifest.regions.iter().enumerate()).find(|(_, r)| r.name == region.name);
+            let named =
+                |agent: &str| now.is_some_and(|(_, r)| r.clusters.iter().any(|c| c.agent == agent));
+            for cluster in region.clusters.iter().filter(|c| !named(&c.agent)) {
+                let path = match now {
+                    Some((i, _)) => format!("regions[{i}].clusters"),
+                    None => "regions".to_string(),
+                };
+                let (line, column) = fleet::position(src, &path);
+                out.push(pb::Diagnostic {
+                    severity: "warning".into(),
+                    line: u32::try_from(line).unwrap_or(u32::MAX),
+                    column: u32::try_from(column).unwrap_or(u32::MAX),
+                    path,
+                    message: format!(
+                        "cluster {} of region {} is named no longer, but release {id}, under \
+                         way, steers it",
+                        cluster.name, region.name
+                    ),
+                    help: format!(
+                        "{id} goes on with the clusters it started with until it ends (it sends \
+                         that cluster's agent its steps, and waits for it); the clusters named \
+                         here are the next release's"
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Why a release of `manifest` may not start, if it may not: a region of it another

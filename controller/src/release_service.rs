@@ -269,9 +269,16 @@ impl ReleaseService for Releases {
                     lines.join("\n")
                 ))
             })?;
-            let warnings = loaded.warnings.iter().map(convert::diagnostic).collect();
+            let mut warnings: Vec<pb::Diagnostic> =
+                loaded.warnings.iter().map(convert::diagnostic).collect();
             let service = loaded.manifest.service.name.clone();
             let mut inner = self.controller.lock();
+            let under_way: Vec<(&str, &fleet::Manifest)> = (inner.releases.iter())
+                .filter(|(_, r)| r.service == service && !r.engine.state().phase.is_terminal())
+                .map(|(id, r)| (id.as_str(), r.engine.manifest()))
+                .collect();
+            let gone = regions::clusters_gone_under(&under_way, &loaded.manifest, &r.manifest);
+            warnings.extend(gone);
             let held = regions::held_by_others(&inner, &service);
             let had: Vec<String> = (inner.fleets.get(&service).into_iter())
                 .flat_map(|f| f.manifest.regions.iter().map(|r| r.name.clone()))

@@ -280,13 +280,16 @@ async fn an_agent_of_a_cluster_no_manifest_names_is_sent_nothing_until_one_does(
 
     // The fleet names it: it is sent its region's desired state at once.
     let renamed = QUICK.replace("[{ name: usw-a }]", "[{ name: usw-a }, { name: usw-z }]");
-    client
+    let applied = client
         .apply_fleet(pb::ApplyFleetRequest {
             request_id: "apply-2".into(),
             manifest: renamed,
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    // A cluster added under the release takes none away: nothing to warn of.
+    assert!(applied.warnings.is_empty(), "{:?}", applied.warnings);
     assert_eq!(desired_on(&mut stray).await.release_id, id);
     server.stop().await;
 }
@@ -302,9 +305,33 @@ async fn a_superseded_release_rolls_back_the_agents_only_it_names() {
     let renamed = QUICK.replace("[{ name: usw-a }]", "[{ name: usw-b }]");
     let apply = pb::ApplyFleetRequest {
         request_id: "apply-2".into(),
-        manifest: renamed,
+        manifest: renamed.clone(),
     };
-    client.apply_fleet(apply).await.unwrap();
+    // Applied, with a warning that points at the clusters and says what becomes of usw-a.
+    let warnings = client
+        .apply_fleet(apply)
+        .await
+        .unwrap()
+        .into_inner()
+        .warnings;
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    let w = &warnings[0];
+    assert_eq!(
+        (w.severity.as_str(), w.path.as_str()),
+        ("warning", "regions[0].clusters")
+    );
+    let line = renamed.lines().nth(w.line as usize - 1).unwrap_or_default();
+    assert!(line.contains("usw-b"), "line {}: {line}", w.line);
+    assert_eq!(
+        w.message,
+        format!(
+            "cluster usw-a of region us-west is named no longer, but release {id}, under way, steers it"
+        )
+    );
+    assert!(
+        w.help
+            .starts_with(&format!("{id} goes on with the clusters it started with"))
+    );
     let start = pb::StartReleaseRequest {
         request_id: "start-2".into(),
         service: "demo".into(),

@@ -34,6 +34,14 @@ pub fn load_kept(src: &str) -> Result<Loaded, Vec<Diagnostic>> {
     load_as(src, Rules::Kept)
 }
 
+/// Where the field `path` (named as diagnostics name one: `regions[0].clusters`) is in the
+/// manifest `src`: its line and column, or its nearest ancestor's; for diagnostics made of a
+/// manifest after it loaded.
+pub fn position(src: &str, path: &str) -> (usize, usize) {
+    let pos = fleet_yaml::load::<wire::Manifest>(src).positions.of(path);
+    (pos.line, pos.column)
+}
+
 /// Which rules a manifest is checked by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rules {
