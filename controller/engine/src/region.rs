@@ -14,12 +14,22 @@ use crate::{ENGINE, Engine, delta};
 impl Engine {
     /// Starts moving `region` to `step` (the number of steps means the final promotion).
     pub(crate) fn enter_step(&mut self, now: DateTime<Utc>, region: &str, step: usize) {
+        let mut away = false;
         if let Some(r) = self.state.regions.get_mut(region) {
+            // Reached while its agents are away: said now, as its history said them gone
+            // when the release had not reached it.
+            away = r.status == RegionStatus::Pending && !r.reachable;
             r.status = RegionStatus::Entering;
             r.step = step;
             r.hooks_passed = 0;
             r.awaiting_hook = None;
             r.promote_requested = false;
+        }
+        if away {
+            let reason = "reached while its agent is unreachable: the region holds at its first \
+                          step until its agents are back"
+                .to_string();
+            self.record(now, ENGINE, Some(region), What::RegionHolding, reason);
         }
         self.try_enter(now, region);
     }

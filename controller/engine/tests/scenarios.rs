@@ -1299,6 +1299,32 @@ fn each_gate_a_promote_passes_has_a_name_that_a_stale_promote_is_refused_by() {
 }
 
 #[test]
+fn a_region_reached_while_its_agents_are_away_says_so_and_holds_until_they_are_back() {
+    let mut sim = four_waves();
+    sim.reach("us-east-1", false);
+    let reached = |s: &Sim| s.engine.state().regions["us-east-1"].status != RegionStatus::Pending;
+    assert!(sim.run_promoting_until(TimeDelta::hours(3), reached));
+    let said: Vec<&str> = (sim.history.iter())
+        .filter(|e| e.region.as_deref() == Some("us-east-1") && e.what == What::RegionHolding)
+        .map(|e| e.reason.as_str())
+        .collect();
+    assert_eq!(
+        said,
+        [
+            "agent unreachable (the release has not reached this region yet)",
+            "reached while its agent is unreachable: the region holds at its first step until its agents are back",
+        ]
+    );
+    // It holds for an hour, never failed; then its agents are back, and it carries on.
+    sim.run_until(TimeDelta::hours(1), |_| false);
+    assert!(failures(&sim).is_empty());
+    assert_eq!(sim.engine.state().regions["us-east-1"].step, 0);
+    sim.reach("us-east-1", true);
+    assert!(sim.run_promoting(TimeDelta::days(1)));
+    assert_eq!(sim.engine.state().phase, Phase::Succeeded);
+}
+
+#[test]
 fn a_failure_held_during_an_operators_pause_adds_its_reason_to_the_operators() {
     let mut held = (*manifest("multi-region-canary")).clone();
     held.on_failure = fleet::model::FailurePolicy::Hold;
