@@ -221,7 +221,14 @@ impl Releases {
             };
             let refused = match (action, r.gate.as_str()) {
                 (_, "") => run.engine.refusal(action),
-                (Action::Promote, gate) => run.engine.gate_refusal(gate),
+                (Action::Promote, gate) => match fleet_engine::gate_name(gate) {
+                    Ok(_) => run.engine.gate_refusal(gate),
+                    Err(why) => {
+                        return Err(Status::invalid_argument(format!(
+                            "gate {why}; nothing changed"
+                        )));
+                    }
+                },
                 (_, gate) => {
                     return Err(Status::invalid_argument(format!(
                         "gate {gate:?} is for a promote, not a {method}; nothing changed"

@@ -1140,6 +1140,16 @@ async fn a_promote_given_its_gate_passes_that_gate_once_and_refuses_a_second() {
         "{}",
         refused.message()
     );
+    // Not a gate's name: refused as such.
+    let garbage = (client.promote(promote("p-g", "garbage text")).await).unwrap_err();
+    assert_eq!(garbage.code(), tonic::Code::InvalidArgument);
+    assert!(
+        garbage
+            .message()
+            .starts_with("gate \"garbage text\" is not a gate's name"),
+        "{}",
+        garbage.message()
+    );
     // Its gate: passed.
     let passed = (client.promote(promote("p-1", "step:us-west=1")).await).unwrap();
     assert_ne!(passed.into_inner().gate, "step:us-west=1");

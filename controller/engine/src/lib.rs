@@ -24,6 +24,7 @@ use fleet::Manifest;
 use fleet::model::HookEvent;
 
 pub use input::{Action, Event, Histogram, RegionStats, TrackStats};
+pub use operator::gate_name;
 pub use output::{Command, Desired, HistoryEvent, Traffic, What};
 pub use state::{Phase, RegionState, RegionStatus, ReleaseSpec, State, WaveState};
 

@@ -60,8 +60,14 @@ impl Engine {
     }
 
     /// Why a promote meant for `gate` is refused: the release waits at another gate (it
-    /// passed that one already, say), or at none; `None` if it waits at `gate`. Pure.
+    /// passed that one already, say), or at none; `None` if it waits at `gate`. `gate` is
+    /// taken as [`gate_name`] reads it. Pure.
     pub fn gate_refusal(&self, gate: &str) -> Option<String> {
+        let gate = match gate_name(gate) {
+            Ok(gate) => gate,
+            Err(why) => return Some(why),
+        };
+        let gate = gate.as_str();
         match self.gate() {
             Some(now) if now == gate => None,
             Some(now) => Some(format!(
@@ -210,6 +216,9 @@ impl Engine {
             return;
         }
         let awaits_approval = self.awaits_approval();
+        let Some(gate) = self.gate() else {
+            return;
+        };
         let what = match &mut self.state.wave_state {
             WaveState::Waiting { approved, .. } if awaits_approval => {
                 *approved = true;
@@ -233,11 +242,83 @@ impl Engine {
                 format!("promoted {}", promoted.join(", "))
             }
         };
+        let what = format!("{what} (gate {gate})");
         let reason = if reason.is_empty() {
             what
         } else {
             format!("{what}: {reason}")
         };
         self.record(now, actor, None, What::Promoted, reason);
+    }
+}
+
+/// `given` as [`Engine::gate`] names a gate (the regions of a step gate in name order), or
+/// why it names none. Pure.
+pub fn gate_name(given: &str) -> Result<String, String> {
+    let why = || {
+        format!(
+            "{given:?} is not a gate's name: a gate is approval:WAVE, bake:WAVE or \
+             step:REGION=N,… (N counted from 1), as `fleetctl release status` names it"
+        )
+    };
+    let (kind, rest) = given.split_once(':').ok_or_else(why)?;
+    let is_name = |s: &str| !s.is_empty() && !s.contains(char::is_whitespace);
+    match kind {
+        "approval" | "bake" if is_name(rest) => Ok(given.to_string()),
+        "step" => {
+            let mut at: Vec<(&str, u32)> = Vec::new();
+            for part in rest.split(',') {
+                let (region, n) = part.split_once('=').ok_or_else(why)?;
+                let n = n.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(why)?;
+                if !is_name(region) || at.iter().any(|(r, _)| *r == region) {
+                    return Err(why());
+                }
+                at.push((region, n));
+            }
+            at.sort();
+            let at: Vec<String> = at.iter().map(|(r, n)| format!("{r}={n}")).collect();
+            Ok(format!("step:{}", at.join(",")))
+        }
+        _ => Err(why()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gate_name;
+
+    #[test]
+    fn a_gate_is_read_in_the_form_the_engine_names_it() {
+        for (given, read) in [
+            ("approval:americas", "approval:americas"),
+            ("bake:first", "bake:first"),
+            ("step:us-west=2", "step:us-west=2"),
+            // The regions of a step gate in any order.
+            ("step:us-east=1,eu-west=1", "step:eu-west=1,us-east=1"),
+        ] {
+            assert_eq!(gate_name(given).as_deref(), Ok(read), "{given}");
+        }
+        for given in [
+            "",
+            "   ",
+            "garbage text",
+            "step:us-west=0",
+            "step:us-west=x",
+            "step:us-west",
+            "step:",
+            "step:us-west=1,us-west=2",
+            "STEP:US-WEST=2",
+            "bake:",
+            "approval:two words",
+        ] {
+            let why = gate_name(given).unwrap_err();
+            assert!(
+                why.ends_with(
+                    "is not a gate's name: a gate is approval:WAVE, bake:WAVE or step:REGION=N,… \
+                     (N counted from 1), as `fleetctl release status` names it"
+                ),
+                "{given}: {why}"
+            );
+        }
     }
 }

@@ -349,7 +349,10 @@ async fn keep_until_stopped(fleet: &mut LocalFleet) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = &mut stopped => return,
+            why = &mut stopped => {
+                println!("\n{why}; stopping everything the demo started");
+                return;
+            }
             _ = every.tick() => {
                 for (name, status) in fleet.ended_by_themselves() {
                     println!("the {name} ended ({status}); the rest of the fleet keeps running");

@@ -36,7 +36,7 @@ pub struct Remote {
     /// How to print answers: a table for people, or JSON for scripts (a document for each
     /// answer; `release history` and `release watch` print one JSON object a line, as events
     /// come). `diff` prints a unified diff either way and refuses json.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     /// Bear with a controller that is away for a moment (the connection refused, reset or
     /// timed out; a call cut, or answered UNAVAILABLE: restarting, or handing its lead to
@@ -161,7 +161,7 @@ enum ReleaseVerb {
         /// The gate to pass, as `release status` names it: approval:WAVE, bake:WAVE or
         /// step:REGION=N,…; refused (exit 2, naming the gate the release waits at) if the
         /// release waits at another.
-        #[arg(long, value_name = "GATE")]
+        #[arg(long, value_name = "GATE", value_parser = gate)]
         gate: Option<String>,
     },
     /// Hold the release where it is: no step, bake or wave moves on until resume. Analysis
@@ -204,6 +204,20 @@ impl Follow {
 
 /// A duration flag, read as the manifest reads durations (no months or years, at most 30
 /// days).
+/// `--gate`'s value: not empty (an unset variable in `--gate "$GATE"` would otherwise pass
+/// whatever gate the release waits at); the controller reads the rest.
+fn gate(s: &str) -> Result<String, String> {
+    match s.trim() {
+        "" => Err(
+            "an empty gate names none: give the gate `fleetctl release status` names \
+             (approval:WAVE, bake:WAVE or step:REGION=N,…), or leave --gate out to pass \
+             whatever gate the release waits at"
+                .into(),
+        ),
+        _ => Ok(s.to_string()),
+    }
+}
+
 fn duration(s: &str) -> Result<humantime::Duration, String> {
     fleet::duration(s).map(Into::into)
 }

@@ -124,7 +124,12 @@ pub fn release_status(r: &pb::Release) -> String {
         let step = if g.steps == 0 {
             String::new()
         } else {
-            format!("{}/{} {}", (g.step + 1).min(g.steps), g.steps, g.step_label)
+            let at = format!("{}/{}", (g.step + 1).min(g.steps), g.steps);
+            // A canary's own count ("step 2/3") says more only after other phases (a mirror).
+            match g.step_label == format!("step {at}") {
+                true => at,
+                false => format!("{at} {}", g.step_label),
+            }
         };
         let status = match (g.reachable, g.deadline_ms) {
             (false, _) => format!("{} (unreachable)", g.status),
@@ -351,6 +356,41 @@ mod tests {
         };
         assert_eq!(cells("us-west"), "50%", "{out}");
         assert_eq!(cells("us-east"), "50% (sent)", "{out}");
+    }
+
+    #[test]
+    fn a_step_is_counted_once_unless_the_canary_counts_its_own() {
+        let region = |name: &str, step, steps, label: &str| pb::RegionProgress {
+            region: name.into(),
+            status: "active".into(),
+            step,
+            steps,
+            step_label: label.into(),
+            reachable: true,
+            in_force: true,
+            ..Default::default()
+        };
+        let release = pb::Release {
+            regions: vec![
+                region("us-west", 0, 3, "step 1/3"),
+                // After a mirror phase, the canary's first step is the region's second.
+                region("us-east", 1, 4, "step 1/3"),
+                region("eu-west", 1, 2, "switch"),
+            ],
+            ..Default::default()
+        };
+        let out = release_status(&release);
+        let step = |name: &str| {
+            let row = out
+                .lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap();
+            let cells: Vec<&str> = row.split_whitespace().skip(2).collect();
+            cells[..cells.len() - 1].join(" ")
+        };
+        assert_eq!(step("us-west"), "1/3", "{out}");
+        assert_eq!(step("us-east"), "2/4 step 1/3", "{out}");
+        assert_eq!(step("eu-west"), "2/2 switch", "{out}");
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub struct Plan {
     /// Plan an emergency release, which ignores windows and blackouts; give the reason.
     #[arg(long, value_name = "REASON", value_parser = reason)]
     emergency: Option<String>,
-    #[arg(long, value_enum, default_value_t = Output::Table)]
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
 }
 

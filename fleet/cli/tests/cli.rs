@@ -409,3 +409,25 @@ fn a_call_given_up_on_says_how_many_tries_it_made_in_how_long() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_empty_gate_is_refused_before_any_call() {
+    // No controller listens on port 1: refused before any call.
+    for gate in ["", "  "] {
+        let out = fleetctl(&[
+            "release",
+            "promote",
+            "demo-1",
+            "--gate",
+            gate,
+            "--controller",
+            "http://127.0.0.1:1",
+        ]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("an empty gate names none") && !stderr.contains("controller"),
+            "{stderr}"
+        );
+    }
+}
