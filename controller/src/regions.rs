@@ -105,11 +105,18 @@ pub fn clusters_gone_under(
                     line: u32::try_from(line).unwrap_or(u32::MAX),
                     column: u32::try_from(column).unwrap_or(u32::MAX),
                     path,
-                    message: format!(
-                        "cluster {} of region {} is named no longer, but release {id}, under \
-                         way, steers it",
-                        cluster.name, region.name
-                    ),
+                    message: match now {
+                        Some(_) => format!(
+                            "cluster {} of region {} is named no longer, but release {id}, \
+                             under way, steers it",
+                            cluster.name, region.name
+                        ),
+                        None => format!(
+                            "region {} is named no longer, but release {id}, under way, \
+                             steers its cluster {}",
+                            region.name, cluster.name
+                        ),
+                    },
                     help: format!(
                         "{id} goes on with the clusters it started with until it ends (it sends \
                          that cluster's agent its steps, and waits for it); the clusters named \
@@ -199,5 +206,44 @@ mod tests {
             refuse_fleet(&held, &[], &manifest("shop", &["a", "b", "c"])),
             None
         );
+    }
+
+    #[test]
+    fn a_cluster_or_region_a_release_under_way_steers_and_an_apply_drops_is_warned_of() {
+        let quick = include_str!("../../deploy/examples/quick.yaml");
+        let started = fleet::load(quick).unwrap().manifest;
+        // us-west's cluster renamed; eu-west gone (from its waves too).
+        let src = quick
+            .replace("[{ name: usw-a }]", "[{ name: usw-b }]")
+            .replace(
+                "  - name: eu-west\n    traffic_share: 40\n    clusters: [{ name: euw-a }]\n",
+                "",
+            )
+            .replace("traffic_share: 50", "traffic_share: 90")
+            .replace("  - name: last\n    regions: [eu-west]\n", "");
+        let now = fleet::load(&src).unwrap().manifest;
+        let said = clusters_gone_under(&[("demo-3", &started)], &now, &src);
+        let said: Vec<(&str, u32, &str)> = (said.iter())
+            .map(|d| (d.path.as_str(), d.line, d.message.as_str()))
+            .collect();
+        let line = |text: &str| 1 + src.lines().position(|l| l.contains(text)).unwrap() as u32;
+        assert_eq!(
+            said,
+            [
+                (
+                    "regions[0].clusters",
+                    line("usw-b"),
+                    "cluster usw-a of region us-west is named no longer, but release demo-3, under way, steers it"
+                ),
+                (
+                    "regions",
+                    // The list's own position: its first item.
+                    line("- name: us-west"),
+                    "region eu-west is named no longer, but release demo-3, under way, steers its cluster euw-a"
+                ),
+            ]
+        );
+        // Nothing dropped: nothing said.
+        assert!(clusters_gone_under(&[("demo-3", &started)], &started, quick).is_empty());
     }
 }

@@ -286,6 +286,8 @@ impl ReleaseService for Releases {
                 .collect();
             let gone = regions::clusters_gone_under(&under_way, &loaded.manifest, &r.manifest);
             warnings.extend(gone);
+            // In the file's order, as the loader gives its own.
+            warnings.sort_by_key(|w| (w.line, w.column));
             let held = regions::held_by_others(&inner, &service);
             let had: Vec<String> = (inner.fleets.get(&service).into_iter())
                 .flat_map(|f| f.manifest.regions.iter().map(|r| r.name.clone()))

@@ -269,7 +269,9 @@ pub fn gate_name(given: &str) -> Result<String, String> {
             let mut at: Vec<(&str, u32)> = Vec::new();
             for part in rest.split(',') {
                 let (region, n) = part.split_once('=').ok_or_else(why)?;
-                let n = n.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(why)?;
+                // As the engine writes a number: digits, no sign, no leading zero.
+                let digits = n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0');
+                let n = (n.parse::<u32>().ok()).filter(|_| digits).ok_or_else(why)?;
                 if !is_name(region) || at.iter().any(|(r, _)| *r == region) {
                     return Err(why());
                 }
@@ -304,6 +306,8 @@ mod tests {
             "garbage text",
             "step:us-west=0",
             "step:us-west=x",
+            "step:us-west=01",
+            "step:us-west=+1",
             "step:us-west",
             "step:",
             "step:us-west=1,us-west=2",

@@ -293,7 +293,11 @@ impl Apply {
         }
         let fleet = response.fleet.unwrap_or_default();
         match self.remote.output {
-            Output::Json => println!("{}", render::fleet_json(&fleet)),
+            Output::Json => {
+                let mut applied = render::fleet_json(&fleet);
+                applied["warnings"] = render::diagnostics_json(&response.warnings);
+                println!("{applied}")
+            }
             Output::Table => println!(
                 "applied fleet {} (waves: {})",
                 fleet.service,

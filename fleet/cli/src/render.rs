@@ -31,6 +31,18 @@ pub fn fleet_json(f: &pb::Fleet) -> Value {
     json!({ "service": f.service, "regions": f.regions, "waves": f.waves, "applied_at_ms": f.applied_at_ms })
 }
 
+/// The controller's diagnostics of a manifest, for scripts.
+pub fn diagnostics_json(diagnostics: &[pb::Diagnostic]) -> Value {
+    (diagnostics.iter())
+        .map(|d| {
+            json!({
+                "severity": d.severity, "line": d.line, "column": d.column, "path": d.path,
+                "message": d.message, "help": d.help,
+            })
+        })
+        .collect()
+}
+
 /// `fleet_json`, with the manifest as applied.
 pub fn fleet_json_with_manifest(f: &pb::Fleet) -> Value {
     let mut v = fleet_json(f);
@@ -125,8 +137,9 @@ pub fn release_status(r: &pb::Release) -> String {
             String::new()
         } else {
             let at = format!("{}/{}", (g.step + 1).min(g.steps), g.steps);
-            // A canary's own count ("step 2/3") says more only after other phases (a mirror).
-            match g.step_label == format!("step {at}") {
+            // A canary's own count ("step 1/4", after a mirror phase) would be a second count
+            // beside the region's; the share is in CANARY. Other labels say what the step is.
+            match g.step_label.starts_with("step ") {
                 true => at,
                 false => format!("{at} {}", g.step_label),
             }
@@ -359,7 +372,26 @@ mod tests {
     }
 
     #[test]
-    fn a_step_is_counted_once_unless_the_canary_counts_its_own() {
+    fn an_applys_warnings_are_in_its_json() {
+        let warning = pb::Diagnostic {
+            severity: "warning".into(),
+            line: 12,
+            column: 15,
+            path: "regions[0].clusters".into(),
+            message: "cluster usw-a of region us-west is named no longer".into(),
+            help: "…".into(),
+        };
+        let json = diagnostics_json(&[warning]);
+        assert_eq!(json[0]["path"], "regions[0].clusters");
+        assert_eq!(
+            (json[0]["line"].as_u64(), json[0]["column"].as_u64()),
+            (Some(12), Some(15))
+        );
+        assert_eq!(diagnostics_json(&[]), json!([]));
+    }
+
+    #[test]
+    fn a_step_is_counted_once() {
         let region = |name: &str, step, steps, label: &str| pb::RegionProgress {
             region: name.into(),
             status: "active".into(),
@@ -373,7 +405,8 @@ mod tests {
         let release = pb::Release {
             regions: vec![
                 region("us-west", 0, 3, "step 1/3"),
-                // After a mirror phase, the canary's first step is the region's second.
+                // After a mirror phase, the canary's first step is the region's second: one
+                // count.
                 region("us-east", 1, 4, "step 1/3"),
                 region("eu-west", 1, 2, "switch"),
             ],
@@ -389,7 +422,7 @@ mod tests {
             cells[..cells.len() - 1].join(" ")
         };
         assert_eq!(step("us-west"), "1/3", "{out}");
-        assert_eq!(step("us-east"), "2/4 step 1/3", "{out}");
+        assert_eq!(step("us-east"), "2/4", "{out}");
         assert_eq!(step("eu-west"), "2/2 switch", "{out}");
     }
 
