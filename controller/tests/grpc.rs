@@ -1185,6 +1185,19 @@ async fn a_promote_given_its_gate_passes_that_gate_once_and_refuses_a_second() {
     .await;
     let west = weights(&agents["us-west"].0);
     assert_eq!(west.iter().filter(|w| **w == 1000).count(), 1, "{west:?}");
+    // Each promote's history names its gate, in its details too.
+    let history = (client.history(pb::HistoryRequest { id: id.clone() }).await)
+        .unwrap()
+        .into_inner()
+        .events;
+    let gates: Vec<serde_json::Value> = (history.iter())
+        .filter(|e| e.kind == "promoted")
+        .map(|e| serde_json::from_str::<serde_json::Value>(&e.detail_json).unwrap()["gate"].clone())
+        .collect();
+    assert_eq!(
+        gates,
+        ["step:us-west=1", "step:us-east=1", "step:eu-west=1"]
+    );
     server.stop().await;
 }
 

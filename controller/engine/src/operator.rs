@@ -248,7 +248,7 @@ impl Engine {
         } else {
             format!("{what}: {reason}")
         };
-        self.record(now, actor, None, What::Promoted, reason);
+        self.record(now, actor, None, What::Promoted { gate }, reason);
     }
 }
 

@@ -142,7 +142,11 @@ pub enum What {
     RegionHolding,
     Paused,
     Resumed,
-    Promoted,
+    /// `gate` as [`crate::Engine::gate`] named it (empty in a history stored before gates).
+    Promoted {
+        #[serde(default)]
+        gate: String,
+    },
     WebhookCalled {
         on: HookEvent,
     },
@@ -153,4 +157,25 @@ pub enum What {
     RegionRolledBack,
     RolledBack,
     Succeeded,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::What;
+
+    #[test]
+    fn a_promote_stored_before_gates_reads_with_an_empty_gate() {
+        let old: What = serde_json::from_str(r#"{"kind":"promoted"}"#).unwrap();
+        assert_eq!(
+            old,
+            What::Promoted {
+                gate: String::new()
+            }
+        );
+        let now = What::Promoted {
+            gate: "bake:first".into(),
+        };
+        let json = serde_json::to_string(&now).unwrap();
+        assert_eq!(json, r#"{"kind":"promoted","gate":"bake:first"}"#);
+    }
 }
