@@ -222,7 +222,7 @@ impl Releases {
             let refused = match (action, r.gate.as_str()) {
                 (_, "") => run.engine.refusal(action),
                 (Action::Promote, gate) => match fleet_engine::gate_name(gate) {
-                    Ok(_) => run.engine.gate_refusal(gate),
+                    Ok(name) => run.engine.gate_refusal(&name),
                     Err(why) => {
                         return Err(Status::invalid_argument(format!(
                             "gate {why}; nothing changed"

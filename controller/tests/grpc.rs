@@ -1110,14 +1110,7 @@ async fn a_promote_given_its_gate_passes_that_gate_once_and_refuses_a_second() {
         manifest,
     };
     client.apply_fleet(apply).await.unwrap();
-    let start = pb::StartReleaseRequest {
-        request_id: "start-1".into(),
-        service: "demo".into(),
-        version: "v2".into(),
-        from_version: "v1".into(),
-        ..Default::default()
-    };
-    let id = client.start_release(start).await.unwrap().into_inner().id;
+    let id = start_v2(&mut client).await.id;
     let at_gate = wait_for(&mut client, &id, Duration::from_secs(30), |r| {
         !r.gate.is_empty()
     })
@@ -1229,14 +1222,7 @@ async fn a_region_whose_agents_are_away_when_a_release_starts_is_unreachable_and
         assert!(std::time::Instant::now() < deadline, "{listed:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let start = pb::StartReleaseRequest {
-        request_id: "start-1".into(),
-        service: "demo".into(),
-        version: "v2".into(),
-        from_version: "v1".into(),
-        ..Default::default()
-    };
-    let started = client.start_release(start).await.unwrap().into_inner();
+    let started = start_v2(&mut client).await;
     let reachable = |r: &pb::Release, region: &str| {
         (r.regions.iter())
             .find(|g| g.region == region)

@@ -59,15 +59,10 @@ impl Engine {
         }
     }
 
-    /// Why a promote meant for `gate` is refused: the release waits at another gate (it
-    /// passed that one already, say), or at none; `None` if it waits at `gate`. `gate` is
-    /// taken as [`gate_name`] reads it. Pure.
+    /// Why a promote meant for `gate` (a name as [`gate_name`] gives it) is refused: the
+    /// release waits at another gate (it passed that one already, say), or at none; `None`
+    /// if it waits at `gate`. Pure.
     pub fn gate_refusal(&self, gate: &str) -> Option<String> {
-        let gate = match gate_name(gate) {
-            Ok(gate) => gate,
-            Err(why) => return Some(why),
-        };
-        let gate = gate.as_str();
         match self.gate() {
             Some(now) if now == gate => None,
             Some(now) => Some(format!(

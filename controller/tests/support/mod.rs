@@ -200,19 +200,21 @@ pub async fn apply_and_start(client: &mut ReleaseServiceClient<Channel>) -> Stri
         .unwrap()
         .into_inner();
     assert_eq!(applied.fleet.unwrap().waves, ["first", "second", "last"]);
-    let release = client
-        .start_release(pb::StartReleaseRequest {
-            request_id: "start-1".into(),
-            service: "demo".into(),
-            version: "v2".into(),
-            from_version: "v1".into(),
-            actor: "alice".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    release.id
+    start_v2(client).await.id
+}
+
+/// Starts releasing v2 (from v1) of the fleet applied, as alice: the release, as the start
+/// answered it.
+pub async fn start_v2(client: &mut ReleaseServiceClient<Channel>) -> pb::Release {
+    let start = pb::StartReleaseRequest {
+        request_id: "start-1".into(),
+        service: "demo".into(),
+        version: "v2".into(),
+        from_version: "v1".into(),
+        actor: "alice".into(),
+        ..Default::default()
+    };
+    client.start_release(start).await.unwrap().into_inner()
 }
 
 /// A controller on `data` with the quick fleet applied, and a client of it.
