@@ -121,8 +121,12 @@ pub struct UpstreamSpec {
     /// Consecutive failures that eject a backend. Default: 5.
     #[schemars(range(min = 1))]
     pub eject_after: Option<u32>,
-    /// How long an ejected backend gets no traffic. Default: `10s`.
+    /// How long an ejected backend gets no traffic, but for trials. Default: `10s`.
     pub eject_for: Option<String>,
+    /// While every backend of a track is ejected (its requests would get `503`), one request
+    /// at a time, at most this often, is let through to one as a trial; an answer other than
+    /// 502–504 ends its ejection. Default: `1s`.
+    pub trial_every: Option<String>,
     /// Idle HTTP/1.1 connections kept open to each backend for reuse; more are closed.
     /// Default: 128.
     pub max_idle_per_backend: Option<u32>,
@@ -200,6 +204,7 @@ pub struct Upstream {
     pub retries: u32,
     pub eject_after: u32,
     pub eject_for: Duration,
+    pub trial_every: Duration,
     pub max_idle_per_backend: usize,
     /// `usize::MAX` when there is no limit.
     pub max_connections_per_backend: usize,
@@ -217,6 +222,7 @@ impl Upstream {
             retries: 3,
             eject_after: 5,
             eject_for: Duration::from_secs(10),
+            trial_every: Duration::from_secs(1),
             max_idle_per_backend: 1,
             max_connections_per_backend: usize::MAX,
         }

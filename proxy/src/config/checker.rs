@@ -120,6 +120,7 @@ impl Checker<'_> {
         let per_try_timeout = self.timeout("upstream.per_try_timeout", &u.per_try_timeout, 2_000);
         let read_timeout = self.timeout("upstream.read_timeout", &u.read_timeout, 60_000);
         let eject_for = self.duration("upstream.eject_for", &u.eject_for, 10_000);
+        let trial_every = self.duration("upstream.trial_every", &u.trial_every, 1_000);
         let header_read_timeout =
             self.timeout("limits.header_read_timeout", &l.header_read_timeout, 10_000);
         let idle_timeout = self.timeout("limits.idle_timeout", &l.idle_timeout, 60_000);
@@ -136,6 +137,7 @@ impl Checker<'_> {
             retries: u.retries.unwrap_or(3),
             eject_after: u.eject_after.unwrap_or(5),
             eject_for: eject_for?,
+            trial_every: trial_every?,
             max_idle_per_backend: u.max_idle_per_backend.unwrap_or(128) as usize,
             max_connections_per_backend: u
                 .max_connections_per_backend

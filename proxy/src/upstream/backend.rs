@@ -27,6 +27,9 @@ pub struct Backend {
     pub(super) pool: Pool,
     failures: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// While it is ejected: the earliest time (ms) of its next trial request ([`Trial`]), or
+    /// [`TRIAL_UNDER_WAY`].
+    trial_at_ms: AtomicU64,
     /// Under `protocol: auto`, whether it speaks HTTP/2 with prior knowledge: 0 not known,
     /// [`HTTP2_SPOKEN`], or until when (ms) it is taken to speak only HTTP/1.1.
     http2: AtomicU64,
@@ -35,6 +38,8 @@ pub struct Backend {
 }
 
 const HTTP2_SPOKEN: u64 = u64::MAX;
+/// `trial_at_ms` while a trial request is out: no other is let through.
+const TRIAL_UNDER_WAY: u64 = u64::MAX;
 /// How long a backend found to speak only HTTP/1.1 is taken at its word before it is asked
 /// again (it may be redeployed speaking both); asking costs a connection.
 const HTTP2_REFUSED_FOR_MS: u64 = 60_000;
@@ -51,6 +56,7 @@ impl Backend {
             pool: Pool::new(cfg.max_idle_per_backend, cfg.max_connections_per_backend),
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            trial_at_ms: AtomicU64::new(0),
             http2: AtomicU64::new(0),
             asking_http2: tokio::sync::Mutex::const_new(()),
         }
@@ -76,13 +82,43 @@ impl Backend {
         true
     }
 
-    /// Counts an answer: a gateway error (502–504) from the backend is a failure.
+    /// Counts an answer: a gateway error (502–504) from the backend is a failure. Whether it
+    /// was a success.
     #[inline]
-    pub(super) fn answered(&self, status: http::StatusCode, cfg: &Upstream) {
+    pub(super) fn answered(&self, status: http::StatusCode, cfg: &Upstream) -> bool {
         match status.as_u16() {
-            502..=504 => self.failed(cfg),
-            _ => self.succeeded(),
+            502..=504 => {
+                self.failed(cfg);
+                false
+            }
+            _ => {
+                self.succeeded();
+                true
+            }
         }
+    }
+
+    /// The trial request it may take while ejected, if one is due and none is out. Asked only
+    /// when no backend of the track is healthy, whose requests would all get `503`: one at a
+    /// time, at most every `trial_every`, goes to it instead, and its success ends the
+    /// ejection (a backend restarted in a second is not kept out for `eject_for`).
+    pub(super) fn trial(&self, cfg: &Upstream) -> Option<Trial<'_>> {
+        let now = now_ms();
+        if self.ejected_until_ms.load(Relaxed) <= now {
+            return None;
+        }
+        let at = self.trial_at_ms.load(Relaxed);
+        if at > now {
+            return None;
+        }
+        self.trial_at_ms
+            .compare_exchange(at, TRIAL_UNDER_WAY, Relaxed, Relaxed)
+            .ok()?;
+        Some(Trial {
+            backend: self,
+            every_ms: millis(cfg.trial_every),
+            passed: false,
+        })
     }
 
     /// For `protocol: auto`: whether it speaks HTTP/2 with prior knowledge, if known.
@@ -134,13 +170,52 @@ impl Backend {
         }
         if self.failures.fetch_add(1, Relaxed) + 1 >= cfg.eject_after {
             self.failures.store(0, Relaxed);
-            let until =
-                now.saturating_add(u64::try_from(cfg.eject_for.as_millis()).unwrap_or(u64::MAX));
+            let until = now.saturating_add(millis(cfg.eject_for));
             // Of failures on several threads at once, one ejects it and says so.
             if self.ejected_until_ms.swap(until, Relaxed) <= now {
+                self.trial_at_ms
+                    .store(now.saturating_add(millis(cfg.trial_every)), Relaxed);
                 tracing::warn!(backend = %self.addr, "backend ejected after consecutive failures");
             }
         }
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A request let through to an ejected backend ([`Backend::trial`]). Unless it [`passed`]
+/// (a lost one, a failure or a request given up on alike), the next may go `trial_every`
+/// after it ended.
+///
+/// [`passed`]: Trial::passed
+#[derive(Debug)]
+pub struct Trial<'a> {
+    backend: &'a Backend,
+    every_ms: u64,
+    passed: bool,
+}
+
+impl Trial<'_> {
+    /// It was answered with no gateway error: the backend is back, its count of failures at
+    /// zero.
+    pub(super) fn passed(mut self) {
+        let b = self.backend;
+        b.failures.store(0, Relaxed);
+        b.ejected_until_ms.store(0, Relaxed);
+        self.passed = true;
+        tracing::info!(backend = %b.addr, "ejected backend back: a trial request was answered");
+    }
+}
+
+impl Drop for Trial<'_> {
+    fn drop(&mut self) {
+        let next = match self.passed {
+            true => 0,
+            false => now_ms().saturating_add(self.every_ms),
+        };
+        self.backend.trial_at_ms.store(next, Relaxed);
     }
 }
 
@@ -156,6 +231,41 @@ mod tests {
             eject_for: Duration::from_secs(600),
             ..Upstream::for_tests()
         }
+    }
+
+    #[test]
+    fn an_ejected_backend_takes_one_trial_at_a_time_and_is_back_when_one_passes() {
+        let cfg = Upstream {
+            trial_every: Duration::ZERO,
+            ..upstream(1)
+        };
+        let b = Backend::new("127.0.0.1:1", &cfg);
+        assert!(b.trial(&cfg).is_none(), "not ejected: no trial");
+        b.failed(&cfg);
+        assert!(!b.healthy());
+        let first = b.trial(&cfg).expect("due at once with trial_every 0s");
+        assert!(b.trial(&cfg).is_none(), "one at a time");
+        // A trial that fails (or is given up on) lets the next one through.
+        drop(first);
+        assert!(!b.healthy(), "a failed trial ends nothing");
+        b.trial(&cfg).expect("the next trial").passed();
+        assert!(b.healthy());
+        assert!(b.trial(&cfg).is_none(), "back: no trial");
+        assert_eq!(b.failures.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_trial_is_due_trial_every_after_the_ejection_and_after_the_last_trial() {
+        let cfg = Upstream {
+            trial_every: Duration::from_secs(600),
+            ..upstream(1)
+        };
+        let b = Backend::new("127.0.0.1:1", &cfg);
+        b.failed(&cfg);
+        assert!(b.trial(&cfg).is_none(), "not due for ten minutes");
+        b.trial_at_ms.store(0, Relaxed);
+        drop(b.trial(&cfg).expect("due"));
+        assert!(b.trial(&cfg).is_none(), "ten minutes after the last");
     }
 
     #[test]

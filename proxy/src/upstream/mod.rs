@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use http::{Request, Response, Uri, Version};
 
 pub use backend::Backend;
+use backend::Trial;
 pub use h1::Answers;
 pub use pool::UpstreamBody;
 
@@ -132,9 +133,19 @@ pub async fn send(
     let mut failure = None;
     for attempt in 0..tries {
         let had_body = out.body.is_some();
-        let Some(backend) = pick(backends, start + attempt as usize) else {
-            // A try before may have ejected the last one: its failure is the answer.
-            return Err(failure.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string())));
+        let from = start + attempt as usize;
+        let (backend, mut trial) = match pick(backends, from) {
+            Some(backend) => (backend, None),
+            None => match pick_trial(backends, from, cfg) {
+                Some((backend, trial)) => (backend, Some(trial)),
+                // A try before may have ejected the last one, or been its trial: its failure
+                // is the answer.
+                None => {
+                    return Err(
+                        failure.unwrap_or_else(|| Failure::NoHealthyBackend(track.to_string()))
+                    );
+                }
+            },
         };
         // Without retries, a try has the whole request timeout. Its length from its start is
         // what an upload that moves has again from its last move.
@@ -194,7 +205,11 @@ pub async fn send(
                 if silent {
                     backend.heard_http2(false);
                 }
-                backend.answered(resp.status(), cfg);
+                if backend.answered(resp.status(), cfg)
+                    && let Some(trial) = trial.take()
+                {
+                    trial.passed();
+                }
                 return Ok(resp);
             }
             Err(e) => e,
@@ -281,6 +296,18 @@ pub fn pick(backends: &[Arc<Backend>], start: usize) -> Option<&Arc<Backend>> {
         return Some(first);
     }
     Some(healthy.find(|b| b.pool.has_room()).unwrap_or(first))
+}
+
+/// When [`pick`] finds none: an ejected backend's trial request, if one is due
+/// ([`Backend::trial`]), round robin from `start`.
+fn pick_trial<'a>(
+    backends: &'a [Arc<Backend>],
+    start: usize,
+    cfg: &Upstream,
+) -> Option<(&'a Arc<Backend>, Trial<'a>)> {
+    (0..backends.len())
+        .map(|i| &backends[(start + i) % backends.len()])
+        .find_map(|b| Some((b, b.trial(cfg)?)))
 }
 
 /// Sends mirrored copies, each with its whole body, to one backend pipelined on one

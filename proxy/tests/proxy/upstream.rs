@@ -244,6 +244,88 @@ async fn an_ejected_backend_is_tried_again_after_eject_for() {
     proxy.stop().await;
 }
 
+/// A track's only backend, once ejected, takes one request at a time every `trial_every` (its
+/// track's requests would all get 503 anyway); the first such trial it answers ends the
+/// ejection, long before `eject_for`. (A backend restarted in a second by its agent.)
+#[tokio::test]
+async fn a_tracks_only_backend_ejected_is_back_at_the_first_trial_it_answers() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let failing = Arc::new(AtomicBool::new(true));
+    let fails = failing.clone();
+    let backend = RawBackend::start(move |_| match fails.load(Ordering::SeqCst) {
+        true => (Vec::new(), true),
+        false => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            false,
+        ),
+    })
+    .await;
+    let proxy = Proxy::start(&config(
+        &[backend.addr],
+        "{ retries: 0, eject_after: 1, eject_for: 1m, trial_every: 300ms }",
+    ))
+    .await;
+    let answer = || async {
+        let (status, _, body) = get(&proxy.url("/")).await.unwrap();
+        (status.as_u16(), body)
+    };
+    assert_eq!(answer().await.0, 502);
+    let ejected = (503, "no healthy backend for track stable\n".to_string());
+    assert_eq!(answer().await, ejected);
+    // Still failing: a trial goes through 300 ms after the ejection, fails (502), and the
+    // backend stays out.
+    let (mut seen, deadline) = (
+        Vec::new(),
+        std::time::Instant::now() + Duration::from_secs(5),
+    );
+    while backend.conns.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no trial: {seen:?}");
+        seen.push(answer().await.0);
+    }
+    assert_eq!(seen.last(), Some(&502), "{seen:?}");
+    assert!(seen[..seen.len() - 1].iter().all(|s| *s == 503), "{seen:?}");
+    assert_eq!(answer().await, ejected, "a failed trial ends nothing");
+    // It recovers: the next trial is answered, and it is back in at once.
+    failing.store(false, Ordering::SeqCst);
+    let recovered = std::time::Instant::now();
+    eventually(Duration::from_secs(5), || async { answer().await.0 == 200 }).await;
+    assert!(recovered.elapsed() < Duration::from_secs(5));
+    for _ in 0..20 {
+        assert_eq!(answer().await, (200, "ok".to_string()));
+    }
+    proxy.stop().await;
+}
+
+/// Trials are for a track with no backend left: while another is healthy, the ejected one
+/// gets nothing for `eject_for`.
+#[tokio::test]
+async fn an_ejected_backend_beside_a_healthy_one_gets_no_trial() {
+    let hangs_up = RawBackend::start(|_| (Vec::new(), true)).await;
+    let alive = Backend::start("stable", Mode::Normal).await;
+    let proxy = Proxy::start(&config(
+        &[hangs_up.addr, alive.addr],
+        "{ retries: 0, eject_after: 1, eject_for: 1m, trial_every: 0s }",
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(get(&proxy.url("/")).await.unwrap().0.as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        39,
+        "{statuses:?}"
+    );
+    assert_eq!(hangs_up.conns.load(Ordering::SeqCst), 1);
+    proxy.stop().await;
+}
+
 /// With `retries: 0` there is no other try to make room for: the one try has the whole
 /// request timeout, not the per-try timeout.
 #[tokio::test]
