@@ -116,7 +116,8 @@ pub struct UpstreamSpec {
     /// either way, before it is cut. Default: `60s`.
     pub read_timeout: Option<String>,
     /// Extra tries for idempotent requests without a body on connect failure, reset or
-    /// per-try timeout. Default: 3.
+    /// per-try timeout. Default: 3; at most 10 (all of them within `request_timeout`).
+    #[schemars(range(max = 10))]
     pub retries: Option<u32>,
     /// Consecutive failures that eject a backend. Default: 5.
     #[schemars(range(min = 1))]
@@ -149,8 +150,9 @@ pub struct LimitsSpec {
     /// answered 503 at once (load shedding). Default: 10000.
     #[schemars(range(min = 1))]
     pub max_requests: Option<u32>,
-    /// Headers per request. Default: 100.
-    #[schemars(range(min = 1))]
+    /// Headers per request. Default: 100; at most 1000 (hyper sets room for that many aside
+    /// for each HTTP/1.1 request it reads).
+    #[schemars(range(min = 1, max = 1000))]
     pub max_headers: Option<u32>,
     /// Bytes of a request head (HTTP/1.1) or header list (HTTP/2). Default: 65536; at
     /// least 8192, the smallest read buffer of hyper's HTTP/1 server.

@@ -129,9 +129,11 @@ impl Server {
             let _ = l.await;
         }
         let _ = drain_tx.send(true);
+        let started = std::time::Instant::now();
         let drained = tokio::time::timeout(shared.settings.drain_timeout, drain_tx.closed());
-        if drained.await.is_err() {
-            tracing::warn!("drain deadline passed with requests still in flight");
+        match drained.await {
+            Ok(()) => tracing::info!(took = ?started.elapsed(), "drained: every connection closed"),
+            Err(_) => tracing::warn!("drain deadline passed with requests still in flight"),
         }
         let _ = admin_stop_tx.send(true);
         let _ = admin_loop.await;

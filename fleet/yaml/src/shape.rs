@@ -300,10 +300,13 @@ fn scalar(
                 "integer" => text.parse::<i64>().ok().map(Number::from),
                 _ => text.parse::<f64>().ok().and_then(Number::from_f64),
             };
-            let Some(number) = number else {
-                return Json::Null;
+            // A whole number past i64 (`accepts` let it through) is still held to its range,
+            // so that it is told as too large rather than as not a number.
+            let value = match &number {
+                Some(number) => number.as_f64().unwrap_or_default(),
+                None if ty == "integer" => text.parse::<f64>().unwrap_or(f64::INFINITY),
+                None => return Json::Null,
             };
-            let value = number.as_f64().unwrap_or_default();
             let max = schema
                 .get("maximum")
                 .and_then(Json::as_f64)
@@ -315,7 +318,7 @@ fn scalar(
             // can still be deserialized and checked further (every problem at once).
             let bound = |b: f64| match ty {
                 "integer" => Number::from(b as i64),
-                _ => Number::from_f64(b).unwrap_or_else(|| number.clone()),
+                _ => Number::from_f64(b).unwrap_or_else(|| Number::from(0)),
             };
             if let Some(min) = schema
                 .get("minimum")
@@ -338,6 +341,15 @@ fn scalar(
                 );
                 return Json::Number(bound(max));
             }
+            let Some(number) = number else {
+                diags.error(
+                    pos,
+                    path,
+                    format!("{text} is too large a number"),
+                    format!("use a whole number from {} to {}", i64::MIN, i64::MAX),
+                );
+                return Json::Null;
+            };
             Json::Number(number)
         }
         _ => Json::String(text.to_string()),
@@ -363,10 +375,17 @@ fn accepts(ty: &str, value: &Value) -> bool {
         (_, Value::Scalar { plain: false, .. }) => false,
         ("null", v) => v.kind() == "null",
         ("boolean", v) => v.kind() == "a boolean",
-        ("integer", Value::Scalar { text, .. }) => text.parse::<i64>().is_ok(),
+        ("integer", Value::Scalar { text, .. }) => whole(text),
         ("number", v) => v.kind() == "a number",
         _ => false,
     }
+}
+
+/// Written as a whole number (a sign, then digits), whatever its size: one past i64 is out
+/// of range, which [`scalar`] tells, not of the wrong kind.
+fn whole(text: &str) -> bool {
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// A value of the wrong kind: what was wanted, what was found (with its text, when it is a
@@ -525,6 +544,8 @@ mod tests {
         items: Vec<Item>,
         #[serde(default)]
         weights: std::collections::BTreeMap<String, u32>,
+        #[serde(default)]
+        offset: Option<i64>,
     }
 
     #[derive(Debug, Deserialize, JsonSchema)]
@@ -586,6 +607,19 @@ mod tests {
                     "2:15: error: weights.a: -1 is below the minimum of 0; use 0 or more",
                     "2:22: error: weights.b: expected a whole number, found the string \"lots\"; write a whole number, without quotes or units",
                     "2:31: error: weights.c: expected a whole number, found a list; write the value alone, without brackets: 2",
+                ],
+            ),
+            (
+                "name: x\ncount: 18446744073709551615\nweights: { a: -99999999999999999999 }\n",
+                &[
+                    "2:8: error: count: 18446744073709551615 is above the maximum of 4294967295; use 4294967295 or less",
+                    "3:15: error: weights.a: -99999999999999999999 is below the minimum of 0; use 0 or more",
+                ],
+            ),
+            (
+                "name: x\noffset: 9223372036854775808\n",
+                &[
+                    "2:9: error: offset: 9223372036854775808 is too large a number; use a whole number from -9223372036854775808 to 9223372036854775807",
                 ],
             ),
             (

@@ -209,11 +209,21 @@ impl Builder<'_> {
                 let mirror = at.field("mirror");
                 let to = self.track(&mirror.field("to"), &m.to);
                 let share = (m.percent * 100.0).round();
-                if !(0.0..=f64::from(BUCKETS)).contains(&share) {
+                if !(0.0..=100.0).contains(&m.percent) {
                     self.error(
                         &mirror.field("percent"),
                         format!("{} is not a percentage", m.percent),
                         "use a number from 0 to 100",
+                    );
+                } else if share == 0.0 && m.percent > 0.0 {
+                    // Buckets are basis points: a share below half of one would mirror nothing.
+                    self.error(
+                        &mirror.field("percent"),
+                        format!(
+                            "{} is below the smallest share mirrored, 0.01 (one request in 10000)",
+                            m.percent
+                        ),
+                        "use 0.01 or more, or 0 to mirror nothing",
                     );
                 }
                 // In range after the check above, so the cast neither wraps nor saturates.

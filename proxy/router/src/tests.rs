@@ -490,6 +490,31 @@ routes:
 }
 
 #[test]
+fn a_bad_header_name_and_its_bad_regex_are_both_told_and_a_regex_too_large_says_so() {
+    let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - split: { stable: 10000 }\n    rules:\n      - { match: { header: { name: \"X A\", regex: \"(\" } }, to: stable }\n      - { match: { query: { name: q, regex: \"a{1000}{1000}\" } }, to: stable }\n";
+    let text = diagnostics(src);
+    expect_test::expect![[r#"
+        5:36: error: routes[0].rules[0].match.header.name: bad header name "X A"; use letters, digits and `-`
+        5:50: error: routes[0].rules[0].match.header.regex: bad regex "(": unclosed group; check its brackets, parentheses and escapes; the syntax is at https://docs.rs/regex
+        6:45: error: routes[0].rules[1].match.query.regex: bad regex "a{1000}{1000}": Compiled regex exceeds size limit of 1048576 bytes; write a smaller pattern: fewer or smaller repetitions (`{1000}`), or classes such as \w in place of Unicode ones"#]]
+    .assert_eq(&text);
+}
+
+#[test]
+fn a_mirror_share_too_small_to_mirror_anything_or_past_100_is_refused() {
+    let route = |percent: &str| {
+        format!(
+            "tracks: {{ stable: {{ backends: [\"127.0.0.1:1\"] }}, shadow: {{ backends: [\"127.0.0.1:2\"] }} }}\nroutes:\n  - {{ split: {{ stable: 10000 }}, mirror: {{ to: shadow, percent: {percent} }} }}\n"
+        )
+    };
+    expect_test::expect!["3:64: error: routes[0].mirror.percent: 0.004 is below the smallest share mirrored, 0.01 (one request in 10000); use 0.01 or more, or 0 to mirror nothing"].assert_eq(&diagnostics(&route("0.004")));
+    expect_test::expect!["3:64: error: routes[0].mirror.percent: 100.004 is not a percentage; use a number from 0 to 100"].assert_eq(&diagnostics(&route("100.004")));
+    for fine in ["0", "0.01", "0.006", "100"] {
+        assert!(load(&route(fine)).is_ok(), "{fine}");
+    }
+}
+
+#[test]
 fn a_sticky_cookie_that_expires_at_once_is_refused() {
     let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { split: { stable: 10000 }, sticky: { cookie: b, max_age: 0 } }\n";
     let text = diagnostics(src);

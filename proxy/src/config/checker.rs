@@ -449,6 +449,22 @@ mod tests {
     }
 
     #[test]
+    fn counts_past_what_a_proxy_could_serve_with_are_refused_with_the_most_allowed() {
+        // u32::MAX headers: hyper would set room aside for them for each request (and abort
+        // on the allocation); u32::MAX retries wrapped to no try at all.
+        let diags =
+            diagnostics("limits: { max_headers: 4294967295 }\nupstream: { retries: 4294967295 }\n");
+        assert_eq!(
+            diags,
+            [
+                "3:24: error: limits.max_headers: 4294967295 is above the maximum of 1000; use 1000 or less",
+                "4:22: error: upstream.retries: 4294967295 is above the maximum of 10; use 10 or less",
+            ],
+            "{diags:#?}"
+        );
+    }
+
+    #[test]
     fn the_admin_api_may_not_share_a_traffic_listeners_address() {
         let src = "listen: [127.0.0.1:8080, 127.0.0.1:8081]\nadmin: 127.0.0.1:8081\ntracks:\n  stable: { backends: [\"127.0.0.1:1\"] }\nroutes:\n  - { split: { stable: 10000 } }\n";
         let diags: Vec<String> = match crate::config::check(src, Path::new(".")) {

@@ -168,6 +168,10 @@ impl Backend {
         if self.ejected_until_ms.load(Relaxed) > now {
             return;
         }
+        // `eject_for: 0s` keeps no backend out: nothing to count or say.
+        if cfg.eject_for.is_zero() {
+            return;
+        }
         if self.failures.fetch_add(1, Relaxed) + 1 >= cfg.eject_after {
             self.failures.store(0, Relaxed);
             let until = now.saturating_add(millis(cfg.eject_for));
@@ -251,6 +255,21 @@ mod tests {
         b.trial(&cfg).expect("the next trial").passed();
         assert!(b.healthy());
         assert!(b.trial(&cfg).is_none(), "back: no trial");
+        assert_eq!(b.failures.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn with_eject_for_zero_failures_neither_eject_nor_count() {
+        let cfg = Upstream {
+            eject_for: Duration::ZERO,
+            ..upstream(1)
+        };
+        let b = Backend::new("127.0.0.1:1", &cfg);
+        for _ in 0..3 {
+            b.failed(&cfg);
+        }
+        assert!(b.healthy());
+        assert_eq!(b.ejected_until_ms.load(Relaxed), 0, "said to be ejected");
         assert_eq!(b.failures.load(Relaxed), 0);
     }
 

@@ -129,7 +129,7 @@ pub async fn send(
     // both count from here.
     let now = Instant::now();
     let deadline = now + cfg.request_timeout;
-    let tries = cfg.retries + 1;
+    let tries = cfg.retries.saturating_add(1);
     let mut failure = None;
     for attempt in 0..tries {
         let had_body = out.body.is_some();

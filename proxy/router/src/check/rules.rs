@@ -22,19 +22,18 @@ impl Builder<'_> {
         let mut ok = true;
         if let Some(h) = &spec.header {
             let field = at.field("header");
-            match HeaderName::from_bytes(h.name.as_bytes()) {
-                Ok(name) => match self.test(&field, h) {
-                    Some(test) => out.push(Condition::Header(name, test)),
-                    None => ok = false,
-                },
-                Err(_) => {
-                    self.error(
-                        &field.field("name"),
-                        format!("bad header name \"{}\"", h.name),
-                        "use letters, digits and `-`",
-                    );
-                    ok = false;
-                }
+            let name = HeaderName::from_bytes(h.name.as_bytes());
+            if name.is_err() {
+                self.error(
+                    &field.field("name"),
+                    format!("bad header name \"{}\"", h.name),
+                    "use letters, digits and `-`",
+                );
+            }
+            // The test is checked too, bad name or not: every problem at once.
+            match (name, self.test(&field, h)) {
+                (Ok(name), Some(test)) => out.push(Condition::Header(name, test)),
+                _ => ok = false,
             }
         }
         for (kind, spec, make) in [
@@ -124,10 +123,20 @@ impl Builder<'_> {
                         let text = e.to_string();
                         let message = text.lines().last().unwrap_or_default().trim();
                         let message = message.strip_prefix("error: ").unwrap_or(message);
+                        let message = message.trim_end_matches('.');
+                        let help = match e {
+                            regex::Error::CompiledTooBig(_) => {
+                                "write a smaller pattern: fewer or smaller repetitions (`{1000}`), or \
+                                 classes such as \\w in place of Unicode ones"
+                            }
+                            _ => {
+                                "check its brackets, parentheses and escapes; the syntax is at https://docs.rs/regex"
+                            }
+                        };
                         self.error(
                             &at.field("regex"),
                             format!("bad regex \"{re}\": {message}"),
-                            "check its brackets, parentheses and escapes; the syntax is at https://docs.rs/regex",
+                            help,
                         );
                         return None;
                     }
