@@ -3,11 +3,23 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use fleetctl::retry::NotReached;
 use fleetctl::{agents, certs, demo, fleets, release, verbs};
 
 /// Validate and plan fleet manifests; start, follow and steer releases.
 #[derive(Parser, Debug)]
-#[command(name = "fleetctl", version, about, long_about = None)]
+#[command(
+    name = "fleetctl",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit status: 0 done (a release followed to its end succeeded; a manifest is valid); \
+                  1 not (the release failed or rolled back; the manifest is not valid; `diff`: \
+                  it would change something); 2 refused, or could not run as given (the message \
+                  says why: trying again changes nothing); 3 the controller was not reached, or \
+                  stayed away, for --retry-for or --reconnect-for (the message says whether a \
+                  change was made): the same command may succeed once it is back."
+)]
 struct Cli {
     #[command(subcommand)]
     verb: Verb,
@@ -88,7 +100,10 @@ fn run(cli: Cli) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("fleetctl: {e:#}");
-            verbs::usage_error()
+            match e.downcast_ref::<NotReached>() {
+                Some(_) => ExitCode::from(NotReached::EXIT_CODE),
+                None => verbs::usage_error(),
+            }
         }
     }
 }

@@ -15,11 +15,14 @@ use tonic::transport::Channel;
 
 use crate::release::{status, told};
 use crate::render;
-use crate::retry::Away;
+use crate::retry::{Away, NotReached};
 use crate::verbs::Output;
 
-/// Follows release `id` until it ends. Exit 0 if it succeeded, 1 if not; an error (exit 2)
-/// if it could not be followed to its end.
+/// Follows release `id` until it ends. Exit 0 if it succeeded, 1 if not; an error if it
+/// could not be followed to its end ([`NotReached`], exit 3, when the controller stayed away
+/// for `reconnect_for`).
+///
+/// [`NotReached`]: crate::retry::NotReached
 ///
 /// A controller that goes away (a restart, an upgrade, a connection lost) is dialled again
 /// for up to `reconnect_for`, and the events go on from the first one not yet printed: a
@@ -62,11 +65,12 @@ pub async fn watch(
         let lost = printer.lost.get_or_insert_with(Away::new);
         let (tries, wait) = lost.failed();
         if lost.since.elapsed() >= reconnect_for {
-            anyhow::bail!(
+            return Err(NotReached(anyhow::anyhow!(
                 "gave up following {id} after {} without the controller (last: {why}); the \
                  release goes on without this command: `fleetctl release watch {id}` follows it again",
                 humantime::format_duration(reconnect_for)
-            );
+            ))
+            .into());
         }
         // Told once a try again has failed too: a stream cut once (by a load balancer, say)
         // and followed again at once is not worth a word.

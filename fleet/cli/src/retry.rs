@@ -31,6 +31,25 @@ macro_rules! call {
 }
 pub(crate) use call;
 
+/// A call given up on because the controller stayed away (or kept cutting the call) longer
+/// than the command bears with it: nothing refused it, and the same command may well
+/// succeed once the controller is back. fleetctl exits [`NotReached::EXIT_CODE`] for it, so
+/// that a pipeline can tell it from a refusal (exit 2).
+#[derive(Debug)]
+pub struct NotReached(pub anyhow::Error);
+
+impl NotReached {
+    pub const EXIT_CODE: u8 = 3;
+}
+
+impl std::fmt::Display for NotReached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for NotReached {}
+
 /// How long a call bears with a controller that is away, unless told.
 pub const RETRY_FOR: Duration = Duration::from_secs(30);
 
@@ -117,7 +136,7 @@ impl Caller {
                         humantime::format_duration(self.retry_for)
                     )),
                 };
-                return Err(match &self.change {
+                return Err(NotReached(match &self.change {
                     Some(_) if !sent => failed.context(
                         "the change was not made: the controller was not reached (make it \
                          again once it is back, or bear with it longer with --retry-for)",
@@ -128,7 +147,8 @@ impl Caller {
                          first if it made it (for a day), or look first (`fleetctl release list`)"
                     )),
                     None => failed,
-                });
+                })
+                .into());
             }
             // Told once a try again has failed too: a connection cut once, and made again at
             // once, is not worth a word (nor is a cut that the next try shows was a refusal).

@@ -379,7 +379,7 @@ fn a_change_given_up_on_before_the_controller_was_reached_is_said_not_made() {
             &url,
         ]);
         let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(out.status.code(), Some(3), "not reached: {stderr}");
         assert!(
             stderr.contains("the change was not made: the controller was not reached"),
             "{stderr}"
@@ -395,6 +395,7 @@ fn a_call_given_up_on_says_how_many_tries_it_made_in_how_long() {
     drop(closed);
     let out = fleetctl(&["release", "list", "--retry-for", "1s", "--controller", &url]);
     let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "not reached: {stderr}");
     // Tries at 0, 0.25 and 0.75 s (the next would come after the second); a busy machine
     // may make that two tries, at 0 and 0.25 s.
     let said = (stderr.split("gave up after ").nth(1))
