@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use fleet_proxy_router::TableSpec;
 use fleet_proxy_router::spec::{RouteSpec, TrackSpec};
 
-use crate::background;
 use crate::state::{Origin, Shared};
+use crate::{background, stats};
 
 /// The table in force as `GET /routes` writes it: its spec, with the version in force.
 #[derive(serde::Serialize)]
@@ -82,7 +82,10 @@ pub async fn handle(
         // installed may hold, and the thread serving traffic must not wait.
         (&Method::GET, "/metrics") => {
             let body = background::run("metrics", move || {
-                shared.stats.prometheus(shared.active().version)
+                let active = shared.active();
+                let mut out = shared.stats.prometheus(active.version);
+                stats::backends::prometheus(&backend_health(&active), &mut out);
+                out
             });
             match body.await {
                 Ok(body) => {
@@ -98,7 +101,10 @@ pub async fn handle(
         }
         (&Method::GET, "/stats") => {
             let body = background::run("stats", move || {
-                shared.stats.json(shared.active().version).to_string()
+                let active = shared.active();
+                let mut json = shared.stats.json(active.version);
+                json["backends"] = stats::backends::json(&backend_health(&active));
+                json.to_string()
             });
             match body.await {
                 Ok(body) => json_body(StatusCode::OK, body),
@@ -273,6 +279,13 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// The health of each backend the table in force names.
+fn backend_health(active: &crate::state::Active) -> Vec<(String, crate::upstream::Health)> {
+    (active.distinct_backends().into_iter())
+        .map(|b| (b.addr.clone(), b.health()))
+        .collect()
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {

@@ -27,6 +27,15 @@ impl Active {
         &self.backends[track.index()]
     }
 
+    /// Each backend the table names, once (an address several tracks name is one backend,
+    /// with one health), by address.
+    pub fn distinct_backends(&self) -> Vec<&Arc<Backend>> {
+        let mut all: Vec<&Arc<Backend>> = self.backends.iter().flatten().collect();
+        all.sort_by(|a, b| a.addr.cmp(&b.addr));
+        all.dedup_by(|a, b| a.addr == b.addr);
+        all
+    }
+
     /// Where round robin starts for this request on `track`.
     pub fn next_index(&self, track: TrackId) -> usize {
         self.next[track.index()].fetch_add(1, Ordering::Relaxed)

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fleet_proxy_router::Table;
 use serde_json::{Value, json};
 
+pub mod backends;
 mod prometheus;
 
 /// Upper bounds of the latency buckets, in milliseconds; a last bucket takes the rest.

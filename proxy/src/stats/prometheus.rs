@@ -220,7 +220,7 @@ fn labels(route: &str, track: &str, source: Source) -> String {
     )
 }
 
-fn escape(v: &str) -> String {
+pub(super) fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -30,6 +30,10 @@ pub struct Backend {
     /// While it is ejected: the earliest time (ms) of its next trial request ([`Trial`]), or
     /// [`TRIAL_UNDER_WAY`].
     trial_at_ms: AtomicU64,
+    /// Counted since it was first named (rare events, off the request path).
+    ejections: AtomicU64,
+    trials_passed: AtomicU64,
+    trials_failed: AtomicU64,
     /// Under `protocol: auto`, whether it speaks HTTP/2 with prior knowledge: 0 not known,
     /// [`HTTP2_SPOKEN`], or until when (ms) it is taken to speak only HTTP/1.1.
     http2: AtomicU64,
@@ -57,8 +61,21 @@ impl Backend {
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             trial_at_ms: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            trials_passed: AtomicU64::new(0),
+            trials_failed: AtomicU64::new(0),
             http2: AtomicU64::new(0),
             asking_http2: tokio::sync::Mutex::const_new(()),
+        }
+    }
+
+    /// Its passive health as `/stats` and `/metrics` show it.
+    pub fn health(&self) -> Health {
+        Health {
+            ejected: self.ejected_until_ms.load(Relaxed) > now_ms(),
+            ejections: self.ejections.load(Relaxed),
+            trials_passed: self.trials_passed.load(Relaxed),
+            trials_failed: self.trials_failed.load(Relaxed),
         }
     }
 
@@ -177,12 +194,24 @@ impl Backend {
             let until = now.saturating_add(millis(cfg.eject_for));
             // Of failures on several threads at once, one ejects it and says so.
             if self.ejected_until_ms.swap(until, Relaxed) <= now {
+                self.ejections.fetch_add(1, Relaxed);
                 self.trial_at_ms
                     .store(now.saturating_add(millis(cfg.trial_every)), Relaxed);
                 tracing::warn!(backend = %self.addr, "backend ejected after consecutive failures");
             }
         }
     }
+}
+
+/// A backend's passive health, for the admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// Out now (`eject_for` not over, no trial passed since).
+    pub ejected: bool,
+    pub ejections: u64,
+    /// Trial requests answered (each ended an ejection), and failed or given up on.
+    pub trials_passed: u64,
+    pub trials_failed: u64,
 }
 
 fn millis(d: std::time::Duration) -> u64 {
@@ -215,11 +244,18 @@ impl Trial<'_> {
 
 impl Drop for Trial<'_> {
     fn drop(&mut self) {
+        let b = self.backend;
         let next = match self.passed {
-            true => 0,
-            false => now_ms().saturating_add(self.every_ms),
+            true => {
+                b.trials_passed.fetch_add(1, Relaxed);
+                0
+            }
+            false => {
+                b.trials_failed.fetch_add(1, Relaxed);
+                now_ms().saturating_add(self.every_ms)
+            }
         };
-        self.backend.trial_at_ms.store(next, Relaxed);
+        b.trial_at_ms.store(next, Relaxed);
     }
 }
 
@@ -256,6 +292,13 @@ mod tests {
         assert!(b.healthy());
         assert!(b.trial(&cfg).is_none(), "back: no trial");
         assert_eq!(b.failures.load(Relaxed), 0);
+        let health = Health {
+            ejected: false,
+            ejections: 1,
+            trials_passed: 1,
+            trials_failed: 1,
+        };
+        assert_eq!(b.health(), health);
     }
 
     #[test]

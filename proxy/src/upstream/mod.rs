@@ -14,8 +14,8 @@ use tokio::time::Instant;
 
 use http::{Request, Response, Uri, Version};
 
-pub use backend::Backend;
 use backend::Trial;
+pub use backend::{Backend, Health};
 pub use h1::Answers;
 pub use pool::UpstreamBody;
 

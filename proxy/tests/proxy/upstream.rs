@@ -263,7 +263,7 @@ async fn a_tracks_only_backend_ejected_is_back_at_the_first_trial_it_answers() {
     .await;
     let proxy = Proxy::start(&config(
         &[backend.addr],
-        "{ retries: 0, eject_after: 1, eject_for: 1m, trial_every: 300ms }",
+        "{ retries: 0, eject_after: 1, eject_for: 1m, trial_every: 1s }",
     ))
     .await;
     let answer = || async {
@@ -273,8 +273,8 @@ async fn a_tracks_only_backend_ejected_is_back_at_the_first_trial_it_answers() {
     assert_eq!(answer().await.0, 502);
     let ejected = (503, "no healthy backend for track stable\n".to_string());
     assert_eq!(answer().await, ejected);
-    // Still failing: a trial goes through 300 ms after the ejection, fails (502), and the
-    // backend stays out.
+    // Still failing: a trial goes through a second after the ejection, fails (502), and the
+    // backend stays out (the next trial is a second away: the checks below fit in it).
     let (mut seen, deadline) = (
         Vec::new(),
         std::time::Instant::now() + Duration::from_secs(5),
@@ -286,6 +286,13 @@ async fn a_tracks_only_backend_ejected_is_back_at_the_first_trial_it_answers() {
     assert_eq!(seen.last(), Some(&502), "{seen:?}");
     assert!(seen[..seen.len() - 1].iter().all(|s| *s == 503), "{seen:?}");
     assert_eq!(answer().await, ejected, "a failed trial ends nothing");
+    let health = |ejected: bool, passed: u32| {
+        serde_json::json!([{
+            "backend": backend.addr.to_string(), "ejected": ejected, "ejections": 1,
+            "trials": { "passed": passed, "failed": 1 },
+        }])
+    };
+    assert_eq!(stats(&proxy).await["backends"], health(true, 0));
     // It recovers: the next trial is answered, and it is back in at once.
     failing.store(false, Ordering::SeqCst);
     let recovered = std::time::Instant::now();
@@ -293,6 +300,24 @@ async fn a_tracks_only_backend_ejected_is_back_at_the_first_trial_it_answers() {
     assert!(recovered.elapsed() < Duration::from_secs(5));
     for _ in 0..20 {
         assert_eq!(answer().await, (200, "ok".to_string()));
+    }
+    assert_eq!(stats(&proxy).await["backends"], health(false, 1));
+    let (_, _, metrics) = get(&proxy.admin_url("/metrics")).await.unwrap();
+    for line in [
+        format!(
+            "fleet_proxy_backend_ejected{{backend=\"{}\"}} 0",
+            backend.addr
+        ),
+        format!(
+            "fleet_proxy_backend_ejections_total{{backend=\"{}\"}} 1",
+            backend.addr
+        ),
+        format!(
+            "fleet_proxy_backend_trials_total{{backend=\"{}\",outcome=\"passed\"}} 1",
+            backend.addr
+        ),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
     }
     proxy.stop().await;
 }
