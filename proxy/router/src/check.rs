@@ -248,8 +248,8 @@ impl Builder<'_> {
         })
     }
 
-    fn host(&mut self, at: &At<'_>, host: &str) -> Option<HostMatch> {
-        let host = host.to_ascii_lowercase();
+    fn host(&mut self, at: &At<'_>, given: &str) -> Option<HostMatch> {
+        let host = given.to_ascii_lowercase();
         if host == "*" {
             return Some(HostMatch::Any);
         }
@@ -264,7 +264,7 @@ impl Builder<'_> {
         if !ok {
             self.error(
                 &at.field("host"),
-                format!("bad host \"{host}\""),
+                format!("bad host \"{given}\""),
                 "write `example.com`, `*.example.com` or `*` (no port)",
             );
             return None;

@@ -515,6 +515,12 @@ fn a_mirror_share_too_small_to_mirror_anything_or_past_100_is_refused() {
 }
 
 #[test]
+fn a_bad_host_is_quoted_as_written() {
+    let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { host: \"EXAMPLE.com:80\", split: { stable: 10000 } }\n";
+    expect_test::expect![[r#"3:13: error: routes[0].host: bad host "EXAMPLE.com:80"; write `example.com`, `*.example.com` or `*` (no port)"#]].assert_eq(&diagnostics(src));
+}
+
+#[test]
 fn a_sticky_cookie_that_expires_at_once_is_refused() {
     let src = "tracks: { stable: { backends: [\"127.0.0.1:1\"] } }\nroutes:\n  - { split: { stable: 10000 }, sticky: { cookie: b, max_age: 0 } }\n";
     let text = diagnostics(src);

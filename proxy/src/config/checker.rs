@@ -264,13 +264,27 @@ impl Checker<'_> {
                 Err(e) => {
                     self.error(
                         path,
-                        format!("\"{t}\" is not a duration: {e}"),
+                        format!("\"{t}\" is not a duration{}", why_not_a_duration(t, &e)),
                         "write it as `500ms`, `2s` or `1m`",
                     );
                     None
                 }
             },
         }
+    }
+}
+
+/// What is wrong with `text`, in words, where humantime's error says more than "not a
+/// duration" (its positions, "expected number at 0", help nobody).
+fn why_not_a_duration(text: &str, e: &humantime::DurationError) -> String {
+    use humantime::DurationError as E;
+    match e {
+        _ if text.trim_start().starts_with('-') => ": a duration is never negative".into(),
+        E::UnknownUnit { unit, .. } if unit.is_empty() => ": a number needs its unit".into(),
+        E::UnknownUnit { unit, .. } => format!(": unknown unit \"{unit}\""),
+        E::NumberOverflow => ": too long".into(),
+        E::Empty => ": it is empty".into(),
+        _ => String::new(),
     }
 }
 
@@ -417,6 +431,34 @@ mod tests {
                 .iter()
                 .any(|d| d.contains("write a positive duration"))
         );
+    }
+
+    #[test]
+    fn a_duration_that_is_not_one_says_why_in_words() {
+        let said = |d: &str| {
+            let diags = diagnostics(&format!("drain_timeout: \"{d}\"\n"));
+            assert_eq!(diags.len(), 1, "{diags:#?}");
+            let text = diags[0]
+                .split_once("drain_timeout: ")
+                .unwrap()
+                .1
+                .to_string();
+            text.split_once("; write it as").unwrap().0.to_string()
+        };
+        assert_eq!(
+            said("-1s"),
+            "\"-1s\" is not a duration: a duration is never negative"
+        );
+        assert_eq!(
+            said("10"),
+            "\"10\" is not a duration: a number needs its unit"
+        );
+        assert_eq!(
+            said("5 parsecs"),
+            "\"5 parsecs\" is not a duration: unknown unit \"parsecs\""
+        );
+        assert_eq!(said(""), "\"\" is not a duration: it is empty");
+        assert_eq!(said("soon"), "\"soon\" is not a duration");
     }
 
     #[test]
