@@ -87,7 +87,9 @@ impl Engine {
     /// report to this controller: while it was down nobody heard them, and a region is never
     /// failed for the controller's own absence, nor for agents that never come back. Every
     /// region is unreachable until its agents connect to this controller (a
-    /// [`Event::Reachable`]), and neither judged nor moved on until they report.
+    /// [`Event::Reachable`]), and neither judged nor moved on until they report; a step
+    /// analysed moves on only after a check passes on numbers they report since (their
+    /// coming back forgets the pass from before).
     pub fn restore(manifest: Arc<Manifest>, mut state: State) -> Engine {
         for r in state.regions.values_mut() {
             r.heard = false;

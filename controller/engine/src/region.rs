@@ -477,6 +477,10 @@ impl Engine {
         }
         r.reachable = reachable;
         r.heard = false;
+        // A pass from before the gap moves nothing on: what the new version did while nobody
+        // heard its agents was never judged. The step needs a check on numbers that came
+        // after they were back (a baseline, then a verdict).
+        r.passed_in_step = false;
         if let Some(since) = r.waiting_since.filter(|_| !reachable && r.in_progress()) {
             // Lost while it waited: what it waited counts on once its agents are back.
             let waited = (stopped - since).max(chrono::TimeDelta::zero());

@@ -660,6 +660,51 @@ fn a_lost_agent_holds_its_region_until_it_returns() {
     assert_eq!(sim.engine.state().phase, Phase::Succeeded);
 }
 
+/// A region whose step passed its check and then lost its agents (or its controller)
+/// before the step's pause ended: the new version went bad meanwhile, unseen. Once they are
+/// back it is judged on what they report since, and does not move on on the old pass.
+#[test]
+fn a_pass_from_before_an_outage_moves_no_region_on() {
+    for outage in ["agent", "controller"] {
+        let mut sim = four_waves();
+        // At a step whose check has passed and whose pause has most of its time to run.
+        assert!(sim.run_until(TimeDelta::hours(1), |s| {
+            let r = &s.engine.state().regions["us-west-1"];
+            r.passed_in_step
+                && r.hold_until
+                    .is_some_and(|t| t - s.now > TimeDelta::minutes(1))
+        }));
+        let (step, judged) = (
+            sim.engine.state().regions["us-west-1"].step,
+            verdicts(&sim, "us-west-1").len(),
+        );
+        let saved = serde_json::to_string(sim.engine.state()).unwrap();
+        sim.reach("us-west-1", false);
+        sim.v2_error_rate = 0.5;
+        // Away past the pause's end.
+        sim.run_until(TimeDelta::minutes(30), |_| false);
+        match outage {
+            "agent" => sim.reach("us-west-1", true),
+            _ => {
+                sim.agents_up.insert("us-west-1".into(), true);
+                sim.restore(serde_json::from_str(&saved).unwrap());
+            }
+        }
+        assert!(sim.run_until(TimeDelta::hours(1), |s| failed(s)
+            || s.engine.state().regions["us-west-1"].step != step));
+        assert_eq!(
+            sim.engine.state().regions["us-west-1"].step,
+            step,
+            "{outage}: moved on on a pass from before it"
+        );
+        let after = &verdicts(&sim, "us-west-1")[judged..];
+        assert!(
+            !after.is_empty() && after.iter().all(|o| *o == Outcome::Fail),
+            "{outage}: {after:?}"
+        );
+    }
+}
+
 #[test]
 fn a_restored_engine_carries_on_from_the_same_step_and_applies_nothing_twice() {
     let mut sim = at_the_second_waves_second_step();
