@@ -40,7 +40,8 @@ impl Fleets {
 
 /// Show a fleet: its regions, waves and when it was applied; or its manifest as applied.
 ///
-/// Exits 1 if the controller keeps no fleet for SERVICE, 2 if it could not be asked.
+/// Exits 1 if the controller keeps no fleet for SERVICE, 3 if it could not be asked (the
+/// controller not reached).
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  fleetctl fleet checkout\n  fleetctl fleet checkout --manifest > checkout.yaml"
@@ -82,8 +83,8 @@ impl Fleet {
 ///
 /// Prints a unified diff on stdout (every line added, against /dev/null, for a fleet not
 /// applied yet). Exits 0 if applying FILE would change nothing, 1 if it would, 2 if it could
-/// not tell: FILE unreadable or not valid (its diagnostics are printed), or the controller
-/// not reached.
+/// not tell: FILE unreadable or not valid (its diagnostics are printed), 3 if the controller
+/// was not reached.
 #[derive(Args, Debug)]
 #[command(
     after_help = "Example:\n  fleetctl diff deploy/examples/multi-region-canary.yaml && echo unchanged"

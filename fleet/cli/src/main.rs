@@ -15,7 +15,8 @@ use fleetctl::{agents, certs, demo, fleets, release, verbs};
     long_about = None,
     after_help = "Exit status: 0 done (a release followed to its end succeeded; a manifest is valid); \
                   1 not (the release failed or rolled back; the manifest is not valid; `diff`: \
-                  it would change something); 2 refused, or could not run as given (the message \
+                  it would change something; `fleet`: no fleet kept for the service; `agents`: \
+                  a cluster without its agent); 2 refused, or could not run as given (the message \
                   says why: trying again changes nothing); 3 the controller was not reached, or \
                   stayed away, for --retry-for or --reconnect-for (the message says whether a \
                   change was made): the same command may succeed once it is back."

@@ -67,7 +67,8 @@ pub async fn watch(
         if lost.since.elapsed() >= reconnect_for {
             return Err(NotReached(anyhow::anyhow!(
                 "gave up following {id} after {} without the controller (last: {why}); the \
-                 release goes on without this command: `fleetctl release watch {id}` follows it again",
+                 release does not depend on this command, and goes on with its controller: \
+                 `fleetctl release watch {id}` follows it again",
                 humantime::format_duration(reconnect_for)
             ))
             .into());

@@ -126,8 +126,8 @@ enum ReleaseVerb {
         #[arg(long = "strategy", value_name = "FILE")]
         strategy: Option<String>,
         /// Then follow it until it ends, as `release watch` does: exit 0 if it succeeded, 1
-        /// if not, 2 if it could not be followed to its end (for a pipeline whose step is the
-        /// release).
+        /// if not, 2 if the start was refused, 3 if the controller stayed away longer than
+        /// --reconnect-for (for a pipeline whose step is the release).
         #[arg(long)]
         watch: bool,
         #[command(flatten)]
@@ -140,8 +140,8 @@ enum ReleaseVerb {
     },
     /// Show a release: phase, wave, and every region's step and last verdict.
     Status { id: String },
-    /// Follow a release live until it ends; exits 0 if it succeeded, 1 if not, 2 if it could
-    /// not be followed to its end.
+    /// Follow a release live until it ends; exits 0 if it succeeded, 1 if not, 3 if the
+    /// controller stayed away longer than --reconnect-for (2: no such release).
     Watch {
         id: String,
         #[command(flatten)]
@@ -194,9 +194,12 @@ struct Follow {
 impl Follow {
     /// Follows release `id` as `release watch` does.
     async fn watch(&self, caller: &Caller, id: &str, output: Output) -> anyhow::Result<ExitCode> {
-        // Bearing with a controller away from the start as from then on.
+        // Bearing with a controller away from the start as from then on: `--reconnect-for`
+        // bounds the whole wait for one that is down.
         let reconnect_for = self.reconnect_for.into();
-        let mut dialling = caller.clone().retrying_for_at_least(reconnect_for);
+        let mut dialling = caller
+            .clone()
+            .bearing_with(reconnect_for, "--reconnect-for");
         let mut client = dialling.client().await?;
         progress::watch(&mut client, id, output, reconnect_for).await
     }

@@ -59,6 +59,8 @@ pub struct Caller {
     url: String,
     tls: ClientTls,
     retry_for: Duration,
+    /// The flag that set `retry_for`, for messages.
+    flag: &'static str,
     client: Option<ReleaseServiceClient<Channel>>,
     /// The request id of the change the calls make, if they make one: told when they give
     /// up, as the change may have been made.
@@ -72,6 +74,7 @@ impl Caller {
             url: url.to_owned(),
             tls,
             retry_for,
+            flag: "--retry-for",
             client: None,
             change: None,
         }
@@ -83,9 +86,10 @@ impl Caller {
         self
     }
 
-    /// This caller, bearing with the controller for `at_least` if that is longer.
-    pub fn retrying_for_at_least(self, at_least: Duration) -> Caller {
-        let retry_for = self.retry_for.max(at_least);
+    /// This caller, bearing with the controller for `retry_for` as `flag` (`--reconnect-for`)
+    /// set it, which its messages name.
+    pub fn bearing_with(mut self, retry_for: Duration, flag: &'static str) -> Caller {
+        self.flag = flag;
         self.retrying_for(retry_for)
     }
 
@@ -131,16 +135,18 @@ impl Caller {
                 let failed = match tries {
                     1 => failed,
                     _ => failed.context(format!(
-                        "gave up after {tries} tries in {:.1}s (--retry-for {})",
+                        "gave up after {tries} tries in {:.1}s ({} {})",
                         away.since.elapsed().as_secs_f64(),
+                        self.flag,
                         humantime::format_duration(self.retry_for)
                     )),
                 };
                 return Err(NotReached(match &self.change {
-                    Some(_) if !sent => failed.context(
+                    Some(_) if !sent => failed.context(format!(
                         "the change was not made: the controller was not reached (make it \
-                         again once it is back, or bear with it longer with --retry-for)",
-                    ),
+                         again once it is back, or bear with it longer with {})",
+                        self.flag
+                    )),
                     Some(id) => failed.context(format!(
                         "the change may or may not have been made: make it again with \
                          --request-id {id}, which the controller answers as it answered the \
@@ -154,8 +160,9 @@ impl Caller {
             // once, is not worth a word (nor is a cut that the next try shows was a refusal).
             if tries == 2 {
                 eprintln!(
-                    "fleetctl: {failed:#}; trying again for up to {} (--retry-for)",
-                    humantime::format_duration(self.retry_for)
+                    "fleetctl: {failed:#}; trying again for up to {} ({})",
+                    humantime::format_duration(self.retry_for),
+                    self.flag
                 );
             }
             tokio::time::sleep(wait).await;

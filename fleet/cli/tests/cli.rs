@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn fleetctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fleetctl"))
@@ -386,6 +387,29 @@ fn a_change_given_up_on_before_the_controller_was_reached_is_said_not_made() {
         );
         assert!(!stderr.contains("may or may not"), "{stderr}");
     }
+}
+
+#[test]
+fn a_watch_bears_with_a_controller_that_is_down_for_its_reconnect_for_and_says_so() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let started = std::time::Instant::now();
+    let out = fleetctl(&[
+        "release",
+        "watch",
+        "demo-1",
+        "--reconnect-for",
+        "1s",
+        "--controller",
+        &url,
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    // Not the 30 s of --retry-for's default.
+    assert!(started.elapsed() < Duration::from_secs(10), "{stderr}");
+    assert!(stderr.contains("s (--reconnect-for 1s)"), "{stderr}");
+    assert!(!stderr.contains("--retry-for"), "{stderr}");
 }
 
 #[test]
