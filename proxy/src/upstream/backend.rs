@@ -93,9 +93,12 @@ impl Backend {
         if until > now_ms() {
             return false;
         }
-        let _ = self
+        let over = self
             .ejected_until_ms
             .compare_exchange(until, 0, Relaxed, Relaxed);
+        if over.is_ok() {
+            tracing::info!(backend = %self.addr, "ejected backend back: its eject_for is over");
+        }
         true
     }
 
