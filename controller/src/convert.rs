@@ -227,6 +227,12 @@ fn waits_for_operator(
     if !r.in_progress() {
         return None;
     }
+    if r.desired.is_some() && !r.reachable {
+        return Some(
+            "not every one of its agents is connected; it holds where it is until they are (`fleetctl agents` shows which)"
+                .into(),
+        );
+    }
     if r.desired.is_some() && !r.heard {
         return Some(
             "its agents have not reported since its desired state was sent (`fleetctl agents` shows which are connected)"
@@ -282,6 +288,13 @@ mod tests {
             replicas: 1,
             traffic: fleet_engine::Traffic::default(),
         });
+        r.reachable = false;
+        let said = waits_for_operator(&r, Some(&indefinite), true).unwrap();
+        assert!(
+            said.starts_with("not every one of its agents is connected"),
+            "{said}"
+        );
+        r.reachable = true;
         let said = waits_for_operator(&r, Some(&indefinite), true).unwrap();
         assert!(said.starts_with("its agents have not reported"), "{said}");
         (r.heard, r.applied_seq, r.ready) = (true, 3, true);
