@@ -156,6 +156,29 @@ pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether a call failed in TLS (a certificate refused by either side: expired, revoked,
+/// from another CA, missing), by a [`rustls::Error`] beneath it. Not a passing failure: a
+/// stream that ends so is not followed again, as a call so refused is not made again.
+pub fn tls_failed(s: &tonic::Status) -> bool {
+    let mut next = std::error::Error::source(s);
+    while let Some(e) = next {
+        // h2 keeps the io error it failed with beneath it, without giving it as its source.
+        let tls = (e.downcast_ref::<std::io::Error>())
+            .or_else(|| e.downcast_ref::<h2::Error>().and_then(h2::Error::get_io))
+            .and_then(|io| io.get_ref())
+            .is_some_and(|inner| inner.is::<rustls::Error>());
+        // Beneath hyper's "connection error" the alert may come as words only.
+        let said = e.to_string();
+        let alert =
+            said.contains("received fatal alert") || said.contains("invalid peer certificate");
+        if tls || alert || e.is::<rustls::Error>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Whether `error`, by itself or an error beneath it, is a TLS handshake answered with bytes
 /// that are not TLS: a controller without TLS dialled over `https://` (its HTTP/2 server sends
 /// its SETTINGS frame first), or another server.
@@ -321,6 +344,18 @@ pub fn tls_config(tls: &ClientTls, flags: &TlsFlags) -> anyhow::Result<ClientTls
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_cut_by_a_refused_certificate_is_told_apart_from_a_cut_connection() {
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired);
+        let cut_by_tls = std::io::Error::new(std::io::ErrorKind::InvalidData, alert);
+        let s = tonic::Status::from_error(Box::new(cut_by_tls));
+        assert!(tls_failed(&s), "{s:?}");
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let s = tonic::Status::from_error(Box::new(reset));
+        assert!(!tls_failed(&s), "{s:?}");
+        assert!(!tls_failed(&tonic::Status::unavailable("stopping")));
+    }
 
     /// Test-only: an error saying `said`, over `below`.
     #[derive(Debug)]

@@ -190,6 +190,17 @@ fn fleetctl_and_the_agent_reach_a_controller_that_asks_for_their_certificates() 
         "{said}"
     );
     assert!(!said.contains("trying again"), "{said}");
+    // A watch so refused is not followed again for --reconnect-for: a refusal (2), at once.
+    let watch = [
+        OsStr::new("release"),
+        OsStr::new("watch"),
+        OsStr::new("demo-1"),
+    ];
+    let watched = run(&watch, &[&ca_pem]);
+    let said = String::from_utf8_lossy(&watched.stderr);
+    assert_eq!(watched.status.code(), Some(2), "{said}");
+    assert!(said.contains("CertificateRequired"), "{said}");
+    assert!(!said.contains("dialling it again"), "{said}");
     let refused_in = refused_at.elapsed();
     assert!(
         refused_in < std::time::Duration::from_secs(5),

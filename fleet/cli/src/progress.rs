@@ -114,15 +114,18 @@ fn get(id: &str) -> pb::GetReleaseRequest {
 /// that another try would only repeat (no such release, a certificate it refuses).
 fn resumable(s: &tonic::Status) -> bool {
     use tonic::Code;
-    !matches!(
-        s.code(),
-        Code::NotFound
-            | Code::InvalidArgument
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::Unimplemented
-            | Code::FailedPrecondition
-    )
+    // A certificate refused (expired, revoked, another CA's) is refused again: exit 2 at
+    // once, not 3 after --reconnect-for.
+    !fleet_proto::connect::tls_failed(s)
+        && !matches!(
+            s.code(),
+            Code::NotFound
+                | Code::InvalidArgument
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+                | Code::Unimplemented
+                | Code::FailedPrecondition
+        )
 }
 
 /// Prints a release's events, each once, and keeps its bars.
