@@ -126,10 +126,7 @@ pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind::*;
     let mut next = Some(error);
     while let Some(e) = next {
-        // h2 keeps the io error it failed with beneath it, without giving it as its source.
-        let io = (e.downcast_ref::<std::io::Error>())
-            .or_else(|| e.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
-        if let Some(io) = io {
+        if let Some(io) = io_error(e) {
             return matches!(
                 io.kind(),
                 ConnectionRefused
@@ -156,22 +153,32 @@ pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The io error `e` is or holds: h2 keeps the io error it failed with beneath it, without
+/// giving it as its source.
+fn io_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    (e.downcast_ref::<std::io::Error>())
+        .or_else(|| e.downcast_ref::<h2::Error>().and_then(h2::Error::get_io))
+}
+
+/// The rustls error `e` is, or that its io error holds (rustls's errors come as
+/// `InvalidData`).
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    (io_error(e).and_then(|io| io.get_ref()))
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .or_else(|| e.downcast_ref::<rustls::Error>())
+}
+
 /// Whether a call failed in TLS (a certificate refused by either side: expired, revoked,
 /// from another CA, missing), by a [`rustls::Error`] beneath it. Not a passing failure: a
 /// stream that ends so is not followed again, as a call so refused is not made again.
 pub fn tls_failed(s: &tonic::Status) -> bool {
     let mut next = std::error::Error::source(s);
     while let Some(e) = next {
-        // h2 keeps the io error it failed with beneath it, without giving it as its source.
-        let tls = (e.downcast_ref::<std::io::Error>())
-            .or_else(|| e.downcast_ref::<h2::Error>().and_then(h2::Error::get_io))
-            .and_then(|io| io.get_ref())
-            .is_some_and(|inner| inner.is::<rustls::Error>());
         // Beneath hyper's "connection error" the alert may come as words only.
         let said = e.to_string();
         let alert =
             said.contains("received fatal alert") || said.contains("invalid peer certificate");
-        if tls || alert || e.is::<rustls::Error>() {
+        if alert || rustls_error(e).is_some() {
             return true;
         }
         next = e.source();
@@ -185,11 +192,7 @@ pub fn tls_failed(s: &tonic::Status) -> bool {
 fn not_tls(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
-        let tls = (e.downcast_ref::<std::io::Error>())
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .or_else(|| e.downcast_ref::<rustls::Error>());
-        if let Some(tls) = tls {
+        if let Some(tls) = rustls_error(e) {
             return matches!(
                 tls,
                 rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
