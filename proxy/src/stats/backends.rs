@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use serde_json::{Value, json};
 
+use super::prometheus::{escape, head};
 use crate::upstream::Health;
 
 /// `/stats`' `backends`: one entry per address, in address order.
@@ -23,44 +24,40 @@ pub fn json(backends: &[(String, Health)]) -> Value {
     Value::Array(list)
 }
 
-/// A family's values of one backend, each with its `outcome` label (empty: none).
-type Values = fn(&Health) -> Vec<(&'static str, u64)>;
-
 /// The `fleet_proxy_backend_*` families, labelled `backend`.
 pub fn prometheus(backends: &[(String, Health)], out: &mut String) {
-    let families: [(&str, &str, &str, Values); 3] = [
-        (
-            "fleet_proxy_backend_ejected",
-            "gauge",
-            "1 while the backend is ejected after consecutive failures.",
-            |h| vec![("", u64::from(h.ejected))],
-        ),
-        (
-            "fleet_proxy_backend_ejections_total",
-            "counter",
-            "Times the backend was ejected after consecutive failures.",
-            |h| vec![("", h.ejections)],
-        ),
-        (
-            "fleet_proxy_backend_trials_total",
-            "counter",
-            "Requests let through to the backend while ejected, as its track had no other: passed (answered, ending the ejection) or failed.",
-            |h| vec![("passed", h.trials_passed), ("failed", h.trials_failed)],
-        ),
-    ];
-    for (name, kind, help, values) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (addr, health) in backends {
-            let addr = super::prometheus::escape(addr);
-            for (outcome, v) in values(health) {
-                let _ = match outcome {
-                    "" => writeln!(out, "{name}{{backend=\"{addr}\"}} {v}"),
-                    _ => writeln!(
-                        out,
-                        "{name}{{backend=\"{addr}\",outcome=\"{outcome}\"}} {v}"
-                    ),
-                };
-            }
+    let backends: Vec<(String, &Health)> = (backends.iter())
+        .map(|(addr, h)| (escape(addr), h))
+        .collect();
+    let name = "fleet_proxy_backend_ejected";
+    head(
+        out,
+        name,
+        "gauge",
+        "1 while the backend is ejected after consecutive failures.",
+    );
+    for (addr, h) in &backends {
+        let _ = writeln!(out, "{name}{{backend=\"{addr}\"}} {}", u8::from(h.ejected));
+    }
+    let name = "fleet_proxy_backend_ejections_total";
+    head(
+        out,
+        name,
+        "counter",
+        "Times the backend was ejected after consecutive failures.",
+    );
+    for (addr, h) in &backends {
+        let _ = writeln!(out, "{name}{{backend=\"{addr}\"}} {}", h.ejections);
+    }
+    let name = "fleet_proxy_backend_trials_total";
+    let help = "Requests let through to the backend while ejected, as its track had no other: passed (answered, ending the ejection) or failed.";
+    head(out, name, "counter", help);
+    for (addr, h) in &backends {
+        for (outcome, v) in [("passed", h.trials_passed), ("failed", h.trials_failed)] {
+            let _ = writeln!(
+                out,
+                "{name}{{backend=\"{addr}\",outcome=\"{outcome}\"}} {v}"
+            );
         }
     }
 }

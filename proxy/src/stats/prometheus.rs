@@ -10,9 +10,6 @@ impl Stats {
     pub fn prometheus(&self, table_version: u64) -> String {
         let mut out = String::new();
         let series = self.snapshot();
-        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
         // One counter a series: a family of them, over every series or the mirror's only.
         let family_of = |out: &mut String,
                          name: &str,
@@ -218,6 +215,11 @@ fn labels(route: &str, track: &str, source: Source) -> String {
         escape(track),
         source.as_str()
     )
+}
+
+/// A family's `HELP` and `TYPE` lines.
+pub(super) fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 pub(super) fn escape(v: &str) -> String {
