@@ -99,7 +99,14 @@ pub async fn campaign(
         loop {
             let us = &campaign.us;
             let holder = match try_to_lead(etcd, &key, us, lease).await {
-                Ok(Ok(revision)) => return lead(etcd, campaign, key, (lease, renewed), revision),
+                Ok(Ok(revision)) => match made_sure(etcd, campaign, lease, renewed).await {
+                    Some(renewed) => {
+                        return lead(etcd, campaign, key, (lease, renewed), revision);
+                    }
+                    // Tried again after the next renewal: the key, if it is still ours,
+                    // is found bound to this lease.
+                    None => None,
+                },
                 // A key of ours under another lease (before a restart) is followed by no one.
                 Ok(Err(holder)) => holder.filter(|h| h != us),
                 Err(e) => {
@@ -117,6 +124,33 @@ pub async fn campaign(
                 Err(_) => {}
             }
         }
+    }
+}
+
+/// When the lease, last made sure of at `renewed`, was last made sure of for a leader: then,
+/// if it lasts the leader past its first renewal's deadline ([`renew`]); else when a renewal
+/// asked for now was, or none if it failed. A grant or a try that etcd was slow to answer
+/// (it stalled, then answered everything at once) counts the lease as nearly spent, though
+/// etcd may have just made it: leading on that count would step down a renewal later.
+async fn made_sure(
+    etcd: &Etcd,
+    campaign: &Campaign,
+    lease: i64,
+    renewed: Instant,
+) -> Option<Instant> {
+    let deadline = renewed + campaign.ttl.saturating_sub(campaign.every());
+    if Instant::now() + campaign.every() < deadline {
+        return Some(renewed);
+    }
+    let asked = Instant::now();
+    match tokio::time::timeout(campaign.every(), etcd.renew(lease)).await {
+        Ok(Ok(left)) if left > 0 => Some(asked),
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "standing by: won the lead but cannot renew its lease");
+            None
+        }
+        Err(_) => None,
     }
 }
 

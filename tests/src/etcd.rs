@@ -86,6 +86,13 @@ impl Etcd {
         let stopped = Command::new("kill").args(["-STOP", &pid]).status();
         assert!(stopped.is_ok_and(|s| s.success()), "kill -STOP {pid}");
     }
+
+    /// Lets it answer again (SIGCONT) after [`Etcd::freeze`]: it answers what waited at once.
+    pub fn thaw(&self) {
+        let pid = self.child.id().to_string();
+        let continued = Command::new("kill").args(["-CONT", &pid]).status();
+        assert!(continued.is_ok_and(|s| s.success()), "kill -CONT {pid}");
+    }
 }
 
 impl Drop for Etcd {

@@ -1051,6 +1051,36 @@ mod tests {
         println!("stepped down {:?} after etcd hung", cut.elapsed());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lead_won_as_etcd_answers_again_after_a_stall_is_kept() {
+        let server = server::Etcd::start().unwrap();
+        let etcd = connect(&server);
+        // Connected before the stall, as a standby is.
+        assert!(etcd.get(etcd.key(leader::KEY)).await.unwrap().is_none());
+        server.freeze();
+        let ttl = Duration::from_secs(3);
+        let standby = {
+            let etcd = etcd.clone();
+            tokio::spawn(async move { lead_for(&etcd, "b", ttl).await })
+        };
+        // The lease is asked for now and granted when etcd answers again, more than a
+        // renewal's wait before the lead's first deadline by the count from the asking
+        // (and before the grant gives up, CALL_FOR).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        server.thaw();
+        let leading = tokio::time::timeout(Duration::from_secs(10), standby)
+            .await
+            .unwrap()
+            .unwrap();
+        // It stepped down one renewal (1 s) after taking the lead, on a lease etcd had just
+        // made, saying it "could not be renewed in time: etcd did not answer in time".
+        let kept = tokio::time::timeout(ttl + Duration::from_secs(1), leading.fence.lost.wait());
+        assert!(kept.await.is_err(), "{:?}", leading.fence.lost.why());
+        let key = etcd.get(etcd.key(leader::KEY)).await.unwrap().unwrap();
+        let holder: leader::Holder = serde_json::from_slice(&key.value).unwrap();
+        assert_eq!(holder.name, "b", "still its key");
+    }
+
     /// An etcd over TLS (on 127.0.0.1) whose certificate `authority` signs, asking each client
     /// for one it signed: it, and the CA's file.
     fn etcd_signed_by(
