@@ -586,8 +586,14 @@ pub fn endpoints(options: &EtcdOptions) -> anyhow::Result<Vec<Endpoint>> {
     if options.endpoints.is_empty() {
         return Err(anyhow!("--etcd names no endpoint: give http://HOST:PORT"));
     }
+    anyhow::ensure!(
+        !options.prefix.is_empty(),
+        "--etcd-prefix is empty: the controller's keys would be among every other key in etcd \
+         (and an import would find them all); give the fleet a prefix of its own, such as /fleet/"
+    );
     let mut endpoints = Vec::new();
     for url in &options.endpoints {
+        connect::http_url(url, &ETCD_URL)?;
         let mut endpoint = Endpoint::from_shared(url.clone())
             .with_context(|| format!("--etcd {url:?} is not a URL: write http://HOST:PORT"))?
             .connect_timeout(TRY_TIMEOUT)
@@ -608,6 +614,13 @@ pub fn endpoints(options: &EtcdOptions) -> anyhow::Result<Vec<Endpoint>> {
     }
     Ok(endpoints)
 }
+
+/// How [`endpoints`] names an `--etcd` URL in its errors.
+const ETCD_URL: connect::UrlOf = connect::UrlOf {
+    given_as: "--etcd",
+    server: "an etcd member",
+    port: 2379,
+};
 
 /// The end of the range of every key that starts with `prefix` (etcd's `range_end`).
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
@@ -871,6 +884,40 @@ pub fn read_back(answer: pb::TxnResponse) -> Option<pb::KeyValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options(endpoints: &[&str], prefix: &str) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            prefix: prefix.into(),
+            tls: ClientTls::default(),
+            user: None,
+        }
+    }
+
+    #[test]
+    fn etcd_is_named_by_http_urls_and_its_keys_by_a_prefix() {
+        let endpoints = ["http://127.0.0.1:2379", "https://etcd-0.etcd:2379"];
+        assert_eq!(
+            super::endpoints(&options(&endpoints, "/f/")).unwrap().len(),
+            2
+        );
+        for (url, said) in [
+            ("ftp://127.0.0.1:2379", "is not an http:// or https:// URL"),
+            ("127.0.0.1:2379", "is not an http:// or https:// URL"),
+            ("etcd:2379", "is not an http:// or https:// URL"),
+            (
+                "http://127.0.0.1:0",
+                "has no port an etcd member could listen on",
+            ),
+        ] {
+            let e = super::endpoints(&options(&[url], "/f/")).unwrap_err();
+            let e = e.to_string();
+            assert!(e.starts_with(&format!("--etcd \"{url}\" {said}")), "{e}");
+            assert!(e.contains(":2379"), "the fix: {e}");
+        }
+        let e = super::endpoints(&options(&endpoints, "")).unwrap_err();
+        assert!(e.to_string().starts_with("--etcd-prefix is empty"), "{e}");
+    }
 
     #[test]
     fn a_prefix_ends_where_its_last_byte_below_ff_goes_up_by_one() {

@@ -261,26 +261,7 @@ pub fn endpoint_pinging(
         .http2_keep_alive_interval(keepalive)
         .keep_alive_timeout(timeout)
         .keep_alive_while_idle(true);
-    let uri = url.parse::<tonic::transport::Uri>().ok();
-    let uri = uri.filter(|u| matches!(u.scheme_str(), Some("http" | "https")));
-    anyhow::ensure!(
-        uri.as_ref().is_some_and(|u| u.host().is_some()),
-        "controller URL \"{url}\" is not an http:// or https:// URL with a host; write it as \
-         https://host:7070 (http:// for a controller without TLS)"
-    );
-    // A port past 65535 is taken by the parser, and would be tried until the retries end.
-    let authority = uri.as_ref().and_then(|u| u.authority()).map(|a| a.as_str());
-    let port = authority
-        .and_then(|a| a.rsplit_once(':'))
-        .map(|(_, port)| port);
-    // The fix keeps what was right: the scheme, and the host.
-    let scheme = uri.as_ref().and_then(|u| u.scheme_str()).unwrap_or("https");
-    let host = uri.as_ref().and_then(|u| u.host()).unwrap_or("host");
-    anyhow::ensure!(
-        port.is_none_or(|p| p.contains(']') || p.parse::<u16>().is_ok_and(|p| p > 0)),
-        "controller URL \"{url}\" has no port a controller could listen on (1 to 65535); write \
-         it as {scheme}://{host}:7070, say"
-    );
+    http_url(url, &CONTROLLER_URL)?;
     if endpoint.uri().scheme_str() != Some("https") {
         anyhow::ensure!(
             !tls.is_set(),
@@ -294,6 +275,53 @@ pub fn endpoint_pinging(
         true => format!("setting up TLS for {url} with the system's CA roots (give --ca to trust a CA of your own)"),
         false => format!("setting up TLS for {url}"),
     })
+}
+
+/// What an http:// or https:// URL names, for [`http_url`]'s errors.
+pub struct UrlOf {
+    /// How the URL was given: `controller URL`, or a flag.
+    pub given_as: &'static str,
+    /// What listens there, with its article.
+    pub server: &'static str,
+    /// Its usual port, for the fix.
+    pub port: u16,
+}
+
+const CONTROLLER_URL: UrlOf = UrlOf {
+    given_as: "controller URL",
+    server: "a controller",
+    port: 7070,
+};
+
+/// Checks that `url` is an http:// or https:// URL with a host, and a port (if it gives
+/// one) that a server could listen on; the error names it as `of` says, and the fix.
+pub fn http_url(url: &str, of: &UrlOf) -> anyhow::Result<()> {
+    let UrlOf {
+        given_as,
+        server,
+        port: usual,
+    } = of;
+    let uri = url.parse::<tonic::transport::Uri>().ok();
+    let uri = uri.filter(|u| matches!(u.scheme_str(), Some("http" | "https")));
+    anyhow::ensure!(
+        uri.as_ref().is_some_and(|u| u.host().is_some()),
+        "{given_as} \"{url}\" is not an http:// or https:// URL with a host; write it as \
+         https://host:{usual} (http:// for {server} without TLS)"
+    );
+    // A port past 65535 is taken by the parser, and would be tried until the retries end.
+    let authority = uri.as_ref().and_then(|u| u.authority()).map(|a| a.as_str());
+    let port = authority
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(_, port)| port);
+    // The fix keeps what was right: the scheme, and the host.
+    let scheme = uri.as_ref().and_then(|u| u.scheme_str()).unwrap_or("https");
+    let host = uri.as_ref().and_then(|u| u.host()).unwrap_or("host");
+    anyhow::ensure!(
+        port.is_none_or(|p| p.contains(']') || p.parse::<u16>().is_ok_and(|p| p > 0)),
+        "{given_as} \"{url}\" has no port {server} could listen on (1 to 65535); write it as \
+         {scheme}://{host}:{usual}, say"
+    );
+    Ok(())
 }
 
 /// The flags that give a [`ClientTls`]'s files, to name them in errors.
