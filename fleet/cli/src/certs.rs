@@ -5,9 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use chrono::{Datelike, Utc};
+use chrono::Utc;
 use clap::{Args, Subcommand};
 use fleet_proto::names;
 use rcgen::{
@@ -118,7 +119,12 @@ pub struct Authority {
 impl Authority {
     /// Makes the CA: `ca.pem`, `ca.key`.
     pub fn ca(&self) -> anyhow::Result<Vec<PathBuf>> {
-        let mut params = self.params("Fleet CA", 3650)?;
+        // A name of its own: a certificate another CA signed is then told as of an unknown
+        // issuer, not as one whose signature is bad (found by the issuer's name, checked
+        // with the wrong key).
+        let tag: [u8; 4] = rand::random();
+        let name = format!("Fleet CA {} {}", Utc::now().date_naive(), hex(&tag));
+        let mut params = self.params(&name, 3650)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -193,23 +199,18 @@ impl Authority {
         Issuer::from_ca_cert_pem(&read(&cert)?, key).context("ca.pem is not a PEM CA certificate")
     }
 
-    /// Parameters valid from yesterday (for clocks behind) for `--days` or `default_days`,
-    /// with a random serial number (so that a revocation list can name this one) and `name`
-    /// as the common name.
+    /// Parameters valid for `--days` (or `default_days`) from now, and from an hour before
+    /// (for clocks a little behind), with a random serial number (so that a revocation list
+    /// can name this one) and `name` as the common name.
     fn params(&self, name: &str, default_days: u32) -> anyhow::Result<CertificateParams> {
         let days = self.days.unwrap_or(default_days);
         if !(1..=MAX_DAYS).contains(&days) {
             bail!("--days {days}: give from 1 to {MAX_DAYS} (ten years)");
         }
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let today = Utc::now().date_naive();
-        let day = |d: chrono::NaiveDate| {
-            let (month, day) = (d.month() as u8, d.day() as u8);
-            rcgen::date_time_ymd(d.year(), month, day)
-        };
-        params.not_before = day(today - chrono::Days::new(1));
-        // To the end of the last day: at least `days` whole days from now.
-        params.not_after = day(today + chrono::Days::new(u64::from(days) + 1));
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_secs(3600)).into();
+        params.not_after = (now + Duration::from_secs(86_400 * u64::from(days))).into();
         params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
@@ -250,6 +251,11 @@ impl Authority {
     }
 }
 
+/// `bytes` in lowercase hexadecimal.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Writes `text` to a new file of `mode` (a private key: readable by its owner only, from
 /// the moment it exists); a half-written one is removed.
 fn write_new(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
@@ -278,4 +284,56 @@ fn label(flag: &str, value: &str) -> anyhow::Result<()> {
         "{flag} {value:?} is not a name the controller accepts: use lowercase letters, digits \
          and '-' (at most 63, a letter or digit at each end)"
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The common name and the validity of the certificate `<file>.pem` in `dir`.
+    fn made(dir: &Path, file: &str) -> (String, SystemTime, SystemTime) {
+        let pem = std::fs::read(dir.join(format!("{file}.pem"))).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let name = cert.subject().iter_common_name().next().unwrap();
+        let time = |t: x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().try_into().unwrap())
+        };
+        let validity = cert.validity();
+        let name = name.as_str().unwrap().to_string();
+        (name, time(validity.not_before), time(validity.not_after))
+    }
+
+    #[test]
+    fn each_ca_has_a_name_of_its_own_and_days_count_from_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = |name: &str, days| Authority {
+            dir: dir.path().join(name),
+            days,
+        };
+        let (one, two) = (authority("one", Some(2)), authority("two", None));
+        one.ca().unwrap();
+        two.ca().unwrap();
+        let names = [&one, &two].map(|a| made(&a.dir, "ca").0);
+        assert!(
+            names.iter().all(|n| n.starts_with("Fleet CA ")),
+            "{names:?}"
+        );
+        assert_ne!(names[0], names[1]);
+        one.client("alice.operator.fleet").unwrap();
+        let now = SystemTime::now();
+        let (_, from, to) = made(&one.dir, "alice.operator.fleet");
+        let (hour, minute) = (Duration::from_secs(3600), Duration::from_secs(60));
+        let after = to.duration_since(now).unwrap();
+        assert!(
+            after <= 48 * hour && after > 48 * hour - minute,
+            "{after:?}"
+        );
+        let before = now.duration_since(from).unwrap();
+        assert!(before >= hour && before < hour + minute, "{before:?}");
+        let (_, _, to) = made(&two.dir, "ca");
+        let years = to.duration_since(now).unwrap();
+        assert!(years > 3650 * 24 * hour - minute, "{years:?}");
+    }
 }
