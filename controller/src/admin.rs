@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::leader::Holder;
 use crate::runtime::Controller;
-use crate::tls;
+use crate::{standby, tls};
 
 /// Serves the admin endpoints on `listener` until `shutdown`.
 pub async fn serve(
@@ -27,7 +27,11 @@ pub async fn serve(
     let answer = move |path: &str| match (role.controller.get(), role.starting_over.get()) {
         (_, Some(why)) => starting_over(path, why),
         (Some(controller), None) => route(path, controller, tls.as_deref()),
-        (None, None) => standby(path, role.leader.borrow().as_ref()),
+        (None, None) => {
+            let leader = role.leader.borrow().clone();
+            let unreached = leader.as_ref().and_then(|l| role.reach.unreached(l));
+            standby(path, leader.as_ref(), unreached)
+        }
     };
     fleet_proto::admin::serve(listener, answer, shutdown).await;
 }
@@ -36,6 +40,8 @@ pub async fn serve(
 pub struct Role {
     controller: OnceLock<Arc<Controller>>,
     leader: watch::Sender<Option<Holder>>,
+    /// Whether that leader takes the connections passed to it.
+    reach: Arc<standby::Reach>,
     /// Why it stopped serving to start over (it lost the lead, or its store a write), once
     /// it has.
     starting_over: OnceLock<String>,
@@ -47,6 +53,7 @@ impl Role {
         Arc::new(Role {
             controller: OnceLock::new(),
             leader: watch::channel(None).0,
+            reach: Arc::default(),
             starting_over: OnceLock::new(),
         })
     }
@@ -54,6 +61,11 @@ impl Role {
     /// Where the campaign says who leads while this controller does not.
     pub fn leader(&self) -> &watch::Sender<Option<Holder>> {
         &self.leader
+    }
+
+    /// Whether the leader takes the connections passed to it (`standby.rs` finds out).
+    pub fn reach(&self) -> &Arc<standby::Reach> {
+        &self.reach
     }
 
     /// This controller leads and serves `controller`.
@@ -84,11 +96,24 @@ fn starting_over(path: &str, why: &str) -> Response<Full<Bytes>> {
     }
 }
 
-/// A standby's answers: alive; ready while it knows a leader to pass connections to; and
-/// the one metric that says it stands by.
-fn standby(path: &str, leader: Option<&Holder>) -> Response<Full<Bytes>> {
+/// A standby's answers: alive; ready while it knows a leader to pass connections to and
+/// that leader took the last one (`unreached` says why not); and the one metric that says
+/// it stands by.
+fn standby(
+    path: &str,
+    leader: Option<&Holder>,
+    unreached: Option<String>,
+) -> Response<Full<Bytes>> {
     match (path, leader) {
         ("/healthz", _) => text(StatusCode::OK, "ok: standing by\n".into()),
+        ("/readyz", Some(Holder { name, grpc })) if let Some(error) = unreached => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "standing by: {name} leads, at {grpc}, but does not take connections there \
+                 ({error}); if it runs, its --advertise is not an address this controller \
+                 reaches it at, else another takes over once its lease runs out\n"
+            ),
+        ),
         ("/readyz", Some(Holder { name, grpc })) => text(
             StatusCode::OK,
             format!("standing by: {name} leads, at {grpc}; connections pass to it\n"),
@@ -199,4 +224,38 @@ fn tls_metrics(out: &mut String, tls: &tls::Status) {
         "Client handshakes refused or given up.",
     );
     let _ = writeln!(out, "{refused} {}", read(&tls.refused));
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    async fn said(response: Response<Full<Bytes>>) -> (StatusCode, String) {
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_standby_is_ready_while_the_leader_it_knows_takes_connections() {
+        let leader = Holder {
+            name: "ctl-0".into(),
+            grpc: "10.0.0.7:7070".into(),
+        };
+        let (status, body) = said(standby("/readyz", Some(&leader), None)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("ctl-0 leads, at 10.0.0.7:7070; connections pass to it"));
+        let refused = Some("Connection refused (os error 111)".to_string());
+        let (status, body) = said(standby("/readyz", Some(&leader), refused)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("but does not take connections there (Connection refused"));
+        assert!(body.contains("its --advertise"), "{body}");
+        let (status, _) = said(standby("/readyz", None, None)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, _) = said(standby("/healthz", Some(&leader), Some("x".into()))).await;
+        assert_eq!(status, StatusCode::OK, "alive all the same");
+    }
 }

@@ -178,6 +178,7 @@ pub async fn serve_ha(
         grpc,
         role.leader().subscribe(),
         us,
+        role.reach().clone(),
         async {
             let _ = leads.await;
         },

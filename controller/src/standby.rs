@@ -2,9 +2,11 @@
 //! bytes, to the controller that leads (at the address its leader key gives), so that a
 //! Service may send clients to any controller, and TLS, if on, is between the client and
 //! the leader. While no controller is known to lead, connections are closed at once and
-//! clients dial again.
+//! clients dial again. Whether the leader takes them is known (a standby dials it every
+//! [`PROBE_EVERY`] too), for the standby's readiness ([`Reach`]).
 
 use std::future::Future;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +18,58 @@ use crate::leader::Holder;
 /// How long a standby waits for the leader to take a connection it passes on.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often a standby dials the leader to learn whether it takes connections (closing at
+/// once what it opened), with or without clients.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Whether the leader took the last connection a standby made to it: a leader that was
+/// killed keeps its key until its lease runs out, and one whose `--advertise` is wrong keeps
+/// it for good, while every connection passed to it fails.
+#[derive(Default)]
+pub struct Reach(Mutex<Option<Unreached>>);
+
+/// The leader the last connection failed to reach, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreached {
+    pub leader: Holder,
+    pub error: String,
+}
+
+impl Reach {
+    /// Why `leader` did not take the last connection made to it, if it did not.
+    pub fn unreached(&self, leader: &Holder) -> Option<String> {
+        let last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        last.as_ref()
+            .filter(|u| u.leader == *leader)
+            .map(|u| u.error.clone())
+    }
+
+    /// Records what a connection to `leader` found; says so once when it starts failing.
+    fn record(&self, leader: &Holder, outcome: Result<(), String>) {
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match outcome {
+            Ok(()) => {
+                if last.take().is_some_and(|u| u.leader == *leader) {
+                    tracing::info!(leader = %leader.name, at = %leader.grpc, "the leader takes connections again");
+                }
+            }
+            Err(error) => {
+                if last.as_ref().is_none_or(|u| u.leader != *leader) {
+                    tracing::warn!(
+                        leader = %leader.name, at = %leader.grpc, %error,
+                        "cannot pass connections to the leader; if it runs, its --advertise is \
+                         not an address this controller reaches it at"
+                    );
+                }
+                *last = Some(Unreached {
+                    leader: leader.clone(),
+                    error,
+                });
+            }
+        }
+    }
+}
+
 /// Passes every connection `listener` accepts to the leader `leader` names, until `until`
 /// resolves; then gives the listener back, for this controller to serve on. `us` is this
 /// controller: a leader key that names it (left from before a restart) is not followed.
@@ -25,10 +79,14 @@ pub async fn pass_through(
     listener: TcpListener,
     mut leader: watch::Receiver<Option<Holder>>,
     us: Holder,
+    reach: std::sync::Arc<Reach>,
     until: impl Future<Output = ()>,
 ) -> TcpListener {
     tokio::pin!(until);
     let mut passing = JoinSet::new();
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut probing = JoinSet::new();
     // The leader the connections in `passing` go to.
     let mut passing_to = leader.borrow().clone();
     loop {
@@ -51,6 +109,16 @@ pub async fn pass_through(
                 }
             },
             Some(_) = passing.join_next(), if !passing.is_empty() => continue,
+            Some(_) = probing.join_next(), if !probing.is_empty() => continue,
+            _ = probe.tick() => {
+                let to = leader.borrow().clone();
+                if let Some(to) = to.filter(|to| *to != us && to.grpc != us.grpc)
+                    && probing.is_empty()
+                {
+                    probing.spawn(dial(to, reach.clone()));
+                }
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => client,
                 Err(e) => {
@@ -64,7 +132,7 @@ pub async fn pass_through(
         match to {
             Some(to) if to != us && to.grpc != us.grpc => {
                 passing_to = Some(to.clone());
-                passing.spawn(pass(client, to.grpc));
+                passing.spawn(pass(client, to, reach.clone()));
             }
             // Closed: the client dials again, by when a leader may be known.
             _ => drop(client),
@@ -90,16 +158,30 @@ pub fn advertised(text: &str) -> anyhow::Result<String> {
     }
 }
 
-/// Copies bytes both ways between `client` and the leader at `to` until either ends.
-async fn pass(mut client: TcpStream, to: String) {
-    let leader = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&to)).await;
-    let mut leader = match leader {
-        Ok(Ok(leader)) => leader,
-        Ok(Err(e)) => return tracing::debug!(%to, error = %e, "the leader refused a connection"),
-        Err(_) => return tracing::debug!(%to, "the leader did not take a connection in time"),
+/// Copies bytes both ways between `client` and the leader `to` until either ends.
+async fn pass(mut client: TcpStream, to: Holder, reach: std::sync::Arc<Reach>) {
+    let Some(mut leader) = dial(to, reach).await else {
+        return;
     };
     let _ = (client.set_nodelay(true), leader.set_nodelay(true));
     let _ = tokio::io::copy_bidirectional(&mut client, &mut leader).await;
+}
+
+/// A connection to the leader `to`, if it takes one in time; what it found goes in `reach`.
+async fn dial(to: Holder, reach: std::sync::Arc<Reach>) -> Option<TcpStream> {
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&to.grpc)).await;
+    let (outcome, stream) = match connected {
+        Ok(Ok(stream)) => (Ok(()), Some(stream)),
+        Ok(Err(e)) => (Err(e.to_string()), None),
+        Err(_) => (
+            Err(format!(
+                "it did not take a connection within {CONNECT_TIMEOUT:?}"
+            )),
+            None,
+        ),
+    };
+    reach.record(&to, outcome);
+    stream
 }
 
 #[cfg(test)]
@@ -158,6 +240,52 @@ mod tests {
         }
     }
 
+    /// Polls `reach` until it says whether the last connection to `leader` `failed`, for up
+    /// to 10 s: why, if it did.
+    async fn reached_as(reach: &Reach, leader: &Holder, failed: bool) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let unreached = reach.unreached(leader);
+            if unreached.is_some() == failed {
+                return unreached;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{unreached:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_takes_no_connection_is_known_without_a_client() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let us = holder("us", &listener.local_addr().unwrap().to_string());
+        // A port nothing listens on: a leader killed, or one whose --advertise is wrong.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = closed.local_addr().unwrap();
+        drop(closed);
+        let gone = holder("gone", &at.to_string());
+        let (leader_tx, leader_rx) = watch::channel(Some(gone.clone()));
+        // Kept, so that the leader stays known.
+        let reach = std::sync::Arc::new(Reach::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let passing = tokio::spawn(pass_through(
+            listener,
+            leader_rx,
+            us,
+            reach.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let why = reached_as(&reach, &gone, true).await.unwrap();
+        assert!(why.contains("refused"), "{why}");
+        // Back on its port: known to take connections at the next look.
+        let back = TcpListener::bind(at).await.unwrap();
+        reached_as(&reach, &gone, false).await;
+        drop((back, leader_tx));
+        let _ = stop.send(());
+        passing.await.unwrap();
+    }
+
     #[tokio::test]
     async fn connections_pass_to_the_leader_it_knows_and_are_closed_while_it_knows_none() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -165,9 +293,16 @@ mod tests {
         let us = holder("us", &at.to_string());
         let (leader_tx, leader_rx) = watch::channel(None);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let passing = tokio::spawn(pass_through(listener, leader_rx, us.clone(), async {
-            let _ = stopped.await;
-        }));
+        let reach = std::sync::Arc::new(Reach::default());
+        let passing = tokio::spawn(pass_through(
+            listener,
+            leader_rx,
+            us.clone(),
+            reach,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         assert_eq!(hello(at).await, b"", "no leader known: closed");
         leader_tx.send_replace(Some(holder("them", &leader().await)));
         assert_eq!(hello(at).await, b"HELLO");
