@@ -73,6 +73,27 @@ impl Ca {
         (cert_path, key_path)
     }
 
+    /// [`Ca::sign`], valid until `not_after` (to the second).
+    fn sign_until(
+        &self,
+        who: &str,
+        names: &[&str],
+        not_after: std::time::SystemTime,
+    ) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_path, key_path) = (
+            self.path(&format!("{who}.pem")),
+            self.path(&format!("{who}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
     /// Writes `<name>-crl.pem`, revoking the certificates of serial numbers `revoked`.
     fn revoke(&self, revoked: &[u64]) -> PathBuf {
         let crl = CertificateRevocationListParams {
@@ -737,6 +758,40 @@ async fn a_certificate_revoked_while_the_controller_runs_loses_its_stream_and_th
     ca.revoke(&[7]);
     assert!(ended(&mut stolen, Duration::from_secs(10)).await);
     assert!(!answered(&url, &showing(&ca, &lost)).await, "revoked");
+    assert!(
+        !ended(&mut honest, Duration::from_millis(500)).await,
+        "the others carry on"
+    );
+    drop(honest);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_whose_certificate_expires_loses_its_stream_then_and_the_others_keep_theirs() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ours");
+    let (cert, key) = ca.sign("controller", &["localhost"]);
+    let soon = std::time::SystemTime::now() + Duration::from_secs(3);
+    let expiring = ca.sign_until("expiring", &["usw1-a.us-west.agent.fleet"], soon);
+    let kept = ca.sign("kept", &["usw1-b.us-west.agent.fleet"]);
+    let server = Mutual::start(&ca, &cert, &key, dir.path()).await;
+    let url = format!("https://localhost:{}", server.port);
+    let mut expired = session(client_of(&url, &ca, &expiring).await, "us-west", "usw1-a")
+        .await
+        .unwrap();
+    let mut honest = session(client_of(&url, &ca, &kept).await, "us-west", "usw1-b")
+        .await
+        .unwrap();
+    assert!(
+        !ended(&mut expired, Duration::from_millis(500)).await,
+        "valid still"
+    );
+    // Valid through its last second: ended within a second or two after it.
+    assert!(ended(&mut expired, Duration::from_secs(6)).await);
+    let at = std::time::SystemTime::now();
+    assert!(at >= soon, "ended {:?} early", soon.duration_since(at));
+    assert!(!answered(&url, &showing(&ca, &expiring)).await, "expired");
     assert!(
         !ended(&mut honest, Duration::from_millis(500)).await,
         "the others carry on"

@@ -1,13 +1,15 @@
 //! The listener's TLS connections: accepted with the settings in force at each handshake,
 //! the files looked at every [`RELOAD_EVERY`], and each open connection's client certificate
-//! checked again whenever new settings come into force, the connection closed if it fails.
+//! checked again whenever new settings come into force, the connection closed if it fails,
+//! or once the certificate expires.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::ServerConfig;
 use rustls::server::danger::ClientCertVerifier;
@@ -15,6 +17,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
@@ -270,30 +273,46 @@ fn to_log(last: &mut (Option<Instant>, u64), now: Instant) -> Option<u64> {
 }
 
 /// A client's connection: TLS, closed when new settings come into force that its client's
-/// certificate does not pass (revoked, or of a CA no longer trusted).
+/// certificate does not pass (revoked, or of a CA no longer trusted), or when it expires.
 pub struct Connection {
     tls: TlsStream<TcpStream>,
     /// The checks of clients' certificates, as each comes into force.
     verifiers: WatchStream<Arc<dyn ClientCertVerifier>>,
-    /// Once failed, failed for good, whatever a caller makes of the first error.
-    failed: bool,
+    /// When the client's certificate expires, and a timer that goes off then (or a day
+    /// from the last time it went off, whichever is first: tokio's timers reach two years).
+    expiry: Option<(SystemTime, Pin<Box<Sleep>>)>,
+    /// Why it failed: once failed, failed for good, whatever a caller makes of the first
+    /// error.
+    failed: Option<&'static str>,
 }
+
+/// The longest a connection's expiry timer is set for at once.
+const LOOK_AT_EXPIRY_EVERY: Duration = Duration::from_secs(86_400);
 
 impl Connection {
     fn new(
         tls: TlsStream<TcpStream>,
         verifier: watch::Receiver<Arc<dyn ClientCertVerifier>>,
     ) -> Connection {
+        let own = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+        let expires = own.and_then(|own| x509_parser::parse_x509_certificate(own).ok());
+        let expires = expires.map(|(_, cert)| cert.validity().not_after.timestamp());
+        let expiry = expires.map(|at| {
+            let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0));
+            (at, Box::pin(tokio::time::sleep(left(at))))
+        });
         Connection {
             tls,
             verifiers: WatchStream::from_changes(verifier),
-            failed: false,
+            expiry,
+            failed: None,
         }
     }
 
-    /// An error once settings have come into force that the client's certificate fails.
+    /// An error once settings have come into force that the client's certificate fails, or
+    /// once it has expired.
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        while !self.failed
+        while self.failed.is_none()
             && let Poll::Ready(Some(verifier)) = Pin::new(&mut self.verifiers).poll_next(cx)
         {
             let certs = self.tls.get_ref().1.peer_certificates().unwrap_or_default();
@@ -304,15 +323,33 @@ impl Connection {
                 }
                 None => false,
             };
-            self.failed = !passed;
+            if !passed {
+                self.failed =
+                    Some("the client's certificate does not pass the TLS settings now in force");
+            }
         }
-        if self.failed {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the client's certificate does not pass the TLS settings now in force",
-            ));
+        while self.failed.is_none()
+            && let Some((at, timer)) = &mut self.expiry
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            match left(*at) {
+                Duration::ZERO => self.failed = Some("the client's certificate expired"),
+                left => timer.as_mut().reset(tokio::time::Instant::now() + left),
+            }
         }
-        Ok(())
+        match self.failed {
+            Some(why) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How long until `at`, at most [`LOOK_AT_EXPIRY_EVERY`]; zero once it has passed (a
+/// certificate is valid through the second its `not_after` names).
+fn left(at: SystemTime) -> Duration {
+    match (at + Duration::from_secs(1)).duration_since(SystemTime::now()) {
+        Ok(left) => left.min(LOOK_AT_EXPIRY_EVERY),
+        Err(_) => Duration::ZERO,
     }
 }
 
