@@ -196,12 +196,15 @@ fn failures_now(before: u32, settled: bool, ok: bool) -> u32 {
 }
 
 /// Why the controller refused this agent, when it did (its certificate names another
-/// cluster, say), or that what answers is no controller (a wrong port): a fault to fix here,
-/// where other failures are the network's.
+/// cluster, say), that what answers is no controller (a wrong port), or one that speaks TLS
+/// dialled over http://: a fault to fix here, where other failures are the network's.
 fn refusal(e: &anyhow::Error) -> Option<&str> {
     let status = e.downcast_ref::<tonic::Status>()?;
     if fleet_proto::connect::not_grpc(status) {
         return Some(fleet_proto::connect::NOT_GRPC);
+    }
+    if fleet_proto::connect::spoke_tls(status) {
+        return Some(fleet_proto::connect::SPOKE_TLS);
     }
     matches!(
         status.code(),

@@ -169,9 +169,13 @@ fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rust
 }
 
 /// Whether a call failed in TLS (a certificate refused by either side: expired, revoked,
-/// from another CA, missing), by a [`rustls::Error`] beneath it. Not a passing failure: a
-/// stream that ends so is not followed again, as a call so refused is not made again.
+/// from another CA, missing), by a [`rustls::Error`] beneath it, or because a controller that
+/// speaks TLS was dialled over `http://` ([`spoke_tls`]). Not a passing failure: a stream
+/// that ends so is not followed again, as a call so refused is not made again.
 pub fn tls_failed(s: &tonic::Status) -> bool {
+    if spoke_tls(s) {
+        return true;
+    }
     let mut next = std::error::Error::source(s);
     while let Some(e) = next {
         // Beneath hyper's "connection error" the alert may come as words only.
@@ -180,6 +184,26 @@ pub fn tls_failed(s: &tonic::Status) -> bool {
             said.contains("received fatal alert") || said.contains("invalid peer certificate");
         if alert || rustls_error(e).is_some() {
             return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// What to do when [`spoke_tls`]: the URL's scheme.
+pub const SPOKE_TLS: &str = "what answers there speaks TLS: write the controller URL as https://…, with --ca; for a controller that asks for client certificates, also --tls-cert and --tls-key";
+
+/// Whether a call over `http://` was cut because what answered speaks TLS: its first bytes, a
+/// TLS record (the alert a TLS server sends on a client that does not speak TLS: `15 03 03 00
+/// 02 …`), read as an HTTP/2 frame's header, make a frame larger than any allowed (h2 ends the
+/// connection with `FRAME_SIZE_ERROR`, of its own accord).
+pub fn spoke_tls(s: &tonic::Status) -> bool {
+    let mut next = std::error::Error::source(s);
+    while let Some(e) = next {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::FRAME_SIZE_ERROR)
+                && h2.is_go_away()
+                && !h2.is_remote();
         }
         next = e.source();
     }
