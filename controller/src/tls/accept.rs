@@ -198,18 +198,21 @@ async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
 ) -> Result<TlsStream<TcpStream>, (io::Error, Option<TcpStream>)> {
-    let peer = tcp.peer_addr().ok();
+    let peer = match tcp.peer_addr() {
+        Ok(addr) => addr.to_string(),
+        Err(_) => "a client".to_string(),
+    };
     let accept = acceptor.accept(tcp).into_fallible();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err((e, tcp))) => Err((
-            io::Error::new(e.kind(), format!("{peer:?}: {e}")),
+            io::Error::new(e.kind(), format!("{peer}: {e}")),
             Some(tcp),
         )),
         Err(_) => Err((
             io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("{peer:?}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
+                format!("{peer}: no handshake within {HANDSHAKE_TIMEOUT:?}"),
             ),
             None,
         )),
