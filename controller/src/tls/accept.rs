@@ -205,10 +205,7 @@ async fn handshake(
     let accept = acceptor.accept(tcp).into_fallible();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => Ok(tls),
-        Ok(Err((e, tcp))) => Err((
-            io::Error::new(e.kind(), format!("{peer}: {e}")),
-            Some(tcp),
-        )),
+        Ok(Err((e, tcp))) => Err((io::Error::new(e.kind(), format!("{peer}: {e}")), Some(tcp))),
         Err(_) => Err((
             io::Error::new(
                 io::ErrorKind::TimedOut,
