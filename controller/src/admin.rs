@@ -106,18 +106,21 @@ fn standby(
 ) -> Response<Full<Bytes>> {
     match (path, leader) {
         ("/healthz", _) => text(StatusCode::OK, "ok: standing by\n".into()),
-        ("/readyz", Some(Holder { name, grpc })) if let Some(error) = unreached => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "standing by: {name} leads, at {grpc}, but does not take connections there \
-                 ({error}); if it runs, its --advertise is not an address this controller \
-                 reaches it at, else another takes over once its lease runs out\n"
+        ("/readyz", Some(Holder { name, grpc })) => match unreached {
+            Some(error) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "standing by: {name} leads, at {grpc}, but does not take connections \
+                     there ({error}): killed, another takes over once its lease runs out; \
+                     if it runs, its --advertise is not an address this controller reaches \
+                     it at\n"
+                ),
             ),
-        ),
-        ("/readyz", Some(Holder { name, grpc })) => text(
-            StatusCode::OK,
-            format!("standing by: {name} leads, at {grpc}; connections pass to it\n"),
-        ),
+            None => text(
+                StatusCode::OK,
+                format!("standing by: {name} leads, at {grpc}; connections pass to it\n"),
+            ),
+        },
         ("/readyz", None) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "standing by: no controller is known to lead\n".into(),

@@ -620,6 +620,7 @@ const ETCD_URL: connect::UrlOf = connect::UrlOf {
     given_as: "--etcd",
     server: "an etcd member",
     port: 2379,
+    needs_port: true,
 };
 
 /// The end of the range of every key that starts with `prefix` (etcd's `range_end`).
@@ -909,6 +910,7 @@ mod tests {
                 "http://127.0.0.1:0",
                 "has no port an etcd member could listen on",
             ),
+            ("http://etcd.fleet-system.svc", "names no port"),
         ] {
             let e = super::endpoints(&options(&[url], "/f/")).unwrap_err();
             let e = e.to_string();

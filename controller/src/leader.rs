@@ -127,31 +127,31 @@ pub async fn campaign(
     }
 }
 
-/// When the lease, last made sure of at `renewed`, was last made sure of for a leader: then,
-/// if it lasts the leader past its first renewal's deadline ([`renew`]); else when a renewal
-/// asked for now was, or none if it failed. A grant or a try that etcd was slow to answer
-/// (it stalled, then answered everything at once) counts the lease as nearly spent, though
-/// etcd may have just made it: leading on that count would step down a renewal later.
+/// When the lease was last made sure of, for the leader to count from: `renewed` if that
+/// was just now (a renewal's time at most, as in the standby's loop); else a renewal is
+/// asked for first, and its time is (none if it failed, or came late). A grant or a try
+/// that etcd was slow to answer (it stalled, then answered everything at once) counts the
+/// lease as nearly spent though etcd may have just made it: leading on that count would
+/// step down at the first renewal.
 async fn made_sure(
     etcd: &Etcd,
     campaign: &Campaign,
     lease: i64,
     renewed: Instant,
 ) -> Option<Instant> {
-    let deadline = renewed + campaign.ttl.saturating_sub(campaign.every());
-    if Instant::now() + campaign.every() < deadline {
+    let quick = campaign.every() / 2;
+    if renewed.elapsed() < quick {
         return Some(renewed);
     }
     let asked = Instant::now();
-    match tokio::time::timeout(campaign.every(), etcd.renew(lease)).await {
-        Ok(Ok(left)) if left > 0 => Some(asked),
-        Ok(Ok(_)) => None,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "standing by: won the lead but cannot renew its lease");
-            None
-        }
-        Err(_) => None,
-    }
+    let why = match tokio::time::timeout(quick, etcd.renew(lease)).await {
+        Ok(Ok(left)) if left > 0 => return Some(asked),
+        Ok(Ok(_)) => "its lease had expired".to_string(),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(_) => format!("etcd did not answer within {quick:?}"),
+    };
+    tracing::warn!(%why, "standing by: won the lead late, and could not renew its lease before leading");
+    None
 }
 
 /// Creates the key if nobody holds it: the revision that did, or who holds it (none if it

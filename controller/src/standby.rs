@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -26,7 +26,15 @@ const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// killed keeps its key until its lease runs out, and one whose `--advertise` is wrong keeps
 /// it for good, while every connection passed to it fails.
 #[derive(Default)]
-pub struct Reach(Mutex<Option<Unreached>>);
+pub struct Reach(Mutex<Last>);
+
+/// What the last dial to start, of those that ended, found.
+#[derive(Default)]
+struct Last {
+    /// When it started: a slower dial that started before it and ends after is not taken.
+    started: Option<Instant>,
+    unreached: Option<Unreached>,
+}
 
 /// The leader the last connection failed to reach, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,29 +47,35 @@ impl Reach {
     /// Why `leader` did not take the last connection made to it, if it did not.
     pub fn unreached(&self, leader: &Holder) -> Option<String> {
         let last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        last.as_ref()
+        (last.unreached.as_ref())
             .filter(|u| u.leader == *leader)
             .map(|u| u.error.clone())
     }
 
-    /// Records what a connection to `leader` found; says so once when it starts failing.
-    fn record(&self, leader: &Holder, outcome: Result<(), String>) {
+    /// Records what a connection to `leader`, dialled at `started`, found; says so once when
+    /// it starts failing, and when it works again.
+    fn record(&self, leader: &Holder, started: Instant, outcome: Result<(), String>) {
         let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.started.is_some_and(|s| s > started) {
+            return;
+        }
+        last.started = Some(started);
         match outcome {
             Ok(()) => {
-                if last.take().is_some_and(|u| u.leader == *leader) {
+                if last.unreached.take().is_some_and(|u| u.leader == *leader) {
                     tracing::info!(leader = %leader.name, at = %leader.grpc, "the leader takes connections again");
                 }
             }
             Err(error) => {
-                if last.as_ref().is_none_or(|u| u.leader != *leader) {
+                if (last.unreached.as_ref()).is_none_or(|u| u.leader != *leader) {
                     tracing::warn!(
                         leader = %leader.name, at = %leader.grpc, %error,
-                        "cannot pass connections to the leader; if it runs, its --advertise is \
-                         not an address this controller reaches it at"
+                        "cannot pass connections to the leader: killed, another takes over once \
+                         its lease runs out; if it runs, its --advertise is not an address this \
+                         controller reaches it at"
                     );
                 }
-                *last = Some(Unreached {
+                last.unreached = Some(Unreached {
                     leader: leader.clone(),
                     error,
                 });
@@ -98,6 +112,8 @@ pub async fn pass_through(
                     let now = leader.borrow().clone();
                     if now.is_some() && now != passing_to {
                         passing.abort_all();
+                        // A probe of the last leader would hold up the next one's.
+                        probing.abort_all();
                         passing_to = now;
                     }
                     continue;
@@ -169,6 +185,7 @@ async fn pass(mut client: TcpStream, to: Holder, reach: std::sync::Arc<Reach>) {
 
 /// A connection to the leader `to`, if it takes one in time; what it found goes in `reach`.
 async fn dial(to: Holder, reach: std::sync::Arc<Reach>) -> Option<TcpStream> {
+    let started = Instant::now();
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&to.grpc)).await;
     let (outcome, stream) = match connected {
         Ok(Ok(stream)) => (Ok(()), Some(stream)),
@@ -180,7 +197,7 @@ async fn dial(to: Holder, reach: std::sync::Arc<Reach>) -> Option<TcpStream> {
             None,
         ),
     };
-    reach.record(&to, outcome);
+    reach.record(&to, started, outcome);
     stream
 }
 
@@ -263,8 +280,8 @@ mod tests {
         let at = closed.local_addr().unwrap();
         drop(closed);
         let gone = holder("gone", &at.to_string());
+        // `leader_tx` is kept, so that the leader stays known: dropped, nobody says who leads.
         let (leader_tx, leader_rx) = watch::channel(Some(gone.clone()));
-        // Kept, so that the leader stays known.
         let reach = std::sync::Arc::new(Reach::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let passing = tokio::spawn(pass_through(

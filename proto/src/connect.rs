@@ -191,12 +191,14 @@ pub fn tls_failed(s: &tonic::Status) -> bool {
 }
 
 /// What to do when [`spoke_tls`]: the URL's scheme.
-pub const SPOKE_TLS: &str = "what answers there speaks TLS: write the controller URL as https://…, with --ca; for a controller that asks for client certificates, also --tls-cert and --tls-key";
+pub const SPOKE_TLS: &str = "what answers there does not speak HTTP/2 in the clear, most likely a controller that speaks TLS: write the controller URL as https://…, with --ca (for a controller that asks for client certificates, also --tls-cert and --tls-key); else check the host and port";
 
-/// Whether a call over `http://` was cut because what answered speaks TLS: its first bytes, a
-/// TLS record (the alert a TLS server sends on a client that does not speak TLS: `15 03 03 00
-/// 02 …`), read as an HTTP/2 frame's header, make a frame larger than any allowed (h2 ends the
-/// connection with `FRAME_SIZE_ERROR`, of its own accord).
+/// Whether a call over `http://` was cut because what answered does not speak HTTP/2 in the
+/// clear, most likely because it speaks TLS: its first bytes, a TLS record (the alert a TLS
+/// server sends on a client that does not speak TLS: `15 03 03 00 02 …`), read as an HTTP/2
+/// frame's header, make a frame larger than any allowed (h2 ends the connection with
+/// `FRAME_SIZE_ERROR`, of its own accord). An HTTP/1.1-only server's answer does the same.
+/// Either way another try would not change it.
 pub fn spoke_tls(s: &tonic::Status) -> bool {
     let mut next = std::error::Error::source(s);
     while let Some(e) = next {
@@ -309,12 +311,15 @@ pub struct UrlOf {
     pub server: &'static str,
     /// Its usual port, for the fix.
     pub port: u16,
+    /// Whether the URL must name the port (else it is the scheme's, 80 or 443).
+    pub needs_port: bool,
 }
 
 const CONTROLLER_URL: UrlOf = UrlOf {
     given_as: "controller URL",
     server: "a controller",
     port: 7070,
+    needs_port: false,
 };
 
 /// Checks that `url` is an http:// or https:// URL with a host, and a port (if it gives
@@ -324,6 +329,7 @@ pub fn http_url(url: &str, of: &UrlOf) -> anyhow::Result<()> {
         given_as,
         server,
         port: usual,
+        needs_port,
     } = of;
     let uri = url.parse::<tonic::transport::Uri>().ok();
     let uri = uri.filter(|u| matches!(u.scheme_str(), Some("http" | "https")));
@@ -344,6 +350,10 @@ pub fn http_url(url: &str, of: &UrlOf) -> anyhow::Result<()> {
         port.is_none_or(|p| p.contains(']') || p.parse::<u16>().is_ok_and(|p| p > 0)),
         "{given_as} \"{url}\" has no port {server} could listen on (1 to 65535); write it as \
          {scheme}://{host}:{usual}, say"
+    );
+    anyhow::ensure!(
+        !needs_port || uri.as_ref().is_some_and(|u| u.port().is_some()),
+        "{given_as} \"{url}\" names no port: write it as {scheme}://{host}:{usual}, say"
     );
     Ok(())
 }

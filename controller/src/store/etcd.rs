@@ -1063,17 +1063,18 @@ mod tests {
             let etcd = etcd.clone();
             tokio::spawn(async move { lead_for(&etcd, "b", ttl).await })
         };
-        // The lease is asked for now and granted when etcd answers again, more than a
-        // renewal's wait before the lead's first deadline by the count from the asking
-        // (and before the grant gives up, CALL_FOR).
+        // The lease is asked for now and granted when etcd answers again: after the lead's
+        // first renewal deadline (2 s), counted from the asking (and before the grant gives
+        // up, CALL_FOR).
         tokio::time::sleep(Duration::from_secs(3)).await;
         server.thaw();
         let leading = tokio::time::timeout(Duration::from_secs(10), standby)
             .await
             .unwrap()
             .unwrap();
-        // It stepped down one renewal (1 s) after taking the lead, on a lease etcd had just
-        // made, saying it "could not be renewed in time: etcd did not answer in time".
+        // Before made_sure, it stepped down one renewal (1 s) after taking the lead, on a
+        // lease etcd had just made, saying it "could not be renewed in time: etcd did not
+        // answer in time".
         let kept = tokio::time::timeout(ttl + Duration::from_secs(1), leading.fence.lost.wait());
         assert!(kept.await.is_err(), "{:?}", leading.fence.lost.why());
         let key = etcd.get(etcd.key(leader::KEY)).await.unwrap().unwrap();

@@ -278,8 +278,9 @@ pub struct Connection {
     tls: TlsStream<TcpStream>,
     /// The checks of clients' certificates, as each comes into force.
     verifiers: WatchStream<Arc<dyn ClientCertVerifier>>,
-    /// When the client's certificate expires, and a timer that goes off then (or a day
-    /// from the last time it went off, whichever is first: tokio's timers reach two years).
+    /// When a certificate of the client's chain first expires, and a timer that goes off
+    /// then (or a day from the last time it went off, whichever is first: tokio's timers
+    /// reach two years).
     expiry: Option<(SystemTime, Pin<Box<Sleep>>)>,
     /// Why it failed: once failed, failed for good, whatever a caller makes of the first
     /// error.
@@ -294,9 +295,14 @@ impl Connection {
         tls: TlsStream<TcpStream>,
         verifier: watch::Receiver<Arc<dyn ClientCertVerifier>>,
     ) -> Connection {
-        let own = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-        let expires = own.and_then(|own| x509_parser::parse_x509_certificate(own).ok());
-        let expires = expires.map(|(_, cert)| cert.validity().not_after.timestamp());
+        // The first of the chain the client showed to expire (its own, or an intermediate).
+        let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+        let parsed = chain
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok());
+        let expires = parsed
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .min();
         let expiry = expires.map(|at| {
             let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0));
             (at, Box::pin(tokio::time::sleep(left(at))))

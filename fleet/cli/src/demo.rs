@@ -188,10 +188,11 @@ impl Demo {
         fleet.wait_until_serving(Duration::from_secs(60)).await?;
         let traffic = Traffic::start(fleet, USERS, WORKERS_PER_REGION, PAUSE_BETWEEN_REQUESTS);
         let took_over = self.follow(fleet, &mut client, &release.id).await?;
-        if let Some(Ok(_)) = &took_over {
+        if let Some(Ok(_)) = &took_over
+            && fleet.standby_leads(Duration::from_secs(5)).await.is_ok()
+        {
             // The standby is the fleet's controller now, and the one killed is gone: with
             // --keep, not told as a process that ended by itself.
-            fleet.standby_leads(Duration::from_secs(5)).await?;
             let _ = fleet
                 .ended("controller, deposed", Duration::from_secs(1))
                 .await;
