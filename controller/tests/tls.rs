@@ -59,18 +59,9 @@ impl Ca {
 
     /// [`Ca::sign`] with the serial number `serial`.
     fn sign_serial(&self, who: &str, names: &[&str], serial: u64) -> (PathBuf, PathBuf) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.serial_number = Some(serial.into());
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (cert_path, key_path) = (
-            self.path(&format!("{who}.pem")),
-            self.path(&format!("{who}.key")),
-        );
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path)
+        self.sign_with(who, names, |params| {
+            params.serial_number = Some(serial.into())
+        })
     }
 
     /// [`Ca::sign`], valid until `not_after` (to the second).
@@ -80,10 +71,20 @@ impl Ca {
         names: &[&str],
         not_after: std::time::SystemTime,
     ) -> (PathBuf, PathBuf) {
+        self.sign_with(who, names, |params| params.not_after = not_after.into())
+    }
+
+    /// [`Ca::sign`], with its parameters as `set` makes them.
+    fn sign_with(
+        &self,
+        who: &str,
+        names: &[&str],
+        set: impl FnOnce(&mut CertificateParams),
+    ) -> (PathBuf, PathBuf) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(names).unwrap();
-        params.not_after = not_after.into();
+        set(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let (cert_path, key_path) = (
             self.path(&format!("{who}.pem")),
