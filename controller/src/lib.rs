@@ -115,12 +115,7 @@ pub async fn serve_with(
     let role = admin::Role::new();
     role.lead(controller.clone());
     let tls_status = options.tls.as_ref().map(tls::Reloader::status);
-    tokio::spawn(admin::serve(
-        admin,
-        role.clone(),
-        tls_status,
-        signalled(shutdown.clone()),
-    ));
+    admin::spawn(admin, role.clone(), tls_status, shutdown.clone())?;
     let since = tokio::time::Instant::now();
     let served = serve_until_lost(controller.clone(), grpc, &role, shutdown, options).await?;
     let lost = served.lost;
@@ -165,13 +160,7 @@ pub async fn serve_ha(
     tracing::info!(name = %ha.campaign.us.name, "standing by");
     let role = admin::Role::new();
     let tls_status = options.tls.as_ref().map(tls::Reloader::status);
-    let admin_shutdown = signalled(shutdown.clone());
-    tokio::spawn(admin::serve(
-        admin,
-        role.clone(),
-        tls_status,
-        admin_shutdown,
-    ));
+    admin::spawn(admin, role.clone(), tls_status, shutdown.clone())?;
     let (led, leads) = tokio::sync::oneshot::channel::<()>();
     let us = ha.campaign.us.clone();
     let passing = tokio::spawn(standby::pass_through(
