@@ -124,8 +124,7 @@ impl std::error::Error for Unreached {}
 /// connection cut during the TLS handshake is.
 pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind::*;
-    let mut next = Some(error);
-    while let Some(e) = next {
+    for e in chain(error) {
         if let Some(io) = io_error(e) {
             return matches!(
                 io.kind(),
@@ -148,9 +147,20 @@ pub fn passing(error: &(dyn std::error::Error + 'static)) -> bool {
             return reason == Some(h2::Reason::REFUSED_STREAM)
                 || (h2.is_go_away() && h2.is_remote() && reason == Some(h2::Reason::NO_ERROR));
         }
-        next = e.source();
     }
     false
+}
+
+/// `error` and every error beneath it, in order.
+fn chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
+/// Every error beneath `s`, in order.
+fn beneath(s: &tonic::Status) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::error::Error::source(s).into_iter().flat_map(chain)
 }
 
 /// The io error `e` is or holds: h2 keeps the io error it failed with beneath it, without
@@ -173,21 +183,14 @@ fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rust
 /// speaks TLS was dialled over `http://` ([`spoke_tls`]). Not a passing failure: a stream
 /// that ends so is not followed again, as a call so refused is not made again.
 pub fn tls_failed(s: &tonic::Status) -> bool {
-    if spoke_tls(s) {
-        return true;
-    }
-    let mut next = std::error::Error::source(s);
-    while let Some(e) = next {
-        // Beneath hyper's "connection error" the alert may come as words only.
-        let said = e.to_string();
-        let alert =
-            said.contains("received fatal alert") || said.contains("invalid peer certificate");
-        if alert || rustls_error(e).is_some() {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    spoke_tls(s)
+        || beneath(s).any(|e| {
+            // Beneath hyper's "connection error" the alert may come as words only.
+            let said = e.to_string();
+            let alert =
+                said.contains("received fatal alert") || said.contains("invalid peer certificate");
+            alert || rustls_error(e).is_some()
+        })
 }
 
 /// What to do when [`spoke_tls`]: the URL's scheme.
@@ -200,33 +203,22 @@ pub const SPOKE_TLS: &str = "what answers there does not speak HTTP/2 in the cle
 /// `FRAME_SIZE_ERROR`, of its own accord). An HTTP/1.1-only server's answer does the same.
 /// Either way another try would not change it.
 pub fn spoke_tls(s: &tonic::Status) -> bool {
-    let mut next = std::error::Error::source(s);
-    while let Some(e) = next {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::FRAME_SIZE_ERROR)
-                && h2.is_go_away()
-                && !h2.is_remote();
-        }
-        next = e.source();
-    }
-    false
+    let h2 = beneath(s).find_map(|e| e.downcast_ref::<h2::Error>());
+    h2.is_some_and(|h2| {
+        h2.reason() == Some(h2::Reason::FRAME_SIZE_ERROR) && h2.is_go_away() && !h2.is_remote()
+    })
 }
 
 /// Whether `error`, by itself or an error beneath it, is a TLS handshake answered with bytes
 /// that are not TLS: a controller without TLS dialled over `https://` (its HTTP/2 server sends
 /// its SETTINGS frame first), or another server.
 fn not_tls(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(tls) = rustls_error(e) {
-            return matches!(
-                tls,
-                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
-            );
-        }
-        next = e.source();
-    }
-    false
+    chain(error).find_map(rustls_error).is_some_and(|tls| {
+        matches!(
+            tls,
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
+        )
+    })
 }
 
 /// Whether a call that failed with `s` may be made again once the controller is back: the

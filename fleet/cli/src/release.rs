@@ -426,14 +426,13 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
     let cut = std::error::Error::source(&s).is_some() || s.code() == tonic::Code::Cancelled;
     let why = told(&s);
     match (cut, s.code()) {
-        (true, _) if fleet_proto::connect::spoke_tls(&s) => anyhow::anyhow!(
-            "the connection to the controller failed: {why} ({})",
-            fleet_proto::connect::SPOKE_TLS
-        ),
-        (true, _) => anyhow::anyhow!(
-            "the connection to the controller failed: {why} ({})",
-            fleet_proto::connect::HINT
-        ),
+        (true, _) => {
+            let hint = match fleet_proto::connect::spoke_tls(&s) {
+                true => fleet_proto::connect::SPOKE_TLS,
+                false => fleet_proto::connect::HINT,
+            };
+            anyhow::anyhow!("the connection to the controller failed: {why} ({hint})")
+        }
         (false, _) if fleet_proto::connect::not_grpc(&s) => {
             anyhow::anyhow!("{} ({why})", fleet_proto::connect::NOT_GRPC)
         }
