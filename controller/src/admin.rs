@@ -144,9 +144,8 @@ fn standby(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "standing by: {name} leads, at {grpc}, but does not take connections \
-                     there ({error}): killed, another takes over once its lease runs out; \
-                     if it runs, its --advertise is not an address this controller reaches \
-                     it at\n"
+                     there ({error}): {}\n",
+                    standby::UNREACHED_MEANS
                 ),
             ),
             None => text(

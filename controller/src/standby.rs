@@ -6,7 +6,7 @@
 //! [`PROBE_EVERY`] too), for the standby's readiness ([`Reach`]).
 
 use std::future::Future;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -37,11 +37,14 @@ struct Last {
 }
 
 /// The leader the last connection failed to reach, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unreached {
-    pub leader: Holder,
-    pub error: String,
+struct Unreached {
+    leader: Holder,
+    error: String,
 }
+
+/// What a leader that takes no connection means, for the log and the standby's readiness.
+pub const UNREACHED_MEANS: &str = "killed, another takes over once its lease runs out; if it \
+     runs, its --advertise is not an address this controller reaches it at";
 
 impl Reach {
     /// Why `leader` did not take the last connection made to it, if it did not.
@@ -70,9 +73,7 @@ impl Reach {
                 if (last.unreached.as_ref()).is_none_or(|u| u.leader != *leader) {
                     tracing::warn!(
                         leader = %leader.name, at = %leader.grpc, %error,
-                        "cannot pass connections to the leader: killed, another takes over once \
-                         its lease runs out; if it runs, its --advertise is not an address this \
-                         controller reaches it at"
+                        "cannot pass connections to the leader: {UNREACHED_MEANS}"
                     );
                 }
                 last.unreached = Some(Unreached {
@@ -93,7 +94,7 @@ pub async fn pass_through(
     listener: TcpListener,
     mut leader: watch::Receiver<Option<Holder>>,
     us: Holder,
-    reach: std::sync::Arc<Reach>,
+    reach: Arc<Reach>,
     until: impl Future<Output = ()>,
 ) -> TcpListener {
     tokio::pin!(until);
@@ -127,8 +128,7 @@ pub async fn pass_through(
             Some(_) = passing.join_next(), if !passing.is_empty() => continue,
             Some(_) = probing.join_next(), if !probing.is_empty() => continue,
             _ = probe.tick() => {
-                let to = leader.borrow().clone();
-                if let Some(to) = to.filter(|to| *to != us && to.grpc != us.grpc)
+                if let Some(to) = followed(&leader, &us)
                     && probing.is_empty()
                 {
                     probing.spawn(dial(to, reach.clone()));
@@ -144,14 +144,13 @@ pub async fn pass_through(
                 }
             },
         };
-        let to = leader.borrow().clone();
-        match to {
-            Some(to) if to != us && to.grpc != us.grpc => {
+        match followed(&leader, &us) {
+            Some(to) => {
                 passing_to = Some(to.clone());
                 passing.spawn(pass(client, to, reach.clone()));
             }
             // Closed: the client dials again, by when a leader may be known.
-            _ => drop(client),
+            None => drop(client),
         }
     }
 }
@@ -174,8 +173,15 @@ pub fn advertised(text: &str) -> anyhow::Result<String> {
     }
 }
 
+/// The leader `leader` names, unless it is this controller (`us`): a key left by it before a
+/// restart would have it pass connections to itself.
+fn followed(leader: &watch::Receiver<Option<Holder>>, us: &Holder) -> Option<Holder> {
+    let to = leader.borrow().clone();
+    to.filter(|to| to != us && to.grpc != us.grpc)
+}
+
 /// Copies bytes both ways between `client` and the leader `to` until either ends.
-async fn pass(mut client: TcpStream, to: Holder, reach: std::sync::Arc<Reach>) {
+async fn pass(mut client: TcpStream, to: Holder, reach: Arc<Reach>) {
     let Some(mut leader) = dial(to, reach).await else {
         return;
     };
@@ -184,7 +190,7 @@ async fn pass(mut client: TcpStream, to: Holder, reach: std::sync::Arc<Reach>) {
 }
 
 /// A connection to the leader `to`, if it takes one in time; what it found goes in `reach`.
-async fn dial(to: Holder, reach: std::sync::Arc<Reach>) -> Option<TcpStream> {
+async fn dial(to: Holder, reach: Arc<Reach>) -> Option<TcpStream> {
     let started = Instant::now();
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&to.grpc)).await;
     let (outcome, stream) = match connected {
@@ -282,7 +288,7 @@ mod tests {
         let gone = holder("gone", &at.to_string());
         // `leader_tx` is kept, so that the leader stays known: dropped, nobody says who leads.
         let (leader_tx, leader_rx) = watch::channel(Some(gone.clone()));
-        let reach = std::sync::Arc::new(Reach::default());
+        let reach = Arc::new(Reach::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let passing = tokio::spawn(pass_through(
             listener,
@@ -310,7 +316,7 @@ mod tests {
         let us = holder("us", &at.to_string());
         let (leader_tx, leader_rx) = watch::channel(None);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let reach = std::sync::Arc::new(Reach::default());
+        let reach = Arc::new(Reach::default());
         let passing = tokio::spawn(pass_through(
             listener,
             leader_rx,
