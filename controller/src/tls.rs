@@ -85,8 +85,7 @@ impl Files {
     /// [`Files::server_config`], with its parts that outlive a handshake.
     fn load(&self) -> anyhow::Result<Settings> {
         let chain = pem::certificate_chain(&self.cert, "--tls-cert")?;
-        let expiry = x509_parser::parse_x509_certificate(&chain[0])
-            .map(|(_, cert)| cert.validity().not_after.timestamp())
+        let expiry = not_after(&chain[0])
             .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", self.cert.display()))?;
         let key = pem::private_key_der(&self.key, "--tls-key")?;
         let cas = pem::certificate_chain(&self.client_ca, "--client-ca")?;
@@ -175,4 +174,9 @@ fn issued_by_the_cas(
         );
     }
     Ok(())
+}
+
+/// When the certificate `der` expires, in seconds since the Unix epoch.
+fn not_after(der: &[u8]) -> Result<i64, x509_parser::nom::Err<x509_parser::error::X509Error>> {
+    x509_parser::parse_x509_certificate(der).map(|(_, cert)| cert.validity().not_after.timestamp())
 }

@@ -297,12 +297,7 @@ impl Connection {
     ) -> Connection {
         // The first of the chain the client showed to expire (its own, or an intermediate).
         let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
-        let parsed = chain
-            .iter()
-            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok());
-        let expires = parsed
-            .map(|(_, c)| c.validity().not_after.timestamp())
-            .min();
+        let expires = chain.iter().filter_map(|c| super::not_after(c).ok()).min();
         let expiry = expires.map(|at| {
             let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0));
             (at, Box::pin(tokio::time::sleep(left(at))))
