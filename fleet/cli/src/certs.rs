@@ -122,8 +122,8 @@ impl Authority {
         // A name of its own: a certificate another CA signed is then told as of an unknown
         // issuer, not as one whose signature is bad (found by the issuer's name, checked
         // with the wrong key).
-        let tag: [u8; 4] = rand::random();
-        let name = format!("Fleet CA {} {}", Utc::now().date_naive(), hex(&tag));
+        let tag: u32 = rand::random();
+        let name = format!("Fleet CA {} {tag:08x}", Utc::now().date_naive());
         let mut params = self.params(&name, 3650)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
@@ -249,11 +249,6 @@ impl Authority {
         }
         Ok(paths.to_vec())
     }
-}
-
-/// `bytes` in lowercase hexadecimal.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes `text` to a new file of `mode` (a private key: readable by its owner only, from
