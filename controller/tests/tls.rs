@@ -388,6 +388,14 @@ async fn session(channel: Channel, region: &str, cluster: &str) -> Result<Sessio
     Ok((tx, inbound))
 }
 
+/// An agent's stream for `cluster` in us-west, open, through a client of `url` trusting `ca`
+/// and showing `cert`.
+async fn agent_in_us_west(url: &str, ca: &Ca, cert: &(PathBuf, PathBuf), cluster: &str) -> Session {
+    session(client_of(url, ca, cert).await, "us-west", cluster)
+        .await
+        .unwrap()
+}
+
 /// Whether the controller ends `session` within `within`.
 async fn ended(session: &mut Session, within: Duration) -> bool {
     matches!(
@@ -670,9 +678,7 @@ async fn a_renewed_certificate_and_a_new_client_ca_take_effect_without_a_restart
     assert!(answered(&url, &showing(&ours, &old_client)).await);
     assert!(!answered(&url, &showing(&next, &old_client)).await);
     let agent = ours.sign("agent", &["usw1-a.us-west.agent.fleet"]);
-    let mut open = session(client_of(&url, &ours, &agent).await, "us-west", "usw1-a")
-        .await
-        .unwrap();
+    let mut open = agent_in_us_west(&url, &ours, &agent, "usw1-a").await;
 
     // The controller's certificate renewed by the next CA, written over the old files, and
     // the client CA written again as it was (a Secret's update writes all its files anew).
@@ -749,12 +755,8 @@ async fn a_certificate_revoked_while_the_controller_runs_loses_its_stream_and_th
     };
     let server = Mutual::with(with_crl, dir.path()).await;
     let url = format!("https://localhost:{}", server.port);
-    let mut stolen = session(client_of(&url, &ca, &lost).await, "us-west", "usw1-a")
-        .await
-        .unwrap();
-    let mut honest = session(client_of(&url, &ca, &kept).await, "us-west", "usw1-b")
-        .await
-        .unwrap();
+    let mut stolen = agent_in_us_west(&url, &ca, &lost, "usw1-a").await;
+    let mut honest = agent_in_us_west(&url, &ca, &kept, "usw1-b").await;
 
     ca.revoke(&[7]);
     assert!(ended(&mut stolen, Duration::from_secs(10)).await);
@@ -779,12 +781,8 @@ async fn a_client_whose_certificate_expires_loses_its_stream_then_and_the_others
     let kept = ca.sign("kept", &["usw1-b.us-west.agent.fleet"]);
     let server = Mutual::start(&ca, &cert, &key, dir.path()).await;
     let url = format!("https://localhost:{}", server.port);
-    let mut expired = session(client_of(&url, &ca, &expiring).await, "us-west", "usw1-a")
-        .await
-        .unwrap();
-    let mut honest = session(client_of(&url, &ca, &kept).await, "us-west", "usw1-b")
-        .await
-        .unwrap();
+    let mut expired = agent_in_us_west(&url, &ca, &expiring, "usw1-a").await;
+    let mut honest = agent_in_us_west(&url, &ca, &kept, "usw1-b").await;
     assert!(
         !ended(&mut expired, Duration::from_millis(500)).await,
         "valid still"
